@@ -1,0 +1,28 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Includes and small definitions every cilia program needs. */
+#ifndef CILIA_COMMON_H
+#define CILIA_COMMON_H
+
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/icmpv6.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "cilia/abi.h"
+
+#define __inline_fn static __always_inline
+
+/* Constants whose UAPI headers drag in libc (ARP) or are kernel-internal (ND). */
+#define ARPHRD_ETHER 1
+#define ARPOP_REQUEST 1
+#define ARPOP_REPLY 2
+#define NDISC_ROUTER_SOLICITATION 133
+#define NDISC_REDIRECT 137
+#define NDISC_NEIGHBOUR_SOLICITATION 135
+#define NDISC_NEIGHBOUR_ADVERTISEMENT 136
+
+#endif

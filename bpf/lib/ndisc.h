@@ -1,0 +1,99 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * IPv6 neighbour discovery responder. A neighbour solicitation from the
+ * endpoint for any address but its own is answered with a neighbour
+ * advertisement carrying the host-side veth's MAC (router, solicited,
+ * override): the node is the endpoint's only neighbour. Advertisements
+ * (answers to the host's solicitations) go to the stack.
+ */
+#ifndef CILIA_NDISC_H
+#define CILIA_NDISC_H
+
+#include "common.h"
+#include "config.h"
+#include "csum.h"
+#include "metrics.h"
+
+#define ND_NS_LEN 24           /* ICMPv6 header + reserved + target */
+#define ND_NA_LEN 32           /* NA + target link-layer address option */
+#define ND_FLAGS_RSO 0xe0000000 /* router | solicited | override */
+#define ND_OPT_TARGET_LLADDR 2
+
+__inline_fn int ipv6_is_link_local(const __u8 *addr)
+{
+	return addr[0] == 0xfe && (addr[1] & 0xc0) == 0x80;
+}
+
+__inline_fn int handle_nd(struct __sk_buff *skb, __u8 type, __u8 dir)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct ipv6hdr *ip6 = data + ETH_HLEN;
+	__u8 *icmp = (void *)(ip6 + 1);
+	__u32 saddr[4], target[4], pseudo[10], reply[8];
+	__u8 peer_mac[6], node_mac[6];
+
+	if (type == NDISC_NEIGHBOUR_ADVERTISEMENT) {
+		count_forward(skb, CILIA_FWD_STACK, dir);
+		return TC_ACT_OK;
+	}
+	if (type != NDISC_NEIGHBOUR_SOLICITATION)
+		return drop(skb, CILIA_DROP_UNSUPPORTED_ND, dir);
+	if ((void *)(icmp + ND_NS_LEN) > data_end)
+		return drop(skb, CILIA_DROP_INVALID, dir);
+
+	__builtin_memcpy(saddr, &ip6->saddr, 16);
+	__builtin_memcpy(target, icmp + 8, 16);
+	__builtin_memcpy(peer_mac, eth->h_source, 6);
+	if (!cfg_is_own_ipv6(saddr) && !ipv6_is_link_local((__u8 *)saddr))
+		return drop(skb, CILIA_DROP_SPOOFED_SOURCE, dir);
+	if (cfg_is_own_ipv6(target)) {
+		count_forward(skb, CILIA_FWD_STACK, dir);
+		return TC_ACT_OK;
+	}
+
+	cfg_copy_mac(node_mac, CILIA_CONFIG.node_mac);
+
+	/* The advertisement: ICMPv6 header, flags, target, target LL option. */
+	__builtin_memset(reply, 0, sizeof(reply));
+	((__u8 *)reply)[0] = NDISC_NEIGHBOUR_ADVERTISEMENT;
+	reply[1] = bpf_htonl(ND_FLAGS_RSO);
+	__builtin_memcpy(&reply[2], target, 16);
+	((__u8 *)reply)[24] = ND_OPT_TARGET_LLADDR;
+	((__u8 *)reply)[25] = 1; /* option length in units of 8 bytes */
+	__builtin_memcpy((__u8 *)reply + 26, node_mac, 6);
+
+	/* Checksum over the pseudo-header (src, dst, length, next header). */
+	__builtin_memcpy(&pseudo[0], target, 16);
+	__builtin_memcpy(&pseudo[4], saddr, 16);
+	pseudo[8] = bpf_htonl(ND_NA_LEN);
+	pseudo[9] = bpf_htonl(IPPROTO_ICMPV6);
+	__s64 sum = bpf_csum_diff(0, 0, pseudo, sizeof(pseudo), 0);
+
+	sum = bpf_csum_diff(0, 0, reply, sizeof(reply), (__u32)sum);
+	((__u16 *)reply)[1] = csum_fold(sum);
+
+	struct ipv6hdr hdr = {
+		.version = 6,
+		.payload_len = bpf_htons(ND_NA_LEN),
+		.nexthdr = IPPROTO_ICMPV6,
+		.hop_limit = 255,
+	};
+	__builtin_memcpy(&hdr.saddr, target, 16);
+	__builtin_memcpy(&hdr.daddr, saddr, 16);
+
+	if (skb->len != ETH_HLEN + sizeof(hdr) + ND_NA_LEN &&
+	    bpf_skb_change_tail(skb, ETH_HLEN + sizeof(hdr) + ND_NA_LEN, 0) < 0)
+		return drop(skb, CILIA_DROP_WRITE_FAILED, dir);
+	if (bpf_skb_store_bytes(skb, 0, peer_mac, 6, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, 6, node_mac, 6, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN, &hdr, sizeof(hdr), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(hdr), reply, sizeof(reply), 0) < 0)
+		return drop(skb, CILIA_DROP_WRITE_FAILED, dir);
+
+	count_forward(skb, CILIA_FWD_ND_REPLY, dir);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+#endif
