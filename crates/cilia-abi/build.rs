@@ -22,7 +22,14 @@ const STRUCTS: &[(&str, &[&str])] = &[
     ("endpoint_key", &["addr", "family"]),
     (
         "endpoint_info",
-        &["ifindex", "identity", "endpoint_id", "flags", "mac", "node_mac"],
+        &[
+            "ifindex",
+            "identity",
+            "endpoint_id",
+            "flags",
+            "mac",
+            "node_mac",
+        ],
     ),
     ("metrics_key", &["kind", "reason", "dir"]),
     ("metrics_value", &["packets", "bytes"]),

@@ -1,0 +1,24 @@
+//! The only crate that talks to the kernel's BPF subsystem.
+//!
+//! * [`object`]: what the embedded BPF objects contain (programs, maps,
+//!   the specialization global) — knowledge of the object, no kernel calls.
+//! * [`probe`]: which kernel features exist; the agent refuses to start
+//!   without the required ones.
+//! * [`endpoint`]: the pinned shared maps and the per-endpoint program:
+//!   specialize, load, attach with TCX, pin the link so it outlives the agent.
+//! * [`testrun`]: `BPF_PROG_TEST_RUN` on crafted packets, for tests and
+//!   benchmarks.
+//!
+//! Invariant: everything this crate attaches is pinned under the bpffs root
+//! it was given; nothing it creates depends on the calling process staying
+//! alive.
+
+pub mod endpoint;
+pub mod error;
+pub mod object;
+pub mod probe;
+pub mod testrun;
+
+pub use endpoint::BpfDatapath;
+pub use error::DatapathError;
+pub use probe::{probe_kernel, Feature, FeatureReport};

@@ -1,0 +1,51 @@
+//! Test harness shared by datapath tests, integration tests and benchmarks:
+//! network namespaces and bpffs roots that clean up after themselves,
+//! privilege checks that never skip silently under CI, and packet builders
+//! for `BPF_PROG_TEST_RUN` fixtures.
+//!
+//! Everything a test creates is named with the test process id, so parallel
+//! test binaries never collide, and is removed on drop, even on panic.
+
+pub mod netns;
+pub mod packet;
+
+pub use netns::{BpfRoot, Netns};
+
+use std::path::PathBuf;
+
+/// Whether privileged tests can run. Without root: under `CI=true` this
+/// panics (a privileged test must never be skipped there); elsewhere it
+/// prints why the test is skipped and returns `false`.
+pub fn require_privileges(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: needs root (CAP_BPF, CAP_NET_ADMIN) and CI=true forbids skipping");
+    }
+    eprintln!("SKIPPED {test}: needs root (CAP_BPF, CAP_NET_ADMIN)");
+    false
+}
+
+/// Directory of the workspace's built binaries (`target/<profile>`), found
+/// from the running test executable (`target/<profile>/deps/<test>`).
+/// `CILIA_BIN_DIR` overrides it.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("CILIA_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let deps = exe.parent().expect("deps dir");
+    deps.parent().expect("profile dir").to_path_buf()
+}
+
+/// Path of a workspace binary, with a clear panic when it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}

@@ -1,0 +1,48 @@
+//! Compiles the C datapath under `bpf/` with clang into BPF objects that the
+//! crate embeds, so every binary carries exactly the datapath it was built
+//! with and nodes need no compiler.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const PROGRAMS: &[&str] = &["lxc", "probe"];
+
+fn multiarch_include() -> Option<PathBuf> {
+    let out = Command::new("gcc").arg("-print-multiarch").output().ok()?;
+    let arch = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    (!arch.is_empty()).then(|| Path::new("/usr/include").join(arch))
+}
+
+fn main() {
+    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets this"));
+    let bpf = manifest.join("../../bpf");
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets this"));
+    let clang = std::env::var("CILIA_CLANG").unwrap_or_else(|_| "clang-19".into());
+    println!("cargo:rerun-if-env-changed=CILIA_CLANG");
+    for dir in ["", "lib", "include/cilia"] {
+        let d = bpf.join(dir);
+        for entry in std::fs::read_dir(&d).expect("bpf/ is readable").flatten() {
+            println!("cargo:rerun-if-changed={}", entry.path().display());
+        }
+    }
+    for prog in PROGRAMS {
+        let mut cmd = Command::new(&clang);
+        cmd.args(["-target", "bpf", "-O2", "-g", "-Wall", "-Werror"])
+            .arg("-I")
+            .arg(bpf.join("include"));
+        if let Some(inc) = multiarch_include() {
+            cmd.arg("-I").arg(inc);
+        }
+        cmd.arg("-c")
+            .arg(bpf.join(format!("{prog}.c")))
+            .arg("-o")
+            .arg(out.join(format!("{prog}.o")));
+        let status = cmd.status().unwrap_or_else(|e| {
+            panic!(
+                "cannot run {clang} ({e}): the BPF datapath needs clang-19 and libbpf-dev \
+                 (run scripts/setup.sh, or apt-get install clang-19 libbpf-dev)"
+            )
+        });
+        assert!(status.success(), "{clang} failed to compile bpf/{prog}.c");
+    }
+}

@@ -1,0 +1,45 @@
+//! Knowledge of the embedded BPF objects: their bytes and the names of the
+//! programs, maps and globals inside. Loading lives in [`crate::endpoint`].
+
+/// The endpoint object (`bpf/lxc.c`).
+pub static LXC_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lxc.o"));
+/// Feature probes and the benchmark baseline (`bpf/probe.c`).
+pub static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe.o"));
+
+/// tc program on the ingress of an endpoint's host-side veth.
+pub const PROG_FROM_CONTAINER: &str = "cil_from_container";
+/// The empty tc program (benchmark baseline).
+pub const PROG_EMPTY: &str = "probe_empty";
+/// Verifier probe for `bpf_redirect_peer`.
+pub const PROG_PROBE_REDIRECT_PEER: &str = "probe_redirect_peer";
+/// XDP probe.
+pub const PROG_PROBE_XDP: &str = "probe_xdp";
+
+/// Global in `.rodata` holding [`cilia_abi::EndpointConfig`].
+pub const GLOBAL_CONFIG: &str = "CILIA_CONFIG";
+
+/// Shared map: local endpoint address -> delivery info.
+pub const MAP_ENDPOINTS: &str = "cilia_endpoints";
+/// Shared per-CPU map: packet counters by outcome.
+pub const MAP_METRICS: &str = "cilia_metrics";
+
+/// The shared maps with the layout the embedded object expects, used to
+/// validate pins left by an earlier agent before reusing them.
+pub struct MapSpec {
+    pub name: &'static str,
+    pub key_size: u32,
+    pub value_size: u32,
+}
+
+pub const SHARED_MAPS: &[MapSpec] = &[
+    MapSpec {
+        name: MAP_ENDPOINTS,
+        key_size: core::mem::size_of::<cilia_abi::EndpointKey>() as u32,
+        value_size: core::mem::size_of::<cilia_abi::EndpointInfo>() as u32,
+    },
+    MapSpec {
+        name: MAP_METRICS,
+        key_size: core::mem::size_of::<cilia_abi::MetricsKey>() as u32,
+        value_size: core::mem::size_of::<cilia_abi::MetricsValue>() as u32,
+    },
+];

@@ -1,0 +1,114 @@
+//! Kernel feature probing. The agent calls [`probe_kernel`] at start and
+//! refuses to run when a required feature is missing, naming it, instead of
+//! failing later on the first endpoint.
+
+use aya::maps::MapType;
+use aya::programs::ProgramType;
+use aya::sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper};
+use aya::util::KernelVersion;
+
+/// One probed kernel capability.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Feature {
+    pub name: &'static str,
+    pub present: bool,
+    /// Without it the agent does not start.
+    pub required: bool,
+    /// What it is used for, or why it is missing.
+    pub detail: String,
+}
+
+/// All probed features, in a stable order.
+#[derive(Debug, Clone, Default)]
+pub struct FeatureReport {
+    pub kernel: String,
+    pub features: Vec<Feature>,
+}
+
+impl FeatureReport {
+    /// The required features that are absent.
+    pub fn missing_required(&self) -> Vec<&Feature> {
+        self.features
+            .iter()
+            .filter(|f| f.required && !f.present)
+            .collect()
+    }
+}
+
+fn feature(
+    name: &'static str,
+    required: bool,
+    result: Result<bool, String>,
+    use_: &str,
+) -> Feature {
+    let (present, detail) = match result {
+        Ok(true) => (true, use_.to_string()),
+        Ok(false) => (false, format!("not supported by this kernel ({use_})")),
+        Err(e) => (false, format!("probe failed: {e}")),
+    };
+    Feature {
+        name,
+        present,
+        required,
+        detail,
+    }
+}
+
+/// Probes the running kernel. Needs CAP_BPF (root) to give true answers.
+pub fn probe_kernel() -> FeatureReport {
+    let kernel = KernelVersion::current()
+        .map(|v| v.to_string())
+        .unwrap_or_else(|e| format!("unknown ({e})"));
+    let tcx = KernelVersion::current()
+        .map(|v| v >= KernelVersion::new(6, 6, 0))
+        .map_err(|e| e.to_string());
+    let features = vec![
+        feature(
+            "btf",
+            true,
+            Ok(std::path::Path::new("/sys/kernel/btf/vmlinux").exists()),
+            "kernel type information, /sys/kernel/btf/vmlinux",
+        ),
+        feature(
+            "tcx",
+            true,
+            tcx,
+            "TCX links (kernel >= 6.6): pinnable tc attachments",
+        ),
+        feature(
+            "redirect_peer",
+            true,
+            is_helper_supported(
+                ProgramType::SchedClassifier,
+                BpfHelper::BPF_FUNC_redirect_peer,
+            )
+            .map_err(|e| e.to_string()),
+            "bpf_redirect_peer: delivery into an endpoint's namespace",
+        ),
+        feature(
+            "ringbuf",
+            true,
+            is_map_supported(MapType::RingBuf).map_err(|e| e.to_string()),
+            "BPF ring buffer: datapath events",
+        ),
+        feature(
+            "lpm_trie",
+            true,
+            is_map_supported(MapType::LpmTrie).map_err(|e| e.to_string()),
+            "LPM trie maps: ipcache and CIDR lookups",
+        ),
+        feature(
+            "lru_hash",
+            true,
+            is_map_supported(MapType::LruHash).map_err(|e| e.to_string()),
+            "LRU hash maps: connection tracking",
+        ),
+        feature(
+            "xdp",
+            false,
+            is_program_supported(ProgramType::Xdp).map_err(|e| e.to_string()),
+            "XDP programs: prefilter and load-balancer acceleration",
+        ),
+    ];
+    FeatureReport { kernel, features }
+}

@@ -1,0 +1,86 @@
+//! `BPF_PROG_TEST_RUN` harness: runs a loaded tc program on a crafted packet
+//! and returns the verdict and the packet as the program left it. Used by the
+//! datapath fixtures (tests) and by the benchmarks.
+
+use std::time::Duration;
+
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use aya::{Ebpf, EbpfLoader};
+
+use crate::error::DatapathError;
+use crate::object::{PROBE_OBJECT, PROG_EMPTY};
+
+/// tc verdicts, as returned by the program.
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+
+/// Outcome of one run.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    pub verdict: u32,
+    /// The packet after the program ran (rewrites included).
+    pub packet: Vec<u8>,
+}
+
+/// A loaded tc program, not attached anywhere.
+pub struct TestProgram {
+    ebpf: Ebpf,
+    name: &'static str,
+}
+
+impl TestProgram {
+    pub(crate) fn new(ebpf: Ebpf, name: &'static str) -> Self {
+        Self { ebpf, name }
+    }
+
+    /// The empty program (returns TC_ACT_OK): the benchmark baseline.
+    pub fn empty() -> Result<Self, DatapathError> {
+        let mut ebpf = EbpfLoader::new().load(PROBE_OBJECT)?;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(PROG_EMPTY)
+            .ok_or(DatapathError::MissingProgram(PROG_EMPTY))?
+            .try_into()
+            .map_err(|e| DatapathError::program(PROG_EMPTY, e))?;
+        prog.load()
+            .map_err(|e| DatapathError::program(PROG_EMPTY, e))?;
+        Ok(Self::new(ebpf, PROG_EMPTY))
+    }
+
+    fn prog(&self) -> Result<&SchedClassifier, DatapathError> {
+        self.ebpf
+            .program(self.name)
+            .ok_or(DatapathError::MissingProgram(self.name))?
+            .try_into()
+            .map_err(|e| DatapathError::program(self.name, e))
+    }
+
+    /// Runs the program once on `packet`.
+    pub fn run(&self, packet: &[u8]) -> Result<RunResult, DatapathError> {
+        let mut out = vec![0u8; packet.len() + 512];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(packet);
+        opts.data_out = Some(&mut out);
+        let result = self
+            .prog()?
+            .test_run(opts)
+            .map_err(|e| DatapathError::program(self.name, e))?;
+        out.truncate(result.data_size_out as usize);
+        Ok(RunResult {
+            verdict: result.return_value,
+            packet: out,
+        })
+    }
+
+    /// Mean time per run over `repeat` runs inside the kernel.
+    pub fn time_per_run(&self, packet: &[u8], repeat: u32) -> Result<Duration, DatapathError> {
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(packet);
+        opts.repeat = repeat;
+        let result = self
+            .prog()?
+            .test_run(opts)
+            .map_err(|e| DatapathError::program(self.name, e))?;
+        Ok(result.duration)
+    }
+}

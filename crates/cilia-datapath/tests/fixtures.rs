@@ -1,0 +1,340 @@
+//! Datapath fixtures: crafted packets through the real endpoint program with
+//! `BPF_PROG_TEST_RUN`. Each case is packet in -> verdict and packet out;
+//! together they are the specification of the from-container program.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use cilia_abi::{EndpointConfig, EndpointInfo, CILIA_DROP_SPOOFED_SOURCE, CILIA_METRIC_DROP};
+use cilia_datapath::testrun::{TestProgram, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
+use cilia_datapath::BpfDatapath;
+use cilia_testnet::packet::*;
+use cilia_testnet::{require_privileges, BpfRoot};
+
+const A_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xa1];
+const A_NODE_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xa2];
+const B_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xb1];
+const B_NODE_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xb2];
+
+fn a6() -> Ipv6Addr {
+    "fd00:c1::a".parse().unwrap()
+}
+fn b6() -> Ipv6Addr {
+    "fd00:c1::b".parse().unwrap()
+}
+fn gw6() -> Ipv6Addr {
+    "fd00:c1::1".parse().unwrap()
+}
+fn a4() -> Ipv4Addr {
+    "10.200.0.10".parse().unwrap()
+}
+fn b4() -> Ipv4Addr {
+    "10.200.0.11".parse().unwrap()
+}
+fn gw4() -> Ipv4Addr {
+    "10.200.0.1".parse().unwrap()
+}
+
+struct Fixture {
+    _root: BpfRoot,
+    dp: BpfDatapath,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let root = BpfRoot::new();
+        let mut dp = BpfDatapath::open(root.path()).expect("open datapath");
+        let b = EndpointInfo {
+            ifindex: 4242,
+            identity: 0,
+            endpoint_id: 2,
+            flags: 0,
+            mac: B_MAC,
+            node_mac: B_NODE_MAC,
+        };
+        dp.upsert_endpoint(IpAddr::V6(b6()), b).unwrap();
+        dp.upsert_endpoint(IpAddr::V4(b4()), b).unwrap();
+        let a = EndpointInfo {
+            ifindex: 4141,
+            endpoint_id: 1,
+            mac: A_MAC,
+            node_mac: A_NODE_MAC,
+            ..b
+        };
+        dp.upsert_endpoint(IpAddr::V6(a6()), a).unwrap();
+        dp.upsert_endpoint(IpAddr::V4(a4()), a).unwrap();
+        Self { _root: root, dp }
+    }
+
+    fn program(
+        &self,
+        mac: Mac,
+        node_mac: Mac,
+        v6: Ipv6Addr,
+        v4: Option<Ipv4Addr>,
+        id: u16,
+    ) -> TestProgram {
+        let cfg = EndpointConfig {
+            ipv6: v6.octets(),
+            ipv4: v4.map(|a| a.octets()).unwrap_or_default(),
+            mac,
+            node_mac,
+            ifindex: 4141,
+            identity: 0,
+            endpoint_id: id,
+            enable_ipv4: u8::from(v4.is_some()),
+            pad: 0,
+        };
+        self.dp
+            .test_program(&cfg)
+            .expect("load specialized endpoint program")
+    }
+
+    fn endpoint_a(&self) -> TestProgram {
+        self.program(A_MAC, A_NODE_MAC, a6(), Some(a4()), 1)
+    }
+}
+
+fn udp6(src: Ipv6Addr, dst: Ipv6Addr, hop: u8) -> Vec<u8> {
+    eth(
+        A_NODE_MAC,
+        A_MAC,
+        ETH_P_IPV6,
+        &ipv6(src, dst, IPPROTO_UDP, hop, &udp(1000, 53, b"hello")),
+    )
+}
+
+fn udp4(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8) -> Vec<u8> {
+    eth(
+        A_NODE_MAC,
+        A_MAC,
+        ETH_P_IP,
+        &ipv4(src, dst, IPPROTO_UDP, ttl, &udp(1000, 53, b"hello")),
+    )
+}
+
+macro_rules! privileged {
+    ($name:literal) => {
+        if !require_privileges($name) {
+            return;
+        }
+    };
+}
+
+#[test]
+fn ipv6_to_local_endpoint_is_redirected_with_target_macs_and_hop_limit_decremented() {
+    privileged!("ipv6_to_local_endpoint");
+    let fx = Fixture::new();
+    let out = fx.endpoint_a().run(&udp6(a6(), b6(), 64)).unwrap();
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out.packet[0..6], &B_MAC);
+    assert_eq!(&out.packet[6..12], &B_NODE_MAC);
+    assert_eq!(out.packet[14 + 7], 63, "hop limit");
+}
+
+#[test]
+fn ipv4_to_local_endpoint_is_redirected_with_ttl_and_checksum_updated() {
+    privileged!("ipv4_to_local_endpoint");
+    let fx = Fixture::new();
+    let out = fx.endpoint_a().run(&udp4(a4(), b4(), 64)).unwrap();
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out.packet[0..6], &B_MAC);
+    assert_eq!(out.packet[14 + 8], 63, "ttl");
+    assert_eq!(
+        checksum(&out.packet[14..34]),
+        0,
+        "IPv4 header checksum stays valid"
+    );
+}
+
+#[test]
+fn reply_from_the_peer_is_redirected_back() {
+    privileged!("reply_from_the_peer");
+    let fx = Fixture::new();
+    let b = fx.program(B_MAC, B_NODE_MAC, b6(), Some(b4()), 2);
+    let pkt = eth(
+        B_NODE_MAC,
+        B_MAC,
+        ETH_P_IPV6,
+        &ipv6(b6(), a6(), IPPROTO_UDP, 64, &udp(53, 1000, b"re")),
+    );
+    let out = b.run(&pkt).unwrap();
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out.packet[0..6], &A_MAC);
+}
+
+#[test]
+fn traffic_to_a_non_endpoint_goes_to_the_stack_unchanged() {
+    privileged!("traffic_to_a_non_endpoint");
+    let fx = Fixture::new();
+    let prog = fx.endpoint_a();
+    for pkt in [udp6(a6(), gw6(), 64), udp4(a4(), gw4(), 64)] {
+        let out = prog.run(&pkt).unwrap();
+        assert_eq!(out.verdict, TC_ACT_OK);
+        assert_eq!(out.packet, pkt);
+    }
+}
+
+#[test]
+fn spoofed_source_addresses_are_dropped_and_counted() {
+    privileged!("spoofed_source_addresses");
+    let fx = Fixture::new();
+    let prog = fx.endpoint_a();
+    let forged6: Ipv6Addr = "fd00:c1::99".parse().unwrap();
+    assert_eq!(
+        prog.run(&udp6(forged6, b6(), 64)).unwrap().verdict,
+        TC_ACT_SHOT
+    );
+    assert_eq!(
+        prog.run(&udp4("10.200.0.99".parse().unwrap(), b4(), 64))
+            .unwrap()
+            .verdict,
+        TC_ACT_SHOT
+    );
+    let spoofed = fx
+        .dp
+        .metrics()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k.kind == CILIA_METRIC_DROP && k.reason == CILIA_DROP_SPOOFED_SOURCE)
+        .expect("spoofed drops are counted");
+    assert_eq!(spoofed.1.packets, 2);
+}
+
+#[test]
+fn expiring_hop_limit_and_ttl_are_dropped() {
+    privileged!("expiring_hop_limit");
+    let fx = Fixture::new();
+    let prog = fx.endpoint_a();
+    assert_eq!(prog.run(&udp6(a6(), b6(), 1)).unwrap().verdict, TC_ACT_SHOT);
+    assert_eq!(prog.run(&udp4(a4(), b4(), 1)).unwrap().verdict, TC_ACT_SHOT);
+}
+
+#[test]
+fn neighbour_solicitation_for_the_gateway_is_answered_with_the_node_mac() {
+    privileged!("neighbour_solicitation");
+    let fx = Fixture::new();
+    let ns = neighbour_solicitation(A_MAC, a6(), gw6());
+    let out = fx.endpoint_a().run(&ns).unwrap();
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "sent back to the container");
+    let p = &out.packet;
+    assert_eq!(p.len(), 14 + 40 + 32);
+    assert_eq!(&p[0..6], &A_MAC);
+    assert_eq!(&p[6..12], &A_NODE_MAC);
+    assert_eq!(&p[14 + 8..14 + 24], &gw6().octets(), "source is the target");
+    assert_eq!(
+        &p[14 + 24..14 + 40],
+        &a6().octets(),
+        "destination is the solicitor"
+    );
+    let icmp = &p[54..86];
+    assert_eq!(icmp[0], 136, "neighbour advertisement");
+    assert_eq!(icmp[4] & 0xe0, 0xe0, "router, solicited, override");
+    assert_eq!(&icmp[8..24], &gw6().octets());
+    assert_eq!(&icmp[24..26], &[2, 1], "target link-layer address option");
+    assert_eq!(&icmp[26..32], &A_NODE_MAC);
+    assert_eq!(icmpv6_checksum(gw6(), a6(), icmp), 0, "checksum is valid");
+}
+
+#[test]
+fn neighbour_solicitation_for_its_own_address_goes_to_the_stack() {
+    privileged!("neighbour_solicitation_own");
+    let fx = Fixture::new();
+    let ns = neighbour_solicitation(A_MAC, a6(), a6());
+    assert_eq!(fx.endpoint_a().run(&ns).unwrap().verdict, TC_ACT_OK);
+}
+
+#[test]
+fn arp_request_for_the_gateway_is_answered_with_the_node_mac() {
+    privileged!("arp_request");
+    let fx = Fixture::new();
+    let out = fx
+        .endpoint_a()
+        .run(&arp_request(A_MAC, a4(), gw4()))
+        .unwrap();
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let p = &out.packet;
+    assert_eq!(&p[0..6], &A_MAC);
+    assert_eq!(&p[6..12], &A_NODE_MAC);
+    let arp = &p[14..42];
+    assert_eq!(&arp[6..8], &[0, 2], "reply");
+    assert_eq!(&arp[8..14], &A_NODE_MAC, "sender MAC is the node's");
+    assert_eq!(&arp[14..18], &gw4().octets());
+    assert_eq!(&arp[18..24], &A_MAC);
+    assert_eq!(&arp[24..28], &a4().octets());
+}
+
+#[test]
+fn ipv4_is_dropped_when_the_endpoint_has_no_ipv4() {
+    privileged!("ipv4_disabled");
+    let fx = Fixture::new();
+    let v6only = fx.program(A_MAC, A_NODE_MAC, a6(), None, 1);
+    assert_eq!(
+        v6only.run(&udp4(a4(), b4(), 64)).unwrap().verdict,
+        TC_ACT_SHOT
+    );
+    assert_eq!(
+        v6only
+            .run(&arp_request(A_MAC, a4(), gw4()))
+            .unwrap()
+            .verdict,
+        TC_ACT_SHOT
+    );
+    assert_eq!(
+        v6only.run(&udp6(a6(), b6(), 64)).unwrap().verdict,
+        TC_ACT_REDIRECT
+    );
+}
+
+#[test]
+fn truncated_and_malformed_packets_never_pass_as_valid() {
+    privileged!("truncated_packets");
+    let fx = Fixture::new();
+    let prog = fx.endpoint_a();
+    let valid = [
+        udp6(a6(), b6(), 64),
+        udp4(a4(), b4(), 64),
+        neighbour_solicitation(A_MAC, a6(), gw6()),
+        arp_request(A_MAC, a4(), gw4()),
+    ];
+    let mut runs = 0;
+    for pkt in &valid {
+        for len in 14..pkt.len() {
+            // BPF_PROG_TEST_RUN itself refuses IP packets whose L3 header is
+            // truncated (EINVAL before the program runs); the rest must run.
+            let Ok(out) = prog.run(&pkt[..len]) else {
+                continue;
+            };
+            runs += 1;
+            assert!(
+                [TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT].contains(&out.verdict),
+                "len {len}: verdict {}",
+                out.verdict
+            );
+            // A truncated L3 header must be dropped, never forwarded.
+            if len < 14 + 20 {
+                assert_eq!(out.verdict, TC_ACT_SHOT, "len {len} of {pkt:02x?}");
+            }
+        }
+    }
+    assert!(
+        runs > 60,
+        "only {runs} truncated packets reached the program"
+    );
+    // Garbage: wrong IP version, unknown ethertype, bad ARP hardware type.
+    let mut bad_version = udp6(a6(), b6(), 64);
+    bad_version[14] = 0x40;
+    assert_eq!(prog.run(&bad_version).unwrap().verdict, TC_ACT_SHOT);
+    let unknown = eth(A_NODE_MAC, A_MAC, 0x88b5, &[0; 46]);
+    assert_eq!(prog.run(&unknown).unwrap().verdict, TC_ACT_SHOT);
+    let mut bad_arp = arp_request(A_MAC, a4(), gw4());
+    bad_arp[15] = 6;
+    assert_eq!(prog.run(&bad_arp).unwrap().verdict, TC_ACT_SHOT);
+}
+
+#[test]
+fn the_empty_baseline_program_loads_and_passes() {
+    privileged!("empty_baseline");
+    let empty = TestProgram::empty().unwrap();
+    assert_eq!(empty.run(&udp6(a6(), b6(), 64)).unwrap().verdict, TC_ACT_OK);
+}
