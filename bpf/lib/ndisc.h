@@ -46,6 +46,9 @@ __inline_fn int handle_nd(struct __sk_buff *skb, __u8 type, __u8 dir)
 	__builtin_memcpy(saddr, &ip6->saddr, 16);
 	__builtin_memcpy(target, icmp + 8, 16);
 	__builtin_memcpy(peer_mac, eth->h_source, 6);
+	/* Duplicate address detection (unspecified source): nothing to answer. */
+	if (!(saddr[0] | saddr[1] | saddr[2] | saddr[3]))
+		return drop(skb, CILIA_DROP_UNSUPPORTED_ND, dir);
 	if (!cfg_is_own_ipv6(saddr) && !ipv6_is_link_local((__u8 *)saddr))
 		return drop(skb, CILIA_DROP_SPOOFED_SOURCE, dir);
 	if (cfg_is_own_ipv6(target)) {

@@ -1,1 +1,171 @@
+//! The cilia node agent as a library: [`run`] starts everything from an
+//! [`AgentConfig`]; the binary only parses flags.
+//!
+//! Start-up order matters and is: lock the state dir (one agent per state),
+//! probe the kernel (refuse to run without required features), open the
+//! store, open the pinned datapath, restore endpoints, and only then serve
+//! the API, so no request ever sees a half-restored agent.
 
+pub mod api;
+pub mod datapath;
+pub mod endpoint;
+pub mod ipam;
+pub mod netdev;
+pub mod paths;
+pub mod store;
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use nix::fcntl::{Flock, FlockArg};
+use tokio::net::UnixListener;
+use tracing::{info, warn};
+
+use crate::api::AgentState;
+use crate::endpoint::{EndpointManager, Pools};
+use crate::ipam::Pool;
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub state_dir: PathBuf,
+    pub bpf_root: PathBuf,
+    pub socket: PathBuf,
+    pub ipv6_range: Ipv6Net,
+    pub ipv4_range: Option<Ipv4Net>,
+}
+
+fn mkdir_private(path: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .with_context(|| format!("creating {}", path.display()))
+}
+
+/// Takes the state dir's lock, or explains who holds it.
+fn lock_state_dir(config: &AgentConfig) -> anyhow::Result<Flock<File>> {
+    mkdir_private(&config.state_dir)?;
+    let path = config.state_dir.join(paths::LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(mut lock) => {
+            lock.set_len(0)?;
+            writeln!(lock, "{}", std::process::id())?;
+            Ok(lock)
+        }
+        Err((_, errno)) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            let holder = holder.trim();
+            if errno == nix::errno::Errno::EWOULDBLOCK {
+                bail!(
+                    "state dir {} is in use by another cilia-agent (pid {}); stop it or pass another --state-dir",
+                    config.state_dir.display(),
+                    if holder.is_empty() { "unknown" } else { holder }
+                );
+            }
+            bail!("locking {}: {errno}", path.display())
+        }
+    }
+}
+
+/// Binds the API socket (mode 0600), replacing a stale socket file.
+fn bind_socket(path: &std::path::Path) -> anyhow::Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        mkdir_private(parent)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "socket {} is served by another process; pass another --socket",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Runs the agent until SIGINT/SIGTERM. Links and maps stay pinned on exit:
+/// traffic between endpoints keeps flowing without the agent.
+pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    let _lock = lock_state_dir(&config)?;
+
+    let features = cilia_datapath::probe_kernel();
+    let missing = features.missing_required();
+    if !missing.is_empty() {
+        let names: Vec<String> = missing
+            .iter()
+            .map(|f| format!("{} ({})", f.name, f.detail))
+            .collect();
+        bail!(
+            "kernel {} lacks required features: {}",
+            features.kernel,
+            names.join(", ")
+        );
+    }
+    for f in features.features.iter().filter(|f| !f.present) {
+        warn!(feature = f.name, detail = %f.detail, "optional kernel feature missing");
+    }
+
+    let pools = Pools {
+        v6: Pool::new(IpNet::V6(config.ipv6_range)).context("--ipv6-range")?,
+        v4: config
+            .ipv4_range
+            .map(|r| Pool::new(IpNet::V4(r)))
+            .transpose()
+            .context("--ipv4-range")?,
+    };
+    let store = store::Store::open(&config.state_dir.join(paths::STATE_DB))?;
+    let datapath = cilia_datapath::BpfDatapath::open(&config.bpf_root)?;
+    let mut manager =
+        EndpointManager::new(store, Box::new(datapath), Box::new(netdev::IpRoute), pools);
+    manager
+        .ensure_router()
+        .context("setting up the node's router addresses")?;
+    manager.restore().context("restoring endpoints")?;
+    let restored = manager.list()?.len();
+
+    let listener = bind_socket(&config.socket)?;
+    let state = Arc::new(AgentState {
+        manager: Mutex::new(manager),
+        features,
+        state_dir: config.state_dir.display().to_string(),
+        bpf_root: config.bpf_root.display().to_string(),
+    });
+    info!(
+        socket = %config.socket.display(),
+        endpoints = restored,
+        ipv6_range = %config.ipv6_range,
+        ipv4_range = ?config.ipv4_range,
+        "cilia-agent ready"
+    );
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler cannot fail in a tokio runtime");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        info!("shutting down; endpoints keep running (pinned)");
+    };
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    let _ = std::fs::remove_file(&config.socket);
+    Ok(())
+}

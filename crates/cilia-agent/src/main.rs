@@ -1,1 +1,53 @@
-fn main() {}
+//! `cilia-agent`: parses flags into an [`AgentConfig`] and runs it.
+
+use std::path::PathBuf;
+
+use cilia_agent::{paths, AgentConfig};
+use clap::Parser;
+use ipnet::{Ipv4Net, Ipv6Net};
+
+/// The cilia node agent: BPF networking for containers.
+///
+/// Example: cilia-agent --ipv6-range fd00:c1a::/112 --ipv4-range 10.200.0.0/24
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Directory for persistent state (database, lock).
+    #[arg(long, env = "CILIA_STATE_DIR", default_value = paths::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// bpffs directory for pinned maps and links (bpffs is mounted if needed).
+    #[arg(long, env = "CILIA_BPF_ROOT", default_value = paths::DEFAULT_BPF_ROOT)]
+    bpf_root: PathBuf,
+    /// Unix socket of the REST API (created with mode 0600).
+    #[arg(long, env = "CILIA_SOCKET", default_value = paths::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// IPv6 range endpoint addresses come from; its first address is the router.
+    #[arg(long, env = "CILIA_IPV6_RANGE", default_value = paths::DEFAULT_IPV6_RANGE)]
+    ipv6_range: Ipv6Net,
+    /// IPv4 range; IPv4 is off when not given.
+    #[arg(long, env = "CILIA_IPV4_RANGE")]
+    ipv4_range: Option<Ipv4Net>,
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let config = AgentConfig {
+        state_dir: args.state_dir,
+        bpf_root: args.bpf_root,
+        socket: args.socket,
+        ipv6_range: args.ipv6_range,
+        ipv4_range: args.ipv4_range,
+    };
+    if let Err(e) = cilia_agent::run(config).await {
+        eprintln!("cilia-agent: {e:#}");
+        std::process::exit(1);
+    }
+}

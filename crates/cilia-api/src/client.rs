@@ -1,0 +1,125 @@
+//! HTTP/1.1 client over the agent's unix socket.
+
+use std::path::{Path, PathBuf};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::UnixStream;
+
+use crate::model::ApiError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the cilia agent at {socket}: {error}; is cilia-agent running? (set --socket or CILIA_SOCKET)")]
+    Connect {
+        socket: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("talking to the agent: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("{message}")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("unexpected answer from the agent ({status}): {body}")]
+    Decode { status: u16, body: String },
+}
+
+/// A client of one agent socket. Each request opens a new connection: the
+/// CLI and CNI plugin make one or two calls per process.
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    pub fn new(socket: impl AsRef<Path>) -> Self {
+        Self {
+            socket: socket.as_ref().to_path_buf(),
+        }
+    }
+
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|error| ClientError::Connect {
+                    socket: self.socket.clone(),
+                    error,
+                })?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "cilia")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ClientError::Decode {
+                status: 0,
+                body: e.to_string(),
+            })?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        Ok((status, bytes))
+    }
+
+    fn decode<T: DeserializeOwned>(status: StatusCode, bytes: &Bytes) -> Result<T, ClientError> {
+        if !status.is_success() {
+            return Err(match serde_json::from_slice::<ApiError>(bytes) {
+                Ok(e) => ClientError::Api {
+                    status: status.as_u16(),
+                    code: e.code,
+                    message: e.message,
+                },
+                Err(_) => ClientError::Decode {
+                    status: status.as_u16(),
+                    body: String::from_utf8_lossy(bytes).into_owned(),
+                },
+            });
+        }
+        serde_json::from_slice(bytes).map_err(|_| ClientError::Decode {
+            status: status.as_u16(),
+            body: String::from_utf8_lossy(bytes).into_owned(),
+        })
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let (status, bytes) = self.request(Method::GET, path, None).await?;
+        Self::decode(status, &bytes)
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let body = serde_json::to_vec(body).map_err(|e| ClientError::Decode {
+            status: 0,
+            body: e.to_string(),
+        })?;
+        let (status, bytes) = self.request(Method::POST, path, Some(body)).await?;
+        Self::decode(status, &bytes)
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<(), ClientError> {
+        let (status, bytes) = self.request(Method::DELETE, path, None).await?;
+        if status.is_success() {
+            return Ok(());
+        }
+        Self::decode::<serde_json::Value>(status, &bytes).map(|_| ())
+    }
+}

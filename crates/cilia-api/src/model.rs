@@ -1,0 +1,129 @@
+//! Request and response bodies of the agent's REST API (JSON).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Error body of every non-2xx response.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ApiError {
+    /// Stable machine-readable code, e.g. `invalid-labels`, `ipam-exhausted`.
+    pub code: String,
+    /// One line for a human, naming the object and the reason.
+    pub message: String,
+}
+
+/// A kernel capability found (or not) by the agent's probe.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct KernelFeature {
+    pub name: String,
+    pub present: bool,
+    pub required: bool,
+    pub detail: String,
+}
+
+/// Usage of one IPAM pool.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PoolStatus {
+    /// The configured range, e.g. `fd00:c1::/112`.
+    pub range: String,
+    /// The node's router (gateway) address in that range.
+    pub router: String,
+    pub used: u64,
+    /// Allocatable addresses (network, router and broadcast excluded).
+    pub capacity: u64,
+}
+
+/// IPAM usage per family; IPv4 is absent when not configured.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct IpamStatus {
+    pub ipv6: PoolStatus,
+    pub ipv4: Option<PoolStatus>,
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Status {
+    pub version: String,
+    /// `ok` when every endpoint is ready, `degraded` otherwise.
+    pub health: String,
+    pub kernel: String,
+    pub features: Vec<KernelFeature>,
+    pub endpoints: usize,
+    pub endpoints_not_ready: usize,
+    pub ipam: IpamStatus,
+    pub state_dir: String,
+    pub bpf_root: String,
+}
+
+/// `POST /v1/endpoints`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointCreate {
+    /// Network namespace: a name under /run/netns or an absolute path.
+    pub netns: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Interface name inside the namespace (default `eth0`).
+    #[serde(default)]
+    pub ifname: Option<String>,
+    /// Runtime's container id, kept for CNI CHECK/GC.
+    #[serde(default)]
+    pub container_id: Option<String>,
+}
+
+/// Lifecycle state of an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum EndpointState {
+    /// Being created; an agent that restarts in this state rolls it back.
+    Creating,
+    /// Connected: program attached, addresses published.
+    Ready,
+    /// Known but not connected (e.g. its interface vanished).
+    NotReady,
+}
+
+/// An endpoint as the agent knows it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Endpoint {
+    pub id: u16,
+    pub netns: String,
+    pub ifname: String,
+    pub host_ifname: String,
+    pub ipv6: String,
+    pub ipv4: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub mac: String,
+    pub host_mac: String,
+    pub state: EndpointState,
+    /// Why the endpoint is not ready, when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+}
+
+/// One entry of the kernel's endpoints map, read back.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BpfEndpoint {
+    pub address: String,
+    pub endpoint_id: u16,
+    pub ifindex: u32,
+    pub identity: u32,
+    pub mac: String,
+    pub node_mac: String,
+}
+
+/// One packet counter of the datapath, summed over CPUs.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BpfMetric {
+    /// `forward` or `drop`.
+    pub kind: String,
+    pub reason: String,
+    /// `egress` (from the endpoint) or `ingress`.
+    pub direction: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
