@@ -61,7 +61,7 @@ impl Pool {
         to_u128(self.range.network())
     }
 
-    fn from_u128(&self, v: u128) -> IpAddr {
+    fn addr_at(&self, v: u128) -> IpAddr {
         match self.range {
             IpNet::V4(_) => IpAddr::V4((v as u32).into()),
             IpNet::V6(_) => IpAddr::V6(v.into()),
@@ -70,7 +70,7 @@ impl Pool {
 
     /// The node's router address: the first host address of the range.
     pub fn router(&self) -> IpAddr {
-        self.from_u128(self.first() + 1)
+        self.addr_at(self.first() + 1)
     }
 
     /// Number of allocatable addresses (saturating at `u64::MAX`).
@@ -143,7 +143,7 @@ impl Pool {
                 capacity: self.capacity(),
             });
         }
-        Ok(self.from_u128(candidate))
+        Ok(self.addr_at(candidate))
     }
 
     /// Number of addresses of `used` inside this pool.

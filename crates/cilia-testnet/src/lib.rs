@@ -6,9 +6,11 @@
 //! Everything a test creates is named with the test process id, so parallel
 //! test binaries never collide, and is removed on drop, even on panic.
 
+pub mod agent;
 pub mod netns;
 pub mod packet;
 
+pub use agent::{AgentOptions, TestAgent};
 pub use netns::{BpfRoot, Netns};
 
 use std::path::PathBuf;

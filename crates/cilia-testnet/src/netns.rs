@@ -74,6 +74,21 @@ impl Netns {
         cmd
     }
 
+    /// Runs `f` on a thread that has entered this namespace: sockets it
+    /// creates live in the namespace for good.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let file = std::fs::File::open(self.path()).expect("open netns file");
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .expect("setns into test netns");
+                f()
+            })
+            .join()
+            .expect("netns thread panicked")
+        })
+    }
+
     /// Runs a shell snippet inside the namespace and returns stdout.
     pub fn sh(&self, script: &str) -> Result<String, CommandError> {
         run(self.command("sh").args(["-c", script]))
@@ -97,6 +112,21 @@ impl Drop for Netns {
     }
 }
 
+/// Mounts bpffs on /sys/fs/bpf when the machine has not, once per process,
+/// so agents started in parallel never race to mount (and stack) it.
+pub fn ensure_sys_fs_bpf() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let is_bpffs = nix::sys::statfs::statfs("/sys/fs/bpf")
+            .map(|fs| fs.filesystem_type().0 == 0xcafe4a11)
+            .unwrap_or(false);
+        if !is_bpffs {
+            run(Command::new("mount").args(["-t", "bpf", "bpffs", "/sys/fs/bpf"]))
+                .expect("mounting bpffs on /sys/fs/bpf");
+        }
+    });
+}
+
 /// A private directory under `/sys/fs/bpf` for one test's pins, removed
 /// (with every pin inside) on drop.
 #[derive(Debug)]
@@ -106,6 +136,7 @@ pub struct BpfRoot {
 
 impl BpfRoot {
     pub fn new() -> Self {
+        ensure_sys_fs_bpf();
         Self {
             path: Path::new("/sys/fs/bpf").join(unique_name("cilia-test-")),
         }

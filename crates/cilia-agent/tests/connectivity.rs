@@ -1,0 +1,331 @@
+//! End-to-end: a real agent in a node namespace, endpoints in their own
+//! namespaces, real ICMP/TCP/UDP between them, driven through the `cilia`
+//! CLI. The node has IP forwarding off and no bridge: BPF forwards.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use cilia_testnet::{require_privileges, AgentOptions, Netns, TestAgent};
+
+macro_rules! privileged {
+    ($name:literal) => {
+        if !require_privileges($name) {
+            return;
+        }
+    };
+}
+
+fn ip_of(ep: &serde_json::Value, family: &str) -> IpAddr {
+    ep[family].as_str().unwrap().parse().unwrap()
+}
+
+fn ping(from: &Netns, to: IpAddr) -> bool {
+    from.command("ping")
+        .args(["-c", "2", "-i", "0.2", "-W", "2", &to.to_string()])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// One TCP echo round trip from `client` to `server`'s `addr`.
+fn tcp_echo(server: &Netns, client: &Netns, addr: IpAddr) {
+    let listener = server.run(|| TcpListener::bind(SocketAddr::new(addr, 0)).unwrap());
+    let port = listener.local_addr().unwrap().port();
+    let srv = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 64];
+        let n = conn.read(&mut buf).unwrap();
+        conn.write_all(&buf[..n]).unwrap();
+    });
+    let mut conn = client.run(|| {
+        TcpStream::connect_timeout(&SocketAddr::new(addr, port), Duration::from_secs(5)).unwrap()
+    });
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    conn.write_all(b"hello over tcp").unwrap();
+    let mut buf = [0u8; 64];
+    let n = conn.read(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"hello over tcp");
+    srv.join().unwrap();
+}
+
+/// One UDP echo round trip.
+fn udp_echo(server: &Netns, client: &Netns, addr: IpAddr) {
+    let srv_sock = server.run(|| UdpSocket::bind(SocketAddr::new(addr, 0)).unwrap());
+    let port = srv_sock.local_addr().unwrap().port();
+    srv_sock
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let srv = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        let (n, peer) = srv_sock.recv_from(&mut buf).unwrap();
+        srv_sock.send_to(&buf[..n], peer).unwrap();
+    });
+    let unspecified: IpAddr = if addr.is_ipv6() {
+        "::".parse().unwrap()
+    } else {
+        "0.0.0.0".parse().unwrap()
+    };
+    let sock = client.run(|| UdpSocket::bind(SocketAddr::new(unspecified, 0)).unwrap());
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    sock.send_to(b"hello over udp", SocketAddr::new(addr, port))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = sock.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"hello over udp");
+    srv.join().unwrap();
+}
+
+#[test]
+fn two_endpoints_exchange_ping_tcp_udp_in_both_families_with_forwarding_off() {
+    privileged!("two_endpoints_exchange_traffic");
+    let agent = TestAgent::start(AgentOptions::default());
+    let fwd = agent
+        .node
+        .sh("cat /proc/sys/net/ipv4/ip_forward /proc/sys/net/ipv6/conf/all/forwarding")
+        .unwrap();
+    assert_eq!(
+        fwd.split_whitespace().collect::<Vec<_>>(),
+        ["0", "0"],
+        "forwarding must be off"
+    );
+    let (c1, c2) = (Netns::new("cep").unwrap(), Netns::new("cep").unwrap());
+    let a = agent.create_endpoint(&c1, "app=a");
+    let b = agent.create_endpoint(&c2, "app=b");
+    assert!(
+        !agent
+            .node
+            .ip(&["link", "show", "type", "bridge"])
+            .unwrap()
+            .contains("state"),
+        "no bridge"
+    );
+
+    for family in ["ipv6", "ipv4"] {
+        let (ia, ib) = (ip_of(&a, family), ip_of(&b, family));
+        assert!(ping(&c1, ib), "{family} ping a -> b");
+        assert!(ping(&c2, ia), "{family} ping b -> a");
+        tcp_echo(&c2, &c1, ib);
+        tcp_echo(&c1, &c2, ia);
+        udp_echo(&c2, &c1, ib);
+    }
+    // The node's router addresses are reachable too (to the host stack).
+    let status = agent.cli_json(&["status"]);
+    for pool in ["ipv6", "ipv4"] {
+        let router: IpAddr = status["ipam"][pool]["router"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(ping(&c1, router), "ping node router {router}");
+    }
+    // The kernel map holds both families of both endpoints.
+    let bpf = agent.cli_json(&["bpf", "endpoint", "list"]);
+    assert_eq!(bpf.as_array().unwrap().len(), 4, "{bpf}");
+    // Forwarding went through the endpoint programs.
+    let metrics = agent.cli_json(&["bpf", "metrics", "list"]);
+    let to_endpoint = metrics
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["reason"] == "to-endpoint")
+        .expect("to-endpoint counter");
+    assert!(to_endpoint["packets"].as_u64().unwrap() >= 8);
+}
+
+#[test]
+fn ipv6_only_agent_gives_endpoints_no_ipv4() {
+    privileged!("ipv6_only_agent");
+    let agent = TestAgent::start(AgentOptions {
+        ipv4_range: None,
+        ..AgentOptions::default()
+    });
+    let (c1, c2) = (Netns::new("cep").unwrap(), Netns::new("cep").unwrap());
+    let a = agent.create_endpoint(&c1, "");
+    let b = agent.create_endpoint(&c2, "");
+    assert!(a["ipv4"].is_null());
+    assert!(ping(&c2, ip_of(&a, "ipv6")));
+    tcp_echo(&c1, &c2, ip_of(&a, "ipv6"));
+    assert!(b["ipv4"].is_null());
+    assert_eq!(
+        agent.cli_json(&["status"])["ipam"]["ipv4"],
+        serde_json::Value::Null
+    );
+}
+
+#[test]
+fn kill_9_of_the_agent_loses_no_packets_and_restart_restores_endpoints() {
+    privileged!("kill_9_of_the_agent");
+    let mut agent = TestAgent::start(AgentOptions::default());
+    let (c1, c2) = (Netns::new("cep").unwrap(), Netns::new("cep").unwrap());
+    agent.create_endpoint(&c1, "app=a");
+    let b = agent.create_endpoint(&c2, "app=b");
+    let before = agent.cli_json(&["endpoint", "list"]);
+
+    // 150 pings 20 ms apart (3 s); the agent dies 1 s in and stays dead.
+    let pinger = c1
+        .command("ping")
+        .args([
+            "-c",
+            "150",
+            "-i",
+            "0.02",
+            "-W",
+            "1",
+            ip_of(&b, "ipv6").to_string().as_str(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    agent.kill9();
+    let out = pinger.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("150 received, 0% packet loss"), "{text}");
+
+    // Traffic keeps flowing with no agent at all, in both families.
+    tcp_echo(&c2, &c1, ip_of(&b, "ipv4"));
+
+    agent.spawn().unwrap();
+    let after = agent.cli_json(&["endpoint", "list"]);
+    assert_eq!(
+        before, after,
+        "same endpoints, same addresses after restart"
+    );
+    // No duplicate addresses: a new endpoint gets fresh ones.
+    let c3 = Netns::new("cep").unwrap();
+    let c = agent.create_endpoint(&c3, "app=c");
+    for ep in after.as_array().unwrap() {
+        assert_ne!(ep["ipv6"], c["ipv6"]);
+        assert_ne!(ep["ipv4"], c["ipv4"]);
+    }
+    assert!(ping(&c3, ip_of(&b, "ipv4")));
+}
+
+#[test]
+fn endpoint_delete_removes_devices_pins_map_entries_and_addresses() {
+    privileged!("endpoint_delete");
+    let agent = TestAgent::start(AgentOptions::default());
+    let c1 = Netns::new("cep").unwrap();
+    let a = agent.create_endpoint(&c1, "app=a");
+    let id = a["id"].as_u64().unwrap().to_string();
+    let host_if = a["host_ifname"].as_str().unwrap().to_string();
+    let pin = agent.bpf_root.path().join("links").join(format!("ep{id}"));
+    assert!(pin.exists());
+    agent.cli_ok(&["endpoint", "delete", &id]);
+
+    assert!(
+        agent.node.ip(&["link", "show", &host_if]).is_err(),
+        "host veth removed"
+    );
+    assert!(
+        c1.ip(&["link", "show", "eth0"]).is_err(),
+        "container side removed"
+    );
+    assert!(!pin.exists(), "link pin removed");
+    assert_eq!(
+        agent.cli_json(&["bpf", "endpoint", "list"]),
+        serde_json::json!([])
+    );
+    assert_eq!(agent.cli_json(&["endpoint", "list"]), serde_json::json!([]));
+    assert_eq!(agent.cli_json(&["status"])["ipam"]["ipv6"]["used"], 0);
+    assert!(!agent.cli(&["endpoint", "get", &id]).status.success());
+}
+
+/// Asserts a CLI failure with a one-line message containing `needle`.
+fn assert_one_line_error(out: &std::process::Output, needle: &str) {
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains(needle), "expected {needle:?} in {err}");
+}
+
+#[test]
+fn bad_input_gives_a_one_line_error_and_changes_nothing() {
+    privileged!("bad_input");
+    // A pool with exactly two addresses.
+    let agent = TestAgent::start(AgentOptions {
+        ipv6_range: "fd00:c1b::/126".into(),
+        ipv4_range: Some("10.201.0.0/29".into()),
+    });
+    let (c1, c2, c3) = (
+        Netns::new("cep").unwrap(),
+        Netns::new("cep").unwrap(),
+        Netns::new("cep").unwrap(),
+    );
+    agent.create_endpoint(&c1, "app=a");
+    let state = || {
+        (
+            agent.cli_ok(&["endpoint", "list", "-o", "json"]),
+            agent.node.ip(&["-o", "link"]).unwrap(),
+        )
+    };
+    let before = state();
+
+    let ns = ["endpoint", "create", "--netns"];
+    assert_one_line_error(
+        &agent.cli(&[&ns[..], &["no-such-netns"]].concat()),
+        "netns \"no-such-netns\": not found",
+    );
+    assert_one_line_error(
+        &agent.cli(&[&ns[..], &[c2.name(), "--labels", "app"]].concat()),
+        "label \"app\"",
+    );
+    assert_one_line_error(
+        &agent.cli(&[&ns[..], &[c2.name(), "--labels", "a=1,a=2"]].concat()),
+        "given twice",
+    );
+    assert_one_line_error(
+        &agent.cli(&[&ns[..], &[c1.name()]].concat()),
+        "eth0 already exists",
+    );
+    assert_one_line_error(
+        &agent.cli(&["endpoint", "get", "999"]),
+        "endpoint 999 not found",
+    );
+    assert_eq!(before, state(), "failed requests changed nothing");
+
+    // Fill the pool, then one more.
+    agent.create_endpoint(&c2, "app=b");
+    let full = state();
+    assert_one_line_error(
+        &agent.cli(&[&ns[..], &[c3.name()]].concat()),
+        "fd00:c1b::/126 is exhausted",
+    );
+    assert_eq!(full, state(), "exhaustion changed nothing");
+
+    // A second agent on the same state dir refuses to start.
+    let out = agent.run_second_agent(&agent.socket.with_extension("second"));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is in use by another cilia-agent"), "{err}");
+    assert_eq!(full, state(), "second agent changed nothing");
+}
+
+#[test]
+fn api_serves_an_openapi_document() {
+    privileged!("openapi");
+    let agent = TestAgent::start(AgentOptions::default());
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--unix-socket"])
+        .arg(&agent.socket)
+        .arg("http://cilia/openapi.json")
+        .output();
+    // curl is optional on a machine; the API client crate is not.
+    let doc: serde_json::Value = match out {
+        Ok(o) if o.status.success() => serde_json::from_slice(&o.stdout).unwrap(),
+        _ => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(cilia_api::Client::new(&agent.socket).get("/openapi.json"))
+                .unwrap()
+        }
+    };
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    assert!(doc["paths"]["/v1/endpoints"]["post"].is_object());
+}

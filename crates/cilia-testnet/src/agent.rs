@@ -1,0 +1,174 @@
+//! A cilia-agent running inside a test "node" namespace, with its own state
+//! dir, bpffs root and socket, driven through the real `cilia` CLI.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::bin;
+use crate::netns::{unique_name, BpfRoot, Netns};
+
+/// Options of a test agent.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub ipv6_range: String,
+    pub ipv4_range: Option<String>,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        Self {
+            ipv6_range: "fd00:c1a::/112".into(),
+            ipv4_range: Some("10.200.0.0/24".into()),
+        }
+    }
+}
+
+/// A node namespace with an agent in it. Dropping it kills the agent and
+/// removes the node namespace (and so every host-side device), the pins and
+/// the state dir.
+pub struct TestAgent {
+    pub node: Netns,
+    pub bpf_root: BpfRoot,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub options: AgentOptions,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl TestAgent {
+    pub fn start(options: AgentOptions) -> Self {
+        let node = Netns::new("cnode").expect("create node netns");
+        let dir = std::env::temp_dir().join(unique_name("cilia-agent-"));
+        std::fs::create_dir_all(&dir).expect("create agent temp dir");
+        let mut agent = Self {
+            node,
+            bpf_root: BpfRoot::new(),
+            state_dir: dir.join("state"),
+            socket: dir.join("cilia.sock"),
+            log: dir.join("agent.log"),
+            options,
+            child: None,
+        };
+        agent.spawn().expect("agent starts");
+        agent
+    }
+
+    fn command(&self, socket: &Path) -> Command {
+        let mut cmd = self.node.command(bin("cilia-agent"));
+        cmd.arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--bpf-root")
+            .arg(self.bpf_root.path())
+            .arg("--socket")
+            .arg(socket)
+            .arg("--ipv6-range")
+            .arg(&self.options.ipv6_range);
+        if let Some(v4) = &self.options.ipv4_range {
+            cmd.arg("--ipv4-range").arg(v4);
+        }
+        cmd
+    }
+
+    /// Starts the agent and waits until its API answers; on failure returns
+    /// the agent's log.
+    pub fn spawn(&mut self) -> Result<(), String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| e.to_string())?;
+        let child = self
+            .command(&self.socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(format!("agent exited with {status}: {}", self.log_text()));
+                }
+            }
+            if self.cli(&["status"]).status.success() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(format!(
+            "agent did not answer within 20 s: {}",
+            self.log_text()
+        ))
+    }
+
+    /// Runs a second agent process on the same state dir (and the given
+    /// socket) to completion, returning its output.
+    pub fn run_second_agent(&self, socket: &Path) -> Output {
+        self.command(socket).output().expect("run second agent")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Runs the `cilia` CLI against this agent.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("cilia"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run cilia")
+    }
+
+    /// Runs the CLI, asserting success, returning stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "cilia {args:?} failed: {}\nagent log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs the CLI with `-o json` and parses stdout.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        serde_json::from_str(&self.cli_ok(&all)).expect("cilia printed JSON")
+    }
+
+    /// Creates an endpoint in `netns` and returns its JSON.
+    pub fn create_endpoint(&self, netns: &Netns, labels: &str) -> serde_json::Value {
+        self.cli_json(&[
+            "endpoint",
+            "create",
+            "--netns",
+            netns.name(),
+            "--labels",
+            labels,
+        ])
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.kill9();
+        if let Some(dir) = self.state_dir.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
