@@ -299,3 +299,233 @@ impl EndpointManager {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet, HashMap};
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    use std::sync::{Arc, Mutex};
+
+    use cilia_abi::{EndpointKey, MetricsKey, MetricsValue};
+
+    use super::*;
+
+    /// What the fakes saw, shared with the test.
+    #[derive(Default)]
+    struct Kernel {
+        devices: BTreeSet<String>,
+        pins: BTreeSet<u16>,
+        map: HashMap<IpAddr, EndpointInfo>,
+        fail_attach: bool,
+    }
+
+    struct FakeDatapath(Arc<Mutex<Kernel>>);
+    struct FakeNetdev(Arc<Mutex<Kernel>>);
+
+    impl Datapath for FakeDatapath {
+        fn attach_endpoint(
+            &mut self,
+            config: &EndpointConfig,
+            _: &str,
+        ) -> Result<(), DatapathError> {
+            let mut k = self.0.lock().unwrap();
+            if k.fail_attach {
+                return Err(DatapathError::MissingProgram("verifier said no"));
+            }
+            k.pins.insert(config.endpoint_id);
+            Ok(())
+        }
+        fn detach_endpoint(&mut self, id: u16) -> Result<(), DatapathError> {
+            self.0.lock().unwrap().pins.remove(&id);
+            Ok(())
+        }
+        fn endpoint_attached(&self, id: u16) -> bool {
+            self.0.lock().unwrap().pins.contains(&id)
+        }
+        fn upsert_endpoint(&mut self, ip: IpAddr, info: EndpointInfo) -> Result<(), DatapathError> {
+            self.0.lock().unwrap().map.insert(ip, info);
+            Ok(())
+        }
+        fn remove_endpoint(&mut self, ip: IpAddr) -> Result<(), DatapathError> {
+            self.0.lock().unwrap().map.remove(&ip);
+            Ok(())
+        }
+        fn list_endpoints(&self) -> Result<Vec<(EndpointKey, EndpointInfo)>, DatapathError> {
+            Ok(self
+                .0
+                .lock()
+                .unwrap()
+                .map
+                .iter()
+                .map(|(ip, i)| (EndpointKey::from_ip(*ip), *i))
+                .collect())
+        }
+        fn metrics(&self) -> Result<Vec<(MetricsKey, MetricsValue)>, DatapathError> {
+            Ok(vec![])
+        }
+    }
+
+    impl Netdev for FakeNetdev {
+        fn create(&mut self, spec: &VethSpec) -> Result<u32, NetdevError> {
+            self.0
+                .lock()
+                .unwrap()
+                .devices
+                .insert(spec.host_ifname.clone());
+            Ok(7)
+        }
+        fn delete(&mut self, name: &str) -> Result<(), NetdevError> {
+            self.0.lock().unwrap().devices.remove(name);
+            Ok(())
+        }
+        fn ifindex(&self, name: &str) -> Option<u32> {
+            self.0.lock().unwrap().devices.contains(name).then_some(7)
+        }
+        fn ensure_router(&mut self, _: Ipv6Addr, _: Option<Ipv4Addr>) -> Result<(), NetdevError> {
+            Ok(())
+        }
+    }
+
+    struct Harness {
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+        kernel: Arc<Mutex<Kernel>>,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            Self {
+                path: dir.path().join("state.redb"),
+                _dir: dir,
+                kernel: Arc::default(),
+            }
+        }
+
+        fn manager(&self) -> EndpointManager {
+            EndpointManager::new(
+                Store::open(&self.path).unwrap(),
+                Box::new(FakeDatapath(self.kernel.clone())),
+                Box::new(FakeNetdev(self.kernel.clone())),
+                Pools {
+                    v6: Pool::new("fd00::/120".parse().unwrap()).unwrap(),
+                    v4: Some(Pool::new("10.0.0.0/24".parse().unwrap()).unwrap()),
+                },
+            )
+        }
+    }
+
+    fn request() -> EndpointCreate {
+        EndpointCreate {
+            // Any existing namespace file works for the fake devices.
+            netns: "/proc/self/ns/net".into(),
+            labels: BTreeMap::from([("app".into(), "web".into())]),
+            ifname: None,
+            container_id: None,
+        }
+    }
+
+    #[test]
+    fn create_records_a_ready_endpoint_with_devices_pin_and_map_entries() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        let ep = mgr.create(request()).unwrap();
+        assert_eq!(ep.state, EndpointState::Ready);
+        assert_eq!(ep.ifname, "eth0");
+        let k = h.kernel.lock().unwrap();
+        assert!(k.devices.contains(&ep.host_ifname));
+        assert!(k.pins.contains(&ep.id));
+        assert_eq!(k.map.len(), 2);
+    }
+
+    #[test]
+    fn failed_attach_rolls_back_devices_record_and_addresses() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        h.kernel.lock().unwrap().fail_attach = true;
+        assert!(matches!(
+            mgr.create(request()),
+            Err(EndpointError::Datapath(_))
+        ));
+        let k = h.kernel.lock().unwrap();
+        assert!(k.devices.is_empty() && k.pins.is_empty() && k.map.is_empty());
+        assert!(mgr.list().unwrap().is_empty());
+        assert!(mgr.allocated().unwrap().is_empty());
+    }
+
+    #[test]
+    fn restore_rolls_back_an_endpoint_left_half_created() {
+        let h = Harness::new();
+        {
+            let store = Store::open(&h.path).unwrap();
+            let pools = h.manager_pools();
+            store
+                .create_endpoint(&pools.v6, pools.v4.as_ref(), |id, v6, v4| EndpointRecord {
+                    id,
+                    netns: "/proc/self/ns/net".into(),
+                    ifname: "eth0".into(),
+                    host_ifname: netdev::host_ifname(id),
+                    ipv6: v6,
+                    ipv4: v4,
+                    labels: BTreeMap::new(),
+                    mac: [2; 6],
+                    host_mac: [3; 6],
+                    state: EndpointState::Creating,
+                    reason: None,
+                    container_id: None,
+                })
+                .unwrap();
+            // The crash happened after the veth was made.
+            h.kernel.lock().unwrap().devices.insert("lxc1".into());
+        }
+        let mut mgr = h.manager();
+        mgr.restore().unwrap();
+        assert!(mgr.list().unwrap().is_empty());
+        assert!(mgr.allocated().unwrap().is_empty());
+        assert!(h.kernel.lock().unwrap().devices.is_empty());
+    }
+
+    #[test]
+    fn restore_marks_an_endpoint_whose_interface_vanished_not_ready() {
+        let h = Harness::new();
+        let id = h.manager().create(request()).unwrap().id;
+        h.kernel.lock().unwrap().devices.clear();
+        let mut mgr = h.manager();
+        mgr.restore().unwrap();
+        let ep = mgr.get(id).unwrap();
+        assert_eq!(ep.state, EndpointState::NotReady);
+        assert!(ep.reason.unwrap().contains("no longer exists"));
+        assert!(
+            h.kernel.lock().unwrap().map.is_empty(),
+            "stale map entries withdrawn"
+        );
+    }
+
+    #[test]
+    fn restore_reattaches_a_ready_endpoint_that_lost_its_pin() {
+        let h = Harness::new();
+        let id = h.manager().create(request()).unwrap().id;
+        h.kernel.lock().unwrap().pins.clear();
+        h.manager().restore().unwrap();
+        assert!(h.kernel.lock().unwrap().pins.contains(&id));
+    }
+
+    #[test]
+    fn invalid_ifname_is_rejected_before_anything_is_allocated() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        let mut req = request();
+        req.ifname = Some("a/b".into());
+        assert!(matches!(mgr.create(req), Err(EndpointError::Ifname(_))));
+        assert!(mgr.allocated().unwrap().is_empty());
+    }
+
+    impl Harness {
+        fn manager_pools(&self) -> Pools {
+            Pools {
+                v6: Pool::new("fd00::/120".parse().unwrap()).unwrap(),
+                v4: Some(Pool::new("10.0.0.0/24".parse().unwrap()).unwrap()),
+            }
+        }
+    }
+}

@@ -14,7 +14,7 @@ use ipnet::IpNet;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IpamError {
-    #[error("IPAM range {range}: too small (needs at least 2 allocatable addresses)")]
+    #[error("IPAM range {range}: too small: no address left after network, router and broadcast")]
     RangeTooSmall { range: IpNet },
     #[error("IPAM pool {range} is exhausted: all {capacity} addresses are allocated")]
     Exhausted { range: IpNet, capacity: u64 },
@@ -43,7 +43,7 @@ impl Pool {
     pub fn new(range: IpNet) -> Result<Self, IpamError> {
         let range = range.trunc();
         let pool = Self { range };
-        if pool.capacity() < 2 {
+        if pool.capacity() < 1 {
             return Err(IpamError::RangeTooSmall { range });
         }
         Ok(pool)
