@@ -17,12 +17,12 @@
 #define __inline_fn static __always_inline
 
 /* Constants whose UAPI headers drag in libc (ARP) or are kernel-internal (ND). */
-#define ARPHRD_ETHER 1
-#define ARPOP_REQUEST 1
-#define ARPOP_REPLY 2
-#define NDISC_ROUTER_SOLICITATION 133
-#define NDISC_REDIRECT 137
-#define NDISC_NEIGHBOUR_SOLICITATION 135
+#define ARPHRD_ETHER		      1
+#define ARPOP_REQUEST		      1
+#define ARPOP_REPLY		      2
+#define NDISC_ROUTER_SOLICITATION     133
+#define NDISC_REDIRECT		      137
+#define NDISC_NEIGHBOUR_SOLICITATION  135
 #define NDISC_NEIGHBOUR_ADVERTISEMENT 136
 
 #endif

@@ -24,7 +24,8 @@ __inline_fn struct endpoint_info *endpoint_lookup(const void *addr, __u8 family)
 	return bpf_map_lookup_elem(&cilia_endpoints, &key);
 }
 
-__inline_fn int redirect_to_endpoint(struct __sk_buff *skb, const struct endpoint_info *ep, __u8 dir)
+__inline_fn int redirect_to_endpoint(struct __sk_buff *skb, const struct endpoint_info *ep,
+				     __u8 dir)
 {
 	__u32 ifindex = ep->ifindex;
 

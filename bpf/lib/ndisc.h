@@ -14,9 +14,9 @@
 #include "csum.h"
 #include "metrics.h"
 
-#define ND_NS_LEN 24           /* ICMPv6 header + reserved + target */
-#define ND_NA_LEN 32           /* NA + target link-layer address option */
-#define ND_FLAGS_RSO 0xe0000000 /* router | solicited | override */
+#define ND_NS_LEN	     24		/* ICMPv6 header + reserved + target */
+#define ND_NA_LEN	     32		/* NA + target link-layer address option */
+#define ND_FLAGS_RSO	     0xe0000000 /* router | solicited | override */
 #define ND_OPT_TARGET_LLADDR 2
 
 __inline_fn int ipv6_is_link_local(const __u8 *addr)
@@ -78,10 +78,10 @@ __inline_fn int handle_nd(struct __sk_buff *skb, __u8 type, __u8 dir)
 	((__u16 *)reply)[1] = csum_fold(sum);
 
 	struct ipv6hdr hdr = {
-		.version = 6,
-		.payload_len = bpf_htons(ND_NA_LEN),
-		.nexthdr = IPPROTO_ICMPV6,
-		.hop_limit = 255,
+	    .version = 6,
+	    .payload_len = bpf_htons(ND_NA_LEN),
+	    .nexthdr = IPPROTO_ICMPV6,
+	    .hop_limit = 255,
 	};
 	__builtin_memcpy(&hdr.saddr, target, 16);
 	__builtin_memcpy(&hdr.daddr, saddr, 16);

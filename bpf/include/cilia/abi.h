@@ -25,14 +25,14 @@
  * knows these values and prunes branches of features an endpoint lacks.
  */
 struct endpoint_config {
-	__u8 ipv6[16];      /* the endpoint's IPv6 address */
-	__u8 ipv4[4];       /* the endpoint's IPv4 address (if enable_ipv4) */
-	__u8 mac[6];        /* MAC of the container-side interface */
-	__u8 node_mac[6];   /* MAC of the host-side veth: the gateway's MAC */
-	__u32 ifindex;      /* ifindex of the host-side veth */
-	__u32 identity;     /* security identity (0 until policy exists) */
-	__u16 endpoint_id;  /* agent-assigned endpoint id */
-	__u8 enable_ipv4;   /* 1 when the endpoint has an IPv4 address */
+	__u8 ipv6[16];	   /* the endpoint's IPv6 address */
+	__u8 ipv4[4];	   /* the endpoint's IPv4 address (if enable_ipv4) */
+	__u8 mac[6];	   /* MAC of the container-side interface */
+	__u8 node_mac[6];  /* MAC of the host-side veth: the gateway's MAC */
+	__u32 ifindex;	   /* ifindex of the host-side veth */
+	__u32 identity;	   /* security identity (0 until policy exists) */
+	__u16 endpoint_id; /* agent-assigned endpoint id */
+	__u8 enable_ipv4;  /* 1 when the endpoint has an IPv4 address */
 	__u8 pad;
 };
 
@@ -45,36 +45,36 @@ struct endpoint_key {
 
 /* Value of the endpoints map: where and how to deliver to that endpoint. */
 struct endpoint_info {
-	__u32 ifindex;     /* host-side veth; redirect_peer target */
-	__u32 identity;    /* security identity */
+	__u32 ifindex;	   /* host-side veth; redirect_peer target */
+	__u32 identity;	   /* security identity */
 	__u16 endpoint_id; /* agent-assigned endpoint id */
-	__u16 flags;       /* reserved, zero */
-	__u8 mac[6];       /* container-side MAC: new destination MAC */
+	__u16 flags;	   /* reserved, zero */
+	__u8 mac[6];	   /* container-side MAC: new destination MAC */
 	__u8 node_mac[6];  /* host-side MAC: new source MAC */
 };
 
 /* Packet outcomes counted in the per-CPU metrics map. */
 #define CILIA_METRIC_FORWARD 1
-#define CILIA_METRIC_DROP 2
+#define CILIA_METRIC_DROP    2
 
 /* Forward reasons (kind CILIA_METRIC_FORWARD). */
-#define CILIA_FWD_ENDPOINT 1  /* redirected to a local endpoint */
-#define CILIA_FWD_STACK 2     /* passed to the host stack */
-#define CILIA_FWD_ND_REPLY 3  /* IPv6 neighbour advertisement answered */
+#define CILIA_FWD_ENDPOINT  1 /* redirected to a local endpoint */
+#define CILIA_FWD_STACK	    2 /* passed to the host stack */
+#define CILIA_FWD_ND_REPLY  3 /* IPv6 neighbour advertisement answered */
 #define CILIA_FWD_ARP_REPLY 4 /* ARP reply answered */
 
 /* Drop reasons (kind CILIA_METRIC_DROP). Never reuse a number. */
-#define CILIA_DROP_INVALID 130         /* truncated or malformed packet */
-#define CILIA_DROP_UNSUPPORTED_L3 131  /* ethertype not handled */
-#define CILIA_DROP_SPOOFED_SOURCE 132  /* source address is not the endpoint's */
-#define CILIA_DROP_TTL_EXCEEDED 133    /* TTL / hop limit would reach zero */
-#define CILIA_DROP_UNSUPPORTED_ND 134  /* ND/ICMPv6 control message not served */
-#define CILIA_DROP_MULTICAST 135       /* multicast is not routed */
+#define CILIA_DROP_INVALID	   130 /* truncated or malformed packet */
+#define CILIA_DROP_UNSUPPORTED_L3  131 /* ethertype not handled */
+#define CILIA_DROP_SPOOFED_SOURCE  132 /* source address is not the endpoint's */
+#define CILIA_DROP_TTL_EXCEEDED	   133 /* TTL / hop limit would reach zero */
+#define CILIA_DROP_UNSUPPORTED_ND  134 /* ND/ICMPv6 control message not served */
+#define CILIA_DROP_MULTICAST	   135 /* multicast is not routed */
 #define CILIA_DROP_REDIRECT_FAILED 136 /* the kernel refused the redirect */
-#define CILIA_DROP_WRITE_FAILED 137    /* a packet rewrite helper failed */
+#define CILIA_DROP_WRITE_FAILED	   137 /* a packet rewrite helper failed */
 
 /* Direction of a counted packet. */
-#define CILIA_DIR_EGRESS 1  /* leaving an endpoint (from-container) */
+#define CILIA_DIR_EGRESS  1 /* leaving an endpoint (from-container) */
 #define CILIA_DIR_INGRESS 2 /* entering an endpoint */
 
 struct metrics_key {

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# All benchmarks, each against a baseline measured in the same run. Root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh >/dev/null
+echo "## BPF_PROG_TEST_RUN (1M repeats, median of 5)"
+cargo bench -q -p cilia-datapath --bench testrun 2>/dev/null
+echo
+echo "## iperf3 TCP, single stream"
+bench/throughput.sh

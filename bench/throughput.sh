@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# iperf3 TCP throughput (single stream, DURATION s, IPv6 and IPv4) between two
+# cilia endpoints, next to the same test over a plain veth pair between two
+# namespaces without any BPF, measured in the same run. Needs root and the
+# release binaries (scripts/setup.sh). Prints a markdown table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-5}
+BIN=target/release
+P=cbench$$
+RUN=/run/$P
+SOCK=$RUN/cilia.sock
+cleanup() {
+  pkill -f -- "--bpf-root /sys/fs/bpf/$P" 2>/dev/null || true
+  for ns in $P-node $P-a $P-b $P-va $P-vb; do ip netns del "$ns" 2>/dev/null || true; done
+  rm -rf "$RUN" "/sys/fs/bpf/$P"
+}
+trap cleanup EXIT
+mkdir -p "$RUN"
+for ns in node a b va vb; do ip netns add "$P-$ns"; ip -n "$P-$ns" link set lo up; done
+
+gbps() { # ns server_ip
+  ip netns exec "$P-$2" iperf3 -s -D -1 -B "$3" >/dev/null 2>&1; sleep 0.3
+  ip netns exec "$P-$1" iperf3 -c "$3" -t "$DURATION" -J |
+    python3 -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9))'
+}
+
+# Baseline: a plain veth pair, no BPF.
+ip link add "${P}x" netns "$P-va" type veth peer name "${P}y" netns "$P-vb"
+ip -n "$P-va" addr add 2001:db8:b::1/64 dev "${P}x" nodad
+ip -n "$P-vb" addr add 2001:db8:b::2/64 dev "${P}y" nodad
+ip -n "$P-va" addr add 198.51.100.1/24 dev "${P}x"
+ip -n "$P-vb" addr add 198.51.100.2/24 dev "${P}y"
+ip -n "$P-va" link set "${P}x" up; ip -n "$P-vb" link set "${P}y" up
+
+# cilia: two endpoints on an agent.
+( nsenter --net=/run/netns/$P-node "$BIN/cilia-agent" --state-dir "$RUN/state" --bpf-root "/sys/fs/bpf/$P" \
+  --socket "$SOCK" --ipv6-range fd00:c1b::/112 --ipv4-range 10.201.0.0/24 >"$RUN/agent.log" 2>&1 & )
+for _ in $(seq 100); do "$BIN/cilia" --socket "$SOCK" status >/dev/null 2>&1 && break; sleep 0.1; done
+"$BIN/cilia" --socket "$SOCK" endpoint create --netns "$P-a" >/dev/null
+"$BIN/cilia" --socket "$SOCK" endpoint create --netns "$P-b" >/dev/null
+sleep 0.5
+
+echo "| path | IPv6 Gbit/s | IPv4 Gbit/s |"
+echo "|---|---|---|"
+base6=$(gbps va vb 2001:db8:b::2); base4=$(gbps va vb 198.51.100.2)
+echo "| plain veth pair, no BPF (baseline) | $base6 | $base4 |"
+c6=$(gbps a b fd00:c1b::3); c4=$(gbps a b 10.201.0.3)
+echo "| cilia endpoint -> endpoint (BPF redirect_peer) | $c6 | $c4 |"
+python3 -c "print('| ratio cilia / baseline | %.2f | %.2f |' % ($c6/$base6, $c4/$base4))"

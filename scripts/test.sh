@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: formatting and lint checks (Rust and BPF C),
+# unit tests, BPF_PROG_TEST_RUN datapath fixtures, and end-to-end tests with
+# real traffic in network namespaces. Privileged tests need root; under
+# CI=true they fail rather than skip without it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -eq 0 ]; then
+  scripts/setup.sh --deps
+elif [ "${CI:-}" = "true" ]; then
+  echo "test.sh: CI=true needs root: the datapath and end-to-end tests load BPF programs" >&2
+  exit 1
+else
+  echo "test.sh: not root: privileged tests will be reported as SKIPPED" >&2
+fi
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> clang-format (bpf/)"
+clang-format-19 --dry-run --Werror bpf/*.c bpf/lib/*.h bpf/include/cilia/*.h
+echo "==> cargo clippy -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "==> build binaries used by the end-to-end tests"
+cargo build --workspace --bins
+echo "==> cargo test"
+cargo test --workspace
+
+left=$(ip netns list 2>/dev/null | grep -E '^(cnode|cep)[0-9]+x' || true)
+if [ -n "$left" ]; then
+  echo "test.sh: tests left network namespaces behind: $left" >&2
+  exit 1
+fi
