@@ -17,11 +17,7 @@ const ROUNDS: usize = 5;
 /// Median over rounds of the kernel's mean ns per run.
 fn measure(prog: &TestProgram, pkt: &[u8]) -> f64 {
     let mut samples: Vec<f64> = (0..ROUNDS)
-        .map(|_| {
-            prog.time_per_run(pkt, REPEAT)
-                .expect("test_run")
-                .as_nanos() as f64
-        })
+        .map(|_| prog.time_per_run(pkt, REPEAT).expect("test_run").as_nanos() as f64)
         .collect();
     samples.sort_by(|a, b| a.total_cmp(b));
     samples[ROUNDS / 2]
@@ -32,8 +28,12 @@ fn main() {
         eprintln!("testrun bench needs root (BPF_PROG_TEST_RUN)");
         std::process::exit(1);
     }
-    let (a6, b6): (Ipv6Addr, Ipv6Addr) = ("fd00:c1::a".parse().unwrap(), "fd00:c1::b".parse().unwrap());
-    let (a4, b4): (Ipv4Addr, Ipv4Addr) = ("10.200.0.10".parse().unwrap(), "10.200.0.11".parse().unwrap());
+    let (a6, b6): (Ipv6Addr, Ipv6Addr) =
+        ("fd00:c1::a".parse().unwrap(), "fd00:c1::b".parse().unwrap());
+    let (a4, b4): (Ipv4Addr, Ipv4Addr) = (
+        "10.200.0.10".parse().unwrap(),
+        "10.200.0.11".parse().unwrap(),
+    );
     let (mac, node_mac) = ([0x0a, 0, 0, 0, 0, 1], [0x0a, 0, 0, 0, 0, 2]);
     let root = BpfRoot::new();
     let mut dp = BpfDatapath::open(root.path()).expect("open datapath");
@@ -61,9 +61,30 @@ fn main() {
     let empty = TestProgram::empty().expect("load empty program");
 
     let payload = [0u8; 64];
-    let v6 = eth(node_mac, mac, ETH_P_IPV6, &ipv6(a6, b6, IPPROTO_UDP, 64, &udp(1000, 53, &payload)));
-    let v4 = eth(node_mac, mac, ETH_P_IP, &ipv4(a4, b4, IPPROTO_UDP, 64, &udp(1000, 53, &payload)));
-    let stack = eth(node_mac, mac, ETH_P_IPV6, &ipv6(a6, "fd00:c1::1".parse().unwrap(), IPPROTO_UDP, 64, &udp(1000, 53, &payload)));
+    let v6 = eth(
+        node_mac,
+        mac,
+        ETH_P_IPV6,
+        &ipv6(a6, b6, IPPROTO_UDP, 64, &udp(1000, 53, &payload)),
+    );
+    let v4 = eth(
+        node_mac,
+        mac,
+        ETH_P_IP,
+        &ipv4(a4, b4, IPPROTO_UDP, 64, &udp(1000, 53, &payload)),
+    );
+    let stack = eth(
+        node_mac,
+        mac,
+        ETH_P_IPV6,
+        &ipv6(
+            a6,
+            "fd00:c1::1".parse().unwrap(),
+            IPPROTO_UDP,
+            64,
+            &udp(1000, 53, &payload),
+        ),
+    );
 
     let baseline = measure(&empty, &v6);
     println!("case\tns/packet\tratio-to-empty");
