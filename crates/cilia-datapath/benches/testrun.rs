@@ -3,6 +3,8 @@
 //! `cargo bench -p cilia-datapath --bench testrun`; prints one line per case
 //! and the ratio to the baseline.
 
+#![allow(clippy::unwrap_used)] // benchmark code: a panic is the failure report
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use cilia_abi::{EndpointConfig, EndpointInfo};
