@@ -24,10 +24,18 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "==> build binaries used by the end-to-end tests"
 cargo build --workspace --bins
 echo "==> cargo test"
-cargo test --workspace
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace 2>&1 | tee "$log" || status=$?
 
 left=$(ip netns list 2>/dev/null | grep -E '^(cnode|cep)[0-9]+x' || true)
 if [ -n "$left" ]; then
   echo "test.sh: tests left network namespaces behind: $left" >&2
   exit 1
 fi
+
+# One closing line over every test binary (doc-test runs print "0 passed").
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1); if ($i ~ /^ignored;?$/) s += $(i-1) } }
+     END { printf "total: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+exit "$status"
