@@ -39,4 +39,32 @@ int cil_from_container(struct __sk_buff *skb)
 	}
 }
 
+/*
+ * Attached with TCX to the egress of the host-side veth: packets the node's
+ * stack delivers to the container (from the host or routed from elsewhere).
+ * Local endpoint-to-endpoint traffic never passes here: redirect_peer skips
+ * it, and the sender's program already applied this endpoint's ingress policy.
+ */
+SEC("classifier")
+int cil_to_container(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	const __u8 dir = CILIA_DIR_INGRESS;
+
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_OK;
+	switch (eth->h_proto) {
+	case bpf_htons(ETH_P_IPV6):
+		return handle_ipv6_to_endpoint(skb, dir);
+	case bpf_htons(ETH_P_IP):
+		if (!cfg_ipv4_enabled())
+			return TC_ACT_OK;
+		return handle_ipv4_to_endpoint(skb, dir);
+	default:
+		return TC_ACT_OK; /* ARP and the like: the stack's business */
+	}
+}
+
 char LICENSE[] SEC("license") = "GPL";

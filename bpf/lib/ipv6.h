@@ -5,7 +5,10 @@
 
 #include "common.h"
 #include "config.h"
+#include "conntrack.h"
+#include "flow.h"
 #include "forward.h"
+#include "ipcache.h"
 #include "ndisc.h"
 
 __inline_fn int handle_ipv6(struct __sk_buff *skb, __u8 dir)
@@ -34,17 +37,63 @@ __inline_fn int handle_ipv6(struct __sk_buff *skb, __u8 dir)
 		return drop(skb, CILIA_DROP_MULTICAST, dir);
 	if (!cfg_is_own_ipv6(saddr))
 		return drop(skb, CILIA_DROP_SPOOFED_SOURCE, dir);
+	struct flow f = {.family = CILIA_FAMILY_IPV6, .proto = ip6->nexthdr};
+
+	__builtin_memcpy(f.saddr, saddr, 16);
+	__builtin_memcpy(f.daddr, daddr, 16);
+	if (flow_parse_l4(skb, &f, ETH_HLEN + sizeof(struct ipv6hdr)) < 0)
+		return drop(skb, CILIA_DROP_INVALID, dir);
 
 	struct endpoint_info *ep = endpoint_lookup(daddr, CILIA_FAMILY_IPV6);
+	__u32 dst_id = ep ? ep->identity : ipcache_identity(f.daddr, CILIA_FAMILY_IPV6);
+	__u8 deny_dir = dir;
 
+	if (!flow_allowed(skb, &f, CILIA_CONFIG.endpoint_id, ep ? ep->endpoint_id : 0,
+			  CILIA_CONFIG.identity, dst_id, &deny_dir))
+		return drop(skb, CILIA_DROP_POLICY, deny_dir);
 	if (!ep) {
 		count_forward(skb, CILIA_FWD_STACK, dir);
 		return TC_ACT_OK;
 	}
+
+	/* Helpers above may have moved the packet: load it again. */
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	ip6 = data + ETH_HLEN;
+	if ((void *)(ip6 + 1) > data_end)
+		return drop(skb, CILIA_DROP_INVALID, dir);
 	if (ip6->hop_limit <= 1)
 		return drop(skb, CILIA_DROP_TTL_EXCEEDED, dir);
 	ip6->hop_limit--;
 	return redirect_to_endpoint(skb, ep, dir);
+}
+
+/* IPv6 from the host stack to the endpoint: ingress policy only. */
+__inline_fn int handle_ipv6_to_endpoint(struct __sk_buff *skb, __u8 dir)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ipv6hdr *ip6 = data + ETH_HLEN;
+	__u8 *l4 = (void *)(ip6 + 1);
+
+	if ((void *)(l4 + 1) > data_end)
+		return TC_ACT_OK; /* not ours to judge: the stack built it */
+	if (ip6->nexthdr == IPPROTO_ICMPV6 && l4[0] >= NDISC_ROUTER_SOLICITATION &&
+	    l4[0] <= NDISC_REDIRECT)
+		return TC_ACT_OK;
+
+	struct flow f = {.family = CILIA_FAMILY_IPV6, .proto = ip6->nexthdr};
+	__u8 deny_dir = dir;
+
+	__builtin_memcpy(f.saddr, &ip6->saddr, 16);
+	__builtin_memcpy(f.daddr, &ip6->daddr, 16);
+	if (flow_parse_l4(skb, &f, ETH_HLEN + sizeof(struct ipv6hdr)) < 0)
+		return drop(skb, CILIA_DROP_INVALID, dir);
+	if (!flow_allowed(skb, &f, 0, CILIA_CONFIG.endpoint_id,
+			  ipcache_identity(f.saddr, CILIA_FAMILY_IPV6), CILIA_CONFIG.identity,
+			  &deny_dir))
+		return drop(skb, CILIA_DROP_POLICY, deny_dir);
+	return TC_ACT_OK;
 }
 
 #endif

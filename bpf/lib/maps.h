@@ -25,4 +25,55 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } cilia_metrics SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, CILIA_IPCACHE_MAX);
+	__type(key, struct ipcache_key);
+	__type(value, struct ipcache_value);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cilia_ipcache SEC(".maps");
+
+/*
+ * Template of every endpoint's policy map (the inner map). Sizes rather than
+ * types: clang emits the key/value structs of an inner map only as forward
+ * declarations in BTF, which the loader cannot size.
+ */
+struct policy_inner {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, CILIA_POLICY_MAX);
+	__uint(key_size, sizeof(struct policy_key));
+	__uint(value_size, sizeof(struct policy_value));
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+};
+
+/*
+ * Endpoint id -> that endpoint's policy map. The agent fills a fresh inner
+ * map and swaps it in with one update, so a packet sees either the old or
+ * the new policy of an endpoint, never a mix.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__uint(max_entries, CILIA_POLICY_ENDPOINTS_MAX);
+	__type(key, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__array(values, struct policy_inner);
+} cilia_policy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, CILIA_CT_MAX);
+	__type(key, struct ct_key);
+	__type(value, struct ct_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cilia_ct SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct global_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cilia_config SEC(".maps");
+
 #endif

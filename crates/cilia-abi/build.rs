@@ -33,6 +33,30 @@ const STRUCTS: &[(&str, &[&str])] = &[
     ),
     ("metrics_key", &["kind", "reason", "dir"]),
     ("metrics_value", &["packets", "bytes"]),
+    ("ipcache_key", &["prefixlen", "family", "addr"]),
+    ("ipcache_value", &["identity", "flags"]),
+    (
+        "policy_key",
+        &["prefixlen", "identity", "direction", "proto", "dport"],
+    ),
+    ("policy_value", &["verdict", "proxy_port", "rule"]),
+    (
+        "ct_key",
+        &["saddr", "daddr", "sport", "dport", "proto", "family"],
+    ),
+    (
+        "ct_value",
+        &[
+            "expires",
+            "packets",
+            "bytes",
+            "policy_rev",
+            "src_identity",
+            "dst_identity",
+            "flags",
+        ],
+    ),
+    ("global_config", &["policy_rev"]),
 ];
 
 fn main() {
@@ -65,7 +89,10 @@ fn main() {
         let mut parts = line.split_whitespace();
         if parts.next() == Some("#define") {
             if let (Some(name), Some(value)) = (parts.next(), parts.next()) {
-                if name.starts_with("CILIA_") && value.chars().all(|ch| ch.is_ascii_digit()) {
+                let numeric = value.chars().all(|ch| ch.is_ascii_digit())
+                    || (value.starts_with("0x")
+                        && value[2..].chars().all(|ch| ch.is_ascii_hexdigit()));
+                if name.starts_with("CILIA_") && numeric {
                     c.push_str(&format!(
                         "printf(\"(\\\"{name}\\\", %llu),\\n\", (unsigned long long)({name}));\n"
                     ));

@@ -72,6 +72,8 @@ struct endpoint_info {
 #define CILIA_DROP_MULTICAST	   135 /* multicast is not routed */
 #define CILIA_DROP_REDIRECT_FAILED 136 /* the kernel refused the redirect */
 #define CILIA_DROP_WRITE_FAILED	   137 /* a packet rewrite helper failed */
+#define CILIA_DROP_POLICY	   138 /* policy denied */
+#define CILIA_DROP_CT_FULL	   139 /* conntrack entry could not be created */
 
 /* Direction of a counted packet. */
 #define CILIA_DIR_EGRESS  1 /* leaving an endpoint (from-container) */
@@ -87,6 +89,95 @@ struct metrics_key {
 struct metrics_value {
 	__u64 packets;
 	__u64 bytes;
+};
+
+/* ---- identities, ipcache, policy, conntrack ---- */
+
+/* Reserved security identities (fixed, as in Cilium). */
+#define CILIA_ID_HOST	     1
+#define CILIA_ID_WORLD	     2
+#define CILIA_ID_UNMANAGED   3
+#define CILIA_ID_HEALTH	     4
+#define CILIA_ID_INIT	     5
+#define CILIA_ID_REMOTE_NODE 6
+/* Never a real identity: keys of the per-endpoint enforcement flags. */
+#define CILIA_ID_ENFORCEMENT 0xffffffff
+
+#define CILIA_IPCACHE_MAX	   524288
+#define CILIA_POLICY_MAX	   16384
+#define CILIA_POLICY_ENDPOINTS_MAX 65536
+#define CILIA_CT_MAX		   262144
+
+/* ipcache: LPM trie, prefix -> identity. prefixlen counts the family byte
+ * and padding (32 bits) plus the address prefix. */
+struct ipcache_key {
+	__u32 prefixlen;
+	__u8 family; /* CILIA_FAMILY_* */
+	__u8 pad[3];
+	__u8 addr[16];
+};
+
+struct ipcache_value {
+	__u32 identity;
+	__u32 flags; /* reserved, zero */
+};
+
+/* Per-endpoint policy: LPM trie over [identity][direction][proto][port].
+ * prefixlen 40 = identity+direction (all L4), 48 = +protocol, 48+n = +n
+ * leading port bits. Two lookups per verdict: the peer identity and 0 (any). */
+struct policy_key {
+	__u32 prefixlen;
+	__be32 identity;
+	__u8 direction; /* CILIA_DIR_* */
+	__u8 proto;	/* IPPROTO_*, 0 = any */
+	__be16 dport;
+};
+
+#define CILIA_VERDICT_ALLOW 1
+#define CILIA_VERDICT_DENY  2
+
+struct policy_value {
+	__u8 verdict; /* CILIA_VERDICT_*; for CILIA_ID_ENFORCEMENT keys: 1 = enforced */
+	__u8 pad;
+	__u16 proxy_port; /* reserved for L7, zero */
+	__u32 rule;	  /* rule cookie: which policy rule this entry comes from */
+};
+
+/* Conntrack: LRU hash keyed by the 5-tuple as the packet carried it. */
+struct ct_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be16 sport; /* ICMP echo: the identifier in both ports */
+	__be16 dport;
+	__u8 proto;
+	__u8 family;
+	__u8 pad[2];
+};
+
+#define CILIA_CT_SEEN_REPLY 1
+#define CILIA_CT_CLOSING    2
+
+struct ct_value {
+	__u64 expires;	  /* bpf_ktime_get_ns() deadline (CLOCK_MONOTONIC) */
+	__u64 packets;	  /* forward packets */
+	__u64 bytes;	  /* forward bytes */
+	__u32 policy_rev; /* revision the flow's policy was checked at */
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u16 flags; /* CILIA_CT_* */
+	__u8 pad[2];
+};
+
+/* Timeouts (seconds). */
+#define CILIA_CT_TCP_TIMEOUT	 21600
+#define CILIA_CT_TCP_SYN_TIMEOUT 60
+#define CILIA_CT_TCP_CLOSE	 10
+#define CILIA_CT_OTHER_TIMEOUT	 60
+
+/* Global runtime settings: array map, one slot. */
+struct global_config {
+	__u32 policy_rev; /* bumped on every policy change */
+	__u32 pad;
 };
 
 #endif /* CILIA_ABI_H */

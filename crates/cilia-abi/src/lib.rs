@@ -31,6 +31,9 @@ pub const CILIA_DROP_MULTICAST: u8 = 135;
 pub const CILIA_DROP_REDIRECT_FAILED: u8 = 136;
 pub const CILIA_DROP_WRITE_FAILED: u8 = 137;
 
+pub const CILIA_DROP_POLICY: u8 = 138;
+pub const CILIA_DROP_CT_FULL: u8 = 139;
+
 pub const CILIA_DIR_EGRESS: u8 = 1;
 pub const CILIA_DIR_INGRESS: u8 = 2;
 
@@ -49,6 +52,8 @@ pub fn reason_name(kind: u8, reason: u8) -> &'static str {
         (CILIA_METRIC_DROP, CILIA_DROP_MULTICAST) => "Multicast not routed",
         (CILIA_METRIC_DROP, CILIA_DROP_REDIRECT_FAILED) => "Redirect failed",
         (CILIA_METRIC_DROP, CILIA_DROP_WRITE_FAILED) => "Packet rewrite failed",
+        (CILIA_METRIC_DROP, CILIA_DROP_POLICY) => "Policy denied",
+        (CILIA_METRIC_DROP, CILIA_DROP_CT_FULL) => "Conntrack full",
         _ => "unknown",
     }
 }
@@ -138,6 +143,127 @@ pub struct MetricsValue {
     pub bytes: u64,
 }
 
+pub const CILIA_ID_HOST: u32 = 1;
+pub const CILIA_ID_WORLD: u32 = 2;
+pub const CILIA_ID_UNMANAGED: u32 = 3;
+pub const CILIA_ID_HEALTH: u32 = 4;
+pub const CILIA_ID_INIT: u32 = 5;
+pub const CILIA_ID_REMOTE_NODE: u32 = 6;
+/// Key identity of the per-endpoint enforcement flags in a policy map.
+pub const CILIA_ID_ENFORCEMENT: u32 = 0xffff_ffff;
+
+pub const CILIA_IPCACHE_MAX: u32 = 524288;
+pub const CILIA_POLICY_MAX: u32 = 16384;
+pub const CILIA_POLICY_ENDPOINTS_MAX: u32 = 65536;
+pub const CILIA_CT_MAX: u32 = 262144;
+
+pub const CILIA_VERDICT_ALLOW: u8 = 1;
+pub const CILIA_VERDICT_DENY: u8 = 2;
+
+pub const CILIA_CT_SEEN_REPLY: u16 = 1;
+pub const CILIA_CT_CLOSING: u16 = 2;
+pub const CILIA_CT_TCP_TIMEOUT: u32 = 21600;
+pub const CILIA_CT_TCP_SYN_TIMEOUT: u32 = 60;
+pub const CILIA_CT_TCP_CLOSE: u32 = 10;
+pub const CILIA_CT_OTHER_TIMEOUT: u32 = 60;
+
+/// Key of the ipcache LPM trie. `prefixlen` = 32 (family + padding) + the
+/// address prefix length.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct IpcacheKey {
+    pub prefixlen: u32,
+    pub family: u8,
+    pub pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+impl IpcacheKey {
+    pub fn new(addr: core::net::IpAddr, prefix_len: u8) -> Self {
+        let ep = EndpointKey::from_ip(addr);
+        Self {
+            prefixlen: 32 + u32::from(prefix_len),
+            family: ep.family,
+            pad: [0; 3],
+            addr: ep.addr,
+        }
+    }
+
+    /// The prefix this key stands for: address and prefix length.
+    pub fn prefix(&self) -> Option<(core::net::IpAddr, u8)> {
+        let ip = EndpointKey {
+            addr: self.addr,
+            family: self.family,
+            pad: [0; 3],
+        }
+        .ip()?;
+        Some((ip, self.prefixlen.saturating_sub(32) as u8))
+    }
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IpcacheValue {
+    pub identity: u32,
+    pub flags: u32,
+}
+
+/// Key of a per-endpoint policy LPM trie: [identity][direction][proto][port].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub prefixlen: u32,
+    /// Network byte order.
+    pub identity: u32,
+    pub direction: u8,
+    pub proto: u8,
+    /// Network byte order.
+    pub dport: u16,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    pub verdict: u8,
+    pub pad: u8,
+    pub proxy_port: u16,
+    pub rule: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CtValue {
+    pub expires: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub policy_rev: u32,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub flags: u16,
+    pub pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GlobalConfig {
+    pub policy_rev: u32,
+    pub pad: u32,
+}
+
 #[cfg(feature = "aya")]
 mod pod {
     // SAFETY: all types are #[repr(C)], made only of integers and byte
@@ -148,6 +274,13 @@ mod pod {
     unsafe impl aya::Pod for super::EndpointInfo {}
     unsafe impl aya::Pod for super::MetricsKey {}
     unsafe impl aya::Pod for super::MetricsValue {}
+    unsafe impl aya::Pod for super::IpcacheKey {}
+    unsafe impl aya::Pod for super::IpcacheValue {}
+    unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::PolicyValue {}
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl aya::Pod for super::GlobalConfig {}
 }
 
 #[cfg(test)]
@@ -186,6 +319,40 @@ mod tests {
             ("metrics_value", "") => size_of::<MetricsValue>(),
             ("metrics_value", "packets") => offset_of!(MetricsValue, packets),
             ("metrics_value", "bytes") => offset_of!(MetricsValue, bytes),
+            ("ipcache_key", "") => size_of::<IpcacheKey>(),
+            ("ipcache_key", "prefixlen") => offset_of!(IpcacheKey, prefixlen),
+            ("ipcache_key", "family") => offset_of!(IpcacheKey, family),
+            ("ipcache_key", "addr") => offset_of!(IpcacheKey, addr),
+            ("ipcache_value", "") => size_of::<IpcacheValue>(),
+            ("ipcache_value", "identity") => offset_of!(IpcacheValue, identity),
+            ("ipcache_value", "flags") => offset_of!(IpcacheValue, flags),
+            ("policy_key", "") => size_of::<PolicyKey>(),
+            ("policy_key", "prefixlen") => offset_of!(PolicyKey, prefixlen),
+            ("policy_key", "identity") => offset_of!(PolicyKey, identity),
+            ("policy_key", "direction") => offset_of!(PolicyKey, direction),
+            ("policy_key", "proto") => offset_of!(PolicyKey, proto),
+            ("policy_key", "dport") => offset_of!(PolicyKey, dport),
+            ("policy_value", "") => size_of::<PolicyValue>(),
+            ("policy_value", "verdict") => offset_of!(PolicyValue, verdict),
+            ("policy_value", "proxy_port") => offset_of!(PolicyValue, proxy_port),
+            ("policy_value", "rule") => offset_of!(PolicyValue, rule),
+            ("ct_key", "") => size_of::<CtKey>(),
+            ("ct_key", "saddr") => offset_of!(CtKey, saddr),
+            ("ct_key", "daddr") => offset_of!(CtKey, daddr),
+            ("ct_key", "sport") => offset_of!(CtKey, sport),
+            ("ct_key", "dport") => offset_of!(CtKey, dport),
+            ("ct_key", "proto") => offset_of!(CtKey, proto),
+            ("ct_key", "family") => offset_of!(CtKey, family),
+            ("ct_value", "") => size_of::<CtValue>(),
+            ("ct_value", "expires") => offset_of!(CtValue, expires),
+            ("ct_value", "packets") => offset_of!(CtValue, packets),
+            ("ct_value", "bytes") => offset_of!(CtValue, bytes),
+            ("ct_value", "policy_rev") => offset_of!(CtValue, policy_rev),
+            ("ct_value", "src_identity") => offset_of!(CtValue, src_identity),
+            ("ct_value", "dst_identity") => offset_of!(CtValue, dst_identity),
+            ("ct_value", "flags") => offset_of!(CtValue, flags),
+            ("global_config", "") => size_of::<GlobalConfig>(),
+            ("global_config", "policy_rev") => offset_of!(GlobalConfig, policy_rev),
             _ => panic!("abi.h has {st}.{field} but the Rust mirror does not"),
         }
     }
@@ -224,6 +391,27 @@ mod tests {
                 "CILIA_DROP_WRITE_FAILED" => CILIA_DROP_WRITE_FAILED.into(),
                 "CILIA_DIR_EGRESS" => CILIA_DIR_EGRESS.into(),
                 "CILIA_DIR_INGRESS" => CILIA_DIR_INGRESS.into(),
+                "CILIA_DROP_POLICY" => CILIA_DROP_POLICY.into(),
+                "CILIA_DROP_CT_FULL" => CILIA_DROP_CT_FULL.into(),
+                "CILIA_ID_HOST" => CILIA_ID_HOST.into(),
+                "CILIA_ID_WORLD" => CILIA_ID_WORLD.into(),
+                "CILIA_ID_UNMANAGED" => CILIA_ID_UNMANAGED.into(),
+                "CILIA_ID_HEALTH" => CILIA_ID_HEALTH.into(),
+                "CILIA_ID_INIT" => CILIA_ID_INIT.into(),
+                "CILIA_ID_REMOTE_NODE" => CILIA_ID_REMOTE_NODE.into(),
+                "CILIA_ID_ENFORCEMENT" => CILIA_ID_ENFORCEMENT.into(),
+                "CILIA_IPCACHE_MAX" => CILIA_IPCACHE_MAX.into(),
+                "CILIA_POLICY_MAX" => CILIA_POLICY_MAX.into(),
+                "CILIA_POLICY_ENDPOINTS_MAX" => CILIA_POLICY_ENDPOINTS_MAX.into(),
+                "CILIA_CT_MAX" => CILIA_CT_MAX.into(),
+                "CILIA_VERDICT_ALLOW" => CILIA_VERDICT_ALLOW.into(),
+                "CILIA_VERDICT_DENY" => CILIA_VERDICT_DENY.into(),
+                "CILIA_CT_SEEN_REPLY" => CILIA_CT_SEEN_REPLY.into(),
+                "CILIA_CT_CLOSING" => CILIA_CT_CLOSING.into(),
+                "CILIA_CT_TCP_TIMEOUT" => CILIA_CT_TCP_TIMEOUT.into(),
+                "CILIA_CT_TCP_SYN_TIMEOUT" => CILIA_CT_TCP_SYN_TIMEOUT.into(),
+                "CILIA_CT_TCP_CLOSE" => CILIA_CT_TCP_CLOSE.into(),
+                "CILIA_CT_OTHER_TIMEOUT" => CILIA_CT_OTHER_TIMEOUT.into(),
                 other => panic!("abi.h defines {other} but the Rust mirror does not"),
             };
             assert_eq!(rust, *c, "{name}: Rust and abi.h disagree");

@@ -3,7 +3,11 @@
 //! ```text
 //! <root>/maps/cilia_endpoints   shared by every endpoint program
 //! <root>/maps/cilia_metrics
-//! <root>/links/ep<ID>           TCX link of endpoint ID's from-container program
+//! <root>/maps/cilia_ipcache, cilia_policy, cilia_ct, cilia_config
+//! <root>/links/ep<ID>           TCX link of endpoint ID's from-container program (ingress)
+//! <root>/links/ep<ID>_to        TCX link of its to-container program (egress)
+//! <root>/policy/ep<ID>_a, _b    the endpoint's two policy maps; `cilia_policy`
+//!                               points at one, updates go to the other, then swap
 //! ```
 //!
 //! Invariants: a pinned link is the only thing keeping an endpoint's program
@@ -15,16 +19,27 @@ use std::net::IpAddr;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, MapData, MapError, MapInfo, PerCpuHashMap};
+use std::collections::BTreeMap;
+
+use aya::maps::{
+    Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, MapInfo, PerCpuHashMap,
+};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::TcAttachOptions;
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::EbpfLoader;
-use cilia_abi::{EndpointConfig, EndpointInfo, EndpointKey, MetricsKey, MetricsValue};
+use cilia_abi::{
+    CtKey, CtValue, EndpointConfig, EndpointInfo, EndpointKey, GlobalConfig, IpcacheKey,
+    IpcacheValue, MetricsKey, MetricsValue, PolicyKey, PolicyValue, CILIA_POLICY_MAX,
+};
 
 use crate::error::DatapathError;
+use crate::keys::{
+    ipcache_from_lpm, ipcache_to_lpm, policy_from_lpm, policy_to_lpm, IpcacheData, PolicyData,
+};
 use crate::object::{
-    GLOBAL_CONFIG, LXC_OBJECT, MAP_ENDPOINTS, MAP_METRICS, PROG_FROM_CONTAINER, SHARED_MAPS,
+    GLOBAL_CONFIG, LXC_OBJECT, MAP_CONFIG, MAP_CT, MAP_ENDPOINTS, MAP_IPCACHE, MAP_METRICS,
+    MAP_POLICY, PROG_FROM_CONTAINER, PROG_TO_CONTAINER, SHARED_MAPS,
 };
 use crate::testrun::TestProgram;
 
@@ -35,6 +50,22 @@ pub struct BpfDatapath {
     root: PathBuf,
     endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
     metrics: PerCpuHashMap<MapData, MetricsKey, MetricsValue>,
+    ipcache: LpmTrie<MapData, IpcacheData, IpcacheValue>,
+    policy: HashOfMaps<MapData, u32, MapData>,
+    ct: HashMap<MapData, CtKey, CtValue>,
+    config: Array<MapData, GlobalConfig>,
+}
+
+type PolicyMap = LpmTrie<MapData, PolicyData, PolicyValue>;
+
+/// BPF_F_NO_PREALLOC: required for LPM tries.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// What a policy update did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyUpdate {
+    pub added: usize,
+    pub removed: usize,
 }
 
 impl std::fmt::Debug for BpfDatapath {
@@ -139,15 +170,24 @@ impl BpfDatapath {
         let endpoints = ebpf
             .take_map(MAP_ENDPOINTS)
             .ok_or(DatapathError::MissingMap(MAP_ENDPOINTS))?;
-        let metrics = ebpf
-            .take_map(MAP_METRICS)
-            .ok_or(DatapathError::MissingMap(MAP_METRICS))?;
+        let mut take =
+            |name: &'static str| ebpf.take_map(name).ok_or(DatapathError::MissingMap(name));
+        let metrics = take(MAP_METRICS)?;
+        let ipcache = take(MAP_IPCACHE)?;
+        let policy = take(MAP_POLICY)?;
+        let ct = take(MAP_CT)?;
+        let config = take(MAP_CONFIG)?;
+        mkdir(&root.join("policy"))?;
         Ok(Self {
             root: root.to_path_buf(),
             endpoints: HashMap::try_from(endpoints)
                 .map_err(|e| DatapathError::map(MAP_ENDPOINTS, e))?,
             metrics: PerCpuHashMap::try_from(metrics)
                 .map_err(|e| DatapathError::map(MAP_METRICS, e))?,
+            ipcache: LpmTrie::try_from(ipcache).map_err(|e| DatapathError::map(MAP_IPCACHE, e))?,
+            policy: HashOfMaps::try_from(policy).map_err(|e| DatapathError::map(MAP_POLICY, e))?,
+            ct: HashMap::try_from(ct).map_err(|e| DatapathError::map(MAP_CT, e))?,
+            config: Array::try_from(config).map_err(|e| DatapathError::map(MAP_CONFIG, e))?,
         })
     }
 
@@ -159,9 +199,14 @@ impl BpfDatapath {
         self.root.join("maps")
     }
 
-    /// Pin path of an endpoint's TCX link.
+    /// Pin path of an endpoint's TCX link (from-container, on ingress).
     pub fn link_pin(&self, endpoint_id: u16) -> PathBuf {
         self.root.join("links").join(format!("ep{endpoint_id}"))
+    }
+
+    /// Pin path of an endpoint's to-container TCX link (on egress).
+    pub fn to_link_pin(&self, endpoint_id: u16) -> PathBuf {
+        self.root.join("links").join(format!("ep{endpoint_id}_to"))
     }
 
     fn load_specialized(&self, config: &EndpointConfig) -> Result<aya::Ebpf, DatapathError> {
@@ -169,108 +214,65 @@ impl BpfDatapath {
             .default_map_pin_directory(self.maps_dir())
             .override_global(GLOBAL_CONFIG, config, true)
             .load(LXC_OBJECT)?;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(PROG_FROM_CONTAINER)
-            .ok_or(DatapathError::MissingProgram(PROG_FROM_CONTAINER))?
-            .try_into()
-            .map_err(|e| DatapathError::program(PROG_FROM_CONTAINER, e))?;
-        prog.load()
-            .map_err(|e| DatapathError::program(PROG_FROM_CONTAINER, e))?;
+        for name in [PROG_FROM_CONTAINER, PROG_TO_CONTAINER] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram(name))?
+                .try_into()
+                .map_err(|e| DatapathError::program(name, e))?;
+            prog.load().map_err(|e| DatapathError::program(name, e))?;
+        }
         Ok(ebpf)
     }
 
-    /// Loads the endpoint's specialized program and attaches it to the
-    /// ingress of `host_ifname` with TCX. If the endpoint already has a
-    /// pinned link, the program is swapped atomically through that link
-    /// (no packet sees a missing program); otherwise a new link is created
-    /// and pinned.
+    /// Loads the endpoint's specialized programs and attaches them to
+    /// `host_ifname` with TCX: from-container on ingress, to-container on
+    /// egress. Where the endpoint already has a pinned link, the program is
+    /// swapped atomically through it (no packet sees a missing program);
+    /// otherwise a new link is created and pinned.
     pub fn attach_endpoint(
         &mut self,
         config: &EndpointConfig,
         host_ifname: &str,
     ) -> Result<(), DatapathError> {
+        if nix::net::if_::if_nametoindex(host_ifname).is_err() {
+            return Err(DatapathError::NoSuchInterface(host_ifname.to_string()));
+        }
         let mut ebpf = self.load_specialized(config)?;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(PROG_FROM_CONTAINER)
-            .ok_or(DatapathError::MissingProgram(PROG_FROM_CONTAINER))?
-            .try_into()
-            .map_err(|e| DatapathError::program(PROG_FROM_CONTAINER, e))?;
-        let pin = self.link_pin(config.endpoint_id);
-        let prog_err = |e| DatapathError::program(PROG_FROM_CONTAINER, e);
-        match PinnedLink::from_pin(&pin) {
-            Ok(old) => {
-                let link =
-                    FdLink::from(old)
-                        .try_into()
-                        .map_err(|e: LinkError| DatapathError::Pin {
-                            path: pin.clone(),
-                            reason: e.to_string(),
-                        })?;
-                let id = prog.attach_to_link(link).map_err(prog_err)?;
-                // The pin keeps the link; the handle we hold may go.
-                drop(prog.take_link(id).map_err(prog_err)?);
-            }
-            Err(LinkError::SyscallError(e))
-                if e.io_error.kind() == std::io::ErrorKind::NotFound =>
-            {
-                if nix::net::if_::if_nametoindex(host_ifname).is_err() {
-                    return Err(DatapathError::NoSuchInterface(host_ifname.to_string()));
-                }
-                let id = prog
-                    .attach_with_options(
-                        host_ifname,
-                        TcAttachType::Ingress,
-                        TcAttachOptions::TcxOrder(LinkOrder::default()),
-                    )
-                    .map_err(prog_err)?;
-                let link = prog.take_link(id).map_err(prog_err)?;
-                let fd_link: FdLink =
-                    link.try_into().map_err(|e: LinkError| DatapathError::Pin {
-                        path: pin.clone(),
-                        reason: e.to_string(),
-                    })?;
-                fd_link.pin(&pin).map_err(|e| DatapathError::Pin {
-                    path: pin.clone(),
-                    reason: e.to_string(),
-                })?;
-            }
-            Err(e) => {
-                return Err(DatapathError::Pin {
-                    path: pin,
-                    reason: e.to_string(),
-                })
-            }
+        for (name, attach, pin) in [
+            (
+                PROG_FROM_CONTAINER,
+                TcAttachType::Ingress,
+                self.link_pin(config.endpoint_id),
+            ),
+            (
+                PROG_TO_CONTAINER,
+                TcAttachType::Egress,
+                self.to_link_pin(config.endpoint_id),
+            ),
+        ] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram(name))?
+                .try_into()
+                .map_err(|e| DatapathError::program(name, e))?;
+            attach_pinned(prog, name, host_ifname, attach, &pin)?;
         }
         Ok(())
     }
 
-    /// Removes the endpoint's pinned link, which detaches its program.
-    /// Succeeds when there is nothing to remove.
+    /// Removes the endpoint's pinned links, which detaches its programs, and
+    /// its policy maps. Succeeds when there is nothing to remove.
     pub fn detach_endpoint(&mut self, endpoint_id: u16) -> Result<(), DatapathError> {
-        let pin = self.link_pin(endpoint_id);
-        match PinnedLink::from_pin(&pin) {
-            Ok(link) => {
-                link.unpin().map_err(|e| DatapathError::Pin {
-                    path: pin.clone(),
-                    reason: e.to_string(),
-                })?;
-                Ok(())
-            }
-            Err(LinkError::SyscallError(e))
-                if e.io_error.kind() == std::io::ErrorKind::NotFound =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(DatapathError::Pin {
-                path: pin,
-                reason: e.to_string(),
-            }),
+        for pin in [self.link_pin(endpoint_id), self.to_link_pin(endpoint_id)] {
+            unpin_link(&pin)?;
         }
+        self.remove_policy(endpoint_id)
     }
 
-    /// Whether the endpoint's program is attached through its pinned link.
+    /// Whether the endpoint's programs are attached through their pinned links.
     pub fn endpoint_attached(&self, endpoint_id: u16) -> bool {
-        self.link_pin(endpoint_id).exists()
+        self.link_pin(endpoint_id).exists() && self.to_link_pin(endpoint_id).exists()
     }
 
     /// Publishes a local endpoint address in the endpoints map.
@@ -283,7 +285,8 @@ impl BpfDatapath {
     /// Withdraws a local endpoint address. Absent entries are not an error.
     pub fn remove_endpoint(&mut self, ip: IpAddr) -> Result<(), DatapathError> {
         match self.endpoints.remove(&EndpointKey::from_ip(ip)) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(DatapathError::map(MAP_ENDPOINTS, e)),
         }
     }
@@ -312,6 +315,195 @@ impl BpfDatapath {
         Ok(out)
     }
 
+    /// Maps a prefix to an identity in the ipcache.
+    pub fn upsert_ipcache(&mut self, key: IpcacheKey, identity: u32) -> Result<(), DatapathError> {
+        self.ipcache
+            .insert(
+                &ipcache_to_lpm(&key),
+                IpcacheValue { identity, flags: 0 },
+                0,
+            )
+            .map_err(|e| DatapathError::map(MAP_IPCACHE, e))
+    }
+
+    /// Removes a prefix from the ipcache. Absent entries are not an error.
+    pub fn remove_ipcache(&mut self, key: IpcacheKey) -> Result<(), DatapathError> {
+        match self.ipcache.remove(&ipcache_to_lpm(&key)) {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(DatapathError::map(MAP_IPCACHE, e)),
+        }
+    }
+
+    /// Reads the ipcache back from the kernel.
+    pub fn list_ipcache(&self) -> Result<Vec<(IpcacheKey, IpcacheValue)>, DatapathError> {
+        self.ipcache
+            .iter()
+            .map(|r| r.map(|(k, v)| (ipcache_from_lpm(&k), v)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| DatapathError::map(MAP_IPCACHE, e))
+    }
+
+    fn policy_pin(&self, endpoint_id: u16, slot: char) -> PathBuf {
+        self.root
+            .join("policy")
+            .join(format!("ep{endpoint_id}_{slot}"))
+    }
+
+    fn open_policy_map(path: &Path) -> Result<PolicyMap, DatapathError> {
+        let err = |e: MapError| DatapathError::map(&path.display().to_string(), e);
+        if !path.exists() {
+            let map = PolicyMap::create(CILIA_POLICY_MAX, BPF_F_NO_PREALLOC).map_err(err)?;
+            map.pin(path).map_err(|e| DatapathError::Pin {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        }
+        let data = MapData::from_pin(path).map_err(err)?;
+        PolicyMap::try_from(Map::from_map_data(data).map_err(err)?).map_err(err)
+    }
+
+    /// The id of the policy map the datapath currently uses for an endpoint.
+    fn active_policy_id(&self, endpoint_id: u16) -> Result<Option<u32>, DatapathError> {
+        match self.policy.get(&u32::from(endpoint_id), 0) {
+            Ok(map) => Ok(Some(
+                map.info()
+                    .map_err(|e| DatapathError::map(MAP_POLICY, e))?
+                    .id(),
+            )),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(DatapathError::map(MAP_POLICY, e)),
+        }
+    }
+
+    /// Installs an endpoint's complete policy. The entries are written into
+    /// the map the datapath is *not* using (only the difference to what it
+    /// held), then one update of `cilia_policy` switches the endpoint over:
+    /// incremental, and atomic for every packet.
+    pub fn set_policy(
+        &mut self,
+        endpoint_id: u16,
+        entries: &BTreeMap<PolicyKey, PolicyValue>,
+    ) -> Result<PolicyUpdate, DatapathError> {
+        let active = self.active_policy_id(endpoint_id)?;
+        let a_pin = self.policy_pin(endpoint_id, 'a');
+        let a = Self::open_policy_map(&a_pin)?;
+        let a_id = MapInfo::from_pin(&a_pin)
+            .map_err(|e| DatapathError::map(MAP_POLICY, e))?
+            .id();
+        let (mut target, target_pin) = if active == Some(a_id) {
+            let b_pin = self.policy_pin(endpoint_id, 'b');
+            (Self::open_policy_map(&b_pin)?, b_pin)
+        } else {
+            (a, a_pin)
+        };
+        let current: BTreeMap<PolicyKey, PolicyValue> = target
+            .iter()
+            .map(|r| r.map(|(k, v)| (policy_from_lpm(&k), v)))
+            .collect::<Result<_, _>>()
+            .map_err(|e| DatapathError::map(MAP_POLICY, e))?;
+        let mut update = PolicyUpdate {
+            added: 0,
+            removed: 0,
+        };
+        for key in current.keys().filter(|k| !entries.contains_key(k)) {
+            target
+                .remove(&policy_to_lpm(key))
+                .map_err(|e| DatapathError::map(MAP_POLICY, e))?;
+            update.removed += 1;
+        }
+        for (key, value) in entries {
+            if current.get(key) != Some(value) {
+                target
+                    .insert(&policy_to_lpm(key), *value, 0)
+                    .map_err(|e| DatapathError::map(MAP_POLICY, e))?;
+                update.added += 1;
+            }
+        }
+        let inner =
+            MapData::from_pin(&target_pin).map_err(|e| DatapathError::map(MAP_POLICY, e))?;
+        self.policy
+            .insert(u32::from(endpoint_id), &inner, 0)
+            .map_err(|e| DatapathError::map(MAP_POLICY, e))?;
+        Ok(update)
+    }
+
+    /// The policy entries the datapath currently uses for an endpoint.
+    pub fn get_policy(
+        &self,
+        endpoint_id: u16,
+    ) -> Result<Option<BTreeMap<PolicyKey, PolicyValue>>, DatapathError> {
+        let map = match self.policy.get(&u32::from(endpoint_id), 0) {
+            Ok(map) => map,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(DatapathError::map(MAP_POLICY, e)),
+        };
+        let err = |e| DatapathError::map(MAP_POLICY, e);
+        let trie = PolicyMap::try_from(Map::from_map_data(map).map_err(err)?).map_err(err)?;
+        let entries = trie
+            .iter()
+            .map(|r| r.map(|(k, v)| (policy_from_lpm(&k), v)))
+            .collect::<Result<_, _>>()
+            .map_err(err)?;
+        Ok(Some(entries))
+    }
+
+    /// Withdraws an endpoint's policy and removes its policy maps.
+    pub fn remove_policy(&mut self, endpoint_id: u16) -> Result<(), DatapathError> {
+        match self.policy.remove(&u32::from(endpoint_id)) {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(DatapathError::map(MAP_POLICY, e)),
+        }
+        for slot in ['a', 'b'] {
+            let pin = self.policy_pin(endpoint_id, slot);
+            match std::fs::remove_file(&pin) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(DatapathError::io(format!("removing {}", pin.display()), e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Bumps the global policy revision: established flows meet the policy
+    /// again on their next forward packet.
+    pub fn bump_policy_revision(&mut self) -> Result<u32, DatapathError> {
+        let err = |e| DatapathError::map(MAP_CONFIG, e);
+        let mut cfg = self.config.get(&0, 0).map_err(err)?;
+        cfg.policy_rev = cfg.policy_rev.wrapping_add(1);
+        self.config.set(0, cfg, 0).map_err(err)?;
+        Ok(cfg.policy_rev)
+    }
+
+    /// Reads the conntrack table back from the kernel.
+    pub fn list_ct(&self) -> Result<Vec<(CtKey, CtValue)>, DatapathError> {
+        self.ct
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| DatapathError::map(MAP_CT, e))
+    }
+
+    /// Deletes expired conntrack entries; returns how many.
+    pub fn gc_ct(&mut self) -> Result<usize, DatapathError> {
+        let now = monotonic_ns();
+        let expired: Vec<CtKey> = self
+            .list_ct()?
+            .into_iter()
+            .filter(|(_, v)| v.expires <= now)
+            .map(|(k, _)| k)
+            .collect();
+        let mut removed = 0;
+        for key in expired {
+            match self.ct.remove(&key) {
+                Ok(()) => removed += 1,
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(DatapathError::map(MAP_CT, e)),
+            }
+        }
+        Ok(removed)
+    }
+
     /// Loads a specialized endpoint program for `BPF_PROG_TEST_RUN`, sharing
     /// this datapath's maps but attached nowhere.
     pub fn test_program(&self, config: &EndpointConfig) -> Result<TestProgram, DatapathError> {
@@ -319,5 +511,95 @@ impl BpfDatapath {
             self.load_specialized(config)?,
             PROG_FROM_CONTAINER,
         ))
+    }
+
+    /// Like [`Self::test_program`], for the to-container program.
+    pub fn test_program_to_container(
+        &self,
+        config: &EndpointConfig,
+    ) -> Result<TestProgram, DatapathError> {
+        Ok(TestProgram::new(
+            self.load_specialized(config)?,
+            PROG_TO_CONTAINER,
+        ))
+    }
+}
+
+/// Whether a map error means "no such key" (typed wrappers report it as
+/// `KeyNotFound`, some raw paths as the syscall's ENOENT).
+fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(s) => s.io_error.kind() == std::io::ErrorKind::NotFound,
+        _ => false,
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// Attaches `prog` to `ifname` with TCX, or swaps it into the link pinned at
+/// `pin` when there is one.
+fn attach_pinned(
+    prog: &mut SchedClassifier,
+    name: &str,
+    ifname: &str,
+    attach: TcAttachType,
+    pin: &Path,
+) -> Result<(), DatapathError> {
+    let prog_err = |e| DatapathError::program(name, e);
+    let pin_err = |reason: String| DatapathError::Pin {
+        path: pin.to_path_buf(),
+        reason,
+    };
+    match PinnedLink::from_pin(pin) {
+        Ok(old) => {
+            let link = FdLink::from(old)
+                .try_into()
+                .map_err(|e: LinkError| pin_err(e.to_string()))?;
+            let id = prog.attach_to_link(link).map_err(prog_err)?;
+            // The pin keeps the link; the handle we hold may go.
+            drop(prog.take_link(id).map_err(prog_err)?);
+        }
+        Err(LinkError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
+            let id = prog
+                .attach_with_options(
+                    ifname,
+                    attach,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(prog_err)?;
+            let link = prog.take_link(id).map_err(prog_err)?;
+            let fd_link: FdLink = link
+                .try_into()
+                .map_err(|e: LinkError| pin_err(e.to_string()))?;
+            fd_link.pin(pin).map_err(|e| pin_err(e.to_string()))?;
+        }
+        Err(e) => return Err(pin_err(e.to_string())),
+    }
+    Ok(())
+}
+
+/// Removes a pinned link (detaching its program). Absent is not an error.
+fn unpin_link(pin: &Path) -> Result<(), DatapathError> {
+    match PinnedLink::from_pin(pin) {
+        Ok(link) => {
+            link.unpin().map_err(|e| DatapathError::Pin {
+                path: pin.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+            Ok(())
+        }
+        Err(LinkError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
+            Ok(())
+        }
+        Err(e) => Err(DatapathError::Pin {
+            path: pin.to_path_buf(),
+            reason: e.to_string(),
+        }),
     }
 }

@@ -15,10 +15,11 @@
 
 pub mod endpoint;
 pub mod error;
+mod keys;
 pub mod object;
 pub mod probe;
 pub mod testrun;
 
-pub use endpoint::BpfDatapath;
+pub use endpoint::{monotonic_ns, BpfDatapath, PolicyUpdate};
 pub use error::DatapathError;
 pub use probe::{probe_kernel, Feature, FeatureReport};

@@ -8,6 +8,8 @@ pub static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_D
 
 /// tc program on the ingress of an endpoint's host-side veth.
 pub const PROG_FROM_CONTAINER: &str = "cil_from_container";
+/// tc program on the egress of an endpoint's host-side veth.
+pub const PROG_TO_CONTAINER: &str = "cil_to_container";
 /// The empty tc program (benchmark baseline).
 pub const PROG_EMPTY: &str = "probe_empty";
 /// Verifier probe for `bpf_redirect_peer`.
@@ -23,6 +25,15 @@ pub const MAP_ENDPOINTS: &str = "cilia_endpoints";
 /// Shared per-CPU map: packet counters by outcome.
 pub const MAP_METRICS: &str = "cilia_metrics";
 
+/// Shared LPM trie: prefix -> security identity.
+pub const MAP_IPCACHE: &str = "cilia_ipcache";
+/// Shared hash of maps: endpoint id -> that endpoint's policy LPM trie.
+pub const MAP_POLICY: &str = "cilia_policy";
+/// Shared LRU hash: connection tracking.
+pub const MAP_CT: &str = "cilia_ct";
+/// Shared one-slot array: global runtime settings (policy revision).
+pub const MAP_CONFIG: &str = "cilia_config";
+
 /// The shared maps with the layout the embedded object expects, used to
 /// validate pins left by an earlier agent before reusing them.
 pub struct MapSpec {
@@ -36,6 +47,26 @@ pub const SHARED_MAPS: &[MapSpec] = &[
         name: MAP_ENDPOINTS,
         key_size: core::mem::size_of::<cilia_abi::EndpointKey>() as u32,
         value_size: core::mem::size_of::<cilia_abi::EndpointInfo>() as u32,
+    },
+    MapSpec {
+        name: MAP_IPCACHE,
+        key_size: core::mem::size_of::<cilia_abi::IpcacheKey>() as u32,
+        value_size: core::mem::size_of::<cilia_abi::IpcacheValue>() as u32,
+    },
+    MapSpec {
+        name: MAP_POLICY,
+        key_size: 4,
+        value_size: 4,
+    },
+    MapSpec {
+        name: MAP_CT,
+        key_size: core::mem::size_of::<cilia_abi::CtKey>() as u32,
+        value_size: core::mem::size_of::<cilia_abi::CtValue>() as u32,
+    },
+    MapSpec {
+        name: MAP_CONFIG,
+        key_size: 4,
+        value_size: core::mem::size_of::<cilia_abi::GlobalConfig>() as u32,
     },
     MapSpec {
         name: MAP_METRICS,

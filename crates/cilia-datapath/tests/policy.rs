@@ -1,0 +1,496 @@
+//! Policy and conntrack fixtures: verdicts of the real endpoint programs
+//! under `BPF_PROG_TEST_RUN`, with policy maps installed the way the agent
+//! installs them.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use cilia_abi::*;
+use cilia_datapath::testrun::{TestProgram, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
+use cilia_datapath::BpfDatapath;
+use cilia_testnet::packet::*;
+use cilia_testnet::{require_privileges, BpfRoot};
+
+const A_ID: u16 = 1;
+const B_ID: u16 = 2;
+const A_IDENTITY: u32 = 1001;
+const B_IDENTITY: u32 = 1002;
+const A_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xa1];
+const A_NODE_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xa2];
+const B_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xb1];
+const B_NODE_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xb2];
+
+fn a6() -> Ipv6Addr {
+    "fd00:c1::a".parse().unwrap()
+}
+fn b6() -> Ipv6Addr {
+    "fd00:c1::b".parse().unwrap()
+}
+fn a4() -> Ipv4Addr {
+    "10.200.0.10".parse().unwrap()
+}
+fn world4() -> Ipv4Addr {
+    "192.0.2.7".parse().unwrap()
+}
+
+macro_rules! privileged {
+    ($name:literal) => {
+        if !require_privileges($name) {
+            return;
+        }
+    };
+}
+
+struct Fixture {
+    _root: BpfRoot,
+    dp: BpfDatapath,
+}
+
+fn config(
+    id: u16,
+    identity: u32,
+    mac: Mac,
+    node_mac: Mac,
+    v6: Ipv6Addr,
+    v4: Option<Ipv4Addr>,
+) -> EndpointConfig {
+    EndpointConfig {
+        ipv6: v6.octets(),
+        ipv4: v4.map(|a| a.octets()).unwrap_or_default(),
+        mac,
+        node_mac,
+        ifindex: 4000 + u32::from(id),
+        identity,
+        endpoint_id: id,
+        enable_ipv4: u8::from(v4.is_some()),
+        pad: 0,
+    }
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let root = BpfRoot::new();
+        let mut dp = BpfDatapath::open(root.path()).unwrap();
+        for (id, identity, mac, node_mac, ip) in [
+            (A_ID, A_IDENTITY, A_MAC, A_NODE_MAC, a6()),
+            (B_ID, B_IDENTITY, B_MAC, B_NODE_MAC, b6()),
+        ] {
+            let info = EndpointInfo {
+                ifindex: 4000 + u32::from(id),
+                identity,
+                endpoint_id: id,
+                flags: 0,
+                mac,
+                node_mac,
+            };
+            dp.upsert_endpoint(IpAddr::V6(ip), info).unwrap();
+            dp.upsert_ipcache(IpcacheKey::new(IpAddr::V6(ip), 128), identity)
+                .unwrap();
+        }
+        dp.upsert_endpoint(
+            IpAddr::V4(a4()),
+            EndpointInfo {
+                ifindex: 4001,
+                identity: A_IDENTITY,
+                endpoint_id: A_ID,
+                flags: 0,
+                mac: A_MAC,
+                node_mac: A_NODE_MAC,
+            },
+        )
+        .unwrap();
+        Self { _root: root, dp }
+    }
+
+    fn a(&self) -> TestProgram {
+        self.dp
+            .test_program(&config(
+                A_ID,
+                A_IDENTITY,
+                A_MAC,
+                A_NODE_MAC,
+                a6(),
+                Some(a4()),
+            ))
+            .unwrap()
+    }
+
+    fn b(&self) -> TestProgram {
+        self.dp
+            .test_program(&config(B_ID, B_IDENTITY, B_MAC, B_NODE_MAC, b6(), None))
+            .unwrap()
+    }
+}
+
+fn enforce(dir: u8) -> (PolicyKey, PolicyValue) {
+    (
+        PolicyKey {
+            prefixlen: 40,
+            identity: CILIA_ID_ENFORCEMENT.to_be(),
+            direction: dir,
+            proto: 0,
+            dport: 0,
+        },
+        PolicyValue {
+            verdict: 1,
+            ..Default::default()
+        },
+    )
+}
+
+fn rule(
+    dir: u8,
+    identity: u32,
+    proto: u8,
+    port: u16,
+    port_bits: u32,
+    verdict: u8,
+) -> (PolicyKey, PolicyValue) {
+    let prefixlen = if proto == 0 { 40 } else { 48 + port_bits };
+    (
+        PolicyKey {
+            prefixlen,
+            identity: identity.to_be(),
+            direction: dir,
+            proto,
+            dport: port.to_be(),
+        },
+        PolicyValue {
+            verdict,
+            rule: 7,
+            ..Default::default()
+        },
+    )
+}
+
+fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut t = vec![0u8; 20];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[12] = 0x50;
+    t[13] = flags;
+    t
+}
+
+fn a_to_b(dport: u16) -> Vec<u8> {
+    eth(
+        A_NODE_MAC,
+        A_MAC,
+        ETH_P_IPV6,
+        &ipv6(a6(), b6(), IPPROTO_TCP, 64, &tcp(40000, dport, 0x02)),
+    )
+}
+
+fn b_to_a(sport: u16) -> Vec<u8> {
+    eth(
+        B_NODE_MAC,
+        B_MAC,
+        ETH_P_IPV6,
+        &ipv6(b6(), a6(), IPPROTO_TCP, 64, &tcp(sport, 40000, 0x12)),
+    )
+}
+
+fn set(dp: &mut BpfDatapath, id: u16, entries: &[(PolicyKey, PolicyValue)]) {
+    dp.set_policy(id, &entries.iter().copied().collect::<BTreeMap<_, _>>())
+        .unwrap();
+}
+
+#[test]
+fn ingress_allow_of_one_port_admits_it_and_drops_the_others() {
+    privileged!("ingress_allow_of_one_port");
+    let mut fx = Fixture::new();
+    set(
+        &mut fx.dp,
+        B_ID,
+        &[
+            enforce(CILIA_DIR_INGRESS),
+            rule(
+                CILIA_DIR_INGRESS,
+                A_IDENTITY,
+                6,
+                80,
+                16,
+                CILIA_VERDICT_ALLOW,
+            ),
+        ],
+    );
+    let a = fx.a();
+    assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_REDIRECT);
+    assert_eq!(a.run(&a_to_b(81)).unwrap().verdict, TC_ACT_SHOT);
+}
+
+#[test]
+fn reply_of_an_allowed_flow_passes_although_the_reverse_direction_is_denied() {
+    privileged!("reply_of_an_allowed_flow");
+    let mut fx = Fixture::new();
+    set(
+        &mut fx.dp,
+        B_ID,
+        &[
+            enforce(CILIA_DIR_INGRESS),
+            rule(
+                CILIA_DIR_INGRESS,
+                A_IDENTITY,
+                6,
+                80,
+                16,
+                CILIA_VERDICT_ALLOW,
+            ),
+        ],
+    );
+    // A denies all ingress: a new flow B -> A would be dropped ...
+    set(&mut fx.dp, A_ID, &[enforce(CILIA_DIR_INGRESS)]);
+    let b = fx.b();
+    assert_eq!(b.run(&b_to_a(81)).unwrap().verdict, TC_ACT_SHOT);
+    // ... but the reply of A -> B:80 follows the conntrack entry.
+    assert_eq!(fx.a().run(&a_to_b(80)).unwrap().verdict, TC_ACT_REDIRECT);
+    assert_eq!(b.run(&b_to_a(80)).unwrap().verdict, TC_ACT_REDIRECT);
+    assert!(fx
+        .dp
+        .list_ct()
+        .unwrap()
+        .iter()
+        .any(|(_, v)| v.flags & CILIA_CT_SEEN_REPLY != 0));
+}
+
+#[test]
+fn deny_wins_over_allow_on_the_same_port() {
+    privileged!("deny_wins");
+    let mut fx = Fixture::new();
+    set(
+        &mut fx.dp,
+        B_ID,
+        &[
+            enforce(CILIA_DIR_INGRESS),
+            rule(CILIA_DIR_INGRESS, 0, 0, 0, 0, CILIA_VERDICT_ALLOW),
+            rule(CILIA_DIR_INGRESS, A_IDENTITY, 6, 80, 16, CILIA_VERDICT_DENY),
+        ],
+    );
+    let a = fx.a();
+    assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_SHOT);
+    assert_eq!(a.run(&a_to_b(443)).unwrap().verdict, TC_ACT_REDIRECT);
+}
+
+#[test]
+fn port_prefix_entries_cover_a_port_range() {
+    privileged!("port_prefix");
+    let mut fx = Fixture::new();
+    // 8000-8063 as one /10 prefix of the port.
+    set(
+        &mut fx.dp,
+        B_ID,
+        &[
+            enforce(CILIA_DIR_INGRESS),
+            rule(
+                CILIA_DIR_INGRESS,
+                A_IDENTITY,
+                6,
+                8000,
+                10,
+                CILIA_VERDICT_ALLOW,
+            ),
+        ],
+    );
+    let a = fx.a();
+    for (port, verdict) in [
+        (8000, TC_ACT_REDIRECT),
+        (8063, TC_ACT_REDIRECT),
+        (8064, TC_ACT_SHOT),
+        (7999, TC_ACT_SHOT),
+    ] {
+        assert_eq!(
+            a.run(&a_to_b(port)).unwrap().verdict,
+            verdict,
+            "port {port}"
+        );
+    }
+}
+
+#[test]
+fn revoking_a_policy_stops_an_established_flow() {
+    privileged!("revoking_a_policy");
+    let mut fx = Fixture::new();
+    set(
+        &mut fx.dp,
+        B_ID,
+        &[
+            enforce(CILIA_DIR_INGRESS),
+            rule(
+                CILIA_DIR_INGRESS,
+                A_IDENTITY,
+                6,
+                80,
+                16,
+                CILIA_VERDICT_ALLOW,
+            ),
+        ],
+    );
+    let a = fx.a();
+    assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_REDIRECT);
+    set(&mut fx.dp, B_ID, &[enforce(CILIA_DIR_INGRESS)]);
+    // Same revision: the established flow still passes (policy not re-read).
+    assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_REDIRECT);
+    fx.dp.bump_policy_revision().unwrap();
+    assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_SHOT);
+}
+
+#[test]
+fn egress_policy_to_world_uses_the_ipcache() {
+    privileged!("egress_policy_to_world");
+    let mut fx = Fixture::new();
+    let cidr_identity = LOCAL_CIDR;
+    fx.dp
+        .upsert_ipcache(
+            IpcacheKey::new(IpAddr::V4("192.0.2.0".parse().unwrap()), 24),
+            cidr_identity,
+        )
+        .unwrap();
+    set(
+        &mut fx.dp,
+        A_ID,
+        &[
+            enforce(CILIA_DIR_EGRESS),
+            rule(
+                CILIA_DIR_EGRESS,
+                cidr_identity,
+                17,
+                53,
+                16,
+                CILIA_VERDICT_ALLOW,
+            ),
+        ],
+    );
+    let a = fx.a();
+    let dns = eth(
+        A_NODE_MAC,
+        A_MAC,
+        ETH_P_IP,
+        &ipv4(a4(), world4(), IPPROTO_UDP, 64, &udp(5000, 53, b"q")),
+    );
+    assert_eq!(
+        a.run(&dns).unwrap().verdict,
+        TC_ACT_OK,
+        "allowed, to the stack"
+    );
+    let other = eth(
+        A_NODE_MAC,
+        A_MAC,
+        ETH_P_IP,
+        &ipv4(
+            a4(),
+            "198.51.100.1".parse().unwrap(),
+            IPPROTO_UDP,
+            64,
+            &udp(5000, 53, b"q"),
+        ),
+    );
+    assert_eq!(
+        a.run(&other).unwrap().verdict,
+        TC_ACT_SHOT,
+        "world outside the CIDR"
+    );
+    let metrics = fx.dp.metrics().unwrap();
+    assert!(metrics.iter().any(|(k, v)| k.kind == CILIA_METRIC_DROP
+        && k.reason == CILIA_DROP_POLICY
+        && k.dir == CILIA_DIR_EGRESS
+        && v.packets == 1));
+}
+
+const LOCAL_CIDR: u32 = 1 << 24;
+
+#[test]
+fn to_container_program_applies_ingress_policy_to_host_traffic() {
+    privileged!("to_container_ingress");
+    let mut fx = Fixture::new();
+    fx.dp
+        .upsert_ipcache(
+            IpcacheKey::new(IpAddr::V6("fd00:c1::1".parse().unwrap()), 128),
+            CILIA_ID_HOST,
+        )
+        .unwrap();
+    set(
+        &mut fx.dp,
+        B_ID,
+        &[
+            enforce(CILIA_DIR_INGRESS),
+            rule(
+                CILIA_DIR_INGRESS,
+                CILIA_ID_HOST,
+                6,
+                22,
+                16,
+                CILIA_VERDICT_ALLOW,
+            ),
+        ],
+    );
+    let to_b = fx
+        .dp
+        .test_program_to_container(&config(B_ID, B_IDENTITY, B_MAC, B_NODE_MAC, b6(), None))
+        .unwrap();
+    let host = |port| {
+        eth(
+            B_MAC,
+            B_NODE_MAC,
+            ETH_P_IPV6,
+            &ipv6(
+                "fd00:c1::1".parse().unwrap(),
+                b6(),
+                IPPROTO_TCP,
+                64,
+                &tcp(50000, port, 0x02),
+            ),
+        )
+    };
+    assert_eq!(to_b.run(&host(22)).unwrap().verdict, TC_ACT_OK);
+    assert_eq!(to_b.run(&host(23)).unwrap().verdict, TC_ACT_SHOT);
+}
+
+#[test]
+fn policy_updates_are_incremental_and_swap_maps() {
+    privileged!("policy_updates");
+    let mut fx = Fixture::new();
+    let base = [
+        enforce(CILIA_DIR_INGRESS),
+        rule(
+            CILIA_DIR_INGRESS,
+            A_IDENTITY,
+            6,
+            80,
+            16,
+            CILIA_VERDICT_ALLOW,
+        ),
+    ];
+    let first = fx
+        .dp
+        .set_policy(B_ID, &base.iter().copied().collect())
+        .unwrap();
+    assert_eq!((first.added, first.removed), (2, 0));
+    let mut more = base.to_vec();
+    more.push(rule(
+        CILIA_DIR_INGRESS,
+        A_IDENTITY,
+        6,
+        443,
+        16,
+        CILIA_VERDICT_ALLOW,
+    ));
+    let second = fx
+        .dp
+        .set_policy(B_ID, &more.iter().copied().collect())
+        .unwrap();
+    assert_eq!(second.added, 3, "fresh standby map");
+    let third = fx
+        .dp
+        .set_policy(B_ID, &more.iter().copied().collect())
+        .unwrap();
+    assert_eq!(
+        (third.added, third.removed),
+        (1, 0),
+        "only the difference to the standby map"
+    );
+    assert_eq!(fx.dp.get_policy(B_ID).unwrap().unwrap().len(), 3);
+    fx.dp.remove_policy(B_ID).unwrap();
+    assert!(fx.dp.get_policy(B_ID).unwrap().is_none());
+}
