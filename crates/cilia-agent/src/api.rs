@@ -108,6 +108,8 @@ pub fn endpoint_view(rec: &EndpointRecord) -> Endpoint {
         ipv6: rec.ipv6.to_string(),
         ipv4: rec.ipv4.map(|a| a.to_string()),
         labels: rec.labels.clone(),
+        namespace: rec.namespace.clone(),
+        identity: rec.identity,
         mac: format_mac(&rec.mac),
         host_mac: format_mac(&rec.host_mac),
         state: rec.state,

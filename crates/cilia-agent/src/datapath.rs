@@ -4,7 +4,12 @@
 
 use std::net::IpAddr;
 
-use cilia_abi::{EndpointConfig, EndpointInfo, EndpointKey, MetricsKey, MetricsValue};
+use std::collections::BTreeMap;
+
+use cilia_abi::{
+    CtKey, CtValue, EndpointConfig, EndpointInfo, EndpointKey, IpcacheKey, IpcacheValue,
+    MetricsKey, MetricsValue, PolicyKey, PolicyValue,
+};
 use cilia_datapath::{BpfDatapath, DatapathError};
 
 pub trait Datapath: Send {
@@ -19,6 +24,21 @@ pub trait Datapath: Send {
     fn remove_endpoint(&mut self, ip: IpAddr) -> Result<(), DatapathError>;
     fn list_endpoints(&self) -> Result<Vec<(EndpointKey, EndpointInfo)>, DatapathError>;
     fn metrics(&self) -> Result<Vec<(MetricsKey, MetricsValue)>, DatapathError>;
+    fn upsert_ipcache(&mut self, key: IpcacheKey, identity: u32) -> Result<(), DatapathError>;
+    fn remove_ipcache(&mut self, key: IpcacheKey) -> Result<(), DatapathError>;
+    fn list_ipcache(&self) -> Result<Vec<(IpcacheKey, IpcacheValue)>, DatapathError>;
+    fn set_policy(
+        &mut self,
+        endpoint_id: u16,
+        entries: &BTreeMap<PolicyKey, PolicyValue>,
+    ) -> Result<(), DatapathError>;
+    fn get_policy(
+        &self,
+        endpoint_id: u16,
+    ) -> Result<Option<BTreeMap<PolicyKey, PolicyValue>>, DatapathError>;
+    fn bump_policy_revision(&mut self) -> Result<u32, DatapathError>;
+    fn list_ct(&self) -> Result<Vec<(CtKey, CtValue)>, DatapathError>;
+    fn gc_ct(&mut self) -> Result<usize, DatapathError>;
 }
 
 impl Datapath for BpfDatapath {
@@ -46,5 +66,36 @@ impl Datapath for BpfDatapath {
     }
     fn metrics(&self) -> Result<Vec<(MetricsKey, MetricsValue)>, DatapathError> {
         BpfDatapath::metrics(self)
+    }
+    fn upsert_ipcache(&mut self, key: IpcacheKey, identity: u32) -> Result<(), DatapathError> {
+        BpfDatapath::upsert_ipcache(self, key, identity)
+    }
+    fn remove_ipcache(&mut self, key: IpcacheKey) -> Result<(), DatapathError> {
+        BpfDatapath::remove_ipcache(self, key)
+    }
+    fn list_ipcache(&self) -> Result<Vec<(IpcacheKey, IpcacheValue)>, DatapathError> {
+        BpfDatapath::list_ipcache(self)
+    }
+    fn set_policy(
+        &mut self,
+        endpoint_id: u16,
+        entries: &BTreeMap<PolicyKey, PolicyValue>,
+    ) -> Result<(), DatapathError> {
+        BpfDatapath::set_policy(self, endpoint_id, entries).map(|_| ())
+    }
+    fn get_policy(
+        &self,
+        endpoint_id: u16,
+    ) -> Result<Option<BTreeMap<PolicyKey, PolicyValue>>, DatapathError> {
+        BpfDatapath::get_policy(self, endpoint_id)
+    }
+    fn bump_policy_revision(&mut self) -> Result<u32, DatapathError> {
+        BpfDatapath::bump_policy_revision(self)
+    }
+    fn list_ct(&self) -> Result<Vec<(CtKey, CtValue)>, DatapathError> {
+        BpfDatapath::list_ct(self)
+    }
+    fn gc_ct(&mut self) -> Result<usize, DatapathError> {
+        BpfDatapath::gc_ct(self)
     }
 }

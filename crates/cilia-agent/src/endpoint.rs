@@ -35,6 +35,8 @@ pub enum EndpointError {
     Datapath(#[from] DatapathError),
     #[error("endpoint {0} not found")]
     NotFound(u16),
+    #[error("namespace {0:?}: {1}")]
+    Namespace(String, String),
 }
 
 fn valid_ifname(name: &str) -> bool {
@@ -68,7 +70,7 @@ fn config_of(rec: &EndpointRecord, ifindex: u32) -> EndpointConfig {
         mac: rec.mac,
         node_mac: rec.host_mac,
         ifindex,
-        identity: 0,
+        identity: rec.identity,
         endpoint_id: rec.id,
         enable_ipv4: u8::from(rec.ipv4.is_some()),
         pad: 0,
@@ -78,7 +80,7 @@ fn config_of(rec: &EndpointRecord, ifindex: u32) -> EndpointConfig {
 fn info_of(rec: &EndpointRecord, ifindex: u32) -> EndpointInfo {
     EndpointInfo {
         ifindex,
-        identity: 0,
+        identity: rec.identity,
         endpoint_id: rec.id,
         flags: 0,
         mac: rec.mac,
@@ -144,6 +146,12 @@ impl EndpointManager {
             return Err(EndpointError::Ifname(ifname));
         }
         let netns = netdev::resolve_netns(&req.netns)?;
+        let namespace = req
+            .namespace
+            .clone()
+            .unwrap_or_else(|| crate::store::DEFAULT_NAMESPACE.into());
+        cilia_api::labels::validate_value(&namespace)
+            .map_err(|reason| EndpointError::Namespace(namespace.clone(), reason))?;
         let labels: BTreeMap<String, String> = req.labels.clone();
         let rec =
             self.store
@@ -161,6 +169,8 @@ impl EndpointManager {
                         state: EndpointState::Creating,
                         reason: None,
                         container_id: req.container_id.clone(),
+                        namespace: namespace.clone(),
+                        identity: 0,
                     }
                 })?;
         match self.connect(&rec) {
@@ -306,7 +316,10 @@ mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
     use std::sync::{Arc, Mutex};
 
-    use cilia_abi::{EndpointKey, MetricsKey, MetricsValue};
+    use cilia_abi::{
+        CtKey, CtValue, EndpointKey, IpcacheKey, IpcacheValue, MetricsKey, MetricsValue, PolicyKey,
+        PolicyValue,
+    };
 
     use super::*;
 
@@ -316,6 +329,9 @@ mod tests {
         devices: BTreeSet<String>,
         pins: BTreeSet<u16>,
         map: HashMap<IpAddr, EndpointInfo>,
+        ipcache: HashMap<IpcacheKey, u32>,
+        policy: HashMap<u16, BTreeMap<PolicyKey, PolicyValue>>,
+        revision: u32,
         fail_attach: bool,
     }
 
@@ -362,6 +378,57 @@ mod tests {
         }
         fn metrics(&self) -> Result<Vec<(MetricsKey, MetricsValue)>, DatapathError> {
             Ok(vec![])
+        }
+        fn upsert_ipcache(&mut self, key: IpcacheKey, identity: u32) -> Result<(), DatapathError> {
+            self.0.lock().unwrap().ipcache.insert(key, identity);
+            Ok(())
+        }
+        fn remove_ipcache(&mut self, key: IpcacheKey) -> Result<(), DatapathError> {
+            self.0.lock().unwrap().ipcache.remove(&key);
+            Ok(())
+        }
+        fn list_ipcache(&self) -> Result<Vec<(IpcacheKey, IpcacheValue)>, DatapathError> {
+            Ok(self
+                .0
+                .lock()
+                .unwrap()
+                .ipcache
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        *k,
+                        IpcacheValue {
+                            identity: *v,
+                            flags: 0,
+                        },
+                    )
+                })
+                .collect())
+        }
+        fn set_policy(
+            &mut self,
+            id: u16,
+            entries: &BTreeMap<PolicyKey, PolicyValue>,
+        ) -> Result<(), DatapathError> {
+            self.0.lock().unwrap().policy.insert(id, entries.clone());
+            Ok(())
+        }
+        fn get_policy(
+            &self,
+            id: u16,
+        ) -> Result<Option<BTreeMap<PolicyKey, PolicyValue>>, DatapathError> {
+            Ok(self.0.lock().unwrap().policy.get(&id).cloned())
+        }
+        fn bump_policy_revision(&mut self) -> Result<u32, DatapathError> {
+            let mut k = self.0.lock().unwrap();
+            k.revision += 1;
+            Ok(k.revision)
+        }
+        fn list_ct(&self) -> Result<Vec<(CtKey, CtValue)>, DatapathError> {
+            Ok(vec![])
+        }
+        fn gc_ct(&mut self) -> Result<usize, DatapathError> {
+            Ok(0)
         }
     }
 
@@ -422,6 +489,7 @@ mod tests {
             labels: BTreeMap::from([("app".into(), "web".into())]),
             ifname: None,
             container_id: None,
+            namespace: None,
         }
     }
 
@@ -473,6 +541,8 @@ mod tests {
                     state: EndpointState::Creating,
                     reason: None,
                     container_id: None,
+                    namespace: "default".into(),
+                    identity: 0,
                 })
                 .unwrap();
             // The crash happened after the veth was made.

@@ -12,6 +12,7 @@ pub mod endpoint;
 pub mod ipam;
 pub mod netdev;
 pub mod paths;
+pub mod policy;
 pub mod store;
 
 use std::fs::File;

@@ -18,6 +18,69 @@ use crate::ipam::{IpamError, Pool};
 const ENDPOINTS: TableDefinition<u16, &[u8]> = TableDefinition::new("endpoints");
 /// Allocated address -> owning endpoint id.
 const IPAM: TableDefinition<&str, u16> = TableDefinition::new("ipam");
+/// Security identity -> JSON of its labels (endpoint identities only).
+const IDENTITIES: TableDefinition<u32, &[u8]> = TableDefinition::new("identities");
+/// Namespace name -> JSON of its labels.
+const NAMESPACES: TableDefinition<&str, &[u8]> = TableDefinition::new("namespaces");
+/// Policy key (`kind/namespace/name`) -> JSON of [`StoredPolicy`].
+const POLICIES: TableDefinition<&str, &[u8]> = TableDefinition::new("policies");
+/// CIDR prefix -> its local CIDR identity.
+const CIDR_IDENTITIES: TableDefinition<&str, u32> = TableDefinition::new("cidr_identities");
+/// Counters (policy revision).
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// First identity given to endpoints (below: reserved).
+pub const FIRST_ENDPOINT_IDENTITY: u32 = 256;
+/// Last identity given to endpoints.
+pub const LAST_ENDPOINT_IDENTITY: u32 = 65535;
+/// First local CIDR identity.
+pub const FIRST_CIDR_IDENTITY: u32 = 1 << 24;
+/// The namespace of endpoints created without one.
+pub const DEFAULT_NAMESPACE: &str = "default";
+/// Label carrying an endpoint's namespace (as in Kubernetes/Cilium).
+pub const NAMESPACE_LABEL: &str = "io.kubernetes.pod.namespace";
+/// Prefix of labels carrying the namespace's own labels.
+pub const NAMESPACE_LABELS_PREFIX: &str = "io.cilium.k8s.namespace.labels.";
+
+/// A policy as imported: its source text, re-parsed at start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredPolicy {
+    pub kind: String,
+    pub namespace: Option<String>,
+    pub name: String,
+    /// The YAML document it came from.
+    pub yaml: String,
+}
+
+impl StoredPolicy {
+    pub fn key(&self) -> String {
+        format!(
+            "{}/{}/{}",
+            self.kind,
+            self.namespace.as_deref().unwrap_or(""),
+            self.name
+        )
+    }
+}
+
+/// The labels that determine an endpoint's identity: its own, its
+/// namespace, and its namespace's labels.
+pub fn security_labels(
+    labels: &BTreeMap<String, String>,
+    namespace: &str,
+    namespace_labels: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut out = labels.clone();
+    out.insert(NAMESPACE_LABEL.into(), namespace.into());
+    for (k, v) in namespace_labels {
+        out.insert(format!("{NAMESPACE_LABELS_PREFIX}{k}"), v.clone());
+    }
+    out
+}
+
+fn default_namespace() -> String {
+    DEFAULT_NAMESPACE.into()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -31,6 +94,10 @@ pub enum StoreError {
     Ipam(#[from] IpamError),
     #[error("all 65535 endpoint ids are in use")]
     IdsExhausted,
+    #[error(
+        "all endpoint identities ({FIRST_ENDPOINT_IDENTITY}-{LAST_ENDPOINT_IDENTITY}) are in use"
+    )]
+    IdentitiesExhausted,
 }
 
 macro_rules! db_err {
@@ -67,6 +134,11 @@ pub struct EndpointRecord {
     pub reason: Option<String>,
     #[serde(default)]
     pub container_id: Option<String>,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Security identity (derived from the security labels).
+    #[serde(default)]
+    pub identity: u32,
 }
 
 impl EndpointRecord {
@@ -109,6 +181,11 @@ impl Store {
         let txn = db.begin_write()?;
         txn.open_table(ENDPOINTS)?;
         txn.open_table(IPAM)?;
+        txn.open_table(IDENTITIES)?;
+        txn.open_table(NAMESPACES)?;
+        txn.open_table(POLICIES)?;
+        txn.open_table(CIDR_IDENTITIES)?;
+        txn.open_table(META)?;
         txn.commit()?;
         Ok(Self { db })
     }
@@ -180,7 +257,12 @@ impl Store {
                 Some(IpAddr::V6(_)) => unreachable!("an IPv4 pool yields IPv4 addresses"),
                 None => None,
             };
-            let rec = make(id, v6, v4);
+            let mut rec = make(id, v6, v4);
+            let ns_labels = namespace_labels(&txn, &rec.namespace)?;
+            rec.identity = identity_for(
+                &txn,
+                &security_labels(&rec.labels, &rec.namespace, &ns_labels),
+            )?;
             for ip in rec.ips() {
                 ipam.insert(ip.to_string().as_str(), id)?;
             }
@@ -211,9 +293,248 @@ impl Store {
                 ipam.remove(ip.to_string().as_str())?;
             }
         }
+        release_unused_identities(&txn)?;
         txn.commit()?;
         Ok(())
     }
+
+    /// Endpoint identities and their labels.
+    pub fn identities(&self) -> Result<BTreeMap<u32, BTreeMap<String, String>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(IDENTITIES)?;
+        let mut out = BTreeMap::new();
+        for item in table.iter()? {
+            let (id, bytes) = item?;
+            let labels = serde_json::from_slice(bytes.value())
+                .map_err(|e| StoreError::Db(format!("identity {}: {e}", id.value())))?;
+            out.insert(id.value(), labels);
+        }
+        Ok(out)
+    }
+
+    pub fn namespaces(&self) -> Result<BTreeMap<String, BTreeMap<String, String>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(NAMESPACES)?;
+        let mut out = BTreeMap::new();
+        for item in table.iter()? {
+            let (name, bytes) = item?;
+            let labels = serde_json::from_slice(bytes.value())
+                .map_err(|e| StoreError::Db(format!("namespace {}: {e}", name.value())))?;
+            out.insert(name.value().to_string(), labels);
+        }
+        Ok(out)
+    }
+
+    /// Sets a namespace's labels and moves its endpoints to the identities
+    /// their new security labels map to, in one transaction. Returns the
+    /// endpoints whose identity changed.
+    pub fn set_namespace(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<EndpointRecord>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let mut changed = Vec::new();
+        {
+            let json = serde_json::to_vec(labels).map_err(|e| StoreError::Db(e.to_string()))?;
+            txn.open_table(NAMESPACES)?
+                .insert(namespace, json.as_slice())?;
+            let records = read_endpoints(&txn)?;
+            for mut rec in records.into_iter().filter(|r| r.namespace == namespace) {
+                let identity =
+                    identity_for(&txn, &security_labels(&rec.labels, namespace, labels))?;
+                if identity != rec.identity {
+                    rec.identity = identity;
+                    txn.open_table(ENDPOINTS)?
+                        .insert(rec.id, encode(&rec)?.as_slice())?;
+                    changed.push(rec);
+                }
+            }
+        }
+        release_unused_identities(&txn)?;
+        txn.commit()?;
+        Ok(changed)
+    }
+
+    pub fn policies(&self) -> Result<Vec<StoredPolicy>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(POLICIES)?;
+        let mut out = Vec::new();
+        for item in table.iter()? {
+            let (key, bytes) = item?;
+            out.push(
+                serde_json::from_slice(bytes.value())
+                    .map_err(|e| StoreError::Db(format!("policy {}: {e}", key.value())))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Adds or replaces policies (by kind, namespace and name) and bumps the
+    /// policy revision, all or nothing. Returns the new revision.
+    pub fn put_policies(&self, policies: &[StoredPolicy]) -> Result<u64, StoreError> {
+        self.change_policies(|table| {
+            for p in policies {
+                let json = serde_json::to_vec(p).map_err(|e| StoreError::Db(e.to_string()))?;
+                table.insert(p.key().as_str(), json.as_slice())?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Deletes the policies with the given keys (all when `None`); returns
+    /// the new revision.
+    pub fn delete_policies(&self, keys: Option<&[String]>) -> Result<u64, StoreError> {
+        self.change_policies(|table| {
+            let all: Vec<String> = table
+                .iter()?
+                .map(|item| item.map(|(k, _)| k.value().to_string()))
+                .collect::<Result<_, _>>()?;
+            for key in all {
+                if keys.is_none_or(|keys| keys.contains(&key)) {
+                    table.remove(key.as_str())?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn change_policies(
+        &self,
+        f: impl FnOnce(&mut redb::Table<&str, &[u8]>) -> Result<(), StoreError>,
+    ) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write()?;
+        let rev = {
+            let mut table = txn.open_table(POLICIES)?;
+            f(&mut table)?;
+            let mut meta = txn.open_table(META)?;
+            let rev = meta.get("policy_revision")?.map(|v| v.value()).unwrap_or(0) + 1;
+            meta.insert("policy_revision", rev)?;
+            rev
+        };
+        txn.commit()?;
+        Ok(rev)
+    }
+
+    pub fn policy_revision(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        Ok(meta.get("policy_revision")?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    /// Gives every prefix in `prefixes` a local CIDR identity (keeping the
+    /// ones it had) and forgets prefixes no longer needed.
+    pub fn sync_cidr_identities(
+        &self,
+        prefixes: &BTreeSet<ipnet::IpNet>,
+    ) -> Result<BTreeMap<ipnet::IpNet, u32>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let mut out = BTreeMap::new();
+        {
+            let mut table = txn.open_table(CIDR_IDENTITIES)?;
+            let mut existing = BTreeMap::new();
+            for item in table.iter()? {
+                let (k, v) = item?;
+                existing.insert(k.value().to_string(), v.value());
+            }
+            let wanted: BTreeSet<String> = prefixes.iter().map(|p| p.to_string()).collect();
+            for key in existing.keys().filter(|k| !wanted.contains(*k)) {
+                table.remove(key.as_str())?;
+            }
+            let mut used: BTreeSet<u32> = existing
+                .iter()
+                .filter(|(k, _)| wanted.contains(*k))
+                .map(|(_, v)| *v)
+                .collect();
+            for prefix in prefixes {
+                let key = prefix.to_string();
+                let id = match existing.get(&key) {
+                    Some(id) => *id,
+                    None => {
+                        let mut id = FIRST_CIDR_IDENTITY;
+                        while used.contains(&id) {
+                            id += 1;
+                        }
+                        used.insert(id);
+                        table.insert(key.as_str(), id)?;
+                        id
+                    }
+                };
+                out.insert(*prefix, id);
+            }
+        }
+        txn.commit()?;
+        Ok(out)
+    }
+}
+
+fn read_endpoints(txn: &redb::WriteTransaction) -> Result<Vec<EndpointRecord>, StoreError> {
+    let table = txn.open_table(ENDPOINTS)?;
+    let mut out = Vec::new();
+    for item in table.iter()? {
+        let (id, bytes) = item?;
+        out.push(
+            serde_json::from_slice(bytes.value()).map_err(|e| StoreError::Corrupt {
+                id: id.value(),
+                reason: e.to_string(),
+            })?,
+        );
+    }
+    Ok(out)
+}
+
+fn namespace_labels(
+    txn: &redb::WriteTransaction,
+    namespace: &str,
+) -> Result<BTreeMap<String, String>, StoreError> {
+    let table = txn.open_table(NAMESPACES)?;
+    let labels = match table.get(namespace)? {
+        Some(bytes) => serde_json::from_slice(bytes.value())
+            .map_err(|e| StoreError::Db(format!("namespace {namespace}: {e}")))?,
+        None => BTreeMap::new(),
+    };
+    Ok(labels)
+}
+
+/// The identity of a label set: the existing one, or the lowest free id.
+fn identity_for(
+    txn: &redb::WriteTransaction,
+    labels: &BTreeMap<String, String>,
+) -> Result<u32, StoreError> {
+    let mut table = txn.open_table(IDENTITIES)?;
+    let json = serde_json::to_vec(labels).map_err(|e| StoreError::Db(e.to_string()))?;
+    let mut expected = FIRST_ENDPOINT_IDENTITY;
+    let mut free = None;
+    for item in table.iter()? {
+        let (id, bytes) = item?;
+        if bytes.value() == json.as_slice() {
+            return Ok(id.value());
+        }
+        if free.is_none() && id.value() != expected {
+            free = Some(expected);
+        }
+        expected = id.value() + 1;
+    }
+    let id = free.unwrap_or(expected);
+    if id > LAST_ENDPOINT_IDENTITY {
+        return Err(StoreError::IdentitiesExhausted);
+    }
+    table.insert(id, json.as_slice())?;
+    Ok(id)
+}
+
+/// Removes identities no endpoint carries any more.
+fn release_unused_identities(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let used: BTreeSet<u32> = read_endpoints(txn)?.iter().map(|r| r.identity).collect();
+    let mut table = txn.open_table(IDENTITIES)?;
+    let all: Vec<u32> = table
+        .iter()?
+        .map(|item| item.map(|(k, _)| k.value()))
+        .collect::<Result<_, _>>()?;
+    for id in all.into_iter().filter(|id| !used.contains(id)) {
+        table.remove(id)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -234,7 +555,64 @@ mod tests {
             state: EndpointState::Creating,
             reason: None,
             container_id: None,
+            namespace: DEFAULT_NAMESPACE.into(),
+            identity: 0,
         }
+    }
+
+    #[test]
+    fn endpoints_with_the_same_labels_share_an_identity_until_the_last_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let (p6, p4) = pools();
+        let a = store.create_endpoint(&p6, Some(&p4), record).unwrap();
+        let b = store.create_endpoint(&p6, Some(&p4), record).unwrap();
+        assert_eq!(a.identity, FIRST_ENDPOINT_IDENTITY);
+        assert_eq!(a.identity, b.identity);
+        store.delete_endpoint(&a).unwrap();
+        assert_eq!(store.identities().unwrap().len(), 1);
+        store.delete_endpoint(&b).unwrap();
+        assert!(store.identities().unwrap().is_empty());
+    }
+
+    #[test]
+    fn namespace_labels_move_its_endpoints_to_a_new_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let (p6, p4) = pools();
+        let a = store.create_endpoint(&p6, Some(&p4), record).unwrap();
+        let labels = BTreeMap::from([("team".to_string(), "blue".to_string())]);
+        let changed = store.set_namespace(DEFAULT_NAMESPACE, &labels).unwrap();
+        assert_eq!(changed.len(), 1);
+        assert_ne!(changed[0].identity, a.identity);
+        let ids = store.identities().unwrap();
+        assert_eq!(ids.len(), 1, "the old identity is released");
+        assert_eq!(
+            ids[&changed[0].identity][&format!("{NAMESPACE_LABELS_PREFIX}team")],
+            "blue"
+        );
+    }
+
+    #[test]
+    fn policy_changes_bump_the_revision_and_cidr_identities_are_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let p = StoredPolicy {
+            kind: "CiliumNetworkPolicy".into(),
+            namespace: Some("default".into()),
+            name: "r".into(),
+            yaml: "x".into(),
+        };
+        assert_eq!(store.put_policies(std::slice::from_ref(&p)).unwrap(), 1);
+        assert_eq!(store.policies().unwrap(), vec![p.clone()]);
+        assert_eq!(store.delete_policies(Some(&[p.key()])).unwrap(), 2);
+        assert!(store.policies().unwrap().is_empty());
+        let a: ipnet::IpNet = "10.0.0.0/8".parse().unwrap();
+        let b: ipnet::IpNet = "192.0.2.0/24".parse().unwrap();
+        let first = store.sync_cidr_identities(&[a, b].into()).unwrap();
+        let second = store.sync_cidr_identities(&[b].into()).unwrap();
+        assert_eq!(first[&b], second[&b]);
+        assert!(first[&a] >= FIRST_CIDR_IDENTITY);
     }
 
     fn pools() -> (Pool, Pool) {

@@ -71,6 +71,10 @@ pub struct EndpointCreate {
     /// Runtime's container id, kept for CNI CHECK/GC.
     #[serde(default)]
     pub container_id: Option<String>,
+    /// Namespace (default `default`); becomes the label
+    /// `io.kubernetes.pod.namespace`.
+    #[serde(default)]
+    pub namespace: Option<String>,
 }
 
 /// Lifecycle state of an endpoint.
@@ -95,6 +99,9 @@ pub struct Endpoint {
     pub ipv6: String,
     pub ipv4: Option<String>,
     pub labels: BTreeMap<String, String>,
+    pub namespace: String,
+    /// Security identity.
+    pub identity: u32,
     pub mac: String,
     pub host_mac: String,
     pub state: EndpointState,
@@ -126,4 +133,72 @@ pub struct BpfMetric {
     pub direction: String,
     pub packets: u64,
     pub bytes: u64,
+}
+
+/// A security identity and the labels it stands for.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Identity {
+    pub id: u32,
+    /// `reserved`, `endpoint` or `cidr`.
+    pub kind: String,
+    pub labels: BTreeMap<String, String>,
+    /// Endpoints carrying it (endpoint identities).
+    #[serde(default)]
+    pub endpoints: Vec<u16>,
+}
+
+/// `PUT /v1/namespaces/{name}`, and an entry of `GET /v1/namespaces`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Namespace {
+    #[serde(default)]
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One ipcache entry read back from the kernel.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BpfIpcacheEntry {
+    pub prefix: String,
+    pub identity: u32,
+}
+
+/// One conntrack entry read back from the kernel.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BpfCtEntry {
+    pub proto: String,
+    pub source: String,
+    pub destination: String,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub packets: u64,
+    pub bytes: u64,
+    /// Seconds until expiry.
+    pub expires_in: u64,
+    pub seen_reply: bool,
+    pub policy_revision: u32,
+}
+
+/// One entry of an endpoint's policy map read back from the kernel.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BpfPolicyEntry {
+    pub direction: String,
+    /// 0 = any identity.
+    pub identity: u32,
+    /// `ANY`, `TCP`, `UDP`, `SCTP`, `ICMP`, … .
+    pub protocol: String,
+    /// `*`, a port, or `first-last`.
+    pub port: String,
+    pub verdict: String,
+    /// The rule this entry comes from (`kind/namespace/name` and section).
+    pub rule: String,
+}
+
+/// An endpoint's policy map with its enforcement state.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BpfPolicy {
+    pub endpoint: u16,
+    pub ingress_enforced: bool,
+    pub egress_enforced: bool,
+    pub entries: Vec<BpfPolicyEntry>,
 }

@@ -58,6 +58,9 @@ enum EndpointCmd {
         /// Interface name inside the namespace.
         #[arg(long, default_value = "eth0")]
         ifname: String,
+        /// Namespace the endpoint belongs to (label io.kubernetes.pod.namespace).
+        #[arg(long, default_value = "default")]
+        namespace: String,
     },
     /// List endpoints.
     ///
@@ -220,6 +223,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             netns,
             labels,
             ifname,
+            namespace,
         }) => {
             let labels = cilia_api::labels::parse_labels(&labels)?;
             let req = EndpointCreate {
@@ -227,6 +231,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 labels,
                 ifname: Some(ifname),
                 container_id: None,
+                namespace: Some(namespace),
             };
             let e: Endpoint = client.post("/v1/endpoints", &req).await?;
             if json {

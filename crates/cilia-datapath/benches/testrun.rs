@@ -8,9 +8,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use cilia_abi::{EndpointConfig, EndpointInfo};
+use cilia_datapath::packet::*;
 use cilia_datapath::testrun::TestProgram;
 use cilia_datapath::BpfDatapath;
-use cilia_testnet::packet::*;
 use cilia_testnet::BpfRoot;
 
 const REPEAT: u32 = 1_000_000;

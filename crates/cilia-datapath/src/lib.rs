@@ -17,6 +17,7 @@ pub mod endpoint;
 pub mod error;
 mod keys;
 pub mod object;
+pub mod packet;
 pub mod probe;
 pub mod testrun;
 

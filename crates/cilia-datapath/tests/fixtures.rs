@@ -6,9 +6,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use cilia_abi::{EndpointConfig, EndpointInfo, CILIA_DROP_SPOOFED_SOURCE, CILIA_METRIC_DROP};
+use cilia_datapath::packet::*;
 use cilia_datapath::testrun::{TestProgram, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
 use cilia_datapath::BpfDatapath;
-use cilia_testnet::packet::*;
 use cilia_testnet::{require_privileges, BpfRoot};
 
 const A_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xa1];

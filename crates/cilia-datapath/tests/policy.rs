@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use cilia_abi::*;
+use cilia_datapath::packet::*;
 use cilia_datapath::testrun::{TestProgram, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
 use cilia_datapath::BpfDatapath;
-use cilia_testnet::packet::*;
 use cilia_testnet::{require_privileges, BpfRoot};
 
 const A_ID: u16 = 1;

@@ -8,7 +8,6 @@
 
 pub mod agent;
 pub mod netns;
-pub mod packet;
 
 pub use agent::{AgentOptions, TestAgent};
 pub use netns::{BpfRoot, Netns};

@@ -1,0 +1,261 @@
+//! The policy repository's pure side: turning imported YAML into stored
+//! documents and parsed policies, and resolved policies into the entries of
+//! an endpoint's BPF policy map. The manager ([`crate::endpoint`]) owns the
+//! state and calls these.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use cilia_abi::{
+    PolicyKey, PolicyValue, CILIA_DIR_EGRESS, CILIA_DIR_INGRESS, CILIA_ID_ENFORCEMENT,
+    CILIA_POLICY_MAX, CILIA_VERDICT_ALLOW, CILIA_VERDICT_DENY,
+};
+use cilia_policy::{Direction, Policy, PolicyError, PolicyKind, ResolvedPolicy, Verdict};
+
+use crate::store::StoredPolicy;
+
+/// Kind names as users write them.
+pub fn kind_name(kind: PolicyKind) -> &'static str {
+    match kind {
+        PolicyKind::NetworkPolicy => "NetworkPolicy",
+        PolicyKind::CiliumNetworkPolicy => "CiliumNetworkPolicy",
+        PolicyKind::CiliumClusterwideNetworkPolicy => "CiliumClusterwideNetworkPolicy",
+    }
+}
+
+/// Why an import was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error(transparent)]
+    Parse(#[from] PolicyError),
+    #[error("{file}: no policy documents found")]
+    Empty { file: String },
+    #[error("{file}: {kind} {name} is defined twice")]
+    Duplicate {
+        file: String,
+        kind: &'static str,
+        name: String,
+    },
+    #[error("endpoint {endpoint}: the policies need {entries} policy map entries, more than the map's {max}")]
+    TooLarge {
+        endpoint: u16,
+        entries: usize,
+        max: u32,
+    },
+}
+
+/// Splits a multi-document YAML stream at `---` separator lines.
+pub fn split_documents(yaml: &str) -> Vec<String> {
+    let mut docs = vec![String::new()];
+    for line in yaml.lines() {
+        let trimmed = line.trim_end();
+        if trimmed == "---" || trimmed.starts_with("--- ") {
+            docs.push(String::new());
+            continue;
+        }
+        if let Some(doc) = docs.last_mut() {
+            doc.push_str(line);
+            doc.push('\n');
+        }
+    }
+    docs.into_iter()
+        .filter(|d| {
+            d.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        })
+        .collect()
+}
+
+/// Parses an import: every document must be valid (all or nothing).
+/// Returns each policy with the document it came from, for storage.
+pub fn parse_import(source: &str, yaml: &str) -> Result<Vec<(StoredPolicy, Policy)>, ImportError> {
+    // The whole stream first, so errors name the right document index.
+    cilia_policy::parse_policies(source, yaml)?;
+    let mut out: Vec<(StoredPolicy, Policy)> = Vec::new();
+    for doc in split_documents(yaml) {
+        for policy in cilia_policy::parse_policies(source, &doc)? {
+            let stored = StoredPolicy {
+                kind: kind_name(policy.kind).into(),
+                namespace: policy.namespace.clone(),
+                name: policy.name.clone(),
+                yaml: doc.clone(),
+            };
+            if out.iter().any(|(s, _)| s.key() == stored.key()) {
+                return Err(ImportError::Duplicate {
+                    file: source.into(),
+                    kind: kind_name(policy.kind),
+                    name: policy.qualified_name(),
+                });
+            }
+            out.push((stored, policy));
+        }
+    }
+    if out.is_empty() {
+        return Err(ImportError::Empty {
+            file: source.into(),
+        });
+    }
+    Ok(out)
+}
+
+/// Parses stored policies (at start-up). A document that no longer parses is
+/// reported, not fatal: the others still apply.
+pub fn parse_stored(stored: &[StoredPolicy]) -> (Vec<Policy>, Vec<String>) {
+    let mut policies = Vec::new();
+    let mut errors = Vec::new();
+    for s in stored {
+        match cilia_policy::parse_policies(&s.key(), &s.yaml) {
+            Ok(p) => policies.extend(p),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    (policies, errors)
+}
+
+fn dir_code(d: Direction) -> u8 {
+    match d {
+        Direction::Ingress => CILIA_DIR_INGRESS,
+        Direction::Egress => CILIA_DIR_EGRESS,
+    }
+}
+
+/// The kernel prefix length of an entry: identity and direction (40 bits),
+/// then the protocol (8), then the significant port bits.
+pub fn kernel_prefix_len(proto: u8, port_prefix_len: u8) -> u32 {
+    if proto == 0 {
+        40
+    } else {
+        48 + u32::from(port_prefix_len.min(16))
+    }
+}
+
+/// The policy map of a resolved policy: its entries plus the enforcement
+/// flags. Where two entries land on the same key, deny wins.
+pub fn map_entries(resolved: &ResolvedPolicy) -> BTreeMap<PolicyKey, PolicyValue> {
+    let mut out = BTreeMap::new();
+    for (dir, enforced) in [
+        (Direction::Ingress, resolved.ingress_enforced),
+        (Direction::Egress, resolved.egress_enforced),
+    ] {
+        if enforced {
+            out.insert(
+                PolicyKey {
+                    prefixlen: 40,
+                    identity: CILIA_ID_ENFORCEMENT.to_be(),
+                    direction: dir_code(dir),
+                    proto: 0,
+                    dport: 0,
+                },
+                PolicyValue {
+                    verdict: 1,
+                    ..Default::default()
+                },
+            );
+        }
+    }
+    for e in &resolved.entries {
+        let key = PolicyKey {
+            prefixlen: kernel_prefix_len(e.proto, e.port_prefix_len),
+            identity: e.identity.to_be(),
+            direction: dir_code(e.direction),
+            proto: e.proto,
+            dport: if e.proto == 0 { 0 } else { e.port.to_be() },
+        };
+        let value = PolicyValue {
+            verdict: match e.verdict {
+                Verdict::Allow => CILIA_VERDICT_ALLOW,
+                Verdict::Deny => CILIA_VERDICT_DENY,
+            },
+            pad: 0,
+            proxy_port: 0,
+            // Cookie: index of the rule in `resolved.rules`, plus one.
+            rule: e.rule + 1,
+        };
+        let slot = out.entry(key).or_insert(value);
+        if value.verdict == CILIA_VERDICT_DENY {
+            *slot = value;
+        }
+    }
+    out
+}
+
+/// Checks a resolution fits into an endpoint's policy map.
+pub fn check_size(
+    endpoint: u16,
+    entries: &BTreeMap<PolicyKey, PolicyValue>,
+) -> Result<(), ImportError> {
+    if entries.len() > CILIA_POLICY_MAX as usize {
+        return Err(ImportError::TooLarge {
+            endpoint,
+            entries: entries.len(),
+            max: CILIA_POLICY_MAX,
+        });
+    }
+    Ok(())
+}
+
+/// Names of the policies selecting anything, for listings.
+pub fn names(policies: &[Policy]) -> BTreeSet<String> {
+    policies.iter().map(|p| p.qualified_name()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TWO: &str = "\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: a
+spec:
+  endpointSelector: {}
+  ingress:
+  - {}
+---
+# a comment-only document is skipped
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: b
+  namespace: prod
+spec:
+  podSelector: {}
+";
+
+    #[test]
+    fn an_import_keeps_each_document_with_its_policy() {
+        let parsed = parse_import("t.yaml", TWO).unwrap();
+        assert_eq!(parsed.len(), 2);
+        assert_eq!(parsed[0].0.key(), "CiliumNetworkPolicy/default/a");
+        assert_eq!(parsed[1].0.key(), "NetworkPolicy/prod/b");
+        assert!(parsed[1].0.yaml.contains("podSelector"));
+        let (reparsed, errors) =
+            parse_stored(&parsed.iter().map(|p| p.0.clone()).collect::<Vec<_>>());
+        assert!(errors.is_empty());
+        assert_eq!(reparsed.len(), 2);
+    }
+
+    #[test]
+    fn a_policy_defined_twice_in_one_import_is_refused() {
+        let doc = TWO.split("---").next().unwrap();
+        let twice = format!("{doc}---\n{doc}");
+        let err = parse_import("t.yaml", &twice).unwrap_err();
+        assert!(err.to_string().contains("defined twice"), "{err}");
+    }
+
+    #[test]
+    fn empty_input_is_refused() {
+        assert!(matches!(
+            parse_import("t.yaml", "# nothing\n"),
+            Err(ImportError::Empty { .. })
+        ));
+    }
+
+    #[test]
+    fn kernel_prefix_lengths_follow_the_key_layout() {
+        assert_eq!(kernel_prefix_len(0, 0), 40);
+        assert_eq!(kernel_prefix_len(6, 0), 48);
+        assert_eq!(kernel_prefix_len(6, 16), 64);
+    }
+}

@@ -1,0 +1,129 @@
+//! Plain timing benchmarks (`cargo bench`): resolution time and map size for large
+//! policy sets. No external harness; prints one line per scenario.
+
+use std::fmt::Write as _;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use cilia_policy::{
+    cidr_prefixes, parse_policies, resolve, IdentityCache, IpNet, Labels, Policy,
+    LOCAL_CIDR_IDENTITY_BASE, NAMESPACE_LABEL,
+};
+
+const RULES: usize = 1000;
+const IDENTITIES: u32 = 3000;
+
+fn subject() -> Labels {
+    Labels::from_pairs([(NAMESPACE_LABEL, "default"), ("app", "server")])
+}
+
+fn cache_with_endpoints(policies: &[Policy]) -> IdentityCache {
+    let mut cache = IdentityCache::new();
+    for i in 0..IDENTITIES {
+        let app = if i % 2 == 0 { "client" } else { "other" };
+        cache.insert_labels(
+            1000 + i,
+            Labels::from_pairs([
+                (NAMESPACE_LABEL.to_string(), "default".to_string()),
+                ("app".to_string(), app.to_string()),
+                ("pod".to_string(), format!("p{i}")),
+            ]),
+        );
+    }
+    for (n, prefix) in cidr_prefixes(policies).into_iter().enumerate() {
+        cache.insert_cidr(LOCAL_CIDR_IDENTITY_BASE + n as u32, prefix);
+    }
+    cache
+}
+
+fn policy(sections: &str) -> String {
+    format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: bench, namespace: default}}\nspec:\n  endpointSelector: {{matchLabels: {{app: server}}}}\n{sections}"
+    )
+}
+
+fn run(name: &str, yaml: &str) {
+    let parse_start = Instant::now();
+    let policies = match parse_policies("bench.yaml", yaml) {
+        Ok(p) => p,
+        Err(e) => panic!("{name}: {e}"),
+    };
+    let parse_time = parse_start.elapsed();
+    let cache = cache_with_endpoints(&policies);
+    let subject = subject();
+    let mut times = Vec::new();
+    let mut entries = 0;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while times.len() < 3 || (times.len() < 20 && Instant::now() < deadline) {
+        let start = Instant::now();
+        let resolved = resolve(black_box(&policies), &subject, &cache);
+        times.push(start.elapsed());
+        entries = resolved.entries.len();
+    }
+    times.sort();
+    println!(
+        "{name:<48} resolve median {:>10.3?} min {:>10.3?} ({} runs) | parse {:>10.3?} | {entries} entries",
+        times[times.len() / 2],
+        times[0],
+        times.len(),
+        parse_time,
+    );
+}
+
+fn main() {
+    // (a) 1000 identical L3 ingress rules selecting 1500 of 3000 identities.
+    let mut s = String::from("  ingress:\n");
+    for _ in 0..RULES {
+        s.push_str("  - fromEndpoints: [{matchLabels: {app: client}}]\n");
+    }
+    run("(a) 1000 identical L3 ingress rules", &policy(&s));
+
+    // (b) the same for egress.
+    let mut s = String::from("  egress:\n");
+    for _ in 0..RULES {
+        s.push_str("  - toEndpoints: [{matchLabels: {app: client}}]\n");
+    }
+    run("(b) 1000 identical L3 egress rules", &policy(&s));
+
+    // (c) 1000 egress rules, each toCIDR [10.2.3.0/24, ff02::/64].
+    let mut s = String::from("  egress:\n");
+    for _ in 0..RULES {
+        s.push_str("  - toCIDR: [10.2.3.0/24, 'ff02::/64']\n");
+    }
+    run("(c) 1000 egress toCIDR rules", &policy(&s));
+
+    // (d) 1000 rules each with one distinct allow CIDR+port and one distinct deny
+    // CIDR+port, prefix lengths /8../32 mixed.
+    let mut allow = String::from("  egress:\n");
+    let mut deny = String::from("  egressDeny:\n");
+    for i in 0..RULES as u32 {
+        let len = 8 + (i % 25);
+        let a = IpNet::new(
+            std::net::Ipv4Addr::from(0x0A00_0000u32 + i * 7919 * 256).into(),
+            len as u8,
+        )
+        .map(|n| n.trunc());
+        let d = IpNet::new(
+            std::net::Ipv4Addr::from(0x6400_0000u32 + i * 104_729 * 16).into(),
+            (32 - (i % 25)) as u8,
+        )
+        .map(|n| n.trunc());
+        let (Ok(a), Ok(d)) = (a, d) else {
+            panic!("bad prefix")
+        };
+        let _ = writeln!(
+            allow,
+            "  - toCIDR: ['{a}']\n    toPorts: [{{ports: [{{port: '{}', protocol: TCP}}]}}]",
+            1000 + i
+        );
+        let _ = writeln!(
+            deny,
+            "  - toCIDR: ['{d}']\n    toPorts: [{{ports: [{{port: '{}', protocol: UDP}}]}}]",
+            2000 + i
+        );
+    }
+    run(
+        "(d) 1000 allow+deny CIDR/port rules (/8../32)",
+        &policy(&format!("{allow}{deny}")),
+    );
+}

@@ -1,0 +1,83 @@
+//! Internal policy model shared by all three input kinds.
+
+use ipnet::IpNet;
+
+use crate::labels::Selector;
+
+/// One rule (a NetworkPolicy, or one `spec` of a Cilium policy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Rule {
+    /// Which endpoints the rule applies to (namespace restriction included).
+    pub(crate) subject: Selector,
+    /// Index in a Cilium `specs` list (0 otherwise).
+    pub(crate) spec: usize,
+    pub(crate) ingress: Vec<PeerRule>,
+    pub(crate) ingress_deny: Vec<PeerRule>,
+    pub(crate) egress: Vec<PeerRule>,
+    pub(crate) egress_deny: Vec<PeerRule>,
+    /// Whether the rule puts selected endpoints into default deny at ingress.
+    pub(crate) enforce_ingress: bool,
+    /// Whether the rule puts selected endpoints into default deny at egress.
+    pub(crate) enforce_egress: bool,
+}
+
+/// One entry of an ingress/egress (deny) section: peers x ports.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct PeerRule {
+    /// Union of peers. Empty = selects no peer at all.
+    pub(crate) peers: Vec<Peer>,
+    /// Union of port ranges. Never empty (all ports is an explicit full range).
+    pub(crate) ports: Vec<PortRange>,
+}
+
+/// A set of peer identities.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Peer {
+    /// Every identity, known or not (map identity 0).
+    Any,
+    /// Identities whose labels match.
+    Selector(Selector),
+    /// CIDR identities inside `cidr` and not inside any `except`.
+    Cidr { cidr: IpNet, except: Vec<IpNet> },
+    /// A Cilium entity.
+    Entity(Entity),
+}
+
+/// Cilium entities (`all` is modelled as [`Peer::Any`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Entity {
+    World,
+    Cluster,
+    Host,
+    RemoteNode,
+    Init,
+    Health,
+    Unmanaged,
+}
+
+/// Protocol plus inclusive port range. `proto == 0` = any protocol: with the full
+/// range it matches every protocol, otherwise only TCP, UDP and SCTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct PortRange {
+    pub(crate) proto: u8,
+    pub(crate) first: u16,
+    pub(crate) last: u16,
+}
+
+impl PortRange {
+    pub(crate) const ALL: PortRange = PortRange {
+        proto: 0,
+        first: 0,
+        last: u16::MAX,
+    };
+
+    pub(crate) fn all_ports(&self) -> bool {
+        self.first == 0 && self.last == u16::MAX
+    }
+}
+
+pub(crate) const PROTO_TCP: u8 = 6;
+pub(crate) const PROTO_UDP: u8 = 17;
+pub(crate) const PROTO_SCTP: u8 = 132;
+/// Protocols a port-qualified ANY rule expands to.
+pub(crate) const PORT_PROTOCOLS: [u8; 3] = [PROTO_TCP, PROTO_UDP, PROTO_SCTP];

@@ -1,0 +1,974 @@
+//! YAML -> internal model.
+//!
+//! Two stages: a strict serde pass over "raw" structs that mirror the upstream schemas
+//! (`deny_unknown_fields`; fields that are valid upstream but not supported here are typed
+//! [`Unsupported`], whose deserializer always fails), with the field path tracked by
+//! `serde_path_to_error`; then a semantic conversion to [`crate::model`] that builds its
+//! own paths for value errors (ports, CIDRs, selectors, entities).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ipnet::IpNet;
+use serde::de::{Error as _, IgnoredAny};
+use serde::{Deserialize, Deserializer};
+use serde_norway::Value;
+
+use crate::error::PolicyError;
+use crate::labels::{normalize_key, Requirement, Selector};
+use crate::model::{Entity, Peer, PeerRule, PortRange, Rule, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+use crate::{Policy, PolicyKind, NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX};
+
+const UNSUPPORTED_MARK: &str = "\u{0}cilia-policy-unsupported";
+
+/// A field that upstream accepts but this crate does not implement yet.
+struct Unsupported;
+
+impl<'de> Deserialize<'de> for Unsupported {
+    fn deserialize<D: Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        Err(D::Error::custom(UNSUPPORTED_MARK))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw schema (only what deserialization needs; unsupported fields typed Unsupported).
+// Unsupported fields are never read: their mere presence fails deserialization.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[allow(dead_code)]
+struct RawMeta {
+    name: Option<String>,
+    namespace: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
+    annotations: Option<BTreeMap<String, String>>,
+    uid: Option<IgnoredAny>,
+    resource_version: Option<IgnoredAny>,
+    generation: Option<IgnoredAny>,
+    creation_timestamp: Option<IgnoredAny>,
+    deletion_timestamp: Option<IgnoredAny>,
+    deletion_grace_period_seconds: Option<IgnoredAny>,
+    generate_name: Option<IgnoredAny>,
+    managed_fields: Option<IgnoredAny>,
+    finalizers: Option<IgnoredAny>,
+    owner_references: Option<IgnoredAny>,
+    self_link: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSelector {
+    match_labels: Option<BTreeMap<String, String>>,
+    match_expressions: Option<Vec<RawExpression>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExpression {
+    key: String,
+    operator: String,
+    values: Option<Vec<String>>,
+}
+
+// --- NetworkPolicy
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[allow(dead_code)]
+struct NpDoc {
+    api_version: String,
+    kind: String,
+    metadata: RawMeta,
+    spec: NpSpec,
+    status: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct NpSpec {
+    pod_selector: Option<RawSelector>,
+    policy_types: Option<Vec<String>>,
+    ingress: Option<Vec<NpIngressRule>>,
+    egress: Option<Vec<NpEgressRule>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NpIngressRule {
+    from: Option<Vec<NpPeer>>,
+    ports: Option<Vec<NpPort>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NpEgressRule {
+    to: Option<Vec<NpPeer>>,
+    ports: Option<Vec<NpPort>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct NpPeer {
+    pod_selector: Option<RawSelector>,
+    namespace_selector: Option<RawSelector>,
+    ip_block: Option<NpIpBlock>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NpIpBlock {
+    cidr: String,
+    except: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct NpPort {
+    protocol: Option<String>,
+    port: Option<Value>,
+    end_port: Option<i64>,
+}
+
+// --- Cilium
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[allow(dead_code)]
+struct CnpDoc {
+    api_version: String,
+    kind: String,
+    metadata: RawMeta,
+    spec: Option<CRule>,
+    specs: Option<Vec<CRule>>,
+    status: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[allow(dead_code)]
+struct CRule {
+    endpoint_selector: Option<RawSelector>,
+    node_selector: Option<Unsupported>,
+    ingress: Option<Vec<CIngress>>,
+    ingress_deny: Option<Vec<CIngress>>,
+    egress: Option<Vec<CEgress>>,
+    egress_deny: Option<Vec<CEgress>>,
+    labels: Option<IgnoredAny>,
+    description: Option<String>,
+    enable_default_deny: Option<CDefaultDeny>,
+    log: Option<Unsupported>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CDefaultDeny {
+    ingress: Option<bool>,
+    egress: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[allow(dead_code)]
+struct CIngress {
+    from_endpoints: Option<Vec<RawSelector>>,
+    #[serde(rename = "fromCIDR")]
+    from_cidr: Option<Vec<String>>,
+    #[serde(rename = "fromCIDRSet")]
+    from_cidr_set: Option<Vec<CCidrRule>>,
+    from_entities: Option<Vec<String>>,
+    to_ports: Option<Vec<CPortRule>>,
+    from_requires: Option<Unsupported>,
+    from_groups: Option<Unsupported>,
+    from_nodes: Option<Unsupported>,
+    icmps: Option<Unsupported>,
+    authentication: Option<Unsupported>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[allow(dead_code)]
+struct CEgress {
+    to_endpoints: Option<Vec<RawSelector>>,
+    #[serde(rename = "toCIDR")]
+    to_cidr: Option<Vec<String>>,
+    #[serde(rename = "toCIDRSet")]
+    to_cidr_set: Option<Vec<CCidrRule>>,
+    to_entities: Option<Vec<String>>,
+    to_ports: Option<Vec<CPortRule>>,
+    to_requires: Option<Unsupported>,
+    to_services: Option<Unsupported>,
+    #[serde(rename = "toFQDNs")]
+    to_fqdns: Option<Unsupported>,
+    to_groups: Option<Unsupported>,
+    to_nodes: Option<Unsupported>,
+    icmps: Option<Unsupported>,
+    authentication: Option<Unsupported>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[allow(dead_code)]
+struct CCidrRule {
+    cidr: Option<String>,
+    except: Option<Vec<String>>,
+    cidr_group_ref: Option<Unsupported>,
+    cidr_group_selector: Option<Unsupported>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[allow(dead_code)]
+struct CPortRule {
+    ports: Option<Vec<CPort>>,
+    rules: Option<Unsupported>,
+    #[serde(rename = "terminatingTLS")]
+    terminating_tls: Option<Unsupported>,
+    #[serde(rename = "originatingTLS")]
+    originating_tls: Option<Unsupported>,
+    server_names: Option<Unsupported>,
+    listener: Option<Unsupported>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct CPort {
+    port: Option<Value>,
+    end_port: Option<i64>,
+    protocol: Option<String>,
+}
+
+// ---------------------------------------------------------------------------
+
+/// Error context of one document.
+struct Doc<'a> {
+    file: &'a str,
+    index: usize,
+    name: Option<String>,
+}
+
+impl Doc<'_> {
+    fn err(&self, path: impl Into<String>, message: impl Into<String>) -> PolicyError {
+        PolicyError {
+            file: self.file.to_string(),
+            document: self.index,
+            policy: self.name.clone(),
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+const API_NETWORKING: &str = "networking.k8s.io/v1";
+const API_CILIUM: &str = "cilium.io/v2";
+
+/// Parses all YAML documents of `yaml` (`---` separated). Empty documents are skipped.
+/// `source` names the input (for example a file name) in errors.
+pub fn parse_policies(source: &str, yaml: &str) -> Result<Vec<Policy>, PolicyError> {
+    let mut out = Vec::new();
+    for (i, document) in serde_norway::Deserializer::from_str(yaml).enumerate() {
+        let mut doc = Doc {
+            file: source,
+            index: i + 1,
+            name: None,
+        };
+        let value = match Value::deserialize(document) {
+            Ok(v) => v,
+            // The iterator keeps yielding the same failure: stop at the first one.
+            Err(e) => return Err(doc.err("", format!("invalid YAML: {e}"))),
+        };
+        if value.is_null() {
+            continue;
+        }
+        let Value::Mapping(map) = &value else {
+            return Err(doc.err("", "document is not a mapping"));
+        };
+        doc.name = map
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let api_version = match map.get("apiVersion") {
+            None => return Err(doc.err("apiVersion", "missing")),
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| doc.err("apiVersion", "must be a string"))?
+                .to_string(),
+        };
+        let kind_str = match map.get("kind") {
+            None => return Err(doc.err("kind", "missing")),
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| doc.err("kind", "must be a string"))?
+                .to_string(),
+        };
+        let (kind, expected_api) = match kind_str.as_str() {
+            "NetworkPolicy" => (PolicyKind::NetworkPolicy, API_NETWORKING),
+            "CiliumNetworkPolicy" => (PolicyKind::CiliumNetworkPolicy, API_CILIUM),
+            "CiliumClusterwideNetworkPolicy" => {
+                (PolicyKind::CiliumClusterwideNetworkPolicy, API_CILIUM)
+            }
+            other => {
+                return Err(doc.err(
+                    "kind",
+                    format!(
+                        "{other:?} is not supported (expected NetworkPolicy, CiliumNetworkPolicy \
+                         or CiliumClusterwideNetworkPolicy)"
+                    ),
+                ))
+            }
+        };
+        if api_version != expected_api {
+            return Err(doc.err(
+                "apiVersion",
+                format!(
+                    "{api_version:?} is not valid for kind {kind_str} (expected {expected_api})"
+                ),
+            ));
+        }
+        let policy = match kind {
+            PolicyKind::NetworkPolicy => {
+                let raw: NpDoc = typed(&doc, value)?;
+                convert_np(&doc, raw)?
+            }
+            _ => {
+                let raw: CnpDoc = typed(&doc, value)?;
+                convert_cnp(&doc, kind, raw)?
+            }
+        };
+        out.push(policy);
+    }
+    Ok(out)
+}
+
+/// Strict serde pass with path tracking.
+fn typed<T: for<'de> Deserialize<'de>>(doc: &Doc<'_>, value: Value) -> Result<T, PolicyError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let mut path = e.path().to_string();
+        if path == "." {
+            path.clear();
+        }
+        let message = e.into_inner().to_string();
+        if message.contains(UNSUPPORTED_MARK) {
+            let field = path.rsplit('.').next().unwrap_or("").to_string();
+            doc.err(path, format!("`{field}` is not supported yet"))
+        } else {
+            doc.err(path, message)
+        }
+    })
+}
+
+fn meta_name(doc: &Doc<'_>, meta: &RawMeta) -> Result<String, PolicyError> {
+    match &meta.name {
+        Some(n) if !n.is_empty() => Ok(n.clone()),
+        _ => Err(doc.err("metadata.name", "missing")),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Selectors
+
+/// Converts a label selector, normalizing keys and validating operators.
+fn selector(doc: &Doc<'_>, path: &str, raw: &RawSelector) -> Result<Selector, PolicyError> {
+    let mut sel = Selector::default();
+    for (k, v) in raw.match_labels.iter().flatten() {
+        sel.push(Requirement::In(
+            normalize_key(k),
+            BTreeSet::from([v.clone()]),
+        ));
+    }
+    for (i, expr) in raw.match_expressions.iter().flatten().enumerate() {
+        let p = format!("{path}.matchExpressions[{i}]");
+        let key = normalize_key(&expr.key);
+        if key.is_empty() {
+            return Err(doc.err(format!("{p}.key"), "must not be empty"));
+        }
+        let values: BTreeSet<String> = expr.values.iter().flatten().cloned().collect();
+        let req = match expr.operator.as_str() {
+            "In" | "NotIn" => {
+                if values.is_empty() {
+                    return Err(doc.err(
+                        format!("{p}.values"),
+                        format!("must be non-empty for operator {}", expr.operator),
+                    ));
+                }
+                if expr.operator == "In" {
+                    Requirement::In(key, values)
+                } else {
+                    Requirement::NotIn(key, values)
+                }
+            }
+            "Exists" | "DoesNotExist" => {
+                if !values.is_empty() {
+                    return Err(doc.err(
+                        format!("{p}.values"),
+                        format!("must be empty for operator {}", expr.operator),
+                    ));
+                }
+                if expr.operator == "Exists" {
+                    Requirement::Exists(key)
+                } else {
+                    Requirement::DoesNotExist(key)
+                }
+            }
+            other => {
+                return Err(doc.err(
+                    format!("{p}.operator"),
+                    format!("{other:?} is not a valid operator (In, NotIn, Exists, DoesNotExist)"),
+                ))
+            }
+        };
+        sel.push(req);
+    }
+    Ok(sel)
+}
+
+fn in_namespace(sel: &mut Selector, ns: &str) {
+    sel.push(Requirement::In(
+        NAMESPACE_LABEL.to_string(),
+        BTreeSet::from([ns.to_string()]),
+    ));
+}
+
+// ---------------------------------------------------------------------------
+// CIDRs and ports
+
+fn cidr(doc: &Doc<'_>, path: &str, s: &str) -> Result<IpNet, PolicyError> {
+    let s = s.trim();
+    let net = if s.contains('/') {
+        s.parse::<IpNet>().ok()
+    } else {
+        // A bare address is a host prefix (upstream accepts it for fromCIDR/toCIDR).
+        s.parse::<std::net::IpAddr>().ok().map(IpNet::from)
+    };
+    net.map(|n| n.trunc())
+        .ok_or_else(|| doc.err(path, format!("{s:?} is not a valid CIDR")))
+}
+
+fn cidr_with_except(
+    doc: &Doc<'_>,
+    path: &str,
+    cidr_str: &str,
+    excepts: &[String],
+) -> Result<Peer, PolicyError> {
+    let net = cidr(doc, &format!("{path}.cidr"), cidr_str)?;
+    let mut except = Vec::new();
+    for (i, e) in excepts.iter().enumerate() {
+        let p = format!("{path}.except[{i}]");
+        let ex = cidr(doc, &p, e)?;
+        if !net.contains(&ex) {
+            return Err(doc.err(p, format!("{e:?} is not inside {net}")));
+        }
+        except.push(ex);
+    }
+    Ok(Peer::Cidr { cidr: net, except })
+}
+
+fn port_number(
+    doc: &Doc<'_>,
+    path: &str,
+    v: &Value,
+    allow_string: bool,
+) -> Result<u16, PolicyError> {
+    let out_of_range = |shown: String| doc.err(path, format!("{shown} is out of range (0-65535)"));
+    match v {
+        Value::Number(n) => match n.as_u64() {
+            Some(p) => u16::try_from(p).map_err(|_| out_of_range(p.to_string())),
+            None => Err(out_of_range(n.to_string())),
+        },
+        Value::String(s) if allow_string => match s.trim().parse::<u64>() {
+            Ok(p) => u16::try_from(p).map_err(|_| out_of_range(format!("{s:?}"))),
+            Err(_) => Err(doc.err(path, format!("{s:?} is not a port number"))),
+        },
+        Value::String(s) => Err(doc.err(
+            path,
+            format!("named port {s:?} is not supported (only numeric ports)"),
+        )),
+        other => Err(doc.err(
+            path,
+            format!("{} is not a port number", value_summary(other)),
+        )),
+    }
+}
+
+fn value_summary(v: &Value) -> String {
+    match v {
+        Value::Null => "null".to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => format!("{s:?}"),
+        Value::Sequence(_) => "a list".to_string(),
+        Value::Mapping(_) => "a mapping".to_string(),
+        Value::Tagged(_) => "a tagged value".to_string(),
+    }
+}
+
+/// Validates `port`/`endPort` and returns the inclusive range (port 0 = all ports).
+fn port_range(
+    doc: &Doc<'_>,
+    path: &str,
+    proto: u8,
+    port: u16,
+    end_port: Option<i64>,
+) -> Result<PortRange, PolicyError> {
+    let last = match end_port {
+        None | Some(0) => {
+            if port == 0 {
+                u16::MAX
+            } else {
+                port
+            }
+        }
+        Some(e) => {
+            let p = format!("{path}.endPort");
+            let e = u16::try_from(e)
+                .map_err(|_| doc.err(&p, format!("{e} is out of range (0-65535)")))?;
+            if port == 0 {
+                return Err(doc.err(p, "endPort requires a non-zero port"));
+            }
+            if e < port {
+                return Err(doc.err(p, format!("{e} is less than port {port}")));
+            }
+            e
+        }
+    };
+    Ok(PortRange {
+        proto,
+        first: if last == u16::MAX && port == 0 {
+            0
+        } else {
+            port
+        },
+        last,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// NetworkPolicy
+
+fn convert_np(doc: &Doc<'_>, raw: NpDoc) -> Result<Policy, PolicyError> {
+    let name = meta_name(doc, &raw.metadata)?;
+    let ns = raw
+        .metadata
+        .namespace
+        .clone()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "default".to_string());
+    let spec = raw.spec;
+    let Some(pod_selector) = &spec.pod_selector else {
+        return Err(doc.err("spec.podSelector", "missing (use {} to select all pods)"));
+    };
+    let mut subject = selector(doc, "spec.podSelector", pod_selector)?;
+    in_namespace(&mut subject, &ns);
+
+    let ingress = spec.ingress.unwrap_or_default();
+    let egress = spec.egress.unwrap_or_default();
+    // policyTypes default (k8s API docs): Ingress always; Egress if the policy has egress rules.
+    let (mut types_ingress, mut types_egress) = (true, !egress.is_empty());
+    if let Some(types) = &spec.policy_types {
+        types_ingress = false;
+        types_egress = false;
+        for (i, t) in types.iter().enumerate() {
+            match t.as_str() {
+                "Ingress" => types_ingress = true,
+                "Egress" => types_egress = true,
+                other => {
+                    return Err(doc.err(
+                        format!("spec.policyTypes[{i}]"),
+                        format!("{other:?} is not a policy type (Ingress, Egress)"),
+                    ))
+                }
+            }
+        }
+    }
+
+    let mut rule = Rule {
+        subject: subject.canonical(),
+        spec: 0,
+        ingress: Vec::new(),
+        ingress_deny: Vec::new(),
+        egress: Vec::new(),
+        egress_deny: Vec::new(),
+        enforce_ingress: types_ingress,
+        enforce_egress: types_egress,
+    };
+    // Rules of a direction not listed in policyTypes are validated but do not apply.
+    for (i, r) in ingress.iter().enumerate() {
+        let path = format!("spec.ingress[{i}]");
+        let pr = np_rule(
+            doc,
+            &path,
+            "from",
+            &ns,
+            r.from.as_deref(),
+            r.ports.as_deref(),
+        )?;
+        if types_ingress {
+            rule.ingress.push(pr);
+        }
+    }
+    for (i, r) in egress.iter().enumerate() {
+        let path = format!("spec.egress[{i}]");
+        let pr = np_rule(doc, &path, "to", &ns, r.to.as_deref(), r.ports.as_deref())?;
+        if types_egress {
+            rule.egress.push(pr);
+        }
+    }
+    Ok(Policy {
+        name,
+        namespace: Some(ns),
+        kind: PolicyKind::NetworkPolicy,
+        rules: vec![rule],
+    })
+}
+
+fn np_rule(
+    doc: &Doc<'_>,
+    path: &str,
+    peers_field: &str,
+    ns: &str,
+    peers: Option<&[NpPeer]>,
+    ports: Option<&[NpPort]>,
+) -> Result<PeerRule, PolicyError> {
+    let peers = peers.unwrap_or_default();
+    let mut out_peers = Vec::new();
+    if peers.is_empty() {
+        // Absent or empty from/to: every peer, including those outside the cluster.
+        out_peers.push(Peer::Any);
+    }
+    for (i, peer) in peers.iter().enumerate() {
+        let p = format!("{path}.{peers_field}[{i}]");
+        match (&peer.pod_selector, &peer.namespace_selector, &peer.ip_block) {
+            (None, None, None) => {
+                return Err(doc.err(p, "must specify podSelector, namespaceSelector or ipBlock"))
+            }
+            (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
+                return Err(doc.err(
+                    format!("{p}.ipBlock"),
+                    "ipBlock cannot be combined with podSelector or namespaceSelector",
+                ))
+            }
+            (None, None, Some(block)) => {
+                out_peers.push(cidr_with_except(
+                    doc,
+                    &format!("{p}.ipBlock"),
+                    &block.cidr,
+                    block.except.as_deref().unwrap_or_default(),
+                )?);
+            }
+            (pods, namespaces, None) => {
+                let mut sel = match pods {
+                    Some(s) => selector(doc, &format!("{p}.podSelector"), s)?,
+                    None => Selector::default(),
+                };
+                match namespaces {
+                    None => in_namespace(&mut sel, ns),
+                    Some(nsel) => {
+                        let nsel = selector(doc, &format!("{p}.namespaceSelector"), nsel)?;
+                        // Only pods (endpoints with a namespace) are selected.
+                        sel.push(Requirement::Exists(NAMESPACE_LABEL.to_string()));
+                        for r in &nsel.requirements {
+                            sel.push(r.with_key(format!("{NAMESPACE_LABELS_PREFIX}{}", r.key())));
+                        }
+                    }
+                }
+                out_peers.push(Peer::Selector(sel.canonical()));
+            }
+        }
+    }
+
+    let ports = ports.unwrap_or_default();
+    let mut out_ports = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let p = format!("{path}.ports[{i}]");
+        let proto = match port.protocol.as_deref() {
+            None | Some("TCP") => PROTO_TCP,
+            Some("UDP") => PROTO_UDP,
+            Some("SCTP") => PROTO_SCTP,
+            Some(other) => {
+                return Err(doc.err(
+                    format!("{p}.protocol"),
+                    format!("{other:?} is not a valid protocol (TCP, UDP, SCTP)"),
+                ))
+            }
+        };
+        let number = match &port.port {
+            None => 0,
+            Some(v) => {
+                let n = port_number(doc, &format!("{p}.port"), v, false)?;
+                if n == 0 {
+                    return Err(doc.err(format!("{p}.port"), "must be between 1 and 65535"));
+                }
+                n
+            }
+        };
+        out_ports.push(port_range(doc, &p, proto, number, port.end_port)?);
+    }
+    if out_ports.is_empty() {
+        out_ports.push(PortRange::ALL);
+    }
+    Ok(PeerRule {
+        peers: out_peers,
+        ports: out_ports,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy
+
+fn convert_cnp(doc: &Doc<'_>, kind: PolicyKind, raw: CnpDoc) -> Result<Policy, PolicyError> {
+    let name = meta_name(doc, &raw.metadata)?;
+    let ns = match kind {
+        PolicyKind::CiliumClusterwideNetworkPolicy => {
+            if raw
+                .metadata
+                .namespace
+                .as_deref()
+                .is_some_and(|n| !n.is_empty())
+            {
+                return Err(doc.err(
+                    "metadata.namespace",
+                    "a CiliumClusterwideNetworkPolicy is not namespaced",
+                ));
+            }
+            None
+        }
+        _ => Some(
+            raw.metadata
+                .namespace
+                .clone()
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| "default".to_string()),
+        ),
+    };
+    let mut specs: Vec<(String, usize, CRule)> = Vec::new();
+    if let Some(spec) = raw.spec {
+        specs.push(("spec".to_string(), 0, spec));
+    }
+    for (i, spec) in raw.specs.into_iter().flatten().enumerate() {
+        specs.push((format!("specs[{i}]"), i, spec));
+    }
+    if specs.is_empty() {
+        return Err(doc.err("spec", "missing (a policy needs spec or specs)"));
+    }
+    let mut rules = Vec::new();
+    for (path, index, spec) in specs {
+        rules.push(cilium_rule(doc, &path, index, ns.as_deref(), spec)?);
+    }
+    Ok(Policy {
+        name,
+        namespace: ns,
+        kind,
+        rules,
+    })
+}
+
+fn cilium_rule(
+    doc: &Doc<'_>,
+    path: &str,
+    spec_index: usize,
+    ns: Option<&str>,
+    raw: CRule,
+) -> Result<Rule, PolicyError> {
+    let Some(es) = &raw.endpoint_selector else {
+        return Err(doc.err(format!("{path}.endpointSelector"), "missing"));
+    };
+    let mut subject = selector(doc, &format!("{path}.endpointSelector"), es)?;
+    if let Some(ns) = ns {
+        in_namespace(&mut subject, ns);
+    }
+
+    let mut rule = Rule {
+        subject: subject.canonical(),
+        spec: spec_index,
+        ingress: Vec::new(),
+        ingress_deny: Vec::new(),
+        egress: Vec::new(),
+        egress_deny: Vec::new(),
+        enforce_ingress: false,
+        enforce_egress: false,
+    };
+    for (section, deny, rules) in [
+        ("ingress", false, raw.ingress.unwrap_or_default()),
+        ("ingressDeny", true, raw.ingress_deny.unwrap_or_default()),
+    ] {
+        for (i, r) in rules.into_iter().enumerate() {
+            let p = format!("{path}.{section}[{i}]");
+            let peers = CiliumPeers {
+                endpoints: (r.from_endpoints.unwrap_or_default(), "fromEndpoints"),
+                cidrs: (r.from_cidr.unwrap_or_default(), "fromCIDR"),
+                cidr_sets: (r.from_cidr_set.unwrap_or_default(), "fromCIDRSet"),
+                entities: (r.from_entities.unwrap_or_default(), "fromEntities"),
+            };
+            let pr = cilium_peer_rule(doc, &p, ns, peers, r.to_ports.unwrap_or_default(), deny)?;
+            if deny {
+                rule.ingress_deny.push(pr);
+            } else {
+                rule.ingress.push(pr);
+            }
+        }
+    }
+    for (section, deny, rules) in [
+        ("egress", false, raw.egress.unwrap_or_default()),
+        ("egressDeny", true, raw.egress_deny.unwrap_or_default()),
+    ] {
+        for (i, r) in rules.into_iter().enumerate() {
+            let p = format!("{path}.{section}[{i}]");
+            let peers = CiliumPeers {
+                endpoints: (r.to_endpoints.unwrap_or_default(), "toEndpoints"),
+                cidrs: (r.to_cidr.unwrap_or_default(), "toCIDR"),
+                cidr_sets: (r.to_cidr_set.unwrap_or_default(), "toCIDRSet"),
+                entities: (r.to_entities.unwrap_or_default(), "toEntities"),
+            };
+            let pr = cilium_peer_rule(doc, &p, ns, peers, r.to_ports.unwrap_or_default(), deny)?;
+            if deny {
+                rule.egress_deny.push(pr);
+            } else {
+                rule.egress.push(pr);
+            }
+        }
+    }
+
+    // Default deny: Cilium API reference for `enableDefaultDeny` — "If not specified, the
+    // default is true for each traffic direction that has rules, and false otherwise. For
+    // example, if a policy only has Ingress or IngressDeny rules, then the default for
+    // ingress is true and egress is false." Deny rules therefore count as rules, and the
+    // deny-policy docs agree: "Similarly to 'allow' policies, Pods will enter default-deny
+    // mode as soon a single policy selects it." An explicit value wins over the default.
+    let has_ingress = !rule.ingress.is_empty() || !rule.ingress_deny.is_empty();
+    let has_egress = !rule.egress.is_empty() || !rule.egress_deny.is_empty();
+    let dd = raw.enable_default_deny.as_ref();
+    rule.enforce_ingress = dd.and_then(|d| d.ingress).unwrap_or(has_ingress);
+    rule.enforce_egress = dd.and_then(|d| d.egress).unwrap_or(has_egress);
+    Ok(rule)
+}
+
+struct CiliumPeers {
+    endpoints: (Vec<RawSelector>, &'static str),
+    cidrs: (Vec<String>, &'static str),
+    cidr_sets: (Vec<CCidrRule>, &'static str),
+    entities: (Vec<String>, &'static str),
+}
+
+fn cilium_peer_rule(
+    doc: &Doc<'_>,
+    path: &str,
+    ns: Option<&str>,
+    peers: CiliumPeers,
+    to_ports: Vec<CPortRule>,
+    _deny: bool,
+) -> Result<PeerRule, PolicyError> {
+    let mut out_peers = Vec::new();
+    let (endpoints, field) = &peers.endpoints;
+    for (i, raw) in endpoints.iter().enumerate() {
+        let p = format!("{path}.{field}[{i}]");
+        let mut sel = selector(doc, &p, raw)?;
+        match ns {
+            // CNP: restricted to the policy namespace unless the selector itself
+            // says something about the namespace label.
+            Some(ns) if !sel.constrains(NAMESPACE_LABEL) => in_namespace(&mut sel, ns),
+            Some(_) => {}
+            // CCNP: an empty selector selects every pod of the cluster (upstream adds a
+            // namespace-label `Exists` requirement to wildcard selectors of clusterwide
+            // policies), non-empty selectors are used as they are.
+            None if sel.requirements.is_empty() => {
+                sel.push(Requirement::Exists(NAMESPACE_LABEL.to_string()))
+            }
+            None => {}
+        }
+        out_peers.push(Peer::Selector(sel.canonical()));
+    }
+    let (cidrs, field) = &peers.cidrs;
+    for (i, c) in cidrs.iter().enumerate() {
+        let net = cidr(doc, &format!("{path}.{field}[{i}]"), c)?;
+        out_peers.push(Peer::Cidr {
+            cidr: net,
+            except: Vec::new(),
+        });
+    }
+    let (sets, field) = &peers.cidr_sets;
+    for (i, set) in sets.iter().enumerate() {
+        let p = format!("{path}.{field}[{i}]");
+        let Some(c) = &set.cidr else {
+            return Err(doc.err(format!("{p}.cidr"), "missing"));
+        };
+        out_peers.push(cidr_with_except(
+            doc,
+            &p,
+            c,
+            set.except.as_deref().unwrap_or_default(),
+        )?);
+    }
+    let (entities, field) = &peers.entities;
+    for (i, e) in entities.iter().enumerate() {
+        let p = format!("{path}.{field}[{i}]");
+        let peer = match e.as_str() {
+            "all" => Peer::Any,
+            "world" => Peer::Entity(Entity::World),
+            "cluster" => Peer::Entity(Entity::Cluster),
+            "host" => Peer::Entity(Entity::Host),
+            "remote-node" => Peer::Entity(Entity::RemoteNode),
+            "init" => Peer::Entity(Entity::Init),
+            "health" => Peer::Entity(Entity::Health),
+            "unmanaged" => Peer::Entity(Entity::Unmanaged),
+            "kube-apiserver" | "ingress" | "world-ipv4" | "world-ipv6" => {
+                return Err(doc.err(p, format!("entity {e:?} is not supported yet")))
+            }
+            other => {
+                return Err(doc.err(
+                    p,
+                    format!(
+                        "{other:?} is not an entity (world, cluster, host, remote-node, init, \
+                         health, unmanaged, all)"
+                    ),
+                ))
+            }
+        };
+        out_peers.push(peer);
+    }
+    let has_l3 =
+        !endpoints.is_empty() || !cidrs.is_empty() || !sets.is_empty() || !entities.is_empty();
+
+    let mut out_ports = Vec::new();
+    for (i, pr) in to_ports.iter().enumerate() {
+        for (j, port) in pr.ports.iter().flatten().enumerate() {
+            let p = format!("{path}.toPorts[{i}].ports[{j}]");
+            let proto = match port.protocol.as_deref() {
+                None | Some("ANY") => 0,
+                Some("TCP") => PROTO_TCP,
+                Some("UDP") => PROTO_UDP,
+                Some("SCTP") => PROTO_SCTP,
+                Some("ICMP") | Some("ICMPv6") | Some("ICMPV6") => {
+                    return Err(doc.err(
+                        format!("{p}.protocol"),
+                        "ICMP is not port-based; ICMP rules (icmps) are not supported yet",
+                    ))
+                }
+                Some(other) => {
+                    return Err(doc.err(
+                        format!("{p}.protocol"),
+                        format!("{other:?} is not a valid protocol (TCP, UDP, SCTP, ANY)"),
+                    ))
+                }
+            };
+            let number = match &port.port {
+                None => 0,
+                Some(v) => port_number(doc, &format!("{p}.port"), v, true)?,
+            };
+            out_ports.push(port_range(doc, &p, proto, number, port.end_port)?);
+        }
+        if pr.ports.as_ref().is_none_or(Vec::is_empty) {
+            // A port rule without ports covers all ports.
+            out_ports.push(PortRange::ALL);
+        }
+    }
+    if !has_l3 && !out_ports.is_empty() {
+        // L4-only rule: applies to every peer.
+        out_peers.push(Peer::Any);
+    }
+    if out_ports.is_empty() {
+        out_ports.push(PortRange::ALL);
+    }
+    Ok(PeerRule {
+        peers: out_peers,
+        ports: out_ports,
+    })
+}

@@ -1,0 +1,336 @@
+//! Policy resolution for one endpoint.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use ipnet::IpNet;
+
+use crate::labels::Selector;
+use crate::model::{Entity, Peer, PeerRule, PortRange, PORT_PROTOCOLS};
+use crate::ports::{port_range_prefixes, prefix_mask};
+use crate::{
+    reserved, Direction, IdentityId, Labels, MapEntry, Policy, ResolvedPolicy, RuleRef, Verdict,
+    LOCAL_CIDR_IDENTITY_BASE,
+};
+
+/// Every identity the resolver can select: endpoint and reserved identities by labels,
+/// CIDR identities by prefix.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdentityCache {
+    labels: BTreeMap<IdentityId, Labels>,
+    cidrs: BTreeMap<IdentityId, IpNet>,
+}
+
+impl IdentityCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) an endpoint or reserved identity.
+    pub fn insert_labels(&mut self, id: IdentityId, labels: Labels) {
+        self.labels.insert(id, labels);
+    }
+
+    /// Adds (or replaces) a CIDR identity. The prefix is truncated to its network address.
+    pub fn insert_cidr(&mut self, id: IdentityId, cidr: IpNet) {
+        self.cidrs.insert(id, cidr.trunc());
+    }
+
+    /// Labels of an identity, if known.
+    pub fn labels(&self, id: IdentityId) -> Option<&Labels> {
+        self.labels.get(&id)
+    }
+
+    /// Prefix of a CIDR identity, if known.
+    pub fn cidr(&self, id: IdentityId) -> Option<&IpNet> {
+        self.cidrs.get(&id)
+    }
+
+    /// All identities with labels.
+    pub fn label_identities(&self) -> impl Iterator<Item = (IdentityId, &Labels)> {
+        self.labels.iter().map(|(id, l)| (*id, l))
+    }
+
+    /// All CIDR identities.
+    pub fn cidr_identities(&self) -> impl Iterator<Item = (IdentityId, &IpNet)> {
+        self.cidrs.iter().map(|(id, c)| (*id, c))
+    }
+
+    fn is_cidr_identity(&self, id: IdentityId) -> bool {
+        self.cidrs.contains_key(&id) || id >= LOCAL_CIDR_IDENTITY_BASE
+    }
+}
+
+/// The identities a peer selects: every identity (map identity 0), or a set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PeerSet {
+    Any,
+    Some(BTreeSet<IdentityId>),
+}
+
+/// Reserved identities that belong to the `cluster` entity even when not in the cache.
+const CLUSTER_RESERVED: [IdentityId; 5] = [
+    reserved::HOST,
+    reserved::REMOTE_NODE,
+    reserved::INIT,
+    reserved::HEALTH,
+    reserved::UNMANAGED,
+];
+
+/// Whether a CIDR peer selects the prefix `net` of a CIDR identity.
+pub(crate) fn cidr_selects(cidr: &IpNet, except: &[IpNet], net: &IpNet) -> bool {
+    cidr.contains(net) && !except.iter().any(|e| e.contains(net))
+}
+
+/// Whether `peer` selects identity `id` (brute force, used for one identity at a time).
+pub(crate) fn peer_selects(peer: &Peer, id: IdentityId, cache: &IdentityCache) -> bool {
+    match peer {
+        Peer::Any => true,
+        Peer::Selector(sel) => {
+            !cache.is_cidr_identity(id) && cache.labels(id).is_some_and(|l| sel.matches(l))
+        }
+        Peer::Cidr { cidr, except } => match cache.cidr(id) {
+            Some(net) => cidr_selects(cidr, except, net),
+            // A zero-length prefix also covers addresses without a more specific
+            // identity, which the ipcache maps to reserved:world.
+            None => id == reserved::WORLD && cidr.prefix_len() == 0,
+        },
+        Peer::Entity(e) => match e {
+            Entity::World => id == reserved::WORLD || cache.cidr(id).is_some(),
+            Entity::Cluster => {
+                id != reserved::WORLD
+                    && !cache.is_cidr_identity(id)
+                    && (CLUSTER_RESERVED.contains(&id) || cache.labels(id).is_some())
+            }
+            Entity::Host => id == reserved::HOST,
+            Entity::RemoteNode => id == reserved::REMOTE_NODE,
+            Entity::Init => id == reserved::INIT,
+            Entity::Health => id == reserved::HEALTH,
+            Entity::Unmanaged => id == reserved::UNMANAGED,
+        },
+    }
+}
+
+/// Resolution state: selector results are memoized (many rules share selectors).
+struct Resolver<'a> {
+    cache: &'a IdentityCache,
+    selector_memo: HashMap<Selector, BTreeSet<IdentityId>>,
+}
+
+impl Resolver<'_> {
+    fn peer_set(&mut self, peers: &[Peer]) -> PeerSet {
+        let mut ids = BTreeSet::new();
+        for peer in peers {
+            match peer {
+                Peer::Any => return PeerSet::Any,
+                Peer::Selector(sel) => {
+                    let cache = self.cache;
+                    let set = self.selector_memo.entry(sel.clone()).or_insert_with(|| {
+                        cache
+                            .label_identities()
+                            .filter(|(id, l)| !cache.is_cidr_identity(*id) && sel.matches(l))
+                            .map(|(id, _)| id)
+                            .collect()
+                    });
+                    ids.extend(set.iter().copied());
+                }
+                Peer::Cidr { .. } => {
+                    let candidates = self
+                        .cache
+                        .cidr_identities()
+                        .map(|(id, _)| id)
+                        .chain([reserved::WORLD]);
+                    for id in candidates {
+                        if peer_selects(peer, id, self.cache) {
+                            ids.insert(id);
+                        }
+                    }
+                }
+                Peer::Entity(_) => {
+                    let candidates = self
+                        .cache
+                        .label_identities()
+                        .map(|(id, _)| id)
+                        .chain(self.cache.cidr_identities().map(|(id, _)| id))
+                        .chain(CLUSTER_RESERVED)
+                        .chain([reserved::WORLD]);
+                    for id in candidates {
+                        if peer_selects(peer, id, self.cache) {
+                            ids.insert(id);
+                        }
+                    }
+                }
+            }
+        }
+        PeerSet::Some(ids)
+    }
+}
+
+/// Key of a map entry without the verdict: (direction, identity, proto, port, prefix len).
+type Key = (Direction, IdentityId, u8, u16, u8);
+
+/// First allow rule and first deny rule seen for a key.
+#[derive(Default, Clone, Copy)]
+struct Candidates {
+    allow: Option<u32>,
+    deny: Option<u32>,
+}
+
+/// `(proto, port, prefix_len)` triples a port range expands to.
+pub(crate) fn port_keys(range: &PortRange) -> Vec<(u8, u16, u8)> {
+    let protos: &[u8] = match range.proto {
+        0 if range.all_ports() => return vec![(0, 0, 0)],
+        0 => &PORT_PROTOCOLS,
+        p => return proto_keys(p, range),
+    };
+    protos.iter().flat_map(|p| proto_keys(*p, range)).collect()
+}
+
+fn proto_keys(proto: u8, range: &PortRange) -> Vec<(u8, u16, u8)> {
+    port_range_prefixes(range.first, range.last)
+        .into_iter()
+        .map(|(port, len)| (proto, port, len))
+        .collect()
+}
+
+/// Resolves the policy of one endpoint (its labels include `io.kubernetes.pod.namespace`).
+///
+/// Entries are emitted so that [`crate::evaluate`] gives the policy's verdict for every
+/// packet: within each (direction, identity) group — identity 0 being its own group —
+/// an allow entry is dropped when an equal or shorter deny prefix covers it (the longest
+/// match would otherwise return the allow), and entries made redundant by a shorter
+/// entry with the same verdict are dropped.
+pub fn resolve(
+    policies: &[Policy],
+    subject: &Labels,
+    identities: &IdentityCache,
+) -> ResolvedPolicy {
+    let mut out = ResolvedPolicy::default();
+    let mut resolver = Resolver {
+        cache: identities,
+        selector_memo: HashMap::new(),
+    };
+    let mut keys: BTreeMap<Key, Candidates> = BTreeMap::new();
+    // A rule identical to an earlier one (same direction, verdict, peers and ports) adds
+    // nothing: the earlier rule already holds every key it would produce.
+    let mut expanded: HashSet<(Direction, bool, &PeerRule)> = HashSet::new();
+
+    for policy in policies {
+        let policy_name = policy.qualified_name();
+        for rule in &policy.rules {
+            if !rule.subject.matches(subject) {
+                continue;
+            }
+            out.ingress_enforced |= rule.enforce_ingress;
+            out.egress_enforced |= rule.enforce_egress;
+            let sections: [(Direction, bool, &Vec<PeerRule>); 4] = [
+                (Direction::Ingress, true, &rule.ingress_deny),
+                (Direction::Ingress, false, &rule.ingress),
+                (Direction::Egress, true, &rule.egress_deny),
+                (Direction::Egress, false, &rule.egress),
+            ];
+            for (direction, deny, section) in sections {
+                for (index, pr) in section.iter().enumerate() {
+                    let rule_idx = u32::try_from(out.rules.len()).unwrap_or(u32::MAX);
+                    out.rules.push(RuleRef {
+                        policy: policy_name.clone(),
+                        kind: policy.kind,
+                        direction,
+                        index,
+                        deny,
+                        spec: rule.spec,
+                    });
+                    if !expanded.insert((direction, deny, pr)) {
+                        continue;
+                    }
+                    let ids: Vec<IdentityId> = match resolver.peer_set(&pr.peers) {
+                        PeerSet::Any => vec![0],
+                        PeerSet::Some(set) => set.into_iter().collect(),
+                    };
+                    if ids.is_empty() {
+                        continue;
+                    }
+                    let port_keys: Vec<(u8, u16, u8)> =
+                        pr.ports.iter().flat_map(port_keys).collect();
+                    for id in ids {
+                        for &(proto, port, len) in &port_keys {
+                            let c = keys.entry((direction, id, proto, port, len)).or_default();
+                            let slot = if deny { &mut c.deny } else { &mut c.allow };
+                            if slot.is_none() {
+                                *slot = Some(rule_idx);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // Normalize for longest-prefix-match evaluation.
+    for (&key, c) in &keys {
+        let (direction, identity, proto, port, len) = key;
+        let mut ancestor_deny = false;
+        let mut ancestor_allow = false;
+        for anc in ancestors(key) {
+            if let Some(a) = keys.get(&anc) {
+                ancestor_deny |= a.deny.is_some();
+                ancestor_allow |= a.allow.is_some();
+            }
+        }
+        let entry = |verdict, rule| MapEntry {
+            direction,
+            identity,
+            proto,
+            port,
+            port_prefix_len: len,
+            verdict,
+            rule,
+        };
+        if let Some(rule) = c.deny {
+            if !ancestor_deny {
+                out.entries.push(entry(Verdict::Deny, rule));
+            }
+        } else if let Some(rule) = c.allow {
+            if !ancestor_deny && !ancestor_allow {
+                out.entries.push(entry(Verdict::Allow, rule));
+            }
+        }
+    }
+    out
+}
+
+/// Strictly shorter prefixes of the same (direction, identity) group that cover `key`.
+fn ancestors(key: Key) -> Vec<Key> {
+    let (direction, identity, proto, port, len) = key;
+    if proto == 0 {
+        return Vec::new();
+    }
+    let mut out = vec![(direction, identity, 0, 0, 0)];
+    for l in 0..len {
+        out.push((direction, identity, proto, port & prefix_mask(l), l));
+    }
+    out
+}
+
+/// All CIDR prefixes (CIDRs and their `except` prefixes) the given policies need
+/// identities for.
+pub fn cidr_prefixes(policies: &[Policy]) -> BTreeSet<IpNet> {
+    let mut out = BTreeSet::new();
+    for rule in policies.iter().flat_map(|p| &p.rules) {
+        for pr in rule
+            .ingress
+            .iter()
+            .chain(&rule.ingress_deny)
+            .chain(&rule.egress)
+            .chain(&rule.egress_deny)
+        {
+            for peer in &pr.peers {
+                if let Peer::Cidr { cidr, except } = peer {
+                    out.insert(*cidr);
+                    out.extend(except.iter().copied());
+                }
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,424 @@
+//! Property tests that need the internal model.
+//!
+//! 1. For random policies and packets, evaluating the resolved LPM map (`evaluate`, the
+//!    datapath spec) gives the same verdict as a brute-force evaluation directly over the
+//!    parsed model. This checks the longest-prefix / deny-precedence encoding, the port
+//!    range → prefix split and the ANY expansion.
+//! 2. `parse_policies` never panics, on arbitrary strings and on mutated valid YAML.
+
+use std::collections::BTreeMap;
+
+use ipnet::IpNet;
+use proptest::prelude::*;
+
+use crate::model::{Entity, Peer, PeerRule, PortRange};
+use crate::{
+    evaluate, parse_policies, reserved, resolve, Direction, IdentityCache, IdentityId, Labels,
+    Policy, Verdict, LOCAL_CIDR_IDENTITY_BASE, NAMESPACE_LABEL,
+};
+
+const PREFIXES: [&str; 6] = [
+    "0.0.0.0/0",
+    "10.0.0.0/8",
+    "10.1.0.0/16",
+    "10.1.2.0/24",
+    "192.168.0.0/16",
+    "2001:db8::/32",
+];
+const UNKNOWN: IdentityId = 4242;
+
+fn endpoint(ns: &str, app: Option<&str>) -> Labels {
+    let mut l = BTreeMap::new();
+    l.insert(NAMESPACE_LABEL.to_string(), ns.to_string());
+    if let Some(a) = app {
+        l.insert("app".to_string(), a.to_string());
+    }
+    Labels(l)
+}
+
+fn cache() -> IdentityCache {
+    let mut c = IdentityCache::new();
+    let eps = [
+        (100, "default", Some("a")),
+        (101, "default", Some("b")),
+        (102, "default", None),
+        (103, "other", Some("a")),
+        (104, "other", Some("c")),
+    ];
+    for (id, ns, app) in eps {
+        c.insert_labels(id, endpoint(ns, app));
+    }
+    for id in 1..=6 {
+        c.insert_labels(id, Labels::from_pairs([(format!("reserved:{id}"), "")]));
+    }
+    for (i, p) in PREFIXES.iter().enumerate() {
+        let net: IpNet = p.parse().expect("prefix");
+        c.insert_cidr(LOCAL_CIDR_IDENTITY_BASE + i as u32, net);
+    }
+    c
+}
+
+fn all_peers(c: &IdentityCache) -> Vec<IdentityId> {
+    let mut v: Vec<IdentityId> = c.label_identities().map(|(id, _)| id).collect();
+    v.extend(c.cidr_identities().map(|(id, _)| id));
+    v.push(UNKNOWN);
+    v
+}
+
+// ------------------------------------------------------------------ reference evaluator
+
+fn ref_peer(peer: &Peer, id: IdentityId, c: &IdentityCache) -> bool {
+    let is_cidr = c.cidr(id).is_some();
+    match peer {
+        Peer::Any => true,
+        Peer::Selector(sel) => !is_cidr && c.labels(id).is_some_and(|l| sel.matches(l)),
+        Peer::Cidr { cidr, except } => match c.cidr(id) {
+            Some(net) => cidr.contains(net) && !except.iter().any(|e| e.contains(net)),
+            None => id == reserved::WORLD && cidr.prefix_len() == 0,
+        },
+        Peer::Entity(Entity::World) => id == reserved::WORLD || is_cidr,
+        Peer::Entity(Entity::Cluster) => {
+            id != reserved::WORLD && !is_cidr && (c.labels(id).is_some() || (1..=6).contains(&id))
+        }
+        Peer::Entity(Entity::Host) => id == reserved::HOST,
+        Peer::Entity(Entity::RemoteNode) => id == reserved::REMOTE_NODE,
+        Peer::Entity(Entity::Init) => id == reserved::INIT,
+        Peer::Entity(Entity::Health) => id == reserved::HEALTH,
+        Peer::Entity(Entity::Unmanaged) => id == reserved::UNMANAGED,
+    }
+}
+
+fn ref_port(r: &PortRange, proto: u8, port: u16) -> bool {
+    let in_range = r.first <= port && port <= r.last;
+    match r.proto {
+        0 if r.all_ports() => true,
+        0 => [6, 17, 132].contains(&proto) && in_range,
+        p => p == proto && in_range,
+    }
+}
+
+fn ref_rule(pr: &PeerRule, id: IdentityId, proto: u8, port: u16, c: &IdentityCache) -> bool {
+    pr.peers.iter().any(|p| ref_peer(p, id, c)) && pr.ports.iter().any(|r| ref_port(r, proto, port))
+}
+
+fn reference(
+    policies: &[Policy],
+    subject: &Labels,
+    c: &IdentityCache,
+    dir: Direction,
+    id: IdentityId,
+    proto: u8,
+    port: u16,
+) -> Verdict {
+    let (mut enforced, mut allowed, mut denied) = (false, false, false);
+    for rule in policies.iter().flat_map(|p| &p.rules) {
+        if !rule.subject.matches(subject) {
+            continue;
+        }
+        let (allow, deny, enf) = match dir {
+            Direction::Ingress => (&rule.ingress, &rule.ingress_deny, rule.enforce_ingress),
+            Direction::Egress => (&rule.egress, &rule.egress_deny, rule.enforce_egress),
+        };
+        enforced |= enf;
+        allowed |= allow.iter().any(|pr| ref_rule(pr, id, proto, port, c));
+        denied |= deny.iter().any(|pr| ref_rule(pr, id, proto, port, c));
+    }
+    if denied || (!allowed && enforced) {
+        Verdict::Deny
+    } else {
+        Verdict::Allow
+    }
+}
+
+// ------------------------------------------------------------------ random policies
+
+/// Peer fields of a random Cilium rule, at most one of each kind.
+fn peers_yaml(dir: &'static str) -> impl Strategy<Value = Vec<String>> {
+    let (ep, ent, cidr, set) = if dir == "from" {
+        ("fromEndpoints", "fromEntities", "fromCIDR", "fromCIDRSet")
+    } else {
+        ("toEndpoints", "toEntities", "toCIDR", "toCIDRSet")
+    };
+    let endpoints = prop_oneof![
+        prop::sample::select(vec!["a", "b", "c"])
+            .prop_map(move |a| format!("{ep}: [{{matchLabels: {{app: {a}}}}}]")),
+        Just(format!("{ep}: [{{}}]")),
+        Just(format!(
+            "{ep}: [{{matchExpressions: [{{key: app, operator: NotIn, values: [a]}}, {{key: io.kubernetes.pod.namespace, operator: Exists}}]}}]"
+        )),
+    ];
+    let entities =
+        prop::sample::subsequence(vec!["world", "cluster", "host", "all", "remote-node"], 1..3)
+            .prop_map(move |e| format!("{ent}: [{}]", e.join(", ")));
+    let cidrs = prop::sample::subsequence(PREFIXES.to_vec(), 1..3)
+        .prop_map(move |p| format!("{cidr}: ['{}']", p.join("', '")));
+    let sets = prop::sample::select(vec![
+        "{cidr: 10.0.0.0/8, except: [10.1.0.0/16]}",
+        "{cidr: 0.0.0.0/0, except: [10.1.2.0/24]}",
+    ])
+    .prop_map(move |s| format!("{set}: [{s}]"));
+    (
+        prop::option::weighted(0.4, endpoints),
+        prop::option::weighted(0.3, entities),
+        prop::option::weighted(0.3, cidrs),
+        prop::option::weighted(0.2, sets),
+    )
+        .prop_map(|(a, b, c, d)| [a, b, c, d].into_iter().flatten().collect())
+}
+
+fn port_yaml() -> impl Strategy<Value = String> {
+    (
+        prop::sample::select(vec![0u32, 53, 80, 443, 8000, 8080, 65535]),
+        prop::sample::select(vec![None, Some(0u32), Some(1), Some(100), Some(999)]),
+        prop::sample::select(vec![
+            None,
+            Some("TCP"),
+            Some("UDP"),
+            Some("SCTP"),
+            Some("ANY"),
+        ]),
+    )
+        .prop_map(|(port, end, proto)| {
+            let mut s = format!("{{port: '{port}'");
+            if let Some(e) = end {
+                if port != 0 && e != 0 {
+                    s.push_str(&format!(", endPort: {}", (port + e).min(65535)));
+                }
+            }
+            if let Some(p) = proto {
+                s.push_str(&format!(", protocol: {p}"));
+            }
+            s.push('}');
+            s
+        })
+}
+
+fn rule_yaml(dir: &'static str) -> impl Strategy<Value = String> {
+    (
+        peers_yaml(dir),
+        prop::option::of(prop::collection::vec(port_yaml(), 1..3)),
+    )
+        .prop_map(|(peers, ports)| {
+            let mut fields = peers;
+            if let Some(ports) = ports {
+                fields.push(format!("toPorts: [{{ports: [{}]}}]", ports.join(", ")));
+            }
+            format!("{{{}}}", fields.join(", "))
+        })
+}
+
+fn section(name: &'static str, dir: &'static str) -> impl Strategy<Value = Option<String>> {
+    prop::option::of(
+        prop::collection::vec(rule_yaml(dir), 0..3)
+            .prop_map(move |rules| format!("  {name}: [{}]\n", rules.join(", "))),
+    )
+}
+
+fn cilium_policy_yaml() -> impl Strategy<Value = String> {
+    (
+        any::<bool>(),
+        prop::sample::select(vec!["{}", "{matchLabels: {app: a}}", "{matchLabels: {app: b}}"]),
+        section("ingress", "from"),
+        section("ingressDeny", "from"),
+        section("egress", "to"),
+        section("egressDeny", "to"),
+        prop::sample::select(vec![
+            "",
+            "  enableDefaultDeny: {ingress: false}\n",
+            "  enableDefaultDeny: {egress: false, ingress: true}\n",
+        ]),
+    )
+        .prop_map(|(clusterwide, sel, i, id, e, ed, dd)| {
+            let head = if clusterwide {
+                "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: p}\n"
+            } else {
+                "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p, namespace: default}\n"
+            };
+            format!(
+                "{head}spec:\n  endpointSelector: {sel}\n{}{}{}{}{dd}",
+                i.unwrap_or_default(),
+                id.unwrap_or_default(),
+                e.unwrap_or_default(),
+                ed.unwrap_or_default()
+            )
+        })
+}
+
+fn np_peer_yaml() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("{podSelector: {matchLabels: {app: b}}}".to_string()),
+        Just("{namespaceSelector: {}}".to_string()),
+        Just("{ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}}".to_string()),
+        Just("{ipBlock: {cidr: 0.0.0.0/0}}".to_string()),
+    ]
+}
+
+fn np_port_yaml() -> impl Strategy<Value = String> {
+    (
+        prop::sample::select(vec![None, Some(53u32), Some(80), Some(8000)]),
+        prop::sample::select(vec![None, Some(7u32), Some(999)]),
+        prop::sample::select(vec![None, Some("UDP"), Some("SCTP")]),
+    )
+        .prop_map(|(port, end, proto)| {
+            let mut parts = Vec::new();
+            if let Some(p) = port {
+                parts.push(format!("port: {p}"));
+                if let Some(e) = end {
+                    parts.push(format!("endPort: {}", p + e));
+                }
+            }
+            if let Some(p) = proto {
+                parts.push(format!("protocol: {p}"));
+            }
+            format!("{{{}}}", parts.join(", "))
+        })
+}
+
+fn network_policy_yaml() -> impl Strategy<Value = String> {
+    let rule = || {
+        (
+            prop::collection::vec(np_peer_yaml(), 0..3),
+            prop::collection::vec(np_port_yaml(), 0..3),
+        )
+    };
+    (
+        prop::option::of(prop::collection::vec(rule(), 0..3)),
+        prop::option::of(prop::collection::vec(rule(), 0..3)),
+        prop::sample::select(vec!["", "  policyTypes: [Ingress, Egress]\n", "  policyTypes: [Egress]\n"]),
+    )
+        .prop_map(|(ing, eg, types)| {
+            let render = |name: &str, key: &str, rules: Option<Vec<(Vec<String>, Vec<String>)>>| {
+                rules.map_or(String::new(), |rules| {
+                    let items: Vec<String> = rules
+                        .into_iter()
+                        .map(|(peers, ports)| {
+                            format!("{{{key}: [{}], ports: [{}]}}", peers.join(", "), ports.join(", "))
+                        })
+                        .collect();
+                    format!("  {name}: [{}]\n", items.join(", "))
+                })
+            };
+            format!(
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: n}}\nspec:\n  podSelector: {{}}\n{}{}{types}",
+                render("ingress", "from", ing),
+                render("egress", "to", eg),
+            )
+        })
+}
+
+fn policies_yaml() -> impl Strategy<Value = String> {
+    prop::collection::vec(
+        prop_oneof![3 => cilium_policy_yaml(), 1 => network_policy_yaml()],
+        1..4,
+    )
+    .prop_map(|docs| docs.join("---\n"))
+}
+
+const PORTS: [u16; 16] = [
+    0, 1, 52, 53, 54, 79, 80, 81, 443, 1079, 7999, 8000, 8999, 9000, 65534, 65535,
+];
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 192, ..ProptestConfig::default() })]
+
+    #[test]
+    fn map_evaluation_equals_reference(yaml in policies_yaml(), extra_port in any::<u16>()) {
+        let policies = parse_policies("prop.yaml", &yaml)
+            .map_err(|e| TestCaseError::fail(format!("{e}\n{yaml}")))?;
+        let c = cache();
+        for subject_id in [100u32, 101, 103] {
+            let subject = c.labels(subject_id).cloned().unwrap_or_default();
+            let resolved = resolve(&policies, &subject, &c);
+            for dir in [Direction::Ingress, Direction::Egress] {
+                for peer in all_peers(&c) {
+                    for proto in [1u8, 6, 17, 132] {
+                        for port in PORTS.iter().copied().chain([extra_port, extra_port.wrapping_add(1)]) {
+                            let want = reference(&policies, &subject, &c, dir, peer, proto, port);
+                            let got = evaluate(&resolved, dir, peer, proto, port).verdict;
+                            prop_assert_eq!(
+                                got, want,
+                                "subject {} {:?} peer {} proto {} port {}\n{}\n{:#?}",
+                                subject_id, dir, peer, proto, port, yaml, resolved.entries
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn parse_never_panics_on_arbitrary_strings(s in any::<String>()) {
+        let _ = parse_policies("fuzz.yaml", &s);
+    }
+
+    #[test]
+    fn parse_never_panics_on_yamlish_strings(s in "[-a-zA-Z0-9:{}\\[\\],'\" \n#&*!|>.%@/]{0,200}") {
+        let _ = parse_policies("fuzz.yaml", &s);
+    }
+
+    #[test]
+    fn parse_never_panics_on_mutated_valid_yaml(
+        yaml in policies_yaml(),
+        edits in prop::collection::vec((any::<prop::sample::Index>(), 0u8..4, prop::sample::select(vec![
+            "", "-", ":", " ", "\n", "[", "]", "{", "}", "'", "\"", "*a", "&a ", "!!int ", "---\n",
+            "99999999999999999999", "-1", "null", "~", "\t", "ingress", "port", "é",
+        ])), 1..6),
+    ) {
+        let mut s = yaml;
+        for (idx, op, text) in edits {
+            let mut at = idx.index(s.len() + 1);
+            while !s.is_char_boundary(at) { at -= 1; }
+            match op {
+                0 => s.insert_str(at, text),
+                1 => {
+                    let mut end = (at + 3).min(s.len());
+                    while !s.is_char_boundary(end) { end += 1; }
+                    s.replace_range(at..end, "");
+                }
+                2 => {
+                    let mut end = (at + 1).min(s.len());
+                    while !s.is_char_boundary(end) { end += 1; }
+                    s.replace_range(at..end, text);
+                }
+                _ => {
+                    // duplicate the line containing `at`
+                    let start = s[..at].rfind('\n').map_or(0, |i| i + 1);
+                    let end = s[at..].find('\n').map_or(s.len(), |i| at + i);
+                    let line = format!("{}\n", &s[start..end]);
+                    s.insert_str(start, &line);
+                }
+            }
+        }
+        let _ = parse_policies("fuzz.yaml", &s);
+    }
+}
+
+#[test]
+fn reference_and_map_agree_on_a_hand_written_mixed_policy() {
+    // A fixed regression case covering wildcard/specific allow/deny overlaps.
+    let yaml = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  ingress:\n  - toPorts: [{ports: [{port: '80', endPort: 90}]}]\n  - fromEntities: [world]\n  ingressDeny:\n  - fromCIDRSet: [{cidr: 0.0.0.0/0, except: [10.1.0.0/16]}]\n    toPorts: [{ports: [{port: '85', protocol: TCP}]}]\n";
+    let policies = parse_policies("t", yaml).expect("parse");
+    let c = cache();
+    let subject = endpoint("default", Some("a"));
+    let resolved = resolve(&policies, &subject, &c);
+    for peer in all_peers(&c) {
+        for proto in [1u8, 6, 17] {
+            for port in 78..=92 {
+                assert_eq!(
+                    evaluate(&resolved, Direction::Ingress, peer, proto, port).verdict,
+                    reference(
+                        &policies,
+                        &subject,
+                        &c,
+                        Direction::Ingress,
+                        peer,
+                        proto,
+                        port
+                    ),
+                    "peer {peer} proto {proto} port {port}"
+                );
+            }
+        }
+    }
+}
