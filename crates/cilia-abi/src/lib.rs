@@ -170,7 +170,7 @@ pub const CILIA_CT_OTHER_TIMEOUT: u32 = 60;
 /// Key of the ipcache LPM trie. `prefixlen` = 32 (family + padding) + the
 /// address prefix length.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IpcacheKey {
     pub prefixlen: u32,
     pub family: u8,

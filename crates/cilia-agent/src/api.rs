@@ -5,17 +5,20 @@
 use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use cilia_abi::{reason_name, CILIA_DIR_EGRESS, CILIA_METRIC_DROP};
 use cilia_api::{
-    ApiError, BpfEndpoint, BpfMetric, Endpoint, EndpointCreate, EndpointState, IpamStatus,
-    KernelFeature, PoolStatus, Status,
+    ApiError, BpfCtEntry, BpfEndpoint, BpfIpcacheEntry, BpfMetric, BpfPolicy, BpfPolicyEntry,
+    Endpoint, EndpointCreate, EndpointState, Identity, IpamStatus, KernelFeature, Namespace,
+    PolicyChange, PolicyDocument, PolicyImport, PolicyList, PoolStatus, Status, TraceRequest,
+    TraceResponse, TraceStep,
 };
 use cilia_datapath::FeatureReport;
+use serde::Deserialize;
 use utoipa::OpenApi;
 
 use crate::endpoint::{EndpointError, EndpointManager};
@@ -76,6 +79,10 @@ impl From<EndpointError> for AppError {
             }
             EndpointError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
             EndpointError::Datapath(_) => (StatusCode::INTERNAL_SERVER_ERROR, "datapath"),
+            EndpointError::Namespace(..) => (StatusCode::BAD_REQUEST, "invalid-namespace"),
+            EndpointError::Policy(_) => (StatusCode::BAD_REQUEST, "invalid-policy"),
+            EndpointError::NoSuchPolicy(_) => (StatusCode::NOT_FOUND, "not-found"),
+            EndpointError::Trace(_) => (StatusCode::BAD_REQUEST, "invalid-trace"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         AppError::new(status, code, msg)
@@ -160,6 +167,9 @@ async fn status(State(state): State<Shared>) -> Result<Json<Status>, AppError> {
             },
             state_dir,
             bpf_root,
+            policy_revision: mgr.policy_revision()?,
+            policies: mgr.policy_documents().len(),
+            policy_errors: mgr.policy_errors().to_vec(),
         })
     })
     .await
@@ -287,6 +297,335 @@ async fn bpf_metrics(State(state): State<Shared>) -> Result<Json<Vec<BpfMetric>>
     .map(Json)
 }
 
+fn bad_request(code: &str, message: impl Into<String>) -> AppError {
+    AppError::new(StatusCode::BAD_REQUEST, code, message)
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, AppError> {
+    serde_json::from_slice(body)
+        .map_err(|e| bad_request("invalid-request", format!("request body: {e}")))
+}
+
+#[utoipa::path(post, path = "/v1/policy", request_body = PolicyImport,
+    responses((status = 200, body = PolicyChange), (status = 400, body = ApiError, description = "invalid policy: file, document, field and reason")))]
+async fn import_policy(
+    State(state): State<Shared>,
+    body: Bytes,
+) -> Result<Json<PolicyChange>, AppError> {
+    let req: PolicyImport = json_body(&body)?;
+    with_manager(&state, move |mgr| {
+        let (revision, policies) = mgr.import_policies(&req.source, &req.yaml)?;
+        Ok(PolicyChange { revision, policies })
+    })
+    .await
+    .map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/policy", responses((status = 200, body = PolicyList)))]
+async fn get_policy(State(state): State<Shared>) -> Result<Json<PolicyList>, AppError> {
+    with_manager(&state, |mgr| {
+        Ok(PolicyList {
+            revision: mgr.policy_revision()?,
+            policies: mgr
+                .policy_documents()
+                .into_iter()
+                .map(|p| PolicyDocument {
+                    kind: p.kind,
+                    namespace: p.namespace,
+                    name: p.name,
+                    yaml: p.yaml,
+                })
+                .collect(),
+            errors: mgr.policy_errors().to_vec(),
+        })
+    })
+    .await
+    .map(Json)
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct PolicyDeleteQuery {
+    /// Policy name (all kinds and namespaces unless `namespace` is given).
+    name: Option<String>,
+    namespace: Option<String>,
+    /// Delete every policy.
+    #[serde(default)]
+    all: bool,
+}
+
+#[utoipa::path(delete, path = "/v1/policy", params(PolicyDeleteQuery),
+    responses((status = 200, body = PolicyChange), (status = 404, body = ApiError)))]
+async fn delete_policy(
+    State(state): State<Shared>,
+    Query(q): Query<PolicyDeleteQuery>,
+) -> Result<Json<PolicyChange>, AppError> {
+    if q.name.is_none() && !q.all {
+        return Err(bad_request(
+            "invalid-request",
+            "give a policy name or all=true",
+        ));
+    }
+    with_manager(&state, move |mgr| {
+        let (revision, policies) =
+            mgr.delete_policies(q.name.as_deref(), q.namespace.as_deref())?;
+        Ok(PolicyChange { revision, policies })
+    })
+    .await
+    .map(Json)
+}
+
+fn verdict_name(v: cilia_policy::Verdict) -> String {
+    match v {
+        cilia_policy::Verdict::Allow => "ALLOWED".into(),
+        cilia_policy::Verdict::Deny => "DENIED".into(),
+    }
+}
+
+#[utoipa::path(post, path = "/v1/policy/trace", request_body = TraceRequest,
+    responses((status = 200, body = TraceResponse), (status = 400, body = ApiError)))]
+async fn trace_policy(
+    State(state): State<Shared>,
+    body: Bytes,
+) -> Result<Json<TraceResponse>, AppError> {
+    let req: TraceRequest = json_body(&body)?;
+    let (port, proto) =
+        cilia_api::parse_port_proto(&req.dport).map_err(|e| bad_request("invalid-trace", e))?;
+    with_manager(&state, move |mgr| {
+        let t = mgr.trace(&req.src, &req.dst, proto, port, req.datapath)?;
+        Ok(TraceResponse {
+            src: t.src.description.clone(),
+            src_identity: t.src.identity,
+            dst: t.dst.description.clone(),
+            dst_identity: t.dst.identity,
+            verdict: verdict_name(t.verdict),
+            steps: t
+                .steps
+                .iter()
+                .map(|s| TraceStep {
+                    direction: match s.direction {
+                        cilia_policy::Direction::Ingress => "ingress".into(),
+                        cilia_policy::Direction::Egress => "egress".into(),
+                    },
+                    subject: s.subject.clone(),
+                    verdict: verdict_name(s.verdict),
+                    reason: s.reason.clone(),
+                    rules: s.rules.clone(),
+                })
+                .collect(),
+            datapath: t.datapath.map(|v| {
+                if v == cilia_datapath::testrun::TC_ACT_SHOT {
+                    "DENIED"
+                } else {
+                    "ALLOWED"
+                }
+                .into()
+            }),
+        })
+    })
+    .await
+    .map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/identities", responses((status = 200, body = Vec<Identity>)))]
+async fn list_identities(State(state): State<Shared>) -> Result<Json<Vec<Identity>>, AppError> {
+    with_manager(&state, |mgr| mgr.identities()).await.map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/identities/{id}", params(("id" = u32, Path)),
+    responses((status = 200, body = Identity), (status = 404, body = ApiError)))]
+async fn get_identity(
+    State(state): State<Shared>,
+    Path(id): Path<u32>,
+) -> Result<Json<Identity>, AppError> {
+    let all = with_manager(&state, |mgr| mgr.identities()).await?;
+    all.into_iter()
+        .find(|i| i.id == id)
+        .map(Json)
+        .ok_or_else(|| {
+            AppError::new(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                format!("identity {id} not found"),
+            )
+        })
+}
+
+#[utoipa::path(get, path = "/v1/namespaces", responses((status = 200, body = Vec<Namespace>)))]
+async fn list_namespaces(State(state): State<Shared>) -> Result<Json<Vec<Namespace>>, AppError> {
+    with_manager(&state, |mgr| {
+        Ok(mgr
+            .namespaces()?
+            .into_iter()
+            .map(|(name, labels)| Namespace { name, labels })
+            .collect())
+    })
+    .await
+    .map(Json)
+}
+
+#[utoipa::path(put, path = "/v1/namespaces/{name}", params(("name" = String, Path)), request_body = Namespace,
+    responses((status = 200, body = Namespace), (status = 400, body = ApiError)))]
+async fn set_namespace(
+    State(state): State<Shared>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<Namespace>, AppError> {
+    let req: Namespace = json_body(&body)?;
+    with_manager(&state, move |mgr| {
+        mgr.set_namespace(&name, &req.labels)?;
+        Ok(Namespace {
+            name,
+            labels: req.labels,
+        })
+    })
+    .await
+    .map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/bpf/ipcache", responses((status = 200, body = Vec<BpfIpcacheEntry>)))]
+async fn bpf_ipcache(State(state): State<Shared>) -> Result<Json<Vec<BpfIpcacheEntry>>, AppError> {
+    with_manager(&state, |mgr| {
+        let mut out: Vec<BpfIpcacheEntry> = mgr
+            .datapath()
+            .list_ipcache()?
+            .into_iter()
+            .map(|(k, v)| BpfIpcacheEntry {
+                prefix: k
+                    .prefix()
+                    .map(|(ip, len)| format!("{ip}/{len}"))
+                    .unwrap_or_else(|| "?".into()),
+                identity: v.identity,
+            })
+            .collect();
+        out.sort_by(|a, b| a.prefix.cmp(&b.prefix));
+        Ok(out)
+    })
+    .await
+    .map(Json)
+}
+
+fn proto_name(proto: u8) -> String {
+    match proto {
+        0 => "ANY".into(),
+        1 => "ICMP".into(),
+        6 => "TCP".into(),
+        17 => "UDP".into(),
+        58 => "ICMPv6".into(),
+        132 => "SCTP".into(),
+        other => other.to_string(),
+    }
+}
+
+#[utoipa::path(get, path = "/v1/bpf/ct", responses((status = 200, body = Vec<BpfCtEntry>)))]
+async fn bpf_ct(State(state): State<Shared>) -> Result<Json<Vec<BpfCtEntry>>, AppError> {
+    with_manager(&state, |mgr| {
+        let now = cilia_datapath::monotonic_ns();
+        Ok(mgr
+            .datapath()
+            .list_ct()?
+            .into_iter()
+            .filter(|(_, v)| v.expires > now)
+            .map(|(k, v)| {
+                let addr = |a: [u8; 16]| {
+                    cilia_abi::EndpointKey {
+                        addr: a,
+                        family: k.family,
+                        pad: [0; 3],
+                    }
+                    .ip()
+                    .map(|ip| ip.to_string())
+                    .unwrap_or_else(|| "?".into())
+                };
+                let (s, d) = (addr(k.saddr), addr(k.daddr));
+                let join = |ip: String, port: u16| {
+                    if k.family == cilia_abi::CILIA_FAMILY_IPV6 {
+                        format!("[{ip}]:{port}")
+                    } else {
+                        format!("{ip}:{port}")
+                    }
+                };
+                BpfCtEntry {
+                    proto: proto_name(k.proto),
+                    source: join(s, u16::from_be(k.sport)),
+                    destination: join(d, u16::from_be(k.dport)),
+                    src_identity: v.src_identity,
+                    dst_identity: v.dst_identity,
+                    packets: v.packets,
+                    bytes: v.bytes,
+                    expires_in: (v.expires - now) / 1_000_000_000,
+                    seen_reply: v.flags & cilia_abi::CILIA_CT_SEEN_REPLY != 0,
+                    policy_revision: v.policy_rev,
+                }
+            })
+            .collect())
+    })
+    .await
+    .map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/bpf/policy/{id}", params(("id" = u16, Path)),
+    responses((status = 200, body = BpfPolicy), (status = 404, body = ApiError)))]
+async fn bpf_policy(
+    State(state): State<Shared>,
+    Path(id): Path<u16>,
+) -> Result<Json<BpfPolicy>, AppError> {
+    with_manager(&state, move |mgr| {
+        mgr.get(id)?;
+        let entries = mgr.datapath().get_policy(id)?.unwrap_or_default();
+        let rules = mgr.resolved_rules(id);
+        let mut out = BpfPolicy {
+            endpoint: id,
+            ingress_enforced: false,
+            egress_enforced: false,
+            entries: vec![],
+        };
+        for (k, v) in entries {
+            let direction = if k.direction == cilia_abi::CILIA_DIR_EGRESS {
+                "egress"
+            } else {
+                "ingress"
+            };
+            if u32::from_be(k.identity) == cilia_abi::CILIA_ID_ENFORCEMENT {
+                if k.direction == cilia_abi::CILIA_DIR_EGRESS {
+                    out.egress_enforced = true
+                } else {
+                    out.ingress_enforced = true
+                }
+                continue;
+            }
+            let port_bits = k.prefixlen.saturating_sub(48).min(16);
+            let port = u16::from_be(k.dport);
+            let port = if k.proto == 0 || port_bits == 0 {
+                "*".to_string()
+            } else if port_bits == 16 {
+                port.to_string()
+            } else {
+                let span = (1u32 << (16 - port_bits)) - 1;
+                format!("{port}-{}", u32::from(port) + span)
+            };
+            out.entries.push(BpfPolicyEntry {
+                direction: direction.into(),
+                identity: u32::from_be(k.identity),
+                protocol: proto_name(k.proto),
+                port,
+                verdict: if v.verdict == cilia_abi::CILIA_VERDICT_DENY {
+                    "deny"
+                } else {
+                    "allow"
+                }
+                .into(),
+                rule: rules
+                    .get(v.rule.wrapping_sub(1) as usize)
+                    .cloned()
+                    .unwrap_or_default(),
+            });
+        }
+        Ok(out)
+    })
+    .await
+    .map(Json)
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -342,6 +681,18 @@ pub fn router(state: Shared) -> Router {
         )
         .route("/v1/bpf/endpoints", get(bpf_endpoints))
         .route("/v1/bpf/metrics", get(bpf_metrics))
+        .route("/v1/bpf/ipcache", get(bpf_ipcache))
+        .route("/v1/bpf/ct", get(bpf_ct))
+        .route("/v1/bpf/policy/{id}", get(bpf_policy))
+        .route(
+            "/v1/policy",
+            get(get_policy).post(import_policy).delete(delete_policy),
+        )
+        .route("/v1/policy/trace", axum::routing::post(trace_policy))
+        .route("/v1/identities", get(list_identities))
+        .route("/v1/identities/{id}", get(get_identity))
+        .route("/v1/namespaces", get(list_namespaces))
+        .route("/v1/namespaces/{name}", axum::routing::put(set_namespace))
         .fallback(not_found)
         .with_state(state)
 }

@@ -39,6 +39,10 @@ pub trait Datapath: Send {
     fn bump_policy_revision(&mut self) -> Result<u32, DatapathError>;
     fn list_ct(&self) -> Result<Vec<(CtKey, CtValue)>, DatapathError>;
     fn gc_ct(&mut self) -> Result<usize, DatapathError>;
+    fn remove_ct(&mut self, key: CtKey) -> Result<(), DatapathError>;
+    /// Runs a freshly loaded copy of an endpoint's from-container program on
+    /// `packet` (BPF_PROG_TEST_RUN) and returns its tc verdict.
+    fn test_run(&self, config: &EndpointConfig, packet: &[u8]) -> Result<u32, DatapathError>;
 }
 
 impl Datapath for BpfDatapath {
@@ -97,5 +101,11 @@ impl Datapath for BpfDatapath {
     }
     fn gc_ct(&mut self) -> Result<usize, DatapathError> {
         BpfDatapath::gc_ct(self)
+    }
+    fn remove_ct(&mut self, key: CtKey) -> Result<(), DatapathError> {
+        BpfDatapath::remove_ct(self, key)
+    }
+    fn test_run(&self, config: &EndpointConfig, packet: &[u8]) -> Result<u32, DatapathError> {
+        Ok(self.test_program(config)?.run(packet)?.verdict)
     }
 }

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use cilia_abi::{EndpointConfig, EndpointInfo};
+use cilia_abi::{EndpointConfig, EndpointInfo, IpcacheKey, CILIA_ID_HOST};
 use cilia_api::{EndpointCreate, EndpointState};
 use cilia_datapath::DatapathError;
 use tracing::{info, warn};
@@ -19,7 +19,8 @@ use tracing::{info, warn};
 use crate::datapath::Datapath;
 use crate::ipam::Pool;
 use crate::netdev::{self, Netdev, NetdevError, VethSpec};
-use crate::store::{EndpointRecord, Store, StoreError};
+use crate::policy::ImportError;
+use crate::store::{EndpointRecord, Store, StoreError, StoredPolicy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
@@ -37,6 +38,12 @@ pub enum EndpointError {
     NotFound(u16),
     #[error("namespace {0:?}: {1}")]
     Namespace(String, String),
+    #[error(transparent)]
+    Policy(#[from] ImportError),
+    #[error("{0}")]
+    NoSuchPolicy(String),
+    #[error("trace: {0}")]
+    Trace(String),
 }
 
 fn valid_ifname(name: &str) -> bool {
@@ -57,13 +64,29 @@ pub struct Pools {
 }
 
 pub struct EndpointManager {
-    store: Store,
-    datapath: Box<dyn Datapath>,
-    netdev: Box<dyn Netdev>,
-    pools: Pools,
+    pub(crate) store: Store,
+    pub(crate) datapath: Box<dyn Datapath>,
+    pub(crate) netdev: Box<dyn Netdev>,
+    pub(crate) pools: Pools,
+    /// Imported policies by key (`kind/namespace/name`), with their source.
+    pub(crate) policy_docs: BTreeMap<String, (StoredPolicy, cilia_policy::Policy)>,
+    /// Each ready endpoint's resolved policy, as programmed into its map.
+    pub(crate) resolved: BTreeMap<u16, cilia_policy::ResolvedPolicy>,
+    /// Local CIDR identities of the CIDRs the policies mention.
+    pub(crate) cidr_ids: BTreeMap<ipnet::IpNet, u32>,
+    /// Stored policies that failed to parse at start-up.
+    pub(crate) policy_errors: Vec<String>,
 }
 
-fn config_of(rec: &EndpointRecord, ifindex: u32) -> EndpointConfig {
+fn host_prefix(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        32
+    } else {
+        128
+    }
+}
+
+pub(crate) fn config_of(rec: &EndpointRecord, ifindex: u32) -> EndpointConfig {
     EndpointConfig {
         ipv6: rec.ipv6.octets(),
         ipv4: rec.ipv4.map(|a| a.octets()).unwrap_or_default(),
@@ -77,7 +100,7 @@ fn config_of(rec: &EndpointRecord, ifindex: u32) -> EndpointConfig {
     }
 }
 
-fn info_of(rec: &EndpointRecord, ifindex: u32) -> EndpointInfo {
+pub(crate) fn info_of(rec: &EndpointRecord, ifindex: u32) -> EndpointInfo {
     EndpointInfo {
         ifindex,
         identity: rec.identity,
@@ -100,6 +123,10 @@ impl EndpointManager {
             datapath,
             netdev,
             pools,
+            policy_docs: BTreeMap::new(),
+            resolved: BTreeMap::new(),
+            cidr_ids: BTreeMap::new(),
+            policy_errors: Vec::new(),
         }
     }
 
@@ -136,7 +163,14 @@ impl EndpointManager {
             IpAddr::V4(v4) => Some(v4),
             IpAddr::V6(_) => None,
         });
-        Ok(self.netdev.ensure_router(r6, r4)?)
+        self.netdev.ensure_router(r6, r4)?;
+        let mut routers = vec![(IpAddr::V6(r6), 128)];
+        routers.extend(r4.map(|r| (IpAddr::V4(r), 32)));
+        for (ip, len) in routers {
+            self.datapath
+                .upsert_ipcache(IpcacheKey::new(ip, len), CILIA_ID_HOST)?;
+        }
+        Ok(())
     }
 
     pub fn create(&mut self, req: EndpointCreate) -> Result<EndpointRecord, EndpointError> {
@@ -182,6 +216,12 @@ impl EndpointManager {
                     return Err(e.into());
                 }
                 info!(id = ready.id, ipv6 = %ready.ipv6, ipv4 = ?ready.ipv4, "endpoint created");
+                // The others' policies may select the new identity.
+                if let Err(e) = self.regenerate() {
+                    warn!(id = ready.id, error = %e, "policy regeneration failed; rolling back");
+                    self.rollback(&ready);
+                    return Err(e);
+                }
                 Ok(ready)
             }
             Err(e) => {
@@ -213,10 +253,24 @@ impl EndpointManager {
             router6,
             router4,
         })?;
+        // The policy map exists before the program can see a packet: a new
+        // endpoint is never briefly open when a policy selects it.
+        self.apply_policy(rec)?;
         self.datapath
             .attach_endpoint(&config_of(rec, ifindex), &rec.host_ifname)?;
+        self.publish(rec, ifindex)
+    }
+
+    /// Publishes an endpoint's addresses: delivery info and identity.
+    pub(crate) fn publish(
+        &mut self,
+        rec: &EndpointRecord,
+        ifindex: u32,
+    ) -> Result<(), EndpointError> {
         for ip in rec.ips() {
             self.datapath.upsert_endpoint(ip, info_of(rec, ifindex))?;
+            self.datapath
+                .upsert_ipcache(IpcacheKey::new(ip, host_prefix(ip)), rec.identity)?;
         }
         Ok(())
     }
@@ -235,7 +289,14 @@ impl EndpointManager {
             if let Err(e) = self.datapath.remove_endpoint(ip) {
                 warn!(id = rec.id, %ip, error = %e, "cannot remove endpoint map entry");
             }
+            if let Err(e) = self
+                .datapath
+                .remove_ipcache(IpcacheKey::new(ip, host_prefix(ip)))
+            {
+                warn!(id = rec.id, %ip, error = %e, "cannot remove ipcache entry");
+            }
         }
+        self.resolved.remove(&rec.id);
         if let Err(e) = self.datapath.detach_endpoint(rec.id) {
             warn!(id = rec.id, error = %e, "cannot remove link pin");
         }
@@ -248,12 +309,16 @@ impl EndpointManager {
         let rec = self.get(id)?;
         for ip in rec.ips() {
             self.datapath.remove_endpoint(ip)?;
+            self.datapath
+                .remove_ipcache(IpcacheKey::new(ip, host_prefix(ip)))?;
         }
         self.datapath.detach_endpoint(rec.id)?;
         self.netdev.delete(&rec.host_ifname)?;
         self.store.delete_endpoint(&rec)?;
+        self.resolved.remove(&rec.id);
         info!(id, "endpoint deleted");
-        Ok(())
+        // Policies of the others may have selected its identity.
+        self.regenerate()
     }
 
     /// Reconciles recorded endpoints with the kernel after a (re)start:
@@ -262,6 +327,7 @@ impl EndpointManager {
     /// a missing attachment re-made; endpoints whose interface is gone are
     /// marked not ready with the reason.
     pub fn restore(&mut self) -> Result<(), EndpointError> {
+        self.load_policies()?;
         for mut rec in self.store.endpoints()? {
             if rec.state == EndpointState::Creating {
                 warn!(
@@ -288,13 +354,11 @@ impl EndpointManager {
             };
             let result = (|| -> Result<(), EndpointError> {
                 if !self.datapath.endpoint_attached(rec.id) {
+                    self.apply_policy(&rec)?;
                     self.datapath
                         .attach_endpoint(&config_of(&rec, ifindex), &rec.host_ifname)?;
                 }
-                for ip in rec.ips() {
-                    self.datapath.upsert_endpoint(ip, info_of(&rec, ifindex))?;
-                }
-                Ok(())
+                self.publish(&rec, ifindex)
             })();
             let (state, reason) = match result {
                 Ok(()) => (EndpointState::Ready, None),
@@ -306,7 +370,7 @@ impl EndpointManager {
                 self.store.update_endpoint(&rec)?;
             }
         }
-        Ok(())
+        self.regenerate()
     }
 }
 
@@ -428,6 +492,12 @@ mod tests {
             Ok(vec![])
         }
         fn gc_ct(&mut self) -> Result<usize, DatapathError> {
+            Ok(0)
+        }
+        fn remove_ct(&mut self, _: CtKey) -> Result<(), DatapathError> {
+            Ok(())
+        }
+        fn test_run(&self, _: &EndpointConfig, _: &[u8]) -> Result<u32, DatapathError> {
             Ok(0)
         }
     }

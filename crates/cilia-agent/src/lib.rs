@@ -13,6 +13,7 @@ pub mod ipam;
 pub mod netdev;
 pub mod paths;
 pub mod policy;
+pub mod repository;
 pub mod store;
 
 use std::fs::File;
@@ -155,6 +156,28 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         ipv4_range = ?config.ipv4_range,
         "cilia-agent ready"
     );
+    // Conntrack garbage collection: expired entries only take room (the
+    // datapath already treats them as absent).
+    let gc_state = state.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+        loop {
+            tick.tick().await;
+            let s = gc_state.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                s.manager
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .gc_conntrack()
+            })
+            .await;
+            match result {
+                Ok(Ok(n)) if n > 0 => tracing::debug!(removed = n, "conntrack gc"),
+                Ok(Err(e)) => warn!(error = %e, "conntrack gc failed"),
+                _ => {}
+            }
+        }
+    });
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("installing a SIGTERM handler cannot fail in a tokio runtime");

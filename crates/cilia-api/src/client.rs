@@ -115,6 +115,25 @@ impl Client {
         Self::decode(status, &bytes)
     }
 
+    pub async fn put<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let body = serde_json::to_vec(body).map_err(|e| ClientError::Decode {
+            status: 0,
+            body: e.to_string(),
+        })?;
+        let (status, bytes) = self.request(Method::PUT, path, Some(body)).await?;
+        Self::decode(status, &bytes)
+    }
+
+    /// DELETE with a JSON answer.
+    pub async fn delete_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let (status, bytes) = self.request(Method::DELETE, path, None).await?;
+        Self::decode(status, &bytes)
+    }
+
     pub async fn delete(&self, path: &str) -> Result<(), ClientError> {
         let (status, bytes) = self.request(Method::DELETE, path, None).await?;
         if status.is_success() {

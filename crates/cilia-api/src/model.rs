@@ -55,6 +55,11 @@ pub struct Status {
     pub ipam: IpamStatus,
     pub state_dir: String,
     pub bpf_root: String,
+    pub policy_revision: u64,
+    pub policies: usize,
+    /// Stored policies that no longer parse.
+    #[serde(default)]
+    pub policy_errors: Vec<String>,
 }
 
 /// `POST /v1/endpoints`.
@@ -201,4 +206,124 @@ pub struct BpfPolicy {
     pub ingress_enforced: bool,
     pub egress_enforced: bool,
     pub entries: Vec<BpfPolicyEntry>,
+}
+
+/// `POST /v1/policy`: policies to import (all or nothing).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyImport {
+    /// Where the YAML came from (a file name), used in error messages.
+    pub source: String,
+    /// One or more YAML documents.
+    pub yaml: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PolicyChange {
+    /// Policy revision after the change.
+    pub revision: u64,
+    /// The policies imported or deleted (`Kind namespace/name`).
+    pub policies: Vec<String>,
+}
+
+/// A stored policy document.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PolicyDocument {
+    pub kind: String,
+    pub namespace: Option<String>,
+    pub name: String,
+    pub yaml: String,
+}
+
+/// `GET /v1/policy`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PolicyList {
+    pub revision: u64,
+    pub policies: Vec<PolicyDocument>,
+    /// Stored documents that no longer parse (skipped).
+    #[serde(default)]
+    pub errors: Vec<String>,
+}
+
+/// `POST /v1/policy/trace`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TraceRequest {
+    /// Endpoint id, IP address, or labels `k=v[,k=v…]`.
+    pub src: String,
+    /// Endpoint id, IP address, or labels.
+    pub dst: String,
+    /// `PORT/PROTO`, e.g. `80/TCP`, `53/UDP`, `ICMP`.
+    pub dport: String,
+    /// Also run the source endpoint's real program on a synthesized packet.
+    #[serde(default)]
+    pub datapath: bool,
+}
+
+/// One direction's decision in a trace.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TraceStep {
+    /// `egress` of the source or `ingress` of the destination.
+    pub direction: String,
+    pub subject: String,
+    /// `ALLOWED` or `DENIED`.
+    pub verdict: String,
+    pub reason: String,
+    /// The rules that decided it.
+    pub rules: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TraceResponse {
+    pub src: String,
+    pub src_identity: u32,
+    pub dst: String,
+    pub dst_identity: u32,
+    /// `ALLOWED` or `DENIED`.
+    pub verdict: String,
+    pub steps: Vec<TraceStep>,
+    /// The kernel's verdict (`ALLOWED`/`DENIED`) with `datapath`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datapath: Option<String>,
+}
+
+/// Parses `PORT/PROTO` (`80/TCP`, `53/udp`, `132/SCTP`; a bare port means
+/// TCP) or `ICMP`/`ICMPv6` into (port, IP protocol number).
+pub fn parse_port_proto(spec: &str) -> Result<(u16, u8), String> {
+    let upper = spec.trim().to_ascii_uppercase();
+    match upper.as_str() {
+        "ICMP" => return Ok((0, 1)),
+        "ICMPV6" => return Ok((0, 58)),
+        _ => {}
+    }
+    let (port, proto) = upper.split_once('/').unwrap_or((upper.as_str(), "TCP"));
+    let proto = match proto {
+        "TCP" => 6,
+        "UDP" => 17,
+        "SCTP" => 132,
+        other => {
+            return Err(format!(
+                "{spec:?}: unknown protocol {other:?} (TCP, UDP, SCTP, ICMP)"
+            ))
+        }
+    };
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{spec:?}: {port:?} is not a port number"))?;
+    Ok((port, proto))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_specs_parse() {
+        assert_eq!(parse_port_proto("80/TCP"), Ok((80, 6)));
+        assert_eq!(parse_port_proto("53/udp"), Ok((53, 17)));
+        assert_eq!(parse_port_proto("8080"), Ok((8080, 6)));
+        assert_eq!(parse_port_proto("icmp"), Ok((0, 1)));
+        assert!(parse_port_proto("80/QUIC").is_err());
+        assert!(parse_port_proto("eighty/TCP").is_err());
+    }
 }

@@ -4,7 +4,11 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use cilia_api::{BpfEndpoint, BpfMetric, Client, Endpoint, EndpointCreate, Status};
+use cilia_api::{
+    BpfCtEntry, BpfEndpoint, BpfIpcacheEntry, BpfMetric, BpfPolicy, Client, Endpoint,
+    EndpointCreate, Identity, Namespace, PolicyChange, PolicyImport, PolicyList, Status,
+    TraceRequest, TraceResponse,
+};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -13,6 +17,8 @@ enum Output {
     Table,
     /// JSON, for scripts.
     Json,
+    /// YAML (policy get only).
+    Yaml,
 }
 
 /// Command-line client of cilia-agent.
@@ -41,6 +47,98 @@ enum Command {
     /// Read the datapath's BPF maps back from the kernel.
     #[command(subcommand)]
     Bpf(BpfCmd),
+    /// Import, inspect, delete, validate and trace network policies.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Security identities (labels -> number).
+    #[command(subcommand)]
+    Identity(IdentityCmd),
+    /// Namespaces and their labels (selected by namespaceSelector).
+    #[command(subcommand)]
+    Namespace(NamespaceCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCmd {
+    /// Import NetworkPolicy / CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy
+    /// YAML (all documents or none); prints the new policy revision.
+    ///
+    /// Example: cilia policy import examples/starwars/cnp-l3-l4.yaml
+    Import {
+        /// YAML file, or - for standard input.
+        file: String,
+    },
+    /// Show the imported policies.
+    ///
+    /// Example: cilia policy get -o yaml
+    Get,
+    /// Delete a policy by name, or all of them.
+    ///
+    /// Example: cilia policy delete rule1
+    Delete {
+        /// Policy name.
+        #[arg(required_unless_present = "all")]
+        name: Option<String>,
+        /// Only the policy of this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Delete every policy.
+        #[arg(long, conflicts_with = "name")]
+        all: bool,
+    },
+    /// Check a policy file without an agent (offline).
+    ///
+    /// Example: cilia policy validate examples/starwars/cnp-l3-l4.yaml
+    Validate {
+        /// YAML file, or - for standard input.
+        file: String,
+    },
+    /// Explain the verdict for a connection, from the state that programs the maps.
+    ///
+    /// Example: cilia policy trace --src org=alliance,class=xwing --dst 1 --dport 80/TCP --datapath
+    Trace {
+        /// Source: endpoint id, IP address, or labels k=v[,k=v…].
+        #[arg(long)]
+        src: String,
+        /// Destination: endpoint id, IP address, or labels.
+        #[arg(long)]
+        dst: String,
+        /// PORT/PROTO (80/TCP, 53/UDP, ICMP).
+        #[arg(long)]
+        dport: String,
+        /// Also run the source endpoint's loaded program on a synthesized packet.
+        #[arg(long)]
+        datapath: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum IdentityCmd {
+    /// List identities: reserved, endpoint and CIDR ones.
+    ///
+    /// Example: cilia identity list
+    List,
+    /// Show one identity.
+    ///
+    /// Example: cilia identity get 256
+    Get { id: u32 },
+}
+
+#[derive(Debug, Subcommand)]
+enum NamespaceCmd {
+    /// Set a namespace's labels (replacing the old ones).
+    ///
+    /// Example: cilia namespace set prod --labels team=payments
+    Set {
+        name: String,
+        /// Labels: k=v[,k=v…].
+        #[arg(long, default_value = "")]
+        labels: String,
+    },
+    /// List namespaces and their labels.
+    ///
+    /// Example: cilia namespace list
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -84,6 +182,31 @@ enum BpfCmd {
     /// Datapath packet counters.
     #[command(subcommand)]
     Metrics(BpfMetricsCmd),
+    /// The ipcache: prefix -> identity.
+    #[command(subcommand)]
+    Ipcache(BpfListCmd),
+    /// Connection tracking entries.
+    #[command(subcommand)]
+    Ct(BpfListCmd),
+    /// An endpoint's policy map.
+    #[command(subcommand)]
+    Policy(BpfPolicyCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum BpfListCmd {
+    /// Read the map back from the kernel.
+    ///
+    /// Example: cilia bpf ct list
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum BpfPolicyCmd {
+    /// Read an endpoint's policy map back from the kernel.
+    ///
+    /// Example: cilia bpf policy get 1
+    Get { endpoint: u16 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -203,13 +326,73 @@ fn print_status(s: &Status) {
         ),
         None => println!("IPAM IPv4:    disabled"),
     }
+    println!(
+        "Policies:     {} (revision {})",
+        s.policies, s.policy_revision
+    );
+    for e in &s.policy_errors {
+        println!("Policy error: {e}");
+    }
     println!("State dir:    {}", s.state_dir);
     println!("BPF root:     {}", s.bpf_root);
 }
 
+fn read_input(file: &str) -> anyhow::Result<String> {
+    use std::io::Read;
+    if file == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s)?;
+        Ok(s)
+    } else {
+        std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("{file}: {e}"))
+    }
+}
+
+fn labels_of(map: &std::collections::BTreeMap<String, String>) -> String {
+    if map.is_empty() {
+        return "-".into();
+    }
+    map.iter()
+        .map(|(k, v)| {
+            if v.is_empty() {
+                k.clone()
+            } else {
+                format!("{k}={v}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn print_trace(t: &TraceResponse) {
+    println!("From: {} (identity {})", t.src, t.src_identity);
+    println!("To:   {} (identity {})", t.dst, t.dst_identity);
+    for s in &t.steps {
+        println!(
+            "  {} of {}: {} — {}",
+            s.direction, s.subject, s.verdict, s.reason
+        );
+        for r in &s.rules {
+            println!("      rule: {r}");
+        }
+    }
+    println!("Verdict: {}", t.verdict);
+    if let Some(d) = &t.datapath {
+        let agree = if *d == t.verdict {
+            "agrees"
+        } else {
+            "DISAGREES"
+        };
+        println!("Datapath: {d} (the loaded program {agree} with the control plane)");
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(&cli.socket);
-    let json = cli.output == Output::Json;
+    let json = cli.output != Output::Table;
+    if cli.output == Output::Yaml && !matches!(cli.command, Command::Policy(PolicyCmd::Get)) {
+        anyhow::bail!("-o yaml is only supported by `cilia policy get`; use -o json");
+    }
     match cli.command {
         Command::Status => {
             let s: Status = client.get("/v1/status").await?;
@@ -285,6 +468,263 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                 e.identity.to_string(),
                                 e.mac.clone(),
                                 e.node_mac.clone(),
+                            ]
+                        })
+                        .collect(),
+                )
+            }
+        }
+        Command::Policy(PolicyCmd::Import { file }) => {
+            let yaml = read_input(&file)?;
+            let req = PolicyImport {
+                source: if file == "-" { "stdin".into() } else { file },
+                yaml,
+            };
+            let r: PolicyChange = client.post("/v1/policy", &req).await?;
+            if json {
+                print_json(&r)?
+            } else {
+                for p in &r.policies {
+                    println!("imported {p}");
+                }
+                println!("Revision: {}", r.revision);
+            }
+        }
+        Command::Policy(PolicyCmd::Get) => {
+            let list: PolicyList = client.get("/v1/policy").await?;
+            match cli.output {
+                Output::Json => print_json(&list)?,
+                Output::Yaml => {
+                    let docs: Vec<&str> = list.policies.iter().map(|p| p.yaml.trim_end()).collect();
+                    println!("{}", docs.join("\n---\n"));
+                }
+                Output::Table => {
+                    print_table(
+                        &["KIND", "NAMESPACE", "NAME"],
+                        list.policies
+                            .iter()
+                            .map(|p| {
+                                vec![
+                                    p.kind.clone(),
+                                    p.namespace.clone().unwrap_or_else(|| "-".into()),
+                                    p.name.clone(),
+                                ]
+                            })
+                            .collect(),
+                    );
+                    println!("Revision: {}", list.revision);
+                    for e in &list.errors {
+                        println!("error (stored policy skipped): {e}");
+                    }
+                }
+            }
+        }
+        Command::Policy(PolicyCmd::Delete {
+            name,
+            namespace,
+            all,
+        }) => {
+            let path = match (&name, all) {
+                (_, true) => "/v1/policy?all=true".to_string(),
+                (Some(n), false) => match &namespace {
+                    Some(ns) => format!("/v1/policy?name={n}&namespace={ns}"),
+                    None => format!("/v1/policy?name={n}"),
+                },
+                (None, false) => anyhow::bail!("give a policy name or --all"),
+            };
+            let r: PolicyChange = client.delete_json(&path).await?;
+            if json {
+                print_json(&r)?
+            } else {
+                for p in &r.policies {
+                    println!("deleted {p}");
+                }
+                println!("Revision: {}", r.revision);
+            }
+        }
+        Command::Policy(PolicyCmd::Validate { file }) => {
+            let yaml = read_input(&file)?;
+            let source = if file == "-" { "stdin" } else { file.as_str() };
+            let policies = cilia_policy::parse_policies(source, &yaml)?;
+            if policies.is_empty() {
+                anyhow::bail!("{source}: no policy documents found");
+            }
+            for p in &policies {
+                println!("valid: {:?} {}", p.kind, p.qualified_name());
+            }
+        }
+        Command::Policy(PolicyCmd::Trace {
+            src,
+            dst,
+            dport,
+            datapath,
+        }) => {
+            cilia_api::parse_port_proto(&dport).map_err(|e| anyhow::anyhow!(e))?;
+            let req = TraceRequest {
+                src,
+                dst,
+                dport,
+                datapath,
+            };
+            let t: TraceResponse = client.post("/v1/policy/trace", &req).await?;
+            if json {
+                print_json(&t)?
+            } else {
+                print_trace(&t)
+            }
+        }
+        Command::Identity(IdentityCmd::List) => {
+            let list: Vec<Identity> = client.get("/v1/identities").await?;
+            if json {
+                print_json(&list)?
+            } else {
+                print_table(
+                    &["ID", "KIND", "ENDPOINTS", "LABELS"],
+                    list.iter()
+                        .map(|i| {
+                            vec![
+                                i.id.to_string(),
+                                i.kind.clone(),
+                                if i.endpoints.is_empty() {
+                                    "-".into()
+                                } else {
+                                    i.endpoints
+                                        .iter()
+                                        .map(|e| e.to_string())
+                                        .collect::<Vec<_>>()
+                                        .join(",")
+                                },
+                                labels_of(&i.labels),
+                            ]
+                        })
+                        .collect(),
+                )
+            }
+        }
+        Command::Identity(IdentityCmd::Get { id }) => {
+            let i: Identity = client.get(&format!("/v1/identities/{id}")).await?;
+            if json {
+                print_json(&i)?
+            } else {
+                println!("ID:        {}", i.id);
+                println!("Kind:      {}", i.kind);
+                println!("Labels:    {}", labels_of(&i.labels));
+                println!("Endpoints: {:?}", i.endpoints);
+            }
+        }
+        Command::Namespace(NamespaceCmd::Set { name, labels }) => {
+            let labels = cilia_api::labels::parse_labels(&labels)?;
+            let ns: Namespace = client
+                .put(
+                    &format!("/v1/namespaces/{name}"),
+                    &Namespace {
+                        name: String::new(),
+                        labels,
+                    },
+                )
+                .await?;
+            if json {
+                print_json(&ns)?
+            } else {
+                println!("namespace {} labels: {}", ns.name, labels_of(&ns.labels))
+            }
+        }
+        Command::Namespace(NamespaceCmd::List) => {
+            let list: Vec<Namespace> = client.get("/v1/namespaces").await?;
+            if json {
+                print_json(&list)?
+            } else {
+                print_table(
+                    &["NAMESPACE", "LABELS"],
+                    list.iter()
+                        .map(|n| vec![n.name.clone(), labels_of(&n.labels)])
+                        .collect(),
+                )
+            }
+        }
+        Command::Bpf(BpfCmd::Ipcache(BpfListCmd::List)) => {
+            let list: Vec<BpfIpcacheEntry> = client.get("/v1/bpf/ipcache").await?;
+            if json {
+                print_json(&list)?
+            } else {
+                print_table(
+                    &["PREFIX", "IDENTITY"],
+                    list.iter()
+                        .map(|e| vec![e.prefix.clone(), e.identity.to_string()])
+                        .collect(),
+                )
+            }
+        }
+        Command::Bpf(BpfCmd::Ct(BpfListCmd::List)) => {
+            let list: Vec<BpfCtEntry> = client.get("/v1/bpf/ct").await?;
+            if json {
+                print_json(&list)?
+            } else {
+                print_table(
+                    &[
+                        "PROTO",
+                        "SOURCE",
+                        "DESTINATION",
+                        "IDENTITIES",
+                        "PACKETS",
+                        "BYTES",
+                        "EXPIRES",
+                        "REPLY",
+                        "REV",
+                    ],
+                    list.iter()
+                        .map(|e| {
+                            vec![
+                                e.proto.clone(),
+                                e.source.clone(),
+                                e.destination.clone(),
+                                format!("{} -> {}", e.src_identity, e.dst_identity),
+                                e.packets.to_string(),
+                                e.bytes.to_string(),
+                                format!("{}s", e.expires_in),
+                                if e.seen_reply { "yes" } else { "no" }.into(),
+                                e.policy_revision.to_string(),
+                            ]
+                        })
+                        .collect(),
+                )
+            }
+        }
+        Command::Bpf(BpfCmd::Policy(BpfPolicyCmd::Get { endpoint })) => {
+            let p: BpfPolicy = client.get(&format!("/v1/bpf/policy/{endpoint}")).await?;
+            if json {
+                print_json(&p)?
+            } else {
+                println!(
+                    "Endpoint {}: ingress {}, egress {}",
+                    p.endpoint,
+                    if p.ingress_enforced {
+                        "enforced (default deny)"
+                    } else {
+                        "not enforced (default allow)"
+                    },
+                    if p.egress_enforced {
+                        "enforced (default deny)"
+                    } else {
+                        "not enforced (default allow)"
+                    }
+                );
+                print_table(
+                    &["DIRECTION", "IDENTITY", "PROTO", "PORT", "VERDICT", "RULE"],
+                    p.entries
+                        .iter()
+                        .map(|e| {
+                            vec![
+                                e.direction.clone(),
+                                if e.identity == 0 {
+                                    "any".into()
+                                } else {
+                                    e.identity.to_string()
+                                },
+                                e.protocol.clone(),
+                                e.port.clone(),
+                                e.verdict.clone(),
+                                e.rule.clone(),
                             ]
                         })
                         .collect(),

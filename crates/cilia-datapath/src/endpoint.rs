@@ -484,6 +484,15 @@ impl BpfDatapath {
             .map_err(|e| DatapathError::map(MAP_CT, e))
     }
 
+    /// Deletes one conntrack entry. Absent is not an error.
+    pub fn remove_ct(&mut self, key: CtKey) -> Result<(), DatapathError> {
+        match self.ct.remove(&key) {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(DatapathError::map(MAP_CT, e)),
+        }
+    }
+
     /// Deletes expired conntrack entries; returns how many.
     pub fn gc_ct(&mut self) -> Result<usize, DatapathError> {
         let now = monotonic_ns();

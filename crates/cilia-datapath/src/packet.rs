@@ -1,5 +1,6 @@
-//! Builders for crafted packets (Ethernet frames) and the Internet checksum,
-//! for datapath fixtures.
+//! Builders for crafted packets (Ethernet frames) and the Internet checksum:
+//! the datapath fixtures' inputs, and the synthesized packet of
+//! `cilia policy trace --datapath`.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -123,6 +124,47 @@ pub fn neighbour_solicitation(src_mac: Mac, src: Ipv6Addr, target: Ipv6Addr) -> 
         ETH_P_IPV6,
         &ipv6(src, dst, IPPROTO_ICMPV6, 255, &icmp),
     )
+}
+
+/// The first packet of a flow from `src` to `dst`: a TCP SYN, a UDP
+/// datagram, an SCTP header, or an ICMP echo request (identifier `sport`).
+pub fn flow_packet(
+    dst_mac: Mac,
+    src_mac: Mac,
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    proto: u8,
+    sport: u16,
+    dport: u16,
+) -> Vec<u8> {
+    use std::net::IpAddr;
+    let v6 = src.is_ipv6();
+    let l4 = match proto {
+        IPPROTO_TCP => {
+            let mut t = vec![0u8; 20];
+            t[0..2].copy_from_slice(&sport.to_be_bytes());
+            t[2..4].copy_from_slice(&dport.to_be_bytes());
+            t[12] = 0x50;
+            t[13] = 0x02; // SYN
+            t
+        }
+        1 | IPPROTO_ICMPV6 => {
+            let mut icmp = vec![if v6 { 128 } else { 8 }, 0, 0, 0];
+            icmp.extend_from_slice(&sport.to_be_bytes());
+            icmp.extend_from_slice(&[0, 1]);
+            icmp
+        }
+        _ => udp(sport, dport, b"cilia trace"),
+    };
+    match (src, dst) {
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            eth(dst_mac, src_mac, ETH_P_IPV6, &ipv6(s, d, proto, 64, &l4))
+        }
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            eth(dst_mac, src_mac, ETH_P_IP, &ipv4(s, d, proto, 64, &l4))
+        }
+        _ => Vec::new(),
+    }
 }
 
 /// An ARP request: who has `tip`? tell `sip` (`sha`).

@@ -1,0 +1,552 @@
+//! The policy repository and everything that depends on it, as methods of
+//! the endpoint manager (it owns the state they change): importing and
+//! deleting policies, namespace labels, CIDR identities, regenerating every
+//! endpoint's policy map, and tracing a verdict.
+//!
+//! Invariant: `resolved` always holds exactly what each ready endpoint's
+//! policy map was last programmed from, so `trace` and `bpf policy get`
+//! explain the datapath's actual state.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use cilia_abi::{
+    CtKey, IpcacheKey, CILIA_FAMILY_IPV4, CILIA_FAMILY_IPV6, CILIA_ID_HEALTH, CILIA_ID_HOST,
+    CILIA_ID_INIT, CILIA_ID_REMOTE_NODE, CILIA_ID_UNMANAGED, CILIA_ID_WORLD,
+};
+use cilia_api::EndpointState;
+use cilia_policy::{Direction, IdentityCache, Labels, Verdict};
+use tracing::{info, warn};
+
+use crate::endpoint::{config_of, EndpointError, EndpointManager};
+use crate::policy::{self, map_entries};
+use crate::store::{
+    security_labels, EndpointRecord, StoredPolicy, DEFAULT_NAMESPACE, FIRST_CIDR_IDENTITY,
+    NAMESPACE_LABEL,
+};
+
+/// Reserved identities and their label names.
+pub const RESERVED: &[(u32, &str)] = &[
+    (CILIA_ID_HOST, "host"),
+    (CILIA_ID_WORLD, "world"),
+    (CILIA_ID_UNMANAGED, "unmanaged"),
+    (CILIA_ID_HEALTH, "health"),
+    (CILIA_ID_INIT, "init"),
+    (CILIA_ID_REMOTE_NODE, "remote-node"),
+];
+
+/// Identity given to a label set that no endpoint has, for tracing.
+const HYPOTHETICAL_IDENTITY: u32 = u32::MAX - 1;
+
+/// One side of a traced connection.
+#[derive(Debug, Clone)]
+pub struct Party {
+    pub description: String,
+    pub endpoint: Option<EndpointRecord>,
+    /// Security labels, when the party is (or could be) an endpoint.
+    pub labels: Option<BTreeMap<String, String>>,
+    pub identity: u32,
+    pub ip: Option<IpAddr>,
+}
+
+/// One direction's verdict in a trace.
+#[derive(Debug, Clone)]
+pub struct TraceStep {
+    pub direction: Direction,
+    pub subject: String,
+    pub verdict: Verdict,
+    pub reason: String,
+    pub rules: Vec<String>,
+}
+
+/// A complete trace: both directions, and optionally the kernel's answer.
+#[derive(Debug, Clone)]
+pub struct Trace {
+    pub src: Party,
+    pub dst: Party,
+    pub steps: Vec<TraceStep>,
+    pub verdict: Verdict,
+    /// tc verdict of the real program on a synthesized packet.
+    pub datapath: Option<u32>,
+}
+
+fn prefix_key(prefix: &ipnet::IpNet) -> IpcacheKey {
+    IpcacheKey::new(prefix.network(), prefix.prefix_len())
+}
+
+impl EndpointManager {
+    /// Loads the stored policies (at start-up). Documents that no longer
+    /// parse are kept in the store and reported in the status.
+    pub(crate) fn load_policies(&mut self) -> Result<(), EndpointError> {
+        self.policy_docs.clear();
+        self.policy_errors.clear();
+        for stored in self.store.policies()? {
+            match cilia_policy::parse_policies(&stored.key(), &stored.yaml) {
+                Ok(parsed) => {
+                    for p in parsed {
+                        self.policy_docs.insert(stored.key(), (stored.clone(), p));
+                    }
+                }
+                Err(e) => {
+                    warn!(policy = %stored.key(), error = %e, "stored policy no longer parses; skipped");
+                    self.policy_errors.push(e.to_string());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn policies(&self) -> Vec<cilia_policy::Policy> {
+        self.policy_docs.values().map(|(_, p)| p.clone()).collect()
+    }
+
+    pub fn policy_revision(&self) -> Result<u64, EndpointError> {
+        Ok(self.store.policy_revision()?)
+    }
+
+    pub fn policy_documents(&self) -> Vec<StoredPolicy> {
+        self.policy_docs.values().map(|(s, _)| s.clone()).collect()
+    }
+
+    pub fn policy_errors(&self) -> &[String] {
+        &self.policy_errors
+    }
+
+    /// Removes expired conntrack entries.
+    pub fn gc_conntrack(&mut self) -> Result<usize, EndpointError> {
+        Ok(self.datapath.gc_ct()?)
+    }
+
+    /// Names of the rules behind an endpoint's policy map entries, indexed by
+    /// rule cookie minus one.
+    pub fn resolved_rules(&self, endpoint: u16) -> Vec<String> {
+        self.resolved
+            .get(&endpoint)
+            .map(|r| r.rules.iter().map(|rule| rule.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Every identity the resolver may select.
+    pub(crate) fn identity_cache(&self) -> Result<IdentityCache, EndpointError> {
+        let mut cache = IdentityCache::new();
+        for (id, name) in RESERVED {
+            cache.insert_labels(*id, Labels::from_pairs([(format!("reserved:{name}"), "")]));
+        }
+        for (id, labels) in self.store.identities()? {
+            cache.insert_labels(id, Labels(labels));
+        }
+        for (prefix, id) in &self.cidr_ids {
+            cache.insert_cidr(*id, *prefix);
+        }
+        Ok(cache)
+    }
+
+    fn subject_labels(
+        rec: &EndpointRecord,
+        namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+    ) -> BTreeMap<String, String> {
+        let empty = BTreeMap::new();
+        let ns_labels = namespaces.get(&rec.namespace).unwrap_or(&empty);
+        security_labels(&rec.labels, &rec.namespace, ns_labels)
+    }
+
+    /// Resolves and programs one endpoint's policy map.
+    pub(crate) fn apply_policy(&mut self, rec: &EndpointRecord) -> Result<(), EndpointError> {
+        let cache = self.identity_cache()?;
+        let namespaces = self.store.namespaces()?;
+        let policies = self.policies();
+        self.apply_policy_with(rec, &policies, &cache, &namespaces)
+    }
+
+    fn apply_policy_with(
+        &mut self,
+        rec: &EndpointRecord,
+        policies: &[cilia_policy::Policy],
+        cache: &IdentityCache,
+        namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+    ) -> Result<(), EndpointError> {
+        let subject = Labels(Self::subject_labels(rec, namespaces));
+        let resolved = cilia_policy::resolve(policies, &subject, cache);
+        let entries = map_entries(&resolved);
+        policy::check_size(rec.id, &entries)?;
+        self.datapath.set_policy(rec.id, &entries)?;
+        self.resolved.insert(rec.id, resolved);
+        Ok(())
+    }
+
+    /// Gives the policies' CIDRs identities and puts them in the ipcache;
+    /// withdraws CIDR entries no policy needs any more.
+    fn sync_cidr_identities(&mut self) -> Result<(), EndpointError> {
+        let prefixes = cilia_policy::cidr_prefixes(&self.policies());
+        let ids = self.store.sync_cidr_identities(&prefixes)?;
+        for (prefix, id) in &ids {
+            self.datapath.upsert_ipcache(prefix_key(prefix), *id)?;
+        }
+        let wanted: std::collections::BTreeSet<IpcacheKey> = ids.keys().map(prefix_key).collect();
+        for (key, value) in self.datapath.list_ipcache()? {
+            if value.identity >= FIRST_CIDR_IDENTITY && !wanted.contains(&key) {
+                self.datapath.remove_ipcache(key)?;
+            }
+        }
+        self.cidr_ids = ids;
+        Ok(())
+    }
+
+    /// Recomputes and programs every ready endpoint's policy map, then bumps
+    /// the datapath's policy revision so established flows meet the new
+    /// policy on their next packet.
+    pub fn regenerate(&mut self) -> Result<(), EndpointError> {
+        self.sync_cidr_identities()?;
+        let cache = self.identity_cache()?;
+        let namespaces = self.store.namespaces()?;
+        let policies = self.policies();
+        for rec in self.store.endpoints()? {
+            if rec.state == EndpointState::Ready {
+                self.apply_policy_with(&rec, &policies, &cache, &namespaces)?;
+            }
+        }
+        self.datapath.bump_policy_revision()?;
+        Ok(())
+    }
+
+    /// Imports policies (all or nothing): replaces same-named ones, keeps the
+    /// rest. Returns the new revision and the imported names.
+    pub fn import_policies(
+        &mut self,
+        source: &str,
+        yaml: &str,
+    ) -> Result<(u64, Vec<String>), EndpointError> {
+        let parsed = policy::parse_import(source, yaml)?;
+        // Check the result fits every endpoint's map before changing anything.
+        let mut candidate = self.policy_docs.clone();
+        for (stored, p) in &parsed {
+            candidate.insert(stored.key(), (stored.clone(), p.clone()));
+        }
+        let policies: Vec<_> = candidate.values().map(|(_, p)| p.clone()).collect();
+        let cache = self.identity_cache()?;
+        let namespaces = self.store.namespaces()?;
+        for rec in self.store.endpoints()? {
+            let subject = Labels(Self::subject_labels(&rec, &namespaces));
+            policy::check_size(
+                rec.id,
+                &map_entries(&cilia_policy::resolve(&policies, &subject, &cache)),
+            )?;
+        }
+        let stored: Vec<StoredPolicy> = parsed.iter().map(|(s, _)| s.clone()).collect();
+        let revision = self.store.put_policies(&stored)?;
+        self.policy_docs = candidate;
+        let names = parsed
+            .iter()
+            .map(|(s, p)| format!("{} {}", s.kind, p.qualified_name()))
+            .collect();
+        info!(revision, source, "policies imported");
+        self.regenerate()?;
+        Ok((revision, names))
+    }
+
+    /// Deletes policies by name (optionally within one namespace), or all.
+    pub fn delete_policies(
+        &mut self,
+        name: Option<&str>,
+        namespace: Option<&str>,
+    ) -> Result<(u64, Vec<String>), EndpointError> {
+        let keys: Vec<String> = self
+            .policy_docs
+            .iter()
+            .filter(|(_, (s, _))| {
+                name.is_none_or(|n| s.name == n)
+                    && namespace.is_none_or(|ns| s.namespace.as_deref() == Some(ns))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        if keys.is_empty() {
+            return Err(EndpointError::NoSuchPolicy(match (name, namespace) {
+                (Some(n), Some(ns)) => format!("policy {ns}/{n} not found"),
+                (Some(n), None) => format!("policy {n} not found"),
+                _ => "no policies to delete".into(),
+            }));
+        }
+        let revision = self.store.delete_policies(Some(&keys))?;
+        let mut names = Vec::new();
+        for k in &keys {
+            if let Some((stored, policy)) = self.policy_docs.remove(k) {
+                names.push(format!("{} {}", stored.kind, policy.qualified_name()));
+            }
+        }
+        info!(revision, deleted = keys.len(), "policies deleted");
+        self.regenerate()?;
+        Ok((revision, names))
+    }
+
+    /// Sets a namespace's labels; endpoints in it move to their new
+    /// identities (programs swapped atomically), then policies regenerate.
+    pub fn set_namespace(
+        &mut self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<usize, EndpointError> {
+        cilia_api::labels::validate_value(namespace)
+            .map_err(|reason| EndpointError::Namespace(namespace.into(), reason))?;
+        cilia_api::labels::validate_labels(labels)?;
+        let changed = self.store.set_namespace(namespace, labels)?;
+        for rec in &changed {
+            if rec.state != EndpointState::Ready {
+                continue;
+            }
+            if let Some(ifindex) = self.netdev.ifindex(&rec.host_ifname) {
+                self.apply_policy(rec)?;
+                self.datapath
+                    .attach_endpoint(&config_of(rec, ifindex), &rec.host_ifname)?;
+                self.publish(rec, ifindex)?;
+            }
+        }
+        self.regenerate()?;
+        Ok(changed.len())
+    }
+
+    pub fn namespaces(&self) -> Result<BTreeMap<String, BTreeMap<String, String>>, EndpointError> {
+        let mut out = self.store.namespaces()?;
+        for rec in self.store.endpoints()? {
+            out.entry(rec.namespace).or_default();
+        }
+        out.entry(DEFAULT_NAMESPACE.into()).or_default();
+        Ok(out)
+    }
+
+    /// All identities: reserved, endpoint, CIDR.
+    pub fn identities(&self) -> Result<Vec<cilia_api::Identity>, EndpointError> {
+        let endpoints = self.store.endpoints()?;
+        let mut out: Vec<cilia_api::Identity> = RESERVED
+            .iter()
+            .map(|(id, name)| cilia_api::Identity {
+                id: *id,
+                kind: "reserved".into(),
+                labels: BTreeMap::from([(format!("reserved:{name}"), String::new())]),
+                endpoints: vec![],
+            })
+            .collect();
+        for (id, labels) in self.store.identities()? {
+            out.push(cilia_api::Identity {
+                id,
+                kind: "endpoint".into(),
+                labels,
+                endpoints: endpoints
+                    .iter()
+                    .filter(|e| e.identity == id)
+                    .map(|e| e.id)
+                    .collect(),
+            });
+        }
+        for (prefix, id) in &self.cidr_ids {
+            out.push(cilia_api::Identity {
+                id: *id,
+                kind: "cidr".into(),
+                labels: BTreeMap::from([
+                    (format!("cidr:{prefix}"), String::new()),
+                    ("reserved:world".into(), String::new()),
+                ]),
+                endpoints: vec![],
+            });
+        }
+        Ok(out)
+    }
+
+    /// The identity the datapath would give a non-endpoint address.
+    fn identity_of_address(&self, ip: IpAddr) -> u32 {
+        if ip == self.pools.v6.router() || self.pools.v4.as_ref().is_some_and(|p| p.router() == ip)
+        {
+            return CILIA_ID_HOST;
+        }
+        self.cidr_ids
+            .iter()
+            .filter(|(prefix, _)| prefix.contains(&ip))
+            .max_by_key(|(prefix, _)| prefix.prefix_len())
+            .map(|(_, id)| *id)
+            .unwrap_or(CILIA_ID_WORLD)
+    }
+
+    /// Interprets a trace party: an endpoint id, an address, or labels.
+    pub fn party(&self, spec: &str) -> Result<Party, EndpointError> {
+        let endpoints = self.store.endpoints()?;
+        let namespaces = self.store.namespaces()?;
+        let of_endpoint = |rec: &EndpointRecord, ip: Option<IpAddr>| Party {
+            description: format!("endpoint {} ({})", rec.id, rec.namespace),
+            endpoint: Some(rec.clone()),
+            labels: Some(Self::subject_labels(rec, &namespaces)),
+            identity: rec.identity,
+            ip: ip.or(Some(IpAddr::V6(rec.ipv6))),
+        };
+        if let Ok(id) = spec.parse::<u16>() {
+            let rec = endpoints
+                .iter()
+                .find(|r| r.id == id)
+                .ok_or(EndpointError::NotFound(id))?;
+            return Ok(of_endpoint(rec, None));
+        }
+        if let Ok(ip) = spec.parse::<IpAddr>() {
+            if let Some(rec) = endpoints.iter().find(|r| r.ips().contains(&ip)) {
+                return Ok(of_endpoint(rec, Some(ip)));
+            }
+            return Ok(Party {
+                description: format!("address {ip}"),
+                endpoint: None,
+                labels: None,
+                identity: self.identity_of_address(ip),
+                ip: Some(ip),
+            });
+        }
+        let mut labels = cilia_api::labels::parse_labels(spec)?;
+        let namespace = labels
+            .remove(NAMESPACE_LABEL)
+            .or_else(|| labels.remove(&format!("k8s:{NAMESPACE_LABEL}")))
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.into());
+        let empty = BTreeMap::new();
+        let sec = security_labels(
+            &labels,
+            &namespace,
+            namespaces.get(&namespace).unwrap_or(&empty),
+        );
+        let identity = self
+            .store
+            .identities()?
+            .into_iter()
+            .find(|(_, l)| *l == sec)
+            .map(|(id, _)| id)
+            .unwrap_or(HYPOTHETICAL_IDENTITY);
+        Ok(Party {
+            description: format!("labels {spec}"),
+            endpoint: None,
+            labels: Some(sec),
+            identity,
+            ip: None,
+        })
+    }
+
+    /// Traces a connection from `src` to `dst` on `dport`/`proto` through
+    /// the same resolution that programs the maps; with `datapath`, also
+    /// through the source endpoint's real program (BPF_PROG_TEST_RUN).
+    pub fn trace(
+        &mut self,
+        src: &str,
+        dst: &str,
+        proto: u8,
+        dport: u16,
+        datapath: bool,
+    ) -> Result<Trace, EndpointError> {
+        let src = self.party(src)?;
+        let dst = self.party(dst)?;
+        let mut cache = self.identity_cache()?;
+        for p in [&src, &dst] {
+            if let (Some(labels), HYPOTHETICAL_IDENTITY) = (&p.labels, p.identity) {
+                cache.insert_labels(HYPOTHETICAL_IDENTITY, Labels(labels.clone()));
+            }
+        }
+        let policies = self.policies();
+        let mut steps = Vec::new();
+        for (direction, subject, peer) in [
+            (Direction::Egress, &src, &dst),
+            (Direction::Ingress, &dst, &src),
+        ] {
+            let Some(labels) = &subject.labels else {
+                continue;
+            };
+            let resolved = match subject
+                .endpoint
+                .as_ref()
+                .and_then(|e| self.resolved.get(&e.id))
+            {
+                Some(r) if subject.identity != HYPOTHETICAL_IDENTITY => r.clone(),
+                _ => cilia_policy::resolve(&policies, &Labels(labels.clone()), &cache),
+            };
+            let t = cilia_policy::trace(&resolved, direction, peer.identity, proto, dport);
+            steps.push(TraceStep {
+                direction,
+                subject: subject.description.clone(),
+                verdict: t.verdict,
+                reason: t.reason,
+                rules: t.deciding_rules.iter().map(|r| r.to_string()).collect(),
+            });
+        }
+        let verdict = if steps.iter().any(|s| s.verdict == Verdict::Deny) {
+            Verdict::Deny
+        } else {
+            Verdict::Allow
+        };
+        let datapath = if datapath {
+            Some(self.trace_datapath(&src, &dst, proto, dport)?)
+        } else {
+            None
+        };
+        Ok(Trace {
+            src,
+            dst,
+            steps,
+            verdict,
+            datapath,
+        })
+    }
+
+    /// Runs the source endpoint's real program on a synthesized first
+    /// packet of the flow and removes the conntrack entry it may create.
+    fn trace_datapath(
+        &mut self,
+        src: &Party,
+        dst: &Party,
+        proto: u8,
+        dport: u16,
+    ) -> Result<u32, EndpointError> {
+        let rec = src.endpoint.as_ref().ok_or_else(|| {
+            EndpointError::Trace("--datapath needs an endpoint as the source".into())
+        })?;
+        let dst_ip = dst.ip.ok_or_else(|| {
+            EndpointError::Trace(
+                "--datapath needs a destination with an address (endpoint id or IP)".into(),
+            )
+        })?;
+        let src_ip = match dst_ip {
+            IpAddr::V6(_) => IpAddr::V6(rec.ipv6),
+            IpAddr::V4(_) => IpAddr::V4(rec.ipv4.ok_or_else(|| {
+                EndpointError::Trace(format!("endpoint {} has no IPv4 address", rec.id))
+            })?),
+        };
+        let ifindex = self.netdev.ifindex(&rec.host_ifname).unwrap_or(0);
+        const TRACE_SPORT: u16 = 65001;
+        let packet = cilia_datapath::packet::flow_packet(
+            rec.host_mac,
+            rec.mac,
+            src_ip,
+            dst_ip,
+            proto,
+            TRACE_SPORT,
+            dport,
+        );
+        let verdict = self.datapath.test_run(&config_of(rec, ifindex), &packet)?;
+        let icmp = proto == 1 || proto == 58;
+        let mut key = CtKey {
+            proto,
+            sport: TRACE_SPORT.to_be(),
+            // ICMP echo: the identifier stands in for both ports.
+            dport: if icmp {
+                TRACE_SPORT.to_be()
+            } else {
+                dport.to_be()
+            },
+            ..Default::default()
+        };
+        match (src_ip, dst_ip) {
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                key.saddr = s.octets();
+                key.daddr = d.octets();
+                key.family = CILIA_FAMILY_IPV6;
+            }
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                key.saddr[..4].copy_from_slice(&s.octets());
+                key.daddr[..4].copy_from_slice(&d.octets());
+                key.family = CILIA_FAMILY_IPV4;
+            }
+            _ => {}
+        }
+        self.datapath.remove_ct(key)?;
+        Ok(verdict)
+    }
+}
