@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The main job: sets everything up, starts cilia-agent on its embedded
-# defaults inside a node network namespace, and shows live traffic between
-# endpoints forwarded by BPF (no bridge, IP forwarding off), including an
-# agent crash that traffic survives. Everything lives in namespaces this
-# script creates, and is removed on exit (CILIA_DEMO_KEEP=1 keeps it).
+# defaults inside a node network namespace, and runs the Star Wars scenario of
+# Cilium's getting-started guide at L3/L4, live: endpoints deathstar,
+# tiefighter and xwing; before policy both ships land; after importing
+# examples/starwars/cnp-l3-l4.yaml the tiefighter lands and the xwing is
+# dropped. Then a trace, the kernel's maps, and an agent crash that traffic
+# survives. Everything lives in namespaces this script creates and is removed
+# on exit (CILIA_DEMO_KEEP=1 keeps it running).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -14,68 +17,86 @@ NODE=cilia-demo-node
 export CILIA_SOCKET=$RUN/cilia.sock
 AGENT_ARGS=(--state-dir "$RUN/state" --bpf-root /sys/fs/bpf/cilia-demo --socket "$CILIA_SOCKET"
   --ipv6-range fd00:c1a::/112 --ipv4-range 10.200.0.0/24)
-EPS=(deathstar tiefighter xwing)
+SHIPS=(deathstar tiefighter xwing)
 
 cleanup() {
-  [ "${CILIA_DEMO_KEEP:-0}" = 1 ] && { echo "(kept: agent in netns $NODE, socket $CILIA_SOCKET)"; return; }
+  [ "${CILIA_DEMO_KEEP:-0}" = 1 ] && { echo "(kept: agent in netns $NODE; export CILIA_SOCKET=$CILIA_SOCKET)"; return; }
   pkill -f -- "--bpf-root /sys/fs/bpf/cilia-demo" 2>/dev/null || true
-  for ns in "$NODE" "${EPS[@]/#/cilia-demo-}"; do ip netns del "$ns" 2>/dev/null || true; done
+  for ns in "$NODE" "${SHIPS[@]/#/cilia-demo-}"; do ip netns del "$ns" 2>/dev/null || true; done
   rm -rf "$RUN" /sys/fs/bpf/cilia-demo
 }
 trap cleanup EXIT
 cleanup
-mkdir -p "$RUN"
+mkdir -p "$RUN/www/v1"
+echo "Ship landed" >"$RUN/www/v1/request-landing"
 
 say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 cilia() { "$BIN/cilia" "$@"; }
-in_ep() { local ns=cilia-demo-$1; shift; ip netns exec "$ns" "$@"; }
-
+in_ship() { local ns=cilia-demo-$1; shift; ip netns exec "$ns" "$@"; }
 start_agent() {
   ( nsenter --net=/run/netns/$NODE "$BIN/cilia-agent" "${AGENT_ARGS[@]}" >>"$RUN/agent.log" 2>&1 & )
   for _ in $(seq 100); do cilia status >/dev/null 2>&1 && return; sleep 0.1; done
   echo "agent did not start:"; cat "$RUN/agent.log"; exit 1
 }
+field() { cilia endpoint list -o json | python3 -c "import json,sys; print([e['$2'] for e in json.load(sys.stdin) if e['labels'].get('class')=='$1'][0])"; }
+land() { # ship address
+  if out=$(in_ship "$1" curl -s --max-time 2 "http://$2/v1/request-landing" 2>/dev/null); then
+    printf '  %-10s -> deathstar %-16s %s\n' "$1" "$2" "$out"
+  else
+    printf '  %-10s -> deathstar %-16s \033[31mno answer (dropped)\033[0m\n' "$1" "$2"
+  fi
+}
 
-say "node namespace $NODE: the agent runs here"
+say "node namespace $NODE, IP forwarding off; cilia-agent on its embedded store"
 ip netns add $NODE
 ip -n $NODE link set lo up
 start_agent
 cilia status
 
-say "three endpoints, each in its own network namespace"
-for ep in "${EPS[@]}"; do
-  ip netns add cilia-demo-$ep
-  cilia endpoint create --netns cilia-demo-$ep --labels "app=$ep"
-done
+say "three endpoints, each in its own network namespace, labelled as in the Star Wars demo"
+ip netns add cilia-demo-deathstar
+cilia endpoint create --netns cilia-demo-deathstar --labels org=empire,class=deathstar
+ip netns add cilia-demo-tiefighter
+cilia endpoint create --netns cilia-demo-tiefighter --labels org=empire,class=tiefighter
+ip netns add cilia-demo-xwing
+cilia endpoint create --netns cilia-demo-xwing --labels org=alliance,class=xwing
 cilia endpoint list
-say "the kernel's endpoints map, read back"
-cilia bpf endpoint list
+DS=$(field deathstar id); DS6=$(field deathstar ipv6); DS4=$(field deathstar ipv4); XW=$(field xwing id)
+( cd "$RUN/www" && ip netns exec cilia-demo-deathstar python3 -m http.server 80 --bind :: >/dev/null 2>&1 & )
+for _ in $(seq 50); do in_ship tiefighter curl -s --max-time 1 "http://[$DS6]/" >/dev/null 2>&1 && break; sleep 0.1; done
 
-ip6() { cilia endpoint list -o json | python3 -c "import json,sys; print([e['$2'] for e in json.load(sys.stdin) if e['labels'].get('app')=='$1'][0])"; }
-DS6=$(ip6 deathstar ipv6); DS4=$(ip6 deathstar ipv4)
-say "forwarding in the node namespace: $(ip netns exec $NODE cat /proc/sys/net/ipv4/ip_forward) (ipv4), $(ip netns exec $NODE cat /proc/sys/net/ipv6/conf/all/forwarding) (ipv6) — BPF forwards"
+say "forwarding in the node namespace: ipv4=$(ip netns exec $NODE cat /proc/sys/net/ipv4/ip_forward) ipv6=$(ip netns exec $NODE cat /proc/sys/net/ipv6/conf/all/forwarding): BPF forwards"
+say "before any policy, every ship lands (IPv6 and IPv4)"
+for ship in tiefighter xwing; do land $ship "[$DS6]"; land $ship "$DS4"; done
 
-say "ICMP: tiefighter -> deathstar over IPv6 and IPv4"
-in_ep tiefighter ping -c 2 -i 0.2 "$DS6"
-in_ep tiefighter ping -c 2 -i 0.2 "$DS4"
+say "import the L3/L4 policy: only org=empire may reach the deathstar, on TCP/80"
+sed -n '/^apiVersion/,$p' examples/starwars/cnp-l3-l4.yaml
+cilia policy import examples/starwars/cnp-l3-l4.yaml
+for ship in tiefighter xwing; do land $ship "[$DS6]"; land $ship "$DS4"; done
 
-say "TCP and UDP: xwing -> deathstar (iperf3, 1 s each)"
-in_ep deathstar iperf3 -s -D -1 -B "$DS6" >/dev/null; sleep 0.3
-in_ep xwing iperf3 -c "$DS6" -t 1 -f m | grep -E "sender|receiver"
-in_ep deathstar iperf3 -s -D -1 -B "$DS4" >/dev/null; sleep 0.3
-in_ep xwing iperf3 -c "$DS4" -u -b 50M -t 1 -f m | grep -E "receiver" || true
+say "why was the xwing dropped? (control plane and the loaded BPF program, side by side)"
+cilia policy trace --src "$XW" --dst "$DS" --dport 80/TCP --datapath
+say "the deathstar's policy map, read back from the kernel"
+cilia bpf policy get "$DS"
+say "identities and the ipcache"
+cilia identity list
+cilia bpf ipcache list
+say "connection tracking"
+cilia bpf ct list
 
-say "kill -9 the agent during a ping: traffic does not notice"
-in_ep tiefighter ping -c 40 -i 0.05 "$DS6" >"$RUN/ping.log" &
-PING=$!
+say "kill -9 the agent during 30 landings: traffic and policy do not notice"
+in_ship tiefighter sh -c "ok=0; for i in \$(seq 30); do curl -s --max-time 1 http://[$DS6]/v1/request-landing >/dev/null && ok=\$((ok+1)); sleep 0.05; done; echo \"  tiefighter: \$ok of 30 landings succeeded\"" &
+LOOP=$!
 sleep 0.5
 pkill -9 -f -- "--bpf-root /sys/fs/bpf/cilia-demo"
-wait $PING || true
-tail -2 "$RUN/ping.log"
-say "restart: the agent restores the same endpoints, same addresses"
+echo "  (agent killed)"
+wait $LOOP || true
+land xwing "[$DS6]"
+say "restart: the agent restores the same endpoints, addresses and policy"
 start_agent
 cilia endpoint list
+cilia policy get
 
 say "datapath counters"
 cilia bpf metrics list
-say "done (try: CILIA_DEMO_KEEP=1 $0, then CILIA_SOCKET=$CILIA_SOCKET $BIN/cilia endpoint list)"
+say "done (CILIA_DEMO_KEEP=1 $0 keeps it running; then: export CILIA_SOCKET=$CILIA_SOCKET)"

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PKGS=(clang-19 clang-format-19 libbpf-dev linux-libc-dev bpftool iproute2 iputils-ping iperf3 curl util-linux)
+PKGS=(clang-19 clang-format-19 libbpf-dev linux-libc-dev bpftool iproute2 iputils-ping iperf3 curl util-linux python3 iptables)
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "setup.sh: run as root (installs packages, mounts bpffs, loads BPF programs)" >&2

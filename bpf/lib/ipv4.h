@@ -81,6 +81,8 @@ __inline_fn int handle_ipv4_to_endpoint(struct __sk_buff *skb, __u8 dir)
 
 	if ((void *)(ip + 1) > data_end || ip->ihl < 5)
 		return TC_ACT_OK; /* not ours to judge: the stack built it */
+	if ((((__u8 *)&ip->daddr)[0] & 0xf0) == 0xe0 || ip->daddr == 0xffffffff)
+		return TC_ACT_OK; /* multicast and broadcast: link business */
 
 	struct flow f = {.family = CILIA_FAMILY_IPV4, .proto = ip->protocol};
 	__u32 l4 = ETH_HLEN + ip->ihl * 4;

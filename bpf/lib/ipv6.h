@@ -81,6 +81,9 @@ __inline_fn int handle_ipv6_to_endpoint(struct __sk_buff *skb, __u8 dir)
 	if (ip6->nexthdr == IPPROTO_ICMPV6 && l4[0] >= NDISC_ROUTER_SOLICITATION &&
 	    l4[0] <= NDISC_REDIRECT)
 		return TC_ACT_OK;
+	/* Multicast from the node (MLD and the like) is link business. */
+	if (ip6->daddr.in6_u.u6_addr8[0] == 0xff)
+		return TC_ACT_OK;
 
 	struct flow f = {.family = CILIA_FAMILY_IPV6, .proto = ip6->nexthdr};
 	__u8 deny_dir = dir;
