@@ -80,6 +80,13 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, __u32 
 		ct->expires = now + ct_lifetime(f, ct->flags);
 		return 1;
 	}
+	/* An ICMP error about a tracked flow is part of that flow. */
+	if (f->related) {
+		struct ct_value *orig = bpf_map_lookup_elem(&cilia_ct, &f->inner);
+
+		if (orig && orig->expires > now)
+			return 1;
+	}
 	if (!live) {
 		ct_key_reverse(&rkey, &key);
 		reply = bpf_map_lookup_elem(&cilia_ct, &rkey);

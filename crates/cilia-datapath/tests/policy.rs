@@ -494,3 +494,57 @@ fn policy_updates_are_incremental_and_swap_maps() {
     fx.dp.remove_policy(B_ID).unwrap();
     assert!(fx.dp.get_policy(B_ID).unwrap().is_none());
 }
+
+/// ICMPv6 destination unreachable from B to A quoting `quoted` (an IPv6
+/// packet A sent).
+fn icmp6_unreachable_b_to_a(quoted: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![1, 4, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(quoted);
+    eth(
+        B_NODE_MAC,
+        B_MAC,
+        ETH_P_IPV6,
+        &ipv6(b6(), a6(), IPPROTO_ICMPV6, 64, &icmp),
+    )
+}
+
+#[test]
+fn icmp_errors_about_a_tracked_flow_follow_its_conntrack_entry() {
+    privileged!("icmp_errors_related");
+    let mut fx = Fixture::new();
+    // A accepts nothing new; B allows A on TCP/80.
+    set(&mut fx.dp, A_ID, &[enforce(CILIA_DIR_INGRESS)]);
+    set(
+        &mut fx.dp,
+        B_ID,
+        &[
+            enforce(CILIA_DIR_INGRESS),
+            rule(
+                CILIA_DIR_INGRESS,
+                A_IDENTITY,
+                6,
+                80,
+                16,
+                CILIA_VERDICT_ALLOW,
+            ),
+        ],
+    );
+    let syn = a_to_b(80);
+    assert_eq!(fx.a().run(&syn).unwrap().verdict, TC_ACT_REDIRECT);
+    let b = fx.b();
+    // The error quotes A's SYN (IPv6 header + TCP ports): related, passes.
+    assert_eq!(
+        b.run(&icmp6_unreachable_b_to_a(&syn[14..14 + 48]))
+            .unwrap()
+            .verdict,
+        TC_ACT_REDIRECT
+    );
+    // An error about a flow nobody opened is a new flow: A's ingress denies it.
+    let stranger = a_to_b(9999);
+    assert_eq!(
+        b.run(&icmp6_unreachable_b_to_a(&stranger[14..14 + 48]))
+            .unwrap()
+            .verdict,
+        TC_ACT_SHOT
+    );
+}
