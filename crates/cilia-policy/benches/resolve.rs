@@ -1,9 +1,47 @@
 //! Plain timing benchmarks (`cargo bench`): resolution time and map size for large
 //! policy sets. No external harness; prints one line per scenario.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::fmt::Write as _;
 use std::hint::black_box;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+/// Counts live heap bytes and their peak, so each scenario reports the peak
+/// memory its resolution needed above what was live before it.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator; only adds bookkeeping.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: same contract as the caller's.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(live, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Peak bytes allocated above the current level while `f` runs.
+fn peak_during<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    let base = LIVE.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    let out = f();
+    (out, PEAK.load(Ordering::Relaxed).saturating_sub(base))
+}
 
 use cilia_policy::{
     cidr_prefixes, parse_policies, resolve, IdentityCache, IpNet, Labels, Policy,
@@ -61,12 +99,72 @@ fn run(name: &str, yaml: &str) {
         entries = resolved.entries.len();
     }
     times.sort();
+    let (_, peak) = peak_during(|| resolve(&policies, &subject, &cache));
     println!(
-        "{name:<48} resolve median {:>10.3?} min {:>10.3?} ({} runs) | parse {:>10.3?} | {entries} entries",
+        "{name:<48} resolve median {:>10.3?} min {:>10.3?} ({} runs) | parse {:>10.3?} | {entries} entries | peak {:.1} KiB",
         times[times.len() / 2],
         times[0],
         times.len(),
         parse_time,
+        peak as f64 / 1024.0,
+    );
+}
+
+/// (e) A node's worth: 1000 endpoints, 10,000 rules (100 policies of 100
+/// L3/L4 rules, each selecting a slice of the endpoints), every endpoint
+/// resolved once, as a full regeneration does.
+fn node_scale() {
+    const ENDPOINTS: u32 = 1000;
+    const POLICIES: usize = 100;
+    const RULES_PER_POLICY: usize = 100;
+    let mut yaml = String::new();
+    for p in 0..POLICIES {
+        let _ = writeln!(
+            yaml,
+            "---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p{p}, namespace: default}}\nspec:\n  endpointSelector: {{matchLabels: {{tier: t{}}}}}\n  ingress:",
+            p % 10
+        );
+        for r in 0..RULES_PER_POLICY {
+            let _ = writeln!(
+                yaml,
+                "  - fromEndpoints: [{{matchLabels: {{app: a{}}}}}]\n    toPorts: [{{ports: [{{port: '{}', protocol: TCP}}]}}]",
+                (p * RULES_PER_POLICY + r) % 50,
+                8000 + r
+            );
+        }
+    }
+    let policies = match parse_policies("node.yaml", &yaml) {
+        Ok(p) => p,
+        Err(e) => panic!("(e): {e}"),
+    };
+    let labels = |i: u32| {
+        Labels::from_pairs([
+            (NAMESPACE_LABEL.to_string(), "default".to_string()),
+            ("app".to_string(), format!("a{}", i % 50)),
+            ("tier".to_string(), format!("t{}", i % 10)),
+            ("pod".to_string(), format!("p{i}")),
+        ])
+    };
+    let mut cache = IdentityCache::new();
+    for i in 0..ENDPOINTS {
+        cache.insert_labels(1000 + i, labels(i));
+    }
+    let start = Instant::now();
+    let (entries, peak) = peak_during(|| {
+        let mut entries = 0usize;
+        for i in 0..ENDPOINTS {
+            entries += resolve(black_box(&policies), &labels(i), &cache)
+                .entries
+                .len();
+        }
+        entries
+    });
+    println!(
+        "{:<48} {:>10.3?} for all endpoints ({:.3?} each) | {entries} entries | peak {:.1} KiB",
+        "(e) 1000 endpoints x 10000 rules",
+        start.elapsed(),
+        start.elapsed() / ENDPOINTS,
+        peak as f64 / 1024.0,
     );
 }
 
@@ -126,4 +224,6 @@ fn main() {
         "(d) 1000 allow+deny CIDR/port rules (/8../32)",
         &policy(&format!("{allow}{deny}")),
     );
+
+    node_scale();
 }
