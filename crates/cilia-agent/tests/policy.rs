@@ -764,3 +764,62 @@ fn policies_survive_an_agent_restart() {
     assert_eq!(t["verdict"], "DENIED", "{t:#}");
     assert_eq!(t["datapath"], "DENIED", "{t:#}");
 }
+
+#[test]
+fn identities_and_yaml_listing_reflect_labels_and_policies() {
+    privileged!("identities_and_yaml_listing");
+    let agent = TestAgent::start(AgentOptions::default());
+    let sw = Starwars::new(&agent);
+    let twin_ns = Netns::new("cep").unwrap();
+    // A second tiefighter shares the first one's identity.
+    let twin = agent.create_endpoint(&twin_ns, "org=empire,class=tiefighter");
+    assert_eq!(twin["identity"], sw.tiefighter["identity"]);
+    assert_ne!(sw.tiefighter["identity"], sw.xwing["identity"]);
+
+    let ids = agent.cli_json(&["identity", "list"]);
+    let ids = ids.as_array().unwrap();
+    for (id, label) in [
+        (1, "reserved:host"),
+        (2, "reserved:world"),
+        (5, "reserved:init"),
+    ] {
+        assert!(
+            ids.iter()
+                .any(|i| i["id"] == id && i["labels"].get(label).is_some()),
+            "reserved identity {id} ({label}) listed"
+        );
+    }
+    let tf_id = sw.tiefighter["identity"].as_u64().unwrap();
+    assert!(tf_id >= 256);
+    let one = agent.cli_json(&["identity", "get", &tf_id.to_string()]);
+    assert_eq!(one["labels"]["class"], "tiefighter");
+    assert_eq!(one["labels"]["io.kubernetes.pod.namespace"], "default");
+    assert_eq!(one["endpoints"].as_array().unwrap().len(), 2);
+
+    agent.cli_ok(&["policy", "import", CNP_RULE1]);
+    let yaml = agent.cli_ok(&["policy", "get", "-o", "yaml"]);
+    assert!(
+        yaml.contains("kind: CiliumNetworkPolicy") && yaml.contains("rule1"),
+        "{yaml}"
+    );
+    // The listing re-imports as is.
+    let again = cli_stdin(&agent, &["policy", "import", "-"], &yaml);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(policy_names(&agent).len(), 1);
+
+    // Deleting the twin leaves the shared identity; deleting both frees it.
+    agent.cli_ok(&["endpoint", "delete", &id_of(&twin)]);
+    assert!(agent
+        .cli(&["identity", "get", &tf_id.to_string()])
+        .status
+        .success());
+    agent.cli_ok(&["endpoint", "delete", &id_of(&sw.tiefighter)]);
+    assert!(!agent
+        .cli(&["identity", "get", &tf_id.to_string()])
+        .status
+        .success());
+}
