@@ -13,9 +13,9 @@ use axum::{Json, Router};
 use cilia_abi::{reason_name, CILIA_DIR_EGRESS, CILIA_METRIC_DROP};
 use cilia_api::{
     ApiError, BpfCtEntry, BpfEndpoint, BpfIpcacheEntry, BpfMetric, BpfPolicy, BpfPolicyEntry,
-    Endpoint, EndpointCreate, EndpointState, Identity, IpamStatus, KernelFeature, Namespace,
-    PolicyChange, PolicyDocument, PolicyImport, PolicyList, PoolStatus, Status, TraceRequest,
-    TraceResponse, TraceStep,
+    Endpoint, EndpointCreate, EndpointLabels, EndpointState, Identity, IpamStatus, KernelFeature,
+    Namespace, PolicyChange, PolicyDocument, PolicyImport, PolicyList, PoolStatus, Status,
+    TraceRequest, TraceResponse, TraceStep,
 };
 use cilia_datapath::FeatureReport;
 use serde::Deserialize;
@@ -83,6 +83,7 @@ impl From<EndpointError> for AppError {
             EndpointError::Policy(_) => (StatusCode::BAD_REQUEST, "invalid-policy"),
             EndpointError::NoSuchPolicy(_) => (StatusCode::NOT_FOUND, "not-found"),
             EndpointError::Trace(_) => (StatusCode::BAD_REQUEST, "invalid-trace"),
+            EndpointError::LabelSource(_) => (StatusCode::BAD_REQUEST, "invalid-request"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         AppError::new(status, code, msg)
@@ -122,6 +123,7 @@ pub fn endpoint_view(rec: &EndpointRecord) -> Endpoint {
         state: rec.state,
         reason: rec.reason.clone(),
         container_id: rec.container_id.clone(),
+        labels_pending: rec.label_source.is_some(),
     }
 }
 
@@ -181,10 +183,58 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-#[utoipa::path(get, path = "/v1/endpoints", responses((status = 200, body = Vec<Endpoint>)))]
-async fn list_endpoints(State(state): State<Shared>) -> Result<Json<Vec<Endpoint>>, AppError> {
-    with_manager(&state, |mgr| {
-        Ok(mgr.list()?.iter().map(endpoint_view).collect())
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct ContainerQuery {
+    /// Only the endpoints of this container (runtime's container id).
+    container_id: Option<String>,
+    /// With `container_id`: only this interface.
+    ifname: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/endpoints", params(ContainerQuery), responses((status = 200, body = Vec<Endpoint>)))]
+async fn list_endpoints(
+    State(state): State<Shared>,
+    Query(q): Query<ContainerQuery>,
+) -> Result<Json<Vec<Endpoint>>, AppError> {
+    with_manager(&state, move |mgr| {
+        Ok(mgr
+            .list()?
+            .iter()
+            .filter(|r| q.container_id.is_none() || r.container_id == q.container_id)
+            .filter(|r| q.ifname.as_ref().is_none_or(|i| &r.ifname == i))
+            .map(endpoint_view)
+            .collect())
+    })
+    .await
+    .map(Json)
+}
+
+#[utoipa::path(delete, path = "/v1/endpoints", params(ContainerQuery),
+    responses((status = 200, body = usize, description = "number of endpoints deleted (0 is not an error)")))]
+async fn delete_container(
+    State(state): State<Shared>,
+    Query(q): Query<ContainerQuery>,
+) -> Result<Json<usize>, AppError> {
+    let Some(cid) = q.container_id else {
+        return Err(bad_request("invalid-request", "container_id is required"));
+    };
+    with_manager(&state, move |mgr| {
+        mgr.delete_container(&cid, q.ifname.as_deref())
+    })
+    .await
+    .map(Json)
+}
+
+#[utoipa::path(put, path = "/v1/endpoints/{id}/labels", params(("id" = u16, Path)), request_body = EndpointLabels,
+    responses((status = 200, body = Endpoint), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+async fn set_endpoint_labels(
+    State(state): State<Shared>,
+    Path(id): Path<u16>,
+    body: Bytes,
+) -> Result<Json<Endpoint>, AppError> {
+    let req: EndpointLabels = json_body(&body)?;
+    with_manager(&state, move |mgr| {
+        mgr.set_labels(id, &req.labels).map(|r| endpoint_view(&r))
     })
     .await
     .map(Json)
@@ -674,7 +724,16 @@ pub fn router(state: Shared) -> Router {
         .route("/openapi.json", get(openapi))
         .route("/v1/healthz", get(healthz))
         .route("/v1/status", get(status))
-        .route("/v1/endpoints", get(list_endpoints).post(create_endpoint))
+        .route(
+            "/v1/endpoints",
+            get(list_endpoints)
+                .post(create_endpoint)
+                .delete(delete_container),
+        )
+        .route(
+            "/v1/endpoints/{id}/labels",
+            axum::routing::put(set_endpoint_labels),
+        )
         .route(
             "/v1/endpoints/{id}",
             get(get_endpoint).delete(delete_endpoint),

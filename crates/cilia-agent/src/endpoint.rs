@@ -44,6 +44,8 @@ pub enum EndpointError {
     NoSuchPolicy(String),
     #[error("trace: {0}")]
     Trace(String),
+    #[error("label source {0:?} is not supported (known: podman)")]
+    LabelSource(String),
 }
 
 fn valid_ifname(name: &str) -> bool {
@@ -187,6 +189,32 @@ impl EndpointManager {
         cilia_api::labels::validate_value(&namespace)
             .map_err(|reason| EndpointError::Namespace(namespace.clone(), reason))?;
         let labels: BTreeMap<String, String> = req.labels.clone();
+        let label_source = match req.label_source.as_deref() {
+            None => None,
+            Some("podman") if labels.is_empty() => Some("podman".to_string()),
+            Some("podman") => None, // labels given: nothing to learn
+            Some(other) => return Err(EndpointError::LabelSource(other.to_string())),
+        };
+        if label_source.is_some() && req.container_id.is_none() {
+            return Err(EndpointError::LabelSource(
+                "podman (needs container_id)".to_string(),
+            ));
+        }
+        // A runtime retrying ADD after a crash: replace what is left of the
+        // earlier attempt for the same container and interface.
+        if let Some(cid) = &req.container_id {
+            let stale: Vec<u16> = self
+                .store
+                .endpoints()?
+                .into_iter()
+                .filter(|r| r.container_id.as_deref() == Some(cid.as_str()) && r.ifname == ifname)
+                .map(|r| r.id)
+                .collect();
+            for id in stale {
+                warn!(id, container = %cid, "replacing the endpoint of an earlier ADD for the same container");
+                self.delete(id)?;
+            }
+        }
         let rec =
             self.store
                 .create_endpoint(&self.pools.v6, self.pools.v4.as_ref(), |id, v6, v4| {
@@ -205,6 +233,7 @@ impl EndpointManager {
                         container_id: req.container_id.clone(),
                         namespace: namespace.clone(),
                         identity: 0,
+                        label_source: label_source.clone(),
                     }
                 })?;
         match self.connect(&rec) {
@@ -560,6 +589,7 @@ mod tests {
             ifname: None,
             container_id: None,
             namespace: None,
+            label_source: None,
         }
     }
 
@@ -613,6 +643,7 @@ mod tests {
                     container_id: None,
                     namespace: "default".into(),
                     identity: 0,
+                    label_source: None,
                 })
                 .unwrap();
             // The crash happened after the veth was made.

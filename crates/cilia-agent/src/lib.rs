@@ -10,6 +10,7 @@ pub mod api;
 pub mod datapath;
 pub mod endpoint;
 pub mod ipam;
+pub mod labels;
 pub mod netdev;
 pub mod paths;
 pub mod policy;
@@ -156,6 +157,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         ipv4_range = ?config.ipv4_range,
         "cilia-agent ready"
     );
+    tokio::spawn(labels::learn_labels(state.clone()));
     // Conntrack garbage collection: expired entries only take room (the
     // datapath already treats them as absent).
     let gc_state = state.clone();

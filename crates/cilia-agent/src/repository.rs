@@ -304,6 +304,63 @@ impl EndpointManager {
         Ok(changed.len())
     }
 
+    /// Sets an endpoint's labels: it moves to the identity of its new
+    /// security labels (program swapped atomically), then policies regenerate.
+    pub fn set_labels(
+        &mut self,
+        id: u16,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<EndpointRecord, EndpointError> {
+        cilia_api::labels::validate_labels(labels)?;
+        let rec = self
+            .store
+            .set_endpoint_labels(id, labels)?
+            .ok_or(EndpointError::NotFound(id))?;
+        if rec.state == EndpointState::Ready {
+            if let Some(ifindex) = self.netdev.ifindex(&rec.host_ifname) {
+                self.apply_policy(&rec)?;
+                self.datapath
+                    .attach_endpoint(&config_of(&rec, ifindex), &rec.host_ifname)?;
+                self.publish(&rec, ifindex)?;
+            }
+        }
+        info!(id, identity = rec.identity, "endpoint labels set");
+        self.regenerate()?;
+        Ok(rec)
+    }
+
+    /// Endpoints whose labels are still to be learned: (id, source, container id).
+    pub fn pending_labels(&self) -> Result<Vec<(u16, String, String)>, EndpointError> {
+        Ok(self
+            .store
+            .endpoints()?
+            .into_iter()
+            .filter(|r| r.state == EndpointState::Ready)
+            .filter_map(|r| Some((r.id, r.label_source?, r.container_id?)))
+            .collect())
+    }
+
+    /// Deletes the endpoints of a container (optionally one interface);
+    /// returns how many. None is not an error: CNI DEL is idempotent.
+    pub fn delete_container(
+        &mut self,
+        container_id: &str,
+        ifname: Option<&str>,
+    ) -> Result<usize, EndpointError> {
+        let ids: Vec<u16> = self
+            .store
+            .endpoints()?
+            .into_iter()
+            .filter(|r| r.container_id.as_deref() == Some(container_id))
+            .filter(|r| ifname.is_none_or(|i| r.ifname == i))
+            .map(|r| r.id)
+            .collect();
+        for id in &ids {
+            self.delete(*id)?;
+        }
+        Ok(ids.len())
+    }
+
     pub fn namespaces(&self) -> Result<BTreeMap<String, BTreeMap<String, String>>, EndpointError> {
         let mut out = self.store.namespaces()?;
         for rec in self.store.endpoints()? {

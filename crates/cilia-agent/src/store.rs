@@ -33,6 +33,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub const FIRST_ENDPOINT_IDENTITY: u32 = 256;
 /// Last identity given to endpoints.
 pub const LAST_ENDPOINT_IDENTITY: u32 = 65535;
+/// The reserved identity of endpoints whose labels are not known yet.
+pub const INIT_IDENTITY: u32 = 5;
 /// First local CIDR identity.
 pub const FIRST_CIDR_IDENTITY: u32 = 1 << 24;
 /// The namespace of endpoints created without one.
@@ -139,6 +141,9 @@ pub struct EndpointRecord {
     /// Security identity (derived from the security labels).
     #[serde(default)]
     pub identity: u32,
+    /// Labels still to be learned from `label_source`; identity is `init`.
+    #[serde(default)]
+    pub label_source: Option<String>,
 }
 
 impl EndpointRecord {
@@ -259,10 +264,14 @@ impl Store {
             };
             let mut rec = make(id, v6, v4);
             let ns_labels = namespace_labels(&txn, &rec.namespace)?;
-            rec.identity = identity_for(
-                &txn,
-                &security_labels(&rec.labels, &rec.namespace, &ns_labels),
-            )?;
+            rec.identity = if rec.label_source.is_some() {
+                INIT_IDENTITY
+            } else {
+                identity_for(
+                    &txn,
+                    &security_labels(&rec.labels, &rec.namespace, &ns_labels),
+                )?
+            };
             for ip in rec.ips() {
                 ipam.insert(ip.to_string().as_str(), id)?;
             }
@@ -296,6 +305,32 @@ impl Store {
         release_unused_identities(&txn)?;
         txn.commit()?;
         Ok(())
+    }
+
+    /// Sets an endpoint's labels (learned or changed) and moves it to the
+    /// identity of its new security labels, in one transaction.
+    pub fn set_endpoint_labels(
+        &self,
+        id: u16,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Option<EndpointRecord>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let rec = {
+            let Some(mut rec) = read_endpoints(&txn)?.into_iter().find(|r| r.id == id) else {
+                return Ok(None);
+            };
+            let ns_labels = namespace_labels(&txn, &rec.namespace)?;
+            rec.labels = labels.clone();
+            rec.label_source = None;
+            rec.identity =
+                identity_for(&txn, &security_labels(labels, &rec.namespace, &ns_labels))?;
+            txn.open_table(ENDPOINTS)?
+                .insert(rec.id, encode(&rec)?.as_slice())?;
+            rec
+        };
+        release_unused_identities(&txn)?;
+        txn.commit()?;
+        Ok(Some(rec))
     }
 
     /// Endpoint identities and their labels.
@@ -340,7 +375,10 @@ impl Store {
             txn.open_table(NAMESPACES)?
                 .insert(namespace, json.as_slice())?;
             let records = read_endpoints(&txn)?;
-            for mut rec in records.into_iter().filter(|r| r.namespace == namespace) {
+            for mut rec in records
+                .into_iter()
+                .filter(|r| r.namespace == namespace && r.label_source.is_none())
+            {
                 let identity =
                     identity_for(&txn, &security_labels(&rec.labels, namespace, labels))?;
                 if identity != rec.identity {
@@ -557,6 +595,7 @@ mod tests {
             container_id: None,
             namespace: DEFAULT_NAMESPACE.into(),
             identity: 0,
+            label_source: None,
         }
     }
 

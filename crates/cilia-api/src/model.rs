@@ -80,6 +80,18 @@ pub struct EndpointCreate {
     /// `io.kubernetes.pod.namespace`.
     #[serde(default)]
     pub namespace: Option<String>,
+    /// Where the agent should learn the labels from when `labels` is empty
+    /// (`podman`: `podman container inspect <container_id>`). Until it has
+    /// them, the endpoint carries the reserved `init` identity.
+    #[serde(default)]
+    pub label_source: Option<String>,
+}
+
+/// `PUT /v1/endpoints/{id}/labels`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointLabels {
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Lifecycle state of an endpoint.
@@ -115,6 +127,9 @@ pub struct Endpoint {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_id: Option<String>,
+    /// The labels are still being learned (identity `init` meanwhile).
+    #[serde(default)]
+    pub labels_pending: bool,
 }
 
 /// One entry of the kernel's endpoints map, read back.

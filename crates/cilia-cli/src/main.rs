@@ -415,6 +415,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ifname: Some(ifname),
                 container_id: None,
                 namespace: Some(namespace),
+                label_source: None,
             };
             let e: Endpoint = client.post("/v1/endpoints", &req).await?;
             if json {
