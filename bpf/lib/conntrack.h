@@ -57,6 +57,21 @@ __inline_fn __u32 policy_revision(void)
 }
 
 /*
+ * A tracked flow that the policy no longer allows keeps its entry, marked
+ * denied at this revision. Deleting it would let the peer's next packet
+ * start a "new" flow in the other direction, of which the revoked side's
+ * packets would then be replies. Returns the verdict: denied.
+ */
+__inline_fn int ct_revoke(struct ct_value *ct, __u32 rev)
+{
+	if (ct) {
+		ct->flags |= CILIA_CT_DENIED;
+		ct->policy_rev = rev;
+	}
+	return 0;
+}
+
+/*
  * Decides whether the packet of flow `f` may pass. `egress_ep` / `ingress_ep`
  * are the endpoints whose egress / ingress policy applies (0: none), and
  * `src_id` / `dst_id` the peers' identities. On a deny, *deny_dir says which
@@ -75,22 +90,27 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, __u32 
 	ct = bpf_map_lookup_elem(&cilia_ct, &key);
 	live = ct && ct->expires > now;
 	if (live && ct->policy_rev == rev) {
+		ct->expires = now + ct_lifetime(f, ct->flags);
+		if (ct->flags & CILIA_CT_DENIED)
+			return 0; /* revoked, and the policy has not changed since */
 		ct->packets += 1;
 		ct->bytes += skb->len;
-		ct->expires = now + ct_lifetime(f, ct->flags);
 		return 1;
 	}
 	/* An ICMP error about a tracked flow is part of that flow. */
 	if (f->related) {
 		struct ct_value *orig = bpf_map_lookup_elem(&cilia_ct, &f->inner);
 
-		if (orig && orig->expires > now)
+		if (orig && orig->expires > now && !(orig->flags & CILIA_CT_DENIED))
 			return 1;
 	}
 	if (!live) {
 		ct_key_reverse(&rkey, &key);
 		reply = bpf_map_lookup_elem(&cilia_ct, &rkey);
 		if (reply && reply->expires > now) {
+			/* The other side of a revoked flow may not revive it either. */
+			if (reply->flags & CILIA_CT_DENIED)
+				return 0;
 			reply->flags |= CILIA_CT_SEEN_REPLY;
 			reply->expires = now + ct_lifetime(f, reply->flags);
 			return 1;
@@ -99,19 +119,16 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, __u32 
 
 	if (egress_ep && !policy_allows(egress_ep, CILIA_DIR_EGRESS, dst_id, f->proto, f->dport)) {
 		*deny_dir = CILIA_DIR_EGRESS;
-		if (ct)
-			bpf_map_delete_elem(&cilia_ct, &key);
-		return 0;
+		return ct_revoke(live ? ct : 0, rev);
 	}
 	if (ingress_ep &&
 	    !policy_allows(ingress_ep, CILIA_DIR_INGRESS, src_id, f->proto, f->dport)) {
 		*deny_dir = CILIA_DIR_INGRESS;
-		if (ct)
-			bpf_map_delete_elem(&cilia_ct, &key);
-		return 0;
+		return ct_revoke(live ? ct : 0, rev);
 	}
 
 	if (live) {
+		ct->flags &= ~CILIA_CT_DENIED;
 		ct->policy_rev = rev;
 		ct->packets += 1;
 		ct->bytes += skb->len;

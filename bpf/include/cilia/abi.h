@@ -156,6 +156,10 @@ struct ct_key {
 
 #define CILIA_CT_SEEN_REPLY 1
 #define CILIA_CT_CLOSING    2
+/* The flow was revoked by a policy change: it stays tracked (so neither side
+ * can restart it as a new flow in the other direction) and is dropped until a
+ * later policy allows it again. */
+#define CILIA_CT_DENIED 4
 
 struct ct_value {
 	__u64 expires;	  /* bpf_ktime_get_ns() deadline (CLOCK_MONOTONIC) */

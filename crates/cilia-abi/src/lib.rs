@@ -162,6 +162,9 @@ pub const CILIA_VERDICT_DENY: u8 = 2;
 
 pub const CILIA_CT_SEEN_REPLY: u16 = 1;
 pub const CILIA_CT_CLOSING: u16 = 2;
+/// The flow was revoked by a policy change (kept, so it cannot be revived
+/// from the other side).
+pub const CILIA_CT_DENIED: u16 = 4;
 pub const CILIA_CT_TCP_TIMEOUT: u32 = 21600;
 pub const CILIA_CT_TCP_SYN_TIMEOUT: u32 = 60;
 pub const CILIA_CT_TCP_CLOSE: u32 = 10;
@@ -408,6 +411,7 @@ mod tests {
                 "CILIA_VERDICT_DENY" => CILIA_VERDICT_DENY.into(),
                 "CILIA_CT_SEEN_REPLY" => CILIA_CT_SEEN_REPLY.into(),
                 "CILIA_CT_CLOSING" => CILIA_CT_CLOSING.into(),
+                "CILIA_CT_DENIED" => CILIA_CT_DENIED.into(),
                 "CILIA_CT_TCP_TIMEOUT" => CILIA_CT_TCP_TIMEOUT.into(),
                 "CILIA_CT_TCP_SYN_TIMEOUT" => CILIA_CT_TCP_SYN_TIMEOUT.into(),
                 "CILIA_CT_TCP_CLOSE" => CILIA_CT_TCP_CLOSE.into(),

@@ -604,6 +604,7 @@ async fn bpf_ct(State(state): State<Shared>) -> Result<Json<Vec<BpfCtEntry>>, Ap
                     bytes: v.bytes,
                     expires_in: (v.expires - now) / 1_000_000_000,
                     seen_reply: v.flags & cilia_abi::CILIA_CT_SEEN_REPLY != 0,
+                    denied: v.flags & cilia_abi::CILIA_CT_DENIED != 0,
                     policy_revision: v.policy_rev,
                 }
             })

@@ -196,6 +196,9 @@ pub struct BpfCtEntry {
     /// Seconds until expiry.
     pub expires_in: u64,
     pub seen_reply: bool,
+    /// Revoked by a policy change: its packets are dropped.
+    #[serde(default)]
+    pub denied: bool,
     pub policy_revision: u32,
 }
 

@@ -683,7 +683,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                 e.packets.to_string(),
                                 e.bytes.to_string(),
                                 format!("{}s", e.expires_in),
-                                if e.seen_reply { "yes" } else { "no" }.into(),
+                                if e.denied {
+                                    "REVOKED"
+                                } else if e.seen_reply {
+                                    "yes"
+                                } else {
+                                    "no"
+                                }
+                                .into(),
                                 e.policy_revision.to_string(),
                             ]
                         })

@@ -548,3 +548,75 @@ fn icmp_errors_about_a_tracked_flow_follow_its_conntrack_entry() {
         TC_ACT_SHOT
     );
 }
+
+#[test]
+fn a_revoked_flow_cannot_be_revived_from_the_server_side() {
+    privileged!("revoked_flow_stays_revoked");
+    let mut fx = Fixture::new();
+    set(
+        &mut fx.dp,
+        B_ID,
+        &[
+            enforce(CILIA_DIR_INGRESS),
+            rule(
+                CILIA_DIR_INGRESS,
+                A_IDENTITY,
+                6,
+                80,
+                16,
+                CILIA_VERDICT_ALLOW,
+            ),
+        ],
+    );
+    let (a, b) = (fx.a(), fx.b());
+    assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        b.run(&b_to_a(80)).unwrap().verdict,
+        TC_ACT_REDIRECT,
+        "reply"
+    );
+    // Revoke: B now accepts nothing.
+    set(&mut fx.dp, B_ID, &[enforce(CILIA_DIR_INGRESS)]);
+    fx.dp.bump_policy_revision().unwrap();
+    assert_eq!(
+        a.run(&a_to_b(80)).unwrap().verdict,
+        TC_ACT_SHOT,
+        "client's next packet"
+    );
+    // The server retransmits: it must not open a reverse flow of which the
+    // client's packets would be replies.
+    assert_eq!(
+        b.run(&b_to_a(80)).unwrap().verdict,
+        TC_ACT_SHOT,
+        "server retransmit"
+    );
+    assert_eq!(
+        a.run(&a_to_b(80)).unwrap().verdict,
+        TC_ACT_SHOT,
+        "client retransmit"
+    );
+    assert!(fx
+        .dp
+        .list_ct()
+        .unwrap()
+        .iter()
+        .any(|(_, v)| v.flags & CILIA_CT_DENIED != 0));
+    // Allowed again by a later policy: the same flow resumes.
+    set(
+        &mut fx.dp,
+        B_ID,
+        &[
+            enforce(CILIA_DIR_INGRESS),
+            rule(
+                CILIA_DIR_INGRESS,
+                A_IDENTITY,
+                6,
+                80,
+                16,
+                CILIA_VERDICT_ALLOW,
+            ),
+        ],
+    );
+    fx.dp.bump_policy_revision().unwrap();
+    assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_REDIRECT);
+}
