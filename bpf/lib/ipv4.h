@@ -5,10 +5,9 @@
 
 #include "common.h"
 #include "config.h"
-#include "conntrack.h"
 #include "flow.h"
 #include "forward.h"
-#include "ipcache.h"
+#include "verdict.h"
 
 /* TTL decrement with incremental checksum update (RFC 1624). */
 __inline_fn void ipv4_decrease_ttl(struct iphdr *ip)
@@ -40,7 +39,6 @@ __inline_fn int handle_ipv4(struct __sk_buff *skb, __u8 dir)
 
 	struct flow f = {.family = CILIA_FAMILY_IPV4, .proto = ip->protocol};
 	__u32 l4 = ETH_HLEN + ip->ihl * 4;
-	__be32 daddr = ip->daddr;
 
 	__builtin_memcpy(f.saddr, &ip->saddr, 4);
 	__builtin_memcpy(f.daddr, &ip->daddr, 4);
@@ -48,17 +46,11 @@ __inline_fn int handle_ipv4(struct __sk_buff *skb, __u8 dir)
 	if (!(ip->frag_off & bpf_htons(0x1fff)) && flow_parse_l4(skb, &f, l4) < 0)
 		return drop(skb, CILIA_DROP_INVALID, dir);
 
-	struct endpoint_info *ep = endpoint_lookup(&daddr, CILIA_FAMILY_IPV4);
-	__u32 dst_id = ep ? ep->identity : ipcache_identity(f.daddr, CILIA_FAMILY_IPV4);
-	__u8 deny_dir = dir;
+	struct endpoint_info *ep = 0;
+	int verdict = from_container_verdict(skb, &f, &ep, dir);
 
-	if (!flow_allowed(skb, &f, CILIA_CONFIG.endpoint_id, ep ? ep->endpoint_id : 0,
-			  CILIA_CONFIG.identity, dst_id, &deny_dir))
-		return drop(skb, CILIA_DROP_POLICY, deny_dir);
-	if (!ep) {
-		count_forward(skb, CILIA_FWD_STACK, dir);
-		return TC_ACT_OK;
-	}
+	if (verdict != CILIA_CONTINUE || !ep)
+		return verdict;
 
 	/* Helpers above may have moved the packet: load it again. */
 	data = (void *)(long)skb->data;
@@ -86,17 +78,12 @@ __inline_fn int handle_ipv4_to_endpoint(struct __sk_buff *skb, __u8 dir)
 
 	struct flow f = {.family = CILIA_FAMILY_IPV4, .proto = ip->protocol};
 	__u32 l4 = ETH_HLEN + ip->ihl * 4;
-	__u8 deny_dir = dir;
 
 	__builtin_memcpy(f.saddr, &ip->saddr, 4);
 	__builtin_memcpy(f.daddr, &ip->daddr, 4);
 	if (!(ip->frag_off & bpf_htons(0x1fff)) && flow_parse_l4(skb, &f, l4) < 0)
 		return drop(skb, CILIA_DROP_INVALID, dir);
-	if (!flow_allowed(skb, &f, 0, CILIA_CONFIG.endpoint_id,
-			  ipcache_identity(f.saddr, CILIA_FAMILY_IPV4), CILIA_CONFIG.identity,
-			  &deny_dir))
-		return drop(skb, CILIA_DROP_POLICY, deny_dir);
-	return TC_ACT_OK;
+	return to_container_verdict(skb, &f, dir);
 }
 
 #endif

@@ -5,10 +5,9 @@
 
 #include "common.h"
 #include "config.h"
-#include "conntrack.h"
 #include "flow.h"
 #include "forward.h"
-#include "ipcache.h"
+#include "verdict.h"
 #include "ndisc.h"
 
 __inline_fn int handle_ipv6(struct __sk_buff *skb, __u8 dir)
@@ -44,17 +43,11 @@ __inline_fn int handle_ipv6(struct __sk_buff *skb, __u8 dir)
 	if (flow_parse_l4(skb, &f, ETH_HLEN + sizeof(struct ipv6hdr)) < 0)
 		return drop(skb, CILIA_DROP_INVALID, dir);
 
-	struct endpoint_info *ep = endpoint_lookup(daddr, CILIA_FAMILY_IPV6);
-	__u32 dst_id = ep ? ep->identity : ipcache_identity(f.daddr, CILIA_FAMILY_IPV6);
-	__u8 deny_dir = dir;
+	struct endpoint_info *ep = 0;
+	int verdict = from_container_verdict(skb, &f, &ep, dir);
 
-	if (!flow_allowed(skb, &f, CILIA_CONFIG.endpoint_id, ep ? ep->endpoint_id : 0,
-			  CILIA_CONFIG.identity, dst_id, &deny_dir))
-		return drop(skb, CILIA_DROP_POLICY, deny_dir);
-	if (!ep) {
-		count_forward(skb, CILIA_FWD_STACK, dir);
-		return TC_ACT_OK;
-	}
+	if (verdict != CILIA_CONTINUE || !ep)
+		return verdict;
 
 	/* Helpers above may have moved the packet: load it again. */
 	data = (void *)(long)skb->data;
@@ -86,17 +79,11 @@ __inline_fn int handle_ipv6_to_endpoint(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_OK;
 
 	struct flow f = {.family = CILIA_FAMILY_IPV6, .proto = ip6->nexthdr};
-	__u8 deny_dir = dir;
-
 	__builtin_memcpy(f.saddr, &ip6->saddr, 16);
 	__builtin_memcpy(f.daddr, &ip6->daddr, 16);
 	if (flow_parse_l4(skb, &f, ETH_HLEN + sizeof(struct ipv6hdr)) < 0)
 		return drop(skb, CILIA_DROP_INVALID, dir);
-	if (!flow_allowed(skb, &f, 0, CILIA_CONFIG.endpoint_id,
-			  ipcache_identity(f.saddr, CILIA_FAMILY_IPV6), CILIA_CONFIG.identity,
-			  &deny_dir))
-		return drop(skb, CILIA_DROP_POLICY, deny_dir);
-	return TC_ACT_OK;
+	return to_container_verdict(skb, &f, dir);
 }
 
 #endif

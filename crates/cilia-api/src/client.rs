@@ -102,8 +102,10 @@ impl Client {
         Self::decode(status, &bytes)
     }
 
-    pub async fn post<B: Serialize, T: DeserializeOwned>(
+    /// Sends `body` as JSON with `method` and decodes the JSON answer.
+    async fn send<B: Serialize, T: DeserializeOwned>(
         &self,
+        method: Method,
         path: &str,
         body: &B,
     ) -> Result<T, ClientError> {
@@ -111,8 +113,16 @@ impl Client {
             status: 0,
             body: e.to_string(),
         })?;
-        let (status, bytes) = self.request(Method::POST, path, Some(body)).await?;
+        let (status, bytes) = self.request(method, path, Some(body)).await?;
         Self::decode(status, &bytes)
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.send(Method::POST, path, body).await
     }
 
     pub async fn put<B: Serialize, T: DeserializeOwned>(
@@ -120,12 +130,7 @@ impl Client {
         path: &str,
         body: &B,
     ) -> Result<T, ClientError> {
-        let body = serde_json::to_vec(body).map_err(|e| ClientError::Decode {
-            status: 0,
-            body: e.to_string(),
-        })?;
-        let (status, bytes) = self.request(Method::PUT, path, Some(body)).await?;
-        Self::decode(status, &bytes)
+        self.send(Method::PUT, path, body).await
     }
 
     /// DELETE with a JSON answer.
