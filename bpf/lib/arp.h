@@ -10,7 +10,7 @@
 
 #include "common.h"
 #include "config.h"
-#include "metrics.h"
+#include "events.h"
 
 struct arp_eth {
 	__be16 hrd;

@@ -78,7 +78,7 @@ __inline_fn int ct_revoke(struct ct_value *ct, __u32 rev)
  * direction's policy denied it.
  */
 __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, __u32 egress_ep,
-			     __u32 ingress_ep, __u32 src_id, __u32 dst_id, __u8 *deny_dir)
+			     __u32 ingress_ep, __u32 src_id, __u32 dst_id, struct decision *d)
 {
 	struct ct_key key = {}, rkey = {};
 	struct ct_value *ct, *reply;
@@ -91,8 +91,10 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, __u32 
 	live = ct && ct->expires > now;
 	if (live && ct->policy_rev == rev) {
 		ct->expires = now + ct_lifetime(f, ct->flags);
-		if (ct->flags & CILIA_CT_DENIED)
+		if (ct->flags & CILIA_CT_DENIED) {
+			d->verdict = CILIA_VERDICT_DENY;
 			return 0; /* revoked, and the policy has not changed since */
+		}
 		ct->packets += 1;
 		ct->bytes += skb->len;
 		return 1;
@@ -109,22 +111,29 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, __u32 
 		reply = bpf_map_lookup_elem(&cilia_ct, &rkey);
 		if (reply && reply->expires > now) {
 			/* The other side of a revoked flow may not revive it either. */
-			if (reply->flags & CILIA_CT_DENIED)
+			if (reply->flags & CILIA_CT_DENIED) {
+				d->verdict = CILIA_VERDICT_DENY;
 				return 0;
+			}
 			reply->flags |= CILIA_CT_SEEN_REPLY;
 			reply->expires = now + ct_lifetime(f, reply->flags);
 			return 1;
 		}
 	}
 
-	if (egress_ep && !policy_allows(egress_ep, CILIA_DIR_EGRESS, dst_id, f->proto, f->dport)) {
-		*deny_dir = CILIA_DIR_EGRESS;
+	if (egress_ep && !policy_allows(egress_ep, CILIA_DIR_EGRESS, dst_id, f->proto, f->dport, d))
 		return ct_revoke(live ? ct : 0, rev);
-	}
-	if (ingress_ep &&
-	    !policy_allows(ingress_ep, CILIA_DIR_INGRESS, src_id, f->proto, f->dport)) {
-		*deny_dir = CILIA_DIR_INGRESS;
-		return ct_revoke(live ? ct : 0, rev);
+	if (ingress_ep) {
+		struct decision in = {};
+
+		if (!policy_allows(ingress_ep, CILIA_DIR_INGRESS, src_id, f->proto, f->dport,
+				   &in)) {
+			*d = in;
+			return ct_revoke(live ? ct : 0, rev);
+		}
+		/* Report the ingress side unless egress only passed by audit. */
+		if (d->verdict != CILIA_VERDICT_AUDIT)
+			*d = in;
 	}
 
 	if (live) {

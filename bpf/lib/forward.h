@@ -11,7 +11,7 @@
 #include "common.h"
 #include "eth.h"
 #include "maps.h"
-#include "metrics.h"
+#include "events.h"
 
 __inline_fn struct endpoint_info *endpoint_lookup(const void *addr, __u8 family)
 {

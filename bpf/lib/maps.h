@@ -68,6 +68,13 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } cilia_ct SEC(".maps");
 
+/* Drop, trace and policy-verdict events for the agent's monitor. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, CILIA_EVENTS_SIZE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cilia_events SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);

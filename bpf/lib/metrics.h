@@ -20,16 +20,4 @@ __inline_fn void metrics_count(__u8 kind, __u8 reason, __u8 dir, __u32 bytes)
 	bpf_map_update_elem(&cilia_metrics, &key, &init, BPF_NOEXIST);
 }
 
-/* Count a drop and return the tc verdict that drops. */
-__inline_fn int drop(struct __sk_buff *skb, __u8 reason, __u8 dir)
-{
-	metrics_count(CILIA_METRIC_DROP, reason, dir, skb->len);
-	return TC_ACT_SHOT;
-}
-
-__inline_fn void count_forward(struct __sk_buff *skb, __u8 reason, __u8 dir)
-{
-	metrics_count(CILIA_METRIC_FORWARD, reason, dir, skb->len);
-}
-
 #endif

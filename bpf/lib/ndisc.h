@@ -12,7 +12,7 @@
 #include "common.h"
 #include "config.h"
 #include "csum.h"
-#include "metrics.h"
+#include "events.h"
 
 #define ND_NS_LEN	     24		/* ICMPv6 header + reserved + target */
 #define ND_NA_LEN	     32		/* NA + target link-layer address option */

@@ -9,12 +9,18 @@
 #define CILIA_POLICY_H
 
 #include "common.h"
+#include "events.h"
 #include "maps.h"
 
 #define POLICY_FULL_PREFIX 64 /* identity + direction + proto + port */
 #define POLICY_L3_PREFIX   40 /* identity + direction */
 
-__inline_fn int policy_allows(__u32 endpoint_id, __u8 dir, __u32 peer, __u8 proto, __be16 dport)
+/*
+ * Returns whether the endpoint's policy in `dir` lets a packet from/to
+ * `peer` on proto/dport through, and fills `d` with the deciding entry.
+ */
+__inline_fn int policy_allows(__u32 endpoint_id, __u8 dir, __u32 peer, __u8 proto, __be16 dport,
+			      struct decision *d)
 {
 	void *map = bpf_map_lookup_elem(&cilia_policy, &endpoint_id);
 	struct policy_key key = {
@@ -22,13 +28,19 @@ __inline_fn int policy_allows(__u32 endpoint_id, __u8 dir, __u32 peer, __u8 prot
 	    .identity = bpf_htonl(CILIA_ID_ENFORCEMENT),
 	    .direction = dir,
 	};
-	struct policy_value *v;
-	int enforced, allow = 0;
+	struct policy_value *v, *hit = 0;
+	__u8 flags = 0;
 
+	d->dir = dir;
+	d->checked = 1;
+	d->rule = 0;
+	d->match = CILIA_MATCH_NONE;
+	d->verdict = CILIA_VERDICT_ALLOW;
 	if (!map)
 		return 1; /* no policy map yet: nothing selects the endpoint */
 	v = bpf_map_lookup_elem(map, &key);
-	enforced = v && v->verdict;
+	if (v)
+		flags = v->verdict;
 
 	key.prefixlen = POLICY_FULL_PREFIX;
 	key.identity = bpf_htonl(peer);
@@ -36,18 +48,38 @@ __inline_fn int policy_allows(__u32 endpoint_id, __u8 dir, __u32 peer, __u8 prot
 	key.dport = dport;
 	v = bpf_map_lookup_elem(map, &key);
 	if (v) {
+		hit = v;
 		if (v->verdict == CILIA_VERDICT_DENY)
-			return 0;
-		allow = 1;
+			goto denied;
 	}
 	key.identity = 0;
 	v = bpf_map_lookup_elem(map, &key);
 	if (v) {
-		if (v->verdict == CILIA_VERDICT_DENY)
-			return 0;
-		allow = 1;
+		if (v->verdict == CILIA_VERDICT_DENY) {
+			hit = v;
+			goto denied;
+		}
+		if (!hit)
+			hit = v;
 	}
-	return allow || !enforced;
+	if (hit) {
+		d->rule = hit->rule;
+		d->match = hit->match;
+		return 1;
+	}
+	if (!(flags & CILIA_ENFORCE))
+		return 1;
+	goto refuse;
+denied:
+	d->rule = hit->rule;
+	d->match = hit->match;
+refuse:
+	if (flags & CILIA_ENFORCE_AUDIT) {
+		d->verdict = CILIA_VERDICT_AUDIT;
+		return 1;
+	}
+	d->verdict = CILIA_VERDICT_DENY;
+	return 0;
 }
 
 #endif

@@ -13,7 +13,7 @@
 #include "flow.h"
 #include "forward.h"
 #include "ipcache.h"
-#include "metrics.h"
+#include "events.h"
 
 /* Not a tc verdict: the caller goes on to deliver to a local endpoint. */
 #define CILIA_CONTINUE -1
@@ -28,15 +28,20 @@ __inline_fn int from_container_verdict(struct __sk_buff *skb, const struct flow 
 {
 	struct endpoint_info *dst = endpoint_lookup(f->daddr, f->family);
 	__u32 dst_id = dst ? dst->identity : ipcache_identity(f->daddr, f->family);
-	__u8 deny_dir = dir;
+	__u16 peer = dst ? dst->endpoint_id : 0;
+	struct decision d = {.dir = dir, .verdict = CILIA_VERDICT_ALLOW};
+	__u32 src_id = CILIA_CONFIG.identity;
 
-	if (!flow_allowed(skb, f, CILIA_CONFIG.endpoint_id, dst ? dst->endpoint_id : 0,
-			  CILIA_CONFIG.identity, dst_id, &deny_dir))
-		return drop(skb, CILIA_DROP_POLICY, deny_dir);
+	if (!flow_allowed(skb, f, CILIA_CONFIG.endpoint_id, peer, src_id, dst_id, &d))
+		return drop_policy(skb, f, src_id, dst_id, peer, &d);
+	if (d.checked)
+		emit_event(skb, CILIA_EVENT_POLICY_VERDICT, 0, d.dir, f, src_id, dst_id, peer, &d);
 	if (!dst) {
 		count_forward(skb, CILIA_FWD_STACK, dir);
+		emit_event(skb, CILIA_EVENT_TRACE, CILIA_FWD_STACK, dir, f, src_id, dst_id, 0, 0);
 		return TC_ACT_OK;
 	}
+	emit_event(skb, CILIA_EVENT_TRACE, CILIA_FWD_ENDPOINT, dir, f, src_id, dst_id, peer, 0);
 	*ep = dst;
 	return CILIA_CONTINUE;
 }
@@ -44,11 +49,15 @@ __inline_fn int from_container_verdict(struct __sk_buff *skb, const struct flow 
 /* From the node's stack to the endpoint: its ingress policy only. */
 __inline_fn int to_container_verdict(struct __sk_buff *skb, const struct flow *f, __u8 dir)
 {
-	__u8 deny_dir = dir;
+	struct decision d = {.dir = dir, .verdict = CILIA_VERDICT_ALLOW};
+	__u32 src_id = ipcache_identity(f->saddr, f->family);
+	__u32 dst_id = CILIA_CONFIG.identity;
 
-	if (!flow_allowed(skb, f, 0, CILIA_CONFIG.endpoint_id,
-			  ipcache_identity(f->saddr, f->family), CILIA_CONFIG.identity, &deny_dir))
-		return drop(skb, CILIA_DROP_POLICY, deny_dir);
+	if (!flow_allowed(skb, f, 0, CILIA_CONFIG.endpoint_id, src_id, dst_id, &d))
+		return drop_policy(skb, f, src_id, dst_id, 0, &d);
+	if (d.checked)
+		emit_event(skb, CILIA_EVENT_POLICY_VERDICT, 0, d.dir, f, src_id, dst_id, 0, &d);
+	emit_event(skb, CILIA_EVENT_TRACE, CILIA_FWD_ENDPOINT, dir, f, src_id, dst_id, 0, 0);
 	return TC_ACT_OK;
 }
 

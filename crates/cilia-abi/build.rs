@@ -39,7 +39,7 @@ const STRUCTS: &[(&str, &[&str])] = &[
         "policy_key",
         &["prefixlen", "identity", "direction", "proto", "dport"],
     ),
-    ("policy_value", &["verdict", "proxy_port", "rule"]),
+    ("policy_value", &["verdict", "match", "proxy_port", "rule"]),
     (
         "ct_key",
         &["saddr", "daddr", "sport", "dport", "proto", "family"],
@@ -56,7 +56,32 @@ const STRUCTS: &[(&str, &[&str])] = &[
             "flags",
         ],
     ),
-    ("global_config", &["policy_rev"]),
+    ("global_config", &["policy_rev", "monitor_level"]),
+    (
+        "event",
+        &[
+            "ts",
+            "type",
+            "reason",
+            "dir",
+            "verdict",
+            "endpoint_id",
+            "peer_endpoint",
+            "src_identity",
+            "dst_identity",
+            "rule",
+            "len",
+            "family",
+            "proto",
+            "match",
+            "caplen",
+            "sport",
+            "dport",
+            "saddr",
+            "daddr",
+            "data",
+        ],
+    ),
 ];
 
 fn main() {

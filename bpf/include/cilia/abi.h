@@ -136,9 +136,19 @@ struct policy_key {
 #define CILIA_VERDICT_ALLOW 1
 #define CILIA_VERDICT_DENY  2
 
+/* What an entry matches, reported in policy-verdict events. */
+#define CILIA_MATCH_NONE  0 /* no entry: the default verdict */
+#define CILIA_MATCH_L3	  1 /* identity, all L4 */
+#define CILIA_MATCH_PROTO 2 /* identity + protocol, all ports */
+#define CILIA_MATCH_PORT  3 /* identity + protocol + port (prefix) */
+
+/* Flags of the CILIA_ID_ENFORCEMENT entry's verdict byte. */
+#define CILIA_ENFORCE	    1 /* default deny in this direction */
+#define CILIA_ENFORCE_AUDIT 2 /* audit mode: would-be drops pass, reported as AUDIT */
+
 struct policy_value {
-	__u8 verdict; /* CILIA_VERDICT_*; for CILIA_ID_ENFORCEMENT keys: 1 = enforced */
-	__u8 pad;
+	__u8 verdict;	  /* CILIA_VERDICT_*; for CILIA_ID_ENFORCEMENT keys: CILIA_ENFORCE* */
+	__u8 match;	  /* CILIA_MATCH_* of this entry */
 	__u16 proxy_port; /* reserved for L7, zero */
 	__u32 rule;	  /* rule cookie: which policy rule this entry comes from */
 };
@@ -179,9 +189,51 @@ struct ct_value {
 #define CILIA_CT_OTHER_TIMEOUT	 60
 
 /* Global runtime settings: array map, one slot. */
+/* Monitor aggregation levels: with nobody listening, only counters. */
+#define CILIA_MONITOR_OFF   0
+#define CILIA_MONITOR_DROPS 1 /* drops and policy verdicts of new flows */
+#define CILIA_MONITOR_TRACE 2 /* + every forwarded packet */
+
 struct global_config {
-	__u32 policy_rev; /* bumped on every policy change */
-	__u32 pad;
+	__u32 policy_rev;    /* bumped on every policy change */
+	__u32 monitor_level; /* CILIA_MONITOR_* */
+};
+
+/* ---- events (one ring buffer) ---- */
+
+#define CILIA_EVENTS_SIZE  (1 << 22)
+#define CILIA_EVENT_CAPLEN 64
+
+#define CILIA_EVENT_DROP	   1
+#define CILIA_EVENT_TRACE	   2
+#define CILIA_EVENT_POLICY_VERDICT 3
+
+#define CILIA_VERDICT_AUDIT 3 /* policy verdict: would be denied, passed (audit mode) */
+
+/* Metric kind of events the ring buffer had no room for. */
+#define CILIA_METRIC_LOST 3
+
+struct event {
+	__u64 ts;	     /* bpf_ktime_get_ns() */
+	__u8 type;	     /* CILIA_EVENT_* */
+	__u8 reason;	     /* drop: CILIA_DROP_*; trace: CILIA_FWD_* */
+	__u8 dir;	     /* CILIA_DIR_* */
+	__u8 verdict;	     /* policy verdict: CILIA_VERDICT_* */
+	__u16 endpoint_id;   /* endpoint whose program saw the packet */
+	__u16 peer_endpoint; /* local peer endpoint, 0 when none */
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u32 rule;  /* rule cookie of the deciding entry, 0: default */
+	__u32 len;   /* packet length */
+	__u8 family; /* 0 when the packet was not parsed */
+	__u8 proto;
+	__u8 match;  /* CILIA_MATCH_* */
+	__u8 caplen; /* bytes of `data` that are valid */
+	__be16 sport;
+	__be16 dport;
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u8 data[CILIA_EVENT_CAPLEN]; /* the packet's first bytes */
 };
 
 #endif /* CILIA_ABI_H */

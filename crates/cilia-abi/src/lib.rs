@@ -228,7 +228,8 @@ pub struct PolicyKey {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PolicyValue {
     pub verdict: u8,
-    pub pad: u8,
+    /// `match` in C: CILIA_MATCH_* of this entry.
+    pub match_kind: u8,
     pub proxy_port: u16,
     pub rule: u32,
 }
@@ -264,7 +265,65 @@ pub struct CtValue {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GlobalConfig {
     pub policy_rev: u32,
-    pub pad: u32,
+    pub monitor_level: u32,
+}
+
+pub const CILIA_MATCH_NONE: u8 = 0;
+pub const CILIA_MATCH_L3: u8 = 1;
+pub const CILIA_MATCH_PROTO: u8 = 2;
+pub const CILIA_MATCH_PORT: u8 = 3;
+pub const CILIA_ENFORCE: u8 = 1;
+pub const CILIA_ENFORCE_AUDIT: u8 = 2;
+pub const CILIA_MONITOR_OFF: u32 = 0;
+pub const CILIA_MONITOR_DROPS: u32 = 1;
+pub const CILIA_MONITOR_TRACE: u32 = 2;
+pub const CILIA_EVENTS_SIZE: u32 = 1 << 22;
+pub const CILIA_EVENT_CAPLEN: usize = 64;
+pub const CILIA_EVENT_DROP: u8 = 1;
+pub const CILIA_EVENT_TRACE: u8 = 2;
+pub const CILIA_EVENT_POLICY_VERDICT: u8 = 3;
+pub const CILIA_VERDICT_AUDIT: u8 = 3;
+pub const CILIA_METRIC_LOST: u8 = 3;
+
+/// One datapath event, as read from the `cilia_events` ring buffer.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Event {
+    pub ts: u64,
+    pub type_: u8,
+    pub reason: u8,
+    pub dir: u8,
+    pub verdict: u8,
+    pub endpoint_id: u16,
+    pub peer_endpoint: u16,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub rule: u32,
+    pub len: u32,
+    pub family: u8,
+    pub proto: u8,
+    pub match_kind: u8,
+    pub caplen: u8,
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub data: [u8; CILIA_EVENT_CAPLEN],
+}
+
+impl Event {
+    /// Reads an event from ring-buffer bytes; `None` if too short.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < core::mem::size_of::<Self>() {
+            return None;
+        }
+        // SAFETY: Event is repr(C) plain data (integers and byte arrays, no
+        // invalid bit patterns), the length is checked above, and
+        // read_unaligned copes with any alignment of the buffer.
+        Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<Self>()) })
+    }
 }
 
 #[cfg(feature = "aya")]
@@ -284,6 +343,7 @@ mod pod {
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::GlobalConfig {}
+    unsafe impl aya::Pod for super::Event {}
 }
 
 #[cfg(test)]
@@ -337,6 +397,7 @@ mod tests {
             ("policy_key", "dport") => offset_of!(PolicyKey, dport),
             ("policy_value", "") => size_of::<PolicyValue>(),
             ("policy_value", "verdict") => offset_of!(PolicyValue, verdict),
+            ("policy_value", "match") => offset_of!(PolicyValue, match_kind),
             ("policy_value", "proxy_port") => offset_of!(PolicyValue, proxy_port),
             ("policy_value", "rule") => offset_of!(PolicyValue, rule),
             ("ct_key", "") => size_of::<CtKey>(),
@@ -356,6 +417,28 @@ mod tests {
             ("ct_value", "flags") => offset_of!(CtValue, flags),
             ("global_config", "") => size_of::<GlobalConfig>(),
             ("global_config", "policy_rev") => offset_of!(GlobalConfig, policy_rev),
+            ("global_config", "monitor_level") => offset_of!(GlobalConfig, monitor_level),
+            ("event", "") => size_of::<Event>(),
+            ("event", "ts") => offset_of!(Event, ts),
+            ("event", "type") => offset_of!(Event, type_),
+            ("event", "reason") => offset_of!(Event, reason),
+            ("event", "dir") => offset_of!(Event, dir),
+            ("event", "verdict") => offset_of!(Event, verdict),
+            ("event", "endpoint_id") => offset_of!(Event, endpoint_id),
+            ("event", "peer_endpoint") => offset_of!(Event, peer_endpoint),
+            ("event", "src_identity") => offset_of!(Event, src_identity),
+            ("event", "dst_identity") => offset_of!(Event, dst_identity),
+            ("event", "rule") => offset_of!(Event, rule),
+            ("event", "len") => offset_of!(Event, len),
+            ("event", "family") => offset_of!(Event, family),
+            ("event", "proto") => offset_of!(Event, proto),
+            ("event", "match") => offset_of!(Event, match_kind),
+            ("event", "caplen") => offset_of!(Event, caplen),
+            ("event", "sport") => offset_of!(Event, sport),
+            ("event", "dport") => offset_of!(Event, dport),
+            ("event", "saddr") => offset_of!(Event, saddr),
+            ("event", "daddr") => offset_of!(Event, daddr),
+            ("event", "data") => offset_of!(Event, data),
             _ => panic!("abi.h has {st}.{field} but the Rust mirror does not"),
         }
     }
@@ -412,6 +495,22 @@ mod tests {
                 "CILIA_CT_SEEN_REPLY" => CILIA_CT_SEEN_REPLY.into(),
                 "CILIA_CT_CLOSING" => CILIA_CT_CLOSING.into(),
                 "CILIA_CT_DENIED" => CILIA_CT_DENIED.into(),
+                "CILIA_MATCH_NONE" => CILIA_MATCH_NONE.into(),
+                "CILIA_MATCH_L3" => CILIA_MATCH_L3.into(),
+                "CILIA_MATCH_PROTO" => CILIA_MATCH_PROTO.into(),
+                "CILIA_MATCH_PORT" => CILIA_MATCH_PORT.into(),
+                "CILIA_ENFORCE" => CILIA_ENFORCE.into(),
+                "CILIA_ENFORCE_AUDIT" => CILIA_ENFORCE_AUDIT.into(),
+                "CILIA_MONITOR_OFF" => CILIA_MONITOR_OFF.into(),
+                "CILIA_MONITOR_DROPS" => CILIA_MONITOR_DROPS.into(),
+                "CILIA_MONITOR_TRACE" => CILIA_MONITOR_TRACE.into(),
+                "CILIA_EVENTS_SIZE" => CILIA_EVENTS_SIZE.into(),
+                "CILIA_EVENT_CAPLEN" => CILIA_EVENT_CAPLEN as u64,
+                "CILIA_EVENT_DROP" => CILIA_EVENT_DROP.into(),
+                "CILIA_EVENT_TRACE" => CILIA_EVENT_TRACE.into(),
+                "CILIA_EVENT_POLICY_VERDICT" => CILIA_EVENT_POLICY_VERDICT.into(),
+                "CILIA_VERDICT_AUDIT" => CILIA_VERDICT_AUDIT.into(),
+                "CILIA_METRIC_LOST" => CILIA_METRIC_LOST.into(),
                 "CILIA_CT_TCP_TIMEOUT" => CILIA_CT_TCP_TIMEOUT.into(),
                 "CILIA_CT_TCP_SYN_TIMEOUT" => CILIA_CT_TCP_SYN_TIMEOUT.into(),
                 "CILIA_CT_TCP_CLOSE" => CILIA_CT_TCP_CLOSE.into(),

@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use cilia_abi::{
     PolicyKey, PolicyValue, CILIA_DIR_EGRESS, CILIA_DIR_INGRESS, CILIA_ID_ENFORCEMENT,
-    CILIA_POLICY_MAX, CILIA_VERDICT_ALLOW, CILIA_VERDICT_DENY,
+    CILIA_MATCH_L3, CILIA_MATCH_PORT, CILIA_MATCH_PROTO, CILIA_POLICY_MAX, CILIA_VERDICT_ALLOW,
+    CILIA_VERDICT_DENY,
 };
 use cilia_policy::{Direction, Policy, PolicyError, PolicyKind, ResolvedPolicy, Verdict};
 
@@ -165,7 +166,11 @@ pub fn map_entries(resolved: &ResolvedPolicy) -> BTreeMap<PolicyKey, PolicyValue
                 Verdict::Allow => CILIA_VERDICT_ALLOW,
                 Verdict::Deny => CILIA_VERDICT_DENY,
             },
-            pad: 0,
+            match_kind: match (e.proto, e.port_prefix_len) {
+                (0, _) => CILIA_MATCH_L3,
+                (_, 0) => CILIA_MATCH_PROTO,
+                _ => CILIA_MATCH_PORT,
+            },
             proxy_port: 0,
             // Cookie: index of the rule in `resolved.rules`, plus one.
             rule: e.rule + 1,

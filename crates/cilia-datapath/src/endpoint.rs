@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::collections::BTreeMap;
 
 use aya::maps::{
-    Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, MapInfo, PerCpuHashMap,
+    Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, MapInfo, PerCpuHashMap, RingBuf,
 };
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::TcAttachOptions;
@@ -38,8 +38,8 @@ use crate::keys::{
     ipcache_from_lpm, ipcache_to_lpm, policy_from_lpm, policy_to_lpm, IpcacheData, PolicyData,
 };
 use crate::object::{
-    GLOBAL_CONFIG, LXC_OBJECT, MAP_CONFIG, MAP_CT, MAP_ENDPOINTS, MAP_IPCACHE, MAP_METRICS,
-    MAP_POLICY, PROG_FROM_CONTAINER, PROG_TO_CONTAINER, SHARED_MAPS,
+    GLOBAL_CONFIG, LXC_OBJECT, MAP_CONFIG, MAP_CT, MAP_ENDPOINTS, MAP_EVENTS, MAP_IPCACHE,
+    MAP_METRICS, MAP_POLICY, PROG_FROM_CONTAINER, PROG_TO_CONTAINER, SHARED_MAPS,
 };
 use crate::testrun::TestProgram;
 
@@ -54,6 +54,8 @@ pub struct BpfDatapath {
     policy: HashOfMaps<MapData, u32, MapData>,
     ct: HashMap<MapData, CtKey, CtValue>,
     config: Array<MapData, GlobalConfig>,
+    /// Handed to the one reader of events ([`BpfDatapath::take_events`]).
+    events: Option<RingBuf<MapData>>,
 }
 
 type PolicyMap = LpmTrie<MapData, PolicyData, PolicyValue>;
@@ -177,6 +179,7 @@ impl BpfDatapath {
         let policy = take(MAP_POLICY)?;
         let ct = take(MAP_CT)?;
         let config = take(MAP_CONFIG)?;
+        let events = take(MAP_EVENTS)?;
         mkdir(&root.join("policy"))?;
         Ok(Self {
             root: root.to_path_buf(),
@@ -188,6 +191,7 @@ impl BpfDatapath {
             policy: HashOfMaps::try_from(policy).map_err(|e| DatapathError::map(MAP_POLICY, e))?,
             ct: HashMap::try_from(ct).map_err(|e| DatapathError::map(MAP_CT, e))?,
             config: Array::try_from(config).map_err(|e| DatapathError::map(MAP_CONFIG, e))?,
+            events: Some(RingBuf::try_from(events).map_err(|e| DatapathError::map(MAP_EVENTS, e))?),
         })
     }
 
@@ -474,6 +478,28 @@ impl BpfDatapath {
         cfg.policy_rev = cfg.policy_rev.wrapping_add(1);
         self.config.set(0, cfg, 0).map_err(err)?;
         Ok(cfg.policy_rev)
+    }
+
+    /// Sets the monitor level (CILIA_MONITOR_*): which events the datapath
+    /// emits. Off costs only a map lookup per event site.
+    pub fn set_monitor_level(&mut self, level: u32) -> Result<(), DatapathError> {
+        let err = |e| DatapathError::map(MAP_CONFIG, e);
+        let mut cfg = self.config.get(&0, 0).map_err(err)?;
+        cfg.monitor_level = level;
+        self.config.set(0, cfg, 0).map_err(err)
+    }
+
+    pub fn monitor_level(&self) -> Result<u32, DatapathError> {
+        Ok(self
+            .config
+            .get(&0, 0)
+            .map_err(|e| DatapathError::map(MAP_CONFIG, e))?
+            .monitor_level)
+    }
+
+    /// The event ring buffer, for its single reader (the agent's monitor).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
     }
 
     /// Reads the conntrack table back from the kernel.

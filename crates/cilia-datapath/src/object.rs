@@ -33,6 +33,8 @@ pub const MAP_POLICY: &str = "cilia_policy";
 pub const MAP_CT: &str = "cilia_ct";
 /// Shared one-slot array: global runtime settings (policy revision).
 pub const MAP_CONFIG: &str = "cilia_config";
+/// Ring buffer of datapath events for the monitor.
+pub const MAP_EVENTS: &str = "cilia_events";
 
 /// The shared maps with the layout the embedded object expects, used to
 /// validate pins left by an earlier agent before reusing them.
@@ -67,6 +69,11 @@ pub const SHARED_MAPS: &[MapSpec] = &[
         name: MAP_CONFIG,
         key_size: 4,
         value_size: core::mem::size_of::<cilia_abi::GlobalConfig>() as u32,
+    },
+    MapSpec {
+        name: MAP_EVENTS,
+        key_size: 0,
+        value_size: 0,
     },
     MapSpec {
         name: MAP_METRICS,

@@ -620,3 +620,74 @@ fn a_revoked_flow_cannot_be_revived_from_the_server_side() {
     fx.dp.bump_policy_revision().unwrap();
     assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_REDIRECT);
 }
+
+fn drain_events(rb: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<Event> {
+    let mut out = Vec::new();
+    while let Some(item) = rb.next() {
+        out.extend(Event::from_bytes(&item));
+    }
+    out
+}
+
+#[test]
+fn events_are_emitted_only_when_the_monitor_listens() {
+    privileged!("events_gated_by_monitor_level");
+    let mut fx = Fixture::new();
+    let mut rb = fx.dp.take_events().unwrap();
+    set(
+        &mut fx.dp,
+        B_ID,
+        &[
+            enforce(CILIA_DIR_INGRESS),
+            rule(
+                CILIA_DIR_INGRESS,
+                A_IDENTITY,
+                6,
+                80,
+                16,
+                CILIA_VERDICT_ALLOW,
+            ),
+        ],
+    );
+    let a = fx.a();
+    assert_eq!(a.run(&a_to_b(81)).unwrap().verdict, TC_ACT_SHOT);
+    assert!(
+        drain_events(&mut rb).is_empty(),
+        "monitor off: counters only"
+    );
+
+    fx.dp.set_monitor_level(CILIA_MONITOR_DROPS).unwrap();
+    assert_eq!(a.run(&a_to_b(81)).unwrap().verdict, TC_ACT_SHOT);
+    assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_REDIRECT);
+    let events = drain_events(&mut rb);
+    let drop = events
+        .iter()
+        .find(|e| e.type_ == CILIA_EVENT_DROP)
+        .expect("drop event");
+    assert_eq!(drop.reason, CILIA_DROP_POLICY);
+    assert_eq!(drop.dir, CILIA_DIR_INGRESS);
+    assert_eq!(
+        (drop.src_identity, drop.dst_identity),
+        (A_IDENTITY, B_IDENTITY)
+    );
+    assert_eq!(u16::from_be(drop.dport), 81);
+    assert_eq!(drop.rule, 0, "default deny: no rule matched");
+    assert_eq!(drop.peer_endpoint, B_ID);
+    let verdict = events
+        .iter()
+        .find(|e| e.type_ == CILIA_EVENT_POLICY_VERDICT)
+        .expect("policy verdict of the allowed flow");
+    assert_eq!(verdict.verdict, CILIA_VERDICT_ALLOW);
+    assert_eq!(verdict.rule, 7, "the allowing entry's rule cookie");
+    assert!(
+        !events.iter().any(|e| e.type_ == CILIA_EVENT_TRACE),
+        "no traces at drops level"
+    );
+
+    fx.dp.set_monitor_level(CILIA_MONITOR_TRACE).unwrap();
+    assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_REDIRECT);
+    let events = drain_events(&mut rb);
+    assert!(events
+        .iter()
+        .any(|e| e.type_ == CILIA_EVENT_TRACE && e.reason == CILIA_FWD_ENDPOINT));
+}
