@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(clang-19 clang-format-19 libbpf-dev linux-libc-dev bpftool iproute2 iputils-ping iperf3 curl util-linux python3 iptables)
+PKGS+=(podman runc busybox-static)  # cilia-cni tests: real containers (podman 4.3, runc; busybox as the image)
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "setup.sh: run as root (installs packages, mounts bpffs, loads BPF programs)" >&2

@@ -32,6 +32,7 @@ use crate::store::{EndpointRecord, StoreError};
 /// allocation and device names race-free.
 pub struct AgentState {
     pub manager: Mutex<EndpointManager>,
+    pub monitor: Arc<crate::monitor::Monitor>,
     pub features: FeatureReport,
     pub state_dir: String,
     pub bpf_root: String,
@@ -623,7 +624,7 @@ async fn bpf_policy(
     with_manager(&state, move |mgr| {
         mgr.get(id)?;
         let entries = mgr.datapath().get_policy(id)?.unwrap_or_default();
-        let rules = mgr.resolved_rules(id);
+        let rules = mgr.rule_names();
         let mut out = BpfPolicy {
             endpoint: id,
             ingress_enforced: false,
@@ -677,6 +678,101 @@ async fn bpf_policy(
     .map(Json)
 }
 
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct StreamQuery {
+    /// Only the last N matching flows of the ring (before following).
+    last: Option<usize>,
+    /// Keep the stream open and send new flows as they happen.
+    #[serde(default)]
+    follow: bool,
+}
+
+fn ndjson_line(item: &cilia_api::StreamItem) -> Result<Bytes, std::convert::Infallible> {
+    let mut line = serde_json::to_vec(item).unwrap_or_default();
+    line.push(b'\n');
+    Ok(Bytes::from(line))
+}
+
+/// Live flows matching `filter`, as NDJSON lines; `lost` lines when the
+/// listener fell behind. The guard keeps the datapath's event level up for
+/// as long as the stream lives.
+fn live_stream(
+    state: &Shared,
+    filter: cilia_api::flows::FlowFilter,
+    backlog: Vec<crate::monitor::FlowRef>,
+) -> axum::body::Body {
+    use futures_util::StreamExt;
+    use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+    let (rx, guard) = state.monitor.subscribe(filter.wants_traces());
+    let backlog = futures_util::stream::iter(
+        backlog
+            .into_iter()
+            .map(|f| ndjson_line(&cilia_api::StreamItem::Flow(Box::new((*f).clone())))),
+    );
+    let live = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |item| {
+        let _keep = &guard;
+        let line = match item {
+            Ok(flow) if filter.matches(&flow) => Some(ndjson_line(&cilia_api::StreamItem::Flow(
+                Box::new((*flow).clone()),
+            ))),
+            Ok(_) => None,
+            Err(BroadcastStreamRecvError::Lagged(n)) => {
+                Some(ndjson_line(&cilia_api::StreamItem::Lost { lost: n }))
+            }
+        };
+        std::future::ready(line)
+    });
+    axum::body::Body::from_stream(backlog.chain(live))
+}
+
+fn ndjson(body: axum::body::Body) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        body,
+    )
+        .into_response()
+}
+
+#[utoipa::path(get, path = "/v1/flows", params(cilia_api::flows::FlowFilter, StreamQuery),
+    responses((status = 200, description = "NDJSON: one Flow (or {\"lost\": n}) per line", body = Vec<cilia_api::Flow>)))]
+async fn flows(
+    State(state): State<Shared>,
+    Query(filter): Query<cilia_api::flows::FlowFilter>,
+    Query(q): Query<StreamQuery>,
+) -> Response {
+    let mut recent: Vec<_> = state
+        .monitor
+        .recent()
+        .into_iter()
+        .filter(|f| filter.matches(f))
+        .collect();
+    if let Some(n) = q.last {
+        let skip = recent.len().saturating_sub(n);
+        recent.drain(..skip);
+    }
+    if q.follow {
+        return ndjson(live_stream(&state, filter, recent));
+    }
+    let body: Vec<u8> = recent
+        .into_iter()
+        .flat_map(|f| {
+            ndjson_line(&cilia_api::StreamItem::Flow(Box::new((*f).clone())))
+                .map(|b| b.to_vec())
+                .unwrap_or_default()
+        })
+        .collect();
+    ndjson(axum::body::Body::from(body))
+}
+
+#[utoipa::path(get, path = "/v1/monitor", params(cilia_api::flows::FlowFilter),
+    responses((status = 200, description = "NDJSON stream of live events while connected", body = Vec<cilia_api::Flow>)))]
+async fn monitor_stream(
+    State(state): State<Shared>,
+    Query(filter): Query<cilia_api::flows::FlowFilter>,
+) -> Response {
+    ndjson(live_stream(&state, filter, Vec::new()))
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -720,6 +816,9 @@ async fn not_found() -> AppError {
     )
 }
 
+/// Largest accepted request body (policy YAML).
+pub const MAX_BODY: usize = 64 << 20;
+
 pub fn router(state: Shared) -> Router {
     Router::new()
         .route("/openapi.json", get(openapi))
@@ -753,7 +852,12 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/identities/{id}", get(get_identity))
         .route("/v1/namespaces", get(list_namespaces))
         .route("/v1/namespaces/{name}", axum::routing::put(set_namespace))
+        .route("/v1/flows", get(flows))
+        .route("/v1/monitor", get(monitor_stream))
         .fallback(not_found)
+        // Policy imports of many thousand rules are large; the default 2 MB
+        // would refuse them before the parser could say anything useful.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
 

@@ -40,6 +40,7 @@ pub trait Datapath: Send {
     fn list_ct(&self) -> Result<Vec<(CtKey, CtValue)>, DatapathError>;
     fn gc_ct(&mut self) -> Result<usize, DatapathError>;
     fn remove_ct(&mut self, key: CtKey) -> Result<(), DatapathError>;
+    fn set_monitor_level(&mut self, level: u32) -> Result<(), DatapathError>;
     /// Runs a freshly loaded copy of an endpoint's from-container program on
     /// `packet` (BPF_PROG_TEST_RUN) and returns its tc verdict.
     fn test_run(&self, config: &EndpointConfig, packet: &[u8]) -> Result<u32, DatapathError>;
@@ -104,6 +105,9 @@ impl Datapath for BpfDatapath {
     }
     fn remove_ct(&mut self, key: CtKey) -> Result<(), DatapathError> {
         BpfDatapath::remove_ct(self, key)
+    }
+    fn set_monitor_level(&mut self, level: u32) -> Result<(), DatapathError> {
+        BpfDatapath::set_monitor_level(self, level)
     }
     fn test_run(&self, config: &EndpointConfig, packet: &[u8]) -> Result<u32, DatapathError> {
         Ok(self.test_program(config)?.run(packet)?.verdict)

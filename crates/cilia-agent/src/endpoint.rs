@@ -78,6 +78,8 @@ pub struct EndpointManager {
     pub(crate) cidr_ids: BTreeMap<ipnet::IpNet, u32>,
     /// Stored policies that failed to parse at start-up.
     pub(crate) policy_errors: Vec<String>,
+    /// Rule cookies of the entries in the policy maps.
+    pub(crate) rule_cookies: crate::policy::RuleCookies,
 }
 
 fn host_prefix(ip: IpAddr) -> u8 {
@@ -129,6 +131,7 @@ impl EndpointManager {
             resolved: BTreeMap::new(),
             cidr_ids: BTreeMap::new(),
             policy_errors: Vec::new(),
+            rule_cookies: crate::policy::RuleCookies::default(),
         }
     }
 
@@ -524,6 +527,9 @@ mod tests {
             Ok(0)
         }
         fn remove_ct(&mut self, _: CtKey) -> Result<(), DatapathError> {
+            Ok(())
+        }
+        fn set_monitor_level(&mut self, _: u32) -> Result<(), DatapathError> {
             Ok(())
         }
         fn test_run(&self, _: &EndpointConfig, _: &[u8]) -> Result<u32, DatapathError> {

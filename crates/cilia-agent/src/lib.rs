@@ -11,6 +11,7 @@ pub mod datapath;
 pub mod endpoint;
 pub mod ipam;
 pub mod labels;
+pub mod monitor;
 pub mod netdev;
 pub mod paths;
 pub mod policy;
@@ -40,6 +41,9 @@ pub struct AgentConfig {
     pub socket: PathBuf,
     pub ipv6_range: Ipv6Net,
     pub ipv4_range: Option<Ipv4Net>,
+    /// Recent flows kept for `cilia observe` (0: none, and no events unless
+    /// someone runs `cilia monitor`).
+    pub flow_buffer_size: usize,
 }
 
 fn mkdir_private(path: &std::path::Path) -> anyhow::Result<()> {
@@ -134,7 +138,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             .context("--ipv4-range")?,
     };
     let store = store::Store::open(&config.state_dir.join(paths::STATE_DB))?;
-    let datapath = cilia_datapath::BpfDatapath::open(&config.bpf_root)?;
+    let mut datapath = cilia_datapath::BpfDatapath::open(&config.bpf_root)?;
+    let events = datapath.take_events();
     let mut manager =
         EndpointManager::new(store, Box::new(datapath), Box::new(netdev::IpRoute), pools);
     manager
@@ -144,7 +149,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let restored = manager.list()?.len();
 
     let listener = bind_socket(&config.socket)?;
+    let flow_monitor = monitor::Monitor::new(config.flow_buffer_size);
     let state = Arc::new(AgentState {
+        monitor: flow_monitor.clone(),
         manager: Mutex::new(manager),
         features,
         state_dir: config.state_dir.display().to_string(),
@@ -158,6 +165,13 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         "cilia-agent ready"
     );
     tokio::spawn(labels::learn_labels(state.clone()));
+    match events.map(cilia_datapath::events::EventReader::new) {
+        Some(Ok(reader)) => {
+            tokio::spawn(monitor::run(state.clone(), flow_monitor, reader));
+        }
+        Some(Err(e)) => warn!(error = %e, "monitor disabled"),
+        None => warn!("event ring buffer unavailable: monitor disabled"),
+    }
     // Conntrack garbage collection: expired entries only take room (the
     // datapath already treats them as absent).
     let gc_state = state.clone();

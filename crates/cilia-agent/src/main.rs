@@ -27,6 +27,10 @@ struct Args {
     /// IPv4 range; IPv4 is off when not given.
     #[arg(long, env = "CILIA_IPV4_RANGE")]
     ipv4_range: Option<Ipv4Net>,
+    /// Recent flows kept for `cilia observe`; 0 keeps none, and the datapath
+    /// then emits events only while `cilia monitor` runs.
+    #[arg(long, env = "CILIA_FLOW_BUFFER_SIZE", default_value_t = cilia_agent::monitor::DEFAULT_FLOW_BUFFER)]
+    flow_buffer_size: usize,
 }
 
 #[tokio::main]
@@ -45,6 +49,7 @@ async fn main() {
         socket: args.socket,
         ipv6_range: args.ipv6_range,
         ipv4_range: args.ipv4_range,
+        flow_buffer_size: args.flow_buffer_size,
     };
     if let Err(e) = cilia_agent::run(config).await {
         eprintln!("cilia-agent: {e:#}");

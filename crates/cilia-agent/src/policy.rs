@@ -129,9 +129,52 @@ pub fn kernel_prefix_len(proto: u8, port_prefix_len: u8) -> u32 {
     }
 }
 
+/// Stable rule cookies: every distinct rule gets a number once, for the
+/// agent's lifetime, so an event carrying a cookie names the same rule
+/// however many regenerations happen between the kernel writing it and the
+/// monitor reading it.
+#[derive(Debug, Default)]
+pub struct RuleCookies {
+    by_name: BTreeMap<String, u32>,
+    names: Vec<String>,
+}
+
+impl RuleCookies {
+    /// The cookie of a rule (allocating one on first sight); never 0.
+    pub fn cookie(&mut self, rule: &str) -> u32 {
+        if let Some(c) = self.by_name.get(rule) {
+            return *c;
+        }
+        self.names.push(rule.to_string());
+        let c = self.names.len() as u32;
+        self.by_name.insert(rule.to_string(), c);
+        c
+    }
+
+    /// The rule a cookie stands for.
+    pub fn name(&self, cookie: u32) -> Option<&str> {
+        self.names
+            .get((cookie as usize).checked_sub(1)?)
+            .map(String::as_str)
+    }
+
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+}
+
 /// The policy map of a resolved policy: its entries plus the enforcement
-/// flags. Where two entries land on the same key, deny wins.
-pub fn map_entries(resolved: &ResolvedPolicy) -> BTreeMap<PolicyKey, PolicyValue> {
+/// flags; `cookies` numbers its rules. Where two entries land on the same
+/// key, deny wins.
+pub fn map_entries(
+    resolved: &ResolvedPolicy,
+    cookies: &mut RuleCookies,
+) -> BTreeMap<PolicyKey, PolicyValue> {
+    let rule_cookies: Vec<u32> = resolved
+        .rules
+        .iter()
+        .map(|r| cookies.cookie(&r.to_string()))
+        .collect();
     let mut out = BTreeMap::new();
     for (dir, enforced) in [
         (Direction::Ingress, resolved.ingress_enforced),
@@ -172,8 +215,7 @@ pub fn map_entries(resolved: &ResolvedPolicy) -> BTreeMap<PolicyKey, PolicyValue
                 _ => CILIA_MATCH_PORT,
             },
             proxy_port: 0,
-            // Cookie: index of the rule in `resolved.rules`, plus one.
-            rule: e.rule + 1,
+            rule: rule_cookies.get(e.rule as usize).copied().unwrap_or(0),
         };
         let slot = out.entry(key).or_insert(value);
         if value.verdict == CILIA_VERDICT_DENY {

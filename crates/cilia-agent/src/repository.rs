@@ -112,18 +112,25 @@ impl EndpointManager {
         &self.policy_errors
     }
 
+    /// Sets which events the datapath emits (CILIA_MONITOR_*).
+    pub fn set_monitor_level(&mut self, level: u32) -> Result<(), EndpointError> {
+        Ok(self.datapath.set_monitor_level(level)?)
+    }
+
     /// Removes expired conntrack entries.
     pub fn gc_conntrack(&mut self) -> Result<usize, EndpointError> {
         Ok(self.datapath.gc_ct()?)
     }
 
-    /// Names of the rules behind an endpoint's policy map entries, indexed by
-    /// rule cookie minus one.
-    pub fn resolved_rules(&self, endpoint: u16) -> Vec<String> {
-        self.resolved
-            .get(&endpoint)
-            .map(|r| r.rules.iter().map(|rule| rule.to_string()).collect())
-            .unwrap_or_default()
+    /// Names of the rules behind policy map entries, indexed by rule cookie
+    /// minus one.
+    pub fn rule_names(&self) -> Vec<String> {
+        self.rule_cookies.names().to_vec()
+    }
+
+    /// The rule a policy map entry's cookie stands for.
+    pub fn rule_name(&self, cookie: u32) -> Option<&str> {
+        self.rule_cookies.name(cookie)
     }
 
     /// Every identity the resolver may select.
@@ -167,7 +174,7 @@ impl EndpointManager {
     ) -> Result<(), EndpointError> {
         let subject = Labels(Self::subject_labels(rec, namespaces));
         let resolved = cilia_policy::resolve(policies, &subject, cache);
-        let entries = map_entries(&resolved);
+        let entries = map_entries(&resolved, &mut self.rule_cookies);
         policy::check_size(rec.id, &entries)?;
         self.datapath.set_policy(rec.id, &entries)?;
         self.resolved.insert(rec.id, resolved);
@@ -229,7 +236,10 @@ impl EndpointManager {
             let subject = Labels(Self::subject_labels(&rec, &namespaces));
             policy::check_size(
                 rec.id,
-                &map_entries(&cilia_policy::resolve(&policies, &subject, &cache)),
+                &map_entries(
+                    &cilia_policy::resolve(&policies, &subject, &cache),
+                    &mut crate::policy::RuleCookies::default(),
+                ),
             )?;
         }
         let stored: Vec<StoredPolicy> = parsed.iter().map(|(s, _)| s.clone()).collect();

@@ -97,6 +97,57 @@ impl Client {
         })
     }
 
+    /// GETs a newline-delimited stream, calling `on_line` for every line as
+    /// it arrives, until the agent ends it or `on_line` returns false.
+    pub async fn stream_lines(
+        &self,
+        path: &str,
+        mut on_line: impl FnMut(&str) -> bool,
+    ) -> Result<(), ClientError> {
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|error| ClientError::Connect {
+                    socket: self.socket.clone(),
+                    error,
+                })?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(path)
+            .header("host", "cilia")
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| ClientError::Decode {
+                status: 0,
+                body: e.to_string(),
+            })?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body.collect().await?.to_bytes();
+            return Self::decode::<serde_json::Value>(status, &bytes).map(|_| ());
+        }
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame?;
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            pending.extend_from_slice(data);
+            while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=pos).collect();
+                let text = String::from_utf8_lossy(&line[..line.len() - 1]);
+                if !on_line(&text) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let (status, bytes) = self.request(Method::GET, path, None).await?;
         Self::decode(status, &bytes)

@@ -3,6 +3,7 @@
 //! so the three can never disagree on a field name.
 
 pub mod client;
+pub mod flows;
 pub mod labels;
 pub mod model;
 

@@ -345,3 +345,64 @@ mod tests {
         assert!(parse_port_proto("eighty/TCP").is_err());
     }
 }
+
+/// One side of a flow, enriched by the agent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct FlowPeer {
+    /// Local endpoint id, when the address is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub identity: u32,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// A datapath event, decoded and enriched: what `cilia monitor` streams and
+/// `cilia observe` lists.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Flow {
+    /// RFC 3339 time.
+    pub time: String,
+    /// Nanoseconds since the Unix epoch.
+    pub time_ns: u64,
+    /// `drop`, `trace` or `policy-verdict`.
+    pub event: String,
+    /// `FORWARDED`, `DROPPED` or `AUDIT`.
+    pub verdict: String,
+    /// Why it was dropped, e.g. `Policy denied`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop_reason: Option<String>,
+    /// `ingress` or `egress` (of the endpoint whose policy decided).
+    pub direction: String,
+    /// Endpoint whose program saw the packet.
+    pub observed_at: u16,
+    pub source: FlowPeer,
+    pub destination: FlowPeer,
+    /// `TCP`, `UDP`, `ICMPv6`, …; empty when the packet was not parsed.
+    pub protocol: String,
+    pub length: u32,
+    /// The policy rule that decided, or `default deny` / `default allow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// Where a forwarded packet went (`to-endpoint`, `to-stack`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
+    /// The packet's first bytes, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+}
+
+/// A line of a monitor or observe stream: a flow, or a note that events
+/// were lost (the reader fell behind).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum StreamItem {
+    Flow(Box<Flow>),
+    Lost { lost: u64 },
+}

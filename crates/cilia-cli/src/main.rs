@@ -56,6 +56,54 @@ enum Command {
     /// Namespaces and their labels (selected by namespaceSelector).
     #[command(subcommand)]
     Namespace(NamespaceCmd),
+    /// Stream datapath events live: drops, traces, policy verdicts.
+    ///
+    /// Example: cilia monitor --type drop --related-to 1
+    Monitor {
+        /// Event types to show (repeatable): drop, trace, policy-verdict.
+        #[arg(long = "type", value_parser = ["drop", "trace", "policy-verdict"])]
+        types: Vec<String>,
+        /// Only events to or from this endpoint.
+        #[arg(long)]
+        related_to: Option<u16>,
+        /// Also print the packet's first bytes (hex).
+        #[arg(short, long)]
+        verbose: bool,
+    },
+    /// Recent flows (drops, verdicts, and traces while monitored), filtered.
+    ///
+    /// Example: cilia observe --verdict DROPPED --to-label class=deathstar --last 20
+    Observe {
+        #[arg(long)]
+        from_label: Option<String>,
+        #[arg(long)]
+        to_label: Option<String>,
+        #[arg(long)]
+        from_ip: Option<String>,
+        #[arg(long)]
+        to_ip: Option<String>,
+        /// Either side in this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// FORWARDED, DROPPED or AUDIT.
+        #[arg(long, value_parser = ["FORWARDED", "DROPPED", "AUDIT"])]
+        verdict: Option<String>,
+        /// TCP, UDP, SCTP, ICMP, ICMPv6.
+        #[arg(long)]
+        protocol: Option<String>,
+        /// Either side's port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only flows newer than this (e.g. 30s, 5m, 1h).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only the last N matching flows.
+        #[arg(long)]
+        last: Option<usize>,
+        /// Keep following new flows.
+        #[arg(short, long)]
+        follow: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -387,6 +435,151 @@ fn print_trace(t: &TraceResponse) {
     }
 }
 
+fn query_string(filter: &cilia_api::flows::FlowFilter, extra: &[(&str, String)]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut push = |k: &str, v: String| {
+        let enc: String = v
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        parts.push(format!("{k}={enc}"));
+    };
+    let f = filter.clone();
+    for (k, v) in [
+        ("from_label", f.from_label),
+        ("to_label", f.to_label),
+        ("from_ip", f.from_ip),
+        ("to_ip", f.to_ip),
+        ("namespace", f.namespace),
+        ("verdict", f.verdict),
+        ("protocol", f.protocol),
+        ("types", f.types),
+    ] {
+        if let Some(v) = v {
+            push(k, v);
+        }
+    }
+    if let Some(p) = f.port {
+        push("port", p.to_string());
+    }
+    if let Some(t) = f.since_ns {
+        push("since_ns", t.to_string());
+    }
+    if let Some(id) = f.related_to {
+        push("related_to", id.to_string());
+    }
+    for (k, v) in extra {
+        push(k, v.clone());
+    }
+    parts.join("&")
+}
+
+fn peer_text(p: &cilia_api::FlowPeer) -> String {
+    let addr = match (&p.ip, p.port) {
+        (Some(ip), Some(port)) if ip.contains(':') => format!("[{ip}]:{port}"),
+        (Some(ip), Some(port)) => format!("{ip}:{port}"),
+        (Some(ip), None) => ip.clone(),
+        _ => "?".into(),
+    };
+    let who = match (p.endpoint, &p.namespace) {
+        (Some(id), Some(ns)) => {
+            let labels = labels_of(&p.labels);
+            format!("{ns}/ep{id}({labels})")
+        }
+        _ => format!("identity {}", p.identity),
+    };
+    format!("{who} {addr}")
+}
+
+fn print_monitor_line(f: &cilia_api::Flow, verbose: bool) {
+    let time = f.time.get(11..26).unwrap_or(&f.time);
+    let what = match f.event.as_str() {
+        "drop" => format!("drop ({})", f.drop_reason.as_deref().unwrap_or("?")),
+        "trace" => format!("trace {}", f.trace.as_deref().unwrap_or("")),
+        _ => format!("policy-verdict {}", f.verdict),
+    };
+    let policy = f
+        .policy
+        .as_deref()
+        .map(|p| format!(" policy: {p}"))
+        .unwrap_or_default();
+    println!(
+        "{time} {what} {} ep {} identity {}->{} {} {} -> {} len {}{policy}",
+        f.direction,
+        f.observed_at,
+        f.source.identity,
+        f.destination.identity,
+        if f.protocol.is_empty() {
+            "-"
+        } else {
+            &f.protocol
+        },
+        peer_text(&f.source),
+        peer_text(&f.destination),
+        f.length,
+    );
+    if verbose {
+        if let Some(d) = &f.data {
+            println!("    {d}");
+        }
+    }
+}
+
+fn print_observe_line(f: &cilia_api::Flow) {
+    let time = f.time.get(0..23).unwrap_or(&f.time);
+    let reason = f
+        .drop_reason
+        .as_deref()
+        .map(|r| format!(" ({r})"))
+        .unwrap_or_default();
+    let policy = f
+        .policy
+        .as_deref()
+        .map(|p| format!(" [{p}]"))
+        .unwrap_or_default();
+    println!(
+        "{time}  {} -> {} {} {}{reason}{policy}",
+        peer_text(&f.source),
+        peer_text(&f.destination),
+        if f.protocol.is_empty() {
+            "-"
+        } else {
+            &f.protocol
+        },
+        f.verdict,
+    );
+}
+
+async fn stream(
+    client: &Client,
+    path: &str,
+    json: bool,
+    on_flow: impl Fn(&cilia_api::Flow),
+) -> anyhow::Result<()> {
+    client
+        .stream_lines(path, |line| {
+            if json {
+                println!("{line}");
+                return true;
+            }
+            match serde_json::from_str::<cilia_api::StreamItem>(line) {
+                Ok(cilia_api::StreamItem::Flow(f)) => on_flow(&f),
+                Ok(cilia_api::StreamItem::Lost { lost }) => {
+                    println!("WARNING: {lost} events lost (the reader fell behind)")
+                }
+                Err(_) => println!("{line}"),
+            }
+            true
+        })
+        .await?;
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(&cli.socket);
     let json = cli.output != Output::Table;
@@ -474,6 +667,68 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .collect(),
                 )
             }
+        }
+        Command::Monitor {
+            types,
+            related_to,
+            verbose,
+        } => {
+            let filter = cilia_api::flows::FlowFilter {
+                types: (!types.is_empty()).then(|| types.join(",")),
+                related_to,
+                ..Default::default()
+            };
+            if !json {
+                eprintln!("Listening for events (Ctrl-C to stop)...");
+            }
+            let path = format!("/v1/monitor?{}", query_string(&filter, &[]));
+            stream(&client, &path, json, |f| print_monitor_line(f, verbose)).await?;
+        }
+        Command::Observe {
+            from_label,
+            to_label,
+            from_ip,
+            to_ip,
+            namespace,
+            verdict,
+            protocol,
+            port,
+            since,
+            last,
+            follow,
+        } => {
+            let since_ns = match since {
+                None => None,
+                Some(s) => {
+                    let d = humantime::parse_duration(&s)
+                        .map_err(|e| anyhow::anyhow!("--since {s:?}: {e}"))?;
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)?
+                        .saturating_sub(d);
+                    Some(now.as_nanos() as u64)
+                }
+            };
+            let filter = cilia_api::flows::FlowFilter {
+                from_label,
+                to_label,
+                from_ip,
+                to_ip,
+                namespace,
+                verdict,
+                protocol,
+                port,
+                since_ns,
+                ..Default::default()
+            };
+            let mut extra = Vec::new();
+            if let Some(n) = last {
+                extra.push(("last", n.to_string()));
+            }
+            if follow {
+                extra.push(("follow", "true".to_string()));
+            }
+            let path = format!("/v1/flows?{}", query_string(&filter, &extra));
+            stream(&client, &path, json, print_observe_line).await?;
         }
         Command::Policy(PolicyCmd::Import { file }) => {
             let yaml = read_input(&file)?;

@@ -15,6 +15,7 @@
 
 pub mod endpoint;
 pub mod error;
+pub mod events;
 mod keys;
 pub mod object;
 pub mod packet;

@@ -35,10 +35,18 @@ pub struct TestAgent {
     pub options: AgentOptions,
     child: Option<Child>,
     log: PathBuf,
+    /// Extra environment of the agent process (e.g. `CILIA_PODMAN`).
+    env: Vec<(String, String)>,
 }
 
 impl TestAgent {
     pub fn start(options: AgentOptions) -> Self {
+        Self::start_with_env(options, &[])
+    }
+
+    /// Like `start`, with extra environment variables for the agent (kept
+    /// for every `spawn`).
+    pub fn start_with_env(options: AgentOptions, env: &[(&str, &str)]) -> Self {
         let node = Netns::new("cnode").expect("create node netns");
         let dir = std::env::temp_dir().join(unique_name("cilia-agent-"));
         std::fs::create_dir_all(&dir).expect("create agent temp dir");
@@ -50,6 +58,10 @@ impl TestAgent {
             log: dir.join("agent.log"),
             options,
             child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         agent.spawn().expect("agent starts");
         agent
@@ -68,6 +80,7 @@ impl TestAgent {
         if let Some(v4) = &self.options.ipv4_range {
             cmd.arg("--ipv4-range").arg(v4);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# CNI ADD latency and agent memory: N (default 100) ADDs driven by invoking
+# the cilia-cni binary directly, as a runtime would, each into a prepared
+# network namespace, against an agent in a node namespace of its own. The
+# time is from the plugin's start to its exit, which is when the agent has
+# made the endpoint ready (program attached, addresses published). Then the
+# agent's RSS (VmRSS, VmHWM from /proc/<pid>/status) with N endpoints, and
+# the DEL latency. Needs root and the release binaries. Prints markdown.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${N:-100}
+BIN=$PWD/target/release
+P=ccni$$
+RUN=/run/$P
+SOCK=$RUN/cilia.sock
+AGENT_PID=
+cleanup() {
+  [ -n "$AGENT_PID" ] && kill "$AGENT_PID" 2>/dev/null && wait "$AGENT_PID" 2>/dev/null || true
+  for i in $(seq "$N"); do ip netns del "$P-$i" 2>/dev/null || true; done
+  ip netns del "$P-node" 2>/dev/null || true
+  rm -rf "$RUN" "/sys/fs/bpf/$P"
+}
+trap cleanup EXIT
+for b in cilia-agent cilia cilia-cni; do
+  [ -x "$BIN/$b" ] || { echo "bench/cni.sh: $BIN/$b missing: cargo build --release --workspace --bins" >&2; exit 1; }
+done
+mkdir -p "$RUN"
+ip netns add "$P-node"
+for i in $(seq "$N"); do ip netns add "$P-$i"; done
+nsenter --net=/run/netns/$P-node "$BIN/cilia-agent" --state-dir "$RUN/state" --bpf-root "/sys/fs/bpf/$P" \
+  --socket "$SOCK" --ipv6-range fd00:c1e::/112 --ipv4-range 10.202.0.0/22 >"$RUN/agent.log" 2>&1 &
+AGENT_PID=$!
+for _ in $(seq 200); do "$BIN/cilia" --socket "$SOCK" status >/dev/null 2>&1 && break; sleep 0.1; done
+rss() { awk -v k="$1:" '$1 == k { print $2 }' "/proc/$AGENT_PID/status"; }
+RSS0=$(rss VmRSS)
+
+CONF="{\"cniVersion\":\"1.0.0\",\"name\":\"cilia\",\"type\":\"cilia-cni\",\"socket\":\"$SOCK\",\"args\":{\"cni\":{\"labels\":{\"app\":\"bench\"}}}}"
+plugin() { # COMMAND ID NETNS
+  CNI_COMMAND=$1 CNI_CONTAINERID=$2 CNI_NETNS=$3 CNI_IFNAME=eth0 CNI_PATH=$BIN \
+    CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAME=$2" "$BIN/cilia-cni" <<<"$CONF" >"$RUN/out" ||
+    { echo "cilia-cni $1 $2 failed: $(cat "$RUN/out")" >&2; exit 1; }
+}
+: >"$RUN/add"; : >"$RUN/del"
+for i in $(seq "$N"); do
+  t0=$(date +%s%N); plugin ADD "bench$i" "/run/netns/$P-$i"; t1=$(date +%s%N)
+  echo $(((t1 - t0) / 1000)) >>"$RUN/add"
+done
+ready=$("$BIN/cilia" --socket "$SOCK" -o json endpoint list | python3 -c 'import json,sys; print(sum(e["state"]=="ready" for e in json.load(sys.stdin)))')
+RSS1=$(rss VmRSS); HWM=$(rss VmHWM)
+for i in $(seq "$N"); do
+  t0=$(date +%s%N); plugin DEL "bench$i" ""; t1=$(date +%s%N)
+  echo $(((t1 - t0) / 1000)) >>"$RUN/del"
+done
+
+pct() { sort -n "$1" | awk -v p="$2" '{ a[NR] = $1 } END { i = int((NR * p + 99) / 100); if (i < 1) i = 1; printf "%.1f", a[i] / 1000 }'; }
+echo "cilia-cni, $N sequential ADDs then DELs ($(nproc) CPUs, kernel $(uname -r)); $ready endpoints ready after the ADDs"
+echo
+echo "| measure | p50 | p99 | max |"
+echo "|---|---|---|---|"
+echo "| CNI ADD → endpoint ready (ms) | $(pct "$RUN/add" 50) | $(pct "$RUN/add" 99) | $(pct "$RUN/add" 100) |"
+echo "| CNI DEL (ms) | $(pct "$RUN/del" 50) | $(pct "$RUN/del" 99) | $(pct "$RUN/del" 100) |"
+echo
+echo "| agent memory | KiB |"
+echo "|---|---|"
+echo "| VmRSS, no endpoints | $RSS0 |"
+echo "| VmRSS, $N endpoints | $RSS1 |"
+echo "| VmHWM (peak) | $HWM |"

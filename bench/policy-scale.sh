@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# New TCP connections/s and request/responses/s between a client and a server
+# namespace while the server's ingress policy holds N rules, N in $RULES:
+#   cilia:    two endpoints (app=client, app=server) on an agent; one
+#             CiliumNetworkPolicy selecting app=server with N ingress rules:
+#             N-1 fromCIDR rules for documentation /32s (/128s) that never
+#             match, then fromEndpoints app=client, all on TCP/$PORT.
+#   iptables: a plain veth pair (192.0.2.1 <-> 192.0.2.2), the server
+#             namespace's INPUT chain holds N-1 non-matching
+#             `-s <doc /32> -p tcp --dport $PORT -j ACCEPT` rules, then the
+#             matching one, policy DROP (no conntrack rule: every packet walks
+#             the chain).
+# Both measured in the same run with bench/rr.py (one connection at a time,
+# latency bound; Python dominates absolute numbers, the trend with N is the
+# point). Median of $REPS runs of $DURATION s each. Needs root and the release
+# binaries (scripts/setup.sh). Prints markdown tables.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RULES=${RULES:-"10 1000 10000"}
+DURATION=${DURATION:-5}
+REPS=${REPS:-3}
+PORT=${PORT:-8080}
+IMPORT_TIMEOUT=${IMPORT_TIMEOUT:-300}  # per import
+SETTLE=${SETTLE:-2}    # s between loading the rules and measuring
+CHUNK=${CHUNK:-10000}  # rules per CiliumNetworkPolicy (10000 rules: ~1.2 MB of YAML)
+# Client and server share one CPU, at raised priority: far less noise from
+# other work on the host (and no cross-CPU wakeups). NICE=0 CLIENT_CPU=
+# SERVER_CPU= turns this off (empty: unpinned).
+NICE=${NICE:--10}
+CLIENT_CPU=${CLIENT_CPU-$(($(nproc) - 1))}
+SERVER_CPU=${SERVER_CPU-$(($(nproc) - 1))}
+BIN=target/release
+P=cps$$
+RUN=/run/$P
+BPF=/sys/fs/bpf/$P
+SOCK=$RUN/cilia.sock
+NSS=("$P-node" "$P-cli" "$P-srv" "$P-other" "$P-vcli" "$P-vsrv")
+PIDS=()
+T0=$(date +%s)
+
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do # bounded wait, then SIGKILL
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  done
+  for ns in "${NSS[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
+  rm -rf "$RUN" "$BPF"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+[ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
+for b in cilia cilia-agent; do
+  [ -x "$BIN/$b" ] || { echo "missing $BIN/$b: cargo build --release --workspace --bins" >&2; exit 1; }
+done
+for n in $RULES; do [[ $n =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] || { echo "bad rule count: $n" >&2; exit 1; }; done
+mkdir -p "$RUN"
+for ns in "${NSS[@]}"; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
+# Wider ephemeral range in the client namespaces (per-namespace sysctl).
+for ns in "$P-cli" "$P-vcli"; do ip netns exec "$ns" sysctl -qw net.ipv4.ip_local_port_range="1024 65535"; done
+pin() { [ -n "$1" ] && echo "taskset -c $1" || true; }
+CLI_RUN="nice -n $NICE $(pin "$CLIENT_CPU")"
+SRV_RUN="nice -n $NICE $(pin "$SERVER_CPU")"
+log() { echo "[$(($(date +%s) - T0))s] $*" >&2; }
+cilia() { "$BIN/cilia" --socket "$SOCK" "$@"; }
+
+# --- iptables baseline: a plain veth pair between two namespaces ----------
+ip link add "${P}c" netns "$P-vcli" type veth peer name "${P}s" netns "$P-vsrv"
+ip -n "$P-vcli" addr add 192.0.2.1/24 dev "${P}c"
+ip -n "$P-vsrv" addr add 192.0.2.2/24 dev "${P}s"
+ip -n "$P-vcli" link set "${P}c" up
+ip -n "$P-vsrv" link set "${P}s" up
+
+# --- cilia: agent in a node namespace, three endpoints ----------------------
+nsenter --net="/run/netns/$P-node" "$BIN/cilia-agent" --state-dir "$RUN/state" --bpf-root "$BPF" \
+  --socket "$SOCK" --ipv6-range fd00:c1b::/112 --ipv4-range 10.201.0.0/24 >"$RUN/agent.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do cilia status >/dev/null 2>&1 && break; sleep 0.1; done
+cilia status >/dev/null || { echo "agent did not start:" >&2; cat "$RUN/agent.log" >&2; exit 1; }
+cilia endpoint create --netns "$P-srv" --labels app=server >/dev/null
+cilia endpoint create --netns "$P-cli" --labels app=client >/dev/null
+cilia endpoint create --netns "$P-other" --labels app=other >/dev/null
+field() { # label-value field
+  cilia -o json endpoint list | python3 -c "import json,sys; print([e['$2'] for e in json.load(sys.stdin) if e['labels'].get('app')=='$1'][0])"
+}
+SRV_ID=$(field server id); SRV_IP=$(field server ipv4)
+SRV_IP=${SRV_IP%/*}
+
+# --- servers, killed on exit ------------------------------------------------
+ip netns exec "$P-srv" $SRV_RUN python3 bench/rr.py serve "$PORT" 0.0.0.0 1800 & PIDS+=($!)
+ip netns exec "$P-vsrv" $SRV_RUN python3 bench/rr.py serve "$PORT" 0.0.0.0 1800 & PIDS+=($!)
+
+reach() { # ns ip: 0 if a TCP connection to ip:PORT completes within 1 s
+  ip netns exec "$1" timeout 5 python3 -c 'import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 1).close()' "$2" "$PORT" 2>/dev/null
+}
+for _ in $(seq 50); do reach "$P-cli" "$SRV_IP" && reach "$P-vcli" 192.0.2.2 && break; sleep 0.1; done
+reach "$P-cli" "$SRV_IP" || { echo "no connectivity cilia client -> server $SRV_IP:$PORT" >&2; exit 1; }
+reach "$P-vcli" 192.0.2.2 || { echo "no connectivity over the veth pair" >&2; exit 1; }
+
+# --- rule generators ----------------------------------------------------------
+gen_cnp() { # N DIR: N-1 never-matching fromCIDR rules, then the client rule,
+  # as CiliumNetworkPolicies of at most $CHUNK rules each (one import each).
+  python3 - "$1" "$PORT" "$2" "$CHUNK" <<'EOF'
+import sys
+n, port, d, chunk = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+v4 = ["198.51.100.%d/32" % i for i in range(256)] + ["203.0.113.%d/32" % i for i in range(256)]
+def cidr(i):  # documentation space only; IPv6 once the 512 IPv4 /32s are used
+    return v4[i] if i < len(v4) else "2001:db8:%x:%x::1/128" % ((i >> 16) & 0xffff, i & 0xffff)
+ports = '    toPorts:\n    - ports:\n      - port: "%s"\n        protocol: TCP\n' % port
+rules = ['  - fromCIDR:\n    - "%s"\n' % cidr(i) + ports for i in range(n - 1)]
+rules.append('  - fromEndpoints:\n    - matchLabels:\n        app: client\n' + ports)
+for k in range(0, len(rules), chunk):
+    with open("%s/cnp-%04d.yaml" % (d, k // chunk), "w") as f:
+        f.write('apiVersion: "cilium.io/v2"\nkind: CiliumNetworkPolicy\nmetadata:\n'
+                '  name: "policy-scale-%d"\nspec:\n  endpointSelector:\n    matchLabels:\n'
+                '      app: server\n  ingress:\n' % (k // chunk) + "".join(rules[k:k + chunk]))
+EOF
+}
+gen_ipt() { # N: iptables-restore input (IPv4 only: the 512 doc /32s, cycled)
+  python3 - "$1" "$PORT" <<'EOF'
+import sys
+n, port = int(sys.argv[1]), sys.argv[2]
+v4 = ["198.51.100.%d" % i for i in range(256)] + ["203.0.113.%d" % i for i in range(256)]
+out = ["*filter\n:INPUT DROP [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"]
+rule = "-A INPUT -s %%s/32 -p tcp -m tcp --dport %s -j ACCEPT\n" % port
+out += [rule % v4[i % len(v4)] for i in range(n - 1)]
+out.append(rule % "192.0.2.1")
+out.append("COMMIT\n")
+sys.stdout.write("".join(out))
+EOF
+}
+now() { date +%s.%N; }
+median() { printf '%s\n' "$@" | { grep -E '^[0-9.]+$' || true; } | sort -g | awk '{a[NR]=$1} END {if (NR==0) print "-"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+measure() { # ns mode ip: ops/s, or "err"
+  local out
+  if out=$(ip netns exec "$1" timeout $((DURATION + 30)) $CLI_RUN python3 bench/rr.py "$2" "$3" "$PORT" "$DURATION" 2>"$RUN/rr.err"); then
+    echo "$out"
+  else
+    log "rr.py $2 in $1 -> $3 failed: $(tail -n1 "$RUN/rr.err")"; echo err
+  fi
+}
+entries() { cilia -o json bpf policy get "$SRV_ID" 2>/dev/null | python3 -c 'import json,sys; d=json.load(sys.stdin); print(len(d) if isinstance(d, list) else len(d.get("entries", d)))' 2>/dev/null || echo "?"; }
+
+count() { cilia -o json "$@" 2>/dev/null | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))' 2>/dev/null || echo "?"; }
+agent_cpu() { awk '{print $14 + $15}' "/proc/${PIDS[0]}/stat" 2>/dev/null || echo 0; } # utime+stime, ticks
+
+declare -A CC IC CR IR IMP NOTE
+load() { # N: sets cilia_ok; imports the CNPs (timed) and restores the iptables rules
+  local n=$1 f ti t rc imp_out nfiles ipt_t ipt_rules
+  cilia policy delete --all >/dev/null 2>&1 || true # "no policies to delete" the first time
+  rm -rf "$RUN/cnp"; mkdir -p "$RUN/cnp"
+  gen_cnp "$n" "$RUN/cnp"
+  gen_ipt "$n" >"$RUN/ipt.rules"
+  nfiles=$(ls "$RUN/cnp" | wc -l)
+  cilia_ok=1
+  if [ -n "${FAILED[$n]:-}" ]; then # failed in an earlier round: do not retry
+    cilia_ok=0
+  else
+    t=$(now)
+    for f in "$RUN"/cnp/*.yaml; do
+      ti=$(now)
+      if imp_out=$(timeout "$IMPORT_TIMEOUT" "$BIN/cilia" --socket "$SOCK" policy import "$f" 2>&1); then
+        [ "$nfiles" -gt 1 ] && log "N=$n: imported $(basename "$f") ($(du -k "$f" | cut -f1) KiB) in $(python3 -c "print('%.2f' % ($(now) - $ti))") s"
+      else
+        rc=$?
+        NOTE[$n]="cilia policy import of $(basename "$f") ($((CHUNK * 10#$(basename "$f" .yaml | cut -d- -f2))) rules already in, $(du -k "$f" | cut -f1) KiB) failed after $(python3 -c "print('%.1f' % ($(now) - $ti))") s (rc $rc): $(echo "$imp_out" | tr '\n' ' ' | cut -c1-400)"
+        log "${NOTE[$n]}"
+        cilia_ok=0
+        break
+      fi
+    done
+    if [ "$cilia_ok" = 1 ]; then
+      IMP[$n]+=" $(python3 -c "print('%.2f' % ($(now) - $t))")"
+    else
+      FAILED[$n]="failed after $(python3 -c "print('%.1f' % ($(now) - $t))") s"
+    fi
+  fi
+  t=$(now)
+  ip netns exec "$P-vsrv" iptables-restore <"$RUN/ipt.rules"
+  ipt_t=$(python3 -c "print('%.2f' % ($(now) - $t))")
+  ipt_rules=$(ip netns exec "$P-vsrv" iptables -S INPUT | grep -c '^-A INPUT' || true)
+  if [ "$cilia_ok" = 1 ]; then
+    # Sanity: the client is allowed, app=other is dropped by the policy.
+    reach "$P-cli" "$SRV_IP" || { NOTE[$n]="client cannot reach server after import"; log "${NOTE[$n]}"; cilia_ok=0; }
+    if reach "$P-other" "$SRV_IP"; then NOTE[$n]="app=other reached the server: policy not enforced?"; log "${NOTE[$n]}"; fi
+  fi
+  log "N=$n: cilia import${IMP[$n]:-} s (${FAILED[$n]:-ok}; $nfiles CNP), server policy map entries $(entries), identities $(count identity list), ipcache entries $(count bpf ipcache list); iptables-restore ${ipt_t} s, INPUT rules $ipt_rules"
+}
+
+# Rounds outer, rule counts inner (re-imported every round): slow drift of the
+# host's load spreads over all N instead of biasing the last one.
+declare -A CCs ICs CRs IRs FAILED
+for r in $(seq "$REPS"); do
+  for n in $RULES; do
+    load "$n"
+    sleep "$SETTLE" # let the agent finish any work the import set off
+    cpu0=$(agent_cpu)
+    [ "$cilia_ok" = 1 ] && CCs[$n]+=" $(measure "$P-cli" conn "$SRV_IP")"
+    ICs[$n]+=" $(measure "$P-vcli" conn 192.0.2.2)"
+    [ "$cilia_ok" = 1 ] && CRs[$n]+=" $(measure "$P-cli" rr "$SRV_IP")"
+    IRs[$n]+=" $(measure "$P-vcli" rr 192.0.2.2)"
+    log "N=$n round $r: cilia conn${CCs[$n]:- skipped} | ipt conn${ICs[$n]} | cilia rr${CRs[$n]:- skipped} | ipt rr${IRs[$n]}; agent CPU $(python3 -c "print('%.2f' % (($(agent_cpu) - $cpu0) / $(getconf CLK_TCK)))") s; iptables matching rule: $(ip netns exec "$P-vsrv" iptables -L INPUT -v -n -x | tail -n1 | awk '{print $1}') packets"
+  done
+done
+for n in $RULES; do
+  CC[$n]=$(median ${CCs[$n]:-}); IC[$n]=$(median ${ICs[$n]}); CR[$n]=$(median ${CRs[$n]:-}); IR[$n]=$(median ${IRs[$n]})
+  if [ -n "${FAILED[$n]:-}" ]; then IMP[$n]=${FAILED[$n]}; else IMP[$n]=$(median ${IMP[$n]:-}); fi
+  if python3 -c "import sys; sys.exit(0 if float('${CC[$n]}') * min(${DURATION}, 10) > 55000 else 1)" 2>/dev/null; then
+    log "N=$n: cilia conn rate ${CC[$n]}/s reuses source ports within cilia's 10 s CT close timeout: some SYNs may skip the policy"
+  fi
+done
+
+first=$(printf '%s\n' $RULES | sort -n | head -n1) # ratios are to the smallest N
+ratio() { # value base
+  python3 -c "import sys
+try: print('%.2f' % (float(sys.argv[1]) / float(sys.argv[2])))
+except Exception: print('-')" "$1" "$2"
+}
+echo
+echo "Median of $REPS rounds (each round: every N in turn, policy re-imported) of ${DURATION} s runs, one connection at a time (latency bound), 64 B request and response; client/server CPU ${CLIENT_CPU:-any}/${SERVER_CPU:-any}, nice $NICE; ratio: to the same column at N=$first."
+echo
+echo "| rules N | cilia new conn/s (ratio) | iptables new conn/s (ratio) | cilia rr/s (ratio) | iptables rr/s (ratio) | cilia policy import s (median) |"
+echo "|---|---|---|---|---|---|"
+for n in $RULES; do
+  echo "| $n | ${CC[$n]:--} ($(ratio "${CC[$n]:-}" "${CC[$first]:-}")) | ${IC[$n]} ($(ratio "${IC[$n]}" "${IC[$first]}")) | ${CR[$n]:--} ($(ratio "${CR[$n]:-}" "${CR[$first]:-}")) | ${IR[$n]} ($(ratio "${IR[$n]}" "${IR[$first]}")) | ${IMP[$n]} |"
+done
+for n in $RULES; do [ -n "${NOTE[$n]:-}" ] && echo && echo "N=$n: ${NOTE[$n]}"; done
+log "total $(($(date +%s) - T0)) s"

@@ -1,0 +1,180 @@
+//! Flows and the live monitor, from real traffic: "why was this dropped?"
+//! answered with the reason, both identities and the deciding policy.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cilia_testnet::{bin, require_privileges, AgentOptions, Netns, TestAgent};
+
+const RULE1: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../examples/starwars/cnp-l3-l4.yaml"
+);
+const DENY_TIEFIGHTER: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../examples/starwars/deny-tiefighter.yaml"
+);
+
+fn ipv4_of(ep: &serde_json::Value) -> IpAddr {
+    ep["ipv4"].as_str().unwrap().parse().unwrap()
+}
+
+/// A connect that is expected to be dropped (times out).
+fn try_connect(from: &Netns, to: SocketAddr) -> bool {
+    from.run(|| TcpStream::connect_timeout(&to, Duration::from_millis(700)).is_ok())
+}
+
+/// Polls `cilia observe` until a flow matches `pred` (bounded).
+fn wait_for_flow(
+    agent: &TestAgent,
+    args: &[&str],
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut all = vec!["observe", "-o", "json"];
+        all.extend(args);
+        let out = agent.cli_ok(&all);
+        let found = out
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|f| pred(f));
+        if let Some(f) = found {
+            return f;
+        }
+        assert!(Instant::now() < deadline, "no matching flow in:\n{out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn observe_names_reason_identities_and_policy_of_a_drop() {
+    if !require_privileges("observe_names_reason_identities_and_policy_of_a_drop") {
+        return;
+    }
+    let agent = TestAgent::start(AgentOptions::default());
+    let (ds, tf, xw) = (
+        Netns::new("cep").unwrap(),
+        Netns::new("cep").unwrap(),
+        Netns::new("cep").unwrap(),
+    );
+    let deathstar = agent.create_endpoint(&ds, "org=empire,class=deathstar");
+    let tiefighter = agent.create_endpoint(&tf, "org=empire,class=tiefighter");
+    agent.create_endpoint(&xw, "org=alliance,class=xwing");
+    let listener = ds.run(|| TcpListener::bind("0.0.0.0:80").unwrap());
+    listener.set_nonblocking(true).unwrap();
+    let port80 = SocketAddr::new(ipv4_of(&deathstar), 80);
+    agent.cli_ok(&["policy", "import", RULE1]);
+
+    assert!(!try_connect(&xw, port80), "xwing must be dropped");
+    let started = Instant::now();
+    let drop = wait_for_flow(
+        &agent,
+        &["--verdict", "DROPPED", "--to-label", "class=deathstar"],
+        |f| f["source"]["labels"]["class"] == "xwing",
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "visible within a second"
+    );
+    assert_eq!(drop["drop_reason"], "Policy denied");
+    assert_eq!(drop["policy"], "default deny");
+    assert_eq!(drop["direction"], "ingress");
+    assert_eq!(drop["protocol"], "TCP");
+    assert_eq!(drop["destination"]["port"], 80);
+    assert_eq!(drop["destination"]["identity"], deathstar["identity"]);
+    assert!(drop["source"]["identity"].as_u64().unwrap() >= 256);
+
+    // The allowed tiefighter shows as a forwarded policy verdict naming rule1.
+    assert!(try_connect(&tf, port80), "tiefighter lands");
+    let allowed = wait_for_flow(
+        &agent,
+        &["--verdict", "FORWARDED", "--from-label", "class=tiefighter"],
+        |f| f["event"] == "policy-verdict",
+    );
+    assert!(
+        allowed["policy"].as_str().unwrap().contains("rule1"),
+        "{allowed}"
+    );
+
+    // A drop by an ingressDeny rule names that rule.
+    agent.cli_ok(&["policy", "import", DENY_TIEFIGHTER]);
+    let mut src_port_flows = 0;
+    while try_connect(&tf, port80) {
+        src_port_flows += 1;
+        assert!(src_port_flows < 3, "tiefighter must now be denied");
+    }
+    let denied = wait_for_flow(
+        &agent,
+        &["--verdict", "DROPPED", "--from-label", "class=tiefighter"],
+        |f| {
+            f["policy"]
+                .as_str()
+                .is_some_and(|p| p.contains("deny-tiefighter"))
+        },
+    );
+    assert_eq!(denied["source"]["identity"], tiefighter["identity"]);
+
+    // Human output is one line per flow.
+    let text = agent.cli_ok(&[
+        "observe",
+        "--verdict",
+        "DROPPED",
+        "--protocol",
+        "TCP",
+        "--last",
+        "1",
+    ]);
+    assert_eq!(text.trim().lines().count(), 1, "{text}");
+    assert!(text.contains("DROPPED (Policy denied)"), "{text}");
+}
+
+#[test]
+fn monitor_streams_drops_live() {
+    if !require_privileges("monitor_streams_drops_live") {
+        return;
+    }
+    let agent = TestAgent::start(AgentOptions {
+        ipv4_range: Some("10.200.0.0/24".into()),
+        ..AgentOptions::default()
+    });
+    let (ds, xw) = (Netns::new("cep").unwrap(), Netns::new("cep").unwrap());
+    let deathstar = agent.create_endpoint(&ds, "org=empire,class=deathstar");
+    agent.create_endpoint(&xw, "org=alliance,class=xwing");
+    agent.cli_ok(&["policy", "import", RULE1]);
+
+    let mut child = Command::new(bin("cilia"))
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(["monitor", "--type", "drop", "-o", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+            .find(|f| f["drop_reason"] == "Policy denied")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let target = SocketAddr::new(ipv4_of(&deathstar), 80);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !reader.is_finished() && Instant::now() < deadline {
+        try_connect(&xw, target);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let flow = reader
+        .join()
+        .unwrap()
+        .expect("the monitor streamed the drop");
+    assert_eq!(flow["event"], "drop");
+    assert_eq!(flow["destination"]["endpoint"], deathstar["id"]);
+}

@@ -1,0 +1,1337 @@
+//! The cilia CNI plugin (CNI spec 1.1; configs of version 0.4.0, 1.0.0 and
+//! 1.1.0 accepted): parses the runtime's environment and network config,
+//! asks the cilia agent for an endpoint, and prints the result or the CNI
+//! error for the config's version.
+//!
+//! Everything but process I/O lives here; the agent is behind the small
+//! [`Agent`] trait so the command logic is unit-tested with a fake.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cilia_api::{Client, ClientError, Endpoint, EndpointCreate, EndpointState, Status};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// The spec version this plugin implements (VERSION's `cniVersion`).
+pub const SPEC_VERSION: &str = "1.1.0";
+/// Config versions accepted.
+pub const SUPPORTED_VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
+/// Default agent socket.
+pub const DEFAULT_SOCKET: &str = cilia_api::DEFAULT_SOCKET;
+
+/// Well-known CNI error codes (spec "Error" section), plus this plugin's
+/// own codes from 100.
+pub mod code {
+    pub const INCOMPATIBLE_VERSION: u32 = 1;
+    pub const UNSUPPORTED_FIELD: u32 = 2;
+    pub const UNKNOWN_CONTAINER: u32 = 3;
+    pub const INVALID_ENV: u32 = 4;
+    pub const IO_FAILURE: u32 = 5;
+    pub const DECODE: u32 = 6;
+    pub const INVALID_CONFIG: u32 = 7;
+    pub const TRY_AGAIN_LATER: u32 = 11;
+    pub const NOT_AVAILABLE: u32 = 50;
+    /// The agent refused or failed for another reason.
+    pub const AGENT_ERROR: u32 = 100;
+    /// No free address (or endpoint id) left in the agent's pools.
+    pub const IPAM_EXHAUSTED: u32 = 101;
+    /// The interface name is already used in the container's netns.
+    pub const IFNAME_TAKEN: u32 = 102;
+    /// CHECK: the endpoint exists but is not ready.
+    pub const NOT_READY: u32 = 103;
+    /// CHECK: the endpoint's addresses differ from prevResult.
+    pub const ADDRESS_MISMATCH: u32 = 104;
+}
+
+/// A CNI error, printed as `{"cniVersion","code","msg","details"}`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{msg}")]
+pub struct CniError {
+    pub code: u32,
+    pub msg: String,
+    pub details: String,
+}
+
+impl CniError {
+    pub fn new(code: u32, msg: impl Into<String>) -> Self {
+        Self {
+            code,
+            msg: msg.into(),
+            details: String::new(),
+        }
+    }
+
+    pub fn with_details(mut self, details: impl Into<String>) -> Self {
+        self.details = details.into();
+        self
+    }
+
+    pub fn to_json(&self, cni_version: &str) -> Value {
+        json!({
+            "cniVersion": cni_version,
+            "code": self.code,
+            "msg": self.msg,
+            "details": self.details,
+        })
+    }
+}
+
+/// An error of one agent call.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AgentError {
+    /// The agent could not be reached, or did not answer in time.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The agent answered with an API error.
+    #[error("{message}")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    /// The agent answered something unexpected.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl From<ClientError> for AgentError {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Api {
+                status,
+                code,
+                message,
+            } => AgentError::Api {
+                status,
+                code,
+                message,
+            },
+            // A connection dropped mid-request means the agent went away.
+            ClientError::Connect { .. } | ClientError::Http(_) => {
+                AgentError::Unreachable(e.to_string())
+            }
+            ClientError::Decode { .. } => AgentError::Protocol(e.to_string()),
+        }
+    }
+}
+
+impl AgentError {
+    /// The CNI error for this agent error, for `what` (e.g. "creating the endpoint").
+    pub fn to_cni(&self, what: &str) -> CniError {
+        match self {
+            AgentError::Unreachable(e) => CniError::new(
+                code::TRY_AGAIN_LATER,
+                format!("cilia agent unavailable while {what}, try again later"),
+            )
+            .with_details(e.clone()),
+            AgentError::Api {
+                status,
+                code: api_code,
+                message,
+            } => {
+                let c = match api_code.as_str() {
+                    "ipam-exhausted" | "ids-exhausted" => code::IPAM_EXHAUSTED,
+                    "ifname-taken" => code::IFNAME_TAKEN,
+                    "invalid-netns" | "invalid-ifname" => code::INVALID_ENV,
+                    "invalid-labels" | "invalid-namespace" | "invalid-request" => {
+                        code::INVALID_CONFIG
+                    }
+                    _ => code::AGENT_ERROR,
+                };
+                CniError::new(c, message.clone())
+                    .with_details(format!("cilia agent: {api_code} (HTTP {status})"))
+            }
+            AgentError::Protocol(e) => {
+                CniError::new(code::AGENT_ERROR, format!("cilia agent while {what}: {e}"))
+            }
+        }
+    }
+}
+
+/// The agent calls the plugin makes.
+pub trait Agent {
+    fn status(&self) -> Result<Status, AgentError>;
+    fn create_endpoint(&self, req: &EndpointCreate) -> Result<Endpoint, AgentError>;
+    /// Endpoints, all or only those of a container (and interface).
+    fn list_endpoints(
+        &self,
+        container_id: Option<&str>,
+        ifname: Option<&str>,
+    ) -> Result<Vec<Endpoint>, AgentError>;
+    /// Deletes a container's endpoints (one interface or all); 0 is fine.
+    fn delete_endpoints(
+        &self,
+        container_id: &str,
+        ifname: Option<&str>,
+    ) -> Result<usize, AgentError>;
+}
+
+/// Percent-encodes a query value (RFC 3986 unreserved characters kept).
+pub fn encode_query(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn container_query(container_id: Option<&str>, ifname: Option<&str>) -> String {
+    let mut q = Vec::new();
+    if let Some(c) = container_id {
+        q.push(format!("container_id={}", encode_query(c)));
+    }
+    if let Some(i) = ifname {
+        q.push(format!("ifname={}", encode_query(i)));
+    }
+    if q.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", q.join("&"))
+    }
+}
+
+/// The real agent, over its unix socket.
+pub struct SocketAgent {
+    client: Client,
+    rt: tokio::runtime::Runtime,
+    timeout: Duration,
+    retry_for: Duration,
+}
+
+impl SocketAgent {
+    /// Endpoint creation is serialized in the agent; a burst of ADDs queues.
+    pub const TIMEOUT: Duration = Duration::from_secs(120);
+
+    pub fn new(socket: &Path) -> Result<Self, AgentError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| AgentError::Unreachable(format!("starting the I/O runtime: {e}")))?;
+        Ok(Self {
+            client: Client::new(socket),
+            rt,
+            timeout: Self::TIMEOUT,
+            retry_for: Duration::ZERO,
+        })
+    }
+
+    /// Keeps retrying while the agent is unreachable, up to `retry_for`
+    /// (every call is idempotent: a repeated create replaces the endpoint of
+    /// the same container and interface), so an agent restart does not fail
+    /// the containers being started meanwhile.
+    pub fn with_retry(mut self, retry_for: Duration) -> Self {
+        self.retry_for = retry_for;
+        self
+    }
+
+    fn call<T, F>(&self, make: impl Fn() -> F) -> Result<T, AgentError>
+    where
+        F: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        let deadline = std::time::Instant::now() + self.retry_for;
+        loop {
+            let result = self
+                .rt
+                .block_on(async { tokio::time::timeout(self.timeout, make()).await })
+                .map_err(|_| {
+                    AgentError::Unreachable(format!(
+                        "the agent did not answer within {} s",
+                        self.timeout.as_secs()
+                    ))
+                })
+                .and_then(|r| r.map_err(AgentError::from));
+            match result {
+                Err(AgentError::Unreachable(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+impl Agent for SocketAgent {
+    fn status(&self) -> Result<Status, AgentError> {
+        self.call(|| self.client.get("/v1/status"))
+    }
+
+    fn create_endpoint(&self, req: &EndpointCreate) -> Result<Endpoint, AgentError> {
+        self.call(|| self.client.post("/v1/endpoints", req))
+    }
+
+    fn list_endpoints(
+        &self,
+        container_id: Option<&str>,
+        ifname: Option<&str>,
+    ) -> Result<Vec<Endpoint>, AgentError> {
+        let path = format!("/v1/endpoints{}", container_query(container_id, ifname));
+        self.call(|| self.client.get(&path))
+    }
+
+    fn delete_endpoints(
+        &self,
+        container_id: &str,
+        ifname: Option<&str>,
+    ) -> Result<usize, AgentError> {
+        let path = format!(
+            "/v1/endpoints{}",
+            container_query(Some(container_id), ifname)
+        );
+        self.call(|| self.client.delete_json(&path))
+    }
+}
+
+/// The CNI command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Add,
+    Del,
+    Check,
+    Version,
+    Status,
+    Gc,
+}
+
+impl Command {
+    pub fn parse(s: &str) -> Result<Self, CniError> {
+        Ok(match s {
+            "ADD" => Command::Add,
+            "DEL" => Command::Del,
+            "CHECK" => Command::Check,
+            "VERSION" => Command::Version,
+            "STATUS" => Command::Status,
+            "GC" => Command::Gc,
+            other => {
+                return Err(CniError::new(
+                    code::INVALID_ENV,
+                    format!(
+                        "CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, VERSION, STATUS, GC"
+                    ),
+                ))
+            }
+        })
+    }
+}
+
+/// The runtime's environment variables.
+#[derive(Debug, Clone, Default)]
+pub struct Env {
+    pub command: Option<String>,
+    pub container_id: Option<String>,
+    pub netns: Option<String>,
+    pub ifname: Option<String>,
+    pub args: Option<String>,
+    pub path: Option<String>,
+}
+
+impl Env {
+    /// Reads the `CNI_*` variables through `get` (empty counts as unset).
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Self {
+        let var = |name: &str| get(name).filter(|v| !v.is_empty());
+        Self {
+            command: var("CNI_COMMAND"),
+            container_id: var("CNI_CONTAINERID"),
+            netns: var("CNI_NETNS"),
+            ifname: var("CNI_IFNAME"),
+            args: var("CNI_ARGS"),
+            path: var("CNI_PATH"),
+        }
+    }
+
+    pub fn from_process() -> Self {
+        Self::from_vars(|n| std::env::var(n).ok())
+    }
+
+    fn required<'a>(value: &'a Option<String>, name: &str) -> Result<&'a str, CniError> {
+        value.as_deref().ok_or_else(|| {
+            CniError::new(code::INVALID_ENV, format!("{name} is required but not set"))
+        })
+    }
+
+    /// CNI_CONTAINERID, validated as the spec says (alphanumeric plus `_.-`).
+    pub fn container_id(&self) -> Result<&str, CniError> {
+        let id = Self::required(&self.container_id, "CNI_CONTAINERID")?;
+        let ok = id.as_bytes()[0].is_ascii_alphanumeric()
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        if !ok {
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!("CNI_CONTAINERID {id:?} must start alphanumeric and contain only [A-Za-z0-9_.-]"),
+            ));
+        }
+        Ok(id)
+    }
+
+    /// CNI_IFNAME, validated as a Linux interface name.
+    pub fn ifname(&self) -> Result<&str, CniError> {
+        let name = Self::required(&self.ifname, "CNI_IFNAME")?;
+        if name.len() > 15
+            || name == "."
+            || name == ".."
+            || name
+                .chars()
+                .any(|c| c == '/' || c == ':' || c.is_whitespace())
+        {
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!("CNI_IFNAME {name:?} is not a valid interface name (at most 15 characters, no '/', ':' or spaces)"),
+            ));
+        }
+        Ok(name)
+    }
+
+    pub fn netns(&self) -> Result<&str, CniError> {
+        Self::required(&self.netns, "CNI_NETNS")
+    }
+
+    /// CNI_ARGS as key/value pairs.
+    pub fn parsed_args(&self) -> Result<CniArgs, CniError> {
+        CniArgs::parse(self.args.as_deref().unwrap_or(""))
+    }
+}
+
+/// `CNI_ARGS`: `K=V;K=V`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CniArgs(pub BTreeMap<String, String>);
+
+impl CniArgs {
+    const KNOWN: [&'static str; 5] = [
+        "IgnoreUnknown",
+        "K8S_POD_NAME",
+        "K8S_POD_NAMESPACE",
+        "K8S_POD_INFRA_CONTAINER_ID",
+        "K8S_POD_UID",
+    ];
+
+    pub fn parse(s: &str) -> Result<Self, CniError> {
+        let mut out = BTreeMap::new();
+        for item in s.split(';').filter(|i| !i.is_empty()) {
+            let (k, v) = item.split_once('=').ok_or_else(|| {
+                CniError::new(
+                    code::INVALID_ENV,
+                    format!("CNI_ARGS: {item:?} is not KEY=VALUE"),
+                )
+            })?;
+            out.insert(k.to_string(), v.to_string());
+        }
+        Ok(Self(out))
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    fn ignore_unknown(&self) -> bool {
+        matches!(
+            self.get("IgnoreUnknown")
+                .map(str::to_ascii_lowercase)
+                .as_deref(),
+            Some("1" | "true")
+        )
+    }
+
+    /// Refuses what ADD cannot honour: a requested address or MAC (the agent
+    /// allocates both), and unknown keys unless `IgnoreUnknown` is set.
+    pub fn check_for_add(&self) -> Result<(), CniError> {
+        for key in ["IP", "MAC"] {
+            if let Some(v) = self.get(key) {
+                return Err(CniError::new(
+                    code::INVALID_ENV,
+                    format!("CNI_ARGS {key}={v}: cilia allocates addresses and MACs itself; requesting one (podman --ip/--mac-address) is not supported"),
+                ));
+            }
+        }
+        if !self.ignore_unknown() {
+            if let Some(k) = self.0.keys().find(|k| !Self::KNOWN.contains(&k.as_str())) {
+                return Err(CniError::new(
+                    code::INVALID_ENV,
+                    format!("CNI_ARGS: unknown key {k:?} (set IgnoreUnknown=1 to ignore it)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One entry of `cni.dev/valid-attachments` (GC).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Attachment {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
+}
+
+/// The plugin's network config, as a runtime passes it on stdin.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetConf {
+    pub cni_version: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(rename = "type")]
+    pub plugin_type: String,
+    /// Agent socket.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    /// Passed through to the result.
+    #[serde(default)]
+    pub dns: Option<Value>,
+    /// Namespace when CNI_ARGS has no K8S_POD_NAMESPACE.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// `args.cni.labels`: list of `{key, value}` or a map.
+    #[serde(default)]
+    pub args: Option<Value>,
+    #[serde(default)]
+    pub prev_result: Option<Value>,
+    /// How long to keep retrying while the agent is unreachable (default
+    /// 10 s; 0 fails at once with code 11).
+    #[serde(default)]
+    pub retry_seconds: Option<u64>,
+    #[serde(default, rename = "cni.dev/valid-attachments")]
+    pub valid_attachments: Option<Vec<Attachment>>,
+}
+
+impl NetConf {
+    /// Decodes stdin: malformed JSON is code 6, an unknown version code 1,
+    /// missing or mistyped fields code 7.
+    pub fn parse(stdin: &[u8]) -> Result<Self, (Option<String>, CniError)> {
+        let value: Value = serde_json::from_slice(stdin).map_err(|e| {
+            (
+                None,
+                CniError::new(
+                    code::DECODE,
+                    format!("network config on stdin is not valid JSON: {e}"),
+                ),
+            )
+        })?;
+        let Some(obj) = value.as_object() else {
+            return Err((
+                None,
+                CniError::new(code::DECODE, "network config on stdin is not a JSON object"),
+            ));
+        };
+        let version = match obj.get("cniVersion") {
+            Some(Value::String(v)) => v.clone(),
+            Some(_) => {
+                return Err((
+                    None,
+                    CniError::new(code::INVALID_CONFIG, "cniVersion must be a string"),
+                ))
+            }
+            None => {
+                return Err((
+                    None,
+                    CniError::new(code::INVALID_CONFIG, "network config has no cniVersion"),
+                ))
+            }
+        };
+        if !SUPPORTED_VERSIONS.contains(&version.as_str()) {
+            return Err((
+                None,
+                CniError::new(
+                    code::INCOMPATIBLE_VERSION,
+                    format!(
+                        "incompatible CNI version: config has cniVersion {version:?}, cilia-cni supports {}",
+                        SUPPORTED_VERSIONS.join(", ")
+                    ),
+                ),
+            ));
+        }
+        let conf: NetConf = serde_json::from_value(value).map_err(|e| {
+            (
+                Some(version.clone()),
+                CniError::new(code::INVALID_CONFIG, format!("invalid network config: {e}")),
+            )
+        })?;
+        let fail = |msg: String| {
+            Err((
+                Some(version.clone()),
+                CniError::new(code::INVALID_CONFIG, msg),
+            ))
+        };
+        if conf.name.is_empty() {
+            return fail("network config has no name".into());
+        }
+        if conf.plugin_type != "cilia-cni" {
+            return fail(format!(
+                "network config type is {:?}, expected \"cilia-cni\"",
+                conf.plugin_type
+            ));
+        }
+        if let Some(dns) = &conf.dns {
+            if !dns.is_object() {
+                return fail("dns must be an object (nameservers, domain, search, options)".into());
+            }
+        }
+        Ok(conf)
+    }
+
+    pub fn retry(&self) -> Duration {
+        Duration::from_secs(self.retry_seconds.unwrap_or(10))
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+    }
+
+    /// Labels from `args.cni.labels`, or `None` when absent.
+    pub fn labels(&self) -> Result<Option<BTreeMap<String, String>>, CniError> {
+        let Some(labels) = self
+            .args
+            .as_ref()
+            .and_then(|a| a.get("cni"))
+            .and_then(|c| c.get("labels"))
+        else {
+            return Ok(None);
+        };
+        let bad =
+            |why: &str| CniError::new(code::INVALID_CONFIG, format!("args.cni.labels: {why}"));
+        let mut out = BTreeMap::new();
+        match labels {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    let v = v
+                        .as_str()
+                        .ok_or_else(|| bad(&format!("value of {k:?} is not a string")))?;
+                    out.insert(k.clone(), v.to_string());
+                }
+            }
+            Value::Array(items) => {
+                for item in items {
+                    let k = item.get("key").and_then(Value::as_str);
+                    let v = item.get("value").and_then(Value::as_str);
+                    let (Some(k), Some(v)) = (k, v) else {
+                        return Err(bad("every entry needs string \"key\" and \"value\""));
+                    };
+                    out.insert(k.to_string(), v.to_string());
+                }
+            }
+            _ => return Err(bad("expected a list of {key, value} or a map")),
+        }
+        cilia_api::labels::validate_labels(&out).map_err(|e| bad(&e.to_string()))?;
+        Ok(Some(out))
+    }
+
+    /// Addresses of prevResult's `ips`.
+    pub fn prev_result_ips(&self) -> Result<BTreeSet<IpAddr>, CniError> {
+        let Some(prev) = &self.prev_result else {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                "CHECK needs prevResult in the network config",
+            ));
+        };
+        let mut out = BTreeSet::new();
+        for ip in prev
+            .get("ips")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            let addr = ip.get("address").and_then(Value::as_str).ok_or_else(|| {
+                CniError::new(code::INVALID_CONFIG, "prevResult.ips[]: no address")
+            })?;
+            let host = addr.split_once('/').map_or(addr, |(h, _)| h);
+            let parsed: IpAddr = host.parse().map_err(|_| {
+                CniError::new(
+                    code::INVALID_CONFIG,
+                    format!("prevResult.ips[]: {addr:?} is not an address"),
+                )
+            })?;
+            out.insert(parsed);
+        }
+        Ok(out)
+    }
+}
+
+/// The VERSION answer.
+pub fn version_info() -> Value {
+    json!({ "cniVersion": SPEC_VERSION, "supportedVersions": SUPPORTED_VERSIONS })
+}
+
+/// The routers of the agent's pools (the endpoints' gateways).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gateways {
+    pub ipv6: IpAddr,
+    pub ipv4: Option<IpAddr>,
+}
+
+impl Gateways {
+    pub fn from_status(status: &Status) -> Result<Self, CniError> {
+        let parse = |s: &str| {
+            s.parse::<IpAddr>().map_err(|_| {
+                CniError::new(
+                    code::AGENT_ERROR,
+                    format!("cilia agent reported router address {s:?}, not an address"),
+                )
+            })
+        };
+        Ok(Self {
+            ipv6: parse(&status.ipam.ipv6.router)?,
+            ipv4: status
+                .ipam
+                .ipv4
+                .as_ref()
+                .map(|p| parse(&p.router))
+                .transpose()?,
+        })
+    }
+}
+
+/// The ADD result for `cni_version` (0.4.0 adds `version` to every IP).
+pub fn build_result(
+    cni_version: &str,
+    ep: &Endpoint,
+    gateways: &Gateways,
+    sandbox: &str,
+    dns: Option<&Value>,
+) -> Result<Value, CniError> {
+    let legacy = cni_version == "0.4.0";
+    let mut ips = Vec::new();
+    let mut routes = Vec::new();
+    let mut add = |addr: &str, gw: IpAddr| -> Result<(), CniError> {
+        let ip: IpAddr = addr.parse().map_err(|_| {
+            CniError::new(
+                code::AGENT_ERROR,
+                format!("cilia agent returned address {addr:?}, not an address"),
+            )
+        })?;
+        let (prefix, default, version) = match ip {
+            IpAddr::V6(_) => (128, "::/0", "6"),
+            IpAddr::V4(_) => (32, "0.0.0.0/0", "4"),
+        };
+        let mut entry = json!({
+            "address": format!("{ip}/{prefix}"),
+            "gateway": gw.to_string(),
+            "interface": 0,
+        });
+        if legacy {
+            entry["version"] = json!(version);
+        }
+        ips.push(entry);
+        routes.push(json!({ "dst": default, "gw": gw.to_string() }));
+        Ok(())
+    };
+    add(&ep.ipv6, gateways.ipv6)?;
+    if let Some(v4) = &ep.ipv4 {
+        let gw = gateways.ipv4.ok_or_else(|| {
+            CniError::new(
+                code::AGENT_ERROR,
+                "cilia agent assigned an IPv4 address but reports no IPv4 pool",
+            )
+        })?;
+        add(v4, gw)?;
+    }
+    let mut result = json!({
+        "cniVersion": cni_version,
+        "interfaces": [{ "name": ep.ifname, "mac": ep.mac, "sandbox": sandbox }],
+        "ips": ips,
+        "routes": routes,
+    });
+    if let Some(dns) = dns {
+        result["dns"] = dns.clone();
+    }
+    Ok(result)
+}
+
+/// Runs one plugin invocation; returns what to print on stdout and whether
+/// it succeeded (the process exit status).
+pub fn execute<A: Agent>(
+    env: &Env,
+    stdin: &[u8],
+    connect: impl FnOnce(&NetConf) -> Result<A, AgentError>,
+) -> (String, bool) {
+    let mut version = SPEC_VERSION.to_string();
+    match dispatch(env, stdin, connect, &mut version) {
+        Ok(Some(v)) => (format!("{v}\n"), true),
+        Ok(None) => (String::new(), true),
+        Err(e) => (format!("{}\n", e.to_json(&version)), false),
+    }
+}
+
+fn dispatch<A: Agent>(
+    env: &Env,
+    stdin: &[u8],
+    connect: impl FnOnce(&NetConf) -> Result<A, AgentError>,
+    version: &mut String,
+) -> Result<Option<Value>, CniError> {
+    let command =
+        Command::parse(env.command.as_deref().ok_or_else(|| {
+            CniError::new(code::INVALID_ENV, "CNI_COMMAND is required but not set")
+        })?)?;
+    if command == Command::Version {
+        return Ok(Some(version_info()));
+    }
+    let conf = match NetConf::parse(stdin) {
+        Ok(c) => c,
+        Err((v, e)) => {
+            if let Some(v) = v {
+                *version = v;
+            }
+            return Err(e);
+        }
+    };
+    *version = conf.cni_version.clone();
+    // Validate the environment before touching the agent.
+    match command {
+        Command::Add | Command::Check => {
+            env.container_id()?;
+            env.ifname()?;
+            env.netns()?;
+        }
+        Command::Del => {
+            env.container_id()?;
+            env.ifname()?;
+        }
+        _ => {}
+    }
+    let agent = connect(&conf).map_err(|e| e.to_cni("connecting"))?;
+    match command {
+        Command::Add => cmd_add(env, &conf, &agent).map(Some),
+        Command::Del => cmd_del(env, &agent).map(|()| None),
+        Command::Check => cmd_check(env, &conf, &agent).map(|()| None),
+        Command::Status => cmd_status(&agent).map(|()| None),
+        Command::Gc => cmd_gc(&conf, &agent).map(|()| None),
+        Command::Version => Ok(Some(version_info())),
+    }
+}
+
+fn cmd_add(env: &Env, conf: &NetConf, agent: &impl Agent) -> Result<Value, CniError> {
+    let args = env.parsed_args()?;
+    args.check_for_add()?;
+    let labels = conf.labels()?;
+    let netns = env.netns()?;
+    let namespace = args
+        .get("K8S_POD_NAMESPACE")
+        .map(str::to_string)
+        .or_else(|| conf.namespace.clone())
+        .unwrap_or_else(|| "default".into());
+    // Status first: an unreachable agent fails before anything is created.
+    let status = agent.status().map_err(|e| e.to_cni("reading its status"))?;
+    let gateways = Gateways::from_status(&status)?;
+    let label_source = if labels.is_none() {
+        Some("podman".to_string())
+    } else {
+        None
+    };
+    let req = EndpointCreate {
+        netns: netns.to_string(),
+        labels: labels.unwrap_or_default(),
+        ifname: Some(env.ifname()?.to_string()),
+        container_id: Some(env.container_id()?.to_string()),
+        namespace: Some(namespace),
+        label_source,
+    };
+    let ep = agent
+        .create_endpoint(&req)
+        .map_err(|e| e.to_cni("creating the endpoint"))?;
+    if ep.state != EndpointState::Ready {
+        return Err(CniError::new(
+            code::AGENT_ERROR,
+            format!(
+                "endpoint {} was created but is {:?}: {}",
+                ep.id,
+                ep.state,
+                ep.reason.as_deref().unwrap_or("no reason given")
+            ),
+        ));
+    }
+    build_result(&conf.cni_version, &ep, &gateways, netns, conf.dns.as_ref())
+}
+
+fn cmd_del(env: &Env, agent: &impl Agent) -> Result<(), CniError> {
+    agent
+        .delete_endpoints(env.container_id()?, Some(env.ifname()?))
+        .map_err(|e| e.to_cni("deleting the endpoint"))?;
+    Ok(())
+}
+
+fn cmd_check(env: &Env, conf: &NetConf, agent: &impl Agent) -> Result<(), CniError> {
+    let expected = conf.prev_result_ips()?;
+    let (cid, ifname) = (env.container_id()?, env.ifname()?);
+    let eps = agent
+        .list_endpoints(Some(cid), Some(ifname))
+        .map_err(|e| e.to_cni("listing endpoints"))?;
+    let Some(ep) = eps.first() else {
+        return Err(CniError::new(
+            code::UNKNOWN_CONTAINER,
+            format!("container {cid} has no cilia endpoint on {ifname}"),
+        ));
+    };
+    if ep.state != EndpointState::Ready {
+        return Err(CniError::new(
+            code::NOT_READY,
+            format!(
+                "endpoint {} of container {cid} is not ready: {}",
+                ep.id,
+                ep.reason.as_deref().unwrap_or("no reason given")
+            ),
+        ));
+    }
+    let mut actual = BTreeSet::new();
+    for a in std::iter::once(&ep.ipv6).chain(ep.ipv4.iter()) {
+        if let Ok(ip) = a.parse::<IpAddr>() {
+            actual.insert(ip);
+        }
+    }
+    if actual != expected {
+        let show = |s: &BTreeSet<IpAddr>| {
+            s.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        return Err(CniError::new(
+            code::ADDRESS_MISMATCH,
+            format!(
+                "endpoint {} of container {cid} has addresses [{}], prevResult has [{}]",
+                ep.id,
+                show(&actual),
+                show(&expected)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn cmd_status(agent: &impl Agent) -> Result<(), CniError> {
+    let status = agent.status().map_err(|e| {
+        CniError::new(code::NOT_AVAILABLE, "cilia agent is not reachable")
+            .with_details(e.to_string())
+    })?;
+    let pools = std::iter::once(&status.ipam.ipv6).chain(status.ipam.ipv4.iter());
+    for pool in pools {
+        if pool.used >= pool.capacity {
+            return Err(CniError::new(
+                code::NOT_AVAILABLE,
+                format!(
+                    "IPAM pool {} is exhausted: all {} addresses are allocated",
+                    pool.range, pool.capacity
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn cmd_gc(conf: &NetConf, agent: &impl Agent) -> Result<(), CniError> {
+    let Some(valid) = &conf.valid_attachments else {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            "GC needs cni.dev/valid-attachments in the network config",
+        ));
+    };
+    let valid: BTreeSet<(&str, &str)> = valid
+        .iter()
+        .map(|a| (a.container_id.as_str(), a.ifname.as_str()))
+        .collect();
+    let eps = agent
+        .list_endpoints(None, None)
+        .map_err(|e| e.to_cni("listing endpoints"))?;
+    let mut failures = Vec::new();
+    for ep in &eps {
+        let Some(cid) = ep.container_id.as_deref() else {
+            continue; // not made by a runtime: never ours to collect
+        };
+        if valid.contains(&(cid, ep.ifname.as_str())) {
+            continue;
+        }
+        if let Err(e) = agent.delete_endpoints(cid, Some(&ep.ifname)) {
+            failures.push(format!("{cid}/{}: {e}", ep.ifname));
+        }
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            code::AGENT_ERROR,
+            format!("GC could not delete {} endpoint(s)", failures.len()),
+        )
+        .with_details(failures.join("; ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use cilia_api::{IpamStatus, PoolStatus};
+
+    use super::*;
+
+    /// An agent in memory: endpoints keyed by (container, ifname).
+    #[derive(Default)]
+    struct Fake {
+        eps: RefCell<Vec<Endpoint>>,
+        down: bool,
+        full: bool,
+    }
+
+    fn pool(range: &str, router: &str, used: u64) -> PoolStatus {
+        PoolStatus {
+            range: range.into(),
+            router: router.into(),
+            used,
+            capacity: 2,
+        }
+    }
+
+    impl Agent for &Fake {
+        fn status(&self) -> Result<Status, AgentError> {
+            if self.down {
+                return Err(AgentError::Unreachable("connection refused".into()));
+            }
+            let used = if self.full { 2 } else { 1 };
+            Ok(Status {
+                version: "t".into(),
+                health: "ok".into(),
+                kernel: "6".into(),
+                features: vec![],
+                endpoints: 0,
+                endpoints_not_ready: 0,
+                ipam: IpamStatus {
+                    ipv6: pool("fd00::/126", "fd00::1", used),
+                    ipv4: Some(pool("10.0.0.0/30", "10.0.0.1", used)),
+                },
+                state_dir: String::new(),
+                bpf_root: String::new(),
+                policy_revision: 0,
+                policies: 0,
+                policy_errors: vec![],
+            })
+        }
+
+        fn create_endpoint(&self, req: &EndpointCreate) -> Result<Endpoint, AgentError> {
+            if self.full {
+                return Err(AgentError::Api {
+                    status: 503,
+                    code: "ipam-exhausted".into(),
+                    message: "IPAM pool fd00::/126 is exhausted: all 2 addresses are allocated"
+                        .into(),
+                });
+            }
+            let n = self.eps.borrow().len() + 2;
+            let ep = Endpoint {
+                id: n as u16,
+                netns: req.netns.clone(),
+                ifname: req.ifname.clone().unwrap_or_else(|| "eth0".into()),
+                host_ifname: format!("lxc{n}"),
+                ipv6: format!("fd00::{n}"),
+                ipv4: Some(format!("10.0.0.{n}")),
+                labels: req.labels.clone(),
+                namespace: req.namespace.clone().unwrap_or_default(),
+                identity: 5,
+                mac: "02:00:00:00:00:01".into(),
+                host_mac: "02:00:00:00:00:02".into(),
+                state: EndpointState::Ready,
+                reason: None,
+                container_id: req.container_id.clone(),
+                labels_pending: req.label_source.is_some(),
+            };
+            self.eps.borrow_mut().push(ep.clone());
+            Ok(ep)
+        }
+
+        fn list_endpoints(
+            &self,
+            container_id: Option<&str>,
+            ifname: Option<&str>,
+        ) -> Result<Vec<Endpoint>, AgentError> {
+            Ok(self
+                .eps
+                .borrow()
+                .iter()
+                .filter(|e| container_id.is_none() || e.container_id.as_deref() == container_id)
+                .filter(|e| ifname.is_none_or(|i| e.ifname == i))
+                .cloned()
+                .collect())
+        }
+
+        fn delete_endpoints(
+            &self,
+            container_id: &str,
+            ifname: Option<&str>,
+        ) -> Result<usize, AgentError> {
+            if self.down {
+                return Err(AgentError::Unreachable("connection refused".into()));
+            }
+            let mut eps = self.eps.borrow_mut();
+            let before = eps.len();
+            eps.retain(|e| {
+                !(e.container_id.as_deref() == Some(container_id)
+                    && ifname.is_none_or(|i| e.ifname == i))
+            });
+            Ok(before - eps.len())
+        }
+    }
+
+    fn env(cmd: &str, cid: &str) -> Env {
+        Env {
+            command: Some(cmd.into()),
+            container_id: Some(cid.into()),
+            netns: Some("/run/netns/x".into()),
+            ifname: Some("eth0".into()),
+            args: Some("IgnoreUnknown=1;K8S_POD_NAME=p;K8S_POD_NAMESPACE=team".into()),
+            path: Some("/opt/cni/bin".into()),
+        }
+    }
+
+    fn conf(version: &str) -> String {
+        format!(
+            r#"{{"cniVersion":"{version}","name":"cilia","type":"cilia-cni","dns":{{"nameservers":["fd00::53"]}}}}"#
+        )
+    }
+
+    fn run(fake: &Fake, env: &Env, stdin: &str) -> (Value, bool) {
+        let (out, ok) = execute(env, stdin.as_bytes(), |_| Ok(fake));
+        let v = if out.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&out).unwrap()
+        };
+        (v, ok)
+    }
+
+    #[test]
+    fn version_lists_supported_versions() {
+        let fake = Fake::default();
+        let (v, ok) = run(&fake, &env("VERSION", "c1"), "");
+        assert!(ok);
+        assert_eq!(
+            v,
+            json!({"cniVersion":"1.1.0","supportedVersions":["0.4.0","1.0.0","1.1.0"]})
+        );
+    }
+
+    #[test]
+    fn unknown_version_is_code_1() {
+        let fake = Fake::default();
+        let (v, ok) = run(&fake, &env("ADD", "c1"), &conf("0.3.1"));
+        assert!(!ok);
+        assert_eq!(v["code"], 1);
+        assert!(v["msg"].as_str().unwrap().contains("0.3.1"));
+        assert!(fake.eps.borrow().is_empty());
+    }
+
+    #[test]
+    fn malformed_stdin_is_code_6_and_bad_config_code_7() {
+        let fake = Fake::default();
+        assert_eq!(run(&fake, &env("ADD", "c1"), "{not json").0["code"], 6);
+        let (v, _) = run(
+            &fake,
+            &env("ADD", "c1"),
+            r#"{"cniVersion":"1.0.0","name":"x","type":"bridge"}"#,
+        );
+        assert_eq!(v["code"], 7);
+        assert_eq!(v["cniVersion"], "1.0.0");
+        let (v, _) = run(
+            &fake,
+            &env("ADD", "c1"),
+            r#"{"cniVersion":"1.0.0","name":"x","type":"cilia-cni","socket":5}"#,
+        );
+        assert_eq!(v["code"], 7);
+    }
+
+    #[test]
+    fn missing_env_is_code_4() {
+        let fake = Fake::default();
+        let mut e = env("ADD", "c1");
+        e.container_id = None;
+        let (v, ok) = run(&fake, &e, &conf("1.0.0"));
+        assert!(!ok);
+        assert_eq!(v["code"], 4);
+        assert!(v["msg"].as_str().unwrap().contains("CNI_CONTAINERID"));
+        let mut e = env("ADD", "c1");
+        e.command = None;
+        assert_eq!(run(&fake, &e, &conf("1.0.0")).0["code"], 4);
+        let e = env("ADD", "bad/id");
+        assert_eq!(run(&fake, &e, &conf("1.0.0")).0["code"], 4);
+        let mut e = env("ADD", "c1");
+        e.args = Some("IP=10.0.0.9".into());
+        assert_eq!(run(&fake, &e, &conf("1.0.0")).0["code"], 4);
+        e.args = Some("Foo=1".into());
+        assert_eq!(run(&fake, &e, &conf("1.0.0")).0["code"], 4);
+    }
+
+    #[test]
+    fn add_result_shape_per_version() {
+        let fake = Fake::default();
+        let (v, ok) = run(&fake, &env("ADD", "c1"), &conf("1.0.0"));
+        assert!(ok, "{v}");
+        assert_eq!(v["cniVersion"], "1.0.0");
+        assert_eq!(v["interfaces"][0]["name"], "eth0");
+        assert_eq!(v["interfaces"][0]["sandbox"], "/run/netns/x");
+        assert_eq!(v["interfaces"][0]["mac"], "02:00:00:00:00:01");
+        assert_eq!(
+            v["ips"][0],
+            json!({"address":"fd00::2/128","gateway":"fd00::1","interface":0})
+        );
+        assert_eq!(v["ips"][1]["address"], "10.0.0.2/32");
+        assert_eq!(
+            v["routes"],
+            json!([{"dst":"::/0","gw":"fd00::1"},{"dst":"0.0.0.0/0","gw":"10.0.0.1"}])
+        );
+        assert_eq!(v["dns"]["nameservers"][0], "fd00::53");
+        let ep = fake.eps.borrow()[0].clone();
+        assert_eq!(ep.namespace, "team");
+        assert!(
+            ep.labels_pending,
+            "no labels in config: learned from podman"
+        );
+
+        let (v, ok) = run(&fake, &env("ADD", "c2"), &conf("0.4.0"));
+        assert!(ok);
+        assert_eq!(v["ips"][0]["version"], "6");
+        assert_eq!(v["ips"][1]["version"], "4");
+        let (v, _) = run(&fake, &env("ADD", "c3"), &conf("1.1.0"));
+        assert!(v["ips"][0].get("version").is_none());
+    }
+
+    #[test]
+    fn labels_from_args_in_both_forms() {
+        let fake = Fake::default();
+        let list = r#"{"cniVersion":"1.0.0","name":"n","type":"cilia-cni","namespace":"ns1",
+            "args":{"cni":{"labels":[{"key":"app","value":"web"}]}}}"#;
+        let mut e = env("ADD", "c1");
+        e.args = None;
+        assert!(run(&fake, &e, list).1);
+        let map = r#"{"cniVersion":"1.0.0","name":"n","type":"cilia-cni",
+            "args":{"cni":{"labels":{"app":"db"}}}}"#;
+        assert!(run(&fake, &env("ADD", "c2"), map).1);
+        let eps = fake.eps.borrow();
+        assert_eq!(eps[0].labels["app"], "web");
+        assert_eq!(eps[0].namespace, "ns1");
+        assert!(!eps[0].labels_pending);
+        assert_eq!(eps[1].labels["app"], "db");
+        drop(eps);
+        let bad = r#"{"cniVersion":"1.0.0","name":"n","type":"cilia-cni",
+            "args":{"cni":{"labels":{"app":"a b"}}}}"#;
+        assert_eq!(run(&fake, &env("ADD", "c3"), bad).0["code"], 7);
+    }
+
+    #[test]
+    fn ipam_exhausted_is_plugin_code_with_agent_message() {
+        let fake = Fake {
+            full: true,
+            ..Default::default()
+        };
+        let (v, ok) = run(&fake, &env("ADD", "c1"), &conf("1.0.0"));
+        assert!(!ok);
+        assert_eq!(v["code"], code::IPAM_EXHAUSTED);
+        assert!(v["msg"].as_str().unwrap().contains("exhausted"));
+        let (v, ok) = run(&fake, &env("STATUS", "c1"), &conf("1.1.0"));
+        assert!(!ok);
+        assert_eq!(v["code"], 50);
+    }
+
+    #[test]
+    fn del_is_idempotent_and_needs_no_netns() {
+        let fake = Fake::default();
+        assert!(run(&fake, &env("ADD", "c1"), &conf("1.0.0")).1);
+        let mut e = env("DEL", "c1");
+        e.netns = None;
+        assert_eq!(run(&fake, &e, &conf("1.0.0")), (Value::Null, true));
+        assert_eq!(run(&fake, &e, &conf("1.0.0")), (Value::Null, true));
+        assert!(run(&fake, &env("DEL", "unknown"), &conf("0.4.0")).1);
+        assert!(fake.eps.borrow().is_empty());
+    }
+
+    #[test]
+    fn del_with_agent_down_is_try_again_later() {
+        let fake = Fake {
+            down: true,
+            ..Default::default()
+        };
+        let (v, ok) = run(&fake, &env("DEL", "c1"), &conf("1.0.0"));
+        assert!(!ok);
+        assert_eq!(v["code"], 11);
+        let (v, _) = run(&fake, &env("ADD", "c1"), &conf("1.0.0"));
+        assert_eq!(v["code"], 11);
+        assert_eq!(
+            run(&fake, &env("STATUS", "c1"), &conf("1.1.0")).0["code"],
+            50
+        );
+    }
+
+    #[test]
+    fn check_compares_with_prev_result() {
+        let fake = Fake::default();
+        let (result, _) = run(&fake, &env("ADD", "c1"), &conf("1.0.0"));
+        let with_prev = |prev: &Value| {
+            json!({"cniVersion":"1.0.0","name":"n","type":"cilia-cni","prevResult":prev})
+                .to_string()
+        };
+        assert_eq!(
+            run(&fake, &env("CHECK", "c1"), &with_prev(&result)),
+            (Value::Null, true)
+        );
+        let mut other = result.clone();
+        other["ips"][1]["address"] = json!("10.0.0.99/32");
+        assert_eq!(
+            run(&fake, &env("CHECK", "c1"), &with_prev(&other)).0["code"],
+            code::ADDRESS_MISMATCH
+        );
+        assert_eq!(
+            run(&fake, &env("CHECK", "nope"), &with_prev(&result)).0["code"],
+            code::UNKNOWN_CONTAINER
+        );
+        fake.eps.borrow_mut()[0].state = EndpointState::NotReady;
+        assert_eq!(
+            run(&fake, &env("CHECK", "c1"), &with_prev(&result)).0["code"],
+            code::NOT_READY
+        );
+        assert_eq!(run(&fake, &env("CHECK", "c1"), &conf("1.0.0")).0["code"], 7);
+    }
+
+    #[test]
+    fn gc_removes_only_stale_runtime_endpoints() {
+        let fake = Fake::default();
+        for c in ["keep", "stale"] {
+            assert!(run(&fake, &env("ADD", c), &conf("1.1.0")).1);
+        }
+        let mut manual = fake.eps.borrow()[0].clone();
+        manual.container_id = None;
+        fake.eps.borrow_mut().push(manual);
+        let gc = json!({"cniVersion":"1.1.0","name":"n","type":"cilia-cni",
+            "cni.dev/valid-attachments":[{"containerID":"keep","ifname":"eth0"}]})
+        .to_string();
+        assert_eq!(run(&fake, &env("GC", "x"), &gc), (Value::Null, true));
+        let left: Vec<_> = fake
+            .eps
+            .borrow()
+            .iter()
+            .map(|e| e.container_id.clone())
+            .collect();
+        assert_eq!(left, vec![Some("keep".to_string()), None]);
+        assert_eq!(run(&fake, &env("GC", "x"), &conf("1.1.0")).0["code"], 7);
+    }
+
+    #[test]
+    fn status_ok_with_free_addresses() {
+        let fake = Fake::default();
+        assert_eq!(
+            run(&fake, &env("STATUS", "x"), &conf("1.1.0")),
+            (Value::Null, true)
+        );
+    }
+
+    #[test]
+    fn queries_are_encoded() {
+        assert_eq!(
+            container_query(Some("a b"), Some("eth0")),
+            "?container_id=a%20b&ifname=eth0"
+        );
+        assert_eq!(container_query(None, None), "");
+    }
+}

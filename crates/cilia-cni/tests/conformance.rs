@@ -1,0 +1,248 @@
+//! The plugin binary as a runtime drives it (environment + stdin, result or
+//! CNI error on stdout), against a real test agent and namespaces of the
+//! test's own. The agent-free cases need no privileges.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use cilia_testnet::{bin, require_privileges, AgentOptions, Netns, TestAgent};
+use serde_json::{json, Value};
+
+/// Runs the plugin; returns (exit success, parsed stdout or Null).
+fn plugin(envs: &[(&str, &str)], stdin: &str) -> (bool, Value) {
+    let mut cmd = Command::new(bin("cilia-cni"));
+    cmd.env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .envs(envs.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let value = if stdout.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("stdout {stdout:?}: {e}"))
+    };
+    (out.status.success(), value)
+}
+
+fn conf(version: &str, socket: &str) -> String {
+    json!({"cniVersion": version, "name": "cilia", "type": "cilia-cni", "socket": socket,
+           "retrySeconds": 0, "dns": {"nameservers": ["fd00:c1a::53"]}})
+    .to_string()
+}
+
+fn env<'a>(cmd: &'a str, cid: &'a str, netns: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("CNI_COMMAND", cmd),
+        ("CNI_CONTAINERID", cid),
+        ("CNI_NETNS", netns),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAME=p1"),
+        ("CNI_PATH", "/opt/cni/bin"),
+    ]
+}
+
+#[test]
+fn version_and_input_errors_need_no_agent() {
+    let (ok, v) = plugin(&[("CNI_COMMAND", "VERSION")], "");
+    assert!(ok);
+    assert_eq!(
+        v,
+        json!({"cniVersion":"1.1.0","supportedVersions":["0.4.0","1.0.0","1.1.0"]})
+    );
+    let sock = "/nonexistent/cilia.sock";
+    let (ok, v) = plugin(&env("ADD", "c1", "/run/netns/x"), &conf("0.3.1", sock));
+    assert!(!ok);
+    assert_eq!(v["code"], 1);
+    assert!(v["msg"].as_str().unwrap().contains("0.3.1"), "{v}");
+    let (ok, v) = plugin(&env("ADD", "c1", "/run/netns/x"), "{\"cniVersion\":");
+    assert!(!ok);
+    assert_eq!(v["code"], 6);
+    let mut e = env("ADD", "c1", "/run/netns/x");
+    e.retain(|(k, _)| *k != "CNI_CONTAINERID");
+    let (ok, v) = plugin(&e, &conf("1.0.0", sock));
+    assert!(!ok);
+    assert_eq!(
+        (v["code"].clone(), v["cniVersion"].clone()),
+        (json!(4), json!("1.0.0"))
+    );
+    // An unreachable agent: try again later, never a false success.
+    let (ok, v) = plugin(&env("DEL", "c1", ""), &conf("1.0.0", sock));
+    assert!(!ok);
+    assert_eq!(v["code"], 11, "{v}");
+    let (ok, v) = plugin(&env("STATUS", "", ""), &conf("1.1.0", sock));
+    assert!(!ok);
+    assert_eq!(v["code"], 50, "{v}");
+}
+
+#[test]
+fn add_check_del_gc_status_against_a_real_agent() {
+    if !require_privileges("add_check_del_gc_status_against_a_real_agent") {
+        return;
+    }
+    let agent = TestAgent::start(AgentOptions::default());
+    let sock = agent.socket.to_str().unwrap().to_string();
+    let ns1 = Netns::new("cep").unwrap();
+    let ns2 = Netns::new("cep").unwrap();
+    let p1 = ns1.path().to_string_lossy().to_string();
+    let p2 = ns2.path().to_string_lossy().to_string();
+
+    assert_eq!(
+        plugin(&env("STATUS", "", ""), &conf("1.1.0", &sock)),
+        (true, Value::Null)
+    );
+
+    // ADD, 1.0.0: spec-shaped result with the agent's addresses.
+    let (ok, r1) = plugin(&env("ADD", "ctr1", &p1), &conf("1.0.0", &sock));
+    assert!(ok, "{r1}");
+    assert_eq!(r1["cniVersion"], "1.0.0");
+    assert_eq!(r1["interfaces"][0]["name"], "eth0");
+    assert_eq!(r1["interfaces"][0]["sandbox"], p1.as_str());
+    assert_eq!(r1["ips"][0]["gateway"], "fd00:c1a::1");
+    assert_eq!(r1["ips"][0]["interface"], 0);
+    assert!(r1["ips"][0].get("version").is_none());
+    assert!(r1["ips"][0]["address"].as_str().unwrap().ends_with("/128"));
+    assert_eq!(r1["ips"][1]["gateway"], "10.200.0.1");
+    assert!(r1["ips"][1]["address"].as_str().unwrap().ends_with("/32"));
+    assert_eq!(
+        r1["routes"],
+        json!([{"dst":"::/0","gw":"fd00:c1a::1"},{"dst":"0.0.0.0/0","gw":"10.200.0.1"}])
+    );
+    assert_eq!(r1["dns"]["nameservers"][0], "fd00:c1a::53");
+    let mac = ns1.ip(&["link", "show", "eth0"]).unwrap();
+    assert!(
+        mac.contains(r1["interfaces"][0]["mac"].as_str().unwrap()),
+        "{mac}"
+    );
+
+    // ADD, 0.4.0, with labels from args: `version` on every IP.
+    let labelled = json!({"cniVersion": "0.4.0", "name": "cilia", "type": "cilia-cni",
+        "socket": sock, "args": {"cni": {"labels": [{"key": "app", "value": "db"}]}}})
+    .to_string();
+    let (ok, r2) = plugin(&env("ADD", "ctr2", &p2), &labelled);
+    assert!(ok, "{r2}");
+    assert_eq!(r2["ips"][0]["version"], "6");
+    assert_eq!(r2["ips"][1]["version"], "4");
+    let eps = agent.cli_json(&["endpoint", "list"]);
+    let ep2 = eps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["container_id"] == "ctr2")
+        .unwrap()
+        .clone();
+    assert_eq!(ep2["labels"]["app"], "db");
+    assert_eq!(ep2["labels_pending"], false);
+
+    // The two namespaces reach each other with the result's addresses.
+    let addr2 = r2["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(ns1.sh(&format!("ping -c1 -W2 {addr2}")).is_ok());
+
+    // CHECK against prevResult.
+    let with_prev = |prev: &Value| {
+        json!({"cniVersion": "1.0.0", "name": "cilia", "type": "cilia-cni", "socket": sock,
+               "prevResult": prev})
+        .to_string()
+    };
+    assert_eq!(
+        plugin(&env("CHECK", "ctr1", &p1), &with_prev(&r1)),
+        (true, Value::Null)
+    );
+    let (ok, v) = plugin(&env("CHECK", "ctr1", &p1), &with_prev(&r2));
+    assert!(!ok);
+    assert_eq!(v["code"], 104, "{v}");
+    let (ok, v) = plugin(&env("CHECK", "nope", &p1), &with_prev(&r1));
+    assert!(!ok);
+    assert_eq!(v["code"], 3, "{v}");
+
+    // A repeated ADD (runtime retry after a crash) replaces, never duplicates.
+    let (ok, _) = plugin(&env("ADD", "ctr1", &p1), &conf("1.1.0", &sock));
+    assert!(ok);
+    assert_eq!(
+        agent
+            .cli_json(&["endpoint", "list"])
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // GC: ctr2 is no longer a valid attachment.
+    let gc = json!({"cniVersion": "1.1.0", "name": "cilia", "type": "cilia-cni", "socket": sock,
+        "cni.dev/valid-attachments": [{"containerID": "ctr1", "ifname": "eth0"}]})
+    .to_string();
+    assert_eq!(plugin(&env("GC", "", ""), &gc), (true, Value::Null));
+    let eps = agent.cli_json(&["endpoint", "list"]);
+    let left: Vec<_> = eps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["container_id"].clone())
+        .collect();
+    assert_eq!(left, vec![json!("ctr1")]);
+
+    // DEL: idempotent, with an empty netns (containerd), for unknown containers.
+    for _ in 0..2 {
+        assert_eq!(
+            plugin(&env("DEL", "ctr1", ""), &conf("1.0.0", &sock)),
+            (true, Value::Null)
+        );
+    }
+    assert_eq!(
+        plugin(&env("DEL", "unknown", &p1), &conf("0.4.0", &sock)),
+        (true, Value::Null)
+    );
+    assert_eq!(agent.cli_json(&["endpoint", "list"]), json!([]));
+    assert!(
+        ns1.ip(&["link", "show", "eth0"]).is_err(),
+        "eth0 left in the netns"
+    );
+}
+
+#[test]
+fn status_reports_an_exhausted_pool_and_add_shows_it() {
+    if !require_privileges("status_reports_an_exhausted_pool_and_add_shows_it") {
+        return;
+    }
+    let agent = TestAgent::start(AgentOptions {
+        ipv6_range: "fd00:c1d::/126".into(),
+        ipv4_range: None,
+    });
+    let sock = agent.socket.to_str().unwrap().to_string();
+    let nss: Vec<Netns> = (0..3).map(|_| Netns::new("cep").unwrap()).collect();
+    for (i, ns) in nss.iter().take(2).enumerate() {
+        let path = ns.path().to_string_lossy().to_string();
+        let (ok, r) = plugin(&env("ADD", &format!("x{i}"), &path), &conf("1.0.0", &sock));
+        assert!(ok, "{r}");
+        assert_eq!(r["ips"].as_array().unwrap().len(), 1, "IPv6 only: {r}");
+    }
+    let (ok, v) = plugin(&env("STATUS", "", ""), &conf("1.1.0", &sock));
+    assert!(!ok);
+    assert_eq!(v["code"], 50);
+    assert!(v["msg"].as_str().unwrap().contains("exhausted"), "{v}");
+    let path = nss[2].path().to_string_lossy().to_string();
+    let (ok, v) = plugin(&env("ADD", "x2", &path), &conf("1.0.0", &sock));
+    assert!(!ok);
+    assert_eq!(v["code"], 101);
+    assert_eq!(
+        v["msg"],
+        "IPAM pool fd00:c1d::/126 is exhausted: all 2 addresses are allocated"
+    );
+}
