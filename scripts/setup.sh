@@ -38,3 +38,5 @@ fi
 
 echo "==> building (release)"
 cargo build --release --workspace --bins
+echo "==> installing the CNI plugin and podman settings"
+scripts/install-cni.sh
