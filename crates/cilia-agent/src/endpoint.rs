@@ -248,8 +248,16 @@ impl EndpointManager {
                     return Err(e.into());
                 }
                 info!(id = ready.id, ipv6 = %ready.ipv6, ipv4 = ?ready.ipv4, "endpoint created");
-                // The others' policies may select the new identity.
-                if let Err(e) = self.regenerate() {
+                // Only a new identity can change what the others' policies
+                // select; an identity shared with another endpoint (or the
+                // reserved init) is already in every map it belongs in.
+                let new_identity = self.identity_is_new(&ready)?;
+                let regenerated = if new_identity {
+                    self.regenerate()
+                } else {
+                    Ok(())
+                };
+                if let Err(e) = regenerated {
                     warn!(id = ready.id, error = %e, "policy regeneration failed; rolling back");
                     self.rollback(&ready);
                     return Err(e);
@@ -349,8 +357,24 @@ impl EndpointManager {
         self.store.delete_endpoint(&rec)?;
         self.resolved.remove(&rec.id);
         info!(id, "endpoint deleted");
-        // Policies of the others may have selected its identity.
-        self.regenerate()
+        // Policies of the others may have selected its identity, if it was
+        // the last endpoint carrying it.
+        if self.identity_is_new(&rec)? {
+            self.regenerate()?;
+        }
+        Ok(())
+    }
+
+    /// Whether `rec` is the only endpoint with its (non-reserved) identity.
+    fn identity_is_new(&self, rec: &EndpointRecord) -> Result<bool, EndpointError> {
+        if rec.identity < crate::store::FIRST_ENDPOINT_IDENTITY {
+            return Ok(false);
+        }
+        Ok(!self
+            .store
+            .endpoints()?
+            .iter()
+            .any(|other| other.id != rec.id && other.identity == rec.identity))
     }
 
     /// Reconciles recorded endpoints with the kernel after a (re)start:
