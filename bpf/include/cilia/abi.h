@@ -104,7 +104,7 @@ struct metrics_value {
 #define CILIA_ID_ENFORCEMENT 0xffffffff
 
 #define CILIA_IPCACHE_MAX	   524288
-#define CILIA_POLICY_MAX	   16384
+#define CILIA_POLICY_MAX	   131072
 #define CILIA_POLICY_ENDPOINTS_MAX 65536
 #define CILIA_CT_MAX		   262144
 

@@ -153,7 +153,7 @@ pub const CILIA_ID_REMOTE_NODE: u32 = 6;
 pub const CILIA_ID_ENFORCEMENT: u32 = 0xffff_ffff;
 
 pub const CILIA_IPCACHE_MAX: u32 = 524288;
-pub const CILIA_POLICY_MAX: u32 = 16384;
+pub const CILIA_POLICY_MAX: u32 = 131072;
 pub const CILIA_POLICY_ENDPOINTS_MAX: u32 = 65536;
 pub const CILIA_CT_MAX: u32 = 262144;
 

@@ -18,6 +18,24 @@ use crate::{
 pub struct IdentityCache {
     labels: BTreeMap<IdentityId, Labels>,
     cidrs: BTreeMap<IdentityId, IpNet>,
+    /// CIDR identities by (family, network address, prefix length): the
+    /// identities inside a rule's CIDR are one range of this map, so a CIDR
+    /// peer costs O(log n + matches), not a scan of every CIDR identity.
+    by_prefix: BTreeMap<(u8, u128, u8), IdentityId>,
+}
+
+fn prefix_index(net: &IpNet) -> (u8, u128, u8) {
+    match net {
+        IpNet::V4(v4) => (4, u128::from(u32::from(v4.network())), v4.prefix_len()),
+        IpNet::V6(v6) => (6, u128::from(v6.network()), v6.prefix_len()),
+    }
+}
+
+fn last_address(net: &IpNet) -> u128 {
+    match net {
+        IpNet::V4(v4) => u128::from(u32::from(v4.broadcast())),
+        IpNet::V6(v6) => u128::from(v6.broadcast()),
+    }
 }
 
 impl IdentityCache {
@@ -33,7 +51,21 @@ impl IdentityCache {
 
     /// Adds (or replaces) a CIDR identity. The prefix is truncated to its network address.
     pub fn insert_cidr(&mut self, id: IdentityId, cidr: IpNet) {
-        self.cidrs.insert(id, cidr.trunc());
+        let cidr = cidr.trunc();
+        if let Some(old) = self.cidrs.insert(id, cidr) {
+            self.by_prefix.remove(&prefix_index(&old));
+        }
+        self.by_prefix.insert(prefix_index(&cidr), id);
+    }
+
+    /// CIDR identities whose prefix lies inside `cidr` (equal included).
+    fn cidr_identities_within(&self, cidr: &IpNet) -> impl Iterator<Item = IdentityId> + '_ {
+        let (family, first, len) = prefix_index(cidr);
+        let last = last_address(cidr);
+        self.by_prefix
+            .range((family, first, 0)..=(family, last, u8::MAX))
+            .filter(move |((_, _, l), _)| *l >= len)
+            .map(|(_, id)| *id)
     }
 
     /// Labels of an identity, if known.
@@ -134,11 +166,10 @@ impl Resolver<'_> {
                     });
                     ids.extend(set.iter().copied());
                 }
-                Peer::Cidr { .. } => {
+                Peer::Cidr { cidr, .. } => {
                     let candidates = self
                         .cache
-                        .cidr_identities()
-                        .map(|(id, _)| id)
+                        .cidr_identities_within(cidr)
                         .chain([reserved::WORLD]);
                     for id in candidates {
                         if peer_selects(peer, id, self.cache) {
