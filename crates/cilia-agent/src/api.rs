@@ -819,7 +819,32 @@ async fn not_found() -> AppError {
 /// Largest accepted request body (policy YAML).
 pub const MAX_BODY: usize = 64 << 20;
 
-pub fn router(state: Shared) -> Router {
+/// Records every request's duration by method and matched route (never the
+/// raw path: ids would make unbounded label sets).
+async fn record_duration(
+    axum::extract::State(metrics): axum::extract::State<crate::metrics::AgentMetrics>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method = req.method().to_string();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    metrics
+        .api_requests
+        .get_or_create(&vec![
+            ("method".to_string(), method),
+            ("route".to_string(), route),
+        ])
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+pub fn router(state: Shared, metrics: crate::metrics::AgentMetrics) -> Router {
     Router::new()
         .route("/openapi.json", get(openapi))
         .route("/v1/healthz", get(healthz))
@@ -858,6 +883,10 @@ pub fn router(state: Shared) -> Router {
         // Policy imports of many thousand rules are large; the default 2 MB
         // would refuse them before the parser could say anything useful.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .route_layer(axum::middleware::from_fn_with_state(
+            metrics,
+            record_duration,
+        ))
         .with_state(state)
 }
 

@@ -80,6 +80,7 @@ pub struct EndpointManager {
     pub(crate) policy_errors: Vec<String>,
     /// Rule cookies of the entries in the policy maps.
     pub(crate) rule_cookies: crate::policy::RuleCookies,
+    pub(crate) metrics: crate::metrics::AgentMetrics,
 }
 
 fn host_prefix(ip: IpAddr) -> u8 {
@@ -132,6 +133,7 @@ impl EndpointManager {
             cidr_ids: BTreeMap::new(),
             policy_errors: Vec::new(),
             rule_cookies: crate::policy::RuleCookies::default(),
+            metrics: crate::metrics::AgentMetrics::default(),
         }
     }
 

@@ -11,6 +11,7 @@ pub mod datapath;
 pub mod endpoint;
 pub mod ipam;
 pub mod labels;
+pub mod metrics;
 pub mod monitor;
 pub mod netdev;
 pub mod paths;
@@ -44,6 +45,8 @@ pub struct AgentConfig {
     /// Recent flows kept for `cilia observe` (0: none, and no events unless
     /// someone runs `cilia monitor`).
     pub flow_buffer_size: usize,
+    /// Where to serve Prometheus metrics (`None`: not at all).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn mkdir_private(path: &std::path::Path) -> anyhow::Result<()> {
@@ -149,7 +152,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let restored = manager.list()?.len();
 
     let listener = bind_socket(&config.socket)?;
-    let flow_monitor = monitor::Monitor::new(config.flow_buffer_size);
+    let agent_metrics = metrics::AgentMetrics::default();
+    manager.set_metrics(agent_metrics.clone());
+    let flow_monitor = monitor::Monitor::new(config.flow_buffer_size, agent_metrics.clone());
     let state = Arc::new(AgentState {
         monitor: flow_monitor.clone(),
         manager: Mutex::new(manager),
@@ -194,6 +199,54 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             }
         }
     });
+    if let Some(addr) = config.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics address {addr}"))?;
+        let s = state.clone();
+        let m = agent_metrics.clone();
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let (s, m) = (s.clone(), m.clone());
+                async move {
+                    let snap = tokio::task::spawn_blocking(move || {
+                        s.manager
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .metrics_snapshot()
+                    })
+                    .await;
+                    match snap {
+                        Ok(Ok(snap)) => (
+                            axum::http::StatusCode::OK,
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            metrics::render(&snap, &m),
+                        ),
+                        Ok(Err(e)) => (
+                            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                            [(axum::http::header::CONTENT_TYPE, "text/plain")],
+                            e.to_string(),
+                        ),
+                        Err(e) => (
+                            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                            [(axum::http::header::CONTENT_TYPE, "text/plain")],
+                            e.to_string(),
+                        ),
+                    }
+                }
+            }),
+        );
+        info!(%addr, "serving Prometheus metrics at /metrics");
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                warn!(error = %e, "metrics server stopped");
+            }
+        });
+    }
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("installing a SIGTERM handler cannot fail in a tokio runtime");
@@ -203,7 +256,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         }
         info!("shutting down; endpoints keep running (pinned)");
     };
-    axum::serve(listener, api::router(state))
+    axum::serve(listener, api::router(state, agent_metrics))
         .with_graceful_shutdown(shutdown)
         .await?;
     let _ = std::fs::remove_file(&config.socket);

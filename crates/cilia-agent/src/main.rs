@@ -31,6 +31,9 @@ struct Args {
     /// then emits events only while `cilia monitor` runs.
     #[arg(long, env = "CILIA_FLOW_BUFFER_SIZE", default_value_t = cilia_agent::monitor::DEFAULT_FLOW_BUFFER)]
     flow_buffer_size: usize,
+    /// Address of the Prometheus metrics endpoint (`/metrics`); `off` to disable.
+    #[arg(long, env = "CILIA_METRICS_ADDR", default_value = "127.0.0.1:9962")]
+    metrics_addr: String,
 }
 
 #[tokio::main]
@@ -43,6 +46,16 @@ async fn main() {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let metrics_addr = match args.metrics_addr.as_str() {
+        "off" | "" => None,
+        addr => match addr.parse() {
+            Ok(a) => Some(a),
+            Err(e) => {
+                eprintln!("cilia-agent: --metrics-addr {addr:?}: {e}");
+                std::process::exit(2);
+            }
+        },
+    };
     let config = AgentConfig {
         state_dir: args.state_dir,
         bpf_root: args.bpf_root,
@@ -50,6 +63,7 @@ async fn main() {
         ipv6_range: args.ipv6_range,
         ipv4_range: args.ipv4_range,
         flow_buffer_size: args.flow_buffer_size,
+        metrics_addr,
     };
     if let Err(e) = cilia_agent::run(config).await {
         eprintln!("cilia-agent: {e:#}");

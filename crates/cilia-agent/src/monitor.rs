@@ -41,10 +41,11 @@ pub struct Monitor {
     /// Live `cilia monitor` listeners, and those of them wanting traces.
     listeners: AtomicUsize,
     trace_listeners: AtomicUsize,
+    metrics: crate::metrics::AgentMetrics,
 }
 
 impl Monitor {
-    pub fn new(capacity: usize) -> Arc<Self> {
+    pub fn new(capacity: usize, metrics: crate::metrics::AgentMetrics) -> Arc<Self> {
         let (tx, _) = broadcast::channel(1024);
         Arc::new(Self {
             ring: Mutex::new(VecDeque::with_capacity(capacity.min(65536))),
@@ -52,6 +53,7 @@ impl Monitor {
             tx,
             listeners: AtomicUsize::new(0),
             trace_listeners: AtomicUsize::new(0),
+            metrics,
         })
     }
 
@@ -67,6 +69,15 @@ impl Monitor {
     }
 
     fn publish(&self, flow: Flow) {
+        if flow.policy.is_some() {
+            self.metrics
+                .verdicts
+                .get_or_create(&vec![
+                    ("verdict".to_string(), flow.verdict.clone()),
+                    ("direction".to_string(), flow.direction.clone()),
+                ])
+                .inc();
+        }
         let flow = Arc::new(flow);
         if self.capacity > 0 {
             let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());

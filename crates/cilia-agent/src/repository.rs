@@ -119,7 +119,77 @@ impl EndpointManager {
 
     /// Removes expired conntrack entries.
     pub fn gc_conntrack(&mut self) -> Result<usize, EndpointError> {
-        Ok(self.datapath.gc_ct()?)
+        let removed = self.datapath.gc_ct()?;
+        self.metrics.ct_gc_runs.inc();
+        self.metrics.ct_gc_deleted.inc_by(removed as u64);
+        Ok(removed)
+    }
+
+    /// Uses `metrics` (shared with the API and the monitor).
+    pub fn set_metrics(&mut self, metrics: crate::metrics::AgentMetrics) {
+        self.metrics = metrics;
+    }
+
+    /// What a Prometheus scrape reads from the datapath and the store.
+    pub fn metrics_snapshot(&self) -> Result<crate::metrics::Snapshot, EndpointError> {
+        let endpoints = self.store.endpoints()?;
+        let mut by_state: BTreeMap<String, u64> = BTreeMap::new();
+        for e in &endpoints {
+            let state = serde_json::to_value(e.state)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default();
+            *by_state.entry(state).or_default() += 1;
+        }
+        let now = cilia_datapath::monotonic_ns();
+        let ct = self
+            .datapath
+            .list_ct()?
+            .iter()
+            .filter(|(_, v)| v.expires > now)
+            .count() as u64;
+        let bpf_endpoints = self.datapath.list_endpoints()?.len() as u64;
+        let ipcache = self.datapath.list_ipcache()?.len() as u64;
+        let mut policy_max = 0u64;
+        for e in &endpoints {
+            if let Some(p) = self.datapath.get_policy(e.id)? {
+                policy_max = policy_max.max(p.len() as u64);
+            }
+        }
+        Ok(crate::metrics::Snapshot {
+            datapath: self
+                .datapath
+                .metrics()?
+                .into_iter()
+                .map(|(k, v)| (k.kind, k.reason, k.dir, v.packets, v.bytes))
+                .collect(),
+            endpoints: by_state.into_iter().collect(),
+            identities: vec![
+                ("reserved".into(), RESERVED.len() as u64),
+                ("endpoint".into(), self.store.identities()?.len() as u64),
+                ("cidr".into(), self.cidr_ids.len() as u64),
+            ],
+            conntrack_entries: ct,
+            map_fill: vec![
+                (
+                    "cilia_endpoints".into(),
+                    bpf_endpoints,
+                    u64::from(cilia_abi::CILIA_ENDPOINTS_MAX),
+                ),
+                (
+                    "cilia_ipcache".into(),
+                    ipcache,
+                    u64::from(cilia_abi::CILIA_IPCACHE_MAX),
+                ),
+                ("cilia_ct".into(), ct, u64::from(cilia_abi::CILIA_CT_MAX)),
+                (
+                    "policy (fullest endpoint)".into(),
+                    policy_max,
+                    u64::from(cilia_abi::CILIA_POLICY_MAX),
+                ),
+            ],
+            policy_revision: self.store.policy_revision()?,
+        })
     }
 
     /// Names of the rules behind policy map entries, indexed by rule cookie
@@ -203,6 +273,15 @@ impl EndpointManager {
     /// the datapath's policy revision so established flows meet the new
     /// policy on their next packet.
     pub fn regenerate(&mut self) -> Result<(), EndpointError> {
+        let started = std::time::Instant::now();
+        let result = self.regenerate_all();
+        self.metrics
+            .regeneration
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    fn regenerate_all(&mut self) -> Result<(), EndpointError> {
         self.sync_cidr_identities()?;
         let cache = self.identity_cache()?;
         let namespaces = self.store.namespaces()?;

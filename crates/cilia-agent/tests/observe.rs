@@ -178,3 +178,68 @@ fn monitor_streams_drops_live() {
     assert_eq!(flow["event"], "drop");
     assert_eq!(flow["destination"]["endpoint"], deathstar["id"]);
 }
+
+/// GET /metrics from inside the agent's node namespace (loopback there).
+fn scrape(agent: &TestAgent) -> String {
+    use std::io::{Read, Write};
+    agent.node.run(|| {
+        let mut s = TcpStream::connect("127.0.0.1:9962").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: cilia\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+}
+
+fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn metrics_scrape_matches_the_generated_traffic() {
+    if !require_privileges("metrics_scrape_matches_the_generated_traffic") {
+        return;
+    }
+    let agent = TestAgent::start(AgentOptions::default());
+    let (ds, xw) = (Netns::new("cep").unwrap(), Netns::new("cep").unwrap());
+    let deathstar = agent.create_endpoint(&ds, "org=empire,class=deathstar");
+    agent.create_endpoint(&xw, "org=alliance,class=xwing");
+    agent.cli_ok(&["policy", "import", RULE1]);
+    let target = SocketAddr::new(ipv4_of(&deathstar), 80);
+    for _ in 0..3 {
+        assert!(!try_connect(&xw, target));
+    }
+    let text = scrape(&agent);
+    assert!(
+        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
+    let denied = metric(
+        &text,
+        "cilia_drop_count_total{reason=\"Policy denied\",direction=\"ingress\"}",
+    )
+    .expect("policy drops exported");
+    // The same counter the CLI reads from the kernel map.
+    let cli = agent.cli_json(&["bpf", "metrics", "list"]);
+    let kernel = cli
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["reason"] == "Policy denied" && m["direction"] == "ingress")
+        .unwrap()["packets"]
+        .as_f64()
+        .unwrap();
+    assert!(denied >= 3.0, "{denied}");
+    assert!(kernel >= denied, "kernel {kernel} vs scraped {denied}");
+    assert_eq!(metric(&text, "cilia_endpoints{state=\"ready\"}"), Some(2.0));
+    assert!(text.contains("cilia_endpoint_regeneration_seconds_count"));
+    assert!(text.contains(
+        "cilia_api_request_duration_seconds_count{method=\"POST\",route=\"/v1/policy\"}"
+    ));
+    assert!(text.contains("cilia_bpf_map_pressure{map=\"cilia_ct\"}"));
+}

@@ -1,0 +1,247 @@
+//! Prometheus metrics, served in text format on a TCP address of its own
+//! (`--metrics-addr`, loopback by default). Datapath counters are read from
+//! the per-CPU metrics map at scrape time (never duplicated in the agent);
+//! what only the agent sees (regeneration time, API durations, conntrack GC,
+//! policy verdicts from the monitor) is recorded as it happens.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+use std::sync::atomic::AtomicU64;
+
+use cilia_abi::{
+    reason_name, CILIA_DIR_EGRESS, CILIA_METRIC_DROP, CILIA_METRIC_FORWARD, CILIA_METRIC_LOST,
+};
+
+type Labels = Vec<(String, String)>;
+
+fn histogram() -> Histogram {
+    // 100 µs .. ~3 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+/// Metrics recorded as things happen. Clones share their values.
+#[derive(Debug, Clone)]
+pub struct AgentMetrics {
+    pub regeneration: Histogram,
+    pub api_requests: Family<Labels, Histogram, fn() -> Histogram>,
+    pub ct_gc_runs: Counter,
+    pub ct_gc_deleted: Counter,
+    pub verdicts: Family<Labels, Counter>,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self {
+            regeneration: histogram(),
+            api_requests: Family::new_with_constructor(histogram),
+            ct_gc_runs: Counter::default(),
+            ct_gc_deleted: Counter::default(),
+            verdicts: Family::default(),
+        }
+    }
+}
+
+/// State read at scrape time.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// (kind, reason, direction, packets, bytes) from the datapath.
+    pub datapath: Vec<(u8, u8, u8, u64, u64)>,
+    /// (state, count).
+    pub endpoints: Vec<(String, u64)>,
+    /// (kind, count).
+    pub identities: Vec<(String, u64)>,
+    pub conntrack_entries: u64,
+    /// (map, entries, capacity).
+    pub map_fill: Vec<(String, u64, u64)>,
+    pub policy_revision: u64,
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Renders the Prometheus text exposition of `snap` and `m`.
+pub fn render(snap: &Snapshot, m: &AgentMetrics) -> String {
+    let mut reg = Registry::with_prefix("cilia");
+    let drops: Family<Labels, Counter> = Family::default();
+    let drop_bytes: Family<Labels, Counter> = Family::default();
+    let forwards: Family<Labels, Counter> = Family::default();
+    let forward_bytes: Family<Labels, Counter> = Family::default();
+    let lost: Family<Labels, Counter> = Family::default();
+    for (kind, reason, dir, packets, bytes) in &snap.datapath {
+        let direction = if *dir == CILIA_DIR_EGRESS {
+            "egress"
+        } else {
+            "ingress"
+        };
+        match *kind {
+            CILIA_METRIC_DROP => {
+                let l = labels(&[
+                    ("reason", reason_name(*kind, *reason)),
+                    ("direction", direction),
+                ]);
+                drops.get_or_create(&l).inc_by(*packets);
+                drop_bytes.get_or_create(&l).inc_by(*bytes);
+            }
+            CILIA_METRIC_FORWARD => {
+                let l = labels(&[
+                    ("reason", reason_name(*kind, *reason)),
+                    ("direction", direction),
+                ]);
+                forwards.get_or_create(&l).inc_by(*packets);
+                forward_bytes.get_or_create(&l).inc_by(*bytes);
+            }
+            CILIA_METRIC_LOST => {
+                let ty = match *reason {
+                    cilia_abi::CILIA_EVENT_DROP => "drop",
+                    cilia_abi::CILIA_EVENT_TRACE => "trace",
+                    _ => "policy-verdict",
+                };
+                lost.get_or_create(&labels(&[("type", ty)]))
+                    .inc_by(*packets);
+            }
+            _ => {}
+        }
+    }
+    reg.register(
+        "drop_count",
+        "Packets dropped by the datapath, by reason and direction",
+        drops,
+    );
+    reg.register_with_unit(
+        "drop",
+        "Bytes dropped by the datapath",
+        Unit::Bytes,
+        drop_bytes,
+    );
+    reg.register(
+        "forward_count",
+        "Packets forwarded by the datapath, by where to and direction",
+        forwards,
+    );
+    reg.register_with_unit(
+        "forward",
+        "Bytes forwarded by the datapath",
+        Unit::Bytes,
+        forward_bytes,
+    );
+    reg.register(
+        "events_lost",
+        "Datapath events the ring buffer had no room for",
+        lost,
+    );
+
+    let endpoints: Family<Labels, Gauge> = Family::default();
+    for (state, n) in &snap.endpoints {
+        endpoints
+            .get_or_create(&labels(&[("state", state)]))
+            .set(*n as i64);
+    }
+    reg.register("endpoints", "Endpoints, by state", endpoints);
+    let identities: Family<Labels, Gauge> = Family::default();
+    for (kind, n) in &snap.identities {
+        identities
+            .get_or_create(&labels(&[("kind", kind)]))
+            .set(*n as i64);
+    }
+    reg.register("identities", "Security identities, by kind", identities);
+    let ct = Gauge::<i64>::default();
+    ct.set(snap.conntrack_entries as i64);
+    reg.register("conntrack_entries", "Live connection tracking entries", ct);
+    let revision = Gauge::<i64>::default();
+    revision.set(snap.policy_revision as i64);
+    reg.register(
+        "policy_revision",
+        "Revision of the imported policy",
+        revision,
+    );
+    let fill: Family<Labels, Gauge<f64, AtomicU64>> = Family::default();
+    for (map, entries, capacity) in &snap.map_fill {
+        let ratio = if *capacity == 0 {
+            0.0
+        } else {
+            *entries as f64 / *capacity as f64
+        };
+        fill.get_or_create(&labels(&[("map", map)])).set(ratio);
+    }
+    reg.register(
+        "bpf_map_pressure",
+        "Fill level of BPF maps (entries / capacity)",
+        fill,
+    );
+
+    reg.register(
+        "policy_verdicts",
+        "Policy verdicts of new flows seen by the monitor",
+        m.verdicts.clone(),
+    );
+    reg.register_with_unit(
+        "endpoint_regeneration",
+        "Time to recompute and program every endpoint's policy",
+        Unit::Seconds,
+        m.regeneration.clone(),
+    );
+    reg.register_with_unit(
+        "api_request_duration",
+        "REST API request durations, by method and route",
+        Unit::Seconds,
+        m.api_requests.clone(),
+    );
+    reg.register(
+        "conntrack_gc_runs",
+        "Conntrack garbage collection runs",
+        m.ct_gc_runs.clone(),
+    );
+    reg.register(
+        "conntrack_gc_deleted",
+        "Expired conntrack entries removed",
+        m.ct_gc_deleted.clone(),
+    );
+
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &reg);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_are_in_the_cilia_namespace_with_units() {
+        let snap = Snapshot {
+            datapath: vec![(
+                CILIA_METRIC_DROP,
+                cilia_abi::CILIA_DROP_POLICY,
+                cilia_abi::CILIA_DIR_INGRESS,
+                3,
+                222,
+            )],
+            endpoints: vec![("ready".into(), 2)],
+            conntrack_entries: 5,
+            map_fill: vec![("cilia_ct".into(), 5, 10)],
+            ..Default::default()
+        };
+        let m = AgentMetrics::default();
+        m.regeneration.observe(0.002);
+        let text = render(&snap, &m);
+        for needle in [
+            "cilia_drop_count_total{reason=\"Policy denied\",direction=\"ingress\"} 3",
+            "cilia_drop_bytes_total{reason=\"Policy denied\",direction=\"ingress\"} 222",
+            "cilia_endpoints{state=\"ready\"} 2",
+            "cilia_conntrack_entries 5",
+            "cilia_bpf_map_pressure{map=\"cilia_ct\"} 0.5",
+            "cilia_endpoint_regeneration_seconds_count 1",
+        ] {
+            assert!(text.contains(needle), "{needle} missing in:\n{text}");
+        }
+    }
+}
