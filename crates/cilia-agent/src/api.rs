@@ -125,6 +125,7 @@ pub fn endpoint_view(rec: &EndpointRecord) -> Endpoint {
         reason: rec.reason.clone(),
         container_id: rec.container_id.clone(),
         labels_pending: rec.label_source.is_some(),
+        policy_audit: rec.policy_audit,
     }
 }
 
@@ -221,6 +222,22 @@ async fn delete_container(
     };
     with_manager(&state, move |mgr| {
         mgr.delete_container(&cid, q.ifname.as_deref())
+    })
+    .await
+    .map(Json)
+}
+
+#[utoipa::path(put, path = "/v1/endpoints/{id}/config", params(("id" = u16, Path)), request_body = cilia_api::EndpointSettings,
+    responses((status = 200, body = Endpoint), (status = 404, body = ApiError)))]
+async fn set_endpoint_config(
+    State(state): State<Shared>,
+    Path(id): Path<u16>,
+    body: Bytes,
+) -> Result<Json<Endpoint>, AppError> {
+    let req: cilia_api::EndpointSettings = json_body(&body)?;
+    with_manager(&state, move |mgr| {
+        mgr.set_policy_audit(id, req.policy_audit)
+            .map(|r| endpoint_view(&r))
     })
     .await
     .map(Json)
@@ -783,6 +800,9 @@ async fn monitor_stream(
         status,
         healthz,
         list_endpoints,
+        set_endpoint_config,
+        set_endpoint_labels,
+        delete_container,
         create_endpoint,
         get_endpoint,
         delete_endpoint,
@@ -797,6 +817,8 @@ async fn monitor_stream(
         PoolStatus,
         Endpoint,
         EndpointCreate,
+        EndpointLabels,
+        cilia_api::EndpointSettings,
         EndpointState,
         BpfEndpoint,
         BpfMetric
@@ -858,6 +880,10 @@ pub fn router(state: Shared, metrics: crate::metrics::AgentMetrics) -> Router {
         .route(
             "/v1/endpoints/{id}/labels",
             axum::routing::put(set_endpoint_labels),
+        )
+        .route(
+            "/v1/endpoints/{id}/config",
+            axum::routing::put(set_endpoint_config),
         )
         .route(
             "/v1/endpoints/{id}",

@@ -239,6 +239,7 @@ impl EndpointManager {
                         namespace: namespace.clone(),
                         identity: 0,
                         label_source: label_source.clone(),
+                        policy_audit: false,
                     }
                 })?;
         match self.connect(&rec) {
@@ -676,6 +677,7 @@ mod tests {
                     namespace: "default".into(),
                     identity: 0,
                     label_source: None,
+                    policy_audit: false,
                 })
                 .unwrap();
             // The crash happened after the veth was made.

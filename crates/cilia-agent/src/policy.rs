@@ -6,9 +6,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use cilia_abi::{
-    PolicyKey, PolicyValue, CILIA_DIR_EGRESS, CILIA_DIR_INGRESS, CILIA_ID_ENFORCEMENT,
-    CILIA_MATCH_L3, CILIA_MATCH_PORT, CILIA_MATCH_PROTO, CILIA_POLICY_MAX, CILIA_VERDICT_ALLOW,
-    CILIA_VERDICT_DENY,
+    PolicyKey, PolicyValue, CILIA_DIR_EGRESS, CILIA_DIR_INGRESS, CILIA_ENFORCE,
+    CILIA_ENFORCE_AUDIT, CILIA_ID_ENFORCEMENT, CILIA_MATCH_L3, CILIA_MATCH_PORT, CILIA_MATCH_PROTO,
+    CILIA_POLICY_MAX, CILIA_VERDICT_ALLOW, CILIA_VERDICT_DENY,
 };
 use cilia_policy::{Direction, Policy, PolicyError, PolicyKind, ResolvedPolicy, Verdict};
 
@@ -169,6 +169,7 @@ impl RuleCookies {
 pub fn map_entries(
     resolved: &ResolvedPolicy,
     cookies: &mut RuleCookies,
+    audit: bool,
 ) -> BTreeMap<PolicyKey, PolicyValue> {
     let rule_cookies: Vec<u32> = resolved
         .rules
@@ -190,7 +191,7 @@ pub fn map_entries(
                     dport: 0,
                 },
                 PolicyValue {
-                    verdict: 1,
+                    verdict: CILIA_ENFORCE | if audit { CILIA_ENFORCE_AUDIT } else { 0 },
                     ..Default::default()
                 },
             );

@@ -244,7 +244,7 @@ impl EndpointManager {
     ) -> Result<(), EndpointError> {
         let subject = Labels(Self::subject_labels(rec, namespaces));
         let resolved = cilia_policy::resolve(policies, &subject, cache);
-        let entries = map_entries(&resolved, &mut self.rule_cookies);
+        let entries = map_entries(&resolved, &mut self.rule_cookies, rec.policy_audit);
         policy::check_size(rec.id, &entries)?;
         self.datapath.set_policy(rec.id, &entries)?;
         self.resolved.insert(rec.id, resolved);
@@ -318,6 +318,7 @@ impl EndpointManager {
                 &map_entries(
                     &cilia_policy::resolve(&policies, &subject, &cache),
                     &mut crate::policy::RuleCookies::default(),
+                    rec.policy_audit,
                 ),
             )?;
         }
@@ -415,6 +416,25 @@ impl EndpointManager {
         }
         info!(id, identity = rec.identity, "endpoint labels set");
         self.regenerate()?;
+        Ok(rec)
+    }
+
+    /// Turns an endpoint's policy audit mode on or off.
+    pub fn set_policy_audit(
+        &mut self,
+        id: u16,
+        audit: bool,
+    ) -> Result<EndpointRecord, EndpointError> {
+        let rec = self
+            .store
+            .set_endpoint_audit(id, audit)?
+            .ok_or(EndpointError::NotFound(id))?;
+        if rec.state == EndpointState::Ready {
+            self.apply_policy(&rec)?;
+            // Flows decided before now meet the policy again.
+            self.datapath.bump_policy_revision()?;
+        }
+        info!(id, audit, "policy audit mode set");
         Ok(rec)
     }
 

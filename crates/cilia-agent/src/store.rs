@@ -144,6 +144,9 @@ pub struct EndpointRecord {
     /// Labels still to be learned from `label_source`; identity is `init`.
     #[serde(default)]
     pub label_source: Option<String>,
+    /// Policy audit mode: would-be drops pass and are reported as AUDIT.
+    #[serde(default)]
+    pub policy_audit: bool,
 }
 
 impl EndpointRecord {
@@ -329,6 +332,26 @@ impl Store {
             rec
         };
         release_unused_identities(&txn)?;
+        txn.commit()?;
+        Ok(Some(rec))
+    }
+
+    /// Sets an endpoint's policy audit mode.
+    pub fn set_endpoint_audit(
+        &self,
+        id: u16,
+        audit: bool,
+    ) -> Result<Option<EndpointRecord>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let rec = {
+            let Some(mut rec) = read_endpoints(&txn)?.into_iter().find(|r| r.id == id) else {
+                return Ok(None);
+            };
+            rec.policy_audit = audit;
+            txn.open_table(ENDPOINTS)?
+                .insert(rec.id, encode(&rec)?.as_slice())?;
+            rec
+        };
         txn.commit()?;
         Ok(Some(rec))
     }
@@ -596,6 +619,7 @@ mod tests {
             namespace: DEFAULT_NAMESPACE.into(),
             identity: 0,
             label_source: None,
+            policy_audit: false,
         }
     }
 

@@ -243,3 +243,32 @@ fn metrics_scrape_matches_the_generated_traffic() {
     ));
     assert!(text.contains("cilia_bpf_map_pressure{map=\"cilia_ct\"}"));
 }
+
+#[test]
+fn policy_audit_mode_lets_would_be_drops_pass_as_audit_verdicts() {
+    if !require_privileges("policy_audit_mode") {
+        return;
+    }
+    let agent = TestAgent::start(AgentOptions::default());
+    let (ds, xw) = (Netns::new("cep").unwrap(), Netns::new("cep").unwrap());
+    let deathstar = agent.create_endpoint(&ds, "org=empire,class=deathstar");
+    agent.create_endpoint(&xw, "org=alliance,class=xwing");
+    let _listener = ds.run(|| TcpListener::bind("0.0.0.0:80").unwrap());
+    agent.cli_ok(&["policy", "import", RULE1]);
+    let target = SocketAddr::new(ipv4_of(&deathstar), 80);
+    assert!(!try_connect(&xw, target), "enforced: dropped");
+
+    let id = deathstar["id"].as_u64().unwrap().to_string();
+    let out = agent.cli_json(&["endpoint", "config", &id, "policy-audit=enabled"]);
+    assert_eq!(out["policy_audit"], true);
+    assert!(try_connect(&xw, target), "audit: passes");
+    let audit = wait_for_flow(&agent, &["--verdict", "AUDIT"], |f| {
+        f["source"]["labels"]["class"] == "xwing"
+    });
+    assert_eq!(audit["policy"], "default deny");
+
+    agent.cli_ok(&["endpoint", "config", &id, "policy-audit=disabled"]);
+    assert!(!try_connect(&xw, target), "enforced again");
+    let bad = agent.cli(&["endpoint", "config", &id, "policy-audit=maybe"]);
+    assert!(!bad.status.success());
+}

@@ -130,6 +130,16 @@ pub struct Endpoint {
     /// The labels are still being learned (identity `init` meanwhile).
     #[serde(default)]
     pub labels_pending: bool,
+    /// Policy audit mode: would-be drops pass and are reported as AUDIT.
+    #[serde(default)]
+    pub policy_audit: bool,
+}
+
+/// `PUT /v1/endpoints/{id}/config`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSettings {
+    pub policy_audit: bool,
 }
 
 /// One entry of the kernel's endpoints map, read back.

@@ -220,6 +220,14 @@ enum EndpointCmd {
     ///
     /// Example: cilia endpoint delete 1
     Delete { id: u16 },
+    /// Change an endpoint's settings.
+    ///
+    /// Example: cilia endpoint config 1 policy-audit=enabled
+    Config {
+        id: u16,
+        /// policy-audit=enabled|disabled: would-be drops pass, reported as AUDIT.
+        setting: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -636,6 +644,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 print_json(&e)?
             } else {
                 print_endpoint(&e)
+            }
+        }
+        Command::Endpoint(EndpointCmd::Config { id, setting }) => {
+            let audit = match setting.as_str() {
+                "policy-audit=enabled" => true,
+                "policy-audit=disabled" => false,
+                other => anyhow::bail!(
+                    "unknown setting {other:?}: use policy-audit=enabled or policy-audit=disabled"
+                ),
+            };
+            let e: Endpoint = client
+                .put(
+                    &format!("/v1/endpoints/{id}/config"),
+                    &cilia_api::EndpointSettings {
+                        policy_audit: audit,
+                    },
+                )
+                .await?;
+            if json {
+                print_json(&e)?
+            } else {
+                println!(
+                    "endpoint {id}: policy audit {}",
+                    if e.policy_audit {
+                        "enabled"
+                    } else {
+                        "disabled"
+                    }
+                );
             }
         }
         Command::Endpoint(EndpointCmd::Delete { id }) => {
