@@ -1038,6 +1038,7 @@ mod tests {
                 reason: None,
                 container_id: req.container_id.clone(),
                 labels_pending: req.label_source.is_some(),
+                policy_audit: false,
             };
             self.eps.borrow_mut().push(ep.clone());
             Ok(ep)
