@@ -142,8 +142,11 @@ fn pool_status(pool: &Pool, used: &std::collections::BTreeSet<std::net::IpAddr>)
 async fn status(State(state): State<Shared>) -> Result<Json<Status>, AppError> {
     let features = state.features.clone();
     let (state_dir, bpf_root) = (state.state_dir.clone(), state.bpf_root.clone());
+    let monitor_level = state.monitor.wanted_level();
+    let flows = state.monitor.recent().len();
     with_manager(&state, move |mgr| {
         let endpoints = mgr.list()?;
+        let snap = mgr.metrics_snapshot()?;
         let used = mgr.allocated()?;
         let not_ready = endpoints
             .iter()
@@ -174,10 +177,118 @@ async fn status(State(state): State<Shared>) -> Result<Json<Status>, AppError> {
             policy_revision: mgr.policy_revision()?,
             policies: mgr.policy_documents().len(),
             policy_errors: mgr.policy_errors().to_vec(),
+            subsystems: subsystems(mgr, &endpoints, &snap, monitor_level, flows),
+            maps: snap
+                .map_fill
+                .iter()
+                .map(|(map, entries, capacity)| cilia_api::MapPressure {
+                    map: map.clone(),
+                    entries: *entries,
+                    capacity: *capacity,
+                })
+                .collect(),
         })
     })
     .await
     .map(Json)
+}
+
+fn subsystems(
+    mgr: &EndpointManager,
+    endpoints: &[EndpointRecord],
+    snap: &crate::metrics::Snapshot,
+    monitor_level: u32,
+    flows: usize,
+) -> Vec<cilia_api::SubsystemStatus> {
+    let sub =
+        |name: &str, ok: bool, detail: String, errors: Vec<String>| cilia_api::SubsystemStatus {
+            name: name.into(),
+            status: if ok { "ok" } else { "degraded" }.into(),
+            detail,
+            errors,
+        };
+    let not_ready: Vec<String> = endpoints
+        .iter()
+        .filter(|e| e.state != EndpointState::Ready)
+        .map(|e| {
+            format!(
+                "endpoint {}: {}",
+                e.id,
+                e.reason.as_deref().unwrap_or("not ready")
+            )
+        })
+        .collect();
+    let pending = endpoints
+        .iter()
+        .filter(|e| e.label_source.is_some())
+        .count();
+    let lost: u64 = snap
+        .datapath
+        .iter()
+        .filter(|(kind, ..)| *kind == cilia_abi::CILIA_METRIC_LOST)
+        .map(|(_, _, _, packets, _)| packets)
+        .sum();
+    let full: Vec<String> = snap
+        .map_fill
+        .iter()
+        .filter(|(_, e, c)| *c > 0 && *e * 10 >= *c * 9)
+        .map(|(m, e, c)| format!("map {m} is {e}/{c} full"))
+        .collect();
+    let level = match monitor_level {
+        cilia_abi::CILIA_MONITOR_OFF => "off",
+        cilia_abi::CILIA_MONITOR_DROPS => "drops and policy verdicts",
+        _ => "drops, policy verdicts and traces",
+    };
+    vec![
+        sub(
+            "endpoints",
+            not_ready.is_empty(),
+            format!(
+                "{} endpoints, {} not ready",
+                endpoints.len(),
+                not_ready.len()
+            ),
+            not_ready,
+        ),
+        sub(
+            "policy",
+            mgr.policy_errors().is_empty(),
+            format!(
+                "{} policies, revision {}",
+                mgr.policy_documents().len(),
+                snap.policy_revision
+            ),
+            mgr.policy_errors().to_vec(),
+        ),
+        sub(
+            "labels",
+            true,
+            format!("{pending} endpoints waiting for runtime labels (init identity)"),
+            vec![],
+        ),
+        sub(
+            "monitor",
+            lost == 0,
+            format!("events: {level}; {flows} flows buffered; {lost} events lost"),
+            vec![],
+        ),
+        sub(
+            "conntrack",
+            true,
+            format!(
+                "{} live entries; {} GC runs",
+                snap.conntrack_entries,
+                mgr.metrics.ct_gc_runs.get()
+            ),
+            vec![],
+        ),
+        sub(
+            "bpf-maps",
+            full.is_empty(),
+            format!("{} maps", snap.map_fill.len()),
+            full,
+        ),
+    ]
 }
 
 #[utoipa::path(get, path = "/v1/healthz", responses((status = 200, description = "agent is serving")))]

@@ -242,6 +242,29 @@ fn metrics_scrape_matches_the_generated_traffic() {
         "cilia_api_request_duration_seconds_count{method=\"POST\",route=\"/v1/policy\"}"
     ));
     assert!(text.contains("cilia_bpf_map_pressure{map=\"cilia_ct\"}"));
+
+    // The same state in `cilia status --verbose`.
+    let status = agent.cli_ok(&["status", "--verbose"]);
+    for needle in [
+        "Subsystems:",
+        "endpoints",
+        "monitor",
+        "cilia_ct",
+        "cilia_ipcache",
+    ] {
+        assert!(status.contains(needle), "{needle} missing:\n{status}");
+    }
+    let json = agent.cli_json(&["status"]);
+    let monitor = json["subsystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "monitor")
+        .unwrap();
+    assert!(monitor["detail"]
+        .as_str()
+        .unwrap()
+        .contains("drops and policy verdicts"));
 }
 
 #[test]

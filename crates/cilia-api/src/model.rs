@@ -60,6 +60,32 @@ pub struct Status {
     /// Stored policies that no longer parse.
     #[serde(default)]
     pub policy_errors: Vec<String>,
+    /// Health of each subsystem.
+    #[serde(default)]
+    pub subsystems: Vec<SubsystemStatus>,
+    /// Fill level of the BPF maps.
+    #[serde(default)]
+    pub maps: Vec<MapPressure>,
+}
+
+/// One subsystem's health, for `cilia status --verbose`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SubsystemStatus {
+    pub name: String,
+    /// `ok`, `degraded` or `off`.
+    pub status: String,
+    pub detail: String,
+    /// The latest problems, newest last.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+}
+
+/// Entries of one BPF map against its capacity.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MapPressure {
+    pub map: String,
+    pub entries: u64,
+    pub capacity: u64,
 }
 
 /// `POST /v1/endpoints`.

@@ -39,8 +39,12 @@ struct Cli {
 enum Command {
     /// Agent health, kernel features, endpoint count, IPAM usage.
     ///
-    /// Example: cilia status -o json
-    Status,
+    /// Example: cilia status --verbose
+    Status {
+        /// Also each subsystem's health and the BPF maps' fill levels.
+        #[arg(short, long)]
+        verbose: bool,
+    },
     /// Manage endpoints (a network namespace connected by cilia).
     #[command(subcommand)]
     Endpoint(EndpointCmd),
@@ -393,6 +397,28 @@ fn print_status(s: &Status) {
     println!("BPF root:     {}", s.bpf_root);
 }
 
+fn print_status_verbose(s: &Status) {
+    println!("Subsystems:");
+    for sub in &s.subsystems {
+        println!("  {:<10} {:<9} {}", sub.name, sub.status, sub.detail);
+        for e in &sub.errors {
+            println!("             - {e}");
+        }
+    }
+    println!("BPF maps:");
+    for m in &s.maps {
+        let pct = if m.capacity == 0 {
+            0.0
+        } else {
+            m.entries as f64 * 100.0 / m.capacity as f64
+        };
+        println!(
+            "  {:<28} {:>8} / {:<8} ({pct:.1}%)",
+            m.map, m.entries, m.capacity
+        );
+    }
+}
+
 fn read_input(file: &str) -> anyhow::Result<String> {
     use std::io::Read;
     if file == "-" {
@@ -595,12 +621,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         anyhow::bail!("-o yaml is only supported by `cilia policy get`; use -o json");
     }
     match cli.command {
-        Command::Status => {
+        Command::Status { verbose } => {
             let s: Status = client.get("/v1/status").await?;
             if json {
                 print_json(&s)?
             } else {
-                print_status(&s)
+                print_status(&s);
+                if verbose {
+                    print_status_verbose(&s);
+                }
             }
         }
         Command::Endpoint(EndpointCmd::Create {

@@ -1009,6 +1009,8 @@ mod tests {
                 policy_revision: 0,
                 policies: 0,
                 policy_errors: vec![],
+                subsystems: vec![],
+                maps: vec![],
             })
         }
 
