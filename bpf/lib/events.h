@@ -37,6 +37,9 @@ __inline_fn void emit_event(struct __sk_buff *skb, __u8 type, __u8 reason, __u8 
 			    const struct flow *f, __u32 src_id, __u32 dst_id, __u16 peer,
 			    const struct decision *d)
 {
+	if (!CILIA_CONFIG.monitor)
+		return; /* specialized without events: the verifier prunes the rest */
+
 	__u32 level = monitor_level();
 
 	if (level == CILIA_MONITOR_OFF ||

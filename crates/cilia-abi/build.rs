@@ -17,6 +17,7 @@ const STRUCTS: &[(&str, &[&str])] = &[
             "identity",
             "endpoint_id",
             "enable_ipv4",
+            "monitor",
         ],
     ),
     ("endpoint_key", &["addr", "family"]),

@@ -33,7 +33,7 @@ struct endpoint_config {
 	__u32 identity;	   /* security identity (0 until policy exists) */
 	__u16 endpoint_id; /* agent-assigned endpoint id */
 	__u8 enable_ipv4;  /* 1 when the endpoint has an IPv4 address */
-	__u8 pad;
+	__u8 monitor;	   /* 1: event code kept; 0: pruned (the no-monitor baseline) */
 };
 
 /* Key of the endpoints map: one of a local endpoint's addresses. */

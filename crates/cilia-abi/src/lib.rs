@@ -70,7 +70,8 @@ pub struct EndpointConfig {
     pub identity: u32,
     pub endpoint_id: u16,
     pub enable_ipv4: u8,
-    pub pad: u8,
+    /// 1: event code kept; 0: pruned by the verifier (benchmark baseline).
+    pub monitor: u8,
 }
 
 /// Key of the endpoints map.
@@ -365,6 +366,7 @@ mod tests {
             ("endpoint_config", "identity") => offset_of!(EndpointConfig, identity),
             ("endpoint_config", "endpoint_id") => offset_of!(EndpointConfig, endpoint_id),
             ("endpoint_config", "enable_ipv4") => offset_of!(EndpointConfig, enable_ipv4),
+            ("endpoint_config", "monitor") => offset_of!(EndpointConfig, monitor),
             ("endpoint_key", "") => size_of::<EndpointKey>(),
             ("endpoint_key", "addr") => offset_of!(EndpointKey, addr),
             ("endpoint_key", "family") => offset_of!(EndpointKey, family),

@@ -101,7 +101,7 @@ pub(crate) fn config_of(rec: &EndpointRecord, ifindex: u32) -> EndpointConfig {
         identity: rec.identity,
         endpoint_id: rec.id,
         enable_ipv4: u8::from(rec.ipv4.is_some()),
-        pad: 0,
+        monitor: 1,
     }
 }
 

@@ -83,7 +83,7 @@ impl Fixture {
             identity: 0,
             endpoint_id: id,
             enable_ipv4: u8::from(v4.is_some()),
-            pad: 0,
+            monitor: 1,
         };
         self.dp
             .test_program(&cfg)

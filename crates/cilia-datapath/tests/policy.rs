@@ -65,7 +65,7 @@ fn config(
         identity,
         endpoint_id: id,
         enable_ipv4: u8::from(v4.is_some()),
-        pad: 0,
+        monitor: 1,
     }
 }
 
