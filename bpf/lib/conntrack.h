@@ -48,14 +48,6 @@ __inline_fn __u64 ct_lifetime(const struct flow *f, __u16 flags)
 	return CILIA_CT_TCP_SYN_TIMEOUT * NSEC_PER_SEC;
 }
 
-__inline_fn __u32 policy_revision(void)
-{
-	__u32 zero = 0;
-	struct global_config *cfg = bpf_map_lookup_elem(&cilia_config, &zero);
-
-	return cfg ? cfg->policy_rev : 0;
-}
-
 /*
  * A tracked flow that the policy no longer allows keeps its entry, marked
  * denied at this revision. Deleting it would let the peer's next packet
@@ -83,7 +75,12 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, __u32 
 	struct ct_key key = {}, rkey = {};
 	struct ct_value *ct, *reply;
 	__u64 now = bpf_ktime_get_ns();
-	__u32 rev = policy_revision();
+	__u32 zero = 0;
+	struct global_config *cfg = bpf_map_lookup_elem(&cilia_config, &zero);
+	/* One lookup for both: the revision and, for events, the monitor level. */
+	__u32 rev = cfg ? cfg->policy_rev : 0;
+
+	d->level = cfg ? cfg->monitor_level : CILIA_MONITOR_OFF;
 	int live;
 
 	ct_key_of(&key, f);
@@ -124,7 +121,7 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, __u32 
 	if (egress_ep && !policy_allows(egress_ep, CILIA_DIR_EGRESS, dst_id, f->proto, f->dport, d))
 		return ct_revoke(live ? ct : 0, rev);
 	if (ingress_ep) {
-		struct decision in = {};
+		struct decision in = {.level = d->level};
 
 		if (!policy_allows(ingress_ep, CILIA_DIR_INGRESS, src_id, f->proto, f->dport,
 				   &in)) {

@@ -21,6 +21,7 @@ struct decision {
 	__u8 verdict; /* CILIA_VERDICT_ALLOW, _DENY or _AUDIT */
 	__u8 match;   /* CILIA_MATCH_* */
 	__u8 checked; /* policy was consulted (a new or re-checked flow) */
+	__u32 level;  /* monitor level, read once per packet with the revision */
 };
 
 __inline_fn __u32 monitor_level(void)
@@ -31,17 +32,14 @@ __inline_fn __u32 monitor_level(void)
 	return cfg ? cfg->monitor_level : CILIA_MONITOR_OFF;
 }
 
-/* Emits one event if the monitor level asks for its type. `f` may be 0 for
- * packets that were not parsed. */
-__inline_fn void emit_event(struct __sk_buff *skb, __u8 type, __u8 reason, __u8 dir,
+/* Emits one event if the monitor `level` asks for its type. `f` may be 0
+ * for packets that were not parsed. */
+__inline_fn void emit_event(struct __sk_buff *skb, __u32 level, __u8 type, __u8 reason, __u8 dir,
 			    const struct flow *f, __u32 src_id, __u32 dst_id, __u16 peer,
 			    const struct decision *d)
 {
 	if (!CILIA_CONFIG.monitor)
 		return; /* specialized without events: the verifier prunes the rest */
-
-	__u32 level = monitor_level();
-
 	if (level == CILIA_MONITOR_OFF ||
 	    (type == CILIA_EVENT_TRACE && level < CILIA_MONITOR_TRACE))
 		return;
@@ -85,7 +83,9 @@ __inline_fn void emit_event(struct __sk_buff *skb, __u8 type, __u8 reason, __u8 
 __inline_fn int drop(struct __sk_buff *skb, __u8 reason, __u8 dir)
 {
 	metrics_count(CILIA_METRIC_DROP, reason, dir, skb->len);
-	emit_event(skb, CILIA_EVENT_DROP, reason, dir, 0, CILIA_CONFIG.identity, 0, 0, 0);
+	if (CILIA_CONFIG.monitor)
+		emit_event(skb, monitor_level(), CILIA_EVENT_DROP, reason, dir, 0,
+			   CILIA_CONFIG.identity, 0, 0, 0);
 	return TC_ACT_SHOT;
 }
 
@@ -94,7 +94,8 @@ __inline_fn int drop_policy(struct __sk_buff *skb, const struct flow *f, __u32 s
 			    __u16 peer, const struct decision *d)
 {
 	metrics_count(CILIA_METRIC_DROP, CILIA_DROP_POLICY, d->dir, skb->len);
-	emit_event(skb, CILIA_EVENT_DROP, CILIA_DROP_POLICY, d->dir, f, src_id, dst_id, peer, d);
+	emit_event(skb, d->level, CILIA_EVENT_DROP, CILIA_DROP_POLICY, d->dir, f, src_id, dst_id,
+		   peer, d);
 	return TC_ACT_SHOT;
 }
 

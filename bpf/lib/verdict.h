@@ -35,13 +35,16 @@ __inline_fn int from_container_verdict(struct __sk_buff *skb, const struct flow 
 	if (!flow_allowed(skb, f, CILIA_CONFIG.endpoint_id, peer, src_id, dst_id, &d))
 		return drop_policy(skb, f, src_id, dst_id, peer, &d);
 	if (d.checked)
-		emit_event(skb, CILIA_EVENT_POLICY_VERDICT, 0, d.dir, f, src_id, dst_id, peer, &d);
+		emit_event(skb, d.level, CILIA_EVENT_POLICY_VERDICT, 0, d.dir, f, src_id, dst_id,
+			   peer, &d);
 	if (!dst) {
 		count_forward(skb, CILIA_FWD_STACK, dir);
-		emit_event(skb, CILIA_EVENT_TRACE, CILIA_FWD_STACK, dir, f, src_id, dst_id, 0, 0);
+		emit_event(skb, d.level, CILIA_EVENT_TRACE, CILIA_FWD_STACK, dir, f, src_id, dst_id,
+			   0, 0);
 		return TC_ACT_OK;
 	}
-	emit_event(skb, CILIA_EVENT_TRACE, CILIA_FWD_ENDPOINT, dir, f, src_id, dst_id, peer, 0);
+	emit_event(skb, d.level, CILIA_EVENT_TRACE, CILIA_FWD_ENDPOINT, dir, f, src_id, dst_id,
+		   peer, 0);
 	*ep = dst;
 	return CILIA_CONTINUE;
 }
@@ -56,8 +59,10 @@ __inline_fn int to_container_verdict(struct __sk_buff *skb, const struct flow *f
 	if (!flow_allowed(skb, f, 0, CILIA_CONFIG.endpoint_id, src_id, dst_id, &d))
 		return drop_policy(skb, f, src_id, dst_id, 0, &d);
 	if (d.checked)
-		emit_event(skb, CILIA_EVENT_POLICY_VERDICT, 0, d.dir, f, src_id, dst_id, 0, &d);
-	emit_event(skb, CILIA_EVENT_TRACE, CILIA_FWD_ENDPOINT, dir, f, src_id, dst_id, 0, 0);
+		emit_event(skb, d.level, CILIA_EVENT_POLICY_VERDICT, 0, d.dir, f, src_id, dst_id, 0,
+			   &d);
+	emit_event(skb, d.level, CILIA_EVENT_TRACE, CILIA_FWD_ENDPOINT, dir, f, src_id, dst_id, 0,
+		   0);
 	return TC_ACT_OK;
 }
 
