@@ -31,6 +31,8 @@ pub struct AgentMetrics {
     pub ct_gc_runs: Counter,
     pub ct_gc_deleted: Counter,
     pub verdicts: Family<Labels, Counter>,
+    /// Events the monitor decoded, by type (and drop reason).
+    pub events: Family<Labels, Counter>,
 }
 
 impl Default for AgentMetrics {
@@ -41,6 +43,7 @@ impl Default for AgentMetrics {
             ct_gc_runs: Counter::default(),
             ct_gc_deleted: Counter::default(),
             verdicts: Family::default(),
+            events: Family::default(),
         }
     }
 }
@@ -181,6 +184,11 @@ pub fn render(snap: &Snapshot, m: &AgentMetrics) -> String {
         "policy_verdicts",
         "Policy verdicts of new flows seen by the monitor",
         m.verdicts.clone(),
+    );
+    reg.register(
+        "monitor_events",
+        "Datapath events the monitor received, by type and drop reason",
+        m.events.clone(),
     );
     reg.register_with_unit(
         "endpoint_regeneration",

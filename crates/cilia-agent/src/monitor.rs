@@ -69,6 +69,16 @@ impl Monitor {
     }
 
     fn publish(&self, flow: Flow) {
+        self.metrics
+            .events
+            .get_or_create(&vec![
+                ("type".to_string(), flow.event.clone()),
+                (
+                    "reason".to_string(),
+                    flow.drop_reason.clone().unwrap_or_default(),
+                ),
+            ])
+            .inc();
         if flow.policy.is_some() {
             self.metrics
                 .verdicts
@@ -223,6 +233,16 @@ fn wall_clock(ts_ns: u64) -> (SystemTime, u64) {
     (t, ns)
 }
 
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    s
+}
+
 fn decode(ev: &Event, enrich: &Enrichment) -> Flow {
     let addr = |a: [u8; 16]| {
         EndpointKey {
@@ -291,12 +311,7 @@ fn decode(ev: &Event, enrich: &Enrichment) -> Flow {
         policy,
         trace: (ev.type_ == CILIA_EVENT_TRACE)
             .then(|| reason_name(CILIA_METRIC_FORWARD, ev.reason).to_string()),
-        data: (caplen > 0).then(|| {
-            ev.data[..caplen]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        }),
+        data: (caplen > 0).then(|| hex(&ev.data[..caplen])),
     }
 }
 

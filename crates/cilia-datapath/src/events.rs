@@ -7,6 +7,9 @@ use tokio::io::unix::AsyncFd;
 
 use crate::error::DatapathError;
 
+/// Most events one `read` returns.
+pub const MAX_BATCH: usize = 4096;
+
 /// The single reader of `cilia_events`.
 pub struct EventReader {
     fd: AsyncFd<RingBuf<MapData>>,
@@ -24,7 +27,9 @@ impl EventReader {
     }
 
     /// Waits until events are available (or `timeout` passes) and appends
-    /// them to `out`; returns how many were added.
+    /// at most `MAX_BATCH` of them to `out`; returns how many were added.
+    /// The bound keeps a reader under a flood publishing as it goes instead
+    /// of draining for as long as the flood lasts.
     pub async fn read(
         &mut self,
         out: &mut Vec<Event>,
@@ -36,10 +41,21 @@ impl EventReader {
             Ok(r) => r.map_err(|e| DatapathError::io("waiting for events", e))?,
         };
         let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            out.extend(Event::from_bytes(&item));
+        let mut drained = true;
+        while out.len() - before < MAX_BATCH {
+            match ring.next() {
+                Some(item) => out.extend(Event::from_bytes(&item)),
+                None => {
+                    drained = false;
+                    break;
+                }
+            }
         }
-        guard.clear_ready();
+        // Only an empty ring may wait for the next wake-up; a full batch
+        // comes straight back for more.
+        if !drained {
+            guard.clear_ready();
+        }
         Ok(out.len() - before)
     }
 }

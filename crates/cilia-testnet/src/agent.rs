@@ -127,6 +127,11 @@ impl TestAgent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Process id of the running agent.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
