@@ -48,3 +48,13 @@ echo "| plain veth pair, no BPF (baseline) | $base6 | $base4 |"
 c6=$(gbps a b fd00:c1b::3); c4=$(gbps a b 10.201.0.3)
 echo "| cilia endpoint -> endpoint (BPF redirect_peer) | $c6 | $c4 |"
 python3 -c "print('| ratio cilia / baseline | %.2f | %.2f |' % ($c6/$base6, $c4/$base4))"
+
+# Monitoring cost on real traffic: the same cilia path while `cilia monitor
+# --type trace` listens, i.e. a trace event for every packet.
+"$BIN/cilia" --socket "$SOCK" monitor --type trace -o json >/dev/null 2>&1 &
+MON=$!
+sleep 1
+m6=$(gbps a b fd00:c1b::3); m4=$(gbps a b 10.201.0.3)
+kill $MON 2>/dev/null || true
+echo "| cilia with \`cilia monitor --type trace\` listening | $m6 | $m4 |"
+python3 -c "print('| ratio traced / cilia | %.2f | %.2f |' % ($m6/$c6, $m4/$c4))"
