@@ -74,6 +74,8 @@ sed -n '/^apiVersion/,$p' examples/starwars/cnp-l3-l4.yaml
 cilia policy import examples/starwars/cnp-l3-l4.yaml
 for ship in tiefighter xwing; do land $ship "[$DS6]"; land $ship "$DS4"; done
 
+say "which flows were dropped, and by which policy? (cilia observe)"
+cilia observe --verdict DROPPED --to-label class=deathstar --protocol TCP --last 2
 say "why was the xwing dropped? (control plane and the loaded BPF program, side by side)"
 cilia policy trace --src "$XW" --dst "$DS" --dport 80/TCP --datapath
 say "the deathstar's policy map, read back from the kernel"

@@ -88,7 +88,9 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, __u32 
 	live = ct && ct->expires > now;
 	if (live && ct->policy_rev == rev) {
 		ct->expires = now + ct_lifetime(f, ct->flags);
+		d->ct_state = CILIA_CT_STATE_ESTABLISHED;
 		if (ct->flags & CILIA_CT_DENIED) {
+			d->ct_state = CILIA_CT_STATE_REVOKED;
 			d->verdict = CILIA_VERDICT_DENY;
 			return 0; /* revoked, and the policy has not changed since */
 		}
@@ -100,15 +102,19 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, __u32 
 	if (f->related) {
 		struct ct_value *orig = bpf_map_lookup_elem(&cilia_ct, &f->inner);
 
-		if (orig && orig->expires > now && !(orig->flags & CILIA_CT_DENIED))
+		if (orig && orig->expires > now && !(orig->flags & CILIA_CT_DENIED)) {
+			d->ct_state = CILIA_CT_STATE_RELATED;
 			return 1;
+		}
 	}
 	if (!live) {
 		ct_key_reverse(&rkey, &key);
 		reply = bpf_map_lookup_elem(&cilia_ct, &rkey);
 		if (reply && reply->expires > now) {
+			d->ct_state = CILIA_CT_STATE_REPLY;
 			/* The other side of a revoked flow may not revive it either. */
 			if (reply->flags & CILIA_CT_DENIED) {
+				d->ct_state = CILIA_CT_STATE_REVOKED;
 				d->verdict = CILIA_VERDICT_DENY;
 				return 0;
 			}
@@ -118,10 +124,11 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, __u32 
 		}
 	}
 
+	d->ct_state = live ? CILIA_CT_STATE_ESTABLISHED : CILIA_CT_STATE_NEW;
 	if (egress_ep && !policy_allows(egress_ep, CILIA_DIR_EGRESS, dst_id, f->proto, f->dport, d))
 		return ct_revoke(live ? ct : 0, rev);
 	if (ingress_ep) {
-		struct decision in = {.level = d->level};
+		struct decision in = {.level = d->level, .ct_state = d->ct_state};
 
 		if (!policy_allows(ingress_ep, CILIA_DIR_INGRESS, src_id, f->proto, f->dport,
 				   &in)) {

@@ -16,12 +16,13 @@
 
 /* What policy decided for a flow, for counters and events. */
 struct decision {
-	__u32 rule;   /* cookie of the deciding entry, 0: default verdict */
-	__u8 dir;     /* direction whose policy decided */
-	__u8 verdict; /* CILIA_VERDICT_ALLOW, _DENY or _AUDIT */
-	__u8 match;   /* CILIA_MATCH_* */
-	__u8 checked; /* policy was consulted (a new or re-checked flow) */
-	__u32 level;  /* monitor level, read once per packet with the revision */
+	__u32 rule;    /* cookie of the deciding entry, 0: default verdict */
+	__u8 dir;      /* direction whose policy decided */
+	__u8 verdict;  /* CILIA_VERDICT_ALLOW, _DENY or _AUDIT */
+	__u8 match;    /* CILIA_MATCH_* */
+	__u8 checked;  /* policy was consulted (a new or re-checked flow) */
+	__u32 level;   /* monitor level, read once per packet with the revision */
+	__u8 ct_state; /* CILIA_CT_STATE_* */
 };
 
 __inline_fn __u32 monitor_level(void)

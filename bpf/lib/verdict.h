@@ -32,7 +32,10 @@ __inline_fn int from_container_verdict(struct __sk_buff *skb, const struct flow 
 	struct decision d = {.dir = dir, .verdict = CILIA_VERDICT_ALLOW};
 	__u32 src_id = CILIA_CONFIG.identity;
 
-	if (!flow_allowed(skb, f, CILIA_CONFIG.endpoint_id, peer, src_id, dst_id, &d))
+	int allowed = flow_allowed(skb, f, CILIA_CONFIG.endpoint_id, peer, src_id, dst_id, &d);
+
+	emit_event(skb, d.level, CILIA_EVENT_DEBUG, d.ct_state, dir, f, src_id, dst_id, peer, 0);
+	if (!allowed)
 		return drop_policy(skb, f, src_id, dst_id, peer, &d);
 	if (d.checked)
 		emit_event(skb, d.level, CILIA_EVENT_POLICY_VERDICT, 0, d.dir, f, src_id, dst_id,
@@ -56,7 +59,10 @@ __inline_fn int to_container_verdict(struct __sk_buff *skb, const struct flow *f
 	__u32 src_id = ipcache_identity(f->saddr, f->family);
 	__u32 dst_id = CILIA_CONFIG.identity;
 
-	if (!flow_allowed(skb, f, 0, CILIA_CONFIG.endpoint_id, src_id, dst_id, &d))
+	int allowed = flow_allowed(skb, f, 0, CILIA_CONFIG.endpoint_id, src_id, dst_id, &d);
+
+	emit_event(skb, d.level, CILIA_EVENT_DEBUG, d.ct_state, dir, f, src_id, dst_id, 0, 0);
+	if (!allowed)
 		return drop_policy(skb, f, src_id, dst_id, 0, &d);
 	if (d.checked)
 		emit_event(skb, d.level, CILIA_EVENT_POLICY_VERDICT, 0, d.dir, f, src_id, dst_id, 0,

@@ -207,6 +207,14 @@ struct global_config {
 #define CILIA_EVENT_DROP	   1
 #define CILIA_EVENT_TRACE	   2
 #define CILIA_EVENT_POLICY_VERDICT 3
+#define CILIA_EVENT_DEBUG	   4 /* reason: CILIA_CT_STATE_* */
+
+/* Conntrack state of a packet, reported by debug events. */
+#define CILIA_CT_STATE_NEW	   1 /* first packet: policy decided */
+#define CILIA_CT_STATE_ESTABLISHED 2 /* forward packet of a tracked flow */
+#define CILIA_CT_STATE_REPLY	   3 /* reply of a tracked flow */
+#define CILIA_CT_STATE_RELATED	   4 /* ICMP error about a tracked flow */
+#define CILIA_CT_STATE_REVOKED	   5 /* flow revoked by a policy change */
 
 #define CILIA_VERDICT_AUDIT 3 /* policy verdict: would be denied, passed (audit mode) */
 

@@ -278,6 +278,25 @@ pub const CILIA_ENFORCE_AUDIT: u8 = 2;
 pub const CILIA_MONITOR_OFF: u32 = 0;
 pub const CILIA_MONITOR_DROPS: u32 = 1;
 pub const CILIA_MONITOR_TRACE: u32 = 2;
+pub const CILIA_MONITOR_DEBUG: u32 = 3;
+pub const CILIA_EVENT_DEBUG: u8 = 4;
+pub const CILIA_CT_STATE_NEW: u8 = 1;
+pub const CILIA_CT_STATE_ESTABLISHED: u8 = 2;
+pub const CILIA_CT_STATE_REPLY: u8 = 3;
+pub const CILIA_CT_STATE_RELATED: u8 = 4;
+pub const CILIA_CT_STATE_REVOKED: u8 = 5;
+
+/// Name of a conntrack state reported by debug events.
+pub fn ct_state_name(state: u8) -> &'static str {
+    match state {
+        CILIA_CT_STATE_NEW => "new",
+        CILIA_CT_STATE_ESTABLISHED => "established",
+        CILIA_CT_STATE_REPLY => "reply",
+        CILIA_CT_STATE_RELATED => "related",
+        CILIA_CT_STATE_REVOKED => "revoked",
+        _ => "unknown",
+    }
+}
 pub const CILIA_EVENTS_SIZE: u32 = 1 << 22;
 pub const CILIA_EVENT_CAPLEN: usize = 64;
 pub const CILIA_EVENT_DROP: u8 = 1;
@@ -506,6 +525,13 @@ mod tests {
                 "CILIA_MONITOR_OFF" => CILIA_MONITOR_OFF.into(),
                 "CILIA_MONITOR_DROPS" => CILIA_MONITOR_DROPS.into(),
                 "CILIA_MONITOR_TRACE" => CILIA_MONITOR_TRACE.into(),
+                "CILIA_MONITOR_DEBUG" => CILIA_MONITOR_DEBUG.into(),
+                "CILIA_EVENT_DEBUG" => CILIA_EVENT_DEBUG.into(),
+                "CILIA_CT_STATE_NEW" => CILIA_CT_STATE_NEW.into(),
+                "CILIA_CT_STATE_ESTABLISHED" => CILIA_CT_STATE_ESTABLISHED.into(),
+                "CILIA_CT_STATE_REPLY" => CILIA_CT_STATE_REPLY.into(),
+                "CILIA_CT_STATE_RELATED" => CILIA_CT_STATE_RELATED.into(),
+                "CILIA_CT_STATE_REVOKED" => CILIA_CT_STATE_REVOKED.into(),
                 "CILIA_EVENTS_SIZE" => CILIA_EVENTS_SIZE.into(),
                 "CILIA_EVENT_CAPLEN" => CILIA_EVENT_CAPLEN as u64,
                 "CILIA_EVENT_DROP" => CILIA_EVENT_DROP.into(),

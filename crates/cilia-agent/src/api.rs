@@ -831,7 +831,9 @@ fn live_stream(
 ) -> axum::body::Body {
     use futures_util::StreamExt;
     use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
-    let (rx, guard) = state.monitor.subscribe(filter.wants_traces());
+    let (rx, guard) = state
+        .monitor
+        .subscribe(filter.wants_traces(), filter.wants_debug());
     let backlog = futures_util::stream::iter(
         backlog
             .into_iter()

@@ -15,10 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cilia_abi::{
-    reason_name, EndpointKey, Event, CILIA_DIR_EGRESS, CILIA_EVENT_DROP,
-    CILIA_EVENT_POLICY_VERDICT, CILIA_EVENT_TRACE, CILIA_METRIC_DROP, CILIA_METRIC_FORWARD,
-    CILIA_MONITOR_DROPS, CILIA_MONITOR_OFF, CILIA_MONITOR_TRACE, CILIA_VERDICT_AUDIT,
-    CILIA_VERDICT_DENY,
+    ct_state_name, reason_name, EndpointKey, Event, CILIA_DIR_EGRESS, CILIA_EVENT_DEBUG,
+    CILIA_EVENT_DROP, CILIA_EVENT_POLICY_VERDICT, CILIA_EVENT_TRACE, CILIA_METRIC_DROP,
+    CILIA_METRIC_FORWARD, CILIA_MONITOR_DEBUG, CILIA_MONITOR_DROPS, CILIA_MONITOR_OFF,
+    CILIA_MONITOR_TRACE, CILIA_VERDICT_AUDIT, CILIA_VERDICT_DENY,
 };
 use cilia_api::{Flow, FlowPeer};
 use tokio::sync::broadcast;
@@ -41,6 +41,7 @@ pub struct Monitor {
     /// Live `cilia monitor` listeners, and those of them wanting traces.
     listeners: AtomicUsize,
     trace_listeners: AtomicUsize,
+    debug_listeners: AtomicUsize,
     metrics: crate::metrics::AgentMetrics,
 }
 
@@ -53,13 +54,16 @@ impl Monitor {
             tx,
             listeners: AtomicUsize::new(0),
             trace_listeners: AtomicUsize::new(0),
+            debug_listeners: AtomicUsize::new(0),
             metrics,
         })
     }
 
     /// The event level the datapath must emit for the current listeners.
     pub fn wanted_level(&self) -> u32 {
-        if self.trace_listeners.load(Ordering::Relaxed) > 0 {
+        if self.debug_listeners.load(Ordering::Relaxed) > 0 {
+            CILIA_MONITOR_DEBUG
+        } else if self.trace_listeners.load(Ordering::Relaxed) > 0 {
             CILIA_MONITOR_TRACE
         } else if self.capacity > 0 || self.listeners.load(Ordering::Relaxed) > 0 {
             CILIA_MONITOR_DROPS
@@ -115,16 +119,21 @@ impl Monitor {
     pub fn subscribe(
         self: &Arc<Self>,
         traces: bool,
+        debug: bool,
     ) -> (broadcast::Receiver<FlowRef>, ListenerGuard) {
         self.listeners.fetch_add(1, Ordering::Relaxed);
         if traces {
             self.trace_listeners.fetch_add(1, Ordering::Relaxed);
+        }
+        if debug {
+            self.debug_listeners.fetch_add(1, Ordering::Relaxed);
         }
         (
             self.tx.subscribe(),
             ListenerGuard {
                 monitor: self.clone(),
                 traces,
+                debug,
             },
         )
     }
@@ -134,6 +143,7 @@ impl Monitor {
 pub struct ListenerGuard {
     monitor: Arc<Monitor>,
     traces: bool,
+    debug: bool,
 }
 
 impl Drop for ListenerGuard {
@@ -141,6 +151,9 @@ impl Drop for ListenerGuard {
         self.monitor.listeners.fetch_sub(1, Ordering::Relaxed);
         if self.traces {
             self.monitor.trace_listeners.fetch_sub(1, Ordering::Relaxed);
+        }
+        if self.debug {
+            self.monitor.debug_listeners.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -270,6 +283,7 @@ fn decode(ev: &Event, enrich: &Enrichment) -> Flow {
         CILIA_EVENT_DROP => "drop",
         CILIA_EVENT_TRACE => "trace",
         CILIA_EVENT_POLICY_VERDICT => "policy-verdict",
+        CILIA_EVENT_DEBUG => "debug",
         _ => "unknown",
     };
     let policy = (ev.type_ == CILIA_EVENT_POLICY_VERDICT
@@ -309,8 +323,11 @@ fn decode(ev: &Event, enrich: &Enrichment) -> Flow {
         protocol: proto_name(ev.proto).into(),
         length: ev.len,
         policy,
-        trace: (ev.type_ == CILIA_EVENT_TRACE)
-            .then(|| reason_name(CILIA_METRIC_FORWARD, ev.reason).to_string()),
+        trace: match ev.type_ {
+            CILIA_EVENT_TRACE => Some(reason_name(CILIA_METRIC_FORWARD, ev.reason).to_string()),
+            CILIA_EVENT_DEBUG => Some(format!("conntrack: {}", ct_state_name(ev.reason))),
+            _ => None,
+        },
         data: (caplen > 0).then(|| hex(&ev.data[..caplen])),
     }
 }

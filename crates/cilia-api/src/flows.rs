@@ -25,7 +25,7 @@ pub struct FlowFilter {
     pub port: Option<u16>,
     /// Only flows at or after this time (nanoseconds since the epoch).
     pub since_ns: Option<u64>,
-    /// Event types: `drop`, `trace`, `policy-verdict` (comma-separated).
+    /// Event types: `drop`, `trace`, `policy-verdict`, `debug` (comma-separated).
     pub types: Option<String>,
     /// Only flows to or from this endpoint.
     pub related_to: Option<u16>,
@@ -91,6 +91,11 @@ impl FlowFilter {
     /// Whether the filter asks for trace events (the datapath then emits them).
     pub fn wants_traces(&self) -> bool {
         self.types.as_deref().is_some_and(|t| listed(t, "trace"))
+    }
+
+    /// Whether the filter asks for debug events (conntrack state per packet).
+    pub fn wants_debug(&self) -> bool {
+        self.types.as_deref().is_some_and(|t| listed(t, "debug"))
     }
 }
 

@@ -407,7 +407,7 @@ pub struct Flow {
     pub time: String,
     /// Nanoseconds since the Unix epoch.
     pub time_ns: u64,
-    /// `drop`, `trace` or `policy-verdict`.
+    /// `drop`, `trace`, `policy-verdict` or `debug`.
     pub event: String,
     /// `FORWARDED`, `DROPPED` or `AUDIT`.
     pub verdict: String,
@@ -426,7 +426,9 @@ pub struct Flow {
     /// The policy rule that decided, or `default deny` / `default allow`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
-    /// Where a forwarded packet went (`to-endpoint`, `to-stack`).
+    /// Where a forwarded packet went (`to-endpoint`, `to-stack`); for debug
+    /// events, the packet's conntrack state (`new`, `established`, `reply`,
+    /// `related`, `revoked`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<String>,
     /// The packet's first bytes, hex.

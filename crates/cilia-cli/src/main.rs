@@ -64,8 +64,9 @@ enum Command {
     ///
     /// Example: cilia monitor --type drop --related-to 1
     Monitor {
-        /// Event types to show (repeatable): drop, trace, policy-verdict.
-        #[arg(long = "type", value_parser = ["drop", "trace", "policy-verdict"])]
+        /// Event types to show (repeatable): drop, trace, policy-verdict, debug
+        /// (the conntrack state of every packet).
+        #[arg(long = "type", value_parser = ["drop", "trace", "policy-verdict", "debug"])]
         types: Vec<String>,
         /// Only events to or from this endpoint.
         #[arg(long)]
@@ -535,6 +536,7 @@ fn print_monitor_line(f: &cilia_api::Flow, verbose: bool) {
     let what = match f.event.as_str() {
         "drop" => format!("drop ({})", f.drop_reason.as_deref().unwrap_or("?")),
         "trace" => format!("trace {}", f.trace.as_deref().unwrap_or("")),
+        "debug" => format!("debug {}", f.trace.as_deref().unwrap_or("")),
         _ => format!("policy-verdict {}", f.verdict),
     };
     let policy = f

@@ -691,3 +691,28 @@ fn events_are_emitted_only_when_the_monitor_listens() {
         .iter()
         .any(|e| e.type_ == CILIA_EVENT_TRACE && e.reason == CILIA_FWD_ENDPOINT));
 }
+
+#[test]
+fn debug_events_report_the_conntrack_state_of_every_packet() {
+    privileged!("debug_events_conntrack_state");
+    let mut fx = Fixture::new();
+    let mut rb = fx.dp.take_events().unwrap();
+    fx.dp.set_monitor_level(CILIA_MONITOR_DEBUG).unwrap();
+    let (a, b) = (fx.a(), fx.b());
+    assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_REDIRECT);
+    assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_REDIRECT);
+    assert_eq!(b.run(&b_to_a(80)).unwrap().verdict, TC_ACT_REDIRECT);
+    let states: Vec<u8> = drain_events(&mut rb)
+        .iter()
+        .filter(|e| e.type_ == CILIA_EVENT_DEBUG)
+        .map(|e| e.reason)
+        .collect();
+    assert_eq!(
+        states,
+        [
+            CILIA_CT_STATE_NEW,
+            CILIA_CT_STATE_ESTABLISHED,
+            CILIA_CT_STATE_REPLY
+        ]
+    );
+}
