@@ -45,12 +45,14 @@ impl Client {
         }
     }
 
-    async fn request(
+    /// Opens a connection and sends one request; the response body is
+    /// left to the caller (read whole, or streamed).
+    async fn send_request(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<(StatusCode, Bytes), ClientError> {
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let stream =
             UnixStream::connect(&self.socket)
                 .await
@@ -71,7 +73,16 @@ impl Client {
                 status: 0,
                 body: e.to_string(),
             })?;
-        let resp = sender.send_request(req).await?;
+        Ok(sender.send_request(req).await?)
+    }
+
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let resp = self.send_request(method, path, body).await?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await?.to_bytes();
         Ok((status, bytes))
@@ -104,26 +115,7 @@ impl Client {
         path: &str,
         mut on_line: impl FnMut(&str) -> bool,
     ) -> Result<(), ClientError> {
-        let stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|error| ClientError::Connect {
-                    socket: self.socket.clone(),
-                    error,
-                })?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        let req = Request::builder()
-            .method(Method::GET)
-            .uri(path)
-            .header("host", "cilia")
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| ClientError::Decode {
-                status: 0,
-                body: e.to_string(),
-            })?;
-        let resp = sender.send_request(req).await?;
+        let resp = self.send_request(Method::GET, path, None).await?;
         let status = resp.status();
         let mut body = resp.into_body();
         if !status.is_success() {

@@ -9,31 +9,10 @@ use cilia_abi::{EndpointConfig, EndpointInfo, CILIA_DROP_SPOOFED_SOURCE, CILIA_M
 use cilia_datapath::packet::*;
 use cilia_datapath::testrun::{TestProgram, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
 use cilia_datapath::BpfDatapath;
-use cilia_testnet::{require_privileges, BpfRoot};
+use cilia_testnet::BpfRoot;
 
-const A_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xa1];
-const A_NODE_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xa2];
-const B_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xb1];
-const B_NODE_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xb2];
-
-fn a6() -> Ipv6Addr {
-    "fd00:c1::a".parse().unwrap()
-}
-fn b6() -> Ipv6Addr {
-    "fd00:c1::b".parse().unwrap()
-}
-fn gw6() -> Ipv6Addr {
-    "fd00:c1::1".parse().unwrap()
-}
-fn a4() -> Ipv4Addr {
-    "10.200.0.10".parse().unwrap()
-}
-fn b4() -> Ipv4Addr {
-    "10.200.0.11".parse().unwrap()
-}
-fn gw4() -> Ipv4Addr {
-    "10.200.0.1".parse().unwrap()
-}
+mod common;
+use common::*;
 
 struct Fixture {
     _root: BpfRoot,
@@ -111,14 +90,6 @@ fn udp4(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8) -> Vec<u8> {
         ETH_P_IP,
         &ipv4(src, dst, IPPROTO_UDP, ttl, &udp(1000, 53, b"hello")),
     )
-}
-
-macro_rules! privileged {
-    ($name:literal) => {
-        if !require_privileges($name) {
-            return;
-        }
-    };
 }
 
 #[test]

@@ -11,36 +11,18 @@ use cilia_abi::*;
 use cilia_datapath::packet::*;
 use cilia_datapath::testrun::{TestProgram, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
 use cilia_datapath::BpfDatapath;
-use cilia_testnet::{require_privileges, BpfRoot};
+use cilia_testnet::BpfRoot;
+
+mod common;
+use common::*;
 
 const A_ID: u16 = 1;
 const B_ID: u16 = 2;
 const A_IDENTITY: u32 = 1001;
 const B_IDENTITY: u32 = 1002;
-const A_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xa1];
-const A_NODE_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xa2];
-const B_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xb1];
-const B_NODE_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xb2];
 
-fn a6() -> Ipv6Addr {
-    "fd00:c1::a".parse().unwrap()
-}
-fn b6() -> Ipv6Addr {
-    "fd00:c1::b".parse().unwrap()
-}
-fn a4() -> Ipv4Addr {
-    "10.200.0.10".parse().unwrap()
-}
 fn world4() -> Ipv4Addr {
     "192.0.2.7".parse().unwrap()
-}
-
-macro_rules! privileged {
-    ($name:literal) => {
-        if !require_privileges($name) {
-            return;
-        }
-    };
 }
 
 struct Fixture {

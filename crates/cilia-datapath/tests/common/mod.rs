@@ -1,0 +1,44 @@
+//! What the datapath fixture files share: two endpoints A and B (MACs and
+//! addresses), and the guard that runs a test only with privileges (and
+//! fails, never skips, under CI=true).
+
+#![allow(dead_code)] // each test file uses its own subset
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use cilia_datapath::packet::Mac;
+
+pub const A_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xa1];
+pub const A_NODE_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xa2];
+pub const B_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xb1];
+pub const B_NODE_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xb2];
+
+pub fn a6() -> Ipv6Addr {
+    "fd00:c1::a".parse().unwrap()
+}
+pub fn b6() -> Ipv6Addr {
+    "fd00:c1::b".parse().unwrap()
+}
+pub fn gw6() -> Ipv6Addr {
+    "fd00:c1::1".parse().unwrap()
+}
+pub fn a4() -> Ipv4Addr {
+    "10.200.0.10".parse().unwrap()
+}
+pub fn b4() -> Ipv4Addr {
+    "10.200.0.11".parse().unwrap()
+}
+pub fn gw4() -> Ipv4Addr {
+    "10.200.0.1".parse().unwrap()
+}
+
+/// Returns from the test unless it may use BPF and network admin.
+macro_rules! privileged {
+    ($name:literal) => {
+        if !cilia_testnet::require_privileges($name) {
+            return;
+        }
+    };
+}
+pub(crate) use privileged;
