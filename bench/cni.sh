@@ -25,7 +25,7 @@ for b in cilia-agent cilia cilia-cni; do
   [ -x "$BIN/$b" ] || { echo "bench/cni.sh: $BIN/$b missing: cargo build --release --workspace --bins" >&2; exit 1; }
 done
 mkdir -p "$RUN"
-ip netns add "$P-node"
+ip netns add "$P-node"; ip -n "$P-node" link set lo up
 for i in $(seq "$N"); do ip netns add "$P-$i"; done
 nsenter --net=/run/netns/$P-node "$BIN/cilia-agent" --state-dir "$RUN/state" --bpf-root "/sys/fs/bpf/$P" \
   --socket "$SOCK" --ipv6-range fd00:c1e::/112 --ipv4-range 10.202.0.0/22 >"$RUN/agent.log" 2>&1 &

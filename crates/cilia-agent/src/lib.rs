@@ -151,6 +151,21 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     manager.restore().context("restoring endpoints")?;
     let restored = manager.list()?.len();
 
+    // Bind every listener before announcing readiness: a bad address is a
+    // start-up error, never an agent that dies after saying it is ready.
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            let hint = if e.kind() == std::io::ErrorKind::AddrNotAvailable {
+                " (is the loopback interface of this network namespace up? `ip link set lo up`)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!(
+                "binding the metrics address {addr}: {e}{hint}; or pass --metrics-addr off"
+            )
+        })?),
+        None => None,
+    };
     let listener = bind_socket(&config.socket)?;
     let agent_metrics = metrics::AgentMetrics::default();
     manager.set_metrics(agent_metrics.clone());
@@ -199,10 +214,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             }
         }
     });
-    if let Some(addr) = config.metrics_addr {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the metrics address {addr}"))?;
+    if let Some(listener) = metrics_listener {
+        let addr = listener.local_addr()?;
         let s = state.clone();
         let m = agent_metrics.clone();
         let app = axum::Router::new().route(

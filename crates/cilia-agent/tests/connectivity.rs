@@ -329,3 +329,41 @@ fn api_serves_an_openapi_document() {
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     assert!(doc["paths"]["/v1/endpoints"]["post"].is_object());
 }
+
+#[test]
+fn an_unusable_metrics_address_is_a_start_up_error_not_a_late_death() {
+    privileged!("unusable_metrics_address");
+    // A namespace whose loopback has no address: as a fresh one before
+    // `ip link set lo up`.
+    let node = Netns::new("cnode").unwrap();
+    node.ip(&["addr", "del", "127.0.0.1/8", "dev", "lo"])
+        .unwrap();
+    let root = cilia_testnet::BpfRoot::new();
+    let dir = std::env::temp_dir().join(format!("cilia-metrics-{}", std::process::id()));
+    // Bounded: an agent that wrongly keeps running is killed, not waited on.
+    let out = std::process::Command::new("timeout")
+        .arg("20")
+        .arg("nsenter")
+        .arg(format!("--net={}", node.path().display()))
+        .arg("--")
+        .arg(cilia_testnet::bin("cilia-agent"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--bpf-root")
+        .arg(root.path())
+        .arg("--socket")
+        .arg(dir.join("cilia.sock"))
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("metrics address") && err.contains("loopback"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("cilia-agent ready"),
+        "failed before announcing readiness: {err}"
+    );
+}
