@@ -293,6 +293,21 @@ fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints a list as JSON, or as a table with one row per item.
+fn print_rows<T: serde::Serialize>(
+    json: bool,
+    list: &[T],
+    header: &[&str],
+    row: impl Fn(&T) -> Vec<String>,
+) -> anyhow::Result<()> {
+    if json {
+        print_json(&list)
+    } else {
+        print_table(header, list.iter().map(row).collect());
+        Ok(())
+    }
+}
+
 /// Prints rows as aligned columns.
 fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
@@ -714,27 +729,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bpf(BpfCmd::Endpoint(BpfEndpointCmd::List)) => {
             let list: Vec<BpfEndpoint> = client.get("/v1/bpf/endpoints").await?;
-            if json {
-                print_json(&list)?
-            } else {
-                print_table(
-                    &[
-                        "ADDRESS", "ENDPOINT", "IFINDEX", "IDENTITY", "MAC", "NODE MAC",
-                    ],
-                    list.iter()
-                        .map(|e| {
-                            vec![
-                                e.address.clone(),
-                                e.endpoint_id.to_string(),
-                                e.ifindex.to_string(),
-                                e.identity.to_string(),
-                                e.mac.clone(),
-                                e.node_mac.clone(),
-                            ]
-                        })
-                        .collect(),
-                )
-            }
+            print_rows(
+                json,
+                &list,
+                &[
+                    "ADDRESS", "ENDPOINT", "IFINDEX", "IDENTITY", "MAC", "NODE MAC",
+                ],
+                |e| {
+                    vec![
+                        e.address.clone(),
+                        e.endpoint_id.to_string(),
+                        e.ifindex.to_string(),
+                        e.identity.to_string(),
+                        e.mac.clone(),
+                        e.node_mac.clone(),
+                    ]
+                },
+            )?;
         }
         Command::Monitor {
             types,
@@ -899,31 +910,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Identity(IdentityCmd::List) => {
             let list: Vec<Identity> = client.get("/v1/identities").await?;
-            if json {
-                print_json(&list)?
-            } else {
-                print_table(
-                    &["ID", "KIND", "ENDPOINTS", "LABELS"],
-                    list.iter()
-                        .map(|i| {
-                            vec![
-                                i.id.to_string(),
-                                i.kind.clone(),
-                                if i.endpoints.is_empty() {
-                                    "-".into()
-                                } else {
-                                    i.endpoints
-                                        .iter()
-                                        .map(|e| e.to_string())
-                                        .collect::<Vec<_>>()
-                                        .join(",")
-                                },
-                                labels_of(&i.labels),
-                            ]
-                        })
-                        .collect(),
-                )
-            }
+            print_rows(json, &list, &["ID", "KIND", "ENDPOINTS", "LABELS"], |i| {
+                vec![
+                    i.id.to_string(),
+                    i.kind.clone(),
+                    if i.endpoints.is_empty() {
+                        "-".into()
+                    } else {
+                        i.endpoints
+                            .iter()
+                            .map(|e| e.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    },
+                    labels_of(&i.labels),
+                ]
+            })?;
         }
         Command::Identity(IdentityCmd::Get { id }) => {
             let i: Identity = client.get(&format!("/v1/identities/{id}")).await?;
@@ -955,71 +957,53 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Namespace(NamespaceCmd::List) => {
             let list: Vec<Namespace> = client.get("/v1/namespaces").await?;
-            if json {
-                print_json(&list)?
-            } else {
-                print_table(
-                    &["NAMESPACE", "LABELS"],
-                    list.iter()
-                        .map(|n| vec![n.name.clone(), labels_of(&n.labels)])
-                        .collect(),
-                )
-            }
+            print_rows(json, &list, &["NAMESPACE", "LABELS"], |n| {
+                vec![n.name.clone(), labels_of(&n.labels)]
+            })?;
         }
         Command::Bpf(BpfCmd::Ipcache(BpfListCmd::List)) => {
             let list: Vec<BpfIpcacheEntry> = client.get("/v1/bpf/ipcache").await?;
-            if json {
-                print_json(&list)?
-            } else {
-                print_table(
-                    &["PREFIX", "IDENTITY"],
-                    list.iter()
-                        .map(|e| vec![e.prefix.clone(), e.identity.to_string()])
-                        .collect(),
-                )
-            }
+            print_rows(json, &list, &["PREFIX", "IDENTITY"], |e| {
+                vec![e.prefix.clone(), e.identity.to_string()]
+            })?;
         }
         Command::Bpf(BpfCmd::Ct(BpfListCmd::List)) => {
             let list: Vec<BpfCtEntry> = client.get("/v1/bpf/ct").await?;
-            if json {
-                print_json(&list)?
-            } else {
-                print_table(
-                    &[
-                        "PROTO",
-                        "SOURCE",
-                        "DESTINATION",
-                        "IDENTITIES",
-                        "PACKETS",
-                        "BYTES",
-                        "EXPIRES",
-                        "REPLY",
-                        "REV",
-                    ],
-                    list.iter()
-                        .map(|e| {
-                            vec![
-                                e.proto.clone(),
-                                e.source.clone(),
-                                e.destination.clone(),
-                                format!("{} -> {}", e.src_identity, e.dst_identity),
-                                e.packets.to_string(),
-                                e.bytes.to_string(),
-                                format!("{}s", e.expires_in),
-                                if e.denied {
-                                    "REVOKED"
-                                } else if e.seen_reply {
-                                    "yes"
-                                } else {
-                                    "no"
-                                }
-                                .into(),
-                                e.policy_revision.to_string(),
-                            ]
-                        })
-                        .collect(),
-                )
-            }
+            print_rows(
+                json,
+                &list,
+                &[
+                    "PROTO",
+                    "SOURCE",
+                    "DESTINATION",
+                    "IDENTITIES",
+                    "PACKETS",
+                    "BYTES",
+                    "EXPIRES",
+                    "REPLY",
+                    "REV",
+                ],
+                |e| {
+                    vec![
+                        e.proto.clone(),
+                        e.source.clone(),
+                        e.destination.clone(),
+                        format!("{} -> {}", e.src_identity, e.dst_identity),
+                        e.packets.to_string(),
+                        e.bytes.to_string(),
+                        format!("{}s", e.expires_in),
+                        if e.denied {
+                            "REVOKED"
+                        } else if e.seen_reply {
+                            "yes"
+                        } else {
+                            "no"
+                        }
+                        .into(),
+                        e.policy_revision.to_string(),
+                    ]
+                },
+            )?;
         }
         Command::Bpf(BpfCmd::Policy(BpfPolicyCmd::Get { endpoint })) => {
             let p: BpfPolicy = client.get(&format!("/v1/bpf/policy/{endpoint}")).await?;
@@ -1064,24 +1048,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bpf(BpfCmd::Metrics(BpfMetricsCmd::List)) => {
             let list: Vec<BpfMetric> = client.get("/v1/bpf/metrics").await?;
-            if json {
-                print_json(&list)?
-            } else {
-                print_table(
-                    &["KIND", "REASON", "DIRECTION", "PACKETS", "BYTES"],
-                    list.iter()
-                        .map(|m| {
-                            vec![
-                                m.kind.clone(),
-                                m.reason.clone(),
-                                m.direction.clone(),
-                                m.packets.to_string(),
-                                m.bytes.to_string(),
-                            ]
-                        })
-                        .collect(),
-                )
-            }
+            print_rows(
+                json,
+                &list,
+                &["KIND", "REASON", "DIRECTION", "PACKETS", "BYTES"],
+                |m| {
+                    vec![
+                        m.kind.clone(),
+                        m.reason.clone(),
+                        m.direction.clone(),
+                        m.packets.to_string(),
+                        m.bytes.to_string(),
+                    ]
+                },
+            )?;
         }
     }
     Ok(())
