@@ -13,6 +13,7 @@
 #include "common.h"
 #include "flow.h"
 #include "maps.h"
+#include "config.h"
 #include "policy.h"
 
 #define NSEC_PER_SEC 1000000000ULL
@@ -48,11 +49,14 @@ __inline_fn __u64 ct_lifetime(const struct flow *f, __u16 flags)
 	return CILIA_CT_TCP_SYN_TIMEOUT * NSEC_PER_SEC;
 }
 
+/* Not a drop reason: the packet may pass. */
+#define CILIA_PASS 0
+
 /*
  * A tracked flow that the policy no longer allows keeps its entry, marked
  * denied at this revision. Deleting it would let the peer's next packet
  * start a "new" flow in the other direction, of which the revoked side's
- * packets would then be replies. Returns the verdict: denied.
+ * packets would then be replies. Returns the drop reason.
  */
 __inline_fn int ct_revoke(struct ct_value *ct, __u32 rev)
 {
@@ -60,14 +64,99 @@ __inline_fn int ct_revoke(struct ct_value *ct, __u32 rev)
 		ct->flags |= CILIA_CT_DENIED;
 		ct->policy_rev = rev;
 	}
+	return CILIA_DROP_POLICY;
+}
+
+__inline_fn int ct_live(const struct ct_value *ct, __u64 now)
+{
+	return ct && ct->expires > now && !(ct->flags & CILIA_CT_DENIED);
+}
+
+/*
+ * Whether an ICMP error belongs to the flow it quotes. The quote must be a
+ * packet the error's destination sent to its source: an endpoint is not a
+ * router, so it may only quote packets that were sent to it (from the stack,
+ * `from_endpoint` 0, a router on the path may report about the endpoint's
+ * packet, so only the quoted source is checked). And the flow must be
+ * tracked in the quoted direction: the quote is its forward packet, or a
+ * reply that was seen. Anything else meets policy as plain ICMP.
+ */
+__inline_fn int ct_related(const struct flow *f, int from_endpoint, __u64 now)
+{
+	struct ct_key rev = {};
+	struct ct_value *ct;
+
+	if (!f->related || !addr_eq(f->inner.saddr, f->daddr))
+		return 0;
+	if (from_endpoint && !addr_eq(f->inner.daddr, f->saddr))
+		return 0;
+	ct = bpf_map_lookup_elem(&cilia_ct, &f->inner);
+	if (ct_live(ct, now))
+		return 1;
+	ct_key_reverse(&rev, &f->inner);
+	ct = bpf_map_lookup_elem(&cilia_ct, &rev);
+	return ct_live(ct, now) && (ct->flags & CILIA_CT_SEEN_REPLY);
+}
+
+/*
+ * A reply of a flow checked at an older policy revision: the policies that
+ * let the forward direction in must still do so, else the responder could
+ * keep a revoked flow alive by talking. The forward flow ran from this
+ * packet's destination to its source, to this packet's source port.
+ */
+__inline_fn int reply_still_allowed(const struct flow *f, __u32 egress_ep, __u32 ingress_ep,
+				    __u32 src_id, __u32 dst_id, struct decision *d)
+{
+	if (ingress_ep &&
+	    !policy_allows(ingress_ep, CILIA_DIR_EGRESS, src_id, f->proto, f->sport, d))
+		return 0;
+	if (egress_ep) {
+		struct decision in = {.level = d->level, .ct_state = d->ct_state};
+
+		if (!policy_allows(egress_ep, CILIA_DIR_INGRESS, dst_id, f->proto, f->sport, &in)) {
+			*d = in;
+			return 0;
+		}
+	}
+	return 1;
+}
+
+/*
+ * Creates the conntrack entry of a new flow, charged to this endpoint's
+ * budget. Returns 0 or the drop reason: budget used up, or table full.
+ */
+__inline_fn int ct_create(struct __sk_buff *skb, const struct ct_key *key, const struct flow *f,
+			  __u32 rev, __u32 budget, __u32 src_id, __u32 dst_id, __u64 now)
+{
+	__u32 owner = CILIA_CONFIG.endpoint_id;
+	__u32 *count = bpf_map_lookup_elem(&cilia_ct_count, &owner);
+	struct ct_value fresh = {
+	    .expires = now + ct_lifetime(f, 0),
+	    .packets = 1,
+	    .bytes = skb->len,
+	    .policy_rev = rev,
+	    .src_identity = src_id,
+	    .dst_identity = dst_id,
+	    .owner = owner,
+	};
+
+	if (!count)
+		return CILIA_DROP_CT_FULL;
+	if (*count >= budget)
+		return CILIA_DROP_CT_BUDGET;
+	__sync_fetch_and_add(count, 1);
+	if (bpf_map_update_elem(&cilia_ct, key, &fresh, BPF_NOEXIST) < 0) {
+		__sync_fetch_and_add(count, -1);
+		return CILIA_DROP_CT_FULL;
+	}
 	return 0;
 }
 
 /*
  * Decides whether the packet of flow `f` may pass. `egress_ep` / `ingress_ep`
  * are the endpoints whose egress / ingress policy applies (0: none), and
- * `src_id` / `dst_id` the peers' identities. On a deny, *deny_dir says which
- * direction's policy denied it.
+ * `src_id` / `dst_id` the peers' identities. Returns CILIA_PASS or the drop
+ * reason; on a policy deny, `d` says which direction's policy denied it.
  */
 __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, __u32 egress_ep,
 			     __u32 ingress_ep, __u32 src_id, __u32 dst_id, struct decision *d)
@@ -77,8 +166,10 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, __u32 
 	__u64 now = bpf_ktime_get_ns();
 	__u32 zero = 0;
 	struct global_config *cfg = bpf_map_lookup_elem(&cilia_config, &zero);
-	/* One lookup for both: the revision and, for events, the monitor level. */
+	/* One lookup for all: the revision, the budget and, for events, the
+	 * monitor level. */
 	__u32 rev = cfg ? cfg->policy_rev : 0;
+	__u32 budget = cfg && cfg->ct_budget ? cfg->ct_budget : CILIA_CT_BUDGET_DEFAULT;
 
 	d->level = cfg ? cfg->monitor_level : CILIA_MONITOR_OFF;
 	int live;
@@ -92,35 +183,38 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, __u32 
 		if (ct->flags & CILIA_CT_DENIED) {
 			d->ct_state = CILIA_CT_STATE_REVOKED;
 			d->verdict = CILIA_VERDICT_DENY;
-			return 0; /* revoked, and the policy has not changed since */
+			return CILIA_DROP_POLICY; /* revoked, and the policy has not changed */
 		}
 		ct->packets += 1;
 		ct->bytes += skb->len;
-		return 1;
+		return CILIA_PASS;
 	}
-	/* An ICMP error about a tracked flow is part of that flow. */
-	if (f->related) {
-		struct ct_value *orig = bpf_map_lookup_elem(&cilia_ct, &f->inner);
-
-		if (orig && orig->expires > now && !(orig->flags & CILIA_CT_DENIED)) {
-			d->ct_state = CILIA_CT_STATE_RELATED;
-			return 1;
-		}
+	if (ct_related(f, egress_ep != 0, now)) {
+		d->ct_state = CILIA_CT_STATE_RELATED;
+		return CILIA_PASS;
 	}
 	if (!live) {
 		ct_key_reverse(&rkey, &key);
 		reply = bpf_map_lookup_elem(&cilia_ct, &rkey);
 		if (reply && reply->expires > now) {
 			d->ct_state = CILIA_CT_STATE_REPLY;
+			if (reply->policy_rev != rev) {
+				if (!reply_still_allowed(f, egress_ep, ingress_ep, src_id, dst_id,
+							 d))
+					return ct_revoke(reply, rev);
+				reply->flags &= ~CILIA_CT_DENIED;
+				reply->policy_rev = rev;
+				d->checked = 0; /* a re-check, not a new flow: no verdict event */
+			}
 			/* The other side of a revoked flow may not revive it either. */
 			if (reply->flags & CILIA_CT_DENIED) {
 				d->ct_state = CILIA_CT_STATE_REVOKED;
 				d->verdict = CILIA_VERDICT_DENY;
-				return 0;
+				return CILIA_DROP_POLICY;
 			}
 			reply->flags |= CILIA_CT_SEEN_REPLY;
 			reply->expires = now + ct_lifetime(f, reply->flags);
-			return 1;
+			return CILIA_PASS;
 		}
 	}
 
@@ -146,19 +240,21 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, __u32 
 		ct->packets += 1;
 		ct->bytes += skb->len;
 		ct->expires = now + ct_lifetime(f, ct->flags);
-		return 1;
+		return CILIA_PASS;
 	}
-	struct ct_value fresh = {
-	    .expires = now + ct_lifetime(f, 0),
-	    .packets = 1,
-	    .bytes = skb->len,
-	    .policy_rev = rev,
-	    .src_identity = src_id,
-	    .dst_identity = dst_id,
-	};
-	/* An LRU map evicts the oldest flow rather than refusing a new one. */
-	bpf_map_update_elem(&cilia_ct, &key, &fresh, BPF_ANY);
-	return 1;
+	if (ct) {
+		/* An expired entry the GC has not removed yet: reuse its slot,
+		 * which is already counted against its owner. */
+		ct->expires = now + ct_lifetime(f, 0);
+		ct->packets = 1;
+		ct->bytes = skb->len;
+		ct->policy_rev = rev;
+		ct->src_identity = src_id;
+		ct->dst_identity = dst_id;
+		ct->flags = 0;
+		return CILIA_PASS;
+	}
+	return ct_create(skb, &key, f, rev, budget, src_id, dst_id, now);
 }
 
 #endif

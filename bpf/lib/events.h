@@ -42,42 +42,49 @@ __inline_fn void emit_event(struct __sk_buff *skb, __u32 level, __u8 type, __u8 
 	if (!CILIA_CONFIG.monitor)
 		return; /* specialized without events: the verifier prunes the rest */
 	if (level == CILIA_MONITOR_OFF ||
-	    (type == CILIA_EVENT_TRACE && level < CILIA_MONITOR_TRACE))
+	    (type == CILIA_EVENT_TRACE && level < CILIA_MONITOR_TRACE) ||
+	    (type == CILIA_EVENT_DEBUG && level < CILIA_MONITOR_DEBUG))
 		return;
 
-	struct event ev = {
-	    .ts = bpf_ktime_get_ns(),
-	    .type = type,
-	    .reason = reason,
-	    .dir = dir,
-	    .endpoint_id = CILIA_CONFIG.endpoint_id,
-	    .peer_endpoint = peer,
-	    .src_identity = src_id,
-	    .dst_identity = dst_id,
-	    .len = skb->len,
-	};
-	if (d) {
-		ev.verdict = d->verdict;
-		ev.match = d->match;
-		ev.rule = d->rule;
-		ev.dir = d->dir;
+	/* Built in place in the ring buffer: an event is too large for the
+	 * stack of a program that inlines every step of the packet path. */
+	struct event *ev = bpf_ringbuf_reserve(&cilia_events, sizeof(*ev), 0);
+
+	if (!ev) {
+		metrics_count(CILIA_METRIC_LOST, type, dir, 1);
+		return;
 	}
+	ev->ts = bpf_ktime_get_ns();
+	ev->type = type;
+	ev->reason = reason;
+	ev->dir = d ? d->dir : dir;
+	ev->verdict = d ? d->verdict : 0;
+	ev->endpoint_id = CILIA_CONFIG.endpoint_id;
+	ev->peer_endpoint = peer;
+	ev->src_identity = src_id;
+	ev->dst_identity = dst_id;
+	ev->rule = d ? d->rule : 0;
+	ev->len = skb->len;
+	ev->match = d ? d->match : 0;
+	ev->family = f ? f->family : 0;
+	ev->proto = f ? f->proto : 0;
+	ev->sport = f ? f->sport : 0;
+	ev->dport = f ? f->dport : 0;
 	if (f) {
-		ev.family = f->family;
-		ev.proto = f->proto;
-		ev.sport = f->sport;
-		ev.dport = f->dport;
-		__builtin_memcpy(ev.saddr, f->saddr, 16);
-		__builtin_memcpy(ev.daddr, f->daddr, 16);
+		__builtin_memcpy(ev->saddr, f->saddr, 16);
+		__builtin_memcpy(ev->daddr, f->daddr, 16);
+	} else {
+		__builtin_memset(ev->saddr, 0, 16);
+		__builtin_memset(ev->daddr, 0, 16);
 	}
 	__u32 cap = skb->len;
 
 	if (cap > CILIA_EVENT_CAPLEN)
 		cap = CILIA_EVENT_CAPLEN;
-	if (cap > 0 && bpf_skb_load_bytes(skb, 0, ev.data, cap) == 0)
-		ev.caplen = cap;
-	if (bpf_ringbuf_output(&cilia_events, &ev, sizeof(ev), 0) < 0)
-		metrics_count(CILIA_METRIC_LOST, type, dir, 1);
+	ev->caplen = 0;
+	if (cap > 0 && bpf_skb_load_bytes(skb, 0, ev->data, cap) == 0)
+		ev->caplen = cap;
+	bpf_ringbuf_submit(ev, 0);
 }
 
 /* Count a drop, report it, and return the tc verdict that drops. */

@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* IPv4 from an endpoint: source check, delivery. */
+/* IPv4 to and from an endpoint: source check, delivery. */
 #ifndef CILIA_IPV4_H
 #define CILIA_IPV4_H
 
@@ -19,32 +19,28 @@ __inline_fn void ipv4_decrease_ttl(struct iphdr *ip)
 	ip->ttl--;
 }
 
+__inline_fn int ipv4_is_multicast(const struct flow *f)
+{
+	return (f->daddr[0] & 0xf0) == 0xe0 || (f->daddr[0] == 0xff && f->daddr[1] == 0xff &&
+						f->daddr[2] == 0xff && f->daddr[3] == 0xff);
+}
+
 __inline_fn int handle_ipv4(struct __sk_buff *skb, __u8 dir)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct iphdr *ip = data + ETH_HLEN;
+	struct flow f = {};
+	int reason = flow_parse_ipv4(skb, &f);
+	__be32 saddr;
 
-	if ((void *)(ip + 1) > data_end)
-		return drop(skb, CILIA_DROP_INVALID, dir);
-	if (ip->version != 4 || ip->ihl < 5)
-		return drop(skb, CILIA_DROP_INVALID, dir);
-	if (ip->saddr != cfg_ipv4())
+	if (reason)
+		return drop(skb, reason, dir);
+	__builtin_memcpy(&saddr, f.saddr, 4);
+	if (saddr != cfg_ipv4())
 		return drop(skb, CILIA_DROP_SPOOFED_SOURCE, dir);
-
-	__u8 first = ((__u8 *)&ip->daddr)[0];
-
-	if ((first & 0xf0) == 0xe0 || ip->daddr == 0xffffffff)
+	if (ipv4_is_multicast(&f))
 		return drop(skb, CILIA_DROP_MULTICAST, dir);
-
-	struct flow f = {.family = CILIA_FAMILY_IPV4, .proto = ip->protocol};
-	__u32 l4 = ETH_HLEN + ip->ihl * 4;
-
-	__builtin_memcpy(f.saddr, &ip->saddr, 4);
-	__builtin_memcpy(f.daddr, &ip->daddr, 4);
-	/* Non-first fragments carry no L4 header: they match L3 rules only. */
-	if (!(ip->frag_off & bpf_htons(0x1fff)) && flow_parse_l4(skb, &f, l4) < 0)
-		return drop(skb, CILIA_DROP_INVALID, dir);
+	reason = frag_follow(&f);
+	if (reason)
+		return drop(skb, reason, dir);
 
 	struct endpoint_info *ep = 0;
 	int verdict = from_container_verdict(skb, &f, &ep, dir);
@@ -53,9 +49,10 @@ __inline_fn int handle_ipv4(struct __sk_buff *skb, __u8 dir)
 		return verdict;
 
 	/* Helpers above may have moved the packet: load it again. */
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	ip = data + ETH_HLEN;
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + ETH_HLEN;
+
 	if ((void *)(ip + 1) > data_end)
 		return drop(skb, CILIA_DROP_INVALID, dir);
 	if (ip->ttl <= 1)
@@ -64,25 +61,26 @@ __inline_fn int handle_ipv4(struct __sk_buff *skb, __u8 dir)
 	return redirect_to_endpoint(skb, ep, dir);
 }
 
-/* IPv4 from the host stack to the endpoint: ingress policy only. */
+/*
+ * IPv4 from the host stack to the endpoint: ingress policy. Of multicast
+ * and broadcast, only IGMP from the node passes (link business); the rest
+ * is not routed to endpoints.
+ */
 __inline_fn int handle_ipv4_to_endpoint(struct __sk_buff *skb, __u8 dir)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct iphdr *ip = data + ETH_HLEN;
+	struct flow f = {};
+	int reason = flow_parse_ipv4(skb, &f);
 
-	if ((void *)(ip + 1) > data_end || ip->ihl < 5)
-		return TC_ACT_OK; /* not ours to judge: the stack built it */
-	if ((((__u8 *)&ip->daddr)[0] & 0xf0) == 0xe0 || ip->daddr == 0xffffffff)
-		return TC_ACT_OK; /* multicast and broadcast: link business */
-
-	struct flow f = {.family = CILIA_FAMILY_IPV4, .proto = ip->protocol};
-	__u32 l4 = ETH_HLEN + ip->ihl * 4;
-
-	__builtin_memcpy(f.saddr, &ip->saddr, 4);
-	__builtin_memcpy(f.daddr, &ip->daddr, 4);
-	if (!(ip->frag_off & bpf_htons(0x1fff)) && flow_parse_l4(skb, &f, l4) < 0)
-		return drop(skb, CILIA_DROP_INVALID, dir);
+	if (reason)
+		return drop(skb, reason, dir);
+	if (ipv4_is_multicast(&f)) {
+		if (f.proto == IPPROTO_IGMP && f.hop_limit == 1)
+			return TC_ACT_OK;
+		return drop(skb, CILIA_DROP_MULTICAST, dir);
+	}
+	reason = frag_follow(&f);
+	if (reason)
+		return drop(skb, reason, dir);
 	return to_container_verdict(skb, &f, dir);
 }
 

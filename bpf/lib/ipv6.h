@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* IPv6 from an endpoint: neighbour discovery, source check, delivery. */
+/* IPv6 to and from an endpoint: neighbour discovery, source check, delivery. */
 #ifndef CILIA_IPV6_H
 #define CILIA_IPV6_H
 
@@ -10,38 +10,28 @@
 #include "verdict.h"
 #include "ndisc.h"
 
+__inline_fn int is_nd(const struct flow *f)
+{
+	return f->proto == IPPROTO_ICMPV6 && f->l4_off &&
+	       f->icmp_type >= NDISC_ROUTER_SOLICITATION && f->icmp_type <= NDISC_REDIRECT;
+}
+
 __inline_fn int handle_ipv6(struct __sk_buff *skb, __u8 dir)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ipv6hdr *ip6 = data + ETH_HLEN;
-	__u32 saddr[4], daddr[4];
+	struct flow f = {};
+	int reason = flow_parse_ipv6(skb, &f);
 
-	if ((void *)(ip6 + 1) > data_end)
-		return drop(skb, CILIA_DROP_INVALID, dir);
-	if (ip6->version != 6)
-		return drop(skb, CILIA_DROP_INVALID, dir);
-	if (ip6->nexthdr == IPPROTO_ICMPV6) {
-		__u8 *icmp = (void *)(ip6 + 1);
-
-		if ((void *)(icmp + 4) > data_end)
-			return drop(skb, CILIA_DROP_INVALID, dir);
-		if (icmp[0] >= NDISC_ROUTER_SOLICITATION && icmp[0] <= NDISC_REDIRECT)
-			return handle_nd(skb, icmp[0], dir);
-	}
-
-	__builtin_memcpy(saddr, &ip6->saddr, 16);
-	__builtin_memcpy(daddr, &ip6->daddr, 16);
-	if (((__u8 *)daddr)[0] == 0xff)
+	if (reason)
+		return drop(skb, reason, dir);
+	if (is_nd(&f))
+		return handle_nd(skb, &f, dir);
+	if (f.daddr[0] == 0xff)
 		return drop(skb, CILIA_DROP_MULTICAST, dir);
-	if (!cfg_is_own_ipv6(saddr))
+	if (!cfg_is_own_ipv6((const __u32 *)f.saddr))
 		return drop(skb, CILIA_DROP_SPOOFED_SOURCE, dir);
-	struct flow f = {.family = CILIA_FAMILY_IPV6, .proto = ip6->nexthdr};
-
-	__builtin_memcpy(f.saddr, saddr, 16);
-	__builtin_memcpy(f.daddr, daddr, 16);
-	if (flow_parse_l4(skb, &f, ETH_HLEN + sizeof(struct ipv6hdr)) < 0)
-		return drop(skb, CILIA_DROP_INVALID, dir);
+	reason = frag_follow(&f);
+	if (reason)
+		return drop(skb, reason, dir);
 
 	struct endpoint_info *ep = 0;
 	int verdict = from_container_verdict(skb, &f, &ep, dir);
@@ -50,9 +40,10 @@ __inline_fn int handle_ipv6(struct __sk_buff *skb, __u8 dir)
 		return verdict;
 
 	/* Helpers above may have moved the packet: load it again. */
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	ip6 = data + ETH_HLEN;
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ipv6hdr *ip6 = data + ETH_HLEN;
+
 	if ((void *)(ip6 + 1) > data_end)
 		return drop(skb, CILIA_DROP_INVALID, dir);
 	if (ip6->hop_limit <= 1)
@@ -61,28 +52,28 @@ __inline_fn int handle_ipv6(struct __sk_buff *skb, __u8 dir)
 	return redirect_to_endpoint(skb, ep, dir);
 }
 
-/* IPv6 from the host stack to the endpoint: ingress policy only. */
+/*
+ * IPv6 from the host stack to the endpoint: ingress policy. Neighbour
+ * discovery is checked as on the way out; link-local multicast passes only
+ * as ICMPv6 with hop limit 1 (MLD), the rest of multicast is not routed.
+ */
 __inline_fn int handle_ipv6_to_endpoint(struct __sk_buff *skb, __u8 dir)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ipv6hdr *ip6 = data + ETH_HLEN;
-	__u8 *l4 = (void *)(ip6 + 1);
+	struct flow f = {};
+	int reason = flow_parse_ipv6(skb, &f);
 
-	if ((void *)(l4 + 1) > data_end)
-		return TC_ACT_OK; /* not ours to judge: the stack built it */
-	if (ip6->nexthdr == IPPROTO_ICMPV6 && l4[0] >= NDISC_ROUTER_SOLICITATION &&
-	    l4[0] <= NDISC_REDIRECT)
-		return TC_ACT_OK;
-	/* Multicast from the node (MLD and the like) is link business. */
-	if (ip6->daddr.in6_u.u6_addr8[0] == 0xff)
-		return TC_ACT_OK;
-
-	struct flow f = {.family = CILIA_FAMILY_IPV6, .proto = ip6->nexthdr};
-	__builtin_memcpy(f.saddr, &ip6->saddr, 16);
-	__builtin_memcpy(f.daddr, &ip6->daddr, 16);
-	if (flow_parse_l4(skb, &f, ETH_HLEN + sizeof(struct ipv6hdr)) < 0)
-		return drop(skb, CILIA_DROP_INVALID, dir);
+	if (reason)
+		return drop(skb, reason, dir);
+	if (is_nd(&f))
+		return nd_to_container(skb, &f, dir);
+	if (f.daddr[0] == 0xff) {
+		if (f.proto == IPPROTO_ICMPV6 && f.hop_limit == 1 && f.daddr[1] == 0x02)
+			return TC_ACT_OK;
+		return drop(skb, CILIA_DROP_MULTICAST, dir);
+	}
+	reason = frag_follow(&f);
+	if (reason)
+		return drop(skb, reason, dir);
 	return to_container_verdict(skb, &f, dir);
 }
 

@@ -60,13 +60,38 @@ struct {
 	__array(values, struct policy_inner);
 } cilia_policy SEC(".maps");
 
+/*
+ * Conntrack. A plain hash, not an LRU: an LRU would let one endpoint that
+ * churns flows evict everybody else's (revoked entries included). Instead
+ * each endpoint has a budget (cilia_ct_count), a full table refuses new
+ * flows with a named drop, and the agent's GC removes expired entries.
+ */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, CILIA_CT_MAX);
 	__type(key, struct ct_key);
 	__type(value, struct ct_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } cilia_ct SEC(".maps");
+
+/* Endpoint id -> conntrack entries it owns. Incremented by the datapath on
+ * create, recounted by the agent's GC (which is what frees budget). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, CILIA_POLICY_ENDPOINTS_MAX);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cilia_ct_count SEC(".maps");
+
+/* First fragments' ports, for the later fragments of the same datagram. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, CILIA_FRAG_MAX);
+	__type(key, struct frag_key);
+	__type(value, struct frag_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cilia_frags SEC(".maps");
 
 /* Drop, trace and policy-verdict events for the agent's monitor. */
 struct {

@@ -4,7 +4,8 @@
  * endpoint for any address but its own is answered with a neighbour
  * advertisement carrying the host-side veth's MAC (router, solicited,
  * override): the node is the endpoint's only neighbour. Advertisements
- * (answers to the host's solicitations) go to the stack.
+ * (answers to the host's solicitations) and router solicitations go to the
+ * stack, once they pass the checks below.
  */
 #ifndef CILIA_NDISC_H
 #define CILIA_NDISC_H
@@ -19,12 +20,102 @@
 #define ND_FLAGS_RSO	     0xe0000000 /* router | solicited | override */
 #define ND_OPT_TARGET_LLADDR 2
 
+#define ND_HOP_LIMIT 255 /* RFC 4861: anything less was forwarded */
+
 __inline_fn int ipv6_is_link_local(const __u8 *addr)
 {
 	return addr[0] == 0xfe && (addr[1] & 0xc0) == 0x80;
 }
 
-__inline_fn int handle_nd(struct __sk_buff *skb, __u8 type, __u8 dir)
+__inline_fn int ipv6_is_unspecified(const __u8 *addr)
+{
+	__u32 a[4];
+
+	__builtin_memcpy(a, addr, 16);
+	return !(a[0] | a[1] | a[2] | a[3]);
+}
+
+/* ff02::1 (all nodes) or ff02::2 (all routers), `last` being 1 or 2. */
+__inline_fn int ipv6_is_all(const __u8 *addr, __u8 last)
+{
+	__u32 a[4];
+
+	__builtin_memcpy(a, addr, 16);
+	return a[0] == bpf_htonl(0xff020000) && !a[1] && !a[2] && a[3] == bpf_htonl(last);
+}
+
+/* ff02::1:ffXX:XXXX, the solicited-node group of `target` when given. */
+__inline_fn int ipv6_is_solicited_node(const __u8 *addr, const __u8 *target)
+{
+	__u32 a[4];
+
+	__builtin_memcpy(a, addr, 16);
+	if (a[0] != bpf_htonl(0xff020000) || a[1] || a[2] != bpf_htonl(1) || addr[12] != 0xff)
+		return 0;
+	return !target ||
+	       (addr[13] == target[13] && addr[14] == target[14] && addr[15] == target[15]);
+}
+
+/*
+ * The checks an ND message from the endpoint must pass (RFC 4861 and "a
+ * container is not a router"): hop limit 255, no extension headers, a source
+ * that is the endpoint's own or link-local (unspecified for a solicitation),
+ * a destination on the link, and for an advertisement a target that is the
+ * endpoint's own. Router advertisements and redirects are never accepted.
+ * Returns 0 or the drop reason.
+ */
+__inline_fn int nd_from_container_check(const struct flow *f, const __u8 *target)
+{
+	int own_src = cfg_is_own_ipv6((const __u32 *)f->saddr) || ipv6_is_link_local(f->saddr);
+
+	if (f->icmp_type == NDISC_ROUTER_ADVERTISEMENT || f->icmp_type == NDISC_REDIRECT)
+		return CILIA_DROP_UNSUPPORTED_ND;
+	if (f->hop_limit != ND_HOP_LIMIT || f->l4_off != ETH_HLEN + sizeof(struct ipv6hdr))
+		return CILIA_DROP_ND_INVALID;
+	switch (f->icmp_type) {
+	case NDISC_NEIGHBOUR_SOLICITATION:
+		if (!own_src && !ipv6_is_unspecified(f->saddr))
+			return CILIA_DROP_SPOOFED_SOURCE;
+		if (ipv6_is_link_local(f->daddr) || ipv6_is_solicited_node(f->daddr, target) ||
+		    addr_eq(f->daddr, target))
+			return 0;
+		return CILIA_DROP_ND_INVALID;
+	case NDISC_NEIGHBOUR_ADVERTISEMENT:
+		if (!own_src)
+			return CILIA_DROP_SPOOFED_SOURCE;
+		if (!cfg_is_own_ipv6((const __u32 *)target) && !ipv6_is_link_local(target))
+			return CILIA_DROP_SPOOFED_SOURCE;
+		if (ipv6_is_link_local(f->daddr) || ipv6_is_all(f->daddr, 1))
+			return 0;
+		return CILIA_DROP_ND_INVALID;
+	default: /* router solicitation */
+		if (!own_src && !ipv6_is_unspecified(f->saddr))
+			return CILIA_DROP_SPOOFED_SOURCE;
+		return ipv6_is_all(f->daddr, 2) ? 0 : CILIA_DROP_ND_INVALID;
+	}
+}
+
+/*
+ * ND from the node's stack to the endpoint: only solicitations and
+ * advertisements, hop limit 255, from link-local (or unspecified) to
+ * link-local, the endpoint's own address, all nodes or a solicited-node
+ * group.
+ */
+__inline_fn int nd_to_container(struct __sk_buff *skb, const struct flow *f, __u8 dir)
+{
+	if (f->icmp_type != NDISC_NEIGHBOUR_SOLICITATION &&
+	    f->icmp_type != NDISC_NEIGHBOUR_ADVERTISEMENT)
+		return drop(skb, CILIA_DROP_UNSUPPORTED_ND, dir);
+	if (f->hop_limit != ND_HOP_LIMIT ||
+	    (!ipv6_is_link_local(f->saddr) && !ipv6_is_unspecified(f->saddr)))
+		return drop(skb, CILIA_DROP_ND_INVALID, dir);
+	if (!ipv6_is_link_local(f->daddr) && !cfg_is_own_ipv6((const __u32 *)f->daddr) &&
+	    !ipv6_is_all(f->daddr, 1) && !ipv6_is_solicited_node(f->daddr, 0))
+		return drop(skb, CILIA_DROP_ND_INVALID, dir);
+	return TC_ACT_OK;
+}
+
+__inline_fn int handle_nd(struct __sk_buff *skb, const struct flow *f, __u8 dir)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
@@ -33,24 +124,30 @@ __inline_fn int handle_nd(struct __sk_buff *skb, __u8 type, __u8 dir)
 	__u8 *icmp = (void *)(ip6 + 1);
 	__u32 saddr[4], target[4], pseudo[10], reply[8];
 	__u8 peer_mac[6], node_mac[6];
+	int reason;
 
-	if (type == NDISC_NEIGHBOUR_ADVERTISEMENT) {
+	__builtin_memset(target, 0, sizeof(target));
+	if (f->icmp_type == NDISC_NEIGHBOUR_SOLICITATION ||
+	    f->icmp_type == NDISC_NEIGHBOUR_ADVERTISEMENT) {
+		if ((void *)(icmp + ND_NS_LEN) > data_end)
+			return drop(skb, CILIA_DROP_INVALID, dir);
+		__builtin_memcpy(target, icmp + 8, 16);
+	}
+	reason = nd_from_container_check(f, (const __u8 *)target);
+	if (reason)
+		return drop(skb, reason, dir);
+	if (f->icmp_type != NDISC_NEIGHBOUR_SOLICITATION) {
 		count_forward(skb, CILIA_FWD_STACK, dir);
 		return TC_ACT_OK;
 	}
-	if (type != NDISC_NEIGHBOUR_SOLICITATION)
-		return drop(skb, CILIA_DROP_UNSUPPORTED_ND, dir);
 	if ((void *)(icmp + ND_NS_LEN) > data_end)
 		return drop(skb, CILIA_DROP_INVALID, dir);
 
-	__builtin_memcpy(saddr, &ip6->saddr, 16);
-	__builtin_memcpy(target, icmp + 8, 16);
+	__builtin_memcpy(saddr, f->saddr, 16);
 	__builtin_memcpy(peer_mac, eth->h_source, 6);
 	/* Duplicate address detection (unspecified source): nothing to answer. */
 	if (!(saddr[0] | saddr[1] | saddr[2] | saddr[3]))
 		return drop(skb, CILIA_DROP_UNSUPPORTED_ND, dir);
-	if (!cfg_is_own_ipv6(saddr) && !ipv6_is_link_local((__u8 *)saddr))
-		return drop(skb, CILIA_DROP_SPOOFED_SOURCE, dir);
 	if (cfg_is_own_ipv6(target)) {
 		count_forward(skb, CILIA_FWD_STACK, dir);
 		return TC_ACT_OK;

@@ -14,6 +14,7 @@
 #include "forward.h"
 #include "ipcache.h"
 #include "events.h"
+#include "frag.h"
 
 /* Not a tc verdict: the caller goes on to deliver to a local endpoint. */
 #define CILIA_CONTINUE -1
@@ -32,11 +33,14 @@ __inline_fn int from_container_verdict(struct __sk_buff *skb, const struct flow 
 	struct decision d = {.dir = dir, .verdict = CILIA_VERDICT_ALLOW};
 	__u32 src_id = CILIA_CONFIG.identity;
 
-	int allowed = flow_allowed(skb, f, CILIA_CONFIG.endpoint_id, peer, src_id, dst_id, &d);
+	int reason = flow_allowed(skb, f, CILIA_CONFIG.endpoint_id, peer, src_id, dst_id, &d);
 
-	emit_event(skb, d.level, CILIA_EVENT_DEBUG, d.ct_state, dir, f, src_id, dst_id, peer, 0);
-	if (!allowed)
+	emit_event(skb, d.level, CILIA_EVENT_DEBUG, d.ct_state, dir, f, src_id, dst_id, peer, &d);
+	if (reason == CILIA_DROP_POLICY)
 		return drop_policy(skb, f, src_id, dst_id, peer, &d);
+	if (reason)
+		return drop(skb, reason, dir);
+	frag_remember(f);
 	if (d.checked)
 		emit_event(skb, d.level, CILIA_EVENT_POLICY_VERDICT, 0, d.dir, f, src_id, dst_id,
 			   peer, &d);
@@ -59,11 +63,23 @@ __inline_fn int to_container_verdict(struct __sk_buff *skb, const struct flow *f
 	__u32 src_id = ipcache_identity(f->saddr, f->family);
 	__u32 dst_id = CILIA_CONFIG.identity;
 
-	int allowed = flow_allowed(skb, f, 0, CILIA_CONFIG.endpoint_id, src_id, dst_id, &d);
+	int reason;
 
-	emit_event(skb, d.level, CILIA_EVENT_DEBUG, d.ct_state, dir, f, src_id, dst_id, 0, 0);
-	if (!allowed)
+	/*
+	 * Local endpoints reach each other by redirect, never through the
+	 * stack: a packet from the stack with a local endpoint's source address
+	 * was forged there (any local user can bind any address), and must not
+	 * pass with that endpoint's identity.
+	 */
+	if (endpoint_lookup(f->saddr, f->family))
+		return drop(skb, CILIA_DROP_SPOOFED_SOURCE, dir);
+	reason = flow_allowed(skb, f, 0, CILIA_CONFIG.endpoint_id, src_id, dst_id, &d);
+	emit_event(skb, d.level, CILIA_EVENT_DEBUG, d.ct_state, dir, f, src_id, dst_id, 0, &d);
+	if (reason == CILIA_DROP_POLICY)
 		return drop_policy(skb, f, src_id, dst_id, 0, &d);
+	if (reason)
+		return drop(skb, reason, dir);
+	frag_remember(f);
 	if (d.checked)
 		emit_event(skb, d.level, CILIA_EVENT_POLICY_VERDICT, 0, d.dir, f, src_id, dst_id, 0,
 			   &d);

@@ -55,9 +55,15 @@ const STRUCTS: &[(&str, &[&str])] = &[
             "src_identity",
             "dst_identity",
             "flags",
+            "owner",
         ],
     ),
-    ("global_config", &["policy_rev", "monitor_level"]),
+    ("frag_key", &["saddr", "daddr", "id", "proto", "family"]),
+    ("frag_value", &["expires", "sport", "dport"]),
+    (
+        "global_config",
+        &["policy_rev", "monitor_level", "ct_budget"],
+    ),
     (
         "event",
         &[

@@ -73,7 +73,11 @@ struct endpoint_info {
 #define CILIA_DROP_REDIRECT_FAILED 136 /* the kernel refused the redirect */
 #define CILIA_DROP_WRITE_FAILED	   137 /* a packet rewrite helper failed */
 #define CILIA_DROP_POLICY	   138 /* policy denied */
-#define CILIA_DROP_CT_FULL	   139 /* conntrack entry could not be created */
+#define CILIA_DROP_CT_FULL	   139 /* conntrack table full: new flows fail closed */
+#define CILIA_DROP_EXT_HDR	   140 /* IPv6 extension header chain unknown, too long or routed */
+#define CILIA_DROP_FRAG_NO_FLOW	   141 /* later fragment of an unknown or denied datagram */
+#define CILIA_DROP_ND_INVALID	   142 /* neighbour discovery failing hop limit/address checks */
+#define CILIA_DROP_CT_BUDGET	   143 /* the endpoint has used its conntrack budget */
 
 /* Direction of a counted packet. */
 #define CILIA_DIR_EGRESS  1 /* leaving an endpoint (from-container) */
@@ -107,6 +111,12 @@ struct metrics_value {
 #define CILIA_POLICY_MAX	   131072
 #define CILIA_POLICY_ENDPOINTS_MAX 65536
 #define CILIA_CT_MAX		   262144
+/* Conntrack entries one endpoint may hold when the config sets no budget. */
+#define CILIA_CT_BUDGET_DEFAULT 32768
+/* Fragmented datagrams tracked at once (LRU: the oldest are forgotten). */
+#define CILIA_FRAG_MAX 16384
+/* IPv6 extension headers walked before the chain counts as too long. */
+#define CILIA_IPV6_EXT_MAX 8
 
 /* ipcache: LPM trie, prefix -> identity. prefixlen counts the family byte
  * and padding (32 bits) plus the address prefix. */
@@ -179,8 +189,28 @@ struct ct_value {
 	__u32 src_identity;
 	__u32 dst_identity;
 	__u16 flags; /* CILIA_CT_* */
+	__u16 owner; /* endpoint whose program created the entry (its budget) */
+};
+
+/* Fragments: the first fragment of an allowed datagram leaves its ports
+ * here, so later fragments (which carry none) follow the same flow. */
+struct frag_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u32 id; /* IPv4: the 16-bit identification; IPv6: the fragment header's */
+	__u8 proto;
+	__u8 family;
 	__u8 pad[2];
 };
+
+struct frag_value {
+	__u64 expires; /* bpf_ktime_get_ns() deadline */
+	__be16 sport;
+	__be16 dport;
+	__u8 pad[4];
+};
+
+#define CILIA_FRAG_TIMEOUT 30 /* seconds, as the kernel's ipfrag_time */
 
 /* Timeouts (seconds). */
 #define CILIA_CT_TCP_TIMEOUT	 21600
@@ -193,15 +223,18 @@ struct ct_value {
 #define CILIA_MONITOR_OFF   0
 #define CILIA_MONITOR_DROPS 1 /* drops and policy verdicts of new flows */
 #define CILIA_MONITOR_TRACE 2 /* + every forwarded packet */
+#define CILIA_MONITOR_DEBUG 3 /* + the conntrack state of every packet */
 
 struct global_config {
 	__u32 policy_rev;    /* bumped on every policy change */
 	__u32 monitor_level; /* CILIA_MONITOR_* */
+	__u32 ct_budget;     /* conntrack entries per endpoint; 0: CILIA_CT_BUDGET_DEFAULT */
+	__u32 pad;
 };
 
 /* ---- events (one ring buffer) ---- */
 
-#define CILIA_EVENTS_SIZE  (1 << 22)
+#define CILIA_EVENTS_SIZE  4194304 /* 4 MiB */
 #define CILIA_EVENT_CAPLEN 64
 
 #define CILIA_EVENT_DROP	   1

@@ -33,6 +33,10 @@ pub const CILIA_DROP_WRITE_FAILED: u8 = 137;
 
 pub const CILIA_DROP_POLICY: u8 = 138;
 pub const CILIA_DROP_CT_FULL: u8 = 139;
+pub const CILIA_DROP_EXT_HDR: u8 = 140;
+pub const CILIA_DROP_FRAG_NO_FLOW: u8 = 141;
+pub const CILIA_DROP_ND_INVALID: u8 = 142;
+pub const CILIA_DROP_CT_BUDGET: u8 = 143;
 
 pub const CILIA_DIR_EGRESS: u8 = 1;
 pub const CILIA_DIR_INGRESS: u8 = 2;
@@ -54,6 +58,10 @@ pub fn reason_name(kind: u8, reason: u8) -> &'static str {
         (CILIA_METRIC_DROP, CILIA_DROP_WRITE_FAILED) => "Packet rewrite failed",
         (CILIA_METRIC_DROP, CILIA_DROP_POLICY) => "Policy denied",
         (CILIA_METRIC_DROP, CILIA_DROP_CT_FULL) => "Conntrack full",
+        (CILIA_METRIC_DROP, CILIA_DROP_EXT_HDR) => "Invalid IPv6 extension header",
+        (CILIA_METRIC_DROP, CILIA_DROP_FRAG_NO_FLOW) => "Fragment of unknown datagram",
+        (CILIA_METRIC_DROP, CILIA_DROP_ND_INVALID) => "Invalid ND message",
+        (CILIA_METRIC_DROP, CILIA_DROP_CT_BUDGET) => "Endpoint conntrack budget exhausted",
         _ => "unknown",
     }
 }
@@ -157,6 +165,10 @@ pub const CILIA_IPCACHE_MAX: u32 = 524288;
 pub const CILIA_POLICY_MAX: u32 = 131072;
 pub const CILIA_POLICY_ENDPOINTS_MAX: u32 = 65536;
 pub const CILIA_CT_MAX: u32 = 262144;
+pub const CILIA_CT_BUDGET_DEFAULT: u32 = 32768;
+pub const CILIA_FRAG_MAX: u32 = 16384;
+pub const CILIA_IPV6_EXT_MAX: u32 = 8;
+pub const CILIA_FRAG_TIMEOUT: u64 = 30;
 
 pub const CILIA_VERDICT_ALLOW: u8 = 1;
 pub const CILIA_VERDICT_DENY: u8 = 2;
@@ -259,7 +271,30 @@ pub struct CtValue {
     pub src_identity: u32,
     pub dst_identity: u32,
     pub flags: u16,
+    /// Endpoint whose program created the entry: the budget it counts on.
+    pub owner: u16,
+}
+
+/// Key of the fragments map: one fragmented datagram.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
     pub pad: [u8; 2],
+}
+
+/// Value of the fragments map: the ports of the datagram's first fragment.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FragValue {
+    pub expires: u64,
+    pub sport: u16,
+    pub dport: u16,
+    pub pad: [u8; 4],
 }
 
 #[repr(C)]
@@ -267,6 +302,9 @@ pub struct CtValue {
 pub struct GlobalConfig {
     pub policy_rev: u32,
     pub monitor_level: u32,
+    /// Conntrack entries one endpoint may hold; 0: CILIA_CT_BUDGET_DEFAULT.
+    pub ct_budget: u32,
+    pub pad: u32,
 }
 
 pub const CILIA_MATCH_NONE: u8 = 0;
@@ -363,6 +401,8 @@ mod pod {
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::GlobalConfig {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragValue {}
     unsafe impl aya::Pod for super::Event {}
 }
 
@@ -436,9 +476,21 @@ mod tests {
             ("ct_value", "src_identity") => offset_of!(CtValue, src_identity),
             ("ct_value", "dst_identity") => offset_of!(CtValue, dst_identity),
             ("ct_value", "flags") => offset_of!(CtValue, flags),
+            ("ct_value", "owner") => offset_of!(CtValue, owner),
+            ("frag_key", "") => size_of::<FragKey>(),
+            ("frag_key", "saddr") => offset_of!(FragKey, saddr),
+            ("frag_key", "daddr") => offset_of!(FragKey, daddr),
+            ("frag_key", "id") => offset_of!(FragKey, id),
+            ("frag_key", "proto") => offset_of!(FragKey, proto),
+            ("frag_key", "family") => offset_of!(FragKey, family),
+            ("frag_value", "") => size_of::<FragValue>(),
+            ("frag_value", "expires") => offset_of!(FragValue, expires),
+            ("frag_value", "sport") => offset_of!(FragValue, sport),
+            ("frag_value", "dport") => offset_of!(FragValue, dport),
             ("global_config", "") => size_of::<GlobalConfig>(),
             ("global_config", "policy_rev") => offset_of!(GlobalConfig, policy_rev),
             ("global_config", "monitor_level") => offset_of!(GlobalConfig, monitor_level),
+            ("global_config", "ct_budget") => offset_of!(GlobalConfig, ct_budget),
             ("event", "") => size_of::<Event>(),
             ("event", "ts") => offset_of!(Event, ts),
             ("event", "type") => offset_of!(Event, type_),
@@ -500,6 +552,14 @@ mod tests {
                 "CILIA_DIR_INGRESS" => CILIA_DIR_INGRESS.into(),
                 "CILIA_DROP_POLICY" => CILIA_DROP_POLICY.into(),
                 "CILIA_DROP_CT_FULL" => CILIA_DROP_CT_FULL.into(),
+                "CILIA_DROP_EXT_HDR" => CILIA_DROP_EXT_HDR.into(),
+                "CILIA_DROP_FRAG_NO_FLOW" => CILIA_DROP_FRAG_NO_FLOW.into(),
+                "CILIA_DROP_ND_INVALID" => CILIA_DROP_ND_INVALID.into(),
+                "CILIA_DROP_CT_BUDGET" => CILIA_DROP_CT_BUDGET.into(),
+                "CILIA_CT_BUDGET_DEFAULT" => CILIA_CT_BUDGET_DEFAULT.into(),
+                "CILIA_FRAG_MAX" => CILIA_FRAG_MAX.into(),
+                "CILIA_IPV6_EXT_MAX" => CILIA_IPV6_EXT_MAX.into(),
+                "CILIA_FRAG_TIMEOUT" => CILIA_FRAG_TIMEOUT,
                 "CILIA_ID_HOST" => CILIA_ID_HOST.into(),
                 "CILIA_ID_WORLD" => CILIA_ID_WORLD.into(),
                 "CILIA_ID_UNMANAGED" => CILIA_ID_UNMANAGED.into(),
@@ -547,6 +607,31 @@ mod tests {
             };
             assert_eq!(rust, *c, "{name}: Rust and abi.h disagree");
         }
+    }
+
+    /// The other direction: every `CILIA_*` constant of the Rust mirror is
+    /// defined in abi.h, so the datapath cannot lack what userspace assumes.
+    #[test]
+    fn every_rust_constant_is_defined_in_the_c_header() {
+        let source = include_str!("lib.rs");
+        let c_names: std::collections::HashSet<&str> =
+            C_CONSTANTS.iter().map(|(name, _)| *name).collect();
+        let mut checked = 0;
+        for line in source.lines() {
+            let Some(rest) = line.trim_start().strip_prefix("pub const CILIA_") else {
+                continue;
+            };
+            let name = std::format!("CILIA_{}", rest.split(':').next().unwrap_or_default());
+            assert!(
+                c_names.contains(name.as_str()),
+                "the Rust mirror defines {name} but abi.h does not"
+            );
+            checked += 1;
+        }
+        assert!(
+            checked > 50,
+            "found only {checked} constants: parser broken?"
+        );
     }
 
     #[test]

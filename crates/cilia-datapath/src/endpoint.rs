@@ -38,8 +38,8 @@ use crate::keys::{
     ipcache_from_lpm, ipcache_to_lpm, policy_from_lpm, policy_to_lpm, IpcacheData, PolicyData,
 };
 use crate::object::{
-    GLOBAL_CONFIG, LXC_OBJECT, MAP_CONFIG, MAP_CT, MAP_ENDPOINTS, MAP_EVENTS, MAP_IPCACHE,
-    MAP_METRICS, MAP_POLICY, PROG_FROM_CONTAINER, PROG_TO_CONTAINER, SHARED_MAPS,
+    GLOBAL_CONFIG, LXC_OBJECT, MAP_CONFIG, MAP_CT, MAP_CT_COUNT, MAP_ENDPOINTS, MAP_EVENTS,
+    MAP_IPCACHE, MAP_METRICS, MAP_POLICY, PROG_FROM_CONTAINER, PROG_TO_CONTAINER, SHARED_MAPS,
 };
 use crate::testrun::TestProgram;
 
@@ -53,6 +53,7 @@ pub struct BpfDatapath {
     ipcache: LpmTrie<MapData, IpcacheData, IpcacheValue>,
     policy: HashOfMaps<MapData, u32, MapData>,
     ct: HashMap<MapData, CtKey, CtValue>,
+    ct_count: Array<MapData, u32>,
     config: Array<MapData, GlobalConfig>,
     /// Handed to the one reader of events ([`BpfDatapath::take_events`]).
     events: Option<RingBuf<MapData>>,
@@ -178,6 +179,7 @@ impl BpfDatapath {
         let ipcache = take(MAP_IPCACHE)?;
         let policy = take(MAP_POLICY)?;
         let ct = take(MAP_CT)?;
+        let ct_count = take(MAP_CT_COUNT)?;
         let config = take(MAP_CONFIG)?;
         let events = take(MAP_EVENTS)?;
         mkdir(&root.join("policy"))?;
@@ -190,6 +192,7 @@ impl BpfDatapath {
             ipcache: LpmTrie::try_from(ipcache).map_err(|e| DatapathError::map(MAP_IPCACHE, e))?,
             policy: HashOfMaps::try_from(policy).map_err(|e| DatapathError::map(MAP_POLICY, e))?,
             ct: HashMap::try_from(ct).map_err(|e| DatapathError::map(MAP_CT, e))?,
+            ct_count: Array::try_from(ct_count).map_err(|e| DatapathError::map(MAP_CT_COUNT, e))?,
             config: Array::try_from(config).map_err(|e| DatapathError::map(MAP_CONFIG, e))?,
             events: Some(RingBuf::try_from(events).map_err(|e| DatapathError::map(MAP_EVENTS, e))?),
         })
@@ -519,15 +522,24 @@ impl BpfDatapath {
         }
     }
 
-    /// Deletes expired conntrack entries; returns how many.
+    /// Deletes expired conntrack entries and recounts what each endpoint
+    /// owns, which is what frees budget: the datapath only ever adds to
+    /// the counts. Returns how many entries were removed.
+    ///
+    /// Recounting (rather than decrementing per removal) keeps the counts
+    /// self-correcting: a creation that races the walk is at worst left
+    /// uncounted until the next run.
     pub fn gc_ct(&mut self) -> Result<usize, DatapathError> {
         let now = monotonic_ns();
-        let expired: Vec<CtKey> = self
-            .list_ct()?
-            .into_iter()
-            .filter(|(_, v)| v.expires <= now)
-            .map(|(k, _)| k)
-            .collect();
+        let mut owned = BTreeMap::<u16, u32>::new();
+        let mut expired = Vec::new();
+        for (key, value) in self.list_ct()? {
+            if value.expires <= now {
+                expired.push(key);
+            } else {
+                *owned.entry(value.owner).or_default() += 1;
+            }
+        }
         let mut removed = 0;
         for key in expired {
             match self.ct.remove(&key) {
@@ -536,7 +548,68 @@ impl BpfDatapath {
                 Err(e) => return Err(DatapathError::map(MAP_CT, e)),
             }
         }
+        self.write_ct_counts(&owned)?;
         Ok(removed)
+    }
+
+    /// Sets every endpoint's count to `owned` (absent: zero), touching only
+    /// the slots that change.
+    fn write_ct_counts(&mut self, owned: &BTreeMap<u16, u32>) -> Result<(), DatapathError> {
+        let err = |e| DatapathError::map(MAP_CT_COUNT, e);
+        for id in 0..=u16::MAX {
+            let want = owned.get(&id).copied().unwrap_or(0);
+            let have = self.ct_count.get(&u32::from(id), 0).map_err(err)?;
+            if have != want {
+                self.ct_count.set(u32::from(id), want, 0).map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every conntrack entry an endpoint created or that has one of
+    /// its addresses at either end, and resets its budget: run when the
+    /// endpoint is deleted or changes identity, so nothing it was allowed
+    /// survives into a successor's flows. Returns how many were removed.
+    pub fn purge_ct(&mut self, endpoint_id: u16, addrs: &[IpAddr]) -> Result<usize, DatapathError> {
+        let keys: Vec<[u8; 16]> = addrs
+            .iter()
+            .map(|ip| EndpointKey::from_ip(*ip).addr)
+            .collect();
+        let doomed: Vec<CtKey> = self
+            .list_ct()?
+            .into_iter()
+            .filter(|(k, v)| {
+                v.owner == endpoint_id || keys.contains(&k.saddr) || keys.contains(&k.daddr)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        let mut removed = 0;
+        for key in doomed {
+            match self.ct.remove(&key) {
+                Ok(()) => removed += 1,
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(DatapathError::map(MAP_CT, e)),
+            }
+        }
+        self.ct_count
+            .set(u32::from(endpoint_id), 0, 0)
+            .map_err(|e| DatapathError::map(MAP_CT_COUNT, e))?;
+        Ok(removed)
+    }
+
+    /// Conntrack entries an endpoint currently holds against its budget.
+    pub fn ct_count(&self, endpoint_id: u16) -> Result<u32, DatapathError> {
+        self.ct_count
+            .get(&u32::from(endpoint_id), 0)
+            .map_err(|e| DatapathError::map(MAP_CT_COUNT, e))
+    }
+
+    /// Sets the per-endpoint conntrack budget (0: the built-in default).
+    pub fn set_ct_budget(&mut self, budget: u32) -> Result<(), DatapathError> {
+        let err = |e| DatapathError::map(MAP_CONFIG, e);
+        let mut cfg = self.config.get(&0, 0).map_err(err)?;
+        cfg.ct_budget = budget;
+        self.config.set(0, cfg, 0).map_err(err)
     }
 
     /// Loads a specialized endpoint program for `BPF_PROG_TEST_RUN`, sharing

@@ -29,8 +29,12 @@ pub const MAP_METRICS: &str = "cilia_metrics";
 pub const MAP_IPCACHE: &str = "cilia_ipcache";
 /// Shared hash of maps: endpoint id -> that endpoint's policy LPM trie.
 pub const MAP_POLICY: &str = "cilia_policy";
-/// Shared LRU hash: connection tracking.
+/// Shared hash: connection tracking (not an LRU: see bpf/lib/maps.h).
 pub const MAP_CT: &str = "cilia_ct";
+/// Shared array: endpoint id -> conntrack entries it owns (its budget use).
+pub const MAP_CT_COUNT: &str = "cilia_ct_count";
+/// Shared LRU hash: ports of fragmented datagrams, for later fragments.
+pub const MAP_FRAGS: &str = "cilia_frags";
 /// Shared one-slot array: global runtime settings (policy revision).
 pub const MAP_CONFIG: &str = "cilia_config";
 /// Ring buffer of datapath events for the monitor.
@@ -64,6 +68,16 @@ pub const SHARED_MAPS: &[MapSpec] = &[
         name: MAP_CT,
         key_size: core::mem::size_of::<cilia_abi::CtKey>() as u32,
         value_size: core::mem::size_of::<cilia_abi::CtValue>() as u32,
+    },
+    MapSpec {
+        name: MAP_CT_COUNT,
+        key_size: 4,
+        value_size: 4,
+    },
+    MapSpec {
+        name: MAP_FRAGS,
+        key_size: core::mem::size_of::<cilia_abi::FragKey>() as u32,
+        value_size: core::mem::size_of::<cilia_abi::FragValue>() as u32,
     },
     MapSpec {
         name: MAP_CONFIG,
