@@ -39,6 +39,11 @@ pub trait Datapath: Send {
     fn bump_policy_revision(&mut self) -> Result<u32, DatapathError>;
     fn list_ct(&self) -> Result<Vec<(CtKey, CtValue)>, DatapathError>;
     fn gc_ct(&mut self) -> Result<usize, DatapathError>;
+    /// Removes the conntrack entries an endpoint created or that carry one
+    /// of its addresses, and resets its conntrack budget.
+    fn purge_ct(&mut self, endpoint_id: u16, addrs: &[IpAddr]) -> Result<usize, DatapathError>;
+    /// Conntrack entries each endpoint may hold (0: the built-in default).
+    fn set_ct_budget(&mut self, budget: u32) -> Result<(), DatapathError>;
     fn remove_ct(&mut self, key: CtKey) -> Result<(), DatapathError>;
     fn set_monitor_level(&mut self, level: u32) -> Result<(), DatapathError>;
     /// Runs a freshly loaded copy of an endpoint's from-container program on
@@ -102,6 +107,12 @@ impl Datapath for BpfDatapath {
     }
     fn gc_ct(&mut self) -> Result<usize, DatapathError> {
         BpfDatapath::gc_ct(self)
+    }
+    fn purge_ct(&mut self, endpoint_id: u16, addrs: &[IpAddr]) -> Result<usize, DatapathError> {
+        BpfDatapath::purge_ct(self, endpoint_id, addrs)
+    }
+    fn set_ct_budget(&mut self, budget: u32) -> Result<(), DatapathError> {
+        BpfDatapath::set_ct_budget(self, budget)
     }
     fn remove_ct(&mut self, key: CtKey) -> Result<(), DatapathError> {
         BpfDatapath::remove_ct(self, key)

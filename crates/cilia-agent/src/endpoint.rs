@@ -357,6 +357,9 @@ impl EndpointManager {
         }
         self.datapath.detach_endpoint(rec.id)?;
         self.netdev.delete(&rec.host_ifname)?;
+        // Nothing the endpoint was allowed may outlive it into the flows of
+        // whoever gets its address or id next.
+        self.datapath.purge_ct(rec.id, &rec.ips())?;
         self.store.delete_endpoint(&rec)?;
         self.resolved.remove(&rec.id);
         info!(id, "endpoint deleted");
@@ -552,6 +555,12 @@ mod tests {
         }
         fn gc_ct(&mut self) -> Result<usize, DatapathError> {
             Ok(0)
+        }
+        fn purge_ct(&mut self, _: u16, _: &[IpAddr]) -> Result<usize, DatapathError> {
+            Ok(0)
+        }
+        fn set_ct_budget(&mut self, _: u32) -> Result<(), DatapathError> {
+            Ok(())
         }
         fn remove_ct(&mut self, _: CtKey) -> Result<(), DatapathError> {
             Ok(())

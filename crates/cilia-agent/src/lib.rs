@@ -47,6 +47,8 @@ pub struct AgentConfig {
     pub flow_buffer_size: usize,
     /// Where to serve Prometheus metrics (`None`: not at all).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Conntrack entries one endpoint may hold (0: CILIA_CT_BUDGET_DEFAULT).
+    pub ct_budget: u32,
 }
 
 fn mkdir_private(path: &std::path::Path) -> anyhow::Result<()> {
@@ -112,6 +114,9 @@ fn bind_socket(path: &std::path::Path) -> anyhow::Result<UnixListener> {
 
 /// Runs the agent until SIGINT/SIGTERM. Links and maps stay pinned on exit:
 /// traffic between endpoints keeps flowing without the agent.
+/// How often expired conntrack entries are removed and budgets recounted.
+const CT_GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let _lock = lock_state_dir(&config)?;
 
@@ -142,6 +147,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     };
     let store = store::Store::open(&config.state_dir.join(paths::STATE_DB))?;
     let mut datapath = cilia_datapath::BpfDatapath::open(&config.bpf_root)?;
+    datapath
+        .set_ct_budget(config.ct_budget)
+        .context("setting the conntrack budget")?;
     let events = datapath.take_events();
     let mut manager =
         EndpointManager::new(store, Box::new(datapath), Box::new(netdev::IpRoute), pools);
@@ -192,11 +200,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         Some(Err(e)) => warn!(error = %e, "monitor disabled"),
         None => warn!("event ring buffer unavailable: monitor disabled"),
     }
-    // Conntrack garbage collection: expired entries only take room (the
-    // datapath already treats them as absent).
+    // Conntrack garbage collection: expired entries take room in a table
+    // that never evicts, and only the recount after a GC gives endpoints
+    // their budget back; so it runs often.
     let gc_state = state.clone();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+        let mut tick = tokio::time::interval(CT_GC_INTERVAL);
         loop {
             tick.tick().await;
             let s = gc_state.clone();

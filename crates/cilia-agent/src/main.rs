@@ -34,6 +34,11 @@ struct Args {
     /// Address of the Prometheus metrics endpoint (`/metrics`); `off` to disable.
     #[arg(long, env = "CILIA_METRICS_ADDR", default_value = "127.0.0.1:9962")]
     metrics_addr: String,
+    /// Conntrack entries one endpoint may hold; its new flows beyond are
+    /// dropped ("Endpoint conntrack budget exhausted"). 0: the built-in
+    /// default (32768, an eighth of the table).
+    #[arg(long, env = "CILIA_CT_BUDGET", default_value_t = 0)]
+    ct_budget: u32,
 }
 
 #[tokio::main]
@@ -64,6 +69,7 @@ async fn main() {
         ipv4_range: args.ipv4_range,
         flow_buffer_size: args.flow_buffer_size,
         metrics_addr,
+        ct_budget: args.ct_budget,
     };
     if let Err(e) = cilia_agent::run(config).await {
         eprintln!("cilia-agent: {e:#}");

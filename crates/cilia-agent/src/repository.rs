@@ -383,6 +383,8 @@ impl EndpointManager {
             if rec.state != EndpointState::Ready {
                 continue;
             }
+            // Flows allowed under the old identity end with it.
+            self.datapath.purge_ct(rec.id, &rec.ips())?;
             if let Some(ifindex) = self.netdev.ifindex(&rec.host_ifname) {
                 self.apply_policy(rec)?;
                 self.datapath
@@ -402,10 +404,15 @@ impl EndpointManager {
         labels: &BTreeMap<String, String>,
     ) -> Result<EndpointRecord, EndpointError> {
         cilia_api::labels::validate_labels(labels)?;
+        let old_identity = self.get(id)?.identity;
         let rec = self
             .store
             .set_endpoint_labels(id, labels)?
             .ok_or(EndpointError::NotFound(id))?;
+        if rec.identity != old_identity {
+            // Flows allowed under the old identity end with it.
+            self.datapath.purge_ct(rec.id, &rec.ips())?;
+        }
         if rec.state == EndpointState::Ready {
             if let Some(ifindex) = self.netdev.ifindex(&rec.host_ifname) {
                 self.apply_policy(&rec)?;

@@ -88,6 +88,18 @@ fn observe_names_reason_identities_and_policy_of_a_drop() {
     assert_eq!(drop["destination"]["port"], 80);
     assert_eq!(drop["destination"]["identity"], deathstar["identity"]);
     assert!(drop["source"]["identity"].as_u64().unwrap() >= 256);
+    // The dropped connection shows as drops only: no FORWARDED flow (such
+    // as a debug event nobody asked for) precedes them.
+    let xwing_flows = agent.cli_ok(&["observe", "-o", "json", "--from-label", "class=xwing"]);
+    let verdicts: Vec<String> = xwing_flows
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|f| format!("{} {}", f["event"], f["verdict"]))
+        .collect();
+    assert!(
+        !verdicts.is_empty() && verdicts.iter().all(|v| v == "\"drop\" \"DROPPED\""),
+        "{verdicts:?}"
+    );
 
     // The allowed tiefighter shows as a forwarded policy verdict naming rule1.
     assert!(try_connect(&tf, port80), "tiefighter lands");

@@ -513,6 +513,14 @@ impl BpfDatapath {
             .map_err(|e| DatapathError::map(MAP_CT, e))
     }
 
+    /// Writes one conntrack entry as the datapath would (fixtures use it to
+    /// fill the table; it is not charged to any budget).
+    pub fn insert_ct(&mut self, key: CtKey, value: CtValue) -> Result<(), DatapathError> {
+        self.ct
+            .insert(key, value, 0)
+            .map_err(|e| DatapathError::map(MAP_CT, e))
+    }
+
     /// Deletes one conntrack entry. Absent is not an error.
     pub fn remove_ct(&mut self, key: CtKey) -> Result<(), DatapathError> {
         match self.ct.remove(&key) {

@@ -9,6 +9,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use cilia_datapath::packet::Mac;
 
+pub mod fixture;
+
 pub const A_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xa1];
 pub const A_NODE_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xa2];
 pub const B_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xb1];

@@ -1,0 +1,187 @@
+//! The two-endpoint policy fixture: endpoints A and B with identities,
+//! both in the endpoints map and the ipcache, and builders for the policy
+//! entries and TCP packets the policy and attack fixtures send.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use cilia_abi::*;
+use cilia_datapath::packet::*;
+use cilia_datapath::testrun::TestProgram;
+use cilia_datapath::BpfDatapath;
+use cilia_testnet::BpfRoot;
+
+use super::*;
+
+pub const A_ID: u16 = 1;
+pub const B_ID: u16 = 2;
+pub const A_IDENTITY: u32 = 1001;
+pub const B_IDENTITY: u32 = 1002;
+
+pub fn world4() -> Ipv4Addr {
+    "192.0.2.7".parse().unwrap()
+}
+
+pub struct Fixture {
+    _root: BpfRoot,
+    pub dp: BpfDatapath,
+}
+
+pub fn config(
+    id: u16,
+    identity: u32,
+    mac: Mac,
+    node_mac: Mac,
+    v6: Ipv6Addr,
+    v4: Option<Ipv4Addr>,
+) -> EndpointConfig {
+    EndpointConfig {
+        ipv6: v6.octets(),
+        ipv4: v4.map(|a| a.octets()).unwrap_or_default(),
+        mac,
+        node_mac,
+        ifindex: 4000 + u32::from(id),
+        identity,
+        endpoint_id: id,
+        enable_ipv4: u8::from(v4.is_some()),
+        monitor: 1,
+    }
+}
+
+impl Fixture {
+    pub fn new() -> Self {
+        let root = BpfRoot::new();
+        let mut dp = BpfDatapath::open(root.path()).unwrap();
+        for (id, identity, mac, node_mac, ip) in [
+            (A_ID, A_IDENTITY, A_MAC, A_NODE_MAC, a6()),
+            (B_ID, B_IDENTITY, B_MAC, B_NODE_MAC, b6()),
+        ] {
+            let info = EndpointInfo {
+                ifindex: 4000 + u32::from(id),
+                identity,
+                endpoint_id: id,
+                flags: 0,
+                mac,
+                node_mac,
+            };
+            dp.upsert_endpoint(IpAddr::V6(ip), info).unwrap();
+            dp.upsert_ipcache(IpcacheKey::new(IpAddr::V6(ip), 128), identity)
+                .unwrap();
+        }
+        dp.upsert_endpoint(
+            IpAddr::V4(a4()),
+            EndpointInfo {
+                ifindex: 4001,
+                identity: A_IDENTITY,
+                endpoint_id: A_ID,
+                flags: 0,
+                mac: A_MAC,
+                node_mac: A_NODE_MAC,
+            },
+        )
+        .unwrap();
+        Self { _root: root, dp }
+    }
+
+    pub fn a(&self) -> TestProgram {
+        self.dp
+            .test_program(&config(
+                A_ID,
+                A_IDENTITY,
+                A_MAC,
+                A_NODE_MAC,
+                a6(),
+                Some(a4()),
+            ))
+            .unwrap()
+    }
+
+    pub fn b(&self) -> TestProgram {
+        self.dp
+            .test_program(&config(B_ID, B_IDENTITY, B_MAC, B_NODE_MAC, b6(), None))
+            .unwrap()
+    }
+}
+
+pub fn enforce(dir: u8) -> (PolicyKey, PolicyValue) {
+    (
+        PolicyKey {
+            prefixlen: 40,
+            identity: CILIA_ID_ENFORCEMENT.to_be(),
+            direction: dir,
+            proto: 0,
+            dport: 0,
+        },
+        PolicyValue {
+            verdict: 1,
+            ..Default::default()
+        },
+    )
+}
+
+pub fn rule(
+    dir: u8,
+    identity: u32,
+    proto: u8,
+    port: u16,
+    port_bits: u32,
+    verdict: u8,
+) -> (PolicyKey, PolicyValue) {
+    let prefixlen = if proto == 0 { 40 } else { 48 + port_bits };
+    (
+        PolicyKey {
+            prefixlen,
+            identity: identity.to_be(),
+            direction: dir,
+            proto,
+            dport: port.to_be(),
+        },
+        PolicyValue {
+            verdict,
+            rule: 7,
+            ..Default::default()
+        },
+    )
+}
+
+pub fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut t = vec![0u8; 20];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[12] = 0x50;
+    t[13] = flags;
+    t
+}
+
+pub fn a_to_b(dport: u16) -> Vec<u8> {
+    eth(
+        A_NODE_MAC,
+        A_MAC,
+        ETH_P_IPV6,
+        &ipv6(a6(), b6(), IPPROTO_TCP, 64, &tcp(40000, dport, 0x02)),
+    )
+}
+
+pub fn b_to_a(sport: u16) -> Vec<u8> {
+    eth(
+        B_NODE_MAC,
+        B_MAC,
+        ETH_P_IPV6,
+        &ipv6(b6(), a6(), IPPROTO_TCP, 64, &tcp(sport, 40000, 0x12)),
+    )
+}
+
+pub fn set(dp: &mut BpfDatapath, id: u16, entries: &[(PolicyKey, PolicyValue)]) {
+    dp.set_policy(id, &entries.iter().copied().collect::<BTreeMap<_, _>>())
+        .unwrap();
+}
+
+pub fn drain_events(rb: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<Event> {
+    let mut out = Vec::new();
+    while let Some(item) = rb.next() {
+        out.extend(Event::from_bytes(&item));
+    }
+    out
+}
