@@ -97,17 +97,17 @@ __inline_fn int nd_from_container_check(const struct flow *f, const __u8 *target
 
 /*
  * ND from the node's stack to the endpoint: only solicitations and
- * advertisements, hop limit 255, from link-local (or unspecified) to
- * link-local, the endpoint's own address, all nodes or a solicited-node
- * group.
+ * advertisements (this program's own answers to the endpoint among them:
+ * they come back through here), hop limit 255 (sent on this link, not
+ * forwarded), from a unicast or unspecified source to link-local, the
+ * endpoint's own address, all nodes or a solicited-node group.
  */
 __inline_fn int nd_to_container(struct __sk_buff *skb, const struct flow *f, __u8 dir)
 {
 	if (f->icmp_type != NDISC_NEIGHBOUR_SOLICITATION &&
 	    f->icmp_type != NDISC_NEIGHBOUR_ADVERTISEMENT)
 		return drop(skb, CILIA_DROP_UNSUPPORTED_ND, dir);
-	if (f->hop_limit != ND_HOP_LIMIT ||
-	    (!ipv6_is_link_local(f->saddr) && !ipv6_is_unspecified(f->saddr)))
+	if (f->hop_limit != ND_HOP_LIMIT || f->saddr[0] == 0xff)
 		return drop(skb, CILIA_DROP_ND_INVALID, dir);
 	if (!ipv6_is_link_local(f->daddr) && !cfg_is_own_ipv6((const __u32 *)f->daddr) &&
 	    !ipv6_is_all(f->daddr, 1) && !ipv6_is_solicited_node(f->daddr, 0))
