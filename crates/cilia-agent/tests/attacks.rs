@@ -188,3 +188,84 @@ fn an_l4_deny_holds_for_datagrams_behind_a_destination_options_header() {
     let drops = agent.cli_ok(&["observe", "-o", "json", "--verdict", "DROPPED"]);
     assert!(drops.contains("9999"), "the drop is observed: {drops}");
 }
+
+/// One endpoint opening new flows as fast as it can meets its conntrack
+/// budget; another endpoint's open connection and its new flows are not
+/// touched. Reports what it measured.
+#[test]
+fn a_flow_churning_endpoint_exhausts_only_its_own_conntrack_budget() {
+    privileged!("ct_budget_isolation");
+    const BUDGET: usize = 200;
+    const CHURN: usize = 600;
+    let agent = TestAgent::start_with_env(
+        AgentOptions::default(),
+        &[("CILIA_CT_BUDGET", &BUDGET.to_string())],
+    );
+    let (srv, churn, victim) = (
+        Netns::new("cep").unwrap(),
+        Netns::new("cep").unwrap(),
+        Netns::new("cep").unwrap(),
+    );
+    let server = agent.create_endpoint(&srv, "app=server");
+    agent.create_endpoint(&churn, "app=churn");
+    agent.create_endpoint(&victim, "app=victim");
+    let ip = ip_of(&server, "ipv4");
+
+    // The victim's long-lived connection, opened before the churn.
+    let listener = srv.run(|| std::net::TcpListener::bind("0.0.0.0:7000").unwrap());
+    let mut conn = victim.run(|| {
+        std::net::TcpStream::connect_timeout(&SocketAddr::new(ip, 7000), Duration::from_secs(2))
+            .unwrap()
+    });
+    let (mut accepted, _) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+
+    // The churn: every datagram from a fresh socket, kept open so that no
+    // source port (and so no flow) repeats.
+    let sink = udp_listener(&srv, ip, 7001);
+    sink.set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let sent = churn.run(|| {
+        let mut open = Vec::with_capacity(CHURN);
+        for _ in 0..CHURN {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            let _ = s.send_to(b"x", SocketAddr::new(ip, 7001));
+            open.push(s);
+        }
+        open.len()
+    });
+    let mut received = 0;
+    let mut buf = [0u8; 16];
+    while sink.recv_from(&mut buf).is_ok() {
+        received += 1;
+    }
+    println!("churn: {sent} new flows sent, {received} admitted, budget {BUDGET}");
+    assert!(
+        received <= BUDGET,
+        "the churner got {received} flows past a budget of {BUDGET}"
+    );
+    assert!(
+        received >= BUDGET / 2,
+        "the churner's first flows pass ({received})"
+    );
+
+    // The victim's connection still carries data, both ways ...
+    use std::io::{Read, Write};
+    conn.write_all(b"ping").unwrap();
+    let mut got = [0u8; 4];
+    accepted.read_exact(&mut got).unwrap();
+    accepted.write_all(b"pong").unwrap();
+    conn.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"pong");
+    // ... and it can still open new flows.
+    let sink2 = udp_listener(&srv, ip, 7002);
+    assert_eq!(
+        send_and_receive(&victim, SocketAddr::new(ip, 7002), b"new", &sink2, false),
+        Some(3)
+    );
+    let drops = agent.cli_ok(&["observe", "-o", "json", "--verdict", "DROPPED"]);
+    assert!(
+        drops.contains("Endpoint conntrack budget exhausted"),
+        "the refused flows are observed by name"
+    );
+}
