@@ -8,8 +8,7 @@
 //! - B's L4 deny (TCP/22 from A) holds for every packet that a reference
 //!   parser written here, independently of the C, reads as TCP to port 22.
 //!
-//! Bounded in time and count: `CILIA_FUZZ_SECS` (default 5) and
-//! `CILIA_FUZZ_RUNS` (default 1000000); `CILIA_FUZZ_SEED` replays a run. The
+//! Bounded in time and count by `CILIA_FUZZ_*` (see `cilia_testnet::fuzz`). The
 //! corpus in `fuzz/packets/` (hex, one packet per file) seeds it; a failing
 //! input is written there as `crash-*.hex` before the test fails.
 
@@ -17,11 +16,11 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use cilia_abi::*;
 use cilia_datapath::packet::*;
 use cilia_datapath::testrun::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
+use cilia_testnet::fuzz::{Budget, Rng};
 
 mod common;
 use common::fixture::*;
@@ -29,28 +28,6 @@ use common::*;
 
 fn corpus_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/packets")
-}
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// xorshift64*: small, seedable, good enough to pick mutations.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -136,7 +113,7 @@ fn mutate(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
             3 => {
                 let i = rng.below(p.len() + 1);
                 let n = 1 + rng.below(16);
-                let bytes: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+                let bytes: Vec<u8> = (0..n).map(|_| rng.next_u64() as u8).collect();
                 p.splice(i..i, bytes);
             }
             4 => {
@@ -148,7 +125,7 @@ fn mutate(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
             _ if p.len() > 20 => {
                 // Interesting spots: IPv6 next header, IPv4 fragment field.
                 let i = [20usize, 54, 62, 20, 21][rng.below(5)].min(p.len() - 1);
-                p[i] = rng.next() as u8;
+                p[i] = rng.next_u64() as u8;
             }
             _ => {}
         }
@@ -244,25 +221,13 @@ fn random_packets_never_break_the_endpoint_programs_invariants() {
     let mut fx = Fixture::new();
     b_denies_ssh(&mut fx);
     let a = fx.a();
-    let seed = env_num(
-        "CILIA_FUZZ_SEED",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64
-            | 1,
-    );
-    let budget = Duration::from_secs(env_num("CILIA_FUZZ_SECS", 5));
-    let max_runs = env_num("CILIA_FUZZ_RUNS", 1_000_000);
-    println!("fuzz_packets: seed {seed}, {budget:?}, at most {max_runs} runs");
-    let mut rng = Rng(seed);
+    let mut budget = Budget::from_env("packets", 1_000_000);
+    let mut rng = Rng::new(budget.seed);
     let seeds = seeds();
-    let start = Instant::now();
-    let mut runs = 0u64;
     let mut refused = 0u64;
     let (own6, own4) = (a6().octets().to_vec(), a4().octets().to_vec());
     let (b6o, b4o) = (b6().octets().to_vec(), b4().octets().to_vec());
-    while start.elapsed() < budget && runs < max_runs {
+    while budget.another() {
         let packet = mutate(&mut rng, &seeds);
         let Ok(out) = a.run(&packet) else {
             // BPF_PROG_TEST_RUN itself refuses some inputs (EINVAL): the
@@ -270,7 +235,6 @@ fn random_packets_never_break_the_endpoint_programs_invariants() {
             refused += 1;
             continue;
         };
-        runs += 1;
         let mut broken = None;
         if ![TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT].contains(&out.verdict) {
             broken = Some(format!("verdict {}", out.verdict));
@@ -286,16 +250,14 @@ fn random_packets_never_break_the_endpoint_programs_invariants() {
         }
         if let Some(what) = broken {
             let _ = std::fs::create_dir_all(corpus_dir());
-            let path = corpus_dir().join(format!("crash-{seed}-{runs}.hex"));
+            let path = corpus_dir().join(format!("crash-{}-{}.hex", budget.seed, budget.runs));
             let _ = std::fs::write(&path, hex(&packet));
             panic!("{what}: {} (saved as {})", hex(&packet), path.display());
         }
     }
-    println!(
-        "fuzz_packets: {runs} runs ({refused} inputs refused by test_run) in {:?}",
-        start.elapsed()
-    );
-    assert!(runs > 100, "the fuzzer ran");
+    budget.report("packets");
+    println!("fuzz packets: {refused} inputs refused by test_run itself");
+    assert!(budget.runs - refused > 100, "the fuzzer ran");
 }
 
 /// B admits A on everything but TCP/22.

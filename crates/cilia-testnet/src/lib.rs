@@ -7,6 +7,7 @@
 //! test binaries never collide, and is removed on drop, even on panic.
 
 pub mod agent;
+pub mod fuzz;
 pub mod netns;
 
 pub use agent::{AgentOptions, TestAgent};
