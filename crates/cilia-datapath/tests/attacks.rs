@@ -37,19 +37,6 @@ fn drops(fx: &Fixture, reason: u8) -> u64 {
         .sum()
 }
 
-/// B admits A on every port but TCP/22, which it denies outright.
-fn b_denies_ssh_from_a(fx: &mut Fixture) {
-    set(
-        &mut fx.dp,
-        B_ID,
-        &[
-            enforce(CILIA_DIR_INGRESS),
-            rule(CILIA_DIR_INGRESS, A_IDENTITY, 0, 0, 0, CILIA_VERDICT_ALLOW),
-            rule(CILIA_DIR_INGRESS, A_IDENTITY, 6, 22, 16, CILIA_VERDICT_DENY),
-        ],
-    );
-}
-
 /// B admits A on UDP/53 only.
 fn b_admits_dns_from_a(fx: &mut Fixture) {
     set(

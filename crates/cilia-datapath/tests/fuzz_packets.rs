@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use cilia_abi::*;
 use cilia_datapath::packet::*;
 use cilia_datapath::testrun::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
-use cilia_testnet::fuzz::{Budget, Rng};
+use cilia_testnet::fuzz::{mutate_bytes, Budget, Rng};
 
 mod common;
 use common::fixture::*;
@@ -94,41 +94,29 @@ fn seeds() -> Vec<Vec<u8>> {
     seeds
 }
 
+/// Generic byte mutations, plus the spots where the parse decides:
+/// the IPv6 next header, the first extension header, the IPv4 fragment
+/// field.
 fn mutate(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
-    let mut p = seeds[rng.below(seeds.len())].clone();
-    for _ in 0..1 + rng.below(4) {
-        match rng.below(6) {
-            0 if !p.is_empty() => {
-                let i = rng.below(p.len());
-                p[i] ^= 1 << rng.below(8);
-            }
-            1 if !p.is_empty() => {
-                let i = rng.below(p.len());
-                p[i] = [0, 0xff, 6, 17, 44, 58, 60, 43, 0, 135][rng.below(10)];
-            }
-            2 => {
-                let cut = rng.below(p.len() + 1);
-                p.truncate(cut.max(14));
-            }
-            3 => {
-                let i = rng.below(p.len() + 1);
-                let n = 1 + rng.below(16);
-                let bytes: Vec<u8> = (0..n).map(|_| rng.next_u64() as u8).collect();
-                p.splice(i..i, bytes);
-            }
-            4 => {
-                let other = &seeds[rng.below(seeds.len())];
-                let at = rng.below(p.len().min(other.len()) + 1);
-                p.truncate(at);
-                p.extend_from_slice(&other[at.min(other.len())..]);
-            }
-            _ if p.len() > 20 => {
-                // Interesting spots: IPv6 next header, IPv4 fragment field.
-                let i = [20usize, 54, 62, 20, 21][rng.below(5)].min(p.len() - 1);
-                p[i] = rng.next_u64() as u8;
-            }
-            _ => {}
-        }
+    const TOKENS: &[&[u8]] = &[
+        &[0],
+        &[0xff],
+        &[6],
+        &[17],
+        &[44],
+        &[58],
+        &[60],
+        &[43],
+        &[135],
+    ];
+    let seed = rng.pick(seeds).clone();
+    let mut p = mutate_bytes(rng, &seed, TOKENS);
+    if p.len() < 14 {
+        p.resize(14, 0);
+    }
+    if p.len() > 22 && rng.below(3) == 0 {
+        let i = (*rng.pick(&[20usize, 54, 62, 21])).min(p.len() - 1);
+        p[i] = rng.next_u64() as u8;
     }
     p
 }
@@ -219,7 +207,21 @@ fn read(p: &[u8]) -> Option<Reading> {
 fn random_packets_never_break_the_endpoint_programs_invariants() {
     privileged!("fuzz_packets");
     let mut fx = Fixture::new();
-    b_denies_ssh(&mut fx);
+    b_denies_ssh_from_a(&mut fx);
+    // B's IPv4 address is local too, for the IPv4 half.
+    fx.dp
+        .upsert_endpoint(
+            IpAddr::V4(b4()),
+            EndpointInfo {
+                ifindex: 4002,
+                identity: B_IDENTITY,
+                endpoint_id: B_ID,
+                flags: 0,
+                mac: B_MAC,
+                node_mac: B_NODE_MAC,
+            },
+        )
+        .unwrap();
     let a = fx.a();
     let mut budget = Budget::from_env("packets", 1_000_000);
     let mut rng = Rng::new(budget.seed);
@@ -258,31 +260,4 @@ fn random_packets_never_break_the_endpoint_programs_invariants() {
     budget.report("packets");
     println!("fuzz packets: {refused} inputs refused by test_run itself");
     assert!(budget.runs - refused > 100, "the fuzzer ran");
-}
-
-/// B admits A on everything but TCP/22.
-fn b_denies_ssh(fx: &mut Fixture) {
-    set(
-        &mut fx.dp,
-        B_ID,
-        &[
-            enforce(CILIA_DIR_INGRESS),
-            rule(CILIA_DIR_INGRESS, A_IDENTITY, 0, 0, 0, CILIA_VERDICT_ALLOW),
-            rule(CILIA_DIR_INGRESS, A_IDENTITY, 6, 22, 16, CILIA_VERDICT_DENY),
-        ],
-    );
-    // B's IPv4 address is local too, for the IPv4 half.
-    fx.dp
-        .upsert_endpoint(
-            IpAddr::V4(b4()),
-            EndpointInfo {
-                ifindex: 4002,
-                identity: B_IDENTITY,
-                endpoint_id: B_ID,
-                flags: 0,
-                mac: B_MAC,
-                node_mac: B_NODE_MAC,
-            },
-        )
-        .unwrap();
 }

@@ -185,3 +185,16 @@ pub fn drain_events(rb: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<Even
     }
     out
 }
+
+/// B admits A on every port but TCP/22, which it denies outright.
+pub fn b_denies_ssh_from_a(fx: &mut Fixture) {
+    set(
+        &mut fx.dp,
+        B_ID,
+        &[
+            enforce(CILIA_DIR_INGRESS),
+            rule(CILIA_DIR_INGRESS, A_IDENTITY, 0, 0, 0, CILIA_VERDICT_ALLOW),
+            rule(CILIA_DIR_INGRESS, A_IDENTITY, 6, 22, 16, CILIA_VERDICT_DENY),
+        ],
+    );
+}
