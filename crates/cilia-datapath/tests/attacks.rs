@@ -144,21 +144,7 @@ fn icmp_error_about_a_reply_the_peer_sent_is_related() {
     privileged!("icmp_error_about_reply");
     let mut fx = Fixture::new();
     // B admits A on TCP/80; A admits nothing new.
-    set(
-        &mut fx.dp,
-        B_ID,
-        &[
-            enforce(CILIA_DIR_INGRESS),
-            rule(
-                CILIA_DIR_INGRESS,
-                A_IDENTITY,
-                6,
-                80,
-                16,
-                CILIA_VERDICT_ALLOW,
-            ),
-        ],
-    );
+    b_admits_http_from_a(&mut fx);
     set(&mut fx.dp, A_ID, &[enforce(CILIA_DIR_INGRESS)]);
     let (a, b) = (fx.a(), fx.b());
     assert_eq!(verdict(&a, &a_to_b(80)), TC_ACT_REDIRECT);
@@ -200,22 +186,7 @@ fn icmp_error_quoting_a_flow_between_other_addresses_is_not_related() {
 fn icmpv4_error_quoting_the_senders_own_flow_is_dropped() {
     privileged!("icmpv4_error_own_flow");
     let mut fx = Fixture::new();
-    // A may send DNS to the world, nothing else.
-    set(
-        &mut fx.dp,
-        A_ID,
-        &[
-            enforce(CILIA_DIR_EGRESS),
-            rule(
-                CILIA_DIR_EGRESS,
-                CILIA_ID_WORLD,
-                17,
-                53,
-                16,
-                CILIA_VERDICT_ALLOW,
-            ),
-        ],
-    );
+    a_sends_only_dns_to_world(&mut fx);
     let a = fx.a();
     let resolver: Ipv4Addr = "203.0.113.9".parse().unwrap();
     let victim: Ipv4Addr = "203.0.113.10".parse().unwrap();
@@ -386,21 +357,7 @@ fn fragments_of_a_denied_or_unknown_datagram_are_dropped_ipv6() {
 fn later_fragments_follow_only_an_allowed_first_fragment_ipv4() {
     privileged!("fragments_v4");
     let mut fx = Fixture::new();
-    set(
-        &mut fx.dp,
-        A_ID,
-        &[
-            enforce(CILIA_DIR_EGRESS),
-            rule(
-                CILIA_DIR_EGRESS,
-                CILIA_ID_WORLD,
-                17,
-                53,
-                16,
-                CILIA_VERDICT_ALLOW,
-            ),
-        ],
-    );
+    a_sends_only_dns_to_world(&mut fx);
     let a = fx.a();
     let world: Ipv4Addr = "203.0.113.9".parse().unwrap();
     let first_ok = ipv4_frag(a4(), world, 100, 0, true, &udp(5000, 53, &[1; 64]));
@@ -720,21 +677,7 @@ fn packet_from_the_stack_with_a_local_endpoints_source_is_dropped() {
 fn responder_cannot_keep_a_revoked_flow_alive_by_replying() {
     privileged!("reply_recheck_after_revision");
     let mut fx = Fixture::new();
-    set(
-        &mut fx.dp,
-        B_ID,
-        &[
-            enforce(CILIA_DIR_INGRESS),
-            rule(
-                CILIA_DIR_INGRESS,
-                A_IDENTITY,
-                6,
-                80,
-                16,
-                CILIA_VERDICT_ALLOW,
-            ),
-        ],
-    );
+    b_admits_http_from_a(&mut fx);
     let (a, b) = (fx.a(), fx.b());
     assert_eq!(verdict(&a, &a_to_b(80)), TC_ACT_REDIRECT);
     assert_eq!(verdict(&b, &b_to_a(80)), TC_ACT_REDIRECT);
@@ -746,21 +689,7 @@ fn responder_cannot_keep_a_revoked_flow_alive_by_replying() {
     assert_eq!(verdict(&a, &a_to_b(80)), TC_ACT_SHOT);
     assert_eq!(verdict(&b, &b_to_a(80)), TC_ACT_SHOT);
     // Allowed again: the replies flow again.
-    set(
-        &mut fx.dp,
-        B_ID,
-        &[
-            enforce(CILIA_DIR_INGRESS),
-            rule(
-                CILIA_DIR_INGRESS,
-                A_IDENTITY,
-                6,
-                80,
-                16,
-                CILIA_VERDICT_ALLOW,
-            ),
-        ],
-    );
+    b_admits_http_from_a(&mut fx);
     fx.dp.bump_policy_revision().unwrap();
     assert_eq!(verdict(&b, &b_to_a(80)), TC_ACT_REDIRECT);
 }

@@ -18,21 +18,7 @@ use common::*;
 fn ingress_allow_of_one_port_admits_it_and_drops_the_others() {
     privileged!("ingress_allow_of_one_port");
     let mut fx = Fixture::new();
-    set(
-        &mut fx.dp,
-        B_ID,
-        &[
-            enforce(CILIA_DIR_INGRESS),
-            rule(
-                CILIA_DIR_INGRESS,
-                A_IDENTITY,
-                6,
-                80,
-                16,
-                CILIA_VERDICT_ALLOW,
-            ),
-        ],
-    );
+    b_admits_http_from_a(&mut fx);
     let a = fx.a();
     assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_REDIRECT);
     assert_eq!(a.run(&a_to_b(81)).unwrap().verdict, TC_ACT_SHOT);
@@ -42,21 +28,7 @@ fn ingress_allow_of_one_port_admits_it_and_drops_the_others() {
 fn reply_of_an_allowed_flow_passes_although_the_reverse_direction_is_denied() {
     privileged!("reply_of_an_allowed_flow");
     let mut fx = Fixture::new();
-    set(
-        &mut fx.dp,
-        B_ID,
-        &[
-            enforce(CILIA_DIR_INGRESS),
-            rule(
-                CILIA_DIR_INGRESS,
-                A_IDENTITY,
-                6,
-                80,
-                16,
-                CILIA_VERDICT_ALLOW,
-            ),
-        ],
-    );
+    b_admits_http_from_a(&mut fx);
     // A denies all ingress: a new flow B -> A would be dropped ...
     set(&mut fx.dp, A_ID, &[enforce(CILIA_DIR_INGRESS)]);
     let b = fx.b();
@@ -129,21 +101,7 @@ fn port_prefix_entries_cover_a_port_range() {
 fn revoking_a_policy_stops_an_established_flow() {
     privileged!("revoking_a_policy");
     let mut fx = Fixture::new();
-    set(
-        &mut fx.dp,
-        B_ID,
-        &[
-            enforce(CILIA_DIR_INGRESS),
-            rule(
-                CILIA_DIR_INGRESS,
-                A_IDENTITY,
-                6,
-                80,
-                16,
-                CILIA_VERDICT_ALLOW,
-            ),
-        ],
-    );
+    b_admits_http_from_a(&mut fx);
     let a = fx.a();
     assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_REDIRECT);
     set(&mut fx.dp, B_ID, &[enforce(CILIA_DIR_INGRESS)]);
@@ -331,21 +289,7 @@ fn icmp_errors_about_a_tracked_flow_follow_its_conntrack_entry() {
     let mut fx = Fixture::new();
     // A accepts nothing new; B allows A on TCP/80.
     set(&mut fx.dp, A_ID, &[enforce(CILIA_DIR_INGRESS)]);
-    set(
-        &mut fx.dp,
-        B_ID,
-        &[
-            enforce(CILIA_DIR_INGRESS),
-            rule(
-                CILIA_DIR_INGRESS,
-                A_IDENTITY,
-                6,
-                80,
-                16,
-                CILIA_VERDICT_ALLOW,
-            ),
-        ],
-    );
+    b_admits_http_from_a(&mut fx);
     let syn = a_to_b(80);
     assert_eq!(fx.a().run(&syn).unwrap().verdict, TC_ACT_REDIRECT);
     let b = fx.b();
@@ -370,21 +314,7 @@ fn icmp_errors_about_a_tracked_flow_follow_its_conntrack_entry() {
 fn a_revoked_flow_cannot_be_revived_from_the_server_side() {
     privileged!("revoked_flow_stays_revoked");
     let mut fx = Fixture::new();
-    set(
-        &mut fx.dp,
-        B_ID,
-        &[
-            enforce(CILIA_DIR_INGRESS),
-            rule(
-                CILIA_DIR_INGRESS,
-                A_IDENTITY,
-                6,
-                80,
-                16,
-                CILIA_VERDICT_ALLOW,
-            ),
-        ],
-    );
+    b_admits_http_from_a(&mut fx);
     let (a, b) = (fx.a(), fx.b());
     assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_REDIRECT);
     assert_eq!(
@@ -419,21 +349,7 @@ fn a_revoked_flow_cannot_be_revived_from_the_server_side() {
         .iter()
         .any(|(_, v)| v.flags & CILIA_CT_DENIED != 0));
     // Allowed again by a later policy: the same flow resumes.
-    set(
-        &mut fx.dp,
-        B_ID,
-        &[
-            enforce(CILIA_DIR_INGRESS),
-            rule(
-                CILIA_DIR_INGRESS,
-                A_IDENTITY,
-                6,
-                80,
-                16,
-                CILIA_VERDICT_ALLOW,
-            ),
-        ],
-    );
+    b_admits_http_from_a(&mut fx);
     fx.dp.bump_policy_revision().unwrap();
     assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_REDIRECT);
 }
@@ -443,21 +359,7 @@ fn events_are_emitted_only_when_the_monitor_listens() {
     privileged!("events_gated_by_monitor_level");
     let mut fx = Fixture::new();
     let mut rb = fx.dp.take_events().unwrap();
-    set(
-        &mut fx.dp,
-        B_ID,
-        &[
-            enforce(CILIA_DIR_INGRESS),
-            rule(
-                CILIA_DIR_INGRESS,
-                A_IDENTITY,
-                6,
-                80,
-                16,
-                CILIA_VERDICT_ALLOW,
-            ),
-        ],
-    );
+    b_admits_http_from_a(&mut fx);
     let a = fx.a();
     assert_eq!(a.run(&a_to_b(81)).unwrap().verdict, TC_ACT_SHOT);
     assert!(

@@ -198,3 +198,41 @@ pub fn b_denies_ssh_from_a(fx: &mut Fixture) {
         ],
     );
 }
+
+/// B admits A on TCP/80 only.
+pub fn b_admits_http_from_a(fx: &mut Fixture) {
+    set(
+        &mut fx.dp,
+        B_ID,
+        &[
+            enforce(CILIA_DIR_INGRESS),
+            rule(
+                CILIA_DIR_INGRESS,
+                A_IDENTITY,
+                6,
+                80,
+                16,
+                CILIA_VERDICT_ALLOW,
+            ),
+        ],
+    );
+}
+
+/// A may send DNS (UDP/53) to the world, nothing else.
+pub fn a_sends_only_dns_to_world(fx: &mut Fixture) {
+    set(
+        &mut fx.dp,
+        A_ID,
+        &[
+            enforce(CILIA_DIR_EGRESS),
+            rule(
+                CILIA_DIR_EGRESS,
+                CILIA_ID_WORLD,
+                17,
+                53,
+                16,
+                CILIA_VERDICT_ALLOW,
+            ),
+        ],
+    );
+}
