@@ -14,7 +14,9 @@ use serde::{Deserialize, Deserializer};
 use serde_norway::Value;
 
 use crate::error::PolicyError;
-use crate::labels::{normalize_key, Requirement, Selector};
+use crate::labels::{
+    excerpt, selector_key, selector_value, Requirement, Selector, RESERVED_SOURCE,
+};
 use crate::model::{Entity, Peer, PeerRule, PortRange, Rule, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 use crate::{Policy, PolicyKind, NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX};
 
@@ -262,7 +264,17 @@ const API_CILIUM: &str = "cilium.io/v2";
 
 /// Parses all YAML documents of `yaml` (`---` separated). Empty documents are skipped.
 /// `source` names the input (for example a file name) in errors.
+/// The text and the policies in it must stay within [`crate::limits`].
 pub fn parse_policies(source: &str, yaml: &str) -> Result<Vec<Policy>, PolicyError> {
+    crate::limits::check_text(yaml).map_err(|m| {
+        Doc {
+            file: source,
+            index: 1,
+            name: None,
+        }
+        .err("", m)
+    })?;
+    let mut budget = crate::limits::Budget::default();
     let mut out = Vec::new();
     for (i, document) in serde_norway::Deserializer::from_str(yaml).enumerate() {
         let mut doc = Doc {
@@ -334,6 +346,9 @@ pub fn parse_policies(source: &str, yaml: &str) -> Result<Vec<Policy>, PolicyErr
                 convert_cnp(&doc, kind, raw)?
             }
         };
+        budget
+            .add(&policy)
+            .map_err(|e| doc.err("", e.to_string()))?;
         out.push(policy);
     }
     Ok(out)
@@ -370,16 +385,19 @@ fn meta_name(doc: &Doc<'_>, meta: &RawMeta) -> Result<String, PolicyError> {
 fn selector(doc: &Doc<'_>, path: &str, raw: &RawSelector) -> Result<Selector, PolicyError> {
     let mut sel = Selector::default();
     for (k, v) in raw.match_labels.iter().flatten() {
-        sel.push(Requirement::In(
-            normalize_key(k),
-            BTreeSet::from([v.clone()]),
-        ));
+        let p = format!("{path}.matchLabels");
+        let key = selector_key(k).map_err(|m| doc.err(&p, m))?;
+        selector_value(v).map_err(|m| doc.err(&p, format!("key {}: {m}", excerpt(k))))?;
+        sel.push(Requirement::In(key, BTreeSet::from([v.clone()])));
     }
     for (i, expr) in raw.match_expressions.iter().flatten().enumerate() {
         let p = format!("{path}.matchExpressions[{i}]");
-        let key = normalize_key(&expr.key);
-        if key.is_empty() {
+        if expr.key.is_empty() {
             return Err(doc.err(format!("{p}.key"), "must not be empty"));
+        }
+        let key = selector_key(&expr.key).map_err(|m| doc.err(format!("{p}.key"), m))?;
+        for (j, v) in expr.values.iter().flatten().enumerate() {
+            selector_value(v).map_err(|m| doc.err(format!("{p}.values[{j}]"), m))?;
         }
         let values: BTreeSet<String> = expr.values.iter().flatten().cloned().collect();
         let req = match expr.operator.as_str() {
@@ -862,9 +880,19 @@ fn cilium_peer_rule(
         let p = format!("{path}.{field}[{i}]");
         let mut sel = selector(doc, &p, raw)?;
         match ns {
+            // Selectors of reserved identities (`reserved:host` …) stay as they
+            // are: those identities have no namespace.
+            _ if sel.constrains_prefix(RESERVED_SOURCE) => {}
             // CNP: restricted to the policy namespace unless the selector itself
-            // says something about the namespace label.
-            Some(ns) if !sel.constrains(NAMESPACE_LABEL) => in_namespace(&mut sel, ns),
+            // says something about the namespace, by its name or by its labels
+            // (as current Cilium does: a namespace-labels selector of a
+            // namespaced policy reaches pods of every namespace with those labels).
+            Some(ns)
+                if !sel.constrains(NAMESPACE_LABEL)
+                    && !sel.constrains_prefix(NAMESPACE_LABELS_PREFIX) =>
+            {
+                in_namespace(&mut sel, ns)
+            }
             Some(_) => {}
             // CCNP: an empty selector selects every pod of the cluster (upstream adds a
             // namespace-label `Exists` requirement to wildcard selectors of clusterwide
