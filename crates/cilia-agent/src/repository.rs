@@ -308,6 +308,14 @@ impl EndpointManager {
         for (stored, p) in &parsed {
             candidate.insert(stored.key(), (stored.clone(), p.clone()));
         }
+        // The stored policies and the import together stay within the bounds
+        // (README, "Input limits") before any resolution work starts.
+        cilia_policy::check_limits(candidate.values().map(|(_, p)| p)).map_err(|e| {
+            policy::ImportError::Limit {
+                file: source.to_string(),
+                source: e,
+            }
+        })?;
         let policies: Vec<_> = candidate.values().map(|(_, p)| p.clone()).collect();
         let cache = self.identity_cache()?;
         let namespaces = self.store.namespaces()?;
@@ -401,7 +409,7 @@ impl EndpointManager {
         id: u16,
         labels: &BTreeMap<String, String>,
     ) -> Result<EndpointRecord, EndpointError> {
-        cilia_api::labels::validate_labels(labels)?;
+        cilia_api::labels::validate_endpoint_labels(labels)?;
         let rec = self
             .store
             .set_endpoint_labels(id, labels)?
@@ -417,6 +425,27 @@ impl EndpointManager {
         info!(id, identity = rec.identity, "endpoint labels set");
         self.regenerate()?;
         Ok(rec)
+    }
+
+    /// Applies labels learned from a runtime, but only to the endpoint they
+    /// were learned for: the same id, the same container, still waiting for
+    /// them. An endpoint deleted and re-added meanwhile (ids are reused) is
+    /// another container and keeps its own identity. `Ok(None)`: not applied.
+    pub fn set_learned_labels(
+        &mut self,
+        id: u16,
+        container_id: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Option<EndpointRecord>, EndpointError> {
+        let still_waiting = self.store.endpoints()?.into_iter().any(|r| {
+            r.id == id
+                && r.container_id.as_deref() == Some(container_id)
+                && r.label_source.is_some()
+        });
+        if !still_waiting {
+            return Ok(None);
+        }
+        self.set_labels(id, labels).map(Some)
     }
 
     /// Turns an endpoint's policy audit mode on or off.

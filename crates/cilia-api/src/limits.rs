@@ -85,6 +85,21 @@ pub fn check_container_id(field: &str, id: &str) -> Result<(), InputError> {
     Err(InputError::new(field, id, reason))
 }
 
+/// Longest network namespace path accepted (PATH_MAX).
+pub const MAX_NETNS_LEN: usize = 4096;
+
+/// A network namespace (a name under /run/netns or an absolute path): not
+/// empty, at most [`MAX_NETNS_LEN`] bytes, no control characters.
+pub fn check_netns(field: &str, netns: &str) -> Result<(), InputError> {
+    if netns.is_empty() || netns.len() > MAX_NETNS_LEN {
+        Err(InputError::new(field, netns, format!("must be 1-{MAX_NETNS_LEN} characters")))
+    } else if netns.chars().any(char::is_control) {
+        Err(InputError::new(field, netns, "must not contain control characters"))
+    } else {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
