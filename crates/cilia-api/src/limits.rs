@@ -92,9 +92,17 @@ pub const MAX_NETNS_LEN: usize = 4096;
 /// empty, at most [`MAX_NETNS_LEN`] bytes, no control characters.
 pub fn check_netns(field: &str, netns: &str) -> Result<(), InputError> {
     if netns.is_empty() || netns.len() > MAX_NETNS_LEN {
-        Err(InputError::new(field, netns, format!("must be 1-{MAX_NETNS_LEN} characters")))
+        Err(InputError::new(
+            field,
+            netns,
+            format!("must be 1-{MAX_NETNS_LEN} characters"),
+        ))
     } else if netns.chars().any(char::is_control) {
-        Err(InputError::new(field, netns, "must not contain control characters"))
+        Err(InputError::new(
+            field,
+            netns,
+            "must not contain control characters",
+        ))
     } else {
         Ok(())
     }
@@ -162,6 +170,16 @@ mod tests {
             let e = check_container_id("container_id", bad).unwrap_err();
             assert!(e.to_string().starts_with("container_id: "), "{e}");
             assert!(e.to_string().len() < 200, "{e}");
+        }
+    }
+
+    #[test]
+    fn netns_must_be_bounded_and_free_of_control_characters() {
+        assert!(check_netns("netns", "/run/netns/web1").is_ok());
+        assert!(check_netns("netns", "web1").is_ok());
+        for bad in ["", "web\n1", &"n".repeat(4097)] {
+            let e = check_netns("netns", bad).unwrap_err().to_string();
+            assert!(e.starts_with("netns: ") && e.len() < 200, "{e}");
         }
     }
 }
