@@ -507,7 +507,8 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, AppError
 }
 
 #[utoipa::path(post, path = "/v1/policy", request_body = PolicyImport,
-    responses((status = 200, body = PolicyChange), (status = 400, body = ApiError, description = "invalid policy: file, document, field and reason")))]
+    responses((status = 200, body = PolicyChange), (status = 400, body = ApiError, description = "invalid policy: file, document, field and reason, or a policy limit passed"),
+        (status = 413, body = ApiError, description = "body over MAX_BODY_BYTES (8 MiB), code body-too-large")))]
 async fn import_policy(
     State(state): State<Shared>,
     body: Bytes,

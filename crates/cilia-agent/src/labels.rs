@@ -139,7 +139,8 @@ pub async fn podman_labels(
     )
     .await?;
     let merged = c.labels.unwrap_or_default();
-    if merged.is_empty() {
+    // No labels, or no image to have brought any (`podman run --rootfs`).
+    if merged.is_empty() || c.image.is_empty() {
         return Ok(merged);
     }
     let image: Option<BTreeMap<String, String>> = podman_json(
