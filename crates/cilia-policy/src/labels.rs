@@ -107,6 +107,19 @@ pub(crate) fn excerpt(value: &str) -> String {
     }
 }
 
+/// Longest message kept from a foreign error (serde's), which may quote a
+/// whole value.
+const MAX_MESSAGE_CHARS: usize = 200;
+
+/// `message` cut to [`MAX_MESSAGE_CHARS`] characters, on one line.
+pub(crate) fn shorten(message: &str) -> String {
+    let line = message.replace(['\n', '\r'], " ");
+    match line.char_indices().nth(MAX_MESSAGE_CHARS) {
+        None => line,
+        Some((cut, _)) => format!("{}… ({} bytes)", &line[..cut], line.len()),
+    }
+}
+
 // Kubernetes label syntax (the same rules as `cilia_api::labels`; this crate
 // stays free of the API crate): a key is `[prefix/]name`, prefix a DNS
 // subdomain of at most 253 characters, name and value at most 63 characters

@@ -322,8 +322,9 @@ pub fn parse_policies(source: &str, yaml: &str) -> Result<Vec<Policy>, PolicyErr
                 return Err(doc.err(
                     "kind",
                     format!(
-                        "{other:?} is not supported (expected NetworkPolicy, CiliumNetworkPolicy \
-                         or CiliumClusterwideNetworkPolicy)"
+                        "{} is not supported (expected NetworkPolicy, CiliumNetworkPolicy \
+                         or CiliumClusterwideNetworkPolicy)",
+                        excerpt(other)
                     ),
                 ))
             }
@@ -332,7 +333,8 @@ pub fn parse_policies(source: &str, yaml: &str) -> Result<Vec<Policy>, PolicyErr
             return Err(doc.err(
                 "apiVersion",
                 format!(
-                    "{api_version:?} is not valid for kind {kind_str} (expected {expected_api})"
+                    "{} is not valid for kind {kind_str} (expected {expected_api})",
+                    excerpt(&api_version)
                 ),
             ));
         }
@@ -361,7 +363,8 @@ fn typed<T: for<'de> Deserialize<'de>>(doc: &Doc<'_>, value: Value) -> Result<T,
         if path == "." {
             path.clear();
         }
-        let message = e.into_inner().to_string();
+        // serde quotes an unknown field or a mistyped value whole: keep it short.
+        let message = crate::labels::shorten(&e.into_inner().to_string());
         if message.contains(UNSUPPORTED_MARK) {
             let field = path.rsplit('.').next().unwrap_or("").to_string();
             doc.err(path, format!("`{field}` is not supported yet"))
@@ -430,7 +433,10 @@ fn selector(doc: &Doc<'_>, path: &str, raw: &RawSelector) -> Result<Selector, Po
             other => {
                 return Err(doc.err(
                     format!("{p}.operator"),
-                    format!("{other:?} is not a valid operator (In, NotIn, Exists, DoesNotExist)"),
+                    format!(
+                        "{} is not a valid operator (In, NotIn, Exists, DoesNotExist)",
+                        excerpt(other)
+                    ),
                 ))
             }
         };
@@ -458,7 +464,7 @@ fn cidr(doc: &Doc<'_>, path: &str, s: &str) -> Result<IpNet, PolicyError> {
         s.parse::<std::net::IpAddr>().ok().map(IpNet::from)
     };
     net.map(|n| n.trunc())
-        .ok_or_else(|| doc.err(path, format!("{s:?} is not a valid CIDR")))
+        .ok_or_else(|| doc.err(path, format!("{} is not a valid CIDR", excerpt(s))))
 }
 
 fn cidr_with_except(
@@ -473,7 +479,7 @@ fn cidr_with_except(
         let p = format!("{path}.except[{i}]");
         let ex = cidr(doc, &p, e)?;
         if !net.contains(&ex) {
-            return Err(doc.err(p, format!("{e:?} is not inside {net}")));
+            return Err(doc.err(p, format!("{} is not inside {net}", excerpt(e))));
         }
         except.push(ex);
     }
@@ -493,12 +499,15 @@ fn port_number(
             None => Err(out_of_range(n.to_string())),
         },
         Value::String(s) if allow_string => match s.trim().parse::<u64>() {
-            Ok(p) => u16::try_from(p).map_err(|_| out_of_range(format!("{s:?}"))),
-            Err(_) => Err(doc.err(path, format!("{s:?} is not a port number"))),
+            Ok(p) => u16::try_from(p).map_err(|_| out_of_range(excerpt(s))),
+            Err(_) => Err(doc.err(path, format!("{} is not a port number", excerpt(s)))),
         },
         Value::String(s) => Err(doc.err(
             path,
-            format!("named port {s:?} is not supported (only numeric ports)"),
+            format!(
+                "named port {} is not supported (only numeric ports)",
+                excerpt(s)
+            ),
         )),
         other => Err(doc.err(
             path,
@@ -512,7 +521,7 @@ fn value_summary(v: &Value) -> String {
         Value::Null => "null".to_string(),
         Value::Bool(b) => b.to_string(),
         Value::Number(n) => n.to_string(),
-        Value::String(s) => format!("{s:?}"),
+        Value::String(s) => excerpt(s),
         Value::Sequence(_) => "a list".to_string(),
         Value::Mapping(_) => "a mapping".to_string(),
         Value::Tagged(_) => "a tagged value".to_string(),
@@ -591,7 +600,7 @@ fn convert_np(doc: &Doc<'_>, raw: NpDoc) -> Result<Policy, PolicyError> {
                 other => {
                     return Err(doc.err(
                         format!("spec.policyTypes[{i}]"),
-                        format!("{other:?} is not a policy type (Ingress, Egress)"),
+                        format!("{} is not a policy type (Ingress, Egress)", excerpt(other)),
                     ))
                 }
             }
@@ -704,7 +713,10 @@ fn np_rule(
             Some(other) => {
                 return Err(doc.err(
                     format!("{p}.protocol"),
-                    format!("{other:?} is not a valid protocol (TCP, UDP, SCTP)"),
+                    format!(
+                        "{} is not a valid protocol (TCP, UDP, SCTP)",
+                        excerpt(other)
+                    ),
                 ))
             }
         };
@@ -938,14 +950,15 @@ fn cilium_peer_rule(
             "health" => Peer::Entity(Entity::Health),
             "unmanaged" => Peer::Entity(Entity::Unmanaged),
             "kube-apiserver" | "ingress" | "world-ipv4" | "world-ipv6" => {
-                return Err(doc.err(p, format!("entity {e:?} is not supported yet")))
+                return Err(doc.err(p, format!("entity {} is not supported yet", excerpt(e))))
             }
             other => {
                 return Err(doc.err(
                     p,
                     format!(
-                        "{other:?} is not an entity (world, cluster, host, remote-node, init, \
-                         health, unmanaged, all)"
+                        "{} is not an entity (world, cluster, host, remote-node, init, \
+                         health, unmanaged, all)",
+                        excerpt(other)
                     ),
                 ))
             }
@@ -973,7 +986,10 @@ fn cilium_peer_rule(
                 Some(other) => {
                     return Err(doc.err(
                         format!("{p}.protocol"),
-                        format!("{other:?} is not a valid protocol (TCP, UDP, SCTP, ANY)"),
+                        format!(
+                            "{} is not a valid protocol (TCP, UDP, SCTP, ANY)",
+                            excerpt(other)
+                        ),
                     ))
                 }
             };

@@ -337,3 +337,31 @@ fn a_64kb_selector_value_gives_a_short_one_line_error() {
     assert!(!e.contains('\n'));
     assert!(e.contains("(65536 bytes)"), "{e}");
 }
+
+#[test]
+fn every_error_is_one_short_line_whatever_the_size_of_the_bad_value() {
+    let huge = "x".repeat(65536);
+    let cases = [
+        format!("  endpointSelector: {{}}\n  egress:\n  - toCIDR: ['{huge}']"),
+        format!("  endpointSelector: {{}}\n  egress:\n  - toPorts: [{{ports: [{{port: '{huge}'}}]}}]"),
+        format!("  endpointSelector: {{}}\n  egress:\n  - toPorts: [{{ports: [{{port: '80', protocol: {huge}}}]}}]"),
+        format!("  endpointSelector: {{}}\n  egress:\n  - toEntities: ['{huge}']"),
+        format!("  endpointSelector: {{matchExpressions: [{{key: app, operator: {huge}}}]}}\n  egress: [{{}}]"),
+        format!("  endpointSelector: {{}}\n  {huge}: 1"),
+        format!("  endpointSelector: {{}}\n  egress: '{huge}'"),
+    ];
+    for spec in cases {
+        let e = cnp_err(&spec);
+        assert!(
+            e.len() < 400 && !e.contains('\n'),
+            "{} bytes: {}",
+            e.len(),
+            &e[..200.min(e.len())]
+        );
+    }
+    let name = format!("{}\nx", "n".repeat(1000));
+    let e = err(&format!("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: \"{}\"}}\nspec: {{}}\n", name.replace('\n', "\\n")));
+    assert!(e.len() < 400 && !e.contains('\n'), "{} bytes", e.len());
+    let e = err(&format!("apiVersion: cilium.io/v2\nkind: {huge}\n"));
+    assert!(e.len() < 400, "{} bytes", e.len());
+}
