@@ -540,7 +540,8 @@ impl NetConf {
                 CniError::new(
                     code::INCOMPATIBLE_VERSION,
                     format!(
-                        "incompatible CNI version: config has cniVersion {version:?}, cilia-cni supports {}",
+                        "incompatible CNI version: config has cniVersion {}, cilia-cni supports {}",
+                        cilia_api::limits::excerpt(&version),
                         SUPPORTED_VERSIONS.join(", ")
                     ),
                 ),
@@ -561,10 +562,14 @@ impl NetConf {
         if conf.name.is_empty() {
             return fail("network config has no name".into());
         }
+        // The spec gives network names the container id character set.
+        if let Err(e) = cilia_api::limits::check_container_id("network config name", &conf.name) {
+            return fail(e.to_string());
+        }
         if conf.plugin_type != "cilia-cni" {
             return fail(format!(
-                "network config type is {:?}, expected \"cilia-cni\"",
-                conf.plugin_type
+                "network config type is {}, expected \"cilia-cni\"",
+                cilia_api::limits::excerpt(&conf.plugin_type)
             ));
         }
         if let Some(dns) = &conf.dns {
@@ -1266,6 +1271,21 @@ mod tests {
         assert_eq!(v["code"], 4);
         assert!(v["msg"].as_str().unwrap().contains("K8S_POD_NAME"));
         assert!(fake.eps.borrow().is_empty());
+    }
+
+    #[test]
+    fn network_name_outside_the_cni_charset_is_refused() {
+        let fake = Fake::default();
+        let bad = r#"{"cniVersion":"1.0.0","name":"my net/1","type":"cilia-cni"}"#;
+        let (v, ok) = run(&fake, &env("ADD", "c1"), bad);
+        assert!(!ok);
+        assert_eq!(v["code"], 7);
+        assert!(v["msg"]
+            .as_str()
+            .unwrap()
+            .starts_with("network config name: \"my net/1\""));
+        let good = r#"{"cniVersion":"1.0.0","name":"my-net_1.a","type":"cilia-cni"}"#;
+        assert!(run(&fake, &env("ADD", "c1"), good).1);
     }
 
     #[test]
