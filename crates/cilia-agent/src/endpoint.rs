@@ -46,7 +46,7 @@ pub enum EndpointError {
     NoSuchPolicy(String),
     #[error("trace: {0}")]
     Trace(String),
-    #[error("label source {0:?} is not supported (known: podman)")]
+    #[error("label source {shown} is not supported (known: podman)", shown = cilia_api::limits::excerpt(.0))]
     LabelSource(String),
 }
 

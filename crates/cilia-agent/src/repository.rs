@@ -14,6 +14,7 @@ use cilia_abi::{
     CtKey, IpcacheKey, CILIA_FAMILY_IPV4, CILIA_FAMILY_IPV6, CILIA_ID_HEALTH, CILIA_ID_HOST,
     CILIA_ID_INIT, CILIA_ID_REMOTE_NODE, CILIA_ID_UNMANAGED, CILIA_ID_WORLD,
 };
+use cilia_api::limits::excerpt;
 use cilia_api::EndpointState;
 use cilia_policy::{Direction, IdentityCache, Labels, Verdict};
 use tracing::{info, warn};
@@ -359,8 +360,10 @@ impl EndpointManager {
             .collect();
         if keys.is_empty() {
             return Err(EndpointError::NoSuchPolicy(match (name, namespace) {
-                (Some(n), Some(ns)) => format!("policy {ns}/{n} not found"),
-                (Some(n), None) => format!("policy {n} not found"),
+                (Some(n), Some(ns)) => {
+                    format!("policy {} not found", excerpt(&format!("{ns}/{n}")))
+                }
+                (Some(n), None) => format!("policy {} not found", excerpt(n)),
                 _ => "no policies to delete".into(),
             }));
         }
