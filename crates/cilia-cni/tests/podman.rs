@@ -369,3 +369,36 @@ fn podman_image_labels_do_not_become_the_containers_identity() {
         assert_eq!(ep["namespace"], "default", "{ep}");
     }
 }
+
+#[test]
+fn podman_reserved_labels_are_dropped_and_reported_once() {
+    privileged!("podman_reserved_labels_are_dropped_and_reported_once");
+    let w = World::new(AgentOptions::default());
+    let spoof = w.podman.start_ok(
+        "spoof",
+        &[
+            "--label",
+            "io.kubernetes.pod.namespace=kube-system",
+            "--label",
+            "app=x",
+        ],
+        SLEEP,
+    );
+    let ep = w.wait_endpoint(&spoof, Duration::from_secs(10), |e| {
+        e["labels_pending"] == false
+    });
+    assert_eq!(ep["labels"], serde_json::json!({"app": "x"}), "{ep}");
+    assert_eq!(ep["namespace"], "default", "{ep}");
+    // Several learning rounds later, still reported once.
+    std::thread::sleep(Duration::from_secs(2));
+    let log = w.agent.log_text();
+    assert_eq!(
+        log.matches("ignoring container labels").count(),
+        1,
+        "agent log:\n{log}"
+    );
+    assert!(
+        log.contains("io.kubernetes.pod.namespace=kube-system"),
+        "{log}"
+    );
+}
