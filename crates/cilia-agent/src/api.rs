@@ -85,6 +85,7 @@ impl From<EndpointError> for AppError {
             EndpointError::NoSuchPolicy(_) => (StatusCode::NOT_FOUND, "not-found"),
             EndpointError::Trace(_) => (StatusCode::BAD_REQUEST, "invalid-trace"),
             EndpointError::LabelSource(_) => (StatusCode::BAD_REQUEST, "invalid-request"),
+            EndpointError::Input(_) => (StatusCode::BAD_REQUEST, "invalid-request"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         AppError::new(status, code, msg)
@@ -304,11 +305,26 @@ struct ContainerQuery {
     ifname: Option<String>,
 }
 
+impl ContainerQuery {
+    /// Same bounds as on create: a query never carries what no endpoint can have.
+    fn check(&self) -> Result<(), AppError> {
+        let bad = |e: cilia_api::limits::InputError| bad_request("invalid-request", e.to_string());
+        if let Some(cid) = &self.container_id {
+            cilia_api::limits::check_container_id("container_id", cid).map_err(bad)?;
+        }
+        if let Some(ifname) = &self.ifname {
+            cilia_api::limits::check_ifname("ifname", ifname).map_err(bad)?;
+        }
+        Ok(())
+    }
+}
+
 #[utoipa::path(get, path = "/v1/endpoints", params(ContainerQuery), responses((status = 200, body = Vec<Endpoint>)))]
 async fn list_endpoints(
     State(state): State<Shared>,
     Query(q): Query<ContainerQuery>,
 ) -> Result<Json<Vec<Endpoint>>, AppError> {
+    q.check()?;
     with_manager(&state, move |mgr| {
         Ok(mgr
             .list()?
@@ -328,6 +344,7 @@ async fn delete_container(
     State(state): State<Shared>,
     Query(q): Query<ContainerQuery>,
 ) -> Result<Json<usize>, AppError> {
+    q.check()?;
     let Some(cid) = q.container_id else {
         return Err(bad_request("invalid-request", "container_id is required"));
     };
@@ -384,13 +401,7 @@ async fn create_endpoint(
     State(state): State<Shared>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Endpoint>), AppError> {
-    let req: EndpointCreate = serde_json::from_slice(&body).map_err(|e| {
-        AppError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid-request",
-            format!("request body: {e}"),
-        )
-    })?;
+    let req: EndpointCreate = json_body(&body)?;
     with_manager(&state, move |mgr| {
         mgr.create(req).map(|r| endpoint_view(&r))
     })
@@ -480,13 +491,24 @@ fn bad_request(code: &str, message: impl Into<String>) -> AppError {
     AppError::new(StatusCode::BAD_REQUEST, code, message)
 }
 
+/// Longest message of a JSON syntax error: serde quotes the offending
+/// value whole, which for a hostile body is anything but one short line.
+const MAX_JSON_ERROR_CHARS: usize = 200;
+
 fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, AppError> {
-    serde_json::from_slice(body)
-        .map_err(|e| bad_request("invalid-request", format!("request body: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        let msg = e.to_string();
+        let msg = match msg.char_indices().nth(MAX_JSON_ERROR_CHARS) {
+            Some((cut, _)) => format!("{}… ({} bytes)", &msg[..cut], msg.len()),
+            None => msg,
+        };
+        bad_request("invalid-request", format!("request body: {msg}"))
+    })
 }
 
 #[utoipa::path(post, path = "/v1/policy", request_body = PolicyImport,
-    responses((status = 200, body = PolicyChange), (status = 400, body = ApiError, description = "invalid policy: file, document, field and reason")))]
+    responses((status = 200, body = PolicyChange), (status = 400, body = ApiError, description = "invalid policy: file, document, field and reason, or a policy limit passed"),
+        (status = 413, body = ApiError, description = "body over MAX_BODY_BYTES (8 MiB), code body-too-large")))]
 async fn import_policy(
     State(state): State<Shared>,
     body: Bytes,
@@ -951,8 +973,24 @@ async fn not_found() -> AppError {
     )
 }
 
-/// Largest accepted request body (policy YAML).
-pub const MAX_BODY: usize = 64 << 20;
+/// Largest accepted request body (a policy import is the largest; the
+/// policy text itself is bounded by `cilia_policy::limits::MAX_POLICY_BYTES`,
+/// and JSON escaping can make its body a little larger).
+pub const MAX_BODY: usize = cilia_api::limits::MAX_BODY_BYTES;
+
+/// Gives a body refused for its size the API's error shape, naming the limit
+/// (axum's own answer is a bare text line).
+async fn explain_body_limit(resp: Response) -> Response {
+    if resp.status() != StatusCode::PAYLOAD_TOO_LARGE {
+        return resp;
+    }
+    AppError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body-too-large",
+        format!("request body: larger than the limit of {MAX_BODY} bytes (MAX_BODY_BYTES)"),
+    )
+    .into_response()
+}
 
 /// Records every request's duration by method and matched route (never the
 /// raw path: ids would make unbounded label sets).
@@ -1022,6 +1060,7 @@ pub fn router(state: Shared, metrics: crate::metrics::AgentMetrics) -> Router {
         // Policy imports of many thousand rules are large; the default 2 MB
         // would refuse them before the parser could say anything useful.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::map_response(explain_body_limit))
         .route_layer(axum::middleware::from_fn_with_state(
             metrics,
             record_duration,

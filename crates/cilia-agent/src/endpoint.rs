@@ -26,8 +26,10 @@ use crate::store::{EndpointRecord, Store, StoreError, StoredPolicy};
 pub enum EndpointError {
     #[error(transparent)]
     Labels(#[from] cilia_api::labels::LabelError),
-    #[error("ifname {0:?}: must be 1-15 characters, no '/', ':' or whitespace")]
-    Ifname(String),
+    #[error(transparent)]
+    Ifname(cilia_api::limits::InputError),
+    #[error(transparent)]
+    Input(#[from] cilia_api::limits::InputError),
     #[error(transparent)]
     Netdev(#[from] NetdevError),
     #[error(transparent)]
@@ -36,7 +38,7 @@ pub enum EndpointError {
     Datapath(#[from] DatapathError),
     #[error("endpoint {0} not found")]
     NotFound(u16),
-    #[error("namespace {0:?}: {1}")]
+    #[error("namespace {shown}: {1}", shown = cilia_api::limits::excerpt(.0))]
     Namespace(String, String),
     #[error(transparent)]
     Policy(#[from] ImportError),
@@ -44,18 +46,8 @@ pub enum EndpointError {
     NoSuchPolicy(String),
     #[error("trace: {0}")]
     Trace(String),
-    #[error("label source {0:?} is not supported (known: podman)")]
+    #[error("label source {shown} is not supported (known: podman)", shown = cilia_api::limits::excerpt(.0))]
     LabelSource(String),
-}
-
-fn valid_ifname(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 15
-        && name != "."
-        && name != ".."
-        && !name
-            .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace())
 }
 
 /// Node-wide addressing the endpoints share.
@@ -181,11 +173,14 @@ impl EndpointManager {
     }
 
     pub fn create(&mut self, req: EndpointCreate) -> Result<EndpointRecord, EndpointError> {
-        cilia_api::labels::validate_labels(&req.labels)?;
+        // Every field is checked before anything is allocated (README, "Input limits").
+        cilia_api::labels::validate_endpoint_labels(&req.labels)?;
         let ifname = req.ifname.clone().unwrap_or_else(|| "eth0".into());
-        if !valid_ifname(&ifname) {
-            return Err(EndpointError::Ifname(ifname));
+        cilia_api::limits::check_ifname("ifname", &ifname).map_err(EndpointError::Ifname)?;
+        if let Some(cid) = &req.container_id {
+            cilia_api::limits::check_container_id("container_id", cid)?;
         }
+        cilia_api::limits::check_netns("netns", &req.netns)?;
         let netns = netdev::resolve_netns(&req.netns)?;
         let namespace = req
             .namespace
@@ -732,6 +727,92 @@ mod tests {
         req.ifname = Some("a/b".into());
         assert!(matches!(mgr.create(req), Err(EndpointError::Ifname(_))));
         assert!(mgr.allocated().unwrap().is_empty());
+    }
+
+    #[test]
+    fn ifname_outside_the_safe_charset_is_refused_naming_the_field() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        let mut req = request();
+        req.ifname = Some("eth0#x".into());
+        let e = mgr.create(req).unwrap_err();
+        assert!(matches!(e, EndpointError::Ifname(_)), "{e}");
+        assert!(e.to_string().starts_with("ifname: \"eth0#x\""), "{e}");
+        assert!(h.kernel.lock().unwrap().devices.is_empty());
+        let mut req = request();
+        req.ifname = Some("net1".into());
+        assert_eq!(mgr.create(req).unwrap().ifname, "net1");
+    }
+
+    #[test]
+    fn container_id_outside_the_cni_charset_is_refused() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        let mut req = request();
+        req.container_id = Some("../../etc".into());
+        let e = mgr.create(req).unwrap_err();
+        assert!(e.to_string().starts_with("container_id: "), "{e}");
+        let mut req = request();
+        req.container_id = Some("a".repeat(257));
+        assert!(mgr.create(req).is_err());
+        assert!(mgr.allocated().unwrap().is_empty());
+        let mut req = request();
+        req.container_id = Some("0f3e9a_b.c-d".into());
+        assert!(mgr.create(req).is_ok());
+    }
+
+    #[test]
+    fn reserved_and_excess_labels_are_refused_before_anything_is_allocated() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        for labels in [
+            BTreeMap::from([("io.kubernetes.pod.namespace".into(), "kube-system".into())]),
+            BTreeMap::from([("io.cilium.k8s.namespace.labels.team".into(), "a".into())]),
+            (0..10_000).map(|i| (format!("k{i}"), "v".into())).collect(),
+            BTreeMap::from([("app".into(), "a".repeat(65536))]),
+        ] {
+            let mut req = request();
+            req.labels = labels;
+            let e = mgr.create(req).unwrap_err();
+            assert!(matches!(e, EndpointError::Labels(_)), "{e}");
+            assert!(e.to_string().len() < 300, "{e}");
+        }
+        assert!(mgr.allocated().unwrap().is_empty());
+    }
+
+    #[test]
+    fn learned_labels_never_reach_another_container_that_reused_the_id() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        let waiting = |cid: &str| {
+            let mut req = request();
+            req.labels = BTreeMap::new();
+            req.container_id = Some(cid.into());
+            req.label_source = Some("podman".into());
+            req
+        };
+        let first = mgr.create(waiting("c1")).unwrap();
+        mgr.delete(first.id).unwrap();
+        let second = mgr.create(waiting("c2")).unwrap();
+        assert_eq!(first.id, second.id, "ids are reused");
+        let c1_labels = BTreeMap::from([("role".to_string(), "admin".to_string())]);
+        assert!(mgr
+            .set_learned_labels(second.id, "c1", &c1_labels)
+            .unwrap()
+            .is_none());
+        let ep = mgr.get(second.id).unwrap();
+        assert!(ep.labels.is_empty() && ep.label_source.is_some());
+        let c2_labels = BTreeMap::from([("app".to_string(), "web".to_string())]);
+        let ep = mgr
+            .set_learned_labels(second.id, "c2", &c2_labels)
+            .unwrap()
+            .expect("applied to its own endpoint");
+        assert_eq!(ep.labels, c2_labels);
+        // Once applied, nothing more is learned for it.
+        assert!(mgr
+            .set_learned_labels(second.id, "c2", &c1_labels)
+            .unwrap()
+            .is_none());
     }
 
     impl Harness {

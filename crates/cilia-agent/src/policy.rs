@@ -36,6 +36,11 @@ pub enum ImportError {
         kind: &'static str,
         name: String,
     },
+    #[error("{file}: {source}")]
+    Limit {
+        file: String,
+        source: cilia_policy::LimitError,
+    },
     #[error("endpoint {endpoint}: the policies need {entries} policy map entries, more than the map's {max}")]
     TooLarge {
         endpoint: u16,

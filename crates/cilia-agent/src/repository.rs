@@ -14,6 +14,7 @@ use cilia_abi::{
     CtKey, IpcacheKey, CILIA_FAMILY_IPV4, CILIA_FAMILY_IPV6, CILIA_ID_HEALTH, CILIA_ID_HOST,
     CILIA_ID_INIT, CILIA_ID_REMOTE_NODE, CILIA_ID_UNMANAGED, CILIA_ID_WORLD,
 };
+use cilia_api::limits::excerpt;
 use cilia_api::EndpointState;
 use cilia_policy::{Direction, IdentityCache, Labels, Verdict};
 use tracing::{info, warn};
@@ -308,6 +309,14 @@ impl EndpointManager {
         for (stored, p) in &parsed {
             candidate.insert(stored.key(), (stored.clone(), p.clone()));
         }
+        // The stored policies and the import together stay within the bounds
+        // (README, "Input limits") before any resolution work starts.
+        cilia_policy::check_limits(candidate.values().map(|(_, p)| p)).map_err(|e| {
+            policy::ImportError::Limit {
+                file: source.to_string(),
+                source: e,
+            }
+        })?;
         let policies: Vec<_> = candidate.values().map(|(_, p)| p.clone()).collect();
         let cache = self.identity_cache()?;
         let namespaces = self.store.namespaces()?;
@@ -351,8 +360,10 @@ impl EndpointManager {
             .collect();
         if keys.is_empty() {
             return Err(EndpointError::NoSuchPolicy(match (name, namespace) {
-                (Some(n), Some(ns)) => format!("policy {ns}/{n} not found"),
-                (Some(n), None) => format!("policy {n} not found"),
+                (Some(n), Some(ns)) => {
+                    format!("policy {} not found", excerpt(&format!("{ns}/{n}")))
+                }
+                (Some(n), None) => format!("policy {} not found", excerpt(n)),
                 _ => "no policies to delete".into(),
             }));
         }
@@ -403,7 +414,7 @@ impl EndpointManager {
         id: u16,
         labels: &BTreeMap<String, String>,
     ) -> Result<EndpointRecord, EndpointError> {
-        cilia_api::labels::validate_labels(labels)?;
+        cilia_api::labels::validate_endpoint_labels(labels)?;
         let old_identity = self.get(id)?.identity;
         let rec = self
             .store
@@ -424,6 +435,27 @@ impl EndpointManager {
         info!(id, identity = rec.identity, "endpoint labels set");
         self.regenerate()?;
         Ok(rec)
+    }
+
+    /// Applies labels learned from a runtime, but only to the endpoint they
+    /// were learned for: the same id, the same container, still waiting for
+    /// them. An endpoint deleted and re-added meanwhile (ids are reused) is
+    /// another container and keeps its own identity. `Ok(None)`: not applied.
+    pub fn set_learned_labels(
+        &mut self,
+        id: u16,
+        container_id: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Option<EndpointRecord>, EndpointError> {
+        let still_waiting = self.store.endpoints()?.into_iter().any(|r| {
+            r.id == id
+                && r.container_id.as_deref() == Some(container_id)
+                && r.label_source.is_some()
+        });
+        if !still_waiting {
+            return Ok(None);
+        }
+        self.set_labels(id, labels).map(Some)
     }
 
     /// Turns an endpoint's policy audit mode on or off.

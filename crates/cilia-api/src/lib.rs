@@ -5,6 +5,7 @@
 pub mod client;
 pub mod flows;
 pub mod labels;
+pub mod limits;
 pub mod model;
 
 pub use client::{Client, ClientError};

@@ -655,7 +655,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ifname,
             namespace,
         }) => {
-            let labels = cilia_api::labels::parse_labels(&labels)?;
+            // Refused here, before anything reaches the agent (README, "Input limits").
+            let labels = cilia_api::labels::parse_labels(&labels)
+                .and_then(|l| cilia_api::labels::validate_endpoint_labels(&l).map(|()| l))
+                .map_err(|e| e.in_field("--labels"))?;
+            cilia_api::limits::check_ifname("--ifname", &ifname)?;
             let req = EndpointCreate {
                 netns,
                 labels,
@@ -811,6 +815,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Policy(PolicyCmd::Import { file }) => {
             let yaml = read_input(&file)?;
+            // The agent would refuse it too, but only after the whole text crossed the socket.
+            let max = cilia_policy::limits::MAX_POLICY_BYTES;
+            if yaml.len() > max {
+                anyhow::bail!(
+                    "{file}: the policy text is {} bytes, more than the limit of {max} (MAX_POLICY_BYTES)",
+                    yaml.len()
+                );
+            }
             let req = PolicyImport {
                 source: if file == "-" { "stdin".into() } else { file },
                 yaml,
@@ -939,7 +951,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Namespace(NamespaceCmd::Set { name, labels }) => {
-            let labels = cilia_api::labels::parse_labels(&labels)?;
+            let labels =
+                cilia_api::labels::parse_labels(&labels).map_err(|e| e.in_field("--labels"))?;
             let ns: Namespace = client
                 .put(
                     &format!("/v1/namespaces/{name}"),

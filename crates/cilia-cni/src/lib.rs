@@ -355,37 +355,18 @@ impl Env {
         })
     }
 
-    /// CNI_CONTAINERID, validated as the spec says (alphanumeric plus `_.-`).
+    /// CNI_CONTAINERID, validated as the spec says (alphanumeric plus `_.-`),
+    /// at most `MAX_CONTAINER_ID_LEN` bytes.
     pub fn container_id(&self) -> Result<&str, CniError> {
         let id = Self::required(&self.container_id, "CNI_CONTAINERID")?;
-        let ok = id.as_bytes()[0].is_ascii_alphanumeric()
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-        if !ok {
-            return Err(CniError::new(
-                code::INVALID_ENV,
-                format!("CNI_CONTAINERID {id:?} must start alphanumeric and contain only [A-Za-z0-9_.-]"),
-            ));
-        }
+        cilia_api::limits::check_container_id("CNI_CONTAINERID", id).map_err(invalid_env)?;
         Ok(id)
     }
 
-    /// CNI_IFNAME, validated as a Linux interface name.
+    /// CNI_IFNAME: 1-15 bytes of `[A-Za-z0-9_.-]`, not `.` or `..`.
     pub fn ifname(&self) -> Result<&str, CniError> {
         let name = Self::required(&self.ifname, "CNI_IFNAME")?;
-        if name.len() > 15
-            || name == "."
-            || name == ".."
-            || name
-                .chars()
-                .any(|c| c == '/' || c == ':' || c.is_whitespace())
-        {
-            return Err(CniError::new(
-                code::INVALID_ENV,
-                format!("CNI_IFNAME {name:?} is not a valid interface name (at most 15 characters, no '/', ':' or spaces)"),
-            ));
-        }
+        cilia_api::limits::check_ifname("CNI_IFNAME", name).map_err(invalid_env)?;
         Ok(name)
     }
 
@@ -397,6 +378,10 @@ impl Env {
     pub fn parsed_args(&self) -> Result<CniArgs, CniError> {
         CniArgs::parse(self.args.as_deref().unwrap_or(""))
     }
+}
+
+fn invalid_env(e: cilia_api::limits::InputError) -> CniError {
+    CniError::new(code::INVALID_ENV, e.to_string())
 }
 
 /// `CNI_ARGS`: `K=V;K=V`.
@@ -418,7 +403,10 @@ impl CniArgs {
             let (k, v) = item.split_once('=').ok_or_else(|| {
                 CniError::new(
                     code::INVALID_ENV,
-                    format!("CNI_ARGS: {item:?} is not KEY=VALUE"),
+                    format!(
+                        "CNI_ARGS: {} is not KEY=VALUE",
+                        cilia_api::limits::excerpt(item)
+                    ),
                 )
             })?;
             out.insert(k.to_string(), v.to_string());
@@ -440,21 +428,32 @@ impl CniArgs {
     }
 
     /// Refuses what ADD cannot honour: a requested address or MAC (the agent
-    /// allocates both), and unknown keys unless `IgnoreUnknown` is set.
+    /// allocates both), a container name outside the container id character
+    /// set, and unknown keys unless `IgnoreUnknown` is set.
     pub fn check_for_add(&self) -> Result<(), CniError> {
         for key in ["IP", "MAC"] {
             if let Some(v) = self.get(key) {
                 return Err(CniError::new(
                     code::INVALID_ENV,
-                    format!("CNI_ARGS {key}={v}: cilia allocates addresses and MACs itself; requesting one (podman --ip/--mac-address) is not supported"),
+                    format!(
+                        "CNI_ARGS {key}={}: cilia allocates addresses and MACs itself; requesting one (podman --ip/--mac-address) is not supported",
+                        cilia_api::limits::excerpt(v)
+                    ),
                 ));
             }
+        }
+        if let Some(name) = self.get("K8S_POD_NAME") {
+            cilia_api::limits::check_container_id("CNI_ARGS K8S_POD_NAME", name)
+                .map_err(invalid_env)?;
         }
         if !self.ignore_unknown() {
             if let Some(k) = self.0.keys().find(|k| !Self::KNOWN.contains(&k.as_str())) {
                 return Err(CniError::new(
                     code::INVALID_ENV,
-                    format!("CNI_ARGS: unknown key {k:?} (set IgnoreUnknown=1 to ignore it)"),
+                    format!(
+                        "CNI_ARGS: unknown key {} (set IgnoreUnknown=1 to ignore it)",
+                        cilia_api::limits::excerpt(k)
+                    ),
                 ));
             }
         }
@@ -541,7 +540,8 @@ impl NetConf {
                 CniError::new(
                     code::INCOMPATIBLE_VERSION,
                     format!(
-                        "incompatible CNI version: config has cniVersion {version:?}, cilia-cni supports {}",
+                        "incompatible CNI version: config has cniVersion {}, cilia-cni supports {}",
+                        cilia_api::limits::excerpt(&version),
                         SUPPORTED_VERSIONS.join(", ")
                     ),
                 ),
@@ -562,10 +562,14 @@ impl NetConf {
         if conf.name.is_empty() {
             return fail("network config has no name".into());
         }
+        // The spec gives network names the container id character set.
+        if let Err(e) = cilia_api::limits::check_container_id("network config name", &conf.name) {
+            return fail(e.to_string());
+        }
         if conf.plugin_type != "cilia-cni" {
             return fail(format!(
-                "network config type is {:?}, expected \"cilia-cni\"",
-                conf.plugin_type
+                "network config type is {}, expected \"cilia-cni\"",
+                cilia_api::limits::excerpt(&conf.plugin_type)
             ));
         }
         if let Some(dns) = &conf.dns {
@@ -602,9 +606,12 @@ impl NetConf {
         match labels {
             Value::Object(map) => {
                 for (k, v) in map {
-                    let v = v
-                        .as_str()
-                        .ok_or_else(|| bad(&format!("value of {k:?} is not a string")))?;
+                    let v = v.as_str().ok_or_else(|| {
+                        bad(&format!(
+                            "value of {} is not a string",
+                            cilia_api::limits::excerpt(k)
+                        ))
+                    })?;
                     out.insert(k.clone(), v.to_string());
                 }
             }
@@ -620,7 +627,12 @@ impl NetConf {
             }
             _ => return Err(bad("expected a list of {key, value} or a map")),
         }
-        cilia_api::labels::validate_labels(&out).map_err(|e| bad(&e.to_string()))?;
+        cilia_api::labels::validate_endpoint_labels(&out).map_err(|e| {
+            CniError::new(
+                code::INVALID_CONFIG,
+                e.in_field("args.cni.labels").to_string(),
+            )
+        })?;
         Ok(Some(out))
     }
 
@@ -1221,6 +1233,93 @@ mod tests {
         let bad = r#"{"cniVersion":"1.0.0","name":"n","type":"cilia-cni",
             "args":{"cni":{"labels":{"app":"a b"}}}}"#;
         assert_eq!(run(&fake, &env("ADD", "c3"), bad).0["code"], 7);
+    }
+
+    #[test]
+    fn ifname_outside_the_safe_charset_is_refused_up_front_naming_the_variable() {
+        let fake = Fake::default();
+        let mut e = env("ADD", "c1");
+        e.ifname = Some("eth0#x".into());
+        let (v, ok) = run(&fake, &e, &conf("1.0.0"));
+        assert!(!ok);
+        assert_eq!(v["code"], 4);
+        assert_eq!(
+            v["msg"],
+            "CNI_IFNAME: \"eth0#x\": may contain only [A-Za-z0-9_.-]"
+        );
+        assert!(fake.eps.borrow().is_empty(), "nothing reached the agent");
+        e.ifname = Some("net1".into());
+        assert!(run(&fake, &e, &conf("1.0.0")).1);
+    }
+
+    #[test]
+    fn container_id_and_name_outside_the_cni_charset_or_too_long_are_refused() {
+        let fake = Fake::default();
+        for cid in ["-c1".to_string(), "c1;rm".into(), "c".repeat(257)] {
+            let (v, ok) = run(&fake, &env("ADD", &cid), &conf("1.0.0"));
+            assert!(!ok, "{cid}");
+            assert_eq!(v["code"], 4);
+            let msg = v["msg"].as_str().unwrap();
+            assert!(
+                msg.starts_with("CNI_CONTAINERID: ") && msg.len() < 200,
+                "{msg}"
+            );
+        }
+        let mut e = env("ADD", "c1");
+        e.args = Some("IgnoreUnknown=1;K8S_POD_NAME=web/../x".into());
+        let (v, _) = run(&fake, &e, &conf("1.0.0"));
+        assert_eq!(v["code"], 4);
+        assert!(v["msg"].as_str().unwrap().contains("K8S_POD_NAME"));
+        assert!(fake.eps.borrow().is_empty());
+    }
+
+    #[test]
+    fn network_name_outside_the_cni_charset_is_refused() {
+        let fake = Fake::default();
+        let bad = r#"{"cniVersion":"1.0.0","name":"my net/1","type":"cilia-cni"}"#;
+        let (v, ok) = run(&fake, &env("ADD", "c1"), bad);
+        assert!(!ok);
+        assert_eq!(v["code"], 7);
+        assert!(v["msg"]
+            .as_str()
+            .unwrap()
+            .starts_with("network config name: \"my net/1\""));
+        let good = r#"{"cniVersion":"1.0.0","name":"my-net_1.a","type":"cilia-cni"}"#;
+        assert!(run(&fake, &env("ADD", "c1"), good).1);
+    }
+
+    #[test]
+    fn reserved_or_excess_labels_in_args_are_refused_naming_the_label() {
+        let fake = Fake::default();
+        let with = |labels: &str| {
+            format!(
+                r#"{{"cniVersion":"1.0.0","name":"n","type":"cilia-cni","args":{{"cni":{{"labels":{labels}}}}}}}"#
+            )
+        };
+        let (v, _) = run(
+            &fake,
+            &env("ADD", "c1"),
+            &with(r#"{"io.kubernetes.pod.namespace":"kube-system"}"#),
+        );
+        assert_eq!(v["code"], 7);
+        let msg = v["msg"].as_str().unwrap();
+        assert!(
+            msg.starts_with("args.cni.labels: label \"io.kubernetes.pod.namespace=kube-system\""),
+            "{msg}"
+        );
+        assert!(msg.contains("reserved"), "{msg}");
+        let many: Vec<String> = (0..10_000).map(|i| format!(r#""k{i}":"v""#)).collect();
+        let (v, _) = run(
+            &fake,
+            &env("ADD", "c1"),
+            &with(&format!("{{{}}}", many.join(","))),
+        );
+        assert_eq!(v["code"], 7);
+        assert!(v["msg"].as_str().unwrap().contains("(MAX_LABELS)"));
+        let huge = format!(r#"{{"app":"{}"}}"#, "a".repeat(65536));
+        let (v, _) = run(&fake, &env("ADD", "c1"), &with(&huge));
+        assert!(v["msg"].as_str().unwrap().len() < 300);
+        assert!(fake.eps.borrow().is_empty());
     }
 
     #[test]

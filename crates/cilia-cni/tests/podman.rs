@@ -316,3 +316,89 @@ fn podman_agent_crash_during_adds_leaves_no_half_endpoint() {
         assert!(ping(&w, &names[0], target["ipv6"].as_str().unwrap()));
     }
 }
+
+#[test]
+fn podman_image_labels_do_not_become_the_containers_identity() {
+    privileged!("podman_image_labels_do_not_become_the_containers_identity");
+    let w = World::new(AgentOptions::default());
+    // An image whose author tries to pick its containers' identity.
+    let image = "localhost/cilia-labelled:test";
+    let tar = w.podman.dir.join("rootfs.tar");
+    w.podman.ok(&[
+        "import",
+        "--change",
+        "LABEL role=admin",
+        "--change",
+        "LABEL tier=img",
+        "--change",
+        "LABEL io.kubernetes.pod.namespace=kube-system",
+        tar.to_str().unwrap(),
+        image,
+    ]);
+    let run = |name: &str, labels: &[&str]| {
+        let mut args = vec![
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--runtime",
+            "runc",
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1024:1024",
+            "--network",
+            common::NETWORK,
+        ];
+        args.extend_from_slice(labels);
+        args.push(image);
+        args.extend_from_slice(SLEEP);
+        w.podman.ok(&args).trim().to_string()
+    };
+    // Own labels: app (not in the image), tier set explicitly to the image's value.
+    let own = run("own", &["--label", "app=web", "--label", "tier=img"]);
+    let bare = run("bare", &[]);
+    for (id, want) in [
+        (&own, serde_json::json!({"app": "web", "tier": "img"})),
+        (&bare, serde_json::json!({})),
+    ] {
+        let ep = w.wait_endpoint(id, Duration::from_secs(10), |e| {
+            e["labels_pending"] == false
+        });
+        assert_eq!(ep["labels"], want, "{ep}");
+        assert_eq!(ep["namespace"], "default", "{ep}");
+    }
+}
+
+#[test]
+fn podman_reserved_labels_are_dropped_and_reported_once() {
+    privileged!("podman_reserved_labels_are_dropped_and_reported_once");
+    let w = World::new(AgentOptions::default());
+    let spoof = w.podman.start_ok(
+        "spoof",
+        &[
+            "--label",
+            "io.kubernetes.pod.namespace=kube-system",
+            "--label",
+            "app=x",
+        ],
+        SLEEP,
+    );
+    let ep = w.wait_endpoint(&spoof, Duration::from_secs(10), |e| {
+        e["labels_pending"] == false
+    });
+    assert_eq!(ep["labels"], serde_json::json!({"app": "x"}), "{ep}");
+    assert_eq!(ep["namespace"], "default", "{ep}");
+    // Several learning rounds later, still reported once.
+    std::thread::sleep(Duration::from_secs(2));
+    let log = w.agent.log_text();
+    assert_eq!(
+        log.matches("ignoring container labels").count(),
+        1,
+        "agent log:\n{log}"
+    );
+    assert!(
+        log.contains("io.kubernetes.pod.namespace=kube-system"),
+        "{log}"
+    );
+}

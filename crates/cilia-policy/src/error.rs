@@ -23,6 +23,11 @@ pub struct PolicyError {
 
 fn name_part(policy: &Option<String>) -> String {
     match policy {
+        // A name is shown as written unless it is long or holds control
+        // characters: then as a short quoted excerpt, so the error stays one line.
+        Some(name) if name.chars().count() > 64 || name.chars().any(char::is_control) => {
+            format!(" ({})", crate::labels::excerpt(name))
+        }
         Some(name) => format!(" ({name})"),
         None => String::new(),
     }

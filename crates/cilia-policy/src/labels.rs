@@ -63,6 +63,13 @@ impl Selector {
         self.requirements.iter().any(|r| r.key() == key)
     }
 
+    /// Whether any requirement is about a key starting with `prefix`.
+    pub(crate) fn constrains_prefix(&self, prefix: &str) -> bool {
+        self.requirements
+            .iter()
+            .any(|r| r.key().starts_with(prefix))
+    }
+
     pub(crate) fn push(&mut self, r: Requirement) {
         if !self.requirements.contains(&r) {
             self.requirements.push(r);
@@ -83,4 +90,101 @@ pub(crate) fn normalize_key(key: &str) -> String {
         .or_else(|| key.strip_prefix("any:"))
         .unwrap_or(key)
         .to_string()
+}
+
+/// Prefix of the keys of reserved identities (`reserved:host` …).
+pub(crate) const RESERVED_SOURCE: &str = "reserved:";
+
+/// How much of a bad value an error quotes (same bound as the agent's API).
+const EXCERPT_CHARS: usize = 64;
+
+/// The first [`EXCERPT_CHARS`] characters of `value`, quoted and escaped,
+/// with `…` and the full length when cut: errors stay one short line.
+pub(crate) fn excerpt(value: &str) -> String {
+    match value.char_indices().nth(EXCERPT_CHARS) {
+        None => format!("{value:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &value[..cut], value.len()),
+    }
+}
+
+/// Longest message kept from a foreign error (serde's), which may quote a
+/// whole value.
+const MAX_MESSAGE_CHARS: usize = 200;
+
+/// `message` cut to [`MAX_MESSAGE_CHARS`] characters, on one line.
+pub(crate) fn shorten(message: &str) -> String {
+    let line = message.replace(['\n', '\r'], " ");
+    match line.char_indices().nth(MAX_MESSAGE_CHARS) {
+        None => line,
+        Some((cut, _)) => format!("{}… ({} bytes)", &line[..cut], line.len()),
+    }
+}
+
+// Kubernetes label syntax (the same rules as `cilia_api::labels`; this crate
+// stays free of the API crate): a key is `[prefix/]name`, prefix a DNS
+// subdomain of at most 253 characters, name and value at most 63 characters
+// of [A-Za-z0-9._-] starting and ending alphanumeric; a value may be empty.
+
+fn valid_segment(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+}
+
+fn valid_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253
+        && s.split('.').all(|part| {
+            let b = part.as_bytes();
+            !b.is_empty()
+                && b.len() <= 63
+                && b[0].is_ascii_alphanumeric()
+                && b[b.len() - 1].is_ascii_alphanumeric()
+                && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
+        })
+}
+
+/// Validates a selector key and returns it normalized (see [`normalize_key`]).
+/// A key may carry one label source: `k8s:`, `any:` or `reserved:`.
+pub(crate) fn selector_key(key: &str) -> Result<String, String> {
+    let bare = match key.split_once(':') {
+        None => key,
+        Some(("k8s" | "any" | "reserved", rest)) => rest,
+        Some((source, _)) => {
+            return Err(format!(
+                "key {}: label source {} is not supported (k8s, any, reserved)",
+                excerpt(key),
+                excerpt(source)
+            ))
+        }
+    };
+    let (prefix, name) = match bare.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, bare),
+    };
+    if prefix.is_some_and(|p| !valid_dns_subdomain(p)) || !valid_segment(name) {
+        return Err(format!(
+            "key {} is not a valid label key ([prefix/]name: prefix a DNS subdomain of at most \
+             253 characters, name 1-63 characters of [A-Za-z0-9._-] starting and ending \
+             alphanumeric)",
+            excerpt(key)
+        ));
+    }
+    Ok(normalize_key(key))
+}
+
+/// Validates a selector value.
+pub(crate) fn selector_value(value: &str) -> Result<(), String> {
+    if value.is_empty() || valid_segment(value) {
+        Ok(())
+    } else {
+        Err(format!(
+            "value {} is not a valid label value (at most 63 characters of [A-Za-z0-9._-], \
+             starting and ending alphanumeric)",
+            excerpt(value)
+        ))
+    }
 }

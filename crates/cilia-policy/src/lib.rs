@@ -25,6 +25,14 @@
 //! - A Cilium rule with ports but no peers applies to every peer (map identity 0); a rule
 //!   with neither selects no peer. `toPorts` entries without `ports` cover all ports.
 //! - Deny wins over allow wherever they overlap; see [`resolve`] for the encoding.
+//! - A `fromEndpoints`/`toEndpoints` selector of a namespaced Cilium policy is limited to
+//!   the policy's namespace unless it matches on the namespace itself: the key
+//!   `io.kubernetes.pod.namespace`, or a namespace label
+//!   `io.cilium.k8s.namespace.labels.<key>` (with or without a `k8s:`/`any:` source).
+//!   Then it reaches every namespace it matches, as in current Cilium. Selectors of
+//!   reserved identities (`reserved:host` …) are never namespace-limited.
+//! - Selector keys and values follow Kubernetes label syntax; a key may carry one source
+//!   prefix (`k8s:`, `any:`, `reserved:`). The policy set stays within [`limits`].
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -32,6 +40,7 @@
 mod error;
 mod eval;
 mod labels;
+pub mod limits;
 mod model;
 mod parse;
 mod ports;
@@ -45,6 +54,7 @@ use std::collections::BTreeMap;
 pub use error::PolicyError;
 pub use eval::{evaluate, trace, Evaluation, TraceResult};
 pub use ipnet::IpNet;
+pub use limits::{check_limits, LimitError};
 pub use parse::parse_policies;
 pub use ports::port_range_prefixes;
 pub use resolve::{cidr_prefixes, resolve, IdentityCache};

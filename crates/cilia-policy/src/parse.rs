@@ -14,7 +14,9 @@ use serde::{Deserialize, Deserializer};
 use serde_norway::Value;
 
 use crate::error::PolicyError;
-use crate::labels::{normalize_key, Requirement, Selector};
+use crate::labels::{
+    excerpt, selector_key, selector_value, Requirement, Selector, RESERVED_SOURCE,
+};
 use crate::model::{Entity, Peer, PeerRule, PortRange, Rule, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 use crate::{Policy, PolicyKind, NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX};
 
@@ -262,7 +264,17 @@ const API_CILIUM: &str = "cilium.io/v2";
 
 /// Parses all YAML documents of `yaml` (`---` separated). Empty documents are skipped.
 /// `source` names the input (for example a file name) in errors.
+/// The text and the policies in it must stay within [`crate::limits`].
 pub fn parse_policies(source: &str, yaml: &str) -> Result<Vec<Policy>, PolicyError> {
+    crate::limits::check_text(yaml).map_err(|m| {
+        Doc {
+            file: source,
+            index: 1,
+            name: None,
+        }
+        .err("", m)
+    })?;
+    let mut budget = crate::limits::Budget::default();
     let mut out = Vec::new();
     for (i, document) in serde_norway::Deserializer::from_str(yaml).enumerate() {
         let mut doc = Doc {
@@ -310,8 +322,9 @@ pub fn parse_policies(source: &str, yaml: &str) -> Result<Vec<Policy>, PolicyErr
                 return Err(doc.err(
                     "kind",
                     format!(
-                        "{other:?} is not supported (expected NetworkPolicy, CiliumNetworkPolicy \
-                         or CiliumClusterwideNetworkPolicy)"
+                        "{} is not supported (expected NetworkPolicy, CiliumNetworkPolicy \
+                         or CiliumClusterwideNetworkPolicy)",
+                        excerpt(other)
                     ),
                 ))
             }
@@ -320,7 +333,8 @@ pub fn parse_policies(source: &str, yaml: &str) -> Result<Vec<Policy>, PolicyErr
             return Err(doc.err(
                 "apiVersion",
                 format!(
-                    "{api_version:?} is not valid for kind {kind_str} (expected {expected_api})"
+                    "{} is not valid for kind {kind_str} (expected {expected_api})",
+                    excerpt(&api_version)
                 ),
             ));
         }
@@ -334,6 +348,9 @@ pub fn parse_policies(source: &str, yaml: &str) -> Result<Vec<Policy>, PolicyErr
                 convert_cnp(&doc, kind, raw)?
             }
         };
+        budget
+            .add(&policy)
+            .map_err(|e| doc.err("", e.to_string()))?;
         out.push(policy);
     }
     Ok(out)
@@ -346,7 +363,8 @@ fn typed<T: for<'de> Deserialize<'de>>(doc: &Doc<'_>, value: Value) -> Result<T,
         if path == "." {
             path.clear();
         }
-        let message = e.into_inner().to_string();
+        // serde quotes an unknown field or a mistyped value whole: keep it short.
+        let message = crate::labels::shorten(&e.into_inner().to_string());
         if message.contains(UNSUPPORTED_MARK) {
             let field = path.rsplit('.').next().unwrap_or("").to_string();
             doc.err(path, format!("`{field}` is not supported yet"))
@@ -370,16 +388,19 @@ fn meta_name(doc: &Doc<'_>, meta: &RawMeta) -> Result<String, PolicyError> {
 fn selector(doc: &Doc<'_>, path: &str, raw: &RawSelector) -> Result<Selector, PolicyError> {
     let mut sel = Selector::default();
     for (k, v) in raw.match_labels.iter().flatten() {
-        sel.push(Requirement::In(
-            normalize_key(k),
-            BTreeSet::from([v.clone()]),
-        ));
+        let p = format!("{path}.matchLabels");
+        let key = selector_key(k).map_err(|m| doc.err(&p, m))?;
+        selector_value(v).map_err(|m| doc.err(&p, format!("key {}: {m}", excerpt(k))))?;
+        sel.push(Requirement::In(key, BTreeSet::from([v.clone()])));
     }
     for (i, expr) in raw.match_expressions.iter().flatten().enumerate() {
         let p = format!("{path}.matchExpressions[{i}]");
-        let key = normalize_key(&expr.key);
-        if key.is_empty() {
+        if expr.key.is_empty() {
             return Err(doc.err(format!("{p}.key"), "must not be empty"));
+        }
+        let key = selector_key(&expr.key).map_err(|m| doc.err(format!("{p}.key"), m))?;
+        for (j, v) in expr.values.iter().flatten().enumerate() {
+            selector_value(v).map_err(|m| doc.err(format!("{p}.values[{j}]"), m))?;
         }
         let values: BTreeSet<String> = expr.values.iter().flatten().cloned().collect();
         let req = match expr.operator.as_str() {
@@ -412,7 +433,10 @@ fn selector(doc: &Doc<'_>, path: &str, raw: &RawSelector) -> Result<Selector, Po
             other => {
                 return Err(doc.err(
                     format!("{p}.operator"),
-                    format!("{other:?} is not a valid operator (In, NotIn, Exists, DoesNotExist)"),
+                    format!(
+                        "{} is not a valid operator (In, NotIn, Exists, DoesNotExist)",
+                        excerpt(other)
+                    ),
                 ))
             }
         };
@@ -440,7 +464,7 @@ fn cidr(doc: &Doc<'_>, path: &str, s: &str) -> Result<IpNet, PolicyError> {
         s.parse::<std::net::IpAddr>().ok().map(IpNet::from)
     };
     net.map(|n| n.trunc())
-        .ok_or_else(|| doc.err(path, format!("{s:?} is not a valid CIDR")))
+        .ok_or_else(|| doc.err(path, format!("{} is not a valid CIDR", excerpt(s))))
 }
 
 fn cidr_with_except(
@@ -455,7 +479,7 @@ fn cidr_with_except(
         let p = format!("{path}.except[{i}]");
         let ex = cidr(doc, &p, e)?;
         if !net.contains(&ex) {
-            return Err(doc.err(p, format!("{e:?} is not inside {net}")));
+            return Err(doc.err(p, format!("{} is not inside {net}", excerpt(e))));
         }
         except.push(ex);
     }
@@ -475,12 +499,15 @@ fn port_number(
             None => Err(out_of_range(n.to_string())),
         },
         Value::String(s) if allow_string => match s.trim().parse::<u64>() {
-            Ok(p) => u16::try_from(p).map_err(|_| out_of_range(format!("{s:?}"))),
-            Err(_) => Err(doc.err(path, format!("{s:?} is not a port number"))),
+            Ok(p) => u16::try_from(p).map_err(|_| out_of_range(excerpt(s))),
+            Err(_) => Err(doc.err(path, format!("{} is not a port number", excerpt(s)))),
         },
         Value::String(s) => Err(doc.err(
             path,
-            format!("named port {s:?} is not supported (only numeric ports)"),
+            format!(
+                "named port {} is not supported (only numeric ports)",
+                excerpt(s)
+            ),
         )),
         other => Err(doc.err(
             path,
@@ -494,7 +521,7 @@ fn value_summary(v: &Value) -> String {
         Value::Null => "null".to_string(),
         Value::Bool(b) => b.to_string(),
         Value::Number(n) => n.to_string(),
-        Value::String(s) => format!("{s:?}"),
+        Value::String(s) => excerpt(s),
         Value::Sequence(_) => "a list".to_string(),
         Value::Mapping(_) => "a mapping".to_string(),
         Value::Tagged(_) => "a tagged value".to_string(),
@@ -573,7 +600,7 @@ fn convert_np(doc: &Doc<'_>, raw: NpDoc) -> Result<Policy, PolicyError> {
                 other => {
                     return Err(doc.err(
                         format!("spec.policyTypes[{i}]"),
-                        format!("{other:?} is not a policy type (Ingress, Egress)"),
+                        format!("{} is not a policy type (Ingress, Egress)", excerpt(other)),
                     ))
                 }
             }
@@ -686,7 +713,10 @@ fn np_rule(
             Some(other) => {
                 return Err(doc.err(
                     format!("{p}.protocol"),
-                    format!("{other:?} is not a valid protocol (TCP, UDP, SCTP)"),
+                    format!(
+                        "{} is not a valid protocol (TCP, UDP, SCTP)",
+                        excerpt(other)
+                    ),
                 ))
             }
         };
@@ -862,9 +892,19 @@ fn cilium_peer_rule(
         let p = format!("{path}.{field}[{i}]");
         let mut sel = selector(doc, &p, raw)?;
         match ns {
+            // Selectors of reserved identities (`reserved:host` …) stay as they
+            // are: those identities have no namespace.
+            _ if sel.constrains_prefix(RESERVED_SOURCE) => {}
             // CNP: restricted to the policy namespace unless the selector itself
-            // says something about the namespace label.
-            Some(ns) if !sel.constrains(NAMESPACE_LABEL) => in_namespace(&mut sel, ns),
+            // says something about the namespace, by its name or by its labels
+            // (as current Cilium does: a namespace-labels selector of a
+            // namespaced policy reaches pods of every namespace with those labels).
+            Some(ns)
+                if !sel.constrains(NAMESPACE_LABEL)
+                    && !sel.constrains_prefix(NAMESPACE_LABELS_PREFIX) =>
+            {
+                in_namespace(&mut sel, ns)
+            }
             Some(_) => {}
             // CCNP: an empty selector selects every pod of the cluster (upstream adds a
             // namespace-label `Exists` requirement to wildcard selectors of clusterwide
@@ -910,14 +950,15 @@ fn cilium_peer_rule(
             "health" => Peer::Entity(Entity::Health),
             "unmanaged" => Peer::Entity(Entity::Unmanaged),
             "kube-apiserver" | "ingress" | "world-ipv4" | "world-ipv6" => {
-                return Err(doc.err(p, format!("entity {e:?} is not supported yet")))
+                return Err(doc.err(p, format!("entity {} is not supported yet", excerpt(e))))
             }
             other => {
                 return Err(doc.err(
                     p,
                     format!(
-                        "{other:?} is not an entity (world, cluster, host, remote-node, init, \
-                         health, unmanaged, all)"
+                        "{} is not an entity (world, cluster, host, remote-node, init, \
+                         health, unmanaged, all)",
+                        excerpt(other)
                     ),
                 ))
             }
@@ -945,7 +986,10 @@ fn cilium_peer_rule(
                 Some(other) => {
                     return Err(doc.err(
                         format!("{p}.protocol"),
-                        format!("{other:?} is not a valid protocol (TCP, UDP, SCTP, ANY)"),
+                        format!(
+                            "{} is not a valid protocol (TCP, UDP, SCTP, ANY)",
+                            excerpt(other)
+                        ),
                     ))
                 }
             };

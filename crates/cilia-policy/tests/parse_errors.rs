@@ -279,3 +279,89 @@ fn ports_accept_integers_and_numeric_strings() {
     assert!(ok("  ingress:\n  - toPorts: [{ports: [{port: '80', protocol: ANY}]}]").is_ok());
     assert!(ok("  ingress:\n  - toPorts: [{ports: [{port: '80', endPort: 80}]}]").is_ok());
 }
+
+#[test]
+fn selector_keys_and_values_follow_kubernetes_label_rules_and_errors_name_the_field() {
+    let long = "a".repeat(64);
+    let cases: Vec<(String, &str)> = vec![
+        (
+            "{matchLabels: {'app name': web}}".into(),
+            "spec.endpointSelector.matchLabels: key \"app name\" is not a valid label key",
+        ),
+        (
+            format!("{{matchLabels: {{app: {long}}}}}"),
+            "spec.endpointSelector.matchLabels: key \"app\": value \"aaaa",
+        ),
+        (
+            "{matchLabels: {app: '-web'}}".into(),
+            "spec.endpointSelector.matchLabels: key \"app\": value \"-web\" is not a valid label value",
+        ),
+        (
+            "{matchLabels: {'bad_prefix!/x': y}}".into(),
+            "spec.endpointSelector.matchLabels: key \"bad_prefix!/x\" is not a valid label key",
+        ),
+        (
+            "{matchLabels: {'container:app': web}}".into(),
+            "spec.endpointSelector.matchLabels: key \"container:app\": label source \"container\" is not supported",
+        ),
+        (
+            "{matchExpressions: [{key: 'a b', operator: Exists}]}".into(),
+            "spec.endpointSelector.matchExpressions[0].key: key \"a b\" is not a valid label key",
+        ),
+        (
+            "{matchExpressions: [{key: app, operator: In, values: [ok, 'x y']}]}".into(),
+            "spec.endpointSelector.matchExpressions[0].values[1]: value \"x y\" is not a valid label value",
+        ),
+    ];
+    for (sel, want) in cases {
+        let e = cnp_err(&format!("  endpointSelector: {sel}\n  ingress: [{{}}]"));
+        assert!(e.contains(want), "{sel}\n got: {e}\nwant: {want}");
+    }
+}
+
+#[test]
+fn valid_selector_keys_with_sources_and_prefixes_parse() {
+    let yaml = format!(
+        "{CNP_HEAD}spec:\n  endpointSelector: {{matchLabels: {{'k8s:app': web, 'example.com/tier': front, 'any:x': ''}}}}\n  ingress:\n  - fromEndpoints: [{{matchLabels: {{'reserved:host': ''}}}}]\n"
+    );
+    parse_policies("policies.yaml", &yaml).expect("valid selectors parse");
+}
+
+#[test]
+fn a_64kb_selector_value_gives_a_short_one_line_error() {
+    let huge = "v".repeat(65536);
+    let e = cnp_err(&format!(
+        "  endpointSelector: {{matchLabels: {{app: {huge}}}}}\n  ingress: [{{}}]"
+    ));
+    assert!(e.len() < 400, "{} bytes: {e}", e.len());
+    assert!(!e.contains('\n'));
+    assert!(e.contains("(65536 bytes)"), "{e}");
+}
+
+#[test]
+fn every_error_is_one_short_line_whatever_the_size_of_the_bad_value() {
+    let huge = "x".repeat(65536);
+    let cases = [
+        format!("  endpointSelector: {{}}\n  egress:\n  - toCIDR: ['{huge}']"),
+        format!("  endpointSelector: {{}}\n  egress:\n  - toPorts: [{{ports: [{{port: '{huge}'}}]}}]"),
+        format!("  endpointSelector: {{}}\n  egress:\n  - toPorts: [{{ports: [{{port: '80', protocol: {huge}}}]}}]"),
+        format!("  endpointSelector: {{}}\n  egress:\n  - toEntities: ['{huge}']"),
+        format!("  endpointSelector: {{matchExpressions: [{{key: app, operator: {huge}}}]}}\n  egress: [{{}}]"),
+        format!("  endpointSelector: {{}}\n  {huge}: 1"),
+        format!("  endpointSelector: {{}}\n  egress: '{huge}'"),
+    ];
+    for spec in cases {
+        let e = cnp_err(&spec);
+        assert!(
+            e.len() < 400 && !e.contains('\n'),
+            "{} bytes: {}",
+            e.len(),
+            &e[..200.min(e.len())]
+        );
+    }
+    let name = format!("{}\nx", "n".repeat(1000));
+    let e = err(&format!("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: \"{}\"}}\nspec: {{}}\n", name.replace('\n', "\\n")));
+    assert!(e.len() < 400 && !e.contains('\n'), "{} bytes", e.len());
+    let e = err(&format!("apiVersion: cilium.io/v2\nkind: {huge}\n"));
+    assert!(e.len() < 400, "{} bytes", e.len());
+}

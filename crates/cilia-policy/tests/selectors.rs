@@ -246,3 +246,112 @@ fn ccnp_empty_endpoint_selector_selects_every_endpoint() {
         assert!(w.resolve(id).egress_enforced, "{id}");
     }
 }
+
+/// Truth table of a namespaced CNP (in `default`) whose peer selector matches on
+/// namespace labels: like current Cilium, the selector is not limited to the
+/// policy's namespace, with or without the `k8s:`/`any:` source, through
+/// matchLabels or matchExpressions, at ingress (fromEndpoints) and egress
+/// (toEndpoints). Namespace `default` has team=a, `other` team=b, `kube-system`
+/// no team label.
+#[test]
+fn cnp_namespace_labels_selector_reaches_every_namespace_with_those_labels() {
+    let selectors = [
+        "{matchLabels: {'io.cilium.k8s.namespace.labels.team': b}}",
+        "{matchLabels: {'k8s:io.cilium.k8s.namespace.labels.team': b}}",
+        "{matchLabels: {'any:io.cilium.k8s.namespace.labels.team': b}}",
+        "{matchExpressions: [{key: 'k8s:io.cilium.k8s.namespace.labels.team', operator: In, values: [b]}]}",
+    ];
+    for sel in selectors {
+        for (section, peers, dir) in [
+            ("ingress", "fromEndpoints", Ingress),
+            ("egress", "toEndpoints", Egress),
+        ] {
+            let yaml = cnp(
+                "default",
+                &format!("endpointSelector: {{}}\n{section}:\n- {peers}: [{sel}]"),
+            );
+            check(
+                &yaml,
+                DB,
+                &[
+                    (dir, OTHER_WEB, TCP, 80, Allow),    // other: team=b
+                    (dir, OTHER_CLIENT, TCP, 80, Allow), // other: team=b
+                    (dir, WEB, TCP, 80, Deny),           // default (the policy's own): team=a
+                    (dir, DNS, TCP, 80, Deny),           // kube-system: no team
+                    (dir, 1, TCP, 80, Deny),             // host: no namespace
+                ],
+            );
+        }
+    }
+}
+
+#[test]
+fn cnp_namespace_labels_selector_with_pod_labels_selects_those_pods_in_any_matching_namespace() {
+    // team In [a, b]: both default and other; app=web: only the web pods.
+    let yaml = cnp(
+        "default",
+        "endpointSelector: {}\ningress:\n- fromEndpoints:\n  - matchLabels: {app: web}\n    matchExpressions: [{key: io.cilium.k8s.namespace.labels.team, operator: In, values: [a, b]}]",
+    );
+    check(
+        &yaml,
+        DB,
+        &[
+            (Ingress, WEB, TCP, 80, Allow),
+            (Ingress, OTHER_WEB, TCP, 80, Allow),
+            (Ingress, OTHER_CLIENT, TCP, 80, Deny),
+            (Ingress, DNS, TCP, 80, Deny),
+        ],
+    );
+}
+
+#[test]
+fn cnp_namespace_labels_exists_selector_reaches_namespaces_having_the_label() {
+    let yaml = cnp(
+        "default",
+        "endpointSelector: {}\negress:\n- toEndpoints:\n  - matchExpressions: [{key: 'k8s:io.cilium.k8s.namespace.labels.team', operator: Exists}]",
+    );
+    check(
+        &yaml,
+        DB,
+        &[
+            (Egress, WEB, TCP, 80, Allow),
+            (Egress, OTHER_CLIENT, TCP, 80, Allow),
+            (Egress, DNS, TCP, 80, Deny),
+        ],
+    );
+}
+
+#[test]
+fn cnp_pod_label_selector_without_namespace_keys_stays_in_the_policy_namespace() {
+    // The counterpart row of the table above: no namespace key, own namespace only.
+    let yaml = cnp(
+        "default",
+        "endpointSelector: {}\negress:\n- toEndpoints: [{matchLabels: {'k8s:app': web}}]",
+    );
+    check(
+        &yaml,
+        DB,
+        &[
+            (Egress, WEB, TCP, 80, Allow),
+            (Egress, OTHER_WEB, TCP, 80, Deny),
+        ],
+    );
+}
+
+#[test]
+fn cnp_reserved_selector_selects_the_reserved_identity() {
+    // Reserved identities have no namespace: the policy namespace is not added.
+    let yaml = cnp(
+        "default",
+        "endpointSelector: {}\ningress:\n- fromEndpoints: [{matchLabels: {'reserved:host': ''}}]",
+    );
+    check(
+        &yaml,
+        DB,
+        &[
+            (Ingress, 1, TCP, 80, Allow),
+            (Ingress, WEB, TCP, 80, Deny),
+            (Ingress, 2, TCP, 80, Deny),
+        ],
+    );
+}
