@@ -124,6 +124,7 @@ pub fn endpoint_view(rec: &EndpointRecord) -> Endpoint {
         state: rec.state,
         reason: rec.reason.clone(),
         container_id: rec.container_id.clone(),
+        network: rec.network.clone(),
         labels_pending: rec.label_source.is_some(),
         policy_audit: rec.policy_audit,
     }
@@ -302,6 +303,17 @@ struct ContainerQuery {
     container_id: Option<String>,
     /// With `container_id`: only this interface.
     ifname: Option<String>,
+    /// Only the attachments of this CNI network (endpoints recorded without
+    /// a network match any, see `EndpointRecord::attached_to`).
+    network: Option<String>,
+}
+
+impl ContainerQuery {
+    fn matches(&self, r: &EndpointRecord) -> bool {
+        (self.container_id.is_none() || r.container_id == self.container_id)
+            && self.ifname.as_ref().is_none_or(|i| &r.ifname == i)
+            && self.network.as_ref().is_none_or(|n| r.attached_to(n))
+    }
 }
 
 #[utoipa::path(get, path = "/v1/endpoints", params(ContainerQuery), responses((status = 200, body = Vec<Endpoint>)))]
@@ -313,8 +325,7 @@ async fn list_endpoints(
         Ok(mgr
             .list()?
             .iter()
-            .filter(|r| q.container_id.is_none() || r.container_id == q.container_id)
-            .filter(|r| q.ifname.as_ref().is_none_or(|i| &r.ifname == i))
+            .filter(|r| q.matches(r))
             .map(endpoint_view)
             .collect())
     })
@@ -328,14 +339,12 @@ async fn delete_container(
     State(state): State<Shared>,
     Query(q): Query<ContainerQuery>,
 ) -> Result<Json<usize>, AppError> {
-    let Some(cid) = q.container_id else {
+    if q.container_id.is_none() {
         return Err(bad_request("invalid-request", "container_id is required"));
-    };
-    with_manager(&state, move |mgr| {
-        mgr.delete_container(&cid, q.ifname.as_deref())
-    })
-    .await
-    .map(Json)
+    }
+    with_manager(&state, move |mgr| mgr.delete_matching(|r| q.matches(r)))
+        .await
+        .map(Json)
 }
 
 #[utoipa::path(put, path = "/v1/endpoints/{id}/config", params(("id" = u16, Path)), request_body = cilia_api::EndpointSettings,

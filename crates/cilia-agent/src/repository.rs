@@ -449,19 +449,19 @@ impl EndpointManager {
             .collect())
     }
 
-    /// Deletes the endpoints of a container (optionally one interface);
-    /// returns how many. None is not an error: CNI DEL is idempotent.
-    pub fn delete_container(
+    /// Deletes the endpoints `matches` selects (CNI DEL: a container's
+    /// attachment by interface and network), under the manager's lock, so
+    /// the selection and the deletion see the same endpoints; returns how
+    /// many. None is not an error: CNI DEL is idempotent.
+    pub fn delete_matching(
         &mut self,
-        container_id: &str,
-        ifname: Option<&str>,
+        matches: impl Fn(&EndpointRecord) -> bool,
     ) -> Result<usize, EndpointError> {
         let ids: Vec<u16> = self
             .store
             .endpoints()?
             .into_iter()
-            .filter(|r| r.container_id.as_deref() == Some(container_id))
-            .filter(|r| ifname.is_none_or(|i| r.ifname == i))
+            .filter(|r| matches(r))
             .map(|r| r.id)
             .collect();
         for id in &ids {

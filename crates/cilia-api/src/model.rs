@@ -102,6 +102,10 @@ pub struct EndpointCreate {
     /// Runtime's container id, kept for CNI CHECK/GC.
     #[serde(default)]
     pub container_id: Option<String>,
+    /// The CNI network (its config's `name`) the container is attached
+    /// through: CNI DEL, CHECK and GC act only on their network's endpoints.
+    #[serde(default)]
+    pub network: Option<String>,
     /// Namespace (default `default`); becomes the label
     /// `io.kubernetes.pod.namespace`.
     #[serde(default)]
@@ -153,6 +157,11 @@ pub struct Endpoint {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_id: Option<String>,
+    /// The CNI network the endpoint was attached through (absent for
+    /// endpoints made with the CLI or the API, and for CNI endpoints
+    /// recorded before the agent kept networks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
     /// The labels are still being learned (identity `init` meanwhile).
     #[serde(default)]
     pub labels_pending: bool,

@@ -376,6 +376,9 @@ fn print_endpoint(e: &Endpoint) {
     if let Some(c) = &e.container_id {
         println!("Container:   {c}");
     }
+    if let Some(n) = &e.network {
+        println!("Network:     {n} (CNI, interface {})", e.ifname);
+    }
 }
 
 fn print_status(s: &Status) {
@@ -663,6 +666,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 container_id: None,
                 namespace: Some(namespace),
                 label_source: None,
+                network: None,
             };
             let e: Endpoint = client.post("/v1/endpoints", &req).await?;
             if json {
