@@ -502,8 +502,7 @@ async fn import_policy(
 ) -> Result<Json<PolicyChange>, AppError> {
     let req: PolicyImport = json_body(&body)?;
     with_manager(&state, move |mgr| {
-        let (revision, policies) = mgr.import_policies(&req.source, &req.yaml)?;
-        Ok(PolicyChange { revision, policies })
+        mgr.import_policies(&req.source, &req.yaml)
     })
     .await
     .map(Json)
@@ -556,7 +555,11 @@ async fn delete_policy(
     with_manager(&state, move |mgr| {
         let (revision, policies) =
             mgr.delete_policies(q.name.as_deref(), q.namespace.as_deref())?;
-        Ok(PolicyChange { revision, policies })
+        Ok(PolicyChange {
+            revision,
+            policies,
+            ..Default::default()
+        })
     })
     .await
     .map(Json)

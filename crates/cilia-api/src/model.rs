@@ -281,12 +281,24 @@ pub struct PolicyImport {
     pub yaml: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct PolicyChange {
     /// Policy revision after the change.
     pub revision: u64,
     /// The policies imported or deleted (`Kind namespace/name`).
     pub policies: Vec<String>,
+    /// Import: YAML documents read, empty ones included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub documents: Option<usize>,
+    /// Import: policies that did not exist before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub created: Vec<String>,
+    /// Import: policies of the same kind, namespace and name, replaced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replaced: Vec<String>,
+    /// Import: notes, e.g. `document 2 is empty: skipped`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// A stored policy document.
