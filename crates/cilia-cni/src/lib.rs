@@ -156,10 +156,10 @@ pub trait Agent {
     fn status(&self) -> Result<Status, AgentError>;
     fn create_endpoint(&self, req: &EndpointCreate) -> Result<Endpoint, AgentError>;
     /// Endpoints, all or only those `filter` selects.
-    fn list_endpoints(&self, filter: &Selector<'_>) -> Result<Vec<Endpoint>, AgentError>;
+    fn list_endpoints(&self, filter: &EndpointQuery<'_>) -> Result<Vec<Endpoint>, AgentError>;
     /// Deletes the endpoints of `filter.container_id` that `filter`
     /// selects; 0 is fine.
-    fn delete_endpoints(&self, filter: &Selector<'_>) -> Result<usize, AgentError>;
+    fn delete_endpoints(&self, filter: &EndpointQuery<'_>) -> Result<usize, AgentError>;
 }
 
 /// Which endpoints an agent call is about: a container's attachment is
@@ -167,13 +167,13 @@ pub trait Agent {
 /// the agent recorded without a network match every network (see the
 /// agent's `EndpointRecord::attached_to`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Selector<'a> {
+pub struct EndpointQuery<'a> {
     pub container_id: Option<&'a str>,
     pub ifname: Option<&'a str>,
     pub network: Option<&'a str>,
 }
 
-impl<'a> Selector<'a> {
+impl<'a> EndpointQuery<'a> {
     /// The attachment (container id, interface) of network `network`.
     pub fn attachment(container_id: &'a str, ifname: &'a str, network: &'a str) -> Self {
         Self {
@@ -283,12 +283,12 @@ impl Agent for SocketAgent {
         self.call(|| self.client.post("/v1/endpoints", req))
     }
 
-    fn list_endpoints(&self, filter: &Selector<'_>) -> Result<Vec<Endpoint>, AgentError> {
+    fn list_endpoints(&self, filter: &EndpointQuery<'_>) -> Result<Vec<Endpoint>, AgentError> {
         let path = format!("/v1/endpoints{}", filter.query());
         self.call(|| self.client.get(&path))
     }
 
-    fn delete_endpoints(&self, filter: &Selector<'_>) -> Result<usize, AgentError> {
+    fn delete_endpoints(&self, filter: &EndpointQuery<'_>) -> Result<usize, AgentError> {
         if filter.container_id.is_none() {
             return Err(AgentError::Protocol(
                 "deleting endpoints needs a container id".into(),
@@ -866,7 +866,7 @@ fn cmd_add(env: &Env, conf: &NetConf, agent: &impl Agent) -> Result<Value, CniEr
 /// may be attached to other networks through other interfaces.
 fn cmd_del(env: &Env, conf: &NetConf, agent: &impl Agent) -> Result<(), CniError> {
     agent
-        .delete_endpoints(&Selector::attachment(
+        .delete_endpoints(&EndpointQuery::attachment(
             env.container_id()?,
             env.ifname()?,
             &conf.name,
@@ -879,7 +879,7 @@ fn cmd_check(env: &Env, conf: &NetConf, agent: &impl Agent) -> Result<(), CniErr
     let expected = conf.prev_result_ips()?;
     let (cid, ifname) = (env.container_id()?, env.ifname()?);
     let eps = agent
-        .list_endpoints(&Selector::attachment(cid, ifname, &conf.name))
+        .list_endpoints(&EndpointQuery::attachment(cid, ifname, &conf.name))
         .map_err(|e| e.to_cni("listing endpoints"))?;
     let Some(ep) = eps.first() else {
         return Err(CniError::new(
@@ -963,9 +963,9 @@ fn cmd_gc(conf: &NetConf, agent: &impl Agent) -> Result<(), CniError> {
         .collect();
     let network = conf.name.as_str();
     let eps = agent
-        .list_endpoints(&Selector {
+        .list_endpoints(&EndpointQuery {
             network: Some(network),
-            ..Selector::default()
+            ..EndpointQuery::default()
         })
         .map_err(|e| e.to_cni("listing endpoints"))?;
     let mut failures = Vec::new();
@@ -979,7 +979,8 @@ fn cmd_gc(conf: &NetConf, agent: &impl Agent) -> Result<(), CniError> {
         if valid.contains(&(cid, ep.ifname.as_str())) {
             continue;
         }
-        if let Err(e) = agent.delete_endpoints(&Selector::attachment(cid, &ep.ifname, network)) {
+        if let Err(e) = agent.delete_endpoints(&EndpointQuery::attachment(cid, &ep.ifname, network))
+        {
             failures.push(format!("{cid}/{}: {e}", ep.ifname));
         }
     }
@@ -1079,7 +1080,7 @@ mod tests {
             Ok(ep)
         }
 
-        fn list_endpoints(&self, filter: &Selector<'_>) -> Result<Vec<Endpoint>, AgentError> {
+        fn list_endpoints(&self, filter: &EndpointQuery<'_>) -> Result<Vec<Endpoint>, AgentError> {
             Ok(self
                 .eps
                 .borrow()
@@ -1089,7 +1090,7 @@ mod tests {
                 .collect())
         }
 
-        fn delete_endpoints(&self, filter: &Selector<'_>) -> Result<usize, AgentError> {
+        fn delete_endpoints(&self, filter: &EndpointQuery<'_>) -> Result<usize, AgentError> {
             if self.down {
                 return Err(AgentError::Unreachable("connection refused".into()));
             }
@@ -1103,7 +1104,7 @@ mod tests {
 
     /// The agent's matching: a record without a network matches any
     /// network when it has a container id.
-    fn selects(filter: &Selector<'_>, e: &Endpoint) -> bool {
+    fn selects(filter: &EndpointQuery<'_>, e: &Endpoint) -> bool {
         filter
             .container_id
             .is_none_or(|c| e.container_id.as_deref() == Some(c))
@@ -1447,9 +1448,9 @@ mod tests {
     #[test]
     fn queries_are_encoded() {
         assert_eq!(
-            Selector::attachment("a b", "eth0", "net/1").query(),
+            EndpointQuery::attachment("a b", "eth0", "net/1").query(),
             "?container_id=a%20b&ifname=eth0&network=net%2F1"
         );
-        assert_eq!(Selector::default().query(), "");
+        assert_eq!(EndpointQuery::default().query(), "");
     }
 }

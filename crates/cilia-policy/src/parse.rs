@@ -340,9 +340,9 @@ pub fn parse_stream(source: &str, yaml: &str) -> Result<PolicyStream, PolicyErro
             out.empty.push(doc.index);
             continue;
         }
-        let policy = parse_document(&mut doc, &value)?;
         let yaml = serde_norway::to_string(&value)
             .map_err(|e| doc.err("", format!("cannot write the document back as YAML: {e}")))?;
+        let policy = parse_document(&mut doc, value)?;
         out.policies.push(PolicyDocument {
             index: doc.index,
             policy,
@@ -353,8 +353,8 @@ pub fn parse_stream(source: &str, yaml: &str) -> Result<PolicyStream, PolicyErro
 }
 
 /// One non-empty document's policy.
-fn parse_document(doc: &mut Doc<'_>, value: &Value) -> Result<Policy, PolicyError> {
-    let Value::Mapping(map) = value else {
+fn parse_document(doc: &mut Doc<'_>, value: Value) -> Result<Policy, PolicyError> {
+    let Value::Mapping(map) = &value else {
         return Err(doc.err(
             "",
             "document is not a policy object (a mapping with apiVersion, kind, metadata, spec)",
@@ -403,11 +403,11 @@ fn parse_document(doc: &mut Doc<'_>, value: &Value) -> Result<Policy, PolicyErro
     }
     match kind {
         PolicyKind::NetworkPolicy => {
-            let raw: NpDoc = typed(doc, value.clone())?;
+            let raw: NpDoc = typed(doc, value)?;
             convert_np(doc, raw)
         }
         _ => {
-            let raw: CnpDoc = typed(doc, value.clone())?;
+            let raw: CnpDoc = typed(doc, value)?;
             convert_cnp(doc, kind, raw)
         }
     }
