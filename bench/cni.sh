@@ -14,13 +14,15 @@ P=ccni$$
 RUN=/run/$P
 SOCK=$RUN/cilia.sock
 AGENT_PID=
-cleanup() {
-  [ -n "$AGENT_PID" ] && kill "$AGENT_PID" 2>/dev/null && wait "$AGENT_PID" 2>/dev/null || true
-  for i in $(seq "$N"); do ip netns del "$P-$i" 2>/dev/null || true; done
-  ip netns del "$P-node" 2>/dev/null || true
+source scripts/lib/procs.sh
+cleanup() { # every process started is tracked by PID; then the namespaces
+  stop_tracked
+  for i in $(seq "$N"); do del_netns "$P-$i"; done
+  del_netns "$P-node"
   rm -rf "$RUN" "/sys/fs/bpf/$P"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 for b in cilia-agent cilia cilia-cni; do
   [ -x "$BIN/$b" ] || { echo "bench/cni.sh: $BIN/$b missing: cargo build --release --workspace --bins" >&2; exit 1; }
 done
@@ -30,6 +32,7 @@ for i in $(seq "$N"); do ip netns add "$P-$i"; done
 nsenter --net=/run/netns/$P-node "$BIN/cilia-agent" --state-dir "$RUN/state" --bpf-root "/sys/fs/bpf/$P" \
   --socket "$SOCK" --ipv6-range fd00:c1e::/112 --ipv4-range 10.202.0.0/22 >"$RUN/agent.log" 2>&1 &
 AGENT_PID=$!
+track "$AGENT_PID"
 for _ in $(seq 200); do "$BIN/cilia" --socket "$SOCK" status >/dev/null 2>&1 && break; sleep 0.1; done
 rss() { awk -v k="$1:" '$1 == k { print $2 }' "/proc/$AGENT_PID/status"; }
 RSS0=$(rss VmRSS)

@@ -35,17 +35,12 @@ RUN=/run/$P
 BPF=/sys/fs/bpf/$P
 SOCK=$RUN/cilia.sock
 NSS=("$P-node" "$P-cli" "$P-srv" "$P-other" "$P-vcli" "$P-vsrv")
-PIDS=()
 T0=$(date +%s)
+source scripts/lib/procs.sh
 
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do # bounded wait, then SIGKILL
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-  done
-  for ns in "${NSS[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
+cleanup() { # every process started is tracked by PID; then the namespaces
+  stop_tracked
+  del_netns "${NSS[@]}"
   rm -rf "$RUN" "$BPF"
 }
 trap cleanup EXIT
@@ -76,7 +71,8 @@ ip -n "$P-vsrv" link set "${P}s" up
 # --- cilia: agent in a node namespace, three endpoints ----------------------
 nsenter --net="/run/netns/$P-node" "$BIN/cilia-agent" --state-dir "$RUN/state" --bpf-root "$BPF" \
   --socket "$SOCK" --ipv6-range fd00:c1b::/112 --ipv4-range 10.201.0.0/24 >"$RUN/agent.log" 2>&1 &
-PIDS+=($!)
+AGENT_PID=$!
+track "$AGENT_PID"
 for _ in $(seq 100); do cilia status >/dev/null 2>&1 && break; sleep 0.1; done
 cilia status >/dev/null || { echo "agent did not start:" >&2; cat "$RUN/agent.log" >&2; exit 1; }
 cilia endpoint create --netns "$P-srv" --labels app=server >/dev/null
@@ -89,8 +85,8 @@ SRV_ID=$(field server id); SRV_IP=$(field server ipv4)
 SRV_IP=${SRV_IP%/*}
 
 # --- servers, killed on exit ------------------------------------------------
-ip netns exec "$P-srv" $SRV_RUN python3 bench/rr.py serve "$PORT" 0.0.0.0 1800 & PIDS+=($!)
-ip netns exec "$P-vsrv" $SRV_RUN python3 bench/rr.py serve "$PORT" 0.0.0.0 1800 & PIDS+=($!)
+ip netns exec "$P-srv" $SRV_RUN python3 bench/rr.py serve "$PORT" 0.0.0.0 1800 & track $!
+ip netns exec "$P-vsrv" $SRV_RUN python3 bench/rr.py serve "$PORT" 0.0.0.0 1800 & track $!
 
 reach() { # ns ip: 0 if a TCP connection to ip:PORT completes within 1 s
   ip netns exec "$1" timeout 5 python3 -c 'import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 1).close()' "$2" "$PORT" 2>/dev/null
@@ -144,7 +140,7 @@ measure() { # ns mode ip: ops/s, or "err"
 entries() { cilia -o json bpf policy get "$SRV_ID" 2>/dev/null | python3 -c 'import json,sys; d=json.load(sys.stdin); print(len(d) if isinstance(d, list) else len(d.get("entries", d)))' 2>/dev/null || echo "?"; }
 
 count() { cilia -o json "$@" 2>/dev/null | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))' 2>/dev/null || echo "?"; }
-agent_cpu() { awk '{print $14 + $15}' "/proc/${PIDS[0]}/stat" 2>/dev/null || echo 0; } # utime+stime, ticks
+agent_cpu() { awk '{print $14 + $15}' "/proc/$AGENT_PID/stat" 2>/dev/null || echo 0; } # utime+stime, ticks
 
 declare -A CC IC CR IR IMP NOTE
 load() { # N: sets cilia_ok; imports the CNPs (timed) and restores the iptables rules

@@ -10,19 +10,27 @@ BIN=target/release
 P=cbench$$
 RUN=/run/$P
 SOCK=$RUN/cilia.sock
-cleanup() {
-  pkill -f -- "--bpf-root /sys/fs/bpf/$P" 2>/dev/null || true
-  for ns in $P-node $P-a $P-b $P-va $P-vb; do ip netns del "$ns" 2>/dev/null || true; done
+source scripts/lib/procs.sh
+cleanup() { # every process started is tracked by PID; then the namespaces
+  stop_tracked
+  del_netns "$P-node" "$P-a" "$P-b" "$P-va" "$P-vb"
   rm -rf "$RUN" "/sys/fs/bpf/$P"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 mkdir -p "$RUN"
 for ns in node a b va vb; do ip netns add "$P-$ns"; ip -n "$P-$ns" link set lo up; done
 
-gbps() { # ns server_ip
-  ip netns exec "$P-$2" iperf3 -s -D -1 -B "$3" >/dev/null 2>&1; sleep 0.3
-  ip netns exec "$P-$1" iperf3 -c "$3" -t "$DURATION" -J |
-    python3 -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9))'
+# measure CLIENT_NS SERVER_NS SERVER_IP VAR: a one-shot iperf3 server (tracked
+# here, not in a $(...) subshell, so cleanup knows its PID), then the client.
+measure() {
+  ip netns exec "$P-$2" iperf3 -s -1 -B "$3" >/dev/null 2>&1 &
+  track $!
+  sleep 0.3
+  local gbps
+  gbps=$(ip netns exec "$P-$1" iperf3 -c "$3" -t "$DURATION" -J |
+    python3 -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9))')
+  printf -v "$4" '%s' "$gbps"
 }
 
 # Baseline: a plain veth pair, no BPF.
@@ -34,8 +42,9 @@ ip -n "$P-vb" addr add 198.51.100.2/24 dev "${P}y"
 ip -n "$P-va" link set "${P}x" up; ip -n "$P-vb" link set "${P}y" up
 
 # cilia: two endpoints on an agent.
-( nsenter --net=/run/netns/$P-node "$BIN/cilia-agent" --state-dir "$RUN/state" --bpf-root "/sys/fs/bpf/$P" \
-  --socket "$SOCK" --ipv6-range fd00:c1b::/112 --ipv4-range 10.201.0.0/24 >"$RUN/agent.log" 2>&1 & )
+nsenter --net=/run/netns/$P-node "$BIN/cilia-agent" --state-dir "$RUN/state" --bpf-root "/sys/fs/bpf/$P" \
+  --socket "$SOCK" --ipv6-range fd00:c1b::/112 --ipv4-range 10.201.0.0/24 >"$RUN/agent.log" 2>&1 &
+track $!
 for _ in $(seq 100); do "$BIN/cilia" --socket "$SOCK" status >/dev/null 2>&1 && break; sleep 0.1; done
 "$BIN/cilia" --socket "$SOCK" endpoint create --netns "$P-a" >/dev/null
 "$BIN/cilia" --socket "$SOCK" endpoint create --netns "$P-b" >/dev/null
@@ -43,9 +52,9 @@ sleep 0.5
 
 echo "| path | IPv6 Gbit/s | IPv4 Gbit/s |"
 echo "|---|---|---|"
-base6=$(gbps va vb 2001:db8:b::2); base4=$(gbps va vb 198.51.100.2)
+measure va vb 2001:db8:b::2 base6; measure va vb 198.51.100.2 base4
 echo "| plain veth pair, no BPF (baseline) | $base6 | $base4 |"
-c6=$(gbps a b fd00:c1b::3); c4=$(gbps a b 10.201.0.3)
+measure a b fd00:c1b::3 c6; measure a b 10.201.0.3 c4
 echo "| cilia endpoint -> endpoint (BPF redirect_peer) | $c6 | $c4 |"
 python3 -c "print('| ratio cilia / baseline | %.2f | %.2f |' % ($c6/$base6, $c4/$base4))"
 
@@ -53,8 +62,9 @@ python3 -c "print('| ratio cilia / baseline | %.2f | %.2f |' % ($c6/$base6, $c4/
 # --type trace` listens, i.e. a trace event for every packet.
 "$BIN/cilia" --socket "$SOCK" monitor --type trace -o json >/dev/null 2>&1 &
 MON=$!
+track "$MON"
 sleep 1
-m6=$(gbps a b fd00:c1b::3); m4=$(gbps a b 10.201.0.3)
+measure a b fd00:c1b::3 m6; measure a b 10.201.0.3 m4
 kill $MON 2>/dev/null || true
 echo "| cilia with \`cilia monitor --type trace\` listening | $m6 | $m4 |"
 python3 -c "print('| ratio traced / cilia | %.2f | %.2f |' % ($m6/$c6, $m4/$c4))"

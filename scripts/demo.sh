@@ -6,35 +6,57 @@
 # examples/starwars/cnp-l3-l4.yaml the tiefighter lands and the xwing is
 # dropped. Then a trace, the kernel's maps, and an agent crash that traffic
 # survives. Everything lives in namespaces this script creates and is removed
-# on exit (CILIA_DEMO_KEEP=1 keeps it running).
+# on exit — success, failure or Ctrl-C: every process it starts is recorded by
+# PID and ended by PID, with whatever still runs in its namespaces.
+#   CILIA_DEMO_KEEP=1   leave it running
+#   CILIA_DEMO_BIN=DIR  use binaries already built in DIR (e.g. target/debug);
+#                       skips scripts/setup.sh (packages, release build)
+#   CILIA_DEMO_NAME=N   name of its namespaces, run dir and bpffs dir (default
+#                       cilia-demo), so a test can run it beside a user's demo
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+source scripts/lib/procs.sh
+if [ -z "${CILIA_DEMO_BIN:-}" ]; then scripts/setup.sh; fi
 
-BIN=target/release
-RUN=/run/cilia-demo
-NODE=cilia-demo-node
+BIN=${CILIA_DEMO_BIN:-target/release}
+P=${CILIA_DEMO_NAME:-cilia-demo}
+RUN=/run/$P
+BPF=/sys/fs/bpf/$P
+NODE=$P-node
 export CILIA_SOCKET=$RUN/cilia.sock
-AGENT_ARGS=(--state-dir "$RUN/state" --bpf-root /sys/fs/bpf/cilia-demo --socket "$CILIA_SOCKET"
+AGENT_ARGS=(--state-dir "$RUN/state" --bpf-root "$BPF" --socket "$CILIA_SOCKET"
   --ipv6-range fd00:c1a::/112 --ipv4-range 10.200.0.0/24)
 SHIPS=(deathstar tiefighter xwing)
+NSS=("$NODE" "${SHIPS[@]/#/$P-}")
+AGENT_PID=
 
+# Also run first, for what a previous run killed without its trap left:
+# its namespaces (and the processes inside them) and files; nothing else.
+remove_all() {
+  stop_tracked
+  del_netns "${NSS[@]}"
+  rm -rf "$RUN" "$BPF"
+}
 cleanup() {
-  [ "${CILIA_DEMO_KEEP:-0}" = 1 ] && { echo "(kept: agent in netns $NODE; export CILIA_SOCKET=$CILIA_SOCKET)"; return; }
-  pkill -f -- "--bpf-root /sys/fs/bpf/cilia-demo" 2>/dev/null || true
-  for ns in "$NODE" "${SHIPS[@]/#/cilia-demo-}"; do ip netns del "$ns" 2>/dev/null || true; done
-  rm -rf "$RUN" /sys/fs/bpf/cilia-demo
+  if [ "${CILIA_DEMO_KEEP:-0}" = 1 ]; then
+    echo "(kept: agent pid $AGENT_PID in netns $NODE; export CILIA_SOCKET=$CILIA_SOCKET)"
+    return
+  fi
+  remove_all
 }
 trap cleanup EXIT
-cleanup
+trap 'exit 130' INT TERM
+remove_all
 mkdir -p "$RUN/www/v1"
 echo "Ship landed" >"$RUN/www/v1/request-landing"
 
 say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 cilia() { "$BIN/cilia" "$@"; }
-in_ship() { local ns=cilia-demo-$1; shift; ip netns exec "$ns" "$@"; }
-start_agent() {
-  ( nsenter --net=/run/netns/$NODE "$BIN/cilia-agent" "${AGENT_ARGS[@]}" >>"$RUN/agent.log" 2>&1 & )
+in_ship() { local ns=$P-$1; shift; ip netns exec "$ns" "$@"; }
+start_agent() { # nsenter execs the agent: $! is the agent's PID
+  nsenter --net=/run/netns/$NODE "$BIN/cilia-agent" "${AGENT_ARGS[@]}" >>"$RUN/agent.log" 2>&1 &
+  AGENT_PID=$!
+  track "$AGENT_PID"
   for _ in $(seq 100); do cilia status >/dev/null 2>&1 && return; sleep 0.1; done
   echo "agent did not start:"; cat "$RUN/agent.log"; exit 1
 }
@@ -54,15 +76,16 @@ start_agent
 cilia status
 
 say "three endpoints, each in its own network namespace, labelled as in the Star Wars demo"
-ip netns add cilia-demo-deathstar
-cilia endpoint create --netns cilia-demo-deathstar --labels org=empire,class=deathstar
-ip netns add cilia-demo-tiefighter
-cilia endpoint create --netns cilia-demo-tiefighter --labels org=empire,class=tiefighter
-ip netns add cilia-demo-xwing
-cilia endpoint create --netns cilia-demo-xwing --labels org=alliance,class=xwing
+ip netns add "$P-deathstar"
+cilia endpoint create --netns "$P-deathstar" --labels org=empire,class=deathstar
+ip netns add "$P-tiefighter"
+cilia endpoint create --netns "$P-tiefighter" --labels org=empire,class=tiefighter
+ip netns add "$P-xwing"
+cilia endpoint create --netns "$P-xwing" --labels org=alliance,class=xwing
 cilia endpoint list
 DS=$(field deathstar id); DS6=$(field deathstar ipv6); DS4=$(field deathstar ipv4); XW=$(field xwing id)
-( cd "$RUN/www" && ip netns exec cilia-demo-deathstar python3 -m http.server 80 --bind :: >/dev/null 2>&1 & )
+ip netns exec "$P-deathstar" python3 -m http.server 80 --bind :: --directory "$RUN/www" >/dev/null 2>&1 &
+track $!
 for _ in $(seq 50); do in_ship tiefighter curl -s --max-time 1 "http://[$DS6]/" >/dev/null 2>&1 && break; sleep 0.1; done
 
 say "forwarding in the node namespace: ipv4=$(ip netns exec $NODE cat /proc/sys/net/ipv4/ip_forward) ipv6=$(ip netns exec $NODE cat /proc/sys/net/ipv6/conf/all/forwarding): BPF forwards"
@@ -89,9 +112,11 @@ cilia bpf ct list
 say "kill -9 the agent during 30 landings: traffic and policy do not notice"
 in_ship tiefighter sh -c "ok=0; for i in \$(seq 30); do curl -s --max-time 1 http://[$DS6]/v1/request-landing >/dev/null && ok=\$((ok+1)); sleep 0.05; done; echo \"  tiefighter: \$ok of 30 landings succeeded\"" &
 LOOP=$!
+track "$LOOP"
 sleep 0.5
-pkill -9 -f -- "--bpf-root /sys/fs/bpf/cilia-demo"
-echo "  (agent killed)"
+kill -9 "$AGENT_PID"
+wait "$AGENT_PID" 2>/dev/null || true
+echo "  (agent pid $AGENT_PID killed)"
 wait $LOOP || true
 land xwing "[$DS6]"
 say "restart: the agent restores the same endpoints, addresses and policy"

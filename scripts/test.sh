@@ -29,7 +29,7 @@ trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace 2>&1 | tee "$log" || status=$?
 
-left=$(ip netns list 2>/dev/null | grep -E '^(cnode|cep)[0-9]+x' || true)
+left=$(ip netns list 2>/dev/null | grep -E '^(cnode|cep|cdemo)[0-9]+x' || true)
 if [ -n "$left" ]; then
   echo "test.sh: tests left network namespaces behind: $left" >&2
   exit 1

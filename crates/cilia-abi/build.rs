@@ -123,8 +123,13 @@ fn main() {
             if let (Some(name), Some(value)) = (parts.next(), parts.next()) {
                 let numeric = value.chars().all(|ch| ch.is_ascii_digit())
                     || (value.starts_with("0x")
-                        && value[2..].chars().all(|ch| ch.is_ascii_hexdigit()));
-                if name.starts_with("CILIA_") && numeric {
+                        && value[2..].chars().all(|ch| ch.is_ascii_hexdigit()))
+                    // A constant expression, e.g. `(1 << 22)`: C evaluates it.
+                    || value.starts_with('(');
+                let identifier = name
+                    .chars()
+                    .all(|ch| ch.is_ascii_uppercase() || ch.is_ascii_digit() || ch == '_');
+                if name.starts_with("CILIA_") && identifier && numeric {
                     c.push_str(&format!(
                         "printf(\"(\\\"{name}\\\", %llu),\\n\", (unsigned long long)({name}));\n"
                     ));

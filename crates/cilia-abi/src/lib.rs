@@ -634,6 +634,83 @@ mod tests {
         );
     }
 
+    /// The docs quote datapath figures as `` `CILIA_NAME` (value) ``; the
+    /// value must be abi.h's.
+    mod docs {
+        extern crate std;
+        use super::C_CONSTANTS;
+        use std::format;
+        use std::string::{String, ToString};
+        use std::vec::Vec;
+
+        /// Every `` `CILIA_NAME` (value) `` quotation in a text.
+        fn quotations(text: &str) -> Vec<(String, String)> {
+            let mut out = Vec::new();
+            let mut rest = text;
+            while let Some(i) = rest.find("`CILIA_") {
+                let after = &rest[i + 1..];
+                let Some(end) = after.find('`') else { break };
+                let tail = &after[end + 1..];
+                if let Some(open) = tail.strip_prefix(" (") {
+                    if let Some(close) = open.find(')') {
+                        let value = &open[..close];
+                        if !value.is_empty() && value.chars().all(|c| c.is_ascii_digit()) {
+                            out.push((after[..end].to_string(), value.to_string()));
+                        }
+                    }
+                }
+                rest = tail;
+            }
+            out
+        }
+
+        fn doc(path: &str) -> String {
+            let full = format!("{}/../../{path}", env!("CARGO_MANIFEST_DIR"));
+            std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{full}: {e}"))
+        }
+
+        #[test]
+        fn docs_quote_abi_constants_with_their_values() {
+            let mut checked = 0;
+            for path in ["README.md", "docs/ARCHITECTURE.md", "docs/benchmarks.md"] {
+                for (name, value) in quotations(&doc(path)) {
+                    let Some((_, c)) = C_CONSTANTS.iter().find(|(n, _)| *n == name) else {
+                        panic!("{path}: `{name}` ({value}) names no constant of abi.h");
+                    };
+                    assert_eq!(
+                        value,
+                        c.to_string(),
+                        "{path}: `{name}` is {c} in abi.h, the doc says {value}"
+                    );
+                    checked += 1;
+                }
+            }
+            assert!(checked >= 7, "the map sizes are quoted by constant name");
+        }
+
+        #[test]
+        fn map_sizes_in_the_architecture_doc_are_quoted_by_constant() {
+            // A bare figure in a map row is how 16384 outlived the map's resize.
+            for row in doc("docs/ARCHITECTURE.md")
+                .lines()
+                .filter(|l| l.starts_with("| `lxc.c` |"))
+            {
+                let mut bare = row.to_string();
+                for (name, value) in quotations(row) {
+                    bare = bare.replace(&format!("`{name}` ({value})"), "");
+                }
+                let figures: Vec<&str> = bare
+                    .split(|c: char| !c.is_ascii_digit())
+                    .filter(|n| n.len() >= 4)
+                    .collect();
+                assert!(
+                    figures.is_empty(),
+                    "{figures:?} in a map row of docs/ARCHITECTURE.md: quote sizes as `CILIA_NAME` (value)\n{row}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn endpoint_key_round_trips_both_families() {
         for ip in ["10.1.2.3", "fd00::42"] {

@@ -125,6 +125,7 @@ pub fn endpoint_view(rec: &EndpointRecord) -> Endpoint {
         state: rec.state,
         reason: rec.reason.clone(),
         container_id: rec.container_id.clone(),
+        network: rec.network.clone(),
         labels_pending: rec.label_source.is_some(),
         policy_audit: rec.policy_audit,
     }
@@ -303,9 +304,18 @@ struct ContainerQuery {
     container_id: Option<String>,
     /// With `container_id`: only this interface.
     ifname: Option<String>,
+    /// Only the attachments of this CNI network (endpoints recorded without
+    /// a network match any, see `EndpointRecord::attached_to`).
+    network: Option<String>,
 }
 
 impl ContainerQuery {
+    fn matches(&self, r: &EndpointRecord) -> bool {
+        (self.container_id.is_none() || r.container_id == self.container_id)
+            && self.ifname.as_ref().is_none_or(|i| &r.ifname == i)
+            && self.network.as_ref().is_none_or(|n| r.attached_to(n))
+    }
+
     /// Same bounds as on create: a query never carries what no endpoint can have.
     fn check(&self) -> Result<(), AppError> {
         let bad = |e: cilia_api::limits::InputError| bad_request("invalid-request", e.to_string());
@@ -314,6 +324,10 @@ impl ContainerQuery {
         }
         if let Some(ifname) = &self.ifname {
             cilia_api::limits::check_ifname("ifname", ifname).map_err(bad)?;
+        }
+        if let Some(network) = &self.network {
+            // A CNI network name has the container id's character set.
+            cilia_api::limits::check_container_id("network", network).map_err(bad)?;
         }
         Ok(())
     }
@@ -329,8 +343,7 @@ async fn list_endpoints(
         Ok(mgr
             .list()?
             .iter()
-            .filter(|r| q.container_id.is_none() || r.container_id == q.container_id)
-            .filter(|r| q.ifname.as_ref().is_none_or(|i| &r.ifname == i))
+            .filter(|r| q.matches(r))
             .map(endpoint_view)
             .collect())
     })
@@ -345,14 +358,12 @@ async fn delete_container(
     Query(q): Query<ContainerQuery>,
 ) -> Result<Json<usize>, AppError> {
     q.check()?;
-    let Some(cid) = q.container_id else {
+    if q.container_id.is_none() {
         return Err(bad_request("invalid-request", "container_id is required"));
-    };
-    with_manager(&state, move |mgr| {
-        mgr.delete_container(&cid, q.ifname.as_deref())
-    })
-    .await
-    .map(Json)
+    }
+    with_manager(&state, move |mgr| mgr.delete_matching(|r| q.matches(r)))
+        .await
+        .map(Json)
 }
 
 #[utoipa::path(put, path = "/v1/endpoints/{id}/config", params(("id" = u16, Path)), request_body = cilia_api::EndpointSettings,
@@ -515,8 +526,7 @@ async fn import_policy(
 ) -> Result<Json<PolicyChange>, AppError> {
     let req: PolicyImport = json_body(&body)?;
     with_manager(&state, move |mgr| {
-        let (revision, policies) = mgr.import_policies(&req.source, &req.yaml)?;
-        Ok(PolicyChange { revision, policies })
+        mgr.import_policies(&req.source, &req.yaml)
     })
     .await
     .map(Json)
@@ -569,7 +579,11 @@ async fn delete_policy(
     with_manager(&state, move |mgr| {
         let (revision, policies) =
             mgr.delete_policies(q.name.as_deref(), q.namespace.as_deref())?;
-        Ok(PolicyChange { revision, policies })
+        Ok(PolicyChange {
+            revision,
+            policies,
+            ..Default::default()
+        })
     })
     .await
     .map(Json)

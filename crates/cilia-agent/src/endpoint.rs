@@ -201,13 +201,17 @@ impl EndpointManager {
             ));
         }
         // A runtime retrying ADD after a crash: replace what is left of the
-        // earlier attempt for the same container and interface.
+        // earlier attempt for the same container, interface and network.
         if let Some(cid) = &req.container_id {
             let stale: Vec<u16> = self
                 .store
                 .endpoints()?
                 .into_iter()
                 .filter(|r| r.container_id.as_deref() == Some(cid.as_str()) && r.ifname == ifname)
+                .filter(|r| match &req.network {
+                    Some(n) => r.attached_to(n),
+                    None => true,
+                })
                 .map(|r| r.id)
                 .collect();
             for id in stale {
@@ -235,6 +239,7 @@ impl EndpointManager {
                         identity: 0,
                         label_source: label_source.clone(),
                         policy_audit: false,
+                        network: req.network.clone(),
                     }
                 })?;
         match self.connect(&rec) {
@@ -627,6 +632,7 @@ mod tests {
             container_id: None,
             namespace: None,
             label_source: None,
+            network: None,
         }
     }
 
@@ -682,6 +688,7 @@ mod tests {
                     identity: 0,
                     label_source: None,
                     policy_audit: false,
+                    network: None,
                 })
                 .unwrap();
             // The crash happened after the veth was made.

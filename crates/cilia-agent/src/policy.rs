@@ -49,58 +49,50 @@ pub enum ImportError {
     },
 }
 
-/// Splits a multi-document YAML stream at `---` separator lines.
-pub fn split_documents(yaml: &str) -> Vec<String> {
-    let mut docs = vec![String::new()];
-    for line in yaml.lines() {
-        let trimmed = line.trim_end();
-        if trimmed == "---" || trimmed.starts_with("--- ") {
-            docs.push(String::new());
-            continue;
-        }
-        if let Some(doc) = docs.last_mut() {
-            doc.push_str(line);
-            doc.push('\n');
-        }
-    }
-    docs.into_iter()
-        .filter(|d| {
-            d.lines()
-                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
-        })
-        .collect()
+/// A parsed import: each policy with the document to store for it.
+#[derive(Debug)]
+pub struct ParsedImport {
+    /// Documents read, empty ones included.
+    pub documents: usize,
+    /// 1-based indexes of empty documents (skipped).
+    pub empty: Vec<usize>,
+    pub policies: Vec<(StoredPolicy, Policy)>,
 }
 
 /// Parses an import: every document must be valid (all or nothing).
-/// Returns each policy with the document it came from, for storage.
-pub fn parse_import(source: &str, yaml: &str) -> Result<Vec<(StoredPolicy, Policy)>, ImportError> {
-    // The whole stream first, so errors name the right document index.
-    cilia_policy::parse_policies(source, yaml)?;
+/// Documents come from the YAML library's own document stream, never from
+/// splitting text, so a document starting on its `---` line is not lost;
+/// each is stored in its normalised form, which parses back on its own.
+pub fn parse_import(source: &str, yaml: &str) -> Result<ParsedImport, ImportError> {
+    let stream = cilia_policy::parse_stream(source, yaml)?;
     let mut out: Vec<(StoredPolicy, Policy)> = Vec::new();
-    for doc in split_documents(yaml) {
-        for policy in cilia_policy::parse_policies(source, &doc)? {
-            let stored = StoredPolicy {
-                kind: kind_name(policy.kind).into(),
-                namespace: policy.namespace.clone(),
-                name: policy.name.clone(),
-                yaml: doc.clone(),
-            };
-            if out.iter().any(|(s, _)| s.key() == stored.key()) {
-                return Err(ImportError::Duplicate {
-                    file: source.into(),
-                    kind: kind_name(policy.kind),
-                    name: policy.qualified_name(),
-                });
-            }
-            out.push((stored, policy));
+    for doc in stream.policies {
+        let policy = doc.policy;
+        let stored = StoredPolicy {
+            kind: kind_name(policy.kind).into(),
+            namespace: policy.namespace.clone(),
+            name: policy.name.clone(),
+            yaml: doc.yaml,
+        };
+        if out.iter().any(|(s, _)| s.key() == stored.key()) {
+            return Err(ImportError::Duplicate {
+                file: source.into(),
+                kind: kind_name(policy.kind),
+                name: policy.qualified_name(),
+            });
         }
+        out.push((stored, policy));
     }
     if out.is_empty() {
         return Err(ImportError::Empty {
             file: source.into(),
         });
     }
-    Ok(out)
+    Ok(ParsedImport {
+        documents: stream.documents,
+        empty: stream.empty,
+        policies: out,
+    })
 }
 
 /// Parses stored policies (at start-up). A document that no longer parses is
@@ -278,7 +270,9 @@ spec:
 
     #[test]
     fn an_import_keeps_each_document_with_its_policy() {
-        let parsed = parse_import("t.yaml", TWO).unwrap();
+        let import = parse_import("t.yaml", TWO).unwrap();
+        assert_eq!((import.documents, import.empty.clone()), (3, vec![2]));
+        let parsed = import.policies;
         assert_eq!(parsed.len(), 2);
         assert_eq!(parsed[0].0.key(), "CiliumNetworkPolicy/default/a");
         assert_eq!(parsed[1].0.key(), "NetworkPolicy/prod/b");
@@ -295,6 +289,26 @@ spec:
         let twice = format!("{doc}---\n{doc}");
         let err = parse_import("t.yaml", &twice).unwrap_err();
         assert!(err.to_string().contains("defined twice"), "{err}");
+    }
+
+    #[test]
+    fn a_deny_document_on_its_separator_line_is_imported_and_stored() {
+        let deny = "--- {apiVersion: cilium.io/v2, kind: CiliumNetworkPolicy, metadata: {name: deny}, spec: {endpointSelector: {}, ingressDeny: [{fromEntities: [world]}]}}\n";
+        let import = parse_import("t.yaml", &format!("{TWO}{deny}")).unwrap();
+        let keys: Vec<String> = import.policies.iter().map(|p| p.0.key()).collect();
+        assert_eq!(
+            keys,
+            [
+                "CiliumNetworkPolicy/default/a",
+                "NetworkPolicy/prod/b",
+                "CiliumNetworkPolicy/default/deny"
+            ]
+        );
+        let stored: Vec<StoredPolicy> = import.policies.iter().map(|p| p.0.clone()).collect();
+        let (reparsed, errors) = parse_stored(&stored);
+        assert!(errors.is_empty(), "{errors:?}");
+        let originals: Vec<Policy> = import.policies.into_iter().map(|p| p.1).collect();
+        assert_eq!(reparsed, originals);
     }
 
     #[test]

@@ -302,11 +302,12 @@ impl EndpointManager {
         &mut self,
         source: &str,
         yaml: &str,
-    ) -> Result<(u64, Vec<String>), EndpointError> {
-        let parsed = policy::parse_import(source, yaml)?;
+    ) -> Result<cilia_api::PolicyChange, EndpointError> {
+        let import = policy::parse_import(source, yaml)?;
+        let parsed = &import.policies;
         // Check the result fits every endpoint's map before changing anything.
         let mut candidate = self.policy_docs.clone();
-        for (stored, p) in &parsed {
+        for (stored, p) in parsed {
             candidate.insert(stored.key(), (stored.clone(), p.clone()));
         }
         // The stored policies and the import together stay within the bounds
@@ -333,14 +334,34 @@ impl EndpointManager {
         }
         let stored: Vec<StoredPolicy> = parsed.iter().map(|(s, _)| s.clone()).collect();
         let revision = self.store.put_policies(&stored)?;
+        let mut change = cilia_api::PolicyChange {
+            revision,
+            documents: Some(import.documents),
+            notes: import
+                .empty
+                .iter()
+                .map(|i| format!("document {i} is empty: skipped"))
+                .collect(),
+            ..Default::default()
+        };
+        for (s, p) in parsed {
+            let name = format!("{} {}", s.kind, p.qualified_name());
+            if self.policy_docs.contains_key(&s.key()) {
+                change.replaced.push(name.clone());
+            } else {
+                change.created.push(name.clone());
+            }
+            change.policies.push(name);
+        }
         self.policy_docs = candidate;
-        let names = parsed
-            .iter()
-            .map(|(s, p)| format!("{} {}", s.kind, p.qualified_name()))
-            .collect();
-        info!(revision, source, "policies imported");
+        info!(
+            revision,
+            source,
+            documents = import.documents,
+            "policies imported"
+        );
         self.regenerate()?;
-        Ok((revision, names))
+        Ok(change)
     }
 
     /// Deletes policies by name (optionally within one namespace), or all.
@@ -488,19 +509,19 @@ impl EndpointManager {
             .collect())
     }
 
-    /// Deletes the endpoints of a container (optionally one interface);
-    /// returns how many. None is not an error: CNI DEL is idempotent.
-    pub fn delete_container(
+    /// Deletes the endpoints `matches` selects (CNI DEL: a container's
+    /// attachment by interface and network), under the manager's lock, so
+    /// the selection and the deletion see the same endpoints; returns how
+    /// many. None is not an error: CNI DEL is idempotent.
+    pub fn delete_matching(
         &mut self,
-        container_id: &str,
-        ifname: Option<&str>,
+        matches: impl Fn(&EndpointRecord) -> bool,
     ) -> Result<usize, EndpointError> {
         let ids: Vec<u16> = self
             .store
             .endpoints()?
             .into_iter()
-            .filter(|r| r.container_id.as_deref() == Some(container_id))
-            .filter(|r| ifname.is_none_or(|i| r.ifname == i))
+            .filter(|r| matches(r))
             .map(|r| r.id)
             .collect();
         for id in &ids {

@@ -147,9 +147,25 @@ pub struct EndpointRecord {
     /// Policy audit mode: would-be drops pass and are reported as AUDIT.
     #[serde(default)]
     pub policy_audit: bool,
+    /// The CNI network the endpoint was attached through (`None`: made by
+    /// the CLI or the API, or recorded before networks were kept).
+    #[serde(default)]
+    pub network: Option<String>,
 }
 
 impl EndpointRecord {
+    /// Whether this endpoint is an attachment of CNI network `network`, as
+    /// CNI DEL and CHECK look it up. A runtime's endpoint recorded before
+    /// the agent kept networks (container id, no network) matches every
+    /// network, so DEL still removes it after an upgrade; CNI GC, which must
+    /// never touch another network's attachments, leaves such records alone.
+    pub fn attached_to(&self, network: &str) -> bool {
+        match &self.network {
+            Some(n) => n == network,
+            None => self.container_id.is_some(),
+        }
+    }
+
     pub fn ips(&self) -> Vec<IpAddr> {
         let mut ips = vec![IpAddr::V6(self.ipv6)];
         ips.extend(self.ipv4.map(IpAddr::V4));
@@ -620,7 +636,47 @@ mod tests {
             identity: 0,
             label_source: None,
             policy_audit: false,
+            network: None,
         }
+    }
+
+    #[test]
+    fn a_record_written_before_networks_were_kept_still_loads() {
+        let old = r#"{"id":3,"netns":"/run/netns/x","ifname":"eth0","host_ifname":"lxc3",
+            "ipv6":"fd00::3","ipv4":null,"labels":{},"mac":[2,0,0,0,0,1],
+            "host_mac":[2,0,0,0,0,2],"state":"ready","container_id":"c1"}"#;
+        let rec: EndpointRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(rec.network, None);
+        assert!(rec.attached_to("any"), "DEL of any network still finds it");
+    }
+
+    #[test]
+    fn the_network_of_an_endpoint_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let (p6, p4) = pools();
+        let a = {
+            let store = Store::open(&path).unwrap();
+            store
+                .create_endpoint(&p6, Some(&p4), |id, v6, v4| EndpointRecord {
+                    container_id: Some("c1".into()),
+                    network: Some("net-a".into()),
+                    ..record(id, v6, v4)
+                })
+                .unwrap()
+        };
+        let store = Store::open(&path).unwrap();
+        let back = store.endpoints().unwrap();
+        assert_eq!(back, vec![a]);
+        assert_eq!(back[0].network.as_deref(), Some("net-a"));
+        assert!(back[0].attached_to("net-a"));
+        assert!(!back[0].attached_to("net-b"));
+    }
+
+    #[test]
+    fn an_endpoint_without_a_container_is_on_no_network() {
+        let rec = record(1, "fd00::1".parse().unwrap(), None);
+        assert!(!rec.attached_to("cilia"));
     }
 
     #[test]

@@ -348,6 +348,49 @@ fn ingress_deny_names_the_rule() {
     assert!(table.contains("deny-tiefighter"), "{table}");
 }
 
+#[test]
+fn a_deny_document_on_its_separator_line_is_enforced_and_reported() {
+    privileged!("a_deny_document_on_its_separator_line_is_enforced_and_reported");
+    let agent = TestAgent::start(AgentOptions::default());
+    let sw = Starwars::new(&agent);
+    let allow = std::fs::read_to_string(CNP_RULE1).unwrap();
+    // Valid YAML: the second document's content starts on its `---` line.
+    let stream = format!(
+        "{allow}--- {{apiVersion: cilium.io/v2, kind: CiliumNetworkPolicy, metadata: {{name: deny-tf}}, spec: {{endpointSelector: {{matchLabels: {{class: deathstar}}}}, ingressDeny: [{{fromEndpoints: [{{matchLabels: {{class: tiefighter}}}}]}}]}}}}\n---\n"
+    );
+    let out = cli_stdin(&agent, &["policy", "import", "-"], &stream);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "stdin: read 3 document(s)",
+        "note: document 3 is empty: skipped",
+        "created CiliumNetworkPolicy default/rule1",
+        "created CiliumNetworkPolicy default/deny-tf",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line:?} missing in:\n{text}"
+        );
+    }
+    for family in ["ipv6", "ipv4"] {
+        assert_blocked(&sw.tf_ns, sw.deathstar(family, 80), "denied tiefighter");
+    }
+    // Both are stored (as normalised documents); a second import replaces them.
+    let mut names = policy_names(&agent);
+    names.sort();
+    assert_eq!(names, ["deny-tf", "rule1"]);
+    let out = cli_stdin(&agent, &["policy", "import", "-"], &stream);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains("replaced CiliumNetworkPolicy default/deny-tf") && !text.contains("created"),
+        "{text}"
+    );
+}
+
 /// A world namespace wired to the node namespace: the node side is
 /// 203.0.113.1 / 2001:db8:1::1, the world answers on 203.0.113.10 and
 /// 203.0.113.11 (and 2001:db8:1::10) and routes the endpoint ranges back via

@@ -102,6 +102,10 @@ pub struct EndpointCreate {
     /// Runtime's container id, kept for CNI CHECK/GC.
     #[serde(default)]
     pub container_id: Option<String>,
+    /// The CNI network (its config's `name`) the container is attached
+    /// through: CNI DEL, CHECK and GC act only on their network's endpoints.
+    #[serde(default)]
+    pub network: Option<String>,
     /// Namespace (default `default`); becomes the label
     /// `io.kubernetes.pod.namespace`.
     #[serde(default)]
@@ -153,6 +157,11 @@ pub struct Endpoint {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_id: Option<String>,
+    /// The CNI network the endpoint was attached through (absent for
+    /// endpoints made with the CLI or the API, and for CNI endpoints
+    /// recorded before the agent kept networks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
     /// The labels are still being learned (identity `init` meanwhile).
     #[serde(default)]
     pub labels_pending: bool,
@@ -272,12 +281,24 @@ pub struct PolicyImport {
     pub yaml: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct PolicyChange {
     /// Policy revision after the change.
     pub revision: u64,
     /// The policies imported or deleted (`Kind namespace/name`).
     pub policies: Vec<String>,
+    /// Import: YAML documents read, empty ones included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub documents: Option<usize>,
+    /// Import: policies that did not exist before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub created: Vec<String>,
+    /// Import: policies of the same kind, namespace and name, replaced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replaced: Vec<String>,
+    /// Import: notes, e.g. `document 2 is empty: skipped`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// A stored policy document.

@@ -376,6 +376,9 @@ fn print_endpoint(e: &Endpoint) {
     if let Some(c) = &e.container_id {
         println!("Container:   {c}");
     }
+    if let Some(n) = &e.network {
+        println!("Network:     {n} (CNI, interface {})", e.ifname);
+    }
 }
 
 fn print_status(s: &Status) {
@@ -667,6 +670,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 container_id: None,
                 namespace: Some(namespace),
                 label_source: None,
+                network: None,
             };
             let e: Endpoint = client.post("/v1/endpoints", &req).await?;
             if json {
@@ -827,12 +831,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 source: if file == "-" { "stdin".into() } else { file },
                 yaml,
             };
+            let source = req.source.clone();
             let r: PolicyChange = client.post("/v1/policy", &req).await?;
             if json {
                 print_json(&r)?
             } else {
-                for p in &r.policies {
-                    println!("imported {p}");
+                if let Some(n) = r.documents {
+                    println!("{source}: read {n} document(s)");
+                }
+                for note in &r.notes {
+                    println!("note: {note}");
+                }
+                for p in &r.created {
+                    println!("created {p}");
+                }
+                for p in &r.replaced {
+                    println!("replaced {p}");
                 }
                 println!("Revision: {}", r.revision);
             }
@@ -892,12 +906,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Policy(PolicyCmd::Validate { file }) => {
             let yaml = read_input(&file)?;
             let source = if file == "-" { "stdin" } else { file.as_str() };
-            let policies = cilia_policy::parse_policies(source, &yaml)?;
-            if policies.is_empty() {
-                anyhow::bail!("{source}: no policy documents found");
+            let stream = cilia_policy::parse_stream(source, &yaml)?;
+            if stream.policies.is_empty() {
+                anyhow::bail!(
+                    "{source}: no policy documents found ({} document(s) read, all empty)",
+                    stream.documents
+                );
             }
-            for p in &policies {
-                println!("valid: {:?} {}", p.kind, p.qualified_name());
+            println!("{source}: read {} document(s)", stream.documents);
+            for i in &stream.empty {
+                println!("note: document {i} is empty: skipped");
+            }
+            for d in &stream.policies {
+                println!(
+                    "valid: {:?} {} (document {})",
+                    d.policy.kind,
+                    d.policy.qualified_name(),
+                    d.index
+                );
             }
         }
         Command::Policy(PolicyCmd::Trace {

@@ -113,3 +113,50 @@ fn an_unreachable_agent_is_a_one_line_error_naming_the_socket() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("/nonexistent/cilia.sock"), "{err}");
 }
+
+#[test]
+fn validate_reports_documents_read_empty_ones_and_each_policy() {
+    let yaml = "---
+# nothing here
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: allow}
+spec: {endpointSelector: {}, ingress: [{fromEntities: [host]}]}
+--- {apiVersion: cilium.io/v2, kind: CiliumNetworkPolicy, metadata: {name: deny}, spec: {endpointSelector: {}, ingressDeny: [{fromEntities: [world]}]}}
+";
+    let out = cilia(&["policy", "validate", "-"], Some(yaml));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout,
+        "stdin: read 3 document(s)
+note: document 1 is empty: skipped
+valid: CiliumNetworkPolicy default/allow (document 2)
+valid: CiliumNetworkPolicy default/deny (document 3)
+"
+    );
+}
+
+#[test]
+fn validate_refuses_a_billion_laughs_document_naming_it() {
+    let mut yaml = String::from("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: lol}\nl0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+    for i in 1..9 {
+        let p = i - 1;
+        yaml.push_str(&format!(
+            "l{i}: &l{i} [*l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}]\n"
+        ));
+    }
+    let out = cilia(&["policy", "validate", "-"], Some(&yaml));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("stdin: document 1") && err.contains("aliases"),
+        "{err}"
+    );
+}

@@ -155,18 +155,50 @@ impl AgentError {
 pub trait Agent {
     fn status(&self) -> Result<Status, AgentError>;
     fn create_endpoint(&self, req: &EndpointCreate) -> Result<Endpoint, AgentError>;
-    /// Endpoints, all or only those of a container (and interface).
-    fn list_endpoints(
-        &self,
-        container_id: Option<&str>,
-        ifname: Option<&str>,
-    ) -> Result<Vec<Endpoint>, AgentError>;
-    /// Deletes a container's endpoints (one interface or all); 0 is fine.
-    fn delete_endpoints(
-        &self,
-        container_id: &str,
-        ifname: Option<&str>,
-    ) -> Result<usize, AgentError>;
+    /// Endpoints, all or only those `filter` selects.
+    fn list_endpoints(&self, filter: &EndpointQuery<'_>) -> Result<Vec<Endpoint>, AgentError>;
+    /// Deletes the endpoints of `filter.container_id` that `filter`
+    /// selects; 0 is fine.
+    fn delete_endpoints(&self, filter: &EndpointQuery<'_>) -> Result<usize, AgentError>;
+}
+
+/// Which endpoints an agent call is about: a container's attachment is
+/// (container id, interface, network), as the CNI spec keys it. Endpoints
+/// the agent recorded without a network match every network (see the
+/// agent's `EndpointRecord::attached_to`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EndpointQuery<'a> {
+    pub container_id: Option<&'a str>,
+    pub ifname: Option<&'a str>,
+    pub network: Option<&'a str>,
+}
+
+impl<'a> EndpointQuery<'a> {
+    /// The attachment (container id, interface) of network `network`.
+    pub fn attachment(container_id: &'a str, ifname: &'a str, network: &'a str) -> Self {
+        Self {
+            container_id: Some(container_id),
+            ifname: Some(ifname),
+            network: Some(network),
+        }
+    }
+
+    /// The query string of the agent's `/v1/endpoints`.
+    pub fn query(&self) -> String {
+        let q: Vec<String> = [
+            ("container_id", self.container_id),
+            ("ifname", self.ifname),
+            ("network", self.network),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| format!("{k}={}", encode_query(v))))
+        .collect();
+        if q.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", q.join("&"))
+        }
+    }
 }
 
 /// Percent-encodes a query value (RFC 3986 unreserved characters kept).
@@ -180,21 +212,6 @@ pub fn encode_query(s: &str) -> String {
         }
     }
     out
-}
-
-fn container_query(container_id: Option<&str>, ifname: Option<&str>) -> String {
-    let mut q = Vec::new();
-    if let Some(c) = container_id {
-        q.push(format!("container_id={}", encode_query(c)));
-    }
-    if let Some(i) = ifname {
-        q.push(format!("ifname={}", encode_query(i)));
-    }
-    if q.is_empty() {
-        String::new()
-    } else {
-        format!("?{}", q.join("&"))
-    }
 }
 
 /// The real agent, over its unix socket.
@@ -266,24 +283,18 @@ impl Agent for SocketAgent {
         self.call(|| self.client.post("/v1/endpoints", req))
     }
 
-    fn list_endpoints(
-        &self,
-        container_id: Option<&str>,
-        ifname: Option<&str>,
-    ) -> Result<Vec<Endpoint>, AgentError> {
-        let path = format!("/v1/endpoints{}", container_query(container_id, ifname));
+    fn list_endpoints(&self, filter: &EndpointQuery<'_>) -> Result<Vec<Endpoint>, AgentError> {
+        let path = format!("/v1/endpoints{}", filter.query());
         self.call(|| self.client.get(&path))
     }
 
-    fn delete_endpoints(
-        &self,
-        container_id: &str,
-        ifname: Option<&str>,
-    ) -> Result<usize, AgentError> {
-        let path = format!(
-            "/v1/endpoints{}",
-            container_query(Some(container_id), ifname)
-        );
+    fn delete_endpoints(&self, filter: &EndpointQuery<'_>) -> Result<usize, AgentError> {
+        if filter.container_id.is_none() {
+            return Err(AgentError::Protocol(
+                "deleting endpoints needs a container id".into(),
+            ));
+        }
+        let path = format!("/v1/endpoints{}", filter.query());
         self.call(|| self.client.delete_json(&path))
     }
 }
@@ -811,7 +822,7 @@ fn dispatch<A: Agent>(
     let agent = connect(&conf).map_err(|e| e.to_cni("connecting"))?;
     match command {
         Command::Add => cmd_add(env, &conf, &agent).map(Some),
-        Command::Del => cmd_del(env, &agent).map(|()| None),
+        Command::Del => cmd_del(env, &conf, &agent).map(|()| None),
         Command::Check => cmd_check(env, &conf, &agent).map(|()| None),
         Command::Status => cmd_status(&agent).map(|()| None),
         Command::Gc => cmd_gc(&conf, &agent).map(|()| None),
@@ -844,6 +855,7 @@ fn cmd_add(env: &Env, conf: &NetConf, agent: &impl Agent) -> Result<Value, CniEr
         container_id: Some(env.container_id()?.to_string()),
         namespace: Some(namespace),
         label_source,
+        network: Some(conf.name.clone()),
     };
     let ep = agent
         .create_endpoint(&req)
@@ -862,9 +874,15 @@ fn cmd_add(env: &Env, conf: &NetConf, agent: &impl Agent) -> Result<Value, CniEr
     build_result(&conf.cni_version, &ep, &gateways, netns, conf.dns.as_ref())
 }
 
-fn cmd_del(env: &Env, agent: &impl Agent) -> Result<(), CniError> {
+/// DEL removes the attachment of this network only: the same container
+/// may be attached to other networks through other interfaces.
+fn cmd_del(env: &Env, conf: &NetConf, agent: &impl Agent) -> Result<(), CniError> {
     agent
-        .delete_endpoints(env.container_id()?, Some(env.ifname()?))
+        .delete_endpoints(&EndpointQuery::attachment(
+            env.container_id()?,
+            env.ifname()?,
+            &conf.name,
+        ))
         .map_err(|e| e.to_cni("deleting the endpoint"))?;
     Ok(())
 }
@@ -873,12 +891,15 @@ fn cmd_check(env: &Env, conf: &NetConf, agent: &impl Agent) -> Result<(), CniErr
     let expected = conf.prev_result_ips()?;
     let (cid, ifname) = (env.container_id()?, env.ifname()?);
     let eps = agent
-        .list_endpoints(Some(cid), Some(ifname))
+        .list_endpoints(&EndpointQuery::attachment(cid, ifname, &conf.name))
         .map_err(|e| e.to_cni("listing endpoints"))?;
     let Some(ep) = eps.first() else {
         return Err(CniError::new(
             code::UNKNOWN_CONTAINER,
-            format!("container {cid} has no cilia endpoint on {ifname}"),
+            format!(
+                "container {cid} has no cilia endpoint on {ifname} in network {:?}",
+                conf.name
+            ),
         ));
     };
     if ep.state != EndpointState::Ready {
@@ -937,6 +958,10 @@ fn cmd_status(agent: &impl Agent) -> Result<(), CniError> {
     Ok(())
 }
 
+/// GC removes the stale attachments of this network only (CNI 1.1: the
+/// valid list is per network). Endpoints of other networks, endpoints made
+/// with the CLI or the API, and runtime endpoints recorded before the agent
+/// kept networks are never collected.
 fn cmd_gc(conf: &NetConf, agent: &impl Agent) -> Result<(), CniError> {
     let Some(valid) = &conf.valid_attachments else {
         return Err(CniError::new(
@@ -948,18 +973,26 @@ fn cmd_gc(conf: &NetConf, agent: &impl Agent) -> Result<(), CniError> {
         .iter()
         .map(|a| (a.container_id.as_str(), a.ifname.as_str()))
         .collect();
+    let network = conf.name.as_str();
     let eps = agent
-        .list_endpoints(None, None)
+        .list_endpoints(&EndpointQuery {
+            network: Some(network),
+            ..EndpointQuery::default()
+        })
         .map_err(|e| e.to_cni("listing endpoints"))?;
     let mut failures = Vec::new();
     for ep in &eps {
         let Some(cid) = ep.container_id.as_deref() else {
             continue; // not made by a runtime: never ours to collect
         };
+        if ep.network.as_deref() != Some(network) {
+            continue; // another network's, or recorded without one
+        }
         if valid.contains(&(cid, ep.ifname.as_str())) {
             continue;
         }
-        if let Err(e) = agent.delete_endpoints(cid, Some(&ep.ifname)) {
+        if let Err(e) = agent.delete_endpoints(&EndpointQuery::attachment(cid, &ep.ifname, network))
+        {
             failures.push(format!("{cid}/{}: {e}", ep.ifname));
         }
     }
@@ -1051,6 +1084,7 @@ mod tests {
                 state: EndpointState::Ready,
                 reason: None,
                 container_id: req.container_id.clone(),
+                network: req.network.clone(),
                 labels_pending: req.label_source.is_some(),
                 policy_audit: false,
             };
@@ -1058,37 +1092,39 @@ mod tests {
             Ok(ep)
         }
 
-        fn list_endpoints(
-            &self,
-            container_id: Option<&str>,
-            ifname: Option<&str>,
-        ) -> Result<Vec<Endpoint>, AgentError> {
+        fn list_endpoints(&self, filter: &EndpointQuery<'_>) -> Result<Vec<Endpoint>, AgentError> {
             Ok(self
                 .eps
                 .borrow()
                 .iter()
-                .filter(|e| container_id.is_none() || e.container_id.as_deref() == container_id)
-                .filter(|e| ifname.is_none_or(|i| e.ifname == i))
+                .filter(|e| selects(filter, e))
                 .cloned()
                 .collect())
         }
 
-        fn delete_endpoints(
-            &self,
-            container_id: &str,
-            ifname: Option<&str>,
-        ) -> Result<usize, AgentError> {
+        fn delete_endpoints(&self, filter: &EndpointQuery<'_>) -> Result<usize, AgentError> {
             if self.down {
                 return Err(AgentError::Unreachable("connection refused".into()));
             }
+            assert!(filter.container_id.is_some());
             let mut eps = self.eps.borrow_mut();
             let before = eps.len();
-            eps.retain(|e| {
-                !(e.container_id.as_deref() == Some(container_id)
-                    && ifname.is_none_or(|i| e.ifname == i))
-            });
+            eps.retain(|e| !selects(filter, e));
             Ok(before - eps.len())
         }
+    }
+
+    /// The agent's matching: a record without a network matches any
+    /// network when it has a container id.
+    fn selects(filter: &EndpointQuery<'_>, e: &Endpoint) -> bool {
+        filter
+            .container_id
+            .is_none_or(|c| e.container_id.as_deref() == Some(c))
+            && filter.ifname.is_none_or(|i| e.ifname == i)
+            && filter.network.is_none_or(|n| match &e.network {
+                Some(on) => on == n,
+                None => e.container_id.is_some(),
+            })
     }
 
     fn env(cmd: &str, cid: &str) -> Env {
@@ -1371,7 +1407,7 @@ mod tests {
         let fake = Fake::default();
         let (result, _) = run(&fake, &env("ADD", "c1"), &conf("1.0.0"));
         let with_prev = |prev: &Value| {
-            json!({"cniVersion":"1.0.0","name":"n","type":"cilia-cni","prevResult":prev})
+            json!({"cniVersion":"1.0.0","name":"cilia","type":"cilia-cni","prevResult":prev})
                 .to_string()
         };
         assert_eq!(
@@ -1405,9 +1441,7 @@ mod tests {
         let mut manual = fake.eps.borrow()[0].clone();
         manual.container_id = None;
         fake.eps.borrow_mut().push(manual);
-        let gc = json!({"cniVersion":"1.1.0","name":"n","type":"cilia-cni",
-            "cni.dev/valid-attachments":[{"containerID":"keep","ifname":"eth0"}]})
-        .to_string();
+        let gc = gc_conf("cilia", json!([{"containerID":"keep","ifname":"eth0"}]));
         assert_eq!(run(&fake, &env("GC", "x"), &gc), (Value::Null, true));
         let left: Vec<_> = fake
             .eps
@@ -1417,6 +1451,88 @@ mod tests {
             .collect();
         assert_eq!(left, vec![Some("keep".to_string()), None]);
         assert_eq!(run(&fake, &env("GC", "x"), &conf("1.1.0")).0["code"], 7);
+    }
+
+    fn conf_named(network: &str) -> String {
+        json!({"cniVersion":"1.1.0","name":network,"type":"cilia-cni"}).to_string()
+    }
+
+    fn gc_conf(network: &str, valid: Value) -> String {
+        json!({"cniVersion":"1.1.0","name":network,"type":"cilia-cni",
+            "cni.dev/valid-attachments":valid})
+        .to_string()
+    }
+
+    fn containers(fake: &Fake) -> Vec<(Option<String>, Option<String>)> {
+        fake.eps
+            .borrow()
+            .iter()
+            .map(|e| (e.container_id.clone(), e.network.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn add_records_the_network_name() {
+        let fake = Fake::default();
+        assert!(run(&fake, &env("ADD", "c1"), &conf_named("net-a")).1);
+        assert_eq!(fake.eps.borrow()[0].network.as_deref(), Some("net-a"));
+    }
+
+    #[test]
+    fn gc_with_an_empty_list_removes_only_its_own_networks_endpoints() {
+        let fake = Fake::default();
+        assert!(run(&fake, &env("ADD", "a1"), &conf_named("net-a")).1);
+        assert!(run(&fake, &env("ADD", "b1"), &conf_named("net-b")).1);
+        let mut legacy = fake.eps.borrow()[0].clone();
+        legacy.container_id = Some("old".into());
+        legacy.network = None;
+        fake.eps.borrow_mut().push(legacy);
+        assert_eq!(
+            run(&fake, &env("GC", "x"), &gc_conf("net-b", json!([]))),
+            (Value::Null, true)
+        );
+        assert_eq!(
+            containers(&fake),
+            vec![
+                (Some("a1".into()), Some("net-a".into())),
+                (Some("old".into()), None),
+            ]
+        );
+    }
+
+    #[test]
+    fn del_and_check_act_on_the_attachment_of_their_network() {
+        let fake = Fake::default();
+        assert!(run(&fake, &env("ADD", "c1"), &conf_named("net-a")).1);
+        // DEL through another network: the attachment is not that network's.
+        assert!(run(&fake, &env("DEL", "c1"), &conf_named("net-b")).1);
+        assert_eq!(fake.eps.borrow().len(), 1);
+        let prev = |network: &str| {
+            let ep = fake.eps.borrow()[0].clone();
+            json!({"cniVersion":"1.1.0","name":network,"type":"cilia-cni",
+                "prevResult":{"ips":[{"address":format!("{}/128", ep.ipv6)},
+                                     {"address":format!("{}/32", ep.ipv4.unwrap())}]}})
+            .to_string()
+        };
+        assert_eq!(
+            run(&fake, &env("CHECK", "c1"), &prev("net-a")),
+            (Value::Null, true)
+        );
+        let (v, ok) = run(&fake, &env("CHECK", "c1"), &prev("net-b"));
+        assert!(!ok);
+        assert_eq!(v["code"], code::UNKNOWN_CONTAINER);
+        assert!(v["msg"].as_str().unwrap().contains("net-b"), "{v}");
+        assert!(run(&fake, &env("DEL", "c1"), &conf_named("net-a")).1);
+        assert!(fake.eps.borrow().is_empty());
+    }
+
+    #[test]
+    fn del_still_removes_an_endpoint_recorded_without_a_network() {
+        let fake = Fake::default();
+        assert!(run(&fake, &env("ADD", "c1"), &conf_named("net-a")).1);
+        fake.eps.borrow_mut()[0].network = None;
+        assert!(run(&fake, &env("DEL", "c1"), &conf_named("cilia")).1);
+        assert!(fake.eps.borrow().is_empty());
     }
 
     #[test]
@@ -1431,9 +1547,9 @@ mod tests {
     #[test]
     fn queries_are_encoded() {
         assert_eq!(
-            container_query(Some("a b"), Some("eth0")),
-            "?container_id=a%20b&ifname=eth0"
+            EndpointQuery::attachment("a b", "eth0", "net/1").query(),
+            "?container_id=a%20b&ifname=eth0&network=net%2F1"
         );
-        assert_eq!(container_query(None, None), "");
+        assert_eq!(EndpointQuery::default().query(), "");
     }
 }

@@ -246,3 +246,137 @@ fn status_reports_an_exhausted_pool_and_add_shows_it() {
         "IPAM pool fd00:c1d::/126 is exhausted: all 2 addresses are allocated"
     );
 }
+
+/// A network config named `network`, as a runtime passes it for one of
+/// several networks that all use cilia-cni.
+fn net_conf(network: &str, socket: &str, extra: Value) -> String {
+    let mut c = json!({"cniVersion": "1.1.0", "name": network, "type": "cilia-cni",
+                       "socket": socket, "retrySeconds": 0});
+    if let (Some(c), Some(extra)) = (c.as_object_mut(), extra.as_object()) {
+        c.extend(extra.clone());
+    }
+    c.to_string()
+}
+
+fn container_ids(agent: &TestAgent) -> Vec<Value> {
+    let mut ids: Vec<Value> = agent
+        .cli_json(&["endpoint", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["container_id"].clone())
+        .collect();
+    ids.sort_by_key(|v| v.to_string());
+    ids
+}
+
+fn first_address(result: &Value) -> String {
+    result["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn gc_of_one_network_leaves_other_networks_endpoints_and_their_traffic() {
+    if !require_privileges("gc_of_one_network_leaves_other_networks_endpoints_and_their_traffic") {
+        return;
+    }
+    let mut agent = TestAgent::start(AgentOptions::default());
+    let sock = agent.socket.to_str().unwrap().to_string();
+    let (ns_a, ns_b1, ns_b2, ns_cli) = (
+        Netns::new("cep").unwrap(),
+        Netns::new("cep").unwrap(),
+        Netns::new("cep").unwrap(),
+        Netns::new("cep").unwrap(),
+    );
+    let path = |ns: &Netns| ns.path().to_string_lossy().to_string();
+    let (p_a, p_b1, p_b2) = (path(&ns_a), path(&ns_b1), path(&ns_b2));
+    let net_a = net_conf("net-a", &sock, json!({}));
+    let net_b = net_conf("net-b", &sock, json!({}));
+
+    let (ok, r_a) = plugin(&env("ADD", "pod-a", &p_a), &net_a);
+    assert!(ok, "{r_a}");
+    for (cid, p) in [("pod-b1", &p_b1), ("pod-b2", &p_b2)] {
+        let (ok, r) = plugin(&env("ADD", cid, p), &net_b);
+        assert!(ok, "{r}");
+    }
+    // An endpoint made with the CLI: never any CNI network's to collect.
+    let manual = agent.create_endpoint(&ns_cli, "app=manual");
+    let manual_ip = manual["ipv6"].as_str().unwrap().to_string();
+
+    // The network and interface are recorded, shown, and kept across a restart.
+    agent.kill9();
+    agent.spawn().unwrap();
+    let eps = agent.cli_json(&["endpoint", "list"]);
+    let ep_a = eps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["container_id"] == "pod-a")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (&ep_a["network"], &ep_a["ifname"]),
+        (&json!("net-a"), &json!("eth0"))
+    );
+    assert!(manual.get("network").is_none(), "{manual}");
+    let shown = agent.cli_ok(&["endpoint", "get", &ep_a["id"].to_string()]);
+    assert!(
+        shown.contains("Network:     net-a (CNI, interface eth0)"),
+        "{shown}"
+    );
+
+    // GC of net-b with no valid attachment: only net-b's endpoints go.
+    let gc_b = net_conf("net-b", &sock, json!({"cni.dev/valid-attachments": []}));
+    assert_eq!(plugin(&env("GC", "", ""), &gc_b), (true, Value::Null));
+    assert_eq!(container_ids(&agent), vec![json!("pod-a"), Value::Null]);
+    assert!(
+        ns_b1.ip(&["link", "show", "eth0"]).is_err(),
+        "net-b's interface left behind"
+    );
+    // net-a's endpoint still carries traffic (to the CLI-made endpoint).
+    ns_a.sh(&format!("ping -c1 -W2 {manual_ip}"))
+        .expect("net-a's endpoint reaches the manual endpoint after net-b's GC");
+
+    // GC of net-a listing pod-a keeps it; DEL and CHECK through net-b do not see it.
+    let gc_a = net_conf(
+        "net-a",
+        &sock,
+        json!({"cni.dev/valid-attachments": [{"containerID": "pod-a", "ifname": "eth0"}]}),
+    );
+    assert_eq!(plugin(&env("GC", "", ""), &gc_a), (true, Value::Null));
+    assert_eq!(
+        plugin(&env("DEL", "pod-a", ""), &net_b),
+        (true, Value::Null)
+    );
+    assert_eq!(container_ids(&agent), vec![json!("pod-a"), Value::Null]);
+    let prev = json!({"prevResult": r_a});
+    let (ok, v) = plugin(
+        &env("CHECK", "pod-a", &p_a),
+        &net_conf("net-b", &sock, prev.clone()),
+    );
+    assert!(!ok);
+    assert_eq!(v["code"], 3, "{v}");
+    assert_eq!(
+        plugin(
+            &env("CHECK", "pod-a", &p_a),
+            &net_conf("net-a", &sock, prev)
+        ),
+        (true, Value::Null)
+    );
+    let a_ip = first_address(&r_a);
+    ns_cli
+        .sh(&format!("ping -c1 -W2 {a_ip}"))
+        .expect("the manual endpoint still reaches net-a's");
+
+    // DEL through net-a removes it; the CLI-made endpoint is left.
+    assert_eq!(
+        plugin(&env("DEL", "pod-a", ""), &net_a),
+        (true, Value::Null)
+    );
+    assert_eq!(container_ids(&agent), vec![Value::Null]);
+}

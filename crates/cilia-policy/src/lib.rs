@@ -55,7 +55,7 @@ pub use error::PolicyError;
 pub use eval::{evaluate, trace, Evaluation, TraceResult};
 pub use ipnet::IpNet;
 pub use limits::{check_limits, LimitError};
-pub use parse::parse_policies;
+pub use parse::{parse_policies, parse_stream, PolicyDocument, PolicyStream, NODES_PER_BYTE};
 pub use ports::port_range_prefixes;
 pub use resolve::{cidr_prefixes, resolve, IdentityCache};
 

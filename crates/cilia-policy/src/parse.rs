@@ -6,12 +6,17 @@
 //! `serde_path_to_error`; then a semantic conversion to [`crate::model`] that builds its
 //! own paths for value errors (ports, CIDRs, selectors, entities).
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::IpNet;
-use serde::de::{Error as _, IgnoredAny};
+use serde::de::{
+    DeserializeSeed, EnumAccess, Error as _, IgnoredAny, MapAccess, SeqAccess, VariantAccess,
+    Visitor,
+};
 use serde::{Deserialize, Deserializer};
-use serde_norway::Value;
+use serde_norway::value::{Tag, TaggedValue};
+use serde_norway::{Mapping, Value};
 
 use crate::error::PolicyError;
 use crate::labels::{
@@ -262,10 +267,54 @@ impl Doc<'_> {
 const API_NETWORKING: &str = "networking.k8s.io/v1";
 const API_CILIUM: &str = "cilium.io/v2";
 
+/// One policy document of a YAML stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyDocument {
+    /// 1-based index of the document in the stream.
+    pub index: usize,
+    /// The policy it defines.
+    pub policy: Policy,
+    /// The document as normalised YAML (comments dropped, anchors expanded):
+    /// what to store, since it parses back to the same policy on its own.
+    pub yaml: String,
+}
+
+/// What a YAML stream held.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyStream {
+    /// Documents read, empty ones included.
+    pub documents: usize,
+    /// 1-based indexes of the empty documents (skipped).
+    pub empty: Vec<usize>,
+    /// The policies, in stream order.
+    pub policies: Vec<PolicyDocument>,
+}
+
 /// Parses all YAML documents of `yaml` (`---` separated). Empty documents are skipped.
 /// `source` names the input (for example a file name) in errors.
 /// The text and the policies in it must stay within [`crate::limits`].
 pub fn parse_policies(source: &str, yaml: &str) -> Result<Vec<Policy>, PolicyError> {
+    Ok(parse_stream(source, yaml)?
+        .policies
+        .into_iter()
+        .map(|d| d.policy)
+        .collect())
+}
+
+/// Parses a multi-document YAML stream with the YAML library's own document
+/// iteration, so every document separator form works: content on the `---`
+/// line, `...` end markers, comments between documents, a leading `---`,
+/// CRLF line ends. All documents must be valid (the first error is
+/// returned); empty documents are counted and listed, not errors.
+///
+/// Anchors and aliases are YAML features a policy never needs, and aliases
+/// can make a small text expand exponentially ("billion laughs"). Without
+/// aliases a document cannot hold more than [`NODES_PER_BYTE`] nodes per byte
+/// of its text, so the whole stream may expand to at most that many nodes
+/// per byte of input: alias use within the bound is accepted, a stream
+/// beyond it is refused, naming the document, before its expansion costs
+/// more than that bound in time or memory.
+pub fn parse_stream(source: &str, yaml: &str) -> Result<PolicyStream, PolicyError> {
     crate::limits::check_text(yaml).map_err(|m| {
         Doc {
             file: source,
@@ -274,86 +323,235 @@ pub fn parse_policies(source: &str, yaml: &str) -> Result<Vec<Policy>, PolicyErr
         }
         .err("", m)
     })?;
-    let mut budget = crate::limits::Budget::default();
-    let mut out = Vec::new();
+    let mut limits = crate::limits::Budget::default();
+    let budget = Cell::new(yaml.len().saturating_mul(NODES_PER_BYTE).saturating_add(64));
+    let mut out = PolicyStream::default();
     for (i, document) in serde_norway::Deserializer::from_str(yaml).enumerate() {
         let mut doc = Doc {
             file: source,
             index: i + 1,
             name: None,
         };
-        let value = match Value::deserialize(document) {
+        out.documents = doc.index;
+        let value = match (NodeSeed { budget: &budget }).deserialize(document) {
             Ok(v) => v,
+            Err(e) if e.to_string().contains(EXPANSION_MARK) => {
+                return Err(doc.err(
+                    "",
+                    format!(
+                        "YAML aliases expand the input beyond {NODES_PER_BYTE} nodes per byte \
+                         of its text (a \"billion laughs\" document?): refused; write repeated \
+                         parts out instead of using anchors (&name) and aliases (*name)"
+                    ),
+                ))
+            }
             // The iterator keeps yielding the same failure: stop at the first one.
             Err(e) => return Err(doc.err("", format!("invalid YAML: {e}"))),
         };
         if value.is_null() {
+            out.empty.push(doc.index);
             continue;
         }
-        let Value::Mapping(map) = &value else {
-            return Err(doc.err("", "document is not a mapping"));
-        };
-        doc.name = map
-            .get("metadata")
-            .and_then(|m| m.get("name"))
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        let api_version = match map.get("apiVersion") {
-            None => return Err(doc.err("apiVersion", "missing")),
-            Some(v) => v
-                .as_str()
-                .ok_or_else(|| doc.err("apiVersion", "must be a string"))?
-                .to_string(),
-        };
-        let kind_str = match map.get("kind") {
-            None => return Err(doc.err("kind", "missing")),
-            Some(v) => v
-                .as_str()
-                .ok_or_else(|| doc.err("kind", "must be a string"))?
-                .to_string(),
-        };
-        let (kind, expected_api) = match kind_str.as_str() {
-            "NetworkPolicy" => (PolicyKind::NetworkPolicy, API_NETWORKING),
-            "CiliumNetworkPolicy" => (PolicyKind::CiliumNetworkPolicy, API_CILIUM),
-            "CiliumClusterwideNetworkPolicy" => {
-                (PolicyKind::CiliumClusterwideNetworkPolicy, API_CILIUM)
-            }
-            other => {
-                return Err(doc.err(
-                    "kind",
-                    format!(
-                        "{} is not supported (expected NetworkPolicy, CiliumNetworkPolicy \
-                         or CiliumClusterwideNetworkPolicy)",
-                        excerpt(other)
-                    ),
-                ))
-            }
-        };
-        if api_version != expected_api {
-            return Err(doc.err(
-                "apiVersion",
-                format!(
-                    "{} is not valid for kind {kind_str} (expected {expected_api})",
-                    excerpt(&api_version)
-                ),
-            ));
-        }
-        let policy = match kind {
-            PolicyKind::NetworkPolicy => {
-                let raw: NpDoc = typed(&doc, value)?;
-                convert_np(&doc, raw)?
-            }
-            _ => {
-                let raw: CnpDoc = typed(&doc, value)?;
-                convert_cnp(&doc, kind, raw)?
-            }
-        };
-        budget
+        let yaml = serde_norway::to_string(&value)
+            .map_err(|e| doc.err("", format!("cannot write the document back as YAML: {e}")))?;
+        let policy = parse_document(&mut doc, value)?;
+        limits
             .add(&policy)
             .map_err(|e| doc.err("", e.to_string()))?;
-        out.push(policy);
+        out.policies.push(PolicyDocument {
+            index: doc.index,
+            policy,
+            yaml,
+        });
     }
     Ok(out)
+}
+
+/// One non-empty document's policy.
+fn parse_document(doc: &mut Doc<'_>, value: Value) -> Result<Policy, PolicyError> {
+    let Value::Mapping(map) = &value else {
+        return Err(doc.err(
+            "",
+            "document is not a policy object (a mapping with apiVersion, kind, metadata, spec)",
+        ));
+    };
+    doc.name = map
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let api_version = match map.get("apiVersion") {
+        None => return Err(doc.err("apiVersion", "missing")),
+        Some(v) => v
+            .as_str()
+            .ok_or_else(|| doc.err("apiVersion", "must be a string"))?
+            .to_string(),
+    };
+    let kind_str = match map.get("kind") {
+        None => return Err(doc.err("kind", "missing")),
+        Some(v) => v
+            .as_str()
+            .ok_or_else(|| doc.err("kind", "must be a string"))?
+            .to_string(),
+    };
+    let (kind, expected_api) = match kind_str.as_str() {
+        "NetworkPolicy" => (PolicyKind::NetworkPolicy, API_NETWORKING),
+        "CiliumNetworkPolicy" => (PolicyKind::CiliumNetworkPolicy, API_CILIUM),
+        "CiliumClusterwideNetworkPolicy" => {
+            (PolicyKind::CiliumClusterwideNetworkPolicy, API_CILIUM)
+        }
+        other => {
+            return Err(doc.err(
+                "kind",
+                format!(
+                    "{} is not supported (expected NetworkPolicy, CiliumNetworkPolicy \
+                     or CiliumClusterwideNetworkPolicy)",
+                    excerpt(other)
+                ),
+            ))
+        }
+    };
+    if api_version != expected_api {
+        return Err(doc.err(
+            "apiVersion",
+            format!(
+                "{} is not valid for kind {kind_str} (expected {expected_api})",
+                excerpt(&api_version)
+            ),
+        ));
+    }
+    match kind {
+        PolicyKind::NetworkPolicy => {
+            let raw: NpDoc = typed(doc, value)?;
+            convert_np(doc, raw)
+        }
+        _ => {
+            let raw: CnpDoc = typed(doc, value)?;
+            convert_cnp(doc, kind, raw)
+        }
+    }
+}
+
+/// Upper bound of YAML nodes per byte of alias-free text: every node takes
+/// at least one byte except an implicit null, and each of those pairs with
+/// a key or a `?` that took a byte (`{a,b}`: five bytes, five nodes).
+/// Twice that leaves room for ordinary alias use.
+pub const NODES_PER_BYTE: usize = 4;
+
+const EXPANSION_MARK: &str = "\u{0}cilia-policy-expansion";
+
+/// Builds a [`Value`] like `Value::deserialize`, counting every node
+/// (aliases are expanded by the YAML library as they are visited) against
+/// a budget shared by the whole stream, and failing once it is spent.
+#[derive(Clone, Copy)]
+struct NodeSeed<'b> {
+    budget: &'b Cell<usize>,
+}
+
+impl NodeSeed<'_> {
+    fn take<E: serde::de::Error>(&self) -> Result<(), E> {
+        match self.budget.get().checked_sub(1) {
+            Some(left) => {
+                self.budget.set(left);
+                Ok(())
+            }
+            None => Err(E::custom(EXPANSION_MARK)),
+        }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for NodeSeed<'_> {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for NodeSeed<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any YAML value")
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<Value, E> {
+        self.take()?;
+        Ok(Value::Bool(b))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, i: i64) -> Result<Value, E> {
+        self.take()?;
+        Ok(Value::Number(i.into()))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, u: u64) -> Result<Value, E> {
+        self.take()?;
+        Ok(Value::Number(u.into()))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, f: f64) -> Result<Value, E> {
+        self.take()?;
+        Ok(Value::Number(f.into()))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Value, E> {
+        self.take()?;
+        Ok(Value::String(s.to_owned()))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, s: String) -> Result<Value, E> {
+        self.take()?;
+        Ok(Value::String(s))
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+        self.take()?;
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Value, E> {
+        self.visit_unit()
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        self.deserialize(deserializer)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        self.take()?;
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element_seed(self)? {
+            out.push(v);
+        }
+        Ok(Value::Sequence(out))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        self.take()?;
+        let mut out = Mapping::new();
+        while let Some(key) = map.next_key_seed(self)? {
+            if out.contains_key(&key) {
+                return Err(A::Error::custom(format!(
+                    "duplicate key {}",
+                    value_summary(&key)
+                )));
+            }
+            let value = map.next_value_seed(self)?;
+            out.insert(key, value);
+        }
+        Ok(Value::Mapping(out))
+    }
+
+    fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<Value, A::Error> {
+        self.take()?;
+        let (tag, contents) = data.variant::<String>()?;
+        let value = contents.newtype_variant_seed(self)?;
+        Ok(Value::Tagged(Box::new(TaggedValue {
+            tag: Tag::new(tag),
+            value,
+        })))
+    }
 }
 
 /// Strict serde pass with path tracking.

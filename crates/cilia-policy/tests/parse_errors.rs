@@ -213,7 +213,7 @@ fn document_level_errors() {
         ("apiVersion: networking.k8s.io/v1\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\n", "policies.yaml: document 1 (x): apiVersion: \"networking.k8s.io/v1\" is not valid for kind CiliumNetworkPolicy (expected cilium.io/v2)"),
         ("kind: NetworkPolicy\n", "policies.yaml: document 1: apiVersion: missing"),
         ("apiVersion: cilium.io/v2\nmetadata: {name: x}\n", "policies.yaml: document 1 (x): kind: missing"),
-        ("- a\n- b\n", "policies.yaml: document 1: document is not a mapping"),
+        ("- a\n- b\n", "policies.yaml: document 1: document is not a policy object (a mapping with apiVersion, kind, metadata, spec)"),
         ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {namespace: a}\nspec: {endpointSelector: {}}\n", "policies.yaml: document 1: metadata.name: missing"),
         ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\n", "policies.yaml: document 1 (x): spec: missing (a policy needs spec or specs)"),
         ("apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: x, namespace: a}\nspec: {endpointSelector: {}}\n", "policies.yaml: document 1 (x): metadata.namespace: a CiliumClusterwideNetworkPolicy is not namespaced"),
