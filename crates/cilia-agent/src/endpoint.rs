@@ -81,6 +81,8 @@ pub struct EndpointManager {
     /// Rule cookies of the entries in the policy maps.
     pub(crate) rule_cookies: crate::policy::RuleCookies,
     pub(crate) metrics: crate::metrics::AgentMetrics,
+    /// The namespace the agent runs in, which no endpoint may use.
+    pub(crate) agent_netns: std::path::PathBuf,
 }
 
 fn host_prefix(ip: IpAddr) -> u8 {
@@ -134,6 +136,7 @@ impl EndpointManager {
             policy_errors: Vec::new(),
             rule_cookies: crate::policy::RuleCookies::default(),
             metrics: crate::metrics::AgentMetrics::default(),
+            agent_netns: netdev::AGENT_NETNS.into(),
         }
     }
 
@@ -186,7 +189,7 @@ impl EndpointManager {
         if !valid_ifname(&ifname) {
             return Err(EndpointError::Ifname(ifname));
         }
-        let netns = netdev::resolve_netns(&req.netns)?;
+        let netns = netdev::open_netns(&req.netns, &self.agent_netns)?;
         let namespace = req
             .namespace
             .clone()
@@ -225,7 +228,7 @@ impl EndpointManager {
                 .create_endpoint(&self.pools.v6, self.pools.v4.as_ref(), |id, v6, v4| {
                     EndpointRecord {
                         id,
-                        netns: netns.display().to_string(),
+                        netns: netns.path.display().to_string(),
                         ifname: ifname.clone(),
                         host_ifname: netdev::host_ifname(id),
                         ipv6: v6,
@@ -242,7 +245,7 @@ impl EndpointManager {
                         policy_audit: false,
                     }
                 })?;
-        match self.connect(&rec) {
+        match self.connect(&rec, &netns) {
             Ok(()) => {
                 let mut ready = rec;
                 ready.state = EndpointState::Ready;
@@ -276,7 +279,11 @@ impl EndpointManager {
     }
 
     /// Devices, program, map entries for a recorded endpoint.
-    fn connect(&mut self, rec: &EndpointRecord) -> Result<(), EndpointError> {
+    fn connect(
+        &mut self,
+        rec: &EndpointRecord,
+        netns: &netdev::Netns,
+    ) -> Result<(), EndpointError> {
         let router6 = match self.pools.v6.router() {
             IpAddr::V6(v6) => v6,
             IpAddr::V4(_) => unreachable!("IPv6 pool"),
@@ -286,7 +293,7 @@ impl EndpointManager {
             IpAddr::V6(_) => None,
         });
         let ifindex = self.netdev.create(&VethSpec {
-            netns: rec.netns.clone().into(),
+            netns: netns.clone(),
             host_ifname: rec.host_ifname.clone(),
             host_mac: rec.host_mac,
             ifname: rec.ifname.clone(),
@@ -602,7 +609,7 @@ mod tests {
         }
 
         fn manager(&self) -> EndpointManager {
-            EndpointManager::new(
+            let mut mgr = EndpointManager::new(
                 Store::open(&self.path).unwrap(),
                 Box::new(FakeDatapath(self.kernel.clone())),
                 Box::new(FakeNetdev(self.kernel.clone())),
@@ -610,13 +617,18 @@ mod tests {
                     v6: Pool::new("fd00::/120".parse().unwrap()).unwrap(),
                     v4: Some(Pool::new("10.0.0.0/24".parse().unwrap()).unwrap()),
                 },
-            )
+            );
+            // The requests use the test's own netns file: let it count as
+            // another namespace.
+            mgr.agent_netns = "/proc/self/ns/uts".into();
+            mgr
         }
     }
 
     fn request() -> EndpointCreate {
         EndpointCreate {
-            // Any existing namespace file works for the fake devices.
+            // Any namespace file other than `agent_netns` works for the
+            // fake devices.
             netns: "/proc/self/ns/net".into(),
             labels: BTreeMap::from([("app".into(), "web".into())]),
             ifname: None,

@@ -1,14 +1,21 @@
 //! Network devices of endpoints: the veth pair, addresses and routes on
 //! both sides, and the node's router addresses. Programmed through
 //! iproute2's `ip -batch`, one process per namespace, inside the target
-//! namespace (setns in the child), so any namespace path works.
+//! namespace (setns in the child).
+//!
+//! Invariant: an endpoint's namespace is opened once ([`open_netns`]) and
+//! referred to by that fd from then on; batch text holds only names and
+//! addresses the agent generated or validated, never a caller's path.
 
+use std::fs::File;
 use std::io::Write;
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
 /// The node's device holding the router addresses: one end of a veth pair
 /// (`cilia_host` / `cilia_net`), which, unlike a dummy device, exists in
@@ -17,6 +24,9 @@ pub const ROUTER_DEVICE: &str = "cilia_host";
 const ROUTER_PEER: &str = "cilia_net";
 
 const NSFS_MAGIC: i64 = 0x6e736673;
+
+/// The network namespace the agent itself runs in.
+pub const AGENT_NETNS: &str = "/proc/self/ns/net";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetdevError {
@@ -28,36 +38,85 @@ pub enum NetdevError {
     Ip { what: String, stderr: String },
 }
 
-/// Resolves a namespace given as a name (under /run/netns) or a path, and
-/// checks that it is a network namespace file.
-pub fn resolve_netns(name: &str) -> Result<PathBuf, NetdevError> {
+/// An endpoint's network namespace, opened once and held by fd from then
+/// on: every later step refers to this fd (setns, or `/proc/self/fd/N` in
+/// the `ip` child), never to the caller's path again, so a path that is
+/// swapped or that carries shell/batch syntax cannot redirect what is done.
+#[derive(Debug, Clone)]
+pub struct Netns {
+    /// The path as given (validated), for records and messages only.
+    pub path: PathBuf,
+    pub file: Arc<File>,
+}
+
+/// The fd number the namespace file has in an `ip` child process.
+const CHILD_NETNS_FD: RawFd = 3;
+
+fn file_id(meta: &std::fs::Metadata) -> (u64, u64) {
+    (meta.dev(), meta.ino())
+}
+
+/// Resolves a namespace given as a name (under /run/netns) or a path, opens
+/// it once and checks the opened file: a network namespace, and not the
+/// one the agent itself runs in (`agent_netns`, normally
+/// `/proc/self/ns/net`): wiring an endpoint into the node's own namespace
+/// would give a caller the node's devices.
+pub fn open_netns(name: &str, agent_netns: &Path) -> Result<Netns, NetdevError> {
+    let excerpt: String = name.chars().take(64).collect();
     let err = |reason: String| NetdevError::Netns {
-        name: name.to_string(),
+        name: excerpt.clone(),
         reason,
     };
     if name.is_empty() {
         return Err(err("empty name".into()));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(err("contains a control character".into()));
+    }
+    if name.len() > 4096 {
+        return Err(err("longer than 4096 bytes".into()));
     }
     let path = if name.contains('/') {
         PathBuf::from(name)
     } else {
         Path::new("/run/netns").join(name)
     };
-    if !path.exists() {
-        return Err(err(format!("not found ({})", path.display())));
-    }
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(err(format!("not found ({})", path.display())))
+        }
+        Err(e) => return Err(err(format!("{}: {e}", path.display()))),
+    };
     let fs =
-        nix::sys::statfs::statfs(&path).map_err(|e| err(format!("{}: {e}", path.display())))?;
+        nix::sys::statfs::fstatfs(&file).map_err(|e| err(format!("{}: {e}", path.display())))?;
     if fs.filesystem_type().0 != NSFS_MAGIC {
         return Err(err(format!("{} is not a namespace file", path.display())));
     }
-    Ok(path)
+    let meta = file
+        .metadata()
+        .map_err(|e| err(format!("{}: {e}", path.display())))?;
+    let own = std::fs::metadata(agent_netns).map_err(|e| {
+        err(format!(
+            "reading the agent's own netns {}: {e}",
+            agent_netns.display()
+        ))
+    })?;
+    if file_id(&meta) == file_id(&own) {
+        return Err(err(
+            "is the agent's own network namespace; an endpoint needs a namespace of its own".into(),
+        ));
+    }
+    Ok(Netns {
+        path,
+        file: Arc::new(file),
+    })
 }
 
 /// Everything needed to wire one endpoint.
 #[derive(Debug, Clone)]
 pub struct VethSpec {
-    pub netns: PathBuf,
+    pub netns: Netns,
     pub host_ifname: String,
     pub host_mac: [u8; 6],
     pub ifname: String,
@@ -92,17 +151,24 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
         .join(":")
 }
 
-/// Runs `ip -batch -` with `script`, inside `netns` when given.
-fn ip_batch(netns: Option<&Path>, script: &str, what: &str) -> Result<(), NetdevError> {
+/// Runs `ip -batch -` with `script`, inside namespace `setns_to` when
+/// given; `pass` is handed to the child as fd 3 (`/proc/self/fd/3` in the
+/// script). The script never holds a caller's path.
+fn ip_batch(
+    setns_to: Option<&File>,
+    pass: Option<&File>,
+    script: &str,
+    what: &str,
+) -> Result<(), NetdevError> {
     let mut cmd = Command::new("ip");
     cmd.args(["-batch", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    if let Some(path) = netns {
-        let file = std::fs::File::open(path).map_err(|e| NetdevError::Netns {
-            name: path.display().to_string(),
-            reason: e.to_string(),
+    if let Some(file) = setns_to {
+        let file = file.try_clone().map_err(|e| NetdevError::Ip {
+            what: what.to_string(),
+            stderr: format!("duplicating the netns fd: {e}"),
         })?;
         // SAFETY: between fork and exec only setns(2) runs, an
         // async-signal-safe system call on an fd opened before the fork.
@@ -110,6 +176,26 @@ fn ip_batch(netns: Option<&Path>, script: &str, what: &str) -> Result<(), Netdev
             cmd.pre_exec(move || {
                 nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
                     .map_err(std::io::Error::from)
+            });
+        }
+    }
+    if let Some(file) = pass {
+        let fd = file.as_raw_fd();
+        // SAFETY: only dup2(2)/fcntl(2) run between fork and exec (both
+        // async-signal safe) on an fd the caller keeps open for the call.
+        // The copy at CHILD_NETNS_FD has no close-on-exec flag, so `ip`
+        // inherits it.
+        unsafe {
+            cmd.pre_exec(move || {
+                let rc = if fd == CHILD_NETNS_FD {
+                    nix::libc::fcntl(fd, nix::libc::F_SETFD, 0)
+                } else {
+                    nix::libc::dup2(fd, CHILD_NETNS_FD)
+                };
+                if rc < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
             });
         }
     }
@@ -147,20 +233,22 @@ impl Netdev for IpRoute {
     fn create(&mut self, spec: &VethSpec) -> Result<u32, NetdevError> {
         let tmp = format!("tmp{}", spec.host_ifname);
         let tmp = &tmp[..tmp.len().min(15)];
+        let ns = &spec.netns.file;
         ip_batch(
             None,
+            Some(ns),
             &format!(
-                "link add {host} address {hmac} type veth peer name {tmp} address {cmac} netns {ns}\n",
+                "link add {host} address {hmac} type veth peer name {tmp} address {cmac} netns /proc/self/fd/{CHILD_NETNS_FD}\n",
                 host = spec.host_ifname,
                 hmac = format_mac(&spec.host_mac),
                 cmac = format_mac(&spec.mac),
-                ns = spec.netns.display(),
             ),
             &format!("creating veth {}", spec.host_ifname),
         )?;
         let result = (|| {
             ip_batch(
-                Some(&spec.netns),
+                Some(ns),
+                None,
                 &format!("link set {tmp} name {}\n", spec.ifname),
                 "naming the endpoint interface",
             )
@@ -168,7 +256,7 @@ impl Netdev for IpRoute {
                 NetdevError::Ip { ref stderr, .. } if stderr.contains("File exists") => {
                     NetdevError::IfnameTaken {
                         ifname: spec.ifname.clone(),
-                        netns: spec.netns.display().to_string(),
+                        netns: spec.netns.path.display().to_string(),
                     }
                 }
                 other => other,
@@ -191,7 +279,7 @@ impl Netdev for IpRoute {
                     ifname = spec.ifname
                 ));
             }
-            ip_batch(Some(&spec.netns), &inner, "configuring the endpoint side")?;
+            ip_batch(Some(ns), None, &inner, "configuring the endpoint side")?;
             let mut host = format!(
                 "link set {host} up\nroute add {v6}/128 dev {host}\n",
                 host = spec.host_ifname,
@@ -200,7 +288,7 @@ impl Netdev for IpRoute {
             if let Some(v4) = spec.ipv4 {
                 host.push_str(&format!("route add {v4}/32 dev {}\n", spec.host_ifname));
             }
-            ip_batch(None, &host, "configuring the host side")?;
+            ip_batch(None, None, &host, "configuring the host side")?;
             self.ifindex(&spec.host_ifname)
                 .ok_or_else(|| NetdevError::Ip {
                     what: format!("reading ifindex of {}", spec.host_ifname),
@@ -219,6 +307,7 @@ impl Netdev for IpRoute {
         }
         ip_batch(
             None,
+            None,
             &format!("link del {host_ifname}\n"),
             &format!("deleting {host_ifname}"),
         )
@@ -236,6 +325,7 @@ impl Netdev for IpRoute {
         if self.ifindex(ROUTER_DEVICE).is_none() {
             ip_batch(
                 None,
+                None,
                 &format!(
                     "link add {ROUTER_DEVICE} type veth peer name {ROUTER_PEER}\n\
                      link set {ROUTER_DEVICE} up\nlink set {ROUTER_PEER} up\n"
@@ -247,7 +337,7 @@ impl Netdev for IpRoute {
         if let Some(r4) = router4 {
             script.push_str(&format!("addr replace {r4}/32 dev {ROUTER_DEVICE}\n"));
         }
-        ip_batch(None, &script, "addressing the router device")
+        ip_batch(None, None, &script, "addressing the router device")
     }
 }
 
@@ -261,4 +351,43 @@ pub fn endpoint_mac(id: u16, host: bool) -> [u8; 6] {
 /// Host-side device name of an endpoint.
 pub fn host_ifname(id: u16) -> String {
     format!("lxc{id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Any nsfs file other than the agent's own network namespace stands in
+    /// for "another namespace" without root.
+    const OTHER_NS: &str = "/proc/self/ns/uts";
+
+    #[test]
+    fn the_agents_own_network_namespace_is_refused() {
+        let err = open_netns("/proc/self/ns/net", Path::new(AGENT_NETNS)).unwrap_err();
+        assert!(
+            err.to_string().contains("agent's own network namespace"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn another_namespace_file_is_opened_and_held() {
+        let ns = open_netns("/proc/self/ns/net", Path::new(OTHER_NS)).unwrap();
+        assert_eq!(ns.path, Path::new("/proc/self/ns/net"));
+        assert!(ns.file.metadata().is_ok());
+    }
+
+    #[test]
+    fn a_netns_path_with_a_control_character_is_refused_before_it_is_opened() {
+        for bad in ["/run/netns/x\nlink del cilia_host", "a\tb", "x\u{7f}"] {
+            let err = open_netns(bad, Path::new(OTHER_NS)).unwrap_err();
+            assert!(err.to_string().contains("control character"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_namespace_is_refused() {
+        let err = open_netns("/proc/self/status", Path::new(OTHER_NS)).unwrap_err();
+        assert!(err.to_string().contains("not a namespace file"), "{err}");
+    }
 }

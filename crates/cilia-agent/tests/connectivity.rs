@@ -306,6 +306,33 @@ fn bad_input_gives_a_one_line_error_and_changes_nothing() {
 }
 
 #[test]
+fn the_agents_own_netns_and_paths_with_control_characters_are_refused() {
+    privileged!("netns_refused");
+    let agent = TestAgent::start(AgentOptions::default());
+    let before = agent.node.ip(&["-o", "link"]).unwrap();
+    let own = format!("/proc/{}/ns/net", agent.pid().unwrap());
+    assert_one_line_error(
+        &agent.cli(&["endpoint", "create", "--netns", &own]),
+        "agent's own network namespace",
+    );
+    // Once, a newline in the path ran the rest of the line as an `ip`
+    // command in the node's namespace.
+    assert_one_line_error(
+        &agent.cli(&[
+            "endpoint",
+            "create",
+            "--netns",
+            "/run/netns/x\nlink add evil0 type dummy",
+        ]),
+        "control character",
+    );
+    assert_eq!(before, agent.node.ip(&["-o", "link"]).unwrap());
+    // A namespace of its own still works.
+    let ns = Netns::new("cown").unwrap();
+    assert_eq!(agent.create_endpoint(&ns, "app=a")["state"], "ready");
+}
+
+#[test]
 fn api_serves_an_openapi_document() {
     privileged!("openapi");
     let agent = TestAgent::start(AgentOptions::default());
