@@ -83,14 +83,8 @@ pub struct EndpointManager {
     pub(crate) metrics: crate::metrics::AgentMetrics,
     /// The namespace the agent runs in, which no endpoint may use.
     pub(crate) agent_netns: std::path::PathBuf,
-}
-
-fn host_prefix(ip: IpAddr) -> u8 {
-    if ip.is_ipv4() {
-        32
-    } else {
-        128
-    }
+    /// The node's addresses, as `host` in the ipcache (see `node`).
+    pub(crate) node_addrs: std::collections::BTreeSet<IpAddr>,
 }
 
 pub(crate) fn config_of(rec: &EndpointRecord, ifindex: u32) -> EndpointConfig {
@@ -137,6 +131,7 @@ impl EndpointManager {
             rule_cookies: crate::policy::RuleCookies::default(),
             metrics: crate::metrics::AgentMetrics::default(),
             agent_netns: netdev::AGENT_NETNS.into(),
+            node_addrs: std::collections::BTreeSet::new(),
         }
     }
 
@@ -311,7 +306,9 @@ impl EndpointManager {
         self.publish(rec, ifindex)
     }
 
-    /// Publishes an endpoint's addresses: delivery info and identity.
+    /// Publishes an endpoint's addresses: delivery info and identity, in
+    /// `cilia_endpoints` only; local endpoint addresses are never ipcache
+    /// entries (see `node`).
     pub(crate) fn publish(
         &mut self,
         rec: &EndpointRecord,
@@ -319,8 +316,6 @@ impl EndpointManager {
     ) -> Result<(), EndpointError> {
         for ip in rec.ips() {
             self.datapath.upsert_endpoint(ip, info_of(rec, ifindex))?;
-            self.datapath
-                .upsert_ipcache(IpcacheKey::new(ip, host_prefix(ip)), rec.identity)?;
         }
         Ok(())
     }
@@ -339,12 +334,6 @@ impl EndpointManager {
             if let Err(e) = self.datapath.remove_endpoint(ip) {
                 warn!(id = rec.id, %ip, error = %e, "cannot remove endpoint map entry");
             }
-            if let Err(e) = self
-                .datapath
-                .remove_ipcache(IpcacheKey::new(ip, host_prefix(ip)))
-            {
-                warn!(id = rec.id, %ip, error = %e, "cannot remove ipcache entry");
-            }
         }
         self.resolved.remove(&rec.id);
         if let Err(e) = self.datapath.detach_endpoint(rec.id) {
@@ -359,8 +348,6 @@ impl EndpointManager {
         let rec = self.get(id)?;
         for ip in rec.ips() {
             self.datapath.remove_endpoint(ip)?;
-            self.datapath
-                .remove_ipcache(IpcacheKey::new(ip, host_prefix(ip)))?;
         }
         self.datapath.detach_endpoint(rec.id)?;
         self.netdev.delete(&rec.host_ifname)?;
@@ -394,6 +381,8 @@ impl EndpointManager {
     /// marked not ready with the reason.
     pub fn restore(&mut self) -> Result<(), EndpointError> {
         self.load_policies()?;
+        self.withdraw_stale_ipcache_entries()?;
+        self.sync_node_addresses()?;
         for mut rec in self.store.endpoints()? {
             if rec.state == EndpointState::Creating {
                 warn!(
@@ -463,6 +452,7 @@ mod tests {
         policy: HashMap<u16, BTreeMap<PolicyKey, PolicyValue>>,
         revision: u32,
         fail_attach: bool,
+        node_addrs: Vec<IpAddr>,
     }
 
     struct FakeDatapath(Arc<Mutex<Kernel>>);
@@ -589,6 +579,9 @@ mod tests {
         }
         fn ensure_router(&mut self, _: Ipv6Addr, _: Option<Ipv4Addr>) -> Result<(), NetdevError> {
             Ok(())
+        }
+        fn node_addresses(&self) -> Result<Vec<IpAddr>, NetdevError> {
+            Ok(self.0.lock().unwrap().node_addrs.clone())
         }
     }
 
@@ -725,6 +718,73 @@ mod tests {
         h.kernel.lock().unwrap().pins.clear();
         h.manager().restore().unwrap();
         assert!(h.kernel.lock().unwrap().pins.contains(&id));
+    }
+
+    fn ipcache_identity(h: &Harness, ip: &str) -> Option<u32> {
+        let ip: IpAddr = ip.parse().unwrap();
+        h.kernel
+            .lock()
+            .unwrap()
+            .ipcache
+            .get(&crate::node::host_key(ip))
+            .copied()
+    }
+
+    #[test]
+    fn node_addresses_are_host_in_the_ipcache_and_follow_changes() {
+        let h = Harness::new();
+        h.kernel.lock().unwrap().node_addrs =
+            vec!["192.0.2.7".parse().unwrap(), "2001:db8::7".parse().unwrap()];
+        let mut mgr = h.manager();
+        mgr.restore().unwrap();
+        assert_eq!(ipcache_identity(&h, "192.0.2.7"), Some(CILIA_ID_HOST));
+        assert_eq!(ipcache_identity(&h, "2001:db8::7"), Some(CILIA_ID_HOST));
+        assert_eq!(
+            ipcache_identity(&h, "fd00::1"),
+            Some(CILIA_ID_HOST),
+            "router"
+        );
+        h.kernel.lock().unwrap().node_addrs = vec!["192.0.2.8".parse().unwrap()];
+        mgr.sync_node_addresses().unwrap();
+        assert_eq!(ipcache_identity(&h, "192.0.2.7"), None, "address gone");
+        assert_eq!(ipcache_identity(&h, "2001:db8::7"), None);
+        assert_eq!(ipcache_identity(&h, "192.0.2.8"), Some(CILIA_ID_HOST));
+        assert_eq!(
+            ipcache_identity(&h, "fd00::1"),
+            Some(CILIA_ID_HOST),
+            "router stays"
+        );
+    }
+
+    #[test]
+    fn an_endpoint_address_never_carries_the_endpoints_identity_in_the_ipcache() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        let ep = mgr.create(request()).unwrap();
+        for ip in ep.ips() {
+            assert_eq!(ipcache_identity(&h, &ip.to_string()), None, "{ip}");
+        }
+        // A node process that puts the endpoint's address on a node
+        // interface makes it host, never the endpoint.
+        h.kernel.lock().unwrap().node_addrs = vec![IpAddr::V6(ep.ipv6)];
+        mgr.sync_node_addresses().unwrap();
+        assert_eq!(
+            ipcache_identity(&h, &ep.ipv6.to_string()),
+            Some(CILIA_ID_HOST)
+        );
+    }
+
+    #[test]
+    fn restore_withdraws_endpoint_entries_an_older_agent_left_in_the_ipcache() {
+        let h = Harness::new();
+        let ep = h.manager().create(request()).unwrap();
+        h.kernel
+            .lock()
+            .unwrap()
+            .ipcache
+            .insert(crate::node::host_key(IpAddr::V6(ep.ipv6)), ep.identity);
+        h.manager().restore().unwrap();
+        assert_eq!(ipcache_identity(&h, &ep.ipv6.to_string()), None);
     }
 
     #[test]

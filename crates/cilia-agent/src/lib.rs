@@ -14,6 +14,7 @@ pub mod labels;
 pub mod metrics;
 pub mod monitor;
 pub mod netdev;
+pub mod node;
 pub mod paths;
 pub mod policy;
 pub mod repository;
@@ -192,6 +193,26 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         Some(Err(e)) => warn!(error = %e, "monitor disabled"),
         None => warn!("event ring buffer unavailable: monitor disabled"),
     }
+    // The node's addresses are `host` in the ipcache: re-read them
+    // periodically (a short lock: one getifaddrs and the difference).
+    let node_state = state.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(node::NODE_ADDRESS_RESYNC);
+        loop {
+            tick.tick().await;
+            let s = node_state.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                s.manager
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .sync_node_addresses()
+            })
+            .await;
+            if let Ok(Err(e)) = result {
+                warn!(error = %e, "syncing the node's addresses to the ipcache failed");
+            }
+        }
+    });
     // Conntrack garbage collection: expired entries only take room (the
     // datapath already treats them as absent).
     let gc_state = state.clone();

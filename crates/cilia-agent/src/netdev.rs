@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
@@ -136,6 +136,9 @@ pub trait Netdev: Send {
     fn delete(&mut self, host_ifname: &str) -> Result<(), NetdevError>;
     /// ifindex of a host-side device, if it exists.
     fn ifindex(&self, host_ifname: &str) -> Option<u32>;
+    /// Every address of the node's network namespace (the one the agent
+    /// runs in), all interfaces, both families.
+    fn node_addresses(&self) -> Result<Vec<IpAddr>, NetdevError>;
     /// Ensures the node's router addresses exist.
     fn ensure_router(
         &mut self,
@@ -317,6 +320,26 @@ impl Netdev for IpRoute {
         nix::net::if_::if_nametoindex(host_ifname).ok()
     }
 
+    fn node_addresses(&self) -> Result<Vec<IpAddr>, NetdevError> {
+        let addrs = nix::ifaddrs::getifaddrs().map_err(|e| NetdevError::Ip {
+            what: "listing the node's addresses".into(),
+            stderr: e.to_string(),
+        })?;
+        let mut out: Vec<IpAddr> = addrs
+            .filter_map(|a| {
+                let sa = a.address?;
+                if let Some(v4) = sa.as_sockaddr_in() {
+                    Some(IpAddr::V4(v4.ip()))
+                } else {
+                    sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+                }
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
     fn ensure_router(
         &mut self,
         router6: Ipv6Addr,
@@ -382,6 +405,16 @@ mod tests {
         for bad in ["/run/netns/x\nlink del cilia_host", "a\tb", "x\u{7f}"] {
             let err = open_netns(bad, Path::new(OTHER_NS)).unwrap_err();
             assert!(err.to_string().contains("control character"), "{err}");
+        }
+    }
+
+    #[test]
+    fn node_addresses_include_loopback() {
+        let addrs = IpRoute.node_addresses().unwrap();
+        // Loopback has 127.0.0.1 wherever it is up; a test namespace may
+        // have it down, so accept an empty list there.
+        if !addrs.is_empty() {
+            assert!(addrs.iter().any(|a| a.is_loopback()), "{addrs:?}");
         }
     }
 

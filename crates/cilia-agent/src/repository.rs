@@ -257,7 +257,10 @@ impl EndpointManager {
         let prefixes = cilia_policy::cidr_prefixes(&self.policies());
         let ids = self.store.sync_cidr_identities(&prefixes)?;
         for (prefix, id) in &ids {
-            self.datapath.upsert_ipcache(prefix_key(prefix), *id)?;
+            // A node address stays `host` whatever a policy's CIDR says.
+            if !self.is_node_key(&prefix_key(prefix)) {
+                self.datapath.upsert_ipcache(prefix_key(prefix), *id)?;
+            }
         }
         let wanted: std::collections::BTreeSet<IpcacheKey> = ids.keys().map(prefix_key).collect();
         for (key, value) in self.datapath.list_ipcache()? {
@@ -519,7 +522,9 @@ impl EndpointManager {
 
     /// The identity the datapath would give a non-endpoint address.
     fn identity_of_address(&self, ip: IpAddr) -> u32 {
-        if ip == self.pools.v6.router() || self.pools.v4.as_ref().is_some_and(|p| p.router() == ip)
+        if ip == self.pools.v6.router()
+            || self.pools.v4.as_ref().is_some_and(|p| p.router() == ip)
+            || self.node_addrs.contains(&ip)
         {
             return CILIA_ID_HOST;
         }
