@@ -32,6 +32,10 @@ use crate::store::{EndpointRecord, StoreError};
 /// allocation and device names race-free.
 pub struct AgentState {
     pub manager: Mutex<EndpointManager>,
+    /// A second handle on the pinned maps for the readers that walk them
+    /// (metrics scrapes, status, conntrack GC), so they never hold
+    /// `manager` while they do.
+    pub maps: crate::metrics::MapsHandle,
     pub monitor: Arc<crate::monitor::Monitor>,
     pub features: FeatureReport,
     pub state_dir: String,
@@ -144,9 +148,14 @@ async fn status(State(state): State<Shared>) -> Result<Json<Status>, AppError> {
     let (state_dir, bpf_root) = (state.state_dir.clone(), state.bpf_root.clone());
     let monitor_level = state.monitor.wanted_level();
     let flows = state.monitor.recent().len();
+    let s = state.clone();
+    let snap = tokio::task::spawn_blocking(move || crate::metrics::scrape(&s.manager, &s.maps))
+        .await
+        .map_err(|e| {
+            AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })??;
     with_manager(&state, move |mgr| {
         let endpoints = mgr.list()?;
-        let snap = mgr.metrics_snapshot()?;
         let used = mgr.allocated()?;
         let not_ready = endpoints
             .iter()

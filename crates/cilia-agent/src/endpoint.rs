@@ -453,6 +453,25 @@ mod tests {
         revision: u32,
         fail_attach: bool,
         node_addrs: Vec<IpAddr>,
+        /// When set, conntrack walks announce themselves on the sender and
+        /// then wait for the receiver: a slow walk the test controls.
+        ct_gate: Option<CtGate>,
+    }
+
+    type CtGate = (
+        std::sync::mpsc::Sender<()>,
+        Arc<Mutex<std::sync::mpsc::Receiver<()>>>,
+    );
+
+    fn wait_at_gate(kernel: &Mutex<Kernel>) {
+        let gate = kernel.lock().unwrap().ct_gate.clone();
+        if let Some((entered, release)) = gate {
+            entered.send(()).unwrap();
+            let _ = release
+                .lock()
+                .unwrap()
+                .recv_timeout(std::time::Duration::from_secs(10));
+        }
     }
 
     struct FakeDatapath(Arc<Mutex<Kernel>>);
@@ -545,9 +564,11 @@ mod tests {
             Ok(k.revision)
         }
         fn list_ct(&self) -> Result<Vec<(CtKey, CtValue)>, DatapathError> {
+            wait_at_gate(&self.0);
             Ok(vec![])
         }
         fn gc_ct(&mut self) -> Result<usize, DatapathError> {
+            wait_at_gate(&self.0);
             Ok(0)
         }
         fn remove_ct(&mut self, _: CtKey) -> Result<(), DatapathError> {
@@ -785,6 +806,51 @@ mod tests {
             .insert(crate::node::host_key(IpAddr::V6(ep.ipv6)), ep.identity);
         h.manager().restore().unwrap();
         assert_eq!(ipcache_identity(&h, &ep.ipv6.to_string()), None);
+    }
+
+    /// Runs `walk` (which walks conntrack through the readers' handle) in
+    /// a thread and, while it is inside the walk, creates and deletes an
+    /// endpoint through the manager's lock.
+    fn endpoint_changes_during_a_conntrack_walk(
+        walk: impl FnOnce(&Mutex<EndpointManager>, &crate::metrics::MapsHandle) + Send,
+    ) {
+        let h = Harness::new();
+        let manager = Mutex::new(h.manager());
+        let maps: crate::metrics::MapsHandle = Mutex::new(Box::new(FakeDatapath(h.kernel.clone())));
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel();
+        h.kernel.lock().unwrap().ct_gate = Some((entered_tx, Arc::new(Mutex::new(release_rx))));
+        std::thread::scope(|scope| {
+            let (m, d) = (&manager, &maps);
+            let walker = scope.spawn(move || walk(m, d));
+            entered
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .expect("the walk started");
+            let mut mgr = manager
+                .try_lock()
+                .expect("the manager's lock is free during the walk");
+            let ep = mgr.create(request()).unwrap();
+            mgr.delete(ep.id).unwrap();
+            drop(mgr);
+            release.send(()).unwrap();
+            walker.join().unwrap();
+        });
+    }
+
+    #[test]
+    fn a_metrics_scrape_never_holds_the_lock_endpoint_create_needs() {
+        endpoint_changes_during_a_conntrack_walk(|manager, maps| {
+            crate::metrics::scrape(manager, maps).unwrap();
+        });
+    }
+
+    #[test]
+    fn conntrack_gc_never_holds_the_lock_endpoint_create_needs() {
+        endpoint_changes_during_a_conntrack_walk(|_, maps| {
+            let m = crate::metrics::AgentMetrics::default();
+            crate::metrics::collect_conntrack_garbage(maps, &m).unwrap();
+            assert_eq!(m.ct_gc_runs.get(), 1);
+        });
     }
 
     #[test]

@@ -144,6 +144,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let store = store::Store::open(&config.state_dir.join(paths::STATE_DB))?;
     let mut datapath = cilia_datapath::BpfDatapath::open(&config.bpf_root)?;
     let events = datapath.take_events();
+    // The readers' own handle on the same pinned maps (see AgentState::maps).
+    let maps: Box<dyn datapath::Datapath> =
+        Box::new(cilia_datapath::BpfDatapath::open(&config.bpf_root)?);
     let mut manager =
         EndpointManager::new(store, Box::new(datapath), Box::new(netdev::IpRoute), pools);
     manager
@@ -174,6 +177,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let state = Arc::new(AgentState {
         monitor: flow_monitor.clone(),
         manager: Mutex::new(manager),
+        maps: Mutex::new(maps),
         features,
         state_dir: config.state_dir.display().to_string(),
         bpf_root: config.bpf_root.display().to_string(),
@@ -215,17 +219,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     });
     // Conntrack garbage collection: expired entries only take room (the
     // datapath already treats them as absent).
+    // It runs on the readers' handle: endpoint create/delete never wait for it.
     let gc_state = state.clone();
+    let gc_metrics = agent_metrics.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
         loop {
             tick.tick().await;
-            let s = gc_state.clone();
+            let (s, m) = (gc_state.clone(), gc_metrics.clone());
             let result = tokio::task::spawn_blocking(move || {
-                s.manager
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .gc_conntrack()
+                metrics::collect_conntrack_garbage(&s.maps, &m)
             })
             .await;
             match result {
@@ -244,13 +247,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             axum::routing::get(move || {
                 let (s, m) = (s.clone(), m.clone());
                 async move {
-                    let snap = tokio::task::spawn_blocking(move || {
-                        s.manager
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .metrics_snapshot()
-                    })
-                    .await;
+                    // Store counts under the manager's lock (brief), the
+                    // map walks under the readers' handle only.
+                    let snap =
+                        tokio::task::spawn_blocking(move || metrics::scrape(&s.manager, &s.maps))
+                            .await;
                     match snap {
                         Ok(Ok(snap)) => (
                             axum::http::StatusCode::OK,

@@ -130,8 +130,10 @@ impl EndpointManager {
         self.metrics = metrics;
     }
 
-    /// What a Prometheus scrape reads from the datapath and the store.
-    pub fn metrics_snapshot(&self) -> Result<crate::metrics::Snapshot, EndpointError> {
+    /// What a Prometheus scrape reads from the store: cheap, so it is taken
+    /// under the manager's lock; the datapath part is read after the lock
+    /// is released ([`crate::metrics::scrape`]).
+    pub fn metrics_store_part(&self) -> Result<crate::metrics::StorePart, EndpointError> {
         let endpoints = self.store.endpoints()?;
         let mut by_state: BTreeMap<String, u64> = BTreeMap::new();
         for e in &endpoints {
@@ -141,52 +143,13 @@ impl EndpointManager {
                 .unwrap_or_default();
             *by_state.entry(state).or_default() += 1;
         }
-        let now = cilia_datapath::monotonic_ns();
-        let ct = self
-            .datapath
-            .list_ct()?
-            .iter()
-            .filter(|(_, v)| v.expires > now)
-            .count() as u64;
-        let bpf_endpoints = self.datapath.list_endpoints()?.len() as u64;
-        let ipcache = self.datapath.list_ipcache()?.len() as u64;
-        let mut policy_max = 0u64;
-        for e in &endpoints {
-            if let Some(p) = self.datapath.get_policy(e.id)? {
-                policy_max = policy_max.max(p.len() as u64);
-            }
-        }
-        Ok(crate::metrics::Snapshot {
-            datapath: self
-                .datapath
-                .metrics()?
-                .into_iter()
-                .map(|(k, v)| (k.kind, k.reason, k.dir, v.packets, v.bytes))
-                .collect(),
+        Ok(crate::metrics::StorePart {
+            endpoint_ids: endpoints.iter().map(|e| e.id).collect(),
             endpoints: by_state.into_iter().collect(),
             identities: vec![
                 ("reserved".into(), RESERVED.len() as u64),
                 ("endpoint".into(), self.store.identities()?.len() as u64),
                 ("cidr".into(), self.cidr_ids.len() as u64),
-            ],
-            conntrack_entries: ct,
-            map_fill: vec![
-                (
-                    "cilia_endpoints".into(),
-                    bpf_endpoints,
-                    u64::from(cilia_abi::CILIA_ENDPOINTS_MAX),
-                ),
-                (
-                    "cilia_ipcache".into(),
-                    ipcache,
-                    u64::from(cilia_abi::CILIA_IPCACHE_MAX),
-                ),
-                ("cilia_ct".into(), ct, u64::from(cilia_abi::CILIA_CT_MAX)),
-                (
-                    "policy (fullest endpoint)".into(),
-                    policy_max,
-                    u64::from(cilia_abi::CILIA_POLICY_MAX),
-                ),
             ],
             policy_revision: self.store.policy_revision()?,
         })
