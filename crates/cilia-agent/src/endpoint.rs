@@ -76,8 +76,9 @@ pub struct EndpointManager {
     pub(crate) resolved: BTreeMap<u16, cilia_policy::ResolvedPolicy>,
     /// Local CIDR identities of the CIDRs the policies mention.
     pub(crate) cidr_ids: BTreeMap<ipnet::IpNet, u32>,
-    /// Stored policies that failed to parse at start-up.
-    pub(crate) policy_errors: Vec<String>,
+    /// Stored policies that failed to parse at start-up: they close the
+    /// endpoints they may select (see `policy::BrokenPolicy`).
+    pub(crate) policy_errors: Vec<crate::policy::BrokenPolicy>,
     /// Rule cookies of the entries in the policy maps.
     pub(crate) rule_cookies: crate::policy::RuleCookies,
     pub(crate) metrics: crate::metrics::AgentMetrics,
@@ -85,6 +86,8 @@ pub struct EndpointManager {
     pub(crate) agent_netns: std::path::PathBuf,
     /// The node's addresses, as `host` in the ipcache (see `node`).
     pub(crate) node_addrs: std::collections::BTreeSet<IpAddr>,
+    /// Map capacities policy changes are checked against.
+    pub(crate) limits: crate::policy::Limits,
 }
 
 pub(crate) fn config_of(rec: &EndpointRecord, ifindex: u32) -> EndpointConfig {
@@ -132,6 +135,7 @@ impl EndpointManager {
             metrics: crate::metrics::AgentMetrics::default(),
             agent_netns: netdev::AGENT_NETNS.into(),
             node_addrs: std::collections::BTreeSet::new(),
+            limits: crate::policy::Limits::default(),
         }
     }
 
@@ -452,6 +456,7 @@ mod tests {
         policy: HashMap<u16, BTreeMap<PolicyKey, PolicyValue>>,
         revision: u32,
         fail_attach: bool,
+        fail_set_policy: bool,
         node_addrs: Vec<IpAddr>,
         /// When set, conntrack walks announce themselves on the sender and
         /// then wait for the receiver: a slow walk the test controls.
@@ -549,7 +554,11 @@ mod tests {
             id: u16,
             entries: &BTreeMap<PolicyKey, PolicyValue>,
         ) -> Result<(), DatapathError> {
-            self.0.lock().unwrap().policy.insert(id, entries.clone());
+            let mut k = self.0.lock().unwrap();
+            if k.fail_set_policy {
+                return Err(DatapathError::MissingMap("cilia_policy"));
+            }
+            k.policy.insert(id, entries.clone());
             Ok(())
         }
         fn get_policy(
@@ -851,6 +860,190 @@ mod tests {
             crate::metrics::collect_conntrack_garbage(maps, &m).unwrap();
             assert_eq!(m.ct_gc_runs.get(), 1);
         });
+    }
+
+    const THREE_CIDRS: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: cidrs
+spec:
+  endpointSelector: {}
+  egress:
+  - toCIDR:
+    - 192.0.2.0/24
+    - 198.51.100.0/24
+    - 203.0.113.0/24
+";
+
+    /// What an import must leave untouched when it is refused.
+    fn policy_state(h: &Harness, mgr: &EndpointManager) -> impl PartialEq + std::fmt::Debug {
+        let k = h.kernel.lock().unwrap();
+        let mut ipcache: Vec<_> = k.ipcache.iter().map(|(k, v)| (*k, *v)).collect();
+        ipcache.sort_by_key(|(k, _)| (k.prefixlen, k.addr));
+        let mut policy: Vec<_> = k.policy.iter().map(|(k, v)| (*k, v.clone())).collect();
+        policy.sort_by_key(|(k, _)| *k);
+        (
+            mgr.store.policies().unwrap(),
+            mgr.policy_documents(),
+            mgr.cidr_ids.clone(),
+            ipcache,
+            policy,
+        )
+    }
+
+    #[test]
+    fn an_import_that_does_not_fit_the_ipcache_changes_nothing() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        mgr.create(request()).unwrap();
+        mgr.limits.ipcache_entries = 2;
+        let before = policy_state(&h, &mgr);
+        let err = mgr.import_policies("t.yaml", THREE_CIDRS).unwrap_err();
+        assert!(err.to_string().contains("ipcache"), "{err}");
+        assert_eq!(before, policy_state(&h, &mgr));
+    }
+
+    #[test]
+    fn the_map_size_check_counts_the_cidr_identities_the_import_brings() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        mgr.create(request()).unwrap();
+        // Without its three CIDR identities the policy is one entry (the
+        // egress enforcement flag); with them, four.
+        mgr.limits.policy_entries = 3;
+        let before = policy_state(&h, &mgr);
+        let err = mgr.import_policies("t.yaml", THREE_CIDRS).unwrap_err();
+        assert!(err.to_string().contains("policy map entries"), "{err}");
+        assert_eq!(before, policy_state(&h, &mgr));
+    }
+
+    #[test]
+    fn an_import_whose_programming_fails_rolls_the_store_back() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        mgr.create(request()).unwrap();
+        let before = policy_state(&h, &mgr);
+        h.kernel.lock().unwrap().fail_set_policy = true;
+        assert!(mgr.import_policies("t.yaml", THREE_CIDRS).is_err());
+        h.kernel.lock().unwrap().fail_set_policy = false;
+        assert_eq!(before, policy_state(&h, &mgr));
+    }
+
+    #[test]
+    fn an_import_that_fits_is_programmed_once_checked() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        let ep = mgr.create(request()).unwrap();
+        mgr.limits.policy_entries = 4;
+        mgr.import_policies("t.yaml", THREE_CIDRS).unwrap();
+        assert_eq!(mgr.cidr_ids.len(), 3);
+        assert_eq!(h.kernel.lock().unwrap().policy[&ep.id].len(), 4);
+    }
+
+    const BROKEN: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: old
+spec:
+  endpointSelector: {}
+  bogusField: 1
+";
+
+    /// Endpoints in `default` and `other`, then an agent restart that finds
+    /// a stored CiliumNetworkPolicy `default/old` that no longer parses.
+    fn restart_with_a_broken_stored_policy(h: &Harness) -> (EndpointManager, u16, u16) {
+        let (in_default, in_other) = {
+            let mut mgr = h.manager();
+            let a = mgr.create(request()).unwrap();
+            let mut req = request();
+            req.namespace = Some("other".into());
+            let b = mgr.create(req).unwrap();
+            (a.id, b.id)
+        };
+        Store::open(&h.path)
+            .unwrap()
+            .put_policies(&[StoredPolicy {
+                kind: "CiliumNetworkPolicy".into(),
+                namespace: Some("default".into()),
+                name: "old".into(),
+                yaml: BROKEN.into(),
+            }])
+            .unwrap();
+        let mut mgr = h.manager();
+        mgr.restore().unwrap();
+        (mgr, in_default, in_other)
+    }
+
+    fn enforced_directions(h: &Harness, id: u16) -> (usize, usize) {
+        let k = h.kernel.lock().unwrap();
+        let entries = &k.policy[&id];
+        let flags = entries
+            .keys()
+            .filter(|key| key.identity == cilia_abi::CILIA_ID_ENFORCEMENT.to_be())
+            .count();
+        (flags, entries.len())
+    }
+
+    #[test]
+    fn a_stored_policy_that_no_longer_parses_closes_its_namespace_both_ways() {
+        let h = Harness::new();
+        let (mgr, in_default, in_other) = restart_with_a_broken_stored_policy(&h);
+        assert_eq!(
+            enforced_directions(&h, in_default),
+            (2, 2),
+            "both directions enforced, nothing allowed"
+        );
+        assert_eq!(
+            enforced_directions(&h, in_other),
+            (0, 0),
+            "other namespace open"
+        );
+        let errors = mgr.policy_errors();
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].contains("CiliumNetworkPolicy default/old"),
+            "{errors:?}"
+        );
+        assert!(
+            errors[0].contains("endpoints in namespace default"),
+            "{errors:?}"
+        );
+        assert!(errors[0].contains("bogusField"), "{errors:?}");
+    }
+
+    #[test]
+    fn reimporting_a_broken_policy_in_valid_form_reopens_its_namespace() {
+        let h = Harness::new();
+        let (mut mgr, in_default, _) = restart_with_a_broken_stored_policy(&h);
+        mgr.import_policies(
+            "fixed.yaml",
+            "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: old
+spec:
+  endpointSelector: {}
+  ingress:
+  - fromEntities:
+    - all
+",
+        )
+        .unwrap();
+        assert!(mgr.policy_errors().is_empty());
+        let (flags, len) = enforced_directions(&h, in_default);
+        assert_eq!(flags, 1, "ingress only");
+        assert!(len > flags, "with its allow entry");
+    }
+
+    #[test]
+    fn a_broken_stored_policy_can_be_deleted_by_name() {
+        let h = Harness::new();
+        let (mut mgr, in_default, _) = restart_with_a_broken_stored_policy(&h);
+        let (_, names) = mgr.delete_policies(Some("old"), None).unwrap();
+        assert_eq!(names.len(), 1);
+        assert!(mgr.policy_errors().is_empty());
+        assert!(mgr.store.policies().unwrap().is_empty());
+        assert_eq!(enforced_directions(&h, in_default), (0, 0));
     }
 
     #[test]

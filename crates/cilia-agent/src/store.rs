@@ -495,6 +495,25 @@ impl Store {
         })
     }
 
+    /// Adds or replaces `put` and deletes `delete` (by key) in one
+    /// transaction, bumping the revision; returns the new revision.
+    pub fn replace_policies(
+        &self,
+        put: &[StoredPolicy],
+        delete: &[String],
+    ) -> Result<u64, StoreError> {
+        self.change_policies(|table| {
+            for key in delete {
+                table.remove(key.as_str())?;
+            }
+            for p in put {
+                let json = serde_json::to_vec(p).map_err(|e| StoreError::Db(e.to_string()))?;
+                table.insert(p.key().as_str(), json.as_slice())?;
+            }
+            Ok(())
+        })
+    }
+
     fn change_policies(
         &self,
         f: impl FnOnce(&mut redb::Table<&str, &[u8]>) -> Result<(), StoreError>,
@@ -523,6 +542,23 @@ impl Store {
     pub fn sync_cidr_identities(
         &self,
         prefixes: &BTreeSet<ipnet::IpNet>,
+    ) -> Result<BTreeMap<ipnet::IpNet, u32>, StoreError> {
+        self.cidr_identities(prefixes, true)
+    }
+
+    /// The identities [`Self::sync_cidr_identities`] would give, without
+    /// storing anything (its transaction is aborted).
+    pub fn plan_cidr_identities(
+        &self,
+        prefixes: &BTreeSet<ipnet::IpNet>,
+    ) -> Result<BTreeMap<ipnet::IpNet, u32>, StoreError> {
+        self.cidr_identities(prefixes, false)
+    }
+
+    fn cidr_identities(
+        &self,
+        prefixes: &BTreeSet<ipnet::IpNet>,
+        commit: bool,
     ) -> Result<BTreeMap<ipnet::IpNet, u32>, StoreError> {
         let txn = self.db.begin_write()?;
         let mut out = BTreeMap::new();
@@ -559,7 +595,11 @@ impl Store {
                 out.insert(*prefix, id);
             }
         }
-        txn.commit()?;
+        if commit {
+            txn.commit()?;
+        } else {
+            txn.abort()?;
+        }
         Ok(out)
     }
 }

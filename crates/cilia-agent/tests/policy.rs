@@ -907,3 +907,45 @@ spec:
         "a local endpoint address is no ipcache entry: {ipcache:#}"
     );
 }
+
+#[test]
+fn a_stored_policy_that_no_longer_parses_fails_closed_and_shows_in_status() {
+    privileged!("broken_stored_policy");
+    let mut agent = TestAgent::start(AgentOptions::default());
+    let (a_ns, b_ns) = (Netns::new("cbra").unwrap(), Netns::new("cbrb").unwrap());
+    let _a = agent.create_endpoint(&a_ns, "app=a");
+    let b = agent.create_endpoint(&b_ns, "app=b");
+    let server = EchoServer::start(&b_ns, SocketAddr::new(ip_of(&b, "ipv4"), 0));
+    let to_b = SocketAddr::new(ip_of(&b, "ipv4"), server.port);
+    assert_talks(&a_ns, to_b, "a -> b with no policy");
+
+    // A policy stored by an earlier version that this one no longer parses.
+    agent.kill9();
+    {
+        let store =
+            cilia_agent::store::Store::open(&agent.state_dir.join(cilia_agent::paths::STATE_DB))
+                .unwrap();
+        store
+            .put_policies(&[cilia_agent::store::StoredPolicy {
+                kind: "CiliumNetworkPolicy".into(),
+                namespace: Some("default".into()),
+                name: "legacy".into(),
+                yaml: "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: legacy\nspec:\n  endpointSelector: {}\n  retiredField: true\n".into(),
+            }])
+            .unwrap();
+    }
+    agent.spawn().unwrap();
+    assert_blocked(&a_ns, to_b, "a -> b while the stored policy is broken");
+    let status = agent.cli_json(&["status"]);
+    let errors = status["policy_errors"].to_string();
+    assert!(
+        errors.contains("CiliumNetworkPolicy default/legacy"),
+        "{status:#}"
+    );
+    assert!(errors.contains("retiredField"), "{status:#}");
+    let verbose = agent.cli_ok(&["status", "--verbose"]);
+    assert!(verbose.contains("legacy"), "{verbose}");
+
+    agent.cli_ok(&["policy", "delete", "legacy"]);
+    assert_talks(&a_ns, to_b, "a -> b once the broken policy is deleted");
+}
