@@ -88,6 +88,9 @@ pub struct EndpointManager {
     pub(crate) node_addrs: std::collections::BTreeSet<IpAddr>,
     /// Map capacities policy changes are checked against.
     pub(crate) limits: crate::policy::Limits,
+    /// Re-specialize and re-attach every endpoint at restore (set when the
+    /// datapath recreated pinned maps the old programs still use).
+    pub reattach_all: bool,
 }
 
 pub(crate) fn config_of(rec: &EndpointRecord, ifindex: u32) -> EndpointConfig {
@@ -136,6 +139,7 @@ impl EndpointManager {
             agent_netns: netdev::AGENT_NETNS.into(),
             node_addrs: std::collections::BTreeSet::new(),
             limits: crate::policy::Limits::default(),
+            reattach_all: false,
         }
     }
 
@@ -378,6 +382,45 @@ impl EndpointManager {
             .any(|other| other.id != rec.id && other.identity == rec.identity))
     }
 
+    /// Makes a ready endpoint's attached programs what its record says: a
+    /// missing link is attached; a link whose device is not the endpoint's
+    /// current one (the device was re-created, say) is replaced; a program
+    /// whose baked-in configuration (identity, addresses, ifindex, MACs)
+    /// differs from the record — or any program, when `reattach_all` —
+    /// is re-specialized and swapped in through its pinned link. A matching
+    /// one is left alone (no reload).
+    fn reconcile_program(
+        &mut self,
+        rec: &EndpointRecord,
+        ifindex: u32,
+    ) -> Result<(), EndpointError> {
+        let expected = config_of(rec, ifindex);
+        let links = self.datapath.check_links(&expected)?;
+        let wrong_device = links
+            .as_ref()
+            .is_some_and(|l| l.iter().any(|l| l.ifindex != ifindex));
+        let stale = links
+            .as_ref()
+            .is_none_or(|l| self.reattach_all || l.iter().any(|l| !l.config_matches));
+        if wrong_device {
+            warn!(
+                id = rec.id,
+                ifindex, "pinned link is not on the endpoint's device; re-attaching"
+            );
+            self.datapath.detach_endpoint(rec.id)?;
+        } else if !stale {
+            return Ok(());
+        } else if links.is_some() {
+            info!(
+                id = rec.id,
+                "program does not match the endpoint's record; re-specializing"
+            );
+        }
+        self.apply_policy(rec)?;
+        self.datapath.attach_endpoint(&expected, &rec.host_ifname)?;
+        Ok(())
+    }
+
     /// Reconciles recorded endpoints with the kernel after a (re)start:
     /// half-created ones are rolled back; ready ones keep running untouched
     /// (their pinned links never stopped), with map entries re-published and
@@ -412,11 +455,7 @@ impl EndpointManager {
                 continue;
             };
             let result = (|| -> Result<(), EndpointError> {
-                if !self.datapath.endpoint_attached(rec.id) {
-                    self.apply_policy(&rec)?;
-                    self.datapath
-                        .attach_endpoint(&config_of(&rec, ifindex), &rec.host_ifname)?;
-                }
+                self.reconcile_program(&rec, ifindex)?;
                 self.publish(&rec, ifindex)
             })();
             let (state, reason) = match result {
@@ -458,6 +497,12 @@ mod tests {
         fail_attach: bool,
         fail_set_policy: bool,
         node_addrs: Vec<IpAddr>,
+        /// Configuration of each endpoint's attached program.
+        attached: HashMap<u16, EndpointConfig>,
+        /// Device the links report instead of the attached one.
+        link_ifindex: Option<u32>,
+        attaches: usize,
+        detaches: usize,
         /// When set, conntrack walks announce themselves on the sender and
         /// then wait for the receiver: a slow walk the test controls.
         ct_gate: Option<CtGate>,
@@ -493,11 +538,33 @@ mod tests {
                 return Err(DatapathError::MissingProgram("verifier said no"));
             }
             k.pins.insert(config.endpoint_id);
+            k.attached.insert(config.endpoint_id, *config);
+            k.attaches += 1;
             Ok(())
         }
         fn detach_endpoint(&mut self, id: u16) -> Result<(), DatapathError> {
-            self.0.lock().unwrap().pins.remove(&id);
+            let mut k = self.0.lock().unwrap();
+            k.pins.remove(&id);
+            k.attached.remove(&id);
+            k.detaches += 1;
             Ok(())
+        }
+        fn check_links(
+            &self,
+            expected: &EndpointConfig,
+        ) -> Result<Option<Vec<cilia_datapath::LinkCheck>>, DatapathError> {
+            let k = self.0.lock().unwrap();
+            if !k.pins.contains(&expected.endpoint_id) {
+                return Ok(None);
+            }
+            let Some(cfg) = k.attached.get(&expected.endpoint_id) else {
+                return Ok(None);
+            };
+            let link = cilia_datapath::LinkCheck {
+                ifindex: k.link_ifindex.unwrap_or(cfg.ifindex),
+                config_matches: cfg == expected,
+            };
+            Ok(Some(vec![link; 2]))
         }
         fn endpoint_attached(&self, id: u16) -> bool {
             self.0.lock().unwrap().pins.contains(&id)
@@ -1044,6 +1111,61 @@ spec:
         assert!(mgr.policy_errors().is_empty());
         assert!(mgr.store.policies().unwrap().is_empty());
         assert_eq!(enforced_directions(&h, in_default), (0, 0));
+    }
+
+    #[test]
+    fn restore_leaves_a_program_that_matches_its_record_alone() {
+        let h = Harness::new();
+        h.manager().create(request()).unwrap();
+        let before = h.kernel.lock().unwrap().attaches;
+        h.manager().restore().unwrap();
+        assert_eq!(h.kernel.lock().unwrap().attaches, before, "no reload");
+    }
+
+    #[test]
+    fn restore_respecializes_a_program_whose_config_differs_from_its_record() {
+        let h = Harness::new();
+        let ep = h.manager().create(request()).unwrap();
+        // An older agent attached it with another identity.
+        h.kernel
+            .lock()
+            .unwrap()
+            .attached
+            .get_mut(&ep.id)
+            .unwrap()
+            .identity = 999;
+        h.manager().restore().unwrap();
+        let k = h.kernel.lock().unwrap();
+        assert_eq!(k.attached[&ep.id].identity, ep.identity);
+        assert_eq!(k.detaches, 0, "swapped through the pinned link");
+    }
+
+    #[test]
+    fn restore_replaces_a_link_attached_to_another_device() {
+        let h = Harness::new();
+        let ep = h.manager().create(request()).unwrap();
+        // The device was deleted and re-created: the old link is defunct.
+        h.kernel.lock().unwrap().link_ifindex = Some(0);
+        let before = h.kernel.lock().unwrap().detaches;
+        h.manager().restore().unwrap();
+        let k = h.kernel.lock().unwrap();
+        assert_eq!(k.detaches, before + 1, "old link unpinned");
+        assert!(k.pins.contains(&ep.id), "new link pinned");
+        assert!(k.policy.contains_key(&ep.id), "policy programmed again");
+    }
+
+    #[test]
+    fn restore_reattaches_every_endpoint_when_maps_were_recreated() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        mgr.create(request()).unwrap();
+        mgr.create(request()).unwrap();
+        drop(mgr);
+        let before = h.kernel.lock().unwrap().attaches;
+        let mut mgr = h.manager();
+        mgr.reattach_all = true;
+        mgr.restore().unwrap();
+        assert_eq!(h.kernel.lock().unwrap().attaches, before + 2);
     }
 
     #[test]

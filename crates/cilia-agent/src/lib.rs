@@ -147,8 +147,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // The readers' own handle on the same pinned maps (see AgentState::maps).
     let maps: Box<dyn datapath::Datapath> =
         Box::new(cilia_datapath::BpfDatapath::open(&config.bpf_root)?);
+    let recreated = datapath.recreated_maps().to_vec();
     let mut manager =
         EndpointManager::new(store, Box::new(datapath), Box::new(netdev::IpRoute), pools);
+    if !recreated.is_empty() {
+        let names: Vec<&str> = recreated.iter().map(|m| m.name.as_str()).collect();
+        warn!(maps = ?names, "pinned maps were recreated for this build; re-attaching every endpoint");
+        manager.reattach_all = true;
+    }
     manager
         .ensure_router()
         .context("setting up the node's router addresses")?;

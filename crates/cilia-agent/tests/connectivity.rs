@@ -195,6 +195,12 @@ fn kill_9_of_the_agent_loses_no_packets_and_restart_restores_endpoints() {
         before, after,
         "same endpoints, same addresses after restart"
     );
+    // Programs that match their records are left running, not reloaded.
+    let log = agent.log_text();
+    assert!(
+        !log.contains("re-specializing") && !log.contains("re-attaching"),
+        "{log}"
+    );
     // No duplicate addresses: a new endpoint gets fresh ones.
     let c3 = Netns::new("cep").unwrap();
     let c = agent.create_endpoint(&c3, "app=c");
