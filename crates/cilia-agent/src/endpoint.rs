@@ -248,6 +248,7 @@ impl EndpointManager {
                         policy_audit: false,
                     }
                 })?;
+        crate::crash::point("endpoint-create:after-record");
         match self.connect(&rec, &netns) {
             Ok(()) => {
                 let mut ready = rec;
@@ -256,6 +257,7 @@ impl EndpointManager {
                     self.rollback(&ready);
                     return Err(e.into());
                 }
+                crate::crash::point("endpoint-create:after-ready");
                 info!(id = ready.id, ipv6 = %ready.ipv6, ipv4 = ?ready.ipv4, "endpoint created");
                 // Only a new identity can change what the others' policies
                 // select; an identity shared with another endpoint (or the
@@ -306,12 +308,17 @@ impl EndpointManager {
             router6,
             router4,
         })?;
+        crate::crash::point("endpoint-create:after-veth");
         // The policy map exists before the program can see a packet: a new
         // endpoint is never briefly open when a policy selects it.
         self.apply_policy(rec)?;
+        crate::crash::point("endpoint-create:after-policy");
         self.datapath
             .attach_endpoint(&config_of(rec, ifindex), &rec.host_ifname)?;
-        self.publish(rec, ifindex)
+        crate::crash::point("endpoint-create:after-attach");
+        self.publish(rec, ifindex)?;
+        crate::crash::point("endpoint-create:after-publish");
+        Ok(())
     }
 
     /// Publishes an endpoint's addresses: delivery info and identity, in
@@ -357,8 +364,11 @@ impl EndpointManager {
         for ip in rec.ips() {
             self.datapath.remove_endpoint(ip)?;
         }
+        crate::crash::point("endpoint-delete:after-unpublish");
         self.datapath.detach_endpoint(rec.id)?;
+        crate::crash::point("endpoint-delete:after-detach");
         self.netdev.delete(&rec.host_ifname)?;
+        crate::crash::point("endpoint-delete:after-veth");
         self.store.delete_endpoint(&rec)?;
         self.resolved.remove(&rec.id);
         info!(id, "endpoint deleted");

@@ -507,11 +507,13 @@ impl EndpointManager {
             .store
             .set_endpoint_labels(id, labels)?
             .ok_or(EndpointError::NotFound(id))?;
+        crate::crash::point("endpoint-labels:after-record");
         if rec.state == EndpointState::Ready {
             if let Some(ifindex) = self.netdev.ifindex(&rec.host_ifname) {
                 self.apply_policy(&rec)?;
                 self.datapath
                     .attach_endpoint(&config_of(&rec, ifindex), &rec.host_ifname)?;
+                crate::crash::point("endpoint-labels:after-attach");
                 self.publish(&rec, ifindex)?;
             }
         }
