@@ -543,7 +543,7 @@ impl BpfDatapath {
             // recreated; the caller rewrites all its entries anyway.
             let want = (
                 CILIA_POLICY_MAX,
-                std::mem::size_of::<PolicyData>() as u32,
+                std::mem::size_of::<aya::maps::lpm_trie::Key<PolicyData>>() as u32,
                 std::mem::size_of::<PolicyValue>() as u32,
             );
             let info = MapInfo::from_pin(path).map_err(err)?;

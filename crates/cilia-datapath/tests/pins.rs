@@ -129,3 +129,18 @@ fn pinned_links_report_their_device_and_whether_their_program_matches_the_record
     dp.detach_endpoint(9).unwrap();
     assert!(dp.check_links(&attached).unwrap().is_none());
 }
+
+#[test]
+fn an_endpoint_policy_map_of_another_layout_is_recreated_when_written() {
+    privileged!("pins_policy_map");
+    let root = BpfRoot::new();
+    let mut dp = BpfDatapath::open(root.path()).unwrap();
+    let pin = root.path().join("policy").join("ep5_a");
+    pin_array(&pin, 1);
+    let entries = std::collections::BTreeMap::new();
+    let update = dp.set_policy(5, &entries).unwrap();
+    assert_eq!((update.added, update.removed), (0, 0));
+    let info = MapInfo::from_pin(&pin).unwrap();
+    assert_eq!(info.max_entries(), cilia_abi::CILIA_POLICY_MAX);
+    assert_eq!(dp.get_policy(5).unwrap(), Some(entries));
+}
