@@ -26,7 +26,9 @@ use crate::store::{EndpointRecord, Store, StoreError, StoredPolicy};
 pub enum EndpointError {
     #[error(transparent)]
     Labels(#[from] cilia_api::labels::LabelError),
-    #[error("ifname {0:?}: must be 1-15 characters, no '/', ':' or whitespace")]
+    #[error(
+        "ifname {0:?}: must be 1-15 characters, no '/', ':', whitespace or control characters"
+    )]
     Ifname(String),
     #[error(transparent)]
     Netdev(#[from] NetdevError),
@@ -55,7 +57,7 @@ fn valid_ifname(name: &str) -> bool {
         && name != ".."
         && !name
             .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace())
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
 }
 
 /// Node-wide addressing the endpoints share.
@@ -1182,9 +1184,14 @@ spec:
     fn invalid_ifname_is_rejected_before_anything_is_allocated() {
         let h = Harness::new();
         let mut mgr = h.manager();
-        let mut req = request();
-        req.ifname = Some("a/b".into());
-        assert!(matches!(mgr.create(req), Err(EndpointError::Ifname(_))));
+        for bad in ["a/b", "a\nb", "a\u{1}b", ""] {
+            let mut req = request();
+            req.ifname = Some(bad.into());
+            assert!(
+                matches!(mgr.create(req), Err(EndpointError::Ifname(_))),
+                "{bad:?}"
+            );
+        }
         assert!(mgr.allocated().unwrap().is_empty());
     }
 
