@@ -19,6 +19,7 @@ pub mod node;
 pub mod paths;
 pub mod policy;
 pub mod repository;
+pub mod rtnl;
 pub mod store;
 
 use std::fs::File;
@@ -149,8 +150,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let maps: Box<dyn datapath::Datapath> =
         Box::new(cilia_datapath::BpfDatapath::open(&config.bpf_root)?);
     let recreated = datapath.recreated_maps().to_vec();
-    let mut manager =
-        EndpointManager::new(store, Box::new(datapath), Box::new(netdev::IpRoute), pools);
+    let mut manager = EndpointManager::new(
+        store,
+        Box::new(datapath),
+        Box::new(netdev::Rtnetlink),
+        pools,
+    );
     if !recreated.is_empty() {
         let names: Vec<&str> = recreated.iter().map(|m| m.name.as_str()).collect();
         warn!(maps = ?names, "pinned maps were recreated for this build; re-attaching every endpoint");
