@@ -112,6 +112,24 @@ async fn with_manager<T: Send + 'static>(
     .map_err(|e| AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
 }
 
+/// Runs `f` on the readers' handle of the pinned maps (blocking pool),
+/// without the manager's lock.
+async fn with_maps<T: Send + 'static>(
+    state: &Shared,
+    f: impl FnOnce(&dyn crate::datapath::Datapath) -> Result<T, EndpointError> + Send + 'static,
+) -> Result<T, AppError> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let dp = state
+            .maps
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(dp.as_ref()).map_err(AppError::from)
+    })
+    .await
+    .map_err(|e| AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+}
+
 pub fn endpoint_view(rec: &EndpointRecord) -> Endpoint {
     Endpoint {
         id: rec.id,
@@ -706,10 +724,11 @@ fn proto_name(proto: u8) -> String {
 
 #[utoipa::path(get, path = "/v1/bpf/ct", responses((status = 200, body = Vec<BpfCtEntry>)))]
 async fn bpf_ct(State(state): State<Shared>) -> Result<Json<Vec<BpfCtEntry>>, AppError> {
-    with_manager(&state, |mgr| {
+    // A walk of the whole table: on the readers' handle, never under the
+    // manager's lock.
+    with_maps(&state, |dp| {
         let now = cilia_datapath::monotonic_ns();
-        Ok(mgr
-            .datapath()
+        Ok(dp
             .list_ct()?
             .into_iter()
             .filter(|(_, v)| v.expires > now)
