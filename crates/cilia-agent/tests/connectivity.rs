@@ -212,6 +212,44 @@ fn kill_9_of_the_agent_loses_no_packets_and_restart_restores_endpoints() {
 }
 
 #[test]
+fn a_pinned_map_of_an_older_layout_is_recreated_and_endpoints_move_to_it() {
+    privileged!("pin_migration");
+    let mut agent = TestAgent::start(AgentOptions::default());
+    let (c1, c2) = (Netns::new("cep").unwrap(), Netns::new("cep").unwrap());
+    agent.create_endpoint(&c1, "app=a");
+    let b = agent.create_endpoint(&c2, "app=b");
+    agent.kill9();
+    // An older build's conntrack map: another type and sizes.
+    let ct = agent.bpf_root.path().join("maps/cilia_ct");
+    std::fs::remove_file(&ct).unwrap();
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&ct)
+        .args([
+            "type", "array", "key", "4", "value", "4", "entries", "1", "name", "old_ct",
+        ])
+        .output()
+        .expect("bpftool (scripts/setup.sh installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    agent.spawn().unwrap();
+    let log = agent.log_text();
+    assert!(log.contains("recreating it empty"), "{log}");
+    assert!(log.contains("re-attaching every endpoint"), "{log}");
+    // The endpoints' programs use the new map: their flows show up in it.
+    tcp_echo(&c2, &c1, ip_of(&b, "ipv4"));
+    let flows = agent.cli_json(&["bpf", "ct", "list"]);
+    assert!(
+        !flows.as_array().unwrap().is_empty(),
+        "flows tracked in the recreated map"
+    );
+}
+
+#[test]
 fn endpoint_delete_removes_devices_pins_map_entries_and_addresses() {
     privileged!("endpoint_delete");
     let agent = TestAgent::start(AgentOptions::default());
