@@ -32,6 +32,10 @@ use crate::store::{EndpointRecord, StoreError};
 /// allocation and device names race-free.
 pub struct AgentState {
     pub manager: Mutex<EndpointManager>,
+    /// A second handle on the pinned maps for the readers that walk them
+    /// (metrics scrapes, status, conntrack GC), so they never hold
+    /// `manager` while they do.
+    pub maps: crate::metrics::MapsHandle,
     pub monitor: Arc<crate::monitor::Monitor>,
     pub features: FeatureReport,
     pub state_dir: String,
@@ -109,6 +113,24 @@ async fn with_manager<T: Send + 'static>(
     .map_err(|e| AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
 }
 
+/// Runs `f` on the readers' handle of the pinned maps (blocking pool),
+/// without the manager's lock.
+async fn with_maps<T: Send + 'static>(
+    state: &Shared,
+    f: impl FnOnce(&dyn crate::datapath::Datapath) -> Result<T, EndpointError> + Send + 'static,
+) -> Result<T, AppError> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let dp = state
+            .maps
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(dp.as_ref()).map_err(AppError::from)
+    })
+    .await
+    .map_err(|e| AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+}
+
 pub fn endpoint_view(rec: &EndpointRecord) -> Endpoint {
     Endpoint {
         id: rec.id,
@@ -146,9 +168,14 @@ async fn status(State(state): State<Shared>) -> Result<Json<Status>, AppError> {
     let (state_dir, bpf_root) = (state.state_dir.clone(), state.bpf_root.clone());
     let monitor_level = state.monitor.wanted_level();
     let flows = state.monitor.recent().len();
+    let s = state.clone();
+    let snap = tokio::task::spawn_blocking(move || crate::metrics::scrape(&s.manager, &s.maps))
+        .await
+        .map_err(|e| {
+            AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })??;
     with_manager(&state, move |mgr| {
         let endpoints = mgr.list()?;
-        let snap = mgr.metrics_snapshot()?;
         let used = mgr.allocated()?;
         let not_ready = endpoints
             .iter()
@@ -733,10 +760,11 @@ fn proto_name(proto: u8) -> String {
 
 #[utoipa::path(get, path = "/v1/bpf/ct", responses((status = 200, body = Vec<BpfCtEntry>)))]
 async fn bpf_ct(State(state): State<Shared>) -> Result<Json<Vec<BpfCtEntry>>, AppError> {
-    with_manager(&state, |mgr| {
+    // A walk of the whole table: on the readers' handle, never under the
+    // manager's lock.
+    with_maps(&state, |dp| {
         let now = cilia_datapath::monotonic_ns();
-        Ok(mgr
-            .datapath()
+        Ok(dp
             .list_ct()?
             .into_iter()
             .filter(|(_, v)| v.expires > now)

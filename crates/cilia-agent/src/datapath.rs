@@ -10,7 +10,7 @@ use cilia_abi::{
     CtKey, CtValue, EndpointConfig, EndpointInfo, EndpointKey, IpcacheKey, IpcacheValue,
     MetricsKey, MetricsValue, PolicyKey, PolicyValue,
 };
-use cilia_datapath::{BpfDatapath, DatapathError};
+use cilia_datapath::{BpfDatapath, DatapathError, LinkCheck};
 
 pub trait Datapath: Send {
     fn attach_endpoint(
@@ -20,6 +20,13 @@ pub trait Datapath: Send {
     ) -> Result<(), DatapathError>;
     fn detach_endpoint(&mut self, endpoint_id: u16) -> Result<(), DatapathError>;
     fn endpoint_attached(&self, endpoint_id: u16) -> bool;
+    /// How the endpoint's pinned links stand against `expected` (its
+    /// record): attached device and baked-in configuration; `None` when a
+    /// link pin is missing.
+    fn check_links(
+        &self,
+        expected: &EndpointConfig,
+    ) -> Result<Option<Vec<LinkCheck>>, DatapathError>;
     fn upsert_endpoint(&mut self, ip: IpAddr, info: EndpointInfo) -> Result<(), DatapathError>;
     fn remove_endpoint(&mut self, ip: IpAddr) -> Result<(), DatapathError>;
     fn list_endpoints(&self) -> Result<Vec<(EndpointKey, EndpointInfo)>, DatapathError>;
@@ -64,6 +71,12 @@ impl Datapath for BpfDatapath {
     }
     fn endpoint_attached(&self, endpoint_id: u16) -> bool {
         BpfDatapath::endpoint_attached(self, endpoint_id)
+    }
+    fn check_links(
+        &self,
+        expected: &EndpointConfig,
+    ) -> Result<Option<Vec<LinkCheck>>, DatapathError> {
+        BpfDatapath::check_links(self, expected)
     }
     fn upsert_endpoint(&mut self, ip: IpAddr, info: EndpointInfo) -> Result<(), DatapathError> {
         BpfDatapath::upsert_endpoint(self, ip, info)

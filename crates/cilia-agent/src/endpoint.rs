@@ -68,19 +68,21 @@ pub struct EndpointManager {
     pub(crate) resolved: BTreeMap<u16, cilia_policy::ResolvedPolicy>,
     /// Local CIDR identities of the CIDRs the policies mention.
     pub(crate) cidr_ids: BTreeMap<ipnet::IpNet, u32>,
-    /// Stored policies that failed to parse at start-up.
-    pub(crate) policy_errors: Vec<String>,
+    /// Stored policies that failed to parse at start-up: they close the
+    /// endpoints they may select (see `policy::BrokenPolicy`).
+    pub(crate) policy_errors: Vec<crate::policy::BrokenPolicy>,
     /// Rule cookies of the entries in the policy maps.
     pub(crate) rule_cookies: crate::policy::RuleCookies,
     pub(crate) metrics: crate::metrics::AgentMetrics,
-}
-
-fn host_prefix(ip: IpAddr) -> u8 {
-    if ip.is_ipv4() {
-        32
-    } else {
-        128
-    }
+    /// The namespace the agent runs in, which no endpoint may use.
+    pub(crate) agent_netns: std::path::PathBuf,
+    /// The node's addresses, as `host` in the ipcache (see `node`).
+    pub(crate) node_addrs: std::collections::BTreeSet<IpAddr>,
+    /// Map capacities policy changes are checked against.
+    pub(crate) limits: crate::policy::Limits,
+    /// Re-specialize and re-attach every endpoint at restore (set when the
+    /// datapath recreated pinned maps the old programs still use).
+    pub reattach_all: bool,
 }
 
 pub(crate) fn config_of(rec: &EndpointRecord, ifindex: u32) -> EndpointConfig {
@@ -126,6 +128,10 @@ impl EndpointManager {
             policy_errors: Vec::new(),
             rule_cookies: crate::policy::RuleCookies::default(),
             metrics: crate::metrics::AgentMetrics::default(),
+            agent_netns: netdev::AGENT_NETNS.into(),
+            node_addrs: std::collections::BTreeSet::new(),
+            limits: crate::policy::Limits::default(),
+            reattach_all: false,
         }
     }
 
@@ -181,7 +187,7 @@ impl EndpointManager {
             cilia_api::limits::check_container_id("container_id", cid)?;
         }
         cilia_api::limits::check_netns("netns", &req.netns)?;
-        let netns = netdev::resolve_netns(&req.netns)?;
+        let netns = netdev::open_netns(&req.netns, &self.agent_netns)?;
         let namespace = req
             .namespace
             .clone()
@@ -224,7 +230,7 @@ impl EndpointManager {
                 .create_endpoint(&self.pools.v6, self.pools.v4.as_ref(), |id, v6, v4| {
                     EndpointRecord {
                         id,
-                        netns: netns.display().to_string(),
+                        netns: netns.path.display().to_string(),
                         ifname: ifname.clone(),
                         host_ifname: netdev::host_ifname(id),
                         ipv6: v6,
@@ -242,7 +248,8 @@ impl EndpointManager {
                         network: req.network.clone(),
                     }
                 })?;
-        match self.connect(&rec) {
+        crate::crash::point("endpoint-create:after-record");
+        match self.connect(&rec, &netns) {
             Ok(()) => {
                 let mut ready = rec;
                 ready.state = EndpointState::Ready;
@@ -250,6 +257,7 @@ impl EndpointManager {
                     self.rollback(&ready);
                     return Err(e.into());
                 }
+                crate::crash::point("endpoint-create:after-ready");
                 info!(id = ready.id, ipv6 = %ready.ipv6, ipv4 = ?ready.ipv4, "endpoint created");
                 // Only a new identity can change what the others' policies
                 // select; an identity shared with another endpoint (or the
@@ -276,7 +284,11 @@ impl EndpointManager {
     }
 
     /// Devices, program, map entries for a recorded endpoint.
-    fn connect(&mut self, rec: &EndpointRecord) -> Result<(), EndpointError> {
+    fn connect(
+        &mut self,
+        rec: &EndpointRecord,
+        netns: &netdev::Netns,
+    ) -> Result<(), EndpointError> {
         let router6 = match self.pools.v6.router() {
             IpAddr::V6(v6) => v6,
             IpAddr::V4(_) => unreachable!("IPv6 pool"),
@@ -286,7 +298,7 @@ impl EndpointManager {
             IpAddr::V6(_) => None,
         });
         let ifindex = self.netdev.create(&VethSpec {
-            netns: rec.netns.clone().into(),
+            netns: netns.clone(),
             host_ifname: rec.host_ifname.clone(),
             host_mac: rec.host_mac,
             ifname: rec.ifname.clone(),
@@ -296,15 +308,22 @@ impl EndpointManager {
             router6,
             router4,
         })?;
+        crate::crash::point("endpoint-create:after-veth");
         // The policy map exists before the program can see a packet: a new
         // endpoint is never briefly open when a policy selects it.
         self.apply_policy(rec)?;
+        crate::crash::point("endpoint-create:after-policy");
         self.datapath
             .attach_endpoint(&config_of(rec, ifindex), &rec.host_ifname)?;
-        self.publish(rec, ifindex)
+        crate::crash::point("endpoint-create:after-attach");
+        self.publish(rec, ifindex)?;
+        crate::crash::point("endpoint-create:after-publish");
+        Ok(())
     }
 
-    /// Publishes an endpoint's addresses: delivery info and identity.
+    /// Publishes an endpoint's addresses: delivery info and identity, in
+    /// `cilia_endpoints` only; local endpoint addresses are never ipcache
+    /// entries (see `node`).
     pub(crate) fn publish(
         &mut self,
         rec: &EndpointRecord,
@@ -312,8 +331,6 @@ impl EndpointManager {
     ) -> Result<(), EndpointError> {
         for ip in rec.ips() {
             self.datapath.upsert_endpoint(ip, info_of(rec, ifindex))?;
-            self.datapath
-                .upsert_ipcache(IpcacheKey::new(ip, host_prefix(ip)), rec.identity)?;
         }
         Ok(())
     }
@@ -332,12 +349,6 @@ impl EndpointManager {
             if let Err(e) = self.datapath.remove_endpoint(ip) {
                 warn!(id = rec.id, %ip, error = %e, "cannot remove endpoint map entry");
             }
-            if let Err(e) = self
-                .datapath
-                .remove_ipcache(IpcacheKey::new(ip, host_prefix(ip)))
-            {
-                warn!(id = rec.id, %ip, error = %e, "cannot remove ipcache entry");
-            }
         }
         self.resolved.remove(&rec.id);
         if let Err(e) = self.datapath.detach_endpoint(rec.id) {
@@ -352,11 +363,12 @@ impl EndpointManager {
         let rec = self.get(id)?;
         for ip in rec.ips() {
             self.datapath.remove_endpoint(ip)?;
-            self.datapath
-                .remove_ipcache(IpcacheKey::new(ip, host_prefix(ip)))?;
         }
+        crate::crash::point("endpoint-delete:after-unpublish");
         self.datapath.detach_endpoint(rec.id)?;
+        crate::crash::point("endpoint-delete:after-detach");
         self.netdev.delete(&rec.host_ifname)?;
+        crate::crash::point("endpoint-delete:after-veth");
         // Nothing the endpoint was allowed may outlive it into the flows of
         // whoever gets its address or id next.
         self.datapath.purge_ct(rec.id, &rec.ips())?;
@@ -383,6 +395,45 @@ impl EndpointManager {
             .any(|other| other.id != rec.id && other.identity == rec.identity))
     }
 
+    /// Makes a ready endpoint's attached programs what its record says: a
+    /// missing link is attached; a link whose device is not the endpoint's
+    /// current one (the device was re-created, say) is replaced; a program
+    /// whose baked-in configuration (identity, addresses, ifindex, MACs)
+    /// differs from the record — or any program, when `reattach_all` —
+    /// is re-specialized and swapped in through its pinned link. A matching
+    /// one is left alone (no reload).
+    fn reconcile_program(
+        &mut self,
+        rec: &EndpointRecord,
+        ifindex: u32,
+    ) -> Result<(), EndpointError> {
+        let expected = config_of(rec, ifindex);
+        let links = self.datapath.check_links(&expected)?;
+        let wrong_device = links
+            .as_ref()
+            .is_some_and(|l| l.iter().any(|l| l.ifindex != ifindex));
+        let stale = links
+            .as_ref()
+            .is_none_or(|l| self.reattach_all || l.iter().any(|l| !l.config_matches));
+        if wrong_device {
+            warn!(
+                id = rec.id,
+                ifindex, "pinned link is not on the endpoint's device; re-attaching"
+            );
+            self.datapath.detach_endpoint(rec.id)?;
+        } else if !stale {
+            return Ok(());
+        } else if links.is_some() {
+            info!(
+                id = rec.id,
+                "program does not match the endpoint's record; re-specializing"
+            );
+        }
+        self.apply_policy(rec)?;
+        self.datapath.attach_endpoint(&expected, &rec.host_ifname)?;
+        Ok(())
+    }
+
     /// Reconciles recorded endpoints with the kernel after a (re)start:
     /// half-created ones are rolled back; ready ones keep running untouched
     /// (their pinned links never stopped), with map entries re-published and
@@ -390,6 +441,8 @@ impl EndpointManager {
     /// marked not ready with the reason.
     pub fn restore(&mut self) -> Result<(), EndpointError> {
         self.load_policies()?;
+        self.withdraw_stale_ipcache_entries()?;
+        self.sync_node_addresses()?;
         for mut rec in self.store.endpoints()? {
             if rec.state == EndpointState::Creating {
                 warn!(
@@ -415,11 +468,7 @@ impl EndpointManager {
                 continue;
             };
             let result = (|| -> Result<(), EndpointError> {
-                if !self.datapath.endpoint_attached(rec.id) {
-                    self.apply_policy(&rec)?;
-                    self.datapath
-                        .attach_endpoint(&config_of(&rec, ifindex), &rec.host_ifname)?;
-                }
+                self.reconcile_program(&rec, ifindex)?;
                 self.publish(&rec, ifindex)
             })();
             let (state, reason) = match result {
@@ -459,6 +508,33 @@ mod tests {
         policy: HashMap<u16, BTreeMap<PolicyKey, PolicyValue>>,
         revision: u32,
         fail_attach: bool,
+        fail_set_policy: bool,
+        node_addrs: Vec<IpAddr>,
+        /// Configuration of each endpoint's attached program.
+        attached: HashMap<u16, EndpointConfig>,
+        /// Device the links report instead of the attached one.
+        link_ifindex: Option<u32>,
+        attaches: usize,
+        detaches: usize,
+        /// When set, conntrack walks announce themselves on the sender and
+        /// then wait for the receiver: a slow walk the test controls.
+        ct_gate: Option<CtGate>,
+    }
+
+    type CtGate = (
+        std::sync::mpsc::Sender<()>,
+        Arc<Mutex<std::sync::mpsc::Receiver<()>>>,
+    );
+
+    fn wait_at_gate(kernel: &Mutex<Kernel>) {
+        let gate = kernel.lock().unwrap().ct_gate.clone();
+        if let Some((entered, release)) = gate {
+            entered.send(()).unwrap();
+            let _ = release
+                .lock()
+                .unwrap()
+                .recv_timeout(std::time::Duration::from_secs(10));
+        }
     }
 
     struct FakeDatapath(Arc<Mutex<Kernel>>);
@@ -475,11 +551,33 @@ mod tests {
                 return Err(DatapathError::MissingProgram("verifier said no"));
             }
             k.pins.insert(config.endpoint_id);
+            k.attached.insert(config.endpoint_id, *config);
+            k.attaches += 1;
             Ok(())
         }
         fn detach_endpoint(&mut self, id: u16) -> Result<(), DatapathError> {
-            self.0.lock().unwrap().pins.remove(&id);
+            let mut k = self.0.lock().unwrap();
+            k.pins.remove(&id);
+            k.attached.remove(&id);
+            k.detaches += 1;
             Ok(())
+        }
+        fn check_links(
+            &self,
+            expected: &EndpointConfig,
+        ) -> Result<Option<Vec<cilia_datapath::LinkCheck>>, DatapathError> {
+            let k = self.0.lock().unwrap();
+            if !k.pins.contains(&expected.endpoint_id) {
+                return Ok(None);
+            }
+            let Some(cfg) = k.attached.get(&expected.endpoint_id) else {
+                return Ok(None);
+            };
+            let link = cilia_datapath::LinkCheck {
+                ifindex: k.link_ifindex.unwrap_or(cfg.ifindex),
+                config_matches: cfg == expected,
+            };
+            Ok(Some(vec![link; 2]))
         }
         fn endpoint_attached(&self, id: u16) -> bool {
             self.0.lock().unwrap().pins.contains(&id)
@@ -536,7 +634,11 @@ mod tests {
             id: u16,
             entries: &BTreeMap<PolicyKey, PolicyValue>,
         ) -> Result<(), DatapathError> {
-            self.0.lock().unwrap().policy.insert(id, entries.clone());
+            let mut k = self.0.lock().unwrap();
+            if k.fail_set_policy {
+                return Err(DatapathError::MissingMap("cilia_policy"));
+            }
+            k.policy.insert(id, entries.clone());
             Ok(())
         }
         fn get_policy(
@@ -551,9 +653,11 @@ mod tests {
             Ok(k.revision)
         }
         fn list_ct(&self) -> Result<Vec<(CtKey, CtValue)>, DatapathError> {
+            wait_at_gate(&self.0);
             Ok(vec![])
         }
         fn gc_ct(&mut self) -> Result<usize, DatapathError> {
+            wait_at_gate(&self.0);
             Ok(0)
         }
         fn purge_ct(&mut self, _: u16, _: &[IpAddr]) -> Result<usize, DatapathError> {
@@ -592,6 +696,9 @@ mod tests {
         fn ensure_router(&mut self, _: Ipv6Addr, _: Option<Ipv4Addr>) -> Result<(), NetdevError> {
             Ok(())
         }
+        fn node_addresses(&self) -> Result<Vec<IpAddr>, NetdevError> {
+            Ok(self.0.lock().unwrap().node_addrs.clone())
+        }
     }
 
     struct Harness {
@@ -611,7 +718,7 @@ mod tests {
         }
 
         fn manager(&self) -> EndpointManager {
-            EndpointManager::new(
+            let mut mgr = EndpointManager::new(
                 Store::open(&self.path).unwrap(),
                 Box::new(FakeDatapath(self.kernel.clone())),
                 Box::new(FakeNetdev(self.kernel.clone())),
@@ -619,13 +726,18 @@ mod tests {
                     v6: Pool::new("fd00::/120".parse().unwrap()).unwrap(),
                     v4: Some(Pool::new("10.0.0.0/24".parse().unwrap()).unwrap()),
                 },
-            )
+            );
+            // The requests use the test's own netns file: let it count as
+            // another namespace.
+            mgr.agent_netns = "/proc/self/ns/uts".into();
+            mgr
         }
     }
 
     fn request() -> EndpointCreate {
         EndpointCreate {
-            // Any existing namespace file works for the fake devices.
+            // Any namespace file other than `agent_netns` works for the
+            // fake devices.
             netns: "/proc/self/ns/net".into(),
             labels: BTreeMap::from([("app".into(), "web".into())]),
             ifname: None,
@@ -726,13 +838,369 @@ mod tests {
         assert!(h.kernel.lock().unwrap().pins.contains(&id));
     }
 
+    fn ipcache_identity(h: &Harness, ip: &str) -> Option<u32> {
+        let ip: IpAddr = ip.parse().unwrap();
+        h.kernel
+            .lock()
+            .unwrap()
+            .ipcache
+            .get(&crate::node::host_key(ip))
+            .copied()
+    }
+
+    #[test]
+    fn node_addresses_are_host_in_the_ipcache_and_follow_changes() {
+        let h = Harness::new();
+        h.kernel.lock().unwrap().node_addrs =
+            vec!["192.0.2.7".parse().unwrap(), "2001:db8::7".parse().unwrap()];
+        let mut mgr = h.manager();
+        mgr.restore().unwrap();
+        assert_eq!(ipcache_identity(&h, "192.0.2.7"), Some(CILIA_ID_HOST));
+        assert_eq!(ipcache_identity(&h, "2001:db8::7"), Some(CILIA_ID_HOST));
+        assert_eq!(
+            ipcache_identity(&h, "fd00::1"),
+            Some(CILIA_ID_HOST),
+            "router"
+        );
+        h.kernel.lock().unwrap().node_addrs = vec!["192.0.2.8".parse().unwrap()];
+        mgr.sync_node_addresses().unwrap();
+        assert_eq!(ipcache_identity(&h, "192.0.2.7"), None, "address gone");
+        assert_eq!(ipcache_identity(&h, "2001:db8::7"), None);
+        assert_eq!(ipcache_identity(&h, "192.0.2.8"), Some(CILIA_ID_HOST));
+        assert_eq!(
+            ipcache_identity(&h, "fd00::1"),
+            Some(CILIA_ID_HOST),
+            "router stays"
+        );
+    }
+
+    #[test]
+    fn an_endpoint_address_never_carries_the_endpoints_identity_in_the_ipcache() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        let ep = mgr.create(request()).unwrap();
+        for ip in ep.ips() {
+            assert_eq!(ipcache_identity(&h, &ip.to_string()), None, "{ip}");
+        }
+        // A node process that puts the endpoint's address on a node
+        // interface makes it host, never the endpoint.
+        h.kernel.lock().unwrap().node_addrs = vec![IpAddr::V6(ep.ipv6)];
+        mgr.sync_node_addresses().unwrap();
+        assert_eq!(
+            ipcache_identity(&h, &ep.ipv6.to_string()),
+            Some(CILIA_ID_HOST)
+        );
+    }
+
+    #[test]
+    fn restore_withdraws_endpoint_entries_an_older_agent_left_in_the_ipcache() {
+        let h = Harness::new();
+        let ep = h.manager().create(request()).unwrap();
+        h.kernel
+            .lock()
+            .unwrap()
+            .ipcache
+            .insert(crate::node::host_key(IpAddr::V6(ep.ipv6)), ep.identity);
+        h.manager().restore().unwrap();
+        assert_eq!(ipcache_identity(&h, &ep.ipv6.to_string()), None);
+    }
+
+    /// Runs `walk` (which walks conntrack through the readers' handle) in
+    /// a thread and, while it is inside the walk, creates and deletes an
+    /// endpoint through the manager's lock.
+    fn endpoint_changes_during_a_conntrack_walk(
+        walk: impl FnOnce(&Mutex<EndpointManager>, &crate::metrics::MapsHandle) + Send,
+    ) {
+        let h = Harness::new();
+        let manager = Mutex::new(h.manager());
+        let maps: crate::metrics::MapsHandle = Mutex::new(Box::new(FakeDatapath(h.kernel.clone())));
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel();
+        h.kernel.lock().unwrap().ct_gate = Some((entered_tx, Arc::new(Mutex::new(release_rx))));
+        std::thread::scope(|scope| {
+            let (m, d) = (&manager, &maps);
+            let walker = scope.spawn(move || walk(m, d));
+            entered
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .expect("the walk started");
+            let mut mgr = manager
+                .try_lock()
+                .expect("the manager's lock is free during the walk");
+            let ep = mgr.create(request()).unwrap();
+            mgr.delete(ep.id).unwrap();
+            drop(mgr);
+            release.send(()).unwrap();
+            walker.join().unwrap();
+        });
+    }
+
+    #[test]
+    fn a_metrics_scrape_never_holds_the_lock_endpoint_create_needs() {
+        endpoint_changes_during_a_conntrack_walk(|manager, maps| {
+            crate::metrics::scrape(manager, maps).unwrap();
+        });
+    }
+
+    #[test]
+    fn conntrack_gc_never_holds_the_lock_endpoint_create_needs() {
+        endpoint_changes_during_a_conntrack_walk(|_, maps| {
+            let m = crate::metrics::AgentMetrics::default();
+            crate::metrics::collect_conntrack_garbage(maps, &m).unwrap();
+            assert_eq!(m.ct_gc_runs.get(), 1);
+        });
+    }
+
+    const THREE_CIDRS: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: cidrs
+spec:
+  endpointSelector: {}
+  egress:
+  - toCIDR:
+    - 192.0.2.0/24
+    - 198.51.100.0/24
+    - 203.0.113.0/24
+";
+
+    /// What an import must leave untouched when it is refused.
+    fn policy_state(h: &Harness, mgr: &EndpointManager) -> impl PartialEq + std::fmt::Debug {
+        let k = h.kernel.lock().unwrap();
+        let mut ipcache: Vec<_> = k.ipcache.iter().map(|(k, v)| (*k, *v)).collect();
+        ipcache.sort_by_key(|(k, _)| (k.prefixlen, k.addr));
+        let mut policy: Vec<_> = k.policy.iter().map(|(k, v)| (*k, v.clone())).collect();
+        policy.sort_by_key(|(k, _)| *k);
+        (
+            mgr.store.policies().unwrap(),
+            mgr.policy_documents(),
+            mgr.cidr_ids.clone(),
+            ipcache,
+            policy,
+        )
+    }
+
+    #[test]
+    fn an_import_that_does_not_fit_the_ipcache_changes_nothing() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        mgr.create(request()).unwrap();
+        mgr.limits.ipcache_entries = 2;
+        let before = policy_state(&h, &mgr);
+        let err = mgr.import_policies("t.yaml", THREE_CIDRS).unwrap_err();
+        assert!(err.to_string().contains("ipcache"), "{err}");
+        assert_eq!(before, policy_state(&h, &mgr));
+    }
+
+    #[test]
+    fn the_map_size_check_counts_the_cidr_identities_the_import_brings() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        mgr.create(request()).unwrap();
+        // Without its three CIDR identities the policy is one entry (the
+        // egress enforcement flag); with them, four.
+        mgr.limits.policy_entries = 3;
+        let before = policy_state(&h, &mgr);
+        let err = mgr.import_policies("t.yaml", THREE_CIDRS).unwrap_err();
+        assert!(err.to_string().contains("policy map entries"), "{err}");
+        assert_eq!(before, policy_state(&h, &mgr));
+    }
+
+    #[test]
+    fn an_import_whose_programming_fails_rolls_the_store_back() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        mgr.create(request()).unwrap();
+        let before = policy_state(&h, &mgr);
+        h.kernel.lock().unwrap().fail_set_policy = true;
+        assert!(mgr.import_policies("t.yaml", THREE_CIDRS).is_err());
+        h.kernel.lock().unwrap().fail_set_policy = false;
+        assert_eq!(before, policy_state(&h, &mgr));
+    }
+
+    #[test]
+    fn an_import_that_fits_is_programmed_once_checked() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        let ep = mgr.create(request()).unwrap();
+        mgr.limits.policy_entries = 4;
+        mgr.import_policies("t.yaml", THREE_CIDRS).unwrap();
+        assert_eq!(mgr.cidr_ids.len(), 3);
+        assert_eq!(h.kernel.lock().unwrap().policy[&ep.id].len(), 4);
+    }
+
+    const BROKEN: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: old
+spec:
+  endpointSelector: {}
+  bogusField: 1
+";
+
+    /// Endpoints in `default` and `other`, then an agent restart that finds
+    /// a stored CiliumNetworkPolicy `default/old` that no longer parses.
+    fn restart_with_a_broken_stored_policy(h: &Harness) -> (EndpointManager, u16, u16) {
+        let (in_default, in_other) = {
+            let mut mgr = h.manager();
+            let a = mgr.create(request()).unwrap();
+            let mut req = request();
+            req.namespace = Some("other".into());
+            let b = mgr.create(req).unwrap();
+            (a.id, b.id)
+        };
+        Store::open(&h.path)
+            .unwrap()
+            .put_policies(&[StoredPolicy {
+                kind: "CiliumNetworkPolicy".into(),
+                namespace: Some("default".into()),
+                name: "old".into(),
+                yaml: BROKEN.into(),
+            }])
+            .unwrap();
+        let mut mgr = h.manager();
+        mgr.restore().unwrap();
+        (mgr, in_default, in_other)
+    }
+
+    fn enforced_directions(h: &Harness, id: u16) -> (usize, usize) {
+        let k = h.kernel.lock().unwrap();
+        let entries = &k.policy[&id];
+        let flags = entries
+            .keys()
+            .filter(|key| key.identity == cilia_abi::CILIA_ID_ENFORCEMENT.to_be())
+            .count();
+        (flags, entries.len())
+    }
+
+    #[test]
+    fn a_stored_policy_that_no_longer_parses_closes_its_namespace_both_ways() {
+        let h = Harness::new();
+        let (mgr, in_default, in_other) = restart_with_a_broken_stored_policy(&h);
+        assert_eq!(
+            enforced_directions(&h, in_default),
+            (2, 2),
+            "both directions enforced, nothing allowed"
+        );
+        assert_eq!(
+            enforced_directions(&h, in_other),
+            (0, 0),
+            "other namespace open"
+        );
+        let errors = mgr.policy_errors();
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].contains("CiliumNetworkPolicy default/old"),
+            "{errors:?}"
+        );
+        assert!(
+            errors[0].contains("endpoints in namespace default"),
+            "{errors:?}"
+        );
+        assert!(errors[0].contains("bogusField"), "{errors:?}");
+    }
+
+    #[test]
+    fn reimporting_a_broken_policy_in_valid_form_reopens_its_namespace() {
+        let h = Harness::new();
+        let (mut mgr, in_default, _) = restart_with_a_broken_stored_policy(&h);
+        mgr.import_policies(
+            "fixed.yaml",
+            "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: old
+spec:
+  endpointSelector: {}
+  ingress:
+  - fromEntities:
+    - all
+",
+        )
+        .unwrap();
+        assert!(mgr.policy_errors().is_empty());
+        let (flags, len) = enforced_directions(&h, in_default);
+        assert_eq!(flags, 1, "ingress only");
+        assert!(len > flags, "with its allow entry");
+    }
+
+    #[test]
+    fn a_broken_stored_policy_can_be_deleted_by_name() {
+        let h = Harness::new();
+        let (mut mgr, in_default, _) = restart_with_a_broken_stored_policy(&h);
+        let (_, names) = mgr.delete_policies(Some("old"), None).unwrap();
+        assert_eq!(names.len(), 1);
+        assert!(mgr.policy_errors().is_empty());
+        assert!(mgr.store.policies().unwrap().is_empty());
+        assert_eq!(enforced_directions(&h, in_default), (0, 0));
+    }
+
+    #[test]
+    fn restore_leaves_a_program_that_matches_its_record_alone() {
+        let h = Harness::new();
+        h.manager().create(request()).unwrap();
+        let before = h.kernel.lock().unwrap().attaches;
+        h.manager().restore().unwrap();
+        assert_eq!(h.kernel.lock().unwrap().attaches, before, "no reload");
+    }
+
+    #[test]
+    fn restore_respecializes_a_program_whose_config_differs_from_its_record() {
+        let h = Harness::new();
+        let ep = h.manager().create(request()).unwrap();
+        // An older agent attached it with another identity.
+        h.kernel
+            .lock()
+            .unwrap()
+            .attached
+            .get_mut(&ep.id)
+            .unwrap()
+            .identity = 999;
+        h.manager().restore().unwrap();
+        let k = h.kernel.lock().unwrap();
+        assert_eq!(k.attached[&ep.id].identity, ep.identity);
+        assert_eq!(k.detaches, 0, "swapped through the pinned link");
+    }
+
+    #[test]
+    fn restore_replaces_a_link_attached_to_another_device() {
+        let h = Harness::new();
+        let ep = h.manager().create(request()).unwrap();
+        // The device was deleted and re-created: the old link is defunct.
+        h.kernel.lock().unwrap().link_ifindex = Some(0);
+        let before = h.kernel.lock().unwrap().detaches;
+        h.manager().restore().unwrap();
+        let k = h.kernel.lock().unwrap();
+        assert_eq!(k.detaches, before + 1, "old link unpinned");
+        assert!(k.pins.contains(&ep.id), "new link pinned");
+        assert!(k.policy.contains_key(&ep.id), "policy programmed again");
+    }
+
+    #[test]
+    fn restore_reattaches_every_endpoint_when_maps_were_recreated() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        mgr.create(request()).unwrap();
+        mgr.create(request()).unwrap();
+        drop(mgr);
+        let before = h.kernel.lock().unwrap().attaches;
+        let mut mgr = h.manager();
+        mgr.reattach_all = true;
+        mgr.restore().unwrap();
+        assert_eq!(h.kernel.lock().unwrap().attaches, before + 2);
+    }
+
     #[test]
     fn invalid_ifname_is_rejected_before_anything_is_allocated() {
         let h = Harness::new();
         let mut mgr = h.manager();
-        let mut req = request();
-        req.ifname = Some("a/b".into());
-        assert!(matches!(mgr.create(req), Err(EndpointError::Ifname(_))));
+        for bad in ["a/b", "a\nb", "a\u{1}b", ""] {
+            let mut req = request();
+            req.ifname = Some(bad.into());
+            assert!(
+                matches!(mgr.create(req), Err(EndpointError::Ifname(_))),
+                "{bad:?}"
+            );
+        }
         assert!(mgr.allocated().unwrap().is_empty());
     }
 

@@ -6,8 +6,14 @@
 //!
 //! Reserved in every pool: the network address and the first host address
 //! (the node's router, every endpoint's gateway); in IPv4 also broadcast.
+//!
+//! Quarantine: a released address or endpoint id is not handed out again
+//! while a never-used one is left, and released ones come back least
+//! recently released first (FIFO). A new container so never inherits the
+//! conntrack entries, identity caches or peers' flows of the one that just
+//! left, unless the pool is that small.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -146,10 +152,60 @@ impl Pool {
         Ok(self.addr_at(candidate))
     }
 
+    /// The address to hand out next, given the addresses in use and the
+    /// released ones with their release sequence numbers: the lowest address
+    /// never handed out, else the least recently released one.
+    pub fn next_quarantined(
+        &self,
+        used: &BTreeSet<IpAddr>,
+        released: &BTreeMap<IpAddr, u64>,
+    ) -> Result<IpAddr, IpamError> {
+        let mut seen: BTreeSet<IpAddr> = used.clone();
+        seen.extend(released.keys().copied());
+        if let Ok(fresh) = self.next_free(&seen) {
+            return Ok(fresh);
+        }
+        released
+            .iter()
+            .filter(|(ip, _)| self.range.contains(*ip) && self.check(**ip, used).is_ok())
+            .min_by_key(|(ip, seq)| (**seq, **ip))
+            .map(|(ip, _)| *ip)
+            .ok_or(IpamError::Exhausted {
+                range: self.range,
+                capacity: self.capacity(),
+            })
+    }
+
     /// Number of addresses of `used` inside this pool.
     pub fn used(&self, used: &BTreeSet<IpAddr>) -> u64 {
         used.iter().filter(|ip| self.range.contains(*ip)).count() as u64
     }
+}
+
+/// The endpoint id to hand out next (ids are 1..=65535): the lowest never
+/// handed out, else the least recently released; `None` when all are used.
+pub fn next_endpoint_id(used: &BTreeSet<u16>, released: &BTreeMap<u16, u64>) -> Option<u16> {
+    // Ids are handed out in increasing order, so the never-used ones are
+    // those above every id in use or released.
+    let highest = used
+        .iter()
+        .chain(released.keys())
+        .copied()
+        .max()
+        .unwrap_or(0);
+    if let Some(fresh) = highest.checked_add(1) {
+        return Some(fresh);
+    }
+    // Every id was handed out once: a hole below the highest that is
+    // neither in use nor quarantined was freed before quarantine existed.
+    if let Some(hole) = (1..=u16::MAX).find(|id| !used.contains(id) && !released.contains_key(id)) {
+        return Some(hole);
+    }
+    released
+        .iter()
+        .filter(|(id, _)| !used.contains(*id))
+        .min_by_key(|(id, seq)| (**seq, **id))
+        .map(|(id, _)| *id)
 }
 
 #[cfg(test)]
@@ -233,5 +289,57 @@ mod tests {
     fn huge_ipv6_ranges_saturate_capacity() {
         assert_eq!(pool("fd00::/32").capacity(), u64::MAX);
         assert_eq!(pool("fd00::/64").capacity(), u64::MAX - 1);
+    }
+
+    fn released(ips: &[(&str, u64)]) -> BTreeMap<IpAddr, u64> {
+        ips.iter().map(|(s, q)| (s.parse().unwrap(), *q)).collect()
+    }
+
+    #[test]
+    fn a_released_address_is_not_handed_out_while_a_fresh_one_is_left() {
+        let p = pool("10.0.0.0/29"); // .2 to .6
+        let used = set(&["10.0.0.3"]);
+        let got = p
+            .next_quarantined(&used, &released(&[("10.0.0.2", 1)]))
+            .unwrap();
+        assert_eq!(got.to_string(), "10.0.0.4");
+    }
+
+    #[test]
+    fn released_addresses_come_back_least_recently_released_first() {
+        let p = pool("fd00::/126"); // ::2 and ::3
+        let got = p
+            .next_quarantined(&set(&[]), &released(&[("fd00::2", 9), ("fd00::3", 4)]))
+            .unwrap();
+        assert_eq!(got.to_string(), "fd00::3", "released at 4, before ::2 at 9");
+    }
+
+    #[test]
+    fn a_pool_of_used_and_no_released_addresses_is_exhausted() {
+        let p = pool("fd00::/126");
+        let err = p
+            .next_quarantined(&set(&["fd00::2", "fd00::3"]), &BTreeMap::new())
+            .unwrap_err();
+        assert!(matches!(err, IpamError::Exhausted { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_released_endpoint_id_waits_behind_fresh_ids() {
+        let used = BTreeSet::from([2u16]);
+        let released = BTreeMap::from([(1u16, 1u64)]);
+        assert_eq!(next_endpoint_id(&used, &released), Some(3));
+        assert_eq!(
+            next_endpoint_id(&BTreeSet::new(), &BTreeMap::new()),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn once_every_id_was_used_the_least_recently_released_comes_back() {
+        let used: BTreeSet<u16> = (1..=u16::MAX).filter(|id| *id != 7 && *id != 9).collect();
+        let released = BTreeMap::from([(7u16, 20u64), (9u16, 10u64)]);
+        assert_eq!(next_endpoint_id(&used, &released), Some(9));
+        let all: BTreeSet<u16> = (1..=u16::MAX).collect();
+        assert_eq!(next_endpoint_id(&all, &BTreeMap::new()), None);
     }
 }

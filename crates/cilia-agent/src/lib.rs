@@ -7,6 +7,7 @@
 //! the API, so no request ever sees a half-restored agent.
 
 pub mod api;
+pub mod crash;
 pub mod datapath;
 pub mod endpoint;
 pub mod ipam;
@@ -14,9 +15,11 @@ pub mod labels;
 pub mod metrics;
 pub mod monitor;
 pub mod netdev;
+pub mod node;
 pub mod paths;
 pub mod policy;
 pub mod repository;
+pub mod rtnl;
 pub mod store;
 
 use std::fs::File;
@@ -151,8 +154,21 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .set_ct_budget(config.ct_budget)
         .context("setting the conntrack budget")?;
     let events = datapath.take_events();
-    let mut manager =
-        EndpointManager::new(store, Box::new(datapath), Box::new(netdev::IpRoute), pools);
+    // The readers' own handle on the same pinned maps (see AgentState::maps).
+    let maps: Box<dyn datapath::Datapath> =
+        Box::new(cilia_datapath::BpfDatapath::open(&config.bpf_root)?);
+    let recreated = datapath.recreated_maps().to_vec();
+    let mut manager = EndpointManager::new(
+        store,
+        Box::new(datapath),
+        Box::new(netdev::Rtnetlink),
+        pools,
+    );
+    if !recreated.is_empty() {
+        let names: Vec<&str> = recreated.iter().map(|m| m.name.as_str()).collect();
+        warn!(maps = ?names, "pinned maps were recreated for this build; re-attaching every endpoint");
+        manager.reattach_all = true;
+    }
     manager
         .ensure_router()
         .context("setting up the node's router addresses")?;
@@ -181,6 +197,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let state = Arc::new(AgentState {
         monitor: flow_monitor.clone(),
         manager: Mutex::new(manager),
+        maps: Mutex::new(maps),
         features,
         state_dir: config.state_dir.display().to_string(),
         bpf_root: config.bpf_root.display().to_string(),
@@ -200,20 +217,39 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         Some(Err(e)) => warn!(error = %e, "monitor disabled"),
         None => warn!("event ring buffer unavailable: monitor disabled"),
     }
-    // Conntrack garbage collection: expired entries take room in a table
-    // that never evicts, and only the recount after a GC gives endpoints
-    // their budget back; so it runs often.
-    let gc_state = state.clone();
+    // The node's addresses are `host` in the ipcache: re-read them
+    // periodically (a short lock: one getifaddrs and the difference).
+    let node_state = state.clone();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(CT_GC_INTERVAL);
+        let mut tick = tokio::time::interval(node::NODE_ADDRESS_RESYNC);
         loop {
             tick.tick().await;
-            let s = gc_state.clone();
+            let s = node_state.clone();
             let result = tokio::task::spawn_blocking(move || {
                 s.manager
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .gc_conntrack()
+                    .sync_node_addresses()
+            })
+            .await;
+            if let Ok(Err(e)) = result {
+                warn!(error = %e, "syncing the node's addresses to the ipcache failed");
+            }
+        }
+    });
+    // Conntrack garbage collection: expired entries take room in a table
+    // that never evicts, and only the recount after a GC gives endpoints
+    // their budget back; so it runs often. It runs on the readers' handle:
+    // endpoint create/delete never wait for it.
+    let gc_state = state.clone();
+    let gc_metrics = agent_metrics.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(CT_GC_INTERVAL);
+        loop {
+            tick.tick().await;
+            let (s, m) = (gc_state.clone(), gc_metrics.clone());
+            let result = tokio::task::spawn_blocking(move || {
+                metrics::collect_conntrack_garbage(&s.maps, &m)
             })
             .await;
             match result {
@@ -232,13 +268,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             axum::routing::get(move || {
                 let (s, m) = (s.clone(), m.clone());
                 async move {
-                    let snap = tokio::task::spawn_blocking(move || {
-                        s.manager
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .metrics_snapshot()
-                    })
-                    .await;
+                    // Store counts under the manager's lock (brief), the
+                    // map walks under the readers' handle only.
+                    let snap =
+                        tokio::task::spawn_blocking(move || metrics::scrape(&s.manager, &s.maps))
+                            .await;
                     match snap {
                         Ok(Ok(snap)) => (
                             axum::http::StatusCode::OK,

@@ -63,6 +63,101 @@ pub struct Snapshot {
     pub policy_revision: u64,
 }
 
+/// The part of a [`Snapshot`] that comes from the agent's store.
+#[derive(Debug, Default, Clone)]
+pub struct StorePart {
+    pub endpoint_ids: Vec<u16>,
+    /// (state, count).
+    pub endpoints: Vec<(String, u64)>,
+    /// (kind, count).
+    pub identities: Vec<(String, u64)>,
+    pub policy_revision: u64,
+}
+
+/// Completes a snapshot with what the datapath holds: counters, conntrack
+/// and map fill levels. `dp` is a handle of its own on the pinned maps, not
+/// the endpoint manager's, so walking conntrack never holds the lock that
+/// endpoint create and delete need.
+pub fn datapath_part(
+    store: StorePart,
+    dp: &dyn crate::datapath::Datapath,
+) -> Result<Snapshot, cilia_datapath::DatapathError> {
+    let now = cilia_datapath::monotonic_ns();
+    let ct = dp
+        .list_ct()?
+        .iter()
+        .filter(|(_, v)| v.expires > now)
+        .count() as u64;
+    let bpf_endpoints = dp.list_endpoints()?.len() as u64;
+    let ipcache = dp.list_ipcache()?.len() as u64;
+    let mut policy_max = 0u64;
+    for id in &store.endpoint_ids {
+        if let Some(p) = dp.get_policy(*id)? {
+            policy_max = policy_max.max(p.len() as u64);
+        }
+    }
+    Ok(Snapshot {
+        datapath: dp
+            .metrics()?
+            .into_iter()
+            .map(|(k, v)| (k.kind, k.reason, k.dir, v.packets, v.bytes))
+            .collect(),
+        endpoints: store.endpoints,
+        identities: store.identities,
+        conntrack_entries: ct,
+        map_fill: vec![
+            (
+                "cilia_endpoints".into(),
+                bpf_endpoints,
+                u64::from(cilia_abi::CILIA_ENDPOINTS_MAX),
+            ),
+            (
+                "cilia_ipcache".into(),
+                ipcache,
+                u64::from(cilia_abi::CILIA_IPCACHE_MAX),
+            ),
+            ("cilia_ct".into(), ct, u64::from(cilia_abi::CILIA_CT_MAX)),
+            (
+                "policy (fullest endpoint)".into(),
+                policy_max,
+                u64::from(cilia_abi::CILIA_POLICY_MAX),
+            ),
+        ],
+        policy_revision: store.policy_revision,
+    })
+}
+
+/// The datapath handle scrapes, status and conntrack GC use: a second open
+/// of the pinned maps, behind a lock of its own. Lock order: never take
+/// the manager's lock while holding this one.
+pub type MapsHandle = std::sync::Mutex<Box<dyn crate::datapath::Datapath>>;
+
+/// A whole snapshot: the store part under the manager's lock (released at
+/// once), then the datapath part under `maps` only.
+pub fn scrape(
+    manager: &std::sync::Mutex<crate::endpoint::EndpointManager>,
+    maps: &MapsHandle,
+) -> Result<Snapshot, crate::endpoint::EndpointError> {
+    let store = manager
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .metrics_store_part()?;
+    let dp = maps.lock().unwrap_or_else(|p| p.into_inner());
+    Ok(datapath_part(store, dp.as_ref())?)
+}
+
+/// One conntrack garbage collection through `maps`, counted in `m`; never
+/// touches the manager's lock.
+pub fn collect_conntrack_garbage(
+    maps: &MapsHandle,
+    m: &AgentMetrics,
+) -> Result<usize, cilia_datapath::DatapathError> {
+    let removed = maps.lock().unwrap_or_else(|p| p.into_inner()).gc_ct()?;
+    m.ct_gc_runs.inc();
+    m.ct_gc_deleted.inc_by(removed as u64);
+    Ok(removed)
+}
+
 fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs
         .iter()

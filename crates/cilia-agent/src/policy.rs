@@ -45,8 +45,10 @@ pub enum ImportError {
     TooLarge {
         endpoint: u16,
         entries: usize,
-        max: u32,
+        max: usize,
     },
+    #[error("ipcache: the policies' CIDRs and the node's addresses need {needed} entries, more than the map's {max}")]
+    IpcacheFull { needed: usize, max: usize },
 }
 
 /// A parsed import: each policy with the document to store for it.
@@ -107,6 +109,64 @@ pub fn parse_stored(stored: &[StoredPolicy]) -> (Vec<Policy>, Vec<String>) {
         }
     }
     (policies, errors)
+}
+
+/// A stored policy that no longer parses (found at start-up, e.g. after an
+/// upgrade that tightened validation). Its selector is unknown, so it
+/// closes every endpoint it could have selected: those of its namespace, or
+/// every endpoint for a clusterwide policy (or one without a namespace).
+/// Closed means enforced in both directions with nothing allowed — not
+/// even what other policies allow, since the broken one may have held a
+/// deny that overrode them. It never turns into allow-all; it stays closed
+/// until the policy is re-imported in a valid form or deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokenPolicy {
+    pub stored: StoredPolicy,
+    pub error: String,
+}
+
+impl BrokenPolicy {
+    /// The one namespace whose endpoints it may select; `None`: any.
+    pub fn namespace_scope(&self) -> Option<&str> {
+        let namespaced = self.stored.kind == kind_name(PolicyKind::NetworkPolicy)
+            || self.stored.kind == kind_name(PolicyKind::CiliumNetworkPolicy);
+        self.stored.namespace.as_deref().filter(|_| namespaced)
+    }
+
+    /// Whether it may select an endpoint of `namespace`.
+    pub fn may_select(&self, namespace: &str) -> bool {
+        self.namespace_scope().is_none_or(|ns| ns == namespace)
+    }
+
+    /// One line for `cilia status`: which policy, what closes, and why.
+    pub fn describe(&self) -> String {
+        let scope = match self.namespace_scope() {
+            Some(ns) => format!("endpoints in namespace {ns}"),
+            None => "all endpoints".to_string(),
+        };
+        format!(
+            "{} {}{}: stored policy no longer parses; {scope} deny all traffic (both directions) until it is re-imported or deleted: {}",
+            self.stored.kind,
+            self.stored
+                .namespace
+                .as_deref()
+                .map(|ns| format!("{ns}/"))
+                .unwrap_or_default(),
+            self.stored.name,
+            self.error
+        )
+    }
+}
+
+/// The resolution of an endpoint closed by a broken policy: both directions
+/// enforced, no entry allowing anything.
+pub fn closed_resolution() -> ResolvedPolicy {
+    ResolvedPolicy {
+        ingress_enforced: true,
+        egress_enforced: true,
+        entries: Vec::new(),
+        rules: Vec::new(),
+    }
 }
 
 fn dir_code(d: Direction) -> u8 {
@@ -223,16 +283,35 @@ pub fn map_entries(
     out
 }
 
-/// Checks a resolution fits into an endpoint's policy map.
+/// Capacities of the datapath maps a policy change fills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Entries of one endpoint's policy map.
+    pub policy_entries: usize,
+    /// Entries of the ipcache.
+    pub ipcache_entries: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            policy_entries: CILIA_POLICY_MAX as usize,
+            ipcache_entries: cilia_abi::CILIA_IPCACHE_MAX as usize,
+        }
+    }
+}
+
+/// Checks a resolution fits into an endpoint's policy map of `max` entries.
 pub fn check_size(
     endpoint: u16,
     entries: &BTreeMap<PolicyKey, PolicyValue>,
+    max: usize,
 ) -> Result<(), ImportError> {
-    if entries.len() > CILIA_POLICY_MAX as usize {
+    if entries.len() > max {
         return Err(ImportError::TooLarge {
             endpoint,
             entries: entries.len(),
-            max: CILIA_POLICY_MAX,
+            max,
         });
     }
     Ok(())
@@ -317,6 +396,51 @@ spec:
             parse_import("t.yaml", "# nothing\n"),
             Err(ImportError::Empty { .. })
         ));
+    }
+
+    fn broken(kind: &str, namespace: Option<&str>) -> BrokenPolicy {
+        BrokenPolicy {
+            stored: StoredPolicy {
+                kind: kind.into(),
+                namespace: namespace.map(String::from),
+                name: "old".into(),
+                yaml: "spec: {}".into(),
+            },
+            error: "spec.bogus: unknown field".into(),
+        }
+    }
+
+    #[test]
+    fn a_broken_namespaced_policy_may_select_only_its_namespace() {
+        let b = broken("CiliumNetworkPolicy", Some("prod"));
+        assert!(b.may_select("prod"));
+        assert!(!b.may_select("default"));
+        assert!(
+            b.describe().contains("endpoints in namespace prod"),
+            "{}",
+            b.describe()
+        );
+        assert!(b.describe().contains("CiliumNetworkPolicy prod/old"));
+        assert!(b.describe().contains("spec.bogus: unknown field"));
+    }
+
+    #[test]
+    fn a_broken_clusterwide_or_unknown_policy_may_select_every_endpoint() {
+        for b in [
+            broken("CiliumClusterwideNetworkPolicy", None),
+            broken("CiliumNetworkPolicy", None),
+            broken("SomethingNew", Some("prod")),
+        ] {
+            assert!(b.may_select("default") && b.may_select("prod"), "{b:?}");
+            assert!(b.describe().contains("all endpoints"), "{}", b.describe());
+        }
+    }
+
+    #[test]
+    fn a_closed_endpoint_denies_both_directions_with_no_allow_entry() {
+        let entries = map_entries(&closed_resolution(), &mut RuleCookies::default(), false);
+        assert_eq!(entries.len(), 2, "the two enforcement flags only");
+        assert!(entries.values().all(|v| v.verdict == CILIA_ENFORCE));
     }
 
     #[test]

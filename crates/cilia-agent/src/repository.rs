@@ -71,13 +71,24 @@ pub struct Trace {
     pub datapath: Option<u32>,
 }
 
+type PolicyEntries = BTreeMap<cilia_abi::PolicyKey, cilia_abi::PolicyValue>;
+
+/// A regeneration, computed and checked, not yet written.
+struct Plan {
+    prefixes: std::collections::BTreeSet<ipnet::IpNet>,
+    cidr_ids: BTreeMap<ipnet::IpNet, u32>,
+    /// Ready endpoints: id, resolution, map entries.
+    endpoints: Vec<(u16, cilia_policy::ResolvedPolicy, PolicyEntries)>,
+}
+
 fn prefix_key(prefix: &ipnet::IpNet) -> IpcacheKey {
     IpcacheKey::new(prefix.network(), prefix.prefix_len())
 }
 
 impl EndpointManager {
     /// Loads the stored policies (at start-up). Documents that no longer
-    /// parse are kept in the store and reported in the status.
+    /// parse are kept in the store, reported in the status, and close the
+    /// endpoints they may select (fail closed, never open).
     pub(crate) fn load_policies(&mut self) -> Result<(), EndpointError> {
         self.policy_docs.clear();
         self.policy_errors.clear();
@@ -89,8 +100,12 @@ impl EndpointManager {
                     }
                 }
                 Err(e) => {
-                    warn!(policy = %stored.key(), error = %e, "stored policy no longer parses; skipped");
-                    self.policy_errors.push(e.to_string());
+                    let broken = policy::BrokenPolicy {
+                        stored: stored.clone(),
+                        error: e.to_string(),
+                    };
+                    warn!(policy = %stored.key(), error = %e, "{}", broken.describe());
+                    self.policy_errors.push(broken);
                 }
             }
         }
@@ -109,8 +124,10 @@ impl EndpointManager {
         self.policy_docs.values().map(|(s, _)| s.clone()).collect()
     }
 
-    pub fn policy_errors(&self) -> &[String] {
-        &self.policy_errors
+    /// One line per stored policy that no longer parses: its name, what
+    /// it closes and the parse error.
+    pub fn policy_errors(&self) -> Vec<String> {
+        self.policy_errors.iter().map(|b| b.describe()).collect()
     }
 
     /// Sets which events the datapath emits (CILIA_MONITOR_*).
@@ -131,8 +148,10 @@ impl EndpointManager {
         self.metrics = metrics;
     }
 
-    /// What a Prometheus scrape reads from the datapath and the store.
-    pub fn metrics_snapshot(&self) -> Result<crate::metrics::Snapshot, EndpointError> {
+    /// What a Prometheus scrape reads from the store: cheap, so it is taken
+    /// under the manager's lock; the datapath part is read after the lock
+    /// is released ([`crate::metrics::scrape`]).
+    pub fn metrics_store_part(&self) -> Result<crate::metrics::StorePart, EndpointError> {
         let endpoints = self.store.endpoints()?;
         let mut by_state: BTreeMap<String, u64> = BTreeMap::new();
         for e in &endpoints {
@@ -142,52 +161,13 @@ impl EndpointManager {
                 .unwrap_or_default();
             *by_state.entry(state).or_default() += 1;
         }
-        let now = cilia_datapath::monotonic_ns();
-        let ct = self
-            .datapath
-            .list_ct()?
-            .iter()
-            .filter(|(_, v)| v.expires > now)
-            .count() as u64;
-        let bpf_endpoints = self.datapath.list_endpoints()?.len() as u64;
-        let ipcache = self.datapath.list_ipcache()?.len() as u64;
-        let mut policy_max = 0u64;
-        for e in &endpoints {
-            if let Some(p) = self.datapath.get_policy(e.id)? {
-                policy_max = policy_max.max(p.len() as u64);
-            }
-        }
-        Ok(crate::metrics::Snapshot {
-            datapath: self
-                .datapath
-                .metrics()?
-                .into_iter()
-                .map(|(k, v)| (k.kind, k.reason, k.dir, v.packets, v.bytes))
-                .collect(),
+        Ok(crate::metrics::StorePart {
+            endpoint_ids: endpoints.iter().map(|e| e.id).collect(),
             endpoints: by_state.into_iter().collect(),
             identities: vec![
                 ("reserved".into(), RESERVED.len() as u64),
                 ("endpoint".into(), self.store.identities()?.len() as u64),
                 ("cidr".into(), self.cidr_ids.len() as u64),
-            ],
-            conntrack_entries: ct,
-            map_fill: vec![
-                (
-                    "cilia_endpoints".into(),
-                    bpf_endpoints,
-                    u64::from(cilia_abi::CILIA_ENDPOINTS_MAX),
-                ),
-                (
-                    "cilia_ipcache".into(),
-                    ipcache,
-                    u64::from(cilia_abi::CILIA_IPCACHE_MAX),
-                ),
-                ("cilia_ct".into(), ct, u64::from(cilia_abi::CILIA_CT_MAX)),
-                (
-                    "policy (fullest endpoint)".into(),
-                    policy_max,
-                    u64::from(cilia_abi::CILIA_POLICY_MAX),
-                ),
             ],
             policy_revision: self.store.policy_revision()?,
         })
@@ -206,6 +186,14 @@ impl EndpointManager {
 
     /// Every identity the resolver may select.
     pub(crate) fn identity_cache(&self) -> Result<IdentityCache, EndpointError> {
+        self.identity_cache_with(&self.cidr_ids)
+    }
+
+    /// Like [`Self::identity_cache`], with the given CIDR identities.
+    fn identity_cache_with(
+        &self,
+        cidr_ids: &BTreeMap<ipnet::IpNet, u32>,
+    ) -> Result<IdentityCache, EndpointError> {
         let mut cache = IdentityCache::new();
         for (id, name) in RESERVED {
             cache.insert_labels(*id, Labels::from_pairs([(format!("reserved:{name}"), "")]));
@@ -213,7 +201,7 @@ impl EndpointManager {
         for (id, labels) in self.store.identities()? {
             cache.insert_labels(id, Labels(labels));
         }
-        for (prefix, id) in &self.cidr_ids {
+        for (prefix, id) in cidr_ids {
             cache.insert_cidr(*id, *prefix);
         }
         Ok(cache)
@@ -243,22 +231,80 @@ impl EndpointManager {
         cache: &IdentityCache,
         namespaces: &BTreeMap<String, BTreeMap<String, String>>,
     ) -> Result<(), EndpointError> {
-        let subject = Labels(Self::subject_labels(rec, namespaces));
-        let resolved = cilia_policy::resolve(policies, &subject, cache);
-        let entries = map_entries(&resolved, &mut self.rule_cookies, rec.policy_audit);
-        policy::check_size(rec.id, &entries)?;
+        let (resolved, entries) = self.resolve_endpoint(rec, policies, cache, namespaces)?;
         self.datapath.set_policy(rec.id, &entries)?;
         self.resolved.insert(rec.id, resolved);
         Ok(())
     }
 
-    /// Gives the policies' CIDRs identities and puts them in the ipcache;
-    /// withdraws CIDR entries no policy needs any more.
-    fn sync_cidr_identities(&mut self) -> Result<(), EndpointError> {
-        let prefixes = cilia_policy::cidr_prefixes(&self.policies());
-        let ids = self.store.sync_cidr_identities(&prefixes)?;
+    /// One endpoint's resolution and map entries, checked against the map's
+    /// capacity; closed when a broken stored policy may select it.
+    fn resolve_endpoint(
+        &mut self,
+        rec: &EndpointRecord,
+        policies: &[cilia_policy::Policy],
+        cache: &IdentityCache,
+        namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+    ) -> Result<(cilia_policy::ResolvedPolicy, PolicyEntries), EndpointError> {
+        let resolved = if self
+            .policy_errors
+            .iter()
+            .any(|b| b.may_select(&rec.namespace))
+        {
+            policy::closed_resolution()
+        } else {
+            let subject = Labels(Self::subject_labels(rec, namespaces));
+            cilia_policy::resolve(policies, &subject, cache)
+        };
+        let entries = map_entries(&resolved, &mut self.rule_cookies, rec.policy_audit);
+        policy::check_size(rec.id, &entries, self.limits.policy_entries)?;
+        Ok((resolved, entries))
+    }
+
+    /// Everything a regeneration will write, computed and checked before
+    /// anything is written: the CIDR identities (planned in an aborted
+    /// store transaction), the ipcache's room for them, and every
+    /// endpoint's map entries.
+    fn plan(&mut self, policies: &[cilia_policy::Policy]) -> Result<Plan, EndpointError> {
+        let prefixes = cilia_policy::cidr_prefixes(policies);
+        let cidr_ids = self.store.plan_cidr_identities(&prefixes)?;
+        // The agent's ipcache entries are the node's addresses and the CIDR
+        // prefixes (local endpoints are not entries, see `node`).
+        let needed = self.node_addrs.len() + cidr_ids.len();
+        if needed > self.limits.ipcache_entries {
+            return Err(policy::ImportError::IpcacheFull {
+                needed,
+                max: self.limits.ipcache_entries,
+            }
+            .into());
+        }
+        let cache = self.identity_cache_with(&cidr_ids)?;
+        let namespaces = self.store.namespaces()?;
+        let mut endpoints = Vec::new();
+        for rec in self.store.endpoints()? {
+            // Not-ready endpoints are checked too: they may come back.
+            let (resolved, entries) = self.resolve_endpoint(&rec, policies, &cache, &namespaces)?;
+            if rec.state == EndpointState::Ready {
+                endpoints.push((rec.id, resolved, entries));
+            }
+        }
+        Ok(Plan {
+            prefixes,
+            cidr_ids,
+            endpoints,
+        })
+    }
+
+    /// Writes a checked plan: CIDR identities (store, then ipcache), every
+    /// ready endpoint's map, then the revision bump.
+    fn apply_plan(&mut self, plan: Plan) -> Result<(), EndpointError> {
+        let ids = self.store.sync_cidr_identities(&plan.prefixes)?;
+        debug_assert_eq!(ids, plan.cidr_ids, "planned under the same lock");
         for (prefix, id) in &ids {
-            self.datapath.upsert_ipcache(prefix_key(prefix), *id)?;
+            // A node address stays `host` whatever a policy's CIDR says.
+            if !self.is_node_key(&prefix_key(prefix)) {
+                self.datapath.upsert_ipcache(prefix_key(prefix), *id)?;
+            }
         }
         let wanted: std::collections::BTreeSet<IpcacheKey> = ids.keys().map(prefix_key).collect();
         for (key, value) in self.datapath.list_ipcache()? {
@@ -267,6 +313,11 @@ impl EndpointManager {
             }
         }
         self.cidr_ids = ids;
+        for (id, resolved, entries) in plan.endpoints {
+            self.datapath.set_policy(id, &entries)?;
+            self.resolved.insert(id, resolved);
+        }
+        self.datapath.bump_policy_revision()?;
         Ok(())
     }
 
@@ -275,29 +326,21 @@ impl EndpointManager {
     /// policy on their next packet.
     pub fn regenerate(&mut self) -> Result<(), EndpointError> {
         let started = std::time::Instant::now();
-        let result = self.regenerate_all();
+        let policies = self.policies();
+        let result = self.plan(&policies).and_then(|plan| self.apply_plan(plan));
         self.metrics
             .regeneration
             .observe(started.elapsed().as_secs_f64());
         result
     }
 
-    fn regenerate_all(&mut self) -> Result<(), EndpointError> {
-        self.sync_cidr_identities()?;
-        let cache = self.identity_cache()?;
-        let namespaces = self.store.namespaces()?;
-        let policies = self.policies();
-        for rec in self.store.endpoints()? {
-            if rec.state == EndpointState::Ready {
-                self.apply_policy_with(&rec, &policies, &cache, &namespaces)?;
-            }
-        }
-        self.datapath.bump_policy_revision()?;
-        Ok(())
-    }
-
-    /// Imports policies (all or nothing): replaces same-named ones, keeps the
-    /// rest. Returns the new revision and the imported names.
+    /// Imports policies, all or nothing: replaces same-named ones (a broken
+    /// stored one included), keeps the rest. Every check — parsing, CIDR
+    /// identities and ipcache room, every endpoint's map size — runs before
+    /// the store or a map changes; should writing the datapath still fail,
+    /// the store is rolled back and the previous policies re-programmed.
+    /// Returns what the import did: documents read, policies created or
+    /// replaced, the new revision.
     pub fn import_policies(
         &mut self,
         source: &str,
@@ -305,7 +348,6 @@ impl EndpointManager {
     ) -> Result<cilia_api::PolicyChange, EndpointError> {
         let import = policy::parse_import(source, yaml)?;
         let parsed = &import.policies;
-        // Check the result fits every endpoint's map before changing anything.
         let mut candidate = self.policy_docs.clone();
         for (stored, p) in parsed {
             candidate.insert(stored.key(), (stored.clone(), p.clone()));
@@ -318,22 +360,15 @@ impl EndpointManager {
                 source: e,
             }
         })?;
-        let policies: Vec<_> = candidate.values().map(|(_, p)| p.clone()).collect();
-        let cache = self.identity_cache()?;
-        let namespaces = self.store.namespaces()?;
-        for rec in self.store.endpoints()? {
-            let subject = Labels(Self::subject_labels(&rec, &namespaces));
-            policy::check_size(
-                rec.id,
-                &map_entries(
-                    &cilia_policy::resolve(&policies, &subject, &cache),
-                    &mut crate::policy::RuleCookies::default(),
-                    rec.policy_audit,
-                ),
-            )?;
-        }
+        let keys: Vec<String> = parsed.iter().map(|(s, _)| s.key()).collect();
+        let mut broken = self.policy_errors.clone();
+        broken.retain(|b| !keys.contains(&b.stored.key()));
         let stored: Vec<StoredPolicy> = parsed.iter().map(|(s, _)| s.clone()).collect();
-        let revision = self.store.put_policies(&stored)?;
+        let existed: Vec<bool> = parsed
+            .iter()
+            .map(|(s, _)| self.policy_docs.contains_key(&s.key()))
+            .collect();
+        let revision = self.change_policies(candidate, broken, &stored, &[])?;
         let mut change = cilia_api::PolicyChange {
             revision,
             documents: Some(import.documents),
@@ -344,41 +379,115 @@ impl EndpointManager {
                 .collect(),
             ..Default::default()
         };
-        for (s, p) in parsed {
+        for ((s, p), existed) in parsed.iter().zip(existed) {
             let name = format!("{} {}", s.kind, p.qualified_name());
-            if self.policy_docs.contains_key(&s.key()) {
+            if existed {
                 change.replaced.push(name.clone());
             } else {
                 change.created.push(name.clone());
             }
             change.policies.push(name);
         }
-        self.policy_docs = candidate;
         info!(
             revision,
             source,
             documents = import.documents,
             "policies imported"
         );
-        self.regenerate()?;
         Ok(change)
     }
 
-    /// Deletes policies by name (optionally within one namespace), or all.
+    /// Plans with the candidate policy set, and only if every check passes
+    /// stores the change (`put`, `delete`) and programs the plan; rolls the
+    /// store and the in-memory set back if programming fails.
+    fn change_policies(
+        &mut self,
+        candidate: BTreeMap<String, (StoredPolicy, cilia_policy::Policy)>,
+        broken: Vec<policy::BrokenPolicy>,
+        put: &[StoredPolicy],
+        delete: &[String],
+    ) -> Result<u64, EndpointError> {
+        let started = std::time::Instant::now();
+        let previous_docs = std::mem::replace(&mut self.policy_docs, candidate);
+        let previous_broken = std::mem::replace(&mut self.policy_errors, broken);
+        let restore_memory = |mgr: &mut Self| {
+            mgr.policy_docs = previous_docs.clone();
+            mgr.policy_errors = previous_broken.clone();
+        };
+        let policies = self.policies();
+        let plan = match self.plan(&policies) {
+            Ok(plan) => plan,
+            Err(e) => {
+                restore_memory(self);
+                return Err(e);
+            }
+        };
+        // What the store held for every key this change touches, to put
+        // back on failure.
+        let touched: Vec<String> = put
+            .iter()
+            .map(|s| s.key())
+            .chain(delete.iter().cloned())
+            .collect();
+        let before: Vec<StoredPolicy> = self
+            .store
+            .policies()?
+            .into_iter()
+            .filter(|s| touched.contains(&s.key()))
+            .collect();
+        let revision = match self.store.replace_policies(put, delete) {
+            Ok(rev) => rev,
+            Err(e) => {
+                restore_memory(self);
+                return Err(e.into());
+            }
+        };
+        let applied = self.apply_plan(plan);
+        self.metrics
+            .regeneration
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(e) = applied {
+            warn!(error = %e, "programming the new policies failed; rolling back");
+            let new_only: Vec<String> = touched
+                .iter()
+                .filter(|k| !before.iter().any(|s| &s.key() == *k))
+                .cloned()
+                .collect();
+            if let Err(re) = self.store.replace_policies(&before, &new_only) {
+                warn!(error = %re, "rolling the stored policies back failed");
+            }
+            restore_memory(self);
+            if let Err(re) = self.regenerate() {
+                warn!(error = %re, "re-programming the previous policies failed");
+            }
+            return Err(e);
+        }
+        Ok(revision)
+    }
+
+    /// Deletes policies by name (optionally within one namespace), or all;
+    /// stored policies that no longer parse are found by name too.
     pub fn delete_policies(
         &mut self,
         name: Option<&str>,
         namespace: Option<&str>,
     ) -> Result<(u64, Vec<String>), EndpointError> {
-        let keys: Vec<String> = self
-            .policy_docs
-            .iter()
-            .filter(|(_, (s, _))| {
-                name.is_none_or(|n| s.name == n)
-                    && namespace.is_none_or(|ns| s.namespace.as_deref() == Some(ns))
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
+        let matches = |s: &StoredPolicy| {
+            name.is_none_or(|n| s.name == n)
+                && namespace.is_none_or(|ns| s.namespace.as_deref() == Some(ns))
+        };
+        let mut keys: Vec<String> = Vec::new();
+        let mut names = Vec::new();
+        for (k, (s, p)) in &self.policy_docs {
+            if matches(s) {
+                keys.push(k.clone());
+                names.push(format!("{} {}", s.kind, p.qualified_name()));
+            }
+        }
+        for b in self.policy_errors.iter().filter(|b| matches(&b.stored)) {
+            keys.push(b.stored.key());
+            names.push(format!("{} {} (unparsable)", b.stored.kind, b.stored.name));
+        }
         if keys.is_empty() {
             return Err(EndpointError::NoSuchPolicy(match (name, namespace) {
                 (Some(n), Some(ns)) => {
@@ -388,15 +497,12 @@ impl EndpointManager {
                 _ => "no policies to delete".into(),
             }));
         }
-        let revision = self.store.delete_policies(Some(&keys))?;
-        let mut names = Vec::new();
-        for k in &keys {
-            if let Some((stored, policy)) = self.policy_docs.remove(k) {
-                names.push(format!("{} {}", stored.kind, policy.qualified_name()));
-            }
-        }
+        let mut candidate = self.policy_docs.clone();
+        candidate.retain(|k, _| !keys.contains(k));
+        let mut broken = self.policy_errors.clone();
+        broken.retain(|b| !keys.contains(&b.stored.key()));
+        let revision = self.change_policies(candidate, broken, &[], &keys)?;
         info!(revision, deleted = keys.len(), "policies deleted");
-        self.regenerate()?;
         Ok((revision, names))
     }
 
@@ -441,6 +547,7 @@ impl EndpointManager {
             .store
             .set_endpoint_labels(id, labels)?
             .ok_or(EndpointError::NotFound(id))?;
+        crate::crash::point("endpoint-labels:after-record");
         if rec.identity != old_identity {
             // Flows allowed under the old identity end with it.
             self.datapath.purge_ct(rec.id, &rec.ips())?;
@@ -450,6 +557,7 @@ impl EndpointManager {
                 self.apply_policy(&rec)?;
                 self.datapath
                     .attach_endpoint(&config_of(&rec, ifindex), &rec.host_ifname)?;
+                crate::crash::point("endpoint-labels:after-attach");
                 self.publish(&rec, ifindex)?;
             }
         }
@@ -579,7 +687,9 @@ impl EndpointManager {
 
     /// The identity the datapath would give a non-endpoint address.
     fn identity_of_address(&self, ip: IpAddr) -> u32 {
-        if ip == self.pools.v6.router() || self.pools.v4.as_ref().is_some_and(|p| p.router() == ip)
+        if ip == self.pools.v6.router()
+            || self.pools.v4.as_ref().is_some_and(|p| p.router() == ip)
+            || self.node_addrs.contains(&ip)
         {
             return CILIA_ID_HOST;
         }

@@ -26,8 +26,12 @@ const NAMESPACES: TableDefinition<&str, &[u8]> = TableDefinition::new("namespace
 const POLICIES: TableDefinition<&str, &[u8]> = TableDefinition::new("policies");
 /// CIDR prefix -> its local CIDR identity.
 const CIDR_IDENTITIES: TableDefinition<&str, u32> = TableDefinition::new("cidr_identities");
-/// Counters (policy revision).
+/// Counters (policy revision, release sequence).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Released address -> release sequence number (quarantine, see `ipam`).
+const RELEASED_IPS: TableDefinition<&str, u64> = TableDefinition::new("released_ips");
+/// Released endpoint id -> release sequence number.
+const RELEASED_IDS: TableDefinition<u16, u64> = TableDefinition::new("released_ids");
 
 /// First identity given to endpoints (below: reserved).
 pub const FIRST_ENDPOINT_IDENTITY: u32 = 256;
@@ -210,6 +214,8 @@ impl Store {
         txn.open_table(POLICIES)?;
         txn.open_table(CIDR_IDENTITIES)?;
         txn.open_table(META)?;
+        txn.open_table(RELEASED_IPS)?;
+        txn.open_table(RELEASED_IDS)?;
         txn.commit()?;
         Ok(Self { db })
     }
@@ -262,25 +268,45 @@ impl Store {
                     used.insert(ip);
                 }
             }
-            // Lowest free id: ids are kept sorted by the table.
-            let mut expected = 1u16;
-            for item in endpoints.iter()? {
-                let (k, _) = item?;
-                if k.value() != expected {
-                    break;
+            let mut released_ips = txn.open_table(RELEASED_IPS)?;
+            let mut released_ids = txn.open_table(RELEASED_IDS)?;
+            let mut quarantined = BTreeMap::new();
+            for item in released_ips.iter()? {
+                let (ip, seq) = item?;
+                if let Ok(ip) = ip.value().parse::<IpAddr>() {
+                    quarantined.insert(ip, seq.value());
                 }
-                expected = expected.checked_add(1).ok_or(StoreError::IdsExhausted)?;
             }
-            let id = expected;
-            let v6 = match pool6.next_free(&used)? {
+            let mut used_ids = BTreeSet::new();
+            for item in endpoints.iter()? {
+                used_ids.insert(item?.0.value());
+            }
+            let mut quarantined_ids = BTreeMap::new();
+            for item in released_ids.iter()? {
+                let (id, seq) = item?;
+                quarantined_ids.insert(id.value(), seq.value());
+            }
+            let id = crate::ipam::next_endpoint_id(&used_ids, &quarantined_ids)
+                .ok_or(StoreError::IdsExhausted)?;
+            let v6 = match pool6.next_quarantined(&used, &quarantined)? {
                 IpAddr::V6(v6) => v6,
                 IpAddr::V4(_) => unreachable!("an IPv6 pool yields IPv6 addresses"),
             };
-            let v4 = match pool4.map(|p| p.next_free(&used)).transpose()? {
+            let v4 = match pool4
+                .map(|p| p.next_quarantined(&used, &quarantined))
+                .transpose()?
+            {
                 Some(IpAddr::V4(v4)) => Some(v4),
                 Some(IpAddr::V6(_)) => unreachable!("an IPv4 pool yields IPv4 addresses"),
                 None => None,
             };
+            released_ids.remove(id)?;
+            for ip in [Some(IpAddr::V6(v6)), v4.map(IpAddr::V4)]
+                .into_iter()
+                .flatten()
+            {
+                released_ips.remove(ip.to_string().as_str())?;
+            }
             let mut rec = make(id, v6, v4);
             let ns_labels = namespace_labels(&txn, &rec.namespace)?;
             rec.identity = if rec.label_source.is_some() {
@@ -310,15 +336,24 @@ impl Store {
         Ok(())
     }
 
-    /// Removes an endpoint and frees its addresses, in one transaction.
+    /// Removes an endpoint and frees its addresses and id into quarantine,
+    /// in one transaction.
     pub fn delete_endpoint(&self, rec: &EndpointRecord) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         {
             let mut endpoints = txn.open_table(ENDPOINTS)?;
             let mut ipam = txn.open_table(IPAM)?;
-            endpoints.remove(rec.id)?;
+            let mut meta = txn.open_table(META)?;
+            let seq = meta.get("release_seq")?.map(|v| v.value()).unwrap_or(0) + 1;
+            meta.insert("release_seq", seq)?;
+            if endpoints.remove(rec.id)?.is_some() {
+                txn.open_table(RELEASED_IDS)?.insert(rec.id, seq)?;
+            }
+            let mut released = txn.open_table(RELEASED_IPS)?;
             for ip in rec.ips() {
-                ipam.remove(ip.to_string().as_str())?;
+                if ipam.remove(ip.to_string().as_str())?.is_some() {
+                    released.insert(ip.to_string().as_str(), seq)?;
+                }
             }
         }
         release_unused_identities(&txn)?;
@@ -476,6 +511,25 @@ impl Store {
         })
     }
 
+    /// Adds or replaces `put` and deletes `delete` (by key) in one
+    /// transaction, bumping the revision; returns the new revision.
+    pub fn replace_policies(
+        &self,
+        put: &[StoredPolicy],
+        delete: &[String],
+    ) -> Result<u64, StoreError> {
+        self.change_policies(|table| {
+            for key in delete {
+                table.remove(key.as_str())?;
+            }
+            for p in put {
+                let json = serde_json::to_vec(p).map_err(|e| StoreError::Db(e.to_string()))?;
+                table.insert(p.key().as_str(), json.as_slice())?;
+            }
+            Ok(())
+        })
+    }
+
     fn change_policies(
         &self,
         f: impl FnOnce(&mut redb::Table<&str, &[u8]>) -> Result<(), StoreError>,
@@ -504,6 +558,23 @@ impl Store {
     pub fn sync_cidr_identities(
         &self,
         prefixes: &BTreeSet<ipnet::IpNet>,
+    ) -> Result<BTreeMap<ipnet::IpNet, u32>, StoreError> {
+        self.cidr_identities(prefixes, true)
+    }
+
+    /// The identities [`Self::sync_cidr_identities`] would give, without
+    /// storing anything (its transaction is aborted).
+    pub fn plan_cidr_identities(
+        &self,
+        prefixes: &BTreeSet<ipnet::IpNet>,
+    ) -> Result<BTreeMap<ipnet::IpNet, u32>, StoreError> {
+        self.cidr_identities(prefixes, false)
+    }
+
+    fn cidr_identities(
+        &self,
+        prefixes: &BTreeSet<ipnet::IpNet>,
+        commit: bool,
     ) -> Result<BTreeMap<ipnet::IpNet, u32>, StoreError> {
         let txn = self.db.begin_write()?;
         let mut out = BTreeMap::new();
@@ -540,7 +611,11 @@ impl Store {
                 out.insert(*prefix, id);
             }
         }
-        txn.commit()?;
+        if commit {
+            txn.commit()?;
+        } else {
+            txn.abort()?;
+        }
         Ok(out)
     }
 }
@@ -764,8 +839,48 @@ mod tests {
         store.delete_endpoint(&a).unwrap();
         assert_eq!(store.allocated().unwrap().len(), 2);
         let c = store.create_endpoint(&p6, Some(&p4), record).unwrap();
-        assert_eq!(c.id, 1, "lowest free id is reused");
-        assert_eq!(c.ipv6, a.ipv6, "freed address is reused");
+        assert_eq!(c.id, 3, "a released id waits behind fresh ones");
+        assert_eq!(c.ipv6, a.ipv6, "a full pool reuses the released address");
+    }
+
+    #[test]
+    fn a_released_address_and_id_stay_quarantined_while_fresh_ones_are_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let p6 = Pool::new("fd00::/120".parse().unwrap()).unwrap();
+        let p4 = Pool::new("10.0.0.0/24".parse().unwrap()).unwrap();
+        let a = store.create_endpoint(&p6, Some(&p4), record).unwrap();
+        store.delete_endpoint(&a).unwrap();
+        let b = store.create_endpoint(&p6, Some(&p4), record).unwrap();
+        assert_ne!(b.id, a.id);
+        assert_ne!(b.ipv6, a.ipv6);
+        assert_ne!(b.ipv4, a.ipv4);
+    }
+
+    #[test]
+    fn released_addresses_are_reused_least_recently_released_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        // Two addresses per family: both are taken, then released in the
+        // order b, a; the next endpoint gets b's, even after a restart.
+        let (p6, p4) = (
+            Pool::new("fd00::/126".parse().unwrap()).unwrap(),
+            Pool::new("10.0.0.0/29".parse().unwrap()).unwrap(),
+        );
+        let (a, b) = {
+            let store = Store::open(&path).unwrap();
+            let a = store.create_endpoint(&p6, Some(&p4), record).unwrap();
+            let b = store.create_endpoint(&p6, Some(&p4), record).unwrap();
+            store.delete_endpoint(&b).unwrap();
+            store.delete_endpoint(&a).unwrap();
+            (a, b)
+        };
+        let store = Store::open(&path).unwrap();
+        let c = store.create_endpoint(&p6, Some(&p4), record).unwrap();
+        assert_eq!(c.ipv6, b.ipv6);
+        assert_ne!(c.ipv6, a.ipv6);
+        let d = store.create_endpoint(&p6, Some(&p4), record).unwrap();
+        assert_eq!(d.ipv6, a.ipv6);
     }
 
     #[test]

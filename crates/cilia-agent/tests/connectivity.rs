@@ -195,6 +195,12 @@ fn kill_9_of_the_agent_loses_no_packets_and_restart_restores_endpoints() {
         before, after,
         "same endpoints, same addresses after restart"
     );
+    // Programs that match their records are left running, not reloaded.
+    let log = agent.log_text();
+    assert!(
+        !log.contains("re-specializing") && !log.contains("re-attaching"),
+        "{log}"
+    );
     // No duplicate addresses: a new endpoint gets fresh ones.
     let c3 = Netns::new("cep").unwrap();
     let c = agent.create_endpoint(&c3, "app=c");
@@ -203,6 +209,44 @@ fn kill_9_of_the_agent_loses_no_packets_and_restart_restores_endpoints() {
         assert_ne!(ep["ipv4"], c["ipv4"]);
     }
     assert!(ping(&c3, ip_of(&b, "ipv4")));
+}
+
+#[test]
+fn a_pinned_map_of_an_older_layout_is_recreated_and_endpoints_move_to_it() {
+    privileged!("pin_migration");
+    let mut agent = TestAgent::start(AgentOptions::default());
+    let (c1, c2) = (Netns::new("cep").unwrap(), Netns::new("cep").unwrap());
+    agent.create_endpoint(&c1, "app=a");
+    let b = agent.create_endpoint(&c2, "app=b");
+    agent.kill9();
+    // An older build's conntrack map: another type and sizes.
+    let ct = agent.bpf_root.path().join("maps/cilia_ct");
+    std::fs::remove_file(&ct).unwrap();
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&ct)
+        .args([
+            "type", "array", "key", "4", "value", "4", "entries", "1", "name", "old_ct",
+        ])
+        .output()
+        .expect("bpftool (scripts/setup.sh installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    agent.spawn().unwrap();
+    let log = agent.log_text();
+    assert!(log.contains("recreating it empty"), "{log}");
+    assert!(log.contains("re-attaching every endpoint"), "{log}");
+    // The endpoints' programs use the new map: their flows show up in it.
+    tcp_echo(&c2, &c1, ip_of(&b, "ipv4"));
+    let flows = agent.cli_json(&["bpf", "ct", "list"]);
+    assert!(
+        !flows.as_array().unwrap().is_empty(),
+        "flows tracked in the recreated map"
+    );
 }
 
 #[test]
@@ -303,6 +347,33 @@ fn bad_input_gives_a_one_line_error_and_changes_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is in use by another cilia-agent"), "{err}");
     assert_eq!(full, state(), "second agent changed nothing");
+}
+
+#[test]
+fn the_agents_own_netns_and_paths_with_control_characters_are_refused() {
+    privileged!("netns_refused");
+    let agent = TestAgent::start(AgentOptions::default());
+    let before = agent.node.ip(&["-o", "link"]).unwrap();
+    let own = format!("/proc/{}/ns/net", agent.pid().unwrap());
+    assert_one_line_error(
+        &agent.cli(&["endpoint", "create", "--netns", &own]),
+        "agent's own network namespace",
+    );
+    // Once, a newline in the path ran the rest of the line as an `ip`
+    // command in the node's namespace.
+    assert_one_line_error(
+        &agent.cli(&[
+            "endpoint",
+            "create",
+            "--netns",
+            "/run/netns/x\nlink add evil0 type dummy",
+        ]),
+        "control character",
+    );
+    assert_eq!(before, agent.node.ip(&["-o", "link"]).unwrap());
+    // A namespace of its own still works.
+    let ns = Netns::new("cown").unwrap();
+    assert_eq!(agent.create_endpoint(&ns, "app=a")["state"], "ready");
 }
 
 #[test]

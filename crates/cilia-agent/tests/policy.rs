@@ -866,3 +866,129 @@ fn identities_and_yaml_listing_reflect_labels_and_policies() {
         .status
         .success());
 }
+
+/// A UDP socket in the node namespace that sends with `src` as its source
+/// address although the node does not hold it (IP_TRANSPARENT, as any
+/// process with CAP_NET_ADMIN or a raw socket can).
+fn node_socket_with_borrowed_source(agent: &TestAgent, src: IpAddr) -> std::net::UdpSocket {
+    use nix::sys::socket::{bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType};
+    let IpAddr::V4(src) = src else {
+        panic!("IPv4 expected")
+    };
+    agent.node.run(|| {
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Datagram,
+            SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        setsockopt(&fd, sockopt::IpTransparent, &true).unwrap();
+        let addr = nix::sys::socket::SockaddrIn::from(std::net::SocketAddrV4::new(src, 0));
+        bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).unwrap();
+        std::net::UdpSocket::from(fd)
+    })
+}
+
+fn udp_arrives(receiver: &std::net::UdpSocket, send: impl FnOnce()) -> bool {
+    receiver.set_read_timeout(Some(DROP_TIMEOUT)).unwrap();
+    send();
+    let mut buf = [0u8; 64];
+    receiver.recv_from(&mut buf).is_ok()
+}
+
+#[test]
+fn a_node_process_borrowing_an_endpoints_address_is_not_that_endpoint() {
+    privileged!("borrowed_source");
+    let agent = TestAgent::start(AgentOptions::default());
+    let (a_ns, b_ns) = (Netns::new("cspa").unwrap(), Netns::new("cspb").unwrap());
+    let a = agent.create_endpoint(&a_ns, "app=a");
+    let b = agent.create_endpoint(&b_ns, "app=b");
+    import_yaml(
+        &agent,
+        "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: only-a
+spec:
+  endpointSelector:
+    matchLabels:
+      app: b
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        app: a
+",
+    );
+    let (a_ip, b_ip) = (ip_of(&a, "ipv4"), ip_of(&b, "ipv4"));
+    let receiver = b_ns.run(|| std::net::UdpSocket::bind(SocketAddr::new(b_ip, 0)).unwrap());
+    let to = receiver.local_addr().unwrap();
+    // The legitimate case: a itself reaches b.
+    let from_a = a_ns.run(|| std::net::UdpSocket::bind(SocketAddr::new(a_ip, 0)).unwrap());
+    assert!(
+        udp_arrives(&receiver, || {
+            from_a.send_to(b"from a", to).unwrap();
+        }),
+        "a -> b must pass"
+    );
+    // The node sending with a's address is not a.
+    let spoof = node_socket_with_borrowed_source(&agent, a_ip);
+    let before = policy_denied_drops(&agent);
+    assert!(
+        !udp_arrives(&receiver, || {
+            spoof.send_to(b"not a", to).unwrap();
+        }),
+        "a node process with a's address must not pass b's policy as a"
+    );
+    assert!(
+        policy_denied_drops(&agent) > before,
+        "counted as a policy drop"
+    );
+    let ipcache = agent.cli_json(&["bpf", "ipcache", "list"]);
+    assert!(
+        !ipcache.to_string().contains(&format!("\"{a_ip}/32\"")),
+        "a local endpoint address is no ipcache entry: {ipcache:#}"
+    );
+}
+
+#[test]
+fn a_stored_policy_that_no_longer_parses_fails_closed_and_shows_in_status() {
+    privileged!("broken_stored_policy");
+    let mut agent = TestAgent::start(AgentOptions::default());
+    let (a_ns, b_ns) = (Netns::new("cbra").unwrap(), Netns::new("cbrb").unwrap());
+    let _a = agent.create_endpoint(&a_ns, "app=a");
+    let b = agent.create_endpoint(&b_ns, "app=b");
+    let server = EchoServer::start(&b_ns, SocketAddr::new(ip_of(&b, "ipv4"), 0));
+    let to_b = SocketAddr::new(ip_of(&b, "ipv4"), server.port);
+    assert_talks(&a_ns, to_b, "a -> b with no policy");
+
+    // A policy stored by an earlier version that this one no longer parses.
+    agent.kill9();
+    {
+        let store =
+            cilia_agent::store::Store::open(&agent.state_dir.join(cilia_agent::paths::STATE_DB))
+                .unwrap();
+        store
+            .put_policies(&[cilia_agent::store::StoredPolicy {
+                kind: "CiliumNetworkPolicy".into(),
+                namespace: Some("default".into()),
+                name: "legacy".into(),
+                yaml: "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: legacy\nspec:\n  endpointSelector: {}\n  retiredField: true\n".into(),
+            }])
+            .unwrap();
+    }
+    agent.spawn().unwrap();
+    assert_blocked(&a_ns, to_b, "a -> b while the stored policy is broken");
+    let status = agent.cli_json(&["status"]);
+    let errors = status["policy_errors"].to_string();
+    assert!(
+        errors.contains("CiliumNetworkPolicy default/legacy"),
+        "{status:#}"
+    );
+    assert!(errors.contains("retiredField"), "{status:#}");
+    let verbose = agent.cli_ok(&["status", "--verbose"]);
+    assert!(verbose.contains("legacy"), "{verbose}");
+
+    agent.cli_ok(&["policy", "delete", "legacy"]);
+    assert_talks(&a_ns, to_b, "a -> b once the broken policy is deleted");
+}

@@ -57,6 +57,33 @@ pub struct BpfDatapath {
     config: Array<MapData, GlobalConfig>,
     /// Handed to the one reader of events ([`BpfDatapath::take_events`]).
     events: Option<RingBuf<MapData>>,
+    /// Pinned maps found incompatible at open and recreated.
+    recreated: Vec<RecreatedMap>,
+}
+
+/// Version of everything pinned under the bpffs root beyond what the
+/// kernel can report (map type, size, key/value size): bump it whenever a
+/// pinned map keeps its sizes but changes meaning (a field reused, a value
+/// re-encoded). Stored in the pinned one-slot array `maps/cilia_abi`.
+pub const PIN_ABI_VERSION: u32 = 2;
+
+/// Pin of the ABI version array (not part of the BPF object).
+const MAP_ABI: &str = "cilia_abi";
+
+/// A pinned map that did not match this build and was recreated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecreatedMap {
+    pub name: String,
+    pub reason: String,
+}
+
+/// How one of an endpoint's pinned links stands against its record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkCheck {
+    /// The device the link is attached to; 0 when that device is gone.
+    pub ifindex: u32,
+    /// Whether its program's baked-in configuration is the expected one.
+    pub config_matches: bool,
 }
 
 type PolicyMap = LpmTrie<MapData, PolicyData, PolicyValue>;
@@ -128,25 +155,143 @@ fn ensure_bpffs(root: &Path) -> Result<(), DatapathError> {
     mount_bpffs(root).map_err(|e| err(format!("not a bpffs and mounting one failed: {e}")))
 }
 
-/// Rejects pins whose layout differs from this build's ABI.
-fn validate_pins(maps_dir: &Path) -> Result<(), DatapathError> {
+// The configuration is compared as raw bytes inside `.rodata`: it must have
+// no padding, whose bytes would be arbitrary.
+const _: () = assert!(
+    std::mem::size_of::<EndpointConfig>() == 16 + 4 + 6 + 6 + 4 + 4 + 2 + 1 + 1,
+    "EndpointConfig has padding"
+);
+
+/// The bytes of a configuration as `override_global` writes them.
+fn config_bytes(config: &EndpointConfig) -> &[u8] {
+    // SAFETY: EndpointConfig is #[repr(C)], Copy, without padding (checked
+    // above) and lives as long as the returned slice.
+    unsafe {
+        std::slice::from_raw_parts(
+            (config as *const EndpointConfig).cast::<u8>(),
+            std::mem::size_of::<EndpointConfig>(),
+        )
+    }
+}
+
+/// Why a pinned map cannot be reused by this build, if it cannot.
+fn pin_mismatch(path: &Path, want: &aya_obj::Map) -> Result<Option<String>, DatapathError> {
+    let name = path.display().to_string();
+    let info = MapInfo::from_pin(path).map_err(|e| DatapathError::map(&name, e))?;
+    let found_type = info
+        .map_type()
+        .map(|t| format!("{t:?}"))
+        .unwrap_or_else(|_| "unknown".into());
+    let want_type = aya_obj::generated::bpf_map_type::try_from(want.map_type())
+        .ok()
+        .and_then(|t| aya::maps::MapType::try_from(t).ok())
+        .map(|t| format!("{t:?}"))
+        .unwrap_or_else(|| "unknown".into());
+    let mut diffs = Vec::new();
+    if found_type != want_type {
+        diffs.push(format!("type {found_type}, expected {want_type}"));
+    }
+    for (what, found, want) in [
+        ("max_entries", info.max_entries(), want.max_entries()),
+        ("key size", info.key_size(), want.key_size()),
+        ("value size", info.value_size(), want.value_size()),
+    ] {
+        if found != want {
+            diffs.push(format!("{what} {found}, expected {want}"));
+        }
+    }
+    Ok((!diffs.is_empty()).then(|| diffs.join(", ")))
+}
+
+/// The ABI version recorded under `maps_dir`, if any.
+fn pinned_abi_version(maps_dir: &Path) -> Result<Option<u32>, DatapathError> {
+    let path = maps_dir.join(MAP_ABI);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let err = |e: MapError| DatapathError::map(MAP_ABI, e);
+    let data = MapData::from_pin(&path).map_err(err)?;
+    let array: Array<MapData, u32> =
+        Array::try_from(Map::from_map_data(data).map_err(err)?).map_err(err)?;
+    Ok(Some(array.get(&0, 0).map_err(err)?))
+}
+
+/// Records this build's ABI version under `maps_dir`.
+fn pin_abi_version(maps_dir: &Path) -> Result<(), DatapathError> {
+    let path = maps_dir.join(MAP_ABI);
+    let err = |e: MapError| DatapathError::map(MAP_ABI, e);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(DatapathError::io(format!("removing {}", path.display()), e)),
+    }
+    let mut array = Array::<MapData, u32>::create(1, 0).map_err(err)?;
+    array.set(0, PIN_ABI_VERSION, 0).map_err(err)?;
+    array.pin(&path).map_err(|e| DatapathError::Pin {
+        path: path.clone(),
+        reason: e.to_string(),
+    })
+}
+
+/// Checks every pinned shared map against this build — kernel map type,
+/// max_entries, key and value size — and the pinned ABI version. Every
+/// shared map holds state the agent can rebuild (endpoints, ipcache,
+/// policy, config from its records; metrics and events start over;
+/// conntrack starts empty, so established flows meet policy again), so a
+/// mismatch is migrated: the pin is removed and the loader creates the
+/// map afresh. The caller must then re-attach every endpoint, since
+/// attached programs still use the old maps. Returns what was recreated.
+fn migrate_pins(maps_dir: &Path) -> Result<Vec<RecreatedMap>, DatapathError> {
+    let object = aya_obj::Object::parse(LXC_OBJECT).map_err(|e| DatapathError::BpfRoot {
+        path: maps_dir.to_path_buf(),
+        reason: format!("parsing the embedded lxc.o: {e}"),
+    })?;
+    let version = pinned_abi_version(maps_dir)?;
+    let any_pinned = SHARED_MAPS.iter().any(|m| maps_dir.join(m.name).exists());
+    let version_reason = match version {
+        Some(v) if v == PIN_ABI_VERSION => None,
+        Some(v) => Some(format!(
+            "pinned ABI version {v}, this build uses {PIN_ABI_VERSION}"
+        )),
+        None if any_pinned => Some(format!(
+            "pinned by a cilia without an ABI version, this build uses {PIN_ABI_VERSION}"
+        )),
+        None => None,
+    };
+    let mut recreated = Vec::new();
     for spec in SHARED_MAPS {
         let path = maps_dir.join(spec.name);
         if !path.exists() {
             continue;
         }
-        let info = MapInfo::from_pin(&path).map_err(|e| DatapathError::map(spec.name, e))?;
-        if info.key_size() != spec.key_size || info.value_size() != spec.value_size {
-            return Err(DatapathError::IncompatiblePin {
-                path,
-                found_key: info.key_size(),
-                found_value: info.value_size(),
-                want_key: spec.key_size,
-                want_value: spec.value_size,
-            });
+        let reason = match (&version_reason, object.maps.get(spec.name)) {
+            (Some(r), _) => Some(r.clone()),
+            (None, Some(want)) => pin_mismatch(&path, want)?,
+            (None, None) => return Err(DatapathError::MissingMap(spec.name)),
+        };
+        let Some(reason) = reason else { continue };
+        if spec.name == MAP_CT {
+            tracing::warn!(
+                map = spec.name,
+                %reason,
+                "conntrack map does not match this build: recreating it empty; established flows meet policy again as new flows"
+            );
+        } else {
+            tracing::warn!(map = spec.name, %reason, "pinned map does not match this build: recreating it");
         }
+        std::fs::remove_file(&path).map_err(|e| DatapathError::IncompatiblePin {
+            path: path.clone(),
+            reason: format!(
+                "{reason}; removing it failed ({e}): delete it by hand (rm {}) and restart",
+                path.display()
+            ),
+        })?;
+        recreated.push(RecreatedMap {
+            name: spec.name.to_string(),
+            reason,
+        });
     }
-    Ok(())
+    Ok(recreated)
 }
 
 fn mkdir(path: &Path) -> Result<(), DatapathError> {
@@ -164,7 +309,7 @@ impl BpfDatapath {
         let maps_dir = root.join("maps");
         mkdir(&maps_dir)?;
         mkdir(&root.join("links"))?;
-        validate_pins(&maps_dir)?;
+        let recreated = migrate_pins(&maps_dir)?;
         // Loading the object creates (or reuses) and pins the shared maps;
         // its program is never loaded here.
         let mut ebpf = EbpfLoader::new()
@@ -183,6 +328,9 @@ impl BpfDatapath {
         let config = take(MAP_CONFIG)?;
         let events = take(MAP_EVENTS)?;
         mkdir(&root.join("policy"))?;
+        if !recreated.is_empty() || pinned_abi_version(&maps_dir)? != Some(PIN_ABI_VERSION) {
+            pin_abi_version(&maps_dir)?;
+        }
         Ok(Self {
             root: root.to_path_buf(),
             endpoints: HashMap::try_from(endpoints)
@@ -195,7 +343,41 @@ impl BpfDatapath {
             ct_count: Array::try_from(ct_count).map_err(|e| DatapathError::map(MAP_CT_COUNT, e))?,
             config: Array::try_from(config).map_err(|e| DatapathError::map(MAP_CONFIG, e))?,
             events: Some(RingBuf::try_from(events).map_err(|e| DatapathError::map(MAP_EVENTS, e))?),
+            recreated,
         })
+    }
+
+    /// Pinned maps that did not match this build and were recreated when
+    /// this handle opened them: every endpoint must be re-attached.
+    pub fn recreated_maps(&self) -> &[RecreatedMap] {
+        &self.recreated
+    }
+
+    /// How the endpoint's two pinned links stand: the device each is
+    /// attached to and whether its program carries `expected`. `None` when
+    /// a pin is missing.
+    pub fn check_links(
+        &self,
+        expected: &EndpointConfig,
+    ) -> Result<Option<Vec<LinkCheck>>, DatapathError> {
+        let want = config_bytes(expected);
+        let mut out = Vec::new();
+        for pin in [
+            self.link_pin(expected.endpoint_id),
+            self.to_link_pin(expected.endpoint_id),
+        ] {
+            if !pin.exists() {
+                return Ok(None);
+            }
+            let io = |e| DatapathError::io(format!("inspecting {}", pin.display()), e);
+            let target = crate::inspect::link_target(&pin).map_err(io)?;
+            let rodata = crate::inspect::program_rodata(target.program_id).map_err(io)?;
+            out.push(LinkCheck {
+                ifindex: target.ifindex,
+                config_matches: rodata.is_some_and(|r| crate::inspect::contains(&r, want)),
+            });
+        }
+        Ok(Some(out))
     }
 
     pub fn root(&self) -> &Path {
@@ -359,6 +541,21 @@ impl BpfDatapath {
 
     fn open_policy_map(path: &Path) -> Result<PolicyMap, DatapathError> {
         let err = |e: MapError| DatapathError::map(&path.display().to_string(), e);
+        if path.exists() {
+            // A policy map pinned by a build with another layout is
+            // recreated; the caller rewrites all its entries anyway.
+            let want = (
+                CILIA_POLICY_MAX,
+                std::mem::size_of::<aya::maps::lpm_trie::Key<PolicyData>>() as u32,
+                std::mem::size_of::<PolicyValue>() as u32,
+            );
+            let info = MapInfo::from_pin(path).map_err(err)?;
+            if (info.max_entries(), info.key_size(), info.value_size()) != want {
+                tracing::warn!(pin = %path.display(), "policy map does not match this build: recreating it");
+                std::fs::remove_file(path)
+                    .map_err(|e| DatapathError::io(format!("removing {}", path.display()), e))?;
+            }
+        }
         if !path.exists() {
             let map = PolicyMap::create(CILIA_POLICY_MAX, BPF_F_NO_PREALLOC).map_err(err)?;
             map.pin(path).map_err(|e| DatapathError::Pin {

@@ -22,18 +22,8 @@ pub enum DatapathError {
     MissingMap(&'static str),
     #[error("program {0} is missing from the BPF object")]
     MissingProgram(&'static str),
-    #[error(
-        "pinned map {path} does not match this build (key {found_key}/value {found_value} bytes, \
-         expected {want_key}/{want_value}); it was left by an incompatible cilia version: \
-         delete the endpoints and remove the pin"
-    )]
-    IncompatiblePin {
-        path: PathBuf,
-        found_key: u32,
-        found_value: u32,
-        want_key: u32,
-        want_value: u32,
-    },
+    #[error("pinned map {path} does not match this build: {reason}")]
+    IncompatiblePin { path: PathBuf, reason: String },
     #[error("pinning {path}: {reason}")]
     Pin { path: PathBuf, reason: String },
     #[error("interface {0} not found")]

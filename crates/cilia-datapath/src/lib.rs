@@ -16,12 +16,15 @@
 pub mod endpoint;
 pub mod error;
 pub mod events;
+pub mod inspect;
 mod keys;
 pub mod object;
 pub mod packet;
 pub mod probe;
 pub mod testrun;
 
-pub use endpoint::{monotonic_ns, BpfDatapath, PolicyUpdate};
+pub use endpoint::{
+    monotonic_ns, BpfDatapath, LinkCheck, PolicyUpdate, RecreatedMap, PIN_ABI_VERSION,
+};
 pub use error::DatapathError;
 pub use probe::{probe_kernel, Feature, FeatureReport};

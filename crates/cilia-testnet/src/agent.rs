@@ -127,6 +127,14 @@ impl TestAgent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Replaces the extra environment of the agent for later `spawn`s.
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+
     /// Process id of the running agent.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
