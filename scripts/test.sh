@@ -27,7 +27,7 @@ echo "==> cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace 2>&1 | tee "$log" || status=$?
+cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
 
 left=$(ip netns list 2>/dev/null | grep -E '^(cnode|cep|cdemo)[0-9]+x' || true)
 if [ -n "$left" ]; then
