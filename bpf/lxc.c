@@ -1,70 +1,120 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * Endpoint program. One specialized copy per endpoint, attached with TCX to
- * the ingress of the endpoint's host-side veth, i.e. it sees every packet the
- * container sends: parse -> answer neighbour discovery -> check the source
- * -> deliver to a local endpoint or hand to the host stack.
+ * Endpoint programs: one specialized copy per endpoint (CILIA_CONFIG), two
+ * entry points on the endpoint's host-side veth. Each reads as the packet's
+ * path: parse -> guard -> decide -> deliver, the same steps for both
+ * families; every step that refuses a packet names why (a CILIA_DROP_*).
  */
 #include "lib/common.h"
 #include "lib/arp.h"
 #include "lib/config.h"
-#include "lib/ipv4.h"
-#include "lib/ipv6.h"
-#include "lib/metrics.h"
+#include "lib/decide.h"
+#include "lib/flow.h"
+#include "lib/forward.h"
+#include "lib/guard.h"
+#include "lib/ipcache.h"
+#include "lib/ndisc.h"
 
+/*
+ * TCX ingress of the host-side veth: every packet the container sends. Its
+ * egress policy applies and, for a local destination, that endpoint's
+ * ingress policy too (the packet never passes the other's program).
+ */
 SEC("classifier")
 int cil_from_container(struct __sk_buff *skb)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
 	const __u8 dir = CILIA_DIR_EGRESS;
+	__be16 proto = eth_proto(skb);
+	struct flow f = {};
+	struct decision d = {.dir = dir, .verdict = CILIA_VERDICT_ALLOW};
+	struct endpoint_info *dst;
+	int reason;
 
-	if ((void *)(eth + 1) > data_end)
+	/* Parse: the neighbour protocols are answered here, from the node. */
+	if (!proto)
 		return drop(skb, CILIA_DROP_INVALID, dir);
+	if (proto == bpf_htons(ETH_P_ARP))
+		return cfg_ipv4_enabled() ? handle_arp(skb, dir)
+					  : drop(skb, CILIA_DROP_UNSUPPORTED_L3, dir);
+	reason = flow_parse(skb, proto, &f);
+	if (reason)
+		return drop(skb, reason, dir);
+	if (flow_is_nd(&f))
+		return nd_from_container(skb, &f, dir);
 
-	switch (eth->h_proto) {
-	case bpf_htons(ETH_P_IPV6):
-		return handle_ipv6(skb, dir);
-	case bpf_htons(ETH_P_IP):
-		if (!cfg_ipv4_enabled())
-			return drop(skb, CILIA_DROP_UNSUPPORTED_L3, dir);
-		return handle_ipv4(skb, dir);
-	case bpf_htons(ETH_P_ARP):
-		if (!cfg_ipv4_enabled())
-			return drop(skb, CILIA_DROP_UNSUPPORTED_L3, dir);
-		return handle_arp(skb, dir);
-	default:
-		return drop(skb, CILIA_DROP_UNSUPPORTED_L3, dir);
-	}
+	/* Guard: its own source address; later fragments follow the first. */
+	reason = from_container_guard(&f);
+	if (!reason)
+		reason = frag_follow(&f);
+	if (reason)
+		return drop(skb, reason, dir);
+
+	/* Decide: the local destination (if any) names the peer's identity. */
+	dst = endpoint_lookup(f.daddr, f.family);
+	struct peers p = {
+	    .src_id = CILIA_CONFIG.identity,
+	    .dst_id = dst ? dst->identity : ipcache_identity(f.daddr, f.family),
+	    .egress_ep = CILIA_CONFIG.endpoint_id,
+	    .ingress_ep = dst ? dst->endpoint_id : 0,
+	};
+	reason = decide(skb, &f, &p, &d, dir);
+	if (reason)
+		return drop_decided(skb, &f, &p, &d, reason, dir);
+
+	/* Deliver. */
+	if (!dst)
+		return deliver_to_stack(skb, &f, &p, &d, dir);
+	return deliver_to_endpoint(skb, &f, &p, &d, dst, dir);
 }
 
 /*
- * Attached with TCX to the egress of the host-side veth: packets the node's
- * stack delivers to the container (from the host or routed from elsewhere).
- * Local endpoint-to-endpoint traffic never passes here: redirect_peer skips
- * it, and the sender's program already applied this endpoint's ingress policy.
+ * TCX egress of the host-side veth: what the node's stack delivers to the
+ * container (from the node or routed from elsewhere). Its ingress policy
+ * applies, with the source identity from the ipcache. Local endpoints never
+ * come this way: redirect_peer skips it.
  */
 SEC("classifier")
 int cil_to_container(struct __sk_buff *skb)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
 	const __u8 dir = CILIA_DIR_INGRESS;
+	__be16 proto = eth_proto(skb);
+	struct flow f = {};
+	struct decision d = {.dir = dir, .verdict = CILIA_VERDICT_ALLOW};
+	int reason;
 
-	if ((void *)(eth + 1) > data_end)
+	/* Parse: ARP and other link protocols are the stack's business. */
+	if (proto != bpf_htons(ETH_P_IPV6) && proto != bpf_htons(ETH_P_IP))
 		return TC_ACT_OK;
-	switch (eth->h_proto) {
-	case bpf_htons(ETH_P_IPV6):
-		return handle_ipv6_to_endpoint(skb, dir);
-	case bpf_htons(ETH_P_IP):
-		if (!cfg_ipv4_enabled())
-			return TC_ACT_OK;
-		return handle_ipv4_to_endpoint(skb, dir);
-	default:
-		return TC_ACT_OK; /* ARP and the like: the stack's business */
-	}
+	if (proto == bpf_htons(ETH_P_IP) && !cfg_ipv4_enabled())
+		return TC_ACT_OK;
+	reason = flow_parse(skb, proto, &f);
+	if (reason)
+		return drop(skb, reason, dir);
+	if (flow_is_nd(&f))
+		return nd_to_container(skb, &f, dir);
+	if (flow_is_multicast(&f))
+		return to_container_multicast(skb, &f, dir);
+
+	/* Guard: no local endpoint's address; later fragments follow the first. */
+	reason = to_container_guard(&f);
+	if (!reason)
+		reason = frag_follow(&f);
+	if (reason)
+		return drop(skb, reason, dir);
+
+	/* Decide. */
+	struct peers p = {
+	    .src_id = ipcache_identity(f.saddr, f.family),
+	    .dst_id = CILIA_CONFIG.identity,
+	    .ingress_ep = CILIA_CONFIG.endpoint_id,
+	};
+	reason = decide(skb, &f, &p, &d, dir);
+	if (reason)
+		return drop_decided(skb, &f, &p, &d, reason, dir);
+
+	/* Deliver: the stack hands it on. */
+	event_trace(skb, &f, &p, d.level, CILIA_FWD_ENDPOINT, dir);
+	return TC_ACT_OK;
 }
 
 char LICENSE[] SEC("license") = "GPL";

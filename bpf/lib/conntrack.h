@@ -14,6 +14,7 @@
 #include "flow.h"
 #include "maps.h"
 #include "config.h"
+#include "events.h"
 #include "policy.h"
 
 #define NSEC_PER_SEC 1000000000ULL
@@ -104,16 +105,16 @@ __inline_fn int ct_related(const struct flow *f, int from_endpoint, __u64 now)
  * keep a revoked flow alive by talking. The forward flow ran from this
  * packet's destination to its source, to this packet's source port.
  */
-__inline_fn int reply_still_allowed(const struct flow *f, __u32 egress_ep, __u32 ingress_ep,
-				    __u32 src_id, __u32 dst_id, struct decision *d)
+__inline_fn int reply_still_allowed(const struct flow *f, const struct peers *p, struct decision *d)
 {
-	if (ingress_ep &&
-	    !policy_allows(ingress_ep, CILIA_DIR_EGRESS, src_id, f->proto, f->sport, d))
+	if (p->ingress_ep &&
+	    !policy_allows(p->ingress_ep, CILIA_DIR_EGRESS, p->src_id, f->proto, f->sport, d))
 		return 0;
-	if (egress_ep) {
+	if (p->egress_ep) {
 		struct decision in = {.level = d->level, .ct_state = d->ct_state};
 
-		if (!policy_allows(egress_ep, CILIA_DIR_INGRESS, dst_id, f->proto, f->sport, &in)) {
+		if (!policy_allows(p->egress_ep, CILIA_DIR_INGRESS, p->dst_id, f->proto, f->sport,
+				   &in)) {
 			*d = in;
 			return 0;
 		}
@@ -126,7 +127,7 @@ __inline_fn int reply_still_allowed(const struct flow *f, __u32 egress_ep, __u32
  * budget. Returns 0 or the drop reason: budget used up, or table full.
  */
 __inline_fn int ct_create(struct __sk_buff *skb, const struct ct_key *key, const struct flow *f,
-			  __u32 rev, __u32 budget, __u32 src_id, __u32 dst_id, __u64 now)
+			  __u32 rev, __u32 budget, const struct peers *p, __u64 now)
 {
 	__u32 owner = CILIA_CONFIG.endpoint_id;
 	__u32 *count = bpf_map_lookup_elem(&cilia_ct_count, &owner);
@@ -135,8 +136,8 @@ __inline_fn int ct_create(struct __sk_buff *skb, const struct ct_key *key, const
 	    .packets = 1,
 	    .bytes = skb->len,
 	    .policy_rev = rev,
-	    .src_identity = src_id,
-	    .dst_identity = dst_id,
+	    .src_identity = p->src_id,
+	    .dst_identity = p->dst_id,
 	    .owner = owner,
 	};
 
@@ -153,13 +154,12 @@ __inline_fn int ct_create(struct __sk_buff *skb, const struct ct_key *key, const
 }
 
 /*
- * Decides whether the packet of flow `f` may pass. `egress_ep` / `ingress_ep`
- * are the endpoints whose egress / ingress policy applies (0: none), and
- * `src_id` / `dst_id` the peers' identities. Returns CILIA_PASS or the drop
- * reason; on a policy deny, `d` says which direction's policy denied it.
+ * Decides whether the packet of flow `f` between peers `p` may pass.
+ * Returns CILIA_PASS or the drop reason; on a policy deny, `d` says which
+ * direction's policy denied it.
  */
-__inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, __u32 egress_ep,
-			     __u32 ingress_ep, __u32 src_id, __u32 dst_id, struct decision *d)
+__inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const struct peers *p,
+			     struct decision *d)
 {
 	struct ct_key key = {}, rkey = {};
 	struct ct_value *ct, *reply;
@@ -189,7 +189,7 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, __u32 
 		ct->bytes += skb->len;
 		return CILIA_PASS;
 	}
-	if (ct_related(f, egress_ep != 0, now)) {
+	if (ct_related(f, p->egress_ep != 0, now)) {
 		d->ct_state = CILIA_CT_STATE_RELATED;
 		return CILIA_PASS;
 	}
@@ -199,8 +199,7 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, __u32 
 		if (reply && reply->expires > now) {
 			d->ct_state = CILIA_CT_STATE_REPLY;
 			if (reply->policy_rev != rev) {
-				if (!reply_still_allowed(f, egress_ep, ingress_ep, src_id, dst_id,
-							 d))
+				if (!reply_still_allowed(f, p, d))
 					return ct_revoke(reply, rev);
 				reply->flags &= ~CILIA_CT_DENIED;
 				reply->policy_rev = rev;
@@ -219,12 +218,13 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, __u32 
 	}
 
 	d->ct_state = live ? CILIA_CT_STATE_ESTABLISHED : CILIA_CT_STATE_NEW;
-	if (egress_ep && !policy_allows(egress_ep, CILIA_DIR_EGRESS, dst_id, f->proto, f->dport, d))
+	if (p->egress_ep &&
+	    !policy_allows(p->egress_ep, CILIA_DIR_EGRESS, p->dst_id, f->proto, f->dport, d))
 		return ct_revoke(live ? ct : 0, rev);
-	if (ingress_ep) {
+	if (p->ingress_ep) {
 		struct decision in = {.level = d->level, .ct_state = d->ct_state};
 
-		if (!policy_allows(ingress_ep, CILIA_DIR_INGRESS, src_id, f->proto, f->dport,
+		if (!policy_allows(p->ingress_ep, CILIA_DIR_INGRESS, p->src_id, f->proto, f->dport,
 				   &in)) {
 			*d = in;
 			return ct_revoke(live ? ct : 0, rev);
@@ -249,12 +249,12 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, __u32 
 		ct->packets = 1;
 		ct->bytes = skb->len;
 		ct->policy_rev = rev;
-		ct->src_identity = src_id;
-		ct->dst_identity = dst_id;
+		ct->src_identity = p->src_id;
+		ct->dst_identity = p->dst_id;
 		ct->flags = 0;
 		return CILIA_PASS;
 	}
-	return ct_create(skb, &key, f, rev, budget, src_id, dst_id, now);
+	return ct_create(skb, &key, f, rev, budget, p, now);
 }
 
 #endif

@@ -25,6 +25,18 @@ struct decision {
 	__u8 ct_state; /* CILIA_CT_STATE_* */
 };
 
+/*
+ * The two ends of a packet as policy sees them: their identities, and the
+ * local endpoints whose egress / ingress policy applies (0: none, e.g. the
+ * host stack or the world).
+ */
+struct peers {
+	__u32 src_id;
+	__u32 dst_id;
+	__u16 egress_ep;
+	__u16 ingress_ep;
+};
+
 __inline_fn __u32 monitor_level(void)
 {
 	__u32 zero = 0;
@@ -33,21 +45,27 @@ __inline_fn __u32 monitor_level(void)
 	return cfg ? cfg->monitor_level : CILIA_MONITOR_OFF;
 }
 
-/* Emits one event if the monitor `level` asks for its type. `f` may be 0
- * for packets that were not parsed. */
-__inline_fn void emit_event(struct __sk_buff *skb, __u32 level, __u8 type, __u8 reason, __u8 dir,
-			    const struct flow *f, __u32 src_id, __u32 dst_id, __u16 peer,
-			    const struct decision *d)
+/* Whether the monitor `level` asks for events of `type`. */
+__inline_fn int event_wanted(__u32 level, __u8 type)
 {
-	if (!CILIA_CONFIG.monitor)
-		return; /* specialized without events: the verifier prunes the rest */
-	if (level == CILIA_MONITOR_OFF ||
-	    (type == CILIA_EVENT_TRACE && level < CILIA_MONITOR_TRACE) ||
-	    (type == CILIA_EVENT_DEBUG && level < CILIA_MONITOR_DEBUG))
-		return;
+	if (!CILIA_CONFIG.monitor || level == CILIA_MONITOR_OFF)
+		return 0; /* specialized without events, the verifier prunes the rest */
+	if (type == CILIA_EVENT_TRACE)
+		return level >= CILIA_MONITOR_TRACE;
+	if (type == CILIA_EVENT_DEBUG)
+		return level >= CILIA_MONITOR_DEBUG;
+	return 1;
+}
 
-	/* Built in place in the ring buffer: an event is too large for the
-	 * stack of a program that inlines every step of the packet path. */
+/*
+ * Writes one event in place in the ring buffer (an event is too large for
+ * the stack of a program that inlines the whole packet path). `f`, `p` and
+ * `d` may be 0 for packets not parsed or not decided. A full ring buffer
+ * is counted as lost, never silently.
+ */
+__inline_fn void event_emit(struct __sk_buff *skb, __u8 type, __u8 reason, __u8 dir,
+			    const struct flow *f, const struct peers *p, const struct decision *d)
+{
 	struct event *ev = bpf_ringbuf_reserve(&cilia_events, sizeof(*ev), 0);
 
 	if (!ev) {
@@ -60,9 +78,10 @@ __inline_fn void emit_event(struct __sk_buff *skb, __u32 level, __u8 type, __u8 
 	ev->dir = d ? d->dir : dir;
 	ev->verdict = d ? d->verdict : 0;
 	ev->endpoint_id = CILIA_CONFIG.endpoint_id;
-	ev->peer_endpoint = peer;
-	ev->src_identity = src_id;
-	ev->dst_identity = dst_id;
+	/* The local peer: the endpoint at the other end of this program's. */
+	ev->peer_endpoint = p ? (p->egress_ep == CILIA_CONFIG.endpoint_id ? p->ingress_ep : 0) : 0;
+	ev->src_identity = p ? p->src_id : CILIA_CONFIG.identity;
+	ev->dst_identity = p ? p->dst_id : 0;
 	ev->rule = d ? d->rule : 0;
 	ev->len = skb->len;
 	ev->match = d ? d->match : 0;
@@ -87,23 +106,50 @@ __inline_fn void emit_event(struct __sk_buff *skb, __u32 level, __u8 type, __u8 
 	bpf_ringbuf_submit(ev, 0);
 }
 
+/* The conntrack state of a packet (debug level). */
+__inline_fn void event_debug(struct __sk_buff *skb, const struct flow *f, const struct peers *p,
+			     const struct decision *d, __u8 dir)
+{
+	if (event_wanted(d->level, CILIA_EVENT_DEBUG))
+		event_emit(skb, CILIA_EVENT_DEBUG, d->ct_state, dir, f, p, d);
+}
+
+/* Policy was consulted for a flow and let it through (or audited it). */
+__inline_fn void event_verdict(struct __sk_buff *skb, const struct flow *f, const struct peers *p,
+			       const struct decision *d)
+{
+	if (d->checked && event_wanted(d->level, CILIA_EVENT_POLICY_VERDICT))
+		event_emit(skb, CILIA_EVENT_POLICY_VERDICT, 0, d->dir, f, p, d);
+}
+
+/* A forwarded packet (trace level); `reason` is a CILIA_FWD_*. */
+__inline_fn void event_trace(struct __sk_buff *skb, const struct flow *f, const struct peers *p,
+			     __u32 level, __u8 reason, __u8 dir)
+{
+	if (event_wanted(level, CILIA_EVENT_TRACE))
+		event_emit(skb, CILIA_EVENT_TRACE, reason, dir, f, p, 0);
+}
+
 /* Count a drop, report it, and return the tc verdict that drops. */
 __inline_fn int drop(struct __sk_buff *skb, __u8 reason, __u8 dir)
 {
 	metrics_count(CILIA_METRIC_DROP, reason, dir, skb->len);
-	if (CILIA_CONFIG.monitor)
-		emit_event(skb, monitor_level(), CILIA_EVENT_DROP, reason, dir, 0,
-			   CILIA_CONFIG.identity, 0, 0, 0);
+	if (CILIA_CONFIG.monitor && event_wanted(monitor_level(), CILIA_EVENT_DROP))
+		event_emit(skb, CILIA_EVENT_DROP, reason, dir, 0, 0, 0);
 	return TC_ACT_SHOT;
 }
 
-/* A policy drop, with the flow and the decision that denied it. */
-__inline_fn int drop_policy(struct __sk_buff *skb, const struct flow *f, __u32 src_id, __u32 dst_id,
-			    __u16 peer, const struct decision *d)
+/* A drop after the flow was decided: the event names the flow, the peers and,
+ * for a policy drop, the decision that denied it. */
+__inline_fn int drop_decided(struct __sk_buff *skb, const struct flow *f, const struct peers *p,
+			     const struct decision *d, __u8 reason, __u8 dir)
 {
-	metrics_count(CILIA_METRIC_DROP, CILIA_DROP_POLICY, d->dir, skb->len);
-	emit_event(skb, d->level, CILIA_EVENT_DROP, CILIA_DROP_POLICY, d->dir, f, src_id, dst_id,
-		   peer, d);
+	int policy = reason == CILIA_DROP_POLICY;
+	__u8 at = policy ? d->dir : dir;
+
+	metrics_count(CILIA_METRIC_DROP, reason, at, skb->len);
+	if (event_wanted(d->level, CILIA_EVENT_DROP))
+		event_emit(skb, CILIA_EVENT_DROP, reason, at, f, p, policy ? d : 0);
 	return TC_ACT_SHOT;
 }
 

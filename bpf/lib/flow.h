@@ -13,6 +13,7 @@
 #define CILIA_FLOW_H
 
 #include "common.h"
+#include "config.h"
 
 #define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
@@ -302,6 +303,47 @@ __inline_fn int flow_parse_ipv4(struct __sk_buff *skb, struct flow *f)
 	if (frag_off & IPV4_MF)
 		f->frag = FLOW_FRAG_FIRST;
 	return flow_parse_l4(skb, f, ETH_HLEN + ip->ihl * 4) < 0 ? CILIA_DROP_INVALID : 0;
+}
+
+/* The Ethernet type of the frame; 0 when it is too short to have one. */
+__inline_fn __be16 eth_proto(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return 0;
+	return eth->h_proto;
+}
+
+/*
+ * Parses an IP packet of either family (IPv4 only where the endpoint has
+ * it). Returns 0 or a drop reason.
+ */
+__inline_fn int flow_parse(struct __sk_buff *skb, __be16 proto, struct flow *f)
+{
+	if (proto == bpf_htons(ETH_P_IPV6))
+		return flow_parse_ipv6(skb, f);
+	if (proto == bpf_htons(ETH_P_IP) && cfg_ipv4_enabled())
+		return flow_parse_ipv4(skb, f);
+	return CILIA_DROP_UNSUPPORTED_L3;
+}
+
+/* Neighbour discovery: ICMPv6 types 133 to 137. */
+__inline_fn int flow_is_nd(const struct flow *f)
+{
+	return f->proto == IPPROTO_ICMPV6 && f->l4_off &&
+	       f->icmp_type >= NDISC_ROUTER_SOLICITATION && f->icmp_type <= NDISC_REDIRECT;
+}
+
+/* Multicast, or IPv4 limited broadcast. */
+__inline_fn int flow_is_multicast(const struct flow *f)
+{
+	if (f->family == CILIA_FAMILY_IPV6)
+		return f->daddr[0] == 0xff;
+	return (f->daddr[0] & 0xf0) == 0xe0 || (f->daddr[0] == 0xff && f->daddr[1] == 0xff &&
+						f->daddr[2] == 0xff && f->daddr[3] == 0xff);
 }
 
 #endif

@@ -115,7 +115,7 @@ __inline_fn int nd_to_container(struct __sk_buff *skb, const struct flow *f, __u
 	return TC_ACT_OK;
 }
 
-__inline_fn int handle_nd(struct __sk_buff *skb, const struct flow *f, __u8 dir)
+__inline_fn int nd_from_container(struct __sk_buff *skb, const struct flow *f, __u8 dir)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;

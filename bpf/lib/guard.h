@@ -1,0 +1,52 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Who may send what, before any policy: an endpoint sends with its own
+ * address only, and a packet from the node's stack never carries a local
+ * endpoint's address (local endpoints reach each other by redirect; on the
+ * node any local user can bind any address). Multicast is link business:
+ * not routed from endpoints, and toward them only the node's link-local
+ * MLD and IGMP.
+ */
+#ifndef CILIA_GUARD_H
+#define CILIA_GUARD_H
+
+#include "common.h"
+#include "config.h"
+#include "flow.h"
+#include "forward.h"
+
+/* A packet from the endpoint. Returns 0 or the drop reason. */
+__inline_fn int from_container_guard(const struct flow *f)
+{
+	if (f->family == CILIA_FAMILY_IPV6) {
+		if (!cfg_is_own_ipv6((const __u32 *)f->saddr))
+			return CILIA_DROP_SPOOFED_SOURCE;
+	} else {
+		__be32 saddr;
+
+		__builtin_memcpy(&saddr, f->saddr, 4);
+		if (saddr != cfg_ipv4())
+			return CILIA_DROP_SPOOFED_SOURCE;
+	}
+	return flow_is_multicast(f) ? CILIA_DROP_MULTICAST : 0;
+}
+
+/* A unicast packet from the node's stack. Returns 0 or the drop reason. */
+__inline_fn int to_container_guard(const struct flow *f)
+{
+	return endpoint_lookup(f->saddr, f->family) ? CILIA_DROP_SPOOFED_SOURCE : 0;
+}
+
+/* Multicast from the node's stack: link-local MLD (ICMPv6, hop limit 1)
+ * and IGMP (TTL 1) pass, the rest is not routed. */
+__inline_fn int to_container_multicast(struct __sk_buff *skb, const struct flow *f, __u8 dir)
+{
+	if (f->family == CILIA_FAMILY_IPV6 && f->proto == IPPROTO_ICMPV6 && f->hop_limit == 1 &&
+	    f->daddr[1] == 0x02)
+		return TC_ACT_OK;
+	if (f->family == CILIA_FAMILY_IPV4 && f->proto == IPPROTO_IGMP && f->hop_limit == 1)
+		return TC_ACT_OK;
+	return drop(skb, CILIA_DROP_MULTICAST, dir);
+}
+
+#endif
