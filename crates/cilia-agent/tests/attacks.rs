@@ -269,3 +269,168 @@ fn a_flow_churning_endpoint_exhausts_only_its_own_conntrack_budget() {
         "the refused flows are observed by name"
     );
 }
+
+/// A raw ICMPv6 socket in `ns` (the kernel fills in the checksum and the
+/// source address), with the given hop limit for what it sends.
+fn icmp6_socket(ns: &Netns, hop_limit: i32) -> std::net::UdpSocket {
+    ns.run(|| {
+        // SAFETY: plain socket calls; the fd is owned by the returned socket.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_ICMPV6);
+            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            for opt in [libc::IPV6_UNICAST_HOPS, libc::IPV6_MULTICAST_HOPS] {
+                let rc = libc::setsockopt(
+                    fd,
+                    libc::IPPROTO_IPV6,
+                    opt,
+                    (&hop_limit as *const i32).cast(),
+                    std::mem::size_of::<i32>() as libc::socklen_t,
+                );
+                assert_eq!(rc, 0);
+            }
+            <std::net::UdpSocket as std::os::fd::FromRawFd>::from_raw_fd(fd)
+        }
+    })
+}
+
+/// Whether an ICMPv6 message of `icmp_type` arrives on `sock` within a second.
+fn icmp6_arrives(sock: &std::net::UdpSocket, icmp_type: u8) -> bool {
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    let mut buf = [0u8; 2048];
+    while std::time::Instant::now() < deadline {
+        if let Ok(n) = sock.recv(&mut buf) {
+            if n > 0 && buf[0] == icmp_type {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// The IPv6 + UDP headers of a datagram from `src` to `dst` (what an ICMPv6
+/// error quotes).
+fn quoted_udp6(src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
+    let (IpAddr::V6(src), IpAddr::V6(dst)) = (src, dst) else {
+        panic!("IPv6 expected")
+    };
+    let mut p = vec![0x60, 0, 0, 0, 0, 8, 17, 64];
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&[0, 8, 0, 0]);
+    p
+}
+
+const B_ONLY_FROM_C: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: b-only-from-c
+spec:
+  endpointSelector:
+    matchLabels:
+      app: b
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        app: c
+"#;
+
+#[test]
+fn an_icmp_error_quoting_the_senders_own_flow_does_not_reach_a_peer_that_denies_it() {
+    privileged!("icmp_error_real_traffic");
+    let agent = TestAgent::start(AgentOptions::default());
+    let (a_ns, b_ns, c_ns) = (
+        Netns::new("cep").unwrap(),
+        Netns::new("cep").unwrap(),
+        Netns::new("cep").unwrap(),
+    );
+    let a = agent.create_endpoint(&a_ns, "app=a");
+    let b = agent.create_endpoint(&b_ns, "app=b");
+    let c = agent.create_endpoint(&c_ns, "app=c");
+    import(&agent, B_ONLY_FROM_C);
+    let (a6, b6, c6) = (ip_of(&a, "ipv6"), ip_of(&b, "ipv6"), ip_of(&c, "ipv6"));
+
+    // a has a live flow of its own, to c.
+    let c_sink = udp_listener(&c_ns, c6, 7100);
+    let from_a = a_ns.run(|| UdpSocket::bind(SocketAddr::new(a6, 7200)).unwrap());
+    from_a.send_to(b"hi", SocketAddr::new(c6, 7100)).unwrap();
+    let mut buf = [0u8; 8];
+    c_sink.recv_from(&mut buf).unwrap();
+
+    // The attack: a "port unreachable" to b quoting that flow.
+    let b_raw = icmp6_socket(&b_ns, 64);
+    let a_raw = icmp6_socket(&a_ns, 64);
+    let mut error = vec![1, 4, 0, 0, 0, 0, 0, 0];
+    error.extend_from_slice(&quoted_udp6(a6, c6, 7200, 7100));
+    a_raw.send_to(&error, SocketAddr::new(b6, 0)).unwrap();
+    assert!(
+        !icmp6_arrives(&b_raw, 1),
+        "an error quoting a's own flow must not reach b, whose policy denies a"
+    );
+
+    // The legitimate case: c's datagram to a closed port of b comes back to
+    // c as b's kernel's port unreachable, related to c's flow.
+    let c_raw = icmp6_socket(&c_ns, 64);
+    let from_c = c_ns.run(|| UdpSocket::bind(SocketAddr::new(c6, 0)).unwrap());
+    from_c.send_to(b"x", SocketAddr::new(b6, 7999)).unwrap();
+    assert!(
+        icmp6_arrives(&c_raw, 1),
+        "b's port unreachable about c's datagram reaches c"
+    );
+}
+
+#[test]
+fn a_neighbour_advertisement_for_another_endpoints_address_is_dropped() {
+    privileged!("nd_spoof_real_traffic");
+    let agent = TestAgent::start(AgentOptions::default());
+    let (a_ns, b_ns) = (Netns::new("cep").unwrap(), Netns::new("cep").unwrap());
+    let a = agent.create_endpoint(&a_ns, "app=a");
+    let b = agent.create_endpoint(&b_ns, "app=b");
+    let (a6, b6) = (ip_of(&a, "ipv6"), ip_of(&b, "ipv6"));
+    let IpAddr::V6(b6_addr) = b6 else { panic!() };
+    let lxc_a = a["host_ifname"].as_str().unwrap().to_string();
+    let before = agent.cli_json(&["bpf", "metrics", "list"]).to_string();
+
+    // a claims b's address to the node, unsolicited (override flag), at
+    // hop limit 255 so only the datapath stands in the way.
+    let raw = icmp6_socket(&a_ns, 255);
+    let mut na = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
+    na.extend_from_slice(&b6_addr.octets());
+    na.extend_from_slice(&[2, 1, 0x0a, 0xbb, 0xbb, 0xbb, 0xbb, 0xbb]);
+    let all_nodes: IpAddr = "ff02::1".parse().unwrap();
+    let ifindex = a_ns.run(|| nix::net::if_::if_nametoindex("eth0").unwrap());
+    let to = std::net::SocketAddrV6::new(
+        match all_nodes {
+            IpAddr::V6(v) => v,
+            _ => unreachable!(),
+        },
+        0,
+        0,
+        ifindex,
+    );
+    for _ in 0..3 {
+        raw.send_to(&na, to).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let neigh = agent
+        .node
+        .ip(&["-6", "neigh", "show", "dev", &lxc_a])
+        .unwrap_or_default();
+    assert!(
+        !neigh.contains(&b6.to_string()),
+        "the node learned b's address on a's link: {neigh}"
+    );
+    let after = agent.cli_json(&["bpf", "metrics", "list"]).to_string();
+    assert_ne!(before, after, "the drops are counted");
+    // a still reaches b: its own neighbour discovery works.
+    let sink = udp_listener(&b_ns, b6, 7300);
+    assert_eq!(
+        send_and_receive(&a_ns, SocketAddr::new(b6, 7300), b"ok", &sink, false),
+        Some(2)
+    );
+    let _ = a6;
+}
