@@ -16,6 +16,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/procs.sh
+if [ "$(id -u)" -ne 0 ]; then
+  echo "demo.sh: run as root (it creates network namespaces and loads BPF programs): in a root shell scripts/demo.sh, from another account sudo scripts/demo.sh" >&2
+  exit 1
+fi
 if [ -z "${CILIA_DEMO_BIN:-}" ]; then scripts/setup.sh; fi
 
 BIN=${CILIA_DEMO_BIN:-target/release}

@@ -393,7 +393,7 @@ fn api_serves_an_openapi_document() {
                 .enable_all()
                 .build()
                 .unwrap();
-            rt.block_on(cilia_api::Client::new(&agent.socket).get("/openapi.json"))
+            rt.block_on(cilia_api::ApiClient::new(&agent.socket).openapi())
                 .unwrap()
         }
     };

@@ -89,16 +89,19 @@ fn assert_kernel_matches_records(agent: &TestAgent, point: &str) {
     assert_eq!(addresses, want, "{point}: endpoint map entries");
 }
 
-/// PUT /v1/endpoints/{id}/labels; whether the agent answered with success.
+/// Sets the endpoint's labels to `app=<app>` over the API; whether the
+/// agent answered with success.
 fn put_labels(agent: &TestAgent, id: &str, app: &str) -> bool {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let body = serde_json::json!({ "labels": { "app": app } });
+    let req = cilia_api::EndpointLabels {
+        labels: [("app".to_string(), app.to_string())].into(),
+    };
     rt.block_on(
-        cilia_api::Client::new(&agent.socket)
-            .put::<_, serde_json::Value>(&format!("/v1/endpoints/{id}/labels"), &body),
+        cilia_api::ApiClient::new(&agent.socket)
+            .set_endpoint_labels(id.parse().expect("endpoint id"), &req),
     )
     .is_ok()
 }

@@ -1,15 +1,17 @@
-//! The agent's REST API as plain types, plus a client for its unix socket.
-//! Shared by the agent (server side), the `cilia` CLI and the CNI plugin,
-//! so the three can never disagree on a field name.
+//! The agent's REST API as plain types, plus a typed client for its unix
+//! socket. Shared by the agent (server side), the `cilia` CLI and the CNI
+//! plugin, so the three can never disagree on a field name or a route.
 
 pub mod client;
 pub mod flows;
 pub mod labels;
 pub mod limits;
 pub mod model;
+pub mod query;
 
-pub use client::{Client, ClientError};
+pub use client::{ApiClient, ClientError, StreamLine};
 pub use model::*;
+pub use query::{EndpointQuery, FlowsQuery, PolicyDelete};
 
 /// Default path of the agent's API socket.
 pub const DEFAULT_SOCKET: &str = "/var/run/cilia/cilia.sock";

@@ -11,9 +11,13 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cilia_api::{Client, ClientError, Endpoint, EndpointCreate, EndpointState, Status};
+use cilia_api::{ApiClient, ClientError, Endpoint, EndpointCreate, EndpointState, Status};
 use serde::Deserialize;
 use serde_json::{json, Value};
+
+/// Which endpoints an agent call is about: (container id, interface,
+/// network), as the CNI spec keys an attachment.
+pub use cilia_api::EndpointQuery;
 
 /// The spec version this plugin implements (VERSION's `cniVersion`).
 pub const SPEC_VERSION: &str = "1.1.0";
@@ -113,7 +117,9 @@ impl From<ClientError> for AgentError {
             ClientError::Connect { .. } | ClientError::Http(_) => {
                 AgentError::Unreachable(e.to_string())
             }
-            ClientError::Decode { .. } => AgentError::Protocol(e.to_string()),
+            ClientError::Decode { .. } | ClientError::Request { .. } => {
+                AgentError::Protocol(e.to_string())
+            }
         }
     }
 }
@@ -162,61 +168,9 @@ pub trait Agent {
     fn delete_endpoints(&self, filter: &EndpointQuery<'_>) -> Result<usize, AgentError>;
 }
 
-/// Which endpoints an agent call is about: a container's attachment is
-/// (container id, interface, network), as the CNI spec keys it. Endpoints
-/// the agent recorded without a network match every network (see the
-/// agent's `EndpointRecord::attached_to`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct EndpointQuery<'a> {
-    pub container_id: Option<&'a str>,
-    pub ifname: Option<&'a str>,
-    pub network: Option<&'a str>,
-}
-
-impl<'a> EndpointQuery<'a> {
-    /// The attachment (container id, interface) of network `network`.
-    pub fn attachment(container_id: &'a str, ifname: &'a str, network: &'a str) -> Self {
-        Self {
-            container_id: Some(container_id),
-            ifname: Some(ifname),
-            network: Some(network),
-        }
-    }
-
-    /// The query string of the agent's `/v1/endpoints`.
-    pub fn query(&self) -> String {
-        let q: Vec<String> = [
-            ("container_id", self.container_id),
-            ("ifname", self.ifname),
-            ("network", self.network),
-        ]
-        .into_iter()
-        .filter_map(|(k, v)| v.map(|v| format!("{k}={}", encode_query(v))))
-        .collect();
-        if q.is_empty() {
-            String::new()
-        } else {
-            format!("?{}", q.join("&"))
-        }
-    }
-}
-
-/// Percent-encodes a query value (RFC 3986 unreserved characters kept).
-pub fn encode_query(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// The real agent, over its unix socket.
 pub struct SocketAgent {
-    client: Client,
+    client: ApiClient,
     rt: tokio::runtime::Runtime,
     timeout: Duration,
     retry_for: Duration,
@@ -232,7 +186,7 @@ impl SocketAgent {
             .build()
             .map_err(|e| AgentError::Unreachable(format!("starting the I/O runtime: {e}")))?;
         Ok(Self {
-            client: Client::new(socket),
+            client: ApiClient::new(socket),
             rt,
             timeout: Self::TIMEOUT,
             retry_for: Duration::ZERO,
@@ -276,16 +230,15 @@ impl SocketAgent {
 
 impl Agent for SocketAgent {
     fn status(&self) -> Result<Status, AgentError> {
-        self.call(|| self.client.get("/v1/status"))
+        self.call(|| self.client.status())
     }
 
     fn create_endpoint(&self, req: &EndpointCreate) -> Result<Endpoint, AgentError> {
-        self.call(|| self.client.post("/v1/endpoints", req))
+        self.call(|| self.client.create_endpoint(req))
     }
 
     fn list_endpoints(&self, filter: &EndpointQuery<'_>) -> Result<Vec<Endpoint>, AgentError> {
-        let path = format!("/v1/endpoints{}", filter.query());
-        self.call(|| self.client.get(&path))
+        self.call(|| self.client.endpoints(filter))
     }
 
     fn delete_endpoints(&self, filter: &EndpointQuery<'_>) -> Result<usize, AgentError> {
@@ -294,8 +247,7 @@ impl Agent for SocketAgent {
                 "deleting endpoints needs a container id".into(),
             ));
         }
-        let path = format!("/v1/endpoints{}", filter.query());
-        self.call(|| self.client.delete_json(&path))
+        self.call(|| self.client.delete_endpoints(filter))
     }
 }
 
@@ -1542,14 +1494,5 @@ mod tests {
             run(&fake, &env("STATUS", "x"), &conf("1.1.0")),
             (Value::Null, true)
         );
-    }
-
-    #[test]
-    fn queries_are_encoded() {
-        assert_eq!(
-            EndpointQuery::attachment("a b", "eth0", "net/1").query(),
-            "?container_id=a%20b&ifname=eth0&network=net%2F1"
-        );
-        assert_eq!(EndpointQuery::default().query(), "");
     }
 }

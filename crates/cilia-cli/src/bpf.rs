@@ -1,0 +1,164 @@
+//! `cilia bpf`: the datapath's maps, read back from the kernel by the agent.
+
+use cilia_api::{ApiClient, BpfPolicy};
+use clap::Subcommand;
+
+use crate::output::{cells, print_one, print_rows, print_table, Output};
+
+#[derive(Debug, Subcommand)]
+pub enum BpfCmd {
+    /// Datapath endpoint map: endpoints
+    #[command(subcommand)]
+    Endpoint(BpfEndpointCmd),
+    /// Datapath packet counters.
+    #[command(subcommand)]
+    Metrics(BpfMetricsCmd),
+    /// The ipcache: prefix -> identity.
+    #[command(subcommand)]
+    Ipcache(BpfListCmd),
+    /// Connection tracking entries.
+    #[command(subcommand)]
+    Ct(BpfListCmd),
+    /// An endpoint's policy map.
+    #[command(subcommand)]
+    Policy(BpfPolicyCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BpfListCmd {
+    /// Read the map back from the kernel.
+    ///
+    /// Example: cilia bpf ct list
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BpfPolicyCmd {
+    /// Read an endpoint's policy map back from the kernel.
+    ///
+    /// Example: cilia bpf policy get 1
+    Get { endpoint: u16 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BpfEndpointCmd {
+    /// The kernel's endpoints map, read back.
+    ///
+    /// Example: cilia bpf endpoint list
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BpfMetricsCmd {
+    /// Forwarded and dropped packets by reason, summed over CPUs.
+    ///
+    /// Example: cilia bpf metrics list
+    List,
+}
+
+pub async fn run(cmd: BpfCmd, client: &ApiClient, output: Output) -> anyhow::Result<()> {
+    match cmd {
+        BpfCmd::Endpoint(BpfEndpointCmd::List) => print_rows(
+            output,
+            &client.bpf_endpoints().await?,
+            &[
+                "ADDRESS", "ENDPOINT", "IFINDEX", "IDENTITY", "MAC", "NODE MAC",
+            ],
+            |e| {
+                cells(&[
+                    &e.address,
+                    &e.endpoint_id,
+                    &e.ifindex,
+                    &e.identity,
+                    &e.mac,
+                    &e.node_mac,
+                ])
+            },
+        ),
+        BpfCmd::Metrics(BpfMetricsCmd::List) => print_rows(
+            output,
+            &client.bpf_metrics().await?,
+            &["KIND", "REASON", "DIRECTION", "PACKETS", "BYTES"],
+            |m| cells(&[&m.kind, &m.reason, &m.direction, &m.packets, &m.bytes]),
+        ),
+        BpfCmd::Ipcache(BpfListCmd::List) => print_rows(
+            output,
+            &client.bpf_ipcache().await?,
+            &["PREFIX", "IDENTITY"],
+            |e| cells(&[&e.prefix, &e.identity]),
+        ),
+        BpfCmd::Ct(BpfListCmd::List) => print_rows(
+            output,
+            &client.bpf_ct().await?,
+            &[
+                "PROTO",
+                "SOURCE",
+                "DESTINATION",
+                "IDENTITIES",
+                "PACKETS",
+                "BYTES",
+                "EXPIRES",
+                "REPLY",
+                "REV",
+            ],
+            |e| {
+                let reply = if e.denied {
+                    "REVOKED"
+                } else if e.seen_reply {
+                    "yes"
+                } else {
+                    "no"
+                };
+                cells(&[
+                    &e.proto,
+                    &e.source,
+                    &e.destination,
+                    &format!("{} -> {}", e.src_identity, e.dst_identity),
+                    &e.packets,
+                    &e.bytes,
+                    &format!("{}s", e.expires_in),
+                    &reply,
+                    &e.policy_revision,
+                ])
+            },
+        ),
+        BpfCmd::Policy(BpfPolicyCmd::Get { endpoint }) => {
+            print_one(output, &client.bpf_policy(endpoint).await?, print_policy)
+        }
+    }
+}
+
+fn enforcement(enforced: bool) -> &'static str {
+    if enforced {
+        "enforced (default deny)"
+    } else {
+        "not enforced (default allow)"
+    }
+}
+
+fn print_policy(p: &BpfPolicy) {
+    outln!(
+        "Endpoint {}: ingress {}, egress {}",
+        p.endpoint,
+        enforcement(p.ingress_enforced),
+        enforcement(p.egress_enforced)
+    );
+    print_table(
+        &["DIRECTION", "IDENTITY", "PROTO", "PORT", "VERDICT", "RULE"],
+        p.entries
+            .iter()
+            .map(|e| {
+                let identity: &dyn std::fmt::Display =
+                    if e.identity == 0 { &"any" } else { &e.identity };
+                cells(&[
+                    &e.direction,
+                    identity,
+                    &e.protocol,
+                    &e.port,
+                    &e.verdict,
+                    &e.rule,
+                ])
+            })
+            .collect(),
+    )
+}
