@@ -60,6 +60,9 @@ enum Command {
     /// Namespaces and their labels (selected by namespaceSelector).
     #[command(subcommand)]
     Namespace(NamespaceCmd),
+    /// The agent's BPF programs: hotfix them in place.
+    #[command(subcommand)]
+    Datapath(DatapathCmd),
     /// Stream datapath events live: drops, traces, policy verdicts.
     ///
     /// Example: cilia monitor --type drop --related-to 1
@@ -162,6 +165,22 @@ enum PolicyCmd {
         /// Also run the source endpoint's loaded program on a synthesized packet.
         #[arg(long)]
         datapath: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DatapathCmd {
+    /// Re-specialize every endpoint's programs from the agent's build and
+    /// swap them in through their pinned links, keeping maps and
+    /// connections. An endpoint whose new program fails (the verifier's
+    /// reason is shown) keeps its old one; exits 1 if any failed.
+    ///
+    /// Example: cilia datapath reload --force -o json
+    Reload {
+        /// Also swap programs that already are this build's with the
+        /// endpoint's configuration (otherwise reported unchanged).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -1083,6 +1102,52 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         })
                         .collect(),
                 )
+            }
+        }
+        Command::Datapath(DatapathCmd::Reload { force }) => {
+            let r: cilia_api::DatapathReloadResult = client
+                .post("/v1/datapath/reload", &cilia_api::DatapathReload { force })
+                .await?;
+            if json {
+                print_json(&r)?
+            } else {
+                print_table(
+                    &[
+                        "ENDPOINT",
+                        "RESULT",
+                        "LINK",
+                        "PROGRAM (OLD -> NEW)",
+                        "REASON",
+                    ],
+                    r.endpoints
+                        .iter()
+                        .map(|e| {
+                            let ids = |f: fn(&cilia_api::LinkReload) -> String| {
+                                e.links.iter().map(f).collect::<Vec<_>>().join(",")
+                            };
+                            vec![
+                                e.endpoint_id.to_string(),
+                                serde_json::to_value(e.outcome)
+                                    .ok()
+                                    .and_then(|v| v.as_str().map(String::from))
+                                    .unwrap_or_default(),
+                                ids(|l| l.link_id.to_string()),
+                                ids(|l| format!("{} -> {}", l.old_program_id, l.new_program_id)),
+                                e.reason.clone().unwrap_or_default(),
+                            ]
+                        })
+                        .collect(),
+                );
+                println!(
+                    "{} reloaded, {} unchanged, {} failed, {} skipped",
+                    r.reloaded, r.unchanged, r.failed, r.skipped
+                );
+            }
+            if r.failed > 0 {
+                anyhow::bail!(
+                    "{} endpoint(s) failed to reload and keep their old programs",
+                    r.failed
+                );
             }
         }
         Command::Bpf(BpfCmd::Metrics(BpfMetricsCmd::List)) => {
