@@ -1,6 +1,7 @@
 //! Hotfix: `cilia datapath reload` swaps every endpoint's programs inside
 //! their pinned links while traffic flows: no ping is lost and no TCP
 //! connection is reset, and each link keeps its id while its program is new.
+//! An agent that starts and finds another build's program swaps its own in.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use cilia_datapath::inspect::link_target;
+use cilia_datapath::inspect::{link_target, program_tag};
 use cilia_testnet::{require_privileges, AgentOptions, Netns, TestAgent};
 
 macro_rules! privileged {
@@ -247,4 +248,73 @@ fn a_reload_swaps_each_program_inside_its_pinned_link() {
         table.contains("0 reloaded, 1 unchanged, 0 failed"),
         "{table}"
     );
+}
+
+/// Puts a program of other code (the probe object's empty classifier) into
+/// the link pinned at `pin`, as an older cilia build would have left it.
+fn swap_in_another_builds_program(pin: &std::path::Path) {
+    use aya::programs::links::{FdLink, PinnedLink};
+    let mut probe = aya::Ebpf::load(cilia_datapath::object::PROBE_OBJECT).unwrap();
+    let prog: &mut aya::programs::SchedClassifier = probe
+        .program_mut(cilia_datapath::object::PROG_EMPTY)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    prog.load().unwrap();
+    let link = FdLink::from(PinnedLink::from_pin(pin).unwrap());
+    let id = prog.attach_to_link(link.try_into().unwrap()).unwrap();
+    drop(prog.take_link(id).unwrap());
+}
+
+#[test]
+fn an_agent_that_finds_another_builds_program_at_start_swaps_in_its_own() {
+    privileged!("reload_at_start");
+    let mut agent = TestAgent::start(AgentOptions::default());
+    let (c1, c2) = (Netns::new("crl").unwrap(), Netns::new("crl").unwrap());
+    agent.create_endpoint(&c1, "app=a");
+    let b = agent.create_endpoint(&c2, "app=b");
+    let id = b["id"].as_u64().unwrap();
+    // The to-container program: endpoint-to-endpoint traffic is redirected
+    // peer to peer and never meets it, so pings flow with the empty one.
+    let pin = agent
+        .bpf_root
+        .path()
+        .join("links")
+        .join(format!("ep{id}_to"));
+    let ours = link_target(&pin).unwrap();
+    let our_tag = program_tag(ours.program_id).unwrap();
+    agent.kill9();
+    swap_in_another_builds_program(&pin);
+    assert_ne!(
+        program_tag(link_target(&pin).unwrap().program_id).unwrap(),
+        our_tag
+    );
+
+    let mut pinger = c1
+        .command("ping")
+        .args(["-q", "-c", "3000", "-i", "0.002", "-W", "2", "-w", "60"])
+        .arg(ip_of(&b, "ipv6").to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    agent.spawn().unwrap();
+    assert!(
+        pinger.try_wait().unwrap().is_none(),
+        "the agent started while the pings were flowing"
+    );
+    let log = agent.log_text();
+    assert!(log.contains("built by another cilia build"), "{log}");
+    let now = link_target(&pin).unwrap();
+    assert_eq!(now.link_id, ours.link_id, "the same link");
+    assert_eq!(
+        program_tag(now.program_id).unwrap(),
+        our_tag,
+        "this build's code"
+    );
+    let out = pinger.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (sent, received) = ping_counts(&text);
+    println!("ping ipv6 across the agent's start: {sent} sent, {received} received");
+    assert_eq!(sent, received, "{text}");
 }
