@@ -13,9 +13,9 @@ use axum::{Json, Router};
 use cilia_abi::{reason_name, CILIA_DIR_EGRESS, CILIA_METRIC_DROP};
 use cilia_api::{
     ApiError, BpfCtEntry, BpfEndpoint, BpfIpcacheEntry, BpfMetric, BpfPolicy, BpfPolicyEntry,
-    Endpoint, EndpointCreate, EndpointLabels, EndpointState, Identity, IpamStatus, KernelFeature,
-    Namespace, PolicyChange, PolicyDocument, PolicyImport, PolicyList, PoolStatus, Status,
-    TraceRequest, TraceResponse, TraceStep,
+    DatapathReload, DatapathReloadResult, Endpoint, EndpointCreate, EndpointLabels, EndpointState,
+    Identity, IpamStatus, KernelFeature, Namespace, PolicyChange, PolicyDocument, PolicyImport,
+    PolicyList, PoolStatus, Status, TraceRequest, TraceResponse, TraceStep,
 };
 use cilia_datapath::FeatureReport;
 use serde::Deserialize;
@@ -83,6 +83,9 @@ impl From<EndpointError> for AppError {
                 (StatusCode::SERVICE_UNAVAILABLE, "ids-exhausted")
             }
             EndpointError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
+            EndpointError::Datapath(cilia_datapath::DatapathError::IncompatiblePin { .. }) => {
+                (StatusCode::CONFLICT, "map-layout-changed")
+            }
             EndpointError::Datapath(_) => (StatusCode::INTERNAL_SERVER_ERROR, "datapath"),
             EndpointError::Namespace(..) => (StatusCode::BAD_REQUEST, "invalid-namespace"),
             EndpointError::Policy(_) => (StatusCode::BAD_REQUEST, "invalid-policy"),
@@ -523,6 +526,25 @@ async fn bpf_metrics(State(state): State<Shared>) -> Result<Json<Vec<BpfMetric>>
     })
     .await
     .map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/datapath/reload", request_body = DatapathReload,
+    responses(
+        (status = 200, body = DatapathReloadResult, description = "per endpoint: reloaded, unchanged, failed (with the reason; it keeps its old programs) or skipped"),
+        (status = 409, body = ApiError, description = "a pinned map no longer has this build's layout (code map-layout-changed): nothing was swapped; restart the agent to migrate it"),
+    ))]
+async fn reload_datapath(
+    State(state): State<Shared>,
+    body: Bytes,
+) -> Result<Json<DatapathReloadResult>, AppError> {
+    let req: DatapathReload = if body.is_empty() {
+        DatapathReload::default()
+    } else {
+        json_body(&body)?
+    };
+    with_manager(&state, move |mgr| mgr.reload_datapath(req.force))
+        .await
+        .map(Json)
 }
 
 fn bad_request(code: &str, message: impl Into<String>) -> AppError {
@@ -984,7 +1006,8 @@ async fn monitor_stream(
         get_endpoint,
         delete_endpoint,
         bpf_endpoints,
-        bpf_metrics
+        bpf_metrics,
+        reload_datapath
     ),
     components(schemas(
         ApiError,
@@ -998,7 +1021,12 @@ async fn monitor_stream(
         cilia_api::EndpointSettings,
         EndpointState,
         BpfEndpoint,
-        BpfMetric
+        BpfMetric,
+        DatapathReload,
+        DatapathReloadResult,
+        cilia_api::EndpointReload,
+        cilia_api::LinkReload,
+        cilia_api::ReloadOutcome
     ))
 )]
 pub struct ApiDoc;
@@ -1087,6 +1115,7 @@ pub fn router(state: Shared, metrics: crate::metrics::AgentMetrics) -> Router {
         .route("/v1/bpf/ipcache", get(bpf_ipcache))
         .route("/v1/bpf/ct", get(bpf_ct))
         .route("/v1/bpf/policy/{id}", get(bpf_policy))
+        .route("/v1/datapath/reload", axum::routing::post(reload_datapath))
         .route(
             "/v1/policy",
             get(get_policy).post(import_policy).delete(delete_policy),
@@ -1125,6 +1154,7 @@ mod tests {
             "/v1/endpoints/{id}",
             "/v1/bpf/endpoints",
             "/v1/bpf/metrics",
+            "/v1/datapath/reload",
         ] {
             assert!(paths.contains_key(p), "{p} missing from OpenAPI");
         }

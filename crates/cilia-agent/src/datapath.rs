@@ -10,7 +10,7 @@ use cilia_abi::{
     CtKey, CtValue, EndpointConfig, EndpointInfo, EndpointKey, IpcacheKey, IpcacheValue,
     MetricsKey, MetricsValue, PolicyKey, PolicyValue,
 };
-use cilia_datapath::{BpfDatapath, DatapathError, LinkCheck};
+use cilia_datapath::{BpfDatapath, DatapathError, EndpointReload, LinkCheck};
 
 pub trait Datapath: Send {
     fn attach_endpoint(
@@ -27,6 +27,18 @@ pub trait Datapath: Send {
         &self,
         expected: &EndpointConfig,
     ) -> Result<Option<Vec<LinkCheck>>, DatapathError>;
+    /// Re-specializes an attached endpoint's programs from this build and
+    /// swaps them into its pinned links; a program the verifier rejects
+    /// leaves the old one attached. Without `force`, programs that already
+    /// are this build's with `config` are left alone.
+    fn reload_endpoint(
+        &mut self,
+        config: &EndpointConfig,
+        force: bool,
+    ) -> Result<EndpointReload, DatapathError>;
+    /// Refuses (naming map and difference) when a pinned shared map no
+    /// longer has this build's layout.
+    fn check_pins(&self) -> Result<(), DatapathError>;
     fn upsert_endpoint(&mut self, ip: IpAddr, info: EndpointInfo) -> Result<(), DatapathError>;
     fn remove_endpoint(&mut self, ip: IpAddr) -> Result<(), DatapathError>;
     fn list_endpoints(&self) -> Result<Vec<(EndpointKey, EndpointInfo)>, DatapathError>;
@@ -77,6 +89,16 @@ impl Datapath for BpfDatapath {
         expected: &EndpointConfig,
     ) -> Result<Option<Vec<LinkCheck>>, DatapathError> {
         BpfDatapath::check_links(self, expected)
+    }
+    fn reload_endpoint(
+        &mut self,
+        config: &EndpointConfig,
+        force: bool,
+    ) -> Result<EndpointReload, DatapathError> {
+        BpfDatapath::reload_endpoint(self, config, force)
+    }
+    fn check_pins(&self) -> Result<(), DatapathError> {
+        BpfDatapath::check_pins(self)
     }
     fn upsert_endpoint(&mut self, ip: IpAddr, info: EndpointInfo) -> Result<(), DatapathError> {
         BpfDatapath::upsert_endpoint(self, ip, info)

@@ -7,12 +7,17 @@
 //! * A failed create undoes everything it did and changes no state.
 //! * Delete removes the link pin, the devices, the map entries, and last
 //!   the record: a crash during delete leaves a record to finish on restart.
+//! * A program is replaced only by swapping it inside its pinned link after
+//!   its successor passed the verifier (restore, `datapath reload`): an
+//!   endpoint's traffic never meets a missing program.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use cilia_abi::{EndpointConfig, EndpointInfo, IpcacheKey, CILIA_ID_HOST};
-use cilia_api::{EndpointCreate, EndpointState};
+use cilia_api::{
+    DatapathReloadResult, EndpointCreate, EndpointReload, EndpointState, LinkReload, ReloadOutcome,
+};
 use cilia_datapath::DatapathError;
 use tracing::{info, warn};
 
@@ -412,9 +417,9 @@ impl EndpointManager {
         let wrong_device = links
             .as_ref()
             .is_some_and(|l| l.iter().any(|l| l.ifindex != ifindex));
-        let stale = links
-            .as_ref()
-            .is_none_or(|l| self.reattach_all || l.iter().any(|l| !l.config_matches));
+        let stale = links.as_ref().is_none_or(|l| {
+            self.reattach_all || l.iter().any(|l| !l.config_matches || !l.build_matches)
+        });
         if wrong_device {
             warn!(
                 id = rec.id,
@@ -423,6 +428,14 @@ impl EndpointManager {
             self.datapath.detach_endpoint(rec.id)?;
         } else if !stale {
             return Ok(());
+        } else if links
+            .as_ref()
+            .is_some_and(|l| l.iter().any(|l| !l.build_matches))
+        {
+            info!(
+                id = rec.id,
+                "program was built by another cilia build; re-specializing"
+            );
         } else if links.is_some() {
             info!(
                 id = rec.id,
@@ -432,6 +445,83 @@ impl EndpointManager {
         self.apply_policy(rec)?;
         self.datapath.attach_endpoint(&expected, &rec.host_ifname)?;
         Ok(())
+    }
+
+    /// `cilia datapath reload`: re-specializes every ready endpoint's
+    /// programs from this build and swaps them into its pinned links,
+    /// keeping links, maps and connections. Refused as a whole (nothing
+    /// touched) when a pinned shared map no longer has this build's layout.
+    /// One endpoint's failure (a verifier rejection, say) leaves it on its
+    /// old programs and is reported; the others go on.
+    pub fn reload_datapath(&mut self, force: bool) -> Result<DatapathReloadResult, EndpointError> {
+        self.datapath.check_pins()?;
+        let mut endpoints = Vec::new();
+        for rec in self.store.endpoints()? {
+            let mut result = EndpointReload {
+                endpoint_id: rec.id,
+                outcome: ReloadOutcome::Skipped,
+                reason: None,
+                links: Vec::new(),
+            };
+            if rec.state != EndpointState::Ready {
+                result.reason = Some(format!(
+                    "endpoint is {}",
+                    rec.reason.as_deref().unwrap_or("not ready")
+                ));
+                endpoints.push(result);
+                continue;
+            }
+            let Some(ifindex) = self.netdev.ifindex(&rec.host_ifname) else {
+                result.outcome = ReloadOutcome::Failed;
+                result.reason = Some(format!("interface {} no longer exists", rec.host_ifname));
+                endpoints.push(result);
+                continue;
+            };
+            match self
+                .datapath
+                .reload_endpoint(&config_of(&rec, ifindex), force)
+            {
+                Ok(done) => {
+                    result.outcome = if done.swapped {
+                        ReloadOutcome::Reloaded
+                    } else {
+                        ReloadOutcome::Unchanged
+                    };
+                    result.links = done
+                        .links
+                        .iter()
+                        .map(|l| LinkReload {
+                            program: l.program.to_string(),
+                            link_id: l.link_id,
+                            old_program_id: l.old_program_id,
+                            new_program_id: l.new_program_id,
+                        })
+                        .collect();
+                }
+                Err(e) => {
+                    warn!(id = rec.id, error = %e, "datapath reload failed; the endpoint keeps its old programs");
+                    result.outcome = ReloadOutcome::Failed;
+                    result.reason = Some(e.to_string());
+                }
+            }
+            endpoints.push(result);
+        }
+        let count = |o: ReloadOutcome| endpoints.iter().filter(|e| e.outcome == o).count();
+        let result = DatapathReloadResult {
+            reloaded: count(ReloadOutcome::Reloaded),
+            unchanged: count(ReloadOutcome::Unchanged),
+            failed: count(ReloadOutcome::Failed),
+            skipped: count(ReloadOutcome::Skipped),
+            endpoints,
+        };
+        info!(
+            reloaded = result.reloaded,
+            unchanged = result.unchanged,
+            failed = result.failed,
+            skipped = result.skipped,
+            "datapath reloaded"
+        );
+        Ok(result)
     }
 
     /// Reconciles recorded endpoints with the kernel after a (re)start:
@@ -514,6 +604,13 @@ mod tests {
         attached: HashMap<u16, EndpointConfig>,
         /// Device the links report instead of the attached one.
         link_ifindex: Option<u32>,
+        /// Endpoints whose attached programs an older build made.
+        other_build: BTreeSet<u16>,
+        /// Endpoint whose reloaded program the "verifier" rejects.
+        reject_reload: Option<u16>,
+        /// Pinned maps no longer of this build's layout.
+        pins_changed: bool,
+        reloads: usize,
         attaches: usize,
         detaches: usize,
         /// When set, conntrack walks announce themselves on the sender and
@@ -576,8 +673,55 @@ mod tests {
             let link = cilia_datapath::LinkCheck {
                 ifindex: k.link_ifindex.unwrap_or(cfg.ifindex),
                 config_matches: cfg == expected,
+                build_matches: !k.other_build.contains(&expected.endpoint_id),
             };
             Ok(Some(vec![link; 2]))
+        }
+        fn reload_endpoint(
+            &mut self,
+            config: &EndpointConfig,
+            force: bool,
+        ) -> Result<cilia_datapath::EndpointReload, DatapathError> {
+            let mut k = self.0.lock().unwrap();
+            let id = config.endpoint_id;
+            if k.reject_reload == Some(id) {
+                return Err(DatapathError::Verifier {
+                    name: "cil_from_container".into(),
+                    source: std::io::Error::from_raw_os_error(13),
+                    summary: "invalid bpf_context access off=32752 size=8".into(),
+                });
+            }
+            let Some(attached) = k.attached.get(&id).copied() else {
+                return Err(DatapathError::NotAttached {
+                    endpoint_id: id,
+                    pin: format!("ep{id}").into(),
+                });
+            };
+            let swapped = force || attached != *config || k.other_build.contains(&id);
+            if swapped {
+                k.attached.insert(id, *config);
+                k.other_build.remove(&id);
+                k.reloads += 1;
+            }
+            let link = cilia_datapath::LinkSwap {
+                program: "cil_from_container",
+                link_id: 1,
+                old_program_id: 10,
+                new_program_id: if swapped { 11 } else { 10 },
+            };
+            Ok(cilia_datapath::EndpointReload {
+                swapped,
+                links: vec![link],
+            })
+        }
+        fn check_pins(&self) -> Result<(), DatapathError> {
+            if self.0.lock().unwrap().pins_changed {
+                return Err(DatapathError::IncompatiblePin {
+                    path: "maps".into(),
+                    reason: "cilia_ct: type Array, expected Hash".into(),
+                });
+            }
+            Ok(())
         }
         fn endpoint_attached(&self, id: u16) -> bool {
             self.0.lock().unwrap().pins.contains(&id)
@@ -1159,6 +1303,97 @@ spec:
         let k = h.kernel.lock().unwrap();
         assert_eq!(k.attached[&ep.id].identity, ep.identity);
         assert_eq!(k.detaches, 0, "swapped through the pinned link");
+    }
+
+    #[test]
+    fn restore_respecializes_a_program_an_older_build_attached() {
+        let h = Harness::new();
+        let ep = h.manager().create(request()).unwrap();
+        h.kernel.lock().unwrap().other_build.insert(ep.id);
+        let before = h.kernel.lock().unwrap().attaches;
+        h.manager().restore().unwrap();
+        let k = h.kernel.lock().unwrap();
+        assert_eq!(k.attaches, before + 1, "swapped in this build's program");
+        assert_eq!(k.detaches, 0, "through the pinned link");
+    }
+
+    /// Two ready endpoints and the outcome of a reload.
+    fn reload(h: &Harness, force: bool) -> (u16, u16, DatapathReloadResult) {
+        let mut mgr = h.manager();
+        let a = mgr.create(request()).unwrap().id;
+        let b = mgr.create(request()).unwrap().id;
+        (a, b, mgr.reload_datapath(force).unwrap())
+    }
+
+    fn outcome(r: &DatapathReloadResult, id: u16) -> &EndpointReload {
+        r.endpoints.iter().find(|e| e.endpoint_id == id).unwrap()
+    }
+
+    #[test]
+    fn a_forced_reload_swaps_every_ready_endpoints_programs() {
+        let h = Harness::new();
+        let (a, b, r) = reload(&h, true);
+        assert_eq!((r.reloaded, r.unchanged, r.failed), (2, 0, 0));
+        for id in [a, b] {
+            let e = outcome(&r, id);
+            assert_eq!(e.outcome, ReloadOutcome::Reloaded);
+            assert_ne!(e.links[0].old_program_id, e.links[0].new_program_id);
+        }
+        assert_eq!(h.kernel.lock().unwrap().detaches, 0, "nothing detached");
+    }
+
+    #[test]
+    fn a_reload_leaves_programs_of_this_build_unchanged_and_swaps_an_older_builds() {
+        let h = Harness::new();
+        h.kernel.lock().unwrap().other_build.insert(2);
+        let (a, b, r) = reload(&h, false);
+        assert_eq!((a, b), (1, 2));
+        assert_eq!(outcome(&r, a).outcome, ReloadOutcome::Unchanged);
+        assert_eq!(outcome(&r, b).outcome, ReloadOutcome::Reloaded);
+        assert_eq!(h.kernel.lock().unwrap().reloads, 1);
+    }
+
+    #[test]
+    fn a_verifier_rejection_fails_one_endpoint_and_the_others_go_on() {
+        let h = Harness::new();
+        h.kernel.lock().unwrap().reject_reload = Some(1);
+        let (a, b, r) = reload(&h, true);
+        let failed = outcome(&r, a);
+        assert_eq!(failed.outcome, ReloadOutcome::Failed);
+        let reason = failed.reason.as_deref().unwrap();
+        assert!(reason.contains("verifier rejected"), "{reason}");
+        assert!(reason.contains("invalid bpf_context access"), "{reason}");
+        assert_eq!(outcome(&r, b).outcome, ReloadOutcome::Reloaded);
+        let k = h.kernel.lock().unwrap();
+        assert!(k.pins.contains(&a), "still attached");
+        assert_eq!(k.detaches, 0);
+    }
+
+    #[test]
+    fn a_reload_skips_endpoints_that_are_not_ready() {
+        let h = Harness::new();
+        let id = h.manager().create(request()).unwrap().id;
+        h.kernel.lock().unwrap().devices.clear();
+        let mut mgr = h.manager();
+        mgr.restore().unwrap();
+        let r = mgr.reload_datapath(true).unwrap();
+        assert_eq!(outcome(&r, id).outcome, ReloadOutcome::Skipped);
+        assert!(outcome(&r, id)
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("no longer exists"));
+    }
+
+    #[test]
+    fn a_reload_is_refused_whole_when_a_pinned_map_changed_layout() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        mgr.create(request()).unwrap();
+        h.kernel.lock().unwrap().pins_changed = true;
+        let e = mgr.reload_datapath(true).unwrap_err();
+        assert!(e.to_string().contains("cilia_ct"), "{e}");
+        assert_eq!(h.kernel.lock().unwrap().reloads, 0);
     }
 
     #[test]

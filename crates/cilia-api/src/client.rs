@@ -202,6 +202,14 @@ impl ApiClient {
         self.get(&format!("/v1/bpf/policy/{endpoint}")).await
     }
 
+    // The datapath.
+
+    /// `POST /v1/datapath/reload`: re-specialize every endpoint's programs
+    /// and swap them in through their links.
+    pub async fn datapath_reload(&self, req: &DatapathReload) -> Result<DatapathReloadResult> {
+        self.post("/v1/datapath/reload", req).await
+    }
+
     // Event streams.
 
     /// `GET /v1/flows`: recent flows, then (with `follow`) new ones; calls

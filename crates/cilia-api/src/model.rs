@@ -465,3 +465,62 @@ pub enum StreamItem {
     Flow(Box<Flow>),
     Lost { lost: u64 },
 }
+
+/// `POST /v1/datapath/reload`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DatapathReload {
+    /// Swap every endpoint's programs, also those that already are this
+    /// build's with the endpoint's configuration.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// What a datapath reload did to one endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReloadOutcome {
+    /// New programs swapped into its links.
+    Reloaded,
+    /// Its programs already were this build's, with its configuration.
+    Unchanged,
+    /// Left on its old programs (see `reason`).
+    Failed,
+    /// Not ready (no device or programs to swap).
+    Skipped,
+}
+
+/// One of an endpoint's pinned links after a reload.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LinkReload {
+    /// `cil_from_container` or `cil_to_container`.
+    pub program: String,
+    /// The same before and after: the program is swapped inside the link.
+    pub link_id: u32,
+    pub old_program_id: u32,
+    /// Equal to `old_program_id` when nothing was swapped.
+    pub new_program_id: u32,
+}
+
+/// One endpoint's result of a datapath reload.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EndpointReload {
+    pub endpoint_id: u16,
+    pub outcome: ReloadOutcome,
+    /// Why it failed or was skipped (for a verifier rejection, the end of
+    /// the verifier's log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub links: Vec<LinkReload>,
+}
+
+/// Answer of `POST /v1/datapath/reload`: per endpoint, and the counts.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DatapathReloadResult {
+    pub reloaded: usize,
+    pub unchanged: usize,
+    pub failed: usize,
+    pub skipped: usize,
+    pub endpoints: Vec<EndpointReload>,
+}

@@ -9,6 +9,7 @@
 #[macro_use]
 mod output;
 mod bpf;
+mod datapath;
 mod endpoint;
 mod flows;
 mod identity;
@@ -58,6 +59,9 @@ enum Command {
     /// Namespaces and their labels (selected by namespaceSelector).
     #[command(subcommand)]
     Namespace(namespace::NamespaceCmd),
+    /// The agent's BPF programs: hotfix them in place.
+    #[command(subcommand)]
+    Datapath(datapath::DatapathCmd),
     /// Stream datapath events live: drops, traces, policy verdicts.
     ///
     /// Example: cilia monitor --type drop --related-to 1
@@ -81,6 +85,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Policy(cmd) => policy::run(cmd, &client, out).await,
         Command::Identity(cmd) => identity::run(cmd, &client, out).await,
         Command::Namespace(cmd) => namespace::run(cmd, &client, out).await,
+        Command::Datapath(cmd) => datapath::run(cmd, &client, out).await,
         Command::Monitor(args) => flows::monitor(args, &client, out).await,
         Command::Observe(args) => flows::observe(args, &client, out).await,
     }

@@ -11,9 +11,12 @@
 //! ```
 //!
 //! Invariants: a pinned link is the only thing keeping an endpoint's program
-//! attached, so the agent may die at any time without cutting traffic; and a
+//! attached, so the agent may die at any time without cutting traffic; a
 //! pinned map is reused only after its key/value sizes were checked against
-//! this build's ABI.
+//! this build's ABI; and a program is only ever replaced by swapping it
+//! inside its link (`BPF_LINK_UPDATE`), after its successor passed the
+//! verifier: an endpoint is never without a program, and a rejected
+//! successor leaves the old one running.
 
 use std::net::IpAddr;
 use std::os::unix::fs::DirBuilderExt;
@@ -59,6 +62,9 @@ pub struct BpfDatapath {
     events: Option<RingBuf<MapData>>,
     /// Pinned maps found incompatible at open and recreated.
     recreated: Vec<RecreatedMap>,
+    /// Tags of this build's from- and to-container programs, learnt from
+    /// the first load (see [`BpfDatapath::build_tags`]).
+    build_tags: std::sync::OnceLock<[[u8; 8]; 2]>,
 }
 
 /// Version of everything pinned under the bpffs root beyond what the
@@ -84,6 +90,30 @@ pub struct LinkCheck {
     pub ifindex: u32,
     /// Whether its program's baked-in configuration is the expected one.
     pub config_matches: bool,
+    /// Whether its program's code is this build's (same program tag): false
+    /// after an upgrade, until the endpoint is re-specialized.
+    pub build_matches: bool,
+}
+
+/// One of an endpoint's links after a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkSwap {
+    /// `cil_from_container` or `cil_to_container`.
+    pub program: &'static str,
+    /// The pinned link: the same before and after.
+    pub link_id: u32,
+    pub old_program_id: u32,
+    /// Equal to `old_program_id` when nothing was swapped.
+    pub new_program_id: u32,
+}
+
+/// What [`BpfDatapath::reload_endpoint`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointReload {
+    /// Whether the programs were swapped (false: the attached ones already
+    /// were this build's, with this configuration, and `force` was off).
+    pub swapped: bool,
+    pub links: Vec<LinkSwap>,
 }
 
 type PolicyMap = LpmTrie<MapData, PolicyData, PolicyValue>;
@@ -344,6 +374,7 @@ impl BpfDatapath {
             config: Array::try_from(config).map_err(|e| DatapathError::map(MAP_CONFIG, e))?,
             events: Some(RingBuf::try_from(events).map_err(|e| DatapathError::map(MAP_EVENTS, e))?),
             recreated,
+            build_tags: std::sync::OnceLock::new(),
         })
     }
 
@@ -353,28 +384,57 @@ impl BpfDatapath {
         &self.recreated
     }
 
+    /// Tags of this build's two endpoint programs. A tag hashes a
+    /// program's instructions, not its `.rodata`, so it is the same for
+    /// every endpoint's specialization: learnt once, by loading the
+    /// programs specialized for `config` (the first endpoint asked about).
+    fn build_tags(&self, config: &EndpointConfig) -> Result<[[u8; 8]; 2], DatapathError> {
+        if let Some(tags) = self.build_tags.get() {
+            return Ok(*tags);
+        }
+        let ebpf = self.load_specialized(config)?;
+        let mut tags = [[0u8; 8]; 2];
+        for (tag, name) in tags
+            .iter_mut()
+            .zip([PROG_FROM_CONTAINER, PROG_TO_CONTAINER])
+        {
+            *tag = program_identity(&ebpf, name)?.1;
+        }
+        Ok(*self.build_tags.get_or_init(|| tags))
+    }
+
     /// How the endpoint's two pinned links stand: the device each is
-    /// attached to and whether its program carries `expected`. `None` when
-    /// a pin is missing.
+    /// attached to, whether its program carries `expected` and whether it
+    /// is this build's code. `None` when a pin is missing.
     pub fn check_links(
         &self,
         expected: &EndpointConfig,
     ) -> Result<Option<Vec<LinkCheck>>, DatapathError> {
         let want = config_bytes(expected);
+        let mut build_tags = None;
         let mut out = Vec::new();
-        for pin in [
+        for (i, pin) in [
             self.link_pin(expected.endpoint_id),
             self.to_link_pin(expected.endpoint_id),
-        ] {
+        ]
+        .into_iter()
+        .enumerate()
+        {
             if !pin.exists() {
                 return Ok(None);
             }
             let io = |e| DatapathError::io(format!("inspecting {}", pin.display()), e);
             let target = crate::inspect::link_target(&pin).map_err(io)?;
             let rodata = crate::inspect::program_rodata(target.program_id).map_err(io)?;
+            let tag = crate::inspect::program_tag(target.program_id).map_err(io)?;
+            let tags = match build_tags {
+                Some(t) => t,
+                None => *build_tags.insert(self.build_tags(expected)?),
+            };
             out.push(LinkCheck {
                 ifindex: target.ifindex,
                 config_matches: rodata.is_some_and(|r| crate::inspect::contains(&r, want)),
+                build_matches: tag == tags[i],
             });
         }
         Ok(Some(out))
@@ -399,10 +459,18 @@ impl BpfDatapath {
     }
 
     fn load_specialized(&self, config: &EndpointConfig) -> Result<aya::Ebpf, DatapathError> {
+        self.load_object(LXC_OBJECT, config)
+    }
+
+    fn load_object(
+        &self,
+        object: &[u8],
+        config: &EndpointConfig,
+    ) -> Result<aya::Ebpf, DatapathError> {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(self.maps_dir())
             .override_global(GLOBAL_CONFIG, config, true)
-            .load(LXC_OBJECT)?;
+            .load(object)?;
         for name in [PROG_FROM_CONTAINER, PROG_TO_CONTAINER] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -448,6 +516,140 @@ impl BpfDatapath {
             attach_pinned(prog, name, host_ifname, attach, &pin)?;
         }
         Ok(())
+    }
+
+    /// Re-specializes the endpoint's programs from this build and swaps
+    /// them into its pinned links (`BPF_LINK_UPDATE`): the links, the maps
+    /// and every connection stay; each packet meets either the old program
+    /// or the new one, never none. Both programs are loaded (and verified)
+    /// before either link is touched, so a rejection changes nothing. When
+    /// the attached programs already are this build's (same tags) with the
+    /// same `.rodata`, nothing is swapped unless `force`.
+    ///
+    /// The endpoint must be attached (both link pins present, on the device
+    /// `config.ifindex`): re-attaching is the agent's restore's job.
+    pub fn reload_endpoint(
+        &mut self,
+        config: &EndpointConfig,
+        force: bool,
+    ) -> Result<EndpointReload, DatapathError> {
+        self.reload_endpoint_from(LXC_OBJECT, config, force)
+    }
+
+    /// [`Self::reload_endpoint`] from another build of `lxc.o` (`object`
+    /// must be 8-byte aligned). The agent always reloads its own embedded
+    /// object; tests use this to offer a program the verifier rejects.
+    pub fn reload_endpoint_from(
+        &mut self,
+        object: &[u8],
+        config: &EndpointConfig,
+        force: bool,
+    ) -> Result<EndpointReload, DatapathError> {
+        let id = config.endpoint_id;
+        let links = [
+            (PROG_FROM_CONTAINER, self.link_pin(id)),
+            (PROG_TO_CONTAINER, self.to_link_pin(id)),
+        ];
+        let mut old = Vec::new();
+        for (_, pin) in &links {
+            if !pin.exists() {
+                return Err(DatapathError::NotAttached {
+                    endpoint_id: id,
+                    pin: pin.clone(),
+                });
+            }
+            let io = |e| DatapathError::io(format!("inspecting {}", pin.display()), e);
+            let target = crate::inspect::link_target(pin).map_err(io)?;
+            if target.ifindex != config.ifindex {
+                return Err(DatapathError::WrongDevice {
+                    pin: pin.clone(),
+                    found: target.ifindex,
+                    expected: config.ifindex,
+                });
+            }
+            let tag = crate::inspect::program_tag(target.program_id).map_err(io)?;
+            let rodata = crate::inspect::program_rodata(target.program_id).map_err(io)?;
+            old.push((target, tag, rodata));
+        }
+        let mut ebpf = self.load_object(object, config)?;
+        let mut swaps = Vec::new();
+        let mut same = true;
+        for ((name, _), (target, tag, rodata)) in links.iter().zip(&old) {
+            let (new_id, new_tag) = program_identity(&ebpf, name)?;
+            let new_rodata = crate::inspect::program_rodata(new_id)
+                .map_err(|e| DatapathError::io(format!("inspecting program {name}"), e))?;
+            same &= *tag == new_tag && *rodata == new_rodata;
+            swaps.push(LinkSwap {
+                program: name,
+                link_id: target.link_id,
+                old_program_id: target.program_id,
+                new_program_id: new_id,
+            });
+        }
+        if same && !force {
+            for s in &mut swaps {
+                s.new_program_id = s.old_program_id;
+            }
+            return Ok(EndpointReload {
+                swapped: false,
+                links: swaps,
+            });
+        }
+        for (name, pin) in &links {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram(name))?
+                .try_into()
+                .map_err(|e| DatapathError::program(name, e))?;
+            swap_pinned(prog, name, pin)?;
+        }
+        Ok(EndpointReload {
+            swapped: true,
+            links: swaps,
+        })
+    }
+
+    /// Checks, before a reload, that every shared map pinned under the root
+    /// is still the one this build expects (ABI version, type, sizes).
+    /// A running agent cannot migrate a map its own handles hold, so a
+    /// mismatch is refused with what differs; migration happens at the
+    /// agent's start-up (see [`BpfDatapath::open`]).
+    pub fn check_pins(&self) -> Result<(), DatapathError> {
+        let maps_dir = self.maps_dir();
+        let object = aya_obj::Object::parse(LXC_OBJECT).map_err(|e| DatapathError::BpfRoot {
+            path: maps_dir.clone(),
+            reason: format!("parsing the embedded lxc.o: {e}"),
+        })?;
+        let mut problems = Vec::new();
+        match pinned_abi_version(&maps_dir)? {
+            Some(v) if v == PIN_ABI_VERSION => {}
+            Some(v) => problems.push(format!(
+                "{MAP_ABI}: pinned ABI version {v}, this build uses {PIN_ABI_VERSION}"
+            )),
+            None => problems.push(format!("{MAP_ABI}: no pinned ABI version")),
+        }
+        for spec in SHARED_MAPS {
+            let path = maps_dir.join(spec.name);
+            let want = object
+                .maps
+                .get(spec.name)
+                .ok_or(DatapathError::MissingMap(spec.name))?;
+            if !path.exists() {
+                problems.push(format!("{}: pin missing", spec.name));
+            } else if let Some(reason) = pin_mismatch(&path, want)? {
+                problems.push(format!("{}: {reason}", spec.name));
+            }
+        }
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(DatapathError::IncompatiblePin {
+            path: maps_dir,
+            reason: format!(
+                "{}; a running agent does not migrate maps: restart cilia-agent, which recreates them and re-attaches every endpoint",
+                problems.join("; ")
+            ),
+        })
     }
 
     /// Removes the endpoint's pinned links, which detaches its programs, and
@@ -870,14 +1072,7 @@ fn attach_pinned(
         reason,
     };
     match PinnedLink::from_pin(pin) {
-        Ok(old) => {
-            let link = FdLink::from(old)
-                .try_into()
-                .map_err(|e: LinkError| pin_err(e.to_string()))?;
-            let id = prog.attach_to_link(link).map_err(prog_err)?;
-            // The pin keeps the link; the handle we hold may go.
-            drop(prog.take_link(id).map_err(prog_err)?);
-        }
+        Ok(old) => swap_into(prog, name, pin, old)?,
         Err(LinkError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
             let id = prog
                 .attach_with_options(
@@ -895,6 +1090,49 @@ fn attach_pinned(
         Err(e) => return Err(pin_err(e.to_string())),
     }
     Ok(())
+}
+
+/// Swaps `prog` into the link pinned at `pin` (`BPF_LINK_UPDATE`).
+fn swap_pinned(prog: &mut SchedClassifier, name: &str, pin: &Path) -> Result<(), DatapathError> {
+    let link = PinnedLink::from_pin(pin).map_err(|e| DatapathError::Pin {
+        path: pin.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    swap_into(prog, name, pin, link)
+}
+
+fn swap_into(
+    prog: &mut SchedClassifier,
+    name: &str,
+    pin: &Path,
+    link: PinnedLink,
+) -> Result<(), DatapathError> {
+    let link = FdLink::from(link)
+        .try_into()
+        .map_err(|e: LinkError| DatapathError::Pin {
+            path: pin.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    let id = prog
+        .attach_to_link(link)
+        .map_err(|e| DatapathError::program(name, e))?;
+    // The pin keeps the link; the handle we hold may go.
+    drop(
+        prog.take_link(id)
+            .map_err(|e| DatapathError::program(name, e))?,
+    );
+    Ok(())
+}
+
+/// Id and tag of a program `ebpf` has loaded.
+fn program_identity(ebpf: &aya::Ebpf, name: &'static str) -> Result<(u32, [u8; 8]), DatapathError> {
+    let prog: &SchedClassifier = ebpf
+        .program(name)
+        .ok_or(DatapathError::MissingProgram(name))?
+        .try_into()
+        .map_err(|e| DatapathError::program(name, e))?;
+    let info = prog.info().map_err(|e| DatapathError::program(name, e))?;
+    Ok((info.id(), info.tag().to_be_bytes()))
 }
 
 /// Removes a pinned link (detaching its program). Absent is not an error.

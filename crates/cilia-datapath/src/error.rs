@@ -18,6 +18,24 @@ pub enum DatapathError {
         #[source]
         source: aya::maps::MapError,
     },
+    /// The kernel refused to load a program: `summary` is the end of the
+    /// verifier's log, where it says why (the full log goes to the agent's
+    /// debug log).
+    #[error("program {name}: the verifier rejected it ({source}): {summary}")]
+    Verifier {
+        name: String,
+        #[source]
+        source: std::io::Error,
+        summary: String,
+    },
+    #[error("endpoint {endpoint_id} has no pinned link at {pin}: it is not attached")]
+    NotAttached { endpoint_id: u16, pin: PathBuf },
+    #[error("pinned link {pin} is attached to device {found}, not the endpoint's device {expected}: restart the agent to re-attach it")]
+    WrongDevice {
+        pin: PathBuf,
+        found: u32,
+        expected: u32,
+    },
     #[error("map {0} is missing from the BPF object")]
     MissingMap(&'static str),
     #[error("program {0} is missing from the BPF object")]
@@ -40,9 +58,23 @@ pub enum DatapathError {
 
 impl DatapathError {
     pub(crate) fn program(name: &str, source: impl Into<aya::programs::ProgramError>) -> Self {
-        Self::Program {
-            name: name.to_string(),
-            source: source.into(),
+        match source.into() {
+            aya::programs::ProgramError::LoadError {
+                io_error,
+                verifier_log,
+            } => {
+                let log = verifier_log.to_string();
+                tracing::debug!(program = name, log = %log, "verifier log");
+                Self::Verifier {
+                    name: name.to_string(),
+                    source: io_error,
+                    summary: verifier_summary(&log),
+                }
+            }
+            source => Self::Program {
+                name: name.to_string(),
+                source,
+            },
         }
     }
 
@@ -58,5 +90,50 @@ impl DatapathError {
             context: context.into(),
             source,
         }
+    }
+}
+
+/// Lines of a verifier log kept in an error message.
+const VERIFIER_SUMMARY_LINES: usize = 4;
+
+/// The part of a verifier log that says why a program was rejected: its
+/// last lines before the statistics. The log is a trace of every
+/// instruction the verifier walked (thousands of lines for an endpoint
+/// program); the reason is where the walk stopped, at its end.
+pub fn verifier_summary(log: &str) -> String {
+    let is_stats = |l: &str| {
+        l.starts_with("processed ")
+            || l.starts_with("verification time")
+            || l.starts_with("stack depth")
+    };
+    let lines: Vec<&str> = log
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !is_stats(l))
+        .collect();
+    if lines.is_empty() {
+        return "no verifier log".into();
+    }
+    let start = lines.len().saturating_sub(VERIFIER_SUMMARY_LINES);
+    let mut summary = lines[start..].join(" | ");
+    if let Some((cut, _)) = summary.char_indices().nth(400) {
+        summary.truncate(cut);
+        summary.push('…');
+    }
+    summary
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verifier_summary_keeps_the_reason_at_the_end_and_drops_the_statistics() {
+        let log = "func#0 @0\n0: R1=ctx() R10=fp0\n0: (bf) r6 = r1\n1: (79) r0 = *(u64 *)(r1 +32752)\ninvalid bpf_context access off=32752 size=8\nprocessed 2 insns (limit 1000000) max_states_per_insn 0\n";
+        assert_eq!(
+            verifier_summary(log),
+            "0: R1=ctx() R10=fp0 | 0: (bf) r6 = r1 | 1: (79) r0 = *(u64 *)(r1 +32752) | invalid bpf_context access off=32752 size=8"
+        );
+        assert_eq!(verifier_summary(""), "no verifier log");
     }
 }

@@ -1,6 +1,7 @@
-//! Reading back what is attached: a pinned TCX link's device and the
-//! configuration baked into its program's `.rodata`. aya 0.14 exposes
-//! neither (its `LinkInfo` hides the TCX ifindex, and it has no map lookup
+//! Reading back what is attached: a pinned TCX link's id and device, its
+//! program's tag (which build it came from) and the configuration baked
+//! into its `.rodata`. aya 0.14 exposes none of these for a program known
+//! only by id (its `LinkInfo` hides the TCX ifindex, and it has no map lookup
 //! on a raw map id), so this module issues the few `bpf(2)` commands it
 //! needs itself. Read-only: it never changes a link, program or map.
 
@@ -82,6 +83,8 @@ fn u32_at(buf: &[u8], off: usize) -> u32 {
 /// What a pinned TCX link is attached to and which program it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinkTarget {
+    /// The link's own id: it stays the same when its program is swapped.
+    pub link_id: u32,
     pub program_id: u32,
     /// 0 when the device is gone (the link is then defunct).
     pub ifindex: u32,
@@ -95,9 +98,24 @@ pub fn link_target(pin: &Path) -> std::io::Result<LinkTarget> {
     let mut buf = [0u8; 256];
     info(&fd, &mut buf)?;
     Ok(LinkTarget {
+        link_id: u32_at(&buf, 4),
         program_id: u32_at(&buf, 8),
         ifindex: u32_at(&buf, 16),
     })
+}
+
+/// A loaded program's tag: the kernel's hash of its instructions with map
+/// references blanked (`struct bpf_prog_info`: tag, 8 bytes at offset 8).
+/// Load-time constants live in `.rodata`, not in the instructions, so
+/// every endpoint's program of one build has the same tag, and a program
+/// built from other source has another.
+pub fn program_tag(program_id: u32) -> std::io::Result<[u8; 8]> {
+    let prog = get_fd_by_id(BPF_PROG_GET_FD_BY_ID, program_id)?;
+    let mut buf = [0u8; 256];
+    info(&prog, &mut buf)?;
+    let mut tag = [0u8; 8];
+    tag.copy_from_slice(&buf[8..16]);
+    Ok(tag)
 }
 
 /// The `.rodata` contents of a loaded program (its load-time constants).

@@ -5,7 +5,9 @@
 //! * [`probe`]: which kernel features exist; the agent refuses to start
 //!   without the required ones.
 //! * [`endpoint`]: the pinned shared maps and the per-endpoint program:
-//!   specialize, load, attach with TCX, pin the link so it outlives the agent.
+//!   specialize, load, attach with TCX, pin the link so it outlives the agent;
+//!   reload (swap a new specialization into the pinned link).
+//! * [`inspect`]: read back what is attached (link, program tag, `.rodata`).
 //! * [`testrun`]: `BPF_PROG_TEST_RUN` on crafted packets, for tests and
 //!   benchmarks.
 //!
@@ -24,7 +26,8 @@ pub mod probe;
 pub mod testrun;
 
 pub use endpoint::{
-    monotonic_ns, BpfDatapath, LinkCheck, PolicyUpdate, RecreatedMap, PIN_ABI_VERSION,
+    monotonic_ns, BpfDatapath, EndpointReload, LinkCheck, LinkSwap, PolicyUpdate, RecreatedMap,
+    PIN_ABI_VERSION,
 };
 pub use error::DatapathError;
 pub use probe::{probe_kernel, Feature, FeatureReport};
