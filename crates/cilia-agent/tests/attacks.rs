@@ -446,3 +446,47 @@ fn a_neighbour_advertisement_for_another_endpoints_address_is_dropped() {
     );
     let _ = a6;
 }
+
+/// Nothing an endpoint was allowed outlives it: its conntrack entries go
+/// with it (and with its identity), so a successor at its address starts
+/// from policy, not from a predecessor's open flows.
+#[test]
+fn deleting_or_relabelling_an_endpoint_purges_its_conntrack_entries() {
+    privileged!("ct_purge");
+    let agent = TestAgent::start(AgentOptions::default());
+    let (a_ns, b_ns, c_ns) = (
+        Netns::new("cep").unwrap(),
+        Netns::new("cep").unwrap(),
+        Netns::new("cep").unwrap(),
+    );
+    let a = agent.create_endpoint(&a_ns, "app=a");
+    let b = agent.create_endpoint(&b_ns, "app=b");
+    let c = agent.create_endpoint(&c_ns, "app=c");
+    let (a4, b4, c4) = (ip_of(&a, "ipv4"), ip_of(&b, "ipv4"), ip_of(&c, "ipv4"));
+    let sink = udp_listener(&b_ns, b4, 7400);
+    for (ns, ip) in [(&a_ns, a4), (&c_ns, c4)] {
+        let from = ns.run(|| UdpSocket::bind(SocketAddr::new(ip, 0)).unwrap());
+        from.send_to(b"x", SocketAddr::new(b4, 7400)).unwrap();
+        let mut buf = [0u8; 4];
+        sink.recv_from(&mut buf).unwrap();
+    }
+    let ct_mentions = |ip: IpAddr| {
+        agent
+            .cli_json(&["bpf", "ct", "list"])
+            .to_string()
+            .contains(&format!("\"{ip}:"))
+    };
+    assert!(ct_mentions(a4) && ct_mentions(c4), "both flows tracked");
+
+    agent.cli_ok(&[
+        "endpoint",
+        "delete",
+        a["id"].as_u64().unwrap().to_string().as_str(),
+    ]);
+    assert!(!ct_mentions(a4), "a's flows are gone with a");
+    assert!(ct_mentions(c4), "c's flows stay");
+
+    let c_id = c["id"].as_u64().unwrap() as u16;
+    assert!(agent.set_labels(c_id, &[("app", "c2")]));
+    assert!(!ct_mentions(c4), "c's flows are gone with its old identity");
+}

@@ -92,18 +92,7 @@ fn assert_kernel_matches_records(agent: &TestAgent, point: &str) {
 /// Sets the endpoint's labels to `app=<app>` over the API; whether the
 /// agent answered with success.
 fn put_labels(agent: &TestAgent, id: &str, app: &str) -> bool {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let req = cilia_api::EndpointLabels {
-        labels: [("app".to_string(), app.to_string())].into(),
-    };
-    rt.block_on(
-        cilia_api::ApiClient::new(&agent.socket)
-            .set_endpoint_labels(id.parse().expect("endpoint id"), &req),
-    )
-    .is_ok()
+    agent.set_labels(id.parse().expect("endpoint id"), &[("app", app)])
 }
 
 /// Runs the operation `point` belongs to with the agent set to abort

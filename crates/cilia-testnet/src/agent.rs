@@ -177,6 +177,29 @@ impl TestAgent {
         serde_json::from_str(&self.cli_ok(&all)).expect("cilia printed JSON")
     }
 
+    /// Sets an endpoint's labels through the API (the CLI has no verb for
+    /// it: runtimes do it); whether the agent answered 2xx.
+    pub fn set_labels(&self, id: u16, labels: &[(&str, &str)]) -> bool {
+        use std::io::{Read, Write};
+        let body = serde_json::json!({
+            "labels": labels.iter().copied().collect::<std::collections::BTreeMap<_, _>>()
+        })
+        .to_string();
+        let Ok(mut s) = std::os::unix::net::UnixStream::connect(&self.socket) else {
+            return false;
+        };
+        let request = format!(
+            "PUT /v1/endpoints/{id}/labels HTTP/1.1\r\nHost: cilia\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let mut answer = String::new();
+        s.write_all(request.as_bytes()).is_ok()
+            && s.read_to_string(&mut answer).is_ok()
+            && answer.starts_with("HTTP/1.1 2")
+    }
+
     /// Creates an endpoint in `netns` and returns its JSON.
     pub fn create_endpoint(&self, netns: &Netns, labels: &str) -> serde_json::Value {
         self.cli_json(&[
