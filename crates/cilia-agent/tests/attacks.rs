@@ -23,6 +23,18 @@ fn ip_of(ep: &serde_json::Value, family: &str) -> IpAddr {
     ep[family].as_str().unwrap().parse().unwrap()
 }
 
+/// One endpoint per label set, each in a namespace of its own.
+fn endpoints<const N: usize>(
+    agent: &TestAgent,
+    labels: [&str; N],
+) -> [(Netns, serde_json::Value); N] {
+    labels.map(|l| {
+        let ns = Netns::new("cep").unwrap();
+        let ep = agent.create_endpoint(&ns, l);
+        (ns, ep)
+    })
+}
+
 /// Imports a policy given as YAML text.
 fn import(agent: &TestAgent, yaml: &str) {
     let file = tempfile::NamedTempFile::new().unwrap();
@@ -114,9 +126,7 @@ spec:
 fn datagrams_larger_than_the_mtu_pass_an_l4_policy_whole_and_denied_ones_stay_out() {
     privileged!("large_udp_under_l4_policy");
     let agent = TestAgent::start(AgentOptions::default());
-    let (rs, cl) = (Netns::new("cep").unwrap(), Netns::new("cep").unwrap());
-    let resolver = agent.create_endpoint(&rs, "app=resolver");
-    agent.create_endpoint(&cl, "app=client");
+    let [(rs, resolver), (cl, _)] = endpoints(&agent, ["app=resolver", "app=client"]);
     import(&agent, DNS_ONLY);
     let big = vec![0x5a; 4000]; // three fragments at MTU 1500
     for family in ["ipv6", "ipv4"] {
@@ -168,9 +178,7 @@ spec:
 fn an_l4_deny_holds_for_datagrams_behind_a_destination_options_header() {
     privileged!("dstopts_vs_l4_deny");
     let agent = TestAgent::start(AgentOptions::default());
-    let (rs, cl) = (Netns::new("cep").unwrap(), Netns::new("cep").unwrap());
-    let resolver = agent.create_endpoint(&rs, "app=resolver");
-    agent.create_endpoint(&cl, "app=client");
+    let [(rs, resolver), (cl, _)] = endpoints(&agent, ["app=resolver", "app=client"]);
     import(&agent, DENY_UDP_9999);
     let ip = ip_of(&resolver, "ipv6");
     let denied = udp_listener(&rs, ip, 9999);
@@ -201,14 +209,8 @@ fn a_flow_churning_endpoint_exhausts_only_its_own_conntrack_budget() {
         AgentOptions::default(),
         &[("CILIA_CT_BUDGET", &BUDGET.to_string())],
     );
-    let (srv, churn, victim) = (
-        Netns::new("cep").unwrap(),
-        Netns::new("cep").unwrap(),
-        Netns::new("cep").unwrap(),
-    );
-    let server = agent.create_endpoint(&srv, "app=server");
-    agent.create_endpoint(&churn, "app=churn");
-    agent.create_endpoint(&victim, "app=victim");
+    let [(srv, server), (churn, _), (victim, _)] =
+        endpoints(&agent, ["app=server", "app=churn", "app=victim"]);
     let ip = ip_of(&server, "ipv4");
 
     // The victim's long-lived connection, opened before the churn.
@@ -343,14 +345,7 @@ spec:
 fn an_icmp_error_quoting_the_senders_own_flow_does_not_reach_a_peer_that_denies_it() {
     privileged!("icmp_error_real_traffic");
     let agent = TestAgent::start(AgentOptions::default());
-    let (a_ns, b_ns, c_ns) = (
-        Netns::new("cep").unwrap(),
-        Netns::new("cep").unwrap(),
-        Netns::new("cep").unwrap(),
-    );
-    let a = agent.create_endpoint(&a_ns, "app=a");
-    let b = agent.create_endpoint(&b_ns, "app=b");
-    let c = agent.create_endpoint(&c_ns, "app=c");
+    let [(a_ns, a), (b_ns, b), (c_ns, c)] = endpoints(&agent, ["app=a", "app=b", "app=c"]);
     import(&agent, B_ONLY_FROM_C);
     let (a6, b6, c6) = (ip_of(&a, "ipv6"), ip_of(&b, "ipv6"), ip_of(&c, "ipv6"));
 
@@ -387,9 +382,7 @@ fn an_icmp_error_quoting_the_senders_own_flow_does_not_reach_a_peer_that_denies_
 fn a_neighbour_advertisement_for_another_endpoints_address_is_dropped() {
     privileged!("nd_spoof_real_traffic");
     let agent = TestAgent::start(AgentOptions::default());
-    let (a_ns, b_ns) = (Netns::new("cep").unwrap(), Netns::new("cep").unwrap());
-    let a = agent.create_endpoint(&a_ns, "app=a");
-    let b = agent.create_endpoint(&b_ns, "app=b");
+    let [(a_ns, a), (b_ns, b)] = endpoints(&agent, ["app=a", "app=b"]);
     let (a6, b6) = (ip_of(&a, "ipv6"), ip_of(&b, "ipv6"));
     let IpAddr::V6(b6_addr) = b6 else { panic!() };
     let lxc_a = a["host_ifname"].as_str().unwrap().to_string();
@@ -454,14 +447,7 @@ fn a_neighbour_advertisement_for_another_endpoints_address_is_dropped() {
 fn deleting_or_relabelling_an_endpoint_purges_its_conntrack_entries() {
     privileged!("ct_purge");
     let agent = TestAgent::start(AgentOptions::default());
-    let (a_ns, b_ns, c_ns) = (
-        Netns::new("cep").unwrap(),
-        Netns::new("cep").unwrap(),
-        Netns::new("cep").unwrap(),
-    );
-    let a = agent.create_endpoint(&a_ns, "app=a");
-    let b = agent.create_endpoint(&b_ns, "app=b");
-    let c = agent.create_endpoint(&c_ns, "app=c");
+    let [(a_ns, a), (b_ns, b), (c_ns, c)] = endpoints(&agent, ["app=a", "app=b", "app=c"]);
     let (a4, b4, c4) = (ip_of(&a, "ipv4"), ip_of(&b, "ipv4"), ip_of(&c, "ipv4"));
     let sink = udp_listener(&b_ns, b4, 7400);
     for (ns, ip) in [(&a_ns, a4), (&c_ns, c4)] {

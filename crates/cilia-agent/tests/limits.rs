@@ -21,26 +21,6 @@ macro_rules! privileged {
 /// A policy refusal is cheap: well within this on a loaded 2-CPU debug build.
 const QUICK: Duration = Duration::from_secs(5);
 
-/// Runs the CLI with `input` on standard input.
-fn cli_stdin(agent: &TestAgent, args: &[&str], input: &str) -> Output {
-    let mut child = Command::new(cilia_testnet::bin("cilia"))
-        .arg("--socket")
-        .arg(&agent.socket)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
-}
-
 /// One raw HTTP/1.1 exchange on the agent's socket (head, then `body`).
 /// The body is written by a thread of its own and write errors are ignored:
 /// the agent may answer and close before it has read all of it.
@@ -94,7 +74,7 @@ fn an_import_over_the_cidr_limit_is_refused_quickly_and_a_legitimate_one_still_w
     let agent = TestAgent::start(AgentOptions::default());
     let over = cidr_policy("over", cilia_policy::limits::MAX_CIDRS as u32 + 1);
     let started = Instant::now();
-    let out = cli_stdin(&agent, &["policy", "import", "-"], &over);
+    let out = agent.cli_stdin(&["policy", "import", "-"], &over);
     let took = started.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
     assert!(!out.status.success());
@@ -104,11 +84,7 @@ fn an_import_over_the_cidr_limit_is_refused_quickly_and_a_legitimate_one_still_w
     let list = agent.cli_json(&["policy", "get"]);
     assert!(list["policies"].as_array().unwrap().is_empty(), "{list}");
 
-    let out = cli_stdin(
-        &agent,
-        &["policy", "import", "-"],
-        &cidr_policy("fine", 100),
-    );
+    let out = agent.cli_stdin(&["policy", "import", "-"], &cidr_policy("fine", 100));
     assert!(
         out.status.success(),
         "{}",

@@ -162,29 +162,9 @@ fn assert_blocked(from: &Netns, to: SocketAddr, what: &str) {
     }
 }
 
-/// Runs the CLI with `input` on standard input.
-fn cli_stdin(agent: &TestAgent, args: &[&str], input: &str) -> Output {
-    let mut child = Command::new(cilia_testnet::bin("cilia"))
-        .arg("--socket")
-        .arg(&agent.socket)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
-}
-
 /// `cilia policy import -` with inline YAML, asserting success.
 fn import_yaml(agent: &TestAgent, yaml: &str) {
-    let out = cli_stdin(agent, &["policy", "import", "-"], yaml);
+    let out = agent.cli_stdin(&["policy", "import", "-"], yaml);
     assert!(
         out.status.success(),
         "policy import failed: {}\nagent log:\n{}",
@@ -363,7 +343,7 @@ fn a_deny_document_on_its_separator_line_is_enforced_and_reported() {
     let stream = format!(
         "{allow}--- {{apiVersion: cilium.io/v2, kind: CiliumNetworkPolicy, metadata: {{name: deny-tf}}, spec: {{endpointSelector: {{matchLabels: {{class: deathstar}}}}, ingressDeny: [{{fromEndpoints: [{{matchLabels: {{class: tiefighter}}}}]}}]}}}}\n---\n"
     );
-    let out = cli_stdin(&agent, &["policy", "import", "-"], &stream);
+    let out = agent.cli_stdin(&["policy", "import", "-"], &stream);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
@@ -388,7 +368,7 @@ fn a_deny_document_on_its_separator_line_is_enforced_and_reported() {
     let mut names = policy_names(&agent);
     names.sort();
     assert_eq!(names, ["deny-tf", "rule1"]);
-    let out = cli_stdin(&agent, &["policy", "import", "-"], &stream);
+    let out = agent.cli_stdin(&["policy", "import", "-"], &stream);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         text.contains("replaced CiliumNetworkPolicy default/deny-tf") && !text.contains("created"),
@@ -757,7 +737,7 @@ spec:
         protocol: TCP
 "#;
     assert_one_line_error(
-        &cli_stdin(&agent, &["policy", "import", "-"], mixed),
+        &agent.cli_stdin(&["policy", "import", "-"], mixed),
         "spec.ingress[0].toPorts[0].ports[0].port",
     );
     let fqdn = r#"
@@ -774,7 +754,7 @@ spec:
     - matchName: example.com
 "#;
     assert_one_line_error(
-        &cli_stdin(&agent, &["policy", "import", "-"], fqdn),
+        &agent.cli_stdin(&["policy", "import", "-"], fqdn),
         "not supported",
     );
 
@@ -851,7 +831,7 @@ fn identities_and_yaml_listing_reflect_labels_and_policies() {
         "{yaml}"
     );
     // The listing re-imports as is.
-    let again = cli_stdin(&agent, &["policy", "import", "-"], &yaml);
+    let again = agent.cli_stdin(&["policy", "import", "-"], &yaml);
     assert!(
         again.status.success(),
         "{}",

@@ -336,24 +336,13 @@ fn podman_image_labels_do_not_become_the_containers_identity() {
         image,
     ]);
     let run = |name: &str, labels: &[&str]| {
-        let mut args = vec![
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--runtime",
-            "runc",
-            "--ulimit",
-            "nofile=1024:1024",
-            "--ulimit",
-            "nproc=1024:1024",
-            "--network",
-            common::NETWORK,
-        ];
-        args.extend_from_slice(labels);
-        args.push(image);
-        args.extend_from_slice(SLEEP);
-        w.podman.ok(&args).trim().to_string()
+        let out = w.podman.start_image(name, image, labels, SLEEP);
+        assert!(
+            out.status.success(),
+            "podman run {name}: {}",
+            common::text(&out.stderr)
+        );
+        common::text(&out.stdout).trim().to_string()
     };
     // Own labels: app (not in the image), tier set explicitly to the image's value.
     let own = run("own", &["--label", "app=web", "--label", "tier=img"]);

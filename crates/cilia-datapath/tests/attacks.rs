@@ -317,37 +317,32 @@ fn unknown_too_long_or_routed_extension_chains_are_dropped_by_name() {
 
 // ---- 3. Fragments ----
 
-#[test]
-fn later_fragments_follow_an_allowed_first_fragment_ipv6() {
-    privileged!("fragments_v6_allowed");
-    let mut fx = Fixture::new();
-    b_admits_dns_from_a(&mut fx);
-    let a = fx.a();
+/// The first and a later fragment of a UDP datagram from A to B's `port`.
+fn fragments_v6(port: u16, id: u32) -> (Vec<u8>, Vec<u8>) {
     let first = a_to_b_v6(
         NH_FRAG,
-        &[frag_hdr(IPPROTO_UDP, 0, true, 42)],
-        &udp(5000, 53, &[7; 64]),
+        &[frag_hdr(IPPROTO_UDP, 0, true, id)],
+        &udp(5000, port, &[7; 64]),
     );
-    let later = a_to_b_v6(NH_FRAG, &[frag_hdr(IPPROTO_UDP, 9, false, 42)], &[8; 64]);
-    assert_eq!(verdict(&a, &first), TC_ACT_REDIRECT);
-    assert_eq!(verdict(&a, &later), TC_ACT_REDIRECT);
+    let later = a_to_b_v6(NH_FRAG, &[frag_hdr(IPPROTO_UDP, 9, false, id)], &[8; 64]);
+    (first, later)
 }
 
 #[test]
-fn fragments_of_a_denied_or_unknown_datagram_are_dropped_ipv6() {
-    privileged!("fragments_v6_denied");
+fn later_fragments_follow_only_an_allowed_first_fragment_ipv6() {
+    privileged!("fragments_v6");
     let mut fx = Fixture::new();
     b_admits_dns_from_a(&mut fx);
     let a = fx.a();
-    let first = a_to_b_v6(
-        NH_FRAG,
-        &[frag_hdr(IPPROTO_UDP, 0, true, 43)],
-        &udp(5000, 54, &[7; 64]),
-    );
-    let later = a_to_b_v6(NH_FRAG, &[frag_hdr(IPPROTO_UDP, 9, false, 43)], &[8; 64]);
-    let orphan = a_to_b_v6(NH_FRAG, &[frag_hdr(IPPROTO_UDP, 9, false, 99)], &[8; 64]);
+    let (first, later) = fragments_v6(53, 42);
+    assert_eq!(verdict(&a, &first), TC_ACT_REDIRECT);
+    assert_eq!(verdict(&a, &later), TC_ACT_REDIRECT);
+    // Denied: the first fragment meets policy, the later one finds no flow.
+    let (first, later) = fragments_v6(54, 43);
     assert_eq!(verdict(&a, &first), TC_ACT_SHOT);
     assert_eq!(verdict(&a, &later), TC_ACT_SHOT);
+    // Unknown: a later fragment whose first fragment never came.
+    let (_, orphan) = fragments_v6(53, 99);
     assert_eq!(verdict(&a, &orphan), TC_ACT_SHOT);
     assert_eq!(drops(&fx, CILIA_DROP_POLICY), 1);
     assert_eq!(drops(&fx, CILIA_DROP_FRAG_NO_FLOW), 2);

@@ -170,6 +170,25 @@ impl TestAgent {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Runs the CLI with `input` on standard input.
+    pub fn cli_stdin(&self, args: &[&str], input: &str) -> Output {
+        use std::io::Write;
+        let mut child = Command::new(bin("cilia"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run cilia");
+        if let Some(mut stdin) = child.stdin.take() {
+            // The CLI may refuse before reading it all: a short write is fine.
+            let _ = stdin.write_all(input.as_bytes());
+        }
+        child.wait_with_output().expect("wait for cilia")
+    }
+
     /// Runs the CLI with `-o json` and parses stdout.
     pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
         let mut all = args.to_vec();

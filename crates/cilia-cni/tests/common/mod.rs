@@ -162,6 +162,11 @@ cni_plugin_dirs = ["{plugins}"]
     /// `podman run -d` on the cilia network with the flags this machine
     /// needs; returns the output (the container id on success).
     pub fn start(&self, name: &str, extra: &[&str], cmd: &[&str]) -> Output {
+        self.start_image(name, IMAGE, extra, cmd)
+    }
+
+    /// Like `start`, from another image.
+    pub fn start_image(&self, name: &str, image: &str, extra: &[&str], cmd: &[&str]) -> Output {
         let mut args = vec![
             "run",
             "-d",
@@ -179,7 +184,7 @@ cni_plugin_dirs = ["{plugins}"]
             "NET_RAW",
         ];
         args.extend_from_slice(extra);
-        args.push(IMAGE);
+        args.push(image);
         args.extend_from_slice(cmd);
         self.run(&args)
     }
