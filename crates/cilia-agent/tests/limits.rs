@@ -5,7 +5,6 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use cilia_testnet::{require_privileges, AgentOptions, TestAgent};
