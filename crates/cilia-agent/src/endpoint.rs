@@ -1293,6 +1293,93 @@ spec:
             .is_none());
     }
 
+    /// `CHUNK`-rule CiliumNetworkPolicy number `k` of the import benchmark,
+    /// shaped like `bench/policy-scale.sh`: never-matching `fromCIDR` /32s
+    /// (then /128s), the last policy ending with `fromEndpoints: app=client`.
+    fn scale_policy(k: usize, chunk: usize, last: bool) -> String {
+        let cidr = |i: usize| {
+            if i < 512 {
+                format!("{}.{}/32", ["198.51.100", "203.0.113"][i / 256], i % 256)
+            } else {
+                format!("2001:db8:{:x}:{:x}::1/128", (i >> 16) & 0xffff, i & 0xffff)
+            }
+        };
+        let ports = "    toPorts:\n    - ports:\n      - port: \"8080\"\n        protocol: TCP\n";
+        let mut yaml = format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: policy-scale-{k}\nspec:\n  endpointSelector:\n    matchLabels:\n      app: server\n  ingress:\n"
+        );
+        let rules = if last { chunk - 1 } else { chunk };
+        for i in k * chunk..k * chunk + rules {
+            yaml.push_str(&format!("  - fromCIDR:\n    - \"{}\"\n{ports}", cidr(i)));
+        }
+        if last {
+            yaml.push_str("  - fromEndpoints:\n    - matchLabels:\n        app: client\n");
+            yaml.push_str(ports);
+        }
+        yaml
+    }
+
+    /// The import benchmark (docs/benchmarks.md, "Policy import"): three
+    /// endpoints, then `CILIA_IMPORTS` (10) imports of `CILIA_CHUNK`
+    /// (10,000) rules each; prints each import's time and its ratio to the
+    /// first (the same 10,000 rules' cost alone, measured in the same run).
+    /// Stops early once the imports took `CILIA_BENCH_LIMIT_S` (300) s.
+    /// Run: `cargo test --release -p cilia-agent --lib import_benchmark -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "benchmark: run explicitly, release build"]
+    fn import_benchmark() {
+        let var = |name: &str, default: usize| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        let (imports, chunk) = (var("CILIA_IMPORTS", 10), var("CILIA_CHUNK", 10_000));
+        let limit = std::time::Duration::from_secs(var("CILIA_BENCH_LIMIT_S", 300) as u64);
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        let mut server = 0;
+        for app in ["server", "client", "other"] {
+            let mut req = request();
+            req.labels = BTreeMap::from([("app".into(), app.into())]);
+            let ep = mgr.create(req).unwrap();
+            if app == "server" {
+                server = ep.id;
+            }
+        }
+        let docs: Vec<String> = (0..imports)
+            .map(|k| scale_policy(k, chunk, k + 1 == imports))
+            .collect();
+        let started = std::time::Instant::now();
+        let mut times = Vec::new();
+        for (k, yaml) in docs.iter().enumerate() {
+            let t = std::time::Instant::now();
+            mgr.import_policies(&format!("cnp-{k}.yaml"), yaml).unwrap();
+            times.push(t.elapsed().as_secs_f64());
+            let ratio = times[k] / times[0];
+            println!(
+                "import {}: {} rules on top of {}: {:.3} s (ratio to the first: {ratio:.2})",
+                k + 1,
+                chunk,
+                k * chunk,
+                times[k]
+            );
+            if started.elapsed() > limit {
+                println!("stopped after {} imports: over the time limit", k + 1);
+                break;
+            }
+        }
+        let total: f64 = times.iter().sum();
+        println!(
+            "total {:.2} s for {} imports ({:.2}x the first import)",
+            total,
+            times.len(),
+            total / times[0]
+        );
+        let entries = h.kernel.lock().unwrap().policy[&server].len();
+        println!("server policy map entries: {entries}");
+    }
+
     impl Harness {
         fn manager_pools(&self) -> Pools {
             Pools {
