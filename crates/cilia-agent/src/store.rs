@@ -482,6 +482,22 @@ impl Store {
         Ok(out)
     }
 
+    /// The stored policies with the given keys (those that exist).
+    pub fn policies_with_keys(&self, keys: &[String]) -> Result<Vec<StoredPolicy>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(POLICIES)?;
+        let mut out = Vec::new();
+        for key in keys {
+            if let Some(bytes) = table.get(key.as_str())? {
+                out.push(
+                    serde_json::from_slice(bytes.value())
+                        .map_err(|e| StoreError::Db(format!("policy {key}: {e}")))?,
+                );
+            }
+        }
+        Ok(out)
+    }
+
     /// Adds or replaces policies (by kind, namespace and name) and bumps the
     /// policy revision, all or nothing. Returns the new revision.
     pub fn put_policies(&self, policies: &[StoredPolicy]) -> Result<u64, StoreError> {
@@ -571,6 +587,48 @@ impl Store {
         self.cidr_identities(prefixes, false)
     }
 
+    /// Like [`Self::sync_cidr_identities`] (`commit`) or
+    /// [`Self::plan_cidr_identities`], given that the store holds exactly
+    /// `current` (what the last sync returned): only the prefixes that come
+    /// or go are read or written, so the cost follows the change, not the
+    /// number of CIDR identities.
+    pub fn change_cidr_identities(
+        &self,
+        current: &BTreeMap<ipnet::IpNet, u32>,
+        prefixes: &BTreeSet<ipnet::IpNet>,
+        commit: bool,
+    ) -> Result<BTreeMap<ipnet::IpNet, u32>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let mut out = current.clone();
+        out.retain(|p, _| prefixes.contains(p));
+        {
+            let mut table = txn.open_table(CIDR_IDENTITIES)?;
+            for gone in current.keys().filter(|p| !prefixes.contains(*p)) {
+                table.remove(gone.to_string().as_str())?;
+            }
+            let mut used: BTreeSet<u32> = out.values().copied().collect();
+            // As in `cidr_identities`: the smallest free id, searched from
+            // where the last one ended.
+            let mut next_free = FIRST_CIDR_IDENTITY;
+            for prefix in prefixes.iter().filter(|p| !current.contains_key(*p)) {
+                let mut id = next_free;
+                while used.contains(&id) {
+                    id += 1;
+                }
+                next_free = id + 1;
+                used.insert(id);
+                table.insert(prefix.to_string().as_str(), id)?;
+                out.insert(*prefix, id);
+            }
+        }
+        if commit {
+            txn.commit()?;
+        } else {
+            txn.abort()?;
+        }
+        Ok(out)
+    }
+
     fn cidr_identities(
         &self,
         prefixes: &BTreeSet<ipnet::IpNet>,
@@ -594,15 +652,20 @@ impl Store {
                 .filter(|(k, _)| wanted.contains(*k))
                 .map(|(_, v)| *v)
                 .collect();
+            // The search for a free id resumes where the last one ended
+            // (ids only get used here), so n new prefixes on top of m cost
+            // O(n + m), not O(n · m).
+            let mut next_free = FIRST_CIDR_IDENTITY;
             for prefix in prefixes {
                 let key = prefix.to_string();
                 let id = match existing.get(&key) {
                     Some(id) => *id,
                     None => {
-                        let mut id = FIRST_CIDR_IDENTITY;
+                        let mut id = next_free;
                         while used.contains(&id) {
                             id += 1;
                         }
+                        next_free = id + 1;
                         used.insert(id);
                         table.insert(key.as_str(), id)?;
                         id
