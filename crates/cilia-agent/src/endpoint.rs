@@ -63,9 +63,20 @@ pub struct EndpointManager {
     pub(crate) netdev: Box<dyn Netdev>,
     pub(crate) pools: Pools,
     /// Imported policies by key (`kind/namespace/name`), with their source.
-    pub(crate) policy_docs: BTreeMap<String, (StoredPolicy, cilia_policy::Policy)>,
+    /// Shared (`Arc`) with `repository`, which keeps each one's resolved
+    /// contributions while the same policy stays imported.
+    pub(crate) policy_docs: BTreeMap<String, (StoredPolicy, std::sync::Arc<cilia_policy::Policy>)>,
+    /// Incremental resolution of `policy_docs` against the identities:
+    /// synced with both before every use (see `repository`).
+    pub(crate) repository: cilia_policy::PolicyRepository,
     /// Each ready endpoint's resolved policy, as programmed into its map.
     pub(crate) resolved: BTreeMap<u16, cilia_policy::ResolvedPolicy>,
+    /// What each ready endpoint's map was last programmed from and with:
+    /// an endpoint whose inputs did not change is not touched again.
+    pub(crate) programmed: BTreeMap<u16, crate::repository::Programmed>,
+    /// Whether the ipcache's CIDR entries were reconciled with a walk of
+    /// the whole map since start; afterwards only differences are written.
+    pub(crate) ipcache_walked: bool,
     /// Local CIDR identities of the CIDRs the policies mention.
     pub(crate) cidr_ids: BTreeMap<ipnet::IpNet, u32>,
     /// Stored policies that failed to parse at start-up: they close the
@@ -123,7 +134,10 @@ impl EndpointManager {
             netdev,
             pools,
             policy_docs: BTreeMap::new(),
+            repository: cilia_policy::PolicyRepository::new(),
             resolved: BTreeMap::new(),
+            programmed: BTreeMap::new(),
+            ipcache_walked: false,
             cidr_ids: BTreeMap::new(),
             policy_errors: Vec::new(),
             rule_cookies: crate::policy::RuleCookies::default(),
@@ -351,6 +365,7 @@ impl EndpointManager {
             }
         }
         self.resolved.remove(&rec.id);
+        self.programmed.remove(&rec.id);
         if let Err(e) = self.datapath.detach_endpoint(rec.id) {
             warn!(id = rec.id, error = %e, "cannot remove link pin");
         }
@@ -374,6 +389,7 @@ impl EndpointManager {
         self.datapath.purge_ct(rec.id, &rec.ips())?;
         self.store.delete_endpoint(&rec)?;
         self.resolved.remove(&rec.id);
+        self.programmed.remove(&rec.id);
         info!(id, "endpoint deleted");
         // Policies of the others may have selected its identity, if it was
         // the last endpoint carrying it.
