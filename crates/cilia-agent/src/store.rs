@@ -598,34 +598,38 @@ impl Store {
         prefixes: &BTreeSet<ipnet::IpNet>,
         commit: bool,
     ) -> Result<BTreeMap<ipnet::IpNet, u32>, StoreError> {
-        let txn = self.db.begin_write()?;
         let mut out = current.clone();
         out.retain(|p, _| prefixes.contains(p));
+        let mut used: BTreeSet<u32> = out.values().copied().collect();
+        let mut added = Vec::new();
+        // As in `cidr_identities`: the smallest free id, searched from
+        // where the last one ended.
+        let mut next_free = FIRST_CIDR_IDENTITY;
+        for prefix in prefixes.iter().filter(|p| !current.contains_key(*p)) {
+            let mut id = next_free;
+            while used.contains(&id) {
+                id += 1;
+            }
+            next_free = id + 1;
+            used.insert(id);
+            added.push((*prefix, id));
+            out.insert(*prefix, id);
+        }
+        if !commit {
+            // Nothing to read: `current` is what the store holds.
+            return Ok(out);
+        }
+        let txn = self.db.begin_write()?;
         {
             let mut table = txn.open_table(CIDR_IDENTITIES)?;
             for gone in current.keys().filter(|p| !prefixes.contains(*p)) {
                 table.remove(gone.to_string().as_str())?;
             }
-            let mut used: BTreeSet<u32> = out.values().copied().collect();
-            // As in `cidr_identities`: the smallest free id, searched from
-            // where the last one ended.
-            let mut next_free = FIRST_CIDR_IDENTITY;
-            for prefix in prefixes.iter().filter(|p| !current.contains_key(*p)) {
-                let mut id = next_free;
-                while used.contains(&id) {
-                    id += 1;
-                }
-                next_free = id + 1;
-                used.insert(id);
-                table.insert(prefix.to_string().as_str(), id)?;
-                out.insert(*prefix, id);
+            for (prefix, id) in &added {
+                table.insert(prefix.to_string().as_str(), *id)?;
             }
         }
-        if commit {
-            txn.commit()?;
-        } else {
-            txn.abort()?;
-        }
+        txn.commit()?;
         Ok(out)
     }
 
