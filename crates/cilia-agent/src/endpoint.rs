@@ -532,6 +532,8 @@ mod tests {
         link_ifindex: Option<u32>,
         attaches: usize,
         detaches: usize,
+        /// Policy maps written, per endpoint.
+        policy_writes: HashMap<u16, usize>,
         /// When set, conntrack walks announce themselves on the sender and
         /// then wait for the receiver: a slow walk the test controls.
         ct_gate: Option<CtGate>,
@@ -655,6 +657,7 @@ mod tests {
                 return Err(DatapathError::MissingMap("cilia_policy"));
             }
             k.policy.insert(id, entries.clone());
+            *k.policy_writes.entry(id).or_default() += 1;
             Ok(())
         }
         fn get_policy(
@@ -1309,6 +1312,113 @@ spec:
             .is_none());
     }
 
+    fn labelled(app: &str) -> EndpointCreate {
+        let mut req = request();
+        req.labels = BTreeMap::from([("app".into(), app.into())]);
+        req
+    }
+
+    fn cnp(name: &str, selected: &str, body: &str) -> String {
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: {name}}}\nspec:\n  endpointSelector: {{matchLabels: {{app: {selected}}}}}\n{body}"
+        )
+    }
+
+    #[test]
+    fn an_import_writes_only_the_maps_of_the_endpoints_whose_entries_change() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        let web = mgr.create(labelled("web")).unwrap();
+        let db = mgr.create(labelled("db")).unwrap();
+        let writes = |id: u16| h.kernel.lock().unwrap().policy_writes[&id];
+        let (web0, db0) = (writes(web.id), writes(db.id));
+        let ingress = "  ingress:\n  - fromEndpoints: [{matchLabels: {app: web}}]\n";
+        mgr.import_policies("a.yaml", &cnp("a", "db", ingress))
+            .unwrap();
+        assert_eq!((writes(web.id), writes(db.id)), (web0, db0 + 1));
+        // A policy selecting nobody, and one re-imported unchanged, write nothing.
+        mgr.import_policies("b.yaml", &cnp("b", "nobody", ingress))
+            .unwrap();
+        mgr.import_policies("a.yaml", &cnp("a", "db", ingress))
+            .unwrap();
+        assert_eq!((writes(web.id), writes(db.id)), (web0, db0 + 1));
+        // A new CIDR only db's policy can see rewrites db's map only.
+        let cidr = "  ingress:\n  - fromCIDR: [192.0.2.0/24]\n";
+        mgr.import_policies("c.yaml", &cnp("c", "db", cidr))
+            .unwrap();
+        assert_eq!((writes(web.id), writes(db.id)), (web0, db0 + 2));
+    }
+
+    /// An endpoint's map with rule names for cookies: (verdict, match kind, rule).
+    type NamedMap = BTreeMap<PolicyKey, (u8, u8, Option<String>)>;
+    type Step = Box<dyn Fn(&mut EndpointManager)>;
+
+    /// Every endpoint's map as (key, verdict, match kind, rule name): rule
+    /// cookies are numbered per agent, names are what they stand for.
+    fn named_maps(h: &Harness, mgr: &EndpointManager) -> BTreeMap<u16, NamedMap> {
+        let k = h.kernel.lock().unwrap();
+        k.policy
+            .iter()
+            .map(|(id, entries)| {
+                let named = entries
+                    .iter()
+                    .map(|(key, v)| {
+                        let rule = mgr.rule_name(v.rule).map(String::from);
+                        (*key, (v.verdict, v.match_kind, rule))
+                    })
+                    .collect();
+                (*id, named)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn incremental_regeneration_programs_what_a_restart_programs_from_scratch() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        let web = mgr.create(labelled("web")).unwrap();
+        mgr.create(labelled("db")).unwrap();
+        let to_db = "  ingress:\n  - fromEndpoints: [{matchLabels: {app: web}}]\n    toPorts: [{ports: [{port: '5432', protocol: TCP}]}]\n";
+        let world = "  egress:\n  - toEntities: [world]\n  - toCIDR: [10.0.0.0/8, 192.0.2.0/24]\n  egressDeny:\n  - toCIDRSet: [{cidr: 10.0.0.0/8, except: [10.1.0.0/16]}]\n    toPorts: [{ports: [{port: '22'}]}]\n";
+        let steps: Vec<Step> = vec![
+            Box::new(|m| {
+                m.import_policies("a.yaml", &cnp("a", "db", to_db)).unwrap();
+            }),
+            Box::new(|m| {
+                m.import_policies("b.yaml", &cnp("b", "web", world))
+                    .unwrap();
+            }),
+            Box::new(|m| {
+                m.create(labelled("web")).unwrap();
+            }),
+            Box::new(|m| {
+                m.import_policies(
+                    "c.yaml",
+                    &cnp("c", "db", "  ingress:\n  - fromCIDR: [10.1.2.0/24]\n"),
+                )
+                .unwrap();
+            }),
+            Box::new(move |m| {
+                m.set_labels(web.id, &BTreeMap::from([("app".into(), "db".into())]))
+                    .unwrap();
+            }),
+            Box::new(|m| {
+                m.delete_policies(Some("a"), None).unwrap();
+            }),
+            Box::new(|m| {
+                m.create(labelled("cache")).unwrap();
+            }),
+        ];
+        for (i, step) in steps.iter().enumerate() {
+            step(&mut mgr);
+            let incremental = named_maps(&h, &mgr);
+            let mut fresh = h.manager_from(&mut mgr);
+            fresh.restore().unwrap();
+            assert_eq!(incremental, named_maps(&h, &fresh), "after step {i}");
+            mgr = fresh;
+        }
+    }
+
     /// `CHUNK`-rule CiliumNetworkPolicy number `k` of the import benchmark,
     /// shaped like `bench/policy-scale.sh`: never-matching `fromCIDR` /32s
     /// (then /128s), the last policy ending with `fromEndpoints: app=client`.
@@ -1394,9 +1504,23 @@ spec:
         );
         let entries = h.kernel.lock().unwrap().policy[&server].len();
         println!("server policy map entries: {entries}");
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let peak = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM"))
+            .unwrap_or("");
+        println!("peak memory (whole test process): {peak}");
     }
 
     impl Harness {
+        /// A new manager on the same state, as after a restart: `old` is
+        /// dropped first (the store allows one opener).
+        fn manager_from(&self, old: &mut EndpointManager) -> EndpointManager {
+            let placeholder = Store::open(&self.path.with_extension("placeholder")).unwrap();
+            drop(std::mem::replace(&mut old.store, placeholder));
+            self.manager()
+        }
+
         fn manager_pools(&self) -> Pools {
             Pools {
                 v6: Pool::new("fd00::/120".parse().unwrap()).unwrap(),
