@@ -600,20 +600,34 @@ impl Store {
     ) -> Result<BTreeMap<ipnet::IpNet, u32>, StoreError> {
         let mut out = current.clone();
         out.retain(|p, _| prefixes.contains(p));
-        let mut used: BTreeSet<u32> = out.values().copied().collect();
         let mut added = Vec::new();
-        // As in `cidr_identities`: the smallest free id, searched from
-        // where the last one ended.
-        let mut next_free = FIRST_CIDR_IDENTITY;
-        for prefix in prefixes.iter().filter(|p| !current.contains_key(*p)) {
-            let mut id = next_free;
-            while used.contains(&id) {
+        let new: Vec<ipnet::IpNet> = prefixes
+            .iter()
+            .filter(|p| !current.contains_key(*p))
+            .copied()
+            .collect();
+        if !new.is_empty() {
+            // As in `cidr_identities`: each new prefix, in order, gets the
+            // smallest id nobody uses; the used ids sorted once, walked once.
+            let mut used: Vec<u32> = out.values().copied().collect();
+            used.sort_unstable();
+            let mut used = used.into_iter().peekable();
+            let mut id = FIRST_CIDR_IDENTITY;
+            for prefix in new {
+                while let Some(&u) = used.peek() {
+                    if u < id {
+                        used.next();
+                    } else if u == id {
+                        used.next();
+                        id += 1;
+                    } else {
+                        break;
+                    }
+                }
+                added.push((prefix, id));
+                out.insert(prefix, id);
                 id += 1;
             }
-            next_free = id + 1;
-            used.insert(id);
-            added.push((*prefix, id));
-            out.insert(*prefix, id);
         }
         if !commit {
             // Nothing to read: `current` is what the store holds.
@@ -874,6 +888,33 @@ mod tests {
         let second = store.sync_cidr_identities(&[b].into()).unwrap();
         assert_eq!(first[&b], second[&b]);
         assert!(first[&a] >= FIRST_CIDR_IDENTITY);
+    }
+
+    #[test]
+    fn changing_cidr_identities_gives_the_ids_a_full_sync_gives() {
+        let dir = tempfile::tempdir().unwrap();
+        let full = Store::open(&dir.path().join("full.redb")).unwrap();
+        let changed = Store::open(&dir.path().join("changed.redb")).unwrap();
+        let net = |i: u32| -> ipnet::IpNet { format!("10.0.{i}.0/24").parse().unwrap() };
+        let sets: [Vec<u32>; 4] = [
+            (0..10).collect(),
+            vec![0, 2, 4, 6, 8],               // gaps
+            vec![0, 1, 2, 3, 4, 6, 8, 11, 12], // fill the gaps, then more
+            vec![12],
+        ];
+        let mut current = BTreeMap::new();
+        for set in sets {
+            let prefixes: BTreeSet<ipnet::IpNet> = set.into_iter().map(net).collect();
+            let want = full.sync_cidr_identities(&prefixes).unwrap();
+            let planned = changed
+                .change_cidr_identities(&current, &prefixes, false)
+                .unwrap();
+            current = changed
+                .change_cidr_identities(&current, &prefixes, true)
+                .unwrap();
+            assert_eq!((&planned, &current), (&want, &want));
+            assert_eq!(changed.plan_cidr_identities(&prefixes).unwrap(), want);
+        }
     }
 
     fn pools() -> (Pool, Pool) {
