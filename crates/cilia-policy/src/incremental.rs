@@ -85,8 +85,9 @@ impl SelectorCache {
     ) -> &BTreeSet<IdentityId> {
         if !self.peers.contains_key(peer) {
             if let Peer::Cidr { cidr, .. } = peer {
+                // Keyed by network address: the lookup truncates too.
                 self.cidr_peers
-                    .entry(*cidr)
+                    .entry(cidr.trunc())
                     .or_default()
                     .insert(peer.clone());
                 *self.cidr_lens.entry(family_len(cidr)).or_default() += 1;
@@ -119,10 +120,11 @@ impl SelectorCache {
         }
         self.peers.remove(peer);
         if let Peer::Cidr { cidr, .. } = peer {
-            if let Some(set) = self.cidr_peers.get_mut(cidr) {
+            let key = cidr.trunc();
+            if let Some(set) = self.cidr_peers.get_mut(&key) {
                 set.remove(peer);
                 if set.is_empty() {
-                    self.cidr_peers.remove(cidr);
+                    self.cidr_peers.remove(&key);
                 }
             }
             let len = family_len(cidr);
