@@ -68,9 +68,20 @@ pub struct EndpointManager {
     pub(crate) netdev: Box<dyn Netdev>,
     pub(crate) pools: Pools,
     /// Imported policies by key (`kind/namespace/name`), with their source.
-    pub(crate) policy_docs: BTreeMap<String, (StoredPolicy, cilia_policy::Policy)>,
+    /// Shared (`Arc`) with `repository`, which keeps each one's resolved
+    /// contributions while the same policy stays imported.
+    pub(crate) policy_docs: BTreeMap<String, (StoredPolicy, std::sync::Arc<cilia_policy::Policy>)>,
+    /// Incremental resolution of `policy_docs` against the identities:
+    /// synced with both before every use (see `repository`).
+    pub(crate) repository: cilia_policy::PolicyRepository,
     /// Each ready endpoint's resolved policy, as programmed into its map.
     pub(crate) resolved: BTreeMap<u16, cilia_policy::ResolvedPolicy>,
+    /// What each ready endpoint's map was last programmed from and with:
+    /// an endpoint whose inputs did not change is not touched again.
+    pub(crate) programmed: BTreeMap<u16, crate::repository::Programmed>,
+    /// Whether the ipcache's CIDR entries were reconciled with a walk of
+    /// the whole map since start; afterwards only differences are written.
+    pub(crate) ipcache_walked: bool,
     /// Local CIDR identities of the CIDRs the policies mention.
     pub(crate) cidr_ids: BTreeMap<ipnet::IpNet, u32>,
     /// Stored policies that failed to parse at start-up: they close the
@@ -128,7 +139,10 @@ impl EndpointManager {
             netdev,
             pools,
             policy_docs: BTreeMap::new(),
+            repository: cilia_policy::PolicyRepository::new(),
             resolved: BTreeMap::new(),
+            programmed: BTreeMap::new(),
+            ipcache_walked: false,
             cidr_ids: BTreeMap::new(),
             policy_errors: Vec::new(),
             rule_cookies: crate::policy::RuleCookies::default(),
@@ -356,6 +370,7 @@ impl EndpointManager {
             }
         }
         self.resolved.remove(&rec.id);
+        self.programmed.remove(&rec.id);
         if let Err(e) = self.datapath.detach_endpoint(rec.id) {
             warn!(id = rec.id, error = %e, "cannot remove link pin");
         }
@@ -379,6 +394,7 @@ impl EndpointManager {
         self.datapath.purge_ct(rec.id, &rec.ips())?;
         self.store.delete_endpoint(&rec)?;
         self.resolved.remove(&rec.id);
+        self.programmed.remove(&rec.id);
         info!(id, "endpoint deleted");
         // Policies of the others may have selected its identity, if it was
         // the last endpoint carrying it.
@@ -613,6 +629,8 @@ mod tests {
         reloads: usize,
         attaches: usize,
         detaches: usize,
+        /// Policy maps written, per endpoint.
+        policy_writes: HashMap<u16, usize>,
         /// When set, conntrack walks announce themselves on the sender and
         /// then wait for the receiver: a slow walk the test controls.
         ct_gate: Option<CtGate>,
@@ -783,6 +801,7 @@ mod tests {
                 return Err(DatapathError::MissingMap("cilia_policy"));
             }
             k.policy.insert(id, entries.clone());
+            *k.policy_writes.entry(id).or_default() += 1;
             Ok(())
         }
         fn get_policy(
@@ -1528,7 +1547,215 @@ spec:
             .is_none());
     }
 
+    fn labelled(app: &str) -> EndpointCreate {
+        let mut req = request();
+        req.labels = BTreeMap::from([("app".into(), app.into())]);
+        req
+    }
+
+    fn cnp(name: &str, selected: &str, body: &str) -> String {
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: {name}}}\nspec:\n  endpointSelector: {{matchLabels: {{app: {selected}}}}}\n{body}"
+        )
+    }
+
+    #[test]
+    fn an_import_writes_only_the_maps_of_the_endpoints_whose_entries_change() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        let web = mgr.create(labelled("web")).unwrap();
+        let db = mgr.create(labelled("db")).unwrap();
+        let writes = |id: u16| h.kernel.lock().unwrap().policy_writes[&id];
+        let (web0, db0) = (writes(web.id), writes(db.id));
+        let ingress = "  ingress:\n  - fromEndpoints: [{matchLabels: {app: web}}]\n";
+        mgr.import_policies("a.yaml", &cnp("a", "db", ingress))
+            .unwrap();
+        assert_eq!((writes(web.id), writes(db.id)), (web0, db0 + 1));
+        // A policy selecting nobody, and one re-imported unchanged, write nothing.
+        mgr.import_policies("b.yaml", &cnp("b", "nobody", ingress))
+            .unwrap();
+        mgr.import_policies("a.yaml", &cnp("a", "db", ingress))
+            .unwrap();
+        assert_eq!((writes(web.id), writes(db.id)), (web0, db0 + 1));
+        // A new CIDR only db's policy can see rewrites db's map only.
+        let cidr = "  ingress:\n  - fromCIDR: [192.0.2.0/24]\n";
+        mgr.import_policies("c.yaml", &cnp("c", "db", cidr))
+            .unwrap();
+        assert_eq!((writes(web.id), writes(db.id)), (web0, db0 + 2));
+    }
+
+    /// An endpoint's map with rule names for cookies: (verdict, match kind, rule).
+    type NamedMap = BTreeMap<PolicyKey, (u8, u8, Option<String>)>;
+    type Step = Box<dyn Fn(&mut EndpointManager)>;
+
+    /// Every endpoint's map as (key, verdict, match kind, rule name): rule
+    /// cookies are numbered per agent, names are what they stand for.
+    fn named_maps(h: &Harness, mgr: &EndpointManager) -> BTreeMap<u16, NamedMap> {
+        let k = h.kernel.lock().unwrap();
+        k.policy
+            .iter()
+            .map(|(id, entries)| {
+                let named = entries
+                    .iter()
+                    .map(|(key, v)| {
+                        let rule = mgr.rule_name(v.rule).map(String::from);
+                        (*key, (v.verdict, v.match_kind, rule))
+                    })
+                    .collect();
+                (*id, named)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn incremental_regeneration_programs_what_a_restart_programs_from_scratch() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        let web = mgr.create(labelled("web")).unwrap();
+        mgr.create(labelled("db")).unwrap();
+        let to_db = "  ingress:\n  - fromEndpoints: [{matchLabels: {app: web}}]\n    toPorts: [{ports: [{port: '5432', protocol: TCP}]}]\n";
+        let world = "  egress:\n  - toEntities: [world]\n  - toCIDR: [10.0.0.0/8, 192.0.2.0/24]\n  egressDeny:\n  - toCIDRSet: [{cidr: 10.0.0.0/8, except: [10.1.0.0/16]}]\n    toPorts: [{ports: [{port: '22'}]}]\n";
+        let steps: Vec<Step> = vec![
+            Box::new(|m| {
+                m.import_policies("a.yaml", &cnp("a", "db", to_db)).unwrap();
+            }),
+            Box::new(|m| {
+                m.import_policies("b.yaml", &cnp("b", "web", world))
+                    .unwrap();
+            }),
+            Box::new(|m| {
+                m.create(labelled("web")).unwrap();
+            }),
+            Box::new(|m| {
+                m.import_policies(
+                    "c.yaml",
+                    &cnp("c", "db", "  ingress:\n  - fromCIDR: [10.1.2.0/24]\n"),
+                )
+                .unwrap();
+            }),
+            Box::new(move |m| {
+                m.set_labels(web.id, &BTreeMap::from([("app".into(), "db".into())]))
+                    .unwrap();
+            }),
+            Box::new(|m| {
+                m.delete_policies(Some("a"), None).unwrap();
+            }),
+            Box::new(|m| {
+                m.create(labelled("cache")).unwrap();
+            }),
+        ];
+        for (i, step) in steps.iter().enumerate() {
+            step(&mut mgr);
+            let incremental = named_maps(&h, &mgr);
+            let mut fresh = h.manager_from(&mut mgr);
+            fresh.restore().unwrap();
+            assert_eq!(incremental, named_maps(&h, &fresh), "after step {i}");
+            mgr = fresh;
+        }
+    }
+
+    /// `CHUNK`-rule CiliumNetworkPolicy number `k` of the import benchmark,
+    /// shaped like `bench/policy-scale.sh`: never-matching `fromCIDR` /32s
+    /// (then /128s), the last policy ending with `fromEndpoints: app=client`.
+    fn scale_policy(k: usize, chunk: usize, last: bool) -> String {
+        let cidr = |i: usize| {
+            if i < 512 {
+                format!("{}.{}/32", ["198.51.100", "203.0.113"][i / 256], i % 256)
+            } else {
+                format!("2001:db8:{:x}:{:x}::1/128", (i >> 16) & 0xffff, i & 0xffff)
+            }
+        };
+        let ports = "    toPorts:\n    - ports:\n      - port: \"8080\"\n        protocol: TCP\n";
+        let mut yaml = format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: policy-scale-{k}\nspec:\n  endpointSelector:\n    matchLabels:\n      app: server\n  ingress:\n"
+        );
+        let rules = if last { chunk - 1 } else { chunk };
+        for i in k * chunk..k * chunk + rules {
+            yaml.push_str(&format!("  - fromCIDR:\n    - \"{}\"\n{ports}", cidr(i)));
+        }
+        if last {
+            yaml.push_str("  - fromEndpoints:\n    - matchLabels:\n        app: client\n");
+            yaml.push_str(ports);
+        }
+        yaml
+    }
+
+    /// The import benchmark (docs/benchmarks.md, "Policy import"): three
+    /// endpoints, then `CILIA_IMPORTS` (10) imports of `CILIA_CHUNK`
+    /// (10,000) rules each; prints each import's time and its ratio to the
+    /// first (the same 10,000 rules' cost alone, measured in the same run).
+    /// Stops early once the imports took `CILIA_BENCH_LIMIT_S` (300) s.
+    /// Run: `cargo test --release -p cilia-agent --lib import_benchmark -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "benchmark: run explicitly, release build"]
+    fn import_benchmark() {
+        let var = |name: &str, default: usize| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        let (imports, chunk) = (var("CILIA_IMPORTS", 10), var("CILIA_CHUNK", 10_000));
+        let limit = std::time::Duration::from_secs(var("CILIA_BENCH_LIMIT_S", 300) as u64);
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        let mut server = 0;
+        for app in ["server", "client", "other"] {
+            let mut req = request();
+            req.labels = BTreeMap::from([("app".into(), app.into())]);
+            let ep = mgr.create(req).unwrap();
+            if app == "server" {
+                server = ep.id;
+            }
+        }
+        let docs: Vec<String> = (0..imports)
+            .map(|k| scale_policy(k, chunk, k + 1 == imports))
+            .collect();
+        let started = std::time::Instant::now();
+        let mut times = Vec::new();
+        for (k, yaml) in docs.iter().enumerate() {
+            let t = std::time::Instant::now();
+            mgr.import_policies(&format!("cnp-{k}.yaml"), yaml).unwrap();
+            times.push(t.elapsed().as_secs_f64());
+            let ratio = times[k] / times[0];
+            println!(
+                "import {}: {} rules on top of {}: {:.3} s (ratio to the first: {ratio:.2})",
+                k + 1,
+                chunk,
+                k * chunk,
+                times[k]
+            );
+            if started.elapsed() > limit {
+                println!("stopped after {} imports: over the time limit", k + 1);
+                break;
+            }
+        }
+        let total: f64 = times.iter().sum();
+        println!(
+            "total {:.2} s for {} imports ({:.2}x the first import)",
+            total,
+            times.len(),
+            total / times[0]
+        );
+        let entries = h.kernel.lock().unwrap().policy[&server].len();
+        println!("server policy map entries: {entries}");
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let peak = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM"))
+            .unwrap_or("");
+        println!("peak memory (whole test process): {peak}");
+    }
+
     impl Harness {
+        /// A new manager on the same state, as after a restart: `old` is
+        /// dropped first (the store allows one opener).
+        fn manager_from(&self, old: &mut EndpointManager) -> EndpointManager {
+            let placeholder = Store::open(&self.path.with_extension("placeholder")).unwrap();
+            drop(std::mem::replace(&mut old.store, placeholder));
+            self.manager()
+        }
+
         fn manager_pools(&self) -> Pools {
             Pools {
                 v6: Pool::new("fd00::/120".parse().unwrap()).unwrap(),

@@ -10,7 +10,7 @@ use cilia_abi::{
     CILIA_ENFORCE_AUDIT, CILIA_ID_ENFORCEMENT, CILIA_MATCH_L3, CILIA_MATCH_PORT, CILIA_MATCH_PROTO,
     CILIA_POLICY_MAX, CILIA_VERDICT_ALLOW, CILIA_VERDICT_DENY,
 };
-use cilia_policy::{Direction, Policy, PolicyError, PolicyKind, ResolvedPolicy, Verdict};
+use cilia_policy::{Direction, Policy, PolicyError, PolicyKind, ResolvedPolicy, RuleRef, Verdict};
 
 use crate::store::StoredPolicy;
 
@@ -194,9 +194,22 @@ pub fn kernel_prefix_len(proto: u8, port_prefix_len: u8) -> u32 {
 pub struct RuleCookies {
     by_name: BTreeMap<String, u32>,
     names: Vec<String>,
+    /// Cookies by rule reference, so a regeneration of many rules does not
+    /// format every rule's name again.
+    by_rule: std::collections::HashMap<RuleRef, u32>,
 }
 
 impl RuleCookies {
+    /// The cookie of a rule reference (its name's cookie).
+    pub fn cookie_of(&mut self, rule: &RuleRef) -> u32 {
+        if let Some(c) = self.by_rule.get(rule) {
+            return *c;
+        }
+        let c = self.cookie(&rule.to_string());
+        self.by_rule.insert(rule.clone(), c);
+        c
+    }
+
     /// The cookie of a rule (allocating one on first sight); never 0.
     pub fn cookie(&mut self, rule: &str) -> u32 {
         if let Some(c) = self.by_name.get(rule) {
@@ -231,7 +244,7 @@ pub fn map_entries(
     let rule_cookies: Vec<u32> = resolved
         .rules
         .iter()
-        .map(|r| cookies.cookie(&r.to_string()))
+        .map(|r| cookies.cookie_of(r))
         .collect();
     let mut out = BTreeMap::new();
     for (dir, enforced) in [

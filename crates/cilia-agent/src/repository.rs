@@ -6,6 +6,15 @@
 //! Invariant: `resolved` always holds exactly what each ready endpoint's
 //! policy map was last programmed from, so `trace` and `bpf policy get`
 //! explain the datapath's actual state.
+//!
+//! A change is parsed once, then planned, committed and applied: the plan
+//! resolves through `cilia_policy::PolicyRepository`, which keeps each
+//! policy's resolved contribution and the identities each peer selects, so
+//! only new or changed policies (and those whose peers see new identities)
+//! are resolved again; an endpoint whose contributions, closed state and
+//! audit mode are what its map was programmed from (`programmed`) is
+//! neither merged nor written, and the ipcache gets only the CIDR
+//! identities that came or went.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -73,12 +82,29 @@ pub struct Trace {
 
 type PolicyEntries = BTreeMap<cilia_abi::PolicyKey, cilia_abi::PolicyValue>;
 
+/// What an endpoint's policy map was programmed from and with.
+#[derive(Debug, Clone)]
+pub struct Programmed {
+    /// The contributions its resolution was merged from; `None`: closed by
+    /// a broken stored policy.
+    basis: Option<cilia_policy::Basis>,
+    audit: bool,
+    entries: PolicyEntries,
+}
+
+/// One endpoint's new map, checked, not yet written.
+struct PlannedEndpoint {
+    id: u16,
+    resolved: cilia_policy::ResolvedPolicy,
+    programmed: Programmed,
+}
+
 /// A regeneration, computed and checked, not yet written.
 struct Plan {
     prefixes: std::collections::BTreeSet<ipnet::IpNet>,
     cidr_ids: BTreeMap<ipnet::IpNet, u32>,
-    /// Ready endpoints: id, resolution, map entries.
-    endpoints: Vec<(u16, cilia_policy::ResolvedPolicy, PolicyEntries)>,
+    /// Ready endpoints whose map changes.
+    endpoints: Vec<PlannedEndpoint>,
 }
 
 fn prefix_key(prefix: &ipnet::IpNet) -> IpcacheKey {
@@ -96,7 +122,8 @@ impl EndpointManager {
             match cilia_policy::parse_policies(&stored.key(), &stored.yaml) {
                 Ok(parsed) => {
                     for p in parsed {
-                        self.policy_docs.insert(stored.key(), (stored.clone(), p));
+                        self.policy_docs
+                            .insert(stored.key(), (stored.clone(), std::sync::Arc::new(p)));
                     }
                 }
                 Err(e) => {
@@ -113,7 +140,26 @@ impl EndpointManager {
     }
 
     pub(crate) fn policies(&self) -> Vec<cilia_policy::Policy> {
-        self.policy_docs.values().map(|(_, p)| p.clone()).collect()
+        self.policy_docs
+            .values()
+            .map(|(_, p)| (**p).clone())
+            .collect()
+    }
+
+    /// Brings the incremental repository up to `policy_docs` and the given
+    /// identities (cheap when little changed).
+    fn sync_repository(&mut self, cache: IdentityCache) {
+        self.repository
+            .set_policies(self.policy_docs.iter().map(|(k, (_, p))| (k.as_str(), p)));
+        self.repository.set_identities(cache);
+    }
+
+    /// Forgets what every map was programmed from, so the next
+    /// regeneration writes every ready endpoint's map (after the maps were
+    /// re-created, say).
+    pub fn forget_programmed(&mut self) {
+        self.programmed.clear();
+        self.ipcache_walked = false;
     }
 
     pub fn policy_revision(&self) -> Result<u64, EndpointError> {
@@ -220,21 +266,39 @@ impl EndpointManager {
     pub(crate) fn apply_policy(&mut self, rec: &EndpointRecord) -> Result<(), EndpointError> {
         let cache = self.identity_cache()?;
         let namespaces = self.store.namespaces()?;
-        let policies = self.policies();
-        self.apply_policy_with(rec, &policies, &cache, &namespaces)
+        self.sync_repository(cache);
+        let basis = self.endpoint_basis(rec, &namespaces);
+        let planned = self.resolve_endpoint(rec, basis)?;
+        self.program(planned)
     }
 
-    fn apply_policy_with(
+    /// Writes one endpoint's planned map and records what it came from;
+    /// on failure nothing is recorded, so the next regeneration writes it.
+    fn program(&mut self, planned: PlannedEndpoint) -> Result<(), EndpointError> {
+        self.programmed.remove(&planned.id);
+        self.datapath
+            .set_policy(planned.id, &planned.programmed.entries)?;
+        self.resolved.insert(planned.id, planned.resolved);
+        self.programmed.insert(planned.id, planned.programmed);
+        Ok(())
+    }
+
+    /// What an endpoint's resolution is merged from (`None`: closed, since
+    /// a broken stored policy may select it). The repository is synced.
+    fn endpoint_basis(
         &mut self,
         rec: &EndpointRecord,
-        policies: &[cilia_policy::Policy],
-        cache: &IdentityCache,
         namespaces: &BTreeMap<String, BTreeMap<String, String>>,
-    ) -> Result<(), EndpointError> {
-        let (resolved, entries) = self.resolve_endpoint(rec, policies, cache, namespaces)?;
-        self.datapath.set_policy(rec.id, &entries)?;
-        self.resolved.insert(rec.id, resolved);
-        Ok(())
+    ) -> Option<cilia_policy::Basis> {
+        if self
+            .policy_errors
+            .iter()
+            .any(|b| b.may_select(&rec.namespace))
+        {
+            return None;
+        }
+        let subject = Labels(Self::subject_labels(rec, namespaces));
+        Some(self.repository.basis(&subject))
     }
 
     /// One endpoint's resolution and map entries, checked against the map's
@@ -242,32 +306,38 @@ impl EndpointManager {
     fn resolve_endpoint(
         &mut self,
         rec: &EndpointRecord,
-        policies: &[cilia_policy::Policy],
-        cache: &IdentityCache,
-        namespaces: &BTreeMap<String, BTreeMap<String, String>>,
-    ) -> Result<(cilia_policy::ResolvedPolicy, PolicyEntries), EndpointError> {
-        let resolved = if self
-            .policy_errors
-            .iter()
-            .any(|b| b.may_select(&rec.namespace))
-        {
-            policy::closed_resolution()
-        } else {
-            let subject = Labels(Self::subject_labels(rec, namespaces));
-            cilia_policy::resolve(policies, &subject, cache)
+        basis: Option<cilia_policy::Basis>,
+    ) -> Result<PlannedEndpoint, EndpointError> {
+        let resolved = match &basis {
+            None => policy::closed_resolution(),
+            Some(basis) => self.repository.merge(basis),
         };
         let entries = map_entries(&resolved, &mut self.rule_cookies, rec.policy_audit);
         policy::check_size(rec.id, &entries, self.limits.policy_entries)?;
-        Ok((resolved, entries))
+        Ok(PlannedEndpoint {
+            id: rec.id,
+            resolved,
+            programmed: Programmed {
+                basis,
+                audit: rec.policy_audit,
+                entries,
+            },
+        })
     }
 
     /// Everything a regeneration will write, computed and checked before
     /// anything is written: the CIDR identities (planned in an aborted
     /// store transaction), the ipcache's room for them, and every
     /// endpoint's map entries.
-    fn plan(&mut self, policies: &[cilia_policy::Policy]) -> Result<Plan, EndpointError> {
-        let prefixes = cilia_policy::cidr_prefixes(policies);
-        let cidr_ids = self.store.plan_cidr_identities(&prefixes)?;
+    fn plan(&mut self) -> Result<Plan, EndpointError> {
+        let prefixes = cilia_policy::cidr_prefixes(self.policy_docs.values().map(|(_, p)| &**p));
+        let cidr_ids = if self.ipcache_walked {
+            // `cidr_ids` mirrors the store since the first regeneration.
+            self.store
+                .change_cidr_identities(&self.cidr_ids, &prefixes, false)?
+        } else {
+            self.store.plan_cidr_identities(&prefixes)?
+        };
         // The agent's ipcache entries are the node's addresses and the CIDR
         // prefixes (local endpoints are not entries, see `node`).
         let needed = self.node_addrs.len() + cidr_ids.len();
@@ -280,12 +350,22 @@ impl EndpointManager {
         }
         let cache = self.identity_cache_with(&cidr_ids)?;
         let namespaces = self.store.namespaces()?;
+        self.sync_repository(cache);
         let mut endpoints = Vec::new();
         for rec in self.store.endpoints()? {
+            let basis = self.endpoint_basis(&rec, &namespaces);
+            let ready = rec.state == EndpointState::Ready;
+            if let Some(p) = self.programmed.get(&rec.id) {
+                if ready && p.basis == basis && p.audit == rec.policy_audit {
+                    // Same inputs, same map: checked again, not rebuilt.
+                    policy::check_size(rec.id, &p.entries, self.limits.policy_entries)?;
+                    continue;
+                }
+            }
             // Not-ready endpoints are checked too: they may come back.
-            let (resolved, entries) = self.resolve_endpoint(&rec, policies, &cache, &namespaces)?;
-            if rec.state == EndpointState::Ready {
-                endpoints.push((rec.id, resolved, entries));
+            let planned = self.resolve_endpoint(&rec, basis)?;
+            if ready {
+                endpoints.push(planned);
             }
         }
         Ok(Plan {
@@ -295,27 +375,65 @@ impl EndpointManager {
         })
     }
 
-    /// Writes a checked plan: CIDR identities (store, then ipcache), every
-    /// ready endpoint's map, then the revision bump.
+    /// Writes a checked plan: CIDR identities (store, then ipcache), the
+    /// maps of the ready endpoints that change, then the revision bump.
     fn apply_plan(&mut self, plan: Plan) -> Result<(), EndpointError> {
-        let ids = self.store.sync_cidr_identities(&plan.prefixes)?;
+        let ids = if self.ipcache_walked {
+            self.store
+                .change_cidr_identities(&self.cidr_ids, &plan.prefixes, true)?
+        } else {
+            self.store.sync_cidr_identities(&plan.prefixes)?
+        };
         debug_assert_eq!(ids, plan.cidr_ids, "planned under the same lock");
+        let walk = !self.ipcache_walked;
+        // Until the walk below, the ipcache may hold what an earlier agent
+        // wrote: every entry is written once; afterwards, what changed.
+        let nothing = BTreeMap::new();
+        let previous = if walk { &nothing } else { &self.cidr_ids };
+        // The ipcache is written before `cidr_ids` changes: should a write
+        // fail, the next regeneration walks the map again.
+        self.ipcache_walked = false;
         for (prefix, id) in &ids {
             // A node address stays `host` whatever a policy's CIDR says.
-            if !self.is_node_key(&prefix_key(prefix)) {
+            if previous.get(prefix) != Some(id) && !self.is_node_key(&prefix_key(prefix)) {
                 self.datapath.upsert_ipcache(prefix_key(prefix), *id)?;
             }
         }
-        let wanted: std::collections::BTreeSet<IpcacheKey> = ids.keys().map(prefix_key).collect();
-        for (key, value) in self.datapath.list_ipcache()? {
-            if value.identity >= FIRST_CIDR_IDENTITY && !wanted.contains(&key) {
-                self.datapath.remove_ipcache(key)?;
+        if walk {
+            let wanted: std::collections::BTreeSet<IpcacheKey> =
+                ids.keys().map(prefix_key).collect();
+            for (key, value) in self.datapath.list_ipcache()? {
+                if value.identity >= FIRST_CIDR_IDENTITY && !wanted.contains(&key) {
+                    self.datapath.remove_ipcache(key)?;
+                }
+            }
+        } else {
+            for (prefix, id) in previous {
+                let key = prefix_key(prefix);
+                if !ids.contains_key(prefix)
+                    && *id >= FIRST_CIDR_IDENTITY
+                    && !self.is_node_key(&key)
+                {
+                    self.datapath.remove_ipcache(key)?;
+                }
             }
         }
         self.cidr_ids = ids;
-        for (id, resolved, entries) in plan.endpoints {
-            self.datapath.set_policy(id, &entries)?;
-            self.resolved.insert(id, resolved);
+        self.ipcache_walked = true;
+        for planned in plan.endpoints {
+            let unchanged = self
+                .programmed
+                .get(&planned.id)
+                .is_some_and(|p| p.entries == planned.programmed.entries);
+            if unchanged {
+                // Same entries from other inputs: nothing to write.
+                self.resolved.insert(planned.id, planned.resolved);
+                if let Some(p) = self.programmed.get_mut(&planned.id) {
+                    *p = planned.programmed;
+                }
+                continue;
+            }
+            self.program(planned)?;
         }
         self.datapath.bump_policy_revision()?;
         Ok(())
@@ -326,8 +444,7 @@ impl EndpointManager {
     /// policy on their next packet.
     pub fn regenerate(&mut self) -> Result<(), EndpointError> {
         let started = std::time::Instant::now();
-        let policies = self.policies();
-        let result = self.plan(&policies).and_then(|plan| self.apply_plan(plan));
+        let result = self.plan().and_then(|plan| self.apply_plan(plan));
         self.metrics
             .regeneration
             .observe(started.elapsed().as_secs_f64());
@@ -350,11 +467,14 @@ impl EndpointManager {
         let parsed = &import.policies;
         let mut candidate = self.policy_docs.clone();
         for (stored, p) in parsed {
-            candidate.insert(stored.key(), (stored.clone(), p.clone()));
+            candidate.insert(
+                stored.key(),
+                (stored.clone(), std::sync::Arc::new(p.clone())),
+            );
         }
         // The stored policies and the import together stay within the bounds
         // (README, "Input limits") before any resolution work starts.
-        cilia_policy::check_limits(candidate.values().map(|(_, p)| p)).map_err(|e| {
+        cilia_policy::check_limits(candidate.values().map(|(_, p)| &**p)).map_err(|e| {
             policy::ImportError::Limit {
                 file: source.to_string(),
                 source: e,
@@ -402,7 +522,7 @@ impl EndpointManager {
     /// store and the in-memory set back if programming fails.
     fn change_policies(
         &mut self,
-        candidate: BTreeMap<String, (StoredPolicy, cilia_policy::Policy)>,
+        candidate: BTreeMap<String, (StoredPolicy, std::sync::Arc<cilia_policy::Policy>)>,
         broken: Vec<policy::BrokenPolicy>,
         put: &[StoredPolicy],
         delete: &[String],
@@ -414,8 +534,7 @@ impl EndpointManager {
             mgr.policy_docs = previous_docs.clone();
             mgr.policy_errors = previous_broken.clone();
         };
-        let policies = self.policies();
-        let plan = match self.plan(&policies) {
+        let plan = match self.plan() {
             Ok(plan) => plan,
             Err(e) => {
                 restore_memory(self);
@@ -429,12 +548,7 @@ impl EndpointManager {
             .map(|s| s.key())
             .chain(delete.iter().cloned())
             .collect();
-        let before: Vec<StoredPolicy> = self
-            .store
-            .policies()?
-            .into_iter()
-            .filter(|s| touched.contains(&s.key()))
-            .collect();
+        let before: Vec<StoredPolicy> = self.store.policies_with_keys(&touched)?;
         let revision = match self.store.replace_policies(put, delete) {
             Ok(rev) => rev,
             Err(e) => {

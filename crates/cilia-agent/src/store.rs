@@ -482,6 +482,22 @@ impl Store {
         Ok(out)
     }
 
+    /// The stored policies with the given keys (those that exist).
+    pub fn policies_with_keys(&self, keys: &[String]) -> Result<Vec<StoredPolicy>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(POLICIES)?;
+        let mut out = Vec::new();
+        for key in keys {
+            if let Some(bytes) = table.get(key.as_str())? {
+                out.push(
+                    serde_json::from_slice(bytes.value())
+                        .map_err(|e| StoreError::Db(format!("policy {key}: {e}")))?,
+                );
+            }
+        }
+        Ok(out)
+    }
+
     /// Adds or replaces policies (by kind, namespace and name) and bumps the
     /// policy revision, all or nothing. Returns the new revision.
     pub fn put_policies(&self, policies: &[StoredPolicy]) -> Result<u64, StoreError> {
@@ -571,6 +587,66 @@ impl Store {
         self.cidr_identities(prefixes, false)
     }
 
+    /// Like [`Self::sync_cidr_identities`] (`commit`) or
+    /// [`Self::plan_cidr_identities`], given that the store holds exactly
+    /// `current` (what the last sync returned): only the prefixes that come
+    /// or go are read or written, so the cost follows the change, not the
+    /// number of CIDR identities.
+    pub fn change_cidr_identities(
+        &self,
+        current: &BTreeMap<ipnet::IpNet, u32>,
+        prefixes: &BTreeSet<ipnet::IpNet>,
+        commit: bool,
+    ) -> Result<BTreeMap<ipnet::IpNet, u32>, StoreError> {
+        let mut out = current.clone();
+        out.retain(|p, _| prefixes.contains(p));
+        let mut added = Vec::new();
+        let new: Vec<ipnet::IpNet> = prefixes
+            .iter()
+            .filter(|p| !current.contains_key(*p))
+            .copied()
+            .collect();
+        if !new.is_empty() {
+            // As in `cidr_identities`: each new prefix, in order, gets the
+            // smallest id nobody uses; the used ids sorted once, walked once.
+            let mut used: Vec<u32> = out.values().copied().collect();
+            used.sort_unstable();
+            let mut used = used.into_iter().peekable();
+            let mut id = FIRST_CIDR_IDENTITY;
+            for prefix in new {
+                while let Some(&u) = used.peek() {
+                    if u < id {
+                        used.next();
+                    } else if u == id {
+                        used.next();
+                        id += 1;
+                    } else {
+                        break;
+                    }
+                }
+                added.push((prefix, id));
+                out.insert(prefix, id);
+                id += 1;
+            }
+        }
+        if !commit {
+            // Nothing to read: `current` is what the store holds.
+            return Ok(out);
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(CIDR_IDENTITIES)?;
+            for gone in current.keys().filter(|p| !prefixes.contains(*p)) {
+                table.remove(gone.to_string().as_str())?;
+            }
+            for (prefix, id) in &added {
+                table.insert(prefix.to_string().as_str(), *id)?;
+            }
+        }
+        txn.commit()?;
+        Ok(out)
+    }
+
     fn cidr_identities(
         &self,
         prefixes: &BTreeSet<ipnet::IpNet>,
@@ -594,15 +670,20 @@ impl Store {
                 .filter(|(k, _)| wanted.contains(*k))
                 .map(|(_, v)| *v)
                 .collect();
+            // The search for a free id resumes where the last one ended
+            // (ids only get used here), so n new prefixes on top of m cost
+            // O(n + m), not O(n · m).
+            let mut next_free = FIRST_CIDR_IDENTITY;
             for prefix in prefixes {
                 let key = prefix.to_string();
                 let id = match existing.get(&key) {
                     Some(id) => *id,
                     None => {
-                        let mut id = FIRST_CIDR_IDENTITY;
+                        let mut id = next_free;
                         while used.contains(&id) {
                             id += 1;
                         }
+                        next_free = id + 1;
                         used.insert(id);
                         table.insert(key.as_str(), id)?;
                         id
@@ -807,6 +888,33 @@ mod tests {
         let second = store.sync_cidr_identities(&[b].into()).unwrap();
         assert_eq!(first[&b], second[&b]);
         assert!(first[&a] >= FIRST_CIDR_IDENTITY);
+    }
+
+    #[test]
+    fn changing_cidr_identities_gives_the_ids_a_full_sync_gives() {
+        let dir = tempfile::tempdir().unwrap();
+        let full = Store::open(&dir.path().join("full.redb")).unwrap();
+        let changed = Store::open(&dir.path().join("changed.redb")).unwrap();
+        let net = |i: u32| -> ipnet::IpNet { format!("10.0.{i}.0/24").parse().unwrap() };
+        let sets: [Vec<u32>; 4] = [
+            (0..10).collect(),
+            vec![0, 2, 4, 6, 8],               // gaps
+            vec![0, 1, 2, 3, 4, 6, 8, 11, 12], // fill the gaps, then more
+            vec![12],
+        ];
+        let mut current = BTreeMap::new();
+        for set in sets {
+            let prefixes: BTreeSet<ipnet::IpNet> = set.into_iter().map(net).collect();
+            let want = full.sync_cidr_identities(&prefixes).unwrap();
+            let planned = changed
+                .change_cidr_identities(&current, &prefixes, false)
+                .unwrap();
+            current = changed
+                .change_cidr_identities(&current, &prefixes, true)
+                .unwrap();
+            assert_eq!((&planned, &current), (&want, &want));
+            assert_eq!(changed.plan_cidr_identities(&prefixes).unwrap(), want);
+        }
     }
 
     fn pools() -> (Pool, Pool) {

@@ -5,6 +5,8 @@
 //! (given by its labels) the resolver ([`resolve`]) produces the entries of the
 //! endpoint's BPF LPM-trie policy map. [`evaluate`] is the executable specification of
 //! how the datapath looks packets up in that map, and [`trace`] explains a verdict.
+//! [`PolicyRepository`] gives the same resolutions incrementally: per-policy
+//! contributions and a selector cache, so a change costs what it changes.
 //!
 //! Supported inputs: `networking.k8s.io/v1 NetworkPolicy`, `cilium.io/v2
 //! CiliumNetworkPolicy` and `cilium.io/v2 CiliumClusterwideNetworkPolicy`.
@@ -39,6 +41,7 @@
 
 mod error;
 mod eval;
+mod incremental;
 mod labels;
 pub mod limits;
 mod model;
@@ -53,6 +56,7 @@ use std::collections::BTreeMap;
 
 pub use error::PolicyError;
 pub use eval::{evaluate, trace, Evaluation, TraceResult};
+pub use incremental::{Basis, PolicyRepository};
 pub use ipnet::IpNet;
 pub use limits::{check_limits, LimitError};
 pub use parse::{parse_policies, parse_stream, PolicyDocument, PolicyStream, NODES_PER_BYTE};

@@ -15,13 +15,15 @@ use crate::Policy;
 pub const MAX_POLICY_BYTES: usize = 4 << 20;
 /// Most rules (entries of `ingress`, `egress`, `ingressDeny`, `egressDeny`,
 /// over every spec) in the whole policy set.
-pub const MAX_RULES: usize = 10_000;
+pub const MAX_RULES: usize = 100_000;
 /// Most peers (endpoint selectors, CIDRs, entities) in the whole policy set.
-pub const MAX_PEERS: usize = 50_000;
-/// Most CIDR prefixes (CIDRs and their `except` prefixes) in the whole policy set.
-pub const MAX_CIDRS: usize = 16_384;
+pub const MAX_PEERS: usize = 200_000;
+/// Most CIDR prefixes (CIDRs and their `except` prefixes) in the whole policy set:
+/// one endpoint policy map's capacity (`CILIA_POLICY_MAX`), so a node can load the
+/// 100,000 CIDR rules of the scale benchmark (`bench/policy-scale.sh`).
+pub const MAX_CIDRS: usize = 131_072;
 /// Most port ranges in the whole policy set.
-pub const MAX_PORTS: usize = 50_000;
+pub const MAX_PORTS: usize = 200_000;
 
 /// A policy set over one of the bounds.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -59,13 +59,26 @@ impl IdentityCache {
     }
 
     /// CIDR identities whose prefix lies inside `cidr` (equal included).
-    fn cidr_identities_within(&self, cidr: &IpNet) -> impl Iterator<Item = IdentityId> + '_ {
+    pub(crate) fn cidr_identities_within(
+        &self,
+        cidr: &IpNet,
+    ) -> impl Iterator<Item = IdentityId> + '_ {
         let (family, first, len) = prefix_index(cidr);
         let last = last_address(cidr);
         self.by_prefix
             .range((family, first, 0)..=(family, last, u8::MAX))
             .filter(move |((_, _, l), _)| *l >= len)
             .map(|(_, id)| *id)
+    }
+
+    /// Every identity with labels, as a map (for diffing two caches).
+    pub(crate) fn labels_map(&self) -> &BTreeMap<IdentityId, Labels> {
+        &self.labels
+    }
+
+    /// Every CIDR identity, as a map (for diffing two caches).
+    pub(crate) fn cidrs_map(&self) -> &BTreeMap<IdentityId, IpNet> {
+        &self.cidrs
     }
 
     /// Labels of an identity, if known.
@@ -88,7 +101,7 @@ impl IdentityCache {
         self.cidrs.iter().map(|(id, c)| (*id, c))
     }
 
-    fn is_cidr_identity(&self, id: IdentityId) -> bool {
+    pub(crate) fn is_cidr_identity(&self, id: IdentityId) -> bool {
         self.cidrs.contains_key(&id) || id >= LOCAL_CIDR_IDENTITY_BASE
     }
 }
@@ -140,6 +153,32 @@ pub(crate) fn peer_selects(peer: &Peer, id: IdentityId, cache: &IdentityCache) -
             Entity::Health => id == reserved::HEALTH,
             Entity::Unmanaged => id == reserved::UNMANAGED,
         },
+    }
+}
+
+/// The identities one peer selects (a set; [`Peer::Any`] is the caller's case), by the
+/// same rules as [`Resolver::peer_set`], which is the union of these over a rule's peers.
+pub(crate) fn peer_identities(peer: &Peer, cache: &IdentityCache) -> BTreeSet<IdentityId> {
+    match peer {
+        Peer::Any => BTreeSet::new(),
+        Peer::Selector(sel) => cache
+            .label_identities()
+            .filter(|(id, l)| !cache.is_cidr_identity(*id) && sel.matches(l))
+            .map(|(id, _)| id)
+            .collect(),
+        Peer::Cidr { cidr, .. } => cache
+            .cidr_identities_within(cidr)
+            .chain([reserved::WORLD])
+            .filter(|id| peer_selects(peer, *id, cache))
+            .collect(),
+        Peer::Entity(_) => cache
+            .label_identities()
+            .map(|(id, _)| id)
+            .chain(cache.cidr_identities().map(|(id, _)| id))
+            .chain(CLUSTER_RESERVED)
+            .chain([reserved::WORLD])
+            .filter(|id| peer_selects(peer, *id, cache))
+            .collect(),
     }
 }
 
@@ -198,13 +237,13 @@ impl Resolver<'_> {
 }
 
 /// Key of a map entry without the verdict: (direction, identity, proto, port, prefix len).
-type Key = (Direction, IdentityId, u8, u16, u8);
+pub(crate) type Key = (Direction, IdentityId, u8, u16, u8);
 
 /// First allow rule and first deny rule seen for a key.
-#[derive(Default, Clone, Copy)]
-struct Candidates {
-    allow: Option<u32>,
-    deny: Option<u32>,
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Candidates {
+    pub(crate) allow: Option<u32>,
+    pub(crate) deny: Option<u32>,
 }
 
 /// `(proto, port, prefix_len)` triples a port range expands to.
@@ -331,7 +370,7 @@ pub fn resolve(
 }
 
 /// Strictly shorter prefixes of the same (direction, identity) group that cover `key`.
-fn ancestors(key: Key) -> Vec<Key> {
+pub(crate) fn ancestors(key: Key) -> Vec<Key> {
     let (direction, identity, proto, port, len) = key;
     if proto == 0 {
         return Vec::new();
@@ -345,9 +384,9 @@ fn ancestors(key: Key) -> Vec<Key> {
 
 /// All CIDR prefixes (CIDRs and their `except` prefixes) the given policies need
 /// identities for.
-pub fn cidr_prefixes(policies: &[Policy]) -> BTreeSet<IpNet> {
+pub fn cidr_prefixes<'a>(policies: impl IntoIterator<Item = &'a Policy>) -> BTreeSet<IpNet> {
     let mut out = BTreeSet::new();
-    for rule in policies.iter().flat_map(|p| &p.rules) {
+    for rule in policies.into_iter().flat_map(|p| &p.rules) {
         for pr in rule
             .ingress
             .iter()

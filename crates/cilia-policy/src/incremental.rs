@@ -1,0 +1,540 @@
+//! Incremental resolution: what [`crate::resolve`] computes, kept per policy, so that
+//! a change costs the policies and identities it changes, not the whole policy set.
+//!
+//! A *contribution* is what one policy adds to the resolution of the endpoints its
+//! rules select: the enforcement flags, its rule references and its candidate map keys
+//! (the first allow and the first deny rule of the policy for each key). It depends only
+//! on the policy, on which of its rules select the subject and on the identities its
+//! peers select, so it is kept by (policy key, selecting rules) and shared by every
+//! endpoint those same rules select.
+//!
+//! The *selector cache* remembers the identities each peer (endpoint selector, CIDR,
+//! entity) of a kept contribution selects. When identities appear or disappear, only
+//! the peers that may see them are evaluated again (a CIDR identity is looked up among
+//! the CIDR peers that contain it, never against every peer), and only contributions
+//! using a peer whose identities changed are dropped, to be recomputed when asked for.
+//!
+//! Invariant: for every subject, [`PolicyRepository::resolve`] returns exactly what
+//! [`crate::resolve`] returns for the same policies in key order and the same
+//! identities. It holds because resolution is a first-wins merge in policy order:
+//! contributions are merged in key order with their rule indexes offset by the rules
+//! before them, a key keeps the first allow and the first deny rule seen, and the
+//! normalization for longest-prefix match runs on the merged keys as in `resolve`. (A
+//! rule identical to an earlier one in another policy is expanded again here; being
+//! later, it never wins a key, so skipping it, as `resolve` does, changes nothing.)
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use crate::model::{Entity, Peer, PeerRule};
+use crate::resolve::{ancestors, peer_identities, port_keys, Candidates, Key};
+use crate::{
+    Direction, IdentityCache, IdentityId, Labels, MapEntry, Policy, ResolvedPolicy, RuleRef,
+    Verdict,
+};
+
+/// Identifies a computed contribution; a recomputation gets a new one.
+type ContributionId = u64;
+
+/// What a subject's resolution was merged from: the contributions, in policy order. Two
+/// equal bases give equal resolutions, so an endpoint whose basis did not change needs
+/// neither a merge nor a map write.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Basis(Vec<ContributionId>);
+
+/// One policy's part of a resolution (see the module docs).
+#[derive(Debug)]
+struct Contribution {
+    policy: Arc<str>,
+    rules_selecting: Vec<usize>,
+    ingress_enforced: bool,
+    egress_enforced: bool,
+    rules: Vec<RuleRef>,
+    /// Sorted by key; rule indexes into `rules`.
+    keys: Vec<(Key, Candidates)>,
+    /// Distinct peers whose identities the keys were expanded from.
+    peers: Vec<Peer>,
+}
+
+/// The identities of one peer, and the contributions that used them.
+#[derive(Debug)]
+struct PeerEntry {
+    ids: BTreeSet<IdentityId>,
+    users: HashSet<ContributionId>,
+}
+
+/// Peer → identities, for the peers of kept contributions.
+#[derive(Debug, Default)]
+struct SelectorCache {
+    peers: HashMap<Peer, PeerEntry>,
+    /// CIDR peers by their CIDR, and the prefix lengths in use per family (true:
+    /// IPv6): a changed CIDR identity concerns only the peers whose CIDR contains it.
+    cidr_peers: HashMap<IpNet, HashSet<Peer>>,
+    cidr_lens: BTreeMap<(bool, u8), usize>,
+}
+
+impl SelectorCache {
+    /// The identities of `peer` (computed on first use), recording `user`.
+    fn use_peer(
+        &mut self,
+        peer: &Peer,
+        cache: &IdentityCache,
+        user: ContributionId,
+    ) -> &BTreeSet<IdentityId> {
+        if !self.peers.contains_key(peer) {
+            if let Peer::Cidr { cidr, .. } = peer {
+                // Keyed by network address: the lookup truncates too.
+                self.cidr_peers
+                    .entry(cidr.trunc())
+                    .or_default()
+                    .insert(peer.clone());
+                *self.cidr_lens.entry(family_len(cidr)).or_default() += 1;
+            }
+            let ids = peer_identities(peer, cache);
+            self.peers.insert(
+                peer.clone(),
+                PeerEntry {
+                    ids,
+                    users: HashSet::new(),
+                },
+            );
+        }
+        let entry = self
+            .peers
+            .get_mut(peer)
+            .unwrap_or_else(|| unreachable!("inserted above"));
+        entry.users.insert(user);
+        &entry.ids
+    }
+
+    /// Forgets `user` of `peer`, and the peer once nobody uses it.
+    fn release(&mut self, peer: &Peer, user: ContributionId) {
+        let Some(entry) = self.peers.get_mut(peer) else {
+            return;
+        };
+        entry.users.remove(&user);
+        if !entry.users.is_empty() {
+            return;
+        }
+        self.peers.remove(peer);
+        if let Peer::Cidr { cidr, .. } = peer {
+            let key = cidr.trunc();
+            if let Some(set) = self.cidr_peers.get_mut(&key) {
+                set.remove(peer);
+                if set.is_empty() {
+                    self.cidr_peers.remove(&key);
+                }
+            }
+            let len = family_len(cidr);
+            if let Some(n) = self.cidr_lens.get_mut(&len) {
+                *n -= 1;
+                if *n == 0 {
+                    self.cidr_lens.remove(&len);
+                }
+            }
+        }
+    }
+
+    /// The cached CIDR peers whose CIDR contains `prefix`.
+    fn cidr_peers_containing<'a>(&'a self, prefix: &IpNet, out: &mut HashSet<&'a Peer>) {
+        let v6 = matches!(prefix, IpNet::V6(_));
+        for ((_, len), _) in self.cidr_lens.range((v6, 0)..=(v6, prefix.prefix_len())) {
+            let Ok(covering) = IpNet::new(prefix.addr(), *len) else {
+                continue;
+            };
+            if let Some(peers) = self.cidr_peers.get(&covering.trunc()) {
+                out.extend(peers);
+            }
+        }
+    }
+}
+
+fn family_len(net: &IpNet) -> (bool, u8) {
+    (matches!(net, IpNet::V6(_)), net.prefix_len())
+}
+
+/// The policy set and identities of a node, with the per-policy contributions and the
+/// selector cache that make re-resolving after a change cheap. Pure: no I/O.
+#[derive(Debug, Default)]
+pub struct PolicyRepository {
+    policies: BTreeMap<Arc<str>, Arc<Policy>>,
+    identities: IdentityCache,
+    selectors: SelectorCache,
+    contributions: HashMap<ContributionId, Contribution>,
+    by_rules: HashMap<(Arc<str>, Vec<usize>), ContributionId>,
+    by_policy: HashMap<Arc<str>, Vec<ContributionId>>,
+    next_id: ContributionId,
+}
+
+impl PolicyRepository {
+    /// An empty repository: no policies, no identities.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The identities resolution selects from.
+    pub fn identities(&self) -> &IdentityCache {
+        &self.identities
+    }
+
+    /// How many contributions are kept (for tests and metrics).
+    pub fn contributions(&self) -> usize {
+        self.contributions.len()
+    }
+
+    /// Makes `policies` (key → policy; key order is resolution order) the policy set.
+    /// A policy under an unchanged key that is the same (`Arc`) or equal keeps its
+    /// contributions; the others' are dropped.
+    pub fn set_policies<'a>(
+        &mut self,
+        policies: impl IntoIterator<Item = (&'a str, &'a Arc<Policy>)>,
+    ) {
+        let mut next: BTreeMap<Arc<str>, Arc<Policy>> = BTreeMap::new();
+        for (key, policy) in policies {
+            let key: Arc<str> = match self.policies.get_key_value(key) {
+                Some((k, old)) if Arc::ptr_eq(old, policy) || **old == **policy => {
+                    next.insert(k.clone(), old.clone());
+                    continue;
+                }
+                Some((k, _)) => k.clone(),
+                None => Arc::from(key),
+            };
+            next.insert(key, policy.clone());
+        }
+        let gone: Vec<Arc<str>> = self
+            .policies
+            .iter()
+            .filter(|(k, old)| next.get(*k).is_none_or(|new| !Arc::ptr_eq(old, new)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in gone {
+            for id in self.by_policy.remove(&key).unwrap_or_default() {
+                self.drop_contribution(id);
+            }
+        }
+        self.policies = next;
+    }
+
+    /// Makes `identities` the identities resolution selects from. Only peers that may
+    /// see an identity that appeared, disappeared or changed are evaluated again, and
+    /// only the contributions of peers whose identities changed are dropped.
+    pub fn set_identities(&mut self, identities: IdentityCache) {
+        let old = std::mem::replace(&mut self.identities, identities);
+        let new = &self.identities;
+        let mut changed_prefixes: Vec<IpNet> = Vec::new();
+        let mut changed_cidr_ids: Vec<IdentityId> = Vec::new();
+        diff_maps(old.cidrs_map(), new.cidrs_map(), |id, a, b| {
+            changed_cidr_ids.push(id);
+            changed_prefixes.extend(a.into_iter().chain(b).copied());
+        });
+        let labels_changed = old.labels_map() != new.labels_map()
+            || changed_cidr_ids
+                .iter()
+                .any(|id| old.labels(*id).is_some() || new.labels(*id).is_some());
+        if !labels_changed && changed_prefixes.is_empty() {
+            return;
+        }
+        let mut candidates: HashSet<&Peer> = HashSet::new();
+        for peer in self.selectors.peers.keys() {
+            let maybe = match peer {
+                Peer::Any | Peer::Cidr { .. } => false,
+                Peer::Selector(_) => labels_changed,
+                Peer::Entity(Entity::World) => !changed_prefixes.is_empty(),
+                // Cluster: every labelled identity that is not a CIDR one.
+                Peer::Entity(Entity::Cluster) => true,
+                // Fixed reserved identities.
+                Peer::Entity(_) => false,
+            };
+            if maybe {
+                candidates.insert(peer);
+            }
+        }
+        for prefix in &changed_prefixes {
+            self.selectors
+                .cidr_peers_containing(prefix, &mut candidates);
+        }
+        let mut changed: Vec<(Peer, BTreeSet<IdentityId>)> = Vec::new();
+        for peer in candidates {
+            let ids = peer_identities(peer, new);
+            if self.selectors.peers.get(peer).is_some_and(|e| e.ids != ids) {
+                changed.push((peer.clone(), ids));
+            }
+        }
+        let mut stale: BTreeSet<ContributionId> = BTreeSet::new();
+        for (peer, ids) in changed {
+            if let Some(entry) = self.selectors.peers.get_mut(&peer) {
+                entry.ids = ids;
+                stale.extend(entry.users.iter().copied());
+            }
+        }
+        for id in stale {
+            self.drop_contribution(id);
+        }
+    }
+
+    /// What `subject`'s resolution is merged from, computing missing contributions.
+    pub fn basis(&mut self, subject: &Labels) -> Basis {
+        let selecting: Vec<(Arc<str>, Arc<Policy>, Vec<usize>)> = self
+            .policies
+            .iter()
+            .filter_map(|(key, policy)| {
+                let rules: Vec<usize> = policy
+                    .rules
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.subject.matches(subject))
+                    .map(|(i, _)| i)
+                    .collect();
+                (!rules.is_empty()).then(|| (key.clone(), policy.clone(), rules))
+            })
+            .collect();
+        let mut basis = Vec::with_capacity(selecting.len());
+        for (key, policy, rules) in selecting {
+            let found = self.by_rules.get(&(key.clone(), rules.clone())).copied();
+            let id = match found {
+                Some(id) => id,
+                None => self.compute(key, &policy, rules),
+            };
+            basis.push(id);
+        }
+        Basis(basis)
+    }
+
+    /// Resolves the policy of one endpoint, as [`crate::resolve`] does, from kept
+    /// contributions; also returns its basis.
+    pub fn resolve(&mut self, subject: &Labels) -> (ResolvedPolicy, Basis) {
+        let basis = self.basis(subject);
+        (self.merge(&basis), basis)
+    }
+
+    /// The resolution a basis (just returned by [`Self::basis`]) stands for.
+    pub fn merge(&self, basis: &Basis) -> ResolvedPolicy {
+        let mut out = ResolvedPolicy::default();
+        let parts: Vec<&Contribution> = basis
+            .0
+            .iter()
+            .filter_map(|id| self.contributions.get(id))
+            .collect();
+        let mut merged: Vec<(Key, Candidates)> = Vec::new();
+        let with_keys = parts.iter().filter(|c| !c.keys.is_empty()).count();
+        for c in &parts {
+            let offset = u32::try_from(out.rules.len()).unwrap_or(u32::MAX);
+            out.ingress_enforced |= c.ingress_enforced;
+            out.egress_enforced |= c.egress_enforced;
+            out.rules.extend(c.rules.iter().cloned());
+            let shift = |r: Option<u32>| r.map(|r| r.saturating_add(offset));
+            merged.extend(c.keys.iter().map(|(k, cand)| {
+                (
+                    *k,
+                    Candidates {
+                        allow: shift(cand.allow),
+                        deny: shift(cand.deny),
+                    },
+                )
+            }));
+        }
+        if with_keys > 1 {
+            // Stable: among equal keys, earlier policies stay first.
+            merged.sort_by_key(|(k, _)| *k);
+            merged.dedup_by(|later, first| {
+                if later.0 != first.0 {
+                    return false;
+                }
+                first.1.allow = first.1.allow.or(later.1.allow);
+                first.1.deny = first.1.deny.or(later.1.deny);
+                true
+            });
+        }
+        out.entries = normalize(&merged);
+        out
+    }
+
+    fn compute(
+        &mut self,
+        policy_key: Arc<str>,
+        policy: &Policy,
+        rules: Vec<usize>,
+    ) -> ContributionId {
+        let id = self.next_id;
+        self.next_id += 1;
+        let policy_name = policy.qualified_name();
+        let mut c = Contribution {
+            policy: policy_key.clone(),
+            rules_selecting: rules.clone(),
+            ingress_enforced: false,
+            egress_enforced: false,
+            rules: Vec::new(),
+            keys: Vec::new(),
+            peers: Vec::new(),
+        };
+        let mut keys: BTreeMap<Key, Candidates> = BTreeMap::new();
+        let mut expanded: HashSet<(Direction, bool, &PeerRule)> = HashSet::new();
+        let mut used: HashSet<&Peer> = HashSet::new();
+        for &ri in &rules {
+            let Some(rule) = policy.rules.get(ri) else {
+                continue;
+            };
+            c.ingress_enforced |= rule.enforce_ingress;
+            c.egress_enforced |= rule.enforce_egress;
+            let sections: [(Direction, bool, &Vec<PeerRule>); 4] = [
+                (Direction::Ingress, true, &rule.ingress_deny),
+                (Direction::Ingress, false, &rule.ingress),
+                (Direction::Egress, true, &rule.egress_deny),
+                (Direction::Egress, false, &rule.egress),
+            ];
+            for (direction, deny, section) in sections {
+                for (index, pr) in section.iter().enumerate() {
+                    let rule_idx = u32::try_from(c.rules.len()).unwrap_or(u32::MAX);
+                    c.rules.push(RuleRef {
+                        policy: policy_name.clone(),
+                        kind: policy.kind,
+                        direction,
+                        index,
+                        deny,
+                        spec: rule.spec,
+                    });
+                    if !expanded.insert((direction, deny, pr)) {
+                        continue;
+                    }
+                    let ids: Vec<IdentityId> = if pr.peers.contains(&Peer::Any) {
+                        vec![0]
+                    } else {
+                        let mut set = BTreeSet::new();
+                        for peer in &pr.peers {
+                            set.extend(self.selectors.use_peer(peer, &self.identities, id));
+                            used.insert(peer);
+                        }
+                        set.into_iter().collect()
+                    };
+                    if ids.is_empty() {
+                        continue;
+                    }
+                    let port_keys: Vec<(u8, u16, u8)> =
+                        pr.ports.iter().flat_map(port_keys).collect();
+                    for ident in ids {
+                        for &(proto, port, len) in &port_keys {
+                            let cand = keys
+                                .entry((direction, ident, proto, port, len))
+                                .or_default();
+                            let slot = if deny {
+                                &mut cand.deny
+                            } else {
+                                &mut cand.allow
+                            };
+                            if slot.is_none() {
+                                *slot = Some(rule_idx);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        c.keys = keys.into_iter().collect();
+        c.peers = used.into_iter().cloned().collect();
+        self.by_rules.insert((policy_key.clone(), rules), id);
+        self.by_policy.entry(policy_key).or_default().push(id);
+        self.contributions.insert(id, c);
+        id
+    }
+
+    fn drop_contribution(&mut self, id: ContributionId) {
+        let Some(c) = self.contributions.remove(&id) else {
+            return;
+        };
+        for peer in &c.peers {
+            self.selectors.release(peer, id);
+        }
+        self.by_rules.remove(&(c.policy.clone(), c.rules_selecting));
+        if let Some(ids) = self.by_policy.get_mut(&c.policy) {
+            ids.retain(|i| *i != id);
+            if ids.is_empty() {
+                self.by_policy.remove(&c.policy);
+            }
+        }
+    }
+}
+
+/// Calls `f(id, old, new)` for every id whose value differs between two sorted maps.
+fn diff_maps<V: PartialEq>(
+    old: &BTreeMap<IdentityId, V>,
+    new: &BTreeMap<IdentityId, V>,
+    mut f: impl FnMut(IdentityId, Option<&V>, Option<&V>),
+) {
+    let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some((ka, va)), Some((kb, vb))) if ka == kb => {
+                if va != vb {
+                    f(**ka, Some(va), Some(vb));
+                }
+                a.next();
+                b.next();
+            }
+            (Some((ka, va)), Some((kb, _))) if ka < kb => {
+                f(**ka, Some(va), None);
+                a.next();
+            }
+            (Some((ka, va)), None) => {
+                f(**ka, Some(va), None);
+                a.next();
+            }
+            (_, Some((kb, vb))) => {
+                f(**kb, None, Some(vb));
+                b.next();
+            }
+        }
+    }
+}
+
+/// Map entries of merged, sorted candidate keys, normalized for longest-prefix match
+/// exactly as in [`crate::resolve`]; ancestors are looked up within the key's
+/// (direction, identity) group only, which is where they live.
+fn normalize(keys: &[(Key, Candidates)]) -> Vec<MapEntry> {
+    let mut out = Vec::with_capacity(keys.len());
+    let mut start = 0;
+    while start < keys.len() {
+        let group = (keys[start].0 .0, keys[start].0 .1);
+        let end = start
+            + keys[start..]
+                .iter()
+                .take_while(|(k, _)| (k.0, k.1) == group)
+                .count();
+        let slice = &keys[start..end];
+        for &(key, c) in slice {
+            let (direction, identity, proto, port, len) = key;
+            let mut ancestor_deny = false;
+            let mut ancestor_allow = false;
+            if slice.len() > 1 {
+                for anc in ancestors(key) {
+                    if let Ok(i) = slice.binary_search_by_key(&anc, |(k, _)| *k) {
+                        ancestor_deny |= slice[i].1.deny.is_some();
+                        ancestor_allow |= slice[i].1.allow.is_some();
+                    }
+                }
+            }
+            let entry = |verdict, rule| MapEntry {
+                direction,
+                identity,
+                proto,
+                port,
+                port_prefix_len: len,
+                verdict,
+                rule,
+            };
+            if let Some(rule) = c.deny {
+                if !ancestor_deny {
+                    out.push(entry(Verdict::Deny, rule));
+                }
+            } else if let Some(rule) = c.allow {
+                if !ancestor_deny && !ancestor_allow {
+                    out.push(entry(Verdict::Allow, rule));
+                }
+            }
+        }
+        start = end;
+    }
+    out
+}
