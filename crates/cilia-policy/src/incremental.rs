@@ -29,10 +29,12 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use crate::model::{Entity, Peer, PeerRule};
-use crate::resolve::{ancestors, peer_identities, port_keys, Candidates, Key};
+use crate::resolve::{
+    add_candidates, ancestors, for_each_peer_rule, normalized_entry, peer_identities, Candidates,
+    Key,
+};
 use crate::{
     Direction, IdentityCache, IdentityId, Labels, MapEntry, Policy, ResolvedPolicy, RuleRef,
-    Verdict,
 };
 
 /// Identifies a computed contribution; a recomputation gets a new one.
@@ -378,26 +380,12 @@ impl PolicyRepository {
             };
             c.ingress_enforced |= rule.enforce_ingress;
             c.egress_enforced |= rule.enforce_egress;
-            let sections: [(Direction, bool, &Vec<PeerRule>); 4] = [
-                (Direction::Ingress, true, &rule.ingress_deny),
-                (Direction::Ingress, false, &rule.ingress),
-                (Direction::Egress, true, &rule.egress_deny),
-                (Direction::Egress, false, &rule.egress),
-            ];
-            for (direction, deny, section) in sections {
-                for (index, pr) in section.iter().enumerate() {
-                    let rule_idx = u32::try_from(c.rules.len()).unwrap_or(u32::MAX);
-                    c.rules.push(RuleRef {
-                        policy: policy_name.clone(),
-                        kind: policy.kind,
-                        direction,
-                        index,
-                        deny,
-                        spec: rule.spec,
-                    });
-                    if !expanded.insert((direction, deny, pr)) {
-                        continue;
-                    }
+            for_each_peer_rule(
+                &mut c.rules,
+                &mut expanded,
+                (policy, &policy_name),
+                rule,
+                |direction, deny, pr, rule_idx| {
                     let ids: Vec<IdentityId> = if pr.peers.contains(&Peer::Any) {
                         vec![0]
                     } else {
@@ -408,28 +396,9 @@ impl PolicyRepository {
                         }
                         set.into_iter().collect()
                     };
-                    if ids.is_empty() {
-                        continue;
-                    }
-                    let port_keys: Vec<(u8, u16, u8)> =
-                        pr.ports.iter().flat_map(port_keys).collect();
-                    for ident in ids {
-                        for &(proto, port, len) in &port_keys {
-                            let cand = keys
-                                .entry((direction, ident, proto, port, len))
-                                .or_default();
-                            let slot = if deny {
-                                &mut cand.deny
-                            } else {
-                                &mut cand.allow
-                            };
-                            if slot.is_none() {
-                                *slot = Some(rule_idx);
-                            }
-                        }
-                    }
-                }
-            }
+                    add_candidates(&mut keys, direction, deny, &ids, pr, rule_idx);
+                },
+            );
         }
         c.keys = keys.into_iter().collect();
         c.peers = used.into_iter().cloned().collect();
@@ -503,36 +472,17 @@ fn normalize(keys: &[(Key, Candidates)]) -> Vec<MapEntry> {
                 .take_while(|(k, _)| (k.0, k.1) == group)
                 .count();
         let slice = &keys[start..end];
-        for &(key, c) in slice {
-            let (direction, identity, proto, port, len) = key;
-            let mut ancestor_deny = false;
-            let mut ancestor_allow = false;
+        for (key, c) in slice {
+            let mut covered = (false, false);
             if slice.len() > 1 {
-                for anc in ancestors(key) {
+                for anc in ancestors(*key) {
                     if let Ok(i) = slice.binary_search_by_key(&anc, |(k, _)| *k) {
-                        ancestor_deny |= slice[i].1.deny.is_some();
-                        ancestor_allow |= slice[i].1.allow.is_some();
+                        covered.0 |= slice[i].1.deny.is_some();
+                        covered.1 |= slice[i].1.allow.is_some();
                     }
                 }
             }
-            let entry = |verdict, rule| MapEntry {
-                direction,
-                identity,
-                proto,
-                port,
-                port_prefix_len: len,
-                verdict,
-                rule,
-            };
-            if let Some(rule) = c.deny {
-                if !ancestor_deny {
-                    out.push(entry(Verdict::Deny, rule));
-                }
-            } else if let Some(rule) = c.allow {
-                if !ancestor_deny && !ancestor_allow {
-                    out.push(entry(Verdict::Allow, rule));
-                }
-            }
+            out.extend(normalized_entry(*key, c, covered));
         }
         start = end;
     }

@@ -21,6 +21,21 @@ pub(crate) struct Rule {
     pub(crate) enforce_egress: bool,
 }
 
+impl Rule {
+    /// The rule's four peer sections as (direction, deny, section), deny
+    /// before allow in each direction: the order in which resolution visits
+    /// them, so a deny entry is in place before an allow could shadow it.
+    pub(crate) fn sections(&self) -> [(crate::Direction, bool, &[PeerRule]); 4] {
+        use crate::Direction::{Egress, Ingress};
+        [
+            (Ingress, true, &self.ingress_deny),
+            (Ingress, false, &self.ingress),
+            (Egress, true, &self.egress_deny),
+            (Egress, false, &self.egress),
+        ]
+    }
+}
+
 /// One entry of an ingress/egress (deny) section: peers x ports.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct PeerRule {

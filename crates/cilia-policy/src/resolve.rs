@@ -239,6 +239,58 @@ impl Resolver<'_> {
 /// Key of a map entry without the verdict: (direction, identity, proto, port, prefix len).
 pub(crate) type Key = (Direction, IdentityId, u8, u16, u8);
 
+/// Walks `rule`'s peer rules in resolution order (deny before allow in
+/// each direction). Every one is recorded in `rules` (map entries name it
+/// by index); `visit` gets (direction, deny, peer rule, its index) for those
+/// not `expanded` before: an identical earlier one already holds every key
+/// a later one would produce.
+pub(crate) fn for_each_peer_rule<'a>(
+    rules: &mut Vec<RuleRef>,
+    expanded: &mut HashSet<(Direction, bool, &'a PeerRule)>,
+    (policy, policy_name): (&Policy, &str),
+    rule: &'a crate::model::Rule,
+    mut visit: impl FnMut(Direction, bool, &'a PeerRule, u32),
+) {
+    for (direction, deny, section) in rule.sections() {
+        for (index, pr) in section.iter().enumerate() {
+            let rule_idx = u32::try_from(rules.len()).unwrap_or(u32::MAX);
+            rules.push(RuleRef {
+                policy: policy_name.to_string(),
+                kind: policy.kind,
+                direction,
+                index,
+                deny,
+                spec: rule.spec,
+            });
+            if expanded.insert((direction, deny, pr)) {
+                visit(direction, deny, pr, rule_idx);
+            }
+        }
+    }
+}
+
+/// Adds the keys of `ids` x `ports` in `direction` to the candidates: the
+/// first allow and the first deny rule to claim a key keep it.
+pub(crate) fn add_candidates(
+    keys: &mut BTreeMap<Key, Candidates>,
+    direction: Direction,
+    deny: bool,
+    ids: &[IdentityId],
+    pr: &PeerRule,
+    rule_idx: u32,
+) {
+    let port_keys: Vec<(u8, u16, u8)> = pr.ports.iter().flat_map(port_keys).collect();
+    for &id in ids {
+        for &(proto, port, len) in &port_keys {
+            let c = keys.entry((direction, id, proto, port, len)).or_default();
+            let slot = if deny { &mut c.deny } else { &mut c.allow };
+            if slot.is_none() {
+                *slot = Some(rule_idx);
+            }
+        }
+    }
+}
+
 /// First allow rule and first deny rule seen for a key.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Candidates {
@@ -293,80 +345,60 @@ pub fn resolve(
             }
             out.ingress_enforced |= rule.enforce_ingress;
             out.egress_enforced |= rule.enforce_egress;
-            let sections: [(Direction, bool, &Vec<PeerRule>); 4] = [
-                (Direction::Ingress, true, &rule.ingress_deny),
-                (Direction::Ingress, false, &rule.ingress),
-                (Direction::Egress, true, &rule.egress_deny),
-                (Direction::Egress, false, &rule.egress),
-            ];
-            for (direction, deny, section) in sections {
-                for (index, pr) in section.iter().enumerate() {
-                    let rule_idx = u32::try_from(out.rules.len()).unwrap_or(u32::MAX);
-                    out.rules.push(RuleRef {
-                        policy: policy_name.clone(),
-                        kind: policy.kind,
-                        direction,
-                        index,
-                        deny,
-                        spec: rule.spec,
-                    });
-                    if !expanded.insert((direction, deny, pr)) {
-                        continue;
-                    }
+            for_each_peer_rule(
+                &mut out.rules,
+                &mut expanded,
+                (policy, &policy_name),
+                rule,
+                |direction, deny, pr, rule_idx| {
                     let ids: Vec<IdentityId> = match resolver.peer_set(&pr.peers) {
                         PeerSet::Any => vec![0],
                         PeerSet::Some(set) => set.into_iter().collect(),
                     };
-                    if ids.is_empty() {
-                        continue;
-                    }
-                    let port_keys: Vec<(u8, u16, u8)> =
-                        pr.ports.iter().flat_map(port_keys).collect();
-                    for id in ids {
-                        for &(proto, port, len) in &port_keys {
-                            let c = keys.entry((direction, id, proto, port, len)).or_default();
-                            let slot = if deny { &mut c.deny } else { &mut c.allow };
-                            if slot.is_none() {
-                                *slot = Some(rule_idx);
-                            }
-                        }
-                    }
-                }
-            }
+                    add_candidates(&mut keys, direction, deny, &ids, pr, rule_idx);
+                },
+            );
         }
     }
 
     // Normalize for longest-prefix-match evaluation.
     for (&key, c) in &keys {
-        let (direction, identity, proto, port, len) = key;
-        let mut ancestor_deny = false;
-        let mut ancestor_allow = false;
-        for anc in ancestors(key) {
-            if let Some(a) = keys.get(&anc) {
-                ancestor_deny |= a.deny.is_some();
-                ancestor_allow |= a.allow.is_some();
-            }
-        }
-        let entry = |verdict, rule| MapEntry {
-            direction,
-            identity,
-            proto,
-            port,
-            port_prefix_len: len,
-            verdict,
-            rule,
-        };
-        if let Some(rule) = c.deny {
-            if !ancestor_deny {
-                out.entries.push(entry(Verdict::Deny, rule));
-            }
-        } else if let Some(rule) = c.allow {
-            if !ancestor_deny && !ancestor_allow {
-                out.entries.push(entry(Verdict::Allow, rule));
-            }
-        }
+        let covered = ancestors(key)
+            .into_iter()
+            .filter_map(|anc| keys.get(&anc))
+            .fold((false, false), |(d, a), anc| {
+                (d || anc.deny.is_some(), a || anc.allow.is_some())
+            });
+        out.entries.extend(normalized_entry(key, c, covered));
     }
     out
+}
+
+/// The map entry a key's candidates leave once its ancestors are known
+/// (`covered`: an ancestor holds a deny / an allow): a deny unless an
+/// ancestor already denies; an allow unless an ancestor already decides.
+/// That is what makes a longest-prefix match equal to "deny wins".
+pub(crate) fn normalized_entry(
+    key: Key,
+    c: &Candidates,
+    (ancestor_deny, ancestor_allow): (bool, bool),
+) -> Option<MapEntry> {
+    let (direction, identity, proto, port, len) = key;
+    let entry = |verdict, rule| MapEntry {
+        direction,
+        identity,
+        proto,
+        port,
+        port_prefix_len: len,
+        verdict,
+        rule,
+    };
+    if let Some(rule) = c.deny {
+        (!ancestor_deny).then(|| entry(Verdict::Deny, rule))
+    } else {
+        let rule = c.allow?;
+        (!ancestor_deny && !ancestor_allow).then(|| entry(Verdict::Allow, rule))
+    }
 }
 
 /// Strictly shorter prefixes of the same (direction, identity) group that cover `key`.
