@@ -174,7 +174,7 @@ fn a_reload_under_ping_floods_and_tcp_streams_loses_no_packet_and_resets_no_conn
 
     // Reload for as long as the pings run (their count is sized for RELOADS
     // reloads at the pace timed above; on a busier machine fewer fit, and
-    // that is fine as long as several did): never past the pings, so every
+    // that is fine as long as one did): never past the pings, so every
     // reload is under traffic.
     std::thread::sleep(PAUSE);
     let started = Instant::now();
