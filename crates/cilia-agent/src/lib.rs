@@ -212,7 +212,43 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     tokio::spawn(labels::learn_labels(state.clone()));
     match events.map(cilia_datapath::events::EventReader::new) {
         Some(Ok(reader)) => {
-            tokio::spawn(monitor::run(state.clone(), flow_monitor, reader));
+            let (tx, rx) = tokio::sync::watch::channel(Arc::new(monitor::Names::default()));
+            let refresh = Arc::new(tokio::sync::Notify::new());
+            let s = state.clone();
+            let snapshot = Arc::new(move || {
+                let mgr = s.manager.lock().unwrap_or_else(|p| p.into_inner());
+                monitor::Names::of(&mgr)
+            });
+            tokio::spawn(monitor::publish_names(snapshot, tx, refresh.clone()));
+            let feed = monitor::NamesFeed { rx, refresh };
+            // The monitor level lives in the config map beside the policy
+            // revision: it is written by the manager (one writer, so a level
+            // change never undoes a revision bump), from a task of its own,
+            // so the reader never waits for the manager's lock.
+            let (level_tx, mut level_rx) = tokio::sync::watch::channel(u32::MAX);
+            let s = state.clone();
+            tokio::spawn(async move {
+                while level_rx.changed().await.is_ok() {
+                    let wanted = *level_rx.borrow_and_update();
+                    let s = s.clone();
+                    let set = tokio::task::spawn_blocking(move || {
+                        s.manager
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .set_monitor_level(wanted)
+                    })
+                    .await;
+                    if !matches!(set, Ok(Ok(()))) {
+                        warn!(
+                            level = wanted,
+                            "setting the datapath's monitor level failed: retrying"
+                        );
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        level_rx.mark_changed();
+                    }
+                }
+            });
+            tokio::spawn(monitor::run(feed, level_tx, flow_monitor, reader));
         }
         Some(Err(e)) => warn!(error = %e, "monitor disabled"),
         None => warn!("event ring buffer unavailable: monitor disabled"),

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cilia_abi::{
     ct_state_name, reason_name, EndpointKey, Event, CILIA_DIR_EGRESS, CILIA_EVENT_DEBUG,
@@ -23,8 +23,6 @@ use cilia_abi::{
 use cilia_api::{Flow, FlowPeer};
 use tokio::sync::broadcast;
 use tracing::warn;
-
-use crate::api::Shared;
 
 /// Flows kept for `cilia observe` by default.
 pub const DEFAULT_FLOW_BUFFER: usize = 4096;
@@ -158,50 +156,52 @@ impl Drop for ListenerGuard {
     }
 }
 
-/// Names and labels the reader attaches to events, refreshed from the
-/// endpoint manager now and then (never blocking on it).
-#[derive(Default)]
-struct Enrichment {
+/// Names and labels the reader attaches to events: a snapshot the agent
+/// sends whenever endpoints or rules may have changed. The reader never
+/// touches the endpoint manager, so a long regeneration cannot stall it; a
+/// snapshot a moment old can only miss a new endpoint or rule, never misname
+/// one (rule cookies are stable).
+#[derive(Debug, Default, PartialEq)]
+pub struct Names {
     /// Endpoint id -> (labels, namespace).
-    endpoints: HashMap<u16, (BTreeMap<String, String>, String)>,
+    pub endpoints: HashMap<u16, (BTreeMap<String, String>, String)>,
     /// Address -> endpoint id.
-    addresses: HashMap<IpAddr, u16>,
-    /// Rule names by cookie - 1 (cookies are stable: a stale copy can only
-    /// miss new rules, never misname one).
-    rules: Vec<String>,
-    refreshed: Option<Instant>,
+    pub addresses: HashMap<IpAddr, u16>,
+    /// Rule names by cookie - 1.
+    pub rules: Vec<String>,
 }
 
-impl Enrichment {
-    fn refresh(&mut self, state: &Shared, batch: &[Event]) {
-        // Refresh when stale, or at once when an event names a rule or an
-        // endpoint this copy does not know yet.
-        let unknown = batch.iter().any(|e| {
-            e.rule as usize > self.rules.len()
-                || (e.endpoint_id != 0 && !self.endpoints.contains_key(&e.endpoint_id))
-        });
-        if !unknown
-            && self
-                .refreshed
-                .is_some_and(|t| t.elapsed() < Duration::from_millis(250))
-        {
-            return;
-        }
-        // try_lock: a long regeneration must not stall the event reader.
-        let Ok(mgr) = state.manager.try_lock() else {
-            return;
+/// Where the reader gets its name snapshots from, and how it asks for a
+/// fresh one (an event named an endpoint or a rule it does not know yet).
+pub struct NamesFeed {
+    pub rx: tokio::sync::watch::Receiver<Arc<Names>>,
+    pub refresh: Arc<tokio::sync::Notify>,
+}
+
+/// How long the reader waits for a fresh snapshot it asked for before it
+/// decodes with what it has.
+const FRESH_NAMES_WAIT: Duration = Duration::from_millis(50);
+
+impl Names {
+    /// Whether an event names an endpoint or a rule this snapshot lacks.
+    fn lacks(&self, ev: &Event) -> bool {
+        ev.rule as usize > self.rules.len()
+            || (ev.endpoint_id != 0 && !self.endpoints.contains_key(&ev.endpoint_id))
+    }
+
+    /// The snapshot of the endpoint manager's current endpoints and rules.
+    pub fn of(mgr: &crate::endpoint::EndpointManager) -> Option<Self> {
+        let mut names = Self {
+            rules: mgr.rule_names(),
+            ..Self::default()
         };
-        let Ok(list) = mgr.list() else { return };
-        self.endpoints.clear();
-        self.addresses.clear();
-        self.rules = mgr.rule_names();
-        for rec in list {
+        for rec in mgr.list().ok()? {
             for ip in rec.ips() {
-                self.addresses.insert(ip, rec.id);
+                names.addresses.insert(ip, rec.id);
             }
-            self.endpoints.insert(rec.id, (rec.labels, rec.namespace));
+            names.endpoints.insert(rec.id, (rec.labels, rec.namespace));
         }
-        self.refreshed = Some(Instant::now());
+        Some(names)
     }
 
     fn peer(&self, ip: Option<IpAddr>, port: Option<u16>, identity: u32) -> FlowPeer {
@@ -256,7 +256,7 @@ fn hex(bytes: &[u8]) -> String {
     s
 }
 
-fn decode(ev: &Event, enrich: &Enrichment) -> Flow {
+fn decode(ev: &Event, enrich: &Names) -> Flow {
     let addr = |a: [u8; 16]| {
         EndpointKey {
             addr: a,
@@ -332,31 +332,50 @@ fn decode(ev: &Event, enrich: &Enrichment) -> Flow {
     }
 }
 
-/// Reads events until the agent stops, and keeps the datapath's event
-/// level matched to the listeners.
+/// Publishes name snapshots for the reader: every 250 ms, and at once when
+/// the reader asks. This task takes the endpoint manager's lock (briefly,
+/// off the async threads); the reader never does.
+pub async fn publish_names(
+    manager: Arc<dyn Fn() -> Option<Names> + Send + Sync>,
+    tx: tokio::sync::watch::Sender<Arc<Names>>,
+    refresh: Arc<tokio::sync::Notify>,
+) {
+    loop {
+        let m = manager.clone();
+        if let Ok(Some(names)) = tokio::task::spawn_blocking(move || m()).await {
+            tx.send_if_modified(|current| {
+                let changed = **current != names;
+                if changed {
+                    *current = Arc::new(names);
+                }
+                changed
+            });
+        }
+        if tx.is_closed() {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(250), refresh.notified()).await;
+    }
+}
+
+/// Reads events until the agent stops, and says which event level the
+/// datapath must emit for the current listeners (`level`: the task that
+/// owns the datapath's config applies it). It works from what it is sent
+/// and never waits for the endpoint manager.
 pub async fn run(
-    state: Shared,
+    mut names: NamesFeed,
+    level: tokio::sync::watch::Sender<u32>,
     monitor: Arc<Monitor>,
     mut reader: cilia_datapath::events::EventReader,
 ) {
-    let mut enrich = Enrichment::default();
-    let mut level = u32::MAX;
     let mut batch = Vec::new();
     loop {
-        let wanted = monitor.wanted_level();
-        if wanted != level {
-            let s = state.clone();
-            let set = tokio::task::spawn_blocking(move || {
-                s.manager
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .set_monitor_level(wanted)
-            })
-            .await;
-            if matches!(set, Ok(Ok(()))) {
-                level = wanted;
-            }
-        }
+        level.send_if_modified(|l| {
+            let wanted = monitor.wanted_level();
+            let changed = *l != wanted;
+            *l = wanted;
+            changed
+        });
         // Wake at least every 200 ms to follow listener changes.
         batch.clear();
         match reader.read(&mut batch, Duration::from_millis(200)).await {
@@ -367,9 +386,14 @@ pub async fn run(
                 return;
             }
         }
-        enrich.refresh(&state, &batch);
+        if batch.iter().any(|ev| names.rx.borrow().lacks(ev)) {
+            names.rx.mark_unchanged();
+            names.refresh.notify_one();
+            let _ = tokio::time::timeout(FRESH_NAMES_WAIT, names.rx.changed()).await;
+        }
+        let snapshot = names.rx.borrow().clone();
         for ev in &batch {
-            monitor.publish(decode(ev, &enrich));
+            monitor.publish(decode(ev, &snapshot));
         }
     }
 }
