@@ -1063,16 +1063,59 @@ pub const MAX_BODY: usize = cilia_api::limits::MAX_BODY_BYTES;
 
 /// Gives a body refused for its size the API's error shape, naming the limit
 /// (axum's own answer is a bare text line).
-async fn explain_body_limit(resp: Response) -> Response {
-    if resp.status() != StatusCode::PAYLOAD_TOO_LARGE {
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
         return resp;
     }
-    AppError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "body-too-large",
-        format!("request body: larger than the limit of {MAX_BODY} bytes (MAX_BODY_BYTES)"),
-    )
-    .into_response()
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return resp;
+    }
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        return AppError::new(
+            status,
+            "body-too-large",
+            format!("request body: larger than the limit of {MAX_BODY} bytes (MAX_BODY_BYTES)"),
+        )
+        .into_response();
+    }
+    // axum's own rejections (a path parameter that does not parse, a wrong
+    // method or content type) are plain text that may echo the request:
+    // the same one-line JSON error as every other, quoting an excerpt.
+    let text = match axum::body::to_bytes(resp.into_body(), 4096).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(_) => String::new(),
+    };
+    let code = match status {
+        StatusCode::METHOD_NOT_ALLOWED => "method-not-allowed",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported-media-type",
+        StatusCode::NOT_FOUND => "not-found",
+        s if s.is_server_error() => "internal",
+        _ => "invalid-request",
+    };
+    // Its first line, at most 200 characters, no control characters: the
+    // text is axum's, but the values it quotes are the caller's.
+    let mut message: String = text
+        .trim()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(201)
+        .collect();
+    if message.chars().count() > 200 {
+        message = message.chars().take(200).chain(['…']).collect();
+    }
+    if message.is_empty() {
+        message = status.canonical_reason().unwrap_or("error").to_string();
+    }
+    AppError::new(status, code, message).into_response()
 }
 
 /// Records every request's duration by method and matched route (never the
@@ -1144,7 +1187,7 @@ pub fn router(state: Shared, metrics: crate::metrics::AgentMetrics) -> Router {
         // Policy imports of many thousand rules are large; the default 2 MB
         // would refuse them before the parser could say anything useful.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
-        .layer(axum::middleware::map_response(explain_body_limit))
+        .layer(axum::middleware::map_response(json_errors))
         .route_layer(axum::middleware::from_fn_with_state(
             metrics,
             record_duration,

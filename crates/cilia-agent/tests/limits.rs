@@ -142,3 +142,45 @@ fn the_api_refuses_a_bad_ifname_and_reserved_labels_naming_the_field() {
     let eps = agent.cli_json(&["endpoint", "list"]);
     assert!(eps.as_array().unwrap().is_empty(), "{eps}");
 }
+
+#[test]
+fn every_refusal_is_a_one_line_json_error_even_from_the_http_layer() {
+    privileged!("every_refusal_is_a_one_line_json_error_even_from_the_http_layer");
+    let agent = TestAgent::start(AgentOptions::default());
+    let long = "9".repeat(10_000);
+    for (request, status, code) in [
+        // A path parameter that does not parse (axum's rejection).
+        (
+            format!("GET /v1/endpoints/{long} HTTP/1.1\r\nHost: cilia\r\n\r\n"),
+            "400",
+            "invalid-request",
+        ),
+        // A method the route does not serve.
+        (
+            "PATCH /v1/status HTTP/1.1\r\nHost: cilia\r\n\r\n".to_string(),
+            "405",
+            "method-not-allowed",
+        ),
+        // No such route.
+        (
+            "GET /v1/nothing HTTP/1.1\r\nHost: cilia\r\n\r\n".to_string(),
+            "404",
+            "not-found",
+        ),
+    ] {
+        let answer = raw_http(&agent, &request, Vec::new());
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{answer:.300}"
+        );
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let err: serde_json::Value = serde_json::from_str(body.trim())
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {body:.300}"));
+        assert_eq!(err["code"], code, "{err}");
+        let message = err["message"].as_str().unwrap();
+        assert!(
+            message.len() < 400 && !message.contains('\n'),
+            "{message:.300}"
+        );
+    }
+}
