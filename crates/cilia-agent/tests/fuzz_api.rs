@@ -1,7 +1,7 @@
 //! Fuzzing the REST API: mutated JSON bodies (and paths) sent over the unix
 //! socket to a real agent. Whatever arrives, the agent answers with a 2xx or
-//! a 4xx whose error is one line of bounded length, never a 5xx, a hang or a
-//! crash, and stays healthy afterwards.
+//! a 4xx whose error is a JSON `ApiError` on one line of bounded length,
+//! never a 5xx, a hang or a crash, and stays healthy afterwards.
 //!
 //! Seeds: `fuzz/api/*.req` (first line `METHOD PATH`, then the body); budget
 //! and replay from `CILIA_FUZZ_*`. Endpoint namespaces are forced to names
@@ -127,7 +127,12 @@ fn mutated_api_requests_get_a_4xx_or_2xx_never_a_crash() {
             Some((status, _)) if status >= 500 => Some(format!("status {status}")),
             Some((status, text)) if status >= 400 => {
                 let one_line = text.trim_end().lines().count() <= 1;
-                (!one_line || text.len() > 2048)
+                // An empty body: hyper refused the request line itself
+                // (say, a character no URI may hold) before any handler ran.
+                let json = text.trim().is_empty()
+                    || serde_json::from_str::<serde_json::Value>(text.trim())
+                        .is_ok_and(|e| e["code"].is_string() && e["message"].is_string());
+                (!one_line || text.len() > 2048 || !json)
                     .then(|| format!("error body of {} bytes: {text:.300}", text.len()))
             }
             Some(_) => None,
