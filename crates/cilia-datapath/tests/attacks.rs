@@ -39,21 +39,7 @@ fn drops(fx: &Fixture, reason: u8) -> u64 {
 
 /// B admits A on UDP/53 only.
 fn b_admits_dns_from_a(fx: &mut Fixture) {
-    set(
-        &mut fx.dp,
-        B_ID,
-        &[
-            enforce(CILIA_DIR_INGRESS),
-            rule(
-                CILIA_DIR_INGRESS,
-                A_IDENTITY,
-                17,
-                53,
-                16,
-                CILIA_VERDICT_ALLOW,
-            ),
-        ],
-    );
+    b_admits_from_a(fx, 17, 53);
 }
 
 /// An extension header of 8 bytes (Hop-by-Hop, Destination Options,

@@ -199,8 +199,8 @@ pub fn b_denies_ssh_from_a(fx: &mut Fixture) {
     );
 }
 
-/// B admits A on TCP/80 only.
-pub fn b_admits_http_from_a(fx: &mut Fixture) {
+/// B admits A on one protocol and port only.
+pub fn b_admits_from_a(fx: &mut Fixture, proto: u8, port: u16) {
     set(
         &mut fx.dp,
         B_ID,
@@ -209,13 +209,18 @@ pub fn b_admits_http_from_a(fx: &mut Fixture) {
             rule(
                 CILIA_DIR_INGRESS,
                 A_IDENTITY,
-                6,
-                80,
+                proto,
+                port,
                 16,
                 CILIA_VERDICT_ALLOW,
             ),
         ],
     );
+}
+
+/// B admits A on TCP/80 only.
+pub fn b_admits_http_from_a(fx: &mut Fixture) {
+    b_admits_from_a(fx, 6, 80);
 }
 
 /// A may send DNS (UDP/53) to the world, nothing else.
