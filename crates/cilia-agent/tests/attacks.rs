@@ -9,19 +9,7 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use cilia_testnet::{require_privileges, AgentOptions, Netns, TestAgent};
-
-macro_rules! privileged {
-    ($name:literal) => {
-        if !require_privileges($name) {
-            return;
-        }
-    };
-}
-
-fn ip_of(ep: &serde_json::Value, family: &str) -> IpAddr {
-    ep[family].as_str().unwrap().parse().unwrap()
-}
+use cilia_testnet::{ip_of, privileged, AgentOptions, Netns, TestAgent};
 
 /// One endpoint per label set, each in a namespace of its own.
 fn endpoints<const N: usize>(

@@ -8,19 +8,7 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
-use cilia_testnet::{require_privileges, AgentOptions, Netns, TestAgent};
-
-macro_rules! privileged {
-    ($name:literal) => {
-        if !require_privileges($name) {
-            return;
-        }
-    };
-}
-
-fn ip_of(ep: &serde_json::Value, family: &str) -> IpAddr {
-    ep[family].as_str().unwrap().parse().unwrap()
-}
+use cilia_testnet::{ip_of, privileged, AgentOptions, Netns, TestAgent};
 
 fn ping(from: &Netns, to: IpAddr) -> bool {
     from.command("ping")

@@ -8,15 +8,7 @@
 use std::collections::BTreeSet;
 
 use cilia_agent::crash::{CRASH_ENV, CRASH_POINTS};
-use cilia_testnet::{require_privileges, AgentOptions, Netns, TestAgent};
-
-macro_rules! privileged {
-    ($name:literal) => {
-        if !require_privileges($name) {
-            return;
-        }
-    };
-}
+use cilia_testnet::{privileged, AgentOptions, Netns, TestAgent};
 
 fn names_in(dir: &std::path::Path) -> BTreeSet<String> {
     std::fs::read_dir(dir)

@@ -7,15 +7,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use cilia_testnet::{require_privileges, AgentOptions, TestAgent};
-
-macro_rules! privileged {
-    ($name:literal) => {
-        if !require_privileges($name) {
-            return;
-        }
-    };
-}
+use cilia_testnet::{privileged, AgentOptions, TestAgent};
 
 /// A policy refusal is cheap: well within this on a loaded 2-CPU debug build.
 const QUICK: Duration = Duration::from_secs(5);

@@ -17,15 +17,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use cilia_testnet::{require_privileges, AgentOptions, Netns, TestAgent};
-
-macro_rules! privileged {
-    ($name:literal) => {
-        if !require_privileges($name) {
-            return;
-        }
-    };
-}
+use cilia_testnet::{ip_of, privileged, AgentOptions, Netns, TestAgent};
 
 const CNP_RULE1: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -42,10 +34,6 @@ const DENY_TIEFIGHTER: &str = concat!(
 
 /// How long a connect or a read may take before the flow counts as dropped.
 const DROP_TIMEOUT: Duration = Duration::from_secs(1);
-
-fn ip_of(ep: &serde_json::Value, family: &str) -> IpAddr {
-    ep[family].as_str().unwrap().parse().unwrap()
-}
 
 fn id_of(ep: &serde_json::Value) -> String {
     ep["id"].as_u64().unwrap().to_string()

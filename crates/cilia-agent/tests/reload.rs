@@ -13,19 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use cilia_datapath::inspect::{link_target, program_tag};
-use cilia_testnet::{require_privileges, AgentOptions, Netns, TestAgent};
-
-macro_rules! privileged {
-    ($name:literal) => {
-        if !require_privileges($name) {
-            return;
-        }
-    };
-}
-
-fn ip_of(ep: &serde_json::Value, family: &str) -> IpAddr {
-    ep[family].as_str().unwrap().parse().unwrap()
-}
+use cilia_testnet::{ip_of, privileged, AgentOptions, Netns, TestAgent};
 
 /// Reloads the datapath (forced: this build's programs are swapped too)
 /// and checks every endpoint was reloaded.

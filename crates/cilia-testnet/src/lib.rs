@@ -15,6 +15,25 @@ pub use netns::{BpfRoot, Netns};
 
 use std::path::PathBuf;
 
+/// Returns from the test unless it may use BPF and network admin (see
+/// [`require_privileges`]: under `CI=true` a missing privilege panics).
+#[macro_export]
+macro_rules! privileged {
+    ($name:literal) => {
+        if !$crate::require_privileges($name) {
+            return;
+        }
+    };
+}
+
+/// An endpoint's address of `family` (`"ipv6"` or `"ipv4"`) from its JSON.
+pub fn ip_of(endpoint: &serde_json::Value, family: &str) -> std::net::IpAddr {
+    endpoint[family]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("endpoint has no {family} address: {endpoint}"))
+}
+
 /// Whether privileged tests can run. Without root: under `CI=true` this
 /// panics (a privileged test must never be skipped there); elsewhere it
 /// prints why the test is skipped and returns `false`.
