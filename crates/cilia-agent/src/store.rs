@@ -845,15 +845,19 @@ fn release_unused_identities(
 mod legacy {
     use super::*;
 
-    const ENDPOINTS_T: TableDefinition<u16, &[u8]> = TableDefinition::new("endpoints");
-    const IPAM_T: TableDefinition<&str, u16> = TableDefinition::new("ipam");
-    const IDENTITIES_T: TableDefinition<u32, &[u8]> = TableDefinition::new("identities");
-    const NAMESPACES_T: TableDefinition<&str, &[u8]> = TableDefinition::new("namespaces");
-    const POLICIES_T: TableDefinition<&str, &[u8]> = TableDefinition::new("policies");
-    const CIDR_IDENTITIES_T: TableDefinition<&str, u32> = TableDefinition::new("cidr_identities");
-    const META_T: TableDefinition<&str, u64> = TableDefinition::new("meta");
-    const RELEASED_IPS_T: TableDefinition<&str, u64> = TableDefinition::new("released_ips");
-    const RELEASED_IDS_T: TableDefinition<u16, u64> = TableDefinition::new("released_ids");
+    pub(super) const ENDPOINTS_T: TableDefinition<u16, &[u8]> = TableDefinition::new("endpoints");
+    pub(super) const IPAM_T: TableDefinition<&str, u16> = TableDefinition::new("ipam");
+    pub(super) const IDENTITIES_T: TableDefinition<u32, &[u8]> = TableDefinition::new("identities");
+    pub(super) const NAMESPACES_T: TableDefinition<&str, &[u8]> =
+        TableDefinition::new("namespaces");
+    pub(super) const POLICIES_T: TableDefinition<&str, &[u8]> = TableDefinition::new("policies");
+    pub(super) const CIDR_IDENTITIES_T: TableDefinition<&str, u32> =
+        TableDefinition::new("cidr_identities");
+    pub(super) const META_T: TableDefinition<&str, u64> = TableDefinition::new("meta");
+    pub(super) const RELEASED_IPS_T: TableDefinition<&str, u64> =
+        TableDefinition::new("released_ips");
+    pub(super) const RELEASED_IDS_T: TableDefinition<u16, u64> =
+        TableDefinition::new("released_ids");
     const NAMES: [&str; 9] = [
         "endpoints",
         "ipam",
@@ -1188,6 +1192,187 @@ mod tests {
         assert_ne!(c.ipv6, a.ipv6);
         let d = store.create_endpoint(&p6, Some(&p4), record).unwrap();
         assert_eq!(d.ipv6, a.ipv6);
+    }
+
+    /// Writes `path` in the table layout the agent used before the
+    /// kvstore: endpoints 1 and 3 (2 was released), one identity, labels of
+    /// namespace `default`, one policy, one CIDR identity, counters.
+    fn write_table_layout(path: &Path) -> Vec<EndpointRecord> {
+        let db = Database::create(path).unwrap();
+        let w = db.begin_write().unwrap();
+        let labels = BTreeMap::from([("app".to_string(), "web".to_string())]);
+        let mut recs = Vec::new();
+        {
+            let mut endpoints = w.open_table(legacy::ENDPOINTS_T).unwrap();
+            let mut ipam = w.open_table(legacy::IPAM_T).unwrap();
+            for (id, v6, v4) in [(1u16, "fd00::1", "10.0.0.1"), (3, "fd00::3", "10.0.0.3")] {
+                let mut rec = record(id, v6.parse().unwrap(), Some(v4.parse().unwrap()));
+                rec.labels = labels.clone();
+                rec.identity = FIRST_ENDPOINT_IDENTITY;
+                rec.state = EndpointState::Ready;
+                endpoints
+                    .insert(id, serde_json::to_vec(&rec).unwrap().as_slice())
+                    .unwrap();
+                for ip in rec.ips() {
+                    ipam.insert(ip.to_string().as_str(), id).unwrap();
+                }
+                recs.push(rec);
+            }
+            let sec = security_labels(&labels, DEFAULT_NAMESPACE, &ns_labels());
+            w.open_table(legacy::IDENTITIES_T)
+                .unwrap()
+                .insert(
+                    FIRST_ENDPOINT_IDENTITY,
+                    serde_json::to_vec(&sec).unwrap().as_slice(),
+                )
+                .unwrap();
+            w.open_table(legacy::NAMESPACES_T)
+                .unwrap()
+                .insert(
+                    DEFAULT_NAMESPACE,
+                    serde_json::to_vec(&ns_labels()).unwrap().as_slice(),
+                )
+                .unwrap();
+            let p = policy();
+            w.open_table(legacy::POLICIES_T)
+                .unwrap()
+                .insert(p.key().as_str(), serde_json::to_vec(&p).unwrap().as_slice())
+                .unwrap();
+            w.open_table(legacy::CIDR_IDENTITIES_T)
+                .unwrap()
+                .insert("192.0.2.0/24", FIRST_CIDR_IDENTITY + 4)
+                .unwrap();
+            let mut meta = w.open_table(legacy::META_T).unwrap();
+            meta.insert("policy_revision", 7).unwrap();
+            meta.insert("release_seq", 1).unwrap();
+            w.open_table(legacy::RELEASED_IPS_T)
+                .unwrap()
+                .insert("fd00::2", 1)
+                .unwrap();
+            w.open_table(legacy::RELEASED_IDS_T)
+                .unwrap()
+                .insert(2, 1)
+                .unwrap();
+        }
+        w.commit().unwrap();
+        recs
+    }
+
+    fn ns_labels() -> BTreeMap<String, String> {
+        BTreeMap::from([("team".to_string(), "blue".to_string())])
+    }
+
+    fn policy() -> StoredPolicy {
+        StoredPolicy {
+            kind: "CiliumNetworkPolicy".into(),
+            namespace: Some("default".into()),
+            name: "r".into(),
+            yaml: "x".into(),
+        }
+    }
+
+    fn tables(path: &Path) -> BTreeSet<String> {
+        let db = Database::create(path).unwrap();
+        let r = db.begin_read().unwrap();
+        r.list_tables()
+            .unwrap()
+            .map(|t| redb::TableHandle::name(&t).to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_state_file_of_the_table_layout_is_migrated_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let p6 = Pool::new("fd00::/125".parse().unwrap()).unwrap();
+        let p4 = Pool::new("10.0.0.0/29".parse().unwrap()).unwrap();
+        let recs = write_table_layout(&path);
+        {
+            let store = Store::open(&path).unwrap();
+            assert_eq!(store.endpoints().unwrap(), recs);
+            assert_eq!(
+                store.allocated().unwrap(),
+                recs.iter().flat_map(|r| r.ips()).collect()
+            );
+            let ids = store.identities().unwrap();
+            assert_eq!(
+                ids.keys().copied().collect::<Vec<_>>(),
+                [FIRST_ENDPOINT_IDENTITY]
+            );
+            assert_eq!(store.namespaces().unwrap()[DEFAULT_NAMESPACE], ns_labels());
+            assert_eq!(store.policies().unwrap(), vec![policy()]);
+            assert_eq!(store.policy_revision().unwrap(), 7);
+            let prefix: ipnet::IpNet = "192.0.2.0/24".parse().unwrap();
+            assert_eq!(
+                store.plan_cidr_identities(&[prefix].into()).unwrap()[&prefix],
+                FIRST_CIDR_IDENTITY + 4
+            );
+        }
+        assert!(
+            !tables(&path).contains("endpoints"),
+            "the old tables are dropped"
+        );
+        // Quarantine and counters carried over: the next endpoint gets a
+        // fresh id above the released 2, and a delete continues the
+        // release sequence (its address waits behind fd00::2).
+        let store = Store::open(&path).unwrap();
+        let e = store.create_endpoint(&p6, Some(&p4), record).unwrap();
+        assert_eq!(e.id, 4);
+        assert_ne!(e.ipv6, "fd00::2".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(store.put_policies(&[policy()]).unwrap(), 8);
+    }
+
+    #[test]
+    fn a_migration_cut_short_before_the_old_tables_were_dropped_does_not_import_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let recs = write_table_layout(&path);
+        drop(Store::open(&path).unwrap());
+        // As if the agent died between the import and the drop: the old
+        // tables are back, with content that must not be imported again.
+        {
+            let db = Database::create(&path).unwrap();
+            let w = db.begin_write().unwrap();
+            w.open_table(legacy::ENDPOINTS_T)
+                .unwrap()
+                .insert(9, b"{}".as_slice())
+                .unwrap();
+            w.commit().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.endpoints().unwrap(), recs);
+        drop(store);
+        assert!(!tables(&path).contains("endpoints"));
+    }
+
+    #[test]
+    fn a_state_file_of_an_unknown_layout_is_refused_saying_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        drop(Store::open(&path).unwrap());
+        {
+            let kv = RedbStore::open(&path).unwrap();
+            kv.put(LAYOUT, b"2").unwrap();
+        }
+        let err = Store::open(&path).unwrap_err().to_string();
+        assert!(err.contains("layout \"2\""), "{err}");
+        assert!(err.contains("move the file away"), "{err}");
+    }
+
+    #[test]
+    fn a_change_that_lost_a_race_applies_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let err = store
+            .change(|c| {
+                c.put(policy_key("x"), &policy())?;
+                // Another writer commits between our read and our commit.
+                store.kv.put(LAST_CHANGE, b"")?;
+                Ok(())
+            })
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Conflict), "{err}");
+        assert!(store.policies().unwrap().is_empty());
     }
 
     #[test]
