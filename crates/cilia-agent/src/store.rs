@@ -417,7 +417,12 @@ impl Store {
         self.change(|c| {
             let used: BTreeSet<IpAddr> = self.read_addresses::<u16>(IPAM)?.into_keys().collect();
             let quarantined: BTreeMap<IpAddr, u64> = self.read_addresses(RELEASED_IPS)?;
-            let used_ids: BTreeSet<u16> = self.read_endpoints()?.into_keys().collect();
+            // Ids from the keys: no record needs decoding.
+            let used_ids = self
+                .list(ENDPOINTS)?
+                .iter()
+                .map(|(key, _)| key_number(ENDPOINTS, key))
+                .collect::<Result<BTreeSet<u16>, _>>()?;
             let mut quarantined_ids = BTreeMap::new();
             for (key, value) in self.list(RELEASED_IDS)? {
                 quarantined_ids.insert(
