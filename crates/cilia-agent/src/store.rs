@@ -273,7 +273,7 @@ impl Store {
         };
         let db = Database::create(path).map_err(|e| open_err(e.to_string()))?;
         let legacy = legacy::read(&db)?;
-        let kv = RedbStore::from_database(db, cilia_kvstore::DEFAULT_HISTORY)
+        let kv = RedbStore::from_database(db, cilia_kvstore::History::default())
             .map_err(|e| open_err(e.to_string()))?;
         match kv.get(LAYOUT)? {
             None => {

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 mod redb_store;
 
-pub use redb_store::{RedbStore, DEFAULT_HISTORY, LEASE_TICK};
+pub use redb_store::{History, RedbStore, LEASE_TICK};
 
 /// A store revision (etcd's `int64` revision; 0 is "before anything").
 pub type Revision = i64;

@@ -2,8 +2,10 @@
 //!
 //! * Keys and their records live in table `kv`; the revision and the start
 //!   of the kept history in `kv_meta`; the events of the last
-//!   [`DEFAULT_HISTORY`] revisions in `kv_log`, keyed by (revision, index),
-//!   so a watch can replay them. Each transaction is one redb write
+//!   revisions in `kv_log`, keyed by (revision, index), so a watch can
+//!   replay them: at most [`History::revisions`] revisions and about
+//!   [`History::bytes`] bytes (the oldest go first; the last transaction's
+//!   are always kept). Each transaction is one redb write
 //!   transaction with durable commit: keys, log and revision change
 //!   together or not at all.
 //! * Writers (transactions, lease changes, watch registration) are
@@ -36,8 +38,24 @@ const LOG: TableDefinition<(i64, u32), &[u8]> = TableDefinition::new("kv_log");
 /// `revision`, `compacted` (the last revision no longer in the log).
 const META: TableDefinition<&str, i64> = TableDefinition::new("kv_meta");
 
-/// How many revisions of events are kept for watches to replay.
-pub const DEFAULT_HISTORY: i64 = 10_000;
+/// How much of the past a store keeps for watches to replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct History {
+    /// At most this many revisions.
+    pub revisions: i64,
+    /// At most about this many bytes of events (a large value put many
+    /// times must not grow the file without bound).
+    pub bytes: i64,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        Self {
+            revisions: 10_000,
+            bytes: 64 << 20,
+        }
+    }
+}
 /// How often leases are checked for expiry.
 pub const LEASE_TICK: Duration = Duration::from_millis(100);
 
@@ -139,7 +157,7 @@ struct State {
 
 struct Inner {
     db: Database,
-    history: i64,
+    history: History,
     /// Serializes every writer (see the module doc).
     state: Mutex<State>,
 }
@@ -163,13 +181,13 @@ impl RedbStore {
             path: path.display().to_string(),
             reason: e.to_string(),
         })?;
-        Self::from_database(db, DEFAULT_HISTORY)
+        Self::from_database(db, History::default())
     }
 
     /// The store in an open redb database (its tables are `kv`, `kv_log`
-    /// and `kv_meta`; others are left alone), keeping `history` revisions
-    /// of events for watches.
-    pub fn from_database(db: Database, history: i64) -> Result<Self, KvError> {
+    /// and `kv_meta`; others are left alone), keeping `history` of events
+    /// for watches.
+    pub fn from_database(db: Database, history: History) -> Result<Self, KvError> {
         let w = db.begin_write().map_err(backend)?;
         w.open_table(KV).map_err(backend)?;
         w.open_table(LOG).map_err(backend)?;
@@ -178,7 +196,10 @@ impl RedbStore {
         let store = Self {
             inner: Arc::new(Inner {
                 db,
-                history: history.max(1),
+                history: History {
+                    revisions: history.revisions.max(1),
+                    bytes: history.bytes.max(0),
+                },
                 state: Mutex::new(State {
                     next_lease: 1,
                     ..State::default()
@@ -394,22 +415,41 @@ impl Inner {
                 });
             }
             let mut log = w.open_table(LOG).map_err(backend)?;
+            let get = |meta: &redb::Table<&str, i64>, name: &str| -> Result<i64, KvError> {
+                Ok(meta
+                    .get(name)
+                    .map_err(backend)?
+                    .map(|v| v.value())
+                    .unwrap_or(0))
+            };
+            let mut log_bytes = get(&meta, "log_bytes")?;
             for (i, ev) in events.iter().enumerate() {
-                log.insert((revision, i as u32), encode_event(ev).as_slice())
+                let bytes = encode_event(ev);
+                log_bytes += bytes.len() as i64;
+                log.insert((revision, i as u32), bytes.as_slice())
                     .map_err(backend)?;
             }
             meta.insert("revision", revision).map_err(backend)?;
-            let compacted = meta
-                .get("compacted")
-                .map_err(backend)?
-                .map(|v| v.value())
-                .unwrap_or(0);
-            let keep_from = revision - self.history + 1;
-            if keep_from - 1 > compacted {
-                log.retain_in((compacted, 0)..(keep_from, 0), |_, _| false)
-                    .map_err(backend)?;
-                meta.insert("compacted", keep_from - 1).map_err(backend)?;
+            // Forget the oldest events while the log is too long or too big.
+            let mut compacted = get(&meta, "compacted")?;
+            let keep_from = revision - self.history.revisions + 1;
+            loop {
+                let Some((k, len)) = log
+                    .first()
+                    .map_err(backend)?
+                    .map(|(k, v)| (k.value(), v.value().len()))
+                else {
+                    break;
+                };
+                if k.0 >= revision || (k.0 >= keep_from && log_bytes <= self.history.bytes) {
+                    break;
+                }
+                log.remove(k).map_err(backend)?;
+                log_bytes -= len as i64;
+                compacted = compacted.max(k.0);
             }
+            meta.insert("compacted", compacted).map_err(backend)?;
+            meta.insert("log_bytes", log_bytes).map_err(backend)?;
         }
         w.commit().map_err(backend)?;
         for (key, left, joined) in lease_moves {

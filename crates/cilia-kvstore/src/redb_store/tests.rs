@@ -196,7 +196,11 @@ fn a_watch_from_an_old_revision_replays_then_follows() {
 fn a_watch_from_a_compacted_revision_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let db = Database::create(dir.path().join("kv.redb")).unwrap();
-    let s = RedbStore::from_database(db, 2).unwrap();
+    let history = History {
+        revisions: 2,
+        ..History::default()
+    };
+    let s = RedbStore::from_database(db, history).unwrap();
     for i in 0..5 {
         s.put("k", format!("{i}").as_bytes()).unwrap();
     }
@@ -204,6 +208,27 @@ fn a_watch_from_a_compacted_revision_is_refused() {
     assert!(matches!(err, KvError::Compacted { first: 4, .. }), "{err}");
     let w = s.watch("k", 4).unwrap();
     assert_eq!(w.try_iter().count(), 2);
+}
+
+#[test]
+fn the_history_is_bounded_in_bytes_but_keeps_the_last_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Database::create(dir.path().join("kv.redb")).unwrap();
+    let history = History {
+        revisions: 1000,
+        bytes: 150,
+    };
+    let s = RedbStore::from_database(db, history).unwrap();
+    for _ in 0..3 {
+        s.put("k", &[0u8; 60]).unwrap(); // ~100 bytes of event each
+    }
+    assert!(matches!(
+        s.watch("k", 2).unwrap_err(),
+        KvError::Compacted { first: 3, .. }
+    ));
+    assert_eq!(s.watch("k", 3).unwrap().try_iter().count(), 1);
+    s.put("k", &[0u8; 500]).unwrap(); // alone bigger than the bound
+    assert_eq!(s.watch("k", 4).unwrap().try_iter().count(), 1);
 }
 
 #[test]
