@@ -17,10 +17,12 @@
 //!   process that granted it. Opening the store deletes the keys that
 //!   previous processes attached to leases, as if their leases had expired
 //!   (with delete events at the opening's revision). Expiry is checked by a
-//!   thread started with the first lease, every [`LEASE_TICK`].
+//!   thread started with the first lease, every [`LEASE_TICK`], and ended
+//!   when the store is dropped.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -152,7 +154,8 @@ struct State {
     watchers: Vec<Watcher>,
     leases: HashMap<LeaseId, Lease>,
     next_lease: LeaseId,
-    reaper_started: bool,
+    /// The lease expiry thread, once a lease was granted.
+    reaper: Option<std::thread::JoinHandle<()>>,
 }
 
 struct Inner {
@@ -160,6 +163,8 @@ struct Inner {
     history: History,
     /// Serializes every writer (see the module doc).
     state: Mutex<State>,
+    /// Tells the lease expiry thread to end.
+    closing: AtomicBool,
 }
 
 /// The embedded [`KvStore`]: a redb file. One process opens a file at a
@@ -204,6 +209,7 @@ impl RedbStore {
                     next_lease: 1,
                     ..State::default()
                 }),
+                closing: AtomicBool::new(false),
             }),
         };
         store.inner.drop_orphaned_lease_keys()?;
@@ -218,20 +224,37 @@ impl RedbStore {
     }
 
     fn start_reaper(&self, state: &mut State) {
-        if state.reaper_started {
+        if state.reaper.is_some() {
             return;
         }
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         let spawned = std::thread::Builder::new()
             .name("kvstore-leases".into())
             .spawn(move || loop {
-                std::thread::sleep(LEASE_TICK);
+                std::thread::park_timeout(LEASE_TICK);
                 let Some(inner) = weak.upgrade() else { break };
+                if inner.closing.load(Ordering::Acquire) {
+                    break;
+                }
                 // A failed expiry is retried at the next tick.
                 let _ = inner.expire_leases(Instant::now());
             });
         // Without the thread leases still expire: every lease call checks.
-        state.reaper_started = spawned.is_ok();
+        state.reaper = spawned.ok();
+    }
+}
+
+impl Drop for RedbStore {
+    /// Ends the lease expiry thread before the database closes, so the file
+    /// can be opened again as soon as the store is dropped.
+    fn drop(&mut self) {
+        self.inner.closing.store(true, Ordering::Release);
+        let reaper = self.inner.lock().reaper.take();
+        if let Some(reaper) = reaper {
+            reaper.thread().unpark();
+            // A panicked thread has nothing left to clean up.
+            let _ = reaper.join();
+        }
     }
 }
 

@@ -319,11 +319,19 @@ fn keys_of_leases_of_a_previous_process_are_deleted_at_open() {
         )
         .unwrap();
     }
-    // The lease thread holds the store for at most a tick after the drop.
-    std::thread::sleep(LEASE_TICK * 3);
     let s = RedbStore::open(&path).unwrap();
     assert_eq!(s.get("leased").unwrap(), None);
     assert!(s.get("kept").unwrap().is_some());
+}
+
+#[test]
+fn a_store_with_leases_can_be_opened_again_right_after_it_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kv.redb");
+    for _ in 0..5 {
+        let s = RedbStore::open(&path).unwrap();
+        s.lease_grant(Duration::from_secs(60)).unwrap();
+    }
 }
 
 #[test]
