@@ -486,10 +486,10 @@ impl Store {
                 c.delete(endpoint_key(rec.id));
                 c.put(released_id_key(rec.id), &seq)?;
             }
-            let allocated = self.read_addresses::<u16>(IPAM)?;
             for ip in rec.ips() {
-                if allocated.contains_key(&ip) {
-                    c.delete(format!("{IPAM}{ip}"));
+                let key = format!("{IPAM}{ip}");
+                if self.kv.get(&key)?.is_some() {
+                    c.delete(key);
                     c.put(format!("{RELEASED_IPS}{ip}"), &seq)?;
                 }
             }
