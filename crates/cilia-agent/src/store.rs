@@ -1,37 +1,78 @@
-//! Agent state on disk: one redb database (`<state-dir>/state.redb`).
-//! Every change is one ACID transaction with durable commit, so a crash at
-//! any instant leaves either the old or the new state, never a torn record.
-//! Endpoint records and their IP allocations change in the same
-//! transaction, so no address can be allocated without its owner, or twice.
+//! Agent state, kept in the key/value store ([`cilia_kvstore`]) in one
+//! embedded redb file (`<state-dir>/state.redb`).
+//!
+//! Key layout (values are JSON unless said otherwise; numbers in keys are
+//! zero-padded so that key order is numeric order):
+//!
+//! | key | value |
+//! |---|---|
+//! | `cilia/endpoints/<id:05>` | [`EndpointRecord`] |
+//! | `cilia/ipam/allocated/<address>` | owning endpoint id |
+//! | `cilia/ipam/released/<address>` | release sequence number (quarantine, see `ipam`) |
+//! | `cilia/endpoint-ids/released/<id:05>` | release sequence number |
+//! | `cilia/identities/<id:010>` | labels of an endpoint identity |
+//! | `cilia/namespaces/<name>` | the namespace's labels |
+//! | `cilia/policies/<kind>/<namespace>/<name>` | [`StoredPolicy`] |
+//! | `cilia/cidr-identities/<prefix>` | its local CIDR identity |
+//! | `cilia/meta/policy-revision`, `cilia/meta/release-seq` | counters |
+//! | `cilia/meta/layout` | `1`, this layout's version |
+//! | `cilia/meta/last-change` | empty; its `mod_revision` is the last change's |
+//!
+//! Invariants:
+//! * Every change is one kvstore transaction (durable commit), so a crash at
+//!   any instant leaves either the old or the new state, never a torn
+//!   record. Endpoint records and their IP allocations change in the same
+//!   transaction, so no address can be allocated without its owner, or twice.
+//! * A change reads, decides, then commits only if nothing changed since it
+//!   read: its transaction compares the `mod_revision` of
+//!   `cilia/meta/last-change` and rewrites it (writers are serialized, as the
+//!   redb tables were). A lost race is an error, never a silent overwrite.
+//! * A `state.redb` of the previous layout (one redb table per kind) is
+//!   migrated on open, in one transaction, before anything reads it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
+use std::sync::Mutex;
 
 use cilia_api::EndpointState;
+use cilia_kvstore::{Compare, KvError, KvStore, Op, RedbStore, Revision};
 use redb::{Database, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::ipam::{IpamError, Pool};
 
-/// Endpoint id -> JSON of [`EndpointRecord`].
-const ENDPOINTS: TableDefinition<u16, &[u8]> = TableDefinition::new("endpoints");
-/// Allocated address -> owning endpoint id.
-const IPAM: TableDefinition<&str, u16> = TableDefinition::new("ipam");
-/// Security identity -> JSON of its labels (endpoint identities only).
-const IDENTITIES: TableDefinition<u32, &[u8]> = TableDefinition::new("identities");
-/// Namespace name -> JSON of its labels.
-const NAMESPACES: TableDefinition<&str, &[u8]> = TableDefinition::new("namespaces");
-/// Policy key (`kind/namespace/name`) -> JSON of [`StoredPolicy`].
-const POLICIES: TableDefinition<&str, &[u8]> = TableDefinition::new("policies");
-/// CIDR prefix -> its local CIDR identity.
-const CIDR_IDENTITIES: TableDefinition<&str, u32> = TableDefinition::new("cidr_identities");
-/// Counters (policy revision, release sequence).
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-/// Released address -> release sequence number (quarantine, see `ipam`).
-const RELEASED_IPS: TableDefinition<&str, u64> = TableDefinition::new("released_ips");
-/// Released endpoint id -> release sequence number.
-const RELEASED_IDS: TableDefinition<u16, u64> = TableDefinition::new("released_ids");
+const ENDPOINTS: &str = "cilia/endpoints/";
+const IPAM: &str = "cilia/ipam/allocated/";
+const RELEASED_IPS: &str = "cilia/ipam/released/";
+const RELEASED_IDS: &str = "cilia/endpoint-ids/released/";
+const IDENTITIES: &str = "cilia/identities/";
+const NAMESPACES: &str = "cilia/namespaces/";
+const POLICIES: &str = "cilia/policies/";
+const CIDR_IDENTITIES: &str = "cilia/cidr-identities/";
+const POLICY_REVISION: &str = "cilia/meta/policy-revision";
+const RELEASE_SEQ: &str = "cilia/meta/release-seq";
+const LAYOUT: &str = "cilia/meta/layout";
+const LAST_CHANGE: &str = "cilia/meta/last-change";
+/// The version of the key layout this code reads and writes.
+const LAYOUT_VERSION: &str = "1";
+
+fn endpoint_key(id: u16) -> String {
+    format!("{ENDPOINTS}{id:05}")
+}
+
+fn released_id_key(id: u16) -> String {
+    format!("{RELEASED_IDS}{id:05}")
+}
+
+fn identity_key(id: u32) -> String {
+    format!("{IDENTITIES}{id:010}")
+}
+
+fn policy_key(key: &str) -> String {
+    format!("{POLICIES}{key}")
+}
 
 /// First identity given to endpoints (below: reserved).
 pub const FIRST_ENDPOINT_IDENTITY: u32 = 256;
@@ -94,6 +135,10 @@ pub enum StoreError {
     Open { path: String, reason: String },
     #[error("state database: {0}")]
     Db(String),
+    #[error("state database: {0}")]
+    Kv(#[from] KvError),
+    #[error("state database: changed by another writer during this change; nothing was applied")]
+    Conflict,
     #[error("state database holds a corrupt endpoint record {id}: {reason}")]
     Corrupt { id: u16, reason: String },
     #[error(transparent)]
@@ -186,8 +231,30 @@ pub struct NewEndpoint {
     pub container_id: Option<String>,
 }
 
+/// The writes of one change, keyed so that a key is written at most once.
+struct Change {
+    /// `mod_revision` of [`LAST_CHANGE`] when the change began.
+    base: Revision,
+    writes: BTreeMap<String, Option<Vec<u8>>>,
+}
+
+impl Change {
+    fn put(&mut self, key: String, value: &impl Serialize) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value).map_err(|e| StoreError::Db(format!("{key}: {e}")))?;
+        self.writes.insert(key, Some(bytes));
+        Ok(())
+    }
+
+    fn delete(&mut self, key: String) {
+        self.writes.insert(key, None);
+    }
+}
+
 pub struct Store {
-    db: Database,
+    kv: Box<dyn KvStore>,
+    /// Serializes this process's changes, so that the compare on
+    /// [`LAST_CHANGE`] only ever fails against another process.
+    writer: Mutex<()>,
 }
 
 impl std::fmt::Debug for Store {
@@ -196,57 +263,156 @@ impl std::fmt::Debug for Store {
     }
 }
 
-fn encode(rec: &EndpointRecord) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(rec).map_err(|e| StoreError::Db(e.to_string()))
+fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Db(format!("{key}: {e}")))
+}
+
+/// The number at the end of `key` (after `prefix`).
+fn key_number<T: std::str::FromStr>(prefix: &str, key: &str) -> Result<T, StoreError> {
+    key.strip_prefix(prefix)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| StoreError::Db(format!("{key}: the key does not end in a number")))
 }
 
 impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(|e| StoreError::Open {
+        let open_err = |reason: String| StoreError::Open {
             path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        let txn = db.begin_write()?;
-        txn.open_table(ENDPOINTS)?;
-        txn.open_table(IPAM)?;
-        txn.open_table(IDENTITIES)?;
-        txn.open_table(NAMESPACES)?;
-        txn.open_table(POLICIES)?;
-        txn.open_table(CIDR_IDENTITIES)?;
-        txn.open_table(META)?;
-        txn.open_table(RELEASED_IPS)?;
-        txn.open_table(RELEASED_IDS)?;
-        txn.commit()?;
-        Ok(Self { db })
+            reason,
+        };
+        let db = Database::create(path).map_err(|e| open_err(e.to_string()))?;
+        let legacy = legacy::read(&db)?;
+        let kv = RedbStore::from_database(db, cilia_kvstore::History::default())
+            .map_err(|e| open_err(e.to_string()))?;
+        match kv.get(LAYOUT)? {
+            None => {
+                let mut ops = legacy.clone().unwrap_or_default();
+                ops.push(Op::put(LAYOUT, LAYOUT_VERSION));
+                kv.txn(&[Compare::absent(LAYOUT)], &ops)?;
+                if legacy.is_some() {
+                    tracing::info!(path = %path.display(), "state migrated to the kvstore layout");
+                }
+            }
+            Some(layout) if layout.value == LAYOUT_VERSION.as_bytes() => {}
+            Some(layout) => {
+                return Err(open_err(format!(
+                    "written in key layout {:?}, this agent knows layout {LAYOUT_VERSION}: \
+                     run the agent version that wrote it, or move the file away to start empty",
+                    String::from_utf8_lossy(&layout.value)
+                )))
+            }
+        }
+        if legacy.is_some() {
+            // Imported (now or by an open cut short before this step).
+            legacy::drop_tables(kv.database())?;
+        }
+        Ok(Self {
+            kv: Box::new(kv),
+            writer: Mutex::new(()),
+        })
+    }
+
+    /// The keys under `prefix`: (key, value).
+    fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        Ok(self
+            .kv
+            .list_prefix(prefix)?
+            .kvs
+            .into_iter()
+            .map(|kv| (kv.key, kv.value))
+            .collect())
+    }
+
+    fn counter(&self, key: &str) -> Result<u64, StoreError> {
+        match self.kv.get(key)? {
+            Some(kv) => decode(key, &kv.value),
+            None => Ok(0),
+        }
+    }
+
+    fn read_endpoints(&self) -> Result<BTreeMap<u16, EndpointRecord>, StoreError> {
+        let mut out = BTreeMap::new();
+        for (key, value) in self.list(ENDPOINTS)? {
+            let id = key_number(ENDPOINTS, &key)?;
+            let rec = serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt {
+                id,
+                reason: e.to_string(),
+            })?;
+            out.insert(id, rec);
+        }
+        Ok(out)
+    }
+
+    /// Address keys under `prefix` with their values.
+    fn read_addresses<T: DeserializeOwned>(
+        &self,
+        prefix: &str,
+    ) -> Result<BTreeMap<IpAddr, T>, StoreError> {
+        let mut out = BTreeMap::new();
+        for (key, value) in self.list(prefix)? {
+            out.insert(key_number(prefix, &key)?, decode(&key, &value)?);
+        }
+        Ok(out)
+    }
+
+    /// Identity -> JSON of its labels (compared as bytes: a `BTreeMap`
+    /// serializes in one way).
+    fn read_identities(&self) -> Result<BTreeMap<u32, Vec<u8>>, StoreError> {
+        let mut out = BTreeMap::new();
+        for (key, value) in self.list(IDENTITIES)? {
+            out.insert(key_number(IDENTITIES, &key)?, value);
+        }
+        Ok(out)
+    }
+
+    fn namespace_labels(&self, namespace: &str) -> Result<BTreeMap<String, String>, StoreError> {
+        let key = format!("{NAMESPACES}{namespace}");
+        match self.kv.get(&key)? {
+            Some(kv) => decode(&key, &kv.value),
+            None => Ok(BTreeMap::new()),
+        }
+    }
+
+    /// Runs `f` as one change: what it reads is what the transaction
+    /// commits against (see the module doc).
+    fn change<T>(
+        &self,
+        f: impl FnOnce(&mut Change) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        // The lock guards no data, only the order of changes: a poisoned
+        // one is as good as a clean one.
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let base = self.kv.get(LAST_CHANGE)?.map_or(0, |kv| kv.mod_revision);
+        let mut change = Change {
+            base,
+            writes: BTreeMap::new(),
+        };
+        let out = f(&mut change)?;
+        let mut ops: Vec<Op> = change
+            .writes
+            .into_iter()
+            .map(|(key, value)| match value {
+                Some(v) => Op::put(key, v),
+                None => Op::delete(key),
+            })
+            .collect();
+        ops.push(Op::put(LAST_CHANGE, Vec::new()));
+        let done = self
+            .kv
+            .txn(&[Compare::mod_revision(LAST_CHANGE, change.base)], &ops)?;
+        if !done.succeeded {
+            return Err(StoreError::Conflict);
+        }
+        Ok(out)
     }
 
     pub fn endpoints(&self) -> Result<Vec<EndpointRecord>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(ENDPOINTS)?;
-        let mut out = Vec::new();
-        for item in table.iter()? {
-            let (id, bytes) = item?;
-            let rec = serde_json::from_slice(bytes.value()).map_err(|e| StoreError::Corrupt {
-                id: id.value(),
-                reason: e.to_string(),
-            })?;
-            out.push(rec);
-        }
-        Ok(out)
+        Ok(self.read_endpoints()?.into_values().collect())
     }
 
     /// Allocated addresses.
     pub fn allocated(&self) -> Result<BTreeSet<IpAddr>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(IPAM)?;
-        let mut out = BTreeSet::new();
-        for item in table.iter()? {
-            let (ip, _) = item?;
-            if let Ok(ip) = ip.value().parse() {
-                out.insert(ip);
-            }
-        }
-        Ok(out)
+        Ok(self.read_addresses::<u16>(IPAM)?.into_keys().collect())
     }
 
     /// Allocates an id and addresses and records the endpoint in state
@@ -257,34 +423,21 @@ impl Store {
         pool4: Option<&Pool>,
         make: impl FnOnce(u16, Ipv6Addr, Option<Ipv4Addr>) -> EndpointRecord,
     ) -> Result<EndpointRecord, StoreError> {
-        let txn = self.db.begin_write()?;
-        let rec = {
-            let mut endpoints = txn.open_table(ENDPOINTS)?;
-            let mut ipam = txn.open_table(IPAM)?;
-            let mut used = BTreeSet::new();
-            for item in ipam.iter()? {
-                let (ip, _) = item?;
-                if let Ok(ip) = ip.value().parse::<IpAddr>() {
-                    used.insert(ip);
-                }
-            }
-            let mut released_ips = txn.open_table(RELEASED_IPS)?;
-            let mut released_ids = txn.open_table(RELEASED_IDS)?;
-            let mut quarantined = BTreeMap::new();
-            for item in released_ips.iter()? {
-                let (ip, seq) = item?;
-                if let Ok(ip) = ip.value().parse::<IpAddr>() {
-                    quarantined.insert(ip, seq.value());
-                }
-            }
-            let mut used_ids = BTreeSet::new();
-            for item in endpoints.iter()? {
-                used_ids.insert(item?.0.value());
-            }
+        self.change(|c| {
+            let used: BTreeSet<IpAddr> = self.read_addresses::<u16>(IPAM)?.into_keys().collect();
+            let quarantined: BTreeMap<IpAddr, u64> = self.read_addresses(RELEASED_IPS)?;
+            // Ids from the keys: no record needs decoding.
+            let used_ids = self
+                .list(ENDPOINTS)?
+                .iter()
+                .map(|(key, _)| key_number(ENDPOINTS, key))
+                .collect::<Result<BTreeSet<u16>, _>>()?;
             let mut quarantined_ids = BTreeMap::new();
-            for item in released_ids.iter()? {
-                let (id, seq) = item?;
-                quarantined_ids.insert(id.value(), seq.value());
+            for (key, value) in self.list(RELEASED_IDS)? {
+                quarantined_ids.insert(
+                    key_number::<u16>(RELEASED_IDS, &key)?,
+                    decode::<u64>(&key, &value)?,
+                );
             }
             let id = crate::ipam::next_endpoint_id(&used_ids, &quarantined_ids)
                 .ok_or(StoreError::IdsExhausted)?;
@@ -300,65 +453,59 @@ impl Store {
                 Some(IpAddr::V6(_)) => unreachable!("an IPv4 pool yields IPv4 addresses"),
                 None => None,
             };
-            released_ids.remove(id)?;
-            for ip in [Some(IpAddr::V6(v6)), v4.map(IpAddr::V4)]
-                .into_iter()
-                .flatten()
-            {
-                released_ips.remove(ip.to_string().as_str())?;
+            if quarantined_ids.contains_key(&id) {
+                c.delete(released_id_key(id));
             }
             let mut rec = make(id, v6, v4);
-            let ns_labels = namespace_labels(&txn, &rec.namespace)?;
+            for ip in rec.ips() {
+                if quarantined.contains_key(&ip) {
+                    c.delete(format!("{RELEASED_IPS}{ip}"));
+                }
+                c.put(format!("{IPAM}{ip}"), &id)?;
+            }
+            let ns_labels = self.namespace_labels(&rec.namespace)?;
             rec.identity = if rec.label_source.is_some() {
                 INIT_IDENTITY
             } else {
+                let mut identities = self.read_identities()?;
                 identity_for(
-                    &txn,
+                    c,
+                    &mut identities,
                     &security_labels(&rec.labels, &rec.namespace, &ns_labels),
                 )?
             };
-            for ip in rec.ips() {
-                ipam.insert(ip.to_string().as_str(), id)?;
-            }
-            endpoints.insert(id, encode(&rec)?.as_slice())?;
-            rec
-        };
-        txn.commit()?;
-        Ok(rec)
+            c.put(endpoint_key(id), &rec)?;
+            Ok(rec)
+        })
     }
 
     /// Replaces an endpoint's record (its addresses do not change).
     pub fn update_endpoint(&self, rec: &EndpointRecord) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(ENDPOINTS)?
-            .insert(rec.id, encode(rec)?.as_slice())?;
-        txn.commit()?;
-        Ok(())
+        self.change(|c| c.put(endpoint_key(rec.id), rec))
     }
 
     /// Removes an endpoint and frees its addresses and id into quarantine,
     /// in one transaction.
     pub fn delete_endpoint(&self, rec: &EndpointRecord) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        {
-            let mut endpoints = txn.open_table(ENDPOINTS)?;
-            let mut ipam = txn.open_table(IPAM)?;
-            let mut meta = txn.open_table(META)?;
-            let seq = meta.get("release_seq")?.map(|v| v.value()).unwrap_or(0) + 1;
-            meta.insert("release_seq", seq)?;
-            if endpoints.remove(rec.id)?.is_some() {
-                txn.open_table(RELEASED_IDS)?.insert(rec.id, seq)?;
+        self.change(|c| {
+            let seq = self.counter(RELEASE_SEQ)? + 1;
+            c.put(RELEASE_SEQ.into(), &seq)?;
+            let mut endpoints = self.read_endpoints()?;
+            if endpoints.remove(&rec.id).is_some() {
+                c.delete(endpoint_key(rec.id));
+                c.put(released_id_key(rec.id), &seq)?;
             }
-            let mut released = txn.open_table(RELEASED_IPS)?;
             for ip in rec.ips() {
-                if ipam.remove(ip.to_string().as_str())?.is_some() {
-                    released.insert(ip.to_string().as_str(), seq)?;
+                let key = format!("{IPAM}{ip}");
+                if self.kv.get(&key)?.is_some() {
+                    c.delete(key);
+                    c.put(format!("{RELEASED_IPS}{ip}"), &seq)?;
                 }
             }
-        }
-        release_unused_identities(&txn)?;
-        txn.commit()?;
-        Ok(())
+            let mut identities = self.read_identities()?;
+            release_unused_identities(c, &endpoints, &mut identities);
+            Ok(())
+        })
     }
 
     /// Sets an endpoint's labels (learned or changed) and moves it to the
@@ -368,23 +515,25 @@ impl Store {
         id: u16,
         labels: &BTreeMap<String, String>,
     ) -> Result<Option<EndpointRecord>, StoreError> {
-        let txn = self.db.begin_write()?;
-        let rec = {
-            let Some(mut rec) = read_endpoints(&txn)?.into_iter().find(|r| r.id == id) else {
+        self.change(|c| {
+            let mut endpoints = self.read_endpoints()?;
+            let Some(rec) = endpoints.get_mut(&id) else {
                 return Ok(None);
             };
-            let ns_labels = namespace_labels(&txn, &rec.namespace)?;
+            let ns_labels = self.namespace_labels(&rec.namespace)?;
+            let mut identities = self.read_identities()?;
             rec.labels = labels.clone();
             rec.label_source = None;
-            rec.identity =
-                identity_for(&txn, &security_labels(labels, &rec.namespace, &ns_labels))?;
-            txn.open_table(ENDPOINTS)?
-                .insert(rec.id, encode(&rec)?.as_slice())?;
-            rec
-        };
-        release_unused_identities(&txn)?;
-        txn.commit()?;
-        Ok(Some(rec))
+            rec.identity = identity_for(
+                c,
+                &mut identities,
+                &security_labels(labels, &rec.namespace, &ns_labels),
+            )?;
+            let rec = rec.clone();
+            c.put(endpoint_key(id), &rec)?;
+            release_unused_identities(c, &endpoints, &mut identities);
+            Ok(Some(rec))
+        })
     }
 
     /// Sets an endpoint's policy audit mode.
@@ -393,43 +542,36 @@ impl Store {
         id: u16,
         audit: bool,
     ) -> Result<Option<EndpointRecord>, StoreError> {
-        let txn = self.db.begin_write()?;
-        let rec = {
-            let Some(mut rec) = read_endpoints(&txn)?.into_iter().find(|r| r.id == id) else {
+        self.change(|c| {
+            let key = endpoint_key(id);
+            let Some(kv) = self.kv.get(&key)? else {
                 return Ok(None);
             };
+            let mut rec: EndpointRecord =
+                serde_json::from_slice(&kv.value).map_err(|e| StoreError::Corrupt {
+                    id,
+                    reason: e.to_string(),
+                })?;
             rec.policy_audit = audit;
-            txn.open_table(ENDPOINTS)?
-                .insert(rec.id, encode(&rec)?.as_slice())?;
-            rec
-        };
-        txn.commit()?;
-        Ok(Some(rec))
+            c.put(key, &rec)?;
+            Ok(Some(rec))
+        })
     }
 
     /// Endpoint identities and their labels.
     pub fn identities(&self) -> Result<BTreeMap<u32, BTreeMap<String, String>>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(IDENTITIES)?;
         let mut out = BTreeMap::new();
-        for item in table.iter()? {
-            let (id, bytes) = item?;
-            let labels = serde_json::from_slice(bytes.value())
-                .map_err(|e| StoreError::Db(format!("identity {}: {e}", id.value())))?;
-            out.insert(id.value(), labels);
+        for (id, json) in self.read_identities()? {
+            out.insert(id, decode(&identity_key(id), &json)?);
         }
         Ok(out)
     }
 
     pub fn namespaces(&self) -> Result<BTreeMap<String, BTreeMap<String, String>>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(NAMESPACES)?;
         let mut out = BTreeMap::new();
-        for item in table.iter()? {
-            let (name, bytes) = item?;
-            let labels = serde_json::from_slice(bytes.value())
-                .map_err(|e| StoreError::Db(format!("namespace {}: {e}", name.value())))?;
-            out.insert(name.value().to_string(), labels);
+        for (key, value) in self.list(NAMESPACES)? {
+            let labels = decode(&key, &value)?;
+            out.insert(key[NAMESPACES.len()..].to_string(), labels);
         }
         Ok(out)
     }
@@ -442,57 +584,45 @@ impl Store {
         namespace: &str,
         labels: &BTreeMap<String, String>,
     ) -> Result<Vec<EndpointRecord>, StoreError> {
-        let txn = self.db.begin_write()?;
-        let mut changed = Vec::new();
-        {
-            let json = serde_json::to_vec(labels).map_err(|e| StoreError::Db(e.to_string()))?;
-            txn.open_table(NAMESPACES)?
-                .insert(namespace, json.as_slice())?;
-            let records = read_endpoints(&txn)?;
-            for mut rec in records
-                .into_iter()
+        self.change(|c| {
+            c.put(format!("{NAMESPACES}{namespace}"), labels)?;
+            let mut endpoints = self.read_endpoints()?;
+            let mut identities = self.read_identities()?;
+            let mut changed = Vec::new();
+            for rec in endpoints
+                .values_mut()
                 .filter(|r| r.namespace == namespace && r.label_source.is_none())
             {
-                let identity =
-                    identity_for(&txn, &security_labels(&rec.labels, namespace, labels))?;
+                let identity = identity_for(
+                    c,
+                    &mut identities,
+                    &security_labels(&rec.labels, namespace, labels),
+                )?;
                 if identity != rec.identity {
                     rec.identity = identity;
-                    txn.open_table(ENDPOINTS)?
-                        .insert(rec.id, encode(&rec)?.as_slice())?;
-                    changed.push(rec);
+                    c.put(endpoint_key(rec.id), rec)?;
+                    changed.push(rec.clone());
                 }
             }
-        }
-        release_unused_identities(&txn)?;
-        txn.commit()?;
-        Ok(changed)
+            release_unused_identities(c, &endpoints, &mut identities);
+            Ok(changed)
+        })
     }
 
     pub fn policies(&self) -> Result<Vec<StoredPolicy>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(POLICIES)?;
-        let mut out = Vec::new();
-        for item in table.iter()? {
-            let (key, bytes) = item?;
-            out.push(
-                serde_json::from_slice(bytes.value())
-                    .map_err(|e| StoreError::Db(format!("policy {}: {e}", key.value())))?,
-            );
-        }
-        Ok(out)
+        self.list(POLICIES)?
+            .into_iter()
+            .map(|(key, value)| decode(&key, &value))
+            .collect()
     }
 
     /// The stored policies with the given keys (those that exist).
     pub fn policies_with_keys(&self, keys: &[String]) -> Result<Vec<StoredPolicy>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(POLICIES)?;
         let mut out = Vec::new();
         for key in keys {
-            if let Some(bytes) = table.get(key.as_str())? {
-                out.push(
-                    serde_json::from_slice(bytes.value())
-                        .map_err(|e| StoreError::Db(format!("policy {key}: {e}")))?,
-                );
+            let key = policy_key(key);
+            if let Some(kv) = self.kv.get(&key)? {
+                out.push(decode(&key, &kv.value)?);
             }
         }
         Ok(out)
@@ -501,30 +631,21 @@ impl Store {
     /// Adds or replaces policies (by kind, namespace and name) and bumps the
     /// policy revision, all or nothing. Returns the new revision.
     pub fn put_policies(&self, policies: &[StoredPolicy]) -> Result<u64, StoreError> {
-        self.change_policies(|table| {
-            for p in policies {
-                let json = serde_json::to_vec(p).map_err(|e| StoreError::Db(e.to_string()))?;
-                table.insert(p.key().as_str(), json.as_slice())?;
-            }
-            Ok(())
-        })
+        self.replace_policies(policies, &[])
     }
 
     /// Deletes the policies with the given keys (all when `None`); returns
     /// the new revision.
     pub fn delete_policies(&self, keys: Option<&[String]>) -> Result<u64, StoreError> {
-        self.change_policies(|table| {
-            let all: Vec<String> = table
-                .iter()?
-                .map(|item| item.map(|(k, _)| k.value().to_string()))
-                .collect::<Result<_, _>>()?;
-            for key in all {
-                if keys.is_none_or(|keys| keys.contains(&key)) {
-                    table.remove(key.as_str())?;
+        match keys {
+            Some(keys) => self.replace_policies(&[], keys),
+            None => self.change_policies(|c| {
+                for (key, _) in self.list(POLICIES)? {
+                    c.delete(key);
                 }
-            }
-            Ok(())
-        })
+                Ok(())
+            }),
+        }
     }
 
     /// Adds or replaces `put` and deletes `delete` (by key) in one
@@ -534,13 +655,12 @@ impl Store {
         put: &[StoredPolicy],
         delete: &[String],
     ) -> Result<u64, StoreError> {
-        self.change_policies(|table| {
+        self.change_policies(|c| {
             for key in delete {
-                table.remove(key.as_str())?;
+                c.delete(policy_key(key));
             }
             for p in put {
-                let json = serde_json::to_vec(p).map_err(|e| StoreError::Db(e.to_string()))?;
-                table.insert(p.key().as_str(), json.as_slice())?;
+                c.put(policy_key(&p.key()), p)?;
             }
             Ok(())
         })
@@ -548,25 +668,18 @@ impl Store {
 
     fn change_policies(
         &self,
-        f: impl FnOnce(&mut redb::Table<&str, &[u8]>) -> Result<(), StoreError>,
+        f: impl FnOnce(&mut Change) -> Result<(), StoreError>,
     ) -> Result<u64, StoreError> {
-        let txn = self.db.begin_write()?;
-        let rev = {
-            let mut table = txn.open_table(POLICIES)?;
-            f(&mut table)?;
-            let mut meta = txn.open_table(META)?;
-            let rev = meta.get("policy_revision")?.map(|v| v.value()).unwrap_or(0) + 1;
-            meta.insert("policy_revision", rev)?;
-            rev
-        };
-        txn.commit()?;
-        Ok(rev)
+        self.change(|c| {
+            f(c)?;
+            let rev = self.counter(POLICY_REVISION)? + 1;
+            c.put(POLICY_REVISION.into(), &rev)?;
+            Ok(rev)
+        })
     }
 
     pub fn policy_revision(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read()?;
-        let meta = txn.open_table(META)?;
-        Ok(meta.get("policy_revision")?.map(|v| v.value()).unwrap_or(0))
+        self.counter(POLICY_REVISION)
     }
 
     /// Gives every prefix in `prefixes` a local CIDR identity (keeping the
@@ -575,16 +688,20 @@ impl Store {
         &self,
         prefixes: &BTreeSet<ipnet::IpNet>,
     ) -> Result<BTreeMap<ipnet::IpNet, u32>, StoreError> {
-        self.cidr_identities(prefixes, true)
+        self.change(|c| self.cidr_identities(c, prefixes))
     }
 
     /// The identities [`Self::sync_cidr_identities`] would give, without
-    /// storing anything (its transaction is aborted).
+    /// storing anything.
     pub fn plan_cidr_identities(
         &self,
         prefixes: &BTreeSet<ipnet::IpNet>,
     ) -> Result<BTreeMap<ipnet::IpNet, u32>, StoreError> {
-        self.cidr_identities(prefixes, false)
+        let mut scratch = Change {
+            base: 0,
+            writes: BTreeMap::new(),
+        };
+        self.cidr_identities(&mut scratch, prefixes)
     }
 
     /// Like [`Self::sync_cidr_identities`] (`commit`) or
@@ -633,141 +750,241 @@ impl Store {
             // Nothing to read: `current` is what the store holds.
             return Ok(out);
         }
-        let txn = self.db.begin_write()?;
-        {
-            let mut table = txn.open_table(CIDR_IDENTITIES)?;
+        self.change(|c| {
             for gone in current.keys().filter(|p| !prefixes.contains(*p)) {
-                table.remove(gone.to_string().as_str())?;
+                c.delete(format!("{CIDR_IDENTITIES}{gone}"));
             }
             for (prefix, id) in &added {
-                table.insert(prefix.to_string().as_str(), *id)?;
+                c.put(format!("{CIDR_IDENTITIES}{prefix}"), id)?;
             }
-        }
-        txn.commit()?;
+            Ok(())
+        })?;
         Ok(out)
     }
 
+    /// The CIDR identities of `prefixes` (existing ones kept, new ones
+    /// given the lowest free ids), writing the changes into `c`.
     fn cidr_identities(
         &self,
+        c: &mut Change,
         prefixes: &BTreeSet<ipnet::IpNet>,
-        commit: bool,
     ) -> Result<BTreeMap<ipnet::IpNet, u32>, StoreError> {
-        let txn = self.db.begin_write()?;
-        let mut out = BTreeMap::new();
-        {
-            let mut table = txn.open_table(CIDR_IDENTITIES)?;
-            let mut existing = BTreeMap::new();
-            for item in table.iter()? {
-                let (k, v) = item?;
-                existing.insert(k.value().to_string(), v.value());
-            }
-            let wanted: BTreeSet<String> = prefixes.iter().map(|p| p.to_string()).collect();
-            for key in existing.keys().filter(|k| !wanted.contains(*k)) {
-                table.remove(key.as_str())?;
-            }
-            let mut used: BTreeSet<u32> = existing
-                .iter()
-                .filter(|(k, _)| wanted.contains(*k))
-                .map(|(_, v)| *v)
-                .collect();
-            // The search for a free id resumes where the last one ended
-            // (ids only get used here), so n new prefixes on top of m cost
-            // O(n + m), not O(n · m).
-            let mut next_free = FIRST_CIDR_IDENTITY;
-            for prefix in prefixes {
-                let key = prefix.to_string();
-                let id = match existing.get(&key) {
-                    Some(id) => *id,
-                    None => {
-                        let mut id = next_free;
-                        while used.contains(&id) {
-                            id += 1;
-                        }
-                        next_free = id + 1;
-                        used.insert(id);
-                        table.insert(key.as_str(), id)?;
-                        id
-                    }
-                };
-                out.insert(*prefix, id);
-            }
+        let mut existing = BTreeMap::new();
+        for (key, value) in self.list(CIDR_IDENTITIES)? {
+            existing.insert(
+                key[CIDR_IDENTITIES.len()..].to_string(),
+                decode::<u32>(&key, &value)?,
+            );
         }
-        if commit {
-            txn.commit()?;
-        } else {
-            txn.abort()?;
+        let wanted: BTreeSet<String> = prefixes.iter().map(|p| p.to_string()).collect();
+        for key in existing.keys().filter(|k| !wanted.contains(*k)) {
+            c.delete(format!("{CIDR_IDENTITIES}{key}"));
+        }
+        let mut used: BTreeSet<u32> = existing
+            .iter()
+            .filter(|(k, _)| wanted.contains(*k))
+            .map(|(_, v)| *v)
+            .collect();
+        // The search for a free id resumes where the last one ended (ids
+        // only get used here), so n new prefixes on top of m cost O(n + m),
+        // not O(n · m).
+        let mut out = BTreeMap::new();
+        let mut next_free = FIRST_CIDR_IDENTITY;
+        for prefix in prefixes {
+            let key = prefix.to_string();
+            let id = match existing.get(&key) {
+                Some(id) => *id,
+                None => {
+                    let mut id = next_free;
+                    while used.contains(&id) {
+                        id += 1;
+                    }
+                    next_free = id + 1;
+                    used.insert(id);
+                    c.put(format!("{CIDR_IDENTITIES}{key}"), &id)?;
+                    id
+                }
+            };
+            out.insert(*prefix, id);
         }
         Ok(out)
     }
 }
 
-fn read_endpoints(txn: &redb::WriteTransaction) -> Result<Vec<EndpointRecord>, StoreError> {
-    let table = txn.open_table(ENDPOINTS)?;
-    let mut out = Vec::new();
-    for item in table.iter()? {
-        let (id, bytes) = item?;
-        out.push(
-            serde_json::from_slice(bytes.value()).map_err(|e| StoreError::Corrupt {
-                id: id.value(),
-                reason: e.to_string(),
-            })?,
-        );
-    }
-    Ok(out)
-}
-
-fn namespace_labels(
-    txn: &redb::WriteTransaction,
-    namespace: &str,
-) -> Result<BTreeMap<String, String>, StoreError> {
-    let table = txn.open_table(NAMESPACES)?;
-    let labels = match table.get(namespace)? {
-        Some(bytes) => serde_json::from_slice(bytes.value())
-            .map_err(|e| StoreError::Db(format!("namespace {namespace}: {e}")))?,
-        None => BTreeMap::new(),
-    };
-    Ok(labels)
-}
-
-/// The identity of a label set: the existing one, or the lowest free id.
+/// The identity of a label set: the existing one, or the lowest free id
+/// (recorded in `identities` and `c`).
 fn identity_for(
-    txn: &redb::WriteTransaction,
+    c: &mut Change,
+    identities: &mut BTreeMap<u32, Vec<u8>>,
     labels: &BTreeMap<String, String>,
 ) -> Result<u32, StoreError> {
-    let mut table = txn.open_table(IDENTITIES)?;
     let json = serde_json::to_vec(labels).map_err(|e| StoreError::Db(e.to_string()))?;
     let mut expected = FIRST_ENDPOINT_IDENTITY;
     let mut free = None;
-    for item in table.iter()? {
-        let (id, bytes) = item?;
-        if bytes.value() == json.as_slice() {
-            return Ok(id.value());
+    for (id, bytes) in identities.iter() {
+        if *bytes == json {
+            return Ok(*id);
         }
-        if free.is_none() && id.value() != expected {
+        if free.is_none() && *id != expected {
             free = Some(expected);
         }
-        expected = id.value() + 1;
+        expected = id + 1;
     }
     let id = free.unwrap_or(expected);
     if id > LAST_ENDPOINT_IDENTITY {
         return Err(StoreError::IdentitiesExhausted);
     }
-    table.insert(id, json.as_slice())?;
+    c.writes.insert(identity_key(id), Some(json.clone()));
+    identities.insert(id, json);
     Ok(id)
 }
 
 /// Removes identities no endpoint carries any more.
-fn release_unused_identities(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
-    let used: BTreeSet<u32> = read_endpoints(txn)?.iter().map(|r| r.identity).collect();
-    let mut table = txn.open_table(IDENTITIES)?;
-    let all: Vec<u32> = table
-        .iter()?
-        .map(|item| item.map(|(k, _)| k.value()))
-        .collect::<Result<_, _>>()?;
-    for id in all.into_iter().filter(|id| !used.contains(id)) {
-        table.remove(id)?;
+fn release_unused_identities(
+    c: &mut Change,
+    endpoints: &BTreeMap<u16, EndpointRecord>,
+    identities: &mut BTreeMap<u32, Vec<u8>>,
+) {
+    let used: BTreeSet<u32> = endpoints.values().map(|r| r.identity).collect();
+    identities.retain(|id, _| {
+        let keep = used.contains(id);
+        if !keep {
+            c.delete(identity_key(*id));
+        }
+        keep
+    });
+}
+
+/// The layout before the kvstore: one redb table per kind, in the same file.
+mod legacy {
+    use super::*;
+
+    pub(super) const ENDPOINTS_T: TableDefinition<u16, &[u8]> = TableDefinition::new("endpoints");
+    pub(super) const IPAM_T: TableDefinition<&str, u16> = TableDefinition::new("ipam");
+    pub(super) const IDENTITIES_T: TableDefinition<u32, &[u8]> = TableDefinition::new("identities");
+    pub(super) const NAMESPACES_T: TableDefinition<&str, &[u8]> =
+        TableDefinition::new("namespaces");
+    pub(super) const POLICIES_T: TableDefinition<&str, &[u8]> = TableDefinition::new("policies");
+    pub(super) const CIDR_IDENTITIES_T: TableDefinition<&str, u32> =
+        TableDefinition::new("cidr_identities");
+    pub(super) const META_T: TableDefinition<&str, u64> = TableDefinition::new("meta");
+    pub(super) const RELEASED_IPS_T: TableDefinition<&str, u64> =
+        TableDefinition::new("released_ips");
+    pub(super) const RELEASED_IDS_T: TableDefinition<u16, u64> =
+        TableDefinition::new("released_ids");
+    const NAMES: [&str; 9] = [
+        "endpoints",
+        "ipam",
+        "identities",
+        "namespaces",
+        "policies",
+        "cidr_identities",
+        "meta",
+        "released_ips",
+        "released_ids",
+    ];
+
+    fn json(value: &impl Serialize) -> Result<Vec<u8>, StoreError> {
+        serde_json::to_vec(value).map_err(|e| StoreError::Db(e.to_string()))
     }
-    Ok(())
+
+    /// The puts that hold the legacy tables' content in the key layout;
+    /// `None` when the file has no legacy table.
+    pub(super) fn read(db: &Database) -> Result<Option<Vec<Op>>, StoreError> {
+        let r = db.begin_read().map_err(|e| StoreError::Db(e.to_string()))?;
+        let present: BTreeSet<String> = r
+            .list_tables()?
+            .map(|t| redb::TableHandle::name(&t).to_string())
+            .filter(|n| NAMES.contains(&n.as_str()))
+            .collect();
+        if present.is_empty() {
+            return Ok(None);
+        }
+        let has = |name: &str| present.contains(name);
+        let mut ops = Vec::new();
+        if has("endpoints") {
+            for item in r.open_table(ENDPOINTS_T)?.iter()? {
+                let (k, v) = item?;
+                ops.push(Op::put(endpoint_key(k.value()), v.value()));
+            }
+        }
+        if has("ipam") {
+            for item in r.open_table(IPAM_T)?.iter()? {
+                let (k, v) = item?;
+                ops.push(Op::put(format!("{IPAM}{}", k.value()), json(&v.value())?));
+            }
+        }
+        if has("identities") {
+            for item in r.open_table(IDENTITIES_T)?.iter()? {
+                let (k, v) = item?;
+                ops.push(Op::put(identity_key(k.value()), v.value()));
+            }
+        }
+        if has("namespaces") {
+            for item in r.open_table(NAMESPACES_T)?.iter()? {
+                let (k, v) = item?;
+                ops.push(Op::put(format!("{NAMESPACES}{}", k.value()), v.value()));
+            }
+        }
+        if has("policies") {
+            for item in r.open_table(POLICIES_T)?.iter()? {
+                let (k, v) = item?;
+                ops.push(Op::put(policy_key(k.value()), v.value()));
+            }
+        }
+        if has("cidr_identities") {
+            for item in r.open_table(CIDR_IDENTITIES_T)?.iter()? {
+                let (k, v) = item?;
+                ops.push(Op::put(
+                    format!("{CIDR_IDENTITIES}{}", k.value()),
+                    json(&v.value())?,
+                ));
+            }
+        }
+        if has("meta") {
+            let meta = r.open_table(META_T)?;
+            for (old, new) in [
+                ("policy_revision", POLICY_REVISION),
+                ("release_seq", RELEASE_SEQ),
+            ] {
+                if let Some(v) = meta.get(old)? {
+                    ops.push(Op::put(new, json(&v.value())?));
+                }
+            }
+        }
+        if has("released_ips") {
+            for item in r.open_table(RELEASED_IPS_T)?.iter()? {
+                let (k, v) = item?;
+                ops.push(Op::put(
+                    format!("{RELEASED_IPS}{}", k.value()),
+                    json(&v.value())?,
+                ));
+            }
+        }
+        if has("released_ids") {
+            for item in r.open_table(RELEASED_IDS_T)?.iter()? {
+                let (k, v) = item?;
+                ops.push(Op::put(released_id_key(k.value()), json(&v.value())?));
+            }
+        }
+        Ok(Some(ops))
+    }
+
+    /// Drops the legacy tables (after their content was imported).
+    pub(super) fn drop_tables(db: &Database) -> Result<(), StoreError> {
+        let w = db.begin_write()?;
+        w.delete_table(ENDPOINTS_T)?;
+        w.delete_table(IPAM_T)?;
+        w.delete_table(IDENTITIES_T)?;
+        w.delete_table(NAMESPACES_T)?;
+        w.delete_table(POLICIES_T)?;
+        w.delete_table(CIDR_IDENTITIES_T)?;
+        w.delete_table(META_T)?;
+        w.delete_table(RELEASED_IPS_T)?;
+        w.delete_table(RELEASED_IDS_T)?;
+        w.commit()?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -989,6 +1206,187 @@ mod tests {
         assert_ne!(c.ipv6, a.ipv6);
         let d = store.create_endpoint(&p6, Some(&p4), record).unwrap();
         assert_eq!(d.ipv6, a.ipv6);
+    }
+
+    /// Writes `path` in the table layout the agent used before the
+    /// kvstore: endpoints 1 and 3 (2 was released), one identity, labels of
+    /// namespace `default`, one policy, one CIDR identity, counters.
+    fn write_table_layout(path: &Path) -> Vec<EndpointRecord> {
+        let db = Database::create(path).unwrap();
+        let w = db.begin_write().unwrap();
+        let labels = BTreeMap::from([("app".to_string(), "web".to_string())]);
+        let mut recs = Vec::new();
+        {
+            let mut endpoints = w.open_table(legacy::ENDPOINTS_T).unwrap();
+            let mut ipam = w.open_table(legacy::IPAM_T).unwrap();
+            for (id, v6, v4) in [(1u16, "fd00::1", "10.0.0.1"), (3, "fd00::3", "10.0.0.3")] {
+                let mut rec = record(id, v6.parse().unwrap(), Some(v4.parse().unwrap()));
+                rec.labels = labels.clone();
+                rec.identity = FIRST_ENDPOINT_IDENTITY;
+                rec.state = EndpointState::Ready;
+                endpoints
+                    .insert(id, serde_json::to_vec(&rec).unwrap().as_slice())
+                    .unwrap();
+                for ip in rec.ips() {
+                    ipam.insert(ip.to_string().as_str(), id).unwrap();
+                }
+                recs.push(rec);
+            }
+            let sec = security_labels(&labels, DEFAULT_NAMESPACE, &ns_labels());
+            w.open_table(legacy::IDENTITIES_T)
+                .unwrap()
+                .insert(
+                    FIRST_ENDPOINT_IDENTITY,
+                    serde_json::to_vec(&sec).unwrap().as_slice(),
+                )
+                .unwrap();
+            w.open_table(legacy::NAMESPACES_T)
+                .unwrap()
+                .insert(
+                    DEFAULT_NAMESPACE,
+                    serde_json::to_vec(&ns_labels()).unwrap().as_slice(),
+                )
+                .unwrap();
+            let p = policy();
+            w.open_table(legacy::POLICIES_T)
+                .unwrap()
+                .insert(p.key().as_str(), serde_json::to_vec(&p).unwrap().as_slice())
+                .unwrap();
+            w.open_table(legacy::CIDR_IDENTITIES_T)
+                .unwrap()
+                .insert("192.0.2.0/24", FIRST_CIDR_IDENTITY + 4)
+                .unwrap();
+            let mut meta = w.open_table(legacy::META_T).unwrap();
+            meta.insert("policy_revision", 7).unwrap();
+            meta.insert("release_seq", 1).unwrap();
+            w.open_table(legacy::RELEASED_IPS_T)
+                .unwrap()
+                .insert("fd00::2", 1)
+                .unwrap();
+            w.open_table(legacy::RELEASED_IDS_T)
+                .unwrap()
+                .insert(2, 1)
+                .unwrap();
+        }
+        w.commit().unwrap();
+        recs
+    }
+
+    fn ns_labels() -> BTreeMap<String, String> {
+        BTreeMap::from([("team".to_string(), "blue".to_string())])
+    }
+
+    fn policy() -> StoredPolicy {
+        StoredPolicy {
+            kind: "CiliumNetworkPolicy".into(),
+            namespace: Some("default".into()),
+            name: "r".into(),
+            yaml: "x".into(),
+        }
+    }
+
+    fn tables(path: &Path) -> BTreeSet<String> {
+        let db = Database::create(path).unwrap();
+        let r = db.begin_read().unwrap();
+        r.list_tables()
+            .unwrap()
+            .map(|t| redb::TableHandle::name(&t).to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_state_file_of_the_table_layout_is_migrated_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let p6 = Pool::new("fd00::/125".parse().unwrap()).unwrap();
+        let p4 = Pool::new("10.0.0.0/29".parse().unwrap()).unwrap();
+        let recs = write_table_layout(&path);
+        {
+            let store = Store::open(&path).unwrap();
+            assert_eq!(store.endpoints().unwrap(), recs);
+            assert_eq!(
+                store.allocated().unwrap(),
+                recs.iter().flat_map(|r| r.ips()).collect()
+            );
+            let ids = store.identities().unwrap();
+            assert_eq!(
+                ids.keys().copied().collect::<Vec<_>>(),
+                [FIRST_ENDPOINT_IDENTITY]
+            );
+            assert_eq!(store.namespaces().unwrap()[DEFAULT_NAMESPACE], ns_labels());
+            assert_eq!(store.policies().unwrap(), vec![policy()]);
+            assert_eq!(store.policy_revision().unwrap(), 7);
+            let prefix: ipnet::IpNet = "192.0.2.0/24".parse().unwrap();
+            assert_eq!(
+                store.plan_cidr_identities(&[prefix].into()).unwrap()[&prefix],
+                FIRST_CIDR_IDENTITY + 4
+            );
+        }
+        assert!(
+            !tables(&path).contains("endpoints"),
+            "the old tables are dropped"
+        );
+        // Quarantine and counters carried over: the next endpoint gets a
+        // fresh id above the released 2, and a delete continues the
+        // release sequence (its address waits behind fd00::2).
+        let store = Store::open(&path).unwrap();
+        let e = store.create_endpoint(&p6, Some(&p4), record).unwrap();
+        assert_eq!(e.id, 4);
+        assert_ne!(e.ipv6, "fd00::2".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(store.put_policies(&[policy()]).unwrap(), 8);
+    }
+
+    #[test]
+    fn a_migration_cut_short_before_the_old_tables_were_dropped_does_not_import_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let recs = write_table_layout(&path);
+        drop(Store::open(&path).unwrap());
+        // As if the agent died between the import and the drop: the old
+        // tables are back, with content that must not be imported again.
+        {
+            let db = Database::create(&path).unwrap();
+            let w = db.begin_write().unwrap();
+            w.open_table(legacy::ENDPOINTS_T)
+                .unwrap()
+                .insert(9, b"{}".as_slice())
+                .unwrap();
+            w.commit().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.endpoints().unwrap(), recs);
+        drop(store);
+        assert!(!tables(&path).contains("endpoints"));
+    }
+
+    #[test]
+    fn a_state_file_of_an_unknown_layout_is_refused_saying_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        drop(Store::open(&path).unwrap());
+        {
+            let kv = RedbStore::open(&path).unwrap();
+            kv.put(LAYOUT, b"2").unwrap();
+        }
+        let err = Store::open(&path).unwrap_err().to_string();
+        assert!(err.contains("layout \"2\""), "{err}");
+        assert!(err.contains("move the file away"), "{err}");
+    }
+
+    #[test]
+    fn a_change_that_lost_a_race_applies_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let err = store
+            .change(|c| {
+                c.put(policy_key("x"), &policy())?;
+                // Another writer commits between our read and our commit.
+                store.kv.put(LAST_CHANGE, b"")?;
+                Ok(())
+            })
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Conflict), "{err}");
+        assert!(store.policies().unwrap().is_empty());
     }
 
     #[test]
