@@ -10,27 +10,18 @@ use common::*;
 verdict_tests! {
     entity_world_is_reserved_world_plus_cidr_identities:
         cnp("default", "endpointSelector: {}\negress:\n- toEntities: [world]"),
-        WEB, |w| => [
-            (Egress, 2, TCP, 443, Allow),
-            (Egress, w.cidr("172.16.0.0/12"), UDP, 53, Allow),
-            (Egress, DB, TCP, 443, Deny),
-            (Egress, 1, TCP, 443, Deny),
-            (Egress, 6, TCP, 443, Deny),
-        ];
+        WEB, |w| => [(Egress, 2, TCP, 443, Allow),
+                     (Egress, w.cidr("172.16.0.0/12"), UDP, 53, Allow),
+                     (Egress, DB, TCP, 443, Deny), (Egress, 1, TCP, 443, Deny),
+                     (Egress, 6, TCP, 443, Deny)];
 
     entity_cluster_is_everything_but_world:
         cnp("default", "endpointSelector: {}\negress:\n- toEntities: [cluster]"),
-        WEB, |w| => [
-            (Egress, DB, TCP, 443, Allow),
-            (Egress, DNS, UDP, 53, Allow),
-            (Egress, 1, TCP, 443, Allow),
-            (Egress, 6, TCP, 443, Allow),
-            (Egress, 4, TCP, 443, Allow),
-            (Egress, 5, TCP, 443, Allow),
-            (Egress, 3, TCP, 443, Allow),
-            (Egress, 2, TCP, 443, Deny),
-            (Egress, w.cidr("172.16.0.0/12"), TCP, 443, Deny),
-        ];
+        WEB, |w| => [(Egress, DB, TCP, 443, Allow), (Egress, DNS, UDP, 53, Allow),
+                     (Egress, 1, TCP, 443, Allow), (Egress, 6, TCP, 443, Allow),
+                     (Egress, 4, TCP, 443, Allow), (Egress, 5, TCP, 443, Allow),
+                     (Egress, 3, TCP, 443, Allow), (Egress, 2, TCP, 443, Deny),
+                     (Egress, w.cidr("172.16.0.0/12"), TCP, 443, Deny)];
 }
 
 #[test]
@@ -79,14 +70,11 @@ fn single_reserved_entities() {
 verdict_tests! {
     to_cidr_selects_cidr_identities_inside_and_not_endpoints:
         cnp("default", "endpointSelector: {}\negress:\n- toCIDR: [10.0.0.0/8, 2001:db8::/32]"),
-        WEB, |w| => [
-            (Egress, w.cidr("10.0.0.0/8"), TCP, 1, Allow),
-            (Egress, w.cidr("10.9.9.9/32"), TCP, 1, Allow),
-            (Egress, w.cidr("2001:db8::/32"), TCP, 1, Allow),
-            (Egress, w.cidr("172.16.0.0/12"), TCP, 1, Deny),
-            (Egress, 2, TCP, 1, Deny),
-            (Egress, DB, TCP, 1, Deny),
-        ];
+        WEB, |w| => [(Egress, w.cidr("10.0.0.0/8"), TCP, 1, Allow),
+                     (Egress, w.cidr("10.9.9.9/32"), TCP, 1, Allow),
+                     (Egress, w.cidr("2001:db8::/32"), TCP, 1, Allow),
+                     (Egress, w.cidr("172.16.0.0/12"), TCP, 1, Deny), (Egress, 2, TCP, 1, Deny),
+                     (Egress, DB, TCP, 1, Deny)];
 
     to_cidr_accepts_a_bare_address_as_host_prefix:
         cnp("default", "endpointSelector: {}\negress:\n- toCIDR: [10.9.9.9]"),
@@ -94,11 +82,9 @@ verdict_tests! {
 
     cidr_set_except_is_not_allowed:
         cnp("default", "endpointSelector: {}\negress:\n- toCIDRSet: [{cidr: 10.0.0.0/8, except: [10.1.0.0/16]}]"),
-        WEB, |w| => [
-            (Egress, w.cidr("10.0.0.0/8"), TCP, 1, Allow),
-            (Egress, w.cidr("10.1.0.0/16"), TCP, 1, Deny),
-            (Egress, w.cidr("10.9.9.9/32"), TCP, 1, Allow),
-        ];
+        WEB, |w| => [(Egress, w.cidr("10.0.0.0/8"), TCP, 1, Allow),
+                     (Egress, w.cidr("10.1.0.0/16"), TCP, 1, Deny),
+                     (Egress, w.cidr("10.9.9.9/32"), TCP, 1, Allow)];
 }
 
 #[test]
@@ -221,11 +207,8 @@ fn protocol_any_with_port_expands_to_tcp_udp_sctp() {
 verdict_tests! {
     port_zero_means_all_ports:
         cnp("default", "endpointSelector: {}\ningress:\n- toPorts: [{ports: [{port: '0', protocol: UDP}]}]"),
-        WEB => [
-            (Ingress, DB, UDP, 1, Allow),
-            (Ingress, DB, UDP, 65535, Allow),
-            (Ingress, DB, TCP, 1, Deny),
-        ];
+        WEB => [(Ingress, DB, UDP, 1, Allow), (Ingress, DB, UDP, 65535, Allow),
+                (Ingress, DB, TCP, 1, Deny)];
 
     port_zero_with_protocol_any_means_all_ports_of_all_protocols:
         cnp("default", "endpointSelector: {}\ningress:\n- toPorts: [{ports: [{port: '0', protocol: ANY}]}]"),
@@ -254,11 +237,8 @@ fn l4_only_rule_applies_to_every_peer() {
 verdict_tests! {
     l3_and_l4_in_one_rule_is_an_intersection:
         cnp("default", "endpointSelector: {}\ningress:\n- fromEndpoints: [{matchLabels: {app: db}}]\n  toPorts: [{ports: [{port: '80', protocol: TCP}]}]"),
-        WEB => [
-            (Ingress, DB, TCP, 80, Allow),
-            (Ingress, DB, TCP, 81, Deny),
-            (Ingress, FRONTEND, TCP, 80, Deny),
-        ];
+        WEB => [(Ingress, DB, TCP, 80, Allow), (Ingress, DB, TCP, 81, Deny),
+                (Ingress, FRONTEND, TCP, 80, Deny)];
 }
 
 #[test]
@@ -314,38 +294,24 @@ fn deny_l3_wins_over_allow_l4() {
 verdict_tests! {
     deny_port_wins_over_allow_all_ports:
         cnp("default", "endpointSelector: {}\ningress:\n- fromEndpoints: [{matchLabels: {app: db}}]\ningressDeny:\n- fromEndpoints: [{matchLabels: {app: db}}]\n  toPorts: [{ports: [{port: '22', protocol: TCP}]}]"),
-        WEB => [
-            (Ingress, DB, TCP, 22, Deny),
-            (Ingress, DB, TCP, 23, Allow),
-            (Ingress, DB, UDP, 22, Allow),
-        ];
+        WEB => [(Ingress, DB, TCP, 22, Deny), (Ingress, DB, TCP, 23, Allow),
+                (Ingress, DB, UDP, 22, Allow)];
 
     deny_range_wins_over_allow_inside_it:
         cnp("default", "endpointSelector: {}\negress:\n- toEntities: [world]\n  toPorts: [{ports: [{port: '8080', protocol: TCP}]}]\negressDeny:\n- toEntities: [world]\n  toPorts: [{ports: [{port: '8000', endPort: 8999, protocol: TCP}]}]"),
-        WEB => [
-            (Egress, 2, TCP, 8080, Deny),
-            (Egress, 2, TCP, 9000, Deny),
-            (Egress, 2, TCP, 7999, Deny),
-        ];
+        WEB => [(Egress, 2, TCP, 8080, Deny), (Egress, 2, TCP, 9000, Deny),
+                (Egress, 2, TCP, 7999, Deny)];
 
     // An L4-only deny (any peer) against an identity-specific allow of all ports.
     wildcard_deny_wins_over_specific_allow:
         cnp("default", "endpointSelector: {}\ningress:\n- fromEndpoints: [{matchLabels: {app: db}}]\ningressDeny:\n- toPorts: [{ports: [{port: '5432'}]}]"),
-        WEB => [
-            (Ingress, DB, TCP, 5432, Deny),
-            (Ingress, DB, UDP, 5432, Deny),
-            (Ingress, DB, TCP, 5433, Allow),
-            (Ingress, FRONTEND, TCP, 5432, Deny),
-        ];
+        WEB => [(Ingress, DB, TCP, 5432, Deny), (Ingress, DB, UDP, 5432, Deny),
+                (Ingress, DB, TCP, 5433, Allow), (Ingress, FRONTEND, TCP, 5432, Deny)];
 
     specific_deny_wins_over_wildcard_allow:
         cnp("default", "endpointSelector: {}\ningress:\n- fromEntities: [all]\ningressDeny:\n- fromEntities: [world]"),
-        WEB, |w| => [
-            (Ingress, 2, TCP, 80, Deny),
-            (Ingress, w.cidr("172.16.0.0/12"), TCP, 80, Deny),
-            (Ingress, DB, TCP, 80, Allow),
-            (Ingress, UNKNOWN, TCP, 80, Allow),
-        ];
+        WEB, |w| => [(Ingress, 2, TCP, 80, Deny), (Ingress, w.cidr("172.16.0.0/12"), TCP, 80, Deny),
+                     (Ingress, DB, TCP, 80, Allow), (Ingress, UNKNOWN, TCP, 80, Allow)];
 
     deny_in_one_policy_wins_over_allow_in_another:
         format!(
@@ -353,18 +319,13 @@ verdict_tests! {
             np("default", "podSelector: {}\ningress: [{}]"),
             ccnp("endpointSelector: {}\ningressDeny:\n- fromEntities: [world]\n  toPorts: [{ports: [{port: '22', protocol: TCP}]}]"),
         ),
-        WEB => [
-            (Ingress, 2, TCP, 22, Deny),
-            (Ingress, 2, TCP, 80, Allow),
-            (Ingress, DB, TCP, 22, Allow),
-        ];
+        WEB => [(Ingress, 2, TCP, 22, Deny), (Ingress, 2, TCP, 80, Allow),
+                (Ingress, DB, TCP, 22, Allow)];
 
     deny_except_range_is_not_denied:
         cnp("default", "endpointSelector: {}\negress:\n- toEntities: [all]\negressDeny:\n- toCIDRSet: [{cidr: 10.0.0.0/8, except: [10.1.0.0/16]}]"),
-        WEB, |w| => [
-            (Egress, w.cidr("10.0.0.0/8"), TCP, 1, Deny),
-            (Egress, w.cidr("10.1.0.0/16"), TCP, 1, Allow),
-        ];
+        WEB, |w| => [(Egress, w.cidr("10.0.0.0/8"), TCP, 1, Deny),
+                     (Egress, w.cidr("10.1.0.0/16"), TCP, 1, Allow)];
 }
 
 // ---------------------------------------------------------------- empty forms & enforcement

@@ -6,10 +6,7 @@ use common::*;
 verdict_tests! {
     pod_selector_peer_selects_pods_in_policy_namespace_only:
         np("default", "podSelector: {matchLabels: {app: db}}\ningress:\n- from:\n  - podSelector: {matchLabels: {app: web}}"),
-        DB => [
-            (Ingress, WEB, TCP, 5432, Allow),
-            (Ingress, OTHER_WEB, TCP, 5432, Deny),
-        ];
+        DB => [(Ingress, WEB, TCP, 5432, Allow), (Ingress, OTHER_WEB, TCP, 5432, Deny)];
 
     namespace_selector_alone_selects_all_pods_in_matching_namespaces:
         np("default", "podSelector: {}\ningress:\n- from:\n  - namespaceSelector: {matchLabels: {team: b}}"),
@@ -22,38 +19,24 @@ verdict_tests! {
 
     empty_namespace_selector_selects_all_pods_but_nothing_outside_the_cluster:
         np("default", "podSelector: {}\ningress:\n- from:\n  - namespaceSelector: {}"),
-        DB, |w| => [
-            (Ingress, DNS, TCP, 80, Allow),
-            (Ingress, OTHER_WEB, TCP, 80, Allow),
-            (Ingress, 1, TCP, 80, Deny),
-            (Ingress, 2, TCP, 80, Deny),
-            (Ingress, w.cidr("172.16.0.0/12"), TCP, 80, Deny),
-        ];
+        DB, |w| => [(Ingress, DNS, TCP, 80, Allow), (Ingress, OTHER_WEB, TCP, 80, Allow),
+                    (Ingress, 1, TCP, 80, Deny), (Ingress, 2, TCP, 80, Deny),
+                    (Ingress, w.cidr("172.16.0.0/12"), TCP, 80, Deny)];
 
     pod_and_namespace_selector_in_one_peer_is_an_intersection:
         np("default", "podSelector: {}\ningress:\n- from:\n  - namespaceSelector: {matchLabels: {team: b}}\n    podSelector: {matchLabels: {app: client}}"),
-        DB => [
-            (Ingress, OTHER_CLIENT, TCP, 80, Allow),
-            (Ingress, OTHER_WEB, TCP, 80, Deny),
-            (Ingress, WEB, TCP, 80, Deny),
-        ];
+        DB => [(Ingress, OTHER_CLIENT, TCP, 80, Allow), (Ingress, OTHER_WEB, TCP, 80, Deny),
+               (Ingress, WEB, TCP, 80, Deny)];
 
     pod_and_namespace_selector_in_two_peers_is_a_union:
         np("default", "podSelector: {}\ningress:\n- from:\n  - namespaceSelector: {matchLabels: {team: b}}\n  - podSelector: {matchLabels: {app: web}}"),
-        DB => [
-            (Ingress, OTHER_CLIENT, TCP, 80, Allow),
-            (Ingress, OTHER_WEB, TCP, 80, Allow),
-            (Ingress, WEB, TCP, 80, Allow),
-            (Ingress, FRONTEND, TCP, 80, Deny),
-        ];
+        DB => [(Ingress, OTHER_CLIENT, TCP, 80, Allow), (Ingress, OTHER_WEB, TCP, 80, Allow),
+               (Ingress, WEB, TCP, 80, Allow), (Ingress, FRONTEND, TCP, 80, Deny)];
 
     namespace_selector_match_expressions_use_namespace_labels:
         np("default", "podSelector: {}\ningress:\n- from:\n  - namespaceSelector:\n      matchExpressions: [{key: team, operator: DoesNotExist}]"),
-        DB => [
-            (Ingress, DNS, TCP, 80, Allow),
-            (Ingress, OTHER_WEB, TCP, 80, Deny),
-            (Ingress, 1, TCP, 80, Deny),
-        ];
+        DB => [(Ingress, DNS, TCP, 80, Allow), (Ingress, OTHER_WEB, TCP, 80, Deny),
+               (Ingress, 1, TCP, 80, Deny)];
 
     ip_block_with_except:
         np("default", "podSelector: {}\negress:\n- to:\n  - ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}"),
@@ -76,39 +59,24 @@ verdict_tests! {
 
     explicit_policy_types_egress_without_rules_denies_all_egress:
         np("default", "podSelector: {}\npolicyTypes: [Ingress, Egress]\ningress: [{}]"),
-        WEB => [
-            (Ingress, OTHER_WEB, TCP, 80, Allow),
-            (Egress, DB, TCP, 80, Deny),
-            (Egress, 2, UDP, 53, Deny),
-        ];
+        WEB => [(Ingress, OTHER_WEB, TCP, 80, Allow), (Egress, DB, TCP, 80, Deny),
+                (Egress, 2, UDP, 53, Deny)];
 
     port_protocol_defaults_to_tcp:
         np("default", "podSelector: {}\ningress:\n- ports: [{port: 80}]"),
-        WEB => [
-            (Ingress, DB, TCP, 80, Allow),
-            (Ingress, DB, UDP, 80, Deny),
-            (Ingress, DB, TCP, 81, Deny),
-            (Ingress, 2, TCP, 80, Allow),
-        ];
+        WEB => [(Ingress, DB, TCP, 80, Allow), (Ingress, DB, UDP, 80, Deny),
+                (Ingress, DB, TCP, 81, Deny), (Ingress, 2, TCP, 80, Allow)];
 
     port_without_number_covers_all_ports_of_the_protocol:
         np("default", "podSelector: {}\ningress:\n- ports: [{protocol: UDP}]"),
-        WEB => [
-            (Ingress, DB, UDP, 1, Allow),
-            (Ingress, DB, UDP, 65535, Allow),
-            (Ingress, DB, TCP, 80, Deny),
-        ];
+        WEB => [(Ingress, DB, UDP, 1, Allow), (Ingress, DB, UDP, 65535, Allow),
+                (Ingress, DB, TCP, 80, Deny)];
 
     end_port_range:
         np("default", "podSelector: {}\ningress:\n- ports: [{protocol: SCTP, port: 32000, endPort: 32768}]"),
-        WEB => [
-            (Ingress, DB, SCTP, 31999, Deny),
-            (Ingress, DB, SCTP, 32000, Allow),
-            (Ingress, DB, SCTP, 32767, Allow),
-            (Ingress, DB, SCTP, 32768, Allow),
-            (Ingress, DB, SCTP, 32769, Deny),
-            (Ingress, DB, TCP, 32000, Deny),
-        ];
+        WEB => [(Ingress, DB, SCTP, 31999, Deny), (Ingress, DB, SCTP, 32000, Allow),
+                (Ingress, DB, SCTP, 32767, Allow), (Ingress, DB, SCTP, 32768, Allow),
+                (Ingress, DB, SCTP, 32769, Deny), (Ingress, DB, TCP, 32000, Deny)];
 }
 
 #[test]
