@@ -430,6 +430,15 @@ fn world(agent: &TestAgent) -> Netns {
     w
 }
 
+/// A CiliumNetworkPolicy `name` that gives the client endpoint the `egress`
+/// rules (a YAML list at the indentation of `spec.egress`).
+fn client_egress_policy(name: &str, egress: &str) -> String {
+    format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: {name}\n\
+         spec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:{egress}"
+    )
+}
+
 /// A client endpoint, a world with servers on 203.0.113.10:8080 and
 /// 203.0.113.11:8080, and the check that both are reachable without policy.
 fn client_and_world(agent: &TestAgent) -> (Netns, Netns, [EchoServer; 2]) {
@@ -454,16 +463,9 @@ fn egress_to_cidr_reaches_only_the_listed_world_host() {
 
     import_yaml(
         &agent,
-        r#"
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: to-world-host
-spec:
-  endpointSelector:
-    matchLabels:
-      app: client
-  egress:
+        &client_egress_policy(
+            "to-world-host",
+            r#"
   - toCIDR:
     - 203.0.113.10/32
     toPorts:
@@ -471,6 +473,7 @@ spec:
       - port: "8080"
         protocol: TCP
 "#,
+        ),
     );
     assert_talks(&client, "203.0.113.10:8080".parse().unwrap(), "listed host");
     assert_blocked(&client, "203.0.113.11:8080".parse().unwrap(), "other host");
@@ -496,21 +499,15 @@ fn egress_to_cidr_set_honours_except() {
 
     import_yaml(
         &agent,
-        r#"
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: to-world-but-one
-spec:
-  endpointSelector:
-    matchLabels:
-      app: client
-  egress:
+        &client_egress_policy(
+            "to-world-but-one",
+            r#"
   - toCIDRSet:
     - cidr: 203.0.113.0/24
       except:
       - 203.0.113.11/32
 "#,
+        ),
     );
     assert_talks(
         &client,

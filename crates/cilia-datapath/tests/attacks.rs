@@ -219,17 +219,7 @@ fn icmpv4_error_quoting_the_senders_own_flow_is_dropped() {
     let answer = ipv4(resolver, a4(), IPPROTO_UDP, 64, &udp(53, 5000, b"a"));
     let error = error_to(resolver, &answer[..28]);
     assert_eq!(verdict(&a, &error), TC_ACT_SHOT, "no answer seen yet");
-    let to_a = fx
-        .dp
-        .test_program_to_container(&config(
-            A_ID,
-            A_IDENTITY,
-            A_MAC,
-            A_NODE_MAC,
-            a6(),
-            Some(a4()),
-        ))
-        .unwrap();
+    let to_a = fx.a_to_container();
     assert_eq!(
         verdict(&to_a, &eth(A_MAC, A_NODE_MAC, ETH_P_IP, &answer)),
         TC_ACT_OK
@@ -531,17 +521,7 @@ fn neighbour_discovery_from_the_endpoint_is_checked() {
 fn neighbour_discovery_toward_the_endpoint_is_checked() {
     privileged!("nd_to_container");
     let fx = Fixture::new();
-    let to_a = fx
-        .dp
-        .test_program_to_container(&config(
-            A_ID,
-            A_IDENTITY,
-            A_MAC,
-            A_NODE_MAC,
-            a6(),
-            Some(a4()),
-        ))
-        .unwrap();
+    let to_a = fx.a_to_container();
     let host_ll: Ipv6Addr = "fe80::1".parse().unwrap();
     let cases = [
         (
@@ -638,17 +618,7 @@ fn packet_from_the_stack_with_a_local_endpoints_source_is_dropped() {
             ),
         ],
     );
-    let to_a = fx
-        .dp
-        .test_program_to_container(&config(
-            A_ID,
-            A_IDENTITY,
-            A_MAC,
-            A_NODE_MAC,
-            a6(),
-            Some(a4()),
-        ))
-        .unwrap();
+    let to_a = fx.a_to_container();
     // A local user binds B's address and connects to A through the stack.
     let forged = eth(
         A_MAC,
