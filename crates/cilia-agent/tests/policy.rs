@@ -430,15 +430,6 @@ fn world(agent: &TestAgent) -> Netns {
     w
 }
 
-/// A CiliumNetworkPolicy `name` that gives the client endpoint the `egress`
-/// rules (a YAML list at the indentation of `spec.egress`).
-fn client_egress_policy(name: &str, egress: &str) -> String {
-    format!(
-        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: {name}\n\
-         spec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:{egress}"
-    )
-}
-
 /// A client endpoint, a world with servers on 203.0.113.10:8080 and
 /// 203.0.113.11:8080, and the check that both are reachable without policy.
 fn client_and_world(agent: &TestAgent) -> (Netns, Netns, [EchoServer; 2]) {
@@ -455,17 +446,31 @@ fn client_and_world(agent: &TestAgent) -> (Netns, Netns, [EchoServer; 2]) {
     (client, w, servers)
 }
 
+/// A started agent and the client and world of [`client_and_world`], then a
+/// CiliumNetworkPolicy `name` that gives the client the `egress` rules (a YAML
+/// list at the indentation of `spec.egress`).
+fn client_and_world_under_egress(
+    name: &str,
+    egress: &str,
+) -> (TestAgent, Netns, Netns, [EchoServer; 2]) {
+    let agent = TestAgent::start(AgentOptions::default());
+    let (client, world, servers) = client_and_world(&agent);
+    import_yaml(
+        &agent,
+        &format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: {name}\n\
+             spec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:{egress}"
+        ),
+    );
+    (agent, client, world, servers)
+}
+
 #[test]
 fn egress_to_cidr_reaches_only_the_listed_world_host() {
     privileged!("egress_to_cidr_reaches_only_the_listed_world_host");
-    let agent = TestAgent::start(AgentOptions::default());
-    let (client, _world, _servers) = client_and_world(&agent);
-
-    import_yaml(
-        &agent,
-        &client_egress_policy(
-            "to-world-host",
-            r#"
+    let (agent, client, _world, _servers) = client_and_world_under_egress(
+        "to-world-host",
+        r#"
   - toCIDR:
     - 203.0.113.10/32
     toPorts:
@@ -473,7 +478,6 @@ fn egress_to_cidr_reaches_only_the_listed_world_host() {
       - port: "8080"
         protocol: TCP
 "#,
-        ),
     );
     assert_talks(&client, "203.0.113.10:8080".parse().unwrap(), "listed host");
     assert_blocked(&client, "203.0.113.11:8080".parse().unwrap(), "other host");
@@ -494,20 +498,14 @@ fn egress_to_cidr_reaches_only_the_listed_world_host() {
 #[test]
 fn egress_to_cidr_set_honours_except() {
     privileged!("egress_to_cidr_set_honours_except");
-    let agent = TestAgent::start(AgentOptions::default());
-    let (client, _world, _servers) = client_and_world(&agent);
-
-    import_yaml(
-        &agent,
-        &client_egress_policy(
-            "to-world-but-one",
-            r#"
+    let (_agent, client, _world, _servers) = client_and_world_under_egress(
+        "to-world-but-one",
+        r#"
   - toCIDRSet:
     - cidr: 203.0.113.0/24
       except:
       - 203.0.113.11/32
 "#,
-        ),
     );
     assert_talks(
         &client,
