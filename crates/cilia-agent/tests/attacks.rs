@@ -30,6 +30,14 @@ fn import(agent: &TestAgent, yaml: &str) {
     agent.cli_ok(&["policy", "import", file.path().to_str().unwrap()]);
 }
 
+/// A started agent with a resolver and a client endpoint, `policy` imported.
+fn resolver_and_client_under(policy: &str) -> (TestAgent, [(Netns, serde_json::Value); 2]) {
+    let agent = TestAgent::start(AgentOptions::default());
+    let endpoints = endpoints(&agent, ["app=resolver", "app=client"]);
+    import(&agent, policy);
+    (agent, endpoints)
+}
+
 /// A UDP socket bound in `ns` on every address of the family of `ip`.
 fn udp_listener(ns: &Netns, ip: IpAddr, port: u16) -> UdpSocket {
     let any: IpAddr = if ip.is_ipv6() {
@@ -113,9 +121,7 @@ spec:
 #[test]
 fn datagrams_larger_than_the_mtu_pass_an_l4_policy_whole_and_denied_ones_stay_out() {
     privileged!("large_udp_under_l4_policy");
-    let agent = TestAgent::start(AgentOptions::default());
-    let [(rs, resolver), (cl, _)] = endpoints(&agent, ["app=resolver", "app=client"]);
-    import(&agent, DNS_ONLY);
+    let (_agent, [(rs, resolver), (cl, _)]) = resolver_and_client_under(DNS_ONLY);
     let big = vec![0x5a; 4000]; // three fragments at MTU 1500
     for family in ["ipv6", "ipv4"] {
         let ip = ip_of(&resolver, family);
@@ -165,9 +171,7 @@ spec:
 #[test]
 fn an_l4_deny_holds_for_datagrams_behind_a_destination_options_header() {
     privileged!("dstopts_vs_l4_deny");
-    let agent = TestAgent::start(AgentOptions::default());
-    let [(rs, resolver), (cl, _)] = endpoints(&agent, ["app=resolver", "app=client"]);
-    import(&agent, DENY_UDP_9999);
+    let (agent, [(rs, resolver), (cl, _)]) = resolver_and_client_under(DENY_UDP_9999);
     let ip = ip_of(&resolver, "ipv6");
     let denied = udp_listener(&rs, ip, 9999);
     let open = udp_listener(&rs, ip, 9998);

@@ -23,6 +23,16 @@ fn ipv4_of(ep: &serde_json::Value) -> IpAddr {
     ep["ipv4"].as_str().unwrap().parse().unwrap()
 }
 
+/// A deathstar and an xwing, each in a namespace of its own, under RULE1 (the
+/// xwing may not land): their namespaces and the deathstar's endpoint.
+fn deathstar_and_xwing_under_rule1(agent: &TestAgent) -> (Netns, Netns, serde_json::Value) {
+    let (ds, xw) = (Netns::new("cep").unwrap(), Netns::new("cep").unwrap());
+    let deathstar = agent.create_endpoint(&ds, "org=empire,class=deathstar");
+    agent.create_endpoint(&xw, "org=alliance,class=xwing");
+    agent.cli_ok(&["policy", "import", RULE1]);
+    (ds, xw, deathstar)
+}
+
 /// A connect that is expected to be dropped (times out).
 fn try_connect(from: &Netns, to: SocketAddr) -> bool {
     from.run(|| TcpStream::connect_timeout(&to, Duration::from_millis(700)).is_ok())
@@ -154,10 +164,7 @@ fn monitor_streams_drops_live() {
         ipv4_range: Some("10.200.0.0/24".into()),
         ..AgentOptions::default()
     });
-    let (ds, xw) = (Netns::new("cep").unwrap(), Netns::new("cep").unwrap());
-    let deathstar = agent.create_endpoint(&ds, "org=empire,class=deathstar");
-    agent.create_endpoint(&xw, "org=alliance,class=xwing");
-    agent.cli_ok(&["policy", "import", RULE1]);
+    let (_ds, xw, deathstar) = deathstar_and_xwing_under_rule1(&agent);
 
     let mut child = Command::new(bin("cilia"))
         .arg("--socket")
@@ -218,10 +225,7 @@ fn metrics_scrape_matches_the_generated_traffic() {
         return;
     }
     let agent = TestAgent::start(AgentOptions::default());
-    let (ds, xw) = (Netns::new("cep").unwrap(), Netns::new("cep").unwrap());
-    let deathstar = agent.create_endpoint(&ds, "org=empire,class=deathstar");
-    agent.create_endpoint(&xw, "org=alliance,class=xwing");
-    agent.cli_ok(&["policy", "import", RULE1]);
+    let (_ds, xw, deathstar) = deathstar_and_xwing_under_rule1(&agent);
     let target = SocketAddr::new(ipv4_of(&deathstar), 80);
     for _ in 0..3 {
         assert!(!try_connect(&xw, target));
@@ -285,11 +289,8 @@ fn policy_audit_mode_lets_would_be_drops_pass_as_audit_verdicts() {
         return;
     }
     let agent = TestAgent::start(AgentOptions::default());
-    let (ds, xw) = (Netns::new("cep").unwrap(), Netns::new("cep").unwrap());
-    let deathstar = agent.create_endpoint(&ds, "org=empire,class=deathstar");
-    agent.create_endpoint(&xw, "org=alliance,class=xwing");
+    let (ds, xw, deathstar) = deathstar_and_xwing_under_rule1(&agent);
     let _listener = ds.run(|| TcpListener::bind("0.0.0.0:80").unwrap());
-    agent.cli_ok(&["policy", "import", RULE1]);
     let target = SocketAddr::new(ipv4_of(&deathstar), 80);
     assert!(!try_connect(&xw, target), "enforced: dropped");
 
@@ -325,10 +326,7 @@ fn a_flood_of_drops_keeps_memory_bounded_and_every_event_accounted() {
         return;
     }
     let agent = TestAgent::start(AgentOptions::default());
-    let (ds, xw) = (Netns::new("cep").unwrap(), Netns::new("cep").unwrap());
-    let deathstar = agent.create_endpoint(&ds, "org=empire,class=deathstar");
-    agent.create_endpoint(&xw, "org=alliance,class=xwing");
-    agent.cli_ok(&["policy", "import", RULE1]);
+    let (_ds, xw, deathstar) = deathstar_and_xwing_under_rule1(&agent);
 
     // Denied UDP as fast as one thread can send: every packet is a new
     // flow meeting the policy, so every packet is a drop event. Bounded in

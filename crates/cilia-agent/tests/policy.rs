@@ -434,24 +434,31 @@ fn client_and_world(agent: &TestAgent) -> (Netns, Netns, [EchoServer; 2]) {
     (client, w, servers)
 }
 
+/// A started agent and the client and world of [`client_and_world`], then a
+/// CiliumNetworkPolicy `name` that gives the client the `egress` rules (a YAML
+/// list at the indentation of `spec.egress`).
+fn client_and_world_under_egress(
+    name: &str,
+    egress: &str,
+) -> (TestAgent, Netns, Netns, [EchoServer; 2]) {
+    let agent = TestAgent::start(AgentOptions::default());
+    let (client, world, servers) = client_and_world(&agent);
+    import_yaml(
+        &agent,
+        &format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: {name}\n\
+             spec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:{egress}"
+        ),
+    );
+    (agent, client, world, servers)
+}
+
 #[test]
 fn egress_to_cidr_reaches_only_the_listed_world_host() {
     privileged!("egress_to_cidr_reaches_only_the_listed_world_host");
-    let agent = TestAgent::start(AgentOptions::default());
-    let (client, _world, _servers) = client_and_world(&agent);
-
-    import_yaml(
-        &agent,
+    let (agent, client, _world, _servers) = client_and_world_under_egress(
+        "to-world-host",
         r#"
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: to-world-host
-spec:
-  endpointSelector:
-    matchLabels:
-      app: client
-  egress:
   - toCIDR:
     - 203.0.113.10/32
     toPorts:
@@ -479,21 +486,9 @@ spec:
 #[test]
 fn egress_to_cidr_set_honours_except() {
     privileged!("egress_to_cidr_set_honours_except");
-    let agent = TestAgent::start(AgentOptions::default());
-    let (client, _world, _servers) = client_and_world(&agent);
-
-    import_yaml(
-        &agent,
+    let (_agent, client, _world, _servers) = client_and_world_under_egress(
+        "to-world-but-one",
         r#"
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: to-world-but-one
-spec:
-  endpointSelector:
-    matchLabels:
-      app: client
-  egress:
   - toCIDRSet:
     - cidr: 203.0.113.0/24
       except:

@@ -35,10 +35,10 @@ impl FeatureReport {
     }
 }
 
-fn feature(
+fn feature<E: std::fmt::Display>(
     name: &'static str,
     required: bool,
-    result: Result<bool, String>,
+    result: Result<bool, E>,
     use_: &str,
 ) -> Feature {
     let (present, detail) = match result {
@@ -54,19 +54,36 @@ fn feature(
     }
 }
 
+/// The map types the datapath needs, each with what it holds.
+const REQUIRED_MAPS: [(&str, MapType, &str); 3] = [
+    (
+        "ringbuf",
+        MapType::RingBuf,
+        "BPF ring buffer: datapath events",
+    ),
+    (
+        "lpm_trie",
+        MapType::LpmTrie,
+        "LPM trie maps: ipcache and CIDR lookups",
+    ),
+    (
+        "lru_hash",
+        MapType::LruHash,
+        "LRU hash maps: connection tracking",
+    ),
+];
+
 /// Probes the running kernel. Needs CAP_BPF (root) to give true answers.
 pub fn probe_kernel() -> FeatureReport {
     let kernel = KernelVersion::current()
         .map(|v| v.to_string())
         .unwrap_or_else(|e| format!("unknown ({e})"));
-    let tcx = KernelVersion::current()
-        .map(|v| v >= KernelVersion::new(6, 6, 0))
-        .map_err(|e| e.to_string());
-    let features = vec![
+    let tcx = KernelVersion::current().map(|v| v >= KernelVersion::new(6, 6, 0));
+    let mut features = vec![
         feature(
             "btf",
             true,
-            Ok(std::path::Path::new("/sys/kernel/btf/vmlinux").exists()),
+            std::path::Path::new("/sys/kernel/btf/vmlinux").try_exists(),
             "kernel type information, /sys/kernel/btf/vmlinux",
         ),
         feature(
@@ -81,34 +98,20 @@ pub fn probe_kernel() -> FeatureReport {
             is_helper_supported(
                 ProgramType::SchedClassifier,
                 BpfHelper::BPF_FUNC_redirect_peer,
-            )
-            .map_err(|e| e.to_string()),
+            ),
             "bpf_redirect_peer: delivery into an endpoint's namespace",
         ),
-        feature(
-            "ringbuf",
-            true,
-            is_map_supported(MapType::RingBuf).map_err(|e| e.to_string()),
-            "BPF ring buffer: datapath events",
-        ),
-        feature(
-            "lpm_trie",
-            true,
-            is_map_supported(MapType::LpmTrie).map_err(|e| e.to_string()),
-            "LPM trie maps: ipcache and CIDR lookups",
-        ),
-        feature(
-            "lru_hash",
-            true,
-            is_map_supported(MapType::LruHash).map_err(|e| e.to_string()),
-            "LRU hash maps: connection tracking",
-        ),
-        feature(
-            "xdp",
-            false,
-            is_program_supported(ProgramType::Xdp).map_err(|e| e.to_string()),
-            "XDP programs: prefilter and load-balancer acceleration",
-        ),
     ];
+    features.extend(
+        REQUIRED_MAPS
+            .iter()
+            .map(|&(name, map, use_)| feature(name, true, is_map_supported(map), use_)),
+    );
+    features.push(feature(
+        "xdp",
+        false,
+        is_program_supported(ProgramType::Xdp),
+        "XDP programs: prefilter and load-balancer acceleration",
+    ));
     FeatureReport { kernel, features }
 }

@@ -42,6 +42,26 @@ fn b_admits_dns_from_a(fx: &mut Fixture) {
     b_admits_from_a(fx, 17, 53);
 }
 
+/// An IPv6 packet endpoint A sends toward `dst`.
+fn from_a6(dst: Ipv6Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
+    eth(
+        A_NODE_MAC,
+        A_MAC,
+        ETH_P_IPV6,
+        &ipv6(a6(), dst, proto, 64, l4),
+    )
+}
+
+/// An IPv6 packet endpoint B sends toward `dst`.
+fn from_b6(dst: Ipv6Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
+    eth(
+        B_NODE_MAC,
+        B_MAC,
+        ETH_P_IPV6,
+        &ipv6(b6(), dst, proto, 64, l4),
+    )
+}
+
 /// An extension header of 8 bytes (Hop-by-Hop, Destination Options,
 /// Routing with `segments_left`) followed by `next`.
 fn ext8(next: u8, segments_left: u8) -> Vec<u8> {
@@ -61,12 +81,7 @@ fn frag_hdr(next: u8, offset_units: u16, more: bool, id: u32) -> Vec<u8> {
 fn a_to_b_v6(first: u8, headers: &[Vec<u8>], l4: &[u8]) -> Vec<u8> {
     let mut payload: Vec<u8> = headers.concat();
     payload.extend_from_slice(l4);
-    eth(
-        A_NODE_MAC,
-        A_MAC,
-        ETH_P_IPV6,
-        &ipv6(a6(), b6(), first, 64, &payload),
-    )
+    from_a6(b6(), first, &payload)
 }
 
 fn ipv4_frag(
@@ -93,16 +108,16 @@ fn verdict(prog: &TestProgram, packet: &[u8]) -> u32 {
 
 // ---- 1. ICMP errors ----
 
-/// ICMPv6 destination unreachable from A to `dst`, quoting `quoted`.
-fn icmp6_error_from_a(dst: Ipv6Addr, quoted: &[u8]) -> Vec<u8> {
+/// An ICMPv6 destination unreachable message quoting `quoted`.
+fn icmp6_unreachable(quoted: &[u8]) -> Vec<u8> {
     let mut icmp = vec![1, 4, 0, 0, 0, 0, 0, 0];
     icmp.extend_from_slice(quoted);
-    eth(
-        A_NODE_MAC,
-        A_MAC,
-        ETH_P_IPV6,
-        &ipv6(a6(), dst, IPPROTO_ICMPV6, 64, &icmp),
-    )
+    icmp
+}
+
+/// ICMPv6 destination unreachable from A to `dst`, quoting `quoted`.
+fn icmp6_error_from_a(dst: Ipv6Addr, quoted: &[u8]) -> Vec<u8> {
+    from_a6(dst, IPPROTO_ICMPV6, &icmp6_unreachable(quoted))
 }
 
 #[test]
@@ -112,12 +127,7 @@ fn icmp_error_quoting_the_senders_own_flow_does_not_reach_a_peer_that_denies_it(
     set(&mut fx.dp, B_ID, &[enforce(CILIA_DIR_INGRESS)]);
     let a = fx.a();
     // A has a live flow of its own, to the world.
-    let to_world = eth(
-        A_NODE_MAC,
-        A_MAC,
-        ETH_P_IPV6,
-        &ipv6(a6(), world6(), IPPROTO_TCP, 64, &tcp(40000, 443, 0x02)),
-    );
+    let to_world = from_a6(world6(), IPPROTO_TCP, &tcp(40000, 443, 0x02));
     assert_eq!(verdict(&a, &to_world), TC_ACT_OK);
     // The attack: an "error" to B quoting that flow, to carry data past B's policy.
     let attack = icmp6_error_from_a(b6(), &to_world[14..14 + 48]);
@@ -149,21 +159,13 @@ fn icmp_error_quoting_a_flow_between_other_addresses_is_not_related() {
     // A admits nothing; B has a flow to the world.
     set(&mut fx.dp, A_ID, &[enforce(CILIA_DIR_INGRESS)]);
     let b = fx.b();
-    let b_to_world = eth(
-        B_NODE_MAC,
-        B_MAC,
-        ETH_P_IPV6,
-        &ipv6(b6(), world6(), IPPROTO_UDP, 64, &udp(5000, 53, b"q")),
-    );
+    let b_to_world = from_b6(world6(), IPPROTO_UDP, &udp(5000, 53, b"q"));
     assert_eq!(verdict(&b, &b_to_world), TC_ACT_OK);
     // B quotes its own world flow in an error to A: not a packet A sent B.
-    let mut icmp = vec![1, 4, 0, 0, 0, 0, 0, 0];
-    icmp.extend_from_slice(&b_to_world[14..14 + 48]);
-    let attack = eth(
-        B_NODE_MAC,
-        B_MAC,
-        ETH_P_IPV6,
-        &ipv6(b6(), a6(), IPPROTO_ICMPV6, 64, &icmp),
+    let attack = from_b6(
+        a6(),
+        IPPROTO_ICMPV6,
+        &icmp6_unreachable(&b_to_world[14..14 + 48]),
     );
     assert_eq!(verdict(&b, &attack), TC_ACT_SHOT);
 }
@@ -203,17 +205,7 @@ fn icmpv4_error_quoting_the_senders_own_flow_is_dropped() {
     let answer = ipv4(resolver, a4(), IPPROTO_UDP, 64, &udp(53, 5000, b"a"));
     let error = error_to(resolver, &answer[..28]);
     assert_eq!(verdict(&a, &error), TC_ACT_SHOT, "no answer seen yet");
-    let to_a = fx
-        .dp
-        .test_program_to_container(&config(
-            A_ID,
-            A_IDENTITY,
-            A_MAC,
-            A_NODE_MAC,
-            a6(),
-            Some(a4()),
-        ))
-        .unwrap();
+    let to_a = fx.a_to_container();
     assert_eq!(
         verdict(&to_a, &eth(A_MAC, A_NODE_MAC, ETH_P_IP, &answer)),
         TC_ACT_OK
@@ -515,17 +507,7 @@ fn neighbour_discovery_from_the_endpoint_is_checked() {
 fn neighbour_discovery_toward_the_endpoint_is_checked() {
     privileged!("nd_to_container");
     let fx = Fixture::new();
-    let to_a = fx
-        .dp
-        .test_program_to_container(&config(
-            A_ID,
-            A_IDENTITY,
-            A_MAC,
-            A_NODE_MAC,
-            a6(),
-            Some(a4()),
-        ))
-        .unwrap();
+    let to_a = fx.a_to_container();
     let host_ll: Ipv6Addr = "fe80::1".parse().unwrap();
     let cases = [
         (
@@ -622,17 +604,7 @@ fn packet_from_the_stack_with_a_local_endpoints_source_is_dropped() {
             ),
         ],
     );
-    let to_a = fx
-        .dp
-        .test_program_to_container(&config(
-            A_ID,
-            A_IDENTITY,
-            A_MAC,
-            A_NODE_MAC,
-            a6(),
-            Some(a4()),
-        ))
-        .unwrap();
+    let to_a = fx.a_to_container();
     // A local user binds B's address and connects to A through the stack.
     let forged = eth(
         A_MAC,
@@ -643,12 +615,7 @@ fn packet_from_the_stack_with_a_local_endpoints_source_is_dropped() {
     assert_eq!(verdict(&to_a, &forged), TC_ACT_SHOT);
     assert_eq!(drops(&fx, CILIA_DROP_SPOOFED_SOURCE), 1);
     // B itself reaches A by redirect, through B's own program.
-    let real = eth(
-        B_NODE_MAC,
-        B_MAC,
-        ETH_P_IPV6,
-        &ipv6(b6(), a6(), IPPROTO_TCP, 64, &tcp(40000, 80, 0x02)),
-    );
+    let real = from_b6(a6(), IPPROTO_TCP, &tcp(40000, 80, 0x02));
     assert_eq!(verdict(&fx.b(), &real), TC_ACT_REDIRECT);
 }
 
@@ -676,12 +643,7 @@ fn responder_cannot_keep_a_revoked_flow_alive_by_replying() {
 }
 
 fn a_to_b_from(sport: u16) -> Vec<u8> {
-    eth(
-        A_NODE_MAC,
-        A_MAC,
-        ETH_P_IPV6,
-        &ipv6(a6(), b6(), IPPROTO_TCP, 64, &tcp(sport, 80, 0x02)),
-    )
+    from_a6(b6(), IPPROTO_TCP, &tcp(sport, 80, 0x02))
 }
 
 #[test]
@@ -699,12 +661,7 @@ fn an_endpoint_churning_flows_is_stopped_at_its_budget_and_others_keep_theirs() 
     assert_eq!(drops(&fx, CILIA_DROP_CT_BUDGET), 1);
     assert_eq!(verdict(&a, &a_to_b_from(30000)), TC_ACT_REDIRECT);
     // B's new flows are untouched by A's churn.
-    let b_new = eth(
-        B_NODE_MAC,
-        B_MAC,
-        ETH_P_IPV6,
-        &ipv6(b6(), a6(), IPPROTO_UDP, 64, &udp(7000, 53, b"q")),
-    );
+    let b_new = from_b6(a6(), IPPROTO_UDP, &udp(7000, 53, b"q"));
     assert_eq!(verdict(&b, &b_new), TC_ACT_REDIRECT);
     assert_eq!(fx.dp.ct_count(B_ID).unwrap(), 1);
     // Deleting A (or a new identity) purges its entries and its budget.

@@ -200,10 +200,7 @@ fn to_container_program_applies_ingress_policy_to_host_traffic() {
             ),
         ],
     );
-    let to_b = fx
-        .dp
-        .test_program_to_container(&config(B_ID, B_IDENTITY, B_MAC, B_NODE_MAC, b6(), None))
-        .unwrap();
+    let to_b = fx.b_to_container();
     let host = |port| {
         eth(
             B_MAC,

@@ -7,48 +7,21 @@ use common::*;
 
 // ---------------------------------------------------------------- entities
 
-#[test]
-fn entity_world_is_reserved_world_plus_cidr_identities() {
-    let yaml = cnp(
-        "default",
-        "endpointSelector: {}\negress:\n- toEntities: [world]",
-    );
-    let w = World::new(&yaml);
-    check_world(
-        &w,
-        WEB,
-        &[
-            (Egress, 2, TCP, 443, Allow),
-            (Egress, w.cidr("172.16.0.0/12"), UDP, 53, Allow),
-            (Egress, DB, TCP, 443, Deny),
-            (Egress, 1, TCP, 443, Deny),
-            (Egress, 6, TCP, 443, Deny),
-        ],
-    );
-}
+verdict_tests! {
+    entity_world_is_reserved_world_plus_cidr_identities:
+        cnp("default", "endpointSelector: {}\negress:\n- toEntities: [world]"),
+        WEB, |w| => [(Egress, 2, TCP, 443, Allow),
+                     (Egress, w.cidr("172.16.0.0/12"), UDP, 53, Allow),
+                     (Egress, DB, TCP, 443, Deny), (Egress, 1, TCP, 443, Deny),
+                     (Egress, 6, TCP, 443, Deny)];
 
-#[test]
-fn entity_cluster_is_everything_but_world() {
-    let yaml = cnp(
-        "default",
-        "endpointSelector: {}\negress:\n- toEntities: [cluster]",
-    );
-    let w = World::new(&yaml);
-    check_world(
-        &w,
-        WEB,
-        &[
-            (Egress, DB, TCP, 443, Allow),
-            (Egress, DNS, UDP, 53, Allow),
-            (Egress, 1, TCP, 443, Allow),
-            (Egress, 6, TCP, 443, Allow),
-            (Egress, 4, TCP, 443, Allow),
-            (Egress, 5, TCP, 443, Allow),
-            (Egress, 3, TCP, 443, Allow),
-            (Egress, 2, TCP, 443, Deny),
-            (Egress, w.cidr("172.16.0.0/12"), TCP, 443, Deny),
-        ],
-    );
+    entity_cluster_is_everything_but_world:
+        cnp("default", "endpointSelector: {}\negress:\n- toEntities: [cluster]"),
+        WEB, |w| => [(Egress, DB, TCP, 443, Allow), (Egress, DNS, UDP, 53, Allow),
+                     (Egress, 1, TCP, 443, Allow), (Egress, 6, TCP, 443, Allow),
+                     (Egress, 4, TCP, 443, Allow), (Egress, 5, TCP, 443, Allow),
+                     (Egress, 3, TCP, 443, Allow), (Egress, 2, TCP, 443, Deny),
+                     (Egress, w.cidr("172.16.0.0/12"), TCP, 443, Deny)];
 }
 
 #[test]
@@ -94,53 +67,24 @@ fn single_reserved_entities() {
 
 // ---------------------------------------------------------------- CIDRs
 
-#[test]
-fn to_cidr_selects_cidr_identities_inside_and_not_endpoints() {
-    let yaml = cnp(
-        "default",
-        "endpointSelector: {}\negress:\n- toCIDR: [10.0.0.0/8, 2001:db8::/32]",
-    );
-    let w = World::new(&yaml);
-    check_world(
-        &w,
-        WEB,
-        &[
-            (Egress, w.cidr("10.0.0.0/8"), TCP, 1, Allow),
-            (Egress, w.cidr("10.9.9.9/32"), TCP, 1, Allow),
-            (Egress, w.cidr("2001:db8::/32"), TCP, 1, Allow),
-            (Egress, w.cidr("172.16.0.0/12"), TCP, 1, Deny),
-            (Egress, 2, TCP, 1, Deny),
-            (Egress, DB, TCP, 1, Deny),
-        ],
-    );
-}
+verdict_tests! {
+    to_cidr_selects_cidr_identities_inside_and_not_endpoints:
+        cnp("default", "endpointSelector: {}\negress:\n- toCIDR: [10.0.0.0/8, 2001:db8::/32]"),
+        WEB, |w| => [(Egress, w.cidr("10.0.0.0/8"), TCP, 1, Allow),
+                     (Egress, w.cidr("10.9.9.9/32"), TCP, 1, Allow),
+                     (Egress, w.cidr("2001:db8::/32"), TCP, 1, Allow),
+                     (Egress, w.cidr("172.16.0.0/12"), TCP, 1, Deny), (Egress, 2, TCP, 1, Deny),
+                     (Egress, DB, TCP, 1, Deny)];
 
-#[test]
-fn to_cidr_accepts_a_bare_address_as_host_prefix() {
-    let yaml = cnp(
-        "default",
-        "endpointSelector: {}\negress:\n- toCIDR: [10.9.9.9]",
-    );
-    let w = World::new(&yaml);
-    check_world(&w, WEB, &[(Egress, w.cidr("10.9.9.9/32"), TCP, 1, Allow)]);
-}
+    to_cidr_accepts_a_bare_address_as_host_prefix:
+        cnp("default", "endpointSelector: {}\negress:\n- toCIDR: [10.9.9.9]"),
+        WEB, |w| => [(Egress, w.cidr("10.9.9.9/32"), TCP, 1, Allow)];
 
-#[test]
-fn cidr_set_except_is_not_allowed() {
-    let yaml = cnp(
-        "default",
-        "endpointSelector: {}\negress:\n- toCIDRSet: [{cidr: 10.0.0.0/8, except: [10.1.0.0/16]}]",
-    );
-    let w = World::new(&yaml);
-    check_world(
-        &w,
-        WEB,
-        &[
-            (Egress, w.cidr("10.0.0.0/8"), TCP, 1, Allow),
-            (Egress, w.cidr("10.1.0.0/16"), TCP, 1, Deny),
-            (Egress, w.cidr("10.9.9.9/32"), TCP, 1, Allow),
-        ],
-    );
+    cidr_set_except_is_not_allowed:
+        cnp("default", "endpointSelector: {}\negress:\n- toCIDRSet: [{cidr: 10.0.0.0/8, except: [10.1.0.0/16]}]"),
+        WEB, |w| => [(Egress, w.cidr("10.0.0.0/8"), TCP, 1, Allow),
+                     (Egress, w.cidr("10.1.0.0/16"), TCP, 1, Deny),
+                     (Egress, w.cidr("10.9.9.9/32"), TCP, 1, Allow)];
 }
 
 #[test]
@@ -260,30 +204,15 @@ fn protocol_any_with_port_expands_to_tcp_udp_sctp() {
     );
 }
 
-#[test]
-fn port_zero_means_all_ports() {
-    let yaml = cnp(
-        "default",
-        "endpointSelector: {}\ningress:\n- toPorts: [{ports: [{port: '0', protocol: UDP}]}]",
-    );
-    check(
-        &yaml,
-        WEB,
-        &[
-            (Ingress, DB, UDP, 1, Allow),
-            (Ingress, DB, UDP, 65535, Allow),
-            (Ingress, DB, TCP, 1, Deny),
-        ],
-    );
-    let yaml = cnp(
-        "default",
-        "endpointSelector: {}\ningress:\n- toPorts: [{ports: [{port: '0', protocol: ANY}]}]",
-    );
-    check(
-        &yaml,
-        WEB,
-        &[(Ingress, DB, ICMP, 0, Allow), (Ingress, DB, TCP, 7, Allow)],
-    );
+verdict_tests! {
+    port_zero_means_all_ports:
+        cnp("default", "endpointSelector: {}\ningress:\n- toPorts: [{ports: [{port: '0', protocol: UDP}]}]"),
+        WEB => [(Ingress, DB, UDP, 1, Allow), (Ingress, DB, UDP, 65535, Allow),
+                (Ingress, DB, TCP, 1, Deny)];
+
+    port_zero_with_protocol_any_means_all_ports_of_all_protocols:
+        cnp("default", "endpointSelector: {}\ningress:\n- toPorts: [{ports: [{port: '0', protocol: ANY}]}]"),
+        WEB => [(Ingress, DB, ICMP, 0, Allow), (Ingress, DB, TCP, 7, Allow)];
 }
 
 #[test]
@@ -305,21 +234,11 @@ fn l4_only_rule_applies_to_every_peer() {
     );
 }
 
-#[test]
-fn l3_and_l4_in_one_rule_is_an_intersection() {
-    let yaml = cnp(
-        "default",
-        "endpointSelector: {}\ningress:\n- fromEndpoints: [{matchLabels: {app: db}}]\n  toPorts: [{ports: [{port: '80', protocol: TCP}]}]",
-    );
-    check(
-        &yaml,
-        WEB,
-        &[
-            (Ingress, DB, TCP, 80, Allow),
-            (Ingress, DB, TCP, 81, Deny),
-            (Ingress, FRONTEND, TCP, 80, Deny),
-        ],
-    );
+verdict_tests! {
+    l3_and_l4_in_one_rule_is_an_intersection:
+        cnp("default", "endpointSelector: {}\ningress:\n- fromEndpoints: [{matchLabels: {app: db}}]\n  toPorts: [{ports: [{port: '80', protocol: TCP}]}]"),
+        WEB => [(Ingress, DB, TCP, 80, Allow), (Ingress, DB, TCP, 81, Deny),
+                (Ingress, FRONTEND, TCP, 80, Deny)];
 }
 
 #[test]
@@ -372,111 +291,41 @@ fn deny_l3_wins_over_allow_l4() {
     assert!(t.deciding_rules[0].deny);
 }
 
-#[test]
-fn deny_port_wins_over_allow_all_ports() {
-    let yaml = cnp(
-        "default",
-        "endpointSelector: {}\ningress:\n- fromEndpoints: [{matchLabels: {app: db}}]\ningressDeny:\n- fromEndpoints: [{matchLabels: {app: db}}]\n  toPorts: [{ports: [{port: '22', protocol: TCP}]}]",
-    );
-    check(
-        &yaml,
-        WEB,
-        &[
-            (Ingress, DB, TCP, 22, Deny),
-            (Ingress, DB, TCP, 23, Allow),
-            (Ingress, DB, UDP, 22, Allow),
-        ],
-    );
-}
+verdict_tests! {
+    deny_port_wins_over_allow_all_ports:
+        cnp("default", "endpointSelector: {}\ningress:\n- fromEndpoints: [{matchLabels: {app: db}}]\ningressDeny:\n- fromEndpoints: [{matchLabels: {app: db}}]\n  toPorts: [{ports: [{port: '22', protocol: TCP}]}]"),
+        WEB => [(Ingress, DB, TCP, 22, Deny), (Ingress, DB, TCP, 23, Allow),
+                (Ingress, DB, UDP, 22, Allow)];
 
-#[test]
-fn deny_range_wins_over_allow_inside_it() {
-    let yaml = cnp(
-        "default",
-        "endpointSelector: {}\negress:\n- toEntities: [world]\n  toPorts: [{ports: [{port: '8080', protocol: TCP}]}]\negressDeny:\n- toEntities: [world]\n  toPorts: [{ports: [{port: '8000', endPort: 8999, protocol: TCP}]}]",
-    );
-    check(
-        &yaml,
-        WEB,
-        &[
-            (Egress, 2, TCP, 8080, Deny),
-            (Egress, 2, TCP, 9000, Deny),
-            (Egress, 2, TCP, 7999, Deny),
-        ],
-    );
-}
+    deny_range_wins_over_allow_inside_it:
+        cnp("default", "endpointSelector: {}\negress:\n- toEntities: [world]\n  toPorts: [{ports: [{port: '8080', protocol: TCP}]}]\negressDeny:\n- toEntities: [world]\n  toPorts: [{ports: [{port: '8000', endPort: 8999, protocol: TCP}]}]"),
+        WEB => [(Egress, 2, TCP, 8080, Deny), (Egress, 2, TCP, 9000, Deny),
+                (Egress, 2, TCP, 7999, Deny)];
 
-#[test]
-fn wildcard_deny_wins_over_specific_allow() {
     // An L4-only deny (any peer) against an identity-specific allow of all ports.
-    let yaml = cnp(
-        "default",
-        "endpointSelector: {}\ningress:\n- fromEndpoints: [{matchLabels: {app: db}}]\ningressDeny:\n- toPorts: [{ports: [{port: '5432'}]}]",
-    );
-    check(
-        &yaml,
-        WEB,
-        &[
-            (Ingress, DB, TCP, 5432, Deny),
-            (Ingress, DB, UDP, 5432, Deny),
-            (Ingress, DB, TCP, 5433, Allow),
-            (Ingress, FRONTEND, TCP, 5432, Deny),
-        ],
-    );
-}
+    wildcard_deny_wins_over_specific_allow:
+        cnp("default", "endpointSelector: {}\ningress:\n- fromEndpoints: [{matchLabels: {app: db}}]\ningressDeny:\n- toPorts: [{ports: [{port: '5432'}]}]"),
+        WEB => [(Ingress, DB, TCP, 5432, Deny), (Ingress, DB, UDP, 5432, Deny),
+                (Ingress, DB, TCP, 5433, Allow), (Ingress, FRONTEND, TCP, 5432, Deny)];
 
-#[test]
-fn specific_deny_wins_over_wildcard_allow() {
-    let yaml = cnp(
-        "default",
-        "endpointSelector: {}\ningress:\n- fromEntities: [all]\ningressDeny:\n- fromEntities: [world]",
-    );
-    let w = World::new(&yaml);
-    check_world(
-        &w,
-        WEB,
-        &[
-            (Ingress, 2, TCP, 80, Deny),
-            (Ingress, w.cidr("172.16.0.0/12"), TCP, 80, Deny),
-            (Ingress, DB, TCP, 80, Allow),
-            (Ingress, UNKNOWN, TCP, 80, Allow),
-        ],
-    );
-}
+    specific_deny_wins_over_wildcard_allow:
+        cnp("default", "endpointSelector: {}\ningress:\n- fromEntities: [all]\ningressDeny:\n- fromEntities: [world]"),
+        WEB, |w| => [(Ingress, 2, TCP, 80, Deny), (Ingress, w.cidr("172.16.0.0/12"), TCP, 80, Deny),
+                     (Ingress, DB, TCP, 80, Allow), (Ingress, UNKNOWN, TCP, 80, Allow)];
 
-#[test]
-fn deny_in_one_policy_wins_over_allow_in_another() {
-    let yaml = format!(
-        "{}---\n{}",
-        np("default", "podSelector: {}\ningress: [{}]"),
-        ccnp("endpointSelector: {}\ningressDeny:\n- fromEntities: [world]\n  toPorts: [{ports: [{port: '22', protocol: TCP}]}]"),
-    );
-    check(
-        &yaml,
-        WEB,
-        &[
-            (Ingress, 2, TCP, 22, Deny),
-            (Ingress, 2, TCP, 80, Allow),
-            (Ingress, DB, TCP, 22, Allow),
-        ],
-    );
-}
+    deny_in_one_policy_wins_over_allow_in_another:
+        format!(
+            "{}---\n{}",
+            np("default", "podSelector: {}\ningress: [{}]"),
+            ccnp("endpointSelector: {}\ningressDeny:\n- fromEntities: [world]\n  toPorts: [{ports: [{port: '22', protocol: TCP}]}]"),
+        ),
+        WEB => [(Ingress, 2, TCP, 22, Deny), (Ingress, 2, TCP, 80, Allow),
+                (Ingress, DB, TCP, 22, Allow)];
 
-#[test]
-fn deny_except_range_is_not_denied() {
-    let yaml = cnp(
-        "default",
-        "endpointSelector: {}\negress:\n- toEntities: [all]\negressDeny:\n- toCIDRSet: [{cidr: 10.0.0.0/8, except: [10.1.0.0/16]}]",
-    );
-    let w = World::new(&yaml);
-    check_world(
-        &w,
-        WEB,
-        &[
-            (Egress, w.cidr("10.0.0.0/8"), TCP, 1, Deny),
-            (Egress, w.cidr("10.1.0.0/16"), TCP, 1, Allow),
-        ],
-    );
+    deny_except_range_is_not_denied:
+        cnp("default", "endpointSelector: {}\negress:\n- toEntities: [all]\negressDeny:\n- toCIDRSet: [{cidr: 10.0.0.0/8, except: [10.1.0.0/16]}]"),
+        WEB, |w| => [(Egress, w.cidr("10.0.0.0/8"), TCP, 1, Deny),
+                     (Egress, w.cidr("10.1.0.0/16"), TCP, 1, Allow)];
 }
 
 // ---------------------------------------------------------------- empty forms & enforcement
@@ -504,13 +353,10 @@ fn empty_rule_list_in_cilium_policy_does_not_enforce() {
     assert!(!rp.ingress_enforced && !rp.egress_enforced);
 }
 
-#[test]
-fn explicitly_empty_peer_lists_select_nothing() {
-    let w = World::new(&cnp(
-        "default",
-        "endpointSelector: {}\ningress:\n- fromEndpoints: []\n  fromEntities: []",
-    ));
-    check_world(&w, WEB, &[(Ingress, DB, TCP, 80, Deny)]);
+verdict_tests! {
+    explicitly_empty_peer_lists_select_nothing:
+        cnp("default", "endpointSelector: {}\ningress:\n- fromEndpoints: []\n  fromEntities: []"),
+        WEB => [(Ingress, DB, TCP, 80, Deny)];
 }
 
 #[test]

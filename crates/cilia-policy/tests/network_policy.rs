@@ -3,20 +3,80 @@
 mod common;
 use common::*;
 
-#[test]
-fn pod_selector_peer_selects_pods_in_policy_namespace_only() {
-    let yaml = np(
-        "default",
-        "podSelector: {matchLabels: {app: db}}\ningress:\n- from:\n  - podSelector: {matchLabels: {app: web}}",
-    );
-    check(
-        &yaml,
-        DB,
-        &[
-            (Ingress, WEB, TCP, 5432, Allow),
-            (Ingress, OTHER_WEB, TCP, 5432, Deny),
-        ],
-    );
+verdict_tests! {
+    pod_selector_peer_selects_pods_in_policy_namespace_only:
+        np("default", "podSelector: {matchLabels: {app: db}}\ningress:\n- from:\n  - podSelector: {matchLabels: {app: web}}"),
+        DB => [(Ingress, WEB, TCP, 5432, Allow), (Ingress, OTHER_WEB, TCP, 5432, Deny)];
+
+    namespace_selector_alone_selects_all_pods_in_matching_namespaces:
+        np("default", "podSelector: {}\ningress:\n- from:\n  - namespaceSelector: {matchLabels: {team: b}}"),
+        DB => [
+            (Ingress, OTHER_WEB, TCP, 80, Allow),
+            (Ingress, OTHER_CLIENT, TCP, 80, Allow),
+            (Ingress, WEB, TCP, 80, Deny), // own namespace has team=a
+            (Ingress, DNS, TCP, 80, Deny),
+        ];
+
+    empty_namespace_selector_selects_all_pods_but_nothing_outside_the_cluster:
+        np("default", "podSelector: {}\ningress:\n- from:\n  - namespaceSelector: {}"),
+        DB, |w| => [(Ingress, DNS, TCP, 80, Allow), (Ingress, OTHER_WEB, TCP, 80, Allow),
+                    (Ingress, 1, TCP, 80, Deny), (Ingress, 2, TCP, 80, Deny),
+                    (Ingress, w.cidr("172.16.0.0/12"), TCP, 80, Deny)];
+
+    pod_and_namespace_selector_in_one_peer_is_an_intersection:
+        np("default", "podSelector: {}\ningress:\n- from:\n  - namespaceSelector: {matchLabels: {team: b}}\n    podSelector: {matchLabels: {app: client}}"),
+        DB => [(Ingress, OTHER_CLIENT, TCP, 80, Allow), (Ingress, OTHER_WEB, TCP, 80, Deny),
+               (Ingress, WEB, TCP, 80, Deny)];
+
+    pod_and_namespace_selector_in_two_peers_is_a_union:
+        np("default", "podSelector: {}\ningress:\n- from:\n  - namespaceSelector: {matchLabels: {team: b}}\n  - podSelector: {matchLabels: {app: web}}"),
+        DB => [(Ingress, OTHER_CLIENT, TCP, 80, Allow), (Ingress, OTHER_WEB, TCP, 80, Allow),
+               (Ingress, WEB, TCP, 80, Allow), (Ingress, FRONTEND, TCP, 80, Deny)];
+
+    namespace_selector_match_expressions_use_namespace_labels:
+        np("default", "podSelector: {}\ningress:\n- from:\n  - namespaceSelector:\n      matchExpressions: [{key: team, operator: DoesNotExist}]"),
+        DB => [(Ingress, DNS, TCP, 80, Allow), (Ingress, OTHER_WEB, TCP, 80, Deny),
+               (Ingress, 1, TCP, 80, Deny)];
+
+    ip_block_with_except:
+        np("default", "podSelector: {}\negress:\n- to:\n  - ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}"),
+        WEB, |w| => [
+            (Egress, w.cidr("10.0.0.0/8"), TCP, 443, Allow),
+            (Egress, w.cidr("10.9.9.9/32"), TCP, 443, Allow), // a more specific prefix inside
+            (Egress, w.cidr("10.1.0.0/16"), TCP, 443, Deny),  // the except range
+            (Egress, w.cidr("172.16.0.0/12"), TCP, 443, Deny),
+            (Egress, 2, TCP, 443, Deny),
+            (Egress, DB, TCP, 443, Deny), // ipBlock does not select endpoints
+        ];
+
+    ip_block_zero_prefix_also_selects_world:
+        np("default", "podSelector: {}\negress:\n- to:\n  - ipBlock: {cidr: 0.0.0.0/0}"),
+        WEB => [(Egress, 2, TCP, 1, Allow), (Egress, DB, TCP, 1, Deny)];
+
+    empty_ingress_list_also_denies_all_ingress:
+        np("default", "podSelector: {}\ningress: []"),
+        WEB => [(Ingress, DB, TCP, 80, Deny)];
+
+    explicit_policy_types_egress_without_rules_denies_all_egress:
+        np("default", "podSelector: {}\npolicyTypes: [Ingress, Egress]\ningress: [{}]"),
+        WEB => [(Ingress, OTHER_WEB, TCP, 80, Allow), (Egress, DB, TCP, 80, Deny),
+                (Egress, 2, UDP, 53, Deny)];
+
+    port_protocol_defaults_to_tcp:
+        np("default", "podSelector: {}\ningress:\n- ports: [{port: 80}]"),
+        WEB => [(Ingress, DB, TCP, 80, Allow), (Ingress, DB, UDP, 80, Deny),
+                (Ingress, DB, TCP, 81, Deny), (Ingress, 2, TCP, 80, Allow)];
+
+    port_without_number_covers_all_ports_of_the_protocol:
+        np("default", "podSelector: {}\ningress:\n- ports: [{protocol: UDP}]"),
+        WEB => [(Ingress, DB, UDP, 1, Allow), (Ingress, DB, UDP, 65535, Allow),
+                (Ingress, DB, TCP, 80, Deny)];
+
+    end_port_range:
+        np("default", "podSelector: {}\ningress:\n- ports: [{protocol: SCTP, port: 32000, endPort: 32768}]"),
+        WEB => [(Ingress, DB, SCTP, 31999, Deny), (Ingress, DB, SCTP, 32000, Allow),
+                (Ingress, DB, SCTP, 32767, Allow), (Ingress, DB, SCTP, 32768, Allow),
+                (Ingress, DB, SCTP, 32769, Deny), (Ingress, DB, TCP, 32000, Deny)];
 }
 
 #[test]
@@ -26,131 +86,6 @@ fn policy_namespace_defaults_to_default() {
     assert_eq!(w.policies[0].namespace.as_deref(), Some("default"));
     assert!(w.resolve(WEB).ingress_enforced);
     assert!(!w.resolve(OTHER_WEB).ingress_enforced);
-}
-
-#[test]
-fn namespace_selector_alone_selects_all_pods_in_matching_namespaces() {
-    let yaml = np(
-        "default",
-        "podSelector: {}\ningress:\n- from:\n  - namespaceSelector: {matchLabels: {team: b}}",
-    );
-    check(
-        &yaml,
-        DB,
-        &[
-            (Ingress, OTHER_WEB, TCP, 80, Allow),
-            (Ingress, OTHER_CLIENT, TCP, 80, Allow),
-            (Ingress, WEB, TCP, 80, Deny), // own namespace has team=a
-            (Ingress, DNS, TCP, 80, Deny),
-        ],
-    );
-}
-
-#[test]
-fn empty_namespace_selector_selects_all_pods_but_nothing_outside_the_cluster() {
-    let yaml = np(
-        "default",
-        "podSelector: {}\ningress:\n- from:\n  - namespaceSelector: {}",
-    );
-    let w = World::new(&yaml);
-    let cidr = w.cidr("172.16.0.0/12");
-    check_world(
-        &w,
-        DB,
-        &[
-            (Ingress, DNS, TCP, 80, Allow),
-            (Ingress, OTHER_WEB, TCP, 80, Allow),
-            (Ingress, 1, TCP, 80, Deny),
-            (Ingress, 2, TCP, 80, Deny),
-            (Ingress, cidr, TCP, 80, Deny),
-        ],
-    );
-}
-
-#[test]
-fn pod_and_namespace_selector_in_one_peer_is_an_intersection() {
-    let yaml = np(
-        "default",
-        "podSelector: {}\ningress:\n- from:\n  - namespaceSelector: {matchLabels: {team: b}}\n    podSelector: {matchLabels: {app: client}}",
-    );
-    check(
-        &yaml,
-        DB,
-        &[
-            (Ingress, OTHER_CLIENT, TCP, 80, Allow),
-            (Ingress, OTHER_WEB, TCP, 80, Deny),
-            (Ingress, WEB, TCP, 80, Deny),
-        ],
-    );
-}
-
-#[test]
-fn pod_and_namespace_selector_in_two_peers_is_a_union() {
-    let yaml = np(
-        "default",
-        "podSelector: {}\ningress:\n- from:\n  - namespaceSelector: {matchLabels: {team: b}}\n  - podSelector: {matchLabels: {app: web}}",
-    );
-    check(
-        &yaml,
-        DB,
-        &[
-            (Ingress, OTHER_CLIENT, TCP, 80, Allow),
-            (Ingress, OTHER_WEB, TCP, 80, Allow),
-            (Ingress, WEB, TCP, 80, Allow),
-            (Ingress, FRONTEND, TCP, 80, Deny),
-        ],
-    );
-}
-
-#[test]
-fn namespace_selector_match_expressions_use_namespace_labels() {
-    let yaml = np(
-        "default",
-        "podSelector: {}\ningress:\n- from:\n  - namespaceSelector:\n      matchExpressions: [{key: team, operator: DoesNotExist}]",
-    );
-    check(
-        &yaml,
-        DB,
-        &[
-            (Ingress, DNS, TCP, 80, Allow),
-            (Ingress, OTHER_WEB, TCP, 80, Deny),
-            (Ingress, 1, TCP, 80, Deny),
-        ],
-    );
-}
-
-#[test]
-fn ip_block_with_except() {
-    let yaml = np(
-        "default",
-        "podSelector: {}\negress:\n- to:\n  - ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}",
-    );
-    let w = World::new(&yaml);
-    check_world(
-        &w,
-        WEB,
-        &[
-            (Egress, w.cidr("10.0.0.0/8"), TCP, 443, Allow),
-            (Egress, w.cidr("10.9.9.9/32"), TCP, 443, Allow), // a more specific prefix inside
-            (Egress, w.cidr("10.1.0.0/16"), TCP, 443, Deny),  // the except range
-            (Egress, w.cidr("172.16.0.0/12"), TCP, 443, Deny),
-            (Egress, 2, TCP, 443, Deny),
-            (Egress, DB, TCP, 443, Deny), // ipBlock does not select endpoints
-        ],
-    );
-}
-
-#[test]
-fn ip_block_zero_prefix_also_selects_world() {
-    let yaml = np(
-        "default",
-        "podSelector: {}\negress:\n- to:\n  - ipBlock: {cidr: 0.0.0.0/0}",
-    );
-    check(
-        &yaml,
-        WEB,
-        &[(Egress, 2, TCP, 1, Allow), (Egress, DB, TCP, 1, Deny)],
-    );
 }
 
 #[test]
@@ -164,15 +99,6 @@ fn absent_ingress_denies_all_ingress_and_leaves_egress_alone() {
         &w,
         WEB,
         &[(Ingress, DB, TCP, 80, Deny), (Egress, DB, TCP, 80, Allow)],
-    );
-}
-
-#[test]
-fn empty_ingress_list_also_denies_all_ingress() {
-    check(
-        &np("default", "podSelector: {}\ningress: []"),
-        WEB,
-        &[(Ingress, DB, TCP, 80, Deny)],
     );
 }
 
@@ -234,78 +160,6 @@ fn explicit_policy_types_egress_only_ignores_ingress_rules() {
             (Ingress, OTHER_WEB, TCP, 80, Allow),
             (Egress, DB, TCP, 80, Allow),
             (Egress, OTHER_WEB, TCP, 80, Deny),
-        ],
-    );
-}
-
-#[test]
-fn explicit_policy_types_egress_without_rules_denies_all_egress() {
-    let yaml = np(
-        "default",
-        "podSelector: {}\npolicyTypes: [Ingress, Egress]\ningress: [{}]",
-    );
-    check(
-        &yaml,
-        WEB,
-        &[
-            (Ingress, OTHER_WEB, TCP, 80, Allow),
-            (Egress, DB, TCP, 80, Deny),
-            (Egress, 2, UDP, 53, Deny),
-        ],
-    );
-}
-
-#[test]
-fn port_protocol_defaults_to_tcp() {
-    let yaml = np(
-        "default",
-        "podSelector: {}\ningress:\n- ports: [{port: 80}]",
-    );
-    check(
-        &yaml,
-        WEB,
-        &[
-            (Ingress, DB, TCP, 80, Allow),
-            (Ingress, DB, UDP, 80, Deny),
-            (Ingress, DB, TCP, 81, Deny),
-            (Ingress, 2, TCP, 80, Allow),
-        ],
-    );
-}
-
-#[test]
-fn port_without_number_covers_all_ports_of_the_protocol() {
-    let yaml = np(
-        "default",
-        "podSelector: {}\ningress:\n- ports: [{protocol: UDP}]",
-    );
-    check(
-        &yaml,
-        WEB,
-        &[
-            (Ingress, DB, UDP, 1, Allow),
-            (Ingress, DB, UDP, 65535, Allow),
-            (Ingress, DB, TCP, 80, Deny),
-        ],
-    );
-}
-
-#[test]
-fn end_port_range() {
-    let yaml = np(
-        "default",
-        "podSelector: {}\ningress:\n- ports: [{protocol: SCTP, port: 32000, endPort: 32768}]",
-    );
-    check(
-        &yaml,
-        WEB,
-        &[
-            (Ingress, DB, SCTP, 31999, Deny),
-            (Ingress, DB, SCTP, 32000, Allow),
-            (Ingress, DB, SCTP, 32767, Allow),
-            (Ingress, DB, SCTP, 32768, Allow),
-            (Ingress, DB, SCTP, 32769, Deny),
-            (Ingress, DB, TCP, 32000, Deny),
         ],
     );
 }

@@ -130,20 +130,10 @@ fn cnp_endpoint_selector_is_restricted_to_policy_namespace_even_with_namespace_l
     assert!(!World::new(&yaml).resolve(OTHER_WEB).ingress_enforced);
 }
 
-#[test]
-fn cnp_from_endpoints_is_restricted_to_policy_namespace() {
-    let yaml = cnp(
-        "default",
-        "endpointSelector: {}\ningress:\n- fromEndpoints: [{matchLabels: {app: web}}]",
-    );
-    check(
-        &yaml,
-        DB,
-        &[
-            (Ingress, WEB, TCP, 80, Allow),
-            (Ingress, OTHER_WEB, TCP, 80, Deny),
-        ],
-    );
+verdict_tests! {
+    cnp_from_endpoints_is_restricted_to_policy_namespace:
+        cnp("default", "endpointSelector: {}\ningress:\n- fromEndpoints: [{matchLabels: {app: web}}]"),
+        DB => [(Ingress, WEB, TCP, 80, Allow), (Ingress, OTHER_WEB, TCP, 80, Deny)];
 }
 
 #[test]
@@ -184,23 +174,12 @@ fn cnp_from_endpoints_namespace_label_lifts_restriction() {
     );
 }
 
-#[test]
-fn cnp_empty_from_endpoints_selects_all_pods_of_policy_namespace_only() {
-    let yaml = cnp(
-        "default",
-        "endpointSelector: {}\ningress:\n- fromEndpoints: [{}]",
-    );
-    check(
-        &yaml,
-        DB,
-        &[
-            (Ingress, WEB, TCP, 80, Allow),
-            (Ingress, FRONTEND, UDP, 53, Allow),
-            (Ingress, OTHER_WEB, TCP, 80, Deny),
-            (Ingress, 1, TCP, 80, Deny),
-            (Ingress, 2, TCP, 80, Deny),
-        ],
-    );
+verdict_tests! {
+    cnp_empty_from_endpoints_selects_all_pods_of_policy_namespace_only:
+        cnp("default", "endpointSelector: {}\ningress:\n- fromEndpoints: [{}]"),
+        DB => [(Ingress, WEB, TCP, 80, Allow), (Ingress, FRONTEND, UDP, 53, Allow),
+               (Ingress, OTHER_WEB, TCP, 80, Deny), (Ingress, 1, TCP, 80, Deny),
+               (Ingress, 2, TCP, 80, Deny)];
 }
 
 #[test]
@@ -222,21 +201,12 @@ fn ccnp_selectors_are_not_namespace_restricted() {
     );
 }
 
-#[test]
-fn ccnp_empty_from_endpoints_selects_every_pod_but_not_reserved_identities() {
-    let yaml = ccnp("endpointSelector: {}\ningress:\n- fromEndpoints: [{}]");
-    check(
-        &yaml,
-        WEB,
-        &[
-            (Ingress, DB, TCP, 80, Allow),
-            (Ingress, OTHER_CLIENT, TCP, 80, Allow),
-            (Ingress, DNS, TCP, 80, Allow),
-            (Ingress, 1, TCP, 80, Deny),
-            (Ingress, 2, TCP, 80, Deny),
-            (Ingress, 6, TCP, 80, Deny),
-        ],
-    );
+verdict_tests! {
+    ccnp_empty_from_endpoints_selects_every_pod_but_not_reserved_identities:
+        ccnp("endpointSelector: {}\ningress:\n- fromEndpoints: [{}]"),
+        WEB => [(Ingress, DB, TCP, 80, Allow), (Ingress, OTHER_CLIENT, TCP, 80, Allow),
+                (Ingress, DNS, TCP, 80, Allow), (Ingress, 1, TCP, 80, Deny),
+                (Ingress, 2, TCP, 80, Deny), (Ingress, 6, TCP, 80, Deny)];
 }
 
 #[test]
@@ -285,73 +255,26 @@ fn cnp_namespace_labels_selector_reaches_every_namespace_with_those_labels() {
     }
 }
 
-#[test]
-fn cnp_namespace_labels_selector_with_pod_labels_selects_those_pods_in_any_matching_namespace() {
+verdict_tests! {
     // team In [a, b]: both default and other; app=web: only the web pods.
-    let yaml = cnp(
-        "default",
-        "endpointSelector: {}\ningress:\n- fromEndpoints:\n  - matchLabels: {app: web}\n    matchExpressions: [{key: io.cilium.k8s.namespace.labels.team, operator: In, values: [a, b]}]",
-    );
-    check(
-        &yaml,
-        DB,
-        &[
-            (Ingress, WEB, TCP, 80, Allow),
-            (Ingress, OTHER_WEB, TCP, 80, Allow),
-            (Ingress, OTHER_CLIENT, TCP, 80, Deny),
-            (Ingress, DNS, TCP, 80, Deny),
-        ],
-    );
-}
+    cnp_namespace_labels_selector_with_pod_labels_selects_those_pods_in_any_matching_namespace:
+        cnp("default", "endpointSelector: {}\ningress:\n- fromEndpoints:\n  - matchLabels: {app: web}\n    matchExpressions: [{key: io.cilium.k8s.namespace.labels.team, operator: In, values: [a, b]}]"),
+        DB => [(Ingress, WEB, TCP, 80, Allow), (Ingress, OTHER_WEB, TCP, 80, Allow),
+               (Ingress, OTHER_CLIENT, TCP, 80, Deny), (Ingress, DNS, TCP, 80, Deny)];
 
-#[test]
-fn cnp_namespace_labels_exists_selector_reaches_namespaces_having_the_label() {
-    let yaml = cnp(
-        "default",
-        "endpointSelector: {}\negress:\n- toEndpoints:\n  - matchExpressions: [{key: 'k8s:io.cilium.k8s.namespace.labels.team', operator: Exists}]",
-    );
-    check(
-        &yaml,
-        DB,
-        &[
-            (Egress, WEB, TCP, 80, Allow),
-            (Egress, OTHER_CLIENT, TCP, 80, Allow),
-            (Egress, DNS, TCP, 80, Deny),
-        ],
-    );
-}
+    cnp_namespace_labels_exists_selector_reaches_namespaces_having_the_label:
+        cnp("default", "endpointSelector: {}\negress:\n- toEndpoints:\n  - matchExpressions: [{key: 'k8s:io.cilium.k8s.namespace.labels.team', operator: Exists}]"),
+        DB => [(Egress, WEB, TCP, 80, Allow), (Egress, OTHER_CLIENT, TCP, 80, Allow),
+               (Egress, DNS, TCP, 80, Deny)];
 
-#[test]
-fn cnp_pod_label_selector_without_namespace_keys_stays_in_the_policy_namespace() {
     // The counterpart row of the table above: no namespace key, own namespace only.
-    let yaml = cnp(
-        "default",
-        "endpointSelector: {}\negress:\n- toEndpoints: [{matchLabels: {'k8s:app': web}}]",
-    );
-    check(
-        &yaml,
-        DB,
-        &[
-            (Egress, WEB, TCP, 80, Allow),
-            (Egress, OTHER_WEB, TCP, 80, Deny),
-        ],
-    );
-}
+    cnp_pod_label_selector_without_namespace_keys_stays_in_the_policy_namespace:
+        cnp("default", "endpointSelector: {}\negress:\n- toEndpoints: [{matchLabels: {'k8s:app': web}}]"),
+        DB => [(Egress, WEB, TCP, 80, Allow), (Egress, OTHER_WEB, TCP, 80, Deny)];
 
-#[test]
-fn cnp_reserved_selector_selects_the_reserved_identity() {
     // Reserved identities have no namespace: the policy namespace is not added.
-    let yaml = cnp(
-        "default",
-        "endpointSelector: {}\ningress:\n- fromEndpoints: [{matchLabels: {'reserved:host': ''}}]",
-    );
-    check(
-        &yaml,
-        DB,
-        &[
-            (Ingress, 1, TCP, 80, Allow),
-            (Ingress, WEB, TCP, 80, Deny),
-            (Ingress, 2, TCP, 80, Deny),
-        ],
-    );
+    cnp_reserved_selector_selects_the_reserved_identity:
+        cnp("default", "endpointSelector: {}\ningress:\n- fromEndpoints: [{matchLabels: {'reserved:host': ''}}]"),
+        DB => [(Ingress, 1, TCP, 80, Allow), (Ingress, WEB, TCP, 80, Deny),
+               (Ingress, 2, TCP, 80, Deny)];
 }

@@ -85,24 +85,33 @@ impl Fixture {
         Self { _root: root, dp }
     }
 
+    /// Endpoint A's program from the container (dual stack).
     pub fn a(&self) -> TestProgram {
-        self.dp
-            .test_program(&config(
-                A_ID,
-                A_IDENTITY,
-                A_MAC,
-                A_NODE_MAC,
-                a6(),
-                Some(a4()),
-            ))
-            .unwrap()
+        self.dp.test_program(&a_config()).unwrap()
     }
 
+    /// Endpoint B's program from the container (IPv6 only).
     pub fn b(&self) -> TestProgram {
-        self.dp
-            .test_program(&config(B_ID, B_IDENTITY, B_MAC, B_NODE_MAC, b6(), None))
-            .unwrap()
+        self.dp.test_program(&b_config()).unwrap()
     }
+
+    /// Endpoint A's program toward the container.
+    pub fn a_to_container(&self) -> TestProgram {
+        self.dp.test_program_to_container(&a_config()).unwrap()
+    }
+
+    /// Endpoint B's program toward the container.
+    pub fn b_to_container(&self) -> TestProgram {
+        self.dp.test_program_to_container(&b_config()).unwrap()
+    }
+}
+
+fn a_config() -> EndpointConfig {
+    config(A_ID, A_IDENTITY, A_MAC, A_NODE_MAC, a6(), Some(a4()))
+}
+
+fn b_config() -> EndpointConfig {
+    config(B_ID, B_IDENTITY, B_MAC, B_NODE_MAC, b6(), None)
 }
 
 pub fn enforce(dir: u8) -> (PolicyKey, PolicyValue) {

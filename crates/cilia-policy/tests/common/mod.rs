@@ -182,3 +182,37 @@ pub fn np(ns: &str, spec: &str) -> String {
 fn indent(s: &str) -> String {
     s.lines().map(|l| format!("  {l}\n")).collect()
 }
+
+/// One `#[test]` per case of a verdict table: resolve the policy YAML for the subject
+/// and check each `(direction, peer, proto, port, verdict)` row, as [`check`] does.
+/// Each case keeps its own test name, so a failure names the behaviour that broke.
+///
+/// ```ignore
+/// verdict_tests! {
+///     /// Why the case matters (optional).
+///     name_that_reads_like_a_spec: yaml_expr, SUBJECT => [(Ingress, DB, TCP, 80, Allow)];
+///     // `|w|` names the World, for rows that need a CIDR identity.
+///     other_name: yaml_expr, SUBJECT, |w| => [(Egress, w.cidr("10.0.0.0/8"), TCP, 1, Allow)];
+/// }
+/// ```
+macro_rules! verdict_tests {
+    ($(
+        $(#[$meta:meta])*
+        $name:ident: $yaml:expr, $subject:expr $(, |$w:ident|)? => $rows:expr;
+    )*) => {$(
+        $(#[$meta])*
+        #[test]
+        fn $name() {
+            verdict_tests!(@run [$($w)?] $yaml, $subject, $rows);
+        }
+    )*};
+    (@run [] $yaml:expr, $subject:expr, $rows:expr) => {
+        check(&$yaml, $subject, &$rows)
+    };
+    (@run [$w:ident] $yaml:expr, $subject:expr, $rows:expr) => {{
+        let $w = World::new(&$yaml);
+        check_world(&$w, $subject, &$rows);
+    }};
+}
+#[allow(unused_imports)]
+pub(crate) use verdict_tests;
