@@ -9,21 +9,22 @@
 
 #include "common.h"
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, CILIA_ENDPOINTS_MAX);
-	__type(key, struct endpoint_key);
-	__type(value, struct endpoint_info);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} cilia_endpoints SEC(".maps");
+/* A map shared by every endpoint's program: pinned by name, so each
+ * separately loaded copy finds (and the agent validates) the same one. */
+#define CILIA_SHARED_MAP(name, map_type, max, key_type, value_type)                                \
+	struct {                                                                                   \
+		__uint(type, map_type);                                                            \
+		__uint(max_entries, max);                                                          \
+		__type(key, key_type);                                                             \
+		__type(value, value_type);                                                         \
+		__uint(pinning, LIBBPF_PIN_BY_NAME);                                               \
+	} name SEC(".maps")
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, 1024);
-	__type(key, struct metrics_key);
-	__type(value, struct metrics_value);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} cilia_metrics SEC(".maps");
+CILIA_SHARED_MAP(cilia_endpoints, BPF_MAP_TYPE_HASH, CILIA_ENDPOINTS_MAX, struct endpoint_key,
+		 struct endpoint_info);
+
+CILIA_SHARED_MAP(cilia_metrics, BPF_MAP_TYPE_PERCPU_HASH, CILIA_METRICS_MAX, struct metrics_key,
+		 struct metrics_value);
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -66,32 +67,15 @@ struct {
  * each endpoint has a budget (cilia_ct_count), a full table refuses new
  * flows with a named drop, and the agent's GC removes expired entries.
  */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, CILIA_CT_MAX);
-	__type(key, struct ct_key);
-	__type(value, struct ct_value);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} cilia_ct SEC(".maps");
+CILIA_SHARED_MAP(cilia_ct, BPF_MAP_TYPE_HASH, CILIA_CT_MAX, struct ct_key, struct ct_value);
 
 /* Endpoint id -> conntrack entries it owns. Incremented by the datapath on
  * create, recounted by the agent's GC (which is what frees budget). */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, CILIA_POLICY_ENDPOINTS_MAX);
-	__type(key, __u32);
-	__type(value, __u32);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} cilia_ct_count SEC(".maps");
+CILIA_SHARED_MAP(cilia_ct_count, BPF_MAP_TYPE_ARRAY, CILIA_POLICY_ENDPOINTS_MAX, __u32, __u32);
 
 /* First fragments' ports, for the later fragments of the same datagram. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, CILIA_FRAG_MAX);
-	__type(key, struct frag_key);
-	__type(value, struct frag_value);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} cilia_frags SEC(".maps");
+CILIA_SHARED_MAP(cilia_frags, BPF_MAP_TYPE_LRU_HASH, CILIA_FRAG_MAX, struct frag_key,
+		 struct frag_value);
 
 /* Drop, trace and policy-verdict events for the agent's monitor. */
 struct {
@@ -100,12 +84,6 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } cilia_events SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct global_config);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} cilia_config SEC(".maps");
+CILIA_SHARED_MAP(cilia_config, BPF_MAP_TYPE_ARRAY, 1, __u32, struct global_config);
 
 #endif

@@ -83,6 +83,9 @@ struct endpoint_info {
 #define CILIA_DIR_EGRESS  1 /* leaving an endpoint (from-container) */
 #define CILIA_DIR_INGRESS 2 /* entering an endpoint */
 
+/* Distinct (kind, reason, direction) counters the metrics map holds. */
+#define CILIA_METRICS_MAX 1024
+
 struct metrics_key {
 	__u8 kind;   /* CILIA_METRIC_* */
 	__u8 reason; /* CILIA_FWD_* or CILIA_DROP_* */

@@ -165,6 +165,7 @@ pub const CILIA_IPCACHE_MAX: u32 = 524288;
 pub const CILIA_POLICY_MAX: u32 = 131072;
 pub const CILIA_POLICY_ENDPOINTS_MAX: u32 = 65536;
 pub const CILIA_CT_MAX: u32 = 262144;
+pub const CILIA_METRICS_MAX: u32 = 1024;
 pub const CILIA_CT_BUDGET_DEFAULT: u32 = 32768;
 pub const CILIA_FRAG_MAX: u32 = 16384;
 pub const CILIA_IPV6_EXT_MAX: u32 = 8;
@@ -571,6 +572,7 @@ mod tests {
                 "CILIA_POLICY_MAX" => CILIA_POLICY_MAX.into(),
                 "CILIA_POLICY_ENDPOINTS_MAX" => CILIA_POLICY_ENDPOINTS_MAX.into(),
                 "CILIA_CT_MAX" => CILIA_CT_MAX.into(),
+                "CILIA_METRICS_MAX" => CILIA_METRICS_MAX.into(),
                 "CILIA_VERDICT_ALLOW" => CILIA_VERDICT_ALLOW.into(),
                 "CILIA_VERDICT_DENY" => CILIA_VERDICT_DENY.into(),
                 "CILIA_CT_SEEN_REPLY" => CILIA_CT_SEEN_REPLY.into(),
