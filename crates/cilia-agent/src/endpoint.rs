@@ -1103,6 +1103,66 @@ mod tests {
     }
 
     #[test]
+    fn an_endpoint_being_created_is_not_deleted_until_its_create_finishes() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        let pending = mgr.begin_create(request()).unwrap();
+        let id = pending.id();
+        assert_eq!(mgr.get(id).unwrap().state, EndpointState::Creating);
+        assert!(matches!(mgr.delete(id), Err(EndpointError::Busy(i)) if i == id));
+        let prepared = pending.prepare();
+        let ep = mgr.finish_create(pending, prepared).unwrap();
+        assert_eq!(ep.state, EndpointState::Ready);
+        mgr.delete(id).unwrap();
+        assert!(mgr.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn other_endpoints_are_created_and_listed_while_one_sets_up_its_devices() {
+        let h = Harness::new();
+        let manager = Mutex::new(h.manager());
+        let slow = manager.lock().unwrap().begin_create(request()).unwrap();
+        // `slow` is between its phases: the lock is free for everyone else.
+        let quick = create_unlocked(&manager, request()).unwrap();
+        assert_eq!(quick.state, EndpointState::Ready);
+        assert_eq!(manager.lock().unwrap().list().unwrap().len(), 2);
+        let prepared = slow.prepare();
+        let slow = manager.lock().unwrap().finish_create(slow, prepared).unwrap();
+        assert_eq!(slow.state, EndpointState::Ready);
+        assert_ne!(slow.id, quick.id);
+    }
+
+    #[test]
+    fn labels_set_during_a_create_are_those_its_program_is_attached_with() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        let pending = mgr.begin_create(request()).unwrap();
+        let prepared = pending.prepare();
+        let relabelled = mgr
+            .set_labels(pending.id(), &BTreeMap::from([("app".into(), "db".into())]))
+            .unwrap();
+        let ep = mgr.finish_create(pending, prepared).unwrap();
+        assert_eq!(ep.identity, relabelled.identity);
+        let k = h.kernel.lock().unwrap();
+        assert_eq!(k.attached[&ep.id].identity, relabelled.identity);
+    }
+
+    #[test]
+    fn a_failed_device_setup_rolls_back_the_record_and_addresses() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        let pending = mgr.begin_create(request()).unwrap();
+        let failed = Err(EndpointError::Netdev(NetdevError::Netlink {
+            what: "creating veth".into(),
+            reason: "test".into(),
+        }));
+        assert!(mgr.finish_create(pending, failed).is_err());
+        assert!(mgr.list().unwrap().is_empty());
+        assert!(mgr.allocated().unwrap().is_empty());
+        assert!(h.kernel.lock().unwrap().devices.is_empty());
+    }
+
+    #[test]
     fn failed_attach_rolls_back_devices_record_and_addresses() {
         let h = Harness::new();
         let mut mgr = h.manager();
