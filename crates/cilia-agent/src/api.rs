@@ -396,7 +396,8 @@ async fn list_endpoints(
 }
 
 #[utoipa::path(delete, path = "/v1/endpoints", params(ContainerQuery),
-    responses((status = 200, body = usize, description = "number of endpoints deleted (0 is not an error)")))]
+    responses((status = 200, body = usize, description = "number of endpoints deleted (0 is not an error)"),
+        (status = 409, body = ApiError, description = "endpoint-busy: a selected endpoint's create has not returned yet")))]
 async fn delete_container(
     State(state): State<Shared>,
     Query(q): Query<ContainerQuery>,
@@ -490,7 +491,8 @@ async fn get_endpoint(
 }
 
 #[utoipa::path(delete, path = "/v1/endpoints/{id}", params(("id" = u16, Path)),
-    responses((status = 204), (status = 404, body = ApiError)))]
+    responses((status = 204), (status = 404, body = ApiError),
+        (status = 409, body = ApiError, description = "endpoint-busy: its create has not returned yet")))]
 async fn delete_endpoint(
     State(state): State<Shared>,
     Path(id): Path<u16>,

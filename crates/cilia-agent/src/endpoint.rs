@@ -1127,7 +1127,11 @@ mod tests {
         assert_eq!(quick.state, EndpointState::Ready);
         assert_eq!(manager.lock().unwrap().list().unwrap().len(), 2);
         let prepared = slow.prepare();
-        let slow = manager.lock().unwrap().finish_create(slow, prepared).unwrap();
+        let slow = manager
+            .lock()
+            .unwrap()
+            .finish_create(slow, prepared)
+            .unwrap();
         assert_eq!(slow.state, EndpointState::Ready);
         assert_ne!(slow.id, quick.id);
     }
