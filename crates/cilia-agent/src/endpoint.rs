@@ -65,6 +65,8 @@ pub enum EndpointError {
     LabelSource(String),
     #[error("endpoint {0} is still being created; retry once its create has returned")]
     Busy(u16),
+    #[error("endpoint {0}: setting up its devices or programs panicked; rolled back")]
+    SetupPanicked(u16),
 }
 
 /// Bounds how many endpoint program loads run at once. A load is CPU-bound
@@ -164,7 +166,10 @@ pub fn create_unlocked(
 ) -> Result<EndpointRecord, EndpointError> {
     let lock = || manager.lock().unwrap_or_else(|p| p.into_inner());
     let pending = lock().begin_create(req)?;
-    let prepared = pending.prepare();
+    // A panic here must still reach `finish_create`, which rolls back and
+    // takes the endpoint out of the in-flight set (else it stays busy).
+    let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pending.prepare()))
+        .unwrap_or_else(|_| Err(EndpointError::SetupPanicked(pending.id())));
     lock().finish_create(pending, prepared)
 }
 
