@@ -20,7 +20,7 @@ CHURN_RATE=${CHURN_RATE:-2000}     # new flows per second
 # then measures CPU starvation, not the lock it must not wait for: both
 # loads are paced (the defaults still scrape 75x faster than Prometheus and
 # open 2000 flows/s).
-BIN=$PWD/target/release
+BIN=${BIN:-$PWD/target/release}
 P=ccnl$$
 RUN=/run/$P
 SOCK=$RUN/cilia.sock

@@ -31,7 +31,14 @@ use crate::store::{EndpointRecord, StoreError};
 /// and runs on the blocking pool; one writer at a time is also what keeps
 /// allocation and device names race-free.
 pub struct AgentState {
+    /// Endpoints, identities, policies, IPAM: held briefly by each
+    /// operation; an endpoint create holds it only at its start and end
+    /// (see `endpoint::create_unlocked` and docs/ARCHITECTURE.md).
     pub manager: Mutex<EndpointManager>,
+    /// Endpoint creates in progress at once (the others queue here, as
+    /// tasks, not as blocking threads): each holds a thread and memory, and
+    /// more than a few per CPU finish no sooner (see [`create_permits`]).
+    pub creates: Arc<tokio::sync::Semaphore>,
     /// A second handle on the pinned maps for the readers that walk them
     /// (metrics scrapes, status, conntrack GC), so they never hold
     /// `manager` while they do.
@@ -43,6 +50,12 @@ pub struct AgentState {
 }
 
 pub type Shared = Arc<AgentState>;
+
+/// Endpoint creates let in at once: two per CPU, so that one create's
+/// device setup (netlink, kernel locks) overlaps another's program load.
+pub fn create_permits() -> usize {
+    2 * std::thread::available_parallelism().map_or(1, |n| n.get())
+}
 
 pub struct AppError(StatusCode, ApiError);
 
@@ -83,6 +96,7 @@ impl From<EndpointError> for AppError {
                 (StatusCode::SERVICE_UNAVAILABLE, "ids-exhausted")
             }
             EndpointError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
+            EndpointError::Busy(_) => (StatusCode::CONFLICT, "endpoint-busy"),
             EndpointError::Datapath(cilia_datapath::DatapathError::IncompatiblePin { .. }) => {
                 (StatusCode::CONFLICT, "map-layout-changed")
             }
@@ -382,7 +396,8 @@ async fn list_endpoints(
 }
 
 #[utoipa::path(delete, path = "/v1/endpoints", params(ContainerQuery),
-    responses((status = 200, body = usize, description = "number of endpoints deleted (0 is not an error)")))]
+    responses((status = 200, body = usize, description = "number of endpoints deleted (0 is not an error)"),
+        (status = 409, body = ApiError, description = "endpoint-busy: a selected endpoint's create has not returned yet")))]
 async fn delete_container(
     State(state): State<Shared>,
     Query(q): Query<ContainerQuery>,
@@ -443,10 +458,24 @@ async fn create_endpoint(
     body: Bytes,
 ) -> Result<(StatusCode, Json<Endpoint>), AppError> {
     let req: EndpointCreate = json_body(&body)?;
-    with_manager(&state, move |mgr| {
-        mgr.create(req).map(|r| endpoint_view(&r))
+    // Not `with_manager`: the create takes the manager's lock only for its
+    // first and last phase (see `endpoint::create_unlocked`).
+    let state = state.clone();
+    let permit = state.creates.clone().acquire_owned().await.map_err(|e| {
+        AppError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting-down",
+            e.to_string(),
+        )
+    })?;
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        crate::endpoint::create_unlocked(&state.manager, req)
+            .map(|r| endpoint_view(&r))
+            .map_err(AppError::from)
     })
     .await
+    .map_err(|e| AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
     .map(|e| (StatusCode::CREATED, Json(e)))
 }
 
@@ -462,7 +491,8 @@ async fn get_endpoint(
 }
 
 #[utoipa::path(delete, path = "/v1/endpoints/{id}", params(("id" = u16, Path)),
-    responses((status = 204), (status = 404, body = ApiError)))]
+    responses((status = 204), (status = 404, body = ApiError),
+        (status = 409, body = ApiError, description = "endpoint-busy: its create has not returned yet")))]
 async fn delete_endpoint(
     State(state): State<Shared>,
     Path(id): Path<u16>,

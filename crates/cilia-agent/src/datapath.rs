@@ -10,9 +10,52 @@ use cilia_abi::{
     CtKey, CtValue, EndpointConfig, EndpointInfo, EndpointKey, IpcacheKey, IpcacheValue,
     MetricsKey, MetricsValue, PolicyKey, PolicyValue,
 };
-use cilia_datapath::{BpfDatapath, DatapathError, EndpointReload, LinkCheck};
+use cilia_datapath::{
+    BpfDatapath, DatapathError, EndpointLoader, EndpointReload, LinkCheck, LoadedEndpoint,
+};
+
+/// An endpoint's programs loaded and verified by a [`ProgramLoader`], not
+/// yet attached; what is inside is the implementation's business.
+pub type LoadedPrograms = Box<dyn std::any::Any + Send>;
+
+/// Loads (and verifies) one endpoint's programs without the [`Datapath`]
+/// handle, so that it runs outside the endpoint manager's lock: it touches
+/// no state shared with other endpoints.
+pub trait ProgramLoader: Send + Sync {
+    fn load(&self, config: &EndpointConfig) -> Result<LoadedPrograms, DatapathError>;
+}
+
+/// The loader of a datapath that loads at attach time (the tests' fakes).
+struct LoadAtAttach;
+
+impl ProgramLoader for LoadAtAttach {
+    fn load(&self, _: &EndpointConfig) -> Result<LoadedPrograms, DatapathError> {
+        Ok(Box::new(()))
+    }
+}
+
+impl ProgramLoader for EndpointLoader {
+    fn load(&self, config: &EndpointConfig) -> Result<LoadedPrograms, DatapathError> {
+        Ok(Box::new(EndpointLoader::load(self, config)?))
+    }
+}
 
 pub trait Datapath: Send {
+    /// The loader whose output [`Datapath::attach_loaded`] takes.
+    fn loader(&self) -> std::sync::Arc<dyn ProgramLoader> {
+        std::sync::Arc::new(LoadAtAttach)
+    }
+    /// [`Datapath::attach_endpoint`] with programs `loader` loaded for
+    /// `config`; programs loaded for another configuration (or by another
+    /// loader) are not used: the endpoint's are loaded again here.
+    fn attach_loaded(
+        &mut self,
+        _loaded: LoadedPrograms,
+        config: &EndpointConfig,
+        host_ifname: &str,
+    ) -> Result<(), DatapathError> {
+        self.attach_endpoint(config, host_ifname)
+    }
     fn attach_endpoint(
         &mut self,
         config: &EndpointConfig,
@@ -71,6 +114,22 @@ pub trait Datapath: Send {
 }
 
 impl Datapath for BpfDatapath {
+    fn loader(&self) -> std::sync::Arc<dyn ProgramLoader> {
+        std::sync::Arc::new(BpfDatapath::loader(self))
+    }
+    fn attach_loaded(
+        &mut self,
+        loaded: LoadedPrograms,
+        config: &EndpointConfig,
+        host_ifname: &str,
+    ) -> Result<(), DatapathError> {
+        match loaded.downcast::<LoadedEndpoint>() {
+            Ok(loaded) if loaded.config() == config => {
+                BpfDatapath::attach_loaded(self, *loaded, host_ifname)
+            }
+            _ => BpfDatapath::attach_endpoint(self, config, host_ifname),
+        }
+    }
     fn attach_endpoint(
         &mut self,
         config: &EndpointConfig,

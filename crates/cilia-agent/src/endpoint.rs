@@ -10,9 +10,19 @@
 //! * A program is replaced only by swapping it inside its pinned link after
 //!   its successor passed the verifier (restore, `datapath reload`): an
 //!   endpoint's traffic never meets a missing program.
+//!
+//! Create runs in three phases so that the slow part holds no lock (see
+//! docs/ARCHITECTURE.md, "Locking"): [`EndpointManager::begin_create`]
+//! (under the manager's lock: validate, allocate, record `creating`),
+//! [`PendingEndpoint::prepare`] (no lock: the endpoint's own devices over
+//! rtnetlink, and loading and verifying its specialized programs), and
+//! [`EndpointManager::finish_create`] (under the lock again: policy map,
+//! attach, publish, `ready`). An endpoint between the first and the last is
+//! in `creating`; nothing deletes it meanwhile ([`EndpointError::Busy`]).
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::{Arc, Condvar, Mutex};
 
 use cilia_abi::{EndpointConfig, EndpointInfo, IpcacheKey, CILIA_ID_HOST};
 use cilia_api::{
@@ -21,7 +31,7 @@ use cilia_api::{
 use cilia_datapath::DatapathError;
 use tracing::{info, warn};
 
-use crate::datapath::Datapath;
+use crate::datapath::{Datapath, LoadedPrograms, ProgramLoader};
 use crate::ipam::Pool;
 use crate::netdev::{self, Netdev, NetdevError, VethSpec};
 use crate::policy::ImportError;
@@ -53,6 +63,114 @@ pub enum EndpointError {
     Trace(String),
     #[error("label source {shown} is not supported (known: podman)", shown = cilia_api::limits::excerpt(.0))]
     LabelSource(String),
+    #[error("endpoint {0} is still being created; retry once its create has returned")]
+    Busy(u16),
+    #[error("endpoint {0}: setting up its devices or programs panicked; rolled back")]
+    SetupPanicked(u16),
+}
+
+/// Bounds how many endpoint program loads run at once. A load is CPU-bound
+/// (the verifier) and holds parsed copies of the object and of the
+/// kernel's BTF: more loads at once finish no sooner and only add memory.
+pub struct LoadSlots {
+    max: usize,
+    used: Mutex<usize>,
+    freed: Condvar,
+}
+
+/// One of [`LoadSlots`], given back on drop.
+struct LoadSlot<'a>(&'a LoadSlots);
+
+impl LoadSlots {
+    pub fn new(max: usize) -> Self {
+        Self {
+            max: max.max(1),
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// The agent's: one load at a time. Each load parses the kernel's BTF
+    /// anew (aya 0.14's `EbpfLoader::new` always does: about 12 MiB for a
+    /// few tens of milliseconds), which dominated the agent's peak RSS with
+    /// two at once (docs/benchmarks.md); the other phases of the other
+    /// creates use the other CPUs meanwhile.
+    pub fn agent() -> Self {
+        Self::new(1)
+    }
+
+    fn acquire(&self) -> LoadSlot<'_> {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        while *used >= self.max {
+            used = self.freed.wait(used).unwrap_or_else(|p| p.into_inner());
+        }
+        *used += 1;
+        LoadSlot(self)
+    }
+}
+
+impl Drop for LoadSlot<'_> {
+    fn drop(&mut self) {
+        let mut used = self.0.used.lock().unwrap_or_else(|p| p.into_inner());
+        *used -= 1;
+        self.0.freed.notify_one();
+    }
+}
+
+/// An endpoint recorded as `creating` by [`EndpointManager::begin_create`],
+/// with what [`PendingEndpoint::prepare`] needs to set up its devices and
+/// programs without the manager.
+pub struct PendingEndpoint {
+    rec: EndpointRecord,
+    spec: VethSpec,
+    netdev: Arc<dyn Netdev>,
+    loader: Arc<dyn ProgramLoader>,
+    loads: Arc<LoadSlots>,
+}
+
+/// What [`PendingEndpoint::prepare`] made: the host device and the loaded,
+/// verified (not attached) programs.
+pub struct PreparedEndpoint {
+    ifindex: u32,
+    programs: LoadedPrograms,
+}
+
+impl PendingEndpoint {
+    pub fn id(&self) -> u16 {
+        self.rec.id
+    }
+
+    /// The slow part of a create, run without the manager's lock: it
+    /// touches only this endpoint's own devices (named after its id) and
+    /// loads programs no one else sees yet. What it made is undone by
+    /// [`EndpointManager::finish_create`] when it fails, and by restore
+    /// after a crash (the record is still `creating`).
+    pub fn prepare(&self) -> Result<PreparedEndpoint, EndpointError> {
+        let ifindex = self.netdev.create(&self.spec)?;
+        crate::crash::point("endpoint-create:after-veth");
+        let programs = {
+            let _slot = self.loads.acquire();
+            self.loader.load(&config_of(&self.rec, ifindex))?
+        };
+        Ok(PreparedEndpoint { ifindex, programs })
+    }
+}
+
+/// Creates an endpoint holding `manager`'s lock only for the bookkeeping
+/// at the start and the end (see the module's doc): creates of different
+/// endpoints set up their devices and load their programs at once, and
+/// readers never wait behind a verifier.
+pub fn create_unlocked(
+    manager: &Mutex<EndpointManager>,
+    req: EndpointCreate,
+) -> Result<EndpointRecord, EndpointError> {
+    let lock = || manager.lock().unwrap_or_else(|p| p.into_inner());
+    let pending = lock().begin_create(req)?;
+    // A panic here must still reach `finish_create`, which rolls back and
+    // takes the endpoint out of the in-flight set (else it stays busy).
+    let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pending.prepare()))
+        .unwrap_or_else(|_| Err(EndpointError::SetupPanicked(pending.id())));
+    lock().finish_create(pending, prepared)
 }
 
 /// Node-wide addressing the endpoints share.
@@ -65,8 +183,13 @@ pub struct Pools {
 pub struct EndpointManager {
     pub(crate) store: Store,
     pub(crate) datapath: Box<dyn Datapath>,
-    pub(crate) netdev: Box<dyn Netdev>,
+    pub(crate) netdev: Arc<dyn Netdev>,
     pub(crate) pools: Pools,
+    /// Endpoints between `begin_create` and `finish_create`: not to be
+    /// deleted meanwhile.
+    pub(crate) creating: BTreeSet<u16>,
+    /// Shared with every [`PendingEndpoint`].
+    pub(crate) loads: Arc<LoadSlots>,
     /// Imported policies by key (`kind/namespace/name`), with their source.
     /// Shared (`Arc`) with `repository`, which keeps each one's resolved
     /// contributions while the same policy stays imported.
@@ -136,8 +259,10 @@ impl EndpointManager {
         Self {
             store,
             datapath,
-            netdev,
+            netdev: Arc::from(netdev),
             pools,
+            creating: BTreeSet::new(),
+            loads: Arc::new(LoadSlots::agent()),
             policy_docs: BTreeMap::new(),
             repository: cilia_policy::PolicyRepository::new(),
             resolved: BTreeMap::new(),
@@ -197,7 +322,30 @@ impl EndpointManager {
         Ok(())
     }
 
+    /// Creates an endpoint in one go, holding `self` throughout (restore,
+    /// tests); the API uses [`create_unlocked`].
     pub fn create(&mut self, req: EndpointCreate) -> Result<EndpointRecord, EndpointError> {
+        let pending = self.begin_create(req)?;
+        let prepared = pending.prepare();
+        self.finish_create(pending, prepared)
+    }
+
+    fn routers(&self) -> (Ipv6Addr, Option<Ipv4Addr>) {
+        let router6 = match self.pools.v6.router() {
+            IpAddr::V6(v6) => v6,
+            IpAddr::V4(_) => unreachable!("IPv6 pool"),
+        };
+        let router4 = self.pools.v4.as_ref().and_then(|p| match p.router() {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        });
+        (router6, router4)
+    }
+
+    /// First phase of a create: checks the request, replaces what an
+    /// earlier ADD of the same container left, allocates the id and
+    /// addresses and writes the `creating` record, in one transaction.
+    pub fn begin_create(&mut self, req: EndpointCreate) -> Result<PendingEndpoint, EndpointError> {
         // Every field is checked before anything is allocated (README, "Input limits").
         cilia_api::labels::validate_endpoint_labels(&req.labels)?;
         let ifname = req.ifname.clone().unwrap_or_else(|| "eth0".into());
@@ -268,7 +416,55 @@ impl EndpointManager {
                     }
                 })?;
         crate::crash::point("endpoint-create:after-record");
-        match self.connect(&rec, &netns) {
+        self.creating.insert(rec.id);
+        let (router6, router4) = self.routers();
+        Ok(PendingEndpoint {
+            spec: VethSpec {
+                netns,
+                host_ifname: rec.host_ifname.clone(),
+                host_mac: rec.host_mac,
+                ifname: rec.ifname.clone(),
+                mac: rec.mac,
+                ipv6: rec.ipv6,
+                ipv4: rec.ipv4,
+                router6,
+                router4,
+            },
+            rec,
+            netdev: self.netdev.clone(),
+            loader: self.datapath.loader(),
+            loads: self.loads.clone(),
+        })
+    }
+
+    /// Last phase of a create: with what `prepared` made, programs the
+    /// policy map, attaches, publishes and marks the endpoint ready, then
+    /// regenerates the others' policies if it brings a new identity; or
+    /// rolls everything back.
+    pub fn finish_create(
+        &mut self,
+        pending: PendingEndpoint,
+        prepared: Result<PreparedEndpoint, EndpointError>,
+    ) -> Result<EndpointRecord, EndpointError> {
+        self.creating.remove(&pending.rec.id);
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(id = pending.rec.id, error = %e, "endpoint creation failed; rolling back");
+                self.rollback(&pending.rec);
+                return Err(e);
+            }
+        };
+        // Labels or the namespace's labels may have been set while the
+        // lock was free: the record is what the endpoint must be now.
+        let rec = match self.get(pending.rec.id) {
+            Ok(rec) => rec,
+            Err(e) => {
+                self.rollback(&pending.rec);
+                return Err(e);
+            }
+        };
+        match self.connect(&rec, prepared) {
             Ok(()) => {
                 let mut ready = rec;
                 ready.state = EndpointState::Ready;
@@ -302,38 +498,22 @@ impl EndpointManager {
         }
     }
 
-    /// Devices, program, map entries for a recorded endpoint.
+    /// Policy map, program, map entries for a recorded endpoint whose
+    /// devices and programs `prepared` holds.
     fn connect(
         &mut self,
         rec: &EndpointRecord,
-        netns: &netdev::Netns,
+        prepared: PreparedEndpoint,
     ) -> Result<(), EndpointError> {
-        let router6 = match self.pools.v6.router() {
-            IpAddr::V6(v6) => v6,
-            IpAddr::V4(_) => unreachable!("IPv6 pool"),
-        };
-        let router4 = self.pools.v4.as_ref().and_then(|p| match p.router() {
-            IpAddr::V4(v4) => Some(v4),
-            IpAddr::V6(_) => None,
-        });
-        let ifindex = self.netdev.create(&VethSpec {
-            netns: netns.clone(),
-            host_ifname: rec.host_ifname.clone(),
-            host_mac: rec.host_mac,
-            ifname: rec.ifname.clone(),
-            mac: rec.mac,
-            ipv6: rec.ipv6,
-            ipv4: rec.ipv4,
-            router6,
-            router4,
-        })?;
-        crate::crash::point("endpoint-create:after-veth");
+        let PreparedEndpoint { ifindex, programs } = prepared;
         // The policy map exists before the program can see a packet: a new
         // endpoint is never briefly open when a policy selects it.
         self.apply_policy(rec)?;
         crate::crash::point("endpoint-create:after-policy");
+        // Programs loaded for an older version of the record (an identity
+        // changed meanwhile) are not used: the datapath loads them again.
         self.datapath
-            .attach_endpoint(&config_of(rec, ifindex), &rec.host_ifname)?;
+            .attach_loaded(programs, &config_of(rec, ifindex), &rec.host_ifname)?;
         crate::crash::point("endpoint-create:after-attach");
         self.publish(rec, ifindex)?;
         crate::crash::point("endpoint-create:after-publish");
@@ -380,6 +560,9 @@ impl EndpointManager {
     }
 
     pub fn delete(&mut self, id: u16) -> Result<(), EndpointError> {
+        if self.creating.contains(&id) {
+            return Err(EndpointError::Busy(id));
+        }
         let rec = self.get(id)?;
         for ip in rec.ips() {
             self.datapath.remove_endpoint(ip)?;
@@ -841,7 +1024,7 @@ mod tests {
     }
 
     impl Netdev for FakeNetdev {
-        fn create(&mut self, spec: &VethSpec) -> Result<u32, NetdevError> {
+        fn create(&self, spec: &VethSpec) -> Result<u32, NetdevError> {
             self.0
                 .lock()
                 .unwrap()
@@ -849,14 +1032,14 @@ mod tests {
                 .insert(spec.host_ifname.clone());
             Ok(7)
         }
-        fn delete(&mut self, name: &str) -> Result<(), NetdevError> {
+        fn delete(&self, name: &str) -> Result<(), NetdevError> {
             self.0.lock().unwrap().devices.remove(name);
             Ok(())
         }
         fn ifindex(&self, name: &str) -> Option<u32> {
             self.0.lock().unwrap().devices.contains(name).then_some(7)
         }
-        fn ensure_router(&mut self, _: Ipv6Addr, _: Option<Ipv4Addr>) -> Result<(), NetdevError> {
+        fn ensure_router(&self, _: Ipv6Addr, _: Option<Ipv4Addr>) -> Result<(), NetdevError> {
             Ok(())
         }
         fn node_addresses(&self) -> Result<Vec<IpAddr>, NetdevError> {
@@ -922,6 +1105,70 @@ mod tests {
         assert!(k.devices.contains(&ep.host_ifname));
         assert!(k.pins.contains(&ep.id));
         assert_eq!(k.map.len(), 2);
+    }
+
+    #[test]
+    fn an_endpoint_being_created_is_not_deleted_until_its_create_finishes() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        let pending = mgr.begin_create(request()).unwrap();
+        let id = pending.id();
+        assert_eq!(mgr.get(id).unwrap().state, EndpointState::Creating);
+        assert!(matches!(mgr.delete(id), Err(EndpointError::Busy(i)) if i == id));
+        let prepared = pending.prepare();
+        let ep = mgr.finish_create(pending, prepared).unwrap();
+        assert_eq!(ep.state, EndpointState::Ready);
+        mgr.delete(id).unwrap();
+        assert!(mgr.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn other_endpoints_are_created_and_listed_while_one_sets_up_its_devices() {
+        let h = Harness::new();
+        let manager = Mutex::new(h.manager());
+        let slow = manager.lock().unwrap().begin_create(request()).unwrap();
+        // `slow` is between its phases: the lock is free for everyone else.
+        let quick = create_unlocked(&manager, request()).unwrap();
+        assert_eq!(quick.state, EndpointState::Ready);
+        assert_eq!(manager.lock().unwrap().list().unwrap().len(), 2);
+        let prepared = slow.prepare();
+        let slow = manager
+            .lock()
+            .unwrap()
+            .finish_create(slow, prepared)
+            .unwrap();
+        assert_eq!(slow.state, EndpointState::Ready);
+        assert_ne!(slow.id, quick.id);
+    }
+
+    #[test]
+    fn labels_set_during_a_create_are_those_its_program_is_attached_with() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        let pending = mgr.begin_create(request()).unwrap();
+        let prepared = pending.prepare();
+        let relabelled = mgr
+            .set_labels(pending.id(), &BTreeMap::from([("app".into(), "db".into())]))
+            .unwrap();
+        let ep = mgr.finish_create(pending, prepared).unwrap();
+        assert_eq!(ep.identity, relabelled.identity);
+        let k = h.kernel.lock().unwrap();
+        assert_eq!(k.attached[&ep.id].identity, relabelled.identity);
+    }
+
+    #[test]
+    fn a_failed_device_setup_rolls_back_the_record_and_addresses() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        let pending = mgr.begin_create(request()).unwrap();
+        let failed = Err(EndpointError::Netdev(NetdevError::Netlink {
+            what: "creating veth".into(),
+            reason: "test".into(),
+        }));
+        assert!(mgr.finish_create(pending, failed).is_err());
+        assert!(mgr.list().unwrap().is_empty());
+        assert!(mgr.allocated().unwrap().is_empty());
+        assert!(h.kernel.lock().unwrap().devices.is_empty());
     }
 
     #[test]

@@ -115,6 +115,39 @@ fn bind_socket(path: &std::path::Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Threads of the runtime's blocking pool, where every API request and
+/// background task does its store, map and netlink work (tokio's default
+/// is 512). Each thread costs its touched stack and allocator caches: 100
+/// CNI ADDs at once (each also asks for the status) ran 110 threads and
+/// doubled the agent's RSS. The work is short and CPU- or lock-bound, and
+/// no blocking task waits for one that has not started, so beyond a few
+/// per CPU more threads only queue behind the same locks and CPUs; requests
+/// beyond wait as tasks.
+pub const MAX_BLOCKING_THREADS: usize = 16;
+
+/// Keeps the agent's resident memory near what it uses (glibc malloc; call
+/// it first thing in `main`, before any thread starts). Two settings, each
+/// measured in docs/benchmarks.md ("Concurrent CNI ADDs"):
+/// * at most two malloc arenas: glibc otherwise gives each thread that
+///   meets contention its own (up to 8 per CPU), and memory freed in one
+///   arena is of no use to the others — with many API requests on the
+///   blocking pool at once that multiplied the peak;
+/// * a fixed mmap threshold (128 KiB): a load parses the kernel's BTF into
+///   buffers of several MiB; with glibc's adaptive threshold, the first such
+///   buffer freed raises the threshold, and the next ones come from the
+///   heap, where they stay resident after they are freed.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only sets allocator parameters; it is called
+        // before any other thread exists.
+        unsafe {
+            nix::libc::mallopt(nix::libc::M_ARENA_MAX, 2);
+            nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, 128 * 1024);
+        }
+    }
+}
+
 /// Runs the agent until SIGINT/SIGTERM. Links and maps stay pinned on exit:
 /// traffic between endpoints keeps flowing without the agent.
 /// How often expired conntrack entries are removed and budgets recounted.
@@ -155,8 +188,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .context("setting the conntrack budget")?;
     let events = datapath.take_events();
     // The readers' own handle on the same pinned maps (see AgentState::maps).
-    let maps: Box<dyn datapath::Datapath> =
-        Box::new(cilia_datapath::BpfDatapath::open(&config.bpf_root)?);
+    let mut readers = cilia_datapath::BpfDatapath::open(&config.bpf_root)?;
+    // Events have one reader (the monitor, on `datapath`'s ring): this
+    // handle's mapping of the ring would only add its pages to the RSS.
+    drop(readers.take_events());
+    let maps: Box<dyn datapath::Datapath> = Box::new(readers);
     let recreated = datapath.recreated_maps().to_vec();
     let mut manager = EndpointManager::new(
         store,
@@ -197,6 +233,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let state = Arc::new(AgentState {
         monitor: flow_monitor.clone(),
         manager: Mutex::new(manager),
+        creates: Arc::new(tokio::sync::Semaphore::new(api::create_permits())),
         maps: Mutex::new(maps),
         features,
         state_dir: config.state_dir.display().to_string(),

@@ -41,8 +41,24 @@ struct Args {
     ct_budget: u32,
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // Before any thread exists: every thread allocates under these settings.
+    cilia_agent::tune_allocator();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(cilia_agent::MAX_BLOCKING_THREADS)
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cilia-agent: starting the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    runtime.block_on(agent_main());
+}
+
+async fn agent_main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -122,12 +122,14 @@ pub struct VethSpec {
 }
 
 /// The operations on devices the endpoint manager needs; a trait so its
-/// bookkeeping is testable without root.
-pub trait Netdev: Send {
+/// bookkeeping is testable without root. Shared (`&self`, `Sync`): creating
+/// one endpoint's devices runs outside the endpoint manager's lock, beside
+/// other endpoints' (each touches only its own devices).
+pub trait Netdev: Send + Sync {
     /// Creates and configures the pair; returns the host side's ifindex.
-    fn create(&mut self, spec: &VethSpec) -> Result<u32, NetdevError>;
+    fn create(&self, spec: &VethSpec) -> Result<u32, NetdevError>;
     /// Deletes the host side (and so the pair). Absent is not an error.
-    fn delete(&mut self, host_ifname: &str) -> Result<(), NetdevError>;
+    fn delete(&self, host_ifname: &str) -> Result<(), NetdevError>;
     /// ifindex of a host-side device, if it exists.
     fn ifindex(&self, host_ifname: &str) -> Option<u32>;
     /// Every address of the node's network namespace (the one the agent
@@ -135,7 +137,7 @@ pub trait Netdev: Send {
     fn node_addresses(&self) -> Result<Vec<IpAddr>, NetdevError>;
     /// Ensures the node's router addresses exist.
     fn ensure_router(
-        &mut self,
+        &self,
         router6: Ipv6Addr,
         router4: Option<Ipv4Addr>,
     ) -> Result<(), NetdevError>;
@@ -207,7 +209,7 @@ impl Rtnetlink {
 }
 
 impl Netdev for Rtnetlink {
-    fn create(&mut self, spec: &VethSpec) -> Result<u32, NetdevError> {
+    fn create(&self, spec: &VethSpec) -> Result<u32, NetdevError> {
         let tmp = format!("tmp{}", spec.host_ifname);
         let tmp = &tmp[..tmp.len().min(15)];
         let mut host = Rtnl::new(None).map_err(nl_err("opening netlink"))?;
@@ -248,7 +250,7 @@ impl Netdev for Rtnetlink {
         result
     }
 
-    fn delete(&mut self, host_ifname: &str) -> Result<(), NetdevError> {
+    fn delete(&self, host_ifname: &str) -> Result<(), NetdevError> {
         let Some(index) = self.ifindex(host_ifname) else {
             return Ok(());
         };
@@ -285,7 +287,7 @@ impl Netdev for Rtnetlink {
     }
 
     fn ensure_router(
-        &mut self,
+        &self,
         router6: Ipv6Addr,
         router4: Option<Ipv4Addr>,
     ) -> Result<(), NetdevError> {

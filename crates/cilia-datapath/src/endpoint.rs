@@ -48,6 +48,58 @@ use crate::testrun::TestProgram;
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
+/// Loads (and so verifies) one endpoint's specialized programs against
+/// the pinned shared maps, needing nothing but their directory: it shares
+/// no state with [`BpfDatapath`], so loads of different endpoints run on
+/// different threads at once, outside whatever serializes the attaches.
+#[derive(Debug, Clone)]
+pub struct EndpointLoader {
+    maps_dir: PathBuf,
+}
+
+/// An endpoint's two programs, loaded and verified, not attached: the
+/// input of [`BpfDatapath::attach_loaded`].
+pub struct LoadedEndpoint {
+    ebpf: aya::Ebpf,
+    config: EndpointConfig,
+}
+
+impl LoadedEndpoint {
+    /// The configuration the programs were specialized for.
+    pub fn config(&self) -> &EndpointConfig {
+        &self.config
+    }
+}
+
+impl EndpointLoader {
+    pub fn load(&self, config: &EndpointConfig) -> Result<LoadedEndpoint, DatapathError> {
+        Ok(LoadedEndpoint {
+            ebpf: load_object(&self.maps_dir, LXC_OBJECT, config)?,
+            config: *config,
+        })
+    }
+}
+
+fn load_object(
+    maps_dir: &Path,
+    object: &[u8],
+    config: &EndpointConfig,
+) -> Result<aya::Ebpf, DatapathError> {
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(maps_dir)
+        .override_global(GLOBAL_CONFIG, config, true)
+        .load(object)?;
+    for name in [PROG_FROM_CONTAINER, PROG_TO_CONTAINER] {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram(name))?
+            .try_into()
+            .map_err(|e| DatapathError::program(name, e))?;
+        prog.load().map_err(|e| DatapathError::program(name, e))?;
+    }
+    Ok(ebpf)
+}
+
 /// Handle on the pinned datapath of one agent.
 pub struct BpfDatapath {
     root: PathBuf,
@@ -467,19 +519,15 @@ impl BpfDatapath {
         object: &[u8],
         config: &EndpointConfig,
     ) -> Result<aya::Ebpf, DatapathError> {
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(self.maps_dir())
-            .override_global(GLOBAL_CONFIG, config, true)
-            .load(object)?;
-        for name in [PROG_FROM_CONTAINER, PROG_TO_CONTAINER] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::MissingProgram(name))?
-                .try_into()
-                .map_err(|e| DatapathError::program(name, e))?;
-            prog.load().map_err(|e| DatapathError::program(name, e))?;
+        load_object(&self.maps_dir(), object, config)
+    }
+
+    /// A handle that loads endpoint programs without this one (see
+    /// [`EndpointLoader`]).
+    pub fn loader(&self) -> EndpointLoader {
+        EndpointLoader {
+            maps_dir: self.maps_dir(),
         }
-        Ok(ebpf)
     }
 
     /// Loads the endpoint's specialized programs and attaches them to
@@ -495,7 +543,24 @@ impl BpfDatapath {
         if nix::net::if_::if_nametoindex(host_ifname).is_err() {
             return Err(DatapathError::NoSuchInterface(host_ifname.to_string()));
         }
-        let mut ebpf = self.load_specialized(config)?;
+        let loaded = self.loader().load(config)?;
+        self.attach_loaded(loaded, host_ifname)
+    }
+
+    /// [`Self::attach_endpoint`] with programs [`EndpointLoader::load`]
+    /// already loaded and verified: only the (fast) attach and pin happen
+    /// here. The loaded object is dropped on return: the kernel keeps the
+    /// programs through their links.
+    pub fn attach_loaded(
+        &mut self,
+        loaded: LoadedEndpoint,
+        host_ifname: &str,
+    ) -> Result<(), DatapathError> {
+        if nix::net::if_::if_nametoindex(host_ifname).is_err() {
+            return Err(DatapathError::NoSuchInterface(host_ifname.to_string()));
+        }
+        let LoadedEndpoint { mut ebpf, config } = loaded;
+        let config = &config;
         for (name, attach, pin) in [
             (
                 PROG_FROM_CONTAINER,

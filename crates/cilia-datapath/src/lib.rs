@@ -26,8 +26,8 @@ pub mod probe;
 pub mod testrun;
 
 pub use endpoint::{
-    monotonic_ns, BpfDatapath, EndpointReload, LinkCheck, LinkSwap, PolicyUpdate, RecreatedMap,
-    PIN_ABI_VERSION,
+    monotonic_ns, BpfDatapath, EndpointLoader, EndpointReload, LinkCheck, LinkSwap, LoadedEndpoint,
+    PolicyUpdate, RecreatedMap, PIN_ABI_VERSION,
 };
 pub use error::DatapathError;
 pub use probe::{probe_kernel, Feature, FeatureReport};
