@@ -322,7 +322,7 @@ fn subsystems(
             "conntrack",
             true,
             format!(
-                "{} live entries; {} GC runs",
+                "{} live entries at the last GC; {} GC runs",
                 snap.conntrack_entries,
                 mgr.metrics.ct_gc_runs.get()
             ),

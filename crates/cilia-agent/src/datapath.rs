@@ -101,6 +101,11 @@ pub trait Datapath: Send {
     fn bump_policy_revision(&mut self) -> Result<u32, DatapathError>;
     fn list_ct(&self) -> Result<Vec<(CtKey, CtValue)>, DatapathError>;
     fn gc_ct(&mut self) -> Result<usize, DatapathError>;
+    /// Live conntrack entries as of this handle's last `gc_ct` (None before
+    /// one): cheap, unlike walking the table.
+    fn ct_live(&self) -> Option<u64> {
+        None
+    }
     /// Removes the conntrack entries an endpoint created or that carry one
     /// of its addresses, and resets its conntrack budget.
     fn purge_ct(&mut self, endpoint_id: u16, addrs: &[IpAddr]) -> Result<usize, DatapathError>;
@@ -201,6 +206,9 @@ impl Datapath for BpfDatapath {
     }
     fn gc_ct(&mut self) -> Result<usize, DatapathError> {
         BpfDatapath::gc_ct(self)
+    }
+    fn ct_live(&self) -> Option<u64> {
+        BpfDatapath::ct_live(self)
     }
     fn purge_ct(&mut self, endpoint_id: u16, addrs: &[IpAddr]) -> Result<usize, DatapathError> {
         BpfDatapath::purge_ct(self, endpoint_id, addrs)

@@ -109,6 +109,9 @@ pub struct BpfDatapath {
     policy: HashOfMaps<MapData, u32, MapData>,
     ct: HashMap<MapData, CtKey, CtValue>,
     ct_count: Array<MapData, u32>,
+    /// Live conntrack entries at this handle's last GC (None before one):
+    /// what a metrics scrape reports instead of walking the table again.
+    ct_live: Option<u64>,
     config: Array<MapData, GlobalConfig>,
     /// Handed to the one reader of events ([`BpfDatapath::take_events`]).
     events: Option<RingBuf<MapData>>,
@@ -423,6 +426,7 @@ impl BpfDatapath {
             policy: HashOfMaps::try_from(policy).map_err(|e| DatapathError::map(MAP_POLICY, e))?,
             ct: HashMap::try_from(ct).map_err(|e| DatapathError::map(MAP_CT, e))?,
             ct_count: Array::try_from(ct_count).map_err(|e| DatapathError::map(MAP_CT_COUNT, e))?,
+            ct_live: None,
             config: Array::try_from(config).map_err(|e| DatapathError::map(MAP_CONFIG, e))?,
             events: Some(RingBuf::try_from(events).map_err(|e| DatapathError::map(MAP_EVENTS, e))?),
             recreated,
@@ -1021,6 +1025,7 @@ impl BpfDatapath {
             }
         }
         self.write_ct_counts(&owned)?;
+        self.ct_live = Some(owned.values().map(|n| u64::from(*n)).sum());
         Ok(removed)
     }
 
@@ -1067,6 +1072,11 @@ impl BpfDatapath {
             .set(u32::from(endpoint_id), 0, 0)
             .map_err(|e| DatapathError::map(MAP_CT_COUNT, e))?;
         Ok(removed)
+    }
+
+    /// Live conntrack entries counted by this handle's last [`Self::gc_ct`].
+    pub fn ct_live(&self) -> Option<u64> {
+        self.ct_live
     }
 
     /// Conntrack entries an endpoint currently holds against its budget.
