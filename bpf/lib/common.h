@@ -17,6 +17,8 @@
 
 #define __inline_fn static __always_inline
 
+#define NSEC_PER_SEC 1000000000ULL
+
 /* Constants whose UAPI headers drag in libc (ARP) or are kernel-internal (ND). */
 #define ARPHRD_ETHER		      1
 #define ARPOP_REQUEST		      1

@@ -17,8 +17,6 @@
 #include "events.h"
 #include "policy.h"
 
-#define NSEC_PER_SEC 1000000000ULL
-
 __inline_fn void ct_key_of(struct ct_key *k, const struct flow *f)
 {
 	__builtin_memcpy(k->saddr, f->saddr, 16);

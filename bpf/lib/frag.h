@@ -15,8 +15,6 @@
 #include "flow.h"
 #include "maps.h"
 
-#define FRAG_NSEC_PER_SEC 1000000000ULL
-
 __inline_fn void frag_key_of(struct frag_key *k, const struct flow *f)
 {
 	__builtin_memcpy(k->saddr, f->saddr, 16);
@@ -48,7 +46,7 @@ __inline_fn void frag_remember(const struct flow *f)
 {
 	struct frag_key key = {};
 	struct frag_value v = {
-	    .expires = bpf_ktime_get_ns() + CILIA_FRAG_TIMEOUT * FRAG_NSEC_PER_SEC,
+	    .expires = bpf_ktime_get_ns() + CILIA_FRAG_TIMEOUT * NSEC_PER_SEC,
 	    .sport = f->sport,
 	    .dport = f->dport,
 	};

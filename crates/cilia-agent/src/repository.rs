@@ -181,14 +181,6 @@ impl EndpointManager {
         Ok(self.datapath.set_monitor_level(level)?)
     }
 
-    /// Removes expired conntrack entries.
-    pub fn gc_conntrack(&mut self) -> Result<usize, EndpointError> {
-        let removed = self.datapath.gc_ct()?;
-        self.metrics.ct_gc_runs.inc();
-        self.metrics.ct_gc_deleted.inc_by(removed as u64);
-        Ok(removed)
-    }
-
     /// Uses `metrics` (shared with the API and the monitor).
     pub fn set_metrics(&mut self, metrics: crate::metrics::AgentMetrics) {
         self.metrics = metrics;

@@ -222,15 +222,6 @@ impl EndpointRecord {
     }
 }
 
-/// What a new endpoint needs before it gets an id and addresses.
-#[derive(Debug, Clone)]
-pub struct NewEndpoint {
-    pub netns: String,
-    pub ifname: String,
-    pub labels: BTreeMap<String, String>,
-    pub container_id: Option<String>,
-}
-
 /// The writes of one change, keyed so that a key is written at most once.
 struct Change {
     /// `mod_revision` of [`LAST_CHANGE`] when the change began.
