@@ -11,15 +11,11 @@ pub mod crash;
 pub mod datapath;
 pub mod endpoint;
 pub mod ipam;
-pub mod labels;
 pub mod metrics;
 pub mod monitor;
-pub mod netdev;
 pub mod node;
 pub mod paths;
 pub mod policy;
-pub mod repository;
-pub mod rtnl;
 pub mod store;
 
 use std::fs::File;
@@ -197,7 +193,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut manager = EndpointManager::new(
         store,
         Box::new(datapath),
-        Box::new(netdev::Rtnetlink),
+        Box::new(endpoint::netdev::Rtnetlink),
         pools,
     );
     if !recreated.is_empty() {
@@ -246,7 +242,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         ipv4_range = ?config.ipv4_range,
         "cilia-agent ready"
     );
-    tokio::spawn(labels::learn_labels(state.clone()));
+    tokio::spawn(endpoint::labels::learn_labels(state.clone()));
     match events.map(cilia_datapath::events::EventReader::new) {
         Some(Ok(reader)) => {
             let (tx, rx) = tokio::sync::watch::channel(Arc::new(monitor::Names::default()));

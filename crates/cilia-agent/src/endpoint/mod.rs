@@ -20,6 +20,10 @@
 //! attach, publish, `ready`). An endpoint between the first and the last is
 //! in `creating`; nothing deletes it meanwhile ([`EndpointError::Busy`]).
 
+pub mod labels;
+pub mod netdev;
+pub mod rtnl;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Condvar, Mutex};
@@ -31,9 +35,9 @@ use cilia_api::{
 use cilia_datapath::DatapathError;
 use tracing::{info, warn};
 
+use self::netdev::{Netdev, NetdevError, VethSpec};
 use crate::datapath::{Datapath, LoadedPrograms, ProgramLoader};
 use crate::ipam::Pool;
-use crate::netdev::{self, Netdev, NetdevError, VethSpec};
 use crate::policy::ImportError;
 use crate::store::{EndpointRecord, Store, StoreError, StoredPolicy};
 
@@ -201,7 +205,7 @@ pub struct EndpointManager {
     pub(crate) resolved: BTreeMap<u16, cilia_policy::ResolvedPolicy>,
     /// What each ready endpoint's map was last programmed from and with:
     /// an endpoint whose inputs did not change is not touched again.
-    pub(crate) programmed: BTreeMap<u16, crate::repository::Programmed>,
+    pub(crate) programmed: BTreeMap<u16, crate::policy::repository::Programmed>,
     /// Whether the ipcache's CIDR entries were reconciled with a walk of
     /// the whole map since start; afterwards only differences are written.
     pub(crate) ipcache_walked: bool,

@@ -3,6 +3,8 @@
 //! an endpoint's BPF policy map. The manager ([`crate::endpoint`]) owns the
 //! state and calls these.
 
+pub mod repository;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use cilia_abi::{

@@ -1,6 +1,6 @@
 //! Network devices of endpoints: the veth pair, addresses and routes on
 //! both sides, and the node's router addresses. Programmed in-process over
-//! rtnetlink ([`crate::rtnl`]): no `ip` process, no text to parse.
+//! rtnetlink ([`crate::endpoint::rtnl`]): no `ip` process, no text to parse.
 //!
 //! Invariant: an endpoint's namespace is opened once ([`open_netns`]) and
 //! referred to by that fd from then on (the veth peer is created in it by
@@ -13,7 +13,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::rtnl::{Rtnl, VethEnd};
+use crate::endpoint::rtnl::{Rtnl, VethEnd};
 
 /// The node's device holding the router addresses: one end of a veth pair
 /// (`cilia_host` / `cilia_net`), which, unlike a dummy device, exists in
@@ -159,7 +159,7 @@ fn nl_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NetdevError
     }
 }
 
-/// The real implementation: rtnetlink in-process (see [`crate::rtnl`]).
+/// The real implementation: rtnetlink in-process (see [`crate::endpoint::rtnl`]).
 #[derive(Debug, Default)]
 pub struct Rtnetlink;
 

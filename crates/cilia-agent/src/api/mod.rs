@@ -21,9 +21,9 @@ use cilia_datapath::FeatureReport;
 use serde::Deserialize;
 use utoipa::OpenApi;
 
+use crate::endpoint::netdev::{format_mac, NetdevError};
 use crate::endpoint::{EndpointError, EndpointManager};
 use crate::ipam::{IpamError, Pool};
-use crate::netdev::{format_mac, NetdevError};
 use crate::store::{EndpointRecord, StoreError};
 
 /// Shared by all handlers. The manager sits behind a std mutex because every
@@ -1235,7 +1235,7 @@ mod tests {
         let paths = doc["paths"].as_object().unwrap();
         // Every route the router serves, read from this file's source so a
         // new route cannot be forgotten here.
-        let source = include_str!("api.rs");
+        let source = include_str!("mod.rs");
         let router = &source[source.find("Router::new()").unwrap()..];
         let router = &router[..router.find(".fallback(").unwrap()];
         let mut checked = 0;
