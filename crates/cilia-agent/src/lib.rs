@@ -224,11 +224,25 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     };
     let listener = bind_socket(&config.socket)?;
     let agent_metrics = metrics::AgentMetrics::default();
-    manager.set_metrics(agent_metrics.clone());
+    let policy = manager.policy_handle();
+    let policy_summary = {
+        let mut policy = manager.policy();
+        policy.metrics = agent_metrics.clone();
+        policy.subscribe()
+    };
+    let store = manager.store.clone();
+    let pools = manager.pools().clone();
+    let datapath = manager.datapath();
     let flow_monitor = monitor::Monitor::new(config.flow_buffer_size, agent_metrics.clone());
     let state = Arc::new(AgentState {
         monitor: flow_monitor.clone(),
-        manager: Mutex::new(manager),
+        endpoints: Mutex::new(manager),
+        policy,
+        policy_summary,
+        store,
+        pools,
+        datapath,
+        metrics: agent_metrics.clone(),
         creates: Arc::new(tokio::sync::Semaphore::new(api::create_permits())),
         maps: Mutex::new(maps),
         features,
@@ -249,8 +263,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             let refresh = Arc::new(tokio::sync::Notify::new());
             let s = state.clone();
             let snapshot = Arc::new(move || {
-                let mgr = s.manager.lock().unwrap_or_else(|p| p.into_inner());
-                monitor::Names::of(&mgr)
+                let summary = s.policy_summary.borrow().clone();
+                monitor::Names::of(&s.store, &summary)
             });
             tokio::spawn(monitor::publish_names(snapshot, tx, refresh.clone()));
             let feed = monitor::NamesFeed { rx, refresh };
@@ -265,10 +279,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                     let wanted = *level_rx.borrow_and_update();
                     let s = s.clone();
                     let set = tokio::task::spawn_blocking(move || {
-                        s.manager
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .set_monitor_level(wanted)
+                        endpoint::lock_datapath(&s.datapath).set_monitor_level(wanted)
                     })
                     .await;
                     if !matches!(set, Ok(Ok(()))) {
@@ -295,7 +306,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             tick.tick().await;
             let s = node_state.clone();
             let result = tokio::task::spawn_blocking(move || {
-                s.manager
+                s.policy
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner())
                     .sync_node_addresses()
@@ -340,7 +351,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                     // Store counts under the manager's lock (brief), the
                     // map walks under the readers' handle only.
                     let snap =
-                        tokio::task::spawn_blocking(move || metrics::scrape(&s.manager, &s.maps))
+                        tokio::task::spawn_blocking(move || metrics::scrape(&s.store, &s.maps))
                             .await;
                     match snap {
                         Ok(Ok(snap)) => (

@@ -26,7 +26,8 @@ use std::net::IpAddr;
 use cilia_abi::{IpcacheKey, CILIA_ID_HOST};
 use tracing::{info, warn};
 
-use crate::endpoint::{EndpointError, EndpointManager};
+use crate::endpoint::EndpointError;
+use crate::policy::repository::PolicyState;
 
 /// How often the node's addresses are re-read.
 pub const NODE_ADDRESS_RESYNC: std::time::Duration = std::time::Duration::from_secs(5);
@@ -35,7 +36,7 @@ pub(crate) fn host_key(ip: IpAddr) -> IpcacheKey {
     IpcacheKey::new(ip, if ip.is_ipv4() { 32 } else { 128 })
 }
 
-impl EndpointManager {
+impl PolicyState {
     /// The router addresses of the configured ranges.
     fn router_addresses(&self) -> Vec<IpAddr> {
         let mut out = vec![self.pools.v6.router()];
@@ -50,7 +51,7 @@ impl EndpointManager {
         now.extend(self.router_addresses());
         let mut changed = 0;
         for ip in now.difference(&self.node_addrs) {
-            self.datapath.upsert_ipcache(host_key(*ip), CILIA_ID_HOST)?;
+            self.dp().upsert_ipcache(host_key(*ip), CILIA_ID_HOST)?;
             changed += 1;
         }
         let gone: Vec<IpAddr> = self.node_addrs.difference(&now).copied().collect();
@@ -63,8 +64,8 @@ impl EndpointManager {
                 .find(|(p, _)| IpcacheKey::new(p.network(), p.prefix_len()) == key)
                 .map(|(_, id)| *id);
             match cidr {
-                Some(id) => self.datapath.upsert_ipcache(key, id)?,
-                None => self.datapath.remove_ipcache(key)?,
+                Some(id) => self.dp().upsert_ipcache(key, id)?,
+                None => self.dp().remove_ipcache(key)?,
             }
             changed += 1;
         }
@@ -98,10 +99,11 @@ impl EndpointManager {
             .flat_map(|r| r.ips())
             .map(host_key)
             .collect();
-        for (key, value) in self.datapath.list_ipcache()? {
+        let entries = self.dp().list_ipcache()?;
+        for (key, value) in entries {
             let stale = value.identity == CILIA_ID_HOST || endpoint_keys.contains(&key);
             if stale && !node_keys.contains(&key) {
-                if let Err(e) = self.datapath.remove_ipcache(key) {
+                if let Err(e) = self.dp().remove_ipcache(key) {
                     warn!(error = %e, "cannot withdraw a stale ipcache entry");
                 }
             }

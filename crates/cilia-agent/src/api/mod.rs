@@ -24,17 +24,31 @@ use utoipa::OpenApi;
 use crate::endpoint::netdev::{format_mac, NetdevError};
 use crate::endpoint::{EndpointError, EndpointManager};
 use crate::ipam::{IpamError, Pool};
+use crate::policy::repository::{PolicyState, PolicySummary};
 use crate::store::{EndpointRecord, StoreError};
 
-/// Shared by all handlers. The manager sits behind a std mutex because every
-/// operation on it is blocking (netlink via iproute2, BPF syscalls, fsync)
-/// and runs on the blocking pool; one writer at a time is also what keeps
-/// allocation and device names race-free.
+/// Shared by all handlers: one handle per subsystem, each locked on its
+/// own (docs/ARCHITECTURE.md, "Locking"). Their operations are blocking
+/// (netlink, BPF syscalls, fsync) and run on the blocking pool. Reads
+/// (endpoint list and get, status, metrics, observe) take none of these
+/// locks: they read the store, the readers' map handle or a published
+/// summary.
 pub struct AgentState {
-    /// Endpoints, identities, policies, IPAM: held briefly by each
-    /// operation; an endpoint create holds it only at its start and end
-    /// (see `endpoint::create_unlocked` and docs/ARCHITECTURE.md).
-    pub manager: Mutex<EndpointManager>,
+    /// The endpoint lifecycle (records, devices, programs, IPAM), held
+    /// briefly by each change; a create holds it only at its start and end
+    /// (see `endpoint::create_unlocked`). Lock order: endpoints, policy.
+    pub endpoints: Mutex<EndpointManager>,
+    /// The policy subsystem (imports, traces, regeneration).
+    pub policy: Arc<Mutex<PolicyState>>,
+    /// What readers see of `policy`, replaced after every change.
+    pub policy_summary: tokio::sync::watch::Receiver<Arc<PolicySummary>>,
+    /// The state's store, for reads in transactions of their own.
+    pub store: Arc<crate::store::Store>,
+    /// Node-wide addressing (fixed at start).
+    pub pools: crate::endpoint::Pools,
+    /// The writers' datapath handle (the monitor level is set through it).
+    pub datapath: crate::endpoint::DatapathHandle,
+    pub metrics: crate::metrics::AgentMetrics,
     /// Endpoint creates in progress at once (the others queue here, as
     /// tasks, not as blocking threads): each holds a thread and memory, and
     /// more than a few per CPU finish no sooner (see [`create_permits`]).
@@ -113,21 +127,54 @@ impl From<EndpointError> for AppError {
     }
 }
 
-/// Runs blocking manager work off the async threads.
-async fn with_manager<T: Send + 'static>(
+/// Runs `f` on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, EndpointError> + Send + 'static,
+) -> Result<T, AppError> {
+    tokio::task::spawn_blocking(move || f().map_err(AppError::from))
+        .await
+        .map_err(|e| AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+}
+
+/// Runs an endpoint lifecycle change under the endpoints' lock.
+async fn with_endpoints<T: Send + 'static>(
     state: &Shared,
     f: impl FnOnce(&mut EndpointManager) -> Result<T, EndpointError> + Send + 'static,
 ) -> Result<T, AppError> {
     let state = state.clone();
-    tokio::task::spawn_blocking(move || {
+    blocking(move || {
         let mut mgr = state
-            .manager
+            .endpoints
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        f(&mut mgr).map_err(AppError::from)
+        f(&mut mgr)
     })
     .await
-    .map_err(|e| AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+}
+
+/// Runs policy work under the policy subsystem's lock only.
+async fn with_policy<T: Send + 'static>(
+    state: &Shared,
+    f: impl FnOnce(&mut PolicyState) -> Result<T, EndpointError> + Send + 'static,
+) -> Result<T, AppError> {
+    let state = state.clone();
+    blocking(move || {
+        let mut policy = state
+            .policy
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut policy)
+    })
+    .await
+}
+
+/// Reads the store in a transaction of its own, under no lock.
+async fn with_store<T: Send + 'static>(
+    state: &Shared,
+    f: impl FnOnce(&crate::store::Store) -> Result<T, EndpointError> + Send + 'static,
+) -> Result<T, AppError> {
+    let state = state.clone();
+    blocking(move || f(&state.store)).await
 }
 
 /// Runs `f` on the readers' handle of the pinned maps (blocking pool),
@@ -186,14 +233,17 @@ async fn status(State(state): State<Shared>) -> Result<Json<Status>, AppError> {
     let monitor_level = state.monitor.wanted_level();
     let flows = state.monitor.recent().len();
     let s = state.clone();
-    let snap = tokio::task::spawn_blocking(move || crate::metrics::scrape(&s.manager, &s.maps))
+    let snap = tokio::task::spawn_blocking(move || crate::metrics::scrape(&s.store, &s.maps))
         .await
         .map_err(|e| {
             AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
         })??;
-    with_manager(&state, move |mgr| {
-        let endpoints = mgr.list()?;
-        let used = mgr.allocated()?;
+    let summary = state.policy_summary.borrow().clone();
+    let pools = state.pools.clone();
+    let ct_gc_runs = state.metrics.ct_gc_runs.get();
+    with_store(&state, move |store| {
+        let endpoints = store.endpoints()?;
+        let used = store.allocated()?;
         let not_ready = endpoints
             .iter()
             .filter(|e| e.state != EndpointState::Ready)
@@ -215,15 +265,22 @@ async fn status(State(state): State<Shared>) -> Result<Json<Status>, AppError> {
             endpoints: endpoints.len(),
             endpoints_not_ready: not_ready,
             ipam: IpamStatus {
-                ipv6: pool_status(&mgr.pools().v6, &used),
-                ipv4: mgr.pools().v4.as_ref().map(|p| pool_status(p, &used)),
+                ipv6: pool_status(&pools.v6, &used),
+                ipv4: pools.v4.as_ref().map(|p| pool_status(p, &used)),
             },
             state_dir,
             bpf_root,
-            policy_revision: mgr.policy_revision()?,
-            policies: mgr.policy_documents().len(),
-            policy_errors: mgr.policy_errors().to_vec(),
-            subsystems: subsystems(mgr, &endpoints, &snap, monitor_level, flows),
+            policy_revision: store.policy_revision()?,
+            policies: summary.documents,
+            policy_errors: summary.errors.clone(),
+            subsystems: subsystems(
+                &summary,
+                ct_gc_runs,
+                &endpoints,
+                &snap,
+                monitor_level,
+                flows,
+            ),
             maps: snap
                 .map_fill
                 .iter()
@@ -240,7 +297,8 @@ async fn status(State(state): State<Shared>) -> Result<Json<Status>, AppError> {
 }
 
 fn subsystems(
-    mgr: &EndpointManager,
+    policy: &PolicySummary,
+    ct_gc_runs: u64,
     endpoints: &[EndpointRecord],
     snap: &crate::metrics::Snapshot,
     monitor_level: u32,
@@ -298,13 +356,12 @@ fn subsystems(
         ),
         sub(
             "policy",
-            mgr.policy_errors().is_empty(),
+            policy.errors.is_empty(),
             format!(
                 "{} policies, revision {}",
-                mgr.policy_documents().len(),
-                snap.policy_revision
+                policy.documents, snap.policy_revision
             ),
-            mgr.policy_errors().to_vec(),
+            policy.errors.clone(),
         ),
         sub(
             "labels",
@@ -323,8 +380,7 @@ fn subsystems(
             true,
             format!(
                 "{} live entries at the last GC; {} GC runs",
-                snap.conntrack_entries,
-                mgr.metrics.ct_gc_runs.get()
+                snap.conntrack_entries, ct_gc_runs
             ),
             vec![],
         ),
@@ -383,9 +439,9 @@ async fn list_endpoints(
     Query(q): Query<ContainerQuery>,
 ) -> Result<Json<Vec<Endpoint>>, AppError> {
     q.check()?;
-    with_manager(&state, move |mgr| {
-        Ok(mgr
-            .list()?
+    with_store(&state, move |store| {
+        Ok(store
+            .endpoints()?
             .iter()
             .filter(|r| q.matches(r))
             .map(endpoint_view)
@@ -406,7 +462,7 @@ async fn delete_container(
     if q.container_id.is_none() {
         return Err(bad_request("invalid-request", "container_id is required"));
     }
-    with_manager(&state, move |mgr| mgr.delete_matching(|r| q.matches(r)))
+    with_endpoints(&state, move |mgr| mgr.delete_matching(|r| q.matches(r)))
         .await
         .map(Json)
 }
@@ -419,7 +475,7 @@ async fn set_endpoint_config(
     body: Bytes,
 ) -> Result<Json<Endpoint>, AppError> {
     let req: cilia_api::EndpointSettings = json_body(&body)?;
-    with_manager(&state, move |mgr| {
+    with_endpoints(&state, move |mgr| {
         mgr.set_policy_audit(id, req.policy_audit)
             .map(|r| endpoint_view(&r))
     })
@@ -435,7 +491,7 @@ async fn set_endpoint_labels(
     body: Bytes,
 ) -> Result<Json<Endpoint>, AppError> {
     let req: EndpointLabels = json_body(&body)?;
-    with_manager(&state, move |mgr| {
+    with_endpoints(&state, move |mgr| {
         mgr.set_labels(id, &req.labels).map(|r| endpoint_view(&r))
     })
     .await
@@ -470,7 +526,7 @@ async fn create_endpoint(
     })?;
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        crate::endpoint::create_unlocked(&state.manager, req)
+        crate::endpoint::create_unlocked(&state.endpoints, req)
             .map(|r| endpoint_view(&r))
             .map_err(AppError::from)
     })
@@ -485,9 +541,16 @@ async fn get_endpoint(
     State(state): State<Shared>,
     Path(id): Path<u16>,
 ) -> Result<Json<Endpoint>, AppError> {
-    with_manager(&state, move |mgr| mgr.get(id).map(|r| endpoint_view(&r)))
-        .await
-        .map(Json)
+    with_store(&state, move |store| {
+        store
+            .endpoints()?
+            .iter()
+            .find(|r| r.id == id)
+            .map(endpoint_view)
+            .ok_or(EndpointError::NotFound(id))
+    })
+    .await
+    .map(Json)
 }
 
 #[utoipa::path(delete, path = "/v1/endpoints/{id}", params(("id" = u16, Path)),
@@ -497,16 +560,15 @@ async fn delete_endpoint(
     State(state): State<Shared>,
     Path(id): Path<u16>,
 ) -> Result<StatusCode, AppError> {
-    with_manager(&state, move |mgr| mgr.delete(id))
+    with_endpoints(&state, move |mgr| mgr.delete(id))
         .await
         .map(|()| StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(get, path = "/v1/bpf/endpoints", responses((status = 200, body = Vec<BpfEndpoint>)))]
 async fn bpf_endpoints(State(state): State<Shared>) -> Result<Json<Vec<BpfEndpoint>>, AppError> {
-    with_manager(&state, |mgr| {
-        let mut out: Vec<BpfEndpoint> = mgr
-            .datapath()
+    with_maps(&state, |dp| {
+        let mut out: Vec<BpfEndpoint> = dp
             .list_endpoints()?
             .into_iter()
             .map(|(k, v)| BpfEndpoint {
@@ -530,9 +592,8 @@ async fn bpf_endpoints(State(state): State<Shared>) -> Result<Json<Vec<BpfEndpoi
 
 #[utoipa::path(get, path = "/v1/bpf/metrics", responses((status = 200, body = Vec<BpfMetric>)))]
 async fn bpf_metrics(State(state): State<Shared>) -> Result<Json<Vec<BpfMetric>>, AppError> {
-    with_manager(&state, |mgr| {
-        Ok(mgr
-            .datapath()
+    with_maps(&state, |dp| {
+        Ok(dp
             .metrics()?
             .into_iter()
             .map(|(k, v)| BpfMetric {
@@ -572,7 +633,7 @@ async fn reload_datapath(
     } else {
         json_body(&body)?
     };
-    with_manager(&state, move |mgr| mgr.reload_datapath(req.force))
+    with_endpoints(&state, move |mgr| mgr.reload_datapath(req.force))
         .await
         .map(Json)
 }
@@ -604,8 +665,8 @@ async fn import_policy(
     body: Bytes,
 ) -> Result<Json<PolicyChange>, AppError> {
     let req: PolicyImport = json_body(&body)?;
-    with_manager(&state, move |mgr| {
-        mgr.import_policies(&req.source, &req.yaml)
+    with_policy(&state, move |policy| {
+        policy.import_policies(&req.source, &req.yaml)
     })
     .await
     .map(Json)
@@ -613,7 +674,7 @@ async fn import_policy(
 
 #[utoipa::path(get, path = "/v1/policy", responses((status = 200, body = PolicyList)))]
 async fn get_policy(State(state): State<Shared>) -> Result<Json<PolicyList>, AppError> {
-    with_manager(&state, |mgr| {
+    with_policy(&state, |mgr| {
         Ok(PolicyList {
             revision: mgr.policy_revision()?,
             policies: mgr
@@ -655,7 +716,7 @@ async fn delete_policy(
             "give a policy name or all=true",
         ));
     }
-    with_manager(&state, move |mgr| {
+    with_policy(&state, move |mgr| {
         let (revision, policies) =
             mgr.delete_policies(q.name.as_deref(), q.namespace.as_deref())?;
         Ok(PolicyChange {
@@ -684,7 +745,7 @@ async fn trace_policy(
     let req: TraceRequest = json_body(&body)?;
     let (port, proto) =
         cilia_api::parse_port_proto(&req.dport).map_err(|e| bad_request("invalid-trace", e))?;
-    with_manager(&state, move |mgr| {
+    with_policy(&state, move |mgr| {
         let t = mgr.trace(&req.src, &req.dst, proto, port, req.datapath)?;
         Ok(TraceResponse {
             src: t.src.description.clone(),
@@ -722,7 +783,7 @@ async fn trace_policy(
 
 #[utoipa::path(get, path = "/v1/identities", responses((status = 200, body = Vec<Identity>)))]
 async fn list_identities(State(state): State<Shared>) -> Result<Json<Vec<Identity>>, AppError> {
-    with_manager(&state, |mgr| mgr.identities()).await.map(Json)
+    with_policy(&state, |mgr| mgr.identities()).await.map(Json)
 }
 
 #[utoipa::path(get, path = "/v1/identities/{id}", params(("id" = u32, Path)),
@@ -731,7 +792,7 @@ async fn get_identity(
     State(state): State<Shared>,
     Path(id): Path<u32>,
 ) -> Result<Json<Identity>, AppError> {
-    let all = with_manager(&state, |mgr| mgr.identities()).await?;
+    let all = with_policy(&state, |mgr| mgr.identities()).await?;
     all.into_iter()
         .find(|i| i.id == id)
         .map(Json)
@@ -746,7 +807,7 @@ async fn get_identity(
 
 #[utoipa::path(get, path = "/v1/namespaces", responses((status = 200, body = Vec<Namespace>)))]
 async fn list_namespaces(State(state): State<Shared>) -> Result<Json<Vec<Namespace>>, AppError> {
-    with_manager(&state, |mgr| {
+    with_policy(&state, |mgr| {
         Ok(mgr
             .namespaces()?
             .into_iter()
@@ -765,7 +826,7 @@ async fn set_namespace(
     body: Bytes,
 ) -> Result<Json<Namespace>, AppError> {
     let req: Namespace = json_body(&body)?;
-    with_manager(&state, move |mgr| {
+    with_endpoints(&state, move |mgr| {
         mgr.set_namespace(&name, &req.labels)?;
         Ok(Namespace {
             name,
@@ -778,9 +839,8 @@ async fn set_namespace(
 
 #[utoipa::path(get, path = "/v1/bpf/ipcache", responses((status = 200, body = Vec<BpfIpcacheEntry>)))]
 async fn bpf_ipcache(State(state): State<Shared>) -> Result<Json<Vec<BpfIpcacheEntry>>, AppError> {
-    with_manager(&state, |mgr| {
-        let mut out: Vec<BpfIpcacheEntry> = mgr
-            .datapath()
+    with_maps(&state, |dp| {
+        let mut out: Vec<BpfIpcacheEntry> = dp
             .list_ipcache()?
             .into_iter()
             .map(|(k, v)| BpfIpcacheEntry {
@@ -865,10 +925,17 @@ async fn bpf_policy(
     State(state): State<Shared>,
     Path(id): Path<u16>,
 ) -> Result<Json<BpfPolicy>, AppError> {
-    with_manager(&state, move |mgr| {
-        mgr.get(id)?;
-        let entries = mgr.datapath().get_policy(id)?.unwrap_or_default();
-        let rules = mgr.rule_names();
+    if !with_store(&state, move |store| {
+        Ok(store.endpoints()?.iter().any(|r| r.id == id))
+    })
+    .await?
+    {
+        return Err(EndpointError::NotFound(id).into());
+    }
+    let summary = state.policy_summary.borrow().clone();
+    with_maps(&state, move |dp| {
+        let entries = dp.get_policy(id)?.unwrap_or_default();
+        let rules = &summary.rule_names;
         let mut out = BpfPolicy {
             endpoint: id,
             ingress_enforced: false,

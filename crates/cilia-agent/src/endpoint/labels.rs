@@ -166,17 +166,13 @@ pub async fn learn_labels(state: Shared) {
     loop {
         tokio::time::sleep(INTERVAL).await;
         let s = state.clone();
-        let pending = match tokio::task::spawn_blocking(move || {
-            s.manager
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .pending_labels()
-        })
-        .await
-        {
-            Ok(Ok(p)) => p,
-            _ => continue,
-        };
+        let pending =
+            match tokio::task::spawn_blocking(move || crate::endpoint::pending_labels(&s.store))
+                .await
+            {
+                Ok(Ok(p)) => p,
+                _ => continue,
+            };
         let keys: HashSet<(u16, String)> =
             pending.iter().map(|(id, _, c)| (*id, c.clone())).collect();
         first_try.retain(|k, _| keys.contains(k));
@@ -222,7 +218,7 @@ pub async fn learn_labels(state: Shared) {
             let s = state.clone();
             let c = container.clone();
             let done = tokio::task::spawn_blocking(move || {
-                s.manager
+                s.endpoints
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner())
                     .set_learned_labels(id, &c, &usable)

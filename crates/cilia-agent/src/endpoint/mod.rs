@@ -22,6 +22,7 @@
 
 pub mod labels;
 pub mod netdev;
+mod relabel;
 pub mod rtnl;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -38,8 +39,9 @@ use tracing::{info, warn};
 use self::netdev::{Netdev, NetdevError, VethSpec};
 use crate::datapath::{Datapath, LoadedPrograms, ProgramLoader};
 use crate::ipam::Pool;
+use crate::policy::repository::PolicyState;
 use crate::policy::ImportError;
-use crate::store::{EndpointRecord, Store, StoreError, StoredPolicy};
+use crate::store::{EndpointRecord, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
@@ -184,9 +186,25 @@ pub struct Pools {
     pub v4: Option<Pool>,
 }
 
+/// The datapath shared by the subsystems that write it (endpoints, the
+/// policy): each call holds it only for its own map or link operation.
+pub type DatapathHandle = Arc<Mutex<Box<dyn Datapath>>>;
+
+/// Locks a [`DatapathHandle`] for one operation (a panic elsewhere does not
+/// make the kernel's maps unusable).
+pub(crate) fn lock_datapath(
+    handle: &DatapathHandle,
+) -> std::sync::MutexGuard<'_, Box<dyn Datapath>> {
+    handle.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The endpoints' lifecycle: records, devices, programs. It owns the
+/// endpoints and their addressing; the policy of each endpoint belongs to
+/// [`PolicyState`], which it tells about endpoints coming, changing and
+/// going (lock order: endpoints, then policy, then the datapath).
 pub struct EndpointManager {
-    pub(crate) store: Store,
-    pub(crate) datapath: Box<dyn Datapath>,
+    pub(crate) store: Arc<Store>,
+    pub(crate) datapath: DatapathHandle,
     pub(crate) netdev: Arc<dyn Netdev>,
     pub(crate) pools: Pools,
     /// Endpoints between `begin_create` and `finish_create`: not to be
@@ -194,35 +212,11 @@ pub struct EndpointManager {
     pub(crate) creating: BTreeSet<u16>,
     /// Shared with every [`PendingEndpoint`].
     pub(crate) loads: Arc<LoadSlots>,
-    /// Imported policies by key (`kind/namespace/name`), with their source.
-    /// Shared (`Arc`) with `repository`, which keeps each one's resolved
-    /// contributions while the same policy stays imported.
-    pub(crate) policy_docs: BTreeMap<String, (StoredPolicy, std::sync::Arc<cilia_policy::Policy>)>,
-    /// Incremental resolution of `policy_docs` against the identities:
-    /// synced with both before every use (see `repository`).
-    pub(crate) repository: cilia_policy::PolicyRepository,
-    /// Each ready endpoint's resolved policy, as programmed into its map.
-    pub(crate) resolved: BTreeMap<u16, cilia_policy::ResolvedPolicy>,
-    /// What each ready endpoint's map was last programmed from and with:
-    /// an endpoint whose inputs did not change is not touched again.
-    pub(crate) programmed: BTreeMap<u16, crate::policy::repository::Programmed>,
-    /// Whether the ipcache's CIDR entries were reconciled with a walk of
-    /// the whole map since start; afterwards only differences are written.
-    pub(crate) ipcache_walked: bool,
-    /// Local CIDR identities of the CIDRs the policies mention.
-    pub(crate) cidr_ids: BTreeMap<ipnet::IpNet, u32>,
-    /// Stored policies that failed to parse at start-up: they close the
-    /// endpoints they may select (see `policy::BrokenPolicy`).
-    pub(crate) policy_errors: Vec<crate::policy::BrokenPolicy>,
-    /// Rule cookies of the entries in the policy maps.
-    pub(crate) rule_cookies: crate::policy::RuleCookies,
-    pub(crate) metrics: crate::metrics::AgentMetrics,
+    /// The policy subsystem, locked on its own: imports and traces never
+    /// wait for the endpoints' lock.
+    pub(crate) policy: Arc<Mutex<PolicyState>>,
     /// The namespace the agent runs in, which no endpoint may use.
     pub(crate) agent_netns: std::path::PathBuf,
-    /// The node's addresses, as `host` in the ipcache (see `node`).
-    pub(crate) node_addrs: std::collections::BTreeSet<IpAddr>,
-    /// Map capacities policy changes are checked against.
-    pub(crate) limits: crate::policy::Limits,
     /// Re-specialize and re-attach every endpoint at restore (set when the
     /// datapath recreated pinned maps the old programs still use).
     pub reattach_all: bool,
@@ -260,35 +254,48 @@ impl EndpointManager {
         netdev: Box<dyn Netdev>,
         pools: Pools,
     ) -> Self {
+        let store = Arc::new(store);
+        let datapath: DatapathHandle = Arc::new(Mutex::new(datapath));
+        let netdev: Arc<dyn Netdev> = Arc::from(netdev);
+        let policy = PolicyState::new(
+            store.clone(),
+            datapath.clone(),
+            netdev.clone(),
+            pools.clone(),
+        );
         Self {
             store,
             datapath,
-            netdev: Arc::from(netdev),
+            netdev,
             pools,
             creating: BTreeSet::new(),
             loads: Arc::new(LoadSlots::agent()),
-            policy_docs: BTreeMap::new(),
-            repository: cilia_policy::PolicyRepository::new(),
-            resolved: BTreeMap::new(),
-            programmed: BTreeMap::new(),
-            ipcache_walked: false,
-            cidr_ids: BTreeMap::new(),
-            policy_errors: Vec::new(),
-            rule_cookies: crate::policy::RuleCookies::default(),
-            metrics: crate::metrics::AgentMetrics::default(),
+            policy: Arc::new(Mutex::new(policy)),
             agent_netns: netdev::AGENT_NETNS.into(),
-            node_addrs: std::collections::BTreeSet::new(),
-            limits: crate::policy::Limits::default(),
             reattach_all: false,
         }
+    }
+
+    /// The policy subsystem, locked (after the endpoints: see the lock order).
+    pub fn policy(&self) -> std::sync::MutexGuard<'_, PolicyState> {
+        self.policy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The policy subsystem's handle, to lock without the endpoints.
+    pub fn policy_handle(&self) -> Arc<Mutex<PolicyState>> {
+        self.policy.clone()
+    }
+
+    fn dp(&self) -> std::sync::MutexGuard<'_, Box<dyn Datapath>> {
+        lock_datapath(&self.datapath)
     }
 
     pub fn pools(&self) -> &Pools {
         &self.pools
     }
 
-    pub fn datapath(&self) -> &dyn Datapath {
-        self.datapath.as_ref()
+    pub fn datapath(&self) -> DatapathHandle {
+        self.datapath.clone()
     }
 
     pub fn list(&self) -> Result<Vec<EndpointRecord>, EndpointError> {
@@ -320,7 +327,7 @@ impl EndpointManager {
         let mut routers = vec![(IpAddr::V6(r6), 128)];
         routers.extend(r4.map(|r| (IpAddr::V4(r), 32)));
         for (ip, len) in routers {
-            self.datapath
+            self.dp()
                 .upsert_ipcache(IpcacheKey::new(ip, len), CILIA_ID_HOST)?;
         }
         Ok(())
@@ -436,7 +443,7 @@ impl EndpointManager {
             },
             rec,
             netdev: self.netdev.clone(),
-            loader: self.datapath.loader(),
+            loader: self.dp().loader(),
             loads: self.loads.clone(),
         })
     }
@@ -483,7 +490,7 @@ impl EndpointManager {
                 // reserved init) is already in every map it belongs in.
                 let new_identity = self.identity_is_new(&ready)?;
                 let regenerated = if new_identity {
-                    self.regenerate()
+                    self.policy().regenerate()
                 } else {
                     Ok(())
                 };
@@ -512,11 +519,11 @@ impl EndpointManager {
         let PreparedEndpoint { ifindex, programs } = prepared;
         // The policy map exists before the program can see a packet: a new
         // endpoint is never briefly open when a policy selects it.
-        self.apply_policy(rec)?;
+        self.policy().apply_policy(rec)?;
         crate::crash::point("endpoint-create:after-policy");
         // Programs loaded for an older version of the record (an identity
         // changed meanwhile) are not used: the datapath loads them again.
-        self.datapath
+        self.dp()
             .attach_loaded(programs, &config_of(rec, ifindex), &rec.host_ifname)?;
         crate::crash::point("endpoint-create:after-attach");
         self.publish(rec, ifindex)?;
@@ -533,7 +540,7 @@ impl EndpointManager {
         ifindex: u32,
     ) -> Result<(), EndpointError> {
         for ip in rec.ips() {
-            self.datapath.upsert_endpoint(ip, info_of(rec, ifindex))?;
+            self.dp().upsert_endpoint(ip, info_of(rec, ifindex))?;
         }
         Ok(())
     }
@@ -549,13 +556,12 @@ impl EndpointManager {
     /// Removes the kernel side of an endpoint; logs what it cannot remove.
     fn teardown(&mut self, rec: &EndpointRecord) {
         for ip in rec.ips() {
-            if let Err(e) = self.datapath.remove_endpoint(ip) {
+            if let Err(e) = self.dp().remove_endpoint(ip) {
                 warn!(id = rec.id, %ip, error = %e, "cannot remove endpoint map entry");
             }
         }
-        self.resolved.remove(&rec.id);
-        self.programmed.remove(&rec.id);
-        if let Err(e) = self.datapath.detach_endpoint(rec.id) {
+        self.policy().forget(rec.id);
+        if let Err(e) = self.dp().detach_endpoint(rec.id) {
             warn!(id = rec.id, error = %e, "cannot remove link pin");
         }
         if let Err(e) = self.netdev.delete(&rec.host_ifname) {
@@ -569,24 +575,23 @@ impl EndpointManager {
         }
         let rec = self.get(id)?;
         for ip in rec.ips() {
-            self.datapath.remove_endpoint(ip)?;
+            self.dp().remove_endpoint(ip)?;
         }
         crate::crash::point("endpoint-delete:after-unpublish");
-        self.datapath.detach_endpoint(rec.id)?;
+        self.dp().detach_endpoint(rec.id)?;
         crate::crash::point("endpoint-delete:after-detach");
         self.netdev.delete(&rec.host_ifname)?;
         crate::crash::point("endpoint-delete:after-veth");
         // Nothing the endpoint was allowed may outlive it into the flows of
         // whoever gets its address or id next.
-        self.datapath.purge_ct(rec.id, &rec.ips())?;
+        self.dp().purge_ct(rec.id, &rec.ips())?;
         self.store.delete_endpoint(&rec)?;
-        self.resolved.remove(&rec.id);
-        self.programmed.remove(&rec.id);
+        self.policy().forget(rec.id);
         info!(id, "endpoint deleted");
         // Policies of the others may have selected its identity, if it was
         // the last endpoint carrying it.
         if self.identity_is_new(&rec)? {
-            self.regenerate()?;
+            self.policy().regenerate()?;
         }
         Ok(())
     }
@@ -616,7 +621,7 @@ impl EndpointManager {
         ifindex: u32,
     ) -> Result<(), EndpointError> {
         let expected = config_of(rec, ifindex);
-        let links = self.datapath.check_links(&expected)?;
+        let links = self.dp().check_links(&expected)?;
         let wrong_device = links
             .as_ref()
             .is_some_and(|l| l.iter().any(|l| l.ifindex != ifindex));
@@ -628,7 +633,7 @@ impl EndpointManager {
                 id = rec.id,
                 ifindex, "pinned link is not on the endpoint's device; re-attaching"
             );
-            self.datapath.detach_endpoint(rec.id)?;
+            self.dp().detach_endpoint(rec.id)?;
         } else if !stale {
             return Ok(());
         } else if links
@@ -645,8 +650,8 @@ impl EndpointManager {
                 "program does not match the endpoint's record; re-specializing"
             );
         }
-        self.apply_policy(rec)?;
-        self.datapath.attach_endpoint(&expected, &rec.host_ifname)?;
+        self.policy().apply_policy(rec)?;
+        self.dp().attach_endpoint(&expected, &rec.host_ifname)?;
         Ok(())
     }
 
@@ -657,7 +662,7 @@ impl EndpointManager {
     /// One endpoint's failure (a verifier rejection, say) leaves it on its
     /// old programs and is reported; the others go on.
     pub fn reload_datapath(&mut self, force: bool) -> Result<DatapathReloadResult, EndpointError> {
-        self.datapath.check_pins()?;
+        self.dp().check_pins()?;
         let mut endpoints = Vec::new();
         for rec in self.store.endpoints()? {
             let mut result = EndpointReload {
@@ -680,10 +685,7 @@ impl EndpointManager {
                 endpoints.push(result);
                 continue;
             };
-            match self
-                .datapath
-                .reload_endpoint(&config_of(&rec, ifindex), force)
-            {
+            match self.dp().reload_endpoint(&config_of(&rec, ifindex), force) {
                 Ok(done) => {
                     result.outcome = if done.swapped {
                         ReloadOutcome::Reloaded
@@ -733,9 +735,12 @@ impl EndpointManager {
     /// a missing attachment re-made; endpoints whose interface is gone are
     /// marked not ready with the reason.
     pub fn restore(&mut self) -> Result<(), EndpointError> {
-        self.load_policies()?;
-        self.withdraw_stale_ipcache_entries()?;
-        self.sync_node_addresses()?;
+        {
+            let mut policy = self.policy();
+            policy.load_policies()?;
+            policy.withdraw_stale_ipcache_entries()?;
+            policy.sync_node_addresses()?;
+        }
         for mut rec in self.store.endpoints()? {
             if rec.state == EndpointState::Creating {
                 warn!(
@@ -752,9 +757,9 @@ impl EndpointManager {
                 );
                 warn!(id = rec.id, %reason, "endpoint not ready");
                 for ip in rec.ips() {
-                    let _ = self.datapath.remove_endpoint(ip);
+                    let _ = self.dp().remove_endpoint(ip);
                 }
-                let _ = self.datapath.detach_endpoint(rec.id);
+                let _ = self.dp().detach_endpoint(rec.id);
                 rec.state = EndpointState::NotReady;
                 rec.reason = Some(reason);
                 self.store.update_endpoint(&rec)?;
@@ -774,8 +779,19 @@ impl EndpointManager {
                 self.store.update_endpoint(&rec)?;
             }
         }
-        self.regenerate()
+        self.policy().regenerate()
     }
+}
+
+/// Endpoints whose labels are still to be learned: (id, source, container
+/// id). A read of the store: the label learner never waits for a create.
+pub fn pending_labels(store: &Store) -> Result<Vec<(u16, String, String)>, EndpointError> {
+    Ok(store
+        .endpoints()?
+        .into_iter()
+        .filter(|r| r.state == EndpointState::Ready)
+        .filter_map(|r| Some((r.id, r.label_source?, r.container_id?)))
+        .collect())
 }
 
 #[cfg(test)]
@@ -1277,7 +1293,7 @@ mod tests {
             "router"
         );
         h.kernel.lock().unwrap().node_addrs = vec!["192.0.2.8".parse().unwrap()];
-        mgr.sync_node_addresses().unwrap();
+        mgr.policy().sync_node_addresses().unwrap();
         assert_eq!(ipcache_identity(&h, "192.0.2.7"), None, "address gone");
         assert_eq!(ipcache_identity(&h, "2001:db8::7"), None);
         assert_eq!(ipcache_identity(&h, "192.0.2.8"), Some(CILIA_ID_HOST));
@@ -1299,7 +1315,7 @@ mod tests {
         // A node process that puts the endpoint's address on a node
         // interface makes it host, never the endpoint.
         h.kernel.lock().unwrap().node_addrs = vec![IpAddr::V6(ep.ipv6)];
-        mgr.sync_node_addresses().unwrap();
+        mgr.policy().sync_node_addresses().unwrap();
         assert_eq!(
             ipcache_identity(&h, &ep.ipv6.to_string()),
             Some(CILIA_ID_HOST)
@@ -1351,7 +1367,8 @@ mod tests {
     #[test]
     fn a_metrics_scrape_never_holds_the_lock_endpoint_create_needs() {
         endpoint_changes_during_a_conntrack_walk(|manager, maps| {
-            crate::metrics::scrape(manager, maps).unwrap();
+            let store = manager.lock().unwrap().store.clone();
+            crate::metrics::scrape(&store, maps).unwrap();
         });
     }
 
@@ -1384,10 +1401,14 @@ spec:
         ipcache.sort_by_key(|(k, _)| (k.prefixlen, k.addr));
         let mut policy: Vec<_> = k.policy.iter().map(|(k, v)| (*k, v.clone())).collect();
         policy.sort_by_key(|(k, _)| *k);
+        let (documents, cidr_ids) = {
+            let p = mgr.policy();
+            (p.policy_documents(), p.cidr_ids.clone())
+        };
         (
             mgr.store.policies().unwrap(),
-            mgr.policy_documents(),
-            mgr.cidr_ids.clone(),
+            documents,
+            cidr_ids,
             ipcache,
             policy,
         )
@@ -1398,9 +1419,12 @@ spec:
         let h = Harness::new();
         let mut mgr = h.manager();
         mgr.create(request()).unwrap();
-        mgr.limits.ipcache_entries = 2;
+        mgr.policy().limits.ipcache_entries = 2;
         let before = policy_state(&h, &mgr);
-        let err = mgr.import_policies("t.yaml", THREE_CIDRS).unwrap_err();
+        let err = mgr
+            .policy()
+            .import_policies("t.yaml", THREE_CIDRS)
+            .unwrap_err();
         assert!(err.to_string().contains("ipcache"), "{err}");
         assert_eq!(before, policy_state(&h, &mgr));
     }
@@ -1412,9 +1436,12 @@ spec:
         mgr.create(request()).unwrap();
         // Without its three CIDR identities the policy is one entry (the
         // egress enforcement flag); with them, four.
-        mgr.limits.policy_entries = 3;
+        mgr.policy().limits.policy_entries = 3;
         let before = policy_state(&h, &mgr);
-        let err = mgr.import_policies("t.yaml", THREE_CIDRS).unwrap_err();
+        let err = mgr
+            .policy()
+            .import_policies("t.yaml", THREE_CIDRS)
+            .unwrap_err();
         assert!(err.to_string().contains("policy map entries"), "{err}");
         assert_eq!(before, policy_state(&h, &mgr));
     }
@@ -1426,7 +1453,7 @@ spec:
         mgr.create(request()).unwrap();
         let before = policy_state(&h, &mgr);
         h.kernel.lock().unwrap().fail_set_policy = true;
-        assert!(mgr.import_policies("t.yaml", THREE_CIDRS).is_err());
+        assert!(mgr.policy().import_policies("t.yaml", THREE_CIDRS).is_err());
         h.kernel.lock().unwrap().fail_set_policy = false;
         assert_eq!(before, policy_state(&h, &mgr));
     }
@@ -1436,9 +1463,9 @@ spec:
         let h = Harness::new();
         let mut mgr = h.manager();
         let ep = mgr.create(request()).unwrap();
-        mgr.limits.policy_entries = 4;
-        mgr.import_policies("t.yaml", THREE_CIDRS).unwrap();
-        assert_eq!(mgr.cidr_ids.len(), 3);
+        mgr.policy().limits.policy_entries = 4;
+        mgr.policy().import_policies("t.yaml", THREE_CIDRS).unwrap();
+        assert_eq!(mgr.policy().cidr_ids.len(), 3);
         assert_eq!(h.kernel.lock().unwrap().policy[&ep.id].len(), 4);
     }
 
@@ -1464,7 +1491,7 @@ spec:
         };
         Store::open(&h.path)
             .unwrap()
-            .put_policies(&[StoredPolicy {
+            .put_policies(&[crate::store::StoredPolicy {
                 kind: "CiliumNetworkPolicy".into(),
                 namespace: Some("default".into()),
                 name: "old".into(),
@@ -1500,7 +1527,7 @@ spec:
             (0, 0),
             "other namespace open"
         );
-        let errors = mgr.policy_errors();
+        let errors = mgr.policy().policy_errors();
         assert_eq!(errors.len(), 1);
         assert!(
             errors[0].contains("CiliumNetworkPolicy default/old"),
@@ -1516,10 +1543,11 @@ spec:
     #[test]
     fn reimporting_a_broken_policy_in_valid_form_reopens_its_namespace() {
         let h = Harness::new();
-        let (mut mgr, in_default, _) = restart_with_a_broken_stored_policy(&h);
-        mgr.import_policies(
-            "fixed.yaml",
-            "apiVersion: cilium.io/v2
+        let (mgr, in_default, _) = restart_with_a_broken_stored_policy(&h);
+        mgr.policy()
+            .import_policies(
+                "fixed.yaml",
+                "apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
 metadata:
   name: old
@@ -1529,9 +1557,9 @@ spec:
   - fromEntities:
     - all
 ",
-        )
-        .unwrap();
-        assert!(mgr.policy_errors().is_empty());
+            )
+            .unwrap();
+        assert!(mgr.policy().policy_errors().is_empty());
         let (flags, len) = enforced_directions(&h, in_default);
         assert_eq!(flags, 1, "ingress only");
         assert!(len > flags, "with its allow entry");
@@ -1540,10 +1568,10 @@ spec:
     #[test]
     fn a_broken_stored_policy_can_be_deleted_by_name() {
         let h = Harness::new();
-        let (mut mgr, in_default, _) = restart_with_a_broken_stored_policy(&h);
-        let (_, names) = mgr.delete_policies(Some("old"), None).unwrap();
+        let (mgr, in_default, _) = restart_with_a_broken_stored_policy(&h);
+        let (_, names) = mgr.policy().delete_policies(Some("old"), None).unwrap();
         assert_eq!(names.len(), 1);
-        assert!(mgr.policy_errors().is_empty());
+        assert!(mgr.policy().policy_errors().is_empty());
         assert!(mgr.store.policies().unwrap().is_empty());
         assert_eq!(enforced_directions(&h, in_default), (0, 0));
     }
@@ -1819,18 +1847,22 @@ spec:
         let writes = |id: u16| h.kernel.lock().unwrap().policy_writes[&id];
         let (web0, db0) = (writes(web.id), writes(db.id));
         let ingress = "  ingress:\n  - fromEndpoints: [{matchLabels: {app: web}}]\n";
-        mgr.import_policies("a.yaml", &cnp("a", "db", ingress))
+        mgr.policy()
+            .import_policies("a.yaml", &cnp("a", "db", ingress))
             .unwrap();
         assert_eq!((writes(web.id), writes(db.id)), (web0, db0 + 1));
         // A policy selecting nobody, and one re-imported unchanged, write nothing.
-        mgr.import_policies("b.yaml", &cnp("b", "nobody", ingress))
+        mgr.policy()
+            .import_policies("b.yaml", &cnp("b", "nobody", ingress))
             .unwrap();
-        mgr.import_policies("a.yaml", &cnp("a", "db", ingress))
+        mgr.policy()
+            .import_policies("a.yaml", &cnp("a", "db", ingress))
             .unwrap();
         assert_eq!((writes(web.id), writes(db.id)), (web0, db0 + 1));
         // A new CIDR only db's policy can see rewrites db's map only.
         let cidr = "  ingress:\n  - fromCIDR: [192.0.2.0/24]\n";
-        mgr.import_policies("c.yaml", &cnp("c", "db", cidr))
+        mgr.policy()
+            .import_policies("c.yaml", &cnp("c", "db", cidr))
             .unwrap();
         assert_eq!((writes(web.id), writes(db.id)), (web0, db0 + 2));
     }
@@ -1849,7 +1881,7 @@ spec:
                 let named = entries
                     .iter()
                     .map(|(key, v)| {
-                        let rule = mgr.rule_name(v.rule).map(String::from);
+                        let rule = mgr.policy().rule_name(v.rule).map(String::from);
                         (*key, (v.verdict, v.match_kind, rule))
                     })
                     .collect();
@@ -1868,28 +1900,32 @@ spec:
         let world = "  egress:\n  - toEntities: [world]\n  - toCIDR: [10.0.0.0/8, 192.0.2.0/24]\n  egressDeny:\n  - toCIDRSet: [{cidr: 10.0.0.0/8, except: [10.1.0.0/16]}]\n    toPorts: [{ports: [{port: '22'}]}]\n";
         let steps: Vec<Step> = vec![
             Box::new(|m| {
-                m.import_policies("a.yaml", &cnp("a", "db", to_db)).unwrap();
+                m.policy()
+                    .import_policies("a.yaml", &cnp("a", "db", to_db))
+                    .unwrap();
             }),
             Box::new(|m| {
-                m.import_policies("b.yaml", &cnp("b", "web", world))
+                m.policy()
+                    .import_policies("b.yaml", &cnp("b", "web", world))
                     .unwrap();
             }),
             Box::new(|m| {
                 m.create(labelled("web")).unwrap();
             }),
             Box::new(|m| {
-                m.import_policies(
-                    "c.yaml",
-                    &cnp("c", "db", "  ingress:\n  - fromCIDR: [10.1.2.0/24]\n"),
-                )
-                .unwrap();
+                m.policy()
+                    .import_policies(
+                        "c.yaml",
+                        &cnp("c", "db", "  ingress:\n  - fromCIDR: [10.1.2.0/24]\n"),
+                    )
+                    .unwrap();
             }),
             Box::new(move |m| {
                 m.set_labels(web.id, &BTreeMap::from([("app".into(), "db".into())]))
                     .unwrap();
             }),
             Box::new(|m| {
-                m.delete_policies(Some("a"), None).unwrap();
+                m.policy().delete_policies(Some("a"), None).unwrap();
             }),
             Box::new(|m| {
                 m.create(labelled("cache")).unwrap();
@@ -1966,7 +2002,9 @@ spec:
         let mut times = Vec::new();
         for (k, yaml) in docs.iter().enumerate() {
             let t = std::time::Instant::now();
-            mgr.import_policies(&format!("cnp-{k}.yaml"), yaml).unwrap();
+            mgr.policy()
+                .import_policies(&format!("cnp-{k}.yaml"), yaml)
+                .unwrap();
             times.push(t.elapsed().as_secs_f64());
             let ratio = times[k] / times[0];
             println!(
@@ -2002,8 +2040,13 @@ spec:
         /// A new manager on the same state, as after a restart: `old` is
         /// dropped first (the store allows one opener).
         fn manager_from(&self, old: &mut EndpointManager) -> EndpointManager {
-            let placeholder = Store::open(&self.path.with_extension("placeholder")).unwrap();
-            drop(std::mem::replace(&mut old.store, placeholder));
+            let placeholder = EndpointManager::new(
+                Store::open(&self.path.with_extension("placeholder")).unwrap(),
+                Box::new(FakeDatapath(self.kernel.clone())),
+                Box::new(FakeNetdev(self.kernel.clone())),
+                self.manager_pools(),
+            );
+            drop(std::mem::replace(old, placeholder));
             self.manager()
         }
 

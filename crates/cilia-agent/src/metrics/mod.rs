@@ -142,15 +142,41 @@ pub type MapsHandle = std::sync::Mutex<Box<dyn crate::datapath::Datapath>>;
 /// A whole snapshot: the store part under the manager's lock (released at
 /// once), then the datapath part under `maps` only.
 pub fn scrape(
-    manager: &std::sync::Mutex<crate::endpoint::EndpointManager>,
+    store: &crate::store::Store,
     maps: &MapsHandle,
 ) -> Result<Snapshot, crate::endpoint::EndpointError> {
-    let store = manager
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .metrics_store_part()?;
+    let store = StorePart::read(store)?;
     let dp = maps.lock().unwrap_or_else(|p| p.into_inner());
     Ok(datapath_part(store, dp.as_ref())?)
+}
+
+impl StorePart {
+    /// Reads the store's counts: a read transaction of its own, so a
+    /// scrape waits for no subsystem's lock.
+    pub fn read(store: &crate::store::Store) -> Result<Self, crate::store::StoreError> {
+        let endpoints = store.endpoints()?;
+        let mut by_state: std::collections::BTreeMap<String, u64> = Default::default();
+        for e in &endpoints {
+            let state = serde_json::to_value(e.state)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default();
+            *by_state.entry(state).or_default() += 1;
+        }
+        Ok(StorePart {
+            endpoint_ids: endpoints.iter().map(|e| e.id).collect(),
+            endpoints: by_state.into_iter().collect(),
+            identities: vec![
+                (
+                    "reserved".into(),
+                    crate::policy::repository::RESERVED.len() as u64,
+                ),
+                ("endpoint".into(), store.identities()?.len() as u64),
+                ("cidr".into(), store.cidr_identity_count()? as u64),
+            ],
+            policy_revision: store.policy_revision()?,
+        })
+    }
 }
 
 /// One conntrack garbage collection through `maps`, counted in `m`; never

@@ -189,13 +189,17 @@ impl Names {
             || (ev.endpoint_id != 0 && !self.endpoints.contains_key(&ev.endpoint_id))
     }
 
-    /// The snapshot of the endpoint manager's current endpoints and rules.
-    pub fn of(mgr: &crate::endpoint::EndpointManager) -> Option<Self> {
+    /// The snapshot of the current endpoints (from the store) and rules
+    /// (from the policy's summary).
+    pub fn of(
+        store: &crate::store::Store,
+        policy: &crate::policy::repository::PolicySummary,
+    ) -> Option<Self> {
         let mut names = Self {
-            rules: mgr.rule_names(),
+            rules: policy.rule_names.clone(),
             ..Self::default()
         };
-        for rec in mgr.list().ok()? {
+        for rec in store.endpoints().ok()? {
             for ip in rec.ips() {
                 names.addresses.insert(ip, rec.id);
             }

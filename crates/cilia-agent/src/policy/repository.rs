@@ -28,10 +28,13 @@ use cilia_api::EndpointState;
 use cilia_policy::{Direction, IdentityCache, Labels, Verdict};
 use tracing::{info, warn};
 
-use crate::endpoint::{config_of, EndpointError, EndpointManager};
+use std::sync::Arc;
+
+use crate::endpoint::netdev::Netdev;
+use crate::endpoint::{config_of, lock_datapath, DatapathHandle, EndpointError, Pools};
 use crate::policy::{self, map_entries};
 use crate::store::{
-    security_labels, EndpointRecord, StoredPolicy, DEFAULT_NAMESPACE, FIRST_CIDR_IDENTITY,
+    security_labels, EndpointRecord, Store, StoredPolicy, DEFAULT_NAMESPACE, FIRST_CIDR_IDENTITY,
     NAMESPACE_LABEL,
 };
 
@@ -111,7 +114,121 @@ fn prefix_key(prefix: &ipnet::IpNet) -> IpcacheKey {
     IpcacheKey::new(prefix.network(), prefix.prefix_len())
 }
 
-impl EndpointManager {
+/// The policy subsystem: the imported policies, their incremental
+/// resolution, the CIDR identities and the node's addresses in the ipcache,
+/// and what each endpoint's policy map was programmed from. Locked on its
+/// own (see `EndpointManager::policy`): the endpoint lifecycle tells it
+/// which endpoints are live ([`PolicyState::apply_policy`],
+/// [`PolicyState::forget`]); it reads records and identities from the
+/// store and writes only policy maps and the ipcache.
+pub struct PolicyState {
+    pub(crate) store: Arc<Store>,
+    pub(crate) datapath: DatapathHandle,
+    pub(crate) netdev: Arc<dyn Netdev>,
+    pub(crate) pools: Pools,
+    /// Imported policies by key (`kind/namespace/name`), with their source.
+    /// Shared (`Arc`) with `repository`, which keeps each one's resolved
+    /// contributions while the same policy stays imported.
+    pub(crate) policy_docs: BTreeMap<String, (StoredPolicy, Arc<cilia_policy::Policy>)>,
+    /// Incremental resolution of `policy_docs` against the identities:
+    /// synced with both before every use.
+    pub(crate) repository: cilia_policy::PolicyRepository,
+    /// Each live endpoint's resolved policy, as programmed into its map.
+    pub(crate) resolved: BTreeMap<u16, cilia_policy::ResolvedPolicy>,
+    /// What each live endpoint's map was last programmed from and with:
+    /// an endpoint whose inputs did not change is not touched again.
+    pub(crate) programmed: BTreeMap<u16, Programmed>,
+    /// Endpoints whose policy map this subsystem keeps current: from their
+    /// first programming (before their program is attached) until
+    /// [`PolicyState::forget`]. A regeneration writes these even while
+    /// their record still says `creating`.
+    pub(crate) live: std::collections::BTreeSet<u16>,
+    /// Whether the ipcache's CIDR entries were reconciled with a walk of
+    /// the whole map since start; afterwards only differences are written.
+    pub(crate) ipcache_walked: bool,
+    /// Local CIDR identities of the CIDRs the policies mention.
+    pub(crate) cidr_ids: BTreeMap<ipnet::IpNet, u32>,
+    /// Stored policies that failed to parse at start-up: they close the
+    /// endpoints they may select (see `policy::BrokenPolicy`).
+    pub(crate) policy_errors: Vec<policy::BrokenPolicy>,
+    /// Rule cookies of the entries in the policy maps.
+    pub(crate) rule_cookies: policy::RuleCookies,
+    pub(crate) metrics: crate::metrics::AgentMetrics,
+    /// The node's addresses, as `host` in the ipcache (see `node`).
+    pub(crate) node_addrs: std::collections::BTreeSet<IpAddr>,
+    /// Map capacities policy changes are checked against.
+    pub(crate) limits: policy::Limits,
+    /// What readers (status, the monitor's names, `bpf policy get`) see of
+    /// this state, replaced after every change, so they never wait for it.
+    pub(crate) summary: tokio::sync::watch::Sender<Arc<PolicySummary>>,
+}
+
+/// The readers' view of the policy subsystem (see [`PolicyState::summary`]).
+#[derive(Debug, Default, Clone)]
+pub struct PolicySummary {
+    /// Imported policies.
+    pub documents: usize,
+    /// One line per stored policy that no longer parses.
+    pub errors: Vec<String>,
+    /// Names of the rules behind policy map entries, by rule cookie minus one.
+    pub rule_names: Vec<String>,
+}
+
+impl PolicyState {
+    pub fn new(
+        store: Arc<Store>,
+        datapath: DatapathHandle,
+        netdev: Arc<dyn Netdev>,
+        pools: Pools,
+    ) -> Self {
+        Self {
+            store,
+            datapath,
+            netdev,
+            pools,
+            policy_docs: BTreeMap::new(),
+            repository: cilia_policy::PolicyRepository::new(),
+            resolved: BTreeMap::new(),
+            programmed: BTreeMap::new(),
+            live: std::collections::BTreeSet::new(),
+            ipcache_walked: false,
+            cidr_ids: BTreeMap::new(),
+            policy_errors: Vec::new(),
+            rule_cookies: policy::RuleCookies::default(),
+            metrics: crate::metrics::AgentMetrics::default(),
+            node_addrs: std::collections::BTreeSet::new(),
+            limits: policy::Limits::default(),
+            summary: tokio::sync::watch::Sender::new(Arc::default()),
+        }
+    }
+
+    /// A receiver of the readers' view, current after every change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Arc<PolicySummary>> {
+        self.summary.subscribe()
+    }
+
+    /// Publishes the readers' view of the current state.
+    fn publish_summary(&self) {
+        let summary = PolicySummary {
+            documents: self.policy_docs.len(),
+            errors: self.policy_errors(),
+            rule_names: self.rule_cookies.names().to_vec(),
+        };
+        self.summary.send_replace(Arc::new(summary));
+    }
+
+    pub(crate) fn dp(&self) -> std::sync::MutexGuard<'_, Box<dyn crate::datapath::Datapath>> {
+        lock_datapath(&self.datapath)
+    }
+
+    /// Stops keeping an endpoint's policy map (it is being deleted or
+    /// rolled back).
+    pub fn forget(&mut self, id: u16) {
+        self.live.remove(&id);
+        self.resolved.remove(&id);
+        self.programmed.remove(&id);
+    }
+
     /// Loads the stored policies (at start-up). Documents that no longer
     /// parse are kept in the store, reported in the status, and close the
     /// endpoints they may select (fail closed, never open).
@@ -136,6 +253,7 @@ impl EndpointManager {
                 }
             }
         }
+        self.publish_summary();
         Ok(())
     }
 
@@ -174,41 +292,6 @@ impl EndpointManager {
     /// it closes and the parse error.
     pub fn policy_errors(&self) -> Vec<String> {
         self.policy_errors.iter().map(|b| b.describe()).collect()
-    }
-
-    /// Sets which events the datapath emits (CILIA_MONITOR_*).
-    pub fn set_monitor_level(&mut self, level: u32) -> Result<(), EndpointError> {
-        Ok(self.datapath.set_monitor_level(level)?)
-    }
-
-    /// Uses `metrics` (shared with the API and the monitor).
-    pub fn set_metrics(&mut self, metrics: crate::metrics::AgentMetrics) {
-        self.metrics = metrics;
-    }
-
-    /// What a Prometheus scrape reads from the store: cheap, so it is taken
-    /// under the manager's lock; the datapath part is read after the lock
-    /// is released ([`crate::metrics::scrape`]).
-    pub fn metrics_store_part(&self) -> Result<crate::metrics::StorePart, EndpointError> {
-        let endpoints = self.store.endpoints()?;
-        let mut by_state: BTreeMap<String, u64> = BTreeMap::new();
-        for e in &endpoints {
-            let state = serde_json::to_value(e.state)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default();
-            *by_state.entry(state).or_default() += 1;
-        }
-        Ok(crate::metrics::StorePart {
-            endpoint_ids: endpoints.iter().map(|e| e.id).collect(),
-            endpoints: by_state.into_iter().collect(),
-            identities: vec![
-                ("reserved".into(), RESERVED.len() as u64),
-                ("endpoint".into(), self.store.identities()?.len() as u64),
-                ("cidr".into(), self.cidr_ids.len() as u64),
-            ],
-            policy_revision: self.store.policy_revision()?,
-        })
     }
 
     /// Names of the rules behind policy map entries, indexed by rule cookie
@@ -261,14 +344,17 @@ impl EndpointManager {
         self.sync_repository(cache);
         let basis = self.endpoint_basis(rec, &namespaces);
         let planned = self.resolve_endpoint(rec, basis)?;
-        self.program(planned)
+        let programmed = self.program(planned);
+        self.publish_summary();
+        programmed
     }
 
     /// Writes one endpoint's planned map and records what it came from;
     /// on failure nothing is recorded, so the next regeneration writes it.
     fn program(&mut self, planned: PlannedEndpoint) -> Result<(), EndpointError> {
         self.programmed.remove(&planned.id);
-        self.datapath
+        self.live.insert(planned.id);
+        self.dp()
             .set_policy(planned.id, &planned.programmed.entries)?;
         self.resolved.insert(planned.id, planned.resolved);
         self.programmed.insert(planned.id, planned.programmed);
@@ -346,7 +432,7 @@ impl EndpointManager {
         let mut endpoints = Vec::new();
         for rec in self.store.endpoints()? {
             let basis = self.endpoint_basis(&rec, &namespaces);
-            let ready = rec.state == EndpointState::Ready;
+            let ready = rec.state == EndpointState::Ready || self.live.contains(&rec.id);
             if let Some(p) = self.programmed.get(&rec.id) {
                 if ready && p.basis == basis && p.audit == rec.policy_audit {
                     // Same inputs, same map: checked again, not rebuilt.
@@ -388,15 +474,16 @@ impl EndpointManager {
         for (prefix, id) in &ids {
             // A node address stays `host` whatever a policy's CIDR says.
             if previous.get(prefix) != Some(id) && !self.is_node_key(&prefix_key(prefix)) {
-                self.datapath.upsert_ipcache(prefix_key(prefix), *id)?;
+                self.dp().upsert_ipcache(prefix_key(prefix), *id)?;
             }
         }
         if walk {
             let wanted: std::collections::BTreeSet<IpcacheKey> =
                 ids.keys().map(prefix_key).collect();
-            for (key, value) in self.datapath.list_ipcache()? {
+            let entries = self.dp().list_ipcache()?;
+            for (key, value) in entries {
                 if value.identity >= FIRST_CIDR_IDENTITY && !wanted.contains(&key) {
-                    self.datapath.remove_ipcache(key)?;
+                    self.dp().remove_ipcache(key)?;
                 }
             }
         } else {
@@ -406,7 +493,7 @@ impl EndpointManager {
                     && *id >= FIRST_CIDR_IDENTITY
                     && !self.is_node_key(&key)
                 {
-                    self.datapath.remove_ipcache(key)?;
+                    self.dp().remove_ipcache(key)?;
                 }
             }
         }
@@ -427,7 +514,8 @@ impl EndpointManager {
             }
             self.program(planned)?;
         }
-        self.datapath.bump_policy_revision()?;
+        self.dp().bump_policy_revision()?;
+        self.publish_summary();
         Ok(())
     }
 
@@ -610,138 +698,6 @@ impl EndpointManager {
         let revision = self.change_policies(candidate, broken, &[], &keys)?;
         info!(revision, deleted = keys.len(), "policies deleted");
         Ok((revision, names))
-    }
-
-    /// Sets a namespace's labels; endpoints in it move to their new
-    /// identities (programs swapped atomically), then policies regenerate.
-    pub fn set_namespace(
-        &mut self,
-        namespace: &str,
-        labels: &BTreeMap<String, String>,
-    ) -> Result<usize, EndpointError> {
-        cilia_api::labels::validate_value(namespace)
-            .map_err(|reason| EndpointError::Namespace(namespace.into(), reason))?;
-        cilia_api::labels::validate_labels(labels)?;
-        let changed = self.store.set_namespace(namespace, labels)?;
-        for rec in &changed {
-            if rec.state != EndpointState::Ready {
-                continue;
-            }
-            // Flows allowed under the old identity end with it.
-            self.datapath.purge_ct(rec.id, &rec.ips())?;
-            if let Some(ifindex) = self.netdev.ifindex(&rec.host_ifname) {
-                self.apply_policy(rec)?;
-                self.datapath
-                    .attach_endpoint(&config_of(rec, ifindex), &rec.host_ifname)?;
-                self.publish(rec, ifindex)?;
-            }
-        }
-        self.regenerate()?;
-        Ok(changed.len())
-    }
-
-    /// Sets an endpoint's labels: it moves to the identity of its new
-    /// security labels (program swapped atomically), then policies regenerate.
-    pub fn set_labels(
-        &mut self,
-        id: u16,
-        labels: &BTreeMap<String, String>,
-    ) -> Result<EndpointRecord, EndpointError> {
-        cilia_api::labels::validate_endpoint_labels(labels)?;
-        let old_identity = self.get(id)?.identity;
-        let rec = self
-            .store
-            .set_endpoint_labels(id, labels)?
-            .ok_or(EndpointError::NotFound(id))?;
-        crate::crash::point("endpoint-labels:after-record");
-        if rec.identity != old_identity {
-            // Flows allowed under the old identity end with it.
-            self.datapath.purge_ct(rec.id, &rec.ips())?;
-        }
-        if rec.state == EndpointState::Ready {
-            if let Some(ifindex) = self.netdev.ifindex(&rec.host_ifname) {
-                self.apply_policy(&rec)?;
-                self.datapath
-                    .attach_endpoint(&config_of(&rec, ifindex), &rec.host_ifname)?;
-                crate::crash::point("endpoint-labels:after-attach");
-                self.publish(&rec, ifindex)?;
-            }
-        }
-        info!(id, identity = rec.identity, "endpoint labels set");
-        self.regenerate()?;
-        Ok(rec)
-    }
-
-    /// Applies labels learned from a runtime, but only to the endpoint they
-    /// were learned for: the same id, the same container, still waiting for
-    /// them. An endpoint deleted and re-added meanwhile (ids are reused) is
-    /// another container and keeps its own identity. `Ok(None)`: not applied.
-    pub fn set_learned_labels(
-        &mut self,
-        id: u16,
-        container_id: &str,
-        labels: &BTreeMap<String, String>,
-    ) -> Result<Option<EndpointRecord>, EndpointError> {
-        let still_waiting = self.store.endpoints()?.into_iter().any(|r| {
-            r.id == id
-                && r.container_id.as_deref() == Some(container_id)
-                && r.label_source.is_some()
-        });
-        if !still_waiting {
-            return Ok(None);
-        }
-        self.set_labels(id, labels).map(Some)
-    }
-
-    /// Turns an endpoint's policy audit mode on or off.
-    pub fn set_policy_audit(
-        &mut self,
-        id: u16,
-        audit: bool,
-    ) -> Result<EndpointRecord, EndpointError> {
-        let rec = self
-            .store
-            .set_endpoint_audit(id, audit)?
-            .ok_or(EndpointError::NotFound(id))?;
-        if rec.state == EndpointState::Ready {
-            self.apply_policy(&rec)?;
-            // Flows decided before now meet the policy again.
-            self.datapath.bump_policy_revision()?;
-        }
-        info!(id, audit, "policy audit mode set");
-        Ok(rec)
-    }
-
-    /// Endpoints whose labels are still to be learned: (id, source, container id).
-    pub fn pending_labels(&self) -> Result<Vec<(u16, String, String)>, EndpointError> {
-        Ok(self
-            .store
-            .endpoints()?
-            .into_iter()
-            .filter(|r| r.state == EndpointState::Ready)
-            .filter_map(|r| Some((r.id, r.label_source?, r.container_id?)))
-            .collect())
-    }
-
-    /// Deletes the endpoints `matches` selects (CNI DEL: a container's
-    /// attachment by interface and network), under the manager's lock, so
-    /// the selection and the deletion see the same endpoints; returns how
-    /// many. None is not an error: CNI DEL is idempotent.
-    pub fn delete_matching(
-        &mut self,
-        matches: impl Fn(&EndpointRecord) -> bool,
-    ) -> Result<usize, EndpointError> {
-        let ids: Vec<u16> = self
-            .store
-            .endpoints()?
-            .into_iter()
-            .filter(|r| matches(r))
-            .map(|r| r.id)
-            .collect();
-        for id in &ids {
-            self.delete(*id)?;
-        }
-        Ok(ids.len())
     }
 
     pub fn namespaces(&self) -> Result<BTreeMap<String, BTreeMap<String, String>>, EndpointError> {
@@ -962,7 +918,7 @@ impl EndpointManager {
             TRACE_SPORT,
             dport,
         );
-        let verdict = self.datapath.test_run(&config_of(rec, ifindex), &packet)?;
+        let verdict = self.dp().test_run(&config_of(rec, ifindex), &packet)?;
         let icmp = proto == 1 || proto == 58;
         let mut key = CtKey {
             proto,
@@ -988,7 +944,7 @@ impl EndpointManager {
             }
             _ => {}
         }
-        self.datapath.remove_ct(key)?;
+        self.dp().remove_ct(key)?;
         Ok(verdict)
     }
 }

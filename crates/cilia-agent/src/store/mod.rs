@@ -753,6 +753,11 @@ impl Store {
         Ok(out)
     }
 
+    /// How many CIDR identities are allocated.
+    pub fn cidr_identity_count(&self) -> Result<usize, StoreError> {
+        Ok(self.list(CIDR_IDENTITIES)?.len())
+    }
+
     /// The CIDR identities of `prefixes` (existing ones kept, new ones
     /// given the lowest free ids), writing the changes into `c`.
     fn cidr_identities(
