@@ -89,6 +89,8 @@ pub struct MapPressure {
 }
 
 /// `POST /v1/endpoints`.
+// Only `netns` is required: serde reads an absent `Option` field as `None`
+// (no `#[serde(default)]` needed), and utoipa marks it not required.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointCreate {
@@ -97,23 +99,18 @@ pub struct EndpointCreate {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     /// Interface name inside the namespace (default `eth0`).
-    #[serde(default)]
     pub ifname: Option<String>,
     /// Runtime's container id, kept for CNI CHECK/GC.
-    #[serde(default)]
     pub container_id: Option<String>,
     /// The CNI network (its config's `name`) the container is attached
     /// through: CNI DEL, CHECK and GC act only on their network's endpoints.
-    #[serde(default)]
     pub network: Option<String>,
     /// Namespace (default `default`); becomes the label
     /// `io.kubernetes.pod.namespace`.
-    #[serde(default)]
     pub namespace: Option<String>,
     /// Where the agent should learn the labels from when `labels` is empty
     /// (`podman`: `podman container inspect <container_id>`). Until it has
     /// them, the endpoint carries the reserved `init` identity.
-    #[serde(default)]
     pub label_source: Option<String>,
 }
 
@@ -391,6 +388,23 @@ pub fn parse_port_proto(spec: &str) -> Result<(u16, u8), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoint_create_needs_only_netns() {
+        let body: EndpointCreate = serde_json::from_str(r#"{"netns": "n1"}"#).unwrap();
+        assert_eq!(body.netns, "n1");
+        assert!(body.labels.is_empty());
+        assert_eq!(
+            (
+                body.ifname,
+                body.container_id,
+                body.network,
+                body.namespace,
+                body.label_source
+            ),
+            (None, None, None, None, None)
+        );
+    }
 
     #[test]
     fn port_specs_parse() {
