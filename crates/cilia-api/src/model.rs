@@ -1,8 +1,13 @@
 //! Request and response bodies of the agent's REST API (JSON).
+//!
+//! A type marked `#[skip_serializing_none]` leaves its `None` fields out of
+//! the JSON (a field marked `#[serialize_always]` is written as `null`);
+//! everywhere, an absent `Option` field reads as `None`.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use serde_with::skip_serializing_none;
 use utoipa::ToSchema;
 
 /// Error body of every non-2xx response.
@@ -89,6 +94,8 @@ pub struct MapPressure {
 }
 
 /// `POST /v1/endpoints`.
+// Only `netns` is required: serde reads an absent `Option` field as `None`
+// (no `#[serde(default)]` needed), and utoipa marks it not required.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointCreate {
@@ -97,23 +104,18 @@ pub struct EndpointCreate {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     /// Interface name inside the namespace (default `eth0`).
-    #[serde(default)]
     pub ifname: Option<String>,
     /// Runtime's container id, kept for CNI CHECK/GC.
-    #[serde(default)]
     pub container_id: Option<String>,
     /// The CNI network (its config's `name`) the container is attached
     /// through: CNI DEL, CHECK and GC act only on their network's endpoints.
-    #[serde(default)]
     pub network: Option<String>,
     /// Namespace (default `default`); becomes the label
     /// `io.kubernetes.pod.namespace`.
-    #[serde(default)]
     pub namespace: Option<String>,
     /// Where the agent should learn the labels from when `labels` is empty
     /// (`podman`: `podman container inspect <container_id>`). Until it has
     /// them, the endpoint carries the reserved `init` identity.
-    #[serde(default)]
     pub label_source: Option<String>,
 }
 
@@ -137,6 +139,7 @@ pub enum EndpointState {
 }
 
 /// An endpoint as the agent knows it.
+#[skip_serializing_none]
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Endpoint {
     pub id: u16,
@@ -144,6 +147,8 @@ pub struct Endpoint {
     pub ifname: String,
     pub host_ifname: String,
     pub ipv6: String,
+    // Written as `null` when absent, as it always was: clients may index it.
+    #[serialize_always]
     pub ipv4: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub namespace: String,
@@ -153,14 +158,11 @@ pub struct Endpoint {
     pub host_mac: String,
     pub state: EndpointState,
     /// Why the endpoint is not ready, when it is not.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_id: Option<String>,
     /// The CNI network the endpoint was attached through (absent for
     /// endpoints made with the CLI or the API, and for CNI endpoints
     /// recorded before the agent kept networks).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
     /// The labels are still being learned (identity `init` meanwhile).
     #[serde(default)]
@@ -281,6 +283,7 @@ pub struct PolicyImport {
     pub yaml: String,
 }
 
+#[skip_serializing_none]
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct PolicyChange {
     /// Policy revision after the change.
@@ -288,7 +291,6 @@ pub struct PolicyChange {
     /// The policies imported or deleted (`Kind namespace/name`).
     pub policies: Vec<String>,
     /// Import: YAML documents read, empty ones included.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub documents: Option<usize>,
     /// Import: policies that did not exist before.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -348,6 +350,7 @@ pub struct TraceStep {
     pub rules: Vec<String>,
 }
 
+#[skip_serializing_none]
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct TraceResponse {
     pub src: String,
@@ -358,7 +361,6 @@ pub struct TraceResponse {
     pub verdict: String,
     pub steps: Vec<TraceStep>,
     /// The kernel's verdict (`ALLOWED`/`DENIED`) with `datapath`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub datapath: Option<String>,
 }
 
@@ -393,6 +395,66 @@ mod tests {
     use super::*;
 
     #[test]
+    fn endpoint_create_needs_only_netns() {
+        let body: EndpointCreate = serde_json::from_str(r#"{"netns": "n1"}"#).unwrap();
+        assert_eq!(body.netns, "n1");
+        assert!(body.labels.is_empty());
+        assert_eq!(
+            (
+                body.ifname,
+                body.container_id,
+                body.network,
+                body.namespace,
+                body.label_source
+            ),
+            (None, None, None, None, None)
+        );
+    }
+
+    fn endpoint() -> Endpoint {
+        Endpoint {
+            id: 7,
+            netns: "n1".into(),
+            ifname: "eth0".into(),
+            host_ifname: "lxc7".into(),
+            ipv6: "fd00::7".into(),
+            ipv4: None,
+            labels: BTreeMap::new(),
+            namespace: "default".into(),
+            identity: 256,
+            mac: "02:00:00:00:00:07".into(),
+            host_mac: "02:00:00:00:00:08".into(),
+            state: EndpointState::Ready,
+            reason: None,
+            container_id: None,
+            network: None,
+            labels_pending: false,
+            policy_audit: false,
+        }
+    }
+
+    #[test]
+    fn endpoint_json_leaves_out_absent_fields_but_writes_ipv4_null() {
+        let json = serde_json::to_value(endpoint()).unwrap();
+        let obj = json.as_object().unwrap();
+        assert_eq!(obj["ipv4"], serde_json::Value::Null);
+        for absent in ["reason", "container_id", "network"] {
+            assert!(!obj.contains_key(absent), "{absent} in {json}");
+        }
+        let back: Endpoint = serde_json::from_value(json).unwrap();
+        assert_eq!((back.ipv4, back.reason), (None, None));
+    }
+
+    #[test]
+    fn flow_json_leaves_out_absent_fields() {
+        let json = serde_json::to_value(Flow::default()).unwrap();
+        for absent in ["drop_reason", "policy", "trace", "data"] {
+            assert!(json.get(absent).is_none(), "{absent} in {json}");
+        }
+        assert_eq!(json["source"], serde_json::json!({"identity": 0}));
+    }
+
+    #[test]
     fn port_specs_parse() {
         assert_eq!(parse_port_proto("80/TCP"), Ok((80, 6)));
         assert_eq!(parse_port_proto("53/udp"), Ok((53, 17)));
@@ -404,24 +466,22 @@ mod tests {
 }
 
 /// One side of a flow, enriched by the agent.
+#[skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct FlowPeer {
     /// Local endpoint id, when the address is one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<u16>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     pub identity: u32,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
 }
 
 /// A datapath event, decoded and enriched: what `cilia monitor` streams and
 /// `cilia observe` lists.
+#[skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Flow {
     /// RFC 3339 time.
@@ -433,7 +493,6 @@ pub struct Flow {
     /// `FORWARDED`, `DROPPED` or `AUDIT`.
     pub verdict: String,
     /// Why it was dropped, e.g. `Policy denied`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drop_reason: Option<String>,
     /// `ingress` or `egress` (of the endpoint whose policy decided).
     pub direction: String,
@@ -445,15 +504,12 @@ pub struct Flow {
     pub protocol: String,
     pub length: u32,
     /// The policy rule that decided, or `default deny` / `default allow`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
     /// Where a forwarded packet went (`to-endpoint`, `to-stack`); for debug
     /// events, the packet's conntrack state (`new`, `established`, `reply`,
     /// `related`, `revoked`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<String>,
     /// The packet's first bytes, hex.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<String>,
 }
 
@@ -503,13 +559,13 @@ pub struct LinkReload {
 }
 
 /// One endpoint's result of a datapath reload.
+#[skip_serializing_none]
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct EndpointReload {
     pub endpoint_id: u16,
     pub outcome: ReloadOutcome,
     /// Why it failed or was skipped (for a verifier rejection, the end of
     /// the verifier's log).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     #[serde(default)]
     pub links: Vec<LinkReload>,

@@ -432,7 +432,9 @@ pub struct Attachment {
     pub ifname: String,
 }
 
-/// The plugin's network config, as a runtime passes it on stdin.
+/// The plugin's network config, as a runtime passes it on stdin. Only
+/// `cniVersion`, `name` and `type` are required: serde reads an absent
+/// `Option` field as `None`, so those need no `#[serde(default)]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NetConf {
@@ -442,24 +444,18 @@ pub struct NetConf {
     #[serde(rename = "type")]
     pub plugin_type: String,
     /// Agent socket.
-    #[serde(default)]
     pub socket: Option<PathBuf>,
     /// Passed through to the result.
-    #[serde(default)]
     pub dns: Option<Value>,
     /// Namespace when CNI_ARGS has no K8S_POD_NAMESPACE.
-    #[serde(default)]
     pub namespace: Option<String>,
     /// `args.cni.labels`: list of `{key, value}` or a map.
-    #[serde(default)]
     pub args: Option<Value>,
-    #[serde(default)]
     pub prev_result: Option<Value>,
     /// How long to keep retrying while the agent is unreachable (default
     /// 10 s; 0 fails at once with code 11).
-    #[serde(default)]
     pub retry_seconds: Option<u64>,
-    #[serde(default, rename = "cni.dev/valid-attachments")]
+    #[serde(rename = "cni.dev/valid-attachments")]
     pub valid_attachments: Option<Vec<Attachment>>,
 }
 
@@ -1144,6 +1140,19 @@ mod tests {
             r#"{"cniVersion":"1.0.0","name":"x","type":"cilia-cni","socket":5}"#,
         );
         assert_eq!(v["code"], 7);
+    }
+
+    #[test]
+    fn netconf_needs_only_version_name_and_type() {
+        let conf =
+            NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n1","type":"cilia-cni"}"#).unwrap();
+        assert_eq!(
+            (conf.name.as_str(), conf.plugin_type.as_str()),
+            ("n1", "cilia-cni")
+        );
+        assert!(conf.socket.is_none() && conf.dns.is_none() && conf.namespace.is_none());
+        assert!(conf.args.is_none() && conf.prev_result.is_none());
+        assert!(conf.retry_seconds.is_none() && conf.valid_attachments.is_none());
     }
 
     #[test]

@@ -134,14 +134,7 @@ fn add_check_del_gc_status_against_a_real_agent() {
     assert!(ok, "{r2}");
     assert_eq!(r2["ips"][0]["version"], "6");
     assert_eq!(r2["ips"][1]["version"], "4");
-    let eps = agent.cli_json(&["endpoint", "list"]);
-    let ep2 = eps
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["container_id"] == "ctr2")
-        .unwrap()
-        .clone();
+    let ep2 = agent.endpoint_of_container("ctr2");
     assert_eq!(ep2["labels"]["app"], "db");
     assert_eq!(ep2["labels_pending"], false);
 
@@ -175,28 +168,14 @@ fn add_check_del_gc_status_against_a_real_agent() {
     // A repeated ADD (runtime retry after a crash) replaces, never duplicates.
     let (ok, _) = plugin(&env("ADD", "ctr1", &p1), &conf("1.1.0", &sock));
     assert!(ok);
-    assert_eq!(
-        agent
-            .cli_json(&["endpoint", "list"])
-            .as_array()
-            .unwrap()
-            .len(),
-        2
-    );
+    assert_eq!(agent.endpoints().len(), 2);
 
     // GC: ctr2 is no longer a valid attachment.
     let gc = json!({"cniVersion": "1.1.0", "name": "cilia", "type": "cilia-cni", "socket": sock,
         "cni.dev/valid-attachments": [{"containerID": "ctr1", "ifname": "eth0"}]})
     .to_string();
     assert_eq!(plugin(&env("GC", "", ""), &gc), (true, Value::Null));
-    let eps = agent.cli_json(&["endpoint", "list"]);
-    let left: Vec<_> = eps
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["container_id"].clone())
-        .collect();
-    assert_eq!(left, vec![json!("ctr1")]);
+    assert_eq!(container_ids(&agent), vec![json!("ctr1")]);
 
     // DEL: idempotent, with an empty netns (containerd), for unknown containers.
     for _ in 0..2 {
@@ -260,9 +239,7 @@ fn net_conf(network: &str, socket: &str, extra: Value) -> String {
 
 fn container_ids(agent: &TestAgent) -> Vec<Value> {
     let mut ids: Vec<Value> = agent
-        .cli_json(&["endpoint", "list"])
-        .as_array()
-        .unwrap()
+        .endpoints()
         .iter()
         .map(|e| e["container_id"].clone())
         .collect();
@@ -311,14 +288,7 @@ fn gc_of_one_network_leaves_other_networks_endpoints_and_their_traffic() {
     // The network and interface are recorded, shown, and kept across a restart.
     agent.kill9();
     agent.spawn().unwrap();
-    let eps = agent.cli_json(&["endpoint", "list"]);
-    let ep_a = eps
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["container_id"] == "pod-a")
-        .unwrap()
-        .clone();
+    let ep_a = agent.endpoint_of_container("pod-a");
     assert_eq!(
         (&ep_a["network"], &ep_a["ifname"]),
         (&json!("net-a"), &json!("eth0"))

@@ -97,7 +97,7 @@ fn podman_connectivity_labels_policy_and_cleanup() {
         &p.exec("client", &["/bin/ip", "addr", "show", "eth0"])
             .stdout,
     );
-    let client_ep = w.endpoint_of(&client);
+    let client_ep = w.agent.endpoint_of_container(&client);
     assert!(
         addrs.contains(client_ep["ipv6"].as_str().unwrap()),
         "{addrs}"
@@ -147,7 +147,7 @@ spec:
 
     // podman rm -f: CNI DEL removes endpoints, addresses and pins.
     p.ok(&["rm", "-f", "-t", "0", "web", "client", "other"]);
-    assert_eq!(w.endpoints(), Vec::<serde_json::Value>::new());
+    assert_eq!(w.agent.endpoints(), Vec::<serde_json::Value>::new());
     let bpf_eps = w.agent.cli_json(&["bpf", "endpoint", "list"]);
     assert_eq!(bpf_eps.as_array().unwrap().len(), 0, "{bpf_eps}");
     let status = w.agent.cli_json(&["status"]);
@@ -191,7 +191,7 @@ fn podman_fifty_parallel_containers_get_unique_addresses() {
     eprintln!("50 containers started in {:?}", started.elapsed());
     let failures = failures.into_inner().unwrap();
     assert!(failures.is_empty(), "{failures:#?}");
-    let eps = w.endpoints();
+    let eps = w.agent.endpoints();
     assert_eq!(eps.len(), 50);
     let v6: BTreeSet<_> = eps.iter().map(|e| e["ipv6"].to_string()).collect();
     let v4: BTreeSet<_> = eps.iter().map(|e| e["ipv4"].to_string()).collect();
@@ -223,11 +223,11 @@ fn podman_shows_ipam_exhaustion() {
         "podman did not show the agent's message: {err}"
     );
     // The failed container left nothing behind; the others still work.
-    assert_eq!(w.endpoints().len(), 2);
+    assert_eq!(w.agent.endpoints().len(), 2);
     w.podman.ok(&["rm", "-f", "-t", "0", "full1"]);
     w.podman.ok(&["rm", "-f", "full3"]);
     w.podman.start_ok("full4", &[], SLEEP);
-    assert_eq!(w.endpoints().len(), 2);
+    assert_eq!(w.agent.endpoints().len(), 2);
 }
 
 #[test]
@@ -273,7 +273,7 @@ fn podman_agent_crash_during_adds_leaves_no_half_endpoint() {
     );
     // Containers whose start failed were cleaned up by podman (DEL).
     let running: BTreeSet<_> = w.podman.running().into_iter().collect();
-    let eps = w.endpoints();
+    let eps = w.agent.endpoints();
     for e in &eps {
         assert_eq!(e["state"], "ready", "half endpoint: {e}");
         let cid = e["container_id"].as_str().unwrap();
@@ -312,7 +312,7 @@ fn podman_agent_crash_during_adds_leaves_no_half_endpoint() {
             .map(|r| format!("crash{}", r.0))
             .collect();
         let id = w.podman.ok(&["inspect", "--format", "{{.Id}}", &names[1]]);
-        let target = w.endpoint_of(id.trim());
+        let target = w.agent.endpoint_of_container(id.trim());
         assert!(ping(&w, &names[0], target["ipv6"].as_str().unwrap()));
     }
 }

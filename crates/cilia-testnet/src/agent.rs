@@ -196,6 +196,22 @@ impl TestAgent {
         serde_json::from_str(&self.cli_ok(&all)).expect("cilia printed JSON")
     }
 
+    /// The agent's endpoints, as `cilia endpoint list -o json` prints them.
+    pub fn endpoints(&self) -> Vec<serde_json::Value> {
+        match self.cli_json(&["endpoint", "list"]) {
+            serde_json::Value::Array(endpoints) => endpoints,
+            other => panic!("cilia endpoint list printed no list: {other}"),
+        }
+    }
+
+    /// The endpoint of a runtime's container id (the CNI plugin records it).
+    pub fn endpoint_of_container(&self, id: &str) -> serde_json::Value {
+        self.endpoints()
+            .into_iter()
+            .find(|e| e["container_id"] == id)
+            .unwrap_or_else(|| panic!("no endpoint for container {id}"))
+    }
+
     /// Sets an endpoint's labels through the API (the CLI has no verb for
     /// it: runtimes do it); whether the agent answered 2xx.
     pub fn set_labels(&self, id: u16, labels: &[(&str, &str)]) -> bool {

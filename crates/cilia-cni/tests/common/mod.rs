@@ -254,22 +254,6 @@ impl World {
         Self { podman, agent }
     }
 
-    pub fn endpoints(&self) -> Vec<serde_json::Value> {
-        self.agent
-            .cli_json(&["endpoint", "list"])
-            .as_array()
-            .unwrap()
-            .clone()
-    }
-
-    /// The endpoint of a container id.
-    pub fn endpoint_of(&self, id: &str) -> serde_json::Value {
-        self.endpoints()
-            .into_iter()
-            .find(|e| e["container_id"] == id)
-            .unwrap_or_else(|| panic!("no endpoint for container {id}"))
-    }
-
     /// Waits until `f` holds of the container's endpoint.
     pub fn wait_endpoint(
         &self,
@@ -279,7 +263,7 @@ impl World {
     ) -> serde_json::Value {
         let deadline = Instant::now() + within;
         loop {
-            let ep = self.endpoint_of(id);
+            let ep = self.agent.endpoint_of_container(id);
             if f(&ep) {
                 return ep;
             }
