@@ -38,24 +38,28 @@ use crate::{
 };
 
 /// Identifies a computed contribution; a recomputation gets a new one.
-type ContributionId = u64;
+pub(crate) type ContributionId = u64;
 
 /// What a subject's resolution was merged from: the contributions, in policy order. Two
 /// equal bases give equal resolutions, so an endpoint whose basis did not change needs
 /// neither a merge nor a map write.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Basis(Vec<ContributionId>);
+pub struct Basis(pub(crate) Vec<ContributionId>);
 
-/// One policy's part of a resolution (see the module docs).
+/// One policy's part of a resolution (see the module docs). Shared (`Arc`) with the
+/// merged policies built from it, which need it to take it out again after the
+/// repository dropped it.
 #[derive(Debug)]
-struct Contribution {
-    policy: Arc<str>,
-    rules_selecting: Vec<usize>,
-    ingress_enforced: bool,
-    egress_enforced: bool,
-    rules: Vec<RuleRef>,
+pub(crate) struct Contribution {
+    /// The policy's key: contributions merge in key order.
+    pub(crate) policy: Arc<str>,
+    /// Indexes of the policy's subject groups (see [`SubjectGroup`]) that select.
+    groups: Vec<u32>,
+    pub(crate) ingress_enforced: bool,
+    pub(crate) egress_enforced: bool,
+    pub(crate) rules: Vec<RuleRef>,
     /// Sorted by key; rule indexes into `rules`.
-    keys: Vec<(Key, Candidates)>,
+    pub(crate) keys: Vec<(Key, Candidates)>,
     /// Distinct peers whose identities the keys were expanded from.
     peers: Vec<Peer>,
 }
@@ -67,10 +71,38 @@ struct PeerEntry {
     users: HashSet<ContributionId>,
 }
 
+/// The rules of one policy that share a subject selector. Policies are usually
+/// written with one `endpointSelector` for many rules, so finding which rules
+/// select an endpoint costs a match per group, not per rule.
+#[derive(Debug)]
+struct SubjectGroup {
+    subject: crate::labels::Selector,
+    rules: Vec<usize>,
+}
+
+fn subject_groups(policy: &Policy) -> Vec<SubjectGroup> {
+    let mut groups: Vec<SubjectGroup> = Vec::new();
+    let mut index: HashMap<&crate::labels::Selector, usize> = HashMap::new();
+    for (i, rule) in policy.rules.iter().enumerate() {
+        let g = *index.entry(&rule.subject).or_insert_with(|| {
+            groups.push(SubjectGroup {
+                subject: rule.subject.clone(),
+                rules: Vec::new(),
+            });
+            groups.len() - 1
+        });
+        groups[g].rules.push(i);
+    }
+    groups
+}
+
 /// Peer → identities, for the peers of kept contributions.
 #[derive(Debug, Default)]
 struct SelectorCache {
     peers: HashMap<Peer, PeerEntry>,
+    /// The selector and entity peers: the ones a label change may concern. Kept
+    /// apart so that a change does not walk the (many) CIDR peers to find them.
+    label_peers: HashSet<Peer>,
     /// CIDR peers by their CIDR, and the prefix lengths in use per family (true:
     /// IPv6): a changed CIDR identity concerns only the peers whose CIDR contains it.
     cidr_peers: HashMap<IpNet, HashSet<Peer>>,
@@ -93,6 +125,8 @@ impl SelectorCache {
                     .or_default()
                     .insert(peer.clone());
                 *self.cidr_lens.entry(family_len(cidr)).or_default() += 1;
+            } else {
+                self.label_peers.insert(peer.clone());
             }
             let ids = peer_identities(peer, cache);
             self.peers.insert(
@@ -121,6 +155,7 @@ impl SelectorCache {
             return;
         }
         self.peers.remove(peer);
+        self.label_peers.remove(peer);
         if let Peer::Cidr { cidr, .. } = peer {
             let key = cidr.trunc();
             if let Some(set) = self.cidr_peers.get_mut(&key) {
@@ -163,9 +198,12 @@ fn family_len(net: &IpNet) -> (bool, u8) {
 pub struct PolicyRepository {
     policies: BTreeMap<Arc<str>, Arc<Policy>>,
     identities: IdentityCache,
+    /// Each policy's rules grouped by subject selector, by policy key.
+    groups: HashMap<Arc<str>, Vec<SubjectGroup>>,
     selectors: SelectorCache,
-    contributions: HashMap<ContributionId, Contribution>,
-    by_rules: HashMap<(Arc<str>, Vec<usize>), ContributionId>,
+    contributions: HashMap<ContributionId, Arc<Contribution>>,
+    /// (policy key, selecting subject groups) → contribution.
+    by_rules: HashMap<(Arc<str>, Vec<u32>), ContributionId>,
     by_policy: HashMap<Arc<str>, Vec<ContributionId>>,
     next_id: ContributionId,
 }
@@ -179,6 +217,11 @@ impl PolicyRepository {
     /// The identities resolution selects from.
     pub fn identities(&self) -> &IdentityCache {
         &self.identities
+    }
+
+    /// A kept contribution, shared with the merged policies that use it.
+    pub(crate) fn contribution(&self, id: ContributionId) -> Option<Arc<Contribution>> {
+        self.contributions.get(&id).cloned()
     }
 
     /// How many contributions are kept (for tests and metrics).
@@ -212,8 +255,14 @@ impl PolicyRepository {
             .map(|(k, _)| k.clone())
             .collect();
         for key in gone {
+            self.groups.remove(&key);
             for id in self.by_policy.remove(&key).unwrap_or_default() {
                 self.drop_contribution(id);
+            }
+        }
+        for (key, policy) in &next {
+            if !self.groups.contains_key(key) {
+                self.groups.insert(key.clone(), subject_groups(policy));
             }
         }
         self.policies = next;
@@ -239,7 +288,7 @@ impl PolicyRepository {
             return;
         }
         let mut candidates: HashSet<&Peer> = HashSet::new();
-        for peer in self.selectors.peers.keys() {
+        for peer in &self.selectors.label_peers {
             let maybe = match peer {
                 Peer::Any | Peer::Cidr { .. } => false,
                 Peer::Selector(_) => labels_changed,
@@ -277,27 +326,31 @@ impl PolicyRepository {
     }
 
     /// What `subject`'s resolution is merged from, computing missing contributions.
+    /// Costs a selector match per subject group of each policy, not one per rule.
     pub fn basis(&mut self, subject: &Labels) -> Basis {
-        let selecting: Vec<(Arc<str>, Arc<Policy>, Vec<usize>)> = self
+        let selecting: Vec<(Arc<str>, Arc<Policy>, Vec<u32>)> = self
             .policies
             .iter()
             .filter_map(|(key, policy)| {
-                let rules: Vec<usize> = policy
-                    .rules
+                let groups = self.groups.get(key)?;
+                let matched: Vec<u32> = groups
                     .iter()
                     .enumerate()
-                    .filter(|(_, r)| r.subject.matches(subject))
-                    .map(|(i, _)| i)
+                    .filter(|(_, g)| g.subject.matches(subject))
+                    .filter_map(|(i, _)| u32::try_from(i).ok())
                     .collect();
-                (!rules.is_empty()).then(|| (key.clone(), policy.clone(), rules))
+                (!matched.is_empty()).then(|| (key.clone(), policy.clone(), matched))
             })
             .collect();
         let mut basis = Vec::with_capacity(selecting.len());
-        for (key, policy, rules) in selecting {
-            let found = self.by_rules.get(&(key.clone(), rules.clone())).copied();
-            let id = match found {
+        for (key, policy, matched) in selecting {
+            let lookup = (key, matched);
+            let id = match self.by_rules.get(&lookup).copied() {
                 Some(id) => id,
-                None => self.compute(key, &policy, rules),
+                None => {
+                    let (key, matched) = lookup;
+                    self.compute(key, &policy, matched)
+                }
             };
             basis.push(id);
         }
@@ -317,7 +370,7 @@ impl PolicyRepository {
         let parts: Vec<&Contribution> = basis
             .0
             .iter()
-            .filter_map(|id| self.contributions.get(id))
+            .filter_map(|id| self.contributions.get(id).map(|c| &**c))
             .collect();
         let mut merged: Vec<(Key, Candidates)> = Vec::new();
         let with_keys = parts.iter().filter(|c| !c.keys.is_empty()).count();
@@ -357,14 +410,27 @@ impl PolicyRepository {
         &mut self,
         policy_key: Arc<str>,
         policy: &Policy,
-        rules: Vec<usize>,
+        groups: Vec<u32>,
     ) -> ContributionId {
         let id = self.next_id;
         self.next_id += 1;
         let policy_name = policy.qualified_name();
+        // Rule order decides which rule wins a key: the groups' rules, merged.
+        let mut rules: Vec<usize> = self
+            .groups
+            .get(&policy_key)
+            .map(|all| {
+                groups
+                    .iter()
+                    .filter_map(|g| all.get(*g as usize))
+                    .flat_map(|g| g.rules.iter().copied())
+                    .collect()
+            })
+            .unwrap_or_default();
+        rules.sort_unstable();
         let mut c = Contribution {
             policy: policy_key.clone(),
-            rules_selecting: rules.clone(),
+            groups: groups.clone(),
             ingress_enforced: false,
             egress_enforced: false,
             rules: Vec::new(),
@@ -402,9 +468,9 @@ impl PolicyRepository {
         }
         c.keys = keys.into_iter().collect();
         c.peers = used.into_iter().cloned().collect();
-        self.by_rules.insert((policy_key.clone(), rules), id);
+        self.by_rules.insert((policy_key.clone(), groups), id);
         self.by_policy.entry(policy_key).or_default().push(id);
-        self.contributions.insert(id, c);
+        self.contributions.insert(id, Arc::new(c));
         id
     }
 
@@ -415,7 +481,7 @@ impl PolicyRepository {
         for peer in &c.peers {
             self.selectors.release(peer, id);
         }
-        self.by_rules.remove(&(c.policy.clone(), c.rules_selecting));
+        self.by_rules.remove(&(c.policy.clone(), c.groups.clone()));
         if let Some(ids) = self.by_policy.get_mut(&c.policy) {
             ids.retain(|i| *i != id);
             if ids.is_empty() {

@@ -393,11 +393,26 @@ pub(crate) fn normalized_entry(
         verdict,
         rule,
     };
-    if let Some(rule) = c.deny {
-        (!ancestor_deny).then(|| entry(Verdict::Deny, rule))
+    match normalized_verdict(
+        (c.deny.is_some(), c.allow.is_some()),
+        (ancestor_deny, ancestor_allow),
+    )? {
+        Verdict::Deny => c.deny.map(|rule| entry(Verdict::Deny, rule)),
+        Verdict::Allow => c.allow.map(|rule| entry(Verdict::Allow, rule)),
+    }
+}
+
+/// The verdict a key keeps in the map, from whether it has a deny / an allow
+/// candidate and whether an ancestor has one (see [`normalized_entry`]); shared
+/// with the incremental merge so both encode deny-over-allow the same way.
+pub(crate) fn normalized_verdict(
+    (deny, allow): (bool, bool),
+    (ancestor_deny, ancestor_allow): (bool, bool),
+) -> Option<Verdict> {
+    if deny {
+        (!ancestor_deny).then_some(Verdict::Deny)
     } else {
-        let rule = c.allow?;
-        (!ancestor_deny && !ancestor_allow).then(|| entry(Verdict::Allow, rule))
+        (allow && !ancestor_deny && !ancestor_allow).then_some(Verdict::Allow)
     }
 }
 
