@@ -161,6 +161,28 @@ impl MergedPolicy {
         offsets
     }
 
+    /// Whether an ancestor of `key` holds a deny / an allow.
+    fn covered(&self, key: Key) -> (bool, bool) {
+        let (direction, identity, ..) = key;
+        // Ancestors sort before the key within its (direction, identity) group,
+        // and most groups (a CIDR identity's) hold one key: one range probe.
+        if self
+            .keys
+            .range((direction, identity, 0, 0, 0)..key)
+            .next()
+            .is_none()
+        {
+            return (false, false);
+        }
+        ancestors(key)
+            .into_iter()
+            .filter_map(|a| self.keys.get(&a))
+            .fold((false, false), |(d, a), s| {
+                let (sd, sa) = s.presence();
+                (d || sd, a || sa)
+            })
+    }
+
     /// Takes `removed` out and puts `added` in; returns what changed in the map.
     /// `parts` must already be the new parts (for rule indexes).
     fn apply(&mut self, removed: &[Arc<Contribution>], added: &[Arc<Contribution>]) -> PolicyDelta {
@@ -230,13 +252,7 @@ impl MergedPolicy {
         };
         let mut empty: Vec<Key> = Vec::new();
         for (key, (_, old)) in before {
-            let covered = ancestors(key)
-                .into_iter()
-                .filter_map(|a| self.keys.get(&a))
-                .fold((false, false), |(d, a), s| {
-                    let (sd, sa) = s.presence();
-                    (d || sd, a || sa)
-                });
+            let covered = self.covered(key);
             let Some(state) = self.keys.get_mut(&key) else {
                 continue;
             };
