@@ -52,9 +52,12 @@ fn subjects() -> Vec<Labels> {
         .collect()
 }
 
-/// The policy set and identity cache after each import (built untimed: the
-/// agent's own bookkeeping, not the repository's).
-fn inputs() -> Vec<(Vec<(String, Arc<Policy>)>, IdentityCache)> {
+/// The policy set (key, policy) and identity cache after one import.
+type Node = (Vec<(String, Arc<Policy>)>, IdentityCache);
+
+/// The node after each import (built untimed: the agent's own bookkeeping, not
+/// the repository's).
+fn inputs() -> Vec<Node> {
     let mut cache = IdentityCache::new();
     for (i, s) in subjects().into_iter().enumerate() {
         cache.insert_labels(1000 + i as u32, s);
@@ -91,10 +94,7 @@ enum Mode {
 }
 
 /// One run of the ten imports; each import's time, and the part of it spent merging.
-fn run(
-    mode: Mode,
-    inputs: &[(Vec<(String, Arc<Policy>)>, IdentityCache)],
-) -> Vec<(Duration, Duration)> {
+fn run(mode: Mode, inputs: &[Node]) -> Vec<(Duration, Duration)> {
     let subjects = subjects();
     let mut repo = PolicyRepository::new();
     let mut bases: Vec<Basis> = subjects.iter().map(|_| Basis::default()).collect();

@@ -39,13 +39,16 @@ impl Claim {
     }
 }
 
+/// A key's map entry, if it has one: its verdict and the claim that decided it.
+type Decided = Option<(Verdict, Claim)>;
+
 /// What one key of the merged policy is claimed by, and the entry it has in the map.
 #[derive(Debug, Default)]
 struct KeyState {
     /// Sorted by policy key: the first one wins.
     allow: Vec<Claim>,
     deny: Vec<Claim>,
-    entry: Option<(Verdict, Claim)>,
+    entry: Decided,
 }
 
 impl KeyState {
@@ -188,7 +191,7 @@ impl MergedPolicy {
     fn apply(&mut self, removed: &[Arc<Contribution>], added: &[Arc<Contribution>]) -> PolicyDelta {
         let was = (self.ingress > 0, self.egress > 0);
         // Every key whose entry may change, with its presence and entry before.
-        let mut before: HashMap<Key, ((bool, bool), Option<(Verdict, Claim)>)> = HashMap::new();
+        let mut before: HashMap<Key, ((bool, bool), Decided)> = HashMap::new();
         for c in removed {
             self.ingress -= usize::from(c.ingress_enforced);
             self.egress -= usize::from(c.egress_enforced);

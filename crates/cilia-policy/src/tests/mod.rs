@@ -616,18 +616,35 @@ fn move_to_basis(
     repo.update_merged(merged, &basis)
 }
 
-fn one_policy(yaml: &str) -> std::sync::Arc<Policy> {
-    std::sync::Arc::new(parse_policies("t.yaml", yaml).expect("parse").remove(0))
+/// A Cilium policy selecting every endpoint, with the given sections.
+fn select_all(name: &str, sections: &str) -> std::sync::Arc<Policy> {
+    let yaml = format!("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: {name}}}\nspec:\n  endpointSelector: {{}}\n{sections}");
+    std::sync::Arc::new(parse_policies("t.yaml", &yaml).expect("parse").remove(0))
+}
+
+/// A policy allowing TCP `port` from `app=b` to every endpoint.
+fn allow_tcp_from_b(name: &str, port: u16) -> std::sync::Arc<Policy> {
+    select_all(
+        name,
+        &format!("  ingress:\n  - fromEndpoints: [{{matchLabels: {{app: b}}}}]\n    toPorts: [{{ports: [{{port: '{port}', protocol: TCP}}]}}]\n"),
+    )
+}
+
+/// A repository over [`cache`], and an empty merged policy of `default/a`.
+fn merge_fixture() -> (crate::PolicyRepository, crate::MergedPolicy, Labels) {
+    let mut repo = crate::PolicyRepository::new();
+    repo.set_identities(cache());
+    (
+        repo,
+        crate::MergedPolicy::new(),
+        endpoint("default", Some("a")),
+    )
 }
 
 #[test]
 fn merging_a_new_policy_upserts_only_its_entries() {
-    let a = one_policy("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: a}\nspec:\n  endpointSelector: {}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: b}}]\n    toPorts: [{ports: [{port: '80', protocol: TCP}]}]\n");
-    let b = one_policy("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: b}\nspec:\n  endpointSelector: {}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: b}}]\n    toPorts: [{ports: [{port: '443', protocol: TCP}]}]\n");
-    let mut repo = crate::PolicyRepository::new();
-    repo.set_identities(cache());
-    let subject = endpoint("default", Some("a"));
-    let mut merged = crate::MergedPolicy::new();
+    let (a, b) = (allow_tcp_from_b("a", 80), allow_tcp_from_b("b", 443));
+    let (mut repo, mut merged, subject) = merge_fixture();
     // `b` sorts before `a`'s key: every rule index of `a` shifts, no entry of it moves.
     repo.set_policies([("k2", &a)]);
     let first = move_to_basis(&mut repo, &mut merged, &subject);
@@ -641,14 +658,15 @@ fn merging_a_new_policy_upserts_only_its_entries() {
 
 #[test]
 fn a_deny_arriving_above_allows_removes_the_allows_it_covers() {
-    let allow = one_policy("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: allow}\nspec:\n  endpointSelector: {}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: b}}]\n    toPorts: [{ports: [{port: '80', protocol: TCP}]}]\n");
-    let deny = one_policy("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: deny}\nspec:\n  endpointSelector: {}\n  ingressDeny:\n  - fromEndpoints: [{matchLabels: {app: b}}]\n");
-    let mut repo = crate::PolicyRepository::new();
-    repo.set_identities(cache());
-    let subject = endpoint("default", Some("a"));
-    let mut merged = crate::MergedPolicy::new();
+    let allow = allow_tcp_from_b("allow", 80);
+    let deny = select_all(
+        "deny",
+        "  ingressDeny:\n  - fromEndpoints: [{matchLabels: {app: b}}]\n",
+    );
+    let (mut repo, mut merged, subject) = merge_fixture();
     repo.set_policies([("k1", &allow)]);
     let before = move_to_basis(&mut repo, &mut merged, &subject);
+    assert!(!before.upserted.is_empty());
     repo.set_policies([("k1", &allow), ("k2", &deny)]);
     let delta = move_to_basis(&mut repo, &mut merged, &subject);
     assert_eq!(delta.removed, before.upserted);
