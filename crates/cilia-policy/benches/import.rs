@@ -3,7 +3,8 @@
 //! benchmark (docs/benchmarks.md, "Policy import"), without the agent. Each import
 //! is timed from `set_policies` to every endpoint's merged map, two ways: a full
 //! merge of every endpoint whose basis changed, and the incremental merge
-//! ([`MergedPolicy`]). Each import's time is printed with its ratio to import 1
+//! ([`MergedPolicy`]); the full way is given each new identity cache, the
+//! incremental way only the CIDR identities the import added. Each import's time is printed with its ratio to import 1
 //! (the same 10,000 rules alone) of the same run: the goal is import 10 ≈ import 1.
 //! No external harness; each mode runs `RUNS` times, the median per import is shown.
 
@@ -12,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cilia_policy::{
-    cidr_prefixes, parse_policies, Basis, IdentityCache, Labels, MergedPolicy, Policy,
-    PolicyRepository, LOCAL_CIDR_IDENTITY_BASE, NAMESPACE_LABEL,
+    cidr_prefixes, parse_policies, Basis, IdentityCache, IdentityId, IpNet, Labels, MergedPolicy,
+    Policy, PolicyRepository, LOCAL_CIDR_IDENTITY_BASE, NAMESPACE_LABEL,
 };
 
 const IMPORTS: usize = 10;
@@ -52,8 +53,13 @@ fn subjects() -> Vec<Labels> {
         .collect()
 }
 
-/// The policy set (key, policy) and identity cache after one import.
-type Node = (Vec<(String, Arc<Policy>)>, IdentityCache);
+/// The policy set (key, policy) and identity cache after one import, and the
+/// CIDR identities the import added.
+type Node = (
+    Vec<(String, Arc<Policy>)>,
+    IdentityCache,
+    Vec<(IdentityId, IpNet)>,
+);
 
 /// The node after each import (built untimed: the agent's own bookkeeping, not
 /// the repository's).
@@ -78,11 +84,13 @@ fn inputs() -> Vec<Node> {
             .iter()
             .map(|(_, p)| &**p)
             .collect();
+        let mut added = Vec::new();
         for prefix in cidr_prefixes(new) {
             cache.insert_cidr(next_cidr, prefix);
+            added.push((next_cidr, prefix));
             next_cidr += 1;
         }
-        out.push((policies.clone(), cache.clone()));
+        out.push((policies.clone(), cache.clone(), added));
     }
     out
 }
@@ -93,19 +101,29 @@ enum Mode {
     Incremental,
 }
 
-/// One run of the ten imports; each import's time, and the part of it spent merging.
-fn run(mode: Mode, inputs: &[Node]) -> Vec<(Duration, Duration)> {
+/// One import's time, and the parts of it spent on identities and merging.
+type Times = (Duration, Duration, Duration);
+
+/// One run of the ten imports.
+fn run(mode: Mode, inputs: &[Node]) -> Vec<Times> {
     let subjects = subjects();
     let mut repo = PolicyRepository::new();
     let mut bases: Vec<Basis> = subjects.iter().map(|_| Basis::default()).collect();
     let mut merged: Vec<MergedPolicy> = subjects.iter().map(|_| MergedPolicy::new()).collect();
     let mut times = Vec::new();
-    for (policies, cache) in inputs {
+    for (policies, cache, added) in inputs {
         let cache = cache.clone();
         let start = Instant::now();
         let mut merging = Duration::ZERO;
         repo.set_policies(policies.iter().map(|(k, p)| (k.as_str(), p)));
-        repo.set_identities(cache);
+        let identities_start = Instant::now();
+        match mode {
+            Mode::Full => repo.set_identities(cache),
+            Mode::Incremental => {
+                repo.change_identities([], added.iter().map(|(id, net)| (*id, Some(*net))))
+            }
+        }
+        let identities = identities_start.elapsed();
         for (i, subject) in subjects.iter().enumerate() {
             let basis = repo.basis(subject);
             let merge_start = Instant::now();
@@ -122,7 +140,7 @@ fn run(mode: Mode, inputs: &[Node]) -> Vec<(Duration, Duration)> {
             merging += merge_start.elapsed();
             bases[i] = basis;
         }
-        times.push((start.elapsed(), merging));
+        times.push((start.elapsed(), identities, merging));
     }
     times
 }
@@ -133,10 +151,10 @@ fn main() {
         ("full merge", Mode::Full),
         ("incremental merge", Mode::Incremental),
     ] {
-        let runs: Vec<Vec<(Duration, Duration)>> = (0..RUNS).map(|_| run(mode, &inputs)).collect();
+        let runs: Vec<Vec<Times>> = (0..RUNS).map(|_| run(mode, &inputs)).collect();
         // The run whose import total is the median, per import.
         let median = |k: usize| {
-            let mut t: Vec<(Duration, Duration)> = runs.iter().map(|r| r[k]).collect();
+            let mut t: Vec<Times> = runs.iter().map(|r| r[k]).collect();
             t.sort();
             t[t.len() / 2]
         };
@@ -144,13 +162,14 @@ fn main() {
         let total: Duration = (0..IMPORTS).map(|k| median(k).0).sum();
         println!("{name}: {IMPORTS} imports of {CHUNK} rules, 3 endpoints (median of {RUNS} runs)");
         for k in 0..IMPORTS {
-            let (t, merging) = median(k);
+            let (t, identities, merging) = median(k);
             println!(
-                "  import {:>2} ({:>6} rules in): {:>10.3?}  ratio {:.2}  (merging {:>10.3?})",
+                "  import {:>2} ({:>6} rules in): {:>10.3?}  ratio {:.2}  (identities {:>10.3?}, merging {:>10.3?})",
                 k + 1,
                 k * CHUNK,
                 t,
                 t.as_secs_f64() / base.as_secs_f64(),
+                identities,
                 merging
             );
         }

@@ -284,9 +284,51 @@ impl PolicyRepository {
             || changed_cidr_ids
                 .iter()
                 .any(|id| old.labels(*id).is_some() || new.labels(*id).is_some());
+        self.reselect(&changed_prefixes, labels_changed);
+    }
+
+    /// Changes some identities in place: each `(id, Some(labels))` adds or
+    /// replaces a labelled identity, `(id, None)` removes it; the same for CIDR
+    /// identities. The same as [`Self::set_identities`] with the changed cache, but
+    /// costs the changes, not a comparison of every identity (a node with many
+    /// CIDR identities gains or loses a few at a time).
+    pub fn change_identities(
+        &mut self,
+        labels: impl IntoIterator<Item = (IdentityId, Option<Labels>)>,
+        cidrs: impl IntoIterator<Item = (IdentityId, Option<IpNet>)>,
+    ) {
+        let mut labels_changed = false;
+        for (id, new) in labels {
+            labels_changed |= match new {
+                Some(l) => self
+                    .identities
+                    .replace_labels(id, l.clone())
+                    .is_none_or(|old| old != l),
+                None => self.identities.remove_labels(id).is_some(),
+            };
+        }
+        let mut changed_prefixes: Vec<IpNet> = Vec::new();
+        for (id, new) in cidrs {
+            let old = match new {
+                Some(net) => self.identities.replace_cidr(id, net),
+                None => self.identities.remove_cidr(id),
+            };
+            if old != new.map(|n| n.trunc()) {
+                changed_prefixes.extend(old.into_iter().chain(new.map(|n| n.trunc())));
+                labels_changed |= self.identities.labels(id).is_some();
+            }
+        }
+        self.reselect(&changed_prefixes, labels_changed);
+    }
+
+    /// Evaluates again the peers that may see identities of `changed_prefixes` or
+    /// (when `labels_changed`) of changed labels; drops the contributions of those
+    /// whose identities changed.
+    fn reselect(&mut self, changed_prefixes: &[IpNet], labels_changed: bool) {
         if !labels_changed && changed_prefixes.is_empty() {
             return;
         }
+        let new = &self.identities;
         let mut candidates: HashSet<&Peer> = HashSet::new();
         for peer in &self.selectors.label_peers {
             let maybe = match peer {
@@ -302,7 +344,7 @@ impl PolicyRepository {
                 candidates.insert(peer);
             }
         }
-        for prefix in &changed_prefixes {
+        for prefix in changed_prefixes {
             self.selectors
                 .cidr_peers_containing(prefix, &mut candidates);
         }

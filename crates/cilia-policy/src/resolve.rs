@@ -51,11 +51,35 @@ impl IdentityCache {
 
     /// Adds (or replaces) a CIDR identity. The prefix is truncated to its network address.
     pub fn insert_cidr(&mut self, id: IdentityId, cidr: IpNet) {
+        self.replace_cidr(id, cidr);
+    }
+
+    /// Adds (or replaces) a labelled identity; returns the labels it had.
+    pub(crate) fn replace_labels(&mut self, id: IdentityId, labels: Labels) -> Option<Labels> {
+        self.labels.insert(id, labels)
+    }
+
+    /// Adds (or replaces) a CIDR identity; returns the prefix it had.
+    pub(crate) fn replace_cidr(&mut self, id: IdentityId, cidr: IpNet) -> Option<IpNet> {
         let cidr = cidr.trunc();
-        if let Some(old) = self.cidrs.insert(id, cidr) {
+        let old = self.cidrs.insert(id, cidr);
+        if let Some(old) = old {
             self.by_prefix.remove(&prefix_index(&old));
         }
         self.by_prefix.insert(prefix_index(&cidr), id);
+        old
+    }
+
+    /// Removes a labelled identity; returns its labels.
+    pub fn remove_labels(&mut self, id: IdentityId) -> Option<Labels> {
+        self.labels.remove(&id)
+    }
+
+    /// Removes a CIDR identity; returns its prefix.
+    pub fn remove_cidr(&mut self, id: IdentityId) -> Option<IpNet> {
+        let old = self.cidrs.remove(&id)?;
+        self.by_prefix.remove(&prefix_index(&old));
+        Some(old)
     }
 
     /// CIDR identities whose prefix lies inside `cidr` (equal included).

@@ -519,13 +519,16 @@ proptest! {
 
     /// After any sequence of imports, deletes and identity changes, the
     /// incremental repository resolves every subject exactly as a resolution
-    /// from scratch does: same enforcement, rules and map entries.
+    /// from scratch does: same enforcement, rules and map entries; whether it
+    /// is given each new identity cache or told only the identities that changed.
     #[test]
     fn incremental_resolution_equals_resolution_from_scratch(
         changes in prop::collection::vec(change(), 1..12),
     ) {
         use std::sync::Arc;
         let mut repo = crate::PolicyRepository::new();
+        let mut told = crate::PolicyRepository::new();
+        told.set_identities(cache());
         let mut policies: BTreeMap<String, Arc<Policy>> = BTreeMap::new();
         let mut c = cache();
         let subjects = [
@@ -538,11 +541,25 @@ proptest! {
             apply_change(change, &mut policies, &mut c)?;
             repo.set_policies(policies.iter().map(|(k, p)| (k.as_str(), p)));
             repo.set_identities(c.clone());
+            told.set_policies(policies.iter().map(|(k, p)| (k.as_str(), p)));
+            match change {
+                Change::Endpoint(n, labels) => told.change_identities(
+                    [(100 + n, labels.map(|(ns, app)| endpoint(ns, app)))],
+                    [],
+                ),
+                Change::Cidr(i, _) => {
+                    let id = LOCAL_CIDR_IDENTITY_BASE + *i as u32;
+                    told.change_identities([], [(id, c.cidr(id).copied())]);
+                }
+                _ => {}
+            }
             let in_order: Vec<Policy> = policies.values().map(|p| (**p).clone()).collect();
             for subject in &subjects {
                 let want = resolve(&in_order, subject, &c);
                 let (got, _) = repo.resolve(subject);
                 prop_assert_eq!(&got, &want, "step {} ({:?}), subject {:?}", step, change, subject);
+                let (got, _) = told.resolve(subject);
+                prop_assert_eq!(&got, &want, "told the changes: step {} ({:?}), subject {:?}", step, change, subject);
             }
         }
     }
