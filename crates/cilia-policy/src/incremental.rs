@@ -14,6 +14,14 @@
 //! the CIDR peers that contain it, never against every peer), and only contributions
 //! using a peer whose identities changed are dropped, to be recomputed when asked for.
 //!
+//! Nothing here walks what an import leaves alone: which rules select a subject is
+//! decided per *subject group* (a policy's rules sharing one selector, usually all
+//! of them), not per rule; a label change looks at the selector and entity peers
+//! only, never the (many) CIDR peers; and [`PolicyRepository::change_identities`]
+//! takes the identities that changed, where [`PolicyRepository::set_identities`]
+//! has to compare every identity to find them. Merging follows the change too:
+//! see [`crate::MergedPolicy`].
+//!
 //! Invariant: for every subject, [`PolicyRepository::resolve`] returns exactly what
 //! [`crate::resolve`] returns for the same policies in key order and the same
 //! identities. It holds because resolution is a first-wins merge in policy order:

@@ -42,6 +42,9 @@ impl Claim {
 /// A key's map entry, if it has one: its verdict and the claim that decided it.
 type Decided = Option<(Verdict, Claim)>;
 
+/// A key's presence (deny, allow) and entry before an update changed it.
+type Recorded = (Key, (bool, bool), Decided);
+
 /// What one key of the merged policy is claimed by, and the entry it has in the map.
 #[derive(Debug, Default)]
 struct KeyState {
@@ -49,6 +52,8 @@ struct KeyState {
     allow: Vec<Claim>,
     deny: Vec<Claim>,
     entry: Decided,
+    /// The last update that recorded this key's state before changing it.
+    seen: u64,
 }
 
 impl KeyState {
@@ -70,6 +75,9 @@ pub struct MergedPolicy {
     egress: usize,
     keys: BTreeMap<Key, KeyState>,
     entries: usize,
+    /// Counts updates: marks the keys an update already recorded, so recording
+    /// costs no hashing.
+    generation: u64,
 }
 
 /// A map entry of a merged policy with the rule that decided it.
@@ -190,8 +198,16 @@ impl MergedPolicy {
     /// `parts` must already be the new parts (for rule indexes).
     fn apply(&mut self, removed: &[Arc<Contribution>], added: &[Arc<Contribution>]) -> PolicyDelta {
         let was = (self.ingress > 0, self.egress > 0);
+        self.generation += 1;
+        let generation = self.generation;
         // Every key whose entry may change, with its presence and entry before.
-        let mut before: HashMap<Key, ((bool, bool), Decided)> = HashMap::new();
+        let mut before: Vec<Recorded> = Vec::new();
+        let record = |before: &mut Vec<Recorded>, key: Key, state: &mut KeyState| {
+            if state.seen != generation {
+                state.seen = generation;
+                before.push((key, state.presence(), state.entry.clone()));
+            }
+        };
         for c in removed {
             self.ingress -= usize::from(c.ingress_enforced);
             self.egress -= usize::from(c.egress_enforced);
@@ -199,9 +215,7 @@ impl MergedPolicy {
                 let Some(state) = self.keys.get_mut(key) else {
                     continue;
                 };
-                before
-                    .entry(*key)
-                    .or_insert_with(|| (state.presence(), state.entry.clone()));
+                record(&mut before, *key, state);
                 if cand.allow.is_some() {
                     state.allow.retain(|cl| !Arc::ptr_eq(&cl.part, c));
                 }
@@ -215,9 +229,7 @@ impl MergedPolicy {
             self.egress += usize::from(c.egress_enforced);
             for (key, cand) in &c.keys {
                 let state = self.keys.entry(*key).or_default();
-                before
-                    .entry(*key)
-                    .or_insert_with(|| (state.presence(), state.entry.clone()));
+                record(&mut before, *key, state);
                 if let Some(rule) = cand.allow {
                     insert_claim(&mut state.allow, c, rule);
                 }
@@ -230,20 +242,18 @@ impl MergedPolicy {
         // longer prefixes under it keep.
         let flipped: Vec<Key> = before
             .iter()
-            .filter(|(key, (presence, _))| {
+            .filter(|(key, presence, _)| {
                 self.keys
                     .get(key)
                     .map_or((false, false), KeyState::presence)
                     != *presence
             })
-            .map(|(key, _)| *key)
+            .map(|(key, ..)| *key)
             .collect();
         for key in flipped {
-            for (d, state) in self.keys.range(descendants(key)) {
+            for (d, state) in self.keys.range_mut(descendants(key)) {
                 if is_descendant(*d, key) {
-                    before
-                        .entry(*d)
-                        .or_insert_with(|| (state.presence(), state.entry.clone()));
+                    record(&mut before, *d, state);
                 }
             }
         }
@@ -254,7 +264,7 @@ impl MergedPolicy {
             ..PolicyDelta::default()
         };
         let mut empty: Vec<Key> = Vec::new();
-        for (key, (_, old)) in before {
+        for (key, _, old) in before {
             let covered = self.covered(key);
             let Some(state) = self.keys.get_mut(&key) else {
                 continue;
