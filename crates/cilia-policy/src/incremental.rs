@@ -343,8 +343,9 @@ impl PolicyRepository {
                 Peer::Any | Peer::Cidr { .. } => false,
                 Peer::Selector(_) => labels_changed,
                 Peer::Entity(Entity::World) => !changed_prefixes.is_empty(),
-                // Cluster: every labelled identity that is not a CIDR one.
-                Peer::Entity(Entity::Cluster) => true,
+                // Cluster: every labelled identity that is not a CIDR one; a CIDR
+                // identity on a labelled id counts as a label change.
+                Peer::Entity(Entity::Cluster) => labels_changed,
                 // Fixed reserved identities.
                 Peer::Entity(_) => false,
             };
