@@ -18,7 +18,7 @@
 //! claim is the one `merge` keeps, and the map entry follows from the first claims
 //! and the ancestors' claims by the same rule ([`normalized_verdict`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::incremental::{Basis, Contribution, ContributionId, PolicyRepository};
@@ -41,6 +41,9 @@ impl Claim {
 
 /// A key's map entry, if it has one: its verdict and the claim that decided it.
 type Decided = Option<(Verdict, Claim)>;
+
+/// Merged contributions by id, in basis order.
+type Parts = Vec<(ContributionId, Arc<Contribution>)>;
 
 /// A key's presence (deny, allow) and entry before an update changed it.
 type Recorded = (Key, (bool, bool), Decided);
@@ -70,7 +73,7 @@ impl KeyState {
 pub struct MergedPolicy {
     basis: Basis,
     /// The contributions merged, in basis (policy key) order.
-    parts: Vec<(ContributionId, Arc<Contribution>)>,
+    parts: Parts,
     ingress: usize,
     egress: usize,
     keys: BTreeMap<Key, KeyState>,
@@ -78,6 +81,9 @@ pub struct MergedPolicy {
     /// Counts updates: marks the keys an update already recorded, so recording
     /// costs no hashing.
     generation: u64,
+    /// The basis and contributions before the last update, for
+    /// [`MergedPolicy::revert_update`].
+    previous: Option<(Basis, Parts)>,
 }
 
 /// A map entry of a merged policy with the rule that decided it.
@@ -170,6 +176,33 @@ impl MergedPolicy {
             at = at.saturating_add(u32::try_from(c.rules.len()).unwrap_or(u32::MAX));
         }
         offsets
+    }
+
+    /// Moves back to where the last [`PolicyRepository::update_merged`] started from
+    /// (once; later calls do nothing) and returns what that changes in the map: the
+    /// last delta undone. For a caller that updates endpoints while planning and
+    /// gives up before writing them; it costs what the update cost, even when the
+    /// repository has since dropped the contributions the policy had before.
+    pub fn revert_update(&mut self) -> PolicyDelta {
+        let Some((basis, parts)) = self.previous.take() else {
+            return PolicyDelta::default();
+        };
+        let before: HashSet<ContributionId> = parts.iter().map(|(id, _)| *id).collect();
+        let now: HashSet<ContributionId> = self.parts.iter().map(|(id, _)| *id).collect();
+        let removed: Vec<Arc<Contribution>> = self
+            .parts
+            .iter()
+            .filter(|(id, _)| !before.contains(id))
+            .map(|(_, c)| c.clone())
+            .collect();
+        let added: Vec<Arc<Contribution>> = parts
+            .iter()
+            .filter(|(id, _)| !now.contains(id))
+            .map(|(_, c)| c.clone())
+            .collect();
+        self.parts = parts;
+        self.basis = basis;
+        self.apply(&removed, &added)
     }
 
     /// Whether an ancestor of `key` holds a deny / an allow.
@@ -315,6 +348,7 @@ impl PolicyRepository {
     /// entries that stay; an equal basis costs nothing. From
     /// [`MergedPolicy::default`] it builds the whole policy (every entry upserted).
     pub fn update_merged(&self, merged: &mut MergedPolicy, basis: &Basis) -> PolicyDelta {
+        merged.previous = Some((merged.basis.clone(), merged.parts.clone()));
         if merged.basis == *basis {
             return PolicyDelta::default();
         }

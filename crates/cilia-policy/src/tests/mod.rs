@@ -565,22 +565,48 @@ proptest! {
     }
 }
 
+/// A policy map by key: verdict and deciding rule.
+type Map = BTreeMap<(Direction, u32, u8, u16, u8), (crate::Verdict, crate::RuleRef)>;
+
+/// A map as programmed from deltas, with the ingress and egress enforcement.
+type Programmed = (Map, bool, bool);
+
+fn key(e: &crate::MapEntry) -> (Direction, u32, u8, u16, u8) {
+    (e.direction, e.identity, e.proto, e.port, e.port_prefix_len)
+}
+
+/// Programs a delta as the agent would: removals, then writes.
+fn apply_delta(
+    (map, ingress, egress): &mut Programmed,
+    delta: &crate::PolicyDelta,
+) -> Result<(), TestCaseError> {
+    for e in &delta.removed {
+        prop_assert!(
+            map.remove(&key(&e.entry)).is_some(),
+            "removed an absent entry"
+        );
+    }
+    for e in &delta.upserted {
+        map.insert(key(&e.entry), (e.entry.verdict, e.rule_ref.clone()));
+    }
+    *ingress = delta.ingress_enforced.unwrap_or(*ingress);
+    *egress = delta.egress_enforced.unwrap_or(*egress);
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     /// After any sequence of imports, deletes and identity changes, a merged
     /// policy moved change by change equals the full merge of the new basis,
     /// and the deltas it returned, applied in turn to an empty map, give
-    /// exactly that merge's entries (by key: verdict and deciding rule).
+    /// exactly that merge's entries (by key: verdict and deciding rule). A
+    /// move reverted (a plan given up) restores the merge and the map exactly.
     #[test]
     fn incremental_merge_equals_full_merge_after_any_changes(
         changes in prop::collection::vec(change(), 1..12),
     ) {
-        use crate::{MapEntry, MergedPolicy, RuleRef, Verdict};
-        type Map = BTreeMap<(Direction, u32, u8, u16, u8), (Verdict, RuleRef)>;
-        fn key(e: &MapEntry) -> (Direction, u32, u8, u16, u8) {
-            (e.direction, e.identity, e.proto, e.port, e.port_prefix_len)
-        }
+        use crate::MergedPolicy;
         let mut repo = crate::PolicyRepository::new();
         let mut policies: BTreeMap<String, std::sync::Arc<Policy>> = BTreeMap::new();
         let mut c = cache();
@@ -591,32 +617,32 @@ proptest! {
             endpoint("other", Some("a")),
         ];
         let mut merged: Vec<MergedPolicy> = subjects.iter().map(|_| MergedPolicy::new()).collect();
-        let mut maps: Vec<(Map, bool, bool)> = subjects.iter().map(|_| Default::default()).collect();
+        let mut maps: Vec<Programmed> = subjects.iter().map(|_| Default::default()).collect();
         for (step, change) in changes.iter().enumerate() {
             apply_change(change, &mut policies, &mut c)?;
             repo.set_policies(policies.iter().map(|(k, p)| (k.as_str(), p)));
             repo.set_identities(c.clone());
             for (i, subject) in subjects.iter().enumerate() {
                 let basis = repo.basis(subject);
+                let (was, was_map) = (merged[i].resolved(), maps[i].clone());
+                let delta = repo.update_merged(&mut merged[i], &basis);
+                let mut reverted = was_map.clone();
+                apply_delta(&mut reverted, &delta)?;
+                apply_delta(&mut reverted, &merged[i].revert_update())?;
+                prop_assert_eq!(&merged[i].resolved(), &was, "reverted: step {} ({:?})", step, change);
+                prop_assert_eq!(&reverted, &was_map, "reverted: step {} ({:?})", step, change);
                 let delta = repo.update_merged(&mut merged[i], &basis);
                 let want = repo.merge(&basis);
                 prop_assert_eq!(&merged[i].resolved(), &want, "step {} ({:?}), subject {:?}", step, change, subject);
                 prop_assert_eq!(merged[i].entry_count(), want.entries.len());
-                let (map, ingress, egress) = &mut maps[i];
-                for e in &delta.removed {
-                    prop_assert!(map.remove(&key(&e.entry)).is_some(), "removed an absent entry");
-                }
-                for e in &delta.upserted {
-                    map.insert(key(&e.entry), (e.entry.verdict, e.rule_ref.clone()));
-                }
-                *ingress = delta.ingress_enforced.unwrap_or(*ingress);
-                *egress = delta.egress_enforced.unwrap_or(*egress);
+                apply_delta(&mut maps[i], &delta)?;
+                let (map, ingress, egress) = &maps[i];
                 let want_map: Map = want
                     .entries
                     .iter()
                     .map(|e| (key(e), (e.verdict, want.rules[e.rule as usize].clone())))
                     .collect();
-                prop_assert_eq!(&*map, &want_map, "step {} ({:?}), subject {:?}", step, change, subject);
+                prop_assert_eq!(map, &want_map, "step {} ({:?}), subject {:?}", step, change, subject);
                 prop_assert_eq!((*ingress, *egress), (want.ingress_enforced, want.egress_enforced));
             }
         }
