@@ -14,6 +14,14 @@
 //! the CIDR peers that contain it, never against every peer), and only contributions
 //! using a peer whose identities changed are dropped, to be recomputed when asked for.
 //!
+//! Nothing here walks what an import leaves alone: which rules select a subject is
+//! decided per *subject group* (a policy's rules sharing one selector, usually all
+//! of them), not per rule; a label change looks at the selector and entity peers
+//! only, never the (many) CIDR peers; and [`PolicyRepository::change_identities`]
+//! takes the identities that changed, where [`PolicyRepository::set_identities`]
+//! has to compare every identity to find them. Merging follows the change too:
+//! see [`crate::MergedPolicy`].
+//!
 //! Invariant: for every subject, [`PolicyRepository::resolve`] returns exactly what
 //! [`crate::resolve`] returns for the same policies in key order and the same
 //! identities. It holds because resolution is a first-wins merge in policy order:
@@ -38,24 +46,28 @@ use crate::{
 };
 
 /// Identifies a computed contribution; a recomputation gets a new one.
-type ContributionId = u64;
+pub(crate) type ContributionId = u64;
 
 /// What a subject's resolution was merged from: the contributions, in policy order. Two
 /// equal bases give equal resolutions, so an endpoint whose basis did not change needs
 /// neither a merge nor a map write.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Basis(Vec<ContributionId>);
+pub struct Basis(pub(crate) Vec<ContributionId>);
 
-/// One policy's part of a resolution (see the module docs).
+/// One policy's part of a resolution (see the module docs). Shared (`Arc`) with the
+/// merged policies built from it, which need it to take it out again after the
+/// repository dropped it.
 #[derive(Debug)]
-struct Contribution {
-    policy: Arc<str>,
-    rules_selecting: Vec<usize>,
-    ingress_enforced: bool,
-    egress_enforced: bool,
-    rules: Vec<RuleRef>,
+pub(crate) struct Contribution {
+    /// The policy's key: contributions merge in key order.
+    pub(crate) policy: Arc<str>,
+    /// Indexes of the policy's subject groups (see [`SubjectGroup`]) that select.
+    groups: Vec<u32>,
+    pub(crate) ingress_enforced: bool,
+    pub(crate) egress_enforced: bool,
+    pub(crate) rules: Vec<RuleRef>,
     /// Sorted by key; rule indexes into `rules`.
-    keys: Vec<(Key, Candidates)>,
+    pub(crate) keys: Vec<(Key, Candidates)>,
     /// Distinct peers whose identities the keys were expanded from.
     peers: Vec<Peer>,
 }
@@ -67,10 +79,38 @@ struct PeerEntry {
     users: HashSet<ContributionId>,
 }
 
+/// The rules of one policy that share a subject selector. Policies are usually
+/// written with one `endpointSelector` for many rules, so finding which rules
+/// select an endpoint costs a match per group, not per rule.
+#[derive(Debug)]
+struct SubjectGroup {
+    subject: crate::labels::Selector,
+    rules: Vec<usize>,
+}
+
+fn subject_groups(policy: &Policy) -> Vec<SubjectGroup> {
+    let mut groups: Vec<SubjectGroup> = Vec::new();
+    let mut index: HashMap<&crate::labels::Selector, usize> = HashMap::new();
+    for (i, rule) in policy.rules.iter().enumerate() {
+        let g = *index.entry(&rule.subject).or_insert_with(|| {
+            groups.push(SubjectGroup {
+                subject: rule.subject.clone(),
+                rules: Vec::new(),
+            });
+            groups.len() - 1
+        });
+        groups[g].rules.push(i);
+    }
+    groups
+}
+
 /// Peer → identities, for the peers of kept contributions.
 #[derive(Debug, Default)]
 struct SelectorCache {
     peers: HashMap<Peer, PeerEntry>,
+    /// The selector and entity peers: the ones a label change may concern. Kept
+    /// apart so that a change does not walk the (many) CIDR peers to find them.
+    label_peers: HashSet<Peer>,
     /// CIDR peers by their CIDR, and the prefix lengths in use per family (true:
     /// IPv6): a changed CIDR identity concerns only the peers whose CIDR contains it.
     cidr_peers: HashMap<IpNet, HashSet<Peer>>,
@@ -93,6 +133,8 @@ impl SelectorCache {
                     .or_default()
                     .insert(peer.clone());
                 *self.cidr_lens.entry(family_len(cidr)).or_default() += 1;
+            } else {
+                self.label_peers.insert(peer.clone());
             }
             let ids = peer_identities(peer, cache);
             self.peers.insert(
@@ -121,6 +163,7 @@ impl SelectorCache {
             return;
         }
         self.peers.remove(peer);
+        self.label_peers.remove(peer);
         if let Peer::Cidr { cidr, .. } = peer {
             let key = cidr.trunc();
             if let Some(set) = self.cidr_peers.get_mut(&key) {
@@ -163,9 +206,12 @@ fn family_len(net: &IpNet) -> (bool, u8) {
 pub struct PolicyRepository {
     policies: BTreeMap<Arc<str>, Arc<Policy>>,
     identities: IdentityCache,
+    /// Each policy's rules grouped by subject selector, by policy key.
+    groups: HashMap<Arc<str>, Vec<SubjectGroup>>,
     selectors: SelectorCache,
-    contributions: HashMap<ContributionId, Contribution>,
-    by_rules: HashMap<(Arc<str>, Vec<usize>), ContributionId>,
+    contributions: HashMap<ContributionId, Arc<Contribution>>,
+    /// (policy key, selecting subject groups) → contribution.
+    by_rules: HashMap<(Arc<str>, Vec<u32>), ContributionId>,
     by_policy: HashMap<Arc<str>, Vec<ContributionId>>,
     next_id: ContributionId,
 }
@@ -179,6 +225,11 @@ impl PolicyRepository {
     /// The identities resolution selects from.
     pub fn identities(&self) -> &IdentityCache {
         &self.identities
+    }
+
+    /// A kept contribution, shared with the merged policies that use it.
+    pub(crate) fn contribution(&self, id: ContributionId) -> Option<Arc<Contribution>> {
+        self.contributions.get(&id).cloned()
     }
 
     /// How many contributions are kept (for tests and metrics).
@@ -212,8 +263,14 @@ impl PolicyRepository {
             .map(|(k, _)| k.clone())
             .collect();
         for key in gone {
+            self.groups.remove(&key);
             for id in self.by_policy.remove(&key).unwrap_or_default() {
                 self.drop_contribution(id);
+            }
+        }
+        for (key, policy) in &next {
+            if !self.groups.contains_key(key) {
+                self.groups.insert(key.clone(), subject_groups(policy));
             }
         }
         self.policies = next;
@@ -235,17 +292,60 @@ impl PolicyRepository {
             || changed_cidr_ids
                 .iter()
                 .any(|id| old.labels(*id).is_some() || new.labels(*id).is_some());
+        self.reselect(&changed_prefixes, labels_changed);
+    }
+
+    /// Changes some identities in place: each `(id, Some(labels))` adds or
+    /// replaces a labelled identity, `(id, None)` removes it; the same for CIDR
+    /// identities. The same as [`Self::set_identities`] with the changed cache, but
+    /// costs the changes, not a comparison of every identity (a node with many
+    /// CIDR identities gains or loses a few at a time).
+    pub fn change_identities(
+        &mut self,
+        labels: impl IntoIterator<Item = (IdentityId, Option<Labels>)>,
+        cidrs: impl IntoIterator<Item = (IdentityId, Option<IpNet>)>,
+    ) {
+        let mut labels_changed = false;
+        for (id, new) in labels {
+            labels_changed |= match new {
+                Some(l) => self
+                    .identities
+                    .replace_labels(id, l.clone())
+                    .is_none_or(|old| old != l),
+                None => self.identities.remove_labels(id).is_some(),
+            };
+        }
+        let mut changed_prefixes: Vec<IpNet> = Vec::new();
+        for (id, new) in cidrs {
+            let old = match new {
+                Some(net) => self.identities.replace_cidr(id, net),
+                None => self.identities.remove_cidr(id),
+            };
+            if old != new.map(|n| n.trunc()) {
+                changed_prefixes.extend(old.into_iter().chain(new.map(|n| n.trunc())));
+                labels_changed |= self.identities.labels(id).is_some();
+            }
+        }
+        self.reselect(&changed_prefixes, labels_changed);
+    }
+
+    /// Evaluates again the peers that may see identities of `changed_prefixes` or
+    /// (when `labels_changed`) of changed labels; drops the contributions of those
+    /// whose identities changed.
+    fn reselect(&mut self, changed_prefixes: &[IpNet], labels_changed: bool) {
         if !labels_changed && changed_prefixes.is_empty() {
             return;
         }
+        let new = &self.identities;
         let mut candidates: HashSet<&Peer> = HashSet::new();
-        for peer in self.selectors.peers.keys() {
+        for peer in &self.selectors.label_peers {
             let maybe = match peer {
                 Peer::Any | Peer::Cidr { .. } => false,
                 Peer::Selector(_) => labels_changed,
                 Peer::Entity(Entity::World) => !changed_prefixes.is_empty(),
-                // Cluster: every labelled identity that is not a CIDR one.
-                Peer::Entity(Entity::Cluster) => true,
+                // Cluster: every labelled identity that is not a CIDR one; a CIDR
+                // identity on a labelled id counts as a label change.
+                Peer::Entity(Entity::Cluster) => labels_changed,
                 // Fixed reserved identities.
                 Peer::Entity(_) => false,
             };
@@ -253,7 +353,7 @@ impl PolicyRepository {
                 candidates.insert(peer);
             }
         }
-        for prefix in &changed_prefixes {
+        for prefix in changed_prefixes {
             self.selectors
                 .cidr_peers_containing(prefix, &mut candidates);
         }
@@ -277,27 +377,31 @@ impl PolicyRepository {
     }
 
     /// What `subject`'s resolution is merged from, computing missing contributions.
+    /// Costs a selector match per subject group of each policy, not one per rule.
     pub fn basis(&mut self, subject: &Labels) -> Basis {
-        let selecting: Vec<(Arc<str>, Arc<Policy>, Vec<usize>)> = self
+        let selecting: Vec<(Arc<str>, Arc<Policy>, Vec<u32>)> = self
             .policies
             .iter()
             .filter_map(|(key, policy)| {
-                let rules: Vec<usize> = policy
-                    .rules
+                let groups = self.groups.get(key)?;
+                let matched: Vec<u32> = groups
                     .iter()
                     .enumerate()
-                    .filter(|(_, r)| r.subject.matches(subject))
-                    .map(|(i, _)| i)
+                    .filter(|(_, g)| g.subject.matches(subject))
+                    .filter_map(|(i, _)| u32::try_from(i).ok())
                     .collect();
-                (!rules.is_empty()).then(|| (key.clone(), policy.clone(), rules))
+                (!matched.is_empty()).then(|| (key.clone(), policy.clone(), matched))
             })
             .collect();
         let mut basis = Vec::with_capacity(selecting.len());
-        for (key, policy, rules) in selecting {
-            let found = self.by_rules.get(&(key.clone(), rules.clone())).copied();
-            let id = match found {
+        for (key, policy, matched) in selecting {
+            let lookup = (key, matched);
+            let id = match self.by_rules.get(&lookup).copied() {
                 Some(id) => id,
-                None => self.compute(key, &policy, rules),
+                None => {
+                    let (key, matched) = lookup;
+                    self.compute(key, &policy, matched)
+                }
             };
             basis.push(id);
         }
@@ -317,7 +421,7 @@ impl PolicyRepository {
         let parts: Vec<&Contribution> = basis
             .0
             .iter()
-            .filter_map(|id| self.contributions.get(id))
+            .filter_map(|id| self.contributions.get(id).map(|c| &**c))
             .collect();
         let mut merged: Vec<(Key, Candidates)> = Vec::new();
         let with_keys = parts.iter().filter(|c| !c.keys.is_empty()).count();
@@ -357,14 +461,27 @@ impl PolicyRepository {
         &mut self,
         policy_key: Arc<str>,
         policy: &Policy,
-        rules: Vec<usize>,
+        groups: Vec<u32>,
     ) -> ContributionId {
         let id = self.next_id;
         self.next_id += 1;
         let policy_name = policy.qualified_name();
+        // Rule order decides which rule wins a key: the groups' rules, merged.
+        let mut rules: Vec<usize> = self
+            .groups
+            .get(&policy_key)
+            .map(|all| {
+                groups
+                    .iter()
+                    .filter_map(|g| all.get(*g as usize))
+                    .flat_map(|g| g.rules.iter().copied())
+                    .collect()
+            })
+            .unwrap_or_default();
+        rules.sort_unstable();
         let mut c = Contribution {
             policy: policy_key.clone(),
-            rules_selecting: rules.clone(),
+            groups: groups.clone(),
             ingress_enforced: false,
             egress_enforced: false,
             rules: Vec::new(),
@@ -402,9 +519,9 @@ impl PolicyRepository {
         }
         c.keys = keys.into_iter().collect();
         c.peers = used.into_iter().cloned().collect();
-        self.by_rules.insert((policy_key.clone(), rules), id);
+        self.by_rules.insert((policy_key.clone(), groups), id);
         self.by_policy.entry(policy_key).or_default().push(id);
-        self.contributions.insert(id, c);
+        self.contributions.insert(id, Arc::new(c));
         id
     }
 
@@ -415,7 +532,7 @@ impl PolicyRepository {
         for peer in &c.peers {
             self.selectors.release(peer, id);
         }
-        self.by_rules.remove(&(c.policy.clone(), c.rules_selecting));
+        self.by_rules.remove(&(c.policy.clone(), c.groups.clone()));
         if let Some(ids) = self.by_policy.get_mut(&c.policy) {
             ids.retain(|i| *i != id);
             if ids.is_empty() {

@@ -23,7 +23,7 @@ use crate::labels::{
     excerpt, selector_key, selector_value, Requirement, Selector, RESERVED_SOURCE,
 };
 use crate::model::{Entity, Peer, PeerRule, PortRange, Rule, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
-use crate::{Policy, PolicyKind, NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX};
+use crate::{Direction, Policy, PolicyKind, NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX};
 
 const UNSUPPORTED_MARK: &str = "\u{0}cilia-policy-unsupported";
 
@@ -172,44 +172,85 @@ struct CDefaultDeny {
     egress: Option<bool>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-#[allow(dead_code)]
-struct CIngress {
-    from_endpoints: Option<Vec<RawSelector>>,
-    #[serde(rename = "fromCIDR")]
-    from_cidr: Option<Vec<String>>,
-    #[serde(rename = "fromCIDRSet")]
-    from_cidr_set: Option<Vec<CCidrRule>>,
-    from_entities: Option<Vec<String>>,
-    to_ports: Option<Vec<CPortRule>>,
-    from_requires: Option<Unsupported>,
-    from_groups: Option<Unsupported>,
-    from_nodes: Option<Unsupported>,
-    icmps: Option<Unsupported>,
-    authentication: Option<Unsupported>,
+/// A Cilium ingress or egress rule: the same peers under `from…` or `to…` keys
+/// (egress has a few more unsupported fields). One macro writes both shapes so they
+/// cannot drift apart; serde sees each key spelled out, so unknown-field errors and
+/// error paths stay those of the upstream schema.
+macro_rules! cilium_direction_rule {
+    (
+        $name:ident,
+        $endpoints:literal,
+        $cidr:literal,
+        $cidr_set:literal,
+        $entities:literal,
+        unsupported: [$($field:ident = $key:literal),* $(,)?]
+    ) => {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct $name {
+            #[serde(rename = $endpoints)]
+            endpoints: Option<Vec<RawSelector>>,
+            #[serde(rename = $cidr)]
+            cidr: Option<Vec<String>>,
+            #[serde(rename = $cidr_set)]
+            cidr_set: Option<Vec<CCidrRule>>,
+            #[serde(rename = $entities)]
+            entities: Option<Vec<String>>,
+            #[serde(rename = "toPorts")]
+            to_ports: Option<Vec<CPortRule>>,
+            $(
+                #[serde(rename = $key)]
+                $field: Option<Unsupported>,
+            )*
+        }
+
+        impl $name {
+            /// The rule's peers (each with its key, for error paths) and ports.
+            fn into_parts(self) -> (CiliumPeers, Vec<CPortRule>) {
+                let peers = CiliumPeers {
+                    endpoints: (self.endpoints.unwrap_or_default(), $endpoints),
+                    cidrs: (self.cidr.unwrap_or_default(), $cidr),
+                    cidr_sets: (self.cidr_set.unwrap_or_default(), $cidr_set),
+                    entities: (self.entities.unwrap_or_default(), $entities),
+                };
+                (peers, self.to_ports.unwrap_or_default())
+            }
+        }
+    };
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-#[allow(dead_code)]
-struct CEgress {
-    to_endpoints: Option<Vec<RawSelector>>,
-    #[serde(rename = "toCIDR")]
-    to_cidr: Option<Vec<String>>,
-    #[serde(rename = "toCIDRSet")]
-    to_cidr_set: Option<Vec<CCidrRule>>,
-    to_entities: Option<Vec<String>>,
-    to_ports: Option<Vec<CPortRule>>,
-    to_requires: Option<Unsupported>,
-    to_services: Option<Unsupported>,
-    #[serde(rename = "toFQDNs")]
-    to_fqdns: Option<Unsupported>,
-    to_groups: Option<Unsupported>,
-    to_nodes: Option<Unsupported>,
-    icmps: Option<Unsupported>,
-    authentication: Option<Unsupported>,
-}
+cilium_direction_rule!(
+    CIngress,
+    "fromEndpoints",
+    "fromCIDR",
+    "fromCIDRSet",
+    "fromEntities",
+    unsupported: [
+        from_requires = "fromRequires",
+        from_groups = "fromGroups",
+        from_nodes = "fromNodes",
+        icmps = "icmps",
+        authentication = "authentication",
+    ]
+);
+
+cilium_direction_rule!(
+    CEgress,
+    "toEndpoints",
+    "toCIDR",
+    "toCIDRSet",
+    "toEntities",
+    unsupported: [
+        to_requires = "toRequires",
+        to_services = "toServices",
+        to_fqdns = "toFQDNs",
+        to_groups = "toGroups",
+        to_nodes = "toNodes",
+        icmps = "icmps",
+        authentication = "authentication",
+    ]
+);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -1014,44 +1055,45 @@ fn cilium_rule(
         enforce_ingress: false,
         enforce_egress: false,
     };
-    for (section, deny, rules) in [
-        ("ingress", false, raw.ingress.unwrap_or_default()),
-        ("ingressDeny", true, raw.ingress_deny.unwrap_or_default()),
+    let ingress = |rules: Option<Vec<CIngress>>| -> Vec<(CiliumPeers, Vec<CPortRule>)> {
+        rules
+            .into_iter()
+            .flatten()
+            .map(CIngress::into_parts)
+            .collect()
+    };
+    let egress = |rules: Option<Vec<CEgress>>| -> Vec<(CiliumPeers, Vec<CPortRule>)> {
+        rules
+            .into_iter()
+            .flatten()
+            .map(CEgress::into_parts)
+            .collect()
+    };
+    for (section, direction, deny, rules) in [
+        ("ingress", Direction::Ingress, false, ingress(raw.ingress)),
+        (
+            "ingressDeny",
+            Direction::Ingress,
+            true,
+            ingress(raw.ingress_deny),
+        ),
+        ("egress", Direction::Egress, false, egress(raw.egress)),
+        (
+            "egressDeny",
+            Direction::Egress,
+            true,
+            egress(raw.egress_deny),
+        ),
     ] {
-        for (i, r) in rules.into_iter().enumerate() {
+        let out = match (direction, deny) {
+            (Direction::Ingress, false) => &mut rule.ingress,
+            (Direction::Ingress, true) => &mut rule.ingress_deny,
+            (Direction::Egress, false) => &mut rule.egress,
+            (Direction::Egress, true) => &mut rule.egress_deny,
+        };
+        for (i, (peers, ports)) in rules.into_iter().enumerate() {
             let p = format!("{path}.{section}[{i}]");
-            let peers = CiliumPeers {
-                endpoints: (r.from_endpoints.unwrap_or_default(), "fromEndpoints"),
-                cidrs: (r.from_cidr.unwrap_or_default(), "fromCIDR"),
-                cidr_sets: (r.from_cidr_set.unwrap_or_default(), "fromCIDRSet"),
-                entities: (r.from_entities.unwrap_or_default(), "fromEntities"),
-            };
-            let pr = cilium_peer_rule(doc, &p, ns, peers, r.to_ports.unwrap_or_default(), deny)?;
-            if deny {
-                rule.ingress_deny.push(pr);
-            } else {
-                rule.ingress.push(pr);
-            }
-        }
-    }
-    for (section, deny, rules) in [
-        ("egress", false, raw.egress.unwrap_or_default()),
-        ("egressDeny", true, raw.egress_deny.unwrap_or_default()),
-    ] {
-        for (i, r) in rules.into_iter().enumerate() {
-            let p = format!("{path}.{section}[{i}]");
-            let peers = CiliumPeers {
-                endpoints: (r.to_endpoints.unwrap_or_default(), "toEndpoints"),
-                cidrs: (r.to_cidr.unwrap_or_default(), "toCIDR"),
-                cidr_sets: (r.to_cidr_set.unwrap_or_default(), "toCIDRSet"),
-                entities: (r.to_entities.unwrap_or_default(), "toEntities"),
-            };
-            let pr = cilium_peer_rule(doc, &p, ns, peers, r.to_ports.unwrap_or_default(), deny)?;
-            if deny {
-                rule.egress_deny.push(pr);
-            } else {
-                rule.egress.push(pr);
-            }
+            out.push(cilium_peer_rule(doc, &p, ns, peers, ports, deny)?);
         }
     }
 

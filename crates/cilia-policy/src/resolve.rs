@@ -51,11 +51,35 @@ impl IdentityCache {
 
     /// Adds (or replaces) a CIDR identity. The prefix is truncated to its network address.
     pub fn insert_cidr(&mut self, id: IdentityId, cidr: IpNet) {
+        self.replace_cidr(id, cidr);
+    }
+
+    /// Adds (or replaces) a labelled identity; returns the labels it had.
+    pub(crate) fn replace_labels(&mut self, id: IdentityId, labels: Labels) -> Option<Labels> {
+        self.labels.insert(id, labels)
+    }
+
+    /// Adds (or replaces) a CIDR identity; returns the prefix it had.
+    pub(crate) fn replace_cidr(&mut self, id: IdentityId, cidr: IpNet) -> Option<IpNet> {
         let cidr = cidr.trunc();
-        if let Some(old) = self.cidrs.insert(id, cidr) {
+        let old = self.cidrs.insert(id, cidr);
+        if let Some(old) = old {
             self.by_prefix.remove(&prefix_index(&old));
         }
         self.by_prefix.insert(prefix_index(&cidr), id);
+        old
+    }
+
+    /// Removes a labelled identity; returns its labels.
+    pub fn remove_labels(&mut self, id: IdentityId) -> Option<Labels> {
+        self.labels.remove(&id)
+    }
+
+    /// Removes a CIDR identity; returns its prefix.
+    pub fn remove_cidr(&mut self, id: IdentityId) -> Option<IpNet> {
+        let old = self.cidrs.remove(&id)?;
+        self.by_prefix.remove(&prefix_index(&old));
+        Some(old)
     }
 
     /// CIDR identities whose prefix lies inside `cidr` (equal included).
@@ -393,11 +417,26 @@ pub(crate) fn normalized_entry(
         verdict,
         rule,
     };
-    if let Some(rule) = c.deny {
-        (!ancestor_deny).then(|| entry(Verdict::Deny, rule))
+    match normalized_verdict(
+        (c.deny.is_some(), c.allow.is_some()),
+        (ancestor_deny, ancestor_allow),
+    )? {
+        Verdict::Deny => c.deny.map(|rule| entry(Verdict::Deny, rule)),
+        Verdict::Allow => c.allow.map(|rule| entry(Verdict::Allow, rule)),
+    }
+}
+
+/// The verdict a key keeps in the map, from whether it has a deny / an allow
+/// candidate and whether an ancestor has one (see [`normalized_entry`]); shared
+/// with the incremental merge so both encode deny-over-allow the same way.
+pub(crate) fn normalized_verdict(
+    (deny, allow): (bool, bool),
+    (ancestor_deny, ancestor_allow): (bool, bool),
+) -> Option<Verdict> {
+    if deny {
+        (!ancestor_deny).then_some(Verdict::Deny)
     } else {
-        let rule = c.allow?;
-        (!ancestor_deny && !ancestor_allow).then(|| entry(Verdict::Allow, rule))
+        (allow && !ancestor_deny && !ancestor_allow).then_some(Verdict::Allow)
     }
 }
 

@@ -461,18 +461,74 @@ fn change() -> impl Strategy<Value = Change> {
     ]
 }
 
+/// Applies one change to a node's policies (by key) and identities.
+fn apply_change(
+    change: &Change,
+    policies: &mut BTreeMap<String, std::sync::Arc<Policy>>,
+    c: &mut IdentityCache,
+) -> Result<(), TestCaseError> {
+    let all_prefixes: Vec<&str> = PREFIXES.iter().chain(&MORE_PREFIXES).copied().collect();
+    match change {
+        Change::Import(slot, yaml) => {
+            let mut parsed = parse_policies("prop.yaml", yaml)
+                .map_err(|e| TestCaseError::fail(format!("{e}\n{yaml}")))?;
+            let mut p = parsed.remove(0);
+            p.name = format!("p{slot}");
+            policies.insert(format!("k{slot}"), std::sync::Arc::new(p));
+        }
+        Change::Delete(slot) => {
+            policies.remove(&format!("k{slot}"));
+        }
+        Change::Endpoint(n, labels) => {
+            let mut next = IdentityCache::new();
+            for (id, l) in c.label_identities() {
+                if id != 100 + n {
+                    next.insert_labels(id, l.clone());
+                }
+            }
+            for (id, net) in c.cidr_identities() {
+                next.insert_cidr(id, *net);
+            }
+            if let Some((ns, app)) = labels {
+                next.insert_labels(100 + n, endpoint(ns, *app));
+            }
+            *c = next;
+        }
+        Change::Cidr(i, on) => {
+            let id = LOCAL_CIDR_IDENTITY_BASE + *i as u32;
+            let mut next = IdentityCache::new();
+            for (lid, l) in c.label_identities() {
+                next.insert_labels(lid, l.clone());
+            }
+            for (cid, net) in c.cidr_identities() {
+                if cid != id {
+                    next.insert_cidr(cid, *net);
+                }
+            }
+            if *on {
+                next.insert_cidr(id, all_prefixes[*i].parse().expect("prefix"));
+            }
+            *c = next;
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     /// After any sequence of imports, deletes and identity changes, the
     /// incremental repository resolves every subject exactly as a resolution
-    /// from scratch does: same enforcement, rules and map entries.
+    /// from scratch does: same enforcement, rules and map entries; whether it
+    /// is given each new identity cache or told only the identities that changed.
     #[test]
     fn incremental_resolution_equals_resolution_from_scratch(
         changes in prop::collection::vec(change(), 1..12),
     ) {
         use std::sync::Arc;
         let mut repo = crate::PolicyRepository::new();
+        let mut told = crate::PolicyRepository::new();
+        told.set_identities(cache());
         let mut policies: BTreeMap<String, Arc<Policy>> = BTreeMap::new();
         let mut c = cache();
         let subjects = [
@@ -481,61 +537,191 @@ proptest! {
             endpoint("default", None),
             endpoint("other", Some("a")),
         ];
-        let all_prefixes: Vec<&str> = PREFIXES.iter().chain(&MORE_PREFIXES).copied().collect();
         for (step, change) in changes.iter().enumerate() {
-            match change {
-                Change::Import(slot, yaml) => {
-                    let mut parsed = parse_policies("prop.yaml", yaml)
-                        .map_err(|e| TestCaseError::fail(format!("{e}\n{yaml}")))?;
-                    let mut p = parsed.remove(0);
-                    p.name = format!("p{slot}");
-                    policies.insert(format!("k{slot}"), Arc::new(p));
-                }
-                Change::Delete(slot) => {
-                    policies.remove(&format!("k{slot}"));
-                }
-                Change::Endpoint(n, labels) => {
-                    let mut next = IdentityCache::new();
-                    for (id, l) in c.label_identities() {
-                        if id != 100 + n {
-                            next.insert_labels(id, l.clone());
-                        }
-                    }
-                    for (id, net) in c.cidr_identities() {
-                        next.insert_cidr(id, *net);
-                    }
-                    if let Some((ns, app)) = labels {
-                        next.insert_labels(100 + n, endpoint(ns, *app));
-                    }
-                    c = next;
-                }
-                Change::Cidr(i, on) => {
-                    let id = LOCAL_CIDR_IDENTITY_BASE + *i as u32;
-                    let mut next = IdentityCache::new();
-                    for (lid, l) in c.label_identities() {
-                        next.insert_labels(lid, l.clone());
-                    }
-                    for (cid, net) in c.cidr_identities() {
-                        if cid != id {
-                            next.insert_cidr(cid, *net);
-                        }
-                    }
-                    if *on {
-                        next.insert_cidr(id, all_prefixes[*i].parse().expect("prefix"));
-                    }
-                    c = next;
-                }
-            }
+            apply_change(change, &mut policies, &mut c)?;
             repo.set_policies(policies.iter().map(|(k, p)| (k.as_str(), p)));
             repo.set_identities(c.clone());
+            told.set_policies(policies.iter().map(|(k, p)| (k.as_str(), p)));
+            match change {
+                Change::Endpoint(n, labels) => told.change_identities(
+                    [(100 + n, labels.map(|(ns, app)| endpoint(ns, app)))],
+                    [],
+                ),
+                Change::Cidr(i, _) => {
+                    let id = LOCAL_CIDR_IDENTITY_BASE + *i as u32;
+                    told.change_identities([], [(id, c.cidr(id).copied())]);
+                }
+                _ => {}
+            }
             let in_order: Vec<Policy> = policies.values().map(|p| (**p).clone()).collect();
             for subject in &subjects {
                 let want = resolve(&in_order, subject, &c);
                 let (got, _) = repo.resolve(subject);
                 prop_assert_eq!(&got, &want, "step {} ({:?}), subject {:?}", step, change, subject);
+                let (got, _) = told.resolve(subject);
+                prop_assert_eq!(&got, &want, "told the changes: step {} ({:?}), subject {:?}", step, change, subject);
             }
         }
     }
+}
+
+/// A policy map by key: verdict and deciding rule.
+type Map = BTreeMap<(Direction, u32, u8, u16, u8), (crate::Verdict, crate::RuleRef)>;
+
+/// A map as programmed from deltas, with the ingress and egress enforcement.
+type Programmed = (Map, bool, bool);
+
+fn key(e: &crate::MapEntry) -> (Direction, u32, u8, u16, u8) {
+    (e.direction, e.identity, e.proto, e.port, e.port_prefix_len)
+}
+
+/// Programs a delta as the agent would: removals, then writes.
+fn apply_delta(
+    (map, ingress, egress): &mut Programmed,
+    delta: &crate::PolicyDelta,
+) -> Result<(), TestCaseError> {
+    for e in &delta.removed {
+        prop_assert!(
+            map.remove(&key(&e.entry)).is_some(),
+            "removed an absent entry"
+        );
+    }
+    for e in &delta.upserted {
+        map.insert(key(&e.entry), (e.entry.verdict, e.rule_ref.clone()));
+    }
+    *ingress = delta.ingress_enforced.unwrap_or(*ingress);
+    *egress = delta.egress_enforced.unwrap_or(*egress);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// After any sequence of imports, deletes and identity changes, a merged
+    /// policy moved change by change equals the full merge of the new basis,
+    /// and the deltas it returned, applied in turn to an empty map, give
+    /// exactly that merge's entries (by key: verdict and deciding rule). A
+    /// move reverted (a plan given up) restores the merge and the map exactly.
+    #[test]
+    fn incremental_merge_equals_full_merge_after_any_changes(
+        changes in prop::collection::vec(change(), 1..12),
+    ) {
+        use crate::MergedPolicy;
+        let mut repo = crate::PolicyRepository::new();
+        let mut policies: BTreeMap<String, std::sync::Arc<Policy>> = BTreeMap::new();
+        let mut c = cache();
+        let subjects = [
+            endpoint("default", Some("a")),
+            endpoint("default", Some("b")),
+            endpoint("default", None),
+            endpoint("other", Some("a")),
+        ];
+        let mut merged: Vec<MergedPolicy> = subjects.iter().map(|_| MergedPolicy::new()).collect();
+        let mut maps: Vec<Programmed> = subjects.iter().map(|_| Default::default()).collect();
+        for (step, change) in changes.iter().enumerate() {
+            apply_change(change, &mut policies, &mut c)?;
+            repo.set_policies(policies.iter().map(|(k, p)| (k.as_str(), p)));
+            repo.set_identities(c.clone());
+            for (i, subject) in subjects.iter().enumerate() {
+                let basis = repo.basis(subject);
+                let (was, was_map) = (merged[i].resolved(), maps[i].clone());
+                let delta = repo.update_merged(&mut merged[i], &basis);
+                let mut reverted = was_map.clone();
+                apply_delta(&mut reverted, &delta)?;
+                apply_delta(&mut reverted, &merged[i].revert_update())?;
+                prop_assert_eq!(&merged[i].resolved(), &was, "reverted: step {} ({:?})", step, change);
+                prop_assert_eq!(&reverted, &was_map, "reverted: step {} ({:?})", step, change);
+                let delta = repo.update_merged(&mut merged[i], &basis);
+                let want = repo.merge(&basis);
+                prop_assert_eq!(&merged[i].resolved(), &want, "step {} ({:?}), subject {:?}", step, change, subject);
+                prop_assert_eq!(merged[i].entry_count(), want.entries.len());
+                apply_delta(&mut maps[i], &delta)?;
+                let (map, ingress, egress) = &maps[i];
+                let want_map: Map = want
+                    .entries
+                    .iter()
+                    .map(|e| (key(e), (e.verdict, want.rules[e.rule as usize].clone())))
+                    .collect();
+                prop_assert_eq!(map, &want_map, "step {} ({:?}), subject {:?}", step, change, subject);
+                prop_assert_eq!((*ingress, *egress), (want.ingress_enforced, want.egress_enforced));
+            }
+        }
+    }
+}
+
+/// Moves `merged` to `subject`'s current basis.
+fn move_to_basis(
+    repo: &mut crate::PolicyRepository,
+    merged: &mut crate::MergedPolicy,
+    subject: &Labels,
+) -> crate::PolicyDelta {
+    let basis = repo.basis(subject);
+    repo.update_merged(merged, &basis)
+}
+
+/// A Cilium policy selecting every endpoint, with the given sections.
+fn select_all(name: &str, sections: &str) -> std::sync::Arc<Policy> {
+    let yaml = format!("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: {name}}}\nspec:\n  endpointSelector: {{}}\n{sections}");
+    std::sync::Arc::new(parse_policies("t.yaml", &yaml).expect("parse").remove(0))
+}
+
+/// A policy allowing TCP `port` from `app=b` to every endpoint.
+fn allow_tcp_from_b(name: &str, port: u16) -> std::sync::Arc<Policy> {
+    select_all(
+        name,
+        &format!("  ingress:\n  - fromEndpoints: [{{matchLabels: {{app: b}}}}]\n    toPorts: [{{ports: [{{port: '{port}', protocol: TCP}}]}}]\n"),
+    )
+}
+
+/// A repository over [`cache`], and an empty merged policy of `default/a`.
+fn merge_fixture() -> (crate::PolicyRepository, crate::MergedPolicy, Labels) {
+    let mut repo = crate::PolicyRepository::new();
+    repo.set_identities(cache());
+    (
+        repo,
+        crate::MergedPolicy::new(),
+        endpoint("default", Some("a")),
+    )
+}
+
+#[test]
+fn merging_a_new_policy_upserts_only_its_entries() {
+    let (a, b) = (allow_tcp_from_b("a", 80), allow_tcp_from_b("b", 443));
+    let (mut repo, mut merged, subject) = merge_fixture();
+    // `b` sorts before `a`'s key: every rule index of `a` shifts, no entry of it moves.
+    repo.set_policies([("k2", &a)]);
+    let first = move_to_basis(&mut repo, &mut merged, &subject);
+    repo.set_policies([("k1", &b), ("k2", &a)]);
+    let second = move_to_basis(&mut repo, &mut merged, &subject);
+    assert!(second.removed.is_empty());
+    assert_eq!(second.upserted.len(), first.upserted.len());
+    assert!(second.upserted.iter().all(|e| e.entry.port == 443));
+    assert_eq!(second.ingress_enforced, None);
+}
+
+#[test]
+fn a_deny_arriving_above_allows_removes_the_allows_it_covers() {
+    let allow = allow_tcp_from_b("allow", 80);
+    let deny = select_all(
+        "deny",
+        "  ingressDeny:\n  - fromEndpoints: [{matchLabels: {app: b}}]\n",
+    );
+    let (mut repo, mut merged, subject) = merge_fixture();
+    repo.set_policies([("k1", &allow)]);
+    let before = move_to_basis(&mut repo, &mut merged, &subject);
+    assert!(!before.upserted.is_empty());
+    repo.set_policies([("k1", &allow), ("k2", &deny)]);
+    let delta = move_to_basis(&mut repo, &mut merged, &subject);
+    assert_eq!(delta.removed, before.upserted);
+    assert!(delta
+        .upserted
+        .iter()
+        .all(|e| e.entry.verdict == crate::Verdict::Deny && e.entry.proto == 0));
+    // And back: the deny leaves, the allows return.
+    repo.set_policies([("k1", &allow)]);
+    let after = move_to_basis(&mut repo, &mut merged, &subject);
+    assert_eq!(after.upserted.len(), before.upserted.len());
+    assert_eq!(after.removed.len(), delta.upserted.len());
 }
 
 #[test]

@@ -1,0 +1,435 @@
+//! Incremental merge: an endpoint's merged policy that moves from one [`Basis`] to
+//! the next by taking out the contributions that left and putting in the ones that
+//! arrived, and says which map entries that changed.
+//!
+//! Why: [`PolicyRepository::merge`] rebuilds the whole resolution, so an endpoint
+//! selected by many policies pays for all of them on every change, and its caller
+//! then has to encode and compare every entry to find the few that moved. Here the
+//! cost of a change is the keys of the contributions that changed (plus, where a key
+//! starts or stops holding a deny or an allow, the longer prefixes under it), not the
+//! endpoint's total entries.
+//!
+//! Invariant: after [`PolicyRepository::update_merged`] with a basis just returned
+//! by [`PolicyRepository::basis`], [`MergedPolicy::resolved`] equals
+//! [`PolicyRepository::merge`] of that basis, and applying each returned
+//! [`PolicyDelta`] in turn to an empty map gives exactly its entries. It holds
+//! because each key keeps every contribution's claim on it (its first allow and
+//! first deny rule there) sorted by policy key, which is the merge order: the first
+//! claim is the one `merge` keeps, and the map entry follows from the first claims
+//! and the ancestors' claims by the same rule ([`normalized_verdict`]).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use crate::incremental::{Basis, Contribution, ContributionId, PolicyRepository};
+use crate::resolve::{ancestors, normalized_verdict, Key};
+use crate::{Direction, MapEntry, ResolvedPolicy, RuleRef, Verdict};
+
+/// One contribution's claim on a key: its first allow or first deny rule there.
+#[derive(Debug, Clone)]
+struct Claim {
+    part: Arc<Contribution>,
+    /// Index into `part.rules`.
+    rule: u32,
+}
+
+impl Claim {
+    fn rule_ref(&self) -> Option<&RuleRef> {
+        self.part.rules.get(self.rule as usize)
+    }
+}
+
+/// A key's map entry, if it has one: its verdict and the claim that decided it.
+type Decided = Option<(Verdict, Claim)>;
+
+/// Merged contributions by id, in basis order.
+type Parts = Vec<(ContributionId, Arc<Contribution>)>;
+
+/// A key's presence (deny, allow) and entry before an update changed it.
+type Recorded = (Key, (bool, bool), Decided);
+
+/// What one key of the merged policy is claimed by, and the entry it has in the map.
+#[derive(Debug, Default)]
+struct KeyState {
+    /// Sorted by policy key: the first one wins.
+    allow: Vec<Claim>,
+    deny: Vec<Claim>,
+    entry: Decided,
+    /// The last update that recorded this key's state before changing it.
+    seen: u64,
+}
+
+impl KeyState {
+    /// (has a deny, has an allow): what longer prefixes under the key look at.
+    fn presence(&self) -> (bool, bool) {
+        (!self.deny.is_empty(), !self.allow.is_empty())
+    }
+}
+
+/// An endpoint's merged policy, kept between changes (see the module docs). Start
+/// from [`MergedPolicy::default`] (empty: no entries, nothing enforced) and move it
+/// with [`PolicyRepository::update_merged`].
+#[derive(Debug, Default)]
+pub struct MergedPolicy {
+    basis: Basis,
+    /// The contributions merged, in basis (policy key) order.
+    parts: Parts,
+    ingress: usize,
+    egress: usize,
+    keys: BTreeMap<Key, KeyState>,
+    entries: usize,
+    /// Counts updates: marks the keys an update already recorded, so recording
+    /// costs no hashing.
+    generation: u64,
+    /// The basis and contributions before the last update, for
+    /// [`MergedPolicy::revert_update`].
+    previous: Option<(Basis, Parts)>,
+}
+
+/// A map entry of a merged policy with the rule that decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MergedEntry {
+    /// The entry; its `rule` is the index in [`MergedPolicy::resolved`]'s rules at
+    /// the time (indexes shift as policies come and go: name rules by `rule_ref`).
+    pub entry: MapEntry,
+    /// The rule that decided the entry.
+    pub rule_ref: RuleRef,
+}
+
+/// What a move of a [`MergedPolicy`] to a new basis changed in its map.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyDelta {
+    /// The new ingress default-deny state, when it changed.
+    pub ingress_enforced: Option<bool>,
+    /// The new egress default-deny state, when it changed.
+    pub egress_enforced: Option<bool>,
+    /// Entries that are new, or whose verdict or deciding rule changed; sorted by key.
+    pub upserted: Vec<MergedEntry>,
+    /// Entries that left the map, as they were (rule index `u32::MAX` when the
+    /// deciding policy left too); sorted by key.
+    pub removed: Vec<MergedEntry>,
+}
+
+impl PolicyDelta {
+    /// Whether the map and the enforcement state stay as they were.
+    pub fn is_empty(&self) -> bool {
+        self.ingress_enforced.is_none()
+            && self.egress_enforced.is_none()
+            && self.upserted.is_empty()
+            && self.removed.is_empty()
+    }
+}
+
+impl MergedPolicy {
+    /// An empty merged policy: what an endpoint has before its first update.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The basis this merged policy stands for.
+    pub fn basis(&self) -> &Basis {
+        &self.basis
+    }
+
+    /// Whether the given direction is in default-deny mode.
+    pub fn enforced(&self, direction: Direction) -> bool {
+        match direction {
+            Direction::Ingress => self.ingress > 0,
+            Direction::Egress => self.egress > 0,
+        }
+    }
+
+    /// How many map entries the policy has (enforcement markers not counted).
+    pub fn entry_count(&self) -> usize {
+        self.entries
+    }
+
+    /// The whole resolution, as [`PolicyRepository::merge`] gives it for the same
+    /// basis. Costs every entry: for traces and first programming, not per change.
+    pub fn resolved(&self) -> ResolvedPolicy {
+        let offsets = self.offsets();
+        let mut out = ResolvedPolicy {
+            ingress_enforced: self.ingress > 0,
+            egress_enforced: self.egress > 0,
+            entries: Vec::with_capacity(self.entries),
+            rules: self
+                .parts
+                .iter()
+                .flat_map(|(_, c)| c.rules.iter().cloned())
+                .collect(),
+        };
+        for (key, state) in &self.keys {
+            if let Some((verdict, claim)) = &state.entry {
+                out.entries
+                    .push(map_entry(*key, *verdict, global_rule(&offsets, claim)));
+            }
+        }
+        out
+    }
+
+    /// Index of each part's first rule in the merged rule list, by part address.
+    fn offsets(&self) -> HashMap<*const Contribution, u32> {
+        let mut offsets = HashMap::with_capacity(self.parts.len());
+        let mut at: u32 = 0;
+        for (_, c) in &self.parts {
+            offsets.insert(Arc::as_ptr(c), at);
+            at = at.saturating_add(u32::try_from(c.rules.len()).unwrap_or(u32::MAX));
+        }
+        offsets
+    }
+
+    /// Moves back to where the last [`PolicyRepository::update_merged`] started from
+    /// (once; later calls do nothing) and returns what that changes in the map: the
+    /// last delta undone. For a caller that updates endpoints while planning and
+    /// gives up before writing them; it costs what the update cost, even when the
+    /// repository has since dropped the contributions the policy had before.
+    pub fn revert_update(&mut self) -> PolicyDelta {
+        let Some((basis, parts)) = self.previous.take() else {
+            return PolicyDelta::default();
+        };
+        let before: HashSet<ContributionId> = parts.iter().map(|(id, _)| *id).collect();
+        let now: HashSet<ContributionId> = self.parts.iter().map(|(id, _)| *id).collect();
+        let removed: Vec<Arc<Contribution>> = self
+            .parts
+            .iter()
+            .filter(|(id, _)| !before.contains(id))
+            .map(|(_, c)| c.clone())
+            .collect();
+        let added: Vec<Arc<Contribution>> = parts
+            .iter()
+            .filter(|(id, _)| !now.contains(id))
+            .map(|(_, c)| c.clone())
+            .collect();
+        self.parts = parts;
+        self.basis = basis;
+        self.apply(&removed, &added)
+    }
+
+    /// Whether an ancestor of `key` holds a deny / an allow.
+    fn covered(&self, key: Key) -> (bool, bool) {
+        let (direction, identity, ..) = key;
+        // Ancestors sort before the key within its (direction, identity) group,
+        // and most groups (a CIDR identity's) hold one key: one range probe.
+        if self
+            .keys
+            .range((direction, identity, 0, 0, 0)..key)
+            .next()
+            .is_none()
+        {
+            return (false, false);
+        }
+        ancestors(key)
+            .into_iter()
+            .filter_map(|a| self.keys.get(&a))
+            .fold((false, false), |(d, a), s| {
+                let (sd, sa) = s.presence();
+                (d || sd, a || sa)
+            })
+    }
+
+    /// Takes `removed` out and puts `added` in; returns what changed in the map.
+    /// `parts` must already be the new parts (for rule indexes).
+    fn apply(&mut self, removed: &[Arc<Contribution>], added: &[Arc<Contribution>]) -> PolicyDelta {
+        let was = (self.ingress > 0, self.egress > 0);
+        self.generation += 1;
+        let generation = self.generation;
+        // Every key whose entry may change, with its presence and entry before.
+        let mut before: Vec<Recorded> = Vec::new();
+        let record = |before: &mut Vec<Recorded>, key: Key, state: &mut KeyState| {
+            if state.seen != generation {
+                state.seen = generation;
+                before.push((key, state.presence(), state.entry.clone()));
+            }
+        };
+        for c in removed {
+            self.ingress -= usize::from(c.ingress_enforced);
+            self.egress -= usize::from(c.egress_enforced);
+            for (key, cand) in &c.keys {
+                let Some(state) = self.keys.get_mut(key) else {
+                    continue;
+                };
+                record(&mut before, *key, state);
+                if cand.allow.is_some() {
+                    state.allow.retain(|cl| !Arc::ptr_eq(&cl.part, c));
+                }
+                if cand.deny.is_some() {
+                    state.deny.retain(|cl| !Arc::ptr_eq(&cl.part, c));
+                }
+            }
+        }
+        for c in added {
+            self.ingress += usize::from(c.ingress_enforced);
+            self.egress += usize::from(c.egress_enforced);
+            for (key, cand) in &c.keys {
+                let state = self.keys.entry(*key).or_default();
+                record(&mut before, *key, state);
+                if let Some(rule) = cand.allow {
+                    insert_claim(&mut state.allow, c, rule);
+                }
+                if let Some(rule) = cand.deny {
+                    insert_claim(&mut state.deny, c, rule);
+                }
+            }
+        }
+        // A key that starts or stops holding a deny or an allow changes what the
+        // longer prefixes under it keep.
+        let flipped: Vec<Key> = before
+            .iter()
+            .filter(|(key, presence, _)| {
+                self.keys
+                    .get(key)
+                    .map_or((false, false), KeyState::presence)
+                    != *presence
+            })
+            .map(|(key, ..)| *key)
+            .collect();
+        for key in flipped {
+            for (d, state) in self.keys.range_mut(descendants(key)) {
+                if is_descendant(*d, key) {
+                    record(&mut before, *d, state);
+                }
+            }
+        }
+        let offsets = self.offsets();
+        let mut delta = PolicyDelta {
+            ingress_enforced: (was.0 != (self.ingress > 0)).then_some(self.ingress > 0),
+            egress_enforced: (was.1 != (self.egress > 0)).then_some(self.egress > 0),
+            ..PolicyDelta::default()
+        };
+        let mut empty: Vec<Key> = Vec::new();
+        for (key, _, old) in before {
+            let covered = self.covered(key);
+            let Some(state) = self.keys.get_mut(&key) else {
+                continue;
+            };
+            let new = normalized_verdict(state.presence(), covered).and_then(|v| {
+                let first = match v {
+                    Verdict::Deny => state.deny.first(),
+                    Verdict::Allow => state.allow.first(),
+                };
+                first.map(|c| (v, c.clone()))
+            });
+            let same = match (&old, &new) {
+                (None, None) => true,
+                (Some((va, ca)), Some((vb, cb))) => va == vb && ca.rule_ref() == cb.rule_ref(),
+                _ => false,
+            };
+            if !same {
+                if let Some((v, c)) = &old {
+                    if new.is_none() {
+                        self.entries -= 1;
+                        delta.removed.push(merged_entry(key, *v, c, &offsets));
+                    }
+                }
+                if let Some((v, c)) = &new {
+                    if old.is_none() {
+                        self.entries += 1;
+                    }
+                    delta.upserted.push(merged_entry(key, *v, c, &offsets));
+                }
+            }
+            state.entry = new;
+            if state.allow.is_empty() && state.deny.is_empty() {
+                empty.push(key);
+            }
+        }
+        for key in empty {
+            self.keys.remove(&key);
+        }
+        delta.upserted.sort_by_key(|e| e.entry);
+        delta.removed.sort_by_key(|e| e.entry);
+        delta
+    }
+}
+
+impl PolicyRepository {
+    /// Moves `merged` to `basis` (just returned by [`Self::basis`]) and returns what
+    /// changed in its map. Costs the contributions that left and arrived, not the
+    /// entries that stay; an equal basis costs nothing. From
+    /// [`MergedPolicy::default`] it builds the whole policy (every entry upserted).
+    pub fn update_merged(&self, merged: &mut MergedPolicy, basis: &Basis) -> PolicyDelta {
+        merged.previous = Some((merged.basis.clone(), merged.parts.clone()));
+        if merged.basis == *basis {
+            return PolicyDelta::default();
+        }
+        let mut old: HashMap<ContributionId, Arc<Contribution>> =
+            std::mem::take(&mut merged.parts).into_iter().collect();
+        let mut parts = Vec::with_capacity(basis.0.len());
+        let mut added = Vec::new();
+        for id in &basis.0 {
+            if let Some(c) = old.remove(id) {
+                parts.push((*id, c));
+            } else if let Some(c) = self.contribution(*id) {
+                added.push(c.clone());
+                parts.push((*id, c));
+            }
+        }
+        let removed: Vec<Arc<Contribution>> = old.into_values().collect();
+        merged.parts = parts;
+        merged.basis = basis.clone();
+        merged.apply(&removed, &added)
+    }
+}
+
+/// Inserts a claim after those of earlier policies (merge order).
+fn insert_claim(claims: &mut Vec<Claim>, part: &Arc<Contribution>, rule: u32) {
+    let at = claims.partition_point(|c| c.part.policy < part.policy);
+    claims.insert(
+        at,
+        Claim {
+            part: part.clone(),
+            rule,
+        },
+    );
+}
+
+/// The key range holding every longer prefix under `key` (and maybe some that are
+/// not under it: filter with [`is_descendant`]).
+fn descendants(key: Key) -> std::ops::RangeInclusive<Key> {
+    let (direction, identity, proto, port, len) = key;
+    if proto == 0 {
+        // Any protocol covers every protocol's keys of the group.
+        (direction, identity, 1, 0, 0)..=(direction, identity, u8::MAX, u16::MAX, u8::MAX)
+    } else {
+        let last = port | !crate::ports::prefix_mask(len);
+        (direction, identity, proto, port, 0)..=(direction, identity, proto, last, u8::MAX)
+    }
+}
+
+fn is_descendant(d: Key, key: Key) -> bool {
+    d != key && ancestors(d).contains(&key)
+}
+
+fn global_rule(offsets: &HashMap<*const Contribution, u32>, claim: &Claim) -> u32 {
+    offsets
+        .get(&Arc::as_ptr(&claim.part))
+        .map_or(u32::MAX, |o| o.saturating_add(claim.rule))
+}
+
+fn map_entry(key: Key, verdict: Verdict, rule: u32) -> MapEntry {
+    let (direction, identity, proto, port, port_prefix_len) = key;
+    MapEntry {
+        direction,
+        identity,
+        proto,
+        port,
+        port_prefix_len,
+        verdict,
+        rule,
+    }
+}
+
+fn merged_entry(
+    key: Key,
+    verdict: Verdict,
+    claim: &Claim,
+    offsets: &HashMap<*const Contribution, u32>,
+) -> MergedEntry {
+    MergedEntry {
+        entry: map_entry(key, verdict, global_rule(offsets, claim)),
+        rule_ref: claim
+            .rule_ref()
+            .cloned()
+            .unwrap_or_else(|| unreachable!("candidates index their contribution's rules")),
+    }
+}
