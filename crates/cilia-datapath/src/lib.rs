@@ -18,7 +18,9 @@
 pub mod endpoint;
 pub mod error;
 pub mod events;
+pub mod fake;
 pub mod inspect;
+pub mod interface;
 mod keys;
 pub mod object;
 pub mod packet;
@@ -30,4 +32,5 @@ pub use endpoint::{
     PolicyUpdate, RecreatedMap, PIN_ABI_VERSION,
 };
 pub use error::DatapathError;
+pub use interface::{Datapath, LoadedPrograms};
 pub use probe::{probe_kernel, Feature, FeatureReport};
