@@ -1,6 +1,12 @@
 //! The narrow interface between the agent's bookkeeping and the kernel.
 //! [`cilia_datapath::BpfDatapath`] is the real implementation; tests use a
 //! fake, so endpoint lifecycle logic is testable without root.
+//!
+//! Transitional: this trait is shaped like the maps (raw keys and values,
+//! `&mut self`). Its successor is the domain-level
+//! [`cilia_datapath::Datapath`] (typed rows of `cilia_abi::rows`, `&self`,
+//! with `cilia_datapath::fake::FakeDatapath` for tests); call sites move
+//! to it, and this module goes away.
 
 use std::net::IpAddr;
 
