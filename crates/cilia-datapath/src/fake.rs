@@ -59,6 +59,8 @@ pub struct FakeState {
     pub endpoints: BTreeMap<IpAddr, EndpointEntry>,
     pub ipcache: BTreeMap<IpcacheKey, IpcacheValue>,
     pub policy: BTreeMap<u16, BTreeMap<PolicyKey, PolicyValue>>,
+    /// Successful policy writes (set or update), per endpoint.
+    pub policy_writes: BTreeMap<u16, usize>,
     pub ct: HashMap<CtKey, CtValue>,
     pub metrics: BTreeMap<MetricsKey, MetricsValue>,
     pub policy_revision: u32,
@@ -115,9 +117,12 @@ impl Gate {
     }
 }
 
+/// Makes the error an injected failure returns.
+type MakeError = Arc<dyn Fn() -> DatapathError + Send + Sync>;
+
 #[derive(Default)]
 struct Hooks {
-    failures: HashMap<&'static str, usize>,
+    failures: HashMap<&'static str, (usize, Option<MakeError>)>,
     gates: HashMap<&'static str, Gate>,
     calls: HashMap<&'static str, usize>,
 }
@@ -163,9 +168,23 @@ impl FakeDatapath {
         lock(&self.state)
     }
 
-    /// The next `times` calls of `operation` fail (with nothing changed).
+    /// The next `times` calls of `operation` fail with
+    /// [`DatapathError::Injected`], changing nothing.
     pub fn fail_next(&self, operation: &'static str, times: usize) {
-        lock(&self.hooks).failures.insert(operation, times);
+        lock(&self.hooks).failures.insert(operation, (times, None));
+    }
+
+    /// Like [`Self::fail_next`], failing with the errors `error` makes (a
+    /// verifier rejection, a full map, ...).
+    pub fn fail_next_with(
+        &self,
+        operation: &'static str,
+        times: usize,
+        error: impl Fn() -> DatapathError + Send + Sync + 'static,
+    ) {
+        lock(&self.hooks)
+            .failures
+            .insert(operation, (times, Some(Arc::new(error))));
     }
 
     /// From now on, calls of `operation` wait at the returned gate until it
@@ -218,9 +237,12 @@ impl FakeDatapath {
         }
         let mut hooks = lock(&self.hooks);
         match hooks.failures.get_mut(operation) {
-            Some(n) if *n > 0 => {
+            Some((n, make)) if *n > 0 => {
                 *n -= 1;
-                Err(DatapathError::Injected { operation })
+                Err(match make {
+                    Some(make) => make(),
+                    None => DatapathError::Injected { operation },
+                })
             }
             _ => Ok(()),
         }
@@ -346,6 +368,7 @@ impl Datapath for FakeDatapath {
             removed: old.keys().filter(|k| !new.contains_key(k)).count(),
         };
         state.policy.insert(endpoint_id, new);
+        *state.policy_writes.entry(endpoint_id).or_default() += 1;
         Ok(update)
     }
     fn update_endpoint_policy(
@@ -360,6 +383,7 @@ impl Datapath for FakeDatapath {
         let removed = removes.iter().filter(|k| map.remove(k).is_some()).count();
         let added = upserts.len();
         map.extend(upserts);
+        *state.policy_writes.entry(endpoint_id).or_default() += 1;
         Ok(PolicyUpdate { added, removed })
     }
     fn endpoint_policy(&self, endpoint_id: u16) -> Result<Option<EndpointPolicy>, DatapathError> {
@@ -572,6 +596,34 @@ mod tests {
         attach(&dp, 5);
         assert!(dp.endpoint_attached(5));
         assert_eq!(dp.calls("attach_endpoint"), 2);
+    }
+
+    #[test]
+    fn injected_failure_can_carry_a_chosen_error() {
+        let dp = FakeDatapath::new();
+        dp.fail_next_with("reload_endpoint", 1, || DatapathError::Verifier {
+            name: "cil_from_container".into(),
+            source: std::io::Error::from_raw_os_error(13),
+            summary: "invalid bpf_context access".into(),
+        });
+        attach(&dp, 5);
+        let err = dp.reload_endpoint(&config(5), true).unwrap_err();
+        assert!(err.to_string().contains("verifier rejected"), "{err}");
+        assert!(dp.reload_endpoint(&config(5), true).unwrap().swapped);
+    }
+
+    #[test]
+    fn failed_policy_write_changes_nothing_and_is_not_counted() {
+        let dp = FakeDatapath::new();
+        dp.fail_next("set_endpoint_policy", 1);
+        let policy = EndpointPolicy {
+            entries: vec![entry(300, 80, Verdict::Allow)],
+            ..Default::default()
+        };
+        assert!(dp.set_endpoint_policy(5, &policy).is_err());
+        assert_eq!(dp.policy_map(5), None);
+        dp.set_endpoint_policy(5, &policy).unwrap();
+        assert_eq!(dp.state().policy_writes[&5], 1);
     }
 
     #[test]
