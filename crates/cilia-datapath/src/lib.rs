@@ -10,6 +10,9 @@
 //! * [`inspect`]: read back what is attached (link, program tag, `.rodata`).
 //! * [`testrun`]: `BPF_PROG_TEST_RUN` on crafted packets, for tests and
 //!   benchmarks.
+//! * [`interface`]: the domain-level [`Datapath`] trait the agent uses
+//!   (typed rows of `cilia_abi::rows`, `&self`), implemented by
+//!   [`BpfDatapath`] and by [`fake::FakeDatapath`] (in memory, for tests).
 //!
 //! Invariant: everything this crate attaches is pinned under the bpffs root
 //! it was given; nothing it creates depends on the calling process staying

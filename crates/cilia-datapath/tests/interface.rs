@@ -132,3 +132,32 @@ fn endpoints_read_back_as_rows() {
     dp.withdraw_endpoint(b.ip).unwrap();
     assert!(!dp.endpoints().unwrap().iter().any(|r| r.ip == b.ip));
 }
+
+#[test]
+fn one_shared_handle_serves_policy_writes_and_conntrack_walks_from_many_threads() {
+    privileged!("iface_shared");
+    let fx = Fixture::new();
+    let dp: std::sync::Arc<dyn Datapath> = std::sync::Arc::new(fx.dp);
+    let threads: Vec<_> = (0..4u16)
+        .map(|t| {
+            let dp = dp.clone();
+            std::thread::spawn(move || {
+                for round in 0..20u16 {
+                    let id = 100 + t;
+                    let policy = ingress_enforced(vec![b_allows_a(1000 + round, Verdict::Allow)]);
+                    dp.set_endpoint_policy(id, &policy).unwrap();
+                    assert_eq!(dp.endpoint_policy(id).unwrap(), Some(policy));
+                    dp.conntrack().unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    for id in 100..104 {
+        let policy = dp.endpoint_policy(id).unwrap().unwrap();
+        assert_eq!(policy.entries, vec![b_allows_a(1019, Verdict::Allow)]);
+        dp.remove_endpoint_policy(id).unwrap();
+    }
+}
