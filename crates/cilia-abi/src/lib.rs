@@ -5,6 +5,30 @@
 
 #![no_std]
 
+/// Declares a `#[repr(C)]` mirror of an abi.h struct with the derives every
+/// one has (plus the given ones) and, with the `aya` feature, `aya::Pod`.
+macro_rules! abi_struct {
+    ($(#[$meta:meta])* pub struct $name:ident { $($body:tt)* }) => {
+        $(#[$meta])*
+        #[repr(C)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub struct $name { $($body)* }
+
+        // SAFETY: the struct is #[repr(C)], made only of integers and byte
+        // arrays with explicit padding fields, so every bit pattern is
+        // valid and there are no implicit padding bytes (the layout test
+        // below checks every offset against abi.h).
+        #[cfg(feature = "aya")]
+        unsafe impl aya::Pod for $name {}
+    };
+}
+
+pub mod rows;
+pub use rows::{
+    CtEntry, Direction, EndpointEntry, EndpointPolicy, Enforcement, IpcacheEntry, MetricKind,
+    MetricsEntry, PolicyDelta, PolicyEntry, Verdict,
+};
+
 /// Capacity of the endpoints map.
 pub const CILIA_ENDPOINTS_MAX: u32 = 65536;
 /// Family tag of IPv4 keys.
@@ -66,29 +90,31 @@ pub fn reason_name(kind: u8, reason: u8) -> &'static str {
     }
 }
 
-/// Per-endpoint load-time specialization (`CILIA_CONFIG` in `.rodata`).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct EndpointConfig {
-    pub ipv6: [u8; 16],
-    pub ipv4: [u8; 4],
-    pub mac: [u8; 6],
-    pub node_mac: [u8; 6],
-    pub ifindex: u32,
-    pub identity: u32,
-    pub endpoint_id: u16,
-    pub enable_ipv4: u8,
-    /// 1: event code kept; 0: pruned by the verifier (benchmark baseline).
-    pub monitor: u8,
+abi_struct! {
+    /// Per-endpoint load-time specialization (`CILIA_CONFIG` in `.rodata`).
+    #[derive(Default)]
+    pub struct EndpointConfig {
+        pub ipv6: [u8; 16],
+        pub ipv4: [u8; 4],
+        pub mac: [u8; 6],
+        pub node_mac: [u8; 6],
+        pub ifindex: u32,
+        pub identity: u32,
+        pub endpoint_id: u16,
+        pub enable_ipv4: u8,
+        /// 1: event code kept; 0: pruned by the verifier (benchmark baseline).
+        pub monitor: u8,
+    }
 }
 
-/// Key of the endpoints map.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct EndpointKey {
-    pub addr: [u8; 16],
-    pub family: u8,
-    pub pad: [u8; 3],
+abi_struct! {
+    /// Key of the endpoints map.
+    #[derive(Default, Hash)]
+    pub struct EndpointKey {
+        pub addr: [u8; 16],
+        pub family: u8,
+        pub pad: [u8; 3],
+    }
 }
 
 impl EndpointKey {
@@ -122,34 +148,37 @@ impl EndpointKey {
     }
 }
 
-/// Value of the endpoints map.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct EndpointInfo {
-    pub ifindex: u32,
-    pub identity: u32,
-    pub endpoint_id: u16,
-    pub flags: u16,
-    pub mac: [u8; 6],
-    pub node_mac: [u8; 6],
+abi_struct! {
+    /// Value of the endpoints map.
+    #[derive(Default)]
+    pub struct EndpointInfo {
+        pub ifindex: u32,
+        pub identity: u32,
+        pub endpoint_id: u16,
+        pub flags: u16,
+        pub mac: [u8; 6],
+        pub node_mac: [u8; 6],
+    }
 }
 
-/// Key of the per-CPU metrics map.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct MetricsKey {
-    pub kind: u8,
-    pub reason: u8,
-    pub dir: u8,
-    pub pad: u8,
+abi_struct! {
+    /// Key of the per-CPU metrics map.
+    #[derive(Default, Hash, PartialOrd, Ord)]
+    pub struct MetricsKey {
+        pub kind: u8,
+        pub reason: u8,
+        pub dir: u8,
+        pub pad: u8,
+    }
 }
 
-/// Value of the per-CPU metrics map (one per CPU; sum them).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct MetricsValue {
-    pub packets: u64,
-    pub bytes: u64,
+abi_struct! {
+    /// Value of the per-CPU metrics map (one per CPU; sum them).
+    #[derive(Default)]
+    pub struct MetricsValue {
+        pub packets: u64,
+        pub bytes: u64,
+    }
 }
 
 pub const CILIA_ID_HOST: u32 = 1;
@@ -184,15 +213,16 @@ pub const CILIA_CT_TCP_SYN_TIMEOUT: u32 = 60;
 pub const CILIA_CT_TCP_CLOSE: u32 = 10;
 pub const CILIA_CT_OTHER_TIMEOUT: u32 = 60;
 
-/// Key of the ipcache LPM trie. `prefixlen` = 32 (family + padding) + the
-/// address prefix length.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct IpcacheKey {
-    pub prefixlen: u32,
-    pub family: u8,
-    pub pad: [u8; 3],
-    pub addr: [u8; 16],
+abi_struct! {
+    /// Key of the ipcache LPM trie. `prefixlen` = 32 (family + padding) + the
+    /// address prefix length.
+    #[derive(Default, Hash, PartialOrd, Ord)]
+    pub struct IpcacheKey {
+        pub prefixlen: u32,
+        pub family: u8,
+        pub pad: [u8; 3],
+        pub addr: [u8; 16],
+    }
 }
 
 impl IpcacheKey {
@@ -218,94 +248,102 @@ impl IpcacheKey {
     }
 }
 
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct IpcacheValue {
-    pub identity: u32,
-    pub flags: u32,
+abi_struct! {
+    #[derive(Default)]
+    pub struct IpcacheValue {
+        pub identity: u32,
+        pub flags: u32,
+    }
 }
 
-/// Key of a per-endpoint policy LPM trie: [identity][direction][proto][port].
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PolicyKey {
-    pub prefixlen: u32,
-    /// Network byte order.
-    pub identity: u32,
-    pub direction: u8,
-    pub proto: u8,
-    /// Network byte order.
-    pub dport: u16,
+abi_struct! {
+    /// Key of a per-endpoint policy LPM trie: [identity][direction][proto][port].
+    #[derive(Default, Hash, PartialOrd, Ord)]
+    pub struct PolicyKey {
+        pub prefixlen: u32,
+        /// Network byte order.
+        pub identity: u32,
+        pub direction: u8,
+        pub proto: u8,
+        /// Network byte order.
+        pub dport: u16,
+    }
 }
 
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PolicyValue {
-    pub verdict: u8,
-    /// `match` in C: CILIA_MATCH_* of this entry.
-    pub match_kind: u8,
-    pub proxy_port: u16,
-    pub rule: u32,
+abi_struct! {
+    #[derive(Default)]
+    pub struct PolicyValue {
+        pub verdict: u8,
+        /// `match` in C: CILIA_MATCH_* of this entry.
+        pub match_kind: u8,
+        pub proxy_port: u16,
+        pub rule: u32,
+    }
 }
 
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct CtKey {
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
-    /// Network byte order.
-    pub sport: u16,
-    /// Network byte order.
-    pub dport: u16,
-    pub proto: u8,
-    pub family: u8,
-    pub pad: [u8; 2],
+abi_struct! {
+    #[derive(Default, Hash)]
+    pub struct CtKey {
+        pub saddr: [u8; 16],
+        pub daddr: [u8; 16],
+        /// Network byte order.
+        pub sport: u16,
+        /// Network byte order.
+        pub dport: u16,
+        pub proto: u8,
+        pub family: u8,
+        pub pad: [u8; 2],
+    }
 }
 
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CtValue {
-    pub expires: u64,
-    pub packets: u64,
-    pub bytes: u64,
-    pub policy_rev: u32,
-    pub src_identity: u32,
-    pub dst_identity: u32,
-    pub flags: u16,
-    /// Endpoint whose program created the entry: the budget it counts on.
-    pub owner: u16,
+abi_struct! {
+    #[derive(Default)]
+    pub struct CtValue {
+        pub expires: u64,
+        pub packets: u64,
+        pub bytes: u64,
+        pub policy_rev: u32,
+        pub src_identity: u32,
+        pub dst_identity: u32,
+        pub flags: u16,
+        /// Endpoint whose program created the entry: the budget it counts on.
+        pub owner: u16,
+    }
 }
 
-/// Key of the fragments map: one fragmented datagram.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct FragKey {
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
-    pub id: u32,
-    pub proto: u8,
-    pub family: u8,
-    pub pad: [u8; 2],
+abi_struct! {
+    /// Key of the fragments map: one fragmented datagram.
+    #[derive(Default, Hash)]
+    pub struct FragKey {
+        pub saddr: [u8; 16],
+        pub daddr: [u8; 16],
+        pub id: u32,
+        pub proto: u8,
+        pub family: u8,
+        pub pad: [u8; 2],
+    }
 }
 
-/// Value of the fragments map: the ports of the datagram's first fragment.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct FragValue {
-    pub expires: u64,
-    pub sport: u16,
-    pub dport: u16,
-    pub pad: [u8; 4],
+abi_struct! {
+    /// Value of the fragments map: the ports of the datagram's first fragment.
+    #[derive(Default)]
+    pub struct FragValue {
+        pub expires: u64,
+        pub sport: u16,
+        pub dport: u16,
+        pub pad: [u8; 4],
+    }
 }
 
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct GlobalConfig {
-    pub policy_rev: u32,
-    pub monitor_level: u32,
-    /// Conntrack entries one endpoint may hold; 0: CILIA_CT_BUDGET_DEFAULT.
-    pub ct_budget: u32,
-    pub pad: u32,
+abi_struct! {
+    #[derive(Default)]
+    pub struct GlobalConfig {
+        pub policy_rev: u32,
+        pub monitor_level: u32,
+        /// Conntrack entries one endpoint may hold; 0: CILIA_CT_BUDGET_DEFAULT.
+        pub ct_budget: u32,
+        pub pad: u32,
+    }
 }
 
 pub const CILIA_MATCH_NONE: u8 = 0;
@@ -344,32 +382,32 @@ pub const CILIA_EVENT_POLICY_VERDICT: u8 = 3;
 pub const CILIA_VERDICT_AUDIT: u8 = 3;
 pub const CILIA_METRIC_LOST: u8 = 3;
 
-/// One datapath event, as read from the `cilia_events` ring buffer.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Event {
-    pub ts: u64,
-    pub type_: u8,
-    pub reason: u8,
-    pub dir: u8,
-    pub verdict: u8,
-    pub endpoint_id: u16,
-    pub peer_endpoint: u16,
-    pub src_identity: u32,
-    pub dst_identity: u32,
-    pub rule: u32,
-    pub len: u32,
-    pub family: u8,
-    pub proto: u8,
-    pub match_kind: u8,
-    pub caplen: u8,
-    /// Network byte order.
-    pub sport: u16,
-    /// Network byte order.
-    pub dport: u16,
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
-    pub data: [u8; CILIA_EVENT_CAPLEN],
+abi_struct! {
+    /// One datapath event, as read from the `cilia_events` ring buffer.
+    pub struct Event {
+        pub ts: u64,
+        pub type_: u8,
+        pub reason: u8,
+        pub dir: u8,
+        pub verdict: u8,
+        pub endpoint_id: u16,
+        pub peer_endpoint: u16,
+        pub src_identity: u32,
+        pub dst_identity: u32,
+        pub rule: u32,
+        pub len: u32,
+        pub family: u8,
+        pub proto: u8,
+        pub match_kind: u8,
+        pub caplen: u8,
+        /// Network byte order.
+        pub sport: u16,
+        /// Network byte order.
+        pub dport: u16,
+        pub saddr: [u8; 16],
+        pub daddr: [u8; 16],
+        pub data: [u8; CILIA_EVENT_CAPLEN],
+    }
 }
 
 impl Event {
@@ -385,28 +423,6 @@ impl Event {
     }
 }
 
-#[cfg(feature = "aya")]
-mod pod {
-    // SAFETY: all types are #[repr(C)], made only of integers and byte
-    // arrays with explicit padding fields, so every bit pattern is valid and
-    // there are no implicit padding bytes.
-    unsafe impl aya::Pod for super::EndpointConfig {}
-    unsafe impl aya::Pod for super::EndpointKey {}
-    unsafe impl aya::Pod for super::EndpointInfo {}
-    unsafe impl aya::Pod for super::MetricsKey {}
-    unsafe impl aya::Pod for super::MetricsValue {}
-    unsafe impl aya::Pod for super::IpcacheKey {}
-    unsafe impl aya::Pod for super::IpcacheValue {}
-    unsafe impl aya::Pod for super::PolicyKey {}
-    unsafe impl aya::Pod for super::PolicyValue {}
-    unsafe impl aya::Pod for super::CtKey {}
-    unsafe impl aya::Pod for super::CtValue {}
-    unsafe impl aya::Pod for super::GlobalConfig {}
-    unsafe impl aya::Pod for super::FragKey {}
-    unsafe impl aya::Pod for super::FragValue {}
-    unsafe impl aya::Pod for super::Event {}
-}
-
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -415,106 +431,44 @@ mod tests {
 
     include!(concat!(env!("OUT_DIR"), "/c_layout.rs"));
 
+    /// Every size and field offset of the Rust mirror, named as in abi.h:
+    /// `Type as "c_name" { field, field as "c_field" }`.
+    macro_rules! layouts {
+        ($($ty:ident as $c:literal { $($f:ident $(as $cf:literal)?),* })*) => {{
+            let mut out = std::vec::Vec::new();
+            $(
+                out.push(($c, "", size_of::<$ty>()));
+                $(out.push(($c, layouts!(@name $f $($cf)?), offset_of!($ty, $f)));)*
+            )*
+            out
+        }};
+        (@name $f:ident $cf:literal) => { $cf };
+        (@name $f:ident) => { stringify!($f) };
+    }
+
     fn rust_layout(st: &str, field: &str) -> usize {
-        match (st, field) {
-            ("endpoint_config", "") => size_of::<EndpointConfig>(),
-            ("endpoint_config", "ipv6") => offset_of!(EndpointConfig, ipv6),
-            ("endpoint_config", "ipv4") => offset_of!(EndpointConfig, ipv4),
-            ("endpoint_config", "mac") => offset_of!(EndpointConfig, mac),
-            ("endpoint_config", "node_mac") => offset_of!(EndpointConfig, node_mac),
-            ("endpoint_config", "ifindex") => offset_of!(EndpointConfig, ifindex),
-            ("endpoint_config", "identity") => offset_of!(EndpointConfig, identity),
-            ("endpoint_config", "endpoint_id") => offset_of!(EndpointConfig, endpoint_id),
-            ("endpoint_config", "enable_ipv4") => offset_of!(EndpointConfig, enable_ipv4),
-            ("endpoint_config", "monitor") => offset_of!(EndpointConfig, monitor),
-            ("endpoint_key", "") => size_of::<EndpointKey>(),
-            ("endpoint_key", "addr") => offset_of!(EndpointKey, addr),
-            ("endpoint_key", "family") => offset_of!(EndpointKey, family),
-            ("endpoint_info", "") => size_of::<EndpointInfo>(),
-            ("endpoint_info", "ifindex") => offset_of!(EndpointInfo, ifindex),
-            ("endpoint_info", "identity") => offset_of!(EndpointInfo, identity),
-            ("endpoint_info", "endpoint_id") => offset_of!(EndpointInfo, endpoint_id),
-            ("endpoint_info", "flags") => offset_of!(EndpointInfo, flags),
-            ("endpoint_info", "mac") => offset_of!(EndpointInfo, mac),
-            ("endpoint_info", "node_mac") => offset_of!(EndpointInfo, node_mac),
-            ("metrics_key", "") => size_of::<MetricsKey>(),
-            ("metrics_key", "kind") => offset_of!(MetricsKey, kind),
-            ("metrics_key", "reason") => offset_of!(MetricsKey, reason),
-            ("metrics_key", "dir") => offset_of!(MetricsKey, dir),
-            ("metrics_value", "") => size_of::<MetricsValue>(),
-            ("metrics_value", "packets") => offset_of!(MetricsValue, packets),
-            ("metrics_value", "bytes") => offset_of!(MetricsValue, bytes),
-            ("ipcache_key", "") => size_of::<IpcacheKey>(),
-            ("ipcache_key", "prefixlen") => offset_of!(IpcacheKey, prefixlen),
-            ("ipcache_key", "family") => offset_of!(IpcacheKey, family),
-            ("ipcache_key", "addr") => offset_of!(IpcacheKey, addr),
-            ("ipcache_value", "") => size_of::<IpcacheValue>(),
-            ("ipcache_value", "identity") => offset_of!(IpcacheValue, identity),
-            ("ipcache_value", "flags") => offset_of!(IpcacheValue, flags),
-            ("policy_key", "") => size_of::<PolicyKey>(),
-            ("policy_key", "prefixlen") => offset_of!(PolicyKey, prefixlen),
-            ("policy_key", "identity") => offset_of!(PolicyKey, identity),
-            ("policy_key", "direction") => offset_of!(PolicyKey, direction),
-            ("policy_key", "proto") => offset_of!(PolicyKey, proto),
-            ("policy_key", "dport") => offset_of!(PolicyKey, dport),
-            ("policy_value", "") => size_of::<PolicyValue>(),
-            ("policy_value", "verdict") => offset_of!(PolicyValue, verdict),
-            ("policy_value", "match") => offset_of!(PolicyValue, match_kind),
-            ("policy_value", "proxy_port") => offset_of!(PolicyValue, proxy_port),
-            ("policy_value", "rule") => offset_of!(PolicyValue, rule),
-            ("ct_key", "") => size_of::<CtKey>(),
-            ("ct_key", "saddr") => offset_of!(CtKey, saddr),
-            ("ct_key", "daddr") => offset_of!(CtKey, daddr),
-            ("ct_key", "sport") => offset_of!(CtKey, sport),
-            ("ct_key", "dport") => offset_of!(CtKey, dport),
-            ("ct_key", "proto") => offset_of!(CtKey, proto),
-            ("ct_key", "family") => offset_of!(CtKey, family),
-            ("ct_value", "") => size_of::<CtValue>(),
-            ("ct_value", "expires") => offset_of!(CtValue, expires),
-            ("ct_value", "packets") => offset_of!(CtValue, packets),
-            ("ct_value", "bytes") => offset_of!(CtValue, bytes),
-            ("ct_value", "policy_rev") => offset_of!(CtValue, policy_rev),
-            ("ct_value", "src_identity") => offset_of!(CtValue, src_identity),
-            ("ct_value", "dst_identity") => offset_of!(CtValue, dst_identity),
-            ("ct_value", "flags") => offset_of!(CtValue, flags),
-            ("ct_value", "owner") => offset_of!(CtValue, owner),
-            ("frag_key", "") => size_of::<FragKey>(),
-            ("frag_key", "saddr") => offset_of!(FragKey, saddr),
-            ("frag_key", "daddr") => offset_of!(FragKey, daddr),
-            ("frag_key", "id") => offset_of!(FragKey, id),
-            ("frag_key", "proto") => offset_of!(FragKey, proto),
-            ("frag_key", "family") => offset_of!(FragKey, family),
-            ("frag_value", "") => size_of::<FragValue>(),
-            ("frag_value", "expires") => offset_of!(FragValue, expires),
-            ("frag_value", "sport") => offset_of!(FragValue, sport),
-            ("frag_value", "dport") => offset_of!(FragValue, dport),
-            ("global_config", "") => size_of::<GlobalConfig>(),
-            ("global_config", "policy_rev") => offset_of!(GlobalConfig, policy_rev),
-            ("global_config", "monitor_level") => offset_of!(GlobalConfig, monitor_level),
-            ("global_config", "ct_budget") => offset_of!(GlobalConfig, ct_budget),
-            ("event", "") => size_of::<Event>(),
-            ("event", "ts") => offset_of!(Event, ts),
-            ("event", "type") => offset_of!(Event, type_),
-            ("event", "reason") => offset_of!(Event, reason),
-            ("event", "dir") => offset_of!(Event, dir),
-            ("event", "verdict") => offset_of!(Event, verdict),
-            ("event", "endpoint_id") => offset_of!(Event, endpoint_id),
-            ("event", "peer_endpoint") => offset_of!(Event, peer_endpoint),
-            ("event", "src_identity") => offset_of!(Event, src_identity),
-            ("event", "dst_identity") => offset_of!(Event, dst_identity),
-            ("event", "rule") => offset_of!(Event, rule),
-            ("event", "len") => offset_of!(Event, len),
-            ("event", "family") => offset_of!(Event, family),
-            ("event", "proto") => offset_of!(Event, proto),
-            ("event", "match") => offset_of!(Event, match_kind),
-            ("event", "caplen") => offset_of!(Event, caplen),
-            ("event", "sport") => offset_of!(Event, sport),
-            ("event", "dport") => offset_of!(Event, dport),
-            ("event", "saddr") => offset_of!(Event, saddr),
-            ("event", "daddr") => offset_of!(Event, daddr),
-            ("event", "data") => offset_of!(Event, data),
-            _ => panic!("abi.h has {st}.{field} but the Rust mirror does not"),
-        }
+        let table: std::vec::Vec<(&str, &str, usize)> = layouts! {
+            EndpointConfig as "endpoint_config" { ipv6, ipv4, mac, node_mac, ifindex, identity, endpoint_id, enable_ipv4, monitor }
+            EndpointKey as "endpoint_key" { addr, family }
+            EndpointInfo as "endpoint_info" { ifindex, identity, endpoint_id, flags, mac, node_mac }
+            MetricsKey as "metrics_key" { kind, reason, dir }
+            MetricsValue as "metrics_value" { packets, bytes }
+            IpcacheKey as "ipcache_key" { prefixlen, family, addr }
+            IpcacheValue as "ipcache_value" { identity, flags }
+            PolicyKey as "policy_key" { prefixlen, identity, direction, proto, dport }
+            PolicyValue as "policy_value" { verdict, match_kind as "match", proxy_port, rule }
+            CtKey as "ct_key" { saddr, daddr, sport, dport, proto, family }
+            CtValue as "ct_value" { expires, packets, bytes, policy_rev, src_identity, dst_identity, flags, owner }
+            FragKey as "frag_key" { saddr, daddr, id, proto, family }
+            FragValue as "frag_value" { expires, sport, dport }
+            GlobalConfig as "global_config" { policy_rev, monitor_level, ct_budget }
+            Event as "event" { ts, type_ as "type", reason, dir, verdict, endpoint_id, peer_endpoint, src_identity, dst_identity, rule, len, family, proto, match_kind as "match", caplen, sport, dport, saddr, daddr, data }
+        };
+        table
+            .iter()
+            .find(|(s, f, _)| *s == st && *f == field)
+            .map(|(_, _, v)| *v)
+            .unwrap_or_else(|| panic!("abi.h has {st}.{field} but the Rust mirror does not"))
     }
 
     #[test]

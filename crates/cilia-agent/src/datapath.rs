@@ -1,6 +1,12 @@
 //! The narrow interface between the agent's bookkeeping and the kernel.
 //! [`cilia_datapath::BpfDatapath`] is the real implementation; tests use a
 //! fake, so endpoint lifecycle logic is testable without root.
+//!
+//! Transitional: this trait is shaped like the maps (raw keys and values,
+//! `&mut self`). Its successor is the domain-level
+//! [`cilia_datapath::Datapath`] (typed rows of `cilia_abi::rows`, `&self`,
+//! with `cilia_datapath::fake::FakeDatapath` for tests); call sites move
+//! to it, and this module goes away.
 
 use std::net::IpAddr;
 
@@ -224,5 +230,122 @@ impl Datapath for BpfDatapath {
     }
     fn test_run(&self, config: &EndpointConfig, packet: &[u8]) -> Result<u32, DatapathError> {
         Ok(self.test_program(config)?.run(packet)?.verdict)
+    }
+}
+
+/// The domain-level policy of a resolved policy: what
+/// [`crate::policy::map_entries`] builds as raw map entries, for
+/// [`cilia_datapath::Datapath::set_endpoint_policy`]. `cookies` numbers
+/// its rules.
+pub fn endpoint_policy(
+    resolved: &cilia_policy::ResolvedPolicy,
+    cookies: &mut crate::policy::RuleCookies,
+    audit: bool,
+) -> cilia_abi::EndpointPolicy {
+    let rule_cookies: Vec<u32> = resolved
+        .rules
+        .iter()
+        .map(|r| cookies.cookie_of(r))
+        .collect();
+    let direction = |d: cilia_policy::Direction| match d {
+        cilia_policy::Direction::Ingress => cilia_abi::Direction::Ingress,
+        cilia_policy::Direction::Egress => cilia_abi::Direction::Egress,
+    };
+    cilia_abi::EndpointPolicy {
+        enforcement: cilia_abi::Enforcement {
+            ingress: resolved.ingress_enforced,
+            egress: resolved.egress_enforced,
+            audit,
+        },
+        entries: resolved
+            .entries
+            .iter()
+            .map(|e| cilia_abi::PolicyEntry {
+                direction: direction(e.direction),
+                identity: e.identity,
+                proto: e.proto,
+                port: e.port,
+                port_prefix_len: e.port_prefix_len,
+                verdict: match e.verdict {
+                    cilia_policy::Verdict::Allow => cilia_abi::Verdict::Allow,
+                    cilia_policy::Verdict::Deny => cilia_abi::Verdict::Deny,
+                },
+                rule: rule_cookies.get(e.rule as usize).copied().unwrap_or(0),
+                proxy_port: 0,
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cilia_policy::{Direction, MapEntry, PolicyKind, ResolvedPolicy, RuleRef, Verdict};
+
+    use super::*;
+    use crate::policy::{map_entries, RuleCookies};
+
+    fn rule(index: usize, deny: bool) -> RuleRef {
+        RuleRef {
+            policy: "prod/web".into(),
+            kind: PolicyKind::CiliumNetworkPolicy,
+            direction: Direction::Ingress,
+            index,
+            deny,
+            spec: 0,
+        }
+    }
+
+    fn entry(
+        direction: Direction,
+        identity: u32,
+        proto: u8,
+        port: u16,
+        port_prefix_len: u8,
+        verdict: Verdict,
+        rule: u32,
+    ) -> MapEntry {
+        MapEntry {
+            direction,
+            identity,
+            proto,
+            port,
+            port_prefix_len,
+            verdict,
+            rule,
+        }
+    }
+
+    /// Every match kind, a port range, and an allow and a deny on one key.
+    fn resolution() -> ResolvedPolicy {
+        use Direction::*;
+        use Verdict::*;
+        ResolvedPolicy {
+            ingress_enforced: true,
+            egress_enforced: true,
+            entries: vec![
+                entry(Ingress, 300, 0, 0, 0, Allow, 0),
+                entry(Ingress, 301, 17, 0, 0, Allow, 0),
+                entry(Ingress, 302, 6, 80, 16, Allow, 0),
+                entry(Ingress, 302, 6, 80, 16, Deny, 1),
+                entry(Egress, 2, 6, 1024, 6, Allow, 0),
+                entry(Egress, 2, 6, 8080, 16, Allow, 1),
+            ],
+            rules: vec![rule(0, false), rule(0, true)],
+        }
+    }
+
+    #[test]
+    fn domain_policy_encodes_to_the_agents_map_entries() {
+        for audit in [false, true] {
+            let mut cookies = RuleCookies::default();
+            let raw = map_entries(&resolution(), &mut cookies, audit);
+            let domain = endpoint_policy(&resolution(), &mut cookies, audit);
+            assert_eq!(domain.encode(), raw);
+            assert_eq!(
+                cilia_abi::EndpointPolicy::decode(&raw).encode(),
+                raw,
+                "decoding the agent's map loses nothing"
+            );
+        }
     }
 }

@@ -52,7 +52,7 @@ fn main() {
     );
     let (mac, node_mac) = ([0x0a, 0, 0, 0, 0, 1], [0x0a, 0, 0, 0, 0, 2]);
     let root = BpfRoot::new();
-    let mut dp = BpfDatapath::open(root.path()).expect("open datapath");
+    let dp = BpfDatapath::open(root.path()).expect("open datapath");
     let peer = EndpointInfo {
         ifindex: 4242,
         endpoint_id: 2,

@@ -21,8 +21,9 @@
 use std::net::IpAddr;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::{
     Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, MapInfo, PerCpuHashMap, RingBuf,
@@ -103,18 +104,21 @@ fn load_object(
 /// Handle on the pinned datapath of one agent.
 pub struct BpfDatapath {
     root: PathBuf,
-    endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
-    metrics: PerCpuHashMap<MapData, MetricsKey, MetricsValue>,
-    ipcache: LpmTrie<MapData, IpcacheData, IpcacheValue>,
-    policy: HashOfMaps<MapData, u32, MapData>,
-    ct: HashMap<MapData, CtKey, CtValue>,
-    ct_count: Array<MapData, u32>,
+    endpoints: Mutex<HashMap<MapData, EndpointKey, EndpointInfo>>,
+    metrics: Mutex<PerCpuHashMap<MapData, MetricsKey, MetricsValue>>,
+    ipcache: Mutex<LpmTrie<MapData, IpcacheData, IpcacheValue>>,
+    policy: Mutex<HashOfMaps<MapData, u32, MapData>>,
+    /// One lock per endpoint, held across a write of its policy: two
+    /// writers must not pick the same inactive map (see [`Self::set_policy`]).
+    policy_writers: Mutex<std::collections::HashMap<u16, Arc<Mutex<()>>>>,
+    ct: Mutex<HashMap<MapData, CtKey, CtValue>>,
+    ct_count: Mutex<Array<MapData, u32>>,
     /// Live conntrack entries at this handle's last GC (None before one):
     /// what a metrics scrape reports instead of walking the table again.
-    ct_live: Option<u64>,
-    config: Array<MapData, GlobalConfig>,
+    ct_live: Mutex<Option<u64>>,
+    config: Mutex<Array<MapData, GlobalConfig>>,
     /// Handed to the one reader of events ([`BpfDatapath::take_events`]).
-    events: Option<RingBuf<MapData>>,
+    events: Mutex<Option<RingBuf<MapData>>>,
     /// Pinned maps found incompatible at open and recreated.
     recreated: Vec<RecreatedMap>,
     /// Tags of this build's from- and to-container programs, learnt from
@@ -418,17 +422,30 @@ impl BpfDatapath {
         }
         Ok(Self {
             root: root.to_path_buf(),
-            endpoints: HashMap::try_from(endpoints)
-                .map_err(|e| DatapathError::map(MAP_ENDPOINTS, e))?,
-            metrics: PerCpuHashMap::try_from(metrics)
-                .map_err(|e| DatapathError::map(MAP_METRICS, e))?,
-            ipcache: LpmTrie::try_from(ipcache).map_err(|e| DatapathError::map(MAP_IPCACHE, e))?,
-            policy: HashOfMaps::try_from(policy).map_err(|e| DatapathError::map(MAP_POLICY, e))?,
-            ct: HashMap::try_from(ct).map_err(|e| DatapathError::map(MAP_CT, e))?,
-            ct_count: Array::try_from(ct_count).map_err(|e| DatapathError::map(MAP_CT_COUNT, e))?,
-            ct_live: None,
-            config: Array::try_from(config).map_err(|e| DatapathError::map(MAP_CONFIG, e))?,
-            events: Some(RingBuf::try_from(events).map_err(|e| DatapathError::map(MAP_EVENTS, e))?),
+            endpoints: Mutex::new(
+                HashMap::try_from(endpoints).map_err(|e| DatapathError::map(MAP_ENDPOINTS, e))?,
+            ),
+            metrics: Mutex::new(
+                PerCpuHashMap::try_from(metrics).map_err(|e| DatapathError::map(MAP_METRICS, e))?,
+            ),
+            ipcache: Mutex::new(
+                LpmTrie::try_from(ipcache).map_err(|e| DatapathError::map(MAP_IPCACHE, e))?,
+            ),
+            policy: Mutex::new(
+                HashOfMaps::try_from(policy).map_err(|e| DatapathError::map(MAP_POLICY, e))?,
+            ),
+            policy_writers: Mutex::default(),
+            ct: Mutex::new(HashMap::try_from(ct).map_err(|e| DatapathError::map(MAP_CT, e))?),
+            ct_count: Mutex::new(
+                Array::try_from(ct_count).map_err(|e| DatapathError::map(MAP_CT_COUNT, e))?,
+            ),
+            ct_live: Mutex::new(None),
+            config: Mutex::new(
+                Array::try_from(config).map_err(|e| DatapathError::map(MAP_CONFIG, e))?,
+            ),
+            events: Mutex::new(Some(
+                RingBuf::try_from(events).map_err(|e| DatapathError::map(MAP_EVENTS, e))?,
+            )),
             recreated,
             build_tags: std::sync::OnceLock::new(),
         })
@@ -540,7 +557,7 @@ impl BpfDatapath {
     /// swapped atomically through it (no packet sees a missing program);
     /// otherwise a new link is created and pinned.
     pub fn attach_endpoint(
-        &mut self,
+        &self,
         config: &EndpointConfig,
         host_ifname: &str,
     ) -> Result<(), DatapathError> {
@@ -556,7 +573,7 @@ impl BpfDatapath {
     /// here. The loaded object is dropped on return: the kernel keeps the
     /// programs through their links.
     pub fn attach_loaded(
-        &mut self,
+        &self,
         loaded: LoadedEndpoint,
         host_ifname: &str,
     ) -> Result<(), DatapathError> {
@@ -598,7 +615,7 @@ impl BpfDatapath {
     /// The endpoint must be attached (both link pins present, on the device
     /// `config.ifindex`): re-attaching is the agent's restore's job.
     pub fn reload_endpoint(
-        &mut self,
+        &self,
         config: &EndpointConfig,
         force: bool,
     ) -> Result<EndpointReload, DatapathError> {
@@ -609,7 +626,7 @@ impl BpfDatapath {
     /// must be 8-byte aligned). The agent always reloads its own embedded
     /// object; tests use this to offer a program the verifier rejects.
     pub fn reload_endpoint_from(
-        &mut self,
+        &self,
         object: &[u8],
         config: &EndpointConfig,
         force: bool,
@@ -723,7 +740,7 @@ impl BpfDatapath {
 
     /// Removes the endpoint's pinned links, which detaches its programs, and
     /// its policy maps. Succeeds when there is nothing to remove.
-    pub fn detach_endpoint(&mut self, endpoint_id: u16) -> Result<(), DatapathError> {
+    pub fn detach_endpoint(&self, endpoint_id: u16) -> Result<(), DatapathError> {
         for pin in [self.link_pin(endpoint_id), self.to_link_pin(endpoint_id)] {
             unpin_link(&pin)?;
         }
@@ -736,15 +753,15 @@ impl BpfDatapath {
     }
 
     /// Publishes a local endpoint address in the endpoints map.
-    pub fn upsert_endpoint(&mut self, ip: IpAddr, info: EndpointInfo) -> Result<(), DatapathError> {
-        self.endpoints
+    pub fn upsert_endpoint(&self, ip: IpAddr, info: EndpointInfo) -> Result<(), DatapathError> {
+        lock(&self.endpoints)
             .insert(EndpointKey::from_ip(ip), info, 0)
             .map_err(|e| DatapathError::map(MAP_ENDPOINTS, e))
     }
 
     /// Withdraws a local endpoint address. Absent entries are not an error.
-    pub fn remove_endpoint(&mut self, ip: IpAddr) -> Result<(), DatapathError> {
-        match self.endpoints.remove(&EndpointKey::from_ip(ip)) {
+    pub fn remove_endpoint(&self, ip: IpAddr) -> Result<(), DatapathError> {
+        match lock(&self.endpoints).remove(&EndpointKey::from_ip(ip)) {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(DatapathError::map(MAP_ENDPOINTS, e)),
@@ -753,7 +770,7 @@ impl BpfDatapath {
 
     /// Reads the endpoints map back from the kernel.
     pub fn list_endpoints(&self) -> Result<Vec<(EndpointKey, EndpointInfo)>, DatapathError> {
-        self.endpoints
+        lock(&self.endpoints)
             .iter()
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| DatapathError::map(MAP_ENDPOINTS, e))
@@ -762,7 +779,7 @@ impl BpfDatapath {
     /// Packet counters summed over all CPUs.
     pub fn metrics(&self) -> Result<Vec<(MetricsKey, MetricsValue)>, DatapathError> {
         let mut out = Vec::new();
-        for entry in self.metrics.iter() {
+        for entry in lock(&self.metrics).iter() {
             let (key, per_cpu) = entry.map_err(|e| DatapathError::map(MAP_METRICS, e))?;
             let mut sum = MetricsValue::default();
             for v in per_cpu.iter() {
@@ -776,8 +793,8 @@ impl BpfDatapath {
     }
 
     /// Maps a prefix to an identity in the ipcache.
-    pub fn upsert_ipcache(&mut self, key: IpcacheKey, identity: u32) -> Result<(), DatapathError> {
-        self.ipcache
+    pub fn upsert_ipcache(&self, key: IpcacheKey, identity: u32) -> Result<(), DatapathError> {
+        lock(&self.ipcache)
             .insert(
                 &ipcache_to_lpm(&key),
                 IpcacheValue { identity, flags: 0 },
@@ -787,8 +804,8 @@ impl BpfDatapath {
     }
 
     /// Removes a prefix from the ipcache. Absent entries are not an error.
-    pub fn remove_ipcache(&mut self, key: IpcacheKey) -> Result<(), DatapathError> {
-        match self.ipcache.remove(&ipcache_to_lpm(&key)) {
+    pub fn remove_ipcache(&self, key: IpcacheKey) -> Result<(), DatapathError> {
+        match lock(&self.ipcache).remove(&ipcache_to_lpm(&key)) {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(DatapathError::map(MAP_IPCACHE, e)),
@@ -797,7 +814,7 @@ impl BpfDatapath {
 
     /// Reads the ipcache back from the kernel.
     pub fn list_ipcache(&self) -> Result<Vec<(IpcacheKey, IpcacheValue)>, DatapathError> {
-        self.ipcache
+        lock(&self.ipcache)
             .iter()
             .map(|r| r.map(|(k, v)| (ipcache_from_lpm(&k), v)))
             .collect::<Result<Vec<_>, _>>()
@@ -840,7 +857,7 @@ impl BpfDatapath {
 
     /// The id of the policy map the datapath currently uses for an endpoint.
     fn active_policy_id(&self, endpoint_id: u16) -> Result<Option<u32>, DatapathError> {
-        match self.policy.get(&u32::from(endpoint_id), 0) {
+        match lock(&self.policy).get(&u32::from(endpoint_id), 0) {
             Ok(map) => Ok(Some(
                 map.info()
                     .map_err(|e| DatapathError::map(MAP_POLICY, e))?
@@ -851,12 +868,70 @@ impl BpfDatapath {
         }
     }
 
+    /// The lock serializing writes of one endpoint's policy.
+    fn policy_writer(&self, endpoint_id: u16) -> Arc<Mutex<()>> {
+        lock(&self.policy_writers)
+            .entry(endpoint_id)
+            .or_default()
+            .clone()
+    }
+
     /// Installs an endpoint's complete policy. The entries are written into
     /// the map the datapath is *not* using (only the difference to what it
     /// held), then one update of `cilia_policy` switches the endpoint over:
     /// incremental, and atomic for every packet.
     pub fn set_policy(
-        &mut self,
+        &self,
+        endpoint_id: u16,
+        entries: &BTreeMap<PolicyKey, PolicyValue>,
+    ) -> Result<PolicyUpdate, DatapathError> {
+        let writer = self.policy_writer(endpoint_id);
+        let _writing = lock(&writer);
+        self.write_policy(endpoint_id, entries)
+    }
+
+    /// Applies a change to an endpoint's policy in place, in the map the
+    /// datapath uses, without reading it: each key changes atomically, the
+    /// change as a whole does not (a packet may meet some of its keys
+    /// changed and others not yet); removals go first. An endpoint without
+    /// a policy gets `upserts` as its complete policy.
+    pub fn update_policy(
+        &self,
+        endpoint_id: u16,
+        removes: &BTreeSet<PolicyKey>,
+        upserts: &BTreeMap<PolicyKey, PolicyValue>,
+    ) -> Result<PolicyUpdate, DatapathError> {
+        let writer = self.policy_writer(endpoint_id);
+        let _writing = lock(&writer);
+        let err = |e| DatapathError::map(MAP_POLICY, e);
+        let active = match lock(&self.policy).get(&u32::from(endpoint_id), 0) {
+            Ok(map) => map,
+            Err(e) if is_not_found(&e) => return self.write_policy(endpoint_id, upserts),
+            Err(e) => return Err(err(e)),
+        };
+        let mut trie =
+            PolicyMap::try_from(Map::from_map_data(active).map_err(err)?).map_err(err)?;
+        let mut update = PolicyUpdate {
+            added: 0,
+            removed: 0,
+        };
+        for key in removes {
+            match trie.remove(&policy_to_lpm(key)) {
+                Ok(()) => update.removed += 1,
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(err(e)),
+            }
+        }
+        for (key, value) in upserts {
+            trie.insert(&policy_to_lpm(key), *value, 0).map_err(err)?;
+            update.added += 1;
+        }
+        Ok(update)
+    }
+
+    /// [`Self::set_policy`] under the endpoint's writer lock.
+    fn write_policy(
+        &self,
         endpoint_id: u16,
         entries: &BTreeMap<PolicyKey, PolicyValue>,
     ) -> Result<PolicyUpdate, DatapathError> {
@@ -897,7 +972,7 @@ impl BpfDatapath {
         }
         let inner =
             MapData::from_pin(&target_pin).map_err(|e| DatapathError::map(MAP_POLICY, e))?;
-        self.policy
+        lock(&self.policy)
             .insert(u32::from(endpoint_id), &inner, 0)
             .map_err(|e| DatapathError::map(MAP_POLICY, e))?;
         Ok(update)
@@ -908,7 +983,7 @@ impl BpfDatapath {
         &self,
         endpoint_id: u16,
     ) -> Result<Option<BTreeMap<PolicyKey, PolicyValue>>, DatapathError> {
-        let map = match self.policy.get(&u32::from(endpoint_id), 0) {
+        let map = match lock(&self.policy).get(&u32::from(endpoint_id), 0) {
             Ok(map) => map,
             Err(e) if is_not_found(&e) => return Ok(None),
             Err(e) => return Err(DatapathError::map(MAP_POLICY, e)),
@@ -924,8 +999,10 @@ impl BpfDatapath {
     }
 
     /// Withdraws an endpoint's policy and removes its policy maps.
-    pub fn remove_policy(&mut self, endpoint_id: u16) -> Result<(), DatapathError> {
-        match self.policy.remove(&u32::from(endpoint_id)) {
+    pub fn remove_policy(&self, endpoint_id: u16) -> Result<(), DatapathError> {
+        let writer = self.policy_writer(endpoint_id);
+        let _writing = lock(&writer);
+        match lock(&self.policy).remove(&u32::from(endpoint_id)) {
             Ok(()) => {}
             Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(DatapathError::map(MAP_POLICY, e)),
@@ -943,39 +1020,50 @@ impl BpfDatapath {
 
     /// Bumps the global policy revision: established flows meet the policy
     /// again on their next forward packet.
-    pub fn bump_policy_revision(&mut self) -> Result<u32, DatapathError> {
+    pub fn bump_policy_revision(&self) -> Result<u32, DatapathError> {
         let err = |e| DatapathError::map(MAP_CONFIG, e);
-        let mut cfg = self.config.get(&0, 0).map_err(err)?;
+        let mut config = lock(&self.config);
+        let mut cfg = config.get(&0, 0).map_err(err)?;
         cfg.policy_rev = cfg.policy_rev.wrapping_add(1);
-        self.config.set(0, cfg, 0).map_err(err)?;
+        config.set(0, cfg, 0).map_err(err)?;
         Ok(cfg.policy_rev)
     }
 
     /// Sets the monitor level (CILIA_MONITOR_*): which events the datapath
     /// emits. Off costs only a map lookup per event site.
-    pub fn set_monitor_level(&mut self, level: u32) -> Result<(), DatapathError> {
+    pub fn set_monitor_level(&self, level: u32) -> Result<(), DatapathError> {
         let err = |e| DatapathError::map(MAP_CONFIG, e);
-        let mut cfg = self.config.get(&0, 0).map_err(err)?;
+        let mut config = lock(&self.config);
+        let mut cfg = config.get(&0, 0).map_err(err)?;
         cfg.monitor_level = level;
-        self.config.set(0, cfg, 0).map_err(err)
+        config.set(0, cfg, 0).map_err(err)
     }
 
     pub fn monitor_level(&self) -> Result<u32, DatapathError> {
-        Ok(self
-            .config
+        Ok(lock(&self.config)
             .get(&0, 0)
             .map_err(|e| DatapathError::map(MAP_CONFIG, e))?
             .monitor_level)
     }
 
     /// The event ring buffer, for its single reader (the agent's monitor).
+    /// (`&mut`: taken at start-up, before the handle is shared; a shared
+    /// handle hands it out through `Datapath::event_reader`.)
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
-        self.events.take()
+        self.events
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+    }
+
+    /// [`Self::take_events`] through a shared handle.
+    pub(crate) fn take_events_shared(&self) -> Option<RingBuf<MapData>> {
+        lock(&self.events).take()
     }
 
     /// Reads the conntrack table back from the kernel.
     pub fn list_ct(&self) -> Result<Vec<(CtKey, CtValue)>, DatapathError> {
-        self.ct
+        lock(&self.ct)
             .iter()
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| DatapathError::map(MAP_CT, e))
@@ -983,15 +1071,15 @@ impl BpfDatapath {
 
     /// Writes one conntrack entry as the datapath would (fixtures use it to
     /// fill the table; it is not charged to any budget).
-    pub fn insert_ct(&mut self, key: CtKey, value: CtValue) -> Result<(), DatapathError> {
-        self.ct
+    pub fn insert_ct(&self, key: CtKey, value: CtValue) -> Result<(), DatapathError> {
+        lock(&self.ct)
             .insert(key, value, 0)
             .map_err(|e| DatapathError::map(MAP_CT, e))
     }
 
     /// Deletes one conntrack entry. Absent is not an error.
-    pub fn remove_ct(&mut self, key: CtKey) -> Result<(), DatapathError> {
-        match self.ct.remove(&key) {
+    pub fn remove_ct(&self, key: CtKey) -> Result<(), DatapathError> {
+        match lock(&self.ct).remove(&key) {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(DatapathError::map(MAP_CT, e)),
@@ -1005,7 +1093,7 @@ impl BpfDatapath {
     /// Recounting (rather than decrementing per removal) keeps the counts
     /// self-correcting: a creation that races the walk is at worst left
     /// uncounted until the next run.
-    pub fn gc_ct(&mut self) -> Result<usize, DatapathError> {
+    pub fn gc_ct(&self) -> Result<usize, DatapathError> {
         let now = monotonic_ns();
         let mut owned = BTreeMap::<u16, u32>::new();
         let mut expired = Vec::new();
@@ -1018,26 +1106,27 @@ impl BpfDatapath {
         }
         let mut removed = 0;
         for key in expired {
-            match self.ct.remove(&key) {
+            match lock(&self.ct).remove(&key) {
                 Ok(()) => removed += 1,
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => return Err(DatapathError::map(MAP_CT, e)),
             }
         }
         self.write_ct_counts(&owned)?;
-        self.ct_live = Some(owned.values().map(|n| u64::from(*n)).sum());
+        *lock(&self.ct_live) = Some(owned.values().map(|n| u64::from(*n)).sum());
         Ok(removed)
     }
 
     /// Sets every endpoint's count to `owned` (absent: zero), touching only
     /// the slots that change.
-    fn write_ct_counts(&mut self, owned: &BTreeMap<u16, u32>) -> Result<(), DatapathError> {
+    fn write_ct_counts(&self, owned: &BTreeMap<u16, u32>) -> Result<(), DatapathError> {
         let err = |e| DatapathError::map(MAP_CT_COUNT, e);
+        let mut counts = lock(&self.ct_count);
         for id in 0..=u16::MAX {
             let want = owned.get(&id).copied().unwrap_or(0);
-            let have = self.ct_count.get(&u32::from(id), 0).map_err(err)?;
+            let have = counts.get(&u32::from(id), 0).map_err(err)?;
             if have != want {
-                self.ct_count.set(u32::from(id), want, 0).map_err(err)?;
+                counts.set(u32::from(id), want, 0).map_err(err)?;
             }
         }
         Ok(())
@@ -1047,7 +1136,7 @@ impl BpfDatapath {
     /// its addresses at either end, and resets its budget: run when the
     /// endpoint is deleted or changes identity, so nothing it was allowed
     /// survives into a successor's flows. Returns how many were removed.
-    pub fn purge_ct(&mut self, endpoint_id: u16, addrs: &[IpAddr]) -> Result<usize, DatapathError> {
+    pub fn purge_ct(&self, endpoint_id: u16, addrs: &[IpAddr]) -> Result<usize, DatapathError> {
         let keys: Vec<[u8; 16]> = addrs
             .iter()
             .map(|ip| EndpointKey::from_ip(*ip).addr)
@@ -1062,13 +1151,13 @@ impl BpfDatapath {
             .collect();
         let mut removed = 0;
         for key in doomed {
-            match self.ct.remove(&key) {
+            match lock(&self.ct).remove(&key) {
                 Ok(()) => removed += 1,
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => return Err(DatapathError::map(MAP_CT, e)),
             }
         }
-        self.ct_count
+        lock(&self.ct_count)
             .set(u32::from(endpoint_id), 0, 0)
             .map_err(|e| DatapathError::map(MAP_CT_COUNT, e))?;
         Ok(removed)
@@ -1076,22 +1165,23 @@ impl BpfDatapath {
 
     /// Live conntrack entries counted by this handle's last [`Self::gc_ct`].
     pub fn ct_live(&self) -> Option<u64> {
-        self.ct_live
+        *lock(&self.ct_live)
     }
 
     /// Conntrack entries an endpoint currently holds against its budget.
     pub fn ct_count(&self, endpoint_id: u16) -> Result<u32, DatapathError> {
-        self.ct_count
+        lock(&self.ct_count)
             .get(&u32::from(endpoint_id), 0)
             .map_err(|e| DatapathError::map(MAP_CT_COUNT, e))
     }
 
     /// Sets the per-endpoint conntrack budget (0: the built-in default).
-    pub fn set_ct_budget(&mut self, budget: u32) -> Result<(), DatapathError> {
+    pub fn set_ct_budget(&self, budget: u32) -> Result<(), DatapathError> {
         let err = |e| DatapathError::map(MAP_CONFIG, e);
-        let mut cfg = self.config.get(&0, 0).map_err(err)?;
+        let mut config = lock(&self.config);
+        let mut cfg = config.get(&0, 0).map_err(err)?;
         cfg.ct_budget = budget;
-        self.config.set(0, cfg, 0).map_err(err)
+        config.set(0, cfg, 0).map_err(err)
     }
 
     /// Loads a specialized endpoint program for `BPF_PROG_TEST_RUN`, sharing
@@ -1113,6 +1203,13 @@ impl BpfDatapath {
             PROG_TO_CONTAINER,
         ))
     }
+}
+
+/// Locks one map handle. A panic while a guard was held cannot leave a
+/// handle inconsistent (the map lives in the kernel; the handle is an fd),
+/// so a poisoned lock is used as is.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Whether a map error means "no such key" (typed wrappers report it as

@@ -10,6 +10,9 @@
 //! * [`inspect`]: read back what is attached (link, program tag, `.rodata`).
 //! * [`testrun`]: `BPF_PROG_TEST_RUN` on crafted packets, for tests and
 //!   benchmarks.
+//! * [`interface`]: the domain-level [`Datapath`] trait the agent uses
+//!   (typed rows of `cilia_abi::rows`, `&self`), implemented by
+//!   [`BpfDatapath`] and by [`fake::FakeDatapath`] (in memory, for tests).
 //!
 //! Invariant: everything this crate attaches is pinned under the bpffs root
 //! it was given; nothing it creates depends on the calling process staying
@@ -18,7 +21,9 @@
 pub mod endpoint;
 pub mod error;
 pub mod events;
+pub mod fake;
 pub mod inspect;
+pub mod interface;
 mod keys;
 pub mod object;
 pub mod packet;
@@ -30,4 +35,5 @@ pub use endpoint::{
     PolicyUpdate, RecreatedMap, PIN_ABI_VERSION,
 };
 pub use error::DatapathError;
+pub use interface::{Datapath, LoadedPrograms};
 pub use probe::{probe_kernel, Feature, FeatureReport};

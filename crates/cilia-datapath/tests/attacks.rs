@@ -649,7 +649,7 @@ fn a_to_b_from(sport: u16) -> Vec<u8> {
 #[test]
 fn an_endpoint_churning_flows_is_stopped_at_its_budget_and_others_keep_theirs() {
     privileged!("ct_budget");
-    let mut fx = Fixture::new();
+    let fx = Fixture::new();
     fx.dp.set_ct_budget(16).unwrap();
     let (a, b) = (fx.a(), fx.b());
     for sport in 0..16 {
@@ -677,7 +677,7 @@ fn an_endpoint_churning_flows_is_stopped_at_its_budget_and_others_keep_theirs() 
 #[test]
 fn a_full_conntrack_table_fails_closed_with_a_named_drop() {
     privileged!("ct_full");
-    let mut fx = Fixture::new();
+    let fx = Fixture::new();
     // Fill the table with entries of some other endpoint.
     for i in 0..CILIA_CT_MAX {
         let mut key = CtKey {

@@ -22,7 +22,7 @@ struct Fixture {
 impl Fixture {
     fn new() -> Self {
         let root = BpfRoot::new();
-        let mut dp = BpfDatapath::open(root.path()).expect("open datapath");
+        let dp = BpfDatapath::open(root.path()).expect("open datapath");
         let b = EndpointInfo {
             ifindex: 4242,
             identity: 0,

@@ -107,7 +107,7 @@ fn pinned_links_report_their_device_and_whether_their_program_matches_the_record
     ])
     .unwrap();
     let ifindex: u32 = ns.run(|| nix::net::if_::if_nametoindex("lxc9").unwrap());
-    let mut dp = BpfDatapath::open(root.path()).unwrap();
+    let dp = BpfDatapath::open(root.path()).unwrap();
     let attached = config(ifindex, 300);
     ns.run(|| dp.attach_endpoint(&attached, "lxc9")).unwrap();
 
@@ -134,7 +134,7 @@ fn pinned_links_report_their_device_and_whether_their_program_matches_the_record
 fn an_endpoint_policy_map_of_another_layout_is_recreated_when_written() {
     privileged!("pins_policy_map");
     let root = BpfRoot::new();
-    let mut dp = BpfDatapath::open(root.path()).unwrap();
+    let dp = BpfDatapath::open(root.path()).unwrap();
     let pin = root.path().join("policy").join("ep5_a");
     pin_array(&pin, 1);
     let entries = std::collections::BTreeMap::new();

@@ -222,7 +222,7 @@ fn to_container_program_applies_ingress_policy_to_host_traffic() {
 #[test]
 fn policy_updates_are_incremental_and_swap_maps() {
     privileged!("policy_updates");
-    let mut fx = Fixture::new();
+    let fx = Fixture::new();
     let base = [
         enforce(CILIA_DIR_INGRESS),
         rule(

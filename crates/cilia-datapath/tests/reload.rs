@@ -44,7 +44,7 @@ fn attached(prefix: &str) -> Attached {
     ])
     .unwrap();
     let ifindex: u32 = ns.run(|| nix::net::if_::if_nametoindex("lxc9").unwrap());
-    let mut dp = BpfDatapath::open(root.path()).unwrap();
+    let dp = BpfDatapath::open(root.path()).unwrap();
     let config = config(ifindex);
     ns.run(|| dp.attach_endpoint(&config, "lxc9")).unwrap();
     Attached {
@@ -69,7 +69,7 @@ fn links(a: &Attached) -> Vec<(u32, u32)> {
 #[test]
 fn reload_swaps_the_program_inside_the_same_link() {
     privileged!("reload_swaps");
-    let mut a = attached("crld");
+    let a = attached("crld");
     let before = links(&a);
     let config = a.config;
     let done = a.dp.reload_endpoint(&config, true).unwrap();
@@ -93,7 +93,7 @@ fn reload_swaps_the_program_inside_the_same_link() {
 #[test]
 fn reload_without_force_leaves_programs_of_this_build_alone() {
     privileged!("reload_unchanged");
-    let mut a = attached("crlu");
+    let a = attached("crlu");
     let before = links(&a);
     let config = a.config;
     // Learns this build's tags from a program specialized for `config`.
@@ -143,7 +143,7 @@ fn object_the_verifier_rejects() -> Vec<u64> {
 #[test]
 fn a_successor_the_verifier_rejects_leaves_the_old_programs_attached() {
     privileged!("reload_rejected");
-    let mut a = attached("crlr");
+    let a = attached("crlr");
     let before = links(&a);
     let words = object_the_verifier_rejects();
     // SAFETY: a u64 slice viewed as its bytes.

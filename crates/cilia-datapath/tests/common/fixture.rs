@@ -53,7 +53,7 @@ pub fn config(
 impl Fixture {
     pub fn new() -> Self {
         let root = BpfRoot::new();
-        let mut dp = BpfDatapath::open(root.path()).unwrap();
+        let dp = BpfDatapath::open(root.path()).unwrap();
         for (id, identity, mac, node_mac, ip) in [
             (A_ID, A_IDENTITY, A_MAC, A_NODE_MAC, a6()),
             (B_ID, B_IDENTITY, B_MAC, B_NODE_MAC, b6()),

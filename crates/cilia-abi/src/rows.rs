@@ -1,0 +1,808 @@
+//! Domain rows of the datapath maps, and the one place where they are
+//! encoded into (and decoded from) the map keys and values above.
+//!
+//! Everything here is in host byte order with std address types; the
+//! byte-order swaps, prefix-length arithmetic and flag bits of the ABI live
+//! only in this module. The datapath interface (`cilia_datapath::Datapath`)
+//! takes and returns these rows, so neither the agent nor the API layer ever
+//! handles a raw key.
+//!
+//! Invariants: `decode(encode(x))` re-encodes to the same map entries for
+//! every row; an encoded policy holds at most one value per key, and where
+//! two entries land on the same key the deny wins.
+
+extern crate alloc;
+
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::vec::Vec;
+use core::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+
+use crate::*;
+
+/// Traffic direction as seen from the endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl Direction {
+    /// The `CILIA_DIR_*` code.
+    pub fn code(self) -> u8 {
+        match self {
+            Direction::Ingress => CILIA_DIR_INGRESS,
+            Direction::Egress => CILIA_DIR_EGRESS,
+        }
+    }
+
+    /// The direction of a `CILIA_DIR_*` code; `None` for any other.
+    pub fn from_code(code: u8) -> Option<Self> {
+        match code {
+            CILIA_DIR_INGRESS => Some(Direction::Ingress),
+            CILIA_DIR_EGRESS => Some(Direction::Egress),
+            _ => None,
+        }
+    }
+}
+
+/// What a policy entry decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Verdict {
+    Allow,
+    Deny,
+}
+
+/// Bits of a policy key before the protocol: identity (32) + direction (8).
+const POLICY_L3_BITS: u32 = 40;
+/// Bits of a policy key up to the port: + protocol (8).
+const POLICY_PROTO_BITS: u32 = 48;
+
+/// Mask with the `len` leading bits of a port set.
+fn port_mask(len: u8) -> u16 {
+    match len.min(16) {
+        0 => 0,
+        len => u16::MAX << (16 - u32::from(len)),
+    }
+}
+
+/// One entry of an endpoint's policy: traffic with `identity` in
+/// `direction` matching protocol and port gets `verdict`.
+///
+/// Match kinds: `proto == 0` matches every protocol and port (L3 only; the
+/// port fields are ignored); `port_prefix_len == 0` matches every port of
+/// `proto`; otherwise the ports whose `port_prefix_len` leading bits equal
+/// `port`'s (16: exactly `port`). A port range is a list of such prefixes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyEntry {
+    pub direction: Direction,
+    /// The peer's numeric identity.
+    pub identity: u32,
+    /// IP protocol number; 0: any.
+    pub proto: u8,
+    /// First port of the prefix.
+    pub port: u16,
+    /// Significant leading bits of `port`, 0 to 16.
+    pub port_prefix_len: u8,
+    pub verdict: Verdict,
+    /// Cookie of the rule that made the entry (0: none), carried by the
+    /// datapath's verdict events.
+    pub rule: u32,
+    /// L7 proxy port to redirect to; 0: none.
+    pub proxy_port: u16,
+}
+
+impl PolicyEntry {
+    /// The map key of the entry.
+    pub fn key(&self) -> PolicyKey {
+        let (prefixlen, dport) = if self.proto == 0 {
+            (POLICY_L3_BITS, 0)
+        } else {
+            let len = self.port_prefix_len.min(16);
+            (
+                POLICY_PROTO_BITS + u32::from(len),
+                self.port & port_mask(len),
+            )
+        };
+        PolicyKey {
+            prefixlen,
+            identity: self.identity.to_be(),
+            direction: self.direction.code(),
+            proto: self.proto,
+            dport: dport.to_be(),
+        }
+    }
+
+    /// The map value of the entry.
+    pub fn value(&self) -> PolicyValue {
+        PolicyValue {
+            verdict: match self.verdict {
+                Verdict::Allow => CILIA_VERDICT_ALLOW,
+                Verdict::Deny => CILIA_VERDICT_DENY,
+            },
+            match_kind: self.match_kind(),
+            proxy_port: self.proxy_port,
+            rule: self.rule,
+        }
+    }
+
+    /// The `CILIA_MATCH_*` kind verdict events report for this entry.
+    pub fn match_kind(&self) -> u8 {
+        match (self.proto, self.port_prefix_len) {
+            (0, _) => CILIA_MATCH_L3,
+            (_, 0) => CILIA_MATCH_PROTO,
+            _ => CILIA_MATCH_PORT,
+        }
+    }
+
+    /// The ports the entry matches, first and last; `None` for any port.
+    pub fn port_range(&self) -> Option<(u16, u16)> {
+        if self.proto == 0 || self.port_prefix_len == 0 {
+            return None;
+        }
+        let mask = port_mask(self.port_prefix_len);
+        let first = self.port & mask;
+        Some((first, first | !mask))
+    }
+
+    /// The entry a map entry stands for; `None` for an enforcement marker
+    /// or a key of an unknown direction.
+    pub fn decode(key: &PolicyKey, value: &PolicyValue) -> Option<Self> {
+        let identity = u32::from_be(key.identity);
+        if identity == CILIA_ID_ENFORCEMENT {
+            return None;
+        }
+        let direction = Direction::from_code(key.direction)?;
+        let (port, port_prefix_len) = if key.proto == 0 {
+            (0, 0)
+        } else {
+            (
+                u16::from_be(key.dport),
+                key.prefixlen.saturating_sub(POLICY_PROTO_BITS).min(16) as u8,
+            )
+        };
+        Some(Self {
+            direction,
+            identity,
+            proto: key.proto,
+            port,
+            port_prefix_len,
+            verdict: if value.verdict == CILIA_VERDICT_DENY {
+                Verdict::Deny
+            } else {
+                Verdict::Allow
+            },
+            rule: value.rule,
+            proxy_port: value.proxy_port,
+        })
+    }
+}
+
+/// Which directions of an endpoint deny what no entry allows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Enforcement {
+    pub ingress: bool,
+    pub egress: bool,
+    /// Audit mode: a denied packet is reported, not dropped.
+    pub audit: bool,
+}
+
+impl Enforcement {
+    /// The marker entries of an enforced direction (key identity
+    /// `CILIA_ID_ENFORCEMENT`, no protocol).
+    pub fn encode(&self) -> BTreeMap<PolicyKey, PolicyValue> {
+        let mut out = BTreeMap::new();
+        for (dir, enforced) in [
+            (Direction::Ingress, self.ingress),
+            (Direction::Egress, self.egress),
+        ] {
+            if enforced {
+                out.insert(
+                    Self::marker_key(dir),
+                    PolicyValue {
+                        verdict: CILIA_ENFORCE | if self.audit { CILIA_ENFORCE_AUDIT } else { 0 },
+                        ..Default::default()
+                    },
+                );
+            }
+        }
+        out
+    }
+
+    /// The key of a direction's marker.
+    pub fn marker_key(direction: Direction) -> PolicyKey {
+        PolicyKey {
+            prefixlen: POLICY_L3_BITS,
+            identity: CILIA_ID_ENFORCEMENT.to_be(),
+            direction: direction.code(),
+            proto: 0,
+            dport: 0,
+        }
+    }
+}
+
+/// An endpoint's complete policy: what its policy map holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointPolicy {
+    pub enforcement: Enforcement,
+    pub entries: Vec<PolicyEntry>,
+}
+
+impl EndpointPolicy {
+    /// The map entries: the enforcement markers and one value per key,
+    /// the deny where an allow and a deny land on the same key.
+    pub fn encode(&self) -> BTreeMap<PolicyKey, PolicyValue> {
+        let mut out = self.enforcement.encode();
+        insert_deny_wins(&mut out, &self.entries);
+        out
+    }
+
+    /// The policy a map holds. Entries come in key order.
+    pub fn decode<'a>(map: impl IntoIterator<Item = (&'a PolicyKey, &'a PolicyValue)>) -> Self {
+        let mut policy = EndpointPolicy::default();
+        for (key, value) in map {
+            if u32::from_be(key.identity) == CILIA_ID_ENFORCEMENT {
+                match Direction::from_code(key.direction) {
+                    Some(Direction::Ingress) => policy.enforcement.ingress = true,
+                    Some(Direction::Egress) => policy.enforcement.egress = true,
+                    None => continue,
+                }
+                policy.enforcement.audit |= value.verdict & CILIA_ENFORCE_AUDIT != 0;
+            } else if let Some(entry) = PolicyEntry::decode(key, value) {
+                policy.entries.push(entry);
+            }
+        }
+        policy
+    }
+}
+
+fn insert_deny_wins(out: &mut BTreeMap<PolicyKey, PolicyValue>, entries: &[PolicyEntry]) {
+    for entry in entries {
+        let value = entry.value();
+        let slot = out.entry(entry.key()).or_insert(value);
+        if value.verdict == CILIA_VERDICT_DENY {
+            *slot = value;
+        }
+    }
+}
+
+/// A change to an endpoint's policy, written without reading the map.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyDelta {
+    /// Entries to write (deny wins among them on a shared key; an existing
+    /// value under the key is replaced).
+    pub upserts: Vec<PolicyEntry>,
+    /// Entries to delete, by key: verdict, rule and proxy port are ignored.
+    pub removes: Vec<PolicyEntry>,
+    /// New enforcement, when it changed.
+    pub enforcement: Option<Enforcement>,
+}
+
+impl PolicyDelta {
+    /// The keys to delete and the entries to write. A key both removed and
+    /// upserted is only written.
+    pub fn encode(&self) -> (BTreeSet<PolicyKey>, BTreeMap<PolicyKey, PolicyValue>) {
+        let mut upserts = BTreeMap::new();
+        let mut removes: BTreeSet<PolicyKey> = self.removes.iter().map(|e| e.key()).collect();
+        if let Some(enforcement) = &self.enforcement {
+            let markers = enforcement.encode();
+            for dir in [Direction::Ingress, Direction::Egress] {
+                let key = Enforcement::marker_key(dir);
+                if !markers.contains_key(&key) {
+                    removes.insert(key);
+                }
+            }
+            upserts.extend(markers);
+        }
+        insert_deny_wins(&mut upserts, &self.upserts);
+        removes.retain(|k| !upserts.contains_key(k));
+        (removes, upserts)
+    }
+}
+
+/// One conntrack entry (a flow in one direction, as its first packet went).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CtEntry {
+    pub proto: u8,
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub packets: u64,
+    pub bytes: u64,
+    /// Expiry on CLOCK_MONOTONIC, in nanoseconds.
+    pub expires_ns: u64,
+    pub seen_reply: bool,
+    pub closing: bool,
+    /// Revoked by a policy change (kept so the flow cannot be revived).
+    pub denied: bool,
+    /// The policy revision the flow was last checked against.
+    pub policy_revision: u32,
+    /// The endpoint whose budget the entry counts against.
+    pub owner: u16,
+}
+
+impl CtEntry {
+    /// The entry of a map entry; `None` for an unknown family.
+    pub fn decode(key: &CtKey, value: &CtValue) -> Option<Self> {
+        let addr = |a: [u8; 16]| {
+            EndpointKey {
+                addr: a,
+                family: key.family,
+                pad: [0; 3],
+            }
+            .ip()
+        };
+        Some(Self {
+            proto: key.proto,
+            source: SocketAddr::new(addr(key.saddr)?, u16::from_be(key.sport)),
+            destination: SocketAddr::new(addr(key.daddr)?, u16::from_be(key.dport)),
+            src_identity: value.src_identity,
+            dst_identity: value.dst_identity,
+            packets: value.packets,
+            bytes: value.bytes,
+            expires_ns: value.expires,
+            seen_reply: value.flags & CILIA_CT_SEEN_REPLY != 0,
+            closing: value.flags & CILIA_CT_CLOSING != 0,
+            denied: value.flags & CILIA_CT_DENIED != 0,
+            policy_revision: value.policy_rev,
+            owner: value.owner,
+        })
+    }
+
+    /// The map key of the entry (source and destination are taken to be
+    /// of one family: the source's).
+    pub fn key(&self) -> CtKey {
+        let src = EndpointKey::from_ip(self.source.ip());
+        CtKey {
+            saddr: src.addr,
+            daddr: EndpointKey::from_ip(self.destination.ip()).addr,
+            sport: self.source.port().to_be(),
+            dport: self.destination.port().to_be(),
+            proto: self.proto,
+            family: src.family,
+            pad: [0; 2],
+        }
+    }
+
+    /// The map value of the entry.
+    pub fn value(&self) -> CtValue {
+        let flag = |set: bool, bit: u16| if set { bit } else { 0 };
+        CtValue {
+            expires: self.expires_ns,
+            packets: self.packets,
+            bytes: self.bytes,
+            policy_rev: self.policy_revision,
+            src_identity: self.src_identity,
+            dst_identity: self.dst_identity,
+            flags: flag(self.seen_reply, CILIA_CT_SEEN_REPLY)
+                | flag(self.closing, CILIA_CT_CLOSING)
+                | flag(self.denied, CILIA_CT_DENIED),
+            owner: self.owner,
+        }
+    }
+}
+
+/// One ipcache entry: addresses of `prefix` have `identity`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpcacheEntry {
+    pub prefix: IpNet,
+    pub identity: u32,
+}
+
+impl IpcacheEntry {
+    /// The LPM key of a prefix (host bits cleared).
+    pub fn key_of(prefix: &IpNet) -> IpcacheKey {
+        IpcacheKey::new(prefix.network(), prefix.prefix_len())
+    }
+
+    pub fn key(&self) -> IpcacheKey {
+        Self::key_of(&self.prefix)
+    }
+
+    pub fn value(&self) -> IpcacheValue {
+        IpcacheValue {
+            identity: self.identity,
+            flags: 0,
+        }
+    }
+
+    /// The entry of a map entry; `None` for an unknown family or a prefix
+    /// length beyond the address.
+    pub fn decode(key: &IpcacheKey, value: &IpcacheValue) -> Option<Self> {
+        let (ip, len) = key.prefix()?;
+        Some(Self {
+            prefix: IpNet::new(ip, len).ok()?,
+            identity: value.identity,
+        })
+    }
+}
+
+/// One local endpoint address in the endpoints map: where the datapath
+/// delivers packets for `ip`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EndpointEntry {
+    pub ip: IpAddr,
+    pub ifindex: u32,
+    pub identity: u32,
+    pub endpoint_id: u16,
+    pub flags: u16,
+    pub mac: [u8; 6],
+    pub node_mac: [u8; 6],
+}
+
+impl EndpointEntry {
+    /// The row of an address and its map value.
+    pub fn new(ip: IpAddr, info: EndpointInfo) -> Self {
+        Self {
+            ip,
+            ifindex: info.ifindex,
+            identity: info.identity,
+            endpoint_id: info.endpoint_id,
+            flags: info.flags,
+            mac: info.mac,
+            node_mac: info.node_mac,
+        }
+    }
+
+    pub fn key(&self) -> EndpointKey {
+        EndpointKey::from_ip(self.ip)
+    }
+
+    pub fn info(&self) -> EndpointInfo {
+        EndpointInfo {
+            ifindex: self.ifindex,
+            identity: self.identity,
+            endpoint_id: self.endpoint_id,
+            flags: self.flags,
+            mac: self.mac,
+            node_mac: self.node_mac,
+        }
+    }
+
+    /// The row of a map entry; `None` for an unknown family.
+    pub fn decode(key: &EndpointKey, info: &EndpointInfo) -> Option<Self> {
+        Some(Self::new(key.ip()?, *info))
+    }
+}
+
+/// What a metrics counter counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MetricKind {
+    Forward,
+    Drop,
+    /// Events lost because the ring buffer was full.
+    Lost,
+    Unknown(u8),
+}
+
+impl MetricKind {
+    pub fn from_code(code: u8) -> Self {
+        match code {
+            CILIA_METRIC_FORWARD => MetricKind::Forward,
+            CILIA_METRIC_DROP => MetricKind::Drop,
+            CILIA_METRIC_LOST => MetricKind::Lost,
+            other => MetricKind::Unknown(other),
+        }
+    }
+
+    pub fn code(self) -> u8 {
+        match self {
+            MetricKind::Forward => CILIA_METRIC_FORWARD,
+            MetricKind::Drop => CILIA_METRIC_DROP,
+            MetricKind::Lost => CILIA_METRIC_LOST,
+            MetricKind::Unknown(code) => code,
+        }
+    }
+}
+
+/// One datapath counter, summed over CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MetricsEntry {
+    pub kind: MetricKind,
+    /// `CILIA_FWD_*` or `CILIA_DROP_*` code; [`Self::reason_name`] names it.
+    pub reason: u8,
+    /// `None` where the counter has no direction.
+    pub direction: Option<Direction>,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl MetricsEntry {
+    pub fn decode(key: &MetricsKey, value: &MetricsValue) -> Self {
+        Self {
+            kind: MetricKind::from_code(key.kind),
+            reason: key.reason,
+            direction: Direction::from_code(key.dir),
+            packets: value.packets,
+            bytes: value.bytes,
+        }
+    }
+
+    pub fn key(&self) -> MetricsKey {
+        MetricsKey {
+            kind: self.kind.code(),
+            reason: self.reason,
+            dir: self.direction.map(Direction::code).unwrap_or(0),
+            pad: 0,
+        }
+    }
+
+    pub fn value(&self) -> MetricsValue {
+        MetricsValue {
+            packets: self.packets,
+            bytes: self.bytes,
+        }
+    }
+
+    /// Human name of the reason, as the CLI and metrics print it.
+    pub fn reason_name(&self) -> &'static str {
+        reason_name(self.kind.code(), self.reason)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use alloc::vec;
+
+    fn allow(direction: Direction, identity: u32, proto: u8, port: u16, len: u8) -> PolicyEntry {
+        PolicyEntry {
+            direction,
+            identity,
+            proto,
+            port,
+            port_prefix_len: len,
+            verdict: Verdict::Allow,
+            rule: 1,
+            proxy_port: 0,
+        }
+    }
+
+    fn deny(e: PolicyEntry) -> PolicyEntry {
+        PolicyEntry {
+            verdict: Verdict::Deny,
+            rule: 2,
+            ..e
+        }
+    }
+
+    #[test]
+    fn policy_round_trips_through_the_map() {
+        let policy = EndpointPolicy {
+            enforcement: Enforcement {
+                ingress: true,
+                egress: false,
+                audit: false,
+            },
+            entries: vec![
+                allow(Direction::Ingress, 300, 6, 80, 16),
+                allow(Direction::Ingress, 301, 0, 0, 0),
+                deny(allow(Direction::Egress, 2, 17, 0, 0)),
+                PolicyEntry {
+                    proxy_port: 15001,
+                    ..allow(Direction::Egress, 7, 6, 1024, 6)
+                },
+            ],
+        };
+        let map = policy.encode();
+        let back = EndpointPolicy::decode(&map);
+        assert_eq!(back.enforcement, policy.enforcement);
+        let mut want = policy.entries.clone();
+        want.sort_by_key(|e| e.key());
+        assert_eq!(back.entries, want);
+        assert_eq!(back.encode(), map);
+    }
+
+    #[test]
+    fn deny_wins_over_allow_on_the_same_key() {
+        let a = allow(Direction::Ingress, 300, 6, 80, 16);
+        for entries in [vec![a, deny(a)], vec![deny(a), a]] {
+            let map = EndpointPolicy {
+                entries,
+                ..Default::default()
+            }
+            .encode();
+            assert_eq!(map.len(), 1);
+            assert_eq!(map[&a.key()].verdict, CILIA_VERDICT_DENY);
+            assert_eq!(map[&a.key()].rule, 2);
+        }
+    }
+
+    #[test]
+    fn keys_are_big_endian_with_the_kernel_prefix_length() {
+        let key = allow(Direction::Egress, 0x0102_0304, 6, 8080, 16).key();
+        assert_eq!(key.prefixlen, 64);
+        assert_eq!(key.identity, 0x0102_0304u32.to_be());
+        assert_eq!(key.dport, 8080u16.to_be());
+        assert_eq!(key.direction, CILIA_DIR_EGRESS);
+    }
+
+    #[test]
+    fn port_prefix_stands_for_a_port_range() {
+        let e = allow(Direction::Ingress, 9, 6, 256, 8);
+        assert_eq!(e.key().prefixlen, 56);
+        assert_eq!(e.port_range(), Some((256, 511)));
+        let map = EndpointPolicy {
+            entries: vec![e],
+            ..Default::default()
+        }
+        .encode();
+        assert_eq!(
+            EndpointPolicy::decode(&map).entries[0].port_range(),
+            Some((256, 511))
+        );
+        assert_eq!(
+            allow(Direction::Ingress, 9, 6, 443, 16).port_range(),
+            Some((443, 443))
+        );
+    }
+
+    #[test]
+    fn host_bits_of_a_port_prefix_are_cleared() {
+        let e = allow(Direction::Ingress, 9, 6, 300, 8);
+        assert_eq!(u16::from_be(e.key().dport), 256);
+    }
+
+    #[test]
+    fn l3_only_entries_ignore_ports_and_match_any_protocol() {
+        let e = allow(Direction::Ingress, 9, 0, 80, 16);
+        let k = e.key();
+        assert_eq!((k.prefixlen, k.proto, k.dport), (40, 0, 0));
+        assert_eq!(e.value().match_kind, CILIA_MATCH_L3);
+        assert_eq!(e.port_range(), None);
+    }
+
+    #[test]
+    fn protocol_only_entries_match_every_port() {
+        let e = allow(Direction::Ingress, 9, 17, 0, 0);
+        assert_eq!(e.key().prefixlen, 48);
+        assert_eq!(e.value().match_kind, CILIA_MATCH_PROTO);
+        assert_eq!(
+            allow(Direction::Ingress, 9, 17, 53, 16).value().match_kind,
+            CILIA_MATCH_PORT
+        );
+    }
+
+    #[test]
+    fn enforcement_markers_carry_the_audit_flag() {
+        let policy = EndpointPolicy {
+            enforcement: Enforcement {
+                ingress: true,
+                egress: true,
+                audit: true,
+            },
+            entries: vec![],
+        };
+        let map = policy.encode();
+        assert_eq!(map.len(), 2);
+        for dir in [Direction::Ingress, Direction::Egress] {
+            let marker = map[&Enforcement::marker_key(dir)];
+            assert_eq!(marker.verdict, CILIA_ENFORCE | CILIA_ENFORCE_AUDIT);
+        }
+        assert_eq!(EndpointPolicy::decode(&map), policy);
+    }
+
+    #[test]
+    fn unenforced_directions_have_no_marker() {
+        let map = EndpointPolicy {
+            enforcement: Enforcement {
+                egress: true,
+                ..Default::default()
+            },
+            entries: vec![],
+        }
+        .encode();
+        assert_eq!(map.len(), 1);
+        assert!(map.contains_key(&Enforcement::marker_key(Direction::Egress)));
+    }
+
+    #[test]
+    fn delta_removes_markers_of_directions_no_longer_enforced() {
+        let (removes, upserts) = PolicyDelta {
+            enforcement: Some(Enforcement {
+                ingress: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode();
+        assert!(removes.contains(&Enforcement::marker_key(Direction::Egress)));
+        assert!(upserts.contains_key(&Enforcement::marker_key(Direction::Ingress)));
+    }
+
+    #[test]
+    fn delta_writes_a_key_both_removed_and_upserted() {
+        let a = allow(Direction::Ingress, 300, 6, 80, 16);
+        let (removes, upserts) = PolicyDelta {
+            upserts: vec![deny(a)],
+            removes: vec![a],
+            enforcement: None,
+        }
+        .encode();
+        assert!(removes.is_empty());
+        assert_eq!(upserts[&a.key()].verdict, CILIA_VERDICT_DENY);
+    }
+
+    #[test]
+    fn conntrack_rows_round_trip_both_families() {
+        for (s, d) in [
+            ("10.0.0.1:40000", "10.0.0.2:80"),
+            ("[fd00::1]:5353", "[fd00::2]:53"),
+        ] {
+            let row = CtEntry {
+                proto: 6,
+                source: s.parse().unwrap(),
+                destination: d.parse().unwrap(),
+                src_identity: 300,
+                dst_identity: 301,
+                packets: 3,
+                bytes: 180,
+                expires_ns: 123_000_000_000,
+                seen_reply: true,
+                closing: false,
+                denied: true,
+                policy_revision: 4,
+                owner: 12,
+            };
+            let (k, v) = (row.key(), row.value());
+            assert_eq!(k.sport, row.source.port().to_be());
+            assert_eq!(v.flags, CILIA_CT_SEEN_REPLY | CILIA_CT_DENIED);
+            assert_eq!(CtEntry::decode(&k, &v), Some(row));
+        }
+    }
+
+    #[test]
+    fn ipcache_rows_round_trip_and_clear_host_bits() {
+        let row = IpcacheEntry {
+            prefix: "10.1.0.0/16".parse().unwrap(),
+            identity: 77,
+        };
+        assert_eq!(IpcacheEntry::decode(&row.key(), &row.value()), Some(row));
+        let sloppy: IpNet = "10.1.2.3/16".parse().unwrap();
+        assert_eq!(IpcacheEntry::key_of(&sloppy), row.key());
+        let v6 = IpcacheEntry {
+            prefix: "2001:db8::/32".parse().unwrap(),
+            identity: 2,
+        };
+        assert_eq!(v6.key().prefixlen, 64);
+        assert_eq!(IpcacheEntry::decode(&v6.key(), &v6.value()), Some(v6));
+    }
+
+    #[test]
+    fn endpoint_rows_round_trip() {
+        let row = EndpointEntry {
+            ip: "fd00::5".parse().unwrap(),
+            ifindex: 9,
+            identity: 300,
+            endpoint_id: 5,
+            flags: 0,
+            mac: [2, 0, 0, 0, 0, 5],
+            node_mac: [2, 0, 0, 0, 0, 1],
+        };
+        assert_eq!(EndpointEntry::decode(&row.key(), &row.info()), Some(row));
+    }
+
+    #[test]
+    fn metrics_rows_name_their_reason() {
+        let key = MetricsKey {
+            kind: CILIA_METRIC_DROP,
+            reason: CILIA_DROP_POLICY,
+            dir: CILIA_DIR_INGRESS,
+            pad: 0,
+        };
+        let row = MetricsEntry::decode(
+            &key,
+            &MetricsValue {
+                packets: 2,
+                bytes: 120,
+            },
+        );
+        assert_eq!(row.kind, MetricKind::Drop);
+        assert_eq!(row.direction, Some(Direction::Ingress));
+        assert_eq!(row.reason_name(), "Policy denied");
+        assert_eq!(row.key(), key);
+    }
+}

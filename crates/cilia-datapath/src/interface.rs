@@ -1,0 +1,302 @@
+//! The datapath as the agent sees it: operations in domain terms —
+//! install an endpoint, set its policy, publish ipcache entries, read
+//! conntrack as typed rows — over plain rows from [`cilia_abi::rows`].
+//!
+//! What crosses this interface is never a raw map key or value: every
+//! byte-order swap, prefix length and flag bit is encoded and decoded once,
+//! in `cilia_abi::rows`. [`BpfDatapath`] implements it on the kernel;
+//! [`crate::fake::FakeDatapath`] in memory, storing the same encoded map
+//! entries, so the agent's bookkeeping is unit-tested without root.
+//!
+//! Every method takes `&self`: one `Arc<dyn Datapath>` is shared by every
+//! subsystem of the agent without an outer lock. [`BpfDatapath`] locks each
+//! map handle on its own, only for its syscalls, so a conntrack walk never
+//! waits behind a policy write; writes of one endpoint's policy are
+//! serialized per endpoint. Ordering the lifecycle of one endpoint
+//! (attach, reload, detach) is the caller's job.
+
+use std::any::Any;
+use std::net::IpAddr;
+
+use cilia_abi::{
+    CtEntry, EndpointConfig, EndpointEntry, EndpointPolicy, IpcacheEntry, MetricsEntry, PolicyDelta,
+};
+use ipnet::IpNet;
+
+use crate::endpoint::{BpfDatapath, EndpointReload, LinkCheck, LoadedEndpoint, PolicyUpdate};
+use crate::error::DatapathError;
+use crate::events::EventReader;
+
+/// An endpoint's programs loaded and verified by
+/// [`Datapath::load_endpoint`], not yet attached; what is inside is the
+/// implementation's business.
+pub struct LoadedPrograms {
+    config: EndpointConfig,
+    programs: Box<dyn Any + Send>,
+}
+
+impl LoadedPrograms {
+    /// Wraps an implementation's loaded programs for `config`.
+    pub fn new(config: EndpointConfig, programs: impl Any + Send) -> Self {
+        Self {
+            config,
+            programs: Box::new(programs),
+        }
+    }
+
+    /// The configuration the programs were specialized for.
+    pub fn config(&self) -> &EndpointConfig {
+        &self.config
+    }
+
+    /// The implementation's programs, if they are a `T`.
+    pub fn into_programs<T: Any>(self) -> Option<T> {
+        self.programs.downcast::<T>().ok().map(|b| *b)
+    }
+}
+
+impl std::fmt::Debug for LoadedPrograms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedPrograms")
+            .field("endpoint_id", &self.config.endpoint_id)
+            .finish()
+    }
+}
+
+pub trait Datapath: Send + Sync {
+    // Endpoint programs.
+
+    /// Specializes and verifies an endpoint's programs. Touches no shared
+    /// state, so loads of different endpoints run in parallel.
+    fn load_endpoint(&self, config: &EndpointConfig) -> Result<LoadedPrograms, DatapathError>;
+    /// Attaches loaded programs to the endpoint's host-side device, swapping
+    /// them atomically into its pinned links when it has some.
+    fn attach_endpoint(
+        &self,
+        loaded: LoadedPrograms,
+        host_ifname: &str,
+    ) -> Result<(), DatapathError>;
+    /// Detaches the endpoint's programs and removes its policy. Nothing to
+    /// remove is not an error.
+    fn detach_endpoint(&self, endpoint_id: u16) -> Result<(), DatapathError>;
+    fn endpoint_attached(&self, endpoint_id: u16) -> bool;
+    /// How the endpoint's pinned links stand against `expected` (device,
+    /// baked-in configuration, build); `None` when a link pin is missing.
+    fn check_links(
+        &self,
+        expected: &EndpointConfig,
+    ) -> Result<Option<Vec<LinkCheck>>, DatapathError>;
+    /// Re-specializes an attached endpoint from this build and swaps the
+    /// programs into its links; a rejected program leaves the old attached.
+    /// Without `force`, programs already this build's with `config` stay.
+    fn reload_endpoint(
+        &self,
+        config: &EndpointConfig,
+        force: bool,
+    ) -> Result<EndpointReload, DatapathError>;
+    /// Refuses, naming map and difference, when a pinned shared map no
+    /// longer has this build's layout.
+    fn check_pins(&self) -> Result<(), DatapathError>;
+    /// Runs a freshly loaded copy of an endpoint's from-container program on
+    /// `packet` (BPF_PROG_TEST_RUN) and returns its tc verdict.
+    fn test_run(&self, config: &EndpointConfig, packet: &[u8]) -> Result<u32, DatapathError>;
+
+    // The endpoints map: where local addresses are delivered.
+
+    fn publish_endpoint(&self, entry: &EndpointEntry) -> Result<(), DatapathError>;
+    /// Absent is not an error.
+    fn withdraw_endpoint(&self, ip: IpAddr) -> Result<(), DatapathError>;
+    fn endpoints(&self) -> Result<Vec<EndpointEntry>, DatapathError>;
+
+    // Policy.
+
+    /// Replaces the endpoint's policy; every packet meets either the old
+    /// policy or the new one.
+    fn set_endpoint_policy(
+        &self,
+        endpoint_id: u16,
+        policy: &EndpointPolicy,
+    ) -> Result<PolicyUpdate, DatapathError>;
+    /// Writes only `delta`, without reading the endpoint's map; each key
+    /// changes atomically, the delta as a whole does not. An endpoint
+    /// without a policy gets the delta's upserts as its policy.
+    fn update_endpoint_policy(
+        &self,
+        endpoint_id: u16,
+        delta: &PolicyDelta,
+    ) -> Result<PolicyUpdate, DatapathError>;
+    /// The policy the datapath uses for the endpoint; `None` without one.
+    fn endpoint_policy(&self, endpoint_id: u16) -> Result<Option<EndpointPolicy>, DatapathError>;
+    fn remove_endpoint_policy(&self, endpoint_id: u16) -> Result<(), DatapathError>;
+    /// Bumps the policy revision: established flows meet policy again on
+    /// their next forward packet. Returns the new revision.
+    fn bump_policy_revision(&self) -> Result<u32, DatapathError>;
+
+    // The ipcache.
+
+    fn publish_ipcache(&self, entries: &[IpcacheEntry]) -> Result<(), DatapathError>;
+    /// Absent prefixes are not an error.
+    fn withdraw_ipcache(&self, prefixes: &[IpNet]) -> Result<(), DatapathError>;
+    fn ipcache(&self) -> Result<Vec<IpcacheEntry>, DatapathError>;
+
+    // Conntrack.
+
+    /// Every entry, expired ones included.
+    fn conntrack(&self) -> Result<Vec<CtEntry>, DatapathError>;
+    /// Deletes expired entries and recounts each endpoint's budget use;
+    /// returns how many were deleted.
+    fn gc_conntrack(&self) -> Result<usize, DatapathError>;
+    /// Live entries as of the last [`Datapath::gc_conntrack`] (None before
+    /// one): cheap, unlike walking the table.
+    fn ct_live(&self) -> Option<u64>;
+    /// Deletes the entries an endpoint created or that carry one of its
+    /// addresses, and resets its budget; returns how many were deleted.
+    fn purge_conntrack(&self, endpoint_id: u16, addrs: &[IpAddr]) -> Result<usize, DatapathError>;
+    /// Deletes one entry (by its tuple). Absent is not an error.
+    fn remove_conntrack(&self, entry: &CtEntry) -> Result<(), DatapathError>;
+    /// Conntrack entries each endpoint may hold (0: the built-in default).
+    fn set_ct_budget(&self, budget: u32) -> Result<(), DatapathError>;
+
+    // Observability.
+
+    /// Forward and drop counters, summed over CPUs.
+    fn metrics(&self) -> Result<Vec<MetricsEntry>, DatapathError>;
+    /// Which events the datapath emits (`CILIA_MONITOR_*`).
+    fn set_monitor_level(&self, level: u32) -> Result<(), DatapathError>;
+    /// The reader of the datapath's events (flows, drops, verdicts), handed
+    /// out once; `None` afterwards. Must be called inside a tokio runtime.
+    fn event_reader(&self) -> Result<Option<EventReader>, DatapathError>;
+}
+
+impl Datapath for BpfDatapath {
+    fn load_endpoint(&self, config: &EndpointConfig) -> Result<LoadedPrograms, DatapathError> {
+        Ok(LoadedPrograms::new(*config, self.loader().load(config)?))
+    }
+    fn attach_endpoint(
+        &self,
+        loaded: LoadedPrograms,
+        host_ifname: &str,
+    ) -> Result<(), DatapathError> {
+        let config = *loaded.config();
+        match loaded.into_programs::<LoadedEndpoint>() {
+            Some(programs) => self.attach_loaded(programs, host_ifname),
+            // Loaded by another implementation: load again here.
+            None => BpfDatapath::attach_endpoint(self, &config, host_ifname),
+        }
+    }
+    fn detach_endpoint(&self, endpoint_id: u16) -> Result<(), DatapathError> {
+        BpfDatapath::detach_endpoint(self, endpoint_id)
+    }
+    fn endpoint_attached(&self, endpoint_id: u16) -> bool {
+        BpfDatapath::endpoint_attached(self, endpoint_id)
+    }
+    fn check_links(
+        &self,
+        expected: &EndpointConfig,
+    ) -> Result<Option<Vec<LinkCheck>>, DatapathError> {
+        BpfDatapath::check_links(self, expected)
+    }
+    fn reload_endpoint(
+        &self,
+        config: &EndpointConfig,
+        force: bool,
+    ) -> Result<EndpointReload, DatapathError> {
+        BpfDatapath::reload_endpoint(self, config, force)
+    }
+    fn check_pins(&self) -> Result<(), DatapathError> {
+        BpfDatapath::check_pins(self)
+    }
+    fn test_run(&self, config: &EndpointConfig, packet: &[u8]) -> Result<u32, DatapathError> {
+        Ok(self.test_program(config)?.run(packet)?.verdict)
+    }
+    fn publish_endpoint(&self, entry: &EndpointEntry) -> Result<(), DatapathError> {
+        self.upsert_endpoint(entry.ip, entry.info())
+    }
+    fn withdraw_endpoint(&self, ip: IpAddr) -> Result<(), DatapathError> {
+        self.remove_endpoint(ip)
+    }
+    fn endpoints(&self) -> Result<Vec<EndpointEntry>, DatapathError> {
+        Ok(self
+            .list_endpoints()?
+            .iter()
+            .filter_map(|(k, v)| EndpointEntry::decode(k, v))
+            .collect())
+    }
+    fn set_endpoint_policy(
+        &self,
+        endpoint_id: u16,
+        policy: &EndpointPolicy,
+    ) -> Result<PolicyUpdate, DatapathError> {
+        self.set_policy(endpoint_id, &policy.encode())
+    }
+    fn update_endpoint_policy(
+        &self,
+        endpoint_id: u16,
+        delta: &PolicyDelta,
+    ) -> Result<PolicyUpdate, DatapathError> {
+        let (removes, upserts) = delta.encode();
+        self.update_policy(endpoint_id, &removes, &upserts)
+    }
+    fn endpoint_policy(&self, endpoint_id: u16) -> Result<Option<EndpointPolicy>, DatapathError> {
+        Ok(self
+            .get_policy(endpoint_id)?
+            .map(|map| EndpointPolicy::decode(&map)))
+    }
+    fn remove_endpoint_policy(&self, endpoint_id: u16) -> Result<(), DatapathError> {
+        self.remove_policy(endpoint_id)
+    }
+    fn bump_policy_revision(&self) -> Result<u32, DatapathError> {
+        BpfDatapath::bump_policy_revision(self)
+    }
+    fn publish_ipcache(&self, entries: &[IpcacheEntry]) -> Result<(), DatapathError> {
+        entries
+            .iter()
+            .try_for_each(|e| self.upsert_ipcache(e.key(), e.identity))
+    }
+    fn withdraw_ipcache(&self, prefixes: &[IpNet]) -> Result<(), DatapathError> {
+        prefixes
+            .iter()
+            .try_for_each(|p| self.remove_ipcache(IpcacheEntry::key_of(p)))
+    }
+    fn ipcache(&self) -> Result<Vec<IpcacheEntry>, DatapathError> {
+        Ok(self
+            .list_ipcache()?
+            .iter()
+            .filter_map(|(k, v)| IpcacheEntry::decode(k, v))
+            .collect())
+    }
+    fn conntrack(&self) -> Result<Vec<CtEntry>, DatapathError> {
+        Ok(self
+            .list_ct()?
+            .iter()
+            .filter_map(|(k, v)| CtEntry::decode(k, v))
+            .collect())
+    }
+    fn gc_conntrack(&self) -> Result<usize, DatapathError> {
+        self.gc_ct()
+    }
+    fn ct_live(&self) -> Option<u64> {
+        BpfDatapath::ct_live(self)
+    }
+    fn purge_conntrack(&self, endpoint_id: u16, addrs: &[IpAddr]) -> Result<usize, DatapathError> {
+        self.purge_ct(endpoint_id, addrs)
+    }
+    fn remove_conntrack(&self, entry: &CtEntry) -> Result<(), DatapathError> {
+        self.remove_ct(entry.key())
+    }
+    fn set_ct_budget(&self, budget: u32) -> Result<(), DatapathError> {
+        BpfDatapath::set_ct_budget(self, budget)
+    }
+    fn metrics(&self) -> Result<Vec<MetricsEntry>, DatapathError> {
+        Ok(BpfDatapath::metrics(self)?
+            .iter()
+            .map(|(k, v)| MetricsEntry::decode(k, v))
+            .collect())
+    }
+    fn set_monitor_level(&self, level: u32) -> Result<(), DatapathError> {
+        BpfDatapath::set_monitor_level(self, level)
+    }
+    fn event_reader(&self) -> Result<Option<EventReader>, DatapathError> {
+        self.take_events_shared().map(EventReader::new).transpose()
+    }
+}
