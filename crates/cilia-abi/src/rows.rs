@@ -301,6 +301,86 @@ impl PolicyDelta {
     }
 }
 
+impl Enforcement {
+    /// The enforcement an encoded policy's markers stand for.
+    pub fn of(map: &BTreeMap<PolicyKey, PolicyValue>) -> Self {
+        let marker = |dir| map.get(&Self::marker_key(dir));
+        let (ingress, egress) = (marker(Direction::Ingress), marker(Direction::Egress));
+        Self {
+            ingress: ingress.is_some(),
+            egress: egress.is_some(),
+            audit: [ingress, egress]
+                .into_iter()
+                .flatten()
+                .any(|v| v.verdict & CILIA_ENFORCE_AUDIT != 0),
+        }
+    }
+}
+
+impl PolicyDelta {
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.removes.is_empty() && self.enforcement.is_none()
+    }
+
+    /// The deltas that move an endpoint's map from `old` to `new` (both
+    /// encoded), in the order to write them: no packet between two writes
+    /// meets a policy more open than both `old` and `new`.
+    ///
+    /// A delta is written removals first, then upserts, so the first delta
+    /// takes out the allows that go and writes the denies that come (the
+    /// map only gets stricter than `old`), and turns on any enforcement
+    /// that comes (audit off); then every deny of `new` is in place and
+    /// every allow left is one of `new`'s keys. The second takes out the
+    /// denies that go and writes the allows that come or change, and the
+    /// final enforcement: from there on the map is `new`.
+    pub fn steps(
+        old: &BTreeMap<PolicyKey, PolicyValue>,
+        new: &BTreeMap<PolicyKey, PolicyValue>,
+    ) -> Vec<PolicyDelta> {
+        let (mut first, mut second) = (PolicyDelta::default(), PolicyDelta::default());
+        for (key, value) in old {
+            if new.contains_key(key) {
+                continue;
+            }
+            if let Some(entry) = PolicyEntry::decode(key, value) {
+                match entry.verdict {
+                    Verdict::Allow => first.removes.push(entry),
+                    Verdict::Deny => second.removes.push(entry),
+                }
+            }
+        }
+        for (key, value) in new {
+            if old.get(key) == Some(value) {
+                continue;
+            }
+            if let Some(entry) = PolicyEntry::decode(key, value) {
+                match entry.verdict {
+                    Verdict::Deny => first.upserts.push(entry),
+                    Verdict::Allow => second.upserts.push(entry),
+                }
+            }
+        }
+        let (was, will) = (Enforcement::of(old), Enforcement::of(new));
+        if was != will {
+            let strictest = Enforcement {
+                ingress: was.ingress || will.ingress,
+                egress: was.egress || will.egress,
+                audit: was.audit && will.audit,
+            };
+            if strictest != was {
+                first.enforcement = Some(strictest);
+            }
+            if will != strictest {
+                second.enforcement = Some(will);
+            }
+        }
+        [first, second]
+            .into_iter()
+            .filter(|d| !d.is_empty())
+            .collect()
+    }
+}
+
 /// One conntrack entry (a flow in one direction, as its first packet went).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CtEntry {
@@ -544,8 +624,93 @@ impl MetricsEntry {
 
 #[cfg(test)]
 mod tests {
-    extern crate std;
     use super::*;
+
+    fn apply(map: &mut BTreeMap<PolicyKey, PolicyValue>, delta: &PolicyDelta) {
+        let (removes, upserts) = delta.encode();
+        for key in removes {
+            map.remove(&key);
+        }
+        map.extend(upserts);
+    }
+
+    fn allow_port(identity: u32, port: u16) -> PolicyEntry {
+        PolicyEntry {
+            direction: Direction::Ingress,
+            identity,
+            proto: 6,
+            port,
+            port_prefix_len: 16,
+            verdict: Verdict::Allow,
+            rule: 1,
+            proxy_port: 0,
+        }
+    }
+
+    fn deny_port(identity: u32, port: u16) -> PolicyEntry {
+        PolicyEntry {
+            verdict: Verdict::Deny,
+            ..allow_port(identity, port)
+        }
+    }
+
+    fn policy(ingress: bool, audit: bool, entries: Vec<PolicyEntry>) -> EndpointPolicy {
+        EndpointPolicy {
+            enforcement: Enforcement {
+                ingress,
+                egress: false,
+                audit,
+            },
+            entries,
+        }
+    }
+
+    #[test]
+    fn policy_steps_lead_from_the_old_map_to_the_new() {
+        let old = policy(
+            true,
+            false,
+            vec![allow_port(100, 80), deny_port(200, 0), allow_port(300, 443)],
+        );
+        let new = policy(
+            false,
+            false,
+            vec![allow_port(100, 80), allow_port(200, 0), deny_port(300, 443)],
+        );
+        let (old, new) = (old.encode(), new.encode());
+        let mut map = old.clone();
+        for step in PolicyDelta::steps(&old, &new) {
+            apply(&mut map, &step);
+        }
+        assert_eq!(map, new);
+    }
+
+    #[test]
+    fn the_first_policy_step_only_removes_allows_and_adds_denies() {
+        let old = policy(false, true, vec![allow_port(100, 80), deny_port(200, 0)]).encode();
+        let new = policy(true, false, vec![deny_port(100, 80), allow_port(200, 0)]).encode();
+        let steps = PolicyDelta::steps(&old, &new);
+        assert_eq!(steps.len(), 2);
+        assert!(steps[0].upserts.iter().all(|e| e.verdict == Verdict::Deny));
+        assert!(steps[0].removes.iter().all(|e| e.verdict == Verdict::Allow));
+        assert_eq!(
+            steps[0].enforcement,
+            Some(Enforcement {
+                ingress: true,
+                egress: false,
+                audit: false
+            })
+        );
+        assert!(steps[1].upserts.iter().all(|e| e.verdict == Verdict::Allow));
+    }
+
+    #[test]
+    fn an_unchanged_policy_has_no_steps() {
+        let map = policy(true, false, vec![allow_port(100, 80)]).encode();
+        assert!(PolicyDelta::steps(&map, &map).is_empty());
+    }
+
+    extern crate std;
     use alloc::vec;
 
     fn allow(direction: Direction, identity: u32, proto: u8, port: u16, len: u8) -> PolicyEntry {

@@ -178,21 +178,18 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             .context("--ipv4-range")?,
     };
     let store = store::Store::open(&config.state_dir.join(paths::STATE_DB))?;
-    let mut datapath = cilia_datapath::BpfDatapath::open(&config.bpf_root)?;
+    let datapath = cilia_datapath::BpfDatapath::open(&config.bpf_root)?;
     datapath
         .set_ct_budget(config.ct_budget)
         .context("setting the conntrack budget")?;
-    let events = datapath.take_events();
-    // The readers' own handle on the same pinned maps (see AgentState::maps).
-    let mut readers = cilia_datapath::BpfDatapath::open(&config.bpf_root)?;
-    // Events have one reader (the monitor, on `datapath`'s ring): this
-    // handle's mapping of the ring would only add its pages to the RSS.
-    drop(readers.take_events());
-    let maps: Box<dyn datapath::Datapath> = Box::new(readers);
     let recreated = datapath.recreated_maps().to_vec();
+    // One handle for every subsystem: the datapath locks each map on its
+    // own, for one operation at a time.
+    let datapath: endpoint::DatapathHandle = Arc::new(datapath);
+    let events = datapath.event_reader();
     let mut manager = EndpointManager::new(
         store,
-        Box::new(datapath),
+        datapath.clone(),
         Box::new(endpoint::netdev::Rtnetlink),
         pools,
     );
@@ -232,7 +229,6 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     };
     let store = manager.store.clone();
     let pools = manager.pools().clone();
-    let datapath = manager.datapath();
     let flow_monitor = monitor::Monitor::new(config.flow_buffer_size, agent_metrics.clone());
     let state = Arc::new(AgentState {
         monitor: flow_monitor.clone(),
@@ -244,7 +240,6 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         datapath,
         metrics: agent_metrics.clone(),
         creates: Arc::new(tokio::sync::Semaphore::new(api::create_permits())),
-        maps: Mutex::new(maps),
         features,
         state_dir: config.state_dir.display().to_string(),
         bpf_root: config.bpf_root.display().to_string(),
@@ -257,8 +252,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         "cilia-agent ready"
     );
     tokio::spawn(endpoint::labels::learn_labels(state.clone()));
-    match events.map(cilia_datapath::events::EventReader::new) {
-        Some(Ok(reader)) => {
+    match events {
+        Ok(Some(reader)) => {
             let (tx, rx) = tokio::sync::watch::channel(Arc::new(monitor::Names::default()));
             let refresh = Arc::new(tokio::sync::Notify::new());
             let s = state.clone();
@@ -278,10 +273,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 while level_rx.changed().await.is_ok() {
                     let wanted = *level_rx.borrow_and_update();
                     let s = s.clone();
-                    let set = tokio::task::spawn_blocking(move || {
-                        endpoint::lock_datapath(&s.datapath).set_monitor_level(wanted)
-                    })
-                    .await;
+                    let set =
+                        tokio::task::spawn_blocking(move || s.datapath.set_monitor_level(wanted))
+                            .await;
                     if !matches!(set, Ok(Ok(()))) {
                         warn!(
                             level = wanted,
@@ -294,8 +288,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             });
             tokio::spawn(monitor::run(feed, level_tx, flow_monitor, reader));
         }
-        Some(Err(e)) => warn!(error = %e, "monitor disabled"),
-        None => warn!("event ring buffer unavailable: monitor disabled"),
+        Err(e) => warn!(error = %e, "monitor disabled"),
+        Ok(None) => warn!("event ring buffer unavailable: monitor disabled"),
     }
     // The node's addresses are `host` in the ipcache: re-read them
     // periodically (a short lock: one getifaddrs and the difference).
@@ -329,7 +323,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             tick.tick().await;
             let (s, m) = (gc_state.clone(), gc_metrics.clone());
             let result = tokio::task::spawn_blocking(move || {
-                metrics::collect_conntrack_garbage(&s.maps, &m)
+                metrics::collect_conntrack_garbage(s.datapath.as_ref(), &m)
             })
             .await;
             match result {
@@ -350,9 +344,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 async move {
                     // Store counts under the manager's lock (brief), the
                     // map walks under the readers' handle only.
-                    let snap =
-                        tokio::task::spawn_blocking(move || metrics::scrape(&s.store, &s.maps))
-                            .await;
+                    let snap = tokio::task::spawn_blocking(move || {
+                        metrics::scrape(&s.store, s.datapath.as_ref())
+                    })
+                    .await;
                     match snap {
                         Ok(Ok(snap)) => (
                             axum::http::StatusCode::OK,

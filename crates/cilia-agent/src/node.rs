@@ -23,7 +23,8 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use cilia_abi::{IpcacheKey, CILIA_ID_HOST};
+use cilia_abi::{IpcacheEntry, CILIA_ID_HOST};
+use ipnet::IpNet;
 use tracing::{info, warn};
 
 use crate::endpoint::EndpointError;
@@ -32,8 +33,9 @@ use crate::policy::repository::PolicyState;
 /// How often the node's addresses are re-read.
 pub const NODE_ADDRESS_RESYNC: std::time::Duration = std::time::Duration::from_secs(5);
 
-pub(crate) fn host_key(ip: IpAddr) -> IpcacheKey {
-    IpcacheKey::new(ip, if ip.is_ipv4() { 32 } else { 128 })
+/// The /32 or /128 of an address.
+pub(crate) fn host_prefix(ip: IpAddr) -> IpNet {
+    IpNet::from(ip)
 }
 
 impl PolicyState {
@@ -49,26 +51,28 @@ impl PolicyState {
     pub fn sync_node_addresses(&mut self) -> Result<usize, EndpointError> {
         let mut now: BTreeSet<IpAddr> = self.netdev.node_addresses()?.into_iter().collect();
         now.extend(self.router_addresses());
-        let mut changed = 0;
-        for ip in now.difference(&self.node_addrs) {
-            self.dp().upsert_ipcache(host_key(*ip), CILIA_ID_HOST)?;
-            changed += 1;
-        }
-        let gone: Vec<IpAddr> = self.node_addrs.difference(&now).copied().collect();
-        for ip in gone {
-            let key = host_key(ip);
+        let mut publish: Vec<IpcacheEntry> = now
+            .difference(&self.node_addrs)
+            .map(|ip| IpcacheEntry {
+                prefix: host_prefix(*ip),
+                identity: CILIA_ID_HOST,
+            })
+            .collect();
+        let mut withdraw = Vec::new();
+        for ip in self.node_addrs.difference(&now) {
+            let prefix = host_prefix(*ip);
             // A CIDR identity of the same prefix comes back into force.
-            let cidr = self
-                .cidr_ids
-                .iter()
-                .find(|(p, _)| IpcacheKey::new(p.network(), p.prefix_len()) == key)
-                .map(|(_, id)| *id);
-            match cidr {
-                Some(id) => self.dp().upsert_ipcache(key, id)?,
-                None => self.dp().remove_ipcache(key)?,
+            match self.cidr_ids.iter().find(|(p, _)| p.trunc() == prefix) {
+                Some((_, id)) => publish.push(IpcacheEntry {
+                    prefix,
+                    identity: *id,
+                }),
+                None => withdraw.push(prefix),
             }
-            changed += 1;
         }
+        let changed = publish.len() + withdraw.len();
+        self.dp().publish_ipcache(&publish)?;
+        self.dp().withdraw_ipcache(&withdraw)?;
         if changed > 0 {
             info!(
                 addresses = now.len(),
@@ -79,9 +83,10 @@ impl PolicyState {
         Ok(changed)
     }
 
-    /// Whether `key` is a node address's `host` entry.
-    pub(crate) fn is_node_key(&self, key: &IpcacheKey) -> bool {
-        self.node_addrs.iter().any(|ip| host_key(*ip) == *key)
+    /// Whether `prefix` is a node address's `host` entry.
+    pub(crate) fn is_node_prefix(&self, prefix: &IpNet) -> bool {
+        let prefix = prefix.trunc();
+        self.node_addrs.iter().any(|ip| host_prefix(*ip) == prefix)
     }
 
     /// At start: drops what an earlier agent (or version) left in the
@@ -91,22 +96,24 @@ impl PolicyState {
     pub(crate) fn withdraw_stale_ipcache_entries(&mut self) -> Result<(), EndpointError> {
         let mut node: BTreeSet<IpAddr> = self.netdev.node_addresses()?.into_iter().collect();
         node.extend(self.router_addresses());
-        let node_keys: BTreeSet<IpcacheKey> = node.into_iter().map(host_key).collect();
-        let endpoint_keys: BTreeSet<IpcacheKey> = self
+        let node_prefixes: BTreeSet<IpNet> = node.into_iter().map(host_prefix).collect();
+        let endpoint_prefixes: BTreeSet<IpNet> = self
             .store
             .endpoints()?
             .iter()
             .flat_map(|r| r.ips())
-            .map(host_key)
+            .map(host_prefix)
             .collect();
-        let entries = self.dp().list_ipcache()?;
-        for (key, value) in entries {
-            let stale = value.identity == CILIA_ID_HOST || endpoint_keys.contains(&key);
-            if stale && !node_keys.contains(&key) {
-                if let Err(e) = self.dp().remove_ipcache(key) {
-                    warn!(error = %e, "cannot withdraw a stale ipcache entry");
-                }
-            }
+        let stale: Vec<IpNet> = self
+            .dp()
+            .ipcache()?
+            .into_iter()
+            .filter(|e| e.identity == CILIA_ID_HOST || endpoint_prefixes.contains(&e.prefix))
+            .map(|e| e.prefix)
+            .filter(|p| !node_prefixes.contains(p))
+            .collect();
+        if let Err(e) = self.dp().withdraw_ipcache(&stale) {
+            warn!(error = %e, "cannot withdraw stale ipcache entries");
         }
         self.node_addrs.clear();
         Ok(())

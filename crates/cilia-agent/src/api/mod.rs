@@ -10,7 +10,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use cilia_abi::{reason_name, CILIA_DIR_EGRESS, CILIA_METRIC_DROP};
 use cilia_api::{
     ApiError, BpfCtEntry, BpfEndpoint, BpfIpcacheEntry, BpfMetric, BpfPolicy, BpfPolicyEntry,
     DatapathReload, DatapathReloadResult, Endpoint, EndpointCreate, EndpointLabels, EndpointState,
@@ -46,17 +45,14 @@ pub struct AgentState {
     pub store: Arc<crate::store::Store>,
     /// Node-wide addressing (fixed at start).
     pub pools: crate::endpoint::Pools,
-    /// The writers' datapath handle (the monitor level is set through it).
+    /// The datapath, shared by every subsystem; readers (scrapes, status,
+    /// `bpf` listings, conntrack GC) use it under no lock of the agent's.
     pub datapath: crate::endpoint::DatapathHandle,
     pub metrics: crate::metrics::AgentMetrics,
     /// Endpoint creates in progress at once (the others queue here, as
     /// tasks, not as blocking threads): each holds a thread and memory, and
     /// more than a few per CPU finish no sooner (see [`create_permits`]).
     pub creates: Arc<tokio::sync::Semaphore>,
-    /// A second handle on the pinned maps for the readers that walk them
-    /// (metrics scrapes, status, conntrack GC), so they never hold
-    /// `manager` while they do.
-    pub maps: crate::metrics::MapsHandle,
     pub monitor: Arc<crate::monitor::Monitor>,
     pub features: FeatureReport,
     pub state_dir: String,
@@ -177,22 +173,13 @@ async fn with_store<T: Send + 'static>(
     blocking(move || f(&state.store)).await
 }
 
-/// Runs `f` on the readers' handle of the pinned maps (blocking pool),
-/// without the manager's lock.
+/// Runs `f` on the datapath (blocking pool), under no lock of the agent's.
 async fn with_maps<T: Send + 'static>(
     state: &Shared,
-    f: impl FnOnce(&dyn crate::datapath::Datapath) -> Result<T, EndpointError> + Send + 'static,
+    f: impl FnOnce(&dyn cilia_datapath::Datapath) -> Result<T, EndpointError> + Send + 'static,
 ) -> Result<T, AppError> {
     let state = state.clone();
-    tokio::task::spawn_blocking(move || {
-        let dp = state
-            .maps
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        f(dp.as_ref()).map_err(AppError::from)
-    })
-    .await
-    .map_err(|e| AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+    blocking(move || f(state.datapath.as_ref())).await
 }
 
 pub fn endpoint_view(rec: &EndpointRecord) -> Endpoint {
@@ -233,11 +220,12 @@ async fn status(State(state): State<Shared>) -> Result<Json<Status>, AppError> {
     let monitor_level = state.monitor.wanted_level();
     let flows = state.monitor.recent().len();
     let s = state.clone();
-    let snap = tokio::task::spawn_blocking(move || crate::metrics::scrape(&s.store, &s.maps))
-        .await
-        .map_err(|e| {
-            AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-        })??;
+    let snap =
+        tokio::task::spawn_blocking(move || crate::metrics::scrape(&s.store, s.datapath.as_ref()))
+            .await
+            .map_err(|e| {
+                AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            })??;
     let summary = state.policy_summary.borrow().clone();
     let pools = state.pools.clone();
     let ct_gc_runs = state.metrics.ct_gc_runs.get();
@@ -569,18 +557,15 @@ async fn delete_endpoint(
 async fn bpf_endpoints(State(state): State<Shared>) -> Result<Json<Vec<BpfEndpoint>>, AppError> {
     with_maps(&state, |dp| {
         let mut out: Vec<BpfEndpoint> = dp
-            .list_endpoints()?
+            .endpoints()?
             .into_iter()
-            .map(|(k, v)| BpfEndpoint {
-                address: k
-                    .ip()
-                    .map(|ip| ip.to_string())
-                    .unwrap_or_else(|| "?".into()),
-                endpoint_id: v.endpoint_id,
-                ifindex: v.ifindex,
-                identity: v.identity,
-                mac: format_mac(&v.mac),
-                node_mac: format_mac(&v.node_mac),
+            .map(|e| BpfEndpoint {
+                address: e.ip.to_string(),
+                endpoint_id: e.endpoint_id,
+                ifindex: e.ifindex,
+                identity: e.identity,
+                mac: format_mac(&e.mac),
+                node_mac: format_mac(&e.node_mac),
             })
             .collect();
         out.sort_by(|a, b| (a.endpoint_id, &a.address).cmp(&(b.endpoint_id, &b.address)));
@@ -596,22 +581,22 @@ async fn bpf_metrics(State(state): State<Shared>) -> Result<Json<Vec<BpfMetric>>
         Ok(dp
             .metrics()?
             .into_iter()
-            .map(|(k, v)| BpfMetric {
-                kind: if k.kind == CILIA_METRIC_DROP {
+            .map(|m| BpfMetric {
+                kind: if m.kind == cilia_abi::MetricKind::Drop {
                     "drop"
                 } else {
                     "forward"
                 }
                 .into(),
-                reason: reason_name(k.kind, k.reason).into(),
-                direction: if k.dir == CILIA_DIR_EGRESS {
+                reason: m.reason_name().into(),
+                direction: if m.direction == Some(cilia_abi::Direction::Egress) {
                     "egress"
                 } else {
                     "ingress"
                 }
                 .into(),
-                packets: v.packets,
-                bytes: v.bytes,
+                packets: m.packets,
+                bytes: m.bytes,
             })
             .collect())
     })
@@ -841,14 +826,11 @@ async fn set_namespace(
 async fn bpf_ipcache(State(state): State<Shared>) -> Result<Json<Vec<BpfIpcacheEntry>>, AppError> {
     with_maps(&state, |dp| {
         let mut out: Vec<BpfIpcacheEntry> = dp
-            .list_ipcache()?
+            .ipcache()?
             .into_iter()
-            .map(|(k, v)| BpfIpcacheEntry {
-                prefix: k
-                    .prefix()
-                    .map(|(ip, len)| format!("{ip}/{len}"))
-                    .unwrap_or_else(|| "?".into()),
-                identity: v.identity,
+            .map(|e| BpfIpcacheEntry {
+                prefix: e.prefix.to_string(),
+                identity: e.identity,
             })
             .collect();
         out.sort_by(|a, b| a.prefix.cmp(&b.prefix));
@@ -872,46 +854,25 @@ fn proto_name(proto: u8) -> String {
 
 #[utoipa::path(get, path = "/v1/bpf/ct", responses((status = 200, body = Vec<BpfCtEntry>)))]
 async fn bpf_ct(State(state): State<Shared>) -> Result<Json<Vec<BpfCtEntry>>, AppError> {
-    // A walk of the whole table: on the readers' handle, never under the
-    // manager's lock.
+    // A walk of the whole table, under the conntrack map's own lock only.
     with_maps(&state, |dp| {
         let now = cilia_datapath::monotonic_ns();
         Ok(dp
-            .list_ct()?
+            .conntrack()?
             .into_iter()
-            .filter(|(_, v)| v.expires > now)
-            .map(|(k, v)| {
-                let addr = |a: [u8; 16]| {
-                    cilia_abi::EndpointKey {
-                        addr: a,
-                        family: k.family,
-                        pad: [0; 3],
-                    }
-                    .ip()
-                    .map(|ip| ip.to_string())
-                    .unwrap_or_else(|| "?".into())
-                };
-                let (s, d) = (addr(k.saddr), addr(k.daddr));
-                let join = |ip: String, port: u16| {
-                    if k.family == cilia_abi::CILIA_FAMILY_IPV6 {
-                        format!("[{ip}]:{port}")
-                    } else {
-                        format!("{ip}:{port}")
-                    }
-                };
-                BpfCtEntry {
-                    proto: proto_name(k.proto),
-                    source: join(s, u16::from_be(k.sport)),
-                    destination: join(d, u16::from_be(k.dport)),
-                    src_identity: v.src_identity,
-                    dst_identity: v.dst_identity,
-                    packets: v.packets,
-                    bytes: v.bytes,
-                    expires_in: (v.expires - now) / 1_000_000_000,
-                    seen_reply: v.flags & cilia_abi::CILIA_CT_SEEN_REPLY != 0,
-                    denied: v.flags & cilia_abi::CILIA_CT_DENIED != 0,
-                    policy_revision: v.policy_rev,
-                }
+            .filter(|e| e.expires_ns > now)
+            .map(|e| BpfCtEntry {
+                proto: proto_name(e.proto),
+                source: e.source.to_string(),
+                destination: e.destination.to_string(),
+                src_identity: e.src_identity,
+                dst_identity: e.dst_identity,
+                packets: e.packets,
+                bytes: e.bytes,
+                expires_in: (e.expires_ns - now) / 1_000_000_000,
+                seen_reply: e.seen_reply,
+                denied: e.denied,
+                policy_revision: e.policy_revision,
             })
             .collect())
     })
@@ -934,56 +895,40 @@ async fn bpf_policy(
     }
     let summary = state.policy_summary.borrow().clone();
     with_maps(&state, move |dp| {
-        let entries = dp.get_policy(id)?.unwrap_or_default();
+        let policy = dp.endpoint_policy(id)?.unwrap_or_default();
         let rules = &summary.rule_names;
-        let mut out = BpfPolicy {
+        Ok(BpfPolicy {
             endpoint: id,
-            ingress_enforced: false,
-            egress_enforced: false,
-            entries: vec![],
-        };
-        for (k, v) in entries {
-            let direction = if k.direction == cilia_abi::CILIA_DIR_EGRESS {
-                "egress"
-            } else {
-                "ingress"
-            };
-            if u32::from_be(k.identity) == cilia_abi::CILIA_ID_ENFORCEMENT {
-                if k.direction == cilia_abi::CILIA_DIR_EGRESS {
-                    out.egress_enforced = true
-                } else {
-                    out.ingress_enforced = true
-                }
-                continue;
-            }
-            let port_bits = k.prefixlen.saturating_sub(48).min(16);
-            let port = u16::from_be(k.dport);
-            let port = if k.proto == 0 || port_bits == 0 {
-                "*".to_string()
-            } else if port_bits == 16 {
-                port.to_string()
-            } else {
-                let span = (1u32 << (16 - port_bits)) - 1;
-                format!("{port}-{}", u32::from(port) + span)
-            };
-            out.entries.push(BpfPolicyEntry {
-                direction: direction.into(),
-                identity: u32::from_be(k.identity),
-                protocol: proto_name(k.proto),
-                port,
-                verdict: if v.verdict == cilia_abi::CILIA_VERDICT_DENY {
-                    "deny"
-                } else {
-                    "allow"
-                }
-                .into(),
-                rule: rules
-                    .get(v.rule.wrapping_sub(1) as usize)
-                    .cloned()
-                    .unwrap_or_default(),
-            });
-        }
-        Ok(out)
+            ingress_enforced: policy.enforcement.ingress,
+            egress_enforced: policy.enforcement.egress,
+            entries: policy
+                .entries
+                .iter()
+                .map(|e| BpfPolicyEntry {
+                    direction: match e.direction {
+                        cilia_abi::Direction::Egress => "egress",
+                        cilia_abi::Direction::Ingress => "ingress",
+                    }
+                    .into(),
+                    identity: e.identity,
+                    protocol: proto_name(e.proto),
+                    port: match e.port_range() {
+                        None => "*".to_string(),
+                        Some((first, last)) if first == last => first.to_string(),
+                        Some((first, last)) => format!("{first}-{last}"),
+                    },
+                    verdict: match e.verdict {
+                        cilia_abi::Verdict::Deny => "deny",
+                        cilia_abi::Verdict::Allow => "allow",
+                    }
+                    .into(),
+                    rule: rules
+                        .get(e.rule.wrapping_sub(1) as usize)
+                        .cloned()
+                        .unwrap_or_default(),
+                })
+                .collect(),
+        })
     })
     .await
     .map(Json)

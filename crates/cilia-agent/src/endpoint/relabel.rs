@@ -28,11 +28,10 @@ impl EndpointManager {
                 continue;
             }
             // Flows allowed under the old identity end with it.
-            self.dp().purge_ct(rec.id, &rec.ips())?;
+            self.dp().purge_conntrack(rec.id, &rec.ips())?;
             if let Some(ifindex) = self.netdev.ifindex(&rec.host_ifname) {
                 self.policy().apply_policy(rec)?;
-                self.dp()
-                    .attach_endpoint(&config_of(rec, ifindex), &rec.host_ifname)?;
+                self.attach(&config_of(rec, ifindex), &rec.host_ifname)?;
                 self.publish(rec, ifindex)?;
             }
         }
@@ -56,13 +55,12 @@ impl EndpointManager {
         crate::crash::point("endpoint-labels:after-record");
         if rec.identity != old_identity {
             // Flows allowed under the old identity end with it.
-            self.dp().purge_ct(rec.id, &rec.ips())?;
+            self.dp().purge_conntrack(rec.id, &rec.ips())?;
         }
         if rec.state == EndpointState::Ready {
             if let Some(ifindex) = self.netdev.ifindex(&rec.host_ifname) {
                 self.policy().apply_policy(&rec)?;
-                self.dp()
-                    .attach_endpoint(&config_of(&rec, ifindex), &rec.host_ifname)?;
+                self.attach(&config_of(&rec, ifindex), &rec.host_ifname)?;
                 crate::crash::point("endpoint-labels:after-attach");
                 self.publish(&rec, ifindex)?;
             }

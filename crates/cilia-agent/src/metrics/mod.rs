@@ -75,12 +75,11 @@ pub struct StorePart {
 }
 
 /// Completes a snapshot with what the datapath holds: counters, conntrack
-/// and map fill levels. `dp` is a handle of its own on the pinned maps, not
-/// the endpoint manager's, so walking conntrack never holds the lock that
-/// endpoint create and delete need.
+/// and map fill levels. The datapath locks each map on its own, so this
+/// waits for no endpoint create or policy change.
 pub fn datapath_part(
     store: StorePart,
-    dp: &dyn crate::datapath::Datapath,
+    dp: &dyn cilia_datapath::Datapath,
 ) -> Result<Snapshot, cilia_datapath::DatapathError> {
     // The count the last conntrack GC made (it walks the table every
     // CT_GC_INTERVAL anyway): a scrape that walked it too would cost a
@@ -89,25 +88,29 @@ pub fn datapath_part(
         Some(n) => n,
         None => {
             let now = cilia_datapath::monotonic_ns();
-            dp.list_ct()?
+            dp.conntrack()?
                 .iter()
-                .filter(|(_, v)| v.expires > now)
+                .filter(|e| e.expires_ns > now)
                 .count() as u64
         }
     };
-    let bpf_endpoints = dp.list_endpoints()?.len() as u64;
-    let ipcache = dp.list_ipcache()?.len() as u64;
+    let bpf_endpoints = dp.endpoints()?.len() as u64;
+    let ipcache = dp.ipcache()?.len() as u64;
     let mut policy_max = 0u64;
     for id in &store.endpoint_ids {
-        if let Some(p) = dp.get_policy(*id)? {
-            policy_max = policy_max.max(p.len() as u64);
+        if let Some(p) = dp.endpoint_policy(*id)? {
+            let markers = u64::from(p.enforcement.ingress) + u64::from(p.enforcement.egress);
+            policy_max = policy_max.max(p.entries.len() as u64 + markers);
         }
     }
     Ok(Snapshot {
         datapath: dp
             .metrics()?
             .into_iter()
-            .map(|(k, v)| (k.kind, k.reason, k.dir, v.packets, v.bytes))
+            .map(|m| {
+                let k = m.key();
+                (k.kind, k.reason, k.dir, m.packets, m.bytes)
+            })
             .collect(),
         endpoints: store.endpoints,
         identities: store.identities,
@@ -134,20 +137,13 @@ pub fn datapath_part(
     })
 }
 
-/// The datapath handle scrapes, status and conntrack GC use: a second open
-/// of the pinned maps, behind a lock of its own. Lock order: never take
-/// the manager's lock while holding this one.
-pub type MapsHandle = std::sync::Mutex<Box<dyn crate::datapath::Datapath>>;
-
-/// A whole snapshot: the store part under the manager's lock (released at
-/// once), then the datapath part under `maps` only.
+/// A whole snapshot: the store's counts, then the datapath's.
 pub fn scrape(
     store: &crate::store::Store,
-    maps: &MapsHandle,
+    dp: &dyn cilia_datapath::Datapath,
 ) -> Result<Snapshot, crate::endpoint::EndpointError> {
     let store = StorePart::read(store)?;
-    let dp = maps.lock().unwrap_or_else(|p| p.into_inner());
-    Ok(datapath_part(store, dp.as_ref())?)
+    Ok(datapath_part(store, dp)?)
 }
 
 impl StorePart {
@@ -182,10 +178,10 @@ impl StorePart {
 /// One conntrack garbage collection through `maps`, counted in `m`; never
 /// touches the manager's lock.
 pub fn collect_conntrack_garbage(
-    maps: &MapsHandle,
+    dp: &dyn cilia_datapath::Datapath,
     m: &AgentMetrics,
 ) -> Result<usize, cilia_datapath::DatapathError> {
-    let removed = maps.lock().unwrap_or_else(|p| p.into_inner()).gc_ct()?;
+    let removed = dp.gc_conntrack()?;
     m.ct_gc_runs.inc();
     m.ct_gc_deleted.inc_by(removed as u64);
     Ok(removed)

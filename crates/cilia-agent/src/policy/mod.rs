@@ -1,18 +1,14 @@
-//! The policy repository's pure side: turning imported YAML into stored
-//! documents and parsed policies, and resolved policies into the entries of
-//! an endpoint's BPF policy map. The manager ([`crate::endpoint`]) owns the
-//! state and calls these.
+//! The policy subsystem. Its state and operations (import, delete,
+//! regeneration, trace) are [`repository::PolicyState`]'s; this module is
+//! the pure side it calls: imported YAML into stored documents and parsed
+//! policies, rule cookies, map capacity checks.
 
 pub mod repository;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use cilia_abi::{
-    PolicyKey, PolicyValue, CILIA_DIR_EGRESS, CILIA_DIR_INGRESS, CILIA_ENFORCE,
-    CILIA_ENFORCE_AUDIT, CILIA_ID_ENFORCEMENT, CILIA_MATCH_L3, CILIA_MATCH_PORT, CILIA_MATCH_PROTO,
-    CILIA_POLICY_MAX, CILIA_VERDICT_ALLOW, CILIA_VERDICT_DENY,
-};
-use cilia_policy::{Direction, Policy, PolicyError, PolicyKind, ResolvedPolicy, RuleRef, Verdict};
+use cilia_abi::{PolicyKey, PolicyValue, CILIA_POLICY_MAX};
+use cilia_policy::{Policy, PolicyError, PolicyKind, ResolvedPolicy, RuleRef};
 
 use crate::store::StoredPolicy;
 
@@ -171,23 +167,6 @@ pub fn closed_resolution() -> ResolvedPolicy {
     }
 }
 
-fn dir_code(d: Direction) -> u8 {
-    match d {
-        Direction::Ingress => CILIA_DIR_INGRESS,
-        Direction::Egress => CILIA_DIR_EGRESS,
-    }
-}
-
-/// The kernel prefix length of an entry: identity and direction (40 bits),
-/// then the protocol (8), then the significant port bits.
-pub fn kernel_prefix_len(proto: u8, port_prefix_len: u8) -> u32 {
-    if proto == 0 {
-        40
-    } else {
-        48 + u32::from(port_prefix_len.min(16))
-    }
-}
-
 /// Stable rule cookies: every distinct rule gets a number once, for the
 /// agent's lifetime, so an event carrying a cookie names the same rule
 /// however many regenerations happen between the kernel writing it and the
@@ -233,69 +212,6 @@ impl RuleCookies {
     pub fn names(&self) -> &[String] {
         &self.names
     }
-}
-
-/// The policy map of a resolved policy: its entries plus the enforcement
-/// flags; `cookies` numbers its rules. Where two entries land on the same
-/// key, deny wins.
-pub fn map_entries(
-    resolved: &ResolvedPolicy,
-    cookies: &mut RuleCookies,
-    audit: bool,
-) -> BTreeMap<PolicyKey, PolicyValue> {
-    let rule_cookies: Vec<u32> = resolved
-        .rules
-        .iter()
-        .map(|r| cookies.cookie_of(r))
-        .collect();
-    let mut out = BTreeMap::new();
-    for (dir, enforced) in [
-        (Direction::Ingress, resolved.ingress_enforced),
-        (Direction::Egress, resolved.egress_enforced),
-    ] {
-        if enforced {
-            out.insert(
-                PolicyKey {
-                    prefixlen: 40,
-                    identity: CILIA_ID_ENFORCEMENT.to_be(),
-                    direction: dir_code(dir),
-                    proto: 0,
-                    dport: 0,
-                },
-                PolicyValue {
-                    verdict: CILIA_ENFORCE | if audit { CILIA_ENFORCE_AUDIT } else { 0 },
-                    ..Default::default()
-                },
-            );
-        }
-    }
-    for e in &resolved.entries {
-        let key = PolicyKey {
-            prefixlen: kernel_prefix_len(e.proto, e.port_prefix_len),
-            identity: e.identity.to_be(),
-            direction: dir_code(e.direction),
-            proto: e.proto,
-            dport: if e.proto == 0 { 0 } else { e.port.to_be() },
-        };
-        let value = PolicyValue {
-            verdict: match e.verdict {
-                Verdict::Allow => CILIA_VERDICT_ALLOW,
-                Verdict::Deny => CILIA_VERDICT_DENY,
-            },
-            match_kind: match (e.proto, e.port_prefix_len) {
-                (0, _) => CILIA_MATCH_L3,
-                (_, 0) => CILIA_MATCH_PROTO,
-                _ => CILIA_MATCH_PORT,
-            },
-            proxy_port: 0,
-            rule: rule_cookies.get(e.rule as usize).copied().unwrap_or(0),
-        };
-        let slot = out.entry(key).or_insert(value);
-        if value.verdict == CILIA_VERDICT_DENY {
-            *slot = value;
-        }
-    }
-    out
 }
 
 /// Capacities of the datapath maps a policy change fills.
@@ -453,15 +369,15 @@ spec:
 
     #[test]
     fn a_closed_endpoint_denies_both_directions_with_no_allow_entry() {
-        let entries = map_entries(&closed_resolution(), &mut RuleCookies::default(), false);
+        let entries = crate::datapath::endpoint_policy(
+            &closed_resolution(),
+            &mut RuleCookies::default(),
+            false,
+        )
+        .encode();
         assert_eq!(entries.len(), 2, "the two enforcement flags only");
-        assert!(entries.values().all(|v| v.verdict == CILIA_ENFORCE));
-    }
-
-    #[test]
-    fn kernel_prefix_lengths_follow_the_key_layout() {
-        assert_eq!(kernel_prefix_len(0, 0), 40);
-        assert_eq!(kernel_prefix_len(6, 0), 48);
-        assert_eq!(kernel_prefix_len(6, 16), 64);
+        assert!(entries
+            .values()
+            .all(|v| v.verdict == cilia_abi::CILIA_ENFORCE));
     }
 }

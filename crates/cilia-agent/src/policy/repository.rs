@@ -17,10 +17,10 @@
 //! identities that came or went.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use cilia_abi::{
-    CtKey, IpcacheKey, CILIA_FAMILY_IPV4, CILIA_FAMILY_IPV6, CILIA_ID_HEALTH, CILIA_ID_HOST,
+    CtEntry, EndpointPolicy, IpcacheEntry, PolicyDelta, CILIA_ID_HEALTH, CILIA_ID_HOST,
     CILIA_ID_INIT, CILIA_ID_REMOTE_NODE, CILIA_ID_UNMANAGED, CILIA_ID_WORLD,
 };
 use cilia_api::limits::excerpt;
@@ -31,8 +31,8 @@ use tracing::{info, warn};
 use std::sync::Arc;
 
 use crate::endpoint::netdev::Netdev;
-use crate::endpoint::{config_of, lock_datapath, DatapathHandle, EndpointError, Pools};
-use crate::policy::{self, map_entries};
+use crate::endpoint::{config_of, DatapathHandle, EndpointError, Pools};
+use crate::policy;
 use crate::store::{
     security_labels, EndpointRecord, Store, StoredPolicy, DEFAULT_NAMESPACE, FIRST_CIDR_IDENTITY,
     NAMESPACE_LABEL,
@@ -110,8 +110,11 @@ struct Plan {
     endpoints: Vec<PlannedEndpoint>,
 }
 
-fn prefix_key(prefix: &ipnet::IpNet) -> IpcacheKey {
-    IpcacheKey::new(prefix.network(), prefix.prefix_len())
+fn cidr_entry(prefix: &ipnet::IpNet, identity: u32) -> IpcacheEntry {
+    IpcacheEntry {
+        prefix: *prefix,
+        identity,
+    }
 }
 
 /// The policy subsystem: the imported policies, their incremental
@@ -217,8 +220,8 @@ impl PolicyState {
         self.summary.send_replace(Arc::new(summary));
     }
 
-    pub(crate) fn dp(&self) -> std::sync::MutexGuard<'_, Box<dyn crate::datapath::Datapath>> {
-        lock_datapath(&self.datapath)
+    pub(crate) fn dp(&self) -> &dyn cilia_datapath::Datapath {
+        self.datapath.as_ref()
     }
 
     /// Stops keeping an endpoint's policy map (it is being deleted or
@@ -344,6 +347,9 @@ impl PolicyState {
         self.sync_repository(cache);
         let basis = self.endpoint_basis(rec, &namespaces);
         let planned = self.resolve_endpoint(rec, basis)?;
+        // Written whole: the endpoint's map may be new, or gone with a
+        // detached program.
+        self.programmed.remove(&rec.id);
         let programmed = self.program(planned);
         self.publish_summary();
         programmed
@@ -352,10 +358,23 @@ impl PolicyState {
     /// Writes one endpoint's planned map and records what it came from;
     /// on failure nothing is recorded, so the next regeneration writes it.
     fn program(&mut self, planned: PlannedEndpoint) -> Result<(), EndpointError> {
-        self.programmed.remove(&planned.id);
+        let previous = self.programmed.remove(&planned.id);
         self.live.insert(planned.id);
-        self.dp()
-            .set_policy(planned.id, &planned.programmed.entries)?;
+        match previous {
+            // Only the difference, in an order that never opens the map
+            // wider than both policies (`PolicyDelta::steps`), without
+            // reading the map back.
+            Some(previous) => {
+                for step in PolicyDelta::steps(&previous.entries, &planned.programmed.entries) {
+                    self.dp().update_endpoint_policy(planned.id, &step)?;
+                }
+            }
+            // Not known to be in the map: the whole policy, swapped in at once.
+            None => {
+                let policy = EndpointPolicy::decode(&planned.programmed.entries);
+                self.dp().set_endpoint_policy(planned.id, &policy)?;
+            }
+        }
         self.resolved.insert(planned.id, planned.resolved);
         self.programmed.insert(planned.id, planned.programmed);
         Ok(())
@@ -390,7 +409,9 @@ impl PolicyState {
             None => policy::closed_resolution(),
             Some(basis) => self.repository.merge(basis),
         };
-        let entries = map_entries(&resolved, &mut self.rule_cookies, rec.policy_audit);
+        let entries =
+            crate::datapath::endpoint_policy(&resolved, &mut self.rule_cookies, rec.policy_audit)
+                .encode();
         policy::check_size(rec.id, &entries, self.limits.policy_entries)?;
         Ok(PlannedEndpoint {
             id: rec.id,
@@ -471,32 +492,37 @@ impl PolicyState {
         // The ipcache is written before `cidr_ids` changes: should a write
         // fail, the next regeneration walks the map again.
         self.ipcache_walked = false;
+        let mut publish = Vec::new();
         for (prefix, id) in &ids {
             // A node address stays `host` whatever a policy's CIDR says.
-            if previous.get(prefix) != Some(id) && !self.is_node_key(&prefix_key(prefix)) {
-                self.dp().upsert_ipcache(prefix_key(prefix), *id)?;
+            if previous.get(prefix) != Some(id) && !self.is_node_prefix(prefix) {
+                publish.push(cidr_entry(prefix, *id));
             }
         }
-        if walk {
-            let wanted: std::collections::BTreeSet<IpcacheKey> =
-                ids.keys().map(prefix_key).collect();
-            let entries = self.dp().list_ipcache()?;
-            for (key, value) in entries {
-                if value.identity >= FIRST_CIDR_IDENTITY && !wanted.contains(&key) {
-                    self.dp().remove_ipcache(key)?;
-                }
-            }
+        self.dp().publish_ipcache(&publish)?;
+        let withdraw: Vec<ipnet::IpNet> = if walk {
+            let wanted: std::collections::BTreeSet<ipnet::IpNet> =
+                ids.keys().map(|p| p.trunc()).collect();
+            self.dp()
+                .ipcache()?
+                .into_iter()
+                .filter(|e| {
+                    e.identity >= FIRST_CIDR_IDENTITY && !wanted.contains(&e.prefix.trunc())
+                })
+                .map(|e| e.prefix)
+                .collect()
         } else {
-            for (prefix, id) in previous {
-                let key = prefix_key(prefix);
-                if !ids.contains_key(prefix)
-                    && *id >= FIRST_CIDR_IDENTITY
-                    && !self.is_node_key(&key)
-                {
-                    self.dp().remove_ipcache(key)?;
-                }
-            }
-        }
+            previous
+                .iter()
+                .filter(|(prefix, id)| {
+                    !ids.contains_key(prefix)
+                        && **id >= FIRST_CIDR_IDENTITY
+                        && !self.is_node_prefix(prefix)
+                })
+                .map(|(prefix, _)| *prefix)
+                .collect()
+        };
+        self.dp().withdraw_ipcache(&withdraw)?;
         self.cidr_ids = ids;
         self.ipcache_walked = true;
         for planned in plan.endpoints {
@@ -920,31 +946,23 @@ impl PolicyState {
         );
         let verdict = self.dp().test_run(&config_of(rec, ifindex), &packet)?;
         let icmp = proto == 1 || proto == 58;
-        let mut key = CtKey {
+        // ICMP echo: the identifier stands in for both ports.
+        let dport = if icmp { TRACE_SPORT } else { dport };
+        self.dp().remove_conntrack(&CtEntry {
             proto,
-            sport: TRACE_SPORT.to_be(),
-            // ICMP echo: the identifier stands in for both ports.
-            dport: if icmp {
-                TRACE_SPORT.to_be()
-            } else {
-                dport.to_be()
-            },
-            ..Default::default()
-        };
-        match (src_ip, dst_ip) {
-            (IpAddr::V6(s), IpAddr::V6(d)) => {
-                key.saddr = s.octets();
-                key.daddr = d.octets();
-                key.family = CILIA_FAMILY_IPV6;
-            }
-            (IpAddr::V4(s), IpAddr::V4(d)) => {
-                key.saddr[..4].copy_from_slice(&s.octets());
-                key.daddr[..4].copy_from_slice(&d.octets());
-                key.family = CILIA_FAMILY_IPV4;
-            }
-            _ => {}
-        }
-        self.dp().remove_ct(key)?;
+            source: SocketAddr::new(src_ip, TRACE_SPORT),
+            destination: SocketAddr::new(dst_ip, dport),
+            src_identity: 0,
+            dst_identity: 0,
+            packets: 0,
+            bytes: 0,
+            expires_ns: 0,
+            seen_reply: false,
+            closing: false,
+            denied: false,
+            policy_revision: 0,
+            owner: 0,
+        })?;
         Ok(verdict)
     }
 }
