@@ -337,30 +337,45 @@ impl PolicyDelta {
         old: &BTreeMap<PolicyKey, PolicyValue>,
         new: &BTreeMap<PolicyKey, PolicyValue>,
     ) -> Vec<PolicyDelta> {
+        let removed = old
+            .iter()
+            .filter(|(key, _)| !new.contains_key(key))
+            .filter_map(|(key, value)| PolicyEntry::decode(key, value));
+        let upserted = new
+            .iter()
+            .filter(|(key, value)| old.get(key) != Some(value))
+            .filter_map(|(key, value)| PolicyEntry::decode(key, value));
+        Self::ordered(
+            removed,
+            upserted,
+            Enforcement::of(old),
+            Enforcement::of(new),
+        )
+    }
+
+    /// [`PolicyDelta::steps`] from a change already known: the entries
+    /// that leave (as they were: their verdict says which step removes
+    /// them), those that come or change (as they will be), and the
+    /// enforcement before and after.
+    pub fn ordered(
+        removed: impl IntoIterator<Item = PolicyEntry>,
+        upserted: impl IntoIterator<Item = PolicyEntry>,
+        was: Enforcement,
+        will: Enforcement,
+    ) -> Vec<PolicyDelta> {
         let (mut first, mut second) = (PolicyDelta::default(), PolicyDelta::default());
-        for (key, value) in old {
-            if new.contains_key(key) {
-                continue;
-            }
-            if let Some(entry) = PolicyEntry::decode(key, value) {
-                match entry.verdict {
-                    Verdict::Allow => first.removes.push(entry),
-                    Verdict::Deny => second.removes.push(entry),
-                }
+        for entry in removed {
+            match entry.verdict {
+                Verdict::Allow => first.removes.push(entry),
+                Verdict::Deny => second.removes.push(entry),
             }
         }
-        for (key, value) in new {
-            if old.get(key) == Some(value) {
-                continue;
-            }
-            if let Some(entry) = PolicyEntry::decode(key, value) {
-                match entry.verdict {
-                    Verdict::Deny => first.upserts.push(entry),
-                    Verdict::Allow => second.upserts.push(entry),
-                }
+        for entry in upserted {
+            match entry.verdict {
+                Verdict::Deny => first.upserts.push(entry),
+                Verdict::Allow => second.upserts.push(entry),
             }
         }
-        let (was, will) = (Enforcement::of(old), Enforcement::of(new));
         if was != will {
             let strictest = Enforcement {
                 ingress: was.ingress || will.ingress,

@@ -18,33 +18,43 @@ pub fn endpoint_policy(
         .iter()
         .map(|r| cookies.cookie_of(r))
         .collect();
-    let direction = |d: cilia_policy::Direction| match d {
-        cilia_policy::Direction::Ingress => cilia_abi::Direction::Ingress,
-        cilia_policy::Direction::Egress => cilia_abi::Direction::Egress,
-    };
     cilia_abi::EndpointPolicy {
-        enforcement: cilia_abi::Enforcement {
-            ingress: resolved.ingress_enforced,
-            egress: resolved.egress_enforced,
-            audit,
-        },
+        enforcement: enforcement(resolved.ingress_enforced, resolved.egress_enforced, audit),
         entries: resolved
             .entries
             .iter()
-            .map(|e| cilia_abi::PolicyEntry {
-                direction: direction(e.direction),
-                identity: e.identity,
-                proto: e.proto,
-                port: e.port,
-                port_prefix_len: e.port_prefix_len,
-                verdict: match e.verdict {
-                    cilia_policy::Verdict::Allow => cilia_abi::Verdict::Allow,
-                    cilia_policy::Verdict::Deny => cilia_abi::Verdict::Deny,
-                },
-                rule: rule_cookies.get(e.rule as usize).copied().unwrap_or(0),
-                proxy_port: 0,
-            })
+            .map(|e| policy_entry(e, rule_cookies.get(e.rule as usize).copied().unwrap_or(0)))
             .collect(),
+    }
+}
+
+/// The datapath row of one resolved entry, naming its rule by `cookie`.
+pub fn policy_entry(e: &cilia_policy::MapEntry, cookie: u32) -> cilia_abi::PolicyEntry {
+    cilia_abi::PolicyEntry {
+        direction: match e.direction {
+            cilia_policy::Direction::Ingress => cilia_abi::Direction::Ingress,
+            cilia_policy::Direction::Egress => cilia_abi::Direction::Egress,
+        },
+        identity: e.identity,
+        proto: e.proto,
+        port: e.port,
+        port_prefix_len: e.port_prefix_len,
+        verdict: match e.verdict {
+            cilia_policy::Verdict::Allow => cilia_abi::Verdict::Allow,
+            cilia_policy::Verdict::Deny => cilia_abi::Verdict::Deny,
+        },
+        rule: cookie,
+        proxy_port: 0,
+    }
+}
+
+/// An endpoint's enforcement; audit only means something in an enforced
+/// direction, so it is off where none is.
+pub fn enforcement(ingress: bool, egress: bool, audit: bool) -> cilia_abi::Enforcement {
+    cilia_abi::Enforcement {
+        ingress,
+        egress,
+        audit: audit && (ingress || egress),
     }
 }
 

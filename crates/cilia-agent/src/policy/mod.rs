@@ -7,7 +7,7 @@ pub mod repository;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use cilia_abi::{PolicyKey, PolicyValue, CILIA_POLICY_MAX};
+use cilia_abi::CILIA_POLICY_MAX;
 use cilia_policy::{Policy, PolicyError, PolicyKind, ResolvedPolicy, RuleRef};
 
 use crate::store::StoredPolicy;
@@ -233,15 +233,11 @@ impl Default for Limits {
 }
 
 /// Checks a resolution fits into an endpoint's policy map of `max` entries.
-pub fn check_size(
-    endpoint: u16,
-    entries: &BTreeMap<PolicyKey, PolicyValue>,
-    max: usize,
-) -> Result<(), ImportError> {
-    if entries.len() > max {
+pub fn check_size(endpoint: u16, entries: usize, max: usize) -> Result<(), ImportError> {
+    if entries > max {
         return Err(ImportError::TooLarge {
             endpoint,
-            entries: entries.len(),
+            entries,
             max,
         });
     }

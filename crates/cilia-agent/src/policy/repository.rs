@@ -83,31 +83,74 @@ pub struct Trace {
     pub datapath: Option<u32>,
 }
 
-type PolicyEntries = BTreeMap<cilia_abi::PolicyKey, cilia_abi::PolicyValue>;
-
-/// What an endpoint's policy map was programmed from and with.
-#[derive(Debug, Clone)]
+/// What an endpoint's policy map was programmed from.
+#[derive(Debug)]
 pub struct Programmed {
-    /// The contributions its resolution was merged from; `None`: closed by
-    /// a broken stored policy.
-    basis: Option<cilia_policy::Basis>,
+    /// Its merged policy, moved by each change (see
+    /// `cilia_policy::MergedPolicy`); `None`: closed by a broken stored
+    /// policy.
+    merged: Option<cilia_policy::MergedPolicy>,
     audit: bool,
-    entries: PolicyEntries,
 }
 
-/// One endpoint's new map, checked, not yet written.
+impl Programmed {
+    fn enforcement(&self) -> cilia_abi::Enforcement {
+        enforcement_of(self.merged.as_ref(), self.audit)
+    }
+}
+
+/// The enforcement of a merged policy (`None`: closed, both directions).
+fn enforcement_of(
+    merged: Option<&cilia_policy::MergedPolicy>,
+    audit: bool,
+) -> cilia_abi::Enforcement {
+    match merged {
+        Some(m) => crate::datapath::enforcement(
+            m.enforced(Direction::Ingress),
+            m.enforced(Direction::Egress),
+            audit,
+        ),
+        None => crate::datapath::enforcement(true, true, audit),
+    }
+}
+
+/// Map entries with the enforcement markers.
+fn map_size(entries: usize, enforcement: cilia_abi::Enforcement) -> usize {
+    entries + usize::from(enforcement.ingress) + usize::from(enforcement.egress)
+}
+
+/// How one endpoint's map changes.
+enum Change {
+    /// The whole map, swapped in at once: a first programming, or a move
+    /// between closed and resolved.
+    Full {
+        policy: EndpointPolicy,
+        merged: Option<cilia_policy::MergedPolicy>,
+        audit: bool,
+    },
+    /// Ordered deltas (`PolicyDelta::ordered`); the endpoint's merged
+    /// policy in `programmed` has already moved.
+    Delta {
+        steps: Vec<PolicyDelta>,
+        audit: bool,
+    },
+}
+
+/// One endpoint's change, checked, not yet written.
 struct PlannedEndpoint {
     id: u16,
-    resolved: cilia_policy::ResolvedPolicy,
-    programmed: Programmed,
+    change: Change,
 }
 
 /// A regeneration, computed and checked, not yet written.
 struct Plan {
     prefixes: std::collections::BTreeSet<ipnet::IpNet>,
     cidr_ids: BTreeMap<ipnet::IpNet, u32>,
-    /// Ready endpoints whose map changes.
+    /// Live endpoints whose map changes.
     endpoints: Vec<PlannedEndpoint>,
+    /// Endpoints whose merged policy moved while planning: moved back
+    /// should the plan be abandoned.
+    moved: Vec<u16>,
 }
 
 fn cidr_entry(prefix: &ipnet::IpNet, identity: u32) -> IpcacheEntry {
@@ -136,10 +179,9 @@ pub struct PolicyState {
     /// Incremental resolution of `policy_docs` against the identities:
     /// synced with both before every use.
     pub(crate) repository: cilia_policy::PolicyRepository,
-    /// Each live endpoint's resolved policy, as programmed into its map.
-    pub(crate) resolved: BTreeMap<u16, cilia_policy::ResolvedPolicy>,
-    /// What each live endpoint's map was last programmed from and with:
-    /// an endpoint whose inputs did not change is not touched again.
+    /// What each live endpoint's map was last programmed from, so a
+    /// change writes only its difference and an endpoint whose inputs did
+    /// not change is not touched.
     pub(crate) programmed: BTreeMap<u16, Programmed>,
     /// Endpoints whose policy map this subsystem keeps current: from their
     /// first programming (before their program is attached) until
@@ -191,7 +233,6 @@ impl PolicyState {
             pools,
             policy_docs: BTreeMap::new(),
             repository: cilia_policy::PolicyRepository::new(),
-            resolved: BTreeMap::new(),
             programmed: BTreeMap::new(),
             live: std::collections::BTreeSet::new(),
             ipcache_walked: false,
@@ -228,7 +269,6 @@ impl PolicyState {
     /// rolled back).
     pub fn forget(&mut self, id: u16) {
         self.live.remove(&id);
-        self.resolved.remove(&id);
         self.programmed.remove(&id);
     }
 
@@ -340,43 +380,51 @@ impl PolicyState {
         security_labels(&rec.labels, &rec.namespace, ns_labels)
     }
 
-    /// Resolves and programs one endpoint's policy map.
+    /// Resolves and programs one endpoint's policy map, whole (its map
+    /// may be new, or gone with a detached program).
     pub(crate) fn apply_policy(&mut self, rec: &EndpointRecord) -> Result<(), EndpointError> {
         let cache = self.identity_cache()?;
         let namespaces = self.store.namespaces()?;
         self.sync_repository(cache);
         let basis = self.endpoint_basis(rec, &namespaces);
-        let planned = self.resolve_endpoint(rec, basis)?;
-        // Written whole: the endpoint's map may be new, or gone with a
-        // detached program.
         self.programmed.remove(&rec.id);
-        let programmed = self.program(planned);
+        let programmed = match self.plan_endpoint(rec, basis, &mut Vec::new()) {
+            Ok(Some(planned)) => self.program(planned),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
         self.publish_summary();
         programmed
     }
 
-    /// Writes one endpoint's planned map and records what it came from;
-    /// on failure nothing is recorded, so the next regeneration writes it.
+    /// Writes one endpoint's planned change; on failure what it was
+    /// programmed from is forgotten, so the next regeneration writes it
+    /// whole.
     fn program(&mut self, planned: PlannedEndpoint) -> Result<(), EndpointError> {
-        let previous = self.programmed.remove(&planned.id);
         self.live.insert(planned.id);
-        match previous {
-            // Only the difference, in an order that never opens the map
-            // wider than both policies (`PolicyDelta::steps`), without
-            // reading the map back.
-            Some(previous) => {
-                for step in PolicyDelta::steps(&previous.entries, &planned.programmed.entries) {
-                    self.dp().update_endpoint_policy(planned.id, &step)?;
+        match planned.change {
+            Change::Delta { steps, audit } => {
+                for step in &steps {
+                    if let Err(e) = self.dp().update_endpoint_policy(planned.id, step) {
+                        self.programmed.remove(&planned.id);
+                        return Err(e.into());
+                    }
+                }
+                if let Some(p) = self.programmed.get_mut(&planned.id) {
+                    p.audit = audit;
                 }
             }
-            // Not known to be in the map: the whole policy, swapped in at once.
-            None => {
-                let policy = EndpointPolicy::decode(&planned.programmed.entries);
+            Change::Full {
+                policy,
+                merged,
+                audit,
+            } => {
+                self.programmed.remove(&planned.id);
                 self.dp().set_endpoint_policy(planned.id, &policy)?;
+                self.programmed
+                    .insert(planned.id, Programmed { merged, audit });
             }
         }
-        self.resolved.insert(planned.id, planned.resolved);
-        self.programmed.insert(planned.id, planned.programmed);
         Ok(())
     }
 
@@ -398,36 +446,97 @@ impl PolicyState {
         Some(self.repository.basis(&subject))
     }
 
-    /// One endpoint's resolution and map entries, checked against the map's
-    /// capacity; closed when a broken stored policy may select it.
-    fn resolve_endpoint(
+    /// One endpoint's change toward `basis`, checked against the map's
+    /// capacity; `None` when its map stays as it is. An endpoint programmed
+    /// before moves its merged policy (recorded in `moved`) and gets the
+    /// difference; any other gets its whole map.
+    fn plan_endpoint(
         &mut self,
         rec: &EndpointRecord,
         basis: Option<cilia_policy::Basis>,
-    ) -> Result<PlannedEndpoint, EndpointError> {
-        let resolved = match &basis {
+        moved: &mut Vec<u16>,
+    ) -> Result<Option<PlannedEndpoint>, EndpointError> {
+        let max = self.limits.policy_entries;
+        let audit = rec.policy_audit;
+        if let Some(p) = self.programmed.get_mut(&rec.id) {
+            let was = p.enforcement();
+            match (&mut p.merged, &basis) {
+                (Some(merged), Some(basis)) => {
+                    if merged.basis() == basis && p.audit == audit {
+                        // Same inputs, same map: checked again, not rebuilt.
+                        policy::check_size(rec.id, map_size(merged.entry_count(), was), max)?;
+                        return Ok(None);
+                    }
+                    let delta = self.repository.update_merged(merged, basis);
+                    moved.push(rec.id);
+                    let will = enforcement_of(Some(merged), audit);
+                    policy::check_size(rec.id, map_size(merged.entry_count(), will), max)?;
+                    let removed: Vec<cilia_abi::PolicyEntry> = delta
+                        .removed
+                        .iter()
+                        .map(|e| crate::datapath::policy_entry(&e.entry, 0))
+                        .collect();
+                    let cookies = &mut self.rule_cookies;
+                    let upserted: Vec<cilia_abi::PolicyEntry> = delta
+                        .upserted
+                        .iter()
+                        .map(|e| {
+                            crate::datapath::policy_entry(&e.entry, cookies.cookie_of(&e.rule_ref))
+                        })
+                        .collect();
+                    let steps = PolicyDelta::ordered(removed, upserted, was, will);
+                    return Ok(Some(PlannedEndpoint {
+                        id: rec.id,
+                        change: Change::Delta { steps, audit },
+                    }));
+                }
+                (None, None) if p.audit == audit => return Ok(None),
+                _ => {}
+            }
+        }
+        let merged = basis.map(|basis| {
+            let mut merged = cilia_policy::MergedPolicy::new();
+            self.repository.update_merged(&mut merged, &basis);
+            merged
+        });
+        let resolved = match &merged {
+            Some(m) => m.resolved(),
             None => policy::closed_resolution(),
-            Some(basis) => self.repository.merge(basis),
         };
-        let entries =
-            crate::datapath::endpoint_policy(&resolved, &mut self.rule_cookies, rec.policy_audit)
-                .encode();
-        policy::check_size(rec.id, &entries, self.limits.policy_entries)?;
-        Ok(PlannedEndpoint {
+        let policy = crate::datapath::endpoint_policy(&resolved, &mut self.rule_cookies, audit);
+        policy::check_size(
+            rec.id,
+            map_size(policy.entries.len(), policy.enforcement),
+            max,
+        )?;
+        Ok(Some(PlannedEndpoint {
             id: rec.id,
-            resolved,
-            programmed: Programmed {
-                basis,
-                audit: rec.policy_audit,
-                entries,
+            change: Change::Full {
+                policy,
+                merged,
+                audit,
             },
-        })
+        }))
+    }
+
+    /// Moves the merged policies a plan moved back (the plan is dropped
+    /// unwritten).
+    fn revert(&mut self, moved: &[u16]) {
+        for id in moved {
+            if let Some(Programmed {
+                merged: Some(merged),
+                ..
+            }) = self.programmed.get_mut(id)
+            {
+                merged.revert_update();
+            }
+        }
     }
 
     /// Everything a regeneration will write, computed and checked before
     /// anything is written: the CIDR identities (planned in an aborted
     /// store transaction), the ipcache's room for them, and every
-    /// endpoint's map entries.
+    /// endpoint's map change. On an error nothing has changed.
     fn plan(&mut self) -> Result<Plan, EndpointError> {
         let prefixes = cilia_policy::cidr_prefixes(self.policy_docs.values().map(|(_, p)| &**p));
         let cidr_ids = if self.ipcache_walked {
@@ -451,26 +560,25 @@ impl PolicyState {
         let namespaces = self.store.namespaces()?;
         self.sync_repository(cache);
         let mut endpoints = Vec::new();
+        let mut moved = Vec::new();
         for rec in self.store.endpoints()? {
             let basis = self.endpoint_basis(&rec, &namespaces);
-            let ready = rec.state == EndpointState::Ready || self.live.contains(&rec.id);
-            if let Some(p) = self.programmed.get(&rec.id) {
-                if ready && p.basis == basis && p.audit == rec.policy_audit {
-                    // Same inputs, same map: checked again, not rebuilt.
-                    policy::check_size(rec.id, &p.entries, self.limits.policy_entries)?;
-                    continue;
+            let live = rec.state == EndpointState::Ready || self.live.contains(&rec.id);
+            // Not-live endpoints are checked too: they may come back.
+            match self.plan_endpoint(&rec, basis, &mut moved) {
+                Ok(Some(planned)) if live => endpoints.push(planned),
+                Ok(_) => {}
+                Err(e) => {
+                    self.revert(&moved);
+                    return Err(e);
                 }
-            }
-            // Not-ready endpoints are checked too: they may come back.
-            let planned = self.resolve_endpoint(&rec, basis)?;
-            if ready {
-                endpoints.push(planned);
             }
         }
         Ok(Plan {
             prefixes,
             cidr_ids,
             endpoints,
+            moved,
         })
     }
 
@@ -525,20 +633,16 @@ impl PolicyState {
         self.dp().withdraw_ipcache(&withdraw)?;
         self.cidr_ids = ids;
         self.ipcache_walked = true;
-        for planned in plan.endpoints {
-            let unchanged = self
-                .programmed
-                .get(&planned.id)
-                .is_some_and(|p| p.entries == planned.programmed.entries);
-            if unchanged {
-                // Same entries from other inputs: nothing to write.
-                self.resolved.insert(planned.id, planned.resolved);
-                if let Some(p) = self.programmed.get_mut(&planned.id) {
-                    *p = planned.programmed;
+        let mut planned = plan.endpoints.into_iter();
+        while let Some(next) = planned.next() {
+            if let Err(e) = self.program(next) {
+                // The maps after it were not written: they are written
+                // whole by the next regeneration.
+                for rest in planned {
+                    self.programmed.remove(&rest.id);
                 }
-                continue;
+                return Err(e);
             }
-            self.program(planned)?;
         }
         self.dp().bump_policy_revision()?;
         self.publish_summary();
@@ -654,10 +758,14 @@ impl PolicyState {
             .map(|s| s.key())
             .chain(delete.iter().cloned())
             .collect();
-        let before: Vec<StoredPolicy> = self.store.policies_with_keys(&touched)?;
-        let revision = match self.store.replace_policies(put, delete) {
-            Ok(rev) => rev,
+        let stored = self
+            .store
+            .policies_with_keys(&touched)
+            .and_then(|before| Ok((before, self.store.replace_policies(put, delete)?)));
+        let (before, revision) = match stored {
+            Ok(stored) => stored,
             Err(e) => {
+                self.revert(&plan.moved);
                 restore_memory(self);
                 return Err(e.into());
             }
@@ -877,9 +985,12 @@ impl PolicyState {
             let resolved = match subject
                 .endpoint
                 .as_ref()
-                .and_then(|e| self.resolved.get(&e.id))
+                .and_then(|e| self.programmed.get(&e.id))
             {
-                Some(r) if subject.identity != HYPOTHETICAL_IDENTITY => r.clone(),
+                Some(p) if subject.identity != HYPOTHETICAL_IDENTITY => match &p.merged {
+                    Some(merged) => merged.resolved(),
+                    None => policy::closed_resolution(),
+                },
                 _ => cilia_policy::resolve(&policies, &Labels(labels.clone()), &cache),
             };
             let t = cilia_policy::trace(&resolved, direction, peer.identity, proto, dport);
