@@ -8,18 +8,20 @@
 /// Declares a `#[repr(C)]` mirror of an abi.h struct with the derives every
 /// one has (plus the given ones) and, with the `aya` feature, `aya::Pod`.
 macro_rules! abi_struct {
-    ($(#[$meta:meta])* pub struct $name:ident { $($body:tt)* }) => {
-        $(#[$meta])*
-        #[repr(C)]
-        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-        pub struct $name { $($body)* }
+    ($($(#[$meta:meta])* pub struct $name:ident { $($body:tt)* })+) => {
+        $(
+            $(#[$meta])*
+            #[repr(C)]
+            #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+            pub struct $name { $($body)* }
 
-        // SAFETY: the struct is #[repr(C)], made only of integers and byte
-        // arrays with explicit padding fields, so every bit pattern is
-        // valid and there are no implicit padding bytes (the layout test
-        // below checks every offset against abi.h).
-        #[cfg(feature = "aya")]
-        unsafe impl aya::Pod for $name {}
+            // SAFETY: the struct is #[repr(C)], made only of integers and
+            // byte arrays with explicit padding fields, so every bit pattern
+            // is valid and there are no implicit padding bytes (the layout
+            // test below checks every offset against abi.h).
+            #[cfg(feature = "aya")]
+            unsafe impl aya::Pod for $name {}
+        )+
     };
 }
 
@@ -294,9 +296,7 @@ abi_struct! {
         pub family: u8,
         pub pad: [u8; 2],
     }
-}
 
-abi_struct! {
     #[derive(Default)]
     pub struct CtValue {
         pub expires: u64,
@@ -309,9 +309,7 @@ abi_struct! {
         /// Endpoint whose program created the entry: the budget it counts on.
         pub owner: u16,
     }
-}
 
-abi_struct! {
     /// Key of the fragments map: one fragmented datagram.
     #[derive(Default, Hash)]
     pub struct FragKey {
@@ -322,9 +320,7 @@ abi_struct! {
         pub family: u8,
         pub pad: [u8; 2],
     }
-}
 
-abi_struct! {
     /// Value of the fragments map: the ports of the datagram's first fragment.
     #[derive(Default)]
     pub struct FragValue {
