@@ -21,29 +21,9 @@ const IMPORTS: usize = 10;
 const CHUNK: usize = 10_000;
 const RUNS: usize = 3;
 
-/// Import `k` of `IMPORTS`: never-matching `fromCIDR` /32s and /128s on TCP/8080
-/// selecting `app=server`; the last import's last rule is `fromEndpoints: app=client`.
+/// Import `k` of `IMPORTS` (see `cilia_policy::workload`).
 fn scale_policy(k: usize, last: bool) -> String {
-    let cidr = |i: usize| {
-        if i < 512 {
-            format!("{}.{}/32", ["198.51.100", "203.0.113"][i / 256], i % 256)
-        } else {
-            format!("2001:db8:{:x}:{:x}::1/128", (i >> 16) & 0xffff, i & 0xffff)
-        }
-    };
-    let ports = "    toPorts:\n    - ports:\n      - port: \"8080\"\n        protocol: TCP\n";
-    let mut yaml = format!(
-        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: policy-scale-{k}\nspec:\n  endpointSelector:\n    matchLabels:\n      app: server\n  ingress:\n"
-    );
-    let rules = if last { CHUNK - 1 } else { CHUNK };
-    for i in k * CHUNK..k * CHUNK + rules {
-        yaml.push_str(&format!("  - fromCIDR:\n    - \"{}\"\n{ports}", cidr(i)));
-    }
-    if last {
-        yaml.push_str("  - fromEndpoints:\n    - matchLabels:\n        app: client\n");
-        yaml.push_str(ports);
-    }
-    yaml
+    cilia_policy::workload::scale_policy(k, CHUNK, last)
 }
 
 fn subjects() -> Vec<Labels> {

@@ -52,6 +52,7 @@ mod model;
 mod parse;
 mod ports;
 mod resolve;
+pub mod workload;
 
 #[cfg(test)]
 mod tests;

@@ -132,20 +132,22 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
 }
 
+/// Runs `f` on the blocking pool under one subsystem's lock.
+async fn with_locked<S: Send + 'static, T: Send + 'static>(
+    state: &Shared,
+    lock: fn(&AgentState) -> &Mutex<S>,
+    f: impl FnOnce(&mut S) -> Result<T, EndpointError> + Send + 'static,
+) -> Result<T, AppError> {
+    let state = state.clone();
+    blocking(move || f(&mut lock(&state).lock().unwrap_or_else(|p| p.into_inner()))).await
+}
+
 /// Runs an endpoint lifecycle change under the endpoints' lock.
 async fn with_endpoints<T: Send + 'static>(
     state: &Shared,
     f: impl FnOnce(&mut EndpointManager) -> Result<T, EndpointError> + Send + 'static,
 ) -> Result<T, AppError> {
-    let state = state.clone();
-    blocking(move || {
-        let mut mgr = state
-            .endpoints
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        f(&mut mgr)
-    })
-    .await
+    with_locked(state, |s| &s.endpoints, f).await
 }
 
 /// Runs policy work under the policy subsystem's lock only.
@@ -153,15 +155,7 @@ async fn with_policy<T: Send + 'static>(
     state: &Shared,
     f: impl FnOnce(&mut PolicyState) -> Result<T, EndpointError> + Send + 'static,
 ) -> Result<T, AppError> {
-    let state = state.clone();
-    blocking(move || {
-        let mut policy = state
-            .policy
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        f(&mut policy)
-    })
-    .await
+    with_locked(state, |s| &s.policy, f).await
 }
 
 /// Reads the store in a transaction of its own, under no lock.

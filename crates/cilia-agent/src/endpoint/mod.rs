@@ -1200,36 +1200,32 @@ spec:
         )
     }
 
-    #[test]
-    fn an_import_that_does_not_fit_the_ipcache_changes_nothing() {
+    /// An import of `THREE_CIDRS` that `limit` makes too large is refused
+    /// with `reason` and changes nothing.
+    fn a_refused_import_changes_nothing(limit: impl FnOnce(&mut PolicyState), reason: &str) {
         let h = Harness::new();
         let mut mgr = h.manager();
         mgr.create(request()).unwrap();
-        mgr.policy().limits.ipcache_entries = 2;
+        limit(&mut mgr.policy());
         let before = policy_state(&h, &mgr);
         let err = mgr
             .policy()
             .import_policies("t.yaml", THREE_CIDRS)
             .unwrap_err();
-        assert!(err.to_string().contains("ipcache"), "{err}");
+        assert!(err.to_string().contains(reason), "{err}");
         assert_eq!(before, policy_state(&h, &mgr));
     }
 
     #[test]
+    fn an_import_that_does_not_fit_the_ipcache_changes_nothing() {
+        a_refused_import_changes_nothing(|p| p.limits.ipcache_entries = 2, "ipcache");
+    }
+
+    #[test]
     fn the_map_size_check_counts_the_cidr_identities_the_import_brings() {
-        let h = Harness::new();
-        let mut mgr = h.manager();
-        mgr.create(request()).unwrap();
         // Without its three CIDR identities the policy is one entry (the
         // egress enforcement flag); with them, four.
-        mgr.policy().limits.policy_entries = 3;
-        let before = policy_state(&h, &mgr);
-        let err = mgr
-            .policy()
-            .import_policies("t.yaml", THREE_CIDRS)
-            .unwrap_err();
-        assert!(err.to_string().contains("policy map entries"), "{err}");
-        assert_eq!(before, policy_state(&h, &mgr));
+        a_refused_import_changes_nothing(|p| p.limits.policy_entries = 3, "policy map entries");
     }
 
     #[test]
@@ -1755,28 +1751,6 @@ spec:
     /// `CHUNK`-rule CiliumNetworkPolicy number `k` of the import benchmark,
     /// shaped like `bench/policy-scale.sh`: never-matching `fromCIDR` /32s
     /// (then /128s), the last policy ending with `fromEndpoints: app=client`.
-    fn scale_policy(k: usize, chunk: usize, last: bool) -> String {
-        let cidr = |i: usize| {
-            if i < 512 {
-                format!("{}.{}/32", ["198.51.100", "203.0.113"][i / 256], i % 256)
-            } else {
-                format!("2001:db8:{:x}:{:x}::1/128", (i >> 16) & 0xffff, i & 0xffff)
-            }
-        };
-        let ports = "    toPorts:\n    - ports:\n      - port: \"8080\"\n        protocol: TCP\n";
-        let mut yaml = format!(
-            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: policy-scale-{k}\nspec:\n  endpointSelector:\n    matchLabels:\n      app: server\n  ingress:\n"
-        );
-        let rules = if last { chunk - 1 } else { chunk };
-        for i in k * chunk..k * chunk + rules {
-            yaml.push_str(&format!("  - fromCIDR:\n    - \"{}\"\n{ports}", cidr(i)));
-        }
-        if last {
-            yaml.push_str("  - fromEndpoints:\n    - matchLabels:\n        app: client\n");
-            yaml.push_str(ports);
-        }
-        yaml
-    }
 
     /// The import benchmark (docs/benchmarks.md, "Policy import"): three
     /// endpoints, then `CILIA_IMPORTS` (10) imports of `CILIA_CHUNK`
@@ -1807,7 +1781,7 @@ spec:
             }
         }
         let docs: Vec<String> = (0..imports)
-            .map(|k| scale_policy(k, chunk, k + 1 == imports))
+            .map(|k| cilia_policy::workload::scale_policy(k, chunk, k + 1 == imports))
             .collect();
         let started = std::time::Instant::now();
         let mut times = Vec::new();
