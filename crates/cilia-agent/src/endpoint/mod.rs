@@ -1748,13 +1748,10 @@ spec:
         }
     }
 
-    /// `CHUNK`-rule CiliumNetworkPolicy number `k` of the import benchmark,
-    /// shaped like `bench/policy-scale.sh`: never-matching `fromCIDR` /32s
-    /// (then /128s), the last policy ending with `fromEndpoints: app=client`.
-
     /// The import benchmark (docs/benchmarks.md, "Policy import"): three
     /// endpoints, then `CILIA_IMPORTS` (10) imports of `CILIA_CHUNK`
-    /// (10,000) rules each; prints each import's time and its ratio to the
+    /// (10,000) rules each, shaped like `bench/policy-scale.sh`
+    /// (`cilia_policy::workload::scale_policy`); prints each import's time and its ratio to the
     /// first (the same 10,000 rules' cost alone, measured in the same run).
     /// Stops early once the imports took `CILIA_BENCH_LIMIT_S` (300) s.
     /// Run: `cargo test --release -p cilia-agent --lib import_benchmark -- --ignored --nocapture`.
