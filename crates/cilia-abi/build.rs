@@ -1,9 +1,15 @@
-//! Compiles a tiny C program against `bpf/include/cilia/abi.h` with the host
-//! compiler and records every struct's size and field offsets, so the layout
-//! test compares Rust against the C header itself, not against a copy.
+//! Generates the ABI's Rust constants from `bpf/include/cilia/abi.h`
+//! (`$OUT_DIR/consts.rs`, see `build/consts.rs`), and compiles a tiny C
+//! program against the header with the host compiler that records every
+//! struct's size and field offsets and the value of every `CILIA_` macro the
+//! preprocessor defines, so the tests compare Rust against the C header
+//! itself, not against a copy.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+
+#[path = "build/consts.rs"]
+mod consts;
 
 const STRUCTS: &[(&str, &[&str])] = &[
     (
@@ -97,6 +103,7 @@ fn main() {
     let header = include.join("cilia/abi.h");
     println!("cargo:rerun-if-changed={}", header.display());
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=build/consts.rs");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets this"));
 
     let mut c = String::from(
@@ -114,35 +121,26 @@ fn main() {
         }
     }
     c.push_str("printf(\"];\\n\");\n");
-    // Constants: every #define CILIA_* with a numeric value.
-    let text = std::fs::read_to_string(&header).expect("abi.h is readable");
+    // Constants: every CILIA_ macro the preprocessor defines, whichever way
+    // abi.h spells it, valued by the C compiler.
+    let cc = std::env::var("HOST_CC").unwrap_or_else(|_| "cc".into());
     c.push_str("printf(\"pub const C_CONSTANTS: &[(&str, u64)] = &[\\n\");\n");
-    for line in text.lines() {
-        let mut parts = line.split_whitespace();
-        if parts.next() == Some("#define") {
-            if let (Some(name), Some(value)) = (parts.next(), parts.next()) {
-                let numeric = value.chars().all(|ch| ch.is_ascii_digit())
-                    || (value.starts_with("0x")
-                        && value[2..].chars().all(|ch| ch.is_ascii_hexdigit()))
-                    // A constant expression, e.g. `(1 << 22)`: C evaluates it.
-                    || value.starts_with('(');
-                let identifier = name
-                    .chars()
-                    .all(|ch| ch.is_ascii_uppercase() || ch.is_ascii_digit() || ch == '_');
-                if name.starts_with("CILIA_") && identifier && numeric {
-                    c.push_str(&format!(
-                        "printf(\"(\\\"{name}\\\", %llu),\\n\", (unsigned long long)({name}));\n"
-                    ));
-                }
-            }
-        }
+    for name in c_macro_names(&cc, &include, &header) {
+        c.push_str(&format!(
+            "printf(\"(\\\"{name}\\\", %llu),\\n\", (unsigned long long)({name}));\n"
+        ));
     }
     c.push_str("printf(\"];\\n\");\nreturn 0;}\n");
+
+    let text = std::fs::read_to_string(&header).expect("abi.h is readable");
+    match consts::generate(&text) {
+        Ok(rust) => std::fs::write(out.join("consts.rs"), rust).expect("write consts.rs"),
+        Err(e) => panic!("cannot generate the Rust constants of the ABI: {e}"),
+    }
 
     let src = out.join("layout.c");
     let bin = out.join("layout");
     std::fs::write(&src, c).expect("write layout.c");
-    let cc = std::env::var("HOST_CC").unwrap_or_else(|_| "cc".into());
     let status = Command::new(&cc)
         .arg("-I")
         .arg(&include)
@@ -155,4 +153,29 @@ fn main() {
     let output = Command::new(&bin).output().expect("run layout probe");
     assert!(output.status.success(), "layout probe failed");
     std::fs::write(out.join("c_layout.rs"), output.stdout).expect("write c_layout.rs");
+}
+
+/// Names of the object-like `CILIA_` macros abi.h defines, as the C
+/// preprocessor lists them (`-dM`), without the excluded ones.
+fn c_macro_names(cc: &str, include: &Path, header: &Path) -> Vec<String> {
+    let output = Command::new(cc)
+        .args(["-dM", "-E", "-I"])
+        .arg(include)
+        .arg(header)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run host C compiler {cc}: {e}"));
+    assert!(
+        output.status.success(),
+        "preprocessing abi.h failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut names: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("#define ")?.split(' ').next())
+        .filter(|n| n.starts_with("CILIA_") && !n.contains('('))
+        .filter(|n| !consts::EXCLUDED.contains(n))
+        .map(String::from)
+        .collect();
+    names.sort();
+    names
 }

@@ -1,9 +1,22 @@
 //! `#[repr(C)]` mirror of `bpf/include/cilia/abi.h`, the only structures the
 //! agent and the BPF datapath exchange. The header is the source of truth:
-//! `tests` below compare every size, field offset and constant against the
-//! header compiled by the host C compiler, so the two cannot drift apart.
+//! every `CILIA_*` constant is generated from its `#define` lines by
+//! `build.rs` (its comment becomes the constant's doc; `build/consts.rs`
+//! holds the table of Rust types), and `tests` below compare every size,
+//! field offset and constant against the header compiled by the host C
+//! compiler, so the two cannot drift apart.
 
 #![no_std]
+
+// The generator of the constants (run by build.rs); the tests run it on
+// small headers to check what it refuses.
+#[cfg(test)]
+extern crate std;
+#[cfg(test)]
+#[path = "../build/consts.rs"]
+mod generator;
+
+include!(concat!(env!("OUT_DIR"), "/consts.rs"));
 
 /// Declares a `#[repr(C)]` mirror of an abi.h struct with the derives every
 /// one has (plus the given ones) and, with the `aya` feature, `aya::Pod`.
@@ -30,42 +43,6 @@ pub use rows::{
     CtEntry, Direction, EndpointEntry, EndpointPolicy, Enforcement, IpcacheEntry, MetricKind,
     MetricsEntry, PolicyDelta, PolicyEntry, Verdict,
 };
-
-/// Capacity of the endpoints map.
-pub const CILIA_ENDPOINTS_MAX: u32 = 65536;
-/// Family tag of IPv4 keys.
-pub const CILIA_FAMILY_IPV4: u8 = 4;
-/// Family tag of IPv6 keys.
-pub const CILIA_FAMILY_IPV6: u8 = 6;
-
-/// Metric kind: forwarded packets.
-pub const CILIA_METRIC_FORWARD: u8 = 1;
-/// Metric kind: dropped packets.
-pub const CILIA_METRIC_DROP: u8 = 2;
-
-pub const CILIA_FWD_ENDPOINT: u8 = 1;
-pub const CILIA_FWD_STACK: u8 = 2;
-pub const CILIA_FWD_ND_REPLY: u8 = 3;
-pub const CILIA_FWD_ARP_REPLY: u8 = 4;
-
-pub const CILIA_DROP_INVALID: u8 = 130;
-pub const CILIA_DROP_UNSUPPORTED_L3: u8 = 131;
-pub const CILIA_DROP_SPOOFED_SOURCE: u8 = 132;
-pub const CILIA_DROP_TTL_EXCEEDED: u8 = 133;
-pub const CILIA_DROP_UNSUPPORTED_ND: u8 = 134;
-pub const CILIA_DROP_MULTICAST: u8 = 135;
-pub const CILIA_DROP_REDIRECT_FAILED: u8 = 136;
-pub const CILIA_DROP_WRITE_FAILED: u8 = 137;
-
-pub const CILIA_DROP_POLICY: u8 = 138;
-pub const CILIA_DROP_CT_FULL: u8 = 139;
-pub const CILIA_DROP_EXT_HDR: u8 = 140;
-pub const CILIA_DROP_FRAG_NO_FLOW: u8 = 141;
-pub const CILIA_DROP_ND_INVALID: u8 = 142;
-pub const CILIA_DROP_CT_BUDGET: u8 = 143;
-
-pub const CILIA_DIR_EGRESS: u8 = 1;
-pub const CILIA_DIR_INGRESS: u8 = 2;
 
 /// Human name of a forward or drop reason, as printed by the CLI and metrics.
 pub fn reason_name(kind: u8, reason: u8) -> &'static str {
@@ -183,38 +160,6 @@ abi_struct! {
     }
 }
 
-pub const CILIA_ID_HOST: u32 = 1;
-pub const CILIA_ID_WORLD: u32 = 2;
-pub const CILIA_ID_UNMANAGED: u32 = 3;
-pub const CILIA_ID_HEALTH: u32 = 4;
-pub const CILIA_ID_INIT: u32 = 5;
-pub const CILIA_ID_REMOTE_NODE: u32 = 6;
-/// Key identity of the per-endpoint enforcement flags in a policy map.
-pub const CILIA_ID_ENFORCEMENT: u32 = 0xffff_ffff;
-
-pub const CILIA_IPCACHE_MAX: u32 = 524288;
-pub const CILIA_POLICY_MAX: u32 = 131072;
-pub const CILIA_POLICY_ENDPOINTS_MAX: u32 = 65536;
-pub const CILIA_CT_MAX: u32 = 262144;
-pub const CILIA_METRICS_MAX: u32 = 1024;
-pub const CILIA_CT_BUDGET_DEFAULT: u32 = 32768;
-pub const CILIA_FRAG_MAX: u32 = 16384;
-pub const CILIA_IPV6_EXT_MAX: u32 = 8;
-pub const CILIA_FRAG_TIMEOUT: u64 = 30;
-
-pub const CILIA_VERDICT_ALLOW: u8 = 1;
-pub const CILIA_VERDICT_DENY: u8 = 2;
-
-pub const CILIA_CT_SEEN_REPLY: u16 = 1;
-pub const CILIA_CT_CLOSING: u16 = 2;
-/// The flow was revoked by a policy change (kept, so it cannot be revived
-/// from the other side).
-pub const CILIA_CT_DENIED: u16 = 4;
-pub const CILIA_CT_TCP_TIMEOUT: u32 = 21600;
-pub const CILIA_CT_TCP_SYN_TIMEOUT: u32 = 60;
-pub const CILIA_CT_TCP_CLOSE: u32 = 10;
-pub const CILIA_CT_OTHER_TIMEOUT: u32 = 60;
-
 abi_struct! {
     /// Key of the ipcache LPM trie. `prefixlen` = 32 (family + padding) + the
     /// address prefix length.
@@ -259,7 +204,7 @@ abi_struct! {
 }
 
 abi_struct! {
-    /// Key of a per-endpoint policy LPM trie: [identity][direction][proto][port].
+    /// Key of a per-endpoint policy LPM trie: `[identity][direction][proto][port]`.
     #[derive(Default, Hash, PartialOrd, Ord)]
     pub struct PolicyKey {
         pub prefixlen: u32,
@@ -342,23 +287,6 @@ abi_struct! {
     }
 }
 
-pub const CILIA_MATCH_NONE: u8 = 0;
-pub const CILIA_MATCH_L3: u8 = 1;
-pub const CILIA_MATCH_PROTO: u8 = 2;
-pub const CILIA_MATCH_PORT: u8 = 3;
-pub const CILIA_ENFORCE: u8 = 1;
-pub const CILIA_ENFORCE_AUDIT: u8 = 2;
-pub const CILIA_MONITOR_OFF: u32 = 0;
-pub const CILIA_MONITOR_DROPS: u32 = 1;
-pub const CILIA_MONITOR_TRACE: u32 = 2;
-pub const CILIA_MONITOR_DEBUG: u32 = 3;
-pub const CILIA_EVENT_DEBUG: u8 = 4;
-pub const CILIA_CT_STATE_NEW: u8 = 1;
-pub const CILIA_CT_STATE_ESTABLISHED: u8 = 2;
-pub const CILIA_CT_STATE_REPLY: u8 = 3;
-pub const CILIA_CT_STATE_RELATED: u8 = 4;
-pub const CILIA_CT_STATE_REVOKED: u8 = 5;
-
 /// Name of a conntrack state reported by debug events.
 pub fn ct_state_name(state: u8) -> &'static str {
     match state {
@@ -370,13 +298,6 @@ pub fn ct_state_name(state: u8) -> &'static str {
         _ => "unknown",
     }
 }
-pub const CILIA_EVENTS_SIZE: u32 = 1 << 22;
-pub const CILIA_EVENT_CAPLEN: usize = 64;
-pub const CILIA_EVENT_DROP: u8 = 1;
-pub const CILIA_EVENT_TRACE: u8 = 2;
-pub const CILIA_EVENT_POLICY_VERDICT: u8 = 3;
-pub const CILIA_VERDICT_AUDIT: u8 = 3;
-pub const CILIA_METRIC_LOST: u8 = 3;
 
 abi_struct! {
     /// One datapath event, as read from the `cilia_events` ring buffer.
@@ -478,112 +399,163 @@ mod tests {
         }
     }
 
+    /// abi.h → Rust: every `CILIA_` macro the C preprocessor sees has a Rust
+    /// constant of the value the C compiler gives it.
     #[test]
     fn every_constant_matches_the_c_header() {
         for (name, c) in C_CONSTANTS {
-            let rust: u64 = match *name {
-                "CILIA_ENDPOINTS_MAX" => CILIA_ENDPOINTS_MAX.into(),
-                "CILIA_FAMILY_IPV4" => CILIA_FAMILY_IPV4.into(),
-                "CILIA_FAMILY_IPV6" => CILIA_FAMILY_IPV6.into(),
-                "CILIA_METRIC_FORWARD" => CILIA_METRIC_FORWARD.into(),
-                "CILIA_METRIC_DROP" => CILIA_METRIC_DROP.into(),
-                "CILIA_FWD_ENDPOINT" => CILIA_FWD_ENDPOINT.into(),
-                "CILIA_FWD_STACK" => CILIA_FWD_STACK.into(),
-                "CILIA_FWD_ND_REPLY" => CILIA_FWD_ND_REPLY.into(),
-                "CILIA_FWD_ARP_REPLY" => CILIA_FWD_ARP_REPLY.into(),
-                "CILIA_DROP_INVALID" => CILIA_DROP_INVALID.into(),
-                "CILIA_DROP_UNSUPPORTED_L3" => CILIA_DROP_UNSUPPORTED_L3.into(),
-                "CILIA_DROP_SPOOFED_SOURCE" => CILIA_DROP_SPOOFED_SOURCE.into(),
-                "CILIA_DROP_TTL_EXCEEDED" => CILIA_DROP_TTL_EXCEEDED.into(),
-                "CILIA_DROP_UNSUPPORTED_ND" => CILIA_DROP_UNSUPPORTED_ND.into(),
-                "CILIA_DROP_MULTICAST" => CILIA_DROP_MULTICAST.into(),
-                "CILIA_DROP_REDIRECT_FAILED" => CILIA_DROP_REDIRECT_FAILED.into(),
-                "CILIA_DROP_WRITE_FAILED" => CILIA_DROP_WRITE_FAILED.into(),
-                "CILIA_DIR_EGRESS" => CILIA_DIR_EGRESS.into(),
-                "CILIA_DIR_INGRESS" => CILIA_DIR_INGRESS.into(),
-                "CILIA_DROP_POLICY" => CILIA_DROP_POLICY.into(),
-                "CILIA_DROP_CT_FULL" => CILIA_DROP_CT_FULL.into(),
-                "CILIA_DROP_EXT_HDR" => CILIA_DROP_EXT_HDR.into(),
-                "CILIA_DROP_FRAG_NO_FLOW" => CILIA_DROP_FRAG_NO_FLOW.into(),
-                "CILIA_DROP_ND_INVALID" => CILIA_DROP_ND_INVALID.into(),
-                "CILIA_DROP_CT_BUDGET" => CILIA_DROP_CT_BUDGET.into(),
-                "CILIA_CT_BUDGET_DEFAULT" => CILIA_CT_BUDGET_DEFAULT.into(),
-                "CILIA_FRAG_MAX" => CILIA_FRAG_MAX.into(),
-                "CILIA_IPV6_EXT_MAX" => CILIA_IPV6_EXT_MAX.into(),
-                "CILIA_FRAG_TIMEOUT" => CILIA_FRAG_TIMEOUT,
-                "CILIA_ID_HOST" => CILIA_ID_HOST.into(),
-                "CILIA_ID_WORLD" => CILIA_ID_WORLD.into(),
-                "CILIA_ID_UNMANAGED" => CILIA_ID_UNMANAGED.into(),
-                "CILIA_ID_HEALTH" => CILIA_ID_HEALTH.into(),
-                "CILIA_ID_INIT" => CILIA_ID_INIT.into(),
-                "CILIA_ID_REMOTE_NODE" => CILIA_ID_REMOTE_NODE.into(),
-                "CILIA_ID_ENFORCEMENT" => CILIA_ID_ENFORCEMENT.into(),
-                "CILIA_IPCACHE_MAX" => CILIA_IPCACHE_MAX.into(),
-                "CILIA_POLICY_MAX" => CILIA_POLICY_MAX.into(),
-                "CILIA_POLICY_ENDPOINTS_MAX" => CILIA_POLICY_ENDPOINTS_MAX.into(),
-                "CILIA_CT_MAX" => CILIA_CT_MAX.into(),
-                "CILIA_METRICS_MAX" => CILIA_METRICS_MAX.into(),
-                "CILIA_VERDICT_ALLOW" => CILIA_VERDICT_ALLOW.into(),
-                "CILIA_VERDICT_DENY" => CILIA_VERDICT_DENY.into(),
-                "CILIA_CT_SEEN_REPLY" => CILIA_CT_SEEN_REPLY.into(),
-                "CILIA_CT_CLOSING" => CILIA_CT_CLOSING.into(),
-                "CILIA_CT_DENIED" => CILIA_CT_DENIED.into(),
-                "CILIA_MATCH_NONE" => CILIA_MATCH_NONE.into(),
-                "CILIA_MATCH_L3" => CILIA_MATCH_L3.into(),
-                "CILIA_MATCH_PROTO" => CILIA_MATCH_PROTO.into(),
-                "CILIA_MATCH_PORT" => CILIA_MATCH_PORT.into(),
-                "CILIA_ENFORCE" => CILIA_ENFORCE.into(),
-                "CILIA_ENFORCE_AUDIT" => CILIA_ENFORCE_AUDIT.into(),
-                "CILIA_MONITOR_OFF" => CILIA_MONITOR_OFF.into(),
-                "CILIA_MONITOR_DROPS" => CILIA_MONITOR_DROPS.into(),
-                "CILIA_MONITOR_TRACE" => CILIA_MONITOR_TRACE.into(),
-                "CILIA_MONITOR_DEBUG" => CILIA_MONITOR_DEBUG.into(),
-                "CILIA_EVENT_DEBUG" => CILIA_EVENT_DEBUG.into(),
-                "CILIA_CT_STATE_NEW" => CILIA_CT_STATE_NEW.into(),
-                "CILIA_CT_STATE_ESTABLISHED" => CILIA_CT_STATE_ESTABLISHED.into(),
-                "CILIA_CT_STATE_REPLY" => CILIA_CT_STATE_REPLY.into(),
-                "CILIA_CT_STATE_RELATED" => CILIA_CT_STATE_RELATED.into(),
-                "CILIA_CT_STATE_REVOKED" => CILIA_CT_STATE_REVOKED.into(),
-                "CILIA_EVENTS_SIZE" => CILIA_EVENTS_SIZE.into(),
-                "CILIA_EVENT_CAPLEN" => CILIA_EVENT_CAPLEN as u64,
-                "CILIA_EVENT_DROP" => CILIA_EVENT_DROP.into(),
-                "CILIA_EVENT_TRACE" => CILIA_EVENT_TRACE.into(),
-                "CILIA_EVENT_POLICY_VERDICT" => CILIA_EVENT_POLICY_VERDICT.into(),
-                "CILIA_VERDICT_AUDIT" => CILIA_VERDICT_AUDIT.into(),
-                "CILIA_METRIC_LOST" => CILIA_METRIC_LOST.into(),
-                "CILIA_CT_TCP_TIMEOUT" => CILIA_CT_TCP_TIMEOUT.into(),
-                "CILIA_CT_TCP_SYN_TIMEOUT" => CILIA_CT_TCP_SYN_TIMEOUT.into(),
-                "CILIA_CT_TCP_CLOSE" => CILIA_CT_TCP_CLOSE.into(),
-                "CILIA_CT_OTHER_TIMEOUT" => CILIA_CT_OTHER_TIMEOUT.into(),
-                other => panic!("abi.h defines {other} but the Rust mirror does not"),
+            let Some((_, rust)) = RUST_CONSTANTS.iter().find(|(n, _)| n == name) else {
+                panic!("abi.h defines {name} but the Rust mirror does not");
             };
-            assert_eq!(rust, *c, "{name}: Rust and abi.h disagree");
+            assert_eq!(rust, c, "{name}: Rust and abi.h disagree");
         }
     }
 
-    /// The other direction: every `CILIA_*` constant of the Rust mirror is
-    /// defined in abi.h, so the datapath cannot lack what userspace assumes.
+    /// Rust → abi.h: every generated constant is a macro of the C header, so
+    /// the datapath cannot lack what userspace assumes.
     #[test]
     fn every_rust_constant_is_defined_in_the_c_header() {
-        let source = include_str!("lib.rs");
-        let c_names: std::collections::HashSet<&str> =
-            C_CONSTANTS.iter().map(|(name, _)| *name).collect();
-        let mut checked = 0;
-        for line in source.lines() {
-            let Some(rest) = line.trim_start().strip_prefix("pub const CILIA_") else {
-                continue;
-            };
-            let name = std::format!("CILIA_{}", rest.split(':').next().unwrap_or_default());
+        for (name, _) in RUST_CONSTANTS {
             assert!(
-                c_names.contains(name.as_str()),
+                C_CONSTANTS.iter().any(|(n, _)| n == name),
                 "the Rust mirror defines {name} but abi.h does not"
             );
-            checked += 1;
         }
         assert!(
-            checked > 50,
-            "found only {checked} constants: parser broken?"
+            RUST_CONSTANTS.len() > 50,
+            "only {} constants generated: parser broken?",
+            RUST_CONSTANTS.len()
         );
+    }
+
+    /// A hand-written copy could drift from the header: the constants come
+    /// only from the generated file.
+    #[test]
+    fn no_abi_constant_is_hand_written() {
+        for (file, source) in [
+            ("lib.rs", include_str!("lib.rs")),
+            ("rows.rs", include_str!("rows.rs")),
+        ] {
+            for line in source.lines() {
+                assert!(
+                    !line
+                        .trim_start()
+                        .starts_with(concat!("pub const ", "CILIA_")),
+                    "{file} hand-writes an abi.h constant: {line}"
+                );
+            }
+        }
+    }
+
+    /// What `build.rs` accepts and refuses when it generates the constants.
+    mod generator {
+        use crate::generator as consts;
+        use consts::{generate, parse};
+
+        fn only(header: &str) -> consts::Define {
+            let mut defines = parse(header).expect("header parses");
+            assert_eq!(defines.len(), 1, "one define expected");
+            defines.remove(0)
+        }
+
+        #[test]
+        fn hex_suffixed_and_parenthesized_literals_are_read() {
+            for (text, value) in [
+                ("42", 42),
+                ("0xffffffff", 0xffff_ffff),
+                ("0X10U", 16),
+                ("(65536UL)", 65536),
+                ("( (7) )", 7),
+                ("0", 0),
+            ] {
+                let d = only(&std::format!("#define CILIA_ID_X {text}\n"));
+                assert_eq!(d.value, value, "{text}");
+            }
+        }
+
+        #[test]
+        fn type_rules_pick_by_name_first_match_wins() {
+            for (name, ty) in [
+                ("CILIA_CT_MAX", "u32"),
+                ("CILIA_CT_STATE_NEW", "u8"),
+                ("CILIA_CT_TCP_CLOSE", "u32"),
+                ("CILIA_CT_DENIED", "u16"),
+                ("CILIA_EVENT_CAPLEN", "usize"),
+                ("CILIA_EVENTS_SIZE", "u32"),
+                ("CILIA_FRAG_TIMEOUT", "u64"),
+                ("CILIA_ENFORCE", "u8"),
+                ("CILIA_MONITOR_OFF", "u32"),
+            ] {
+                assert_eq!(consts::rust_type(name), Some(ty), "{name}");
+            }
+        }
+
+        #[test]
+        fn a_define_no_type_rule_covers_fails_naming_it() {
+            let err = parse("#define CILIA_NEW_THING 3\n").err().expect("refused");
+            assert!(err.contains("CILIA_NEW_THING"), "{err}");
+            assert!(err.contains("no type rule"), "{err}");
+        }
+
+        #[test]
+        fn a_define_with_a_non_literal_value_fails_naming_it() {
+            for value in ["(1 << 22)", "CILIA_ID_HOST", "-1", "010", "1.5", ""] {
+                let header = std::format!("#define CILIA_ID_X {value}\n");
+                let err = parse(&header).err().expect("refused");
+                assert!(err.contains("CILIA_ID_X"), "{value}: {err}");
+                assert!(err.contains("not an integer literal"), "{value}: {err}");
+            }
+        }
+
+        #[test]
+        fn a_function_like_define_fails_naming_it() {
+            let err = parse("#define CILIA_ID_X(a) 1\n").err().expect("refused");
+            assert!(err.contains("CILIA_ID_X"), "{err}");
+        }
+
+        #[test]
+        fn a_value_too_big_for_its_type_fails_naming_it() {
+            let err = parse("#define CILIA_DROP_X 256\n").err().expect("refused");
+            assert!(err.contains("CILIA_DROP_X") && err.contains("u8"), "{err}");
+        }
+
+        #[test]
+        fn the_include_guard_and_other_macros_are_not_constants() {
+            let defines = parse("#ifndef CILIA_ABI_H\n#define CILIA_ABI_H\n#define OTHER 1\n")
+                .expect("header parses");
+            assert!(defines.is_empty());
+        }
+
+        #[test]
+        fn the_comment_on_the_line_and_above_the_group_become_docs() {
+            let header = "/* Drop reasons (kind CILIA_METRIC_DROP).\n * Never reuse. */\n\
+                          #define CILIA_DROP_A 1 /* first [a] */\n\
+                          #define CILIA_DROP_B 2\n\
+                          \n\
+                          #define CILIA_DROP_C 3\n";
+            let defines = parse(header).expect("header parses");
+            let group = ["Drop reasons (kind `CILIA_METRIC_DROP`).", "Never reuse."];
+            assert_eq!(defines[0].doc, ["first \\[a\\]", "", group[0], group[1]]);
+            assert_eq!(defines[1].doc, group);
+            assert!(defines[2].doc.is_empty(), "a blank line ends the group");
+        }
+
+        #[test]
+        fn generated_source_documents_and_types_each_constant() {
+            let rust = generate("/* Capacity. */\n#define CILIA_CT_MAX 0x10\n").expect("ok");
+            assert!(rust.contains("/// Capacity.\n"), "{rust}");
+            assert!(
+                rust.contains("pub const CILIA_CT_MAX: u32 = 16;\n"),
+                "{rust}"
+            );
+        }
+
+        #[test]
+        fn the_real_header_generates() {
+            let header = include_str!("../../../bpf/include/cilia/abi.h");
+            assert_eq!(parse(header).expect("abi.h parses").len(), RUST_LEN);
+        }
+        const RUST_LEN: usize = super::RUST_CONSTANTS.len();
     }
 
     /// The docs quote datapath figures as `` `CILIA_NAME` (value) ``; the
