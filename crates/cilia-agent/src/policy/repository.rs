@@ -203,9 +203,17 @@ pub struct PolicyState {
     pub(crate) node_addrs: std::collections::BTreeSet<IpAddr>,
     /// Map capacities policy changes are checked against.
     pub(crate) limits: policy::Limits,
+    /// The identities `repository` was last given (see `sync_repository`).
+    synced: Option<Synced>,
     /// What readers (status, the monitor's names, `bpf policy get`) see of
     /// this state, replaced after every change, so they never wait for it.
     pub(crate) summary: tokio::sync::watch::Sender<Arc<PolicySummary>>,
+}
+
+/// Identities as last given to the repository.
+struct Synced {
+    labels: BTreeMap<u32, Labels>,
+    cidrs: BTreeMap<ipnet::IpNet, u32>,
 }
 
 /// The readers' view of the policy subsystem (see [`PolicyState::summary`]).
@@ -242,6 +250,7 @@ impl PolicyState {
             metrics: crate::metrics::AgentMetrics::default(),
             node_addrs: std::collections::BTreeSet::new(),
             limits: policy::Limits::default(),
+            synced: None,
             summary: tokio::sync::watch::Sender::new(Arc::default()),
         }
     }
@@ -307,12 +316,108 @@ impl PolicyState {
             .collect()
     }
 
-    /// Brings the incremental repository up to `policy_docs` and the given
-    /// identities (cheap when little changed).
-    fn sync_repository(&mut self, cache: IdentityCache) {
+    /// Brings the incremental repository up to `policy_docs` and the
+    /// identities: the labelled ones (reserved and endpoint identities, a
+    /// few) and the CIDR identities `cidr_ids`. Only what changed since the
+    /// last sync is given to it (`synced`), so the cost follows the change,
+    /// not the number of CIDR identities.
+    fn sync_repository(
+        &mut self,
+        cidr_ids: &BTreeMap<ipnet::IpNet, u32>,
+    ) -> Result<(), EndpointError> {
         self.repository
             .set_policies(self.policy_docs.iter().map(|(k, (_, p))| (k.as_str(), p)));
-        self.repository.set_identities(cache);
+        let labels = self.labelled_identities()?;
+        match self.synced.take() {
+            None => {
+                let mut cache = IdentityCache::new();
+                for (id, l) in &labels {
+                    cache.insert_labels(*id, l.clone());
+                }
+                for (prefix, id) in cidr_ids {
+                    cache.insert_cidr(*id, *prefix);
+                }
+                self.repository.set_identities(cache);
+            }
+            Some(mut synced) => {
+                let mut label_changes = Vec::new();
+                for (id, l) in &labels {
+                    if synced.labels.get(id) != Some(l) {
+                        label_changes.push((*id, Some(l.clone())));
+                    }
+                }
+                for id in synced.labels.keys().filter(|id| !labels.contains_key(id)) {
+                    label_changes.push((*id, None));
+                }
+                // One walk of both sorted maps.
+                let mut cidr_changes = Vec::new();
+                let (mut was, mut is) =
+                    (synced.cidrs.iter().peekable(), cidr_ids.iter().peekable());
+                loop {
+                    match (was.peek(), is.peek()) {
+                        (None, None) => break,
+                        (Some((p, id)), None) => {
+                            cidr_changes.push((**id, None, **p));
+                            was.next();
+                        }
+                        (None, Some((p, id))) => {
+                            cidr_changes.push((**id, Some(**p), **p));
+                            is.next();
+                        }
+                        (Some((p, old)), Some((q, new))) => match p.cmp(q) {
+                            std::cmp::Ordering::Less => {
+                                cidr_changes.push((**old, None, **p));
+                                was.next();
+                            }
+                            std::cmp::Ordering::Greater => {
+                                cidr_changes.push((**new, Some(**q), **q));
+                                is.next();
+                            }
+                            std::cmp::Ordering::Equal => {
+                                if old != new {
+                                    cidr_changes.push((**old, None, **p));
+                                    cidr_changes.push((**new, Some(**q), **q));
+                                }
+                                was.next();
+                                is.next();
+                            }
+                        },
+                    }
+                }
+                // Removals first: an id may move from one prefix to another.
+                cidr_changes.sort_by_key(|(_, to, _)| to.is_some());
+                for (id, to, prefix) in &cidr_changes {
+                    match to {
+                        Some(_) => synced.cidrs.insert(*prefix, *id),
+                        None => synced.cidrs.remove(prefix),
+                    };
+                }
+                self.repository.change_identities(
+                    label_changes,
+                    cidr_changes.into_iter().map(|(id, to, _)| (id, to)),
+                );
+                synced.labels = labels;
+                self.synced = Some(synced);
+                return Ok(());
+            }
+        }
+        self.synced = Some(Synced {
+            labels,
+            cidrs: cidr_ids.clone(),
+        });
+        Ok(())
+    }
+
+    /// The reserved identities and the endpoints' identities, with their labels.
+    fn labelled_identities(&self) -> Result<BTreeMap<u32, Labels>, EndpointError> {
+        let mut out: BTreeMap<u32, Labels> = RESERVED
+            .iter()
+            .map(|(id, name)| (*id, Labels::from_pairs([(format!("reserved:{name}"), "")])))
+            .collect();
+        for (id, labels) in self.store.identities()? {
+            out.insert(id, Labels(labels));
+        }
+        Ok(out)
     }
 
     /// Forgets what every map was programmed from, so the next
@@ -383,9 +488,11 @@ impl PolicyState {
     /// Resolves and programs one endpoint's policy map, whole (its map
     /// may be new, or gone with a detached program).
     pub(crate) fn apply_policy(&mut self, rec: &EndpointRecord) -> Result<(), EndpointError> {
-        let cache = self.identity_cache()?;
         let namespaces = self.store.namespaces()?;
-        self.sync_repository(cache);
+        let cidr_ids = std::mem::take(&mut self.cidr_ids);
+        let synced = self.sync_repository(&cidr_ids);
+        self.cidr_ids = cidr_ids;
+        synced?;
         let basis = self.endpoint_basis(rec, &namespaces);
         self.programmed.remove(&rec.id);
         let programmed = match self.plan_endpoint(rec, basis, &mut Vec::new()) {
@@ -556,9 +663,8 @@ impl PolicyState {
             }
             .into());
         }
-        let cache = self.identity_cache_with(&cidr_ids)?;
         let namespaces = self.store.namespaces()?;
-        self.sync_repository(cache);
+        self.sync_repository(&cidr_ids)?;
         let mut endpoints = Vec::new();
         let mut moved = Vec::new();
         for rec in self.store.endpoints()? {
