@@ -1,0 +1,107 @@
+//! Observed traffic for `cilia observe` and `cilia monitor`: recent flows
+//! from the monitor's ring and live events, both as NDJSON streams
+//! (`/v1/flows`, `/v1/monitor`).
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::Shared;
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub(super) struct StreamQuery {
+    /// Only the last N matching flows of the ring (before following).
+    last: Option<usize>,
+    /// Keep the stream open and send new flows as they happen.
+    #[serde(default)]
+    follow: bool,
+}
+
+fn ndjson_line(item: &cilia_api::StreamItem) -> Result<Bytes, std::convert::Infallible> {
+    let mut line = serde_json::to_vec(item).unwrap_or_default();
+    line.push(b'\n');
+    Ok(Bytes::from(line))
+}
+
+/// Live flows matching `filter`, as NDJSON lines; `lost` lines when the
+/// listener fell behind. The guard keeps the datapath's event level up for
+/// as long as the stream lives.
+fn live_stream(
+    state: &Shared,
+    filter: cilia_api::flows::FlowFilter,
+    backlog: Vec<crate::monitor::FlowRef>,
+) -> axum::body::Body {
+    use futures_util::StreamExt;
+    use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+    let (rx, guard) = state
+        .monitor
+        .subscribe(filter.wants_traces(), filter.wants_debug());
+    let backlog = futures_util::stream::iter(
+        backlog
+            .into_iter()
+            .map(|f| ndjson_line(&cilia_api::StreamItem::Flow(Box::new((*f).clone())))),
+    );
+    let live = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |item| {
+        let _keep = &guard;
+        let line = match item {
+            Ok(flow) if filter.matches(&flow) => Some(ndjson_line(&cilia_api::StreamItem::Flow(
+                Box::new((*flow).clone()),
+            ))),
+            Ok(_) => None,
+            Err(BroadcastStreamRecvError::Lagged(n)) => {
+                Some(ndjson_line(&cilia_api::StreamItem::Lost { lost: n }))
+            }
+        };
+        std::future::ready(line)
+    });
+    axum::body::Body::from_stream(backlog.chain(live))
+}
+
+fn ndjson(body: axum::body::Body) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        body,
+    )
+        .into_response()
+}
+
+#[utoipa::path(get, path = "/v1/flows", params(cilia_api::flows::FlowFilter, StreamQuery),
+    responses((status = 200, description = "NDJSON: one Flow (or {\"lost\": n}) per line", body = Vec<cilia_api::Flow>)))]
+pub(super) async fn flows(
+    State(state): State<Shared>,
+    Query(filter): Query<cilia_api::flows::FlowFilter>,
+    Query(q): Query<StreamQuery>,
+) -> Response {
+    let mut recent: Vec<_> = state
+        .monitor
+        .recent()
+        .into_iter()
+        .filter(|f| filter.matches(f))
+        .collect();
+    if let Some(n) = q.last {
+        let skip = recent.len().saturating_sub(n);
+        recent.drain(..skip);
+    }
+    if q.follow {
+        return ndjson(live_stream(&state, filter, recent));
+    }
+    let body: Vec<u8> = recent
+        .into_iter()
+        .flat_map(|f| {
+            ndjson_line(&cilia_api::StreamItem::Flow(Box::new((*f).clone())))
+                .map(|b| b.to_vec())
+                .unwrap_or_default()
+        })
+        .collect();
+    ndjson(axum::body::Body::from(body))
+}
+
+#[utoipa::path(get, path = "/v1/monitor", params(cilia_api::flows::FlowFilter),
+    responses((status = 200, description = "NDJSON stream of live events while connected", body = Vec<cilia_api::Flow>)))]
+pub(super) async fn monitor_stream(
+    State(state): State<Shared>,
+    Query(filter): Query<cilia_api::flows::FlowFilter>,
+) -> Response {
+    ndjson(live_stream(&state, filter, Vec::new()))
+}

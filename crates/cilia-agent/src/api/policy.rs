@@ -1,0 +1,199 @@
+//! Policy as users manage and question it: import, list and delete policy
+//! documents, trace a flow, list identities and namespace labels
+//! (`/v1/policy`, `/v1/identities`, `/v1/namespaces`).
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use cilia_api::{
+    ApiError, Identity, Namespace, PolicyChange, PolicyDocument, PolicyImport, PolicyList,
+    TraceRequest, TraceResponse, TraceStep,
+};
+use serde::Deserialize;
+
+use super::{bad_request, json_body, with_endpoints, with_policy, AppError, Shared};
+
+#[utoipa::path(post, path = "/v1/policy", request_body = PolicyImport,
+    responses((status = 200, body = PolicyChange), (status = 400, body = ApiError, description = "invalid policy: file, document, field and reason, or a policy limit passed"),
+        (status = 413, body = ApiError, description = "body over MAX_BODY_BYTES (8 MiB), code body-too-large")))]
+pub(super) async fn import_policy(
+    State(state): State<Shared>,
+    body: Bytes,
+) -> Result<Json<PolicyChange>, AppError> {
+    let req: PolicyImport = json_body(&body)?;
+    with_policy(&state, move |policy| {
+        policy.import_policies(&req.source, &req.yaml)
+    })
+    .await
+    .map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/policy", responses((status = 200, body = PolicyList)))]
+pub(super) async fn get_policy(State(state): State<Shared>) -> Result<Json<PolicyList>, AppError> {
+    with_policy(&state, |mgr| {
+        Ok(PolicyList {
+            revision: mgr.policy_revision()?,
+            policies: mgr
+                .policy_documents()
+                .into_iter()
+                .map(|p| PolicyDocument {
+                    kind: p.kind,
+                    namespace: p.namespace,
+                    name: p.name,
+                    yaml: p.yaml,
+                })
+                .collect(),
+            errors: mgr.policy_errors().to_vec(),
+        })
+    })
+    .await
+    .map(Json)
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub(super) struct PolicyDeleteQuery {
+    /// Policy name (all kinds and namespaces unless `namespace` is given).
+    name: Option<String>,
+    namespace: Option<String>,
+    /// Delete every policy.
+    #[serde(default)]
+    all: bool,
+}
+
+#[utoipa::path(delete, path = "/v1/policy", params(PolicyDeleteQuery),
+    responses((status = 200, body = PolicyChange), (status = 404, body = ApiError)))]
+pub(super) async fn delete_policy(
+    State(state): State<Shared>,
+    Query(q): Query<PolicyDeleteQuery>,
+) -> Result<Json<PolicyChange>, AppError> {
+    if q.name.is_none() && !q.all {
+        return Err(bad_request(
+            "invalid-request",
+            "give a policy name or all=true",
+        ));
+    }
+    with_policy(&state, move |mgr| {
+        let (revision, policies) =
+            mgr.delete_policies(q.name.as_deref(), q.namespace.as_deref())?;
+        Ok(PolicyChange {
+            revision,
+            policies,
+            ..Default::default()
+        })
+    })
+    .await
+    .map(Json)
+}
+
+fn verdict_name(v: cilia_policy::Verdict) -> String {
+    match v {
+        cilia_policy::Verdict::Allow => "ALLOWED".into(),
+        cilia_policy::Verdict::Deny => "DENIED".into(),
+    }
+}
+
+#[utoipa::path(post, path = "/v1/policy/trace", request_body = TraceRequest,
+    responses((status = 200, body = TraceResponse), (status = 400, body = ApiError)))]
+pub(super) async fn trace_policy(
+    State(state): State<Shared>,
+    body: Bytes,
+) -> Result<Json<TraceResponse>, AppError> {
+    let req: TraceRequest = json_body(&body)?;
+    let (port, proto) =
+        cilia_api::parse_port_proto(&req.dport).map_err(|e| bad_request("invalid-trace", e))?;
+    with_policy(&state, move |mgr| {
+        let t = mgr.trace(&req.src, &req.dst, proto, port, req.datapath)?;
+        Ok(TraceResponse {
+            src: t.src.description.clone(),
+            src_identity: t.src.identity,
+            dst: t.dst.description.clone(),
+            dst_identity: t.dst.identity,
+            verdict: verdict_name(t.verdict),
+            steps: t
+                .steps
+                .iter()
+                .map(|s| TraceStep {
+                    direction: match s.direction {
+                        cilia_policy::Direction::Ingress => "ingress".into(),
+                        cilia_policy::Direction::Egress => "egress".into(),
+                    },
+                    subject: s.subject.clone(),
+                    verdict: verdict_name(s.verdict),
+                    reason: s.reason.clone(),
+                    rules: s.rules.clone(),
+                })
+                .collect(),
+            datapath: t.datapath.map(|v| {
+                if v == cilia_datapath::testrun::TC_ACT_SHOT {
+                    "DENIED"
+                } else {
+                    "ALLOWED"
+                }
+                .into()
+            }),
+        })
+    })
+    .await
+    .map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/identities", responses((status = 200, body = Vec<Identity>)))]
+pub(super) async fn list_identities(
+    State(state): State<Shared>,
+) -> Result<Json<Vec<Identity>>, AppError> {
+    with_policy(&state, |mgr| mgr.identities()).await.map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/identities/{id}", params(("id" = u32, Path)),
+    responses((status = 200, body = Identity), (status = 404, body = ApiError)))]
+pub(super) async fn get_identity(
+    State(state): State<Shared>,
+    Path(id): Path<u32>,
+) -> Result<Json<Identity>, AppError> {
+    let all = with_policy(&state, |mgr| mgr.identities()).await?;
+    all.into_iter()
+        .find(|i| i.id == id)
+        .map(Json)
+        .ok_or_else(|| {
+            AppError::new(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                format!("identity {id} not found"),
+            )
+        })
+}
+
+#[utoipa::path(get, path = "/v1/namespaces", responses((status = 200, body = Vec<Namespace>)))]
+pub(super) async fn list_namespaces(
+    State(state): State<Shared>,
+) -> Result<Json<Vec<Namespace>>, AppError> {
+    with_policy(&state, |mgr| {
+        Ok(mgr
+            .namespaces()?
+            .into_iter()
+            .map(|(name, labels)| Namespace { name, labels })
+            .collect())
+    })
+    .await
+    .map(Json)
+}
+
+#[utoipa::path(put, path = "/v1/namespaces/{name}", params(("name" = String, Path)), request_body = Namespace,
+    responses((status = 200, body = Namespace), (status = 400, body = ApiError)))]
+pub(super) async fn set_namespace(
+    State(state): State<Shared>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<Namespace>, AppError> {
+    let req: Namespace = json_body(&body)?;
+    with_endpoints(&state, move |mgr| {
+        mgr.set_namespace(&name, &req.labels)?;
+        Ok(Namespace {
+            name,
+            labels: req.labels,
+        })
+    })
+    .await
+    .map(Json)
+}

@@ -1,0 +1,196 @@
+//! What an operator or a probe asks first: is the agent serving, and how
+//! are its endpoints, policy, monitor, conntrack and maps doing (`/v1/status`,
+//! `/v1/healthz`). Reads only: the store, a metrics scrape and the published
+//! policy summary, never a subsystem's lock.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use cilia_api::{EndpointState, IpamStatus, KernelFeature, PoolStatus, Status};
+
+use super::{with_store, AppError, Shared};
+use crate::ipam::Pool;
+use crate::policy::repository::PolicySummary;
+use crate::store::EndpointRecord;
+
+fn pool_status(pool: &Pool, used: &std::collections::BTreeSet<std::net::IpAddr>) -> PoolStatus {
+    PoolStatus {
+        range: pool.range().to_string(),
+        router: pool.router().to_string(),
+        used: pool.used(used),
+        capacity: pool.capacity(),
+    }
+}
+
+#[utoipa::path(get, path = "/v1/status", responses((status = 200, body = Status)))]
+pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, AppError> {
+    let features = state.features.clone();
+    let (state_dir, bpf_root) = (state.state_dir.clone(), state.bpf_root.clone());
+    let monitor_level = state.monitor.wanted_level();
+    let flows = state.monitor.recent().len();
+    let s = state.clone();
+    let snap =
+        tokio::task::spawn_blocking(move || crate::metrics::scrape(&s.store, s.datapath.as_ref()))
+            .await
+            .map_err(|e| {
+                AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            })??;
+    let summary = state.policy_summary.borrow().clone();
+    let pools = state.pools.clone();
+    let ct_gc_runs = state.metrics.ct_gc_runs.get();
+    with_store(&state, move |store| {
+        let endpoints = store.endpoints()?;
+        let used = store.allocated()?;
+        let not_ready = endpoints
+            .iter()
+            .filter(|e| e.state != EndpointState::Ready)
+            .count();
+        Ok(Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            health: if not_ready == 0 { "ok" } else { "degraded" }.into(),
+            kernel: features.kernel.clone(),
+            features: features
+                .features
+                .iter()
+                .map(|f| KernelFeature {
+                    name: f.name.into(),
+                    present: f.present,
+                    required: f.required,
+                    detail: f.detail.clone(),
+                })
+                .collect(),
+            endpoints: endpoints.len(),
+            endpoints_not_ready: not_ready,
+            ipam: IpamStatus {
+                ipv6: pool_status(&pools.v6, &used),
+                ipv4: pools.v4.as_ref().map(|p| pool_status(p, &used)),
+            },
+            state_dir,
+            bpf_root,
+            policy_revision: store.policy_revision()?,
+            policies: summary.documents,
+            policy_errors: summary.errors.clone(),
+            subsystems: subsystems(
+                &summary,
+                ct_gc_runs,
+                &endpoints,
+                &snap,
+                monitor_level,
+                flows,
+            ),
+            maps: snap
+                .map_fill
+                .iter()
+                .map(|(map, entries, capacity)| cilia_api::MapPressure {
+                    map: map.clone(),
+                    entries: *entries,
+                    capacity: *capacity,
+                })
+                .collect(),
+        })
+    })
+    .await
+    .map(Json)
+}
+
+fn subsystems(
+    policy: &PolicySummary,
+    ct_gc_runs: u64,
+    endpoints: &[EndpointRecord],
+    snap: &crate::metrics::Snapshot,
+    monitor_level: u32,
+    flows: usize,
+) -> Vec<cilia_api::SubsystemStatus> {
+    let sub =
+        |name: &str, ok: bool, detail: String, errors: Vec<String>| cilia_api::SubsystemStatus {
+            name: name.into(),
+            status: if ok { "ok" } else { "degraded" }.into(),
+            detail,
+            errors,
+        };
+    let not_ready: Vec<String> = endpoints
+        .iter()
+        .filter(|e| e.state != EndpointState::Ready)
+        .map(|e| {
+            format!(
+                "endpoint {}: {}",
+                e.id,
+                e.reason.as_deref().unwrap_or("not ready")
+            )
+        })
+        .collect();
+    let pending = endpoints
+        .iter()
+        .filter(|e| e.label_source.is_some())
+        .count();
+    let lost: u64 = snap
+        .datapath
+        .iter()
+        .filter(|(kind, ..)| *kind == cilia_abi::CILIA_METRIC_LOST)
+        .map(|(_, _, _, packets, _)| packets)
+        .sum();
+    let full: Vec<String> = snap
+        .map_fill
+        .iter()
+        .filter(|(_, e, c)| *c > 0 && *e * 10 >= *c * 9)
+        .map(|(m, e, c)| format!("map {m} is {e}/{c} full"))
+        .collect();
+    let level = match monitor_level {
+        cilia_abi::CILIA_MONITOR_OFF => "off",
+        cilia_abi::CILIA_MONITOR_DROPS => "drops and policy verdicts",
+        _ => "drops, policy verdicts and traces",
+    };
+    vec![
+        sub(
+            "endpoints",
+            not_ready.is_empty(),
+            format!(
+                "{} endpoints, {} not ready",
+                endpoints.len(),
+                not_ready.len()
+            ),
+            not_ready,
+        ),
+        sub(
+            "policy",
+            policy.errors.is_empty(),
+            format!(
+                "{} policies, revision {}",
+                policy.documents, snap.policy_revision
+            ),
+            policy.errors.clone(),
+        ),
+        sub(
+            "labels",
+            true,
+            format!("{pending} endpoints waiting for runtime labels (init identity)"),
+            vec![],
+        ),
+        sub(
+            "monitor",
+            lost == 0,
+            format!("events: {level}; {flows} flows buffered; {lost} events lost"),
+            vec![],
+        ),
+        sub(
+            "conntrack",
+            true,
+            format!(
+                "{} live entries at the last GC; {} GC runs",
+                snap.conntrack_entries, ct_gc_runs
+            ),
+            vec![],
+        ),
+        sub(
+            "bpf-maps",
+            full.is_empty(),
+            format!("{} maps", snap.map_fill.len()),
+            full,
+        ),
+    ]
+}
+
+#[utoipa::path(get, path = "/v1/healthz", responses((status = 200, description = "agent is serving")))]
+pub(super) async fn healthz() -> &'static str {
+    "ok"
+}
