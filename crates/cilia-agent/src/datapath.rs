@@ -122,7 +122,7 @@ mod tests {
             let policy = endpoint_policy(&resolution(), &mut cookies, audit);
             assert_eq!(policy.enforcement.audit, audit);
             assert_eq!(policy.entries.len(), resolution().entries.len());
-            let named: Vec<Option<&str>> = policy
+            let named: Vec<Option<String>> = policy
                 .entries
                 .iter()
                 .map(|e| cookies.name(e.rule))

@@ -197,10 +197,7 @@ pub(super) async fn bpf_policy(
                         cilia_abi::Verdict::Allow => "allow",
                     }
                     .into(),
-                    rule: rules
-                        .get(e.rule.wrapping_sub(1) as usize)
-                        .cloned()
-                        .unwrap_or_default(),
+                    rule: rules.name(e.rule).unwrap_or_default(),
                 })
                 .collect(),
         })

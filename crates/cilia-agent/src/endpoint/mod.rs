@@ -1688,7 +1688,7 @@ spec:
                 let named = entries
                     .iter()
                     .map(|(key, v)| {
-                        let rule = mgr.policy().rule_name(v.rule).map(String::from);
+                        let rule = mgr.policy().rule_name(v.rule);
                         (*key, (v.verdict, v.match_kind, rule))
                     })
                     .collect();

@@ -168,7 +168,7 @@ pub struct Names {
     /// Address -> endpoint id.
     pub addresses: HashMap<IpAddr, u16>,
     /// Rule names by cookie - 1.
-    pub rules: Vec<String>,
+    pub rules: crate::policy::RuleNames,
 }
 
 /// Where the reader gets its name snapshots from, and how it asks for a
@@ -302,8 +302,7 @@ fn decode(ev: &Event, enrich: &Names) -> Flow {
             } else {
                 enrich
                     .rules
-                    .get(ev.rule as usize - 1)
-                    .cloned()
+                    .name(ev.rule)
                     .unwrap_or_else(|| format!("rule #{}", ev.rule))
             }
         });

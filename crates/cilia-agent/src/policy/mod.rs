@@ -167,6 +167,48 @@ pub fn closed_resolution() -> ResolvedPolicy {
     }
 }
 
+/// The rule names behind the cookies, shared between the policy subsystem
+/// (which adds them) and readers (the monitor, `bpf policy get`). Names are
+/// only ever appended, so sharing costs a reader a short read lock per
+/// lookup instead of a copy of every name per policy change.
+#[derive(Debug, Clone, Default)]
+pub struct RuleNames(std::sync::Arc<std::sync::RwLock<Vec<String>>>);
+
+/// Two handles are equal when they share the list (or hold the same names).
+impl PartialEq for RuleNames {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0) || {
+            let a = self.0.read().unwrap_or_else(|p| p.into_inner());
+            let b = other.0.read().unwrap_or_else(|p| p.into_inner());
+            *a == *b
+        }
+    }
+}
+
+impl RuleNames {
+    /// The name of the rule a cookie stands for (cookies count from 1).
+    pub fn name(&self, cookie: u32) -> Option<String> {
+        let names = self.0.read().unwrap_or_else(|p| p.into_inner());
+        names.get((cookie as usize).checked_sub(1)?).cloned()
+    }
+
+    /// How many names there are: the largest cookie given.
+    pub fn len(&self) -> usize {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends a name; returns its cookie.
+    fn push(&self, name: String) -> u32 {
+        let mut names = self.0.write().unwrap_or_else(|p| p.into_inner());
+        names.push(name);
+        names.len() as u32
+    }
+}
+
 /// Stable rule cookies: every distinct rule gets a number once, for the
 /// agent's lifetime, so an event carrying a cookie names the same rule
 /// however many regenerations happen between the kernel writing it and the
@@ -174,7 +216,7 @@ pub fn closed_resolution() -> ResolvedPolicy {
 #[derive(Debug, Default)]
 pub struct RuleCookies {
     by_name: BTreeMap<String, u32>,
-    names: Vec<String>,
+    names: RuleNames,
     /// Cookies by rule reference, so a regeneration of many rules does not
     /// format every rule's name again.
     by_rule: std::collections::HashMap<RuleRef, u32>,
@@ -196,21 +238,19 @@ impl RuleCookies {
         if let Some(c) = self.by_name.get(rule) {
             return *c;
         }
-        self.names.push(rule.to_string());
-        let c = self.names.len() as u32;
+        let c = self.names.push(rule.to_string());
         self.by_name.insert(rule.to_string(), c);
         c
     }
 
     /// The rule a cookie stands for.
-    pub fn name(&self, cookie: u32) -> Option<&str> {
-        self.names
-            .get((cookie as usize).checked_sub(1)?)
-            .map(String::as_str)
+    pub fn name(&self, cookie: u32) -> Option<String> {
+        self.names.name(cookie)
     }
 
-    pub fn names(&self) -> &[String] {
-        &self.names
+    /// The names, shared: readers see names added later too.
+    pub fn names(&self) -> RuleNames {
+        self.names.clone()
     }
 }
 

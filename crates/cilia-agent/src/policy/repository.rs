@@ -223,8 +223,8 @@ pub struct PolicySummary {
     pub documents: usize,
     /// One line per stored policy that no longer parses.
     pub errors: Vec<String>,
-    /// Names of the rules behind policy map entries, by rule cookie minus one.
-    pub rule_names: Vec<String>,
+    /// Names of the rules behind policy map entries, by rule cookie.
+    pub rule_names: policy::RuleNames,
 }
 
 impl PolicyState {
@@ -265,7 +265,7 @@ impl PolicyState {
         let summary = PolicySummary {
             documents: self.policy_docs.len(),
             errors: self.policy_errors(),
-            rule_names: self.rule_cookies.names().to_vec(),
+            rule_names: self.rule_cookies.names(),
         };
         self.summary.send_replace(Arc::new(summary));
     }
@@ -442,14 +442,8 @@ impl PolicyState {
         self.policy_errors.iter().map(|b| b.describe()).collect()
     }
 
-    /// Names of the rules behind policy map entries, indexed by rule cookie
-    /// minus one.
-    pub fn rule_names(&self) -> Vec<String> {
-        self.rule_cookies.names().to_vec()
-    }
-
     /// The rule a policy map entry's cookie stands for.
-    pub fn rule_name(&self, cookie: u32) -> Option<&str> {
+    pub fn rule_name(&self, cookie: u32) -> Option<String> {
         self.rule_cookies.name(cookie)
     }
 
