@@ -928,6 +928,27 @@ mod tests {
     }
 
     #[test]
+    fn an_import_between_a_creates_policy_and_its_ready_record_reaches_the_new_endpoint() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        let pending = mgr.begin_create(request()).unwrap();
+        let id = pending.id();
+        let creating = mgr.get(id).unwrap();
+        // What `finish_create` does first, under the endpoints' lock: the
+        // endpoint's map is written while its record still says `creating`.
+        mgr.policy().apply_policy(&creating).unwrap();
+        let before = h.dp.state().policy[&id].len();
+        // An import takes only the policy's lock: it may run right here.
+        mgr.policy().import_policies("t.yaml", THREE_CIDRS).unwrap();
+        assert!(
+            h.dp.state().policy[&id].len() > before,
+            "the import programmed the endpoint being created"
+        );
+        let prepared = pending.prepare();
+        mgr.finish_create(pending, prepared).unwrap();
+    }
+
+    #[test]
     fn other_endpoints_are_created_and_listed_while_one_sets_up_its_devices() {
         let h = Harness::new();
         let manager = Mutex::new(h.manager());
