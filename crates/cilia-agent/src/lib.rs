@@ -264,9 +264,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             tokio::spawn(monitor::publish_names(snapshot, tx, refresh.clone()));
             let feed = monitor::NamesFeed { rx, refresh };
             // The monitor level lives in the config map beside the policy
-            // revision: it is written by the manager (one writer, so a level
-            // change never undoes a revision bump), from a task of its own,
-            // so the reader never waits for the manager's lock.
+            // revision; the datapath serializes the two read-modify-writes
+            // of that map (a level change never undoes a revision bump). It
+            // is set from a task of its own, so the reader never waits.
             let (level_tx, mut level_rx) = tokio::sync::watch::channel(u32::MAX);
             let s = state.clone();
             tokio::spawn(async move {
@@ -313,8 +313,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     });
     // Conntrack garbage collection: expired entries take room in a table
     // that never evicts, and only the recount after a GC gives endpoints
-    // their budget back; so it runs often. It runs on the readers' handle:
-    // endpoint create/delete never wait for it.
+    // their budget back; so it runs often. It holds only the conntrack
+    // map's lock inside the datapath: endpoint create/delete never wait.
     let gc_state = state.clone();
     let gc_metrics = agent_metrics.clone();
     tokio::spawn(async move {
@@ -342,8 +342,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             axum::routing::get(move || {
                 let (s, m) = (s.clone(), m.clone());
                 async move {
-                    // Store counts under the manager's lock (brief), the
-                    // map walks under the readers' handle only.
+                    // Store counts from a read transaction, map walks under
+                    // each map's own lock: no subsystem lock.
                     let snap = tokio::task::spawn_blocking(move || {
                         metrics::scrape(&s.store, s.datapath.as_ref())
                     })

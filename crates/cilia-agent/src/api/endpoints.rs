@@ -152,7 +152,7 @@ pub(super) async fn create_endpoint(
     body: Bytes,
 ) -> Result<(StatusCode, Json<Endpoint>), AppError> {
     let req: EndpointCreate = json_body(&body)?;
-    // Not `with_endpoints`: the create takes the manager's lock only for its
+    // Not `with_endpoints`: the create takes the endpoints' lock only for its
     // first and last phase (see `endpoint::create_unlocked`).
     let state = state.clone();
     let permit = state.creates.clone().acquire_owned().await.map_err(|e| {

@@ -13,7 +13,7 @@
 //!
 //! Create runs in three phases so that the slow part holds no lock (see
 //! docs/ARCHITECTURE.md, "Locking"): [`EndpointManager::begin_create`]
-//! (under the manager's lock: validate, allocate, record `creating`),
+//! (under the endpoints' lock: validate, allocate, record `creating`),
 //! [`PendingEndpoint::prepare`] (no lock: the endpoint's own devices over
 //! rtnetlink, and loading and verifying its specialized programs), and
 //! [`EndpointManager::finish_create`] (under the lock again: policy map,
@@ -147,7 +147,7 @@ impl PendingEndpoint {
         self.rec.id
     }
 
-    /// The slow part of a create, run without the manager's lock: it
+    /// The slow part of a create, run without the endpoints' lock: it
     /// touches only this endpoint's own devices (named after its id) and
     /// loads programs no one else sees yet. What it made is undone by
     /// [`EndpointManager::finish_create`] when it fails, and by restore
@@ -1143,9 +1143,9 @@ mod tests {
         assert_eq!(ipcache_identity(&h, &ep.ipv6.to_string()), None);
     }
 
-    /// Runs `walk` (which walks conntrack through the readers' handle) in
+    /// Runs `walk` (which walks conntrack through the datapath) in
     /// a thread and, while it is inside the walk, creates and deletes an
-    /// endpoint through the manager's lock.
+    /// endpoint through the endpoints' lock.
     fn endpoint_changes_during_a_conntrack_walk(
         operation: &'static str,
         walk: impl FnOnce(&Mutex<EndpointManager>, &dyn Datapath) + Send,
@@ -1162,7 +1162,7 @@ mod tests {
             );
             let mut mgr = manager
                 .try_lock()
-                .expect("the manager's lock is free during the walk");
+                .expect("the endpoints' lock is free during the walk");
             let ep = mgr.create(request()).unwrap();
             mgr.delete(ep.id).unwrap();
             drop(mgr);

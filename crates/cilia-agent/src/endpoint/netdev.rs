@@ -123,7 +123,7 @@ pub struct VethSpec {
 
 /// The operations on devices the endpoint manager needs; a trait so its
 /// bookkeeping is testable without root. Shared (`&self`, `Sync`): creating
-/// one endpoint's devices runs outside the endpoint manager's lock, beside
+/// one endpoint's devices runs outside the endpoints' lock, beside
 /// other endpoints' (each touches only its own devices).
 pub trait Netdev: Send + Sync {
     /// Creates and configures the pair; returns the host side's ifindex.

@@ -111,7 +111,7 @@ impl EndpointManager {
     }
 
     /// Deletes the endpoints `matches` selects (CNI DEL: a container's
-    /// attachment by interface and network), under the manager's lock, so
+    /// attachment by interface and network), under the endpoints' lock, so
     /// the selection and the deletion see the same endpoints; returns how
     /// many. None is not an error: CNI DEL is idempotent.
     pub fn delete_matching(

@@ -175,8 +175,8 @@ impl StorePart {
     }
 }
 
-/// One conntrack garbage collection through `maps`, counted in `m`; never
-/// touches the manager's lock.
+/// One conntrack garbage collection, counted in `m`; it holds only the
+/// conntrack map's own lock inside the datapath.
 pub fn collect_conntrack_garbage(
     dp: &dyn cilia_datapath::Datapath,
     m: &AgentMetrics,

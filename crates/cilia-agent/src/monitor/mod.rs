@@ -336,8 +336,8 @@ fn decode(ev: &Event, enrich: &Names) -> Flow {
 }
 
 /// Publishes name snapshots for the reader: every 250 ms, and at once when
-/// the reader asks. This task takes the endpoint manager's lock (briefly,
-/// off the async threads); the reader never does.
+/// the reader asks. This task reads the store and the policy summary (off
+/// the async threads); the reader never does.
 pub async fn publish_names(
     manager: Arc<dyn Fn() -> Option<Names> + Send + Sync>,
     tx: tokio::sync::watch::Sender<Arc<Names>>,
