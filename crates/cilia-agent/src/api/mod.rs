@@ -422,7 +422,126 @@ pub fn router(state: Shared, metrics: crate::metrics::AgentMetrics) -> Router {
 
 #[cfg(test)]
 mod tests {
+    use axum::extract::State;
+
     use super::*;
+
+    /// Devices nobody creates: the readers' test never sets one up.
+    struct NoDevices;
+
+    impl crate::endpoint::netdev::Netdev for NoDevices {
+        fn create(
+            &self,
+            _: &crate::endpoint::netdev::VethSpec,
+        ) -> Result<u32, crate::endpoint::netdev::NetdevError> {
+            unreachable!("no endpoint is created")
+        }
+        fn delete(&self, _: &str) -> Result<(), crate::endpoint::netdev::NetdevError> {
+            Ok(())
+        }
+        fn ifindex(&self, _: &str) -> Option<u32> {
+            None
+        }
+        fn node_addresses(
+            &self,
+        ) -> Result<Vec<std::net::IpAddr>, crate::endpoint::netdev::NetdevError> {
+            Ok(vec![])
+        }
+        fn ensure_router(
+            &self,
+            _: std::net::Ipv6Addr,
+            _: Option<std::net::Ipv4Addr>,
+        ) -> Result<(), crate::endpoint::netdev::NetdevError> {
+            Ok(())
+        }
+    }
+
+    /// An agent's shared state on the fake datapath and a fresh store.
+    fn agent_state(dir: &std::path::Path) -> Shared {
+        let datapath: crate::endpoint::DatapathHandle =
+            Arc::new(cilia_datapath::fake::FakeDatapath::new());
+        let pools = crate::endpoint::Pools {
+            v6: crate::ipam::Pool::new("fd00::/120".parse().unwrap()).unwrap(),
+            v4: None,
+        };
+        let manager = EndpointManager::new(
+            crate::store::Store::open(&dir.join("state.redb")).unwrap(),
+            datapath.clone(),
+            Box::new(NoDevices),
+            pools.clone(),
+        );
+        let metrics = crate::metrics::AgentMetrics::default();
+        let policy_summary = manager.policy().subscribe();
+        Arc::new(AgentState {
+            policy: manager.policy_handle(),
+            policy_summary,
+            store: manager.store.clone(),
+            endpoints: Mutex::new(manager),
+            pools,
+            datapath,
+            metrics: metrics.clone(),
+            creates: Arc::new(tokio::sync::Semaphore::new(1)),
+            monitor: crate::monitor::Monitor::new(16, metrics),
+            features: FeatureReport {
+                kernel: "test".into(),
+                features: vec![],
+            },
+            state_dir: dir.display().to_string(),
+            bpf_root: dir.display().to_string(),
+        })
+    }
+
+    /// `fut`'s output, or a panic naming `what` if it takes seconds: a read
+    /// that waits for a lock another thread holds never finishes.
+    async fn promptly<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(std::time::Duration::from_secs(5), fut)
+            .await
+            .unwrap_or_else(|_| panic!("{what} waited for a subsystem's lock"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_answer_while_a_change_holds_the_endpoints_and_policy_locks() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = agent_state(dir.path());
+        // A long regeneration and a create's bookkeeping, both at once.
+        let (held_tx, held) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let state = state.clone();
+            std::thread::spawn(move || {
+                let _endpoints = state.endpoints.lock().unwrap();
+                let _policy = state.policy.lock().unwrap();
+                held_tx.send(()).unwrap();
+                let _ = release_rx.recv_timeout(std::time::Duration::from_secs(30));
+            })
+        };
+        held.recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap();
+        let status = promptly("status", status::status(State(state.clone()))).await;
+        assert!(status.is_ok());
+        let query: endpoints::ContainerQuery = serde_json::from_str("{}").unwrap();
+        let list = promptly(
+            "endpoint list",
+            endpoints::list_endpoints(State(state.clone()), axum::extract::Query(query)),
+        )
+        .await;
+        assert!(list.is_ok());
+        let get = promptly(
+            "endpoint get",
+            endpoints::get_endpoint(State(state.clone()), axum::extract::Path(1)),
+        )
+        .await;
+        assert!(get.is_err(), "no endpoint 1: a 404, not a wait");
+        let scrape = {
+            let state = state.clone();
+            tokio::task::spawn_blocking(move || {
+                crate::metrics::scrape(&state.store, state.datapath.as_ref())
+            })
+        };
+        assert!(promptly("metrics scrape", scrape).await.unwrap().is_ok());
+        release.send(()).unwrap();
+        holder.join().unwrap();
+    }
 
     #[test]
     fn openapi_document_describes_every_route() {
