@@ -625,9 +625,11 @@ impl PolicyState {
     }
 
     /// Everything a regeneration will write, computed and checked before
-    /// anything is written: the CIDR identities (planned in an aborted
-    /// store transaction), the ipcache's room for them, and every
-    /// endpoint's map change. On an error nothing has changed.
+    /// anything is written: the CIDR identities that come and go (found
+    /// from the policies that changed, ids from `cidr_allocator`; at
+    /// start-up from the store's whole set), the ipcache's room for them,
+    /// and every endpoint's map change. On an error nothing has changed
+    /// (what the repository was given is undone by its next sync).
     fn plan(&mut self) -> Result<Plan, EndpointError> {
         let cidr = if self.ipcache_walked {
             // `cidr_ids`, `cidr_refs` and `cidr_allocator` mirror the store
