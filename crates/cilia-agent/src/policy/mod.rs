@@ -3,6 +3,7 @@
 //! the pure side it calls: imported YAML into stored documents and parsed
 //! policies, rule cookies, map capacity checks.
 
+pub mod cidr;
 pub mod repository;
 
 use std::collections::{BTreeMap, BTreeSet};

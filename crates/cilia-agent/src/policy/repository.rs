@@ -33,9 +33,10 @@ use std::sync::Arc;
 use crate::endpoint::netdev::Netdev;
 use crate::endpoint::{config_of, DatapathHandle, EndpointError, Pools};
 use crate::policy;
+use crate::policy::cidr::{CidrRefs, RefsDelta};
 use crate::store::{
-    security_labels, EndpointRecord, Store, StoredPolicy, DEFAULT_NAMESPACE, FIRST_CIDR_IDENTITY,
-    NAMESPACE_LABEL,
+    security_labels, CidrAllocator, CidrChange, EndpointRecord, Store, StoredPolicy,
+    DEFAULT_NAMESPACE, FIRST_CIDR_IDENTITY, NAMESPACE_LABEL,
 };
 
 /// Reserved identities and their label names.
@@ -144,13 +145,33 @@ struct PlannedEndpoint {
 
 /// A regeneration, computed and checked, not yet written.
 struct Plan {
-    prefixes: std::collections::BTreeSet<ipnet::IpNet>,
-    cidr_ids: BTreeMap<ipnet::IpNet, u32>,
+    cidr: CidrPlan,
     /// Live endpoints whose map changes.
     endpoints: Vec<PlannedEndpoint>,
     /// Endpoints whose merged policy moved while planning: moved back
     /// should the plan be abandoned.
     moved: Vec<u16>,
+}
+
+/// How a regeneration changes the CIDR identities.
+enum CidrPlan {
+    /// At start-up, or after a failed write: every prefix, given its id by
+    /// the store's whole set (`prefixes`); the ipcache is walked.
+    Whole {
+        refs: CidrRefs,
+        prefixes: std::collections::BTreeSet<ipnet::IpNet>,
+        change: CidrChange,
+    },
+    /// Only the prefixes that come or go.
+    Change { refs: RefsDelta, change: CidrChange },
+}
+
+impl CidrPlan {
+    fn change(&self) -> &CidrChange {
+        match self {
+            Self::Whole { change, .. } | Self::Change { change, .. } => change,
+        }
+    }
 }
 
 fn cidr_entry(prefix: &ipnet::IpNet, identity: u32) -> IpcacheEntry {
@@ -191,8 +212,14 @@ pub struct PolicyState {
     /// Whether the ipcache's CIDR entries were reconciled with a walk of
     /// the whole map since start; afterwards only differences are written.
     pub(crate) ipcache_walked: bool,
-    /// Local CIDR identities of the CIDRs the policies mention.
+    /// Local CIDR identities of the CIDRs the policies mention: what the
+    /// store holds, once `ipcache_walked`.
     pub(crate) cidr_ids: BTreeMap<ipnet::IpNet, u32>,
+    /// The prefixes each policy of `policy_docs` mentions, counted, as of
+    /// `cidr_ids` (once `ipcache_walked`).
+    pub(crate) cidr_refs: CidrRefs,
+    /// The free ids of `cidr_ids` (once `ipcache_walked`).
+    pub(crate) cidr_allocator: CidrAllocator,
     /// Stored policies that failed to parse at start-up: they close the
     /// endpoints they may select (see `policy::BrokenPolicy`).
     pub(crate) policy_errors: Vec<policy::BrokenPolicy>,
@@ -213,7 +240,9 @@ pub struct PolicyState {
 /// Identities as last given to the repository.
 struct Synced {
     labels: BTreeMap<u32, Labels>,
-    cidrs: BTreeMap<ipnet::IpNet, u32>,
+    /// The CIDR identities the repository has are `cidr_ids` changed by
+    /// this (a plan's change, until it is applied or undone).
+    pending: CidrChange,
 }
 
 /// The readers' view of the policy subsystem (see [`PolicyState::summary`]).
@@ -245,6 +274,8 @@ impl PolicyState {
             live: std::collections::BTreeSet::new(),
             ipcache_walked: false,
             cidr_ids: BTreeMap::new(),
+            cidr_refs: CidrRefs::default(),
+            cidr_allocator: CidrAllocator::default(),
             policy_errors: Vec::new(),
             rule_cookies: policy::RuleCookies::default(),
             metrics: crate::metrics::AgentMetrics::default(),
@@ -318,28 +349,28 @@ impl PolicyState {
 
     /// Brings the incremental repository up to `policy_docs` and the
     /// identities: the labelled ones (reserved and endpoint identities, a
-    /// few) and the CIDR identities `cidr_ids`. Only what changed since the
-    /// last sync is given to it (`synced`), so the cost follows the change,
-    /// not the number of CIDR identities.
-    fn sync_repository(
-        &mut self,
-        cidr_ids: &BTreeMap<ipnet::IpNet, u32>,
-    ) -> Result<(), EndpointError> {
+    /// few) and the CIDR identities, `cidr_ids` changed by `cidr`. Only
+    /// what changed since the last sync is given to it (`synced`): the
+    /// labels that differ, an earlier plan's unapplied CIDR change undone,
+    /// and `cidr`; so the cost follows the change, not the number of CIDR
+    /// identities.
+    fn sync_repository(&mut self, cidr: &CidrChange) -> Result<(), EndpointError> {
         self.repository
             .set_policies(self.policy_docs.iter().map(|(k, (_, p))| (k.as_str(), p)));
         let labels = self.labelled_identities()?;
-        match self.synced.take() {
+        let (label_changes, undo) = match self.synced.take() {
             None => {
                 let mut cache = IdentityCache::new();
                 for (id, l) in &labels {
                     cache.insert_labels(*id, l.clone());
                 }
-                for (prefix, id) in cidr_ids {
+                for (prefix, id) in &self.cidr_ids {
                     cache.insert_cidr(*id, *prefix);
                 }
                 self.repository.set_identities(cache);
+                (Vec::new(), CidrChange::default())
             }
-            Some(mut synced) => {
+            Some(synced) => {
                 let mut label_changes = Vec::new();
                 for (id, l) in &labels {
                     if synced.labels.get(id) != Some(l) {
@@ -349,61 +380,23 @@ impl PolicyState {
                 for id in synced.labels.keys().filter(|id| !labels.contains_key(id)) {
                     label_changes.push((*id, None));
                 }
-                // One walk of both sorted maps.
-                let mut cidr_changes = Vec::new();
-                let (mut was, mut is) =
-                    (synced.cidrs.iter().peekable(), cidr_ids.iter().peekable());
-                loop {
-                    match (was.peek(), is.peek()) {
-                        (None, None) => break,
-                        (Some((p, id)), None) => {
-                            cidr_changes.push((**id, None, **p));
-                            was.next();
-                        }
-                        (None, Some((p, id))) => {
-                            cidr_changes.push((**id, Some(**p), **p));
-                            is.next();
-                        }
-                        (Some((p, old)), Some((q, new))) => match p.cmp(q) {
-                            std::cmp::Ordering::Less => {
-                                cidr_changes.push((**old, None, **p));
-                                was.next();
-                            }
-                            std::cmp::Ordering::Greater => {
-                                cidr_changes.push((**new, Some(**q), **q));
-                                is.next();
-                            }
-                            std::cmp::Ordering::Equal => {
-                                if old != new {
-                                    cidr_changes.push((**old, None, **p));
-                                    cidr_changes.push((**new, Some(**q), **q));
-                                }
-                                was.next();
-                                is.next();
-                            }
-                        },
-                    }
-                }
-                // Removals first: an id may move from one prefix to another.
-                cidr_changes.sort_by_key(|(_, to, _)| to.is_some());
-                for (id, to, prefix) in &cidr_changes {
-                    match to {
-                        Some(_) => synced.cidrs.insert(*prefix, *id),
-                        None => synced.cidrs.remove(prefix),
-                    };
-                }
-                self.repository.change_identities(
-                    label_changes,
-                    cidr_changes.into_iter().map(|(id, to, _)| (id, to)),
-                );
-                synced.labels = labels;
-                self.synced = Some(synced);
-                return Ok(());
+                (label_changes, synced.pending)
             }
-        }
+        };
+        // In order, removals before additions each time: an id may move
+        // from one prefix to another.
+        let cidr_changes = undo
+            .added
+            .iter()
+            .map(|(_, id)| (*id, None))
+            .chain(undo.gone.iter().map(|(p, id)| (*id, Some(*p))))
+            .chain(cidr.gone.iter().map(|(_, id)| (*id, None)))
+            .chain(cidr.added.iter().map(|(p, id)| (*id, Some(*p))));
+        self.repository
+            .change_identities(label_changes, cidr_changes);
         self.synced = Some(Synced {
             labels,
-            cidrs: cidr_ids.clone(),
+            pending: cidr.clone(),
         });
         Ok(())
     }
@@ -483,10 +476,7 @@ impl PolicyState {
     /// may be new, or gone with a detached program).
     pub(crate) fn apply_policy(&mut self, rec: &EndpointRecord) -> Result<(), EndpointError> {
         let namespaces = self.store.namespaces()?;
-        let cidr_ids = std::mem::take(&mut self.cidr_ids);
-        let synced = self.sync_repository(&cidr_ids);
-        self.cidr_ids = cidr_ids;
-        synced?;
+        self.sync_repository(&CidrChange::default())?;
         let basis = self.endpoint_basis(rec, &namespaces);
         self.programmed.remove(&rec.id);
         let programmed = match self.plan_endpoint(rec, basis, &mut Vec::new()) {
@@ -635,21 +625,40 @@ impl PolicyState {
     }
 
     /// Everything a regeneration will write, computed and checked before
-    /// anything is written: the CIDR identities (planned in an aborted
-    /// store transaction), the ipcache's room for them, and every
-    /// endpoint's map change. On an error nothing has changed.
+    /// anything is written: the CIDR identities that come and go (found
+    /// from the policies that changed, ids from `cidr_allocator`; at
+    /// start-up from the store's whole set), the ipcache's room for them,
+    /// and every endpoint's map change. On an error nothing has changed
+    /// (what the repository was given is undone by its next sync).
     fn plan(&mut self) -> Result<Plan, EndpointError> {
-        let prefixes = cilia_policy::cidr_prefixes(self.policy_docs.values().map(|(_, p)| &**p));
-        let cidr_ids = if self.ipcache_walked {
-            // `cidr_ids` mirrors the store since the first regeneration.
-            self.store
-                .change_cidr_identities(&self.cidr_ids, &prefixes, false)?
+        let cidr = if self.ipcache_walked {
+            // `cidr_ids`, `cidr_refs` and `cidr_allocator` mirror the store
+            // since the first regeneration: the change is found from the
+            // policies that changed.
+            let refs = self.cidr_refs.delta(&self.policy_docs);
+            let gone = refs
+                .disappear
+                .iter()
+                .filter_map(|p| self.cidr_ids.get(p).map(|id| (*p, *id)))
+                .collect();
+            let change = self.cidr_allocator.plan(gone, &refs.appear);
+            CidrPlan::Change { refs, change }
         } else {
-            self.store.plan_cidr_identities(&prefixes)?
+            let refs = CidrRefs::of(&self.policy_docs);
+            let prefixes = refs.prefixes().copied().collect();
+            let ids = self.store.plan_cidr_identities(&prefixes)?;
+            let change = CidrChange::between(&self.cidr_ids, &ids);
+            CidrPlan::Whole {
+                refs,
+                prefixes,
+                change,
+            }
         };
+        let change = cidr.change();
         // The agent's ipcache entries are the node's addresses and the CIDR
         // prefixes (local endpoints are not entries, see `node`).
-        let needed = self.node_addrs.len() + cidr_ids.len();
+        let needed =
+            self.node_addrs.len() + self.cidr_ids.len() - change.gone.len() + change.added.len();
         if needed > self.limits.ipcache_entries {
             return Err(policy::ImportError::IpcacheFull {
                 needed,
@@ -658,7 +667,7 @@ impl PolicyState {
             .into());
         }
         let namespaces = self.store.namespaces()?;
-        self.sync_repository(&cidr_ids)?;
+        self.sync_repository(cidr.change())?;
         let mut endpoints = Vec::new();
         let mut moved = Vec::new();
         for rec in self.store.endpoints()? {
@@ -675,8 +684,7 @@ impl PolicyState {
             }
         }
         Ok(Plan {
-            prefixes,
-            cidr_ids,
+            cidr,
             endpoints,
             moved,
         })
@@ -685,54 +693,11 @@ impl PolicyState {
     /// Writes a checked plan: CIDR identities (store, then ipcache), the
     /// maps of the ready endpoints that change, then the revision bump.
     fn apply_plan(&mut self, plan: Plan) -> Result<(), EndpointError> {
-        let ids = if self.ipcache_walked {
-            self.store
-                .change_cidr_identities(&self.cidr_ids, &plan.prefixes, true)?
-        } else {
-            self.store.sync_cidr_identities(&plan.prefixes)?
-        };
-        debug_assert_eq!(ids, plan.cidr_ids, "planned under the same lock");
-        let walk = !self.ipcache_walked;
-        // Until the walk below, the ipcache may hold what an earlier agent
-        // wrote: every entry is written once; afterwards, what changed.
-        let nothing = BTreeMap::new();
-        let previous = if walk { &nothing } else { &self.cidr_ids };
-        // The ipcache is written before `cidr_ids` changes: should a write
-        // fail, the next regeneration walks the map again.
-        self.ipcache_walked = false;
-        let mut publish = Vec::new();
-        for (prefix, id) in &ids {
-            // A node address stays `host` whatever a policy's CIDR says.
-            if previous.get(prefix) != Some(id) && !self.is_node_prefix(prefix) {
-                publish.push(cidr_entry(prefix, *id));
-            }
+        if let Err(e) = self.write_cidr_identities(plan.cidr) {
+            // No map was written: what they were programmed from is as it was.
+            self.revert(&plan.moved);
+            return Err(e);
         }
-        self.dp().publish_ipcache(&publish)?;
-        let withdraw: Vec<ipnet::IpNet> = if walk {
-            let wanted: std::collections::BTreeSet<ipnet::IpNet> =
-                ids.keys().map(|p| p.trunc()).collect();
-            self.dp()
-                .ipcache()?
-                .into_iter()
-                .filter(|e| {
-                    e.identity >= FIRST_CIDR_IDENTITY && !wanted.contains(&e.prefix.trunc())
-                })
-                .map(|e| e.prefix)
-                .collect()
-        } else {
-            previous
-                .iter()
-                .filter(|(prefix, id)| {
-                    !ids.contains_key(prefix)
-                        && **id >= FIRST_CIDR_IDENTITY
-                        && !self.is_node_prefix(prefix)
-                })
-                .map(|(prefix, _)| *prefix)
-                .collect()
-        };
-        self.dp().withdraw_ipcache(&withdraw)?;
-        self.cidr_ids = ids;
-        self.ipcache_walked = true;
         let mut planned = plan.endpoints.into_iter();
         while let Some(next) = planned.next() {
             if let Err(e) = self.program(next) {
@@ -746,6 +711,96 @@ impl PolicyState {
         }
         self.dp().bump_policy_revision()?;
         self.publish_summary();
+        Ok(())
+    }
+
+    /// Writes a plan's CIDR identities: the store, its mirrors here and
+    /// in the repository, then the ipcache.
+    fn write_cidr_identities(&mut self, cidr: CidrPlan) -> Result<(), EndpointError> {
+        let walk = !self.ipcache_walked;
+        match &cidr {
+            CidrPlan::Whole {
+                prefixes, change, ..
+            } => {
+                let ids = self.store.sync_cidr_identities(prefixes)?;
+                debug_assert_eq!(
+                    ids,
+                    {
+                        let mut planned = self.cidr_ids.clone();
+                        change.apply_to(&mut planned);
+                        planned
+                    },
+                    "planned under the same lock"
+                );
+            }
+            CidrPlan::Change { change, .. } => self.store.change_cidr_identities(change)?,
+        }
+        // The store holds the change: so do its mirrors, and the
+        // repository has it for good.
+        let change = match cidr {
+            CidrPlan::Whole { refs, change, .. } => {
+                self.cidr_refs = refs;
+                change
+            }
+            CidrPlan::Change { refs, change } => {
+                self.cidr_refs.apply(refs);
+                change
+            }
+        };
+        change.apply_to(&mut self.cidr_ids);
+        if walk {
+            self.cidr_allocator = CidrAllocator::of_used(self.cidr_ids.values());
+        } else {
+            self.cidr_allocator.apply(&change);
+        }
+        if let Some(synced) = &mut self.synced {
+            synced.pending = CidrChange::default();
+        }
+        // Until the walk below, the ipcache may hold what an earlier agent
+        // wrote: every entry is written once; afterwards, what changed.
+        // Should a write fail, the next regeneration walks the map again.
+        self.ipcache_walked = false;
+        let publish: Vec<IpcacheEntry> = if walk {
+            self.cidr_ids
+                .iter()
+                .filter(|(prefix, _)| !self.is_node_prefix(prefix))
+                .map(|(prefix, id)| cidr_entry(prefix, *id))
+                .collect()
+        } else {
+            // A node address stays `host` whatever a policy's CIDR says.
+            change
+                .added
+                .iter()
+                .filter(|(prefix, _)| !self.is_node_prefix(prefix))
+                .map(|(prefix, id)| cidr_entry(prefix, *id))
+                .collect()
+        };
+        self.dp().publish_ipcache(&publish)?;
+        let withdraw: Vec<ipnet::IpNet> = if walk {
+            let wanted: std::collections::BTreeSet<ipnet::IpNet> =
+                self.cidr_ids.keys().map(|p| p.trunc()).collect();
+            self.dp()
+                .ipcache()?
+                .into_iter()
+                .filter(|e| {
+                    e.identity >= FIRST_CIDR_IDENTITY && !wanted.contains(&e.prefix.trunc())
+                })
+                .map(|e| e.prefix)
+                .collect()
+        } else {
+            change
+                .gone
+                .iter()
+                .filter(|(prefix, id)| {
+                    !self.cidr_ids.contains_key(prefix)
+                        && *id >= FIRST_CIDR_IDENTITY
+                        && !self.is_node_prefix(prefix)
+                })
+                .map(|(prefix, _)| *prefix)
+                .collect()
+        };
+        self.dp().withdraw_ipcache(&withdraw)?;
+        self.ipcache_walked = true;
         Ok(())
     }
 

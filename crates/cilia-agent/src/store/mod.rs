@@ -695,61 +695,35 @@ impl Store {
         self.cidr_identities(&mut scratch, prefixes)
     }
 
-    /// Like [`Self::sync_cidr_identities`] (`commit`) or
-    /// [`Self::plan_cidr_identities`], given that the store holds exactly
-    /// `current` (what the last sync returned): only the prefixes that come
-    /// or go are read or written, so the cost follows the change, not the
-    /// number of CIDR identities.
-    pub fn change_cidr_identities(
-        &self,
-        current: &BTreeMap<ipnet::IpNet, u32>,
-        prefixes: &BTreeSet<ipnet::IpNet>,
-        commit: bool,
-    ) -> Result<BTreeMap<ipnet::IpNet, u32>, StoreError> {
-        let mut out = current.clone();
-        out.retain(|p, _| prefixes.contains(p));
-        let mut added = Vec::new();
-        let new: Vec<ipnet::IpNet> = prefixes
-            .iter()
-            .filter(|p| !current.contains_key(*p))
-            .copied()
-            .collect();
-        if !new.is_empty() {
-            // As in `cidr_identities`: each new prefix, in order, gets the
-            // smallest id nobody uses; the used ids sorted once, walked once.
-            let mut used: Vec<u32> = out.values().copied().collect();
-            used.sort_unstable();
-            let mut used = used.into_iter().peekable();
-            let mut id = FIRST_CIDR_IDENTITY;
-            for prefix in new {
-                while let Some(&u) = used.peek() {
-                    if u < id {
-                        used.next();
-                    } else if u == id {
-                        used.next();
-                        id += 1;
-                    } else {
-                        break;
-                    }
-                }
-                added.push((prefix, id));
-                out.insert(prefix, id);
-                id += 1;
-            }
-        }
-        if !commit {
-            // Nothing to read: `current` is what the store holds.
-            return Ok(out);
+    /// Writes a change of CIDR identities made on top of what the store
+    /// holds (see [`CidrAllocator::plan`]): only the prefixes that come or
+    /// go are written, so the cost follows the change, not the number of
+    /// CIDR identities.
+    pub fn change_cidr_identities(&self, change: &CidrChange) -> Result<(), StoreError> {
+        if change.is_empty() {
+            return Ok(());
         }
         self.change(|c| {
-            for gone in current.keys().filter(|p| !prefixes.contains(*p)) {
+            for (gone, _) in &change.gone {
                 c.delete(format!("{CIDR_IDENTITIES}{gone}"));
             }
-            for (prefix, id) in &added {
+            for (prefix, id) in &change.added {
                 c.put(format!("{CIDR_IDENTITIES}{prefix}"), id)?;
             }
             Ok(())
-        })?;
+        })
+    }
+
+    /// Every stored CIDR identity, as it is stored.
+    #[cfg(test)]
+    pub fn stored_cidr_identities(&self) -> Result<BTreeMap<ipnet::IpNet, u32>, StoreError> {
+        let mut out = BTreeMap::new();
+        for (key, value) in self.list(CIDR_IDENTITIES)? {
+            let prefix = key[CIDR_IDENTITIES.len()..]
+                .parse()
+                .map_err(|e| StoreError::Db(format!("{key}: {e}")))?;
+            out.insert(prefix, decode::<u32>(&key, &value)?);
+        }
         Ok(out)
     }
 
@@ -804,6 +778,152 @@ impl Store {
             out.insert(*prefix, id);
         }
         Ok(out)
+    }
+}
+
+/// A change of CIDR identities: the prefixes that go (with the ids they
+/// had) and those that come (with the ids they get).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CidrChange {
+    pub gone: Vec<(ipnet::IpNet, u32)>,
+    pub added: Vec<(ipnet::IpNet, u32)>,
+}
+
+impl CidrChange {
+    pub fn is_empty(&self) -> bool {
+        self.gone.is_empty() && self.added.is_empty()
+    }
+
+    /// The change from `old` to `new`, by a walk of both (for the full
+    /// path at start-up; a prefix whose id differs goes and comes).
+    pub fn between(old: &BTreeMap<ipnet::IpNet, u32>, new: &BTreeMap<ipnet::IpNet, u32>) -> Self {
+        let mut change = Self::default();
+        for (prefix, id) in old {
+            if new.get(prefix) != Some(id) {
+                change.gone.push((*prefix, *id));
+            }
+        }
+        for (prefix, id) in new {
+            if old.get(prefix) != Some(id) {
+                change.added.push((*prefix, *id));
+            }
+        }
+        change
+    }
+
+    /// Applies the change to a map of CIDR identities.
+    pub fn apply_to(&self, ids: &mut BTreeMap<ipnet::IpNet, u32>) {
+        for (prefix, _) in &self.gone {
+            ids.remove(prefix);
+        }
+        for (prefix, id) in &self.added {
+            ids.insert(*prefix, *id);
+        }
+    }
+}
+
+/// Which CIDR identity ids are free, mirroring the store's CIDR
+/// identities: the unused ids below a high-water mark (one past the largest
+/// used id). A new prefix gets the smallest free one, as
+/// [`Store::sync_cidr_identities`] gives it, in O(log n).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CidrAllocator {
+    free: BTreeSet<u32>,
+    high: u32,
+}
+
+impl Default for CidrAllocator {
+    fn default() -> Self {
+        Self {
+            free: BTreeSet::new(),
+            high: FIRST_CIDR_IDENTITY,
+        }
+    }
+}
+
+impl CidrAllocator {
+    /// The allocator of a set of used ids (O(n log n), at start-up).
+    pub fn of_used<'a>(used: impl IntoIterator<Item = &'a u32>) -> Self {
+        let used: BTreeSet<u32> = used.into_iter().copied().collect();
+        let high = used.last().map_or(FIRST_CIDR_IDENTITY, |max| {
+            (max + 1).max(FIRST_CIDR_IDENTITY)
+        });
+        let free = (FIRST_CIDR_IDENTITY..high)
+            .filter(|id| !used.contains(id))
+            .collect();
+        Self { free, high }
+    }
+
+    /// The change that takes `gone` (prefixes and their ids) away and
+    /// gives each of `new` (in prefix order) the smallest id nobody else
+    /// uses, once `gone`'s ids are free; nothing is changed until
+    /// [`Self::apply`]. O((gone + new) · log n).
+    pub fn plan(&self, gone: Vec<(ipnet::IpNet, u32)>, new: &BTreeSet<ipnet::IpNet>) -> CidrChange {
+        let mut released: Vec<u32> = gone.iter().map(|(_, id)| *id).collect();
+        released.sort_unstable();
+        let mut released = released.into_iter().peekable();
+        let mut free = self.free.iter().copied().peekable();
+        let mut high = self.high;
+        let mut added = Vec::with_capacity(new.len());
+        for prefix in new {
+            let id = match (free.peek().copied(), released.peek().copied()) {
+                (Some(f), Some(r)) if f < r => {
+                    free.next();
+                    f
+                }
+                (_, Some(r)) => {
+                    released.next();
+                    r
+                }
+                (Some(f), None) => {
+                    free.next();
+                    f
+                }
+                (None, None) => {
+                    high += 1;
+                    high - 1
+                }
+            };
+            added.push((*prefix, id));
+        }
+        CidrChange { gone, added }
+    }
+
+    /// Applies a planned change (the one [`Self::plan`] gave).
+    pub fn apply(&mut self, change: &CidrChange) {
+        for (_, id) in &change.gone {
+            self.release(*id);
+        }
+        for (_, id) in &change.added {
+            self.take(*id);
+        }
+    }
+
+    fn release(&mut self, id: u32) {
+        if id < FIRST_CIDR_IDENTITY || id >= self.high {
+            return;
+        }
+        if id + 1 == self.high {
+            self.high = id;
+            while self.free.last() == Some(&(self.high - 1)) {
+                self.free.pop_last();
+                self.high -= 1;
+            }
+        } else {
+            self.free.insert(id);
+        }
+    }
+
+    fn take(&mut self, id: u32) {
+        if id < FIRST_CIDR_IDENTITY {
+            return;
+        }
+        if id >= self.high {
+            self.free.extend(self.high..id);
+            self.high = id + 1;
+        } else {
+            self.free.remove(&id);
+        }
     }
 }
 
@@ -1116,17 +1236,27 @@ mod tests {
             vec![12],
         ];
         let mut current = BTreeMap::new();
+        let mut allocator = CidrAllocator::default();
         for set in sets {
             let prefixes: BTreeSet<ipnet::IpNet> = set.into_iter().map(net).collect();
             let want = full.sync_cidr_identities(&prefixes).unwrap();
-            let planned = changed
-                .change_cidr_identities(&current, &prefixes, false)
-                .unwrap();
-            current = changed
-                .change_cidr_identities(&current, &prefixes, true)
-                .unwrap();
-            assert_eq!((&planned, &current), (&want, &want));
+            let gone = current
+                .iter()
+                .filter(|(p, _)| !prefixes.contains(*p))
+                .map(|(p, id)| (*p, *id))
+                .collect();
+            let new = prefixes
+                .iter()
+                .filter(|p| !current.contains_key(*p))
+                .copied()
+                .collect();
+            let change = allocator.plan(gone, &new);
+            changed.change_cidr_identities(&change).unwrap();
+            allocator.apply(&change);
+            change.apply_to(&mut current);
+            assert_eq!(current, want);
             assert_eq!(changed.plan_cidr_identities(&prefixes).unwrap(), want);
+            assert_eq!(allocator, CidrAllocator::of_used(want.values()));
         }
     }
 
