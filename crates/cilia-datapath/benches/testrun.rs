@@ -1,23 +1,69 @@
 //! ns/packet of the endpoint program under `BPF_PROG_TEST_RUN`, next to the
-//! empty tc program measured in the same run (the baseline), and the cost of
-//! monitoring against the program specialized without events. Needs root.
-//! `cargo bench -p cilia-datapath --bench testrun`; prints one line per case
-//! and the ratio to the baseline.
+//! empty tc program measured in the same run (the baseline): one table per
+//! path (established flows of IPv6 and IPv4, TCP and UDP, to a local
+//! endpoint and to the host stack; a new flow through policy; a policy
+//! drop), and the cost of monitoring against the program specialized
+//! without events. Needs root. `cargo bench -p cilia-datapath --bench
+//! testrun`; prints one line per case and the ratio to the baseline.
 
 #![allow(clippy::unwrap_used)] // benchmark code: a panic is the failure report
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use cilia_abi::{
-    EndpointConfig, EndpointInfo, CILIA_MONITOR_DROPS, CILIA_MONITOR_OFF, CILIA_MONITOR_TRACE,
+    Direction, EndpointConfig, EndpointInfo, EndpointPolicy, Enforcement, PolicyEntry, Verdict,
+    CILIA_MONITOR_DROPS, CILIA_MONITOR_OFF, CILIA_MONITOR_TRACE,
 };
 use cilia_datapath::packet::*;
 use cilia_datapath::testrun::TestProgram;
 use cilia_datapath::BpfDatapath;
+use cilia_datapath::Datapath;
 use cilia_testnet::BpfRoot;
 
 const RUNS: usize = 100_000;
 const ROUNDS: usize = 5;
+/// Runs per round of the new-flow cases: each run is a flow of its own (a
+/// source port of its own), and the endpoint's conntrack is emptied between
+/// rounds, so this stays under its conntrack budget.
+const NEW_FLOW_RUNS: usize = 20_000;
+/// The peer endpoint's identity (what the policy cases allow or not).
+const PEER_IDENTITY: u32 = 1000;
+
+/// A TCP header (20 bytes, no options) with `flags`; checksum left 0 (the
+/// program does not verify it).
+fn tcp(sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut h = Vec::with_capacity(20 + payload.len());
+    h.extend_from_slice(&sport.to_be_bytes());
+    h.extend_from_slice(&dport.to_be_bytes());
+    h.extend_from_slice(&1u32.to_be_bytes()); // seq
+    h.extend_from_slice(&1u32.to_be_bytes()); // ack
+    h.push(5 << 4); // data offset
+    h.push(flags);
+    h.extend_from_slice(&65535u16.to_be_bytes()); // window
+    h.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
+    h.extend_from_slice(payload);
+    h
+}
+
+/// Median over rounds of the mean in-kernel ns of one run, each run a new
+/// flow (`packet(i)` differs per run); `reset` empties conntrack between
+/// rounds.
+fn measure_new(prog: &TestProgram, packet: impl Fn(usize) -> Vec<u8>, reset: impl Fn()) -> f64 {
+    let packets: Vec<Vec<u8>> = (0..NEW_FLOW_RUNS).map(&packet).collect();
+    let mut samples: Vec<f64> = (0..ROUNDS)
+        .map(|_| {
+            reset();
+            let total: u128 = packets
+                .iter()
+                .map(|p| prog.time_per_run(p, 1).expect("test_run").as_nanos())
+                .sum();
+            total as f64 / NEW_FLOW_RUNS as f64
+        })
+        .collect();
+    reset();
+    samples.sort_by(|a, b| a.total_cmp(b));
+    samples[ROUNDS / 2]
+}
 
 /// Median over rounds of the mean in-kernel ns of one run.
 ///
@@ -56,6 +102,7 @@ fn main() {
     let peer = EndpointInfo {
         ifindex: 4242,
         endpoint_id: 2,
+        identity: PEER_IDENTITY,
         mac,
         node_mac,
         ..Default::default()
@@ -105,17 +152,141 @@ fn main() {
         ),
     );
 
+    let stack_v4 = eth(
+        node_mac,
+        mac,
+        ETH_P_IP,
+        &ipv4(
+            a4,
+            "10.200.0.1".parse().unwrap(),
+            IPPROTO_UDP,
+            64,
+            &udp(1000, 53, &payload),
+        ),
+    );
+    const ACK: u8 = 0x10;
+    let tcp6 = |dst: Ipv6Addr| {
+        eth(
+            node_mac,
+            mac,
+            ETH_P_IPV6,
+            &ipv6(a6, dst, IPPROTO_TCP, 64, &tcp(1000, 80, ACK, &payload)),
+        )
+    };
+    let tcp4 = |dst: Ipv4Addr| {
+        eth(
+            node_mac,
+            mac,
+            ETH_P_IP,
+            &ipv4(a4, dst, IPPROTO_TCP, 64, &tcp(1000, 80, ACK, &payload)),
+        )
+    };
+    let host6: Ipv6Addr = "fd00:c1::1".parse().unwrap();
+    let host4: Ipv4Addr = "10.200.0.1".parse().unwrap();
+
     let baseline = measure(&empty, &v6);
-    println!("case\tns/packet\tratio-to-empty");
+    println!("established flow (no policy)\tns/packet\tratio-to-empty");
     println!("empty program (baseline)\t{baseline:.1}\t1.00");
     for (name, pkt) in [
-        ("endpoint: IPv6 to local endpoint (redirect_peer)", &v6),
-        ("endpoint: IPv4 to local endpoint (redirect_peer)", &v4),
-        ("endpoint: IPv6 to host stack", &stack),
+        ("IPv6 UDP to local endpoint (redirect_peer)", &v6),
+        ("IPv4 UDP to local endpoint (redirect_peer)", &v4),
+        ("IPv6 TCP to local endpoint (redirect_peer)", &tcp6(b6)),
+        ("IPv4 TCP to local endpoint (redirect_peer)", &tcp4(b4)),
+        ("IPv6 UDP to host stack", &stack),
+        ("IPv4 UDP to host stack", &stack_v4),
+        ("IPv6 TCP to host stack", &tcp6(host6)),
+        ("IPv4 TCP to host stack", &tcp4(host4)),
     ] {
         let ns = measure(&endpoint, pkt);
         println!("{name}\t{ns:.1}\t{:.2}", ns / baseline);
     }
+
+    // Through policy: egress enforced, UDP/53 to the peer's identity
+    // allowed, nothing else.
+    let allow_dns = PolicyEntry {
+        direction: Direction::Egress,
+        identity: PEER_IDENTITY,
+        proto: IPPROTO_UDP,
+        port: 53,
+        port_prefix_len: 16,
+        verdict: Verdict::Allow,
+        rule: 1,
+        proxy_port: 0,
+    };
+    dp.set_endpoint_policy(
+        1,
+        &EndpointPolicy {
+            enforcement: Enforcement {
+                ingress: false,
+                egress: true,
+                audit: false,
+            },
+            entries: vec![allow_dns],
+        },
+    )
+    .unwrap();
+    let reset = || {
+        dp.purge_conntrack(1, &[IpAddr::V6(a6), IpAddr::V4(a4)])
+            .unwrap();
+    };
+    let port = |i: usize| 1024 + (i % 60_000) as u16;
+    println!();
+    println!("through policy (egress enforced, one allow)\tns/packet\tratio-to-empty");
+    let established = measure(&endpoint, &v6);
+    println!(
+        "IPv6 UDP established, allowed\t{established:.1}\t{:.2}",
+        established / baseline
+    );
+    let new6 = measure_new(
+        &endpoint,
+        |i| {
+            eth(
+                node_mac,
+                mac,
+                ETH_P_IPV6,
+                &ipv6(a6, b6, IPPROTO_UDP, 64, &udp(port(i), 53, &payload)),
+            )
+        },
+        reset,
+    );
+    println!(
+        "IPv6 UDP new flow, allowed (conntrack miss, policy lookups, conntrack create)\t{new6:.1}\t{:.2}",
+        new6 / baseline
+    );
+    let new4 = measure_new(
+        &endpoint,
+        |i| {
+            eth(
+                node_mac,
+                mac,
+                ETH_P_IP,
+                &ipv4(a4, b4, IPPROTO_UDP, 64, &udp(port(i), 53, &payload)),
+            )
+        },
+        reset,
+    );
+    println!(
+        "IPv4 UDP new flow, allowed\t{new4:.1}\t{:.2}",
+        new4 / baseline
+    );
+    let denied = measure_new(
+        &endpoint,
+        |i| {
+            eth(
+                node_mac,
+                mac,
+                ETH_P_IPV6,
+                &ipv6(a6, b6, IPPROTO_UDP, 64, &udp(port(i), 54, &payload)),
+            )
+        },
+        reset,
+    );
+    println!(
+        "IPv6 UDP new flow, policy drop\t{denied:.1}\t{:.2}",
+        denied / baseline
+    );
+    dp.remove_endpoint_policy(1).unwrap();
+    reset();
 
     // Monitoring cost: the same forwarded IPv6 packet (an established flow)
     // through the program specialized without event code (the "no-monitor
