@@ -1,7 +1,8 @@
 //! The key/value store the agent keeps its state in: a small trait,
 //! [`KvStore`], shaped after etcd's v3 model so that an etcd backend can
-//! implement it as is, and one backend today, [`RedbStore`], an embedded
-//! redb file (single node, zero setup).
+//! implement it as is, and two backends: [`RedbStore`], an embedded redb
+//! file (single node, zero setup), and [`EtcdStore`], an etcd v3 cluster
+//! (revisions, watches and leases are etcd's own).
 //!
 //! The model, and the invariants every backend keeps:
 //! * One global **revision** counts the store's changes. Every transaction
@@ -25,8 +26,10 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
+mod etcd_store;
 mod redb_store;
 
+pub use etcd_store::{EtcdStore, REQUEST_TIMEOUT};
 pub use redb_store::{History, RedbStore, LEASE_TICK};
 
 /// A store revision (etcd's `int64` revision; 0 is "before anything").
@@ -162,11 +165,27 @@ pub struct WatchEvent {
 #[derive(Debug)]
 pub struct Watch {
     events: mpsc::Receiver<WatchEvent>,
+    /// Dropped with the watch: tells a backend's feeding task to stop.
+    _cancel: Option<Box<dyn std::any::Any + Send>>,
 }
 
 impl Watch {
     pub(crate) fn new(events: mpsc::Receiver<WatchEvent>) -> Self {
-        Self { events }
+        Self {
+            events,
+            _cancel: None,
+        }
+    }
+
+    /// A watch whose feeder stops when `cancel` is dropped (with the watch).
+    pub(crate) fn with_cancel(
+        events: mpsc::Receiver<WatchEvent>,
+        cancel: Box<dyn std::any::Any + Send>,
+    ) -> Self {
+        Self {
+            events,
+            _cancel: Some(cancel),
+        }
     }
 
     /// The next event, waiting at most `timeout`; `None` on timeout or when
@@ -187,6 +206,8 @@ pub enum KvError {
     Open { path: String, reason: String },
     #[error("kvstore: {0}")]
     Backend(String),
+    #[error("kvstore etcd {endpoints}: unreachable: {reason}")]
+    Unreachable { endpoints: String, reason: String },
     #[error("kvstore key {key:?}: corrupt record: {reason}")]
     Corrupt { key: String, reason: String },
     #[error("kvstore key {key:?}: {reason}")]
