@@ -386,3 +386,20 @@ fn a_watch_from_a_revision_still_to_come_waits_for_it() {
     assert_eq!(w.recv_timeout(WAIT).unwrap().kv.mod_revision, now + 2);
     assert_eq!(w.recv_timeout(Duration::from_millis(300)), None);
 }
+
+#[test]
+fn the_store_works_from_a_tokio_blocking_pool() {
+    let (_e, s) = etcd!("the_store_works_from_a_tokio_blocking_pool");
+    let s = std::sync::Arc::new(s);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = s.clone();
+    let rev = rt
+        .block_on(async move { tokio::task::spawn_blocking(move || store.put("k", b"v")).await })
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.get("k").unwrap().unwrap().mod_revision, rev);
+}
