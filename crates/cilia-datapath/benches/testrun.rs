@@ -237,54 +237,32 @@ fn main() {
         "IPv6 UDP established, allowed\t{established:.1}\t{:.2}",
         established / baseline
     );
-    let new6 = measure_new(
-        &endpoint,
-        |i| {
-            eth(
-                node_mac,
-                mac,
-                ETH_P_IPV6,
-                &ipv6(a6, b6, IPPROTO_UDP, 64, &udp(port(i), 53, &payload)),
-            )
-        },
-        reset,
-    );
-    println!(
-        "IPv6 UDP new flow, allowed (conntrack miss, policy lookups, conntrack create)\t{new6:.1}\t{:.2}",
-        new6 / baseline
-    );
-    let new4 = measure_new(
-        &endpoint,
-        |i| {
-            eth(
-                node_mac,
-                mac,
-                ETH_P_IP,
-                &ipv4(a4, b4, IPPROTO_UDP, 64, &udp(port(i), 53, &payload)),
-            )
-        },
-        reset,
-    );
-    println!(
-        "IPv4 UDP new flow, allowed\t{new4:.1}\t{:.2}",
-        new4 / baseline
-    );
-    let denied = measure_new(
-        &endpoint,
-        |i| {
-            eth(
-                node_mac,
-                mac,
-                ETH_P_IPV6,
-                &ipv6(a6, b6, IPPROTO_UDP, 64, &udp(port(i), 54, &payload)),
-            )
-        },
-        reset,
-    );
-    println!(
-        "IPv6 UDP new flow, policy drop\t{denied:.1}\t{:.2}",
-        denied / baseline
-    );
+    // New flows (a source port each): (name, IPv6?, destination port).
+    for (name, v6_family, dport) in [
+        (
+            "IPv6 UDP new flow, allowed (conntrack miss, policy lookups, conntrack create)",
+            true,
+            53,
+        ),
+        ("IPv4 UDP new flow, allowed", false, 53),
+        ("IPv6 UDP new flow, policy drop", true, 54),
+    ] {
+        let packet = |i: usize| {
+            let l4 = udp(port(i), dport, &payload);
+            if v6_family {
+                eth(
+                    node_mac,
+                    mac,
+                    ETH_P_IPV6,
+                    &ipv6(a6, b6, IPPROTO_UDP, 64, &l4),
+                )
+            } else {
+                eth(node_mac, mac, ETH_P_IP, &ipv4(a4, b4, IPPROTO_UDP, 64, &l4))
+            }
+        };
+        let ns = measure_new(&endpoint, packet, reset);
+        println!("{name}\t{ns:.1}\t{:.2}", ns / baseline);
+    }
     dp.remove_endpoint_policy(1).unwrap();
     reset();
 
