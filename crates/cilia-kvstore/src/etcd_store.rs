@@ -26,8 +26,8 @@ use etcd_client::{
 };
 
 use crate::{
-    excerpt, Compare, EventKind, KeyValue, KvError, KvStore, LeaseId, Listing, Op, Revision,
-    TxnResult, Watch, WatchEvent,
+    check_ops, check_ttl, excerpt, Compare, EventKind, KeyValue, KvError, KvStore, LeaseId,
+    Listing, Op, Revision, TxnResult, Watch, WatchEvent,
 };
 
 /// The longest one call to etcd may take before it fails as unreachable.
@@ -206,21 +206,7 @@ impl KvStore for EtcdStore {
     fn txn(&self, compares: &[Compare], ops: &[Op]) -> Result<TxnResult, KvError> {
         // The same refusals as the embedded store, by key name, before etcd
         // sees them.
-        let mut seen = std::collections::BTreeSet::new();
-        for op in ops {
-            if op.key().is_empty() {
-                return Err(KvError::InvalidKey {
-                    key: String::new(),
-                    reason: "is empty",
-                });
-            }
-            if !seen.insert(op.key()) {
-                return Err(KvError::InvalidKey {
-                    key: excerpt(op.key()),
-                    reason: "appears twice in one transaction",
-                });
-            }
-        }
+        check_ops(ops)?;
         let when: Vec<EtcdCompare> = compares
             .iter()
             .map(|c| match c {
@@ -338,9 +324,7 @@ impl KvStore for EtcdStore {
     }
 
     fn lease_grant(&self, ttl: Duration) -> Result<LeaseId, KvError> {
-        if ttl < Duration::from_secs(1) {
-            return Err(KvError::InvalidTtl(ttl));
-        }
+        check_ttl(ttl)?;
         let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
         let secs = i64::try_from(secs).map_err(|_| KvError::InvalidTtl(ttl))?;
         let mut c = self.client.clone();

@@ -26,6 +26,8 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
 mod etcd_store;
 mod redb_store;
 
@@ -234,6 +236,36 @@ pub(crate) fn excerpt(key: &str) -> String {
         Some((i, _)) => format!("{}…", &key[..i]),
         None => key.to_string(),
     }
+}
+
+/// The checks of a transaction's ops every backend makes before it touches
+/// its storage: no empty key, no key twice in one transaction.
+pub(crate) fn check_ops(ops: &[Op]) -> Result<(), KvError> {
+    let mut seen = std::collections::BTreeSet::new();
+    for op in ops {
+        if op.key().is_empty() {
+            return Err(KvError::InvalidKey {
+                key: String::new(),
+                reason: "is empty",
+            });
+        }
+        if !seen.insert(op.key()) {
+            return Err(KvError::InvalidKey {
+                key: excerpt(op.key()),
+                reason: "appears twice in one transaction",
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The check of a lease's time to live every backend makes: at least a
+/// second (etcd's leases count whole seconds).
+pub(crate) fn check_ttl(ttl: Duration) -> Result<(), KvError> {
+    if ttl < Duration::from_secs(1) {
+        return Err(KvError::InvalidTtl(ttl));
+    }
+    Ok(())
 }
 
 /// A key/value store with revisions, watches, leases and transactions.

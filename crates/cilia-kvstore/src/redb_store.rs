@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 use redb::{Database, ReadableTable, TableDefinition};
 
 use crate::{
-    excerpt, Compare, EventKind, KeyValue, KvError, KvStore, LeaseId, Listing, Op, Revision,
-    TxnResult, Watch, WatchEvent,
+    check_ops, check_ttl, excerpt, Compare, EventKind, KeyValue, KvError, KvStore, LeaseId,
+    Listing, Op, Revision, TxnResult, Watch, WatchEvent,
 };
 
 /// Key -> encoded record (revisions, lease, value).
@@ -323,20 +323,8 @@ impl Inner {
         compares: &[Compare],
         ops: &[Op],
     ) -> Result<TxnResult, KvError> {
-        let mut seen = BTreeSet::new();
+        check_ops(ops)?;
         for op in ops {
-            if op.key().is_empty() {
-                return Err(KvError::InvalidKey {
-                    key: String::new(),
-                    reason: "is empty",
-                });
-            }
-            if !seen.insert(op.key()) {
-                return Err(KvError::InvalidKey {
-                    key: excerpt(op.key()),
-                    reason: "appears twice in one transaction",
-                });
-            }
             if let Op::Put { key, lease, .. } = op {
                 if *lease != 0 && !state.leases.contains_key(lease) {
                     return Err(KvError::LeaseNotFound {
@@ -575,9 +563,7 @@ impl KvStore for RedbStore {
     }
 
     fn lease_grant(&self, ttl: Duration) -> Result<LeaseId, KvError> {
-        if ttl < Duration::from_secs(1) {
-            return Err(KvError::InvalidTtl(ttl));
-        }
+        check_ttl(ttl)?;
         self.inner.expire_leases(Instant::now())?;
         let mut state = self.inner.lock();
         let id = state.next_lease;
