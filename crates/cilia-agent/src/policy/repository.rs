@@ -237,6 +237,21 @@ pub struct PolicyState {
     pub(crate) summary: tokio::sync::watch::Sender<Arc<PolicySummary>>,
 }
 
+/// The cache of the labelled identities and the CIDR identities.
+fn identity_cache(
+    labels: &BTreeMap<u32, Labels>,
+    cidr_ids: &BTreeMap<ipnet::IpNet, u32>,
+) -> IdentityCache {
+    let mut cache = IdentityCache::new();
+    for (id, l) in labels {
+        cache.insert_labels(*id, l.clone());
+    }
+    for (prefix, id) in cidr_ids {
+        cache.insert_cidr(*id, *prefix);
+    }
+    cache
+}
+
 /// Identities as last given to the repository.
 struct Synced {
     labels: BTreeMap<u32, Labels>,
@@ -360,14 +375,8 @@ impl PolicyState {
         let labels = self.labelled_identities()?;
         let (label_changes, undo) = match self.synced.take() {
             None => {
-                let mut cache = IdentityCache::new();
-                for (id, l) in &labels {
-                    cache.insert_labels(*id, l.clone());
-                }
-                for (prefix, id) in &self.cidr_ids {
-                    cache.insert_cidr(*id, *prefix);
-                }
-                self.repository.set_identities(cache);
+                self.repository
+                    .set_identities(identity_cache(&labels, &self.cidr_ids));
                 (Vec::new(), CidrChange::default())
             }
             Some(synced) => {
@@ -442,25 +451,7 @@ impl PolicyState {
 
     /// Every identity the resolver may select.
     pub(crate) fn identity_cache(&self) -> Result<IdentityCache, EndpointError> {
-        self.identity_cache_with(&self.cidr_ids)
-    }
-
-    /// Like [`Self::identity_cache`], with the given CIDR identities.
-    fn identity_cache_with(
-        &self,
-        cidr_ids: &BTreeMap<ipnet::IpNet, u32>,
-    ) -> Result<IdentityCache, EndpointError> {
-        let mut cache = IdentityCache::new();
-        for (id, name) in RESERVED {
-            cache.insert_labels(*id, Labels::from_pairs([(format!("reserved:{name}"), "")]));
-        }
-        for (id, labels) in self.store.identities()? {
-            cache.insert_labels(id, Labels(labels));
-        }
-        for (prefix, id) in cidr_ids {
-            cache.insert_cidr(*id, *prefix);
-        }
-        Ok(cache)
+        Ok(identity_cache(&self.labelled_identities()?, &self.cidr_ids))
     }
 
     fn subject_labels(
