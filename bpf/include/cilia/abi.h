@@ -235,6 +235,25 @@ struct global_config {
 	__u32 pad;
 };
 
+/* ---- L7 proxy ---- */
+
+/*
+ * Packet marks (skb->mark, the proxy's SO_MARK), in the bits of
+ * CILIA_MARK_MASK. TO_PROXY: set by the datapath on a packet it hands to the
+ * node's stack for the proxy; a policy-routing rule (fwmark TO_PROXY/MASK ->
+ * table CILIA_PROXY_ROUTE_TABLE, which routes everything as local) makes the
+ * stack deliver it locally whatever its destination. FROM_PROXY: set by the
+ * proxy on its sockets; the datapath then trusts the packet's endpoint source
+ * address (the proxy speaks for the client). Containers cannot forge it: a
+ * veth clears the mark when a packet changes network namespace.
+ */
+#define CILIA_MARK_MASK	      0x00ff0000
+#define CILIA_MARK_TO_PROXY   0x00c10000
+#define CILIA_MARK_FROM_PROXY 0x00c20000
+/* Routing table and rule priority of the TO_PROXY rule (both families). */
+#define CILIA_PROXY_ROUTE_TABLE	  2005
+#define CILIA_PROXY_RULE_PRIORITY 9
+
 /* ---- events (one ring buffer) ---- */
 
 #define CILIA_EVENTS_SIZE  4194304 /* 4 MiB */

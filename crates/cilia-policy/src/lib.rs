@@ -45,6 +45,7 @@
 mod error;
 mod eval;
 mod incremental;
+pub mod l7;
 mod labels;
 pub mod limits;
 mod merged;
