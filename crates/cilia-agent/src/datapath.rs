@@ -48,6 +48,17 @@ pub fn policy_entry(e: &cilia_policy::MapEntry, cookie: u32) -> cilia_abi::Polic
     }
 }
 
+/// The L7 entries of a merged policy, (ingress, egress), for the proxy.
+pub fn l7_entries(
+    _merged: &cilia_policy::MergedPolicy,
+    _cookies: &crate::policy::RuleCookies,
+) -> (
+    Vec<cilia_proxy::control::L7Entry>,
+    Vec<cilia_proxy::control::L7Entry>,
+) {
+    (Vec::new(), Vec::new())
+}
+
 /// An endpoint's enforcement; audit only means something in an enforced
 /// direction, so it is off where none is.
 pub fn enforcement(ingress: bool, egress: bool, audit: bool) -> cilia_abi::Enforcement {

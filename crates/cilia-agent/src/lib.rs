@@ -16,6 +16,7 @@ pub mod monitor;
 pub mod node;
 pub mod paths;
 pub mod policy;
+pub mod proxy;
 pub mod store;
 
 use std::fs::File;
@@ -48,6 +49,10 @@ pub struct AgentConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Conntrack entries one endpoint may hold (0: CILIA_CT_BUDGET_DEFAULT).
     pub ct_budget: u32,
+    /// Port of the L7 proxy's transparent listeners.
+    pub proxy_port: u16,
+    /// The `cilia-proxy` executable (`None`: beside the agent's own).
+    pub proxy_bin: Option<PathBuf>,
 }
 
 fn mkdir_private(path: &std::path::Path) -> anyhow::Result<()> {
@@ -222,11 +227,19 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let listener = bind_socket(&config.socket)?;
     let agent_metrics = metrics::AgentMetrics::default();
     let policy = manager.policy_handle();
-    let policy_summary = {
+    let (policy_summary, l7_summary) = {
         let mut policy = manager.policy();
         policy.metrics = agent_metrics.clone();
-        policy.subscribe()
+        policy.proxy_port = config.proxy_port;
+        (policy.subscribe(), policy.subscribe_l7())
     };
+    let proxy_config = proxy::ProxyConfig::for_agent(
+        &config.socket,
+        &config.state_dir,
+        config.proxy_port,
+        config.proxy_bin.clone(),
+    );
+    let (proxy_status_tx, proxy_status) = tokio::sync::watch::channel(proxy::ProxyStatus::NotNeeded);
     let store = manager.store.clone();
     let pools = manager.pools().clone();
     let flow_monitor = monitor::Monitor::new(config.flow_buffer_size, agent_metrics.clone());
@@ -243,6 +256,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         features,
         state_dir: config.state_dir.display().to_string(),
         bpf_root: config.bpf_root.display().to_string(),
+        proxy: proxy_status,
+        proxy_port: config.proxy_port,
     });
     info!(
         socket = %config.socket.display(),
@@ -252,6 +267,25 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         "cilia-agent ready"
     );
     tokio::spawn(endpoint::labels::learn_labels(state.clone()));
+    {
+        // The L7 proxy: its policy follows the policy subsystem and the
+        // endpoints; its flows feed the monitor.
+        let (policy_tx, policy_rx) = tokio::sync::watch::channel(None);
+        tokio::spawn(proxy::publish_policy(
+            state.store.clone(),
+            l7_summary,
+            policy_tx,
+        ));
+        let monitor = flow_monitor.clone();
+        let on_flow: Arc<dyn Fn(cilia_proxy::control::L7Flow) + Send + Sync> =
+            Arc::new(move |flow| { let _ = (&monitor, flow); /* MERGE: monitor.record_l7(&flow) */ });
+        tokio::spawn(proxy::supervise(
+            proxy_config,
+            policy_rx,
+            proxy_status_tx,
+            on_flow,
+        ));
+    }
     match events {
         Ok(Some(reader)) => {
             let (tx, rx) = tokio::sync::watch::channel(Arc::new(monitor::Names::default()));

@@ -39,6 +39,14 @@ struct Args {
     /// default (32768, an eighth of the table).
     #[arg(long, env = "CILIA_CT_BUDGET", default_value_t = 0)]
     ct_budget: u32,
+    /// Port of the L7 proxy's transparent listeners (IPv4 and IPv6) in this
+    /// network namespace; the proxy runs only while a policy has HTTP rules.
+    #[arg(long, env = "CILIA_PROXY_PORT", default_value_t = cilia_proxy::control::DEFAULT_PROXY_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    proxy_port: u16,
+    /// The `cilia-proxy` executable; default: beside `cilia-agent`.
+    #[arg(long, env = "CILIA_PROXY_BIN")]
+    proxy_bin: Option<PathBuf>,
 }
 
 fn main() {
@@ -86,6 +94,8 @@ async fn agent_main() {
         flow_buffer_size: args.flow_buffer_size,
         metrics_addr,
         ct_budget: args.ct_budget,
+        proxy_port: args.proxy_port,
+        proxy_bin: args.proxy_bin,
     };
     if let Err(e) = cilia_agent::run(config).await {
         eprintln!("cilia-agent: {e:#}");

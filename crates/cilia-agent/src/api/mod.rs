@@ -65,6 +65,10 @@ pub struct AgentState {
     pub features: FeatureReport,
     pub state_dir: String,
     pub bpf_root: String,
+    /// The L7 proxy's state, as its supervisor last saw it.
+    pub proxy: tokio::sync::watch::Receiver<crate::proxy::ProxyStatus>,
+    /// Port of the L7 proxy's listeners.
+    pub proxy_port: u16,
 }
 
 pub type Shared = Arc<AgentState>;
@@ -488,6 +492,8 @@ mod tests {
             },
             state_dir: dir.display().to_string(),
             bpf_root: dir.display().to_string(),
+            proxy: tokio::sync::watch::channel(crate::proxy::ProxyStatus::NotNeeded).1,
+            proxy_port: cilia_proxy::control::DEFAULT_PROXY_PORT,
         })
     }
 

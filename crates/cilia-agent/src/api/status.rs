@@ -38,6 +38,7 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
     let summary = state.policy_summary.borrow().clone();
     let pools = state.pools.clone();
     let ct_gc_runs = state.metrics.ct_gc_runs.get();
+    let proxy = state.proxy.borrow().describe(state.proxy_port);
     with_store(&state, move |store| {
         let endpoints = store.endpoints()?;
         let used = store.allocated()?;
@@ -77,6 +78,7 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
                 &snap,
                 monitor_level,
                 flows,
+                proxy,
             ),
             maps: snap
                 .map_fill
@@ -100,6 +102,7 @@ fn subsystems(
     snap: &crate::metrics::Snapshot,
     monitor_level: u32,
     flows: usize,
+    proxy: (bool, String),
 ) -> Vec<cilia_api::SubsystemStatus> {
     let sub =
         |name: &str, ok: bool, detail: String, errors: Vec<String>| cilia_api::SubsystemStatus {
@@ -187,6 +190,7 @@ fn subsystems(
             format!("{} maps", snap.map_fill.len()),
             full,
         ),
+        sub("l7-proxy", proxy.0, proxy.1, vec![]),
     ]
 }
 

@@ -235,6 +235,13 @@ pub struct PolicyState {
     /// What readers (status, the monitor's names, `bpf policy get`) see of
     /// this state, replaced after every change, so they never wait for it.
     pub(crate) summary: tokio::sync::watch::Sender<Arc<PolicySummary>>,
+    /// The L7 proxy's view (see `crate::proxy`), republished with the
+    /// summary: every publication bumps its generation, so the proxy's
+    /// policy is rebuilt after endpoint changes too (their addresses and
+    /// identities name the proxy's clients).
+    pub(crate) l7: tokio::sync::watch::Sender<Arc<crate::proxy::L7Summary>>,
+    /// Port of the L7 proxy's listeners: the value of proxied entries.
+    pub(crate) proxy_port: u16,
 }
 
 /// The cache of the labelled identities and the CIDR identities.
@@ -298,6 +305,8 @@ impl PolicyState {
             limits: policy::Limits::default(),
             synced: None,
             summary: tokio::sync::watch::Sender::new(Arc::default()),
+            l7: tokio::sync::watch::Sender::new(Arc::default()),
+            proxy_port: cilia_proxy::control::DEFAULT_PROXY_PORT,
         }
     }
 
@@ -314,6 +323,49 @@ impl PolicyState {
             rule_names: self.rule_cookies.names(),
         };
         self.summary.send_replace(Arc::new(summary));
+        self.l7.send_replace(Arc::new(self.l7_summary()));
+    }
+
+    /// A receiver of the L7 proxy's view, current after every change.
+    pub fn subscribe_l7(&self) -> tokio::sync::watch::Receiver<Arc<crate::proxy::L7Summary>> {
+        self.l7.subscribe()
+    }
+
+    /// Every programmed endpoint's L7 entries, and the identities of the
+    /// prefixes that are not endpoints.
+    fn l7_summary(&self) -> crate::proxy::L7Summary {
+        let generation = self.l7.borrow().generation.wrapping_add(1);
+        let endpoints: BTreeMap<u16, _> = self
+            .programmed
+            .iter()
+            .filter_map(|(id, p)| {
+                let merged = p.merged.as_ref()?;
+                let entries = crate::datapath::l7_entries(merged, &self.rule_cookies);
+                (!entries.0.is_empty() || !entries.1.is_empty()).then_some((*id, entries))
+            })
+            .collect();
+        let prefixes = if endpoints.is_empty() {
+            Vec::new()
+        } else {
+            self.node_addrs
+                .iter()
+                .map(|ip| cilia_proxy::control::PrefixIdentity {
+                    prefix: crate::node::host_prefix(*ip),
+                    identity: cilia_policy::reserved::HOST,
+                })
+                .chain(self.cidr_ids.iter().map(|(prefix, id)| {
+                    cilia_proxy::control::PrefixIdentity {
+                        prefix: *prefix,
+                        identity: *id,
+                    }
+                }))
+                .collect()
+        };
+        crate::proxy::L7Summary {
+            generation,
+            endpoints,
+            prefixes,
+        }
     }
 
     pub(crate) fn dp(&self) -> &dyn cilia_datapath::Datapath {
@@ -325,6 +377,7 @@ impl PolicyState {
     pub fn forget(&mut self, id: u16) {
         self.live.remove(&id);
         self.programmed.remove(&id);
+        self.publish_summary();
     }
 
     /// Loads the stored policies (at start-up). Documents that no longer
