@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The main job: sets everything up, starts cilia-agent on its embedded
 # defaults inside a node network namespace, and runs the Star Wars scenario of
-# Cilium's getting-started guide at L3/L4, live: endpoints deathstar,
-# tiefighter and xwing; before policy both ships land; after importing
+# Cilium's getting-started guide, live: endpoints deathstar, tiefighter and
+# xwing; before policy both ships land; after importing
 # examples/starwars/cnp-l3-l4.yaml the tiefighter lands and the xwing is
-# dropped. Then a trace, the kernel's maps, and an agent crash that traffic
-# survives. Everything lives in namespaces this script creates and is removed
+# dropped; after examples/starwars/cnp-l7.yaml (HTTP rules, enforced by
+# cilia-proxy) the tiefighter may still land but its PUT /v1/exhaust-port is
+# answered 403 "Access denied". Then a trace, the kernel's maps, and an agent
+# crash that traffic (L7 included) survives. Everything lives in namespaces this script creates and is removed
 # on exit — success, failure or Ctrl-C: every process it starts is recorded by
 # PID and ended by PID, with whatever still runs in its namespaces.
 #   CILIA_DEMO_KEEP=1   leave it running
@@ -51,8 +53,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 remove_all
-mkdir -p "$RUN/www/v1"
-echo "Ship landed" >"$RUN/www/v1/request-landing"
+mkdir -p "$RUN"
 
 say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 cilia() { "$BIN/cilia" "$@"; }
@@ -65,13 +66,14 @@ start_agent() { # nsenter execs the agent: $! is the agent's PID
   echo "agent did not start:"; cat "$RUN/agent.log"; exit 1
 }
 field() { cilia endpoint list -o json | python3 -c "import json,sys; print([e['$2'] for e in json.load(sys.stdin) if e['labels'].get('class')=='$1'][0])"; }
-land() { # ship address
-  if out=$(in_ship "$1" curl -s --max-time 2 "http://$2/v1/request-landing" 2>/dev/null); then
-    printf '  %-10s -> deathstar %-16s %s\n' "$1" "$2" "$out"
+call() { # ship address method path
+  if out=$(in_ship "$1" curl -s --max-time 2 -X "$3" "http://$2$4" 2>/dev/null); then
+    printf '  %-10s %-4s %-24s -> deathstar %-16s %s\n' "$1" "$3" "$4" "$2" "${out%$'\r'}"
   else
-    printf '  %-10s -> deathstar %-16s \033[31mno answer (dropped)\033[0m\n' "$1" "$2"
+    printf '  %-10s %-4s %-24s -> deathstar %-16s \033[31mno answer (dropped)\033[0m\n' "$1" "$3" "$4" "$2"
   fi
 }
+land() { call "$1" "$2" POST /v1/request-landing; }
 
 say "node namespace $NODE, IP forwarding off; cilia-agent on its embedded store"
 ip netns add $NODE
@@ -88,9 +90,9 @@ ip netns add "$P-xwing"
 cilia endpoint create --netns "$P-xwing" --labels org=alliance,class=xwing
 cilia endpoint list
 DS=$(field deathstar id); DS6=$(field deathstar ipv6); DS4=$(field deathstar ipv4); XW=$(field xwing id)
-ip netns exec "$P-deathstar" python3 -m http.server 80 --bind :: --directory "$RUN/www" >/dev/null 2>&1 &
+ip netns exec "$P-deathstar" python3 examples/starwars/deathstar.py 80 >/dev/null 2>&1 &
 track $!
-for _ in $(seq 50); do in_ship tiefighter curl -s --max-time 1 "http://[$DS6]/" >/dev/null 2>&1 && break; sleep 0.1; done
+for _ in $(seq 50); do in_ship tiefighter curl -s --max-time 1 "http://[$DS6]/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
 
 say "forwarding in the node namespace: ipv4=$(ip netns exec $NODE cat /proc/sys/net/ipv4/ip_forward) ipv6=$(ip netns exec $NODE cat /proc/sys/net/ipv6/conf/all/forwarding): BPF forwards"
 say "before any policy, every ship lands (IPv6 and IPv4)"
@@ -103,6 +105,21 @@ for ship in tiefighter xwing; do land $ship "[$DS6]"; land $ship "$DS4"; done
 
 say "which flows were dropped, and by which policy? (cilia observe)"
 cilia observe --verdict DROPPED --to-label class=deathstar --protocol TCP --last 2
+say "but the tiefighter may also fire at the exhaust port"
+call tiefighter "[$DS6]" PUT /v1/exhaust-port
+
+say "import the L7 policy: org=empire may only POST /v1/request-landing (HTTP rules, enforced by cilia-proxy)"
+sed -n '/^apiVersion/,$p' examples/starwars/cnp-l7.yaml
+cilia policy import examples/starwars/cnp-l7.yaml
+for addr in "[$DS6]" "$DS4"; do
+  call tiefighter "$addr" POST /v1/request-landing
+  call tiefighter "$addr" PUT /v1/exhaust-port
+  call xwing "$addr" POST /v1/request-landing
+done
+say "the HTTP requests, as the proxy saw them (cilia observe --type l7)"
+cilia observe --type l7 --last 4
+say "the proxy, started and supervised by the agent"
+cilia status | grep -i -A1 'l7-proxy' || true
 say "why was the xwing dropped? (control plane and the loaded BPF program, side by side)"
 cilia policy trace --src "$XW" --dst "$DS" --dport 80/TCP --datapath
 say "the deathstar's policy map, read back from the kernel"
@@ -113,8 +130,8 @@ cilia bpf ipcache list
 say "connection tracking"
 cilia bpf ct list
 
-say "kill -9 the agent during 30 landings: traffic and policy do not notice"
-in_ship tiefighter sh -c "ok=0; for i in \$(seq 30); do curl -s --max-time 1 http://[$DS6]/v1/request-landing >/dev/null && ok=\$((ok+1)); sleep 0.05; done; echo \"  tiefighter: \$ok of 30 landings succeeded\"" &
+say "kill -9 the agent during 30 landings (through the L7 proxy): traffic and policy do not notice"
+in_ship tiefighter sh -c "ok=0; for i in \$(seq 30); do curl -sf --max-time 1 -XPOST http://[$DS6]/v1/request-landing >/dev/null && ok=\$((ok+1)); sleep 0.05; done; echo \"  tiefighter: \$ok of 30 landings succeeded\"" &
 LOOP=$!
 track "$LOOP"
 sleep 0.5

@@ -110,6 +110,23 @@ fn demo_leaves_nothing_behind_when_it_succeeds() {
         "{}",
         text.join("\n")
     );
+    // The three outcomes of the Star Wars scenario at L7, both families.
+    let l7: Vec<&String> = text
+        .iter()
+        .skip_while(|l| !l.contains("import the L7 policy"))
+        .take_while(|l| !l.contains("as the proxy saw them"))
+        .collect();
+    let outcome = |ship: &str, method: &str, result: &str| {
+        l7.iter()
+            .filter(|l| {
+                l.trim_start().starts_with(ship) && l.contains(method) && l.contains(result)
+            })
+            .count()
+    };
+    let all = text.join("\n");
+    assert_eq!(outcome("tiefighter", "POST", "Ship landed"), 2, "{all}");
+    assert_eq!(outcome("tiefighter", "PUT", "Access denied"), 2, "{all}");
+    assert_eq!(outcome("xwing", "POST", "dropped"), 2, "{all}");
     assert_eq!(leftovers(&name), Vec::<String>::new());
 }
 
