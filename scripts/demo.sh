@@ -90,7 +90,7 @@ ip netns add "$P-xwing"
 cilia endpoint create --netns "$P-xwing" --labels org=alliance,class=xwing
 cilia endpoint list
 DS=$(field deathstar id); DS6=$(field deathstar ipv6); DS4=$(field deathstar ipv4); XW=$(field xwing id)
-ip netns exec "$P-deathstar" python3 examples/starwars/deathstar.py 80 >/dev/null 2>&1 &
+ip netns exec "$P-deathstar" "$BIN/deathstar" 80 >/dev/null 2>&1 &
 track $!
 for _ in $(seq 50); do in_ship tiefighter curl -s --max-time 1 "http://[$DS6]/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
 

@@ -239,7 +239,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         config.proxy_port,
         config.proxy_bin.clone(),
     );
-    let (proxy_status_tx, proxy_status) = tokio::sync::watch::channel(proxy::ProxyStatus::NotNeeded);
+    let (proxy_status_tx, proxy_status) =
+        tokio::sync::watch::channel(proxy::ProxyStatus::NotNeeded);
     let store = manager.store.clone();
     let pools = manager.pools().clone();
     let flow_monitor = monitor::Monitor::new(config.flow_buffer_size, agent_metrics.clone());
@@ -278,7 +279,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         ));
         let monitor = flow_monitor.clone();
         let on_flow: Arc<dyn Fn(cilia_proxy::control::L7Flow) + Send + Sync> =
-            Arc::new(move |flow| { let _ = (&monitor, flow); /* MERGE: monitor.record_l7(&flow) */ });
+            Arc::new(move |flow| {
+                let _ = (&monitor, flow); /* MERGE: monitor.record_l7(&flow) */
+            });
         tokio::spawn(proxy::supervise(
             proxy_config,
             policy_rx,

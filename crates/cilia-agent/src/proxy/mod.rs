@@ -231,10 +231,11 @@ pub async fn supervise(
         let stream = match UnixStream::connect(&config.control_socket).await {
             Ok(stream) => stream,
             Err(_) => {
-                let needed = policy
-                    .borrow()
-                    .as_ref()
-                    .is_some_and(|p| p.endpoints.iter().any(|e| !e.ingress.is_empty() || !e.egress.is_empty()));
+                let needed = policy.borrow().as_ref().is_some_and(|p| {
+                    p.endpoints
+                        .iter()
+                        .any(|e| !e.ingress.is_empty() || !e.egress.is_empty())
+                });
                 if !needed {
                     status.send_replace(ProxyStatus::NotNeeded);
                     if policy.changed().await.is_err() {
@@ -433,7 +434,10 @@ mod tests {
             15080,
             None,
         );
-        assert_eq!(c.control_socket, Path::new("/var/run/cilia/cilia-proxy.sock"));
+        assert_eq!(
+            c.control_socket,
+            Path::new("/var/run/cilia/cilia-proxy.sock")
+        );
         assert_eq!(c.log, Path::new("/var/lib/cilia/proxy.log"));
         assert!(c.binary.ends_with("cilia-proxy"));
     }
