@@ -25,7 +25,8 @@ use crate::policy::CompiledPolicy;
 /// Longest control message accepted, in bytes (a whole cluster's L7 policy
 /// fits with room to spare; a runaway writer cannot exhaust memory).
 pub const MAX_CONTROL_MESSAGE: usize = 64 << 20;
-/// Flow records waiting for each control client; beyond, the oldest are dropped.
+/// Default number of flow records waiting for each control client; beyond,
+/// the oldest are dropped.
 pub const FLOW_QUEUE: usize = 4096;
 /// At most one "records dropped" warning per client per this interval.
 const DROP_LOG_INTERVAL: Duration = Duration::from_secs(5);

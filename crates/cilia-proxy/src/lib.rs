@@ -49,6 +49,9 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// On shutdown, how long requests in flight may take to finish.
     pub drain_timeout: Duration,
+    /// Flow records queued for each control client; a client further behind
+    /// loses the oldest ones (counted and logged).
+    pub flow_queue: usize,
 }
 
 impl Config {
@@ -59,6 +62,7 @@ impl Config {
             port: control::DEFAULT_PROXY_PORT,
             connect_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
+            flow_queue: FLOW_QUEUE,
         }
     }
 }
@@ -116,7 +120,7 @@ pub async fn run_until(
     })?;
     info!(socket = %config.control_socket.display(), "control socket ready");
     let (policy_tx, mut policy_rx) = watch::channel(None);
-    let (flows, _) = broadcast::channel(FLOW_QUEUE);
+    let (flows, _) = broadcast::channel(config.flow_queue.max(1));
     let (stop_tx, stop_rx) = watch::channel(false);
     let control = Arc::new(control_socket::Control {
         policy: policy_tx,

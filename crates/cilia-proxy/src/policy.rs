@@ -168,7 +168,7 @@ impl CompiledPolicy {
                 .insert(p.prefix.trunc(), p.identity);
         }
         let mut prefixes: Vec<_> = by_len.into_iter().collect();
-        prefixes.sort_by(|a, b| b.0.cmp(&a.0));
+        prefixes.sort_by_key(|p| std::cmp::Reverse(p.0));
         Ok(CompiledPolicy {
             revision: policy.revision,
             endpoints,

@@ -102,7 +102,9 @@ async fn a_keep_alive_connection_mixes_allowed_and_denied_requests_over_one_upst
     let first = client.request("POST", "/v1/request-landing", &[]).await;
     assert_eq!(first.status, 200);
     for _ in 0..3 {
-        let denied = client.request("PUT", "/v1/exhaust-port", &[]).await;
+        let denied = client
+            .request_body("PUT", "/v1/exhaust-port", &[], "torpedo")
+            .await;
         assert_eq!(denied.status, 403);
         let allowed = client.request("GET", "/v1/status", &[]).await;
         assert_eq!(allowed.status, 200);
@@ -139,7 +141,7 @@ async fn large_bodies_stream_both_ways_with_bounded_proxy_memory() {
     let mut client = topo.http(server4(80)).await;
     // Warm up (first connection, allocator arenas), then take the baseline.
     assert_eq!(client.request("GET", "/v1/status", &[]).await.status, 200);
-    let before = topo.proxy.status_kib("VmRSS");
+    let before = topo.proxy().status_kib("VmRSS");
     let req = Request::builder()
         .method("POST")
         .uri("/echo")
@@ -160,7 +162,7 @@ async fn large_bodies_stream_both_ways_with_bounded_proxy_memory() {
         assert!(Instant::now() < deadline, "64 MiB echo too slow");
     }
     assert_eq!(got, LEN);
-    let peak = topo.proxy.status_kib("VmHWM");
+    let peak = topo.proxy().status_kib("VmHWM");
     let growth_mib = peak.saturating_sub(before) / 1024;
     assert!(
         growth_mib < 32,
@@ -296,11 +298,17 @@ async fn the_policy_stays_in_force_when_the_agent_disconnects() {
 async fn every_request_is_reported_as_a_flow_record() {
     privileged!("flow_records");
     let (topo, mut control) = with_policy().await;
+    let (mut other, _) = topo.control().await;
     let mut client = topo.http(server4(80)).await;
     client.request("POST", "/v1/request-landing", &[]).await;
     client.request("PUT", "/v1/exhaust-port", &[]).await;
 
     let landed = control.next_flow().await;
+    assert_eq!(
+        landed,
+        other.next_flow().await,
+        "every control client gets it"
+    );
     assert_eq!(landed.method, "POST");
     assert_eq!(landed.path, "/v1/request-landing");
     assert_eq!(landed.host.as_deref(), Some("deathstar.empire.svc"));
@@ -384,11 +392,11 @@ async fn sigterm_closes_the_listeners_and_exits() {
     let (mut topo, _control) = with_policy().await;
     let mut client = topo.http(server4(80)).await;
     assert_eq!(client.request("GET", "/v1/status", &[]).await.status, 200);
-    let pid = nix::unistd::Pid::from_raw(topo.proxy.pid() as i32);
+    let pid = nix::unistd::Pid::from_raw(topo.proxy().pid() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
-        if let Some(status) = topo.proxy.child.try_wait().expect("wait") {
+        if let Some(status) = topo.proxy_mut().child.try_wait().expect("wait") {
             break status;
         }
         assert!(
@@ -398,18 +406,107 @@ async fn sigterm_closes_the_listeners_and_exits() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(status.success(), "{status}");
-    assert!(!topo.proxy.socket.exists(), "control socket removed");
+    assert!(!topo.proxy().socket.exists(), "control socket removed");
     assert!(!node_listens(&topo.node, PROXY_PORT));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_control_socket_is_private() {
+async fn the_control_socket_replaces_a_stale_file_and_is_private() {
     privileged!("control_socket_mode");
-    use std::os::unix::fs::PermissionsExt;
-    let topo = Topology::new().await;
-    let mode = std::fs::metadata(&topo.proxy.socket)
-        .expect("socket")
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o600);
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let topo = Topology::without_proxy().await;
+    let path = topo.dir().join("stale.sock");
+    std::fs::write(&path, "left over by a crashed proxy").expect("stale file");
+    let proxy = InProcess::start_replacing(&topo.node, cilia_proxy::Config::new(&path));
+    let meta = std::fs::metadata(&path).expect("socket");
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let mut control = ControlClient::connect(&path).await;
+    assert!(matches!(control.recv().await, FromProxy::Hello { .. }));
+    proxy.stop().expect("clean stop");
+    assert!(!path.exists(), "removed on exit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_failing_mid_response_closes_the_client_connection() {
+    privileged!("upstream_reset_mid_response");
+    let (topo, _control) = with_policy().await;
+    // Port 82 answers 7 of 1000 promised bytes, then resets.
+    let mut client = topo.http(server4(82)).await;
+    let resp = client
+        .send(
+            Request::builder()
+                .method("POST")
+                .uri("/v1/request-landing")
+                .body(empty())
+                .expect("request"),
+        )
+        .await
+        .expect("response head");
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+        .await
+        .expect("the body ends in time");
+    assert!(body.is_err(), "a cut response must not look complete");
+    let next = client
+        .send(
+            Request::builder()
+                .uri("/v1/status")
+                .body(empty())
+                .expect("request"),
+        )
+        .await;
+    assert!(next.is_err(), "the client connection is closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_client_that_never_reads_loses_flow_records_not_requests() {
+    privileged!("slow_control_client");
+    let topo = Topology::without_proxy().await;
+    let mut config = cilia_proxy::Config::new(topo.dir().join("inproc.sock"));
+    config.port = PROXY_PORT;
+    config.flow_queue = 4;
+    let proxy = InProcess::start(&topo.node, config);
+    let mut stalled = ControlClient::connect(&proxy.socket).await;
+    assert!(matches!(stalled.recv().await, FromProxy::Hello { .. }));
+    let answer = stalled.apply(&policy(1, deathstar_rules())).await;
+    assert_eq!(answer, FromProxy::Applied { revision: 1 });
+    wait_listening(&topo).await;
+
+    // The stalled client reads nothing more while requests go on.
+    const N: usize = 2000;
+    let mut client = topo.http(server4(80)).await;
+    let t = Instant::now();
+    for i in 0..N {
+        let path = if i % 2 == 0 {
+            "/v1/status"
+        } else {
+            "/v1/exhaust-port"
+        };
+        let a = client.request("GET", path, &[]).await;
+        assert!(
+            a.status == 200 || a.status == 403,
+            "request {i}: {}",
+            a.status
+        );
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(90),
+        "requests slowed down: {:?}",
+        t.elapsed()
+    );
+    // It now finds fewer records than requests: the overflow was dropped.
+    let mut flows = 0;
+    while let Ok(line) = tokio::time::timeout(Duration::from_millis(500), stalled.recv()).await {
+        if matches!(line, FromProxy::Flow(_)) {
+            flows += 1;
+        }
+        assert!(flows <= N);
+    }
+    assert!(
+        flows < N,
+        "{flows} records for {N} requests: nothing was dropped?"
+    );
+    drop(stalled);
+    proxy.stop().expect("in-process proxy ends cleanly");
 }

@@ -9,7 +9,7 @@
 //! 2001:db8:c::10           2001:db8:c::1    2001:db8:5::1             2001:db8:5::10
 //! ```
 //!
-//! TCP to ports 80 and 81 entering the node is assigned to the proxy's
+//! TCP to ports 80, 81 and 82 entering the node is assigned to the proxy's
 //! transparent listener (port 15080) and marked TO_PROXY; the policy route
 //! of the design (fwmark TO_PROXY -> table 2005: local default) delivers it
 //! locally. Replies of the server to the proxy's upstream sockets (bound to
@@ -107,17 +107,23 @@ impl Drop for Proxy {
 /// Client, node (running the proxy) and server namespaces. Dropping it
 /// kills the proxy and removes the namespaces (and every process in them).
 pub struct Topology {
-    pub proxy: Proxy,
+    proxy: Option<Proxy>,
     pub client: Netns,
     pub node: Netns,
     pub server: Netns,
     dir: PathBuf,
     server_task: tokio::task::JoinHandle<()>,
+    raw_tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Topology {
     fn drop(&mut self) {
+        // The proxy first: it prints its log (kept in `dir`) on a panic.
+        drop(self.proxy.take());
         self.server_task.abort();
+        for task in &self.raw_tasks {
+            task.abort();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -211,9 +217,9 @@ fn setup(client: &Netns, node: &Netns, server: &Netns) {
            chain prerouting {{
              type filter hook prerouting priority mangle; policy accept;
              socket transparent 1 meta mark set 0xc10000 accept
-             meta nfproto ipv4 tcp dport {{ 80, 81 }} tproxy ip to :{PROXY_PORT} meta mark set 0xc10000 accept
-             meta nfproto ipv6 tcp dport {{ 80, 81 }} tproxy ip6 to :{PROXY_PORT} meta mark set 0xc10000 accept
-             tcp dport {{ 80, 81 }} reject with tcp reset
+             meta nfproto ipv4 tcp dport {{ 80, 81, 82 }} tproxy ip to :{PROXY_PORT} meta mark set 0xc10000 accept
+             meta nfproto ipv6 tcp dport {{ 80, 81, 82 }} tproxy ip6 to :{PROXY_PORT} meta mark set 0xc10000 accept
+             tcp dport {{ 80, 81, 82 }} reject with tcp reset
            }}
          }}"
     );
@@ -236,9 +242,27 @@ fn setup(client: &Netns, node: &Netns, server: &Netns) {
 }
 
 impl Topology {
-    /// Builds the namespaces, starts the HTTP server and the proxy (with no
-    /// policy yet).
+    /// Builds the namespaces, starts the HTTP server and the proxy binary
+    /// (with no policy yet).
     pub async fn new() -> Topology {
+        Self::build(true).await
+    }
+
+    /// Like [`Topology::new`] without the proxy binary (for a proxy run
+    /// in-process with [`InProcess`]).
+    pub async fn without_proxy() -> Topology {
+        Self::build(false).await
+    }
+
+    pub fn proxy(&self) -> &Proxy {
+        self.proxy.as_ref().expect("topology with a proxy process")
+    }
+
+    pub fn proxy_mut(&mut self) -> &mut Proxy {
+        self.proxy.as_mut().expect("topology with a proxy process")
+    }
+
+    async fn build(with_proxy: bool) -> Topology {
         let client = Netns::new("pxc").expect("client netns");
         let node = Netns::new("pxn").expect("node netns");
         let server = Netns::new("pxs").expect("server netns");
@@ -249,9 +273,15 @@ impl Topology {
         listener.set_nonblocking(true).expect("nonblocking");
         let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
         let server_task = tokio::spawn(serve_http(listener));
+        let raw = server
+            .run(|| std::net::TcpListener::bind("[::]:82"))
+            .expect("server listens on [::]:82");
+        raw.set_nonblocking(true).expect("nonblocking");
+        let raw = tokio::net::TcpListener::from_std(raw).expect("tokio listener");
+        let raw_tasks = vec![tokio::spawn(serve_cut_response(raw))];
         let dir = std::env::temp_dir().join(unique_name("cilia-proxy-test-"));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let proxy = spawn_proxy(&node, &dir);
+        let proxy = with_proxy.then(|| spawn_proxy(&node, &dir));
         Topology {
             proxy,
             client,
@@ -259,6 +289,7 @@ impl Topology {
             server,
             dir,
             server_task,
+            raw_tasks,
         }
     }
 
@@ -298,7 +329,7 @@ impl Topology {
 
     /// A control connection that has read the proxy's Hello.
     pub async fn control(&self) -> (ControlClient, FromProxy) {
-        let mut c = ControlClient::connect(&self.proxy.socket).await;
+        let mut c = ControlClient::connect(&self.proxy().socket).await;
         let hello = c.recv().await;
         (c, hello)
     }
@@ -345,12 +376,40 @@ pub fn node_listens(node: &Netns, port: u16) -> bool {
 
 // ---------------------------------------------------------------- server
 
-type TestBody = BoxBody<Bytes, hyper::Error>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type TestBody = BoxBody<Bytes, BoxError>;
 
 fn text(s: String) -> TestBody {
     Full::new(Bytes::from(s))
         .map_err(|never: Infallible| match never {})
         .boxed()
+}
+
+/// Port 82 of the server: reads a request head, answers a head promising
+/// 1000 bytes and 7 of them, then resets the connection.
+async fn serve_cut_response(listener: tokio::net::TcpListener) {
+    use tokio::io::AsyncReadExt;
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65536 {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\npartial")
+                .await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = stream.set_zero_linger();
+            drop(stream); // RST
+        });
+    }
 }
 
 /// The test server: answers every request with `x-peer` (the address it
@@ -366,7 +425,7 @@ async fn serve_http(listener: tokio::net::TcpListener) {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| async move {
                 let path = req.uri().path().to_string();
                 let body = match path.as_str() {
-                    "/echo" => req.into_body().boxed(),
+                    "/echo" => req.into_body().map_err(BoxError::from).boxed(),
                     "/v1/request-landing" => text("Ship landed\n".into()),
                     _ => text(format!("ok {} {}\n", req.method(), req.uri())),
                 };
@@ -429,6 +488,17 @@ impl HttpClient {
 
     /// `method path` with `headers` and an empty body, answer read whole.
     pub async fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)]) -> Answer {
+        self.request_body(method, path, headers, "").await
+    }
+
+    /// `method path` with `headers` and `body`, answer read whole.
+    pub async fn request_body(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &'static str,
+    ) -> Answer {
         let mut req = Request::builder()
             .method(method)
             .uri(path)
@@ -437,7 +507,14 @@ impl HttpClient {
             req = req.header(*k, *v);
         }
         let resp = self
-            .send(req.body(empty()).expect("request"))
+            .send(
+                req.body(
+                    Full::new(Bytes::from_static(body.as_bytes()))
+                        .map_err(|never: Infallible| match never {})
+                        .boxed(),
+                )
+                .expect("request"),
+            )
             .await
             .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
         let status = resp.status().as_u16();
@@ -583,7 +660,7 @@ pub fn policy(revision: u64, rules: Vec<HttpRuleSpec>) -> ProxyPolicy {
                 id: SERVER_ID,
                 identity: SERVER_IDENTITY,
                 addrs: vec![ip(SERVER4), ip(SERVER6)],
-                ingress: vec![entry(80), entry(81)],
+                ingress: vec![entry(80), entry(81), entry(82)],
                 egress: vec![],
             },
             ProxyEndpoint {
@@ -615,5 +692,80 @@ pub async fn wait_listening(topo: &Topology) {
     while !node_listens(&topo.node, PROXY_PORT) {
         assert!(Instant::now() < deadline, "proxy never listened");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------- in-process
+
+/// `cilia_proxy::run_until` on a thread of its own inside the node
+/// namespace (its runtime's threads, and so every socket the proxy opens,
+/// live there). Stopped and joined on drop.
+pub struct InProcess {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+    pub socket: PathBuf,
+}
+
+impl InProcess {
+    pub fn start(node: &Netns, config: cilia_proxy::Config) -> InProcess {
+        assert!(!config.control_socket.exists(), "fresh socket path");
+        Self::start_replacing(node, config)
+    }
+
+    /// Starts it where a (stale) file may already exist: waits for a socket.
+    pub fn start_replacing(node: &Netns, config: cilia_proxy::Config) -> InProcess {
+        use std::os::unix::fs::FileTypeExt;
+        let netns = std::fs::File::open(node.path()).expect("node netns");
+        let socket = config.control_socket.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("setns: {e}"))?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime
+                .block_on(cilia_proxy::run_until(config, async {
+                    let _ = stopped.await;
+                }))
+                .map_err(|e| e.to_string())
+        });
+        let deadline = Instant::now() + WAIT;
+        while !std::fs::metadata(&socket).is_ok_and(|m| m.file_type().is_socket()) {
+            assert!(!thread.is_finished(), "in-process proxy stopped early");
+            assert!(
+                Instant::now() < deadline,
+                "no control socket after {WAIT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        InProcess {
+            stop: Some(stop),
+            thread: Some(thread),
+            socket,
+        }
+    }
+
+    /// Stops the proxy and returns how it ended.
+    pub fn stop(mut self) -> Result<(), String> {
+        self.stop_and_join()
+    }
+
+    fn stop_and_join(&mut self) -> Result<(), String> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| "proxy thread panicked".to_string())?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        let _ = self.stop_and_join();
     }
 }
