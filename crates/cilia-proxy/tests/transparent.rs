@@ -164,6 +164,7 @@ async fn large_bodies_stream_both_ways_with_bounded_proxy_memory() {
     assert_eq!(got, LEN);
     let peak = topo.proxy().status_kib("VmHWM");
     let growth_mib = peak.saturating_sub(before) / 1024;
+    eprintln!("proxy RSS before {before} KiB, peak {peak} KiB");
     assert!(
         growth_mib < 32,
         "proxy peak RSS grew by {growth_mib} MiB for a 64 MiB body each way"
@@ -509,4 +510,35 @@ async fn a_control_client_that_never_reads_loses_flow_records_not_requests() {
     );
     drop(stalled);
     proxy.stop().expect("in-process proxy ends cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_the_request_in_flight_finish_and_stops_accepting() {
+    privileged!("graceful_shutdown");
+    let topo = Topology::without_proxy().await;
+    let mut config = cilia_proxy::Config::new(topo.dir().join("inproc.sock"));
+    config.port = PROXY_PORT;
+    let proxy = InProcess::start(&topo.node, config);
+    let mut control = ControlClient::connect(&proxy.socket).await;
+    control.recv().await;
+    let answer = control.apply(&policy(1, deathstar_rules())).await;
+    assert_eq!(answer, FromProxy::Applied { revision: 1 });
+    wait_listening(&topo).await;
+
+    let mut client = topo.http(server4(80)).await;
+    let in_flight = tokio::spawn(async move { client.request("GET", "/slow", &[]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    let stopped = tokio::task::spawn_blocking(move || proxy.stop());
+    let answer = in_flight.await.expect("request task");
+    assert_eq!((answer.status, answer.body.as_str()), (200, "slow ok\n"));
+    stopped
+        .await
+        .expect("stop task")
+        .expect("the proxy ends cleanly");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(
+        topo.connect(server4(80)).await.is_err(),
+        "no listener after shutdown"
+    );
 }

@@ -414,7 +414,7 @@ async fn serve_cut_response(listener: tokio::net::TcpListener) {
 
 /// The test server: answers every request with `x-peer` (the address it
 /// saw); `/echo` streams the request body back, `/v1/request-landing` says
-/// "Ship landed", anything else "ok <method> <path>".
+/// "Ship landed", `/slow` answers after 1.5 s, anything else "ok <method> <path>".
 async fn serve_http(listener: tokio::net::TcpListener) {
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
@@ -427,6 +427,10 @@ async fn serve_http(listener: tokio::net::TcpListener) {
                 let body = match path.as_str() {
                     "/echo" => req.into_body().map_err(BoxError::from).boxed(),
                     "/v1/request-landing" => text("Ship landed\n".into()),
+                    "/slow" => {
+                        tokio::time::sleep(Duration::from_millis(1500)).await;
+                        text("slow ok\n".into())
+                    }
                     _ => text(format!("ok {} {}\n", req.method(), req.uri())),
                 };
                 let mut resp = Response::new(body);
@@ -638,6 +642,7 @@ pub fn deathstar_rules() -> Vec<HttpRuleSpec> {
             ..rule("GET", "/v1/secret")
         },
         rule("POST", "/echo"),
+        rule("GET", "/slow"),
     ]
 }
 
