@@ -5,7 +5,8 @@
 //! pushed per request, answers denied requests `403 Access denied`, forwards
 //! allowed ones from the client's own address, and reports every request.
 //!
-//! [`control`] is the agent↔proxy protocol; [`run`] runs the proxy.
+//! [`control`] is the agent↔proxy protocol and [`control_client`] the
+//! agent's end of it; [`run`] runs the proxy.
 //!
 //! Invariants:
 //! - fail closed: the transparent listeners open only once a policy is in
@@ -19,6 +20,7 @@
 
 mod connection;
 pub mod control;
+pub mod control_client;
 mod control_socket;
 pub mod policy;
 mod sockets;

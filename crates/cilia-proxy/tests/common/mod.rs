@@ -29,17 +29,17 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use cilia_policy::l7::{HttpRuleSpec, L7Policy};
 use cilia_proxy::control::{
-    FromProxy, L7Entry, L7Flow, ProxyEndpoint, ProxyPolicy, ToProxy, PROTOCOL_VERSION,
+    FromProxy, L7Entry, L7Flow, ProxyEndpoint, ProxyPolicy, PROTOCOL_VERSION,
 };
+use cilia_proxy::control_client::{self, ControlReader, ControlWriter};
 use cilia_testnet::netns::{run, unique_name, Netns};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpSocket, TcpStream, UnixStream};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpSocket, TcpStream};
 
 pub const CLIENT4: &str = "192.0.2.10";
 pub const CLIENT6: &str = "2001:db8:c::10";
@@ -329,8 +329,8 @@ impl Topology {
 
     /// A control connection that has read the proxy's Hello.
     pub async fn control(&self) -> (ControlClient, FromProxy) {
-        let mut c = ControlClient::connect(&self.proxy().socket).await;
-        let hello = c.recv().await;
+        let c = ControlClient::connect(&self.proxy().socket).await;
+        let hello = c.hello.clone();
         (c, hello)
     }
 }
@@ -567,41 +567,40 @@ impl hyper::body::Body for Zeros {
 
 // ---------------------------------------------------------------- control
 
+/// The library's control client, with panics instead of errors.
 pub struct ControlClient {
-    read: BufReader<OwnedReadHalf>,
-    write: OwnedWriteHalf,
+    pub hello: FromProxy,
+    read: ControlReader,
+    write: ControlWriter,
 }
 
 impl ControlClient {
     pub async fn connect(path: &Path) -> ControlClient {
-        let stream = UnixStream::connect(path).await.expect("control socket");
-        let (read, write) = stream.into_split();
+        let (hello, read, write) = tokio::time::timeout(WAIT, control_client::connect(path))
+            .await
+            .expect("hello in time")
+            .expect("control socket");
         ControlClient {
-            read: BufReader::new(read),
+            hello: FromProxy::Hello {
+                version: hello.version,
+                pid: hello.pid,
+                revision: hello.revision,
+            },
+            read,
             write,
         }
     }
 
     pub async fn recv(&mut self) -> FromProxy {
-        let mut line = String::new();
-        tokio::time::timeout(WAIT, self.read.read_line(&mut line))
+        tokio::time::timeout(WAIT, self.read.recv())
             .await
             .expect("control message in time")
-            .expect("control read");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
-    }
-
-    pub async fn send_line(&mut self, line: &str) {
-        self.write
-            .write_all(format!("{line}\n").as_bytes())
-            .await
-            .expect("control write");
+            .expect("control message")
     }
 
     /// Sends a policy and returns the answer to it (skipping flow records).
     pub async fn apply(&mut self, policy: &ProxyPolicy) -> FromProxy {
-        let line = serde_json::to_string(&ToProxy::Policy(policy.clone())).expect("json");
-        self.send_line(&line).await;
+        self.write.send_policy(policy).await.expect("control write");
         for _ in 0..10_000 {
             match self.recv().await {
                 FromProxy::Flow(_) => continue,
