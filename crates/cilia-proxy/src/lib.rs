@@ -194,6 +194,7 @@ async fn serve_traffic(
         }
     }
     drop((v4, v6));
+    while connections.try_join_next().is_some() {}
     info!(
         in_flight = connections.len(),
         "listeners closed; finishing requests in flight"

@@ -64,12 +64,12 @@ fn context(what: &str, e: io::Error) -> io::Error {
 }
 
 fn tcp_socket(addr: &SocketAddr) -> io::Result<Socket> {
+    // The OS error is kept as is: EAFNOSUPPORT tells a node without IPv6.
     let sock = Socket::new(
         Domain::for_address(*addr),
         Type::STREAM,
         Some(Protocol::TCP),
-    )
-    .map_err(|e| context("socket", e))?;
+    )?;
     sock.set_nonblocking(true)?;
     set_mark(&sock, MARK).map_err(|e| context("SO_MARK", e))?;
     Ok(sock)
