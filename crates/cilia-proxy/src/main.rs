@@ -34,8 +34,8 @@ fn main() -> anyhow::Result<()> {
     let mut config = cilia_proxy::Config::new(args.control_socket);
     config.port = args.port;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    // The error's message already carries its cause: print it once.
     runtime
         .block_on(cilia_proxy::run(config))
-        .context("cilia-proxy")?;
-    Ok(())
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
