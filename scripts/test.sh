@@ -52,7 +52,7 @@ if [ "$(id -u)" -eq 0 ]; then
   fi
 fi
 
-left=$(ip netns list 2>/dev/null | grep -E '^(cnode|cep|cdemo)[0-9]+x' || true)
+left=$(ip netns list 2>/dev/null | grep -E '^(cnode|cep|cdemo|pxc|pxn|pxs)[0-9]+x' || true)
 if [ -n "$left" ]; then
   echo "test.sh: tests left network namespaces behind: $left" >&2
   exit 1

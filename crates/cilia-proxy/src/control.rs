@@ -126,7 +126,8 @@ pub enum L7Verdict {
     Forwarded,
     /// Refused by policy: answered `403 Access denied`.
     Denied,
-    /// Allowed, but the upstream failed (`status` 502/504 as answered).
+    /// Allowed, but the upstream failed: `status` 503 when it could not be
+    /// reached, 502 when it failed before its response head.
     Error,
 }
 

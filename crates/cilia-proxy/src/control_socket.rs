@@ -1,0 +1,215 @@
+//! The control socket: where the agent pushes policies and reads flow
+//! records ([`crate::control`] is the protocol).
+//!
+//! Invariants: a policy is compiled completely before it replaces the one in
+//! force (one atomic swap; requests already past their decision are not
+//! affected, the next request of every connection sees the new one); a
+//! refused policy leaves the old one in force; the policy stays in force when
+//! the agent disconnects; a control client that reads slowly loses flow
+//! records (counted and logged), never delays a request.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{broadcast, mpsc, watch};
+use tracing::{info, warn};
+
+use crate::control::{FromProxy, L7Flow, ToProxy, PROTOCOL_VERSION};
+use crate::policy::CompiledPolicy;
+
+/// Longest control message accepted, in bytes (a whole cluster's L7 policy
+/// fits with room to spare; a runaway writer cannot exhaust memory).
+pub const MAX_CONTROL_MESSAGE: usize = 64 << 20;
+/// Default number of flow records waiting for each control client; beyond,
+/// the oldest are dropped.
+pub const FLOW_QUEUE: usize = 4096;
+/// At most one "records dropped" warning per client per this interval.
+const DROP_LOG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What control connections share.
+pub(crate) struct Control {
+    pub policy: watch::Sender<Option<Arc<CompiledPolicy>>>,
+    pub flows: broadcast::Sender<L7Flow>,
+}
+
+/// Binds the control socket at `path`, mode 0600, replacing a stale file.
+/// Refuses when another process answers on it.
+pub(crate) fn bind(path: &Path) -> io::Result<UnixListener> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "another process serves this socket",
+        ));
+    }
+    // Bind under a temporary name, restrict it, then rename it into place:
+    // the socket is never reachable with a wider mode, and a stale file is
+    // replaced atomically.
+    let tmp: PathBuf = {
+        let mut name = path.as_os_str().to_owned();
+        name.push(format!(".{}.tmp", std::process::id()));
+        name.into()
+    };
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&tmp, path)?;
+    Ok(listener)
+}
+
+/// Accepts control connections until `stop` turns true.
+pub(crate) async fn serve(
+    listener: UnixListener,
+    control: Arc<Control>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut next_id = 0u64;
+    loop {
+        tokio::select! {
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    next_id += 1;
+                    let control = control.clone();
+                    let id = next_id;
+                    tokio::spawn(async move { connection(id, stream, control).await });
+                }
+                Err(e) => {
+                    warn!("control socket: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Compiles and swaps in a policy; the answer for the agent.
+pub(crate) fn apply(control: &Control, msg: &ToProxy) -> FromProxy {
+    let ToProxy::Policy(policy) = msg;
+    match CompiledPolicy::compile(policy) {
+        Ok(compiled) => {
+            control.policy.send_replace(Some(Arc::new(compiled)));
+            info!(
+                revision = policy.revision,
+                endpoints = policy.endpoints.len(),
+                "policy applied"
+            );
+            FromProxy::Applied {
+                revision: policy.revision,
+            }
+        }
+        Err(e) => {
+            warn!(revision = policy.revision, "policy rejected: {e}");
+            FromProxy::Rejected {
+                revision: policy.revision,
+                reason: e.to_string(),
+            }
+        }
+    }
+}
+
+async fn connection(id: u64, stream: UnixStream, control: Arc<Control>) {
+    let (read, mut write) = stream.into_split();
+    let (replies_tx, mut replies) = mpsc::channel::<FromProxy>(16);
+    let mut flows = control.flows.subscribe();
+    let hello = FromProxy::Hello {
+        version: PROTOCOL_VERSION,
+        pid: std::process::id(),
+        revision: control.policy.borrow().as_ref().map(|p| p.revision()),
+    };
+    info!(client = id, "control client connected");
+
+    let writer = async move {
+        let mut dropped = 0u64;
+        let mut last_log: Option<Instant> = None;
+        let mut msg = Some(hello);
+        loop {
+            if let Some(m) = msg.take() {
+                let mut line = match serde_json::to_vec(&m) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        warn!(client = id, "control message not serializable: {e}");
+                        continue;
+                    }
+                };
+                line.push(b'\n');
+                if write.write_all(&line).await.is_err() {
+                    return dropped;
+                }
+            }
+            msg = tokio::select! {
+                biased;
+                r = replies.recv() => match r {
+                    Some(m) => Some(m),
+                    None => return dropped, // the reader ended: the client left
+                },
+                f = flows.recv() => match f {
+                    Ok(flow) => Some(FromProxy::Flow(flow)),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        dropped += n;
+                        if last_log.is_none_or(|t| t.elapsed() >= DROP_LOG_INTERVAL) {
+                            last_log = Some(Instant::now());
+                            warn!(client = id, dropped_total = dropped,
+                                "control client reads too slowly: flow records dropped");
+                        }
+                        None
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return dropped,
+                },
+            };
+        }
+    };
+
+    let reader = async move {
+        let mut read = BufReader::new(read);
+        let mut line = Vec::new();
+        for n in 1u64.. {
+            line.clear();
+            let limit = (MAX_CONTROL_MESSAGE + 1) as u64;
+            match (&mut read).take(limit).read_until(b'\n', &mut line).await {
+                Ok(0) => return,
+                Ok(_) if line.last() != Some(&b'\n') => {
+                    if line.len() > MAX_CONTROL_MESSAGE {
+                        warn!(
+                            client = id,
+                            "control message {n}: longer than {MAX_CONTROL_MESSAGE} bytes; closing"
+                        );
+                    }
+                    return; // too long, or cut by EOF
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(client = id, "control socket: read: {e}");
+                    return;
+                }
+            }
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let reply = match serde_json::from_slice::<ToProxy>(&line) {
+                Ok(msg) => apply(&control, &msg),
+                Err(e) => {
+                    warn!(client = id, "control message {n}: {e}");
+                    FromProxy::Rejected {
+                        revision: 0,
+                        reason: format!("message {n}: not a valid control message: {e}"),
+                    }
+                }
+            };
+            if replies_tx.send(reply).await.is_err() {
+                return;
+            }
+        }
+    };
+
+    let (dropped, ()) = tokio::join!(writer, reader);
+    info!(
+        client = id,
+        dropped_flows = dropped,
+        "control client disconnected"
+    );
+}
