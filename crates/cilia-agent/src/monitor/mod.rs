@@ -332,6 +332,7 @@ fn decode(ev: &Event, enrich: &Names) -> Flow {
             _ => None,
         },
         data: (caplen > 0).then(|| hex(&ev.data[..caplen])),
+        l7: None,
     }
 }
 
