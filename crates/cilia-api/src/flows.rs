@@ -130,9 +130,10 @@ impl FlowMatcher {
     /// Whether `f` passes every given filter.
     pub fn matches(&self, f: &Flow) -> bool {
         self.filter.matches_fields(f)
-            && self.http_path.as_ref().is_none_or(|re| {
-                f.l7.as_ref().is_some_and(|l7| re.is_match(&l7.path))
-            })
+            && self
+                .http_path
+                .as_ref()
+                .is_none_or(|re| f.l7.as_ref().is_some_and(|l7| re.is_match(&l7.path)))
     }
 }
 
