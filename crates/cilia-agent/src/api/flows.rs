@@ -77,7 +77,7 @@ pub(super) async fn flows(
 ) -> Response {
     let filter = match compile(filter) {
         Ok(f) => f,
-        Err(e) => return e,
+        Err(e) => return e.into_response(),
     };
     let mut recent: Vec<_> = state
         .monitor
@@ -112,7 +112,7 @@ pub(super) async fn monitor_stream(
 ) -> Response {
     match compile(filter) {
         Ok(filter) => ndjson(live_stream(&state, filter, Vec::new())),
-        Err(e) => e,
+        Err(e) => e.into_response(),
     }
 }
 
@@ -120,8 +120,8 @@ pub(super) async fn monitor_stream(
 /// naming the parameter.
 fn compile(
     filter: cilia_api::flows::FlowFilter,
-) -> Result<cilia_api::flows::FlowMatcher, Response> {
+) -> Result<cilia_api::flows::FlowMatcher, super::AppError> {
     filter
         .compile()
-        .map_err(|e| bad_request("invalid-filter", e.to_string()).into_response())
+        .map_err(|e| bad_request("invalid-filter", e.to_string()))
 }
