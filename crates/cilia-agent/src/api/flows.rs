@@ -125,3 +125,33 @@ fn compile(
         .compile()
         .map_err(|e| bad_request("invalid-filter", e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+    use utoipa::OpenApi;
+
+    #[test]
+    fn openapi_describes_the_l7_object_and_the_http_filters() {
+        let doc = serde_json::to_value(super::super::ApiDoc::openapi()).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        assert!(
+            schemas["Flow"]["properties"]["l7"].is_object(),
+            "{}",
+            schemas["Flow"]
+        );
+        assert!(schemas["FlowL7"]["properties"]["latency_us"].is_object());
+        for route in ["/v1/flows", "/v1/monitor"] {
+            let params: Vec<&str> = doc["paths"][route]["get"]["parameters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|p| p["name"].as_str())
+                .collect();
+            for name in ["types", "http_method", "http_path"] {
+                assert!(params.contains(&name), "{route}: {params:?}");
+            }
+        }
+    }
+}
