@@ -715,6 +715,14 @@ mod tests {
         assert!(!text.contains("cilia_policy_verdicts_total{"), "{text}");
     }
 
+    #[test]
+    fn record_l7_can_run_in_a_spawned_task() {
+        fn send<T: Send>(_: &T) {}
+        let m = monitor(1);
+        let flow = denied_put();
+        send(&m.record_l7(&flow));
+    }
+
     #[tokio::test]
     async fn a_flow_naming_a_new_endpoint_waits_for_a_fresh_snapshot() {
         let m = Monitor::new(16, crate::metrics::AgentMetrics::default());
