@@ -252,17 +252,20 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         "cilia-agent ready"
     );
     tokio::spawn(endpoint::labels::learn_labels(state.clone()));
+    // Name snapshots for the monitor: datapath events and the proxy's L7
+    // flows (also when the event ring buffer is unavailable).
+    let s = state.clone();
+    let snapshot = Arc::new(move || {
+        let summary = s.policy_summary.borrow().clone();
+        monitor::Names::of(&s.store, &summary)
+    });
+    tokio::spawn(monitor::publish_names(
+        snapshot,
+        Arc::downgrade(&flow_monitor),
+    ));
     match events {
         Ok(Some(reader)) => {
-            let (tx, rx) = tokio::sync::watch::channel(Arc::new(monitor::Names::default()));
-            let refresh = Arc::new(tokio::sync::Notify::new());
-            let s = state.clone();
-            let snapshot = Arc::new(move || {
-                let summary = s.policy_summary.borrow().clone();
-                monitor::Names::of(&s.store, &summary)
-            });
-            tokio::spawn(monitor::publish_names(snapshot, tx, refresh.clone()));
-            let feed = monitor::NamesFeed { rx, refresh };
+            let feed = flow_monitor.names_feed();
             // The monitor level lives in the config map beside the policy
             // revision; the datapath serializes the two read-modify-writes
             // of that map (a level change never undoes a revision bump). It
