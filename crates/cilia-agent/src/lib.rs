@@ -268,6 +268,17 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         "cilia-agent ready"
     );
     tokio::spawn(endpoint::labels::learn_labels(state.clone()));
+    // Name snapshots for the monitor: datapath events and the proxy's L7
+    // flows (also when the event ring buffer is unavailable).
+    let s = state.clone();
+    let snapshot = Arc::new(move || {
+        let summary = s.policy_summary.borrow().clone();
+        monitor::Names::of(&s.store, &summary)
+    });
+    tokio::spawn(monitor::publish_names(
+        snapshot,
+        Arc::downgrade(&flow_monitor),
+    ));
     {
         // The L7 proxy: its policy follows the policy subsystem and the
         // endpoints; its flows feed the monitor.
@@ -277,29 +288,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             l7_summary,
             policy_tx,
         ));
-        let monitor = flow_monitor.clone();
-        let on_flow: Arc<dyn Fn(cilia_proxy::control::L7Flow) + Send + Sync> =
-            Arc::new(move |flow| {
-                let _ = (&monitor, flow); /* MERGE: monitor.record_l7(&flow) */
-            });
         tokio::spawn(proxy::supervise(
             proxy_config,
             policy_rx,
             proxy_status_tx,
-            on_flow,
+            flow_monitor.clone(),
         ));
     }
     match events {
         Ok(Some(reader)) => {
-            let (tx, rx) = tokio::sync::watch::channel(Arc::new(monitor::Names::default()));
-            let refresh = Arc::new(tokio::sync::Notify::new());
-            let s = state.clone();
-            let snapshot = Arc::new(move || {
-                let summary = s.policy_summary.borrow().clone();
-                monitor::Names::of(&s.store, &summary)
-            });
-            tokio::spawn(monitor::publish_names(snapshot, tx, refresh.clone()));
-            let feed = monitor::NamesFeed { rx, refresh };
+            let feed = flow_monitor.names_feed();
             // The monitor level lives in the config map beside the policy
             // revision; the datapath serializes the two read-modify-writes
             // of that map (a level change never undoes a revision bump). It

@@ -1,5 +1,7 @@
 //! Flows and the live monitor, from real traffic: "why was this dropped?"
-//! answered with the reason, both identities and the deciding policy.
+//! answered with the reason, both identities and the deciding policy. L7
+//! flows (HTTP requests the proxy reports) are recorded through the agent's
+//! monitor as the proxy client does, then selected as `cilia observe` does.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -379,5 +381,127 @@ fn a_flood_of_drops_keeps_memory_bounded_and_every_event_accounted() {
     assert!(
         rss_kib < 256 * 1024,
         "agent RSS {rss_kib} KiB after a flood of {sent} drops"
+    );
+}
+
+/// The tiefighter's `PUT /v1/exhaust-port`, denied by the deathstar's
+/// ingress L7 policy (endpoint 1, fd00::2).
+fn denied_put() -> cilia_proxy::control::L7Flow {
+    use cilia_proxy::control::{L7Direction, L7Flow, L7Verdict};
+    L7Flow {
+        time_unix_ns: 1_700_000_000_000_000_000,
+        endpoint_id: 1,
+        direction: L7Direction::Ingress,
+        src: "[fd00::3]:40000".parse().unwrap(),
+        dst: "[fd00::2]:80".parse().unwrap(),
+        src_identity: 300,
+        dst_identity: 301,
+        method: "PUT".into(),
+        path: "/v1/exhaust-port".into(),
+        host: Some("deathstar".into()),
+        status: 403,
+        latency_us: 400,
+        verdict: L7Verdict::Denied,
+        rules: vec!["default/rule1".into()],
+    }
+}
+
+#[tokio::test]
+async fn observe_selects_l7_flows_by_type_method_and_path_with_the_other_filters() {
+    use cilia_agent::monitor::{Monitor, Names};
+    use cilia_api::flows::FlowFilter;
+    let monitor = Monitor::new(16, cilia_agent::metrics::AgentMetrics::default());
+    monitor.set_names(Names {
+        endpoints: [(
+            1,
+            (
+                [("class".to_string(), "deathstar".to_string())].into(),
+                "default".to_string(),
+            ),
+        )]
+        .into(),
+        addresses: [("fd00::2".parse().unwrap(), 1)].into(),
+        ..Names::default()
+    });
+    let landing = cilia_proxy::control::L7Flow {
+        method: "POST".into(),
+        path: "/v1/request-landing".into(),
+        status: 200,
+        verdict: cilia_proxy::control::L7Verdict::Forwarded,
+        ..denied_put()
+    };
+    monitor.record_l7(&landing).await;
+    monitor.record_l7(&denied_put()).await;
+
+    let select = |filter: FlowFilter| -> Vec<serde_json::Value> {
+        let matcher = filter.compile().unwrap();
+        monitor
+            .recent()
+            .iter()
+            .filter(|f| matcher.matches(f))
+            .map(|f| serde_json::to_value(&**f).unwrap())
+            .collect()
+    };
+    // `cilia observe --type l7 --http-method put --http-path '/v1/.*'
+    //  --to-label class=deathstar --verdict DROPPED`
+    let denied = select(FlowFilter {
+        types: Some("l7".into()),
+        http_method: Some("put".into()),
+        http_path: Some("/v1/.*".into()),
+        to_label: Some("class=deathstar".into()),
+        verdict: Some("DROPPED".into()),
+        ..Default::default()
+    });
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    let f = &denied[0];
+    assert_eq!(f["event"], "l7");
+    assert_eq!(f["drop_reason"], "L7 policy denied");
+    assert_eq!(f["policy"], "default/rule1");
+    assert_eq!(f["destination"]["labels"]["class"], "deathstar");
+    assert_eq!(
+        f["l7"],
+        serde_json::json!({"protocol": "http", "method": "PUT", "path": "/v1/exhaust-port",
+            "host": "deathstar", "status": 403, "latency_us": 400, "verdict": "denied"})
+    );
+    // The whole path must match; a packet-only filter still sees L7 flows.
+    assert!(select(FlowFilter {
+        http_path: Some("/v1/".into()),
+        ..Default::default()
+    })
+    .is_empty());
+    assert_eq!(
+        select(FlowFilter {
+            protocol: Some("TCP".into()),
+            port: Some(80),
+            ..Default::default()
+        })
+        .len(),
+        2
+    );
+    assert!(select(FlowFilter {
+        types: Some("drop,policy-verdict".into()),
+        ..Default::default()
+    })
+    .is_empty());
+}
+
+#[test]
+fn an_http_path_that_is_no_regex_is_refused_naming_the_parameter() {
+    if !require_privileges("an_http_path_that_is_no_regex_is_refused_naming_the_parameter") {
+        return;
+    }
+    let agent = TestAgent::start(AgentOptions::default());
+    let out = agent.cli(&["observe", "--type", "l7", "--http-path", "/v1/("]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("http_path") && err.contains("invalid regular expression"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // A valid one lists nothing: no proxy has reported a request.
+    assert_eq!(
+        agent.cli_ok(&["observe", "--type", "l7", "--http-path", "/v1/.*"]),
+        ""
     );
 }

@@ -448,10 +448,46 @@ mod tests {
     #[test]
     fn flow_json_leaves_out_absent_fields() {
         let json = serde_json::to_value(Flow::default()).unwrap();
-        for absent in ["drop_reason", "policy", "trace", "data"] {
+        for absent in ["drop_reason", "policy", "trace", "data", "l7"] {
             assert!(json.get(absent).is_none(), "{absent} in {json}");
         }
         assert_eq!(json["source"], serde_json::json!({"identity": 0}));
+    }
+
+    #[test]
+    fn flow_json_of_an_older_agent_reads_without_l7() {
+        let json = serde_json::json!({
+            "time": "t", "time_ns": 1, "event": "drop", "verdict": "DROPPED",
+            "direction": "ingress", "observed_at": 1, "source": {"identity": 2},
+            "destination": {"identity": 3}, "protocol": "TCP", "length": 60
+        });
+        let flow: Flow = serde_json::from_value(json).unwrap();
+        assert_eq!((flow.event.as_str(), flow.l7), ("drop", None));
+    }
+
+    #[test]
+    fn l7_flow_json_carries_the_request() {
+        let flow = Flow {
+            event: "l7".into(),
+            l7: Some(FlowL7 {
+                protocol: "http".into(),
+                method: "PUT".into(),
+                path: "/v1/exhaust-port".into(),
+                host: None,
+                status: 403,
+                latency_us: 412,
+                verdict: "denied".into(),
+            }),
+            ..Default::default()
+        };
+        let json = serde_json::to_value(&flow).unwrap();
+        assert_eq!(
+            json["l7"],
+            serde_json::json!({"protocol": "http", "method": "PUT",
+                "path": "/v1/exhaust-port", "status": 403, "latency_us": 412,
+                "verdict": "denied"})
+        );
+        assert_eq!(serde_json::from_value::<Flow>(json).unwrap(), flow);
     }
 
     #[test]
@@ -488,9 +524,10 @@ pub struct Flow {
     pub time: String,
     /// Nanoseconds since the Unix epoch.
     pub time_ns: u64,
-    /// `drop`, `trace`, `policy-verdict` or `debug`.
+    /// `drop`, `trace`, `policy-verdict`, `debug` or `l7` (an HTTP request
+    /// the L7 proxy handled).
     pub event: String,
-    /// `FORWARDED`, `DROPPED` or `AUDIT`.
+    /// `FORWARDED`, `DROPPED`, `AUDIT` or (`l7` only) `ERROR`.
     pub verdict: String,
     /// Why it was dropped, e.g. `Policy denied`.
     pub drop_reason: Option<String>,
@@ -511,6 +548,31 @@ pub struct Flow {
     pub trace: Option<String>,
     /// The packet's first bytes, hex.
     pub data: Option<String>,
+    /// For `l7` events: the HTTP request and its outcome.
+    pub l7: Option<FlowL7>,
+}
+
+/// The application-layer part of an `l7` flow: one HTTP request and the
+/// response its client got, as the L7 proxy saw them. The flow around it
+/// says who spoke to whom, the verdict (`FORWARDED`, `DROPPED` when the L7
+/// policy denied it, `ERROR` when the upstream failed) and the deciding rules.
+#[skip_serializing_none]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct FlowL7 {
+    /// `http`.
+    pub protocol: String,
+    /// Request method, e.g. `GET`.
+    pub method: String,
+    /// The request target as sent: path and query (at most 256 bytes kept).
+    pub path: String,
+    /// The `Host` header, if any.
+    pub host: Option<String>,
+    /// Status answered to the client (403 when the L7 policy denied).
+    pub status: u16,
+    /// From the request's head arriving to the response's head leaving, µs.
+    pub latency_us: u64,
+    /// The proxy's outcome: `forwarded`, `denied` or `error`.
+    pub verdict: String,
 }
 
 /// A line of a monitor or observe stream: a flow, or a note that events

@@ -104,6 +104,8 @@ fn filter_query(f: &FlowFilter) -> QueryString {
     q.push_opt("port", f.port);
     q.push_opt("since_ns", f.since_ns);
     q.push_opt("related_to", f.related_to);
+    q.push_opt("http_method", f.http_method.as_deref());
+    q.push_opt("http_path", f.http_path.as_deref());
     q
 }
 
@@ -199,5 +201,19 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(monitor_query(&f), "?types=drop%2Ctrace&related_to=3");
+    }
+
+    #[test]
+    fn http_filters_travel_encoded() {
+        let f = FlowFilter {
+            types: Some("l7".into()),
+            http_method: Some("PUT".into()),
+            http_path: Some("/v1/.*".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            monitor_query(&f),
+            "?types=l7&http_method=PUT&http_path=%2Fv1%2F.%2A"
+        );
     }
 }

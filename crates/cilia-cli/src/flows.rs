@@ -1,18 +1,27 @@
-//! `cilia monitor` (live datapath events) and `cilia observe` (recent
-//! flows, filtered, optionally followed): both print the agent's NDJSON
-//! stream, as sent (`-o json`) or one line per flow.
+//! `cilia monitor` (live datapath events and L7 requests) and `cilia
+//! observe` (recent flows, filtered, optionally followed): both print the
+//! agent's NDJSON stream, as sent (`-o json`) or one line per flow.
 
 use cilia_api::flows::FlowFilter;
-use cilia_api::{ApiClient, Flow, FlowPeer, FlowsQuery, StreamItem, StreamLine};
+use cilia_api::{ApiClient, Flow, FlowL7, FlowPeer, FlowsQuery, StreamItem, StreamLine};
 use clap::Args;
 
 use crate::output::{labels_of, Output};
 
+/// The event types of `--type`.
+const EVENT_TYPES: [&str; 5] = ["drop", "trace", "policy-verdict", "debug", "l7"];
+
+/// A repeated flag as the API's comma-separated list (`None`: not given).
+fn list(values: Vec<String>) -> Option<String> {
+    (!values.is_empty()).then(|| values.join(","))
+}
+
 #[derive(Debug, Args)]
 pub struct MonitorArgs {
     /// Event types to show (repeatable): drop, trace, policy-verdict, debug
-    /// (the conntrack state of every packet).
-    #[arg(long = "type", value_parser = ["drop", "trace", "policy-verdict", "debug"])]
+    /// (the conntrack state of every packet), l7 (HTTP requests the L7 proxy
+    /// handled).
+    #[arg(long = "type", value_parser = EVENT_TYPES)]
     types: Vec<String>,
     /// Only events to or from this endpoint.
     #[arg(long)]
@@ -35,15 +44,29 @@ pub struct ObserveArgs {
     /// Either side in this namespace.
     #[arg(long)]
     namespace: Option<String>,
-    /// FORWARDED, DROPPED or AUDIT.
-    #[arg(long, value_parser = ["FORWARDED", "DROPPED", "AUDIT"])]
+    /// FORWARDED, DROPPED, AUDIT or ERROR (an L7 request whose upstream failed).
+    #[arg(long, value_parser = ["FORWARDED", "DROPPED", "AUDIT", "ERROR"])]
     verdict: Option<String>,
-    /// TCP, UDP, SCTP, ICMP, ICMPv6.
+    /// TCP, UDP, SCTP, ICMP, ICMPv6, or HTTP (L7 flows).
     #[arg(long)]
     protocol: Option<String>,
     /// Either side's port.
     #[arg(long)]
     port: Option<u16>,
+    /// Event types (repeatable): drop, trace, policy-verdict, debug, l7.
+    ///
+    /// Example: cilia observe --type l7 --verdict DROPPED
+    #[arg(long = "type", value_parser = EVENT_TYPES)]
+    types: Vec<String>,
+    /// Only L7 flows of this HTTP method (repeatable, any case).
+    #[arg(long = "http-method")]
+    http_methods: Vec<String>,
+    /// Only L7 flows whose request target (path and query) matches this
+    /// regular expression as a whole, as a policy's `path` rule does.
+    ///
+    /// Example: cilia observe --http-path '/v1/.*'
+    #[arg(long)]
+    http_path: Option<String>,
     /// Only flows newer than this (e.g. 30s, 5m, 1h).
     #[arg(long)]
     since: Option<String>,
@@ -57,7 +80,7 @@ pub struct ObserveArgs {
 
 pub async fn monitor(args: MonitorArgs, client: &ApiClient, output: Output) -> anyhow::Result<()> {
     let filter = FlowFilter {
-        types: (!args.types.is_empty()).then(|| args.types.join(",")),
+        types: list(args.types),
         related_to: args.related_to,
         ..Default::default()
     };
@@ -95,6 +118,9 @@ pub async fn observe(args: ObserveArgs, client: &ApiClient, output: Output) -> a
             protocol: args.protocol,
             port: args.port,
             since_ns,
+            types: list(args.types),
+            http_method: list(args.http_methods),
+            http_path: args.http_path,
             ..Default::default()
         },
         last: args.last,
@@ -149,30 +175,74 @@ fn protocol_text(f: &Flow) -> &str {
     }
 }
 
-fn print_monitor_line(f: &Flow, verbose: bool) {
+/// A latency for people: µs below 0.1 ms, then ms, then s.
+fn latency_text(us: u64) -> String {
+    match us {
+        0..100 => format!("{us}µs"),
+        100..1_000_000 => format!("{:.1}ms", us as f64 / 1e3),
+        _ => format!("{:.2}s", us as f64 / 1e6),
+    }
+}
+
+/// `PUT http://deathstar/v1/exhaust-port 403 0.4ms`.
+fn http_text(l7: &FlowL7) -> String {
+    let target = match &l7.host {
+        Some(host) => format!("http://{host}{}", l7.path),
+        None => l7.path.clone(),
+    };
+    format!(
+        "{} {target} {} {}",
+        l7.method,
+        l7.status,
+        latency_text(l7.latency_us)
+    )
+}
+
+fn reason_text(f: &Flow) -> String {
+    f.drop_reason
+        .as_deref()
+        .map(|r| format!(" ({r})"))
+        .unwrap_or_default()
+}
+
+fn monitor_line(f: &Flow) -> String {
     let time = f.time.get(11..26).unwrap_or(&f.time);
+    let policy = f
+        .policy
+        .as_deref()
+        .map(|p| format!(" policy: {p}"))
+        .unwrap_or_default();
+    let head = format!(
+        "{} ep {} identity {}->{}",
+        f.direction, f.observed_at, f.source.identity, f.destination.identity
+    );
+    if let Some(l7) = &f.l7 {
+        return format!(
+            "{time} http-request {}{} {head} {} -> {} {}{policy}",
+            f.verdict,
+            reason_text(f),
+            peer_text(&f.source),
+            peer_text(&f.destination),
+            http_text(l7),
+        );
+    }
     let what = match f.event.as_str() {
         "drop" => format!("drop ({})", f.drop_reason.as_deref().unwrap_or("?")),
         "trace" => format!("trace {}", f.trace.as_deref().unwrap_or("")),
         "debug" => format!("debug {}", f.trace.as_deref().unwrap_or("")),
         _ => format!("policy-verdict {}", f.verdict),
     };
-    let policy = f
-        .policy
-        .as_deref()
-        .map(|p| format!(" policy: {p}"))
-        .unwrap_or_default();
-    outln!(
-        "{time} {what} {} ep {} identity {}->{} {} {} -> {} len {}{policy}",
-        f.direction,
-        f.observed_at,
-        f.source.identity,
-        f.destination.identity,
+    format!(
+        "{time} {what} {head} {} {} -> {} len {}{policy}",
         protocol_text(f),
         peer_text(&f.source),
         peer_text(&f.destination),
         f.length,
-    );
+    )
+}
+
+fn print_monitor_line(f: &Flow, verbose: bool) {
+    outln!("{}", monitor_line(f));
     if verbose {
         if let Some(d) = &f.data {
             outln!("    {d}");
@@ -180,23 +250,131 @@ fn print_monitor_line(f: &Flow, verbose: bool) {
     }
 }
 
-fn print_observe_line(f: &Flow) {
+fn observe_line(f: &Flow) -> String {
     let time = f.time.get(0..23).unwrap_or(&f.time);
-    let reason = f
-        .drop_reason
-        .as_deref()
-        .map(|r| format!(" ({r})"))
-        .unwrap_or_default();
     let policy = f
         .policy
         .as_deref()
         .map(|p| format!(" [{p}]"))
         .unwrap_or_default();
-    outln!(
-        "{time}  {} -> {} {} {}{reason}{policy}",
+    let what = match &f.l7 {
+        Some(l7) => format!(
+            "http-request {}{} {}",
+            f.verdict,
+            reason_text(f),
+            http_text(l7)
+        ),
+        None => format!("{} {}{}", protocol_text(f), f.verdict, reason_text(f)),
+    };
+    format!(
+        "{time}  {} -> {} {what}{policy}",
         peer_text(&f.source),
         peer_text(&f.destination),
-        protocol_text(f),
-        f.verdict,
-    );
+    )
+}
+
+fn print_observe_line(f: &Flow) {
+    outln!("{}", observe_line(f));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(id: u16, class: &str, ip: &str, port: u16, identity: u32) -> FlowPeer {
+        FlowPeer {
+            endpoint: Some(id),
+            ip: Some(ip.into()),
+            port: Some(port),
+            identity,
+            labels: [("class".to_string(), class.to_string())].into(),
+            namespace: Some("default".into()),
+        }
+    }
+
+    /// The tiefighter's `PUT /v1/exhaust-port`, denied by the deathstar's policy.
+    fn denied_put() -> Flow {
+        Flow {
+            time: "2026-12-02T06:30:00.123456789Z".into(),
+            event: "l7".into(),
+            verdict: "DROPPED".into(),
+            drop_reason: Some("L7 policy denied".into()),
+            direction: "ingress".into(),
+            observed_at: 1,
+            source: peer(3, "tiefighter", "fd00::3", 40000, 300),
+            destination: peer(1, "deathstar", "fd00::2", 80, 301),
+            protocol: "TCP".into(),
+            policy: Some("default/rule1".into()),
+            l7: Some(FlowL7 {
+                protocol: "http".into(),
+                method: "PUT".into(),
+                path: "/v1/exhaust-port".into(),
+                host: Some("deathstar".into()),
+                status: 403,
+                latency_us: 412,
+                verdict: "denied".into(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn observe_prints_an_l7_flow_as_one_request_line() {
+        assert_eq!(
+            observe_line(&denied_put()),
+            "2026-12-02T06:30:00.123  default/ep3(class=tiefighter) [fd00::3]:40000 -> \
+             default/ep1(class=deathstar) [fd00::2]:80 http-request DROPPED (L7 policy denied) \
+             PUT http://deathstar/v1/exhaust-port 403 0.4ms [default/rule1]"
+        );
+    }
+
+    #[test]
+    fn monitor_prints_an_l7_flow_with_endpoint_and_identities() {
+        assert_eq!(
+            monitor_line(&denied_put()),
+            "06:30:00.123456 http-request DROPPED (L7 policy denied) ingress ep 1 identity 300->301 \
+             default/ep3(class=tiefighter) [fd00::3]:40000 -> default/ep1(class=deathstar) [fd00::2]:80 \
+             PUT http://deathstar/v1/exhaust-port 403 0.4ms policy: default/rule1"
+        );
+    }
+
+    #[test]
+    fn a_request_without_host_prints_its_path_alone() {
+        let mut f = denied_put();
+        let l7 = f.l7.as_mut().unwrap();
+        l7.host = None;
+        (l7.method, l7.status) = ("GET".into(), 200);
+        (f.verdict, f.drop_reason, f.policy) = ("FORWARDED".into(), None, None);
+        assert!(
+            observe_line(&f).ends_with("http-request FORWARDED GET /v1/exhaust-port 200 0.4ms"),
+            "{}",
+            observe_line(&f)
+        );
+    }
+
+    #[test]
+    fn packet_flows_print_as_before() {
+        let f = Flow {
+            event: "drop".into(),
+            verdict: "DROPPED".into(),
+            drop_reason: Some("Policy denied".into()),
+            l7: None,
+            policy: Some("default deny".into()),
+            ..denied_put()
+        };
+        assert_eq!(
+            observe_line(&f),
+            "2026-12-02T06:30:00.123  default/ep3(class=tiefighter) [fd00::3]:40000 -> \
+             default/ep1(class=deathstar) [fd00::2]:80 TCP DROPPED (Policy denied) [default deny]"
+        );
+        assert!(monitor_line(&f).starts_with("06:30:00.123456 drop (Policy denied) ingress ep 1"));
+    }
+
+    #[test]
+    fn latencies_read_in_the_unit_that_fits() {
+        assert_eq!(
+            [7, 412, 25_000, 2_500_000].map(latency_text),
+            ["7µs", "0.4ms", "25.0ms", "2.50s"]
+        );
+    }
 }

@@ -62,13 +62,16 @@ enum Command {
     /// The agent's BPF programs: hotfix them in place.
     #[command(subcommand)]
     Datapath(datapath::DatapathCmd),
-    /// Stream datapath events live: drops, traces, policy verdicts.
+    /// Stream events live: drops, traces, policy verdicts, L7 (HTTP) requests.
     ///
-    /// Example: cilia monitor --type drop --related-to 1
+    /// Example: cilia monitor --type drop --type l7 --related-to 1
     Monitor(flows::MonitorArgs),
-    /// Recent flows (drops, verdicts, and traces while monitored), filtered.
+    /// Recent flows (drops, verdicts, L7 requests, and traces while
+    /// monitored), filtered.
     ///
     /// Example: cilia observe --verdict DROPPED --to-label class=deathstar --last 20
+    ///
+    /// Example: cilia observe --type l7 --http-method PUT --http-path '/v1/.*'
     Observe(flows::ObserveArgs),
 }
 

@@ -7,7 +7,7 @@ use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::Shared;
+use super::{bad_request, Shared};
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub(super) struct StreamQuery {
@@ -29,14 +29,15 @@ fn ndjson_line(item: &cilia_api::StreamItem) -> Result<Bytes, std::convert::Infa
 /// as long as the stream lives.
 fn live_stream(
     state: &Shared,
-    filter: cilia_api::flows::FlowFilter,
+    filter: cilia_api::flows::FlowMatcher,
     backlog: Vec<crate::monitor::FlowRef>,
 ) -> axum::body::Body {
     use futures_util::StreamExt;
     use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
-    let (rx, guard) = state
-        .monitor
-        .subscribe(filter.wants_traces(), filter.wants_debug());
+    let (rx, guard) = state.monitor.subscribe(
+        filter.filter().wants_traces(),
+        filter.filter().wants_debug(),
+    );
     let backlog = futures_util::stream::iter(
         backlog
             .into_iter()
@@ -67,12 +68,17 @@ fn ndjson(body: axum::body::Body) -> Response {
 }
 
 #[utoipa::path(get, path = "/v1/flows", params(cilia_api::flows::FlowFilter, StreamQuery),
-    responses((status = 200, description = "NDJSON: one Flow (or {\"lost\": n}) per line", body = Vec<cilia_api::Flow>)))]
+    responses((status = 200, description = "NDJSON: one Flow (or {\"lost\": n}) per line", body = Vec<cilia_api::Flow>),
+        (status = 400, description = "A filter is invalid (an http_path that is no regular expression)", body = cilia_api::ApiError)))]
 pub(super) async fn flows(
     State(state): State<Shared>,
     Query(filter): Query<cilia_api::flows::FlowFilter>,
     Query(q): Query<StreamQuery>,
 ) -> Response {
+    let filter = match compile(filter) {
+        Ok(f) => f,
+        Err(e) => return e.into_response(),
+    };
     let mut recent: Vec<_> = state
         .monitor
         .recent()
@@ -98,10 +104,54 @@ pub(super) async fn flows(
 }
 
 #[utoipa::path(get, path = "/v1/monitor", params(cilia_api::flows::FlowFilter),
-    responses((status = 200, description = "NDJSON stream of live events while connected", body = Vec<cilia_api::Flow>)))]
+    responses((status = 200, description = "NDJSON stream of live events while connected", body = Vec<cilia_api::Flow>),
+        (status = 400, description = "A filter is invalid (an http_path that is no regular expression)", body = cilia_api::ApiError)))]
 pub(super) async fn monitor_stream(
     State(state): State<Shared>,
     Query(filter): Query<cilia_api::flows::FlowFilter>,
 ) -> Response {
-    ndjson(live_stream(&state, filter, Vec::new()))
+    match compile(filter) {
+        Ok(filter) => ndjson(live_stream(&state, filter, Vec::new())),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The filter, checked once for the whole stream; a bad one is a 400
+/// naming the parameter.
+fn compile(
+    filter: cilia_api::flows::FlowFilter,
+) -> Result<cilia_api::flows::FlowMatcher, super::AppError> {
+    filter
+        .compile()
+        .map_err(|e| bad_request("invalid-filter", e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+    use utoipa::OpenApi;
+
+    #[test]
+    fn openapi_describes_the_l7_object_and_the_http_filters() {
+        let doc = serde_json::to_value(super::super::ApiDoc::openapi()).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        assert!(
+            schemas["Flow"]["properties"]["l7"].is_object(),
+            "{}",
+            schemas["Flow"]
+        );
+        assert!(schemas["FlowL7"]["properties"]["latency_us"].is_object());
+        for route in ["/v1/flows", "/v1/monitor"] {
+            let params: Vec<&str> = doc["paths"][route]["get"]["parameters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|p| p["name"].as_str())
+                .collect();
+            for name in ["types", "http_method", "http_path"] {
+                assert!(params.contains(&name), "{route}: {params:?}");
+            }
+        }
+    }
 }

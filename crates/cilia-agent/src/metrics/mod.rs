@@ -2,7 +2,8 @@
 //! (`--metrics-addr`, loopback by default). Datapath counters are read from
 //! the per-CPU metrics map at scrape time (never duplicated in the agent);
 //! what only the agent sees (regeneration time, API durations, conntrack GC,
-//! policy verdicts from the monitor) is recorded as it happens.
+//! policy verdicts from the monitor, the L7 proxy's HTTP requests) is
+//! recorded as it happens.
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -23,6 +24,36 @@ fn histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
 }
 
+fn http_histogram() -> Histogram {
+    // 25 µs .. ~3.3 s: a denied request is answered by the proxy in tens of
+    // µs, a forwarded one takes the upstream's time (loopback: sub-ms).
+    Histogram::new(exponential_buckets(0.000025, 2.0, 18))
+}
+
+/// The status class of an HTTP status (`2xx` …; `other` outside 100..=599).
+/// Classes, not codes: a label value per code would let any upstream
+/// create series at will (up to 900 per verdict); the code is in each flow.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "other",
+    }
+}
+
+/// The verdict label of an L7 flow: the same words as the flow's verdict.
+fn http_verdict(v: cilia_proxy::control::L7Verdict) -> &'static str {
+    use cilia_proxy::control::L7Verdict;
+    match v {
+        L7Verdict::Forwarded => "FORWARDED",
+        L7Verdict::Denied => "DROPPED",
+        L7Verdict::Error => "ERROR",
+    }
+}
+
 /// Metrics recorded as things happen. Clones share their values.
 #[derive(Debug, Clone)]
 pub struct AgentMetrics {
@@ -33,6 +64,10 @@ pub struct AgentMetrics {
     pub verdicts: Family<Labels, Counter>,
     /// Events the monitor decoded, by type (and drop reason).
     pub events: Family<Labels, Counter>,
+    /// HTTP requests the L7 proxy handled, by verdict and status class.
+    pub http_requests: Family<Labels, Counter>,
+    /// Their latency as the proxy measured it, by verdict.
+    pub http_duration: Family<Labels, Histogram, fn() -> Histogram>,
 }
 
 impl Default for AgentMetrics {
@@ -44,7 +79,30 @@ impl Default for AgentMetrics {
             ct_gc_deleted: Counter::default(),
             verdicts: Family::default(),
             events: Family::default(),
+            http_requests: Family::default(),
+            http_duration: Family::new_with_constructor(http_histogram),
         }
+    }
+}
+
+impl AgentMetrics {
+    /// Counts one HTTP request the L7 proxy reported.
+    pub fn record_http(
+        &self,
+        verdict: cilia_proxy::control::L7Verdict,
+        status: u16,
+        latency_us: u64,
+    ) {
+        let verdict = http_verdict(verdict);
+        self.http_requests
+            .get_or_create(&labels(&[
+                ("verdict", verdict),
+                ("status", status_class(status)),
+            ]))
+            .inc();
+        self.http_duration
+            .get_or_create(&labels(&[("verdict", verdict)]))
+            .observe(latency_us as f64 / 1e6);
     }
 }
 
@@ -331,6 +389,17 @@ pub fn render(snap: &Snapshot, m: &AgentMetrics) -> String {
         m.api_requests.clone(),
     );
     reg.register(
+        "proxy_http_requests",
+        "HTTP requests the L7 proxy handled, by verdict (FORWARDED, DROPPED by L7 policy, ERROR upstream) and status class",
+        m.http_requests.clone(),
+    );
+    reg.register_with_unit(
+        "proxy_http_request_duration",
+        "Time from an HTTP request's head to its response's head, as the L7 proxy measured it, by verdict",
+        Unit::Seconds,
+        m.http_duration.clone(),
+    );
+    reg.register(
         "conntrack_gc_runs",
         "Conntrack garbage collection runs",
         m.ct_gc_runs.clone(),
@@ -379,5 +448,35 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle} missing in:\n{text}");
         }
+    }
+
+    #[test]
+    fn http_requests_are_counted_by_verdict_and_status_class() {
+        use cilia_proxy::control::L7Verdict;
+        let m = AgentMetrics::default();
+        m.record_http(L7Verdict::Forwarded, 201, 800);
+        m.record_http(L7Verdict::Forwarded, 200, 300);
+        m.record_http(L7Verdict::Denied, 403, 40);
+        m.record_http(L7Verdict::Error, 502, 2_000_000);
+        let text = render(&Snapshot::default(), &m);
+        for needle in [
+            "cilia_proxy_http_requests_total{verdict=\"FORWARDED\",status=\"2xx\"} 2",
+            "cilia_proxy_http_requests_total{verdict=\"DROPPED\",status=\"4xx\"} 1",
+            "cilia_proxy_http_requests_total{verdict=\"ERROR\",status=\"5xx\"} 1",
+            "cilia_proxy_http_request_duration_seconds_count{verdict=\"FORWARDED\"} 2",
+            "cilia_proxy_http_request_duration_seconds_sum{verdict=\"ERROR\"} 2.0",
+            // 40 µs falls in the 50 µs bucket: sub-ms latencies are resolved.
+            "cilia_proxy_http_request_duration_seconds_bucket{le=\"0.00005\",verdict=\"DROPPED\"} 1",
+        ] {
+            assert!(text.contains(needle), "{needle} missing in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn status_classes_bound_the_label_values() {
+        assert_eq!(
+            [100, 204, 301, 403, 599, 0, 600, 999].map(status_class),
+            ["1xx", "2xx", "3xx", "4xx", "5xx", "other", "other", "other"]
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! The monitor: reads the datapath's event ring buffer, decodes and enriches
 //! events into flows (endpoint, labels, namespace, identity, the rule that
 //! decided), keeps a bounded ring of recent flows, and fans flows out to
-//! live listeners.
+//! live listeners. The L7 proxy's request records ([`Monitor::record_l7`])
+//! become flows the same way, named from the same snapshots.
 //!
 //! Invariants: memory is bounded (the ring's capacity, a bounded broadcast
 //! channel); a slow listener loses flows, told as a `lost` count, and never
@@ -10,9 +11,9 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cilia_abi::{
     ct_state_name, reason_name, EndpointKey, Event, CILIA_DIR_EGRESS, CILIA_EVENT_DEBUG,
@@ -20,8 +21,9 @@ use cilia_abi::{
     CILIA_METRIC_FORWARD, CILIA_MONITOR_DEBUG, CILIA_MONITOR_DROPS, CILIA_MONITOR_OFF,
     CILIA_MONITOR_TRACE, CILIA_VERDICT_AUDIT, CILIA_VERDICT_DENY,
 };
-use cilia_api::{Flow, FlowPeer};
-use tokio::sync::broadcast;
+use cilia_api::{Flow, FlowL7, FlowPeer};
+use cilia_proxy::control::{L7Direction, L7Flow, L7Verdict};
+use tokio::sync::{broadcast, watch, Notify};
 use tracing::warn;
 
 /// Flows kept for `cilia observe` by default.
@@ -41,6 +43,14 @@ pub struct Monitor {
     trace_listeners: AtomicUsize,
     debug_listeners: AtomicUsize,
     metrics: crate::metrics::AgentMetrics,
+    /// The latest name snapshot ([`publish_names`] sends it), read by the
+    /// packet reader and by [`Monitor::record_l7`].
+    names: watch::Sender<Arc<Names>>,
+    /// Asks [`publish_names`] for a fresh snapshot at once.
+    refresh: Arc<Notify>,
+    /// When `record_l7` last waited for a fresh snapshot (ms since `born`).
+    l7_waited_ms: AtomicU64,
+    born: Instant,
 }
 
 impl Monitor {
@@ -54,7 +64,55 @@ impl Monitor {
             trace_listeners: AtomicUsize::new(0),
             debug_listeners: AtomicUsize::new(0),
             metrics,
+            names: watch::Sender::new(Arc::new(Names::default())),
+            refresh: Arc::new(Notify::new()),
+            l7_waited_ms: AtomicU64::new(0),
+            born: Instant::now(),
         })
+    }
+
+    /// What the packet reader needs to name endpoints and rules.
+    pub fn names_feed(&self) -> NamesFeed {
+        NamesFeed {
+            rx: self.names.subscribe(),
+            refresh: self.refresh.clone(),
+        }
+    }
+
+    /// Replaces the name snapshot (what [`publish_names`] does).
+    pub fn set_names(&self, names: Names) {
+        self.names.send_replace(Arc::new(names));
+    }
+
+    /// Records one HTTP request the L7 proxy handled: a flow (event `l7`)
+    /// named like packet flows, in the ring and to live listeners, and in
+    /// the `cilia_proxy_http_*` metrics. When the current snapshot lacks
+    /// the deciding endpoint (just created), it asks for a fresh one and
+    /// waits for it at most [`FRESH_NAMES_WAIT`], and at most once per
+    /// [`L7_WAIT_INTERVAL`], so a stream of flows naming a gone endpoint
+    /// costs the caller (the proxy client's reader) almost nothing.
+    pub async fn record_l7(&self, flow: &L7Flow) {
+        let mut rx = self.names.subscribe();
+        if rx.borrow().lacks_endpoint(flow.endpoint_id) && self.may_wait_for_names() {
+            self.refresh.notify_one();
+            let _ = tokio::time::timeout(FRESH_NAMES_WAIT, rx.changed()).await;
+        }
+        let names = rx.borrow().clone();
+        self.metrics
+            .record_http(flow.verdict, flow.status, flow.latency_us);
+        self.push(decode_l7(flow, &names));
+    }
+
+    /// Whether `record_l7` may wait now (none did within `L7_WAIT_INTERVAL`).
+    fn may_wait_for_names(&self) -> bool {
+        // Stored as ms since `born`, plus 1: 0 means never.
+        let now = self.born.elapsed().as_millis() as u64 + 1;
+        let last = self.l7_waited_ms.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= L7_WAIT_INTERVAL.as_millis() as u64)
+            && self
+                .l7_waited_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// The event level the datapath must emit for the current listeners.
@@ -70,6 +128,7 @@ impl Monitor {
         }
     }
 
+    /// Counts a datapath event in the metrics, then pushes it.
     fn publish(&self, flow: Flow) {
         self.metrics
             .events
@@ -90,6 +149,11 @@ impl Monitor {
                 ])
                 .inc();
         }
+        self.push(flow);
+    }
+
+    /// Into the ring (when it is on) and to live listeners.
+    fn push(&self, flow: Flow) {
         let flow = Arc::new(flow);
         if self.capacity > 0 {
             let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
@@ -182,11 +246,20 @@ pub struct NamesFeed {
 /// decodes with what it has.
 const FRESH_NAMES_WAIT: Duration = Duration::from_millis(50);
 
+/// `record_l7` waits for a fresh snapshot at most once per this interval.
+const L7_WAIT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The drop reason of a request the L7 policy denied (answered 403).
+pub const L7_DENIED_REASON: &str = "L7 policy denied";
+
 impl Names {
     /// Whether an event names an endpoint or a rule this snapshot lacks.
     fn lacks(&self, ev: &Event) -> bool {
-        ev.rule as usize > self.rules.len()
-            || (ev.endpoint_id != 0 && !self.endpoints.contains_key(&ev.endpoint_id))
+        ev.rule as usize > self.rules.len() || self.lacks_endpoint(ev.endpoint_id)
+    }
+
+    fn lacks_endpoint(&self, id: u16) -> bool {
+        id != 0 && !self.endpoints.contains_key(&id)
     }
 
     /// The snapshot of the current endpoints (from the store) and rules
@@ -332,21 +405,69 @@ fn decode(ev: &Event, enrich: &Names) -> Flow {
             _ => None,
         },
         data: (caplen > 0).then(|| hex(&ev.data[..caplen])),
+        l7: None,
     }
 }
 
-/// Publishes name snapshots for the reader: every 250 ms, and at once when
-/// the reader asks. This task reads the store and the policy summary (off
-/// the async threads); the reader never does.
+/// The flow of one HTTP request the proxy reported, named from `names`.
+fn decode_l7(flow: &L7Flow, names: &Names) -> Flow {
+    let time = UNIX_EPOCH + Duration::from_nanos(flow.time_unix_ns);
+    let (verdict, drop_reason, outcome) = match flow.verdict {
+        L7Verdict::Forwarded => ("FORWARDED", None, "forwarded"),
+        L7Verdict::Denied => ("DROPPED", Some(L7_DENIED_REASON), "denied"),
+        L7Verdict::Error => ("ERROR", None, "error"),
+    };
+    // The proxy's dual-stack sockets may report an IPv4 peer as ::ffff:a.b.c.d.
+    let peer = |addr: std::net::SocketAddr, identity| {
+        names.peer(Some(addr.ip().to_canonical()), Some(addr.port()), identity)
+    };
+    Flow {
+        time: humantime::format_rfc3339_nanos(time).to_string(),
+        time_ns: flow.time_unix_ns,
+        event: "l7".into(),
+        verdict: verdict.into(),
+        drop_reason: drop_reason.map(String::from),
+        direction: match flow.direction {
+            L7Direction::Ingress => "ingress",
+            L7Direction::Egress => "egress",
+        }
+        .into(),
+        observed_at: flow.endpoint_id,
+        source: peer(flow.src, flow.src_identity),
+        destination: peer(flow.dst, flow.dst_identity),
+        protocol: "TCP".into(),
+        length: 0,
+        policy: (!flow.rules.is_empty()).then(|| flow.rules.join(", ")),
+        trace: None,
+        data: None,
+        l7: Some(FlowL7 {
+            protocol: "http".into(),
+            method: flow.method.clone(),
+            path: flow.path.clone(),
+            host: flow.host.clone(),
+            status: flow.status,
+            latency_us: flow.latency_us,
+            verdict: outcome.into(),
+        }),
+    }
+}
+
+/// Publishes name snapshots into `monitor`: every 250 ms, and at once when
+/// the reader or `record_l7` asks. This task reads the store and the policy
+/// summary (off the async threads); the readers never do. It ends with the
+/// monitor.
 pub async fn publish_names(
     manager: Arc<dyn Fn() -> Option<Names> + Send + Sync>,
-    tx: tokio::sync::watch::Sender<Arc<Names>>,
-    refresh: Arc<tokio::sync::Notify>,
+    monitor: Weak<Monitor>,
 ) {
     loop {
         let m = manager.clone();
-        if let Ok(Some(names)) = tokio::task::spawn_blocking(move || m()).await {
-            tx.send_if_modified(|current| {
+        let fresh = tokio::task::spawn_blocking(move || m()).await;
+        let Some(monitor) = monitor.upgrade() else {
+            return;
+        };
+        if let Ok(Some(names)) = fresh {
+            monitor.names.send_if_modified(|current| {
                 let changed = **current != names;
                 if changed {
                     *current = Arc::new(names);
@@ -354,9 +475,8 @@ pub async fn publish_names(
                 changed
             });
         }
-        if tx.is_closed() {
-            return;
-        }
+        let refresh = monitor.refresh.clone();
+        drop(monitor);
         let _ = tokio::time::timeout(Duration::from_millis(250), refresh.notified()).await;
     }
 }
@@ -398,5 +518,242 @@ pub async fn run(
         for ev in &batch {
             monitor.publish(decode(ev, &snapshot));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+    use super::*;
+
+    const DEATHSTAR: u16 = 1;
+    const TIEFIGHTER: u16 = 3;
+
+    /// A deathstar (fd00::2, 10.200.0.2) and a tiefighter (fd00::3) in `default`.
+    fn names() -> Names {
+        let labels = |class: &str| -> BTreeMap<String, String> {
+            [("class".to_string(), class.to_string())].into()
+        };
+        Names {
+            endpoints: [
+                (DEATHSTAR, (labels("deathstar"), "default".to_string())),
+                (TIEFIGHTER, (labels("tiefighter"), "default".to_string())),
+            ]
+            .into(),
+            addresses: [
+                ("fd00::2".parse().unwrap(), DEATHSTAR),
+                ("10.200.0.2".parse().unwrap(), DEATHSTAR),
+                ("fd00::3".parse().unwrap(), TIEFIGHTER),
+            ]
+            .into(),
+            ..Names::default()
+        }
+    }
+
+    /// The tiefighter's `PUT /v1/exhaust-port`, denied by the deathstar's
+    /// ingress L7 policy.
+    fn denied_put() -> L7Flow {
+        L7Flow {
+            time_unix_ns: 1_700_000_000_123_456_789,
+            endpoint_id: DEATHSTAR,
+            direction: L7Direction::Ingress,
+            src: "[fd00::3]:40000".parse().unwrap(),
+            dst: "[fd00::2]:80".parse().unwrap(),
+            src_identity: 300,
+            dst_identity: 301,
+            method: "PUT".into(),
+            path: "/v1/exhaust-port".into(),
+            host: Some("deathstar".into()),
+            status: 403,
+            latency_us: 400,
+            verdict: L7Verdict::Denied,
+            rules: vec!["default/rule1".into()],
+        }
+    }
+
+    fn monitor(capacity: usize) -> Arc<Monitor> {
+        let m = Monitor::new(capacity, crate::metrics::AgentMetrics::default());
+        m.set_names(names());
+        m
+    }
+
+    #[tokio::test]
+    async fn a_denied_request_is_a_dropped_l7_flow_naming_both_sides_and_the_rule() {
+        let m = monitor(16);
+        m.record_l7(&denied_put()).await;
+        let flows = m.recent();
+        assert_eq!(flows.len(), 1);
+        let f = &*flows[0];
+        assert_eq!(
+            (
+                f.event.as_str(),
+                f.verdict.as_str(),
+                f.drop_reason.as_deref()
+            ),
+            ("l7", "DROPPED", Some(L7_DENIED_REASON))
+        );
+        assert_eq!(
+            (f.direction.as_str(), f.observed_at),
+            ("ingress", DEATHSTAR)
+        );
+        assert_eq!(f.policy.as_deref(), Some("default/rule1"));
+        assert_eq!(f.source.endpoint, Some(TIEFIGHTER));
+        assert_eq!(f.source.labels["class"], "tiefighter");
+        assert_eq!(f.source.namespace.as_deref(), Some("default"));
+        assert_eq!((f.source.identity, f.source.port), (300, Some(40000)));
+        assert_eq!(f.destination.endpoint, Some(DEATHSTAR));
+        assert_eq!(f.destination.labels["class"], "deathstar");
+        assert_eq!(f.destination.ip.as_deref(), Some("fd00::2"));
+        assert_eq!(
+            (f.destination.identity, f.destination.port),
+            (301, Some(80))
+        );
+        assert_eq!(f.time_ns, 1_700_000_000_123_456_789);
+        assert_eq!(f.time, "2023-11-14T22:13:20.123456789Z");
+        assert_eq!(f.protocol, "TCP");
+        assert_eq!(
+            f.l7,
+            Some(FlowL7 {
+                protocol: "http".into(),
+                method: "PUT".into(),
+                path: "/v1/exhaust-port".into(),
+                host: Some("deathstar".into()),
+                status: 403,
+                latency_us: 400,
+                verdict: "denied".into(),
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn forwarded_and_failed_requests_carry_no_drop_reason() {
+        let m = monitor(16);
+        for (verdict, status) in [(L7Verdict::Forwarded, 200), (L7Verdict::Error, 502)] {
+            m.record_l7(&L7Flow {
+                verdict,
+                status,
+                ..denied_put()
+            })
+            .await;
+        }
+        let got: Vec<_> = m
+            .recent()
+            .iter()
+            .map(|f| {
+                let l7 = f.l7.as_ref().unwrap();
+                (
+                    f.verdict.clone(),
+                    f.drop_reason.clone(),
+                    l7.verdict.clone(),
+                    l7.status,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("FORWARDED".into(), None, "forwarded".into(), 200),
+                ("ERROR".into(), None, "error".into(), 502),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_egress_request_without_rules_names_no_policy() {
+        let m = monitor(16);
+        m.record_l7(&L7Flow {
+            endpoint_id: TIEFIGHTER,
+            direction: L7Direction::Egress,
+            rules: vec![],
+            ..denied_put()
+        })
+        .await;
+        let f = &m.recent()[0];
+        assert_eq!(
+            (f.direction.as_str(), f.observed_at),
+            ("egress", TIEFIGHTER)
+        );
+        assert_eq!(f.policy, None);
+    }
+
+    #[tokio::test]
+    async fn an_ipv4_mapped_address_is_named_as_the_ipv4_endpoint() {
+        let m = monitor(16);
+        m.record_l7(&L7Flow {
+            dst: "[::ffff:10.200.0.2]:80".parse().unwrap(),
+            ..denied_put()
+        })
+        .await;
+        let f = &m.recent()[0];
+        assert_eq!(f.destination.ip.as_deref(), Some("10.200.0.2"));
+        assert_eq!(f.destination.endpoint, Some(DEATHSTAR));
+    }
+
+    #[tokio::test]
+    async fn live_listeners_receive_l7_flows_also_with_the_ring_off() {
+        let m = monitor(0);
+        let (mut rx, _guard) = m.subscribe(false, false);
+        m.record_l7(&denied_put()).await;
+        let f = rx.try_recv().unwrap();
+        assert_eq!(f.event, "l7");
+        assert!(m.recent().is_empty());
+    }
+
+    #[tokio::test]
+    async fn l7_flows_are_counted_in_the_proxy_metrics_only() {
+        let metrics = crate::metrics::AgentMetrics::default();
+        let m = Monitor::new(0, metrics.clone());
+        m.record_l7(&denied_put()).await;
+        let text = crate::metrics::render(&crate::metrics::Snapshot::default(), &metrics);
+        assert!(
+            text.contains("cilia_proxy_http_requests_total{verdict=\"DROPPED\",status=\"4xx\"} 1"),
+            "{text}"
+        );
+        // Not a datapath event nor a packet's policy verdict.
+        assert!(!text.contains("cilia_monitor_events_total{"), "{text}");
+        assert!(!text.contains("cilia_policy_verdicts_total{"), "{text}");
+    }
+
+    #[test]
+    fn record_l7_can_run_in_a_spawned_task() {
+        fn send<T: Send>(_: &T) {}
+        let m = monitor(1);
+        let flow = denied_put();
+        send(&m.record_l7(&flow));
+    }
+
+    #[tokio::test]
+    async fn a_flow_naming_a_new_endpoint_waits_for_a_fresh_snapshot() {
+        let m = Monitor::new(16, crate::metrics::AgentMetrics::default());
+        // The publisher: answers the refresh with the snapshot that knows it.
+        let publisher = {
+            let m = m.clone();
+            tokio::spawn(async move {
+                m.refresh.notified().await;
+                m.set_names(names());
+            })
+        };
+        m.record_l7(&denied_put()).await;
+        publisher.await.unwrap();
+        let f = &m.recent()[0];
+        assert_eq!(f.destination.labels["class"], "deathstar");
+    }
+
+    #[tokio::test]
+    async fn flows_naming_a_gone_endpoint_wait_at_most_once_per_interval() {
+        let m = Monitor::new(32, crate::metrics::AgentMetrics::default());
+        let started = tokio::time::Instant::now();
+        for _ in 0..20 {
+            m.record_l7(&denied_put()).await;
+        }
+        // One wait of FRESH_NAMES_WAIT, not twenty.
+        assert!(
+            started.elapsed() < FRESH_NAMES_WAIT * 4,
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(m.recent().len(), 20);
+        assert_eq!(m.recent()[19].destination.endpoint, None);
     }
 }

@@ -21,13 +21,12 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cilia_proxy::control::{
-    FromProxy, L7Entry, L7Flow, PrefixIdentity, ProxyEndpoint, ProxyPolicy, ToProxy,
-    PROTOCOL_VERSION,
-};
 use std::net::IpAddr;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
+
+use cilia_proxy::control::{
+    FromProxy, L7Entry, PrefixIdentity, ProxyEndpoint, ProxyPolicy, PROTOCOL_VERSION,
+};
+use cilia_proxy::control_client::{self, ControlClientError, ControlReader, ControlWriter, Hello};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -217,26 +216,31 @@ pub async fn publish_policy(
 }
 
 /// Runs the proxy while it is needed: starts it (or finds the one already
-/// running), pushes every policy snapshot, hands its flows to `on_flow`,
+/// running), pushes every policy snapshot, hands its flows to the monitor,
 /// and restarts it when it goes away.
 pub async fn supervise(
     config: ProxyConfig,
     mut policy: watch::Receiver<Option<Arc<ProxyPolicy>>>,
     status: watch::Sender<ProxyStatus>,
-    on_flow: Arc<dyn Fn(L7Flow) + Send + Sync>,
+    monitor: Arc<crate::monitor::Monitor>,
 ) {
     let mut backoff = BACKOFF_MIN;
     let mut routing_installed = false;
     loop {
-        let stream = match UnixStream::connect(&config.control_socket).await {
-            Ok(stream) => stream,
+        let connection = match control_client::connect(&config.control_socket).await {
+            Ok(connection) => connection,
+            Err(ControlClientError::BadHello(hello)) => {
+                let reason = format!(
+                    "the running proxy on {} does not speak control protocol {PROTOCOL_VERSION} ({hello}); stop it and it is restarted",
+                    config.control_socket.display()
+                );
+                warn!("{reason}");
+                status.send_replace(ProxyStatus::Down { reason });
+                tokio::time::sleep(BACKOFF_MAX).await;
+                continue;
+            }
             Err(_) => {
-                let needed = policy.borrow().as_ref().is_some_and(|p| {
-                    p.endpoints
-                        .iter()
-                        .any(|e| !e.ingress.is_empty() || !e.egress.is_empty())
-                });
-                if !needed {
+                if !policy.borrow().as_ref().is_some_and(|p| needs_proxy(p)) {
                     status.send_replace(ProxyStatus::NotNeeded);
                     if policy.changed().await.is_err() {
                         return;
@@ -244,25 +248,23 @@ pub async fn supervise(
                     continue;
                 }
                 if !routing_installed {
-                    match tokio::task::spawn_blocking(routing::install_proxy_routing).await {
-                        Ok(Ok(())) => routing_installed = true,
-                        Ok(Err(e)) => {
-                            let reason = format!("installing the proxy's policy routing: {e}");
-                            warn!("{reason}");
-                            status.send_replace(ProxyStatus::Down { reason });
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(BACKOFF_MAX);
-                            continue;
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "installing the proxy's policy routing panicked");
-                            continue;
-                        }
+                    let installed = tokio::task::spawn_blocking(routing::install_proxy_routing)
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()));
+                    if let Err(e) = installed {
+                        let reason = format!("installing the proxy's policy routing: {e}");
+                        warn!("{reason}");
+                        status.send_replace(ProxyStatus::Down { reason });
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        continue;
                     }
+                    routing_installed = true;
                 }
                 status.send_replace(ProxyStatus::Starting);
                 match start(&config).await {
-                    Ok(stream) => stream,
+                    Ok(connection) => connection,
                     Err(reason) => {
                         warn!("{reason}");
                         status.send_replace(ProxyStatus::Down { reason });
@@ -273,7 +275,8 @@ pub async fn supervise(
                 }
             }
         };
-        match session(stream, &mut policy, &status, &on_flow, &mut backoff).await {
+        backoff = BACKOFF_MIN;
+        match session(connection, &mut policy, &status, &monitor).await {
             Ok(()) => return, // the agent is stopping
             Err(reason) => {
                 warn!(reason = %reason, "lost the L7 proxy; restarting it");
@@ -285,8 +288,17 @@ pub async fn supervise(
     }
 }
 
+fn needs_proxy(policy: &ProxyPolicy) -> bool {
+    policy
+        .endpoints
+        .iter()
+        .any(|e| !e.ingress.is_empty() || !e.egress.is_empty())
+}
+
+type Connection = (Hello, ControlReader, ControlWriter);
+
 /// Starts a detached proxy and connects to it.
-async fn start(config: &ProxyConfig) -> Result<UnixStream, String> {
+async fn start(config: &ProxyConfig) -> Result<Connection, String> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -312,20 +324,29 @@ async fn start(config: &ProxyConfig) -> Result<UnixStream, String> {
         .map_err(|e| format!("starting {}: {e}", config.binary.display()))?;
     let pid = child.id().unwrap_or(0);
     info!(pid, binary = %config.binary.display(), port = config.port, "started cilia-proxy");
-    // Reap it when it exits (an agent restart leaves that to init).
+    let (exited_tx, mut exited) = tokio::sync::oneshot::channel();
+    // Reap it when it exits (after an agent restart, init does).
     tokio::spawn(async move {
-        match child.wait().await {
+        let status = child.wait().await;
+        match &status {
             Ok(status) => warn!(pid, %status, "cilia-proxy exited"),
             Err(e) => warn!(pid, error = %e, "waiting for cilia-proxy failed"),
         }
+        let _ = exited_tx.send(status.map(|s| s.to_string()).unwrap_or_default());
     });
     let deadline = tokio::time::Instant::now() + START_TIMEOUT;
     loop {
-        match UnixStream::connect(&config.control_socket).await {
-            Ok(stream) => return Ok(stream),
+        if let Ok(status) = exited.try_recv() {
+            return Err(format!(
+                "cilia-proxy (pid {pid}) exited at start ({status}); see {}",
+                config.log.display()
+            ));
+        }
+        match control_client::connect(&config.control_socket).await {
+            Ok(connection) => return Ok(connection),
             Err(e) if tokio::time::Instant::now() >= deadline => {
                 return Err(format!(
-                    "cilia-proxy (pid {pid}) did not open {} within {} s ({e}); see {}",
+                    "cilia-proxy (pid {pid}) did not answer on {} within {} s ({e}); see {}",
                     config.control_socket.display(),
                     START_TIMEOUT.as_secs(),
                     config.log.display()
@@ -337,37 +358,15 @@ async fn start(config: &ProxyConfig) -> Result<UnixStream, String> {
 }
 
 /// One control connection. `Ok` when the agent stops, `Err(reason)` when
-/// the proxy went away or misbehaved.
+/// the proxy went away.
 async fn session(
-    stream: UnixStream,
+    (hello, mut reader, mut writer): Connection,
     policy: &mut watch::Receiver<Option<Arc<ProxyPolicy>>>,
     status: &watch::Sender<ProxyStatus>,
-    on_flow: &Arc<dyn Fn(L7Flow) + Send + Sync>,
-    backoff: &mut Duration,
+    monitor: &crate::monitor::Monitor,
 ) -> Result<(), String> {
-    let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read).lines();
-    let hello = tokio::time::timeout(START_TIMEOUT, lines.next_line())
-        .await
-        .map_err(|_| "the proxy did not say hello".to_string())?
-        .map_err(|e| format!("reading the proxy's hello: {e}"))?
-        .ok_or("the proxy closed the control connection before its hello")?;
-    let (pid, applied) = match serde_json::from_str::<FromProxy>(&hello) {
-        Ok(FromProxy::Hello {
-            version,
-            pid,
-            revision,
-        }) if version == PROTOCOL_VERSION => (pid, revision),
-        Ok(FromProxy::Hello { version, .. }) => {
-            return Err(format!(
-                "the running proxy speaks control protocol {version}, this agent {PROTOCOL_VERSION}; stop it (it is restarted)"
-            ))
-        }
-        _ => return Err(format!("unexpected first message from the proxy: {hello:.120}")),
-    };
-    info!(pid, ?applied, "connected to cilia-proxy");
-    *backoff = BACKOFF_MIN;
-    let mut state = (pid, applied, None::<String>);
+    info!(pid = hello.pid, revision = ?hello.revision, "connected to cilia-proxy");
+    let mut running = (hello.pid, hello.revision, None::<String>);
     let report = |s: &(u32, Option<u64>, Option<String>)| {
         status.send_replace(ProxyStatus::Running {
             pid: s.0,
@@ -375,44 +374,39 @@ async fn session(
             rejected: s.2.clone(),
         });
     };
-    report(&state);
-    // A proxy restarted by someone else holds an older policy: push ours.
+    report(&running);
+    // A proxy that outlived an agent holds that agent's policy: push ours.
     let mut pushed: Option<u64> = None;
     loop {
         let current = policy.borrow_and_update().clone();
         if let Some(p) = current {
             if pushed != Some(p.revision) {
-                let mut line = serde_json::to_string(&ToProxy::Policy((*p).clone()))
-                    .map_err(|e| format!("encoding the proxy policy: {e}"))?;
-                line.push('\n');
-                write
-                    .write_all(line.as_bytes())
+                writer
+                    .send_policy(&p)
                     .await
-                    .map_err(|e| format!("pushing the policy to the proxy: {e}"))?;
+                    .map_err(|e| format!("pushing the policy: {e}"))?;
                 pushed = Some(p.revision);
             }
         }
         tokio::select! {
-            line = lines.next_line() => {
-                let line = line
-                    .map_err(|e| format!("reading from the proxy: {e}"))?
-                    .ok_or("the proxy closed its control connection")?;
-                match serde_json::from_str::<FromProxy>(&line) {
-                    Ok(FromProxy::Flow(flow)) => on_flow(flow),
-                    Ok(FromProxy::Applied { revision }) => {
-                        state.1 = Some(revision);
-                        state.2 = None;
-                        report(&state);
-                    }
-                    Ok(FromProxy::Rejected { revision, reason }) => {
-                        warn!(revision, reason = %reason, "the proxy rejected a policy; it keeps the previous one");
-                        state.2 = Some(reason);
-                        report(&state);
-                    }
-                    Ok(FromProxy::Hello { .. }) => {}
-                    Err(e) => warn!(error = %e, line = %format!("{line:.120}"), "unreadable message from the proxy"),
+            message = reader.recv() => match message {
+                Ok(FromProxy::Flow(flow)) => monitor.record_l7(&flow).await,
+                Ok(FromProxy::Applied { revision }) => {
+                    running.1 = Some(revision);
+                    running.2 = None;
+                    report(&running);
                 }
-            }
+                Ok(FromProxy::Rejected { revision, reason }) => {
+                    warn!(revision, reason = %reason, "the proxy rejected a policy; it keeps the previous one");
+                    running.2 = Some(reason);
+                    report(&running);
+                }
+                Ok(FromProxy::Hello { .. }) => {}
+                Err(ControlClientError::Invalid(e)) => {
+                    warn!(error = %e, "unreadable message from the proxy");
+                }
+                Err(e) => return Err(e.to_string()),
+            },
             changed = policy.changed() => {
                 if changed.is_err() {
                     return Ok(());
