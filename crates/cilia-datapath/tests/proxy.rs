@@ -2,7 +2,9 @@
 //! policy entry names a proxy port, and with packets the proxy sends (see
 //! "L7 redirect" in docs/ARCHITECTURE.md). Verdicts under
 //! `BPF_PROG_TEST_RUN`, run inside a fresh network namespace so that the
-//! programs' socket lookups see no listener but the tests' own.
+//! programs' socket lookups see no listener. (A test run is not at tc
+//! ingress, where `bpf_sk_assign` works: the assignment to a proxy listener
+//! is shown with real traffic, in tests/l7_redirect.rs.)
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -238,4 +240,33 @@ fn the_peer_of_a_redirected_flow_cannot_answer_it_directly() {
     let out = run_in(&ns, &fx.b(), &b_to_a(80), 0);
     assert_eq!(out.verdict, TC_ACT_SHOT);
     assert_eq!(drops(&fx, CILIA_DROP_PROXY_PATH), 1);
+}
+
+#[test]
+fn every_specialization_of_the_redirecting_programs_passes_the_verifier() {
+    privileged!("redirect_specializations");
+    let mut fx = Fixture::new();
+    b_admits_http_through_proxy(&mut fx, A_IDENTITY);
+    let ns = Netns::new("cpxv").unwrap();
+    for v4 in [Some(a4()), None] {
+        for monitor in [0, 1] {
+            let cfg = EndpointConfig {
+                monitor,
+                ..config(A_ID, A_IDENTITY, A_MAC, A_NODE_MAC, a6(), v4)
+            };
+            let what = format!("ipv4 {v4:?}, monitor {monitor}");
+            let from = fx.dp.test_program(&cfg).expect(&what);
+            let to = fx.dp.test_program_to_container(&cfg).expect(&what);
+            let out = run_in(&ns, &from, &a_to_b(80), 0);
+            assert_eq!(out.verdict, TC_ACT_SHOT, "{what}: no proxy listener");
+            let syn = eth(
+                A_MAC,
+                A_NODE_MAC,
+                ETH_P_IPV6,
+                &ipv6(b6(), a6(), IPPROTO_TCP, 64, &tcp(40000, 22, 0x02)),
+            );
+            let out = run_in(&ns, &to, &syn, CILIA_MARK_FROM_PROXY);
+            assert_eq!(out.verdict, TC_ACT_OK, "{what}: the proxy speaks for B");
+        }
+    }
 }
