@@ -16,6 +16,7 @@ pub mod monitor;
 pub mod node;
 pub mod paths;
 pub mod policy;
+pub mod proxy;
 pub mod store;
 
 use std::fs::File;
