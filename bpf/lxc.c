@@ -61,7 +61,17 @@ int cil_from_container(struct __sk_buff *skb)
 	if (reason)
 		return drop_decided(skb, &f, &p, &d, reason, dir);
 
-	/* Deliver. */
+	/* Deliver: flows through the L7 proxy by the node's stack (see
+	 * "L7 redirect" in docs/ARCHITECTURE.md), the rest directly. */
+	if (d.ct_state == CILIA_CT_STATE_REPLY) {
+		if (d.ct_flags & CILIA_CT_FROM_PROXY)
+			return deliver_reply_to_proxy(skb, &f, &p, &d, dir);
+		/* The peer of a redirected flow never saw it: only the proxy answers. */
+		if (d.ct_flags & CILIA_CT_TO_PROXY)
+			return drop_decided(skb, &f, &p, &d, CILIA_DROP_PROXY_PATH, dir);
+	} else if (d.ct_flags & CILIA_CT_TO_PROXY) {
+		return deliver_to_proxy(skb, &f, &p, &d, dir);
+	}
 	if (!dst)
 		return deliver_to_stack(skb, &f, &p, &d, dir);
 	return deliver_to_endpoint(skb, &f, &p, &d, dst, dir);
@@ -71,7 +81,9 @@ int cil_from_container(struct __sk_buff *skb)
  * TCX egress of the host-side veth: what the node's stack delivers to the
  * container (from the node or routed from elsewhere). Its ingress policy
  * applies, with the source identity from the ipcache. Local endpoints never
- * come this way: redirect_peer skips it.
+ * come this way (redirect_peer skips it), except through the L7 proxy,
+ * which speaks for them (CILIA_MARK_FROM_PROXY): then the source identity
+ * is the endpoint's, and the proxy has already enforced the L7 policy.
  */
 SEC("classifier")
 int cil_to_container(struct __sk_buff *skb)
@@ -80,6 +92,8 @@ int cil_to_container(struct __sk_buff *skb)
 	__be16 proto = eth_proto(skb);
 	struct flow f = {};
 	struct decision d = {.dir = dir, .verdict = CILIA_VERDICT_ALLOW};
+	struct endpoint_info *src;
+	int via_proxy = from_proxy(skb);
 	int reason;
 
 	/* Parse: ARP and other link protocols are the stack's business. */
@@ -95,8 +109,10 @@ int cil_to_container(struct __sk_buff *skb)
 	if (flow_is_multicast(&f))
 		return to_container_multicast(skb, &f, dir);
 
-	/* Guard: no local endpoint's address; later fragments follow the first. */
-	reason = to_container_guard(&f);
+	/* Guard: no local endpoint's address but the proxy's; later fragments
+	 * follow the first. */
+	src = endpoint_lookup(f.saddr, f.family);
+	reason = to_container_guard(src, via_proxy);
 	if (!reason)
 		reason = frag_follow(&f);
 	if (reason)
@@ -104,9 +120,10 @@ int cil_to_container(struct __sk_buff *skb)
 
 	/* Decide. */
 	struct peers p = {
-	    .src_id = ipcache_identity(f.saddr, f.family),
+	    .src_id = src ? src->identity : ipcache_identity(f.saddr, f.family),
 	    .dst_id = CILIA_CONFIG.identity,
 	    .ingress_ep = CILIA_CONFIG.endpoint_id,
+	    .via_proxy = via_proxy,
 	};
 	reason = decide(skb, &f, &p, &d, dir);
 	if (reason)

@@ -125,7 +125,8 @@ __inline_fn int reply_still_allowed(const struct flow *f, const struct peers *p,
  * budget. Returns 0 or the drop reason: budget used up, or table full.
  */
 __inline_fn int ct_create(struct __sk_buff *skb, const struct ct_key *key, const struct flow *f,
-			  __u32 rev, __u32 budget, const struct peers *p, __u64 now)
+			  __u32 rev, __u32 budget, const struct peers *p, __u64 now,
+			  const struct decision *d)
 {
 	__u32 owner = CILIA_CONFIG.endpoint_id;
 	__u32 *count = bpf_map_lookup_elem(&cilia_ct_count, &owner);
@@ -136,7 +137,9 @@ __inline_fn int ct_create(struct __sk_buff *skb, const struct ct_key *key, const
 	    .policy_rev = rev,
 	    .src_identity = p->src_id,
 	    .dst_identity = p->dst_id,
+	    .flags = d->ct_flags,
 	    .owner = owner,
+	    .proxy_port = d->proxy_port,
 	};
 
 	if (!count)
@@ -152,9 +155,36 @@ __inline_fn int ct_create(struct __sk_buff *skb, const struct ct_key *key, const
 }
 
 /*
+ * How a new flow that policy allowed travels, as the CILIA_CT_* flags of
+ * its entry (d->ct_flags; d->proxy_port stays set only for a redirect).
+ * Sent by the L7 proxy for a client: FROM_PROXY (the proxy enforced L7;
+ * its replies go back to it). Allowed by an entry naming a proxy port:
+ * TO_PROXY, possible only for TCP and at an endpoint's from-container
+ * program, where a packet can be assigned to the proxy's socket; anywhere
+ * else the flow is dropped (fail closed). Returns 0 or the drop reason.
+ */
+__inline_fn int ct_new_flow_mode(const struct flow *f, const struct peers *p, struct decision *d)
+{
+	d->ct_flags = 0;
+	if (p->via_proxy) {
+		d->ct_flags = CILIA_CT_FROM_PROXY;
+		d->proxy_port = 0;
+		return 0;
+	}
+	if (!d->proxy_port)
+		return 0;
+	if (f->proto != IPPROTO_TCP || !p->egress_ep)
+		return CILIA_DROP_PROXY_PATH;
+	d->ct_flags = CILIA_CT_TO_PROXY;
+	return 0;
+}
+
+/*
  * Decides whether the packet of flow `f` between peers `p` may pass.
  * Returns CILIA_PASS or the drop reason; on a policy deny, `d` says which
- * direction's policy denied it.
+ * direction's policy denied it. `d->ct_flags` and `d->proxy_port` say how
+ * the flow travels (see ct_new_flow_mode); for a reply, they are those of
+ * the forward entry.
  */
 __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const struct peers *p,
 			     struct decision *d)
@@ -185,6 +215,8 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const 
 		}
 		ct->packets += 1;
 		ct->bytes += skb->len;
+		d->ct_flags = ct->flags;
+		d->proxy_port = ct->proxy_port;
 		return CILIA_PASS;
 	}
 	if (ct_related(f, p->egress_ep != 0, now)) {
@@ -211,6 +243,8 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const 
 			}
 			reply->flags |= CILIA_CT_SEEN_REPLY;
 			reply->expires = now + ct_lifetime(f, reply->flags);
+			d->ct_flags = reply->flags;
+			d->proxy_port = reply->proxy_port;
 			return CILIA_PASS;
 		}
 	}
@@ -221,6 +255,8 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const 
 		return ct_revoke(live ? ct : 0, rev);
 	if (p->ingress_ep) {
 		struct decision in = {.level = d->level, .ct_state = d->ct_state};
+		/* Either side's entry may name the proxy: it serves both. */
+		__be16 proxy_port = d->proxy_port;
 
 		if (!policy_allows(p->ingress_ep, CILIA_DIR_INGRESS, p->src_id, f->proto, f->dport,
 				   &in)) {
@@ -230,16 +266,25 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const 
 		/* Report the ingress side unless egress only passed by audit. */
 		if (d->verdict != CILIA_VERDICT_AUDIT)
 			*d = in;
+		d->proxy_port = proxy_port ? proxy_port : in.proxy_port;
 	}
 
 	if (live) {
+		/* A re-check decides whether the flow may go on, not how: the
+		 * way it was set up (direct, or through the proxy) stays. */
 		ct->flags &= ~CILIA_CT_DENIED;
 		ct->policy_rev = rev;
 		ct->packets += 1;
 		ct->bytes += skb->len;
 		ct->expires = now + ct_lifetime(f, ct->flags);
+		d->ct_flags = ct->flags;
+		d->proxy_port = ct->proxy_port;
 		return CILIA_PASS;
 	}
+	int reason = ct_new_flow_mode(f, p, d);
+
+	if (reason)
+		return reason;
 	if (ct) {
 		/* An expired entry the GC has not removed yet: reuse its slot,
 		 * which is already counted against its owner. */
@@ -249,10 +294,11 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const 
 		ct->policy_rev = rev;
 		ct->src_identity = p->src_id;
 		ct->dst_identity = p->dst_id;
-		ct->flags = 0;
+		ct->flags = d->ct_flags;
+		ct->proxy_port = d->proxy_port;
 		return CILIA_PASS;
 	}
-	return ct_create(skb, &key, f, rev, budget, p, now);
+	return ct_create(skb, &key, f, rev, budget, p, now, d);
 }
 
 #endif

@@ -16,25 +16,29 @@
 
 /* What policy decided for a flow, for counters and events. */
 struct decision {
-	__u32 rule;    /* cookie of the deciding entry, 0: default verdict */
-	__u8 dir;      /* direction whose policy decided */
-	__u8 verdict;  /* CILIA_VERDICT_ALLOW, _DENY or _AUDIT */
-	__u8 match;    /* CILIA_MATCH_* */
-	__u8 checked;  /* policy was consulted (a new or re-checked flow) */
-	__u32 level;   /* monitor level, read once per packet with the revision */
-	__u8 ct_state; /* CILIA_CT_STATE_* */
+	__u32 rule;	   /* cookie of the deciding entry, 0: default verdict */
+	__u8 dir;	   /* direction whose policy decided */
+	__u8 verdict;	   /* CILIA_VERDICT_ALLOW, _DENY or _AUDIT */
+	__u8 match;	   /* CILIA_MATCH_* */
+	__u8 checked;	   /* policy was consulted (a new or re-checked flow) */
+	__u32 level;	   /* monitor level, read once per packet with the revision */
+	__u8 ct_state;	   /* CILIA_CT_STATE_* */
+	__u16 ct_flags;	   /* CILIA_CT_* of the flow's entry (a reply: the forward one's) */
+	__be16 proxy_port; /* policy: the allow entry's; a CILIA_CT_TO_PROXY flow: its */
 };
 
 /*
  * The two ends of a packet as policy sees them: their identities, and the
  * local endpoints whose egress / ingress policy applies (0: none, e.g. the
- * host stack or the world).
+ * host stack or the world). `via_proxy`: the L7 proxy sent the packet for
+ * the source (CILIA_MARK_FROM_PROXY), having enforced the L7 policy.
  */
 struct peers {
 	__u32 src_id;
 	__u32 dst_id;
 	__u16 egress_ep;
 	__u16 ingress_ep;
+	__u8 via_proxy;
 };
 
 __inline_fn __u32 monitor_level(void)

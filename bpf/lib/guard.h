@@ -3,7 +3,8 @@
  * Who may send what, before any policy: an endpoint sends with its own
  * address only, and a packet from the node's stack never carries a local
  * endpoint's address (local endpoints reach each other by redirect; on the
- * node any local user can bind any address). Multicast is link business:
+ * node any local user can bind any address), unless the L7 proxy sends it
+ * for that endpoint. Multicast is link business:
  * not routed from endpoints, and toward them only the node's link-local
  * MLD and IGMP.
  */
@@ -31,10 +32,22 @@ __inline_fn int from_container_guard(const struct flow *f)
 	return flow_is_multicast(f) ? CILIA_DROP_MULTICAST : 0;
 }
 
-/* A unicast packet from the node's stack. Returns 0 or the drop reason. */
-__inline_fn int to_container_guard(const struct flow *f)
+/*
+ * A unicast packet from the node's stack, whose source is the local
+ * endpoint `src` (0: none). Only the L7 proxy may speak for a local
+ * endpoint: its packets carry CILIA_MARK_FROM_PROXY, which no container can
+ * forge (a veth clears the mark between namespaces). Returns 0 or the drop
+ * reason.
+ */
+__inline_fn int to_container_guard(const struct endpoint_info *src, int via_proxy)
 {
-	return endpoint_lookup(f->saddr, f->family) ? CILIA_DROP_SPOOFED_SOURCE : 0;
+	return src && !via_proxy ? CILIA_DROP_SPOOFED_SOURCE : 0;
+}
+
+/* Whether the L7 proxy sent the packet (its sockets' SO_MARK). */
+__inline_fn int from_proxy(const struct __sk_buff *skb)
+{
+	return (skb->mark & CILIA_MARK_MASK) == CILIA_MARK_FROM_PROXY;
 }
 
 /* Multicast from the node's stack: link-local MLD (ICMPv6, hop limit 1)

@@ -17,7 +17,8 @@
 
 /*
  * Returns whether the endpoint's policy in `dir` lets a packet from/to
- * `peer` on proto/dport through, and fills `d` with the deciding entry.
+ * `peer` on proto/dport through, and fills `d` with the deciding entry
+ * (with its L7 proxy port when that entry is an allow naming one).
  */
 __inline_fn int policy_allows(__u32 endpoint_id, __u8 dir, __u32 peer, __u8 proto, __be16 dport,
 			      struct decision *d)
@@ -36,6 +37,7 @@ __inline_fn int policy_allows(__u32 endpoint_id, __u8 dir, __u32 peer, __u8 prot
 	d->rule = 0;
 	d->match = CILIA_MATCH_NONE;
 	d->verdict = CILIA_VERDICT_ALLOW;
+	d->proxy_port = 0;
 	if (!map)
 		return 1; /* no policy map yet: nothing selects the endpoint */
 	v = bpf_map_lookup_elem(map, &key);
@@ -65,6 +67,7 @@ __inline_fn int policy_allows(__u32 endpoint_id, __u8 dir, __u32 peer, __u8 prot
 	if (hit) {
 		d->rule = hit->rule;
 		d->match = hit->match;
+		d->proxy_port = hit->proxy_port;
 		return 1;
 	}
 	if (!(flags & CILIA_ENFORCE))

@@ -62,6 +62,7 @@ const STRUCTS: &[(&str, &[&str])] = &[
             "dst_identity",
             "flags",
             "owner",
+            "proxy_port",
         ],
     ),
     ("frag_key", &["saddr", "daddr", "id", "proto", "family"]),

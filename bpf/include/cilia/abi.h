@@ -62,22 +62,25 @@ struct endpoint_info {
 #define CILIA_FWD_STACK	    2 /* passed to the host stack */
 #define CILIA_FWD_ND_REPLY  3 /* IPv6 neighbour advertisement answered */
 #define CILIA_FWD_ARP_REPLY 4 /* ARP reply answered */
+#define CILIA_FWD_PROXY	    5 /* to the L7 proxy through the node's stack */
 
 /* Drop reasons (kind CILIA_METRIC_DROP). Never reuse a number. */
-#define CILIA_DROP_INVALID	   130 /* truncated or malformed packet */
-#define CILIA_DROP_UNSUPPORTED_L3  131 /* ethertype not handled */
-#define CILIA_DROP_SPOOFED_SOURCE  132 /* source address is not the endpoint's */
-#define CILIA_DROP_TTL_EXCEEDED	   133 /* TTL / hop limit would reach zero */
-#define CILIA_DROP_UNSUPPORTED_ND  134 /* ND/ICMPv6 control message not served */
-#define CILIA_DROP_MULTICAST	   135 /* multicast is not routed */
-#define CILIA_DROP_REDIRECT_FAILED 136 /* the kernel refused the redirect */
-#define CILIA_DROP_WRITE_FAILED	   137 /* a packet rewrite helper failed */
-#define CILIA_DROP_POLICY	   138 /* policy denied */
-#define CILIA_DROP_CT_FULL	   139 /* conntrack table full: new flows fail closed */
-#define CILIA_DROP_EXT_HDR	   140 /* IPv6 extension header chain unknown, too long or routed */
-#define CILIA_DROP_FRAG_NO_FLOW	   141 /* later fragment of an unknown or denied datagram */
-#define CILIA_DROP_ND_INVALID	   142 /* neighbour discovery failing hop limit/address checks */
-#define CILIA_DROP_CT_BUDGET	   143 /* the endpoint has used its conntrack budget */
+#define CILIA_DROP_INVALID	     130 /* truncated or malformed packet */
+#define CILIA_DROP_UNSUPPORTED_L3    131 /* ethertype not handled */
+#define CILIA_DROP_SPOOFED_SOURCE    132 /* source address is not the endpoint's */
+#define CILIA_DROP_TTL_EXCEEDED	     133 /* TTL / hop limit would reach zero */
+#define CILIA_DROP_UNSUPPORTED_ND    134 /* ND/ICMPv6 control message not served */
+#define CILIA_DROP_MULTICAST	     135 /* multicast is not routed */
+#define CILIA_DROP_REDIRECT_FAILED   136 /* the kernel refused the redirect */
+#define CILIA_DROP_WRITE_FAILED	     137 /* a packet rewrite helper failed */
+#define CILIA_DROP_POLICY	     138 /* policy denied */
+#define CILIA_DROP_CT_FULL	     139 /* conntrack table full: new flows fail closed */
+#define CILIA_DROP_EXT_HDR	     140 /* IPv6 extension header chain unknown, too long or routed */
+#define CILIA_DROP_FRAG_NO_FLOW	     141 /* later fragment of an unknown or denied datagram */
+#define CILIA_DROP_ND_INVALID	     142 /* neighbour discovery failing hop limit/address checks */
+#define CILIA_DROP_CT_BUDGET	     143 /* the endpoint has used its conntrack budget */
+#define CILIA_DROP_PROXY_UNAVAILABLE 144 /* L7 redirect: the proxy has no socket for the flow */
+#define CILIA_DROP_PROXY_PATH	     145 /* L7 redirect not possible on this path */
 
 /* Direction of a counted packet. */
 #define CILIA_DIR_EGRESS  1 /* leaving an endpoint (from-container) */
@@ -160,10 +163,10 @@ struct policy_key {
 #define CILIA_ENFORCE_AUDIT 2 /* audit mode: would-be drops pass, reported as AUDIT */
 
 struct policy_value {
-	__u8 verdict;	  /* CILIA_VERDICT_*; for CILIA_ID_ENFORCEMENT keys: CILIA_ENFORCE* */
-	__u8 match;	  /* CILIA_MATCH_* of this entry */
-	__u16 proxy_port; /* reserved for L7, zero */
-	__u32 rule;	  /* rule cookie: which policy rule this entry comes from */
+	__u8 verdict;	   /* CILIA_VERDICT_*; for CILIA_ID_ENFORCEMENT keys: CILIA_ENFORCE* */
+	__u8 match;	   /* CILIA_MATCH_* of this entry */
+	__be16 proxy_port; /* L7 proxy port (network byte order) of an allow; 0: none */
+	__u32 rule;	   /* rule cookie: which policy rule this entry comes from */
 };
 
 /* Conntrack: LRU hash keyed by the 5-tuple as the packet carried it. */
@@ -183,6 +186,12 @@ struct ct_key {
  * can restart it as a new flow in the other direction) and is dropped until a
  * later policy allows it again. */
 #define CILIA_CT_DENIED 4
+/* L7 redirect (see "L7 redirect" in docs/ARCHITECTURE.md). TO_PROXY: the
+ * client leg of a redirected flow, its packets are assigned to the proxy's
+ * socket at ct_value.proxy_port; FROM_PROXY: a flow the proxy opened on a
+ * client's behalf, whose replies go back to the proxy through the stack. */
+#define CILIA_CT_TO_PROXY   8
+#define CILIA_CT_FROM_PROXY 16
 
 struct ct_value {
 	__u64 expires;	  /* bpf_ktime_get_ns() deadline (CLOCK_MONOTONIC) */
@@ -191,8 +200,10 @@ struct ct_value {
 	__u32 policy_rev; /* revision the flow's policy was checked at */
 	__u32 src_identity;
 	__u32 dst_identity;
-	__u16 flags; /* CILIA_CT_* */
-	__u16 owner; /* endpoint whose program created the entry (its budget) */
+	__u16 flags;	   /* CILIA_CT_* */
+	__u16 owner;	   /* endpoint whose program created the entry (its budget) */
+	__be16 proxy_port; /* CILIA_CT_TO_PROXY: the proxy's port; else 0 */
+	__u8 pad[6];
 };
 
 /* Fragments: the first fragment of an allowed datagram leaves its ports

@@ -51,6 +51,7 @@ pub fn reason_name(kind: u8, reason: u8) -> &'static str {
         (CILIA_METRIC_FORWARD, CILIA_FWD_STACK) => "to-stack",
         (CILIA_METRIC_FORWARD, CILIA_FWD_ND_REPLY) => "nd-reply",
         (CILIA_METRIC_FORWARD, CILIA_FWD_ARP_REPLY) => "arp-reply",
+        (CILIA_METRIC_FORWARD, CILIA_FWD_PROXY) => "to-proxy",
         (CILIA_METRIC_DROP, CILIA_DROP_INVALID) => "Invalid packet",
         (CILIA_METRIC_DROP, CILIA_DROP_UNSUPPORTED_L3) => "Unsupported L3 protocol",
         (CILIA_METRIC_DROP, CILIA_DROP_SPOOFED_SOURCE) => "Invalid source address",
@@ -65,6 +66,8 @@ pub fn reason_name(kind: u8, reason: u8) -> &'static str {
         (CILIA_METRIC_DROP, CILIA_DROP_FRAG_NO_FLOW) => "Fragment of unknown datagram",
         (CILIA_METRIC_DROP, CILIA_DROP_ND_INVALID) => "Invalid ND message",
         (CILIA_METRIC_DROP, CILIA_DROP_CT_BUDGET) => "Endpoint conntrack budget exhausted",
+        (CILIA_METRIC_DROP, CILIA_DROP_PROXY_UNAVAILABLE) => "L7 proxy unavailable",
+        (CILIA_METRIC_DROP, CILIA_DROP_PROXY_PATH) => "L7 redirect not possible on this path",
         _ => "unknown",
     }
 }
@@ -223,6 +226,7 @@ abi_struct! {
         pub verdict: u8,
         /// `match` in C: CILIA_MATCH_* of this entry.
         pub match_kind: u8,
+        /// L7 proxy port of an allow entry, network byte order; 0: none.
         pub proxy_port: u16,
         pub rule: u32,
     }
@@ -253,6 +257,9 @@ abi_struct! {
         pub flags: u16,
         /// Endpoint whose program created the entry: the budget it counts on.
         pub owner: u16,
+        /// `CILIA_CT_TO_PROXY`: the L7 proxy's port, network byte order.
+        pub proxy_port: u16,
+        pub pad: [u8; 6],
     }
 
     /// Key of the fragments map: one fragmented datagram.
@@ -375,7 +382,7 @@ mod tests {
             PolicyKey as "policy_key" { prefixlen, identity, direction, proto, dport }
             PolicyValue as "policy_value" { verdict, match_kind as "match", proxy_port, rule }
             CtKey as "ct_key" { saddr, daddr, sport, dport, proto, family }
-            CtValue as "ct_value" { expires, packets, bytes, policy_rev, src_identity, dst_identity, flags, owner }
+            CtValue as "ct_value" { expires, packets, bytes, policy_rev, src_identity, dst_identity, flags, owner, proxy_port }
             FragKey as "frag_key" { saddr, daddr, id, proto, family }
             FragValue as "frag_value" { expires, sport, dport }
             GlobalConfig as "global_config" { policy_rev, monitor_level, ct_budget }

@@ -89,7 +89,8 @@ pub struct PolicyEntry {
     /// Cookie of the rule that made the entry (0: none), carried by the
     /// datapath's verdict events.
     pub rule: u32,
-    /// L7 proxy port to redirect to; 0: none.
+    /// L7 proxy port to redirect to (host byte order; the map value holds
+    /// it in network byte order); 0: none. Meaningful on TCP allow entries.
     pub proxy_port: u16,
 }
 
@@ -122,7 +123,7 @@ impl PolicyEntry {
                 Verdict::Deny => CILIA_VERDICT_DENY,
             },
             match_kind: self.match_kind(),
-            proxy_port: self.proxy_port,
+            proxy_port: self.proxy_port.to_be(),
             rule: self.rule,
         }
     }
@@ -174,7 +175,7 @@ impl PolicyEntry {
                 Verdict::Allow
             },
             rule: value.rule,
-            proxy_port: value.proxy_port,
+            proxy_port: u16::from_be(value.proxy_port),
         })
     }
 }
@@ -416,6 +417,13 @@ pub struct CtEntry {
     pub policy_revision: u32,
     /// The endpoint whose budget the entry counts against.
     pub owner: u16,
+    /// The client leg of an L7-redirected flow: its packets go to the
+    /// proxy's socket at `proxy_port`.
+    pub to_proxy: bool,
+    /// A flow the L7 proxy opened for a client: replies go to the proxy.
+    pub from_proxy: bool,
+    /// The proxy port of a `to_proxy` flow; 0 otherwise.
+    pub proxy_port: u16,
 }
 
 impl CtEntry {
@@ -443,6 +451,9 @@ impl CtEntry {
             denied: value.flags & CILIA_CT_DENIED != 0,
             policy_revision: value.policy_rev,
             owner: value.owner,
+            to_proxy: value.flags & CILIA_CT_TO_PROXY != 0,
+            from_proxy: value.flags & CILIA_CT_FROM_PROXY != 0,
+            proxy_port: u16::from_be(value.proxy_port),
         })
     }
 
@@ -473,8 +484,12 @@ impl CtEntry {
             dst_identity: self.dst_identity,
             flags: flag(self.seen_reply, CILIA_CT_SEEN_REPLY)
                 | flag(self.closing, CILIA_CT_CLOSING)
-                | flag(self.denied, CILIA_CT_DENIED),
+                | flag(self.denied, CILIA_CT_DENIED)
+                | flag(self.to_proxy, CILIA_CT_TO_PROXY)
+                | flag(self.from_proxy, CILIA_CT_FROM_PROXY),
             owner: self.owner,
+            proxy_port: self.proxy_port.to_be(),
+            pad: [0; 6],
         }
     }
 }
@@ -777,6 +792,17 @@ mod tests {
     }
 
     #[test]
+    fn proxy_port_is_host_order_in_the_row_and_network_order_in_the_map() {
+        let e = PolicyEntry {
+            proxy_port: 15080,
+            ..allow(Direction::Ingress, 300, 6, 80, 16)
+        };
+        let v = e.value();
+        assert_eq!(v.proxy_port.to_ne_bytes(), 15080u16.to_be_bytes());
+        assert_eq!(PolicyEntry::decode(&e.key(), &v), Some(e));
+    }
+
+    #[test]
     fn deny_wins_over_allow_on_the_same_key() {
         let a = allow(Direction::Ingress, 300, 6, 80, 16);
         for entries in [vec![a, deny(a)], vec![deny(a), a]] {
@@ -926,10 +952,17 @@ mod tests {
                 denied: true,
                 policy_revision: 4,
                 owner: 12,
+                to_proxy: true,
+                from_proxy: false,
+                proxy_port: 15080,
             };
             let (k, v) = (row.key(), row.value());
             assert_eq!(k.sport, row.source.port().to_be());
-            assert_eq!(v.flags, CILIA_CT_SEEN_REPLY | CILIA_CT_DENIED);
+            assert_eq!(
+                v.flags,
+                CILIA_CT_SEEN_REPLY | CILIA_CT_DENIED | CILIA_CT_TO_PROXY
+            );
+            assert_eq!(v.proxy_port, 15080u16.to_be());
             assert_eq!(CtEntry::decode(&k, &v), Some(row));
         }
     }

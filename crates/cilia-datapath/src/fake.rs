@@ -659,6 +659,9 @@ mod tests {
             denied: false,
             policy_revision: 0,
             owner,
+            to_proxy: false,
+            from_proxy: false,
+            proxy_port: 0,
         };
         dp.insert_conntrack(&row(1000, 5, 10));
         dp.insert_conntrack(&row(1001, 5, 100));

@@ -21,7 +21,16 @@ pub struct RunResult {
     pub verdict: u32,
     /// The packet after the program ran (rewrites included).
     pub packet: Vec<u8>,
+    /// `skb->mark` after the program ran.
+    pub mark: u32,
 }
+
+/// `struct __sk_buff` as `BPF_PROG_TEST_RUN` takes and returns it: the
+/// fields before `mark` must be zero; the kernel copies back at most as
+/// many bytes as it has (192 on 6.x), so a larger buffer is fine.
+const SKB_CTX_LEN: usize = 256;
+/// Offset of `mark` in `struct __sk_buff` (after `len` and `pkt_type`).
+const SKB_MARK_OFFSET: usize = 8;
 
 /// A loaded tc program, not attached anywhere.
 pub struct TestProgram {
@@ -57,18 +66,31 @@ impl TestProgram {
 
     /// Runs the program once on `packet`.
     pub fn run(&self, packet: &[u8]) -> Result<RunResult, DatapathError> {
+        self.run_with_mark(packet, 0)
+    }
+
+    /// Runs the program once on `packet` arriving with `skb->mark` = `mark`.
+    pub fn run_with_mark(&self, packet: &[u8], mark: u32) -> Result<RunResult, DatapathError> {
         let mut out = vec![0u8; packet.len() + 512];
+        let mut ctx_in = [0u8; SKB_MARK_OFFSET + 4];
+        ctx_in[SKB_MARK_OFFSET..].copy_from_slice(&mark.to_ne_bytes());
+        let mut ctx_out = [0u8; SKB_CTX_LEN];
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(packet);
         opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(&ctx_in);
+        opts.ctx_out = Some(&mut ctx_out);
         let result = self
             .prog()?
             .test_run(opts)
             .map_err(|e| DatapathError::program(self.name, e))?;
         out.truncate(result.data_size_out as usize);
+        let mut mark_out = [0u8; 4];
+        mark_out.copy_from_slice(&ctx_out[SKB_MARK_OFFSET..SKB_MARK_OFFSET + 4]);
         Ok(RunResult {
             verdict: result.return_value,
             packet: out,
+            mark: u32::from_ne_bytes(mark_out),
         })
     }
 

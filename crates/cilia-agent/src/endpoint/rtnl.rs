@@ -39,7 +39,7 @@ pub struct VethEnd<'a> {
     pub netns: Option<&'a File>,
 }
 
-fn family(ip: IpAddr) -> AddressFamily {
+pub(crate) fn family(ip: IpAddr) -> AddressFamily {
     if ip.is_ipv4() {
         AddressFamily::Inet
     } else {
@@ -92,7 +92,7 @@ impl Rtnl {
 
     /// Sends one request and waits for its acknowledgement; returns the
     /// messages the kernel answered with before it.
-    fn request(
+    pub(crate) fn request(
         &mut self,
         message: RouteNetlinkMessage,
         flags: u16,

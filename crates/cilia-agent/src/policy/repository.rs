@@ -1272,6 +1272,9 @@ impl PolicyState {
             denied: false,
             policy_revision: 0,
             owner: 0,
+            to_proxy: false,
+            from_proxy: false,
+            proxy_port: 0,
         })?;
         Ok(verdict)
     }
