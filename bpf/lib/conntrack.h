@@ -271,7 +271,15 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const 
 
 	if (live) {
 		/* A re-check decides whether the flow may go on, not how: the
-		 * way it was set up (direct, or through the proxy) stays. */
+		 * way it was set up (direct, or through the proxy) stays. But a
+		 * direct flow that the policy now sends to the proxy is revoked:
+		 * its requests would never meet the HTTP rules. The client's next
+		 * connection goes through the proxy. */
+		if (d->proxy_port && !p->via_proxy &&
+		    !(ct->flags & (CILIA_CT_TO_PROXY | CILIA_CT_FROM_PROXY))) {
+			d->verdict = CILIA_VERDICT_DENY;
+			return ct_revoke(ct, rev);
+		}
 		ct->flags &= ~CILIA_CT_DENIED;
 		ct->policy_rev = rev;
 		ct->packets += 1;

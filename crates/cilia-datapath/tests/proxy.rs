@@ -111,6 +111,23 @@ fn a_flow_the_policy_does_not_proxy_is_redirected_to_the_peer_directly() {
 }
 
 #[test]
+fn a_direct_flow_that_a_new_policy_sends_to_the_proxy_is_revoked() {
+    privileged!("direct_flow_revoked_by_l7");
+    let mut fx = Fixture::new();
+    b_admits_from_a(&mut fx, 6, 80);
+    let ns = Netns::new("cpxr").unwrap();
+    assert_eq!(run_in(&ns, &fx.a(), &a_to_b(80), 0).verdict, TC_ACT_REDIRECT);
+    // HTTP rules arrive for the same port: the open connection was never
+    // checked by the proxy, so it may not go on around it.
+    b_admits_http_through_proxy(&mut fx, A_IDENTITY);
+    fx.dp.bump_policy_revision().unwrap();
+    assert_eq!(run_in(&ns, &fx.a(), &a_to_b(80), 0).verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&fx, CILIA_DROP_POLICY), 1);
+    let ct = ct_flags_of(&fx, a6(), 80).unwrap();
+    assert!(!ct.to_proxy, "the flow keeps its direct setup, revoked: {ct:?}");
+}
+
+#[test]
 fn a_proxied_entry_on_a_non_tcp_flow_drops_it_as_no_redirect_path() {
     privileged!("proxied_udp_dropped");
     let mut fx = Fixture::new();
