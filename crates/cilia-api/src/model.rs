@@ -247,6 +247,11 @@ pub struct BpfCtEntry {
     #[serde(default)]
     pub denied: bool,
     pub policy_revision: u32,
+    /// How the flow goes through the L7 proxy: `to-proxy` (a client's
+    /// connection, redirected), `from-proxy` (the proxy's connection on the
+    /// client's behalf); absent for a direct flow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<String>,
 }
 
 /// One entry of an endpoint's policy map read back from the kernel.
@@ -262,6 +267,9 @@ pub struct BpfPolicyEntry {
     pub verdict: String,
     /// The rule this entry comes from (`kind/namespace/name` and section).
     pub rule: String,
+    /// The L7 proxy's port, when matching flows are redirected to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_port: Option<u16>,
 }
 
 /// An endpoint's policy map with its enforcement state.

@@ -100,6 +100,7 @@ pub async fn run(cmd: BpfCmd, client: &ApiClient, output: Output) -> anyhow::Res
                 "EXPIRES",
                 "REPLY",
                 "REV",
+                "PROXY",
             ],
             |e| {
                 let reply = if e.denied {
@@ -119,6 +120,7 @@ pub async fn run(cmd: BpfCmd, client: &ApiClient, output: Output) -> anyhow::Res
                     &format!("{}s", e.expires_in),
                     &reply,
                     &e.policy_revision,
+                    &e.proxy.as_deref().unwrap_or("-"),
                 ])
             },
         ),
@@ -150,12 +152,16 @@ fn print_policy(p: &BpfPolicy) {
             .map(|e| {
                 let identity: &dyn std::fmt::Display =
                     if e.identity == 0 { &"any" } else { &e.identity };
+                let verdict = match e.proxy_port {
+                    Some(port) => format!("{} (proxy :{port})", e.verdict),
+                    None => e.verdict.clone(),
+                };
                 cells(&[
                     &e.direction,
                     identity,
                     &e.protocol,
                     &e.port,
-                    &e.verdict,
+                    &verdict,
                     &e.rule,
                 ])
             })

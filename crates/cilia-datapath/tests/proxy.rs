@@ -116,7 +116,10 @@ fn a_direct_flow_that_a_new_policy_sends_to_the_proxy_is_revoked() {
     let mut fx = Fixture::new();
     b_admits_from_a(&mut fx, 6, 80);
     let ns = Netns::new("cpxr").unwrap();
-    assert_eq!(run_in(&ns, &fx.a(), &a_to_b(80), 0).verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        run_in(&ns, &fx.a(), &a_to_b(80), 0).verdict,
+        TC_ACT_REDIRECT
+    );
     // HTTP rules arrive for the same port: the open connection was never
     // checked by the proxy, so it may not go on around it.
     b_admits_http_through_proxy(&mut fx, A_IDENTITY);
@@ -124,7 +127,10 @@ fn a_direct_flow_that_a_new_policy_sends_to_the_proxy_is_revoked() {
     assert_eq!(run_in(&ns, &fx.a(), &a_to_b(80), 0).verdict, TC_ACT_SHOT);
     assert_eq!(drops(&fx, CILIA_DROP_POLICY), 1);
     let ct = ct_flags_of(&fx, a6(), 80).unwrap();
-    assert!(!ct.to_proxy, "the flow keeps its direct setup, revoked: {ct:?}");
+    assert!(
+        !ct.to_proxy,
+        "the flow keeps its direct setup, revoked: {ct:?}"
+    );
 }
 
 #[test]

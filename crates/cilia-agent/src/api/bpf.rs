@@ -148,6 +148,13 @@ pub(super) async fn bpf_ct(State(state): State<Shared>) -> Listing<BpfCtEntry> {
                 seen_reply: e.seen_reply,
                 denied: e.denied,
                 policy_revision: e.policy_revision,
+                proxy: if e.to_proxy {
+                    Some("to-proxy".into())
+                } else if e.from_proxy {
+                    Some("from-proxy".into())
+                } else {
+                    None
+                },
             })
             .collect())
     })
@@ -198,6 +205,7 @@ pub(super) async fn bpf_policy(
                     }
                     .into(),
                     rule: rules.name(e.rule).unwrap_or_default(),
+                    proxy_port: (e.proxy_port != 0).then_some(e.proxy_port),
                 })
                 .collect(),
         })
