@@ -93,6 +93,7 @@ mod tests {
             port_prefix_len,
             verdict,
             rule,
+            proxy: false,
         }
     }
 

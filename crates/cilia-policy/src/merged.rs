@@ -18,12 +18,14 @@
 //! claim is the one `merge` keeps, and the map entry follows from the first claims
 //! and the ancestors' claims by the same rule ([`normalized_verdict`]).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::incremental::{Basis, Contribution, ContributionId, PolicyRepository};
-use crate::resolve::{ancestors, normalized_verdict, Key};
-use crate::{Direction, MapEntry, ResolvedPolicy, RuleRef, Verdict};
+use crate::l7::ResolvedL7;
+use crate::model::PortL7;
+use crate::resolve::{ancestors, l7_entry, l7_positions, normalized_verdict, Key, L7View};
+use crate::{Direction, EntryKey, MapEntry, ResolvedPolicy, RuleRef, Verdict};
 
 /// One contribution's claim on a key: its first allow or first deny rule there.
 #[derive(Debug, Clone)]
@@ -54,6 +56,11 @@ struct KeyState {
     /// Sorted by policy key: the first one wins.
     allow: Vec<Claim>,
     deny: Vec<Claim>,
+    /// Each contribution's first allow without HTTP rules, sorted by policy key.
+    l4: Vec<Claim>,
+    /// Every HTTP rule list claimed, sorted by policy key (then claim order).
+    http: Vec<(Claim, Arc<PortL7>)>,
+    /// The entry of the L3/L4 merge (before the L7 overlay).
     entry: Decided,
     /// The last update that recorded this key's state before changing it.
     seen: u64,
@@ -77,6 +84,12 @@ pub struct MergedPolicy {
     ingress: usize,
     egress: usize,
     keys: BTreeMap<Key, KeyState>,
+    /// Keys with HTTP claims: where proxied entries start.
+    http_keys: BTreeSet<Key>,
+    /// The proxied entries (see `resolve::l7_entry`), which replace or add to
+    /// the L3/L4 entries: the rule that decides each, and its L7 policy.
+    overlay: BTreeMap<Key, (Claim, ResolvedL7)>,
+    /// Map entries, proxied ones included.
     entries: usize,
     /// Counts updates: marks the keys an update already recorded, so recording
     /// costs no hashing.
@@ -108,6 +121,10 @@ pub struct PolicyDelta {
     /// Entries that left the map, as they were (rule index `u32::MAX` when the
     /// deciding policy left too); sorted by key.
     pub removed: Vec<MergedEntry>,
+    /// Whether the L7 policies of the proxied entries changed (what the
+    /// proxy must be told; see [`MergedPolicy::l7_entries`]). A change of an
+    /// entry's `proxy` flag is an upsert.
+    pub l7_changed: bool,
 }
 
 impl PolicyDelta {
@@ -117,6 +134,7 @@ impl PolicyDelta {
             && self.egress_enforced.is_none()
             && self.upserted.is_empty()
             && self.removed.is_empty()
+            && !self.l7_changed
     }
 }
 
@@ -157,14 +175,64 @@ impl MergedPolicy {
                 .iter()
                 .flat_map(|(_, c)| c.rules.iter().cloned())
                 .collect(),
+            l7: self
+                .overlay
+                .iter()
+                .map(|(k, (_, l7))| (*k, l7.clone()))
+                .collect(),
         };
         for (key, state) in &self.keys {
+            if self.overlay.contains_key(key) {
+                continue;
+            }
             if let Some((verdict, claim)) = &state.entry {
-                out.entries
-                    .push(map_entry(*key, *verdict, global_rule(&offsets, claim)));
+                out.entries.push(map_entry(
+                    *key,
+                    *verdict,
+                    global_rule(&offsets, claim),
+                    false,
+                ));
             }
         }
+        for (key, (claim, _)) in &self.overlay {
+            let entry = map_entry(*key, Verdict::Allow, global_rule(&offsets, claim), true);
+            let at = out.entries.partition_point(|e| e.key() < *key);
+            out.entries.insert(at, entry);
+        }
         out
+    }
+
+    /// Every proxied entry with its L7 policy (as in
+    /// [`ResolvedPolicy::l7_entries`]): what the agent hands to the proxy.
+    pub fn l7_entries(&self) -> impl Iterator<Item = (EntryKey, &ResolvedL7)> {
+        self.overlay.iter().map(|(k, (_, l7))| (*k, l7))
+    }
+
+    /// The proxied entries of the current claims (see `resolve::l7_entry`).
+    fn compute_overlay(
+        &self,
+        offsets: &HashMap<*const Contribution, u32>,
+    ) -> BTreeMap<Key, (Claim, ResolvedL7)> {
+        if self.http_keys.is_empty() {
+            return BTreeMap::new();
+        }
+        let view = |k: &Key| -> Option<L7View<Claim>> {
+            let s = self.keys.get(k)?;
+            Some(L7View {
+                deny: !s.deny.is_empty(),
+                allow: s.allow.first().cloned(),
+                l4: s.l4.first().cloned(),
+                http: s.http.clone(),
+            })
+        };
+        let order = |c: &Claim| global_rule(offsets, c);
+        let rule_ref = |c: &Claim| c.rule_ref().cloned();
+        let next_key = |after: Key| self.keys.range(after..).next().map(|(k, _)| *k);
+        l7_positions(self.http_keys.iter().copied(), &next_key)
+            .into_iter()
+            .filter_map(|key| l7_entry(key, &view, &order, &rule_ref))
+            .map(|(entry, claim, l7)| (entry.key(), (claim, l7)))
+            .collect()
     }
 
     /// Index of each part's first rule in the merged rule list, by part address.
@@ -255,6 +323,17 @@ impl MergedPolicy {
                 if cand.deny.is_some() {
                     state.deny.retain(|cl| !Arc::ptr_eq(&cl.part, c));
                 }
+                if cand.l4.is_some() {
+                    state.l4.retain(|cl| !Arc::ptr_eq(&cl.part, c));
+                }
+            }
+            for (key, _) in &c.http {
+                if let Some(state) = self.keys.get_mut(key) {
+                    state.http.retain(|(cl, _)| !Arc::ptr_eq(&cl.part, c));
+                    if state.http.is_empty() {
+                        self.http_keys.remove(key);
+                    }
+                }
             }
         }
         for c in added {
@@ -269,6 +348,28 @@ impl MergedPolicy {
                 if let Some(rule) = cand.deny {
                     insert_claim(&mut state.deny, c, rule);
                 }
+                if let Some(rule) = cand.l4 {
+                    insert_claim(&mut state.l4, c, rule);
+                }
+            }
+            for (key, claims) in &c.http {
+                let state = self.keys.entry(*key).or_default();
+                let at = state
+                    .http
+                    .partition_point(|(cl, _)| cl.part.policy <= c.policy);
+                state.http.splice(
+                    at..at,
+                    claims.iter().map(|(rule, l7)| {
+                        (
+                            Claim {
+                                part: c.clone(),
+                                rule: *rule,
+                            },
+                            l7.clone(),
+                        )
+                    }),
+                );
+                self.http_keys.insert(*key);
             }
         }
         // A key that starts or stops holding a deny or an allow changes what the
@@ -297,6 +398,8 @@ impl MergedPolicy {
             ..PolicyDelta::default()
         };
         let mut empty: Vec<Key> = Vec::new();
+        // The L3/L4 entries that changed: (key, before, after).
+        let mut changed: BTreeMap<Key, (Decided, Decided)> = BTreeMap::new();
         for (key, _, old) in before {
             let covered = self.covered(key);
             let Some(state) = self.keys.get_mut(&key) else {
@@ -315,18 +418,7 @@ impl MergedPolicy {
                 _ => false,
             };
             if !same {
-                if let Some((v, c)) = &old {
-                    if new.is_none() {
-                        self.entries -= 1;
-                        delta.removed.push(merged_entry(key, *v, c, &offsets));
-                    }
-                }
-                if let Some((v, c)) = &new {
-                    if old.is_none() {
-                        self.entries += 1;
-                    }
-                    delta.upserted.push(merged_entry(key, *v, c, &offsets));
-                }
+                changed.insert(key, (old, new.clone()));
             }
             state.entry = new;
             if state.allow.is_empty() && state.deny.is_empty() {
@@ -335,6 +427,59 @@ impl MergedPolicy {
         }
         for key in empty {
             self.keys.remove(&key);
+        }
+        // The proxied entries replace the L3/L4 entries of their keys: the map
+        // changes where either changed.
+        let overlay = self.compute_overlay(&offsets);
+        let old_overlay = std::mem::replace(&mut self.overlay, overlay);
+        delta.l7_changed = old_overlay.len() != self.overlay.len()
+            || old_overlay
+                .iter()
+                .zip(&self.overlay)
+                .any(|((ka, (_, la)), (kb, (_, lb)))| ka != kb || la != lb);
+        let mut keys: BTreeSet<Key> = changed.keys().copied().collect();
+        keys.extend(old_overlay.keys().copied());
+        keys.extend(self.overlay.keys().copied());
+        for key in keys {
+            let base_now = || self.keys.get(&key).and_then(|s| s.entry.clone());
+            let (base_old, base_new) = match changed.get(&key) {
+                Some((old, new)) => (old.clone(), new.clone()),
+                None => (base_now(), base_now()),
+            };
+            let was = match old_overlay.get(&key) {
+                Some((claim, _)) => Some((Verdict::Allow, claim.clone(), true)),
+                None => base_old.map(|(v, c)| (v, c, false)),
+            };
+            let now = match self.overlay.get(&key) {
+                Some((claim, _)) => Some((Verdict::Allow, claim.clone(), true)),
+                None => base_new.map(|(v, c)| (v, c, false)),
+            };
+            let same = match (&was, &now) {
+                (None, None) => true,
+                (Some((va, ca, pa)), Some((vb, cb, pb))) => {
+                    va == vb && pa == pb && ca.rule_ref() == cb.rule_ref()
+                }
+                _ => false,
+            };
+            if same {
+                continue;
+            }
+            if let Some((v, c, proxy)) = &was {
+                if now.is_none() {
+                    self.entries -= 1;
+                    delta
+                        .removed
+                        .push(merged_entry(key, *v, c, *proxy, &offsets));
+                }
+            }
+            if let Some((v, c, proxy)) = &now {
+                if was.is_none() {
+                    self.entries += 1;
+                }
+                delta
+                    .upserted
+                    .push(merged_entry(key, *v, c, *proxy, &offsets));
+            }
         }
         delta.upserted.sort_by_key(|e| e.entry);
         delta.removed.sort_by_key(|e| e.entry);
@@ -406,7 +551,7 @@ fn global_rule(offsets: &HashMap<*const Contribution, u32>, claim: &Claim) -> u3
         .map_or(u32::MAX, |o| o.saturating_add(claim.rule))
 }
 
-fn map_entry(key: Key, verdict: Verdict, rule: u32) -> MapEntry {
+fn map_entry(key: Key, verdict: Verdict, rule: u32, proxy: bool) -> MapEntry {
     let (direction, identity, proto, port, port_prefix_len) = key;
     MapEntry {
         direction,
@@ -416,6 +561,7 @@ fn map_entry(key: Key, verdict: Verdict, rule: u32) -> MapEntry {
         port_prefix_len,
         verdict,
         rule,
+        proxy,
     }
 }
 
@@ -423,10 +569,11 @@ fn merged_entry(
     key: Key,
     verdict: Verdict,
     claim: &Claim,
+    proxy: bool,
     offsets: &HashMap<*const Contribution, u32>,
 ) -> MergedEntry {
     MergedEntry {
-        entry: map_entry(key, verdict, global_rule(offsets, claim)),
+        entry: map_entry(key, verdict, global_rule(offsets, claim), proxy),
         rule_ref: claim
             .rule_ref()
             .cloned()
