@@ -215,7 +215,11 @@ pub fn trace_http(
     let (allowed, matched, reason) = match CompiledL7::compile(&l7.policy) {
         // Parsing compiled every rule already; a failure here would be a bug,
         // and the proxy would refuse the policy: report it, deny.
-        Err(e) => (false, None, format!("denied: the HTTP rules do not compile ({e})")),
+        Err(e) => (
+            false,
+            None,
+            format!("denied: the HTTP rules do not compile ({e})"),
+        ),
         Ok(compiled) => match compiled.decide(request) {
             None => (
                 false,

@@ -100,7 +100,12 @@ impl Budget {
             ("rules", self.rules, MAX_RULES, "MAX_RULES"),
             ("peers", self.peers, MAX_PEERS, "MAX_PEERS"),
             ("port ranges", self.ports, MAX_PORTS, "MAX_PORTS"),
-            ("HTTP rules", self.http_rules, MAX_HTTP_RULES, "MAX_HTTP_RULES"),
+            (
+                "HTTP rules",
+                self.http_rules,
+                MAX_HTTP_RULES,
+                "MAX_HTTP_RULES",
+            ),
         ] {
             if count > limit {
                 return Err(LimitError {

@@ -19,10 +19,10 @@ use serde_norway::value::{Tag, TaggedValue};
 use serde_norway::{Mapping, Value};
 
 use crate::error::PolicyError;
+use crate::l7::{HeaderMatchSpec, HttpRule, HttpRuleSpec};
 use crate::labels::{
     excerpt, selector_key, selector_value, Requirement, Selector, RESERVED_SOURCE,
 };
-use crate::l7::{HeaderMatchSpec, HttpRule, HttpRuleSpec};
 use crate::model::{
     Entity, Peer, PeerRule, PortL7, PortRange, Rule, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
@@ -1385,7 +1385,10 @@ fn port_l7(
                 "L7 (HTTP) rules need a specific port (1-65535), not port 0 (all ports)",
             ));
         }
-        if port.end_port.is_some_and(|e| e != 0 && e != i64::from(number)) {
+        if port
+            .end_port
+            .is_some_and(|e| e != 0 && e != i64::from(number))
+        {
             return Err(doc.err(
                 format!("{p}.endPort"),
                 "L7 (HTTP) rules apply to single ports, not port ranges",

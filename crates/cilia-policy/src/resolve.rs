@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use crate::labels::Selector;
 use crate::l7::{HttpOrigin, HttpRuleSpec, L7Policy, ResolvedL7};
+use crate::labels::Selector;
 use crate::model::{Entity, Peer, PeerRule, PortL7, PortRange, PORT_PROTOCOLS};
 use crate::ports::{port_range_prefixes, prefix_mask};
 use crate::{
@@ -607,7 +607,10 @@ fn l7_overlay(
 /// same key, if any) and its L7 table.
 fn apply_overlay(out: &mut ResolvedPolicy, overlay: Vec<(MapEntry, ResolvedL7)>) {
     for (entry, l7) in overlay {
-        match out.entries.binary_search_by_key(&entry.key(), MapEntry::key) {
+        match out
+            .entries
+            .binary_search_by_key(&entry.key(), MapEntry::key)
+        {
             Ok(at) => out.entries[at] = entry,
             Err(at) => out.entries.insert(at, entry),
         }
