@@ -36,10 +36,10 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use crate::model::{Entity, Peer, PeerRule, PortL7};
+use crate::model::{Entity, Peer, PeerRule};
 use crate::resolve::{
     add_candidates, add_l7_overlay, ancestors, for_each_peer_rule, normalized_entry,
-    peer_identities, Candidates, HttpClaims, Key,
+    peer_identities, Candidates, HttpClaim, HttpClaims, Key,
 };
 use crate::{
     Direction, IdentityCache, IdentityId, Labels, MapEntry, Policy, ResolvedPolicy, RuleRef,
@@ -69,7 +69,7 @@ pub(crate) struct Contribution {
     /// Sorted by key; rule indexes into `rules`.
     pub(crate) keys: Vec<(Key, Candidates)>,
     /// The HTTP rules claimed per key (a few keys, if any); sorted by key.
-    pub(crate) http: Vec<(Key, Vec<(u32, Arc<PortL7>)>)>,
+    pub(crate) http: Vec<(Key, Vec<HttpClaim>)>,
     /// Distinct peers whose identities the keys were expanded from.
     peers: Vec<Peer>,
 }

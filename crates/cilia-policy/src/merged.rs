@@ -84,11 +84,9 @@ pub struct MergedPolicy {
     ingress: usize,
     egress: usize,
     keys: BTreeMap<Key, KeyState>,
-    /// Keys with HTTP claims: where proxied entries start.
-    http_keys: BTreeSet<Key>,
-    /// The proxied entries (see `resolve::l7_entry`), which replace or add to
-    /// the L3/L4 entries: the rule that decides each, and its L7 policy.
-    overlay: BTreeMap<Key, (Claim, ResolvedL7)>,
+    /// The L7 side (boxed: most endpoints have none, and the agent keeps a
+    /// merged policy per endpoint).
+    l7: Box<L7State>,
     /// Map entries, proxied ones included.
     entries: usize,
     /// Counts updates: marks the keys an update already recorded, so recording
@@ -97,6 +95,16 @@ pub struct MergedPolicy {
     /// The basis and contributions before the last update, for
     /// [`MergedPolicy::revert_update`].
     previous: Option<(Basis, Parts)>,
+}
+
+/// The L7 side of a merged policy.
+#[derive(Debug, Default)]
+struct L7State {
+    /// Keys with HTTP claims: where proxied entries start.
+    http_keys: BTreeSet<Key>,
+    /// The proxied entries (see `resolve::l7_entry`), which replace or add to
+    /// the L3/L4 entries: the rule that decides each, and its L7 policy.
+    overlay: BTreeMap<Key, (Claim, ResolvedL7)>,
 }
 
 /// A map entry of a merged policy with the rule that decided it.
@@ -176,13 +184,14 @@ impl MergedPolicy {
                 .flat_map(|(_, c)| c.rules.iter().cloned())
                 .collect(),
             l7: self
+                .l7
                 .overlay
                 .iter()
                 .map(|(k, (_, l7))| (*k, l7.clone()))
                 .collect(),
         };
         for (key, state) in &self.keys {
-            if self.overlay.contains_key(key) {
+            if self.l7.overlay.contains_key(key) {
                 continue;
             }
             if let Some((verdict, claim)) = &state.entry {
@@ -194,7 +203,7 @@ impl MergedPolicy {
                 ));
             }
         }
-        for (key, (claim, _)) in &self.overlay {
+        for (key, (claim, _)) in &self.l7.overlay {
             let entry = map_entry(*key, Verdict::Allow, global_rule(&offsets, claim), true);
             let at = out.entries.partition_point(|e| e.key() < *key);
             out.entries.insert(at, entry);
@@ -205,7 +214,7 @@ impl MergedPolicy {
     /// Every proxied entry with its L7 policy (as in
     /// [`ResolvedPolicy::l7_entries`]): what the agent hands to the proxy.
     pub fn l7_entries(&self) -> impl Iterator<Item = (EntryKey, &ResolvedL7)> {
-        self.overlay.iter().map(|(k, (_, l7))| (*k, l7))
+        self.l7.overlay.iter().map(|(k, (_, l7))| (*k, l7))
     }
 
     /// The proxied entries of the current claims (see `resolve::l7_entry`).
@@ -213,7 +222,7 @@ impl MergedPolicy {
         &self,
         offsets: &HashMap<*const Contribution, u32>,
     ) -> BTreeMap<Key, (Claim, ResolvedL7)> {
-        if self.http_keys.is_empty() {
+        if self.l7.http_keys.is_empty() {
             return BTreeMap::new();
         }
         let view = |k: &Key| -> Option<L7View<Claim>> {
@@ -228,7 +237,7 @@ impl MergedPolicy {
         let order = |c: &Claim| global_rule(offsets, c);
         let rule_ref = |c: &Claim| c.rule_ref().cloned();
         let next_key = |after: Key| self.keys.range(after..).next().map(|(k, _)| *k);
-        l7_positions(self.http_keys.iter().copied(), &next_key)
+        l7_positions(self.l7.http_keys.iter().copied(), &next_key)
             .into_iter()
             .filter_map(|key| l7_entry(key, &view, &order, &rule_ref))
             .map(|(entry, claim, l7)| (entry.key(), (claim, l7)))
@@ -331,7 +340,7 @@ impl MergedPolicy {
                 if let Some(state) = self.keys.get_mut(key) {
                     state.http.retain(|(cl, _)| !Arc::ptr_eq(&cl.part, c));
                     if state.http.is_empty() {
-                        self.http_keys.remove(key);
+                        self.l7.http_keys.remove(key);
                     }
                 }
             }
@@ -369,7 +378,7 @@ impl MergedPolicy {
                         )
                     }),
                 );
-                self.http_keys.insert(*key);
+                self.l7.http_keys.insert(*key);
             }
         }
         // A key that starts or stops holding a deny or an allow changes what the
@@ -399,7 +408,7 @@ impl MergedPolicy {
         };
         let mut empty: Vec<Key> = Vec::new();
         // The L3/L4 entries that changed: (key, before, after).
-        let mut changed: BTreeMap<Key, (Decided, Decided)> = BTreeMap::new();
+        let mut changed: Vec<(Key, Decided, Decided)> = Vec::new();
         for (key, _, old) in before {
             let covered = self.covered(key);
             let Some(state) = self.keys.get_mut(&key) else {
@@ -418,7 +427,7 @@ impl MergedPolicy {
                 _ => false,
             };
             if !same {
-                changed.insert(key, (old, new.clone()));
+                changed.push((key, old, new.clone()));
             }
             state.entry = new;
             if state.allow.is_empty() && state.deny.is_empty() {
@@ -431,29 +440,52 @@ impl MergedPolicy {
         // The proxied entries replace the L3/L4 entries of their keys: the map
         // changes where either changed.
         let overlay = self.compute_overlay(&offsets);
-        let old_overlay = std::mem::replace(&mut self.overlay, overlay);
-        delta.l7_changed = old_overlay.len() != self.overlay.len()
+        let old_overlay = std::mem::replace(&mut self.l7.overlay, overlay);
+        delta.l7_changed = old_overlay.len() != self.l7.overlay.len()
             || old_overlay
                 .iter()
-                .zip(&self.overlay)
+                .zip(&self.l7.overlay)
                 .any(|((ka, (_, la)), (kb, (_, lb)))| ka != kb || la != lb);
-        let mut keys: BTreeSet<Key> = changed.keys().copied().collect();
-        keys.extend(old_overlay.keys().copied());
-        keys.extend(self.overlay.keys().copied());
-        for key in keys {
-            let base_now = || self.keys.get(&key).and_then(|s| s.entry.clone());
-            let (base_old, base_new) = match changed.get(&key) {
-                Some((old, new)) => (old.clone(), new.clone()),
-                None => (base_now(), base_now()),
+        // (key, entry before, entry after): (verdict, deciding claim, proxy).
+        type Final = Option<(Verdict, Claim, bool)>;
+        let l4 = |d: Decided| d.map(|(v, c)| (v, c, false));
+        let finals: Vec<(Key, Final, Final)> =
+            if old_overlay.is_empty() && self.l7.overlay.is_empty() {
+                // No L7 before or after: the L3/L4 changes are the map's.
+                changed
+                    .into_iter()
+                    .map(|(key, old, new)| (key, l4(old), l4(new)))
+                    .collect()
+            } else {
+                let changed: BTreeMap<Key, (Decided, Decided)> = changed
+                    .into_iter()
+                    .map(|(key, old, new)| (key, (old, new)))
+                    .collect();
+                let mut keys: BTreeSet<Key> = changed.keys().copied().collect();
+                keys.extend(old_overlay.keys().copied());
+                keys.extend(self.l7.overlay.keys().copied());
+                let proxied =
+                    |(claim, _): &(Claim, ResolvedL7)| Some((Verdict::Allow, claim.clone(), true));
+                keys.into_iter()
+                    .map(|key| {
+                        let (base_old, base_new) = match changed.get(&key) {
+                            Some((old, new)) => (old.clone(), new.clone()),
+                            None => {
+                                let now = self.keys.get(&key).and_then(|s| s.entry.clone());
+                                (now.clone(), now)
+                            }
+                        };
+                        let was = old_overlay.get(&key).map_or_else(|| l4(base_old), proxied);
+                        let now = self
+                            .l7
+                            .overlay
+                            .get(&key)
+                            .map_or_else(|| l4(base_new), proxied);
+                        (key, was, now)
+                    })
+                    .collect()
             };
-            let was = match old_overlay.get(&key) {
-                Some((claim, _)) => Some((Verdict::Allow, claim.clone(), true)),
-                None => base_old.map(|(v, c)| (v, c, false)),
-            };
-            let now = match self.overlay.get(&key) {
-                Some((claim, _)) => Some((Verdict::Allow, claim.clone(), true)),
-                None => base_new.map(|(v, c)| (v, c, false)),
-            };
+        for (key, was, now) in finals {
             let same = match (&was, &now) {
                 (None, None) => true,
                 (Some((va, ca, pa)), Some((vb, cb, pb))) => {

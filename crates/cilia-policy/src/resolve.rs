@@ -299,7 +299,13 @@ pub(crate) fn for_each_peer_rule<'a>(
 
 /// The HTTP rules claimed on each key, with the claiming rule (sorted by rule
 /// index within a key: the order rules are visited in).
-pub(crate) type HttpClaims = BTreeMap<Key, Vec<(u32, Arc<PortL7>)>>;
+pub(crate) type HttpClaims = BTreeMap<Key, Vec<HttpClaim>>;
+
+/// One rule's claim of HTTP rules on a key: (rule index, the rules).
+pub(crate) type HttpClaim = (u32, Arc<PortL7>);
+
+/// A port key and the HTTP rules of the range it came from.
+type PortKey<'a> = ((u8, u16, u8), Option<&'a Arc<PortL7>>);
 
 /// Adds the keys of `ids` x `ports` in `direction` to the candidates: the
 /// first allow and the first deny rule to claim a key keep it; the first
@@ -313,7 +319,7 @@ pub(crate) fn add_candidates(
     pr: &PeerRule,
     rule_idx: u32,
 ) {
-    let port_keys: Vec<((u8, u16, u8), Option<&Arc<PortL7>>)> = pr
+    let port_keys: Vec<PortKey> = pr
         .ports
         .iter()
         .enumerate()
@@ -475,7 +481,7 @@ pub(crate) fn l7_entry<R: Clone>(
         let k0 = (direction, 0, proto, port, len);
         std::iter::once(k0).chain(ancestors(k0)).collect()
     };
-    let own_views: Vec<L7View<R>> = own.iter().filter_map(|k| view(k)).collect();
+    let own_views: Vec<L7View<R>> = own.iter().filter_map(view).collect();
     if own_views.iter().any(|v| v.deny) {
         return None;
     }
@@ -488,7 +494,7 @@ pub(crate) fn l7_entry<R: Clone>(
     };
     let views: Vec<L7View<R>> = own_views
         .into_iter()
-        .chain(wildcard.iter().filter_map(|k| view(k)))
+        .chain(wildcard.iter().filter_map(view))
         .collect();
     let mut http: Vec<(u32, &R, &Arc<PortL7>)> = views
         .iter()
