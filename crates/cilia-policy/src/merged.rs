@@ -23,7 +23,6 @@ use std::sync::Arc;
 
 use crate::incremental::{Basis, Contribution, ContributionId, PolicyRepository};
 use crate::l7::ResolvedL7;
-use crate::model::PortL7;
 use crate::resolve::{ancestors, l7_entry, l7_positions, normalized_verdict, Key, L7View};
 use crate::{Direction, EntryKey, MapEntry, ResolvedPolicy, RuleRef, Verdict};
 
@@ -56,10 +55,6 @@ struct KeyState {
     /// Sorted by policy key: the first one wins.
     allow: Vec<Claim>,
     deny: Vec<Claim>,
-    /// Each contribution's first allow without HTTP rules, sorted by policy key.
-    l4: Vec<Claim>,
-    /// Every HTTP rule list claimed, sorted by policy key (then claim order).
-    http: Vec<(Claim, Arc<PortL7>)>,
     /// The entry of the L3/L4 merge (before the L7 overlay).
     entry: Decided,
     /// The last update that recorded this key's state before changing it.
@@ -100,8 +95,10 @@ pub struct MergedPolicy {
 /// The L7 side of a merged policy.
 #[derive(Debug, Default)]
 struct L7State {
-    /// Keys with HTTP claims: where proxied entries start.
-    http_keys: BTreeSet<Key>,
+    /// Keys with HTTP claims (how many contributions claim HTTP rules
+    /// there): where proxied entries start. The claims themselves stay in the
+    /// contributions, read only when the proxied entries are derived.
+    http_keys: BTreeMap<Key, usize>,
     /// The proxied entries (see `resolve::l7_entry`), which replace or add to
     /// the L3/L4 entries: the rule that decides each, and its L7 policy.
     overlay: BTreeMap<Key, (Claim, ResolvedL7)>,
@@ -225,19 +222,49 @@ impl MergedPolicy {
         if self.l7.http_keys.is_empty() {
             return BTreeMap::new();
         }
+        // Every contribution with an L4-only allow or HTTP rules on a key has
+        // an allow claim there: the key's allow claims, in policy order, lead
+        // to them.
         let view = |k: &Key| -> Option<L7View<Claim>> {
             let s = self.keys.get(k)?;
+            let mut l4 = None;
+            let mut http = Vec::new();
+            for claim in &s.allow {
+                let part = &claim.part;
+                if l4.is_none() {
+                    l4 = part
+                        .keys
+                        .binary_search_by_key(k, |(key, _)| *key)
+                        .ok()
+                        .and_then(|at| part.keys[at].1.l4)
+                        .map(|rule| Claim {
+                            part: part.clone(),
+                            rule,
+                        });
+                }
+                if let Ok(at) = part.http.binary_search_by_key(k, |(key, _)| *key) {
+                    http.extend(part.http[at].1.iter().map(|(rule, l7)| {
+                        (
+                            Claim {
+                                part: part.clone(),
+                                rule: *rule,
+                            },
+                            l7.clone(),
+                        )
+                    }));
+                }
+            }
             Some(L7View {
                 deny: !s.deny.is_empty(),
                 allow: s.allow.first().cloned(),
-                l4: s.l4.first().cloned(),
-                http: s.http.clone(),
+                l4,
+                http,
             })
         };
         let order = |c: &Claim| global_rule(offsets, c);
         let rule_ref = |c: &Claim| c.rule_ref().cloned();
         let next_key = |after: Key| self.keys.range(after..).next().map(|(k, _)| *k);
-        l7_positions(self.l7.http_keys.iter().copied(), &next_key)
+        l7_positions(self.l7.http_keys.keys().copied(), &next_key)
             .into_iter()
             .filter_map(|key| l7_entry(key, &view, &order, &rule_ref))
             .map(|(entry, claim, l7)| (entry.key(), (claim, l7)))
@@ -332,14 +359,11 @@ impl MergedPolicy {
                 if cand.deny.is_some() {
                     state.deny.retain(|cl| !Arc::ptr_eq(&cl.part, c));
                 }
-                if cand.l4.is_some() {
-                    state.l4.retain(|cl| !Arc::ptr_eq(&cl.part, c));
-                }
             }
             for (key, _) in &c.http {
-                if let Some(state) = self.keys.get_mut(key) {
-                    state.http.retain(|(cl, _)| !Arc::ptr_eq(&cl.part, c));
-                    if state.http.is_empty() {
+                if let Some(n) = self.l7.http_keys.get_mut(key) {
+                    *n -= 1;
+                    if *n == 0 {
                         self.l7.http_keys.remove(key);
                     }
                 }
@@ -357,28 +381,9 @@ impl MergedPolicy {
                 if let Some(rule) = cand.deny {
                     insert_claim(&mut state.deny, c, rule);
                 }
-                if let Some(rule) = cand.l4 {
-                    insert_claim(&mut state.l4, c, rule);
-                }
             }
-            for (key, claims) in &c.http {
-                let state = self.keys.entry(*key).or_default();
-                let at = state
-                    .http
-                    .partition_point(|(cl, _)| cl.part.policy <= c.policy);
-                state.http.splice(
-                    at..at,
-                    claims.iter().map(|(rule, l7)| {
-                        (
-                            Claim {
-                                part: c.clone(),
-                                rule: *rule,
-                            },
-                            l7.clone(),
-                        )
-                    }),
-                );
-                self.l7.http_keys.insert(*key);
+            for (key, _) in &c.http {
+                *self.l7.http_keys.entry(*key).or_default() += 1;
             }
         }
         // A key that starts or stops holding a deny or an allow changes what the
