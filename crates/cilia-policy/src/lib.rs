@@ -38,6 +38,15 @@
 //!   reserved identities (`reserved:host` …) are never namespace-limited.
 //! - Selector keys and values follow Kubernetes label syntax; a key may carry one source
 //!   prefix (`k8s:`, `any:`, `reserved:`). The policy set stays within [`limits`].
+//! - L7 HTTP rules (`toPorts[].rules.http`, see [`l7`]) are compiled at parse time; they
+//!   need explicit single TCP ports, only allow sections may have them, and an empty
+//!   `http` list restricts nothing (upstream: "If no rules are specified, then all
+//!   traffic is permitted"). The HTTP rules of a (direction, peer, TCP port) are the
+//!   union over every allow rule covering it, and any L4-only allow among those lets
+//!   every request through (still via the proxy): a proxied [`MapEntry`] of a peer
+//!   folds in the broader and identity-0 rules covering its port, so the entry the
+//!   datapath picks (the peer's own allowing hit, else identity 0's) carries them all.
+//!   A deny covering a packet wins: it is never redirected.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
