@@ -238,7 +238,7 @@ fn main() {
         );
     }
     run(
-        "(f) 1000 L7 rules on distinct ports + 1 for any peer",
+        "(f) 100 L7 rules on distinct ports + 1 for any peer",
         &policy(&s),
     );
 
