@@ -400,3 +400,69 @@ fn the_merged_policy_flags_a_proxy_change_as_an_upsert_and_l7_change() {
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0].1.policy, L7Policy::AllowAll);
 }
+
+// ---------------------------------------------------------------- trace_http
+
+#[test]
+fn trace_of_an_allow_all_entry_passes_every_request_and_names_both_rules() {
+    let yaml = ingress(&format!(
+        "- fromEndpoints: [{{matchLabels: {{app: web}}}}]\n  {}\n- fromEndpoints: [{{matchLabels: {{app: web}}}}]",
+        get("GET")
+    ));
+    let rp = World::new(&yaml).resolve(DB);
+    let put = SimpleRequest {
+        method: "PUT".into(),
+        path: "/anything".into(),
+        ..Default::default()
+    };
+    let t = trace_http(&rp, Ingress, WEB, TCP, 80, Some(&put));
+    assert_eq!(
+        (t.redirected, t.allowed, t.matched),
+        (true, Some(true), None)
+    );
+    let l7 = t.l7.expect("redirected");
+    assert_eq!(
+        l7.rule_names(),
+        [
+            "CiliumNetworkPolicy default/p ingress[0]",
+            "CiliumNetworkPolicy default/p ingress[1]"
+        ]
+    );
+}
+
+#[test]
+fn trace_matches_headers_and_host_and_names_the_http_index() {
+    let yaml = ingress(
+        "- toPorts:\n  - ports: [{port: '8080', protocol: TCP}]\n    rules:\n      http:\n      - {method: GET}\n      - {host: 'api\\.example\\.com', headers: ['X-Env: prod'], headerMatches: [{name: X-Team}]}",
+    );
+    let rp = World::new(&yaml).resolve(DB);
+    let mut req = SimpleRequest {
+        method: "POST".into(),
+        path: "/".into(),
+        host: Some("api.example.com".into()),
+        headers: vec![
+            ("x-env".into(), "prod".into()),
+            ("X-Team".into(), "a".into()),
+        ],
+    };
+    let t = trace_http(&rp, Ingress, WEB, TCP, 8080, Some(&req));
+    assert_eq!(t.allowed, Some(true));
+    assert_eq!(
+        t.matched.expect("matched").to_string(),
+        "CiliumNetworkPolicy default/p ingress[0] toPorts[0].rules.http[1]"
+    );
+    req.headers.pop();
+    let t = trace_http(&rp, Ingress, WEB, TCP, 8080, Some(&req));
+    assert_eq!(t.allowed, Some(false));
+}
+
+#[test]
+fn trace_of_a_flow_without_http_rules_is_not_redirected() {
+    let rp = World::new(&ingress(
+        "- toPorts: [{ports: [{port: '80', protocol: TCP}]}]",
+    ))
+    .resolve(DB);
+    let t = trace_http(&rp, Ingress, WEB, TCP, 80, None);
+    assert!(!t.redirected);
+    assert!(t.reason.contains("no HTTP rule covers it"), "{}", t.reason);
+}
