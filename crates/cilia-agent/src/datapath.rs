@@ -104,6 +104,7 @@ mod tests {
             port_prefix_len,
             verdict,
             rule,
+            proxy: false,
         }
     }
 
@@ -123,6 +124,7 @@ mod tests {
                 entry(Egress, 2, 6, 8080, 16, Allow, 1),
             ],
             rules: vec![rule(0, false), rule(0, true)],
+            l7: Default::default(),
         }
     }
 

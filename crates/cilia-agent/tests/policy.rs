@@ -27,6 +27,10 @@ const NP_RULE1: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../../examples/starwars/networkpolicy-l3-l4.yaml"
 );
+const CNP_L7: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../examples/starwars/cnp-l7.yaml"
+);
 const DENY_TIEFIGHTER: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../../examples/starwars/deny-tiefighter.yaml"
@@ -281,6 +285,65 @@ fn starwars_cnp_lets_only_the_empire_land() {
 fn starwars_networkpolicy_lets_only_the_empire_land() {
     privileged!("starwars_networkpolicy_lets_only_the_empire_land");
     only_the_empire_lands(NP_RULE1);
+}
+
+/// `policy trace --http-*` on the Star Wars L7 policy: the landing request
+/// is allowed by the HTTP rule, the exhaust-port request gets 403, the
+/// xwing is denied at L3/L4, and without a request the trace says the flow
+/// goes to the proxy.
+#[test]
+fn trace_runs_an_http_request_through_the_l7_rules() {
+    privileged!("trace_runs_an_http_request_through_the_l7_rules");
+    let agent = TestAgent::start(AgentOptions::default());
+    let sw = Starwars::new(&agent);
+    agent.cli_ok(&["policy", "import", CNP_L7]);
+    let (tie, ds, xwing) = (
+        id_of(&sw.tiefighter),
+        id_of(&sw.deathstar),
+        id_of(&sw.xwing),
+    );
+    let http_trace = |src: &str, method: &str, path: &str| {
+        agent.cli_json(&[
+            "policy",
+            "trace",
+            "--src",
+            src,
+            "--dst",
+            &ds,
+            "--dport",
+            "80/TCP",
+            "--http-method",
+            method,
+            "--http-path",
+            path,
+            "--http-header",
+            "X-Ship: tie",
+        ])
+    };
+    let t = http_trace(&tie, "POST", "/v1/request-landing");
+    assert_eq!(t["verdict"], "ALLOWED", "{t:#}");
+    assert_eq!(t["http_verdict"], "ALLOWED", "{t:#}");
+    let ingress = &t["steps"][1];
+    assert_eq!(ingress["direction"], "ingress", "{t:#}");
+    assert_eq!(ingress["l7"]["redirected"], true, "{t:#}");
+    assert_eq!(
+        ingress["l7"]["matched"],
+        "CiliumNetworkPolicy default/rule1 ingress[0] toPorts[0].rules.http[0]",
+        "{t:#}"
+    );
+    let t = http_trace(&tie, "PUT", "/v1/exhaust-port");
+    assert_eq!(t["verdict"], "ALLOWED", "{t:#}");
+    assert_eq!(t["http_verdict"], "DENIED", "{t:#}");
+    assert!(t.to_string().contains("403 Access denied"), "{t:#}");
+    let t = http_trace(&xwing, "POST", "/v1/request-landing");
+    assert_eq!(t["verdict"], "DENIED", "{t:#}");
+    assert!(t["http_verdict"].is_null(), "{t:#}");
+
+    let table = agent.cli_ok(&[
+        "policy", "trace", "--src", &tie, "--dst", &ds, "--dport", "80/TCP",
+    ]);
+    assert!(table.contains("redirected to the L7 proxy"), "{table}");
+    assert!(table.contains("decide per request"), "{table}");
 }
 
 #[test]

@@ -343,6 +343,41 @@ pub struct TraceRequest {
     /// Also run the source endpoint's real program on a synthesized packet.
     #[serde(default)]
     pub datapath: bool,
+    /// An HTTP request to run through the L7 (HTTP) rules of a proxied flow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<TraceHttpRequest>,
+}
+
+/// The HTTP request of a trace: what the L7 proxy would see.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TraceHttpRequest {
+    /// Method, e.g. `POST`.
+    pub method: String,
+    /// Path and query, e.g. `/v1/request-landing`.
+    pub path: String,
+    /// `Host` header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Headers as `Name: value`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<String>,
+}
+
+/// The L7 side of one direction of a trace.
+#[skip_serializing_none]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TraceL7 {
+    /// Whether the flow is redirected to the L7 proxy.
+    pub redirected: bool,
+    /// With a request: `ALLOWED` or `DENIED` (answered `403 Access denied`).
+    pub verdict: Option<String>,
+    /// The HTTP rule that allowed the request: `<rule> toPorts[i].rules.http[j]`.
+    pub matched: Option<String>,
+    pub reason: String,
+    /// The allow rules behind the proxied entry.
+    #[serde(default)]
+    pub rules: Vec<String>,
 }
 
 /// One direction's decision in a trace.
@@ -356,6 +391,9 @@ pub struct TraceStep {
     pub reason: String,
     /// The rules that decided it.
     pub rules: Vec<String>,
+    /// The L7 (HTTP) side, when the flow is allowed on TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l7: Option<TraceL7>,
 }
 
 #[skip_serializing_none]
@@ -370,6 +408,9 @@ pub struct TraceResponse {
     pub steps: Vec<TraceStep>,
     /// The kernel's verdict (`ALLOWED`/`DENIED`) with `datapath`.
     pub datapath: Option<String>,
+    /// With `http` on an allowed flow: the request's verdict at L7
+    /// (`ALLOWED`, or `DENIED` when a proxy answers `403 Access denied`).
+    pub http_verdict: Option<String>,
 }
 
 /// Parses `PORT/PROTO` (`80/TCP`, `53/udp`, `132/SCTP`; a bare port means

@@ -1,7 +1,10 @@
 //! `cilia policy`: import, show, delete, validate (offline) and trace
 //! network policies.
 
-use cilia_api::{ApiClient, PolicyChange, PolicyDelete, PolicyImport, TraceRequest, TraceResponse};
+use cilia_api::{
+    ApiClient, PolicyChange, PolicyDelete, PolicyImport, TraceHttpRequest, TraceRequest,
+    TraceResponse,
+};
 use clap::Subcommand;
 
 use crate::output::{cells, print_json, print_one, print_table, Output};
@@ -41,9 +44,12 @@ pub enum PolicyCmd {
         /// YAML file, or - for standard input.
         file: String,
     },
-    /// Explain the verdict for a connection, from the state that programs the maps.
+    /// Explain the verdict for a connection, from the state that programs the maps;
+    /// with --http-*, also what the L7 (HTTP) rules decide for one request.
     ///
     /// Example: cilia policy trace --src org=alliance,class=xwing --dst 1 --dport 80/TCP --datapath
+    ///
+    /// Example: cilia policy trace --src org=empire,class=tiefighter --dst org=empire,class=deathstar --dport 80/TCP --http-method POST --http-path /v1/request-landing
     Trace {
         /// Source: endpoint id, IP address, or labels k=v[,k=v…].
         #[arg(long)]
@@ -57,6 +63,18 @@ pub enum PolicyCmd {
         /// Also run the source endpoint's loaded program on a synthesized packet.
         #[arg(long)]
         datapath: bool,
+        /// HTTP request method to run through the L7 rules (needs --http-path).
+        #[arg(long, requires = "http_path")]
+        http_method: Option<String>,
+        /// HTTP request path and query (needs --http-method).
+        #[arg(long, requires = "http_method")]
+        http_path: Option<String>,
+        /// HTTP Host header.
+        #[arg(long, requires = "http_method")]
+        http_host: Option<String>,
+        /// HTTP header 'Name: value' (repeatable).
+        #[arg(long = "http-header", requires = "http_method")]
+        http_headers: Vec<String>,
     },
 }
 
@@ -130,13 +148,32 @@ pub async fn run(cmd: PolicyCmd, client: &ApiClient, output: Output) -> anyhow::
             dst,
             dport,
             datapath,
+            http_method,
+            http_path,
+            http_host,
+            http_headers,
         } => {
             cilia_api::parse_port_proto(&dport).map_err(|e| anyhow::anyhow!(e))?;
+            for h in &http_headers {
+                if !h.contains(':') {
+                    anyhow::bail!("--http-header {h:?}: expected 'Name: value'");
+                }
+            }
+            let http = match (http_method, http_path) {
+                (Some(method), Some(path)) => Some(TraceHttpRequest {
+                    method,
+                    path,
+                    host: http_host,
+                    headers: http_headers,
+                }),
+                _ => None,
+            };
             let req = TraceRequest {
                 src,
                 dst,
                 dport,
                 datapath,
+                http,
             };
             print_one(output, &client.trace(&req).await?, print_trace)
         }
@@ -210,8 +247,25 @@ fn print_trace(t: &TraceResponse) {
         for r in &s.rules {
             outln!("      rule: {r}");
         }
+        if let Some(l7) = &s.l7 {
+            match &l7.verdict {
+                Some(v) => outln!("      L7 (HTTP): {v} — {}", l7.reason),
+                None => outln!("      L7 (HTTP): {}", l7.reason),
+            }
+            for r in &l7.rules {
+                outln!("      L7 rule: {r}");
+            }
+        }
     }
     outln!("Verdict: {}", t.verdict);
+    if let Some(v) = &t.http_verdict {
+        let answer = if v == "DENIED" {
+            " (the proxy answers 403 Access denied)"
+        } else {
+            ""
+        };
+        outln!("HTTP verdict: {v}{answer}");
+    }
     if let Some(d) = &t.datapath {
         let agree = if *d == t.verdict {
             "agrees"

@@ -225,5 +225,22 @@ fn main() {
         &policy(&format!("{allow}{deny}")),
     );
 
+    // (f) L7: 100 ingress rules, each from the clients to a distinct TCP port
+    // with two HTTP rules, plus one HTTP rule on port 80 for every peer (identity
+    // 0), which folds into every client identity with an allow covering port 80.
+    let mut s = String::from("  ingress:\n  - fromEndpoints: [{matchLabels: {app: client}}]\n");
+    s.push_str("  - toPorts: [{ports: [{port: '80', protocol: TCP}], rules: {http: [{method: GET, path: /health}]}}]\n");
+    for i in 0..RULES / 10 {
+        let _ = writeln!(
+            s,
+            "  - fromEndpoints: [{{matchLabels: {{app: client}}}}]\n    toPorts: [{{ports: [{{port: '{}', protocol: TCP}}], rules: {{http: [{{method: GET, path: '/v1/.*'}}, {{method: POST, path: /v1/items}}]}}}}]",
+            10_000 + i
+        );
+    }
+    run(
+        "(f) 100 L7 rules on distinct ports + 1 for any peer",
+        &policy(&s),
+    );
+
     node_scale();
 }

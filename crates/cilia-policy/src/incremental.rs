@@ -38,8 +38,8 @@ use ipnet::IpNet;
 
 use crate::model::{Entity, Peer, PeerRule};
 use crate::resolve::{
-    add_candidates, ancestors, for_each_peer_rule, normalized_entry, peer_identities, Candidates,
-    Key,
+    add_candidates, add_l7_overlay, ancestors, for_each_peer_rule, normalized_entry,
+    peer_identities, Candidates, HttpClaim, HttpClaims, Key,
 };
 use crate::{
     Direction, IdentityCache, IdentityId, Labels, MapEntry, Policy, ResolvedPolicy, RuleRef,
@@ -68,6 +68,8 @@ pub(crate) struct Contribution {
     pub(crate) rules: Vec<RuleRef>,
     /// Sorted by key; rule indexes into `rules`.
     pub(crate) keys: Vec<(Key, Candidates)>,
+    /// The HTTP rules claimed per key (a few keys, if any); sorted by key.
+    pub(crate) http: Vec<(Key, Vec<HttpClaim>)>,
     /// Distinct peers whose identities the keys were expanded from.
     peers: Vec<Peer>,
 }
@@ -424,6 +426,7 @@ impl PolicyRepository {
             .filter_map(|id| self.contributions.get(id).map(|c| &**c))
             .collect();
         let mut merged: Vec<(Key, Candidates)> = Vec::new();
+        let mut http: HttpClaims = BTreeMap::new();
         let with_keys = parts.iter().filter(|c| !c.keys.is_empty()).count();
         for c in &parts {
             let offset = u32::try_from(out.rules.len()).unwrap_or(u32::MAX);
@@ -437,9 +440,17 @@ impl PolicyRepository {
                     Candidates {
                         allow: shift(cand.allow),
                         deny: shift(cand.deny),
+                        l4: shift(cand.l4),
                     },
                 )
             }));
+            for (k, claims) in &c.http {
+                http.entry(*k).or_default().extend(
+                    claims
+                        .iter()
+                        .map(|(r, l7)| (r.saturating_add(offset), l7.clone())),
+                );
+            }
         }
         if with_keys > 1 {
             // Stable: among equal keys, earlier policies stay first.
@@ -450,10 +461,18 @@ impl PolicyRepository {
                 }
                 first.1.allow = first.1.allow.or(later.1.allow);
                 first.1.deny = first.1.deny.or(later.1.deny);
+                first.1.l4 = first.1.l4.or(later.1.l4);
                 true
             });
         }
         out.entries = normalize(&merged);
+        let at = |k: &Key| merged.partition_point(|(m, _)| m < k);
+        add_l7_overlay(
+            &mut out,
+            &http,
+            |k| merged.get(at(k)).filter(|(m, _)| m == k).map(|(_, c)| *c),
+            |after| merged.get(at(&after)).map(|(k, _)| *k),
+        );
         out
     }
 
@@ -486,9 +505,11 @@ impl PolicyRepository {
             egress_enforced: false,
             rules: Vec::new(),
             keys: Vec::new(),
+            http: Vec::new(),
             peers: Vec::new(),
         };
         let mut keys: BTreeMap<Key, Candidates> = BTreeMap::new();
+        let mut http: HttpClaims = BTreeMap::new();
         let mut expanded: HashSet<(Direction, bool, &PeerRule)> = HashSet::new();
         let mut used: HashSet<&Peer> = HashSet::new();
         for &ri in &rules {
@@ -513,11 +534,12 @@ impl PolicyRepository {
                         }
                         set.into_iter().collect()
                     };
-                    add_candidates(&mut keys, direction, deny, &ids, pr, rule_idx);
+                    add_candidates(&mut keys, &mut http, direction, deny, &ids, pr, rule_idx);
                 },
             );
         }
         c.keys = keys.into_iter().collect();
+        c.http = http.into_iter().collect();
         c.peers = used.into_iter().cloned().collect();
         self.by_rules.insert((policy_key.clone(), groups), id);
         self.by_policy.entry(policy_key).or_default().push(id);

@@ -219,6 +219,50 @@ pub enum L7Policy {
     Http(Vec<HttpRuleSpec>),
 }
 
+/// Where one HTTP rule of a resolved L7 policy was written:
+/// `<rule> toPorts[i].rules.http[j]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HttpOrigin {
+    /// The allow rule.
+    pub rule: crate::RuleRef,
+    /// Index of the `toPorts` entry within the rule.
+    pub to_ports: usize,
+    /// Index within that entry's `rules.http`.
+    pub http: usize,
+}
+
+impl std::fmt::Display for HttpOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} toPorts[{}].rules.http[{}]",
+            self.rule, self.to_ports, self.http
+        )
+    }
+}
+
+/// The L7 policy of one proxied map entry: the union of the HTTP rules of every
+/// allow rule covering the entry's packets (or every request, when one of
+/// those rules has none), and the rules behind it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ResolvedL7 {
+    /// What the proxy lets through.
+    pub policy: L7Policy,
+    /// Where each rule of `policy` (when [`L7Policy::Http`]) was written, in
+    /// the same order; empty for [`L7Policy::AllowAll`].
+    pub origins: Vec<HttpOrigin>,
+    /// Every allow rule covering the entry that counts: those with HTTP rules,
+    /// and the first L4-only allow of each covering key, in merge order.
+    pub rules: Vec<crate::RuleRef>,
+}
+
+impl ResolvedL7 {
+    /// `rules`, as displayed (what the proxy's `L7Entry::rules` carry).
+    pub fn rule_names(&self) -> Vec<String> {
+        self.rules.iter().map(ToString::to_string).collect()
+    }
+}
+
 /// A compiled [`L7Policy`].
 #[derive(Debug, Clone)]
 pub enum CompiledL7 {

@@ -38,6 +38,15 @@
 //!   reserved identities (`reserved:host` …) are never namespace-limited.
 //! - Selector keys and values follow Kubernetes label syntax; a key may carry one source
 //!   prefix (`k8s:`, `any:`, `reserved:`). The policy set stays within [`limits`].
+//! - L7 HTTP rules (`toPorts[].rules.http`, see [`l7`]) are compiled at parse time; they
+//!   need explicit single TCP ports, only allow sections may have them, and an empty
+//!   `http` list restricts nothing (upstream: "If no rules are specified, then all
+//!   traffic is permitted"). The HTTP rules of a (direction, peer, TCP port) are the
+//!   union over every allow rule covering it, and any L4-only allow among those lets
+//!   every request through (still via the proxy): a proxied [`MapEntry`] of a peer
+//!   folds in the broader and identity-0 rules covering its port, so the entry the
+//!   datapath picks (the peer's own allowing hit, else identity 0's) carries them all.
+//!   A deny covering a packet wins: it is never redirected.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -60,8 +69,10 @@ mod tests;
 
 use std::collections::BTreeMap;
 
+use l7::ResolvedL7;
+
 pub use error::PolicyError;
-pub use eval::{evaluate, trace, Evaluation, TraceResult};
+pub use eval::{evaluate, trace, trace_http, Evaluation, HttpTrace, TraceResult};
 pub use incremental::{Basis, PolicyRepository};
 pub use ipnet::IpNet;
 pub use limits::{check_limits, LimitError};
@@ -196,9 +207,27 @@ pub struct MapEntry {
     pub verdict: Verdict,
     /// Index into [`ResolvedPolicy::rules`] of the rule this entry came from.
     pub rule: u32,
+    /// Whether an allowed packet of this entry goes to the L7 proxy: an allow
+    /// rule covering it has HTTP rules (see [`ResolvedPolicy::l7`] for what
+    /// they allow). Always false for deny entries.
+    pub proxy: bool,
 }
 
+/// The key of a policy map entry: (direction, identity, proto, port, port prefix length).
+pub type EntryKey = (Direction, IdentityId, u8, u16, u8);
+
 impl MapEntry {
+    /// The entry's key.
+    pub fn key(&self) -> EntryKey {
+        (
+            self.direction,
+            self.identity,
+            self.proto,
+            self.port,
+            self.port_prefix_len,
+        )
+    }
+
     /// Total LPM prefix length of the key in bits (direction and identity always
     /// count: 40 for any-protocol entries, `48 + port_prefix_len` otherwise).
     pub fn prefix_len(&self) -> u32 {
@@ -280,6 +309,8 @@ pub struct ResolvedPolicy {
     pub entries: Vec<MapEntry>,
     /// Every rule of every policy section that applies to the endpoint.
     pub rules: Vec<RuleRef>,
+    /// The L7 policy of every entry with `proxy` set, by entry key.
+    pub l7: BTreeMap<EntryKey, ResolvedL7>,
 }
 
 impl ResolvedPolicy {
@@ -289,5 +320,10 @@ impl ResolvedPolicy {
             Direction::Ingress => self.ingress_enforced,
             Direction::Egress => self.egress_enforced,
         }
+    }
+
+    /// Every proxied entry with its L7 policy: what the agent hands to the proxy.
+    pub fn l7_entries(&self) -> impl Iterator<Item = (EntryKey, &ResolvedL7)> {
+        self.l7.iter().map(|(k, l7)| (*k, l7))
     }
 }

@@ -24,12 +24,16 @@ pub const MAX_PEERS: usize = 200_000;
 pub const MAX_CIDRS: usize = 131_072;
 /// Most port ranges in the whole policy set.
 pub const MAX_PORTS: usize = 200_000;
+/// Most HTTP rules (`toPorts[].rules.http[]` entries) in the whole policy set:
+/// each holds up to three regular expressions, every one compiled at import and
+/// in the proxy, each within [`crate::l7::REGEX_SIZE_LIMIT`].
+pub const MAX_HTTP_RULES: usize = 20_000;
 
 /// A policy set over one of the bounds.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("the policy set would hold {count} {what}, more than the limit of {limit} ({name})")]
 pub struct LimitError {
-    /// What was counted (`rules`, `peers`, `CIDR prefixes`, `port ranges`).
+    /// What was counted (`rules`, `peers`, `CIDR prefixes`, `port ranges`, `HTTP rules`).
     pub what: &'static str,
     /// How many the set would hold.
     pub count: usize,
@@ -50,6 +54,8 @@ pub struct Budget {
     pub cidrs: usize,
     /// Port ranges counted so far.
     pub ports: usize,
+    /// HTTP rules counted so far.
+    pub http_rules: usize,
 }
 
 impl Budget {
@@ -72,6 +78,14 @@ impl Budget {
         self.rules += 1;
         self.peers += pr.peers.len();
         self.ports += pr.ports.len();
+        // The HTTP rules of a `toPorts` entry are shared by its ports: count each list once.
+        let mut lists: Vec<&std::sync::Arc<crate::model::PortL7>> = Vec::new();
+        for (_, l7) in &pr.l7 {
+            if !lists.iter().any(|seen| std::sync::Arc::ptr_eq(seen, l7)) {
+                lists.push(l7);
+            }
+        }
+        self.http_rules += lists.iter().map(|l| l.http.len()).sum::<usize>();
         for peer in &pr.peers {
             if let Peer::Cidr { except, .. } = peer {
                 self.cidrs += 1 + except.len();
@@ -86,6 +100,12 @@ impl Budget {
             ("rules", self.rules, MAX_RULES, "MAX_RULES"),
             ("peers", self.peers, MAX_PEERS, "MAX_PEERS"),
             ("port ranges", self.ports, MAX_PORTS, "MAX_PORTS"),
+            (
+                "HTTP rules",
+                self.http_rules,
+                MAX_HTTP_RULES,
+                "MAX_HTTP_RULES",
+            ),
         ] {
             if count > limit {
                 return Err(LimitError {

@@ -18,12 +18,13 @@
 //! claim is the one `merge` keeps, and the map entry follows from the first claims
 //! and the ancestors' claims by the same rule ([`normalized_verdict`]).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::incremental::{Basis, Contribution, ContributionId, PolicyRepository};
-use crate::resolve::{ancestors, normalized_verdict, Key};
-use crate::{Direction, MapEntry, ResolvedPolicy, RuleRef, Verdict};
+use crate::l7::ResolvedL7;
+use crate::resolve::{ancestors, l7_entry, l7_positions, normalized_verdict, Key, L7View};
+use crate::{Direction, EntryKey, MapEntry, ResolvedPolicy, RuleRef, Verdict};
 
 /// One contribution's claim on a key: its first allow or first deny rule there.
 #[derive(Debug, Clone)]
@@ -54,6 +55,7 @@ struct KeyState {
     /// Sorted by policy key: the first one wins.
     allow: Vec<Claim>,
     deny: Vec<Claim>,
+    /// The entry of the L3/L4 merge (before the L7 overlay).
     entry: Decided,
     /// The last update that recorded this key's state before changing it.
     seen: u64,
@@ -77,6 +79,10 @@ pub struct MergedPolicy {
     ingress: usize,
     egress: usize,
     keys: BTreeMap<Key, KeyState>,
+    /// The L7 side (boxed: most endpoints have none, and the agent keeps a
+    /// merged policy per endpoint).
+    l7: Box<L7State>,
+    /// Map entries, proxied ones included.
     entries: usize,
     /// Counts updates: marks the keys an update already recorded, so recording
     /// costs no hashing.
@@ -84,6 +90,18 @@ pub struct MergedPolicy {
     /// The basis and contributions before the last update, for
     /// [`MergedPolicy::revert_update`].
     previous: Option<(Basis, Parts)>,
+}
+
+/// The L7 side of a merged policy.
+#[derive(Debug, Default)]
+struct L7State {
+    /// Keys with HTTP claims (how many contributions claim HTTP rules
+    /// there): where proxied entries start. The claims themselves stay in the
+    /// contributions, read only when the proxied entries are derived.
+    http_keys: BTreeMap<Key, usize>,
+    /// The proxied entries (see `resolve::l7_entry`), which replace or add to
+    /// the L3/L4 entries: the rule that decides each, and its L7 policy.
+    overlay: BTreeMap<Key, (Claim, ResolvedL7)>,
 }
 
 /// A map entry of a merged policy with the rule that decided it.
@@ -108,6 +126,10 @@ pub struct PolicyDelta {
     /// Entries that left the map, as they were (rule index `u32::MAX` when the
     /// deciding policy left too); sorted by key.
     pub removed: Vec<MergedEntry>,
+    /// Whether the L7 policies of the proxied entries changed (what the
+    /// proxy must be told; see [`MergedPolicy::l7_entries`]). A change of an
+    /// entry's `proxy` flag is an upsert.
+    pub l7_changed: bool,
 }
 
 impl PolicyDelta {
@@ -117,6 +139,7 @@ impl PolicyDelta {
             && self.egress_enforced.is_none()
             && self.upserted.is_empty()
             && self.removed.is_empty()
+            && !self.l7_changed
     }
 }
 
@@ -157,14 +180,95 @@ impl MergedPolicy {
                 .iter()
                 .flat_map(|(_, c)| c.rules.iter().cloned())
                 .collect(),
+            l7: self
+                .l7
+                .overlay
+                .iter()
+                .map(|(k, (_, l7))| (*k, l7.clone()))
+                .collect(),
         };
         for (key, state) in &self.keys {
+            if self.l7.overlay.contains_key(key) {
+                continue;
+            }
             if let Some((verdict, claim)) = &state.entry {
-                out.entries
-                    .push(map_entry(*key, *verdict, global_rule(&offsets, claim)));
+                out.entries.push(map_entry(
+                    *key,
+                    *verdict,
+                    global_rule(&offsets, claim),
+                    false,
+                ));
             }
         }
+        for (key, (claim, _)) in &self.l7.overlay {
+            let entry = map_entry(*key, Verdict::Allow, global_rule(&offsets, claim), true);
+            let at = out.entries.partition_point(|e| e.key() < *key);
+            out.entries.insert(at, entry);
+        }
         out
+    }
+
+    /// Every proxied entry with its L7 policy (as in
+    /// [`ResolvedPolicy::l7_entries`]): what the agent hands to the proxy.
+    pub fn l7_entries(&self) -> impl Iterator<Item = (EntryKey, &ResolvedL7)> {
+        self.l7.overlay.iter().map(|(k, (_, l7))| (*k, l7))
+    }
+
+    /// The proxied entries of the current claims (see `resolve::l7_entry`).
+    fn compute_overlay(
+        &self,
+        offsets: &HashMap<*const Contribution, u32>,
+    ) -> BTreeMap<Key, (Claim, ResolvedL7)> {
+        if self.l7.http_keys.is_empty() {
+            return BTreeMap::new();
+        }
+        // Every contribution with an L4-only allow or HTTP rules on a key has
+        // an allow claim there: the key's allow claims, in policy order, lead
+        // to them.
+        let view = |k: &Key| -> Option<L7View<Claim>> {
+            let s = self.keys.get(k)?;
+            let mut l4 = None;
+            let mut http = Vec::new();
+            for claim in &s.allow {
+                let part = &claim.part;
+                if l4.is_none() {
+                    l4 = part
+                        .keys
+                        .binary_search_by_key(k, |(key, _)| *key)
+                        .ok()
+                        .and_then(|at| part.keys[at].1.l4)
+                        .map(|rule| Claim {
+                            part: part.clone(),
+                            rule,
+                        });
+                }
+                if let Ok(at) = part.http.binary_search_by_key(k, |(key, _)| *key) {
+                    http.extend(part.http[at].1.iter().map(|(rule, l7)| {
+                        (
+                            Claim {
+                                part: part.clone(),
+                                rule: *rule,
+                            },
+                            l7.clone(),
+                        )
+                    }));
+                }
+            }
+            Some(L7View {
+                deny: !s.deny.is_empty(),
+                allow: s.allow.first().cloned(),
+                l4,
+                http,
+            })
+        };
+        let order = |c: &Claim| global_rule(offsets, c);
+        let rule_ref = |c: &Claim| c.rule_ref().cloned();
+        let next_key = |after: Key| self.keys.range(after..).next().map(|(k, _)| *k);
+        l7_positions(self.l7.http_keys.keys().copied(), &next_key)
+            .into_iter()
+            .filter_map(|key| l7_entry(key, &view, &order, &rule_ref))
+            .map(|(entry, claim, l7)| (entry.key(), (claim, l7)))
+            .collect()
     }
 
     /// Index of each part's first rule in the merged rule list, by part address.
@@ -256,6 +360,14 @@ impl MergedPolicy {
                     state.deny.retain(|cl| !Arc::ptr_eq(&cl.part, c));
                 }
             }
+            for (key, _) in &c.http {
+                if let Some(n) = self.l7.http_keys.get_mut(key) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.l7.http_keys.remove(key);
+                    }
+                }
+            }
         }
         for c in added {
             self.ingress += usize::from(c.ingress_enforced);
@@ -269,6 +381,9 @@ impl MergedPolicy {
                 if let Some(rule) = cand.deny {
                     insert_claim(&mut state.deny, c, rule);
                 }
+            }
+            for (key, _) in &c.http {
+                *self.l7.http_keys.entry(*key).or_default() += 1;
             }
         }
         // A key that starts or stops holding a deny or an allow changes what the
@@ -297,6 +412,8 @@ impl MergedPolicy {
             ..PolicyDelta::default()
         };
         let mut empty: Vec<Key> = Vec::new();
+        // The L3/L4 entries that changed: (key, before, after).
+        let mut changed: Vec<(Key, Decided, Decided)> = Vec::new();
         for (key, _, old) in before {
             let covered = self.covered(key);
             let Some(state) = self.keys.get_mut(&key) else {
@@ -315,18 +432,7 @@ impl MergedPolicy {
                 _ => false,
             };
             if !same {
-                if let Some((v, c)) = &old {
-                    if new.is_none() {
-                        self.entries -= 1;
-                        delta.removed.push(merged_entry(key, *v, c, &offsets));
-                    }
-                }
-                if let Some((v, c)) = &new {
-                    if old.is_none() {
-                        self.entries += 1;
-                    }
-                    delta.upserted.push(merged_entry(key, *v, c, &offsets));
-                }
+                changed.push((key, old, new.clone()));
             }
             state.entry = new;
             if state.allow.is_empty() && state.deny.is_empty() {
@@ -335,6 +441,82 @@ impl MergedPolicy {
         }
         for key in empty {
             self.keys.remove(&key);
+        }
+        // The proxied entries replace the L3/L4 entries of their keys: the map
+        // changes where either changed.
+        let overlay = self.compute_overlay(&offsets);
+        let old_overlay = std::mem::replace(&mut self.l7.overlay, overlay);
+        delta.l7_changed = old_overlay.len() != self.l7.overlay.len()
+            || old_overlay
+                .iter()
+                .zip(&self.l7.overlay)
+                .any(|((ka, (_, la)), (kb, (_, lb)))| ka != kb || la != lb);
+        // (key, entry before, entry after): (verdict, deciding claim, proxy).
+        type Final = Option<(Verdict, Claim, bool)>;
+        let l4 = |d: Decided| d.map(|(v, c)| (v, c, false));
+        let finals: Vec<(Key, Final, Final)> =
+            if old_overlay.is_empty() && self.l7.overlay.is_empty() {
+                // No L7 before or after: the L3/L4 changes are the map's.
+                changed
+                    .into_iter()
+                    .map(|(key, old, new)| (key, l4(old), l4(new)))
+                    .collect()
+            } else {
+                let changed: BTreeMap<Key, (Decided, Decided)> = changed
+                    .into_iter()
+                    .map(|(key, old, new)| (key, (old, new)))
+                    .collect();
+                let mut keys: BTreeSet<Key> = changed.keys().copied().collect();
+                keys.extend(old_overlay.keys().copied());
+                keys.extend(self.l7.overlay.keys().copied());
+                let proxied =
+                    |(claim, _): &(Claim, ResolvedL7)| Some((Verdict::Allow, claim.clone(), true));
+                keys.into_iter()
+                    .map(|key| {
+                        let (base_old, base_new) = match changed.get(&key) {
+                            Some((old, new)) => (old.clone(), new.clone()),
+                            None => {
+                                let now = self.keys.get(&key).and_then(|s| s.entry.clone());
+                                (now.clone(), now)
+                            }
+                        };
+                        let was = old_overlay.get(&key).map_or_else(|| l4(base_old), proxied);
+                        let now = self
+                            .l7
+                            .overlay
+                            .get(&key)
+                            .map_or_else(|| l4(base_new), proxied);
+                        (key, was, now)
+                    })
+                    .collect()
+            };
+        for (key, was, now) in finals {
+            let same = match (&was, &now) {
+                (None, None) => true,
+                (Some((va, ca, pa)), Some((vb, cb, pb))) => {
+                    va == vb && pa == pb && ca.rule_ref() == cb.rule_ref()
+                }
+                _ => false,
+            };
+            if same {
+                continue;
+            }
+            if let Some((v, c, proxy)) = &was {
+                if now.is_none() {
+                    self.entries -= 1;
+                    delta
+                        .removed
+                        .push(merged_entry(key, *v, c, *proxy, &offsets));
+                }
+            }
+            if let Some((v, c, proxy)) = &now {
+                if was.is_none() {
+                    self.entries += 1;
+                }
+                delta
+                    .upserted
+                    .push(merged_entry(key, *v, c, *proxy, &offsets));
+            }
         }
         delta.upserted.sort_by_key(|e| e.entry);
         delta.removed.sort_by_key(|e| e.entry);
@@ -406,7 +588,7 @@ fn global_rule(offsets: &HashMap<*const Contribution, u32>, claim: &Claim) -> u3
         .map_or(u32::MAX, |o| o.saturating_add(claim.rule))
 }
 
-fn map_entry(key: Key, verdict: Verdict, rule: u32) -> MapEntry {
+fn map_entry(key: Key, verdict: Verdict, rule: u32, proxy: bool) -> MapEntry {
     let (direction, identity, proto, port, port_prefix_len) = key;
     MapEntry {
         direction,
@@ -416,6 +598,7 @@ fn map_entry(key: Key, verdict: Verdict, rule: u32) -> MapEntry {
         port_prefix_len,
         verdict,
         rule,
+        proxy,
     }
 }
 
@@ -423,10 +606,11 @@ fn merged_entry(
     key: Key,
     verdict: Verdict,
     claim: &Claim,
+    proxy: bool,
     offsets: &HashMap<*const Contribution, u32>,
 ) -> MergedEntry {
     MergedEntry {
-        entry: map_entry(key, verdict, global_rule(offsets, claim)),
+        entry: map_entry(key, verdict, global_rule(offsets, claim), proxy),
         rule_ref: claim
             .rule_ref()
             .cloned()

@@ -1,6 +1,10 @@
 //! Internal policy model shared by all three input kinds.
 
+use std::sync::Arc;
+
 use ipnet::IpNet;
+
+use crate::l7::HttpRuleSpec;
 
 use crate::labels::Selector;
 
@@ -43,6 +47,30 @@ pub(crate) struct PeerRule {
     pub(crate) peers: Vec<Peer>,
     /// Union of port ranges. Never empty (all ports is an explicit full range).
     pub(crate) ports: Vec<PortRange>,
+    /// HTTP rules of some of `ports`, by index into `ports` (ascending); a
+    /// port range without an entry here is L4-only. Only allow rules have any,
+    /// and only on single TCP ports (the parser refuses the rest).
+    pub(crate) l7: Vec<(usize, Arc<PortL7>)>,
+}
+
+impl PeerRule {
+    /// The HTTP rules of `ports[index]`, if it has any.
+    pub(crate) fn l7_of(&self, index: usize) -> Option<&Arc<PortL7>> {
+        self.l7
+            .binary_search_by_key(&index, |(i, _)| *i)
+            .ok()
+            .map(|at| &self.l7[at].1)
+    }
+}
+
+/// The HTTP rules of one `toPorts` entry, compiled once at parse time (so a bad
+/// regular expression is a parse error) and kept in their source form.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct PortL7 {
+    /// Index of the `toPorts` entry within its rule (for traces: `toPorts[i].rules.http[j]`).
+    pub(crate) to_ports: usize,
+    /// `rules.http`, never empty (an empty list is no L7 restriction).
+    pub(crate) http: Vec<HttpRuleSpec>,
 }
 
 /// A set of peer identities.

@@ -19,10 +19,13 @@ use serde_norway::value::{Tag, TaggedValue};
 use serde_norway::{Mapping, Value};
 
 use crate::error::PolicyError;
+use crate::l7::{HeaderMatchSpec, HttpRule, HttpRuleSpec};
 use crate::labels::{
     excerpt, selector_key, selector_value, Requirement, Selector, RESERVED_SOURCE,
 };
-use crate::model::{Entity, Peer, PeerRule, PortRange, Rule, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+use crate::model::{
+    Entity, Peer, PeerRule, PortL7, PortRange, Rule, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+};
 use crate::{Direction, Policy, PolicyKind, NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX};
 
 const UNSUPPORTED_MARK: &str = "\u{0}cilia-policy-unsupported";
@@ -267,13 +270,65 @@ struct CCidrRule {
 #[allow(dead_code)]
 struct CPortRule {
     ports: Option<Vec<CPort>>,
-    rules: Option<Unsupported>,
+    rules: Option<CL7Rules>,
     #[serde(rename = "terminatingTLS")]
     terminating_tls: Option<Unsupported>,
     #[serde(rename = "originatingTLS")]
     originating_tls: Option<Unsupported>,
     server_names: Option<Unsupported>,
     listener: Option<Unsupported>,
+}
+
+/// `toPorts[].rules`: only `http` is implemented; the other kinds are refused by name.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct CL7Rules {
+    http: Option<Vec<CHttpRule>>,
+    kafka: Option<Unsupported>,
+    dns: Option<Unsupported>,
+    l7proto: Option<Unsupported>,
+    l7: Option<Unsupported>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct CHttpRule {
+    method: Option<String>,
+    path: Option<String>,
+    host: Option<String>,
+    headers: Option<Vec<String>>,
+    header_matches: Option<Vec<CHeaderMatch>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct CHeaderMatch {
+    name: String,
+    value: Option<String>,
+    mismatch: Option<Unsupported>,
+    secret: Option<Unsupported>,
+}
+
+impl CHttpRule {
+    fn spec(&self) -> HttpRuleSpec {
+        HttpRuleSpec {
+            method: self.method.clone(),
+            path: self.path.clone(),
+            host: self.host.clone(),
+            headers: self.headers.clone().unwrap_or_default(),
+            header_matches: self
+                .header_matches
+                .iter()
+                .flatten()
+                .map(|m| HeaderMatchSpec {
+                    name: m.name.clone(),
+                    value: m.value.clone(),
+                })
+                .collect(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -977,6 +1032,7 @@ fn np_rule(
     Ok(PeerRule {
         peers: out_peers,
         ports: out_ports,
+        l7: Vec::new(),
     })
 }
 
@@ -1124,7 +1180,7 @@ fn cilium_peer_rule(
     ns: Option<&str>,
     peers: CiliumPeers,
     to_ports: Vec<CPortRule>,
-    _deny: bool,
+    deny: bool,
 ) -> Result<PeerRule, PolicyError> {
     let mut out_peers = Vec::new();
     let (endpoints, field) = &peers.endpoints;
@@ -1209,7 +1265,10 @@ fn cilium_peer_rule(
         !endpoints.is_empty() || !cidrs.is_empty() || !sets.is_empty() || !entities.is_empty();
 
     let mut out_ports = Vec::new();
-    for (i, pr) in to_ports.iter().enumerate() {
+    let mut out_l7 = Vec::new();
+    for (i, pr) in to_ports.into_iter().enumerate() {
+        let http = port_l7(doc, &format!("{path}.toPorts[{i}]"), i, &pr, deny)?;
+        let first_port = out_ports.len();
         for (j, port) in pr.ports.iter().flatten().enumerate() {
             let p = format!("{path}.toPorts[{i}].ports[{j}]");
             let proto = match port.protocol.as_deref() {
@@ -1243,6 +1302,10 @@ fn cilium_peer_rule(
             // A port rule without ports covers all ports.
             out_ports.push(PortRange::ALL);
         }
+        if let Some(http) = http {
+            let http = std::sync::Arc::new(http);
+            out_l7.extend((first_port..out_ports.len()).map(|at| (at, http.clone())));
+        }
     }
     if !has_l3 && !out_ports.is_empty() {
         // L4-only rule: applies to every peer.
@@ -1254,5 +1317,97 @@ fn cilium_peer_rule(
     Ok(PeerRule {
         peers: out_peers,
         ports: out_ports,
+        l7: out_l7,
     })
+}
+
+/// The HTTP rules of one `toPorts` entry (`path`), checked and compiled:
+/// `None` when it has none. `rules: {}` and `rules: {http: []}` restrict
+/// nothing (upstream: "If no rules are specified, then all traffic is
+/// permitted"), so they are L4-only. L7 rules need the ports they apply to
+/// spelled out: TCP, one port each (no range, no port 0), and an allow section.
+fn port_l7(
+    doc: &Doc<'_>,
+    path: &str,
+    to_ports: usize,
+    pr: &CPortRule,
+    deny: bool,
+) -> Result<Option<PortL7>, PolicyError> {
+    let Some(rules) = &pr.rules else {
+        return Ok(None);
+    };
+    let rules_path = format!("{path}.rules");
+    if deny {
+        return Err(doc.err(
+            rules_path,
+            "L7 rules are not allowed in a deny section (ingressDeny, egressDeny): \
+             a deny applies to whole connections",
+        ));
+    }
+    let http = rules.http.as_deref().unwrap_or_default();
+    if http.is_empty() {
+        return Ok(None);
+    }
+    let ports = pr.ports.as_deref().unwrap_or_default();
+    if ports.is_empty() {
+        return Err(doc.err(
+            format!("{path}.ports"),
+            "L7 rules need explicit ports (with protocol TCP) to apply to",
+        ));
+    }
+    for (j, port) in ports.iter().enumerate() {
+        let p = format!("{path}.ports[{j}]");
+        match port.protocol.as_deref() {
+            Some("TCP") => {}
+            None => {
+                return Err(doc.err(
+                    format!("{p}.protocol"),
+                    "missing: L7 (HTTP) rules need protocol TCP",
+                ))
+            }
+            Some(other) => {
+                return Err(doc.err(
+                    format!("{p}.protocol"),
+                    format!(
+                        "{} cannot carry L7 (HTTP) rules: they need protocol TCP",
+                        excerpt(other)
+                    ),
+                ))
+            }
+        }
+        let number = match &port.port {
+            None => 0,
+            Some(v) => port_number(doc, &format!("{p}.port"), v, true)?,
+        };
+        if number == 0 {
+            return Err(doc.err(
+                format!("{p}.port"),
+                "L7 (HTTP) rules need a specific port (1-65535), not port 0 (all ports)",
+            ));
+        }
+        if port
+            .end_port
+            .is_some_and(|e| e != 0 && e != i64::from(number))
+        {
+            return Err(doc.err(
+                format!("{p}.endPort"),
+                "L7 (HTTP) rules apply to single ports, not port ranges",
+            ));
+        }
+    }
+    let mut specs = Vec::with_capacity(http.len());
+    for (k, rule) in http.iter().enumerate() {
+        let spec = rule.spec();
+        HttpRule::compile(&spec).map_err(|e| {
+            doc.err(
+                format!("{rules_path}.http[{k}].{}", e.field),
+                e.reason.clone(),
+            )
+        })?;
+        specs.push(spec);
+    }
+    Ok(Some(PortL7 {
+        to_ports,
+        http: specs,
+    }))
 }

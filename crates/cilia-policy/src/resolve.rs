@@ -1,11 +1,13 @@
 //! Policy resolution for one endpoint.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
+use crate::l7::{HttpOrigin, HttpRuleSpec, L7Policy, ResolvedL7};
 use crate::labels::Selector;
-use crate::model::{Entity, Peer, PeerRule, PortRange, PORT_PROTOCOLS};
+use crate::model::{Entity, Peer, PeerRule, PortL7, PortRange, PORT_PROTOCOLS};
 use crate::ports::{port_range_prefixes, prefix_mask};
 use crate::{
     reserved, Direction, IdentityId, Labels, MapEntry, Policy, ResolvedPolicy, RuleRef, Verdict,
@@ -286,40 +288,77 @@ pub(crate) fn for_each_peer_rule<'a>(
                 deny,
                 spec: rule.spec,
             });
-            if expanded.insert((direction, deny, pr)) {
+            // A rule with HTTP rules is always expanded: every rule behind an L7
+            // entry is named there, the later identical ones too.
+            if expanded.insert((direction, deny, pr)) || !pr.l7.is_empty() {
                 visit(direction, deny, pr, rule_idx);
             }
         }
     }
 }
 
+/// The HTTP rules claimed on each key, with the claiming rule (sorted by rule
+/// index within a key: the order rules are visited in).
+pub(crate) type HttpClaims = BTreeMap<Key, Vec<HttpClaim>>;
+
+/// One rule's claim of HTTP rules on a key: (rule index, the rules).
+pub(crate) type HttpClaim = (u32, Arc<PortL7>);
+
+/// A port key and the HTTP rules of the range it came from.
+type PortKey<'a> = ((u8, u16, u8), Option<&'a Arc<PortL7>>);
+
 /// Adds the keys of `ids` x `ports` in `direction` to the candidates: the
-/// first allow and the first deny rule to claim a key keep it.
+/// first allow and the first deny rule to claim a key keep it; the first
+/// L4-only allow is kept too, and every HTTP rule list claimed (in `http`).
 pub(crate) fn add_candidates(
     keys: &mut BTreeMap<Key, Candidates>,
+    http: &mut HttpClaims,
     direction: Direction,
     deny: bool,
     ids: &[IdentityId],
     pr: &PeerRule,
     rule_idx: u32,
 ) {
-    let port_keys: Vec<(u8, u16, u8)> = pr.ports.iter().flat_map(port_keys).collect();
+    let port_keys: Vec<PortKey> = pr
+        .ports
+        .iter()
+        .enumerate()
+        .flat_map(|(i, range)| {
+            let l7 = pr.l7_of(i);
+            port_keys(range).into_iter().map(move |k| (k, l7))
+        })
+        .collect();
     for &id in ids {
-        for &(proto, port, len) in &port_keys {
-            let c = keys.entry((direction, id, proto, port, len)).or_default();
-            let slot = if deny { &mut c.deny } else { &mut c.allow };
-            if slot.is_none() {
-                *slot = Some(rule_idx);
+        for &((proto, port, len), l7) in &port_keys {
+            let key = (direction, id, proto, port, len);
+            let c = keys.entry(key).or_default();
+            if deny {
+                c.deny.get_or_insert(rule_idx);
+                continue;
+            }
+            c.allow.get_or_insert(rule_idx);
+            match l7 {
+                None => {
+                    c.l4.get_or_insert(rule_idx);
+                }
+                Some(l7) => {
+                    let claims = http.entry(key).or_default();
+                    if !claims.iter().any(|(r, c)| *r == rule_idx && c == l7) {
+                        claims.push((rule_idx, l7.clone()));
+                    }
+                }
             }
         }
     }
 }
 
-/// First allow rule and first deny rule seen for a key.
+/// First allow rule and first deny rule seen for a key, and the first allow
+/// rule without HTTP rules (an L4-only allow lets every request through).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Candidates {
     pub(crate) allow: Option<u32>,
     pub(crate) deny: Option<u32>,
+    pub(crate) l4: Option<u32>,
 }
 
 /// `(proto, port, prefix_len)` triples a port range expands to.
@@ -357,6 +396,7 @@ pub fn resolve(
         selector_memo: HashMap::new(),
     };
     let mut keys: BTreeMap<Key, Candidates> = BTreeMap::new();
+    let mut http: HttpClaims = BTreeMap::new();
     // A rule identical to an earlier one (same direction, verdict, peers and ports) adds
     // nothing: the earlier rule already holds every key it would produce.
     let mut expanded: HashSet<(Direction, bool, &PeerRule)> = HashSet::new();
@@ -379,7 +419,7 @@ pub fn resolve(
                         PeerSet::Any => vec![0],
                         PeerSet::Some(set) => set.into_iter().collect(),
                     };
-                    add_candidates(&mut keys, direction, deny, &ids, pr, rule_idx);
+                    add_candidates(&mut keys, &mut http, direction, deny, &ids, pr, rule_idx);
                 },
             );
         }
@@ -395,7 +435,207 @@ pub fn resolve(
             });
         out.entries.extend(normalized_entry(key, c, covered));
     }
+    let overlay = l7_overlay(
+        &http,
+        |k| keys.get(k).copied(),
+        |after| keys.range(after..).next().map(|(k, _)| *k),
+        |r| out.rules.get(*r as usize).cloned(),
+    );
+    apply_overlay(&mut out, overlay);
     out
+}
+
+/// What one key holds, for the L7 overlay: its candidates and HTTP claims,
+/// with rules as handles `R` (a global rule index, or a contribution's claim).
+pub(crate) struct L7View<R> {
+    pub(crate) deny: bool,
+    pub(crate) allow: Option<R>,
+    pub(crate) l4: Option<R>,
+    pub(crate) http: Vec<(R, Arc<PortL7>)>,
+}
+
+/// The proxied entry of `key` (a single TCP port of one (direction, identity)
+/// group), if it has one: the entry the datapath picks for a packet of that
+/// port from that identity must carry every allow rule covering the packet
+/// (Cilium's semantics: the L7 set of a port is the union of the HTTP rules of
+/// every allow rule covering it, and any L4-only allow among them lets every
+/// request through, still via the proxy). The datapath looks up the peer's own
+/// group first and falls back to identity 0, so the entry folds in the group's
+/// shorter prefixes and identity 0's prefixes covering the port. None when no
+/// rule covering it has HTTP rules, when the group has no allow covering the
+/// port (identity 0 then decides alone), or when a deny of the group covers it
+/// (the packet is dropped, never redirected). `order` gives a handle's global
+/// rule index (the merge order); the entry names the key's own first allow, or
+/// the first allow of the group's shorter prefixes.
+pub(crate) fn l7_entry<R: Clone>(
+    key: Key,
+    view: &dyn Fn(&Key) -> Option<L7View<R>>,
+    order: &dyn Fn(&R) -> u32,
+    rule_ref: &dyn Fn(&R) -> Option<RuleRef>,
+) -> Option<(MapEntry, R, ResolvedL7)> {
+    let (direction, identity, proto, port, len) = key;
+    let own: Vec<Key> = std::iter::once(key).chain(ancestors(key)).collect();
+    let wildcard: Vec<Key> = if identity == 0 {
+        Vec::new()
+    } else {
+        let k0 = (direction, 0, proto, port, len);
+        std::iter::once(k0).chain(ancestors(k0)).collect()
+    };
+    let own_views: Vec<L7View<R>> = own.iter().filter_map(view).collect();
+    if own_views.iter().any(|v| v.deny) {
+        return None;
+    }
+    let rule = match view(&key).and_then(|v| v.allow) {
+        Some(r) => r,
+        None => own_views
+            .iter()
+            .filter_map(|v| v.allow.clone())
+            .min_by_key(|r| order(r))?,
+    };
+    let views: Vec<L7View<R>> = own_views
+        .into_iter()
+        .chain(wildcard.iter().filter_map(view))
+        .collect();
+    let mut http: Vec<(u32, &R, &Arc<PortL7>)> = views
+        .iter()
+        .flat_map(|v| v.http.iter().map(|(r, l7)| (order(r), r, l7)))
+        .collect();
+    if http.is_empty() {
+        return None;
+    }
+    http.sort_by_key(|(o, _, l7)| (*o, l7.to_ports));
+    let mut names: Vec<(u32, RuleRef)> = views
+        .iter()
+        .filter_map(|v| v.l4.as_ref())
+        .chain(http.iter().map(|(_, r, _)| *r))
+        .filter_map(|r| Some((order(r), rule_ref(r)?)))
+        .collect();
+    names.sort_by_key(|(o, _)| *o);
+    names.dedup_by_key(|(o, _)| *o);
+    let any_l4 = views.iter().any(|v| v.l4.is_some());
+    let mut specs: Vec<HttpRuleSpec> = Vec::new();
+    let mut origins: Vec<HttpOrigin> = Vec::new();
+    if !any_l4 {
+        for (_, r, l7) in &http {
+            let Some(rule) = rule_ref(r) else { continue };
+            for (i, spec) in l7.http.iter().enumerate() {
+                if specs.contains(spec) {
+                    continue;
+                }
+                specs.push(spec.clone());
+                origins.push(HttpOrigin {
+                    rule: rule.clone(),
+                    to_ports: l7.to_ports,
+                    http: i,
+                });
+            }
+        }
+    }
+    let entry = MapEntry {
+        direction,
+        identity,
+        proto,
+        port,
+        port_prefix_len: len,
+        verdict: Verdict::Allow,
+        rule: order(&rule),
+        proxy: true,
+    };
+    let l7 = ResolvedL7 {
+        policy: if any_l4 {
+            L7Policy::AllowAll
+        } else {
+            L7Policy::Http(specs)
+        },
+        origins,
+        rules: names.into_iter().map(|(_, r)| r).collect(),
+    };
+    Some((entry, rule, l7))
+}
+
+/// The keys that may hold a proxied entry: every key with HTTP claims, and
+/// for each one of identity 0, the same port in every other group of its
+/// direction (`next_key(after)`: the first key at or after `after`).
+pub(crate) fn l7_positions(
+    http_keys: impl Iterator<Item = Key>,
+    next_key: &dyn Fn(Key) -> Option<Key>,
+) -> BTreeSet<Key> {
+    let mut out = BTreeSet::new();
+    for key in http_keys {
+        out.insert(key);
+        let (direction, identity, proto, port, len) = key;
+        if identity != 0 {
+            continue;
+        }
+        let mut at = (direction, 1, 0, 0, 0);
+        while let Some(k) = next_key(at) {
+            if k.0 != direction {
+                break;
+            }
+            out.insert((direction, k.1, proto, port, len));
+            match k.1.checked_add(1) {
+                Some(next) => at = (direction, next, 0, 0, 0),
+                None => break,
+            }
+        }
+    }
+    out
+}
+
+/// The proxied entries of a resolution from its candidates and HTTP claims
+/// (global rule indexes).
+fn l7_overlay(
+    http: &HttpClaims,
+    candidates: impl Fn(&Key) -> Option<Candidates>,
+    next_key: impl Fn(Key) -> Option<Key>,
+    rule_ref: impl Fn(&u32) -> Option<RuleRef>,
+) -> Vec<(MapEntry, ResolvedL7)> {
+    if http.is_empty() {
+        return Vec::new();
+    }
+    let view = |k: &Key| -> Option<L7View<u32>> {
+        let c = candidates(k)?;
+        Some(L7View {
+            deny: c.deny.is_some(),
+            allow: c.allow,
+            l4: c.l4,
+            http: http.get(k).cloned().unwrap_or_default(),
+        })
+    };
+    l7_positions(http.keys().copied(), &next_key)
+        .into_iter()
+        .filter_map(|key| l7_entry(key, &view, &|r| *r, &rule_ref))
+        .map(|(entry, _, l7)| (entry, l7))
+        .collect()
+}
+
+/// Puts the proxied entries into a resolution (replacing the L4 entry of the
+/// same key, if any) and its L7 table.
+fn apply_overlay(out: &mut ResolvedPolicy, overlay: Vec<(MapEntry, ResolvedL7)>) {
+    for (entry, l7) in overlay {
+        match out
+            .entries
+            .binary_search_by_key(&entry.key(), MapEntry::key)
+        {
+            Ok(at) => out.entries[at] = entry,
+            Err(at) => out.entries.insert(at, entry),
+        }
+        out.l7.insert(entry.key(), l7);
+    }
+}
+
+/// [`l7_overlay`] and [`apply_overlay`] for the incremental merge.
+pub(crate) fn add_l7_overlay(
+    out: &mut ResolvedPolicy,
+    http: &HttpClaims,
+    candidates: impl Fn(&Key) -> Option<Candidates>,
+    next_key: impl Fn(Key) -> Option<Key>,
+) {
+    let rules = out.rules.clone();
+    let overlay = l7_overlay(http, candidates, next_key, |r| {
+        rules.get(*r as usize).cloned()
+    });
+    apply_overlay(out, overlay);
 }
 
 /// The map entry a key's candidates leave once its ancestors are known
@@ -416,6 +656,7 @@ pub(crate) fn normalized_entry(
         port_prefix_len: len,
         verdict,
         rule,
+        proxy: false,
     };
     match normalized_verdict(
         (c.deny.is_some(), c.allow.is_some()),

@@ -36,6 +36,12 @@ const DICT: &[&[u8]] = &[
     b"\r\n",
     b"    ",
     b"\xff\xfe",
+    b"rules: {http: [{method: GET, path: '/a(b'}]}",
+    b"rules:\n  http:\n  - path: .*\n",
+    b"headerMatches: [{name: X, mismatch: LOG}]",
+    b"headers: ['Bad Name: x']",
+    b"(a+)+{1000}",
+    b"rules: {kafka: []}",
 ];
 
 #[test]

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use cilia_policy::limits::{MAX_CIDRS, MAX_POLICY_BYTES, MAX_RULES};
+use cilia_policy::limits::{MAX_CIDRS, MAX_HTTP_RULES, MAX_POLICY_BYTES, MAX_RULES};
 use cilia_policy::{check_limits, parse_policies};
 
 /// A CNP in `default` allowing egress to `n` distinct /32s.
@@ -89,4 +89,15 @@ fn too_many_rules_are_refused_naming_the_limit() {
     }
     let e = parse_policies("rules.yaml", &yaml).unwrap_err().to_string();
     assert!(e.contains("(MAX_RULES)"), "{e}");
+}
+
+#[test]
+fn too_many_http_rules_are_refused_naming_the_limit() {
+    let rules = vec!["{path: /x}"; MAX_HTTP_RULES + 1].join(", ");
+    let yaml = format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: l7}}\nspec:\n  endpointSelector: {{}}\n  ingress:\n  - toPorts: [{{ports: [{{port: '80', protocol: TCP}}], rules: {{http: [{rules}]}}}}]\n"
+    );
+    let e = parse_policies("l7.yaml", &yaml).unwrap_err().to_string();
+    assert!(e.contains("MAX_HTTP_RULES"), "{e}");
+    assert!(e.contains("HTTP rules"), "{e}");
 }

@@ -8,11 +8,14 @@ use axum::http::StatusCode;
 use axum::Json;
 use cilia_api::{
     ApiError, Identity, Namespace, PolicyChange, PolicyDocument, PolicyImport, PolicyList,
-    TraceRequest, TraceResponse, TraceStep,
+    TraceHttpRequest, TraceL7, TraceRequest, TraceResponse, TraceStep,
 };
+use cilia_policy::l7::SimpleRequest;
 use serde::Deserialize;
 
 use super::{bad_request, json_body, with_endpoints, with_policy, AppError, Shared};
+use crate::endpoint::EndpointError;
+use crate::policy::repository::PolicyState;
 
 #[utoipa::path(post, path = "/v1/policy", request_body = PolicyImport,
     responses((status = 200, body = PolicyChange), (status = 400, body = ApiError, description = "invalid policy: file, document, field and reason, or a policy limit passed"),
@@ -102,9 +105,30 @@ pub(super) async fn trace_policy(
     let req: TraceRequest = json_body(&body)?;
     let (port, proto) =
         cilia_api::parse_port_proto(&req.dport).map_err(|e| bad_request("invalid-trace", e))?;
+    let http = match &req.http {
+        Some(h) => Some(http_request(h)?),
+        None => None,
+    };
     with_policy(&state, move |mgr| {
         let t = mgr.trace(&req.src, &req.dst, proto, port, req.datapath)?;
+        let l7 = l7_steps(mgr, &t, proto, port, http.as_ref())?;
+        let http_verdict = match (&http, t.verdict) {
+            (Some(_), cilia_policy::Verdict::Allow) => Some(
+                if l7
+                    .iter()
+                    .flatten()
+                    .any(|s| s.verdict.as_deref() == Some("DENIED"))
+                {
+                    "DENIED"
+                } else {
+                    "ALLOWED"
+                }
+                .to_string(),
+            ),
+            _ => None,
+        };
         Ok(TraceResponse {
+            http_verdict,
             src: t.src.description.clone(),
             src_identity: t.src.identity,
             dst: t.dst.description.clone(),
@@ -113,7 +137,8 @@ pub(super) async fn trace_policy(
             steps: t
                 .steps
                 .iter()
-                .map(|s| TraceStep {
+                .zip(l7)
+                .map(|(s, l7)| TraceStep {
                     direction: match s.direction {
                         cilia_policy::Direction::Ingress => "ingress".into(),
                         cilia_policy::Direction::Egress => "egress".into(),
@@ -122,6 +147,7 @@ pub(super) async fn trace_policy(
                     verdict: verdict_name(s.verdict),
                     reason: s.reason.clone(),
                     rules: s.rules.clone(),
+                    l7,
                 })
                 .collect(),
             datapath: t.datapath.map(|v| {
@@ -136,6 +162,100 @@ pub(super) async fn trace_policy(
     })
     .await
     .map(Json)
+}
+
+/// The request of `--http-*`, checked: header lines must be `Name: value`.
+fn http_request(h: &TraceHttpRequest) -> Result<SimpleRequest, AppError> {
+    let bad = |m: String| bad_request("invalid-trace", m);
+    if h.method.trim().is_empty() {
+        return Err(bad("http.method: missing".into()));
+    }
+    if !h.path.starts_with('/') && h.path != "*" {
+        return Err(bad(format!(
+            "http.path: {:?} must start with / (path and query)",
+            h.path.chars().take(40).collect::<String>()
+        )));
+    }
+    let mut headers = Vec::with_capacity(h.headers.len());
+    for (i, line) in h.headers.iter().enumerate() {
+        let Some((name, value)) = line.split_once(':') else {
+            return Err(bad(format!(
+                "http.headers[{i}]: {:?} is not `Name: value`",
+                line.chars().take(40).collect::<String>()
+            )));
+        };
+        headers.push((name.trim().to_string(), value.trim().to_string()));
+    }
+    Ok(SimpleRequest {
+        method: h.method.trim().to_string(),
+        path: h.path.clone(),
+        host: h.host.clone(),
+        headers,
+    })
+}
+
+/// The L7 side of each step of a trace (one per step, `None` where the
+/// flow is denied or not TCP): resolved again from the policies and
+/// identities, the resolution the merged policy of an endpoint equals.
+fn l7_steps(
+    mgr: &PolicyState,
+    t: &crate::policy::repository::Trace,
+    proto: u8,
+    port: u16,
+    http: Option<&SimpleRequest>,
+) -> Result<Vec<Option<TraceL7>>, EndpointError> {
+    const TCP: u8 = 6;
+    if proto != TCP
+        || t.steps
+            .iter()
+            .all(|s| s.verdict != cilia_policy::Verdict::Allow)
+    {
+        return Ok(t.steps.iter().map(|_| None).collect());
+    }
+    let mut cache = mgr.identity_cache()?;
+    for p in [&t.src, &t.dst] {
+        if let Some(labels) = &p.labels {
+            if cache.labels(p.identity).is_none() {
+                cache.insert_labels(p.identity, cilia_policy::Labels(labels.clone()));
+            }
+        }
+    }
+    let policies = mgr.policies();
+    let mut out = Vec::with_capacity(t.steps.len());
+    for s in &t.steps {
+        let (subject, peer) = match s.direction {
+            cilia_policy::Direction::Egress => (&t.src, &t.dst),
+            cilia_policy::Direction::Ingress => (&t.dst, &t.src),
+        };
+        let Some(labels) = subject
+            .labels
+            .as_ref()
+            .filter(|_| s.verdict == cilia_policy::Verdict::Allow)
+        else {
+            out.push(None);
+            continue;
+        };
+        let resolved =
+            cilia_policy::resolve(&policies, &cilia_policy::Labels(labels.clone()), &cache);
+        let h = cilia_policy::trace_http(
+            &resolved,
+            s.direction,
+            peer.identity,
+            proto,
+            port,
+            http.map(|r| r as &dyn cilia_policy::l7::RequestView),
+        );
+        out.push(Some(TraceL7 {
+            redirected: h.redirected,
+            verdict: h
+                .allowed
+                .map(|a| if a { "ALLOWED" } else { "DENIED" }.to_string()),
+            matched: h.matched.map(|m| m.to_string()),
+            reason: h.reason,
+            rules: h.l7.map(|l| l.rule_names()).unwrap_or_default(),
+        }));
+    }
+    Ok(out)
 }
 
 #[utoipa::path(get, path = "/v1/identities", responses((status = 200, body = Vec<Identity>)))]

@@ -165,6 +165,7 @@ pub fn closed_resolution() -> ResolvedPolicy {
         egress_enforced: true,
         entries: Vec::new(),
         rules: Vec::new(),
+        l7: Default::default(),
     }
 }
 

@@ -130,6 +130,73 @@ fn reference(
     }
 }
 
+/// The L7 side of the reference: `None` when not redirected, else whether every
+/// request passes (an L4-only allow covers the packet too) and the HTTP rules.
+fn reference_l7(
+    policies: &[Policy],
+    subject: &Labels,
+    c: &IdentityCache,
+    dir: Direction,
+    id: IdentityId,
+    proto: u8,
+    port: u16,
+) -> Option<(bool, std::collections::BTreeSet<crate::l7::HttpRuleSpec>)> {
+    if reference(policies, subject, c, dir, id, proto, port) == Verdict::Deny {
+        return None;
+    }
+    let (mut l4, mut http, mut any_http) = (false, std::collections::BTreeSet::new(), false);
+    for rule in policies.iter().flat_map(|p| &p.rules) {
+        if !rule.subject.matches(subject) {
+            continue;
+        }
+        let allow = match dir {
+            Direction::Ingress => &rule.ingress,
+            Direction::Egress => &rule.egress,
+        };
+        for pr in allow {
+            if !pr.peers.iter().any(|p| ref_peer(p, id, c)) {
+                continue;
+            }
+            for (i, r) in pr.ports.iter().enumerate() {
+                if !ref_port(r, proto, port) {
+                    continue;
+                }
+                match pr.l7_of(i) {
+                    None => l4 = true,
+                    Some(l7) => {
+                        any_http = true;
+                        http.extend(l7.http.iter().cloned());
+                    }
+                }
+            }
+        }
+    }
+    if !any_http {
+        return None;
+    }
+    Some((l4, if l4 { Default::default() } else { http }))
+}
+
+/// What the resolved map says about the L7 side of a packet, in the form of [`reference_l7`].
+fn map_l7(
+    resolved: &crate::ResolvedPolicy,
+    dir: Direction,
+    id: IdentityId,
+    proto: u8,
+    port: u16,
+) -> Option<(bool, std::collections::BTreeSet<crate::l7::HttpRuleSpec>)> {
+    let ev = evaluate(resolved, dir, id, proto, port);
+    if !ev.proxy {
+        return None;
+    }
+    let entry = ev.allowing_entry()?;
+    let l7 = resolved.l7.get(&entry.key())?;
+    Some(match &l7.policy {
+        crate::l7::L7Policy::AllowAll => (true, Default::default()),
+        crate::l7::L7Policy::Http(rules) => (false, rules.iter().cloned().collect()),
+    })
+}
+
 // ------------------------------------------------------------------ random policies
 
 /// Peer fields of a random Cilium rule, at most one of each kind.
@@ -193,23 +260,59 @@ fn port_yaml() -> impl Strategy<Value = String> {
         })
 }
 
-fn rule_yaml(dir: &'static str) -> impl Strategy<Value = String> {
+/// A `toPorts` entry with HTTP rules: one or two TCP ports, one or two rules.
+fn l7_port_rule_yaml() -> impl Strategy<Value = String> {
+    (
+        prop::sample::subsequence(vec![80u16, 443, 8080], 1..3),
+        prop::sample::subsequence(
+            vec![
+                "{method: GET}",
+                "{method: POST, path: /v1/.*}",
+                "{path: /health}",
+                "{}",
+            ],
+            1..3,
+        ),
+    )
+        .prop_map(|(ports, http)| {
+            let ports: Vec<String> = ports
+                .iter()
+                .map(|p| format!("{{port: '{p}', protocol: TCP}}"))
+                .collect();
+            format!(
+                "{{ports: [{}], rules: {{http: [{}]}}}}",
+                ports.join(", "),
+                http.join(", ")
+            )
+        })
+}
+
+fn rule_yaml(dir: &'static str, allow: bool) -> impl Strategy<Value = String> {
     (
         peers_yaml(dir),
         prop::option::of(prop::collection::vec(port_yaml(), 1..3)),
+        prop::option::weighted(0.3, l7_port_rule_yaml()),
     )
-        .prop_map(|(peers, ports)| {
+        .prop_map(move |(peers, ports, l7)| {
+            // Deny sections have no L7 rules.
+            let l7 = l7.filter(|_| allow);
             let mut fields = peers;
+            let mut entries: Vec<String> = Vec::new();
             if let Some(ports) = ports {
-                fields.push(format!("toPorts: [{{ports: [{}]}}]", ports.join(", ")));
+                entries.push(format!("{{ports: [{}]}}", ports.join(", ")));
+            }
+            entries.extend(l7);
+            if !entries.is_empty() {
+                fields.push(format!("toPorts: [{}]", entries.join(", ")));
             }
             format!("{{{}}}", fields.join(", "))
         })
 }
 
 fn section(name: &'static str, dir: &'static str) -> impl Strategy<Value = Option<String>> {
+    let allow = !name.ends_with("Deny");
     prop::option::of(
-        prop::collection::vec(rule_yaml(dir), 0..3)
+        prop::collection::vec(rule_yaml(dir, allow), 0..3)
             .prop_map(move |rules| format!("  {name}: [{}]\n", rules.join(", "))),
     )
 }
@@ -339,6 +442,13 @@ proptest! {
                                 got, want,
                                 "subject {} {:?} peer {} proto {} port {}\n{}\n{:#?}",
                                 subject_id, dir, peer, proto, port, yaml, resolved.entries
+                            );
+                            let want = reference_l7(&policies, &subject, &c, dir, peer, proto, port);
+                            let got = map_l7(&resolved, dir, peer, proto, port);
+                            prop_assert_eq!(
+                                got, want,
+                                "L7: subject {} {:?} peer {} proto {} port {}\n{}\n{:#?}\n{:#?}",
+                                subject_id, dir, peer, proto, port, yaml, resolved.entries, resolved.l7
                             );
                         }
                     }
@@ -565,8 +675,8 @@ proptest! {
     }
 }
 
-/// A policy map by key: verdict and deciding rule.
-type Map = BTreeMap<(Direction, u32, u8, u16, u8), (crate::Verdict, crate::RuleRef)>;
+/// A policy map by key: verdict, deciding rule and proxy flag.
+type Map = BTreeMap<(Direction, u32, u8, u16, u8), (crate::Verdict, crate::RuleRef, bool)>;
 
 /// A map as programmed from deltas, with the ingress and egress enforcement.
 type Programmed = (Map, bool, bool);
@@ -587,7 +697,10 @@ fn apply_delta(
         );
     }
     for e in &delta.upserted {
-        map.insert(key(&e.entry), (e.entry.verdict, e.rule_ref.clone()));
+        map.insert(
+            key(&e.entry),
+            (e.entry.verdict, e.rule_ref.clone(), e.entry.proxy),
+        );
     }
     *ingress = delta.ingress_enforced.unwrap_or(*ingress);
     *egress = delta.egress_enforced.unwrap_or(*egress);
@@ -640,9 +753,11 @@ proptest! {
                 let want_map: Map = want
                     .entries
                     .iter()
-                    .map(|e| (key(e), (e.verdict, want.rules[e.rule as usize].clone())))
+                    .map(|e| (key(e), (e.verdict, want.rules[e.rule as usize].clone(), e.proxy)))
                     .collect();
                 prop_assert_eq!(map, &want_map, "step {} ({:?}), subject {:?}", step, change, subject);
+                let l7: BTreeMap<_, _> = merged[i].l7_entries().map(|(k, l7)| (k, l7.clone())).collect();
+                prop_assert_eq!(&l7, &want.l7, "L7: step {} ({:?}), subject {:?}", step, change, subject);
                 prop_assert_eq!((*ingress, *egress), (want.ingress_enforced, want.egress_enforced));
             }
         }
