@@ -12,6 +12,7 @@ pub fn endpoint_policy(
     resolved: &cilia_policy::ResolvedPolicy,
     cookies: &mut crate::policy::RuleCookies,
     audit: bool,
+    proxy_port: u16,
 ) -> cilia_abi::EndpointPolicy {
     let rule_cookies: Vec<u32> = resolved
         .rules
@@ -23,13 +24,21 @@ pub fn endpoint_policy(
         entries: resolved
             .entries
             .iter()
-            .map(|e| policy_entry(e, rule_cookies.get(e.rule as usize).copied().unwrap_or(0)))
+            .map(|e| {
+                let cookie = rule_cookies.get(e.rule as usize).copied().unwrap_or(0);
+                policy_entry(e, cookie, proxy_port)
+            })
             .collect(),
     }
 }
 
-/// The datapath row of one resolved entry, naming its rule by `cookie`.
-pub fn policy_entry(e: &cilia_policy::MapEntry, cookie: u32) -> cilia_abi::PolicyEntry {
+/// The datapath row of one resolved entry, naming its rule by `cookie`; a
+/// proxied entry names the L7 proxy's `proxy_port`.
+pub fn policy_entry(
+    e: &cilia_policy::MapEntry,
+    cookie: u32,
+    proxy_port: u16,
+) -> cilia_abi::PolicyEntry {
     cilia_abi::PolicyEntry {
         direction: match e.direction {
             cilia_policy::Direction::Ingress => cilia_abi::Direction::Ingress,
@@ -44,19 +53,39 @@ pub fn policy_entry(e: &cilia_policy::MapEntry, cookie: u32) -> cilia_abi::Polic
             cilia_policy::Verdict::Deny => cilia_abi::Verdict::Deny,
         },
         rule: cookie,
-        proxy_port: 0,
+        proxy_port: if e.proxy && e.verdict == cilia_policy::Verdict::Allow {
+            proxy_port
+        } else {
+            0
+        },
     }
 }
 
-/// The L7 entries of a merged policy, (ingress, egress), for the proxy.
+/// The L7 entries of a merged policy, (ingress, egress), for the proxy:
+/// the keys of its proxied map entries, each with what passes and the rules
+/// behind it (named as in traces and flows).
 pub fn l7_entries(
-    _merged: &cilia_policy::MergedPolicy,
-    _cookies: &crate::policy::RuleCookies,
+    merged: &cilia_policy::MergedPolicy,
 ) -> (
     Vec<cilia_proxy::control::L7Entry>,
     Vec<cilia_proxy::control::L7Entry>,
 ) {
-    (Vec::new(), Vec::new())
+    let (mut ingress, mut egress) = (Vec::new(), Vec::new());
+    for ((direction, identity, proto, port, port_prefix_len), l7) in merged.l7_entries() {
+        let entry = cilia_proxy::control::L7Entry {
+            identity,
+            proto,
+            port,
+            port_prefix_len,
+            policy: l7.policy.clone(),
+            rules: l7.rule_names(),
+        };
+        match direction {
+            cilia_policy::Direction::Ingress => ingress.push(entry),
+            cilia_policy::Direction::Egress => egress.push(entry),
+        }
+    }
+    (ingress, egress)
 }
 
 /// An endpoint's enforcement; audit only means something in an enforced
@@ -132,7 +161,7 @@ mod tests {
     fn a_resolution_becomes_the_endpoints_policy_with_its_rule_cookies() {
         for audit in [false, true] {
             let mut cookies = RuleCookies::default();
-            let policy = endpoint_policy(&resolution(), &mut cookies, audit);
+            let policy = endpoint_policy(&resolution(), &mut cookies, audit, 15080);
             assert_eq!(policy.enforcement.audit, audit);
             assert_eq!(policy.entries.len(), resolution().entries.len());
             let named: Vec<Option<String>> = policy

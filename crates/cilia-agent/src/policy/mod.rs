@@ -411,6 +411,7 @@ spec:
             &closed_resolution(),
             &mut RuleCookies::default(),
             false,
+            cilia_proxy::control::DEFAULT_PROXY_PORT,
         )
         .encode();
         assert_eq!(entries.len(), 2, "the two enforcement flags only");

@@ -340,7 +340,7 @@ impl PolicyState {
             .iter()
             .filter_map(|(id, p)| {
                 let merged = p.merged.as_ref()?;
-                let entries = crate::datapath::l7_entries(merged, &self.rule_cookies);
+                let entries = crate::datapath::l7_entries(merged);
                 (!entries.0.is_empty() || !entries.1.is_empty()).then_some((*id, entries))
             })
             .collect();
@@ -606,17 +606,19 @@ impl PolicyState {
                     moved.push(rec.id);
                     let will = enforcement_of(Some(merged), audit);
                     policy::check_size(rec.id, map_size(merged.entry_count(), will), max)?;
+                    let proxy_port = self.proxy_port;
                     let removed: Vec<cilia_abi::PolicyEntry> = delta
                         .removed
                         .iter()
-                        .map(|e| crate::datapath::policy_entry(&e.entry, 0))
+                        .map(|e| crate::datapath::policy_entry(&e.entry, 0, proxy_port))
                         .collect();
                     let cookies = &mut self.rule_cookies;
                     let upserted: Vec<cilia_abi::PolicyEntry> = delta
                         .upserted
                         .iter()
                         .map(|e| {
-                            crate::datapath::policy_entry(&e.entry, cookies.cookie_of(&e.rule_ref))
+                            let cookie = cookies.cookie_of(&e.rule_ref);
+                            crate::datapath::policy_entry(&e.entry, cookie, proxy_port)
                         })
                         .collect();
                     let steps = PolicyDelta::ordered(removed, upserted, was, will);
@@ -638,7 +640,12 @@ impl PolicyState {
             Some(m) => m.resolved(),
             None => policy::closed_resolution(),
         };
-        let policy = crate::datapath::endpoint_policy(&resolved, &mut self.rule_cookies, audit);
+        let policy = crate::datapath::endpoint_policy(
+            &resolved,
+            &mut self.rule_cookies,
+            audit,
+            self.proxy_port,
+        );
         policy::check_size(
             rec.id,
             map_size(policy.entries.len(), policy.enforcement),
