@@ -111,6 +111,9 @@ call tiefighter "[$DS6]" PUT /v1/exhaust-port
 say "import the L7 policy: org=empire may only POST /v1/request-landing (HTTP rules, enforced by cilia-proxy)"
 sed -n '/^apiVersion/,$p' examples/starwars/cnp-l7.yaml
 cilia policy import examples/starwars/cnp-l7.yaml
+# The first HTTP rule starts the proxy; until it listens, redirected
+# connections are dropped (fail closed) and TCP retries: wait for it.
+for _ in $(seq 50); do cilia status --verbose | grep -q 'l7-proxy.*revision [0-9]' && break; sleep 0.1; done
 for addr in "[$DS6]" "$DS4"; do
   call tiefighter "$addr" POST /v1/request-landing
   call tiefighter "$addr" PUT /v1/exhaust-port
@@ -119,7 +122,7 @@ done
 say "the HTTP requests, as the proxy saw them (cilia observe --type l7)"
 cilia observe --type l7 --last 4
 say "the proxy, started and supervised by the agent"
-cilia status | grep -i -A1 'l7-proxy' || true
+cilia status --verbose | grep 'l7-proxy' 
 say "why was the xwing dropped? (control plane and the loaded BPF program, side by side)"
 cilia policy trace --src "$XW" --dst "$DS" --dport 80/TCP --datapath
 say "the deathstar's policy map, read back from the kernel"
