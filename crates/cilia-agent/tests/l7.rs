@@ -454,3 +454,45 @@ fn requests_appear_in_observe_as_l7_flows() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn trace_runs_the_loaded_program_and_the_http_rules_on_a_redirected_flow() {
+    privileged!("trace_runs_the_loaded_program_and_the_http_rules_on_a_redirected_flow");
+    let sw = StarWars::start();
+    sw.import(CNP_L7);
+    first_answer(
+        &sw.tiefighter_ns,
+        sw.addr("ipv6"),
+        "POST",
+        "/v1/request-landing",
+    );
+    let tf = sw.tiefighter["id"].to_string();
+    let ds = sw.deathstar["id"].to_string();
+    let trace = |method: &str, path: &str| {
+        sw.agent.cli_json(&[
+            "policy",
+            "trace",
+            "--src",
+            &tf,
+            "--dst",
+            &ds,
+            "--dport",
+            "80/TCP",
+            "--datapath",
+            "--http-method",
+            method,
+            "--http-path",
+            path,
+        ])
+    };
+    let landing = trace("POST", "/v1/request-landing");
+    assert_eq!(landing["verdict"], "ALLOWED", "{landing}");
+    assert_eq!(
+        landing["datapath"], "ALLOWED",
+        "the program redirects it: {landing}"
+    );
+    assert_eq!(landing["http_verdict"], "ALLOWED", "{landing}");
+    let port = trace("PUT", "/v1/exhaust-port");
+    assert_eq!(port["datapath"], "ALLOWED", "{port}");
+    assert_eq!(port["http_verdict"], "DENIED", "{port}");
+}

@@ -150,8 +150,10 @@ pub(super) async fn trace_policy(
                     l7,
                 })
                 .collect(),
+            // A flow the program sent to the proxy was allowed by it: the
+            // test run's drop only says it could not reach the socket.
             datapath: t.datapath.map(|v| {
-                if v == cilia_datapath::testrun::TC_ACT_SHOT {
+                if v == cilia_datapath::testrun::TC_ACT_SHOT && !t.datapath_to_proxy {
                     "DENIED"
                 } else {
                     "ALLOWED"

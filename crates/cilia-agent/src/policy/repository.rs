@@ -82,6 +82,10 @@ pub struct Trace {
     pub verdict: Verdict,
     /// tc verdict of the real program on a synthesized packet.
     pub datapath: Option<u32>,
+    /// Whether the program redirected that packet's flow to the L7 proxy (a
+    /// test run cannot hand it to the proxy's socket, so its verdict is a
+    /// drop; the flow's conntrack entry says what the program decided).
+    pub datapath_to_proxy: bool,
 }
 
 /// What an endpoint's policy map was programmed from.
@@ -1213,10 +1217,11 @@ impl PolicyState {
         } else {
             Verdict::Allow
         };
-        let datapath = if datapath {
-            Some(self.trace_datapath(&src, &dst, proto, dport)?)
+        let (datapath, datapath_to_proxy) = if datapath {
+            let (verdict, to_proxy) = self.trace_datapath(&src, &dst, proto, dport)?;
+            (Some(verdict), to_proxy)
         } else {
-            None
+            (None, false)
         };
         Ok(Trace {
             src,
@@ -1224,18 +1229,21 @@ impl PolicyState {
             steps,
             verdict,
             datapath,
+            datapath_to_proxy,
         })
     }
 
     /// Runs the source endpoint's real program on a synthesized first
-    /// packet of the flow and removes the conntrack entry it may create.
+    /// packet of the flow and removes the conntrack entry it may create;
+    /// returns its verdict and whether that entry sends the flow to the L7
+    /// proxy.
     fn trace_datapath(
         &mut self,
         src: &Party,
         dst: &Party,
         proto: u8,
         dport: u16,
-    ) -> Result<u32, EndpointError> {
+    ) -> Result<(u32, bool), EndpointError> {
         let rec = src.endpoint.as_ref().ok_or_else(|| {
             EndpointError::Trace("--datapath needs an endpoint as the source".into())
         })?;
@@ -1265,10 +1273,19 @@ impl PolicyState {
         let icmp = proto == 1 || proto == 58;
         // ICMP echo: the identifier stands in for both ports.
         let dport = if icmp { TRACE_SPORT } else { dport };
+        let (source, destination) = (
+            SocketAddr::new(src_ip, TRACE_SPORT),
+            SocketAddr::new(dst_ip, dport),
+        );
+        let to_proxy = self
+            .dp()
+            .conntrack()?
+            .iter()
+            .any(|e| e.source == source && e.destination == destination && e.to_proxy);
         self.dp().remove_conntrack(&CtEntry {
             proto,
-            source: SocketAddr::new(src_ip, TRACE_SPORT),
-            destination: SocketAddr::new(dst_ip, dport),
+            source,
+            destination,
             src_identity: 0,
             dst_identity: 0,
             packets: 0,
@@ -1283,6 +1300,6 @@ impl PolicyState {
             from_proxy: false,
             proxy_port: 0,
         })?;
-        Ok(verdict)
+        Ok((verdict, to_proxy))
     }
 }
