@@ -111,9 +111,6 @@ call tiefighter "[$DS6]" PUT /v1/exhaust-port
 say "import the L7 policy: org=empire may only POST /v1/request-landing (HTTP rules, enforced by cilia-proxy)"
 sed -n '/^apiVersion/,$p' examples/starwars/cnp-l7.yaml
 cilia policy import examples/starwars/cnp-l7.yaml
-# The first HTTP rule starts the proxy; until it listens, redirected
-# connections are dropped (fail closed) and TCP retries: wait for it.
-for _ in $(seq 50); do cilia status --verbose | grep -q 'l7-proxy.*revision [0-9]' && break; sleep 0.1; done
 for addr in "[$DS6]" "$DS4"; do
   call tiefighter "$addr" POST /v1/request-landing
   call tiefighter "$addr" PUT /v1/exhaust-port

@@ -259,6 +259,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         bpf_root: config.bpf_root.display().to_string(),
         proxy: proxy_status,
         proxy_port: config.proxy_port,
+        l7_summary: l7_summary.clone(),
     });
     info!(
         socket = %config.socket.display(),

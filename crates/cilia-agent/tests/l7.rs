@@ -496,3 +496,20 @@ fn trace_runs_the_loaded_program_and_the_http_rules_on_a_redirected_flow() {
     assert_eq!(port["datapath"], "ALLOWED", "{port}");
     assert_eq!(port["http_verdict"], "DENIED", "{port}");
 }
+
+#[test]
+fn an_import_with_the_first_http_rule_returns_once_the_proxy_enforces_it() {
+    privileged!("an_import_with_the_first_http_rule_returns_once_the_proxy_enforces_it");
+    let sw = StarWars::start();
+    sw.import(CNP_L7);
+    // No retry: the very next connection is served by the proxy.
+    let landed = request(
+        &sw.tiefighter_ns,
+        sw.addr("ipv4"),
+        "POST",
+        "/v1/request-landing",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(landed.status, 200);
+}

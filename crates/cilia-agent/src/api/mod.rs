@@ -69,7 +69,12 @@ pub struct AgentState {
     pub proxy: tokio::sync::watch::Receiver<crate::proxy::ProxyStatus>,
     /// Port of the L7 proxy's listeners.
     pub proxy_port: u16,
+    /// The L7 proxy's view of the policy (whether any entry needs it).
+    pub l7_summary: tokio::sync::watch::Receiver<Arc<crate::proxy::L7Summary>>,
 }
+
+/// How long an import that needs the L7 proxy waits for it to enforce.
+pub const PROXY_START_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 pub type Shared = Arc<AgentState>;
 
@@ -494,6 +499,7 @@ mod tests {
             bpf_root: dir.display().to_string(),
             proxy: tokio::sync::watch::channel(crate::proxy::ProxyStatus::NotNeeded).1,
             proxy_port: cilia_proxy::control::DEFAULT_PROXY_PORT,
+            l7_summary: tokio::sync::watch::channel(Arc::default()).1,
         })
     }
 

@@ -25,11 +25,18 @@ pub(super) async fn import_policy(
     body: Bytes,
 ) -> Result<Json<PolicyChange>, AppError> {
     let req: PolicyImport = json_body(&body)?;
-    with_policy(&state, move |policy| {
+    let mut l7 = state.l7_summary.clone();
+    let change = with_policy(&state, move |policy| {
         policy.import_policies(&req.source, &req.yaml)
     })
-    .await
-    .map(Json)
+    .await?;
+    // An import that brings the first HTTP rule starts the proxy; until it
+    // listens, the flows it must see are dropped (fail closed). Answer once
+    // it enforces a policy, so the caller's next connection is served.
+    if l7.borrow_and_update().needed() {
+        crate::proxy::wait_enforcing(state.proxy.clone(), super::PROXY_START_WAIT).await;
+    }
+    Ok(Json(change))
 }
 
 #[utoipa::path(get, path = "/v1/policy", responses((status = 200, body = PolicyList)))]

@@ -288,6 +288,20 @@ pub async fn supervise(
     }
 }
 
+/// Waits (at most `limit`) until the proxy runs and enforces a policy.
+pub async fn wait_enforcing(mut status: watch::Receiver<ProxyStatus>, limit: Duration) {
+    let enforcing = |s: &ProxyStatus| {
+        matches!(
+            s,
+            ProxyStatus::Running {
+                applied: Some(_),
+                ..
+            }
+        )
+    };
+    let _ = tokio::time::timeout(limit, status.wait_for(enforcing)).await;
+}
+
 fn needs_proxy(policy: &ProxyPolicy) -> bool {
     policy
         .endpoints
