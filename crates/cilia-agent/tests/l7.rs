@@ -453,6 +453,26 @@ fn requests_appear_in_observe_as_l7_flows() {
         assert!(Instant::now() < deadline, "no L7 flow for the PUT: {out}");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // And in the metrics, by verdict and status class.
+    let metrics = sw.agent.node.run(|| {
+        let mut s = TcpStream::connect("127.0.0.1:9962").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: cilia\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    });
+    for line in [
+        "cilia_proxy_http_requests_total{verdict=\"DROPPED\",status=\"4xx\"} 1",
+        "cilia_proxy_http_request_duration_seconds_count{verdict=\"DROPPED\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
+    assert!(
+        metrics.contains("cilia_proxy_http_requests_total{verdict=\"FORWARDED\",status=\"2xx\"}"),
+        "{metrics}"
+    );
 }
 
 #[test]
