@@ -44,7 +44,8 @@ for ns in "${NSS[@]}"; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
 nsenter --net="/run/netns/$P-node" "$BIN/cilia-agent" --state-dir "$RUN/state" --bpf-root "$BPF" \
   --socket "$SOCK" --metrics-addr off --ipv6-range fd00:c1c::/112 --ipv4-range 10.202.0.0/24 \
   >"$RUN/agent.log" 2>&1 &
-track $!
+AGENT_PID=$!
+track $AGENT_PID
 for _ in $(seq 100); do cilia status >/dev/null 2>&1 && break; sleep 0.1; done
 cilia status >/dev/null || { echo "agent did not start:" >&2; cat "$RUN/agent.log" >&2; exit 1; }
 cilia endpoint create --netns "$P-ds" --labels org=empire,class=deathstar >/dev/null
@@ -64,6 +65,11 @@ LUA
 to_ms() { # wrk latency (e.g. 412.00us, 1.20ms, 2.00s) -> ms
   awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n = n; else if (v ~ /s$/) n *= 1000; printf "%.3f", n }'
 }
+cpu_ticks() { # pid -> utime+stime in clock ticks (0 when gone)
+  [ -n "$1" ] && [ -r "/proc/$1/stat" ] && awk '{print $14 + $15}' "/proc/$1/stat" || echo 0
+}
+proxy_pid() { cilia status --verbose | sed -n 's/.*l7-proxy .*pid \([0-9]*\),.*/\1/p'; }
+HZ=$(getconf CLK_TCK)
 run_wrk() { # -> "rps p50ms p99ms errors"
   local out rps p50 p99 errs
   out=$(ip netns exec "$P-tf" timeout $((DURATION + 30)) wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" \
@@ -84,23 +90,29 @@ set_path() {
   for _ in $(seq 100); do ip netns exec "$P-tf" curl -sf -XPOST --max-time 1 "$URL" >/dev/null && return; sleep 0.1; done
   echo "path $1: no landing within 10 s" >&2; cilia status >&2; exit 1
 }
-declare -A RPS P50 P99 ERR
+declare -A RPS P50 P99 ERR ACPU PCPU
 for r in $(seq "$REPS"); do
   for path in none l4 l7; do
     set_path $path
+    PP=$(proxy_pid); a0=$(cpu_ticks $AGENT_PID); p0=$(cpu_ticks "$PP")
     read -r rps p50 p99 errs < <(run_wrk)
-    echo "round $r $path: $rps req/s, p50 $p50 ms, p99 $p99 ms, errors $errs" >&2
+    a1=$(cpu_ticks $AGENT_PID); p1=$(cpu_ticks "$PP")
+    cpu=$(awk -v a="$((a1 - a0))" -v p="$((p1 - p0))" -v hz="$HZ" 'BEGIN { printf "agent %.2f s, proxy %.2f s", a / hz, p / hz }')
+    echo "round $r $path: $rps req/s, p50 $p50 ms, p99 $p99 ms, errors $errs; CPU: $cpu" >&2
+    ACPU[$path]+="$(awk -v a="$((a1 - a0))" -v hz="$HZ" 'BEGIN { printf "%.2f", a / hz }') "
+    PCPU[$path]+="$(awk -v p="$((p1 - p0))" -v hz="$HZ" 'BEGIN { printf "%.2f", p / hz }') "
     RPS[$path]+="$rps "; P50[$path]+="$p50 "; P99[$path]+="$p99 "; ERR[$path]+="$errs "
   done
 done
 median() { printf '%s\n' $@ | { grep -E '^[0-9.]+$' || true; } | sort -g | awk '{a[NR]=$1} END {if (NR==0) print "-"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 L4=$(median ${RPS[l4]}); L4P50=$(median ${P50[l4]}); L4P99=$(median ${P99[l4]})
-echo "| path | req/s | vs l4 | p50 ms | p99 ms | added p50 / p99 ms vs l4 | errors |"
-echo "|---|---|---|---|---|---|---|"
+echo "| path | req/s | vs l4 | p50 ms | p99 ms | added p50 / p99 ms vs l4 | agent / proxy CPU s per round | errors |"
+echo "|---|---|---|---|---|---|---|---|"
 for path in none l4 l7; do
   rps=$(median ${RPS[$path]}); p50=$(median ${P50[$path]}); p99=$(median ${P99[$path]})
-  awk -v p="$path" -v r="$rps" -v l="$L4" -v a="$p50" -v b="$p99" -v la="$L4P50" -v lb="$L4P99" -v e="${ERR[$path]}" \
-    'BEGIN { printf "| %s | %.0f | %.2f× | %.3f | %.3f | %+.3f / %+.3f | %s |\n", p, r, r / l, a, b, a - la, b - lb, e }'
+  ac=$(median ${ACPU[$path]}); pc=$(median ${PCPU[$path]})
+  awk -v p="$path" -v r="$rps" -v l="$L4" -v a="$p50" -v b="$p99" -v la="$L4P50" -v lb="$L4P99" -v e="${ERR[$path]}" -v ac="$ac" -v pc="$pc" \
+    'BEGIN { printf "| %s | %.0f | %.2f× | %.3f | %.3f | %+.3f / %+.3f | %s / %s | %s |\n", p, r, r / l, a, b, a - la, b - lb, ac, pc, e }'
 done
 echo
 echo "($REPS rounds of ${DURATION} s, $CONNS connections, $THREADS wrk thread(s), keep-alive; median per path)"
