@@ -112,6 +112,21 @@ pub(crate) fn apply(control: &Control, msg: &ToProxy) -> FromProxy {
     }
 }
 
+/// Flow records sent with another one in a single write, at most.
+const FLOW_BATCH: usize = 64;
+
+/// Appends one message as a JSON line.
+fn append_line(id: u64, buf: &mut Vec<u8>, msg: &FromProxy) {
+    let start = buf.len();
+    match serde_json::to_writer(&mut *buf, msg) {
+        Ok(()) => buf.push(b'\n'),
+        Err(e) => {
+            buf.truncate(start);
+            warn!(client = id, "control message not serializable: {e}");
+        }
+    }
+}
+
 async fn connection(id: u64, stream: UnixStream, control: Arc<Control>) {
     let (read, mut write) = stream.into_split();
     let (replies_tx, mut replies) = mpsc::channel::<FromProxy>(16);
@@ -127,17 +142,22 @@ async fn connection(id: u64, stream: UnixStream, control: Arc<Control>) {
         let mut dropped = 0u64;
         let mut last_log: Option<Instant> = None;
         let mut msg = Some(hello);
+        let mut buf = Vec::new();
         loop {
             if let Some(m) = msg.take() {
-                let mut line = match serde_json::to_vec(&m) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        warn!(client = id, "control message not serializable: {e}");
-                        continue;
+                buf.clear();
+                append_line(id, &mut buf, &m);
+                // Under load, flow records queue up: send those already
+                // waiting with this one, in one write (one wakeup of the
+                // agent, not one per request).
+                for _ in 0..FLOW_BATCH {
+                    match flows.try_recv() {
+                        Ok(flow) => append_line(id, &mut buf, &FromProxy::Flow(flow)),
+                        Err(broadcast::error::TryRecvError::Lagged(n)) => dropped += n,
+                        Err(_) => break,
                     }
-                };
-                line.push(b'\n');
-                if write.write_all(&line).await.is_err() {
+                }
+                if write.write_all(&buf).await.is_err() {
                     return dropped;
                 }
             }
