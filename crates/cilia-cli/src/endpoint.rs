@@ -9,7 +9,7 @@ use crate::output::{cells, print_one, print_rows, Output};
 pub enum EndpointCmd {
     /// Connect a network namespace: veth, addresses, routes, BPF program.
     ///
-    /// Example: cilia endpoint create --netns web1 --labels app=web,tier=front
+    /// Example: cilia endpoint create --netns web1 --labels app=web,tier=front --named-port http=TCP/8080
     Create {
         /// Network namespace: a name under /run/netns or a path.
         #[arg(long)]
@@ -23,6 +23,10 @@ pub enum EndpointCmd {
         /// Namespace the endpoint belongs to (label io.kubernetes.pod.namespace).
         #[arg(long, default_value = "default")]
         namespace: String,
+        /// A port name policies may use (`port: http`): NAME=PROTO/PORT,
+        /// e.g. http=TCP/8080; repeatable. Fixed for the endpoint's life.
+        #[arg(long = "named-port", value_name = "NAME=PROTO/PORT")]
+        named_ports: Vec<cilia_api::NamedPort>,
     },
     /// List endpoints.
     ///
@@ -53,6 +57,7 @@ pub async fn run(cmd: EndpointCmd, client: &ApiClient, output: Output) -> anyhow
             labels,
             ifname,
             namespace,
+            named_ports,
         } => {
             // Refused here, before anything reaches the agent (README, "Input limits").
             let labels = cilia_api::labels::parse_labels(&labels)
@@ -67,6 +72,7 @@ pub async fn run(cmd: EndpointCmd, client: &ApiClient, output: Output) -> anyhow
                 namespace: Some(namespace),
                 label_source: None,
                 network: None,
+                named_ports,
             };
             let e = client.create_endpoint(&req).await?;
             print_one(output, &e, |e| {
@@ -150,6 +156,10 @@ fn print_endpoint(e: &Endpoint) {
     outln!("Interface:   {} ({})", e.ifname, e.mac);
     outln!("Host side:   {} ({})", e.host_ifname, e.host_mac);
     outln!("Labels:      {}", labels_text(e));
+    if !e.named_ports.is_empty() {
+        let ports: Vec<String> = e.named_ports.iter().map(|p| p.to_string()).collect();
+        outln!("Named ports: {}", ports.join(", "));
+    }
     if let Some(c) = &e.container_id {
         outln!("Container:   {c}");
     }

@@ -595,6 +595,49 @@ impl NetConf {
         Ok(Some(out))
     }
 
+    /// Port names from `args.cni.namedPorts`: a list of `"NAME=PROTO/PORT"`
+    /// strings or `{name, protocol, port}` objects (empty when absent). The
+    /// agent checks them (names, protocols, a name twice).
+    pub fn named_ports(&self) -> Result<Vec<cilia_api::NamedPort>, CniError> {
+        let Some(ports) = self
+            .args
+            .as_ref()
+            .and_then(|a| a.get("cni"))
+            .and_then(|c| c.get("namedPorts"))
+        else {
+            return Ok(Vec::new());
+        };
+        let bad = |why: String| {
+            CniError::new(code::INVALID_CONFIG, format!("args.cni.namedPorts: {why}"))
+        };
+        let Value::Array(items) = ports else {
+            return Err(bad(
+                "expected a list of \"NAME=PROTO/PORT\" or {name, protocol, port}".to_string(),
+            ));
+        };
+        if items.len() > cilia_api::limits::MAX_NAMED_PORTS {
+            return Err(bad(format!(
+                "{} given, at most {}",
+                items.len(),
+                cilia_api::limits::MAX_NAMED_PORTS
+            )));
+        }
+        items
+            .iter()
+            .map(|item| match item {
+                Value::String(s) => s.parse().map_err(|e| bad(format!("{e}"))),
+                Value::Object(_) => serde_json::from_value(item.clone()).map_err(|e| {
+                    bad(format!(
+                        "every object needs \"name\", \"protocol\" and \"port\" (1-65535): {e}"
+                    ))
+                }),
+                _ => Err(bad(
+                    "every entry is \"NAME=PROTO/PORT\" or {name, protocol, port}".to_string(),
+                )),
+            })
+            .collect()
+    }
+
     /// Addresses of prevResult's `ips`.
     pub fn prev_result_ips(&self) -> Result<BTreeSet<IpAddr>, CniError> {
         let Some(prev) = &self.prev_result else {
@@ -782,6 +825,7 @@ fn cmd_add(env: &Env, conf: &NetConf, agent: &impl Agent) -> Result<Value, CniEr
     let args = env.parsed_args()?;
     args.check_for_add()?;
     let labels = conf.labels()?;
+    let named_ports = conf.named_ports()?;
     let netns = env.netns()?;
     let namespace = args
         .get("K8S_POD_NAMESPACE")
@@ -804,6 +848,7 @@ fn cmd_add(env: &Env, conf: &NetConf, agent: &impl Agent) -> Result<Value, CniEr
         namespace: Some(namespace),
         label_source,
         network: Some(conf.name.clone()),
+        named_ports,
     };
     let ep = agent
         .create_endpoint(&req)
@@ -1035,6 +1080,7 @@ mod tests {
                 network: req.network.clone(),
                 labels_pending: req.label_source.is_some(),
                 policy_audit: false,
+                named_ports: req.named_ports.clone(),
             };
             self.eps.borrow_mut().push(ep.clone());
             Ok(ep)
@@ -1230,6 +1276,44 @@ mod tests {
         let bad = r#"{"cniVersion":"1.0.0","name":"n","type":"cilia-cni",
             "args":{"cni":{"labels":{"app":"a b"}}}}"#;
         assert_eq!(run(&fake, &env("ADD", "c3"), bad).0["code"], 7);
+    }
+
+    #[test]
+    fn named_ports_from_args_as_strings_or_objects_reach_the_agent() {
+        let fake = Fake::default();
+        let conf = r#"{"cniVersion":"1.0.0","name":"n","type":"cilia-cni",
+            "args":{"cni":{"namedPorts":["http=TCP/8080",
+                {"name":"dns","protocol":"UDP","port":53}]}}}"#;
+        assert!(run(&fake, &env("ADD", "c1"), conf).1);
+        let eps = fake.eps.borrow();
+        let ports: Vec<String> = eps[0].named_ports.iter().map(|p| p.to_string()).collect();
+        assert_eq!(ports, ["http=TCP/8080", "dns=UDP/53"]);
+    }
+
+    #[test]
+    fn malformed_named_ports_in_args_are_an_invalid_config() {
+        let fake = Fake::default();
+        for bad in [
+            r#""http""#,
+            r#"["http"]"#,
+            r#"["http=TCP/0"]"#,
+            r#"[{"name":"http"}]"#,
+            "[7]",
+        ] {
+            let conf = format!(
+                r#"{{"cniVersion":"1.0.0","name":"n","type":"cilia-cni","args":{{"cni":{{"namedPorts":{bad}}}}}}}"#
+            );
+            let (v, ok) = run(&fake, &env("ADD", "c1"), &conf);
+            assert!(!ok, "{bad}");
+            assert_eq!(v["code"], 7, "{bad}: {v}");
+            assert!(
+                v["msg"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("args.cni.namedPorts: "),
+                "{bad}: {v}"
+            );
+        }
     }
 
     #[test]

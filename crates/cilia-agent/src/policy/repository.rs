@@ -25,7 +25,7 @@ use cilia_abi::{
 };
 use cilia_api::limits::excerpt;
 use cilia_api::EndpointState;
-use cilia_policy::{Direction, IdentityCache, Labels, Verdict};
+use cilia_policy::{Direction, IdentityCache, Labels, NamedPorts, Verdict};
 use tracing::{info, warn};
 
 use std::sync::Arc;
@@ -248,10 +248,14 @@ pub struct PolicyState {
 fn identity_cache(
     labels: &BTreeMap<u32, Labels>,
     cidr_ids: &BTreeMap<ipnet::IpNet, u32>,
+    named: &BTreeMap<u32, NamedPorts>,
 ) -> IdentityCache {
     let mut cache = IdentityCache::new();
     for (id, l) in labels {
         cache.insert_labels(*id, l.clone());
+    }
+    for (id, ports) in named {
+        cache.set_named_ports(*id, ports.clone());
     }
     for (prefix, id) in cidr_ids {
         cache.insert_cidr(*id, *prefix);
@@ -262,6 +266,8 @@ fn identity_cache(
 /// Identities as last given to the repository.
 struct Synced {
     labels: BTreeMap<u32, Labels>,
+    /// The identities' port names (the union over their endpoints).
+    named: BTreeMap<u32, NamedPorts>,
     /// The CIDR identities the repository has are `cidr_ids` changed by
     /// this (a plan's change, until it is applied or undone).
     pending: CidrChange,
@@ -426,13 +432,24 @@ impl PolicyState {
         self.repository
             .set_policies(self.policy_docs.iter().map(|(k, (_, p))| (k.as_str(), p)));
         let labels = self.labelled_identities()?;
+        let named = self.identity_named_ports()?;
         let (label_changes, undo) = match self.synced.take() {
             None => {
                 self.repository
-                    .set_identities(identity_cache(&labels, &self.cidr_ids));
+                    .set_identities(identity_cache(&labels, &self.cidr_ids, &named));
                 (Vec::new(), CidrChange::default())
             }
             Some(synced) => {
+                let mut named_changes = Vec::new();
+                for (id, ports) in &named {
+                    if synced.named.get(id) != Some(ports) {
+                        named_changes.push((*id, ports.clone()));
+                    }
+                }
+                for id in synced.named.keys().filter(|id| !named.contains_key(id)) {
+                    named_changes.push((*id, NamedPorts::new()));
+                }
+                self.repository.change_named_ports(named_changes);
                 let mut label_changes = Vec::new();
                 for (id, l) in &labels {
                     if synced.labels.get(id) != Some(l) {
@@ -458,6 +475,7 @@ impl PolicyState {
             .change_identities(label_changes, cidr_changes);
         self.synced = Some(Synced {
             labels,
+            named,
             pending: cidr.clone(),
         });
         Ok(())
@@ -471,6 +489,21 @@ impl PolicyState {
             .collect();
         for (id, labels) in self.store.identities()? {
             out.insert(id, Labels(labels));
+        }
+        Ok(out)
+    }
+
+    /// The port names of each identity: the union over the endpoints
+    /// carrying it (what egress rules' named ports resolve against).
+    fn identity_named_ports(&self) -> Result<BTreeMap<u32, NamedPorts>, EndpointError> {
+        let mut out: BTreeMap<u32, NamedPorts> = BTreeMap::new();
+        for rec in self.store.endpoints()? {
+            if rec.named_ports.is_empty() || rec.identity == 0 {
+                continue;
+            }
+            out.entry(rec.identity)
+                .or_default()
+                .extend(&policy::named_ports_of(&rec.named_ports));
         }
         Ok(out)
     }
@@ -504,7 +537,11 @@ impl PolicyState {
 
     /// Every identity the resolver may select.
     pub(crate) fn identity_cache(&self) -> Result<IdentityCache, EndpointError> {
-        Ok(identity_cache(&self.labelled_identities()?, &self.cidr_ids))
+        Ok(identity_cache(
+            &self.labelled_identities()?,
+            &self.cidr_ids,
+            &self.identity_named_ports()?,
+        ))
     }
 
     fn subject_labels(
@@ -578,7 +615,8 @@ impl PolicyState {
             return None;
         }
         let subject = Labels(Self::subject_labels(rec, namespaces));
-        Some(self.repository.basis(&subject))
+        let ports = policy::named_ports_of(&rec.named_ports);
+        Some(self.repository.basis_with_ports(&subject, &ports))
     }
 
     /// One endpoint's change toward `basis`, checked against the map's
@@ -1197,7 +1235,19 @@ impl PolicyState {
                     Some(merged) => merged.resolved(),
                     None => policy::closed_resolution(),
                 },
-                _ => cilia_policy::resolve(&policies, &Labels(labels.clone()), &cache),
+                _ => {
+                    let ports = subject
+                        .endpoint
+                        .as_ref()
+                        .map(|e| policy::named_ports_of(&e.named_ports))
+                        .unwrap_or_default();
+                    cilia_policy::resolve_with_ports(
+                        &policies,
+                        &Labels(labels.clone()),
+                        &ports,
+                        &cache,
+                    )
+                }
             };
             let t = cilia_policy::trace(&resolved, direction, peer.identity, proto, dport);
             steps.push(TraceStep {

@@ -200,6 +200,10 @@ pub struct EndpointRecord {
     /// the CLI or the API, or recorded before networks were kept).
     #[serde(default)]
     pub network: Option<String>,
+    /// Port names the endpoint declares (checked, protocols upper case,
+    /// sorted, each once); fixed for its life.
+    #[serde(default)]
+    pub named_ports: Vec<cilia_api::NamedPort>,
 }
 
 impl EndpointRecord {
@@ -1126,6 +1130,7 @@ mod tests {
             label_source: None,
             policy_audit: false,
             network: None,
+            named_ports: Vec::new(),
         }
     }
 
