@@ -232,6 +232,10 @@ pub struct PolicyState {
     pub(crate) limits: policy::Limits,
     /// The identities `repository` was last given (see `sync_repository`).
     synced: Option<Synced>,
+    /// The endpoints that declare port names: (identity, names) by id.
+    /// Read from the store once, then kept by the changes that pass here
+    /// (`apply_policy`, `plan`, `forget`), so a sync reads no records.
+    endpoint_names: Option<BTreeMap<u16, (u32, NamedPorts)>>,
     /// What readers (status, the monitor's names, `bpf policy get`) see of
     /// this state, replaced after every change, so they never wait for it.
     pub(crate) summary: tokio::sync::watch::Sender<Arc<PolicySummary>>,
@@ -310,6 +314,7 @@ impl PolicyState {
             node_addrs: std::collections::BTreeSet::new(),
             limits: policy::Limits::default(),
             synced: None,
+            endpoint_names: None,
             summary: tokio::sync::watch::Sender::new(Arc::default()),
             l7: tokio::sync::watch::Sender::new(Arc::default()),
             proxy_port: cilia_proxy::control::DEFAULT_PROXY_PORT,
@@ -383,6 +388,9 @@ impl PolicyState {
     pub fn forget(&mut self, id: u16) {
         self.live.remove(&id);
         self.programmed.remove(&id);
+        if let Some(names) = &mut self.endpoint_names {
+            names.remove(&id);
+        }
         self.publish_summary();
     }
 
@@ -432,6 +440,7 @@ impl PolicyState {
         self.repository
             .set_policies(self.policy_docs.iter().map(|(k, (_, p))| (k.as_str(), p)));
         let labels = self.labelled_identities()?;
+        self.load_endpoint_names()?;
         let named = self.identity_named_ports()?;
         let (label_changes, undo) = match self.synced.take() {
             None => {
@@ -493,17 +502,55 @@ impl PolicyState {
         Ok(out)
     }
 
+    /// Records what `rec` declares in `endpoint_names` (once those are loaded).
+    fn note_endpoint(&mut self, rec: &EndpointRecord) {
+        let Some(names) = &mut self.endpoint_names else {
+            return;
+        };
+        if rec.named_ports.is_empty() || rec.identity == 0 {
+            names.remove(&rec.id);
+        } else {
+            names.insert(
+                rec.id,
+                (rec.identity, policy::named_ports_of(&rec.named_ports)),
+            );
+        }
+    }
+
+    /// Loads `endpoint_names` from the store, the first time.
+    fn load_endpoint_names(&mut self) -> Result<(), EndpointError> {
+        if self.endpoint_names.is_none() {
+            let recs = self.store.endpoints()?;
+            self.note_endpoints(&recs);
+        }
+        Ok(())
+    }
+
+    /// Makes `endpoint_names` those of `recs` (every endpoint record).
+    fn note_endpoints(&mut self, recs: &[EndpointRecord]) {
+        self.endpoint_names = Some(BTreeMap::new());
+        for rec in recs {
+            self.note_endpoint(rec);
+        }
+    }
+
     /// The port names of each identity: the union over the endpoints
     /// carrying it (what egress rules' named ports resolve against).
+    /// Reads the store when `endpoint_names` is not loaded yet.
     fn identity_named_ports(&self) -> Result<BTreeMap<u32, NamedPorts>, EndpointError> {
         let mut out: BTreeMap<u32, NamedPorts> = BTreeMap::new();
-        for rec in self.store.endpoints()? {
-            if rec.named_ports.is_empty() || rec.identity == 0 {
-                continue;
+        let mut add = |identity: u32, ports: &NamedPorts| {
+            out.entry(identity).or_default().extend(ports);
+        };
+        match &self.endpoint_names {
+            Some(names) => names.values().for_each(|(id, ports)| add(*id, ports)),
+            None => {
+                for rec in self.store.endpoints()? {
+                    if !rec.named_ports.is_empty() && rec.identity != 0 {
+                        add(rec.identity, &policy::named_ports_of(&rec.named_ports));
+                    }
+                }
             }
-            out.entry(rec.identity)
-                .or_default()
-                .extend(&policy::named_ports_of(&rec.named_ports));
         }
         Ok(out)
     }
@@ -557,6 +604,8 @@ impl PolicyState {
     /// may be new, or gone with a detached program).
     pub(crate) fn apply_policy(&mut self, rec: &EndpointRecord) -> Result<(), EndpointError> {
         let namespaces = self.store.namespaces()?;
+        self.load_endpoint_names()?;
+        self.note_endpoint(rec);
         self.sync_repository(&CidrChange::default())?;
         let basis = self.endpoint_basis(rec, &namespaces);
         self.programmed.remove(&rec.id);
@@ -756,10 +805,12 @@ impl PolicyState {
             .into());
         }
         let namespaces = self.store.namespaces()?;
+        let recs = self.store.endpoints()?;
+        self.note_endpoints(&recs);
         self.sync_repository(cidr.change())?;
         let mut endpoints = Vec::new();
         let mut moved = Vec::new();
-        for rec in self.store.endpoints()? {
+        for rec in recs {
             let basis = self.endpoint_basis(&rec, &namespaces);
             let live = rec.state == EndpointState::Ready || self.live.contains(&rec.id);
             // Not-live endpoints are checked too: they may come back.
