@@ -1182,16 +1182,31 @@ fn a_port_name_declared_twice_with_different_numbers_is_refused_at_create() {
     privileged!("a_port_name_declared_twice_with_different_numbers_is_refused_at_create");
     let agent = TestAgent::start(AgentOptions::default());
     let ns = Netns::new("cep").unwrap();
-    let out = agent.cli(&[
-        "endpoint",
-        "create",
-        "--netns",
-        ns.name(),
-        "--named-port",
-        "http=TCP/80",
-        "--named-port",
-        "http=TCP/8080",
-    ]);
-    assert_one_line_error(&out, "named port \"http\": declared twice");
+    // Through the API, past the CLI's own check: the agent refuses.
+    let req = cilia_api::EndpointCreate {
+        netns: ns.name().to_string(),
+        labels: Default::default(),
+        ifname: None,
+        container_id: None,
+        network: None,
+        namespace: None,
+        label_source: None,
+        named_ports: vec![
+            "http=TCP/80".parse().unwrap(),
+            "http=TCP/8080".parse().unwrap(),
+        ],
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let e = rt
+        .block_on(cilia_api::ApiClient::new(&agent.socket).create_endpoint(&req))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "named port \"http\": declared twice with different ports: TCP/80 and TCP/8080"
+    );
     assert!(agent.endpoints().is_empty());
 }

@@ -26,7 +26,7 @@ pub enum EndpointCmd {
         /// A port name policies may use (`port: http`): NAME=PROTO/PORT,
         /// e.g. http=TCP/8080; repeatable. Fixed for the endpoint's life.
         #[arg(long = "named-port", value_name = "NAME=PROTO/PORT")]
-        named_ports: Vec<cilia_api::NamedPort>,
+        named_ports: Vec<String>,
     },
     /// List endpoints.
     ///
@@ -64,6 +64,7 @@ pub async fn run(cmd: EndpointCmd, client: &ApiClient, output: Output) -> anyhow
                 .and_then(|l| cilia_api::labels::validate_endpoint_labels(&l).map(|()| l))
                 .map_err(|e| e.in_field("--labels"))?;
             cilia_api::limits::check_ifname("--ifname", &ifname)?;
+            let named_ports = named_ports_of(&named_ports)?;
             let req = EndpointCreate {
                 netns,
                 labels,
@@ -142,6 +143,28 @@ fn labels_text(e: &Endpoint) -> String {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// `--named-port` values, with the agent's checks run before sending
+/// (README, "Input limits").
+fn named_ports_of(values: &[String]) -> anyhow::Result<Vec<cilia_api::NamedPort>> {
+    use cilia_policy::named;
+    let ports = values
+        .iter()
+        .map(|v| v.parse::<cilia_api::NamedPort>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("--named-port: {e}"))?;
+    let max = cilia_api::limits::MAX_NAMED_PORTS;
+    if ports.len() > max {
+        anyhow::bail!("--named-port: {} given, at most {max}", ports.len());
+    }
+    let checked = ports
+        .iter()
+        .map(|p| named::named_port(&p.name, &p.protocol, u32::from(p.port)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("--named-port: {e}"))?;
+    named::endpoint_named_ports(&checked).map_err(|e| anyhow::anyhow!("--named-port: {e}"))?;
+    Ok(ports)
 }
 
 fn print_endpoint(e: &Endpoint) {
