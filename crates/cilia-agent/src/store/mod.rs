@@ -1145,6 +1145,15 @@ mod tests {
     }
 
     #[test]
+    fn a_record_written_before_named_ports_loads_without_names() {
+        let old = r#"{"id":3,"netns":"/run/netns/x","ifname":"eth0","host_ifname":"lxc3",
+            "ipv6":"fd00::3","ipv4":null,"labels":{},"mac":[2,0,0,0,0,1],
+            "host_mac":[2,0,0,0,0,2],"state":"ready","network":"n"}"#;
+        let rec: EndpointRecord = serde_json::from_str(old).unwrap();
+        assert!(rec.named_ports.is_empty());
+    }
+
+    #[test]
     fn the_network_of_an_endpoint_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
