@@ -779,7 +779,7 @@ spec:
   ingress:
   - toPorts:
     - ports:
-      - port: "eighty"
+      - port: "eighty!"
         protocol: TCP
 "#;
     assert_one_line_error(
@@ -1024,4 +1024,189 @@ fn a_stored_policy_that_no_longer_parses_fails_closed_and_shows_in_status() {
 
     agent.cli_ok(&["policy", "delete", "legacy"]);
     assert_talks(&a_ns, to_b, "a -> b once the broken policy is deleted");
+}
+
+/// Three endpoints for the named-port tests: `web` declares
+/// `http=TCP/8080`, `web2` (same labels, so the same identity) declares
+/// nothing, `client`; echo servers on 8080 and 9090 of both web endpoints.
+struct NamedPorts {
+    web: serde_json::Value,
+    web2: serde_json::Value,
+    client_ns: Netns,
+    _ns: [Netns; 2],
+    _servers: [EchoServer; 4],
+}
+
+impl NamedPorts {
+    fn new(agent: &TestAgent, web2_labels: &str) -> Self {
+        let (web_ns, web2_ns, client_ns) = (
+            Netns::new("cep").unwrap(),
+            Netns::new("cep").unwrap(),
+            Netns::new("cep").unwrap(),
+        );
+        let web = agent.cli_json(&[
+            "endpoint",
+            "create",
+            "--netns",
+            web_ns.name(),
+            "--labels",
+            "app=web",
+            "--named-port",
+            "http=TCP/8080",
+        ]);
+        let web2 = agent.create_endpoint(&web2_ns, web2_labels);
+        agent.create_endpoint(&client_ns, "app=client");
+        let servers = [
+            EchoServer::start(&web_ns, "[::]:8080".parse().unwrap()),
+            EchoServer::start(&web_ns, "[::]:9090".parse().unwrap()),
+            EchoServer::start(&web2_ns, "[::]:8080".parse().unwrap()),
+            EchoServer::start(&web2_ns, "[::]:9090".parse().unwrap()),
+        ];
+        Self {
+            web,
+            web2,
+            client_ns,
+            _ns: [web_ns, web2_ns],
+            _servers: servers,
+        }
+    }
+
+    /// The client reaches port 8080 (`http`) of `web` only; 9090 and web2
+    /// (which declares no `http`) are dropped.
+    fn assert_only_web_http_is_open(&self) {
+        for family in ["ipv6", "ipv4"] {
+            let at = |ep: &serde_json::Value, port| SocketAddr::new(ip_of(ep, family), port);
+            assert_talks(&self.client_ns, at(&self.web, 8080), "client -> web http");
+            assert_blocked(&self.client_ns, at(&self.web, 9090), "client -> web :9090");
+            assert_blocked(
+                &self.client_ns,
+                at(&self.web2, 8080),
+                "client -> web2 :8080 (no http)",
+            );
+        }
+    }
+}
+
+fn named_port_ingress_opens_the_declared_number(policy: &str) {
+    let agent = TestAgent::start(AgentOptions::default());
+    let eps = NamedPorts::new(&agent, "app=web");
+    assert_eq!(
+        eps.web["named_ports"],
+        serde_json::json!([{"name": "http", "protocol": "TCP", "port": 8080}])
+    );
+    import_yaml(&agent, policy);
+    eps.assert_only_web_http_is_open();
+    assert!(policy_denied_drops(&agent) > 0, "a Policy denied drop");
+}
+
+#[test]
+fn cnp_ingress_on_a_named_port_opens_the_number_the_endpoint_declares() {
+    privileged!("cnp_ingress_on_a_named_port_opens_the_number_the_endpoint_declares");
+    named_port_ingress_opens_the_declared_number(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: web-http
+spec:
+  endpointSelector:
+    matchLabels:
+      app: web
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        app: client
+    toPorts:
+    - ports:
+      - port: http
+        protocol: TCP
+"#,
+    );
+}
+
+#[test]
+fn networkpolicy_ingress_on_a_named_port_opens_the_number_the_endpoint_declares() {
+    privileged!("networkpolicy_ingress_on_a_named_port_opens_the_number_the_endpoint_declares");
+    named_port_ingress_opens_the_declared_number(
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: web-http
+spec:
+  podSelector:
+    matchLabels:
+      app: web
+  ingress:
+  - from:
+    - podSelector:
+        matchLabels:
+          app: client
+    ports:
+    - port: http
+"#,
+    );
+}
+
+#[test]
+fn egress_on_a_named_port_reaches_only_peers_declaring_it() {
+    privileged!("egress_on_a_named_port_reaches_only_peers_declaring_it");
+    let agent = TestAgent::start(AgentOptions::default());
+    // web2 gets an identity of its own: egress names resolve per identity.
+    let eps = NamedPorts::new(&agent, "app=web,v=2");
+    import_yaml(
+        &agent,
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: client-to-http
+spec:
+  endpointSelector:
+    matchLabels:
+      app: client
+  egress:
+  - toEndpoints:
+    - matchLabels:
+        app: web
+    toPorts:
+    - ports:
+      - port: http
+"#,
+    );
+    eps.assert_only_web_http_is_open();
+}
+
+#[test]
+fn a_port_name_declared_twice_with_different_numbers_is_refused_at_create() {
+    privileged!("a_port_name_declared_twice_with_different_numbers_is_refused_at_create");
+    let agent = TestAgent::start(AgentOptions::default());
+    let ns = Netns::new("cep").unwrap();
+    // Through the API, past the CLI's own check: the agent refuses.
+    let req = cilia_api::EndpointCreate {
+        netns: ns.name().to_string(),
+        labels: Default::default(),
+        ifname: None,
+        container_id: None,
+        network: None,
+        namespace: None,
+        label_source: None,
+        named_ports: vec![
+            "http=TCP/80".parse().unwrap(),
+            "http=TCP/8080".parse().unwrap(),
+        ],
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let e = rt
+        .block_on(cilia_api::ApiClient::new(&agent.socket).create_endpoint(&req))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "named port \"http\": declared twice with different ports: TCP/80 and TCP/8080"
+    );
+    assert!(agent.endpoints().is_empty());
 }

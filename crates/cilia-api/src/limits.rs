@@ -15,6 +15,8 @@ pub const MAX_IFNAME_LEN: usize = 15;
 /// Longest container id or container name accepted (runtimes use 64 hex
 /// characters; 256 leaves room for others without unbounded keys).
 pub const MAX_CONTAINER_ID_LEN: usize = 256;
+/// Most port names one endpoint may declare.
+pub const MAX_NAMED_PORTS: usize = 64;
 /// How much of a bad value an error quotes.
 pub const EXCERPT_CHARS: usize = 64;
 /// Largest request body the agent reads (a policy import is the largest).

@@ -117,6 +117,55 @@ pub struct EndpointCreate {
     /// (`podman`: `podman container inspect <container_id>`). Until it has
     /// them, the endpoint carries the reserved `init` identity.
     pub label_source: Option<String>,
+    /// Port names the endpoint declares, for policies that name ports
+    /// (`toPorts[].ports[].port: http`). Fixed for the endpoint's life.
+    #[serde(default)]
+    pub named_ports: Vec<NamedPort>,
+}
+
+/// A port name an endpoint declares: `http=TCP/8080` on the command line and
+/// in `args.cni.namedPorts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NamedPort {
+    /// An IANA service name: 1-15 characters of a-z, 0-9 and '-', at least
+    /// one letter, no leading, trailing or double '-'.
+    pub name: String,
+    /// `TCP`, `UDP` or `SCTP` (any case).
+    pub protocol: String,
+    /// 1-65535.
+    pub port: u16,
+}
+
+impl std::fmt::Display for NamedPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}={}/{}", self.name, self.protocol, self.port)
+    }
+}
+
+impl std::str::FromStr for NamedPort {
+    type Err = crate::limits::InputError;
+
+    /// Reads `NAME=PROTO/PORT`; the agent checks the name and protocol.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |reason: &str| crate::limits::InputError::new("named port", s, reason);
+        let (name, rest) = s
+            .split_once('=')
+            .ok_or_else(|| err("is not NAME=PROTO/PORT (like http=TCP/8080)"))?;
+        let (protocol, port) = rest
+            .split_once('/')
+            .ok_or_else(|| err("is not NAME=PROTO/PORT (like http=TCP/8080)"))?;
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| err("the port is not between 1 and 65535"))?;
+        Ok(NamedPort {
+            name: name.to_string(),
+            protocol: protocol.to_string(),
+            port,
+        })
+    }
 }
 
 /// `PUT /v1/endpoints/{id}/labels`.
@@ -170,6 +219,9 @@ pub struct Endpoint {
     /// Policy audit mode: would-be drops pass and are reported as AUDIT.
     #[serde(default)]
     pub policy_audit: bool,
+    /// Port names the endpoint declares.
+    #[serde(default)]
+    pub named_ports: Vec<NamedPort>,
 }
 
 /// `PUT /v1/endpoints/{id}/config`.
@@ -479,6 +531,7 @@ mod tests {
             network: None,
             labels_pending: false,
             policy_audit: false,
+            named_ports: Vec::new(),
         }
     }
 
@@ -690,4 +743,39 @@ pub struct DatapathReloadResult {
     pub failed: usize,
     pub skipped: usize,
     pub endpoints: Vec<EndpointReload>,
+}
+
+#[cfg(test)]
+mod named_port_tests {
+    use super::NamedPort;
+
+    #[test]
+    fn a_named_port_reads_and_prints_as_name_protocol_and_port() {
+        let p: NamedPort = "http=TCP/8080".parse().unwrap();
+        assert_eq!(
+            p,
+            NamedPort {
+                name: "http".into(),
+                protocol: "TCP".into(),
+                port: 8080
+            }
+        );
+        assert_eq!(p.to_string(), "http=TCP/8080");
+    }
+
+    #[test]
+    fn a_named_port_without_protocol_or_a_valid_port_is_refused() {
+        for (bad, why) in [
+            ("http", "NAME=PROTO/PORT"),
+            ("http=8080", "NAME=PROTO/PORT"),
+            ("http=TCP/0", "between 1 and 65535"),
+            ("http=TCP/65536", "between 1 and 65535"),
+        ] {
+            let e = bad.parse::<NamedPort>().unwrap_err().to_string();
+            assert!(
+                e.starts_with("named port: ") && e.contains(why),
+                "{bad}: {e}"
+            );
+        }
+    }
 }

@@ -9,7 +9,7 @@ use crate::output::{cells, print_one, print_rows, Output};
 pub enum EndpointCmd {
     /// Connect a network namespace: veth, addresses, routes, BPF program.
     ///
-    /// Example: cilia endpoint create --netns web1 --labels app=web,tier=front
+    /// Example: cilia endpoint create --netns web1 --labels app=web,tier=front --named-port http=TCP/8080
     Create {
         /// Network namespace: a name under /run/netns or a path.
         #[arg(long)]
@@ -23,6 +23,10 @@ pub enum EndpointCmd {
         /// Namespace the endpoint belongs to (label io.kubernetes.pod.namespace).
         #[arg(long, default_value = "default")]
         namespace: String,
+        /// A port name policies may use (`port: http`): NAME=PROTO/PORT,
+        /// e.g. http=TCP/8080; repeatable. Fixed for the endpoint's life.
+        #[arg(long = "named-port", value_name = "NAME=PROTO/PORT")]
+        named_ports: Vec<String>,
     },
     /// List endpoints.
     ///
@@ -53,12 +57,14 @@ pub async fn run(cmd: EndpointCmd, client: &ApiClient, output: Output) -> anyhow
             labels,
             ifname,
             namespace,
+            named_ports,
         } => {
             // Refused here, before anything reaches the agent (README, "Input limits").
             let labels = cilia_api::labels::parse_labels(&labels)
                 .and_then(|l| cilia_api::labels::validate_endpoint_labels(&l).map(|()| l))
                 .map_err(|e| e.in_field("--labels"))?;
             cilia_api::limits::check_ifname("--ifname", &ifname)?;
+            let named_ports = named_ports_of(&named_ports)?;
             let req = EndpointCreate {
                 netns,
                 labels,
@@ -67,6 +73,7 @@ pub async fn run(cmd: EndpointCmd, client: &ApiClient, output: Output) -> anyhow
                 namespace: Some(namespace),
                 label_source: None,
                 network: None,
+                named_ports,
             };
             let e = client.create_endpoint(&req).await?;
             print_one(output, &e, |e| {
@@ -138,6 +145,28 @@ fn labels_text(e: &Endpoint) -> String {
         .join(",")
 }
 
+/// `--named-port` values, with the agent's checks run before sending
+/// (README, "Input limits").
+fn named_ports_of(values: &[String]) -> anyhow::Result<Vec<cilia_api::NamedPort>> {
+    use cilia_policy::named;
+    let ports = values
+        .iter()
+        .map(|v| v.parse::<cilia_api::NamedPort>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("--named-port: {e}"))?;
+    let max = cilia_api::limits::MAX_NAMED_PORTS;
+    if ports.len() > max {
+        anyhow::bail!("--named-port: {} given, at most {max}", ports.len());
+    }
+    let checked = ports
+        .iter()
+        .map(|p| named::named_port(&p.name, &p.protocol, u32::from(p.port)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("--named-port: {e}"))?;
+    named::endpoint_named_ports(&checked).map_err(|e| anyhow::anyhow!("--named-port: {e}"))?;
+    Ok(ports)
+}
+
 fn print_endpoint(e: &Endpoint) {
     outln!("ID:          {}", e.id);
     outln!("State:       {:?}", e.state);
@@ -150,6 +179,10 @@ fn print_endpoint(e: &Endpoint) {
     outln!("Interface:   {} ({})", e.ifname, e.mac);
     outln!("Host side:   {} ({})", e.host_ifname, e.host_mac);
     outln!("Labels:      {}", labels_text(e));
+    if !e.named_ports.is_empty() {
+        let ports: Vec<String> = e.named_ports.iter().map(|p| p.to_string()).collect();
+        outln!("Named ports: {}", ports.join(", "));
+    }
     if let Some(c) = &e.container_id {
         outln!("Container:   {c}");
     }

@@ -94,3 +94,65 @@ fn a_policy_text_over_the_limit_is_refused_before_it_is_sent() {
     assert!(started.elapsed() < std::time::Duration::from_secs(3));
     assert!(e.contains("(MAX_POLICY_BYTES)"), "{e}");
 }
+
+#[test]
+fn a_named_port_without_protocol_is_refused_naming_the_flag() {
+    let e = refused(&[
+        "endpoint",
+        "create",
+        "--netns",
+        "x",
+        "--named-port",
+        "http=8080",
+    ]);
+    assert!(e.contains("--named-port"), "{e}");
+    assert!(e.contains("NAME=PROTO/PORT"), "{e}");
+}
+
+#[test]
+fn a_port_name_declared_twice_with_different_ports_is_refused_up_front() {
+    let e = refused(&[
+        "endpoint",
+        "create",
+        "--netns",
+        "x",
+        "--named-port",
+        "http=TCP/80",
+        "--named-port",
+        "http=tcp/8080",
+    ]);
+    assert_eq!(
+        e,
+        "Error: --named-port: named port \"http\": declared twice with different ports: TCP/80 and TCP/8080"
+    );
+    let e = refused(&[
+        "endpoint",
+        "create",
+        "--netns",
+        "x",
+        "--named-port",
+        "Http=TCP/80",
+    ]);
+    assert!(
+        e.contains("--named-port: named port \"Http\": is not a port name"),
+        "{e}"
+    );
+}
+
+#[test]
+fn valid_named_ports_get_as_far_as_the_agent() {
+    let (ok, e) = cilia(&[
+        "endpoint",
+        "create",
+        "--netns",
+        "x",
+        "--named-port",
+        "http=TCP/8080",
+        "--named-port",
+        "http=TCP/8080",
+        "--named-port",
+        "dns=udp/53",
+    ]);
+    assert!(!ok);
+    assert!(e.contains("cannot reach the cilia agent"), "{e}");
+}

@@ -60,7 +60,7 @@ spec:
   ingress:
   - toPorts:
     - ports:
-      - port: eighty
+      - port: eighty!
 ";
     let out = cilia(&["policy", "validate", "-"], Some(bad));
     assert!(!out.status.success());
@@ -70,7 +70,7 @@ spec:
         "stdin",
         "rule1",
         "spec.ingress[0].toPorts[0].ports[0].port",
-        "eighty",
+        "eighty!",
     ] {
         assert!(err.contains(needle), "{needle:?} missing in {err}");
     }

@@ -352,8 +352,9 @@ fn invalid_env(e: cilia_api::limits::InputError) -> CniError {
 pub struct CniArgs(pub BTreeMap<String, String>);
 
 impl CniArgs {
-    const KNOWN: [&'static str; 5] = [
+    const KNOWN: [&'static str; 6] = [
         "IgnoreUnknown",
+        Self::NAMED_PORTS,
         "K8S_POD_NAME",
         "K8S_POD_NAMESPACE",
         "K8S_POD_INFRA_CONTAINER_ID",
@@ -377,8 +378,42 @@ impl CniArgs {
         Ok(Self(out))
     }
 
+    /// Port names of this container: `CILIA_NAMED_PORTS=http=TCP/8080,dns=UDP/53`
+    /// (podman passes its own environment's `CNI_ARGS` on to the plugin).
+    pub const NAMED_PORTS: &'static str = "CILIA_NAMED_PORTS";
+
     pub fn get(&self, key: &str) -> Option<&str> {
         self.0.get(key).map(String::as_str)
+    }
+
+    /// The port names of [`Self::NAMED_PORTS`] (empty when absent).
+    pub fn named_ports(&self) -> Result<Vec<cilia_api::NamedPort>, CniError> {
+        let Some(list) = self.get(Self::NAMED_PORTS) else {
+            return Ok(Vec::new());
+        };
+        let items: Vec<&str> = list.split(',').filter(|i| !i.is_empty()).collect();
+        let max = cilia_api::limits::MAX_NAMED_PORTS;
+        if items.len() > max {
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!(
+                    "CNI_ARGS {}: {} given, at most {max}",
+                    Self::NAMED_PORTS,
+                    items.len()
+                ),
+            ));
+        }
+        items
+            .into_iter()
+            .map(|item| {
+                item.parse().map_err(|e| {
+                    CniError::new(
+                        code::INVALID_ENV,
+                        format!("CNI_ARGS {}: {e}", Self::NAMED_PORTS),
+                    )
+                })
+            })
+            .collect()
     }
 
     fn ignore_unknown(&self) -> bool {
@@ -595,6 +630,49 @@ impl NetConf {
         Ok(Some(out))
     }
 
+    /// Port names from `args.cni.namedPorts`: a list of `"NAME=PROTO/PORT"`
+    /// strings or `{name, protocol, port}` objects (empty when absent). The
+    /// agent checks them (names, protocols, a name twice).
+    pub fn named_ports(&self) -> Result<Vec<cilia_api::NamedPort>, CniError> {
+        let Some(ports) = self
+            .args
+            .as_ref()
+            .and_then(|a| a.get("cni"))
+            .and_then(|c| c.get("namedPorts"))
+        else {
+            return Ok(Vec::new());
+        };
+        let bad = |why: String| {
+            CniError::new(code::INVALID_CONFIG, format!("args.cni.namedPorts: {why}"))
+        };
+        let Value::Array(items) = ports else {
+            return Err(bad(
+                "expected a list of \"NAME=PROTO/PORT\" or {name, protocol, port}".to_string(),
+            ));
+        };
+        if items.len() > cilia_api::limits::MAX_NAMED_PORTS {
+            return Err(bad(format!(
+                "{} given, at most {}",
+                items.len(),
+                cilia_api::limits::MAX_NAMED_PORTS
+            )));
+        }
+        items
+            .iter()
+            .map(|item| match item {
+                Value::String(s) => s.parse().map_err(|e| bad(format!("{e}"))),
+                Value::Object(_) => serde_json::from_value(item.clone()).map_err(|e| {
+                    bad(format!(
+                        "every object needs \"name\", \"protocol\" and \"port\" (1-65535): {e}"
+                    ))
+                }),
+                _ => Err(bad(
+                    "every entry is \"NAME=PROTO/PORT\" or {name, protocol, port}".to_string(),
+                )),
+            })
+            .collect()
+    }
+
     /// Addresses of prevResult's `ips`.
     pub fn prev_result_ips(&self) -> Result<BTreeSet<IpAddr>, CniError> {
         let Some(prev) = &self.prev_result else {
@@ -782,6 +860,10 @@ fn cmd_add(env: &Env, conf: &NetConf, agent: &impl Agent) -> Result<Value, CniEr
     let args = env.parsed_args()?;
     args.check_for_add()?;
     let labels = conf.labels()?;
+    // The network's names, then the container's: the agent refuses one
+    // name with two values.
+    let mut named_ports = conf.named_ports()?;
+    named_ports.extend(args.named_ports()?);
     let netns = env.netns()?;
     let namespace = args
         .get("K8S_POD_NAMESPACE")
@@ -804,6 +886,7 @@ fn cmd_add(env: &Env, conf: &NetConf, agent: &impl Agent) -> Result<Value, CniEr
         namespace: Some(namespace),
         label_source,
         network: Some(conf.name.clone()),
+        named_ports,
     };
     let ep = agent
         .create_endpoint(&req)
@@ -1035,6 +1118,7 @@ mod tests {
                 network: req.network.clone(),
                 labels_pending: req.label_source.is_some(),
                 policy_audit: false,
+                named_ports: req.named_ports.clone(),
             };
             self.eps.borrow_mut().push(ep.clone());
             Ok(ep)
@@ -1230,6 +1314,73 @@ mod tests {
         let bad = r#"{"cniVersion":"1.0.0","name":"n","type":"cilia-cni",
             "args":{"cni":{"labels":{"app":"a b"}}}}"#;
         assert_eq!(run(&fake, &env("ADD", "c3"), bad).0["code"], 7);
+    }
+
+    #[test]
+    fn named_ports_from_args_as_strings_or_objects_reach_the_agent() {
+        let fake = Fake::default();
+        let conf = r#"{"cniVersion":"1.0.0","name":"n","type":"cilia-cni",
+            "args":{"cni":{"namedPorts":["http=TCP/8080",
+                {"name":"dns","protocol":"UDP","port":53}]}}}"#;
+        assert!(run(&fake, &env("ADD", "c1"), conf).1);
+        let eps = fake.eps.borrow();
+        let ports: Vec<String> = eps[0].named_ports.iter().map(|p| p.to_string()).collect();
+        assert_eq!(ports, ["http=TCP/8080", "dns=UDP/53"]);
+    }
+
+    #[test]
+    fn named_ports_from_cni_args_join_the_networks() {
+        let fake = Fake::default();
+        let conf = r#"{"cniVersion":"1.0.0","name":"n","type":"cilia-cni",
+            "args":{"cni":{"namedPorts":["metrics=TCP/9100"]}}}"#;
+        let mut e = env("ADD", "c1");
+        e.args = Some("IgnoreUnknown=1;CILIA_NAMED_PORTS=http=TCP/8080,dns=udp/53".into());
+        let (v, ok) = run(&fake, &e, conf);
+        assert!(ok, "{v}");
+        let eps = fake.eps.borrow();
+        let ports: Vec<String> = eps[0].named_ports.iter().map(|p| p.to_string()).collect();
+        assert_eq!(ports, ["metrics=TCP/9100", "http=TCP/8080", "dns=udp/53"]);
+    }
+
+    #[test]
+    fn a_malformed_named_port_in_cni_args_is_an_invalid_environment() {
+        let fake = Fake::default();
+        let mut e = env("ADD", "c1");
+        e.args = Some("CILIA_NAMED_PORTS=http=8080".into());
+        let (v, ok) = run(&fake, &e, &conf("1.0.0"));
+        assert!(!ok);
+        assert_eq!(v["code"], 4, "{v}");
+        let msg = v["msg"].as_str().unwrap();
+        assert!(
+            msg.starts_with("CNI_ARGS CILIA_NAMED_PORTS: named port: "),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn malformed_named_ports_in_args_are_an_invalid_config() {
+        let fake = Fake::default();
+        for bad in [
+            r#""http""#,
+            r#"["http"]"#,
+            r#"["http=TCP/0"]"#,
+            r#"[{"name":"http"}]"#,
+            "[7]",
+        ] {
+            let conf = format!(
+                r#"{{"cniVersion":"1.0.0","name":"n","type":"cilia-cni","args":{{"cni":{{"namedPorts":{bad}}}}}}}"#
+            );
+            let (v, ok) = run(&fake, &env("ADD", "c1"), &conf);
+            assert!(!ok, "{bad}");
+            assert_eq!(v["code"], 7, "{bad}: {v}");
+            assert!(
+                v["msg"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("args.cni.namedPorts: "),
+                "{bad}: {v}"
+            );
+        }
     }
 
     #[test]

@@ -391,3 +391,31 @@ fn podman_reserved_labels_are_dropped_and_reported_once() {
         "{log}"
     );
 }
+
+#[test]
+fn podman_passes_named_ports_through_cni_args() {
+    privileged!("podman_passes_named_ports_through_cni_args");
+    let w = World::new(AgentOptions::default());
+    let out = w.podman.start_env(
+        "named",
+        &[("CNI_ARGS", "CILIA_NAMED_PORTS=http=TCP/8080,dns=UDP/53")],
+        common::IMAGE,
+        &["--label", "app=web"],
+        SLEEP,
+    );
+    assert!(
+        out.status.success(),
+        "podman run: {}",
+        common::text(&out.stderr)
+    );
+    let id = common::text(&out.stdout).trim().to_string();
+    let ep = w.wait_endpoint(&id, Duration::from_secs(10), |_| true);
+    assert_eq!(
+        ep["named_ports"],
+        serde_json::json!([
+            {"name": "dns", "protocol": "UDP", "port": 53},
+            {"name": "http", "protocol": "TCP", "port": 8080}
+        ]),
+        "{ep}"
+    );
+}

@@ -37,9 +37,10 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use crate::model::{Entity, Peer, PeerRule};
+use crate::named::NamedPorts;
 use crate::resolve::{
     add_candidates, add_l7_overlay, ancestors, for_each_peer_rule, normalized_entry,
-    peer_identities, Candidates, HttpClaim, HttpClaims, Key,
+    peer_identities, Candidates, HttpClaim, HttpClaims, Key, NamedCtx,
 };
 use crate::{
     Direction, IdentityCache, IdentityId, Labels, MapEntry, Policy, ResolvedPolicy, RuleRef,
@@ -63,6 +64,12 @@ pub(crate) struct Contribution {
     pub(crate) policy: Arc<str>,
     /// Indexes of the policy's subject groups (see [`SubjectGroup`]) that select.
     groups: Vec<u32>,
+    /// The subject's port names that the groups' ingress rules use: a
+    /// contribution is shared by subjects agreeing on these.
+    subject_ports: NamedPorts,
+    /// The port names the egress rules use: they resolve against the peer
+    /// identities' port names, so a change of those drops the contribution.
+    egress_names: Vec<Arc<str>>,
     pub(crate) ingress_enforced: bool,
     pub(crate) egress_enforced: bool,
     pub(crate) rules: Vec<RuleRef>,
@@ -88,6 +95,8 @@ struct PeerEntry {
 struct SubjectGroup {
     subject: crate::labels::Selector,
     rules: Vec<usize>,
+    /// Port names of the rules' ingress sections (resolved against the subject).
+    ingress_names: BTreeSet<Arc<str>>,
 }
 
 fn subject_groups(policy: &Policy) -> Vec<SubjectGroup> {
@@ -98,13 +107,25 @@ fn subject_groups(policy: &Policy) -> Vec<SubjectGroup> {
             groups.push(SubjectGroup {
                 subject: rule.subject.clone(),
                 rules: Vec::new(),
+                ingress_names: BTreeSet::new(),
             });
             groups.len() - 1
         });
         groups[g].rules.push(i);
+        let names = rule
+            .ingress
+            .iter()
+            .chain(&rule.ingress_deny)
+            .flat_map(|pr| &pr.named)
+            .map(|n| n.name.clone());
+        groups[g].ingress_names.extend(names);
     }
     groups
 }
+
+/// A policy selecting a subject: its key, the policy, the selecting subject
+/// groups and the subject's port names their ingress rules use.
+type Selecting = (Arc<str>, Arc<Policy>, Vec<u32>, NamedPorts);
 
 /// Peer → identities, for the peers of kept contributions.
 #[derive(Debug, Default)]
@@ -212,8 +233,11 @@ pub struct PolicyRepository {
     groups: HashMap<Arc<str>, Vec<SubjectGroup>>,
     selectors: SelectorCache,
     contributions: HashMap<ContributionId, Arc<Contribution>>,
-    /// (policy key, selecting subject groups) → contribution.
-    by_rules: HashMap<(Arc<str>, Vec<u32>), ContributionId>,
+    /// (policy key, selecting subject groups, the subject's port names
+    /// their ingress rules use) → contribution.
+    by_rules: HashMap<(Arc<str>, Vec<u32>, NamedPorts), ContributionId>,
+    /// Port name → the contributions whose egress rules use it.
+    by_egress_name: HashMap<Arc<str>, HashSet<ContributionId>>,
     by_policy: HashMap<Arc<str>, Vec<ContributionId>>,
     next_id: ContributionId,
 }
@@ -294,7 +318,41 @@ impl PolicyRepository {
             || changed_cidr_ids
                 .iter()
                 .any(|id| old.labels(*id).is_some() || new.labels(*id).is_some());
+        let mut changed_names: BTreeSet<String> = BTreeSet::new();
+        let empty = NamedPorts::new();
+        diff_maps(old.named_ports_map(), new.named_ports_map(), |_, a, b| {
+            changed_names.extend(a.unwrap_or(&empty).changed_names(b.unwrap_or(&empty)));
+        });
         self.reselect(&changed_prefixes, labels_changed);
+        self.drop_egress_names(&changed_names);
+    }
+
+    /// Changes the port names of some identities (see
+    /// [`IdentityCache::set_named_ports`]; empty: none): the contributions
+    /// whose egress rules use a name whose numbers changed are dropped.
+    pub fn change_named_ports(
+        &mut self,
+        changes: impl IntoIterator<Item = (IdentityId, NamedPorts)>,
+    ) {
+        let mut changed_names: BTreeSet<String> = BTreeSet::new();
+        for (id, ports) in changes {
+            let new = ports.clone();
+            let old = self.identities.set_named_ports(id, ports);
+            changed_names.extend(old.changed_names(&new));
+        }
+        self.drop_egress_names(&changed_names);
+    }
+
+    fn drop_egress_names(&mut self, names: &BTreeSet<String>) {
+        let stale: BTreeSet<ContributionId> = names
+            .iter()
+            .filter_map(|n| self.by_egress_name.get(n.as_str()))
+            .flatten()
+            .copied()
+            .collect();
+        for id in stale {
+            self.drop_contribution(id);
+        }
     }
 
     /// Changes some identities in place: each `(id, Some(labels))` adds or
@@ -381,7 +439,13 @@ impl PolicyRepository {
     /// What `subject`'s resolution is merged from, computing missing contributions.
     /// Costs a selector match per subject group of each policy, not one per rule.
     pub fn basis(&mut self, subject: &Labels) -> Basis {
-        let selecting: Vec<(Arc<str>, Arc<Policy>, Vec<u32>)> = self
+        self.basis_with_ports(subject, &NamedPorts::new())
+    }
+
+    /// [`Self::basis`] of an endpoint declaring the port names `ports`
+    /// (what its ingress rules' named ports resolve against).
+    pub fn basis_with_ports(&mut self, subject: &Labels, ports: &NamedPorts) -> Basis {
+        let selecting: Vec<Selecting> = self
             .policies
             .iter()
             .filter_map(|(key, policy)| {
@@ -392,17 +456,33 @@ impl PolicyRepository {
                     .filter(|(_, g)| g.subject.matches(subject))
                     .filter_map(|(i, _)| u32::try_from(i).ok())
                     .collect();
-                (!matched.is_empty()).then(|| (key.clone(), policy.clone(), matched))
+                if matched.is_empty() {
+                    return None;
+                }
+                let mut names: BTreeSet<Arc<str>> = BTreeSet::new();
+                if !ports.is_empty() {
+                    for g in &matched {
+                        if let Some(g) = groups.get(*g as usize) {
+                            names.extend(g.ingress_names.iter().cloned());
+                        }
+                    }
+                }
+                let relevant = if names.is_empty() {
+                    NamedPorts::new()
+                } else {
+                    ports.restricted_to(&names)
+                };
+                Some((key.clone(), policy.clone(), matched, relevant))
             })
             .collect();
         let mut basis = Vec::with_capacity(selecting.len());
-        for (key, policy, matched) in selecting {
-            let lookup = (key, matched);
+        for (key, policy, matched, relevant) in selecting {
+            let lookup = (key, matched, relevant);
             let id = match self.by_rules.get(&lookup).copied() {
                 Some(id) => id,
                 None => {
-                    let (key, matched) = lookup;
-                    self.compute(key, &policy, matched)
+                    let (key, matched, relevant) = lookup;
+                    self.compute(key, &policy, matched, relevant)
                 }
             };
             basis.push(id);
@@ -414,6 +494,17 @@ impl PolicyRepository {
     /// contributions; also returns its basis.
     pub fn resolve(&mut self, subject: &Labels) -> (ResolvedPolicy, Basis) {
         let basis = self.basis(subject);
+        (self.merge(&basis), basis)
+    }
+
+    /// [`Self::resolve`] of an endpoint declaring the port names `ports`, as
+    /// [`crate::resolve_with_ports`] does.
+    pub fn resolve_with_ports(
+        &mut self,
+        subject: &Labels,
+        ports: &NamedPorts,
+    ) -> (ResolvedPolicy, Basis) {
+        let basis = self.basis_with_ports(subject, ports);
         (self.merge(&basis), basis)
     }
 
@@ -481,6 +572,7 @@ impl PolicyRepository {
         policy_key: Arc<str>,
         policy: &Policy,
         groups: Vec<u32>,
+        subject_ports: NamedPorts,
     ) -> ContributionId {
         let id = self.next_id;
         self.next_id += 1;
@@ -501,6 +593,8 @@ impl PolicyRepository {
         let mut c = Contribution {
             policy: policy_key.clone(),
             groups: groups.clone(),
+            subject_ports: NamedPorts::new(),
+            egress_names: Vec::new(),
             ingress_enforced: false,
             egress_enforced: false,
             rules: Vec::new(),
@@ -512,6 +606,7 @@ impl PolicyRepository {
         let mut http: HttpClaims = BTreeMap::new();
         let mut expanded: HashSet<(Direction, bool, &PeerRule)> = HashSet::new();
         let mut used: HashSet<&Peer> = HashSet::new();
+        let mut egress_names: BTreeSet<Arc<str>> = BTreeSet::new();
         for &ri in &rules {
             let Some(rule) = policy.rules.get(ri) else {
                 continue;
@@ -524,6 +619,9 @@ impl PolicyRepository {
                 (policy, &policy_name),
                 rule,
                 |direction, deny, pr, rule_idx| {
+                    if direction == Direction::Egress {
+                        egress_names.extend(pr.named.iter().map(|n| n.name.clone()));
+                    }
                     let ids: Vec<IdentityId> = if pr.peers.contains(&Peer::Any) {
                         vec![0]
                     } else {
@@ -534,14 +632,29 @@ impl PolicyRepository {
                         }
                         set.into_iter().collect()
                     };
-                    add_candidates(&mut keys, &mut http, direction, deny, &ids, pr, rule_idx);
+                    let named = NamedCtx {
+                        subject: &subject_ports,
+                        identities: &self.identities,
+                    };
+                    add_candidates(
+                        &mut keys, &mut http, direction, deny, &ids, pr, rule_idx, named,
+                    );
                 },
             );
         }
         c.keys = keys.into_iter().collect();
         c.http = http.into_iter().collect();
         c.peers = used.into_iter().cloned().collect();
-        self.by_rules.insert((policy_key.clone(), groups), id);
+        for name in &egress_names {
+            self.by_egress_name
+                .entry(name.clone())
+                .or_default()
+                .insert(id);
+        }
+        c.egress_names = egress_names.into_iter().collect();
+        c.subject_ports = subject_ports.clone();
+        self.by_rules
+            .insert((policy_key.clone(), groups, subject_ports), id);
         self.by_policy.entry(policy_key).or_default().push(id);
         self.contributions.insert(id, Arc::new(c));
         id
@@ -554,7 +667,16 @@ impl PolicyRepository {
         for peer in &c.peers {
             self.selectors.release(peer, id);
         }
-        self.by_rules.remove(&(c.policy.clone(), c.groups.clone()));
+        self.by_rules
+            .remove(&(c.policy.clone(), c.groups.clone(), c.subject_ports.clone()));
+        for name in &c.egress_names {
+            if let Some(ids) = self.by_egress_name.get_mut(name) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    self.by_egress_name.remove(name);
+                }
+            }
+        }
         if let Some(ids) = self.by_policy.get_mut(&c.policy) {
             ids.retain(|i| *i != id);
             if ids.is_empty() {

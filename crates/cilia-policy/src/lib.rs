@@ -47,6 +47,13 @@
 //!   folds in the broader and identity-0 rules covering its port, so the entry the
 //!   datapath picks (the peer's own allowing hit, else identity 0's) carries them all.
 //!   A deny covering a packet wins: it is never redirected.
+//! - A port may be a name (an IANA service name, see [`named`]): at ingress it
+//!   resolves against the port names the subject endpoint declares
+//!   ([`resolve_with_ports`], [`PolicyRepository::basis_with_ports`]), at egress
+//!   against each peer identity's ([`IdentityCache::set_named_ports`]: the
+//!   union over its endpoints), every peer (identity 0) meaning each identity
+//!   that declares it. No declaration, no entry. `endPort` cannot go with a
+//!   name; HTTP rules on a named port apply on the number it resolves to.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -59,6 +66,7 @@ mod labels;
 pub mod limits;
 mod merged;
 mod model;
+pub mod named;
 mod parse;
 mod ports;
 mod resolve;
@@ -77,9 +85,10 @@ pub use incremental::{Basis, PolicyRepository};
 pub use ipnet::IpNet;
 pub use limits::{check_limits, LimitError};
 pub use merged::{MergedEntry, MergedPolicy, PolicyDelta};
+pub use named::{is_port_name, NamedPorts};
 pub use parse::{parse_policies, parse_stream, PolicyDocument, PolicyStream, NODES_PER_BYTE};
 pub use ports::port_range_prefixes;
-pub use resolve::{cidr_prefixes, resolve, IdentityCache};
+pub use resolve::{cidr_prefixes, resolve, resolve_with_ports, IdentityCache};
 
 /// Numeric security identity.
 pub type IdentityId = u32;

@@ -77,7 +77,7 @@ impl Budget {
     fn count(&mut self, pr: &PeerRule) {
         self.rules += 1;
         self.peers += pr.peers.len();
-        self.ports += pr.ports.len();
+        self.ports += pr.ports.len() + pr.named.len();
         // The HTTP rules of a `toPorts` entry are shared by its ports: count each list once.
         let mut lists: Vec<&std::sync::Arc<crate::model::PortL7>> = Vec::new();
         for (_, l7) in &pr.l7 {

@@ -45,8 +45,11 @@ impl Rule {
 pub(crate) struct PeerRule {
     /// Union of peers. Empty = selects no peer at all.
     pub(crate) peers: Vec<Peer>,
-    /// Union of port ranges. Never empty (all ports is an explicit full range).
+    /// Union of port ranges. Never empty (all ports is an explicit full range)
+    /// unless `named` is not.
     pub(crate) ports: Vec<PortRange>,
+    /// Named ports, resolved per endpoint (see [`crate::named`]).
+    pub(crate) named: Vec<NamedPortRule>,
     /// HTTP rules of some of `ports`, by index into `ports` (ascending); a
     /// port range without an entry here is L4-only. Only allow rules have any,
     /// and only on single TCP ports (the parser refuses the rest).
@@ -61,6 +64,17 @@ impl PeerRule {
             .ok()
             .map(|at| &self.l7[at].1)
     }
+}
+
+/// A port given by name: resolved against the subject's named ports
+/// (ingress) or each peer identity's (egress).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct NamedPortRule {
+    pub(crate) name: Arc<str>,
+    /// 0: any of TCP, UDP and SCTP the name is declared with.
+    pub(crate) proto: u8,
+    /// The HTTP rules of the `toPorts` entry, if it has any.
+    pub(crate) l7: Option<Arc<PortL7>>,
 }
 
 /// The HTTP rules of one `toPorts` entry, compiled once at parse time (so a bad

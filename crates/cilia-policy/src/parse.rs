@@ -24,7 +24,8 @@ use crate::labels::{
     excerpt, selector_key, selector_value, Requirement, Selector, RESERVED_SOURCE,
 };
 use crate::model::{
-    Entity, Peer, PeerRule, PortL7, PortRange, Rule, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    Entity, NamedPortRule, Peer, PeerRule, PortL7, PortRange, Rule, PROTO_SCTP, PROTO_TCP,
+    PROTO_UDP,
 };
 use crate::{Direction, Policy, PolicyKind, NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX};
 
@@ -780,34 +781,70 @@ fn cidr_with_except(
     Ok(Peer::Cidr { cidr: net, except })
 }
 
-fn port_number(
+/// A `port` value: a number, or (a string that is) a port name.
+enum PortValue {
+    Number(u16),
+    Name(String),
+}
+
+/// Reads a `port`: a number, a string holding one (`allow_string`: Cilium's
+/// ports are strings), or a port name (an IANA service name).
+fn port_value(
     doc: &Doc<'_>,
     path: &str,
     v: &Value,
     allow_string: bool,
-) -> Result<u16, PolicyError> {
+) -> Result<PortValue, PolicyError> {
     let out_of_range = |shown: String| doc.err(path, format!("{shown} is out of range (0-65535)"));
     match v {
         Value::Number(n) => match n.as_u64() {
-            Some(p) => u16::try_from(p).map_err(|_| out_of_range(p.to_string())),
+            Some(p) => u16::try_from(p)
+                .map(PortValue::Number)
+                .map_err(|_| out_of_range(p.to_string())),
             None => Err(out_of_range(n.to_string())),
         },
+        Value::String(s) if crate::named::is_port_name(s) => Ok(PortValue::Name(s.clone())),
         Value::String(s) if allow_string => match s.trim().parse::<u64>() {
-            Ok(p) => u16::try_from(p).map_err(|_| out_of_range(excerpt(s))),
-            Err(_) => Err(doc.err(path, format!("{} is not a port number", excerpt(s)))),
+            Ok(p) => u16::try_from(p)
+                .map(PortValue::Number)
+                .map_err(|_| out_of_range(excerpt(s))),
+            Err(_) => Err(doc.err(
+                path,
+                format!("{} is not a port number or a port name", excerpt(s)),
+            )),
         },
-        Value::String(s) => Err(doc.err(
-            path,
-            format!(
-                "named port {} is not supported (only numeric ports)",
-                excerpt(s)
-            ),
-        )),
         other => Err(doc.err(
             path,
-            format!("{} is not a port number", value_summary(other)),
+            format!(
+                "{} is not a port number or a port name",
+                value_summary(other)
+            ),
         )),
     }
+}
+
+/// A named port's rule; `endPort` cannot go with a name.
+fn named_port_rule(
+    doc: &Doc<'_>,
+    path: &str,
+    name: String,
+    proto: u8,
+    end_port: Option<i64>,
+) -> Result<NamedPortRule, PolicyError> {
+    if end_port.is_some_and(|e| e != 0) {
+        return Err(doc.err(
+            format!("{path}.endPort"),
+            format!(
+                "endPort cannot be used with the named port {}",
+                excerpt(&name)
+            ),
+        ));
+    }
+    Ok(NamedPortRule {
+        name: std::sync::Arc::from(name),
+        proto,
+        l7: None,
+    })
 }
 
 fn value_summary(v: &Value) -> String {
@@ -998,6 +1035,7 @@ fn np_rule(
 
     let ports = ports.unwrap_or_default();
     let mut out_ports = Vec::new();
+    let mut out_named = Vec::new();
     for (i, port) in ports.iter().enumerate() {
         let p = format!("{path}.ports[{i}]");
         let proto = match port.protocol.as_deref() {
@@ -1016,22 +1054,26 @@ fn np_rule(
         };
         let number = match &port.port {
             None => 0,
-            Some(v) => {
-                let n = port_number(doc, &format!("{p}.port"), v, false)?;
-                if n == 0 {
+            Some(v) => match port_value(doc, &format!("{p}.port"), v, false)? {
+                PortValue::Number(0) => {
                     return Err(doc.err(format!("{p}.port"), "must be between 1 and 65535"));
                 }
-                n
-            }
+                PortValue::Number(n) => n,
+                PortValue::Name(name) => {
+                    out_named.push(named_port_rule(doc, &p, name, proto, port.end_port)?);
+                    continue;
+                }
+            },
         };
         out_ports.push(port_range(doc, &p, proto, number, port.end_port)?);
     }
-    if out_ports.is_empty() {
+    if out_ports.is_empty() && out_named.is_empty() {
         out_ports.push(PortRange::ALL);
     }
     Ok(PeerRule {
         peers: out_peers,
         ports: out_ports,
+        named: out_named,
         l7: Vec::new(),
     })
 }
@@ -1265,10 +1307,12 @@ fn cilium_peer_rule(
         !endpoints.is_empty() || !cidrs.is_empty() || !sets.is_empty() || !entities.is_empty();
 
     let mut out_ports = Vec::new();
+    let mut out_named: Vec<NamedPortRule> = Vec::new();
     let mut out_l7 = Vec::new();
     for (i, pr) in to_ports.into_iter().enumerate() {
         let http = port_l7(doc, &format!("{path}.toPorts[{i}]"), i, &pr, deny)?;
         let first_port = out_ports.len();
+        let first_named = out_named.len();
         for (j, port) in pr.ports.iter().flatten().enumerate() {
             let p = format!("{path}.toPorts[{i}].ports[{j}]");
             let proto = match port.protocol.as_deref() {
@@ -1294,7 +1338,13 @@ fn cilium_peer_rule(
             };
             let number = match &port.port {
                 None => 0,
-                Some(v) => port_number(doc, &format!("{p}.port"), v, true)?,
+                Some(v) => match port_value(doc, &format!("{p}.port"), v, true)? {
+                    PortValue::Number(n) => n,
+                    PortValue::Name(name) => {
+                        out_named.push(named_port_rule(doc, &p, name, proto, port.end_port)?);
+                        continue;
+                    }
+                },
             };
             out_ports.push(port_range(doc, &p, proto, number, port.end_port)?);
         }
@@ -1305,18 +1355,23 @@ fn cilium_peer_rule(
         if let Some(http) = http {
             let http = std::sync::Arc::new(http);
             out_l7.extend((first_port..out_ports.len()).map(|at| (at, http.clone())));
+            for named in &mut out_named[first_named..] {
+                named.l7 = Some(http.clone());
+            }
         }
     }
-    if !has_l3 && !out_ports.is_empty() {
+    let has_ports = !out_ports.is_empty() || !out_named.is_empty();
+    if !has_l3 && has_ports {
         // L4-only rule: applies to every peer.
         out_peers.push(Peer::Any);
     }
-    if out_ports.is_empty() {
+    if out_ports.is_empty() && out_named.is_empty() {
         out_ports.push(PortRange::ALL);
     }
     Ok(PeerRule {
         peers: out_peers,
         ports: out_ports,
+        named: out_named,
         l7: out_l7,
     })
 }
@@ -1377,7 +1432,12 @@ fn port_l7(
         }
         let number = match &port.port {
             None => 0,
-            Some(v) => port_number(doc, &format!("{p}.port"), v, true)?,
+            // A named port is one port per endpoint: its HTTP rules go on
+            // the number it resolves to.
+            Some(v) => match port_value(doc, &format!("{p}.port"), v, true)? {
+                PortValue::Number(n) => n,
+                PortValue::Name(_) => continue,
+            },
         };
         if number == 0 {
             return Err(doc.err(

@@ -8,6 +8,7 @@ use ipnet::IpNet;
 use crate::l7::{HttpOrigin, HttpRuleSpec, L7Policy, ResolvedL7};
 use crate::labels::Selector;
 use crate::model::{Entity, Peer, PeerRule, PortL7, PortRange, PORT_PROTOCOLS};
+use crate::named::NamedPorts;
 use crate::ports::{port_range_prefixes, prefix_mask};
 use crate::{
     reserved, Direction, IdentityId, Labels, MapEntry, Policy, ResolvedPolicy, RuleRef, Verdict,
@@ -24,6 +25,9 @@ pub struct IdentityCache {
     /// identities inside a rule's CIDR are one range of this map, so a CIDR
     /// peer costs O(log n + matches), not a scan of every CIDR identity.
     by_prefix: BTreeMap<(u8, u128, u8), IdentityId>,
+    /// The port names of identities with local endpoints (the union over
+    /// those endpoints): what egress named ports resolve against.
+    named_ports: BTreeMap<IdentityId, NamedPorts>,
 }
 
 fn prefix_index(net: &IpNet) -> (u8, u128, u8) {
@@ -82,6 +86,27 @@ impl IdentityCache {
         let old = self.cidrs.remove(&id)?;
         self.by_prefix.remove(&prefix_index(&old));
         Some(old)
+    }
+
+    /// Sets the port names of an identity (the union over its local
+    /// endpoints; empty: none); returns the ones it had.
+    pub fn set_named_ports(&mut self, id: IdentityId, ports: NamedPorts) -> NamedPorts {
+        let old = if ports.is_empty() {
+            self.named_ports.remove(&id)
+        } else {
+            self.named_ports.insert(id, ports)
+        };
+        old.unwrap_or_default()
+    }
+
+    /// The port names of an identity, if it has any.
+    pub fn named_ports(&self, id: IdentityId) -> Option<&NamedPorts> {
+        self.named_ports.get(&id)
+    }
+
+    /// Every identity with port names (for diffing two caches).
+    pub(crate) fn named_ports_map(&self) -> &BTreeMap<IdentityId, NamedPorts> {
+        &self.named_ports
     }
 
     /// CIDR identities whose prefix lies inside `cidr` (equal included).
@@ -307,9 +332,68 @@ pub(crate) type HttpClaim = (u32, Arc<PortL7>);
 /// A port key and the HTTP rules of the range it came from.
 type PortKey<'a> = ((u8, u16, u8), Option<&'a Arc<PortL7>>);
 
-/// Adds the keys of `ids` x `ports` in `direction` to the candidates: the
+/// What named ports resolve against: the subject's own (ingress) and each
+/// peer identity's (egress).
+#[derive(Clone, Copy)]
+pub(crate) struct NamedCtx<'a> {
+    pub(crate) subject: &'a NamedPorts,
+    pub(crate) identities: &'a IdentityCache,
+}
+
+/// The keys of `pr`'s named ports for the peers `ids`: (identity, proto,
+/// port, the HTTP rules). Ingress: the subject's numbers, for every peer.
+/// Egress: each peer identity's numbers; for every peer (identity 0), each
+/// identity declaring the name, as its own key (an address without
+/// endpoints has no port names). A name that does not resolve adds nothing.
+fn named_keys<'p>(
+    named: NamedCtx<'_>,
+    direction: Direction,
+    ids: &[IdentityId],
+    pr: &'p PeerRule,
+) -> Vec<(IdentityId, u8, u16, Option<&'p Arc<PortL7>>)> {
+    let mut out = Vec::new();
+    for nr in &pr.named {
+        let fits = |proto: u8| nr.proto == 0 || nr.proto == proto;
+        match direction {
+            Direction::Ingress => {
+                for (proto, port) in named.subject.get(&nr.name).filter(|(p, _)| fits(*p)) {
+                    out.extend(ids.iter().map(|id| (*id, proto, port, nr.l7.as_ref())));
+                }
+            }
+            Direction::Egress => {
+                for &id in ids {
+                    let peers: Vec<(IdentityId, &NamedPorts)> = if id == 0 {
+                        named
+                            .identities
+                            .named_ports_map()
+                            .iter()
+                            .map(|(id, p)| (*id, p))
+                            .collect()
+                    } else {
+                        named
+                            .identities
+                            .named_ports(id)
+                            .map(|p| (id, p))
+                            .into_iter()
+                            .collect()
+                    };
+                    for (peer, ports) in peers {
+                        for (proto, port) in ports.get(&nr.name).filter(|(p, _)| fits(*p)) {
+                            out.push((peer, proto, port, nr.l7.as_ref()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Adds the keys of `ids` x `ports` in `direction` to the candidates (and
+/// those of the named ports, resolved by `named`): the
 /// first allow and the first deny rule to claim a key keep it; the first
 /// L4-only allow is kept too, and every HTTP rule list claimed (in `http`).
+#[allow(clippy::too_many_arguments)] // one call per peer rule, from two resolvers
 pub(crate) fn add_candidates(
     keys: &mut BTreeMap<Key, Candidates>,
     http: &mut HttpClaims,
@@ -318,6 +402,7 @@ pub(crate) fn add_candidates(
     ids: &[IdentityId],
     pr: &PeerRule,
     rule_idx: u32,
+    named: NamedCtx<'_>,
 ) {
     let port_keys: Vec<PortKey> = pr
         .ports
@@ -328,26 +413,33 @@ pub(crate) fn add_candidates(
             port_keys(range).into_iter().map(move |k| (k, l7))
         })
         .collect();
+    let mut claim = |key: Key, l7: Option<&Arc<PortL7>>| {
+        let c = keys.entry(key).or_default();
+        if deny {
+            c.deny.get_or_insert(rule_idx);
+            return;
+        }
+        c.allow.get_or_insert(rule_idx);
+        match l7 {
+            None => {
+                c.l4.get_or_insert(rule_idx);
+            }
+            Some(l7) => {
+                let claims = http.entry(key).or_default();
+                if !claims.iter().any(|(r, c)| *r == rule_idx && c == l7) {
+                    claims.push((rule_idx, l7.clone()));
+                }
+            }
+        }
+    };
     for &id in ids {
         for &((proto, port, len), l7) in &port_keys {
-            let key = (direction, id, proto, port, len);
-            let c = keys.entry(key).or_default();
-            if deny {
-                c.deny.get_or_insert(rule_idx);
-                continue;
-            }
-            c.allow.get_or_insert(rule_idx);
-            match l7 {
-                None => {
-                    c.l4.get_or_insert(rule_idx);
-                }
-                Some(l7) => {
-                    let claims = http.entry(key).or_default();
-                    if !claims.iter().any(|(r, c)| *r == rule_idx && c == l7) {
-                        claims.push((rule_idx, l7.clone()));
-                    }
-                }
-            }
+            claim((direction, id, proto, port, len), l7);
+        }
+    }
+    if !pr.named.is_empty() {
+        for (id, proto, port, l7) in named_keys(named, direction, ids, pr) {
+            claim((direction, id, proto, port, 16), l7);
         }
     }
 }
@@ -390,6 +482,22 @@ pub fn resolve(
     subject: &Labels,
     identities: &IdentityCache,
 ) -> ResolvedPolicy {
+    resolve_with_ports(policies, subject, &NamedPorts::new(), identities)
+}
+
+/// [`resolve`] for an endpoint that declares port names (`subject_ports`):
+/// ingress rules' named ports resolve against them, egress rules' against
+/// the peer identities' (see [`IdentityCache::set_named_ports`]).
+pub fn resolve_with_ports(
+    policies: &[Policy],
+    subject: &Labels,
+    subject_ports: &NamedPorts,
+    identities: &IdentityCache,
+) -> ResolvedPolicy {
+    let named = NamedCtx {
+        subject: subject_ports,
+        identities,
+    };
     let mut out = ResolvedPolicy::default();
     let mut resolver = Resolver {
         cache: identities,
@@ -419,7 +527,9 @@ pub fn resolve(
                         PeerSet::Any => vec![0],
                         PeerSet::Some(set) => set.into_iter().collect(),
                     };
-                    add_candidates(&mut keys, &mut http, direction, deny, &ids, pr, rule_idx);
+                    add_candidates(
+                        &mut keys, &mut http, direction, deny, &ids, pr, rule_idx, named,
+                    );
                 },
             );
         }

@@ -23,11 +23,11 @@ fn cnp_err(spec: &str) -> String {
 #[test]
 fn error_names_source_document_policy_path_and_reason() {
     let yaml = format!(
-        "{NP_HEAD}spec: {{podSelector: {{}}}}\n---\n{CNP_HEAD}spec:\n  endpointSelector: {{}}\n  ingress:\n  - toPorts:\n    - ports:\n      - port: eighty\n"
+        "{NP_HEAD}spec: {{podSelector: {{}}}}\n---\n{CNP_HEAD}spec:\n  endpointSelector: {{}}\n  ingress:\n  - toPorts:\n    - ports:\n      - port: eighty!\n"
     );
     assert_eq!(
         err(&yaml),
-        "policies.yaml: document 2 (rule1): spec.ingress[0].toPorts[0].ports[0].port: \"eighty\" is not a port number"
+        "policies.yaml: document 2 (rule1): spec.ingress[0].toPorts[0].ports[0].port: \"eighty!\" is not a port number or a port name"
     );
 }
 
@@ -189,7 +189,9 @@ fn unsupported_fields_are_rejected_not_ignored() {
 #[test]
 fn network_policy_errors() {
     let cases: &[(&str, &str)] = &[
-        ("  podSelector: {}\n  ingress:\n  - ports: [{port: http}]", "spec.ingress[0].ports[0].port: named port \"http\" is not supported (only numeric ports)"),
+        ("  podSelector: {}\n  ingress:\n  - ports: [{port: HTTP}]", "spec.ingress[0].ports[0].port: \"HTTP\" is not a port number or a port name"),
+        ("  podSelector: {}\n  ingress:\n  - ports: [{port: '80'}]", "spec.ingress[0].ports[0].port: \"80\" is not a port number or a port name"),
+        ("  podSelector: {}\n  ingress:\n  - ports: [{port: http, endPort: 90}]", "spec.ingress[0].ports[0].endPort: endPort cannot be used with the named port \"http\""),
         ("  podSelector: {}\n  ingress:\n  - ports: [{port: 80, protocol: ICMP}]", "spec.ingress[0].ports[0].protocol: \"ICMP\" is not a valid protocol (TCP, UDP, SCTP)"),
         ("  podSelector: {}\n  ingress:\n  - ports: [{port: 0}]", "spec.ingress[0].ports[0].port: must be between 1 and 65535"),
         ("  podSelector: {}\n  ingress:\n  - ports: [{port: 99999}]", "spec.ingress[0].ports[0].port: 99999 is out of range (0-65535)"),

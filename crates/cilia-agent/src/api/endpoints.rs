@@ -33,6 +33,7 @@ pub fn endpoint_view(rec: &EndpointRecord) -> Endpoint {
         network: rec.network.clone(),
         labels_pending: rec.label_source.is_some(),
         policy_audit: rec.policy_audit,
+        named_ports: rec.named_ports.clone(),
     }
 }
 

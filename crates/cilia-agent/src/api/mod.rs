@@ -134,6 +134,7 @@ impl From<EndpointError> for AppError {
             EndpointError::Trace(_) => (StatusCode::BAD_REQUEST, "invalid-trace"),
             EndpointError::LabelSource(_) => (StatusCode::BAD_REQUEST, "invalid-request"),
             EndpointError::Input(_) => (StatusCode::BAD_REQUEST, "invalid-request"),
+            EndpointError::NamedPort(_) => (StatusCode::BAD_REQUEST, "invalid-request"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         AppError::new(status, code, msg)
@@ -255,6 +256,7 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, AppError
         EndpointCreate,
         EndpointLabels,
         cilia_api::EndpointSettings,
+        cilia_api::NamedPort,
         EndpointState,
         BpfEndpoint,
         BpfMetric,

@@ -74,6 +74,8 @@ pub enum EndpointError {
     Busy(u16),
     #[error("endpoint {0}: setting up its devices or programs panicked; rolled back")]
     SetupPanicked(u16),
+    #[error(transparent)]
+    NamedPort(#[from] cilia_policy::named::NamedPortError),
 }
 
 /// Bounds how many endpoint program loads run at once. A load is CPU-bound
@@ -370,6 +372,15 @@ impl EndpointManager {
             cilia_api::limits::check_container_id("container_id", cid)?;
         }
         cilia_api::limits::check_netns("netns", &req.netns)?;
+        if req.named_ports.len() > cilia_api::limits::MAX_NAMED_PORTS {
+            return Err(cilia_api::limits::InputError::new(
+                "named_ports",
+                &format!("{} given", req.named_ports.len()),
+                format!("at most {}", cilia_api::limits::MAX_NAMED_PORTS),
+            )
+            .into());
+        }
+        let named_ports = crate::policy::checked_named_ports(&req.named_ports)?;
         let netns = netdev::open_netns(&req.netns, &self.agent_netns)?;
         let namespace = req
             .namespace
@@ -429,6 +440,7 @@ impl EndpointManager {
                         label_source: label_source.clone(),
                         policy_audit: false,
                         network: req.network.clone(),
+                        named_ports: named_ports.clone(),
                     }
                 })?;
         crate::crash::point("endpoint-create:after-record");
@@ -493,7 +505,8 @@ impl EndpointManager {
                 // Only a new identity can change what the others' policies
                 // select; an identity shared with another endpoint (or the
                 // reserved init) is already in every map it belongs in.
-                let new_identity = self.identity_is_new(&ready)?;
+                // Port names change what the others' egress named ports resolve to.
+                let new_identity = self.identity_is_new(&ready)? || !ready.named_ports.is_empty();
                 let regenerated = if new_identity {
                     self.policy().regenerate()
                 } else {
@@ -601,7 +614,7 @@ impl EndpointManager {
         info!(id, "endpoint deleted");
         // Policies of the others may have selected its identity, if it was
         // the last endpoint carrying it.
-        if self.identity_is_new(&rec)? {
+        if self.identity_is_new(&rec)? || !rec.named_ports.is_empty() {
             self.policy().regenerate()?;
         }
         Ok(())
@@ -896,6 +909,7 @@ mod tests {
             namespace: None,
             label_source: None,
             network: None,
+            named_ports: Vec::new(),
         }
     }
 
@@ -1037,6 +1051,7 @@ mod tests {
                     label_source: None,
                     policy_audit: false,
                     network: None,
+                    named_ports: Vec::new(),
                 })
                 .unwrap();
             // The crash happened after the veth was made.
@@ -1649,6 +1664,82 @@ spec:
             .is_none());
     }
 
+    fn named_port(s: &str) -> cilia_api::NamedPort {
+        s.parse().unwrap()
+    }
+
+    /// Whether `subject`'s map allows `proto`/`port` in `direction` from/to `peer`'s identity.
+    fn map_allows(h: &Harness, subject: u16, direction: u8, peer: u32, port: u16) -> bool {
+        h.dp.state().policy.get(&subject).is_some_and(|entries| {
+            entries.iter().any(|(k, v)| {
+                k.direction == direction
+                    && u32::from_be(k.identity) == peer
+                    && k.proto == 6
+                    && u16::from_be(k.dport) == port
+                    && v.verdict == cilia_abi::CILIA_VERDICT_ALLOW
+            })
+        })
+    }
+
+    #[test]
+    fn a_name_declared_twice_with_different_ports_is_refused_at_create() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        let mut req = request();
+        req.named_ports = vec![named_port("http=TCP/80"), named_port("http=TCP/8080")];
+        let e = mgr.create(req).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "named port \"http\": declared twice with different ports: TCP/80 and TCP/8080"
+        );
+        assert!(mgr.list().unwrap().is_empty());
+        let mut req = request();
+        req.named_ports = vec![named_port("HTTP=TCP/80")];
+        let e = mgr.create(req).unwrap_err().to_string();
+        assert!(
+            e.starts_with("named port \"HTTP\": is not a port name"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn named_ports_are_kept_in_the_record_and_restored() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        let mut req = request();
+        req.named_ports = vec![
+            named_port("http=tcp/8080"),
+            named_port("dns=UDP/53"),
+            named_port("http=TCP/8080"),
+        ];
+        let ep = mgr.create(req).unwrap();
+        let shown: Vec<String> = ep.named_ports.iter().map(|p| p.to_string()).collect();
+        assert_eq!(shown, ["dns=UDP/53", "http=TCP/8080"]);
+        let mut fresh = h.manager_from(&mut mgr);
+        fresh.restore().unwrap();
+        assert_eq!(fresh.get(ep.id).unwrap().named_ports, ep.named_ports);
+    }
+
+    #[test]
+    fn a_peer_declaring_a_named_port_opens_it_in_the_egress_subjects_map() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        let web = mgr.create(labelled("web")).unwrap();
+        let egress = "  egress:\n  - toEndpoints: [{matchLabels: {app: db}}]\n    toPorts: [{ports: [{port: http, protocol: TCP}]}]\n";
+        mgr.policy()
+            .import_policies("a.yaml", &cnp("a", "web", egress))
+            .unwrap();
+        let mut req = labelled("db");
+        req.named_ports = vec![named_port("http=TCP/8080")];
+        let db = mgr.create(req).unwrap();
+        let egress_dir = cilia_abi::CILIA_DIR_EGRESS;
+        assert!(map_allows(&h, web.id, egress_dir, db.identity, 8080));
+        assert!(!map_allows(&h, web.id, egress_dir, db.identity, 80));
+        // Its last endpoint gone, the name resolves to nothing again.
+        mgr.delete(db.id).unwrap();
+        assert!(!map_allows(&h, web.id, egress_dir, db.identity, 8080));
+    }
+
     fn labelled(app: &str) -> EndpointCreate {
         let mut req = request();
         req.labels = BTreeMap::from([("app".into(), app.into())]);
@@ -1757,6 +1848,22 @@ spec:
             }),
             Box::new(|m| {
                 m.create(labelled("cache")).unwrap();
+            }),
+            Box::new(|m| {
+                let named = "  egress:\n  - toEndpoints: [{}]\n    toPorts: [{ports: [{port: http}]}]\n  ingress:\n  - toPorts: [{ports: [{port: http}]}]\n";
+                m.policy()
+                    .import_policies("d.yaml", &cnp("d", "cache", named))
+                    .unwrap();
+            }),
+            Box::new(|m| {
+                let mut req = labelled("cache");
+                req.named_ports = vec![named_port("http=TCP/8080")];
+                m.create(req).unwrap();
+            }),
+            Box::new(|m| {
+                let mut req = labelled("db");
+                req.named_ports = vec![named_port("http=TCP/80")];
+                m.create(req).unwrap();
             }),
         ];
         for (i, step) in steps.iter().enumerate() {

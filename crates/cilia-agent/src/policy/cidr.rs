@@ -300,6 +300,7 @@ mod tests {
                     label_source: None,
                     policy_audit: false,
                     network: None,
+                    named_ports: Vec::new(),
                 },
             )
             .unwrap();

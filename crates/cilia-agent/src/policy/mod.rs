@@ -13,6 +13,39 @@ use cilia_policy::{Policy, PolicyError, PolicyKind, ResolvedPolicy, RuleRef};
 
 use crate::store::StoredPolicy;
 
+/// An endpoint's port name declarations, checked (an IANA service name,
+/// TCP/UDP/SCTP, 1-65535; a name twice only with the same value) and as
+/// the record keeps them: protocols upper case, sorted, each once.
+pub fn checked_named_ports(
+    decls: &[cilia_api::NamedPort],
+) -> Result<Vec<cilia_api::NamedPort>, cilia_policy::named::NamedPortError> {
+    use cilia_policy::named;
+    let checked = decls
+        .iter()
+        .map(|d| named::named_port(&d.name, &d.protocol, u32::from(d.port)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let ports = named::endpoint_named_ports(&checked)?;
+    Ok(ports
+        .iter()
+        .map(|(name, proto, port)| cilia_api::NamedPort {
+            name: name.to_string(),
+            protocol: named::protocol_name(proto),
+            port,
+        })
+        .collect())
+}
+
+/// The port names of an endpoint record (checked when it was created).
+pub fn named_ports_of(decls: &[cilia_api::NamedPort]) -> cilia_policy::NamedPorts {
+    let mut out = cilia_policy::NamedPorts::new();
+    for d in decls {
+        if let Some(proto) = cilia_policy::named::protocol_number(&d.protocol) {
+            out.insert(d.name.clone(), proto, d.port);
+        }
+    }
+    out
+}
+
 /// Kind names as users write them.
 pub fn kind_name(kind: PolicyKind) -> &'static str {
     match kind {

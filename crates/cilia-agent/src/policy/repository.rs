@@ -25,7 +25,7 @@ use cilia_abi::{
 };
 use cilia_api::limits::excerpt;
 use cilia_api::EndpointState;
-use cilia_policy::{Direction, IdentityCache, Labels, Verdict};
+use cilia_policy::{Direction, IdentityCache, Labels, NamedPorts, Verdict};
 use tracing::{info, warn};
 
 use std::sync::Arc;
@@ -236,6 +236,10 @@ pub struct PolicyState {
     pub(crate) limits: policy::Limits,
     /// The identities `repository` was last given (see `sync_repository`).
     synced: Option<Synced>,
+    /// The endpoints that declare port names: (identity, names) by id.
+    /// Read from the store once, then kept by the changes that pass here
+    /// (`apply_policy`, `plan`, `forget`), so a sync reads no records.
+    endpoint_names: Option<BTreeMap<u16, (u32, NamedPorts)>>,
     /// What readers (status, the monitor's names, `bpf policy get`) see of
     /// this state, replaced after every change, so they never wait for it.
     pub(crate) summary: tokio::sync::watch::Sender<Arc<PolicySummary>>,
@@ -252,10 +256,14 @@ pub struct PolicyState {
 fn identity_cache(
     labels: &BTreeMap<u32, Labels>,
     cidr_ids: &BTreeMap<ipnet::IpNet, u32>,
+    named: &BTreeMap<u32, NamedPorts>,
 ) -> IdentityCache {
     let mut cache = IdentityCache::new();
     for (id, l) in labels {
         cache.insert_labels(*id, l.clone());
+    }
+    for (id, ports) in named {
+        cache.set_named_ports(*id, ports.clone());
     }
     for (prefix, id) in cidr_ids {
         cache.insert_cidr(*id, *prefix);
@@ -266,6 +274,8 @@ fn identity_cache(
 /// Identities as last given to the repository.
 struct Synced {
     labels: BTreeMap<u32, Labels>,
+    /// The identities' port names (the union over their endpoints).
+    named: BTreeMap<u32, NamedPorts>,
     /// The CIDR identities the repository has are `cidr_ids` changed by
     /// this (a plan's change, until it is applied or undone).
     pending: CidrChange,
@@ -308,6 +318,7 @@ impl PolicyState {
             node_addrs: std::collections::BTreeSet::new(),
             limits: policy::Limits::default(),
             synced: None,
+            endpoint_names: None,
             summary: tokio::sync::watch::Sender::new(Arc::default()),
             l7: tokio::sync::watch::Sender::new(Arc::default()),
             proxy_port: cilia_proxy::control::DEFAULT_PROXY_PORT,
@@ -381,6 +392,9 @@ impl PolicyState {
     pub fn forget(&mut self, id: u16) {
         self.live.remove(&id);
         self.programmed.remove(&id);
+        if let Some(names) = &mut self.endpoint_names {
+            names.remove(&id);
+        }
         self.publish_summary();
     }
 
@@ -430,13 +444,25 @@ impl PolicyState {
         self.repository
             .set_policies(self.policy_docs.iter().map(|(k, (_, p))| (k.as_str(), p)));
         let labels = self.labelled_identities()?;
+        self.load_endpoint_names()?;
+        let named = self.identity_named_ports()?;
         let (label_changes, undo) = match self.synced.take() {
             None => {
                 self.repository
-                    .set_identities(identity_cache(&labels, &self.cidr_ids));
+                    .set_identities(identity_cache(&labels, &self.cidr_ids, &named));
                 (Vec::new(), CidrChange::default())
             }
             Some(synced) => {
+                let mut named_changes = Vec::new();
+                for (id, ports) in &named {
+                    if synced.named.get(id) != Some(ports) {
+                        named_changes.push((*id, ports.clone()));
+                    }
+                }
+                for id in synced.named.keys().filter(|id| !named.contains_key(id)) {
+                    named_changes.push((*id, NamedPorts::new()));
+                }
+                self.repository.change_named_ports(named_changes);
                 let mut label_changes = Vec::new();
                 for (id, l) in &labels {
                     if synced.labels.get(id) != Some(l) {
@@ -462,6 +488,7 @@ impl PolicyState {
             .change_identities(label_changes, cidr_changes);
         self.synced = Some(Synced {
             labels,
+            named,
             pending: cidr.clone(),
         });
         Ok(())
@@ -475,6 +502,59 @@ impl PolicyState {
             .collect();
         for (id, labels) in self.store.identities()? {
             out.insert(id, Labels(labels));
+        }
+        Ok(out)
+    }
+
+    /// Records what `rec` declares in `endpoint_names` (once those are loaded).
+    fn note_endpoint(&mut self, rec: &EndpointRecord) {
+        let Some(names) = &mut self.endpoint_names else {
+            return;
+        };
+        if rec.named_ports.is_empty() || rec.identity == 0 {
+            names.remove(&rec.id);
+        } else {
+            names.insert(
+                rec.id,
+                (rec.identity, policy::named_ports_of(&rec.named_ports)),
+            );
+        }
+    }
+
+    /// Loads `endpoint_names` from the store, the first time.
+    fn load_endpoint_names(&mut self) -> Result<(), EndpointError> {
+        if self.endpoint_names.is_none() {
+            let recs = self.store.endpoints()?;
+            self.note_endpoints(&recs);
+        }
+        Ok(())
+    }
+
+    /// Makes `endpoint_names` those of `recs` (every endpoint record).
+    fn note_endpoints(&mut self, recs: &[EndpointRecord]) {
+        self.endpoint_names = Some(BTreeMap::new());
+        for rec in recs {
+            self.note_endpoint(rec);
+        }
+    }
+
+    /// The port names of each identity: the union over the endpoints
+    /// carrying it (what egress rules' named ports resolve against).
+    /// Reads the store when `endpoint_names` is not loaded yet.
+    fn identity_named_ports(&self) -> Result<BTreeMap<u32, NamedPorts>, EndpointError> {
+        let mut out: BTreeMap<u32, NamedPorts> = BTreeMap::new();
+        let mut add = |identity: u32, ports: &NamedPorts| {
+            out.entry(identity).or_default().extend(ports);
+        };
+        match &self.endpoint_names {
+            Some(names) => names.values().for_each(|(id, ports)| add(*id, ports)),
+            None => {
+                for rec in self.store.endpoints()? {
+                    if !rec.named_ports.is_empty() && rec.identity != 0 {
+                        add(rec.identity, &policy::named_ports_of(&rec.named_ports));
+                    }
+                }
+            }
         }
         Ok(out)
     }
@@ -508,7 +588,11 @@ impl PolicyState {
 
     /// Every identity the resolver may select.
     pub(crate) fn identity_cache(&self) -> Result<IdentityCache, EndpointError> {
-        Ok(identity_cache(&self.labelled_identities()?, &self.cidr_ids))
+        Ok(identity_cache(
+            &self.labelled_identities()?,
+            &self.cidr_ids,
+            &self.identity_named_ports()?,
+        ))
     }
 
     fn subject_labels(
@@ -524,6 +608,8 @@ impl PolicyState {
     /// may be new, or gone with a detached program).
     pub(crate) fn apply_policy(&mut self, rec: &EndpointRecord) -> Result<(), EndpointError> {
         let namespaces = self.store.namespaces()?;
+        self.load_endpoint_names()?;
+        self.note_endpoint(rec);
         self.sync_repository(&CidrChange::default())?;
         let basis = self.endpoint_basis(rec, &namespaces);
         self.programmed.remove(&rec.id);
@@ -582,7 +668,8 @@ impl PolicyState {
             return None;
         }
         let subject = Labels(Self::subject_labels(rec, namespaces));
-        Some(self.repository.basis(&subject))
+        let ports = policy::named_ports_of(&rec.named_ports);
+        Some(self.repository.basis_with_ports(&subject, &ports))
     }
 
     /// One endpoint's change toward `basis`, checked against the map's
@@ -722,10 +809,12 @@ impl PolicyState {
             .into());
         }
         let namespaces = self.store.namespaces()?;
+        let recs = self.store.endpoints()?;
+        self.note_endpoints(&recs);
         self.sync_repository(cidr.change())?;
         let mut endpoints = Vec::new();
         let mut moved = Vec::new();
-        for rec in self.store.endpoints()? {
+        for rec in recs {
             let basis = self.endpoint_basis(&rec, &namespaces);
             let live = rec.state == EndpointState::Ready || self.live.contains(&rec.id);
             // Not-live endpoints are checked too: they may come back.
@@ -1201,7 +1290,19 @@ impl PolicyState {
                     Some(merged) => merged.resolved(),
                     None => policy::closed_resolution(),
                 },
-                _ => cilia_policy::resolve(&policies, &Labels(labels.clone()), &cache),
+                _ => {
+                    let ports = subject
+                        .endpoint
+                        .as_ref()
+                        .map(|e| policy::named_ports_of(&e.named_ports))
+                        .unwrap_or_default();
+                    cilia_policy::resolve_with_ports(
+                        &policies,
+                        &Labels(labels.clone()),
+                        &ports,
+                        &cache,
+                    )
+                }
             };
             let t = cilia_policy::trace(&resolved, direction, peer.identity, proto, dport);
             steps.push(TraceStep {

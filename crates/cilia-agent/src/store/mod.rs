@@ -200,6 +200,10 @@ pub struct EndpointRecord {
     /// the CLI or the API, or recorded before networks were kept).
     #[serde(default)]
     pub network: Option<String>,
+    /// Port names the endpoint declares (checked, protocols upper case,
+    /// sorted, each once); fixed for its life.
+    #[serde(default)]
+    pub named_ports: Vec<cilia_api::NamedPort>,
 }
 
 impl EndpointRecord {
@@ -1126,6 +1130,7 @@ mod tests {
             label_source: None,
             policy_audit: false,
             network: None,
+            named_ports: Vec::new(),
         }
     }
 
@@ -1137,6 +1142,15 @@ mod tests {
         let rec: EndpointRecord = serde_json::from_str(old).unwrap();
         assert_eq!(rec.network, None);
         assert!(rec.attached_to("any"), "DEL of any network still finds it");
+    }
+
+    #[test]
+    fn a_record_written_before_named_ports_loads_without_names() {
+        let old = r#"{"id":3,"netns":"/run/netns/x","ifname":"eth0","host_ifname":"lxc3",
+            "ipv6":"fd00::3","ipv4":null,"labels":{},"mac":[2,0,0,0,0,1],
+            "host_mac":[2,0,0,0,0,2],"state":"ready","network":"n"}"#;
+        let rec: EndpointRecord = serde_json::from_str(old).unwrap();
+        assert!(rec.named_ports.is_empty());
     }
 
     #[test]

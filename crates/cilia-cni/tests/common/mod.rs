@@ -167,6 +167,19 @@ cni_plugin_dirs = ["{plugins}"]
 
     /// Like `start`, from another image.
     pub fn start_image(&self, name: &str, image: &str, extra: &[&str], cmd: &[&str]) -> Output {
+        self.start_env(name, &[], image, extra, cmd)
+    }
+
+    /// Like `start_image`, with podman's own environment extended by `env`
+    /// (podman hands its `CNI_ARGS` on to the plugins).
+    pub fn start_env(
+        &self,
+        name: &str,
+        env: &[(&str, &str)],
+        image: &str,
+        extra: &[&str],
+        cmd: &[&str],
+    ) -> Output {
         let mut args = vec![
             "run",
             "-d",
@@ -186,7 +199,9 @@ cni_plugin_dirs = ["{plugins}"]
         args.extend_from_slice(extra);
         args.push(image);
         args.extend_from_slice(cmd);
-        self.run(&args)
+        let mut command = self.command();
+        command.envs(env.iter().copied());
+        command.args(&args).output().unwrap()
     }
 
     /// Like `start`, asserting success; returns the container id.

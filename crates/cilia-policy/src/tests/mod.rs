@@ -12,6 +12,7 @@ use ipnet::IpNet;
 use proptest::prelude::*;
 
 use crate::model::{Entity, Peer, PeerRule, PortRange};
+use crate::named::NamedPorts;
 use crate::{
     evaluate, parse_policies, reserved, resolve, Direction, IdentityCache, IdentityId, Labels,
     Policy, Verdict, LOCAL_CIDR_IDENTITY_BASE, NAMESPACE_LABEL,
@@ -55,7 +56,70 @@ fn cache() -> IdentityCache {
         let net: IpNet = p.parse().expect("prefix");
         c.insert_cidr(LOCAL_CIDR_IDENTITY_BASE + i as u32, net);
     }
+    for id in [100, 101, 104] {
+        c.set_named_ports(id, identity_ports(id, 0));
+    }
     c
+}
+
+/// Port names of the test identities (the union over their endpoints):
+/// `variant` picks one of a few sets, so changes can move between them.
+fn identity_ports(id: IdentityId, variant: u8) -> NamedPorts {
+    let mut p = NamedPorts::new();
+    match (id, variant) {
+        (100, 0) | (_, 1) => {
+            p.insert("http", 6, 80);
+            p.insert("dns", 17, 53);
+        }
+        (101, 0) | (_, 2) => {
+            // Two endpoints of one identity, two numbers for one name.
+            p.insert("http", 6, 8080);
+            p.insert("http", 6, 8000);
+        }
+        (104, 0) | (_, 3) => p.insert("dns", 132, 53),
+        _ => {}
+    }
+    p
+}
+
+/// Port names each test subject declares (one number per name).
+fn subject_ports(subject: &Labels) -> NamedPorts {
+    let mut p = NamedPorts::new();
+    match (subject.get(NAMESPACE_LABEL), subject.get("app")) {
+        (Some("default"), Some("a")) => {
+            p.insert("http", 6, 80);
+            p.insert("dns", 17, 53);
+        }
+        (Some("default"), Some("b")) => p.insert("http", 6, 8080),
+        (Some("other"), Some("a")) => p.insert("http", 17, 8000),
+        _ => {}
+    }
+    p
+}
+
+/// Whether a named port of a rule covers the packet, given the port names
+/// it resolves against.
+fn ref_named(pr: &PeerRule, ports: Option<&NamedPorts>, proto: u8, port: u16) -> bool {
+    let Some(ports) = ports else { return false };
+    pr.named.iter().any(|n| {
+        ports
+            .get(&n.name)
+            .any(|(p, num)| (n.proto == 0 || n.proto == p) && p == proto && num == port)
+    })
+}
+
+/// The port names a packet's named ports resolve against: the subject's
+/// at ingress, the peer identity's at egress.
+fn named_basis<'a>(
+    dir: Direction,
+    subject: &Labels,
+    c: &'a IdentityCache,
+    id: IdentityId,
+) -> Option<std::borrow::Cow<'a, NamedPorts>> {
+    match dir {
+        Direction::Ingress => Some(std::borrow::Cow::Owned(subject_ports(subject))),
+        Direction::Egress => c.named_ports(id).map(std::borrow::Cow::Borrowed),
+    }
 }
 
 fn all_peers(c: &IdentityCache) -> Vec<IdentityId> {
@@ -97,8 +161,18 @@ fn ref_port(r: &PortRange, proto: u8, port: u16) -> bool {
     }
 }
 
-fn ref_rule(pr: &PeerRule, id: IdentityId, proto: u8, port: u16, c: &IdentityCache) -> bool {
-    pr.peers.iter().any(|p| ref_peer(p, id, c)) && pr.ports.iter().any(|r| ref_port(r, proto, port))
+fn ref_rule(
+    pr: &PeerRule,
+    (dir, subject): (Direction, &Labels),
+    id: IdentityId,
+    proto: u8,
+    port: u16,
+    c: &IdentityCache,
+) -> bool {
+    let named = named_basis(dir, subject, c, id);
+    pr.peers.iter().any(|p| ref_peer(p, id, c))
+        && (pr.ports.iter().any(|r| ref_port(r, proto, port))
+            || ref_named(pr, named.as_deref(), proto, port))
 }
 
 fn reference(
@@ -120,8 +194,12 @@ fn reference(
             Direction::Egress => (&rule.egress, &rule.egress_deny, rule.enforce_egress),
         };
         enforced |= enf;
-        allowed |= allow.iter().any(|pr| ref_rule(pr, id, proto, port, c));
-        denied |= deny.iter().any(|pr| ref_rule(pr, id, proto, port, c));
+        allowed |= allow
+            .iter()
+            .any(|pr| ref_rule(pr, (dir, subject), id, proto, port, c));
+        denied |= deny
+            .iter()
+            .any(|pr| ref_rule(pr, (dir, subject), id, proto, port, c));
     }
     if denied || (!allowed && enforced) {
         Verdict::Deny
@@ -157,11 +235,28 @@ fn reference_l7(
             if !pr.peers.iter().any(|p| ref_peer(p, id, c)) {
                 continue;
             }
-            for (i, r) in pr.ports.iter().enumerate() {
-                if !ref_port(r, proto, port) {
-                    continue;
-                }
-                match pr.l7_of(i) {
+            let l7s = pr
+                .ports
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| ref_port(r, proto, port))
+                .map(|(i, _)| pr.l7_of(i));
+            let named = named_basis(dir, subject, c, id);
+            let named_l7s = pr
+                .named
+                .iter()
+                .filter(|n| {
+                    let one = PeerRule {
+                        peers: Vec::new(),
+                        ports: Vec::new(),
+                        named: vec![(*n).clone()],
+                        l7: Vec::new(),
+                    };
+                    ref_named(&one, named.as_deref(), proto, port)
+                })
+                .map(|n| n.l7.as_ref());
+            for l7 in l7s.chain(named_l7s) {
+                match l7 {
                     None => l4 = true,
                     Some(l7) => {
                         any_http = true;
@@ -235,7 +330,9 @@ fn peers_yaml(dir: &'static str) -> impl Strategy<Value = Vec<String>> {
 
 fn port_yaml() -> impl Strategy<Value = String> {
     (
-        prop::sample::select(vec![0u32, 53, 80, 443, 8000, 8080, 65535]),
+        prop::sample::select(vec![
+            "0", "53", "80", "443", "8000", "8080", "65535", "http", "dns",
+        ]),
         prop::sample::select(vec![None, Some(0u32), Some(1), Some(100), Some(999)]),
         prop::sample::select(vec![
             None,
@@ -247,7 +344,7 @@ fn port_yaml() -> impl Strategy<Value = String> {
     )
         .prop_map(|(port, end, proto)| {
             let mut s = format!("{{port: '{port}'");
-            if let Some(e) = end {
+            if let (Some(e), Ok(port)) = (end, port.parse::<u32>()) {
                 if port != 0 && e != 0 {
                     s.push_str(&format!(", endPort: {}", (port + e).min(65535)));
                 }
@@ -263,7 +360,7 @@ fn port_yaml() -> impl Strategy<Value = String> {
 /// A `toPorts` entry with HTTP rules: one or two TCP ports, one or two rules.
 fn l7_port_rule_yaml() -> impl Strategy<Value = String> {
     (
-        prop::sample::subsequence(vec![80u16, 443, 8080], 1..3),
+        prop::sample::subsequence(vec!["80", "443", "8080", "http"], 1..3),
         prop::sample::subsequence(
             vec![
                 "{method: GET}",
@@ -358,7 +455,14 @@ fn np_peer_yaml() -> impl Strategy<Value = String> {
 
 fn np_port_yaml() -> impl Strategy<Value = String> {
     (
-        prop::sample::select(vec![None, Some(53u32), Some(80), Some(8000)]),
+        prop::sample::select(vec![
+            None,
+            Some("53"),
+            Some("80"),
+            Some("8000"),
+            Some("http"),
+            Some("dns"),
+        ]),
         prop::sample::select(vec![None, Some(7u32), Some(999)]),
         prop::sample::select(vec![None, Some("UDP"), Some("SCTP")]),
     )
@@ -366,7 +470,7 @@ fn np_port_yaml() -> impl Strategy<Value = String> {
             let mut parts = Vec::new();
             if let Some(p) = port {
                 parts.push(format!("port: {p}"));
-                if let Some(e) = end {
+                if let (Some(e), Ok(p)) = (end, p.parse::<u32>()) {
                     parts.push(format!("endPort: {}", p + e));
                 }
             }
@@ -431,7 +535,7 @@ proptest! {
         let c = cache();
         for subject_id in [100u32, 101, 103] {
             let subject = c.labels(subject_id).cloned().unwrap_or_default();
-            let resolved = resolve(&policies, &subject, &c);
+            let resolved = crate::resolve_with_ports(&policies, &subject, &subject_ports(&subject), &c);
             for dir in [Direction::Ingress, Direction::Egress] {
                 for peer in all_peers(&c) {
                     for proto in [1u8, 6, 17, 132] {
@@ -545,6 +649,8 @@ enum Change {
     Endpoint(u32, Option<(&'static str, Option<&'static str>)>),
     /// Adds or removes the CIDR identity of one of [`PREFIXES`] (and a few more).
     Cidr(usize, bool),
+    /// Gives endpoint identity `100 + n` the port names of a variant of [`identity_ports`].
+    NamedPorts(u32, u8),
 }
 
 const MORE_PREFIXES: [&str; 6] = [
@@ -568,6 +674,7 @@ fn change() -> impl Strategy<Value = Change> {
         2 => (0u32..4, labels).prop_map(|(n, l)| Change::Endpoint(n, l)),
         2 => (0usize..PREFIXES.len() + MORE_PREFIXES.len(), any::<bool>())
             .prop_map(|(i, on)| Change::Cidr(i, on)),
+        2 => (0u32..5, 0u8..5).prop_map(|(n, v)| Change::NamedPorts(n, v)),
     ]
 }
 
@@ -599,6 +706,9 @@ fn apply_change(
             for (id, net) in c.cidr_identities() {
                 next.insert_cidr(id, *net);
             }
+            for (id, ports) in c.named_ports_map() {
+                next.set_named_ports(*id, ports.clone());
+            }
             if let Some((ns, app)) = labels {
                 next.insert_labels(100 + n, endpoint(ns, *app));
             }
@@ -618,7 +728,13 @@ fn apply_change(
             if *on {
                 next.insert_cidr(id, all_prefixes[*i].parse().expect("prefix"));
             }
+            for (id, ports) in c.named_ports_map() {
+                next.set_named_ports(*id, ports.clone());
+            }
             *c = next;
+        }
+        Change::NamedPorts(n, variant) => {
+            c.set_named_ports(100 + n, identity_ports(100 + n, *variant));
         }
     }
     Ok(())
@@ -661,14 +777,19 @@ proptest! {
                     let id = LOCAL_CIDR_IDENTITY_BASE + *i as u32;
                     told.change_identities([], [(id, c.cidr(id).copied())]);
                 }
+                Change::NamedPorts(n, _) => told.change_named_ports([(
+                    100 + n,
+                    c.named_ports(100 + n).cloned().unwrap_or_default(),
+                )]),
                 _ => {}
             }
             let in_order: Vec<Policy> = policies.values().map(|p| (**p).clone()).collect();
             for subject in &subjects {
-                let want = resolve(&in_order, subject, &c);
-                let (got, _) = repo.resolve(subject);
+                let ports = subject_ports(subject);
+                let want = crate::resolve_with_ports(&in_order, subject, &ports, &c);
+                let (got, _) = repo.resolve_with_ports(subject, &ports);
                 prop_assert_eq!(&got, &want, "step {} ({:?}), subject {:?}", step, change, subject);
-                let (got, _) = told.resolve(subject);
+                let (got, _) = told.resolve_with_ports(subject, &ports);
                 prop_assert_eq!(&got, &want, "told the changes: step {} ({:?}), subject {:?}", step, change, subject);
             }
         }
@@ -736,7 +857,7 @@ proptest! {
             repo.set_policies(policies.iter().map(|(k, p)| (k.as_str(), p)));
             repo.set_identities(c.clone());
             for (i, subject) in subjects.iter().enumerate() {
-                let basis = repo.basis(subject);
+                let basis = repo.basis_with_ports(subject, &subject_ports(subject));
                 let (was, was_map) = (merged[i].resolved(), maps[i].clone());
                 let delta = repo.update_merged(&mut merged[i], &basis);
                 let mut reverted = was_map.clone();
