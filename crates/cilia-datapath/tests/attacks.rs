@@ -26,17 +26,6 @@ fn world6() -> Ipv6Addr {
     "2001:db8::7".parse().unwrap()
 }
 
-/// Drops counted for `reason`, over both directions and every CPU.
-fn drops(fx: &Fixture, reason: u8) -> u64 {
-    fx.dp
-        .metrics()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| k.kind == CILIA_METRIC_DROP && k.reason == reason)
-        .map(|(_, v)| v.packets)
-        .sum()
-}
-
 /// B admits A on UDP/53 only.
 fn b_admits_dns_from_a(fx: &mut Fixture) {
     b_admits_from_a(fx, 17, 53);
@@ -132,7 +121,7 @@ fn icmp_error_quoting_the_senders_own_flow_does_not_reach_a_peer_that_denies_it(
     // The attack: an "error" to B quoting that flow, to carry data past B's policy.
     let attack = icmp6_error_from_a(b6(), &to_world[14..14 + 48]);
     assert_eq!(verdict(&a, &attack), TC_ACT_SHOT);
-    assert_eq!(drops(&fx, CILIA_DROP_POLICY), 1);
+    assert_eq!(drops(&fx.dp, CILIA_DROP_POLICY), 1);
 }
 
 #[test]
@@ -240,7 +229,7 @@ fn tcp_behind_extension_headers_meets_the_l4_deny() {
             "SYN to 80 behind next header {first}"
         );
     }
-    assert_eq!(drops(&fx, CILIA_DROP_POLICY), 4);
+    assert_eq!(drops(&fx.dp, CILIA_DROP_POLICY), 4);
 }
 
 #[test]
@@ -282,7 +271,7 @@ fn unknown_too_long_or_routed_extension_chains_are_dropped_by_name() {
             "{what}"
         );
     }
-    assert_eq!(drops(&fx, CILIA_DROP_EXT_HDR), n);
+    assert_eq!(drops(&fx.dp, CILIA_DROP_EXT_HDR), n);
     // Eight headers are fine.
     let eight: Vec<Vec<u8>> = (0..8)
         .map(|i| ext8(if i == 7 { IPPROTO_TCP } else { NH_DEST }, 0))
@@ -322,8 +311,8 @@ fn later_fragments_follow_only_an_allowed_first_fragment_ipv6() {
     // Unknown: a later fragment whose first fragment never came.
     let (_, orphan) = fragments_v6(53, 99);
     assert_eq!(verdict(&a, &orphan), TC_ACT_SHOT);
-    assert_eq!(drops(&fx, CILIA_DROP_POLICY), 1);
-    assert_eq!(drops(&fx, CILIA_DROP_FRAG_NO_FLOW), 2);
+    assert_eq!(drops(&fx.dp, CILIA_DROP_POLICY), 1);
+    assert_eq!(drops(&fx.dp, CILIA_DROP_FRAG_NO_FLOW), 2);
 }
 
 #[test]
@@ -341,7 +330,7 @@ fn later_fragments_follow_only_an_allowed_first_fragment_ipv4() {
     assert_eq!(verdict(&a, &later_ok), TC_ACT_OK);
     assert_eq!(verdict(&a, &first_denied), TC_ACT_SHOT);
     assert_eq!(verdict(&a, &later_denied), TC_ACT_SHOT);
-    assert_eq!(drops(&fx, CILIA_DROP_FRAG_NO_FLOW), 1);
+    assert_eq!(drops(&fx.dp, CILIA_DROP_FRAG_NO_FLOW), 1);
 }
 
 // ---- 4. Neighbour discovery ----
@@ -500,7 +489,7 @@ fn neighbour_discovery_from_the_endpoint_is_checked() {
     // The gateway solicitation a container really sends is still answered.
     let ns = nd_packet(A_MAC, a6(), solicited_node(gw6()), 255, 135, gw6());
     assert_eq!(verdict(&a, &ns), TC_ACT_REDIRECT);
-    assert!(drops(&fx, CILIA_DROP_ND_INVALID) >= 4);
+    assert!(drops(&fx.dp, CILIA_DROP_ND_INVALID) >= 4);
 }
 
 #[test]
@@ -613,7 +602,7 @@ fn packet_from_the_stack_with_a_local_endpoints_source_is_dropped() {
         &ipv6(b6(), a6(), IPPROTO_TCP, 64, &tcp(40000, 80, 0x02)),
     );
     assert_eq!(verdict(&to_a, &forged), TC_ACT_SHOT);
-    assert_eq!(drops(&fx, CILIA_DROP_SPOOFED_SOURCE), 1);
+    assert_eq!(drops(&fx.dp, CILIA_DROP_SPOOFED_SOURCE), 1);
     // B itself reaches A by redirect, through B's own program.
     let real = from_b6(a6(), IPPROTO_TCP, &tcp(40000, 80, 0x02));
     assert_eq!(verdict(&fx.b(), &real), TC_ACT_REDIRECT);
@@ -658,7 +647,7 @@ fn an_endpoint_churning_flows_is_stopped_at_its_budget_and_others_keep_theirs() 
     assert_eq!(fx.dp.ct_count(A_ID).unwrap(), 16);
     // The 17th new flow of A fails closed, by name; A's open flows go on.
     assert_eq!(verdict(&a, &a_to_b_from(31000)), TC_ACT_SHOT);
-    assert_eq!(drops(&fx, CILIA_DROP_CT_BUDGET), 1);
+    assert_eq!(drops(&fx.dp, CILIA_DROP_CT_BUDGET), 1);
     assert_eq!(verdict(&a, &a_to_b_from(30000)), TC_ACT_REDIRECT);
     // B's new flows are untouched by A's churn.
     let b_new = from_b6(a6(), IPPROTO_UDP, &udp(7000, 53, b"q"));
@@ -695,7 +684,7 @@ fn a_full_conntrack_table_fails_closed_with_a_named_drop() {
     }
     let a = fx.a();
     assert_eq!(verdict(&a, &a_to_b(80)), TC_ACT_SHOT);
-    assert_eq!(drops(&fx, CILIA_DROP_CT_FULL), 1);
+    assert_eq!(drops(&fx.dp, CILIA_DROP_CT_FULL), 1);
     assert_eq!(
         fx.dp.ct_count(A_ID).unwrap(),
         0,

@@ -367,15 +367,6 @@ fn conntrack(dp: &BpfDatapath) -> Vec<CtEntry> {
         .collect()
 }
 
-fn drops(dp: &BpfDatapath, reason: u8) -> u64 {
-    dp.metrics()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| k.kind == CILIA_METRIC_DROP && k.reason == reason)
-        .map(|(_, v)| v.packets)
-        .sum()
-}
-
 /// The whole story for one family: C reaches S:80 through the relay, with
 /// S seeing C's address; a flow without a proxy port goes directly; with
 /// the relay gone, C's SYNs are dropped as "L7 proxy unavailable".

@@ -22,16 +22,6 @@ use common::*;
 /// A proxy port nobody listens on in the test's namespace.
 const PROXY_PORT: u16 = 15080;
 
-fn drops(fx: &Fixture, reason: u8) -> u64 {
-    fx.dp
-        .metrics()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| k.kind == CILIA_METRIC_DROP && k.reason == reason)
-        .map(|(_, v)| v.packets)
-        .sum()
-}
-
 /// Runs `packet` through `prog` inside `ns` (the namespace its socket
 /// lookups search), with `skb->mark` = `mark`.
 fn run_in(ns: &Netns, prog: &TestProgram, packet: &[u8], mark: u32) -> RunResult {
@@ -87,14 +77,14 @@ fn a_proxied_flow_without_a_proxy_listener_is_dropped_as_proxy_unavailable() {
     let ns = Netns::new("cpxu").unwrap();
     let out = run_in(&ns, &fx.a(), &a_to_b(80), 0);
     assert_eq!(out.verdict, TC_ACT_SHOT);
-    assert_eq!(drops(&fx, CILIA_DROP_PROXY_UNAVAILABLE), 1);
+    assert_eq!(drops(&fx.dp, CILIA_DROP_PROXY_UNAVAILABLE), 1);
     let ct = ct_flags_of(&fx, a6(), 80).expect("the redirected flow is tracked");
     assert!(ct.to_proxy && !ct.from_proxy, "{ct:?}");
     assert_eq!(ct.proxy_port, PROXY_PORT);
     // Later packets of the flow meet the same fate.
     let out = run_in(&ns, &fx.a(), &a_to_b(80), 0);
     assert_eq!(out.verdict, TC_ACT_SHOT);
-    assert_eq!(drops(&fx, CILIA_DROP_PROXY_UNAVAILABLE), 2);
+    assert_eq!(drops(&fx.dp, CILIA_DROP_PROXY_UNAVAILABLE), 2);
 }
 
 #[test]
@@ -125,7 +115,7 @@ fn a_direct_flow_that_a_new_policy_sends_to_the_proxy_is_revoked() {
     b_admits_http_through_proxy(&mut fx, A_IDENTITY);
     fx.dp.bump_policy_revision().unwrap();
     assert_eq!(run_in(&ns, &fx.a(), &a_to_b(80), 0).verdict, TC_ACT_SHOT);
-    assert_eq!(drops(&fx, CILIA_DROP_POLICY), 1);
+    assert_eq!(drops(&fx.dp, CILIA_DROP_POLICY), 1);
     let ct = ct_flags_of(&fx, a6(), 80).unwrap();
     assert!(
         !ct.to_proxy,
@@ -146,7 +136,7 @@ fn a_proxied_entry_on_a_non_tcp_flow_drops_it_as_no_redirect_path() {
     );
     let ns = Netns::new("cpxn").unwrap();
     assert_eq!(run_in(&ns, &fx.a(), &udp80, 0).verdict, TC_ACT_SHOT);
-    assert_eq!(drops(&fx, CILIA_DROP_PROXY_PATH), 1);
+    assert_eq!(drops(&fx.dp, CILIA_DROP_PROXY_PATH), 1);
     assert!(fx.dp.list_ct().unwrap().is_empty(), "no flow is created");
 }
 
@@ -183,7 +173,7 @@ fn a_packet_with_a_local_source_but_without_the_proxy_mark_is_dropped_as_spoofed
         let out = run_in(&ns, &fx.b_to_container(), &syn, mark);
         assert_eq!(out.verdict, TC_ACT_SHOT, "mark {mark:#x}");
     }
-    assert_eq!(drops(&fx, CILIA_DROP_SPOOFED_SOURCE), 2);
+    assert_eq!(drops(&fx.dp, CILIA_DROP_SPOOFED_SOURCE), 2);
 }
 
 #[test]
@@ -195,7 +185,7 @@ fn a_proxied_ingress_entry_from_the_stack_without_the_mark_is_dropped_as_no_redi
     let prog = fx.b_to_container();
     let out = run_in(&ns, &prog, &stack_to_b(world6(), 80, 0x02), 0);
     assert_eq!(out.verdict, TC_ACT_SHOT);
-    assert_eq!(drops(&fx, CILIA_DROP_PROXY_PATH), 1);
+    assert_eq!(drops(&fx.dp, CILIA_DROP_PROXY_PATH), 1);
     // The same flow on the port without a proxy passes.
     let out = run_in(&ns, &prog, &stack_to_b(world6(), 81, 0x02), 0);
     assert_eq!(out.verdict, TC_ACT_OK);
@@ -262,7 +252,7 @@ fn the_peer_of_a_redirected_flow_cannot_answer_it_directly() {
     let ns = Netns::new("cpxa").unwrap();
     let out = run_in(&ns, &fx.b(), &b_to_a(80), 0);
     assert_eq!(out.verdict, TC_ACT_SHOT);
-    assert_eq!(drops(&fx, CILIA_DROP_PROXY_PATH), 1);
+    assert_eq!(drops(&fx.dp, CILIA_DROP_PROXY_PATH), 1);
 }
 
 #[test]

@@ -44,3 +44,14 @@ macro_rules! privileged {
     };
 }
 pub(crate) use privileged;
+
+/// Drops the datapath counted for `reason`, over both directions and every
+/// CPU.
+pub fn drops(dp: &cilia_datapath::BpfDatapath, reason: u8) -> u64 {
+    dp.metrics()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.kind == cilia_abi::CILIA_METRIC_DROP && k.reason == reason)
+        .map(|(_, v)| v.packets)
+        .sum()
+}
