@@ -8,3 +8,6 @@ cargo bench -q -p cilia-datapath --bench testrun 2>/dev/null
 echo
 echo "## iperf3 TCP, single stream"
 bench/throughput.sh
+echo
+echo "## HTTP (wrk): no policy vs L4 vs L7 through cilia-proxy"
+bench/l7.sh
