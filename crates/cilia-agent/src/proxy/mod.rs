@@ -184,6 +184,13 @@ pub async fn publish_policy(
     let mut revision = 0u64;
     loop {
         let summary = l7.borrow_and_update().clone();
+        // A node that never had an HTTP rule pays nothing per change.
+        if tx.borrow().is_none() && !summary.needed() {
+            if l7.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
         let s = store.clone();
         match tokio::task::spawn_blocking(move || s.endpoints()).await {
             Ok(Ok(records)) => {
