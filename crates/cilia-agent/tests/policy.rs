@@ -1210,3 +1210,34 @@ fn a_port_name_declared_twice_with_different_numbers_is_refused_at_create() {
     );
     assert!(agent.endpoints().is_empty());
 }
+
+#[test]
+fn trace_of_labels_no_endpoint_has_meets_the_label_selectors() {
+    privileged!("trace_of_labels_no_endpoint_has_meets_the_label_selectors");
+    let agent = TestAgent::start(AgentOptions::default());
+    let sw = Starwars::new(&agent);
+    agent.cli_ok(&["policy", "import", CNP_RULE1]);
+    let ds = id_of(&sw.deathstar);
+    let verdict = |src: &str| {
+        agent.cli_json(&[
+            "policy", "trace", "--src", src, "--dst", &ds, "--dport", "80/TCP",
+        ])["verdict"]
+            .clone()
+    };
+    // No endpoint carries these labels: the trace gives them an identity of
+    // its own, which the policy's fromEndpoints must still select or not.
+    assert_eq!(verdict("org=empire,class=newship"), "ALLOWED");
+    assert_eq!(verdict("org=alliance,class=newship"), "DENIED");
+    // Both sides without an endpoint: each keeps its own labels.
+    let both = agent.cli_json(&[
+        "policy",
+        "trace",
+        "--src",
+        "org=empire,class=newship",
+        "--dst",
+        "org=empire,class=deathstar,extra=1",
+        "--dport",
+        "80/TCP",
+    ]);
+    assert_eq!(both["verdict"], "ALLOWED", "{both}");
+}

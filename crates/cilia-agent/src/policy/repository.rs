@@ -49,8 +49,15 @@ pub const RESERVED: &[(u32, &str)] = &[
     (CILIA_ID_REMOTE_NODE, "remote-node"),
 ];
 
-/// Identity given to a label set that no endpoint has, for tracing.
-const HYPOTHETICAL_IDENTITY: u32 = u32::MAX - 1;
+/// Identities given to a label set that no endpoint has, for tracing: one
+/// per side (the two may differ), below the CIDR identities (which selectors
+/// of labels never match) and above every endpoint identity.
+const HYPOTHETICAL_SRC: u32 = cilia_policy::LOCAL_CIDR_IDENTITY_BASE - 2;
+const HYPOTHETICAL_DST: u32 = cilia_policy::LOCAL_CIDR_IDENTITY_BASE - 1;
+
+fn is_hypothetical(identity: u32) -> bool {
+    identity == HYPOTHETICAL_SRC || identity == HYPOTHETICAL_DST
+}
 
 /// One side of a traced connection.
 #[derive(Debug, Clone)]
@@ -1197,7 +1204,8 @@ impl PolicyState {
     }
 
     /// Interprets a trace party: an endpoint id, an address, or labels.
-    pub fn party(&self, spec: &str) -> Result<Party, EndpointError> {
+    /// `hypothetical`: the identity a label set no endpoint has gets.
+    pub fn party(&self, spec: &str, hypothetical: u32) -> Result<Party, EndpointError> {
         let endpoints = self.store.endpoints()?;
         let namespaces = self.store.namespaces()?;
         let of_endpoint = |rec: &EndpointRecord, ip: Option<IpAddr>| Party {
@@ -1243,7 +1251,7 @@ impl PolicyState {
             .into_iter()
             .find(|(_, l)| *l == sec)
             .map(|(id, _)| id)
-            .unwrap_or(HYPOTHETICAL_IDENTITY);
+            .unwrap_or(hypothetical);
         Ok(Party {
             description: format!("labels {spec}"),
             endpoint: None,
@@ -1264,12 +1272,12 @@ impl PolicyState {
         dport: u16,
         datapath: bool,
     ) -> Result<Trace, EndpointError> {
-        let src = self.party(src)?;
-        let dst = self.party(dst)?;
+        let src = self.party(src, HYPOTHETICAL_SRC)?;
+        let dst = self.party(dst, HYPOTHETICAL_DST)?;
         let mut cache = self.identity_cache()?;
         for p in [&src, &dst] {
-            if let (Some(labels), HYPOTHETICAL_IDENTITY) = (&p.labels, p.identity) {
-                cache.insert_labels(HYPOTHETICAL_IDENTITY, Labels(labels.clone()));
+            if let (Some(labels), true) = (&p.labels, is_hypothetical(p.identity)) {
+                cache.insert_labels(p.identity, Labels(labels.clone()));
             }
         }
         let policies = self.policies();
@@ -1281,15 +1289,17 @@ impl PolicyState {
             let Some(labels) = &subject.labels else {
                 continue;
             };
-            let resolved = match subject
+            let programmed = subject
                 .endpoint
                 .as_ref()
                 .and_then(|e| self.programmed.get(&e.id))
-            {
-                Some(p) if subject.identity != HYPOTHETICAL_IDENTITY => match &p.merged {
-                    Some(merged) => merged.resolved(),
-                    None => policy::closed_resolution(),
-                },
+                .map(|p| p.merged.as_ref());
+            // A hypothetical party is in no programmed map: resolve anew
+            // with it in the cache (a closed endpoint stays closed).
+            let anew = is_hypothetical(subject.identity) || is_hypothetical(peer.identity);
+            let resolved = match programmed {
+                Some(None) => policy::closed_resolution(),
+                Some(Some(merged)) if !anew => merged.resolved(),
                 _ => {
                     let ports = subject
                         .endpoint
