@@ -174,8 +174,8 @@ pub fn proxy_policy(records: &[EndpointRecord], l7: &L7Summary, revision: u64) -
 }
 
 /// Keeps `tx` at the proxy policy of the current endpoints and L7 summary;
-/// the revision moves only when the content does. `None` until the first
-/// build, and whenever no L7 entry exists and none ever did.
+/// the revision moves only when the content does. `None` as long as no L7
+/// entry ever existed.
 pub async fn publish_policy(
     store: Arc<Store>,
     mut l7: watch::Receiver<Arc<L7Summary>>,
@@ -195,22 +195,15 @@ pub async fn publish_policy(
         match tokio::task::spawn_blocking(move || s.endpoints()).await {
             Ok(Ok(records)) => {
                 tx.send_if_modified(|current| {
-                    let candidate = proxy_policy(&records, &summary, revision);
+                    let candidate = proxy_policy(&records, &summary, revision + 1);
                     let same = current.as_ref().is_some_and(|c| {
-                        ProxyPolicy {
-                            revision: c.revision,
-                            ..candidate.clone()
-                        } == **c
+                        c.endpoints == candidate.endpoints && c.prefixes == candidate.prefixes
                     });
-                    if same || (current.is_none() && !summary.needed()) {
-                        return false;
+                    if !same {
+                        revision += 1;
+                        *current = Some(Arc::new(candidate));
                     }
-                    revision += 1;
-                    *current = Some(Arc::new(ProxyPolicy {
-                        revision,
-                        ..candidate
-                    }));
-                    true
+                    !same
                 });
             }
             Ok(Err(e)) => warn!(error = %e, "reading endpoints for the L7 proxy's policy failed"),
