@@ -515,6 +515,10 @@ pub const AGGREGATION_PASS: u32 = 8;
 /// The window of [`AGGREGATION_PASS`]: also the longest a summary waits.
 pub const AGGREGATION_WINDOW: Duration = Duration::from_secs(1);
 
+/// Kinds tracked per window (memory bound); events of further kinds in the
+/// same window become flows one by one.
+pub const AGGREGATION_KINDS: usize = 4096;
+
 /// What makes events "of one kind": for verdicts and drops the decision and
 /// its parties, not the source port (every new connection has its own); for
 /// traces and debug events the flow itself (its 5-tuple), so a busy flow's
@@ -588,7 +592,11 @@ impl Default for Aggregator {
 impl Aggregator {
     /// Whether `ev` becomes a flow now; if not, it is held for the summary.
     fn pass(&mut self, ev: &Event) -> bool {
-        let seen = self.seen.entry(AggregationKey::of(ev)).or_insert(Seen {
+        let key = AggregationKey::of(ev);
+        if self.seen.len() >= AGGREGATION_KINDS && !self.seen.contains_key(&key) {
+            return true;
+        }
+        let seen = self.seen.entry(key).or_insert(Seen {
             passed: 0,
             held: 0,
             last: None,
@@ -906,5 +914,131 @@ mod tests {
         );
         assert_eq!(m.recent().len(), 20);
         assert_eq!(m.recent()[19].destination.endpoint, None);
+    }
+
+    /// A policy verdict of tiefighter (300) -> deathstar (301) on port 80,
+    /// from source port `sport`.
+    fn verdict(sport: u16) -> Event {
+        let mut ev: Event = zeroed_event();
+        ev.type_ = CILIA_EVENT_POLICY_VERDICT;
+        ev.endpoint_id = DEATHSTAR;
+        ev.family = 6;
+        ev.proto = 6;
+        ev.src_identity = 300;
+        ev.dst_identity = 301;
+        ev.rule = 1;
+        ev.sport = sport.to_be();
+        ev.dport = 80u16.to_be();
+        ev
+    }
+
+    fn zeroed_event() -> Event {
+        Event::from_bytes(&[0u8; std::mem::size_of::<Event>()]).unwrap()
+    }
+
+    #[test]
+    fn verdicts_beyond_the_pass_count_in_a_window_become_one_summary_with_their_count() {
+        let mut agg = Aggregator::default();
+        let start = agg.window_start;
+        let passed = (0..20).filter(|i| agg.pass(&verdict(40000 + i))).count();
+        assert_eq!(passed, AGGREGATION_PASS as usize);
+        let summaries = agg.close_window(start + AGGREGATION_WINDOW);
+        assert_eq!(summaries.len(), 1);
+        let (last, held) = summaries[0];
+        assert_eq!(held, 20 - u64::from(AGGREGATION_PASS));
+        assert_eq!(
+            u16::from_be(last.sport),
+            40019,
+            "the summary shows the last event"
+        );
+    }
+
+    #[test]
+    fn an_open_window_yields_no_summary_and_a_new_window_passes_again() {
+        let mut agg = Aggregator::default();
+        let start = agg.window_start;
+        for i in 0..20 {
+            agg.pass(&verdict(40000 + i));
+        }
+        assert!(agg.close_window(start).is_empty());
+        assert!(!agg.pass(&verdict(1)), "still held in the open window");
+        assert_eq!(agg.close_window(start + AGGREGATION_WINDOW).len(), 1);
+        assert!(agg.pass(&verdict(2)), "a new window starts counting afresh");
+    }
+
+    #[test]
+    fn few_events_of_a_kind_pass_one_by_one_and_leave_no_summary() {
+        let mut agg = Aggregator::default();
+        let start = agg.window_start;
+        assert!((0..AGGREGATION_PASS as u16).all(|i| agg.pass(&verdict(40000 + i))));
+        assert!(agg.close_window(start + AGGREGATION_WINDOW).is_empty());
+    }
+
+    #[test]
+    fn verdicts_of_different_decisions_are_not_merged() {
+        let mut agg = Aggregator::default();
+        for i in 0..AGGREGATION_PASS as u16 {
+            agg.pass(&verdict(40000 + i));
+        }
+        let denied = Event {
+            verdict: CILIA_VERDICT_DENY,
+            ..verdict(1)
+        };
+        let other_port = Event {
+            dport: 443u16.to_be(),
+            ..verdict(1)
+        };
+        assert!(agg.pass(&denied));
+        assert!(agg.pass(&other_port));
+    }
+
+    #[test]
+    fn traces_are_sampled_per_flow_not_merged_across_flows() {
+        let mut agg = Aggregator::default();
+        let trace = |sport| Event {
+            type_: CILIA_EVENT_TRACE,
+            ..verdict(sport)
+        };
+        for _ in 0..AGGREGATION_PASS {
+            assert!(agg.pass(&trace(40000)));
+        }
+        assert!(!agg.pass(&trace(40000)), "the busy flow is sampled");
+        assert!(agg.pass(&trace(40001)), "another flow's first packets pass");
+    }
+
+    #[test]
+    fn kinds_beyond_the_bound_pass_untracked() {
+        let mut agg = Aggregator::default();
+        let trace = |sport| Event {
+            type_: CILIA_EVENT_TRACE,
+            ..verdict(sport)
+        };
+        for i in 0..AGGREGATION_KINDS as u16 {
+            agg.pass(&trace(i));
+        }
+        let extra = trace(u16::MAX);
+        assert!((0..2 * AGGREGATION_PASS).all(|_| agg.pass(&extra)));
+        assert_eq!(agg.seen.len(), AGGREGATION_KINDS);
+    }
+
+    #[tokio::test]
+    async fn a_summary_flow_counts_every_event_it_stands_for() {
+        let metrics = crate::metrics::AgentMetrics::default();
+        let m = Monitor::new(16, metrics.clone());
+        let (mut rx, _guard) = m.subscribe(false, false);
+        m.publish(Flow {
+            aggregated: Some(12),
+            ..decode(&verdict(40000), &names())
+        });
+        assert_eq!(rx.try_recv().unwrap().aggregated, Some(12));
+        assert_eq!(m.aggregated(), 12);
+        let text = crate::metrics::render(&crate::metrics::Snapshot::default(), &metrics);
+        for line in [
+            "cilia_monitor_events_total{type=\"policy-verdict\",reason=\"\"} 12",
+            "cilia_policy_verdicts_total{verdict=\"FORWARDED\",direction=\"ingress\"} 12",
+            "cilia_monitor_aggregated_events_total{type=\"policy-verdict\"} 12",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
     }
 }
