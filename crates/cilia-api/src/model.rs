@@ -652,6 +652,11 @@ pub struct Flow {
     pub data: Option<String>,
     /// For `l7` events: the HTTP request and its outcome.
     pub l7: Option<FlowL7>,
+    /// A summary flow: it stands for this many events of its kind (itself
+    /// among them) that the agent did not send one by one, because more
+    /// than a few of that kind came within a second. Absent on other flows.
+    #[serde(default)]
+    pub aggregated: Option<u64>,
 }
 
 /// The application-layer part of an `l7` flow: one HTTP request and the

@@ -27,7 +27,7 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
     let features = state.features.clone();
     let (state_dir, bpf_root) = (state.state_dir.clone(), state.bpf_root.clone());
     let monitor_level = state.monitor.wanted_level();
-    let flows = state.monitor.recent().len();
+    let flows = (state.monitor.recent().len(), state.monitor.aggregated());
     let s = state.clone();
     let snap =
         tokio::task::spawn_blocking(move || crate::metrics::scrape(&s.store, s.datapath.as_ref()))
@@ -101,7 +101,7 @@ fn subsystems(
     endpoints: &[EndpointRecord],
     snap: &crate::metrics::Snapshot,
     monitor_level: u32,
-    flows: usize,
+    (flows, aggregated): (usize, u64),
     proxy: (bool, String),
 ) -> Vec<cilia_api::SubsystemStatus> {
     let sub =
@@ -172,7 +172,10 @@ fn subsystems(
         sub(
             "monitor",
             lost == 0,
-            format!("events: {level}; {flows} flows buffered; {lost} events lost"),
+            format!(
+                "events: {level}; {flows} flows buffered; {lost} events lost; \
+                 {aggregated} events aggregated into summary flows"
+            ),
             vec![],
         ),
         sub(

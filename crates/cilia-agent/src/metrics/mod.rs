@@ -64,6 +64,8 @@ pub struct AgentMetrics {
     pub verdicts: Family<Labels, Counter>,
     /// Events the monitor decoded, by type (and drop reason).
     pub events: Family<Labels, Counter>,
+    /// Events counted into a monitor summary flow instead of a flow each, by type.
+    pub aggregated: Family<Labels, Counter>,
     /// HTTP requests the L7 proxy handled, by verdict and status class.
     pub http_requests: Family<Labels, Counter>,
     /// Their latency as the proxy measured it, by verdict.
@@ -79,6 +81,7 @@ impl Default for AgentMetrics {
             ct_gc_deleted: Counter::default(),
             verdicts: Family::default(),
             events: Family::default(),
+            aggregated: Family::default(),
             http_requests: Family::default(),
             http_duration: Family::new_with_constructor(http_histogram),
         }
@@ -375,6 +378,11 @@ pub fn render(snap: &Snapshot, m: &AgentMetrics) -> String {
         "monitor_events",
         "Datapath events the monitor received, by type and drop reason",
         m.events.clone(),
+    );
+    reg.register(
+        "monitor_aggregated_events",
+        "Datapath events the monitor counted into a summary flow (under load) instead of a flow each, by type",
+        m.aggregated.clone(),
     );
     reg.register_with_unit(
         "endpoint_regeneration",

@@ -8,6 +8,13 @@
 //! channel); a slow listener loses flows, told as a `lost` count, and never
 //! stalls the reader; the datapath emits events only at the level someone
 //! needs (flow ring on: drops and verdicts; a trace listener: everything).
+//!
+//! Under load, repeated events are aggregated ([`Aggregator`]): per
+//! [`AGGREGATION_WINDOW`], the first [`AGGREGATION_PASS`] events of a kind
+//! become flows one by one and the rest are counted into one summary flow
+//! (`aggregated` = the events it stands for). The event and verdict metrics
+//! count every event; `cilia status` and `cilia_monitor_aggregated_events`
+//! say how many were folded.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
@@ -51,6 +58,8 @@ pub struct Monitor {
     /// When `record_l7` last waited for a fresh snapshot (ms since `born`).
     l7_waited_ms: AtomicU64,
     born: Instant,
+    /// Events folded into summary flows since the agent started.
+    aggregated: AtomicU64,
 }
 
 impl Monitor {
@@ -68,6 +77,7 @@ impl Monitor {
             refresh: Arc::new(Notify::new()),
             l7_waited_ms: AtomicU64::new(0),
             born: Instant::now(),
+            aggregated: AtomicU64::new(0),
         })
     }
 
@@ -128,8 +138,10 @@ impl Monitor {
         }
     }
 
-    /// Counts a datapath event in the metrics, then pushes it.
+    /// Counts a datapath event in the metrics (a summary flow: every event
+    /// it stands for), then pushes it.
     fn publish(&self, flow: Flow) {
+        let n = flow.aggregated.unwrap_or(1);
         self.metrics
             .events
             .get_or_create(&vec![
@@ -139,7 +151,7 @@ impl Monitor {
                     flow.drop_reason.clone().unwrap_or_default(),
                 ),
             ])
-            .inc();
+            .inc_by(n);
         if flow.policy.is_some() {
             self.metrics
                 .verdicts
@@ -147,9 +159,22 @@ impl Monitor {
                     ("verdict".to_string(), flow.verdict.clone()),
                     ("direction".to_string(), flow.direction.clone()),
                 ])
-                .inc();
+                .inc_by(n);
+        }
+        if flow.aggregated.is_some() {
+            self.aggregated.fetch_add(n, Ordering::Relaxed);
+            self.metrics
+                .aggregated
+                .get_or_create(&vec![("type".to_string(), flow.event.clone())])
+                .inc_by(n);
         }
         self.push(flow);
+    }
+
+    /// Events that got no flow of their own but were counted into a
+    /// summary flow, since the agent started.
+    pub fn aggregated(&self) -> u64 {
+        self.aggregated.load(Ordering::Relaxed)
     }
 
     /// Into the ring (when it is on) and to live listeners.
@@ -406,6 +431,7 @@ fn decode(ev: &Event, enrich: &Names) -> Flow {
         },
         data: (caplen > 0).then(|| hex(&ev.data[..caplen])),
         l7: None,
+        aggregated: None,
     }
 }
 
@@ -449,6 +475,7 @@ fn decode_l7(flow: &L7Flow, names: &Names) -> Flow {
             latency_us: flow.latency_us,
             verdict: outcome.into(),
         }),
+        aggregated: None,
     }
 }
 
@@ -481,6 +508,125 @@ pub async fn publish_names(
     }
 }
 
+/// Events of one kind become flows one by one at most this many times per
+/// [`AGGREGATION_WINDOW`]; the rest of the window's are summarised.
+pub const AGGREGATION_PASS: u32 = 8;
+
+/// The window of [`AGGREGATION_PASS`]: also the longest a summary waits.
+pub const AGGREGATION_WINDOW: Duration = Duration::from_secs(1);
+
+/// Kinds tracked per window (memory bound); events of further kinds in the
+/// same window become flows one by one.
+pub const AGGREGATION_KINDS: usize = 4096;
+
+/// What makes events "of one kind": for verdicts and drops the decision and
+/// its parties, not the source port (every new connection has its own); for
+/// traces and debug events the flow itself (its 5-tuple), so a busy flow's
+/// packets are sampled, not merged with another flow's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct AggregationKey {
+    type_: u8,
+    reason: u8,
+    dir: u8,
+    verdict: u8,
+    endpoint: u16,
+    proto: u8,
+    src_identity: u32,
+    dst_identity: u32,
+    rule: u32,
+    dport: u16,
+    /// Traces and debug events only: the rest of the 5-tuple.
+    sport: u16,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+}
+
+impl AggregationKey {
+    fn of(ev: &Event) -> Self {
+        let per_flow = matches!(ev.type_, CILIA_EVENT_TRACE | CILIA_EVENT_DEBUG);
+        Self {
+            type_: ev.type_,
+            reason: ev.reason,
+            dir: ev.dir,
+            verdict: ev.verdict,
+            endpoint: ev.endpoint_id,
+            proto: ev.proto,
+            src_identity: ev.src_identity,
+            dst_identity: ev.dst_identity,
+            rule: ev.rule,
+            dport: ev.dport,
+            sport: if per_flow { ev.sport } else { 0 },
+            saddr: if per_flow { ev.saddr } else { [0; 16] },
+            daddr: if per_flow { ev.daddr } else { [0; 16] },
+        }
+    }
+}
+
+/// A kind's events in the current window.
+struct Seen {
+    passed: u32,
+    /// Events held back, and the last of them (what its summary shows).
+    held: u64,
+    last: Option<Box<Event>>,
+}
+
+/// Keeps repeated events off the flow path when they come fast: decoding,
+/// naming and fanning out every one of them costs the agent CPU on the
+/// machine the traffic runs on. Below [`AGGREGATION_PASS`] events of a kind
+/// per window nothing changes; above it one summary flow per kind and
+/// window carries the count of the held events.
+pub struct Aggregator {
+    window_start: Instant,
+    seen: HashMap<AggregationKey, Seen>,
+}
+
+impl Default for Aggregator {
+    fn default() -> Self {
+        Self {
+            window_start: Instant::now(),
+            seen: HashMap::new(),
+        }
+    }
+}
+
+impl Aggregator {
+    /// Whether `ev` becomes a flow now; if not, it is held for the summary.
+    fn pass(&mut self, ev: &Event) -> bool {
+        let key = AggregationKey::of(ev);
+        if self.seen.len() >= AGGREGATION_KINDS && !self.seen.contains_key(&key) {
+            return true;
+        }
+        let seen = self.seen.entry(key).or_insert(Seen {
+            passed: 0,
+            held: 0,
+            last: None,
+        });
+        if seen.passed < AGGREGATION_PASS {
+            seen.passed += 1;
+            return true;
+        }
+        seen.held += 1;
+        match &mut seen.last {
+            Some(last) => **last = *ev,
+            None => seen.last = Some(Box::new(*ev)),
+        }
+        false
+    }
+
+    /// When the window is over (at `now`): the summaries of the held events,
+    /// each the last held event and how many it stands for; a new window.
+    fn close_window(&mut self, now: Instant) -> Vec<(Event, u64)> {
+        if now.duration_since(self.window_start) < AGGREGATION_WINDOW {
+            return Vec::new();
+        }
+        self.window_start = now;
+        self.seen
+            .drain()
+            .filter_map(|(_, s)| s.last.map(|ev| (*ev, s.held)))
+            .collect()
+    }
+}
+
 /// Reads events until the agent stops, and says which event level the
 /// datapath must emit for the current listeners (`level`: the task that
 /// owns the datapath's config applies it). It works from what it is sent
@@ -492,6 +638,7 @@ pub async fn run(
     mut reader: cilia_datapath::events::EventReader,
 ) {
     let mut batch = Vec::new();
+    let mut aggregator = Aggregator::default();
     loop {
         level.send_if_modified(|l| {
             let wanted = monitor.wanted_level();
@@ -501,15 +648,21 @@ pub async fn run(
         });
         // Wake at least every 200 ms to follow listener changes.
         batch.clear();
-        match reader.read(&mut batch, Duration::from_millis(200)).await {
-            Ok(0) => continue,
-            Ok(_) => {}
-            Err(e) => {
-                warn!(error = %e, "monitor stopped: reading events failed");
-                return;
-            }
+        if let Err(e) = reader.read(&mut batch, Duration::from_millis(200)).await {
+            warn!(error = %e, "monitor stopped: reading events failed");
+            return;
         }
-        if batch.iter().any(|ev| names.rx.borrow().lacks(ev)) {
+        batch.retain(|ev| aggregator.pass(ev));
+        let summaries = aggregator.close_window(Instant::now());
+        if batch.is_empty() && summaries.is_empty() {
+            continue;
+        }
+        let lacking = |rx: &watch::Receiver<Arc<Names>>| {
+            let names = rx.borrow();
+            batch.iter().any(|ev| names.lacks(ev))
+                || summaries.iter().any(|(ev, _)| names.lacks(ev))
+        };
+        if lacking(&names.rx) {
             names.rx.mark_unchanged();
             names.refresh.notify_one();
             let _ = tokio::time::timeout(FRESH_NAMES_WAIT, names.rx.changed()).await;
@@ -517,6 +670,12 @@ pub async fn run(
         let snapshot = names.rx.borrow().clone();
         for ev in &batch {
             monitor.publish(decode(ev, &snapshot));
+        }
+        for (ev, held) in &summaries {
+            monitor.publish(Flow {
+                aggregated: Some(*held),
+                ..decode(ev, &snapshot)
+            });
         }
     }
 }
@@ -755,5 +914,131 @@ mod tests {
         );
         assert_eq!(m.recent().len(), 20);
         assert_eq!(m.recent()[19].destination.endpoint, None);
+    }
+
+    /// A policy verdict of tiefighter (300) -> deathstar (301) on port 80,
+    /// from source port `sport`.
+    fn verdict(sport: u16) -> Event {
+        let mut ev: Event = zeroed_event();
+        ev.type_ = CILIA_EVENT_POLICY_VERDICT;
+        ev.endpoint_id = DEATHSTAR;
+        ev.family = 6;
+        ev.proto = 6;
+        ev.src_identity = 300;
+        ev.dst_identity = 301;
+        ev.rule = 1;
+        ev.sport = sport.to_be();
+        ev.dport = 80u16.to_be();
+        ev
+    }
+
+    fn zeroed_event() -> Event {
+        Event::from_bytes(&[0u8; std::mem::size_of::<Event>()]).unwrap()
+    }
+
+    #[test]
+    fn verdicts_beyond_the_pass_count_in_a_window_become_one_summary_with_their_count() {
+        let mut agg = Aggregator::default();
+        let start = agg.window_start;
+        let passed = (0..20).filter(|i| agg.pass(&verdict(40000 + i))).count();
+        assert_eq!(passed, AGGREGATION_PASS as usize);
+        let summaries = agg.close_window(start + AGGREGATION_WINDOW);
+        assert_eq!(summaries.len(), 1);
+        let (last, held) = summaries[0];
+        assert_eq!(held, 20 - u64::from(AGGREGATION_PASS));
+        assert_eq!(
+            u16::from_be(last.sport),
+            40019,
+            "the summary shows the last event"
+        );
+    }
+
+    #[test]
+    fn an_open_window_yields_no_summary_and_a_new_window_passes_again() {
+        let mut agg = Aggregator::default();
+        let start = agg.window_start;
+        for i in 0..20 {
+            agg.pass(&verdict(40000 + i));
+        }
+        assert!(agg.close_window(start).is_empty());
+        assert!(!agg.pass(&verdict(1)), "still held in the open window");
+        assert_eq!(agg.close_window(start + AGGREGATION_WINDOW).len(), 1);
+        assert!(agg.pass(&verdict(2)), "a new window starts counting afresh");
+    }
+
+    #[test]
+    fn few_events_of_a_kind_pass_one_by_one_and_leave_no_summary() {
+        let mut agg = Aggregator::default();
+        let start = agg.window_start;
+        assert!((0..AGGREGATION_PASS as u16).all(|i| agg.pass(&verdict(40000 + i))));
+        assert!(agg.close_window(start + AGGREGATION_WINDOW).is_empty());
+    }
+
+    #[test]
+    fn verdicts_of_different_decisions_are_not_merged() {
+        let mut agg = Aggregator::default();
+        for i in 0..AGGREGATION_PASS as u16 {
+            agg.pass(&verdict(40000 + i));
+        }
+        let denied = Event {
+            verdict: CILIA_VERDICT_DENY,
+            ..verdict(1)
+        };
+        let other_port = Event {
+            dport: 443u16.to_be(),
+            ..verdict(1)
+        };
+        assert!(agg.pass(&denied));
+        assert!(agg.pass(&other_port));
+    }
+
+    #[test]
+    fn traces_are_sampled_per_flow_not_merged_across_flows() {
+        let mut agg = Aggregator::default();
+        let trace = |sport| Event {
+            type_: CILIA_EVENT_TRACE,
+            ..verdict(sport)
+        };
+        for _ in 0..AGGREGATION_PASS {
+            assert!(agg.pass(&trace(40000)));
+        }
+        assert!(!agg.pass(&trace(40000)), "the busy flow is sampled");
+        assert!(agg.pass(&trace(40001)), "another flow's first packets pass");
+    }
+
+    #[test]
+    fn kinds_beyond_the_bound_pass_untracked() {
+        let mut agg = Aggregator::default();
+        let trace = |sport| Event {
+            type_: CILIA_EVENT_TRACE,
+            ..verdict(sport)
+        };
+        for i in 0..AGGREGATION_KINDS as u16 {
+            agg.pass(&trace(i));
+        }
+        let extra = trace(u16::MAX);
+        assert!((0..2 * AGGREGATION_PASS).all(|_| agg.pass(&extra)));
+        assert_eq!(agg.seen.len(), AGGREGATION_KINDS);
+    }
+
+    #[tokio::test]
+    async fn a_summary_flow_counts_every_event_it_stands_for() {
+        let metrics = crate::metrics::AgentMetrics::default();
+        let m = Monitor::new(16, metrics.clone());
+        let (mut rx, _guard) = m.subscribe(false, false);
+        m.publish(Flow {
+            aggregated: Some(12),
+            ..decode(&verdict(40000), &names())
+        });
+        assert_eq!(rx.try_recv().unwrap().aggregated, Some(12));
+        assert_eq!(m.aggregated(), 12);
+        let text = crate::metrics::render(&crate::metrics::Snapshot::default(), &metrics);
+        for line in [
+            "cilia_monitor_events_total{type=\"policy-verdict\",reason=\"\"} 12",
+            "cilia_policy_verdicts_total{verdict=\"FORWARDED\",direction=\"ingress\"} 12",
+            "cilia_monitor_aggregated_events_total{type=\"policy-verdict\"} 12",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
     }
 }
