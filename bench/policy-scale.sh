@@ -22,6 +22,10 @@ REPS=${REPS:-3}
 PORT=${PORT:-8080}
 IMPORT_TIMEOUT=${IMPORT_TIMEOUT:-300}  # per import
 SETTLE=${SETTLE:-2}    # s between loading the rules and measuring
+# The client's endpoint opens ~10k connections/s and each closed one stays
+# tracked 10 s: more than the default per-endpoint conntrack budget (32768),
+# which would drop new SYNs as "Endpoint conntrack budget exhausted".
+CT_BUDGET=${CILIA_CT_BUDGET:-200000}
 CHUNK=${CHUNK:-10000}  # rules per CiliumNetworkPolicy (10000 rules: ~1.2 MB of YAML)
 # Client and server share one CPU, at raised priority: far less noise from
 # other work on the host (and no cross-CPU wakeups). NICE=0 CLIENT_CPU=
@@ -70,7 +74,8 @@ ip -n "$P-vsrv" link set "${P}s" up
 
 # --- cilia: agent in a node namespace, three endpoints ----------------------
 nsenter --net="/run/netns/$P-node" "$BIN/cilia-agent" --state-dir "$RUN/state" --bpf-root "$BPF" \
-  --socket "$SOCK" --ipv6-range fd00:c1b::/112 --ipv4-range 10.201.0.0/24 >"$RUN/agent.log" 2>&1 &
+  --socket "$SOCK" --ipv6-range fd00:c1b::/112 --ipv4-range 10.201.0.0/24 \
+  --ct-budget "$CT_BUDGET" >"$RUN/agent.log" 2>&1 &
 AGENT_PID=$!
 track "$AGENT_PID"
 for _ in $(seq 100); do cilia status >/dev/null 2>&1 && break; sleep 0.1; done

@@ -27,7 +27,7 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
     let features = state.features.clone();
     let (state_dir, bpf_root) = (state.state_dir.clone(), state.bpf_root.clone());
     let monitor_level = state.monitor.wanted_level();
-    let flows = (state.monitor.recent().len(), state.monitor.aggregated());
+    let flows = (state.monitor.buffered(), state.monitor.aggregated());
     let s = state.clone();
     let snap =
         tokio::task::spawn_blocking(move || crate::metrics::scrape(&s.store, s.datapath.as_ref()))

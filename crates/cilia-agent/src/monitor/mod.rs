@@ -192,6 +192,11 @@ impl Monitor {
     }
 
     /// The recent flows, oldest first.
+    /// How many flows the ring holds.
+    pub fn buffered(&self) -> usize {
+        self.ring.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     pub fn recent(&self) -> Vec<FlowRef> {
         self.ring
             .lock()
