@@ -25,8 +25,9 @@ mod control_socket;
 pub mod policy;
 mod sockets;
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +55,9 @@ pub struct Config {
     /// Flow records queued for each control client; a client further behind
     /// loses the oldest ones (counted and logged).
     pub flow_queue: usize,
+    /// Connections one client address may hold open at once; more are
+    /// closed at accept (one client must not exhaust the proxy for all).
+    pub max_connections_per_client: usize,
 }
 
 impl Config {
@@ -65,6 +69,7 @@ impl Config {
             connect_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
             flow_queue: FLOW_QUEUE,
+            max_connections_per_client: MAX_CONNECTIONS_PER_CLIENT,
         }
     }
 }
@@ -121,6 +126,10 @@ pub async fn run_until(
         }
     })?;
     info!(socket = %config.control_socket.display(), "control socket ready");
+    match sockets::raise_fd_limit() {
+        Ok(n) => info!(open_files = n, "open-file limit"),
+        Err(e) => warn!("raising the open-file limit: {e}"),
+    }
     let (policy_tx, mut policy_rx) = watch::channel(None);
     let (flows, _) = broadcast::channel(config.flow_queue.max(1));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -175,6 +184,8 @@ async fn serve_traffic(
         connect_timeout: config.connect_timeout,
     });
     let mut connections = JoinSet::new();
+    let clients = Arc::new(ClientCounts::default());
+    let (mut refused, mut refused_logged) = (0u64, None::<std::time::Instant>);
     loop {
         while connections.try_join_next().is_some() {}
         let accepted = tokio::select! {
@@ -183,8 +194,24 @@ async fn serve_traffic(
             a = accept_opt(v6.as_ref()) => a,
         };
         match accepted {
-            Ok((stream, _)) => {
-                connections.spawn(connection::serve(stream, shared.clone(), stop.subscribe()));
+            Ok((stream, peer)) => {
+                let Some(slot) =
+                    clients.take(peer.ip().to_canonical(), config.max_connections_per_client)
+                else {
+                    refused += 1;
+                    if refused_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        refused_logged = Some(std::time::Instant::now());
+                        warn!(client = %peer.ip(), refused_total = refused,
+                            max = config.max_connections_per_client,
+                            "a client holds too many connections: new ones are closed");
+                    }
+                    continue;
+                };
+                let serve = connection::serve(stream, shared.clone(), stop.subscribe());
+                connections.spawn(async move {
+                    serve.await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 // EMFILE and the like: back off instead of spinning.
@@ -205,6 +232,48 @@ async fn serve_traffic(
     Ok(())
 }
 
+/// Default of [`Config::max_connections_per_client`].
+pub const MAX_CONNECTIONS_PER_CLIENT: usize = 4096;
+
+/// Open connections per client address.
+#[derive(Debug, Default)]
+struct ClientCounts(std::sync::Mutex<HashMap<IpAddr, usize>>);
+
+/// One open connection of a client: its slot is free again when dropped.
+#[derive(Debug)]
+struct ClientSlot {
+    counts: Arc<ClientCounts>,
+    ip: IpAddr,
+}
+
+impl ClientCounts {
+    /// A slot for `ip`, or `None` when it holds `max` already.
+    fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<ClientSlot> {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            counts: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
 async fn accept_opt(
     l: Option<&TcpListener>,
 ) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
@@ -222,5 +291,30 @@ async fn drain(mut connections: JoinSet<()>, timeout: Duration) {
             "connections still open after {timeout:?}: closing them"
         );
         connections.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod client_tests {
+    use super::*;
+
+    #[test]
+    fn a_client_gets_at_most_its_share_of_connections_and_slots_come_back() {
+        let counts = Arc::new(ClientCounts::default());
+        let a: IpAddr = "fd00::3".parse().expect("ip");
+        let b: IpAddr = "10.0.0.3".parse().expect("ip");
+        let first = counts.take(a, 2).expect("first");
+        let second = counts.take(a, 2).expect("second");
+        assert!(counts.take(a, 2).is_none(), "a third is refused");
+        assert!(
+            counts.take(b, 2).is_some(),
+            "another client is not affected"
+        );
+        drop(first);
+        assert!(
+            counts.take(a, 2).is_some(),
+            "a closed connection frees its slot"
+        );
+        drop(second);
     }
 }

@@ -19,6 +19,10 @@ struct Args {
     /// Port of the transparent listeners (IPv4 and IPv6).
     #[arg(long, value_name = "N", default_value_t = cilia_proxy::control::DEFAULT_PROXY_PORT)]
     port: u16,
+    /// Connections one client address may hold open at once; more are closed
+    /// at accept, so that one client cannot exhaust the proxy for all.
+    #[arg(long, value_name = "N", default_value_t = cilia_proxy::MAX_CONNECTIONS_PER_CLIENT)]
+    max_connections_per_client: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,6 +37,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let mut config = cilia_proxy::Config::new(args.control_socket);
     config.port = args.port;
+    config.max_connections_per_client = args.max_connections_per_client;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     // The error's message already carries its cause: print it once.
     runtime

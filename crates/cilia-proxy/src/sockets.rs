@@ -123,3 +123,26 @@ pub async fn connect_upstream(
         format!("bind: the kernel gave the client's own port {BIND_ATTEMPTS} times"),
     ))
 }
+
+/// Raises the open-file limit to its hard limit and returns the new soft
+/// limit: every proxied connection holds two sockets, and the usual soft
+/// limit of 1024 would let one client's few hundred connections starve
+/// every other endpoint's L7 traffic.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit reads the rlimit struct we own.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(limit.rlim_cur)
+}

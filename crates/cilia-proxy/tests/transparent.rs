@@ -572,3 +572,63 @@ async fn a_denied_request_with_a_large_body_is_answered_and_the_connection_close
     assert!(text.contains("connection: close"), "{text}");
     assert!(text.ends_with("access denied\r\n"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_its_connection_cap_is_refused_and_others_are_served() {
+    privileged!("connection_cap");
+    let topo = Topology::without_proxy().await;
+    let mut config = cilia_proxy::Config::new(topo.dir().join("inproc.sock"));
+    config.port = PROXY_PORT;
+    config.max_connections_per_client = 2;
+    let proxy = InProcess::start(&topo.node, config);
+    let mut control = ControlClient::connect(&proxy.socket).await;
+    let answer = control.apply(&policy(1, deathstar_rules())).await;
+    assert_eq!(answer, FromProxy::Applied { revision: 1 });
+    wait_listening(&topo).await;
+
+    let mut first = topo.http(server4(80)).await;
+    let mut second = topo.http(server4(80)).await;
+    assert_eq!(first.request("GET", "/v1/status", &[]).await.status, 200);
+    assert_eq!(second.request("GET", "/v1/status", &[]).await.status, 200);
+    // A third connection of the same client is closed at once: its request
+    // gets no answer.
+    let mut third = topo.http(server4(80)).await;
+    let refused = third
+        .send(
+            Request::builder()
+                .method("GET")
+                .uri("/v1/status")
+                .header("host", "deathstar")
+                .body(empty())
+                .expect("request"),
+        )
+        .await;
+    assert!(
+        refused.is_err(),
+        "the third connection was served: {refused:?}"
+    );
+    // Closing one gives the slot back.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut again = topo.http(server4(80)).await;
+        let answer = again
+            .send(
+                Request::builder()
+                    .method("GET")
+                    .uri("/v1/status")
+                    .header("host", "deathstar")
+                    .body(empty())
+                    .expect("request"),
+            )
+            .await;
+        if answer.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot never came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(second.request("GET", "/v1/status", &[]).await.status, 200);
+    drop(control);
+    proxy.stop().expect("in-process proxy ends cleanly");
+}
