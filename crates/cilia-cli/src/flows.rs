@@ -205,6 +205,14 @@ fn reason_text(f: &Flow) -> String {
         .unwrap_or_default()
 }
 
+/// ` (+N like it)` on a summary flow: N more events of its kind, held back
+/// by the monitor under load, that this flow stands for.
+fn aggregated_text(f: &Flow) -> String {
+    f.aggregated
+        .map(|n| format!(" (+{n} like it)"))
+        .unwrap_or_default()
+}
+
 fn monitor_line(f: &Flow) -> String {
     let time = f.time.get(11..26).unwrap_or(&f.time);
     let policy = f
@@ -233,11 +241,12 @@ fn monitor_line(f: &Flow) -> String {
         _ => format!("policy-verdict {}", f.verdict),
     };
     format!(
-        "{time} {what} {head} {} {} -> {} len {}{policy}",
+        "{time} {what} {head} {} {} -> {} len {}{policy}{}",
         protocol_text(f),
         peer_text(&f.source),
         peer_text(&f.destination),
         f.length,
+        aggregated_text(f),
     )
 }
 
@@ -267,9 +276,10 @@ fn observe_line(f: &Flow) -> String {
         None => format!("{} {}{}", protocol_text(f), f.verdict, reason_text(f)),
     };
     format!(
-        "{time}  {} -> {} {what}{policy}",
+        "{time}  {} -> {} {what}{policy}{}",
         peer_text(&f.source),
         peer_text(&f.destination),
+        aggregated_text(f),
     )
 }
 
@@ -368,6 +378,29 @@ mod tests {
              default/ep1(class=deathstar) [fd00::2]:80 TCP DROPPED (Policy denied) [default deny]"
         );
         assert!(monitor_line(&f).starts_with("06:30:00.123456 drop (Policy denied) ingress ep 1"));
+    }
+
+    #[test]
+    fn a_summary_flow_says_how_many_events_it_stands_for() {
+        let f = Flow {
+            event: "drop".into(),
+            verdict: "DROPPED".into(),
+            drop_reason: Some("Policy denied".into()),
+            l7: None,
+            policy: Some("default deny".into()),
+            aggregated: Some(41),
+            ..denied_put()
+        };
+        assert!(
+            observe_line(&f).ends_with("[default deny] (+41 like it)"),
+            "{}",
+            observe_line(&f)
+        );
+        assert!(
+            monitor_line(&f).ends_with("(+41 like it)"),
+            "{}",
+            monitor_line(&f)
+        );
     }
 
     #[test]
