@@ -205,11 +205,11 @@ fn reason_text(f: &Flow) -> String {
         .unwrap_or_default()
 }
 
-/// ` (+N like it)` on a summary flow: N more events of its kind, held back
+/// ` (summary of N)` on a summary flow: the N events of its kind, held back
 /// by the monitor under load, that this flow stands for.
 fn aggregated_text(f: &Flow) -> String {
     f.aggregated
-        .map(|n| format!(" (+{n} like it)"))
+        .map(|n| format!(" (summary of {n})"))
         .unwrap_or_default()
 }
 
@@ -392,12 +392,12 @@ mod tests {
             ..denied_put()
         };
         assert!(
-            observe_line(&f).ends_with("[default deny] (+41 like it)"),
+            observe_line(&f).ends_with("[default deny] (summary of 41)"),
             "{}",
             observe_line(&f)
         );
         assert!(
-            monitor_line(&f).ends_with("(+41 like it)"),
+            monitor_line(&f).ends_with("(summary of 41)"),
             "{}",
             monitor_line(&f)
         );
