@@ -90,11 +90,28 @@ pub async fn run(cmd: EndpointCmd, client: &ApiClient, output: Output) -> anyhow
             print_rows(
                 output,
                 &list,
-                &["ID", "STATE", "IPV6", "IPV4", "NETNS", "LABELS"],
+                &[
+                    "ID",
+                    "STATE",
+                    "IPV6",
+                    "IPV4",
+                    "NETNS",
+                    "LABELS",
+                    "NAMED PORTS",
+                ],
                 |e| {
                     let state = format!("{:?}", e.state).to_lowercase();
                     let ipv4 = e.ipv4.as_deref().unwrap_or("-");
-                    cells(&[&e.id, &state, &e.ipv6, &ipv4, &e.netns, &labels_text(e)])
+                    let ports = named_ports_text(&e.named_ports);
+                    cells(&[
+                        &e.id,
+                        &state,
+                        &e.ipv6,
+                        &ipv4,
+                        &e.netns,
+                        &labels_text(e),
+                        &ports,
+                    ])
                 },
             )
         }
@@ -180,8 +197,7 @@ fn print_endpoint(e: &Endpoint) {
     outln!("Host side:   {} ({})", e.host_ifname, e.host_mac);
     outln!("Labels:      {}", labels_text(e));
     if !e.named_ports.is_empty() {
-        let ports: Vec<String> = e.named_ports.iter().map(|p| p.to_string()).collect();
-        outln!("Named ports: {}", ports.join(", "));
+        outln!("Named ports: {}", named_ports_text(&e.named_ports));
     }
     if let Some(c) = &e.container_id {
         outln!("Container:   {c}");
@@ -189,4 +205,16 @@ fn print_endpoint(e: &Endpoint) {
     if let Some(n) = &e.network {
         outln!("Network:     {n} (CNI, interface {})", e.ifname);
     }
+}
+
+/// `http=TCP/8080,metrics=TCP/9090`, or `-` when the endpoint names none.
+fn named_ports_text(ports: &[cilia_api::NamedPort]) -> String {
+    if ports.is_empty() {
+        return "-".into();
+    }
+    ports
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
