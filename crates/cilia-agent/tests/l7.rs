@@ -533,3 +533,47 @@ fn an_import_with_the_first_http_rule_returns_once_the_proxy_enforces_it() {
     .unwrap();
     assert_eq!(landed.status, 200);
 }
+
+/// Egress HTTP rules of the client: its requests are checked on the way
+/// out, whatever the server's own policy.
+const CNP_EGRESS_L7: &str = r#"
+apiVersion: "cilium.io/v2"
+kind: CiliumNetworkPolicy
+metadata:
+  name: "tiefighter-egress"
+spec:
+  endpointSelector:
+    matchLabels:
+      class: tiefighter
+  egress:
+  - toEndpoints:
+    - matchLabels:
+        class: deathstar
+    toPorts:
+    - ports:
+      - port: "80"
+        protocol: TCP
+      rules:
+        http:
+        - method: "GET"
+          path: "/whoami"
+"#;
+
+#[test]
+fn egress_http_rules_check_the_clients_requests_on_the_way_out() {
+    privileged!("egress_http_rules_check_the_clients_requests_on_the_way_out");
+    let sw = StarWars::start();
+    sw.import_text(CNP_EGRESS_L7);
+    for family in ["ipv6", "ipv4"] {
+        let ds = sw.addr(family);
+        let who = first_answer(&sw.tiefighter_ns, ds, "GET", "/whoami");
+        assert_eq!(who.status, 200, "{family}: {who:?}");
+        let seen: IpAddr = who.body.trim().parse().unwrap();
+        assert_eq!(seen, ip_of(&sw.tiefighter, family), "{family}");
+        let landing = request(&sw.tiefighter_ns, ds, "POST", "/v1/request-landing", &[]).unwrap();
+        assert_eq!(landing.status, 403, "{family}: {landing:?}");
+        // The xwing has no egress policy: it reaches the deathstar directly.
+        let xwing = request(&sw.xwing_ns, ds, "POST", "/v1/request-landing", &[]).unwrap();
+        assert_eq!(xwing.status, 200, "{family}");
+    }
+}
