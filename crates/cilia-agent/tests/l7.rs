@@ -454,15 +454,7 @@ fn requests_appear_in_observe_as_l7_flows() {
         std::thread::sleep(Duration::from_millis(200));
     }
     // And in the metrics, by verdict and status class.
-    let metrics = sw.agent.node.run(|| {
-        let mut s = TcpStream::connect("127.0.0.1:9962").unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: cilia\r\n\r\n")
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    });
+    let metrics = sw.agent.scrape_metrics();
     for line in [
         "cilia_proxy_http_requests_total{verdict=\"DROPPED\",status=\"4xx\"} 1",
         "cilia_proxy_http_request_duration_seconds_count{verdict=\"DROPPED\"} 1",

@@ -200,20 +200,6 @@ fn monitor_streams_drops_live() {
     assert_eq!(flow["destination"]["endpoint"], deathstar["id"]);
 }
 
-/// GET /metrics from inside the agent's node namespace (loopback there).
-fn scrape(agent: &TestAgent) -> String {
-    use std::io::{Read, Write};
-    agent.node.run(|| {
-        let mut s = TcpStream::connect("127.0.0.1:9962").unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: cilia\r\n\r\n")
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    })
-}
-
 fn metric(text: &str, prefix: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(prefix))
@@ -232,7 +218,7 @@ fn metrics_scrape_matches_the_generated_traffic() {
     for _ in 0..3 {
         assert!(!try_connect(&xw, target));
     }
-    let text = scrape(&agent);
+    let text = agent.scrape_metrics();
     assert!(
         text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
         "{text}"
@@ -352,7 +338,7 @@ fn a_flood_of_drops_keeps_memory_bounded_and_every_event_accounted() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let (mut drops, mut received, mut lost);
     loop {
-        let text = scrape(&agent);
+        let text = agent.scrape_metrics();
         drops = metric_sum(&text, "cilia_drop_count_total", "");
         received = metric_sum(&text, "cilia_monitor_events_total", "type=\"drop\"");
         lost = metric_sum(&text, "cilia_events_lost_total", "type=\"drop\"");
@@ -362,7 +348,7 @@ fn a_flood_of_drops_keeps_memory_bounded_and_every_event_accounted() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(drops >= sent as f64 * 0.9, "drops {drops} for {sent} sent");
-    let text = scrape(&agent);
+    let text = agent.scrape_metrics();
     assert_eq!(
         received + lost,
         drops,

@@ -362,16 +362,21 @@ mod tests {
         );
     }
 
-    #[test]
-    fn packet_flows_print_as_before() {
-        let f = Flow {
+    /// The same connection's SYN, dropped by the default deny.
+    fn dropped_syn() -> Flow {
+        Flow {
             event: "drop".into(),
             verdict: "DROPPED".into(),
             drop_reason: Some("Policy denied".into()),
             l7: None,
             policy: Some("default deny".into()),
             ..denied_put()
-        };
+        }
+    }
+
+    #[test]
+    fn packet_flows_print_as_before() {
+        let f = dropped_syn();
         assert_eq!(
             observe_line(&f),
             "2026-12-02T06:30:00.123  default/ep3(class=tiefighter) [fd00::3]:40000 -> \
@@ -383,13 +388,8 @@ mod tests {
     #[test]
     fn a_summary_flow_says_how_many_events_it_stands_for() {
         let f = Flow {
-            event: "drop".into(),
-            verdict: "DROPPED".into(),
-            drop_reason: Some("Policy denied".into()),
-            l7: None,
-            policy: Some("default deny".into()),
             aggregated: Some(41),
-            ..denied_put()
+            ..dropped_syn()
         };
         assert!(
             observe_line(&f).ends_with("[default deny] (summary of 41)"),

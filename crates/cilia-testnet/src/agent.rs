@@ -148,6 +148,23 @@ impl TestAgent {
         }
     }
 
+    /// GET /metrics from inside the node namespace (the agent's default
+    /// address, 127.0.0.1:9962, is that namespace's loopback).
+    pub fn scrape_metrics(&self) -> String {
+        use std::io::{Read, Write};
+        self.node.run(|| {
+            let mut s =
+                std::net::TcpStream::connect("127.0.0.1:9962").expect("connect to /metrics");
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("read timeout");
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: cilia\r\n\r\n")
+                .expect("send the scrape");
+            let mut out = String::new();
+            s.read_to_string(&mut out).expect("read the scrape");
+            out
+        })
+    }
+
     /// Runs the `cilia` CLI against this agent.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(bin("cilia"))
