@@ -14,6 +14,7 @@ pub mod ipam;
 pub mod metrics;
 pub mod monitor;
 pub mod node;
+pub mod nodenet;
 pub mod paths;
 pub mod policy;
 pub mod proxy;
@@ -53,6 +54,103 @@ pub struct AgentConfig {
     pub proxy_port: u16,
     /// The `cilia-proxy` executable (`None`: beside the agent's own).
     pub proxy_bin: Option<PathBuf>,
+    /// This node in a cluster (kvstore, tunnel, peers).
+    pub cluster: ClusterOptions,
+}
+
+/// Where the agent keeps cluster-wide state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvstoreKind {
+    /// A file under the state dir: one node, zero setup.
+    Embedded,
+    /// An etcd v3 cluster shared by every node.
+    Etcd,
+}
+
+/// How packets travel between nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TunnelMode {
+    /// A VXLAN overlay whose VNI carries the sender's security identity.
+    Vxlan,
+    /// Native routing over the underlay; identities from the ipcache.
+    Disabled,
+}
+
+impl TunnelMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TunnelMode::Vxlan => "vxlan",
+            TunnelMode::Disabled => "disabled",
+        }
+    }
+}
+
+/// Who programs the node's routes to other nodes' pod ranges in native mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NativeRoutes {
+    /// The agent: each range via its node's underlay address (the nodes
+    /// share a link).
+    Auto,
+    /// The operator's routing (BGP, static routes): the agent adds none.
+    External,
+}
+
+/// The node's place in a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// This node's name, unique in the cluster.
+    pub node_name: String,
+    /// The node's underlay address (`None`: the source address of the
+    /// default route, required with `--kvstore etcd`).
+    pub node_ip: Option<std::net::IpAddr>,
+    pub kvstore: KvstoreKind,
+    /// etcd endpoints (`http://host:port`).
+    pub kvstore_endpoints: Vec<String>,
+    pub tunnel: TunnelMode,
+    /// UDP port of the VXLAN overlay.
+    pub tunnel_port: u16,
+    pub native_routes: NativeRoutes,
+    /// Time to live of the node's lease: its entries vanish this long after
+    /// its agent stops renewing it.
+    pub node_lease_ttl: std::time::Duration,
+    /// Where the read-only peer API (flows, status, health) listens for the
+    /// other nodes' relays (`None`: nowhere).
+    pub peer_api_addr: Option<std::net::SocketAddr>,
+    /// TCP port of the health endpoint's responder.
+    pub health_port: u16,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            node_name: default_node_name(),
+            node_ip: None,
+            kvstore: KvstoreKind::Embedded,
+            kvstore_endpoints: Vec::new(),
+            tunnel: TunnelMode::Vxlan,
+            tunnel_port: DEFAULT_TUNNEL_PORT,
+            native_routes: NativeRoutes::Auto,
+            node_lease_ttl: std::time::Duration::from_secs(15),
+            peer_api_addr: None,
+            health_port: DEFAULT_HEALTH_PORT,
+        }
+    }
+}
+
+/// The VXLAN port (the one Linux and Cilium use by default).
+pub const DEFAULT_TUNNEL_PORT: u16 = 8472;
+/// The health responder's port.
+pub const DEFAULT_HEALTH_PORT: u16 = 4240;
+/// The peer API's port.
+pub const DEFAULT_PEER_API_PORT: u16 = 4244;
+
+/// The node's name when none is given: the lowercased host name.
+pub fn default_node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_lowercase())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 fn mkdir_private(path: &std::path::Path) -> anyhow::Result<()> {

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use cilia_agent::{paths, AgentConfig};
+use cilia_agent::{paths, AgentConfig, ClusterOptions, KvstoreKind, NativeRoutes, TunnelMode};
 use clap::Parser;
 use ipnet::{Ipv4Net, Ipv6Net};
 
@@ -47,6 +47,47 @@ struct Args {
     /// The `cilia-proxy` executable; default: beside `cilia-agent`.
     #[arg(long, env = "CILIA_PROXY_BIN")]
     proxy_bin: Option<PathBuf>,
+    /// This node's name, unique in the cluster; default: the lowercased
+    /// host name.
+    #[arg(long, env = "CILIA_NODE_NAME")]
+    node_name: Option<String>,
+    /// The node's underlay address: the device holding it carries tunnel
+    /// and native-routing traffic. Default: the source address of the
+    /// default route.
+    #[arg(long, env = "CILIA_NODE_IP")]
+    node_ip: Option<std::net::IpAddr>,
+    /// Where cluster-wide state lives: `embedded` (one node) or `etcd`.
+    #[arg(long, env = "CILIA_KVSTORE", value_enum, default_value = "embedded")]
+    kvstore: KvstoreKind,
+    /// etcd endpoints, comma separated (`http://host:port`).
+    #[arg(long, env = "CILIA_KVSTORE_ENDPOINTS", value_delimiter = ',')]
+    kvstore_endpoints: Vec<String>,
+    /// How packets travel between nodes: `vxlan` (the VNI carries the
+    /// sender's identity) or `disabled` (native routing).
+    #[arg(long, env = "CILIA_TUNNEL", value_enum, default_value = "vxlan")]
+    tunnel: TunnelMode,
+    /// UDP port of the VXLAN overlay (the same on every node).
+    #[arg(long, env = "CILIA_TUNNEL_PORT", default_value_t = cilia_agent::DEFAULT_TUNNEL_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    tunnel_port: u16,
+    /// Native routing: `auto` installs routes to the other nodes' pod
+    /// ranges via their node addresses; `external` leaves it to the
+    /// operator's routing.
+    #[arg(long, env = "CILIA_NATIVE_ROUTES", value_enum, default_value = "auto")]
+    native_routes: NativeRoutes,
+    /// Seconds the node's entries outlive its agent in the kvstore.
+    #[arg(long, env = "CILIA_NODE_LEASE_TTL", default_value_t = 15,
+          value_parser = clap::value_parser!(u64).range(2..=3600))]
+    node_lease_ttl: u64,
+    /// Address of the read-only peer API other nodes' relays query
+    /// (`cilia observe --cluster`); default `<node-ip>:4244` with
+    /// `--kvstore etcd`; `off` to disable.
+    #[arg(long, env = "CILIA_PEER_API_ADDR")]
+    peer_api_addr: Option<String>,
+    /// TCP port of the health endpoint's responder.
+    #[arg(long, env = "CILIA_HEALTH_PORT", default_value_t = cilia_agent::DEFAULT_HEALTH_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    health_port: u16,
 }
 
 fn main() {
@@ -85,6 +126,53 @@ async fn agent_main() {
             }
         },
     };
+    if args.kvstore == KvstoreKind::Etcd && args.kvstore_endpoints.is_empty() {
+        eprintln!("cilia-agent: --kvstore etcd needs --kvstore-endpoints URL[,URL]");
+        std::process::exit(2);
+    }
+    let node_ip = match args.node_ip {
+        Some(ip) => Some(ip),
+        None if args.kvstore == KvstoreKind::Etcd => {
+            match cilia_agent::nodenet::default_node_ip() {
+                Some(ip) => Some(ip),
+                None => {
+                    eprintln!(
+                    "cilia-agent: --kvstore etcd: this network namespace has no default route to take the node's address from; pass --node-ip"
+                );
+                    std::process::exit(2);
+                }
+            }
+        }
+        None => None,
+    };
+    let peer_api_addr = match args.peer_api_addr.as_deref() {
+        Some("off") | Some("") => None,
+        Some(addr) => match addr.parse() {
+            Ok(a) => Some(a),
+            Err(e) => {
+                eprintln!("cilia-agent: --peer-api-addr {addr:?}: {e}");
+                std::process::exit(2);
+            }
+        },
+        None if args.kvstore == KvstoreKind::Etcd => {
+            node_ip.map(|ip| std::net::SocketAddr::new(ip, cilia_agent::DEFAULT_PEER_API_PORT))
+        }
+        None => None,
+    };
+    let cluster = ClusterOptions {
+        node_name: args
+            .node_name
+            .unwrap_or_else(cilia_agent::default_node_name),
+        node_ip,
+        kvstore: args.kvstore,
+        kvstore_endpoints: args.kvstore_endpoints,
+        tunnel: args.tunnel,
+        tunnel_port: args.tunnel_port,
+        native_routes: args.native_routes,
+        node_lease_ttl: std::time::Duration::from_secs(args.node_lease_ttl),
+        peer_api_addr,
+        health_port: args.health_port,
+    };
     let config = AgentConfig {
         state_dir: args.state_dir,
         bpf_root: args.bpf_root,
@@ -96,6 +184,7 @@ async fn agent_main() {
         ct_budget: args.ct_budget,
         proxy_port: args.proxy_port,
         proxy_bin: args.proxy_bin,
+        cluster,
     };
     if let Err(e) = cilia_agent::run(config).await {
         eprintln!("cilia-agent: {e:#}");

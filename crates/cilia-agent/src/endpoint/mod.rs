@@ -217,6 +217,9 @@ pub struct EndpointManager {
     /// Re-specialize and re-attach every endpoint at restore (set when the
     /// datapath recreated pinned maps the old programs still use).
     pub reattach_all: bool,
+    /// The MTU of new endpoints' devices (`None`: the kernel's default);
+    /// set in overlay mode to leave room for the tunnel's headers.
+    pub mtu: Option<u32>,
 }
 
 pub(crate) fn config_of(rec: &EndpointRecord, ifindex: u32) -> EndpointConfig {
@@ -269,6 +272,7 @@ impl EndpointManager {
             policy: Arc::new(Mutex::new(policy)),
             agent_netns: netdev::AGENT_NETNS.into(),
             reattach_all: false,
+            mtu: None,
         }
     }
 
@@ -457,6 +461,7 @@ impl EndpointManager {
                 ipv4: rec.ipv4,
                 router6,
                 router4,
+                mtu: self.mtu,
             },
             rec,
             netdev: self.netdev.clone(),

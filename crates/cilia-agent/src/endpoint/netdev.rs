@@ -119,6 +119,9 @@ pub struct VethSpec {
     pub ipv4: Option<Ipv4Addr>,
     pub router6: Ipv6Addr,
     pub router4: Option<Ipv4Addr>,
+    /// The MTU of both ends (`None`: the kernel's default): below the
+    /// underlay's by the tunnel's overhead in overlay mode.
+    pub mtu: Option<u32>,
 }
 
 /// The operations on devices the endpoint manager needs; a trait so its
@@ -217,11 +220,13 @@ impl Netdev for Rtnetlink {
             &VethEnd {
                 name: &spec.host_ifname,
                 mac: Some(spec.host_mac),
+                mtu: spec.mtu,
                 netns: None,
             },
             &VethEnd {
                 name: tmp,
                 mac: Some(spec.mac),
+                mtu: spec.mtu,
                 netns: Some(&spec.netns.file),
             },
         )
@@ -298,11 +303,13 @@ impl Netdev for Rtnetlink {
                 &VethEnd {
                     name: ROUTER_DEVICE,
                     mac: None,
+                    mtu: None,
                     netns: None,
                 },
                 &VethEnd {
                     name: ROUTER_PEER,
                     mac: None,
+                    mtu: None,
                     netns: None,
                 },
             )

@@ -11,14 +11,15 @@ use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd};
 
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
     NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope,
 };
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoData, InfoGeneve, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo,
+    LinkMessage,
 };
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
@@ -35,6 +36,8 @@ pub struct Rtnl {
 pub struct VethEnd<'a> {
     pub name: &'a str,
     pub mac: Option<[u8; 6]>,
+    /// The MTU (default: the kernel's, 1500).
+    pub mtu: Option<u32>,
     /// The namespace it is created in (default: the socket's).
     pub netns: Option<&'a File>,
 }
@@ -59,10 +62,23 @@ fn link_attributes(end: &VethEnd<'_>) -> Vec<LinkAttribute> {
     if let Some(mac) = end.mac {
         attrs.push(LinkAttribute::Address(mac.to_vec()));
     }
+    if let Some(mtu) = end.mtu {
+        attrs.push(LinkAttribute::Mtu(mtu));
+    }
     if let Some(ns) = end.netns {
         attrs.push(LinkAttribute::NetNsFd(ns.as_raw_fd()));
     }
     attrs
+}
+
+/// A link as the kernel reports it (the few attributes the agent reads).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkState {
+    pub index: u32,
+    pub mtu: Option<u32>,
+    /// `IFLA_INFO_KIND` (e.g. "vxlan", "veth"); `None` for plain devices.
+    pub kind: Option<String>,
+    pub noarp: bool,
 }
 
 impl Rtnl {
@@ -132,6 +148,8 @@ impl Rtnl {
                         }
                     }
                     NetlinkPayload::InnerMessage(m) => answers.push(m),
+                    // The end of a dump (which gets no acknowledgement).
+                    NetlinkPayload::Done(_) => return Ok(answers),
                     _ => {}
                 }
             }
@@ -151,6 +169,104 @@ impl Rtnl {
             Err(e) if e.raw_os_error() == Some(nix::libc::ENODEV) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// The link named `name` with its MTU and kind, if it exists.
+    pub fn link(&mut self, name: &str) -> io::Result<Option<LinkState>> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        let answers = match self.request(RouteNetlinkMessage::GetLink(msg), 0) {
+            Ok(a) => a,
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENODEV) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(answers.into_iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) => {
+                let mut state = LinkState {
+                    index: l.header.index,
+                    mtu: None,
+                    kind: None,
+                    noarp: l.header.flags.contains(LinkFlags::Noarp),
+                };
+                for a in &l.attributes {
+                    match a {
+                        LinkAttribute::Mtu(m) => state.mtu = Some(*m),
+                        LinkAttribute::LinkInfo(infos) => {
+                            for i in infos {
+                                if let LinkInfo::Kind(k) = i {
+                                    state.kind = Some(k.to_string());
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                Some(state)
+            }
+            _ => None,
+        }))
+    }
+
+    /// Creates a VXLAN device in external (collect-metadata) mode on UDP
+    /// `port`: the BPF programs set each packet's tunnel key; the kernel
+    /// learns nothing (no FDB learning).
+    pub fn add_vxlan_external(&mut self, name: &str, port: u16, mtu: u32) -> io::Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        msg.attributes.push(LinkAttribute::Mtu(mtu));
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Vxlan),
+            LinkInfo::Data(InfoData::Vxlan(vec![
+                InfoVxlan::CollectMetadata(true),
+                InfoVxlan::Port(port),
+                InfoVxlan::Learning(false),
+            ])),
+        ]));
+        self.request(RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)
+            .map(|_| ())
+    }
+
+    /// Tries to create (and at once deletes) an external-mode Geneve
+    /// device: `Ok(false)` when the kernel has no Geneve support.
+    pub fn probe_geneve(&mut self, name: &str) -> io::Result<bool> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Geneve),
+            LinkInfo::Data(InfoData::Geneve(vec![InfoGeneve::CollectMetadata])),
+        ]));
+        match self.request(RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL) {
+            Ok(_) => {
+                if let Some(index) = self.link_index(name)? {
+                    self.delete_link(index)?;
+                }
+                Ok(true)
+            }
+            // "Unknown device type": no driver, and none could be loaded.
+            Err(e) if e.raw_os_error() == Some(nix::libc::EOPNOTSUPP) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sets the MTU of interface `index`.
+    pub fn set_mtu(&mut self, index: u32, mtu: u32) -> io::Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.attributes.push(LinkAttribute::Mtu(mtu));
+        self.request(RouteNetlinkMessage::SetLink(msg), 0)
+            .map(|_| ())
+    }
+
+    /// Sets or clears `IFF_NOARP` on interface `index`.
+    pub fn set_noarp(&mut self, index: u32, noarp: bool) -> io::Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        if noarp {
+            msg.header.flags = LinkFlags::Noarp;
+        }
+        msg.header.change_mask = LinkFlags::Noarp;
+        self.request(RouteNetlinkMessage::SetLink(msg), 0)
+            .map(|_| ())
     }
 
     /// Creates a veth pair; the peer may be created in another namespace.
@@ -223,6 +339,87 @@ impl Rtnl {
         };
         self.request(RouteNetlinkMessage::NewAddress(msg), flags)
             .map(|_| ())
+    }
+
+    /// Creates or replaces the main-table route to `dst/len` out of
+    /// interface `index` (via `gateway` when given, else on-link), tagged
+    /// with `protocol` so the agent can find its own routes again.
+    pub fn replace_route(
+        &mut self,
+        index: u32,
+        dst: IpAddr,
+        len: u8,
+        gateway: Option<IpAddr>,
+        protocol: u8,
+    ) -> io::Result<()> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = family(dst);
+        msg.header.destination_prefix_length = len;
+        msg.header.table = RouteHeader::RT_TABLE_MAIN;
+        msg.header.protocol = RouteProtocol::from(protocol);
+        msg.header.kind = RouteType::Unicast;
+        msg.header.scope = if gateway.is_none() {
+            RouteScope::Link
+        } else {
+            RouteScope::Universe
+        };
+        msg.attributes
+            .push(RouteAttribute::Destination(route_address(dst)));
+        if let Some(gw) = gateway {
+            msg.attributes
+                .push(RouteAttribute::Gateway(route_address(gw)));
+        }
+        msg.attributes.push(RouteAttribute::Oif(index));
+        self.request(
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .map(|_| ())
+    }
+
+    /// The main-table routes tagged with `protocol`: (destination, length).
+    pub fn routes_of_protocol(&mut self, protocol: u8) -> io::Result<Vec<(IpAddr, u8)>> {
+        let mut out = Vec::new();
+        for af in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut msg = RouteMessage::default();
+            msg.header.address_family = af;
+            let answers = self.request(RouteNetlinkMessage::GetRoute(msg), NLM_F_DUMP)?;
+            for m in answers {
+                let RouteNetlinkMessage::NewRoute(r) = m else {
+                    continue;
+                };
+                if r.header.protocol != RouteProtocol::from(protocol)
+                    || r.header.table != RouteHeader::RT_TABLE_MAIN
+                {
+                    continue;
+                }
+                let dst = r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
+                    RouteAttribute::Destination(RouteAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
+                    _ => None,
+                });
+                if let Some(dst) = dst {
+                    out.push((dst, r.header.destination_prefix_length));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes the main-table route to `dst/len`. Absent is not an error.
+    pub fn delete_route(&mut self, dst: IpAddr, len: u8) -> io::Result<()> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = family(dst);
+        msg.header.destination_prefix_length = len;
+        msg.header.table = RouteHeader::RT_TABLE_MAIN;
+        msg.header.scope = RouteScope::NoWhere;
+        msg.attributes
+            .push(RouteAttribute::Destination(route_address(dst)));
+        match self.request(RouteNetlinkMessage::DelRoute(msg), 0) {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(nix::libc::ESRCH) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Adds a route to `dst/len` out of interface `index`, via `gateway`
