@@ -11,6 +11,7 @@ pub mod crash;
 pub mod datapath;
 pub mod endpoint;
 pub mod ipam;
+pub mod mesh;
 pub mod metrics;
 pub mod monitor;
 pub mod node;
