@@ -15,8 +15,18 @@
 #                       skips scripts/setup.sh (packages, release build)
 #   CILIA_DEMO_NAME=N   name of its namespaces, run dir and bpffs dir (default
 #                       cilia-demo), so a test can run it beside a user's demo
+#   --nodes N           run it across N nodes (scripts/demo-cluster.sh): etcd,
+#                       one agent per node namespace, the VXLAN overlay
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--nodes" ]; then
+  case "${2:-}" in
+    1) shift 2 ;;
+    [2-9]) CILIA_DEMO_NODES=$2 exec scripts/demo-cluster.sh ;;
+    *) echo "demo.sh: --nodes takes a number from 1 to 9" >&2; exit 2 ;;
+  esac
+fi
+[ $# -eq 0 ] || { echo "demo.sh: unknown argument $1 (only --nodes N)" >&2; exit 2; }
 source scripts/lib/procs.sh
 if [ "$(id -u)" -ne 0 ]; then
   echo "demo.sh: run as root (it creates network namespaces and loads BPF programs): in a root shell scripts/demo.sh, from another account sudo scripts/demo.sh" >&2

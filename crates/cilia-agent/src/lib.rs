@@ -119,6 +119,8 @@ pub struct ClusterOptions {
     pub peer_api_addr: Option<std::net::SocketAddr>,
     /// TCP port of the health endpoint's responder.
     pub health_port: u16,
+    /// Name of the health endpoint's network namespace (under /run/netns).
+    pub health_netns: String,
 }
 
 impl Default for ClusterOptions {
@@ -134,6 +136,7 @@ impl Default for ClusterOptions {
             node_lease_ttl: std::time::Duration::from_secs(15),
             peer_api_addr: None,
             health_port: DEFAULT_HEALTH_PORT,
+            health_netns: format!("cilia-health-{}", default_node_name()),
         }
     }
 }

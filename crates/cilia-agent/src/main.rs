@@ -88,6 +88,10 @@ struct Args {
     #[arg(long, env = "CILIA_HEALTH_PORT", default_value_t = cilia_agent::DEFAULT_HEALTH_PORT,
           value_parser = clap::value_parser!(u16).range(1..))]
     health_port: u16,
+    /// Network namespace (under /run/netns) of the node's health endpoint;
+    /// default `cilia-health-<node-name>`.
+    #[arg(long, env = "CILIA_HEALTH_NETNS")]
+    health_netns: Option<String>,
 }
 
 fn main() {
@@ -159,10 +163,14 @@ async fn agent_main() {
         }
         None => None,
     };
+    let node_name = args
+        .node_name
+        .unwrap_or_else(cilia_agent::default_node_name);
     let cluster = ClusterOptions {
-        node_name: args
-            .node_name
-            .unwrap_or_else(cilia_agent::default_node_name),
+        health_netns: args
+            .health_netns
+            .unwrap_or_else(|| format!("cilia-health-{node_name}")),
+        node_name,
         node_ip,
         kvstore: args.kvstore,
         kvstore_endpoints: args.kvstore_endpoints,
