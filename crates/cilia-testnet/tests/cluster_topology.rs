@@ -1,0 +1,126 @@
+//! The multi-node harness itself, without agents: the fabric joins the node
+//! namespaces in both families and goes nowhere else, etcd on the bridge
+//! answers every node, survives `kill -9` with its data, and everything
+//! is removed on drop.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::net::IpAddr;
+use std::process::Command;
+
+use cilia_testnet::cluster::{node_ipv4, node_ipv6, ping, Cluster, Fabric, FABRIC_IPV4};
+use cilia_testnet::etcd::http_exchange;
+use cilia_testnet::{cluster_prerequisites, privileged};
+
+fn netns_exists(name: &str) -> bool {
+    std::path::Path::new("/run/netns").join(name).exists()
+}
+
+#[test]
+fn nodes_reach_each_other_over_both_underlay_families_and_nothing_else() {
+    privileged!("fabric_underlay");
+    let fabric = Fabric::new(3).unwrap();
+    for (from, to) in [(1, 2), (1, 3), (2, 3), (3, 1)] {
+        let ns = fabric.node(from);
+        assert!(
+            ping(ns, IpAddr::V4(node_ipv4(to))),
+            "node{from} -> node{to} v4"
+        );
+        assert!(
+            ping(ns, IpAddr::V6(node_ipv6(to))),
+            "node{from} -> node{to} v6"
+        );
+    }
+    // Only the connected underlay routes: no default route anywhere.
+    for ns in [fabric.ns(), fabric.node(1), fabric.node(2), fabric.node(3)] {
+        for family in ["-4", "-6"] {
+            let routes = ns.ip(&[family, "route", "show", "default"]).unwrap();
+            assert_eq!(routes.trim(), "", "{} has a default route", ns.name());
+        }
+    }
+    // A stranger joins at .99 and is reachable too (the attacker's seat).
+    let stranger = fabric.attach(99).unwrap();
+    assert!(ping(&stranger, IpAddr::V4(node_ipv4(1))));
+}
+
+#[test]
+fn dropping_the_fabric_removes_every_namespace() {
+    privileged!("fabric_drop");
+    let fabric = Fabric::new(2).unwrap();
+    let names: Vec<String> = [fabric.ns(), fabric.node(1), fabric.node(2)]
+        .iter()
+        .map(|ns| ns.name().to_string())
+        .collect();
+    assert!(names.iter().all(|n| n.starts_with("cnode")), "{names:?}");
+    assert!(names.iter().all(|n| netns_exists(n)));
+    // Even after a panic inside a test body.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let _fabric = fabric;
+        panic!("test body failed");
+    }));
+    assert!(result.is_err());
+    assert!(names.iter().all(|n| !netns_exists(n)), "{names:?}");
+}
+
+#[test]
+fn etcd_in_the_fabric_answers_health_from_inside_every_node() {
+    cluster_prerequisites!("etcd_health_from_nodes");
+    let cluster = Cluster::new(3);
+    assert_eq!(cluster.etcd.endpoint(), "http://198.51.100.254:2379");
+    for n in 1..=3 {
+        let (code, body) = cluster
+            .node_ns(n)
+            .run(|| {
+                http_exchange(
+                    cluster.etcd.client_addr(),
+                    &format!(
+                        "GET /health HTTP/1.1\r\nHost: {FABRIC_IPV4}\r\nConnection: close\r\n\r\n"
+                    ),
+                )
+            })
+            .unwrap();
+        assert_eq!(code, 200, "node{n}: {body}");
+        assert!(body.contains("\"true\""), "node{n}: {body}");
+    }
+}
+
+#[test]
+fn etcd_keeps_its_data_across_kill_9_and_start_again() {
+    cluster_prerequisites!("etcd_kill9_restart");
+    let mut cluster = Cluster::new(1);
+    cluster.etcd.put("cilia/test/key", "value-1").unwrap();
+    assert!(cluster.etcd.holds("cilia/test/key", "value-1").unwrap());
+    cluster.etcd.stop_kill9();
+    assert!(!cluster.etcd.is_running());
+    assert!(cluster.etcd.get("/health").is_err(), "etcd is down");
+    cluster.etcd.start_again().unwrap();
+    assert!(cluster.etcd.holds("cilia/test/key", "value-1").unwrap());
+    assert!(!cluster.etcd.holds("cilia/test/key", "other").unwrap());
+}
+
+#[test]
+fn dropping_a_cluster_kills_etcd_and_removes_its_namespaces() {
+    cluster_prerequisites!("cluster_drop");
+    let cluster = Cluster::new(2);
+    let fabric = cluster.fabric.ns().name().to_string();
+    let pids = Command::new("ip")
+        .args(["netns", "pids", &fabric])
+        .output()
+        .unwrap();
+    let pids: Vec<i32> = String::from_utf8_lossy(&pids.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    assert!(!pids.is_empty(), "etcd runs in the fabric");
+    drop(cluster);
+    assert!(!netns_exists(&fabric));
+    for pid in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map(|s| s.contains(") Z "))
+                    .unwrap_or(true),
+            "etcd pid {pid} still runs"
+        );
+    }
+}
