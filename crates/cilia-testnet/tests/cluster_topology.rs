@@ -124,3 +124,44 @@ fn dropping_a_cluster_kills_etcd_and_removes_its_namespaces() {
         );
     }
 }
+
+#[test]
+fn an_agent_started_in_a_fabric_node_serves_pods_and_keeps_the_underlay() {
+    privileged!("agent_in_fabric_node");
+    // Today's single-node agent (no cluster flags): the harness part of
+    // `Cluster::start_node`, i.e. an agent taking over a wired namespace.
+    let mut fabric = Fabric::new(2).unwrap();
+    let node = fabric.take_node(1);
+    let name = node.name().to_string();
+    let mut agent = cilia_testnet::TestAgent::start_in(
+        node,
+        cilia_testnet::AgentOptions {
+            ipv6_range: cilia_testnet::cluster::node_ipv6_range(1),
+            ipv4_range: Some(cilia_testnet::cluster::node_ipv4_range(1)),
+        },
+        vec!["--flow-buffer-size".into(), "100".into()],
+    )
+    .unwrap();
+    assert_eq!(agent.node.name(), name);
+    assert_eq!(agent.args(), ["--flow-buffer-size", "100"]);
+    let (c1, c2) = (
+        cilia_testnet::Netns::new("cep").unwrap(),
+        cilia_testnet::Netns::new("cep").unwrap(),
+    );
+    let a = agent.create_endpoint(&c1, "app=a");
+    let b = agent.create_endpoint(&c2, "app=b");
+    assert!(a["ipv6"].as_str().unwrap().starts_with("fd00:c1a:1::"));
+    let b4 = cilia_testnet::ip_of(&b, "ipv4");
+    assert!(ping(&c1, b4));
+    cilia_testnet::cluster::tcp_echo(&c2, &c1, b4, &[7; 1400]).unwrap();
+    // The underlay still works beside it.
+    assert!(ping(&agent.node, IpAddr::V4(node_ipv4(2))));
+    // kill -9 and restart with the same flags.
+    agent.kill9();
+    assert!(!agent.is_running());
+    agent.spawn().unwrap();
+    assert!(agent.is_running());
+    assert_eq!(agent.endpoints().len(), 2);
+    drop(agent);
+    assert!(!netns_exists(&name), "the agent removed its node namespace");
+}
