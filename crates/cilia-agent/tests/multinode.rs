@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use cilia_testnet::cluster::{
     exchange, node_ipv4, node_ipv4_range, node_ipv6_range, node_name, node_names, ping, poll,
-    tcp_connect, tcp_echo, udp_echo, EchoServer, LEASE_TTL_SECS,
+    send_vxlan, tcp_connect, tcp_echo, udp_echo, EchoServer, VxlanFrame, LEASE_TTL_SECS,
 };
 use cilia_testnet::{cluster_prerequisites, Cluster, Netns, Pod, TestAgent, Tunnel};
 
@@ -444,42 +444,6 @@ fn a_removed_node_leaves_the_other_nodes_after_its_lease() {
 // ---------------------------------------------------------------------------
 // Attacks
 
-/// Builds and sends `count` VXLAN frames from the caller's namespace:
-/// argv = node, VNI, inner dst MAC, inner src IP, inner dst IP, UDP port,
-/// count. Inner: Ethernet, IPv4 or IPv6, UDP with payload `forged`.
-const FORGE_VXLAN: &str = r#"
-import socket, struct, sys, time
-def csum(b):
-    if len(b) % 2:
-        b += b'\0'
-    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))
-    while s >> 16:
-        s = (s & 0xffff) + (s >> 16)
-    return (~s) & 0xffff
-node, vni, mac, src, dst, port, count = sys.argv[1:8]
-vni, port, count = int(vni), int(port), int(count)
-payload = b'forged'
-dmac = bytes.fromhex(mac.replace(':', ''))
-smac = bytes.fromhex('020000000099')
-ulen = 8 + len(payload)
-udp = struct.pack('!HHHH', 40000, port, ulen, 0) + payload
-if ':' in dst:
-    s6, d6 = socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst)
-    c = csum(s6 + d6 + struct.pack('!I', ulen) + b'\0\0\0\x11' + udp) or 0xffff
-    udp = udp[:6] + struct.pack('!H', c) + udp[8:]
-    inner = dmac + smac + b'\x86\xdd' + struct.pack('!IHBB', 6 << 28, ulen, 17, 64) + s6 + d6 + udp
-else:
-    hdr = struct.pack('!BBHHHBBH', 0x45, 0, 20 + ulen, 1, 0, 64, 17, 0)
-    hdr += socket.inet_aton(src) + socket.inet_aton(dst)
-    hdr = hdr[:10] + struct.pack('!H', csum(hdr)) + hdr[12:]
-    inner = dmac + smac + b'\x08\x00' + hdr + udp
-frame = struct.pack('!II', 0x08000000, vni << 8) + inner
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-for _ in range(count):
-    s.sendto(frame, (node, 8472))
-    time.sleep(0.02)
-"#;
-
 #[test]
 fn a_vxlan_packet_from_an_address_that_is_no_node_is_dropped() {
     cluster_prerequisites!("vxlan_spoofing");
@@ -513,23 +477,19 @@ fn a_vxlan_packet_from_an_address_that_is_no_node_is_dropped() {
         // A stranger on the underlay (198.51.100.99) forges node2's pod:
         // its identity as the VNI, its address as the inner source.
         let before = drops_like(c.agent(1), "unknown node");
-        let out = attacker
-            .command("python3")
-            .args(["-c", FORGE_VXLAN])
-            .arg(node_ipv4(1).to_string())
-            .arg(peer.identity().to_string())
-            .arg(&mac)
-            .arg(peer.ip(family).to_string())
-            .arg(target.ip(family).to_string())
-            .arg(port.to_string())
-            .arg("20")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "forging: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        send_vxlan(
+            &attacker,
+            &VxlanFrame {
+                to: IpAddr::V4(node_ipv4(1)),
+                vni: peer.identity(),
+                inner_dst_mac: mac.clone(),
+                inner_src: peer.ip(family),
+                inner_dst: SocketAddr::new(target.ip(family), port),
+                payload: "forged".into(),
+            },
+            20,
+        )
+        .unwrap();
         match listener.recv_from(&mut buf) {
             Ok((n, from)) => panic!(
                 "{family}: the pod got {:?} from {from}",

@@ -565,3 +565,74 @@ pub fn udp_echo(server: &Netns, client: &Netns, addr: IpAddr) -> Result<(), Stri
     let _ = echo.join();
     result
 }
+
+/// A VXLAN frame as a stranger on the underlay would craft it: UDP to
+/// `to`:8472, VXLAN header with `vni`, inner Ethernet (`inner_dst_mac`),
+/// IPv4 or IPv6 (by `inner_dst`'s family), UDP with `payload`.
+#[derive(Debug, Clone)]
+pub struct VxlanFrame {
+    pub to: IpAddr,
+    pub vni: u32,
+    pub inner_dst_mac: String,
+    pub inner_src: IpAddr,
+    pub inner_dst: SocketAddr,
+    pub payload: String,
+}
+
+/// Builds the frame in python3 (argv: node, VNI, MAC, inner src, inner
+/// dst, port, count, payload) and sends it `count` times, 20 ms apart.
+const SEND_VXLAN: &str = r#"
+import socket, struct, sys, time
+def csum(b):
+    if len(b) % 2:
+        b += b'\0'
+    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))
+    while s >> 16:
+        s = (s & 0xffff) + (s >> 16)
+    return (~s) & 0xffff
+node, vni, mac, src, dst, port, count, payload = sys.argv[1:9]
+vni, port, count, payload = int(vni), int(port), int(count), payload.encode()
+dmac = bytes.fromhex(mac.replace(':', ''))
+smac = bytes.fromhex('020000000099')
+ulen = 8 + len(payload)
+udp = struct.pack('!HHHH', 40000, port, ulen, 0) + payload
+if ':' in dst:
+    s6, d6 = socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst)
+    c = csum(s6 + d6 + struct.pack('!I', ulen) + b'\0\0\0\x11' + udp) or 0xffff
+    udp = udp[:6] + struct.pack('!H', c) + udp[8:]
+    inner = dmac + smac + b'\x86\xdd' + struct.pack('!IHBB', 6 << 28, ulen, 17, 64) + s6 + d6 + udp
+else:
+    hdr = struct.pack('!BBHHHBBH', 0x45, 0, 20 + ulen, 1, 0, 64, 17, 0)
+    hdr += socket.inet_aton(src) + socket.inet_aton(dst)
+    hdr = hdr[:10] + struct.pack('!H', csum(hdr)) + hdr[12:]
+    inner = dmac + smac + b'\x08\x00' + hdr + udp
+frame = struct.pack('!II', 0x08000000, vni << 8) + inner
+s = socket.socket(socket.AF_INET6 if ':' in node else socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(count):
+    s.sendto(frame, (node, 8472))
+    time.sleep(0.02)
+"#;
+
+/// Sends `frame` `count` times from inside `from` (python3 builds it).
+pub fn send_vxlan(from: &Netns, frame: &VxlanFrame, count: u32) -> Result<(), String> {
+    let out = from
+        .command("python3")
+        .args(["-c", SEND_VXLAN])
+        .arg(frame.to.to_string())
+        .arg(frame.vni.to_string())
+        .arg(&frame.inner_dst_mac)
+        .arg(frame.inner_src.to_string())
+        .arg(frame.inner_dst.ip().to_string())
+        .arg(frame.inner_dst.port().to_string())
+        .arg(count.to_string())
+        .arg(&frame.payload)
+        .output()
+        .map_err(|e| format!("python3: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "sending VXLAN frames: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}

@@ -5,10 +5,12 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::process::Command;
 
-use cilia_testnet::cluster::{node_ipv4, node_ipv6, ping, Cluster, Fabric, FABRIC_IPV4};
+use cilia_testnet::cluster::{
+    node_ipv4, node_ipv6, ping, send_vxlan, Cluster, Fabric, VxlanFrame, FABRIC_IPV4,
+};
 use cilia_testnet::etcd::http_exchange;
 use cilia_testnet::{cluster_prerequisites, privileged};
 
@@ -164,4 +166,63 @@ fn an_agent_started_in_a_fabric_node_serves_pods_and_keeps_the_underlay() {
     assert_eq!(agent.endpoints().len(), 2);
     drop(agent);
     assert!(!netns_exists(&name), "the agent removed its node namespace");
+}
+
+#[test]
+fn a_crafted_vxlan_frame_is_delivered_by_a_kernel_vxlan_device() {
+    privileged!("crafted_vxlan_frame");
+    // What the spoofing test sends must be a valid frame: the kernel's own
+    // VXLAN device (VNI 4242 on node1) decapsulates and delivers it.
+    let fabric = Fabric::new(1).unwrap();
+    let node = fabric.node(1);
+    node.ip(&[
+        "link",
+        "add",
+        "vx0",
+        "type",
+        "vxlan",
+        "id",
+        "4242",
+        "dstport",
+        "8472",
+        "local",
+        "198.51.100.1",
+        "nolearning",
+    ])
+    .unwrap();
+    node.ip(&["addr", "add", "10.99.0.1/24", "dev", "vx0"])
+        .unwrap();
+    node.ip(&["addr", "add", "fd00:99::1/64", "dev", "vx0", "nodad"])
+        .unwrap();
+    node.ip(&["link", "set", "vx0", "up"]).unwrap();
+    let link = node.ip(&["-o", "link", "show", "vx0"]).unwrap();
+    let mac = link
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let stranger = fabric.attach(99).unwrap();
+    for (src, dst) in [("10.99.0.7", "10.99.0.1"), ("fd00:99::7", "fd00:99::1")] {
+        let dst: IpAddr = dst.parse().unwrap();
+        let listener = node
+            .run(|| UdpSocket::bind(SocketAddr::new(dst, 0)))
+            .unwrap();
+        listener
+            .set_read_timeout(Some(std::time::Duration::from_secs(3)))
+            .unwrap();
+        let frame = VxlanFrame {
+            to: IpAddr::V4(node_ipv4(1)),
+            vni: 4242,
+            inner_dst_mac: mac.clone(),
+            inner_src: src.parse().unwrap(),
+            inner_dst: SocketAddr::new(dst, listener.local_addr().unwrap().port()),
+            payload: "crafted".into(),
+        };
+        send_vxlan(&stranger, &frame, 3).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = listener.recv_from(&mut buf).expect("the crafted datagram");
+        assert_eq!(&buf[..n], b"crafted");
+        assert_eq!(from.ip(), frame.inner_src);
+    }
 }
