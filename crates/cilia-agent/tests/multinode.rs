@@ -551,6 +551,8 @@ spec:
     let (src, dst) = (a.ip("ipv4").to_string(), b.ip("ipv4").to_string());
     let mut last = String::new();
     let found = poll(CONVERGE, || {
+        // A new flow each round: the policy may reach node2 after the first.
+        tcp_reaches(&a.ns, to);
         let out = c.agent(3).cli(&["observe", "--cluster", "-o", "json"]);
         last = String::from_utf8_lossy(&out.stdout).into_owned();
         let flows: Vec<serde_json::Value> = last
