@@ -32,7 +32,7 @@ DURATION=${DURATION:-5}
 [ "$DURATION" -le 60 ] || DURATION=60
 BIN=${CILIA_BENCH_BIN:-target/release}
 NODES=3
-CONVERGE=60   # s, bound of every convergence wait
+CONVERGE=${CONVERGE:-60}   # s, bound of every convergence wait
 P=$$
 RUN=/run/cnode$P
 BPF=/sys/fs/bpf/cnode$P
@@ -237,9 +237,12 @@ run_cilia() { # TAG TUNNEL
   start_etcd "$t"
   for n in $(seq $NODES); do start_agent "$t" "$n" "$2"; done
   for _ in $(seq $((CONVERGE * 10))); do nodes_listed "$t" && break; sleep 0.1; done
+  nodes_listed "$t" || echo "warning: $t: not every node lists all $NODES nodes" >&2
   pod "$t" 2 srv app=server; s=$POD_NS s6=$POD_IP6 s4=$POD_IP4
   pod "$t" 1 cli app=client; cns=$POD_NS
-  for _ in $(seq $((CONVERGE * 5))); do inpod "$cns" ping -c 1 -W 1 "$s4" >/dev/null 2>&1 && break; sleep 0.2; done
+  for _ in $(seq $((CONVERGE * 5))); do inpod "$cns" ping -c 1 -W 1 "$s4" >/dev/null 2>&1 && break; sleep 0.2; done ||
+    true
+  inpod "$cns" ping -c 1 -W 1 "$s4" >/dev/null 2>&1 || echo "warning: $t: node1's pod does not reach $s4" >&2
   measure_pair "$t" "$cns" "$s" "$s6" "$s4"
 
   # Convergence: the client (now on node2) may egress only to app=server.
@@ -280,7 +283,12 @@ for mode in "${CILIA_MODES[@]}"; do
   esac
 done
 
-ratio() { python3 -c "import sys; b=float(sys.argv[2]); print('%.2f' % (float(sys.argv[1])/b) if b else 'n/a')" "$1" "$2"; }
+ratio() { python3 -c "
+import sys
+try:
+    print('%.2f' % (float(sys.argv[1]) / float(sys.argv[2])))
+except (ValueError, ZeroDivisionError):
+    print('n/a')" "$1" "$2"; }
 label() { case $1 in plain) echo "plain Linux: veth + kernel routes, no BPF (baseline)";; vxlan) echo "cilia, VXLAN overlay";; native) echo "cilia, native routing";; esac; }
 val() { local n="R_$1_$2"; echo "${!n}"; }
 echo "## Pod on node1 -> pod on node2 (single TCP stream ${DURATION} s; RR: 64 B request/response on one connection)"
