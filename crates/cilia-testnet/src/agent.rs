@@ -37,6 +37,8 @@ pub struct TestAgent {
     log: PathBuf,
     /// Extra environment of the agent process (e.g. `CILIA_PODMAN`).
     env: Vec<(String, String)>,
+    /// Extra flags of the agent process (kept for every `spawn`).
+    args: Vec<String>,
 }
 
 impl TestAgent {
@@ -48,9 +50,30 @@ impl TestAgent {
     /// for every `spawn`).
     pub fn start_with_env(options: AgentOptions, env: &[(&str, &str)]) -> Self {
         let node = Netns::new("cnode").expect("create node netns");
+        let mut agent = Self::prepare(node, options, Vec::new());
+        agent.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        agent.spawn().expect("agent starts");
+        agent
+    }
+
+    /// Starts an agent in a node namespace made by the caller (e.g. one
+    /// wired to a fabric), with extra flags (e.g. `--node-name`); the
+    /// agent owns the namespace from now on and removes it on drop. On
+    /// failure the error carries the agent's log (and the namespace is gone).
+    pub fn start_in(node: Netns, options: AgentOptions, args: Vec<String>) -> Result<Self, String> {
+        let mut agent = Self::prepare(node, options, args);
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    /// The agent's paths and settings, not started yet.
+    fn prepare(node: Netns, options: AgentOptions, args: Vec<String>) -> Self {
         let dir = std::env::temp_dir().join(unique_name("cilia-agent-"));
         std::fs::create_dir_all(&dir).expect("create agent temp dir");
-        let mut agent = Self {
+        Self {
             node,
             bpf_root: BpfRoot::new(),
             state_dir: dir.join("state"),
@@ -58,13 +81,9 @@ impl TestAgent {
             log: dir.join("agent.log"),
             options,
             child: None,
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        };
-        agent.spawn().expect("agent starts");
-        agent
+            env: Vec::new(),
+            args,
+        }
     }
 
     fn command(&self, socket: &Path) -> Command {
@@ -80,6 +99,7 @@ impl TestAgent {
         if let Some(v4) = &self.options.ipv4_range {
             cmd.arg("--ipv4-range").arg(v4);
         }
+        cmd.args(&self.args);
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd
     }
@@ -133,6 +153,21 @@ impl TestAgent {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+    }
+
+    /// Replaces the extra flags of the agent for later `spawn`s.
+    pub fn set_args(&mut self, args: Vec<String>) {
+        self.args = args;
+    }
+
+    /// The extra flags the agent runs with.
+    pub fn args(&self) -> &[String] {
+        &self.args
+    }
+
+    /// Whether the agent process is alive.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
     /// Process id of the running agent.

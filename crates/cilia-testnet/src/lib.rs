@@ -7,10 +7,14 @@
 //! test binaries never collide, and is removed on drop, even on panic.
 
 pub mod agent;
+pub mod cluster;
+pub mod etcd;
 pub mod fuzz;
 pub mod netns;
 
 pub use agent::{AgentOptions, TestAgent};
+pub use cluster::{Cluster, Fabric, NodeOptions, Pod, Tunnel};
+pub use etcd::Etcd;
 pub use netns::{BpfRoot, Netns};
 
 use std::path::PathBuf;
@@ -24,6 +28,32 @@ macro_rules! privileged {
             return;
         }
     };
+}
+
+/// Returns from the test unless it may use BPF and network admin and
+/// Debian's `etcd` is installed (under `CI=true` either missing panics).
+#[macro_export]
+macro_rules! cluster_prerequisites {
+    ($name:literal) => {
+        if !$crate::require_privileges($name) || !$crate::require_etcd($name) {
+            return;
+        }
+    };
+}
+
+/// Whether an `etcd` binary is in PATH. Without one: under `CI=true` this
+/// panics; elsewhere it prints why the test is skipped and returns `false`.
+pub fn require_etcd(test: &str) -> bool {
+    if etcd::etcd_binary().is_some() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!(
+            "{test}: no `etcd` binary in PATH and CI=true forbids skipping: run scripts/setup.sh"
+        );
+    }
+    eprintln!("SKIPPED {test}: no `etcd` binary in PATH (run scripts/setup.sh)");
+    false
 }
 
 /// An endpoint's address of `family` (`"ipv6"` or `"ipv4"`) from its JSON.
