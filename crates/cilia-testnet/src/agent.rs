@@ -303,6 +303,13 @@ impl TestAgent {
 impl Drop for TestAgent {
     fn drop(&mut self) {
         self.kill9();
+        // The health endpoint's namespace, which the agent made (cluster
+        // mode): its devices go with it.
+        if let Some(i) = self.args.iter().position(|a| a == "--health-netns") {
+            if let Some(name) = self.args.get(i + 1) {
+                let _ = Command::new("ip").args(["netns", "del", name]).output();
+            }
+        }
         if let Some(dir) = self.state_dir.parent() {
             let _ = std::fs::remove_dir_all(dir);
         }

@@ -220,6 +220,10 @@ pub fn node_args(n: u8, etcd: &str, options: &NodeOptions) -> Vec<String> {
         &options.lease_ttl_secs.to_string(),
         "--peer-api-addr",
         &SocketAddr::new(IpAddr::V4(node_ipv4(n)), 4244).to_string(),
+        // The agent makes this namespace; a CI-known prefix, unique per
+        // test (they run in parallel), removed with the agent.
+        "--health-netns",
+        &crate::netns::unique_name("cnode"),
     ]
     .iter()
     .map(|s| s.to_string())

@@ -124,6 +124,7 @@ impl From<EndpointError> for AppError {
             }
             EndpointError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
             EndpointError::Busy(_) => (StatusCode::CONFLICT, "endpoint-busy"),
+            EndpointError::Cluster(_) => (StatusCode::SERVICE_UNAVAILABLE, "cluster-unavailable"),
             EndpointError::Datapath(cilia_datapath::DatapathError::IncompatiblePin { .. }) => {
                 (StatusCode::CONFLICT, "map-layout-changed")
             }

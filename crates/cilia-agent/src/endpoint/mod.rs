@@ -76,6 +76,10 @@ pub enum EndpointError {
     SetupPanicked(u16),
     #[error(transparent)]
     NamedPort(#[from] cilia_policy::named::NamedPortError),
+    /// The cluster (etcd) could not take a change that must be the same on
+    /// every node; nothing was changed.
+    #[error("{0}")]
+    Cluster(String),
 }
 
 /// Bounds how many endpoint program loads run at once. A load is CPU-bound
@@ -370,6 +374,39 @@ impl EndpointManager {
     pub fn begin_create(&mut self, req: EndpointCreate) -> Result<PendingEndpoint, EndpointError> {
         // Every field is checked before anything is allocated (README, "Input limits").
         cilia_api::labels::validate_endpoint_labels(&req.labels)?;
+        self.begin_create_checked(req)
+    }
+
+    /// The node's health endpoint (cluster mode): an endpoint in `netns`
+    /// with the reserved identity `health`, in its own Kubernetes-style
+    /// namespace so that no namespaced policy selects it. Only the agent
+    /// makes it: the API refuses `reserved:` labels. Returns the existing
+    /// one when there is one.
+    pub fn ensure_health_endpoint(&mut self, netns: &str) -> Result<EndpointRecord, EndpointError> {
+        if let Some(rec) = self
+            .store
+            .endpoints()?
+            .into_iter()
+            .find(|r| r.labels.contains_key(crate::store::HEALTH_LABEL))
+        {
+            return Ok(rec);
+        }
+        let req = EndpointCreate {
+            netns: netns.to_string(),
+            labels: [(crate::store::HEALTH_LABEL.to_string(), String::new())].into(),
+            ifname: None,
+            container_id: None,
+            network: None,
+            namespace: Some(crate::store::HEALTH_NAMESPACE.into()),
+            label_source: None,
+            named_ports: Vec::new(),
+        };
+        let pending = self.begin_create_checked(req)?;
+        let prepared = pending.prepare();
+        self.finish_create(pending, prepared)
+    }
+
+    fn begin_create_checked(&mut self, req: EndpointCreate) -> Result<PendingEndpoint, EndpointError> {
         let ifname = req.ifname.clone().unwrap_or_else(|| "eth0".into());
         cilia_api::limits::check_ifname("ifname", &ifname).map_err(EndpointError::Ifname)?;
         if let Some(cid) = &req.container_id {

@@ -16,7 +16,7 @@
 //! neither merged nor written, and the ipcache gets only the CIDR
 //! identities that came or went.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
 use cilia_abi::{
@@ -257,6 +257,18 @@ pub struct PolicyState {
     pub(crate) l7: tokio::sync::watch::Sender<Arc<crate::proxy::L7Summary>>,
     /// Port of the L7 proxy's listeners: the value of proxied entries.
     pub(crate) proxy_port: u16,
+    /// The cluster, when the agent is in one: imported policies are written
+    /// there first, so one import applies on every node.
+    pub(crate) cluster: Option<crate::cluster::ClusterClient>,
+    /// Other nodes' ipcache entries (their pods, pod ranges and addresses),
+    /// as last written; they take precedence over CIDR identities of the
+    /// same prefix, the node's own addresses over them.
+    pub(crate) remote_ipcache: BTreeMap<ipnet::IpNet, IpcacheEntry>,
+    /// Identities allocated by other nodes, with their labels (from the
+    /// cluster), for policies that select peers by label.
+    pub(crate) remote_identities: BTreeMap<u32, BTreeMap<String, String>>,
+    /// Whether the cluster's policy set was adopted once since start.
+    pub(crate) cluster_policies_synced: bool,
 }
 
 /// The cache of the labelled identities and the CIDR identities.
@@ -329,7 +341,141 @@ impl PolicyState {
             summary: tokio::sync::watch::Sender::new(Arc::default()),
             l7: tokio::sync::watch::Sender::new(Arc::default()),
             proxy_port: cilia_proxy::control::DEFAULT_PROXY_PORT,
+            cluster: None,
+            remote_ipcache: BTreeMap::new(),
+            remote_identities: BTreeMap::new(),
+            cluster_policies_synced: false,
         }
+    }
+
+    /// Makes the other nodes' ipcache entries `desired`, writing only the
+    /// difference. A node address of this node stays `host`; a prefix that
+    /// stops being remote falls back to its CIDR identity, if it has one.
+    pub fn set_remote_ipcache(
+        &mut self,
+        desired: BTreeMap<ipnet::IpNet, IpcacheEntry>,
+    ) -> Result<(), EndpointError> {
+        let publish: Vec<IpcacheEntry> = desired
+            .iter()
+            .filter(|(p, e)| self.remote_ipcache.get(p) != Some(e) && !self.is_node_prefix(p))
+            .map(|(_, e)| e.clone())
+            .collect();
+        let mut fallback = Vec::new();
+        let mut withdraw = Vec::new();
+        for prefix in self.remote_ipcache.keys().filter(|p| !desired.contains_key(p)) {
+            if self.is_node_prefix(prefix) {
+                continue;
+            }
+            match self.cidr_ids.get(prefix) {
+                Some(id) => fallback.push(cidr_entry(prefix, *id)),
+                None => withdraw.push(*prefix),
+            }
+        }
+        self.dp().publish_ipcache(&publish)?;
+        self.dp().publish_ipcache(&fallback)?;
+        self.dp().withdraw_ipcache(&withdraw)?;
+        self.remote_ipcache = desired;
+        Ok(())
+    }
+
+    /// Applies identities other nodes allocated (labels) or that were
+    /// deleted (`None`), and regenerates the policy maps if any changed.
+    pub fn change_remote_identities(
+        &mut self,
+        changes: Vec<(u32, Option<BTreeMap<String, String>>)>,
+    ) {
+        let mut changed = false;
+        for (id, labels) in changes {
+            changed |= match labels {
+                Some(l) => self.remote_identities.insert(id, l.clone()).as_ref() != Some(&l),
+                None => self.remote_identities.remove(&id).is_some(),
+            };
+        }
+        if changed {
+            if let Err(e) = self.regenerate() {
+                warn!(error = %e, "regenerating policies for the cluster's identities failed");
+            }
+        }
+    }
+
+    /// Applies policies imported on other nodes (`put`, by key) and their
+    /// deletions; after the cluster's first full listing (`synced`), also
+    /// deletes the local policies the cluster does not hold any more.
+    /// Policies equal to the local ones are skipped (a node's own imports
+    /// come back this way).
+    pub fn apply_cluster_policies(
+        &mut self,
+        put: &[StoredPolicy],
+        delete: &[String],
+        synced: bool,
+    ) -> Result<(), EndpointError> {
+        let mut candidate = self.policy_docs.clone();
+        let mut broken = self.policy_errors.clone();
+        let mut stored_put = Vec::new();
+        let mut stored_delete: Vec<String> = Vec::new();
+        for s in put {
+            let key = s.key();
+            let same = self.policy_docs.get(&key).is_some_and(|(l, _)| l == s)
+                || self.policy_errors.iter().any(|b| &b.stored == s);
+            if same {
+                continue;
+            }
+            broken.retain(|b| b.stored.key() != key);
+            candidate.remove(&key);
+            match cilia_policy::parse_policies(&key, &s.yaml) {
+                Ok(parsed) => {
+                    for p in parsed {
+                        candidate.insert(key.clone(), (s.clone(), std::sync::Arc::new(p)));
+                    }
+                }
+                Err(e) => {
+                    warn!(policy = %key, error = %e, "a cluster policy does not parse here; it closes the endpoints it may select");
+                    broken.push(policy::BrokenPolicy {
+                        stored: s.clone(),
+                        error: e.to_string(),
+                    });
+                }
+            }
+            stored_put.push(s.clone());
+        }
+        let mut gone: BTreeSet<String> = delete.iter().cloned().collect();
+        if synced && !self.cluster_policies_synced {
+            self.cluster_policies_synced = true;
+            // The cluster's set is the truth: what it does not hold was
+            // deleted while this node was away.
+            if let Some(cluster) = &self.cluster {
+                match cluster.policies() {
+                    Ok(all) => {
+                        let keys: BTreeSet<String> = all.iter().map(|s| s.key()).collect();
+                        let local: Vec<String> = self
+                            .policy_docs
+                            .keys()
+                            .cloned()
+                            .chain(self.policy_errors.iter().map(|b| b.stored.key()))
+                            .collect();
+                        gone.extend(local.into_iter().filter(|k| !keys.contains(k)));
+                    }
+                    Err(e) => warn!(error = %e, "listing the cluster's policies failed"),
+                }
+            }
+        }
+        for key in gone {
+            if candidate.remove(&key).is_some() || broken.iter().any(|b| b.stored.key() == key) {
+                broken.retain(|b| b.stored.key() != key);
+                stored_delete.push(key);
+            }
+        }
+        if stored_put.is_empty() && stored_delete.is_empty() {
+            return Ok(());
+        }
+        let revision = self.change_policies_from(candidate, broken, &stored_put, &stored_delete, false)?;
+        info!(
+            revision,
+            put = stored_put.len(),
+            deleted = stored_delete.len(),
+            "policies from the cluster applied"
+        );
+        Ok(())
     }
 
     /// A receiver of the readers' view, current after every change.
@@ -507,6 +653,9 @@ impl PolicyState {
             .iter()
             .map(|(id, name)| (*id, Labels::from_pairs([(format!("reserved:{name}"), "")])))
             .collect();
+        for (id, labels) in &self.remote_identities {
+            out.insert(*id, Labels(labels.clone()));
+        }
         for (id, labels) in self.store.identities()? {
             out.insert(id, Labels(labels));
         }
@@ -914,7 +1063,9 @@ impl PolicyState {
         let publish: Vec<IpcacheEntry> = if walk {
             self.cidr_ids
                 .iter()
-                .filter(|(prefix, _)| !self.is_node_prefix(prefix))
+                .filter(|(prefix, _)| {
+                    !self.is_node_prefix(prefix) && !self.remote_ipcache.contains_key(prefix)
+                })
                 .map(|(prefix, id)| cidr_entry(prefix, *id))
                 .collect()
         } else {
@@ -922,7 +1073,9 @@ impl PolicyState {
             change
                 .added
                 .iter()
-                .filter(|(prefix, _)| !self.is_node_prefix(prefix))
+                .filter(|(prefix, _)| {
+                    !self.is_node_prefix(prefix) && !self.remote_ipcache.contains_key(prefix)
+                })
                 .map(|(prefix, id)| cidr_entry(prefix, *id))
                 .collect()
         };
@@ -946,6 +1099,7 @@ impl PolicyState {
                     !self.cidr_ids.contains_key(prefix)
                         && *id >= FIRST_CIDR_IDENTITY
                         && !self.is_node_prefix(prefix)
+                        && !self.remote_ipcache.contains_key(prefix)
                 })
                 .map(|(prefix, _)| *prefix)
                 .collect()
@@ -1043,6 +1197,21 @@ impl PolicyState {
         put: &[StoredPolicy],
         delete: &[String],
     ) -> Result<u64, EndpointError> {
+        self.change_policies_from(candidate, broken, put, delete, true)
+    }
+
+    /// [`Self::change_policies`]; with `distribute`, a change that passes
+    /// every check is written to the cluster before the local store, so
+    /// that one import applies on every node (and an unreachable cluster
+    /// refuses it, changing nothing).
+    fn change_policies_from(
+        &mut self,
+        candidate: BTreeMap<String, (StoredPolicy, std::sync::Arc<cilia_policy::Policy>)>,
+        broken: Vec<policy::BrokenPolicy>,
+        put: &[StoredPolicy],
+        delete: &[String],
+        distribute: bool,
+    ) -> Result<u64, EndpointError> {
         let started = std::time::Instant::now();
         let previous_docs = std::mem::replace(&mut self.policy_docs, candidate);
         let previous_broken = std::mem::replace(&mut self.policy_errors, broken);
@@ -1057,6 +1226,29 @@ impl PolicyState {
                 return Err(e);
             }
         };
+        if distribute {
+            if let Some(cluster) = &self.cluster {
+                let written = if put.is_empty() {
+                    Ok(())
+                } else {
+                    cluster.put_policies(put)
+                }
+                .and_then(|()| {
+                    if delete.is_empty() {
+                        Ok(())
+                    } else {
+                        cluster.delete_policies(delete)
+                    }
+                });
+                if let Err(e) = written {
+                    self.revert(&plan.moved);
+                    restore_memory(self);
+                    return Err(EndpointError::Cluster(format!(
+                        "{e}; the policy change must reach every node, so nothing was changed"
+                    )));
+                }
+            }
+        }
         // What the store held for every key this change touches, to put
         // back on failure.
         let touched: Vec<String> = put

@@ -82,6 +82,14 @@ pub const LAST_ENDPOINT_IDENTITY: u32 = 65535;
 pub const INIT_IDENTITY: u32 = 5;
 /// First local CIDR identity.
 pub const FIRST_CIDR_IDENTITY: u32 = 1 << 24;
+/// The label of the node's health endpoint (cluster mode): its identity is
+/// the reserved `health`. Only the agent gives it (the API refuses
+/// `reserved:` labels).
+pub const HEALTH_LABEL: &str = "reserved:health";
+/// The namespace of the health endpoint.
+pub const HEALTH_NAMESPACE: &str = "cilia-health";
+/// The reserved identity `health`.
+pub const HEALTH_IDENTITY: u32 = 4;
 /// The namespace of endpoints created without one.
 pub const DEFAULT_NAMESPACE: &str = "default";
 /// Label carrying an endpoint's namespace (as in Kubernetes/Cilium).
@@ -461,6 +469,8 @@ impl Store {
             let ns_labels = self.namespace_labels(&rec.namespace)?;
             rec.identity = if rec.label_source.is_some() {
                 INIT_IDENTITY
+            } else if rec.labels.contains_key(HEALTH_LABEL) {
+                HEALTH_IDENTITY
             } else {
                 let mut identities = self.read_identities()?;
                 identity_for(
