@@ -17,7 +17,8 @@ use crate::store::StoredPolicy;
 
 pub(super) const MIN_BACKOFF: Duration = Duration::from_secs(1);
 pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(10);
-/// The longest the loop waits between two looks at its watches and duties.
+/// The longest the loop waits for a watch event before it looks at its
+/// other duties.
 const POLL: Duration = Duration::from_millis(50);
 
 type Connect = Box<dyn Fn() -> Result<Box<dyn KvStore>, KvError> + Send>;
@@ -81,8 +82,12 @@ struct Session<'a> {
     reached: bool,
 }
 
-/// The watches of one session, one per prefix.
-struct Watches(Vec<Watch>);
+/// The prefix a session lists and watches: one watch of all of `cilia/`
+/// (keys outside the nodes, ipcache and policies are skipped) delivers every
+/// change in revision order, so a lease's expiry reaches the agent as the
+/// node's ipcache deletes before its node delete, and a listing at one
+/// revision is followed without gap or overlap.
+const CLUSTER: &str = "cilia/";
 
 impl Session<'_> {
     fn conn(&self) -> Conn {
@@ -110,7 +115,7 @@ impl Session<'_> {
         self.reached = true;
         tracing::info!(node = %config.node_name, lease = self.lease, "joined the cluster");
         self.inner.emit(ClusterEvent::Connected);
-        let mut watches = self.sync()?;
+        let mut watch = self.sync()?;
 
         let keepalive_every = (config.lease_ttl / 3).max(Duration::from_millis(300));
         let mut next_keepalive = Instant::now() + keepalive_every;
@@ -120,8 +125,9 @@ impl Session<'_> {
             if self.inner.stopping() {
                 return Ok(());
             }
-            if !self.drain(&watches) {
-                watches = self.sync()?;
+            if !self.drain(&watch, POLL) {
+                tracing::info!("cluster watch closed; listing again");
+                watch = self.sync()?;
             }
             let now = Instant::now();
             if now >= next_keepalive {
@@ -158,7 +164,6 @@ impl Session<'_> {
                 next_gc = now + config.identity_gc_interval;
                 gc.round(&*self.kv, config.identity_gc_grace, now)?;
             }
-            std::thread::park_timeout(POLL);
         }
     }
 
@@ -224,31 +229,25 @@ impl Session<'_> {
 
     /// Lists nodes, ipcache and policies, emits the difference to what was
     /// emitted before and `Synced`, and watches from the listings on.
-    fn sync(&self) -> Result<Watches, KvError> {
+    fn sync(&self) -> Result<Watch, KvError> {
         let own = self.inner.config.node_name.as_str();
-        let nodes = self.kv.list_prefix(keys::NODES)?;
-        let ipcache = self.kv.list_prefix(keys::IPCACHE)?;
-        let policies = self.kv.list_prefix(keys::POLICIES)?;
-        let watches = Watches(vec![
-            self.kv.watch(keys::NODES, nodes.revision + 1)?,
-            self.kv.watch(keys::IPCACHE, ipcache.revision + 1)?,
-            self.kv.watch(keys::POLICIES, policies.revision + 1)?,
-        ]);
-        let nodes: BTreeMap<String, ClusterNode> = nodes
-            .kvs
-            .iter()
+        let listing = self.kv.list_prefix(CLUSTER)?;
+        let watch = self.kv.watch(CLUSTER, listing.revision + 1)?;
+        let under = |prefix: &'static str| {
+            listing
+                .kvs
+                .iter()
+                .filter(move |kv| kv.key.starts_with(prefix))
+        };
+        let nodes: BTreeMap<String, ClusterNode> = under(keys::NODES)
             .filter_map(|kv| decode_node(&kv.key, &kv.value))
             .map(|n| (n.name.clone(), n))
             .collect();
-        let ipcache: BTreeMap<IpAddr, RemoteIp> = ipcache
-            .kvs
-            .iter()
+        let ipcache: BTreeMap<IpAddr, RemoteIp> = under(keys::IPCACHE)
             .filter_map(|kv| decode_ip(&kv.key, &kv.value))
             .map(|r| (r.ip, r))
             .collect();
-        let policies: BTreeMap<String, StoredPolicy> = policies
-            .kvs
-            .iter()
+        let policies: BTreeMap<String, StoredPolicy> = under(keys::POLICIES)
             .filter_map(|kv| decode_policy(&kv.key, &kv.value))
             .map(|p| (p.key(), p))
             .collect();
@@ -257,21 +256,21 @@ impl Session<'_> {
             self.inner.emit(ev);
         }
         self.inner.emit(ClusterEvent::Synced);
-        Ok(watches)
+        Ok(watch)
     }
 
-    /// Applies the events delivered so far; `false` when a watch closed.
-    fn drain(&self, watches: &Watches) -> bool {
-        for w in &watches.0 {
-            loop {
-                match w.wait(Duration::ZERO) {
-                    Ok(Some(ev)) => self.apply(ev),
-                    Ok(None) => break,
-                    Err(_) => return false,
-                }
+    /// Applies the events delivered within `timeout`; `false` when the
+    /// watch closed.
+    fn drain(&self, watch: &Watch, timeout: Duration) -> bool {
+        let mut wait = timeout;
+        loop {
+            match watch.wait(wait) {
+                Ok(Some(ev)) => self.apply(ev),
+                Ok(None) => return true,
+                Err(_) => return false,
             }
+            wait = Duration::ZERO;
         }
-        true
     }
 
     fn apply(&self, ev: WatchEvent) {
