@@ -571,10 +571,9 @@ fn etcd_clients_come_back_after_an_etcd_restart() {
     let b = start(cb, &connect);
     a.synced();
     b.synced();
-    b.wait_for(
-        "b sees a",
-        |e| matches!(e, ClusterEvent::NodeUpsert(n) if n.name == "a"),
-    );
+    eventually("b knows a", || {
+        b.client.nodes().iter().any(|n| n.name == "a")
+    });
     let id = a.client.allocate_identity(&labels("web")).unwrap();
     a.client.set_local_ips(vec![(ip("fd00:c1a:1::5"), id)]);
     b.wait_for(
