@@ -60,7 +60,7 @@ impl View {
         let gone: Vec<IpAddr> = self
             .ipcache
             .keys()
-            .filter(|ip| !ipcache.get(ip).is_some_and(|r| r.node != own))
+            .filter(|ip| ipcache.get(ip).is_none_or(|r| r.node == own))
             .copied()
             .collect();
         for ip in gone {
@@ -160,8 +160,8 @@ mod tests {
     fn a_heartbeat_alone_is_no_event_and_the_own_node_is_cached_but_not_emitted() {
         let mut v = View::default();
         assert!(v.node_put("a", node("a", 1)).is_none());
-        assert!(v.node_put("b", node("b", 1)).is_none());
-        assert!(matches!(v.node_put("a", node("b", 2)), None));
+        assert!(v.node_put("a", node("b", 1)).is_some());
+        assert!(v.node_put("a", node("b", 2)).is_none());
         let mut moved = node("b", 3);
         moved.node_ips = vec!["198.51.100.9".parse().unwrap()];
         assert!(matches!(
