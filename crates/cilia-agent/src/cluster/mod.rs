@@ -241,7 +241,9 @@ struct Inner {
 }
 
 /// Locks a mutex; the data behind a poisoned one is still whole (every
-/// update here is a single assignment or insert).
+/// update here is a single assignment or insert). The client never holds
+/// two of its mutexes at once, except `ipcache` (held across the kvstore
+/// calls of a reconcile) with `conn` briefly inside it.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -305,7 +307,9 @@ impl ClusterClient {
     }
 
     fn conn(&self, what: impl FnOnce() -> String) -> Result<Conn, ClusterError> {
-        match lock(&self.inner.conn).clone() {
+        // One lock at a time (never `conn` and `health` together).
+        let conn = lock(&self.inner.conn).clone();
+        match conn {
             Some(c) => Ok(c),
             None => Err(ClusterError::Unreachable {
                 kvstore: self.inner.config.kvstore.clone(),
@@ -377,8 +381,8 @@ impl ClusterClient {
     /// it does).
     pub fn release_identity(&self, id: u32) {
         lock(&self.inner.owned).refs.remove(&id);
-        let done = lock(&self.inner.conn)
-            .clone()
+        let conn = lock(&self.inner.conn).clone();
+        let done = conn
             .is_some_and(|c| identity::release(&*c.kv, &self.inner.config.node_name, id).is_ok());
         if !done {
             lock(&self.inner.owned).releases.insert(id);
@@ -497,13 +501,18 @@ impl ClusterClient {
     }
 
     pub fn status(&self) -> ClusterStatus {
-        let health = lock(&self.inner.health);
+        let (connected, last_error, since_ms) = {
+            let health = lock(&self.inner.health);
+            (health.connected, health.last_error.clone(), health.since_ms)
+        };
+        let nodes = lock(&self.inner.view).nodes.len();
+        let lease = lock(&self.inner.conn).as_ref().map(|c| c.lease);
         ClusterStatus {
-            connected: health.connected,
-            last_error: health.last_error.clone(),
-            since_ms: health.since_ms,
-            nodes: lock(&self.inner.view).nodes.len(),
-            lease: lock(&self.inner.conn).as_ref().map(|c| c.lease),
+            connected,
+            last_error,
+            since_ms,
+            nodes,
+            lease,
         }
     }
 

@@ -231,8 +231,17 @@ impl Session<'_> {
     /// emitted before and `Synced`, and watches from the listings on.
     fn sync(&self) -> Result<Watch, KvError> {
         let own = self.inner.config.node_name.as_str();
-        let listing = self.kv.list_prefix(CLUSTER)?;
-        let watch = self.kv.watch(CLUSTER, listing.revision + 1)?;
+        // A listing whose revision is compacted before the watch starts
+        // (etcd compacting right then) is listed again.
+        let mut attempt = 0;
+        let (listing, watch) = loop {
+            let listing = self.kv.list_prefix(CLUSTER)?;
+            match self.kv.watch(CLUSTER, listing.revision + 1) {
+                Ok(w) => break (listing, w),
+                Err(KvError::Compacted { .. }) if attempt < 3 => attempt += 1,
+                Err(e) => return Err(e),
+            }
+        };
         let under = |prefix: &'static str| {
             listing
                 .kvs
