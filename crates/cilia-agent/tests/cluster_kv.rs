@@ -17,7 +17,8 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use cilia_agent::cluster::{keys, ClusterClient, ClusterConfig, ClusterEvent};
-use cilia_agent::store::StoredPolicy;
+use cilia_agent::ipam::Pool;
+use cilia_agent::store::{EndpointRecord, Store, StoredPolicy};
 use cilia_kvstore::{EtcdStore, KvError, KvStore, RedbStore};
 
 /// The longest a test waits for something that must happen.
@@ -617,4 +618,54 @@ fn etcd_clients_come_back_after_an_etcd_restart() {
         .get(&keys::ipcache(ip("fd00:c1a:1::5")))
         .unwrap()
         .is_some());
+}
+
+// ---- the local store with the cluster's allocator ----
+
+fn endpoint(id: u16, v6: std::net::Ipv6Addr, v4: Option<std::net::Ipv4Addr>) -> EndpointRecord {
+    EndpointRecord {
+        id,
+        netns: "/run/netns/x".into(),
+        ifname: "eth0".into(),
+        host_ifname: format!("lxc{id}"),
+        ipv6: v6,
+        ipv4: v4,
+        labels: labels("web"),
+        mac: [2, 0, 0, 0, 0, 1],
+        host_mac: [2, 0, 0, 0, 0, 2],
+        state: cilia_api::EndpointState::Creating,
+        reason: None,
+        container_id: None,
+        namespace: "default".into(),
+        identity: 0,
+        label_source: None,
+        policy_audit: false,
+        network: None,
+        named_ports: Vec::new(),
+    }
+}
+
+#[test]
+fn endpoints_with_the_same_labels_on_two_nodes_share_the_cluster_identity() {
+    let (dir, kv, connect) = shared_redb();
+    let a = start(config("a", 1), &connect);
+    let b = start(config("b", 2), &connect);
+    a.synced();
+    b.synced();
+    let mut ids = Vec::new();
+    let mut stores = Vec::new();
+    for (n, node) in [(1u8, &a), (2, &b)] {
+        let store = Store::open(&dir.path().join(format!("state-{n}.redb"))).unwrap();
+        store.set_identity_allocator(Arc::new(node.client.clone()));
+        let p6 = Pool::new(format!("fd00:c1a:{n}::/120").parse().unwrap()).unwrap();
+        let rec = store.create_endpoint(&p6, None, endpoint).unwrap();
+        ids.push(rec.identity);
+        stores.push((store, rec));
+    }
+    assert_eq!(ids[0], ids[1]);
+    assert!(ids[0] >= 256);
+    let (store, rec) = &stores[0];
+    store.delete_endpoint(rec).unwrap();
+    assert!(kv.get(&keys::identity_ref(ids[0], "a")).unwrap().is_none());
+    assert!(kv.get(&keys::identity_ref(ids[0], "b")).unwrap().is_some());
 }
