@@ -669,3 +669,137 @@ fn endpoints_with_the_same_labels_on_two_nodes_share_the_cluster_identity() {
     assert!(kv.get(&keys::identity_ref(ids[0], "a")).unwrap().is_none());
     assert!(kv.get(&keys::identity_ref(ids[0], "b")).unwrap().is_some());
 }
+
+// ---- a connection that can be cut ----
+
+/// A shared embedded store behind a switch: while `down`, every call and
+/// every new connection fails as unreachable.
+struct Switched {
+    store: Arc<RedbStore>,
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Switched {
+    fn check(&self) -> Result<(), KvError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(KvError::Unreachable {
+                endpoints: "switched".into(),
+                reason: "cut by the test".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl KvStore for Switched {
+    fn get(&self, key: &str) -> Result<Option<cilia_kvstore::KeyValue>, KvError> {
+        self.check()?;
+        self.store.get(key)
+    }
+    fn list_prefix(&self, prefix: &str) -> Result<cilia_kvstore::Listing, KvError> {
+        self.check()?;
+        self.store.list_prefix(prefix)
+    }
+    fn txn(
+        &self,
+        compares: &[cilia_kvstore::Compare],
+        ops: &[cilia_kvstore::Op],
+    ) -> Result<cilia_kvstore::TxnResult, KvError> {
+        self.check()?;
+        self.store.txn(compares, ops)
+    }
+    fn watch(&self, prefix: &str, from: i64) -> Result<cilia_kvstore::Watch, KvError> {
+        self.check()?;
+        self.store.watch(prefix, from)
+    }
+    fn lease_grant(&self, ttl: Duration) -> Result<i64, KvError> {
+        self.check()?;
+        self.store.lease_grant(ttl)
+    }
+    fn lease_keepalive(&self, lease: i64) -> Result<Duration, KvError> {
+        self.check()?;
+        self.store.lease_keepalive(lease)
+    }
+    fn lease_revoke(&self, lease: i64) -> Result<(), KvError> {
+        self.check()?;
+        self.store.lease_revoke(lease)
+    }
+    fn revision(&self) -> Result<i64, KvError> {
+        self.check()?;
+        self.store.revision()
+    }
+}
+
+#[test]
+fn after_a_reconnect_only_the_difference_is_emitted_then_synced() {
+    let (_d, kv, connect) = shared_redb();
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (store, switch) = (kv.clone(), down.clone());
+    let connect_b: Connect = Arc::new(move || {
+        let s = Switched {
+            store: store.clone(),
+            down: switch.clone(),
+        };
+        s.check()?;
+        Ok(Box::new(s) as Box<dyn KvStore>)
+    });
+    let mut cb = config("b", 2);
+    // Long enough not to expire while cut (keep-alives fail meanwhile).
+    cb.lease_ttl = Duration::from_secs(10);
+    let a = start(config("a", 1), &connect);
+    a.synced();
+    a.client
+        .set_local_ips(vec![(ip("fd00:c1a:1::1"), 300), (ip("fd00:c1a:1::2"), 300)]);
+    a.client
+        .put_policies(&[policy("p1"), policy("p2")])
+        .unwrap();
+    let b = start(cb, &connect_b);
+    b.wait_for("b has the policies", |e| {
+        *e == ClusterEvent::PolicyUpsert(policy("p2"))
+    });
+    eventually("b has a's endpoints", || {
+        kv.list_prefix(keys::IPCACHE).unwrap().kvs.len() == 2
+    });
+    b.synced();
+
+    down.store(true, std::sync::atomic::Ordering::SeqCst);
+    b.wait_for("b disconnected", |e| {
+        matches!(e, ClusterEvent::Disconnected { .. })
+    });
+    // Changes b misses.
+    a.client
+        .set_local_ips(vec![(ip("fd00:c1a:1::2"), 300), (ip("fd00:c1a:1::3"), 301)]);
+    a.client.delete_policies(&[policy("p1").key()]).unwrap();
+    down.store(false, std::sync::atomic::Ordering::SeqCst);
+
+    b.wait_for("b connected", |e| *e == ClusterEvent::Connected);
+    let mut got = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let ev = b
+            .events
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("Synced after the reconnect");
+        if ev == ClusterEvent::Synced {
+            break;
+        }
+        got.push(ev);
+    }
+    let upsert = |s: &str, identity| {
+        ClusterEvent::IpcacheUpsert(cilia_agent::cluster::RemoteIp {
+            ip: ip(s),
+            identity,
+            node: "a".into(),
+            tunnel_endpoint: ip("198.51.100.1"),
+            encap_key: 0,
+        })
+    };
+    assert_eq!(
+        got,
+        vec![
+            ClusterEvent::IpcacheDelete(ip("fd00:c1a:1::1")),
+            upsert("fd00:c1a:1::3", 301),
+            ClusterEvent::PolicyDelete(policy("p1").key()),
+        ]
+    );
+}
