@@ -7,6 +7,7 @@
 //! the API, so no request ever sees a half-restored agent.
 
 pub mod api;
+pub mod cluster;
 pub mod crash;
 pub mod datapath;
 pub mod endpoint;

@@ -200,7 +200,37 @@ impl Watch {
     pub fn try_iter(&self) -> impl Iterator<Item = WatchEvent> + '_ {
         self.events.try_iter()
     }
+
+    /// The next event, waiting at most `timeout` (zero: only what is
+    /// already delivered). Unlike [`Self::recv_timeout`] it tells an idle
+    /// watch (`Ok(None)`) from one that ended ([`WatchClosed`]): the stream
+    /// to etcd broke, etcd cancelled the watch (e.g. compacted), or the
+    /// store is gone. A closed watch never delivers again; its owner lists
+    /// and watches anew.
+    pub fn wait(&self, timeout: Duration) -> Result<Option<WatchEvent>, WatchClosed> {
+        let got = if timeout.is_zero() {
+            self.events.try_recv().map_err(|e| match e {
+                mpsc::TryRecvError::Empty => None,
+                mpsc::TryRecvError::Disconnected => Some(WatchClosed),
+            })
+        } else {
+            self.events.recv_timeout(timeout).map_err(|e| match e {
+                mpsc::RecvTimeoutError::Timeout => None,
+                mpsc::RecvTimeoutError::Disconnected => Some(WatchClosed),
+            })
+        };
+        match got {
+            Ok(ev) => Ok(Some(ev)),
+            Err(None) => Ok(None),
+            Err(Some(closed)) => Err(closed),
+        }
+    }
 }
+
+/// A watch ended: no further event will come (see [`Watch::wait`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("kvstore watch closed")]
+pub struct WatchClosed;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KvError {
@@ -307,5 +337,34 @@ pub trait KvStore: Send + Sync {
     /// Deletes one key (a transaction of one op).
     fn delete(&self, key: &str) -> Result<Revision, KvError> {
         Ok(self.txn(&[], &[Op::delete(key)])?.revision)
+    }
+}
+
+/// A shared store is a store: several users (e.g. agents of a test that
+/// play nodes of one cluster) can hold one backend.
+impl<T: KvStore + ?Sized> KvStore for std::sync::Arc<T> {
+    fn get(&self, key: &str) -> Result<Option<KeyValue>, KvError> {
+        (**self).get(key)
+    }
+    fn list_prefix(&self, prefix: &str) -> Result<Listing, KvError> {
+        (**self).list_prefix(prefix)
+    }
+    fn txn(&self, compares: &[Compare], ops: &[Op]) -> Result<TxnResult, KvError> {
+        (**self).txn(compares, ops)
+    }
+    fn watch(&self, prefix: &str, from_revision: Revision) -> Result<Watch, KvError> {
+        (**self).watch(prefix, from_revision)
+    }
+    fn lease_grant(&self, ttl: Duration) -> Result<LeaseId, KvError> {
+        (**self).lease_grant(ttl)
+    }
+    fn lease_keepalive(&self, lease: LeaseId) -> Result<Duration, KvError> {
+        (**self).lease_keepalive(lease)
+    }
+    fn lease_revoke(&self, lease: LeaseId) -> Result<(), KvError> {
+        (**self).lease_revoke(lease)
+    }
+    fn revision(&self) -> Result<Revision, KvError> {
+        (**self).revision()
     }
 }

@@ -33,7 +33,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 
 use cilia_api::EndpointState;
 use cilia_kvstore::{Compare, KvError, KvStore, Op, RedbStore, Revision};
@@ -157,6 +157,19 @@ pub enum StoreError {
         "all endpoint identities ({FIRST_ENDPOINT_IDENTITY}-{LAST_ENDPOINT_IDENTITY}) are in use"
     )]
     IdentitiesExhausted,
+    /// The identity allocator (the cluster's) refused or failed.
+    #[error("{0}")]
+    Identity(String),
+}
+
+/// Where identities of label sets new to this node come from when the node
+/// is part of a cluster (the cluster client): without one, the store picks
+/// the lowest free id itself. `release` is called once a committed change
+/// no longer uses an id it had (and for ids allocated by a change that did
+/// not commit).
+pub trait IdentityAllocator: Send + Sync {
+    fn allocate(&self, labels: &BTreeMap<String, String>) -> Result<u32, String>;
+    fn release(&self, id: u32);
 }
 
 macro_rules! db_err {
@@ -239,9 +252,24 @@ struct Change {
     /// `mod_revision` of [`LAST_CHANGE`] when the change began.
     base: Revision,
     writes: BTreeMap<String, Option<Vec<u8>>>,
+    allocator: Option<Arc<dyn IdentityAllocator>>,
+    /// Ids the allocator gave this change (released if it does not commit).
+    allocated: Vec<u32>,
+    /// Ids this change stops using (released once it commits).
+    released: Vec<u32>,
 }
 
 impl Change {
+    fn new(base: Revision, allocator: Option<Arc<dyn IdentityAllocator>>) -> Self {
+        Self {
+            base,
+            writes: BTreeMap::new(),
+            allocator,
+            allocated: Vec::new(),
+            released: Vec::new(),
+        }
+    }
+
     fn put(&mut self, key: String, value: &impl Serialize) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(value).map_err(|e| StoreError::Db(format!("{key}: {e}")))?;
         self.writes.insert(key, Some(bytes));
@@ -258,6 +286,9 @@ pub struct Store {
     /// Serializes this process's changes, so that the compare on
     /// [`LAST_CHANGE`] only ever fails against another process.
     writer: Mutex<()>,
+    /// Set once when the node joins a cluster; a lock because it is set
+    /// after the store is shared (read at every change, written once).
+    allocator: RwLock<Option<Arc<dyn IdentityAllocator>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -312,7 +343,14 @@ impl Store {
         Ok(Self {
             kv: Box::new(kv),
             writer: Mutex::new(()),
+            allocator: RwLock::new(None),
         })
+    }
+
+    /// Makes identities of label sets new to this node come from
+    /// `allocator` (the cluster's) from now on.
+    pub fn set_identity_allocator(&self, allocator: Arc<dyn IdentityAllocator>) {
+        *self.allocator.write().unwrap_or_else(|e| e.into_inner()) = Some(allocator);
     }
 
     /// The keys under `prefix`: (key, value).
@@ -386,13 +424,34 @@ impl Store {
         // one is as good as a clean one.
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let base = self.kv.get(LAST_CHANGE)?.map_or(0, |kv| kv.mod_revision);
-        let mut change = Change {
-            base,
-            writes: BTreeMap::new(),
-        };
-        let out = f(&mut change)?;
-        let mut ops: Vec<Op> = change
-            .writes
+        let allocator = self
+            .allocator
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut change = Change::new(base, allocator);
+        let result = self.commit(f, &mut change);
+        if let Some(a) = &change.allocator {
+            let done = if result.is_ok() {
+                &change.released
+            } else {
+                &change.allocated
+            };
+            for id in done {
+                a.release(*id);
+            }
+        }
+        result
+    }
+
+    /// The body of [`Self::change`]: runs `f`, commits its writes.
+    fn commit<T>(
+        &self,
+        f: impl FnOnce(&mut Change) -> Result<T, StoreError>,
+        change: &mut Change,
+    ) -> Result<T, StoreError> {
+        let out = f(change)?;
+        let mut ops: Vec<Op> = std::mem::take(&mut change.writes)
             .into_iter()
             .map(|(key, value)| match value {
                 Some(v) => Op::put(key, v),
@@ -702,10 +761,7 @@ impl Store {
         &self,
         prefixes: &BTreeSet<ipnet::IpNet>,
     ) -> Result<BTreeMap<ipnet::IpNet, u32>, StoreError> {
-        let mut scratch = Change {
-            base: 0,
-            writes: BTreeMap::new(),
-        };
+        let mut scratch = Change::new(0, None);
         self.cidr_identities(&mut scratch, prefixes)
     }
 
@@ -949,12 +1005,30 @@ fn identity_for(
     labels: &BTreeMap<String, String>,
 ) -> Result<u32, StoreError> {
     let json = serde_json::to_vec(labels).map_err(|e| StoreError::Db(e.to_string()))?;
+    if let Some(id) = identities
+        .iter()
+        .find_map(|(id, bytes)| (*bytes == json).then_some(*id))
+    {
+        return Ok(id);
+    }
+    if let Some(allocator) = c.allocator.clone() {
+        let id = allocator.allocate(labels).map_err(StoreError::Identity)?;
+        if let Some(other) = identities.get(&id) {
+            // Not released: this node's ref on `id` is its local holder's.
+            return Err(StoreError::Identity(format!(
+                "the cluster gives labels {} identity {id}, which this node has for labels {}",
+                String::from_utf8_lossy(&json),
+                String::from_utf8_lossy(other)
+            )));
+        }
+        c.allocated.push(id);
+        c.writes.insert(identity_key(id), Some(json.clone()));
+        identities.insert(id, json);
+        return Ok(id);
+    }
     let mut expected = FIRST_ENDPOINT_IDENTITY;
     let mut free = None;
-    for (id, bytes) in identities.iter() {
-        if *bytes == json {
-            return Ok(*id);
-        }
+    for (id, _) in identities.iter() {
         if free.is_none() && *id != expected {
             free = Some(expected);
         }
@@ -980,6 +1054,7 @@ fn release_unused_identities(
         let keep = used.contains(id);
         if !keep {
             c.delete(identity_key(*id));
+            c.released.push(*id);
         }
         keep
     });
@@ -1282,6 +1357,64 @@ mod tests {
             assert_eq!(changed.plan_cidr_identities(&prefixes).unwrap(), want);
             assert_eq!(allocator, CidrAllocator::of_used(want.values()));
         }
+    }
+
+    /// An allocator handing out ids from 4000 on, recording releases.
+    #[derive(Default)]
+    struct FakeAllocator {
+        given: Mutex<BTreeMap<Vec<u8>, u32>>,
+        released: Mutex<Vec<u32>>,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    impl IdentityAllocator for FakeAllocator {
+        fn allocate(&self, labels: &BTreeMap<String, String>) -> Result<u32, String> {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err("kvstore etcd x unreachable: cannot allocate".into());
+            }
+            let mut given = self.given.lock().unwrap();
+            let next = 4000 + given.len() as u32;
+            Ok(*given
+                .entry(serde_json::to_vec(labels).unwrap())
+                .or_insert(next))
+        }
+
+        fn release(&self, id: u32) {
+            self.released.lock().unwrap().push(id);
+        }
+    }
+
+    #[test]
+    fn with_an_allocator_new_label_sets_take_its_ids_and_unused_ones_are_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let alloc = Arc::new(FakeAllocator::default());
+        store.set_identity_allocator(alloc.clone());
+        let (p6, p4) = pools();
+        let a = store.create_endpoint(&p6, Some(&p4), record).unwrap();
+        let b = store.create_endpoint(&p6, Some(&p4), record).unwrap();
+        assert_eq!((a.identity, b.identity), (4000, 4000));
+        // The second endpoint's label set was known locally: one allocation.
+        assert_eq!(alloc.given.lock().unwrap().len(), 1);
+        store.delete_endpoint(&a).unwrap();
+        assert!(alloc.released.lock().unwrap().is_empty());
+        store.delete_endpoint(&b).unwrap();
+        assert_eq!(*alloc.released.lock().unwrap(), vec![4000]);
+        assert!(store.identities().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_unreachable_allocator_fails_the_change_and_applies_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let alloc = Arc::new(FakeAllocator::default());
+        alloc.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        store.set_identity_allocator(alloc.clone());
+        let (p6, p4) = pools();
+        let err = store.create_endpoint(&p6, Some(&p4), record).unwrap_err();
+        assert!(err.to_string().contains("unreachable"), "{err}");
+        assert!(store.endpoints().unwrap().is_empty());
+        assert!(store.allocated().unwrap().is_empty());
     }
 
     fn pools() -> (Pool, Pool) {

@@ -201,3 +201,16 @@ fn a_corrupt_record_names_its_key() {
     let err = decode_record("cilia/x", b"short").unwrap_err();
     assert!(err.to_string().contains("cilia/x"), "{err}");
 }
+
+#[test]
+fn a_watch_tells_idle_from_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(&dir.path().join("kv.redb")).unwrap();
+    let w = store.watch("k", 0).unwrap();
+    assert_eq!(w.wait(Duration::ZERO), Ok(None));
+    assert_eq!(w.wait(Duration::from_millis(20)), Ok(None));
+    store.put("k", b"1").unwrap();
+    assert!(w.wait(Duration::ZERO).unwrap().is_some());
+    drop(store);
+    assert_eq!(w.wait(Duration::from_millis(20)), Err(crate::WatchClosed));
+}
