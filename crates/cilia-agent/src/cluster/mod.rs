@@ -108,6 +108,11 @@ pub enum ClusterEvent {
     PolicyUpsert(StoredPolicy),
     /// By [`StoredPolicy::key`].
     PolicyDelete(String),
+    /// A cluster-wide identity and its labels (every identity, this node's
+    /// included: policies select peers by label on every node).
+    IdentityUpsert(u32, BTreeMap<String, String>),
+    /// An identity the cluster collected.
+    IdentityDelete(u32),
     /// Everything the kvstore held at one revision has been emitted: what
     /// the agent holds from the cluster and did not hear of again is gone.
     Synced,

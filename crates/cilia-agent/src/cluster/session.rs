@@ -260,7 +260,10 @@ impl Session<'_> {
             .filter_map(|kv| decode_policy(&kv.key, &kv.value))
             .map(|p| (p.key(), p))
             .collect();
-        let events = lock(&self.inner.view).replace(own, nodes, ipcache, policies);
+        let identities: BTreeMap<u32, BTreeMap<String, String>> = under(keys::IDENTITY_IDS)
+            .filter_map(|kv| decode_identity(&kv.key, &kv.value))
+            .collect();
+        let events = lock(&self.inner.view).replace(own, nodes, ipcache, policies, identities);
         for ev in events {
             self.inner.emit(ev);
         }
@@ -297,6 +300,12 @@ impl Session<'_> {
             match ev.kind {
                 EventKind::Put => decode_ip(key, &ev.kv.value).and_then(|r| view.ip_put(own, r)),
                 EventKind::Delete => ip.parse().ok().and_then(|ip| view.ip_delete(ip)),
+            }
+        } else if key.starts_with(keys::IDENTITY_IDS) {
+            match ev.kind {
+                EventKind::Put => decode_identity(key, &ev.kv.value)
+                    .and_then(|(id, labels)| view.identity_put(id, labels)),
+                EventKind::Delete => keys::id_of_id_key(key).and_then(|id| view.identity_delete(id)),
             }
         } else if let Some(pkey) = key.strip_prefix(keys::POLICIES) {
             match ev.kind {
@@ -339,6 +348,17 @@ fn decode_ip(key: &str, value: &[u8]) -> Option<RemoteIp> {
         }),
         _ => {
             tracing::warn!(key, "corrupt ipcache entry: ignored");
+            None
+        }
+    }
+}
+
+fn decode_identity(key: &str, value: &[u8]) -> Option<(u32, BTreeMap<String, String>)> {
+    let id = keys::id_of_id_key(key)?;
+    match serde_json::from_slice(value) {
+        Ok(labels) => Some((id, labels)),
+        Err(e) => {
+            tracing::warn!(key, error = %e, "corrupt identity record: ignored");
             None
         }
     }

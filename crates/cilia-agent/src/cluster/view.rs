@@ -20,6 +20,8 @@ pub(crate) struct View {
     pub ipcache: BTreeMap<IpAddr, RemoteIp>,
     /// By `StoredPolicy::key()`, as emitted.
     pub policies: BTreeMap<String, StoredPolicy>,
+    /// Cluster identities and their labels, as emitted.
+    pub identities: BTreeMap<u32, BTreeMap<String, String>>,
 }
 
 /// Whether two records of a node differ in more than their heartbeat (a
@@ -43,8 +45,22 @@ impl View {
         nodes: BTreeMap<String, ClusterNode>,
         ipcache: BTreeMap<IpAddr, RemoteIp>,
         policies: BTreeMap<String, StoredPolicy>,
+        identities: BTreeMap<u32, BTreeMap<String, String>>,
     ) -> Vec<ClusterEvent> {
         let mut out = Vec::new();
+        let gone: Vec<u32> = self
+            .identities
+            .keys()
+            .filter(|id| !identities.contains_key(*id))
+            .copied()
+            .collect();
+        for id in gone {
+            out.extend(self.identity_delete(id));
+        }
+        // Identities before the entries that carry them.
+        for (id, labels) in identities {
+            out.extend(self.identity_put(id, labels));
+        }
         let gone: Vec<String> = self
             .nodes
             .keys()
@@ -122,6 +138,23 @@ impl View {
         Some(ClusterEvent::PolicyUpsert(p))
     }
 
+    pub fn identity_put(
+        &mut self,
+        id: u32,
+        labels: BTreeMap<String, String>,
+    ) -> Option<ClusterEvent> {
+        if self.identities.get(&id) == Some(&labels) {
+            return None; // an allocation touching the key: no news
+        }
+        self.identities.insert(id, labels.clone());
+        Some(ClusterEvent::IdentityUpsert(id, labels))
+    }
+
+    pub fn identity_delete(&mut self, id: u32) -> Option<ClusterEvent> {
+        self.identities.remove(&id)?;
+        Some(ClusterEvent::IdentityDelete(id))
+    }
+
     pub fn policy_delete(&mut self, key: &str) -> Option<ClusterEvent> {
         self.policies.remove(key)?;
         Some(ClusterEvent::PolicyDelete(key.to_string()))
@@ -183,6 +216,7 @@ mod tests {
             .into(),
             [(remote("fd00::1", "b").ip, remote("fd00::1", "b"))].into(),
             BTreeMap::new(),
+            BTreeMap::new(),
         );
         let events = v.replace(
             "a",
@@ -192,6 +226,7 @@ mod tests {
                 (remote("fd00::2", "b").ip, remote("fd00::2", "b")),
             ]
             .into(),
+            BTreeMap::new(),
             BTreeMap::new(),
         );
         assert_eq!(
