@@ -10,6 +10,7 @@ pub mod api;
 pub mod crash;
 pub mod datapath;
 pub mod endpoint;
+pub mod health;
 pub mod ipam;
 pub mod metrics;
 pub mod monitor;
@@ -17,6 +18,7 @@ pub mod node;
 pub mod paths;
 pub mod policy;
 pub mod proxy;
+pub mod relay;
 pub mod store;
 
 use std::fs::File;
@@ -260,6 +262,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         proxy: proxy_status,
         proxy_port: config.proxy_port,
         l7_summary: l7_summary.clone(),
+        cluster: None,
     });
     info!(
         socket = %config.socket.display(),

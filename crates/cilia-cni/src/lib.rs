@@ -1119,6 +1119,7 @@ mod tests {
                 labels_pending: req.label_source.is_some(),
                 policy_audit: false,
                 named_ports: req.named_ports.clone(),
+                node: None,
             };
             self.eps.borrow_mut().push(ep.clone());
             Ok(ep)

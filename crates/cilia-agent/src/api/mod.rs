@@ -5,6 +5,7 @@
 mod bpf;
 mod endpoints;
 mod flows;
+mod nodes;
 mod policy;
 mod status;
 
@@ -32,7 +33,7 @@ pub use endpoints::endpoint_view;
 // For `ApiDoc`'s `paths(...)`, which names each handler without its module:
 // given `status::status`, utoipa tags the operation "status", and the
 // document would change with the file layout.
-use self::{bpf::*, endpoints::*, flows::*, policy::*, status::*};
+use self::{bpf::*, endpoints::*, flows::*, nodes::*, policy::*, status::*};
 
 /// Shared by all handlers: one handle per subsystem, each locked on its
 /// own (docs/ARCHITECTURE.md, "Locking"). Their operations are blocking
@@ -71,6 +72,20 @@ pub struct AgentState {
     pub proxy_port: u16,
     /// The L7 proxy's view of the policy (whether any entry needs it).
     pub l7_summary: tokio::sync::watch::Receiver<Arc<crate::proxy::L7Summary>>,
+    /// The cluster this node is part of (`None`: a single node, which
+    /// `/v1/nodes` and the cluster routes show alone).
+    pub cluster: Option<crate::relay::ClusterView>,
+}
+
+impl AgentState {
+    /// This node's name: the cluster's name for it, else the lowercased
+    /// host name (the default of `--node-name`).
+    pub fn node_name(&self) -> String {
+        match &self.cluster {
+            Some(c) => c.node_name.clone(),
+            None => crate::relay::host_node_name(),
+        }
+    }
 }
 
 /// How long an import that needs the L7 proxy waits for it to enforce.
@@ -244,7 +259,10 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, AppError
         list_namespaces,
         set_namespace,
         flows,
-        monitor_stream
+        monitor_stream,
+        list_nodes,
+        cluster_flows,
+        cluster_status
     ),
     components(schemas(
         ApiError,
@@ -264,7 +282,14 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, AppError
         DatapathReloadResult,
         cilia_api::EndpointReload,
         cilia_api::LinkReload,
-        cilia_api::ReloadOutcome
+        cilia_api::ReloadOutcome,
+        cilia_api::Node,
+        cilia_api::NodeHealth,
+        cilia_api::ProbeResult,
+        cilia_api::ClusterFlows,
+        cilia_api::UnreachableNode,
+        cilia_api::ClusterStatus,
+        cilia_api::NodeStatusEntry
     ))
 )]
 pub struct ApiDoc;
@@ -419,6 +444,9 @@ pub fn router(state: Shared, metrics: crate::metrics::AgentMetrics) -> Router {
         )
         .route("/v1/flows", get(flows::flows))
         .route("/v1/monitor", get(flows::monitor_stream))
+        .route("/v1/nodes", get(nodes::list_nodes))
+        .route("/v1/cluster/flows", get(nodes::cluster_flows))
+        .route("/v1/cluster/status", get(nodes::cluster_status))
         .fallback(not_found)
         // Policy imports of many thousand rules are large; the default 2 MB
         // would refuse them before the parser could say anything useful.
@@ -428,6 +456,19 @@ pub fn router(state: Shared, metrics: crate::metrics::AgentMetrics) -> Router {
             metrics,
             record_duration,
         ))
+        .with_state(state)
+}
+
+/// The read-only API other nodes' relays ask (`--peer-api-addr`, TCP):
+/// flows, status and healthz, the same handlers as on the unix socket;
+/// nothing here changes state.
+pub fn peer_router(state: Shared) -> Router {
+    Router::new()
+        .route("/v1/healthz", get(status::healthz))
+        .route("/v1/status", get(status::status))
+        .route("/v1/flows", get(flows::flows))
+        .fallback(not_found)
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
 }
 
@@ -502,6 +543,7 @@ mod tests {
             proxy: tokio::sync::watch::channel(crate::proxy::ProxyStatus::NotNeeded).1,
             proxy_port: cilia_proxy::control::DEFAULT_PROXY_PORT,
             l7_summary: tokio::sync::watch::channel(Arc::default()).1,
+            cluster: None,
         })
     }
 
