@@ -114,9 +114,9 @@ impl From<ClientError> for AgentError {
                 message,
             },
             // A connection dropped mid-request means the agent went away.
-            ClientError::Connect { .. } | ClientError::Http(_) => {
-                AgentError::Unreachable(e.to_string())
-            }
+            ClientError::Connect { .. }
+            | ClientError::ConnectPeer { .. }
+            | ClientError::Http(_) => AgentError::Unreachable(e.to_string()),
             ClientError::Decode { .. } | ClientError::Request { .. } => {
                 AgentError::Protocol(e.to_string())
             }

@@ -599,6 +599,137 @@ mod tests {
         holder.join().unwrap();
     }
 
+    /// `state` with a cluster view listing `nodes` and a health report.
+    fn in_cluster(
+        state: Shared,
+        nodes: Vec<cilia_api::Node>,
+        health: crate::health::HealthReport,
+    ) -> Shared {
+        let mut state = Arc::try_unwrap(state).unwrap_or_else(|_| unreachable!("one owner"));
+        state.cluster = Some(crate::relay::ClusterView {
+            node_name: "node1".into(),
+            nodes: tokio::sync::watch::channel(nodes).1,
+            health: Some(tokio::sync::watch::channel(Arc::new(health)).1),
+        });
+        Arc::new(state)
+    }
+
+    fn node(name: &str, local: bool, peer_api: Option<String>) -> cilia_api::Node {
+        cilia_api::Node {
+            name: name.into(),
+            local,
+            peer_api,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_single_agent_lists_itself_as_the_local_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = agent_state(dir.path());
+        let nodes = nodes::node_list(&state, std::time::SystemTime::now());
+        assert_eq!(nodes.len(), 1);
+        let n = &nodes[0];
+        assert!(n.local && n.health.is_none());
+        assert_eq!(n.name, crate::relay::host_node_name());
+        assert_eq!(n.ipv6_range, "fd00::/120");
+    }
+
+    #[test]
+    fn the_node_list_carries_each_nodes_probes_and_heartbeat_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = std::time::SystemTime::now();
+        let beat = humantime::format_rfc3339_millis(now - std::time::Duration::from_secs(2));
+        let node2 = cilia_api::Node {
+            last_heartbeat: Some(beat.to_string()),
+            ..node("node2", false, None)
+        };
+        let health = cilia_api::NodeHealth {
+            icmp: vec![cilia_api::ProbeResult {
+                address: "10.200.2.9".parse().unwrap(),
+                reachable: true,
+                latency_ms: Some(0.2),
+                last_probe: None,
+                error: None,
+            }],
+            tcp: vec![],
+        };
+        let state = in_cluster(
+            agent_state(dir.path()),
+            vec![node("node1", true, None), node2],
+            [("node2".to_string(), health.clone())].into(),
+        );
+        assert_eq!(state.node_name(), "node1");
+        let nodes = nodes::node_list(&state, now);
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(nodes[1].health.as_ref(), Some(&health));
+        let age = nodes[1].heartbeat_age_ms.unwrap();
+        assert!((2000..2010).contains(&age), "{age}");
+        assert!(nodes[0].health.is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cluster_status_asks_peers_over_their_peer_api_and_names_the_silent_one() {
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let peer = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer_addr = peer.local_addr().unwrap().to_string();
+        let server = tokio::spawn(crate::relay::serve_peer_api(
+            peer,
+            agent_state(dir_b.path()),
+        ));
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let state = in_cluster(
+            agent_state(dir_a.path()),
+            vec![
+                node("node1", true, None),
+                node("node2", false, Some(peer_addr.clone())),
+                node("node3", false, Some(closed)),
+            ],
+            Default::default(),
+        );
+        let axum::Json(c) = nodes::cluster_status(State(state.clone())).await;
+        let seen: Vec<(&str, bool)> = c
+            .nodes
+            .iter()
+            .map(|n| (n.name.as_str(), n.reachable))
+            .collect();
+        assert_eq!(seen, [("node1", true), ("node2", true), ("node3", false)]);
+        assert_eq!(
+            c.nodes[1].status.as_ref().unwrap().state_dir,
+            dir_b.path().display().to_string()
+        );
+        assert!(c.nodes[2].error.as_deref().unwrap().contains("peer API"));
+
+        let filter: cilia_api::flows::FlowFilter = serde_json::from_str("{}").unwrap();
+        let q: nodes::ClusterFlowsQuery = serde_json::from_str("{}").unwrap();
+        let axum::Json(flows) = nodes::cluster_flows(
+            State(state.clone()),
+            axum::extract::Query(filter),
+            axum::extract::Query(q),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("cluster flows refused"));
+        assert!(flows.flows.is_empty());
+        let silent: Vec<&str> = flows.unreachable.iter().map(|u| u.node.as_str()).collect();
+        assert_eq!(silent, ["node3"]);
+
+        // The peer API serves reads only.
+        let refused = cilia_api::ApiClient::peer(peer_addr.clone())
+            .endpoints(&Default::default())
+            .await;
+        assert!(
+            matches!(
+                refused,
+                Err(cilia_api::ClientError::Api { status: 404, .. })
+            ),
+            "{refused:?}"
+        );
+        server.abort();
+    }
+
     #[test]
     fn openapi_document_describes_every_route() {
         let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();

@@ -33,6 +33,8 @@ fn check_name(name: &str) -> io::Result<()> {
 
 /// Whether `path` is a namespace file (nsfs), i.e. a mounted namespace.
 fn is_netns(path: &Path) -> bool {
+    // The type is a c_long: i64 here, i32 on 32-bit targets.
+    #[allow(clippy::unnecessary_cast)]
     nix::sys::statfs::statfs(path)
         .map(|fs| fs.filesystem_type().0 as i64 == NSFS_MAGIC)
         .unwrap_or(false)
@@ -108,10 +110,10 @@ pub fn enter(path: &Path) -> io::Result<()> {
         )
     })?;
     setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::Other,
-            format!("entering network namespace {}: {e}", path.display()),
-        )
+        io::Error::other(format!(
+            "entering network namespace {}: {e}",
+            path.display()
+        ))
     })
 }
 
