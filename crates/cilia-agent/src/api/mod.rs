@@ -668,15 +668,32 @@ mod tests {
         assert!(nodes[0].health.is_none());
     }
 
+    fn l7_flow(time_unix_ns: u64) -> cilia_proxy::control::L7Flow {
+        cilia_proxy::control::L7Flow {
+            time_unix_ns,
+            endpoint_id: 1,
+            direction: cilia_proxy::control::L7Direction::Ingress,
+            src: "[fd00::3]:40000".parse().unwrap(),
+            dst: "[fd00::2]:80".parse().unwrap(),
+            src_identity: 300,
+            dst_identity: 301,
+            method: "GET".into(),
+            path: "/".into(),
+            host: None,
+            status: 200,
+            latency_us: 10,
+            verdict: cilia_proxy::control::L7Verdict::Forwarded,
+            rules: vec![],
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn cluster_status_asks_peers_over_their_peer_api_and_names_the_silent_one() {
+    async fn cluster_reads_ask_peers_over_their_peer_api_and_name_the_silent_one() {
         let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let peer = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let peer_addr = peer.local_addr().unwrap().to_string();
-        let server = tokio::spawn(crate::relay::serve_peer_api(
-            peer,
-            agent_state(dir_b.path()),
-        ));
+        let state_b = agent_state(dir_b.path());
+        let server = tokio::spawn(crate::relay::serve_peer_api(peer, state_b.clone()));
         let closed = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().to_string()
@@ -690,6 +707,9 @@ mod tests {
             ],
             Default::default(),
         );
+        // One request on each node; node2's came first.
+        state.monitor.record_l7(&l7_flow(200)).await;
+        state_b.monitor.record_l7(&l7_flow(100)).await;
         let axum::Json(c) = nodes::cluster_status(State(state.clone())).await;
         let seen: Vec<(&str, bool)> = c
             .nodes
@@ -712,7 +732,12 @@ mod tests {
         )
         .await
         .unwrap_or_else(|_| panic!("cluster flows refused"));
-        assert!(flows.flows.is_empty());
+        let seen: Vec<(u64, &str)> = flows
+            .flows
+            .iter()
+            .map(|f| (f.time_ns, f.node.as_deref().unwrap()))
+            .collect();
+        assert_eq!(seen, [(100, "node2"), (200, "node1")]);
         let silent: Vec<&str> = flows.unreachable.iter().map(|u| u.node.as_str()).collect();
         assert_eq!(silent, ["node3"]);
 
