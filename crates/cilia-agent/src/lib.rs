@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod crash;
 pub mod datapath;
 pub mod endpoint;
+pub mod health;
 pub mod ipam;
 pub mod mesh;
 pub mod metrics;
@@ -20,6 +21,7 @@ pub mod nodenet;
 pub mod paths;
 pub mod policy;
 pub mod proxy;
+pub mod relay;
 pub mod store;
 
 use std::fs::File;
@@ -363,6 +365,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         proxy: proxy_status,
         proxy_port: config.proxy_port,
         l7_summary: l7_summary.clone(),
+        cluster: None,
     });
     info!(
         socket = %config.socket.display(),

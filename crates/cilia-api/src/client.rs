@@ -4,7 +4,9 @@
 //! CNI plugin and the tests cannot ask for a path the agent does not serve.
 //!
 //! Transport: HTTP/1.1 over the agent's unix socket, one connection per call
-//! (the CLI and the CNI plugin make one or two calls per process).
+//! (the CLI and the CNI plugin make one or two calls per process); or over
+//! TCP to another node's read-only peer API ([`ApiClient::peer`]), which
+//! serves the read routes only (flows, status, healthz).
 
 use std::path::{Path, PathBuf};
 
@@ -14,8 +16,9 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::net::UnixStream;
+use tokio::net::{TcpStream, UnixStream};
 
+use crate::cluster::*;
 use crate::flows::FlowFilter;
 use crate::model::*;
 use crate::query::{self, EndpointQuery, FlowsQuery, PolicyDelete};
@@ -29,6 +32,8 @@ pub enum ClientError {
         socket: PathBuf,
         error: std::io::Error,
     },
+    #[error("cannot reach the peer API at {addr}: {error}")]
+    ConnectPeer { addr: String, error: std::io::Error },
     #[error("talking to the agent: {0}")]
     Http(#[from] hyper::Error),
     /// The agent refused: its [`ApiError`] message, as it wrote it.
@@ -60,16 +65,34 @@ impl<'a> StreamLine<'a> {
     }
 }
 
-/// A client of one agent socket.
+/// Where an [`ApiClient`] connects.
+#[derive(Debug, Clone)]
+enum Target {
+    /// The local agent's API socket.
+    Unix(PathBuf),
+    /// Another node's peer API, `host:port`.
+    Tcp(String),
+}
+
+/// A client of one agent: its unix socket, or a node's peer API.
 #[derive(Debug, Clone)]
 pub struct ApiClient {
-    socket: PathBuf,
+    target: Target,
 }
 
 impl ApiClient {
     pub fn new(socket: impl AsRef<Path>) -> Self {
         Self {
-            socket: socket.as_ref().to_path_buf(),
+            target: Target::Unix(socket.as_ref().to_path_buf()),
+        }
+    }
+
+    /// A client of a node's read-only peer API at `addr` (`host:port`,
+    /// `[v6]:port`): only [`Self::status`], [`Self::healthz`] and
+    /// [`Self::flows`] are served there.
+    pub fn peer(addr: impl Into<String>) -> Self {
+        Self {
+            target: Target::Tcp(addr.into()),
         }
     }
 
@@ -210,6 +233,26 @@ impl ApiClient {
         self.post("/v1/datapath/reload", req).await
     }
 
+    // The cluster.
+
+    /// `GET /v1/nodes`: the nodes this agent knows, with their health.
+    pub async fn nodes(&self) -> Result<Vec<Node>> {
+        self.get("/v1/nodes").await
+    }
+
+    /// `GET /v1/cluster/flows`: every node's recent flows matching
+    /// `query.filter` (the last `query.last` of each node, then of all),
+    /// merged by time; `query.follow` is not served there.
+    pub async fn cluster_flows(&self, query: &FlowsQuery) -> Result<ClusterFlows> {
+        self.get(&format!("/v1/cluster/flows{}", query.query()))
+            .await
+    }
+
+    /// `GET /v1/cluster/status`: every node's status, or why it is missing.
+    pub async fn cluster_status(&self) -> Result<ClusterStatus> {
+        self.get("/v1/cluster/status").await
+    }
+
     // Event streams.
 
     /// `GET /v1/flows`: recent flows, then (with `follow`) new ones; calls
@@ -244,16 +287,33 @@ impl ApiClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<hyper::Response<hyper::body::Incoming>> {
-        let stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|error| ClientError::Connect {
-                    socket: self.socket.clone(),
-                    error,
+        let mut sender = match &self.target {
+            Target::Unix(socket) => {
+                let stream =
+                    UnixStream::connect(socket)
+                        .await
+                        .map_err(|error| ClientError::Connect {
+                            socket: socket.clone(),
+                            error,
+                        })?;
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                tokio::spawn(conn);
+                sender
+            }
+            Target::Tcp(addr) => {
+                let stream = TcpStream::connect(addr.as_str()).await.map_err(|error| {
+                    ClientError::ConnectPeer {
+                        addr: addr.clone(),
+                        error,
+                    }
                 })?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                tokio::spawn(conn);
+                sender
+            }
+        };
         let req = Request::builder()
             .method(method)
             .uri(path)

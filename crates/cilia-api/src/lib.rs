@@ -3,6 +3,7 @@
 //! plugin, so the three can never disagree on a field name or a route.
 
 pub mod client;
+pub mod cluster;
 pub mod flows;
 pub mod labels;
 pub mod limits;
@@ -10,6 +11,7 @@ pub mod model;
 pub mod query;
 
 pub use client::{ApiClient, ClientError, StreamLine};
+pub use cluster::*;
 pub use model::*;
 pub use query::{EndpointQuery, FlowsQuery, PolicyDelete};
 

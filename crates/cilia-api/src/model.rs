@@ -222,6 +222,8 @@ pub struct Endpoint {
     /// Port names the endpoint declares.
     #[serde(default)]
     pub named_ports: Vec<NamedPort>,
+    /// The node the endpoint lives on (the agent's node name).
+    pub node: Option<String>,
 }
 
 /// `PUT /v1/endpoints/{id}/config`.
@@ -532,6 +534,7 @@ mod tests {
             labels_pending: false,
             policy_audit: false,
             named_ports: Vec::new(),
+            node: None,
         }
     }
 
@@ -540,7 +543,7 @@ mod tests {
         let json = serde_json::to_value(endpoint()).unwrap();
         let obj = json.as_object().unwrap();
         assert_eq!(obj["ipv4"], serde_json::Value::Null);
-        for absent in ["reason", "container_id", "network"] {
+        for absent in ["reason", "container_id", "network", "node"] {
             assert!(!obj.contains_key(absent), "{absent} in {json}");
         }
         let back: Endpoint = serde_json::from_value(json).unwrap();
@@ -550,7 +553,7 @@ mod tests {
     #[test]
     fn flow_json_leaves_out_absent_fields() {
         let json = serde_json::to_value(Flow::default()).unwrap();
-        for absent in ["drop_reason", "policy", "trace", "data", "l7"] {
+        for absent in ["drop_reason", "policy", "trace", "data", "l7", "node"] {
             assert!(json.get(absent).is_none(), "{absent} in {json}");
         }
         assert_eq!(json["source"], serde_json::json!({"identity": 0}));
@@ -657,6 +660,10 @@ pub struct Flow {
     /// than a few of that kind came within a second. Absent on other flows.
     #[serde(default)]
     pub aggregated: Option<u64>,
+    /// The node whose agent saw the flow: set in cluster-wide answers
+    /// (`/v1/cluster/flows`), absent in a single agent's.
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 /// The application-layer part of an `l7` flow: one HTTP request and the

@@ -74,8 +74,13 @@ pub struct ObserveArgs {
     #[arg(long)]
     last: Option<usize>,
     /// Keep following new flows.
-    #[arg(short, long)]
+    #[arg(short, long, conflicts_with = "cluster")]
     follow: bool,
+    /// The flows of every node (asked through this agent), merged by time,
+    /// each line naming its node; nodes that did not answer are named on
+    /// standard error. `--last N`: the newest N of the whole cluster.
+    #[arg(long)]
+    cluster: bool,
 }
 
 pub async fn monitor(args: MonitorArgs, client: &ApiClient, output: Output) -> anyhow::Result<()> {
@@ -126,10 +131,33 @@ pub async fn observe(args: ObserveArgs, client: &ApiClient, output: Output) -> a
         last: args.last,
         follow: args.follow,
     };
+    if args.cluster {
+        let answer = client.cluster_flows(&query).await?;
+        for f in &answer.flows {
+            if output.json() {
+                // One JSON object per line, as the single-node stream.
+                outln!("{}", serde_json::to_string(f)?);
+            } else {
+                print_observe_line(f);
+            }
+        }
+        for u in &answer.unreachable {
+            eprintln!("{}", unreachable_text(u));
+        }
+        return Ok(());
+    }
     client
         .flows(&query, |line| print_line(line, output, print_observe_line))
         .await?;
     Ok(())
+}
+
+/// The warning for a node whose flows are missing from a cluster answer.
+fn unreachable_text(u: &cilia_api::UnreachableNode) -> String {
+    format!(
+        "WARNING: node {} did not answer, its flows are missing: {}",
+        u.node, u.error
+    )
 }
 
 /// Prints one stream line: as sent for `-o json`, else a flow through
@@ -275,8 +303,14 @@ fn observe_line(f: &Flow) -> String {
         ),
         None => format!("{} {}{}", protocol_text(f), f.verdict, reason_text(f)),
     };
+    // Only cluster answers name a node.
+    let node = f
+        .node
+        .as_deref()
+        .map(|n| format!("{n}  "))
+        .unwrap_or_default();
     format!(
-        "{time}  {} -> {} {what}{policy}{}",
+        "{time}  {node}{} -> {} {what}{policy}{}",
         peer_text(&f.source),
         peer_text(&f.destination),
         aggregated_text(f),
@@ -400,6 +434,28 @@ mod tests {
             monitor_line(&f).ends_with("(summary of 41)"),
             "{}",
             monitor_line(&f)
+        );
+    }
+
+    #[test]
+    fn a_cluster_flow_names_its_node_after_the_time() {
+        let f = Flow {
+            node: Some("node2".into()),
+            ..dropped_syn()
+        };
+        assert!(
+            observe_line(&f).starts_with(
+                "2026-12-02T06:30:00.123  node2  default/ep3(class=tiefighter) [fd00::3]:40000 -> "
+            ),
+            "{}",
+            observe_line(&f)
+        );
+        assert_eq!(
+            unreachable_text(&cilia_api::UnreachableNode {
+                node: "node3".into(),
+                error: "no answer within 2s".into()
+            }),
+            "WARNING: node node3 did not answer, its flows are missing: no answer within 2s"
         );
     }
 

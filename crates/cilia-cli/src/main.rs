@@ -14,6 +14,7 @@ mod endpoint;
 mod flows;
 mod identity;
 mod namespace;
+mod node;
 mod policy;
 mod status;
 
@@ -43,6 +44,8 @@ enum Command {
     /// Agent health, kernel features, endpoint count, IPAM usage.
     ///
     /// Example: cilia status --verbose
+    ///
+    /// Example: cilia status --cluster
     Status(status::StatusArgs),
     /// Manage endpoints (a network namespace connected by cilia).
     #[command(subcommand)]
@@ -59,6 +62,11 @@ enum Command {
     /// Namespaces and their labels (selected by namespaceSelector).
     #[command(subcommand)]
     Namespace(namespace::NamespaceCmd),
+    /// The cluster's nodes: addresses, pod ranges, health, heartbeat.
+    ///
+    /// Example: cilia node list
+    #[command(subcommand)]
+    Node(node::NodeCmd),
     /// The agent's BPF programs: hotfix them in place.
     #[command(subcommand)]
     Datapath(datapath::DatapathCmd),
@@ -72,6 +80,8 @@ enum Command {
     /// Example: cilia observe --verdict DROPPED --to-label class=deathstar --last 20
     ///
     /// Example: cilia observe --type l7 --http-method PUT --http-path '/v1/.*'
+    ///
+    /// Example: cilia observe --cluster --verdict DROPPED --last 50
     Observe(flows::ObserveArgs),
 }
 
@@ -88,6 +98,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Policy(cmd) => policy::run(cmd, &client, out).await,
         Command::Identity(cmd) => identity::run(cmd, &client, out).await,
         Command::Namespace(cmd) => namespace::run(cmd, &client, out).await,
+        Command::Node(cmd) => node::run(cmd, &client, out).await,
         Command::Datapath(cmd) => datapath::run(cmd, &client, out).await,
         Command::Monitor(args) => flows::monitor(args, &client, out).await,
         Command::Observe(args) => flows::observe(args, &client, out).await,

@@ -114,9 +114,9 @@ impl From<ClientError> for AgentError {
                 message,
             },
             // A connection dropped mid-request means the agent went away.
-            ClientError::Connect { .. } | ClientError::Http(_) => {
-                AgentError::Unreachable(e.to_string())
-            }
+            ClientError::Connect { .. }
+            | ClientError::ConnectPeer { .. }
+            | ClientError::Http(_) => AgentError::Unreachable(e.to_string()),
             ClientError::Decode { .. } | ClientError::Request { .. } => {
                 AgentError::Protocol(e.to_string())
             }
@@ -1119,6 +1119,7 @@ mod tests {
                 labels_pending: req.label_source.is_some(),
                 policy_audit: false,
                 named_ports: req.named_ports.clone(),
+                node: None,
             };
             self.eps.borrow_mut().push(ep.clone());
             Ok(ep)

@@ -34,6 +34,15 @@ pub fn endpoint_view(rec: &EndpointRecord) -> Endpoint {
         labels_pending: rec.label_source.is_some(),
         policy_audit: rec.policy_audit,
         named_ports: rec.named_ports.clone(),
+        node: None,
+    }
+}
+
+/// An endpoint's view as the API answers it: on this agent's node.
+fn on_node(ep: Endpoint, node: &str) -> Endpoint {
+    Endpoint {
+        node: Some(node.to_string()),
+        ..ep
     }
 }
 
@@ -78,12 +87,13 @@ pub(super) async fn list_endpoints(
     Query(q): Query<ContainerQuery>,
 ) -> Result<Json<Vec<Endpoint>>, AppError> {
     q.check()?;
+    let node = state.node_name();
     with_store(&state, move |store| {
         Ok(store
             .endpoints()?
             .iter()
             .filter(|r| q.matches(r))
-            .map(endpoint_view)
+            .map(|r| on_node(endpoint_view(r), &node))
             .collect())
     })
     .await
@@ -114,9 +124,10 @@ pub(super) async fn set_endpoint_config(
     body: Bytes,
 ) -> Result<Json<Endpoint>, AppError> {
     let req: cilia_api::EndpointSettings = json_body(&body)?;
+    let node = state.node_name();
     with_endpoints(&state, move |mgr| {
         mgr.set_policy_audit(id, req.policy_audit)
-            .map(|r| endpoint_view(&r))
+            .map(|r| on_node(endpoint_view(&r), &node))
     })
     .await
     .map(Json)
@@ -130,8 +141,10 @@ pub(super) async fn set_endpoint_labels(
     body: Bytes,
 ) -> Result<Json<Endpoint>, AppError> {
     let req: EndpointLabels = json_body(&body)?;
+    let node = state.node_name();
     with_endpoints(&state, move |mgr| {
-        mgr.set_labels(id, &req.labels).map(|r| endpoint_view(&r))
+        mgr.set_labels(id, &req.labels)
+            .map(|r| on_node(endpoint_view(&r), &node))
     })
     .await
     .map(Json)
@@ -156,6 +169,7 @@ pub(super) async fn create_endpoint(
     // Not `with_endpoints`: the create takes the endpoints' lock only for its
     // first and last phase (see `endpoint::create_unlocked`).
     let state = state.clone();
+    let node = state.node_name();
     let permit = state.creates.clone().acquire_owned().await.map_err(|e| {
         AppError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -166,7 +180,7 @@ pub(super) async fn create_endpoint(
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
         crate::endpoint::create_unlocked(&state.endpoints, req)
-            .map(|r| endpoint_view(&r))
+            .map(|r| on_node(endpoint_view(&r), &node))
             .map_err(AppError::from)
     })
     .await
@@ -180,12 +194,13 @@ pub(super) async fn get_endpoint(
     State(state): State<Shared>,
     Path(id): Path<u16>,
 ) -> Result<Json<Endpoint>, AppError> {
+    let node = state.node_name();
     with_store(&state, move |store| {
         store
             .endpoints()?
             .iter()
             .find(|r| r.id == id)
-            .map(endpoint_view)
+            .map(|r| on_node(endpoint_view(r), &node))
             .ok_or(EndpointError::NotFound(id))
     })
     .await

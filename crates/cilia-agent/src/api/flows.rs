@@ -67,6 +67,27 @@ fn ndjson(body: axum::body::Body) -> Response {
         .into_response()
 }
 
+/// The ring's flows `filter` selects, oldest first; only the last `last`
+/// of them when given. What `/v1/flows` sends before following, and this
+/// node's part of `/v1/cluster/flows`.
+pub(super) fn recent_matching(
+    state: &super::AgentState,
+    filter: &cilia_api::flows::FlowMatcher,
+    last: Option<usize>,
+) -> Vec<crate::monitor::FlowRef> {
+    let mut recent: Vec<_> = state
+        .monitor
+        .recent()
+        .into_iter()
+        .filter(|f| filter.matches(f))
+        .collect();
+    if let Some(n) = last {
+        let skip = recent.len().saturating_sub(n);
+        recent.drain(..skip);
+    }
+    recent
+}
+
 #[utoipa::path(get, path = "/v1/flows", params(cilia_api::flows::FlowFilter, StreamQuery),
     responses((status = 200, description = "NDJSON: one Flow (or {\"lost\": n}) per line", body = Vec<cilia_api::Flow>),
         (status = 400, description = "A filter is invalid (an http_path that is no regular expression)", body = cilia_api::ApiError)))]
@@ -79,16 +100,7 @@ pub(super) async fn flows(
         Ok(f) => f,
         Err(e) => return e.into_response(),
     };
-    let mut recent: Vec<_> = state
-        .monitor
-        .recent()
-        .into_iter()
-        .filter(|f| filter.matches(f))
-        .collect();
-    if let Some(n) = q.last {
-        let skip = recent.len().saturating_sub(n);
-        recent.drain(..skip);
-    }
+    let recent = recent_matching(&state, &filter, q.last);
     if q.follow {
         return ndjson(live_stream(&state, filter, recent));
     }
@@ -118,7 +130,7 @@ pub(super) async fn monitor_stream(
 
 /// The filter, checked once for the whole stream; a bad one is a 400
 /// naming the parameter.
-fn compile(
+pub(super) fn compile(
     filter: cilia_api::flows::FlowFilter,
 ) -> Result<cilia_api::flows::FlowMatcher, super::AppError> {
     filter

@@ -5,6 +5,7 @@
 mod bpf;
 mod endpoints;
 mod flows;
+mod nodes;
 mod policy;
 mod status;
 
@@ -32,7 +33,7 @@ pub use endpoints::endpoint_view;
 // For `ApiDoc`'s `paths(...)`, which names each handler without its module:
 // given `status::status`, utoipa tags the operation "status", and the
 // document would change with the file layout.
-use self::{bpf::*, endpoints::*, flows::*, policy::*, status::*};
+use self::{bpf::*, endpoints::*, flows::*, nodes::*, policy::*, status::*};
 
 /// Shared by all handlers: one handle per subsystem, each locked on its
 /// own (docs/ARCHITECTURE.md, "Locking"). Their operations are blocking
@@ -71,6 +72,20 @@ pub struct AgentState {
     pub proxy_port: u16,
     /// The L7 proxy's view of the policy (whether any entry needs it).
     pub l7_summary: tokio::sync::watch::Receiver<Arc<crate::proxy::L7Summary>>,
+    /// The cluster this node is part of (`None`: a single node, which
+    /// `/v1/nodes` and the cluster routes show alone).
+    pub cluster: Option<crate::relay::ClusterView>,
+}
+
+impl AgentState {
+    /// This node's name: the cluster's name for it, else the lowercased
+    /// host name (the default of `--node-name`).
+    pub fn node_name(&self) -> String {
+        match &self.cluster {
+            Some(c) => c.node_name.clone(),
+            None => crate::relay::host_node_name(),
+        }
+    }
 }
 
 /// How long an import that needs the L7 proxy waits for it to enforce.
@@ -245,7 +260,10 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, AppError
         list_namespaces,
         set_namespace,
         flows,
-        monitor_stream
+        monitor_stream,
+        list_nodes,
+        cluster_flows,
+        cluster_status
     ),
     components(schemas(
         ApiError,
@@ -265,7 +283,14 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, AppError
         DatapathReloadResult,
         cilia_api::EndpointReload,
         cilia_api::LinkReload,
-        cilia_api::ReloadOutcome
+        cilia_api::ReloadOutcome,
+        cilia_api::Node,
+        cilia_api::NodeHealth,
+        cilia_api::ProbeResult,
+        cilia_api::ClusterFlows,
+        cilia_api::UnreachableNode,
+        cilia_api::ClusterStatus,
+        cilia_api::NodeStatusEntry
     ))
 )]
 pub struct ApiDoc;
@@ -420,6 +445,9 @@ pub fn router(state: Shared, metrics: crate::metrics::AgentMetrics) -> Router {
         )
         .route("/v1/flows", get(flows::flows))
         .route("/v1/monitor", get(flows::monitor_stream))
+        .route("/v1/nodes", get(nodes::list_nodes))
+        .route("/v1/cluster/flows", get(nodes::cluster_flows))
+        .route("/v1/cluster/status", get(nodes::cluster_status))
         .fallback(not_found)
         // Policy imports of many thousand rules are large; the default 2 MB
         // would refuse them before the parser could say anything useful.
@@ -429,6 +457,19 @@ pub fn router(state: Shared, metrics: crate::metrics::AgentMetrics) -> Router {
             metrics,
             record_duration,
         ))
+        .with_state(state)
+}
+
+/// The read-only API other nodes' relays ask (`--peer-api-addr`, TCP):
+/// flows, status and healthz, the same handlers as on the unix socket;
+/// nothing here changes state.
+pub fn peer_router(state: Shared) -> Router {
+    Router::new()
+        .route("/v1/healthz", get(status::healthz))
+        .route("/v1/status", get(status::status))
+        .route("/v1/flows", get(flows::flows))
+        .fallback(not_found)
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
 }
 
@@ -503,6 +544,7 @@ mod tests {
             proxy: tokio::sync::watch::channel(crate::proxy::ProxyStatus::NotNeeded).1,
             proxy_port: cilia_proxy::control::DEFAULT_PROXY_PORT,
             l7_summary: tokio::sync::watch::channel(Arc::default()).1,
+            cluster: None,
         })
     }
 
@@ -556,6 +598,162 @@ mod tests {
         assert!(promptly("metrics scrape", scrape).await.unwrap().is_ok());
         release.send(()).unwrap();
         holder.join().unwrap();
+    }
+
+    /// `state` with a cluster view listing `nodes` and a health report.
+    fn in_cluster(
+        state: Shared,
+        nodes: Vec<cilia_api::Node>,
+        health: crate::health::HealthReport,
+    ) -> Shared {
+        let mut state = Arc::try_unwrap(state).unwrap_or_else(|_| unreachable!("one owner"));
+        state.cluster = Some(crate::relay::ClusterView {
+            node_name: "node1".into(),
+            nodes: tokio::sync::watch::channel(nodes).1,
+            health: Some(tokio::sync::watch::channel(Arc::new(health)).1),
+        });
+        Arc::new(state)
+    }
+
+    fn node(name: &str, local: bool, peer_api: Option<String>) -> cilia_api::Node {
+        cilia_api::Node {
+            name: name.into(),
+            local,
+            peer_api,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_single_agent_lists_itself_as_the_local_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = agent_state(dir.path());
+        let nodes = nodes::node_list(&state, std::time::SystemTime::now());
+        assert_eq!(nodes.len(), 1);
+        let n = &nodes[0];
+        assert!(n.local && n.health.is_none());
+        assert_eq!(n.name, crate::relay::host_node_name());
+        assert_eq!(n.ipv6_range, "fd00::/120");
+    }
+
+    #[test]
+    fn the_node_list_carries_each_nodes_probes_and_heartbeat_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = std::time::SystemTime::now();
+        let beat = humantime::format_rfc3339_millis(now - std::time::Duration::from_secs(2));
+        let node2 = cilia_api::Node {
+            last_heartbeat: Some(beat.to_string()),
+            ..node("node2", false, None)
+        };
+        let health = cilia_api::NodeHealth {
+            icmp: vec![cilia_api::ProbeResult {
+                address: "10.200.2.9".parse().unwrap(),
+                reachable: true,
+                latency_ms: Some(0.2),
+                last_probe: None,
+                error: None,
+            }],
+            tcp: vec![],
+        };
+        let state = in_cluster(
+            agent_state(dir.path()),
+            vec![node("node1", true, None), node2],
+            [("node2".to_string(), health.clone())].into(),
+        );
+        assert_eq!(state.node_name(), "node1");
+        let nodes = nodes::node_list(&state, now);
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(nodes[1].health.as_ref(), Some(&health));
+        let age = nodes[1].heartbeat_age_ms.unwrap();
+        assert!((2000..2010).contains(&age), "{age}");
+        assert!(nodes[0].health.is_none());
+    }
+
+    fn l7_flow(time_unix_ns: u64) -> cilia_proxy::control::L7Flow {
+        cilia_proxy::control::L7Flow {
+            time_unix_ns,
+            endpoint_id: 1,
+            direction: cilia_proxy::control::L7Direction::Ingress,
+            src: "[fd00::3]:40000".parse().unwrap(),
+            dst: "[fd00::2]:80".parse().unwrap(),
+            src_identity: 300,
+            dst_identity: 301,
+            method: "GET".into(),
+            path: "/".into(),
+            host: None,
+            status: 200,
+            latency_us: 10,
+            verdict: cilia_proxy::control::L7Verdict::Forwarded,
+            rules: vec![],
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cluster_reads_ask_peers_over_their_peer_api_and_name_the_silent_one() {
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let peer = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer_addr = peer.local_addr().unwrap().to_string();
+        let state_b = agent_state(dir_b.path());
+        let server = tokio::spawn(crate::relay::serve_peer_api(peer, state_b.clone()));
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let state = in_cluster(
+            agent_state(dir_a.path()),
+            vec![
+                node("node1", true, None),
+                node("node2", false, Some(peer_addr.clone())),
+                node("node3", false, Some(closed)),
+            ],
+            Default::default(),
+        );
+        // One request on each node; node2's came first.
+        state.monitor.record_l7(&l7_flow(200)).await;
+        state_b.monitor.record_l7(&l7_flow(100)).await;
+        let axum::Json(c) = nodes::cluster_status(State(state.clone())).await;
+        let seen: Vec<(&str, bool)> = c
+            .nodes
+            .iter()
+            .map(|n| (n.name.as_str(), n.reachable))
+            .collect();
+        assert_eq!(seen, [("node1", true), ("node2", true), ("node3", false)]);
+        assert_eq!(
+            c.nodes[1].status.as_ref().unwrap().state_dir,
+            dir_b.path().display().to_string()
+        );
+        assert!(c.nodes[2].error.as_deref().unwrap().contains("peer API"));
+
+        let filter: cilia_api::flows::FlowFilter = serde_json::from_str("{}").unwrap();
+        let q: nodes::ClusterFlowsQuery = serde_json::from_str("{}").unwrap();
+        let axum::Json(flows) = nodes::cluster_flows(
+            State(state.clone()),
+            axum::extract::Query(filter),
+            axum::extract::Query(q),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("cluster flows refused"));
+        let seen: Vec<(u64, &str)> = flows
+            .flows
+            .iter()
+            .map(|f| (f.time_ns, f.node.as_deref().unwrap()))
+            .collect();
+        assert_eq!(seen, [(100, "node2"), (200, "node1")]);
+        let silent: Vec<&str> = flows.unreachable.iter().map(|u| u.node.as_str()).collect();
+        assert_eq!(silent, ["node3"]);
+
+        // The peer API serves reads only.
+        let refused = cilia_api::ApiClient::peer(peer_addr.clone())
+            .endpoints(&Default::default())
+            .await;
+        assert!(
+            matches!(
+                refused,
+                Err(cilia_api::ClientError::Api { status: 404, .. })
+            ),
+            "{refused:?}"
+        );
+        server.abort();
     }
 
     #[test]

@@ -70,6 +70,11 @@ pub struct AgentMetrics {
     pub http_requests: Family<Labels, Counter>,
     /// Their latency as the proxy measured it, by verdict.
     pub http_duration: Family<Labels, Histogram, fn() -> Histogram>,
+    /// The health prober's latest probe of another node's health address
+    /// answered (1) or not (0), by node, probe (`icmp`, `tcp`) and address.
+    pub node_health_reachable: Family<Labels, Gauge>,
+    /// That probe's round trip or connect time, seconds (answered only).
+    pub node_health_latency: Family<Labels, Gauge<f64, AtomicU64>>,
 }
 
 impl Default for AgentMetrics {
@@ -84,6 +89,8 @@ impl Default for AgentMetrics {
             aggregated: Family::default(),
             http_requests: Family::default(),
             http_duration: Family::new_with_constructor(http_histogram),
+            node_health_reachable: Family::default(),
+            node_health_latency: Family::default(),
         }
     }
 }
@@ -416,6 +423,18 @@ pub fn render(snap: &Snapshot, m: &AgentMetrics) -> String {
         "conntrack_gc_deleted",
         "Expired conntrack entries removed",
         m.ct_gc_deleted.clone(),
+    );
+
+    reg.register(
+        "node_health_reachable",
+        "Whether the latest health probe of another node's health address answered, by node, probe (icmp, tcp) and address",
+        m.node_health_reachable.clone(),
+    );
+    reg.register_with_unit(
+        "node_health_latency",
+        "Round trip (icmp) or connect time (tcp) of the latest answered health probe, by node, probe and address",
+        Unit::Seconds,
+        m.node_health_latency.clone(),
     );
 
     let mut out = String::new();

@@ -437,6 +437,7 @@ fn decode(ev: &Event, enrich: &Names) -> Flow {
         data: (caplen > 0).then(|| hex(&ev.data[..caplen])),
         l7: None,
         aggregated: None,
+        node: None,
     }
 }
 
@@ -481,6 +482,7 @@ fn decode_l7(flow: &L7Flow, names: &Names) -> Flow {
             verdict: outcome.into(),
         }),
         aggregated: None,
+        node: None,
     }
 }
 
