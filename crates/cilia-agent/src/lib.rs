@@ -15,6 +15,7 @@ pub mod health;
 pub mod ipam;
 pub mod mesh;
 pub mod metrics;
+pub mod multinode;
 pub mod monitor;
 pub mod node;
 pub mod nodenet;
@@ -297,12 +298,27 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // own, for one operation at a time.
     let datapath: endpoint::DatapathHandle = Arc::new(datapath);
     let events = datapath.event_reader();
+    let cluster_mode = config.cluster.kvstore == KvstoreKind::Etcd;
+    if cluster_mode {
+        let name = &config.cluster.node_name;
+        if name.is_empty() || name.len() > 253 || name.contains(['/', ' ']) {
+            bail!("--node-name {name:?}: give a name of 1-253 characters without '/' or spaces");
+        }
+    }
+    // The node's devices and programs for other nodes, before endpoints are
+    // restored: they meet a datapath that reaches the cluster.
+    let node_dp = if cluster_mode {
+        Some(multinode::prepare_datapath(&config.cluster, &datapath)?)
+    } else {
+        None
+    };
     let mut manager = EndpointManager::new(
         store,
         datapath.clone(),
         Box::new(endpoint::netdev::Rtnetlink),
         pools,
     );
+    manager.mtu = node_dp.as_ref().map(|n| n.endpoint_mtu);
     if !recreated.is_empty() {
         let names: Vec<&str> = recreated.iter().map(|m| m.name.as_str()).collect();
         warn!(maps = ?names, "pinned maps were recreated for this build; re-attaching every endpoint");
@@ -312,6 +328,58 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .ensure_router()
         .context("setting up the node's router addresses")?;
     manager.restore().context("restoring endpoints")?;
+    // Cluster mode: the health endpoint (identity `health`), then the
+    // cluster client, with the store's identities made cluster-wide.
+    let health_endpoint = if cluster_mode {
+        let path = health::create_health_netns(&config.cluster.health_netns).with_context(|| {
+            format!(
+                "creating the health endpoint's network namespace {}",
+                config.cluster.health_netns
+            )
+        })?;
+        let rec = manager
+            .ensure_health_endpoint(&path.display().to_string())
+            .context("creating the health endpoint")?;
+        Some((path, rec))
+    } else {
+        None
+    };
+    let cluster_link = match node_dp {
+        Some(node) => {
+            let opts = &config.cluster;
+            let mut cc = cluster::ClusterConfig::new(
+                opts.node_name.clone(),
+                multinode::node_ips(&node.underlay),
+                config.ipv6_range,
+            );
+            cc.ipv4_range = config.ipv4_range;
+            cc.health_ips = health_endpoint
+                .as_ref()
+                .map(|(_, r)| r.ips())
+                .unwrap_or_default();
+            cc.peer_api = opts.peer_api_addr;
+            cc.tunnel = opts.tunnel.as_str().into();
+            cc.lease_ttl = opts.node_lease_ttl;
+            cc.kvstore = format!("etcd {}", opts.kvstore_endpoints.join(","));
+            let endpoints = opts.kvstore_endpoints.clone();
+            let (client, events) = cluster::ClusterClient::start(cc, move || {
+                cilia_kvstore::EtcdStore::connect(&endpoints)
+                    .map(|s| Box::new(s) as Box<dyn cilia_kvstore::KvStore>)
+            });
+            manager
+                .store
+                .set_identity_allocator(Arc::new(client.clone()));
+            let conflicts = client.reconcile_identities(&manager.store.identities()?);
+            manager.policy().cluster = Some(client.clone());
+            let link = multinode::MultiNode::new(client, opts.clone(), node);
+            for (id, reason) in conflicts {
+                warn!(identity = id, %reason, "the cluster disagrees with a local identity");
+                multinode::MultiNode::note_conflict(&link, format!("identity {id}: {reason}"));
+            }
+            Some((link, events))
+        }
+        None => None,
+    };
     let restored = manager.list()?.len();
 
     // Bind every listener before announcing readiness: a bad address is a
@@ -329,8 +397,42 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         })?),
         None => None,
     };
+    let peer_listener = match (cluster_mode, config.cluster.peer_api_addr) {
+        (true, Some(addr)) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            anyhow::anyhow!("binding the peer API address {addr}: {e}; or pass --peer-api-addr off")
+        })?),
+        _ => None,
+    };
     let listener = bind_socket(&config.socket)?;
     let agent_metrics = metrics::AgentMetrics::default();
+    // The cluster's views for the API, and the health endpoint's threads
+    // (kept for the agent's lifetime: dropping them stops them).
+    let mut cluster_view = None;
+    let mut health_threads = None;
+    if let (Some((link, _)), Some((path, _))) = (&cluster_link, &health_endpoint) {
+        let (nodes_tx, nodes_rx) = tokio::sync::watch::channel(link.api_nodes());
+        let (targets_tx, targets_rx) = tokio::sync::watch::channel(link.health_targets());
+        let port = config.cluster.health_port;
+        let responder = health::Responder::start(path, port)
+            .with_context(|| format!("starting the health responder on port {port}"))?;
+        let (prober, report) = health::Prober::start(
+            path,
+            health::ProbeConfig {
+                port,
+                ..Default::default()
+            },
+            targets_rx,
+            agent_metrics.clone(),
+        )
+        .context("starting the health prober")?;
+        health_threads = Some((responder, prober));
+        tokio::spawn(link.clone().refresh(nodes_tx, targets_tx));
+        cluster_view = Some(relay::ClusterView {
+            node_name: config.cluster.node_name.clone(),
+            nodes: nodes_rx,
+            health: Some(report),
+        });
+    }
     let policy = manager.policy_handle();
     let (policy_summary, l7_summary) = {
         let mut policy = manager.policy();
@@ -365,8 +467,28 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         proxy: proxy_status,
         proxy_port: config.proxy_port,
         l7_summary: l7_summary.clone(),
-        cluster: None,
+        cluster: cluster_view,
+        multinode: cluster_link.as_ref().map(|(l, _)| l.clone()),
     });
+    let _health_threads = health_threads;
+    if let Some((link, events)) = cluster_link {
+        let (l, p, dp) = (link.clone(), state.policy.clone(), state.datapath.clone());
+        std::thread::Builder::new()
+            .name("cilia-cluster-apply".into())
+            .spawn(move || l.run_events(events, p, dp))
+            .context("starting the cluster event thread")?;
+        tokio::spawn(link.publish_local_ips(state.store.clone(), l7_summary.clone()));
+    }
+    if let Some(l) = peer_listener {
+        let addr = l.local_addr()?;
+        info!(%addr, "serving the peer API (read-only) for the cluster relay");
+        let s = state.clone();
+        tokio::spawn(async move {
+            if let Err(e) = relay::serve_peer_api(l, s).await {
+                warn!(error = %e, "peer API stopped");
+            }
+        });
+    }
     info!(
         socket = %config.socket.display(),
         endpoints = restored,

@@ -191,6 +191,11 @@ impl MultiNode {
         })
     }
 
+    /// Records an identity the cluster maps to other labels (for status).
+    pub fn note_conflict(link: &Arc<Self>, what: String) {
+        Self::lock(&link.status).identity_conflicts.push(what);
+    }
+
     fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         m.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -396,4 +401,77 @@ fn to_entries(desired: &BTreeMap<IpNet, RemoteEntry>) -> BTreeMap<IpNet, Ipcache
             )
         })
         .collect()
+}
+
+impl MultiNode {
+    /// Every node as the API shows it (this one `local`).
+    pub fn api_nodes(&self) -> Vec<cilia_api::Node> {
+        self.client
+            .nodes()
+            .into_iter()
+            .map(|n| cilia_api::Node {
+                local: n.name == self.options.node_name,
+                addresses: n.node_ips.clone(),
+                ipv6_range: n.ipv6_range.to_string(),
+                ipv4_range: n.ipv4_range.map(|r| r.to_string()),
+                health_addresses: n.health_ips.clone(),
+                peer_api: n.peer_api.map(|a| a.to_string()),
+                tunnel: n.tunnel.clone(),
+                last_heartbeat: Some(
+                    humantime::format_rfc3339_millis(
+                        std::time::UNIX_EPOCH + Duration::from_millis(n.heartbeat_ms),
+                    )
+                    .to_string(),
+                ),
+                name: n.name,
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    /// The other nodes' health endpoints, for the prober.
+    pub fn health_targets(&self) -> Vec<crate::health::HealthTarget> {
+        self.client
+            .nodes()
+            .into_iter()
+            .filter(|n| n.name != self.options.node_name && !n.health_ips.is_empty())
+            .map(|n| crate::health::HealthTarget {
+                node: n.name,
+                addresses: n.health_ips,
+            })
+            .collect()
+    }
+
+    /// Keeps the API's node list (heartbeats included) and the prober's
+    /// targets current: the client's cache is read every second (a lock, no
+    /// kvstore call).
+    pub async fn refresh(
+        self: Arc<Self>,
+        nodes: tokio::sync::watch::Sender<Vec<cilia_api::Node>>,
+        targets: tokio::sync::watch::Sender<Vec<crate::health::HealthTarget>>,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let api = self.api_nodes();
+            nodes.send_if_modified(|old| {
+                let changed = *old != api;
+                if changed {
+                    *old = api;
+                }
+                changed
+            });
+            let t = self.health_targets();
+            targets.send_if_modified(|old| {
+                let changed = *old != t;
+                if changed {
+                    *old = t;
+                }
+                changed
+            });
+            if nodes.is_closed() && targets.is_closed() {
+                return;
+            }
+        }
+    }
 }

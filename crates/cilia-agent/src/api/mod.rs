@@ -75,6 +75,8 @@ pub struct AgentState {
     /// The cluster this node is part of (`None`: a single node, which
     /// `/v1/nodes` and the cluster routes show alone).
     pub cluster: Option<crate::relay::ClusterView>,
+    /// The cluster link (etcd mode), for status.
+    pub multinode: Option<Arc<crate::multinode::MultiNode>>,
 }
 
 impl AgentState {
@@ -545,6 +547,7 @@ mod tests {
             proxy_port: cilia_proxy::control::DEFAULT_PROXY_PORT,
             l7_summary: tokio::sync::watch::channel(Arc::default()).1,
             cluster: None,
+            multinode: None,
         })
     }
 
