@@ -88,6 +88,7 @@ fn ipcache_rows_publish_and_withdraw() {
     let world = IpcacheEntry {
         prefix: "203.0.113.0/24".parse().unwrap(),
         identity: 7777,
+        tunnel: None,
     };
     dp.publish_ipcache(&[world]).unwrap();
     assert!(dp.ipcache().unwrap().contains(&world));
