@@ -6,7 +6,9 @@
  * source's security identity, so the receiver enforces its policy without
  * trusting the inner source address), or natively over the underlay device
  * with the remote node as next hop (bpf_redirect_neigh: the node's IP
- * stack and its ip_forward sysctl are never involved). Mode off: the stack.
+ * stack and its ip_forward sysctl are never involved; an IPv6 packet for a
+ * node known only by an IPv4 address takes the node's route to its prefix,
+ * which the agent installs). Mode off: the stack.
  */
 #ifndef CILIA_TUNNEL_H
 #define CILIA_TUNNEL_H
@@ -110,18 +112,23 @@ __inline_fn int deliver_to_node(struct __sk_buff *skb, const struct flow *f, con
 	}
 	__u32 ifindex = cfg->underlay_ifindex;
 
-	if (remote->tunnel_family == CILIA_FAMILY_IPV6) {
-		nh.nh_family = AF_INET6;
-		__builtin_memcpy(nh.ipv6_nh, remote->tunnel, 16);
-	} else {
-		nh.nh_family = AF_INET;
-		__builtin_memcpy(&nh.ipv4_nh, remote->tunnel, 4);
-	}
 	reason = decrease_ttl(skb, f->family);
 	if (reason)
 		return drop_decided(skb, f, p, d, reason, dir);
 	count_forward(skb, CILIA_FWD_NATIVE, dir);
 	event_trace(skb, f, p, d->level, CILIA_FWD_NATIVE, dir);
+	if (remote->tunnel_family == CILIA_FAMILY_IPV6) {
+		nh.nh_family = AF_INET6;
+		__builtin_memcpy(nh.ipv6_nh, remote->tunnel, 16);
+	} else if (f->family == CILIA_FAMILY_IPV4) {
+		nh.nh_family = AF_INET;
+		__builtin_memcpy(&nh.ipv4_nh, remote->tunnel, 4);
+	} else {
+		/* The kernel takes an IPv4 next hop for IPv4 packets only: an
+		 * IPv6 packet for a node known by its IPv4 address follows the
+		 * node's routes (FIB lookup, no forwarding sysctl involved). */
+		return bpf_redirect_neigh(ifindex, 0, 0, 0);
+	}
 	return bpf_redirect_neigh(ifindex, &nh, sizeof(nh), 0);
 }
 
