@@ -437,3 +437,49 @@ fn endpoints_on_two_nodes_talk_by_native_routing_without_ip_forwarding() {
         assert_eq!(sysctls.split_whitespace().collect::<Vec<_>>(), ["0", "0"]);
     }
 }
+
+#[test]
+fn node_programs_live_in_pinned_links_and_are_swapped_in_place() {
+    privileged!("node_programs_live_in_pinned_links_and_are_swapped_in_place");
+    let root = BpfRoot::new();
+    let ns = Netns::new("cnode").unwrap();
+    let add_vxlan = "ip link add cilia_vxlan type vxlan external dstport 8472 nolearning
+                     ip link set cilia_vxlan arp off up";
+    ns.sh(add_vxlan).unwrap();
+    let ifindex = || ns.run(|| nix::net::if_::if_nametoindex("cilia_vxlan").unwrap());
+    let target = |dp: &BpfDatapath, pin: &str| {
+        cilia_datapath::inspect::link_target(&dp.node_link_pin(pin)).unwrap()
+    };
+    let dp = BpfDatapath::open(root.path()).unwrap();
+    ns.run(|| dp.attach_overlay("cilia_vxlan")).unwrap();
+    let first = target(&dp, "overlay_in");
+    assert_eq!(first.ifindex, ifindex());
+    assert_eq!(target(&dp, "overlay_out").ifindex, ifindex());
+    drop(dp);
+
+    // A restarted agent finds them attached, and swaps inside the links.
+    let dp = BpfDatapath::open(root.path()).unwrap();
+    assert_eq!(target(&dp, "overlay_in").program_id, first.program_id);
+    ns.run(|| dp.attach_overlay("cilia_vxlan")).unwrap();
+    let second = target(&dp, "overlay_in");
+    assert_eq!(second.link_id, first.link_id);
+    assert_ne!(second.program_id, first.program_id);
+    assert_eq!(dp.reload_node_programs().unwrap(), 2);
+    let third = target(&dp, "overlay_in");
+    assert_eq!(third.link_id, first.link_id);
+    assert_ne!(third.program_id, second.program_id);
+
+    // The device made again: the old link is dropped, a new one made.
+    ns.sh(&format!("ip link del cilia_vxlan\n{add_vxlan}"))
+        .unwrap();
+    ns.run(|| dp.attach_overlay("cilia_vxlan")).unwrap();
+    let links = dp.node_links().unwrap();
+    assert_eq!(links.overlay, Some(ifindex()));
+    assert_eq!(links.netdev, None);
+    assert_ne!(target(&dp, "overlay_in").link_id, first.link_id);
+
+    dp.detach_node_programs().unwrap();
+    assert_eq!(dp.node_links().unwrap(), Default::default());
+    assert!(!dp.node_link_pin("overlay_in").exists());
+    dp.detach_node_programs().unwrap();
+}
