@@ -20,6 +20,8 @@
 #include "lib/ipcache.h"
 #include "lib/tunnel.h"
 
+#define PACKET_HOST 0 /* linux/if_packet.h: to us */
+
 /*
  * The destination endpoint's ingress policy for a packet from another
  * node, then delivery: a flow redirected to the L7 proxy is assigned to its
@@ -51,13 +53,18 @@ __inline_fn int from_node_to_endpoint(struct __sk_buff *skb, struct flow *f,
 	if (reason)
 		return drop_decided(skb, f, &p, &d, reason, dir);
 
-	/* Deliver. */
+	/* Deliver. What goes to the proxy passes the node's stack, which
+	 * takes only frames addressed to it: a decapsulated frame still
+	 * carries the sending endpoint's gateway MAC. */
 	if (d.ct_state == CILIA_CT_STATE_REPLY) {
-		if (d.ct_flags & CILIA_CT_FROM_PROXY)
+		if (d.ct_flags & CILIA_CT_FROM_PROXY) {
+			bpf_skb_change_type(skb, PACKET_HOST);
 			return deliver_reply_to_proxy(skb, f, &p, &d, dir);
+		}
 		if (d.ct_flags & CILIA_CT_TO_PROXY)
 			return drop_decided(skb, f, &p, &d, CILIA_DROP_PROXY_PATH, dir);
 	} else if (d.ct_flags & CILIA_CT_TO_PROXY) {
+		bpf_skb_change_type(skb, PACKET_HOST);
 		return deliver_to_proxy(skb, f, &p, &d, dir);
 	}
 	return deliver_to_endpoint(skb, f, &p, &d, dst, dir);

@@ -6,6 +6,8 @@
 //! are used). In VXLAN mode each node has an external-mode VXLAN device
 //! with the overlay programs; in native mode the underlay device has
 //! `cil_from_netdev` and the nodes never forward (ip_forward stays 0).
+//! The L7 case puts a transparent relay (the proxy's part, as in
+//! `l7_redirect.rs`) in the receiving node.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -482,4 +484,158 @@ fn node_programs_live_in_pinned_links_and_are_swapped_in_place() {
     assert_eq!(dp.node_links().unwrap(), Default::default());
     assert!(!dp.node_link_pin("overlay_in").exists());
     dp.detach_node_programs().unwrap();
+}
+
+const PROXY_PORT: u16 = 15080;
+
+fn transparent_socket(domain: socket2::Domain) -> socket2::Socket {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP)).unwrap();
+    if domain == Domain::IPV6 {
+        s.set_ip_transparent_v6(true).unwrap();
+    } else {
+        s.set_ip_transparent_v4(true).unwrap();
+    }
+    s.set_mark(CILIA_MARK_FROM_PROXY).unwrap();
+    s
+}
+
+/// A transparent relay in a node playing the L7 proxy (as in
+/// `l7_redirect.rs`): accepts on the proxy port, connects upstream from
+/// the client's own address, copies both ways. Records the clients.
+struct Relay {
+    stop: Arc<AtomicBool>,
+    clients: Arc<std::sync::Mutex<Vec<SocketAddr>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Relay {
+    fn start(node: &Netns) -> Self {
+        use socket2::Domain;
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (ready, listening) = mpsc::channel();
+        let (stop2, clients2) = (stop.clone(), clients.clone());
+        let file = File::open(node.path()).unwrap();
+        let thread = std::thread::spawn(move || {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let listeners: Vec<socket2::Socket> = [
+                (Domain::IPV4, SocketAddr::from(([0, 0, 0, 0], PROXY_PORT))),
+                (Domain::IPV6, SocketAddr::from(([0u16; 8], PROXY_PORT))),
+            ]
+            .into_iter()
+            .map(|(domain, addr)| {
+                let l = transparent_socket(domain);
+                if domain == Domain::IPV6 {
+                    l.set_only_v6(true).unwrap();
+                }
+                l.set_reuse_address(true).unwrap();
+                l.bind(&addr.into()).unwrap();
+                l.listen(16).unwrap();
+                l.set_nonblocking(true).unwrap();
+                l
+            })
+            .collect();
+            ready.send(()).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop2.load(Ordering::SeqCst) && Instant::now() < deadline {
+                for l in &listeners {
+                    let Ok((conn, client)) = l.accept() else {
+                        continue;
+                    };
+                    let client = client.as_socket().unwrap();
+                    let local = conn.local_addr().unwrap().as_socket().unwrap();
+                    clients2.lock().unwrap().push(client);
+                    let up = transparent_socket(Domain::for_address(local));
+                    up.bind(&SocketAddr::new(client.ip(), 0).into()).unwrap();
+                    up.connect_timeout(&local.into(), WAIT).unwrap();
+                    let (conn, up): (TcpStream, TcpStream) = (conn.into(), up.into());
+                    conn.set_nonblocking(false).unwrap();
+                    for (mut from, mut to) in [
+                        (conn.try_clone().unwrap(), up.try_clone().unwrap()),
+                        (up, conn),
+                    ] {
+                        std::thread::spawn(move || {
+                            from.set_read_timeout(Some(WAIT)).unwrap();
+                            let _ = std::io::copy(&mut from, &mut to);
+                            let _ = to.shutdown(Shutdown::Write);
+                        });
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        listening.recv_timeout(WAIT).unwrap();
+        Self {
+            stop,
+            clients,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn a_flow_from_another_node_is_handed_to_the_l7_proxy_at_the_overlay() {
+    privileged!("a_flow_from_another_node_is_handed_to_the_l7_proxy_at_the_overlay");
+    let c = cluster(TunnelMode::Vxlan);
+    let [n1, n2] = &c.nodes;
+    // Node 2: the proxy's policy routing, and routes to node 1's endpoint
+    // through the overlay for what its stack sends (the relay's answers).
+    let mark = format!("{CILIA_MARK_TO_PROXY:#x}/{CILIA_MARK_MASK:#x}");
+    let (table, pref) = (CILIA_PROXY_ROUTE_TABLE, CILIA_PROXY_RULE_PRIORITY);
+    n2.ns
+        .sh(&format!(
+            "set -e
+             ip rule add fwmark {mark} lookup {table} pref {pref}
+             ip route add local 0.0.0.0/0 dev lo table {table}
+             ip -6 rule add fwmark {mark} lookup {table} pref {pref}
+             ip -6 route add local ::/0 dev lo table {table}
+             ip route add {p4}/32 dev cilia_vxlan; ip -6 route add {p6}/128 dev cilia_vxlan",
+            p4 = pod4(1),
+            p6 = pod6(1),
+        ))
+        .unwrap();
+    let policy = EndpointPolicy {
+        enforcement: Enforcement {
+            ingress: true,
+            egress: false,
+            audit: false,
+        },
+        entries: vec![PolicyEntry {
+            direction: Direction::Ingress,
+            identity: X_IDENTITY,
+            proto: 6,
+            port: ECHO_PORT,
+            port_prefix_len: 16,
+            verdict: Verdict::Allow,
+            rule: 9,
+            proxy_port: PROXY_PORT,
+        }],
+    };
+    n2.dp
+        .set_policy(n2.config.endpoint_id, &policy.encode())
+        .unwrap();
+    let _echo = Echo::start(&n2.ep);
+    let relay = Relay::start(&n2.ns);
+    for (to, from) in [
+        (IpAddr::V6(pod6(2)), IpAddr::V6(pod6(1))),
+        (IpAddr::V4(pod4(2)), IpAddr::V4(pod4(1))),
+    ] {
+        assert_eq!(echo(&n1.ep, to, &payload()).unwrap(), payload(), "{to}");
+        assert!(
+            relay.clients.lock().unwrap().iter().any(|c| c.ip() == from),
+            "the proxy served {from}"
+        );
+    }
+    assert!(n2.counted(CILIA_METRIC_FORWARD, CILIA_FWD_PROXY) > 0);
+    assert_eq!(drops(&n2.dp, CILIA_DROP_PROXY_PATH), 0);
 }
