@@ -96,9 +96,10 @@ __inline_fn void event_emit(struct __sk_buff *skb, __u8 type, __u8 reason, __u8 
 	ev->verdict = d ? d->verdict : 0;
 	ev->endpoint_id = local_endpoint(p);
 	/* The local peer: the endpoint at the other end of this program's. */
-	ev->peer_endpoint = p && CILIA_CONFIG.endpoint_id && p->egress_ep == CILIA_CONFIG.endpoint_id
-				? p->ingress_ep
-				: 0;
+	ev->peer_endpoint =
+	    p && CILIA_CONFIG.endpoint_id && p->egress_ep == CILIA_CONFIG.endpoint_id
+		? p->ingress_ep
+		: 0;
 	ev->src_identity = p ? p->src_id : CILIA_CONFIG.identity;
 	ev->dst_identity = p ? p->dst_id : 0;
 	ev->rule = d ? d->rule : 0;
