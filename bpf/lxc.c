@@ -14,6 +14,7 @@
 #include "lib/guard.h"
 #include "lib/ipcache.h"
 #include "lib/ndisc.h"
+#include "lib/tunnel.h"
 
 /*
  * TCX ingress of the host-side veth: every packet the container sends. Its
@@ -28,6 +29,7 @@ int cil_from_container(struct __sk_buff *skb)
 	struct flow f = {};
 	struct decision d = {.dir = dir, .verdict = CILIA_VERDICT_ALLOW};
 	struct endpoint_info *dst;
+	struct ipcache_value *remote = 0;
 	int reason;
 
 	/* Parse: the neighbour protocols are answered here, from the node. */
@@ -49,11 +51,14 @@ int cil_from_container(struct __sk_buff *skb)
 	if (reason)
 		return drop(skb, reason, dir);
 
-	/* Decide: the local destination (if any) names the peer's identity. */
+	/* Decide: the local destination, else the ipcache entry (which also
+	 * says whether it lives on another node), names the peer's identity. */
 	dst = endpoint_lookup(f.daddr, f.family);
+	if (!dst)
+		remote = ipcache_lookup(f.daddr, f.family);
 	struct peers p = {
 	    .src_id = CILIA_CONFIG.identity,
-	    .dst_id = dst ? dst->identity : ipcache_identity(f.daddr, f.family),
+	    .dst_id = dst ? dst->identity : (remote ? remote->identity : CILIA_ID_WORLD),
 	    .egress_ep = CILIA_CONFIG.endpoint_id,
 	    .ingress_ep = dst ? dst->endpoint_id : 0,
 	};
@@ -62,7 +67,8 @@ int cil_from_container(struct __sk_buff *skb)
 		return drop_decided(skb, &f, &p, &d, reason, dir);
 
 	/* Deliver: flows through the L7 proxy by the node's stack (see
-	 * "L7 redirect" in docs/ARCHITECTURE.md), the rest directly. */
+	 * "L7 redirect" in docs/ARCHITECTURE.md), the rest directly: to a
+	 * local endpoint, to another node, or to the stack. */
 	if (d.ct_state == CILIA_CT_STATE_REPLY) {
 		if (d.ct_flags & CILIA_CT_FROM_PROXY)
 			return deliver_reply_to_proxy(skb, &f, &p, &d, dir);
@@ -72,9 +78,11 @@ int cil_from_container(struct __sk_buff *skb)
 	} else if (d.ct_flags & CILIA_CT_TO_PROXY) {
 		return deliver_to_proxy(skb, &f, &p, &d, dir);
 	}
-	if (!dst)
-		return deliver_to_stack(skb, &f, &p, &d, dir);
-	return deliver_to_endpoint(skb, &f, &p, &d, dst, dir);
+	if (dst)
+		return deliver_to_endpoint(skb, &f, &p, &d, dst, dir);
+	if (remote && remote->tunnel_family)
+		return deliver_to_node(skb, &f, &p, &d, remote, dir);
+	return deliver_to_stack(skb, &f, &p, &d, dir);
 }
 
 /*

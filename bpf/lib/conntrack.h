@@ -122,13 +122,14 @@ __inline_fn int reply_still_allowed(const struct flow *f, const struct peers *p,
 
 /*
  * Creates the conntrack entry of a new flow, charged to this endpoint's
- * budget. Returns 0 or the drop reason: budget used up, or table full.
+ * budget (a node program's: the destination endpoint's). Returns 0 or the
+ * drop reason: budget used up, or table full.
  */
 __inline_fn int ct_create(struct __sk_buff *skb, const struct ct_key *key, const struct flow *f,
 			  __u32 rev, __u32 budget, const struct peers *p, __u64 now,
 			  const struct decision *d)
 {
-	__u32 owner = CILIA_CONFIG.endpoint_id;
+	__u32 owner = local_endpoint(p);
 	__u32 *count = bpf_map_lookup_elem(&cilia_ct_count, &owner);
 	struct ct_value fresh = {
 	    .expires = now + ct_lifetime(f, 0),
@@ -159,9 +160,10 @@ __inline_fn int ct_create(struct __sk_buff *skb, const struct ct_key *key, const
  * its entry (d->ct_flags; d->proxy_port stays set only for a redirect).
  * Sent by the L7 proxy for a client: FROM_PROXY (the proxy enforced L7;
  * its replies go back to it). Allowed by an entry naming a proxy port:
- * TO_PROXY, possible only for TCP and at an endpoint's from-container
- * program, where a packet can be assigned to the proxy's socket; anywhere
- * else the flow is dropped (fail closed). Returns 0 or the drop reason.
+ * TO_PROXY, possible only for TCP and at a tc ingress hook, where a packet
+ * can be assigned to the proxy's socket (an endpoint's from-container
+ * program, or a node program: `can_assign`); anywhere else the flow is
+ * dropped (fail closed). Returns 0 or the drop reason.
  */
 __inline_fn int ct_new_flow_mode(const struct flow *f, const struct peers *p, struct decision *d)
 {
@@ -173,7 +175,7 @@ __inline_fn int ct_new_flow_mode(const struct flow *f, const struct peers *p, st
 	}
 	if (!d->proxy_port)
 		return 0;
-	if (f->proto != IPPROTO_TCP || !p->egress_ep)
+	if (f->proto != IPPROTO_TCP || !(p->egress_ep || p->can_assign))
 		return CILIA_DROP_PROXY_PATH;
 	d->ct_flags = CILIA_CT_TO_PROXY;
 	return 0;

@@ -39,7 +39,20 @@ struct peers {
 	__u16 egress_ep;
 	__u16 ingress_ep;
 	__u8 via_proxy;
+	__u8 can_assign; /* a node program at tc ingress: may hand a flow to the proxy */
 };
+
+/*
+ * The endpoint a packet is reported and charged for: the program's own, or
+ * for the node programs (no endpoint of their own, endpoint_id 0) the
+ * packet's local endpoint.
+ */
+__inline_fn __u16 local_endpoint(const struct peers *p)
+{
+	__u16 self = CILIA_CONFIG.endpoint_id;
+
+	return self ? self : (p ? p->ingress_ep : 0);
+}
 
 __inline_fn __u32 monitor_level(void)
 {
@@ -81,9 +94,12 @@ __inline_fn void event_emit(struct __sk_buff *skb, __u8 type, __u8 reason, __u8 
 	ev->reason = reason;
 	ev->dir = d ? d->dir : dir;
 	ev->verdict = d ? d->verdict : 0;
-	ev->endpoint_id = CILIA_CONFIG.endpoint_id;
+	ev->endpoint_id = local_endpoint(p);
 	/* The local peer: the endpoint at the other end of this program's. */
-	ev->peer_endpoint = p ? (p->egress_ep == CILIA_CONFIG.endpoint_id ? p->ingress_ep : 0) : 0;
+	ev->peer_endpoint =
+	    p && CILIA_CONFIG.endpoint_id && p->egress_ep == CILIA_CONFIG.endpoint_id
+		? p->ingress_ep
+		: 0;
 	ev->src_identity = p ? p->src_id : CILIA_CONFIG.identity;
 	ev->dst_identity = p ? p->dst_id : 0;
 	ev->rule = d ? d->rule : 0;

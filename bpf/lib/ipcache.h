@@ -1,15 +1,16 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* Address -> security identity, by longest prefix; world when unknown. */
+/* Address -> security identity (and, for a remote prefix, its node), by
+ * longest prefix; world when unknown. */
 #ifndef CILIA_IPCACHE_H
 #define CILIA_IPCACHE_H
 
 #include "common.h"
 #include "maps.h"
 
-__inline_fn __u32 ipcache_identity(const __u8 *addr, __u8 family)
+/* The entry covering `addr`, or 0 (world, not remote). */
+__inline_fn struct ipcache_value *ipcache_lookup(const __u8 *addr, __u8 family)
 {
 	struct ipcache_key key = {.family = family};
-	struct ipcache_value *v;
 
 	if (family == CILIA_FAMILY_IPV6) {
 		key.prefixlen = 32 + 128;
@@ -18,7 +19,13 @@ __inline_fn __u32 ipcache_identity(const __u8 *addr, __u8 family)
 		key.prefixlen = 32 + 32;
 		__builtin_memcpy(key.addr, addr, 4);
 	}
-	v = bpf_map_lookup_elem(&cilia_ipcache, &key);
+	return bpf_map_lookup_elem(&cilia_ipcache, &key);
+}
+
+__inline_fn __u32 ipcache_identity(const __u8 *addr, __u8 family)
+{
+	struct ipcache_value *v = ipcache_lookup(addr, family);
+
 	return v ? v->identity : CILIA_ID_WORLD;
 }
 

@@ -86,4 +86,12 @@ struct {
 
 CILIA_SHARED_MAP(cilia_config, BPF_MAP_TYPE_ARRAY, 1, __u32, struct global_config);
 
+/* Underlay addresses of the cluster's nodes: the only senders whose tunnel
+ * packets the overlay accepts. */
+CILIA_SHARED_MAP(cilia_nodes, BPF_MAP_TYPE_HASH, CILIA_NODES_MAX, struct endpoint_key,
+		 struct node_value);
+
+/* How packets for remote prefixes leave the node (tunnel mode, devices). */
+CILIA_SHARED_MAP(cilia_node_config, BPF_MAP_TYPE_ARRAY, 1, __u32, struct node_config);
+
 #endif

@@ -41,7 +41,15 @@ const STRUCTS: &[(&str, &[&str])] = &[
     ("metrics_key", &["kind", "reason", "dir"]),
     ("metrics_value", &["packets", "bytes"]),
     ("ipcache_key", &["prefixlen", "family", "addr"]),
-    ("ipcache_value", &["identity", "flags"]),
+    (
+        "ipcache_value",
+        &["identity", "flags", "tunnel", "tunnel_family", "encap_key"],
+    ),
+    ("node_value", &["flags"]),
+    (
+        "node_config",
+        &["tunnel_mode", "tunnel_ifindex", "underlay_ifindex"],
+    ),
     (
         "policy_key",
         &["prefixlen", "identity", "direction", "proto", "dport"],

@@ -63,6 +63,8 @@ struct endpoint_info {
 #define CILIA_FWD_ND_REPLY  3 /* IPv6 neighbour advertisement answered */
 #define CILIA_FWD_ARP_REPLY 4 /* ARP reply answered */
 #define CILIA_FWD_PROXY	    5 /* to the L7 proxy through the node's stack */
+#define CILIA_FWD_TUNNEL    6 /* to another node through the overlay (VXLAN) */
+#define CILIA_FWD_NATIVE    7 /* to another node over the underlay (native routing) */
 
 /* Drop reasons (kind CILIA_METRIC_DROP). Never reuse a number. */
 #define CILIA_DROP_INVALID	     130 /* truncated or malformed packet */
@@ -81,6 +83,8 @@ struct endpoint_info {
 #define CILIA_DROP_CT_BUDGET	     143 /* the endpoint has used its conntrack budget */
 #define CILIA_DROP_PROXY_UNAVAILABLE 144 /* L7 redirect: the proxy has no socket for the flow */
 #define CILIA_DROP_PROXY_PATH	     145 /* L7 redirect not possible on this path */
+#define CILIA_DROP_UNKNOWN_NODE	     146 /* tunnel packet from an address that is no known node */
+#define CILIA_DROP_NO_ROUTE	     147 /* node traffic for no local endpoint, or no tunnel to its node */
 
 /* Direction of a counted packet. */
 #define CILIA_DIR_EGRESS  1 /* leaving an endpoint (from-container) */
@@ -133,9 +137,18 @@ struct ipcache_key {
 	__u8 addr[16];
 };
 
+/*
+ * tunnel_family != 0: the prefix is remote, it lives on the node whose
+ * underlay address is `tunnel` (its first 4 bytes for IPv4); packets to it
+ * go through the overlay or, natively routed, via that node.
+ */
 struct ipcache_value {
 	__u32 identity;
 	__u32 flags; /* reserved, zero */
+	__u8 tunnel[16];
+	__u8 tunnel_family; /* 0: not remote; else CILIA_FAMILY_* of `tunnel` */
+	__u8 pad[3];
+	__u32 encap_key; /* reserved (encryption key), zero */
 };
 
 /* Per-endpoint policy: LPM trie over [identity][direction][proto][port].
@@ -243,6 +256,31 @@ struct global_config {
 	__u32 policy_rev;    /* bumped on every policy change */
 	__u32 monitor_level; /* CILIA_MONITOR_* */
 	__u32 ct_budget;     /* conntrack entries per endpoint; 0: CILIA_CT_BUDGET_DEFAULT */
+	__u32 pad;
+};
+
+/* ---- nodes ---- */
+
+/* Capacity of the nodes map (underlay addresses of the cluster's nodes). */
+#define CILIA_NODES_MAX 4096
+
+/* Value of the nodes map (key: struct endpoint_key of an underlay address):
+ * a tunnel packet is accepted only from an address in it. */
+struct node_value {
+	__u32 flags; /* reserved, zero */
+	__u32 pad;
+};
+
+/* How packets for remote prefixes (ipcache entries with a tunnel) leave. */
+#define CILIA_TUNNEL_OFF    0 /* through the node's stack, as any other */
+#define CILIA_TUNNEL_VXLAN  1 /* VXLAN overlay, source identity in the VNI */
+#define CILIA_TUNNEL_NATIVE 2 /* routed over the underlay, next hop the node */
+
+/* The node's tunnel settings: array map, one slot. */
+struct node_config {
+	__u32 tunnel_mode;	/* CILIA_TUNNEL_* */
+	__u32 tunnel_ifindex;	/* the VXLAN device (external mode) */
+	__u32 underlay_ifindex; /* the device holding the node's underlay address */
 	__u32 pad;
 };
 

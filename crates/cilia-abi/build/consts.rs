@@ -58,6 +58,8 @@ pub const TYPE_RULES: &[(Pattern, &str)] = &[
     (Pattern::Exact("CILIA_ENFORCE"), "u8"),
     (Pattern::Prefix("CILIA_ENFORCE_"), "u8"),
     (Pattern::Prefix("CILIA_EVENT_"), "u8"),
+    // `node_config.tunnel_mode`.
+    (Pattern::Prefix("CILIA_TUNNEL_"), "u32"),
     // skb->mark / SO_MARK values and mask.
     (Pattern::Prefix("CILIA_MARK_"), "u32"),
     // Routing table id and rule priority (rtnetlink u32 attributes).

@@ -41,7 +41,7 @@ macro_rules! abi_struct {
 pub mod rows;
 pub use rows::{
     CtEntry, Direction, EndpointEntry, EndpointPolicy, Enforcement, IpcacheEntry, MetricKind,
-    MetricsEntry, PolicyDelta, PolicyEntry, Verdict,
+    MetricsEntry, NodeConfig, PolicyDelta, PolicyEntry, TunnelMode, Verdict,
 };
 
 /// Human name of a forward or drop reason, as printed by the CLI and metrics.
@@ -52,6 +52,8 @@ pub fn reason_name(kind: u8, reason: u8) -> &'static str {
         (CILIA_METRIC_FORWARD, CILIA_FWD_ND_REPLY) => "nd-reply",
         (CILIA_METRIC_FORWARD, CILIA_FWD_ARP_REPLY) => "arp-reply",
         (CILIA_METRIC_FORWARD, CILIA_FWD_PROXY) => "to-proxy",
+        (CILIA_METRIC_FORWARD, CILIA_FWD_TUNNEL) => "to-overlay",
+        (CILIA_METRIC_FORWARD, CILIA_FWD_NATIVE) => "to-node",
         (CILIA_METRIC_DROP, CILIA_DROP_INVALID) => "Invalid packet",
         (CILIA_METRIC_DROP, CILIA_DROP_UNSUPPORTED_L3) => "Unsupported L3 protocol",
         (CILIA_METRIC_DROP, CILIA_DROP_SPOOFED_SOURCE) => "Invalid source address",
@@ -68,6 +70,8 @@ pub fn reason_name(kind: u8, reason: u8) -> &'static str {
         (CILIA_METRIC_DROP, CILIA_DROP_CT_BUDGET) => "Endpoint conntrack budget exhausted",
         (CILIA_METRIC_DROP, CILIA_DROP_PROXY_UNAVAILABLE) => "L7 proxy unavailable",
         (CILIA_METRIC_DROP, CILIA_DROP_PROXY_PATH) => "L7 redirect not possible on this path",
+        (CILIA_METRIC_DROP, CILIA_DROP_UNKNOWN_NODE) => "Tunnel packet from an unknown node",
+        (CILIA_METRIC_DROP, CILIA_DROP_NO_ROUTE) => "No route to endpoint",
         _ => "unknown",
     }
 }
@@ -199,10 +203,34 @@ impl IpcacheKey {
 }
 
 abi_struct! {
+    /// Value of the ipcache. `tunnel_family != 0`: the prefix is remote, on
+    /// the node whose underlay address is `tunnel`.
     #[derive(Default)]
     pub struct IpcacheValue {
         pub identity: u32,
         pub flags: u32,
+        pub tunnel: [u8; 16],
+        pub tunnel_family: u8,
+        pub pad: [u8; 3],
+        pub encap_key: u32,
+    }
+
+    /// Value of the nodes map (key: the node's underlay address as an
+    /// [`EndpointKey`]).
+    #[derive(Default)]
+    pub struct NodeValue {
+        pub flags: u32,
+        pub pad: u32,
+    }
+
+    /// The node's tunnel settings (`struct node_config`, the one slot of
+    /// `cilia_node_config`); the row is [`rows::NodeConfig`].
+    #[derive(Default)]
+    pub struct NodeConfigValue {
+        pub tunnel_mode: u32,
+        pub tunnel_ifindex: u32,
+        pub underlay_ifindex: u32,
+        pub pad: u32,
     }
 }
 
@@ -378,7 +406,9 @@ mod tests {
             MetricsKey as "metrics_key" { kind, reason, dir }
             MetricsValue as "metrics_value" { packets, bytes }
             IpcacheKey as "ipcache_key" { prefixlen, family, addr }
-            IpcacheValue as "ipcache_value" { identity, flags }
+            IpcacheValue as "ipcache_value" { identity, flags, tunnel, tunnel_family, encap_key }
+            NodeValue as "node_value" { flags }
+            NodeConfigValue as "node_config" { tunnel_mode, tunnel_ifindex, underlay_ifindex }
             PolicyKey as "policy_key" { prefixlen, identity, direction, proto, dport }
             PolicyValue as "policy_value" { verdict, match_kind as "match", proxy_port, rule }
             CtKey as "ct_key" { saddr, daddr, sport, dport, proto, family }

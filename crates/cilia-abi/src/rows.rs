@@ -494,11 +494,15 @@ impl CtEntry {
     }
 }
 
-/// One ipcache entry: addresses of `prefix` have `identity`.
+/// One ipcache entry: addresses of `prefix` have `identity`; with a
+/// `tunnel`, they live on the node whose underlay address that is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IpcacheEntry {
     pub prefix: IpNet,
     pub identity: u32,
+    /// The underlay address of the node holding the prefix; `None`: not
+    /// remote (this node's, or outside the cluster).
+    pub tunnel: Option<IpAddr>,
 }
 
 impl IpcacheEntry {
@@ -512,19 +516,107 @@ impl IpcacheEntry {
     }
 
     pub fn value(&self) -> IpcacheValue {
+        let (tunnel, tunnel_family) = match self.tunnel {
+            Some(ip) => {
+                let k = EndpointKey::from_ip(ip);
+                (k.addr, k.family)
+            }
+            None => ([0; 16], 0),
+        };
         IpcacheValue {
             identity: self.identity,
             flags: 0,
+            tunnel,
+            tunnel_family,
+            pad: [0; 3],
+            encap_key: 0,
         }
     }
 
     /// The entry of a map entry; `None` for an unknown family or a prefix
-    /// length beyond the address.
+    /// length beyond the address (of the prefix or the tunnel).
     pub fn decode(key: &IpcacheKey, value: &IpcacheValue) -> Option<Self> {
         let (ip, len) = key.prefix()?;
+        let tunnel = match value.tunnel_family {
+            0 => None,
+            family => Some(
+                EndpointKey {
+                    addr: value.tunnel,
+                    family,
+                    pad: [0; 3],
+                }
+                .ip()?,
+            ),
+        };
         Some(Self {
             prefix: IpNet::new(ip, len).ok()?,
             identity: value.identity,
+            tunnel,
+        })
+    }
+}
+
+/// How packets for remote prefixes (ipcache entries with a tunnel) leave
+/// the node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum TunnelMode {
+    /// Through the node's stack, like any other destination.
+    #[default]
+    Off,
+    /// Encapsulated in VXLAN, the source identity in the VNI.
+    Vxlan,
+    /// Routed over the underlay device, the remote node as next hop.
+    Native,
+}
+
+impl TunnelMode {
+    /// The `CILIA_TUNNEL_*` code.
+    pub fn code(self) -> u32 {
+        match self {
+            TunnelMode::Off => CILIA_TUNNEL_OFF,
+            TunnelMode::Vxlan => CILIA_TUNNEL_VXLAN,
+            TunnelMode::Native => CILIA_TUNNEL_NATIVE,
+        }
+    }
+
+    /// The mode of a `CILIA_TUNNEL_*` code; `None` for any other.
+    pub fn from_code(code: u32) -> Option<Self> {
+        match code {
+            CILIA_TUNNEL_OFF => Some(TunnelMode::Off),
+            CILIA_TUNNEL_VXLAN => Some(TunnelMode::Vxlan),
+            CILIA_TUNNEL_NATIVE => Some(TunnelMode::Native),
+            _ => None,
+        }
+    }
+}
+
+/// The node's tunnel settings (the one slot of `cilia_node_config`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct NodeConfig {
+    pub tunnel_mode: TunnelMode,
+    /// The VXLAN device (external mode); used in [`TunnelMode::Vxlan`].
+    pub tunnel_ifindex: u32,
+    /// The device holding the node's underlay address; used in
+    /// [`TunnelMode::Native`].
+    pub underlay_ifindex: u32,
+}
+
+impl NodeConfig {
+    pub fn value(&self) -> NodeConfigValue {
+        NodeConfigValue {
+            tunnel_mode: self.tunnel_mode.code(),
+            tunnel_ifindex: self.tunnel_ifindex,
+            underlay_ifindex: self.underlay_ifindex,
+            pad: 0,
+        }
+    }
+
+    /// The settings of a map value; `None` for an unknown mode.
+    pub fn decode(value: &NodeConfigValue) -> Option<Self> {
+        Some(Self {
+            tunnel_mode: TunnelMode::from_code(value.tunnel_mode)?,
+            tunnel_ifindex: value.tunnel_ifindex,
+            underlay_ifindex: value.underlay_ifindex,
         })
     }
 }
@@ -972,6 +1064,7 @@ mod tests {
         let row = IpcacheEntry {
             prefix: "10.1.0.0/16".parse().unwrap(),
             identity: 77,
+            tunnel: None,
         };
         assert_eq!(IpcacheEntry::decode(&row.key(), &row.value()), Some(row));
         let sloppy: IpNet = "10.1.2.3/16".parse().unwrap();
@@ -979,9 +1072,54 @@ mod tests {
         let v6 = IpcacheEntry {
             prefix: "2001:db8::/32".parse().unwrap(),
             identity: 2,
+            tunnel: None,
         };
         assert_eq!(v6.key().prefixlen, 64);
         assert_eq!(IpcacheEntry::decode(&v6.key(), &v6.value()), Some(v6));
+    }
+
+    #[test]
+    fn remote_ipcache_rows_carry_their_node_in_either_family() {
+        for (prefix, node) in [
+            ("fd00:c1a:2::7/128", "198.51.100.2"),
+            ("10.200.2.0/24", "2001:db8:100::2"),
+        ] {
+            let row = IpcacheEntry {
+                prefix: prefix.parse().unwrap(),
+                identity: 300,
+                tunnel: Some(node.parse().unwrap()),
+            };
+            let v = row.value();
+            assert_ne!(v.tunnel_family, 0);
+            assert_eq!(v.encap_key, 0);
+            assert_eq!(IpcacheEntry::decode(&row.key(), &v), Some(row));
+        }
+        let v4 = IpcacheEntry {
+            prefix: "10.200.2.7/32".parse().unwrap(),
+            identity: 300,
+            tunnel: Some("198.51.100.2".parse().unwrap()),
+        }
+        .value();
+        assert_eq!(v4.tunnel_family, CILIA_FAMILY_IPV4);
+        assert_eq!(&v4.tunnel[..4], &[198, 51, 100, 2]);
+        assert_eq!(&v4.tunnel[4..], &[0; 12]);
+    }
+
+    #[test]
+    fn node_config_rows_round_trip_every_mode() {
+        for mode in [TunnelMode::Off, TunnelMode::Vxlan, TunnelMode::Native] {
+            let row = NodeConfig {
+                tunnel_mode: mode,
+                tunnel_ifindex: 7,
+                underlay_ifindex: 2,
+            };
+            assert_eq!(NodeConfig::decode(&row.value()), Some(row));
+        }
+        let bad = NodeConfigValue {
+            tunnel_mode: 9,
+            ..Default::default()
+        };
+        assert_eq!(NodeConfig::decode(&bad), None);
     }
 
     #[test]

@@ -56,6 +56,7 @@ impl PolicyState {
             .map(|ip| IpcacheEntry {
                 prefix: host_prefix(*ip),
                 identity: CILIA_ID_HOST,
+                tunnel: None,
             })
             .collect();
         let mut withdraw = Vec::new();
@@ -66,6 +67,7 @@ impl PolicyState {
                 Some((_, id)) => publish.push(IpcacheEntry {
                     prefix,
                     identity: *id,
+                    tunnel: None,
                 }),
                 None => withdraw.push(prefix),
             }

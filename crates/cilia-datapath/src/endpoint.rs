@@ -34,7 +34,8 @@ use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::EbpfLoader;
 use cilia_abi::{
     CtKey, CtValue, EndpointConfig, EndpointInfo, EndpointKey, GlobalConfig, IpcacheKey,
-    IpcacheValue, MetricsKey, MetricsValue, PolicyKey, PolicyValue, CILIA_POLICY_MAX,
+    IpcacheValue, MetricsKey, MetricsValue, NodeConfigValue, NodeValue, PolicyKey, PolicyValue,
+    CILIA_POLICY_MAX,
 };
 
 use crate::error::DatapathError;
@@ -43,7 +44,8 @@ use crate::keys::{
 };
 use crate::object::{
     GLOBAL_CONFIG, LXC_OBJECT, MAP_CONFIG, MAP_CT, MAP_CT_COUNT, MAP_ENDPOINTS, MAP_EVENTS,
-    MAP_IPCACHE, MAP_METRICS, MAP_POLICY, PROG_FROM_CONTAINER, PROG_TO_CONTAINER, SHARED_MAPS,
+    MAP_IPCACHE, MAP_METRICS, MAP_NODES, MAP_NODE_CONFIG, MAP_POLICY, PROG_FROM_CONTAINER,
+    PROG_TO_CONTAINER, SHARED_MAPS,
 };
 use crate::testrun::TestProgram;
 
@@ -86,11 +88,27 @@ fn load_object(
     object: &[u8],
     config: &EndpointConfig,
 ) -> Result<aya::Ebpf, DatapathError> {
+    load_programs(
+        maps_dir,
+        object,
+        config,
+        &[PROG_FROM_CONTAINER, PROG_TO_CONTAINER],
+    )
+}
+
+/// Loads `object` specialized with `config` against the maps pinned in
+/// `maps_dir`, and loads (verifies) its programs `names`.
+pub(crate) fn load_programs(
+    maps_dir: &Path,
+    object: &[u8],
+    config: &EndpointConfig,
+    names: &[&'static str],
+) -> Result<aya::Ebpf, DatapathError> {
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(maps_dir)
         .override_global(GLOBAL_CONFIG, config, true)
         .load(object)?;
-    for name in [PROG_FROM_CONTAINER, PROG_TO_CONTAINER] {
+    for &name in names {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or(DatapathError::MissingProgram(name))?
@@ -117,6 +135,10 @@ pub struct BpfDatapath {
     /// what a metrics scrape reports instead of walking the table again.
     ct_live: Mutex<Option<u64>>,
     config: Mutex<Array<MapData, GlobalConfig>>,
+    /// Underlay addresses of the cluster's nodes.
+    pub(crate) nodes: Mutex<HashMap<MapData, EndpointKey, NodeValue>>,
+    /// The node's tunnel settings.
+    pub(crate) node_config: Mutex<Array<MapData, NodeConfigValue>>,
     /// Handed to the one reader of events ([`BpfDatapath::take_events`]).
     events: Mutex<Option<RingBuf<MapData>>>,
     /// Pinned maps found incompatible at open and recreated.
@@ -398,6 +420,7 @@ impl BpfDatapath {
         let maps_dir = root.join("maps");
         mkdir(&maps_dir)?;
         mkdir(&root.join("links"))?;
+        mkdir(&root.join("node"))?;
         let recreated = migrate_pins(&maps_dir)?;
         // Loading the object creates (or reuses) and pins the shared maps;
         // its program is never loaded here.
@@ -416,6 +439,8 @@ impl BpfDatapath {
         let ct_count = take(MAP_CT_COUNT)?;
         let config = take(MAP_CONFIG)?;
         let events = take(MAP_EVENTS)?;
+        let nodes = take(MAP_NODES)?;
+        let node_config = take(MAP_NODE_CONFIG)?;
         mkdir(&root.join("policy"))?;
         if !recreated.is_empty() || pinned_abi_version(&maps_dir)? != Some(PIN_ABI_VERSION) {
             pin_abi_version(&maps_dir)?;
@@ -446,6 +471,12 @@ impl BpfDatapath {
             events: Mutex::new(Some(
                 RingBuf::try_from(events).map_err(|e| DatapathError::map(MAP_EVENTS, e))?,
             )),
+            nodes: Mutex::new(
+                HashMap::try_from(nodes).map_err(|e| DatapathError::map(MAP_NODES, e))?,
+            ),
+            node_config: Mutex::new(
+                Array::try_from(node_config).map_err(|e| DatapathError::map(MAP_NODE_CONFIG, e))?,
+            ),
             recreated,
             build_tags: std::sync::OnceLock::new(),
         })
@@ -792,14 +823,25 @@ impl BpfDatapath {
         Ok(out)
     }
 
-    /// Maps a prefix to an identity in the ipcache.
+    /// Maps a prefix to an identity (not remote) in the ipcache.
     pub fn upsert_ipcache(&self, key: IpcacheKey, identity: u32) -> Result<(), DatapathError> {
+        self.upsert_ipcache_value(
+            key,
+            IpcacheValue {
+                identity,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Writes one ipcache entry.
+    pub fn upsert_ipcache_value(
+        &self,
+        key: IpcacheKey,
+        value: IpcacheValue,
+    ) -> Result<(), DatapathError> {
         lock(&self.ipcache)
-            .insert(
-                &ipcache_to_lpm(&key),
-                IpcacheValue { identity, flags: 0 },
-                0,
-            )
+            .insert(&ipcache_to_lpm(&key), value, 0)
             .map_err(|e| DatapathError::map(MAP_IPCACHE, e))
     }
 
@@ -1208,13 +1250,13 @@ impl BpfDatapath {
 /// Locks one map handle. A panic while a guard was held cannot leave a
 /// handle inconsistent (the map lives in the kernel; the handle is an fd),
 /// so a poisoned lock is used as is.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Whether a map error means "no such key" (typed wrappers report it as
 /// `KeyNotFound`, some raw paths as the syscall's ENOENT).
-fn is_not_found(e: &MapError) -> bool {
+pub(crate) fn is_not_found(e: &MapError) -> bool {
     match e {
         MapError::KeyNotFound => true,
         MapError::SyscallError(s) => s.io_error.kind() == std::io::ErrorKind::NotFound,
@@ -1231,7 +1273,7 @@ pub fn monotonic_ns() -> u64 {
 
 /// Attaches `prog` to `ifname` with TCX, or swaps it into the link pinned at
 /// `pin` when there is one.
-fn attach_pinned(
+pub(crate) fn attach_pinned(
     prog: &mut SchedClassifier,
     name: &str,
     ifname: &str,
@@ -1265,7 +1307,11 @@ fn attach_pinned(
 }
 
 /// Swaps `prog` into the link pinned at `pin` (`BPF_LINK_UPDATE`).
-fn swap_pinned(prog: &mut SchedClassifier, name: &str, pin: &Path) -> Result<(), DatapathError> {
+pub(crate) fn swap_pinned(
+    prog: &mut SchedClassifier,
+    name: &str,
+    pin: &Path,
+) -> Result<(), DatapathError> {
     let link = PinnedLink::from_pin(pin).map_err(|e| DatapathError::Pin {
         path: pin.to_path_buf(),
         reason: e.to_string(),
@@ -1297,7 +1343,10 @@ fn swap_into(
 }
 
 /// Id and tag of a program `ebpf` has loaded.
-fn program_identity(ebpf: &aya::Ebpf, name: &'static str) -> Result<(u32, [u8; 8]), DatapathError> {
+pub(crate) fn program_identity(
+    ebpf: &aya::Ebpf,
+    name: &'static str,
+) -> Result<(u32, [u8; 8]), DatapathError> {
     let prog: &SchedClassifier = ebpf
         .program(name)
         .ok_or(DatapathError::MissingProgram(name))?
@@ -1308,7 +1357,7 @@ fn program_identity(ebpf: &aya::Ebpf, name: &'static str) -> Result<(u32, [u8; 8
 }
 
 /// Removes a pinned link (detaching its program). Absent is not an error.
-fn unpin_link(pin: &Path) -> Result<(), DatapathError> {
+pub(crate) fn unpin_link(pin: &Path) -> Result<(), DatapathError> {
     match PinnedLink::from_pin(pin) {
         Ok(link) => {
             link.unpin().map_err(|e| DatapathError::Pin {

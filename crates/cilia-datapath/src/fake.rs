@@ -29,8 +29,8 @@ use std::time::Duration;
 
 use cilia_abi::{
     CtEntry, CtKey, CtValue, EndpointConfig, EndpointEntry, EndpointPolicy, Event, IpcacheEntry,
-    IpcacheKey, IpcacheValue, MetricsEntry, MetricsKey, MetricsValue, PolicyDelta, PolicyKey,
-    PolicyValue,
+    IpcacheKey, IpcacheValue, MetricsEntry, MetricsKey, MetricsValue, NodeConfig, NodeConfigValue,
+    PolicyDelta, PolicyKey, PolicyValue,
 };
 use ipnet::IpNet;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -39,6 +39,7 @@ use crate::endpoint::{EndpointReload, LinkCheck, LinkSwap, PolicyUpdate};
 use crate::error::DatapathError;
 use crate::events::EventReader;
 use crate::interface::{Datapath, LoadedPrograms};
+use crate::node::NodeLinks;
 
 /// How long a gated call waits for its release at most.
 const GATE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -72,6 +73,16 @@ pub struct FakeState {
     pub now_ns: u64,
     /// What [`Datapath::test_run`] answers.
     pub test_verdict: u32,
+    /// The node's tunnel settings, encoded.
+    pub node_config: NodeConfigValue,
+    /// Underlay addresses in the nodes map.
+    pub nodes: BTreeSet<IpAddr>,
+    /// Device the overlay programs are attached to.
+    pub overlay_device: Option<String>,
+    /// Device the native-routing program is attached to.
+    pub netdev_device: Option<String>,
+    /// Node links swapped by [`Datapath::reload_node_programs`].
+    pub node_reloads: usize,
 }
 
 #[derive(Debug, Default)]
@@ -464,6 +475,66 @@ impl Datapath for FakeDatapath {
         });
         Ok(before - state.ct.len())
     }
+    fn set_node_config(&self, config: &NodeConfig) -> Result<(), DatapathError> {
+        self.enter("set_node_config")?;
+        self.state().node_config = config.value();
+        Ok(())
+    }
+    fn node_config(&self) -> Result<NodeConfig, DatapathError> {
+        self.enter("node_config")?;
+        Ok(NodeConfig::decode(&self.state().node_config).unwrap_or_default())
+    }
+    fn attach_overlay(&self, vxlan_ifname: &str) -> Result<(), DatapathError> {
+        self.enter("attach_overlay")?;
+        self.state().overlay_device = Some(vxlan_ifname.to_string());
+        Ok(())
+    }
+    fn attach_netdev(&self, ifname: &str) -> Result<(), DatapathError> {
+        self.enter("attach_netdev")?;
+        self.state().netdev_device = Some(ifname.to_string());
+        Ok(())
+    }
+    fn detach_node_programs(&self) -> Result<(), DatapathError> {
+        self.enter("detach_node_programs")?;
+        let mut state = self.state();
+        state.overlay_device = None;
+        state.netdev_device = None;
+        Ok(())
+    }
+    /// The fake has no ifindexes: an attached device reads as ifindex 1.
+    fn node_links(&self) -> Result<NodeLinks, DatapathError> {
+        self.enter("node_links")?;
+        let state = self.state();
+        Ok(NodeLinks {
+            overlay: state.overlay_device.as_ref().map(|_| 1),
+            netdev: state.netdev_device.as_ref().map(|_| 1),
+        })
+    }
+    fn reload_node_programs(&self) -> Result<usize, DatapathError> {
+        self.enter("reload_node_programs")?;
+        let mut state = self.state();
+        let swapped = 2 * usize::from(state.overlay_device.is_some())
+            + usize::from(state.netdev_device.is_some());
+        state.node_reloads += swapped;
+        Ok(swapped)
+    }
+    fn publish_nodes(&self, addrs: &[IpAddr]) -> Result<(), DatapathError> {
+        self.enter("publish_nodes")?;
+        self.state().nodes.extend(addrs.iter().copied());
+        Ok(())
+    }
+    fn withdraw_nodes(&self, addrs: &[IpAddr]) -> Result<(), DatapathError> {
+        self.enter("withdraw_nodes")?;
+        let mut state = self.state();
+        for ip in addrs {
+            state.nodes.remove(ip);
+        }
+        Ok(())
+    }
+    fn nodes(&self) -> Result<Vec<IpAddr>, DatapathError> {
+        self.enter("nodes")?;
+        Ok(self.state().nodes.iter().copied().collect())
+    }
     fn remove_conntrack(&self, entry: &CtEntry) -> Result<(), DatapathError> {
         self.enter("remove_conntrack")?;
         self.state().ct.remove(&entry.key());
@@ -679,6 +750,7 @@ mod tests {
         let e = IpcacheEntry {
             prefix: "2001:db8::/32".parse().unwrap(),
             identity: 2,
+            tunnel: None,
         };
         dp.publish_ipcache(&[e]).unwrap();
         assert_eq!(dp.ipcache().unwrap(), vec![e]);

@@ -19,13 +19,15 @@ use std::any::Any;
 use std::net::IpAddr;
 
 use cilia_abi::{
-    CtEntry, EndpointConfig, EndpointEntry, EndpointPolicy, IpcacheEntry, MetricsEntry, PolicyDelta,
+    CtEntry, EndpointConfig, EndpointEntry, EndpointPolicy, IpcacheEntry, MetricsEntry, NodeConfig,
+    PolicyDelta,
 };
 use ipnet::IpNet;
 
 use crate::endpoint::{BpfDatapath, EndpointReload, LinkCheck, LoadedEndpoint, PolicyUpdate};
 use crate::error::DatapathError;
 use crate::events::EventReader;
+use crate::node::NodeLinks;
 
 /// An endpoint's programs loaded and verified by
 /// [`Datapath::load_endpoint`], not yet attached; what is inside is the
@@ -157,6 +159,32 @@ pub trait Datapath: Send + Sync {
     /// Conntrack entries each endpoint may hold (0: the built-in default).
     fn set_ct_budget(&self, budget: u32) -> Result<(), DatapathError>;
 
+    // Other nodes: the node programs and maps (see "Multi-node datapath"
+    // in docs/ARCHITECTURE.md).
+
+    /// Sets how packets for remote prefixes (ipcache entries with a
+    /// tunnel) leave the node: tunnel mode and devices.
+    fn set_node_config(&self, config: &NodeConfig) -> Result<(), DatapathError>;
+    fn node_config(&self) -> Result<NodeConfig, DatapathError>;
+    /// Attaches the overlay programs to the VXLAN device (ingress and
+    /// egress), swapping them into their pinned links when there are some.
+    fn attach_overlay(&self, vxlan_ifname: &str) -> Result<(), DatapathError>;
+    /// Attaches the native-routing program to the underlay device's
+    /// ingress, swapping it into its pinned link when there is one.
+    fn attach_netdev(&self, ifname: &str) -> Result<(), DatapathError>;
+    /// Detaches every node program. Nothing attached is not an error.
+    fn detach_node_programs(&self) -> Result<(), DatapathError>;
+    /// Which devices the node programs are attached to.
+    fn node_links(&self) -> Result<NodeLinks, DatapathError>;
+    /// Swaps this build's node programs into their pinned links (datapath
+    /// reload); returns how many links were swapped.
+    fn reload_node_programs(&self) -> Result<usize, DatapathError>;
+    /// Adds underlay addresses of nodes whose tunnel packets are accepted.
+    fn publish_nodes(&self, addrs: &[IpAddr]) -> Result<(), DatapathError>;
+    /// Absent addresses are not an error.
+    fn withdraw_nodes(&self, addrs: &[IpAddr]) -> Result<(), DatapathError>;
+    fn nodes(&self) -> Result<Vec<IpAddr>, DatapathError>;
+
     // Observability.
 
     /// Forward and drop counters, summed over CPUs.
@@ -251,7 +279,7 @@ impl Datapath for BpfDatapath {
     fn publish_ipcache(&self, entries: &[IpcacheEntry]) -> Result<(), DatapathError> {
         entries
             .iter()
-            .try_for_each(|e| self.upsert_ipcache(e.key(), e.identity))
+            .try_for_each(|e| self.upsert_ipcache_value(e.key(), e.value()))
     }
     fn withdraw_ipcache(&self, prefixes: &[IpNet]) -> Result<(), DatapathError> {
         prefixes
@@ -286,6 +314,36 @@ impl Datapath for BpfDatapath {
     }
     fn set_ct_budget(&self, budget: u32) -> Result<(), DatapathError> {
         BpfDatapath::set_ct_budget(self, budget)
+    }
+    fn set_node_config(&self, config: &NodeConfig) -> Result<(), DatapathError> {
+        BpfDatapath::set_node_config(self, config)
+    }
+    fn node_config(&self) -> Result<NodeConfig, DatapathError> {
+        BpfDatapath::node_config(self)
+    }
+    fn attach_overlay(&self, vxlan_ifname: &str) -> Result<(), DatapathError> {
+        BpfDatapath::attach_overlay(self, vxlan_ifname)
+    }
+    fn attach_netdev(&self, ifname: &str) -> Result<(), DatapathError> {
+        BpfDatapath::attach_netdev(self, ifname)
+    }
+    fn detach_node_programs(&self) -> Result<(), DatapathError> {
+        BpfDatapath::detach_node_programs(self)
+    }
+    fn node_links(&self) -> Result<NodeLinks, DatapathError> {
+        BpfDatapath::node_links(self)
+    }
+    fn reload_node_programs(&self) -> Result<usize, DatapathError> {
+        BpfDatapath::reload_node_programs(self)
+    }
+    fn publish_nodes(&self, addrs: &[IpAddr]) -> Result<(), DatapathError> {
+        BpfDatapath::publish_nodes(self, addrs)
+    }
+    fn withdraw_nodes(&self, addrs: &[IpAddr]) -> Result<(), DatapathError> {
+        BpfDatapath::withdraw_nodes(self, addrs)
+    }
+    fn nodes(&self) -> Result<Vec<IpAddr>, DatapathError> {
+        BpfDatapath::nodes(self)
     }
     fn metrics(&self) -> Result<Vec<MetricsEntry>, DatapathError> {
         Ok(BpfDatapath::metrics(self)?

@@ -7,6 +7,8 @@
 //! * [`endpoint`]: the pinned shared maps and the per-endpoint program:
 //!   specialize, load, attach with TCX, pin the link so it outlives the agent;
 //!   reload (swap a new specialization into the pinned link).
+//! * [`node`]: the node programs (overlay, underlay) and the node maps,
+//!   for traffic between nodes; pinned like the endpoints'.
 //! * [`inspect`]: read back what is attached (link, program tag, `.rodata`).
 //! * [`testrun`]: `BPF_PROG_TEST_RUN` on crafted packets, for tests and
 //!   benchmarks.
@@ -25,6 +27,7 @@ pub mod fake;
 pub mod inspect;
 pub mod interface;
 mod keys;
+pub mod node;
 pub mod object;
 pub mod packet;
 pub mod probe;
@@ -36,4 +39,5 @@ pub use endpoint::{
 };
 pub use error::DatapathError;
 pub use interface::{Datapath, LoadedPrograms};
+pub use node::NodeLinks;
 pub use probe::{probe_kernel, Feature, FeatureReport};

@@ -3,6 +3,9 @@
 
 /// The endpoint object (`bpf/lxc.c`).
 pub static LXC_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lxc.o"));
+/// The node object (`bpf/overlay.c`): traffic between nodes.
+pub static OVERLAY_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay.o"));
 /// Feature probes and the benchmark baseline (`bpf/probe.c`).
 pub static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe.o"));
 
@@ -10,6 +13,12 @@ pub static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_D
 pub const PROG_FROM_CONTAINER: &str = "cil_from_container";
 /// tc program on the egress of an endpoint's host-side veth.
 pub const PROG_TO_CONTAINER: &str = "cil_to_container";
+/// tc program on the ingress of the node's VXLAN device.
+pub const PROG_FROM_OVERLAY: &str = "cil_from_overlay";
+/// tc program on the egress of the node's VXLAN device.
+pub const PROG_TO_OVERLAY: &str = "cil_to_overlay";
+/// tc program on the ingress of the node's underlay device (native routing).
+pub const PROG_FROM_NETDEV: &str = "cil_from_netdev";
 /// The empty tc program (benchmark baseline).
 pub const PROG_EMPTY: &str = "probe_empty";
 /// Verifier probe for `bpf_redirect_peer`.
@@ -39,6 +48,10 @@ pub const MAP_FRAGS: &str = "cilia_frags";
 pub const MAP_CONFIG: &str = "cilia_config";
 /// Ring buffer of datapath events for the monitor.
 pub const MAP_EVENTS: &str = "cilia_events";
+/// Shared hash: underlay addresses of the cluster's nodes.
+pub const MAP_NODES: &str = "cilia_nodes";
+/// Shared one-slot array: the node's tunnel mode and devices.
+pub const MAP_NODE_CONFIG: &str = "cilia_node_config";
 
 /// The shared maps with the layout the embedded object expects, used to
 /// validate pins left by an earlier agent before reusing them.
@@ -88,6 +101,16 @@ pub const SHARED_MAPS: &[MapSpec] = &[
         name: MAP_EVENTS,
         key_size: 0,
         value_size: 0,
+    },
+    MapSpec {
+        name: MAP_NODES,
+        key_size: core::mem::size_of::<cilia_abi::EndpointKey>() as u32,
+        value_size: core::mem::size_of::<cilia_abi::NodeValue>() as u32,
+    },
+    MapSpec {
+        name: MAP_NODE_CONFIG,
+        key_size: 4,
+        value_size: core::mem::size_of::<cilia_abi::NodeConfigValue>() as u32,
     },
     MapSpec {
         name: MAP_METRICS,

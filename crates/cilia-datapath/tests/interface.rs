@@ -88,6 +88,7 @@ fn ipcache_rows_publish_and_withdraw() {
     let world = IpcacheEntry {
         prefix: "203.0.113.0/24".parse().unwrap(),
         identity: 7777,
+        tunnel: None,
     };
     dp.publish_ipcache(&[world]).unwrap();
     assert!(dp.ipcache().unwrap().contains(&world));
@@ -160,4 +161,42 @@ fn one_shared_handle_serves_policy_writes_and_conntrack_walks_from_many_threads(
         assert_eq!(policy.entries, vec![b_allows_a(1019, Verdict::Allow)]);
         dp.remove_endpoint_policy(id).unwrap();
     }
+}
+
+/// The node rows behave the same on the kernel and on the fake.
+fn node_rows_round_trip(dp: &dyn Datapath) {
+    use cilia_abi::{NodeConfig, TunnelMode};
+    let config = NodeConfig {
+        tunnel_mode: TunnelMode::Vxlan,
+        tunnel_ifindex: 12,
+        underlay_ifindex: 2,
+    };
+    assert_eq!(dp.node_config().unwrap(), NodeConfig::default());
+    dp.set_node_config(&config).unwrap();
+    assert_eq!(dp.node_config().unwrap(), config);
+    let nodes: Vec<IpAddr> = ["198.51.100.2", "2001:db8:100::2"]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    dp.publish_nodes(&nodes).unwrap();
+    assert_eq!(dp.nodes().unwrap(), nodes);
+    dp.withdraw_nodes(&nodes[..1]).unwrap();
+    dp.withdraw_nodes(&nodes[..1]).unwrap();
+    assert_eq!(dp.nodes().unwrap(), nodes[1..]);
+    let remote = IpcacheEntry {
+        prefix: "fd00:c1a:2::/112".parse().unwrap(),
+        identity: 2,
+        tunnel: Some(nodes[0]),
+    };
+    dp.publish_ipcache(&[remote]).unwrap();
+    assert!(dp.ipcache().unwrap().contains(&remote));
+    assert_eq!(dp.node_links().unwrap(), Default::default());
+}
+
+#[test]
+fn node_config_nodes_and_remote_prefixes_read_back_as_rows() {
+    privileged!("iface_node_rows");
+    let fx = Fixture::new();
+    node_rows_round_trip(&fx.dp);
+    node_rows_round_trip(&cilia_datapath::fake::FakeDatapath::new());
 }

@@ -144,3 +144,33 @@ fn an_endpoint_policy_map_of_another_layout_is_recreated_when_written() {
     assert_eq!(info.max_entries(), cilia_abi::CILIA_POLICY_MAX);
     assert_eq!(dp.get_policy(5).unwrap(), Some(entries));
 }
+
+#[test]
+fn pins_of_a_build_before_multi_node_recreate_only_the_ipcache() {
+    privileged!("pins_before_multi_node");
+    use aya::maps::LpmTrie;
+    use cilia_datapath::object::{MAP_IPCACHE, MAP_NODES, MAP_NODE_CONFIG};
+    let root = BpfRoot::new();
+    drop(BpfDatapath::open(root.path()).unwrap());
+    let maps = root.path().join("maps");
+    // That build's ipcache value was identity and flags only (8 bytes),
+    // and it had no node maps.
+    for name in [MAP_IPCACHE, MAP_NODES, MAP_NODE_CONFIG] {
+        std::fs::remove_file(maps.join(name)).unwrap();
+    }
+    let old =
+        LpmTrie::<MapData, [u8; 20], [u8; 8]>::create(cilia_abi::CILIA_IPCACHE_MAX, 1).unwrap();
+    old.pin(maps.join(MAP_IPCACHE)).unwrap();
+    let dp = BpfDatapath::open(root.path()).unwrap();
+    let recreated = dp.recreated_maps();
+    assert_eq!(recreated.len(), 1, "{recreated:?}");
+    assert_eq!(recreated[0].name, MAP_IPCACHE);
+    assert!(
+        recreated[0].reason.contains("value size 8"),
+        "{recreated:?}"
+    );
+    for name in [MAP_NODES, MAP_NODE_CONFIG] {
+        assert!(maps.join(name).exists(), "{name} created");
+    }
+    assert!(dp.nodes().unwrap().is_empty());
+}

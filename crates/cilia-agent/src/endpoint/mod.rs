@@ -342,6 +342,7 @@ impl EndpointManager {
             .map(|ip| IpcacheEntry {
                 prefix: ipnet::IpNet::from(ip),
                 identity: CILIA_ID_HOST,
+                tunnel: None,
             })
             .collect();
         self.dp().publish_ipcache(&entries)?;
@@ -1193,7 +1194,7 @@ mod tests {
             cilia_abi::IpcacheEntry::key_of(&crate::node::host_prefix(IpAddr::V6(ep.ipv6))),
             cilia_abi::IpcacheValue {
                 identity: ep.identity,
-                flags: 0,
+                ..Default::default()
             },
         );
         h.manager().restore().unwrap();

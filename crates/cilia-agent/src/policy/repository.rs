@@ -189,6 +189,7 @@ fn cidr_entry(prefix: &ipnet::IpNet, identity: u32) -> IpcacheEntry {
     IpcacheEntry {
         prefix: *prefix,
         identity,
+        tunnel: None,
     }
 }
 

@@ -1,0 +1,199 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Node programs: traffic between this node and the others. One copy per
+ * node, loaded with a CILIA_CONFIG of no endpoint (endpoint_id 0): what
+ * they decide is charged and reported to the packet's local endpoint.
+ *
+ * - cil_from_overlay: TCX ingress of the VXLAN device (external mode).
+ * - cil_to_overlay: TCX egress of the VXLAN device.
+ * - cil_from_netdev: TCX ingress of the underlay device (native routing).
+ *
+ * Like the endpoint programs, each reads as the packet's path:
+ * parse -> guard -> decide -> deliver.
+ */
+#include "lib/common.h"
+#include "lib/config.h"
+#include "lib/decide.h"
+#include "lib/flow.h"
+#include "lib/forward.h"
+#include "lib/guard.h"
+#include "lib/ipcache.h"
+#include "lib/tunnel.h"
+
+#define PACKET_HOST 0 /* linux/if_packet.h: to us */
+
+/*
+ * The destination endpoint's ingress policy for a packet from another
+ * node, then delivery: a flow redirected to the L7 proxy is assigned to its
+ * socket here (tc ingress), a reply of a flow the proxy opened goes back to
+ * the proxy through the stack, the rest straight into the endpoint.
+ */
+__inline_fn int from_node_to_endpoint(struct __sk_buff *skb, struct flow *f,
+				      const struct endpoint_info *dst, __u32 src_id, __u8 dir)
+{
+	struct decision d = {.dir = dir, .verdict = CILIA_VERDICT_ALLOW};
+	int reason;
+
+	/* Guard: no local endpoint's address comes from another node; later
+	 * fragments follow the first. */
+	reason = endpoint_lookup(f->saddr, f->family) ? CILIA_DROP_SPOOFED_SOURCE : 0;
+	if (!reason)
+		reason = frag_follow(f);
+	if (reason)
+		return drop(skb, reason, dir);
+
+	/* Decide. */
+	struct peers p = {
+	    .src_id = src_id,
+	    .dst_id = dst->identity,
+	    .ingress_ep = dst->endpoint_id,
+	    .can_assign = 1,
+	};
+	reason = decide(skb, f, &p, &d, dir);
+	if (reason)
+		return drop_decided(skb, f, &p, &d, reason, dir);
+
+	/* Deliver. What goes to the proxy passes the node's stack, which
+	 * takes only frames addressed to it: a decapsulated frame still
+	 * carries the sending endpoint's gateway MAC. */
+	if (d.ct_state == CILIA_CT_STATE_REPLY) {
+		if (d.ct_flags & CILIA_CT_FROM_PROXY) {
+			bpf_skb_change_type(skb, PACKET_HOST);
+			return deliver_reply_to_proxy(skb, f, &p, &d, dir);
+		}
+		if (d.ct_flags & CILIA_CT_TO_PROXY)
+			return drop_decided(skb, f, &p, &d, CILIA_DROP_PROXY_PATH, dir);
+	} else if (d.ct_flags & CILIA_CT_TO_PROXY) {
+		bpf_skb_change_type(skb, PACKET_HOST);
+		return deliver_to_proxy(skb, f, &p, &d, dir);
+	}
+	return deliver_to_endpoint(skb, f, &p, &d, dst, dir);
+}
+
+/*
+ * TCX ingress of the VXLAN device: a decapsulated frame from another node,
+ * with the tunnel's metadata. Accepted only from a known node (its outer
+ * source in cilia_nodes); the source identity is the VNI, which that node's
+ * datapath set. Only local endpoints are served here: the overlay carries
+ * routed IP between nodes, nothing for the node itself. Neighbour discovery
+ * never crosses it (the device is NOARP; each side answers its endpoints
+ * locally), so ND, ARP and multicast from a tunnel are dropped.
+ */
+SEC("classifier")
+int cil_from_overlay(struct __sk_buff *skb)
+{
+	const __u8 dir = CILIA_DIR_INGRESS;
+	struct bpf_tunnel_key key = {};
+	struct endpoint_info *dst;
+	struct flow f = {};
+	__u8 outer_family;
+	__u32 src_id;
+	__be16 proto;
+	int reason;
+
+	/* Guard the tunnel: a known node, a valid identity. */
+	if (tunnel_key_get(skb, &key, &outer_family) < 0 ||
+	    !tunnel_from_known_node(&key, outer_family))
+		return drop(skb, CILIA_DROP_UNKNOWN_NODE, dir);
+	src_id = key.tunnel_id;
+	/* Another node's own traffic: that node is remote-node here. */
+	if (src_id == CILIA_ID_HOST)
+		src_id = CILIA_ID_REMOTE_NODE;
+	if (!src_id || src_id > VNI_MAX)
+		return drop(skb, CILIA_DROP_INVALID, dir);
+
+	/* Parse the inner packet. */
+	proto = eth_proto(skb);
+	if (proto != bpf_htons(ETH_P_IPV6) && proto != bpf_htons(ETH_P_IP))
+		return drop(skb, CILIA_DROP_UNSUPPORTED_L3, dir);
+	reason = flow_parse(skb, proto, &f);
+	if (reason)
+		return drop(skb, reason, dir);
+	if (flow_is_nd(&f))
+		return drop(skb, CILIA_DROP_UNSUPPORTED_ND, dir);
+	if (flow_is_multicast(&f))
+		return drop(skb, CILIA_DROP_MULTICAST, dir);
+
+	dst = endpoint_lookup(f.daddr, f.family);
+	if (!dst)
+		return drop(skb, CILIA_DROP_NO_ROUTE, dir);
+	return from_node_to_endpoint(skb, &f, dst, src_id, dir);
+}
+
+/*
+ * TCX egress of the VXLAN device. A packet an endpoint sent already has
+ * its tunnel key (from-container set it before the redirect) and passes
+ * untouched. The rest was routed into the device by the node's stack (the
+ * L7 proxy answering or calling a remote endpoint, a node process): it gets
+ * the key of its destination's node from the ipcache, with the identity of
+ * the local endpoint the L7 proxy speaks for (CILIA_MARK_FROM_PROXY), else
+ * host. A local endpoint's address without the proxy's mark is forged (any
+ * node process can bind it): dropped, as at to-container.
+ */
+SEC("classifier")
+int cil_to_overlay(struct __sk_buff *skb)
+{
+	const __u8 dir = CILIA_DIR_EGRESS;
+	struct bpf_tunnel_key key = {};
+	struct ipcache_value *remote;
+	struct endpoint_info *src;
+	struct flow f = {};
+	__u8 outer_family;
+	__u32 src_id = CILIA_ID_HOST;
+	__be16 proto;
+	int reason;
+
+	if (!tunnel_key_get(skb, &key, &outer_family))
+		return TC_ACT_OK;
+
+	proto = eth_proto(skb);
+	if (proto != bpf_htons(ETH_P_IPV6) && proto != bpf_htons(ETH_P_IP))
+		return drop(skb, CILIA_DROP_UNSUPPORTED_L3, dir);
+	reason = flow_parse(skb, proto, &f);
+	if (reason)
+		return drop(skb, reason, dir);
+	if (flow_is_multicast(&f))
+		return drop(skb, CILIA_DROP_MULTICAST, dir);
+
+	src = endpoint_lookup(f.saddr, f.family);
+	if (src) {
+		if (!from_proxy(skb))
+			return drop(skb, CILIA_DROP_SPOOFED_SOURCE, dir);
+		src_id = src->identity;
+	}
+	remote = ipcache_lookup(f.daddr, f.family);
+	if (!remote || !remote->tunnel_family)
+		return drop(skb, CILIA_DROP_NO_ROUTE, dir);
+	if (tunnel_key_set(skb, remote, src_id) < 0)
+		return drop(skb, CILIA_DROP_WRITE_FAILED, dir);
+	count_forward(skb, CILIA_FWD_TUNNEL, dir);
+	return TC_ACT_OK;
+}
+
+/*
+ * TCX ingress of the underlay device (native routing): a packet for a
+ * local endpoint, routed here by another node, meets that endpoint's
+ * ingress policy with the source identity from the ipcache (the underlay
+ * is trusted for source addresses) and is handed straight to it, without
+ * the node's IP forwarding. Everything else is the node's own traffic
+ * (the cluster's control plane, ARP, the tunnel's UDP...): the stack's.
+ */
+SEC("classifier")
+int cil_from_netdev(struct __sk_buff *skb)
+{
+	const __u8 dir = CILIA_DIR_INGRESS;
+	__be16 proto = eth_proto(skb);
+	struct endpoint_info *dst;
+	struct flow f = {};
+
+	if (proto != bpf_htons(ETH_P_IPV6) && proto != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	if (flow_parse(skb, proto, &f))
+		return TC_ACT_OK;
+	dst = endpoint_lookup(f.daddr, f.family);
+	if (!dst || flow_is_nd(&f))
+		return TC_ACT_OK;
+	return from_node_to_endpoint(skb, &f, dst, ipcache_identity(f.saddr, f.family), dir);
+}
+
+char LICENSE[] SEC("license") = "GPL";
