@@ -501,6 +501,16 @@ impl Datapath for FakeDatapath {
         state.netdev_device = None;
         Ok(())
     }
+    fn detach_overlay(&self) -> Result<(), DatapathError> {
+        self.enter("detach_overlay")?;
+        self.state().overlay_device = None;
+        Ok(())
+    }
+    fn detach_netdev(&self) -> Result<(), DatapathError> {
+        self.enter("detach_netdev")?;
+        self.state().netdev_device = None;
+        Ok(())
+    }
     /// The fake has no ifindexes: an attached device reads as ifindex 1.
     fn node_links(&self) -> Result<NodeLinks, DatapathError> {
         self.enter("node_links")?;

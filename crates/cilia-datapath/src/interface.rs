@@ -174,6 +174,13 @@ pub trait Datapath: Send + Sync {
     fn attach_netdev(&self, ifname: &str) -> Result<(), DatapathError>;
     /// Detaches every node program. Nothing attached is not an error.
     fn detach_node_programs(&self) -> Result<(), DatapathError>;
+    /// Detaches the overlay programs only (switching to native routing):
+    /// unlike a detach of everything, the programs of the mode that stays
+    /// keep running through a restart. Nothing attached is not an error.
+    fn detach_overlay(&self) -> Result<(), DatapathError>;
+    /// Detaches the native-routing program only (switching to the
+    /// overlay). Nothing attached is not an error.
+    fn detach_netdev(&self) -> Result<(), DatapathError>;
     /// Which devices the node programs are attached to.
     fn node_links(&self) -> Result<NodeLinks, DatapathError>;
     /// Swaps this build's node programs into their pinned links (datapath
@@ -329,6 +336,12 @@ impl Datapath for BpfDatapath {
     }
     fn detach_node_programs(&self) -> Result<(), DatapathError> {
         BpfDatapath::detach_node_programs(self)
+    }
+    fn detach_overlay(&self) -> Result<(), DatapathError> {
+        BpfDatapath::detach_overlay(self)
+    }
+    fn detach_netdev(&self) -> Result<(), DatapathError> {
+        BpfDatapath::detach_netdev(self)
     }
     fn node_links(&self) -> Result<NodeLinks, DatapathError> {
         BpfDatapath::node_links(self)

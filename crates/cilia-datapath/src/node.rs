@@ -114,7 +114,24 @@ impl BpfDatapath {
     /// Detaches every node program (removes their pinned links). Nothing
     /// attached is not an error.
     pub fn detach_node_programs(&self) -> Result<(), DatapathError> {
-        for (_, _, pin_name) in OVERLAY_LINKS.iter().chain(NETDEV_LINKS) {
+        self.detach_overlay()?;
+        self.detach_netdev()
+    }
+
+    /// Detaches the overlay programs only (a node switching to native
+    /// routing). Nothing attached is not an error.
+    pub fn detach_overlay(&self) -> Result<(), DatapathError> {
+        self.detach_links(OVERLAY_LINKS)
+    }
+
+    /// Detaches the native-routing program only (a node switching to the
+    /// overlay). Nothing attached is not an error.
+    pub fn detach_netdev(&self) -> Result<(), DatapathError> {
+        self.detach_links(NETDEV_LINKS)
+    }
+
+    fn detach_links(&self, links: &[NodeLink]) -> Result<(), DatapathError> {
+        for (_, _, pin_name) in links {
             unpin_link(&self.node_link_pin(pin_name))?;
         }
         Ok(())

@@ -261,3 +261,55 @@ fn random_packets_never_break_the_endpoint_programs_invariants() {
     println!("fuzz packets: {refused} inputs refused by test_run itself");
     assert!(budget.runs - refused > 100, "the fuzzer ran");
 }
+
+/// The underlay's program (native routing) on the same mutated packets:
+/// B's ingress policy admits only A, whose addresses are local and so
+/// never accepted from the underlay, and the remote prefix has an
+/// identity B does not admit: nothing may ever be delivered to B (A,
+/// without a policy, admits anything).
+#[test]
+fn random_packets_from_the_underlay_never_reach_an_endpoint_past_its_policy() {
+    privileged!("fuzz_netdev_packets");
+    let mut fx = Fixture::new();
+    b_denies_ssh_from_a(&mut fx);
+    let remote = IpcacheEntry {
+        prefix: "fd00:c1a:2::/112".parse().unwrap(),
+        identity: 3000,
+        tunnel: Some("2001:db8:100::2".parse().unwrap()),
+    };
+    fx.dp
+        .upsert_ipcache_value(remote.key(), remote.value())
+        .unwrap();
+    let prog = fx
+        .dp
+        .test_node_program(cilia_datapath::object::PROG_FROM_NETDEV)
+        .unwrap();
+    let mut budget = Budget::from_env("netdev packets", 1_000_000);
+    let mut rng = Rng::new(budget.seed);
+    let seeds = seeds();
+    let mut refused = 0u64;
+    let b6o = b6().octets().to_vec();
+    while budget.another() {
+        let packet = mutate(&mut rng, &seeds);
+        let Ok(out) = prog.run(&packet) else {
+            refused += 1;
+            continue;
+        };
+        let to_b = read(&packet).is_some_and(|r| r.dst == b6o);
+        let broken = match out.verdict {
+            TC_ACT_OK | TC_ACT_SHOT => None,
+            TC_ACT_REDIRECT if to_b => Some("delivered to B, which admits no such source"),
+            TC_ACT_REDIRECT => None,
+            _ => Some("unknown verdict"),
+        };
+        if let Some(what) = broken {
+            let _ = std::fs::create_dir_all(corpus_dir());
+            let path =
+                corpus_dir().join(format!("crash-netdev-{}-{}.hex", budget.seed, budget.runs));
+            let _ = std::fs::write(&path, hex(&packet));
+            panic!("{what}: {} (saved as {})", hex(&packet), path.display());
+        }
+    }
+    budget.report("netdev packets");
+    assert!(budget.runs - refused > 100, "the fuzzer ran");
+}

@@ -480,6 +480,9 @@ fn node_programs_live_in_pinned_links_and_are_swapped_in_place() {
     assert_eq!(links.netdev, None);
     assert_ne!(target(&dp, "overlay_in").link_id, first.link_id);
 
+    // Detaching the other mode's program leaves the overlay running.
+    dp.detach_netdev().unwrap();
+    assert_eq!(dp.node_links().unwrap().overlay, Some(ifindex()));
     dp.detach_node_programs().unwrap();
     assert_eq!(dp.node_links().unwrap(), Default::default());
     assert!(!dp.node_link_pin("overlay_in").exists());
