@@ -15,8 +15,8 @@ pub mod health;
 pub mod ipam;
 pub mod mesh;
 pub mod metrics;
-pub mod multinode;
 pub mod monitor;
+pub mod multinode;
 pub mod node;
 pub mod nodenet;
 pub mod paths;
@@ -331,12 +331,13 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // Cluster mode: the health endpoint (identity `health`), then the
     // cluster client, with the store's identities made cluster-wide.
     let health_endpoint = if cluster_mode {
-        let path = health::create_health_netns(&config.cluster.health_netns).with_context(|| {
-            format!(
-                "creating the health endpoint's network namespace {}",
-                config.cluster.health_netns
-            )
-        })?;
+        let path =
+            health::create_health_netns(&config.cluster.health_netns).with_context(|| {
+                format!(
+                    "creating the health endpoint's network namespace {}",
+                    config.cluster.health_netns
+                )
+            })?;
         let rec = manager
             .ensure_health_endpoint(&path.display().to_string())
             .context("creating the health endpoint")?;

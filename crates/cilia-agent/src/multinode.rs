@@ -56,18 +56,19 @@ pub fn prepare_datapath(
         .context("--kvstore etcd needs the node's underlay address: pass --node-ip")?;
     let underlay = nodenet::find_underlay(node_ip)?;
     let geneve = nodenet::geneve_available();
-    // Programs of the other mode (an agent restarted with another
-    // --tunnel) must not stay attached.
-    datapath
-        .detach_node_programs()
-        .context("detaching the previous node programs")?;
     let (vxlan_ifindex, endpoint_mtu, config) = match options.tunnel {
         TunnelMode::Vxlan => {
             let mtu = underlay.vxlan_mtu();
             let ifindex = nodenet::ensure_vxlan(options.tunnel_port, mtu)?;
+            // Attaching swaps inside the pinned links: the device never runs
+            // without its program. The other mode's program (an agent
+            // restarted with another --tunnel) goes.
             datapath
                 .attach_overlay(nodenet::VXLAN_DEVICE)
                 .context("attaching the overlay programs")?;
+            datapath
+                .detach_netdev()
+                .context("detaching the native-routing program")?;
             (
                 Some(ifindex),
                 mtu,
@@ -79,10 +80,16 @@ pub fn prepare_datapath(
             )
         }
         TunnelMode::Disabled => {
-            nodenet::remove_vxlan()?;
             datapath
-                .attach_netdev(&underlay.ifname)
-                .with_context(|| format!("attaching the native-routing program to {}", underlay.ifname))?;
+                .detach_overlay()
+                .context("detaching the overlay programs")?;
+            nodenet::remove_vxlan()?;
+            datapath.attach_netdev(&underlay.ifname).with_context(|| {
+                format!(
+                    "attaching the native-routing program to {}",
+                    underlay.ifname
+                )
+            })?;
             (
                 None,
                 underlay.mtu,
@@ -284,7 +291,12 @@ impl MultiNode {
             }
         }
         let _ = self.nodes.send(self.client.nodes());
-        if !identities.is_empty() || mesh_changed || !put.is_empty() || !deleted.is_empty() || synced {
+        if !identities.is_empty()
+            || mesh_changed
+            || !put.is_empty()
+            || !deleted.is_empty()
+            || synced
+        {
             let mut p = policy.lock().unwrap_or_else(|e| e.into_inner());
             if !identities.is_empty() {
                 p.change_remote_identities(identities);
@@ -473,5 +485,73 @@ impl MultiNode {
                 return;
             }
         }
+    }
+}
+
+impl MultiNode {
+    /// The cluster's lines of `cilia status`: kvstore, tunnel, geneve.
+    pub fn subsystems(&self) -> Vec<cilia_api::SubsystemStatus> {
+        let s = Self::lock(&self.status).clone();
+        let kv = self.client.status();
+        let endpoints = self.options.kvstore_endpoints.join(",");
+        let mut errors = s.identity_conflicts.clone();
+        let kvstore = if s.connected && s.synced {
+            cilia_api::SubsystemStatus {
+                name: "kvstore".into(),
+                status: "ok".into(),
+                detail: format!("etcd {endpoints}: connected and synced, {} nodes", kv.nodes),
+                errors,
+            }
+        } else {
+            errors.extend(s.last_error.clone().or(kv.last_error.clone()));
+            cilia_api::SubsystemStatus {
+                name: "kvstore".into(),
+                status: "degraded".into(),
+                detail: format!(
+                    "etcd {endpoints}: {}; forwarding and enforcing with the last known cluster state",
+                    if s.connected { "resyncing" } else { "not connected, retrying" }
+                ),
+                errors,
+            }
+        };
+        let u = &self.node.underlay;
+        let tunnel = cilia_api::SubsystemStatus {
+            name: "tunnel".into(),
+            status: "ok".into(),
+            detail: match self.options.tunnel {
+                TunnelMode::Vxlan => format!(
+                    "vxlan on {} (UDP {}, endpoint MTU {}) over {} {}",
+                    nodenet::VXLAN_DEVICE,
+                    self.options.tunnel_port,
+                    self.node.endpoint_mtu,
+                    u.ifname,
+                    u.ip
+                ),
+                TunnelMode::Disabled => format!(
+                    "disabled: native routing over {} {} (routes: {})",
+                    u.ifname,
+                    u.ip,
+                    match self.options.native_routes {
+                        crate::NativeRoutes::Auto => "by the agent",
+                        crate::NativeRoutes::External => "by the operator",
+                    }
+                ),
+            },
+            errors: Vec::new(),
+        };
+        let geneve = cilia_api::SubsystemStatus {
+            name: "geneve".into(),
+            status: "off".into(),
+            detail: match &self.node.geneve {
+                Ok(true) => "available in this kernel (cilia's overlay is VXLAN)".into(),
+                Ok(false) => {
+                    "unavailable: this kernel cannot create geneve devices (no geneve module)"
+                        .into()
+                }
+                Err(e) => format!("unknown: probing failed: {e}"),
+            },
+            errors: Vec::new(),
+        };
+        vec![kvstore, tunnel, geneve]
     }
 }

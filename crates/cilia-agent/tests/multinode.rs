@@ -395,6 +395,20 @@ fn an_etcd_restart_keeps_flows_and_agents_resync() {
     exchange(&mut conn, b"etcd back").unwrap();
 
     c.wait_nodes_listed(CONVERGE).unwrap();
+    // Every agent says it is connected and synced again.
+    for n in 1..=3 {
+        let agent = c.agent(n);
+        let mut last = String::new();
+        let synced = poll(CONVERGE, || {
+            let status = agent.cli_json(&["status"]);
+            last = status["subsystems"].to_string();
+            status["subsystems"].as_array().is_some_and(|s| {
+                s.iter()
+                    .any(|x| x["name"] == "kvstore" && x["status"] == "ok")
+            })
+        });
+        assert!(synced, "node{n} did not resync with etcd: {last}");
+    }
     // State made after the restart reaches the other nodes.
     let late = c.pod(3, "app=late");
     let _srv_late = echo_servers(&late, 7000);
@@ -578,20 +592,14 @@ spec:
     }
 }
 
-/// Whether a node list entry's `health` says the node answered both
-/// probes. Accepted shapes: `{"reachable": true}`, or `icmp` and `tcp`
-/// each `true`, `"ok"`/`"reachable"`, or `{"reachable": true}`.
+/// Whether a node list entry's `health` says the node answered every
+/// probe: `icmp` and `tcp` each a non-empty list of results, all reachable.
 fn health_reachable(health: &serde_json::Value) -> bool {
-    let ok = |v: &serde_json::Value| {
-        v == &serde_json::Value::Bool(true)
-            || v["reachable"] == true
-            || v.as_str()
-                .or_else(|| v["status"].as_str())
-                .is_some_and(|s| {
-                    s.eq_ignore_ascii_case("ok") || s.eq_ignore_ascii_case("reachable")
-                })
+    let all = |v: &serde_json::Value| {
+        v.as_array()
+            .is_some_and(|a| !a.is_empty() && a.iter().all(|p| p["reachable"] == true))
     };
-    health["reachable"] == true || (ok(&health["icmp"]) && ok(&health["tcp"]))
+    all(&health["icmp"]) && all(&health["tcp"])
 }
 
 fn node_list_shows_every_node_reachable(tunnel: Tunnel) {

@@ -39,6 +39,15 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
     let pools = state.pools.clone();
     let ct_gc_runs = state.metrics.ct_gc_runs.get();
     let proxy = state.proxy.borrow().describe(state.proxy_port);
+    let cluster_subs = match &state.multinode {
+        Some(link) => link.subsystems(),
+        None => vec![cilia_api::SubsystemStatus {
+            name: "kvstore".into(),
+            status: "ok".into(),
+            detail: "embedded (one node)".into(),
+            errors: Vec::new(),
+        }],
+    };
     with_store(&state, move |store| {
         let endpoints = store.endpoints()?;
         let used = store.allocated()?;
@@ -71,14 +80,20 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
             policy_revision: store.policy_revision()?,
             policies: summary.documents,
             policy_errors: summary.errors.clone(),
-            subsystems: subsystems(
-                &summary,
-                ct_gc_runs,
-                &endpoints,
-                &snap,
-                monitor_level,
-                flows,
-                proxy,
+            subsystems: cluster_subs.into_iter().fold(
+                subsystems(
+                    &summary,
+                    ct_gc_runs,
+                    &endpoints,
+                    &snap,
+                    monitor_level,
+                    flows,
+                    proxy,
+                ),
+                |mut v, extra| {
+                    v.push(extra);
+                    v
+                },
             ),
             maps: snap
                 .map_fill

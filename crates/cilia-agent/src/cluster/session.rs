@@ -305,7 +305,9 @@ impl Session<'_> {
             match ev.kind {
                 EventKind::Put => decode_identity(key, &ev.kv.value)
                     .and_then(|(id, labels)| view.identity_put(id, labels)),
-                EventKind::Delete => keys::id_of_id_key(key).and_then(|id| view.identity_delete(id)),
+                EventKind::Delete => {
+                    keys::id_of_id_key(key).and_then(|id| view.identity_delete(id))
+                }
             }
         } else if let Some(pkey) = key.strip_prefix(keys::POLICIES) {
             match ev.kind {

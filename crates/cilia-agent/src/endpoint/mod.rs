@@ -407,7 +407,10 @@ impl EndpointManager {
         self.finish_create(pending, prepared)
     }
 
-    fn begin_create_checked(&mut self, req: EndpointCreate) -> Result<PendingEndpoint, EndpointError> {
+    fn begin_create_checked(
+        &mut self,
+        req: EndpointCreate,
+    ) -> Result<PendingEndpoint, EndpointError> {
         let ifname = req.ifname.clone().unwrap_or_else(|| "eth0".into());
         cilia_api::limits::check_ifname("ifname", &ifname).map_err(EndpointError::Ifname)?;
         if let Some(cid) = &req.container_id {

@@ -363,7 +363,11 @@ impl PolicyState {
             .collect();
         let mut fallback = Vec::new();
         let mut withdraw = Vec::new();
-        for prefix in self.remote_ipcache.keys().filter(|p| !desired.contains_key(p)) {
+        for prefix in self
+            .remote_ipcache
+            .keys()
+            .filter(|p| !desired.contains_key(p))
+        {
             if self.is_node_prefix(prefix) {
                 continue;
             }
@@ -469,7 +473,8 @@ impl PolicyState {
         if stored_put.is_empty() && stored_delete.is_empty() {
             return Ok(());
         }
-        let revision = self.change_policies_from(candidate, broken, &stored_put, &stored_delete, false)?;
+        let revision =
+            self.change_policies_from(candidate, broken, &stored_put, &stored_delete, false)?;
         info!(
             revision,
             put = stored_put.len(),
