@@ -359,7 +359,7 @@ impl PolicyState {
         let publish: Vec<IpcacheEntry> = desired
             .iter()
             .filter(|(p, e)| self.remote_ipcache.get(p) != Some(e) && !self.is_node_prefix(p))
-            .map(|(_, e)| e.clone())
+            .map(|(_, e)| *e)
             .collect();
         let mut fallback = Vec::new();
         let mut withdraw = Vec::new();
