@@ -151,6 +151,18 @@ for ship in tiefighter xwing; do land $ship "[$DS6]"; land $ship "$DS4"; done
 say "the whole cluster's flows in one stream (cilia observe --cluster), each naming its node"
 on 2 observe --cluster --to-label class=deathstar --protocol TCP --last 6
 
+say "import the L7 policy, this time on node2: org=empire may only POST /v1/request-landing"
+echo "  (the deathstar's node hands the tiefighter's flows, arriving over the overlay, to its cilia-proxy)"
+on 2 policy import examples/starwars/cnp-l7.yaml
+for _ in $(seq 100); do on 1 status --verbose 2>/dev/null | grep -q 'l7-proxy.*ok' && break; sleep 0.1; done
+for addr in "[$DS6]" "$DS4"; do
+  call tiefighter "$addr" POST /v1/request-landing
+  call tiefighter "$addr" PUT /v1/exhaust-port
+  call xwing "$addr" POST /v1/request-landing
+done
+say "the HTTP requests, as node1's proxy saw them, asked from node2 (cilia observe --cluster --type l7)"
+on 2 observe --cluster --type l7 --last 4
+
 say "the node list: addresses, pod ranges, health probed over the datapath"
 sleep 3
 on 2 node list

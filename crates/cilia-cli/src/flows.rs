@@ -190,6 +190,10 @@ fn peer_text(p: &FlowPeer) -> String {
             let labels = labels_of(&p.labels);
             format!("{ns}/ep{id}({labels})")
         }
+        // A pod of another node: its identity's labels.
+        (None, Some(ns)) if !p.labels.is_empty() => {
+            format!("{ns}/identity {}({})", p.identity, labels_of(&p.labels))
+        }
         _ => format!("identity {}", p.identity),
     };
     format!("{who} {addr}")

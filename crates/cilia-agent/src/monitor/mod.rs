@@ -263,6 +263,9 @@ pub struct Names {
     pub addresses: HashMap<IpAddr, u16>,
     /// Rule names by cookie - 1.
     pub rules: crate::policy::RuleNames,
+    /// Labels of other nodes' identities (cluster mode): names a peer that
+    /// is no local endpoint.
+    pub identities: Arc<BTreeMap<u32, BTreeMap<String, String>>>,
 }
 
 /// Where the reader gets its name snapshots from, and how it asks for a
@@ -300,6 +303,7 @@ impl Names {
     ) -> Option<Self> {
         let mut names = Self {
             rules: policy.rule_names.clone(),
+            identities: policy.remote_identities.clone(),
             ..Self::default()
         };
         for rec in store.endpoints().ok()? {
@@ -316,6 +320,13 @@ impl Names {
         let (labels, namespace) = endpoint
             .and_then(|id| self.endpoints.get(&id).cloned())
             .map(|(l, n)| (l, Some(n)))
+            .or_else(|| {
+                // A pod of another node: its identity's labels.
+                let mut labels = self.identities.get(&identity)?.clone();
+                let ns = labels.remove(crate::store::NAMESPACE_LABEL);
+                labels.retain(|k, _| !k.starts_with(crate::store::NAMESPACE_LABELS_PREFIX));
+                Some((labels, ns))
+            })
             .unwrap_or_default();
         FlowPeer {
             endpoint,

@@ -310,6 +310,9 @@ pub struct PolicySummary {
     pub errors: Vec<String>,
     /// Names of the rules behind policy map entries, by rule cookie.
     pub rule_names: policy::RuleNames,
+    /// Labels of the identities other nodes allocated (cluster mode), so
+    /// flows from their pods are named.
+    pub remote_identities: Arc<BTreeMap<u32, BTreeMap<String, String>>>,
 }
 
 impl PolicyState {
@@ -380,6 +383,8 @@ impl PolicyState {
         self.dp().publish_ipcache(&fallback)?;
         self.dp().withdraw_ipcache(&withdraw)?;
         self.remote_ipcache = desired;
+        // The L7 proxy names remote clients by these entries.
+        self.publish_summary();
         Ok(())
     }
 
@@ -400,6 +405,7 @@ impl PolicyState {
             if let Err(e) = self.regenerate() {
                 warn!(error = %e, "regenerating policies for the cluster's identities failed");
             }
+            self.publish_summary();
         }
     }
 
@@ -495,6 +501,7 @@ impl PolicyState {
             documents: self.policy_docs.len(),
             errors: self.policy_errors(),
             rule_names: self.rule_cookies.names(),
+            remote_identities: Arc::new(self.remote_identities.clone()),
         };
         self.summary.send_replace(Arc::new(summary));
         self.l7.send_replace(Arc::new(self.l7_summary()));
@@ -521,18 +528,29 @@ impl PolicyState {
         let prefixes = if endpoints.is_empty() {
             Vec::new()
         } else {
-            self.node_addrs
+            // In the order of precedence, lowest first (the proxy keeps the
+            // last of equal prefixes): CIDR identities, other nodes' pods and
+            // ranges, the node's own addresses.
+            self.cidr_ids
                 .iter()
-                .map(|ip| cilia_proxy::control::PrefixIdentity {
-                    prefix: crate::node::host_prefix(*ip),
-                    identity: cilia_policy::reserved::HOST,
+                .map(|(prefix, id)| cilia_proxy::control::PrefixIdentity {
+                    prefix: *prefix,
+                    identity: *id,
                 })
-                .chain(self.cidr_ids.iter().map(|(prefix, id)| {
+                .chain(self.remote_ipcache.iter().map(|(prefix, e)| {
                     cilia_proxy::control::PrefixIdentity {
                         prefix: *prefix,
-                        identity: *id,
+                        identity: e.identity,
                     }
                 }))
+                .chain(
+                    self.node_addrs
+                        .iter()
+                        .map(|ip| cilia_proxy::control::PrefixIdentity {
+                            prefix: crate::node::host_prefix(*ip),
+                            identity: cilia_policy::reserved::HOST,
+                        }),
+                )
                 .collect()
         };
         crate::proxy::L7Summary {
@@ -1371,6 +1389,18 @@ impl PolicyState {
                     .collect(),
             });
         }
+        for (id, labels) in &self.remote_identities {
+            if out.iter().any(|i| i.id == *id) {
+                continue;
+            }
+            out.push(cilia_api::Identity {
+                id: *id,
+                kind: "cluster".into(),
+                labels: labels.clone(),
+                endpoints: vec![],
+            });
+        }
+        out.sort_by_key(|i| i.id);
         for (prefix, id) in &self.cidr_ids {
             out.push(cilia_api::Identity {
                 id: *id,
