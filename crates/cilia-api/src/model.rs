@@ -282,6 +282,10 @@ pub struct Namespace {
 pub struct BpfIpcacheEntry {
     pub prefix: String,
     pub identity: u32,
+    /// The underlay address of the node the prefix lives on (another
+    /// node's pods and pod ranges); absent for local and outside prefixes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<String>,
 }
 
 /// One conntrack entry read back from the kernel.

@@ -84,8 +84,8 @@ pub async fn run(cmd: BpfCmd, client: &ApiClient, output: Output) -> anyhow::Res
         BpfCmd::Ipcache(BpfListCmd::List) => print_rows(
             output,
             &client.bpf_ipcache().await?,
-            &["PREFIX", "IDENTITY"],
-            |e| cells(&[&e.prefix, &e.identity]),
+            &["PREFIX", "IDENTITY", "NODE"],
+            |e| cells(&[&e.prefix, &e.identity, &e.tunnel.as_deref().unwrap_or("-")]),
         ),
         BpfCmd::Ct(BpfListCmd::List) => print_rows(
             output,

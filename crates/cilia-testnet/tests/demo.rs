@@ -21,10 +21,15 @@ use nix::unistd::Pid;
 /// The demo in a process group of its own, as a shell would start it, with
 /// stdout read line by line on a thread.
 fn start_demo(name: &str) -> (Child, mpsc::Receiver<String>) {
+    start_demo_with(name, &[])
+}
+
+fn start_demo_with(name: &str, args: &[&str]) -> (Child, mpsc::Receiver<String>) {
     bin("cilia-agent"); // a clear failure when the binaries are not built
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/demo.sh");
     let mut child = Command::new("bash")
         .arg(script)
+        .args(args)
         .env("CILIA_DEMO_BIN", bin_dir())
         .env("CILIA_DEMO_NAME", name)
         .env_remove("CILIA_DEMO_KEEP")
@@ -159,5 +164,51 @@ fn demo_leaves_nothing_behind_when_interrupted() {
     killpg(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
     let status = wait_demo(&mut child, Duration::from_secs(60));
     assert!(!status.success(), "an interrupted demo reports failure");
+    assert_eq!(leftovers(&name), Vec::<String>::new());
+}
+
+/// `scripts/demo.sh --nodes 2`: the Star Wars scenario across two node
+/// namespaces with etcd; the policy is imported once and holds on the other
+/// node, L7 included; the cluster's flows name their nodes; nothing is left.
+#[test]
+fn cluster_demo_runs_the_scenario_across_nodes_and_leaves_nothing_behind() {
+    if !require_privileges("cluster_demo") || !cilia_testnet::require_etcd("cluster_demo") {
+        return;
+    }
+    let name = unique_name("cdemo");
+    let (mut child, lines) = start_demo_with(&name, &["--nodes", "2"]);
+    let status = wait_demo(&mut child, Duration::from_secs(240));
+    let text: Vec<String> = lines.try_iter().collect();
+    let all = text.join("\n");
+    assert!(status.success(), "demo failed:\n{all}");
+    let section = |from: &str, to: &str| -> Vec<&String> {
+        text.iter()
+            .skip_while(|l| !l.contains(from))
+            .take_while(|l| !l.contains(to))
+            .collect()
+    };
+    let count = |lines: &[&String], ship: &str, method: &str, result: &str| {
+        lines
+            .iter()
+            .filter(|l| {
+                l.trim_start().starts_with(ship) && l.contains(method) && l.contains(result)
+            })
+            .count()
+    };
+    let l4 = section("import the L3/L4 policy ONCE", "the whole cluster's flows");
+    assert_eq!(count(&l4, "tiefighter", "POST", "Ship landed"), 2, "{all}");
+    assert_eq!(count(&l4, "xwing", "POST", "dropped"), 2, "{all}");
+    assert!(l4.iter().any(|l| l.contains("node2 has it too")), "{all}");
+    let flows = section("the whole cluster's flows", "import the L7 policy");
+    assert!(
+        flows
+            .iter()
+            .any(|l| l.contains(" node1 ") && l.contains("Policy denied")),
+        "{all}"
+    );
+    let l7 = section("import the L7 policy", "as node1's proxy saw them");
+    assert_eq!(count(&l7, "tiefighter", "POST", "Ship landed"), 2, "{all}");
+    assert_eq!(count(&l7, "tiefighter", "PUT", "Access denied"), 2, "{all}");
+    assert_eq!(count(&l7, "xwing", "POST", "dropped"), 2, "{all}");
     assert_eq!(leftovers(&name), Vec::<String>::new());
 }

@@ -61,6 +61,7 @@ pub(super) async fn bpf_ipcache(State(state): State<Shared>) -> Listing<BpfIpcac
         |e| BpfIpcacheEntry {
             prefix: e.prefix.to_string(),
             identity: e.identity,
+            tunnel: e.tunnel.map(|t| t.to_string()),
         },
         |a, b| a.prefix.cmp(&b.prefix),
     )

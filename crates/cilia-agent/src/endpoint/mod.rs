@@ -781,6 +781,14 @@ impl EndpointManager {
             }
             endpoints.push(result);
         }
+        // The node programs (cluster mode) swap inside their pinned links too.
+        match self.dp().reload_node_programs() {
+            Ok(0) => {}
+            Ok(n) => info!(links = n, "node programs reloaded"),
+            Err(e) => {
+                warn!(error = %e, "reloading the node programs failed; they keep their old programs")
+            }
+        }
         let count = |o: ReloadOutcome| endpoints.iter().filter(|e| e.outcome == o).count();
         let result = DatapathReloadResult {
             reloaded: count(ReloadOutcome::Reloaded),
