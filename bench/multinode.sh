@@ -188,7 +188,9 @@ start_agent() { # TAG N TUNNEL
     --ipv6-range "fd00:c1a:$n::/112" --ipv4-range "10.200.$n.0/24" \
     --node-name "node$n" --node-ip "198.51.100.$n" --kvstore etcd \
     --kvstore-endpoints http://198.51.100.254:2379 --tunnel "$3" --node-lease-ttl 5 \
-    --peer-api-addr "198.51.100.$n:4244" >>"$RUN/$t/agent$n.log" 2>&1 &
+    --peer-api-addr "198.51.100.$n:4244" --health-netns "cnode$P${t}h$n" \
+    >>"$RUN/$t/agent$n.log" 2>&1 &
+  NSS+=("cnode$P${t}h$n")
   track $!
   for _ in $(seq 200); do cilia_n "$t" "$n" status >/dev/null 2>&1 && return; sleep 0.1; done
   echo "agent node$n ($3) did not start:"; tail -20 "$RUN/$t/agent$n.log"; exit 1

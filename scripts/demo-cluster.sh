@@ -19,6 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/procs.sh
+source scripts/lib/demo.sh
 if [ "$(id -u)" -ne 0 ]; then
   echo "demo-cluster.sh: run as root (it creates network namespaces and loads BPF programs)" >&2
   exit 1
@@ -58,9 +59,7 @@ trap 'exit 130' INT TERM
 remove_all
 mkdir -p "$RUN"
 
-say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 on() { local n=$1; shift; CILIA_SOCKET=$RUN/node$n/cilia.sock "$BIN/cilia" "$@"; }
-in_ship() { local ns=$P-$1; shift; ip netns exec "$ns" "$@"; }
 start_agent() { # node number
   local i=$1
   mkdir -p "$RUN/node$i"
@@ -77,14 +76,6 @@ start_agent() { # node number
 field() { # node class key
   on "$1" endpoint list -o json | python3 -c "import json,sys; print([e['$3'] for e in json.load(sys.stdin) if e['labels'].get('class')=='$2'][0])"
 }
-call() { # ship address method path
-  if out=$(in_ship "$1" curl -s --max-time 2 -X "$3" "http://$2$4" 2>/dev/null); then
-    printf '  %-10s %-4s %-24s -> deathstar %-18s %s\n' "$1" "$3" "$4" "$2" "${out%$'\r'}"
-  else
-    printf '  %-10s %-4s %-24s -> deathstar %-18s \033[31mno answer (dropped)\033[0m\n' "$1" "$3" "$4" "$2"
-  fi
-}
-land() { call "$1" "$2" POST /v1/request-landing; }
 
 say "the underlay: fabric namespace $FABRIC with bridge br0, $N node namespaces on it"
 ip netns add "$FABRIC"

@@ -28,6 +28,7 @@ if [ "${1:-}" = "--nodes" ]; then
 fi
 [ $# -eq 0 ] || { echo "demo.sh: unknown argument $1 (only --nodes N)" >&2; exit 2; }
 source scripts/lib/procs.sh
+source scripts/lib/demo.sh
 if [ "$(id -u)" -ne 0 ]; then
   echo "demo.sh: run as root (it creates network namespaces and loads BPF programs): in a root shell scripts/demo.sh, from another account sudo scripts/demo.sh" >&2
   exit 1
@@ -65,9 +66,7 @@ trap 'exit 130' INT TERM
 remove_all
 mkdir -p "$RUN"
 
-say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 cilia() { "$BIN/cilia" "$@"; }
-in_ship() { local ns=$P-$1; shift; ip netns exec "$ns" "$@"; }
 start_agent() { # nsenter execs the agent: $! is the agent's PID
   nsenter --net=/run/netns/$NODE "$BIN/cilia-agent" "${AGENT_ARGS[@]}" >>"$RUN/agent.log" 2>&1 &
   AGENT_PID=$!
@@ -76,14 +75,6 @@ start_agent() { # nsenter execs the agent: $! is the agent's PID
   echo "agent did not start:"; cat "$RUN/agent.log"; exit 1
 }
 field() { cilia endpoint list -o json | python3 -c "import json,sys; print([e['$2'] for e in json.load(sys.stdin) if e['labels'].get('class')=='$1'][0])"; }
-call() { # ship address method path
-  if out=$(in_ship "$1" curl -s --max-time 2 -X "$3" "http://$2$4" 2>/dev/null); then
-    printf '  %-10s %-4s %-24s -> deathstar %-16s %s\n' "$1" "$3" "$4" "$2" "${out%$'\r'}"
-  else
-    printf '  %-10s %-4s %-24s -> deathstar %-16s \033[31mno answer (dropped)\033[0m\n' "$1" "$3" "$4" "$2"
-  fi
-}
-land() { call "$1" "$2" POST /v1/request-landing; }
 
 say "node namespace $NODE, IP forwarding off; cilia-agent on its embedded store"
 ip netns add $NODE

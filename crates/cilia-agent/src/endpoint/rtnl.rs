@@ -57,6 +57,39 @@ fn route_address(ip: IpAddr) -> RouteAddress {
     }
 }
 
+/// A main-table unicast route to `dst/len` out of interface `index`, via
+/// `gateway` when given, else on-link (scope link for IPv4, as iproute2
+/// does); `len` 0 is the default route.
+fn route_message(
+    index: u32,
+    dst: IpAddr,
+    len: u8,
+    gateway: Option<IpAddr>,
+    protocol: RouteProtocol,
+) -> RouteMessage {
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = family(dst);
+    msg.header.destination_prefix_length = len;
+    msg.header.table = RouteHeader::RT_TABLE_MAIN;
+    msg.header.protocol = protocol;
+    msg.header.kind = RouteType::Unicast;
+    msg.header.scope = if dst.is_ipv4() && gateway.is_none() {
+        RouteScope::Link
+    } else {
+        RouteScope::Universe
+    };
+    if len > 0 {
+        msg.attributes
+            .push(RouteAttribute::Destination(route_address(dst)));
+    }
+    if let Some(gw) = gateway {
+        msg.attributes
+            .push(RouteAttribute::Gateway(route_address(gw)));
+    }
+    msg.attributes.push(RouteAttribute::Oif(index));
+    msg
+}
+
 fn link_attributes(end: &VethEnd<'_>) -> Vec<LinkAttribute> {
     let mut attrs = vec![LinkAttribute::IfName(end.name.to_string())];
     if let Some(mac) = end.mac {
@@ -352,24 +385,7 @@ impl Rtnl {
         gateway: Option<IpAddr>,
         protocol: u8,
     ) -> io::Result<()> {
-        let mut msg = RouteMessage::default();
-        msg.header.address_family = family(dst);
-        msg.header.destination_prefix_length = len;
-        msg.header.table = RouteHeader::RT_TABLE_MAIN;
-        msg.header.protocol = RouteProtocol::from(protocol);
-        msg.header.kind = RouteType::Unicast;
-        msg.header.scope = if gateway.is_none() {
-            RouteScope::Link
-        } else {
-            RouteScope::Universe
-        };
-        msg.attributes
-            .push(RouteAttribute::Destination(route_address(dst)));
-        if let Some(gw) = gateway {
-            msg.attributes
-                .push(RouteAttribute::Gateway(route_address(gw)));
-        }
-        msg.attributes.push(RouteAttribute::Oif(index));
+        let msg = route_message(index, dst, len, gateway, RouteProtocol::from(protocol));
         self.request(
             RouteNetlinkMessage::NewRoute(msg),
             NLM_F_CREATE | NLM_F_REPLACE,
@@ -431,26 +447,7 @@ impl Rtnl {
         len: u8,
         gateway: Option<IpAddr>,
     ) -> io::Result<()> {
-        let mut msg = RouteMessage::default();
-        msg.header.address_family = family(dst);
-        msg.header.destination_prefix_length = len;
-        msg.header.table = RouteHeader::RT_TABLE_MAIN;
-        msg.header.protocol = RouteProtocol::Boot;
-        msg.header.kind = RouteType::Unicast;
-        msg.header.scope = if dst.is_ipv4() && gateway.is_none() {
-            RouteScope::Link
-        } else {
-            RouteScope::Universe
-        };
-        if len > 0 {
-            msg.attributes
-                .push(RouteAttribute::Destination(route_address(dst)));
-        }
-        if let Some(gw) = gateway {
-            msg.attributes
-                .push(RouteAttribute::Gateway(route_address(gw)));
-        }
-        msg.attributes.push(RouteAttribute::Oif(index));
+        let msg = route_message(index, dst, len, gateway, RouteProtocol::Boot);
         self.request(
             RouteNetlinkMessage::NewRoute(msg),
             NLM_F_CREATE | NLM_F_EXCL,
