@@ -353,7 +353,9 @@ impl MultiNode {
 
     /// Publishes this node's endpoint addresses whenever they change: the
     /// policy subsystem republishes its L7 summary after every endpoint
-    /// change, which is the signal (no polling).
+    /// change, which is the signal; a create signals before its record is
+    /// final, so the store is also read again every second (a read
+    /// transaction; the client writes only differences).
     pub async fn publish_local_ips(
         self: Arc<Self>,
         store: Arc<crate::store::Store>,
@@ -366,7 +368,9 @@ impl MultiNode {
                 s.endpoints().map(|recs| {
                     let mut v: Vec<(IpAddr, u32)> = recs
                         .iter()
-                        .filter(|r| r.state == cilia_api::EndpointState::Ready)
+                        // Every endpoint with an identity: a pod being
+                        // created is announced as early as it can be reached.
+                        .filter(|r| r.identity != 0)
                         .flat_map(|r| r.ips().into_iter().map(move |ip| (ip, r.identity)))
                         .collect();
                     v.sort();
@@ -376,14 +380,24 @@ impl MultiNode {
             .await;
             match ips {
                 Ok(Ok(ips)) if last.as_ref() != Some(&ips) => {
-                    self.client.set_local_ips(ips.clone());
+                    // The client calls the kvstore (blocking): never from
+                    // an async task.
+                    let (client, publish) = (self.client.clone(), ips.clone());
+                    if let Err(e) =
+                        tokio::task::spawn_blocking(move || client.set_local_ips(publish)).await
+                    {
+                        warn!(error = %e, "publishing the node's endpoint addresses failed");
+                    }
                     last = Some(ips);
                 }
                 Ok(Err(e)) => warn!(error = %e, "reading endpoints to publish failed"),
                 _ => {}
             }
-            if changes.changed().await.is_err() {
-                return;
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() {
+                    return;
+                },
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
     }

@@ -641,3 +641,73 @@ fn node_list_shows_every_node_reachable_over_native_routing() {
     cluster_prerequisites!("node_list_native");
     node_list_shows_every_node_reachable(Tunnel::Native);
 }
+
+const CLIENT_EGRESS: &str = r#"apiVersion: "cilium.io/v2"
+kind: CiliumNetworkPolicy
+metadata:
+  name: client-egress
+spec:
+  endpointSelector:
+    matchLabels:
+      app: client
+  egress:
+  - toEndpoints:
+    - matchLabels:
+        app: server
+"#;
+
+/// An egress policy naming remote peers by label: the sender's node knows
+/// the remote pods' identities from the cluster's ipcache, so a new server
+/// on another node is reachable once its entry arrives, and a pod with
+/// other labels is not.
+fn egress_by_label_reaches_new_remote_servers_only(tunnel: Tunnel) {
+    let c = three_nodes(tunnel);
+    let client = c.pod(2, "app=client");
+    import_yaml(c.agent(1), CLIENT_EGRESS);
+    assert!(
+        poll(CONVERGE, || c
+            .agent(2)
+            .cli_json(&["policy", "get"])
+            .to_string()
+            .contains("client-egress")),
+        "node2 never got the policy"
+    );
+    // Servers created after the policy, with new identities' peers.
+    let server = c.pod(1, "app=server");
+    let other = c.pod(3, "app=other");
+    let _s: Vec<EchoServer> = [&server, &other]
+        .iter()
+        .flat_map(|p| echo_servers(p, 7000))
+        .collect();
+    for family in FAMILIES {
+        let to = SocketAddr::new(server.ip(family), 7000);
+        assert!(
+            poll(CONVERGE, || tcp_reaches(&client.ns, to)),
+            "the client never reached the server at {to}"
+        );
+        let not = SocketAddr::new(other.ip(family), 7000);
+        assert!(!tcp_reaches(&client.ns, not), "the client reached {not}");
+    }
+    // Later endpoints are announced too (each change, not only the first).
+    for n in [1, 3] {
+        let late = c.pod(n, "app=server");
+        let _l = echo_servers(&late, 7000);
+        let to = SocketAddr::new(late.ip("ipv4"), 7000);
+        assert!(
+            poll(CONVERGE, || tcp_reaches(&client.ns, to)),
+            "the client never reached the later server on node{n} at {to}"
+        );
+    }
+}
+
+#[test]
+fn egress_by_label_reaches_new_remote_servers_only_over_vxlan() {
+    cluster_prerequisites!("egress_vxlan");
+    egress_by_label_reaches_new_remote_servers_only(Tunnel::Vxlan);
+}
+
+#[test]
+fn egress_by_label_reaches_new_remote_servers_only_over_native_routing() {
+    cluster_prerequisites!("egress_native");
+    egress_by_label_reaches_new_remote_servers_only(Tunnel::Native);
+}
