@@ -9,9 +9,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, TcpListener};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::net::IpAddr;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -20,6 +18,7 @@ use cilia_agent::cluster::{keys, ClusterClient, ClusterConfig, ClusterEvent};
 use cilia_agent::ipam::Pool;
 use cilia_agent::store::{EndpointRecord, Store, StoredPolicy};
 use cilia_kvstore::{EtcdStore, KvError, KvStore, RedbStore};
+use cilia_testnet::Etcd;
 
 /// The longest a test waits for something that must happen.
 const WAIT: Duration = Duration::from_secs(20);
@@ -409,161 +408,67 @@ fn without_a_kvstore_the_client_waits_and_allocation_says_why() {
 
 // ---- etcd ----
 
-/// A running etcd on loopback; killed and its data dir removed on drop.
-struct Etcd {
-    child: Option<Child>,
-    bin: PathBuf,
-    dir: tempfile::TempDir,
-    client_url: String,
-    peer_url: String,
+/// What the scenarios connect with, for `etcd`.
+fn etcd_connect(etcd: &Etcd) -> Connect {
+    let endpoints = [etcd.endpoint()];
+    Arc::new(move || EtcdStore::connect(&endpoints).map(|s| Box::new(s) as Box<dyn KvStore>))
 }
 
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.kill();
-    }
+fn etcd_store(etcd: &Etcd) -> EtcdStore {
+    EtcdStore::connect(&[etcd.endpoint()]).unwrap()
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl Etcd {
-    /// `None` (test skipped) when there is no etcd binary, outside CI.
-    fn start(test: &str) -> Option<Etcd> {
-        let bin = std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|p| p.join("etcd"))
-                .find(|p| p.is_file())
-        });
-        let Some(bin) = bin else {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("{test}: no `etcd` binary in PATH and CI=true forbids skipping: run scripts/setup.sh");
-            }
-            eprintln!("SKIPPED {test}: no `etcd` binary in PATH (run scripts/setup.sh)");
-            return None;
-        };
-        let mut etcd = Etcd {
-            child: None,
-            bin,
-            dir: tempfile::tempdir().unwrap(),
-            client_url: format!("http://127.0.0.1:{}", free_port()),
-            peer_url: format!("http://127.0.0.1:{}", free_port()),
-        };
-        etcd.spawn();
-        Some(etcd)
-    }
-
-    /// Starts etcd (again, on the same data dir and ports) and waits until
-    /// it answers.
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("etcd.log"))
-            .unwrap();
-        let child = Command::new(&self.bin)
-            .args(["--name", "test", "--data-dir"])
-            .arg(self.dir.path().join("data"))
-            .args(["--listen-client-urls", &self.client_url])
-            .args(["--advertise-client-urls", &self.client_url])
-            .args(["--listen-peer-urls", &self.peer_url])
-            .args(["--initial-advertise-peer-urls", &self.peer_url])
-            .args(["--initial-cluster", &format!("test={}", self.peer_url)])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + WAIT;
-        loop {
-            match EtcdStore::connect(std::slice::from_ref(&self.client_url)) {
-                Ok(_) => return,
-                Err(e) if Instant::now() > deadline => {
-                    let log = std::fs::read_to_string(self.dir.path().join("etcd.log"))
-                        .unwrap_or_default();
-                    let tail: Vec<_> = log.lines().rev().take(20).collect();
-                    panic!("etcd not healthy within {WAIT:?}: {e}\n{}", tail.join("\n"));
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        }
-    }
-
-    /// kill -9.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn connect(&self) -> Connect {
-        let url = self.client_url.clone();
-        Arc::new(move || {
-            EtcdStore::connect(std::slice::from_ref(&url)).map(|s| Box::new(s) as Box<dyn KvStore>)
-        })
-    }
-
-    fn store(&self) -> EtcdStore {
-        EtcdStore::connect(std::slice::from_ref(&self.client_url)).unwrap()
-    }
-}
-
+/// A healthy etcd on loopback, killed and its data dir removed on drop;
+/// returns from the test when there is no etcd binary outside CI.
 macro_rules! etcd {
-    ($test:literal) => {
-        match Etcd::start($test) {
-            Some(x) => x,
-            None => return,
+    ($test:literal) => {{
+        if !cilia_testnet::require_etcd($test) {
+            return;
         }
-    };
+        Etcd::start_on_loopback().unwrap_or_else(|e| panic!("{}: {e}", $test))
+    }};
 }
 
 #[test]
 fn etcd_nodes_see_each_other_and_each_others_ipcache() {
     let e = etcd!("etcd_nodes_see_each_other_and_each_others_ipcache");
-    nodes_see_each_other_and_each_others_ipcache(&e.connect());
+    nodes_see_each_other_and_each_others_ipcache(&etcd_connect(&e));
 }
 
 #[test]
 fn etcd_the_same_labels_get_the_same_identity_even_when_allocated_at_once() {
     let e = etcd!("etcd_the_same_labels_get_the_same_identity_even_when_allocated_at_once");
-    the_same_labels_get_the_same_identity_even_when_allocated_at_once(&e.connect());
+    the_same_labels_get_the_same_identity_even_when_allocated_at_once(&etcd_connect(&e));
 }
 
 #[test]
 fn etcd_an_identity_is_collected_once_no_node_uses_it() {
     let e = etcd!("etcd_an_identity_is_collected_once_no_node_uses_it");
-    an_identity_is_collected_once_no_node_uses_it(&e.connect(), &e.store());
+    an_identity_is_collected_once_no_node_uses_it(&etcd_connect(&e), &etcd_store(&e));
 }
 
 #[test]
 fn etcd_a_node_whose_lease_expires_disappears_with_its_endpoints() {
     let e = etcd!("etcd_a_node_whose_lease_expires_disappears_with_its_endpoints");
-    a_node_whose_lease_expires_disappears_with_its_endpoints(&e.connect());
+    a_node_whose_lease_expires_disappears_with_its_endpoints(&etcd_connect(&e));
 }
 
 #[test]
 fn etcd_a_lost_lease_is_replaced_and_everything_put_again() {
     let e = etcd!("etcd_a_lost_lease_is_replaced_and_everything_put_again");
-    a_lost_lease_is_replaced_and_everything_put_again(&e.connect(), &e.store());
+    a_lost_lease_is_replaced_and_everything_put_again(&etcd_connect(&e), &etcd_store(&e));
 }
 
 #[test]
 fn etcd_policies_put_by_one_node_reach_the_other() {
     let e = etcd!("etcd_policies_put_by_one_node_reach_the_other");
-    policies_put_by_one_node_reach_the_other(&e.connect());
+    policies_put_by_one_node_reach_the_other(&etcd_connect(&e));
 }
 
 #[test]
 fn etcd_clients_come_back_after_an_etcd_restart() {
     let mut e = etcd!("etcd_clients_come_back_after_an_etcd_restart");
-    let connect = e.connect();
+    let connect = etcd_connect(&e);
     let mut ca = config("a", 1);
     ca.lease_ttl = Duration::from_secs(10);
     let mut cb = config("b", 2);
@@ -582,7 +487,7 @@ fn etcd_clients_come_back_after_an_etcd_restart() {
         |e| matches!(e, ClusterEvent::IpcacheUpsert(r) if r.node == "a"),
     );
 
-    e.kill();
+    e.stop_kill9();
     for (name, n) in [("a", &a), ("b", &b)] {
         n.wait_for(&format!("{name} disconnected"), |e| {
             matches!(e, ClusterEvent::Disconnected { .. })
@@ -596,7 +501,7 @@ fn etcd_clients_come_back_after_an_etcd_restart() {
         "{err}"
     );
 
-    e.spawn();
+    e.start_again().unwrap();
     for (name, n) in [("a", &a), ("b", &b)] {
         n.wait_for(&format!("{name} connected"), |e| {
             *e == ClusterEvent::Connected
@@ -604,7 +509,7 @@ fn etcd_clients_come_back_after_an_etcd_restart() {
         n.wait_for(&format!("{name} synced"), |e| *e == ClusterEvent::Synced);
     }
     eventually("both node records are back", || {
-        let kv = e.store();
+        let kv = etcd_store(&e);
         kv.get(&keys::node("a")).unwrap().is_some() && kv.get(&keys::node("b")).unwrap().is_some()
     });
     eventually("b knows a", || {
@@ -613,8 +518,7 @@ fn etcd_clients_come_back_after_an_etcd_restart() {
     assert_eq!(b.client.allocate_identity(&labels("web")).unwrap(), id);
     let db = a.client.allocate_identity(&labels("db")).unwrap();
     assert_ne!(db, id);
-    assert!(e
-        .store()
+    assert!(etcd_store(&e)
         .get(&keys::ipcache(ip("fd00:c1a:1::5")))
         .unwrap()
         .is_some());

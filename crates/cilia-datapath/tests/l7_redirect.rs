@@ -7,41 +7,22 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use cilia_abi::*;
 use cilia_datapath::BpfDatapath;
 use cilia_testnet::{BpfRoot, Netns};
-use socket2::{Domain, Protocol, Socket, Type};
 
 mod common;
+use common::relay::{Relay, PROXY_PORT};
+use common::serve::{exchange, Echo};
 use common::*;
 
-const PROXY_PORT: u16 = 15080;
 const C_ID: u16 = 1;
 const S_ID: u16 = 2;
 const C_IDENTITY: u32 = 1001;
 const S_IDENTITY: u32 = 1002;
-/// Every wait of these tests ends by then.
-const WAIT: Duration = Duration::from_secs(5);
-
-/// Runs `f` on a thread of its own inside `ns`, returning its handle.
-fn spawn_in<T: Send + 'static>(
-    ns: &Netns,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> JoinHandle<T> {
-    let file = File::open(ns.path()).unwrap();
-    std::thread::spawn(move || {
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        f()
-    })
-}
 
 struct Topology {
     node: Netns,
@@ -161,202 +142,14 @@ fn topology(prefix: &str) -> Topology {
     }
 }
 
-/// A minimal transparent relay in the node: what the L7 proxy does to
-/// packets, without the L7.
-struct Relay {
-    stop: Arc<AtomicBool>,
-    /// (client, local address) of every accepted connection.
-    accepted: Arc<Mutex<Vec<(SocketAddr, SocketAddr)>>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-fn transparent_socket(domain: Domain) -> Socket {
-    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP)).unwrap();
-    if domain == Domain::IPV6 {
-        s.set_ip_transparent_v6(true).unwrap();
-    } else {
-        s.set_ip_transparent_v4(true).unwrap();
-    }
-    s.set_mark(CILIA_MARK_FROM_PROXY).unwrap();
-    s
-}
-
-/// The upstream connection for `client`, from the client's own address
-/// (another port than the client's: the two legs must not share a tuple).
-fn upstream(client: SocketAddr, server: SocketAddr) -> TcpStream {
-    for _ in 0..8 {
-        let s = transparent_socket(Domain::for_address(server));
-        s.bind(&SocketAddr::new(client.ip(), 0).into()).unwrap();
-        if s.local_addr().unwrap().as_socket().unwrap().port() == client.port() {
-            continue;
-        }
-        s.connect_timeout(&server.into(), WAIT).unwrap();
-        return s.into();
-    }
-    panic!("no upstream port other than the client's {client}");
-}
-
-/// Copies `from` to `to` until EOF (or the bounded read timeout), then
-/// closes `to` for writing.
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
-    std::thread::spawn(move || {
-        from.set_read_timeout(Some(WAIT)).unwrap();
-        let _ = std::io::copy(&mut from, &mut to);
-        let _ = to.shutdown(Shutdown::Write);
-    });
-}
-
-impl Relay {
-    fn start(node: &Netns) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let accepted = Arc::new(Mutex::new(Vec::new()));
-        let (ready, listening) = mpsc::channel();
-        let (stop2, accepted2) = (stop.clone(), accepted.clone());
-        let thread = spawn_in(node, move || {
-            let listeners: Vec<Socket> = [
-                (Domain::IPV4, SocketAddr::from(([0, 0, 0, 0], PROXY_PORT))),
-                (Domain::IPV6, SocketAddr::from(([0u16; 8], PROXY_PORT))),
-            ]
-            .into_iter()
-            .map(|(domain, addr)| {
-                let l = transparent_socket(domain);
-                if domain == Domain::IPV6 {
-                    l.set_only_v6(true).unwrap();
-                }
-                l.set_reuse_address(true).unwrap();
-                l.bind(&addr.into()).unwrap();
-                l.listen(16).unwrap();
-                l.set_nonblocking(true).unwrap();
-                l
-            })
-            .collect();
-            ready.send(()).unwrap();
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !stop2.load(Ordering::SeqCst) && Instant::now() < deadline {
-                for l in &listeners {
-                    let Ok((conn, client)) = l.accept() else {
-                        continue;
-                    };
-                    let client = client.as_socket().unwrap();
-                    let local = conn.local_addr().unwrap().as_socket().unwrap();
-                    accepted2.lock().unwrap().push((client, local));
-                    let conn: TcpStream = conn.into();
-                    let up = upstream(client, local);
-                    pipe(conn.try_clone().unwrap(), up.try_clone().unwrap());
-                    pipe(up, conn);
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        });
-        listening.recv_timeout(WAIT).unwrap();
-        Self {
-            stop,
-            accepted,
-            thread: Some(thread),
-        }
-    }
-
-    fn accepted(&self) -> Vec<(SocketAddr, SocketAddr)> {
-        self.accepted.lock().unwrap().clone()
-    }
-
-    /// Stops accepting and closes the listeners: the proxy is gone.
-    fn stop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// The server in S: on ports 80 and 8080, answers `echo <request>` and
-/// records every peer it saw.
-struct Server {
-    stop: Arc<AtomicBool>,
-    peers: Arc<Mutex<Vec<SocketAddr>>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Server {
-    fn start(s: &Netns) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let peers = Arc::new(Mutex::new(Vec::new()));
-        let (ready, listening) = mpsc::channel();
-        let (stop2, peers2) = (stop.clone(), peers.clone());
-        let thread = spawn_in(s, move || {
-            // [::] takes both families (IPv4 as mapped addresses).
-            let listeners: Vec<TcpListener> = [80, 8080]
-                .into_iter()
-                .map(|port| {
-                    let l = TcpListener::bind(SocketAddr::from(([0u16; 8], port))).unwrap();
-                    l.set_nonblocking(true).unwrap();
-                    l
-                })
-                .collect();
-            ready.send(()).unwrap();
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !stop2.load(Ordering::SeqCst) && Instant::now() < deadline {
-                for l in &listeners {
-                    let Ok((mut conn, peer)) = l.accept() else {
-                        continue;
-                    };
-                    peers2
-                        .lock()
-                        .unwrap()
-                        .push(SocketAddr::new(peer.ip().to_canonical(), peer.port()));
-                    conn.set_nonblocking(false).unwrap();
-                    conn.set_read_timeout(Some(WAIT)).unwrap();
-                    let mut buf = [0u8; 64];
-                    let n = conn.read(&mut buf).unwrap_or(0);
-                    let _ = conn.write_all(&[b"echo ", &buf[..n]].concat());
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        });
-        listening.recv_timeout(WAIT).unwrap();
-        Self {
-            stop,
-            peers,
-            thread: Some(thread),
-        }
-    }
-
-    fn peers(&self) -> Vec<SocketAddr> {
-        self.peers.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// C sends `hello` to `server` and reads the answer: (its own address, the
 /// answer), or the connect error.
 fn request(
     c: &Netns,
     server: SocketAddr,
     connect: Duration,
-) -> std::io::Result<(SocketAddr, String)> {
-    c.run(move || {
-        let mut conn = TcpStream::connect_timeout(&server, connect)?;
-        conn.set_read_timeout(Some(WAIT))?;
-        let local = conn.local_addr()?;
-        conn.write_all(b"hello")?;
-        let mut answer = String::new();
-        conn.read_to_string(&mut answer)?;
-        Ok((local, answer))
-    })
+) -> std::io::Result<(SocketAddr, Vec<u8>)> {
+    exchange(c, server, b"hello", connect)
 }
 
 fn conntrack(dp: &BpfDatapath) -> Vec<CtEntry> {
@@ -373,12 +166,13 @@ fn conntrack(dp: &BpfDatapath) -> Vec<CtEntry> {
 fn proxied_flow_reaches_the_server_through_the_relay(prefix: &str, c_ip: IpAddr, s_ip: IpAddr) {
     let t = topology(prefix);
     let mut relay = Relay::start(&t.node);
-    let server = Server::start(&t.s);
+    // The server in S, on the proxied port and on the direct one.
+    let server = Echo::start(&t.s, &[80, 8080]);
 
     // Through the proxy.
     let s80 = SocketAddr::new(s_ip, 80);
     let (client, answer) = request(&t.c, s80, WAIT).unwrap();
-    assert_eq!(answer, "echo hello");
+    assert_eq!(answer, b"hello");
     assert_eq!(client.ip(), c_ip);
     assert_eq!(
         relay.accepted(),
@@ -414,7 +208,7 @@ fn proxied_flow_reaches_the_server_through_the_relay(prefix: &str, c_ip: IpAddr,
     // A flow without a proxy port goes directly, from C's own socket.
     let s8080 = SocketAddr::new(s_ip, 8080);
     let (client, answer) = request(&t.c, s8080, WAIT).unwrap();
-    assert_eq!(answer, "echo hello");
+    assert_eq!(answer, b"hello");
     assert_eq!(server.peers()[1], client, "S sees C's own connection");
     assert_eq!(relay.accepted().len(), 1, "the relay saw nothing of it");
     let ct = conntrack(&t.dp);

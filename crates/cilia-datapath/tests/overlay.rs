@@ -6,18 +6,12 @@
 //! are used). In VXLAN mode each node has an external-mode VXLAN device
 //! with the overlay programs; in native mode the underlay device has
 //! `cil_from_netdev` and the nodes never forward (ip_forward stays 0).
-//! The L7 case puts a transparent relay (the proxy's part, as in
-//! `l7_redirect.rs`) in the receiving node.
+//! The L7 case puts the transparent relay of `common::relay` (the proxy's
+//! part, as in `l7_redirect.rs`) in the receiving node.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use cilia_abi::*;
 use cilia_datapath::packet::Mac;
@@ -25,6 +19,8 @@ use cilia_datapath::BpfDatapath;
 use cilia_testnet::{BpfRoot, Netns};
 
 mod common;
+use common::relay::{Relay, PROXY_PORT};
+use common::serve::{exchange, Echo};
 use common::*;
 
 /// Identity of node 1's endpoint (admitted by node 2's policy tests).
@@ -35,8 +31,6 @@ const B_IDENTITY: u32 = 1002;
 /// Underlay MTU 1500 minus the IPv6 VXLAN overhead (70).
 const OVERLAY_MTU: u32 = 1430;
 const ECHO_PORT: u16 = 8080;
-/// Every wait of these tests ends by then.
-const WAIT: Duration = Duration::from_secs(5);
 
 fn under4(n: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 51, 100, n)
@@ -257,67 +251,10 @@ fn ping(from: &Netns, to: IpAddr) -> bool {
     from.sh(&format!("ping -c 3 -i 0.2 -W 2 -w 4 {to}")).is_ok()
 }
 
-/// An echo server in `ns` on ECHO_PORT (both families): sends back what
-/// it read, until the client closes.
-struct Echo {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Echo {
-    fn start(ns: &Netns) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready, listening) = mpsc::channel();
-        let stop2 = stop.clone();
-        let file = File::open(ns.path()).unwrap();
-        let thread = std::thread::spawn(move || {
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let l = TcpListener::bind(SocketAddr::from(([0u16; 8], ECHO_PORT))).unwrap();
-            l.set_nonblocking(true).unwrap();
-            ready.send(()).unwrap();
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !stop2.load(Ordering::SeqCst) && Instant::now() < deadline {
-                let Ok((mut conn, _)) = l.accept() else {
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                };
-                conn.set_nonblocking(false).unwrap();
-                conn.set_read_timeout(Some(WAIT)).unwrap();
-                let mut data = Vec::new();
-                let _ = conn.read_to_end(&mut data);
-                let _ = conn.write_all(&data);
-            }
-        });
-        listening.recv_timeout(WAIT).unwrap();
-        Self {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// Sends `payload` to the echo server at `to` from inside `from` and
 /// returns what came back (an error if the connection failed).
 fn echo(from: &Netns, to: IpAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
-    let payload = payload.to_vec();
-    from.run(move || {
-        let mut s = TcpStream::connect_timeout(&SocketAddr::new(to, ECHO_PORT), WAIT)?;
-        s.set_read_timeout(Some(WAIT))?;
-        s.write_all(&payload)?;
-        s.shutdown(Shutdown::Write)?;
-        let mut back = Vec::new();
-        s.read_to_end(&mut back)?;
-        Ok(back)
-    })
+    exchange(from, SocketAddr::new(to, ECHO_PORT), payload, WAIT).map(|(_, back)| back)
 }
 
 fn payload() -> Vec<u8> {
@@ -358,7 +295,7 @@ fn endpoints_on_two_nodes_talk_through_the_vxlan_overlay_in_both_families() {
     privileged!("endpoints_on_two_nodes_talk_through_the_vxlan_overlay_in_both_families");
     let c = cluster(TunnelMode::Vxlan);
     let [n1, n2] = &c.nodes;
-    let _echo = Echo::start(&n2.ep);
+    let _echo = Echo::start(&n2.ep, &[ECHO_PORT]);
     for to in both_families(2) {
         assert!(ping(&n1.ep, to), "ping {to}");
         // A full-size segment crosses: the endpoint MTU leaves room for
@@ -379,7 +316,7 @@ fn receiver_enforces_its_ingress_policy_on_the_identity_in_the_vni() {
     privileged!("receiver_enforces_its_ingress_policy_on_the_identity_in_the_vni");
     let mut c = cluster(TunnelMode::Vxlan);
     admit_only_x(&c.nodes[1]);
-    let _echo = Echo::start(&c.nodes[1].ep);
+    let _echo = Echo::start(&c.nodes[1].ep, &[ECHO_PORT]);
     for to in both_families(2) {
         assert!(ping(&c.nodes[0].ep, to), "X is admitted: {to}");
     }
@@ -424,7 +361,7 @@ fn endpoints_on_two_nodes_talk_by_native_routing_without_ip_forwarding() {
     let c = cluster(TunnelMode::Native);
     let [n1, n2] = &c.nodes;
     admit_only_x(n2);
-    let _echo = Echo::start(&n2.ep);
+    let _echo = Echo::start(&n2.ep, &[ECHO_PORT]);
     for to in both_families(2) {
         assert!(ping(&n1.ep, to), "ping {to}");
         assert_eq!(echo(&n1.ep, to, &payload()).unwrap(), payload(), "{to}");
@@ -489,103 +426,6 @@ fn node_programs_live_in_pinned_links_and_are_swapped_in_place() {
     dp.detach_node_programs().unwrap();
 }
 
-const PROXY_PORT: u16 = 15080;
-
-fn transparent_socket(domain: socket2::Domain) -> socket2::Socket {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP)).unwrap();
-    if domain == Domain::IPV6 {
-        s.set_ip_transparent_v6(true).unwrap();
-    } else {
-        s.set_ip_transparent_v4(true).unwrap();
-    }
-    s.set_mark(CILIA_MARK_FROM_PROXY).unwrap();
-    s
-}
-
-/// A transparent relay in a node playing the L7 proxy (as in
-/// `l7_redirect.rs`): accepts on the proxy port, connects upstream from
-/// the client's own address, copies both ways. Records the clients.
-struct Relay {
-    stop: Arc<AtomicBool>,
-    clients: Arc<std::sync::Mutex<Vec<SocketAddr>>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Relay {
-    fn start(node: &Netns) -> Self {
-        use socket2::Domain;
-        let stop = Arc::new(AtomicBool::new(false));
-        let clients = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (ready, listening) = mpsc::channel();
-        let (stop2, clients2) = (stop.clone(), clients.clone());
-        let file = File::open(node.path()).unwrap();
-        let thread = std::thread::spawn(move || {
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let listeners: Vec<socket2::Socket> = [
-                (Domain::IPV4, SocketAddr::from(([0, 0, 0, 0], PROXY_PORT))),
-                (Domain::IPV6, SocketAddr::from(([0u16; 8], PROXY_PORT))),
-            ]
-            .into_iter()
-            .map(|(domain, addr)| {
-                let l = transparent_socket(domain);
-                if domain == Domain::IPV6 {
-                    l.set_only_v6(true).unwrap();
-                }
-                l.set_reuse_address(true).unwrap();
-                l.bind(&addr.into()).unwrap();
-                l.listen(16).unwrap();
-                l.set_nonblocking(true).unwrap();
-                l
-            })
-            .collect();
-            ready.send(()).unwrap();
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !stop2.load(Ordering::SeqCst) && Instant::now() < deadline {
-                for l in &listeners {
-                    let Ok((conn, client)) = l.accept() else {
-                        continue;
-                    };
-                    let client = client.as_socket().unwrap();
-                    let local = conn.local_addr().unwrap().as_socket().unwrap();
-                    clients2.lock().unwrap().push(client);
-                    let up = transparent_socket(Domain::for_address(local));
-                    up.bind(&SocketAddr::new(client.ip(), 0).into()).unwrap();
-                    up.connect_timeout(&local.into(), WAIT).unwrap();
-                    let (conn, up): (TcpStream, TcpStream) = (conn.into(), up.into());
-                    conn.set_nonblocking(false).unwrap();
-                    for (mut from, mut to) in [
-                        (conn.try_clone().unwrap(), up.try_clone().unwrap()),
-                        (up, conn),
-                    ] {
-                        std::thread::spawn(move || {
-                            from.set_read_timeout(Some(WAIT)).unwrap();
-                            let _ = std::io::copy(&mut from, &mut to);
-                            let _ = to.shutdown(Shutdown::Write);
-                        });
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        });
-        listening.recv_timeout(WAIT).unwrap();
-        Self {
-            stop,
-            clients,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 #[test]
 fn a_flow_from_another_node_is_handed_to_the_l7_proxy_at_the_overlay() {
     privileged!("a_flow_from_another_node_is_handed_to_the_l7_proxy_at_the_overlay");
@@ -627,7 +467,7 @@ fn a_flow_from_another_node_is_handed_to_the_l7_proxy_at_the_overlay() {
     n2.dp
         .set_policy(n2.config.endpoint_id, &policy.encode())
         .unwrap();
-    let _echo = Echo::start(&n2.ep);
+    let _echo = Echo::start(&n2.ep, &[ECHO_PORT]);
     let relay = Relay::start(&n2.ns);
     for (to, from) in [
         (IpAddr::V6(pod6(2)), IpAddr::V6(pod6(1))),
@@ -635,7 +475,7 @@ fn a_flow_from_another_node_is_handed_to_the_l7_proxy_at_the_overlay() {
     ] {
         assert_eq!(echo(&n1.ep, to, &payload()).unwrap(), payload(), "{to}");
         assert!(
-            relay.clients.lock().unwrap().iter().any(|c| c.ip() == from),
+            relay.accepted().iter().any(|(c, _)| c.ip() == from),
             "the proxy served {from}"
         );
     }

@@ -9,106 +9,25 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cilia_kvstore::{conformance, EtcdStore, KvError, KvStore};
+use cilia_testnet::etcd::{free_port, Etcd};
 
 const WAIT: Duration = Duration::from_secs(5);
-/// The longest etcd may take to answer after it is started.
-const START: Duration = Duration::from_secs(10);
 
-/// A running etcd on loopback; killed and its data dir removed on drop
-/// (also when the test panics).
-struct Etcd {
-    child: Child,
-    endpoint: String,
-    // Dropped after `drop` below has killed etcd.
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn etcd_binary() -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join("etcd"))
-            .find(|p| p.is_file())
-    })
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl Etcd {
-    /// Starts etcd and waits until it answers; `None` (test skipped) when
-    /// there is no etcd binary outside CI.
-    fn start(test: &str) -> Option<(Etcd, EtcdStore)> {
-        let Some(bin) = etcd_binary() else {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("{test}: no `etcd` binary in PATH and CI=true forbids skipping: run scripts/setup.sh");
-            }
-            eprintln!("SKIPPED {test}: no `etcd` binary in PATH (run scripts/setup.sh)");
-            return None;
-        };
-        let dir = tempfile::tempdir().unwrap();
-        let (client, peer) = (free_port(), free_port());
-        let client_url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
-        let child = Command::new(bin)
-            .args(["--name", "test", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", &client_url])
-            .args(["--advertise-client-urls", &client_url])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("test={peer_url}")])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let etcd = Etcd {
-            child,
-            endpoint: client_url,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + START;
-        loop {
-            match EtcdStore::connect(std::slice::from_ref(&etcd.endpoint)) {
-                Ok(s) => return Some((etcd, s)),
-                Err(e) if Instant::now() > deadline => {
-                    let log = std::fs::read_to_string(etcd._dir.path().join("etcd.log"))
-                        .unwrap_or_default();
-                    let tail: String = log.lines().rev().take(20).collect::<Vec<_>>().join("\n");
-                    panic!("{test}: etcd not healthy within {START:?}: {e}\n{tail}");
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        }
-    }
-}
-
+/// A healthy etcd on loopback (killed and its data dir removed on drop,
+/// also when the test panics) and a store connected to it; returns from
+/// the test when there is no etcd binary outside CI.
 macro_rules! etcd {
-    ($test:literal) => {
-        match Etcd::start($test) {
-            Some(x) => x,
-            None => return,
+    ($test:literal) => {{
+        if !cilia_testnet::require_etcd($test) {
+            return;
         }
-    };
+        let etcd = Etcd::start_on_loopback().unwrap_or_else(|e| panic!("{}: {e}", $test));
+        let store = EtcdStore::connect(&[etcd.endpoint()]).unwrap();
+        (etcd, store)
+    }};
 }
 
 #[test]
@@ -163,7 +82,7 @@ fn a_watch_follows_live_changes_under_its_prefix() {
 fn a_watch_from_an_old_revision_replays_then_follows() {
     let (e, _s) = etcd!("a_watch_from_an_old_revision_replays_then_follows");
     conformance::a_watch_from_an_old_revision_replays_then_follows(&|| {
-        Box::new(EtcdStore::connect(std::slice::from_ref(&e.endpoint)).unwrap())
+        Box::new(EtcdStore::connect(&[e.endpoint()]).unwrap())
     });
 }
 
@@ -212,7 +131,7 @@ fn a_lease_shorter_than_a_second_is_refused() {
 #[test]
 fn an_unreachable_etcd_is_an_error_naming_the_endpoint() {
     // A port nothing listens on (bound, then released).
-    let endpoint = format!("http://127.0.0.1:{}", free_port());
+    let endpoint = format!("http://127.0.0.1:{}", free_port().unwrap());
     let started = Instant::now();
     let err = EtcdStore::connect(std::slice::from_ref(&endpoint)).unwrap_err();
     assert!(matches!(err, KvError::Unreachable { .. }), "{err}");

@@ -3,9 +3,13 @@
 //! namespaces each have a loopback of their own and so cannot share one on
 //! 127.0.0.1. Its data dir outlives a `kill -9`, so a test can crash etcd and
 //! start it again on the same data; the process and the dir go on drop.
+//!
+//! Tests of a kvstore client alone need no namespace: they run etcd on the
+//! loopback of their own namespace ([`Etcd::start_on_loopback`]), on free
+//! ports, since tests run in parallel and share that loopback.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -33,10 +37,14 @@ pub enum EtcdError {
     },
 }
 
-/// etcd inside a namespace (the fabric's), on `listen:CLIENT_PORT`.
+/// etcd inside a namespace (the fabric's), on `listen:CLIENT_PORT`, or on
+/// this namespace's loopback on free ports.
 pub struct Etcd {
-    netns: PathBuf,
-    listen: std::net::IpAddr,
+    /// `None`: the test's own namespace.
+    netns: Option<PathBuf>,
+    listen: IpAddr,
+    client_port: u16,
+    peer_port: u16,
     dir: PathBuf,
     child: Option<Child>,
 }
@@ -53,12 +61,32 @@ pub fn etcd_binary() -> Option<PathBuf> {
 impl Etcd {
     /// Starts etcd in `netns` listening on `listen` (an address of that
     /// namespace), with a fresh data dir, and waits until it is healthy.
-    pub fn start(netns: &Netns, listen: std::net::IpAddr) -> Result<Self, EtcdError> {
+    pub fn start(netns: &Netns, listen: IpAddr) -> Result<Self, EtcdError> {
+        Self::start_with(Some(netns.path()), listen, CLIENT_PORT, PEER_PORT)
+    }
+
+    /// Starts etcd in the caller's namespace on 127.0.0.1, client and peer
+    /// ports free ones, with a fresh data dir, and waits until it is
+    /// healthy. [`Etcd::start_again`] keeps the ports.
+    pub fn start_on_loopback() -> Result<Self, EtcdError> {
+        let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let (client, peer) = (free_port()?, free_port()?);
+        Self::start_with(None, localhost, client, peer)
+    }
+
+    fn start_with(
+        netns: Option<PathBuf>,
+        listen: IpAddr,
+        client_port: u16,
+        peer_port: u16,
+    ) -> Result<Self, EtcdError> {
         let dir = std::env::temp_dir().join(unique_name("cilia-etcd-"));
         std::fs::create_dir_all(&dir).map_err(EtcdError::Spawn)?;
         let mut etcd = Self {
-            netns: netns.path(),
+            netns,
             listen,
+            client_port,
+            peer_port,
             dir,
             child: None,
         };
@@ -66,13 +94,14 @@ impl Etcd {
         Ok(etcd)
     }
 
-    /// `http://<listen>:2379`, what agents get as `--kvstore-endpoints`.
+    /// `http://<listen>:<client port>`, what agents get as
+    /// `--kvstore-endpoints`.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", SocketAddr::new(self.listen, CLIENT_PORT))
+        format!("http://{}", self.client_addr())
     }
 
     pub fn client_addr(&self) -> SocketAddr {
-        SocketAddr::new(self.listen, CLIENT_PORT)
+        SocketAddr::new(self.listen, self.client_port)
     }
 
     pub fn log_text(&self) -> String {
@@ -84,7 +113,7 @@ impl Etcd {
         self.stop_kill9();
         let bin = etcd_binary().ok_or(EtcdError::NotInstalled)?;
         let client = self.endpoint();
-        let peer = format!("http://127.0.0.1:{PEER_PORT}");
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -92,10 +121,18 @@ impl Etcd {
             .map_err(EtcdError::Spawn)?;
         let log2 = log.try_clone().map_err(EtcdError::Spawn)?;
         // nsenter execs etcd: the child's pid is etcd's.
-        let child = std::process::Command::new("nsenter")
-            .arg(format!("--net={}", self.netns.display()))
-            .arg("--")
-            .arg(bin)
+        let mut command = match &self.netns {
+            Some(netns) => {
+                let mut nsenter = std::process::Command::new("nsenter");
+                nsenter
+                    .arg(format!("--net={}", netns.display()))
+                    .arg("--")
+                    .arg(bin);
+                nsenter
+            }
+            None => std::process::Command::new(bin),
+        };
+        let child = command
             .args(["--name", "cilia-test", "--data-dir"])
             .arg(self.dir.join("data"))
             .args(["--listen-client-urls", &client])
@@ -156,13 +193,16 @@ impl Etcd {
     /// One HTTP/1.1 request to etcd's client port from inside the namespace
     /// (JSON body for the v3 gateway, e.g. `/v3/kv/put`).
     pub fn http(&self, method: &str, path: &str, body: &str) -> Result<(u16, String), String> {
-        let file = std::fs::File::open(&self.netns).map_err(|e| e.to_string())?;
         let addr = self.client_addr();
         let request = format!(
             "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
              Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
+        let Some(netns) = &self.netns else {
+            return http_exchange(addr, &request);
+        };
+        let file = std::fs::File::open(netns).map_err(|e| e.to_string())?;
         std::thread::scope(|s| {
             s.spawn(move || {
                 nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
@@ -249,6 +289,14 @@ pub fn base64(data: &[u8]) -> String {
         }
     }
     out
+}
+
+/// A port nothing listens on now on 127.0.0.1 (bound, then released).
+pub fn free_port() -> Result<u16, EtcdError> {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(EtcdError::Spawn)
 }
 
 fn tail(text: &str, lines: usize) -> String {

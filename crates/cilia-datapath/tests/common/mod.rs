@@ -1,15 +1,22 @@
 //! What the datapath fixture files share: two endpoints A and B (MACs and
-//! addresses), and the guard that runs a test only with privileges (and
-//! fails, never skips, under CI=true).
+//! addresses), the guard that runs a test only with privileges (and
+//! fails, never skips, under CI=true), and for tests with real traffic the
+//! servers and the transparent relay that plays the L7 proxy.
 
 #![allow(dead_code)] // each test file uses its own subset
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
 
 use cilia_datapath::packet::Mac;
 
 pub mod fixture;
+pub mod relay;
+pub mod serve;
+
+/// Every wait of the tests with real traffic ends by then.
+pub const WAIT: Duration = Duration::from_secs(5);
 
 pub const A_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xa1];
 pub const A_NODE_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xa2];
