@@ -11,3 +11,6 @@ bench/throughput.sh
 echo
 echo "## HTTP (wrk): no policy vs L4 vs L7 through cilia-proxy"
 bench/l7.sh
+echo
+echo "## Across nodes: plain Linux routing vs VXLAN overlay vs native routing"
+bench/multinode.sh
