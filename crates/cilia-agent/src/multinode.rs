@@ -161,7 +161,6 @@ pub struct LinkStatus {
     pub last_error: Option<String>,
     /// Identities of this node the cluster maps to other labels.
     pub identity_conflicts: Vec<String>,
-    pub geneve: Option<Result<bool, String>>,
 }
 
 /// The running cluster link.
@@ -172,8 +171,6 @@ pub struct MultiNode {
     mesh: Mutex<Mesh>,
     applied: Mutex<Applied>,
     pub status: Mutex<LinkStatus>,
-    /// Every known node's record (this one's included), for `/v1/nodes`.
-    pub nodes: tokio::sync::watch::Sender<Vec<ClusterNode>>,
 }
 
 impl MultiNode {
@@ -183,18 +180,13 @@ impl MultiNode {
             options.native_routes,
             options.node_name.clone(),
         );
-        let status = LinkStatus {
-            geneve: Some(node.geneve.clone()),
-            ..LinkStatus::default()
-        };
         Arc::new(Self {
             client,
             options,
             node,
             mesh: Mutex::new(mesh),
             applied: Mutex::new(Applied::default()),
-            status: Mutex::new(status),
-            nodes: tokio::sync::watch::Sender::new(Vec::new()),
+            status: Mutex::new(LinkStatus::default()),
         })
     }
 
@@ -290,7 +282,6 @@ impl MultiNode {
                 }
             }
         }
-        let _ = self.nodes.send(self.client.nodes());
         if !identities.is_empty()
             || mesh_changed
             || !put.is_empty()

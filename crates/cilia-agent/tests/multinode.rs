@@ -233,6 +233,24 @@ fn starwars_policy_imported_once_applies_on_every_node(tunnel: Tunnel) {
     // The drops were counted where the deathstars live.
     assert!(drops_like(c.agent(1), "policy denied") > 0);
     assert!(drops_like(c.agent(3), "policy denied") > 0);
+    // Deleted once, on another node: gone everywhere, the xwing lands.
+    c.agent(3).cli_ok(&["policy", "delete", "rule1"]);
+    for n in 1..=3 {
+        assert!(
+            poll(CONVERGE, || !c
+                .agent(n)
+                .cli_json(&["policy", "get"])
+                .to_string()
+                .contains("rule1")),
+            "node{n} still lists rule1 after its delete on node3"
+        );
+    }
+    for to in &targets {
+        assert!(
+            poll(CONVERGE, || tcp_reaches(&xw.ns, *to)),
+            "after the delete the xwing never lands on {to}"
+        );
+    }
 }
 
 #[test]
