@@ -94,4 +94,50 @@ CILIA_SHARED_MAP(cilia_nodes, BPF_MAP_TYPE_HASH, CILIA_NODES_MAX, struct endpoin
 /* How packets for remote prefixes leave the node (tunnel mode, devices). */
 CILIA_SHARED_MAP(cilia_node_config, BPF_MAP_TYPE_ARRAY, 1, __u32, struct node_config);
 
+/* ---- load balancing (see "Load balancing" in docs/ARCHITECTURE.md) ---- */
+
+/* Frontend -> master entry (slot 0) and the backend slots of its generation. */
+CILIA_SHARED_MAP(cilia_lb_services, BPF_MAP_TYPE_HASH, CILIA_LB_SERVICES_MAX,
+		 struct lb_service_key, struct lb_service_value);
+
+/* Backend id -> address and state. */
+CILIA_SHARED_MAP(cilia_lb_backends, BPF_MAP_TYPE_HASH, CILIA_LB_BACKENDS_MAX, __u32,
+		 struct lb_backend);
+
+/* rev-NAT id -> the frontend replies carry as their source. */
+CILIA_SHARED_MAP(cilia_lb_revnat, BPF_MAP_TYPE_HASH, CILIA_LB_REVNAT_MAX, __u16,
+		 struct lb_revnat);
+
+/* Client address of a service -> the backend it sticks to (LRU: the oldest
+ * clients are forgotten, never an error). */
+CILIA_SHARED_MAP(cilia_lb_affinity, BPF_MAP_TYPE_LRU_HASH, CILIA_LB_AFFINITY_MAX,
+		 struct lb_affinity_key, struct lb_affinity_value);
+
+/* rev-NAT id -> the service's counters (per CPU). */
+CILIA_SHARED_MAP(cilia_lb_stats, BPF_MAP_TYPE_PERCPU_ARRAY, CILIA_LB_REVNAT_MAX, __u32,
+		 struct lb_stats);
+
+/*
+ * Template of a service's Maglev table: entry i -> backend id. Each table
+ * has the agent's configured size (BPF_F_INNER_MAP lets inner arrays differ
+ * in max_entries from this template); the agent fills a fresh table and
+ * swaps it in with one update of cilia_lb_maglev.
+ */
+struct lb_maglev_inner {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, CILIA_LB_MAGLEV_SIZE_DEFAULT);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(__u32));
+	__uint(map_flags, BPF_F_INNER_MAP);
+};
+
+/* rev-NAT id (as __u32) -> that service's Maglev table. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__uint(max_entries, CILIA_LB_REVNAT_MAX);
+	__type(key, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__array(values, struct lb_maglev_inner);
+} cilia_lb_maglev SEC(".maps");
+
 #endif

@@ -85,6 +85,8 @@ struct endpoint_info {
 #define CILIA_DROP_PROXY_PATH	     145 /* L7 redirect not possible on this path */
 #define CILIA_DROP_UNKNOWN_NODE	     146 /* tunnel packet from an address that is no known node */
 #define CILIA_DROP_NO_ROUTE	     147 /* node traffic for no local endpoint, or no tunnel to its node */
+#define CILIA_DROP_PREFILTER	     148 /* source in an XDP prefilter CIDR */
+#define CILIA_DROP_NO_BACKEND	     149 /* service frontend without an active backend */
 
 /* Direction of a counted packet. */
 #define CILIA_DIR_EGRESS  1 /* leaving an endpoint (from-container) */
@@ -205,6 +207,9 @@ struct ct_key {
  * client's behalf, whose replies go back to the proxy through the stack. */
 #define CILIA_CT_TO_PROXY   8
 #define CILIA_CT_FROM_PROXY 16
+/* Entry keyed by the client's tuple to a service frontend (never a packet's
+ * own flow entry): it pins the flow to ct_value.backend_id. */
+#define CILIA_CT_SERVICE 32
 
 struct ct_value {
 	__u64 expires;	  /* bpf_ktime_get_ns() deadline (CLOCK_MONOTONIC) */
@@ -216,7 +221,9 @@ struct ct_value {
 	__u16 flags;	   /* CILIA_CT_* */
 	__u16 owner;	   /* endpoint whose program created the entry (its budget) */
 	__be16 proxy_port; /* CILIA_CT_TO_PROXY: the proxy's port; else 0 */
-	__u8 pad[6];
+	__u16 rev_nat;	   /* flow to a service backend: the service's rev-NAT id (replies get
+			    * the frontend as source); else 0 */
+	__u32 backend_id;  /* CILIA_CT_SERVICE entry: the backend the flow is pinned to */
 };
 
 /* Fragments: the first fragment of an allowed datagram leaves its ports
@@ -256,7 +263,7 @@ struct global_config {
 	__u32 policy_rev;    /* bumped on every policy change */
 	__u32 monitor_level; /* CILIA_MONITOR_* */
 	__u32 ct_budget;     /* conntrack entries per endpoint; 0: CILIA_CT_BUDGET_DEFAULT */
-	__u32 pad;
+	__u32 maglev_size;   /* entries of every Maglev table; 0: CILIA_LB_MAGLEV_SIZE_DEFAULT */
 };
 
 /* ---- nodes ---- */
@@ -281,6 +288,121 @@ struct node_config {
 	__u32 tunnel_mode;	/* CILIA_TUNNEL_* */
 	__u32 tunnel_ifindex;	/* the VXLAN device (external mode) */
 	__u32 underlay_ifindex; /* the device holding the node's underlay address */
+	__u32 pad;
+};
+
+/* ---- load balancing (services) ---- */
+
+/*
+ * A service is a frontend (address, port, protocol) with a list of active
+ * backends. Its rev-NAT id (1..65535, the agent's service id) names it in
+ * conntrack, the rev-NAT map, the affinity map and the Maglev map.
+ *
+ * cilia_lb_services holds, per frontend, one master entry (slot 0, gen 0)
+ * and the active backends' slots 1..count of the master's generation. An
+ * update writes the other generation's slots, then replaces the master (one
+ * map update: a packet sees the old list or the new one, never a mix), then
+ * deletes the previous generation's slots.
+ */
+#define CILIA_LB_SERVICES_MAX 262144 /* master + backend slot entries */
+#define CILIA_LB_BACKENDS_MAX 65536
+#define CILIA_LB_REVNAT_MAX   65536
+#define CILIA_LB_AFFINITY_MAX 65536
+/* Maglev lookup table: entries per service (a prime); configurable at start. */
+#define CILIA_LB_MAGLEV_SIZE_DEFAULT 16381
+/* Backend slots one service may have (slot numbers fit 15 bits). */
+#define CILIA_LB_SLOTS_MAX 32767
+
+struct lb_service_key {
+	__u8 addr[16]; /* frontend address; IPv4 uses the first 4 bytes */
+	__be16 port;   /* frontend port */
+	__u8 proto;    /* IPPROTO_TCP / IPPROTO_UDP */
+	__u8 family;   /* CILIA_FAMILY_* */
+	__u16 slot;    /* 0: the master entry; 1..count: a backend slot */
+	__u8 gen;      /* slot entries: generation (1 or 2) of the master that uses them; master: 0 */
+	__u8 pad;
+};
+
+/* Algorithm of a service (lb_service_value.algorithm). */
+#define CILIA_LB_ALG_RANDOM 1 /* a random active slot */
+#define CILIA_LB_ALG_MAGLEV 2 /* the service's Maglev table, by the flow's hash */
+
+/* Flags of a master entry. */
+#define CILIA_LB_FLAG_AFFINITY 1 /* client-address affinity (cilia_lb_affinity) */
+
+struct lb_service_value {
+	__u32 backend_id;	/* slot entry: the backend; master: 0 */
+	__u16 count;		/* master: active backend slots (0: drop CILIA_DROP_NO_BACKEND) */
+	__u16 rev_nat;		/* master: the service's rev-NAT id */
+	__u8 gen;		/* master: generation of the slots in use (1 or 2) */
+	__u8 algorithm;		/* master: CILIA_LB_ALG_* */
+	__u8 flags;		/* master: CILIA_LB_FLAG_* */
+	__u8 pad;
+	__u32 affinity_timeout; /* master, CILIA_LB_FLAG_AFFINITY: seconds */
+};
+
+/* Backend states (lb_backend.state). Only active backends are in slots;
+ * the others stay in the backends map so pinned flows finish. */
+#define CILIA_LB_BACKEND_ACTIVE	     1
+#define CILIA_LB_BACKEND_TERMINATING 2
+#define CILIA_LB_BACKEND_QUARANTINED 3
+
+/* Backends map: backend id (agent-assigned, never 0) -> address. */
+struct lb_backend {
+	__u8 addr[16];
+	__be16 port;
+	__u8 family; /* CILIA_FAMILY_* */
+	__u8 state;  /* CILIA_LB_BACKEND_* */
+};
+
+/* Rev-NAT map: rev-NAT id -> the frontend replies appear to come from. */
+struct lb_revnat {
+	__u8 addr[16];
+	__be16 port;
+	__u8 family;
+	__u8 pad;
+};
+
+/* Affinity map (LRU): a client address of a service -> its backend. */
+struct lb_affinity_key {
+	__u8 addr[16]; /* client address */
+	__u16 rev_nat;
+	__u8 family;
+	__u8 pad;
+};
+
+struct lb_affinity_value {
+	__u64 last_used; /* bpf_ktime_get_ns(); older than the timeout: chosen anew */
+	__u32 backend_id;
+	__u32 pad;
+};
+
+/* Per-service counters: a per-CPU array indexed by rev-NAT id. */
+struct lb_stats {
+	__u64 flows;   /* new flows given a backend (either load balancer) */
+	__u64 packets; /* packets translated by the per-packet load balancer */
+	__u64 bytes;
+};
+
+/* ---- XDP prefilter ---- */
+
+/* CIDRs of each family in the prefilter (LPM tries cilia_prefilter_v4/_v6). */
+#define CILIA_PREFILTER_MAX 65536
+
+struct prefilter_v4_key {
+	__u32 prefixlen; /* the CIDR's prefix length */
+	__u8 addr[4];
+};
+
+struct prefilter_v6_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+/* Value of both tries: the CIDR's counter slot in cilia_prefilter_counters
+ * (a per-CPU array of struct metrics_value, CILIA_PREFILTER_MAX * 2 slots). */
+struct prefilter_value {
+	__u32 counter;
 	__u32 pad;
 };
 
@@ -312,6 +434,11 @@ struct node_config {
 #define CILIA_EVENT_TRACE	   2
 #define CILIA_EVENT_POLICY_VERDICT 3
 #define CILIA_EVENT_DEBUG	   4 /* reason: CILIA_CT_STATE_* */
+/* A new flow to a service was given a backend (level CILIA_MONITOR_DROPS
+ * and above): saddr/sport the frontend, daddr/dport the backend chosen,
+ * rule the service's rev-NAT id, endpoint_id the client endpoint, src/dst
+ * identity the client's and the backend's, data the client's packet. */
+#define CILIA_EVENT_SERVICE 5
 
 /* Conntrack state of a packet, reported by debug events. */
 #define CILIA_CT_STATE_NEW	   1 /* first packet: policy decided */

@@ -62,6 +62,12 @@ pub const TYPE_RULES: &[(Pattern, &str)] = &[
     (Pattern::Prefix("CILIA_TUNNEL_"), "u32"),
     // skb->mark / SO_MARK values and mask.
     (Pattern::Prefix("CILIA_MARK_"), "u32"),
+    // Load balancing: `lb_service_value.algorithm`/`.flags`, `lb_backend.state`
+    // (bytes); the Maglev table size and slot limit are sizes.
+    (Pattern::Prefix("CILIA_LB_ALG_"), "u8"),
+    (Pattern::Prefix("CILIA_LB_FLAG_"), "u8"),
+    (Pattern::Prefix("CILIA_LB_BACKEND_"), "u8"),
+    (Pattern::Exact("CILIA_LB_MAGLEV_SIZE_DEFAULT"), "u32"),
     // Routing table id and rule priority (rtnetlink u32 attributes).
     (Pattern::Prefix("CILIA_PROXY_"), "u32"),
 ];

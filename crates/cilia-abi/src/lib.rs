@@ -40,8 +40,9 @@ macro_rules! abi_struct {
 
 pub mod rows;
 pub use rows::{
-    CtEntry, Direction, EndpointEntry, EndpointPolicy, Enforcement, IpcacheEntry, MetricKind,
-    MetricsEntry, NodeConfig, PolicyDelta, PolicyEntry, TunnelMode, Verdict,
+    CtEntry, Direction, EndpointEntry, EndpointPolicy, Enforcement, IpcacheEntry, LbAlgorithm,
+    LbBackend, LbBackendState, LbFrontend, LbService, MetricKind, MetricsEntry, NodeConfig,
+    PolicyDelta, PolicyEntry, TunnelMode, Verdict,
 };
 
 /// Human name of a forward or drop reason, as printed by the CLI and metrics.
@@ -235,6 +236,102 @@ abi_struct! {
 }
 
 abi_struct! {
+    /// Key of `cilia_lb_services`: a frontend's master entry (`slot` 0) or
+    /// one of its backend slots (`slot` 1..count of generation `gen`).
+    #[derive(Default, Hash, PartialOrd, Ord)]
+    pub struct LbServiceKey {
+        pub addr: [u8; 16],
+        /// Network byte order.
+        pub port: u16,
+        pub proto: u8,
+        pub family: u8,
+        pub slot: u16,
+        pub gen: u8,
+        pub pad: u8,
+    }
+
+    /// Value of `cilia_lb_services`: the master's backend count, rev-NAT
+    /// id, generation, algorithm and flags, or a slot's backend id.
+    #[derive(Default)]
+    pub struct LbServiceValue {
+        pub backend_id: u32,
+        pub count: u16,
+        pub rev_nat: u16,
+        pub gen: u8,
+        pub algorithm: u8,
+        pub flags: u8,
+        pub pad: u8,
+        pub affinity_timeout: u32,
+    }
+
+    /// Value of `cilia_lb_backends` (key: the backend id, `u32`).
+    #[derive(Default)]
+    pub struct LbBackendValue {
+        pub addr: [u8; 16],
+        /// Network byte order.
+        pub port: u16,
+        pub family: u8,
+        pub state: u8,
+    }
+
+    /// Value of `cilia_lb_revnat` (key: the rev-NAT id, `u16`).
+    #[derive(Default)]
+    pub struct LbRevNatValue {
+        pub addr: [u8; 16],
+        /// Network byte order.
+        pub port: u16,
+        pub family: u8,
+        pub pad: u8,
+    }
+
+    /// Key of the affinity LRU map: a client of a service.
+    #[derive(Default, Hash, PartialOrd, Ord)]
+    pub struct LbAffinityKey {
+        pub addr: [u8; 16],
+        pub rev_nat: u16,
+        pub family: u8,
+        pub pad: u8,
+    }
+
+    /// Value of the affinity map.
+    #[derive(Default)]
+    pub struct LbAffinityValue {
+        pub last_used: u64,
+        pub backend_id: u32,
+        pub pad: u32,
+    }
+
+    /// Value of the per-CPU `cilia_lb_stats` array (index: rev-NAT id).
+    #[derive(Default)]
+    pub struct LbStats {
+        pub flows: u64,
+        pub packets: u64,
+        pub bytes: u64,
+    }
+
+    /// Key of `cilia_prefilter_v4` (LPM trie).
+    #[derive(Default, Hash, PartialOrd, Ord)]
+    pub struct PrefilterV4Key {
+        pub prefixlen: u32,
+        pub addr: [u8; 4],
+    }
+
+    /// Key of `cilia_prefilter_v6` (LPM trie).
+    #[derive(Default, Hash, PartialOrd, Ord)]
+    pub struct PrefilterV6Key {
+        pub prefixlen: u32,
+        pub addr: [u8; 16],
+    }
+
+    /// Value of both prefilter tries: the CIDR's counter slot.
+    #[derive(Default)]
+    pub struct PrefilterValue {
+        pub counter: u32,
+        pub pad: u32,
+    }
+}
+
+abi_struct! {
     /// Key of a per-endpoint policy LPM trie: `[identity][direction][proto][port]`.
     #[derive(Default, Hash, PartialOrd, Ord)]
     pub struct PolicyKey {
@@ -287,7 +384,10 @@ abi_struct! {
         pub owner: u16,
         /// `CILIA_CT_TO_PROXY`: the L7 proxy's port, network byte order.
         pub proxy_port: u16,
-        pub pad: [u8; 6],
+        /// Flow to a service backend: the service's rev-NAT id; else 0.
+        pub rev_nat: u16,
+        /// `CILIA_CT_SERVICE` entry: the backend the flow is pinned to.
+        pub backend_id: u32,
     }
 
     /// Key of the fragments map: one fragmented datagram.
@@ -318,7 +418,8 @@ abi_struct! {
         pub monitor_level: u32,
         /// Conntrack entries one endpoint may hold; 0: CILIA_CT_BUDGET_DEFAULT.
         pub ct_budget: u32,
-        pub pad: u32,
+        /// Entries of every service's Maglev table; 0: CILIA_LB_MAGLEV_SIZE_DEFAULT.
+        pub maglev_size: u32,
     }
 }
 
@@ -412,10 +513,20 @@ mod tests {
             PolicyKey as "policy_key" { prefixlen, identity, direction, proto, dport }
             PolicyValue as "policy_value" { verdict, match_kind as "match", proxy_port, rule }
             CtKey as "ct_key" { saddr, daddr, sport, dport, proto, family }
-            CtValue as "ct_value" { expires, packets, bytes, policy_rev, src_identity, dst_identity, flags, owner, proxy_port }
+            CtValue as "ct_value" { expires, packets, bytes, policy_rev, src_identity, dst_identity, flags, owner, proxy_port, rev_nat, backend_id }
+            LbServiceKey as "lb_service_key" { addr, port, proto, family, slot, gen }
+            LbServiceValue as "lb_service_value" { backend_id, count, rev_nat, gen, algorithm, flags, affinity_timeout }
+            LbBackendValue as "lb_backend" { addr, port, family, state }
+            LbRevNatValue as "lb_revnat" { addr, port, family }
+            LbAffinityKey as "lb_affinity_key" { addr, rev_nat, family }
+            LbAffinityValue as "lb_affinity_value" { last_used, backend_id }
+            PrefilterV4Key as "prefilter_v4_key" { prefixlen, addr }
+            PrefilterV6Key as "prefilter_v6_key" { prefixlen, addr }
+            PrefilterValue as "prefilter_value" { counter }
+            LbStats as "lb_stats" { flows, packets, bytes }
             FragKey as "frag_key" { saddr, daddr, id, proto, family }
             FragValue as "frag_value" { expires, sport, dport }
-            GlobalConfig as "global_config" { policy_rev, monitor_level, ct_budget }
+            GlobalConfig as "global_config" { policy_rev, monitor_level, ct_budget, maglev_size }
             Event as "event" { ts, type_ as "type", reason, dir, verdict, endpoint_id, peer_endpoint, src_identity, dst_identity, rule, len, family, proto, match_kind as "match", caplen, sport, dport, saddr, daddr, data }
         };
         table

@@ -424,6 +424,13 @@ pub struct CtEntry {
     pub from_proxy: bool,
     /// The proxy port of a `to_proxy` flow; 0 otherwise.
     pub proxy_port: u16,
+    /// A service entry (`CILIA_CT_SERVICE`): the client's tuple to a
+    /// frontend, pinning the flow to `backend_id`.
+    pub service: bool,
+    /// A flow to a service backend: the service's rev-NAT id; else 0.
+    pub rev_nat: u16,
+    /// A service entry's backend; else 0.
+    pub backend_id: u32,
 }
 
 impl CtEntry {
@@ -454,6 +461,9 @@ impl CtEntry {
             to_proxy: value.flags & CILIA_CT_TO_PROXY != 0,
             from_proxy: value.flags & CILIA_CT_FROM_PROXY != 0,
             proxy_port: u16::from_be(value.proxy_port),
+            service: value.flags & CILIA_CT_SERVICE != 0,
+            rev_nat: value.rev_nat,
+            backend_id: value.backend_id,
         })
     }
 
@@ -486,10 +496,12 @@ impl CtEntry {
                 | flag(self.closing, CILIA_CT_CLOSING)
                 | flag(self.denied, CILIA_CT_DENIED)
                 | flag(self.to_proxy, CILIA_CT_TO_PROXY)
-                | flag(self.from_proxy, CILIA_CT_FROM_PROXY),
+                | flag(self.from_proxy, CILIA_CT_FROM_PROXY)
+                | flag(self.service, CILIA_CT_SERVICE),
             owner: self.owner,
             proxy_port: self.proxy_port.to_be(),
-            pad: [0; 6],
+            rev_nat: self.rev_nat,
+            backend_id: self.backend_id,
         }
     }
 }
@@ -742,6 +754,60 @@ impl MetricsEntry {
     pub fn reason_name(&self) -> &'static str {
         reason_name(self.kind.code(), self.reason)
     }
+}
+
+/// How a service picks the backend of a new flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LbAlgorithm {
+    /// A random active backend (`CILIA_LB_ALG_RANDOM`).
+    Random,
+    /// The service's Maglev table, by the client's hash (`CILIA_LB_ALG_MAGLEV`).
+    Maglev,
+}
+
+/// A backend's state: only active ones receive new flows; the others keep
+/// the flows pinned to them until those end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LbBackendState {
+    Active,
+    Terminating,
+    Quarantined,
+}
+
+/// A service frontend: the address, port and protocol clients connect to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LbFrontend {
+    pub addr: IpAddr,
+    pub port: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+}
+
+/// One backend of the backends map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LbBackend {
+    /// Agent-assigned, never 0.
+    pub id: u32,
+    pub addr: SocketAddr,
+    pub state: LbBackendState,
+}
+
+/// One service as the datapath holds it: the master entry, its slots, its
+/// rev-NAT entry and (for Maglev) its table.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LbService {
+    /// The service's rev-NAT id (1..=65535), also its Maglev table's key.
+    pub rev_nat: u16,
+    pub frontend: LbFrontend,
+    pub algorithm: LbAlgorithm,
+    /// Client-address affinity: its timeout in seconds; `None`: off.
+    pub affinity_timeout: Option<u32>,
+    /// Active backend ids, in slot order (slot 1 first); empty: new flows
+    /// are dropped with `CILIA_DROP_NO_BACKEND`.
+    pub slots: Vec<u32>,
+    /// `Maglev`: the lookup table (backend id per entry, the configured
+    /// table size long); `None` otherwise.
+    pub maglev: Option<Vec<u32>>,
 }
 
 #[cfg(test)]
@@ -1047,6 +1113,9 @@ mod tests {
                 to_proxy: true,
                 from_proxy: false,
                 proxy_port: 15080,
+                service: false,
+                rev_nat: 7,
+                backend_id: 0,
             };
             let (k, v) = (row.key(), row.value());
             assert_eq!(k.sport, row.source.port().to_be());

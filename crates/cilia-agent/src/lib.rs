@@ -449,6 +449,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     );
     let (proxy_status_tx, proxy_status) =
         tokio::sync::watch::channel(proxy::ProxyStatus::NotNeeded);
+    let (proxy_covered_tx, proxy_covered) = tokio::sync::watch::channel(proxy::Covered::default());
     let store = manager.store.clone();
     let pools = manager.pools().clone();
     let flow_monitor = monitor::Monitor::new(config.flow_buffer_size, agent_metrics.clone());
@@ -468,6 +469,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         proxy: proxy_status,
         proxy_port: config.proxy_port,
         l7_summary: l7_summary.clone(),
+        proxy_covered,
         cluster: cluster_view,
         multinode: cluster_link.as_ref().map(|(l, _)| l.clone()),
     });
@@ -517,6 +519,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             state.store.clone(),
             l7_summary,
             policy_tx,
+            proxy_covered_tx,
         ));
         tokio::spawn(proxy::supervise(
             proxy_config,

@@ -555,6 +555,31 @@ impl Datapath for FakeDatapath {
         self.state().ct_budget = budget;
         Ok(())
     }
+    fn upsert_lb_backends(&self, _backends: &[cilia_abi::LbBackend]) -> Result<(), DatapathError> {
+        Err(DatapathError::Unimplemented("load balancing"))
+    }
+    fn remove_lb_backends(&self, _ids: &[u32]) -> Result<(), DatapathError> {
+        Err(DatapathError::Unimplemented("load balancing"))
+    }
+    fn upsert_lb_service(&self, _service: &cilia_abi::LbService) -> Result<(), DatapathError> {
+        Err(DatapathError::Unimplemented("load balancing"))
+    }
+    fn remove_lb_service(
+        &self,
+        _frontend: &cilia_abi::LbFrontend,
+        _rev_nat: u16,
+    ) -> Result<(), DatapathError> {
+        Err(DatapathError::Unimplemented("load balancing"))
+    }
+    fn lb_services(&self) -> Result<Vec<cilia_abi::LbService>, DatapathError> {
+        Err(DatapathError::Unimplemented("load balancing"))
+    }
+    fn lb_backends(&self) -> Result<Vec<cilia_abi::LbBackend>, DatapathError> {
+        Err(DatapathError::Unimplemented("load balancing"))
+    }
+    fn set_maglev_size(&self, _size: u32) -> Result<(), DatapathError> {
+        Err(DatapathError::Unimplemented("load balancing"))
+    }
     fn metrics(&self) -> Result<Vec<MetricsEntry>, DatapathError> {
         self.enter("metrics")?;
         Ok(self
@@ -743,6 +768,9 @@ mod tests {
             to_proxy: false,
             from_proxy: false,
             proxy_port: 0,
+            service: false,
+            rev_nat: 0,
+            backend_id: 0,
         };
         dp.insert_conntrack(&row(1000, 5, 10));
         dp.insert_conntrack(&row(1001, 5, 100));

@@ -19,8 +19,8 @@ use std::any::Any;
 use std::net::IpAddr;
 
 use cilia_abi::{
-    CtEntry, EndpointConfig, EndpointEntry, EndpointPolicy, IpcacheEntry, MetricsEntry, NodeConfig,
-    PolicyDelta,
+    CtEntry, EndpointConfig, EndpointEntry, EndpointPolicy, IpcacheEntry, LbBackend, LbFrontend,
+    LbService, MetricsEntry, NodeConfig, PolicyDelta,
 };
 use ipnet::IpNet;
 
@@ -192,6 +192,27 @@ pub trait Datapath: Send + Sync {
     fn withdraw_nodes(&self, addrs: &[IpAddr]) -> Result<(), DatapathError>;
     fn nodes(&self) -> Result<Vec<IpAddr>, DatapathError>;
 
+    // Load balancing (see "Load balancing" in docs/ARCHITECTURE.md).
+
+    /// Adds or replaces backends (by id). A service's slots may name only
+    /// backends written before it.
+    fn upsert_lb_backends(&self, backends: &[LbBackend]) -> Result<(), DatapathError>;
+    /// Absent ids are not an error. Flows pinned to a removed backend are
+    /// re-selected on their next packet.
+    fn remove_lb_backends(&self, ids: &[u32]) -> Result<(), DatapathError>;
+    /// Adds or replaces a service (by frontend), atomically for packets:
+    /// rev-NAT entry and Maglev table first, then the slots of the other
+    /// generation, then the master entry, then the old slots are deleted.
+    fn upsert_lb_service(&self, service: &LbService) -> Result<(), DatapathError>;
+    /// Removes a service's master entry, slots, rev-NAT entry and Maglev
+    /// table; absent is not an error.
+    fn remove_lb_service(&self, frontend: &LbFrontend, rev_nat: u16) -> Result<(), DatapathError>;
+    /// The services as the kernel holds them (Maglev tables included).
+    fn lb_services(&self) -> Result<Vec<LbService>, DatapathError>;
+    fn lb_backends(&self) -> Result<Vec<LbBackend>, DatapathError>;
+    /// Sets the Maglev table size the datapath reads (`global_config`).
+    fn set_maglev_size(&self, size: u32) -> Result<(), DatapathError>;
+
     // Observability.
 
     /// Forward and drop counters, summed over CPUs.
@@ -357,6 +378,31 @@ impl Datapath for BpfDatapath {
     }
     fn nodes(&self) -> Result<Vec<IpAddr>, DatapathError> {
         BpfDatapath::nodes(self)
+    }
+    fn upsert_lb_backends(&self, _backends: &[LbBackend]) -> Result<(), DatapathError> {
+        Err(DatapathError::Unimplemented("load balancing"))
+    }
+    fn remove_lb_backends(&self, _ids: &[u32]) -> Result<(), DatapathError> {
+        Err(DatapathError::Unimplemented("load balancing"))
+    }
+    fn upsert_lb_service(&self, _service: &LbService) -> Result<(), DatapathError> {
+        Err(DatapathError::Unimplemented("load balancing"))
+    }
+    fn remove_lb_service(
+        &self,
+        _frontend: &LbFrontend,
+        _rev_nat: u16,
+    ) -> Result<(), DatapathError> {
+        Err(DatapathError::Unimplemented("load balancing"))
+    }
+    fn lb_services(&self) -> Result<Vec<LbService>, DatapathError> {
+        Err(DatapathError::Unimplemented("load balancing"))
+    }
+    fn lb_backends(&self) -> Result<Vec<LbBackend>, DatapathError> {
+        Err(DatapathError::Unimplemented("load balancing"))
+    }
+    fn set_maglev_size(&self, _size: u32) -> Result<(), DatapathError> {
+        Err(DatapathError::Unimplemented("load balancing"))
     }
     fn metrics(&self) -> Result<Vec<MetricsEntry>, DatapathError> {
         Ok(BpfDatapath::metrics(self)?

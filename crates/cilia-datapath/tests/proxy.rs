@@ -245,6 +245,9 @@ fn the_peer_of_a_redirected_flow_cannot_answer_it_directly() {
         to_proxy: true,
         from_proxy: false,
         proxy_port: PROXY_PORT,
+        service: false,
+        rev_nat: 0,
+        backend_id: 0,
     };
     fx.dp
         .insert_ct(redirected.key(), redirected.value())

@@ -72,6 +72,8 @@ pub struct AgentState {
     pub proxy_port: u16,
     /// The L7 proxy's view of the policy (whether any entry needs it).
     pub l7_summary: tokio::sync::watch::Receiver<Arc<crate::proxy::L7Summary>>,
+    /// How far the proxy's policy has caught up with `l7_summary`.
+    pub proxy_covered: tokio::sync::watch::Receiver<crate::proxy::Covered>,
     /// The cluster this node is part of (`None`: a single node, which
     /// `/v1/nodes` and the cluster routes show alone).
     pub cluster: Option<crate::relay::ClusterView>,
@@ -91,7 +93,8 @@ impl AgentState {
 }
 
 /// How long an import that needs the L7 proxy waits for it to enforce.
-pub const PROXY_START_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+/// A debug build's proxy on a loaded 2-CPU machine needs seconds to start.
+pub const PROXY_START_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub type Shared = Arc<AgentState>;
 
@@ -546,6 +549,7 @@ mod tests {
             proxy: tokio::sync::watch::channel(crate::proxy::ProxyStatus::NotNeeded).1,
             proxy_port: cilia_proxy::control::DEFAULT_PROXY_PORT,
             l7_summary: tokio::sync::watch::channel(Arc::default()).1,
+            proxy_covered: tokio::sync::watch::channel(Default::default()).1,
             cluster: None,
             multinode: None,
         })

@@ -26,15 +26,28 @@ pub(super) async fn import_policy(
 ) -> Result<Json<PolicyChange>, AppError> {
     let req: PolicyImport = json_body(&body)?;
     let mut l7 = state.l7_summary.clone();
-    let change = with_policy(&state, move |policy| {
+    let mut change = with_policy(&state, move |policy| {
         policy.import_policies(&req.source, &req.yaml)
     })
     .await?;
-    // An import that brings the first HTTP rule starts the proxy; until it
-    // listens, the flows it must see are dropped (fail closed). Answer once
-    // it enforces a policy, so the caller's next connection is served.
-    if l7.borrow_and_update().needed() {
-        crate::proxy::wait_enforcing(state.proxy.clone(), super::PROXY_START_WAIT).await;
+    // An import that brings HTTP rules (the first ones start the proxy):
+    // until the proxy enforces them, the flows it must see are dropped
+    // (fail closed). Answer once it enforces the policy this import
+    // published, so the caller's next connection is served; if it does not
+    // within the wait, the answer says so.
+    let summary = l7.borrow_and_update().clone();
+    if summary.needed() {
+        if let Err(note) = crate::proxy::wait_enforcing(
+            state.proxy_covered.clone(),
+            state.proxy.clone(),
+            summary.generation,
+            super::PROXY_START_WAIT,
+        )
+        .await
+        {
+            tracing::warn!("{note}");
+            change.notes.push(note);
+        }
     }
     Ok(Json(change))
 }

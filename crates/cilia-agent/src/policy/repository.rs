@@ -1638,6 +1638,9 @@ impl PolicyState {
             to_proxy: false,
             from_proxy: false,
             proxy_port: 0,
+            service: false,
+            rev_nat: 0,
+            backend_id: 0,
         })?;
         Ok((verdict, to_proxy))
     }

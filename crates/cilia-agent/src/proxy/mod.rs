@@ -180,10 +180,12 @@ pub async fn publish_policy(
     store: Arc<Store>,
     mut l7: watch::Receiver<Arc<L7Summary>>,
     tx: watch::Sender<Option<Arc<ProxyPolicy>>>,
+    covered: watch::Sender<Covered>,
 ) {
     let mut revision = 0u64;
     loop {
         let summary = l7.borrow_and_update().clone();
+        let generation = summary.generation;
         // A node that never had an HTTP rule pays nothing per change.
         if tx.borrow().is_none() && !summary.needed() {
             if l7.changed().await.is_err() {
@@ -204,6 +206,10 @@ pub async fn publish_policy(
                         *current = Some(Arc::new(candidate));
                     }
                     !same
+                });
+                covered.send_replace(Covered {
+                    generation,
+                    revision,
                 });
             }
             Ok(Err(e)) => warn!(error = %e, "reading endpoints for the L7 proxy's policy failed"),
@@ -288,18 +294,48 @@ pub async fn supervise(
     }
 }
 
-/// Waits (at most `limit`) until the proxy runs and enforces a policy.
-pub async fn wait_enforcing(mut status: watch::Receiver<ProxyStatus>, limit: Duration) {
-    let enforcing = |s: &ProxyStatus| {
-        matches!(
-            s,
-            ProxyStatus::Running {
-                applied: Some(_),
-                ..
-            }
-        )
-    };
-    let _ = tokio::time::timeout(limit, status.wait_for(enforcing)).await;
+/// How far the proxy policy has caught up with the policy subsystem: the
+/// proxy policy `revision` holds every L7 summary up to `generation`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Covered {
+    pub generation: u64,
+    pub revision: u64,
+}
+
+/// Waits (at most `limit`) until the proxy runs and enforces a policy that
+/// holds the L7 summary `generation` (the one an import just published).
+/// On a timeout, says what the proxy is doing instead.
+pub async fn wait_enforcing(
+    mut covered: watch::Receiver<Covered>,
+    mut status: watch::Receiver<ProxyStatus>,
+    generation: u64,
+    limit: Duration,
+) -> Result<(), String> {
+    let waited = tokio::time::timeout(limit, async {
+        let revision = covered
+            .wait_for(|c| c.generation >= generation)
+            .await
+            .map(|c| c.revision)
+            .map_err(|_| "the agent is stopping".to_string())?;
+        status
+            .wait_for(
+                |s| matches!(s, ProxyStatus::Running { applied: Some(a), .. } if *a >= revision),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|_| "the agent is stopping".to_string())
+    })
+    .await;
+    match waited {
+        Ok(done) => done,
+        Err(_) => {
+            let (_, detail) = status.borrow().describe(0);
+            Err(format!(
+                "the L7 proxy does not enforce this policy yet after {} s ({detail}); HTTP flows it must see are dropped until it does — see `cilia status`",
+                limit.as_secs()
+            ))
+        }
+    }
 }
 
 fn needs_proxy(policy: &ProxyPolicy) -> bool {
@@ -380,7 +416,9 @@ async fn session(
     monitor: &crate::monitor::Monitor,
 ) -> Result<(), String> {
     info!(pid = hello.pid, revision = ?hello.revision, "connected to cilia-proxy");
-    let mut running = (hello.pid, hello.revision, None::<String>);
+    // Its revision numbers are those of whichever agent pushed last (maybe
+    // one before a restart): it enforces one of ours only once it applies it.
+    let mut running = (hello.pid, None::<u64>, None::<String>);
     let report = |s: &(u32, Option<u64>, Option<String>)| {
         status.send_replace(ProxyStatus::Running {
             pid: s.0,
