@@ -87,6 +87,7 @@ struct endpoint_info {
 #define CILIA_DROP_NO_ROUTE	     147 /* node traffic for no local endpoint, or no tunnel to its node */
 #define CILIA_DROP_PREFILTER	     148 /* source in an XDP prefilter CIDR */
 #define CILIA_DROP_NO_BACKEND	     149 /* service frontend without an active backend */
+#define CILIA_DROP_TUNNEL_PORT	     150 /* endpoint UDP to a node's overlay port (could forge tunnel packets) */
 
 /* Direction of a counted packet. */
 #define CILIA_DIR_EGRESS  1 /* leaving an endpoint (from-container) */
@@ -288,7 +289,7 @@ struct node_config {
 	__u32 tunnel_mode;	/* CILIA_TUNNEL_* */
 	__u32 tunnel_ifindex;	/* the VXLAN device (external mode) */
 	__u32 underlay_ifindex; /* the device holding the node's underlay address */
-	__u32 pad;
+	__u32 tunnel_port;	/* the overlay's UDP port (host byte order); 0: no overlay */
 };
 
 /* ---- load balancing (services) ---- */

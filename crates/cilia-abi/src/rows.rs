@@ -611,6 +611,9 @@ pub struct NodeConfig {
     /// The device holding the node's underlay address; used in
     /// [`TunnelMode::Native`].
     pub underlay_ifindex: u32,
+    /// The overlay's UDP port ([`TunnelMode::Vxlan`]); 0 otherwise. Endpoint
+    /// UDP to a node's address on it is dropped (`CILIA_DROP_TUNNEL_PORT`).
+    pub tunnel_port: u16,
 }
 
 impl NodeConfig {
@@ -619,7 +622,7 @@ impl NodeConfig {
             tunnel_mode: self.tunnel_mode.code(),
             tunnel_ifindex: self.tunnel_ifindex,
             underlay_ifindex: self.underlay_ifindex,
-            pad: 0,
+            tunnel_port: u32::from(self.tunnel_port),
         }
     }
 
@@ -629,6 +632,7 @@ impl NodeConfig {
             tunnel_mode: TunnelMode::from_code(value.tunnel_mode)?,
             tunnel_ifindex: value.tunnel_ifindex,
             underlay_ifindex: value.underlay_ifindex,
+            tunnel_port: u16::try_from(value.tunnel_port).ok()?,
         })
     }
 }
@@ -1181,6 +1185,7 @@ mod tests {
                 tunnel_mode: mode,
                 tunnel_ifindex: 7,
                 underlay_ifindex: 2,
+                tunnel_port: 8472,
             };
             assert_eq!(NodeConfig::decode(&row.value()), Some(row));
         }
