@@ -40,9 +40,9 @@ macro_rules! abi_struct {
 
 pub mod rows;
 pub use rows::{
-    CtEntry, Direction, EndpointEntry, EndpointPolicy, Enforcement, IpcacheEntry, LbAlgorithm,
-    LbBackend, LbBackendState, LbFrontend, LbService, MetricKind, MetricsEntry, NodeConfig,
-    PolicyDelta, PolicyEntry, TunnelMode, Verdict,
+    lb_other_generation, CtEntry, Direction, EndpointEntry, EndpointPolicy, Enforcement,
+    IpcacheEntry, LbAlgorithm, LbBackend, LbBackendState, LbFrontend, LbMaster, LbService,
+    MetricKind, MetricsEntry, NodeConfig, PolicyDelta, PolicyEntry, TunnelMode, Verdict,
 };
 
 /// Human name of a forward or drop reason, as printed by the CLI and metrics.
