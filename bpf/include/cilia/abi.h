@@ -87,6 +87,7 @@ struct endpoint_info {
 #define CILIA_DROP_NO_ROUTE	     147 /* node traffic for no local endpoint, or no tunnel to its node */
 #define CILIA_DROP_PREFILTER	     148 /* source in an XDP prefilter CIDR */
 #define CILIA_DROP_NO_BACKEND	     149 /* service frontend without an active backend */
+#define CILIA_DROP_LB_FRAGMENT	     150 /* fragmented datagram to a service frontend */
 
 /* Direction of a counted packet. */
 #define CILIA_DIR_EGRESS  1 /* leaving an endpoint (from-container) */

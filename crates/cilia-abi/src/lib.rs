@@ -73,6 +73,8 @@ pub fn reason_name(kind: u8, reason: u8) -> &'static str {
         (CILIA_METRIC_DROP, CILIA_DROP_PROXY_PATH) => "L7 redirect not possible on this path",
         (CILIA_METRIC_DROP, CILIA_DROP_UNKNOWN_NODE) => "Tunnel packet from an unknown node",
         (CILIA_METRIC_DROP, CILIA_DROP_NO_ROUTE) => "No route to endpoint",
+        (CILIA_METRIC_DROP, CILIA_DROP_NO_BACKEND) => "Service without backend",
+        (CILIA_METRIC_DROP, CILIA_DROP_LB_FRAGMENT) => "Fragment to a service frontend",
         _ => "unknown",
     }
 }

@@ -35,6 +35,10 @@ const IPPROTO_UDP: u8 = 17;
 
 type MaglevTable = Array<MapData, u32>;
 
+/// `BPF_F_INNER_MAP` (linux/bpf.h): an inner map whose max_entries may
+/// differ from its map-in-map's template (arrays only compare the rest).
+const BPF_F_INNER_MAP: u32 = 1 << 12;
+
 /// Handles on the LB maps, each behind its own lock like the others'.
 pub(crate) struct LbMaps {
     services: Mutex<HashMap<MapData, LbServiceKey, LbServiceValue>>,
@@ -243,7 +247,9 @@ impl BpfDatapath {
     /// Writes a fresh Maglev table and swaps it in with one update.
     fn install_maglev(&self, rev_nat: u16, table: &[u32]) -> Result<(), DatapathError> {
         let err = |e| DatapathError::map(MAP_LB_MAGLEV, e);
-        let mut inner = MaglevTable::create(table.len() as u32, 0).map_err(err)?;
+        // The kernel compares an inner map's flags with the template's:
+        // both carry BPF_F_INNER_MAP, which is what lets their sizes differ.
+        let mut inner = MaglevTable::create(table.len() as u32, BPF_F_INNER_MAP).map_err(err)?;
         for (i, id) in table.iter().enumerate() {
             inner.set(i as u32, id, 0).map_err(err)?;
         }

@@ -1,0 +1,441 @@
+//! The per-packet load balancer: crafted packets through the real endpoint
+//! programs with `BPF_PROG_TEST_RUN` (DNAT to the backend with valid
+//! checksums, rev-NAT of replies, pinned flows, backend states), and the
+//! maps' side through `BpfDatapath` (generation flip, Maglev tables).
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use cilia_abi::{
+    EndpointConfig, EndpointInfo, LbAlgorithm, LbBackend, LbBackendState, LbFrontend, LbService,
+    CILIA_DROP_LB_FRAGMENT, CILIA_DROP_NO_BACKEND,
+};
+use cilia_datapath::packet::*;
+use cilia_datapath::testrun::{TestProgram, TC_ACT_REDIRECT, TC_ACT_SHOT};
+use cilia_datapath::BpfDatapath;
+use cilia_testnet::BpfRoot;
+
+mod common;
+use common::*;
+
+const C_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xc1];
+const C_NODE_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xc2];
+
+fn c6() -> Ipv6Addr {
+    "fd00:c1::c".parse().unwrap()
+}
+fn c4() -> Ipv4Addr {
+    "10.200.0.12".parse().unwrap()
+}
+fn vip6() -> Ipv6Addr {
+    "fd00:5e::10".parse().unwrap()
+}
+fn vip4() -> Ipv4Addr {
+    "10.96.0.10".parse().unwrap()
+}
+
+const VIP_PORT: u16 = 80;
+const BACKEND_PORT: u16 = 8080;
+
+/// Endpoints A (the client, id 1), B (id 2) and C (id 3), both families.
+struct Fixture {
+    _root: BpfRoot,
+    dp: BpfDatapath,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let root = BpfRoot::new();
+        let dp = BpfDatapath::open(root.path()).expect("open datapath");
+        for (id, mac, node_mac, v6, v4) in [
+            (1, A_MAC, A_NODE_MAC, a6(), a4()),
+            (2, B_MAC, B_NODE_MAC, b6(), b4()),
+            (3, C_MAC, C_NODE_MAC, c6(), c4()),
+        ] {
+            let info = EndpointInfo {
+                ifindex: 4140 + u32::from(id),
+                identity: 1000 + u32::from(id),
+                endpoint_id: id,
+                flags: 0,
+                mac,
+                node_mac,
+            };
+            dp.upsert_endpoint(IpAddr::V6(v6), info).unwrap();
+            dp.upsert_endpoint(IpAddr::V4(v4), info).unwrap();
+        }
+        Self { _root: root, dp }
+    }
+
+    fn program(&self, id: u16) -> TestProgram {
+        let (mac, node_mac, v6, v4) = match id {
+            1 => (A_MAC, A_NODE_MAC, a6(), a4()),
+            2 => (B_MAC, B_NODE_MAC, b6(), b4()),
+            _ => (C_MAC, C_NODE_MAC, c6(), c4()),
+        };
+        let cfg = EndpointConfig {
+            ipv6: v6.octets(),
+            ipv4: v4.octets(),
+            mac,
+            node_mac,
+            ifindex: 4140 + u32::from(id),
+            identity: 1000 + u32::from(id),
+            endpoint_id: id,
+            enable_ipv4: 1,
+            monitor: 1,
+        };
+        self.dp.test_program(&cfg).expect("load endpoint program")
+    }
+
+    /// Backends 10 (B) and 11 (C) of the family of `v6`, and a random
+    /// service over `slots` on the VIP.
+    fn service(&self, v6: bool, proto: u8, slots: Vec<u32>) -> LbService {
+        let (b, c, vip) = if v6 {
+            (IpAddr::V6(b6()), IpAddr::V6(c6()), IpAddr::V6(vip6()))
+        } else {
+            (IpAddr::V4(b4()), IpAddr::V4(c4()), IpAddr::V4(vip4()))
+        };
+        self.dp
+            .upsert_lb_backends(&[backend(10, b), backend(11, c)])
+            .unwrap();
+        let svc = LbService {
+            rev_nat: 7,
+            frontend: LbFrontend {
+                addr: vip,
+                port: VIP_PORT,
+                proto,
+            },
+            algorithm: LbAlgorithm::Random,
+            affinity_timeout: None,
+            slots,
+            maglev: None,
+        };
+        self.dp.upsert_lb_service(&svc).unwrap();
+        svc
+    }
+}
+
+fn backend(id: u32, ip: IpAddr) -> LbBackend {
+    LbBackend {
+        id,
+        addr: SocketAddr::new(ip, BACKEND_PORT),
+        state: LbBackendState::Active,
+    }
+}
+
+/// A TCP segment with a valid checksum (`flags`: 0x02 SYN, 0x12 SYN-ACK).
+fn tcp_packet(src: SocketAddr, dst: SocketAddr, flags: u8, from: (Mac, Mac)) -> Vec<u8> {
+    l4_packet(src, dst, IPPROTO_TCP, flags, from)
+}
+
+fn udp_packet(src: SocketAddr, dst: SocketAddr, from: (Mac, Mac)) -> Vec<u8> {
+    l4_packet(src, dst, IPPROTO_UDP, 0, from)
+}
+
+fn l4_packet(src: SocketAddr, dst: SocketAddr, proto: u8, flags: u8, from: (Mac, Mac)) -> Vec<u8> {
+    let mut l4 = if proto == IPPROTO_TCP {
+        let mut t = vec![0u8; 20];
+        t[0..2].copy_from_slice(&src.port().to_be_bytes());
+        t[2..4].copy_from_slice(&dst.port().to_be_bytes());
+        t[4..8].copy_from_slice(&0x0102_0304u32.to_be_bytes());
+        t[12] = 0x50;
+        t[13] = flags;
+        t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+        t.extend_from_slice(b"hello, service");
+        t
+    } else {
+        udp(src.port(), dst.port(), b"hello, service")
+    };
+    let off = if proto == IPPROTO_TCP { 16 } else { 6 };
+    let sum = l4_checksum(src.ip(), dst.ip(), proto, &l4);
+    l4[off..off + 2].copy_from_slice(&sum.to_be_bytes());
+    let (dst_mac, src_mac) = (from.1, from.0);
+    match (src.ip(), dst.ip()) {
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            eth(dst_mac, src_mac, ETH_P_IPV6, &ipv6(s, d, proto, 64, &l4))
+        }
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            eth(dst_mac, src_mac, ETH_P_IP, &ipv4(s, d, proto, 64, &l4))
+        }
+        _ => unreachable!("one family"),
+    }
+}
+
+/// The L4 checksum over the pseudo-header and `l4` (its checksum field
+/// included: 0 when the segment is valid).
+fn l4_checksum(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> u16 {
+    let mut buf = Vec::new();
+    match (src, dst) {
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            buf.extend_from_slice(&s.octets());
+            buf.extend_from_slice(&d.octets());
+            buf.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+            buf.extend_from_slice(&[0, 0, 0, proto]);
+        }
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            buf.extend_from_slice(&s.octets());
+            buf.extend_from_slice(&d.octets());
+            buf.extend_from_slice(&[0, proto]);
+            buf.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+        }
+        _ => unreachable!("one family"),
+    }
+    buf.extend_from_slice(l4);
+    checksum(&buf)
+}
+
+/// Source, destination, and whether every checksum of the packet is valid.
+fn parse(pkt: &[u8]) -> (SocketAddr, SocketAddr, bool) {
+    let ethertype = u16::from_be_bytes([pkt[12], pkt[13]]);
+    let (src, dst, proto, l4, ip_ok) = if ethertype == ETH_P_IPV6 {
+        let s: [u8; 16] = pkt[22..38].try_into().unwrap();
+        let d: [u8; 16] = pkt[38..54].try_into().unwrap();
+        (IpAddr::from(s), IpAddr::from(d), pkt[20], &pkt[54..], true)
+    } else {
+        let s: [u8; 4] = pkt[26..30].try_into().unwrap();
+        let d: [u8; 4] = pkt[30..34].try_into().unwrap();
+        (
+            IpAddr::from(s),
+            IpAddr::from(d),
+            pkt[23],
+            &pkt[34..],
+            checksum(&pkt[14..34]) == 0,
+        )
+    };
+    let sport = u16::from_be_bytes([l4[0], l4[1]]);
+    let dport = u16::from_be_bytes([l4[2], l4[3]]);
+    let l4_ok = l4_checksum(src, dst, proto, l4) == 0;
+    (
+        SocketAddr::new(src, sport),
+        SocketAddr::new(dst, dport),
+        ip_ok && l4_ok,
+    )
+}
+
+fn client(v6: bool, port: u16) -> SocketAddr {
+    if v6 {
+        SocketAddr::new(IpAddr::V6(a6()), port)
+    } else {
+        SocketAddr::new(IpAddr::V4(a4()), port)
+    }
+}
+
+fn frontend(v6: bool) -> SocketAddr {
+    if v6 {
+        SocketAddr::new(IpAddr::V6(vip6()), VIP_PORT)
+    } else {
+        SocketAddr::new(IpAddr::V4(vip4()), VIP_PORT)
+    }
+}
+
+fn backend_addr(v6: bool, b: bool) -> SocketAddr {
+    let ip = match (v6, b) {
+        (true, true) => IpAddr::V6(b6()),
+        (true, false) => IpAddr::V6(c6()),
+        (false, true) => IpAddr::V4(b4()),
+        (false, false) => IpAddr::V4(c4()),
+    };
+    SocketAddr::new(ip, BACKEND_PORT)
+}
+
+const A_FROM: (Mac, Mac) = (A_MAC, A_NODE_MAC);
+const B_FROM: (Mac, Mac) = (B_MAC, B_NODE_MAC);
+
+#[test]
+fn packet_to_frontend_is_translated_to_the_backend_with_valid_checksums() {
+    privileged!("lb_dnat");
+    let fx = Fixture::new();
+    let a = fx.program(1);
+    for v6 in [true, false] {
+        for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+            fx.service(v6, proto, vec![10]);
+            let pkt = l4_packet(client(v6, 40000), frontend(v6), proto, 0x02, A_FROM);
+            let out = a.run(&pkt).unwrap();
+            assert_eq!(out.verdict, TC_ACT_REDIRECT, "v6 {v6} proto {proto}");
+            assert_eq!(&out.packet[0..6], &B_MAC, "delivered to backend B");
+            let (src, dst, ok) = parse(&out.packet);
+            assert_eq!(src, client(v6, 40000), "source untouched");
+            assert_eq!(dst, backend_addr(v6, true), "destination is the backend");
+            assert!(ok, "checksums valid after DNAT (v6 {v6} proto {proto})");
+        }
+    }
+}
+
+#[test]
+fn reply_of_the_backend_carries_the_frontend_as_source() {
+    privileged!("lb_revnat");
+    let fx = Fixture::new();
+    let (a, b) = (fx.program(1), fx.program(2));
+    for v6 in [true, false] {
+        fx.service(v6, IPPROTO_TCP, vec![10]);
+        let syn = tcp_packet(client(v6, 40001), frontend(v6), 0x02, A_FROM);
+        assert_eq!(a.run(&syn).unwrap().verdict, TC_ACT_REDIRECT);
+        let reply = tcp_packet(backend_addr(v6, true), client(v6, 40001), 0x12, B_FROM);
+        let out = b.run(&reply).unwrap();
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        assert_eq!(&out.packet[0..6], &A_MAC, "delivered to the client");
+        let (src, dst, ok) = parse(&out.packet);
+        assert_eq!(src, frontend(v6), "the client sees the frontend");
+        assert_eq!(dst, client(v6, 40001));
+        assert!(ok, "checksums valid after rev-NAT (v6 {v6})");
+    }
+}
+
+#[test]
+fn frontend_without_backend_drops_with_no_backend() {
+    privileged!("lb_no_backend");
+    let fx = Fixture::new();
+    let a = fx.program(1);
+    for v6 in [true, false] {
+        fx.service(v6, IPPROTO_UDP, vec![]);
+        let out = a
+            .run(&udp_packet(client(v6, 40002), frontend(v6), A_FROM))
+            .unwrap();
+        assert_eq!(out.verdict, TC_ACT_SHOT);
+    }
+    assert_eq!(drops(&fx.dp, CILIA_DROP_NO_BACKEND), 2);
+}
+
+#[test]
+fn terminating_backend_keeps_its_pinned_flow_but_gets_no_new_one() {
+    privileged!("lb_terminating");
+    let fx = Fixture::new();
+    let a = fx.program(1);
+    let mut svc = fx.service(true, IPPROTO_TCP, vec![10]);
+    let syn = tcp_packet(client(true, 40003), frontend(true), 0x02, A_FROM);
+    assert_eq!(
+        parse(&a.run(&syn).unwrap().packet).1,
+        backend_addr(true, true)
+    );
+
+    let mut terminating = backend(10, IpAddr::V6(b6()));
+    terminating.state = LbBackendState::Terminating;
+    fx.dp.upsert_lb_backends(&[terminating]).unwrap();
+    svc.slots = vec![11];
+    fx.dp.upsert_lb_service(&svc).unwrap();
+
+    let ack = tcp_packet(client(true, 40003), frontend(true), 0x10, A_FROM);
+    let out = a.run(&ack).unwrap();
+    assert_eq!(
+        parse(&out.packet).1,
+        backend_addr(true, true),
+        "pinned flow stays"
+    );
+    for port in 41000..41010 {
+        let syn = tcp_packet(client(true, port), frontend(true), 0x02, A_FROM);
+        let out = a.run(&syn).unwrap();
+        assert_eq!(
+            parse(&out.packet).1,
+            backend_addr(true, false),
+            "new flows: C only"
+        );
+    }
+}
+
+#[test]
+fn flow_pinned_to_a_deleted_backend_is_selected_anew() {
+    privileged!("lb_deleted_backend");
+    let fx = Fixture::new();
+    let a = fx.program(1);
+    let mut svc = fx.service(false, IPPROTO_UDP, vec![10]);
+    let pkt = udp_packet(client(false, 40004), frontend(false), A_FROM);
+    assert_eq!(
+        parse(&a.run(&pkt).unwrap().packet).1,
+        backend_addr(false, true)
+    );
+
+    svc.slots = vec![11];
+    fx.dp.upsert_lb_service(&svc).unwrap();
+    fx.dp.remove_lb_backends(&[10]).unwrap();
+    let out = a.run(&pkt).unwrap();
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        parse(&out.packet).1,
+        backend_addr(false, false),
+        "re-selected: C"
+    );
+    let ct = fx.dp.list_ct().unwrap();
+    let pin = ct
+        .iter()
+        .find(|(k, v)| v.flags & cilia_abi::CILIA_CT_SERVICE != 0 && k.dport == VIP_PORT.to_be())
+        .expect("service entry");
+    assert_eq!(pin.1.backend_id, 11, "the pin follows the new backend");
+    assert_eq!(pin.1.rev_nat, 7);
+}
+
+#[test]
+fn fragment_to_a_frontend_is_dropped() {
+    privileged!("lb_fragment");
+    let fx = Fixture::new();
+    let a = fx.program(1);
+    fx.service(false, IPPROTO_UDP, vec![10]);
+    let mut pkt = udp_packet(client(false, 40005), frontend(false), A_FROM);
+    // More fragments follow: the first fragment of a datagram.
+    pkt[14 + 6] = 0x20;
+    pkt[14 + 10] = 0;
+    pkt[14 + 11] = 0;
+    let sum = checksum(&pkt[14..34]);
+    pkt[24..26].copy_from_slice(&sum.to_be_bytes());
+    assert_eq!(a.run(&pkt).unwrap().verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&fx.dp, CILIA_DROP_LB_FRAGMENT), 1);
+}
+
+#[test]
+fn service_update_flips_generation_and_reads_back_whole() {
+    privileged!("lb_generation_flip");
+    let fx = Fixture::new();
+    let mut svc = fx.service(true, IPPROTO_TCP, vec![10, 11]);
+    assert_eq!(fx.dp.lb_services().unwrap(), vec![svc.clone()]);
+    for slots in [vec![11], vec![11, 10, 11], vec![], vec![10]] {
+        svc.slots = slots;
+        fx.dp.upsert_lb_service(&svc).unwrap();
+        assert_eq!(fx.dp.lb_services().unwrap(), vec![svc.clone()]);
+    }
+    fx.dp.remove_lb_service(&svc.frontend, svc.rev_nat).unwrap();
+    assert!(fx.dp.lb_services().unwrap().is_empty());
+    fx.dp.remove_lb_service(&svc.frontend, svc.rev_nat).unwrap();
+}
+
+#[test]
+fn service_naming_an_unknown_backend_or_other_family_is_refused() {
+    privileged!("lb_refused");
+    let fx = Fixture::new();
+    let mut svc = fx.service(true, IPPROTO_TCP, vec![10]);
+    svc.slots = vec![99];
+    let err = fx.dp.upsert_lb_service(&svc).unwrap_err().to_string();
+    assert!(err.contains("backend 99"), "{err}");
+    fx.dp
+        .upsert_lb_backends(&[backend(12, IpAddr::V4(b4()))])
+        .unwrap();
+    svc.slots = vec![12];
+    let err = fx.dp.upsert_lb_service(&svc).unwrap_err().to_string();
+    assert!(err.contains("family"), "{err}");
+}
+
+#[test]
+fn maglev_table_of_the_configured_size_is_swapped_in_and_used() {
+    privileged!("lb_maglev");
+    let fx = Fixture::new();
+    let a = fx.program(1);
+    // Smaller than the map's template: BPF_F_INNER_MAP lets it differ.
+    fx.dp.set_maglev_size(1021).unwrap();
+    let mut svc = fx.service(true, IPPROTO_TCP, vec![10, 11]);
+    svc.algorithm = LbAlgorithm::Maglev;
+    svc.maglev = Some(vec![11; 1021]);
+    fx.dp.upsert_lb_service(&svc).unwrap();
+    assert_eq!(fx.dp.lb_services().unwrap(), vec![svc.clone()]);
+    for port in 42000..42010 {
+        let syn = tcp_packet(client(true, port), frontend(true), 0x02, A_FROM);
+        assert_eq!(
+            parse(&a.run(&syn).unwrap().packet).1,
+            backend_addr(true, false)
+        );
+    }
+    // A table of another size than the datapath's is refused.
+    svc.maglev = Some(vec![11; 16381]);
+    assert!(fx.dp.upsert_lb_service(&svc).is_err());
+    // Back to random: the table goes.
+    svc.algorithm = LbAlgorithm::Random;
+    svc.maglev = None;
+    fx.dp.upsert_lb_service(&svc).unwrap();
+    assert_eq!(fx.dp.lb_services().unwrap(), vec![svc]);
+}
