@@ -439,3 +439,335 @@ fn maglev_table_of_the_configured_size_is_swapped_in_and_used() {
     fx.dp.upsert_lb_service(&svc).unwrap();
     assert_eq!(fx.dp.lb_services().unwrap(), vec![svc]);
 }
+
+// ---- real traffic: a client and three backend endpoints in namespaces ----
+
+use std::net::UdpSocket;
+use std::time::Duration;
+
+use cilia_abi::{Direction, EndpointPolicy, Enforcement, PolicyEntry, Verdict};
+use cilia_testnet::Netns;
+use common::serve::{exchange, Echo, Serving};
+
+const CLIENT_ID: u16 = 1;
+
+/// The node with its router addresses, client endpoint 1 (A's addresses)
+/// and backend endpoints 2..=4 (identities 2002..=2004), all attached.
+struct Topology {
+    _node: Netns,
+    client: Netns,
+    backends: Vec<(Netns, Ipv6Addr, Ipv4Addr)>,
+    dp: BpfDatapath,
+    // Dropped last: the links pinned in it keep the programs attached.
+    _root: BpfRoot,
+}
+
+fn mac_text(m: Mac) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn topology(prefix: &str) -> Topology {
+    let root = BpfRoot::new();
+    let node = Netns::new(&format!("{prefix}n")).unwrap();
+    node.sh(&format!(
+        "set -e
+         ip link add cilia_host type veth peer name cilia_net
+         ip link set cilia_host up; ip link set cilia_net up
+         ip addr add {gw6}/128 dev cilia_host nodad; ip addr add {gw4}/32 dev cilia_host",
+        gw6 = gw6(),
+        gw4 = gw4(),
+    ))
+    .unwrap();
+    let dp = BpfDatapath::open(root.path()).unwrap();
+    let client = Netns::new(&format!("{prefix}c")).unwrap();
+    let mut backends = Vec::new();
+    for id in 1u16..=4 {
+        let ns = if id == CLIENT_ID {
+            None
+        } else {
+            Some(Netns::new(&format!("{prefix}{id}")).unwrap())
+        };
+        let (v6, v4): (Ipv6Addr, Ipv4Addr) = if id == CLIENT_ID {
+            (a6(), a4())
+        } else {
+            (
+                format!("fd00:c1::{:x}", 0x20 + id).parse().unwrap(),
+                Ipv4Addr::new(10, 200, 0, 20 + id as u8),
+            )
+        };
+        let m: Mac = [0x0a, 0, 0, 0, id as u8, 1];
+        let node_m: Mac = [0x0a, 0, 0, 0, id as u8, 2];
+        let host_if = format!("lxc{prefix}{id}");
+        let ns_ref = ns.as_ref().unwrap_or(&client);
+        node.sh(&format!(
+            "set -e
+             ip link add {host_if} address {hm} type veth peer name eth0 address {em} netns {ns}
+             ip link set {host_if} up
+             ip route add {v6}/128 dev {host_if}; ip route add {v4}/32 dev {host_if}",
+            hm = mac_text(node_m),
+            em = mac_text(m),
+            ns = ns_ref.name(),
+        ))
+        .unwrap();
+        ns_ref
+            .sh(&format!(
+                "set -e
+             ip addr add {v6}/128 dev eth0 nodad; ip addr add {v4}/32 dev eth0
+             ip link set eth0 up; ip link set lo up
+             ip -6 route add {gw6}/128 dev eth0; ip -6 route add default via {gw6} dev eth0
+             ip route add {gw4}/32 dev eth0; ip route add default via {gw4} dev eth0",
+                gw6 = gw6(),
+                gw4 = gw4(),
+            ))
+            .unwrap();
+        let ifindex = node.run(|| nix::net::if_::if_nametoindex(host_if.as_str()).unwrap());
+        let identity = 2000 + u32::from(id);
+        let config = EndpointConfig {
+            ipv6: v6.octets(),
+            ipv4: v4.octets(),
+            mac: m,
+            node_mac: node_m,
+            ifindex,
+            identity,
+            endpoint_id: id,
+            enable_ipv4: 1,
+            monitor: 1,
+        };
+        node.run(|| dp.attach_endpoint(&config, &host_if)).unwrap();
+        let info = EndpointInfo {
+            ifindex,
+            identity,
+            endpoint_id: id,
+            flags: 0,
+            mac: m,
+            node_mac: node_m,
+        };
+        dp.upsert_endpoint(IpAddr::V6(v6), info).unwrap();
+        dp.upsert_endpoint(IpAddr::V4(v4), info).unwrap();
+        if let Some(ns) = ns {
+            backends.push((ns, v6, v4));
+        }
+    }
+    Topology {
+        _node: node,
+        client,
+        backends,
+        dp,
+        _root: root,
+    }
+}
+
+impl Topology {
+    /// Backends 100.. (IPv6) or 200.. (IPv4), one per backend endpoint,
+    /// and service 9 (IPv6) or 10 (IPv4) on `vip`:80/`proto` over them.
+    fn service(&self, vip: IpAddr, proto: u8, configure: impl FnOnce(&mut LbService)) {
+        let backends: Vec<LbBackend> = self
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, (_, v6, v4))| {
+                let ip = if vip.is_ipv6() {
+                    IpAddr::V6(*v6)
+                } else {
+                    IpAddr::V4(*v4)
+                };
+                backend(if vip.is_ipv6() { 100 } else { 200 } + i as u32, ip)
+            })
+            .collect();
+        self.dp.upsert_lb_backends(&backends).unwrap();
+        let mut svc = LbService {
+            rev_nat: if vip.is_ipv6() { 9 } else { 10 },
+            frontend: LbFrontend {
+                addr: vip,
+                port: VIP_PORT,
+                proto,
+            },
+            algorithm: LbAlgorithm::Random,
+            affinity_timeout: None,
+            slots: backends.iter().map(|b| b.id).collect(),
+            maglev: None,
+        };
+        configure(&mut svc);
+        self.dp.upsert_lb_service(&svc).unwrap();
+    }
+}
+
+/// A UDP echo on [::]:8080 answering every datagram with `name`.
+fn udp_echo(ns: &Netns, name: u8) -> Serving {
+    Serving::start(
+        ns,
+        || {
+            let s = UdpSocket::bind(SocketAddr::from(([0u16; 8], BACKEND_PORT))).unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        },
+        move |s| {
+            let mut buf = [0u8; 64];
+            while let Ok((_, peer)) = s.recv_from(&mut buf) {
+                let _ = s.send_to(&[name], peer);
+            }
+        },
+    )
+}
+
+/// TCP connections to the VIP: each must be answered by its echo; the
+/// backends' servers count who got which. Returns the per-backend counts.
+fn tcp_spread(t: &Topology, vip: IpAddr, conns: usize) -> Vec<usize> {
+    let echoes: Vec<Echo> = t
+        .backends
+        .iter()
+        .map(|(ns, _, _)| Echo::start(ns, &[BACKEND_PORT]))
+        .collect();
+    for i in 0..conns {
+        let (local, answer) = exchange(&t.client, SocketAddr::new(vip, VIP_PORT), b"ping", WAIT)
+            .unwrap_or_else(|e| panic!("connection {i} to the VIP: {e}"));
+        assert_eq!(answer, b"ping");
+        assert_eq!(local.ip().to_canonical(), client(vip.is_ipv6(), 0).ip());
+    }
+    echoes.iter().map(|e| e.peers().len()).collect()
+}
+
+/// UDP datagrams to the VIP from fresh sockets, connected to the VIP (so
+/// only an answer whose source is the VIP is received). Returns the
+/// per-backend counts.
+fn udp_spread(t: &Topology, vip: IpAddr, datagrams: usize) -> Vec<usize> {
+    let _servers: Vec<Serving> = t
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, (ns, _, _))| udp_echo(ns, i as u8))
+        .collect();
+    let mut counts = vec![0; t.backends.len()];
+    for _ in 0..datagrams {
+        let name = t.client.run(|| {
+            let bind: SocketAddr = if vip.is_ipv6() {
+                "[::]:0".parse().unwrap()
+            } else {
+                "0.0.0.0:0".parse().unwrap()
+            };
+            let s = UdpSocket::bind(bind).unwrap();
+            s.connect(SocketAddr::new(vip, VIP_PORT)).unwrap();
+            s.set_read_timeout(Some(WAIT)).unwrap();
+            s.send(b"ping").unwrap();
+            let mut buf = [0u8; 8];
+            let n = s.recv(&mut buf).expect("an answer from the VIP");
+            assert_eq!(n, 1);
+            buf[0]
+        });
+        counts[usize::from(name)] += 1;
+    }
+    counts
+}
+
+fn vips() -> [IpAddr; 2] {
+    [IpAddr::V6(vip6()), IpAddr::V4(vip4())]
+}
+
+#[test]
+fn tcp_to_a_vip_spreads_over_three_backends_and_the_client_sees_the_vip() {
+    privileged!("lb_tcp_traffic");
+    let t = topology("lbt");
+    for vip in vips() {
+        t.service(vip, IPPROTO_TCP, |_| {});
+        // A connection that completed proves the SYN-ACK came from the VIP.
+        let counts = tcp_spread(&t, vip, 24);
+        assert!(counts.iter().all(|&n| n > 0), "{vip}: spread {counts:?}");
+        assert_eq!(counts.iter().sum::<usize>(), 24);
+    }
+}
+
+#[test]
+fn udp_to_a_vip_spreads_over_three_backends_and_replies_come_from_the_vip() {
+    privileged!("lb_udp_traffic");
+    let t = topology("lbu");
+    for vip in vips() {
+        t.service(vip, IPPROTO_UDP, |_| {});
+        let counts = udp_spread(&t, vip, 24);
+        assert!(counts.iter().all(|&n| n > 0), "{vip}: spread {counts:?}");
+    }
+}
+
+#[test]
+fn client_affinity_sends_every_connection_to_one_backend() {
+    privileged!("lb_affinity_traffic");
+    let t = topology("lba");
+    for vip in vips() {
+        t.service(vip, IPPROTO_TCP, |s| s.affinity_timeout = Some(60));
+        let counts = tcp_spread(&t, vip, 10);
+        assert_eq!(
+            counts.iter().filter(|&&n| n > 0).count(),
+            1,
+            "{vip}: {counts:?}"
+        );
+    }
+}
+
+#[test]
+fn maglev_service_spreads_by_its_table() {
+    privileged!("lb_maglev_traffic");
+    let t = topology("lbm");
+    t.dp.set_maglev_size(1021).unwrap();
+    for vip in vips() {
+        t.service(vip, IPPROTO_UDP, |s| {
+            s.algorithm = LbAlgorithm::Maglev;
+            // Any table naming every slot does for the datapath; the real
+            // one comes from cilia-lb.
+            s.maglev = Some((0..1021).map(|i| s.slots[i % s.slots.len()]).collect());
+        });
+        let counts = udp_spread(&t, vip, 24);
+        assert!(counts.iter().all(|&n| n > 0), "{vip}: spread {counts:?}");
+    }
+}
+
+#[test]
+fn policy_applies_to_the_backend_identity() {
+    privileged!("lb_policy_traffic");
+    let t = topology("lbp");
+    // The client may reach the first two backends' identities on the
+    // backend port, not the third's.
+    let entry = |identity: u32| PolicyEntry {
+        direction: Direction::Egress,
+        identity,
+        proto: IPPROTO_TCP,
+        port: BACKEND_PORT,
+        port_prefix_len: 16,
+        verdict: Verdict::Allow,
+        rule: 1,
+        proxy_port: 0,
+    };
+    let policy = EndpointPolicy {
+        enforcement: Enforcement {
+            ingress: false,
+            egress: true,
+            audit: false,
+        },
+        entries: vec![entry(2002), entry(2003)],
+    };
+    t.dp.set_policy(CLIENT_ID, &policy.encode()).unwrap();
+    let vip = IpAddr::V4(vip4());
+    t.service(vip, IPPROTO_TCP, |_| {});
+    let echoes: Vec<Echo> = t
+        .backends
+        .iter()
+        .map(|(ns, _, _)| Echo::start(ns, &[BACKEND_PORT]))
+        .collect();
+    let (mut ok, mut refused) = (0, 0);
+    for _ in 0..12 {
+        match exchange(
+            &t.client,
+            SocketAddr::new(vip, VIP_PORT),
+            b"ping",
+            Duration::from_millis(300),
+        ) {
+            Ok(_) => ok += 1,
+            Err(_) => refused += 1,
+        }
+    }
+    let counts: Vec<usize> = echoes.iter().map(|e| e.peers().len()).collect();
+    assert_eq!(counts[2], 0, "the denied backend got nothing: {counts:?}");
+    assert!(ok > 0 && refused > 0, "ok {ok}, refused {refused}");
+    assert!(drops(&t.dp, cilia_abi::CILIA_DROP_POLICY) > 0);
+}
