@@ -151,10 +151,9 @@ __inline_fn __u32 lb_select_backend(const __u8 *addr, __be16 port, __u8 proto, _
 	if (svc->algorithm == CILIA_LB_ALG_MAGLEV)
 		/* Affinity services hash the client address alone, so a
 		 * forgotten affinity entry finds the same backend again. */
-		backend = lb_maglev_backend(svc, lb_hash(client, (svc->flags & CILIA_LB_FLAG_AFFINITY)
-									 ? 0
-									 : client_port,
-							 family));
+		backend = lb_maglev_backend(
+		    svc, lb_hash(client, (svc->flags & CILIA_LB_FLAG_AFFINITY) ? 0 : client_port,
+				 family));
 	else
 		backend = lb_slot_backend(addr, port, proto, family, svc,
 					  (__u16)(bpf_get_prandom_u32() % svc->count) + 1);
@@ -185,9 +184,8 @@ struct lb_state {
 __inline_fn int lb_pin(struct __sk_buff *skb, const struct ct_key *key, struct ct_value *ct,
 		       const struct flow *f, __u16 rev_nat, __u32 backend_id, __u64 now)
 {
-	__u16 life_flags = f->proto == IPPROTO_TCP && !(f->tcp_flags & TCP_FLAG_SYN)
-			       ? CILIA_CT_SEEN_REPLY
-			       : 0;
+	__u16 life_flags =
+	    f->proto == IPPROTO_TCP && !(f->tcp_flags & TCP_FLAG_SYN) ? CILIA_CT_SEEN_REPLY : 0;
 	__u64 expires = now + ct_lifetime(f, life_flags);
 
 	if (ct) {

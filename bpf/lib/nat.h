@@ -55,8 +55,8 @@ __inline_fn int nat_rewrite(struct __sk_buff *skb, struct flow *f, int dst, cons
 		__builtin_memcpy(from, old_addr, 16);
 		__builtin_memcpy(to, addr, 16);
 		diff = bpf_csum_diff(from, 16, to, 16, 0);
-		if (diff < 0 || bpf_skb_store_bytes(skb, dst ? NAT_IPV6_DADDR : NAT_IPV6_SADDR, to,
-						    16, 0) < 0)
+		if (diff < 0 ||
+		    bpf_skb_store_bytes(skb, dst ? NAT_IPV6_DADDR : NAT_IPV6_SADDR, to, 16, 0) < 0)
 			return CILIA_DROP_WRITE_FAILED;
 		if (bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | mangled) < 0)
 			return CILIA_DROP_WRITE_FAILED;
@@ -65,9 +65,11 @@ __inline_fn int nat_rewrite(struct __sk_buff *skb, struct flow *f, int dst, cons
 
 		__builtin_memcpy(&from, old_addr, 4);
 		__builtin_memcpy(&to, addr, 4);
-		if (bpf_skb_store_bytes(skb, dst ? NAT_IPV4_DADDR : NAT_IPV4_SADDR, &to, 4, 0) < 0 ||
+		if (bpf_skb_store_bytes(skb, dst ? NAT_IPV4_DADDR : NAT_IPV4_SADDR, &to, 4, 0) <
+			0 ||
 		    bpf_l3_csum_replace(skb, NAT_IPV4_CSUM_OFF, from, to, 4) < 0 ||
-		    bpf_l4_csum_replace(skb, csum_off, from, to, BPF_F_PSEUDO_HDR | mangled | 4) < 0)
+		    bpf_l4_csum_replace(skb, csum_off, from, to, BPF_F_PSEUDO_HDR | mangled | 4) <
+			0)
 			return CILIA_DROP_WRITE_FAILED;
 	}
 	if (bpf_skb_store_bytes(skb, port_off, &port, 2, 0) < 0 ||
