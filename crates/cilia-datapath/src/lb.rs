@@ -19,16 +19,18 @@
 use std::collections::{HashMap as StdHashMap, HashSet};
 use std::sync::Mutex;
 
-use aya::maps::{Array, HashMap, HashOfMaps, Map, MapData};
+use aya::maps::{Array, HashMap, HashOfMaps, Map, MapData, PerCpuArray};
 use cilia_abi::{
     lb_other_generation, GlobalConfig, LbBackend, LbBackendValue, LbFrontend, LbMaster,
-    LbRevNatValue, LbService, LbServiceKey, LbServiceValue, CILIA_LB_MAGLEV_SIZE_DEFAULT,
+    LbRevNatValue, LbService, LbServiceKey, LbServiceValue, LbStats, CILIA_LB_MAGLEV_SIZE_DEFAULT,
     CILIA_LB_SLOTS_MAX,
 };
 
 use crate::endpoint::{is_not_found, lock, BpfDatapath};
 use crate::error::DatapathError;
-use crate::object::{MAP_CONFIG, MAP_LB_BACKENDS, MAP_LB_MAGLEV, MAP_LB_REVNAT, MAP_LB_SERVICES};
+use crate::object::{
+    MAP_CONFIG, MAP_LB_BACKENDS, MAP_LB_MAGLEV, MAP_LB_REVNAT, MAP_LB_SERVICES, MAP_LB_STATS,
+};
 
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
@@ -45,6 +47,7 @@ pub(crate) struct LbMaps {
     backends: Mutex<HashMap<MapData, u32, LbBackendValue>>,
     revnat: Mutex<HashMap<MapData, u16, LbRevNatValue>>,
     maglev: Mutex<HashOfMaps<MapData, u32, MaglevTable>>,
+    stats: Mutex<PerCpuArray<MapData, LbStats>>,
     /// Held across a whole service update or removal.
     writer: Mutex<()>,
 }
@@ -58,6 +61,7 @@ impl LbMaps {
         let backends = take(MAP_LB_BACKENDS)?;
         let revnat = take(MAP_LB_REVNAT)?;
         let maglev = take(MAP_LB_MAGLEV)?;
+        let stats = take(MAP_LB_STATS)?;
         Ok(Self {
             services: Mutex::new(
                 HashMap::try_from(services).map_err(|e| DatapathError::map(MAP_LB_SERVICES, e))?,
@@ -70,6 +74,9 @@ impl LbMaps {
             ),
             maglev: Mutex::new(
                 HashOfMaps::try_from(maglev).map_err(|e| DatapathError::map(MAP_LB_MAGLEV, e))?,
+            ),
+            stats: Mutex::new(
+                PerCpuArray::try_from(stats).map_err(|e| DatapathError::map(MAP_LB_STATS, e))?,
             ),
             writer: Mutex::new(()),
         })
@@ -395,5 +402,19 @@ impl BpfDatapath {
         }
         out.sort_by_key(|s| s.rev_nat);
         Ok(out)
+    }
+
+    /// A service's counters (`cilia_lb_stats`, summed over CPUs): new
+    /// flows given a backend, packets and bytes translated. They count from
+    /// the id's first use (a removed service's id keeps its counts).
+    pub fn lb_stats(&self, rev_nat: u16) -> Result<LbStats, DatapathError> {
+        let per_cpu = lock(&self.lb.stats)
+            .get(&u32::from(rev_nat), 0)
+            .map_err(|e| DatapathError::map(MAP_LB_STATS, e))?;
+        Ok(per_cpu.iter().fold(LbStats::default(), |sum, s| LbStats {
+            flows: sum.flows + s.flows,
+            packets: sum.packets + s.packets,
+            bytes: sum.bytes + s.bytes,
+        }))
     }
 }

@@ -273,11 +273,75 @@ fn reply_of_the_backend_carries_the_frontend_as_source() {
         let out = b.run(&reply).unwrap();
         assert_eq!(out.verdict, TC_ACT_REDIRECT);
         assert_eq!(&out.packet[0..6], &A_MAC, "delivered to the client");
+        // Replies are not counted: translated client packets are.
         let (src, dst, ok) = parse(&out.packet);
         assert_eq!(src, frontend(v6), "the client sees the frontend");
         assert_eq!(dst, client(v6, 40001));
         assert!(ok, "checksums valid after rev-NAT (v6 {v6})");
     }
+}
+
+#[test]
+fn service_counts_flows_on_selection_and_every_translated_packet() {
+    privileged!("lb_stats");
+    let fx = Fixture::new();
+    let a = fx.program(1);
+    fx.service(false, IPPROTO_TCP, vec![10]);
+    let syn = tcp_packet(client(false, 40010), frontend(false), 0x02, A_FROM);
+    let ack = tcp_packet(client(false, 40010), frontend(false), 0x10, A_FROM);
+    for pkt in [&syn, &ack, &ack] {
+        assert_eq!(a.run(pkt).unwrap().verdict, TC_ACT_REDIRECT);
+    }
+    let s = fx.dp.lb_stats(7).unwrap();
+    assert_eq!((s.flows, s.packets), (1, 3));
+    assert_eq!(s.bytes, (syn.len() + 2 * ack.len()) as u64);
+}
+
+#[test]
+fn reply_from_the_stack_to_the_client_gets_the_frontend_as_source() {
+    privileged!("lb_revnat_to_container");
+    let fx = Fixture::new();
+    let a = fx.program(1);
+    let world: SocketAddr = "[2001:db8::7]:8080".parse().unwrap();
+    fx.dp
+        .upsert_lb_backends(&[LbBackend {
+            id: 20,
+            addr: world,
+            state: LbBackendState::Active,
+        }])
+        .unwrap();
+    let mut svc = fx.service(true, IPPROTO_TCP, vec![]);
+    svc.slots = vec![20];
+    fx.dp.upsert_lb_service(&svc).unwrap();
+    let syn = tcp_packet(client(true, 40011), frontend(true), 0x02, A_FROM);
+    let out = a.run(&syn).unwrap();
+    assert_eq!(
+        out.verdict,
+        cilia_datapath::testrun::TC_ACT_OK,
+        "to the stack"
+    );
+    assert_eq!(parse(&out.packet).1, world);
+    let to_a = fx
+        .dp
+        .test_program_to_container(&EndpointConfig {
+            ipv6: a6().octets(),
+            ipv4: a4().octets(),
+            mac: A_MAC,
+            node_mac: A_NODE_MAC,
+            ifindex: 4141,
+            identity: 1001,
+            endpoint_id: 1,
+            enable_ipv4: 1,
+            monitor: 1,
+        })
+        .unwrap();
+    let reply = tcp_packet(world, client(true, 40011), 0x12, (A_NODE_MAC, A_MAC));
+    let out = to_a.run(&reply).unwrap();
+    assert_eq!(out.verdict, cilia_datapath::testrun::TC_ACT_OK);
+    let (src, dst, ok) = parse(&out.packet);
+    assert_eq!(src, frontend(true));
+    assert_eq!(dst, client(true, 40011));
+    assert!(ok, "checksums valid");
 }
 
 #[test]
