@@ -345,6 +345,55 @@ fn reply_from_the_stack_to_the_client_gets_the_frontend_as_source() {
 }
 
 #[test]
+fn reply_of_a_backend_on_another_node_gets_the_frontend_as_source_at_the_node() {
+    privileged!("lb_revnat_from_netdev");
+    let fx = Fixture::new();
+    let remote: SocketAddr = "[fd00:c1a:2::7]:8080".parse().unwrap();
+    let row = cilia_abi::IpcacheEntry {
+        prefix: ipnet::IpNet::new(remote.ip(), 128).unwrap(),
+        identity: 3000,
+        tunnel: Some("198.51.100.2".parse().unwrap()),
+    };
+    fx.dp.upsert_ipcache_value(row.key(), row.value()).unwrap();
+    fx.dp
+        .set_node_config(&cilia_abi::NodeConfig {
+            tunnel_mode: cilia_abi::TunnelMode::Native,
+            tunnel_ifindex: 4300,
+            underlay_ifindex: 4301,
+        })
+        .unwrap();
+    fx.dp
+        .upsert_lb_backends(&[LbBackend {
+            id: 30,
+            addr: remote,
+            state: LbBackendState::Active,
+        }])
+        .unwrap();
+    let mut svc = fx.service(true, IPPROTO_TCP, vec![]);
+    svc.slots = vec![30];
+    fx.dp.upsert_lb_service(&svc).unwrap();
+
+    let syn = tcp_packet(client(true, 40012), frontend(true), 0x02, A_FROM);
+    let out = fx.program(1).run(&syn).unwrap();
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "routed to the backend's node");
+    assert_eq!(parse(&out.packet).1, remote);
+
+    let netdev = fx
+        .dp
+        .test_node_program(cilia_datapath::object::PROG_FROM_NETDEV)
+        .unwrap();
+    let wire = ([0x0a, 0, 0, 0, 0, 0xef], [0x0a, 0, 0, 0, 0, 0xee]);
+    let reply = tcp_packet(remote, client(true, 40012), 0x12, wire);
+    let out = netdev.run(&reply).unwrap();
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out.packet[0..6], &A_MAC, "delivered to the client");
+    let (src, dst, ok) = parse(&out.packet);
+    assert_eq!(src, frontend(true));
+    assert_eq!(dst, client(true, 40012));
+    assert!(ok, "checksums valid");
+}
+
+#[test]
 fn frontend_without_backend_drops_with_no_backend() {
     privileged!("lb_no_backend");
     let fx = Fixture::new();
