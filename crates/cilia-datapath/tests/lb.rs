@@ -394,6 +394,37 @@ fn reply_of_a_backend_on_another_node_gets_the_frontend_as_source_at_the_node() 
 }
 
 #[test]
+fn backend_selection_emits_a_service_event_naming_frontend_and_backend() {
+    privileged!("lb_service_event");
+    let mut fx = Fixture::new();
+    let mut rb = fx.dp.take_events().unwrap();
+    fx.dp
+        .set_monitor_level(cilia_abi::CILIA_MONITOR_DROPS)
+        .unwrap();
+    let a = fx.program(1);
+    fx.service(false, IPPROTO_TCP, vec![10]);
+    let syn = tcp_packet(client(false, 40013), frontend(false), 0x02, A_FROM);
+    let ack = tcp_packet(client(false, 40013), frontend(false), 0x10, A_FROM);
+    a.run(&syn).unwrap();
+    a.run(&ack).unwrap();
+    let events: Vec<_> = common::fixture::drain_events(&mut rb)
+        .into_iter()
+        .filter(|e| e.type_ == cilia_abi::CILIA_EVENT_SERVICE)
+        .collect();
+    assert_eq!(events.len(), 1, "one selection, one event");
+    let e = &events[0];
+    assert_eq!(e.rule, 7, "the rev-NAT id");
+    assert_eq!(&e.saddr[..4], &vip4().octets(), "source: the frontend");
+    assert_eq!(u16::from_be(e.sport), VIP_PORT);
+    assert_eq!(&e.daddr[..4], &b4().octets(), "destination: the backend");
+    assert_eq!(u16::from_be(e.dport), BACKEND_PORT);
+    assert_eq!(
+        (e.endpoint_id, e.src_identity, e.dst_identity),
+        (1, 1001, 1002)
+    );
+}
+
+#[test]
 fn frontend_without_backend_drops_with_no_backend() {
     privileged!("lb_no_backend");
     let fx = Fixture::new();
