@@ -348,10 +348,24 @@ impl BpfDatapath {
         }
         self.remove_maglev(rev_nat)?;
         match lock(&self.lb.revnat).remove(&rev_nat) {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(DatapathError::map(MAP_LB_REVNAT, e)),
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(DatapathError::map(MAP_LB_REVNAT, e)),
         }
+        self.reset_lb_stats(rev_nat)
+    }
+
+    /// Zeroes a service's counters, so an id used again counts from 0.
+    fn reset_lb_stats(&self, rev_nat: u16) -> Result<(), DatapathError> {
+        let err = |e| DatapathError::map(MAP_LB_STATS, e);
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| {
+            DatapathError::io(format!("{MAP_LB_STATS}: counting CPUs ({what})"), e)
+        })?;
+        let zero = aya::maps::PerCpuValues::try_from(vec![LbStats::default(); cpus])
+            .map_err(|e| DatapathError::io(format!("{MAP_LB_STATS}: per-CPU values"), e))?;
+        lock(&self.lb.stats)
+            .set(u32::from(rev_nat), zero, 0)
+            .map_err(err)
     }
 
     /// The services as the kernel holds them: each master with its
@@ -405,8 +419,8 @@ impl BpfDatapath {
     }
 
     /// A service's counters (`cilia_lb_stats`, summed over CPUs): new
-    /// flows given a backend, packets and bytes translated. They count from
-    /// the id's first use (a removed service's id keeps its counts).
+    /// flows given a backend, packets and bytes translated, since the
+    /// service was created (removing it zeroes them).
     pub fn lb_stats(&self, rev_nat: u16) -> Result<LbStats, DatapathError> {
         let per_cpu = lock(&self.lb.stats)
             .get(&u32::from(rev_nat), 0)

@@ -295,6 +295,9 @@ fn service_counts_flows_on_selection_and_every_translated_packet() {
     let s = fx.dp.lb_stats(7).unwrap();
     assert_eq!((s.flows, s.packets), (1, 3));
     assert_eq!(s.bytes, (syn.len() + 2 * ack.len()) as u64);
+    let svc = &fx.dp.lb_services().unwrap()[0];
+    fx.dp.remove_lb_service(&svc.frontend, 7).unwrap();
+    assert_eq!(fx.dp.lb_stats(7).unwrap().packets, 0, "removal zeroes");
 }
 
 #[test]
