@@ -428,6 +428,29 @@ fn backend_selection_emits_a_service_event_naming_frontend_and_backend() {
 }
 
 #[test]
+fn ipv4_udp_without_checksum_stays_without_after_dnat() {
+    privileged!("lb_udp_no_checksum");
+    let fx = Fixture::new();
+    fx.service(false, IPPROTO_UDP, vec![10]);
+    // The builder leaves the UDP checksum 0: "none" over IPv4.
+    let pkt = eth(
+        A_NODE_MAC,
+        A_MAC,
+        ETH_P_IP,
+        &ipv4(a4(), vip4(), IPPROTO_UDP, 64, &udp(40014, VIP_PORT, b"x")),
+    );
+    let out = fx.program(1).run(&pkt).unwrap();
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out.packet[34 + 6..34 + 8], &[0, 0], "still no checksum");
+    assert_eq!(
+        checksum(&out.packet[14..34]),
+        0,
+        "IPv4 header checksum valid"
+    );
+    assert_eq!(parse(&out.packet).1, backend_addr(false, true));
+}
+
+#[test]
 fn frontend_without_backend_drops_with_no_backend() {
     privileged!("lb_no_backend");
     let fx = Fixture::new();
