@@ -13,7 +13,7 @@
 #include "lib/forward.h"
 #include "lib/guard.h"
 #include "lib/ipcache.h"
-#include "lib/lb.h"
+#include "lib/lb_packet.h"
 #include "lib/ndisc.h"
 #include "lib/tunnel.h"
 

@@ -18,7 +18,7 @@
 #include "lib/forward.h"
 #include "lib/guard.h"
 #include "lib/ipcache.h"
-#include "lib/lb.h"
+#include "lib/lb_packet.h"
 #include "lib/tunnel.h"
 
 #define PACKET_HOST 0 /* linux/if_packet.h: to us */

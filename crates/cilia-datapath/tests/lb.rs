@@ -783,21 +783,32 @@ fn udp_echo(ns: &Netns, name: u8) -> Serving {
     )
 }
 
-/// TCP connections to the VIP: each must be answered by its echo; the
-/// backends' servers count who got which. Returns the per-backend counts.
-fn tcp_spread(t: &Topology, vip: IpAddr, conns: usize) -> Vec<usize> {
-    let echoes: Vec<Echo> = t
-        .backends
+/// A TCP echo on port 8080 in every backend, for the whole test (binding
+/// the port again right after closing it would race with the kernel's
+/// teardown of the last connections).
+fn echoes(t: &Topology) -> Vec<Echo> {
+    t.backends
         .iter()
         .map(|(ns, _, _)| Echo::start(ns, &[BACKEND_PORT]))
-        .collect();
+        .collect()
+}
+
+/// TCP connections to the VIP: each must be answered by its echo; the
+/// backends' servers count who got which. Returns the per-backend counts
+/// of these connections.
+fn tcp_spread(t: &Topology, echoes: &[Echo], vip: IpAddr, conns: usize) -> Vec<usize> {
+    let before: Vec<usize> = echoes.iter().map(|e| e.peers().len()).collect();
     for i in 0..conns {
         let (local, answer) = exchange(&t.client, SocketAddr::new(vip, VIP_PORT), b"ping", WAIT)
             .unwrap_or_else(|e| panic!("connection {i} to the VIP: {e}"));
         assert_eq!(answer, b"ping");
         assert_eq!(local.ip().to_canonical(), client(vip.is_ipv6(), 0).ip());
     }
-    echoes.iter().map(|e| e.peers().len()).collect()
+    echoes
+        .iter()
+        .zip(before)
+        .map(|(e, b)| e.peers().len() - b)
+        .collect()
 }
 
 /// UDP datagrams to the VIP from fresh sockets, connected to the VIP (so
@@ -840,10 +851,11 @@ fn vips() -> [IpAddr; 2] {
 fn tcp_to_a_vip_spreads_over_three_backends_and_the_client_sees_the_vip() {
     privileged!("lb_tcp_traffic");
     let t = topology("lbt");
+    let echoes = echoes(&t);
     for vip in vips() {
         t.service(vip, IPPROTO_TCP, |_| {});
         // A connection that completed proves the SYN-ACK came from the VIP.
-        let counts = tcp_spread(&t, vip, 24);
+        let counts = tcp_spread(&t, &echoes, vip, 24);
         assert!(counts.iter().all(|&n| n > 0), "{vip}: spread {counts:?}");
         assert_eq!(counts.iter().sum::<usize>(), 24);
     }
@@ -864,9 +876,10 @@ fn udp_to_a_vip_spreads_over_three_backends_and_replies_come_from_the_vip() {
 fn client_affinity_sends_every_connection_to_one_backend() {
     privileged!("lb_affinity_traffic");
     let t = topology("lba");
+    let echoes = echoes(&t);
     for vip in vips() {
         t.service(vip, IPPROTO_TCP, |s| s.affinity_timeout = Some(60));
-        let counts = tcp_spread(&t, vip, 10);
+        let counts = tcp_spread(&t, &echoes, vip, 10);
         assert_eq!(
             counts.iter().filter(|&&n| n > 0).count(),
             1,
@@ -919,11 +932,7 @@ fn policy_applies_to_the_backend_identity() {
     t.dp.set_policy(CLIENT_ID, &policy.encode()).unwrap();
     let vip = IpAddr::V4(vip4());
     t.service(vip, IPPROTO_TCP, |_| {});
-    let echoes: Vec<Echo> = t
-        .backends
-        .iter()
-        .map(|(ns, _, _)| Echo::start(ns, &[BACKEND_PORT]))
-        .collect();
+    let echoes = echoes(&t);
     let (mut ok, mut refused) = (0, 0);
     for _ in 0..12 {
         match exchange(
