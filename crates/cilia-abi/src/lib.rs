@@ -40,9 +40,9 @@ macro_rules! abi_struct {
 
 pub mod rows;
 pub use rows::{
-    CtEntry, Direction, EndpointEntry, EndpointPolicy, Enforcement, IpcacheEntry, LbAlgorithm,
-    LbBackend, LbBackendState, LbFrontend, LbService, MetricKind, MetricsEntry, NodeConfig,
-    PolicyDelta, PolicyEntry, TunnelMode, Verdict,
+    lb_other_generation, CtEntry, Direction, EndpointEntry, EndpointPolicy, Enforcement,
+    IpcacheEntry, LbAlgorithm, LbBackend, LbBackendState, LbFrontend, LbMaster, LbService,
+    MetricKind, MetricsEntry, NodeConfig, PolicyDelta, PolicyEntry, TunnelMode, Verdict,
 };
 
 /// Human name of a forward or drop reason, as printed by the CLI and metrics.
@@ -75,6 +75,7 @@ pub fn reason_name(kind: u8, reason: u8) -> &'static str {
         (CILIA_METRIC_DROP, CILIA_DROP_NO_ROUTE) => "No route to endpoint",
         (CILIA_METRIC_DROP, CILIA_DROP_PREFILTER) => "Source in a prefilter CIDR",
         (CILIA_METRIC_DROP, CILIA_DROP_NO_BACKEND) => "Service without an active backend",
+        (CILIA_METRIC_DROP, CILIA_DROP_LB_FRAGMENT) => "Fragment to a service frontend",
         (CILIA_METRIC_DROP, CILIA_DROP_TUNNEL_PORT) => "Endpoint UDP to a node's tunnel port",
         _ => "unknown",
     }
