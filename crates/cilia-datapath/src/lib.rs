@@ -9,6 +9,8 @@
 //!   reload (swap a new specialization into the pinned link).
 //! * [`node`]: the node programs (overlay, underlay) and the node maps,
 //!   for traffic between nodes; pinned like the endpoints'.
+//! * [`socklb`]: the socket load balancer's cgroup programs and the
+//!   network namespaces it serves.
 //! * [`inspect`]: read back what is attached (link, program tag, `.rodata`).
 //! * [`testrun`]: `BPF_PROG_TEST_RUN` on crafted packets, for tests and
 //!   benchmarks.
@@ -31,6 +33,7 @@ pub mod node;
 pub mod object;
 pub mod packet;
 pub mod probe;
+pub mod socklb;
 pub mod testrun;
 
 pub use endpoint::{
@@ -41,3 +44,4 @@ pub use error::DatapathError;
 pub use interface::{Datapath, LoadedPrograms};
 pub use node::NodeLinks;
 pub use probe::{probe_kernel, Feature, FeatureReport};
+pub use socklb::SocketLbLinks;
