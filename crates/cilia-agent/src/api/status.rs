@@ -39,6 +39,15 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
     let pools = state.pools.clone();
     let ct_gc_runs = state.metrics.ct_gc_runs.get();
     let proxy = state.proxy.borrow().describe(state.proxy_port);
+    let socket_lb = {
+        let served = match &state.socket_lb {
+            crate::socklb::SocketLbState::On { .. } => {
+                state.datapath.lb_netns().ok().map(|n| n.len())
+            }
+            _ => None,
+        };
+        state.socket_lb.subsystem(served)
+    };
     let cluster_subs = match &state.multinode {
         Some(link) => link.subsystems(),
         None => vec![cilia_api::SubsystemStatus {
@@ -80,7 +89,7 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
             policy_revision: store.policy_revision()?,
             policies: summary.documents,
             policy_errors: summary.errors.clone(),
-            subsystems: cluster_subs.into_iter().fold(
+            subsystems: cluster_subs.into_iter().chain([socket_lb]).fold(
                 subsystems(
                     &summary,
                     ct_gc_runs,
