@@ -38,6 +38,8 @@ const VIP4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
 const VIP_TCP_PORT: u16 = 80;
 const VIP_UDP_PORT: u16 = 53;
+/// A frontend of a service without an active backend.
+const VIP_EMPTY_PORT: u16 = 81;
 const BACKEND_TCP_PORT: u16 = 8080;
 const BACKEND_UDP_PORT: u16 = 5353;
 const SERVICE_TCP4: u16 = 11;
@@ -238,6 +240,21 @@ impl Lab {
             };
             services.insert(key(0, 0), master, 0).unwrap();
         }
+        let empty = LbServiceKey {
+            addr: addr16(VIP4.into()),
+            port: VIP_EMPTY_PORT.to_be(),
+            proto: 6,
+            family: CILIA_FAMILY_IPV4,
+            ..Default::default()
+        };
+        let master = LbServiceValue {
+            count: 0,
+            rev_nat: 15,
+            gen: 1,
+            algorithm: CILIA_LB_ALG_RANDOM,
+            ..Default::default()
+        };
+        services.insert(empty, master, 0).unwrap();
     }
 
     /// Flows the socket LB counted for a service (all CPUs).
@@ -278,7 +295,8 @@ fn addr16(ip: IpAddr) -> [u8; 16] {
 }
 
 /// A TCP server on [::]:BACKEND_TCP_PORT answering "b<N>" to every
-/// connection and recording the connection's local address.
+/// request (read to the client's end of it) and recording the
+/// connection's local address.
 fn tcp_server(ns: &Netns, n: u8, accepted: Arc<Mutex<Vec<(u8, SocketAddr)>>>) -> Serving {
     Serving::start(
         ns,
@@ -295,6 +313,11 @@ fn tcp_server(ns: &Netns, n: u8, accepted: Arc<Mutex<Vec<(u8, SocketAddr)>>>) ->
                     .unwrap()
                     .push((n, SocketAddr::new(local.ip().to_canonical(), local.port())));
                 conn.set_nonblocking(false).unwrap();
+                conn.set_read_timeout(Some(WAIT)).unwrap();
+                // Read the request to its end first: closing with unread
+                // data would reset the connection under the client.
+                let mut request = Vec::new();
+                let _ = conn.read_to_end(&mut request);
                 let _ = conn.write_all(format!("b{n}").as_bytes());
                 let _ = conn.shutdown(Shutdown::Write);
             }
@@ -620,6 +643,9 @@ fn sockets_of_a_namespace_not_served_are_not_translated() {
         |l| {
             while let Ok((mut conn, _)) = l.accept() {
                 conn.set_nonblocking(false).unwrap();
+                conn.set_read_timeout(Some(WAIT)).unwrap();
+                let mut request = Vec::new();
+                let _ = conn.read_to_end(&mut request);
                 let _ = conn.write_all(b"local");
                 let _ = conn.shutdown(Shutdown::Write);
             }
@@ -643,4 +669,18 @@ fn sockets_of_a_namespace_not_served_are_not_translated() {
         "no route to the frontend without translation: {out:?}"
     );
     assert_eq!(lab.flows(SERVICE_TCP4), 1);
+}
+
+#[test]
+fn connect_to_a_frontend_without_backend_is_refused() {
+    privileged!("connect_to_a_frontend_without_backend_is_refused");
+    let lab = Lab::new();
+    lab.dp.attach_socket_lb(&lab.cgroup.path).unwrap();
+    lab.register(&lab.node);
+    let vip = SocketAddr::from((VIP4, VIP_EMPTY_PORT));
+    let out = lab.client(&lab.node, &format!("tcp {vip} 1"));
+    match &out[0] {
+        Outcome::Failed(e) => assert!(e.contains("not permitted"), "{e}"),
+        other => panic!("connected to a service without backends: {other:?}"),
+    }
 }
