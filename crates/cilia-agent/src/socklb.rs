@@ -55,17 +55,47 @@ impl SocketLbState {
         }
     }
 
-    /// The `socket-lb` subsystem of `cilia status`.
-    pub fn subsystem(&self, served: Option<usize>) -> cilia_api::SubsystemStatus {
+    /// The `socket-lb` subsystem of `cilia status`, with what the datapath
+    /// reports: the programs' links (`None`: none pinned) and the number of
+    /// namespaces served.
+    pub fn subsystem(
+        &self,
+        links: Option<cilia_datapath::SocketLbLinks>,
+        served: Option<usize>,
+    ) -> cilia_api::SubsystemStatus {
+        let programs = cilia_datapath::socklb::SOCK_LINKS.len();
         let (status, detail) = match self {
             SocketLbState::Off => ("off", "disabled (--socket-lb off)".to_string()),
-            SocketLbState::On { cgroup, .. } => (
-                "ok",
-                match served {
-                    Some(n) => format!("on cgroup {}, {n} network namespaces", cgroup.display()),
-                    None => format!("on cgroup {}", cgroup.display()),
-                },
-            ),
+            SocketLbState::On { cgroup, .. } => match links {
+                Some(l) if l.programs == programs && l.cgroup_id != 0 => (
+                    "ok",
+                    match served {
+                        Some(n) => {
+                            format!("on cgroup {}, {n} network namespaces", cgroup.display())
+                        }
+                        None => format!("on cgroup {}", cgroup.display()),
+                    },
+                ),
+                Some(l) if l.cgroup_id == 0 => (
+                    "degraded",
+                    format!("cgroup {} is gone: restart the agent", cgroup.display()),
+                ),
+                Some(l) => (
+                    "degraded",
+                    format!(
+                        "{} of {programs} programs attached to cgroup {}: restart the agent",
+                        l.programs,
+                        cgroup.display()
+                    ),
+                ),
+                None => (
+                    "degraded",
+                    format!(
+                        "no program attached to cgroup {} (links removed?): restart the agent",
+                        cgroup.display()
+                    ),
+                ),
+            },
             SocketLbState::Unavailable { reason } => ("degraded", format!("unavailable: {reason}")),
         };
         cilia_api::SubsystemStatus {

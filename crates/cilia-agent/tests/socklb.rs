@@ -65,6 +65,10 @@ fn socket_lb_serves_the_node_and_each_endpoint_namespace() {
     let id = ep["id"].to_string();
     agent.cli_ok(&["endpoint", "delete", &id]);
     assert!(socket_lb_line(&agent).contains("1 network namespaces"));
+    // A link removed behind the agent's back shows.
+    std::fs::remove_file(agent.bpf_root.path().join("socklb/connect4")).unwrap();
+    let line = socket_lb_line(&agent);
+    assert!(line.contains("7 of 8 programs"), "{line}");
 }
 
 #[test]
