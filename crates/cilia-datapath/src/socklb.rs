@@ -17,7 +17,7 @@
 //! same ones `lxc.o` uses (the services, backends, affinity and stats).
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -113,9 +113,17 @@ fn socket_netns_cookie(sock: BorrowedFd<'_>) -> std::io::Result<u64> {
     Ok(cookie)
 }
 
+/// The netns cookie of the calling thread's namespace, from a socket that
+/// is never bound (so no address or device of the namespace is needed).
 fn udp_socket_cookie() -> std::io::Result<u64> {
-    let sock =
-        std::net::UdpSocket::bind("0.0.0.0:0").or_else(|_| std::net::UdpSocket::bind("[::]:0"))?;
+    // SAFETY: socket(2) takes no pointers; a non-negative result is a new
+    // fd nothing else owns, which the OwnedFd closes.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: see above.
+    let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
     socket_netns_cookie(sock.as_fd())
 }
 
