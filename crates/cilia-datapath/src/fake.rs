@@ -583,6 +583,14 @@ impl Datapath for FakeDatapath {
                 programs: crate::socklb::SOCK_LINKS.len(),
             }))
     }
+    fn reload_socket_lb(&self) -> Result<usize, DatapathError> {
+        self.enter("reload_socket_lb")?;
+        Ok(if self.state().socket_lb_cgroup.is_some() {
+            crate::socklb::SOCK_LINKS.len()
+        } else {
+            0
+        })
+    }
     fn add_lb_netns(&self, cookie: u64) -> Result<(), DatapathError> {
         self.enter("add_lb_netns")?;
         self.state().lb_netns.insert(cookie);

@@ -226,6 +226,9 @@ pub trait Datapath: Send + Sync {
     fn detach_socket_lb(&self) -> Result<(), DatapathError>;
     /// Where the socket LB is attached; `None` when it is not.
     fn socket_lb_links(&self) -> Result<Option<SocketLbLinks>, DatapathError>;
+    /// Swaps this build's socket LB programs into their pinned links
+    /// (datapath reload); returns how many links were swapped.
+    fn reload_socket_lb(&self) -> Result<usize, DatapathError>;
     /// Lets the socket LB translate sockets of the network namespace with
     /// this cookie (`SO_NETNS_COOKIE`).
     fn add_lb_netns(&self, cookie: u64) -> Result<(), DatapathError>;
@@ -433,6 +436,9 @@ impl Datapath for BpfDatapath {
     }
     fn socket_lb_links(&self) -> Result<Option<SocketLbLinks>, DatapathError> {
         BpfDatapath::socket_lb_links(self)
+    }
+    fn reload_socket_lb(&self) -> Result<usize, DatapathError> {
+        BpfDatapath::reload_socket_lb(self)
     }
     fn add_lb_netns(&self, cookie: u64) -> Result<(), DatapathError> {
         BpfDatapath::add_lb_netns(self, cookie)

@@ -185,17 +185,7 @@ impl BpfDatapath {
         let links_dir = self.root().join("socklb");
         std::fs::create_dir_all(&links_dir)
             .map_err(|e| DatapathError::io(format!("creating {}", links_dir.display()), e))?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(self.root().join("maps"))
-            .load(SOCK_OBJECT)?;
-        for (name, _) in SOCK_LINKS {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::MissingProgram(name))?
-                .try_into()
-                .map_err(|e| DatapathError::program(name, e))?;
-            prog.load().map_err(|e| DatapathError::program(name, e))?;
-        }
+        let mut ebpf = self.load_socket_lb()?;
         for (name, pin_name) in SOCK_LINKS {
             let pin = self.socklb_link_pin(pin_name);
             let prog: &mut CgroupSockAddr = ebpf
@@ -234,6 +224,55 @@ impl BpfDatapath {
             fd_link.pin(&pin).map_err(|e| pin_err(e.to_string()))?;
         }
         Ok(())
+    }
+
+    /// Loads (and so verifies) all eight programs against the pinned maps.
+    fn load_socket_lb(&self) -> Result<aya::Ebpf, DatapathError> {
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(self.root().join("maps"))
+            .load(SOCK_OBJECT)?;
+        for (name, _) in SOCK_LINKS {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram(name))?
+                .try_into()
+                .map_err(|e| DatapathError::program(name, e))?;
+            prog.load().map_err(|e| DatapathError::program(name, e))?;
+        }
+        Ok(ebpf)
+    }
+
+    /// Loads this build's socket LB programs again and swaps them into the
+    /// links that are pinned (the `datapath reload` of the socket LB); a
+    /// rejected program leaves the old ones attached. Returns how many
+    /// links were swapped (0: not attached).
+    pub fn reload_socket_lb(&self) -> Result<usize, DatapathError> {
+        if !SOCK_LINKS
+            .iter()
+            .any(|(_, pin_name)| self.socklb_link_pin(pin_name).exists())
+        {
+            return Ok(0);
+        }
+        let ebpf = self.load_socket_lb()?;
+        let mut swapped = 0;
+        for (name, pin_name) in SOCK_LINKS {
+            let pin = self.socklb_link_pin(pin_name);
+            if !pin.exists() {
+                continue;
+            }
+            let prog: &CgroupSockAddr = ebpf
+                .program(name)
+                .ok_or(DatapathError::MissingProgram(name))?
+                .try_into()
+                .map_err(|e| DatapathError::program(name, e))?;
+            let fd = prog.fd().map_err(|e| DatapathError::program(name, e))?;
+            link_update(&pin, fd.as_fd()).map_err(|e| DatapathError::Pin {
+                path: pin.clone(),
+                reason: format!("swapping {name} into the link: {e}"),
+            })?;
+            swapped += 1;
+        }
+        Ok(swapped)
     }
 
     /// Detaches the socket LB (removes its pinned links). Nothing attached

@@ -498,6 +498,15 @@ fn attach_is_pinned_reused_and_detached() {
     let again = BpfDatapath::open(root.path()).unwrap();
     again.attach_socket_lb(&cgroup.path).unwrap();
     assert_eq!(ids(&again), before);
+    let program = |dp: &BpfDatapath| {
+        cilia_datapath::inspect::cgroup_link_target(&dp.socklb_link_pin("recvmsg6"))
+            .unwrap()
+            .program_id
+    };
+    let old_program = program(&again);
+    assert_eq!(again.reload_socket_lb().unwrap(), 8);
+    assert_eq!(ids(&again), before, "a reload keeps the links");
+    assert_ne!(program(&again), old_program, "a reload swaps the programs");
     again.detach_socket_lb().unwrap();
     assert_eq!(again.socket_lb_links().unwrap(), None);
     again.detach_socket_lb().unwrap();

@@ -804,6 +804,13 @@ impl EndpointManager {
                 warn!(error = %e, "reloading the node programs failed; they keep their old programs")
             }
         }
+        match self.dp().reload_socket_lb() {
+            Ok(0) => {}
+            Ok(n) => info!(links = n, "socket LB programs reloaded"),
+            Err(e) => {
+                warn!(error = %e, "reloading the socket LB programs failed; they keep their old programs")
+            }
+        }
         let count = |o: ReloadOutcome| endpoints.iter().filter(|e| e.outcome == o).count();
         let result = DatapathReloadResult {
             reloaded: count(ReloadOutcome::Reloaded),
