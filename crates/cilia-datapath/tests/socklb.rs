@@ -40,6 +40,9 @@ const VIP_TCP_PORT: u16 = 80;
 const VIP_UDP_PORT: u16 = 53;
 /// A frontend of a service without an active backend.
 const VIP_EMPTY_PORT: u16 = 81;
+/// A frontend of a service with client affinity over the three backends.
+const VIP_AFFINITY_PORT: u16 = 82;
+const SERVICE_AFFINITY: u16 = 16;
 const BACKEND_TCP_PORT: u16 = 8080;
 const BACKEND_UDP_PORT: u16 = 5353;
 const SERVICE_TCP4: u16 = 11;
@@ -255,6 +258,33 @@ impl Lab {
             ..Default::default()
         };
         services.insert(empty, master, 0).unwrap();
+        // The affinity service reuses the IPv4 TCP service's backends.
+        let key = |slot: u16, gen: u8| LbServiceKey {
+            addr: addr16(VIP4.into()),
+            port: VIP_AFFINITY_PORT.to_be(),
+            proto: 6,
+            family: CILIA_FAMILY_IPV4,
+            slot,
+            gen,
+            pad: 0,
+        };
+        for n in 1..=BACKENDS {
+            let slot = LbServiceValue {
+                backend_id: backend_id(SERVICE_TCP4, n),
+                ..Default::default()
+            };
+            services.insert(key(u16::from(n), 1), slot, 0).unwrap();
+        }
+        let master = LbServiceValue {
+            count: u16::from(BACKENDS),
+            rev_nat: SERVICE_AFFINITY,
+            gen: 1,
+            algorithm: CILIA_LB_ALG_RANDOM,
+            flags: CILIA_LB_FLAG_AFFINITY,
+            affinity_timeout: 60,
+            ..Default::default()
+        };
+        services.insert(key(0, 0), master, 0).unwrap();
     }
 
     /// Flows the socket LB counted for a service (all CPUs).
@@ -692,4 +722,19 @@ fn connect_to_a_frontend_without_backend_is_refused() {
         Outcome::Failed(e) => assert!(e.contains("not permitted"), "{e}"),
         other => panic!("connected to a service without backends: {other:?}"),
     }
+}
+
+#[test]
+fn affinity_keeps_every_socket_of_a_namespace_on_one_backend() {
+    privileged!("affinity_keeps_every_socket_of_a_namespace_on_one_backend");
+    let lab = Lab::new();
+    lab.dp.attach_socket_lb(&lab.cgroup.path).unwrap();
+    lab.register(&lab.node);
+    let vip = SocketAddr::from((VIP4, VIP_AFFINITY_PORT));
+    // Two client processes, ten sockets each: the client is the namespace.
+    let mut out = lab.client(&lab.node, &format!("tcp {vip} 10"));
+    out.extend(lab.client(&lab.node, &format!("tcp {vip} 10")));
+    let spread = per_backend(&out);
+    assert_eq!(spread.len(), 1, "{spread:?}");
+    assert_eq!(lab.flows(SERVICE_AFFINITY), 20);
 }
