@@ -14,3 +14,6 @@ bench/l7.sh
 echo
 echo "## Across nodes: plain Linux routing vs VXLAN overlay vs native routing"
 bench/multinode.sh
+echo
+echo "## Services: socket-level vs per-packet load balancing"
+bench/socklb.sh

@@ -139,4 +139,14 @@ struct {
 	__array(values, struct lb_maglev_inner);
 } cilia_lb_maglev SEC(".maps");
 
+/* Socket LB: netns cookie -> 1 for the network namespaces this agent
+ * serves (the node's, its endpoints'); other sockets are left alone. */
+CILIA_SHARED_MAP(cilia_lb_netns, BPF_MAP_TYPE_HASH, CILIA_LB_NETNS_MAX, __u64, __u8);
+
+/* Socket LB: per translated socket, backend -> frontend (what recvmsg and
+ * getpeername report) and, for UDP, frontend -> backend (LRU: a forgotten
+ * socket shows the backend's address, never an error). */
+CILIA_SHARED_MAP(cilia_lb_sock, BPF_MAP_TYPE_LRU_HASH, CILIA_LB_SOCK_MAX, struct lb_sock_key,
+		 struct lb_sock_value);
+
 #endif

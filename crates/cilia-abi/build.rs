@@ -99,6 +99,11 @@ const STRUCTS: &[(&str, &[&str])] = &[
     ("prefilter_v6_key", &["prefixlen", "addr"]),
     ("prefilter_value", &["counter"]),
     ("lb_stats", &["flows", "packets", "bytes"]),
+    ("lb_sock_key", &["cookie", "addr", "port", "family", "kind"]),
+    (
+        "lb_sock_value",
+        &["addr", "port", "family", "backend_id", "rev_nat"],
+    ),
     ("frag_key", &["saddr", "daddr", "id", "proto", "family"]),
     ("frag_value", &["expires", "sport", "dport"]),
     (

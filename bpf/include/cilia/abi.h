@@ -386,6 +386,42 @@ struct lb_stats {
 	__u64 bytes;
 };
 
+/*
+ * Socket-level load balancing (bpf/sock.c): cgroup programs translate a
+ * socket's frontend address to a backend at connect()/sendmsg() time, so
+ * its packets carry the backend already. Only sockets of network
+ * namespaces in cilia_lb_netns (key: netns cookie, value: 1) are
+ * translated. cilia_lb_sock (LRU) remembers, per socket, which frontend
+ * each backend stands for (kind REVERSE: recvmsg/getpeername report the
+ * frontend) and, for UDP, which backend a frontend was given (kind
+ * FORWARD: later datagrams of the socket go to the same backend).
+ */
+#define CILIA_LB_NETNS_MAX 4096	  /* network namespaces served by the socket LB */
+#define CILIA_LB_SOCK_MAX  131072 /* (socket, address) translations remembered */
+
+/* lb_sock_key.kind */
+#define CILIA_LB_SOCK_REVERSE 1 /* addr/port: a backend; value: its frontend */
+#define CILIA_LB_SOCK_FORWARD 2 /* addr/port: a frontend; value: its backend (UDP) */
+
+struct lb_sock_key {
+	__u64 cookie;  /* bpf_get_socket_cookie() of the socket */
+	__u8 addr[16]; /* IPv4 uses the first 4 bytes */
+	__be16 port;
+	__u8 family; /* CILIA_FAMILY_* */
+	__u8 kind;   /* CILIA_LB_SOCK_* */
+	__u8 pad[4];
+};
+
+struct lb_sock_value {
+	__u8 addr[16]; /* REVERSE: the frontend; FORWARD: the backend */
+	__be16 port;
+	__u8 family;
+	__u8 pad;
+	__u32 backend_id;
+	__u16 rev_nat;
+	__u16 pad2;
+};
+
 /* ---- XDP prefilter ---- */
 
 /* CIDRs of each family in the prefilter (LPM tries cilia_prefilter_v4/_v6). */

@@ -68,6 +68,8 @@ pub const TYPE_RULES: &[(Pattern, &str)] = &[
     (Pattern::Prefix("CILIA_LB_FLAG_"), "u8"),
     (Pattern::Prefix("CILIA_LB_BACKEND_"), "u8"),
     (Pattern::Exact("CILIA_LB_MAGLEV_SIZE_DEFAULT"), "u32"),
+    // Socket LB: `lb_sock_key.kind` (byte).
+    (Pattern::Prefix("CILIA_LB_SOCK_"), "u8"),
     // Routing table id and rule priority (rtnetlink u32 attributes).
     (Pattern::Prefix("CILIA_PROXY_"), "u32"),
 ];

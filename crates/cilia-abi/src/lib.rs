@@ -314,6 +314,34 @@ abi_struct! {
         pub bytes: u64,
     }
 
+    /// Key of `cilia_lb_sock` (LRU): a socket translated by the socket
+    /// load balancer and an address it was translated to or from.
+    #[derive(Default, Hash, PartialOrd, Ord)]
+    pub struct LbSockKey {
+        pub cookie: u64,
+        pub addr: [u8; 16],
+        /// Network byte order.
+        pub port: u16,
+        pub family: u8,
+        /// `CILIA_LB_SOCK_REVERSE` or `CILIA_LB_SOCK_FORWARD`.
+        pub kind: u8,
+        pub pad: [u8; 4],
+    }
+
+    /// Value of `cilia_lb_sock`: the frontend (reverse) or backend
+    /// (forward) of the translation, its backend id and service.
+    #[derive(Default)]
+    pub struct LbSockValue {
+        pub addr: [u8; 16],
+        /// Network byte order.
+        pub port: u16,
+        pub family: u8,
+        pub pad: u8,
+        pub backend_id: u32,
+        pub rev_nat: u16,
+        pub pad2: u16,
+    }
+
     /// Key of `cilia_prefilter_v4` (LPM trie).
     #[derive(Default, Hash, PartialOrd, Ord)]
     pub struct PrefilterV4Key {
@@ -529,6 +557,8 @@ mod tests {
             PrefilterV6Key as "prefilter_v6_key" { prefixlen, addr }
             PrefilterValue as "prefilter_value" { counter }
             LbStats as "lb_stats" { flows, packets, bytes }
+            LbSockKey as "lb_sock_key" { cookie, addr, port, family, kind }
+            LbSockValue as "lb_sock_value" { addr, port, family, backend_id, rev_nat }
             FragKey as "frag_key" { saddr, daddr, id, proto, family }
             FragValue as "frag_value" { expires, sport, dport }
             GlobalConfig as "global_config" { policy_rev, monitor_level, ct_budget, maglev_size }

@@ -23,6 +23,7 @@ pub mod paths;
 pub mod policy;
 pub mod proxy;
 pub mod relay;
+pub mod socklb;
 pub mod store;
 
 use std::fs::File;
@@ -61,6 +62,8 @@ pub struct AgentConfig {
     pub proxy_bin: Option<PathBuf>,
     /// This node in a cluster (kvstore, tunnel, peers).
     pub cluster: ClusterOptions,
+    /// Socket-level load balancing (`--socket-lb`, `--socket-lb-cgroup`).
+    pub socket_lb: socklb::SocketLbOptions,
 }
 
 /// Where the agent keeps cluster-wide state.
@@ -298,6 +301,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // own, for one operation at a time.
     let datapath: endpoint::DatapathHandle = Arc::new(datapath);
     let events = datapath.event_reader();
+    let socket_lb = socklb::start(&config.socket_lb, &datapath)?;
     let cluster_mode = config.cluster.kvstore == KvstoreKind::Etcd;
     if cluster_mode {
         let name = &config.cluster.node_name;
@@ -319,6 +323,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         pools,
     );
     manager.mtu = node_dp.as_ref().map(|n| n.endpoint_mtu);
+    manager.socket_lb = socket_lb.node_netns();
     if !recreated.is_empty() {
         let names: Vec<&str> = recreated.iter().map(|m| m.name.as_str()).collect();
         warn!(maps = ?names, "pinned maps were recreated for this build; re-attaching every endpoint");
@@ -328,6 +333,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .ensure_router()
         .context("setting up the node's router addresses")?;
     manager.restore().context("restoring endpoints")?;
+    manager
+        .sync_socket_lb_netns()
+        .context("serving the endpoints' namespaces with the socket load balancer")?;
     // Cluster mode: the health endpoint (identity `health`), then the
     // cluster client, with the store's identities made cluster-wide.
     let health_endpoint = if cluster_mode {
@@ -472,6 +480,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         proxy_covered,
         cluster: cluster_view,
         multinode: cluster_link.as_ref().map(|(l, _)| l.clone()),
+        socket_lb,
     });
     let _health_threads = health_threads;
     if let Some((link, events)) = cluster_link {

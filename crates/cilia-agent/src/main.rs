@@ -92,6 +92,17 @@ struct Args {
     /// default `cilia-health-<node-name>`.
     #[arg(long, env = "CILIA_HEALTH_NETNS")]
     health_netns: Option<String>,
+    /// Socket-level load balancing: services translated at connect() and
+    /// sendmsg() for the node's and the endpoints' sockets. Default: on
+    /// when the kernel supports it (a failure is shown in `cilia status`);
+    /// `on` makes that failure a start-up error.
+    #[arg(long, env = "CILIA_SOCKET_LB", value_enum)]
+    socket_lb: Option<cilia_agent::socklb::SocketLbFlag>,
+    /// The cgroup v2 directory whose processes' sockets are balanced
+    /// (default: the cgroup v2 root, /sys/fs/cgroup, or
+    /// /sys/fs/cgroup/unified on a hybrid hierarchy).
+    #[arg(long, env = "CILIA_SOCKET_LB_CGROUP")]
+    socket_lb_cgroup: Option<std::path::PathBuf>,
 }
 
 fn main() {
@@ -193,6 +204,10 @@ async fn agent_main() {
         proxy_port: args.proxy_port,
         proxy_bin: args.proxy_bin,
         cluster,
+        socket_lb: cilia_agent::socklb::SocketLbOptions {
+            mode: args.socket_lb,
+            cgroup: args.socket_lb_cgroup,
+        },
     };
     if let Err(e) = cilia_agent::run(config).await {
         eprintln!("cilia-agent: {e:#}");

@@ -44,6 +44,8 @@ pub enum DatapathError {
     IncompatiblePin { path: PathBuf, reason: String },
     #[error("pinning {path}: {reason}")]
     Pin { path: PathBuf, reason: String },
+    #[error("cgroup {path}: {reason}")]
+    Cgroup { path: PathBuf, reason: String },
     #[error("interface {0} not found")]
     NoSuchInterface(String),
     #[error("bpffs root {path}: {reason}")]

@@ -24,6 +24,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -40,6 +41,7 @@ use crate::error::DatapathError;
 use crate::events::EventReader;
 use crate::interface::{Datapath, LoadedPrograms};
 use crate::node::NodeLinks;
+use crate::socklb::SocketLbLinks;
 
 /// How long a gated call waits for its release at most.
 const GATE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -83,6 +85,10 @@ pub struct FakeState {
     pub netdev_device: Option<String>,
     /// Node links swapped by [`Datapath::reload_node_programs`].
     pub node_reloads: usize,
+    /// The cgroup the socket LB is attached to.
+    pub socket_lb_cgroup: Option<PathBuf>,
+    /// Cookies of the namespaces the socket LB serves.
+    pub lb_netns: BTreeSet<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -554,6 +560,50 @@ impl Datapath for FakeDatapath {
         self.enter("set_ct_budget")?;
         self.state().ct_budget = budget;
         Ok(())
+    }
+    fn attach_socket_lb(&self, cgroup: &Path) -> Result<(), DatapathError> {
+        self.enter("attach_socket_lb")?;
+        self.state().socket_lb_cgroup = Some(cgroup.to_path_buf());
+        Ok(())
+    }
+    fn detach_socket_lb(&self) -> Result<(), DatapathError> {
+        self.enter("detach_socket_lb")?;
+        self.state().socket_lb_cgroup = None;
+        Ok(())
+    }
+    /// The fake has no cgroup ids: an attached socket LB reads as cgroup 1.
+    fn socket_lb_links(&self) -> Result<Option<SocketLbLinks>, DatapathError> {
+        self.enter("socket_lb_links")?;
+        Ok(self
+            .state()
+            .socket_lb_cgroup
+            .as_ref()
+            .map(|_| SocketLbLinks {
+                cgroup_id: 1,
+                programs: crate::socklb::SOCK_LINKS.len(),
+            }))
+    }
+    fn reload_socket_lb(&self) -> Result<usize, DatapathError> {
+        self.enter("reload_socket_lb")?;
+        Ok(if self.state().socket_lb_cgroup.is_some() {
+            crate::socklb::SOCK_LINKS.len()
+        } else {
+            0
+        })
+    }
+    fn add_lb_netns(&self, cookie: u64) -> Result<(), DatapathError> {
+        self.enter("add_lb_netns")?;
+        self.state().lb_netns.insert(cookie);
+        Ok(())
+    }
+    fn remove_lb_netns(&self, cookie: u64) -> Result<(), DatapathError> {
+        self.enter("remove_lb_netns")?;
+        self.state().lb_netns.remove(&cookie);
+        Ok(())
+    }
+    fn lb_netns(&self) -> Result<Vec<u64>, DatapathError> {
+        self.enter("lb_netns")?;
+        Ok(self.state().lb_netns.iter().copied().collect())
     }
     fn upsert_lb_backends(&self, _backends: &[cilia_abi::LbBackend]) -> Result<(), DatapathError> {
         Err(DatapathError::Unimplemented("load balancing"))

@@ -17,9 +17,9 @@ const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 
 /// `union bpf_attr` as zeroed bytes; every command below fills a prefix.
-type Attr = [u8; 128];
+pub(crate) type Attr = [u8; 128];
 
-fn put_u32(attr: &mut Attr, off: usize, v: u32) {
+pub(crate) fn put_u32(attr: &mut Attr, off: usize, v: u32) {
     attr[off..off + 4].copy_from_slice(&v.to_ne_bytes());
 }
 
@@ -27,7 +27,7 @@ fn put_u64(attr: &mut Attr, off: usize, v: u64) {
     attr[off..off + 8].copy_from_slice(&v.to_ne_bytes());
 }
 
-fn bpf(cmd: libc::c_long, attr: &mut Attr) -> std::io::Result<libc::c_long> {
+pub(crate) fn bpf(cmd: libc::c_long, attr: &mut Attr) -> std::io::Result<libc::c_long> {
     // SAFETY: `attr` is a zero-initialised buffer at least as large as the
     // bpf_attr prefix of every command used here and outlives the call; the
     // pointers the callers wrote into it point at buffers that outlive it.
@@ -50,7 +50,7 @@ fn owned_fd(rc: libc::c_long) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(rc as i32) }
 }
 
-fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
+pub(crate) fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let mut attr: Attr = [0; 128];
@@ -101,6 +101,31 @@ pub fn link_target(pin: &Path) -> std::io::Result<LinkTarget> {
         link_id: u32_at(&buf, 4),
         program_id: u32_at(&buf, 8),
         ifindex: u32_at(&buf, 16),
+    })
+}
+
+/// What a pinned cgroup link is attached to and which program it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CgroupLinkTarget {
+    pub link_id: u32,
+    pub program_id: u32,
+    /// The cgroup's id (its cgroup2 directory's inode number); 0 when the
+    /// cgroup is gone (the link is then defunct).
+    pub cgroup_id: u64,
+}
+
+/// Reads a pinned cgroup link: the union of `struct bpf_link_info` (offset
+/// 16) starts, for a cgroup link, with the cgroup id (u64).
+pub fn cgroup_link_target(pin: &Path) -> std::io::Result<CgroupLinkTarget> {
+    let fd = obj_get(pin)?;
+    let mut buf = [0u8; 256];
+    info(&fd, &mut buf)?;
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&buf[16..24]);
+    Ok(CgroupLinkTarget {
+        link_id: u32_at(&buf, 4),
+        program_id: u32_at(&buf, 8),
+        cgroup_id: u64::from_ne_bytes(id),
     })
 }
 

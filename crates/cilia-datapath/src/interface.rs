@@ -17,6 +17,7 @@
 
 use std::any::Any;
 use std::net::IpAddr;
+use std::path::Path;
 
 use cilia_abi::{
     CtEntry, EndpointConfig, EndpointEntry, EndpointPolicy, IpcacheEntry, LbBackend, LbFrontend,
@@ -28,6 +29,7 @@ use crate::endpoint::{BpfDatapath, EndpointReload, LinkCheck, LoadedEndpoint, Po
 use crate::error::DatapathError;
 use crate::events::EventReader;
 use crate::node::NodeLinks;
+use crate::socklb::SocketLbLinks;
 
 /// An endpoint's programs loaded and verified by
 /// [`Datapath::load_endpoint`], not yet attached; what is inside is the
@@ -212,6 +214,28 @@ pub trait Datapath: Send + Sync {
     fn lb_backends(&self) -> Result<Vec<LbBackend>, DatapathError>;
     /// Sets the Maglev table size the datapath reads (`global_config`).
     fn set_maglev_size(&self, size: u32) -> Result<(), DatapathError>;
+
+    // Socket-level load balancing (see "Socket-level load balancing" in
+    // docs/ARCHITECTURE.md).
+
+    /// Attaches the socket LB's programs to the cgroup v2 directory
+    /// `cgroup`, swapping them into their pinned links when those are on
+    /// that cgroup already (a link on another cgroup is detached first).
+    fn attach_socket_lb(&self, cgroup: &Path) -> Result<(), DatapathError>;
+    /// Detaches the socket LB. Nothing attached is not an error.
+    fn detach_socket_lb(&self) -> Result<(), DatapathError>;
+    /// Where the socket LB is attached; `None` when it is not.
+    fn socket_lb_links(&self) -> Result<Option<SocketLbLinks>, DatapathError>;
+    /// Swaps this build's socket LB programs into their pinned links
+    /// (datapath reload); returns how many links were swapped.
+    fn reload_socket_lb(&self) -> Result<usize, DatapathError>;
+    /// Lets the socket LB translate sockets of the network namespace with
+    /// this cookie (`SO_NETNS_COOKIE`).
+    fn add_lb_netns(&self, cookie: u64) -> Result<(), DatapathError>;
+    /// Absent is not an error.
+    fn remove_lb_netns(&self, cookie: u64) -> Result<(), DatapathError>;
+    /// Cookies of the namespaces the socket LB serves, sorted.
+    fn lb_netns(&self) -> Result<Vec<u64>, DatapathError>;
 
     // Observability.
 
@@ -399,6 +423,27 @@ impl Datapath for BpfDatapath {
     }
     fn set_maglev_size(&self, size: u32) -> Result<(), DatapathError> {
         BpfDatapath::set_maglev_size(self, size)
+    }
+    fn attach_socket_lb(&self, cgroup: &Path) -> Result<(), DatapathError> {
+        BpfDatapath::attach_socket_lb(self, cgroup)
+    }
+    fn detach_socket_lb(&self) -> Result<(), DatapathError> {
+        BpfDatapath::detach_socket_lb(self)
+    }
+    fn socket_lb_links(&self) -> Result<Option<SocketLbLinks>, DatapathError> {
+        BpfDatapath::socket_lb_links(self)
+    }
+    fn reload_socket_lb(&self) -> Result<usize, DatapathError> {
+        BpfDatapath::reload_socket_lb(self)
+    }
+    fn add_lb_netns(&self, cookie: u64) -> Result<(), DatapathError> {
+        BpfDatapath::add_lb_netns(self, cookie)
+    }
+    fn remove_lb_netns(&self, cookie: u64) -> Result<(), DatapathError> {
+        BpfDatapath::remove_lb_netns(self, cookie)
+    }
+    fn lb_netns(&self) -> Result<Vec<u64>, DatapathError> {
+        BpfDatapath::lb_netns(self)
     }
     fn metrics(&self) -> Result<Vec<MetricsEntry>, DatapathError> {
         Ok(BpfDatapath::metrics(self)?

@@ -11,6 +11,8 @@
 //!   for traffic between nodes; pinned like the endpoints'.
 //! * `lb`: the load balancer's maps (services with their atomic
 //!   generation flip, backends, rev-NAT, Maglev tables).
+//! * [`socklb`]: the socket load balancer's cgroup programs and the
+//!   network namespaces it serves.
 //! * [`inspect`]: read back what is attached (link, program tag, `.rodata`).
 //! * [`testrun`]: `BPF_PROG_TEST_RUN` on crafted packets, for tests and
 //!   benchmarks.
@@ -34,6 +36,7 @@ pub mod node;
 pub mod object;
 pub mod packet;
 pub mod probe;
+pub mod socklb;
 pub mod testrun;
 
 pub use endpoint::{
@@ -44,3 +47,4 @@ pub use error::DatapathError;
 pub use interface::{Datapath, LoadedPrograms};
 pub use node::NodeLinks;
 pub use probe::{probe_kernel, Feature, FeatureReport};
+pub use socklb::SocketLbLinks;

@@ -6,6 +6,8 @@ pub static LXC_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 /// The node object (`bpf/overlay.c`): traffic between nodes.
 pub static OVERLAY_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay.o"));
+/// The socket load balancer (`bpf/sock.c`): cgroup sock_addr programs.
+pub static SOCK_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock.o"));
 /// Feature probes and the benchmark baseline (`bpf/probe.c`).
 pub static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe.o"));
 
@@ -19,6 +21,15 @@ pub const PROG_FROM_OVERLAY: &str = "cil_from_overlay";
 pub const PROG_TO_OVERLAY: &str = "cil_to_overlay";
 /// tc program on the ingress of the node's underlay device (native routing).
 pub const PROG_FROM_NETDEV: &str = "cil_from_netdev";
+/// Socket LB programs (cgroup sock_addr hooks), by hook.
+pub const PROG_SOCK_CONNECT4: &str = "cil_sock_connect4";
+pub const PROG_SOCK_CONNECT6: &str = "cil_sock_connect6";
+pub const PROG_SOCK_SENDMSG4: &str = "cil_sock_sendmsg4";
+pub const PROG_SOCK_SENDMSG6: &str = "cil_sock_sendmsg6";
+pub const PROG_SOCK_RECVMSG4: &str = "cil_sock_recvmsg4";
+pub const PROG_SOCK_RECVMSG6: &str = "cil_sock_recvmsg6";
+pub const PROG_SOCK_GETPEERNAME4: &str = "cil_sock_getpeername4";
+pub const PROG_SOCK_GETPEERNAME6: &str = "cil_sock_getpeername6";
 /// The empty tc program (benchmark baseline).
 pub const PROG_EMPTY: &str = "probe_empty";
 /// Verifier probe for `bpf_redirect_peer`.
@@ -64,6 +75,11 @@ pub const MAP_LB_AFFINITY: &str = "cilia_lb_affinity";
 pub const MAP_LB_STATS: &str = "cilia_lb_stats";
 /// Shared hash of maps: rev-NAT id -> that service's Maglev table.
 pub const MAP_LB_MAGLEV: &str = "cilia_lb_maglev";
+
+/// Shared hash: netns cookie -> 1 for the namespaces the socket LB serves.
+pub const MAP_LB_NETNS: &str = "cilia_lb_netns";
+/// Shared LRU hash: the socket LB's translations per socket.
+pub const MAP_LB_SOCK: &str = "cilia_lb_sock";
 
 /// The shared maps with the layout the embedded object expects, used to
 /// validate pins left by an earlier agent before reusing them.
@@ -153,6 +169,16 @@ pub const SHARED_MAPS: &[MapSpec] = &[
         name: MAP_LB_MAGLEV,
         key_size: 4,
         value_size: 4,
+    },
+    MapSpec {
+        name: MAP_LB_NETNS,
+        key_size: 8,
+        value_size: 1,
+    },
+    MapSpec {
+        name: MAP_LB_SOCK,
+        key_size: core::mem::size_of::<cilia_abi::LbSockKey>() as u32,
+        value_size: core::mem::size_of::<cilia_abi::LbSockValue>() as u32,
     },
     MapSpec {
         name: MAP_METRICS,

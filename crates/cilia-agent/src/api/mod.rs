@@ -79,6 +79,8 @@ pub struct AgentState {
     pub cluster: Option<crate::relay::ClusterView>,
     /// The cluster link (etcd mode), for status.
     pub multinode: Option<Arc<crate::multinode::MultiNode>>,
+    /// How the socket load balancer stands (fixed at start).
+    pub socket_lb: crate::socklb::SocketLbState,
 }
 
 impl AgentState {
@@ -552,6 +554,7 @@ mod tests {
             proxy_covered: tokio::sync::watch::channel(Default::default()).1,
             cluster: None,
             multinode: None,
+            socket_lb: Default::default(),
         })
     }
 

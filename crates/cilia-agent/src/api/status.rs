@@ -39,6 +39,20 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
     let pools = state.pools.clone();
     let ct_gc_runs = state.metrics.ct_gc_runs.get();
     let proxy = state.proxy.borrow().describe(state.proxy_port);
+    // Map and link reads block: off the async workers, like the scrape.
+    let s = state.clone();
+    let socket_lb = tokio::task::spawn_blocking(move || {
+        let (links, served) = match &s.socket_lb {
+            crate::socklb::SocketLbState::On { .. } => (
+                s.datapath.socket_lb_links().ok().flatten(),
+                s.datapath.lb_netns().ok().map(|n| n.len()),
+            ),
+            _ => (None, None),
+        };
+        s.socket_lb.subsystem(links, served)
+    })
+    .await
+    .map_err(|e| AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     let cluster_subs = match &state.multinode {
         Some(link) => link.subsystems(),
         None => vec![cilia_api::SubsystemStatus {
@@ -80,7 +94,7 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
             policy_revision: store.policy_revision()?,
             policies: summary.documents,
             policy_errors: summary.errors.clone(),
-            subsystems: cluster_subs.into_iter().fold(
+            subsystems: cluster_subs.into_iter().chain([socket_lb]).fold(
                 subsystems(
                     &summary,
                     ct_gc_runs,

@@ -24,6 +24,7 @@ pub mod labels;
 pub mod netdev;
 mod relabel;
 pub mod rtnl;
+mod socklb;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -224,6 +225,11 @@ pub struct EndpointManager {
     /// The MTU of new endpoints' devices (`None`: the kernel's default);
     /// set in overlay mode to leave room for the tunnel's headers.
     pub mtu: Option<u32>,
+    /// The node's netns cookie when the socket load balancer is on: then
+    /// every ready endpoint's namespace is served too (see `socklb`).
+    pub socket_lb: Option<u64>,
+    /// Netns cookie each endpoint's namespace was served under.
+    pub(crate) lb_netns: BTreeMap<u16, u64>,
 }
 
 pub(crate) fn config_of(rec: &EndpointRecord, ifindex: u32) -> EndpointConfig {
@@ -277,6 +283,8 @@ impl EndpointManager {
             agent_netns: netdev::AGENT_NETNS.into(),
             reattach_all: false,
             mtu: None,
+            socket_lb: None,
+            lb_netns: BTreeMap::new(),
         }
     }
 
@@ -538,7 +546,10 @@ impl EndpointManager {
                 return Err(e);
             }
         };
-        match self.connect(&rec, prepared) {
+        let connected = self
+            .connect(&rec, prepared)
+            .and_then(|()| self.serve_netns(&rec, &pending.spec.netns.file));
+        match connected {
             Ok(()) => {
                 let mut ready = rec;
                 ready.state = EndpointState::Ready;
@@ -631,6 +642,9 @@ impl EndpointManager {
             }
         }
         self.policy().forget(rec.id);
+        if let Err(e) = self.unserve_netns(rec.id) {
+            warn!(id = rec.id, error = %e, "cannot stop serving the endpoint's namespace (socket LB)");
+        }
         if let Err(e) = self.dp().detach_endpoint(rec.id) {
             warn!(id = rec.id, error = %e, "cannot remove link pin");
         }
@@ -649,6 +663,7 @@ impl EndpointManager {
         }
         crate::crash::point("endpoint-delete:after-unpublish");
         self.dp().detach_endpoint(rec.id)?;
+        self.unserve_netns(rec.id)?;
         crate::crash::point("endpoint-delete:after-detach");
         self.netdev.delete(&rec.host_ifname)?;
         crate::crash::point("endpoint-delete:after-veth");
@@ -787,6 +802,13 @@ impl EndpointManager {
             Ok(n) => info!(links = n, "node programs reloaded"),
             Err(e) => {
                 warn!(error = %e, "reloading the node programs failed; they keep their old programs")
+            }
+        }
+        match self.dp().reload_socket_lb() {
+            Ok(0) => {}
+            Ok(n) => info!(links = n, "socket LB programs reloaded"),
+            Err(e) => {
+                warn!(error = %e, "reloading the socket LB programs failed; they keep their old programs")
             }
         }
         let count = |o: ReloadOutcome| endpoints.iter().filter(|e| e.outcome == o).count();
