@@ -23,7 +23,6 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use cilia_abi::*;
 use cilia_datapath::socklb::{cgroup_id, default_cgroup_root, netns_cookie};
 use cilia_datapath::BpfDatapath;
@@ -162,18 +161,11 @@ impl Lab {
         lab
     }
 
-    fn map<K: aya::Pod, V: aya::Pod>(&self, name: &str) -> HashMap<MapData, K, V> {
-        let data = MapData::from_pin(self.dp.root().join("maps").join(name)).unwrap();
-        HashMap::try_from(Map::from_map_data(data).unwrap()).unwrap()
-    }
-
     /// The four services (TCP and UDP, both families) over the three
-    /// backends, written as the ABI says: backends, rev-NAT, slots of
-    /// generation 1, then the master.
+    /// backends, the one without backends, and the affinity service over
+    /// the IPv4 TCP service's backends, written through the datapath.
     fn write_services(&self) {
-        let mut backends = self.map::<u32, LbBackendValue>("cilia_lb_backends");
-        let mut services = self.map::<LbServiceKey, LbServiceValue>("cilia_lb_services");
-        let mut revnat = self.map::<u16, LbRevNatValue>("cilia_lb_revnat");
+        let mut rows = Vec::new();
         for (rev_nat, proto, port, backend_port) in [
             (SERVICE_TCP4, 6u8, VIP_TCP_PORT, BACKEND_TCP_PORT),
             (SERVICE_TCP6, 6, VIP_TCP_PORT, BACKEND_TCP_PORT),
@@ -181,123 +173,69 @@ impl Lab {
             (SERVICE_UDP6, 17, VIP_UDP_PORT, BACKEND_UDP_PORT),
         ] {
             let v6 = rev_nat == SERVICE_TCP6 || rev_nat == SERVICE_UDP6;
-            let family = if v6 {
-                CILIA_FAMILY_IPV6
-            } else {
-                CILIA_FAMILY_IPV4
-            };
             let vip: IpAddr = if v6 { VIP6.into() } else { VIP4.into() };
-            for n in 1..=BACKENDS {
-                let ip: IpAddr = if v6 {
-                    backend6(n).into()
-                } else {
-                    backend4(n).into()
-                };
-                backends
-                    .insert(
-                        backend_id(rev_nat, n),
-                        LbBackendValue {
-                            addr: addr16(ip),
-                            port: backend_port.to_be(),
-                            family,
-                            state: CILIA_LB_BACKEND_ACTIVE,
-                        },
-                        0,
-                    )
-                    .unwrap();
-            }
-            revnat
-                .insert(
-                    rev_nat,
-                    LbRevNatValue {
-                        addr: addr16(vip),
-                        port: port.to_be(),
-                        family,
-                        pad: 0,
-                    },
-                    0,
-                )
-                .unwrap();
-            let key = |slot: u16, gen: u8| LbServiceKey {
-                addr: addr16(vip),
-                port: port.to_be(),
-                proto,
-                family,
-                slot,
-                gen,
-                pad: 0,
-            };
-            for n in 1..=BACKENDS {
-                let slot = LbServiceValue {
-                    backend_id: backend_id(rev_nat, n),
-                    ..Default::default()
-                };
-                services.insert(key(u16::from(n), 1), slot, 0).unwrap();
-            }
-            let master = LbServiceValue {
-                count: u16::from(BACKENDS),
+            let backends: Vec<LbBackend> = (1..=BACKENDS)
+                .map(|n| {
+                    let ip: IpAddr = if v6 {
+                        backend6(n).into()
+                    } else {
+                        backend4(n).into()
+                    };
+                    LbBackend {
+                        id: backend_id(rev_nat, n),
+                        addr: SocketAddr::new(ip, backend_port),
+                        state: LbBackendState::Active,
+                    }
+                })
+                .collect();
+            self.dp.upsert_lb_backends(&backends).unwrap();
+            rows.push(LbService {
                 rev_nat,
-                gen: 1,
-                algorithm: CILIA_LB_ALG_RANDOM,
-                ..Default::default()
-            };
-            services.insert(key(0, 0), master, 0).unwrap();
+                frontend: LbFrontend {
+                    addr: vip,
+                    port,
+                    proto,
+                },
+                algorithm: LbAlgorithm::Random,
+                affinity_timeout: None,
+                slots: backends.iter().map(|b| b.id).collect(),
+                maglev: None,
+            });
         }
-        let empty = LbServiceKey {
-            addr: addr16(VIP4.into()),
-            port: VIP_EMPTY_PORT.to_be(),
-            proto: 6,
-            family: CILIA_FAMILY_IPV4,
-            ..Default::default()
-        };
-        let master = LbServiceValue {
-            count: 0,
+        rows.push(LbService {
             rev_nat: 15,
-            gen: 1,
-            algorithm: CILIA_LB_ALG_RANDOM,
-            ..Default::default()
-        };
-        services.insert(empty, master, 0).unwrap();
-        // The affinity service reuses the IPv4 TCP service's backends.
-        let key = |slot: u16, gen: u8| LbServiceKey {
-            addr: addr16(VIP4.into()),
-            port: VIP_AFFINITY_PORT.to_be(),
-            proto: 6,
-            family: CILIA_FAMILY_IPV4,
-            slot,
-            gen,
-            pad: 0,
-        };
-        for n in 1..=BACKENDS {
-            let slot = LbServiceValue {
-                backend_id: backend_id(SERVICE_TCP4, n),
-                ..Default::default()
-            };
-            services.insert(key(u16::from(n), 1), slot, 0).unwrap();
-        }
-        let master = LbServiceValue {
-            count: u16::from(BACKENDS),
+            frontend: LbFrontend {
+                addr: VIP4.into(),
+                port: VIP_EMPTY_PORT,
+                proto: 6,
+            },
+            algorithm: LbAlgorithm::Random,
+            affinity_timeout: None,
+            slots: Vec::new(),
+            maglev: None,
+        });
+        rows.push(LbService {
             rev_nat: SERVICE_AFFINITY,
-            gen: 1,
-            algorithm: CILIA_LB_ALG_RANDOM,
-            flags: CILIA_LB_FLAG_AFFINITY,
-            affinity_timeout: 60,
-            ..Default::default()
-        };
-        services.insert(key(0, 0), master, 0).unwrap();
+            frontend: LbFrontend {
+                addr: VIP4.into(),
+                port: VIP_AFFINITY_PORT,
+                proto: 6,
+            },
+            algorithm: LbAlgorithm::Random,
+            affinity_timeout: Some(60),
+            slots: (1..=BACKENDS)
+                .map(|n| backend_id(SERVICE_TCP4, n))
+                .collect(),
+            maglev: None,
+        });
+        for row in &rows {
+            self.dp.upsert_lb_service(row).unwrap();
+        }
     }
 
     /// Flows the socket LB counted for a service (all CPUs).
     fn flows(&self, rev_nat: u16) -> u64 {
-        let data = MapData::from_pin(self.dp.root().join("maps").join("cilia_lb_stats")).unwrap();
-        let stats: PerCpuArray<MapData, LbStats> =
-            PerCpuArray::try_from(Map::from_map_data(data).unwrap()).unwrap();
-        stats
-            .get(&u32::from(rev_nat), 0)
-            .unwrap()
-            .iter()
-            .map(|s| s.flows)
-            .sum()
+        self.dp.lb_stats(rev_nat).unwrap().flows
     }
 
     fn register(&self, ns: &Netns) {
@@ -313,15 +251,6 @@ impl Lab {
 
 fn backend_id(rev_nat: u16, n: u8) -> u32 {
     u32::from(rev_nat) * 100 + u32::from(n)
-}
-
-fn addr16(ip: IpAddr) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    match ip {
-        IpAddr::V4(v4) => out[..4].copy_from_slice(&v4.octets()),
-        IpAddr::V6(v6) => out = v6.octets(),
-    }
-    out
 }
 
 /// A TCP server on [::]:BACKEND_TCP_PORT answering "b<N>" to every
