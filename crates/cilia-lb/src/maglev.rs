@@ -173,7 +173,7 @@ mod tests {
     }
 
     fn backend(id: u32, seed: u32, weight: u32) -> MaglevBackend {
-        let ip = if seed % 2 == 0 {
+        let ip = if seed.is_multiple_of(2) {
             IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + seed))
         } else {
             IpAddr::V6(Ipv6Addr::from(
