@@ -29,8 +29,8 @@ use std::time::Duration;
 
 use cilia_abi::{
     CtEntry, CtKey, CtValue, EndpointConfig, EndpointEntry, EndpointPolicy, Event, IpcacheEntry,
-    IpcacheKey, IpcacheValue, MetricsEntry, MetricsKey, MetricsValue, NodeConfig, NodeConfigValue,
-    PolicyDelta, PolicyKey, PolicyValue,
+    IpcacheKey, IpcacheValue, LbBackend, LbFrontend, LbService, LbStats, MetricsEntry, MetricsKey,
+    MetricsValue, NodeConfig, NodeConfigValue, PolicyDelta, PolicyKey, PolicyValue,
 };
 use ipnet::IpNet;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -83,6 +83,17 @@ pub struct FakeState {
     pub netdev_device: Option<String>,
     /// Node links swapped by [`Datapath::reload_node_programs`].
     pub node_reloads: usize,
+    /// The backends map, by backend id.
+    pub lb_backends: BTreeMap<u32, LbBackend>,
+    /// The services (master, slots, rev-NAT entry and Maglev table), by
+    /// frontend.
+    pub lb_services: BTreeMap<LbFrontend, LbService>,
+    /// Successful service writes (upserts), by rev-NAT id.
+    pub lb_service_writes: BTreeMap<u16, usize>,
+    /// The configured Maglev table size (0: not set, the default applies).
+    pub maglev_size: u32,
+    /// Per-service counters, by rev-NAT id (summed over CPUs).
+    pub lb_stats: BTreeMap<u16, LbStats>,
 }
 
 #[derive(Debug, Default)]
@@ -162,6 +173,15 @@ impl std::fmt::Debug for FakeDatapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FakeDatapath").finish_non_exhaustive()
     }
+}
+
+/// What the kernel would refuse or a broken caller would cause, as the
+/// fake reports it.
+fn invalid(operation: &str, reason: String) -> DatapathError {
+    DatapathError::io(
+        operation.to_string(),
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, reason),
+    )
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -555,30 +575,106 @@ impl Datapath for FakeDatapath {
         self.state().ct_budget = budget;
         Ok(())
     }
-    fn upsert_lb_backends(&self, _backends: &[cilia_abi::LbBackend]) -> Result<(), DatapathError> {
-        Err(DatapathError::Unimplemented("load balancing"))
+    fn upsert_lb_backends(&self, backends: &[LbBackend]) -> Result<(), DatapathError> {
+        self.enter("upsert_lb_backends")?;
+        let mut state = self.state();
+        for b in backends {
+            if b.id == 0 {
+                return Err(invalid("upsert_lb_backends", "backend id 0".into()));
+            }
+            state.lb_backends.insert(b.id, *b);
+        }
+        Ok(())
     }
-    fn remove_lb_backends(&self, _ids: &[u32]) -> Result<(), DatapathError> {
-        Err(DatapathError::Unimplemented("load balancing"))
+    fn remove_lb_backends(&self, ids: &[u32]) -> Result<(), DatapathError> {
+        self.enter("remove_lb_backends")?;
+        let mut state = self.state();
+        for id in ids {
+            state.lb_backends.remove(id);
+        }
+        Ok(())
     }
-    fn upsert_lb_service(&self, _service: &cilia_abi::LbService) -> Result<(), DatapathError> {
-        Err(DatapathError::Unimplemented("load balancing"))
+    /// Refuses what the kernel maps would make a broken service: a slot or
+    /// Maglev entry naming a backend not written before, a Maglev table of
+    /// another size than the configured one, a rev-NAT id another frontend
+    /// uses.
+    fn upsert_lb_service(&self, service: &LbService) -> Result<(), DatapathError> {
+        self.enter("upsert_lb_service")?;
+        let mut state = self.state();
+        let name = format!("service {} ({:?})", service.rev_nat, service.frontend);
+        if let Some(id) = service
+            .slots
+            .iter()
+            .chain(service.maglev.iter().flatten())
+            .find(|id| **id != 0 && !state.lb_backends.contains_key(id))
+        {
+            return Err(invalid(
+                "upsert_lb_service",
+                format!("{name}: backend {id} is not in the backends map"),
+            ));
+        }
+        if let Some(table) = &service.maglev {
+            let size = match state.maglev_size {
+                0 => cilia_abi::CILIA_LB_MAGLEV_SIZE_DEFAULT,
+                n => n,
+            };
+            if table.len() != size as usize {
+                return Err(invalid(
+                    "upsert_lb_service",
+                    format!(
+                        "{name}: Maglev table of {} entries, not {size}",
+                        table.len()
+                    ),
+                ));
+            }
+        }
+        if let Some(other) = state
+            .lb_services
+            .values()
+            .find(|s| s.rev_nat == service.rev_nat && s.frontend != service.frontend)
+        {
+            return Err(invalid(
+                "upsert_lb_service",
+                format!("{name}: rev-NAT id used by {:?}", other.frontend),
+            ));
+        }
+        state.lb_services.insert(service.frontend, service.clone());
+        *state.lb_service_writes.entry(service.rev_nat).or_default() += 1;
+        Ok(())
     }
-    fn remove_lb_service(
-        &self,
-        _frontend: &cilia_abi::LbFrontend,
-        _rev_nat: u16,
-    ) -> Result<(), DatapathError> {
-        Err(DatapathError::Unimplemented("load balancing"))
+    fn remove_lb_service(&self, frontend: &LbFrontend, rev_nat: u16) -> Result<(), DatapathError> {
+        self.enter("remove_lb_service")?;
+        let mut state = self.state();
+        if state
+            .lb_services
+            .get(frontend)
+            .is_some_and(|s| s.rev_nat == rev_nat)
+        {
+            state.lb_services.remove(frontend);
+        }
+        Ok(())
     }
-    fn lb_services(&self) -> Result<Vec<cilia_abi::LbService>, DatapathError> {
-        Err(DatapathError::Unimplemented("load balancing"))
+    fn lb_services(&self) -> Result<Vec<LbService>, DatapathError> {
+        self.enter("lb_services")?;
+        Ok(self.state().lb_services.values().cloned().collect())
     }
-    fn lb_backends(&self) -> Result<Vec<cilia_abi::LbBackend>, DatapathError> {
-        Err(DatapathError::Unimplemented("load balancing"))
+    fn lb_backends(&self) -> Result<Vec<LbBackend>, DatapathError> {
+        self.enter("lb_backends")?;
+        Ok(self.state().lb_backends.values().copied().collect())
     }
-    fn set_maglev_size(&self, _size: u32) -> Result<(), DatapathError> {
-        Err(DatapathError::Unimplemented("load balancing"))
+    fn set_maglev_size(&self, size: u32) -> Result<(), DatapathError> {
+        self.enter("set_maglev_size")?;
+        self.state().maglev_size = size;
+        Ok(())
+    }
+    fn lb_stats(&self) -> Result<Vec<(u16, LbStats)>, DatapathError> {
+        self.enter("lb_stats")?;
+        Ok(self
+            .state()
+            .lb_stats
+            .iter()
+            .map(|(id, s)| (*id, *s))
+            .collect())
     }
     fn metrics(&self) -> Result<Vec<MetricsEntry>, DatapathError> {
         self.enter("metrics")?;
@@ -820,5 +916,71 @@ mod tests {
         let mut out = Vec::new();
         let n = reader.read(&mut out, Duration::from_secs(5)).await.unwrap();
         assert_eq!((n, out), (1, vec![event]));
+    }
+
+    fn lb_service(rev_nat: u16, slots: Vec<u32>) -> LbService {
+        LbService {
+            rev_nat,
+            frontend: LbFrontend {
+                addr: "2001:db8::10".parse().unwrap(),
+                port: 80,
+                proto: 6,
+            },
+            algorithm: cilia_abi::LbAlgorithm::Random,
+            affinity_timeout: None,
+            slots,
+            maglev: None,
+        }
+    }
+
+    fn lb_backend(id: u32) -> LbBackend {
+        LbBackend {
+            id,
+            addr: format!("[2001:db8::{id}]:8080").parse().unwrap(),
+            state: cilia_abi::LbBackendState::Active,
+        }
+    }
+
+    #[test]
+    fn a_service_naming_an_unwritten_backend_is_refused() {
+        let dp = FakeDatapath::new();
+        dp.upsert_lb_backends(&[lb_backend(1)]).unwrap();
+        let e = dp
+            .upsert_lb_service(&lb_service(7, vec![1, 2]))
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("backend 2 is not in the backends map"),
+            "{e}"
+        );
+        dp.upsert_lb_backends(&[lb_backend(2)]).unwrap();
+        dp.upsert_lb_service(&lb_service(7, vec![1, 2])).unwrap();
+        assert_eq!(dp.lb_services().unwrap(), vec![lb_service(7, vec![1, 2])]);
+    }
+
+    #[test]
+    fn a_maglev_table_must_have_the_configured_size() {
+        let dp = FakeDatapath::new();
+        dp.upsert_lb_backends(&[lb_backend(1)]).unwrap();
+        dp.set_maglev_size(1021).unwrap();
+        let mut s = lb_service(7, vec![1]);
+        s.maglev = Some(vec![1; 16381]);
+        assert!(dp.upsert_lb_service(&s).is_err());
+        s.maglev = Some(vec![1; 1021]);
+        dp.upsert_lb_service(&s).unwrap();
+    }
+
+    #[test]
+    fn removing_a_service_needs_its_rev_nat_id() {
+        let dp = FakeDatapath::new();
+        dp.upsert_lb_backends(&[lb_backend(1)]).unwrap();
+        let s = lb_service(7, vec![1]);
+        dp.upsert_lb_service(&s).unwrap();
+        dp.remove_lb_service(&s.frontend, 8).unwrap();
+        assert_eq!(dp.lb_services().unwrap().len(), 1);
+        dp.remove_lb_service(&s.frontend, 7).unwrap();
+        assert!(dp.lb_services().unwrap().is_empty());
+        dp.remove_lb_backends(&[1, 99]).unwrap();
+        assert!(dp.lb_backends().unwrap().is_empty());
     }
 }

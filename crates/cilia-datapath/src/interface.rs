@@ -20,7 +20,7 @@ use std::net::IpAddr;
 
 use cilia_abi::{
     CtEntry, EndpointConfig, EndpointEntry, EndpointPolicy, IpcacheEntry, LbBackend, LbFrontend,
-    LbService, MetricsEntry, NodeConfig, PolicyDelta,
+    LbService, LbStats, MetricsEntry, NodeConfig, PolicyDelta,
 };
 use ipnet::IpNet;
 
@@ -212,6 +212,9 @@ pub trait Datapath: Send + Sync {
     fn lb_backends(&self) -> Result<Vec<LbBackend>, DatapathError>;
     /// Sets the Maglev table size the datapath reads (`global_config`).
     fn set_maglev_size(&self, size: u32) -> Result<(), DatapathError>;
+    /// Per-service counters (`cilia_lb_stats`, summed over CPUs) of the
+    /// services in the rev-NAT map, by rev-NAT id.
+    fn lb_stats(&self) -> Result<Vec<(u16, LbStats)>, DatapathError>;
 
     // Observability.
 
@@ -403,6 +406,9 @@ impl Datapath for BpfDatapath {
     }
     fn set_maglev_size(&self, _size: u32) -> Result<(), DatapathError> {
         Err(DatapathError::Unimplemented("load balancing"))
+    }
+    fn lb_stats(&self) -> Result<Vec<(u16, LbStats)>, DatapathError> {
+        crate::lbstats::read(self)
     }
     fn metrics(&self) -> Result<Vec<MetricsEntry>, DatapathError> {
         Ok(BpfDatapath::metrics(self)?

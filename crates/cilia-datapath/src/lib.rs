@@ -27,6 +27,7 @@ pub mod fake;
 pub mod inspect;
 pub mod interface;
 mod keys;
+mod lbstats;
 pub mod node;
 pub mod object;
 pub mod packet;
