@@ -23,7 +23,9 @@ impl From<ServiceError> for AppError {
                 (StatusCode::SERVICE_UNAVAILABLE, "backends-full")
             }
             ServiceError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store"),
-            ServiceError::Datapath { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "datapath"),
+            ServiceError::Datapath { .. } | ServiceError::Maps { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "datapath")
+            }
         };
         AppError::new(status, code, msg)
     }
@@ -82,8 +84,10 @@ pub(super) async fn delete_service(
 #[utoipa::path(get, path = "/v1/bpf/lb", responses((status = 200, body = BpfLb)))]
 pub(super) async fn bpf_lb(State(state): State<Shared>) -> Result<Json<BpfLb>, AppError> {
     with_services(&state, |s| {
-        s.kernel_view()
-            .map_err(|source| ServiceError::Datapath { id: 0, source })
+        s.kernel_view().map_err(|error| ServiceError::Maps {
+            context: "reading the load balancer's maps",
+            error: Box::new(error),
+        })
     })
     .await
     .map(Json)

@@ -48,11 +48,15 @@ pub enum ServiceError {
     Store(#[from] StoreError),
     /// The change is stored; the datapath did not take it (it is written
     /// again at the next change of the service or the next agent start).
-    #[error("service {id}: stored, but writing it to the datapath failed: {source}")]
-    Datapath {
-        id: u16,
-        #[source]
-        source: DatapathError,
+    /// (The datapath's error is in the message, not a `source`: the
+    /// API answers with the message alone.)
+    #[error("service {id}: stored, but writing it to the datapath failed: {error}")]
+    Datapath { id: u16, error: Box<DatapathError> },
+    /// Reading or restoring the load balancer's maps failed.
+    #[error("{context}: {error}")]
+    Maps {
+        context: &'static str,
+        error: Box<DatapathError>,
     },
 }
 
@@ -157,7 +161,10 @@ impl Services {
     /// Returns the number of services.
     pub fn restore(&self) -> Result<usize, ServiceError> {
         let _w = self.lock();
-        let dp_err = |source| ServiceError::Datapath { id: 0, source };
+        let dp_err = |error| ServiceError::Maps {
+            context: "restoring the load balancer's maps",
+            error: Box::new(error),
+        };
         self.datapath
             .set_maglev_size(self.maglev_size)
             .map_err(dp_err)?;
@@ -200,9 +207,9 @@ impl Services {
         ids: &BTreeMap<SocketAddr, u32>,
         previous: Option<&Service>,
     ) -> Result<(), ServiceError> {
-        let dp_err = |source| ServiceError::Datapath {
+        let dp_err = |error| ServiceError::Datapath {
             id: service.id,
-            source,
+            error: Box::new(error),
         };
         let (backends, row) =
             cilia_lb::datapath_rows(service, |a| ids.get(&a).copied(), self.maglev_size)?;
@@ -262,7 +269,10 @@ impl Services {
         }
         self.datapath
             .remove_lb_backends(released)
-            .map_err(|source| ServiceError::Datapath { id, source })
+            .map_err(|source| ServiceError::Datapath {
+                id,
+                error: Box::new(source),
+            })
     }
 
     /// Deletes a service: its rows, then the backends no other service uses.
@@ -275,7 +285,10 @@ impl Services {
         if let Some(prev) = &change.previous {
             self.datapath
                 .remove_lb_service(&cilia_lb::rows::frontend_row(prev), id)
-                .map_err(|source| ServiceError::Datapath { id, source })?;
+                .map_err(|source| ServiceError::Datapath {
+                    id,
+                    error: Box::new(source),
+                })?;
         }
         self.release(id, &change.released)
     }
