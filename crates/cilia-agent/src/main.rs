@@ -212,3 +212,30 @@ fn maglev_table_size(s: &str) -> Result<u32, String> {
     let n: u32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
     cilia_lb::check_table_size(n).map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maglev_table_size_must_be_a_prime_in_range() {
+        assert_eq!(maglev_table_size("16381"), Ok(16381));
+        assert_eq!(maglev_table_size("1021"), Ok(1021));
+        for (bad, reason) in [
+            ("16384", "not prime"),
+            ("1019", "outside 1021..=131071"),
+            ("262139", "outside"),
+            ("x", "not a number"),
+        ] {
+            let e = maglev_table_size(bad).expect_err(bad);
+            assert!(e.contains(reason), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_flag_defaults_to_16381() {
+        let args = Args::try_parse_from(["cilia-agent"]).expect("defaults parse");
+        assert_eq!(args.lb_maglev_table_size, 16381);
+        assert!(Args::try_parse_from(["cilia-agent", "--lb-maglev-table-size", "4096"]).is_err());
+    }
+}

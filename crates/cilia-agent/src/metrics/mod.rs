@@ -304,6 +304,7 @@ pub fn render(snap: &Snapshot, m: &AgentMetrics) -> String {
                 let ty = match *reason {
                     cilia_abi::CILIA_EVENT_DROP => "drop",
                     cilia_abi::CILIA_EVENT_TRACE => "trace",
+                    cilia_abi::CILIA_EVENT_SERVICE => "service",
                     _ => "policy-verdict",
                 };
                 lost.get_or_create(&labels(&[("type", ty)]))
