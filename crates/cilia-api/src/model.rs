@@ -557,7 +557,15 @@ mod tests {
     #[test]
     fn flow_json_leaves_out_absent_fields() {
         let json = serde_json::to_value(Flow::default()).unwrap();
-        for absent in ["drop_reason", "policy", "trace", "data", "l7", "node"] {
+        for absent in [
+            "drop_reason",
+            "policy",
+            "trace",
+            "data",
+            "l7",
+            "service",
+            "node",
+        ] {
             assert!(json.get(absent).is_none(), "{absent} in {json}");
         }
         assert_eq!(json["source"], serde_json::json!({"identity": 0}));
