@@ -169,9 +169,10 @@ impl Services {
             .set_maglev_size(self.maglev_size)
             .map_err(dp_err)?;
         let stored = self.store.services()?;
-        for service in stored.services.values() {
-            self.write(service, &stored.backend_ids, None)?;
-        }
+        // Services the store lacks go first: one may hold the rev-NAT id
+        // of a stored service under another frontend, and removing it after
+        // that service is written would remove the stored one's rev-NAT
+        // entry and Maglev table.
         for row in self.datapath.lb_services().map_err(dp_err)? {
             let keep = stored
                 .services
@@ -183,6 +184,9 @@ impl Services {
                     .remove_lb_service(&row.frontend, row.rev_nat)
                     .map_err(dp_err)?;
             }
+        }
+        for service in stored.services.values() {
+            self.write(service, &stored.backend_ids, None)?;
         }
         let known: std::collections::BTreeSet<u32> = stored.backend_ids.values().copied().collect();
         let stale: Vec<u32> = self

@@ -239,6 +239,21 @@ fn restore_rewrites_stored_services_and_drops_what_the_store_lacks() {
         state: LbBackendState::Active,
     }])
     .expect("leftover backend");
+    // A leftover of the stored service's id under another frontend, and a
+    // leftover service of its own.
+    f.dp.upsert_lb_service(&cilia_abi::LbService {
+        rev_nat: 6,
+        frontend: cilia_abi::LbFrontend {
+            addr: "192.0.2.98".parse().expect("addr"),
+            port: 53,
+            proto: 17,
+        },
+        algorithm: LbAlgorithm::Random,
+        affinity_timeout: None,
+        slots: vec![999],
+        maglev: None,
+    })
+    .expect("leftover of id 6");
     f.dp.upsert_lb_service(&cilia_abi::LbService {
         rev_nat: 77,
         frontend: cilia_abi::LbFrontend {
