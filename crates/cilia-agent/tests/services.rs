@@ -500,3 +500,51 @@ fn update_json(agent: &TestAgent, spec: &serde_json::Value) {
     s.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
+
+#[test]
+fn services_keep_working_while_the_agent_is_down_and_are_restored_at_start() {
+    privileged!("services_survive_an_agent_restart");
+    let mut net = net();
+    for family in ["ipv6", "ipv4"] {
+        net.update(&[
+            "--frontend",
+            &frontend(family, 80, "tcp"),
+            "--backends",
+            &net.backends(family, &[0, 1, 2]),
+            "--algorithm",
+            "maglev",
+        ]);
+    }
+    let before = kernel_view(&net.agent);
+    let services = net.agent.cli_json(&["service", "list"]);
+    net.agent.kill9();
+    // The maps are pinned: the datapath balances without the agent.
+    for family in ["ipv6", "ipv4"] {
+        let mut conn = connect(&net.client, vip(family, 80));
+        assert_eq!(conn.echo("agent down").unwrap(), "agent down", "{family}");
+    }
+    net.agent.spawn().unwrap();
+    assert_eq!(net.agent.cli_json(&["service", "list"]), services);
+    assert_eq!(
+        kernel_view(&net.agent),
+        before,
+        "the same rows, tables and ids"
+    );
+    for family in ["ipv6", "ipv4"] {
+        let mut conn = connect(&net.client, vip(family, 80));
+        assert_eq!(conn.echo("agent back").unwrap(), "agent back", "{family}");
+    }
+}
+
+/// `cilia bpf lb list`, services and backends sorted by id (the kernel's
+/// hash maps list them in no particular order).
+fn kernel_view(agent: &TestAgent) -> serde_json::Value {
+    let mut lb = agent.cli_json(&["bpf", "lb", "list"]);
+    for list in ["services", "backends"] {
+        lb[list]
+            .as_array_mut()
+            .unwrap()
+            .sort_by_key(|x| x["id"].as_u64().unwrap());
+    }
+    lb
+}
