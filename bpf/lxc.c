@@ -13,6 +13,7 @@
 #include "lib/forward.h"
 #include "lib/guard.h"
 #include "lib/ipcache.h"
+#include "lib/lb_packet.h"
 #include "lib/ndisc.h"
 #include "lib/tunnel.h"
 
@@ -51,6 +52,16 @@ int cil_from_container(struct __sk_buff *skb)
 	if (reason)
 		return drop(skb, reason, dir);
 
+	/* Load balance: a packet to a service frontend is translated to its
+	 * flow's backend; from here on it is a packet to the backend, and the
+	 * backend's policy applies (see "Load balancing" in ARCHITECTURE.md). */
+	struct lb_state lb = {};
+
+	reason = lb_translate(skb, &f, &lb);
+	if (reason)
+		return drop(skb, reason, dir);
+	d.rev_nat = lb.rev_nat;
+
 	/* Decide: the local destination, else the ipcache entry (which also
 	 * says whether it lives on another node), names the peer's identity. */
 	dst = endpoint_lookup(f.daddr, f.family);
@@ -62,19 +73,25 @@ int cil_from_container(struct __sk_buff *skb)
 	    .egress_ep = CILIA_CONFIG.endpoint_id,
 	    .ingress_ep = dst ? dst->endpoint_id : 0,
 	};
+	if (lb.selected)
+		event_service(skb, &f, &p, lb.frontend, lb.fport, lb.rev_nat, dir);
 	reason = decide(skb, &f, &p, &d, dir);
 	if (reason)
 		return drop_decided(skb, &f, &p, &d, reason, dir);
 
 	/* Deliver: flows through the L7 proxy by the node's stack (see
 	 * "L7 redirect" in docs/ARCHITECTURE.md), the rest directly: to a
-	 * local endpoint, to another node, or to the stack. */
+	 * local endpoint, to another node, or to the stack. A service
+	 * backend's reply gets the frontend as its source. */
 	if (d.ct_state == CILIA_CT_STATE_REPLY) {
 		if (d.ct_flags & CILIA_CT_FROM_PROXY)
 			return deliver_reply_to_proxy(skb, &f, &p, &d, dir);
 		/* The peer of a redirected flow never saw it: only the proxy answers. */
 		if (d.ct_flags & CILIA_CT_TO_PROXY)
 			return drop_decided(skb, &f, &p, &d, CILIA_DROP_PROXY_PATH, dir);
+		reason = lb_reverse(skb, &f, d.rev_nat);
+		if (reason)
+			return drop_decided(skb, &f, &p, &d, reason, dir);
 	} else if (d.ct_flags & CILIA_CT_TO_PROXY) {
 		return deliver_to_proxy(skb, &f, &p, &d, dir);
 	}
@@ -137,7 +154,13 @@ int cil_to_container(struct __sk_buff *skb)
 	if (reason)
 		return drop_decided(skb, &f, &p, &d, reason, dir);
 
-	/* Deliver: the stack hands it on. */
+	/* Deliver: the stack hands it on; a service backend's reply with the
+	 * frontend as its source. */
+	if (d.ct_state == CILIA_CT_STATE_REPLY) {
+		reason = lb_reverse(skb, &f, d.rev_nat);
+		if (reason)
+			return drop_decided(skb, &f, &p, &d, reason, dir);
+	}
 	event_trace(skb, &f, &p, d.level, CILIA_FWD_ENDPOINT, dir);
 	return TC_ACT_OK;
 }

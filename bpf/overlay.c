@@ -18,6 +18,7 @@
 #include "lib/forward.h"
 #include "lib/guard.h"
 #include "lib/ipcache.h"
+#include "lib/lb_packet.h"
 #include "lib/tunnel.h"
 
 #define PACKET_HOST 0 /* linux/if_packet.h: to us */
@@ -63,6 +64,11 @@ __inline_fn int from_node_to_endpoint(struct __sk_buff *skb, struct flow *f,
 		}
 		if (d.ct_flags & CILIA_CT_TO_PROXY)
 			return drop_decided(skb, f, &p, &d, CILIA_DROP_PROXY_PATH, dir);
+		/* A remote service backend's reply to a local client: the
+		 * frontend as its source, as the client addressed it. */
+		reason = lb_reverse(skb, f, d.rev_nat);
+		if (reason)
+			return drop_decided(skb, f, &p, &d, reason, dir);
 	} else if (d.ct_flags & CILIA_CT_TO_PROXY) {
 		bpf_skb_change_type(skb, PACKET_HOST);
 		return deliver_to_proxy(skb, f, &p, &d, dir);

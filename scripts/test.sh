@@ -52,7 +52,9 @@ if [ "$(id -u)" -eq 0 ]; then
   fi
 fi
 
-left=$(ip netns list 2>/dev/null | grep -E '^(cnode|cep|cdemo|pxc|pxn|pxs)[0-9]+x' || true)
+# Every namespace a test creates is named by cilia_testnet::unique_name:
+# <prefix><pid>x<n>.
+left=$(ip netns list 2>/dev/null | grep -E '^[a-z][a-z0-9-]*[a-z-][0-9]+x[0-9]+( |$)' || true)
 if [ -n "$left" ]; then
   echo "test.sh: tests left network namespaces behind: $left" >&2
   exit 1

@@ -141,6 +141,7 @@ __inline_fn int ct_create(struct __sk_buff *skb, const struct ct_key *key, const
 	    .flags = d->ct_flags,
 	    .owner = owner,
 	    .proxy_port = d->proxy_port,
+	    .rev_nat = d->rev_nat,
 	};
 
 	if (!count)
@@ -202,11 +203,16 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const 
 	__u32 budget = cfg && cfg->ct_budget ? cfg->ct_budget : CILIA_CT_BUDGET_DEFAULT;
 
 	d->level = cfg ? cfg->monitor_level : CILIA_MONITOR_OFF;
+	/* Kept across the policy steps below, which replace `d`. */
+	__u16 rev_nat = d->rev_nat;
 	int live;
 
 	ct_key_of(&key, f);
 	ct = bpf_map_lookup_elem(&cilia_ct, &key);
-	live = ct && ct->expires > now;
+	/* A service entry (the client's tuple to a frontend) only pins a
+	 * backend: it is never a flow of its own, nor the forward entry of a
+	 * reply; a packet meeting it (the service is gone) starts a flow. */
+	live = ct && ct->expires > now && !(ct->flags & CILIA_CT_SERVICE);
 	if (live && ct->policy_rev == rev) {
 		ct->expires = now + ct_lifetime(f, ct->flags);
 		d->ct_state = CILIA_CT_STATE_ESTABLISHED;
@@ -219,6 +225,7 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const 
 		ct->bytes += skb->len;
 		d->ct_flags = ct->flags;
 		d->proxy_port = ct->proxy_port;
+		d->rev_nat = ct->rev_nat;
 		return CILIA_PASS;
 	}
 	if (ct_related(f, p->egress_ep != 0, now)) {
@@ -228,7 +235,7 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const 
 	if (!live) {
 		ct_key_reverse(&rkey, &key);
 		reply = bpf_map_lookup_elem(&cilia_ct, &rkey);
-		if (reply && reply->expires > now) {
+		if (reply && reply->expires > now && !(reply->flags & CILIA_CT_SERVICE)) {
 			d->ct_state = CILIA_CT_STATE_REPLY;
 			if (reply->policy_rev != rev) {
 				if (!reply_still_allowed(f, p, d))
@@ -247,6 +254,7 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const 
 			reply->expires = now + ct_lifetime(f, reply->flags);
 			d->ct_flags = reply->flags;
 			d->proxy_port = reply->proxy_port;
+			d->rev_nat = reply->rev_nat;
 			return CILIA_PASS;
 		}
 	}
@@ -289,12 +297,14 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const 
 		ct->expires = now + ct_lifetime(f, ct->flags);
 		d->ct_flags = ct->flags;
 		d->proxy_port = ct->proxy_port;
+		d->rev_nat = ct->rev_nat;
 		return CILIA_PASS;
 	}
 	int reason = ct_new_flow_mode(f, p, d);
 
 	if (reason)
 		return reason;
+	d->rev_nat = rev_nat;
 	if (ct) {
 		/* An expired entry the GC has not removed yet: reuse its slot,
 		 * which is already counted against its owner. */
@@ -306,6 +316,8 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const 
 		ct->dst_identity = p->dst_id;
 		ct->flags = d->ct_flags;
 		ct->proxy_port = d->proxy_port;
+		ct->rev_nat = rev_nat;
+		ct->backend_id = 0;
 		return CILIA_PASS;
 	}
 	return ct_create(skb, &key, f, rev, budget, p, now, d);

@@ -25,6 +25,9 @@ struct decision {
 	__u8 ct_state;	   /* CILIA_CT_STATE_* */
 	__u16 ct_flags;	   /* CILIA_CT_* of the flow's entry (a reply: the forward one's) */
 	__be16 proxy_port; /* policy: the allow entry's; a CILIA_CT_TO_PROXY flow: its */
+	__u16 rev_nat;	   /* in: the service of a translated packet (stored in a new
+			    * flow's entry); out: the forward entry's (a reply: rev-NAT it) */
+	__u16 pad;
 };
 
 /*
@@ -80,15 +83,10 @@ __inline_fn int event_wanted(__u32 level, __u8 type)
  * `d` may be 0 for packets not parsed or not decided. A full ring buffer
  * is counted as lost, never silently.
  */
-__inline_fn void event_emit(struct __sk_buff *skb, __u8 type, __u8 reason, __u8 dir,
-			    const struct flow *f, const struct peers *p, const struct decision *d)
+__inline_fn void event_fill(struct event *ev, struct __sk_buff *skb, __u8 type, __u8 reason,
+			    __u8 dir, const struct flow *f, const struct peers *p,
+			    const struct decision *d)
 {
-	struct event *ev = bpf_ringbuf_reserve(&cilia_events, sizeof(*ev), 0);
-
-	if (!ev) {
-		metrics_count(CILIA_METRIC_LOST, type, dir, 1);
-		return;
-	}
 	ev->ts = bpf_ktime_get_ns();
 	ev->type = type;
 	ev->reason = reason;
@@ -123,9 +121,45 @@ __inline_fn void event_emit(struct __sk_buff *skb, __u8 type, __u8 reason, __u8 
 	ev->caplen = 0;
 	if (cap > 0 && bpf_skb_load_bytes(skb, 0, ev->data, cap) == 0)
 		ev->caplen = cap;
+}
+
+__inline_fn void event_emit(struct __sk_buff *skb, __u8 type, __u8 reason, __u8 dir,
+			    const struct flow *f, const struct peers *p, const struct decision *d)
+{
+	struct event *ev = bpf_ringbuf_reserve(&cilia_events, sizeof(*ev), 0);
+
+	if (!ev) {
+		metrics_count(CILIA_METRIC_LOST, type, dir, 1);
+		return;
+	}
+	event_fill(ev, skb, type, reason, dir, f, p, d);
 	/* Flags 0: the kernel wakes the reader only when this event lands in an
 	 * empty ring; the agent then lets a batch gather before draining, so a
 	 * busy ring costs one wake-up per batch, not one per event. */
+	bpf_ringbuf_submit(ev, 0);
+}
+
+/*
+ * A new flow to a service was given a backend (monitor level drops and
+ * above): the flow `f` already goes to the backend; the source fields name
+ * the frontend the client addressed, `rule` the service's rev-NAT id.
+ */
+__inline_fn void event_service(struct __sk_buff *skb, const struct flow *f, const struct peers *p,
+			       const __u8 *frontend, __be16 fport, __u16 rev_nat, __u8 dir)
+{
+	struct event *ev;
+
+	if (!CILIA_CONFIG.monitor || !event_wanted(monitor_level(), CILIA_EVENT_SERVICE))
+		return;
+	ev = bpf_ringbuf_reserve(&cilia_events, sizeof(*ev), 0);
+	if (!ev) {
+		metrics_count(CILIA_METRIC_LOST, CILIA_EVENT_SERVICE, dir, 1);
+		return;
+	}
+	event_fill(ev, skb, CILIA_EVENT_SERVICE, 0, dir, f, p, 0);
+	ev->rule = rev_nat;
+	ev->sport = fport;
+	__builtin_memcpy(ev->saddr, frontend, 16);
 	bpf_ringbuf_submit(ev, 0);
 }
 

@@ -16,6 +16,29 @@
 #include "flow.h"
 #include "forward.h"
 
+/*
+ * UDP to a node's address on the overlay port. A node accepts a tunnel
+ * packet by its outer source alone (a known node), and trusts the VNI as
+ * the sender's identity: if the endpoint's packet reached another node with
+ * its node's address as source (masquerading on the way), the endpoint
+ * would choose its identity there. No endpoint has business with that port
+ * of a node, so it never leaves. One array lookup, for UDP only.
+ */
+__inline_fn int to_tunnel_port(const struct flow *f)
+{
+	struct endpoint_key node = {.family = f->family};
+	struct node_config *cfg;
+	__u32 zero = 0;
+
+	if (f->proto != IPPROTO_UDP)
+		return 0;
+	cfg = bpf_map_lookup_elem(&cilia_node_config, &zero);
+	if (!cfg || !cfg->tunnel_port || f->dport != bpf_htons((__u16)cfg->tunnel_port))
+		return 0;
+	__builtin_memcpy(node.addr, f->daddr, 16);
+	return bpf_map_lookup_elem(&cilia_nodes, &node) != 0;
+}
+
 /* A packet from the endpoint. Returns 0 or the drop reason. */
 __inline_fn int from_container_guard(const struct flow *f)
 {
@@ -29,6 +52,8 @@ __inline_fn int from_container_guard(const struct flow *f)
 		if (saddr != cfg_ipv4())
 			return CILIA_DROP_SPOOFED_SOURCE;
 	}
+	if (to_tunnel_port(f))
+		return CILIA_DROP_TUNNEL_PORT;
 	return flow_is_multicast(f) ? CILIA_DROP_MULTICAST : 0;
 }
 

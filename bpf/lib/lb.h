@@ -35,7 +35,10 @@ __inline_fn __u32 lb_hash(const __u8 *addr, __be16 port, __u8 family)
 	__u32 w[4] = {};
 	__u32 h = 0x9e3779b9u ^ family;
 
-	__builtin_memcpy(w, addr, family == CILIA_FAMILY_IPV6 ? 16 : 4);
+	if (family == CILIA_FAMILY_IPV6)
+		__builtin_memcpy(w, addr, 16);
+	else
+		__builtin_memcpy(w, addr, 4);
 #pragma unroll
 	for (int i = 0; i < 4; i++) {
 		h ^= w[i];
@@ -95,7 +98,10 @@ __inline_fn __u32 lb_affinity_backend(const struct lb_service_value *svc, const 
 
 	if (!(svc->flags & CILIA_LB_FLAG_AFFINITY))
 		return 0;
-	__builtin_memcpy(key.addr, client, family == CILIA_FAMILY_IPV6 ? 16 : 4);
+	if (family == CILIA_FAMILY_IPV6)
+		__builtin_memcpy(key.addr, client, 16);
+	else
+		__builtin_memcpy(key.addr, client, 4);
 	v = bpf_map_lookup_elem(&cilia_lb_affinity, &key);
 	if (!v || now - v->last_used > (__u64)svc->affinity_timeout * NSEC_PER_SEC)
 		return 0;
@@ -114,7 +120,10 @@ __inline_fn void lb_affinity_update(const struct lb_service_value *svc, const __
 
 	if (!(svc->flags & CILIA_LB_FLAG_AFFINITY))
 		return;
-	__builtin_memcpy(key.addr, client, family == CILIA_FAMILY_IPV6 ? 16 : 4);
+	if (family == CILIA_FAMILY_IPV6)
+		__builtin_memcpy(key.addr, client, 16);
+	else
+		__builtin_memcpy(key.addr, client, 4);
 	bpf_map_update_elem(&cilia_lb_affinity, &key, &v, BPF_ANY);
 }
 
@@ -138,10 +147,9 @@ __inline_fn __u32 lb_select_backend(const __u8 *addr, __be16 port, __u8 proto, _
 	if (svc->algorithm == CILIA_LB_ALG_MAGLEV)
 		/* Affinity services hash the client address alone, so a
 		 * forgotten affinity entry finds the same backend again. */
-		backend = lb_maglev_backend(svc, lb_hash(client, (svc->flags & CILIA_LB_FLAG_AFFINITY)
-									 ? 0
-									 : client_port,
-							 family));
+		backend = lb_maglev_backend(
+		    svc, lb_hash(client, (svc->flags & CILIA_LB_FLAG_AFFINITY) ? 0 : client_port,
+				 family));
 	else
 		backend = lb_slot_backend(addr, port, proto, family, svc,
 					  (__u16)(bpf_get_prandom_u32() % svc->count) + 1);

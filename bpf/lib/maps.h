@@ -97,16 +97,15 @@ CILIA_SHARED_MAP(cilia_node_config, BPF_MAP_TYPE_ARRAY, 1, __u32, struct node_co
 /* ---- load balancing (see "Load balancing" in docs/ARCHITECTURE.md) ---- */
 
 /* Frontend -> master entry (slot 0) and the backend slots of its generation. */
-CILIA_SHARED_MAP(cilia_lb_services, BPF_MAP_TYPE_HASH, CILIA_LB_SERVICES_MAX,
-		 struct lb_service_key, struct lb_service_value);
+CILIA_SHARED_MAP(cilia_lb_services, BPF_MAP_TYPE_HASH, CILIA_LB_SERVICES_MAX, struct lb_service_key,
+		 struct lb_service_value);
 
 /* Backend id -> address and state. */
 CILIA_SHARED_MAP(cilia_lb_backends, BPF_MAP_TYPE_HASH, CILIA_LB_BACKENDS_MAX, __u32,
 		 struct lb_backend);
 
 /* rev-NAT id -> the frontend replies carry as their source. */
-CILIA_SHARED_MAP(cilia_lb_revnat, BPF_MAP_TYPE_HASH, CILIA_LB_REVNAT_MAX, __u16,
-		 struct lb_revnat);
+CILIA_SHARED_MAP(cilia_lb_revnat, BPF_MAP_TYPE_HASH, CILIA_LB_REVNAT_MAX, __u16, struct lb_revnat);
 
 /* Client address of a service -> the backend it sticks to (LRU: the oldest
  * clients are forgotten, never an error). */

@@ -48,7 +48,12 @@ const STRUCTS: &[(&str, &[&str])] = &[
     ("node_value", &["flags"]),
     (
         "node_config",
-        &["tunnel_mode", "tunnel_ifindex", "underlay_ifindex"],
+        &[
+            "tunnel_mode",
+            "tunnel_ifindex",
+            "underlay_ifindex",
+            "tunnel_port",
+        ],
     ),
     (
         "policy_key",

@@ -87,6 +87,8 @@ struct endpoint_info {
 #define CILIA_DROP_NO_ROUTE	     147 /* node traffic for no local endpoint, or no tunnel to its node */
 #define CILIA_DROP_PREFILTER	     148 /* source in an XDP prefilter CIDR */
 #define CILIA_DROP_NO_BACKEND	     149 /* service frontend without an active backend */
+#define CILIA_DROP_LB_FRAGMENT	     150 /* fragmented datagram to a service frontend */
+#define CILIA_DROP_TUNNEL_PORT	     151 /* endpoint UDP to a node's overlay port (VNI forgery) */
 
 /* Direction of a counted packet. */
 #define CILIA_DIR_EGRESS  1 /* leaving an endpoint (from-container) */
@@ -288,7 +290,7 @@ struct node_config {
 	__u32 tunnel_mode;	/* CILIA_TUNNEL_* */
 	__u32 tunnel_ifindex;	/* the VXLAN device (external mode) */
 	__u32 underlay_ifindex; /* the device holding the node's underlay address */
-	__u32 pad;
+	__u32 tunnel_port;	/* the overlay's UDP port (host byte order); 0: no overlay */
 };
 
 /* ---- load balancing (services) ---- */
@@ -319,7 +321,7 @@ struct lb_service_key {
 	__u8 proto;    /* IPPROTO_TCP / IPPROTO_UDP */
 	__u8 family;   /* CILIA_FAMILY_* */
 	__u16 slot;    /* 0: the master entry; 1..count: a backend slot */
-	__u8 gen;      /* slot entries: generation (1 or 2) of the master that uses them; master: 0 */
+	__u8 gen; /* slot entries: generation (1 or 2) of the master that uses them; master: 0 */
 	__u8 pad;
 };
 
@@ -331,12 +333,12 @@ struct lb_service_key {
 #define CILIA_LB_FLAG_AFFINITY 1 /* client-address affinity (cilia_lb_affinity) */
 
 struct lb_service_value {
-	__u32 backend_id;	/* slot entry: the backend; master: 0 */
-	__u16 count;		/* master: active backend slots (0: drop CILIA_DROP_NO_BACKEND) */
-	__u16 rev_nat;		/* master: the service's rev-NAT id */
-	__u8 gen;		/* master: generation of the slots in use (1 or 2) */
-	__u8 algorithm;		/* master: CILIA_LB_ALG_* */
-	__u8 flags;		/* master: CILIA_LB_FLAG_* */
+	__u32 backend_id; /* slot entry: the backend; master: 0 */
+	__u16 count;	  /* master: active backend slots (0: drop CILIA_DROP_NO_BACKEND) */
+	__u16 rev_nat;	  /* master: the service's rev-NAT id */
+	__u8 gen;	  /* master: generation of the slots in use (1 or 2) */
+	__u8 algorithm;	  /* master: CILIA_LB_ALG_* */
+	__u8 flags;	  /* master: CILIA_LB_FLAG_* */
 	__u8 pad;
 	__u32 affinity_timeout; /* master, CILIA_LB_FLAG_AFFINITY: seconds */
 };

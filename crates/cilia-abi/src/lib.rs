@@ -40,9 +40,9 @@ macro_rules! abi_struct {
 
 pub mod rows;
 pub use rows::{
-    CtEntry, Direction, EndpointEntry, EndpointPolicy, Enforcement, IpcacheEntry, LbAlgorithm,
-    LbBackend, LbBackendState, LbFrontend, LbService, MetricKind, MetricsEntry, NodeConfig,
-    PolicyDelta, PolicyEntry, TunnelMode, Verdict,
+    lb_other_generation, CtEntry, Direction, EndpointEntry, EndpointPolicy, Enforcement,
+    IpcacheEntry, LbAlgorithm, LbBackend, LbBackendState, LbFrontend, LbMaster, LbService,
+    MetricKind, MetricsEntry, NodeConfig, PolicyDelta, PolicyEntry, TunnelMode, Verdict,
 };
 
 /// Human name of a forward or drop reason, as printed by the CLI and metrics.
@@ -73,6 +73,10 @@ pub fn reason_name(kind: u8, reason: u8) -> &'static str {
         (CILIA_METRIC_DROP, CILIA_DROP_PROXY_PATH) => "L7 redirect not possible on this path",
         (CILIA_METRIC_DROP, CILIA_DROP_UNKNOWN_NODE) => "Tunnel packet from an unknown node",
         (CILIA_METRIC_DROP, CILIA_DROP_NO_ROUTE) => "No route to endpoint",
+        (CILIA_METRIC_DROP, CILIA_DROP_PREFILTER) => "Source in a prefilter CIDR",
+        (CILIA_METRIC_DROP, CILIA_DROP_NO_BACKEND) => "Service without an active backend",
+        (CILIA_METRIC_DROP, CILIA_DROP_LB_FRAGMENT) => "Fragment to a service frontend",
+        (CILIA_METRIC_DROP, CILIA_DROP_TUNNEL_PORT) => "Endpoint UDP to a node's tunnel port",
         _ => "unknown",
     }
 }
@@ -231,7 +235,8 @@ abi_struct! {
         pub tunnel_mode: u32,
         pub tunnel_ifindex: u32,
         pub underlay_ifindex: u32,
-        pub pad: u32,
+        /// The overlay's UDP port, host byte order; 0: no overlay.
+        pub tunnel_port: u32,
     }
 }
 
@@ -509,7 +514,7 @@ mod tests {
             IpcacheKey as "ipcache_key" { prefixlen, family, addr }
             IpcacheValue as "ipcache_value" { identity, flags, tunnel, tunnel_family, encap_key }
             NodeValue as "node_value" { flags }
-            NodeConfigValue as "node_config" { tunnel_mode, tunnel_ifindex, underlay_ifindex }
+            NodeConfigValue as "node_config" { tunnel_mode, tunnel_ifindex, underlay_ifindex, tunnel_port }
             PolicyKey as "policy_key" { prefixlen, identity, direction, proto, dport }
             PolicyValue as "policy_value" { verdict, match_kind as "match", proxy_port, rule }
             CtKey as "ct_key" { saddr, daddr, sport, dport, proto, family }

@@ -611,6 +611,9 @@ pub struct NodeConfig {
     /// The device holding the node's underlay address; used in
     /// [`TunnelMode::Native`].
     pub underlay_ifindex: u32,
+    /// The overlay's UDP port ([`TunnelMode::Vxlan`]); 0 otherwise. Endpoint
+    /// UDP to a node's address on it is dropped (`CILIA_DROP_TUNNEL_PORT`).
+    pub tunnel_port: u16,
 }
 
 impl NodeConfig {
@@ -619,7 +622,7 @@ impl NodeConfig {
             tunnel_mode: self.tunnel_mode.code(),
             tunnel_ifindex: self.tunnel_ifindex,
             underlay_ifindex: self.underlay_ifindex,
-            pad: 0,
+            tunnel_port: u32::from(self.tunnel_port),
         }
     }
 
@@ -629,6 +632,7 @@ impl NodeConfig {
             tunnel_mode: TunnelMode::from_code(value.tunnel_mode)?,
             tunnel_ifindex: value.tunnel_ifindex,
             underlay_ifindex: value.underlay_ifindex,
+            tunnel_port: u16::try_from(value.tunnel_port).ok()?,
         })
     }
 }
@@ -808,6 +812,232 @@ pub struct LbService {
     /// `Maglev`: the lookup table (backend id per entry, the configured
     /// table size long); `None` otherwise.
     pub maglev: Option<Vec<u32>>,
+}
+
+impl LbAlgorithm {
+    /// The `CILIA_LB_ALG_*` code.
+    pub fn code(self) -> u8 {
+        match self {
+            LbAlgorithm::Random => CILIA_LB_ALG_RANDOM,
+            LbAlgorithm::Maglev => CILIA_LB_ALG_MAGLEV,
+        }
+    }
+
+    /// The algorithm of a `CILIA_LB_ALG_*` code; `None` for any other.
+    pub fn from_code(code: u8) -> Option<Self> {
+        match code {
+            CILIA_LB_ALG_RANDOM => Some(LbAlgorithm::Random),
+            CILIA_LB_ALG_MAGLEV => Some(LbAlgorithm::Maglev),
+            _ => None,
+        }
+    }
+}
+
+impl LbBackendState {
+    /// The `CILIA_LB_BACKEND_*` code.
+    pub fn code(self) -> u8 {
+        match self {
+            LbBackendState::Active => CILIA_LB_BACKEND_ACTIVE,
+            LbBackendState::Terminating => CILIA_LB_BACKEND_TERMINATING,
+            LbBackendState::Quarantined => CILIA_LB_BACKEND_QUARANTINED,
+        }
+    }
+
+    /// The state of a `CILIA_LB_BACKEND_*` code; `None` for any other.
+    pub fn from_code(code: u8) -> Option<Self> {
+        match code {
+            CILIA_LB_BACKEND_ACTIVE => Some(LbBackendState::Active),
+            CILIA_LB_BACKEND_TERMINATING => Some(LbBackendState::Terminating),
+            CILIA_LB_BACKEND_QUARANTINED => Some(LbBackendState::Quarantined),
+            _ => None,
+        }
+    }
+}
+
+/// An address as the LB maps hold it: 16 bytes (IPv4 in the first 4) and
+/// the `CILIA_FAMILY_*`.
+fn lb_addr(ip: IpAddr) -> ([u8; 16], u8) {
+    let k = EndpointKey::from_ip(ip);
+    (k.addr, k.family)
+}
+
+fn lb_ip(addr: [u8; 16], family: u8) -> Option<IpAddr> {
+    EndpointKey {
+        addr,
+        family,
+        pad: [0; 3],
+    }
+    .ip()
+}
+
+/// The generation the next update of a service writes its slots in: the
+/// one the master does not use (1 when there is no master yet).
+pub fn lb_other_generation(gen: u8) -> u8 {
+    if gen == 1 {
+        2
+    } else {
+        1
+    }
+}
+
+impl LbFrontend {
+    /// The key of the frontend's entry `slot` (0: the master) of generation
+    /// `gen` (0 for the master).
+    pub fn key(&self, slot: u16, gen: u8) -> LbServiceKey {
+        let (addr, family) = lb_addr(self.addr);
+        LbServiceKey {
+            addr,
+            port: self.port.to_be(),
+            proto: self.proto,
+            family,
+            slot,
+            gen,
+            pad: 0,
+        }
+    }
+
+    /// The key of the master entry.
+    pub fn master_key(&self) -> LbServiceKey {
+        self.key(0, 0)
+    }
+
+    /// The frontend of any of its keys; `None` for an unknown family.
+    pub fn decode(key: &LbServiceKey) -> Option<Self> {
+        Some(Self {
+            addr: lb_ip(key.addr, key.family)?,
+            port: u16::from_be(key.port),
+            proto: key.proto,
+        })
+    }
+
+    /// The rev-NAT entry: what replies of the service's flows carry as
+    /// their source.
+    pub fn revnat_value(&self) -> LbRevNatValue {
+        let (addr, family) = lb_addr(self.addr);
+        LbRevNatValue {
+            addr,
+            port: self.port.to_be(),
+            family,
+            pad: 0,
+        }
+    }
+
+    /// The address and port of a rev-NAT entry; `None` for an unknown family.
+    pub fn decode_revnat(value: &LbRevNatValue) -> Option<SocketAddr> {
+        Some(SocketAddr::new(
+            lb_ip(value.addr, value.family)?,
+            u16::from_be(value.port),
+        ))
+    }
+}
+
+impl LbBackend {
+    /// The backends map value (the key is `id`).
+    pub fn value(&self) -> LbBackendValue {
+        let (addr, family) = lb_addr(self.addr.ip());
+        LbBackendValue {
+            addr,
+            port: self.addr.port().to_be(),
+            family,
+            state: self.state.code(),
+        }
+    }
+
+    /// The backend of a map entry; `None` for an unknown family or state.
+    pub fn decode(id: u32, value: &LbBackendValue) -> Option<Self> {
+        Some(Self {
+            id,
+            addr: SocketAddr::new(lb_ip(value.addr, value.family)?, u16::from_be(value.port)),
+            state: LbBackendState::from_code(value.state)?,
+        })
+    }
+}
+
+/// A decoded master entry: everything of a service but its slots' backends
+/// and its Maglev table, which live in other entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LbMaster {
+    pub frontend: LbFrontend,
+    pub rev_nat: u16,
+    pub algorithm: LbAlgorithm,
+    pub affinity_timeout: Option<u32>,
+    /// The generation (1 or 2) of the slots in use.
+    pub gen: u8,
+    /// Slots 1..=count of `gen` hold the active backends.
+    pub count: u16,
+}
+
+impl LbMaster {
+    /// The master of a map entry; `None` for a key that is not a master's,
+    /// an unknown family or algorithm, or a generation other than 1 and 2.
+    pub fn decode(key: &LbServiceKey, value: &LbServiceValue) -> Option<Self> {
+        if key.slot != 0 || key.gen != 0 || !matches!(value.gen, 1 | 2) {
+            return None;
+        }
+        Some(Self {
+            frontend: LbFrontend::decode(key)?,
+            rev_nat: value.rev_nat,
+            algorithm: LbAlgorithm::from_code(value.algorithm)?,
+            affinity_timeout: (value.flags & CILIA_LB_FLAG_AFFINITY != 0)
+                .then_some(value.affinity_timeout),
+            gen: value.gen,
+            count: value.count,
+        })
+    }
+}
+
+impl LbService {
+    /// The master entry's value, pointing at the slots of generation `gen`.
+    /// The slot count saturates at `CILIA_LB_SLOTS_MAX`; callers check the
+    /// length first ([`Self::slot_entries`] writes no more).
+    pub fn master_value(&self, gen: u8) -> LbServiceValue {
+        let count = self.slots.len().min(CILIA_LB_SLOTS_MAX as usize) as u16;
+        LbServiceValue {
+            backend_id: 0,
+            count,
+            rev_nat: self.rev_nat,
+            gen,
+            algorithm: self.algorithm.code(),
+            flags: if self.affinity_timeout.is_some() {
+                CILIA_LB_FLAG_AFFINITY
+            } else {
+                0
+            },
+            pad: 0,
+            affinity_timeout: self.affinity_timeout.unwrap_or(0),
+        }
+    }
+
+    /// The backend slot entries of generation `gen`: slot 1 is `slots[0]`.
+    pub fn slot_entries(&self, gen: u8) -> Vec<(LbServiceKey, LbServiceValue)> {
+        self.slots
+            .iter()
+            .take(CILIA_LB_SLOTS_MAX as usize)
+            .enumerate()
+            .map(|(i, &backend_id)| {
+                (
+                    self.frontend.key(i as u16 + 1, gen),
+                    LbServiceValue {
+                        backend_id,
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// The service of a master and its slots' backends (slot 1 first) and
+    /// Maglev table, as read back from the maps.
+    pub fn from_master(master: &LbMaster, slots: Vec<u32>, maglev: Option<Vec<u32>>) -> Self {
+        Self {
+            rev_nat: master.rev_nat,
+            frontend: master.frontend,
+            algorithm: master.algorithm,
+            affinity_timeout: master.affinity_timeout,
+            slots,
+            maglev,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1181,6 +1411,7 @@ mod tests {
                 tunnel_mode: mode,
                 tunnel_ifindex: 7,
                 underlay_ifindex: 2,
+                tunnel_port: 8472,
             };
             assert_eq!(NodeConfig::decode(&row.value()), Some(row));
         }
@@ -1224,5 +1455,121 @@ mod tests {
         assert_eq!(row.direction, Some(Direction::Ingress));
         assert_eq!(row.reason_name(), "Policy denied");
         assert_eq!(row.key(), key);
+    }
+    mod lb {
+        use super::*;
+        use core::net::{Ipv4Addr, Ipv6Addr};
+
+        fn service(addr: IpAddr) -> LbService {
+            LbService {
+                rev_nat: 513,
+                frontend: LbFrontend {
+                    addr,
+                    port: 8080,
+                    proto: 6,
+                },
+                algorithm: LbAlgorithm::Maglev,
+                affinity_timeout: Some(10_800),
+                slots: vec![7, 9, 70_000],
+                maglev: None,
+            }
+        }
+
+        #[test]
+        fn service_round_trips_through_master_and_slots_of_either_generation() {
+            for addr in [
+                IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x10)),
+                IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)),
+            ] {
+                let svc = service(addr);
+                for gen in [1, 2] {
+                    let (k, v) = (svc.frontend.master_key(), svc.master_value(gen));
+                    assert_eq!(k.port, 8080u16.to_be(), "port in network byte order");
+                    assert_eq!((k.slot, k.gen), (0, 0));
+                    assert_eq!(v.flags, CILIA_LB_FLAG_AFFINITY);
+                    let master = LbMaster::decode(&k, &v).expect("master decodes");
+                    assert_eq!((master.gen, master.count), (gen, 3));
+                    let entries = svc.slot_entries(gen);
+                    assert_eq!(entries.len(), 3);
+                    for (i, (sk, sv)) in entries.iter().enumerate() {
+                        assert_eq!((sk.slot, sk.gen), (i as u16 + 1, gen));
+                        assert_eq!(LbFrontend::decode(sk), Some(svc.frontend));
+                        assert!(LbMaster::decode(sk, sv).is_none(), "a slot is no master");
+                    }
+                    let slots = entries.iter().map(|(_, v)| v.backend_id).collect();
+                    assert_eq!(LbService::from_master(&master, slots, None), svc);
+                }
+            }
+        }
+
+        #[test]
+        fn service_without_affinity_has_no_flag_and_random_algorithm_code() {
+            let mut svc = service(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)));
+            svc.affinity_timeout = None;
+            svc.algorithm = LbAlgorithm::Random;
+            let v = svc.master_value(1);
+            assert_eq!((v.flags, v.affinity_timeout), (0, 0));
+            assert_eq!(v.algorithm, CILIA_LB_ALG_RANDOM);
+            let m = LbMaster::decode(&svc.frontend.master_key(), &v).unwrap();
+            assert_eq!(m.affinity_timeout, None);
+            assert_eq!(m.algorithm, LbAlgorithm::Random);
+        }
+
+        #[test]
+        fn master_with_unknown_generation_or_algorithm_does_not_decode() {
+            let svc = service(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)));
+            let k = svc.frontend.master_key();
+            assert!(LbMaster::decode(&k, &svc.master_value(3)).is_none());
+            let mut v = svc.master_value(1);
+            v.algorithm = 9;
+            assert!(LbMaster::decode(&k, &v).is_none());
+        }
+
+        #[test]
+        fn backend_round_trips_with_every_state() {
+            for state in [
+                LbBackendState::Active,
+                LbBackendState::Terminating,
+                LbBackendState::Quarantined,
+            ] {
+                for addr in ["[fd00::5]:80", "10.0.0.5:80"] {
+                    let b = LbBackend {
+                        id: 42,
+                        addr: addr.parse().unwrap(),
+                        state,
+                    };
+                    let v = b.value();
+                    assert_eq!(v.port, 80u16.to_be());
+                    assert_eq!(LbBackend::decode(42, &v), Some(b));
+                }
+            }
+            let mut v = LbBackend {
+                id: 1,
+                addr: "10.0.0.5:80".parse().unwrap(),
+                state: LbBackendState::Active,
+            }
+            .value();
+            v.state = 0;
+            assert_eq!(LbBackend::decode(1, &v), None);
+        }
+
+        #[test]
+        fn revnat_entry_is_the_frontend_address_and_port() {
+            let svc = service(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)));
+            let v = svc.frontend.revnat_value();
+            assert_eq!(&v.addr[..4], &[10, 96, 0, 10]);
+            assert_eq!(v.family, CILIA_FAMILY_IPV4);
+            assert_eq!(
+                LbFrontend::decode_revnat(&v),
+                Some("10.96.0.10:8080".parse().unwrap())
+            );
+        }
+
+        #[test]
+        fn other_generation_alternates_and_starts_at_one() {
+            assert_eq!(lb_other_generation(0), 1);
+            assert_eq!(lb_other_generation(1), 2);
+            assert_eq!(lb_other_generation(2), 1);
+        }
     }
 }

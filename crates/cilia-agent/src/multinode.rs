@@ -76,6 +76,7 @@ pub fn prepare_datapath(
                     tunnel_mode: DpTunnel::Vxlan,
                     tunnel_ifindex: ifindex,
                     underlay_ifindex: underlay.ifindex,
+                    tunnel_port: options.tunnel_port,
                 },
             )
         }
@@ -97,6 +98,7 @@ pub fn prepare_datapath(
                     tunnel_mode: DpTunnel::Native,
                     tunnel_ifindex: 0,
                     underlay_ifindex: underlay.ifindex,
+                    tunnel_port: 0,
                 },
             )
         }

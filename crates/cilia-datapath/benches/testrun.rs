@@ -11,8 +11,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use cilia_abi::{
-    Direction, EndpointConfig, EndpointInfo, EndpointPolicy, Enforcement, PolicyEntry, Verdict,
-    CILIA_MONITOR_DROPS, CILIA_MONITOR_OFF, CILIA_MONITOR_TRACE,
+    Direction, EndpointConfig, EndpointInfo, EndpointPolicy, Enforcement, LbAlgorithm, LbBackend,
+    LbBackendState, LbFrontend, LbService, PolicyEntry, Verdict, CILIA_MONITOR_DROPS,
+    CILIA_MONITOR_OFF, CILIA_MONITOR_TRACE,
 };
 use cilia_datapath::packet::*;
 use cilia_datapath::testrun::TestProgram;
@@ -196,6 +197,50 @@ fn main() {
         ("IPv4 UDP to host stack", &stack_v4),
         ("IPv6 TCP to host stack", &tcp6(host6)),
         ("IPv4 TCP to host stack", &tcp4(host4)),
+    ] {
+        let ns = measure(&endpoint, pkt);
+        println!("{name}\t{ns:.1}\t{:.2}", ns / baseline);
+    }
+    // Services: the peer is the one backend of a frontend on TCP/80; an
+    // established (pinned) flow pays the service lookup, the pin, the
+    // backend lookup and the rewrite on top of the redirect.
+    let (vip6, vip4): (Ipv6Addr, Ipv4Addr) = (
+        "fd00:5e::10".parse().unwrap(),
+        "10.96.0.10".parse().unwrap(),
+    );
+    for (id, vip, backend) in [
+        (1, IpAddr::V6(vip6), IpAddr::V6(b6)),
+        (2, IpAddr::V4(vip4), IpAddr::V4(b4)),
+    ] {
+        dp.upsert_lb_backends(&[LbBackend {
+            id,
+            addr: std::net::SocketAddr::new(backend, 80),
+            state: LbBackendState::Active,
+        }])
+        .unwrap();
+        dp.upsert_lb_service(&LbService {
+            rev_nat: id as u16,
+            frontend: LbFrontend {
+                addr: vip,
+                port: 80,
+                proto: IPPROTO_TCP,
+            },
+            algorithm: LbAlgorithm::Random,
+            affinity_timeout: None,
+            slots: vec![id],
+            maglev: None,
+        })
+        .unwrap();
+    }
+    for (name, pkt) in [
+        (
+            "IPv6 TCP to a service frontend (pinned, DNAT, redirect_peer)",
+            &tcp6(vip6),
+        ),
+        (
+            "IPv4 TCP to a service frontend (pinned, DNAT, redirect_peer)",
+            &tcp4(vip4),
+        ),
     ] {
         let ns = measure(&endpoint, pkt);
         println!("{name}\t{ns:.1}\t{:.2}", ns / baseline);

@@ -134,11 +134,13 @@ pub struct BpfDatapath {
     /// Live conntrack entries at this handle's last GC (None before one):
     /// what a metrics scrape reports instead of walking the table again.
     ct_live: Mutex<Option<u64>>,
-    config: Mutex<Array<MapData, GlobalConfig>>,
+    pub(crate) config: Mutex<Array<MapData, GlobalConfig>>,
     /// Underlay addresses of the cluster's nodes.
     pub(crate) nodes: Mutex<HashMap<MapData, EndpointKey, NodeValue>>,
     /// The node's tunnel settings.
     pub(crate) node_config: Mutex<Array<MapData, NodeConfigValue>>,
+    /// The load balancer's maps (see [`crate::lb`]).
+    pub(crate) lb: crate::lb::LbMaps,
     /// Handed to the one reader of events ([`BpfDatapath::take_events`]).
     events: Mutex<Option<RingBuf<MapData>>>,
     /// Pinned maps found incompatible at open and recreated.
@@ -441,6 +443,7 @@ impl BpfDatapath {
         let events = take(MAP_EVENTS)?;
         let nodes = take(MAP_NODES)?;
         let node_config = take(MAP_NODE_CONFIG)?;
+        let lb = crate::lb::LbMaps::take(&mut take)?;
         mkdir(&root.join("policy"))?;
         if !recreated.is_empty() || pinned_abi_version(&maps_dir)? != Some(PIN_ABI_VERSION) {
             pin_abi_version(&maps_dir)?;
@@ -477,6 +480,7 @@ impl BpfDatapath {
             node_config: Mutex::new(
                 Array::try_from(node_config).map_err(|e| DatapathError::map(MAP_NODE_CONFIG, e))?,
             ),
+            lb,
             recreated,
             build_tags: std::sync::OnceLock::new(),
         })

@@ -48,6 +48,9 @@ pub enum DatapathError {
     NoSuchInterface(String),
     #[error("bpffs root {path}: {reason}")]
     BpfRoot { path: PathBuf, reason: String },
+    /// A service or backend the load balancer's maps cannot hold as given.
+    #[error("{object}: {reason}")]
+    InvalidLb { object: String, reason: String },
     /// A failure [`crate::fake::FakeDatapath`] was told to inject.
     #[error("{operation}: failure injected by the fake datapath")]
     Injected { operation: &'static str },

@@ -382,30 +382,26 @@ impl Datapath for BpfDatapath {
     fn nodes(&self) -> Result<Vec<IpAddr>, DatapathError> {
         BpfDatapath::nodes(self)
     }
-    fn upsert_lb_backends(&self, _backends: &[LbBackend]) -> Result<(), DatapathError> {
-        Err(DatapathError::Unimplemented("load balancing"))
+    fn upsert_lb_backends(&self, backends: &[LbBackend]) -> Result<(), DatapathError> {
+        BpfDatapath::upsert_lb_backends(self, backends)
     }
-    fn remove_lb_backends(&self, _ids: &[u32]) -> Result<(), DatapathError> {
-        Err(DatapathError::Unimplemented("load balancing"))
+    fn remove_lb_backends(&self, ids: &[u32]) -> Result<(), DatapathError> {
+        BpfDatapath::remove_lb_backends(self, ids)
     }
-    fn upsert_lb_service(&self, _service: &LbService) -> Result<(), DatapathError> {
-        Err(DatapathError::Unimplemented("load balancing"))
+    fn upsert_lb_service(&self, service: &LbService) -> Result<(), DatapathError> {
+        BpfDatapath::upsert_lb_service(self, service)
     }
-    fn remove_lb_service(
-        &self,
-        _frontend: &LbFrontend,
-        _rev_nat: u16,
-    ) -> Result<(), DatapathError> {
-        Err(DatapathError::Unimplemented("load balancing"))
+    fn remove_lb_service(&self, frontend: &LbFrontend, rev_nat: u16) -> Result<(), DatapathError> {
+        BpfDatapath::remove_lb_service(self, frontend, rev_nat)
     }
     fn lb_services(&self) -> Result<Vec<LbService>, DatapathError> {
-        Err(DatapathError::Unimplemented("load balancing"))
+        BpfDatapath::lb_services(self)
     }
     fn lb_backends(&self) -> Result<Vec<LbBackend>, DatapathError> {
-        Err(DatapathError::Unimplemented("load balancing"))
+        BpfDatapath::lb_backends(self)
     }
-    fn set_maglev_size(&self, _size: u32) -> Result<(), DatapathError> {
-        Err(DatapathError::Unimplemented("load balancing"))
+    fn set_maglev_size(&self, size: u32) -> Result<(), DatapathError> {
+        BpfDatapath::set_maglev_size(self, size)
     }
     fn lb_stats(&self) -> Result<Vec<(u16, LbStats)>, DatapathError> {
         crate::lbstats::read(self)

@@ -9,6 +9,8 @@
 //!   reload (swap a new specialization into the pinned link).
 //! * [`node`]: the node programs (overlay, underlay) and the node maps,
 //!   for traffic between nodes; pinned like the endpoints'.
+//! * `lb`: the load balancer's maps (services with their atomic
+//!   generation flip, backends, rev-NAT, Maglev tables).
 //! * [`inspect`]: read back what is attached (link, program tag, `.rodata`).
 //! * [`testrun`]: `BPF_PROG_TEST_RUN` on crafted packets, for tests and
 //!   benchmarks.
@@ -27,6 +29,7 @@ pub mod fake;
 pub mod inspect;
 pub mod interface;
 mod keys;
+mod lb;
 mod lbstats;
 pub mod node;
 pub mod object;

@@ -52,6 +52,18 @@ pub const MAP_EVENTS: &str = "cilia_events";
 pub const MAP_NODES: &str = "cilia_nodes";
 /// Shared one-slot array: the node's tunnel mode and devices.
 pub const MAP_NODE_CONFIG: &str = "cilia_node_config";
+/// Shared hash: service frontend -> master entry and backend slots.
+pub const MAP_LB_SERVICES: &str = "cilia_lb_services";
+/// Shared hash: backend id -> address and state.
+pub const MAP_LB_BACKENDS: &str = "cilia_lb_backends";
+/// Shared hash: rev-NAT id -> the frontend replies carry as source.
+pub const MAP_LB_REVNAT: &str = "cilia_lb_revnat";
+/// Shared LRU hash: a service's client address -> its backend (affinity).
+pub const MAP_LB_AFFINITY: &str = "cilia_lb_affinity";
+/// Shared per-CPU array: rev-NAT id -> the service's counters.
+pub const MAP_LB_STATS: &str = "cilia_lb_stats";
+/// Shared hash of maps: rev-NAT id -> that service's Maglev table.
+pub const MAP_LB_MAGLEV: &str = "cilia_lb_maglev";
 
 /// The shared maps with the layout the embedded object expects, used to
 /// validate pins left by an earlier agent before reusing them.
@@ -111,6 +123,36 @@ pub const SHARED_MAPS: &[MapSpec] = &[
         name: MAP_NODE_CONFIG,
         key_size: 4,
         value_size: core::mem::size_of::<cilia_abi::NodeConfigValue>() as u32,
+    },
+    MapSpec {
+        name: MAP_LB_SERVICES,
+        key_size: core::mem::size_of::<cilia_abi::LbServiceKey>() as u32,
+        value_size: core::mem::size_of::<cilia_abi::LbServiceValue>() as u32,
+    },
+    MapSpec {
+        name: MAP_LB_BACKENDS,
+        key_size: 4,
+        value_size: core::mem::size_of::<cilia_abi::LbBackendValue>() as u32,
+    },
+    MapSpec {
+        name: MAP_LB_REVNAT,
+        key_size: 2,
+        value_size: core::mem::size_of::<cilia_abi::LbRevNatValue>() as u32,
+    },
+    MapSpec {
+        name: MAP_LB_AFFINITY,
+        key_size: core::mem::size_of::<cilia_abi::LbAffinityKey>() as u32,
+        value_size: core::mem::size_of::<cilia_abi::LbAffinityValue>() as u32,
+    },
+    MapSpec {
+        name: MAP_LB_STATS,
+        key_size: 4,
+        value_size: core::mem::size_of::<cilia_abi::LbStats>() as u32,
+    },
+    MapSpec {
+        name: MAP_LB_MAGLEV,
+        key_size: 4,
+        value_size: 4,
     },
     MapSpec {
         name: MAP_METRICS,

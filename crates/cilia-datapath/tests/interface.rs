@@ -170,6 +170,7 @@ fn node_rows_round_trip(dp: &dyn Datapath) {
         tunnel_mode: TunnelMode::Vxlan,
         tunnel_ifindex: 12,
         underlay_ifindex: 2,
+        tunnel_port: 8472,
     };
     assert_eq!(dp.node_config().unwrap(), NodeConfig::default());
     dp.set_node_config(&config).unwrap();

@@ -46,6 +46,7 @@ fn fixture(mode: TunnelMode) -> Fixture {
             tunnel_mode: mode,
             tunnel_ifindex: 4300,
             underlay_ifindex: 4301,
+            tunnel_port: if mode == TunnelMode::Vxlan { 8472 } else { 0 },
         })
         .unwrap();
     fx
@@ -133,6 +134,54 @@ fn remote_destination_meets_the_senders_egress_policy_first() {
     assert_eq!(fx.a().run(&a_to_remote6(64)).unwrap().verdict, TC_ACT_SHOT);
     assert_eq!(drops(&fx.dp, CILIA_DROP_POLICY), 1);
     assert_eq!(counted(&fx.dp, CILIA_METRIC_FORWARD, CILIA_FWD_TUNNEL), 0);
+}
+
+/// UDP from endpoint A to `dst` on `dport`, IPv4.
+fn a_udp_to(dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    eth(
+        A_NODE_MAC,
+        A_MAC,
+        ETH_P_IP,
+        &ipv4(a4(), dst, IPPROTO_UDP, 64, &udp(40000, dport, b"vxlan?")),
+    )
+}
+
+#[test]
+fn endpoint_udp_to_a_nodes_tunnel_port_is_dropped_other_ports_and_hosts_are_not() {
+    privileged!("endpoint_udp_to_a_nodes_tunnel_port_is_dropped");
+    let fx = fixture(TunnelMode::Vxlan);
+    let IpAddr::V4(node) = remote_node() else {
+        unreachable!()
+    };
+    fx.dp.publish_nodes(&[remote_node()]).unwrap();
+    // A forged VXLAN frame toward a known node: never leaves.
+    let r = fx.a().run(&a_udp_to(node, 8472)).unwrap();
+    assert_eq!(r.verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&fx.dp, CILIA_DROP_TUNNEL_PORT), 1);
+    // Another port of the node, and the tunnel port of a host that is no
+    // node, are ordinary traffic.
+    assert_eq!(fx.a().run(&a_udp_to(node, 53)).unwrap().verdict, TC_ACT_OK);
+    let world = Ipv4Addr::new(203, 0, 113, 9);
+    assert_eq!(
+        fx.a().run(&a_udp_to(world, 8472)).unwrap().verdict,
+        TC_ACT_OK
+    );
+    assert_eq!(drops(&fx.dp, CILIA_DROP_TUNNEL_PORT), 1);
+}
+
+#[test]
+fn endpoint_udp_to_a_nodes_tunnel_port_passes_when_there_is_no_overlay() {
+    privileged!("endpoint_udp_to_a_nodes_tunnel_port_passes_when_there_is_no_overlay");
+    let fx = fixture(TunnelMode::Native);
+    let IpAddr::V4(node) = remote_node() else {
+        unreachable!()
+    };
+    fx.dp.publish_nodes(&[remote_node()]).unwrap();
+    assert_eq!(
+        fx.a().run(&a_udp_to(node, 8472)).unwrap().verdict,
+        TC_ACT_OK
+    );
+    assert_eq!(drops(&fx.dp, CILIA_DROP_TUNNEL_PORT), 0);
 }
 
 #[test]

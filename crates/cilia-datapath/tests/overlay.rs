@@ -209,6 +209,7 @@ fn cluster(mode: TunnelMode) -> Cluster {
                 tunnel_mode: mode,
                 tunnel_ifindex,
                 underlay_ifindex,
+                tunnel_port: if mode == TunnelMode::Vxlan { 8472 } else { 0 },
             })
             .unwrap();
         match mode {

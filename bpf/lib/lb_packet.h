@@ -1,0 +1,182 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * The per-packet load balancer of the endpoint and node programs: a
+ * client's packet to a service frontend is pinned to a backend (a service
+ * conntrack entry), translated to it (DNAT, nat.h), counted and, for the
+ * replies, translated back (the frontend as source). Which backend a new
+ * flow gets is lb.h's, shared with the socket-level load balancer. See
+ * "Load balancing" in docs/ARCHITECTURE.md.
+ */
+#ifndef CILIA_LB_PACKET_H
+#define CILIA_LB_PACKET_H
+
+#include "common.h"
+#include "conntrack.h"
+#include "events.h"
+#include "flow.h"
+#include "lb.h"
+#include "maps.h"
+#include "nat.h"
+
+/* What the load balancer did to a packet. */
+struct lb_state {
+	__u8 frontend[16]; /* the frontend the client addressed */
+	__be16 fport;
+	__u16 rev_nat; /* 0: not a service packet, untouched */
+	__u32 backend_id;
+	__u8 selected; /* a backend was chosen for the flow by this packet */
+	__u8 pad[3];
+};
+
+/*
+ * Pins the client's flow to a frontend (its tuple before translation, `key`)
+ * to `backend_id`: the service conntrack entry, charged to the client
+ * endpoint's budget like its flows. An established TCP flow (no SYN) gets
+ * the established timeout, so an idle connection keeps its backend as long
+ * as its own entry lives. Returns 0 or the drop reason.
+ */
+__inline_fn int lb_pin(struct __sk_buff *skb, const struct ct_key *key, struct ct_value *ct,
+		       const struct flow *f, __u16 rev_nat, __u32 backend_id, __u64 now)
+{
+	__u16 life_flags =
+	    f->proto == IPPROTO_TCP && !(f->tcp_flags & TCP_FLAG_SYN) ? CILIA_CT_SEEN_REPLY : 0;
+	__u64 expires = now + ct_lifetime(f, life_flags);
+
+	if (ct) {
+		/* The same flow again, or a slot already counted (expired, or
+		 * an entry of before the service): refresh or reuse it. */
+		if (ct->backend_id != backend_id || !(ct->flags & CILIA_CT_SERVICE)) {
+			ct->packets = 0;
+			ct->bytes = 0;
+			ct->flags = CILIA_CT_SERVICE;
+			ct->proxy_port = 0;
+			ct->src_identity = 0;
+			ct->dst_identity = 0;
+			ct->policy_rev = 0;
+		}
+		ct->rev_nat = rev_nat;
+		ct->backend_id = backend_id;
+		ct->packets += 1;
+		ct->bytes += skb->len;
+		ct->expires = expires;
+		return 0;
+	}
+
+	__u32 zero = 0;
+	struct global_config *cfg = bpf_map_lookup_elem(&cilia_config, &zero);
+	__u32 budget = cfg && cfg->ct_budget ? cfg->ct_budget : CILIA_CT_BUDGET_DEFAULT;
+	__u32 owner = local_endpoint(0);
+	__u32 *count = bpf_map_lookup_elem(&cilia_ct_count, &owner);
+	struct ct_value fresh = {
+	    .expires = expires,
+	    .packets = 1,
+	    .bytes = skb->len,
+	    .flags = CILIA_CT_SERVICE,
+	    .owner = owner,
+	    .rev_nat = rev_nat,
+	    .backend_id = backend_id,
+	};
+
+	if (!count)
+		return CILIA_DROP_CT_FULL;
+	if (*count >= budget)
+		return CILIA_DROP_CT_BUDGET;
+	__sync_fetch_and_add(count, 1);
+	if (bpf_map_update_elem(&cilia_ct, key, &fresh, BPF_NOEXIST) < 0) {
+		__sync_fetch_and_add(count, -1);
+		return CILIA_DROP_CT_FULL;
+	}
+	return 0;
+}
+
+__inline_fn void lb_count(struct __sk_buff *skb, __u16 rev_nat, int new_flow)
+{
+	__u32 index = rev_nat;
+	struct lb_stats *s = bpf_map_lookup_elem(&cilia_lb_stats, &index);
+
+	if (!s)
+		return;
+	s->flows += new_flow ? 1 : 0;
+	s->packets += 1;
+	s->bytes += skb->len;
+}
+
+/*
+ * The load balancer of a client's packet (from-container, before the
+ * destination lookup): a TCP or UDP packet to a frontend goes to the
+ * backend its flow is pinned to while that backend exists, else to one
+ * lb_select_backend picks (none: CILIA_DROP_NO_BACKEND); its destination
+ * is rewritten to the backend, so everything after it (destination,
+ * policy, conntrack, delivery) sees the backend. One hash lookup for every
+ * other packet. A fragment to a frontend is dropped
+ * (CILIA_DROP_LB_FRAGMENT): its later fragments carry no ports to
+ * translate by. ICMP packets are never translated. Returns 0 or the drop
+ * reason; `lb` says what was done.
+ */
+__inline_fn int lb_translate(struct __sk_buff *skb, struct flow *f, struct lb_state *lb)
+{
+	struct lb_service_value *svc;
+	struct lb_backend *b = 0;
+	struct ct_key key = {};
+	struct ct_value *ct;
+	__u32 id = 0;
+	__u64 now;
+	int reason;
+
+	if (f->proto != IPPROTO_TCP && f->proto != IPPROTO_UDP)
+		return 0;
+	svc = lb_service_lookup(f->daddr, f->dport, f->proto, f->family);
+	if (!svc)
+		return 0;
+	if (f->frag != FLOW_NOT_FRAG)
+		return CILIA_DROP_LB_FRAGMENT;
+	now = bpf_ktime_get_ns();
+	ct_key_of(&key, f);
+	ct = bpf_map_lookup_elem(&cilia_ct, &key);
+	if (ct && ct->expires > now && (ct->flags & CILIA_CT_SERVICE) &&
+	    ct->rev_nat == svc->rev_nat) {
+		b = lb_backend_lookup(ct->backend_id);
+		if (b)
+			id = ct->backend_id;
+	}
+	if (!id) {
+		id = lb_select_backend(f->daddr, f->dport, f->proto, f->family, svc, f->saddr,
+				       f->sport, now);
+		b = lb_backend_lookup(id);
+		lb->selected = 1;
+	}
+	if (!b || b->family != f->family)
+		return CILIA_DROP_NO_BACKEND;
+	reason = lb_pin(skb, &key, ct, f, svc->rev_nat, id, now);
+	if (reason)
+		return reason;
+	lb->rev_nat = svc->rev_nat;
+	lb->backend_id = id;
+	lb->fport = f->dport;
+	__builtin_memcpy(lb->frontend, f->daddr, 16);
+	reason = nat_rewrite(skb, f, 1, b->addr, b->port);
+	if (reason)
+		return reason;
+	lb_count(skb, lb->rev_nat, lb->selected);
+	return 0;
+}
+
+/*
+ * A reply of a flow to a service backend (its forward entry has
+ * `rev_nat`): the source becomes the frontend the client addressed, so the
+ * client's socket recognises it. A service removed meanwhile has no rev-NAT
+ * entry any more: the reply passes as it is. Returns 0 or the drop reason.
+ */
+__inline_fn int lb_reverse(struct __sk_buff *skb, struct flow *f, __u16 rev_nat)
+{
+	struct lb_revnat *r;
+
+	if (!rev_nat)
+		return 0;
+	r = bpf_map_lookup_elem(&cilia_lb_revnat, &rev_nat);
+	if (!r || r->family != f->family)
+		return 0;
+	return nat_rewrite(skb, f, 0, r->addr, r->port);
+}
+
+#endif
