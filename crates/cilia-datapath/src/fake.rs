@@ -29,8 +29,9 @@ use std::time::Duration;
 
 use cilia_abi::{
     CtEntry, CtKey, CtValue, EndpointConfig, EndpointEntry, EndpointPolicy, Event, IpcacheEntry,
-    IpcacheKey, IpcacheValue, LbBackend, LbFrontend, LbService, LbStats, MetricsEntry, MetricsKey,
-    MetricsValue, NodeConfig, NodeConfigValue, PolicyDelta, PolicyKey, PolicyValue,
+    IpcacheKey, IpcacheValue, LbBackend, LbBackendValue, LbFrontend, LbMaster, LbRevNatValue,
+    LbService, LbServiceKey, LbServiceValue, LbStats, MetricsEntry, MetricsKey, MetricsValue,
+    NodeConfig, NodeConfigValue, PolicyDelta, PolicyKey, PolicyValue,
 };
 use ipnet::IpNet;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -83,11 +84,15 @@ pub struct FakeState {
     pub netdev_device: Option<String>,
     /// Node links swapped by [`Datapath::reload_node_programs`].
     pub node_reloads: usize,
-    /// The backends map, by backend id.
-    pub lb_backends: BTreeMap<u32, LbBackend>,
-    /// The services (master, slots, rev-NAT entry and Maglev table), by
-    /// frontend.
-    pub lb_services: BTreeMap<LbFrontend, LbService>,
+    /// The backends map (backend id -> encoded backend).
+    pub lb_backends: BTreeMap<u32, LbBackendValue>,
+    /// The services map: each frontend's master entry and the slots of
+    /// its generation(s), encoded.
+    pub lb_services: BTreeMap<LbServiceKey, LbServiceValue>,
+    /// The rev-NAT map.
+    pub lb_revnat: BTreeMap<u16, LbRevNatValue>,
+    /// Each service's Maglev table, by rev-NAT id.
+    pub lb_maglev: BTreeMap<u16, Vec<u32>>,
     /// Successful service writes (upserts), by rev-NAT id.
     pub lb_service_writes: BTreeMap<u16, usize>,
     /// The configured Maglev table size (0: not set, the default applies).
@@ -173,6 +178,14 @@ impl std::fmt::Debug for FakeDatapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FakeDatapath").finish_non_exhaustive()
     }
+}
+
+/// The decoded master entries of the services map.
+fn masters(state: &FakeState) -> impl Iterator<Item = LbMaster> + '_ {
+    state
+        .lb_services
+        .iter()
+        .filter_map(|(k, v)| LbMaster::decode(k, v))
 }
 
 /// What the kernel would refuse or a broken caller would cause, as the
@@ -582,7 +595,7 @@ impl Datapath for FakeDatapath {
             if b.id == 0 {
                 return Err(invalid("upsert_lb_backends", "backend id 0".into()));
             }
-            state.lb_backends.insert(b.id, *b);
+            state.lb_backends.insert(b.id, b.value());
         }
         Ok(())
     }
@@ -594,10 +607,11 @@ impl Datapath for FakeDatapath {
         }
         Ok(())
     }
-    /// Refuses what the kernel maps would make a broken service: a slot or
-    /// Maglev entry naming a backend not written before, a Maglev table of
-    /// another size than the configured one, a rev-NAT id another frontend
-    /// uses.
+    /// Writes as the kernel maps hold a service (the other generation's
+    /// slots, then the master, then the old slots deleted), refusing what
+    /// would make a broken service: a slot or Maglev entry naming a backend
+    /// not written before, a Maglev table of another size than the
+    /// configured one, a rev-NAT id another frontend uses.
     fn upsert_lb_service(&self, service: &LbService) -> Result<(), DatapathError> {
         self.enter("upsert_lb_service")?;
         let mut state = self.state();
@@ -628,39 +642,89 @@ impl Datapath for FakeDatapath {
                 ));
             }
         }
-        if let Some(other) = state
-            .lb_services
-            .values()
-            .find(|s| s.rev_nat == service.rev_nat && s.frontend != service.frontend)
+        if let Some(other) =
+            masters(&state).find(|m| m.rev_nat == service.rev_nat && m.frontend != service.frontend)
         {
             return Err(invalid(
                 "upsert_lb_service",
                 format!("{name}: rev-NAT id used by {:?}", other.frontend),
             ));
         }
-        state.lb_services.insert(service.frontend, service.clone());
+        let master_key = service.frontend.master_key();
+        let old = state
+            .lb_services
+            .get(&master_key)
+            .and_then(|v| LbMaster::decode(&master_key, v));
+        let gen = cilia_abi::lb_other_generation(old.map_or(0, |m| m.gen));
+        state
+            .lb_revnat
+            .insert(service.rev_nat, service.frontend.revnat_value());
+        match &service.maglev {
+            Some(table) => state.lb_maglev.insert(service.rev_nat, table.clone()),
+            None => state.lb_maglev.remove(&service.rev_nat),
+        };
+        state.lb_services.extend(service.slot_entries(gen));
+        state
+            .lb_services
+            .insert(master_key, service.master_value(gen));
+        if let Some(old) = old {
+            for slot in 1..=old.count {
+                state
+                    .lb_services
+                    .remove(&service.frontend.key(slot, old.gen));
+            }
+        }
         *state.lb_service_writes.entry(service.rev_nat).or_default() += 1;
         Ok(())
     }
     fn remove_lb_service(&self, frontend: &LbFrontend, rev_nat: u16) -> Result<(), DatapathError> {
         self.enter("remove_lb_service")?;
         let mut state = self.state();
-        if state
+        let key = frontend.master_key();
+        let Some(master) = state
             .lb_services
-            .get(frontend)
-            .is_some_and(|s| s.rev_nat == rev_nat)
-        {
-            state.lb_services.remove(frontend);
+            .get(&key)
+            .and_then(|v| LbMaster::decode(&key, v))
+            .filter(|m| m.rev_nat == rev_nat)
+        else {
+            return Ok(());
+        };
+        state.lb_services.remove(&key);
+        for slot in 1..=master.count {
+            state.lb_services.remove(&frontend.key(slot, master.gen));
         }
+        state.lb_revnat.remove(&rev_nat);
+        state.lb_maglev.remove(&rev_nat);
+        state.lb_stats.remove(&rev_nat);
         Ok(())
     }
     fn lb_services(&self) -> Result<Vec<LbService>, DatapathError> {
         self.enter("lb_services")?;
-        Ok(self.state().lb_services.values().cloned().collect())
+        let state = self.state();
+        let mut out: Vec<LbService> = masters(&state)
+            .map(|m| {
+                let slots = (1..=m.count)
+                    .map(|slot| {
+                        state
+                            .lb_services
+                            .get(&m.frontend.key(slot, m.gen))
+                            .map_or(0, |v| v.backend_id)
+                    })
+                    .collect();
+                LbService::from_master(&m, slots, state.lb_maglev.get(&m.rev_nat).cloned())
+            })
+            .collect();
+        out.sort_by_key(|s| s.rev_nat);
+        Ok(out)
     }
     fn lb_backends(&self) -> Result<Vec<LbBackend>, DatapathError> {
         self.enter("lb_backends")?;
-        Ok(self.state().lb_backends.values().copied().collect())
+        Ok(self
+            .state()
+            .lb_backends
+            .iter()
+            .filter_map(|(id, v)| LbBackend::decode(*id, v))
+            .collect())
     }
     fn set_maglev_size(&self, size: u32) -> Result<(), DatapathError> {
         self.enter("set_maglev_size")?;
@@ -956,6 +1020,27 @@ mod tests {
         dp.upsert_lb_backends(&[lb_backend(2)]).unwrap();
         dp.upsert_lb_service(&lb_service(7, vec![1, 2])).unwrap();
         assert_eq!(dp.lb_services().unwrap(), vec![lb_service(7, vec![1, 2])]);
+    }
+
+    #[test]
+    fn a_service_update_flips_the_generation_and_deletes_the_old_slots() {
+        let dp = FakeDatapath::new();
+        dp.upsert_lb_backends(&[lb_backend(1), lb_backend(2), lb_backend(3)])
+            .unwrap();
+        let first = lb_service(7, vec![1, 2, 3]);
+        dp.upsert_lb_service(&first).unwrap();
+        dp.upsert_lb_service(&lb_service(7, vec![3])).unwrap();
+        {
+            let state = dp.state();
+            let master = state.lb_services[&first.frontend.master_key()];
+            assert_eq!((master.gen, master.count), (2, 1));
+            assert_eq!(state.lb_services.len(), 2, "master + one slot of gen 2");
+            assert!(state.lb_revnat.contains_key(&7));
+        }
+        assert_eq!(dp.lb_services().unwrap(), vec![lb_service(7, vec![3])]);
+        dp.remove_lb_service(&first.frontend, 7).unwrap();
+        let state = dp.state();
+        assert!(state.lb_services.is_empty() && state.lb_revnat.is_empty());
     }
 
     #[test]

@@ -231,6 +231,8 @@ fn restore_rewrites_stored_services_and_drops_what_the_store_lacks() {
         let mut st = f.dp.state();
         st.lb_services.clear();
         st.lb_backends.clear();
+        st.lb_revnat.clear();
+        st.lb_maglev.clear();
         st.maglev_size = 0;
     }
     f.dp.upsert_lb_backends(&[cilia_abi::LbBackend {
