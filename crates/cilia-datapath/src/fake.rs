@@ -1,8 +1,9 @@
 //! An in-memory [`Datapath`]: no kernel, no root, for unit tests of the
 //! agent's bookkeeping (policy repository, endpoint lifecycle, restore).
 //!
-//! It keeps what the kernel would: policy, ipcache, endpoints and
-//! conntrack as *encoded* map entries (through `cilia_abi::rows`, like
+//! It keeps what the kernel would: policy, ipcache, endpoints, the load
+//! balancer and conntrack as *encoded* map entries (through
+//! `cilia_abi::rows`, like
 //! [`crate::BpfDatapath`]), so a test also exercises the encoding. The
 //! state is public ([`FakeDatapath::state`]) for tests to inspect and
 //! arrange (attached programs of another build, a link on the wrong
