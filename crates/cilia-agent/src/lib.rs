@@ -24,6 +24,7 @@ pub mod policy;
 pub mod proxy;
 pub mod relay;
 pub mod socklb;
+pub mod service;
 pub mod store;
 
 use std::fs::File;
@@ -60,6 +61,9 @@ pub struct AgentConfig {
     pub proxy_port: u16,
     /// The `cilia-proxy` executable (`None`: beside the agent's own).
     pub proxy_bin: Option<PathBuf>,
+    /// Entries of every service's Maglev table (a prime, see
+    /// [`cilia_lb::check_table_size`]).
+    pub lb_maglev_table_size: u32,
     /// This node in a cluster (kvstore, tunnel, peers).
     pub cluster: ClusterOptions,
     /// Socket-level load balancing (`--socket-lb`, `--socket-lb-cgroup`).
@@ -390,6 +394,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         None => None,
     };
     let restored = manager.list()?.len();
+    // Services after endpoints: their backends are usually endpoints, and
+    // the maps are pinned, so traffic to them never stopped meanwhile.
+    let maglev_size = cilia_lb::check_table_size(config.lb_maglev_table_size)
+        .context("--lb-maglev-table-size")?;
+    let services = Arc::new(service::Services::new(
+        manager.store.clone(),
+        datapath.clone(),
+        maglev_size,
+    ));
+    let restored_services = services.restore().context("restoring services")?;
 
     // Bind every listener before announcing readiness: a bad address is a
     // start-up error, never an agent that dies after saying it is ready.
@@ -481,6 +495,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         cluster: cluster_view,
         multinode: cluster_link.as_ref().map(|(l, _)| l.clone()),
         socket_lb,
+        services,
     });
     let _health_threads = health_threads;
     if let Some((link, events)) = cluster_link {
@@ -504,6 +519,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     info!(
         socket = %config.socket.display(),
         endpoints = restored,
+        services = restored_services,
         ipv6_range = %config.ipv6_range,
         ipv4_range = ?config.ipv4_range,
         "cilia-agent ready"

@@ -44,6 +44,12 @@ struct Args {
     #[arg(long, env = "CILIA_PROXY_PORT", default_value_t = cilia_proxy::control::DEFAULT_PROXY_PORT,
           value_parser = clap::value_parser!(u16).range(1..))]
     proxy_port: u16,
+    /// Entries of every service's Maglev lookup table: a prime in
+    /// 1021..=131071 (larger: more even spread and fewer flows moved when
+    /// backends change, at 4 bytes per entry per Maglev service).
+    #[arg(long, env = "CILIA_LB_MAGLEV_TABLE_SIZE", default_value_t = cilia_lb::DEFAULT_TABLE_SIZE,
+          value_parser = maglev_table_size)]
+    lb_maglev_table_size: u32,
     /// The `cilia-proxy` executable; default: beside `cilia-agent`.
     #[arg(long, env = "CILIA_PROXY_BIN")]
     proxy_bin: Option<PathBuf>,
@@ -203,6 +209,7 @@ async fn agent_main() {
         ct_budget: args.ct_budget,
         proxy_port: args.proxy_port,
         proxy_bin: args.proxy_bin,
+        lb_maglev_table_size: args.lb_maglev_table_size,
         cluster,
         socket_lb: cilia_agent::socklb::SocketLbOptions {
             mode: args.socket_lb,
@@ -212,5 +219,38 @@ async fn agent_main() {
     if let Err(e) = cilia_agent::run(config).await {
         eprintln!("cilia-agent: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// `--lb-maglev-table-size`: a prime in range.
+fn maglev_table_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    cilia_lb::check_table_size(n).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maglev_table_size_must_be_a_prime_in_range() {
+        assert_eq!(maglev_table_size("16381"), Ok(16381));
+        assert_eq!(maglev_table_size("1021"), Ok(1021));
+        for (bad, reason) in [
+            ("16384", "not prime"),
+            ("1019", "outside 1021..=131071"),
+            ("262139", "outside"),
+            ("x", "not a number"),
+        ] {
+            let e = maglev_table_size(bad).expect_err(bad);
+            assert!(e.contains(reason), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_flag_defaults_to_16381() {
+        let args = Args::try_parse_from(["cilia-agent"]).expect("defaults parse");
+        assert_eq!(args.lb_maglev_table_size, 16381);
+        assert!(Args::try_parse_from(["cilia-agent", "--lb-maglev-table-size", "4096"]).is_err());
     }
 }

@@ -22,6 +22,7 @@ use crate::cluster::*;
 use crate::flows::FlowFilter;
 use crate::model::*;
 use crate::query::{self, EndpointQuery, FlowsQuery, PolicyDelete};
+use crate::services::*;
 
 type Result<T, E = ClientError> = std::result::Result<T, E>;
 
@@ -223,6 +224,35 @@ impl ApiClient {
     /// `GET /v1/bpf/policy/{id}`: an endpoint's policy map.
     pub async fn bpf_policy(&self, endpoint: u16) -> Result<BpfPolicy> {
         self.get(&format!("/v1/bpf/policy/{endpoint}")).await
+    }
+
+    // Services.
+
+    /// `GET /v1/services`.
+    pub async fn services(&self) -> Result<Vec<Service>> {
+        self.get("/v1/services").await
+    }
+
+    /// `GET /v1/services/{id}`.
+    pub async fn service(&self, id: u16) -> Result<Service> {
+        self.get(&format!("/v1/services/{id}")).await
+    }
+
+    /// `POST /v1/services`: create or replace a service (by id, else by
+    /// frontend).
+    pub async fn update_service(&self, spec: &ServiceSpec) -> Result<Service> {
+        self.post("/v1/services", spec).await
+    }
+
+    /// `DELETE /v1/services/{id}`.
+    pub async fn delete_service(&self, id: u16) -> Result<()> {
+        self.call_empty(Method::DELETE, &format!("/v1/services/{id}"))
+            .await
+    }
+
+    /// `GET /v1/bpf/lb`: the load balancer's maps as the kernel holds them.
+    pub async fn bpf_lb(&self) -> Result<BpfLb> {
+        self.get("/v1/bpf/lb").await
     }
 
     // The datapath.

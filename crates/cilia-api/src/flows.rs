@@ -32,7 +32,8 @@ pub struct FlowFilter {
     pub port: Option<u16>,
     /// Only flows at or after this time (nanoseconds since the epoch).
     pub since_ns: Option<u64>,
-    /// Event types: `drop`, `trace`, `policy-verdict`, `debug`, `l7` (comma-separated).
+    /// Event types: `drop`, `trace`, `policy-verdict`, `debug`, `l7`,
+    /// `service` (comma-separated).
     pub types: Option<String>,
     /// Only flows to or from this endpoint.
     pub related_to: Option<u16>,

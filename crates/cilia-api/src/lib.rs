@@ -9,11 +9,13 @@ pub mod labels;
 pub mod limits;
 pub mod model;
 pub mod query;
+pub mod services;
 
 pub use client::{ApiClient, ClientError, StreamLine};
 pub use cluster::*;
 pub use model::*;
 pub use query::{EndpointQuery, FlowsQuery, PolicyDelete};
+pub use services::*;
 
 /// Default path of the agent's API socket.
 pub const DEFAULT_SOCKET: &str = "/var/run/cilia/cilia.sock";

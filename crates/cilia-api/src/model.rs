@@ -557,7 +557,15 @@ mod tests {
     #[test]
     fn flow_json_leaves_out_absent_fields() {
         let json = serde_json::to_value(Flow::default()).unwrap();
-        for absent in ["drop_reason", "policy", "trace", "data", "l7", "node"] {
+        for absent in [
+            "drop_reason",
+            "policy",
+            "trace",
+            "data",
+            "l7",
+            "service",
+            "node",
+        ] {
             assert!(json.get(absent).is_none(), "{absent} in {json}");
         }
         assert_eq!(json["source"], serde_json::json!({"identity": 0}));
@@ -633,8 +641,9 @@ pub struct Flow {
     pub time: String,
     /// Nanoseconds since the Unix epoch.
     pub time_ns: u64,
-    /// `drop`, `trace`, `policy-verdict`, `debug` or `l7` (an HTTP request
-    /// the L7 proxy handled).
+    /// `drop`, `trace`, `policy-verdict`, `debug`, `l7` (an HTTP request
+    /// the L7 proxy handled) or `service` (a new flow to a service given a
+    /// backend).
     pub event: String,
     /// `FORWARDED`, `DROPPED`, `AUDIT` or (`l7` only) `ERROR`.
     pub verdict: String,
@@ -659,6 +668,10 @@ pub struct Flow {
     pub data: Option<String>,
     /// For `l7` events: the HTTP request and its outcome.
     pub l7: Option<FlowL7>,
+    /// For `service` events: the service the client addressed and the
+    /// backend the load balancer chose for the flow.
+    #[serde(default)]
+    pub service: Option<crate::services::FlowService>,
     /// A summary flow: it stands for this many events of its kind (itself
     /// among them) that the agent did not send one by one, because more
     /// than a few of that kind came within a second. Absent on other flows.

@@ -22,6 +22,17 @@ pub enum BpfCmd {
     /// An endpoint's policy map.
     #[command(subcommand)]
     Policy(BpfPolicyCmd),
+    /// The load balancer: services (slots, Maglev shares) and backends.
+    #[command(subcommand)]
+    Lb(BpfLbCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BpfLbCmd {
+    /// Read the services and backends maps back from the kernel.
+    ///
+    /// Example: cilia bpf lb list
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -124,6 +135,7 @@ pub async fn run(cmd: BpfCmd, client: &ApiClient, output: Output) -> anyhow::Res
                 ])
             },
         ),
+        BpfCmd::Lb(BpfLbCmd::List) => crate::service::print_bpf_lb(output, &client.bpf_lb().await?),
         BpfCmd::Policy(BpfPolicyCmd::Get { endpoint }) => {
             print_one(output, &client.bpf_policy(endpoint).await?, print_policy)
         }

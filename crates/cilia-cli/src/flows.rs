@@ -9,7 +9,7 @@ use clap::Args;
 use crate::output::{labels_of, Output};
 
 /// The event types of `--type`.
-const EVENT_TYPES: [&str; 5] = ["drop", "trace", "policy-verdict", "debug", "l7"];
+const EVENT_TYPES: [&str; 6] = ["drop", "trace", "policy-verdict", "debug", "l7", "service"];
 
 /// A repeated flag as the API's comma-separated list (`None`: not given).
 fn list(values: Vec<String>) -> Option<String> {
@@ -20,7 +20,7 @@ fn list(values: Vec<String>) -> Option<String> {
 pub struct MonitorArgs {
     /// Event types to show (repeatable): drop, trace, policy-verdict, debug
     /// (the conntrack state of every packet), l7 (HTTP requests the L7 proxy
-    /// handled).
+    /// handled), service (a new flow to a service given a backend).
     #[arg(long = "type", value_parser = EVENT_TYPES)]
     types: Vec<String>,
     /// Only events to or from this endpoint.
@@ -53,7 +53,8 @@ pub struct ObserveArgs {
     /// Either side's port.
     #[arg(long)]
     port: Option<u16>,
-    /// Event types (repeatable): drop, trace, policy-verdict, debug, l7.
+    /// Event types (repeatable): drop, trace, policy-verdict, debug, l7,
+    /// service.
     ///
     /// Example: cilia observe --type l7 --verdict DROPPED
     #[arg(long = "type", value_parser = EVENT_TYPES)]
@@ -245,6 +246,14 @@ fn aggregated_text(f: &Flow) -> String {
         .unwrap_or_default()
 }
 
+/// ` via service 7 [2001:db8::10]:80/tcp` on a service flow.
+fn service_text(f: &Flow) -> String {
+    f.service
+        .as_ref()
+        .map(|s| format!(" via service {} {}", s.id, s.frontend))
+        .unwrap_or_default()
+}
+
 fn monitor_line(f: &Flow) -> String {
     let time = f.time.get(11..26).unwrap_or(&f.time);
     let policy = f
@@ -270,13 +279,15 @@ fn monitor_line(f: &Flow) -> String {
         "drop" => format!("drop ({})", f.drop_reason.as_deref().unwrap_or("?")),
         "trace" => format!("trace {}", f.trace.as_deref().unwrap_or("")),
         "debug" => format!("debug {}", f.trace.as_deref().unwrap_or("")),
+        "service" => "service backend-selected".to_string(),
         _ => format!("policy-verdict {}", f.verdict),
     };
     format!(
-        "{time} {what} {head} {} {} -> {} len {}{policy}{}",
+        "{time} {what} {head} {} {} -> {}{} len {}{policy}{}",
         protocol_text(f),
         peer_text(&f.source),
         peer_text(&f.destination),
+        service_text(f),
         f.length,
         aggregated_text(f),
     )
@@ -314,9 +325,10 @@ fn observe_line(f: &Flow) -> String {
         .map(|n| format!("{n}  "))
         .unwrap_or_default();
     format!(
-        "{time}  {node}{} -> {} {what}{policy}{}",
+        "{time}  {node}{} -> {}{} {what}{policy}{}",
         peer_text(&f.source),
         peer_text(&f.destination),
+        service_text(f),
         aggregated_text(f),
     )
 }
@@ -410,6 +422,33 @@ mod tests {
             policy: Some("default deny".into()),
             ..denied_put()
         }
+    }
+
+    #[test]
+    fn a_service_flow_names_the_service_and_its_frontend() {
+        let f = Flow {
+            event: "service".into(),
+            verdict: "FORWARDED".into(),
+            drop_reason: None,
+            l7: None,
+            policy: None,
+            service: Some(cilia_api::FlowService {
+                id: 7,
+                frontend: "[2001:db8::10]:80/tcp".into(),
+                backend: "[fd00::2]:80".into(),
+            }),
+            ..denied_put()
+        };
+        assert_eq!(
+            observe_line(&f),
+            "2026-12-02T06:30:00.123  default/ep3(class=tiefighter) [fd00::3]:40000 -> \
+             default/ep1(class=deathstar) [fd00::2]:80 via service 7 [2001:db8::10]:80/tcp TCP FORWARDED"
+        );
+        assert!(
+            monitor_line(&f).contains("service backend-selected"),
+            "{}",
+            monitor_line(&f)
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ mod identity;
 mod namespace;
 mod node;
 mod policy;
+mod service;
 mod status;
 
 use std::path::PathBuf;
@@ -67,6 +68,13 @@ enum Command {
     /// Example: cilia node list
     #[command(subcommand)]
     Node(node::NodeCmd),
+    /// Services: a frontend [VIP]:PORT/PROTO load-balanced over backends.
+    ///
+    /// Example: cilia service update --frontend '[2001:db8::10]:80/tcp' --backends '[fd00::5]:8080,[fd00::6]:8080'
+    ///
+    /// Example: cilia service list
+    #[command(subcommand)]
+    Service(service::ServiceCmd),
     /// The agent's BPF programs: hotfix them in place.
     #[command(subcommand)]
     Datapath(datapath::DatapathCmd),
@@ -99,6 +107,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Identity(cmd) => identity::run(cmd, &client, out).await,
         Command::Namespace(cmd) => namespace::run(cmd, &client, out).await,
         Command::Node(cmd) => node::run(cmd, &client, out).await,
+        Command::Service(cmd) => service::run(cmd, &client, out).await,
         Command::Datapath(cmd) => datapath::run(cmd, &client, out).await,
         Command::Monitor(args) => flows::monitor(args, &client, out).await,
         Command::Observe(args) => flows::observe(args, &client, out).await,

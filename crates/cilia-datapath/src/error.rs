@@ -56,9 +56,6 @@ pub enum DatapathError {
     /// A failure [`crate::fake::FakeDatapath`] was told to inject.
     #[error("{operation}: failure injected by the fake datapath")]
     Injected { operation: &'static str },
-    /// Work in progress inside a session; never on `main` at a stop.
-    #[error("{0}: not implemented yet")]
-    Unimplemented(&'static str),
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -1,8 +1,9 @@
 //! An in-memory [`Datapath`]: no kernel, no root, for unit tests of the
 //! agent's bookkeeping (policy repository, endpoint lifecycle, restore).
 //!
-//! It keeps what the kernel would: policy, ipcache, endpoints and
-//! conntrack as *encoded* map entries (through `cilia_abi::rows`, like
+//! It keeps what the kernel would: policy, ipcache, endpoints, the load
+//! balancer and conntrack as *encoded* map entries (through
+//! `cilia_abi::rows`, like
 //! [`crate::BpfDatapath`]), so a test also exercises the encoding. The
 //! state is public ([`FakeDatapath::state`]) for tests to inspect and
 //! arrange (attached programs of another build, a link on the wrong
@@ -30,8 +31,9 @@ use std::time::Duration;
 
 use cilia_abi::{
     CtEntry, CtKey, CtValue, EndpointConfig, EndpointEntry, EndpointPolicy, Event, IpcacheEntry,
-    IpcacheKey, IpcacheValue, MetricsEntry, MetricsKey, MetricsValue, NodeConfig, NodeConfigValue,
-    PolicyDelta, PolicyKey, PolicyValue,
+    IpcacheKey, IpcacheValue, LbBackend, LbBackendValue, LbFrontend, LbMaster, LbRevNatValue,
+    LbService, LbServiceKey, LbServiceValue, LbStats, MetricsEntry, MetricsKey, MetricsValue,
+    NodeConfig, NodeConfigValue, PolicyDelta, PolicyKey, PolicyValue,
 };
 use ipnet::IpNet;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -89,6 +91,21 @@ pub struct FakeState {
     pub socket_lb_cgroup: Option<PathBuf>,
     /// Cookies of the namespaces the socket LB serves.
     pub lb_netns: BTreeSet<u64>,
+    /// The backends map (backend id -> encoded backend).
+    pub lb_backends: BTreeMap<u32, LbBackendValue>,
+    /// The services map: each frontend's master entry and the slots of
+    /// its generation(s), encoded.
+    pub lb_services: BTreeMap<LbServiceKey, LbServiceValue>,
+    /// The rev-NAT map.
+    pub lb_revnat: BTreeMap<u16, LbRevNatValue>,
+    /// Each service's Maglev table, by rev-NAT id.
+    pub lb_maglev: BTreeMap<u16, Vec<u32>>,
+    /// Successful service writes (upserts), by rev-NAT id.
+    pub lb_service_writes: BTreeMap<u16, usize>,
+    /// The configured Maglev table size (0: not set, the default applies).
+    pub maglev_size: u32,
+    /// Per-service counters, by rev-NAT id (summed over CPUs).
+    pub lb_stats: BTreeMap<u16, LbStats>,
 }
 
 #[derive(Debug, Default)]
@@ -168,6 +185,23 @@ impl std::fmt::Debug for FakeDatapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FakeDatapath").finish_non_exhaustive()
     }
+}
+
+/// The decoded master entries of the services map.
+fn masters(state: &FakeState) -> impl Iterator<Item = LbMaster> + '_ {
+    state
+        .lb_services
+        .iter()
+        .filter_map(|(k, v)| LbMaster::decode(k, v))
+}
+
+/// What the kernel would refuse or a broken caller would cause, as the
+/// fake reports it.
+fn invalid(operation: &str, reason: String) -> DatapathError {
+    DatapathError::io(
+        operation.to_string(),
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, reason),
+    )
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -605,30 +639,157 @@ impl Datapath for FakeDatapath {
         self.enter("lb_netns")?;
         Ok(self.state().lb_netns.iter().copied().collect())
     }
-    fn upsert_lb_backends(&self, _backends: &[cilia_abi::LbBackend]) -> Result<(), DatapathError> {
-        Err(DatapathError::Unimplemented("load balancing"))
+    fn upsert_lb_backends(&self, backends: &[LbBackend]) -> Result<(), DatapathError> {
+        self.enter("upsert_lb_backends")?;
+        let mut state = self.state();
+        for b in backends {
+            if b.id == 0 {
+                return Err(invalid("upsert_lb_backends", "backend id 0".into()));
+            }
+            state.lb_backends.insert(b.id, b.value());
+        }
+        Ok(())
     }
-    fn remove_lb_backends(&self, _ids: &[u32]) -> Result<(), DatapathError> {
-        Err(DatapathError::Unimplemented("load balancing"))
+    fn remove_lb_backends(&self, ids: &[u32]) -> Result<(), DatapathError> {
+        self.enter("remove_lb_backends")?;
+        let mut state = self.state();
+        for id in ids {
+            state.lb_backends.remove(id);
+        }
+        Ok(())
     }
-    fn upsert_lb_service(&self, _service: &cilia_abi::LbService) -> Result<(), DatapathError> {
-        Err(DatapathError::Unimplemented("load balancing"))
+    /// Writes as the kernel maps hold a service (the other generation's
+    /// slots, then the master, then the old slots deleted), refusing what
+    /// would make a broken service: a slot or Maglev entry naming a backend
+    /// not written before, a Maglev table of another size than the
+    /// configured one, a rev-NAT id another frontend uses.
+    fn upsert_lb_service(&self, service: &LbService) -> Result<(), DatapathError> {
+        self.enter("upsert_lb_service")?;
+        let mut state = self.state();
+        let name = format!("service {} ({:?})", service.rev_nat, service.frontend);
+        if let Some(id) = service
+            .slots
+            .iter()
+            .chain(service.maglev.iter().flatten())
+            .find(|id| **id != 0 && !state.lb_backends.contains_key(id))
+        {
+            return Err(invalid(
+                "upsert_lb_service",
+                format!("{name}: backend {id} is not in the backends map"),
+            ));
+        }
+        if let Some(table) = &service.maglev {
+            let size = match state.maglev_size {
+                0 => cilia_abi::CILIA_LB_MAGLEV_SIZE_DEFAULT,
+                n => n,
+            };
+            if table.len() != size as usize {
+                return Err(invalid(
+                    "upsert_lb_service",
+                    format!(
+                        "{name}: Maglev table of {} entries, not {size}",
+                        table.len()
+                    ),
+                ));
+            }
+        }
+        if let Some(other) =
+            masters(&state).find(|m| m.rev_nat == service.rev_nat && m.frontend != service.frontend)
+        {
+            return Err(invalid(
+                "upsert_lb_service",
+                format!("{name}: rev-NAT id used by {:?}", other.frontend),
+            ));
+        }
+        let master_key = service.frontend.master_key();
+        let old = state
+            .lb_services
+            .get(&master_key)
+            .and_then(|v| LbMaster::decode(&master_key, v));
+        let gen = cilia_abi::lb_other_generation(old.map_or(0, |m| m.gen));
+        state
+            .lb_revnat
+            .insert(service.rev_nat, service.frontend.revnat_value());
+        match &service.maglev {
+            Some(table) => state.lb_maglev.insert(service.rev_nat, table.clone()),
+            None => state.lb_maglev.remove(&service.rev_nat),
+        };
+        state.lb_services.extend(service.slot_entries(gen));
+        state
+            .lb_services
+            .insert(master_key, service.master_value(gen));
+        if let Some(old) = old {
+            for slot in 1..=old.count {
+                state
+                    .lb_services
+                    .remove(&service.frontend.key(slot, old.gen));
+            }
+        }
+        *state.lb_service_writes.entry(service.rev_nat).or_default() += 1;
+        Ok(())
     }
-    fn remove_lb_service(
-        &self,
-        _frontend: &cilia_abi::LbFrontend,
-        _rev_nat: u16,
-    ) -> Result<(), DatapathError> {
-        Err(DatapathError::Unimplemented("load balancing"))
+    fn remove_lb_service(&self, frontend: &LbFrontend, rev_nat: u16) -> Result<(), DatapathError> {
+        self.enter("remove_lb_service")?;
+        let mut state = self.state();
+        let key = frontend.master_key();
+        let Some(master) = state
+            .lb_services
+            .get(&key)
+            .and_then(|v| LbMaster::decode(&key, v))
+            .filter(|m| m.rev_nat == rev_nat)
+        else {
+            return Ok(());
+        };
+        state.lb_services.remove(&key);
+        for slot in 1..=master.count {
+            state.lb_services.remove(&frontend.key(slot, master.gen));
+        }
+        state.lb_revnat.remove(&rev_nat);
+        state.lb_maglev.remove(&rev_nat);
+        state.lb_stats.remove(&rev_nat);
+        Ok(())
     }
-    fn lb_services(&self) -> Result<Vec<cilia_abi::LbService>, DatapathError> {
-        Err(DatapathError::Unimplemented("load balancing"))
+    fn lb_services(&self) -> Result<Vec<LbService>, DatapathError> {
+        self.enter("lb_services")?;
+        let state = self.state();
+        let mut out: Vec<LbService> = masters(&state)
+            .map(|m| {
+                let slots = (1..=m.count)
+                    .map(|slot| {
+                        state
+                            .lb_services
+                            .get(&m.frontend.key(slot, m.gen))
+                            .map_or(0, |v| v.backend_id)
+                    })
+                    .collect();
+                LbService::from_master(&m, slots, state.lb_maglev.get(&m.rev_nat).cloned())
+            })
+            .collect();
+        out.sort_by_key(|s| s.rev_nat);
+        Ok(out)
     }
-    fn lb_backends(&self) -> Result<Vec<cilia_abi::LbBackend>, DatapathError> {
-        Err(DatapathError::Unimplemented("load balancing"))
+    fn lb_backends(&self) -> Result<Vec<LbBackend>, DatapathError> {
+        self.enter("lb_backends")?;
+        Ok(self
+            .state()
+            .lb_backends
+            .iter()
+            .filter_map(|(id, v)| LbBackend::decode(*id, v))
+            .collect())
     }
-    fn set_maglev_size(&self, _size: u32) -> Result<(), DatapathError> {
-        Err(DatapathError::Unimplemented("load balancing"))
+    fn set_maglev_size(&self, size: u32) -> Result<(), DatapathError> {
+        self.enter("set_maglev_size")?;
+        self.state().maglev_size = size;
+        Ok(())
+    }
+    fn lb_stats(&self) -> Result<Vec<(u16, LbStats)>, DatapathError> {
+        self.enter("lb_stats")?;
+        Ok(self
+            .state()
+            .lb_stats
+            .iter()
+            .map(|(id, s)| (*id, *s))
+            .collect())
     }
     fn metrics(&self) -> Result<Vec<MetricsEntry>, DatapathError> {
         self.enter("metrics")?;
@@ -870,5 +1031,92 @@ mod tests {
         let mut out = Vec::new();
         let n = reader.read(&mut out, Duration::from_secs(5)).await.unwrap();
         assert_eq!((n, out), (1, vec![event]));
+    }
+
+    fn lb_service(rev_nat: u16, slots: Vec<u32>) -> LbService {
+        LbService {
+            rev_nat,
+            frontend: LbFrontend {
+                addr: "2001:db8::10".parse().unwrap(),
+                port: 80,
+                proto: 6,
+            },
+            algorithm: cilia_abi::LbAlgorithm::Random,
+            affinity_timeout: None,
+            slots,
+            maglev: None,
+        }
+    }
+
+    fn lb_backend(id: u32) -> LbBackend {
+        LbBackend {
+            id,
+            addr: format!("[2001:db8::{id}]:8080").parse().unwrap(),
+            state: cilia_abi::LbBackendState::Active,
+        }
+    }
+
+    #[test]
+    fn a_service_naming_an_unwritten_backend_is_refused() {
+        let dp = FakeDatapath::new();
+        dp.upsert_lb_backends(&[lb_backend(1)]).unwrap();
+        let e = dp
+            .upsert_lb_service(&lb_service(7, vec![1, 2]))
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("backend 2 is not in the backends map"),
+            "{e}"
+        );
+        dp.upsert_lb_backends(&[lb_backend(2)]).unwrap();
+        dp.upsert_lb_service(&lb_service(7, vec![1, 2])).unwrap();
+        assert_eq!(dp.lb_services().unwrap(), vec![lb_service(7, vec![1, 2])]);
+    }
+
+    #[test]
+    fn a_service_update_flips_the_generation_and_deletes_the_old_slots() {
+        let dp = FakeDatapath::new();
+        dp.upsert_lb_backends(&[lb_backend(1), lb_backend(2), lb_backend(3)])
+            .unwrap();
+        let first = lb_service(7, vec![1, 2, 3]);
+        dp.upsert_lb_service(&first).unwrap();
+        dp.upsert_lb_service(&lb_service(7, vec![3])).unwrap();
+        {
+            let state = dp.state();
+            let master = state.lb_services[&first.frontend.master_key()];
+            assert_eq!((master.gen, master.count), (2, 1));
+            assert_eq!(state.lb_services.len(), 2, "master + one slot of gen 2");
+            assert!(state.lb_revnat.contains_key(&7));
+        }
+        assert_eq!(dp.lb_services().unwrap(), vec![lb_service(7, vec![3])]);
+        dp.remove_lb_service(&first.frontend, 7).unwrap();
+        let state = dp.state();
+        assert!(state.lb_services.is_empty() && state.lb_revnat.is_empty());
+    }
+
+    #[test]
+    fn a_maglev_table_must_have_the_configured_size() {
+        let dp = FakeDatapath::new();
+        dp.upsert_lb_backends(&[lb_backend(1)]).unwrap();
+        dp.set_maglev_size(1021).unwrap();
+        let mut s = lb_service(7, vec![1]);
+        s.maglev = Some(vec![1; 16381]);
+        assert!(dp.upsert_lb_service(&s).is_err());
+        s.maglev = Some(vec![1; 1021]);
+        dp.upsert_lb_service(&s).unwrap();
+    }
+
+    #[test]
+    fn removing_a_service_needs_its_rev_nat_id() {
+        let dp = FakeDatapath::new();
+        dp.upsert_lb_backends(&[lb_backend(1)]).unwrap();
+        let s = lb_service(7, vec![1]);
+        dp.upsert_lb_service(&s).unwrap();
+        dp.remove_lb_service(&s.frontend, 8).unwrap();
+        assert_eq!(dp.lb_services().unwrap().len(), 1);
+        dp.remove_lb_service(&s.frontend, 7).unwrap();
+        assert!(dp.lb_services().unwrap().is_empty());
+        dp.remove_lb_backends(&[1, 99]).unwrap();
+        assert!(dp.lb_backends().unwrap().is_empty());
     }
 }

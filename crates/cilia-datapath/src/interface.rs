@@ -21,7 +21,7 @@ use std::path::Path;
 
 use cilia_abi::{
     CtEntry, EndpointConfig, EndpointEntry, EndpointPolicy, IpcacheEntry, LbBackend, LbFrontend,
-    LbService, MetricsEntry, NodeConfig, PolicyDelta,
+    LbService, LbStats, MetricsEntry, NodeConfig, PolicyDelta,
 };
 use ipnet::IpNet;
 
@@ -214,6 +214,9 @@ pub trait Datapath: Send + Sync {
     fn lb_backends(&self) -> Result<Vec<LbBackend>, DatapathError>;
     /// Sets the Maglev table size the datapath reads (`global_config`).
     fn set_maglev_size(&self, size: u32) -> Result<(), DatapathError>;
+    /// Per-service counters (`cilia_lb_stats`, summed over CPUs) of the
+    /// services in the rev-NAT map, by rev-NAT id.
+    fn lb_stats(&self) -> Result<Vec<(u16, LbStats)>, DatapathError>;
 
     // Socket-level load balancing (see "Socket-level load balancing" in
     // docs/ARCHITECTURE.md).
@@ -444,6 +447,9 @@ impl Datapath for BpfDatapath {
     }
     fn lb_netns(&self) -> Result<Vec<u64>, DatapathError> {
         BpfDatapath::lb_netns(self)
+    }
+    fn lb_stats(&self) -> Result<Vec<(u16, LbStats)>, DatapathError> {
+        crate::lbstats::read(self)
     }
     fn metrics(&self) -> Result<Vec<MetricsEntry>, DatapathError> {
         Ok(BpfDatapath::metrics(self)?

@@ -418,6 +418,16 @@ impl BpfDatapath {
         Ok(out)
     }
 
+    /// The rev-NAT ids in `cilia_lb_revnat` (one per service), sorted.
+    pub(crate) fn lb_revnat_ids(&self) -> Result<Vec<u16>, DatapathError> {
+        let mut ids = lock(&self.lb.revnat)
+            .keys()
+            .collect::<Result<Vec<u16>, _>>()
+            .map_err(|e| DatapathError::map(MAP_LB_REVNAT, e))?;
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
     /// A service's counters (`cilia_lb_stats`, summed over CPUs): new
     /// flows given a backend, packets and bytes translated, since the
     /// service was created (removing it zeroes them).

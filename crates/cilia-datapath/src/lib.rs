@@ -32,6 +32,7 @@ pub mod inspect;
 pub mod interface;
 mod keys;
 mod lb;
+mod lbstats;
 pub mod node;
 pub mod object;
 pub mod packet;

@@ -7,6 +7,7 @@ mod endpoints;
 mod flows;
 mod nodes;
 mod policy;
+mod services;
 mod status;
 
 use std::sync::{Arc, Mutex};
@@ -33,7 +34,7 @@ pub use endpoints::endpoint_view;
 // For `ApiDoc`'s `paths(...)`, which names each handler without its module:
 // given `status::status`, utoipa tags the operation "status", and the
 // document would change with the file layout.
-use self::{bpf::*, endpoints::*, flows::*, nodes::*, policy::*, status::*};
+use self::{bpf::*, endpoints::*, flows::*, nodes::*, policy::*, services::*, status::*};
 
 /// Shared by all handlers: one handle per subsystem, each locked on its
 /// own (docs/ARCHITECTURE.md, "Locking"). Their operations are blocking
@@ -81,6 +82,8 @@ pub struct AgentState {
     pub multinode: Option<Arc<crate::multinode::MultiNode>>,
     /// How the socket load balancer stands (fixed at start).
     pub socket_lb: crate::socklb::SocketLbState,
+    /// The services subsystem (load balancing).
+    pub services: Arc<crate::service::Services>,
 }
 
 impl AgentState {
@@ -270,7 +273,12 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, AppError
         monitor_stream,
         list_nodes,
         cluster_flows,
-        cluster_status
+        cluster_status,
+        list_services,
+        get_service,
+        update_service,
+        delete_service,
+        bpf_lb
     ),
     components(schemas(
         ApiError,
@@ -297,7 +305,17 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, AppError
         cilia_api::ClusterFlows,
         cilia_api::UnreachableNode,
         cilia_api::ClusterStatus,
-        cilia_api::NodeStatusEntry
+        cilia_api::NodeStatusEntry,
+        cilia_api::ServiceSpec,
+        cilia_api::ServiceBackendSpec,
+        cilia_api::ServiceAffinity,
+        cilia_api::Service,
+        cilia_api::ServiceBackend,
+        cilia_api::BpfLb,
+        cilia_api::BpfLbService,
+        cilia_api::BpfLbMaglevShare,
+        cilia_api::BpfLbBackend,
+        cilia_api::FlowService
     ))
 )]
 pub struct ApiDoc;
@@ -455,6 +473,15 @@ pub fn router(state: Shared, metrics: crate::metrics::AgentMetrics) -> Router {
         .route("/v1/nodes", get(nodes::list_nodes))
         .route("/v1/cluster/flows", get(nodes::cluster_flows))
         .route("/v1/cluster/status", get(nodes::cluster_status))
+        .route(
+            "/v1/services",
+            get(services::list_services).post(services::update_service),
+        )
+        .route(
+            "/v1/services/{id}",
+            get(services::get_service).delete(services::delete_service),
+        )
+        .route("/v1/bpf/lb", get(services::bpf_lb))
         .fallback(not_found)
         // Policy imports of many thousand rules are large; the default 2 MB
         // would refuse them before the parser could say anything useful.
@@ -532,6 +559,11 @@ mod tests {
         );
         let metrics = crate::metrics::AgentMetrics::default();
         let policy_summary = manager.policy().subscribe();
+        let services = Arc::new(crate::service::Services::new(
+            manager.store.clone(),
+            datapath.clone(),
+            cilia_lb::DEFAULT_TABLE_SIZE,
+        ));
         Arc::new(AgentState {
             policy: manager.policy_handle(),
             policy_summary,
@@ -555,7 +587,80 @@ mod tests {
             cluster: None,
             multinode: None,
             socket_lb: Default::default(),
+            services,
         })
+    }
+
+    fn service_spec(id: Option<u16>, frontend: &str, backends: &[&str]) -> Bytes {
+        let spec = cilia_api::ServiceSpec {
+            id,
+            frontend: frontend.into(),
+            backends: backends
+                .iter()
+                .map(|a| cilia_api::ServiceBackendSpec {
+                    address: (*a).into(),
+                    weight: None,
+                    state: None,
+                })
+                .collect(),
+            algorithm: None,
+            affinity: None,
+        };
+        Bytes::from(serde_json::to_vec(&spec).unwrap())
+    }
+
+    #[tokio::test]
+    async fn service_errors_are_400_404_and_409_naming_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = agent_state(dir.path());
+        let created = services::update_service(
+            State(state.clone()),
+            service_spec(Some(3), "192.0.2.10:80/tcp", &["10.0.0.1:80"]),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{:?}", e.1));
+        assert_eq!(created.0.id, 3);
+        let bad = services::update_service(
+            State(state.clone()),
+            service_spec(None, "192.0.2.10:80", &["10.0.0.1:80"]),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(bad.0, StatusCode::BAD_REQUEST);
+        assert!(
+            bad.1.message.contains("frontend \"192.0.2.10:80\""),
+            "{}",
+            bad.1.message
+        );
+        let taken = services::update_service(
+            State(state.clone()),
+            service_spec(Some(4), "192.0.2.10:80/tcp", &["10.0.0.1:80"]),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            (taken.0, taken.1.code.as_str()),
+            (StatusCode::CONFLICT, "frontend-in-use")
+        );
+        let missing = services::get_service(State(state.clone()), axum::extract::Path(9))
+            .await
+            .unwrap_err();
+        assert_eq!(missing.0, StatusCode::NOT_FOUND);
+        let gone = services::delete_service(State(state.clone()), axum::extract::Path(9))
+            .await
+            .unwrap_err();
+        assert_eq!(gone.0, StatusCode::NOT_FOUND);
+        services::delete_service(State(state.clone()), axum::extract::Path(3))
+            .await
+            .unwrap_or_else(|e| panic!("{:?}", e.1));
+        let list = services::list_services(State(state.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("{:?}", e.1));
+        assert!(list.0.is_empty());
+        let lb = services::bpf_lb(State(state))
+            .await
+            .unwrap_or_else(|e| panic!("{:?}", e.1));
+        assert!(lb.0.services.is_empty() && lb.0.backends.is_empty());
     }
 
     /// `fut`'s output, or a panic naming `what` if it takes seconds: a read

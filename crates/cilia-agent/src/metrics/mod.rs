@@ -129,6 +129,8 @@ pub struct Snapshot {
     /// (map, entries, capacity).
     pub map_fill: Vec<(String, u64, u64)>,
     pub policy_revision: u64,
+    /// Per service (rev-NAT id): (id, flows, packets, bytes).
+    pub services: Vec<(u16, u64, u64, u64)>,
 }
 
 /// The part of a [`Snapshot`] that comes from the agent's store.
@@ -202,6 +204,11 @@ pub fn datapath_part(
             ),
         ],
         policy_revision: store.policy_revision,
+        services: dp
+            .lb_stats()?
+            .into_iter()
+            .map(|(id, s)| (id, s.flows, s.packets, s.bytes))
+            .collect(),
     })
 }
 
@@ -297,6 +304,7 @@ pub fn render(snap: &Snapshot, m: &AgentMetrics) -> String {
                 let ty = match *reason {
                     cilia_abi::CILIA_EVENT_DROP => "drop",
                     cilia_abi::CILIA_EVENT_TRACE => "trace",
+                    cilia_abi::CILIA_EVENT_SERVICE => "service",
                     _ => "policy-verdict",
                 };
                 lost.get_or_create(&labels(&[("type", ty)]))
@@ -331,6 +339,31 @@ pub fn render(snap: &Snapshot, m: &AgentMetrics) -> String {
         "events_lost",
         "Datapath events the ring buffer had no room for",
         lost,
+    );
+
+    let service_flows: Family<Labels, Counter> = Family::default();
+    let service_packets: Family<Labels, Counter> = Family::default();
+    let service_bytes: Family<Labels, Counter> = Family::default();
+    for (id, flows, packets, bytes) in &snap.services {
+        let l = labels(&[("service", &id.to_string())]);
+        service_flows.get_or_create(&l).inc_by(*flows);
+        service_packets.get_or_create(&l).inc_by(*packets);
+        service_bytes.get_or_create(&l).inc_by(*bytes);
+    }
+    reg.register(
+        "service_flows",
+        "New flows to a service given a backend, by service id",
+        service_flows,
+    );
+    reg.register(
+        "service_packets",
+        "Packets the per-packet load balancer translated, by service id",
+        service_packets,
+    );
+    reg.register(
+        "service_bytes",
+        "Bytes the per-packet load balancer translated, by service id",
+        service_bytes,
     );
 
     let endpoints: Family<Labels, Gauge> = Family::default();
@@ -460,12 +493,16 @@ mod tests {
             endpoints: vec![("ready".into(), 2)],
             conntrack_entries: 5,
             map_fill: vec![("cilia_ct".into(), 5, 10)],
+            services: vec![(7, 2, 10, 1500)],
             ..Default::default()
         };
         let m = AgentMetrics::default();
         m.regeneration.observe(0.002);
         let text = render(&snap, &m);
         for needle in [
+            "cilia_service_flows_total{service=\"7\"} 2",
+            "cilia_service_packets_total{service=\"7\"} 10",
+            "cilia_service_bytes_total{service=\"7\"} 1500",
             "cilia_drop_count_total{reason=\"Policy denied\",direction=\"ingress\"} 3",
             "cilia_drop_bytes_total{reason=\"Policy denied\",direction=\"ingress\"} 222",
             "cilia_endpoints{state=\"ready\"} 2",

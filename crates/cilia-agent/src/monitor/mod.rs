@@ -24,11 +24,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cilia_abi::{
     ct_state_name, reason_name, EndpointKey, Event, CILIA_DIR_EGRESS, CILIA_EVENT_DEBUG,
-    CILIA_EVENT_DROP, CILIA_EVENT_POLICY_VERDICT, CILIA_EVENT_TRACE, CILIA_METRIC_DROP,
-    CILIA_METRIC_FORWARD, CILIA_MONITOR_DEBUG, CILIA_MONITOR_DROPS, CILIA_MONITOR_OFF,
-    CILIA_MONITOR_TRACE, CILIA_VERDICT_AUDIT, CILIA_VERDICT_DENY,
+    CILIA_EVENT_DROP, CILIA_EVENT_POLICY_VERDICT, CILIA_EVENT_SERVICE, CILIA_EVENT_TRACE,
+    CILIA_METRIC_DROP, CILIA_METRIC_FORWARD, CILIA_MONITOR_DEBUG, CILIA_MONITOR_DROPS,
+    CILIA_MONITOR_OFF, CILIA_MONITOR_TRACE, CILIA_VERDICT_AUDIT, CILIA_VERDICT_DENY,
 };
-use cilia_api::{Flow, FlowL7, FlowPeer};
+use cilia_api::{Flow, FlowL7, FlowPeer, FlowService};
 use cilia_proxy::control::{L7Direction, L7Flow, L7Verdict};
 use tokio::sync::{broadcast, watch, Notify};
 use tracing::warn;
@@ -374,6 +374,29 @@ fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// The source address (and port, for TCP/UDP) of a captured packet that
+/// starts at its Ethernet header, as the endpoint programs see packets.
+fn packet_source(data: &[u8], proto: u8) -> Option<(IpAddr, Option<u16>)> {
+    const ETH: usize = 14;
+    let ethertype = u16::from_be_bytes([*data.get(12)?, *data.get(13)?]);
+    let (ip, l4) = match ethertype {
+        0x0800 => {
+            let ihl = usize::from(data.get(ETH)? & 0x0f) * 4;
+            let a: [u8; 4] = data.get(ETH + 12..ETH + 16)?.try_into().ok()?;
+            (IpAddr::from(a), ETH + ihl)
+        }
+        0x86dd => {
+            let a: [u8; 16] = data.get(ETH + 8..ETH + 24)?.try_into().ok()?;
+            (IpAddr::from(a), ETH + 40)
+        }
+        _ => return None,
+    };
+    let port = matches!(proto, 6 | 17)
+        .then(|| Some(u16::from_be_bytes([*data.get(l4)?, *data.get(l4 + 1)?])))
+        .flatten();
+    Some((ip, port))
+}
+
 fn decode(ev: &Event, enrich: &Names) -> Flow {
     let addr = |a: [u8; 16]| {
         EndpointKey {
@@ -402,6 +425,7 @@ fn decode(ev: &Event, enrich: &Names) -> Flow {
         CILIA_EVENT_TRACE => "trace",
         CILIA_EVENT_POLICY_VERDICT => "policy-verdict",
         CILIA_EVENT_DEBUG => "debug",
+        CILIA_EVENT_SERVICE => "service",
         _ => "unknown",
     };
     let policy = (ev.type_ == CILIA_EVENT_POLICY_VERDICT
@@ -421,6 +445,32 @@ fn decode(ev: &Event, enrich: &Names) -> Flow {
             }
         });
     let caplen = usize::from(ev.caplen).min(ev.data.len());
+    // A service event: saddr/sport the frontend, daddr/dport the backend;
+    // the client (the flow's source) is in the captured packet.
+    let (source, service) = if ev.type_ == CILIA_EVENT_SERVICE {
+        let (client_ip, client_port) = packet_source(&ev.data[..caplen], ev.proto)
+            .map_or((None, None), |(ip, port)| (Some(ip), port));
+        let sock = |ip: Option<IpAddr>, p: u16| {
+            ip.map_or_else(String::new, |ip| {
+                std::net::SocketAddr::new(ip, u16::from_be(p)).to_string()
+            })
+        };
+        let service = FlowService {
+            id: ev.rule as u16,
+            frontend: format!(
+                "{}/{}",
+                sock(src_ip, ev.sport),
+                proto_name(ev.proto).to_ascii_lowercase()
+            ),
+            backend: sock(dst_ip, ev.dport),
+        };
+        (
+            enrich.peer(client_ip, client_port, ev.src_identity),
+            Some(service),
+        )
+    } else {
+        (enrich.peer(src_ip, port(ev.sport), ev.src_identity), None)
+    };
     Flow {
         time: humantime::format_rfc3339_nanos(time).to_string(),
         time_ns,
@@ -435,7 +485,7 @@ fn decode(ev: &Event, enrich: &Names) -> Flow {
         }
         .into(),
         observed_at: ev.endpoint_id,
-        source: enrich.peer(src_ip, port(ev.sport), ev.src_identity),
+        source,
         destination: enrich.peer(dst_ip, port(ev.dport), ev.dst_identity),
         protocol: proto_name(ev.proto).into(),
         length: ev.len,
@@ -447,6 +497,7 @@ fn decode(ev: &Event, enrich: &Names) -> Flow {
         },
         data: (caplen > 0).then(|| hex(&ev.data[..caplen])),
         l7: None,
+        service,
         aggregated: None,
         node: None,
     }
@@ -492,6 +543,7 @@ fn decode_l7(flow: &L7Flow, names: &Names) -> Flow {
             latency_us: flow.latency_us,
             verdict: outcome.into(),
         }),
+        service: None,
         aggregated: None,
         node: None,
     }
@@ -561,7 +613,11 @@ struct AggregationKey {
 
 impl AggregationKey {
     fn of(ev: &Event) -> Self {
-        let per_flow = matches!(ev.type_, CILIA_EVENT_TRACE | CILIA_EVENT_DEBUG);
+        // Service events: per service, client identity and backend.
+        let per_flow = matches!(
+            ev.type_,
+            CILIA_EVENT_TRACE | CILIA_EVENT_DEBUG | CILIA_EVENT_SERVICE
+        );
         Self {
             type_: ev.type_,
             reason: ev.reason,
@@ -948,6 +1004,53 @@ mod tests {
         ev.sport = sport.to_be();
         ev.dport = 80u16.to_be();
         ev
+    }
+
+    /// The tiefighter's (fd00::3, port 40000) new TCP flow to the service
+    /// 7 frontend [fd00::100]:80, given the deathstar (fd00::2) port 8080.
+    fn service_event() -> Event {
+        let mut ev: Event = zeroed_event();
+        ev.type_ = CILIA_EVENT_SERVICE;
+        ev.dir = CILIA_DIR_EGRESS;
+        ev.endpoint_id = TIEFIGHTER;
+        ev.family = 6;
+        ev.proto = 6;
+        ev.src_identity = 301;
+        ev.dst_identity = 300;
+        ev.rule = 7;
+        ev.saddr = "fd00::100".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        ev.sport = 80u16.to_be();
+        ev.daddr = "fd00::2".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        ev.dport = 8080u16.to_be();
+        let mut packet = vec![0u8; 14 + 40 + 4];
+        packet[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+        packet[14] = 0x60;
+        packet[14 + 6] = 6;
+        packet[14 + 8..14 + 24]
+            .copy_from_slice(&"fd00::3".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        packet[14 + 24..14 + 40].copy_from_slice(&ev.saddr);
+        packet[54..56].copy_from_slice(&40000u16.to_be_bytes());
+        packet[56..58].copy_from_slice(&80u16.to_be_bytes());
+        ev.data[..packet.len()].copy_from_slice(&packet);
+        ev.caplen = packet.len() as u8;
+        ev
+    }
+
+    #[test]
+    fn a_service_event_names_the_client_the_backend_and_the_service() {
+        let flow = decode(&service_event(), &names());
+        assert_eq!(flow.event, "service");
+        assert_eq!(flow.verdict, "FORWARDED");
+        assert_eq!(flow.source.ip.as_deref(), Some("fd00::3"));
+        assert_eq!(flow.source.port, Some(40000));
+        assert_eq!(flow.source.endpoint, Some(TIEFIGHTER));
+        assert_eq!(flow.destination.ip.as_deref(), Some("fd00::2"));
+        assert_eq!(flow.destination.port, Some(8080));
+        assert_eq!(flow.destination.endpoint, Some(DEATHSTAR));
+        let service = flow.service.expect("service");
+        assert_eq!(service.id, 7);
+        assert_eq!(service.frontend, "[fd00::100]:80/tcp");
+        assert_eq!(service.backend, "[fd00::2]:8080");
     }
 
     fn zeroed_event() -> Event {

@@ -14,6 +14,9 @@
 //! | `cilia/namespaces/<name>` | the namespace's labels |
 //! | `cilia/policies/<kind>/<namespace>/<name>` | [`StoredPolicy`] |
 //! | `cilia/cidr-identities/<prefix>` | its local CIDR identity |
+//! | `cilia/services/<id:05>` | [`cilia_lb::Service`] (see `services`) |
+//! | `cilia/lb-backends/<address:port>` | the address's backend id |
+//! | `cilia/meta/lb-backend-next` | where the next backend id search starts |
 //! | `cilia/meta/policy-revision`, `cilia/meta/release-seq` | counters |
 //! | `cilia/meta/layout` | `1`, this layout's version |
 //! | `cilia/meta/last-change` | empty; its `mod_revision` is the last change's |
@@ -42,6 +45,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::ipam::{IpamError, Pool};
+
+mod services;
+pub use services::{ServiceChange, StoredServices};
 
 const ENDPOINTS: &str = "cilia/endpoints/";
 const IPAM: &str = "cilia/ipam/allocated/";
@@ -160,6 +166,10 @@ pub enum StoreError {
     /// The identity allocator (the cluster's) refused or failed.
     #[error("{0}")]
     Identity(String),
+    /// Services would use more distinct backend addresses than the
+    /// datapath's backends map holds.
+    #[error("services would use {wanted} distinct backends; the backends map holds {max}")]
+    LbBackendsFull { wanted: usize, max: usize },
 }
 
 /// Where identities of label sets new to this node come from when the node

@@ -1,0 +1,385 @@
+//! The services subsystem: services (frontend → backends) from the API,
+//! persisted in the store, written to the datapath's load-balancing maps.
+//!
+//! Invariants:
+//! * The store is written first, then the datapath; at start
+//!   ([`Services::restore`]) every stored service is written again and
+//!   what the kernel holds beyond them is removed, so a crash between the
+//!   two steps heals at the next start.
+//! * Backends are written before the service rows that name them, and
+//!   removed only after no service row names them (the datapath's
+//!   `upsert_lb_service` swaps a service's slots atomically for packets).
+//! * Terminating and quarantined backends stay in the backends map (flows
+//!   pinned to them finish) but are in no slot and no Maglev table.
+//! * Changes are serialized by one mutex of this subsystem; reads (list,
+//!   get, the kernel view) take no lock of the agent's.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use cilia_api::{
+    BpfLb, BpfLbBackend, BpfLbMaglevShare, BpfLbService, ServiceAffinity, ServiceBackend,
+    ServiceSpec,
+};
+use cilia_datapath::{Datapath, DatapathError};
+use cilia_lb::{Algorithm, Backend, BackendState, Frontend, LbError, Service};
+
+use crate::store::{ServiceChange, Store, StoreError, StoredServices};
+
+/// Why a service operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The request is not a valid service (HTTP 400).
+    #[error("service: {0}")]
+    Invalid(#[from] LbError),
+    #[error("service {0} not found")]
+    NotFound(u16),
+    /// The frontend belongs to another service (HTTP 409).
+    #[error("service {id}: frontend {frontend} is already used by service {other}")]
+    FrontendInUse {
+        id: u16,
+        frontend: String,
+        other: u16,
+    },
+    #[error("all 65535 service ids are in use")]
+    IdsExhausted,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The change is stored; the datapath did not take it (it is written
+    /// again at the next change of the service or the next agent start).
+    /// (The datapath's error is in the message, not a `source`: the
+    /// API answers with the message alone.)
+    #[error("service {id}: stored, but writing it to the datapath failed: {error}")]
+    Datapath { id: u16, error: Box<DatapathError> },
+    /// Reading or restoring the load balancer's maps failed.
+    #[error("{context}: {error}")]
+    Maps {
+        context: &'static str,
+        error: Box<DatapathError>,
+    },
+}
+
+/// See the module doc.
+pub struct Services {
+    store: Arc<Store>,
+    datapath: Arc<dyn Datapath>,
+    maglev_size: u32,
+    /// Orders changes (store then datapath) of this process; guards no data.
+    writer: Mutex<()>,
+}
+
+impl std::fmt::Debug for Services {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Services")
+            .field("maglev_size", &self.maglev_size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A service as the API shows it, with its backends' ids.
+pub fn service_view(service: &Service, ids: &BTreeMap<SocketAddr, u32>) -> cilia_api::Service {
+    cilia_api::Service {
+        id: service.id,
+        frontend: service.frontend.to_string(),
+        algorithm: service.algorithm.as_str().into(),
+        affinity: service
+            .affinity_timeout
+            .map(|timeout_secs| ServiceAffinity { timeout_secs }),
+        backends: service
+            .backends
+            .iter()
+            .map(|b| ServiceBackend {
+                id: ids.get(&b.addr).copied().unwrap_or(0),
+                address: b.addr.to_string(),
+                weight: b.weight,
+                state: b.state.as_str().into(),
+            })
+            .collect(),
+    }
+}
+
+/// The model of an API spec (its id still to be decided: 0 when absent).
+pub fn parse_spec(spec: &ServiceSpec) -> Result<Service, LbError> {
+    let frontend: Frontend = spec.frontend.parse()?;
+    let mut backends = Vec::with_capacity(spec.backends.len());
+    for (i, b) in spec.backends.iter().enumerate() {
+        let mut backend = Backend::parse(&b.address)?;
+        if let Some(w) = b.weight {
+            backend.weight = w;
+        }
+        if let Some(state) = &b.state {
+            backend.state = state.parse().map_err(|_| LbError::Field {
+                field: format!("backends[{i}].state"),
+                reason: format!("{state:?} is not active, terminating or quarantined"),
+            })?;
+        }
+        backends.push(backend);
+    }
+    let algorithm = match &spec.algorithm {
+        Some(a) => a.parse()?,
+        None => Algorithm::Random,
+    };
+    if spec.id == Some(0) {
+        return Err(LbError::Field {
+            field: "id".into(),
+            reason: "0 is not a service id (1-65535)".into(),
+        });
+    }
+    Ok(Service {
+        id: spec.id.unwrap_or(0),
+        frontend,
+        backends,
+        algorithm,
+        affinity_timeout: spec.affinity.as_ref().map(|a| a.timeout_secs),
+    })
+}
+
+impl Services {
+    /// `maglev_size` must have passed [`cilia_lb::check_table_size`].
+    pub fn new(store: Arc<Store>, datapath: Arc<dyn Datapath>, maglev_size: u32) -> Self {
+        Self {
+            store,
+            datapath,
+            maglev_size,
+            writer: Mutex::new(()),
+        }
+    }
+
+    pub fn maglev_size(&self) -> u32 {
+        self.maglev_size
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        // Guards no data: a poisoned lock is as good as a clean one.
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// At agent start: sets the Maglev table size, writes every stored
+    /// service (and its backends) to the datapath, and removes the
+    /// services and backends the kernel holds that the store does not.
+    /// Returns the number of services.
+    pub fn restore(&self) -> Result<usize, ServiceError> {
+        let _w = self.lock();
+        let dp_err = |error| ServiceError::Maps {
+            context: "restoring the load balancer's maps",
+            error: Box::new(error),
+        };
+        self.datapath
+            .set_maglev_size(self.maglev_size)
+            .map_err(dp_err)?;
+        let stored = self.store.services()?;
+        // Services the store lacks go first: one may hold the rev-NAT id
+        // of a stored service under another frontend, and removing it after
+        // that service is written would remove the stored one's rev-NAT
+        // entry and Maglev table.
+        for row in self.datapath.lb_services().map_err(dp_err)? {
+            let keep = stored
+                .services
+                .get(&row.rev_nat)
+                .is_some_and(|s| cilia_lb::rows::frontend_row(s) == row.frontend);
+            if !keep {
+                tracing::info!(service = row.rev_nat, frontend = ?row.frontend, "removing a service the store does not have");
+                self.datapath
+                    .remove_lb_service(&row.frontend, row.rev_nat)
+                    .map_err(dp_err)?;
+            }
+        }
+        for service in stored.services.values() {
+            self.write(service, &stored.backend_ids, None)?;
+        }
+        let known: std::collections::BTreeSet<u32> = stored.backend_ids.values().copied().collect();
+        let stale: Vec<u32> = self
+            .datapath
+            .lb_backends()
+            .map_err(dp_err)?
+            .into_iter()
+            .map(|b| b.id)
+            .filter(|id| !known.contains(id))
+            .collect();
+        if !stale.is_empty() {
+            self.datapath.remove_lb_backends(&stale).map_err(dp_err)?;
+        }
+        Ok(stored.services.len())
+    }
+
+    /// Writes a service's backends, then its rows; `previous` (the service
+    /// it replaces) is removed first when its frontend differs.
+    fn write(
+        &self,
+        service: &Service,
+        ids: &BTreeMap<SocketAddr, u32>,
+        previous: Option<&Service>,
+    ) -> Result<(), ServiceError> {
+        let dp_err = |error| ServiceError::Datapath {
+            id: service.id,
+            error: Box::new(error),
+        };
+        let (backends, row) =
+            cilia_lb::datapath_rows(service, |a| ids.get(&a).copied(), self.maglev_size)?;
+        self.datapath
+            .upsert_lb_backends(&backends)
+            .map_err(dp_err)?;
+        if let Some(prev) = previous.filter(|p| p.frontend != service.frontend) {
+            self.datapath
+                .remove_lb_service(&cilia_lb::rows::frontend_row(prev), prev.id)
+                .map_err(dp_err)?;
+        }
+        self.datapath.upsert_lb_service(&row).map_err(dp_err)
+    }
+
+    /// The stored services with their backend ids.
+    pub fn list(&self) -> Result<Vec<cilia_api::Service>, ServiceError> {
+        let stored = self.store.services()?;
+        Ok(stored
+            .services
+            .values()
+            .map(|s| service_view(s, &stored.backend_ids))
+            .collect())
+    }
+
+    pub fn get(&self, id: u16) -> Result<cilia_api::Service, ServiceError> {
+        let stored = self.store.services()?;
+        stored
+            .services
+            .get(&id)
+            .map(|s| service_view(s, &stored.backend_ids))
+            .ok_or(ServiceError::NotFound(id))
+    }
+
+    /// Creates or replaces a service: by id, or without one by frontend
+    /// (a new frontend gets the lowest free id).
+    pub fn update(&self, spec: &ServiceSpec) -> Result<cilia_api::Service, ServiceError> {
+        let mut service = parse_spec(spec)?;
+        let _w = self.lock();
+        let stored = self.store.services()?;
+        service.id = decide_id(&service, spec.id, &stored)?;
+        service.validate()?;
+        let change = self.store.put_service(&service)?;
+        self.apply(&service, &change)?;
+        Ok(service_view(&service, &change.backend_ids))
+    }
+
+    /// Writes a committed change to the datapath: the service (after its
+    /// backends), then the removal of the backends it released.
+    fn apply(&self, service: &Service, change: &ServiceChange) -> Result<(), ServiceError> {
+        self.write(service, &change.backend_ids, change.previous.as_ref())?;
+        self.release(service.id, &change.released)
+    }
+
+    fn release(&self, id: u16, released: &[u32]) -> Result<(), ServiceError> {
+        if released.is_empty() {
+            return Ok(());
+        }
+        self.datapath
+            .remove_lb_backends(released)
+            .map_err(|source| ServiceError::Datapath {
+                id,
+                error: Box::new(source),
+            })
+    }
+
+    /// Deletes a service: its rows, then the backends no other service uses.
+    pub fn delete(&self, id: u16) -> Result<(), ServiceError> {
+        let _w = self.lock();
+        let change = self
+            .store
+            .delete_service(id)?
+            .ok_or(ServiceError::NotFound(id))?;
+        if let Some(prev) = &change.previous {
+            self.datapath
+                .remove_lb_service(&cilia_lb::rows::frontend_row(prev), id)
+                .map_err(|source| ServiceError::Datapath {
+                    id,
+                    error: Box::new(source),
+                })?;
+        }
+        self.release(id, &change.released)
+    }
+
+    /// The load balancer's maps as the kernel holds them.
+    pub fn kernel_view(&self) -> Result<BpfLb, DatapathError> {
+        let services = self
+            .datapath
+            .lb_services()?
+            .into_iter()
+            .map(|s| {
+                let frontend = format!(
+                    "{}/{}",
+                    SocketAddr::new(s.frontend.addr, s.frontend.port),
+                    cilia_lb::Protocol::from_number(s.frontend.proto)
+                        .map_or("?", cilia_lb::Protocol::as_str)
+                );
+                let maglev = s.maglev.as_ref().map(|table| {
+                    let mut shares: BTreeMap<u32, u32> = BTreeMap::new();
+                    for id in table {
+                        *shares.entry(*id).or_default() += 1;
+                    }
+                    shares
+                        .into_iter()
+                        .map(|(backend, entries)| BpfLbMaglevShare { backend, entries })
+                        .collect()
+                });
+                BpfLbService {
+                    id: s.rev_nat,
+                    frontend,
+                    algorithm: match s.algorithm {
+                        cilia_abi::LbAlgorithm::Random => "random",
+                        cilia_abi::LbAlgorithm::Maglev => "maglev",
+                    }
+                    .into(),
+                    affinity_timeout: s.affinity_timeout,
+                    slots: s.slots,
+                    maglev,
+                }
+            })
+            .collect();
+        let backends = self
+            .datapath
+            .lb_backends()?
+            .into_iter()
+            .map(|b| BpfLbBackend {
+                id: b.id,
+                address: b.addr.to_string(),
+                state: match b.state {
+                    cilia_abi::LbBackendState::Active => BackendState::Active,
+                    cilia_abi::LbBackendState::Terminating => BackendState::Terminating,
+                    cilia_abi::LbBackendState::Quarantined => BackendState::Quarantined,
+                }
+                .as_str()
+                .into(),
+            })
+            .collect();
+        Ok(BpfLb {
+            maglev_table_size: self.maglev_size,
+            services,
+            backends,
+        })
+    }
+}
+
+/// The id a spec's service gets: the given one (its frontend must not be
+/// another service's), else the id of the frontend's service, else the
+/// lowest free id.
+fn decide_id(
+    service: &Service,
+    requested: Option<u16>,
+    stored: &StoredServices,
+) -> Result<u16, ServiceError> {
+    let owner = stored.by_frontend(&service.frontend).map(|s| s.id);
+    match (requested, owner) {
+        (Some(id), Some(other)) if other != id => Err(ServiceError::FrontendInUse {
+            id,
+            frontend: service.frontend.to_string(),
+            other,
+        }),
+        (Some(id), _) => Ok(id),
+        (None, Some(id)) => Ok(id),
+        (None, None) => (1..=u16::MAX)
+            .find(|id| !stored.services.contains_key(id))
+            .ok_or(ServiceError::IdsExhausted),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,145 @@
+//! Bodies of the services API (`/v1/services`, `/v1/bpf/lb`): east-west
+//! load balancing of a frontend `[VIP]:PORT/PROTO` over backends.
+
+use serde::{Deserialize, Serialize};
+use serde_with::skip_serializing_none;
+use utoipa::ToSchema;
+
+/// `POST /v1/services`: create a service, or replace the one with this id
+/// (or, without an id, the one with this frontend).
+#[skip_serializing_none]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// 1-65535, also the datapath's rev-NAT id; absent: the frontend's
+    /// service keeps its id, a new one gets the lowest free id.
+    pub id: Option<u16>,
+    /// `[VIP]:PORT/PROTO`, e.g. `192.0.2.10:80/tcp`, `[2001:db8::10]:53/udp`.
+    pub frontend: String,
+    /// Backends, of the frontend's address family.
+    pub backends: Vec<ServiceBackendSpec>,
+    /// `random` (default) or `maglev`.
+    pub algorithm: Option<String>,
+    /// Client-address affinity; absent: off.
+    pub affinity: Option<ServiceAffinity>,
+}
+
+/// One backend of a [`ServiceSpec`].
+#[skip_serializing_none]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceBackendSpec {
+    /// `ADDR:PORT` (`[IPv6]:PORT`).
+    pub address: String,
+    /// Relative share of new flows under Maglev (default 1; 0: no new flows).
+    pub weight: Option<u16>,
+    /// `active` (default), `terminating` or `quarantined`: only active
+    /// backends get new flows; the others keep the flows they have.
+    pub state: Option<String>,
+}
+
+/// Client-address affinity: a client's new flows go to the backend of its
+/// last flow while that was at most `timeout_secs` ago.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceAffinity {
+    pub timeout_secs: u32,
+}
+
+/// A service as the agent keeps it.
+#[skip_serializing_none]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Service {
+    pub id: u16,
+    pub frontend: String,
+    /// `random` or `maglev`.
+    pub algorithm: String,
+    pub affinity: Option<ServiceAffinity>,
+    pub backends: Vec<ServiceBackend>,
+}
+
+/// A backend of a [`Service`], with the id the agent gave its address.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ServiceBackend {
+    /// Backend id (one per distinct address, shared between services).
+    pub id: u32,
+    pub address: String,
+    pub weight: u16,
+    /// `active`, `terminating` or `quarantined`.
+    pub state: String,
+}
+
+/// `GET /v1/bpf/lb`: the load balancer's maps as the kernel holds them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BpfLb {
+    /// Entries of every Maglev table (the agent's `--lb-maglev-table-size`).
+    pub maglev_table_size: u32,
+    pub services: Vec<BpfLbService>,
+    pub backends: Vec<BpfLbBackend>,
+}
+
+/// One service of the services map.
+#[skip_serializing_none]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BpfLbService {
+    /// The rev-NAT id.
+    pub id: u16,
+    pub frontend: String,
+    pub algorithm: String,
+    /// Affinity timeout in seconds; absent: off.
+    pub affinity_timeout: Option<u32>,
+    /// Backend ids of the slots (the backends that get new flows).
+    pub slots: Vec<u32>,
+    /// Maglev services: how many table entries each backend holds.
+    pub maglev: Option<Vec<BpfLbMaglevShare>>,
+}
+
+/// A backend's share of a Maglev table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BpfLbMaglevShare {
+    pub backend: u32,
+    pub entries: u32,
+}
+
+/// One entry of the backends map.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BpfLbBackend {
+    pub id: u32,
+    pub address: String,
+    pub state: String,
+}
+
+/// The service part of a flow (from the datapath's service event): the
+/// client spoke to `frontend`, the load balancer chose `backend`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FlowService {
+    pub id: u16,
+    pub frontend: String,
+    pub backend: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spec_needs_only_frontend_and_backends() {
+        let spec: ServiceSpec = serde_json::from_str(
+            r#"{"frontend":"192.0.2.10:80/tcp","backends":[{"address":"192.0.2.1:8080"}]}"#,
+        )
+        .expect("spec");
+        assert_eq!(spec.id, None);
+        assert_eq!(spec.backends[0].weight, None);
+        let json = serde_json::to_string(&spec).expect("json");
+        assert!(!json.contains("null"), "{json}");
+    }
+
+    #[test]
+    fn unknown_fields_of_a_spec_are_refused() {
+        let e = serde_json::from_str::<ServiceSpec>(
+            r#"{"frontend":"192.0.2.10:80/tcp","backends":[],"algo":"maglev"}"#,
+        )
+        .expect_err("typo");
+        assert!(e.to_string().contains("algo"), "{e}");
+    }
+}
