@@ -22,7 +22,9 @@
  */
 #include "lib/common.h"
 #include "lib/maps.h"
+#include "lib/ipcache.h"
 #include "lib/lb.h"
+#include "lib/metrics.h"
 
 /* Return codes of cgroup sock_addr programs. */
 #define SYS_REJECT  0 /* the syscall fails with EPERM */
@@ -144,6 +146,55 @@ __inline_fn void count_flow(__u16 rev_nat)
 		stats->flows++;
 }
 
+/* The security identity of a backend address: a local endpoint's, else
+ * the ipcache's. */
+__inline_fn __u32 backend_identity(const struct lb_backend *b)
+{
+	struct endpoint_key key = {.family = b->family};
+	struct endpoint_info *ep;
+
+	__builtin_memcpy(key.addr, b->addr, 16);
+	ep = bpf_map_lookup_elem(&cilia_endpoints, &key);
+	return ep ? ep->identity : ipcache_identity(b->addr, b->family);
+}
+
+/*
+ * The monitor's service event of a new socket flow (level
+ * CILIA_MONITOR_DROPS and above, as the per-packet LB's): frontend and
+ * backend, no packet, the endpoint whose namespace the socket is in.
+ */
+__inline_fn void sock_event(const struct sock_addr *fe, const struct lb_backend *b, __u8 proto,
+			    __u16 rev_nat, __u16 endpoint_id)
+{
+	struct global_config *cfg;
+	struct event *ev;
+	__u32 zero = 0;
+
+	cfg = bpf_map_lookup_elem(&cilia_config, &zero);
+	if (!cfg || cfg->monitor_level == CILIA_MONITOR_OFF)
+		return;
+	ev = bpf_ringbuf_reserve(&cilia_events, sizeof(*ev), 0);
+	if (!ev) {
+		metrics_count(CILIA_METRIC_LOST, CILIA_EVENT_SERVICE, CILIA_DIR_EGRESS, 1);
+		return;
+	}
+	__builtin_memset(ev, 0, sizeof(*ev));
+	ev->ts = bpf_ktime_get_ns();
+	ev->type = CILIA_EVENT_SERVICE;
+	ev->reason = CILIA_LB_PATH_SOCKET;
+	ev->dir = CILIA_DIR_EGRESS;
+	ev->endpoint_id = endpoint_id;
+	ev->dst_identity = backend_identity(b);
+	ev->rule = rev_nat;
+	ev->family = fe->family;
+	ev->proto = proto;
+	ev->sport = fe->port;
+	ev->dport = b->port;
+	__builtin_memcpy(ev->saddr, fe->addr, 16);
+	__builtin_memcpy(ev->daddr, b->addr, 16);
+	bpf_ringbuf_submit(ev, 0);
+}
+
 /*
  * Translates a socket's destination `a` (in place) when it is a frontend
  * and the socket's namespace is served. `sticky` (UDP sendmsg): a socket
@@ -160,7 +211,9 @@ __inline_fn int sock_translate(void *ctx, struct sock_addr *a, __u8 proto, int s
 	struct lb_backend *b = 0;
 	__u32 backend_id = 0;
 
-	if (!bpf_map_lookup_elem(&cilia_lb_netns, &netns))
+	__u16 *endpoint_id = bpf_map_lookup_elem(&cilia_lb_netns, &netns);
+
+	if (!endpoint_id)
 		return SYS_PROCEED;
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return SYS_PROCEED;
@@ -185,6 +238,7 @@ __inline_fn int sock_translate(void *ctx, struct sock_addr *a, __u8 proto, int s
 		if (!b)
 			return SYS_REJECT;
 		count_flow(svc->rev_nat);
+		sock_event(a, b, proto, svc->rev_nat, *endpoint_id);
 		if (sticky) {
 			__builtin_memcpy(forward.addr, b->addr, 16);
 			forward.port = b->port;

@@ -139,9 +139,10 @@ struct {
 	__array(values, struct lb_maglev_inner);
 } cilia_lb_maglev SEC(".maps");
 
-/* Socket LB: netns cookie -> 1 for the network namespaces this agent
- * serves (the node's, its endpoints'); other sockets are left alone. */
-CILIA_SHARED_MAP(cilia_lb_netns, BPF_MAP_TYPE_HASH, CILIA_LB_NETNS_MAX, __u64, __u8);
+/* Socket LB: netns cookie -> the endpoint id living there (0: the node)
+ * for the network namespaces this agent serves; other sockets are left
+ * alone. The id names the client in service events. */
+CILIA_SHARED_MAP(cilia_lb_netns, BPF_MAP_TYPE_HASH, CILIA_LB_NETNS_MAX, __u64, __u16);
 
 /* Socket LB: per translated socket, backend -> frontend (what recvmsg and
  * getpeername report) and, for UDP, frontend -> backend (LRU: a forgotten

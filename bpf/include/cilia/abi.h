@@ -477,6 +477,11 @@ struct prefilter_value {
  * rule the service's rev-NAT id, endpoint_id the client endpoint, src/dst
  * identity the client's and the backend's, data the client's packet. */
 #define CILIA_EVENT_SERVICE 5
+/* Which load balancer chose the backend (event.reason of a service event).
+ * A socket-level choice has no packet: caplen 0, sport the frontend's port,
+ * endpoint_id the endpoint whose namespace the socket is in (0: the node). */
+#define CILIA_LB_PATH_PACKET 0 /* per packet, in the client's from-container program */
+#define CILIA_LB_PATH_SOCKET 1 /* at connect()/sendmsg(), in the socket LB */
 
 /* Conntrack state of a packet, reported by debug events. */
 #define CILIA_CT_STATE_NEW	   1 /* first packet: policy decided */

@@ -67,6 +67,8 @@ pub const TYPE_RULES: &[(Pattern, &str)] = &[
     (Pattern::Prefix("CILIA_LB_ALG_"), "u8"),
     (Pattern::Prefix("CILIA_LB_FLAG_"), "u8"),
     (Pattern::Prefix("CILIA_LB_BACKEND_"), "u8"),
+    // `event.reason` of a service event.
+    (Pattern::Prefix("CILIA_LB_PATH_"), "u8"),
     (Pattern::Exact("CILIA_LB_MAGLEV_SIZE_DEFAULT"), "u32"),
     // Socket LB: `lb_sock_key.kind` (byte).
     (Pattern::Prefix("CILIA_LB_SOCK_"), "u8"),

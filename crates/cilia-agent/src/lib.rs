@@ -23,8 +23,8 @@ pub mod paths;
 pub mod policy;
 pub mod proxy;
 pub mod relay;
-pub mod socklb;
 pub mod service;
+pub mod socklb;
 pub mod store;
 
 use std::fs::File;

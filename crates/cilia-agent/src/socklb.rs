@@ -134,7 +134,7 @@ pub fn start(
             .attach_socket_lb(&cgroup)
             .map_err(|e| e.to_string())?;
         datapath
-            .add_lb_netns(node_netns)
+            .add_lb_netns(node_netns, 0)
             .map_err(|e| e.to_string())?;
         Ok(SocketLbState::On { cgroup, node_netns })
     };

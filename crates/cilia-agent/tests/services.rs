@@ -183,8 +183,25 @@ struct Net {
     _servers: Vec<Backend>,
 }
 
+/// The agent with its defaults: the socket LB translates the client's
+/// connect()/sendmsg(), so its packets never meet the per-packet LB.
 fn net() -> Net {
-    let agent = TestAgent::start(AgentOptions::default());
+    net_with(&[])
+}
+
+/// The agent with the socket LB off: every flow meets the per-packet LB in
+/// the client's from-container program.
+fn net_per_packet() -> Net {
+    net_with(&["--socket-lb", "off"])
+}
+
+fn net_with(args: &[&str]) -> Net {
+    let agent = TestAgent::start_in(
+        Netns::new("cnode").unwrap(),
+        AgentOptions::default(),
+        args.iter().map(|a| a.to_string()).collect(),
+    )
+    .unwrap();
     let client = Netns::new("csvc").unwrap();
     let client_ep = agent.create_endpoint(&client, "app=client");
     let mut backend_eps = Vec::new();
@@ -239,7 +256,19 @@ fn frontend(family: &str, port: u16, proto: &str) -> String {
 #[test]
 fn clusterip_spreads_tcp_and_udp_over_three_backends_and_replies_come_from_the_vip() {
     privileged!("clusterip_spreads_tcp_and_udp");
-    let net = net();
+    clusterip_scenario(&net(), "socket");
+}
+
+#[test]
+fn clusterip_through_the_per_packet_load_balancer_alone() {
+    privileged!("clusterip_through_the_per_packet_load_balancer_alone");
+    clusterip_scenario(&net_per_packet(), "per-packet");
+}
+
+/// Spread over three backends, both families, TCP and UDP, random and
+/// Maglev; the client sees the VIP; the service flows name the load
+/// balancer that chose (`balancer`) and are counted per service.
+fn clusterip_scenario(net: &Net, balancer: &str) {
     let mut ids = BTreeMap::new();
     for family in ["ipv6", "ipv4"] {
         let backends = net.backends(family, &[0, 1, 2]);
@@ -310,6 +339,7 @@ fn clusterip_spreads_tcp_and_udp_over_three_backends_and_replies_come_from_the_v
         "{named}"
     );
     assert_eq!(named["source"]["endpoint"], net.client_ep["id"], "{named}");
+    assert_eq!(named["service"]["balancer"], balancer, "{named}");
     let metrics = net.agent.scrape_metrics();
     let line = format!("cilia_service_flows_total{{service=\"{v6_tcp}\"}} ");
     let flows_counted: u64 = metrics
@@ -415,7 +445,7 @@ spec:
 #[test]
 fn a_backend_removed_mid_stream_is_reselected_and_a_terminating_one_keeps_its_flows() {
     privileged!("a_backend_removed_mid_stream");
-    let net = net();
+    let net = net_per_packet();
     for family in ["ipv6", "ipv4"] {
         let fe = frontend(family, 80, "tcp");
         let both = net.backends(family, &[0, 1]);
@@ -483,6 +513,45 @@ fn a_backend_removed_mid_stream_is_reselected_and_a_terminating_one_keeps_its_fl
     let lb = net.agent.cli_json(&["bpf", "lb", "list"]);
     assert!(lb["services"].as_array().unwrap().is_empty(), "{lb}");
     assert!(lb["backends"].as_array().unwrap().is_empty(), "{lb}");
+}
+
+/// With the socket LB, a connection is made to the backend itself: removing
+/// that backend from the service does not touch it (it goes on while the
+/// backend answers); new connections avoid the backend at once.
+#[test]
+fn with_the_socket_lb_a_removed_backend_keeps_its_connection_and_gets_no_new_ones() {
+    privileged!("with_the_socket_lb_a_removed_backend_keeps_its_connection");
+    let net = net();
+    for family in ["ipv6", "ipv4"] {
+        let fe = frontend(family, 81, "tcp");
+        let s = net.update(&[
+            "--frontend",
+            &fe,
+            "--backends",
+            &net.backends(family, &[0, 1]),
+        ]);
+        let id = s["id"].as_u64().unwrap().to_string();
+        let mut pinned = connect(&net.client, vip(family, 81));
+        let index = if pinned.backend == "b1" { 0 } else { 1 };
+        net.update(&[
+            "--id",
+            &id,
+            "--frontend",
+            &fe,
+            "--backends",
+            &net.backends(family, &[1 - index]),
+        ]);
+        assert_eq!(pinned.echo("still here").unwrap(), "still here", "{family}");
+        let survivor = format!("b{}", 2 - index);
+        for _ in 0..5 {
+            assert_eq!(
+                connect(&net.client, vip(family, 81)).backend,
+                survivor,
+                "{family}"
+            );
+        }
+        net.agent.cli_ok(&["service", "delete", &id]);
+    }
 }
 
 /// `POST /v1/services` with a JSON spec (backend states have no CLI flag:

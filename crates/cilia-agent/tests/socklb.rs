@@ -147,75 +147,6 @@ fn client_in(cgroup: &TestCgroup, ns: &Netns, addr: std::net::SocketAddr) -> Str
         .unwrap_or_else(|| panic!("no result from the client helper: {stdout}"))
 }
 
-/// Writes a TCP service `frontend` with the one backend `backend` (id 1,
-/// rev-NAT id 1) into the agent's pinned LB maps, as the ABI says:
-/// backend, rev-NAT, slot of generation 1, master. Test-only: the agent's
-/// own writer (`Datapath::upsert_lb_service`) replaces this once merged.
-fn write_service(
-    bpf_root: &std::path::Path,
-    frontend: std::net::SocketAddrV4,
-    backend: std::net::SocketAddrV4,
-) {
-    use aya::maps::{HashMap, Map, MapData};
-    use cilia_abi::*;
-    fn map<K: aya::Pod, V: aya::Pod>(root: &std::path::Path, name: &str) -> HashMap<MapData, K, V> {
-        let data = MapData::from_pin(root.join("maps").join(name)).unwrap();
-        HashMap::try_from(Map::from_map_data(data).unwrap()).unwrap()
-    }
-    let addr16 = |ip: std::net::Ipv4Addr| {
-        let mut a = [0u8; 16];
-        a[..4].copy_from_slice(&ip.octets());
-        a
-    };
-    map::<u32, LbBackendValue>(bpf_root, "cilia_lb_backends")
-        .insert(
-            1,
-            LbBackendValue {
-                addr: addr16(*backend.ip()),
-                port: backend.port().to_be(),
-                family: CILIA_FAMILY_IPV4,
-                state: CILIA_LB_BACKEND_ACTIVE,
-            },
-            0,
-        )
-        .unwrap();
-    map::<u16, LbRevNatValue>(bpf_root, "cilia_lb_revnat")
-        .insert(
-            1,
-            LbRevNatValue {
-                addr: addr16(*frontend.ip()),
-                port: frontend.port().to_be(),
-                family: CILIA_FAMILY_IPV4,
-                pad: 0,
-            },
-            0,
-        )
-        .unwrap();
-    let key = |slot: u16, gen: u8| LbServiceKey {
-        addr: addr16(*frontend.ip()),
-        port: frontend.port().to_be(),
-        proto: 6,
-        family: CILIA_FAMILY_IPV4,
-        slot,
-        gen,
-        pad: 0,
-    };
-    let mut services = map::<LbServiceKey, LbServiceValue>(bpf_root, "cilia_lb_services");
-    let slot = LbServiceValue {
-        backend_id: 1,
-        ..Default::default()
-    };
-    services.insert(key(1, 1), slot, 0).unwrap();
-    let master = LbServiceValue {
-        count: 1,
-        rev_nat: 1,
-        gen: 1,
-        algorithm: CILIA_LB_ALG_RANDOM,
-        ..Default::default()
-    };
-    services.insert(key(0, 0), master, 0).unwrap();
-}
-
 #[test]
 fn an_endpoint_connecting_to_a_frontend_reaches_the_backend_endpoint() {
     privileged!("an_endpoint_connecting_to_a_frontend_reaches_the_backend_endpoint");
@@ -248,11 +179,14 @@ fn an_endpoint_connecting_to_a_frontend_reaches_the_backend_endpoint() {
         local
     });
     let frontend = std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(192, 0, 2, 10), 80);
-    write_service(
-        agent.bpf_root.path(),
-        frontend,
-        std::net::SocketAddrV4::new(backend_ip, 8080),
-    );
+    agent.cli_ok(&[
+        "service",
+        "update",
+        "--frontend",
+        &format!("{frontend}/tcp"),
+        "--backends",
+        &format!("{backend_ip}:8080"),
+    ]);
     let result = client_in(&cgroup, &client, frontend.into());
     assert_eq!(
         result,

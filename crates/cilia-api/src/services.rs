@@ -116,6 +116,12 @@ pub struct FlowService {
     pub id: u16,
     pub frontend: String,
     pub backend: String,
+    /// Which load balancer chose: `per-packet` (the client's endpoint
+    /// program; the flow's source is the client) or `socket` (at
+    /// connect()/sendmsg(); no packet yet, so the source is the endpoint,
+    /// or the node, without address).
+    #[serde(default)]
+    pub balancer: String,
 }
 
 #[cfg(test)]

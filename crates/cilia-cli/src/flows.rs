@@ -250,7 +250,14 @@ fn aggregated_text(f: &Flow) -> String {
 fn service_text(f: &Flow) -> String {
     f.service
         .as_ref()
-        .map(|s| format!(" via service {} {}", s.id, s.frontend))
+        .map(|s| {
+            let socket = if s.balancer == "socket" {
+                " (socket LB)"
+            } else {
+                ""
+            };
+            format!(" via service {} {}{socket}", s.id, s.frontend)
+        })
         .unwrap_or_default()
 }
 
@@ -436,6 +443,7 @@ mod tests {
                 id: 7,
                 frontend: "[2001:db8::10]:80/tcp".into(),
                 backend: "[fd00::2]:80".into(),
+                balancer: "per-packet".into(),
             }),
             ..denied_put()
         };

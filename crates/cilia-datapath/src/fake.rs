@@ -625,7 +625,7 @@ impl Datapath for FakeDatapath {
             0
         })
     }
-    fn add_lb_netns(&self, cookie: u64) -> Result<(), DatapathError> {
+    fn add_lb_netns(&self, cookie: u64, _endpoint_id: u16) -> Result<(), DatapathError> {
         self.enter("add_lb_netns")?;
         self.state().lb_netns.insert(cookie);
         Ok(())

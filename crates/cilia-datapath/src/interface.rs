@@ -234,7 +234,7 @@ pub trait Datapath: Send + Sync {
     fn reload_socket_lb(&self) -> Result<usize, DatapathError>;
     /// Lets the socket LB translate sockets of the network namespace with
     /// this cookie (`SO_NETNS_COOKIE`).
-    fn add_lb_netns(&self, cookie: u64) -> Result<(), DatapathError>;
+    fn add_lb_netns(&self, cookie: u64, endpoint_id: u16) -> Result<(), DatapathError>;
     /// Absent is not an error.
     fn remove_lb_netns(&self, cookie: u64) -> Result<(), DatapathError>;
     /// Cookies of the namespaces the socket LB serves, sorted.
@@ -439,8 +439,8 @@ impl Datapath for BpfDatapath {
     fn reload_socket_lb(&self) -> Result<usize, DatapathError> {
         BpfDatapath::reload_socket_lb(self)
     }
-    fn add_lb_netns(&self, cookie: u64) -> Result<(), DatapathError> {
-        BpfDatapath::add_lb_netns(self, cookie)
+    fn add_lb_netns(&self, cookie: u64, endpoint_id: u16) -> Result<(), DatapathError> {
+        BpfDatapath::add_lb_netns(self, cookie, endpoint_id)
     }
     fn remove_lb_netns(&self, cookie: u64) -> Result<(), DatapathError> {
         BpfDatapath::remove_lb_netns(self, cookie)

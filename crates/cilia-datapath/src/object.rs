@@ -173,7 +173,7 @@ pub const SHARED_MAPS: &[MapSpec] = &[
     MapSpec {
         name: MAP_LB_NETNS,
         key_size: 8,
-        value_size: 1,
+        value_size: 2,
     },
     MapSpec {
         name: MAP_LB_SOCK,

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! <root>/socklb/connect4 … getpeername6   cgroup links, one per hook
-//! <root>/maps/cilia_lb_netns              netns cookie -> 1 (served namespaces)
+//! <root>/maps/cilia_lb_netns              netns cookie -> endpoint id (served namespaces; 0: the node)
 //! <root>/maps/cilia_lb_sock               per-socket translations (LRU)
 //! ```
 //!
@@ -303,17 +303,17 @@ impl BpfDatapath {
         Ok(found)
     }
 
-    fn lb_netns_map(&self) -> Result<HashMap<MapData, u64, u8>, DatapathError> {
+    fn lb_netns_map(&self) -> Result<HashMap<MapData, u64, u16>, DatapathError> {
         let err = |e: MapError| DatapathError::map(MAP_LB_NETNS, e);
         let data = MapData::from_pin(self.root().join("maps").join(MAP_LB_NETNS)).map_err(err)?;
         HashMap::try_from(Map::from_map_data(data).map_err(err)?).map_err(err)
     }
 
     /// Lets the socket LB translate sockets of the network namespace whose
-    /// cookie is `cookie`.
-    pub fn add_lb_netns(&self, cookie: u64) -> Result<(), DatapathError> {
+    /// cookie is `cookie`, where endpoint `endpoint_id` lives (0: the node).
+    pub fn add_lb_netns(&self, cookie: u64, endpoint_id: u16) -> Result<(), DatapathError> {
         self.lb_netns_map()?
-            .insert(cookie, 1, 0)
+            .insert(cookie, endpoint_id, 0)
             .map_err(|e| DatapathError::map(MAP_LB_NETNS, e))
     }
 

@@ -240,7 +240,9 @@ impl Lab {
 
     fn register(&self, ns: &Netns) {
         let file = std::fs::File::open(ns.path()).unwrap();
-        self.dp.add_lb_netns(netns_cookie(&file).unwrap()).unwrap();
+        self.dp
+            .add_lb_netns(netns_cookie(&file).unwrap(), 0)
+            .unwrap();
     }
 
     /// Runs the client helper in the test cgroup inside `ns`.
@@ -480,8 +482,8 @@ fn served_netns_set_is_kept() {
     let cookie = netns_cookie(&std::fs::File::open(ns.path()).unwrap()).unwrap();
     let own = cilia_datapath::socklb::current_netns_cookie().unwrap();
     assert_ne!(cookie, own, "two namespaces, two cookies");
-    dp.add_lb_netns(cookie).unwrap();
-    dp.add_lb_netns(own).unwrap();
+    dp.add_lb_netns(cookie, 7).unwrap();
+    dp.add_lb_netns(own, 0).unwrap();
     let mut want = vec![cookie, own];
     want.sort_unstable();
     assert_eq!(dp.lb_netns().unwrap(), want);

@@ -8,7 +8,6 @@
 //! never reused by the kernel, so an entry left behind by a crash is
 //! harmless until the next start, which rebuilds the set from the records.
 
-use std::collections::BTreeSet;
 use std::fs::File;
 
 use tracing::warn;
@@ -29,7 +28,7 @@ impl EndpointManager {
             return Ok(());
         }
         let cookie = cilia_datapath::socklb::netns_cookie(netns)?;
-        self.dp().add_lb_netns(cookie)?;
+        self.dp().add_lb_netns(cookie, rec.id)?;
         self.lb_netns.insert(rec.id, cookie);
         Ok(())
     }
@@ -72,19 +71,20 @@ impl EndpointManager {
                 }
             }
         }
-        let want: BTreeSet<u64> = self
-            .lb_netns
-            .values()
-            .copied()
-            .chain(std::iter::once(node))
-            .collect();
+        // Cookie -> the endpoint named in its service events: the lowest id
+        // living there; the node's namespace is the node (0).
+        let mut want: std::collections::BTreeMap<u64, u16> = std::collections::BTreeMap::new();
+        for (id, cookie) in &self.lb_netns {
+            want.entry(*cookie).or_insert(*id);
+        }
+        want.insert(node, 0);
         for cookie in self.dp().lb_netns()? {
-            if !want.contains(&cookie) {
+            if !want.contains_key(&cookie) {
                 self.dp().remove_lb_netns(cookie)?;
             }
         }
-        for cookie in &want {
-            self.dp().add_lb_netns(*cookie)?;
+        for (cookie, id) in &want {
+            self.dp().add_lb_netns(*cookie, *id)?;
         }
         Ok(want.len())
     }

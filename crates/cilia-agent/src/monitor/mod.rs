@@ -315,6 +315,25 @@ impl Names {
         Some(names)
     }
 
+    /// A local endpoint by id, without address (a socket-level service
+    /// flow: its source is not chosen yet); id 0 is the node.
+    fn endpoint_peer(&self, id: u16) -> FlowPeer {
+        let (labels, namespace) = self
+            .endpoints
+            .get(&id)
+            .cloned()
+            .map(|(l, n)| (l, Some(n)))
+            .unwrap_or_default();
+        FlowPeer {
+            endpoint: (id != 0).then_some(id),
+            ip: None,
+            port: None,
+            identity: if id == 0 { cilia_abi::CILIA_ID_HOST } else { 0 },
+            labels,
+            namespace,
+        }
+    }
+
     fn peer(&self, ip: Option<IpAddr>, port: Option<u16>, identity: u32) -> FlowPeer {
         let endpoint = ip.and_then(|ip| self.addresses.get(&ip).copied());
         let (labels, namespace) = endpoint
@@ -455,7 +474,9 @@ fn decode(ev: &Event, enrich: &Names) -> Flow {
                 std::net::SocketAddr::new(ip, u16::from_be(p)).to_string()
             })
         };
+        let socket = ev.reason == cilia_abi::CILIA_LB_PATH_SOCKET;
         let service = FlowService {
+            balancer: if socket { "socket" } else { "per-packet" }.into(),
             id: ev.rule as u16,
             frontend: format!(
                 "{}/{}",
@@ -464,10 +485,12 @@ fn decode(ev: &Event, enrich: &Names) -> Flow {
             ),
             backend: sock(dst_ip, ev.dport),
         };
-        (
-            enrich.peer(client_ip, client_port, ev.src_identity),
-            Some(service),
-        )
+        let client = if socket {
+            enrich.endpoint_peer(ev.endpoint_id)
+        } else {
+            enrich.peer(client_ip, client_port, ev.src_identity)
+        };
+        (client, Some(service))
     } else {
         (enrich.peer(src_ip, port(ev.sport), ev.src_identity), None)
     };
