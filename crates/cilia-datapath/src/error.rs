@@ -54,6 +54,8 @@ pub enum DatapathError {
     /// Work in progress inside a session; never on `main` at a stop.
     #[error("{0}: not implemented yet")]
     Unimplemented(&'static str),
+    #[error("prefilter CIDR {cidr}: {reason}")]
+    Prefilter { cidr: String, reason: String },
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -20,7 +20,7 @@ use std::net::IpAddr;
 
 use cilia_abi::{
     CtEntry, EndpointConfig, EndpointEntry, EndpointPolicy, IpcacheEntry, LbBackend, LbFrontend,
-    LbService, MetricsEntry, NodeConfig, PolicyDelta,
+    LbService, MetricsEntry, NodeConfig, PolicyDelta, PrefilterCount, PrefilterEntry,
 };
 use ipnet::IpNet;
 
@@ -28,6 +28,7 @@ use crate::endpoint::{BpfDatapath, EndpointReload, LinkCheck, LoadedEndpoint, Po
 use crate::error::DatapathError;
 use crate::events::EventReader;
 use crate::node::NodeLinks;
+use crate::prefilter::PrefilterLink;
 
 /// An endpoint's programs loaded and verified by
 /// [`Datapath::load_endpoint`], not yet attached; what is inside is the
@@ -212,6 +213,26 @@ pub trait Datapath: Send + Sync {
     fn lb_backends(&self) -> Result<Vec<LbBackend>, DatapathError>;
     /// Sets the Maglev table size the datapath reads (`global_config`).
     fn set_maglev_size(&self, size: u32) -> Result<(), DatapathError>;
+
+    // The XDP prefilter (see "XDP prefilter" in docs/ARCHITECTURE.md).
+
+    /// Attaches the prefilter to a node device: native XDP, else generic
+    /// XDP (the link says which mode, and why native was refused). A
+    /// pinned link of the device keeps its mode and gets this build's
+    /// program swapped in.
+    fn attach_prefilter(&self, ifname: &str) -> Result<PrefilterLink, DatapathError>;
+    /// Not attached is not an error.
+    fn detach_prefilter(&self, ifname: &str) -> Result<(), DatapathError>;
+    /// The devices the prefilter is attached to.
+    fn prefilter_links(&self) -> Result<Vec<PrefilterLink>, DatapathError>;
+    /// Adds CIDRs (or moves them to another counter slot), one atomic
+    /// update each; a CIDR new to the kernel starts its counts at zero, one
+    /// already there with the same slot keeps them.
+    fn upsert_prefilter(&self, entries: &[PrefilterEntry]) -> Result<(), DatapathError>;
+    /// Absent CIDRs are not an error.
+    fn remove_prefilter(&self, cidrs: &[IpNet]) -> Result<(), DatapathError>;
+    /// The CIDRs with their drops (summed over CPUs), sorted.
+    fn prefilter(&self) -> Result<Vec<PrefilterCount>, DatapathError>;
 
     // Observability.
 
@@ -403,6 +424,24 @@ impl Datapath for BpfDatapath {
     }
     fn set_maglev_size(&self, _size: u32) -> Result<(), DatapathError> {
         Err(DatapathError::Unimplemented("load balancing"))
+    }
+    fn attach_prefilter(&self, ifname: &str) -> Result<PrefilterLink, DatapathError> {
+        BpfDatapath::attach_prefilter(self, ifname)
+    }
+    fn detach_prefilter(&self, ifname: &str) -> Result<(), DatapathError> {
+        BpfDatapath::detach_prefilter(self, ifname)
+    }
+    fn prefilter_links(&self) -> Result<Vec<PrefilterLink>, DatapathError> {
+        BpfDatapath::prefilter_links(self)
+    }
+    fn upsert_prefilter(&self, entries: &[PrefilterEntry]) -> Result<(), DatapathError> {
+        BpfDatapath::upsert_prefilter(self, entries)
+    }
+    fn remove_prefilter(&self, cidrs: &[IpNet]) -> Result<(), DatapathError> {
+        BpfDatapath::remove_prefilter(self, cidrs)
+    }
+    fn prefilter(&self) -> Result<Vec<PrefilterCount>, DatapathError> {
+        BpfDatapath::prefilter(self)
     }
     fn metrics(&self) -> Result<Vec<MetricsEntry>, DatapathError> {
         Ok(BpfDatapath::metrics(self)?

@@ -9,6 +9,8 @@
 //!   reload (swap a new specialization into the pinned link).
 //! * [`node`]: the node programs (overlay, underlay) and the node maps,
 //!   for traffic between nodes; pinned like the endpoints'.
+//! * [`prefilter`]: the XDP prefilter (source CIDRs dropped on node
+//!   devices), its pinned links and maps.
 //! * [`inspect`]: read back what is attached (link, program tag, `.rodata`).
 //! * [`testrun`]: `BPF_PROG_TEST_RUN` on crafted packets, for tests and
 //!   benchmarks.
@@ -30,6 +32,7 @@ mod keys;
 pub mod node;
 pub mod object;
 pub mod packet;
+pub mod prefilter;
 pub mod probe;
 pub mod testrun;
 
@@ -40,4 +43,5 @@ pub use endpoint::{
 pub use error::DatapathError;
 pub use interface::{Datapath, LoadedPrograms};
 pub use node::NodeLinks;
+pub use prefilter::{PrefilterLink, PrefilterMode};
 pub use probe::{probe_kernel, Feature, FeatureReport};

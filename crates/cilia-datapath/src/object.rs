@@ -6,6 +6,8 @@ pub static LXC_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 /// The node object (`bpf/overlay.c`): traffic between nodes.
 pub static OVERLAY_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay.o"));
+/// The XDP prefilter (`bpf/xdp.c`): listed source CIDRs dropped on node devices.
+pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp.o"));
 /// Feature probes and the benchmark baseline (`bpf/probe.c`).
 pub static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe.o"));
 
@@ -19,6 +21,8 @@ pub const PROG_FROM_OVERLAY: &str = "cil_from_overlay";
 pub const PROG_TO_OVERLAY: &str = "cil_to_overlay";
 /// tc program on the ingress of the node's underlay device (native routing).
 pub const PROG_FROM_NETDEV: &str = "cil_from_netdev";
+/// XDP program of the prefilter on a node device.
+pub const PROG_XDP_PREFILTER: &str = "cil_xdp_prefilter";
 /// The empty tc program (benchmark baseline).
 pub const PROG_EMPTY: &str = "probe_empty";
 /// Verifier probe for `bpf_redirect_peer`.
@@ -52,6 +56,13 @@ pub const MAP_EVENTS: &str = "cilia_events";
 pub const MAP_NODES: &str = "cilia_nodes";
 /// Shared one-slot array: the node's tunnel mode and devices.
 pub const MAP_NODE_CONFIG: &str = "cilia_node_config";
+
+/// Prefilter LPM trie: IPv4 source CIDR -> counter slot.
+pub const MAP_PREFILTER_V4: &str = "cilia_prefilter_v4";
+/// Prefilter LPM trie: IPv6 source CIDR -> counter slot.
+pub const MAP_PREFILTER_V6: &str = "cilia_prefilter_v6";
+/// Prefilter per-CPU array: dropped packets and bytes per counter slot.
+pub const MAP_PREFILTER_COUNTERS: &str = "cilia_prefilter_counters";
 
 /// The shared maps with the layout the embedded object expects, used to
 /// validate pins left by an earlier agent before reusing them.
