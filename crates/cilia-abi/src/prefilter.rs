@@ -120,6 +120,9 @@ mod tests {
             prefixlen: 33,
             addr: [0; 4],
         };
-        assert_eq!(PrefilterEntry::decode_v4(&bad, &PrefilterValue::default()), None);
+        assert_eq!(
+            PrefilterEntry::decode_v4(&bad, &PrefilterValue::default()),
+            None
+        );
     }
 }

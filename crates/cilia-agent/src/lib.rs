@@ -21,6 +21,7 @@ pub mod node;
 pub mod nodenet;
 pub mod paths;
 pub mod policy;
+pub mod prefilter;
 pub mod proxy;
 pub mod relay;
 pub mod store;
@@ -61,6 +62,9 @@ pub struct AgentConfig {
     pub proxy_bin: Option<PathBuf>,
     /// This node in a cluster (kvstore, tunnel, peers).
     pub cluster: ClusterOptions,
+    /// Devices the XDP prefilter is attached to (empty: none; its CIDRs
+    /// are kept all the same).
+    pub prefilter_devices: Vec<String>,
 }
 
 /// Where the agent keeps cluster-wide state.
@@ -382,6 +386,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         None => None,
     };
     let restored = manager.list()?.len();
+    let prefilter = Arc::new(
+        prefilter::Prefilter::start(
+            manager.store.clone(),
+            datapath.clone(),
+            &config.prefilter_devices,
+        )
+        .context("starting the XDP prefilter")?,
+    );
 
     // Bind every listener before announcing readiness: a bad address is a
     // start-up error, never an agent that dies after saying it is ready.
@@ -472,6 +484,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         proxy_covered,
         cluster: cluster_view,
         multinode: cluster_link.as_ref().map(|(l, _)| l.clone()),
+        prefilter,
     });
     let _health_threads = health_threads;
     if let Some((link, events)) = cluster_link {

@@ -92,6 +92,11 @@ struct Args {
     /// default `cilia-health-<node-name>`.
     #[arg(long, env = "CILIA_HEALTH_NETNS")]
     health_netns: Option<String>,
+    /// Device the XDP prefilter drops listed source CIDRs on (native XDP,
+    /// generic when the driver has none); repeat or comma separate for
+    /// several. Default: none (CIDRs are kept, not enforced).
+    #[arg(long, env = "CILIA_PREFILTER_DEVICE", value_delimiter = ',')]
+    prefilter_device: Vec<String>,
 }
 
 fn main() {
@@ -193,6 +198,7 @@ async fn agent_main() {
         proxy_port: args.proxy_port,
         proxy_bin: args.proxy_bin,
         cluster,
+        prefilter_devices: args.prefilter_device,
     };
     if let Err(e) = cilia_agent::run(config).await {
         eprintln!("cilia-agent: {e:#}");

@@ -16,6 +16,7 @@ mod identity;
 mod namespace;
 mod node;
 mod policy;
+mod prefilter;
 mod status;
 
 use std::path::PathBuf;
@@ -67,6 +68,11 @@ enum Command {
     /// Example: cilia node list
     #[command(subcommand)]
     Node(node::NodeCmd),
+    /// The XDP prefilter: source CIDRs dropped on the node's devices.
+    ///
+    /// Example: cilia prefilter update --cidr 203.0.113.0/24
+    #[command(subcommand)]
+    Prefilter(prefilter::PrefilterCmd),
     /// The agent's BPF programs: hotfix them in place.
     #[command(subcommand)]
     Datapath(datapath::DatapathCmd),
@@ -100,6 +106,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Namespace(cmd) => namespace::run(cmd, &client, out).await,
         Command::Node(cmd) => node::run(cmd, &client, out).await,
         Command::Datapath(cmd) => datapath::run(cmd, &client, out).await,
+        Command::Prefilter(cmd) => prefilter::run(cmd, &client, out).await,
         Command::Monitor(args) => flows::monitor(args, &client, out).await,
         Command::Observe(args) => flows::observe(args, &client, out).await,
     }

@@ -108,6 +108,9 @@ fn print_status(s: &Status) {
     for e in &s.policy_errors {
         outln!("Policy error: {e}");
     }
+    if let Some(p) = s.subsystems.iter().find(|sub| sub.name == "prefilter") {
+        outln!("Prefilter:    {}", p.detail);
+    }
     outln!("State dir:    {}", s.state_dir);
     outln!("BPF root:     {}", s.bpf_root);
 }

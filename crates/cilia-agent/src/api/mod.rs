@@ -7,6 +7,7 @@ mod endpoints;
 mod flows;
 mod nodes;
 mod policy;
+mod prefilter;
 mod status;
 
 use std::sync::{Arc, Mutex};
@@ -33,7 +34,7 @@ pub use endpoints::endpoint_view;
 // For `ApiDoc`'s `paths(...)`, which names each handler without its module:
 // given `status::status`, utoipa tags the operation "status", and the
 // document would change with the file layout.
-use self::{bpf::*, endpoints::*, flows::*, nodes::*, policy::*, status::*};
+use self::{bpf::*, endpoints::*, flows::*, nodes::*, policy::*, prefilter::*, status::*};
 
 /// Shared by all handlers: one handle per subsystem, each locked on its
 /// own (docs/ARCHITECTURE.md, "Locking"). Their operations are blocking
@@ -79,6 +80,8 @@ pub struct AgentState {
     pub cluster: Option<crate::relay::ClusterView>,
     /// The cluster link (etcd mode), for status.
     pub multinode: Option<Arc<crate::multinode::MultiNode>>,
+    /// The XDP prefilter (its own lock, for changes only).
+    pub prefilter: Arc<crate::prefilter::Prefilter>,
 }
 
 impl AgentState {
@@ -268,7 +271,10 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, AppError
         monitor_stream,
         list_nodes,
         cluster_flows,
-        cluster_status
+        cluster_status,
+        get_prefilter,
+        add_prefilter,
+        delete_prefilter
     ),
     components(schemas(
         ApiError,
@@ -295,7 +301,11 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, AppError
         cilia_api::ClusterFlows,
         cilia_api::UnreachableNode,
         cilia_api::ClusterStatus,
-        cilia_api::NodeStatusEntry
+        cilia_api::NodeStatusEntry,
+        cilia_api::Prefilter,
+        cilia_api::PrefilterCidrs,
+        cilia_api::PrefilterCidr,
+        cilia_api::PrefilterDevice
     ))
 )]
 pub struct ApiDoc;
@@ -453,6 +463,12 @@ pub fn router(state: Shared, metrics: crate::metrics::AgentMetrics) -> Router {
         .route("/v1/nodes", get(nodes::list_nodes))
         .route("/v1/cluster/flows", get(nodes::cluster_flows))
         .route("/v1/cluster/status", get(nodes::cluster_status))
+        .route(
+            "/v1/prefilter",
+            get(prefilter::get_prefilter)
+                .post(prefilter::add_prefilter)
+                .delete(prefilter::delete_prefilter),
+        )
         .fallback(not_found)
         // Policy imports of many thousand rules are large; the default 2 MB
         // would refuse them before the parser could say anything useful.
@@ -530,6 +546,10 @@ mod tests {
         );
         let metrics = crate::metrics::AgentMetrics::default();
         let policy_summary = manager.policy().subscribe();
+        let prefilter = Arc::new(
+            crate::prefilter::Prefilter::start(manager.store.clone(), datapath.clone(), &[])
+                .unwrap(),
+        );
         Arc::new(AgentState {
             policy: manager.policy_handle(),
             policy_summary,
@@ -552,6 +572,7 @@ mod tests {
             proxy_covered: tokio::sync::watch::channel(Default::default()).1,
             cluster: None,
             multinode: None,
+            prefilter,
         })
     }
 

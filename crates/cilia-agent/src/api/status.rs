@@ -39,6 +39,7 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
     let pools = state.pools.clone();
     let ct_gc_runs = state.metrics.ct_gc_runs.get();
     let proxy = state.proxy.borrow().describe(state.proxy_port);
+    let prefilter = state.prefilter.clone();
     let cluster_subs = match &state.multinode {
         Some(link) => link.subsystems(),
         None => vec![cilia_api::SubsystemStatus {
@@ -49,6 +50,16 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
         }],
     };
     with_store(&state, move |store| {
+        // A store read: on the blocking pool, like the others here.
+        let prefilter_sub = {
+            let (ok, detail) = prefilter.status();
+            cilia_api::SubsystemStatus {
+                name: "prefilter".into(),
+                status: if ok { "ok" } else { "degraded" }.into(),
+                detail,
+                errors: Vec::new(),
+            }
+        };
         let endpoints = store.endpoints()?;
         let used = store.allocated()?;
         let not_ready = endpoints
@@ -80,7 +91,7 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
             policy_revision: store.policy_revision()?,
             policies: summary.documents,
             policy_errors: summary.errors.clone(),
-            subsystems: cluster_subs.into_iter().fold(
+            subsystems: cluster_subs.into_iter().chain([prefilter_sub]).fold(
                 subsystems(
                     &summary,
                     ct_gc_runs,

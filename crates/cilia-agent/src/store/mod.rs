@@ -1061,6 +1061,8 @@ fn release_unused_identities(
 }
 
 /// The layout before the kvstore: one redb table per kind, in the same file.
+mod prefilter;
+
 mod legacy {
     use super::*;
 
