@@ -449,19 +449,35 @@ fn swap_xdp(prog: &mut Xdp, pin: &Path) -> Result<(), DatapathError> {
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 
-/// The prefilter program loaded against this datapath's maps, attached
-/// nowhere: for `BPF_PROG_TEST_RUN` fixtures and benchmarks.
-pub struct PrefilterTestProgram {
+/// An XDP program loaded, attached nowhere: the prefilter (against a
+/// datapath's maps) or the empty XDP program, for `BPF_PROG_TEST_RUN`
+/// fixtures and benchmarks.
+pub struct XdpTestProgram {
     ebpf: aya::Ebpf,
+    name: &'static str,
 }
 
-impl PrefilterTestProgram {
+impl XdpTestProgram {
+    /// The empty XDP program (`probe_xdp`, returns XDP_PASS): the
+    /// benchmark baseline.
+    pub fn empty() -> Result<Self, DatapathError> {
+        let mut ebpf = EbpfLoader::new().load(crate::object::PROBE_OBJECT)?;
+        let name = crate::object::PROG_PROBE_XDP;
+        let prog: &mut Xdp = ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram(name))?
+            .try_into()
+            .map_err(|e| DatapathError::program(name, e))?;
+        prog.load().map_err(|e| DatapathError::program(name, e))?;
+        Ok(Self { ebpf, name })
+    }
+
     fn prog(&self) -> Result<&Xdp, DatapathError> {
         self.ebpf
-            .program(PROG_XDP_PREFILTER)
-            .ok_or(DatapathError::MissingProgram(PROG_XDP_PREFILTER))?
+            .program(self.name)
+            .ok_or(DatapathError::MissingProgram(self.name))?
             .try_into()
-            .map_err(|e| DatapathError::program(PROG_XDP_PREFILTER, e))
+            .map_err(|e| DatapathError::program(self.name, e))
     }
 
     /// Runs the program once on `frame`; returns its XDP verdict.
@@ -472,7 +488,7 @@ impl PrefilterTestProgram {
         let result = self
             .prog()?
             .test_run(opts)
-            .map_err(|e| DatapathError::program(PROG_XDP_PREFILTER, e))?;
+            .map_err(|e| DatapathError::program(self.name, e))?;
         Ok(result.return_value)
     }
 
@@ -489,7 +505,7 @@ impl PrefilterTestProgram {
         let result = self
             .prog()?
             .test_run(opts)
-            .map_err(|e| DatapathError::program(PROG_XDP_PREFILTER, e))?;
+            .map_err(|e| DatapathError::program(self.name, e))?;
         Ok(result.duration)
     }
 }
@@ -497,7 +513,7 @@ impl PrefilterTestProgram {
 impl BpfDatapath {
     /// Loads the prefilter program for `BPF_PROG_TEST_RUN`, sharing this
     /// datapath's maps but attached nowhere.
-    pub fn test_prefilter_program(&self) -> Result<PrefilterTestProgram, DatapathError> {
+    pub fn test_prefilter_program(&self) -> Result<XdpTestProgram, DatapathError> {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(self.root().join("maps"))
             .load(XDP_OBJECT)?;
@@ -508,6 +524,9 @@ impl BpfDatapath {
             .map_err(|e| DatapathError::program(PROG_XDP_PREFILTER, e))?;
         prog.load()
             .map_err(|e| DatapathError::program(PROG_XDP_PREFILTER, e))?;
-        Ok(PrefilterTestProgram { ebpf })
+        Ok(XdpTestProgram {
+            ebpf,
+            name: PROG_XDP_PREFILTER,
+        })
     }
 }

@@ -14,6 +14,7 @@
 //! | `cilia/namespaces/<name>` | the namespace's labels |
 //! | `cilia/policies/<kind>/<namespace>/<name>` | [`StoredPolicy`] |
 //! | `cilia/cidr-identities/<prefix>` | its local CIDR identity |
+//! | `cilia/prefilter/<cidr>` | the XDP prefilter CIDR's counter slot (see `prefilter`) |
 //! | `cilia/meta/policy-revision`, `cilia/meta/release-seq` | counters |
 //! | `cilia/meta/layout` | `1`, this layout's version |
 //! | `cilia/meta/last-change` | empty; its `mod_revision` is the last change's |
