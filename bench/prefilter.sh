@@ -101,7 +101,7 @@ xdp_drops() { "$BIN/cilia" --socket "$SOCK" -o json prefilter list | python3 -c 
 rate() {
   local counter=$1 before after gen
   taskset -c "$GEN_CPU" ip netns exec "$P-gen" timeout $((DURATION + 5)) \
-    trafgen --dev g0 --conf "$RUN/frame.cfg" --cpus 1 --num 2000000000 --silent >/dev/null 2>&1 &
+    trafgen --dev g0 --conf "$RUN/frame.cfg" --cpus 1 --notouch-irq --num 2000000000 >/dev/null 2>&1 &
   gen=$!
   track "$gen"
   sleep 1

@@ -14,3 +14,6 @@ bench/l7.sh
 echo
 echo "## Across nodes: plain Linux routing vs VXLAN overlay vs native routing"
 bench/multinode.sh
+echo
+echo "## XDP prefilter vs iptables raw PREROUTING (10 and 10k CIDRs)"
+bench/prefilter.sh
