@@ -498,6 +498,24 @@ mod tests {
     }
 
     #[test]
+    fn a_full_family_refuses_the_next_cidr_naming_it() {
+        let (_dir, dp, p) = setup(&[]);
+        let all: Vec<String> = (0..CILIA_PREFILTER_MAX)
+            .map(|i| format!("{}/32", std::net::Ipv4Addr::from(0x0a00_0000 + i)))
+            .collect();
+        p.add(&all).unwrap();
+        let err = p
+            .add(&strings(&["2001:db8::/32", "203.0.113.0/24"]))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "prefilter CIDR 203.0.113.0/24: over capacity: the prefilter holds at most 65536 IPv4 CIDRs and has 65536"
+        );
+        // All or nothing: the IPv6 CIDR of the refused request is not in.
+        assert_eq!(dp.prefilter().unwrap().len(), CILIA_PREFILTER_MAX as usize);
+    }
+
+    #[test]
     fn without_devices_the_status_says_not_attached() {
         let (_dir, _dp, p) = setup(&[]);
         p.add(&strings(&["203.0.113.0/24"])).unwrap();
