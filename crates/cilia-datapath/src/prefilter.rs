@@ -359,6 +359,36 @@ impl BpfDatapath {
         })
     }
 
+    /// Swaps this build's prefilter program into every pinned prefilter
+    /// link (`datapath reload`); returns how many. Links whose device is
+    /// gone are left alone.
+    pub fn reload_prefilter(&self) -> Result<usize, DatapathError> {
+        let pins = self.prefilter_pins()?;
+        if pins.is_empty() {
+            return Ok(0);
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(self.root().join("maps"))
+            .load(XDP_OBJECT)?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROG_XDP_PREFILTER)
+            .ok_or(DatapathError::MissingProgram(PROG_XDP_PREFILTER))?
+            .try_into()
+            .map_err(|e| DatapathError::program(PROG_XDP_PREFILTER, e))?;
+        prog.load()
+            .map_err(|e| DatapathError::program(PROG_XDP_PREFILTER, e))?;
+        let mut swapped = 0;
+        for (_, pin) in pins.values() {
+            let on = crate::inspect::link_target(pin).map(|t| t.ifindex).ok();
+            if matches!(on, Some(0) | None) {
+                continue;
+            }
+            swap_xdp(prog, pin)?;
+            swapped += 1;
+        }
+        Ok(swapped)
+    }
+
     /// Detaches the prefilter from `ifname`. Not attached is not an error.
     pub fn detach_prefilter(&self, ifname: &str) -> Result<(), DatapathError> {
         if let Some((_, pin)) = self.prefilter_pins()?.remove(ifname) {

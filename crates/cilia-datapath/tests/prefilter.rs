@@ -314,6 +314,15 @@ fn listed_source_is_dropped_on_the_device_while_others_flow() {
     assert!(count_of(&counts, "203.0.113.0/24").0 >= 4, "{counts:?}");
     assert!(count_of(&counts, "2001:db8:bad::/48").0 >= 4, "{counts:?}");
 
+    // A datapath reload swaps the program inside the same link.
+    let pin = root.path().join("node/prefilter_native_eth0");
+    let before = cilia_datapath::inspect::link_target(&pin).unwrap();
+    assert_eq!(dp.reload_node_programs().unwrap(), 1);
+    let after = cilia_datapath::inspect::link_target(&pin).unwrap();
+    assert_eq!(after.link_id, before.link_id);
+    assert_ne!(after.program_id, before.program_id);
+    assert_eq!(pings(&net.world, listed4, node4, 2, "0.2"), 0);
+
     // Attaching again keeps the link (and mode); detaching lets the
     // listed source through.
     let again = net.node.run(|| dp.attach_prefilter("eth0")).unwrap();
