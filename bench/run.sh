@@ -17,3 +17,5 @@ bench/multinode.sh
 echo
 echo "## Services: socket-level vs per-packet load balancing"
 bench/socklb.sh
+echo "## XDP prefilter vs iptables raw PREROUTING (10 and 10k CIDRs)"
+bench/prefilter.sh

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const PROGRAMS: &[&str] = &["lxc", "overlay", "probe", "sock"];
+const PROGRAMS: &[&str] = &["lxc", "overlay", "probe", "sock", "xdp"];
 
 fn multiarch_include() -> Option<PathBuf> {
     let out = Command::new("gcc").arg("-print-multiarch").output().ok()?;

@@ -38,6 +38,8 @@ macro_rules! abi_struct {
     };
 }
 
+pub mod prefilter;
+pub use prefilter::{PrefilterCount, PrefilterEntry, PrefilterKey, PREFILTER_SLOTS};
 pub mod rows;
 pub use rows::{
     lb_other_generation, CtEntry, Direction, EndpointEntry, EndpointPolicy, Enforcement,

@@ -21,6 +21,7 @@ pub mod node;
 pub mod nodenet;
 pub mod paths;
 pub mod policy;
+pub mod prefilter;
 pub mod proxy;
 pub mod relay;
 pub mod service;
@@ -68,6 +69,9 @@ pub struct AgentConfig {
     pub cluster: ClusterOptions,
     /// Socket-level load balancing (`--socket-lb`, `--socket-lb-cgroup`).
     pub socket_lb: socklb::SocketLbOptions,
+    /// Devices the XDP prefilter is attached to (empty: none; its CIDRs
+    /// are kept all the same).
+    pub prefilter_devices: Vec<String>,
 }
 
 /// Where the agent keeps cluster-wide state.
@@ -404,6 +408,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         maglev_size,
     ));
     let restored_services = services.restore().context("restoring services")?;
+    let prefilter = Arc::new(
+        prefilter::Prefilter::start(
+            manager.store.clone(),
+            datapath.clone(),
+            &config.prefilter_devices,
+        )
+        .context("starting the XDP prefilter")?,
+    );
 
     // Bind every listener before announcing readiness: a bad address is a
     // start-up error, never an agent that dies after saying it is ready.
@@ -496,6 +508,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         multinode: cluster_link.as_ref().map(|(l, _)| l.clone()),
         socket_lb,
         services,
+        prefilter,
     });
     let _health_threads = health_threads;
     if let Some((link, events)) = cluster_link {

@@ -109,6 +109,11 @@ struct Args {
     /// /sys/fs/cgroup/unified on a hybrid hierarchy).
     #[arg(long, env = "CILIA_SOCKET_LB_CGROUP")]
     socket_lb_cgroup: Option<std::path::PathBuf>,
+    /// Device the XDP prefilter drops listed source CIDRs on (native XDP,
+    /// generic when the driver has none); repeat or comma separate for
+    /// several. Default: none (CIDRs are kept, not enforced).
+    #[arg(long, env = "CILIA_PREFILTER_DEVICE", value_delimiter = ',')]
+    prefilter_device: Vec<String>,
 }
 
 fn main() {
@@ -215,6 +220,7 @@ async fn agent_main() {
             mode: args.socket_lb,
             cgroup: args.socket_lb_cgroup,
         },
+        prefilter_devices: args.prefilter_device,
     };
     if let Err(e) = cilia_agent::run(config).await {
         eprintln!("cilia-agent: {e:#}");

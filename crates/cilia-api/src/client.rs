@@ -307,6 +307,24 @@ impl ApiClient {
         self.stream_lines(&path, on_line).await
     }
 
+    // The XDP prefilter.
+
+    /// `GET /v1/prefilter`: devices, CIDRs and their drops.
+    pub async fn prefilter(&self) -> Result<Prefilter> {
+        self.get("/v1/prefilter").await
+    }
+
+    /// `POST /v1/prefilter`: adds CIDRs (those already in stay as they
+    /// are); all or nothing.
+    pub async fn add_prefilter(&self, req: &PrefilterCidrs) -> Result<Prefilter> {
+        self.post("/v1/prefilter", req).await
+    }
+
+    /// `DELETE /v1/prefilter` with the CIDRs in the body; all or nothing.
+    pub async fn delete_prefilter(&self, req: &PrefilterCidrs) -> Result<Prefilter> {
+        self.send(Method::DELETE, "/v1/prefilter", req).await
+    }
+
     // Transport.
 
     /// Opens a connection and sends one request; the response body is

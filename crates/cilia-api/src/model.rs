@@ -808,3 +808,41 @@ mod named_port_tests {
         }
     }
 }
+
+/// `POST /v1/prefilter` (add) and `DELETE /v1/prefilter` (remove): source
+/// CIDRs of the XDP prefilter, `ADDRESS/LENGTH` with no host bits set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PrefilterCidrs {
+    pub cidrs: Vec<String>,
+}
+
+/// `GET /v1/prefilter`: where the XDP prefilter runs and what it drops.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Prefilter {
+    /// The devices of `--prefilter-device`; empty: the prefilter is not
+    /// attached anywhere (CIDRs are still kept).
+    pub devices: Vec<PrefilterDevice>,
+    /// The CIDRs, IPv4 first, with what each dropped since it was added.
+    pub cidrs: Vec<PrefilterCidr>,
+}
+
+/// One device the prefilter is attached to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PrefilterDevice {
+    pub name: String,
+    /// `native` (in the driver) or `generic` (after the socket buffer is
+    /// built: the driver has no native XDP).
+    pub mode: String,
+    /// Why native mode was refused, when the attach fell back to generic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// One prefilter CIDR and its drops (packets, bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PrefilterCidr {
+    pub cidr: String,
+    pub packets: u64,
+    pub bytes: u64,
+}

@@ -16,6 +16,7 @@ mod identity;
 mod namespace;
 mod node;
 mod policy;
+mod prefilter;
 mod service;
 mod status;
 
@@ -75,6 +76,11 @@ enum Command {
     /// Example: cilia service list
     #[command(subcommand)]
     Service(service::ServiceCmd),
+    /// The XDP prefilter: source CIDRs dropped on the node's devices.
+    ///
+    /// Example: cilia prefilter update --cidr 203.0.113.0/24
+    #[command(subcommand)]
+    Prefilter(prefilter::PrefilterCmd),
     /// The agent's BPF programs: hotfix them in place.
     #[command(subcommand)]
     Datapath(datapath::DatapathCmd),
@@ -109,6 +115,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(cmd) => node::run(cmd, &client, out).await,
         Command::Service(cmd) => service::run(cmd, &client, out).await,
         Command::Datapath(cmd) => datapath::run(cmd, &client, out).await,
+        Command::Prefilter(cmd) => prefilter::run(cmd, &client, out).await,
         Command::Monitor(args) => flows::monitor(args, &client, out).await,
         Command::Observe(args) => flows::observe(args, &client, out).await,
     }

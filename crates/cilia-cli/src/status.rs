@@ -111,6 +111,9 @@ fn print_status(s: &Status) {
     if let Some(lb) = s.subsystems.iter().find(|sub| sub.name == "socket-lb") {
         outln!("Socket LB:    {}", lb.detail);
     }
+    if let Some(p) = s.subsystems.iter().find(|sub| sub.name == "prefilter") {
+        outln!("Prefilter:    {}", p.detail);
+    }
     outln!("State dir:    {}", s.state_dir);
     outln!("BPF root:     {}", s.bpf_root);
 }

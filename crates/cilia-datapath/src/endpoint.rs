@@ -145,6 +145,8 @@ pub struct BpfDatapath {
     events: Mutex<Option<RingBuf<MapData>>>,
     /// Pinned maps found incompatible at open and recreated.
     recreated: Vec<RecreatedMap>,
+    /// The XDP prefilter's maps (`bpf/xdp.c`).
+    pub(crate) prefilter: crate::prefilter::PrefilterMaps,
     /// Tags of this build's from- and to-container programs, learnt from
     /// the first load (see [`BpfDatapath::build_tags`]).
     build_tags: std::sync::OnceLock<[[u8; 8]; 2]>,
@@ -288,7 +290,10 @@ fn config_bytes(config: &EndpointConfig) -> &[u8] {
 }
 
 /// Why a pinned map cannot be reused by this build, if it cannot.
-fn pin_mismatch(path: &Path, want: &aya_obj::Map) -> Result<Option<String>, DatapathError> {
+pub(crate) fn pin_mismatch(
+    path: &Path,
+    want: &aya_obj::Map,
+) -> Result<Option<String>, DatapathError> {
     let name = path.display().to_string();
     let info = MapInfo::from_pin(path).map_err(|e| DatapathError::map(&name, e))?;
     let found_type = info
@@ -482,6 +487,7 @@ impl BpfDatapath {
             ),
             lb,
             recreated,
+            prefilter: crate::prefilter::PrefilterMaps::open(&maps_dir)?,
             build_tags: std::sync::OnceLock::new(),
         })
     }

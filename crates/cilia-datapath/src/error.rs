@@ -56,6 +56,8 @@ pub enum DatapathError {
     /// A failure [`crate::fake::FakeDatapath`] was told to inject.
     #[error("{operation}: failure injected by the fake datapath")]
     Injected { operation: &'static str },
+    #[error("prefilter CIDR {cidr}: {reason}")]
+    Prefilter { cidr: String, reason: String },
     #[error("{context}: {source}")]
     Io {
         context: String,

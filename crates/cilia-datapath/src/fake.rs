@@ -33,7 +33,8 @@ use cilia_abi::{
     CtEntry, CtKey, CtValue, EndpointConfig, EndpointEntry, EndpointPolicy, Event, IpcacheEntry,
     IpcacheKey, IpcacheValue, LbBackend, LbBackendValue, LbFrontend, LbMaster, LbRevNatValue,
     LbService, LbServiceKey, LbServiceValue, LbStats, MetricsEntry, MetricsKey, MetricsValue,
-    NodeConfig, NodeConfigValue, PolicyDelta, PolicyKey, PolicyValue,
+    NodeConfig, NodeConfigValue, PolicyDelta, PolicyKey, PolicyValue, PrefilterCount,
+    PrefilterEntry, PrefilterKey, PrefilterValue,
 };
 use ipnet::IpNet;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -43,6 +44,7 @@ use crate::error::DatapathError;
 use crate::events::EventReader;
 use crate::interface::{Datapath, LoadedPrograms};
 use crate::node::NodeLinks;
+use crate::prefilter::{PrefilterLink, PrefilterMode};
 use crate::socklb::SocketLbLinks;
 
 /// How long a gated call waits for its release at most.
@@ -106,6 +108,15 @@ pub struct FakeState {
     pub maglev_size: u32,
     /// Per-service counters, by rev-NAT id (summed over CPUs).
     pub lb_stats: BTreeMap<u16, LbStats>,
+    /// Devices the prefilter is attached to, with their mode.
+    pub prefilter_links: BTreeMap<String, PrefilterMode>,
+    /// Devices whose "driver" refuses native XDP (the prefilter falls
+    /// back to generic mode there).
+    pub prefilter_no_native: BTreeSet<String>,
+    /// The prefilter tries, encoded.
+    pub prefilter: BTreeMap<PrefilterKey, PrefilterValue>,
+    /// Drops per counter slot (packets, bytes), for tests to arrange.
+    pub prefilter_counters: BTreeMap<u32, (u64, u64)>,
 }
 
 #[derive(Debug, Default)]
@@ -790,6 +801,91 @@ impl Datapath for FakeDatapath {
             .iter()
             .map(|(id, s)| (*id, *s))
             .collect())
+    }
+    fn attach_prefilter(&self, ifname: &str) -> Result<PrefilterLink, DatapathError> {
+        self.enter("attach_prefilter")?;
+        let mut state = self.state();
+        let (mode, native_error) = match state.prefilter_links.get(ifname) {
+            Some(mode) => (*mode, None),
+            None if state.prefilter_no_native.contains(ifname) => (
+                PrefilterMode::Generic,
+                Some("native XDP not supported by the fake device".to_string()),
+            ),
+            None => (PrefilterMode::Native, None),
+        };
+        state.prefilter_links.insert(ifname.to_string(), mode);
+        Ok(PrefilterLink {
+            ifname: ifname.to_string(),
+            ifindex: 1,
+            mode,
+            native_error,
+        })
+    }
+    fn detach_prefilter(&self, ifname: &str) -> Result<(), DatapathError> {
+        self.enter("detach_prefilter")?;
+        self.state().prefilter_links.remove(ifname);
+        Ok(())
+    }
+    /// The fake has no ifindexes: an attached device reads as ifindex 1.
+    fn prefilter_links(&self) -> Result<Vec<PrefilterLink>, DatapathError> {
+        self.enter("prefilter_links")?;
+        Ok(self
+            .state()
+            .prefilter_links
+            .iter()
+            .map(|(ifname, mode)| PrefilterLink {
+                ifname: ifname.clone(),
+                ifindex: 1,
+                mode: *mode,
+                native_error: None,
+            })
+            .collect())
+    }
+    fn upsert_prefilter(&self, entries: &[PrefilterEntry]) -> Result<(), DatapathError> {
+        self.enter("upsert_prefilter")?;
+        let mut state = self.state();
+        for entry in entries {
+            let value = entry.value();
+            if state.prefilter.get(&entry.key()) != Some(&value) {
+                state.prefilter_counters.remove(&entry.counter);
+                state.prefilter.insert(entry.key(), value);
+            }
+        }
+        Ok(())
+    }
+    fn remove_prefilter(&self, cidrs: &[IpNet]) -> Result<(), DatapathError> {
+        self.enter("remove_prefilter")?;
+        let mut state = self.state();
+        for cidr in cidrs {
+            state.prefilter.remove(&PrefilterKey::of(cidr));
+        }
+        Ok(())
+    }
+    fn prefilter(&self) -> Result<Vec<PrefilterCount>, DatapathError> {
+        self.enter("prefilter")?;
+        let state = self.state();
+        let mut out: Vec<PrefilterCount> = state
+            .prefilter
+            .iter()
+            .filter_map(|(key, value)| {
+                let entry = match key {
+                    PrefilterKey::V4(k) => PrefilterEntry::decode_v4(k, value),
+                    PrefilterKey::V6(k) => PrefilterEntry::decode_v6(k, value),
+                }?;
+                let (packets, bytes) = state
+                    .prefilter_counters
+                    .get(&entry.counter)
+                    .copied()
+                    .unwrap_or_default();
+                Some(PrefilterCount {
+                    entry,
+                    packets,
+                    bytes,
+                })
+            })
+            .collect();
+        out.sort();
+        Ok(out)
     }
     fn metrics(&self) -> Result<Vec<MetricsEntry>, DatapathError> {
         self.enter("metrics")?;

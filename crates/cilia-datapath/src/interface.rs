@@ -21,7 +21,7 @@ use std::path::Path;
 
 use cilia_abi::{
     CtEntry, EndpointConfig, EndpointEntry, EndpointPolicy, IpcacheEntry, LbBackend, LbFrontend,
-    LbService, LbStats, MetricsEntry, NodeConfig, PolicyDelta,
+    LbService, LbStats, MetricsEntry, NodeConfig, PolicyDelta, PrefilterCount, PrefilterEntry,
 };
 use ipnet::IpNet;
 
@@ -29,6 +29,7 @@ use crate::endpoint::{BpfDatapath, EndpointReload, LinkCheck, LoadedEndpoint, Po
 use crate::error::DatapathError;
 use crate::events::EventReader;
 use crate::node::NodeLinks;
+use crate::prefilter::PrefilterLink;
 use crate::socklb::SocketLbLinks;
 
 /// An endpoint's programs loaded and verified by
@@ -240,6 +241,26 @@ pub trait Datapath: Send + Sync {
     /// Cookies of the namespaces the socket LB serves, sorted.
     fn lb_netns(&self) -> Result<Vec<u64>, DatapathError>;
 
+    // The XDP prefilter (see "XDP prefilter" in docs/ARCHITECTURE.md).
+
+    /// Attaches the prefilter to a node device: native XDP, else generic
+    /// XDP (the link says which mode, and why native was refused). A
+    /// pinned link of the device keeps its mode and gets this build's
+    /// program swapped in.
+    fn attach_prefilter(&self, ifname: &str) -> Result<PrefilterLink, DatapathError>;
+    /// Not attached is not an error.
+    fn detach_prefilter(&self, ifname: &str) -> Result<(), DatapathError>;
+    /// The devices the prefilter is attached to.
+    fn prefilter_links(&self) -> Result<Vec<PrefilterLink>, DatapathError>;
+    /// Adds CIDRs (or moves them to another counter slot), one atomic
+    /// update each; a CIDR new to the kernel starts its counts at zero, one
+    /// already there with the same slot keeps them.
+    fn upsert_prefilter(&self, entries: &[PrefilterEntry]) -> Result<(), DatapathError>;
+    /// Absent CIDRs are not an error.
+    fn remove_prefilter(&self, cidrs: &[IpNet]) -> Result<(), DatapathError>;
+    /// The CIDRs with their drops (summed over CPUs), sorted.
+    fn prefilter(&self) -> Result<Vec<PrefilterCount>, DatapathError>;
+
     // Observability.
 
     /// Forward and drop counters, summed over CPUs.
@@ -450,6 +471,24 @@ impl Datapath for BpfDatapath {
     }
     fn lb_stats(&self) -> Result<Vec<(u16, LbStats)>, DatapathError> {
         crate::lbstats::read(self)
+    }
+    fn attach_prefilter(&self, ifname: &str) -> Result<PrefilterLink, DatapathError> {
+        BpfDatapath::attach_prefilter(self, ifname)
+    }
+    fn detach_prefilter(&self, ifname: &str) -> Result<(), DatapathError> {
+        BpfDatapath::detach_prefilter(self, ifname)
+    }
+    fn prefilter_links(&self) -> Result<Vec<PrefilterLink>, DatapathError> {
+        BpfDatapath::prefilter_links(self)
+    }
+    fn upsert_prefilter(&self, entries: &[PrefilterEntry]) -> Result<(), DatapathError> {
+        BpfDatapath::upsert_prefilter(self, entries)
+    }
+    fn remove_prefilter(&self, cidrs: &[IpNet]) -> Result<(), DatapathError> {
+        BpfDatapath::remove_prefilter(self, cidrs)
+    }
+    fn prefilter(&self) -> Result<Vec<PrefilterCount>, DatapathError> {
+        BpfDatapath::prefilter(self)
     }
     fn metrics(&self) -> Result<Vec<MetricsEntry>, DatapathError> {
         Ok(BpfDatapath::metrics(self)?

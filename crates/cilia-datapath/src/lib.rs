@@ -13,6 +13,8 @@
 //!   generation flip, backends, rev-NAT, Maglev tables).
 //! * [`socklb`]: the socket load balancer's cgroup programs and the
 //!   network namespaces it serves.
+//! * [`prefilter`]: the XDP prefilter (source CIDRs dropped on node
+//!   devices), its pinned links and maps.
 //! * [`inspect`]: read back what is attached (link, program tag, `.rodata`).
 //! * [`testrun`]: `BPF_PROG_TEST_RUN` on crafted packets, for tests and
 //!   benchmarks.
@@ -36,6 +38,7 @@ mod lbstats;
 pub mod node;
 pub mod object;
 pub mod packet;
+pub mod prefilter;
 pub mod probe;
 pub mod socklb;
 pub mod testrun;
@@ -47,5 +50,6 @@ pub use endpoint::{
 pub use error::DatapathError;
 pub use interface::{Datapath, LoadedPrograms};
 pub use node::NodeLinks;
+pub use prefilter::{PrefilterLink, PrefilterMode};
 pub use probe::{probe_kernel, Feature, FeatureReport};
 pub use socklb::SocketLbLinks;

@@ -154,8 +154,9 @@ impl BpfDatapath {
         })
     }
 
-    /// Loads this build's node programs again and swaps them into the
-    /// links that are pinned (the `datapath reload` of the node programs);
+    /// Loads this build's node programs (the XDP prefilter's included)
+    /// again and swaps them into the links that are pinned (the
+    /// `datapath reload` of the node programs);
     /// a rejected program leaves the old ones attached. Links whose device
     /// is gone are left alone. Returns how many links were swapped.
     pub fn reload_node_programs(&self) -> Result<usize, DatapathError> {
@@ -185,6 +186,7 @@ impl BpfDatapath {
                 swapped += 1;
             }
         }
+        swapped += self.reload_prefilter()?;
         Ok(swapped)
     }
 

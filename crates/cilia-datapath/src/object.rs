@@ -8,6 +8,8 @@ pub static OVERLAY_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay.o"));
 /// The socket load balancer (`bpf/sock.c`): cgroup sock_addr programs.
 pub static SOCK_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock.o"));
+/// The XDP prefilter (`bpf/xdp.c`): listed source CIDRs dropped on node devices.
+pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp.o"));
 /// Feature probes and the benchmark baseline (`bpf/probe.c`).
 pub static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe.o"));
 
@@ -30,6 +32,8 @@ pub const PROG_SOCK_RECVMSG4: &str = "cil_sock_recvmsg4";
 pub const PROG_SOCK_RECVMSG6: &str = "cil_sock_recvmsg6";
 pub const PROG_SOCK_GETPEERNAME4: &str = "cil_sock_getpeername4";
 pub const PROG_SOCK_GETPEERNAME6: &str = "cil_sock_getpeername6";
+/// XDP program of the prefilter on a node device.
+pub const PROG_XDP_PREFILTER: &str = "cil_xdp_prefilter";
 /// The empty tc program (benchmark baseline).
 pub const PROG_EMPTY: &str = "probe_empty";
 /// Verifier probe for `bpf_redirect_peer`.
@@ -80,6 +84,13 @@ pub const MAP_LB_MAGLEV: &str = "cilia_lb_maglev";
 pub const MAP_LB_NETNS: &str = "cilia_lb_netns";
 /// Shared LRU hash: the socket LB's translations per socket.
 pub const MAP_LB_SOCK: &str = "cilia_lb_sock";
+
+/// Prefilter LPM trie: IPv4 source CIDR -> counter slot.
+pub const MAP_PREFILTER_V4: &str = "cilia_prefilter_v4";
+/// Prefilter LPM trie: IPv6 source CIDR -> counter slot.
+pub const MAP_PREFILTER_V6: &str = "cilia_prefilter_v6";
+/// Prefilter per-CPU array: dropped packets and bytes per counter slot.
+pub const MAP_PREFILTER_COUNTERS: &str = "cilia_prefilter_counters";
 
 /// The shared maps with the layout the embedded object expects, used to
 /// validate pins left by an earlier agent before reusing them.

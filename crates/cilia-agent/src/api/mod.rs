@@ -7,6 +7,7 @@ mod endpoints;
 mod flows;
 mod nodes;
 mod policy;
+mod prefilter;
 mod services;
 mod status;
 
@@ -34,7 +35,9 @@ pub use endpoints::endpoint_view;
 // For `ApiDoc`'s `paths(...)`, which names each handler without its module:
 // given `status::status`, utoipa tags the operation "status", and the
 // document would change with the file layout.
-use self::{bpf::*, endpoints::*, flows::*, nodes::*, policy::*, services::*, status::*};
+use self::{
+    bpf::*, endpoints::*, flows::*, nodes::*, policy::*, prefilter::*, services::*, status::*,
+};
 
 /// Shared by all handlers: one handle per subsystem, each locked on its
 /// own (docs/ARCHITECTURE.md, "Locking"). Their operations are blocking
@@ -84,6 +87,8 @@ pub struct AgentState {
     pub socket_lb: crate::socklb::SocketLbState,
     /// The services subsystem (load balancing).
     pub services: Arc<crate::service::Services>,
+    /// The XDP prefilter (its own lock, for changes only).
+    pub prefilter: Arc<crate::prefilter::Prefilter>,
 }
 
 impl AgentState {
@@ -278,7 +283,10 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, AppError
         get_service,
         update_service,
         delete_service,
-        bpf_lb
+        bpf_lb,
+        get_prefilter,
+        add_prefilter,
+        delete_prefilter
     ),
     components(schemas(
         ApiError,
@@ -315,7 +323,11 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, AppError
         cilia_api::BpfLbService,
         cilia_api::BpfLbMaglevShare,
         cilia_api::BpfLbBackend,
-        cilia_api::FlowService
+        cilia_api::FlowService,
+        cilia_api::Prefilter,
+        cilia_api::PrefilterCidrs,
+        cilia_api::PrefilterCidr,
+        cilia_api::PrefilterDevice
     ))
 )]
 pub struct ApiDoc;
@@ -482,6 +494,12 @@ pub fn router(state: Shared, metrics: crate::metrics::AgentMetrics) -> Router {
             get(services::get_service).delete(services::delete_service),
         )
         .route("/v1/bpf/lb", get(services::bpf_lb))
+        .route(
+            "/v1/prefilter",
+            get(prefilter::get_prefilter)
+                .post(prefilter::add_prefilter)
+                .delete(prefilter::delete_prefilter),
+        )
         .fallback(not_found)
         // Policy imports of many thousand rules are large; the default 2 MB
         // would refuse them before the parser could say anything useful.
@@ -564,6 +582,10 @@ mod tests {
             datapath.clone(),
             cilia_lb::DEFAULT_TABLE_SIZE,
         ));
+        let prefilter = Arc::new(
+            crate::prefilter::Prefilter::start(manager.store.clone(), datapath.clone(), &[])
+                .unwrap(),
+        );
         Arc::new(AgentState {
             policy: manager.policy_handle(),
             policy_summary,
@@ -588,6 +610,7 @@ mod tests {
             multinode: None,
             socket_lb: Default::default(),
             services,
+            prefilter,
         })
     }
 

@@ -53,6 +53,7 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
     })
     .await
     .map_err(|e| AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    let prefilter = state.prefilter.clone();
     let cluster_subs = match &state.multinode {
         Some(link) => link.subsystems(),
         None => vec![cilia_api::SubsystemStatus {
@@ -63,6 +64,16 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
         }],
     };
     with_store(&state, move |store| {
+        // A store read: on the blocking pool, like the others here.
+        let prefilter_sub = {
+            let (ok, detail) = prefilter.status();
+            cilia_api::SubsystemStatus {
+                name: "prefilter".into(),
+                status: if ok { "ok" } else { "degraded" }.into(),
+                detail,
+                errors: Vec::new(),
+            }
+        };
         let endpoints = store.endpoints()?;
         let used = store.allocated()?;
         let not_ready = endpoints
@@ -94,21 +105,24 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
             policy_revision: store.policy_revision()?,
             policies: summary.documents,
             policy_errors: summary.errors.clone(),
-            subsystems: cluster_subs.into_iter().chain([socket_lb]).fold(
-                subsystems(
-                    &summary,
-                    ct_gc_runs,
-                    &endpoints,
-                    &snap,
-                    monitor_level,
-                    flows,
-                    proxy,
+            subsystems: cluster_subs
+                .into_iter()
+                .chain([socket_lb, prefilter_sub])
+                .fold(
+                    subsystems(
+                        &summary,
+                        ct_gc_runs,
+                        &endpoints,
+                        &snap,
+                        monitor_level,
+                        flows,
+                        proxy,
+                    ),
+                    |mut v, extra| {
+                        v.push(extra);
+                        v
+                    },
                 ),
-                |mut v, extra| {
-                    v.push(extra);
-                    v
-                },
-            ),
             maps: snap
                 .map_fill
                 .iter()

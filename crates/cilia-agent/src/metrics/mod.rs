@@ -131,6 +131,8 @@ pub struct Snapshot {
     pub policy_revision: u64,
     /// Per service (rev-NAT id): (id, flows, packets, bytes).
     pub services: Vec<(u16, u64, u64, u64)>,
+    /// (cidr, packets, bytes) the XDP prefilter dropped.
+    pub prefilter: Vec<(String, u64, u64)>,
 }
 
 /// The part of a [`Snapshot`] that comes from the agent's store.
@@ -165,6 +167,11 @@ pub fn datapath_part(
         }
     };
     let bpf_endpoints = dp.endpoints()?.len() as u64;
+    let prefilter = dp.prefilter()?;
+    let prefilter_v4 = prefilter
+        .iter()
+        .filter(|c| c.entry.cidr.addr().is_ipv4())
+        .count() as u64;
     let ipcache = dp.ipcache()?.len() as u64;
     let mut policy_max = 0u64;
     for id in &store.endpoint_ids {
@@ -202,12 +209,26 @@ pub fn datapath_part(
                 policy_max,
                 u64::from(cilia_abi::CILIA_POLICY_MAX),
             ),
+            (
+                "cilia_prefilter_v4".into(),
+                prefilter_v4,
+                u64::from(cilia_abi::CILIA_PREFILTER_MAX),
+            ),
+            (
+                "cilia_prefilter_v6".into(),
+                prefilter.len() as u64 - prefilter_v4,
+                u64::from(cilia_abi::CILIA_PREFILTER_MAX),
+            ),
         ],
         policy_revision: store.policy_revision,
         services: dp
             .lb_stats()?
             .into_iter()
             .map(|(id, s)| (id, s.flows, s.packets, s.bytes))
+            .collect(),
+        prefilter: prefilter
+            .iter()
+            .map(|c| (c.entry.cidr.to_string(), c.packets, c.bytes))
             .collect(),
     })
 }
@@ -365,6 +386,24 @@ pub fn render(snap: &Snapshot, m: &AgentMetrics) -> String {
         "Bytes the per-packet load balancer translated, by service id",
         service_bytes,
     );
+    let prefilter_drops: Family<Labels, Counter> = Family::default();
+    let prefilter_bytes: Family<Labels, Counter> = Family::default();
+    for (cidr, packets, bytes) in &snap.prefilter {
+        let l = labels(&[("cidr", cidr)]);
+        prefilter_drops.get_or_create(&l).inc_by(*packets);
+        prefilter_bytes.get_or_create(&l).inc_by(*bytes);
+    }
+    reg.register(
+        "prefilter_drops",
+        "Packets the XDP prefilter dropped, by source CIDR",
+        prefilter_drops,
+    );
+    reg.register_with_unit(
+        "prefilter_drop",
+        "Bytes the XDP prefilter dropped, by source CIDR",
+        Unit::Bytes,
+        prefilter_bytes,
+    );
 
     let endpoints: Family<Labels, Gauge> = Family::default();
     for (state, n) in &snap.endpoints {
@@ -494,6 +533,7 @@ mod tests {
             conntrack_entries: 5,
             map_fill: vec![("cilia_ct".into(), 5, 10)],
             services: vec![(7, 2, 10, 1500)],
+            prefilter: vec![("203.0.113.0/24".into(), 4, 256)],
             ..Default::default()
         };
         let m = AgentMetrics::default();
@@ -509,6 +549,8 @@ mod tests {
             "cilia_conntrack_entries 5",
             "cilia_bpf_map_pressure{map=\"cilia_ct\"} 0.5",
             "cilia_endpoint_regeneration_seconds_count 1",
+            "cilia_prefilter_drops_total{cidr=\"203.0.113.0/24\"} 4",
+            "cilia_prefilter_drop_bytes_total{cidr=\"203.0.113.0/24\"} 256",
         ] {
             assert!(text.contains(needle), "{needle} missing in:\n{text}");
         }

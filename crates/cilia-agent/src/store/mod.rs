@@ -17,6 +17,7 @@
 //! | `cilia/services/<id:05>` | [`cilia_lb::Service`] (see `services`) |
 //! | `cilia/lb-backends/<address:port>` | the address's backend id |
 //! | `cilia/meta/lb-backend-next` | where the next backend id search starts |
+//! | `cilia/prefilter/<cidr>` | the XDP prefilter CIDR's counter slot (see `prefilter`) |
 //! | `cilia/meta/policy-revision`, `cilia/meta/release-seq` | counters |
 //! | `cilia/meta/layout` | `1`, this layout's version |
 //! | `cilia/meta/last-change` | empty; its `mod_revision` is the last change's |
@@ -1071,6 +1072,8 @@ fn release_unused_identities(
 }
 
 /// The layout before the kvstore: one redb table per kind, in the same file.
+mod prefilter;
+
 mod legacy {
     use super::*;
 
