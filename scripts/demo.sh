@@ -146,6 +146,15 @@ start_agent
 cilia endpoint list
 cilia policy get
 
+say "a service: the deathstar behind virtual addresses, balanced in the kernel (socket LB at connect(), per packet otherwise)"
+cilia service update --frontend 10.96.0.10:80/tcp --backends "$DS4:80"
+cilia service update --frontend "[fd00:96::10]:80/tcp" --backends "[$DS6]:80"
+cilia service list
+for addr in "[fd00:96::10]" 10.96.0.10; do land tiefighter "$addr"; land xwing "$addr"; done
+say "the service flows: frontend and the backend chosen; the policy is the backend's"
+cilia observe --type service --last 2
+cilia bpf lb list
+
 say "datapath counters"
 cilia bpf metrics list
 say "done (CILIA_DEMO_KEEP=1 $0 keeps it running; then: export CILIA_SOCKET=$CILIA_SOCKET)"

@@ -132,6 +132,20 @@ fn demo_leaves_nothing_behind_when_it_succeeds() {
     assert_eq!(outcome("tiefighter", "POST", "Ship landed"), 2, "{all}");
     assert_eq!(outcome("tiefighter", "PUT", "Access denied"), 2, "{all}");
     assert_eq!(outcome("xwing", "POST", "dropped"), 2, "{all}");
+    // Through the service's virtual addresses: the same verdicts.
+    let service: Vec<&String> = text
+        .iter()
+        .skip_while(|l| !l.contains("a service:"))
+        .take_while(|l| !l.contains("the service flows"))
+        .collect();
+    let via = |ship: &str, result: &str| {
+        service
+            .iter()
+            .filter(|l| l.trim_start().starts_with(ship) && l.contains(result))
+            .count()
+    };
+    assert_eq!(via("tiefighter", "Ship landed"), 2, "{all}");
+    assert_eq!(via("xwing", "dropped"), 2, "{all}");
     assert_eq!(leftovers(&name), Vec::<String>::new());
 }
 
