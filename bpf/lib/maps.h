@@ -139,4 +139,9 @@ struct {
 	__array(values, struct lb_maglev_inner);
 } cilia_lb_maglev SEC(".maps");
 
+/* NodePort translations (SNAT of external clients to remote backends, the
+ * frontend of a local backend's replies); see struct lb_nat_key. */
+CILIA_SHARED_MAP(cilia_lb_nat, BPF_MAP_TYPE_LRU_HASH, CILIA_LB_NAT_MAX, struct lb_nat_key,
+		 struct lb_nat_value);
+
 #endif

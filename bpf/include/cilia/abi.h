@@ -88,8 +88,8 @@ struct endpoint_info {
 #define CILIA_DROP_PREFILTER	     148 /* source in an XDP prefilter CIDR */
 #define CILIA_DROP_NO_BACKEND	     149 /* service frontend without an active backend */
 #define CILIA_DROP_LB_FRAGMENT	     150 /* fragmented datagram to a service frontend */
-#define CILIA_DROP_TUNNEL_PORT                                                                     \
-	151 /* endpoint UDP to a node's overlay port (could forge tunnel packets) */
+/* endpoint UDP to a node's overlay port (could forge tunnel packets) */
+#define CILIA_DROP_TUNNEL_PORT 151
 
 /* Direction of a counted packet. */
 #define CILIA_DIR_EGRESS  1 /* leaving an endpoint (from-container) */
@@ -332,6 +332,13 @@ struct lb_service_key {
 
 /* Flags of a master entry. */
 #define CILIA_LB_FLAG_AFFINITY 1 /* client-address affinity (cilia_lb_affinity) */
+/* NodePort: the frontend address is 0.0.0.0 / :: and stands for every
+ * address of the node (served at the underlay device, cil_from_netdev). */
+#define CILIA_LB_FLAG_NODEPORT 2
+/* externalTrafficPolicy=Local: external traffic only to backends on this
+ * node (the agent writes only those into the slots; the datapath refuses
+ * a remote one). */
+#define CILIA_LB_FLAG_LOCAL 4
 
 struct lb_service_value {
 	__u32 backend_id; /* slot entry: the backend; master: 0 */
@@ -385,6 +392,46 @@ struct lb_stats {
 	__u64 flows;   /* new flows given a backend (either load balancer) */
 	__u64 packets; /* packets translated by the per-packet load balancer */
 	__u64 bytes;
+};
+
+/* ---- NodePort (external traffic at the underlay device) ---- */
+
+/* Capacity of the NodePort NAT map (LRU: the oldest translations go first). */
+#define CILIA_LB_NAT_MAX 65536
+/* Source ports of SNAT (host byte order, inclusive). */
+#define CILIA_LB_SNAT_PORT_MIN 32768
+#define CILIA_LB_SNAT_PORT_MAX 60999
+
+/* Which translation a NAT entry holds (lb_nat_key.dir). */
+#define CILIA_NAT_OUT	 1 /* client -> node:nodePort: the SNAT address/port and backend */
+#define CILIA_NAT_IN	 2 /* backend -> node:snat-port: the client to restore */
+#define CILIA_NAT_REVNAT 3 /* local backend -> client: the node:nodePort to show */
+
+/* Key of cilia_lb_nat: a tuple as the packet carries it, and the kind. */
+struct lb_nat_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 family;
+	__u8 dir; /* CILIA_NAT_* */
+	__u8 pad;
+};
+
+/* Value of cilia_lb_nat. OUT: addr/port the SNAT source; IN: the client
+ * (destination to restore), `fport` the nodePort (source port to restore;
+ * the address is the packet's destination); REVNAT: the node address and
+ * nodePort replies carry as source. */
+struct lb_nat_value {
+	__u8 addr[16];
+	__be16 port;
+	__be16 fport;
+	__u32 backend_id; /* OUT: the backend of the translation */
+	__u64 expires;	  /* bpf_ktime_get_ns() deadline; a stale entry may be reused */
+	__u16 rev_nat;
+	__u8 family;
+	__u8 pad[5];
 };
 
 /* ---- XDP prefilter ---- */

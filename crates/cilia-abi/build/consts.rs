@@ -68,6 +68,9 @@ pub const TYPE_RULES: &[(Pattern, &str)] = &[
     (Pattern::Prefix("CILIA_LB_FLAG_"), "u8"),
     (Pattern::Prefix("CILIA_LB_BACKEND_"), "u8"),
     (Pattern::Exact("CILIA_LB_MAGLEV_SIZE_DEFAULT"), "u32"),
+    // NodePort: the SNAT port range (host order), `lb_nat_key.dir`.
+    (Pattern::Prefix("CILIA_LB_SNAT_PORT_"), "u16"),
+    (Pattern::Prefix("CILIA_NAT_"), "u8"),
     // Routing table id and rule priority (rtnetlink u32 attributes).
     (Pattern::Prefix("CILIA_PROXY_"), "u32"),
 ];

@@ -1002,6 +1002,10 @@ impl LbService {
                 CILIA_LB_FLAG_AFFINITY
             } else {
                 0
+            } | if self.frontend.addr.is_unspecified() {
+                CILIA_LB_FLAG_NODEPORT
+            } else {
+                0
             },
             pad: 0,
             affinity_timeout: self.affinity_timeout.unwrap_or(0),

@@ -580,6 +580,15 @@ impl Datapath for FakeDatapath {
     fn set_maglev_size(&self, _size: u32) -> Result<(), DatapathError> {
         Err(DatapathError::Unimplemented("load balancing"))
     }
+    fn upsert_nodeport_service(
+        &self,
+        service: &cilia_abi::LbService,
+        _external_local: bool,
+    ) -> Result<(), DatapathError> {
+        // The fake keeps services as the LB methods do; the traffic
+        // policy matters only to packets.
+        self.upsert_lb_service(service)
+    }
     fn metrics(&self) -> Result<Vec<MetricsEntry>, DatapathError> {
         self.enter("metrics")?;
         Ok(self

@@ -212,6 +212,16 @@ pub trait Datapath: Send + Sync {
     fn lb_backends(&self) -> Result<Vec<LbBackend>, DatapathError>;
     /// Sets the Maglev table size the datapath reads (`global_config`).
     fn set_maglev_size(&self, size: u32) -> Result<(), DatapathError>;
+    /// Adds or replaces a NodePort service (frontend address 0.0.0.0 or
+    /// `::`: every address of the node, served at the underlay device) as
+    /// [`Datapath::upsert_lb_service`] does; `external_local`
+    /// (externalTrafficPolicy=Local): the slots must hold only this node's
+    /// backends, and external traffic never goes to another node.
+    fn upsert_nodeport_service(
+        &self,
+        service: &LbService,
+        external_local: bool,
+    ) -> Result<(), DatapathError>;
 
     // Observability.
 
@@ -396,6 +406,13 @@ impl Datapath for BpfDatapath {
     }
     fn lb_backends(&self) -> Result<Vec<LbBackend>, DatapathError> {
         BpfDatapath::lb_backends(self)
+    }
+    fn upsert_nodeport_service(
+        &self,
+        service: &LbService,
+        external_local: bool,
+    ) -> Result<(), DatapathError> {
+        BpfDatapath::upsert_nodeport_service(self, service, external_local)
     }
     fn set_maglev_size(&self, size: u32) -> Result<(), DatapathError> {
         BpfDatapath::set_maglev_size(self, size)

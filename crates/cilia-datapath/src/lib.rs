@@ -31,6 +31,7 @@ pub mod interface;
 mod keys;
 mod lb;
 pub mod node;
+mod nodeport;
 pub mod object;
 pub mod packet;
 pub mod probe;

@@ -363,6 +363,7 @@ fn reply_of_a_backend_on_another_node_gets_the_frontend_as_source_at_the_node() 
             tunnel_mode: cilia_abi::TunnelMode::Native,
             tunnel_ifindex: 4300,
             underlay_ifindex: 4301,
+            tunnel_port: 0,
         })
         .unwrap();
     fx.dp

@@ -177,7 +177,10 @@ fn endpoint_udp_to_a_nodes_tunnel_port_passes_when_there_is_no_overlay() {
         unreachable!()
     };
     fx.dp.publish_nodes(&[remote_node()]).unwrap();
-    assert_eq!(fx.a().run(&a_udp_to(node, 8472)).unwrap().verdict, TC_ACT_OK);
+    assert_eq!(
+        fx.a().run(&a_udp_to(node, 8472)).unwrap().verdict,
+        TC_ACT_OK
+    );
     assert_eq!(drops(&fx.dp, CILIA_DROP_TUNNEL_PORT), 0);
 }
 
