@@ -11,7 +11,7 @@
  *   client's identity; its reply gets the node address and nodePort back
  *   (a REVNAT entry of cilia_lb_nat) and leaves by the underlay device;
  * - a remote backend (SNAT): the source becomes this node's address with a
- *   port of CILIA_LB_SNAT_PORT_MIN..MAX (OUT and IN entries of
+ *   port of CILIA_LB_SNAT_PORT_FIRST..LAST (OUT and IN entries of
  *   cilia_lb_nat), and the packet goes to the backend's node; the reply
  *   comes back to this node (overlay or underlay) addressed to that port,
  *   both translations are reversed and it leaves by the underlay device.
@@ -99,7 +99,7 @@ __inline_fn int nodeport_remember_frontend(const struct flow *f, const struct lb
 __inline_fn int nodeport_snat(struct __sk_buff *skb, struct flow *f, const struct lb_state *lb,
 			      __u64 now)
 {
-	const __u32 range = CILIA_LB_SNAT_PORT_MAX - CILIA_LB_SNAT_PORT_MIN + 1;
+	const __u32 range = CILIA_LB_SNAT_PORT_LAST - CILIA_LB_SNAT_PORT_FIRST + 1;
 	__u64 expires = now + ct_lifetime(f, CILIA_CT_SEEN_REPLY);
 	struct lb_nat_key out = {}, in = {};
 	struct lb_nat_value *v;
@@ -124,7 +124,7 @@ __inline_fn int nodeport_snat(struct __sk_buff *skb, struct flow *f, const struc
 	__builtin_memcpy(client.addr, f->saddr, 16);
 	base = lb_hash(f->saddr, f->sport, f->family);
 	for (int i = 0; i < NODEPORT_SNAT_TRIES; i++) {
-		__be16 candidate = bpf_htons(CILIA_LB_SNAT_PORT_MIN + (base + i) % range);
+		__be16 candidate = bpf_htons(CILIA_LB_SNAT_PORT_FIRST + (base + i) % range);
 
 		nat_key_of(&in, f->daddr, lb->frontend, f->dport, candidate, f, CILIA_NAT_IN);
 		v = bpf_map_lookup_elem(&cilia_lb_nat, &in);

@@ -398,9 +398,9 @@ struct lb_stats {
 
 /* Capacity of the NodePort NAT map (LRU: the oldest translations go first). */
 #define CILIA_LB_NAT_MAX 65536
-/* Source ports of SNAT (host byte order, inclusive). */
-#define CILIA_LB_SNAT_PORT_MIN 32768
-#define CILIA_LB_SNAT_PORT_MAX 60999
+/* Source ports of SNAT (host byte order, first and last). */
+#define CILIA_LB_SNAT_PORT_FIRST 32768
+#define CILIA_LB_SNAT_PORT_LAST	 60999
 
 /* Which translation a NAT entry holds (lb_nat_key.dir). */
 #define CILIA_NAT_OUT	 1 /* client -> node:nodePort: the SNAT address/port and backend */

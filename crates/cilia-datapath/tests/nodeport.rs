@@ -1,0 +1,460 @@
+//! NodePort: external clients reach a service on the node's underlay
+//! address. Crafted packets through `cil_from_netdev` and the backend's
+//! `cil_from_container` with `BPF_PROG_TEST_RUN` (DNAT to a local backend,
+//! SNAT to a remote one, both replies translated back, the traffic policy
+//! Local, everything else untouched), then real traffic between a "world"
+//! namespace and two nodes joined by a bridge, in VXLAN and native mode.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use cilia_abi::*;
+use cilia_datapath::object::PROG_FROM_NETDEV;
+use cilia_datapath::packet::*;
+use cilia_datapath::testrun::{TestProgram, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
+use cilia_datapath::BpfDatapath;
+use cilia_testnet::{BpfRoot, Netns};
+
+mod common;
+use common::fixture::{B_ID, B_IDENTITY};
+use common::serve::{exchange, Echo};
+use common::*;
+
+const NODE_PORT: u16 = 30080;
+const BACKEND_PORT: u16 = 8080;
+const REV_NAT: u16 = 9;
+const LOCAL_BACKEND: u32 = 10;
+const REMOTE_BACKEND: u32 = 20;
+const REMOTE_IDENTITY: u32 = 3000;
+const B_FROM: (Mac, Mac) = (B_MAC, B_NODE_MAC);
+const WIRE: (Mac, Mac) = ([0x0a, 0, 0, 0, 0, 0xef], [0x0a, 0, 0, 0, 0, 0xee]);
+
+fn node_addr(v6: bool, n: u8) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::new(
+            0x2001,
+            0xdb8,
+            0x100,
+            0,
+            0,
+            0,
+            0,
+            u16::from(n),
+        ))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(198, 51, 100, n))
+    }
+}
+/// The world client: a documentation address on the underlay's subnet.
+fn world(v6: bool, port: u16) -> SocketAddr {
+    SocketAddr::new(node_addr(v6, 200), port)
+}
+fn remote_pod(v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6("fd00:c1a:2::10".parse().unwrap())
+    } else {
+        IpAddr::V4("10.200.2.10".parse().unwrap())
+    }
+}
+fn local_pod(v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(b6())
+    } else {
+        IpAddr::V4(b4())
+    }
+}
+fn any(v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    }
+}
+
+fn nodeport_service(v6: bool, slots: Vec<u32>) -> LbService {
+    LbService {
+        rev_nat: REV_NAT,
+        frontend: LbFrontend {
+            addr: any(v6),
+            port: NODE_PORT,
+            proto: IPPROTO_TCP,
+        },
+        algorithm: LbAlgorithm::Random,
+        affinity_timeout: None,
+        slots,
+        maglev: None,
+    }
+}
+
+/// Node 1 (198.51.100.1, 2001:db8:100::1) with endpoint B, a remote pod on
+/// node 2, and the backends B (local) and the remote pod (remote).
+struct Fixture {
+    _root: BpfRoot,
+    dp: BpfDatapath,
+}
+
+impl Fixture {
+    fn new(mode: TunnelMode, v6: bool) -> Self {
+        let root = BpfRoot::new();
+        let dp = BpfDatapath::open(root.path()).expect("open datapath");
+        let info = EndpointInfo {
+            ifindex: 4142,
+            identity: B_IDENTITY,
+            endpoint_id: B_ID,
+            flags: 0,
+            mac: B_MAC,
+            node_mac: B_NODE_MAC,
+        };
+        dp.upsert_endpoint(IpAddr::V6(b6()), info).unwrap();
+        dp.upsert_endpoint(IpAddr::V4(b4()), info).unwrap();
+        for v6 in [false, true] {
+            for row in [
+                IpcacheEntry {
+                    prefix: node_addr(v6, 1).into(),
+                    identity: CILIA_ID_HOST,
+                    tunnel: None,
+                },
+                IpcacheEntry {
+                    prefix: node_addr(v6, 2).into(),
+                    identity: CILIA_ID_REMOTE_NODE,
+                    tunnel: None,
+                },
+                IpcacheEntry {
+                    prefix: remote_pod(v6).into(),
+                    identity: REMOTE_IDENTITY,
+                    tunnel: Some(node_addr(v6, 2)),
+                },
+            ] {
+                dp.upsert_ipcache_value(row.key(), row.value()).unwrap();
+            }
+        }
+        dp.publish_nodes(&[node_addr(false, 2), node_addr(true, 2)])
+            .unwrap();
+        dp.set_node_config(&NodeConfig {
+            tunnel_mode: mode,
+            tunnel_ifindex: 4300,
+            underlay_ifindex: 4301,
+            tunnel_port: if mode == TunnelMode::Vxlan { 8472 } else { 0 },
+        })
+        .unwrap();
+        dp.upsert_lb_backends(&[
+            LbBackend {
+                id: LOCAL_BACKEND,
+                addr: SocketAddr::new(local_pod(v6), BACKEND_PORT),
+                state: LbBackendState::Active,
+            },
+            LbBackend {
+                id: REMOTE_BACKEND,
+                addr: SocketAddr::new(remote_pod(v6), BACKEND_PORT),
+                state: LbBackendState::Active,
+            },
+        ])
+        .unwrap();
+        Self { _root: root, dp }
+    }
+
+    fn netdev(&self) -> TestProgram {
+        self.dp.test_node_program(PROG_FROM_NETDEV).unwrap()
+    }
+
+    fn b(&self) -> TestProgram {
+        let cfg = EndpointConfig {
+            ipv6: b6().octets(),
+            ipv4: b4().octets(),
+            mac: B_MAC,
+            node_mac: B_NODE_MAC,
+            ifindex: 4142,
+            identity: B_IDENTITY,
+            endpoint_id: B_ID,
+            enable_ipv4: 1,
+            monitor: 1,
+        };
+        self.dp.test_program(&cfg).unwrap()
+    }
+}
+
+/// A TCP segment with a valid checksum (`flags`: 0x02 SYN, 0x12 SYN-ACK).
+fn tcp_packet(src: SocketAddr, dst: SocketAddr, flags: u8, from: (Mac, Mac)) -> Vec<u8> {
+    let mut l4 = vec![0u8; 20];
+    l4[0..2].copy_from_slice(&src.port().to_be_bytes());
+    l4[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    l4[4..8].copy_from_slice(&0x0102_0304u32.to_be_bytes());
+    l4[12] = 0x50;
+    l4[13] = flags;
+    l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    l4.extend_from_slice(b"hello, nodeport");
+    let sum = l4_checksum(src.ip(), dst.ip(), &l4);
+    l4[16..18].copy_from_slice(&sum.to_be_bytes());
+    match (src.ip(), dst.ip()) {
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth(
+            from.1,
+            from.0,
+            ETH_P_IPV6,
+            &ipv6(s, d, IPPROTO_TCP, 64, &l4),
+        ),
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            eth(from.1, from.0, ETH_P_IP, &ipv4(s, d, IPPROTO_TCP, 64, &l4))
+        }
+        _ => unreachable!("one family"),
+    }
+}
+
+/// The TCP checksum over the pseudo-header and `l4` (0 when valid).
+fn l4_checksum(src: IpAddr, dst: IpAddr, l4: &[u8]) -> u16 {
+    let mut buf = Vec::new();
+    match (src, dst) {
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            buf.extend_from_slice(&s.octets());
+            buf.extend_from_slice(&d.octets());
+            buf.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+            buf.extend_from_slice(&[0, 0, 0, IPPROTO_TCP]);
+        }
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            buf.extend_from_slice(&s.octets());
+            buf.extend_from_slice(&d.octets());
+            buf.extend_from_slice(&[0, IPPROTO_TCP]);
+            buf.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+        }
+        _ => unreachable!("one family"),
+    }
+    buf.extend_from_slice(l4);
+    checksum(&buf)
+}
+
+/// Source, destination, and whether every checksum of the TCP packet is valid.
+fn parse(pkt: &[u8]) -> (SocketAddr, SocketAddr, bool) {
+    let ethertype = u16::from_be_bytes([pkt[12], pkt[13]]);
+    let (src, dst, l4, ip_ok) = if ethertype == ETH_P_IPV6 {
+        let s: [u8; 16] = pkt[22..38].try_into().unwrap();
+        let d: [u8; 16] = pkt[38..54].try_into().unwrap();
+        (IpAddr::from(s), IpAddr::from(d), &pkt[54..], true)
+    } else {
+        let s: [u8; 4] = pkt[26..30].try_into().unwrap();
+        let d: [u8; 4] = pkt[30..34].try_into().unwrap();
+        (
+            IpAddr::from(s),
+            IpAddr::from(d),
+            &pkt[34..],
+            checksum(&pkt[14..34]) == 0,
+        )
+    };
+    let sport = u16::from_be_bytes([l4[0], l4[1]]);
+    let dport = u16::from_be_bytes([l4[2], l4[3]]);
+    (
+        SocketAddr::new(src, sport),
+        SocketAddr::new(dst, dport),
+        ip_ok && l4_checksum(src, dst, l4) == 0,
+    )
+}
+
+fn families() -> [bool; 2] {
+    [false, true]
+}
+
+#[test]
+fn nodeport_to_a_local_backend_keeps_the_client_address_and_the_reply_shows_the_node_port() {
+    privileged!("nodeport_local_backend");
+    for v6 in families() {
+        let fx = Fixture::new(TunnelMode::Native, v6);
+        fx.dp
+            .upsert_nodeport_service(&nodeport_service(v6, vec![LOCAL_BACKEND]), false)
+            .unwrap();
+        let frontend = SocketAddr::new(node_addr(v6, 1), NODE_PORT);
+        let syn = tcp_packet(world(v6, 40000), frontend, 0x02, WIRE);
+        let out = fx.netdev().run(&syn).unwrap();
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "v6={v6}: into the endpoint");
+        assert_eq!(&out.packet[..6], &B_MAC);
+        let (src, dst, ok) = parse(&out.packet);
+        assert_eq!(src, world(v6, 40000), "the client's address is kept");
+        assert_eq!(dst, SocketAddr::new(local_pod(v6), BACKEND_PORT));
+        assert!(ok, "checksums valid");
+        let ct = fx.dp.list_ct().unwrap();
+        assert!(
+            ct.iter()
+                .any(|(_, v)| v.rev_nat == REV_NAT && v.src_identity == CILIA_ID_WORLD),
+            "the flow is tracked with its service, from world: {ct:?}"
+        );
+
+        let reply = tcp_packet(
+            SocketAddr::new(local_pod(v6), BACKEND_PORT),
+            world(v6, 40000),
+            0x12,
+            B_FROM,
+        );
+        let out = fx.b().run(&reply).unwrap();
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "v6={v6}: out of the underlay");
+        let (src, dst, ok) = parse(&out.packet);
+        assert_eq!(src, frontend, "the node address and port the client used");
+        assert_eq!(dst, world(v6, 40000));
+        assert!(ok, "checksums valid");
+    }
+}
+
+#[test]
+fn nodeport_to_a_remote_backend_is_snated_to_the_node_and_its_reply_goes_back_to_the_client() {
+    privileged!("nodeport_remote_backend_snat");
+    for v6 in families() {
+        let fx = Fixture::new(TunnelMode::Native, v6);
+        fx.dp
+            .upsert_nodeport_service(&nodeport_service(v6, vec![REMOTE_BACKEND]), false)
+            .unwrap();
+        let netdev = fx.netdev();
+        let frontend = SocketAddr::new(node_addr(v6, 1), NODE_PORT);
+        let syn = tcp_packet(world(v6, 40001), frontend, 0x02, WIRE);
+        let out = netdev.run(&syn).unwrap();
+        assert_eq!(
+            out.verdict, TC_ACT_REDIRECT,
+            "v6={v6}: to the backend's node"
+        );
+        let (src, dst, ok) = parse(&out.packet);
+        assert_eq!(src.ip(), node_addr(v6, 1), "SNAT to the node address");
+        assert!(
+            (CILIA_LB_SNAT_PORT_FIRST..=CILIA_LB_SNAT_PORT_LAST).contains(&src.port()),
+            "{src}"
+        );
+        assert_eq!(dst, SocketAddr::new(remote_pod(v6), BACKEND_PORT));
+        assert!(ok, "checksums valid");
+        // The same flow keeps its port.
+        let again = netdev.run(&syn).unwrap();
+        assert_eq!(
+            parse(&again.packet).0,
+            src,
+            "a retransmission keeps the port"
+        );
+        let nat = fx.dp.lb_nat().unwrap();
+        assert_eq!(
+            nat.iter().filter(|(k, _)| k.dir == CILIA_NAT_IN).count(),
+            1,
+            "{nat:?}"
+        );
+
+        let reply = tcp_packet(dst, src, 0x12, WIRE);
+        let out = netdev.run(&reply).unwrap();
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "v6={v6}: out to the client");
+        let (rsrc, rdst, ok) = parse(&out.packet);
+        assert_eq!(rsrc, frontend, "from the node port the client addressed");
+        assert_eq!(rdst, world(v6, 40001));
+        assert!(ok, "checksums valid");
+    }
+}
+
+#[test]
+fn nodeport_to_a_remote_backend_goes_through_the_overlay_in_vxlan_mode() {
+    privileged!("nodeport_remote_backend_vxlan");
+    let fx = Fixture::new(TunnelMode::Vxlan, false);
+    fx.dp
+        .upsert_nodeport_service(&nodeport_service(false, vec![REMOTE_BACKEND]), false)
+        .unwrap();
+    let frontend = SocketAddr::new(node_addr(false, 1), NODE_PORT);
+    let out = fx
+        .netdev()
+        .run(&tcp_packet(world(false, 40002), frontend, 0x02, WIRE))
+        .unwrap();
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        drops(&fx.dp, CILIA_DROP_WRITE_FAILED),
+        0,
+        "the tunnel key was set"
+    );
+    let counted: u64 = fx
+        .dp
+        .metrics()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.kind == CILIA_METRIC_FORWARD && k.reason == CILIA_FWD_TUNNEL)
+        .map(|(_, v)| v.packets)
+        .sum();
+    assert_eq!(counted, 1, "sent into the overlay");
+}
+
+#[test]
+fn netdev_in_vxlan_mode_leaves_everything_but_nodeport_traffic_untouched() {
+    privileged!("netdev_vxlan_untouched");
+    let fx = Fixture::new(TunnelMode::Vxlan, false);
+    fx.dp
+        .upsert_nodeport_service(&nodeport_service(false, vec![LOCAL_BACKEND]), false)
+        .unwrap();
+    let netdev = fx.netdev();
+    let node = node_addr(false, 1);
+    let vxlan = eth(
+        WIRE.1,
+        WIRE.0,
+        ETH_P_IP,
+        &ipv4(
+            Ipv4Addr::new(198, 51, 100, 2),
+            Ipv4Addr::new(198, 51, 100, 1),
+            IPPROTO_UDP,
+            64,
+            &udp(8472, 8472, b"x"),
+        ),
+    );
+    for packet in [
+        vxlan,
+        // Another port of the node.
+        tcp_packet(world(false, 40003), SocketAddr::new(node, 22), 0x02, WIRE),
+        // The node port on an address that is not this node's.
+        tcp_packet(
+            world(false, 40003),
+            SocketAddr::new(node_addr(false, 77), NODE_PORT),
+            0x02,
+            WIRE,
+        ),
+        // A local endpoint: in VXLAN mode pods are reached through the overlay.
+        tcp_packet(
+            world(false, 40003),
+            SocketAddr::new(local_pod(false), BACKEND_PORT),
+            0x02,
+            WIRE,
+        ),
+    ] {
+        let out = netdev.run(&packet).unwrap();
+        assert_eq!(out.verdict, TC_ACT_OK);
+        assert_eq!(out.packet, packet, "untouched");
+    }
+    assert!(fx.dp.metrics().unwrap().is_empty(), "nothing counted");
+}
+
+#[test]
+fn external_traffic_policy_local_sends_external_clients_to_local_backends_only() {
+    privileged!("nodeport_local_policy");
+    let fx = Fixture::new(TunnelMode::Native, false);
+    let netdev = fx.netdev();
+    let frontend = SocketAddr::new(node_addr(false, 1), NODE_PORT);
+    // No local backend on this node: its slots are empty, the traffic dropped.
+    fx.dp
+        .upsert_nodeport_service(&nodeport_service(false, vec![]), true)
+        .unwrap();
+    let syn = tcp_packet(world(false, 40004), frontend, 0x02, WIRE);
+    assert_eq!(netdev.run(&syn).unwrap().verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&fx.dp, CILIA_DROP_NO_BACKEND), 1);
+    // A remote backend in the slots of a Local service is refused too.
+    fx.dp
+        .upsert_nodeport_service(&nodeport_service(false, vec![REMOTE_BACKEND]), true)
+        .unwrap();
+    let syn = tcp_packet(world(false, 40005), frontend, 0x02, WIRE);
+    assert_eq!(netdev.run(&syn).unwrap().verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&fx.dp, CILIA_DROP_NO_BACKEND), 2);
+    // The local backend serves.
+    fx.dp
+        .upsert_nodeport_service(&nodeport_service(false, vec![LOCAL_BACKEND]), true)
+        .unwrap();
+    let syn = tcp_packet(world(false, 40006), frontend, 0x02, WIRE);
+    let out = netdev.run(&syn).unwrap();
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        parse(&out.packet).1,
+        SocketAddr::new(local_pod(false), BACKEND_PORT)
+    );
+    let master = fx.dp.lb_services().unwrap();
+    assert_eq!(master.len(), 1, "{master:?}");
+}
+
+#[test]
+fn a_nodeport_service_needs_the_unspecified_address() {
+    privileged!("nodeport_needs_unspecified");
+    let fx = Fixture::new(TunnelMode::Native, false);
+    let mut svc = nodeport_service(false, vec![LOCAL_BACKEND]);
+    svc.frontend.addr = node_addr(false, 1);
+    let err = fx.dp.upsert_nodeport_service(&svc, false).unwrap_err();
+    assert!(err.to_string().contains("198.51.100.1"), "{err}");
+}
