@@ -458,3 +458,242 @@ fn a_nodeport_service_needs_the_unspecified_address() {
     let err = fx.dp.upsert_nodeport_service(&svc, false).unwrap_err();
     assert!(err.to_string().contains("198.51.100.1"), "{err}");
 }
+
+// ---- real traffic: a world client and two nodes on the fabric ----
+
+const ECHO_PORT: u16 = 8080;
+/// Backend on node 2.
+const PORT_TO_NODE2: u16 = 30080;
+/// Backend on node 1.
+const PORT_TO_NODE1: u16 = 30081;
+/// Underlay MTU 1500 minus the IPv6 VXLAN overhead (70).
+const OVERLAY_MTU: u32 = 1430;
+
+fn pod(v6: bool, n: u8) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::new(0xfd00, 0xc1a, u16::from(n), 0, 0, 0, 0, 0x10))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(10, 200, n, 10))
+    }
+}
+
+fn fabric_addr(v6: bool, n: u8) -> IpAddr {
+    if v6 {
+        IpAddr::V6(cilia_testnet::cluster::node_ipv6(n))
+    } else {
+        IpAddr::V4(cilia_testnet::cluster::node_ipv4(n))
+    }
+}
+
+fn mac_str(m: Mac) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Node `n` on the fabric: its endpoint (an echo server's namespace) and
+/// its datapath, with the node programs on `eth0` (and the VXLAN device).
+struct Node {
+    ep: Netns,
+    dp: BpfDatapath,
+}
+
+fn real_node(root: &BpfRoot, ns: &Netns, n: u8, mode: TunnelMode) -> Node {
+    let ep = Netns::new("cep").unwrap();
+    let (m, node_m) = if n == 1 {
+        (A_MAC, A_NODE_MAC)
+    } else {
+        (B_MAC, B_NODE_MAC)
+    };
+    ns.sh("ip link set lo up").unwrap();
+    if mode == TunnelMode::Vxlan {
+        ns.sh(&format!(
+            "set -e
+             ip link add cilia_vxlan type vxlan external dstport 8472 nolearning
+             ip link set cilia_vxlan addrgenmode none
+             ip link set cilia_vxlan arp off mtu {OVERLAY_MTU} up"
+        ))
+        .unwrap();
+    }
+    ns.sh(&format!(
+        "set -e
+         ip link add lxc0 address {hm} mtu {OVERLAY_MTU} type veth peer name eth0 address {em} mtu {OVERLAY_MTU} netns {ep}
+         ip link set lxc0 up
+         ip route add {v6}/128 dev lxc0; ip route add {v4}/32 dev lxc0",
+        hm = mac_str(node_m),
+        em = mac_str(m),
+        ep = ep.name(),
+        v6 = pod(true, n),
+        v4 = pod(false, n),
+    ))
+    .unwrap();
+    ep.sh(&format!(
+        "set -e
+         ip link set lo up
+         ip addr add {v6}/128 dev eth0 nodad; ip addr add {v4}/32 dev eth0
+         ip link set eth0 up
+         ip -6 route add fd00:c1a:{n}::1/128 dev eth0; ip -6 route add default via fd00:c1a:{n}::1 dev eth0
+         ip route add 10.200.{n}.1/32 dev eth0; ip route add default via 10.200.{n}.1 dev eth0",
+        v6 = pod(true, n),
+        v4 = pod(false, n),
+    ))
+    .unwrap();
+    let dp = BpfDatapath::open(&root.path().join(format!("node{n}"))).unwrap();
+    let ifindex = ns.run(|| nix::net::if_::if_nametoindex("lxc0").unwrap());
+    let identity = 1000 + u32::from(n);
+    let config = EndpointConfig {
+        ipv6: match pod(true, n) {
+            IpAddr::V6(a) => a.octets(),
+            IpAddr::V4(_) => unreachable!(),
+        },
+        ipv4: match pod(false, n) {
+            IpAddr::V4(a) => a.octets(),
+            IpAddr::V6(_) => unreachable!(),
+        },
+        mac: m,
+        node_mac: node_m,
+        ifindex,
+        identity,
+        endpoint_id: u16::from(n),
+        enable_ipv4: 1,
+        monitor: 1,
+    };
+    ns.run(|| dp.attach_endpoint(&config, "lxc0")).unwrap();
+    let info = EndpointInfo {
+        ifindex,
+        identity,
+        endpoint_id: u16::from(n),
+        flags: 0,
+        mac: m,
+        node_mac: node_m,
+    };
+    dp.upsert_endpoint(pod(true, n), info).unwrap();
+    dp.upsert_endpoint(pod(false, n), info).unwrap();
+
+    let peer = 3 - n;
+    let (tunnel_ifindex, underlay_ifindex) = ns.run(|| {
+        (
+            nix::net::if_::if_nametoindex("cilia_vxlan").unwrap_or(0),
+            nix::net::if_::if_nametoindex("eth0").unwrap(),
+        )
+    });
+    dp.set_node_config(&NodeConfig {
+        tunnel_mode: mode,
+        tunnel_ifindex,
+        underlay_ifindex,
+        tunnel_port: if mode == TunnelMode::Vxlan { 8472 } else { 0 },
+    })
+    .unwrap();
+    if mode == TunnelMode::Vxlan {
+        ns.run(|| dp.attach_overlay("cilia_vxlan")).unwrap();
+    }
+    ns.run(|| dp.attach_netdev("eth0")).unwrap();
+    dp.publish_nodes(&[fabric_addr(false, peer), fabric_addr(true, peer)])
+        .unwrap();
+    for v6 in [false, true] {
+        for row in [
+            IpcacheEntry {
+                prefix: fabric_addr(v6, n).into(),
+                identity: CILIA_ID_HOST,
+                tunnel: None,
+            },
+            IpcacheEntry {
+                prefix: fabric_addr(v6, peer).into(),
+                identity: CILIA_ID_REMOTE_NODE,
+                tunnel: None,
+            },
+            IpcacheEntry {
+                prefix: pod(v6, peer).into(),
+                identity: 1000 + u32::from(peer),
+                tunnel: Some(fabric_addr(v6, peer)),
+            },
+        ] {
+            dp.upsert_ipcache_value(row.key(), row.value()).unwrap();
+        }
+    }
+    // The same NodePort services on every node: one port to node 2's
+    // endpoint, one to node 1's, each family.
+    let mut backends = Vec::new();
+    for (id, v6, n) in [(1, false, 2), (2, true, 2), (3, false, 1), (4, true, 1)] {
+        backends.push(LbBackend {
+            id,
+            addr: SocketAddr::new(pod(v6, n), ECHO_PORT),
+            state: LbBackendState::Active,
+        });
+    }
+    dp.upsert_lb_backends(&backends).unwrap();
+    for (rev_nat, v6, port, backend) in [
+        (1, false, PORT_TO_NODE2, 1),
+        (2, true, PORT_TO_NODE2, 2),
+        (3, false, PORT_TO_NODE1, 3),
+        (4, true, PORT_TO_NODE1, 4),
+    ] {
+        let mut svc = nodeport_service(v6, vec![backend]);
+        svc.rev_nat = rev_nat;
+        svc.frontend.port = port;
+        dp.upsert_nodeport_service(&svc, false).unwrap();
+    }
+    Node { ep, dp }
+}
+
+fn nodeport_from_the_world(mode: TunnelMode) {
+    let fabric = cilia_testnet::cluster::Fabric::new(2).unwrap();
+    let world_ns = fabric.attach(200).unwrap();
+    let root = BpfRoot::new();
+    let nodes = [
+        real_node(&root, fabric.node(1), 1, mode),
+        real_node(&root, fabric.node(2), 2, mode),
+    ];
+    let echoes = [
+        Echo::start(&nodes[0].ep, &[ECHO_PORT]),
+        Echo::start(&nodes[1].ep, &[ECHO_PORT]),
+    ];
+    let payload: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    for v6 in [false, true] {
+        for n in [1u8, 2] {
+            for (port, backend_node) in [(PORT_TO_NODE1, 1u8), (PORT_TO_NODE2, 2u8)] {
+                let to = SocketAddr::new(fabric_addr(v6, n), port);
+                let (local, back) = exchange(&world_ns, to, &payload, WAIT)
+                    .unwrap_or_else(|e| panic!("{mode:?}: world -> {to}: {e}"));
+                assert_eq!(back, payload, "{mode:?}: world -> {to}");
+                let peer = *echoes[usize::from(backend_node - 1)]
+                    .peers()
+                    .last()
+                    .unwrap();
+                if backend_node == n {
+                    assert_eq!(
+                        peer, local,
+                        "{mode:?} {to}: a local backend sees the client"
+                    );
+                } else {
+                    assert_eq!(
+                        peer.ip(),
+                        fabric_addr(v6, n),
+                        "{mode:?} {to}: a remote backend sees the node (SNAT)"
+                    );
+                }
+            }
+        }
+    }
+    let in_entries = nodes[0]
+        .dp
+        .lb_nat()
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| k.dir == CILIA_NAT_IN)
+        .count();
+    assert!(in_entries >= 2, "node 1 SNATed both families");
+}
+
+#[test]
+fn world_reaches_nodeport_services_on_both_nodes_through_the_vxlan_overlay() {
+    privileged!("world_reaches_nodeport_services_on_both_nodes_through_the_vxlan_overlay");
+    nodeport_from_the_world(TunnelMode::Vxlan);
+}
+
+#[test]
+fn world_reaches_nodeport_services_on_both_nodes_by_native_routing() {
+    privileged!("world_reaches_nodeport_services_on_both_nodes_by_native_routing");
+    nodeport_from_the_world(TunnelMode::Native);
+}
