@@ -35,8 +35,14 @@ __inline_fn int from_node_to_endpoint(struct __sk_buff *skb, struct flow *f,
 				      const struct endpoint_info *dst, __u32 src_id, __u16 rev_nat,
 				      __u8 dir)
 {
-	struct decision d = {.dir = dir, .verdict = CILIA_VERDICT_ALLOW, .rev_nat = rev_nat};
 	int reason;
+
+	/* A NodePort flow another node sends with direct server return:
+	 * this node rev-NATs the replies (see dsr_accept). */
+	if (!rev_nat)
+		rev_nat = dsr_accept(skb, f);
+
+	struct decision d = {.dir = dir, .verdict = CILIA_VERDICT_ALLOW, .rev_nat = rev_nat};
 
 	/* Guard: no local endpoint's address comes from another node; later
 	 * fragments follow the first. */
@@ -228,13 +234,19 @@ __inline_fn int nodeport_forward(struct __sk_buff *skb, struct flow *f,
 	if (!remote || !remote->tunnel_family)
 		return drop(skb, CILIA_DROP_NO_ROUTE, dir);
 
-	/* The backend's node sees this node as the source (remote-node). */
-	struct peers p = {.src_id = CILIA_ID_HOST, .dst_id = remote->identity};
+	/* SNAT: the backend's node sees this node as the source
+	 * (remote-node). DSR: the client, and the frontend in the packet
+	 * that selects the backend; the replies do not come back here. */
+	__u8 dsr = svc->flags & CILIA_LB_FLAG_DSR;
+	struct peers p = {.src_id = dsr ? client_id : CILIA_ID_HOST, .dst_id = remote->identity};
 	struct decision d = {.dir = dir, .verdict = CILIA_VERDICT_ALLOW, .level = monitor_level()};
 
 	if (lb.selected)
 		event_service(skb, f, &p, lb.frontend, lb.fport, lb.rev_nat, dir);
-	reason = nodeport_snat(skb, f, &lb, now);
+	if (dsr)
+		reason = dsr_wanted(f, &lb) ? dsr_encode(skb, f, &lb) : 0;
+	else
+		reason = nodeport_snat(skb, f, &lb, now);
 	if (reason)
 		return drop(skb, reason, dir);
 	return deliver_to_node(skb, f, &p, &d, remote, dir);

@@ -232,4 +232,147 @@ __inline_fn int node_route(const struct flow *f, struct ipcache_value *route)
 	return 1;
 }
 
+#ifndef TCP_FLAG_ACK
+#define TCP_FLAG_ACK 0x10
+#endif
+
+/* The IPv4 header checksum and the length fields the DSR header changes. */
+#define DSR_IPV4_TOT_LEN   (ETH_HLEN + 2)
+#define DSR_IPV6_PAYLOAD   (ETH_HLEN + 4)
+#define DSR_IPV6_NEXTHDR   (ETH_HLEN + 6)
+#define DSR_IPV4_OPT_OFF   (ETH_HLEN + 20)
+#define DSR_IPV6_EXT_OFF   (ETH_HLEN + 40)
+#define IPV6_EXT_DEST_OPTS 60
+
+/* Whether a packet to a DSR service's remote backend carries the frontend:
+ * the one that selects the backend (every TCP SYN, retransmissions
+ * included; a UDP flow's first datagram). */
+__inline_fn int dsr_wanted(const struct flow *f, const struct lb_state *lb)
+{
+	if (f->proto == IPPROTO_TCP)
+		return (f->tcp_flags & TCP_FLAG_SYN) && !(f->tcp_flags & TCP_FLAG_ACK);
+	return lb->selected;
+}
+
+/*
+ * Inserts the DSR header (the frontend the client addressed, see CILIA_DSR_*
+ * in abi.h) right after the fixed IP header. An IPv4 packet that already
+ * has options is refused (CILIA_DROP_INVALID): the option must come first.
+ * Returns 0 or the drop reason.
+ */
+__inline_fn int dsr_encode(struct __sk_buff *skb, struct flow *f, const struct lb_state *lb)
+{
+	if (f->family == CILIA_FAMILY_IPV4) {
+		__be32 opt[2];
+		__u8 *o = (__u8 *)opt;
+		__be16 old_len, new_len, old_word, new_word;
+		__u8 vihl = 0x47; /* version 4, 7 words: the option makes two */
+		__s64 diff;
+
+		if (f->l4_off != DSR_IPV4_OPT_OFF)
+			return CILIA_DROP_INVALID;
+		o[0] = CILIA_DSR_IPV4_OPT;
+		o[1] = CILIA_DSR_IPV4_OPT_LEN;
+		__builtin_memcpy(o + 2, &lb->fport, 2);
+		__builtin_memcpy(o + 4, lb->frontend, 4);
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &old_word, 2) < 0 ||
+		    bpf_skb_load_bytes(skb, DSR_IPV4_TOT_LEN, &old_len, 2) < 0)
+			return CILIA_DROP_INVALID;
+		new_len = bpf_htons(bpf_ntohs(old_len) + CILIA_DSR_IPV4_OPT_LEN);
+		new_word = old_word;
+		__builtin_memcpy(&new_word, &vihl, 1);
+		if (bpf_skb_adjust_room(skb, CILIA_DSR_IPV4_OPT_LEN, BPF_ADJ_ROOM_NET, 0) < 0)
+			return CILIA_DROP_WRITE_FAILED;
+		diff = bpf_csum_diff(0, 0, opt, sizeof(opt), 0);
+		if (diff < 0 ||
+		    bpf_skb_store_bytes(skb, DSR_IPV4_OPT_OFF, opt, sizeof(opt), 0) < 0 ||
+		    bpf_skb_store_bytes(skb, ETH_HLEN, &new_word, 2, 0) < 0 ||
+		    bpf_skb_store_bytes(skb, DSR_IPV4_TOT_LEN, &new_len, 2, 0) < 0 ||
+		    bpf_l3_csum_replace(skb, NAT_IPV4_CSUM_OFF, old_word, new_word, 2) < 0 ||
+		    bpf_l3_csum_replace(skb, NAT_IPV4_CSUM_OFF, old_len, new_len, 2) < 0 ||
+		    bpf_l3_csum_replace(skb, NAT_IPV4_CSUM_OFF, 0, diff, 0) < 0)
+			return CILIA_DROP_WRITE_FAILED;
+		f->l4_off += CILIA_DSR_IPV4_OPT_LEN;
+		return 0;
+	}
+
+	__u8 hdr[CILIA_DSR_IPV6_HDR_LEN] = {};
+	__be16 len;
+	__u8 next = IPV6_EXT_DEST_OPTS;
+
+	if (bpf_skb_load_bytes(skb, DSR_IPV6_NEXTHDR, hdr, 1) < 0 ||
+	    bpf_skb_load_bytes(skb, DSR_IPV6_PAYLOAD, &len, 2) < 0)
+		return CILIA_DROP_INVALID;
+	hdr[1] = CILIA_DSR_IPV6_HDR_LEN / 8 - 1;
+	hdr[2] = CILIA_DSR_IPV6_OPT;
+	hdr[3] = CILIA_DSR_IPV6_OPT_LEN;
+	__builtin_memcpy(hdr + 4, &lb->fport, 2);
+	__builtin_memcpy(hdr + 6, lb->frontend, 16);
+	hdr[22] = 1; /* PadN, no data bytes */
+	len = bpf_htons(bpf_ntohs(len) + CILIA_DSR_IPV6_HDR_LEN);
+	if (bpf_skb_adjust_room(skb, CILIA_DSR_IPV6_HDR_LEN, BPF_ADJ_ROOM_NET, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, DSR_IPV6_EXT_OFF, hdr, sizeof(hdr), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, DSR_IPV6_NEXTHDR, &next, 1, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, DSR_IPV6_PAYLOAD, &len, 2, 0) < 0)
+		return CILIA_DROP_WRITE_FAILED;
+	f->l4_off += CILIA_DSR_IPV6_HDR_LEN;
+	return 0;
+}
+
+/*
+ * The frontend a DSR packet carries, if it carries one (where dsr_encode
+ * put it): `addr` (16 bytes, zeroed by the caller) and `port`. Returns 1
+ * when found.
+ */
+__inline_fn int dsr_decode(struct __sk_buff *skb, const struct flow *f, __u8 *addr, __be16 *port)
+{
+	__u8 b[CILIA_DSR_IPV6_HDR_LEN];
+
+	if (f->family == CILIA_FAMILY_IPV4) {
+		if (f->l4_off < DSR_IPV4_OPT_OFF + CILIA_DSR_IPV4_OPT_LEN ||
+		    bpf_skb_load_bytes(skb, DSR_IPV4_OPT_OFF, b, CILIA_DSR_IPV4_OPT_LEN) < 0)
+			return 0;
+		if (b[0] != CILIA_DSR_IPV4_OPT || b[1] != CILIA_DSR_IPV4_OPT_LEN)
+			return 0;
+		__builtin_memcpy(port, b + 2, 2);
+		__builtin_memcpy(addr, b + 4, 4);
+		return 1;
+	}
+	if (bpf_skb_load_bytes(skb, DSR_IPV6_NEXTHDR, b, 1) < 0 || b[0] != IPV6_EXT_DEST_OPTS)
+		return 0;
+	if (bpf_skb_load_bytes(skb, DSR_IPV6_EXT_OFF, b, sizeof(b)) < 0)
+		return 0;
+	if (b[2] != CILIA_DSR_IPV6_OPT || b[3] != CILIA_DSR_IPV6_OPT_LEN)
+		return 0;
+	__builtin_memcpy(port, b + 4, 2);
+	__builtin_memcpy(addr, b + 6, 16);
+	return 1;
+}
+
+/*
+ * On the backend's node: a packet from another node carrying a DSR
+ * frontend of one of this node's NodePort services starts a flow whose
+ * replies the backend's node translates itself (the frontend as source, a
+ * REVNAT entry) and sends straight to the client. Returns the service's
+ * rev-NAT id for the flow's conntrack entry, 0 for any other packet.
+ */
+__inline_fn __u16 dsr_accept(struct __sk_buff *skb, const struct flow *f)
+{
+	struct lb_service_value *svc;
+	__u8 any[16] = {};
+	struct lb_state lb = {};
+
+	if (f->proto != IPPROTO_TCP && f->proto != IPPROTO_UDP)
+		return 0;
+	if (!dsr_decode(skb, f, lb.frontend, &lb.fport))
+		return 0;
+	svc = lb_service_lookup(any, lb.fport, f->proto, f->family);
+	if (!svc || !(svc->flags & CILIA_LB_FLAG_NODEPORT))
+		return 0;
+	lb.rev_nat = svc->rev_nat;
+	if (nodeport_remember_frontend(f, &lb, bpf_ktime_get_ns()))
+		return 0;
+	return lb.rev_nat;
+}
+
 #endif

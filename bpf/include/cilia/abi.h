@@ -339,6 +339,9 @@ struct lb_service_key {
  * node (the agent writes only those into the slots; the datapath refuses
  * a remote one). */
 #define CILIA_LB_FLAG_LOCAL 4
+/* NodePort, remote backend: direct server return (no SNAT; the frontend
+ * rides to the backend's node in an IP option, see CILIA_DSR_*). */
+#define CILIA_LB_FLAG_DSR 8
 
 struct lb_service_value {
 	__u32 backend_id; /* slot entry: the backend; master: 0 */
@@ -402,10 +405,26 @@ struct lb_stats {
 #define CILIA_LB_SNAT_PORT_FIRST 32768
 #define CILIA_LB_SNAT_PORT_LAST	 60999
 
+/*
+ * DSR: the frontend (node address, nodePort) in the packet that selects a
+ * remote backend (a TCP SYN, a UDP flow's first datagram), inserted right
+ * after the fixed IP header. IPv4: option type 0x9e (copied, class 0,
+ * number 30: the RFC 4727 experiment), length 8: type, length, port (2,
+ * network order), address (4). IPv6: a Destination Options header (next
+ * header 60) of 24 bytes: next header, length 2, option type 0x1e (RFC 4727
+ * experiment; action 00: skipped by a receiver that does not know it),
+ * option length 18, port (2), address (16), then PadN (1, 0).
+ */
+#define CILIA_DSR_IPV4_OPT     0x9e
+#define CILIA_DSR_IPV4_OPT_LEN 8
+#define CILIA_DSR_IPV6_OPT     0x1e
+#define CILIA_DSR_IPV6_OPT_LEN 18
+#define CILIA_DSR_IPV6_HDR_LEN 24
+
 /* Which translation a NAT entry holds (lb_nat_key.dir). */
 #define CILIA_NAT_OUT	 1 /* client -> node:nodePort: the SNAT address/port and backend */
 #define CILIA_NAT_IN	 2 /* backend -> node:snat-port: the client to restore */
-#define CILIA_NAT_REVNAT 3 /* local backend -> client: the node:nodePort to show */
+#define CILIA_NAT_REVNAT 3 /* local or DSR backend -> client: the node:nodePort to show */
 
 /* Key of cilia_lb_nat: a tuple as the packet carries it, and the kind. */
 struct lb_nat_key {

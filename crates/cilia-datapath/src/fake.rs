@@ -583,10 +583,10 @@ impl Datapath for FakeDatapath {
     fn upsert_nodeport_service(
         &self,
         service: &cilia_abi::LbService,
-        _external_local: bool,
+        _options: crate::NodePortOptions,
     ) -> Result<(), DatapathError> {
         // The fake keeps services as the LB methods do; the traffic
-        // policy matters only to packets.
+        // policy and mode matter only to packets.
         self.upsert_lb_service(service)
     }
     fn metrics(&self) -> Result<Vec<MetricsEntry>, DatapathError> {

@@ -28,6 +28,7 @@ use crate::endpoint::{BpfDatapath, EndpointReload, LinkCheck, LoadedEndpoint, Po
 use crate::error::DatapathError;
 use crate::events::EventReader;
 use crate::node::NodeLinks;
+use crate::nodeport::NodePortOptions;
 
 /// An endpoint's programs loaded and verified by
 /// [`Datapath::load_endpoint`], not yet attached; what is inside is the
@@ -214,13 +215,12 @@ pub trait Datapath: Send + Sync {
     fn set_maglev_size(&self, size: u32) -> Result<(), DatapathError>;
     /// Adds or replaces a NodePort service (frontend address 0.0.0.0 or
     /// `::`: every address of the node, served at the underlay device) as
-    /// [`Datapath::upsert_lb_service`] does; `external_local`
-    /// (externalTrafficPolicy=Local): the slots must hold only this node's
-    /// backends, and external traffic never goes to another node.
+    /// [`Datapath::upsert_lb_service`] does, with its traffic policy and
+    /// mode (see [`NodePortOptions`]).
     fn upsert_nodeport_service(
         &self,
         service: &LbService,
-        external_local: bool,
+        options: NodePortOptions,
     ) -> Result<(), DatapathError>;
 
     // Observability.
@@ -410,9 +410,9 @@ impl Datapath for BpfDatapath {
     fn upsert_nodeport_service(
         &self,
         service: &LbService,
-        external_local: bool,
+        options: NodePortOptions,
     ) -> Result<(), DatapathError> {
-        BpfDatapath::upsert_nodeport_service(self, service, external_local)
+        BpfDatapath::upsert_nodeport_service(self, service, options)
     }
     fn set_maglev_size(&self, size: u32) -> Result<(), DatapathError> {
         BpfDatapath::set_maglev_size(self, size)

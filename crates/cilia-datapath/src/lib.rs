@@ -44,4 +44,5 @@ pub use endpoint::{
 pub use error::DatapathError;
 pub use interface::{Datapath, LoadedPrograms};
 pub use node::NodeLinks;
+pub use nodeport::NodePortOptions;
 pub use probe::{probe_kernel, Feature, FeatureReport};

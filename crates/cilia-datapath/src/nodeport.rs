@@ -12,21 +12,46 @@
 //! The NAT map is written by the datapath only; the agent reads it.
 
 use aya::maps::{HashMap, Map, MapData, MapError};
-use cilia_abi::{LbNatKey, LbNatValue, LbService, CILIA_LB_FLAG_LOCAL};
+use cilia_abi::{LbNatKey, LbNatValue, LbService, CILIA_LB_FLAG_DSR, CILIA_LB_FLAG_LOCAL};
 
 use crate::endpoint::BpfDatapath;
 use crate::error::DatapathError;
 use crate::object::MAP_LB_NAT;
 
+/// How a NodePort service treats external traffic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodePortOptions {
+    /// externalTrafficPolicy=Local: the slots hold only this node's
+    /// backends, and external traffic never goes to another node
+    /// (`CILIA_LB_FLAG_LOCAL`).
+    pub external_local: bool,
+    /// `--lb-mode dsr`: a remote backend gets the client's packets
+    /// unSNATed, with the frontend in an IP option, and its node answers
+    /// the client directly (`CILIA_LB_FLAG_DSR`); else SNAT.
+    pub dsr: bool,
+}
+
+impl NodePortOptions {
+    /// The master entry's `CILIA_LB_FLAG_*` bits these options add.
+    pub fn flags(self) -> u8 {
+        (if self.external_local {
+            CILIA_LB_FLAG_LOCAL
+        } else {
+            0
+        }) | if self.dsr { CILIA_LB_FLAG_DSR } else { 0 }
+    }
+}
+
 impl BpfDatapath {
     /// Adds or replaces a NodePort service (see the module doc). The
     /// frontend address must be unspecified; with `external_local` the
     /// caller writes only this node's backends into the slots, and the
-    /// datapath refuses to send external traffic to another node.
+    /// datapath refuses to send external traffic to another node; with
+    /// `dsr` remote backends answer the client directly.
     pub fn upsert_nodeport_service(
         &self,
         service: &LbService,
-        external_local: bool,
+        options: NodePortOptions,
     ) -> Result<(), DatapathError> {
         if !service.frontend.addr.is_unspecified() {
             return Err(DatapathError::InvalidLb {
@@ -37,12 +62,7 @@ impl BpfDatapath {
                 ),
             });
         }
-        let flags = if external_local {
-            CILIA_LB_FLAG_LOCAL
-        } else {
-            0
-        };
-        self.upsert_lb_service_flagged(service, flags)
+        self.upsert_lb_service_flagged(service, options.flags())
     }
 
     /// The NodePort translations the datapath holds (`cilia_lb_nat`).

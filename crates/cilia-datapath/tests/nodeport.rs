@@ -12,7 +12,7 @@ use cilia_abi::*;
 use cilia_datapath::object::PROG_FROM_NETDEV;
 use cilia_datapath::packet::*;
 use cilia_datapath::testrun::{TestProgram, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
-use cilia_datapath::BpfDatapath;
+use cilia_datapath::{BpfDatapath, NodePortOptions};
 use cilia_testnet::{BpfRoot, Netns};
 
 mod common;
@@ -27,6 +27,18 @@ const LOCAL_BACKEND: u32 = 10;
 const REMOTE_BACKEND: u32 = 20;
 const REMOTE_IDENTITY: u32 = 3000;
 const B_FROM: (Mac, Mac) = (B_MAC, B_NODE_MAC);
+const SNAT: NodePortOptions = NodePortOptions {
+    external_local: false,
+    dsr: false,
+};
+const LOCAL: NodePortOptions = NodePortOptions {
+    external_local: true,
+    dsr: false,
+};
+const DSR: NodePortOptions = NodePortOptions {
+    external_local: false,
+    dsr: true,
+};
 const WIRE: (Mac, Mac) = ([0x0a, 0, 0, 0, 0, 0xef], [0x0a, 0, 0, 0, 0, 0xee]);
 
 fn node_addr(v6: bool, n: u8) -> IpAddr {
@@ -221,21 +233,29 @@ fn l4_checksum(src: IpAddr, dst: IpAddr, l4: &[u8]) -> u16 {
     checksum(&buf)
 }
 
-/// Source, destination, and whether every checksum of the TCP packet is valid.
+/// Source, destination, and whether every checksum of the TCP packet is
+/// valid (IPv4 options and one IPv6 Destination Options header skipped).
 fn parse(pkt: &[u8]) -> (SocketAddr, SocketAddr, bool) {
     let ethertype = u16::from_be_bytes([pkt[12], pkt[13]]);
     let (src, dst, l4, ip_ok) = if ethertype == ETH_P_IPV6 {
         let s: [u8; 16] = pkt[22..38].try_into().unwrap();
         let d: [u8; 16] = pkt[38..54].try_into().unwrap();
-        (IpAddr::from(s), IpAddr::from(d), &pkt[54..], true)
+        let l4 = if pkt[20] == 60 {
+            54 + (usize::from(pkt[55]) + 1) * 8
+        } else {
+            54
+        };
+        (IpAddr::from(s), IpAddr::from(d), &pkt[l4..], true)
     } else {
         let s: [u8; 4] = pkt[26..30].try_into().unwrap();
         let d: [u8; 4] = pkt[30..34].try_into().unwrap();
+        let l4 = 14 + usize::from(pkt[14] & 0xf) * 4;
         (
             IpAddr::from(s),
             IpAddr::from(d),
-            &pkt[34..],
-            checksum(&pkt[14..34]) == 0,
+            &pkt[l4..],
+            checksum(&pkt[14..l4]) == 0
+                && usize::from(u16::from_be_bytes([pkt[16], pkt[17]])) == pkt.len() - 14,
         )
     };
     let sport = u16::from_be_bytes([l4[0], l4[1]]);
@@ -245,6 +265,24 @@ fn parse(pkt: &[u8]) -> (SocketAddr, SocketAddr, bool) {
         SocketAddr::new(dst, dport),
         ip_ok && l4_checksum(src, dst, l4) == 0,
     )
+}
+
+/// The frontend a DSR packet carries (the format of CILIA_DSR_* in abi.h).
+fn dsr_frontend(pkt: &[u8]) -> Option<SocketAddr> {
+    let ethertype = u16::from_be_bytes([pkt[12], pkt[13]]);
+    if ethertype == ETH_P_IPV6 {
+        let h = &pkt[54..];
+        (pkt[20] == 60 && h[1] == 2 && h[2] == CILIA_DSR_IPV6_OPT && h[3] == 18).then(|| {
+            let a: [u8; 16] = h[6..22].try_into().unwrap();
+            SocketAddr::new(IpAddr::from(a), u16::from_be_bytes([h[4], h[5]]))
+        })
+    } else {
+        let o = &pkt[34..];
+        (pkt[14] & 0xf >= 7 && o[0] == CILIA_DSR_IPV4_OPT && o[1] == 8).then(|| {
+            let a: [u8; 4] = o[4..8].try_into().unwrap();
+            SocketAddr::new(IpAddr::from(a), u16::from_be_bytes([o[2], o[3]]))
+        })
+    }
 }
 
 fn families() -> [bool; 2] {
@@ -257,7 +295,7 @@ fn nodeport_to_a_local_backend_keeps_the_client_address_and_the_reply_shows_the_
     for v6 in families() {
         let fx = Fixture::new(TunnelMode::Native, v6);
         fx.dp
-            .upsert_nodeport_service(&nodeport_service(v6, vec![LOCAL_BACKEND]), false)
+            .upsert_nodeport_service(&nodeport_service(v6, vec![LOCAL_BACKEND]), SNAT)
             .unwrap();
         let frontend = SocketAddr::new(node_addr(v6, 1), NODE_PORT);
         let syn = tcp_packet(world(v6, 40000), frontend, 0x02, WIRE);
@@ -296,7 +334,7 @@ fn nodeport_to_a_remote_backend_is_snated_to_the_node_and_its_reply_goes_back_to
     for v6 in families() {
         let fx = Fixture::new(TunnelMode::Native, v6);
         fx.dp
-            .upsert_nodeport_service(&nodeport_service(v6, vec![REMOTE_BACKEND]), false)
+            .upsert_nodeport_service(&nodeport_service(v6, vec![REMOTE_BACKEND]), SNAT)
             .unwrap();
         let netdev = fx.netdev();
         let frontend = SocketAddr::new(node_addr(v6, 1), NODE_PORT);
@@ -343,7 +381,7 @@ fn nodeport_to_a_remote_backend_goes_through_the_overlay_in_vxlan_mode() {
     privileged!("nodeport_remote_backend_vxlan");
     let fx = Fixture::new(TunnelMode::Vxlan, false);
     fx.dp
-        .upsert_nodeport_service(&nodeport_service(false, vec![REMOTE_BACKEND]), false)
+        .upsert_nodeport_service(&nodeport_service(false, vec![REMOTE_BACKEND]), SNAT)
         .unwrap();
     let frontend = SocketAddr::new(node_addr(false, 1), NODE_PORT);
     let out = fx
@@ -372,7 +410,7 @@ fn netdev_in_vxlan_mode_leaves_everything_but_nodeport_traffic_untouched() {
     privileged!("netdev_vxlan_untouched");
     let fx = Fixture::new(TunnelMode::Vxlan, false);
     fx.dp
-        .upsert_nodeport_service(&nodeport_service(false, vec![LOCAL_BACKEND]), false)
+        .upsert_nodeport_service(&nodeport_service(false, vec![LOCAL_BACKEND]), SNAT)
         .unwrap();
     let netdev = fx.netdev();
     let node = node_addr(false, 1);
@@ -422,21 +460,21 @@ fn external_traffic_policy_local_sends_external_clients_to_local_backends_only()
     let frontend = SocketAddr::new(node_addr(false, 1), NODE_PORT);
     // No local backend on this node: its slots are empty, the traffic dropped.
     fx.dp
-        .upsert_nodeport_service(&nodeport_service(false, vec![]), true)
+        .upsert_nodeport_service(&nodeport_service(false, vec![]), LOCAL)
         .unwrap();
     let syn = tcp_packet(world(false, 40004), frontend, 0x02, WIRE);
     assert_eq!(netdev.run(&syn).unwrap().verdict, TC_ACT_SHOT);
     assert_eq!(drops(&fx.dp, CILIA_DROP_NO_BACKEND), 1);
     // A remote backend in the slots of a Local service is refused too.
     fx.dp
-        .upsert_nodeport_service(&nodeport_service(false, vec![REMOTE_BACKEND]), true)
+        .upsert_nodeport_service(&nodeport_service(false, vec![REMOTE_BACKEND]), LOCAL)
         .unwrap();
     let syn = tcp_packet(world(false, 40005), frontend, 0x02, WIRE);
     assert_eq!(netdev.run(&syn).unwrap().verdict, TC_ACT_SHOT);
     assert_eq!(drops(&fx.dp, CILIA_DROP_NO_BACKEND), 2);
     // The local backend serves.
     fx.dp
-        .upsert_nodeport_service(&nodeport_service(false, vec![LOCAL_BACKEND]), true)
+        .upsert_nodeport_service(&nodeport_service(false, vec![LOCAL_BACKEND]), LOCAL)
         .unwrap();
     let syn = tcp_packet(world(false, 40006), frontend, 0x02, WIRE);
     let out = netdev.run(&syn).unwrap();
@@ -455,8 +493,107 @@ fn a_nodeport_service_needs_the_unspecified_address() {
     let fx = Fixture::new(TunnelMode::Native, false);
     let mut svc = nodeport_service(false, vec![LOCAL_BACKEND]);
     svc.frontend.addr = node_addr(false, 1);
-    let err = fx.dp.upsert_nodeport_service(&svc, false).unwrap_err();
+    let err = fx.dp.upsert_nodeport_service(&svc, SNAT).unwrap_err();
     assert!(err.to_string().contains("198.51.100.1"), "{err}");
+}
+
+#[test]
+fn dsr_carries_the_frontend_to_the_backends_node_in_the_packet_that_selects_the_backend() {
+    privileged!("nodeport_dsr_encode");
+    for v6 in families() {
+        let fx = Fixture::new(TunnelMode::Native, v6);
+        fx.dp
+            .upsert_nodeport_service(&nodeport_service(v6, vec![REMOTE_BACKEND]), DSR)
+            .unwrap();
+        let netdev = fx.netdev();
+        let frontend = SocketAddr::new(node_addr(v6, 1), NODE_PORT);
+        let syn = tcp_packet(world(v6, 40007), frontend, 0x02, WIRE);
+        let out = netdev.run(&syn).unwrap();
+        assert_eq!(
+            out.verdict, TC_ACT_REDIRECT,
+            "v6={v6}: to the backend's node"
+        );
+        let (src, dst, ok) = parse(&out.packet);
+        assert_eq!(src, world(v6, 40007), "no SNAT: the client's address");
+        assert_eq!(dst, SocketAddr::new(remote_pod(v6), BACKEND_PORT));
+        assert!(ok, "v6={v6}: checksums and lengths valid");
+        assert_eq!(dsr_frontend(&out.packet), Some(frontend), "v6={v6}");
+        assert_eq!(
+            out.packet.len(),
+            syn.len() + if v6 { 24 } else { 8 },
+            "v6={v6}: the DSR header is the only growth"
+        );
+        // Later segments go without it; no NAT state on this node.
+        let ack = tcp_packet(world(v6, 40007), frontend, 0x10, WIRE);
+        let out = netdev.run(&ack).unwrap();
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        assert_eq!(dsr_frontend(&out.packet), None);
+        assert_eq!(out.packet.len(), ack.len());
+        assert!(fx.dp.lb_nat().unwrap().is_empty(), "no SNAT entries");
+    }
+}
+
+#[test]
+fn the_backends_node_rev_nats_a_dsr_flow_and_answers_the_client_directly() {
+    privileged!("nodeport_dsr_decode");
+    for v6 in families() {
+        // This node holds the backend (B); the LB node is 198.51.100.2.
+        let fx = Fixture::new(TunnelMode::Native, v6);
+        fx.dp
+            .upsert_nodeport_service(&nodeport_service(v6, vec![LOCAL_BACKEND]), DSR)
+            .unwrap();
+        // The LB node's packet, made by its own program.
+        let lb = Fixture::new(TunnelMode::Native, v6);
+        lb.dp
+            .upsert_lb_backends(&[LbBackend {
+                id: 30,
+                addr: SocketAddr::new(local_pod(v6), BACKEND_PORT),
+                state: LbBackendState::Active,
+            }])
+            .unwrap();
+        lb.dp.remove_endpoint(local_pod(v6)).unwrap();
+        let row = IpcacheEntry {
+            prefix: local_pod(v6).into(),
+            identity: B_IDENTITY,
+            tunnel: Some(node_addr(v6, 2)),
+        };
+        lb.dp.upsert_ipcache_value(row.key(), row.value()).unwrap();
+        lb.dp
+            .upsert_nodeport_service(&nodeport_service(v6, vec![30]), DSR)
+            .unwrap();
+        let frontend = SocketAddr::new(node_addr(v6, 1), NODE_PORT);
+        let syn = tcp_packet(world(v6, 40008), frontend, 0x02, WIRE);
+        let wire = lb.netdev().run(&syn).unwrap().packet;
+        assert_eq!(dsr_frontend(&wire), Some(frontend));
+
+        let out = fx.netdev().run(&wire).unwrap();
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "v6={v6}: into the backend");
+        assert_eq!(&out.packet[..6], &B_MAC);
+        let ct = fx.dp.list_ct().unwrap();
+        assert!(
+            ct.iter()
+                .any(|(_, v)| v.rev_nat == REV_NAT && v.src_identity == CILIA_ID_WORLD),
+            "v6={v6}: the flow is the service's, from world: {ct:?}"
+        );
+        let reply = tcp_packet(
+            SocketAddr::new(local_pod(v6), BACKEND_PORT),
+            world(v6, 40008),
+            0x12,
+            B_FROM,
+        );
+        let out = fx.b().run(&reply).unwrap();
+        assert_eq!(
+            out.verdict, TC_ACT_REDIRECT,
+            "v6={v6}: out of this node's device"
+        );
+        let (src, dst, ok) = parse(&out.packet);
+        assert_eq!(
+            src, frontend,
+            "v6={v6}: from the LB node's address and port"
+        );
+        assert_eq!(dst, world(v6, 40008));
+        assert!(ok);
+    }
 }
 
 // ---- real traffic: a world client and two nodes on the fabric ----
@@ -499,7 +636,13 @@ struct Node {
     dp: BpfDatapath,
 }
 
-fn real_node(root: &BpfRoot, ns: &Netns, n: u8, mode: TunnelMode) -> Node {
+fn real_node(
+    root: &BpfRoot,
+    ns: &Netns,
+    n: u8,
+    mode: TunnelMode,
+    options: NodePortOptions,
+) -> Node {
     let ep = Netns::new("cep").unwrap();
     let (m, node_m) = if n == 1 {
         (A_MAC, A_NODE_MAC)
@@ -632,7 +775,7 @@ fn real_node(root: &BpfRoot, ns: &Netns, n: u8, mode: TunnelMode) -> Node {
         let mut svc = nodeport_service(v6, vec![backend]);
         svc.rev_nat = rev_nat;
         svc.frontend.port = port;
-        dp.upsert_nodeport_service(&svc, false).unwrap();
+        dp.upsert_nodeport_service(&svc, options).unwrap();
     }
     Node { ep, dp }
 }
@@ -642,8 +785,8 @@ fn nodeport_from_the_world(mode: TunnelMode) {
     let world_ns = fabric.attach(200).unwrap();
     let root = BpfRoot::new();
     let nodes = [
-        real_node(&root, fabric.node(1), 1, mode),
-        real_node(&root, fabric.node(2), 2, mode),
+        real_node(&root, fabric.node(1), 1, mode, SNAT),
+        real_node(&root, fabric.node(2), 2, mode, SNAT),
     ];
     let echoes = [
         Echo::start(&nodes[0].ep, &[ECHO_PORT]),
@@ -696,4 +839,135 @@ fn world_reaches_nodeport_services_on_both_nodes_through_the_vxlan_overlay() {
 fn world_reaches_nodeport_services_on_both_nodes_by_native_routing() {
     privileged!("world_reaches_nodeport_services_on_both_nodes_by_native_routing");
     nodeport_from_the_world(TunnelMode::Native);
+}
+
+/// Whether `tcpdump` is installed. Without it: under `CI=true` this panics;
+/// elsewhere it prints why the test is skipped and returns `false`.
+fn require_tcpdump(test: &str) -> bool {
+    if std::process::Command::new("tcpdump")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: no `tcpdump` in PATH and CI=true forbids skipping: run scripts/setup.sh");
+    }
+    eprintln!("SKIPPED {test}: no `tcpdump` in PATH (run scripts/setup.sh)");
+    false
+}
+
+/// tcpdump on `eth0` of `ns`, packets the device sends (`-Q out`) that
+/// match `filter`; [`Capture::stop`] returns them, one line each.
+struct Capture(Option<std::process::Child>);
+
+impl Capture {
+    fn start(ns: &Netns, filter: &str) -> Self {
+        use std::io::BufRead;
+        let mut child = ns
+            .command("tcpdump")
+            .args(["-i", "eth0", "-Q", "out", "-n", "-l", filter])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Capturing once it says so.
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(line)) if line.contains("listening on") => break,
+                Some(Ok(_)) => continue,
+                other => panic!("tcpdump did not start: {other:?}"),
+            }
+        }
+        Self(Some(child))
+    }
+
+    fn stop(mut self) -> Vec<String> {
+        let child = self.0.take().unwrap();
+        // Let the last packets reach the capture, then stop it (SIGINT:
+        // tcpdump flushes what it has).
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn dsr_replies_bypass_the_lb_node(mode: TunnelMode) {
+    let fabric = cilia_testnet::cluster::Fabric::new(2).unwrap();
+    let world_ns = fabric.attach(200).unwrap();
+    let root = BpfRoot::new();
+    let nodes = [
+        real_node(&root, fabric.node(1), 1, mode, DSR),
+        real_node(&root, fabric.node(2), 2, mode, DSR),
+    ];
+    let echo = Echo::start(&nodes[1].ep, &[ECHO_PORT]);
+    let payload: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    let filter = format!("tcp src port {PORT_TO_NODE2}");
+    for v6 in [false, true] {
+        let lb_node = Capture::start(fabric.node(1), &filter);
+        let backend_node = Capture::start(fabric.node(2), &filter);
+        let to = SocketAddr::new(fabric_addr(v6, 1), PORT_TO_NODE2);
+        let (local, back) = exchange(&world_ns, to, &payload, WAIT)
+            .unwrap_or_else(|e| panic!("{mode:?}: world -> {to}: {e}"));
+        assert_eq!(back, payload, "{mode:?}: world -> {to}");
+        assert_eq!(
+            echo.peers().last(),
+            Some(&local),
+            "{mode:?} {to}: the backend sees the client (no SNAT)"
+        );
+        let via_lb = lb_node.stop();
+        let via_backend = backend_node.stop();
+        assert!(
+            via_lb.is_empty(),
+            "{mode:?} {to}: no reply leaves the LB node: {via_lb:?}"
+        );
+        let from_frontend = format!("{} > {}", tcpdump_addr(to), tcpdump_addr(local));
+        assert!(
+            via_backend.iter().any(|l| l.contains(&from_frontend)),
+            "{mode:?} {to}: the backend's node sends the replies as {from_frontend}: {via_backend:?}"
+        );
+    }
+}
+
+/// An address and port as tcpdump prints them (`198.51.100.1.30080`).
+fn tcpdump_addr(a: SocketAddr) -> String {
+    format!("{}.{}", a.ip(), a.port())
+}
+
+#[test]
+fn dsr_replies_go_from_the_backends_node_to_the_client_through_the_vxlan_overlay() {
+    privileged!("dsr_replies_go_from_the_backends_node_to_the_client_through_the_vxlan_overlay");
+    if !require_tcpdump("dsr_vxlan") {
+        return;
+    }
+    dsr_replies_bypass_the_lb_node(TunnelMode::Vxlan);
+}
+
+#[test]
+fn dsr_replies_go_from_the_backends_node_to_the_client_by_native_routing() {
+    privileged!("dsr_replies_go_from_the_backends_node_to_the_client_by_native_routing");
+    if !require_tcpdump("dsr_native") {
+        return;
+    }
+    dsr_replies_bypass_the_lb_node(TunnelMode::Native);
 }
