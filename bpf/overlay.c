@@ -139,8 +139,18 @@ int cil_from_overlay(struct __sk_buff *skb)
 		return nodeport_to_client(skb, &f, 0, 0, dir);
 
 	dst = endpoint_lookup(f.daddr, f.family);
-	if (!dst)
+	if (!dst) {
+		/* An endpoint's packet for this node's own address (the reply
+		 * to a node process, which the sending node tunnels here
+		 * rather than forward it): the stack's, as it would be from
+		 * the underlay. The frame still carries the sender's gateway
+		 * MAC. */
+		if (ipcache_identity(f.daddr, f.family) == CILIA_ID_HOST) {
+			bpf_skb_change_type(skb, PACKET_HOST);
+			return TC_ACT_OK;
+		}
 		return drop(skb, CILIA_DROP_NO_ROUTE, dir);
+	}
 	return from_node_to_endpoint(skb, &f, dst, src_id, 0, dir);
 }
 

@@ -819,6 +819,31 @@ fn nodeport_from_the_world(mode: TunnelMode) {
             }
         }
     }
+    // A node process reaches the other node's endpoint, and the reply
+    // comes back to the node's own address the same way (no forwarding).
+    let via = if mode == TunnelMode::Vxlan {
+        "dev cilia_vxlan".to_string()
+    } else {
+        "via 198.51.100.1".to_string()
+    };
+    fabric
+        .node(2)
+        .sh(&format!(
+            "ip route add 10.200.1.10/32 {via}; ip -6 route add fd00:c1a:1::10/128 {}",
+            if mode == TunnelMode::Vxlan {
+                via.clone()
+            } else {
+                "via 2001:db8:100::1".to_string()
+            }
+        ))
+        .unwrap();
+    for v6 in [false, true] {
+        let to = SocketAddr::new(pod(v6, 1), ECHO_PORT);
+        let (local, back) = exchange(fabric.node(2), to, b"from node 2", WAIT)
+            .unwrap_or_else(|e| panic!("{mode:?}: node 2 -> {to}: {e}"));
+        assert_eq!(back, b"from node 2");
+        assert_eq!(local.ip(), fabric_addr(v6, 2), "{mode:?}");
+    }
     let in_entries = nodes[0]
         .dp
         .lb_nat()
