@@ -766,13 +766,20 @@ fn real_node(
         });
     }
     dp.upsert_lb_backends(&backends).unwrap();
-    for (rev_nat, v6, port, backend) in [
-        (1, false, PORT_TO_NODE2, 1),
-        (2, true, PORT_TO_NODE2, 2),
-        (3, false, PORT_TO_NODE1, 3),
-        (4, true, PORT_TO_NODE1, 4),
+    for (rev_nat, v6, port, backend, on) in [
+        (1, false, PORT_TO_NODE2, 1, 2),
+        (2, true, PORT_TO_NODE2, 2, 2),
+        (3, false, PORT_TO_NODE1, 3, 1),
+        (4, true, PORT_TO_NODE1, 4, 1),
     ] {
-        let mut svc = nodeport_service(v6, vec![backend]);
+        // externalTrafficPolicy=Local: the agent writes this node's
+        // backends only.
+        let slots = if options.external_local && on != n {
+            vec![]
+        } else {
+            vec![backend]
+        };
+        let mut svc = nodeport_service(v6, slots);
         svc.rev_nat = rev_nat;
         svc.frontend.port = port;
         dp.upsert_nodeport_service(&svc, options).unwrap();
@@ -995,4 +1002,39 @@ fn dsr_replies_go_from_the_backends_node_to_the_client_by_native_routing() {
         return;
     }
     dsr_replies_bypass_the_lb_node(TunnelMode::Native);
+}
+
+#[test]
+fn external_traffic_policy_local_serves_the_world_only_on_the_backends_node() {
+    privileged!("external_traffic_policy_local_serves_the_world_only_on_the_backends_node");
+    let fabric = cilia_testnet::cluster::Fabric::new(2).unwrap();
+    let world_ns = fabric.attach(200).unwrap();
+    let root = BpfRoot::new();
+    let nodes = [
+        real_node(&root, fabric.node(1), 1, TunnelMode::Native, LOCAL),
+        real_node(&root, fabric.node(2), 2, TunnelMode::Native, LOCAL),
+    ];
+    let echo = Echo::start(&nodes[1].ep, &[ECHO_PORT]);
+    for v6 in [false, true] {
+        let on_backend_node = SocketAddr::new(fabric_addr(v6, 2), PORT_TO_NODE2);
+        let (local, back) = exchange(&world_ns, on_backend_node, b"local", WAIT).unwrap();
+        assert_eq!(back, b"local");
+        assert_eq!(
+            echo.peers().last(),
+            Some(&local),
+            "{on_backend_node}: the client's address"
+        );
+        let elsewhere = SocketAddr::new(fabric_addr(v6, 1), PORT_TO_NODE2);
+        assert!(
+            exchange(
+                &world_ns,
+                elsewhere,
+                b"local",
+                std::time::Duration::from_secs(1)
+            )
+            .is_err(),
+            "{elsewhere}: no local backend, no service"
+        );
+    }
+    assert!(drops(&nodes[0].dp, CILIA_DROP_NO_BACKEND) >= 2);
 }
