@@ -1520,6 +1520,20 @@ mod tests {
         }
 
         #[test]
+        fn a_frontend_of_the_unspecified_address_is_a_nodeport() {
+            for any in [
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            ] {
+                let mut svc = service(any);
+                svc.affinity_timeout = None;
+                assert_eq!(svc.master_value(1).flags, CILIA_LB_FLAG_NODEPORT, "{any}");
+            }
+            let svc = service(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)));
+            assert_eq!(svc.master_value(1).flags & CILIA_LB_FLAG_NODEPORT, 0);
+        }
+
+        #[test]
         fn master_with_unknown_generation_or_algorithm_does_not_decode() {
             let svc = service(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)));
             let k = svc.frontend.master_key();
