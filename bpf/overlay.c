@@ -302,11 +302,12 @@ int cil_from_netdev(struct __sk_buff *skb)
 			return nodeport_forward(skb, &f, svc, dir);
 	}
 
-	/* The overlay carries the cluster's traffic in VXLAN mode: what is
-	 * left here is the node's own. */
+	/* Pods of other nodes arrive here only in native mode (VXLAN: the
+	 * overlay carries them; off: no other nodes): in any other mode
+	 * what is left is the node's own. */
 	struct node_config *cfg = node_config();
 
-	if (cfg && cfg->tunnel_mode == CILIA_TUNNEL_VXLAN)
+	if (!cfg || cfg->tunnel_mode != CILIA_TUNNEL_NATIVE)
 		return TC_ACT_OK;
 	dst = endpoint_lookup(f.daddr, f.family);
 	if (!dst)
