@@ -29,6 +29,10 @@
 #include "nat.h"
 #include "tunnel.h"
 
+#ifndef TCP_FLAG_ACK
+#define TCP_FLAG_ACK 0x10
+#endif
+
 /* Tries for a free SNAT port before the packet is dropped. */
 #define NODEPORT_SNAT_TRIES 16
 
@@ -89,28 +93,47 @@ __inline_fn int nodeport_remember_frontend(const struct flow *f, const struct lb
 }
 
 /*
+ * How long a NodePort translation lives from this packet on: an unanswered
+ * TCP SYN only the SYN timeout (a SYN flood cannot hold the SNAT ports), a
+ * closing TCP flow the close timeout, anything else the established one.
+ */
+__inline_fn __u64 nodeport_lifetime(const struct flow *f)
+{
+	int syn = f->proto == IPPROTO_TCP && (f->tcp_flags & TCP_FLAG_SYN) &&
+		  !(f->tcp_flags & TCP_FLAG_ACK);
+
+	return ct_lifetime(f, syn ? 0 : CILIA_CT_SEEN_REPLY);
+}
+
+/*
  * SNAT of a client's packet for a remote backend (`f` already translated
  * to the backend, `lb` the frontend it addressed): the flow keeps its
- * source port while its OUT entry lives and names the same backend; a new
- * one takes the first free port from a hash of the client, and its IN
- * entry is what the backend's reply is matched by. Returns 0 or the drop
- * reason.
+ * source port while its OUT entry lives, names the same backend and its IN
+ * entry still names this client; a new one takes the first free port from
+ * a hash of the client, and its IN entry is what the backend's reply is
+ * matched by. Returns 0 or the drop reason.
  */
 __inline_fn int nodeport_snat(struct __sk_buff *skb, struct flow *f, const struct lb_state *lb,
 			      __u64 now)
 {
 	const __u32 range = CILIA_LB_SNAT_PORT_LAST - CILIA_LB_SNAT_PORT_FIRST + 1;
-	__u64 expires = now + ct_lifetime(f, CILIA_CT_SEEN_REPLY);
+	__u64 expires = now + nodeport_lifetime(f);
 	struct lb_nat_key out = {}, in = {};
-	struct lb_nat_value *v;
+	struct lb_nat_value *v, *back;
 	__be16 port = 0;
 	__u32 base;
 
 	nat_key_of(&out, f->saddr, lb->frontend, f->sport, lb->fport, f, CILIA_NAT_OUT);
 	v = bpf_map_lookup_elem(&cilia_lb_nat, &out);
 	if (v && v->backend_id == lb->backend_id && v->expires > now) {
-		v->expires = expires;
-		return nat_rewrite(skb, f, 0, lb->frontend, v->port);
+		nat_key_of(&in, f->daddr, lb->frontend, f->dport, v->port, f, CILIA_NAT_IN);
+		back = bpf_map_lookup_elem(&cilia_lb_nat, &in);
+		if (back && back->expires > now && back->port == f->sport &&
+		    addr_eq(back->addr, f->saddr)) {
+			v->expires = expires;
+			back->expires = expires;
+			return nat_rewrite(skb, f, 0, lb->frontend, v->port);
+		}
 	}
 
 	struct lb_nat_value client = {
@@ -173,7 +196,7 @@ __inline_fn int nodeport_unsnat(struct __sk_buff *skb, struct flow *f, __u8 *hit
 	v = bpf_map_lookup_elem(&cilia_lb_nat, &in);
 	if (!v)
 		return 0;
-	v->expires = bpf_ktime_get_ns() + ct_lifetime(f, CILIA_CT_SEEN_REPLY);
+	v->expires = bpf_ktime_get_ns() + nodeport_lifetime(f);
 	__builtin_memcpy(client, v->addr, 16);
 	client_port = v->port;
 	fport = v->fport;
@@ -231,10 +254,6 @@ __inline_fn int node_route(const struct flow *f, struct ipcache_value *route)
 	route->identity = CILIA_ID_REMOTE_NODE;
 	return 1;
 }
-
-#ifndef TCP_FLAG_ACK
-#define TCP_FLAG_ACK 0x10
-#endif
 
 /* The IPv4 header checksum and the length fields the DSR header changes. */
 #define DSR_IPV4_TOT_LEN   (ETH_HLEN + 2)
