@@ -15,6 +15,7 @@
 #include "lib/ipcache.h"
 #include "lib/lb_packet.h"
 #include "lib/ndisc.h"
+#include "lib/nodeport.h"
 #include "lib/tunnel.h"
 
 /*
@@ -82,16 +83,25 @@ int cil_from_container(struct __sk_buff *skb)
 	/* Deliver: flows through the L7 proxy by the node's stack (see
 	 * "L7 redirect" in docs/ARCHITECTURE.md), the rest directly: to a
 	 * local endpoint, to another node, or to the stack. A service
-	 * backend's reply gets the frontend as its source. */
+	 * backend's reply gets the frontend as its source (a NodePort's
+	 * leaves by the underlay device); a reply to another node's own
+	 * address goes to that node, as its pods' packets do. */
 	if (d.ct_state == CILIA_CT_STATE_REPLY) {
+		__u8 nodeport = 0;
+		struct ipcache_value route = {};
+
 		if (d.ct_flags & CILIA_CT_FROM_PROXY)
 			return deliver_reply_to_proxy(skb, &f, &p, &d, dir);
 		/* The peer of a redirected flow never saw it: only the proxy answers. */
 		if (d.ct_flags & CILIA_CT_TO_PROXY)
 			return drop_decided(skb, &f, &p, &d, CILIA_DROP_PROXY_PATH, dir);
-		reason = lb_reverse(skb, &f, d.rev_nat);
+		reason = lb_reverse_to(skb, &f, d.rev_nat, &nodeport);
 		if (reason)
 			return drop_decided(skb, &f, &p, &d, reason, dir);
+		if (nodeport)
+			return nodeport_to_client(skb, &f, &p, &d, dir);
+		if (!dst && !(remote && remote->tunnel_family) && node_route(&f, &route))
+			return deliver_to_node(skb, &f, &p, &d, &route, dir);
 	} else if (d.ct_flags & CILIA_CT_TO_PROXY) {
 		return deliver_to_proxy(skb, &f, &p, &d, dir);
 	}

@@ -6,7 +6,8 @@
  *
  * - cil_from_overlay: TCX ingress of the VXLAN device (external mode).
  * - cil_to_overlay: TCX egress of the VXLAN device.
- * - cil_from_netdev: TCX ingress of the underlay device (native routing).
+ * - cil_from_netdev: TCX ingress of the underlay device (native routing,
+ *   and NodePort in every mode).
  *
  * Like the endpoint programs, each reads as the packet's path:
  * parse -> guard -> decide -> deliver.
@@ -19,6 +20,7 @@
 #include "lib/guard.h"
 #include "lib/ipcache.h"
 #include "lib/lb_packet.h"
+#include "lib/nodeport.h"
 #include "lib/tunnel.h"
 
 #define PACKET_HOST 0 /* linux/if_packet.h: to us */
@@ -30,10 +32,17 @@
  * the proxy through the stack, the rest straight into the endpoint.
  */
 __inline_fn int from_node_to_endpoint(struct __sk_buff *skb, struct flow *f,
-				      const struct endpoint_info *dst, __u32 src_id, __u8 dir)
+				      const struct endpoint_info *dst, __u32 src_id, __u16 rev_nat,
+				      __u8 dir)
 {
-	struct decision d = {.dir = dir, .verdict = CILIA_VERDICT_ALLOW};
 	int reason;
+
+	/* A NodePort flow another node sends with direct server return:
+	 * this node rev-NATs the replies (see dsr_accept). */
+	if (!rev_nat)
+		rev_nat = dsr_accept(skb, f);
+
+	struct decision d = {.dir = dir, .verdict = CILIA_VERDICT_ALLOW, .rev_nat = rev_nat};
 
 	/* Guard: no local endpoint's address comes from another node; later
 	 * fragments follow the first. */
@@ -120,10 +129,29 @@ int cil_from_overlay(struct __sk_buff *skb)
 	if (flow_is_multicast(&f))
 		return drop(skb, CILIA_DROP_MULTICAST, dir);
 
+	/* A remote backend's reply to a NodePort flow this node SNATed. */
+	__u8 unsnat = 0;
+
+	reason = nodeport_unsnat(skb, &f, &unsnat);
+	if (reason)
+		return drop(skb, reason, dir);
+	if (unsnat)
+		return nodeport_to_client(skb, &f, 0, 0, dir);
+
 	dst = endpoint_lookup(f.daddr, f.family);
-	if (!dst)
+	if (!dst) {
+		/* An endpoint's packet for this node's own address (the reply
+		 * to a node process, which the sending node tunnels here
+		 * rather than forward it): the stack's, as it would be from
+		 * the underlay. The frame still carries the sender's gateway
+		 * MAC. */
+		if (ipcache_identity(f.daddr, f.family) == CILIA_ID_HOST) {
+			bpf_skb_change_type(skb, PACKET_HOST);
+			return TC_ACT_OK;
+		}
 		return drop(skb, CILIA_DROP_NO_ROUTE, dir);
-	return from_node_to_endpoint(skb, &f, dst, src_id, dir);
+	}
+	return from_node_to_endpoint(skb, &f, dst, src_id, 0, dir);
 }
 
 /*
@@ -177,29 +205,114 @@ int cil_to_overlay(struct __sk_buff *skb)
 }
 
 /*
- * TCX ingress of the underlay device (native routing): a packet for a
- * local endpoint, routed here by another node, meets that endpoint's
- * ingress policy with the source identity from the ipcache (the underlay
- * is trusted for source addresses) and is handed straight to it, without
- * the node's IP forwarding. Everything else is the node's own traffic
- * (the cluster's control plane, ARP, the tunnel's UDP...): the stack's.
+ * A NodePort packet from outside (`svc` its service): the service's
+ * backend, then a local one meets its ingress policy with the client's
+ * identity and gets the packet with the client's address; a remote one
+ * gets it SNATed to this node's address, through the overlay or natively.
+ * externalTrafficPolicy=Local admits local backends only.
+ */
+__inline_fn int nodeport_forward(struct __sk_buff *skb, struct flow *f,
+				 const struct lb_service_value *svc, __u8 dir)
+{
+	struct lb_state lb = {};
+	struct ipcache_value *remote;
+	struct endpoint_info *dst;
+	__u8 any[16] = {};
+	__u32 client_id = ipcache_identity(f->saddr, f->family);
+	__u8 local_only = svc->flags & CILIA_LB_FLAG_LOCAL;
+	__u64 now = bpf_ktime_get_ns();
+	int reason;
+
+	reason = lb_translate_to(skb, f, &lb, svc, any);
+	if (reason)
+		return drop(skb, reason, dir);
+	dst = endpoint_lookup(f->daddr, f->family);
+	if (dst) {
+		struct peers p = {
+		    .src_id = client_id, .dst_id = dst->identity, .ingress_ep = dst->endpoint_id};
+
+		if (lb.selected)
+			event_service(skb, f, &p, lb.frontend, lb.fport, lb.rev_nat, dir);
+		reason = nodeport_remember_frontend(f, &lb, now);
+		if (reason)
+			return drop(skb, reason, dir);
+		return from_node_to_endpoint(skb, f, dst, client_id, lb.rev_nat, dir);
+	}
+	remote = ipcache_lookup(f->daddr, f->family);
+	if (local_only)
+		return drop(skb, CILIA_DROP_NO_BACKEND, dir);
+	if (!remote || !remote->tunnel_family)
+		return drop(skb, CILIA_DROP_NO_ROUTE, dir);
+
+	/* SNAT: the backend's node sees this node as the source
+	 * (remote-node). DSR: the client, and the frontend in the packet
+	 * that selects the backend; the replies do not come back here. */
+	__u8 dsr = svc->flags & CILIA_LB_FLAG_DSR;
+	struct peers p = {.src_id = dsr ? client_id : CILIA_ID_HOST, .dst_id = remote->identity};
+	struct decision d = {.dir = dir, .verdict = CILIA_VERDICT_ALLOW, .level = monitor_level()};
+
+	if (lb.selected)
+		event_service(skb, f, &p, lb.frontend, lb.fport, lb.rev_nat, dir);
+	if (dsr)
+		reason = dsr_wanted(f, &lb) ? dsr_encode(skb, f, &lb) : 0;
+	else
+		reason = nodeport_snat(skb, f, &lb, now);
+	if (reason)
+		return drop(skb, reason, dir);
+	return deliver_to_node(skb, f, &p, &d, remote, dir);
+}
+
+/*
+ * TCX ingress of the underlay device, in every tunnel mode. A remote
+ * backend's reply to a NodePort flow this node SNATed goes back to its
+ * client; a NodePort packet from outside goes to its service's backend.
+ * Natively routed (no overlay) packets for a local endpoint, routed here by
+ * another node, meet that endpoint's ingress policy with the source
+ * identity from the ipcache (the underlay is trusted for source addresses)
+ * and are handed straight to it, without the node's IP forwarding.
+ * Everything else is the node's own traffic (the cluster's control plane,
+ * ARP, the tunnel's UDP...): the stack's, untouched.
  */
 SEC("classifier")
 int cil_from_netdev(struct __sk_buff *skb)
 {
 	const __u8 dir = CILIA_DIR_INGRESS;
 	__be16 proto = eth_proto(skb);
+	struct lb_service_value *svc;
 	struct endpoint_info *dst;
 	struct flow f = {};
+	__u8 unsnat = 0;
+	int reason;
 
 	if (proto != bpf_htons(ETH_P_IPV6) && proto != bpf_htons(ETH_P_IP))
 		return TC_ACT_OK;
 	if (flow_parse(skb, proto, &f))
 		return TC_ACT_OK;
-	dst = endpoint_lookup(f.daddr, f.family);
-	if (!dst || flow_is_nd(&f))
+	if (flow_is_nd(&f))
 		return TC_ACT_OK;
-	return from_node_to_endpoint(skb, &f, dst, ipcache_identity(f.saddr, f.family), dir);
+
+	if (f.frag != FLOW_FRAG_LATER) {
+		reason = nodeport_unsnat(skb, &f, &unsnat);
+		if (reason)
+			return drop(skb, reason, dir);
+		if (unsnat)
+			return nodeport_to_client(skb, &f, 0, 0, dir);
+		svc = nodeport_lookup(&f);
+		if (svc)
+			return nodeport_forward(skb, &f, svc, dir);
+	}
+
+	/* Pods of other nodes arrive here only in native mode (VXLAN: the
+	 * overlay carries them; off: no other nodes): in any other mode
+	 * what is left is the node's own. */
+	struct node_config *cfg = node_config();
+
+	if (!cfg || cfg->tunnel_mode != CILIA_TUNNEL_NATIVE)
+		return TC_ACT_OK;
+	dst = endpoint_lookup(f.daddr, f.family);
+	if (!dst)
+		return TC_ACT_OK;
+	return from_node_to_endpoint(skb, &f, dst, ipcache_identity(f.saddr, f.family), 0, dir);
 }
 
 char LICENSE[] SEC("license") = "GPL";

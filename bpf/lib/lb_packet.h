@@ -102,20 +102,15 @@ __inline_fn void lb_count(struct __sk_buff *skb, __u16 rev_nat, int new_flow)
 }
 
 /*
- * The load balancer of a client's packet (from-container, before the
- * destination lookup): a TCP or UDP packet to a frontend goes to the
- * backend its flow is pinned to while that backend exists, else to one
- * lb_select_backend picks (none: CILIA_DROP_NO_BACKEND); its destination
- * is rewritten to the backend, so everything after it (destination,
- * policy, conntrack, delivery) sees the backend. One hash lookup for every
- * other packet. A fragment to a frontend is dropped
- * (CILIA_DROP_LB_FRAGMENT): its later fragments carry no ports to
- * translate by. ICMP packets are never translated. Returns 0 or the drop
- * reason; `lb` says what was done.
+ * The flow of `f` to the service whose master entry is `svc` (its frontend
+ * address in the services map `vip`: the packet's destination, or the
+ * unspecified address of a NodePort): the pinned or a newly selected
+ * backend, the pin written, the destination rewritten to the backend,
+ * counted. Returns 0 or the drop reason; `lb` says what was done.
  */
-__inline_fn int lb_translate(struct __sk_buff *skb, struct flow *f, struct lb_state *lb)
+__inline_fn int lb_translate_to(struct __sk_buff *skb, struct flow *f, struct lb_state *lb,
+				const struct lb_service_value *svc, const __u8 *vip)
 {
-	struct lb_service_value *svc;
 	struct lb_backend *b = 0;
 	struct ct_key key = {};
 	struct ct_value *ct;
@@ -123,11 +118,6 @@ __inline_fn int lb_translate(struct __sk_buff *skb, struct flow *f, struct lb_st
 	__u64 now;
 	int reason;
 
-	if (f->proto != IPPROTO_TCP && f->proto != IPPROTO_UDP)
-		return 0;
-	svc = lb_service_lookup(f->daddr, f->dport, f->proto, f->family);
-	if (!svc)
-		return 0;
 	if (f->frag != FLOW_NOT_FRAG)
 		return CILIA_DROP_LB_FRAGMENT;
 	now = bpf_ktime_get_ns();
@@ -140,8 +130,8 @@ __inline_fn int lb_translate(struct __sk_buff *skb, struct flow *f, struct lb_st
 			id = ct->backend_id;
 	}
 	if (!id) {
-		id = lb_select_backend(f->daddr, f->dport, f->proto, f->family, svc, f->saddr,
-				       f->sport, now);
+		id = lb_select_backend(vip, f->dport, f->proto, f->family, svc, f->saddr, f->sport,
+				       now);
 		b = lb_backend_lookup(id);
 		lb->selected = 1;
 	}
@@ -162,21 +152,74 @@ __inline_fn int lb_translate(struct __sk_buff *skb, struct flow *f, struct lb_st
 }
 
 /*
+ * The load balancer of a client's packet (from-container, before the
+ * destination lookup): a TCP or UDP packet to a frontend goes to the
+ * backend its flow is pinned to while that backend exists, else to one
+ * lb_select_backend picks (none: CILIA_DROP_NO_BACKEND); its destination
+ * is rewritten to the backend, so everything after it (destination,
+ * policy, conntrack, delivery) sees the backend. One hash lookup for every
+ * other packet. A fragment to a frontend is dropped
+ * (CILIA_DROP_LB_FRAGMENT): its later fragments carry no ports to
+ * translate by. ICMP packets are never translated. Returns 0 or the drop
+ * reason; `lb` says what was done.
+ */
+__inline_fn int lb_translate(struct __sk_buff *skb, struct flow *f, struct lb_state *lb)
+{
+	struct lb_service_value *svc;
+
+	if (f->proto != IPPROTO_TCP && f->proto != IPPROTO_UDP)
+		return 0;
+	svc = lb_service_lookup(f->daddr, f->dport, f->proto, f->family);
+	if (!svc)
+		return 0;
+	return lb_translate_to(skb, f, lb, svc, f->daddr);
+}
+
+/*
  * A reply of a flow to a service backend (its forward entry has
  * `rev_nat`): the source becomes the frontend the client addressed, so the
  * client's socket recognises it. A service removed meanwhile has no rev-NAT
- * entry any more: the reply passes as it is. Returns 0 or the drop reason.
+ * entry any more: the reply passes as it is. A NodePort's reply gets the
+ * node address and nodePort the client addressed (the REVNAT entry of
+ * cilia_lb_nat) and `*nodeport` set: it leaves by the underlay device.
+ * Returns 0 or the drop reason.
  */
-__inline_fn int lb_reverse(struct __sk_buff *skb, struct flow *f, __u16 rev_nat)
+__inline_fn int lb_reverse_to(struct __sk_buff *skb, struct flow *f, __u16 rev_nat, __u8 *nodeport)
 {
 	struct lb_revnat *r;
+	__u8 zero[16] = {};
 
 	if (!rev_nat)
 		return 0;
 	r = bpf_map_lookup_elem(&cilia_lb_revnat, &rev_nat);
 	if (!r || r->family != f->family)
 		return 0;
+	if (addr_eq(r->addr, zero)) {
+		/* A NodePort: the node address the client addressed, kept
+		 * when the flow was translated. */
+		struct lb_nat_key k = {.sport = f->sport,
+				       .dport = f->dport,
+				       .proto = f->proto,
+				       .family = f->family,
+				       .dir = CILIA_NAT_REVNAT};
+		struct lb_nat_value *v;
+
+		__builtin_memcpy(k.saddr, f->saddr, 16);
+		__builtin_memcpy(k.daddr, f->daddr, 16);
+		v = bpf_map_lookup_elem(&cilia_lb_nat, &k);
+		if (!v)
+			return 0;
+		*nodeport = 1;
+		return nat_rewrite(skb, f, 0, v->addr, v->port);
+	}
 	return nat_rewrite(skb, f, 0, r->addr, r->port);
+}
+
+__inline_fn int lb_reverse(struct __sk_buff *skb, struct flow *f, __u16 rev_nat)
+{
+	__u8 nodeport = 0;
+
+	return lb_reverse_to(skb, f, rev_nat, &nodeport);
 }
 
 #endif

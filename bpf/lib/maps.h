@@ -149,5 +149,9 @@ CILIA_SHARED_MAP(cilia_lb_netns, BPF_MAP_TYPE_HASH, CILIA_LB_NETNS_MAX, __u64, _
  * socket shows the backend's address, never an error). */
 CILIA_SHARED_MAP(cilia_lb_sock, BPF_MAP_TYPE_LRU_HASH, CILIA_LB_SOCK_MAX, struct lb_sock_key,
 		 struct lb_sock_value);
+/* NodePort translations (SNAT of external clients to remote backends, the
+ * frontend of a local backend's replies); see struct lb_nat_key. */
+CILIA_SHARED_MAP(cilia_lb_nat, BPF_MAP_TYPE_LRU_HASH, CILIA_LB_NAT_MAX, struct lb_nat_key,
+		 struct lb_nat_value);
 
 #endif

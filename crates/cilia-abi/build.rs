@@ -100,6 +100,22 @@ const STRUCTS: &[(&str, &[&str])] = &[
     ("lb_revnat", &["addr", "port", "family"]),
     ("lb_affinity_key", &["addr", "rev_nat", "family"]),
     ("lb_affinity_value", &["last_used", "backend_id"]),
+    (
+        "lb_nat_key",
+        &["saddr", "daddr", "sport", "dport", "proto", "family", "dir"],
+    ),
+    (
+        "lb_nat_value",
+        &[
+            "addr",
+            "port",
+            "fport",
+            "backend_id",
+            "expires",
+            "rev_nat",
+            "family",
+        ],
+    ),
     ("prefilter_v4_key", &["prefixlen", "addr"]),
     ("prefilter_v6_key", &["prefixlen", "addr"]),
     ("prefilter_value", &["counter"]),

@@ -331,6 +331,16 @@ struct lb_service_key {
 
 /* Flags of a master entry. */
 #define CILIA_LB_FLAG_AFFINITY 1 /* client-address affinity (cilia_lb_affinity) */
+/* NodePort: the frontend address is 0.0.0.0 / :: and stands for every
+ * address of the node (served at the underlay device, cil_from_netdev). */
+#define CILIA_LB_FLAG_NODEPORT 2
+/* externalTrafficPolicy=Local: external traffic only to backends on this
+ * node (the agent writes only those into the slots; the datapath refuses
+ * a remote one). */
+#define CILIA_LB_FLAG_LOCAL 4
+/* NodePort, remote backend: direct server return (no SNAT; the frontend
+ * rides to the backend's node in an IP option, see CILIA_DSR_*). */
+#define CILIA_LB_FLAG_DSR 8
 
 struct lb_service_value {
 	__u32 backend_id; /* slot entry: the backend; master: 0 */
@@ -390,11 +400,12 @@ struct lb_stats {
  * Socket-level load balancing (bpf/sock.c): cgroup programs translate a
  * socket's frontend address to a backend at connect()/sendmsg() time, so
  * its packets carry the backend already. Only sockets of network
- * namespaces in cilia_lb_netns (key: netns cookie, value: 1) are
- * translated. cilia_lb_sock (LRU) remembers, per socket, which frontend
- * each backend stands for (kind REVERSE: recvmsg/getpeername report the
- * frontend) and, for UDP, which backend a frontend was given (kind
- * FORWARD: later datagrams of the socket go to the same backend).
+ * namespaces in cilia_lb_netns (key: netns cookie, value: the endpoint id
+ * there, 0 for the node) are translated. cilia_lb_sock (LRU) remembers,
+ * per socket, which frontend each backend stands for (kind REVERSE:
+ * recvmsg/getpeername report the frontend) and, for UDP, which backend a
+ * frontend was given (kind FORWARD: later datagrams of the socket go to
+ * the same backend).
  */
 #define CILIA_LB_NETNS_MAX 4096	  /* network namespaces served by the socket LB */
 #define CILIA_LB_SOCK_MAX  131072 /* (socket, address) translations remembered */
@@ -420,6 +431,62 @@ struct lb_sock_value {
 	__u32 backend_id;
 	__u16 rev_nat;
 	__u16 pad2;
+};
+
+/* ---- NodePort (external traffic at the underlay device) ---- */
+
+/* Capacity of the NodePort NAT map (LRU: the oldest translations go first). */
+#define CILIA_LB_NAT_MAX 65536
+/* Source ports of SNAT (host byte order, first and last). */
+#define CILIA_LB_SNAT_PORT_FIRST 32768
+#define CILIA_LB_SNAT_PORT_LAST	 60999
+
+/*
+ * DSR: the frontend (node address, nodePort) in the packet that selects a
+ * remote backend (a TCP SYN, a UDP flow's first datagram), inserted right
+ * after the fixed IP header. IPv4: option type 0x9e (copied, class 0,
+ * number 30: the RFC 4727 experiment), length 8: type, length, port (2,
+ * network order), address (4). IPv6: a Destination Options header (next
+ * header 60) of 24 bytes: next header, length 2, option type 0x1e (RFC 4727
+ * experiment; action 00: skipped by a receiver that does not know it),
+ * option length 18, port (2), address (16), then PadN (1, 0).
+ */
+#define CILIA_DSR_IPV4_OPT     0x9e
+#define CILIA_DSR_IPV4_OPT_LEN 8
+#define CILIA_DSR_IPV6_OPT     0x1e
+#define CILIA_DSR_IPV6_OPT_LEN 18
+#define CILIA_DSR_IPV6_HDR_LEN 24
+
+/* Which translation a NAT entry holds (lb_nat_key.dir). */
+#define CILIA_NAT_OUT	 1 /* client -> node:nodePort: the SNAT address/port and backend */
+#define CILIA_NAT_IN	 2 /* backend -> node:snat-port: the client to restore */
+#define CILIA_NAT_REVNAT 3 /* local or DSR backend -> client: the node:nodePort to show */
+
+/* Key of cilia_lb_nat: a tuple as the packet carries it, and the kind. */
+struct lb_nat_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 family;
+	__u8 dir; /* CILIA_NAT_* */
+	__u8 pad;
+};
+
+/* Value of cilia_lb_nat. OUT: addr/port the SNAT source; IN: the client
+ * (destination to restore), `fport` the nodePort (source port to restore;
+ * the address is the packet's destination); REVNAT: the node address and
+ * nodePort replies carry as source. */
+struct lb_nat_value {
+	__u8 addr[16];
+	__be16 port;
+	__be16 fport;
+	__u32 backend_id; /* OUT: the backend of the translation */
+	__u64 expires;	  /* bpf_ktime_get_ns() deadline; a stale entry may be reused */
+	__u16 rev_nat;
+	__u8 family;
+	__u8 pad[5];
 };
 
 /* ---- XDP prefilter ---- */

@@ -72,6 +72,11 @@ pub const TYPE_RULES: &[(Pattern, &str)] = &[
     (Pattern::Exact("CILIA_LB_MAGLEV_SIZE_DEFAULT"), "u32"),
     // Socket LB: `lb_sock_key.kind` (byte).
     (Pattern::Prefix("CILIA_LB_SOCK_"), "u8"),
+    // NodePort: the SNAT port range (host order), `lb_nat_key.dir`.
+    (Pattern::Prefix("CILIA_LB_SNAT_PORT_"), "u16"),
+    (Pattern::Prefix("CILIA_NAT_"), "u8"),
+    // DSR option types and lengths (bytes of the packet).
+    (Pattern::Prefix("CILIA_DSR_"), "u8"),
     // Routing table id and rule priority (rtnetlink u32 attributes).
     (Pattern::Prefix("CILIA_PROXY_"), "u32"),
 ];

@@ -291,6 +291,38 @@ abi_struct! {
         pub pad: u8,
     }
 
+    /// Key of `cilia_lb_nat` (NodePort translations): a tuple as the
+    /// packet carries it (ports in network byte order) and the kind of
+    /// entry (`CILIA_NAT_OUT`, `_IN`, `_REVNAT`).
+    #[derive(Default, Hash, PartialOrd, Ord)]
+    pub struct LbNatKey {
+        pub saddr: [u8; 16],
+        pub daddr: [u8; 16],
+        pub sport: u16,
+        pub dport: u16,
+        pub proto: u8,
+        pub family: u8,
+        pub dir: u8,
+        pub pad: u8,
+    }
+
+    /// Value of `cilia_lb_nat`: OUT the SNAT address/port, IN the client
+    /// to restore (`fport` the nodePort), REVNAT the node address and
+    /// nodePort of a local backend's replies.
+    #[derive(Default)]
+    pub struct LbNatValue {
+        pub addr: [u8; 16],
+        /// Network byte order.
+        pub port: u16,
+        /// Network byte order.
+        pub fport: u16,
+        pub backend_id: u32,
+        pub expires: u64,
+        pub rev_nat: u16,
+        pub family: u8,
+        pub pad: [u8; 5],
+    }
+
     /// Key of the affinity LRU map: a client of a service.
     #[derive(Default, Hash, PartialOrd, Ord)]
     pub struct LbAffinityKey {
@@ -554,6 +586,8 @@ mod tests {
             LbBackendValue as "lb_backend" { addr, port, family, state }
             LbRevNatValue as "lb_revnat" { addr, port, family }
             LbAffinityKey as "lb_affinity_key" { addr, rev_nat, family }
+            LbNatKey as "lb_nat_key" { saddr, daddr, sport, dport, proto, family, dir }
+            LbNatValue as "lb_nat_value" { addr, port, fport, backend_id, expires, rev_nat, family }
             LbAffinityValue as "lb_affinity_value" { last_used, backend_id }
             PrefilterV4Key as "prefilter_v4_key" { prefixlen, addr }
             PrefilterV6Key as "prefilter_v6_key" { prefixlen, addr }

@@ -1002,6 +1002,10 @@ impl LbService {
                 CILIA_LB_FLAG_AFFINITY
             } else {
                 0
+            } | if self.frontend.addr.is_unspecified() {
+                CILIA_LB_FLAG_NODEPORT
+            } else {
+                0
             },
             pad: 0,
             affinity_timeout: self.affinity_timeout.unwrap_or(0),
@@ -1513,6 +1517,20 @@ mod tests {
             let m = LbMaster::decode(&svc.frontend.master_key(), &v).unwrap();
             assert_eq!(m.affinity_timeout, None);
             assert_eq!(m.algorithm, LbAlgorithm::Random);
+        }
+
+        #[test]
+        fn a_frontend_of_the_unspecified_address_is_a_nodeport() {
+            for any in [
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            ] {
+                let mut svc = service(any);
+                svc.affinity_timeout = None;
+                assert_eq!(svc.master_value(1).flags, CILIA_LB_FLAG_NODEPORT, "{any}");
+            }
+            let svc = service(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)));
+            assert_eq!(svc.master_value(1).flags & CILIA_LB_FLAG_NODEPORT, 0);
         }
 
         #[test]

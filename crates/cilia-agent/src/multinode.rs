@@ -66,9 +66,11 @@ pub fn prepare_datapath(
             datapath
                 .attach_overlay(nodenet::VXLAN_DEVICE)
                 .context("attaching the overlay programs")?;
+            // The underlay device's program serves NodePort services in
+            // every mode; in VXLAN mode it leaves everything else alone.
             datapath
-                .detach_netdev()
-                .context("detaching the native-routing program")?;
+                .attach_netdev(&underlay.ifname)
+                .with_context(|| format!("attaching the netdev program to {}", underlay.ifname))?;
             (
                 Some(ifindex),
                 mtu,

@@ -887,6 +887,15 @@ impl Datapath for FakeDatapath {
         out.sort();
         Ok(out)
     }
+    fn upsert_nodeport_service(
+        &self,
+        service: &cilia_abi::LbService,
+        _options: crate::NodePortOptions,
+    ) -> Result<(), DatapathError> {
+        // The fake keeps services as the LB methods do; the traffic
+        // policy and mode matter only to packets.
+        self.upsert_lb_service(service)
+    }
     fn metrics(&self) -> Result<Vec<MetricsEntry>, DatapathError> {
         self.enter("metrics")?;
         Ok(self

@@ -31,6 +31,7 @@ use crate::events::EventReader;
 use crate::node::NodeLinks;
 use crate::prefilter::PrefilterLink;
 use crate::socklb::SocketLbLinks;
+use crate::nodeport::NodePortOptions;
 
 /// An endpoint's programs loaded and verified by
 /// [`Datapath::load_endpoint`], not yet attached; what is inside is the
@@ -260,6 +261,15 @@ pub trait Datapath: Send + Sync {
     fn remove_prefilter(&self, cidrs: &[IpNet]) -> Result<(), DatapathError>;
     /// The CIDRs with their drops (summed over CPUs), sorted.
     fn prefilter(&self) -> Result<Vec<PrefilterCount>, DatapathError>;
+    /// Adds or replaces a NodePort service (frontend address 0.0.0.0 or
+    /// `::`: every address of the node, served at the underlay device) as
+    /// [`Datapath::upsert_lb_service`] does, with its traffic policy and
+    /// mode (see [`NodePortOptions`]).
+    fn upsert_nodeport_service(
+        &self,
+        service: &LbService,
+        options: NodePortOptions,
+    ) -> Result<(), DatapathError>;
 
     // Observability.
 
@@ -444,6 +454,13 @@ impl Datapath for BpfDatapath {
     }
     fn lb_backends(&self) -> Result<Vec<LbBackend>, DatapathError> {
         BpfDatapath::lb_backends(self)
+    }
+    fn upsert_nodeport_service(
+        &self,
+        service: &LbService,
+        options: NodePortOptions,
+    ) -> Result<(), DatapathError> {
+        BpfDatapath::upsert_nodeport_service(self, service, options)
     }
     fn set_maglev_size(&self, size: u32) -> Result<(), DatapathError> {
         BpfDatapath::set_maglev_size(self, size)

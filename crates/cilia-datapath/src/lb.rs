@@ -293,6 +293,16 @@ impl BpfDatapath {
     /// Adds or replaces a service (by frontend), atomically for packets
     /// (see the module's invariant).
     pub fn upsert_lb_service(&self, service: &LbService) -> Result<(), DatapathError> {
+        self.upsert_lb_service_flagged(service, 0)
+    }
+
+    /// [`Self::upsert_lb_service`] with `extra_flags` (`CILIA_LB_FLAG_*`)
+    /// added to the master entry's.
+    pub(crate) fn upsert_lb_service_flagged(
+        &self,
+        service: &LbService,
+        extra_flags: u8,
+    ) -> Result<(), DatapathError> {
         self.check_service(service)?;
         let _writing = lock(&self.lb.writer);
         let frontend = &service.frontend;
@@ -310,7 +320,9 @@ impl BpfDatapath {
                 map.insert(k, v, 0)
                     .map_err(|e| DatapathError::map(MAP_LB_SERVICES, e))?;
             }
-            map.insert(frontend.master_key(), service.master_value(gen), 0)
+            let mut master = service.master_value(gen);
+            master.flags |= extra_flags;
+            map.insert(frontend.master_key(), master, 0)
                 .map_err(|e| DatapathError::map(MAP_LB_SERVICES, e))?;
         }
         if let Some(old) = old {

@@ -79,6 +79,8 @@ pub const MAP_LB_AFFINITY: &str = "cilia_lb_affinity";
 pub const MAP_LB_STATS: &str = "cilia_lb_stats";
 /// Shared hash of maps: rev-NAT id -> that service's Maglev table.
 pub const MAP_LB_MAGLEV: &str = "cilia_lb_maglev";
+/// Shared LRU hash: NodePort translations (SNAT, a local backend's frontend).
+pub const MAP_LB_NAT: &str = "cilia_lb_nat";
 
 /// Shared hash: netns cookie -> 1 for the namespaces the socket LB serves.
 pub const MAP_LB_NETNS: &str = "cilia_lb_netns";
@@ -190,6 +192,11 @@ pub const SHARED_MAPS: &[MapSpec] = &[
         name: MAP_LB_SOCK,
         key_size: core::mem::size_of::<cilia_abi::LbSockKey>() as u32,
         value_size: core::mem::size_of::<cilia_abi::LbSockValue>() as u32,
+    },
+    MapSpec {
+        name: MAP_LB_NAT,
+        key_size: core::mem::size_of::<cilia_abi::LbNatKey>() as u32,
+        value_size: core::mem::size_of::<cilia_abi::LbNatValue>() as u32,
     },
     MapSpec {
         name: MAP_METRICS,

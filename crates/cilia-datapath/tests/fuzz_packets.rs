@@ -280,6 +280,16 @@ fn random_packets_from_the_underlay_never_reach_an_endpoint_past_its_policy() {
     fx.dp
         .upsert_ipcache_value(remote.key(), remote.value())
         .unwrap();
+    // Native routing: the only mode in which the program delivers to
+    // endpoints.
+    fx.dp
+        .set_node_config(&cilia_abi::NodeConfig {
+            tunnel_mode: cilia_abi::TunnelMode::Native,
+            tunnel_ifindex: 0,
+            underlay_ifindex: 4301,
+            tunnel_port: 0,
+        })
+        .unwrap();
     let prog = fx
         .dp
         .test_node_program(cilia_datapath::object::PROG_FROM_NETDEV)

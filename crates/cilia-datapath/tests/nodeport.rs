@@ -1,0 +1,1040 @@
+//! NodePort: external clients reach a service on the node's underlay
+//! address. Crafted packets through `cil_from_netdev` and the backend's
+//! `cil_from_container` with `BPF_PROG_TEST_RUN` (DNAT to a local backend,
+//! SNAT to a remote one, both replies translated back, the traffic policy
+//! Local, everything else untouched), then real traffic between a "world"
+//! namespace and two nodes joined by a bridge, in VXLAN and native mode.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use cilia_abi::*;
+use cilia_datapath::object::PROG_FROM_NETDEV;
+use cilia_datapath::packet::*;
+use cilia_datapath::testrun::{TestProgram, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
+use cilia_datapath::{BpfDatapath, NodePortOptions};
+use cilia_testnet::{BpfRoot, Netns};
+
+mod common;
+use common::fixture::{B_ID, B_IDENTITY};
+use common::serve::{exchange, Echo};
+use common::*;
+
+const NODE_PORT: u16 = 30080;
+const BACKEND_PORT: u16 = 8080;
+const REV_NAT: u16 = 9;
+const LOCAL_BACKEND: u32 = 10;
+const REMOTE_BACKEND: u32 = 20;
+const REMOTE_IDENTITY: u32 = 3000;
+const B_FROM: (Mac, Mac) = (B_MAC, B_NODE_MAC);
+const SNAT: NodePortOptions = NodePortOptions {
+    external_local: false,
+    dsr: false,
+};
+const LOCAL: NodePortOptions = NodePortOptions {
+    external_local: true,
+    dsr: false,
+};
+const DSR: NodePortOptions = NodePortOptions {
+    external_local: false,
+    dsr: true,
+};
+const WIRE: (Mac, Mac) = ([0x0a, 0, 0, 0, 0, 0xef], [0x0a, 0, 0, 0, 0, 0xee]);
+
+fn node_addr(v6: bool, n: u8) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::new(
+            0x2001,
+            0xdb8,
+            0x100,
+            0,
+            0,
+            0,
+            0,
+            u16::from(n),
+        ))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(198, 51, 100, n))
+    }
+}
+/// The world client: a documentation address on the underlay's subnet.
+fn world(v6: bool, port: u16) -> SocketAddr {
+    SocketAddr::new(node_addr(v6, 200), port)
+}
+fn remote_pod(v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6("fd00:c1a:2::10".parse().unwrap())
+    } else {
+        IpAddr::V4("10.200.2.10".parse().unwrap())
+    }
+}
+fn local_pod(v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(b6())
+    } else {
+        IpAddr::V4(b4())
+    }
+}
+fn any(v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    }
+}
+
+fn nodeport_service(v6: bool, slots: Vec<u32>) -> LbService {
+    LbService {
+        rev_nat: REV_NAT,
+        frontend: LbFrontend {
+            addr: any(v6),
+            port: NODE_PORT,
+            proto: IPPROTO_TCP,
+        },
+        algorithm: LbAlgorithm::Random,
+        affinity_timeout: None,
+        slots,
+        maglev: None,
+    }
+}
+
+/// Node 1 (198.51.100.1, 2001:db8:100::1) with endpoint B, a remote pod on
+/// node 2, and the backends B (local) and the remote pod (remote).
+struct Fixture {
+    _root: BpfRoot,
+    dp: BpfDatapath,
+}
+
+impl Fixture {
+    fn new(mode: TunnelMode, v6: bool) -> Self {
+        let root = BpfRoot::new();
+        let dp = BpfDatapath::open(root.path()).expect("open datapath");
+        let info = EndpointInfo {
+            ifindex: 4142,
+            identity: B_IDENTITY,
+            endpoint_id: B_ID,
+            flags: 0,
+            mac: B_MAC,
+            node_mac: B_NODE_MAC,
+        };
+        dp.upsert_endpoint(IpAddr::V6(b6()), info).unwrap();
+        dp.upsert_endpoint(IpAddr::V4(b4()), info).unwrap();
+        for v6 in [false, true] {
+            for row in [
+                IpcacheEntry {
+                    prefix: node_addr(v6, 1).into(),
+                    identity: CILIA_ID_HOST,
+                    tunnel: None,
+                },
+                IpcacheEntry {
+                    prefix: node_addr(v6, 2).into(),
+                    identity: CILIA_ID_REMOTE_NODE,
+                    tunnel: None,
+                },
+                IpcacheEntry {
+                    prefix: remote_pod(v6).into(),
+                    identity: REMOTE_IDENTITY,
+                    tunnel: Some(node_addr(v6, 2)),
+                },
+            ] {
+                dp.upsert_ipcache_value(row.key(), row.value()).unwrap();
+            }
+        }
+        dp.publish_nodes(&[node_addr(false, 2), node_addr(true, 2)])
+            .unwrap();
+        dp.set_node_config(&NodeConfig {
+            tunnel_mode: mode,
+            tunnel_ifindex: 4300,
+            underlay_ifindex: 4301,
+            tunnel_port: if mode == TunnelMode::Vxlan { 8472 } else { 0 },
+        })
+        .unwrap();
+        dp.upsert_lb_backends(&[
+            LbBackend {
+                id: LOCAL_BACKEND,
+                addr: SocketAddr::new(local_pod(v6), BACKEND_PORT),
+                state: LbBackendState::Active,
+            },
+            LbBackend {
+                id: REMOTE_BACKEND,
+                addr: SocketAddr::new(remote_pod(v6), BACKEND_PORT),
+                state: LbBackendState::Active,
+            },
+        ])
+        .unwrap();
+        Self { _root: root, dp }
+    }
+
+    fn netdev(&self) -> TestProgram {
+        self.dp.test_node_program(PROG_FROM_NETDEV).unwrap()
+    }
+
+    fn b(&self) -> TestProgram {
+        let cfg = EndpointConfig {
+            ipv6: b6().octets(),
+            ipv4: b4().octets(),
+            mac: B_MAC,
+            node_mac: B_NODE_MAC,
+            ifindex: 4142,
+            identity: B_IDENTITY,
+            endpoint_id: B_ID,
+            enable_ipv4: 1,
+            monitor: 1,
+        };
+        self.dp.test_program(&cfg).unwrap()
+    }
+}
+
+/// A TCP segment with a valid checksum (`flags`: 0x02 SYN, 0x12 SYN-ACK).
+fn tcp_packet(src: SocketAddr, dst: SocketAddr, flags: u8, from: (Mac, Mac)) -> Vec<u8> {
+    let mut l4 = vec![0u8; 20];
+    l4[0..2].copy_from_slice(&src.port().to_be_bytes());
+    l4[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    l4[4..8].copy_from_slice(&0x0102_0304u32.to_be_bytes());
+    l4[12] = 0x50;
+    l4[13] = flags;
+    l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    l4.extend_from_slice(b"hello, nodeport");
+    let sum = l4_checksum(src.ip(), dst.ip(), &l4);
+    l4[16..18].copy_from_slice(&sum.to_be_bytes());
+    match (src.ip(), dst.ip()) {
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth(
+            from.1,
+            from.0,
+            ETH_P_IPV6,
+            &ipv6(s, d, IPPROTO_TCP, 64, &l4),
+        ),
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            eth(from.1, from.0, ETH_P_IP, &ipv4(s, d, IPPROTO_TCP, 64, &l4))
+        }
+        _ => unreachable!("one family"),
+    }
+}
+
+/// The TCP checksum over the pseudo-header and `l4` (0 when valid).
+fn l4_checksum(src: IpAddr, dst: IpAddr, l4: &[u8]) -> u16 {
+    let mut buf = Vec::new();
+    match (src, dst) {
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            buf.extend_from_slice(&s.octets());
+            buf.extend_from_slice(&d.octets());
+            buf.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+            buf.extend_from_slice(&[0, 0, 0, IPPROTO_TCP]);
+        }
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            buf.extend_from_slice(&s.octets());
+            buf.extend_from_slice(&d.octets());
+            buf.extend_from_slice(&[0, IPPROTO_TCP]);
+            buf.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+        }
+        _ => unreachable!("one family"),
+    }
+    buf.extend_from_slice(l4);
+    checksum(&buf)
+}
+
+/// Source, destination, and whether every checksum of the TCP packet is
+/// valid (IPv4 options and one IPv6 Destination Options header skipped).
+fn parse(pkt: &[u8]) -> (SocketAddr, SocketAddr, bool) {
+    let ethertype = u16::from_be_bytes([pkt[12], pkt[13]]);
+    let (src, dst, l4, ip_ok) = if ethertype == ETH_P_IPV6 {
+        let s: [u8; 16] = pkt[22..38].try_into().unwrap();
+        let d: [u8; 16] = pkt[38..54].try_into().unwrap();
+        let l4 = if pkt[20] == 60 {
+            54 + (usize::from(pkt[55]) + 1) * 8
+        } else {
+            54
+        };
+        (IpAddr::from(s), IpAddr::from(d), &pkt[l4..], true)
+    } else {
+        let s: [u8; 4] = pkt[26..30].try_into().unwrap();
+        let d: [u8; 4] = pkt[30..34].try_into().unwrap();
+        let l4 = 14 + usize::from(pkt[14] & 0xf) * 4;
+        (
+            IpAddr::from(s),
+            IpAddr::from(d),
+            &pkt[l4..],
+            checksum(&pkt[14..l4]) == 0
+                && usize::from(u16::from_be_bytes([pkt[16], pkt[17]])) == pkt.len() - 14,
+        )
+    };
+    let sport = u16::from_be_bytes([l4[0], l4[1]]);
+    let dport = u16::from_be_bytes([l4[2], l4[3]]);
+    (
+        SocketAddr::new(src, sport),
+        SocketAddr::new(dst, dport),
+        ip_ok && l4_checksum(src, dst, l4) == 0,
+    )
+}
+
+/// The frontend a DSR packet carries (the format of CILIA_DSR_* in abi.h).
+fn dsr_frontend(pkt: &[u8]) -> Option<SocketAddr> {
+    let ethertype = u16::from_be_bytes([pkt[12], pkt[13]]);
+    if ethertype == ETH_P_IPV6 {
+        let h = &pkt[54..];
+        (pkt[20] == 60 && h[1] == 2 && h[2] == CILIA_DSR_IPV6_OPT && h[3] == 18).then(|| {
+            let a: [u8; 16] = h[6..22].try_into().unwrap();
+            SocketAddr::new(IpAddr::from(a), u16::from_be_bytes([h[4], h[5]]))
+        })
+    } else {
+        let o = &pkt[34..];
+        (pkt[14] & 0xf >= 7 && o[0] == CILIA_DSR_IPV4_OPT && o[1] == 8).then(|| {
+            let a: [u8; 4] = o[4..8].try_into().unwrap();
+            SocketAddr::new(IpAddr::from(a), u16::from_be_bytes([o[2], o[3]]))
+        })
+    }
+}
+
+fn families() -> [bool; 2] {
+    [false, true]
+}
+
+#[test]
+fn nodeport_to_a_local_backend_keeps_the_client_address_and_the_reply_shows_the_node_port() {
+    privileged!("nodeport_local_backend");
+    for v6 in families() {
+        let fx = Fixture::new(TunnelMode::Native, v6);
+        fx.dp
+            .upsert_nodeport_service(&nodeport_service(v6, vec![LOCAL_BACKEND]), SNAT)
+            .unwrap();
+        let frontend = SocketAddr::new(node_addr(v6, 1), NODE_PORT);
+        let syn = tcp_packet(world(v6, 40000), frontend, 0x02, WIRE);
+        let out = fx.netdev().run(&syn).unwrap();
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "v6={v6}: into the endpoint");
+        assert_eq!(&out.packet[..6], &B_MAC);
+        let (src, dst, ok) = parse(&out.packet);
+        assert_eq!(src, world(v6, 40000), "the client's address is kept");
+        assert_eq!(dst, SocketAddr::new(local_pod(v6), BACKEND_PORT));
+        assert!(ok, "checksums valid");
+        let ct = fx.dp.list_ct().unwrap();
+        assert!(
+            ct.iter()
+                .any(|(_, v)| v.rev_nat == REV_NAT && v.src_identity == CILIA_ID_WORLD),
+            "the flow is tracked with its service, from world: {ct:?}"
+        );
+
+        let reply = tcp_packet(
+            SocketAddr::new(local_pod(v6), BACKEND_PORT),
+            world(v6, 40000),
+            0x12,
+            B_FROM,
+        );
+        let out = fx.b().run(&reply).unwrap();
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "v6={v6}: out of the underlay");
+        let (src, dst, ok) = parse(&out.packet);
+        assert_eq!(src, frontend, "the node address and port the client used");
+        assert_eq!(dst, world(v6, 40000));
+        assert!(ok, "checksums valid");
+    }
+}
+
+#[test]
+fn nodeport_to_a_remote_backend_is_snated_to_the_node_and_its_reply_goes_back_to_the_client() {
+    privileged!("nodeport_remote_backend_snat");
+    for v6 in families() {
+        let fx = Fixture::new(TunnelMode::Native, v6);
+        fx.dp
+            .upsert_nodeport_service(&nodeport_service(v6, vec![REMOTE_BACKEND]), SNAT)
+            .unwrap();
+        let netdev = fx.netdev();
+        let frontend = SocketAddr::new(node_addr(v6, 1), NODE_PORT);
+        let syn = tcp_packet(world(v6, 40001), frontend, 0x02, WIRE);
+        let out = netdev.run(&syn).unwrap();
+        assert_eq!(
+            out.verdict, TC_ACT_REDIRECT,
+            "v6={v6}: to the backend's node"
+        );
+        let (src, dst, ok) = parse(&out.packet);
+        assert_eq!(src.ip(), node_addr(v6, 1), "SNAT to the node address");
+        assert!(
+            (CILIA_LB_SNAT_PORT_FIRST..=CILIA_LB_SNAT_PORT_LAST).contains(&src.port()),
+            "{src}"
+        );
+        assert_eq!(dst, SocketAddr::new(remote_pod(v6), BACKEND_PORT));
+        assert!(ok, "checksums valid");
+        // The same flow keeps its port.
+        let again = netdev.run(&syn).unwrap();
+        assert_eq!(
+            parse(&again.packet).0,
+            src,
+            "a retransmission keeps the port"
+        );
+        let nat = fx.dp.lb_nat().unwrap();
+        assert_eq!(
+            nat.iter().filter(|(k, _)| k.dir == CILIA_NAT_IN).count(),
+            1,
+            "{nat:?}"
+        );
+
+        let reply = tcp_packet(dst, src, 0x12, WIRE);
+        let out = netdev.run(&reply).unwrap();
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "v6={v6}: out to the client");
+        let (rsrc, rdst, ok) = parse(&out.packet);
+        assert_eq!(rsrc, frontend, "from the node port the client addressed");
+        assert_eq!(rdst, world(v6, 40001));
+        assert!(ok, "checksums valid");
+    }
+}
+
+#[test]
+fn nodeport_to_a_remote_backend_goes_through_the_overlay_in_vxlan_mode() {
+    privileged!("nodeport_remote_backend_vxlan");
+    let fx = Fixture::new(TunnelMode::Vxlan, false);
+    fx.dp
+        .upsert_nodeport_service(&nodeport_service(false, vec![REMOTE_BACKEND]), SNAT)
+        .unwrap();
+    let frontend = SocketAddr::new(node_addr(false, 1), NODE_PORT);
+    let out = fx
+        .netdev()
+        .run(&tcp_packet(world(false, 40002), frontend, 0x02, WIRE))
+        .unwrap();
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        drops(&fx.dp, CILIA_DROP_WRITE_FAILED),
+        0,
+        "the tunnel key was set"
+    );
+    let counted: u64 = fx
+        .dp
+        .metrics()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.kind == CILIA_METRIC_FORWARD && k.reason == CILIA_FWD_TUNNEL)
+        .map(|(_, v)| v.packets)
+        .sum();
+    assert_eq!(counted, 1, "sent into the overlay");
+}
+
+#[test]
+fn netdev_in_vxlan_mode_leaves_everything_but_nodeport_traffic_untouched() {
+    privileged!("netdev_vxlan_untouched");
+    let fx = Fixture::new(TunnelMode::Vxlan, false);
+    fx.dp
+        .upsert_nodeport_service(&nodeport_service(false, vec![LOCAL_BACKEND]), SNAT)
+        .unwrap();
+    let netdev = fx.netdev();
+    let node = node_addr(false, 1);
+    let vxlan = eth(
+        WIRE.1,
+        WIRE.0,
+        ETH_P_IP,
+        &ipv4(
+            Ipv4Addr::new(198, 51, 100, 2),
+            Ipv4Addr::new(198, 51, 100, 1),
+            IPPROTO_UDP,
+            64,
+            &udp(8472, 8472, b"x"),
+        ),
+    );
+    for packet in [
+        vxlan,
+        // Another port of the node.
+        tcp_packet(world(false, 40003), SocketAddr::new(node, 22), 0x02, WIRE),
+        // The node port on an address that is not this node's.
+        tcp_packet(
+            world(false, 40003),
+            SocketAddr::new(node_addr(false, 77), NODE_PORT),
+            0x02,
+            WIRE,
+        ),
+        // A local endpoint: in VXLAN mode pods are reached through the overlay.
+        tcp_packet(
+            world(false, 40003),
+            SocketAddr::new(local_pod(false), BACKEND_PORT),
+            0x02,
+            WIRE,
+        ),
+    ] {
+        let out = netdev.run(&packet).unwrap();
+        assert_eq!(out.verdict, TC_ACT_OK);
+        assert_eq!(out.packet, packet, "untouched");
+    }
+    assert!(fx.dp.metrics().unwrap().is_empty(), "nothing counted");
+}
+
+#[test]
+fn external_traffic_policy_local_sends_external_clients_to_local_backends_only() {
+    privileged!("nodeport_local_policy");
+    let fx = Fixture::new(TunnelMode::Native, false);
+    let netdev = fx.netdev();
+    let frontend = SocketAddr::new(node_addr(false, 1), NODE_PORT);
+    // No local backend on this node: its slots are empty, the traffic dropped.
+    fx.dp
+        .upsert_nodeport_service(&nodeport_service(false, vec![]), LOCAL)
+        .unwrap();
+    let syn = tcp_packet(world(false, 40004), frontend, 0x02, WIRE);
+    assert_eq!(netdev.run(&syn).unwrap().verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&fx.dp, CILIA_DROP_NO_BACKEND), 1);
+    // A remote backend in the slots of a Local service is refused too.
+    fx.dp
+        .upsert_nodeport_service(&nodeport_service(false, vec![REMOTE_BACKEND]), LOCAL)
+        .unwrap();
+    let syn = tcp_packet(world(false, 40005), frontend, 0x02, WIRE);
+    assert_eq!(netdev.run(&syn).unwrap().verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&fx.dp, CILIA_DROP_NO_BACKEND), 2);
+    // The local backend serves.
+    fx.dp
+        .upsert_nodeport_service(&nodeport_service(false, vec![LOCAL_BACKEND]), LOCAL)
+        .unwrap();
+    let syn = tcp_packet(world(false, 40006), frontend, 0x02, WIRE);
+    let out = netdev.run(&syn).unwrap();
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        parse(&out.packet).1,
+        SocketAddr::new(local_pod(false), BACKEND_PORT)
+    );
+    let master = fx.dp.lb_services().unwrap();
+    assert_eq!(master.len(), 1, "{master:?}");
+}
+
+#[test]
+fn a_nodeport_service_needs_the_unspecified_address() {
+    privileged!("nodeport_needs_unspecified");
+    let fx = Fixture::new(TunnelMode::Native, false);
+    let mut svc = nodeport_service(false, vec![LOCAL_BACKEND]);
+    svc.frontend.addr = node_addr(false, 1);
+    let err = fx.dp.upsert_nodeport_service(&svc, SNAT).unwrap_err();
+    assert!(err.to_string().contains("198.51.100.1"), "{err}");
+}
+
+#[test]
+fn dsr_carries_the_frontend_to_the_backends_node_in_the_packet_that_selects_the_backend() {
+    privileged!("nodeport_dsr_encode");
+    for v6 in families() {
+        let fx = Fixture::new(TunnelMode::Native, v6);
+        fx.dp
+            .upsert_nodeport_service(&nodeport_service(v6, vec![REMOTE_BACKEND]), DSR)
+            .unwrap();
+        let netdev = fx.netdev();
+        let frontend = SocketAddr::new(node_addr(v6, 1), NODE_PORT);
+        let syn = tcp_packet(world(v6, 40007), frontend, 0x02, WIRE);
+        let out = netdev.run(&syn).unwrap();
+        assert_eq!(
+            out.verdict, TC_ACT_REDIRECT,
+            "v6={v6}: to the backend's node"
+        );
+        let (src, dst, ok) = parse(&out.packet);
+        assert_eq!(src, world(v6, 40007), "no SNAT: the client's address");
+        assert_eq!(dst, SocketAddr::new(remote_pod(v6), BACKEND_PORT));
+        assert!(ok, "v6={v6}: checksums and lengths valid");
+        assert_eq!(dsr_frontend(&out.packet), Some(frontend), "v6={v6}");
+        assert_eq!(
+            out.packet.len(),
+            syn.len() + if v6 { 24 } else { 8 },
+            "v6={v6}: the DSR header is the only growth"
+        );
+        // Later segments go without it; no NAT state on this node.
+        let ack = tcp_packet(world(v6, 40007), frontend, 0x10, WIRE);
+        let out = netdev.run(&ack).unwrap();
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        assert_eq!(dsr_frontend(&out.packet), None);
+        assert_eq!(out.packet.len(), ack.len());
+        assert!(fx.dp.lb_nat().unwrap().is_empty(), "no SNAT entries");
+    }
+}
+
+#[test]
+fn the_backends_node_rev_nats_a_dsr_flow_and_answers_the_client_directly() {
+    privileged!("nodeport_dsr_decode");
+    for v6 in families() {
+        // This node holds the backend (B); the LB node is 198.51.100.2.
+        let fx = Fixture::new(TunnelMode::Native, v6);
+        fx.dp
+            .upsert_nodeport_service(&nodeport_service(v6, vec![LOCAL_BACKEND]), DSR)
+            .unwrap();
+        // The LB node's packet, made by its own program.
+        let lb = Fixture::new(TunnelMode::Native, v6);
+        lb.dp
+            .upsert_lb_backends(&[LbBackend {
+                id: 30,
+                addr: SocketAddr::new(local_pod(v6), BACKEND_PORT),
+                state: LbBackendState::Active,
+            }])
+            .unwrap();
+        lb.dp.remove_endpoint(local_pod(v6)).unwrap();
+        let row = IpcacheEntry {
+            prefix: local_pod(v6).into(),
+            identity: B_IDENTITY,
+            tunnel: Some(node_addr(v6, 2)),
+        };
+        lb.dp.upsert_ipcache_value(row.key(), row.value()).unwrap();
+        lb.dp
+            .upsert_nodeport_service(&nodeport_service(v6, vec![30]), DSR)
+            .unwrap();
+        let frontend = SocketAddr::new(node_addr(v6, 1), NODE_PORT);
+        let syn = tcp_packet(world(v6, 40008), frontend, 0x02, WIRE);
+        let wire = lb.netdev().run(&syn).unwrap().packet;
+        assert_eq!(dsr_frontend(&wire), Some(frontend));
+
+        let out = fx.netdev().run(&wire).unwrap();
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "v6={v6}: into the backend");
+        assert_eq!(&out.packet[..6], &B_MAC);
+        let ct = fx.dp.list_ct().unwrap();
+        assert!(
+            ct.iter()
+                .any(|(_, v)| v.rev_nat == REV_NAT && v.src_identity == CILIA_ID_WORLD),
+            "v6={v6}: the flow is the service's, from world: {ct:?}"
+        );
+        let reply = tcp_packet(
+            SocketAddr::new(local_pod(v6), BACKEND_PORT),
+            world(v6, 40008),
+            0x12,
+            B_FROM,
+        );
+        let out = fx.b().run(&reply).unwrap();
+        assert_eq!(
+            out.verdict, TC_ACT_REDIRECT,
+            "v6={v6}: out of this node's device"
+        );
+        let (src, dst, ok) = parse(&out.packet);
+        assert_eq!(
+            src, frontend,
+            "v6={v6}: from the LB node's address and port"
+        );
+        assert_eq!(dst, world(v6, 40008));
+        assert!(ok);
+    }
+}
+
+// ---- real traffic: a world client and two nodes on the fabric ----
+
+const ECHO_PORT: u16 = 8080;
+/// Backend on node 2.
+const PORT_TO_NODE2: u16 = 30080;
+/// Backend on node 1.
+const PORT_TO_NODE1: u16 = 30081;
+/// Underlay MTU 1500 minus the IPv6 VXLAN overhead (70).
+const OVERLAY_MTU: u32 = 1430;
+
+fn pod(v6: bool, n: u8) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::new(0xfd00, 0xc1a, u16::from(n), 0, 0, 0, 0, 0x10))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(10, 200, n, 10))
+    }
+}
+
+fn fabric_addr(v6: bool, n: u8) -> IpAddr {
+    if v6 {
+        IpAddr::V6(cilia_testnet::cluster::node_ipv6(n))
+    } else {
+        IpAddr::V4(cilia_testnet::cluster::node_ipv4(n))
+    }
+}
+
+fn mac_str(m: Mac) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Node `n` on the fabric: its endpoint (an echo server's namespace) and
+/// its datapath, with the node programs on `eth0` (and the VXLAN device).
+struct Node {
+    ep: Netns,
+    dp: BpfDatapath,
+}
+
+fn real_node(
+    root: &BpfRoot,
+    ns: &Netns,
+    n: u8,
+    mode: TunnelMode,
+    options: NodePortOptions,
+) -> Node {
+    let ep = Netns::new("cep").unwrap();
+    let (m, node_m) = if n == 1 {
+        (A_MAC, A_NODE_MAC)
+    } else {
+        (B_MAC, B_NODE_MAC)
+    };
+    ns.sh("ip link set lo up").unwrap();
+    if mode == TunnelMode::Vxlan {
+        ns.sh(&format!(
+            "set -e
+             ip link add cilia_vxlan type vxlan external dstport 8472 nolearning
+             ip link set cilia_vxlan addrgenmode none
+             ip link set cilia_vxlan arp off mtu {OVERLAY_MTU} up"
+        ))
+        .unwrap();
+    }
+    ns.sh(&format!(
+        "set -e
+         ip link add lxc0 address {hm} mtu {OVERLAY_MTU} type veth peer name eth0 address {em} mtu {OVERLAY_MTU} netns {ep}
+         ip link set lxc0 up
+         ip route add {v6}/128 dev lxc0; ip route add {v4}/32 dev lxc0",
+        hm = mac_str(node_m),
+        em = mac_str(m),
+        ep = ep.name(),
+        v6 = pod(true, n),
+        v4 = pod(false, n),
+    ))
+    .unwrap();
+    ep.sh(&format!(
+        "set -e
+         ip link set lo up
+         ip addr add {v6}/128 dev eth0 nodad; ip addr add {v4}/32 dev eth0
+         ip link set eth0 up
+         ip -6 route add fd00:c1a:{n}::1/128 dev eth0; ip -6 route add default via fd00:c1a:{n}::1 dev eth0
+         ip route add 10.200.{n}.1/32 dev eth0; ip route add default via 10.200.{n}.1 dev eth0",
+        v6 = pod(true, n),
+        v4 = pod(false, n),
+    ))
+    .unwrap();
+    let dp = BpfDatapath::open(&root.path().join(format!("node{n}"))).unwrap();
+    let ifindex = ns.run(|| nix::net::if_::if_nametoindex("lxc0").unwrap());
+    let identity = 1000 + u32::from(n);
+    let config = EndpointConfig {
+        ipv6: match pod(true, n) {
+            IpAddr::V6(a) => a.octets(),
+            IpAddr::V4(_) => unreachable!(),
+        },
+        ipv4: match pod(false, n) {
+            IpAddr::V4(a) => a.octets(),
+            IpAddr::V6(_) => unreachable!(),
+        },
+        mac: m,
+        node_mac: node_m,
+        ifindex,
+        identity,
+        endpoint_id: u16::from(n),
+        enable_ipv4: 1,
+        monitor: 1,
+    };
+    ns.run(|| dp.attach_endpoint(&config, "lxc0")).unwrap();
+    let info = EndpointInfo {
+        ifindex,
+        identity,
+        endpoint_id: u16::from(n),
+        flags: 0,
+        mac: m,
+        node_mac: node_m,
+    };
+    dp.upsert_endpoint(pod(true, n), info).unwrap();
+    dp.upsert_endpoint(pod(false, n), info).unwrap();
+
+    let peer = 3 - n;
+    let (tunnel_ifindex, underlay_ifindex) = ns.run(|| {
+        (
+            nix::net::if_::if_nametoindex("cilia_vxlan").unwrap_or(0),
+            nix::net::if_::if_nametoindex("eth0").unwrap(),
+        )
+    });
+    dp.set_node_config(&NodeConfig {
+        tunnel_mode: mode,
+        tunnel_ifindex,
+        underlay_ifindex,
+        tunnel_port: if mode == TunnelMode::Vxlan { 8472 } else { 0 },
+    })
+    .unwrap();
+    if mode == TunnelMode::Vxlan {
+        ns.run(|| dp.attach_overlay("cilia_vxlan")).unwrap();
+    }
+    ns.run(|| dp.attach_netdev("eth0")).unwrap();
+    dp.publish_nodes(&[fabric_addr(false, peer), fabric_addr(true, peer)])
+        .unwrap();
+    for v6 in [false, true] {
+        for row in [
+            IpcacheEntry {
+                prefix: fabric_addr(v6, n).into(),
+                identity: CILIA_ID_HOST,
+                tunnel: None,
+            },
+            IpcacheEntry {
+                prefix: fabric_addr(v6, peer).into(),
+                identity: CILIA_ID_REMOTE_NODE,
+                tunnel: None,
+            },
+            IpcacheEntry {
+                prefix: pod(v6, peer).into(),
+                identity: 1000 + u32::from(peer),
+                tunnel: Some(fabric_addr(v6, peer)),
+            },
+        ] {
+            dp.upsert_ipcache_value(row.key(), row.value()).unwrap();
+        }
+    }
+    // The same NodePort services on every node: one port to node 2's
+    // endpoint, one to node 1's, each family.
+    let mut backends = Vec::new();
+    for (id, v6, n) in [(1, false, 2), (2, true, 2), (3, false, 1), (4, true, 1)] {
+        backends.push(LbBackend {
+            id,
+            addr: SocketAddr::new(pod(v6, n), ECHO_PORT),
+            state: LbBackendState::Active,
+        });
+    }
+    dp.upsert_lb_backends(&backends).unwrap();
+    for (rev_nat, v6, port, backend, on) in [
+        (1, false, PORT_TO_NODE2, 1, 2),
+        (2, true, PORT_TO_NODE2, 2, 2),
+        (3, false, PORT_TO_NODE1, 3, 1),
+        (4, true, PORT_TO_NODE1, 4, 1),
+    ] {
+        // externalTrafficPolicy=Local: the agent writes this node's
+        // backends only.
+        let slots = if options.external_local && on != n {
+            vec![]
+        } else {
+            vec![backend]
+        };
+        let mut svc = nodeport_service(v6, slots);
+        svc.rev_nat = rev_nat;
+        svc.frontend.port = port;
+        dp.upsert_nodeport_service(&svc, options).unwrap();
+    }
+    Node { ep, dp }
+}
+
+fn nodeport_from_the_world(mode: TunnelMode) {
+    let fabric = cilia_testnet::cluster::Fabric::new(2).unwrap();
+    let world_ns = fabric.attach(200).unwrap();
+    let root = BpfRoot::new();
+    let nodes = [
+        real_node(&root, fabric.node(1), 1, mode, SNAT),
+        real_node(&root, fabric.node(2), 2, mode, SNAT),
+    ];
+    let echoes = [
+        Echo::start(&nodes[0].ep, &[ECHO_PORT]),
+        Echo::start(&nodes[1].ep, &[ECHO_PORT]),
+    ];
+    let payload: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    for v6 in [false, true] {
+        for n in [1u8, 2] {
+            for (port, backend_node) in [(PORT_TO_NODE1, 1u8), (PORT_TO_NODE2, 2u8)] {
+                let to = SocketAddr::new(fabric_addr(v6, n), port);
+                let (local, back) = exchange(&world_ns, to, &payload, WAIT)
+                    .unwrap_or_else(|e| panic!("{mode:?}: world -> {to}: {e}"));
+                assert_eq!(back, payload, "{mode:?}: world -> {to}");
+                let peer = *echoes[usize::from(backend_node - 1)]
+                    .peers()
+                    .last()
+                    .unwrap();
+                if backend_node == n {
+                    assert_eq!(
+                        peer, local,
+                        "{mode:?} {to}: a local backend sees the client"
+                    );
+                } else {
+                    assert_eq!(
+                        peer.ip(),
+                        fabric_addr(v6, n),
+                        "{mode:?} {to}: a remote backend sees the node (SNAT)"
+                    );
+                }
+            }
+        }
+    }
+    // A node process reaches the other node's endpoint, and the reply
+    // comes back to the node's own address the same way (no forwarding).
+    let via = if mode == TunnelMode::Vxlan {
+        "dev cilia_vxlan".to_string()
+    } else {
+        "via 198.51.100.1".to_string()
+    };
+    fabric
+        .node(2)
+        .sh(&format!(
+            "ip route add 10.200.1.10/32 {via}; ip -6 route add fd00:c1a:1::10/128 {}",
+            if mode == TunnelMode::Vxlan {
+                via.clone()
+            } else {
+                "via 2001:db8:100::1".to_string()
+            }
+        ))
+        .unwrap();
+    for v6 in [false, true] {
+        let to = SocketAddr::new(pod(v6, 1), ECHO_PORT);
+        let (local, back) = exchange(fabric.node(2), to, b"from node 2", WAIT)
+            .unwrap_or_else(|e| panic!("{mode:?}: node 2 -> {to}: {e}"));
+        assert_eq!(back, b"from node 2");
+        assert_eq!(local.ip(), fabric_addr(v6, 2), "{mode:?}");
+    }
+    let in_entries = nodes[0]
+        .dp
+        .lb_nat()
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| k.dir == CILIA_NAT_IN)
+        .count();
+    assert!(in_entries >= 2, "node 1 SNATed both families");
+}
+
+#[test]
+fn world_reaches_nodeport_services_on_both_nodes_through_the_vxlan_overlay() {
+    privileged!("world_reaches_nodeport_services_on_both_nodes_through_the_vxlan_overlay");
+    nodeport_from_the_world(TunnelMode::Vxlan);
+}
+
+#[test]
+fn world_reaches_nodeport_services_on_both_nodes_by_native_routing() {
+    privileged!("world_reaches_nodeport_services_on_both_nodes_by_native_routing");
+    nodeport_from_the_world(TunnelMode::Native);
+}
+
+/// Whether `tcpdump` is installed. Without it: under `CI=true` this panics;
+/// elsewhere it prints why the test is skipped and returns `false`.
+fn require_tcpdump(test: &str) -> bool {
+    if std::process::Command::new("tcpdump")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: no `tcpdump` in PATH and CI=true forbids skipping: run scripts/setup.sh");
+    }
+    eprintln!("SKIPPED {test}: no `tcpdump` in PATH (run scripts/setup.sh)");
+    false
+}
+
+/// tcpdump on `eth0` of `ns`, packets the device sends (`-Q out`) that
+/// match `filter`; [`Capture::stop`] returns them, one line each.
+struct Capture(Option<std::process::Child>);
+
+impl Capture {
+    fn start(ns: &Netns, filter: &str) -> Self {
+        use std::io::BufRead;
+        let mut child = ns
+            .command("tcpdump")
+            .args(["-i", "eth0", "-Q", "out", "-n", "-l", filter])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Capturing once it says so.
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(line)) if line.contains("listening on") => break,
+                Some(Ok(_)) => continue,
+                other => panic!("tcpdump did not start: {other:?}"),
+            }
+        }
+        Self(Some(child))
+    }
+
+    fn stop(mut self) -> Vec<String> {
+        let child = self.0.take().unwrap();
+        // Let the last packets reach the capture, then stop it (SIGINT:
+        // tcpdump flushes what it has).
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn dsr_replies_bypass_the_lb_node(mode: TunnelMode) {
+    let fabric = cilia_testnet::cluster::Fabric::new(2).unwrap();
+    let world_ns = fabric.attach(200).unwrap();
+    let root = BpfRoot::new();
+    let nodes = [
+        real_node(&root, fabric.node(1), 1, mode, DSR),
+        real_node(&root, fabric.node(2), 2, mode, DSR),
+    ];
+    let echo = Echo::start(&nodes[1].ep, &[ECHO_PORT]);
+    let payload: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    let filter = format!("tcp src port {PORT_TO_NODE2}");
+    for v6 in [false, true] {
+        let lb_node = Capture::start(fabric.node(1), &filter);
+        let backend_node = Capture::start(fabric.node(2), &filter);
+        let to = SocketAddr::new(fabric_addr(v6, 1), PORT_TO_NODE2);
+        let (local, back) = exchange(&world_ns, to, &payload, WAIT)
+            .unwrap_or_else(|e| panic!("{mode:?}: world -> {to}: {e}"));
+        assert_eq!(back, payload, "{mode:?}: world -> {to}");
+        assert_eq!(
+            echo.peers().last(),
+            Some(&local),
+            "{mode:?} {to}: the backend sees the client (no SNAT)"
+        );
+        let via_lb = lb_node.stop();
+        let via_backend = backend_node.stop();
+        assert!(
+            via_lb.is_empty(),
+            "{mode:?} {to}: no reply leaves the LB node: {via_lb:?}"
+        );
+        let from_frontend = format!("{} > {}", tcpdump_addr(to), tcpdump_addr(local));
+        assert!(
+            via_backend.iter().any(|l| l.contains(&from_frontend)),
+            "{mode:?} {to}: the backend's node sends the replies as {from_frontend}: {via_backend:?}"
+        );
+    }
+}
+
+/// An address and port as tcpdump prints them (`198.51.100.1.30080`).
+fn tcpdump_addr(a: SocketAddr) -> String {
+    format!("{}.{}", a.ip(), a.port())
+}
+
+#[test]
+fn dsr_replies_go_from_the_backends_node_to_the_client_through_the_vxlan_overlay() {
+    privileged!("dsr_replies_go_from_the_backends_node_to_the_client_through_the_vxlan_overlay");
+    if !require_tcpdump("dsr_vxlan") {
+        return;
+    }
+    dsr_replies_bypass_the_lb_node(TunnelMode::Vxlan);
+}
+
+#[test]
+fn dsr_replies_go_from_the_backends_node_to_the_client_by_native_routing() {
+    privileged!("dsr_replies_go_from_the_backends_node_to_the_client_by_native_routing");
+    if !require_tcpdump("dsr_native") {
+        return;
+    }
+    dsr_replies_bypass_the_lb_node(TunnelMode::Native);
+}
+
+#[test]
+fn external_traffic_policy_local_serves_the_world_only_on_the_backends_node() {
+    privileged!("external_traffic_policy_local_serves_the_world_only_on_the_backends_node");
+    let fabric = cilia_testnet::cluster::Fabric::new(2).unwrap();
+    let world_ns = fabric.attach(200).unwrap();
+    let root = BpfRoot::new();
+    let nodes = [
+        real_node(&root, fabric.node(1), 1, TunnelMode::Native, LOCAL),
+        real_node(&root, fabric.node(2), 2, TunnelMode::Native, LOCAL),
+    ];
+    let echo = Echo::start(&nodes[1].ep, &[ECHO_PORT]);
+    for v6 in [false, true] {
+        let on_backend_node = SocketAddr::new(fabric_addr(v6, 2), PORT_TO_NODE2);
+        let (local, back) = exchange(&world_ns, on_backend_node, b"local", WAIT).unwrap();
+        assert_eq!(back, b"local");
+        assert_eq!(
+            echo.peers().last(),
+            Some(&local),
+            "{on_backend_node}: the client's address"
+        );
+        let elsewhere = SocketAddr::new(fabric_addr(v6, 1), PORT_TO_NODE2);
+        assert!(
+            exchange(
+                &world_ns,
+                elsewhere,
+                b"local",
+                std::time::Duration::from_secs(1)
+            )
+            .is_err(),
+            "{elsewhere}: no local backend, no service"
+        );
+    }
+    assert!(drops(&nodes[0].dp, CILIA_DROP_NO_BACKEND) >= 2);
+}
