@@ -65,6 +65,9 @@ pub struct AgentConfig {
     /// Entries of every service's Maglev table (a prime, see
     /// [`cilia_lb::check_table_size`]).
     pub lb_maglev_table_size: u32,
+    /// How NodePort services reach backends on other nodes (`--lb-mode`;
+    /// NodePort needs multi-node mode).
+    pub lb_mode: service::LbMode,
     /// This node in a cluster (kvstore, tunnel, peers).
     pub cluster: ClusterOptions,
     /// Socket-level load balancing (`--socket-lb`, `--socket-lb-cgroup`).
@@ -331,6 +334,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         pools,
     );
     manager.mtu = node_dp.as_ref().map(|n| n.endpoint_mtu);
+    let serves_underlay = node_dp.is_some();
     manager.socket_lb = socket_lb.node_netns();
     if !recreated.is_empty() {
         let names: Vec<&str> = recreated.iter().map(|m| m.name.as_str()).collect();
@@ -402,11 +406,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // the maps are pinned, so traffic to them never stopped meanwhile.
     let maglev_size = cilia_lb::check_table_size(config.lb_maglev_table_size)
         .context("--lb-maglev-table-size")?;
-    let services = Arc::new(service::Services::new(
-        manager.store.clone(),
-        datapath.clone(),
-        maglev_size,
-    ));
+    let mut services = service::Services::new(manager.store.clone(), datapath.clone(), maglev_size);
+    if serves_underlay {
+        // The underlay device carries the node programs: NodePort works.
+        services = services.with_nodeport(config.lb_mode);
+    }
+    let services = Arc::new(services);
     let restored_services = services.restore().context("restoring services")?;
     let prefilter = Arc::new(
         prefilter::Prefilter::start(
@@ -549,6 +554,25 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         snapshot,
         Arc::downgrade(&flow_monitor),
     ));
+    {
+        // Local NodePort services hold this node's backends only: rewritten
+        // when the node's endpoints change (every publication of the L7
+        // summary follows an endpoint or policy change).
+        let mut changes = l7_summary.clone();
+        let services = state.services.clone();
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                let s = services.clone();
+                match tokio::task::spawn_blocking(move || s.refresh_local()).await {
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "rewriting the Local NodePort services")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "rewriting the Local NodePort services"),
+                    Ok(Ok(_)) => {}
+                }
+            }
+        });
+    }
     {
         // The L7 proxy: its policy follows the policy subsystem and the
         // endpoints; its flows feed the monitor.

@@ -50,6 +50,11 @@ struct Args {
     #[arg(long, env = "CILIA_LB_MAGLEV_TABLE_SIZE", default_value_t = cilia_lb::DEFAULT_TABLE_SIZE,
           value_parser = maglev_table_size)]
     lb_maglev_table_size: u32,
+    /// How external clients of a NodePort service reach a backend on another
+    /// node: snat (replies return through this node) or dsr (the backend's
+    /// node answers the client directly). Multi-node mode only.
+    #[arg(long, env = "CILIA_LB_MODE", value_enum, default_value = "snat")]
+    lb_mode: cilia_agent::service::LbMode,
     /// The `cilia-proxy` executable; default: beside `cilia-agent`.
     #[arg(long, env = "CILIA_PROXY_BIN")]
     proxy_bin: Option<PathBuf>,
@@ -215,6 +220,7 @@ async fn agent_main() {
         proxy_port: args.proxy_port,
         proxy_bin: args.proxy_bin,
         lb_maglev_table_size: args.lb_maglev_table_size,
+        lb_mode: args.lb_mode,
         cluster,
         socket_lb: cilia_agent::socklb::SocketLbOptions {
             mode: args.socket_lb,

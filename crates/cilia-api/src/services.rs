@@ -22,6 +22,10 @@ pub struct ServiceSpec {
     pub algorithm: Option<String>,
     /// Client-address affinity; absent: off.
     pub affinity: Option<ServiceAffinity>,
+    /// NodePort services (frontend `0.0.0.0:PORT` or `[::]:PORT`):
+    /// `Cluster` (default: any backend) or `Local` (external clients go to
+    /// this node's backends only).
+    pub external_traffic_policy: Option<String>,
 }
 
 /// One backend of a [`ServiceSpec`].
@@ -55,6 +59,8 @@ pub struct Service {
     /// `random` or `maglev`.
     pub algorithm: String,
     pub affinity: Option<ServiceAffinity>,
+    /// NodePort services: `Cluster` or `Local`; absent for the others.
+    pub external_traffic_policy: Option<String>,
     pub backends: Vec<ServiceBackend>,
 }
 

@@ -41,6 +41,16 @@ pub enum Affinity {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum TrafficPolicy {
+    /// External clients may reach any backend (another node's by SNAT or
+    /// DSR, as the agent's --lb-mode says).
+    Cluster,
+    /// External clients reach this node's backends only (their address is
+    /// kept); a node without one drops them.
+    Local,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum AlgorithmArg {
     /// A random active backend per new flow.
     Random,
@@ -50,7 +60,9 @@ pub enum AlgorithmArg {
 
 #[derive(Debug, Args)]
 pub struct UpdateArgs {
-    /// `[VIP]:PORT/PROTO` (PROTO tcp or udp; IPv6 in brackets).
+    /// `[VIP]:PORT/PROTO` (PROTO tcp or udp; IPv6 in brackets). A NodePort
+    /// service has the address 0.0.0.0 or [::]: it is served at every
+    /// address of the node (multi-node mode).
     #[arg(long)]
     frontend: String,
     /// Backends, comma-separated `ADDR:PORT` (`[IPv6]:PORT`); empty: new
@@ -73,6 +85,9 @@ pub struct UpdateArgs {
     /// How a backend is chosen for a new flow.
     #[arg(long, value_enum, default_value = "random")]
     algorithm: AlgorithmArg,
+    /// NodePort services: externalTrafficPolicy.
+    #[arg(long, value_enum)]
+    external_traffic_policy: Option<TrafficPolicy>,
 }
 
 /// The affinity timeout when none is given.
@@ -104,6 +119,13 @@ impl UpdateArgs {
             None => None,
         };
         Ok(ServiceSpec {
+            external_traffic_policy: self.external_traffic_policy.map(|p| {
+                match p {
+                    TrafficPolicy::Cluster => "Cluster",
+                    TrafficPolicy::Local => "Local",
+                }
+                .to_string()
+            }),
             id: self.id,
             frontend: self.frontend.clone(),
             backends: backends

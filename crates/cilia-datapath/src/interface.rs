@@ -29,9 +29,9 @@ use crate::endpoint::{BpfDatapath, EndpointReload, LinkCheck, LoadedEndpoint, Po
 use crate::error::DatapathError;
 use crate::events::EventReader;
 use crate::node::NodeLinks;
+use crate::nodeport::NodePortOptions;
 use crate::prefilter::PrefilterLink;
 use crate::socklb::SocketLbLinks;
-use crate::nodeport::NodePortOptions;
 
 /// An endpoint's programs loaded and verified by
 /// [`Datapath::load_endpoint`], not yet attached; what is inside is the

@@ -51,7 +51,7 @@ pub use endpoint::{
 pub use error::DatapathError;
 pub use interface::{Datapath, LoadedPrograms};
 pub use node::NodeLinks;
-pub use prefilter::{PrefilterLink, PrefilterMode};
 pub use nodeport::NodePortOptions;
+pub use prefilter::{PrefilterLink, PrefilterMode};
 pub use probe::{probe_kernel, Feature, FeatureReport};
 pub use socklb::SocketLbLinks;

@@ -124,7 +124,7 @@ impl FromStr for Frontend {
             other => return Err(err(format!("protocol {other:?} is not tcp or udp"))),
         };
         let addr = parse_socket_addr(addr).map_err(err)?;
-        check_address(addr).map_err(err)?;
+        check_frontend_address(addr).map_err(err)?;
         Ok(Frontend { addr, proto })
     }
 }
@@ -161,7 +161,16 @@ fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
     }
 }
 
-/// What no frontend or backend address may be.
+/// A frontend may be the unspecified address (`0.0.0.0`, `[::]`): a
+/// NodePort service, served at every address of the node.
+fn check_frontend_address(addr: SocketAddr) -> Result<(), String> {
+    if addr.ip().is_unspecified() && addr.port() != 0 {
+        return Ok(());
+    }
+    check_address(addr)
+}
+
+/// What no backend (and no frontend but a NodePort's) address may be.
 fn check_address(addr: SocketAddr) -> Result<(), String> {
     if addr.port() == 0 {
         return Err("port 0 is not a port (1-65535)".into());
@@ -314,9 +323,19 @@ pub struct Service {
     /// its last flow if that was at most this many seconds ago. `None`: off.
     #[serde(default)]
     pub affinity_timeout: Option<u32>,
+    /// NodePort only: externalTrafficPolicy=Local (external clients go to
+    /// this node's backends only).
+    #[serde(default)]
+    pub external_local: bool,
 }
 
 impl Service {
+    /// A NodePort service: its frontend address is unspecified, it is
+    /// served at every address of the node (the underlay device).
+    pub fn is_nodeport(&self) -> bool {
+        self.frontend.addr.ip().is_unspecified()
+    }
+
     /// Checks the invariants of the module doc.
     pub fn validate(&self) -> Result<(), LbError> {
         if self.id == 0 {
@@ -326,7 +345,7 @@ impl Service {
             ));
         }
         let frontend = self.frontend.to_string();
-        check_address(self.frontend.addr).map_err(|reason| LbError::Frontend {
+        check_frontend_address(self.frontend.addr).map_err(|reason| LbError::Frontend {
             input: frontend.clone(),
             reason,
         })?;
@@ -357,6 +376,12 @@ impl Service {
             if !seen.insert(b.addr) {
                 return Err(err("listed twice".into()));
             }
+        }
+        if self.external_local && !self.is_nodeport() {
+            return Err(LbError::field_error(
+                "external_traffic_policy",
+                format!("Local applies to NodePort services (frontend 0.0.0.0 or [::]), not to {frontend}"),
+            ));
         }
         if self.affinity_timeout == Some(0) {
             return Err(LbError::field_error(
@@ -418,6 +443,7 @@ mod tests {
             backends: parse_backends(backends).expect("backends"),
             algorithm: Algorithm::Random,
             affinity_timeout: None,
+            external_local: false,
         }
     }
 
@@ -442,7 +468,7 @@ mod tests {
             ("192.0.2.10:0/tcp", "port 0"),
             ("192.0.2.10:99999/tcp", "\"99999\" is not a port number"),
             ("192.0.2.300:80/tcp", "is not an IP address"),
-            ("0.0.0.0:80/tcp", "unspecified"),
+            ("0.0.0.0:0/tcp", "port 0"),
             ("[ff02::1]:80/udp", "multicast"),
         ];
         for (input, reason) in cases {

@@ -93,6 +93,7 @@ mod tests {
                 .expect("backends"),
             algorithm,
             affinity_timeout: Some(60),
+            external_local: false,
         }
     }
 

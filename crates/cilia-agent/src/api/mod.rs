@@ -628,6 +628,7 @@ mod tests {
                 .collect(),
             algorithm: None,
             affinity: None,
+            external_traffic_policy: None,
         };
         Bytes::from(serde_json::to_vec(&spec).unwrap())
     }

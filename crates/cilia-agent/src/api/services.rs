@@ -17,6 +17,9 @@ impl From<ServiceError> for AppError {
         let (status, code) = match &e {
             ServiceError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid-service"),
             ServiceError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
+            ServiceError::NodePortUnavailable { .. } => {
+                (StatusCode::BAD_REQUEST, "nodeport-unavailable")
+            }
             ServiceError::FrontendInUse { .. } => (StatusCode::CONFLICT, "frontend-in-use"),
             ServiceError::IdsExhausted => (StatusCode::SERVICE_UNAVAILABLE, "ids-exhausted"),
             ServiceError::Store(crate::store::StoreError::LbBackendsFull { .. }) => {

@@ -44,6 +44,10 @@ pub enum ServiceError {
     },
     #[error("all 65535 service ids are in use")]
     IdsExhausted,
+    /// A NodePort service on an agent that serves no underlay device
+    /// (HTTP 400).
+    #[error("service {id}: frontend {frontend} is a NodePort (every address of the node): it needs the node's underlay device, which the agent serves in multi-node mode (--kvstore etcd)")]
+    NodePortUnavailable { id: u16, frontend: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The change is stored; the datapath did not take it (it is written
@@ -60,11 +64,27 @@ pub enum ServiceError {
     },
 }
 
+/// How external clients of a NodePort service reach a backend on another
+/// node (`--lb-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LbMode {
+    /// The node translates the client's address to its own: replies come
+    /// back through it.
+    #[default]
+    Snat,
+    /// Direct server return: the backend's node answers the client itself
+    /// (the frontend travels in an IP option / IPv6 destination option).
+    Dsr,
+}
+
 /// See the module doc.
 pub struct Services {
     store: Arc<Store>,
     datapath: Arc<dyn Datapath>,
     maglev_size: u32,
+    /// How NodePort services reach remote backends (`--lb-mode`); `None`:
+    /// the agent serves no underlay device, NodePort services are refused.
+    nodeport: Option<LbMode>,
     /// Orders changes (store then datapath) of this process; guards no data.
     writer: Mutex<()>,
 }
@@ -86,6 +106,13 @@ pub fn service_view(service: &Service, ids: &BTreeMap<SocketAddr, u32>) -> cilia
         affinity: service
             .affinity_timeout
             .map(|timeout_secs| ServiceAffinity { timeout_secs }),
+        external_traffic_policy: service.is_nodeport().then(|| {
+            if service.external_local {
+                "Local".into()
+            } else {
+                "Cluster".into()
+            }
+        }),
         backends: service
             .backends
             .iter()
@@ -132,6 +159,17 @@ pub fn parse_spec(spec: &ServiceSpec) -> Result<Service, LbError> {
         backends,
         algorithm,
         affinity_timeout: spec.affinity.as_ref().map(|a| a.timeout_secs),
+        external_local: match spec.external_traffic_policy.as_deref() {
+            None => false,
+            Some(p) if p.eq_ignore_ascii_case("cluster") => false,
+            Some(p) if p.eq_ignore_ascii_case("local") => true,
+            Some(p) => {
+                return Err(LbError::Field {
+                    field: "external_traffic_policy".into(),
+                    reason: format!("{p:?} is not Cluster or Local"),
+                })
+            }
+        },
     })
 }
 
@@ -142,12 +180,53 @@ impl Services {
             store,
             datapath,
             maglev_size,
+            nodeport: None,
             writer: Mutex::new(()),
         }
     }
 
+    /// Serves NodePort services in `mode` (the agent has an underlay
+    /// device with the node programs).
+    pub fn with_nodeport(mut self, mode: LbMode) -> Self {
+        self.nodeport = Some(mode);
+        self
+    }
+
     pub fn maglev_size(&self) -> u32 {
         self.maglev_size
+    }
+
+    /// Rewrites the Local NodePort services (their slots hold this node's
+    /// backends only) after the node's endpoints changed. Returns how many.
+    pub fn refresh_local(&self) -> Result<usize, ServiceError> {
+        if self.nodeport.is_none() {
+            return Ok(0);
+        }
+        let _w = self.lock();
+        let stored = self.store.services()?;
+        let mut n = 0;
+        for service in stored.services.values() {
+            if service.is_nodeport() && service.external_local {
+                self.write(service, &stored.backend_ids, None)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// The addresses of this node's endpoints.
+    fn local_addresses(
+        &self,
+    ) -> Result<std::collections::BTreeSet<std::net::IpAddr>, ServiceError> {
+        Ok(self
+            .store
+            .endpoints()?
+            .iter()
+            .flat_map(|r| {
+                std::iter::once(std::net::IpAddr::V6(r.ipv6))
+                    .chain(r.ipv4.map(std::net::IpAddr::V4))
+            })
+            .collect())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -186,6 +265,11 @@ impl Services {
             }
         }
         for service in stored.services.values() {
+            if service.is_nodeport() && self.nodeport.is_none() {
+                // Stored by an agent in multi-node mode: kept, not served.
+                tracing::warn!(service = service.id, frontend = %service.frontend, "NodePort service not served: the agent serves no underlay device (multi-node mode)");
+                continue;
+            }
             self.write(service, &stored.backend_ids, None)?;
         }
         let known: std::collections::BTreeSet<u32> = stored.backend_ids.values().copied().collect();
@@ -215,6 +299,33 @@ impl Services {
             id: service.id,
             error: Box::new(error),
         };
+        let nodeport = if service.is_nodeport() {
+            Some(
+                self.nodeport
+                    .ok_or_else(|| ServiceError::NodePortUnavailable {
+                        id: service.id,
+                        frontend: service.frontend.to_string(),
+                    })?,
+            )
+        } else {
+            None
+        };
+        // externalTrafficPolicy=Local: only this node's backends get
+        // (external) flows; the others stay in the backends map.
+        let local;
+        let service = if nodeport.is_some() && service.external_local {
+            let here = self.local_addresses()?;
+            let mut only_local = service.clone();
+            for b in &mut only_local.backends {
+                if !here.contains(&b.addr.ip()) && b.state == BackendState::Active {
+                    b.state = BackendState::Quarantined;
+                }
+            }
+            local = only_local;
+            &local
+        } else {
+            service
+        };
         let (backends, row) =
             cilia_lb::datapath_rows(service, |a| ids.get(&a).copied(), self.maglev_size)?;
         self.datapath
@@ -225,7 +336,19 @@ impl Services {
                 .remove_lb_service(&cilia_lb::rows::frontend_row(prev), prev.id)
                 .map_err(dp_err)?;
         }
-        self.datapath.upsert_lb_service(&row).map_err(dp_err)
+        match nodeport {
+            Some(mode) => self
+                .datapath
+                .upsert_nodeport_service(
+                    &row,
+                    cilia_datapath::NodePortOptions {
+                        external_local: service.external_local,
+                        dsr: mode == LbMode::Dsr,
+                    },
+                )
+                .map_err(dp_err),
+            None => self.datapath.upsert_lb_service(&row).map_err(dp_err),
+        }
     }
 
     /// The stored services with their backend ids.
@@ -255,6 +378,12 @@ impl Services {
         let stored = self.store.services()?;
         service.id = decide_id(&service, spec.id, &stored)?;
         service.validate()?;
+        if service.is_nodeport() && self.nodeport.is_none() {
+            return Err(ServiceError::NodePortUnavailable {
+                id: service.id,
+                frontend: service.frontend.to_string(),
+            });
+        }
         let change = self.store.put_service(&service)?;
         self.apply(&service, &change)?;
         Ok(service_view(&service, &change.backend_ids))

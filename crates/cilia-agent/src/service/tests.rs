@@ -45,6 +45,7 @@ fn spec(id: Option<u16>, frontend: &str, backends: &[&str]) -> ServiceSpec {
             .collect(),
         algorithm: None,
         affinity: None,
+        external_traffic_policy: None,
     }
 }
 

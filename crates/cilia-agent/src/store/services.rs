@@ -174,6 +174,7 @@ mod tests {
             backends: parse_backends(backends).expect("backends"),
             algorithm: Default::default(),
             affinity_timeout: None,
+            external_local: false,
         }
     }
 
