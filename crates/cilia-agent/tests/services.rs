@@ -323,6 +323,24 @@ fn clusterip_scenario(net: &Net, balancer: &str) {
         .find(|s| s["algorithm"] == "maglev")
         .unwrap();
     assert_eq!(maglev["maglev"].as_array().unwrap().len(), 3, "{lb}");
+    // The Maglev properties hold for the table as read back from the
+    // kernel's map: it is full, and each backend holds its share (1/3)
+    // within 5 %.
+    let size = lb["maglev_table_size"].as_u64().unwrap();
+    let shares: Vec<u64> = maglev["maglev"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["entries"].as_u64().unwrap())
+        .collect();
+    assert_eq!(shares.iter().sum::<u64>(), size, "{lb}");
+    for entries in &shares {
+        let share = *entries as f64 / size as f64;
+        assert!(
+            (share - 1.0 / 3.0).abs() <= 0.05 / 3.0,
+            "{shares:?} of {size}"
+        );
+    }
     // Flows name their service; metrics count them per service.
     let v6_tcp = ids[&("ipv6", "tcp")];
     let flows = net

@@ -35,7 +35,15 @@ const DROP_LOG_INTERVAL: Duration = Duration::from_secs(5);
 pub(crate) struct Control {
     pub policy: watch::Sender<Option<Arc<CompiledPolicy>>>,
     pub flows: broadcast::Sender<L7Flow>,
+    /// True once the transparent listeners are open: a policy counts as
+    /// applied (the agent's "enforcing") only then, since the datapath
+    /// drops a redirected flow that finds no listener.
+    pub listening: watch::Receiver<bool>,
 }
+
+/// How long an applied policy's answer waits for the listeners to open
+/// (they open right after the first policy; a failure ends the proxy).
+const LISTEN_WAIT: Duration = Duration::from_secs(10);
 
 /// Binds the control socket at `path`, mode 0600, replacing a stale file.
 /// Refuses when another process answers on it.
@@ -211,7 +219,19 @@ async fn connection(id: u64, stream: UnixStream, control: Arc<Control>) {
                 continue;
             }
             let reply = match serde_json::from_slice::<ToProxy>(&line) {
-                Ok(msg) => apply(&control, &msg),
+                Ok(msg) => {
+                    let reply = apply(&control, &msg);
+                    if matches!(reply, FromProxy::Applied { .. }) {
+                        let mut listening = control.listening.clone();
+                        if tokio::time::timeout(LISTEN_WAIT, listening.wait_for(|l| *l))
+                            .await
+                            .is_err()
+                        {
+                            warn!(client = id, "the transparent listeners are not open yet");
+                        }
+                    }
+                    reply
+                }
                 Err(e) => {
                     warn!(client = id, "control message {n}: {e}");
                     FromProxy::Rejected {

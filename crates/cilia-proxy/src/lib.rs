@@ -133,16 +133,26 @@ pub async fn run_until(
     let (policy_tx, mut policy_rx) = watch::channel(None);
     let (flows, _) = broadcast::channel(config.flow_queue.max(1));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (listening_tx, listening) = watch::channel(false);
     let control = Arc::new(control_socket::Control {
         policy: policy_tx,
         flows: flows.clone(),
+        listening,
     });
     let control_task = tokio::spawn(control_socket::serve(
         control_listener,
         control,
         stop_rx.clone(),
     ));
-    let result = serve_traffic(&config, &mut policy_rx, flows, &stop_tx, shutdown).await;
+    let result = serve_traffic(
+        &config,
+        &mut policy_rx,
+        flows,
+        &stop_tx,
+        &listening_tx,
+        shutdown,
+    )
+    .await;
     let _ = stop_tx.send(true);
     let _ = control_task.await;
     let _ = std::fs::remove_file(&config.control_socket);
@@ -154,6 +164,7 @@ async fn serve_traffic(
     policy_rx: &mut watch::Receiver<Option<Arc<policy::CompiledPolicy>>>,
     flows: broadcast::Sender<control::L7Flow>,
     stop: &watch::Sender<bool>,
+    listening: &watch::Sender<bool>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ProxyError> {
     tokio::pin!(shutdown);
@@ -178,6 +189,7 @@ async fn serve_traffic(
         Err(e) => return Err(e),
     };
     info!(port = config.port, "transparent listeners open");
+    listening.send_replace(true);
     let shared = Arc::new(connection::Shared {
         policy: policy_rx.clone(),
         flows,
