@@ -19,3 +19,6 @@ echo "## Services: socket-level vs per-packet load balancing"
 bench/socklb.sh
 echo "## XDP prefilter vs iptables raw PREROUTING (10 and 10k CIDRs)"
 bench/prefilter.sh
+echo
+echo "## Services at scale vs kube-proxy's iptables layout"
+bench/services.sh
