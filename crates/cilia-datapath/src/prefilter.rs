@@ -298,6 +298,18 @@ impl BpfDatapath {
         Ok(out)
     }
 
+    /// This build's prefilter program, loaded (verified) against the
+    /// pinned maps, attached nowhere.
+    fn load_prefilter(&self) -> Result<aya::Ebpf, DatapathError> {
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(self.root().join("maps"))
+            .load(XDP_OBJECT)?;
+        prefilter_prog(&mut ebpf)?
+            .load()
+            .map_err(|e| DatapathError::program(PROG_XDP_PREFILTER, e))?;
+        Ok(ebpf)
+    }
+
     /// Attaches the prefilter to `ifname`: native XDP, or generic XDP when
     /// the driver refuses native (the returned link says which, and why).
     /// A link already pinned for the device keeps its mode and gets this
@@ -306,16 +318,8 @@ impl BpfDatapath {
     pub fn attach_prefilter(&self, ifname: &str) -> Result<PrefilterLink, DatapathError> {
         let ifindex = nix::net::if_::if_nametoindex(ifname)
             .map_err(|_| DatapathError::NoSuchInterface(ifname.to_string()))?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(self.root().join("maps"))
-            .load(XDP_OBJECT)?;
-        let prog: &mut Xdp = ebpf
-            .program_mut(PROG_XDP_PREFILTER)
-            .ok_or(DatapathError::MissingProgram(PROG_XDP_PREFILTER))?
-            .try_into()
-            .map_err(|e| DatapathError::program(PROG_XDP_PREFILTER, e))?;
-        prog.load()
-            .map_err(|e| DatapathError::program(PROG_XDP_PREFILTER, e))?;
+        let mut ebpf = self.load_prefilter()?;
+        let prog = prefilter_prog(&mut ebpf)?;
 
         if let Some((mode, pin)) = self.prefilter_pins()?.remove(ifname) {
             let on = crate::inspect::link_target(&pin).map(|t| t.ifindex).ok();
@@ -367,16 +371,8 @@ impl BpfDatapath {
         if pins.is_empty() {
             return Ok(0);
         }
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(self.root().join("maps"))
-            .load(XDP_OBJECT)?;
-        let prog: &mut Xdp = ebpf
-            .program_mut(PROG_XDP_PREFILTER)
-            .ok_or(DatapathError::MissingProgram(PROG_XDP_PREFILTER))?
-            .try_into()
-            .map_err(|e| DatapathError::program(PROG_XDP_PREFILTER, e))?;
-        prog.load()
-            .map_err(|e| DatapathError::program(PROG_XDP_PREFILTER, e))?;
+        let mut ebpf = self.load_prefilter()?;
+        let prog = prefilter_prog(&mut ebpf)?;
         let mut swapped = 0;
         for (_, pin) in pins.values() {
             let on = crate::inspect::link_target(pin).map(|t| t.ifindex).ok();
@@ -544,19 +540,18 @@ impl BpfDatapath {
     /// Loads the prefilter program for `BPF_PROG_TEST_RUN`, sharing this
     /// datapath's maps but attached nowhere.
     pub fn test_prefilter_program(&self) -> Result<XdpTestProgram, DatapathError> {
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(self.root().join("maps"))
-            .load(XDP_OBJECT)?;
-        let prog: &mut Xdp = ebpf
-            .program_mut(PROG_XDP_PREFILTER)
-            .ok_or(DatapathError::MissingProgram(PROG_XDP_PREFILTER))?
-            .try_into()
-            .map_err(|e| DatapathError::program(PROG_XDP_PREFILTER, e))?;
-        prog.load()
-            .map_err(|e| DatapathError::program(PROG_XDP_PREFILTER, e))?;
+        let ebpf = self.load_prefilter()?;
         Ok(XdpTestProgram {
             ebpf,
             name: PROG_XDP_PREFILTER,
         })
     }
+}
+
+/// The prefilter program of a loaded XDP object.
+fn prefilter_prog(ebpf: &mut aya::Ebpf) -> Result<&mut Xdp, DatapathError> {
+    ebpf.program_mut(PROG_XDP_PREFILTER)
+        .ok_or(DatapathError::MissingProgram(PROG_XDP_PREFILTER))?
+        .try_into()
+        .map_err(|e| DatapathError::program(PROG_XDP_PREFILTER, e))
 }
