@@ -34,6 +34,11 @@ int cil_from_container(struct __sk_buff *skb)
 	struct ipcache_value *remote = 0;
 	int reason;
 
+#ifdef CILIA_GENERIC
+	if (!cil_generic_enter(skb))
+		return drop(skb, CILIA_DROP_UNCONFIGURED, dir);
+#endif
+
 	/* Parse: the neighbour protocols are answered here, from the node. */
 	if (!proto)
 		return drop(skb, CILIA_DROP_INVALID, dir);
@@ -130,6 +135,11 @@ int cil_to_container(struct __sk_buff *skb)
 	struct endpoint_info *src;
 	int via_proxy = from_proxy(skb);
 	int reason;
+
+#ifdef CILIA_GENERIC
+	if (!cil_generic_enter(skb))
+		return drop(skb, CILIA_DROP_UNCONFIGURED, dir);
+#endif
 
 	/* Parse: ARP and other link protocols are the stack's business. */
 	if (proto != bpf_htons(ETH_P_IPV6) && proto != bpf_htons(ETH_P_IP))

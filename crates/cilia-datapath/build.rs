@@ -5,7 +5,17 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const PROGRAMS: &[&str] = &["lxc", "overlay", "probe", "sock", "xdp"];
+/// (source under bpf/, object name, extra clang arguments). `lxc_generic`
+/// is the endpoint program that reads its configuration from a map instead of
+/// `.rodata` (see bpf/lib/config.h).
+const PROGRAMS: &[(&str, &str, &[&str])] = &[
+    ("lxc", "lxc", &[]),
+    ("lxc", "lxc_generic", &["-DCILIA_GENERIC"]),
+    ("overlay", "overlay", &[]),
+    ("probe", "probe", &[]),
+    ("sock", "sock", &[]),
+    ("xdp", "xdp", &[]),
+];
 
 fn multiarch_include() -> Option<PathBuf> {
     let out = Command::new("gcc").arg("-print-multiarch").output().ok()?;
@@ -25,9 +35,10 @@ fn main() {
             println!("cargo:rerun-if-changed={}", entry.path().display());
         }
     }
-    for prog in PROGRAMS {
+    for (prog, object, extra) in PROGRAMS {
         let mut cmd = Command::new(&clang);
         cmd.args(["-target", "bpf", "-O2", "-g", "-Wall", "-Werror"])
+            .args(*extra)
             .arg("-I")
             .arg(bpf.join("include"));
         if let Some(inc) = multiarch_include() {
@@ -36,7 +47,7 @@ fn main() {
         cmd.arg("-c")
             .arg(bpf.join(format!("{prog}.c")))
             .arg("-o")
-            .arg(out.join(format!("{prog}.o")));
+            .arg(out.join(format!("{object}.o")));
         let status = cmd.status().unwrap_or_else(|e| {
             panic!(
                 "cannot run {clang} ({e}): the BPF datapath needs clang-19 and libbpf-dev \

@@ -89,6 +89,7 @@ struct endpoint_info {
 #define CILIA_DROP_NO_BACKEND	     149 /* service frontend without an active backend */
 #define CILIA_DROP_LB_FRAGMENT	     150 /* fragmented datagram to a service frontend */
 #define CILIA_DROP_TUNNEL_PORT	     151 /* endpoint UDP to a node's overlay port (VNI forgery) */
+#define CILIA_DROP_UNCONFIGURED	     156 /* generic endpoint program on a device with no config */
 
 /* Direction of a counted packet. */
 #define CILIA_DIR_EGRESS  1 /* leaving an endpoint (from-container) */

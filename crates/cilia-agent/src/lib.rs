@@ -75,6 +75,9 @@ pub struct AgentConfig {
     /// Devices the XDP prefilter is attached to (empty: none; its CIDRs
     /// are kept all the same).
     pub prefilter_devices: Vec<String>,
+    /// Fast attach (`--fast-attach`): new endpoints start on the generic
+    /// program, specialized in the background (see `endpoint::specialize`).
+    pub fast_attach: bool,
 }
 
 /// Where the agent keeps cluster-wide state.
@@ -493,6 +496,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let pools = manager.pools().clone();
     let flow_monitor = monitor::Monitor::new(config.flow_buffer_size, agent_metrics.clone());
     let state = Arc::new(AgentState {
+        specializer: std::sync::OnceLock::new(),
         monitor: flow_monitor.clone(),
         endpoints: Mutex::new(manager),
         policy,
@@ -516,6 +520,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         prefilter,
     });
     let _health_threads = health_threads;
+    if config.fast_attach {
+        let spec =
+            endpoint::specialize::start(Arc::downgrade(&state), |s: &AgentState| &s.endpoints);
+        state
+            .endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .specialize = Some(spec.clone());
+        let _ = state.specializer.set(spec);
+    }
     if let Some((link, events)) = cluster_link {
         let (l, p, dp) = (link.clone(), state.policy.clone(), state.datapath.clone());
         std::thread::Builder::new()

@@ -9,6 +9,13 @@ use ipnet::{Ipv4Net, Ipv6Net};
 /// The cilia node agent: BPF networking for containers.
 ///
 /// Example: cilia-agent --ipv6-range fd00:c1a::/112 --ipv4-range 10.200.0.0/24
+/// A feature switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -114,6 +121,13 @@ struct Args {
     /// /sys/fs/cgroup/unified on a hybrid hierarchy).
     #[arg(long, env = "CILIA_SOCKET_LB_CGROUP")]
     socket_lb_cgroup: Option<std::path::PathBuf>,
+    /// Fast attach: a new endpoint is attached at once to the generic
+    /// endpoint program (verified once per agent, enforcing the same policy)
+    /// and its specialized programs are verified in the background and
+    /// swapped in without a packet lost; `off`: every create waits for its
+    /// specialized programs' verification.
+    #[arg(long, env = "CILIA_FAST_ATTACH", value_enum, default_value = "on")]
+    fast_attach: OnOff,
     /// Device the XDP prefilter drops listed source CIDRs on (native XDP,
     /// generic when the driver has none); repeat or comma separate for
     /// several. Default: none (CIDRs are kept, not enforced).
@@ -227,6 +241,7 @@ async fn agent_main() {
             cgroup: args.socket_lb_cgroup,
         },
         prefilter_devices: args.prefilter_device,
+        fast_attach: args.fast_attach == OnOff::On,
     };
     if let Err(e) = cilia_agent::run(config).await {
         eprintln!("cilia-agent: {e:#}");

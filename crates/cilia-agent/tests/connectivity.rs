@@ -426,3 +426,92 @@ fn an_unusable_metrics_address_is_a_start_up_error_not_a_late_death() {
         "failed before announcing readiness: {err}"
     );
 }
+
+/// The program ids behind endpoint `id`'s two pinned links.
+fn program_ids(agent: &TestAgent, id: u64) -> Vec<(u32, u32)> {
+    [format!("ep{id}"), format!("ep{id}_to")]
+        .iter()
+        .map(|p| {
+            let t =
+                cilia_datapath::inspect::link_target(&agent.bpf_root.path().join("links").join(p))
+                    .unwrap();
+            (t.link_id, t.program_id)
+        })
+        .collect()
+}
+
+#[test]
+fn a_new_endpoint_is_enforced_at_once_by_the_generic_program_then_specialized_without_loss() {
+    privileged!("fast_attach");
+    let agent = TestAgent::start(AgentOptions::default());
+    let out = agent.cli_stdin(
+        &["policy", "import", "-"],
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: b-from-a\n\
+         spec:\n  endpointSelector:\n    matchLabels:\n      app: b\n  ingress:\n  \
+         - fromEndpoints:\n    - matchLabels:\n        app: a\n",
+    );
+    assert!(out.status.success(), "{out:?}");
+    let (c1, c2, c3) = (
+        Netns::new("cep").unwrap(),
+        Netns::new("cep").unwrap(),
+        Netns::new("cep").unwrap(),
+    );
+    let a = agent.create_endpoint_fast(&c1, "app=a");
+    let on_generic = program_ids(&agent, a["id"].as_u64().unwrap());
+    let b = agent.create_endpoint_fast(&c2, "app=b");
+    let c = agent.create_endpoint_fast(&c3, "app=c");
+    let ib = ip_of(&b, "ipv6");
+    // 300 pings 10 ms apart from a, through the swaps of a, b and c.
+    let pinger = c1
+        .command("ping")
+        .args(["-c", "300", "-i", "0.01", "-W", "1", &ib.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // c is refused by b's policy from its very first packets.
+    assert!(
+        !c3.command("ping")
+            .args(["-c", "1", "-W", "1", &ib.to_string()])
+            .status()
+            .unwrap()
+            .success(),
+        "c must not reach b"
+    );
+    let out = pinger.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("300 received, 0% packet loss"), "{text}");
+    agent.wait_specialized(Duration::from_secs(60));
+    let specialized = program_ids(&agent, a["id"].as_u64().unwrap());
+    for (generic, special) in on_generic.iter().zip(&specialized) {
+        assert_eq!(generic.0, special.0, "the same link");
+        assert_ne!(generic.1, special.1, "the specialized program swapped in");
+    }
+    let status = agent.cli_json(&["status"]);
+    let programs = status["subsystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "endpoint-programs")
+        .unwrap();
+    assert_eq!(programs["status"], "ok", "{programs}");
+    assert!(ping(&c1, ib));
+    assert!(!ping(&c3, ib), "still refused on the specialized program");
+    let _ = c;
+}
+
+#[test]
+fn without_fast_attach_a_create_returns_with_the_specialized_programs() {
+    privileged!("fast_attach_off");
+    let agent = TestAgent::start_with_env(AgentOptions::default(), &[("CILIA_FAST_ATTACH", "off")]);
+    let c1 = Netns::new("cep").unwrap();
+    let a = agent.create_endpoint_fast(&c1, "app=a");
+    let status = agent.cli_json(&["status"]);
+    assert_eq!(status["endpoints_generic"], 0, "{status}");
+    let ids = program_ids(&agent, a["id"].as_u64().unwrap());
+    agent.cli_ok(&["datapath", "reload"]);
+    assert_eq!(
+        program_ids(&agent, a["id"].as_u64().unwrap()),
+        ids,
+        "already this build's specialized programs: nothing to reload"
+    );
+}

@@ -57,6 +57,11 @@ pub struct Status {
     pub features: Vec<KernelFeature>,
     pub endpoints: usize,
     pub endpoints_not_ready: usize,
+    /// Endpoints on the generic program: their specialized programs are
+    /// being verified (fast attach), or were refused (see the
+    /// `endpoint-programs` subsystem).
+    #[serde(default)]
+    pub endpoints_generic: usize,
     pub ipam: IpamStatus,
     pub state_dir: String,
     pub bpf_root: String,

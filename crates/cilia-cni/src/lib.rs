@@ -1076,6 +1076,7 @@ mod tests {
                 features: vec![],
                 endpoints: 0,
                 endpoints_not_ready: 0,
+                endpoints_generic: 0,
                 ipam: IpamStatus {
                     ipv6: pool("fd00::/126", "fd00::1", used),
                     ipv4: Some(pool("10.0.0.0/30", "10.0.0.1", used)),

@@ -150,6 +150,9 @@ pub struct BpfDatapath {
     /// Tags of this build's from- and to-container programs, learnt from
     /// the first load (see [`BpfDatapath::build_tags`]).
     build_tags: std::sync::OnceLock<[[u8; 8]; 2]>,
+    /// The generic endpoint program, loaded at its first use (see
+    /// [`crate::generic`]).
+    pub(crate) generic: crate::generic::GenericSlot,
 }
 
 /// Version of everything pinned under the bpffs root beyond what the
@@ -489,6 +492,7 @@ impl BpfDatapath {
             recreated,
             prefilter: crate::prefilter::PrefilterMaps::open(&maps_dir)?,
             build_tags: std::sync::OnceLock::new(),
+            generic: crate::generic::GenericSlot::default(),
         })
     }
 
@@ -642,6 +646,8 @@ impl BpfDatapath {
                 .map_err(|e| DatapathError::program(name, e))?;
             attach_pinned(prog, name, host_ifname, attach, &pin)?;
         }
+        // Off the generic program, if it was on it.
+        self.forget_generic(config.endpoint_id);
         Ok(())
     }
 
@@ -730,6 +736,7 @@ impl BpfDatapath {
                 .map_err(|e| DatapathError::program(name, e))?;
             swap_pinned(prog, name, pin)?;
         }
+        self.forget_generic(id);
         Ok(EndpointReload {
             swapped: true,
             links: swaps,
@@ -785,6 +792,7 @@ impl BpfDatapath {
         for pin in [self.link_pin(endpoint_id), self.to_link_pin(endpoint_id)] {
             unpin_link(&pin)?;
         }
+        self.forget_generic(endpoint_id);
         self.remove_policy(endpoint_id)
     }
 

@@ -38,6 +38,8 @@ pub enum DatapathError {
     },
     #[error("map {0} is missing from the BPF object")]
     MissingMap(&'static str),
+    #[error("the generic endpoint program is not available on this kernel: {0}")]
+    GenericUnavailable(String),
     #[error("program {0} is missing from the BPF object")]
     MissingProgram(&'static str),
     #[error("pinned map {path} does not match this build: {reason}")]

@@ -58,6 +58,10 @@ pub struct FakeState {
     pub attached: BTreeMap<u16, EndpointConfig>,
     /// Endpoints whose attached programs an older build made.
     pub other_build: BTreeSet<u16>,
+    /// Endpoints attached to the generic program (not yet specialized).
+    pub generic: BTreeSet<u16>,
+    /// Why the generic program cannot be loaded (`None`: it can).
+    pub generic_unavailable: Option<String>,
     /// Device the links report instead of the attached one.
     pub link_ifindex: Option<u32>,
     /// Pinned shared maps no longer of this build's layout
@@ -326,11 +330,34 @@ impl Datapath for FakeDatapath {
         let mut state = self.state();
         state.attached.insert(config.endpoint_id, config);
         state.other_build.remove(&config.endpoint_id);
+        state.generic.remove(&config.endpoint_id);
         Ok(())
+    }
+    fn attach_endpoint_generic(
+        &self,
+        config: &EndpointConfig,
+        _host_ifname: &str,
+    ) -> Result<(), DatapathError> {
+        self.enter("attach_endpoint_generic")?;
+        let mut state = self.state();
+        if let Some(reason) = &state.generic_unavailable {
+            return Err(DatapathError::GenericUnavailable(reason.clone()));
+        }
+        state.attached.insert(config.endpoint_id, *config);
+        state.generic.insert(config.endpoint_id);
+        Ok(())
+    }
+    fn prepare_generic(&self) -> Result<(), DatapathError> {
+        self.enter("prepare_generic")?;
+        match &self.state().generic_unavailable {
+            Some(reason) => Err(DatapathError::GenericUnavailable(reason.clone())),
+            None => Ok(()),
+        }
     }
     fn detach_endpoint(&self, endpoint_id: u16) -> Result<(), DatapathError> {
         self.enter("detach_endpoint")?;
         let mut state = self.state();
+        state.generic.remove(&endpoint_id);
         state.attached.remove(&endpoint_id);
         state.policy.remove(&endpoint_id);
         Ok(())
@@ -349,7 +376,8 @@ impl Datapath for FakeDatapath {
         };
         let link = LinkCheck {
             ifindex: state.link_ifindex.unwrap_or(attached.ifindex),
-            config_matches: attached == expected,
+            // The generic program has no configuration of its own.
+            config_matches: attached == expected && !state.generic.contains(&expected.endpoint_id),
             build_matches: !state.other_build.contains(&expected.endpoint_id),
         };
         Ok(Some(vec![link; 2]))
@@ -368,10 +396,14 @@ impl Datapath for FakeDatapath {
                 pin: format!("links/ep{id}").into(),
             });
         };
-        let swapped = force || attached != *config || state.other_build.contains(&id);
+        let swapped = force
+            || attached != *config
+            || state.other_build.contains(&id)
+            || state.generic.contains(&id);
         if swapped {
             state.attached.insert(id, *config);
             state.other_build.remove(&id);
+            state.generic.remove(&id);
         }
         let links = [
             crate::object::PROG_FROM_CONTAINER,

@@ -82,6 +82,20 @@ pub trait Datapath: Send + Sync {
         loaded: LoadedPrograms,
         host_ifname: &str,
     ) -> Result<(), DatapathError>;
+    /// Attaches the agent's one generic endpoint program (verified once;
+    /// `config` goes into its map) to the endpoint's host-side device: the
+    /// endpoint is enforced at once, without a verifier run. Attach its
+    /// specialized programs later with [`Datapath::attach_endpoint`], which
+    /// swaps them into the same links.
+    /// [`DatapathError::GenericUnavailable`] when this kernel cannot verify
+    /// the generic program.
+    fn attach_endpoint_generic(
+        &self,
+        config: &EndpointConfig,
+        host_ifname: &str,
+    ) -> Result<(), DatapathError>;
+    /// Loads the generic program ahead of the first endpoint that needs it.
+    fn prepare_generic(&self) -> Result<(), DatapathError>;
     /// Detaches the endpoint's programs and removes its policy. Nothing to
     /// remove is not an error.
     fn detach_endpoint(&self, endpoint_id: u16) -> Result<(), DatapathError>;
@@ -297,6 +311,16 @@ impl Datapath for BpfDatapath {
             // Loaded by another implementation: load again here.
             None => BpfDatapath::attach_endpoint(self, &config, host_ifname),
         }
+    }
+    fn attach_endpoint_generic(
+        &self,
+        config: &EndpointConfig,
+        host_ifname: &str,
+    ) -> Result<(), DatapathError> {
+        BpfDatapath::attach_endpoint_generic(self, config, host_ifname)
+    }
+    fn prepare_generic(&self) -> Result<(), DatapathError> {
+        BpfDatapath::prepare_generic(self)
     }
     fn detach_endpoint(&self, endpoint_id: u16) -> Result<(), DatapathError> {
         BpfDatapath::detach_endpoint(self, endpoint_id)

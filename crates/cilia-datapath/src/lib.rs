@@ -7,6 +7,8 @@
 //! * [`endpoint`]: the pinned shared maps and the per-endpoint program:
 //!   specialize, load, attach with TCX, pin the link so it outlives the agent;
 //!   reload (swap a new specialization into the pinned link).
+//! * `generic`: the one generic endpoint program a new endpoint is
+//!   attached to at once, until its specialized build is verified.
 //! * [`node`]: the node programs (overlay, underlay) and the node maps,
 //!   for traffic between nodes; pinned like the endpoints'.
 //! * `lb`: the load balancer's maps (services with their atomic
@@ -30,6 +32,7 @@ pub mod endpoint;
 pub mod error;
 pub mod events;
 pub mod fake;
+mod generic;
 pub mod inspect;
 pub mod interface;
 mod keys;

@@ -3,6 +3,10 @@
 
 /// The endpoint object (`bpf/lxc.c`).
 pub static LXC_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lxc.o"));
+/// The generic endpoint object (`bpf/lxc.c` built with `CILIA_GENERIC`):
+/// one copy per agent, its configuration per device in a map.
+pub static LXC_GENERIC_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lxc_generic.o"));
 /// The node object (`bpf/overlay.c`): traffic between nodes.
 pub static OVERLAY_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay.o"));
@@ -43,6 +47,10 @@ pub const PROG_PROBE_XDP: &str = "probe_xdp";
 
 /// Global in `.rodata` holding [`cilia_abi::EndpointConfig`].
 pub const GLOBAL_CONFIG: &str = "CILIA_CONFIG";
+
+/// The generic object's own (unpinned) hash: host-side veth ifindex ->
+/// that endpoint's configuration.
+pub const MAP_GENERIC_CONFIG: &str = "cilia_generic_config";
 
 /// Shared map: local endpoint address -> delivery info.
 pub const MAP_ENDPOINTS: &str = "cilia_endpoints";

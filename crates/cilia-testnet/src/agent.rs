@@ -287,8 +287,19 @@ impl TestAgent {
             && answer.starts_with("HTTP/1.1 2")
     }
 
-    /// Creates an endpoint in `netns` and returns its JSON.
+    /// Creates an endpoint in `netns` and returns its JSON, once its
+    /// specialized programs are attached (fast attach verifies them after
+    /// the create returns): what the tests read of programs and links is
+    /// then settled.
     pub fn create_endpoint(&self, netns: &Netns, labels: &str) -> serde_json::Value {
+        let ep = self.create_endpoint_fast(netns, labels);
+        self.wait_specialized(std::time::Duration::from_secs(60));
+        ep
+    }
+
+    /// Creates an endpoint in `netns` and returns its JSON as soon as the
+    /// create returns (with fast attach: on the generic program).
+    pub fn create_endpoint_fast(&self, netns: &Netns, labels: &str) -> serde_json::Value {
         self.cli_json(&[
             "endpoint",
             "create",
@@ -297,6 +308,23 @@ impl TestAgent {
             "--labels",
             labels,
         ])
+    }
+
+    /// Waits until no endpoint is on the generic program (`cilia status`'s
+    /// `endpoints_generic` is 0); panics after `within`.
+    pub fn wait_specialized(&self, within: std::time::Duration) {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let status = self.cli_json(&["status"]);
+            if status["endpoints_generic"].as_u64() == Some(0) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "endpoints still on the generic program after {within:?}: {status}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }
 

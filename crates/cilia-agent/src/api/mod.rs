@@ -46,6 +46,8 @@ use self::{
 /// locks: they read the store, the readers' map handle or a published
 /// summary.
 pub struct AgentState {
+    /// Fast attach's background specializer (unset: fast attach off).
+    pub specializer: std::sync::OnceLock<crate::endpoint::specialize::Specializer>,
     /// The endpoint lifecycle (records, devices, programs, IPAM), held
     /// briefly by each change; a create holds it only at its start and end
     /// (see `endpoint::create_unlocked`). Lock order: endpoints, policy.
@@ -587,6 +589,7 @@ mod tests {
                 .unwrap(),
         );
         Arc::new(AgentState {
+            specializer: std::sync::OnceLock::new(),
             policy: manager.policy_handle(),
             policy_summary,
             store: manager.store.clone(),

@@ -13,6 +13,52 @@ use crate::ipam::Pool;
 use crate::policy::repository::PolicySummary;
 use crate::store::EndpointRecord;
 
+/// How new endpoints get their programs (fast attach, see
+/// `endpoint::specialize`).
+fn programs_subsystem(
+    spec: Option<&crate::endpoint::specialize::Specializer>,
+) -> cilia_api::SubsystemStatus {
+    let (status, detail, errors) = match spec.map(|s| s.status()) {
+        None => (
+            "ok",
+            "fast attach off: creates wait for their specialized programs".to_string(),
+            Vec::new(),
+        ),
+        Some(st) => {
+            let errors: Vec<String> = st
+                .failed
+                .iter()
+                .map(|(id, e)| format!("endpoint {id} stays on the generic program: {e}"))
+                .collect();
+            match &st.generic_unavailable {
+                Some(reason) => (
+                    "degraded",
+                    format!(
+                        "fast attach unavailable ({reason}): creates wait for their \
+                         specialized programs"
+                    ),
+                    errors,
+                ),
+                None => (
+                    if errors.is_empty() { "ok" } else { "degraded" },
+                    format!(
+                        "fast attach: generic program first, {} endpoint(s) awaiting \
+                         specialization",
+                        st.pending
+                    ),
+                    errors,
+                ),
+            }
+        }
+    };
+    cilia_api::SubsystemStatus {
+        name: "endpoint-programs".into(),
+        status: status.into(),
+        detail,
+        errors,
+    }
+}
+
 fn pool_status(pool: &Pool, used: &std::collections::BTreeSet<std::net::IpAddr>) -> PoolStatus {
     PoolStatus {
         range: pool.range().to_string(),
@@ -54,6 +100,15 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
     .await
     .map_err(|e| AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     let prefilter = state.prefilter.clone();
+    let programs = programs_subsystem(state.specializer.get());
+    let endpoints_generic = state
+        .specializer
+        .get()
+        .map(|s| {
+            let st = s.status();
+            st.pending + st.failed.len()
+        })
+        .unwrap_or(0);
     let cluster_subs = match &state.multinode {
         Some(link) => link.subsystems(),
         None => vec![cilia_api::SubsystemStatus {
@@ -96,6 +151,7 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
                 .collect(),
             endpoints: endpoints.len(),
             endpoints_not_ready: not_ready,
+            endpoints_generic,
             ipam: IpamStatus {
                 ipv6: pool_status(&pools.v6, &used),
                 ipv4: pools.v4.as_ref().map(|p| pool_status(p, &used)),
@@ -107,7 +163,7 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
             policy_errors: summary.errors.clone(),
             subsystems: cluster_subs
                 .into_iter()
-                .chain([socket_lb, prefilter_sub])
+                .chain([socket_lb, prefilter_sub, programs])
                 .fold(
                     subsystems(
                         &summary,

@@ -15,16 +15,20 @@
 //! docs/ARCHITECTURE.md, "Locking"): [`EndpointManager::begin_create`]
 //! (under the endpoints' lock: validate, allocate, record `creating`),
 //! [`PendingEndpoint::prepare`] (no lock: the endpoint's own devices over
-//! rtnetlink, and loading and verifying its specialized programs), and
-//! [`EndpointManager::finish_create`] (under the lock again: policy map,
-//! attach, publish, `ready`). An endpoint between the first and the last is
-//! in `creating`; nothing deletes it meanwhile ([`EndpointError::Busy`]).
+//! rtnetlink, and — without fast attach — loading and verifying its
+//! specialized programs), and [`EndpointManager::finish_create`] (under the
+//! lock again: policy map, attach, publish, `ready`). An endpoint between
+//! the first and the last is in `creating`; nothing deletes it meanwhile
+//! ([`EndpointError::Busy`]). With fast attach (the agent's default, see
+//! [`specialize`]) the endpoint is attached to the generic program and its
+//! specialized build is verified and swapped in after the create returns.
 
 pub mod labels;
 pub mod netdev;
 mod relabel;
 pub mod rtnl;
 mod socklb;
+pub mod specialize;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -140,13 +144,15 @@ pub struct PendingEndpoint {
     netdev: Arc<dyn Netdev>,
     datapath: DatapathHandle,
     loads: Arc<LoadSlots>,
+    /// Fast attach: the generic program now, the specialized one later.
+    specialize: Option<specialize::Specializer>,
 }
 
 /// What [`PendingEndpoint::prepare`] made: the host device and the loaded,
-/// verified (not attached) programs.
+/// verified (not attached) programs; `None` for the generic program.
 pub struct PreparedEndpoint {
     ifindex: u32,
-    programs: LoadedPrograms,
+    programs: Option<LoadedPrograms>,
 }
 
 impl PendingEndpoint {
@@ -162,12 +168,26 @@ impl PendingEndpoint {
     pub fn prepare(&self) -> Result<PreparedEndpoint, EndpointError> {
         let ifindex = self.netdev.create(&self.spec)?;
         crate::crash::point("endpoint-create:after-veth");
+        if let Some(spec) = self.specialize.as_ref().filter(|s| s.generic_usable()) {
+            match self.datapath.prepare_generic() {
+                Ok(()) => {
+                    return Ok(PreparedEndpoint {
+                        ifindex,
+                        programs: None,
+                    })
+                }
+                Err(e) => spec.set_unavailable(e.to_string()),
+            }
+        }
         let programs = {
             let _slot = self.loads.acquire();
             self.datapath
                 .load_endpoint(&config_of(&self.rec, ifindex))?
         };
-        Ok(PreparedEndpoint { ifindex, programs })
+        Ok(PreparedEndpoint {
+            ifindex,
+            programs: Some(programs),
+        })
     }
 }
 
@@ -230,6 +250,9 @@ pub struct EndpointManager {
     pub socket_lb: Option<u64>,
     /// Netns cookie each endpoint's namespace was served under.
     pub(crate) lb_netns: BTreeMap<u16, u64>,
+    /// Fast attach (see [`specialize`]); `None`: creates load and verify
+    /// the specialized programs before attaching.
+    pub specialize: Option<specialize::Specializer>,
 }
 
 pub(crate) fn config_of(rec: &EndpointRecord, ifindex: u32) -> EndpointConfig {
@@ -285,6 +308,7 @@ impl EndpointManager {
             mtu: None,
             socket_lb: None,
             lb_netns: BTreeMap::new(),
+            specialize: None,
         }
     }
 
@@ -516,6 +540,7 @@ impl EndpointManager {
             netdev: self.netdev.clone(),
             datapath: self.datapath.clone(),
             loads: self.loads.clone(),
+            specialize: self.specialize.clone(),
         })
     }
 
@@ -546,11 +571,12 @@ impl EndpointManager {
                 return Err(e);
             }
         };
-        let connected = self
-            .connect(&rec, prepared)
-            .and_then(|()| self.serve_netns(&rec, &pending.spec.netns.file));
+        let connected = self.connect(&rec, prepared).and_then(|generic| {
+            self.serve_netns(&rec, &pending.spec.netns.file)
+                .map(|()| generic)
+        });
         match connected {
-            Ok(()) => {
+            Ok(generic) => {
                 let mut ready = rec;
                 ready.state = EndpointState::Ready;
                 if let Err(e) = self.store.update_endpoint(&ready) {
@@ -558,7 +584,12 @@ impl EndpointManager {
                     return Err(e.into());
                 }
                 crate::crash::point("endpoint-create:after-ready");
-                info!(id = ready.id, ipv6 = %ready.ipv6, ipv4 = ?ready.ipv4, "endpoint created");
+                info!(id = ready.id, ipv6 = %ready.ipv6, ipv4 = ?ready.ipv4, generic, "endpoint created");
+                if generic {
+                    if let Some(spec) = &self.specialize {
+                        spec.queue(ready.id);
+                    }
+                }
                 // Only a new identity can change what the others' policies
                 // select; an identity shared with another endpoint (or the
                 // reserved init) is already in every map it belongs in.
@@ -585,12 +616,13 @@ impl EndpointManager {
     }
 
     /// Policy map, program, map entries for a recorded endpoint whose
-    /// devices and programs `prepared` holds.
+    /// devices and programs `prepared` holds. Whether it was attached to the
+    /// generic program.
     fn connect(
         &mut self,
         rec: &EndpointRecord,
         prepared: PreparedEndpoint,
-    ) -> Result<(), EndpointError> {
+    ) -> Result<bool, EndpointError> {
         let PreparedEndpoint { ifindex, programs } = prepared;
         // The policy map exists before the program can see a packet: a new
         // endpoint is never briefly open when a policy selects it.
@@ -599,16 +631,26 @@ impl EndpointManager {
         // Programs loaded for an older version of the record (an identity
         // changed meanwhile) are not used: they are loaded again.
         let config = config_of(rec, ifindex);
-        let programs = if *programs.config() == config {
-            programs
-        } else {
-            self.dp().load_endpoint(&config)?
-        };
-        self.dp().attach_endpoint(programs, &rec.host_ifname)?;
+        let generic = programs.is_none();
+        match programs {
+            Some(programs) => {
+                let programs = if *programs.config() == config {
+                    programs
+                } else {
+                    self.dp().load_endpoint(&config)?
+                };
+                self.dp().attach_endpoint(programs, &rec.host_ifname)?;
+            }
+            // The configuration is read at attach: labels set meanwhile
+            // are already in it.
+            None => self
+                .dp()
+                .attach_endpoint_generic(&config, &rec.host_ifname)?,
+        }
         crate::crash::point("endpoint-create:after-attach");
         self.publish(rec, ifindex)?;
         crate::crash::point("endpoint-create:after-publish");
-        Ok(())
+        Ok(generic)
     }
 
     /// Publishes an endpoint's addresses: delivery info and identity, in

@@ -27,6 +27,9 @@ pub fn world4() -> Ipv4Addr {
 pub struct Fixture {
     _root: BpfRoot,
     pub dp: BpfDatapath,
+    /// Run the generic build of the endpoint programs (configuration from
+    /// its map) instead of the specialized ones.
+    pub generic: bool,
 }
 
 pub fn config(
@@ -82,27 +85,53 @@ impl Fixture {
             },
         )
         .unwrap();
-        Self { _root: root, dp }
+        Self {
+            _root: root,
+            dp,
+            generic: false,
+        }
+    }
+
+    /// The same endpoints, their packets run by the generic programs.
+    pub fn generic() -> Self {
+        Self {
+            generic: true,
+            ..Self::new()
+        }
+    }
+
+    fn program(&self, config: &EndpointConfig, from_container: bool) -> TestProgram {
+        use cilia_datapath::object::{PROG_FROM_CONTAINER, PROG_TO_CONTAINER};
+        let name = if from_container {
+            PROG_FROM_CONTAINER
+        } else {
+            PROG_TO_CONTAINER
+        };
+        match (self.generic, from_container) {
+            (true, _) => self.dp.test_generic_program(Some(config), name).unwrap(),
+            (false, true) => self.dp.test_program(config).unwrap(),
+            (false, false) => self.dp.test_program_to_container(config).unwrap(),
+        }
     }
 
     /// Endpoint A's program from the container (dual stack).
     pub fn a(&self) -> TestProgram {
-        self.dp.test_program(&a_config()).unwrap()
+        self.program(&a_config(), true)
     }
 
     /// Endpoint B's program from the container (IPv6 only).
     pub fn b(&self) -> TestProgram {
-        self.dp.test_program(&b_config()).unwrap()
+        self.program(&b_config(), true)
     }
 
     /// Endpoint A's program toward the container.
     pub fn a_to_container(&self) -> TestProgram {
-        self.dp.test_program_to_container(&a_config()).unwrap()
+        self.program(&a_config(), false)
     }
 
     /// Endpoint B's program toward the container.
     pub fn b_to_container(&self) -> TestProgram {
-        self.dp.test_program_to_container(&b_config()).unwrap()
+        self.program(&b_config(), false)
     }
 }
 
