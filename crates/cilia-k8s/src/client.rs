@@ -8,8 +8,9 @@
 //! status`, and its transitions cannot be fed recorded events; so this uses
 //! kube-client's `list`/`watch` calls, which `watcher` is built on.
 //!
-//! Not exercised against an API server yet (none can run on the machines
-//! this slice was built on): see `docs/KUBERNETES.md`.
+//! Tested against a fake API server on loopback replaying the JSON fixtures
+//! (`tests/k8s/client.rs`), never yet against a real one (none can run on
+//! the machines this slice was built on): see `docs/KUBERNETES.md`.
 
 use std::fmt::Debug;
 use std::time::{Duration, SystemTime};

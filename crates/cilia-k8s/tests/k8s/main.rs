@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
+mod client;
 mod config;
 mod crds;
 mod fixtures;
