@@ -106,6 +106,11 @@ pub fn validate_value(value: &str) -> Result<(), String> {
 /// labels prefix (the agent derives both from the endpoint's namespace, and
 /// policies trust them to mean that), and any `source:` prefix (`k8s:`,
 /// `any:`, `reserved:`, `cidr:` …), which only the agent gives labels.
+/// Keys Kubernetes pods get from the agent (`io.cilium.k8s.policy.serviceaccount`,
+/// `io.cilium.k8s.policy.cluster`): policies select service accounts by them,
+/// so no endpoint may claim one itself.
+pub const K8S_POLICY_LABELS_PREFIX: &str = "io.cilium.k8s.policy.";
+
 pub fn reserved_key_reason(key: &str) -> Option<String> {
     if key == NAMESPACE_LABEL {
         return Some(format!(
@@ -115,6 +120,11 @@ pub fn reserved_key_reason(key: &str) -> Option<String> {
     if key.starts_with(NAMESPACE_LABELS_PREFIX) {
         return Some(format!(
             "keys starting with {NAMESPACE_LABELS_PREFIX} are reserved: the agent copies them from the namespace's labels"
+        ));
+    }
+    if key.starts_with(K8S_POLICY_LABELS_PREFIX) {
+        return Some(format!(
+            "keys starting with {K8S_POLICY_LABELS_PREFIX} are reserved: the agent sets them from the Kubernetes pod (service account, cluster)"
         ));
     }
     if let Some((source, _)) = key.split_once(':') {
@@ -268,6 +278,8 @@ mod tests {
         for key in [
             "io.kubernetes.pod.namespace",
             "io.cilium.k8s.namespace.labels.team",
+            "io.cilium.k8s.policy.serviceaccount",
+            "io.cilium.k8s.policy.cluster",
             "reserved:host",
             "k8s:app",
             "any:app",
