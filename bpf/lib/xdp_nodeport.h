@@ -123,11 +123,11 @@ __inline_fn __u16 xdp_csum_apply(__u16 check, __s64 diff)
 /* The next hop toward `dst` from `src` (`family`'s addresses) for a packet
  * of `tot_len` bytes (IP header on), its MACs and device in `fib`. Returns
  * the kernel's BPF_FIB_LKUP_RET_*. */
-__inline_fn long xdp_fib(struct xdp_md *ctx, struct bpf_fib_lookup *fib, __u8 family,
-			 const __u8 *src, const __u8 *dst, __u8 proto, __u16 tot_len)
+__inline_fn long xdp_fib(struct xdp_md *ctx, struct bpf_fib_lookup *fib, __u32 ifindex,
+			 __u8 family, const __u8 *src, const __u8 *dst, __u8 proto, __u16 tot_len)
 {
 	__builtin_memset(fib, 0, sizeof(*fib));
-	fib->ifindex = ctx->ingress_ifindex;
+	fib->ifindex = ifindex;
 	fib->l4_protocol = proto;
 	fib->tot_len = tot_len;
 	if (family == CILIA_FAMILY_IPV6) {
@@ -304,14 +304,17 @@ __inline_fn void xdp_event(struct xdp_md *ctx, __u32 len, __u8 type, __u8 reason
 	if (cap > CILIA_EVENT_CAPLEN)
 		cap = CILIA_EVENT_CAPLEN;
 	ev->caplen = 0;
-	if (cap > 0 && bpf_xdp_load_bytes(ctx, 0, ev->data, cap) == 0)
+	/* 1..CILIA_EVENT_CAPLEN (a power of two) in a form the verifier keeps:
+	 * the helper takes no zero length. A frame has bytes. */
+	cap = ((cap - 1) & (CILIA_EVENT_CAPLEN - 1)) + 1;
+	if (bpf_xdp_load_bytes(ctx, 0, ev->data, cap) == 0)
 		ev->caplen = cap;
 	bpf_ringbuf_submit(ev, 0);
 }
 
 /* Sends the rewritten frame to the FIB's next hop: its MACs, and back out
  * of the device it came in by (XDP_TX) or redirected to the FIB's one. */
-__inline_fn int xdp_send(struct xdp_md *ctx, const struct bpf_fib_lookup *fib)
+__inline_fn int xdp_send(struct xdp_md *ctx, const struct bpf_fib_lookup *fib, __u32 ifindex)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -321,7 +324,7 @@ __inline_fn int xdp_send(struct xdp_md *ctx, const struct bpf_fib_lookup *fib)
 		return XDP_ABORTED;
 	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
-	if (fib->ifindex == ctx->ingress_ifindex)
+	if (fib->ifindex == ifindex)
 		return XDP_TX;
 	return bpf_redirect(fib->ifindex, 0);
 }
@@ -338,7 +341,8 @@ __inline_fn void xdp_forwarded(struct xdp_md *ctx, __u32 len, const struct flow 
 /* A remote backend's reply to a SNATed NodePort flow (`*hit` set): unSNAT,
  * rev-NAT, out to the client; XDP_PASS when the FIB cannot say where the
  * client is. Any other packet: XDP_PASS, `*hit` clear. */
-__inline_fn int xdp_nodeport_reply(struct xdp_md *ctx, struct flow *f, __u32 len, __u8 *hit)
+__inline_fn int xdp_nodeport_reply(struct xdp_md *ctx, __u32 ifindex, struct flow *f, __u32 len,
+				   __u8 *hit)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -354,7 +358,7 @@ __inline_fn int xdp_nodeport_reply(struct xdp_md *ctx, struct flow *f, __u32 len
 	*hit = 1;
 	if (f->hop_limit <= 1)
 		return XDP_PASS;
-	if (xdp_fib(ctx, fib, f->family, f->daddr, client, f->proto,
+	if (xdp_fib(ctx, fib, ifindex, f->family, f->daddr, client, f->proto,
 		    xdp_ip_len(data, data_end, f->family)) != BPF_FIB_LKUP_RET_SUCCESS)
 		return XDP_PASS;
 	/* From the node address and nodePort the client addressed. */
@@ -365,7 +369,7 @@ __inline_fn int xdp_nodeport_reply(struct xdp_md *ctx, struct flow *f, __u32 len
 	if (xdp_rewrite(data, data_end, f))
 		return XDP_ABORTED;
 	xdp_forwarded(ctx, len, f, 0);
-	return xdp_send(ctx, fib);
+	return xdp_send(ctx, fib, ifindex);
 }
 
 /*
@@ -375,7 +379,7 @@ __inline_fn int xdp_nodeport_reply(struct xdp_md *ctx, struct flow *f, __u32 len
  * only, a backend tc cannot route either, a FIB without an answer, or a
  * map update that failed.
  */
-__inline_fn int xdp_nodeport_forward(struct xdp_md *ctx, struct flow *f,
+__inline_fn int xdp_nodeport_forward(struct xdp_md *ctx, __u32 ifindex, struct flow *f,
 				     const struct lb_service_value *svc, __u32 len)
 {
 	void *data = (void *)(long)ctx->data;
@@ -420,7 +424,7 @@ __inline_fn int xdp_nodeport_forward(struct xdp_md *ctx, struct flow *f,
 	 * (an IPv6 packet for a node known by IPv4: the backend's route). */
 	const __u8 *hop = remote->tunnel_family == f->family ? remote->tunnel : b->addr;
 
-	if (xdp_fib(ctx, fib, f->family, dsr ? f->saddr : f->daddr, hop, f->proto,
+	if (xdp_fib(ctx, fib, ifindex, f->family, dsr ? f->saddr : f->daddr, hop, f->proto,
 		    xdp_ip_len(data, data_end, f->family) + grow) != BPF_FIB_LKUP_RET_SUCCESS)
 		return XDP_PASS;
 
@@ -452,7 +456,7 @@ __inline_fn int xdp_nodeport_forward(struct xdp_md *ctx, struct flow *f,
 		return XDP_ABORTED;
 	lb_count(len, lb.rev_nat, lb.selected);
 	xdp_forwarded(ctx, len, f, &p);
-	return xdp_send(ctx, fib);
+	return xdp_send(ctx, fib, ifindex);
 }
 
 /*
@@ -461,6 +465,9 @@ __inline_fn int xdp_nodeport_forward(struct xdp_md *ctx, struct flow *f,
  */
 __inline_fn int xdp_nodeport(struct xdp_md *ctx, __u16 proto)
 {
+	/* Read once: the compiler may otherwise keep &ctx->ingress_ifindex,
+	 * a modified context pointer the verifier refuses to dereference. */
+	__u32 ifindex = ctx->ingress_ifindex;
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct lb_service_value *svc;
@@ -474,7 +481,7 @@ __inline_fn int xdp_nodeport(struct xdp_md *ctx, __u16 proto)
 		return XDP_PASS;
 	if (f.family == CILIA_FAMILY_IPV4 && !cfg_ipv4_enabled())
 		return XDP_PASS;
-	verdict = xdp_nodeport_reply(ctx, &f, len, &reply);
+	verdict = xdp_nodeport_reply(ctx, ifindex, &f, len, &reply);
 	if (reply)
 		return verdict;
 	cfg = node_config();
@@ -483,7 +490,7 @@ __inline_fn int xdp_nodeport(struct xdp_md *ctx, __u16 proto)
 	svc = nodeport_lookup(&f);
 	if (!svc)
 		return XDP_PASS;
-	return xdp_nodeport_forward(ctx, &f, svc, len);
+	return xdp_nodeport_forward(ctx, ifindex, &f, svc, len);
 }
 
 #endif

@@ -1038,3 +1038,277 @@ fn external_traffic_policy_local_serves_the_world_only_on_the_backends_node() {
     }
     assert!(drops(&nodes[0].dp, CILIA_DROP_NO_BACKEND) >= 2);
 }
+
+// ---- NodePort acceleration: the device's XDP program ----
+
+use cilia_datapath::prefilter::{XDP_PASS, XDP_TX};
+use cilia_datapath::XdpFeatures;
+
+const ACCEL: XdpFeatures = XdpFeatures {
+    prefilter: false,
+    lb_acceleration: true,
+};
+/// The MAC of node 2 and of the world client, as node 1's neighbours.
+const NODE2_MAC: Mac = [0x0a, 0, 0, 0, 0, 0x02];
+const CLIENT_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xc8];
+
+/// A namespace where the XDP program's FIB lookups find answers: `eth0`
+/// (a veth) holds node 1's addresses, node 2 and the world client are
+/// permanent neighbours, forwarding is on for `eth0` (the kernel's FIB
+/// helper answers only for a device that forwards).
+struct XdpNet {
+    ns: Netns,
+    ifindex: u32,
+    mac: Mac,
+}
+
+impl XdpNet {
+    fn new() -> Self {
+        let ns = Netns::new("cxdp").unwrap();
+        ns.sh(&format!(
+            "set -e
+             ip link set lo up
+             ip link add eth0 type veth peer name peer0
+             ip link set peer0 up; ip link set eth0 up
+             ip addr add 198.51.100.1/24 dev eth0
+             ip addr add 2001:db8:100::1/64 dev eth0 nodad
+             sysctl -qw net.ipv4.conf.eth0.forwarding=1 net.ipv6.conf.eth0.forwarding=1
+             ip neigh add 198.51.100.2 lladdr {n2} dev eth0 nud permanent
+             ip neigh add 198.51.100.200 lladdr {c} dev eth0 nud permanent
+             ip neigh add 2001:db8:100::2 lladdr {n2} dev eth0 nud permanent
+             ip neigh add 2001:db8:100::c8 lladdr {c} dev eth0 nud permanent",
+            n2 = mac_str(NODE2_MAC),
+            c = mac_str(CLIENT_MAC),
+        ))
+        .unwrap();
+        let ifindex = ns.run(|| nix::net::if_::if_nametoindex("eth0").unwrap());
+        let mac = ns
+            .sh("ip -br link show eth0")
+            .unwrap()
+            .split_whitespace()
+            .nth(2)
+            .unwrap()
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect::<Vec<_>>()
+            .try_into()
+            .unwrap();
+        Self { ns, ifindex, mac }
+    }
+
+    fn run(&self, prog: &cilia_datapath::prefilter::XdpTestProgram, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.ns.run(|| prog.run_on(frame, self.ifindex)).unwrap()
+    }
+}
+
+fn counted(dp: &BpfDatapath, kind: u8, reason: u8) -> u64 {
+    dp.metrics()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.kind == kind && k.reason == reason)
+        .map(|(_, v)| v.packets)
+        .sum()
+}
+
+fn ttl(pkt: &[u8]) -> u8 {
+    if u16::from_be_bytes([pkt[12], pkt[13]]) == ETH_P_IPV6 {
+        pkt[21]
+    } else {
+        pkt[22]
+    }
+}
+
+#[test]
+fn xdp_snats_a_nodeport_flow_to_a_remote_backend_and_tc_continues_it() {
+    privileged!("xdp_nodeport_snat");
+    let net = XdpNet::new();
+    for v6 in families() {
+        let fx = Fixture::new(TunnelMode::Native, v6);
+        fx.dp
+            .upsert_nodeport_service(&nodeport_service(v6, vec![REMOTE_BACKEND]), SNAT)
+            .unwrap();
+        let xdp = fx.dp.test_xdp_program(ACCEL).unwrap();
+        let frontend = SocketAddr::new(node_addr(v6, 1), NODE_PORT);
+        let syn = tcp_packet(world(v6, 40101), frontend, 0x02, WIRE);
+        let (verdict, out) = net.run(&xdp, &syn);
+        assert_eq!(verdict, XDP_TX, "v6={v6}: back out of the device it came in by");
+        assert_eq!(&out[..6], &NODE2_MAC, "v6={v6}: to the backend's node");
+        assert_eq!(&out[6..12], &net.mac, "v6={v6}: from the device");
+        let (src, dst, ok) = parse(&out);
+        assert_eq!(src.ip(), node_addr(v6, 1), "v6={v6}: SNAT to the node address");
+        assert!(
+            (CILIA_LB_SNAT_PORT_FIRST..=CILIA_LB_SNAT_PORT_LAST).contains(&src.port()),
+            "{src}"
+        );
+        assert_eq!(dst, SocketAddr::new(remote_pod(v6), BACKEND_PORT));
+        assert!(ok, "v6={v6}: every checksum valid after the rewrite");
+        assert_eq!(ttl(&out), ttl(&syn) - 1, "v6={v6}: one hop less");
+        assert_eq!(counted(&fx.dp, CILIA_METRIC_FORWARD, CILIA_FWD_XDP), 1);
+        let stats = fx.dp.lb_stats(REV_NAT).unwrap();
+        assert!(
+            stats.flows == 1 && stats.packets == 1,
+            "v6={v6}: counted per service as at tc: {stats:?}"
+        );
+
+        // The flow's next segment at tc (XDP off): the same port, the
+        // same entries.
+        let ack = tcp_packet(world(v6, 40101), frontend, 0x10, WIRE);
+        let at_tc = fx.netdev().run(&ack).unwrap();
+        assert_eq!(at_tc.verdict, TC_ACT_REDIRECT);
+        assert_eq!(parse(&at_tc.packet).0, src, "v6={v6}: tc keeps XDP's SNAT port");
+        let nat = fx.dp.lb_nat().unwrap();
+        assert_eq!(
+            nat.iter().filter(|(k, _)| k.dir == CILIA_NAT_IN).count(),
+            1,
+            "{nat:?}"
+        );
+
+        // The backend's reply, unSNATed in XDP.
+        let reply = tcp_packet(dst, src, 0x12, WIRE);
+        let (verdict, out) = net.run(&xdp, &reply);
+        assert_eq!(verdict, XDP_TX, "v6={v6}: out to the client");
+        assert_eq!(&out[..6], &CLIENT_MAC);
+        let (rsrc, rdst, ok) = parse(&out);
+        assert_eq!(rsrc, frontend, "v6={v6}: from the node port the client addressed");
+        assert_eq!(rdst, world(v6, 40101));
+        assert!(ok, "v6={v6}: checksums valid");
+    }
+}
+
+#[test]
+fn xdp_reply_of_a_flow_tc_snated_goes_back_to_the_client() {
+    privileged!("xdp_nodeport_reply_of_tc");
+    let net = XdpNet::new();
+    for v6 in families() {
+        let fx = Fixture::new(TunnelMode::Native, v6);
+        fx.dp
+            .upsert_nodeport_service(&nodeport_service(v6, vec![REMOTE_BACKEND]), SNAT)
+            .unwrap();
+        let frontend = SocketAddr::new(node_addr(v6, 1), NODE_PORT);
+        let syn = tcp_packet(world(v6, 40102), frontend, 0x02, WIRE);
+        let out = fx.netdev().run(&syn).unwrap();
+        let (src, dst, _) = parse(&out.packet);
+        let xdp = fx.dp.test_xdp_program(ACCEL).unwrap();
+        let (verdict, out) = net.run(&xdp, &tcp_packet(dst, src, 0x12, WIRE));
+        assert_eq!(verdict, XDP_TX, "v6={v6}");
+        let (rsrc, rdst, ok) = parse(&out);
+        assert_eq!((rsrc, rdst), (frontend, world(v6, 40102)), "v6={v6}");
+        assert!(ok);
+    }
+}
+
+#[test]
+fn xdp_dsr_carries_the_frontend_in_the_packet_that_selects_the_backend() {
+    privileged!("xdp_nodeport_dsr");
+    let net = XdpNet::new();
+    for v6 in families() {
+        let fx = Fixture::new(TunnelMode::Native, v6);
+        fx.dp
+            .upsert_nodeport_service(&nodeport_service(v6, vec![REMOTE_BACKEND]), DSR)
+            .unwrap();
+        let xdp = fx.dp.test_xdp_program(ACCEL).unwrap();
+        let frontend = SocketAddr::new(node_addr(v6, 1), NODE_PORT);
+        let syn = tcp_packet(world(v6, 40103), frontend, 0x02, WIRE);
+        let (verdict, out) = net.run(&xdp, &syn);
+        assert_eq!(verdict, XDP_TX, "v6={v6}");
+        assert_eq!(&out[..6], &NODE2_MAC);
+        let (src, dst, ok) = parse(&out);
+        assert_eq!(src, world(v6, 40103), "v6={v6}: no SNAT");
+        assert_eq!(dst, SocketAddr::new(remote_pod(v6), BACKEND_PORT));
+        assert!(ok, "v6={v6}: checksums and lengths valid");
+        assert_eq!(dsr_frontend(&out), Some(frontend), "v6={v6}");
+        assert_eq!(out.len(), syn.len() + if v6 { 24 } else { 8 });
+        // What tc makes of the same SYN is the same packet (but the MACs).
+        let fx_tc = Fixture::new(TunnelMode::Native, v6);
+        fx_tc
+            .dp
+            .upsert_nodeport_service(&nodeport_service(v6, vec![REMOTE_BACKEND]), DSR)
+            .unwrap();
+        let tc = fx_tc.netdev().run(&syn).unwrap().packet;
+        assert_eq!(&out[12..], &tc[12..], "v6={v6}: one DSR format");
+
+        let ack = tcp_packet(world(v6, 40103), frontend, 0x10, WIRE);
+        let (verdict, out) = net.run(&xdp, &ack);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(dsr_frontend(&out), None, "v6={v6}: later segments go without it");
+        assert_eq!(out.len(), ack.len());
+        assert!(fx.dp.lb_nat().unwrap().is_empty(), "no SNAT entries");
+    }
+}
+
+#[test]
+fn xdp_passes_what_tc_must_judge_untouched_and_unpinned() {
+    privileged!("xdp_nodeport_passes");
+    let net = XdpNet::new();
+    for v6 in families() {
+        let frontend = SocketAddr::new(node_addr(v6, 1), NODE_PORT);
+        // A local backend: its ingress policy runs at tc.
+        let fx = Fixture::new(TunnelMode::Native, v6);
+        fx.dp
+            .upsert_nodeport_service(&nodeport_service(v6, vec![LOCAL_BACKEND]), SNAT)
+            .unwrap();
+        let xdp = fx.dp.test_xdp_program(ACCEL).unwrap();
+        let syn = tcp_packet(world(v6, 40104), frontend, 0x02, WIRE);
+        assert_eq!(net.run(&xdp, &syn), (XDP_PASS, syn.clone()), "v6={v6}: local backend");
+        assert!(fx.dp.list_ct().unwrap().is_empty(), "v6={v6}: nothing pinned");
+        // Not a NodePort: another port of the node, and a node-to-node
+        // packet.
+        let other = tcp_packet(world(v6, 40105), SocketAddr::new(node_addr(v6, 1), 22), 0x02, WIRE);
+        assert_eq!(net.run(&xdp, &other), (XDP_PASS, other.clone()), "v6={v6}");
+        // VXLAN mode: no encapsulation in XDP.
+        let vx = Fixture::new(TunnelMode::Vxlan, v6);
+        vx.dp
+            .upsert_nodeport_service(&nodeport_service(v6, vec![REMOTE_BACKEND]), SNAT)
+            .unwrap();
+        let xdp = vx.dp.test_xdp_program(ACCEL).unwrap();
+        assert_eq!(net.run(&xdp, &syn), (XDP_PASS, syn.clone()), "v6={v6}: vxlan");
+        // externalTrafficPolicy=Local with a remote backend: tc drops it.
+        let local = Fixture::new(TunnelMode::Native, v6);
+        local
+            .dp
+            .upsert_nodeport_service(&nodeport_service(v6, vec![REMOTE_BACKEND]), LOCAL)
+            .unwrap();
+        let xdp = local.dp.test_xdp_program(ACCEL).unwrap();
+        assert_eq!(net.run(&xdp, &syn), (XDP_PASS, syn.clone()), "v6={v6}: Local");
+        // Acceleration off: the program is the prefilter alone.
+        let off = fx.dp.test_xdp_program(XdpFeatures::default()).unwrap();
+        assert_eq!(net.run(&off, &syn).0, XDP_PASS);
+    }
+    // A remote backend whose node has no neighbour entry: tc resolves it.
+    let fx = Fixture::new(TunnelMode::Native, false);
+    fx.dp
+        .upsert_nodeport_service(&nodeport_service(false, vec![REMOTE_BACKEND]), SNAT)
+        .unwrap();
+    net.ns.sh("ip neigh del 198.51.100.2 dev eth0").unwrap();
+    let xdp = fx.dp.test_xdp_program(ACCEL).unwrap();
+    let syn = tcp_packet(world(false, 40106), SocketAddr::new(node_addr(false, 1), NODE_PORT), 0x02, WIRE);
+    assert_eq!(net.run(&xdp, &syn), (XDP_PASS, syn.clone()), "no neighbour");
+}
+
+#[test]
+fn xdp_prefilter_still_drops_when_acceleration_shares_the_program() {
+    privileged!("xdp_nodeport_prefilter");
+    let net = XdpNet::new();
+    let fx = Fixture::new(TunnelMode::Native, false);
+    fx.dp
+        .upsert_nodeport_service(&nodeport_service(false, vec![REMOTE_BACKEND]), SNAT)
+        .unwrap();
+    fx.dp
+        .upsert_prefilter(&[PrefilterEntry {
+            cidr: "198.51.100.200/32".parse().unwrap(),
+            counter: 0,
+        }])
+        .unwrap();
+    let both = fx
+        .dp
+        .test_xdp_program(XdpFeatures {
+            prefilter: true,
+            lb_acceleration: true,
+        })
+        .unwrap();
+    let frontend = SocketAddr::new(node_addr(false, 1), NODE_PORT);
+    let listed = tcp_packet(world(false, 40107), frontend, 0x02, WIRE);
+    assert_eq!(net.run(&both, &listed).0, cilia_datapath::prefilter::XDP_DROP);
+    let other = tcp_packet(SocketAddr::new(node_addr(false, 201), 40108), frontend, 0x02, WIRE);
+    assert_eq!(net.run(&both, &other).0, XDP_TX, "an unlisted client is balanced");
+}
