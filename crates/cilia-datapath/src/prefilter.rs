@@ -376,28 +376,21 @@ impl BpfDatapath {
 
     /// Makes the XDP program of `ifname` do `features`: nothing (the link
     /// is detached), or this build's program doing them. A device with a
-    /// pinned link gets the new program swapped in (`BPF_LINK_UPDATE`: no
-    /// moment without a program, the mode kept); a device without one gets
-    /// native XDP, or generic XDP when the driver refuses native (the link
-    /// says which, and why). `force_generic` skips the native attempt.
-    pub fn set_xdp_features(
+    /// live pinned link gets the new program swapped in (`BPF_LINK_UPDATE`:
+    /// no moment without a program, the mode kept); the link names its
+    /// device, so a swap never looks the name up again. A device without
+    /// one gets native XDP, or generic XDP when the driver refuses native
+    /// (the link says which, and why); `force_generic` skips the native
+    /// attempt. `may_attach` false (a feature being removed) never attaches
+    /// a new link.
+    fn set_xdp_features(
         &self,
         ifname: &str,
         features: XdpFeatures,
         force_generic: bool,
+        may_attach: bool,
     ) -> Result<Option<DeviceXdp>, DatapathError> {
-        let existing = self.prefilter_pins()?.remove(ifname);
-        if features.is_empty() {
-            if let Some((_, pin)) = existing {
-                unpin_link(&pin)?;
-            }
-            return Ok(None);
-        }
-        let ifindex = nix::net::if_::if_nametoindex(ifname)
-            .map_err(|_| DatapathError::NoSuchInterface(ifname.to_string()))?;
-        let mut ebpf = self.load_xdp(features)?;
-        let prog = prefilter_prog(&mut ebpf)?;
-        let device = |mode, native_error| {
+        let device = |ifindex, mode, native_error| {
             Some(DeviceXdp {
                 link: PrefilterLink {
                     ifname: ifname.to_string(),
@@ -408,17 +401,29 @@ impl BpfDatapath {
                 features,
             })
         };
-
-        if let Some((mode, pin)) = existing {
-            let on = crate::inspect::link_target(&pin).map(|t| t.ifindex).ok();
-            if on == Some(ifindex) {
-                swap_xdp(prog, &pin)?;
-                return Ok(device(mode, None));
+        if let Some((mode, pin)) = self.prefilter_pins()?.remove(ifname) {
+            let on = crate::inspect::link_target(&pin)
+                .map(|t| t.ifindex)
+                .unwrap_or(0);
+            if on != 0 {
+                if features.is_empty() {
+                    unpin_link(&pin)?;
+                    return Ok(None);
+                }
+                let mut ebpf = self.load_xdp(features)?;
+                swap_xdp(prefilter_prog(&mut ebpf)?, &pin)?;
+                return Ok(device(on, mode, None));
             }
-            tracing::info!(pin = %pin.display(), ?on, ifindex, "XDP link on another device: detaching it");
+            tracing::info!(pin = %pin.display(), "XDP link of a device that is gone: unpinning it");
             unpin_link(&pin)?;
         }
-
+        if features.is_empty() || !may_attach {
+            return Ok(None);
+        }
+        let ifindex = nix::net::if_::if_nametoindex(ifname)
+            .map_err(|_| DatapathError::NoSuchInterface(ifname.to_string()))?;
+        let mut ebpf = self.load_xdp(features)?;
+        let prog = prefilter_prog(&mut ebpf)?;
         let native = if force_generic {
             Err("generic mode forced".to_string())
         } else {
@@ -442,7 +447,7 @@ impl BpfDatapath {
                 (PrefilterMode::Generic, Some(reason))
             }
         };
-        Ok(device(mode, native_error))
+        Ok(device(ifindex, mode, native_error))
     }
 
     /// The XDP program of every device that has one, with what it does.
@@ -473,23 +478,24 @@ impl BpfDatapath {
         }
     }
 
-    /// Adds (`on`) or removes one feature of `ifname`'s XDP program,
-    /// keeping the other.
+    /// Adds or removes one feature of `ifname`'s XDP program, keeping the
+    /// other; only an addition may attach a new link.
     fn toggle_xdp(
         &self,
         ifname: &str,
         change: impl FnOnce(&mut XdpFeatures),
         force_generic: bool,
+        may_attach: bool,
     ) -> Result<Option<DeviceXdp>, DatapathError> {
         let mut features = self.xdp_features_of(ifname)?;
         change(&mut features);
-        self.set_xdp_features(ifname, features, force_generic)
+        self.set_xdp_features(ifname, features, force_generic, may_attach)
     }
 
     /// Attaches the prefilter to `ifname` (see [`Self::set_xdp_features`]);
     /// NodePort acceleration on the device stays.
     pub fn attach_prefilter(&self, ifname: &str) -> Result<PrefilterLink, DatapathError> {
-        self.toggle_xdp(ifname, |f| f.prefilter = true, false)?
+        self.toggle_xdp(ifname, |f| f.prefilter = true, false, true)?
             .map(|d| d.link)
             .ok_or_else(|| DatapathError::NoSuchInterface(ifname.to_string()))
     }
@@ -515,7 +521,7 @@ impl BpfDatapath {
     /// device does nothing else). Not attached is not an error.
     pub fn detach_prefilter(&self, ifname: &str) -> Result<(), DatapathError> {
         if self.xdp_features_of(ifname)?.prefilter {
-            self.toggle_xdp(ifname, |f| f.prefilter = false, false)?;
+            self.toggle_xdp(ifname, |f| f.prefilter = false, false, false)?;
         }
         Ok(())
     }
@@ -538,7 +544,7 @@ impl BpfDatapath {
         ifname: &str,
         force_generic: bool,
     ) -> Result<PrefilterLink, DatapathError> {
-        self.toggle_xdp(ifname, |f| f.lb_acceleration = true, force_generic)?
+        self.toggle_xdp(ifname, |f| f.lb_acceleration = true, force_generic, true)?
             .map(|d| d.link)
             .ok_or_else(|| DatapathError::NoSuchInterface(ifname.to_string()))
     }
@@ -546,7 +552,7 @@ impl BpfDatapath {
     /// Turns NodePort acceleration off for `ifname`. Not on is not an error.
     pub fn detach_lb_acceleration(&self, ifname: &str) -> Result<(), DatapathError> {
         if self.xdp_features_of(ifname)?.lb_acceleration {
-            self.toggle_xdp(ifname, |f| f.lb_acceleration = false, false)?;
+            self.toggle_xdp(ifname, |f| f.lb_acceleration = false, false, false)?;
         }
         Ok(())
     }

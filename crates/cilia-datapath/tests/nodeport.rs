@@ -1312,3 +1312,251 @@ fn xdp_prefilter_still_drops_when_acceleration_shares_the_program() {
     let other = tcp_packet(SocketAddr::new(node_addr(false, 201), 40108), frontend, 0x02, WIRE);
     assert_eq!(net.run(&both, &other).0, XDP_TX, "an unlisted client is balanced");
 }
+
+/// Turns a device's TX checksum offload off (`ETHTOOL_STXCSUM`), in the
+/// calling thread's namespace.
+fn tx_checksum_off(dev: &str) {
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        data: *mut EthtoolValue,
+        _pad: [u8; 16],
+    }
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    let mut value = EthtoolValue {
+        cmd: ETHTOOL_STXCSUM,
+        data: 0,
+    };
+    let mut req = IfReq {
+        name: [0; 16],
+        data: &mut value,
+        _pad: [0; 16],
+    };
+    req.name[..dev.len()].copy_from_slice(dev.as_bytes());
+    // SAFETY: a socket we own and an ifreq that outlives the call, whose
+    // data pointer points at a live ethtool_value.
+    let rc = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let rc = libc::ioctl(fd, SIOCETHTOOL, &mut req);
+        libc::close(fd);
+        rc
+    };
+    assert_eq!(rc, 0, "{dev}: tx checksum off: {}", std::io::Error::last_os_error());
+}
+
+/// Node `n`'s underlay ready for NodePort acceleration: forwarding on
+/// `eth0` (the FIB helper answers only for a forwarding device); on the
+/// fabric's side of its veth an XDP program (a veth takes frames sent by
+/// XDP_TX from its peer only when it runs in XDP mode itself) and no TX
+/// checksum offload: a veth otherwise hands over CHECKSUM_PARTIAL frames,
+/// whose checksum field is only a partial sum that XDP, seeing bytes and
+/// no metadata, cannot update (a NIC delivers complete checksums).
+fn prepare_acceleration(fabric: &cilia_testnet::cluster::Fabric, n: u8) -> aya::Ebpf {
+    fabric
+        .node(n)
+        .sh("sysctl -qw net.ipv4.conf.eth0.forwarding=1 net.ipv6.conf.eth0.forwarding=1")
+        .unwrap();
+    fabric.ns().run(|| tx_checksum_off(&format!("n{n}")));
+    let mut ebpf = aya::EbpfLoader::new()
+        .load(cilia_datapath::object::PROBE_OBJECT)
+        .unwrap();
+    let prog: &mut aya::programs::Xdp = ebpf
+        .program_mut(cilia_datapath::object::PROG_PROBE_XDP)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    prog.load().unwrap();
+    fabric
+        .ns()
+        .run(|| prog.attach(&format!("n{n}"), aya::programs::XdpMode::Driver))
+        .unwrap();
+    ebpf
+}
+
+fn xdp_forwarded(dp: &BpfDatapath) -> u64 {
+    counted(dp, CILIA_METRIC_FORWARD, CILIA_FWD_XDP)
+}
+
+fn world_reaches_a_remote_backend_through_xdp(options: NodePortOptions) {
+    let fabric = cilia_testnet::cluster::Fabric::new(2).unwrap();
+    let world_ns = fabric.attach(200).unwrap();
+    let root = BpfRoot::new();
+    let nodes = [
+        real_node(&root, fabric.node(1), 1, TunnelMode::Native, options),
+        real_node(&root, fabric.node(2), 2, TunnelMode::Native, options),
+    ];
+    let _peer_xdp = prepare_acceleration(&fabric, 1);
+    let link = fabric
+        .node(1)
+        .run(|| nodes[0].dp.attach_lb_acceleration("eth0", false))
+        .unwrap();
+    assert_eq!(link.mode, cilia_datapath::PrefilterMode::Native, "veth has native XDP");
+    let echo = Echo::start(&nodes[1].ep, &[ECHO_PORT]);
+    let payload: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    for v6 in [false, true] {
+        let before = xdp_forwarded(&nodes[0].dp);
+        let to = SocketAddr::new(fabric_addr(v6, 1), PORT_TO_NODE2);
+        let (local, back) = exchange(&world_ns, to, &payload, WAIT)
+            .unwrap_or_else(|e| panic!("dsr={}: world -> {to}: {e}", options.dsr));
+        assert_eq!(back, payload, "world -> {to}");
+        let peer = *echo.peers().last().unwrap();
+        if options.dsr {
+            assert_eq!(peer, local, "{to}: DSR keeps the client's address");
+        } else {
+            assert_eq!(peer.ip(), fabric_addr(v6, 1), "{to}: SNAT to node 1");
+        }
+        let by_xdp = xdp_forwarded(&nodes[0].dp) - before;
+        // The client's SYN, ACKs, data and FIN at least (the very first
+        // packets may go through tc while the neighbours are resolved).
+        assert!(by_xdp >= 3, "dsr={} {to}: XDP sent {by_xdp} packets", options.dsr);
+    }
+    let stats = nodes[0].dp.lb_stats(1).unwrap();
+    assert!(stats.packets >= 3, "per-service counters count XDP's packets: {stats:?}");
+}
+
+#[test]
+fn world_reaches_a_remote_backend_through_xdp_acceleration_with_snat() {
+    privileged!("world_reaches_a_remote_backend_through_xdp_acceleration_with_snat");
+    world_reaches_a_remote_backend_through_xdp(SNAT);
+}
+
+#[test]
+fn world_reaches_a_remote_backend_through_xdp_acceleration_with_dsr() {
+    privileged!("world_reaches_a_remote_backend_through_xdp_acceleration_with_dsr");
+    world_reaches_a_remote_backend_through_xdp(DSR);
+}
+
+#[test]
+fn toggling_acceleration_and_the_prefilter_under_a_tcp_stream_loses_nothing() {
+    privileged!("toggling_acceleration_and_the_prefilter_under_a_tcp_stream_loses_nothing");
+    use std::io::{Read, Write};
+    let fabric = cilia_testnet::cluster::Fabric::new(2).unwrap();
+    let world_ns = fabric.attach(200).unwrap();
+    let root = BpfRoot::new();
+    let nodes = [
+        real_node(&root, fabric.node(1), 1, TunnelMode::Native, SNAT),
+        real_node(&root, fabric.node(2), 2, TunnelMode::Native, SNAT),
+    ];
+    let _peer_xdp = prepare_acceleration(&fabric, 1);
+    let _echo = Echo::start(&nodes[1].ep, &[ECHO_PORT]);
+    let dp = &nodes[0].dp;
+    let node1 = fabric.node(1);
+    // A prefilter of an unrelated CIDR keeps the device's link, so the
+    // toggles below swap programs inside it.
+    dp.upsert_prefilter(&[PrefilterEntry {
+        cidr: "203.0.113.0/24".parse().unwrap(),
+        counter: 0,
+    }])
+    .unwrap();
+    node1.run(|| dp.attach_prefilter("eth0")).unwrap();
+    let pin = root.path().join("node1/node/prefilter_native_eth0");
+    let link_id = cilia_datapath::inspect::link_target(&pin).unwrap().link_id;
+
+    let to = SocketAddr::new(fabric_addr(false, 1), PORT_TO_NODE2);
+    let mut stream = world_ns
+        .run(|| std::net::TcpStream::connect_timeout(&to, WAIT))
+        .unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream.set_write_timeout(Some(WAIT)).unwrap();
+    let chunk: Vec<u8> = (0..32 * 1024u32).map(|i| (i % 253) as u8).collect();
+    let drops_before: u64 = dp
+        .metrics()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.kind == CILIA_METRIC_DROP)
+        .map(|(_, v)| v.packets)
+        .sum();
+    let mut sent = Vec::new();
+    for round in 0..12 {
+        stream.write_all(&chunk).unwrap();
+        sent.extend_from_slice(&chunk);
+        if round % 2 == 0 {
+            node1.run(|| dp.attach_lb_acceleration("eth0", false)).unwrap();
+        } else {
+            node1.run(|| dp.detach_lb_acceleration("eth0")).unwrap();
+        }
+        assert_eq!(
+            cilia_datapath::inspect::link_target(&pin).unwrap().link_id,
+            link_id,
+            "round {round}: the same link, its program swapped"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Acceleration on, then the whole link away (a real detach) mid-stream.
+    node1.run(|| dp.attach_lb_acceleration("eth0", false)).unwrap();
+    stream.write_all(&chunk).unwrap();
+    sent.extend_from_slice(&chunk);
+    let by_xdp = xdp_forwarded(dp);
+    node1.run(|| dp.detach_lb_acceleration("eth0")).unwrap();
+    node1.run(|| dp.detach_prefilter("eth0")).unwrap();
+    assert!(!pin.exists());
+    stream.write_all(&chunk).unwrap();
+    sent.extend_from_slice(&chunk);
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    stream.read_to_end(&mut back).unwrap();
+    assert_eq!(back.len(), sent.len(), "every byte came back");
+    assert!(back == sent, "in order and intact");
+    assert!(by_xdp > 0, "XDP carried part of the stream");
+    let drops_after: u64 = dp
+        .metrics()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.kind == CILIA_METRIC_DROP)
+        .map(|(_, v)| v.packets)
+        .sum();
+    assert_eq!(drops_after, drops_before, "nothing dropped by the datapath");
+}
+
+#[test]
+fn acceleration_on_a_device_without_native_xdp_falls_back_to_generic_and_says_why() {
+    privileged!("acceleration_on_a_device_without_native_xdp_falls_back_to_generic_and_says_why");
+    let ns = Netns::new("cxdpg").unwrap();
+    ns.sh("set -e; ip link set lo up; ip link add eth0 type veth peer name peer0")
+        .unwrap();
+    let root = BpfRoot::new();
+    let dp = BpfDatapath::open(root.path()).unwrap();
+    // The loopback device has no native XDP.
+    let link = ns.run(|| dp.attach_lb_acceleration("lo", false)).unwrap();
+    assert_eq!(link.mode, cilia_datapath::PrefilterMode::Generic);
+    assert!(link.native_error.is_some(), "the driver's refusal is reported: {link:?}");
+    assert_eq!(dp.lb_acceleration_links().unwrap().len(), 1);
+    assert!(dp.prefilter_links().unwrap().is_empty(), "the prefilter is not on");
+    // Forced generic on a device that has native XDP.
+    let forced = ns.run(|| dp.attach_lb_acceleration("eth0", true)).unwrap();
+    assert_eq!(forced.mode, cilia_datapath::PrefilterMode::Generic);
+    assert_eq!(forced.native_error.as_deref(), Some("generic mode forced"));
+    // Adding the prefilter keeps acceleration and the mode (one program).
+    let both = ns.run(|| dp.attach_prefilter("eth0")).unwrap();
+    assert_eq!(both.mode, cilia_datapath::PrefilterMode::Generic);
+    let devices = dp.xdp_devices().unwrap();
+    let eth0 = devices.iter().find(|d| d.link.ifname == "eth0").unwrap();
+    assert_eq!(
+        eth0.features,
+        XdpFeatures {
+            prefilter: true,
+            lb_acceleration: true
+        },
+        "read back from the attached program"
+    );
+    // A reload keeps what each device's program does.
+    assert_eq!(dp.reload_prefilter().unwrap(), 2);
+    let eth0 = dp
+        .xdp_devices()
+        .unwrap()
+        .into_iter()
+        .find(|d| d.link.ifname == "eth0")
+        .unwrap();
+    assert!(eth0.features.prefilter && eth0.features.lb_acceleration);
+    dp.detach_lb_acceleration("lo").unwrap();
+    dp.detach_lb_acceleration("eth0").unwrap();
+    assert!(dp.lb_acceleration_links().unwrap().is_empty());
+    assert_eq!(dp.prefilter_links().unwrap().len(), 1, "the prefilter stays on eth0");
+}
