@@ -21,6 +21,7 @@ pub mod node;
 pub mod nodenet;
 pub mod paths;
 pub mod policy;
+pub mod lbaccel;
 pub mod prefilter;
 pub mod proxy;
 pub mod relay;
@@ -75,6 +76,8 @@ pub struct AgentConfig {
     /// Devices the XDP prefilter is attached to (empty: none; its CIDRs
     /// are kept all the same).
     pub prefilter_devices: Vec<String>,
+    /// NodePort in XDP on the underlay device (`--lb-acceleration`).
+    pub lb_acceleration: lbaccel::LbAccelerationFlag,
 }
 
 /// Where the agent keeps cluster-wide state.
@@ -335,6 +338,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     );
     manager.mtu = node_dp.as_ref().map(|n| n.endpoint_mtu);
     let serves_underlay = node_dp.is_some();
+    let underlay = node_dp.as_ref().map(|n| lbaccel::UnderlayDevice {
+        name: n.underlay.ifname.clone(),
+        native_routing: config.cluster.tunnel == TunnelMode::Disabled,
+    });
     manager.socket_lb = socket_lb.node_netns();
     if !recreated.is_empty() {
         let names: Vec<&str> = recreated.iter().map(|m| m.name.as_str()).collect();
@@ -421,6 +428,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         )
         .context("starting the XDP prefilter")?,
     );
+    // After the prefilter: both live in the underlay device's one XDP
+    // program, each start swapping its feature in or out.
+    let lb_acceleration =
+        lbaccel::LbAcceleration::start(config.lb_acceleration, &datapath, underlay.as_ref())?;
 
     // Bind every listener before announcing readiness: a bad address is a
     // start-up error, never an agent that dies after saying it is ready.
@@ -514,6 +525,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         socket_lb,
         services,
         prefilter,
+        lb_acceleration,
     });
     let _health_threads = health_threads;
     if let Some((link, events)) = cluster_link {

@@ -54,6 +54,7 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
     .await
     .map_err(|e| AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     let prefilter = state.prefilter.clone();
+    let lb_acceleration = state.lb_acceleration.subsystem();
     let cluster_subs = match &state.multinode {
         Some(link) => link.subsystems(),
         None => vec![cilia_api::SubsystemStatus {
@@ -107,7 +108,7 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
             policy_errors: summary.errors.clone(),
             subsystems: cluster_subs
                 .into_iter()
-                .chain([socket_lb, prefilter_sub])
+                .chain([socket_lb, prefilter_sub, lb_acceleration])
                 .fold(
                     subsystems(
                         &summary,
