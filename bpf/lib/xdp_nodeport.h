@@ -123,8 +123,8 @@ __inline_fn __u16 xdp_csum_apply(__u16 check, __s64 diff)
 /* The next hop toward `dst` from `src` (`family`'s addresses) for a packet
  * of `tot_len` bytes (IP header on), its MACs and device in `fib`. Returns
  * the kernel's BPF_FIB_LKUP_RET_*. */
-__inline_fn long xdp_fib(struct xdp_md *ctx, struct bpf_fib_lookup *fib, __u32 ifindex,
-			 __u8 family, const __u8 *src, const __u8 *dst, __u8 proto, __u16 tot_len)
+__inline_fn long xdp_fib(struct xdp_md *ctx, struct bpf_fib_lookup *fib, __u32 ifindex, __u8 family,
+			 const __u8 *src, const __u8 *dst, __u8 proto, __u16 tot_len)
 {
 	__builtin_memset(fib, 0, sizeof(*fib));
 	fib->ifindex = ifindex;
@@ -264,8 +264,8 @@ __inline_fn int xdp_dsr_encode(struct xdp_md *ctx, const struct lb_state *lb, __
 		ip->ihl = 7;
 		ip->tot_len = bpf_htons(bpf_ntohs(ip->tot_len) + CILIA_DSR_IPV4_OPT_LEN);
 		ip->check = 0;
-		ip->check = csum_fold(bpf_csum_diff(0, 0, (__u32 *)ip,
-						    sizeof(*ip) + CILIA_DSR_IPV4_OPT_LEN, 0));
+		ip->check = csum_fold(
+		    bpf_csum_diff(0, 0, (__u32 *)ip, sizeof(*ip) + CILIA_DSR_IPV4_OPT_LEN, 0));
 		return 0;
 	}
 

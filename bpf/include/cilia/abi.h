@@ -519,7 +519,7 @@ struct prefilter_value {
  * flags}, a load-time constant. The magic tags it in the program's .rodata,
  * so the loader reads back what an attached program does.
  */
-#define CILIA_XDP_MAGIC	   0x58444350 /* "PCDX" in memory order, little endian */
+#define CILIA_XDP_MAGIC	    0x58444350 /* "PCDX" in memory order, little endian */
 #define CILIA_XDP_PREFILTER 1	       /* drop sources in a prefilter CIDR */
 #define CILIA_XDP_LB_ACCEL  2	       /* NodePort load balancing (--lb-acceleration native) */
 

@@ -85,12 +85,12 @@ impl LbAcceleration {
                 continue;
             }
             tracing::info!(device = %link.ifname, "NodePort acceleration no longer asked for on this device: turning it off");
-            datapath
-                .detach_lb_acceleration(&link.ifname)
-                .map_err(|e| LbAccelerationError::Detach {
+            datapath.detach_lb_acceleration(&link.ifname).map_err(|e| {
+                LbAccelerationError::Detach {
                     device: link.ifname.clone(),
                     source: Box::new(e),
-                })?;
+                }
+            })?;
         }
         let Some(underlay) = wanted else {
             return Ok(Self::Disabled);
@@ -105,7 +105,9 @@ impl LbAcceleration {
         match &link.native_error {
             Some(why) => tracing::warn!(device = %underlay.name, reason = %why,
                 "NodePort acceleration runs in generic XDP: the driver refused native mode"),
-            None => tracing::info!(device = %underlay.name, mode = link.mode.name(), "NodePort acceleration on"),
+            None => {
+                tracing::info!(device = %underlay.name, mode = link.mode.name(), "NodePort acceleration on")
+            }
         }
         for note in &notes {
             tracing::warn!(device = %underlay.name, "NodePort acceleration: {note}");
@@ -143,7 +145,9 @@ impl LbAcceleration {
                         format!("generic (fallback: {why}) on {device}")
                     }
                     (cilia_datapath::PrefilterMode::Generic, None) => {
-                        format!("generic (fallback: attached so before this agent started) on {device}")
+                        format!(
+                            "generic (fallback: attached so before this agent started) on {device}"
+                        )
                     }
                 };
                 for note in notes {
@@ -220,13 +224,15 @@ mod tests {
         let fake = Arc::new(FakeDatapath::new());
         fake.state().prefilter_no_native.insert("eth0".into());
         let dp: DatapathHandle = fake;
-        let accel = LbAcceleration::start(LbAccelerationFlag::Native, &dp, Some(&underlay())).unwrap();
+        let accel =
+            LbAcceleration::start(LbAccelerationFlag::Native, &dp, Some(&underlay())).unwrap();
         assert_eq!(accel.mode_name(), "generic");
         let sub = accel.subsystem();
         assert_eq!(sub.status, "degraded");
         assert!(
-            sub.detail
-                .starts_with("generic (fallback: native XDP not supported by the fake device) on eth0"),
+            sub.detail.starts_with(
+                "generic (fallback: native XDP not supported by the fake device) on eth0"
+            ),
             "{}",
             sub.detail
         );
@@ -238,10 +244,14 @@ mod tests {
         let dp: DatapathHandle = fake.clone();
         LbAcceleration::start(LbAccelerationFlag::Native, &dp, Some(&underlay())).unwrap();
         assert_eq!(fake.state().lb_acceleration_links.len(), 1);
-        let off = LbAcceleration::start(LbAccelerationFlag::Disabled, &dp, Some(&underlay())).unwrap();
+        let off =
+            LbAcceleration::start(LbAccelerationFlag::Disabled, &dp, Some(&underlay())).unwrap();
         assert_eq!(off, LbAcceleration::Disabled);
         assert!(fake.state().lb_acceleration_links.is_empty());
-        assert_eq!(off.subsystem().detail, "disabled (--lb-acceleration disabled)");
+        assert_eq!(
+            off.subsystem().detail,
+            "disabled (--lb-acceleration disabled)"
+        );
     }
 
     #[test]

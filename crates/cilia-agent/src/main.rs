@@ -123,7 +123,12 @@ struct Args {
     /// XDP, reported in `cilia status`, where the driver has no native
     /// XDP) or `disabled`. Needs multi-node mode. Example:
     /// `--lb-acceleration native`.
-    #[arg(long, env = "CILIA_LB_ACCELERATION", value_enum, default_value = "disabled")]
+    #[arg(
+        long,
+        env = "CILIA_LB_ACCELERATION",
+        value_enum,
+        default_value = "disabled"
+    )]
     lb_acceleration: cilia_agent::lbaccel::LbAccelerationFlag,
 }
 

@@ -202,7 +202,10 @@ fn world_reaches_a_nodeport_with_native_lb_acceleration_and_status_reports_it() 
         .lines()
         .find(|l| l.starts_with("LB accel:"))
         .unwrap_or_else(|| panic!("no LB accel line: {status}"));
-    assert!(line.contains("native on eth0"), "veth has native XDP: {line}");
+    assert!(
+        line.contains("native on eth0"),
+        "veth has native XDP: {line}"
+    );
     let json = cluster.agent(1).cli_json(&["status"]);
     let sub = json["subsystems"]
         .as_array()
@@ -212,7 +215,10 @@ fn world_reaches_a_nodeport_with_native_lb_acceleration_and_status_reports_it() 
         .unwrap_or_else(|| panic!("{json}"))
         .clone();
     assert!(
-        sub["detail"].as_str().unwrap().starts_with("native on eth0"),
+        sub["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("native on eth0"),
         "{sub}"
     );
     let metrics = cluster.agent(1).scrape_metrics();

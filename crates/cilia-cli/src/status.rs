@@ -114,7 +114,11 @@ fn print_status(s: &Status) {
     if let Some(p) = s.subsystems.iter().find(|sub| sub.name == "prefilter") {
         outln!("Prefilter:    {}", p.detail);
     }
-    if let Some(a) = s.subsystems.iter().find(|sub| sub.name == "lb-acceleration") {
+    if let Some(a) = s
+        .subsystems
+        .iter()
+        .find(|sub| sub.name == "lb-acceleration")
+    {
         outln!("LB accel:     {}", a.detail);
     }
     outln!("State dir:    {}", s.state_dir);

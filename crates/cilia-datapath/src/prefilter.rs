@@ -26,16 +26,16 @@ use aya::programs::xdp::XdpLink;
 use aya::programs::{Xdp, XdpMode};
 use aya::EbpfLoader;
 use cilia_abi::{
-    MetricsValue, PrefilterCount, PrefilterEntry, PrefilterKey, PrefilterValue,
-    CILIA_XDP_LB_ACCEL, CILIA_XDP_MAGIC, CILIA_XDP_PREFILTER, PREFILTER_SLOTS,
+    MetricsValue, PrefilterCount, PrefilterEntry, PrefilterKey, PrefilterValue, CILIA_XDP_LB_ACCEL,
+    CILIA_XDP_MAGIC, CILIA_XDP_PREFILTER, PREFILTER_SLOTS,
 };
 use ipnet::IpNet;
 
 use crate::endpoint::{is_not_found, lock, pin_mismatch, unpin_link, BpfDatapath};
 use crate::error::DatapathError;
 use crate::object::{
-    GLOBAL_CONFIG, GLOBAL_XDP_FEATURES, MAP_PREFILTER_COUNTERS, MAP_PREFILTER_V4,
-    MAP_PREFILTER_V6, PROG_XDP_PREFILTER, XDP_OBJECT,
+    GLOBAL_CONFIG, GLOBAL_XDP_FEATURES, MAP_PREFILTER_COUNTERS, MAP_PREFILTER_V4, MAP_PREFILTER_V6,
+    PROG_XDP_PREFILTER, XDP_OBJECT,
 };
 
 /// How the prefilter runs on a device.
@@ -85,8 +85,15 @@ pub struct XdpFeatures {
 
 impl XdpFeatures {
     fn bits(self) -> u32 {
-        (if self.prefilter { CILIA_XDP_PREFILTER } else { 0 })
-            | (if self.lb_acceleration { CILIA_XDP_LB_ACCEL } else { 0 })
+        (if self.prefilter {
+            CILIA_XDP_PREFILTER
+        } else {
+            0
+        }) | (if self.lb_acceleration {
+            CILIA_XDP_LB_ACCEL
+        } else {
+            0
+        })
     }
 
     fn from_bits(bits: u32) -> Self {

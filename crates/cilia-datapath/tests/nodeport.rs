@@ -1096,7 +1096,11 @@ impl XdpNet {
         Self { ns, ifindex, mac }
     }
 
-    fn run(&self, prog: &cilia_datapath::prefilter::XdpTestProgram, frame: &[u8]) -> (u32, Vec<u8>) {
+    fn run(
+        &self,
+        prog: &cilia_datapath::prefilter::XdpTestProgram,
+        frame: &[u8],
+    ) -> (u32, Vec<u8>) {
         self.ns.run(|| prog.run_on(frame, self.ifindex)).unwrap()
     }
 }
@@ -1131,11 +1135,18 @@ fn xdp_snats_a_nodeport_flow_to_a_remote_backend_and_tc_continues_it() {
         let frontend = SocketAddr::new(node_addr(v6, 1), NODE_PORT);
         let syn = tcp_packet(world(v6, 40101), frontend, 0x02, WIRE);
         let (verdict, out) = net.run(&xdp, &syn);
-        assert_eq!(verdict, XDP_TX, "v6={v6}: back out of the device it came in by");
+        assert_eq!(
+            verdict, XDP_TX,
+            "v6={v6}: back out of the device it came in by"
+        );
         assert_eq!(&out[..6], &NODE2_MAC, "v6={v6}: to the backend's node");
         assert_eq!(&out[6..12], &net.mac, "v6={v6}: from the device");
         let (src, dst, ok) = parse(&out);
-        assert_eq!(src.ip(), node_addr(v6, 1), "v6={v6}: SNAT to the node address");
+        assert_eq!(
+            src.ip(),
+            node_addr(v6, 1),
+            "v6={v6}: SNAT to the node address"
+        );
         assert!(
             (CILIA_LB_SNAT_PORT_FIRST..=CILIA_LB_SNAT_PORT_LAST).contains(&src.port()),
             "{src}"
@@ -1155,7 +1166,11 @@ fn xdp_snats_a_nodeport_flow_to_a_remote_backend_and_tc_continues_it() {
         let ack = tcp_packet(world(v6, 40101), frontend, 0x10, WIRE);
         let at_tc = fx.netdev().run(&ack).unwrap();
         assert_eq!(at_tc.verdict, TC_ACT_REDIRECT);
-        assert_eq!(parse(&at_tc.packet).0, src, "v6={v6}: tc keeps XDP's SNAT port");
+        assert_eq!(
+            parse(&at_tc.packet).0,
+            src,
+            "v6={v6}: tc keeps XDP's SNAT port"
+        );
         let nat = fx.dp.lb_nat().unwrap();
         assert_eq!(
             nat.iter().filter(|(k, _)| k.dir == CILIA_NAT_IN).count(),
@@ -1169,7 +1184,10 @@ fn xdp_snats_a_nodeport_flow_to_a_remote_backend_and_tc_continues_it() {
         assert_eq!(verdict, XDP_TX, "v6={v6}: out to the client");
         assert_eq!(&out[..6], &CLIENT_MAC);
         let (rsrc, rdst, ok) = parse(&out);
-        assert_eq!(rsrc, frontend, "v6={v6}: from the node port the client addressed");
+        assert_eq!(
+            rsrc, frontend,
+            "v6={v6}: from the node port the client addressed"
+        );
         assert_eq!(rdst, world(v6, 40101));
         assert!(ok, "v6={v6}: checksums valid");
     }
@@ -1230,7 +1248,11 @@ fn xdp_dsr_carries_the_frontend_in_the_packet_that_selects_the_backend() {
         let ack = tcp_packet(world(v6, 40103), frontend, 0x10, WIRE);
         let (verdict, out) = net.run(&xdp, &ack);
         assert_eq!(verdict, XDP_TX);
-        assert_eq!(dsr_frontend(&out), None, "v6={v6}: later segments go without it");
+        assert_eq!(
+            dsr_frontend(&out),
+            None,
+            "v6={v6}: later segments go without it"
+        );
         assert_eq!(out.len(), ack.len());
         assert!(fx.dp.lb_nat().unwrap().is_empty(), "no SNAT entries");
     }
@@ -1249,11 +1271,23 @@ fn xdp_passes_what_tc_must_judge_untouched_and_unpinned() {
             .unwrap();
         let xdp = fx.dp.test_xdp_program(ACCEL).unwrap();
         let syn = tcp_packet(world(v6, 40104), frontend, 0x02, WIRE);
-        assert_eq!(net.run(&xdp, &syn), (XDP_PASS, syn.clone()), "v6={v6}: local backend");
-        assert!(fx.dp.list_ct().unwrap().is_empty(), "v6={v6}: nothing pinned");
+        assert_eq!(
+            net.run(&xdp, &syn),
+            (XDP_PASS, syn.clone()),
+            "v6={v6}: local backend"
+        );
+        assert!(
+            fx.dp.list_ct().unwrap().is_empty(),
+            "v6={v6}: nothing pinned"
+        );
         // Not a NodePort: another port of the node, and a node-to-node
         // packet.
-        let other = tcp_packet(world(v6, 40105), SocketAddr::new(node_addr(v6, 1), 22), 0x02, WIRE);
+        let other = tcp_packet(
+            world(v6, 40105),
+            SocketAddr::new(node_addr(v6, 1), 22),
+            0x02,
+            WIRE,
+        );
         assert_eq!(net.run(&xdp, &other), (XDP_PASS, other.clone()), "v6={v6}");
         // VXLAN mode: no encapsulation in XDP.
         let vx = Fixture::new(TunnelMode::Vxlan, v6);
@@ -1261,7 +1295,11 @@ fn xdp_passes_what_tc_must_judge_untouched_and_unpinned() {
             .upsert_nodeport_service(&nodeport_service(v6, vec![REMOTE_BACKEND]), SNAT)
             .unwrap();
         let xdp = vx.dp.test_xdp_program(ACCEL).unwrap();
-        assert_eq!(net.run(&xdp, &syn), (XDP_PASS, syn.clone()), "v6={v6}: vxlan");
+        assert_eq!(
+            net.run(&xdp, &syn),
+            (XDP_PASS, syn.clone()),
+            "v6={v6}: vxlan"
+        );
         // externalTrafficPolicy=Local with a remote backend: tc drops it.
         let local = Fixture::new(TunnelMode::Native, v6);
         local
@@ -1269,7 +1307,11 @@ fn xdp_passes_what_tc_must_judge_untouched_and_unpinned() {
             .upsert_nodeport_service(&nodeport_service(v6, vec![REMOTE_BACKEND]), LOCAL)
             .unwrap();
         let xdp = local.dp.test_xdp_program(ACCEL).unwrap();
-        assert_eq!(net.run(&xdp, &syn), (XDP_PASS, syn.clone()), "v6={v6}: Local");
+        assert_eq!(
+            net.run(&xdp, &syn),
+            (XDP_PASS, syn.clone()),
+            "v6={v6}: Local"
+        );
         // Acceleration off: the program is the prefilter alone.
         let off = fx.dp.test_xdp_program(XdpFeatures::default()).unwrap();
         assert_eq!(net.run(&off, &syn).0, XDP_PASS);
@@ -1281,7 +1323,12 @@ fn xdp_passes_what_tc_must_judge_untouched_and_unpinned() {
         .unwrap();
     net.ns.sh("ip neigh del 198.51.100.2 dev eth0").unwrap();
     let xdp = fx.dp.test_xdp_program(ACCEL).unwrap();
-    let syn = tcp_packet(world(false, 40106), SocketAddr::new(node_addr(false, 1), NODE_PORT), 0x02, WIRE);
+    let syn = tcp_packet(
+        world(false, 40106),
+        SocketAddr::new(node_addr(false, 1), NODE_PORT),
+        0x02,
+        WIRE,
+    );
     assert_eq!(net.run(&xdp, &syn), (XDP_PASS, syn.clone()), "no neighbour");
 }
 
@@ -1308,9 +1355,21 @@ fn xdp_prefilter_still_drops_when_acceleration_shares_the_program() {
         .unwrap();
     let frontend = SocketAddr::new(node_addr(false, 1), NODE_PORT);
     let listed = tcp_packet(world(false, 40107), frontend, 0x02, WIRE);
-    assert_eq!(net.run(&both, &listed).0, cilia_datapath::prefilter::XDP_DROP);
-    let other = tcp_packet(SocketAddr::new(node_addr(false, 201), 40108), frontend, 0x02, WIRE);
-    assert_eq!(net.run(&both, &other).0, XDP_TX, "an unlisted client is balanced");
+    assert_eq!(
+        net.run(&both, &listed).0,
+        cilia_datapath::prefilter::XDP_DROP
+    );
+    let other = tcp_packet(
+        SocketAddr::new(node_addr(false, 201), 40108),
+        frontend,
+        0x02,
+        WIRE,
+    );
+    assert_eq!(
+        net.run(&both, &other).0,
+        XDP_TX,
+        "an unlisted client is balanced"
+    );
 }
 
 /// Turns a device's TX checksum offload off (`ETHTOOL_STXCSUM`), in the
@@ -1348,7 +1407,12 @@ fn tx_checksum_off(dev: &str) {
         libc::close(fd);
         rc
     };
-    assert_eq!(rc, 0, "{dev}: tx checksum off: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "{dev}: tx checksum off: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// Node `n`'s underlay ready for NodePort acceleration: forwarding on
@@ -1397,7 +1461,11 @@ fn world_reaches_a_remote_backend_through_xdp(options: NodePortOptions) {
         .node(1)
         .run(|| nodes[0].dp.attach_lb_acceleration("eth0", false))
         .unwrap();
-    assert_eq!(link.mode, cilia_datapath::PrefilterMode::Native, "veth has native XDP");
+    assert_eq!(
+        link.mode,
+        cilia_datapath::PrefilterMode::Native,
+        "veth has native XDP"
+    );
     let echo = Echo::start(&nodes[1].ep, &[ECHO_PORT]);
     let payload: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
     for v6 in [false, true] {
@@ -1415,10 +1483,17 @@ fn world_reaches_a_remote_backend_through_xdp(options: NodePortOptions) {
         let by_xdp = xdp_forwarded(&nodes[0].dp) - before;
         // The client's SYN, ACKs, data and FIN at least (the very first
         // packets may go through tc while the neighbours are resolved).
-        assert!(by_xdp >= 3, "dsr={} {to}: XDP sent {by_xdp} packets", options.dsr);
+        assert!(
+            by_xdp >= 3,
+            "dsr={} {to}: XDP sent {by_xdp} packets",
+            options.dsr
+        );
     }
     let stats = nodes[0].dp.lb_stats(1).unwrap();
-    assert!(stats.packets >= 3, "per-service counters count XDP's packets: {stats:?}");
+    assert!(
+        stats.packets >= 3,
+        "per-service counters count XDP's packets: {stats:?}"
+    );
 }
 
 #[test]
@@ -1478,7 +1553,9 @@ fn toggling_acceleration_and_the_prefilter_under_a_tcp_stream_loses_nothing() {
         stream.write_all(&chunk).unwrap();
         sent.extend_from_slice(&chunk);
         if round % 2 == 0 {
-            node1.run(|| dp.attach_lb_acceleration("eth0", false)).unwrap();
+            node1
+                .run(|| dp.attach_lb_acceleration("eth0", false))
+                .unwrap();
         } else {
             node1.run(|| dp.detach_lb_acceleration("eth0")).unwrap();
         }
@@ -1490,7 +1567,9 @@ fn toggling_acceleration_and_the_prefilter_under_a_tcp_stream_loses_nothing() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     // Acceleration on, then the whole link away (a real detach) mid-stream.
-    node1.run(|| dp.attach_lb_acceleration("eth0", false)).unwrap();
+    node1
+        .run(|| dp.attach_lb_acceleration("eth0", false))
+        .unwrap();
     stream.write_all(&chunk).unwrap();
     sent.extend_from_slice(&chunk);
     let by_xdp = xdp_forwarded(dp);
@@ -1526,9 +1605,15 @@ fn acceleration_on_a_device_without_native_xdp_falls_back_to_generic_and_says_wh
     // The loopback device has no native XDP.
     let link = ns.run(|| dp.attach_lb_acceleration("lo", false)).unwrap();
     assert_eq!(link.mode, cilia_datapath::PrefilterMode::Generic);
-    assert!(link.native_error.is_some(), "the driver's refusal is reported: {link:?}");
+    assert!(
+        link.native_error.is_some(),
+        "the driver's refusal is reported: {link:?}"
+    );
     assert_eq!(dp.lb_acceleration_links().unwrap().len(), 1);
-    assert!(dp.prefilter_links().unwrap().is_empty(), "the prefilter is not on");
+    assert!(
+        dp.prefilter_links().unwrap().is_empty(),
+        "the prefilter is not on"
+    );
     // Forced generic on a device that has native XDP.
     let forced = ns.run(|| dp.attach_lb_acceleration("eth0", true)).unwrap();
     assert_eq!(forced.mode, cilia_datapath::PrefilterMode::Generic);
@@ -1558,5 +1643,9 @@ fn acceleration_on_a_device_without_native_xdp_falls_back_to_generic_and_says_wh
     dp.detach_lb_acceleration("lo").unwrap();
     dp.detach_lb_acceleration("eth0").unwrap();
     assert!(dp.lb_acceleration_links().unwrap().is_empty());
-    assert_eq!(dp.prefilter_links().unwrap().len(), 1, "the prefilter stays on eth0");
+    assert_eq!(
+        dp.prefilter_links().unwrap().len(),
+        1,
+        "the prefilter stays on eth0"
+    );
 }
