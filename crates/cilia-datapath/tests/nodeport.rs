@@ -1649,3 +1649,66 @@ fn acceleration_on_a_device_without_native_xdp_falls_back_to_generic_and_says_wh
         "the prefilter stays on eth0"
     );
 }
+
+/// Benchmark (ignored by default; `bench/xdp-nodeport.sh` runs it): new
+/// NodePort connections per second from the world client through node 1 to
+/// a backend on node 2 (SNAT, IPv4, sequential connect + 64-byte echo +
+/// close), with acceleration off, on, and off again in the same run on the
+/// same topology. Prints one markdown row per phase and the ratio.
+#[test]
+#[ignore]
+fn bench_nodeport_connections_with_and_without_xdp_acceleration() {
+    privileged!("bench_nodeport_connections_with_and_without_xdp_acceleration");
+    const CONNS: usize = 400;
+    let fabric = cilia_testnet::cluster::Fabric::new(2).unwrap();
+    let world_ns = fabric.attach(200).unwrap();
+    let root = BpfRoot::new();
+    let nodes = [
+        real_node(&root, fabric.node(1), 1, TunnelMode::Native, SNAT),
+        real_node(&root, fabric.node(2), 2, TunnelMode::Native, SNAT),
+    ];
+    let _peer_xdp = prepare_acceleration(&fabric, 1);
+    let _echo = Echo::start(&nodes[1].ep, &[ECHO_PORT]);
+    let to = SocketAddr::new(fabric_addr(false, 1), PORT_TO_NODE2);
+    let payload = [7u8; 64];
+    let dp = &nodes[0].dp;
+    let node1 = fabric.node(1);
+    let rate = |accel: bool| -> f64 {
+        if accel {
+            node1
+                .run(|| dp.attach_lb_acceleration("eth0", false))
+                .unwrap();
+        } else {
+            node1.run(|| dp.detach_lb_acceleration("eth0")).unwrap();
+        }
+        // Warm up (neighbours, conntrack of the path).
+        for _ in 0..20 {
+            exchange(&world_ns, to, &payload, WAIT).unwrap();
+        }
+        let xdp_before = xdp_forwarded(dp);
+        let start = std::time::Instant::now();
+        for _ in 0..CONNS {
+            let (_, back) = exchange(&world_ns, to, &payload, WAIT).unwrap();
+            assert_eq!(back.len(), payload.len());
+        }
+        let per_s = CONNS as f64 / start.elapsed().as_secs_f64();
+        let by_xdp = xdp_forwarded(dp) - xdp_before;
+        println!(
+            "| {} | {CONNS} | {per_s:.0} | {by_xdp} |",
+            if accel { "native XDP" } else { "tc only" }
+        );
+        if accel {
+            assert!(by_xdp as usize >= CONNS, "XDP carried the connections");
+        }
+        per_s
+    };
+    println!("| acceleration | connections | conn/s | packets sent by XDP |");
+    println!("|---|---|---|---|");
+    let off1 = rate(false);
+    let on = rate(true);
+    let off2 = rate(false);
+    println!(
+        "\nratio on / off: {:.2} (off before {off1:.0}, after {off2:.0})",
+        on / ((off1 + off2) / 2.0)
+    );
+}
