@@ -1650,16 +1650,20 @@ fn acceleration_on_a_device_without_native_xdp_falls_back_to_generic_and_says_wh
     );
 }
 
-/// Benchmark (ignored by default; `bench/xdp-nodeport.sh` runs it): new
-/// NodePort connections per second from the world client through node 1 to
-/// a backend on node 2 (SNAT, IPv4, sequential connect + 64-byte echo +
-/// close), with acceleration off, on, and off again in the same run on the
-/// same topology. Prints one markdown row per phase and the ratio.
+/// Benchmark (ignored by default; `bench/xdp-nodeport.sh` runs it): one
+/// TCP transfer of 256 MiB from the world client through node 1's NodePort
+/// to a sink on node 2 (SNAT, IPv4, native routing; the sink answers with
+/// the byte count), with acceleration off, on, and off again in the same
+/// run on the same topology. Every forward segment and every ACK crosses
+/// node 1's underlay device, in XDP or at tc. Prints one markdown row per
+/// phase and the ratio.
 #[test]
 #[ignore]
-fn bench_nodeport_connections_with_and_without_xdp_acceleration() {
-    privileged!("bench_nodeport_connections_with_and_without_xdp_acceleration");
-    const CONNS: usize = 400;
+fn bench_nodeport_throughput_with_and_without_xdp_acceleration() {
+    privileged!("bench_nodeport_throughput_with_and_without_xdp_acceleration");
+    use std::io::{Read, Write};
+    const BYTES: usize = 256 << 20;
+    const PHASES: usize = 3;
     let fabric = cilia_testnet::cluster::Fabric::new(2).unwrap();
     let world_ns = fabric.attach(200).unwrap();
     let root = BpfRoot::new();
@@ -1668,11 +1672,29 @@ fn bench_nodeport_connections_with_and_without_xdp_acceleration() {
         real_node(&root, fabric.node(2), 2, TunnelMode::Native, SNAT),
     ];
     let _peer_xdp = prepare_acceleration(&fabric, 1);
-    let _echo = Echo::start(&nodes[1].ep, &[ECHO_PORT]);
+    let listener = nodes[1]
+        .ep
+        .run(|| std::net::TcpListener::bind(SocketAddr::from(([0u16; 8], ECHO_PORT))))
+        .unwrap();
+    let sink = std::thread::spawn(move || {
+        for _ in 0..PHASES {
+            let (mut conn, _) = listener.accept().unwrap();
+            conn.set_read_timeout(Some(WAIT)).unwrap();
+            let mut buf = vec![0u8; 1 << 16];
+            let mut total = 0u64;
+            loop {
+                match conn.read(&mut buf).unwrap() {
+                    0 => break,
+                    n => total += n as u64,
+                }
+            }
+            conn.write_all(&total.to_be_bytes()).unwrap();
+        }
+    });
     let to = SocketAddr::new(fabric_addr(false, 1), PORT_TO_NODE2);
-    let payload = [7u8; 64];
     let dp = &nodes[0].dp;
     let node1 = fabric.node(1);
+    let chunk = vec![0x5au8; 1 << 16];
     let rate = |accel: bool| -> f64 {
         if accel {
             node1
@@ -1681,34 +1703,41 @@ fn bench_nodeport_connections_with_and_without_xdp_acceleration() {
         } else {
             node1.run(|| dp.detach_lb_acceleration("eth0")).unwrap();
         }
-        // Warm up (neighbours, conntrack of the path).
-        for _ in 0..20 {
-            exchange(&world_ns, to, &payload, WAIT).unwrap();
-        }
         let xdp_before = xdp_forwarded(dp);
+        let mut conn = world_ns
+            .run(|| std::net::TcpStream::connect_timeout(&to, WAIT))
+            .unwrap();
+        conn.set_read_timeout(Some(WAIT)).unwrap();
+        conn.set_write_timeout(Some(WAIT)).unwrap();
         let start = std::time::Instant::now();
-        for _ in 0..CONNS {
-            let (_, back) = exchange(&world_ns, to, &payload, WAIT).unwrap();
-            assert_eq!(back.len(), payload.len());
+        for _ in 0..BYTES / chunk.len() {
+            conn.write_all(&chunk).unwrap();
         }
-        let per_s = CONNS as f64 / start.elapsed().as_secs_f64();
+        conn.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut count = [0u8; 8];
+        conn.read_exact(&mut count).unwrap();
+        let secs = start.elapsed().as_secs_f64();
+        assert_eq!(u64::from_be_bytes(count), BYTES as u64);
+        let mbit = BYTES as f64 * 8.0 / secs / 1e6;
         let by_xdp = xdp_forwarded(dp) - xdp_before;
         println!(
-            "| {} | {CONNS} | {per_s:.0} | {by_xdp} |",
-            if accel { "native XDP" } else { "tc only" }
+            "| {} | {} MiB | {mbit:.0} | {by_xdp} |",
+            if accel { "native XDP" } else { "tc only" },
+            BYTES >> 20
         );
         if accel {
-            assert!(by_xdp as usize >= CONNS, "XDP carried the connections");
+            assert!(by_xdp > 1000, "XDP carried the transfer");
         }
-        per_s
+        mbit
     };
-    println!("| acceleration | connections | conn/s | packets sent by XDP |");
+    println!("| acceleration | transfer | Mbit/s | packets sent by XDP |");
     println!("|---|---|---|---|");
     let off1 = rate(false);
     let on = rate(true);
     let off2 = rate(false);
+    sink.join().unwrap();
     println!(
-        "\nratio on / off: {:.2} (off before {off1:.0}, after {off2:.0})",
+        "\nratio on / off: {:.2} (off before {off1:.0}, after {off2:.0} Mbit/s)",
         on / ((off1 + off2) / 2.0)
     );
 }
