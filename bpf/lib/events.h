@@ -83,9 +83,9 @@ __inline_fn int event_wanted(__u32 level, __u8 type)
  * `d` may be 0 for packets not parsed or not decided. A full ring buffer
  * is counted as lost, never silently.
  */
-__inline_fn void event_fill(struct event *ev, struct __sk_buff *skb, __u8 type, __u8 reason,
-			    __u8 dir, const struct flow *f, const struct peers *p,
-			    const struct decision *d)
+__inline_fn void event_fill_meta(struct event *ev, __u32 len, __u8 type, __u8 reason, __u8 dir,
+				 const struct flow *f, const struct peers *p,
+				 const struct decision *d)
 {
 	ev->ts = bpf_ktime_get_ns();
 	ev->type = type;
@@ -101,7 +101,7 @@ __inline_fn void event_fill(struct event *ev, struct __sk_buff *skb, __u8 type, 
 	ev->src_identity = p ? p->src_id : CILIA_CONFIG.identity;
 	ev->dst_identity = p ? p->dst_id : 0;
 	ev->rule = d ? d->rule : 0;
-	ev->len = skb->len;
+	ev->len = len;
 	ev->match = d ? d->match : 0;
 	ev->family = f ? f->family : 0;
 	ev->proto = f ? f->proto : 0;
@@ -114,6 +114,14 @@ __inline_fn void event_fill(struct event *ev, struct __sk_buff *skb, __u8 type, 
 		__builtin_memset(ev->saddr, 0, 16);
 		__builtin_memset(ev->daddr, 0, 16);
 	}
+}
+
+/* event_fill_meta, and the packet's first bytes from the socket buffer. */
+__inline_fn void event_fill(struct event *ev, struct __sk_buff *skb, __u8 type, __u8 reason,
+			    __u8 dir, const struct flow *f, const struct peers *p,
+			    const struct decision *d)
+{
+	event_fill_meta(ev, skb->len, type, reason, dir, f, p, d);
 	__u32 cap = skb->len;
 
 	if (cap > CILIA_EVENT_CAPLEN)

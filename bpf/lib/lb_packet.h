@@ -35,7 +35,7 @@ struct lb_state {
  * the established timeout, so an idle connection keeps its backend as long
  * as its own entry lives. Returns 0 or the drop reason.
  */
-__inline_fn int lb_pin(struct __sk_buff *skb, const struct ct_key *key, struct ct_value *ct,
+__inline_fn int lb_pin(__u32 len, const struct ct_key *key, struct ct_value *ct,
 		       const struct flow *f, __u16 rev_nat, __u32 backend_id, __u64 now)
 {
 	__u16 life_flags =
@@ -57,7 +57,7 @@ __inline_fn int lb_pin(struct __sk_buff *skb, const struct ct_key *key, struct c
 		ct->rev_nat = rev_nat;
 		ct->backend_id = backend_id;
 		ct->packets += 1;
-		ct->bytes += skb->len;
+		ct->bytes += len;
 		ct->expires = expires;
 		return 0;
 	}
@@ -70,7 +70,7 @@ __inline_fn int lb_pin(struct __sk_buff *skb, const struct ct_key *key, struct c
 	struct ct_value fresh = {
 	    .expires = expires,
 	    .packets = 1,
-	    .bytes = skb->len,
+	    .bytes = len,
 	    .flags = CILIA_CT_SERVICE,
 	    .owner = owner,
 	    .rev_nat = rev_nat,
@@ -89,7 +89,7 @@ __inline_fn int lb_pin(struct __sk_buff *skb, const struct ct_key *key, struct c
 	return 0;
 }
 
-__inline_fn void lb_count(struct __sk_buff *skb, __u16 rev_nat, int new_flow)
+__inline_fn void lb_count(__u32 len, __u16 rev_nat, int new_flow)
 {
 	__u32 index = rev_nat;
 	struct lb_stats *s = bpf_map_lookup_elem(&cilia_lb_stats, &index);
@@ -98,46 +98,58 @@ __inline_fn void lb_count(struct __sk_buff *skb, __u16 rev_nat, int new_flow)
 		return;
 	s->flows += new_flow ? 1 : 0;
 	s->packets += 1;
-	s->bytes += skb->len;
+	s->bytes += len;
 }
 
 /*
- * The flow of `f` to the service whose master entry is `svc` (its frontend
- * address in the services map `vip`: the packet's destination, or the
- * unspecified address of a NodePort): the pinned or a newly selected
- * backend, the pin written, the destination rewritten to the backend,
- * counted. Returns 0 or the drop reason; `lb` says what was done.
+ * The backend of the flow of `f` to the service whose master entry is `svc`
+ * (its frontend address in the services map `vip`: the packet's
+ * destination, or the unspecified address of a NodePort): the one its
+ * service conntrack entry pins while that backend exists, else a newly
+ * selected one (`*selected` set). Nothing is pinned yet: `key` and `*ct`
+ * are what lb_pin needs. Returns the backend id, 0 when there is none.
+ * Context-free (maps only): the tc and the XDP load balancers share it.
+ */
+__inline_fn __u32 lb_choose(const struct flow *f, const struct lb_service_value *svc,
+			    const __u8 *vip, __u64 now, struct ct_key *key, struct ct_value **ct,
+			    __u8 *selected)
+{
+	struct ct_value *pinned;
+
+	ct_key_of(key, f);
+	pinned = bpf_map_lookup_elem(&cilia_ct, key);
+	*ct = pinned;
+	if (pinned && pinned->expires > now && (pinned->flags & CILIA_CT_SERVICE) &&
+	    pinned->rev_nat == svc->rev_nat && lb_backend_lookup(pinned->backend_id))
+		return pinned->backend_id;
+	*selected = 1;
+	return lb_select_backend(vip, f->dport, f->proto, f->family, svc, f->saddr, f->sport, now);
+}
+
+/*
+ * The flow of `f` to the service whose master entry is `svc` (see
+ * lb_choose for `vip`): the pinned or a newly selected backend, the pin
+ * written, the destination rewritten to the backend, counted. Returns 0 or
+ * the drop reason; `lb` says what was done.
  */
 __inline_fn int lb_translate_to(struct __sk_buff *skb, struct flow *f, struct lb_state *lb,
 				const struct lb_service_value *svc, const __u8 *vip)
 {
-	struct lb_backend *b = 0;
+	struct lb_backend *b;
 	struct ct_key key = {};
 	struct ct_value *ct;
-	__u32 id = 0;
+	__u32 id;
 	__u64 now;
 	int reason;
 
 	if (f->frag != FLOW_NOT_FRAG)
 		return CILIA_DROP_LB_FRAGMENT;
 	now = bpf_ktime_get_ns();
-	ct_key_of(&key, f);
-	ct = bpf_map_lookup_elem(&cilia_ct, &key);
-	if (ct && ct->expires > now && (ct->flags & CILIA_CT_SERVICE) &&
-	    ct->rev_nat == svc->rev_nat) {
-		b = lb_backend_lookup(ct->backend_id);
-		if (b)
-			id = ct->backend_id;
-	}
-	if (!id) {
-		id = lb_select_backend(vip, f->dport, f->proto, f->family, svc, f->saddr, f->sport,
-				       now);
-		b = lb_backend_lookup(id);
-		lb->selected = 1;
-	}
+	id = lb_choose(f, svc, vip, now, &key, &ct, &lb->selected);
+	b = lb_backend_lookup(id);
 	if (!b || b->family != f->family)
 		return CILIA_DROP_NO_BACKEND;
-	reason = lb_pin(skb, &key, ct, f, svc->rev_nat, id, now);
+	reason = lb_pin(skb->len, &key, ct, f, svc->rev_nat, id, now);
 	if (reason)
 		return reason;
 	lb->rev_nat = svc->rev_nat;
@@ -147,7 +159,7 @@ __inline_fn int lb_translate_to(struct __sk_buff *skb, struct flow *f, struct lb
 	reason = nat_rewrite(skb, f, 1, b->addr, b->port);
 	if (reason)
 		return reason;
-	lb_count(skb, lb->rev_nat, lb->selected);
+	lb_count(skb->len, lb->rev_nat, lb->selected);
 	return 0;
 }
 

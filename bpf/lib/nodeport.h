@@ -106,23 +106,25 @@ __inline_fn __u64 nodeport_lifetime(const struct flow *f)
 }
 
 /*
- * SNAT of a client's packet for a remote backend (`f` already translated
- * to the backend, `lb` the frontend it addressed): the flow keeps its
- * source port while its OUT entry lives, names the same backend and its IN
- * entry still names this client; a new one takes the first free port from
- * a hash of the client, and its IN entry is what the backend's reply is
- * matched by. Returns 0 or the drop reason.
+ * The SNAT port of a client's flow to a remote backend (`f` already
+ * translated to the backend, `lb` the frontend it addressed): the flow
+ * keeps its source port while its OUT entry lives, names the same backend
+ * and its IN entry still names this client; a new one takes the first free
+ * port from a hash of the client, and its IN entry is what the backend's
+ * reply is matched by. The source address becomes the frontend (the node
+ * address the client addressed). Maps only: the tc and the XDP paths keep
+ * the same entries. Returns 0 with `*port` set, or the drop reason.
  */
-__inline_fn int nodeport_snat(struct __sk_buff *skb, struct flow *f, const struct lb_state *lb,
-			      __u64 now)
+__inline_fn int nodeport_snat_port(const struct flow *f, const struct lb_state *lb, __u64 now,
+				   __be16 *port)
 {
 	const __u32 range = CILIA_LB_SNAT_PORT_LAST - CILIA_LB_SNAT_PORT_FIRST + 1;
 	__u64 expires = now + nodeport_lifetime(f);
 	struct lb_nat_key out = {}, in = {};
 	struct lb_nat_value *v, *back;
-	__be16 port = 0;
 	__u32 base;
 
+	*port = 0;
 	nat_key_of(&out, f->saddr, lb->frontend, f->sport, lb->fport, f, CILIA_NAT_OUT);
 	v = bpf_map_lookup_elem(&cilia_lb_nat, &out);
 	if (v && v->backend_id == lb->backend_id && v->expires > now) {
@@ -132,7 +134,8 @@ __inline_fn int nodeport_snat(struct __sk_buff *skb, struct flow *f, const struc
 		    addr_eq(back->addr, f->saddr)) {
 			v->expires = expires;
 			back->expires = expires;
-			return nat_rewrite(skb, f, 0, lb->frontend, v->port);
+			*port = v->port;
+			return 0;
 		}
 	}
 
@@ -155,14 +158,14 @@ __inline_fn int nodeport_snat(struct __sk_buff *skb, struct flow *f, const struc
 			continue;
 		if (bpf_map_update_elem(&cilia_lb_nat, &in, &client, BPF_ANY) < 0)
 			return CILIA_DROP_CT_FULL;
-		port = candidate;
+		*port = candidate;
 		break;
 	}
-	if (!port)
+	if (!*port)
 		return CILIA_DROP_CT_FULL;
 
 	struct lb_nat_value snat = {
-	    .port = port,
+	    .port = *port,
 	    .fport = lb->fport,
 	    .backend_id = lb->backend_id,
 	    .expires = expires,
@@ -172,23 +175,33 @@ __inline_fn int nodeport_snat(struct __sk_buff *skb, struct flow *f, const struc
 	__builtin_memcpy(snat.addr, lb->frontend, 16);
 	if (bpf_map_update_elem(&cilia_lb_nat, &out, &snat, BPF_ANY) < 0)
 		return CILIA_DROP_CT_FULL;
+	return 0;
+}
+
+/* SNAT of a client's packet for a remote backend (nodeport_snat_port).
+ * Returns 0 or the drop reason. */
+__inline_fn int nodeport_snat(struct __sk_buff *skb, struct flow *f, const struct lb_state *lb,
+			      __u64 now)
+{
+	__be16 port;
+	int reason = nodeport_snat_port(f, lb, now, &port);
+
+	if (reason)
+		return reason;
 	return nat_rewrite(skb, f, 0, lb->frontend, port);
 }
 
 /*
- * A remote backend's reply to a SNATed NodePort flow (to this node at a
- * SNAT port with an IN entry): back to the client, from the node address
- * and nodePort it addressed. Returns 0 with `*hit` set when translated, 0
- * when the packet is no such reply, or the drop reason.
+ * Whether `f` is a remote backend's reply to a SNATed NodePort flow (to
+ * this node at a SNAT port with an IN entry): then 1, its entry refreshed,
+ * and the client (`client`, 16 bytes, and `*client_port`) and the nodePort
+ * (`*fport`) it goes back from. Maps only, shared with the XDP path.
  */
-__inline_fn int nodeport_unsnat(struct __sk_buff *skb, struct flow *f, __u8 *hit)
+__inline_fn int nodeport_unsnat_lookup(const struct flow *f, __u8 *client, __be16 *client_port,
+				       __be16 *fport)
 {
 	struct lb_nat_key in = {};
 	struct lb_nat_value *v;
-	__u8 node[16];
-	__u8 client[16];
-	__be16 client_port, fport;
-	int reason;
 
 	if (f->proto != IPPROTO_TCP && f->proto != IPPROTO_UDP)
 		return 0;
@@ -198,8 +211,26 @@ __inline_fn int nodeport_unsnat(struct __sk_buff *skb, struct flow *f, __u8 *hit
 		return 0;
 	v->expires = bpf_ktime_get_ns() + nodeport_lifetime(f);
 	__builtin_memcpy(client, v->addr, 16);
-	client_port = v->port;
-	fport = v->fport;
+	*client_port = v->port;
+	*fport = v->fport;
+	return 1;
+}
+
+/*
+ * A remote backend's reply to a SNATed NodePort flow: back to the client,
+ * from the node address and nodePort it addressed. Returns 0 with `*hit`
+ * set when translated, 0 when the packet is no such reply, or the drop
+ * reason.
+ */
+__inline_fn int nodeport_unsnat(struct __sk_buff *skb, struct flow *f, __u8 *hit)
+{
+	__u8 node[16];
+	__u8 client[16];
+	__be16 client_port, fport;
+	int reason;
+
+	if (!nodeport_unsnat_lookup(f, client, &client_port, &fport))
+		return 0;
 	__builtin_memcpy(node, f->daddr, 16);
 	reason = nat_rewrite(skb, f, 1, client, client_port);
 	if (!reason)
@@ -273,6 +304,28 @@ __inline_fn int dsr_wanted(const struct flow *f, const struct lb_state *lb)
 	return lb->selected;
 }
 
+/* The IPv4 DSR option (CILIA_DSR_IPV4_OPT_LEN bytes) naming `lb`'s frontend. */
+__inline_fn void dsr_ipv4_option(__u8 *o, const struct lb_state *lb)
+{
+	o[0] = CILIA_DSR_IPV4_OPT;
+	o[1] = CILIA_DSR_IPV4_OPT_LEN;
+	__builtin_memcpy(o + 2, &lb->fport, 2);
+	__builtin_memcpy(o + 4, lb->frontend, 4);
+}
+
+/* The IPv6 Destination Options header (CILIA_DSR_IPV6_HDR_LEN bytes, zeroed
+ * by the caller) naming `lb`'s frontend, followed by `next`. */
+__inline_fn void dsr_ipv6_header(__u8 *hdr, const struct lb_state *lb, __u8 next)
+{
+	hdr[0] = next;
+	hdr[1] = CILIA_DSR_IPV6_HDR_LEN / 8 - 1;
+	hdr[2] = CILIA_DSR_IPV6_OPT;
+	hdr[3] = CILIA_DSR_IPV6_OPT_LEN;
+	__builtin_memcpy(hdr + 4, &lb->fport, 2);
+	__builtin_memcpy(hdr + 6, lb->frontend, 16);
+	hdr[22] = 1; /* PadN, no data bytes */
+}
+
 /*
  * Inserts the DSR header (the frontend the client addressed, see CILIA_DSR_*
  * in abi.h) right after the fixed IP header. An IPv4 packet that already
@@ -290,10 +343,7 @@ __inline_fn int dsr_encode(struct __sk_buff *skb, struct flow *f, const struct l
 
 		if (f->l4_off != DSR_IPV4_OPT_OFF)
 			return CILIA_DROP_INVALID;
-		o[0] = CILIA_DSR_IPV4_OPT;
-		o[1] = CILIA_DSR_IPV4_OPT_LEN;
-		__builtin_memcpy(o + 2, &lb->fport, 2);
-		__builtin_memcpy(o + 4, lb->frontend, 4);
+		dsr_ipv4_option(o, lb);
 		if (bpf_skb_load_bytes(skb, ETH_HLEN, &old_word, 2) < 0 ||
 		    bpf_skb_load_bytes(skb, DSR_IPV4_TOT_LEN, &old_len, 2) < 0)
 			return CILIA_DROP_INVALID;
@@ -322,12 +372,7 @@ __inline_fn int dsr_encode(struct __sk_buff *skb, struct flow *f, const struct l
 	if (bpf_skb_load_bytes(skb, DSR_IPV6_NEXTHDR, hdr, 1) < 0 ||
 	    bpf_skb_load_bytes(skb, DSR_IPV6_PAYLOAD, &len, 2) < 0)
 		return CILIA_DROP_INVALID;
-	hdr[1] = CILIA_DSR_IPV6_HDR_LEN / 8 - 1;
-	hdr[2] = CILIA_DSR_IPV6_OPT;
-	hdr[3] = CILIA_DSR_IPV6_OPT_LEN;
-	__builtin_memcpy(hdr + 4, &lb->fport, 2);
-	__builtin_memcpy(hdr + 6, lb->frontend, 16);
-	hdr[22] = 1; /* PadN, no data bytes */
+	dsr_ipv6_header(hdr, lb, hdr[0]);
 	len = bpf_htons(bpf_ntohs(len) + CILIA_DSR_IPV6_HDR_LEN);
 	if (bpf_skb_adjust_room(skb, CILIA_DSR_IPV6_HDR_LEN, BPF_ADJ_ROOM_NET, 0) < 0 ||
 	    bpf_skb_store_bytes(skb, DSR_IPV6_EXT_OFF, hdr, sizeof(hdr), 0) < 0 ||

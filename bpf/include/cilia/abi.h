@@ -65,6 +65,7 @@ struct endpoint_info {
 #define CILIA_FWD_PROXY	    5 /* to the L7 proxy through the node's stack */
 #define CILIA_FWD_TUNNEL    6 /* to another node through the overlay (VXLAN) */
 #define CILIA_FWD_NATIVE    7 /* to another node over the underlay (native routing) */
+#define CILIA_FWD_XDP	    8 /* NodePort packet sent on by the device's XDP program */
 
 /* Drop reasons (kind CILIA_METRIC_DROP). Never reuse a number. */
 #define CILIA_DROP_INVALID	     130 /* truncated or malformed packet */
@@ -511,6 +512,17 @@ struct prefilter_value {
 	__u32 counter;
 	__u32 pad;
 };
+
+/* ---- the XDP program of a node device (bpf/xdp.c) ---- */
+
+/*
+ * What the device's program does: CILIA_XDP_FEATURES = {CILIA_XDP_MAGIC,
+ * flags}, a load-time constant. The magic tags it in the program's .rodata,
+ * so the loader reads back what an attached program does.
+ */
+#define CILIA_XDP_MAGIC	    0x58444350 /* "PCDX" in memory order, little endian */
+#define CILIA_XDP_PREFILTER 1	       /* drop sources in a prefilter CIDR */
+#define CILIA_XDP_LB_ACCEL  2	       /* NodePort load balancing (--lb-acceleration native) */
 
 /* ---- L7 proxy ---- */
 

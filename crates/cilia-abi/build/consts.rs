@@ -77,6 +77,8 @@ pub const TYPE_RULES: &[(Pattern, &str)] = &[
     (Pattern::Prefix("CILIA_NAT_"), "u8"),
     // DSR option types and lengths (bytes of the packet).
     (Pattern::Prefix("CILIA_DSR_"), "u8"),
+    // The XDP program's feature word (`CILIA_XDP_FEATURES`, u32s).
+    (Pattern::Prefix("CILIA_XDP_"), "u32"),
     // Routing table id and rule priority (rtnetlink u32 attributes).
     (Pattern::Prefix("CILIA_PROXY_"), "u32"),
 ];

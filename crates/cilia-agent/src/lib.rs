@@ -13,6 +13,7 @@ pub mod datapath;
 pub mod endpoint;
 pub mod health;
 pub mod ipam;
+pub mod lbaccel;
 pub mod mesh;
 pub mod metrics;
 pub mod monitor;
@@ -78,6 +79,8 @@ pub struct AgentConfig {
     /// Fast attach (`--fast-attach`): new endpoints start on the generic
     /// program, specialized in the background (see `endpoint::specialize`).
     pub fast_attach: bool,
+    /// NodePort in XDP on the underlay device (`--lb-acceleration`).
+    pub lb_acceleration: lbaccel::LbAccelerationFlag,
 }
 
 /// Where the agent keeps cluster-wide state.
@@ -338,6 +341,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     );
     manager.mtu = node_dp.as_ref().map(|n| n.endpoint_mtu);
     let serves_underlay = node_dp.is_some();
+    let underlay = node_dp.as_ref().map(|n| lbaccel::UnderlayDevice {
+        name: n.underlay.ifname.clone(),
+        native_routing: config.cluster.tunnel == TunnelMode::Disabled,
+    });
     manager.socket_lb = socket_lb.node_netns();
     if !recreated.is_empty() {
         let names: Vec<&str> = recreated.iter().map(|m| m.name.as_str()).collect();
@@ -424,6 +431,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         )
         .context("starting the XDP prefilter")?,
     );
+    // After the prefilter: both live in the underlay device's one XDP
+    // program, each start swapping its feature in or out.
+    let lb_acceleration =
+        lbaccel::LbAcceleration::start(config.lb_acceleration, &datapath, underlay.as_ref())?;
 
     // Bind every listener before announcing readiness: a bad address is a
     // start-up error, never an agent that dies after saying it is ready.
@@ -518,6 +529,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         socket_lb,
         services,
         prefilter,
+        lb_acceleration,
     });
     let _health_threads = health_threads;
     if config.fast_attach {

@@ -133,6 +133,17 @@ struct Args {
     /// several. Default: none (CIDRs are kept, not enforced).
     #[arg(long, env = "CILIA_PREFILTER_DEVICE", value_delimiter = ',')]
     prefilter_device: Vec<String>,
+    /// NodePort in XDP on the node's underlay device: `native` (generic
+    /// XDP, reported in `cilia status`, where the driver has no native
+    /// XDP) or `disabled`. Needs multi-node mode. Example:
+    /// `--lb-acceleration native`.
+    #[arg(
+        long,
+        env = "CILIA_LB_ACCELERATION",
+        value_enum,
+        default_value = "disabled"
+    )]
+    lb_acceleration: cilia_agent::lbaccel::LbAccelerationFlag,
 }
 
 fn main() {
@@ -242,6 +253,7 @@ async fn agent_main() {
         },
         prefilter_devices: args.prefilter_device,
         fast_attach: args.fast_attach == OnOff::On,
+        lb_acceleration: args.lb_acceleration,
     };
     if let Err(e) = cilia_agent::run(config).await {
         eprintln!("cilia-agent: {e:#}");

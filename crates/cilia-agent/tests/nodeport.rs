@@ -163,3 +163,109 @@ fn a_nodeport_service_is_refused_on_a_single_node_agent() {
         "nothing stored: {listed}"
     );
 }
+
+#[test]
+fn native_lb_acceleration_is_refused_without_nodeport_support() {
+    cluster_prerequisites!("native_lb_acceleration_is_refused_without_nodeport_support");
+    let node = cilia_testnet::Netns::new("cnode").unwrap();
+    let e = cilia_testnet::TestAgent::start_in(
+        node,
+        cilia_testnet::AgentOptions::default(),
+        vec!["--lb-acceleration".into(), "native".into()],
+    )
+    .err()
+    .expect("a single-node agent refuses --lb-acceleration native");
+    assert!(
+        e.contains("--lb-acceleration native needs NodePort support"),
+        "{e}"
+    );
+}
+
+/// Native routing, `--lb-acceleration native` on both nodes: the world
+/// client reaches a backend on node 2 through node 1, `cilia status` (text
+/// and JSON) says how the acceleration runs, the metric names its mode,
+/// and a restart without the flag turns it off.
+#[test]
+fn world_reaches_a_nodeport_with_native_lb_acceleration_and_status_reports_it() {
+    cluster_prerequisites!("world_reaches_a_nodeport_with_native_lb_acceleration");
+    let mut cluster = Cluster::new(2);
+    for n in 1..=2 {
+        let mut options = NodeOptions::new(Tunnel::Native);
+        options.extra_args = vec!["--lb-acceleration".into(), "native".into()];
+        cluster.start_node(n, &options);
+    }
+    cluster
+        .wait_nodes_listed(CONVERGE)
+        .unwrap_or_else(|e| panic!("{e}\nnode1's log:\n{}", cluster.agent(1).log_text()));
+    let status = cluster.agent(1).cli_ok(&["status"]);
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("LB accel:"))
+        .unwrap_or_else(|| panic!("no LB accel line: {status}"));
+    assert!(
+        line.contains("native on eth0"),
+        "veth has native XDP: {line}"
+    );
+    let json = cluster.agent(1).cli_json(&["status"]);
+    let sub = json["subsystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "lb-acceleration")
+        .unwrap_or_else(|| panic!("{json}"))
+        .clone();
+    assert!(
+        sub["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("native on eth0"),
+        "{sub}"
+    );
+    let metrics = cluster.agent(1).scrape_metrics();
+    assert!(
+        metrics.contains("cilia_lb_acceleration{device=\"eth0\",mode=\"native\"} 1"),
+        "{metrics}"
+    );
+
+    let backend = cluster.pod(2, "app=web");
+    let world = cluster.fabric.attach(200).unwrap();
+    let mut servers = Vec::new();
+    for family in ["ipv4", "ipv6"] {
+        servers.push(EchoServer::start(
+            &backend.ns,
+            backend.ip(family),
+            BACKEND_PORT,
+        ));
+        nodeport_service(
+            &cluster,
+            family,
+            SocketAddr::new(backend.ip(family), BACKEND_PORT),
+            &[],
+        );
+        let to = SocketAddr::new(node_addr(1, family), NODE_PORT);
+        assert!(
+            world_reaches(&world, to, CONVERGE),
+            "{family}: the world client cannot reach the NodePort at node1 {to}\nnode1's log:\n{}",
+            cluster.agent(1).log_text()
+        );
+    }
+
+    // Restarted without the flag: off, and said so.
+    let agent = cluster.agent_mut(1);
+    let args: Vec<String> = agent
+        .args()
+        .iter()
+        .filter(|a| *a != "--lb-acceleration" && *a != "native")
+        .cloned()
+        .collect();
+    agent.kill9();
+    agent.set_args(args);
+    agent.spawn().unwrap();
+    let status = cluster.agent(1).cli_ok(&["status"]);
+    assert!(
+        status.contains("LB accel:     disabled (--lb-acceleration disabled)"),
+        "{status}"
+    );
+    let to = SocketAddr::new(node_addr(1, "ipv4"), NODE_PORT);
+    assert!(world_reaches(&world, to, CONVERGE), "tc serves it again");
+}

@@ -114,6 +114,13 @@ fn print_status(s: &Status) {
     if let Some(p) = s.subsystems.iter().find(|sub| sub.name == "prefilter") {
         outln!("Prefilter:    {}", p.detail);
     }
+    if let Some(a) = s
+        .subsystems
+        .iter()
+        .find(|sub| sub.name == "lb-acceleration")
+    {
+        outln!("LB accel:     {}", a.detail);
+    }
     outln!("State dir:    {}", s.state_dir);
     outln!("BPF root:     {}", s.bpf_root);
 }

@@ -117,6 +117,8 @@ pub struct FakeState {
     /// Devices whose "driver" refuses native XDP (the prefilter falls
     /// back to generic mode there).
     pub prefilter_no_native: BTreeSet<String>,
+    /// Devices NodePort acceleration runs on, with their mode.
+    pub lb_acceleration_links: BTreeMap<String, PrefilterMode>,
     /// The prefilter tries, encoded.
     pub prefilter: BTreeMap<PrefilterKey, PrefilterValue>,
     /// Drops per counter slot (packets, bytes), for tests to arrange.
@@ -864,6 +866,52 @@ impl Datapath for FakeDatapath {
         Ok(self
             .state()
             .prefilter_links
+            .iter()
+            .map(|(ifname, mode)| PrefilterLink {
+                ifname: ifname.clone(),
+                ifindex: 1,
+                mode: *mode,
+                native_error: None,
+            })
+            .collect())
+    }
+    fn attach_lb_acceleration(
+        &self,
+        ifname: &str,
+        force_generic: bool,
+    ) -> Result<PrefilterLink, DatapathError> {
+        self.enter("attach_lb_acceleration")?;
+        let mut state = self.state();
+        let (mode, native_error) = match state.lb_acceleration_links.get(ifname) {
+            Some(mode) => (*mode, None),
+            None if force_generic => (
+                PrefilterMode::Generic,
+                Some("generic mode forced".to_string()),
+            ),
+            None if state.prefilter_no_native.contains(ifname) => (
+                PrefilterMode::Generic,
+                Some("native XDP not supported by the fake device".to_string()),
+            ),
+            None => (PrefilterMode::Native, None),
+        };
+        state.lb_acceleration_links.insert(ifname.to_string(), mode);
+        Ok(PrefilterLink {
+            ifname: ifname.to_string(),
+            ifindex: 1,
+            mode,
+            native_error,
+        })
+    }
+    fn detach_lb_acceleration(&self, ifname: &str) -> Result<(), DatapathError> {
+        self.enter("detach_lb_acceleration")?;
+        self.state().lb_acceleration_links.remove(ifname);
+        Ok(())
+    }
+    fn lb_acceleration_links(&self) -> Result<Vec<PrefilterLink>, DatapathError> {
+        self.enter("lb_acceleration_links")?;
+        Ok(self
+            .state()
+            .lb_acceleration_links
             .iter()
             .map(|(ifname, mode)| PrefilterLink {
                 ifname: ifname.clone(),

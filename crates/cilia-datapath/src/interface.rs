@@ -267,6 +267,19 @@ pub trait Datapath: Send + Sync {
     fn detach_prefilter(&self, ifname: &str) -> Result<(), DatapathError>;
     /// The devices the prefilter is attached to.
     fn prefilter_links(&self) -> Result<Vec<PrefilterLink>, DatapathError>;
+    /// Turns NodePort acceleration on for the node's underlay device: the
+    /// device's XDP program (shared with a prefilter there) gets the XDP
+    /// NodePort path; native XDP, else generic (the link says which, and
+    /// why). `force_generic`: generic XDP without trying native.
+    fn attach_lb_acceleration(
+        &self,
+        ifname: &str,
+        force_generic: bool,
+    ) -> Result<PrefilterLink, DatapathError>;
+    /// Not on is not an error.
+    fn detach_lb_acceleration(&self, ifname: &str) -> Result<(), DatapathError>;
+    /// The devices NodePort acceleration runs on.
+    fn lb_acceleration_links(&self) -> Result<Vec<PrefilterLink>, DatapathError>;
     /// Adds CIDRs (or moves them to another counter slot), one atomic
     /// update each; a CIDR new to the kernel starts its counts at zero, one
     /// already there with the same slot keeps them.
@@ -521,6 +534,19 @@ impl Datapath for BpfDatapath {
     }
     fn prefilter_links(&self) -> Result<Vec<PrefilterLink>, DatapathError> {
         BpfDatapath::prefilter_links(self)
+    }
+    fn attach_lb_acceleration(
+        &self,
+        ifname: &str,
+        force_generic: bool,
+    ) -> Result<PrefilterLink, DatapathError> {
+        BpfDatapath::attach_lb_acceleration(self, ifname, force_generic)
+    }
+    fn detach_lb_acceleration(&self, ifname: &str) -> Result<(), DatapathError> {
+        BpfDatapath::detach_lb_acceleration(self, ifname)
+    }
+    fn lb_acceleration_links(&self) -> Result<Vec<PrefilterLink>, DatapathError> {
+        BpfDatapath::lb_acceleration_links(self)
     }
     fn upsert_prefilter(&self, entries: &[PrefilterEntry]) -> Result<(), DatapathError> {
         BpfDatapath::upsert_prefilter(self, entries)

@@ -55,6 +55,6 @@ pub use error::DatapathError;
 pub use interface::{Datapath, LoadedPrograms};
 pub use node::NodeLinks;
 pub use nodeport::NodePortOptions;
-pub use prefilter::{PrefilterLink, PrefilterMode};
+pub use prefilter::{DeviceXdp, PrefilterLink, PrefilterMode, XdpFeatures};
 pub use probe::{probe_kernel, Feature, FeatureReport};
 pub use socklb::SocketLbLinks;

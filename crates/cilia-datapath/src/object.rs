@@ -45,6 +45,8 @@ pub const PROG_PROBE_REDIRECT_PEER: &str = "probe_redirect_peer";
 /// XDP probe.
 pub const PROG_PROBE_XDP: &str = "probe_xdp";
 
+/// Global in `.rodata` of `xdp.c`: `{CILIA_XDP_MAGIC, CILIA_XDP_* flags}`.
+pub const GLOBAL_XDP_FEATURES: &str = "CILIA_XDP_FEATURES";
 /// Global in `.rodata` holding [`cilia_abi::EndpointConfig`].
 pub const GLOBAL_CONFIG: &str = "CILIA_CONFIG";
 

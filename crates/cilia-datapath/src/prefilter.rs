@@ -26,14 +26,16 @@ use aya::programs::xdp::XdpLink;
 use aya::programs::{Xdp, XdpMode};
 use aya::EbpfLoader;
 use cilia_abi::{
-    MetricsValue, PrefilterCount, PrefilterEntry, PrefilterKey, PrefilterValue, PREFILTER_SLOTS,
+    MetricsValue, PrefilterCount, PrefilterEntry, PrefilterKey, PrefilterValue, CILIA_XDP_LB_ACCEL,
+    CILIA_XDP_MAGIC, CILIA_XDP_PREFILTER, PREFILTER_SLOTS,
 };
 use ipnet::IpNet;
 
 use crate::endpoint::{is_not_found, lock, pin_mismatch, unpin_link, BpfDatapath};
 use crate::error::DatapathError;
 use crate::object::{
-    MAP_PREFILTER_COUNTERS, MAP_PREFILTER_V4, MAP_PREFILTER_V6, PROG_XDP_PREFILTER, XDP_OBJECT,
+    GLOBAL_CONFIG, GLOBAL_XDP_FEATURES, MAP_PREFILTER_COUNTERS, MAP_PREFILTER_V4, MAP_PREFILTER_V6,
+    PROG_XDP_PREFILTER, XDP_OBJECT,
 };
 
 /// How the prefilter runs on a device.
@@ -70,7 +72,50 @@ impl PrefilterMode {
     }
 }
 
-/// The prefilter on one device.
+/// What the XDP program of a device does (`CILIA_XDP_FEATURES` in
+/// `bpf/xdp.c`): a device holds one XDP program, so the prefilter and the
+/// NodePort acceleration share it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct XdpFeatures {
+    /// Drop sources in a prefilter CIDR.
+    pub prefilter: bool,
+    /// NodePort load balancing in XDP (`--lb-acceleration native`).
+    pub lb_acceleration: bool,
+}
+
+impl XdpFeatures {
+    fn bits(self) -> u32 {
+        (if self.prefilter {
+            CILIA_XDP_PREFILTER
+        } else {
+            0
+        }) | (if self.lb_acceleration {
+            CILIA_XDP_LB_ACCEL
+        } else {
+            0
+        })
+    }
+
+    fn from_bits(bits: u32) -> Self {
+        Self {
+            prefilter: bits & CILIA_XDP_PREFILTER != 0,
+            lb_acceleration: bits & CILIA_XDP_LB_ACCEL != 0,
+        }
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.bits() == 0
+    }
+}
+
+/// The XDP program on one device, with what it does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceXdp {
+    pub link: PrefilterLink,
+    pub features: XdpFeatures,
+}
+
+/// The XDP program on one device (the prefilter's view of it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrefilterLink {
     pub ifname: String,
@@ -298,11 +343,15 @@ impl BpfDatapath {
         Ok(out)
     }
 
-    /// This build's prefilter program, loaded (verified) against the
-    /// pinned maps, attached nowhere.
-    fn load_prefilter(&self) -> Result<aya::Ebpf, DatapathError> {
+    /// This build's XDP program doing `features`, loaded (verified)
+    /// against the pinned maps, attached nowhere.
+    fn load_xdp(&self, features: XdpFeatures) -> Result<aya::Ebpf, DatapathError> {
+        let config = crate::node::node_program_config();
+        let words = [CILIA_XDP_MAGIC, features.bits()];
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(self.root().join("maps"))
+            .override_global(GLOBAL_CONFIG, &config, true)
+            .override_global(GLOBAL_XDP_FEATURES, &words, true)
             .load(XDP_OBJECT)?;
         prefilter_prog(&mut ebpf)?
             .load()
@@ -310,33 +359,84 @@ impl BpfDatapath {
         Ok(ebpf)
     }
 
-    /// Attaches the prefilter to `ifname`: native XDP, or generic XDP when
-    /// the driver refuses native (the returned link says which, and why).
-    /// A link already pinned for the device keeps its mode and gets this
-    /// build's program swapped in; one whose device was made again is
-    /// detached first.
-    pub fn attach_prefilter(&self, ifname: &str) -> Result<PrefilterLink, DatapathError> {
-        let ifindex = nix::net::if_::if_nametoindex(ifname)
-            .map_err(|_| DatapathError::NoSuchInterface(ifname.to_string()))?;
-        let mut ebpf = self.load_prefilter()?;
-        let prog = prefilter_prog(&mut ebpf)?;
+    /// What the program in the pinned link `pin` does, read back from its
+    /// `.rodata`. A program without the tag is an older build's, which was
+    /// only ever the prefilter.
+    fn link_features(pin: &Path) -> Result<XdpFeatures, DatapathError> {
+        let io = |e| DatapathError::io(format!("inspecting {}", pin.display()), e);
+        let target = crate::inspect::link_target(pin).map_err(io)?;
+        let rodata = crate::inspect::program_rodata(target.program_id).map_err(io)?;
+        let magic = CILIA_XDP_MAGIC.to_ne_bytes();
+        let found = rodata.as_deref().and_then(|r| {
+            r.windows(8)
+                .find(|w| w[..4] == magic)
+                .map(|w| u32::from_ne_bytes([w[4], w[5], w[6], w[7]]))
+        });
+        Ok(match found {
+            Some(bits) => XdpFeatures::from_bits(bits),
+            None => XdpFeatures {
+                prefilter: true,
+                lb_acceleration: false,
+            },
+        })
+    }
 
-        if let Some((mode, pin)) = self.prefilter_pins()?.remove(ifname) {
-            let on = crate::inspect::link_target(&pin).map(|t| t.ifindex).ok();
-            if on == Some(ifindex) {
-                swap_xdp(prog, &pin)?;
-                return Ok(PrefilterLink {
+    /// Makes the XDP program of `ifname` do `features`: nothing (the link
+    /// is detached), or this build's program doing them. A device with a
+    /// live pinned link gets the new program swapped in (`BPF_LINK_UPDATE`:
+    /// no moment without a program, the mode kept); the link names its
+    /// device, so a swap never looks the name up again. A device without
+    /// one gets native XDP, or generic XDP when the driver refuses native
+    /// (the link says which, and why); `force_generic` skips the native
+    /// attempt. `may_attach` false (a feature being removed) never attaches
+    /// a new link.
+    fn set_xdp_features(
+        &self,
+        ifname: &str,
+        features: XdpFeatures,
+        force_generic: bool,
+        may_attach: bool,
+    ) -> Result<Option<DeviceXdp>, DatapathError> {
+        let device = |ifindex, mode, native_error| {
+            Some(DeviceXdp {
+                link: PrefilterLink {
                     ifname: ifname.to_string(),
                     ifindex,
                     mode,
-                    native_error: None,
-                });
+                    native_error,
+                },
+                features,
+            })
+        };
+        if let Some((mode, pin)) = self.prefilter_pins()?.remove(ifname) {
+            let on = crate::inspect::link_target(&pin)
+                .map(|t| t.ifindex)
+                .unwrap_or(0);
+            if on != 0 {
+                if features.is_empty() {
+                    unpin_link(&pin)?;
+                    return Ok(None);
+                }
+                let mut ebpf = self.load_xdp(features)?;
+                swap_xdp(prefilter_prog(&mut ebpf)?, &pin)?;
+                return Ok(device(on, mode, None));
             }
-            tracing::info!(pin = %pin.display(), ?on, ifindex, "prefilter link on another device: detaching it");
+            tracing::info!(pin = %pin.display(), "XDP link of a device that is gone: unpinning it");
             unpin_link(&pin)?;
         }
-
-        let (mode, native_error) = match attach_xdp(prog, ifname, PrefilterMode::Native) {
+        if features.is_empty() || !may_attach {
+            return Ok(None);
+        }
+        let ifindex = nix::net::if_::if_nametoindex(ifname)
+            .map_err(|_| DatapathError::NoSuchInterface(ifname.to_string()))?;
+        let mut ebpf = self.load_xdp(features)?;
+        let prog = prefilter_prog(&mut ebpf)?;
+        let native = if force_generic {
+            Err("generic mode forced".to_string())
+        } else {
+            attach_xdp(prog, ifname, PrefilterMode::Native).map_err(|e| e.to_string())
+        };
+        let (mode, native_error) = match native {
             Ok(link) => {
                 pin_fd_link(
                     link,
@@ -344,9 +444,8 @@ impl BpfDatapath {
                 )?;
                 (PrefilterMode::Native, None)
             }
-            Err(native) => {
-                let reason = native.to_string();
-                tracing::warn!(device = ifname, %reason, "native XDP refused: attaching the prefilter in generic mode");
+            Err(reason) => {
+                tracing::warn!(device = ifname, %reason, "native XDP refused: attaching the device's XDP program in generic mode");
                 let link = attach_xdp(prog, ifname, PrefilterMode::Generic)?;
                 pin_fd_link(
                     link,
@@ -355,59 +454,124 @@ impl BpfDatapath {
                 (PrefilterMode::Generic, Some(reason))
             }
         };
-        Ok(PrefilterLink {
-            ifname: ifname.to_string(),
-            ifindex,
-            mode,
-            native_error,
-        })
+        Ok(device(ifindex, mode, native_error))
     }
 
-    /// Swaps this build's prefilter program into every pinned prefilter
-    /// link (`datapath reload`); returns how many. Links whose device is
-    /// gone are left alone.
-    pub fn reload_prefilter(&self) -> Result<usize, DatapathError> {
-        let pins = self.prefilter_pins()?;
-        if pins.is_empty() {
-            return Ok(0);
+    /// The XDP program of every device that has one, with what it does.
+    pub fn xdp_devices(&self) -> Result<Vec<DeviceXdp>, DatapathError> {
+        self.prefilter_pins()?
+            .into_iter()
+            .map(|(ifname, (mode, pin))| {
+                let target = crate::inspect::link_target(&pin)
+                    .map_err(|e| DatapathError::io(format!("inspecting {}", pin.display()), e))?;
+                Ok(DeviceXdp {
+                    link: PrefilterLink {
+                        ifname,
+                        ifindex: target.ifindex,
+                        mode,
+                        native_error: None,
+                    },
+                    features: Self::link_features(&pin)?,
+                })
+            })
+            .collect()
+    }
+
+    /// What the XDP program of `ifname` does now (nothing: no program).
+    fn xdp_features_of(&self, ifname: &str) -> Result<XdpFeatures, DatapathError> {
+        match self.prefilter_pins()?.remove(ifname) {
+            Some((_, pin)) => Self::link_features(&pin),
+            None => Ok(XdpFeatures::default()),
         }
-        let mut ebpf = self.load_prefilter()?;
-        let prog = prefilter_prog(&mut ebpf)?;
+    }
+
+    /// Adds or removes one feature of `ifname`'s XDP program, keeping the
+    /// other; only an addition may attach a new link.
+    fn toggle_xdp(
+        &self,
+        ifname: &str,
+        change: impl FnOnce(&mut XdpFeatures),
+        force_generic: bool,
+        may_attach: bool,
+    ) -> Result<Option<DeviceXdp>, DatapathError> {
+        let mut features = self.xdp_features_of(ifname)?;
+        change(&mut features);
+        self.set_xdp_features(ifname, features, force_generic, may_attach)
+    }
+
+    /// Attaches the prefilter to `ifname` (see [`Self::set_xdp_features`]);
+    /// NodePort acceleration on the device stays.
+    pub fn attach_prefilter(&self, ifname: &str) -> Result<PrefilterLink, DatapathError> {
+        self.toggle_xdp(ifname, |f| f.prefilter = true, false, true)?
+            .map(|d| d.link)
+            .ok_or_else(|| DatapathError::NoSuchInterface(ifname.to_string()))
+    }
+
+    /// Swaps this build's XDP program (each link's features kept) into
+    /// every pinned XDP link (`datapath reload`); returns how many. Links
+    /// whose device is gone are left alone.
+    pub fn reload_prefilter(&self) -> Result<usize, DatapathError> {
         let mut swapped = 0;
-        for (_, pin) in pins.values() {
+        for (_, pin) in self.prefilter_pins()?.values() {
             let on = crate::inspect::link_target(pin).map(|t| t.ifindex).ok();
             if matches!(on, Some(0) | None) {
                 continue;
             }
-            swap_xdp(prog, pin)?;
+            let mut ebpf = self.load_xdp(Self::link_features(pin)?)?;
+            swap_xdp(prefilter_prog(&mut ebpf)?, pin)?;
             swapped += 1;
         }
         Ok(swapped)
     }
 
-    /// Detaches the prefilter from `ifname`. Not attached is not an error.
+    /// Detaches the prefilter from `ifname` (the whole XDP program when the
+    /// device does nothing else). Not attached is not an error.
     pub fn detach_prefilter(&self, ifname: &str) -> Result<(), DatapathError> {
-        if let Some((_, pin)) = self.prefilter_pins()?.remove(ifname) {
-            unpin_link(&pin)?;
+        if self.xdp_features_of(ifname)?.prefilter {
+            self.toggle_xdp(ifname, |f| f.prefilter = false, false, false)?;
         }
         Ok(())
     }
 
     /// The devices the prefilter is attached to.
     pub fn prefilter_links(&self) -> Result<Vec<PrefilterLink>, DatapathError> {
-        self.prefilter_pins()?
+        Ok(self
+            .xdp_devices()?
             .into_iter()
-            .map(|(ifname, (mode, pin))| {
-                let target = crate::inspect::link_target(&pin)
-                    .map_err(|e| DatapathError::io(format!("inspecting {}", pin.display()), e))?;
-                Ok(PrefilterLink {
-                    ifname,
-                    ifindex: target.ifindex,
-                    mode,
-                    native_error: None,
-                })
-            })
-            .collect()
+            .filter(|d| d.features.prefilter)
+            .map(|d| d.link)
+            .collect())
+    }
+
+    /// Turns NodePort acceleration on for `ifname` (the node's underlay
+    /// device); a prefilter on the device stays. `force_generic`: generic
+    /// XDP even where the driver has native (tests, broken drivers).
+    pub fn attach_lb_acceleration(
+        &self,
+        ifname: &str,
+        force_generic: bool,
+    ) -> Result<PrefilterLink, DatapathError> {
+        self.toggle_xdp(ifname, |f| f.lb_acceleration = true, force_generic, true)?
+            .map(|d| d.link)
+            .ok_or_else(|| DatapathError::NoSuchInterface(ifname.to_string()))
+    }
+
+    /// Turns NodePort acceleration off for `ifname`. Not on is not an error.
+    pub fn detach_lb_acceleration(&self, ifname: &str) -> Result<(), DatapathError> {
+        if self.xdp_features_of(ifname)?.lb_acceleration {
+            self.toggle_xdp(ifname, |f| f.lb_acceleration = false, false, false)?;
+        }
+        Ok(())
+    }
+
+    /// The devices NodePort acceleration runs on.
+    pub fn lb_acceleration_links(&self) -> Result<Vec<PrefilterLink>, DatapathError> {
+        Ok(self
+            .xdp_devices()?
+            .into_iter()
+            .filter(|d| d.features.lb_acceleration)
+            .map(|d| d.link)
+            .collect())
     }
 
     /// Adds or re-slots prefilter CIDRs (one atomic trie update each); a
@@ -472,8 +636,11 @@ fn swap_xdp(prog: &mut Xdp, pin: &Path) -> Result<(), DatapathError> {
 }
 
 /// XDP verdicts, as returned by the program.
+pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
 
 /// An XDP program loaded, attached nowhere: the prefilter (against a
 /// datapath's maps) or the empty XDP program, for `BPF_PROG_TEST_RUN`
@@ -518,6 +685,34 @@ impl XdpTestProgram {
         Ok(result.return_value)
     }
 
+    /// Runs the program once on `frame` as received by the device
+    /// `ingress_ifindex` of the calling thread's network namespace (what
+    /// its FIB lookups start from); returns the verdict and the frame as
+    /// the program left it.
+    pub fn run_on(
+        &self,
+        frame: &[u8],
+        ingress_ifindex: u32,
+    ) -> Result<(u32, Vec<u8>), DatapathError> {
+        use aya::programs::{TestRun, TestRunOptions};
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
+        // rx_queue_index, egress_ifindex (u32 each); data_end = the length.
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(&ctx);
+        let result = self
+            .prog()?
+            .test_run(opts)
+            .map_err(|e| DatapathError::program(self.name, e))?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
     /// Mean time per run over `repeat` runs inside the kernel.
     pub fn time_per_run(
         &self,
@@ -540,7 +735,16 @@ impl BpfDatapath {
     /// Loads the prefilter program for `BPF_PROG_TEST_RUN`, sharing this
     /// datapath's maps but attached nowhere.
     pub fn test_prefilter_program(&self) -> Result<XdpTestProgram, DatapathError> {
-        let ebpf = self.load_prefilter()?;
+        self.test_xdp_program(XdpFeatures {
+            prefilter: true,
+            lb_acceleration: false,
+        })
+    }
+
+    /// Loads the device XDP program doing `features` for
+    /// `BPF_PROG_TEST_RUN`, sharing this datapath's maps, attached nowhere.
+    pub fn test_xdp_program(&self, features: XdpFeatures) -> Result<XdpTestProgram, DatapathError> {
+        let ebpf = self.load_xdp(features)?;
         Ok(XdpTestProgram {
             ebpf,
             name: PROG_XDP_PREFILTER,

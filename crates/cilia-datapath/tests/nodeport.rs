@@ -1038,3 +1038,724 @@ fn external_traffic_policy_local_serves_the_world_only_on_the_backends_node() {
     }
     assert!(drops(&nodes[0].dp, CILIA_DROP_NO_BACKEND) >= 2);
 }
+
+// ---- NodePort acceleration: the device's XDP program ----
+
+use cilia_datapath::prefilter::{XDP_PASS, XDP_TX};
+use cilia_datapath::XdpFeatures;
+
+const ACCEL: XdpFeatures = XdpFeatures {
+    prefilter: false,
+    lb_acceleration: true,
+};
+/// The MAC of node 2 and of the world client, as node 1's neighbours.
+const NODE2_MAC: Mac = [0x0a, 0, 0, 0, 0, 0x02];
+const CLIENT_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xc8];
+
+/// A namespace where the XDP program's FIB lookups find answers: `eth0`
+/// (a veth) holds node 1's addresses, node 2 and the world client are
+/// permanent neighbours, forwarding is on for `eth0` (the kernel's FIB
+/// helper answers only for a device that forwards).
+struct XdpNet {
+    ns: Netns,
+    ifindex: u32,
+    mac: Mac,
+}
+
+impl XdpNet {
+    fn new() -> Self {
+        let ns = Netns::new("cxdp").unwrap();
+        ns.sh(&format!(
+            "set -e
+             ip link set lo up
+             ip link add eth0 type veth peer name peer0
+             ip link set peer0 up; ip link set eth0 up
+             ip addr add 198.51.100.1/24 dev eth0
+             ip addr add 2001:db8:100::1/64 dev eth0 nodad
+             sysctl -qw net.ipv4.conf.eth0.forwarding=1 net.ipv6.conf.eth0.forwarding=1
+             ip neigh add 198.51.100.2 lladdr {n2} dev eth0 nud permanent
+             ip neigh add 198.51.100.200 lladdr {c} dev eth0 nud permanent
+             ip neigh add 2001:db8:100::2 lladdr {n2} dev eth0 nud permanent
+             ip neigh add 2001:db8:100::c8 lladdr {c} dev eth0 nud permanent",
+            n2 = mac_str(NODE2_MAC),
+            c = mac_str(CLIENT_MAC),
+        ))
+        .unwrap();
+        let ifindex = ns.run(|| nix::net::if_::if_nametoindex("eth0").unwrap());
+        let mac = ns
+            .sh("ip -br link show eth0")
+            .unwrap()
+            .split_whitespace()
+            .nth(2)
+            .unwrap()
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect::<Vec<_>>()
+            .try_into()
+            .unwrap();
+        Self { ns, ifindex, mac }
+    }
+
+    fn run(
+        &self,
+        prog: &cilia_datapath::prefilter::XdpTestProgram,
+        frame: &[u8],
+    ) -> (u32, Vec<u8>) {
+        self.ns.run(|| prog.run_on(frame, self.ifindex)).unwrap()
+    }
+}
+
+fn counted(dp: &BpfDatapath, kind: u8, reason: u8) -> u64 {
+    dp.metrics()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.kind == kind && k.reason == reason)
+        .map(|(_, v)| v.packets)
+        .sum()
+}
+
+fn ttl(pkt: &[u8]) -> u8 {
+    if u16::from_be_bytes([pkt[12], pkt[13]]) == ETH_P_IPV6 {
+        pkt[21]
+    } else {
+        pkt[22]
+    }
+}
+
+#[test]
+fn xdp_snats_a_nodeport_flow_to_a_remote_backend_and_tc_continues_it() {
+    privileged!("xdp_nodeport_snat");
+    let net = XdpNet::new();
+    for v6 in families() {
+        let fx = Fixture::new(TunnelMode::Native, v6);
+        fx.dp
+            .upsert_nodeport_service(&nodeport_service(v6, vec![REMOTE_BACKEND]), SNAT)
+            .unwrap();
+        let xdp = fx.dp.test_xdp_program(ACCEL).unwrap();
+        let frontend = SocketAddr::new(node_addr(v6, 1), NODE_PORT);
+        let syn = tcp_packet(world(v6, 40101), frontend, 0x02, WIRE);
+        let (verdict, out) = net.run(&xdp, &syn);
+        assert_eq!(
+            verdict, XDP_TX,
+            "v6={v6}: back out of the device it came in by"
+        );
+        assert_eq!(&out[..6], &NODE2_MAC, "v6={v6}: to the backend's node");
+        assert_eq!(&out[6..12], &net.mac, "v6={v6}: from the device");
+        let (src, dst, ok) = parse(&out);
+        assert_eq!(
+            src.ip(),
+            node_addr(v6, 1),
+            "v6={v6}: SNAT to the node address"
+        );
+        assert!(
+            (CILIA_LB_SNAT_PORT_FIRST..=CILIA_LB_SNAT_PORT_LAST).contains(&src.port()),
+            "{src}"
+        );
+        assert_eq!(dst, SocketAddr::new(remote_pod(v6), BACKEND_PORT));
+        assert!(ok, "v6={v6}: every checksum valid after the rewrite");
+        assert_eq!(ttl(&out), ttl(&syn) - 1, "v6={v6}: one hop less");
+        assert_eq!(counted(&fx.dp, CILIA_METRIC_FORWARD, CILIA_FWD_XDP), 1);
+        let stats = fx.dp.lb_stats(REV_NAT).unwrap();
+        assert!(
+            stats.flows == 1 && stats.packets == 1,
+            "v6={v6}: counted per service as at tc: {stats:?}"
+        );
+
+        // The flow's next segment at tc (XDP off): the same port, the
+        // same entries.
+        let ack = tcp_packet(world(v6, 40101), frontend, 0x10, WIRE);
+        let at_tc = fx.netdev().run(&ack).unwrap();
+        assert_eq!(at_tc.verdict, TC_ACT_REDIRECT);
+        assert_eq!(
+            parse(&at_tc.packet).0,
+            src,
+            "v6={v6}: tc keeps XDP's SNAT port"
+        );
+        let nat = fx.dp.lb_nat().unwrap();
+        assert_eq!(
+            nat.iter().filter(|(k, _)| k.dir == CILIA_NAT_IN).count(),
+            1,
+            "{nat:?}"
+        );
+
+        // The backend's reply, unSNATed in XDP.
+        let reply = tcp_packet(dst, src, 0x12, WIRE);
+        let (verdict, out) = net.run(&xdp, &reply);
+        assert_eq!(verdict, XDP_TX, "v6={v6}: out to the client");
+        assert_eq!(&out[..6], &CLIENT_MAC);
+        let (rsrc, rdst, ok) = parse(&out);
+        assert_eq!(
+            rsrc, frontend,
+            "v6={v6}: from the node port the client addressed"
+        );
+        assert_eq!(rdst, world(v6, 40101));
+        assert!(ok, "v6={v6}: checksums valid");
+    }
+}
+
+#[test]
+fn xdp_reply_of_a_flow_tc_snated_goes_back_to_the_client() {
+    privileged!("xdp_nodeport_reply_of_tc");
+    let net = XdpNet::new();
+    for v6 in families() {
+        let fx = Fixture::new(TunnelMode::Native, v6);
+        fx.dp
+            .upsert_nodeport_service(&nodeport_service(v6, vec![REMOTE_BACKEND]), SNAT)
+            .unwrap();
+        let frontend = SocketAddr::new(node_addr(v6, 1), NODE_PORT);
+        let syn = tcp_packet(world(v6, 40102), frontend, 0x02, WIRE);
+        let out = fx.netdev().run(&syn).unwrap();
+        let (src, dst, _) = parse(&out.packet);
+        let xdp = fx.dp.test_xdp_program(ACCEL).unwrap();
+        let (verdict, out) = net.run(&xdp, &tcp_packet(dst, src, 0x12, WIRE));
+        assert_eq!(verdict, XDP_TX, "v6={v6}");
+        let (rsrc, rdst, ok) = parse(&out);
+        assert_eq!((rsrc, rdst), (frontend, world(v6, 40102)), "v6={v6}");
+        assert!(ok);
+    }
+}
+
+#[test]
+fn xdp_dsr_carries_the_frontend_in_the_packet_that_selects_the_backend() {
+    privileged!("xdp_nodeport_dsr");
+    let net = XdpNet::new();
+    for v6 in families() {
+        let fx = Fixture::new(TunnelMode::Native, v6);
+        fx.dp
+            .upsert_nodeport_service(&nodeport_service(v6, vec![REMOTE_BACKEND]), DSR)
+            .unwrap();
+        let xdp = fx.dp.test_xdp_program(ACCEL).unwrap();
+        let frontend = SocketAddr::new(node_addr(v6, 1), NODE_PORT);
+        let syn = tcp_packet(world(v6, 40103), frontend, 0x02, WIRE);
+        let (verdict, out) = net.run(&xdp, &syn);
+        assert_eq!(verdict, XDP_TX, "v6={v6}");
+        assert_eq!(&out[..6], &NODE2_MAC);
+        let (src, dst, ok) = parse(&out);
+        assert_eq!(src, world(v6, 40103), "v6={v6}: no SNAT");
+        assert_eq!(dst, SocketAddr::new(remote_pod(v6), BACKEND_PORT));
+        assert!(ok, "v6={v6}: checksums and lengths valid");
+        assert_eq!(dsr_frontend(&out), Some(frontend), "v6={v6}");
+        assert_eq!(out.len(), syn.len() + if v6 { 24 } else { 8 });
+        // What tc makes of the same SYN is the same packet (but the MACs).
+        let fx_tc = Fixture::new(TunnelMode::Native, v6);
+        fx_tc
+            .dp
+            .upsert_nodeport_service(&nodeport_service(v6, vec![REMOTE_BACKEND]), DSR)
+            .unwrap();
+        let tc = fx_tc.netdev().run(&syn).unwrap().packet;
+        assert_eq!(&out[12..], &tc[12..], "v6={v6}: one DSR format");
+
+        let ack = tcp_packet(world(v6, 40103), frontend, 0x10, WIRE);
+        let (verdict, out) = net.run(&xdp, &ack);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(
+            dsr_frontend(&out),
+            None,
+            "v6={v6}: later segments go without it"
+        );
+        assert_eq!(out.len(), ack.len());
+        assert!(fx.dp.lb_nat().unwrap().is_empty(), "no SNAT entries");
+    }
+}
+
+#[test]
+fn xdp_passes_what_tc_must_judge_untouched_and_unpinned() {
+    privileged!("xdp_nodeport_passes");
+    let net = XdpNet::new();
+    for v6 in families() {
+        let frontend = SocketAddr::new(node_addr(v6, 1), NODE_PORT);
+        // A local backend: its ingress policy runs at tc.
+        let fx = Fixture::new(TunnelMode::Native, v6);
+        fx.dp
+            .upsert_nodeport_service(&nodeport_service(v6, vec![LOCAL_BACKEND]), SNAT)
+            .unwrap();
+        let xdp = fx.dp.test_xdp_program(ACCEL).unwrap();
+        let syn = tcp_packet(world(v6, 40104), frontend, 0x02, WIRE);
+        assert_eq!(
+            net.run(&xdp, &syn),
+            (XDP_PASS, syn.clone()),
+            "v6={v6}: local backend"
+        );
+        assert!(
+            fx.dp.list_ct().unwrap().is_empty(),
+            "v6={v6}: nothing pinned"
+        );
+        // Not a NodePort: another port of the node, and a node-to-node
+        // packet.
+        let other = tcp_packet(
+            world(v6, 40105),
+            SocketAddr::new(node_addr(v6, 1), 22),
+            0x02,
+            WIRE,
+        );
+        assert_eq!(net.run(&xdp, &other), (XDP_PASS, other.clone()), "v6={v6}");
+        // VXLAN mode: no encapsulation in XDP.
+        let vx = Fixture::new(TunnelMode::Vxlan, v6);
+        vx.dp
+            .upsert_nodeport_service(&nodeport_service(v6, vec![REMOTE_BACKEND]), SNAT)
+            .unwrap();
+        let xdp = vx.dp.test_xdp_program(ACCEL).unwrap();
+        assert_eq!(
+            net.run(&xdp, &syn),
+            (XDP_PASS, syn.clone()),
+            "v6={v6}: vxlan"
+        );
+        // externalTrafficPolicy=Local with a remote backend: tc drops it.
+        let local = Fixture::new(TunnelMode::Native, v6);
+        local
+            .dp
+            .upsert_nodeport_service(&nodeport_service(v6, vec![REMOTE_BACKEND]), LOCAL)
+            .unwrap();
+        let xdp = local.dp.test_xdp_program(ACCEL).unwrap();
+        assert_eq!(
+            net.run(&xdp, &syn),
+            (XDP_PASS, syn.clone()),
+            "v6={v6}: Local"
+        );
+        // Acceleration off: the program is the prefilter alone.
+        let off = fx.dp.test_xdp_program(XdpFeatures::default()).unwrap();
+        assert_eq!(net.run(&off, &syn).0, XDP_PASS);
+    }
+    // A remote backend whose node has no neighbour entry: tc resolves it.
+    let fx = Fixture::new(TunnelMode::Native, false);
+    fx.dp
+        .upsert_nodeport_service(&nodeport_service(false, vec![REMOTE_BACKEND]), SNAT)
+        .unwrap();
+    net.ns.sh("ip neigh del 198.51.100.2 dev eth0").unwrap();
+    let xdp = fx.dp.test_xdp_program(ACCEL).unwrap();
+    let syn = tcp_packet(
+        world(false, 40106),
+        SocketAddr::new(node_addr(false, 1), NODE_PORT),
+        0x02,
+        WIRE,
+    );
+    assert_eq!(net.run(&xdp, &syn), (XDP_PASS, syn.clone()), "no neighbour");
+}
+
+#[test]
+fn xdp_prefilter_still_drops_when_acceleration_shares_the_program() {
+    privileged!("xdp_nodeport_prefilter");
+    let net = XdpNet::new();
+    let fx = Fixture::new(TunnelMode::Native, false);
+    fx.dp
+        .upsert_nodeport_service(&nodeport_service(false, vec![REMOTE_BACKEND]), SNAT)
+        .unwrap();
+    fx.dp
+        .upsert_prefilter(&[PrefilterEntry {
+            cidr: "198.51.100.200/32".parse().unwrap(),
+            counter: 0,
+        }])
+        .unwrap();
+    let both = fx
+        .dp
+        .test_xdp_program(XdpFeatures {
+            prefilter: true,
+            lb_acceleration: true,
+        })
+        .unwrap();
+    let frontend = SocketAddr::new(node_addr(false, 1), NODE_PORT);
+    let listed = tcp_packet(world(false, 40107), frontend, 0x02, WIRE);
+    assert_eq!(
+        net.run(&both, &listed).0,
+        cilia_datapath::prefilter::XDP_DROP
+    );
+    let other = tcp_packet(
+        SocketAddr::new(node_addr(false, 201), 40108),
+        frontend,
+        0x02,
+        WIRE,
+    );
+    assert_eq!(
+        net.run(&both, &other).0,
+        XDP_TX,
+        "an unlisted client is balanced"
+    );
+}
+
+/// Turns a device's TX checksum offload off (`ETHTOOL_STXCSUM`), in the
+/// calling thread's namespace.
+fn tx_checksum_off(dev: &str) {
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        data: *mut EthtoolValue,
+        _pad: [u8; 16],
+    }
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    let mut value = EthtoolValue {
+        cmd: ETHTOOL_STXCSUM,
+        data: 0,
+    };
+    let mut req = IfReq {
+        name: [0; 16],
+        data: &mut value,
+        _pad: [0; 16],
+    };
+    req.name[..dev.len()].copy_from_slice(dev.as_bytes());
+    // SAFETY: a socket we own and an ifreq that outlives the call, whose
+    // data pointer points at a live ethtool_value.
+    let rc = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let rc = libc::ioctl(fd, SIOCETHTOOL, &mut req);
+        libc::close(fd);
+        rc
+    };
+    assert_eq!(
+        rc,
+        0,
+        "{dev}: tx checksum off: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Node `n`'s underlay ready for NodePort acceleration: forwarding on
+/// `eth0` (the FIB helper answers only for a forwarding device); on the
+/// fabric's side of its veth an XDP program (a veth takes frames sent by
+/// XDP_TX from its peer only when it runs in XDP mode itself) and no TX
+/// checksum offload: a veth otherwise hands over CHECKSUM_PARTIAL frames,
+/// whose checksum field is only a partial sum that XDP, seeing bytes and
+/// no metadata, cannot update (a NIC delivers complete checksums).
+fn prepare_acceleration(fabric: &cilia_testnet::cluster::Fabric, n: u8) -> aya::Ebpf {
+    fabric
+        .node(n)
+        .sh("sysctl -qw net.ipv4.conf.eth0.forwarding=1 net.ipv6.conf.eth0.forwarding=1")
+        .unwrap();
+    fabric.ns().run(|| tx_checksum_off(&format!("n{n}")));
+    let mut ebpf = aya::EbpfLoader::new()
+        .load(cilia_datapath::object::PROBE_OBJECT)
+        .unwrap();
+    let prog: &mut aya::programs::Xdp = ebpf
+        .program_mut(cilia_datapath::object::PROG_PROBE_XDP)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    prog.load().unwrap();
+    fabric
+        .ns()
+        .run(|| prog.attach(&format!("n{n}"), aya::programs::XdpMode::Driver))
+        .unwrap();
+    ebpf
+}
+
+fn xdp_forwarded(dp: &BpfDatapath) -> u64 {
+    counted(dp, CILIA_METRIC_FORWARD, CILIA_FWD_XDP)
+}
+
+fn world_reaches_a_remote_backend_through_xdp(options: NodePortOptions) {
+    let fabric = cilia_testnet::cluster::Fabric::new(2).unwrap();
+    let world_ns = fabric.attach(200).unwrap();
+    let root = BpfRoot::new();
+    let nodes = [
+        real_node(&root, fabric.node(1), 1, TunnelMode::Native, options),
+        real_node(&root, fabric.node(2), 2, TunnelMode::Native, options),
+    ];
+    let _peer_xdp = prepare_acceleration(&fabric, 1);
+    let link = fabric
+        .node(1)
+        .run(|| nodes[0].dp.attach_lb_acceleration("eth0", false))
+        .unwrap();
+    assert_eq!(
+        link.mode,
+        cilia_datapath::PrefilterMode::Native,
+        "veth has native XDP"
+    );
+    let echo = Echo::start(&nodes[1].ep, &[ECHO_PORT]);
+    let payload: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    for v6 in [false, true] {
+        let before = xdp_forwarded(&nodes[0].dp);
+        let to = SocketAddr::new(fabric_addr(v6, 1), PORT_TO_NODE2);
+        let (local, back) = exchange(&world_ns, to, &payload, WAIT)
+            .unwrap_or_else(|e| panic!("dsr={}: world -> {to}: {e}", options.dsr));
+        assert_eq!(back, payload, "world -> {to}");
+        let peer = *echo.peers().last().unwrap();
+        if options.dsr {
+            assert_eq!(peer, local, "{to}: DSR keeps the client's address");
+        } else {
+            assert_eq!(peer.ip(), fabric_addr(v6, 1), "{to}: SNAT to node 1");
+        }
+        let by_xdp = xdp_forwarded(&nodes[0].dp) - before;
+        // The client's SYN, ACKs, data and FIN at least (the very first
+        // packets may go through tc while the neighbours are resolved).
+        assert!(
+            by_xdp >= 3,
+            "dsr={} {to}: XDP sent {by_xdp} packets",
+            options.dsr
+        );
+    }
+    let stats = nodes[0].dp.lb_stats(1).unwrap();
+    assert!(
+        stats.packets >= 3,
+        "per-service counters count XDP's packets: {stats:?}"
+    );
+}
+
+#[test]
+fn world_reaches_a_remote_backend_through_xdp_acceleration_with_snat() {
+    privileged!("world_reaches_a_remote_backend_through_xdp_acceleration_with_snat");
+    world_reaches_a_remote_backend_through_xdp(SNAT);
+}
+
+#[test]
+fn world_reaches_a_remote_backend_through_xdp_acceleration_with_dsr() {
+    privileged!("world_reaches_a_remote_backend_through_xdp_acceleration_with_dsr");
+    world_reaches_a_remote_backend_through_xdp(DSR);
+}
+
+/// A drop the stream could have suffered: not the node-1 endpoint's own
+/// IPv6 chatter (router solicitations, MLD reports from `::`), which its
+/// program refuses whatever XDP does.
+fn stream_drop(k: &MetricsKey) -> bool {
+    k.kind == CILIA_METRIC_DROP
+        && k.reason != CILIA_DROP_SPOOFED_SOURCE
+        && k.reason != CILIA_DROP_UNSUPPORTED_ND
+}
+
+#[test]
+fn toggling_acceleration_and_the_prefilter_under_a_tcp_stream_loses_nothing() {
+    privileged!("toggling_acceleration_and_the_prefilter_under_a_tcp_stream_loses_nothing");
+    use std::io::{Read, Write};
+    let fabric = cilia_testnet::cluster::Fabric::new(2).unwrap();
+    let world_ns = fabric.attach(200).unwrap();
+    let root = BpfRoot::new();
+    let nodes = [
+        real_node(&root, fabric.node(1), 1, TunnelMode::Native, SNAT),
+        real_node(&root, fabric.node(2), 2, TunnelMode::Native, SNAT),
+    ];
+    let _peer_xdp = prepare_acceleration(&fabric, 1);
+    let _echo = Echo::start(&nodes[1].ep, &[ECHO_PORT]);
+    let dp = &nodes[0].dp;
+    let node1 = fabric.node(1);
+    // A prefilter of an unrelated CIDR keeps the device's link, so the
+    // toggles below swap programs inside it.
+    dp.upsert_prefilter(&[PrefilterEntry {
+        cidr: "203.0.113.0/24".parse().unwrap(),
+        counter: 0,
+    }])
+    .unwrap();
+    node1.run(|| dp.attach_prefilter("eth0")).unwrap();
+    let pin = root.path().join("node1/node/prefilter_native_eth0");
+    let link_id = cilia_datapath::inspect::link_target(&pin).unwrap().link_id;
+
+    let to = SocketAddr::new(fabric_addr(false, 1), PORT_TO_NODE2);
+    let mut stream = world_ns
+        .run(|| std::net::TcpStream::connect_timeout(&to, WAIT))
+        .unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream.set_write_timeout(Some(WAIT)).unwrap();
+    let chunk: Vec<u8> = (0..32 * 1024u32).map(|i| (i % 253) as u8).collect();
+    let drops_before: u64 = dp
+        .metrics()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| stream_drop(k))
+        .map(|(_, v)| v.packets)
+        .sum();
+    let mut sent = Vec::new();
+    for round in 0..12 {
+        stream.write_all(&chunk).unwrap();
+        sent.extend_from_slice(&chunk);
+        if round % 2 == 0 {
+            node1
+                .run(|| dp.attach_lb_acceleration("eth0", false))
+                .unwrap();
+        } else {
+            node1.run(|| dp.detach_lb_acceleration("eth0")).unwrap();
+        }
+        assert_eq!(
+            cilia_datapath::inspect::link_target(&pin).unwrap().link_id,
+            link_id,
+            "round {round}: the same link, its program swapped"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Acceleration on, then the whole link away (a real detach) mid-stream.
+    node1
+        .run(|| dp.attach_lb_acceleration("eth0", false))
+        .unwrap();
+    stream.write_all(&chunk).unwrap();
+    sent.extend_from_slice(&chunk);
+    let by_xdp = xdp_forwarded(dp);
+    node1.run(|| dp.detach_lb_acceleration("eth0")).unwrap();
+    node1.run(|| dp.detach_prefilter("eth0")).unwrap();
+    assert!(!pin.exists());
+    stream.write_all(&chunk).unwrap();
+    sent.extend_from_slice(&chunk);
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    stream.read_to_end(&mut back).unwrap();
+    assert_eq!(back.len(), sent.len(), "every byte came back");
+    assert!(back == sent, "in order and intact");
+    assert!(by_xdp > 0, "XDP carried part of the stream");
+    let drops_after: u64 = dp
+        .metrics()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| stream_drop(k))
+        .map(|(_, v)| v.packets)
+        .sum();
+    let drops: Vec<_> = dp
+        .metrics()
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| stream_drop(k))
+        .collect();
+    assert_eq!(
+        drops_after, drops_before,
+        "nothing dropped by the datapath: {drops:?}"
+    );
+}
+
+#[test]
+fn acceleration_on_a_device_without_native_xdp_falls_back_to_generic_and_says_why() {
+    privileged!("acceleration_on_a_device_without_native_xdp_falls_back_to_generic_and_says_why");
+    let ns = Netns::new("cxdpg").unwrap();
+    ns.sh("set -e; ip link set lo up; ip link add eth0 type veth peer name peer0")
+        .unwrap();
+    let root = BpfRoot::new();
+    let dp = BpfDatapath::open(root.path()).unwrap();
+    // The loopback device has no native XDP.
+    let link = ns.run(|| dp.attach_lb_acceleration("lo", false)).unwrap();
+    assert_eq!(link.mode, cilia_datapath::PrefilterMode::Generic);
+    assert!(
+        link.native_error.is_some(),
+        "the driver's refusal is reported: {link:?}"
+    );
+    assert_eq!(dp.lb_acceleration_links().unwrap().len(), 1);
+    assert!(
+        dp.prefilter_links().unwrap().is_empty(),
+        "the prefilter is not on"
+    );
+    // Forced generic on a device that has native XDP.
+    let forced = ns.run(|| dp.attach_lb_acceleration("eth0", true)).unwrap();
+    assert_eq!(forced.mode, cilia_datapath::PrefilterMode::Generic);
+    assert_eq!(forced.native_error.as_deref(), Some("generic mode forced"));
+    // Adding the prefilter keeps acceleration and the mode (one program).
+    let both = ns.run(|| dp.attach_prefilter("eth0")).unwrap();
+    assert_eq!(both.mode, cilia_datapath::PrefilterMode::Generic);
+    let devices = dp.xdp_devices().unwrap();
+    let eth0 = devices.iter().find(|d| d.link.ifname == "eth0").unwrap();
+    assert_eq!(
+        eth0.features,
+        XdpFeatures {
+            prefilter: true,
+            lb_acceleration: true
+        },
+        "read back from the attached program"
+    );
+    // A reload keeps what each device's program does.
+    assert_eq!(dp.reload_prefilter().unwrap(), 2);
+    let eth0 = dp
+        .xdp_devices()
+        .unwrap()
+        .into_iter()
+        .find(|d| d.link.ifname == "eth0")
+        .unwrap();
+    assert!(eth0.features.prefilter && eth0.features.lb_acceleration);
+    dp.detach_lb_acceleration("lo").unwrap();
+    dp.detach_lb_acceleration("eth0").unwrap();
+    assert!(dp.lb_acceleration_links().unwrap().is_empty());
+    assert_eq!(
+        dp.prefilter_links().unwrap().len(),
+        1,
+        "the prefilter stays on eth0"
+    );
+}
+
+/// Benchmark (ignored by default; `bench/xdp-nodeport.sh` runs it): one
+/// TCP transfer of 256 MiB from the world client through node 1's NodePort
+/// to a sink on node 2 (SNAT, IPv4, native routing; the sink answers with
+/// the byte count), with acceleration off, on, and off again in the same
+/// run on the same topology. Every forward segment and every ACK crosses
+/// node 1's underlay device, in XDP or at tc. Prints one markdown row per
+/// phase and the ratio.
+#[test]
+#[ignore]
+fn bench_nodeport_throughput_with_and_without_xdp_acceleration() {
+    privileged!("bench_nodeport_throughput_with_and_without_xdp_acceleration");
+    use std::io::{Read, Write};
+    const BYTES: usize = 256 << 20;
+    const PHASES: usize = 3;
+    let fabric = cilia_testnet::cluster::Fabric::new(2).unwrap();
+    let world_ns = fabric.attach(200).unwrap();
+    let root = BpfRoot::new();
+    let nodes = [
+        real_node(&root, fabric.node(1), 1, TunnelMode::Native, SNAT),
+        real_node(&root, fabric.node(2), 2, TunnelMode::Native, SNAT),
+    ];
+    let _peer_xdp = prepare_acceleration(&fabric, 1);
+    let listener = nodes[1]
+        .ep
+        .run(|| std::net::TcpListener::bind(SocketAddr::from(([0u16; 8], ECHO_PORT))))
+        .unwrap();
+    let sink = std::thread::spawn(move || {
+        for _ in 0..PHASES {
+            let (mut conn, _) = listener.accept().unwrap();
+            conn.set_read_timeout(Some(WAIT)).unwrap();
+            let mut buf = vec![0u8; 1 << 16];
+            let mut total = 0u64;
+            loop {
+                match conn.read(&mut buf).unwrap() {
+                    0 => break,
+                    n => total += n as u64,
+                }
+            }
+            conn.write_all(&total.to_be_bytes()).unwrap();
+        }
+    });
+    let to = SocketAddr::new(fabric_addr(false, 1), PORT_TO_NODE2);
+    let dp = &nodes[0].dp;
+    let node1 = fabric.node(1);
+    let chunk = vec![0x5au8; 1 << 16];
+    let rate = |accel: bool| -> f64 {
+        if accel {
+            node1
+                .run(|| dp.attach_lb_acceleration("eth0", false))
+                .unwrap();
+        } else {
+            node1.run(|| dp.detach_lb_acceleration("eth0")).unwrap();
+        }
+        let xdp_before = xdp_forwarded(dp);
+        let mut conn = world_ns
+            .run(|| std::net::TcpStream::connect_timeout(&to, WAIT))
+            .unwrap();
+        conn.set_read_timeout(Some(WAIT)).unwrap();
+        conn.set_write_timeout(Some(WAIT)).unwrap();
+        let start = std::time::Instant::now();
+        for _ in 0..BYTES / chunk.len() {
+            conn.write_all(&chunk).unwrap();
+        }
+        conn.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut count = [0u8; 8];
+        conn.read_exact(&mut count).unwrap();
+        let secs = start.elapsed().as_secs_f64();
+        assert_eq!(u64::from_be_bytes(count), BYTES as u64);
+        let mbit = BYTES as f64 * 8.0 / secs / 1e6;
+        let by_xdp = xdp_forwarded(dp) - xdp_before;
+        println!(
+            "| {} | {} MiB | {mbit:.0} | {by_xdp} |",
+            if accel { "native XDP" } else { "tc only" },
+            BYTES >> 20
+        );
+        if accel {
+            assert!(by_xdp > 1000, "XDP carried the transfer");
+        }
+        mbit
+    };
+    println!("| acceleration | transfer | Mbit/s | packets sent by XDP |");
+    println!("|---|---|---|---|");
+    let off1 = rate(false);
+    let on = rate(true);
+    let off2 = rate(false);
+    sink.join().unwrap();
+    println!(
+        "\nratio on / off: {:.2} (off before {off1:.0}, after {off2:.0} Mbit/s)",
+        on / ((off1 + off2) / 2.0)
+    );
+}

@@ -91,6 +91,8 @@ pub struct AgentState {
     pub services: Arc<crate::service::Services>,
     /// The XDP prefilter (its own lock, for changes only).
     pub prefilter: Arc<crate::prefilter::Prefilter>,
+    /// NodePort acceleration, as started (`--lb-acceleration`).
+    pub lb_acceleration: crate::lbaccel::LbAcceleration,
 }
 
 impl AgentState {
@@ -614,6 +616,7 @@ mod tests {
             socket_lb: Default::default(),
             services,
             prefilter,
+            lb_acceleration: crate::lbaccel::LbAcceleration::Disabled,
         })
     }
 

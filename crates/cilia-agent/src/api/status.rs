@@ -109,6 +109,7 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
             st.pending + st.failed.len()
         })
         .unwrap_or(0);
+    let lb_acceleration = state.lb_acceleration.subsystem();
     let cluster_subs = match &state.multinode {
         Some(link) => link.subsystems(),
         None => vec![cilia_api::SubsystemStatus {
@@ -163,7 +164,7 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
             policy_errors: summary.errors.clone(),
             subsystems: cluster_subs
                 .into_iter()
-                .chain([socket_lb, prefilter_sub, programs])
+                .chain([socket_lb, prefilter_sub, programs, lb_acceleration])
                 .fold(
                     subsystems(
                         &summary,

@@ -133,6 +133,8 @@ pub struct Snapshot {
     pub services: Vec<(u16, u64, u64, u64)>,
     /// (cidr, packets, bytes) the XDP prefilter dropped.
     pub prefilter: Vec<(String, u64, u64)>,
+    /// (device, XDP mode) of NodePort acceleration.
+    pub lb_acceleration: Vec<(String, &'static str)>,
 }
 
 /// The part of a [`Snapshot`] that comes from the agent's store.
@@ -229,6 +231,11 @@ pub fn datapath_part(
         prefilter: prefilter
             .iter()
             .map(|c| (c.entry.cidr.to_string(), c.packets, c.bytes))
+            .collect(),
+        lb_acceleration: dp
+            .lb_acceleration_links()?
+            .into_iter()
+            .map(|l| (l.ifname, l.mode.name()))
             .collect(),
     })
 }
@@ -403,6 +410,17 @@ pub fn render(snap: &Snapshot, m: &AgentMetrics) -> String {
         "Bytes the XDP prefilter dropped, by source CIDR",
         Unit::Bytes,
         prefilter_bytes,
+    );
+    let accel: Family<Labels, Gauge> = Family::default();
+    for (device, mode) in &snap.lb_acceleration {
+        accel
+            .get_or_create(&labels(&[("device", device), ("mode", mode)]))
+            .set(1);
+    }
+    reg.register(
+        "lb_acceleration",
+        "NodePort acceleration in XDP on a device (1), by XDP mode: native, or generic (the driver has no native XDP); what it forwarded is cilia_forward_count{reason=\"xdp-nodeport\"}",
+        accel,
     );
 
     let endpoints: Family<Labels, Gauge> = Family::default();
