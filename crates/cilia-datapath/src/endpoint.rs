@@ -627,16 +627,31 @@ impl BpfDatapath {
         }
         let LoadedEndpoint { mut ebpf, config } = loaded;
         let config = &config;
+        self.attach_endpoint_programs(&mut ebpf, config.endpoint_id, host_ifname)?;
+        // Off the generic program, if it was on it.
+        self.forget_generic(config.endpoint_id);
+        Ok(())
+    }
+
+    /// Attaches `ebpf`'s from- and to-container programs to `host_ifname`
+    /// through endpoint `endpoint_id`'s link pins (swapping them into the
+    /// links that exist).
+    pub(crate) fn attach_endpoint_programs(
+        &self,
+        ebpf: &mut aya::Ebpf,
+        endpoint_id: u16,
+        host_ifname: &str,
+    ) -> Result<(), DatapathError> {
         for (name, attach, pin) in [
             (
                 PROG_FROM_CONTAINER,
                 TcAttachType::Ingress,
-                self.link_pin(config.endpoint_id),
+                self.link_pin(endpoint_id),
             ),
             (
                 PROG_TO_CONTAINER,
                 TcAttachType::Egress,
-                self.to_link_pin(config.endpoint_id),
+                self.to_link_pin(endpoint_id),
             ),
         ] {
             let prog: &mut SchedClassifier = ebpf
@@ -646,8 +661,6 @@ impl BpfDatapath {
                 .map_err(|e| DatapathError::program(name, e))?;
             attach_pinned(prog, name, host_ifname, attach, &pin)?;
         }
-        // Off the generic program, if it was on it.
-        self.forget_generic(config.endpoint_id);
         Ok(())
     }
 

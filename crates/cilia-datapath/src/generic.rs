@@ -27,11 +27,11 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use aya::maps::{HashMap, MapData};
-use aya::programs::{SchedClassifier, TcAttachType};
+use aya::programs::SchedClassifier;
 use aya::EbpfLoader;
 use cilia_abi::EndpointConfig;
 
-use crate::endpoint::{attach_pinned, lock};
+use crate::endpoint::lock;
 use crate::error::DatapathError;
 use crate::object::{
     LXC_GENERIC_OBJECT, MAP_GENERIC_CONFIG, PROG_FROM_CONTAINER, PROG_TO_CONTAINER,
@@ -103,26 +103,7 @@ impl BpfDatapath {
                 let _ = generic.configs.remove(&old);
             }
         }
-        for (name, attach, pin) in [
-            (
-                PROG_FROM_CONTAINER,
-                TcAttachType::Ingress,
-                self.link_pin(config.endpoint_id),
-            ),
-            (
-                PROG_TO_CONTAINER,
-                TcAttachType::Egress,
-                self.to_link_pin(config.endpoint_id),
-            ),
-        ] {
-            let prog: &mut SchedClassifier = generic
-                .ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::MissingProgram(name))?
-                .try_into()
-                .map_err(|e| DatapathError::program(name, e))?;
-            attach_pinned(prog, name, host_ifname, attach, &pin)?;
-        }
+        self.attach_endpoint_programs(&mut generic.ebpf, config.endpoint_id, host_ifname)?;
         Ok(())
     }
 

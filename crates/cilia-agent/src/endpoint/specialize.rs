@@ -139,9 +139,9 @@ fn specialize(endpoints: &Mutex<EndpointManager>, id: u16, spec: &Specializer) {
         };
         let config = config_of(&rec, ifindex);
         match m.dp().check_links(&config) {
-            // Already specialized (a relabel did it), or detached.
-            Ok(Some(links)) if links.iter().all(|l| l.config_matches && l.build_matches) => return,
+            // Detached, or already specialized (a relabel did it).
             Ok(None) => return,
+            Ok(Some(links)) if all_specialized(&links) => return,
             _ => {}
         }
         (
@@ -163,10 +163,8 @@ fn specialize(endpoints: &Mutex<EndpointManager>, id: u16, spec: &Specializer) {
     }
     // A reload or a relabel may have specialized it meanwhile: then its
     // programs stay as they are.
-    if let Ok(Some(links)) = m.dp().check_links(&config) {
-        if links.iter().all(|l| l.config_matches && l.build_matches) {
-            return;
-        }
+    if specialized(&m, &config) {
+        return;
     }
     match loaded.and_then(|l| dp.attach_endpoint(l, &ifname)) {
         Ok(()) => {
@@ -178,4 +176,14 @@ fn specialize(endpoints: &Mutex<EndpointManager>, id: u16, spec: &Specializer) {
             lock(&spec.shared.failed).insert(id, e.to_string());
         }
     }
+}
+
+/// Whether the endpoint's links already hold this build's programs
+/// specialized for `config`.
+fn specialized(m: &EndpointManager, config: &cilia_abi::EndpointConfig) -> bool {
+    matches!(m.dp().check_links(config), Ok(Some(links)) if all_specialized(&links))
+}
+
+fn all_specialized(links: &[cilia_datapath::LinkCheck]) -> bool {
+    links.iter().all(|l| l.config_matches && l.build_matches)
 }
