@@ -37,20 +37,19 @@ __inline_fn int from_node_to_endpoint(struct __sk_buff *skb, struct flow *f,
 {
 	int reason;
 
-	/* A NodePort flow another node sends with direct server return:
-	 * this node rev-NATs the replies (see dsr_accept). */
-	if (!rev_nat)
-		rev_nat = dsr_accept(skb, f);
-
-	struct decision d = {.dir = dir, .verdict = CILIA_VERDICT_ALLOW, .rev_nat = rev_nat};
-
 	/* Guard: no local endpoint's address comes from another node; later
-	 * fragments follow the first. */
+	 * fragments follow the first; a DSR frontend only as a cluster
+	 * node's load balancer writes it (see dsr_accept), and then this
+	 * node rev-NATs the replies. */
 	reason = endpoint_lookup(f->saddr, f->family) ? CILIA_DROP_SPOOFED_SOURCE : 0;
 	if (!reason)
 		reason = frag_follow(f);
+	if (!reason && !rev_nat)
+		reason = dsr_accept(skb, f, &rev_nat);
 	if (reason)
 		return drop(skb, reason, dir);
+
+	struct decision d = {.dir = dir, .verdict = CILIA_VERDICT_ALLOW, .rev_nat = rev_nat};
 
 	/* Decide. */
 	struct peers p = {

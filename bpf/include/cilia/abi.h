@@ -89,6 +89,7 @@ struct endpoint_info {
 #define CILIA_DROP_NO_BACKEND	     149 /* service frontend without an active backend */
 #define CILIA_DROP_LB_FRAGMENT	     150 /* fragmented datagram to a service frontend */
 #define CILIA_DROP_TUNNEL_PORT	     151 /* endpoint UDP to a node's overlay port (VNI forgery) */
+#define CILIA_DROP_DSR_FORGED	     152 /* DSR frontend of no node's DSR NodePort, or not to its backend */
 
 /* Direction of a counted packet. */
 #define CILIA_DIR_EGRESS  1 /* leaving an endpoint (from-container) */

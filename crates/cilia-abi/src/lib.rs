@@ -79,6 +79,7 @@ pub fn reason_name(kind: u8, reason: u8) -> &'static str {
         (CILIA_METRIC_DROP, CILIA_DROP_NO_BACKEND) => "Service without an active backend",
         (CILIA_METRIC_DROP, CILIA_DROP_LB_FRAGMENT) => "Fragment to a service frontend",
         (CILIA_METRIC_DROP, CILIA_DROP_TUNNEL_PORT) => "Endpoint UDP to a node's tunnel port",
+        (CILIA_METRIC_DROP, CILIA_DROP_DSR_FORGED) => "Forged DSR frontend",
         _ => "unknown",
     }
 }

@@ -596,6 +596,107 @@ fn the_backends_node_rev_nats_a_dsr_flow_and_answers_the_client_directly() {
     }
 }
 
+/// `pkt` with a DSR header naming `frontend` inserted after the fixed IP
+/// header, as a load balancer node writes it (CILIA_DSR_* in abi.h), every
+/// length and the IPv4 header checksum fixed: what any host that can reach
+/// a pod could send.
+fn with_dsr(pkt: &[u8], frontend: SocketAddr) -> Vec<u8> {
+    let port = frontend.port().to_be_bytes();
+    let mut out = pkt.to_vec();
+    match frontend.ip() {
+        IpAddr::V4(a) => {
+            let mut opt = vec![CILIA_DSR_IPV4_OPT, 8, port[0], port[1]];
+            opt.extend_from_slice(&a.octets());
+            out.splice(34..34, opt);
+            out[14] = 0x47;
+            let total = u16::from_be_bytes([out[16], out[17]]) + 8;
+            out[16..18].copy_from_slice(&total.to_be_bytes());
+            out[24..26].copy_from_slice(&[0, 0]);
+            let sum = checksum(&out[14..42]);
+            out[24..26].copy_from_slice(&sum.to_be_bytes());
+        }
+        IpAddr::V6(a) => {
+            let mut hdr = vec![out[20], 2, CILIA_DSR_IPV6_OPT, 18, port[0], port[1]];
+            hdr.extend_from_slice(&a.octets());
+            hdr.extend_from_slice(&[1, 0]);
+            out.splice(54..54, hdr);
+            out[20] = 60;
+            let len = u16::from_be_bytes([out[18], out[19]]) + 24;
+            out[18..20].copy_from_slice(&len.to_be_bytes());
+        }
+    }
+    out
+}
+
+#[test]
+fn a_dsr_frontend_is_believed_only_for_a_cluster_nodes_dsr_nodeport_and_its_backend() {
+    privileged!("nodeport_dsr_forged");
+    for v6 in families() {
+        // This node holds the backend B of the DSR service; the same port
+        // + 1 is a NodePort in SNAT mode.
+        let fx = Fixture::new(TunnelMode::Native, v6);
+        fx.dp
+            .upsert_nodeport_service(&nodeport_service(v6, vec![LOCAL_BACKEND]), DSR)
+            .unwrap();
+        let mut snat = nodeport_service(v6, vec![LOCAL_BACKEND]);
+        snat.rev_nat = REV_NAT + 1;
+        snat.frontend.port = NODE_PORT + 1;
+        fx.dp.upsert_nodeport_service(&snat, SNAT).unwrap();
+        let netdev = fx.netdev();
+        let backend = SocketAddr::new(local_pod(v6), BACKEND_PORT);
+        let lb_node = |port| SocketAddr::new(node_addr(v6, 2), port);
+        let forged = [
+            (
+                "an address of no node",
+                SocketAddr::new(node_addr(v6, 77), NODE_PORT),
+                backend,
+            ),
+            ("the client's own address", world(v6, NODE_PORT), backend),
+            ("a port of no NodePort", lb_node(30999), backend),
+            ("a NodePort in SNAT mode", lb_node(NODE_PORT + 1), backend),
+            (
+                "another port of the backend",
+                lb_node(NODE_PORT),
+                SocketAddr::new(local_pod(v6), 22),
+            ),
+        ];
+        for (i, (what, frontend, to)) in forged.into_iter().enumerate() {
+            let syn = with_dsr(
+                &tcp_packet(world(v6, 41000 + i as u16), to, 0x02, WIRE),
+                frontend,
+            );
+            assert_eq!(
+                dsr_frontend(&syn),
+                Some(frontend),
+                "the test's own encoding"
+            );
+            let out = netdev.run(&syn).unwrap();
+            assert_eq!(out.verdict, TC_ACT_SHOT, "v6={v6}: {what}");
+            assert_eq!(
+                drops(&fx.dp, CILIA_DROP_DSR_FORGED),
+                i as u64 + 1,
+                "v6={v6}: {what}: dropped as forged"
+            );
+        }
+        assert!(
+            fx.dp.lb_nat().unwrap().is_empty(),
+            "v6={v6}: a forged frontend leaves no REVNAT entry"
+        );
+        assert!(fx.dp.list_ct().unwrap().is_empty(), "v6={v6}: nor a flow");
+
+        // What a load balancer node writes is still believed.
+        let syn = with_dsr(
+            &tcp_packet(world(v6, 41100), backend, 0x02, WIRE),
+            lb_node(NODE_PORT),
+        );
+        let out = netdev.run(&syn).unwrap();
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "v6={v6}: into the backend");
+        let nat = fx.dp.lb_nat().unwrap();
+        assert_eq!(nat.len(), 1, "v6={v6}: {nat:?}");
+        assert_eq!(nat[0].1.rev_nat, REV_NAT);
+    }
+}
+
 // ---- real traffic: a world client and two nodes on the fabric ----
 
 const ECHO_PORT: u16 = 8080;
