@@ -19,6 +19,7 @@
 #include "lib/forward.h"
 #include "lib/guard.h"
 #include "lib/ipcache.h"
+#include "lib/lb_icmp.h"
 #include "lib/lb_packet.h"
 #include "lib/nodeport.h"
 #include "lib/tunnel.h"
@@ -77,6 +78,14 @@ __inline_fn int from_node_to_endpoint(struct __sk_buff *skb, struct flow *f,
 		reason = lb_reverse(skb, f, d.rev_nat);
 		if (reason)
 			return drop_decided(skb, f, &p, &d, reason, dir);
+	} else if (d.ct_state == CILIA_CT_STATE_RELATED) {
+		/* An ICMP error about a remote backend's flow: quoting the
+		 * frontend the local client addressed. */
+		__u8 nodeport = 0;
+
+		reason = lb_reverse_icmp(skb, f, d.rev_nat, &nodeport);
+		if (reason)
+			return drop_decided(skb, f, &p, &d, reason, dir);
 	} else if (d.ct_flags & CILIA_CT_TO_PROXY) {
 		bpf_skb_change_type(skb, PACKET_HOST);
 		return deliver_to_proxy(skb, f, &p, &d, dir);
@@ -132,6 +141,8 @@ int cil_from_overlay(struct __sk_buff *skb)
 	__u8 unsnat = 0;
 
 	reason = nodeport_unsnat(skb, &f, &unsnat);
+	if (!reason && !unsnat)
+		reason = nodeport_unsnat_icmp(skb, &f, &unsnat);
 	if (reason)
 		return drop(skb, reason, dir);
 	if (unsnat)
@@ -292,6 +303,8 @@ int cil_from_netdev(struct __sk_buff *skb)
 
 	if (f.frag != FLOW_FRAG_LATER) {
 		reason = nodeport_unsnat(skb, &f, &unsnat);
+		if (!reason && !unsnat)
+			reason = nodeport_unsnat_icmp(skb, &f, &unsnat);
 		if (reason)
 			return drop(skb, reason, dir);
 		if (unsnat)

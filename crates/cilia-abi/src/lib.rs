@@ -44,7 +44,8 @@ pub mod rows;
 pub use rows::{
     lb_other_generation, CtEntry, Direction, EndpointEntry, EndpointPolicy, Enforcement,
     IpcacheEntry, LbAlgorithm, LbBackend, LbBackendState, LbFrontend, LbMaster, LbService,
-    MetricKind, MetricsEntry, NodeConfig, PolicyDelta, PolicyEntry, TunnelMode, Verdict,
+    LbServiceFlags, MetricKind, MetricsEntry, NodeConfig, PolicyDelta, PolicyEntry, TunnelMode,
+    Verdict,
 };
 
 /// Human name of a forward or drop reason, as printed by the CLI and metrics.

@@ -17,6 +17,7 @@ use cilia_testnet::{BpfRoot, Netns};
 
 mod common;
 use common::fixture::{B_ID, B_IDENTITY};
+use common::icmp::{icmp_error, read_icmp_error, IcmpError};
 use common::serve::{exchange, Echo};
 use common::*;
 
@@ -95,6 +96,7 @@ fn nodeport_service(v6: bool, slots: Vec<u32>) -> LbService {
         affinity_timeout: None,
         slots,
         maglev: None,
+        flags: Default::default(),
     }
 }
 
@@ -498,6 +500,28 @@ fn a_nodeport_service_needs_the_unspecified_address() {
 }
 
 #[test]
+fn lb_services_reads_back_the_nodeport_flags() {
+    privileged!("nodeport_flags_read_back");
+    let fx = Fixture::new(TunnelMode::Native, false);
+    let dsr = nodeport_service(false, vec![REMOTE_BACKEND]);
+    fx.dp.upsert_nodeport_service(&dsr, DSR).unwrap();
+    let mut local = nodeport_service(false, vec![LOCAL_BACKEND]);
+    local.rev_nat = REV_NAT + 1;
+    local.frontend.port = NODE_PORT + 1;
+    fx.dp.upsert_nodeport_service(&local, LOCAL).unwrap();
+    let read = fx.dp.lb_services().unwrap();
+    assert_eq!(read, vec![DSR.apply(&dsr), LOCAL.apply(&local)]);
+    assert_eq!(read[0].flag_names(), ["nodeport", "dsr"]);
+    assert_eq!(read[1].flag_names(), ["nodeport", "local"]);
+    // Local and DSR mean nothing to a service of one address: refused.
+    let mut clusterip = DSR.apply(&dsr);
+    clusterip.rev_nat = 50;
+    clusterip.frontend.addr = node_addr(false, 1);
+    let err = fx.dp.upsert_lb_service(&clusterip).unwrap_err();
+    assert!(err.to_string().contains("NodePort services only"), "{err}");
+}
+
+#[test]
 fn dsr_carries_the_frontend_to_the_backends_node_in_the_packet_that_selects_the_backend() {
     privileged!("nodeport_dsr_encode");
     for v6 in families() {
@@ -593,6 +617,81 @@ fn the_backends_node_rev_nats_a_dsr_flow_and_answers_the_client_directly() {
         );
         assert_eq!(dst, world(v6, 40008));
         assert!(ok);
+    }
+}
+
+#[test]
+fn icmp_error_of_a_local_nodeport_backend_reaches_the_client_quoting_the_node_port() {
+    privileged!("nodeport_icmp_local_backend");
+    for v6 in families() {
+        let fx = Fixture::new(TunnelMode::Native, v6);
+        fx.dp
+            .upsert_nodeport_service(&nodeport_service(v6, vec![LOCAL_BACKEND]), SNAT)
+            .unwrap();
+        let frontend = SocketAddr::new(node_addr(v6, 1), NODE_PORT);
+        let syn = tcp_packet(world(v6, 40020), frontend, 0x02, WIRE);
+        let at_b = fx.netdev().run(&syn).unwrap();
+        assert_eq!(at_b.verdict, TC_ACT_REDIRECT);
+        let err = icmp_error(
+            local_pod(v6),
+            world(v6, 0).ip(),
+            IcmpError::TooBig(1280),
+            &at_b.packet[14..],
+            B_FROM,
+        );
+        let out = fx.b().run(&err).unwrap();
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "v6={v6}: out of the underlay");
+        let seen = read_icmp_error(&out.packet);
+        assert_eq!(seen.src, node_addr(v6, 1), "v6={v6}: from the node address");
+        assert_eq!(seen.dst, world(v6, 0).ip());
+        assert_eq!(seen.quoted_src, world(v6, 40020));
+        assert_eq!(seen.quoted_dst, frontend, "v6={v6}: quoting the node port");
+        assert!(seen.checksums_ok(), "v6={v6}: {seen:?}");
+    }
+}
+
+#[test]
+fn icmp_error_of_a_remote_backend_about_a_snated_flow_reaches_the_client() {
+    privileged!("nodeport_icmp_snat");
+    for v6 in families() {
+        let fx = Fixture::new(TunnelMode::Native, v6);
+        fx.dp
+            .upsert_nodeport_service(&nodeport_service(v6, vec![REMOTE_BACKEND]), SNAT)
+            .unwrap();
+        let netdev = fx.netdev();
+        let frontend = SocketAddr::new(node_addr(v6, 1), NODE_PORT);
+        let syn = tcp_packet(world(v6, 40021), frontend, 0x02, WIRE);
+        let sent = netdev.run(&syn).unwrap();
+        assert_eq!(sent.verdict, TC_ACT_REDIRECT);
+        let snat = parse(&sent.packet).0;
+        for (from, what) in [
+            (remote_pod(v6), "the backend"),
+            (node_addr(v6, 2), "a router on the path"),
+        ] {
+            let err = icmp_error(
+                from,
+                snat.ip(),
+                IcmpError::TooBig(1280),
+                &sent.packet[14..],
+                WIRE,
+            );
+            let out = netdev.run(&err).unwrap();
+            assert_eq!(
+                out.verdict, TC_ACT_REDIRECT,
+                "v6={v6} {what}: to the client"
+            );
+            let seen = read_icmp_error(&out.packet);
+            let expect_src = if from == remote_pod(v6) {
+                node_addr(v6, 1)
+            } else {
+                from
+            };
+            assert_eq!(seen.src, expect_src, "v6={v6} {what}");
+            assert_eq!(seen.dst, world(v6, 0).ip(), "v6={v6} {what}");
+            assert_eq!(seen.quoted_src, world(v6, 40021), "v6={v6} {what}");
+            assert_eq!(seen.quoted_dst, frontend, "v6={v6} {what}");
+            assert!(seen.checksums_ok(), "v6={v6} {what}: {seen:?}");
+        }
     }
 }
 

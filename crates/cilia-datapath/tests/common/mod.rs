@@ -12,6 +12,7 @@ use std::time::Duration;
 use cilia_datapath::packet::Mac;
 
 pub mod fixture;
+pub mod icmp;
 pub mod relay;
 pub mod serve;
 
