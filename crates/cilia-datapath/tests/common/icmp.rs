@@ -117,8 +117,8 @@ pub fn read_icmp_error(pkt: &[u8]) -> IcmpSeen {
             checksum(&q[..20]) == 0,
         )
     };
-    let quoted_l4_ok =
-        (proto == IPPROTO_UDP && !v6 && l4[6..8] == [0, 0]) || l4_sum(qsrc, qdst, proto, l4) == 0;
+    let quoted_l4_ok = (proto == IPPROTO_UDP && !v6 && l4[6..8] == [0, 0])
+        || super::l4::l4_checksum(qsrc, qdst, proto, l4) == 0;
     IcmpSeen {
         src,
         dst,
@@ -136,26 +136,4 @@ impl IcmpSeen {
     pub fn checksums_ok(&self) -> bool {
         self.ip_ok && self.icmp_ok && self.quoted_ip_ok && self.quoted_l4_ok
     }
-}
-
-/// The TCP/UDP checksum over the pseudo-header and `l4` (0 when valid).
-pub fn l4_sum(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> u16 {
-    let mut buf = Vec::new();
-    match (src, dst) {
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            buf.extend_from_slice(&s.octets());
-            buf.extend_from_slice(&d.octets());
-            buf.extend_from_slice(&(l4.len() as u32).to_be_bytes());
-            buf.extend_from_slice(&[0, 0, 0, proto]);
-        }
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            buf.extend_from_slice(&s.octets());
-            buf.extend_from_slice(&d.octets());
-            buf.extend_from_slice(&[0, proto]);
-            buf.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-        }
-        _ => unreachable!("one family"),
-    }
-    buf.extend_from_slice(l4);
-    checksum(&buf)
 }

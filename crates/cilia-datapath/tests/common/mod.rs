@@ -13,6 +13,7 @@ use cilia_datapath::packet::Mac;
 
 pub mod fixture;
 pub mod icmp;
+pub mod l4;
 pub mod relay;
 pub mod serve;
 
