@@ -13,6 +13,7 @@
 #include "lib/forward.h"
 #include "lib/guard.h"
 #include "lib/ipcache.h"
+#include "lib/lb_icmp.h"
 #include "lib/lb_packet.h"
 #include "lib/ndisc.h"
 #include "lib/nodeport.h"
@@ -64,6 +65,8 @@ int cil_from_container(struct __sk_buff *skb)
 	struct lb_state lb = {};
 
 	reason = lb_translate(skb, &f, &lb);
+	if (!reason)
+		reason = lb_hairpin_unloop(skb, &f);
 	if (reason)
 		return drop(skb, reason, dir);
 	d.rev_nat = lb.rev_nat;
@@ -90,7 +93,18 @@ int cil_from_container(struct __sk_buff *skb)
 	 * local endpoint, to another node, or to the stack. A service
 	 * backend's reply gets the frontend as its source (a NodePort's
 	 * leaves by the underlay device); a reply to another node's own
-	 * address goes to that node, as its pods' packets do. */
+	 * address goes to that node, as its pods' packets do. An ICMP error
+	 * about a service flow quotes the frontend the client addressed
+	 * (see lb_icmp.h), and a NodePort's leaves like the replies. */
+	if (d.ct_state == CILIA_CT_STATE_RELATED && d.rev_nat) {
+		__u8 nodeport = 0;
+
+		reason = lb_reverse_icmp(skb, &f, d.rev_nat, &nodeport);
+		if (reason)
+			return drop_decided(skb, &f, &p, &d, reason, dir);
+		if (nodeport)
+			return nodeport_to_client(skb, &f, &p, &d, dir);
+	}
 	if (d.ct_state == CILIA_CT_STATE_REPLY) {
 		__u8 nodeport = 0;
 		struct ipcache_value route = {};
@@ -110,8 +124,14 @@ int cil_from_container(struct __sk_buff *skb)
 	} else if (d.ct_flags & CILIA_CT_TO_PROXY) {
 		return deliver_to_proxy(skb, &f, &p, &d, dir);
 	}
-	if (dst)
+	if (dst) {
+		/* A service flow back into its own client: from the service
+		 * loopback address (see "Hairpin" in ARCHITECTURE.md). */
+		reason = d.ct_state == CILIA_CT_STATE_REPLY ? 0 : lb_hairpin(skb, &f, d.rev_nat);
+		if (reason)
+			return drop_decided(skb, &f, &p, &d, reason, dir);
 		return deliver_to_endpoint(skb, &f, &p, &d, dst, dir);
+	}
 	if (remote && remote->tunnel_family)
 		return deliver_to_node(skb, &f, &p, &d, remote, dir);
 	return deliver_to_stack(skb, &f, &p, &d, dir);
@@ -175,9 +195,13 @@ int cil_to_container(struct __sk_buff *skb)
 		return drop_decided(skb, &f, &p, &d, reason, dir);
 
 	/* Deliver: the stack hands it on; a service backend's reply with the
-	 * frontend as its source. */
-	if (d.ct_state == CILIA_CT_STATE_REPLY) {
-		reason = lb_reverse(skb, &f, d.rev_nat);
+	 * frontend as its source, an ICMP error about its flow quoting it. */
+	if (d.ct_state == CILIA_CT_STATE_REPLY || d.ct_state == CILIA_CT_STATE_RELATED) {
+		__u8 nodeport = 0;
+
+		reason = d.ct_state == CILIA_CT_STATE_REPLY
+			     ? lb_reverse(skb, &f, d.rev_nat)
+			     : lb_reverse_icmp(skb, &f, d.rev_nat, &nodeport);
 		if (reason)
 			return drop_decided(skb, &f, &p, &d, reason, dir);
 	}

@@ -19,6 +19,7 @@
 #include "lib/forward.h"
 #include "lib/guard.h"
 #include "lib/ipcache.h"
+#include "lib/lb_icmp.h"
 #include "lib/lb_packet.h"
 #include "lib/nodeport.h"
 #include "lib/tunnel.h"
@@ -37,20 +38,19 @@ __inline_fn int from_node_to_endpoint(struct __sk_buff *skb, struct flow *f,
 {
 	int reason;
 
-	/* A NodePort flow another node sends with direct server return:
-	 * this node rev-NATs the replies (see dsr_accept). */
-	if (!rev_nat)
-		rev_nat = dsr_accept(skb, f);
-
-	struct decision d = {.dir = dir, .verdict = CILIA_VERDICT_ALLOW, .rev_nat = rev_nat};
-
 	/* Guard: no local endpoint's address comes from another node; later
-	 * fragments follow the first. */
+	 * fragments follow the first; a DSR frontend only as a cluster
+	 * node's load balancer writes it (see dsr_accept), and then this
+	 * node rev-NATs the replies. */
 	reason = endpoint_lookup(f->saddr, f->family) ? CILIA_DROP_SPOOFED_SOURCE : 0;
 	if (!reason)
 		reason = frag_follow(f);
+	if (!reason && !rev_nat)
+		reason = dsr_accept(skb, f, &rev_nat);
 	if (reason)
 		return drop(skb, reason, dir);
+
+	struct decision d = {.dir = dir, .verdict = CILIA_VERDICT_ALLOW, .rev_nat = rev_nat};
 
 	/* Decide. */
 	struct peers p = {
@@ -76,6 +76,14 @@ __inline_fn int from_node_to_endpoint(struct __sk_buff *skb, struct flow *f,
 		/* A remote service backend's reply to a local client: the
 		 * frontend as its source, as the client addressed it. */
 		reason = lb_reverse(skb, f, d.rev_nat);
+		if (reason)
+			return drop_decided(skb, f, &p, &d, reason, dir);
+	} else if (d.ct_state == CILIA_CT_STATE_RELATED) {
+		/* An ICMP error about a remote backend's flow: quoting the
+		 * frontend the local client addressed. */
+		__u8 nodeport = 0;
+
+		reason = lb_reverse_icmp(skb, f, d.rev_nat, &nodeport);
 		if (reason)
 			return drop_decided(skb, f, &p, &d, reason, dir);
 	} else if (d.ct_flags & CILIA_CT_TO_PROXY) {
@@ -133,6 +141,8 @@ int cil_from_overlay(struct __sk_buff *skb)
 	__u8 unsnat = 0;
 
 	reason = nodeport_unsnat(skb, &f, &unsnat);
+	if (!reason && !unsnat)
+		reason = nodeport_unsnat_icmp(skb, &f, &unsnat);
 	if (reason)
 		return drop(skb, reason, dir);
 	if (unsnat)
@@ -293,6 +303,8 @@ int cil_from_netdev(struct __sk_buff *skb)
 
 	if (f.frag != FLOW_FRAG_LATER) {
 		reason = nodeport_unsnat(skb, &f, &unsnat);
+		if (!reason && !unsnat)
+			reason = nodeport_unsnat_icmp(skb, &f, &unsnat);
 		if (reason)
 			return drop(skb, reason, dir);
 		if (unsnat)

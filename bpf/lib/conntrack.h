@@ -78,9 +78,13 @@ __inline_fn int ct_live(const struct ct_value *ct, __u64 now)
  * `from_endpoint` 0, a router on the path may report about the endpoint's
  * packet, so only the quoted source is checked). And the flow must be
  * tracked in the quoted direction: the quote is its forward packet, or a
- * reply that was seen. Anything else meets policy as plain ICMP.
+ * reply that was seen. Anything else meets policy as plain ICMP. A service
+ * entry (the client's tuple to a frontend) is no flow of its own. An error
+ * about a service flow's forward packet (client -> backend, not through
+ * the L7 proxy) leaves the flow's rev-NAT id in `*rev_nat`: the error is
+ * translated back to the frontend on its way to the client (lb_icmp.h).
  */
-__inline_fn int ct_related(const struct flow *f, int from_endpoint, __u64 now)
+__inline_fn int ct_related(const struct flow *f, int from_endpoint, __u64 now, __u16 *rev_nat)
 {
 	struct ct_key rev = {};
 	struct ct_value *ct;
@@ -90,11 +94,15 @@ __inline_fn int ct_related(const struct flow *f, int from_endpoint, __u64 now)
 	if (from_endpoint && !addr_eq(f->inner.daddr, f->saddr))
 		return 0;
 	ct = bpf_map_lookup_elem(&cilia_ct, &f->inner);
-	if (ct_live(ct, now))
+	if (ct_live(ct, now) && !(ct->flags & CILIA_CT_SERVICE)) {
+		if (!(ct->flags & CILIA_CT_FROM_PROXY))
+			*rev_nat = ct->rev_nat;
 		return 1;
+	}
 	ct_key_reverse(&rev, &f->inner);
 	ct = bpf_map_lookup_elem(&cilia_ct, &rev);
-	return ct_live(ct, now) && (ct->flags & CILIA_CT_SEEN_REPLY);
+	return ct_live(ct, now) && !(ct->flags & CILIA_CT_SERVICE) &&
+	       (ct->flags & CILIA_CT_SEEN_REPLY);
 }
 
 /*
@@ -228,7 +236,7 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const 
 		d->rev_nat = ct->rev_nat;
 		return CILIA_PASS;
 	}
-	if (ct_related(f, p->egress_ep != 0, now)) {
+	if (ct_related(f, p->egress_ep != 0, now, &d->rev_nat)) {
 		d->ct_state = CILIA_CT_STATE_RELATED;
 		return CILIA_PASS;
 	}

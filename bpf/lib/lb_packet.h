@@ -187,6 +187,73 @@ __inline_fn int lb_translate(struct __sk_buff *skb, struct flow *f, struct lb_st
 	return lb_translate_to(skb, f, lb, svc, f->daddr);
 }
 
+/* The service loopback address of the family (CILIA_LB_LOOPBACK_*), 16
+ * bytes, IPv4 in the first 4. */
+__inline_fn void lb_loopback(__u8 *addr, __u8 family)
+{
+	__u32 w[4] = {};
+
+	if (family == CILIA_FAMILY_IPV6) {
+		w[0] = bpf_htonl((__u32)((__u64)CILIA_LB_LOOPBACK_IPV6_HI >> 32));
+		w[1] = bpf_htonl((__u32)CILIA_LB_LOOPBACK_IPV6_HI);
+		w[2] = bpf_htonl((__u32)((__u64)CILIA_LB_LOOPBACK_IPV6_LO >> 32));
+		w[3] = bpf_htonl((__u32)CILIA_LB_LOOPBACK_IPV6_LO);
+	} else {
+		w[0] = bpf_htonl(CILIA_LB_LOOPBACK_IPV4);
+	}
+	__builtin_memcpy(addr, w, 16);
+}
+
+__inline_fn int lb_is_loopback(const __u8 *addr, __u8 family)
+{
+	__u8 lo[16];
+
+	lb_loopback(lo, family);
+	return addr_eq(addr, lo);
+}
+
+/*
+ * Hairpin, forward (at delivery, after policy): a service packet whose
+ * backend is the client endpoint itself (source and destination are its
+ * address) gets the service loopback address as source, so that the
+ * endpoint's kernel takes it (a packet from its own address on its
+ * interface would be martian); the client's port stays, so the reply (to
+ * the loopback address, see lb_hairpin_unloop) names the flow. Conntrack
+ * and policy saw the flow endpoint -> endpoint. Returns 0 or the drop
+ * reason.
+ */
+__inline_fn int lb_hairpin(struct __sk_buff *skb, struct flow *f, __u16 rev_nat)
+{
+	__u8 lo[16];
+
+	if (!rev_nat || (f->proto != IPPROTO_TCP && f->proto != IPPROTO_UDP) ||
+	    !addr_eq(f->saddr, f->daddr))
+		return 0;
+	lb_loopback(lo, f->family);
+	return nat_rewrite(skb, f, 0, lo, f->sport);
+}
+
+/*
+ * Hairpin, reply (before the destination lookup): the endpoint's answer to
+ * the service loopback address is addressed back to the endpoint itself
+ * (its own address, the packet's source; the port says which socket), so
+ * conntrack finds the flow it answers (endpoint -> endpoint) and the reply
+ * gets the frontend as source like any other. Anything else sent to the
+ * loopback address becomes the endpoint's traffic to itself, which policy
+ * judges and its kernel drops. Returns 0 or the drop reason.
+ */
+__inline_fn int lb_hairpin_unloop(struct __sk_buff *skb, struct flow *f)
+{
+	__u8 self[16];
+
+	if (f->proto != IPPROTO_TCP && f->proto != IPPROTO_UDP)
+		return 0;
+	if (!lb_is_loopback(f->daddr, f->family))
+		return 0;
+	__builtin_memcpy(self, f->saddr, 16);
+	return nat_rewrite(skb, f, 1, self, f->dport);
+}
+
 /*
  * A reply of a flow to a service backend (its forward entry has
  * `rev_nat`): the source becomes the frontend the client addressed, so the

@@ -413,30 +413,104 @@ __inline_fn int dsr_decode(struct __sk_buff *skb, const struct flow *f, __u8 *ad
 	return 1;
 }
 
+/* Slots of a DSR service whose backends dsr_accept compares the packet's
+ * destination with (a forged option costs at most this many lookups). */
+#define DSR_BACKEND_SCAN_MAX 256
+
+/* bpf_loop state of dsr_is_backend: the slot key (its slot set per
+ * iteration) and the destination looked for. */
+struct dsr_scan {
+	struct lb_service_key key;
+	__u8 addr[16];
+	__be16 port;
+	__u8 family;
+	__u8 found;
+};
+
+static long dsr_scan_slot(__u32 i, void *ctx)
+{
+	struct dsr_scan *s = ctx;
+	struct lb_service_value *v;
+	struct lb_backend *b;
+
+	s->key.slot = (__u16)(i + 1);
+	v = bpf_map_lookup_elem(&cilia_lb_services, &s->key);
+	if (!v)
+		return 0;
+	b = lb_backend_lookup(v->backend_id);
+	if (b && b->family == s->family && b->port == s->port && addr_eq(b->addr, s->addr)) {
+		s->found = 1;
+		return 1;
+	}
+	return 0;
+}
+
+/*
+ * Whether the packet's destination (address and port) is a backend in the
+ * slots of the service `svc` (its key: `port`, the packet's protocol and
+ * family, the unspecified address). A service of more than
+ * DSR_BACKEND_SCAN_MAX slots is searched in its first ones only and
+ * otherwise admitted: the bound keeps a forged option cheap (see "DSR
+ * validation" in docs/SERVICES.md).
+ */
+__inline_fn int dsr_is_backend(const struct flow *f, const struct lb_service_value *svc,
+			       __be16 port)
+{
+	struct dsr_scan s = {
+	    .key = {.port = port, .proto = f->proto, .family = f->family, .gen = svc->gen},
+	    .port = f->dport,
+	    .family = f->family,
+	};
+	__u32 n = svc->count;
+
+	__builtin_memcpy(s.addr, f->daddr, 16);
+	if (n > DSR_BACKEND_SCAN_MAX)
+		n = DSR_BACKEND_SCAN_MAX;
+	if (bpf_loop(n, dsr_scan_slot, &s, 0) < 0)
+		return 0;
+	return s.found || svc->count > DSR_BACKEND_SCAN_MAX;
+}
+
 /*
  * On the backend's node: a packet from another node carrying a DSR
  * frontend of one of this node's NodePort services starts a flow whose
  * replies the backend's node translates itself (the frontend as source, a
- * REVNAT entry) and sends straight to the client. Returns the service's
- * rev-NAT id for the flow's conntrack entry, 0 for any other packet.
+ * REVNAT entry) and sends straight to the client. In native routing nothing
+ * authenticates who wrote the option (it comes with the client's address),
+ * so it is believed only when it names what a cluster node's load balancer
+ * writes: an address of a cluster node (ipcache identity host or
+ * remote-node), the port of a NodePort service in DSR mode here, and the
+ * packet going to one of that service's backends. Anything else would make
+ * this node send the backend's replies from an address of the sender's
+ * choosing: dropped, CILIA_DROP_DSR_FORGED. Returns 0 (`*rev_nat` the
+ * service's rev-NAT id for the flow's conntrack entry, 0 for a packet
+ * without the option) or the drop reason.
  */
-__inline_fn __u16 dsr_accept(struct __sk_buff *skb, const struct flow *f)
+__inline_fn int dsr_accept(struct __sk_buff *skb, const struct flow *f, __u16 *rev_nat)
 {
+	const __u8 dsr_nodeport = CILIA_LB_FLAG_NODEPORT | CILIA_LB_FLAG_DSR;
 	struct lb_service_value *svc;
 	__u8 any[16] = {};
 	struct lb_state lb = {};
+	__u32 node;
 
+	*rev_nat = 0;
 	if (f->proto != IPPROTO_TCP && f->proto != IPPROTO_UDP)
 		return 0;
 	if (!dsr_decode(skb, f, lb.frontend, &lb.fport))
 		return 0;
+	node = ipcache_identity(lb.frontend, f->family);
+	if (node != CILIA_ID_HOST && node != CILIA_ID_REMOTE_NODE)
+		return CILIA_DROP_DSR_FORGED;
 	svc = lb_service_lookup(any, lb.fport, f->proto, f->family);
-	if (!svc || !(svc->flags & CILIA_LB_FLAG_NODEPORT))
-		return 0;
+	if (!svc || (svc->flags & dsr_nodeport) != dsr_nodeport ||
+	    !dsr_is_backend(f, svc, lb.fport))
+		return CILIA_DROP_DSR_FORGED;
 	lb.rev_nat = svc->rev_nat;
 	if (nodeport_remember_frontend(f, &lb, bpf_ktime_get_ns()))
-		return 0;
-	return lb.rev_nat;
+		return CILIA_DROP_CT_FULL;
+	*rev_nat = lb.rev_nat;
+	return 0;
 }
 
 #endif

@@ -90,6 +90,7 @@ struct endpoint_info {
 #define CILIA_DROP_NO_BACKEND	     149 /* service frontend without an active backend */
 #define CILIA_DROP_LB_FRAGMENT	     150 /* fragmented datagram to a service frontend */
 #define CILIA_DROP_TUNNEL_PORT	     151 /* endpoint UDP to a node's overlay port (VNI forgery) */
+#define CILIA_DROP_DSR_FORGED	     152 /* DSR option no cluster node's load balancer wrote */
 #define CILIA_DROP_UNCONFIGURED	     156 /* generic endpoint program on a device with no config */
 
 /* Direction of a counted packet. */
@@ -354,6 +355,19 @@ struct lb_service_value {
 	__u8 pad;
 	__u32 affinity_timeout; /* master, CILIA_LB_FLAG_AFFINITY: seconds */
 };
+
+/*
+ * Hairpin: a client endpoint's flow to a service whose chosen backend is
+ * the endpoint itself comes back to it from the service loopback address
+ * of its family (never its own: its kernel would drop a packet from its
+ * own address arriving on its interface as martian), with the client's
+ * port; the backend's replies to it are translated back. Reserved: no
+ * endpoint or node may use these. IPv4 169.254.42.1 (link-local); IPv6
+ * fdc1:1a5b::1 (a ULA, RFC 4193), in two 64-bit halves.
+ */
+#define CILIA_LB_LOOPBACK_IPV4	  0xa9fe2a01
+#define CILIA_LB_LOOPBACK_IPV6_HI 0xfdc11a5b00000000
+#define CILIA_LB_LOOPBACK_IPV6_LO 0x1
 
 /* Backend states (lb_backend.state). Only active backends are in slots;
  * the others stay in the backends map so pinned flows finish. */

@@ -72,6 +72,10 @@ pub const TYPE_RULES: &[(Pattern, &str)] = &[
     (Pattern::Exact("CILIA_LB_MAGLEV_SIZE_DEFAULT"), "u32"),
     // Socket LB: `lb_sock_key.kind` (byte).
     (Pattern::Prefix("CILIA_LB_SOCK_"), "u8"),
+    // Hairpin: the service loopback addresses (IPv4 as a host-order u32,
+    // IPv6 as two host-order u64 halves).
+    (Pattern::Exact("CILIA_LB_LOOPBACK_IPV4"), "u32"),
+    (Pattern::Prefix("CILIA_LB_LOOPBACK_IPV6_"), "u64"),
     // NodePort: the SNAT port range (host order), `lb_nat_key.dir`.
     (Pattern::Prefix("CILIA_LB_SNAT_PORT_"), "u16"),
     (Pattern::Prefix("CILIA_NAT_"), "u8"),

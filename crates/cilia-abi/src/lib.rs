@@ -44,7 +44,8 @@ pub mod rows;
 pub use rows::{
     lb_other_generation, CtEntry, Direction, EndpointEntry, EndpointPolicy, Enforcement,
     IpcacheEntry, LbAlgorithm, LbBackend, LbBackendState, LbFrontend, LbMaster, LbService,
-    MetricKind, MetricsEntry, NodeConfig, PolicyDelta, PolicyEntry, TunnelMode, Verdict,
+    LbServiceFlags, MetricKind, MetricsEntry, NodeConfig, PolicyDelta, PolicyEntry, TunnelMode,
+    Verdict,
 };
 
 /// Human name of a forward or drop reason, as printed by the CLI and metrics.
@@ -81,6 +82,7 @@ pub fn reason_name(kind: u8, reason: u8) -> &'static str {
         (CILIA_METRIC_DROP, CILIA_DROP_LB_FRAGMENT) => "Fragment to a service frontend",
         (CILIA_METRIC_DROP, CILIA_DROP_TUNNEL_PORT) => "Endpoint UDP to a node's tunnel port",
         (CILIA_METRIC_DROP, CILIA_DROP_UNCONFIGURED) => "Endpoint device not configured",
+        (CILIA_METRIC_DROP, CILIA_DROP_DSR_FORGED) => "Forged DSR frontend",
         _ => "unknown",
     }
 }

@@ -812,6 +812,58 @@ pub struct LbService {
     /// `Maglev`: the lookup table (backend id per entry, the configured
     /// table size long); `None` otherwise.
     pub maglev: Option<Vec<u32>>,
+    /// NodePort services only (an unspecified frontend address): how
+    /// external traffic is served. Read back from the master entry.
+    pub flags: LbServiceFlags,
+}
+
+/// What a NodePort service does with external traffic, as its master
+/// entry's `CILIA_LB_FLAG_*` bits say (affinity is
+/// [`LbService::affinity_timeout`]; NodePort itself is the unspecified
+/// frontend address).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct LbServiceFlags {
+    /// externalTrafficPolicy=Local (`CILIA_LB_FLAG_LOCAL`).
+    pub local: bool,
+    /// Direct server return to remote backends (`CILIA_LB_FLAG_DSR`).
+    pub dsr: bool,
+}
+
+impl LbServiceFlags {
+    /// The `CILIA_LB_FLAG_*` bits.
+    pub fn bits(self) -> u8 {
+        (if self.local { CILIA_LB_FLAG_LOCAL } else { 0 })
+            | if self.dsr { CILIA_LB_FLAG_DSR } else { 0 }
+    }
+
+    /// The flags of a master entry's bits (the others ignored).
+    pub fn from_bits(bits: u8) -> Self {
+        Self {
+            local: bits & CILIA_LB_FLAG_LOCAL != 0,
+            dsr: bits & CILIA_LB_FLAG_DSR != 0,
+        }
+    }
+}
+
+impl LbService {
+    /// A NodePort service: its frontend stands for every node address.
+    pub fn is_nodeport(&self) -> bool {
+        self.frontend.addr.is_unspecified()
+    }
+
+    /// The service's flags as names, for humans and JSON: `nodeport`,
+    /// `local`, `dsr`, `affinity`.
+    pub fn flag_names(&self) -> Vec<&'static str> {
+        [
+            (self.is_nodeport(), "nodeport"),
+            (self.flags.local, "local"),
+            (self.flags.dsr, "dsr"),
+            (self.affinity_timeout.is_some(), "affinity"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect()
+    }
 }
 
 impl LbAlgorithm {
@@ -965,6 +1017,7 @@ pub struct LbMaster {
     pub gen: u8,
     /// Slots 1..=count of `gen` hold the active backends.
     pub count: u16,
+    pub flags: LbServiceFlags,
 }
 
 impl LbMaster {
@@ -982,6 +1035,7 @@ impl LbMaster {
                 .then_some(value.affinity_timeout),
             gen: value.gen,
             count: value.count,
+            flags: LbServiceFlags::from_bits(value.flags),
         })
     }
 }
@@ -1006,7 +1060,7 @@ impl LbService {
                 CILIA_LB_FLAG_NODEPORT
             } else {
                 0
-            },
+            } | self.flags.bits(),
             pad: 0,
             affinity_timeout: self.affinity_timeout.unwrap_or(0),
         }
@@ -1040,6 +1094,7 @@ impl LbService {
             affinity_timeout: master.affinity_timeout,
             slots,
             maglev,
+            flags: master.flags,
         }
     }
 }
@@ -1476,6 +1531,7 @@ mod tests {
                 affinity_timeout: Some(10_800),
                 slots: vec![7, 9, 70_000],
                 maglev: None,
+                flags: Default::default(),
             }
         }
 

@@ -74,6 +74,21 @@ fn world_reaches(world: &cilia_testnet::Netns, to: SocketAddr, within: Duration)
     })
 }
 
+/// The flags node 1's kernel holds for the NodePort service of `family`
+/// (`cilia bpf lb list -o json`).
+fn kernel_flags(cluster: &Cluster, family: &str) -> Vec<String> {
+    let id = if family == "ipv6" { 36 } else { 34 };
+    let lb = cluster.agent(1).cli_json(&["bpf", "lb", "list"]);
+    let service = lb["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("service {id} in {lb}"))
+        .clone();
+    serde_json::from_value(service["flags"].clone()).unwrap()
+}
+
 fn scenario(args: &[&str]) {
     let cluster = two_nodes(args);
     let backend = cluster.pod(2, "app=web");
@@ -99,12 +114,25 @@ fn scenario(args: &[&str]) {
                 cluster.agent(n).log_text()
             );
         }
+        let mode = if args.contains(&"dsr") { "dsr" } else { "snat" };
+        let mut expected = vec!["nodeport"];
+        if mode == "dsr" {
+            expected.push("dsr");
+        }
+        assert_eq!(kernel_flags(&cluster, family), expected, "{family} {mode}");
         // externalTrafficPolicy=Local: only node 2 (the backend's) serves.
         nodeport_service(
             &cluster,
             family,
             backend_addr,
             &["--external-traffic-policy", "local"],
+        );
+        expected.insert(1, "local");
+        assert_eq!(kernel_flags(&cluster, family), expected, "{family} {mode}");
+        let table = cluster.agent(1).cli_ok(&["bpf", "lb", "list"]);
+        assert!(
+            table.contains("FLAGS") && table.contains(&expected.join(",")),
+            "{family} {mode}: the human table shows the flags:\n{table}"
         );
         let on_2 = SocketAddr::new(node_addr(2, family), NODE_PORT);
         assert!(

@@ -635,3 +635,39 @@ fn kernel_view(agent: &TestAgent) -> serde_json::Value {
     }
     lb
 }
+
+/// The client is the service's only backend (its own server on both
+/// families): a connection to the VIP comes back to it, and the client
+/// sees the VIP as its peer.
+fn hairpin_scenario(net: &Net, balancer: &str) {
+    let addrs = [ip_of(&net.client_ep, "ipv6"), ip_of(&net.client_ep, "ipv4")];
+    let _me = Backend::start(&net.client, "self", &addrs);
+    for (family, port) in [("ipv6", 90), ("ipv4", 91)] {
+        let own = SocketAddr::new(ip_of(&net.client_ep, family), BACKEND_PORT).to_string();
+        net.update(&[
+            "--frontend",
+            &frontend(family, port, "tcp"),
+            "--backends",
+            &own,
+        ]);
+        let mut conn = connect(&net.client, vip(family, port));
+        assert_eq!(conn.backend, "self", "{balancer} {family}");
+        assert_eq!(
+            conn.echo("hairpin").unwrap(),
+            "hairpin",
+            "{balancer} {family}"
+        );
+    }
+}
+
+#[test]
+fn a_client_that_is_its_own_backend_reaches_itself_through_the_per_packet_load_balancer() {
+    privileged!("hairpin_per_packet");
+    hairpin_scenario(&net_per_packet(), "per-packet");
+}
+
+#[test]
+fn a_client_that_is_its_own_backend_reaches_itself_through_the_socket_load_balancer() {
+    privileged!("hairpin_socket");
+    hairpin_scenario(&net(), "socket");
+}

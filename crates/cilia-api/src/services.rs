@@ -98,6 +98,12 @@ pub struct BpfLbService {
     pub slots: Vec<u32>,
     /// Maglev services: how many table entries each backend holds.
     pub maglev: Option<Vec<BpfLbMaglevShare>>,
+    /// What the service is beyond a frontend: `nodeport` (the frontend
+    /// stands for every node address), `local` (externalTrafficPolicy
+    /// Local), `dsr` (direct server return), `affinity`. Empty for a plain
+    /// ClusterIP-style service.
+    #[serde(default)]
+    pub flags: Vec<String>,
 }
 
 /// A backend's share of a Maglev table.

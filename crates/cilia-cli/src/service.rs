@@ -230,7 +230,15 @@ pub fn print_bpf_lb(output: Output, lb: &BpfLb) -> anyhow::Result<()> {
     outln!("Maglev table size: {}", lb.maglev_table_size);
     outln!("");
     print_table(
-        &["ID", "FRONTEND", "ALGORITHM", "AFFINITY", "SLOTS", "MAGLEV"],
+        &[
+            "ID",
+            "FRONTEND",
+            "FLAGS",
+            "ALGORITHM",
+            "AFFINITY",
+            "SLOTS",
+            "MAGLEV",
+        ],
         lb.services
             .iter()
             .map(|s| {
@@ -249,7 +257,20 @@ pub fn print_bpf_lb(output: Output, lb: &BpfLb) -> anyhow::Result<()> {
                 let affinity = s
                     .affinity_timeout
                     .map_or("-".to_string(), |t| format!("{t}s"));
-                cells(&[&s.id, &s.frontend, &s.algorithm, &affinity, &slots, &maglev])
+                let flags = if s.flags.is_empty() {
+                    "-".to_string()
+                } else {
+                    s.flags.join(",")
+                };
+                cells(&[
+                    &s.id,
+                    &s.frontend,
+                    &flags,
+                    &s.algorithm,
+                    &affinity,
+                    &slots,
+                    &maglev,
+                ])
             })
             .collect(),
     );

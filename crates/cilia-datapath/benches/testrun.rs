@@ -229,6 +229,7 @@ fn main() {
             affinity_timeout: None,
             slots: vec![id],
             maglev: None,
+            flags: Default::default(),
         })
         .unwrap();
     }

@@ -970,11 +970,11 @@ impl Datapath for FakeDatapath {
     fn upsert_nodeport_service(
         &self,
         service: &cilia_abi::LbService,
-        _options: crate::NodePortOptions,
+        options: crate::NodePortOptions,
     ) -> Result<(), DatapathError> {
         // The fake keeps services as the LB methods do; the traffic
-        // policy and mode matter only to packets.
-        self.upsert_lb_service(service)
+        // policy and mode are the master's flags.
+        self.upsert_lb_service(&options.apply(service))
     }
     fn metrics(&self) -> Result<Vec<MetricsEntry>, DatapathError> {
         self.enter("metrics")?;
@@ -1230,6 +1230,7 @@ mod tests {
             affinity_timeout: None,
             slots,
             maglev: None,
+            flags: Default::default(),
         }
     }
 

@@ -22,8 +22,8 @@ use std::sync::Mutex;
 use aya::maps::{Array, HashMap, HashOfMaps, Map, MapData, PerCpuArray};
 use cilia_abi::{
     lb_other_generation, GlobalConfig, LbBackend, LbBackendValue, LbFrontend, LbMaster,
-    LbRevNatValue, LbService, LbServiceKey, LbServiceValue, LbStats, CILIA_LB_MAGLEV_SIZE_DEFAULT,
-    CILIA_LB_SLOTS_MAX,
+    LbRevNatValue, LbService, LbServiceFlags, LbServiceKey, LbServiceValue, LbStats,
+    CILIA_LB_MAGLEV_SIZE_DEFAULT, CILIA_LB_SLOTS_MAX,
 };
 
 use crate::endpoint::{is_not_found, lock, BpfDatapath};
@@ -191,6 +191,12 @@ impl BpfDatapath {
         if !matches!(service.frontend.proto, IPPROTO_TCP | IPPROTO_UDP) {
             return Err(invalid(name, "protocol must be TCP or UDP"));
         }
+        if service.flags != LbServiceFlags::default() && !service.is_nodeport() {
+            return Err(invalid(
+                name,
+                "externalTrafficPolicy=Local and DSR are for NodePort services only",
+            ));
+        }
         if service.slots.len() > CILIA_LB_SLOTS_MAX as usize {
             return Err(invalid(
                 name,
@@ -293,16 +299,6 @@ impl BpfDatapath {
     /// Adds or replaces a service (by frontend), atomically for packets
     /// (see the module's invariant).
     pub fn upsert_lb_service(&self, service: &LbService) -> Result<(), DatapathError> {
-        self.upsert_lb_service_flagged(service, 0)
-    }
-
-    /// [`Self::upsert_lb_service`] with `extra_flags` (`CILIA_LB_FLAG_*`)
-    /// added to the master entry's.
-    pub(crate) fn upsert_lb_service_flagged(
-        &self,
-        service: &LbService,
-        extra_flags: u8,
-    ) -> Result<(), DatapathError> {
         self.check_service(service)?;
         let _writing = lock(&self.lb.writer);
         let frontend = &service.frontend;
@@ -320,9 +316,7 @@ impl BpfDatapath {
                 map.insert(k, v, 0)
                     .map_err(|e| DatapathError::map(MAP_LB_SERVICES, e))?;
             }
-            let mut master = service.master_value(gen);
-            master.flags |= extra_flags;
-            map.insert(frontend.master_key(), master, 0)
+            map.insert(frontend.master_key(), service.master_value(gen), 0)
                 .map_err(|e| DatapathError::map(MAP_LB_SERVICES, e))?;
         }
         if let Some(old) = old {

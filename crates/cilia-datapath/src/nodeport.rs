@@ -12,7 +12,7 @@
 //! The NAT map is written by the datapath only; the agent reads it.
 
 use aya::maps::{HashMap, Map, MapData, MapError};
-use cilia_abi::{LbNatKey, LbNatValue, LbService, CILIA_LB_FLAG_DSR, CILIA_LB_FLAG_LOCAL};
+use cilia_abi::{LbNatKey, LbNatValue, LbService, LbServiceFlags};
 
 use crate::endpoint::BpfDatapath;
 use crate::error::DatapathError;
@@ -34,11 +34,24 @@ pub struct NodePortOptions {
 impl NodePortOptions {
     /// The master entry's `CILIA_LB_FLAG_*` bits these options add.
     pub fn flags(self) -> u8 {
-        (if self.external_local {
-            CILIA_LB_FLAG_LOCAL
-        } else {
-            0
-        }) | if self.dsr { CILIA_LB_FLAG_DSR } else { 0 }
+        self.service_flags().bits()
+    }
+
+    /// The options as the service's flags.
+    pub fn service_flags(self) -> LbServiceFlags {
+        LbServiceFlags {
+            local: self.external_local,
+            dsr: self.dsr,
+        }
+    }
+
+    /// `service` with these options as its flags (what
+    /// `upsert_nodeport_service` writes).
+    pub fn apply(self, service: &LbService) -> LbService {
+        LbService {
+            flags: self.service_flags(),
+            ..service.clone()
+        }
     }
 }
 
@@ -62,7 +75,7 @@ impl BpfDatapath {
                 ),
             });
         }
-        self.upsert_lb_service_flagged(service, options.flags())
+        self.upsert_lb_service(&options.apply(service))
     }
 
     /// The NodePort translations the datapath holds (`cilia_lb_nat`).

@@ -8,7 +8,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use cilia_abi::{
     EndpointConfig, EndpointInfo, LbAlgorithm, LbBackend, LbBackendState, LbFrontend, LbService,
-    CILIA_DROP_LB_FRAGMENT, CILIA_DROP_NO_BACKEND,
+    CILIA_DROP_LB_FRAGMENT, CILIA_DROP_NO_BACKEND, CILIA_LB_LOOPBACK_IPV4,
+    CILIA_LB_LOOPBACK_IPV6_HI, CILIA_LB_LOOPBACK_IPV6_LO,
 };
 use cilia_datapath::packet::*;
 use cilia_datapath::testrun::{TestProgram, TC_ACT_REDIRECT, TC_ACT_SHOT};
@@ -16,6 +17,8 @@ use cilia_datapath::BpfDatapath;
 use cilia_testnet::BpfRoot;
 
 mod common;
+use common::icmp::{icmp_error, read_icmp_error, IcmpError};
+use common::l4::{l4_packet, parse, tcp_packet, udp_packet};
 use common::*;
 
 const C_MAC: Mac = [0x0a, 0, 0, 0, 0, 0xc1];
@@ -108,6 +111,7 @@ impl Fixture {
             affinity_timeout: None,
             slots,
             maglev: None,
+            flags: Default::default(),
         };
         self.dp.upsert_lb_service(&svc).unwrap();
         svc
@@ -120,95 +124,6 @@ fn backend(id: u32, ip: IpAddr) -> LbBackend {
         addr: SocketAddr::new(ip, BACKEND_PORT),
         state: LbBackendState::Active,
     }
-}
-
-/// A TCP segment with a valid checksum (`flags`: 0x02 SYN, 0x12 SYN-ACK).
-fn tcp_packet(src: SocketAddr, dst: SocketAddr, flags: u8, from: (Mac, Mac)) -> Vec<u8> {
-    l4_packet(src, dst, IPPROTO_TCP, flags, from)
-}
-
-fn udp_packet(src: SocketAddr, dst: SocketAddr, from: (Mac, Mac)) -> Vec<u8> {
-    l4_packet(src, dst, IPPROTO_UDP, 0, from)
-}
-
-fn l4_packet(src: SocketAddr, dst: SocketAddr, proto: u8, flags: u8, from: (Mac, Mac)) -> Vec<u8> {
-    let mut l4 = if proto == IPPROTO_TCP {
-        let mut t = vec![0u8; 20];
-        t[0..2].copy_from_slice(&src.port().to_be_bytes());
-        t[2..4].copy_from_slice(&dst.port().to_be_bytes());
-        t[4..8].copy_from_slice(&0x0102_0304u32.to_be_bytes());
-        t[12] = 0x50;
-        t[13] = flags;
-        t[14..16].copy_from_slice(&64240u16.to_be_bytes());
-        t.extend_from_slice(b"hello, service");
-        t
-    } else {
-        udp(src.port(), dst.port(), b"hello, service")
-    };
-    let off = if proto == IPPROTO_TCP { 16 } else { 6 };
-    let sum = l4_checksum(src.ip(), dst.ip(), proto, &l4);
-    l4[off..off + 2].copy_from_slice(&sum.to_be_bytes());
-    let (dst_mac, src_mac) = (from.1, from.0);
-    match (src.ip(), dst.ip()) {
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            eth(dst_mac, src_mac, ETH_P_IPV6, &ipv6(s, d, proto, 64, &l4))
-        }
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            eth(dst_mac, src_mac, ETH_P_IP, &ipv4(s, d, proto, 64, &l4))
-        }
-        _ => unreachable!("one family"),
-    }
-}
-
-/// The L4 checksum over the pseudo-header and `l4` (its checksum field
-/// included: 0 when the segment is valid).
-fn l4_checksum(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> u16 {
-    let mut buf = Vec::new();
-    match (src, dst) {
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            buf.extend_from_slice(&s.octets());
-            buf.extend_from_slice(&d.octets());
-            buf.extend_from_slice(&(l4.len() as u32).to_be_bytes());
-            buf.extend_from_slice(&[0, 0, 0, proto]);
-        }
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            buf.extend_from_slice(&s.octets());
-            buf.extend_from_slice(&d.octets());
-            buf.extend_from_slice(&[0, proto]);
-            buf.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-        }
-        _ => unreachable!("one family"),
-    }
-    buf.extend_from_slice(l4);
-    checksum(&buf)
-}
-
-/// Source, destination, and whether every checksum of the packet is valid.
-fn parse(pkt: &[u8]) -> (SocketAddr, SocketAddr, bool) {
-    let ethertype = u16::from_be_bytes([pkt[12], pkt[13]]);
-    let (src, dst, proto, l4, ip_ok) = if ethertype == ETH_P_IPV6 {
-        let s: [u8; 16] = pkt[22..38].try_into().unwrap();
-        let d: [u8; 16] = pkt[38..54].try_into().unwrap();
-        (IpAddr::from(s), IpAddr::from(d), pkt[20], &pkt[54..], true)
-    } else {
-        let s: [u8; 4] = pkt[26..30].try_into().unwrap();
-        let d: [u8; 4] = pkt[30..34].try_into().unwrap();
-        (
-            IpAddr::from(s),
-            IpAddr::from(d),
-            pkt[23],
-            &pkt[34..],
-            checksum(&pkt[14..34]) == 0,
-        )
-    };
-    let sport = u16::from_be_bytes([l4[0], l4[1]]);
-    let dport = u16::from_be_bytes([l4[2], l4[3]]);
-    let l4_ok = l4_checksum(src, dst, proto, l4) == 0;
-    (
-        SocketAddr::new(src, sport),
-        SocketAddr::new(dst, dport),
-        ip_ok && l4_ok,
-    )
 }
 
 fn client(v6: bool, port: u16) -> SocketAddr {
@@ -300,10 +215,14 @@ fn service_counts_flows_on_selection_and_every_translated_packet() {
     assert_eq!(fx.dp.lb_stats(7).unwrap().packets, 0, "removal zeroes");
 }
 
-#[test]
-fn reply_from_the_stack_to_the_client_gets_the_frontend_as_source() {
-    privileged!("lb_revnat_to_container");
-    let fx = Fixture::new();
+/// A flow of client A (port `port`, IPv6) to the frontend whose backend
+/// [2001:db8::7]:8080 is reached through the node's stack. Returns A's
+/// to-container program, the backend, and the packet as A's program sent
+/// it on (to the backend).
+fn flow_to_a_backend_behind_the_stack(
+    fx: &Fixture,
+    port: u16,
+) -> (TestProgram, SocketAddr, Vec<u8>) {
     let a = fx.program(1);
     let world: SocketAddr = "[2001:db8::7]:8080".parse().unwrap();
     fx.dp
@@ -316,7 +235,7 @@ fn reply_from_the_stack_to_the_client_gets_the_frontend_as_source() {
     let mut svc = fx.service(true, IPPROTO_TCP, vec![]);
     svc.slots = vec![20];
     fx.dp.upsert_lb_service(&svc).unwrap();
-    let syn = tcp_packet(client(true, 40011), frontend(true), 0x02, A_FROM);
+    let syn = tcp_packet(client(true, port), frontend(true), 0x02, A_FROM);
     let out = a.run(&syn).unwrap();
     assert_eq!(
         out.verdict,
@@ -338,6 +257,14 @@ fn reply_from_the_stack_to_the_client_gets_the_frontend_as_source() {
             monitor: 1,
         })
         .unwrap();
+    (to_a, world, out.packet)
+}
+
+#[test]
+fn reply_from_the_stack_to_the_client_gets_the_frontend_as_source() {
+    privileged!("lb_revnat_to_container");
+    let fx = Fixture::new();
+    let (to_a, world, _) = flow_to_a_backend_behind_the_stack(&fx, 40011);
     let reply = tcp_packet(world, client(true, 40011), 0x12, (A_NODE_MAC, A_MAC));
     let out = to_a.run(&reply).unwrap();
     assert_eq!(out.verdict, cilia_datapath::testrun::TC_ACT_OK);
@@ -345,6 +272,68 @@ fn reply_from_the_stack_to_the_client_gets_the_frontend_as_source() {
     assert_eq!(src, frontend(true));
     assert_eq!(dst, client(true, 40011));
     assert!(ok, "checksums valid");
+}
+
+#[test]
+fn icmp_error_of_the_backend_quotes_the_frontend_and_comes_from_it() {
+    privileged!("lb_icmp_error_of_backend");
+    let fx = Fixture::new();
+    let (a, b) = (fx.program(1), fx.program(2));
+    for v6 in [true, false] {
+        for (proto, kind) in [
+            (IPPROTO_UDP, IcmpError::PortUnreachable),
+            (IPPROTO_TCP, IcmpError::TooBig(1280)),
+        ] {
+            fx.service(v6, proto, vec![10]);
+            let sent = l4_packet(client(v6, 40020), frontend(v6), proto, 0x02, A_FROM);
+            let at_b = a.run(&sent).unwrap();
+            assert_eq!(at_b.verdict, TC_ACT_REDIRECT);
+            // B's stack answers the packet it got: to the backend.
+            let err = icmp_error(
+                backend_addr(v6, true).ip(),
+                client(v6, 0).ip(),
+                kind,
+                &at_b.packet[14..],
+                B_FROM,
+            );
+            let out = b.run(&err).unwrap();
+            let what = format!("v6 {v6} {kind:?}");
+            assert_eq!(out.verdict, TC_ACT_REDIRECT, "{what}");
+            assert_eq!(&out.packet[0..6], &A_MAC, "{what}: delivered to the client");
+            let seen = read_icmp_error(&out.packet);
+            assert_eq!(seen.src, frontend(v6).ip(), "{what}: from the frontend");
+            assert_eq!(seen.dst, client(v6, 0).ip(), "{what}");
+            assert_eq!(seen.quoted_src, client(v6, 40020), "{what}");
+            assert_eq!(
+                seen.quoted_dst,
+                frontend(v6),
+                "{what}: quoting what the client sent"
+            );
+            assert!(seen.checksums_ok(), "{what}: {seen:?}");
+        }
+    }
+}
+
+#[test]
+fn icmp_error_of_a_router_on_the_path_keeps_its_source_and_quotes_the_frontend() {
+    privileged!("lb_icmp_error_of_router");
+    let fx = Fixture::new();
+    let (to_a, _, sent) = flow_to_a_backend_behind_the_stack(&fx, 40021);
+    let router: IpAddr = "2001:db8::1".parse().unwrap();
+    let err = icmp_error(
+        router,
+        IpAddr::V6(a6()),
+        IcmpError::TimeExceeded,
+        &sent[14..],
+        (A_NODE_MAC, A_MAC),
+    );
+    let out = to_a.run(&err).unwrap();
+    assert_eq!(out.verdict, cilia_datapath::testrun::TC_ACT_OK);
+    let seen = read_icmp_error(&out.packet);
+    assert_eq!(seen.src, router, "the router's own address stays");
+    assert_eq!(seen.quoted_src, client(true, 40021));
+    assert_eq!(seen.quoted_dst, frontend(true));
+    assert!(seen.checksums_ok(), "{seen:?}");
 }
 
 #[test]
@@ -531,6 +520,62 @@ fn flow_pinned_to_a_deleted_backend_is_selected_anew() {
         .expect("service entry");
     assert_eq!(pin.1.backend_id, 11, "the pin follows the new backend");
     assert_eq!(pin.1.rev_nat, 7);
+}
+
+/// The service loopback address of the family (CILIA_LB_LOOPBACK_*).
+fn loopback(v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::from(
+            u128::from(CILIA_LB_LOOPBACK_IPV6_HI) << 64 | u128::from(CILIA_LB_LOOPBACK_IPV6_LO),
+        ))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(CILIA_LB_LOOPBACK_IPV4))
+    }
+}
+
+/// The frontend's only backend is client A itself (backend 12, port 8080).
+fn hairpin_service(fx: &Fixture, v6: bool, proto: u8) {
+    fx.dp
+        .upsert_lb_backends(&[backend(12, client(v6, 0).ip())])
+        .unwrap();
+    let mut svc = fx.service(v6, proto, vec![]);
+    svc.slots = vec![12];
+    fx.dp.upsert_lb_service(&svc).unwrap();
+}
+
+#[test]
+fn hairpin_flow_comes_back_from_the_service_loopback_and_its_reply_from_the_frontend() {
+    privileged!("lb_hairpin");
+    let fx = Fixture::new();
+    let a = fx.program(1);
+    for v6 in [true, false] {
+        for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+            hairpin_service(&fx, v6, proto);
+            let what = format!("v6 {v6} proto {proto}");
+            let own = SocketAddr::new(client(v6, 0).ip(), BACKEND_PORT);
+            let sent = l4_packet(client(v6, 40030), frontend(v6), proto, 0x02, A_FROM);
+            let out = a.run(&sent).unwrap();
+            assert_eq!(out.verdict, TC_ACT_REDIRECT, "{what}");
+            assert_eq!(&out.packet[0..6], &A_MAC, "{what}: back into A");
+            let (src, dst, ok) = parse(&out.packet);
+            assert_eq!(
+                src,
+                SocketAddr::new(loopback(v6), 40030),
+                "{what}: from the service loopback, the client's port kept"
+            );
+            assert_eq!(dst, own, "{what}: to the backend, A itself");
+            assert!(ok, "{what}: checksums valid");
+
+            let reply = l4_packet(own, src, proto, 0x12, A_FROM);
+            let out = a.run(&reply).unwrap();
+            assert_eq!(out.verdict, TC_ACT_REDIRECT, "{what}: reply");
+            assert_eq!(&out.packet[0..6], &A_MAC, "{what}: reply into A");
+            let (src, dst, ok) = parse(&out.packet);
+            assert_eq!(src, frontend(v6), "{what}: the client sees the frontend");
+            assert_eq!(dst, client(v6, 40030), "{what}");
+            assert!(ok, "{what}: checksums valid");
+        }
+    }
 }
 
 #[test]
@@ -760,6 +805,7 @@ impl Topology {
             affinity_timeout: None,
             slots: backends.iter().map(|b| b.id).collect(),
             maglev: None,
+            flags: Default::default(),
         };
         configure(&mut svc);
         self.dp.upsert_lb_service(&svc).unwrap();
@@ -950,4 +996,69 @@ fn policy_applies_to_the_backend_identity() {
     assert_eq!(counts[2], 0, "the denied backend got nothing: {counts:?}");
     assert!(ok > 0 && refused > 0, "ok {ok}, refused {refused}");
     assert!(drops(&t.dp, cilia_abi::CILIA_DROP_POLICY) > 0);
+}
+
+#[test]
+fn a_closed_udp_port_behind_a_vip_refuses_the_client_through_the_vip() {
+    privileged!("lb_icmp_traffic");
+    let t = topology("lbi");
+    // No backend listens on UDP: each answers with a port unreachable,
+    // which the client's socket only takes when it quotes the VIP.
+    for vip in vips() {
+        t.service(vip, IPPROTO_UDP, |_| {});
+        let err = t.client.run(|| {
+            let bind: SocketAddr = if vip.is_ipv6() {
+                "[::]:0".parse().unwrap()
+            } else {
+                "0.0.0.0:0".parse().unwrap()
+            };
+            let s = UdpSocket::bind(bind).unwrap();
+            s.connect(SocketAddr::new(vip, VIP_PORT)).unwrap();
+            s.set_read_timeout(Some(WAIT)).unwrap();
+            s.send(b"anyone?").unwrap();
+            let mut buf = [0u8; 8];
+            s.recv(&mut buf).expect_err("nobody answers")
+        });
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "{vip}: refused at once, not a timeout: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_client_that_is_its_own_backend_reaches_itself_through_the_vip() {
+    privileged!("lb_hairpin_traffic");
+    let t = topology("lbh");
+    let echo = Echo::start(&t.client, &[BACKEND_PORT]);
+    for (vip, rev_nat, id) in [(IpAddr::V6(vip6()), 9, 300), (IpAddr::V4(vip4()), 10, 301)] {
+        let v6 = vip.is_ipv6();
+        t.dp.upsert_lb_backends(&[backend(id, client(v6, 0).ip())])
+            .unwrap();
+        t.dp.upsert_lb_service(&LbService {
+            rev_nat,
+            frontend: LbFrontend {
+                addr: vip,
+                port: VIP_PORT,
+                proto: IPPROTO_TCP,
+            },
+            algorithm: LbAlgorithm::Random,
+            affinity_timeout: None,
+            slots: vec![id],
+            maglev: None,
+            flags: Default::default(),
+        })
+        .unwrap();
+        let payload: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        let (local, back) = exchange(&t.client, SocketAddr::new(vip, VIP_PORT), &payload, WAIT)
+            .unwrap_or_else(|e| panic!("{vip}: hairpin connection: {e}"));
+        assert_eq!(back, payload, "{vip}");
+        let peer = *echo.peers().last().unwrap();
+        assert_eq!(
+            (peer.ip().to_canonical(), peer.port()),
+            (loopback(v6), local.port()),
+            "{vip}: the server sees the service loopback address and the client's port"
+        );
+    }
 }

@@ -17,6 +17,8 @@ use cilia_testnet::{BpfRoot, Netns};
 
 mod common;
 use common::fixture::{B_ID, B_IDENTITY};
+use common::icmp::{icmp_error, read_icmp_error, IcmpError};
+use common::l4::{parse, tcp_packet};
 use common::serve::{exchange, Echo};
 use common::*;
 
@@ -57,6 +59,10 @@ fn node_addr(v6: bool, n: u8) -> IpAddr {
         IpAddr::V4(Ipv4Addr::new(198, 51, 100, n))
     }
 }
+/// The NodePort at this node's (node 1's) address.
+fn node_port(v6: bool) -> SocketAddr {
+    SocketAddr::new(node_addr(v6, 1), NODE_PORT)
+}
 /// The world client: a documentation address on the underlay's subnet.
 fn world(v6: bool, port: u16) -> SocketAddr {
     SocketAddr::new(node_addr(v6, 200), port)
@@ -95,6 +101,7 @@ fn nodeport_service(v6: bool, slots: Vec<u32>) -> LbService {
         affinity_timeout: None,
         slots,
         maglev: None,
+        flags: Default::default(),
     }
 }
 
@@ -165,8 +172,27 @@ impl Fixture {
         Self { _root: root, dp }
     }
 
+    /// A node (native routing) serving the NodePort service over `slots`.
+    fn serving(v6: bool, slots: Vec<u32>, options: NodePortOptions) -> Self {
+        let fx = Self::new(TunnelMode::Native, v6);
+        fx.dp
+            .upsert_nodeport_service(&nodeport_service(v6, slots), options)
+            .unwrap();
+        fx
+    }
+
     fn netdev(&self) -> TestProgram {
         self.dp.test_node_program(PROG_FROM_NETDEV).unwrap()
+    }
+
+    /// Asserts that conntrack holds the NodePort service's flow, from world.
+    fn assert_service_flow_from_world(&self, v6: bool) {
+        let ct = self.dp.list_ct().unwrap();
+        assert!(
+            ct.iter()
+                .any(|(_, v)| v.rev_nat == REV_NAT && v.src_identity == CILIA_ID_WORLD),
+            "v6={v6}: the flow is tracked with its service, from world: {ct:?}"
+        );
     }
 
     fn b(&self) -> TestProgram {
@@ -185,85 +211,13 @@ impl Fixture {
     }
 }
 
-/// A TCP segment with a valid checksum (`flags`: 0x02 SYN, 0x12 SYN-ACK).
-fn tcp_packet(src: SocketAddr, dst: SocketAddr, flags: u8, from: (Mac, Mac)) -> Vec<u8> {
-    let mut l4 = vec![0u8; 20];
-    l4[0..2].copy_from_slice(&src.port().to_be_bytes());
-    l4[2..4].copy_from_slice(&dst.port().to_be_bytes());
-    l4[4..8].copy_from_slice(&0x0102_0304u32.to_be_bytes());
-    l4[12] = 0x50;
-    l4[13] = flags;
-    l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    l4.extend_from_slice(b"hello, nodeport");
-    let sum = l4_checksum(src.ip(), dst.ip(), &l4);
-    l4[16..18].copy_from_slice(&sum.to_be_bytes());
-    match (src.ip(), dst.ip()) {
-        (IpAddr::V6(s), IpAddr::V6(d)) => eth(
-            from.1,
-            from.0,
-            ETH_P_IPV6,
-            &ipv6(s, d, IPPROTO_TCP, 64, &l4),
-        ),
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            eth(from.1, from.0, ETH_P_IP, &ipv4(s, d, IPPROTO_TCP, 64, &l4))
-        }
-        _ => unreachable!("one family"),
-    }
-}
-
-/// The TCP checksum over the pseudo-header and `l4` (0 when valid).
-fn l4_checksum(src: IpAddr, dst: IpAddr, l4: &[u8]) -> u16 {
-    let mut buf = Vec::new();
-    match (src, dst) {
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            buf.extend_from_slice(&s.octets());
-            buf.extend_from_slice(&d.octets());
-            buf.extend_from_slice(&(l4.len() as u32).to_be_bytes());
-            buf.extend_from_slice(&[0, 0, 0, IPPROTO_TCP]);
-        }
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            buf.extend_from_slice(&s.octets());
-            buf.extend_from_slice(&d.octets());
-            buf.extend_from_slice(&[0, IPPROTO_TCP]);
-            buf.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-        }
-        _ => unreachable!("one family"),
-    }
-    buf.extend_from_slice(l4);
-    checksum(&buf)
-}
-
-/// Source, destination, and whether every checksum of the TCP packet is
-/// valid (IPv4 options and one IPv6 Destination Options header skipped).
-fn parse(pkt: &[u8]) -> (SocketAddr, SocketAddr, bool) {
-    let ethertype = u16::from_be_bytes([pkt[12], pkt[13]]);
-    let (src, dst, l4, ip_ok) = if ethertype == ETH_P_IPV6 {
-        let s: [u8; 16] = pkt[22..38].try_into().unwrap();
-        let d: [u8; 16] = pkt[38..54].try_into().unwrap();
-        let l4 = if pkt[20] == 60 {
-            54 + (usize::from(pkt[55]) + 1) * 8
-        } else {
-            54
-        };
-        (IpAddr::from(s), IpAddr::from(d), &pkt[l4..], true)
-    } else {
-        let s: [u8; 4] = pkt[26..30].try_into().unwrap();
-        let d: [u8; 4] = pkt[30..34].try_into().unwrap();
-        let l4 = 14 + usize::from(pkt[14] & 0xf) * 4;
-        (
-            IpAddr::from(s),
-            IpAddr::from(d),
-            &pkt[l4..],
-            checksum(&pkt[14..l4]) == 0
-                && usize::from(u16::from_be_bytes([pkt[16], pkt[17]])) == pkt.len() - 14,
-        )
-    };
-    let sport = u16::from_be_bytes([l4[0], l4[1]]);
-    let dport = u16::from_be_bytes([l4[2], l4[3]]);
-    (
-        SocketAddr::new(src, sport),
-        SocketAddr::new(dst, dport),
-        ip_ok && l4_checksum(src, dst, l4) == 0,
+/// The local backend B's SYN-ACK to the world client's `port`.
+fn syn_ack_of_b(v6: bool, port: u16) -> Vec<u8> {
+    tcp_packet(
+        SocketAddr::new(local_pod(v6), BACKEND_PORT),
+        world(v6, port),
+        0x12,
+        B_FROM,
     )
 }
 
@@ -293,11 +247,8 @@ fn families() -> [bool; 2] {
 fn nodeport_to_a_local_backend_keeps_the_client_address_and_the_reply_shows_the_node_port() {
     privileged!("nodeport_local_backend");
     for v6 in families() {
-        let fx = Fixture::new(TunnelMode::Native, v6);
-        fx.dp
-            .upsert_nodeport_service(&nodeport_service(v6, vec![LOCAL_BACKEND]), SNAT)
-            .unwrap();
-        let frontend = SocketAddr::new(node_addr(v6, 1), NODE_PORT);
+        let fx = Fixture::serving(v6, vec![LOCAL_BACKEND], SNAT);
+        let frontend = node_port(v6);
         let syn = tcp_packet(world(v6, 40000), frontend, 0x02, WIRE);
         let out = fx.netdev().run(&syn).unwrap();
         assert_eq!(out.verdict, TC_ACT_REDIRECT, "v6={v6}: into the endpoint");
@@ -306,19 +257,9 @@ fn nodeport_to_a_local_backend_keeps_the_client_address_and_the_reply_shows_the_
         assert_eq!(src, world(v6, 40000), "the client's address is kept");
         assert_eq!(dst, SocketAddr::new(local_pod(v6), BACKEND_PORT));
         assert!(ok, "checksums valid");
-        let ct = fx.dp.list_ct().unwrap();
-        assert!(
-            ct.iter()
-                .any(|(_, v)| v.rev_nat == REV_NAT && v.src_identity == CILIA_ID_WORLD),
-            "the flow is tracked with its service, from world: {ct:?}"
-        );
+        fx.assert_service_flow_from_world(v6);
 
-        let reply = tcp_packet(
-            SocketAddr::new(local_pod(v6), BACKEND_PORT),
-            world(v6, 40000),
-            0x12,
-            B_FROM,
-        );
+        let reply = syn_ack_of_b(v6, 40000);
         let out = fx.b().run(&reply).unwrap();
         assert_eq!(out.verdict, TC_ACT_REDIRECT, "v6={v6}: out of the underlay");
         let (src, dst, ok) = parse(&out.packet);
@@ -332,12 +273,9 @@ fn nodeport_to_a_local_backend_keeps_the_client_address_and_the_reply_shows_the_
 fn nodeport_to_a_remote_backend_is_snated_to_the_node_and_its_reply_goes_back_to_the_client() {
     privileged!("nodeport_remote_backend_snat");
     for v6 in families() {
-        let fx = Fixture::new(TunnelMode::Native, v6);
-        fx.dp
-            .upsert_nodeport_service(&nodeport_service(v6, vec![REMOTE_BACKEND]), SNAT)
-            .unwrap();
+        let fx = Fixture::serving(v6, vec![REMOTE_BACKEND], SNAT);
         let netdev = fx.netdev();
-        let frontend = SocketAddr::new(node_addr(v6, 1), NODE_PORT);
+        let frontend = node_port(v6);
         let syn = tcp_packet(world(v6, 40001), frontend, 0x02, WIRE);
         let out = netdev.run(&syn).unwrap();
         assert_eq!(
@@ -383,7 +321,7 @@ fn nodeport_to_a_remote_backend_goes_through_the_overlay_in_vxlan_mode() {
     fx.dp
         .upsert_nodeport_service(&nodeport_service(false, vec![REMOTE_BACKEND]), SNAT)
         .unwrap();
-    let frontend = SocketAddr::new(node_addr(false, 1), NODE_PORT);
+    let frontend = node_port(false);
     let out = fx
         .netdev()
         .run(&tcp_packet(world(false, 40002), frontend, 0x02, WIRE))
@@ -457,7 +395,7 @@ fn external_traffic_policy_local_sends_external_clients_to_local_backends_only()
     privileged!("nodeport_local_policy");
     let fx = Fixture::new(TunnelMode::Native, false);
     let netdev = fx.netdev();
-    let frontend = SocketAddr::new(node_addr(false, 1), NODE_PORT);
+    let frontend = node_port(false);
     // No local backend on this node: its slots are empty, the traffic dropped.
     fx.dp
         .upsert_nodeport_service(&nodeport_service(false, vec![]), LOCAL)
@@ -498,15 +436,34 @@ fn a_nodeport_service_needs_the_unspecified_address() {
 }
 
 #[test]
+fn lb_services_reads_back_the_nodeport_flags() {
+    privileged!("nodeport_flags_read_back");
+    let fx = Fixture::new(TunnelMode::Native, false);
+    let dsr = nodeport_service(false, vec![REMOTE_BACKEND]);
+    fx.dp.upsert_nodeport_service(&dsr, DSR).unwrap();
+    let mut local = nodeport_service(false, vec![LOCAL_BACKEND]);
+    local.rev_nat = REV_NAT + 1;
+    local.frontend.port = NODE_PORT + 1;
+    fx.dp.upsert_nodeport_service(&local, LOCAL).unwrap();
+    let read = fx.dp.lb_services().unwrap();
+    assert_eq!(read, vec![DSR.apply(&dsr), LOCAL.apply(&local)]);
+    assert_eq!(read[0].flag_names(), ["nodeport", "dsr"]);
+    assert_eq!(read[1].flag_names(), ["nodeport", "local"]);
+    // Local and DSR mean nothing to a service of one address: refused.
+    let mut clusterip = DSR.apply(&dsr);
+    clusterip.rev_nat = 50;
+    clusterip.frontend.addr = node_addr(false, 1);
+    let err = fx.dp.upsert_lb_service(&clusterip).unwrap_err();
+    assert!(err.to_string().contains("NodePort services only"), "{err}");
+}
+
+#[test]
 fn dsr_carries_the_frontend_to_the_backends_node_in_the_packet_that_selects_the_backend() {
     privileged!("nodeport_dsr_encode");
     for v6 in families() {
-        let fx = Fixture::new(TunnelMode::Native, v6);
-        fx.dp
-            .upsert_nodeport_service(&nodeport_service(v6, vec![REMOTE_BACKEND]), DSR)
-            .unwrap();
+        let fx = Fixture::serving(v6, vec![REMOTE_BACKEND], DSR);
         let netdev = fx.netdev();
-        let frontend = SocketAddr::new(node_addr(v6, 1), NODE_PORT);
+        let frontend = node_port(v6);
         let syn = tcp_packet(world(v6, 40007), frontend, 0x02, WIRE);
         let out = netdev.run(&syn).unwrap();
         assert_eq!(
@@ -538,10 +495,7 @@ fn the_backends_node_rev_nats_a_dsr_flow_and_answers_the_client_directly() {
     privileged!("nodeport_dsr_decode");
     for v6 in families() {
         // This node holds the backend (B); the LB node is 198.51.100.2.
-        let fx = Fixture::new(TunnelMode::Native, v6);
-        fx.dp
-            .upsert_nodeport_service(&nodeport_service(v6, vec![LOCAL_BACKEND]), DSR)
-            .unwrap();
+        let fx = Fixture::serving(v6, vec![LOCAL_BACKEND], DSR);
         // The LB node's packet, made by its own program.
         let lb = Fixture::new(TunnelMode::Native, v6);
         lb.dp
@@ -561,7 +515,7 @@ fn the_backends_node_rev_nats_a_dsr_flow_and_answers_the_client_directly() {
         lb.dp
             .upsert_nodeport_service(&nodeport_service(v6, vec![30]), DSR)
             .unwrap();
-        let frontend = SocketAddr::new(node_addr(v6, 1), NODE_PORT);
+        let frontend = node_port(v6);
         let syn = tcp_packet(world(v6, 40008), frontend, 0x02, WIRE);
         let wire = lb.netdev().run(&syn).unwrap().packet;
         assert_eq!(dsr_frontend(&wire), Some(frontend));
@@ -569,18 +523,8 @@ fn the_backends_node_rev_nats_a_dsr_flow_and_answers_the_client_directly() {
         let out = fx.netdev().run(&wire).unwrap();
         assert_eq!(out.verdict, TC_ACT_REDIRECT, "v6={v6}: into the backend");
         assert_eq!(&out.packet[..6], &B_MAC);
-        let ct = fx.dp.list_ct().unwrap();
-        assert!(
-            ct.iter()
-                .any(|(_, v)| v.rev_nat == REV_NAT && v.src_identity == CILIA_ID_WORLD),
-            "v6={v6}: the flow is the service's, from world: {ct:?}"
-        );
-        let reply = tcp_packet(
-            SocketAddr::new(local_pod(v6), BACKEND_PORT),
-            world(v6, 40008),
-            0x12,
-            B_FROM,
-        );
+        fx.assert_service_flow_from_world(v6);
+        let reply = syn_ack_of_b(v6, 40008);
         let out = fx.b().run(&reply).unwrap();
         assert_eq!(
             out.verdict, TC_ACT_REDIRECT,
@@ -593,6 +537,173 @@ fn the_backends_node_rev_nats_a_dsr_flow_and_answers_the_client_directly() {
         );
         assert_eq!(dst, world(v6, 40008));
         assert!(ok);
+    }
+}
+
+#[test]
+fn icmp_error_of_a_local_nodeport_backend_reaches_the_client_quoting_the_node_port() {
+    privileged!("nodeport_icmp_local_backend");
+    for v6 in families() {
+        let fx = Fixture::serving(v6, vec![LOCAL_BACKEND], SNAT);
+        let frontend = node_port(v6);
+        let syn = tcp_packet(world(v6, 40020), frontend, 0x02, WIRE);
+        let at_b = fx.netdev().run(&syn).unwrap();
+        assert_eq!(at_b.verdict, TC_ACT_REDIRECT);
+        let err = icmp_error(
+            local_pod(v6),
+            world(v6, 0).ip(),
+            IcmpError::TooBig(1280),
+            &at_b.packet[14..],
+            B_FROM,
+        );
+        let out = fx.b().run(&err).unwrap();
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "v6={v6}: out of the underlay");
+        let seen = read_icmp_error(&out.packet);
+        assert_eq!(seen.src, node_addr(v6, 1), "v6={v6}: from the node address");
+        assert_eq!(seen.dst, world(v6, 0).ip());
+        assert_eq!(seen.quoted_src, world(v6, 40020));
+        assert_eq!(seen.quoted_dst, frontend, "v6={v6}: quoting the node port");
+        assert!(seen.checksums_ok(), "v6={v6}: {seen:?}");
+    }
+}
+
+#[test]
+fn icmp_error_of_a_remote_backend_about_a_snated_flow_reaches_the_client() {
+    privileged!("nodeport_icmp_snat");
+    for v6 in families() {
+        let fx = Fixture::serving(v6, vec![REMOTE_BACKEND], SNAT);
+        let netdev = fx.netdev();
+        let frontend = node_port(v6);
+        let syn = tcp_packet(world(v6, 40021), frontend, 0x02, WIRE);
+        let sent = netdev.run(&syn).unwrap();
+        assert_eq!(sent.verdict, TC_ACT_REDIRECT);
+        let snat = parse(&sent.packet).0;
+        for (from, what) in [
+            (remote_pod(v6), "the backend"),
+            (node_addr(v6, 2), "a router on the path"),
+        ] {
+            let err = icmp_error(
+                from,
+                snat.ip(),
+                IcmpError::TooBig(1280),
+                &sent.packet[14..],
+                WIRE,
+            );
+            let out = netdev.run(&err).unwrap();
+            assert_eq!(
+                out.verdict, TC_ACT_REDIRECT,
+                "v6={v6} {what}: to the client"
+            );
+            let seen = read_icmp_error(&out.packet);
+            let expect_src = if from == remote_pod(v6) {
+                node_addr(v6, 1)
+            } else {
+                from
+            };
+            assert_eq!(seen.src, expect_src, "v6={v6} {what}");
+            assert_eq!(seen.dst, world(v6, 0).ip(), "v6={v6} {what}");
+            assert_eq!(seen.quoted_src, world(v6, 40021), "v6={v6} {what}");
+            assert_eq!(seen.quoted_dst, frontend, "v6={v6} {what}");
+            assert!(seen.checksums_ok(), "v6={v6} {what}: {seen:?}");
+        }
+    }
+}
+
+/// `pkt` with a DSR header naming `frontend` inserted after the fixed IP
+/// header, as a load balancer node writes it (CILIA_DSR_* in abi.h), every
+/// length and the IPv4 header checksum fixed: what any host that can reach
+/// a pod could send.
+fn with_dsr(pkt: &[u8], frontend: SocketAddr) -> Vec<u8> {
+    let port = frontend.port().to_be_bytes();
+    let mut out = pkt.to_vec();
+    match frontend.ip() {
+        IpAddr::V4(a) => {
+            let mut opt = vec![CILIA_DSR_IPV4_OPT, 8, port[0], port[1]];
+            opt.extend_from_slice(&a.octets());
+            out.splice(34..34, opt);
+            out[14] = 0x47;
+            let total = u16::from_be_bytes([out[16], out[17]]) + 8;
+            out[16..18].copy_from_slice(&total.to_be_bytes());
+            out[24..26].copy_from_slice(&[0, 0]);
+            let sum = checksum(&out[14..42]);
+            out[24..26].copy_from_slice(&sum.to_be_bytes());
+        }
+        IpAddr::V6(a) => {
+            let mut hdr = vec![out[20], 2, CILIA_DSR_IPV6_OPT, 18, port[0], port[1]];
+            hdr.extend_from_slice(&a.octets());
+            hdr.extend_from_slice(&[1, 0]);
+            out.splice(54..54, hdr);
+            out[20] = 60;
+            let len = u16::from_be_bytes([out[18], out[19]]) + 24;
+            out[18..20].copy_from_slice(&len.to_be_bytes());
+        }
+    }
+    out
+}
+
+#[test]
+fn a_dsr_frontend_is_believed_only_for_a_cluster_nodes_dsr_nodeport_and_its_backend() {
+    privileged!("nodeport_dsr_forged");
+    for v6 in families() {
+        // This node holds the backend B of the DSR service; the same port
+        // + 1 is a NodePort in SNAT mode.
+        let fx = Fixture::serving(v6, vec![LOCAL_BACKEND], DSR);
+        let mut snat = nodeport_service(v6, vec![LOCAL_BACKEND]);
+        snat.rev_nat = REV_NAT + 1;
+        snat.frontend.port = NODE_PORT + 1;
+        fx.dp.upsert_nodeport_service(&snat, SNAT).unwrap();
+        let netdev = fx.netdev();
+        let backend = SocketAddr::new(local_pod(v6), BACKEND_PORT);
+        let lb_node = |port| SocketAddr::new(node_addr(v6, 2), port);
+        let forged = [
+            (
+                "an address of no node",
+                SocketAddr::new(node_addr(v6, 77), NODE_PORT),
+                backend,
+            ),
+            ("the client's own address", world(v6, NODE_PORT), backend),
+            ("a port of no NodePort", lb_node(30999), backend),
+            ("a NodePort in SNAT mode", lb_node(NODE_PORT + 1), backend),
+            (
+                "another port of the backend",
+                lb_node(NODE_PORT),
+                SocketAddr::new(local_pod(v6), 22),
+            ),
+        ];
+        for (i, (what, frontend, to)) in forged.into_iter().enumerate() {
+            let syn = with_dsr(
+                &tcp_packet(world(v6, 41000 + i as u16), to, 0x02, WIRE),
+                frontend,
+            );
+            assert_eq!(
+                dsr_frontend(&syn),
+                Some(frontend),
+                "the test's own encoding"
+            );
+            let out = netdev.run(&syn).unwrap();
+            assert_eq!(out.verdict, TC_ACT_SHOT, "v6={v6}: {what}");
+            assert_eq!(
+                drops(&fx.dp, CILIA_DROP_DSR_FORGED),
+                i as u64 + 1,
+                "v6={v6}: {what}: dropped as forged"
+            );
+        }
+        assert!(
+            fx.dp.lb_nat().unwrap().is_empty(),
+            "v6={v6}: a forged frontend leaves no REVNAT entry"
+        );
+        assert!(fx.dp.list_ct().unwrap().is_empty(), "v6={v6}: nor a flow");
+
+        // What a load balancer node writes is still believed.
+        let syn = with_dsr(
+            &tcp_packet(world(v6, 41100), backend, 0x02, WIRE),
+            lb_node(NODE_PORT),
+        );
+        let out = netdev.run(&syn).unwrap();
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "v6={v6}: into the backend");
+        let nat = fx.dp.lb_nat().unwrap();
+        assert_eq!(nat.len(), 1, "v6={v6}: {nat:?}");
+        assert_eq!(nat[0].1.rev_nat, REV_NAT);
     }
 }
 

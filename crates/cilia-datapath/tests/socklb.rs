@@ -200,6 +200,7 @@ impl Lab {
                 affinity_timeout: None,
                 slots: backends.iter().map(|b| b.id).collect(),
                 maglev: None,
+                flags: Default::default(),
             });
         }
         rows.push(LbService {
@@ -213,6 +214,7 @@ impl Lab {
             affinity_timeout: None,
             slots: Vec::new(),
             maglev: None,
+            flags: Default::default(),
         });
         rows.push(LbService {
             rev_nat: SERVICE_AFFINITY,
@@ -227,6 +229,7 @@ impl Lab {
                 .map(|n| backend_id(SERVICE_TCP4, n))
                 .collect(),
             maglev: None,
+            flags: Default::default(),
         });
         for row in &rows {
             self.dp.upsert_lb_service(row).unwrap();

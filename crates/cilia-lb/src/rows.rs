@@ -72,6 +72,7 @@ pub fn datapath_rows(
         affinity_timeout: service.affinity_timeout,
         slots,
         maglev,
+        flags: Default::default(),
     };
     Ok((backends, row))
 }

@@ -458,6 +458,7 @@ impl Services {
                     }
                     .into(),
                     affinity_timeout: s.affinity_timeout,
+                    flags: s.flag_names().into_iter().map(String::from).collect(),
                     slots: s.slots,
                     maglev,
                 }

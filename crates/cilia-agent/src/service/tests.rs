@@ -255,6 +255,7 @@ fn restore_rewrites_stored_services_and_drops_what_the_store_lacks() {
         affinity_timeout: None,
         slots: vec![999],
         maglev: None,
+        flags: Default::default(),
     })
     .expect("leftover of id 6");
     f.dp.upsert_lb_service(&cilia_abi::LbService {
@@ -268,6 +269,7 @@ fn restore_rewrites_stored_services_and_drops_what_the_store_lacks() {
         affinity_timeout: None,
         slots: vec![999],
         maglev: None,
+        flags: Default::default(),
     })
     .expect("leftover service");
     let restarted = Services::new(f.store.clone(), f.dp.clone(), MAGLEV);

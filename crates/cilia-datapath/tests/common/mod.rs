@@ -12,6 +12,8 @@ use std::time::Duration;
 use cilia_datapath::packet::Mac;
 
 pub mod fixture;
+pub mod icmp;
+pub mod l4;
 pub mod relay;
 pub mod serve;
 
