@@ -3,9 +3,14 @@
 #   1. ns/packet under BPF_PROG_TEST_RUN (cargo bench --bench prefilter):
 #      10 and 10,000 CIDRs, listed and unlisted sources, both families,
 #      against the empty XDP program.
-#   2. Packets/s dropped on a veth, a generator (trafgen, Debian netsniff-ng,
-#      installed if missing) sending 60-byte UDP frames from 203.0.113.9 in a
-#      "gen" namespace to a "dut" namespace as fast as one CPU can:
+#   2. Packets/s dropped on a veth, a generator sending 60-byte UDP frames
+#      from 203.0.113.9 in a "gen" namespace to a "dut" namespace as fast as
+#      one CPU can, with two generators: trafgen (Debian netsniff-ng, a
+#      packet socket: the sender builds an skb per packet, for both
+#      filters) and bench/xdpgen.c (in-kernel, BPF_PROG_TEST_RUN live
+#      frames: XDP frames reach the dut's veth without an skb, as a NIC's
+#      buffers reach its driver; the dut's veth has GRO on, so it takes
+#      them when no XDP program runs and builds the skbs the stack needs):
 #        iptables: the dut's raw PREROUTING chain holds N-1 never-matching
 #                  `-s <cidr> -j DROP` rules, then `-s 203.0.113.0/24 -j DROP`
 #                  (a linear chain: the matching rule last);
@@ -14,12 +19,13 @@
 #                  veth; the mode is printed).
 #      Drops counted by each filter's own counters over $DURATION s while the
 #      generator runs (pinned to one CPU, which also runs the veth's receive
-#      path); median of $REPS. Printed as a markdown table with the ratio
-#      xdp / iptables.
+#      path); $REPS rounds, the four measurements interleaved in each, median
+#      of each. Printed as a markdown table with the ratio xdp / iptables.
 # Everything runs inside namespaces this script creates (gen, dut), removed
 # on exit (also on failure or Ctrl-C); processes are ended by PID. Needs
 # root and the release binaries (cargo build --release --workspace --bins).
 #   CIDRS="10 10000"  DURATION=5 (max 60)  REPS=3  GEN_CPU=<last CPU>
+#   TESTRUN=0 skips part 1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CIDRS=${CIDRS:-"10 10000"}
@@ -53,12 +59,19 @@ if ! command -v trafgen >/dev/null; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq netsniff-ng >/dev/null
 fi
+if ! command -v ethtool >/dev/null; then
+  echo "==> installing ethtool" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ethtool >/dev/null
+fi
 command -v iptables-restore >/dev/null || { echo "needs iptables (scripts/setup.sh)" >&2; exit 1; }
 
-echo "### BPF_PROG_TEST_RUN"
-echo
-cargo bench -q -p cilia-datapath --bench prefilter 2>/dev/null
-echo
+if [ "${TESTRUN:-1}" = 1 ]; then
+  echo "### BPF_PROG_TEST_RUN"
+  echo
+  cargo bench -q -p cilia-datapath --bench prefilter 2>/dev/null
+  echo
+fi
 
 mkdir -p "$RUN"
 for ns in "${NSS[@]}"; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
@@ -96,9 +109,9 @@ median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {if (NR%2) print a
 ipt_drops() { ip netns exec "$P-dut" iptables -t raw -nvxL PREROUTING | awk 'NR>2 {s+=$1} END {print s+0}'; }
 xdp_drops() { "$BIN/cilia" --socket "$SOCK" -o json prefilter list | python3 -c 'import json,sys; print(sum(c["packets"] for c in json.load(sys.stdin)["cidrs"]))'; }
 
-# Runs the generator for DURATION s (plus a second to ramp up) and prints
-# drops/s as counted by `$1` (a function) over the DURATION s window.
-rate() {
+# Runs trafgen for DURATION s (plus a second to ramp up) and prints drops/s
+# as counted by `$1` (a function) over the DURATION s window.
+rate_trafgen() {
   local counter=$1 before after gen
   taskset -c "$GEN_CPU" ip netns exec "$P-gen" timeout $((DURATION + 5)) \
     trafgen --dev g0 --conf "$RUN/frame.cfg" --cpus 1 --notouch-irq --num 2000000000 >/dev/null 2>&1 &
@@ -112,51 +125,113 @@ rate() {
   wait "$gen" 2>/dev/null || true
   echo $(((after - before) / DURATION))
 }
+# Runs the in-kernel generator (xdpgen) for DURATION s and prints drops/s as
+# counted by `$1` over its run (the counters are read before and after).
+rate_xdpgen() {
+  local counter=$1 before after out
+  before=$($counter)
+  out=$(taskset -c "$GEN_CPU" ip netns exec "$P-gen" "$RUN/xdpgen" g0 "$DURATION")
+  after=$($counter)
+  awk -v d=$((after - before)) -v t="${out#* }" 'BEGIN {printf "%d\n", d / t}'
+}
 
-declare -A IPT XDP
-# iptables first, then the agent on the same devices.
-for n in $CIDRS; do
+cilia() { "$BIN/cilia" --socket "$SOCK" "$@"; }
+AGENT_PID=""
+# start_agent [DEVICE]: the agent in the dut, the prefilter on DEVICE (none:
+# the agent detaches it from the devices an earlier run attached it to).
+start_agent() {
+  local dev=()
+  [ -n "${1:-}" ] && dev=(--prefilter-device "$1")
+  nsenter --net="/run/netns/$P-dut" "$BIN/cilia-agent" --state-dir "$RUN/state" --bpf-root "$BPF" \
+    --socket "$SOCK" --ipv6-range fd00:c1c::/112 --metrics-addr off "${dev[@]}" >>"$RUN/agent.log" 2>&1 &
+  AGENT_PID=$!
+  track "$AGENT_PID"
+  for _ in $(seq 100); do cilia status >/dev/null 2>&1 && return; sleep 0.1; done
+  echo "agent did not start:" >&2; cat "$RUN/agent.log" >&2; exit 1
+}
+stop_agent() {
+  kill "$AGENT_PID"
+  for _ in $(seq 50); do kill -0 "$AGENT_PID" 2>/dev/null || break; sleep 0.1; done
+  wait "$AGENT_PID" 2>/dev/null || true
+}
+set_cidrs() { # N: the prefilter's CIDRs become cidr_list N
+  local f
+  # At most 1000 CIDRs per request (a command-line argument is limited to 128 KiB).
+  cilia -o json prefilter list | python3 -c 'import json,sys; print("\n".join(c["cidr"] for c in json.load(sys.stdin)["cidrs"]))' |
+    { grep . || true; } | split -l 1000 - "$RUN/listed."
+  for f in "$RUN"/listed.*; do
+    [ -e "$f" ] || continue
+    cilia prefilter delete --cidr "$(paste -sd, "$f")" >/dev/null
+    rm -f "$f"
+  done
+  cidr_list "$1" | split -l 1000 - "$RUN/cidrs."
+  for f in "$RUN"/cidrs.*; do
+    cilia prefilter update --cidr "$(paste -sd, "$f")" >/dev/null
+    rm -f "$f"
+  done
+}
+set_ipt() { # N: the dut's raw PREROUTING becomes cidr_list N as DROP rules (0: empty)
   {
     echo "*raw"
     echo ":PREROUTING ACCEPT [0:0]"
     echo ":OUTPUT ACCEPT [0:0]"
-    cidr_list "$n" | sed 's/^/-A PREROUTING -j DROP -s /'
+    [ "$1" -gt 0 ] && cidr_list "$1" | sed 's/^/-A PREROUTING -j DROP -s /'
     echo "COMMIT"
   } | ip netns exec "$P-dut" iptables-restore
-  samples=()
-  for _ in $(seq "$REPS"); do samples+=("$(rate ipt_drops)"); done
-  IPT[$n]=$(median "${samples[@]}")
-  echo "iptables, $n CIDRs: ${samples[*]} drops/s" >&2
-done
-ip netns exec "$P-dut" iptables -t raw -F PREROUTING
+}
 
-nsenter --net="/run/netns/$P-dut" "$BIN/cilia-agent" --state-dir "$RUN/state" --bpf-root "$BPF" \
-  --socket "$SOCK" --ipv6-range fd00:c1c::/112 --metrics-addr off \
-  --prefilter-device d0 >"$RUN/agent.log" 2>&1 &
-track $!
-for _ in $(seq 100); do "$BIN/cilia" --socket "$SOCK" status >/dev/null 2>&1 && break; sleep 0.1; done
-"$BIN/cilia" --socket "$SOCK" status >/dev/null || { echo "agent did not start:" >&2; cat "$RUN/agent.log" >&2; exit 1; }
-MODE=$("$BIN/cilia" --socket "$SOCK" -o json prefilter list | python3 -c 'import json,sys; print(json.load(sys.stdin)["devices"][0]["mode"])')
-for n in $CIDRS; do
-  listed=$("$BIN/cilia" --socket "$SOCK" -o json prefilter list | python3 -c 'import json,sys; print(",".join(c["cidr"] for c in json.load(sys.stdin)["cidrs"]))')
-  [ -n "$listed" ] && "$BIN/cilia" --socket "$SOCK" prefilter delete --cidr "$listed" >/dev/null
-  # At most 1000 CIDRs per request (a command-line argument is limited to 128 KiB).
-  cidr_list "$n" | split -l 1000 - "$RUN/cidrs."
-  for f in "$RUN"/cidrs.*; do
-    "$BIN/cilia" --socket "$SOCK" prefilter update --cidr "$(paste -sd, "$f")" >/dev/null
-    rm -f "$f"
+gcc -O2 -o "$RUN/xdpgen" bench/xdpgen.c -lbpf || { echo "building bench/xdpgen.c failed (needs gcc, libbpf-dev)" >&2; exit 1; }
+clang-19 -target bpf -O2 -g -Wall -I"/usr/include/$(gcc -print-multiarch)" -c bench/xdp_drop.c -o "$RUN/xdp_drop.o" ||
+  { echo "building bench/xdp_drop.c failed (needs clang-19, libbpf-dev)" >&2; exit 1; }
+empty_drops() { ip netns exec "$P-dut" ethtool -S d0 | awk '/xdp_drops/ {s+=$2} END {print s+0}'; }
+# The in-kernel generator's frames reach d0 as XDP frames: without an XDP
+# program d0 needs NAPI (GRO on) to take them, as a NIC driver has; with
+# GRO on they become skbs there, as on a NIC.
+ip netns exec "$P-dut" ethtool -K d0 gro on >/dev/null
+
+declare -A S
+# Rounds interleave the four measurements per CIDR count: iptables with
+# each generator (the agent's prefilter detached), then the prefilter with
+# each generator (iptables empty).
+for r in $(seq "$REPS"); do
+  for n in $CIDRS; do
+    start_agent ""   # detaches the prefilter an earlier round attached
+    stop_agent
+    set_ipt "$n"
+    S[ipt-trafgen-$n]+=" $(rate_trafgen ipt_drops)"
+    S[ipt-xdpgen-$n]+=" $(rate_xdpgen ipt_drops)"
+    set_ipt 0
+    if [ "$n" = "${CIDRS%% *}" ]; then
+      # The floor: an XDP program that drops everything, checking nothing.
+      ip -n "$P-dut" link set dev d0 xdpdrv obj "$RUN/xdp_drop.o" sec xdp
+      S[empty-trafgen]+=" $(rate_trafgen empty_drops)"
+      S[empty-xdpgen]+=" $(rate_xdpgen empty_drops)"
+      ip -n "$P-dut" link set dev d0 xdpdrv off
+    fi
+    start_agent d0
+    MODE=$(cilia -o json prefilter list | python3 -c 'import json,sys; print(json.load(sys.stdin)["devices"][0]["mode"])')
+    set_cidrs "$n"
+    S[xdp-trafgen-$n]+=" $(rate_trafgen xdp_drops)"
+    S[xdp-xdpgen-$n]+=" $(rate_xdpgen xdp_drops)"
+    stop_agent
+    echo "round $r, $n CIDRs (xdp $MODE): iptables trafgen${S[ipt-trafgen-$n]} xdpgen${S[ipt-xdpgen-$n]} | prefilter trafgen${S[xdp-trafgen-$n]} xdpgen${S[xdp-xdpgen-$n]}" >&2
   done
-  samples=()
-  for _ in $(seq "$REPS"); do samples+=("$(rate xdp_drops)"); done
-  XDP[$n]=$(median "${samples[@]}")
-  echo "xdp ($MODE), $n CIDRs: ${samples[*]} drops/s" >&2
 done
 
-echo "### Drops/s on a veth, one generator CPU (xdp: $MODE mode)"
+echo "### Drops/s on a veth, one CPU for generator and receiver (xdp: $MODE mode)"
 echo
-echo "| CIDRs | iptables raw PREROUTING (drops/s) | XDP prefilter (drops/s) | ratio |"
-echo "|---|---|---|---|"
+echo "Receive-side ns/packet: 1e9/rate minus 1e9/(the empty XDP drop's rate with the same generator), i.e. what the filter costs beyond a drop that checks nothing."
+echo
+echo "| CIDRs | generator | empty XDP drop (drops/s) | iptables raw PREROUTING (drops/s) | XDP prefilter (drops/s) | XDP / iptables | iptables ns/pkt beyond empty | prefilter ns/pkt beyond empty | ratio of those |"
+echo "|---|---|---|---|---|---|---|---|---|"
 for n in $CIDRS; do
-  awk -v n="$n" -v i="${IPT[$n]}" -v x="${XDP[$n]}" \
-    'BEGIN {printf "| %d | %d | %d | %.2f |\n", n, i, x, (i > 0 ? x / i : 0)}'
+  for g in trafgen xdpgen; do
+    e=$(median ${S[empty-$g]}); i=$(median ${S[ipt-$g-$n]}); x=$(median ${S[xdp-$g-$n]})
+    awk -v n="$n" -v g="$g" -v e="$e" -v i="$i" -v x="$x" 'BEGIN {
+      ci = 1e9 / i - 1e9 / e; cx = 1e9 / x - 1e9 / e
+      printf "| %d | %s | %d | %d | %d | %.2f | %.0f | %.0f | %s |\n", n, g, e, i, x, x / i, ci, cx, (cx > 0 ? sprintf("%.1f", ci / cx) : "-")
+    }'
+  done
 done
+echo
+echo "(median of $REPS rounds of ${DURATION} s; trafgen: a packet socket, an skb built per packet on the sender; xdpgen: bench/xdpgen.c, frames injected from the kernel as XDP frames, no skb unless the receiver builds one)"

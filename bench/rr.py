@@ -10,8 +10,12 @@ Clients print one number (operations/s) and nothing else. One outstanding
 operation at a time: a latency-bound measurement. DURATION (default 5 s) is
 capped at 60 s; the server exits after MAX_SECONDS (default 900, cap 3600).
 The client closes with SO_LINGER 0 (RST) so that no TIME_WAIT state piles up;
-in conn mode it picks source ports itself, in sequence over 10000-64999.
+in conn mode it picks source ports itself, in sequence over 10000-64999, or
+over LO..HI-1 with RR_PORTS=LO-HI in the environment (rr mode then binds its
+one connection to port HI): runs given disjoint ranges never meet each
+other's conntrack entries.
 """
+import os
 import errno
 import selectors
 import socket
@@ -23,7 +27,9 @@ MSG = 64
 REQ = b"q" * MSG
 LINGER0 = struct.pack("ii", 1, 0)
 IO_TIMEOUT = 2.0
-PORT_LO, PORT_HI = 10000, 65000  # client source ports in conn mode  # a lost packet fails the run instead of hanging it
+PORT_LO, PORT_HI = 10000, 65000  # client source ports in conn mode
+if os.environ.get("RR_PORTS"):
+    PORT_LO, PORT_HI = (int(p) for p in os.environ["RR_PORTS"].split("-"))
 
 
 def serve(port, bind="0.0.0.0", max_seconds=900.0):
@@ -118,7 +124,8 @@ def recv_exact_tail(s, view, got):
 
 
 def rr(ip, port, duration):
-    s = socket.create_connection((ip, port), IO_TIMEOUT)
+    src = ("", PORT_HI) if os.environ.get("RR_PORTS") else None
+    s = socket.create_connection((ip, port), IO_TIMEOUT, src)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     buf = bytearray(MSG)
     view = memoryview(buf)

@@ -102,35 +102,21 @@ reach "$P-vcli" 192.0.2.66 "$PORT" || { echo "no connectivity through the router
 # 1000 + i div 512 (60,000 distinct frontends).
 vip() { python3 -c "import sys; i=int(sys.argv[1]); a=i%512; print(('198.51.100.%d' if a<256 else '203.0.113.%d') % (a%256), 1000+i//512)" "$1"; }
 
-load_cilia() { # N: the services 1..N, each with the server as backend (one API
-  # connection, keep-alive), replacing whatever was there.
-  python3 - "$SOCK" "$1" "$SRV_IP" "$PORT" <<'EOF'
-import http.client, json, socket, sys
-sock, n, srv, port = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-class UnixConn(http.client.HTTPConnection):
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(sock)
-c = UnixConn("cilia")
-def call(method, path, body=None):
-    c.request(method, path, body=json.dumps(body) if body is not None else None,
-              headers={"Content-Type": "application/json"})
-    r = c.getresponse(); data = r.read()
-    if r.status >= 300:
-        sys.exit("%s %s: %d %s" % (method, path, r.status, data[:300]))
-    return json.loads(data) if data else None
-have = {s["id"] for s in call("GET", "/v1/services")}
+load_cilia() { # N: the services 1..N, each with the server as backend, in
+  # one `cilia service import --prune` (one API call, one store commit):
+  # the others are deleted.
+  python3 - "$1" "$SRV_IP" "$PORT" >"$RUN/services.json" <<'EOF'
+import json, sys
+n, srv, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+out = []
 for i in range(1, n + 1):
-    if i in have:
-        continue
     a = (i - 1) % 512
     addr = ("198.51.100.%d" if a < 256 else "203.0.113.%d") % (a % 256)
-    call("POST", "/v1/services", {"id": i, "frontend": "%s:%d/tcp" % (addr, 1000 + (i - 1) // 512),
-                                  "backends": [{"address": "%s:%d" % (srv, port)}]})
-for i in sorted(have):
-    if i > n:
-        call("DELETE", "/v1/services/%d" % i)
+    out.append({"id": i, "frontend": "%s:%d/tcp" % (addr, 1000 + (i - 1) // 512),
+                "backends": [{"address": "%s:%d" % (srv, port)}]})
+json.dump(out, sys.stdout)
 EOF
+  cilia service import --prune "$RUN/services.json" >/dev/null
 }
 gen_ipt() { # N: iptables-restore input for the nat table, kube-proxy style
   python3 - "$1" "$PORT" <<'EOF'
@@ -162,7 +148,10 @@ measure() { # ns mode ip port: ops/s, or "err"
 }
 
 declare -A CC IC CR IR DC DI LT
-declare -A CCs ICs CRs IRs DCs DIs LTs
+declare -A CCs ICs CRs IRs DCs DIs LTs CDs IDs CD ID
+ratio() { python3 -c "import sys
+try: print('%.3f' % (float(sys.argv[1]) / float(sys.argv[2])))
+except Exception: print('-')" "$1" "$2"; }
 for r in $(seq "$REPS"); do
   for n in $SERVICES; do
     t=$(now)
@@ -174,29 +163,29 @@ for r in $(seq "$REPS"); do
     reach "$P-cli" "$VIP" "$VPORT" || { log "N=$n: the cilia client cannot reach $VIP:$VPORT"; exit 1; }
     reach "$P-vcli" "$VIP" "$VPORT" || { log "N=$n: the iptables client cannot reach $VIP:$VPORT"; exit 1; }
     sleep "$SETTLE"
-    CCs[$n]+=" $(measure "$P-cli" conn "$VIP" "$VPORT")"
-    ICs[$n]+=" $(measure "$P-vcli" conn "$VIP" "$VPORT")"
+    # Each VIP figure next to its direct one: their ratio cancels what the
+    # other load of the machine does to both.
+    cc=$(measure "$P-cli" conn "$VIP" "$VPORT"); dc=$(measure "$P-cli" conn "$SRV_IP" "$PORT")
+    ic=$(measure "$P-vcli" conn "$VIP" "$VPORT"); di=$(measure "$P-vcli" conn 192.0.2.66 "$PORT")
+    CCs[$n]+=" $cc"; DCs[$n]+=" $dc"; ICs[$n]+=" $ic"; DIs[$n]+=" $di"
+    CDs[$n]+=" $(ratio "$cc" "$dc")"; IDs[$n]+=" $(ratio "$ic" "$di")"
     CRs[$n]+=" $(measure "$P-cli" rr "$VIP" "$VPORT")"
     IRs[$n]+=" $(measure "$P-vcli" rr "$VIP" "$VPORT")"
-    DCs[$n]+=" $(measure "$P-cli" conn "$SRV_IP" "$PORT")"
-    DIs[$n]+=" $(measure "$P-vcli" conn 192.0.2.66 "$PORT")"
-    log "N=$n round $r: cilia conn${CCs[$n]} | ipt conn${ICs[$n]} | cilia rr${CRs[$n]} | ipt rr${IRs[$n]} | direct conn cilia${DCs[$n]} ipt${DIs[$n]}"
+    log "N=$n round $r: cilia conn${CCs[$n]} | direct${DCs[$n]} | ipt conn${ICs[$n]} | direct${DIs[$n]} | cilia rr${CRs[$n]} | ipt rr${IRs[$n]}"
   done
 done
 for n in $SERVICES; do
   CC[$n]=$(median ${CCs[$n]}); IC[$n]=$(median ${ICs[$n]}); CR[$n]=$(median ${CRs[$n]}); IR[$n]=$(median ${IRs[$n]})
   DC[$n]=$(median ${DCs[$n]}); DI[$n]=$(median ${DIs[$n]}); LT[$n]=$(median ${LTs[$n]})
+  CD[$n]=$(median ${CDs[$n]}); ID[$n]=$(median ${IDs[$n]})
 done
 first=$(printf '%s\n' $SERVICES | sort -n | head -n1)
-ratio() { python3 -c "import sys
-try: print('%.2f' % (float(sys.argv[1]) / float(sys.argv[2])))
-except Exception: print('-')" "$1" "$2"; }
 echo
-echo "Median of $REPS rounds of ${DURATION} s runs, one connection at a time (latency bound), 64 B request and response; client/server CPU ${CLIENT_CPU:-any}/${SERVER_CPU:-any}, nice $NICE. (ratio): to the same column at N=$first; cilia/ipt: the two at the same N."
+echo "Median of $REPS rounds of ${DURATION} s runs, one connection at a time (latency bound), 64 B request and response; client/server CPU ${CLIENT_CPU:-any}/${SERVER_CPU:-any}, nice $NICE. (ratio): to the same column at N=$first; cilia/ipt: the two at the same N; VIP/direct: per round, new conn/s to the VIP over new conn/s to the server's address measured right after it, median."
 echo
-echo "| services N | cilia new conn/s (ratio) | iptables new conn/s (ratio) | cilia/ipt conn | cilia rr/s (ratio) | iptables rr/s (ratio) | direct conn/s cilia / iptables path | cilia load s |"
-echo "|---|---|---|---|---|---|---|---|"
+echo "| services N | cilia new conn/s (ratio) | iptables new conn/s (ratio) | cilia/ipt conn | cilia rr/s (ratio) | iptables rr/s (ratio) | direct conn/s cilia / iptables path | VIP/direct cilia (ratio) | VIP/direct iptables (ratio) | cilia load s |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 for n in $SERVICES; do
-  echo "| $n | ${CC[$n]} ($(ratio "${CC[$n]}" "${CC[$first]}")) | ${IC[$n]} ($(ratio "${IC[$n]}" "${IC[$first]}")) | $(ratio "${CC[$n]}" "${IC[$n]}") | ${CR[$n]} ($(ratio "${CR[$n]}" "${CR[$first]}")) | ${IR[$n]} ($(ratio "${IR[$n]}" "${IR[$first]}")) | ${DC[$n]} / ${DI[$n]} | ${LT[$n]} |"
+  echo "| $n | ${CC[$n]} ($(ratio "${CC[$n]}" "${CC[$first]}")) | ${IC[$n]} ($(ratio "${IC[$n]}" "${IC[$first]}")) | $(ratio "${CC[$n]}" "${IC[$n]}") | ${CR[$n]} ($(ratio "${CR[$n]}" "${CR[$first]}")) | ${IR[$n]} ($(ratio "${IR[$n]}" "${IR[$first]}")) | ${DC[$n]} / ${DI[$n]} | ${CD[$n]} ($(ratio "${CD[$n]}" "${CD[$first]}")) | ${ID[$n]} ($(ratio "${ID[$n]}" "${ID[$first]}")) | ${LT[$n]} |"
 done
 log "total $(($(date +%s) - T0)) s"

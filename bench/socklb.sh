@@ -98,17 +98,25 @@ cilia service update --frontend "[$VIP6]:80/tcp" \
 
 # client MODE IP PORT SECONDS -> ops/s, run in the bench cgroup inside the
 # client's namespace ("err" on failure).
+# Each path's clients use their own source ports (RR_PORTS, see rr.py): a
+# 5-tuple of another path's flows would meet that path's lingering conntrack
+# entry; under the per-packet LB a new flow whose translated tuple meets an
+# entry of an untranslated flow gets no rev-NAT (see docs/benchmarks.md).
+declare -A PORTS=([direct]=10000-26999 [socket]=27000-43999 [packet]=44000-60999)
+CUR=direct
 client() {
-  sh -c 'echo $$ > "$1/cgroup.procs" && exec ip netns exec "$2" timeout $(($6 + 15)) python3 bench/rr.py "$3" "$4" "$5" "$6"' \
+  RR_PORTS=${PORTS[$CUR]} sh -c 'echo $$ > "$1/cgroup.procs" && exec ip netns exec "$2" timeout $(($6 + 15)) python3 bench/rr.py "$3" "$4" "$5" "$6"' \
     sh "$CG" "$P-client" "$@" 2>/dev/null || echo err
 }
 # The path must answer before it is measured.
 check_path() { # check_path NAME
+  local vip r
+  CUR=$1
   for vip in $VIP4 $VIP6; do
     r=$(client conn "$vip" 80 1)
     if [ "$r" = err ] || [ "${r%.*}" -le 0 ]; then
       if [ "$1" = packet ]; then
-        echo "socklb.sh: no answer from $vip:80 with --socket-lb off: this build has no per-packet load balancer" >&2
+        echo "socklb.sh: no answer from $vip:80 with --socket-lb off (per-packet load balancer)" >&2
       else
         echo "socklb.sh: path $1: no answer from $vip:80" >&2; cilia status >&2
       fi
@@ -121,13 +129,14 @@ cilia status | grep -q "^Socket LB: *on cgroup" || { echo "socklb.sh: the socket
 
 declare -A RES
 measure() { # measure PATH
-  local target4=$VIP4 target6=$VIP6 port=80
+  local target4=$VIP4 target6=$VIP6 port=80 mode
+  CUR=$1
   if [ "$1" = direct ]; then target4=${B4[0]}; target6=${B6[0]}; port=8080; fi
   for mode in rr conn; do
     RES[$1-$mode-4]+="$(client $mode "$target4" $port "$DURATION") "
     RES[$1-$mode-6]+="$(client $mode "$target6" $port "$DURATION") "
   done
-  echo "round $r $1: rr4 ${RES[$1-rr-4]##* } …" >&2
+  echo "round $r $1: rr ${RES[$1-rr-4]}/ ${RES[$1-rr-6]}, conn ${RES[$1-conn-4]}/ ${RES[$1-conn-6]}(IPv4 / IPv6, all rounds)" >&2
 }
 set_socket_lb() { # set_socket_lb on|off (a restart of the agent)
   stop_agent

@@ -244,6 +244,12 @@ impl ApiClient {
         self.post("/v1/services", spec).await
     }
 
+    /// `POST /v1/services/import`: create or replace many services in one
+    /// call (all checked first: any refusal applies nothing).
+    pub async fn import_services(&self, import: &ServiceImport) -> Result<ServiceImportResult> {
+        self.post("/v1/services/import", import).await
+    }
+
     /// `DELETE /v1/services/{id}`.
     pub async fn delete_service(&self, id: u16) -> Result<()> {
         self.call_empty(Method::DELETE, &format!("/v1/services/{id}"))

@@ -50,6 +50,40 @@ pub struct ServiceAffinity {
     pub timeout_secs: u32,
 }
 
+/// `POST /v1/services/import`: create or replace many services at once.
+///
+/// Every entry is checked first (against the others and the stored
+/// services); if one is refused, nothing is applied and the error lists each
+/// refused entry as `services[INDEX].FIELD: reason`. Otherwise all changes
+/// are stored in one transaction, then written to the datapath.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceImport {
+    /// The services, each as for `POST /v1/services` (by id, else by
+    /// frontend; a new frontend gets the lowest free id).
+    pub services: Vec<ServiceSpec>,
+    /// Also delete the stored services this list does not name (by id, or
+    /// by frontend for entries without one): the list becomes the whole set.
+    #[serde(default)]
+    pub prune: bool,
+}
+
+/// What a [`ServiceImport`] did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ServiceImportResult {
+    /// The id of each entry, in the order given.
+    pub ids: Vec<u16>,
+    /// Entries that made a new service.
+    pub created: usize,
+    /// Entries that changed a stored service.
+    pub updated: usize,
+    /// Entries equal to the stored service (written to the datapath again,
+    /// not to the store).
+    pub unchanged: usize,
+    /// Services deleted by `prune`.
+    pub deleted: Vec<u16>,
+}
+
 /// A service as the agent keeps it.
 #[skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use cilia_api::{ApiClient, BpfLb, Service, ServiceAffinity, ServiceBackendSpec, ServiceSpec};
+use cilia_api::{
+    ApiClient, BpfLb, Service, ServiceAffinity, ServiceBackendSpec, ServiceImport, ServiceSpec,
+};
 use clap::{Args, Subcommand, ValueEnum};
 
 use crate::output::{cells, print_one, print_rows, print_table, Output};
@@ -19,6 +21,16 @@ pub enum ServiceCmd {
     ///
     /// Example: cilia service update --frontend 192.0.2.10:80/tcp --backends 10.200.0.5:80 --affinity client-ip --affinity-timeout 3h
     Update(UpdateArgs),
+    /// Create or replace many services from a YAML or JSON file: a list of
+    /// specs (the fields of POST /v1/services: id, frontend, backends,
+    /// algorithm, affinity, external_traffic_policy). All are checked
+    /// first; if one is refused, nothing is applied and each refused entry
+    /// is named by its index and field. One store commit for the whole file.
+    ///
+    /// Example: cilia service import services.yaml
+    ///
+    /// Example: cilia service import --prune - < services.json
+    Import(ImportArgs),
     /// The services, with their backends and backend ids.
     ///
     /// Example: cilia service list -o json
@@ -90,6 +102,51 @@ pub struct UpdateArgs {
     external_traffic_policy: Option<TrafficPolicy>,
 }
 
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// YAML or JSON file (a list of service specs), or - for standard input.
+    file: String,
+    /// Also delete the services the file does not name: the file becomes
+    /// the whole set of services.
+    #[arg(long)]
+    prune: bool,
+}
+
+impl ImportArgs {
+    /// The request, from the file's text.
+    fn import(&self, text: &str) -> anyhow::Result<ServiceImport> {
+        let services: Vec<ServiceSpec> = serde_norway::from_str(text).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not a list of service specs (id, frontend, backends, algorithm, affinity, external_traffic_policy): {e}",
+                self.source()
+            )
+        })?;
+        Ok(ServiceImport {
+            services,
+            prune: self.prune,
+        })
+    }
+
+    fn source(&self) -> &str {
+        if self.file == "-" {
+            "stdin"
+        } else {
+            &self.file
+        }
+    }
+
+    fn read(&self) -> anyhow::Result<String> {
+        use std::io::Read;
+        if self.file == "-" {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s)?;
+            Ok(s)
+        } else {
+            std::fs::read_to_string(&self.file).map_err(|e| anyhow::anyhow!("{}: {e}", self.file))
+        }
+    }
+}
+
 /// The affinity timeout when none is given.
 const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(3 * 3600);
 
@@ -155,6 +212,21 @@ pub async fn run(cmd: ServiceCmd, client: &ApiClient, output: Output) -> anyhow:
             let service = client.update_service(&args.spec()?).await?;
             print_one(output, &service, |s| {
                 print_services(std::slice::from_ref(s))
+            })
+        }
+        ServiceCmd::Import(args) => {
+            let import = args.import(&args.read()?)?;
+            let r = client.import_services(&import).await?;
+            print_one(output, &r, |r| {
+                outln!(
+                    "{}: {} services: {} created, {} updated, {} unchanged; {} deleted",
+                    args.source(),
+                    r.ids.len(),
+                    r.created,
+                    r.updated,
+                    r.unchanged,
+                    r.deleted.len()
+                )
             })
         }
         ServiceCmd::List => {
@@ -331,6 +403,30 @@ mod tests {
         assert_eq!(spec.backends[1].weight, Some(3));
         assert_eq!(spec.algorithm.as_deref(), Some("maglev"));
         assert_eq!(spec.affinity, Some(ServiceAffinity { timeout_secs: 600 }));
+    }
+
+    fn import_of(text: &str) -> anyhow::Result<ServiceImport> {
+        match Cli::try_parse_from(["cilia", "import", "--prune", "f.yaml"])?.cmd {
+            ServiceCmd::Import(a) => a.import(text),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn import_reads_a_yaml_or_json_list_of_specs() {
+        let yaml = "- frontend: 192.0.2.10:80/tcp\n  backends: [{address: 10.0.0.1:80}]\n- id: 7\n  frontend: '[2001:db8::10]:53/udp'\n  backends: []\n  algorithm: maglev\n";
+        let i = import_of(yaml).expect("yaml");
+        assert!(i.prune);
+        assert_eq!(i.services.len(), 2);
+        assert_eq!(i.services[1].id, Some(7));
+        assert_eq!(i.services[0].backends[0].address, "10.0.0.1:80");
+        let json = r#"[{"frontend":"192.0.2.10:80/tcp","backends":[{"address":"10.0.0.1:80"}]}]"#;
+        assert_eq!(import_of(json).expect("json").services.len(), 1);
+        let e = import_of("- frontend: 192.0.2.10:80/tcp\n  backend: []\n").expect_err("typo");
+        assert!(
+            e.to_string().contains("f.yaml") && e.to_string().contains("backend"),
+            "{e}"
+        );
     }
 
     #[test]

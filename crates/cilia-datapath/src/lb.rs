@@ -206,11 +206,26 @@ impl BpfDatapath {
                 ),
             ));
         }
-        let known: StdHashMap<u32, LbBackend> =
-            self.lb_backends()?.into_iter().map(|b| (b.id, b)).collect();
+        // One lookup per slot, not a dump of the backends map: a service
+        // update costs O(its backends), not O(all backends).
+        let mut known: StdHashMap<u32, Option<LbBackend>> = StdHashMap::new();
+        {
+            let map = lock(&self.lb.backends);
+            for id in &service.slots {
+                if known.contains_key(id) {
+                    continue;
+                }
+                let backend = match map.get(id, 0) {
+                    Ok(value) => LbBackend::decode(*id, &value),
+                    Err(e) if is_not_found(&e) => None,
+                    Err(e) => return Err(DatapathError::map(MAP_LB_BACKENDS, e)),
+                };
+                known.insert(*id, backend);
+            }
+        }
         let v6 = service.frontend.addr.is_ipv6();
         for id in &service.slots {
-            match known.get(id) {
+            match known.get(id).and_then(Option::as_ref) {
                 None => {
                     return Err(invalid(
                         name,

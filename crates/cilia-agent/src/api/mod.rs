@@ -286,6 +286,7 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, AppError
         list_services,
         get_service,
         update_service,
+        import_services,
         delete_service,
         bpf_lb,
         get_prefilter,
@@ -320,6 +321,8 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, AppError
         cilia_api::NodeStatusEntry,
         cilia_api::ServiceSpec,
         cilia_api::ServiceBackendSpec,
+        cilia_api::ServiceImport,
+        cilia_api::ServiceImportResult,
         cilia_api::ServiceAffinity,
         cilia_api::Service,
         cilia_api::ServiceBackend,
@@ -494,6 +497,10 @@ pub fn router(state: Shared, metrics: crate::metrics::AgentMetrics) -> Router {
             get(services::list_services).post(services::update_service),
         )
         .route(
+            "/v1/services/import",
+            axum::routing::post(services::import_services),
+        )
+        .route(
             "/v1/services/{id}",
             get(services::get_service).delete(services::delete_service),
         )
@@ -637,6 +644,62 @@ mod tests {
             external_traffic_policy: None,
         };
         Bytes::from(serde_json::to_vec(&spec).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_service_import_is_400_listing_each_refused_entry_or_applies_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = agent_state(dir.path());
+        let body = |specs: &[Bytes], prune: bool| {
+            let services: Vec<serde_json::Value> = specs
+                .iter()
+                .map(|b| serde_json::from_slice(b).unwrap())
+                .collect();
+            Bytes::from(
+                serde_json::to_vec(&serde_json::json!({"services": services, "prune": prune}))
+                    .unwrap(),
+            )
+        };
+        let bad = services::import_services(
+            State(state.clone()),
+            body(
+                &[
+                    service_spec(None, "192.0.2.10:80/tcp", &["10.0.0.1:80"]),
+                    service_spec(None, "192.0.2.11:80", &["10.0.0.1:80"]),
+                ],
+                false,
+            ),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            (bad.0, bad.1.code.as_str()),
+            (StatusCode::BAD_REQUEST, "invalid-services")
+        );
+        assert!(
+            bad.1.message.contains(
+                "1 of 2 entries refused, nothing applied: services[1].frontend: \"192.0.2.11:80\""
+            ),
+            "{}",
+            bad.1.message
+        );
+        let list = services::list_services(State(state.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("{:?}", e.1));
+        assert!(list.0.is_empty());
+        let done = services::import_services(
+            State(state.clone()),
+            body(
+                &[
+                    service_spec(None, "192.0.2.10:80/tcp", &["10.0.0.1:80"]),
+                    service_spec(Some(7), "192.0.2.11:80/tcp", &["10.0.0.1:80"]),
+                ],
+                true,
+            ),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{:?}", e.1));
+        assert_eq!((done.0.ids, done.0.created), (vec![1, 7], 2));
     }
 
     #[tokio::test]

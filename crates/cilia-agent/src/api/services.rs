@@ -6,7 +6,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use cilia_api::{ApiError, BpfLb, Service, ServiceSpec};
+use cilia_api::{ApiError, BpfLb, Service, ServiceImport, ServiceImportResult, ServiceSpec};
 
 use super::{json_body, AppError, Shared};
 use crate::service::{ServiceError, Services};
@@ -16,6 +16,7 @@ impl From<ServiceError> for AppError {
         let msg = e.to_string();
         let (status, code) = match &e {
             ServiceError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid-service"),
+            ServiceError::Refused { .. } => (StatusCode::BAD_REQUEST, "invalid-services"),
             ServiceError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
             ServiceError::NodePortUnavailable { .. } => {
                 (StatusCode::BAD_REQUEST, "nodeport-unavailable")
@@ -71,6 +72,19 @@ pub(super) async fn update_service(
 ) -> Result<Json<Service>, AppError> {
     let spec: ServiceSpec = json_body(&body)?;
     with_services(&state, move |s| s.update(&spec))
+        .await
+        .map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/services/import", request_body = ServiceImport,
+    responses((status = 200, body = ServiceImportResult),
+        (status = 400, body = ApiError, description = "invalid-services: each refused entry as services[INDEX].FIELD: reason; nothing applied")))]
+pub(super) async fn import_services(
+    State(state): State<Shared>,
+    body: Bytes,
+) -> Result<Json<ServiceImportResult>, AppError> {
+    let import: ServiceImport = json_body(&body)?;
+    with_services(&state, move |s| s.import(&import.services, import.prune))
         .await
         .map(Json)
 }

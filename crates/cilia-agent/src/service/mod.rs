@@ -48,6 +48,14 @@ pub enum ServiceError {
     /// (HTTP 400).
     #[error("service {id}: frontend {frontend} is a NodePort (every address of the node): it needs the node's underlay device, which the agent serves in multi-node mode (--kvstore etcd)")]
     NodePortUnavailable { id: u16, frontend: String },
+    /// Entries of an import refused (HTTP 400); nothing was applied.
+    #[error("{}", refused_message(*.total, .errors))]
+    Refused {
+        /// Entries in the import.
+        total: usize,
+        /// Each refused entry, by index.
+        errors: Vec<EntryError>,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The change is stored; the datapath did not take it (it is written
@@ -62,6 +70,71 @@ pub enum ServiceError {
         context: &'static str,
         error: Box<DatapathError>,
     },
+}
+
+/// Why one entry of an import was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryError {
+    /// Its index in the import's list.
+    pub index: usize,
+    /// The field, as the API names it (`frontend`, `backends[1].state`, …).
+    pub field: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for EntryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "services[{}].{}: {}",
+            self.index, self.field, self.reason
+        )
+    }
+}
+
+impl EntryError {
+    fn new(index: usize, field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            index,
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// An entry's model error, under the field it names.
+    fn lb(index: usize, e: &LbError) -> Self {
+        match e {
+            LbError::Frontend { input, reason } => {
+                Self::new(index, "frontend", format!("{input:?}: {reason}"))
+            }
+            LbError::Backend { input, reason } => {
+                Self::new(index, "backends", format!("{input:?}: {reason}"))
+            }
+            LbError::Field { field, reason } => Self::new(index, field.clone(), reason.clone()),
+        }
+    }
+}
+
+/// How many refused entries an error message lists (the count says the rest).
+const REFUSED_LISTED: usize = 20;
+
+fn refused_message(total: usize, errors: &[EntryError]) -> String {
+    let listed: Vec<String> = errors
+        .iter()
+        .take(REFUSED_LISTED)
+        .map(ToString::to_string)
+        .collect();
+    let more = errors.len().saturating_sub(REFUSED_LISTED);
+    format!(
+        "services: {} of {total} entries refused, nothing applied: {}{}",
+        errors.len(),
+        listed.join("; "),
+        if more > 0 {
+            format!("; and {more} more")
+        } else {
+            String::new()
+        }
+    )
 }
 
 /// How external clients of a NodePort service reach a backend on another
@@ -353,20 +426,23 @@ impl Services {
 
     /// The stored services with their backend ids.
     pub fn list(&self) -> Result<Vec<cilia_api::Service>, ServiceError> {
-        let stored = self.store.services()?;
-        Ok(stored
-            .services
-            .values()
-            .map(|s| service_view(s, &stored.backend_ids))
-            .collect())
+        Ok(self.store.with_services(|stored| {
+            stored
+                .services
+                .values()
+                .map(|s| service_view(s, &stored.backend_ids))
+                .collect()
+        })?)
     }
 
     pub fn get(&self, id: u16) -> Result<cilia_api::Service, ServiceError> {
-        let stored = self.store.services()?;
-        stored
-            .services
-            .get(&id)
-            .map(|s| service_view(s, &stored.backend_ids))
+        self.store
+            .with_services(|stored| {
+                stored
+                    .services
+                    .get(&id)
+                    .map(|s| service_view(s, &stored.backend_ids))
+            })?
             .ok_or(ServiceError::NotFound(id))
     }
 
@@ -375,8 +451,9 @@ impl Services {
     pub fn update(&self, spec: &ServiceSpec) -> Result<cilia_api::Service, ServiceError> {
         let mut service = parse_spec(spec)?;
         let _w = self.lock();
-        let stored = self.store.services()?;
-        service.id = decide_id(&service, spec.id, &stored)?;
+        service.id = self
+            .store
+            .with_services(|stored| decide_id(&service, spec.id, stored))??;
         service.validate()?;
         if service.is_nodeport() && self.nodeport.is_none() {
             return Err(ServiceError::NodePortUnavailable {
@@ -387,6 +464,59 @@ impl Services {
         let change = self.store.put_service(&service)?;
         self.apply(&service, &change)?;
         Ok(service_view(&service, &change.backend_ids))
+    }
+
+    /// Creates or replaces many services (each as [`Self::update`] would;
+    /// with `prune`, also deletes the stored services the list does not
+    /// name). All entries are checked first, against each other and the
+    /// stored services: any refusal applies nothing. Then one store
+    /// transaction, then the datapath: removed frontends first (deleted
+    /// services, changed frontends), then every entry, then released
+    /// backends.
+    pub fn import(
+        &self,
+        specs: &[ServiceSpec],
+        prune: bool,
+    ) -> Result<cilia_api::ServiceImportResult, ServiceError> {
+        let _w = self.lock();
+        let stored = self.store.services()?;
+        let plan = plan_import(specs, prune, &stored, self.nodeport.is_some())?;
+        let mut result = cilia_api::ServiceImportResult {
+            ids: plan.services.iter().map(|s| s.id).collect(),
+            ..Default::default()
+        };
+        let mut puts = Vec::new();
+        for service in &plan.services {
+            match stored.services.get(&service.id) {
+                None => result.created += 1,
+                Some(old) if old == service => result.unchanged += 1,
+                Some(_) => result.updated += 1,
+            }
+            if stored.services.get(&service.id) != Some(service) {
+                puts.push(service.clone());
+            }
+        }
+        let change = self.store.change_services(&puts, &plan.deletes)?;
+        result.deleted = change.deleted.iter().map(|s| s.id).collect();
+        // Frontends no service has any more go first: an entry may take a
+        // frontend another service (deleted, or moved) had.
+        let moved = puts
+            .iter()
+            .zip(&change.previous)
+            .filter_map(|(new, old)| old.as_ref().filter(|o| o.frontend != new.frontend));
+        for gone in change.deleted.iter().chain(moved) {
+            self.datapath
+                .remove_lb_service(&cilia_lb::rows::frontend_row(gone), gone.id)
+                .map_err(|error| ServiceError::Datapath {
+                    id: gone.id,
+                    error: Box::new(error),
+                })?;
+        }
+        for service in &plan.services {
+            self.write(service, &change.backend_ids, None)?;
+        }
+        self.release(plan.services.first().map_or(0, |s| s.id), &change.released)?;
+        Ok(result)
     }
 
     /// Writes a committed change to the datapath: the service (after its
@@ -486,6 +616,154 @@ impl Services {
             backends,
         })
     }
+}
+
+/// An import, checked: its services with their ids, in the order given,
+/// and the ids `prune` deletes.
+#[derive(Debug)]
+struct ImportPlan {
+    services: Vec<Service>,
+    deletes: Vec<u16>,
+}
+
+/// Checks an import against itself and `stored`, deciding the ids of the
+/// entries without one (the stored service of their frontend's, else the
+/// lowest id free after the import). Lists every refused entry.
+fn plan_import(
+    specs: &[ServiceSpec],
+    prune: bool,
+    stored: &StoredServices,
+    nodeport: bool,
+) -> Result<ImportPlan, ServiceError> {
+    use std::collections::btree_map::Entry;
+    let mut errors = Vec::new();
+    let mut parsed: Vec<Option<Service>> = Vec::with_capacity(specs.len());
+    // Ids and frontends the entries give, each to its first entry.
+    let mut given_ids: BTreeMap<u16, usize> = BTreeMap::new();
+    let mut frontends: BTreeMap<Frontend, usize> = BTreeMap::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let service = match parse_spec(spec) {
+            Ok(s) => s,
+            Err(e) => {
+                errors.push(EntryError::lb(i, &e));
+                parsed.push(None);
+                continue;
+            }
+        };
+        if let Some(id) = spec.id {
+            match given_ids.entry(id) {
+                Entry::Vacant(v) => {
+                    v.insert(i);
+                }
+                Entry::Occupied(o) => errors.push(EntryError::new(
+                    i,
+                    "id",
+                    format!("{id} is also given by services[{}]", o.get()),
+                )),
+            }
+        }
+        match frontends.entry(service.frontend) {
+            Entry::Vacant(v) => {
+                v.insert(i);
+            }
+            Entry::Occupied(o) => errors.push(EntryError::new(
+                i,
+                "frontend",
+                format!(
+                    "{} is also given by services[{}]",
+                    service.frontend,
+                    o.get()
+                ),
+            )),
+        }
+        if service.is_nodeport() && !nodeport {
+            errors.push(EntryError::new(
+                i,
+                "frontend",
+                format!("{} is a NodePort (every address of the node): it needs the node's underlay device, which the agent serves in multi-node mode (--kvstore etcd)", service.frontend),
+            ));
+        }
+        parsed.push(Some(service));
+    }
+    let stored_by_frontend: BTreeMap<Frontend, u16> = stored
+        .services
+        .values()
+        .map(|s| (s.frontend, s.id))
+        .collect();
+    // An entry without id keeps its frontend's stored id, unless another
+    // entry gives that id (to another frontend).
+    for (i, service) in parsed.iter_mut().enumerate() {
+        if let Some(s) = service.as_mut().filter(|_| specs[i].id.is_none()) {
+            if let Some(id) = stored_by_frontend.get(&s.frontend) {
+                if !given_ids.contains_key(id) {
+                    s.id = *id;
+                    given_ids.insert(*id, i);
+                }
+            }
+        }
+    }
+    // The services after the import, but for the entries still without id.
+    let mut after: BTreeMap<u16, Frontend> = if prune {
+        BTreeMap::new()
+    } else {
+        stored
+            .services
+            .values()
+            .map(|s| (s.id, s.frontend))
+            .collect()
+    };
+    for s in parsed.iter().flatten().filter(|s| s.id != 0) {
+        after.insert(s.id, s.frontend);
+    }
+    let mut free = 1u16;
+    for (i, service) in parsed.iter_mut().enumerate() {
+        let Some(s) = service.as_mut() else { continue };
+        if s.id == 0 {
+            while after.contains_key(&free) {
+                match free.checked_add(1) {
+                    Some(n) => free = n,
+                    None => return Err(ServiceError::IdsExhausted),
+                }
+            }
+            s.id = free;
+            after.insert(free, s.frontend);
+        }
+        // A stored service kept by the import that has this frontend under
+        // another id.
+        if let Some(other) = stored_by_frontend.get(&s.frontend) {
+            if *other != s.id && after.get(other) == Some(&s.frontend) {
+                errors.push(EntryError::new(
+                    i,
+                    "frontend",
+                    format!("{} is already used by service {other}", s.frontend),
+                ));
+                continue;
+            }
+        }
+        if let Err(e) = s.validate() {
+            errors.push(EntryError::lb(i, &e));
+        }
+    }
+    if !errors.is_empty() {
+        errors.sort_by_key(|e| e.index);
+        return Err(ServiceError::Refused {
+            total: specs.len(),
+            errors,
+        });
+    }
+    let services: Vec<Service> = parsed.into_iter().flatten().collect();
+    let deletes = if prune {
+        let kept: std::collections::BTreeSet<u16> = services.iter().map(|s| s.id).collect();
+        stored
+            .services
+            .keys()
+            .copied()
+            .filter(|id| !kept.contains(id))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(ImportPlan { services, deletes })
 }
 
 /// The id a spec's service gets: the given one (its frontend must not be

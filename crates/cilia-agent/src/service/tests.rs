@@ -301,3 +301,185 @@ fn a_datapath_failure_is_reported_and_the_next_update_heals_it() {
     f.services.update(&spec(Some(8), V6, &[B1])).expect("again");
     assert_eq!(f.dp.lb_services().expect("services").len(), 1);
 }
+
+const V4: &str = "192.0.2.10:80/tcp";
+const V4B: &str = "192.0.2.11:80/tcp";
+
+fn v4(n: u16) -> String {
+    format!("192.0.2.{}:{}/tcp", n % 250 + 1, 1000 + n / 250)
+}
+
+#[test]
+fn an_import_creates_all_entries_in_order_with_the_lowest_free_ids() {
+    let f = fixture();
+    f.services
+        .update(&spec(Some(2), V4, &["10.0.0.1:80"]))
+        .expect("create");
+    let r = f
+        .services
+        .import(
+            &[
+                spec(None, V6, &[B1]),
+                spec(None, V4, &["10.0.0.2:80"]),
+                spec(Some(9), V4B, &["10.0.0.1:80"]),
+                spec(None, "192.0.2.12:80/tcp", &["10.0.0.1:80"]),
+            ],
+            false,
+        )
+        .expect("import");
+    // V6: lowest free; V4: its stored service's id; then the given id;
+    // then the next free one.
+    assert_eq!(r.ids, vec![1, 2, 9, 3]);
+    assert_eq!((r.created, r.updated, r.unchanged), (3, 1, 0));
+    assert!(r.deleted.is_empty());
+    assert_eq!(f.services.list().expect("list").len(), 4);
+    assert_eq!(f.dp.lb_services().expect("services").len(), 4);
+    // Shared backend addresses have one id.
+    assert_eq!(f.dp.lb_backends().expect("backends").len(), 3);
+    let again = f
+        .services
+        .import(&[spec(None, V6, &[B1])], false)
+        .expect("again");
+    assert_eq!((again.ids, again.unchanged), (vec![1], 1));
+}
+
+#[test]
+fn a_refused_entry_applies_nothing_and_every_refusal_names_index_and_field() {
+    let f = fixture();
+    f.services
+        .update(&spec(Some(5), V4, &["10.0.0.1:80"]))
+        .expect("create");
+    let before = f.services.list().expect("list");
+    let mut bad_state = spec(None, "192.0.2.20:80/tcp", &["10.0.0.1:80"]);
+    bad_state.backends[0].state = Some("gone".into());
+    let e = f
+        .services
+        .import(
+            &[
+                spec(None, V6, &[B1]),                  // fine
+                spec(Some(6), V4, &["10.0.0.2:80"]),    // frontend of service 5
+                spec(None, "192.0.2.10:80", &[]),       // no protocol
+                bad_state,                              // backends[0].state
+                spec(Some(7), V6, &[B2]),               // V6 twice in the import
+                spec(None, V4B, &["[2001:db8::1]:80"]), // other family
+            ],
+            false,
+        )
+        .expect_err("refused");
+    let ServiceError::Refused { total, errors } = &e else {
+        panic!("{e}")
+    };
+    assert_eq!(*total, 6);
+    let got: Vec<(usize, &str)> = errors.iter().map(|e| (e.index, e.field.as_str())).collect();
+    assert_eq!(
+        got,
+        vec![
+            (1, "frontend"),
+            (2, "frontend"),
+            (3, "backends[0].state"),
+            (4, "frontend"),
+            (5, "backends"),
+        ]
+    );
+    let msg = e.to_string();
+    assert!(
+        msg.contains("5 of 6 entries refused, nothing applied"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("services[1].frontend: 192.0.2.10:80/tcp is already used by service 5"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("services[4].frontend: [2001:db8::10]:80/tcp is also given by services[0]"),
+        "{msg}"
+    );
+    assert_eq!(f.services.list().expect("list"), before, "store unchanged");
+    assert_eq!(
+        f.dp.lb_services().expect("services").len(),
+        1,
+        "datapath unchanged"
+    );
+}
+
+#[test]
+fn an_import_with_prune_makes_the_list_the_whole_set() {
+    let f = fixture();
+    for n in 1..=5u16 {
+        f.services
+            .update(&spec(Some(n), &v4(n), &[&format!("10.0.1.{n}:80")]))
+            .expect("create");
+    }
+    let r = f
+        .services
+        .import(
+            &[
+                spec(Some(2), &v4(2), &["10.0.1.2:80"]),
+                // Service 4's frontend moves to a new service, 4 is pruned.
+                spec(Some(40), &v4(4), &["10.0.1.4:80"]),
+            ],
+            true,
+        )
+        .expect("import");
+    assert_eq!(r.ids, vec![2, 40]);
+    assert_eq!(r.deleted, vec![1, 3, 4, 5]);
+    assert_eq!((r.created, r.unchanged), (1, 1));
+    let ids: Vec<u16> = f
+        .services
+        .list()
+        .expect("list")
+        .iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(ids, vec![2, 40]);
+    let rows = f.dp.lb_services().expect("services");
+    let kernel: Vec<u16> = rows.iter().map(|r| r.rev_nat).collect();
+    assert_eq!(kernel, vec![2, 40]);
+    assert_eq!(f.dp.lb_backends().expect("backends").len(), 2, "released");
+}
+
+#[test]
+fn an_import_may_swap_the_frontends_of_two_services() {
+    let f = fixture();
+    f.services
+        .update(&spec(Some(1), V4, &["10.0.0.1:80"]))
+        .expect("1");
+    f.services
+        .update(&spec(Some(2), V4B, &["10.0.0.2:80"]))
+        .expect("2");
+    f.services
+        .import(
+            &[
+                spec(Some(1), V4B, &["10.0.0.1:80"]),
+                spec(Some(2), V4, &["10.0.0.2:80"]),
+            ],
+            false,
+        )
+        .expect("swap");
+    let rows = f.dp.lb_services().expect("services");
+    assert_eq!(rows.len(), 2);
+    for row in rows {
+        let want = if row.rev_nat == 1 { V4B } else { V4 };
+        let stored = f.services.get(row.rev_nat).expect("stored");
+        assert_eq!(stored.frontend, want);
+        assert_eq!(
+            row.frontend,
+            cilia_lb::rows::frontend_row(
+                &parse_spec(&spec(Some(row.rev_nat), want, &[])).expect("spec")
+            )
+        );
+    }
+}
+
+#[test]
+fn thousands_of_services_import_in_one_store_commit() {
+    let f = fixture();
+    let specs: Vec<ServiceSpec> = (1..=3000u16)
+        .map(|n| spec(None, &v4(n), &["10.0.0.1:80"]))
+        .collect();
+    let revision = f.store.kv_revision().expect("revision");
+    let r = f.services.import(&specs, false).expect("import");
+    assert_eq!(r.created, 3000);
+    assert_eq!(f.store.kv_revision().expect("revision"), revision + 1);
+    assert_eq!(f.dp.lb_services().expect("services").len(), 3000);
+}

@@ -48,7 +48,7 @@ use serde::{Deserialize, Serialize};
 use crate::ipam::{IpamError, Pool};
 
 mod services;
-pub use services::{ServiceChange, StoredServices};
+pub use services::{ServiceChange, ServicesChange, StoredServices};
 
 const ENDPOINTS: &str = "cilia/endpoints/";
 const IPAM: &str = "cilia/ipam/allocated/";
@@ -300,6 +300,11 @@ pub struct Store {
     /// Set once when the node joins a cluster; a lock because it is set
     /// after the store is shared (read at every change, written once).
     allocator: RwLock<Option<Arc<dyn IdentityAllocator>>>,
+    /// The stored services, decoded, as of a revision of the services
+    /// (see `services.rs`): a service change costs O(its backends + log n)
+    /// rather than decoding every service. A lock because service changes
+    /// update it after their commit; readers only `try_lock` it.
+    services_cache: Mutex<Option<services::ServicesCache>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -355,7 +360,14 @@ impl Store {
             kv: Box::new(kv),
             writer: Mutex::new(()),
             allocator: RwLock::new(None),
+            services_cache: Mutex::new(None),
         })
+    }
+
+    /// The kvstore's revision: one more per committed change.
+    #[cfg(test)]
+    pub(crate) fn kv_revision(&self) -> Result<Revision, StoreError> {
+        Ok(self.kv.revision()?)
     }
 
     /// Makes identities of label sets new to this node come from
@@ -431,6 +443,15 @@ impl Store {
         &self,
         f: impl FnOnce(&mut Change) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        self.change_at(f).map(|(out, _)| out)
+    }
+
+    /// [`Self::change`], also returning the revision it committed at (the
+    /// `mod_revision` of every key it wrote).
+    fn change_at<T>(
+        &self,
+        f: impl FnOnce(&mut Change) -> Result<T, StoreError>,
+    ) -> Result<(T, Revision), StoreError> {
         // The lock guards no data, only the order of changes: a poisoned
         // one is as good as a clean one.
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
@@ -460,7 +481,7 @@ impl Store {
         &self,
         f: impl FnOnce(&mut Change) -> Result<T, StoreError>,
         change: &mut Change,
-    ) -> Result<T, StoreError> {
+    ) -> Result<(T, Revision), StoreError> {
         let out = f(change)?;
         let mut ops: Vec<Op> = std::mem::take(&mut change.writes)
             .into_iter()
@@ -476,7 +497,7 @@ impl Store {
         if !done.succeeded {
             return Err(StoreError::Conflict);
         }
-        Ok(out)
+        Ok((out, done.revision))
     }
 
     pub fn endpoints(&self) -> Result<Vec<EndpointRecord>, StoreError> {
