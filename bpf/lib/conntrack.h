@@ -221,6 +221,15 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const 
 	 * backend: it is never a flow of its own, nor the forward entry of a
 	 * reply; a packet meeting it (the service is gone) starts a flow. */
 	live = ct && ct->expires > now && !(ct->flags & CILIA_CT_SERVICE);
+	/* A packet the load balancer translated for service `rev_nat` that
+	 * meets the entry of another flow with the same translated tuple (a
+	 * direct flow to the backend closed a moment ago from the same client
+	 * port, or a flow of another service): the tuple now names this
+	 * service flow, which starts here like any new flow (its policy
+	 * decided at this revision, the entry's slot reused). Kept, the old
+	 * entry would leave the backend's replies without their rev-NAT. */
+	if (live && rev_nat && ct->rev_nat != rev_nat)
+		live = 0;
 	if (live && ct->policy_rev == rev) {
 		ct->expires = now + ct_lifetime(f, ct->flags);
 		d->ct_state = CILIA_CT_STATE_ESTABLISHED;

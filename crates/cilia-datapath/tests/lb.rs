@@ -196,6 +196,56 @@ fn reply_of_the_backend_carries_the_frontend_as_source() {
     }
 }
 
+/// A client port that just spoke to the backend directly (its flow
+/// closed, its entry still there for a few seconds) and now connects to
+/// the frontend: the translated tuple is the same, and the new service
+/// flow must win it, or the backend's SYN-ACK would reach the client from
+/// the backend's address and the connect would time out.
+#[test]
+fn service_flow_reusing_the_tuple_of_a_closed_direct_flow_gets_its_rev_nat() {
+    privileged!("lb_reuse");
+    let fx = Fixture::new();
+    let (a, b) = (fx.program(1), fx.program(2));
+    for v6 in [true, false] {
+        fx.service(v6, IPPROTO_TCP, vec![10]);
+        let (cl, be) = (client(v6, 40011), backend_addr(v6, true));
+        // The direct flow: SYN, SYN-ACK, then FIN and RST.
+        for (pkt, prog, want) in [
+            (tcp_packet(cl, be, 0x02, A_FROM), &a, be),
+            (tcp_packet(be, cl, 0x12, B_FROM), &b, be),
+            (tcp_packet(cl, be, 0x11, A_FROM), &a, be),
+            (tcp_packet(be, cl, 0x04, B_FROM), &b, be),
+        ] {
+            let out = prog.run(&pkt).unwrap();
+            assert_eq!(out.verdict, TC_ACT_REDIRECT, "direct flow (v6 {v6})");
+            let (src, dst, _) = parse(&out.packet);
+            assert!(
+                src == want || dst == want,
+                "direct flow untranslated (v6 {v6})"
+            );
+        }
+        // The same client port to the frontend: translated to the same tuple.
+        let out = a.run(&tcp_packet(cl, frontend(v6), 0x02, A_FROM)).unwrap();
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        assert_eq!(parse(&out.packet).1, be, "translated to the backend");
+        let out = b.run(&tcp_packet(be, cl, 0x12, B_FROM)).unwrap();
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        let (src, dst, ok) = parse(&out.packet);
+        assert_eq!(
+            src,
+            frontend(v6),
+            "the SYN-ACK comes from the frontend (v6 {v6})"
+        );
+        assert_eq!(dst, cl);
+        assert!(ok, "checksums valid (v6 {v6})");
+        // And the service flow goes on as one: the next client packet
+        // meets its entry.
+        let out = a.run(&tcp_packet(cl, frontend(v6), 0x10, A_FROM)).unwrap();
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        assert_eq!(parse(&out.packet).1, be);
+    }
+}
+
 #[test]
 fn service_counts_flows_on_selection_and_every_translated_packet() {
     privileged!("lb_stats");
