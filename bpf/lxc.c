@@ -139,14 +139,22 @@ int cil_from_container(struct __sk_buff *skb)
 		if (!dst && !(remote && remote->tunnel_family) && node_route(&f, &route))
 			return deliver_to_node(skb, &f, &p, &d, &route, dir);
 	} else if (d.ct_flags & CILIA_CT_TO_PROXY) {
+		reason = CILIA_LB_FULL ? lb_hairpin_unloop_packet(skb, &f) : 0;
+		if (reason)
+			return drop_decided(skb, &f, &p, &d, reason, dir);
 		return deliver_to_proxy(skb, &f, &p, &d, dir);
 	}
 	if (dst) {
 		/* A service flow back into its own client: from the service
-		 * loopback address (see "Hairpin" in ARCHITECTURE.md). */
-		reason = d.ct_state == CILIA_CT_STATE_REPLY || !CILIA_LB_FULL
-			     ? 0
-			     : lb_hairpin(skb, &f, d.rev_nat);
+		 * loopback address, and its replies to that address readdressed
+		 * (see "Hairpin" in ARCHITECTURE.md). */
+		reason = 0;
+		if (!CILIA_LB_FULL)
+			reason = 0;
+		else if (f.unloop)
+			reason = lb_hairpin_unloop_packet(skb, &f);
+		else if (d.ct_state != CILIA_CT_STATE_REPLY)
+			reason = lb_hairpin(skb, &f, d.rev_nat);
 		if (reason)
 			return drop_decided(skb, &f, &p, &d, reason, dir);
 		return deliver_to_endpoint(skb, &f, &p, &d, dst, dir);

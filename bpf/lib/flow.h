@@ -65,9 +65,9 @@ struct flow {
 	__u8 frag;	/* FLOW_NOT_FRAG, FLOW_FRAG_* */
 	__u8 hop_limit; /* IPv6 hop limit or IPv4 TTL as received */
 	__u8 icmp_type; /* ICMP / ICMPv6 type, when proto is one of them */
-	__u8 pad;
-	__u32 l4_off;  /* offset of the L4 header; 0 when this packet has none */
-	__u32 frag_id; /* fragment identification, when frag != FLOW_NOT_FRAG */
+	__u8 unloop;	/* readdressed from the service loopback address (lb_hairpin_unloop) */
+	__u32 l4_off;	/* offset of the L4 header; 0 when this packet has none */
+	__u32 frag_id;	/* fragment identification, when frag != FLOW_NOT_FRAG */
 	struct ct_key inner;
 };
 
