@@ -289,8 +289,8 @@ struct Applier {
     pods: BTreeMap<String, Result<PodEndpoint, String>>,
     /// Namespace labels as last applied.
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
-    /// Object uid → the key of the policy stored for it.
-    policies: BTreeMap<String, String>,
+    /// Object uid → the key and document of the policy stored for it.
+    policies: BTreeMap<String, (String, String)>,
     /// NetworkPolicy refusals already sent as Events.
     reported: Reported,
     /// Endpoint id → (pod resourceVersion, error) of a relabel that failed:
@@ -483,7 +483,7 @@ impl Applier {
                 Change::Deleted(obj) => {
                     let uid = obj.uid().unwrap_or_default();
                     self.reported.forget(&uid);
-                    if let Some(key) = self.policies.remove(&uid) {
+                    if let Some((key, _)) = self.policies.remove(&uid) {
                         self.delete_policies(vec![key]).await;
                     }
                 }
@@ -502,6 +502,15 @@ impl Applier {
                     p.policy.namespace.as_deref().unwrap_or(""),
                     p.policy.name
                 );
+                let unchanged = self
+                    .policies
+                    .get(&p.source.uid)
+                    .is_some_and(|(k, y)| k == &key && y == &p.yaml);
+                if unchanged {
+                    // A status write or a relist: nothing to re-resolve.
+                    self.report(kind, &obj, None).await;
+                    return;
+                }
                 let state = self.state.clone();
                 let (what, yaml) = (p.source.describe(), p.yaml.clone());
                 let done = tokio::task::spawn_blocking(move || {
@@ -515,7 +524,8 @@ impl Applier {
                 match done {
                     Ok(Ok(change)) => {
                         info!(policy = %p.source.describe(), revision = change.revision, "policy from Kubernetes");
-                        self.policies.insert(p.source.uid.clone(), key);
+                        self.policies
+                            .insert(p.source.uid.clone(), (key, p.yaml.clone()));
                         Ok(())
                     }
                     // Refused by the repository (a limit, a conflict): the
@@ -611,7 +621,7 @@ impl Applier {
         })
         .await
         .unwrap_or_default();
-        let live: BTreeSet<&String> = self.policies.values().collect();
+        let live: BTreeSet<&String> = self.policies.values().map(|(k, _)| k).collect();
         let gone: Vec<String> = stored.into_iter().filter(|k| !live.contains(k)).collect();
         if !gone.is_empty() {
             info!(policies = ?gone, "removing policies whose Kubernetes objects are gone");
