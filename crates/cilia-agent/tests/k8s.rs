@@ -76,6 +76,10 @@ impl K8sNode {
             NODE.into(),
             "--k8s-sync-timeout".into(),
             "15s".into(),
+            // Creates wait for their own programs only: these tests are
+            // about labels and policy, not about the generic program.
+            "--fast-attach".into(),
+            "off".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let agent = TestAgent::start_in(node, AgentOptions::default(), args)
@@ -395,6 +399,23 @@ fn policies_from_the_api_server_are_enforced_reported_and_survive_a_lost_connect
         .unwrap_or_else(|| panic!("{list}"));
     assert_eq!(rule1["source"], "kubernetes", "{rule1}");
     assert_eq!(rule1["kind"], "CiliumNetworkPolicy", "{rule1}");
+    // A policy imported by hand beside it is `local`.
+    let local = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: by-hand, namespace: other}\nspec:\n  endpointSelector: {matchLabels: {app: none}}\n  ingress: [{}]\n";
+    let out = node.agent.cli_stdin(&["policy", "import", "-"], local);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list = node.agent.cli_json(&["policy", "get"]);
+    let by_hand = list["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "by-hand")
+        .cloned()
+        .unwrap_or_else(|| panic!("{list}"));
+    assert_eq!(by_hand["source"], "local", "{by_hand}");
     let table = node.agent.cli_ok(&["policy", "get"]);
     assert!(
         table.contains("SOURCE") && table.contains("kubernetes"),

@@ -176,7 +176,7 @@ fn status_error(code: StatusCode, message: &str) -> Response<Body> {
     )
 }
 
-fn query_param<'a>(query: &'a str, name: &str) -> Option<String> {
+fn query_param(query: &str, name: &str) -> Option<String> {
     query.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;
         (k == name).then(|| v.replace("%3D", "=").replace("%2F", "/"))
