@@ -264,6 +264,11 @@ fn pod_and_namespace_labels_from_the_api_server_make_the_endpoints_identity() {
     let ep = node.cni_add(&ns, "empire", "deathstar");
     let id = ep["id"].as_u64().unwrap();
     assert_eq!(ep["namespace"], "empire", "{ep}");
+    assert_eq!(
+        ep["k8s_pod"],
+        json!({"namespace": "empire", "name": "deathstar"}),
+        "{ep}"
+    );
     let ep = node.wait_endpoint(id, "the pod's labels", |e| {
         e["labels"]["class"] == "deathstar" && e["identity"].as_u64() != Some(INIT_IDENTITY)
     });

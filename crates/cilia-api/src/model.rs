@@ -249,6 +249,8 @@ pub struct Endpoint {
     pub named_ports: Vec<NamedPort>,
     /// The node the endpoint lives on (the agent's node name).
     pub node: Option<String>,
+    /// The Kubernetes pod it is (CNI ADD's `K8S_POD_*`).
+    pub k8s_pod: Option<K8sPodRef>,
 }
 
 /// `PUT /v1/endpoints/{id}/config`.
@@ -572,6 +574,7 @@ mod tests {
             policy_audit: false,
             named_ports: Vec::new(),
             node: None,
+            k8s_pod: None,
         }
     }
 

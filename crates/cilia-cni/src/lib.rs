@@ -1144,6 +1144,7 @@ mod tests {
                 policy_audit: false,
                 named_ports: req.named_ports.clone(),
                 node: None,
+                k8s_pod: req.k8s_pod.clone(),
             };
             self.eps.borrow_mut().push(ep.clone());
             Ok(ep)
