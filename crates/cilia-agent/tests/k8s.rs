@@ -43,14 +43,16 @@ fn pod(ns: &str, name: &str, labels: Value) -> Value {
                                     "ports": [{"name": "http", "containerPort": 80, "protocol": "TCP"}]}]}})
 }
 
-/// The Star Wars rule 1: only the empire's ships reach the deathstar on TCP 80.
+/// The Star Wars rule 1: only the empire's ships reach the deathstar on TCP
+/// 80 — by the port's name, `http`, which only the deathstar pod's container
+/// declares (named ports come from the pod).
 fn cnp_rule1(ns: &str) -> Value {
     json!({"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
            "metadata": {"name": "rule1", "namespace": ns},
            "spec": {"description": "L3-L4 policy to restrict deathstar access to empire ships only",
                     "endpointSelector": {"matchLabels": {"org": "empire", "class": "deathstar"}},
                     "ingress": [{"fromEndpoints": [{"matchLabels": {"org": "empire"}}],
-                                 "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}]}]}})
+                                 "toPorts": [{"ports": [{"port": "http", "protocol": "TCP"}]}]}]}})
 }
 
 /// An agent watching a fake API server that already holds `objects`.
