@@ -13,6 +13,7 @@ pub mod datapath;
 pub mod endpoint;
 pub mod health;
 pub mod ipam;
+pub mod k8s;
 pub mod lbaccel;
 pub mod mesh;
 pub mod metrics;
@@ -81,6 +82,9 @@ pub struct AgentConfig {
     pub fast_attach: bool,
     /// NodePort in XDP on the underlay device (`--lb-acceleration`).
     pub lb_acceleration: lbaccel::LbAccelerationFlag,
+    /// The Kubernetes API server to take pods, namespaces and policies
+    /// from (`--k8s-kubeconfig`, `--k8s-in-cluster`); `None`: none.
+    pub k8s: Option<cilia_k8s::config::K8sConfig>,
 }
 
 /// Where the agent keeps cluster-wide state.
@@ -333,12 +337,19 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     } else {
         None
     };
+    // The watches start at once; their lists are applied once the agent's
+    // state exists, and awaited before it serves.
+    let k8s_watches = match &config.k8s {
+        Some(k) => Some(k8s::Watches::start(k).await?),
+        None => None,
+    };
     let mut manager = EndpointManager::new(
         store,
         datapath.clone(),
         Box::new(endpoint::netdev::Rtnetlink),
         pools,
     );
+    manager.kubernetes = k8s_watches.is_some();
     manager.mtu = node_dp.as_ref().map(|n| n.endpoint_mtu);
     let serves_underlay = node_dp.is_some();
     let underlay = node_dp.as_ref().map(|n| lbaccel::UnderlayDevice {
@@ -530,6 +541,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         services,
         prefilter,
         lb_acceleration,
+        k8s: k8s_watches.as_ref().map(|w| w.view.clone()),
     });
     let _health_threads = health_threads;
     if config.fast_attach {
@@ -549,6 +561,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             .spawn(move || l.run_events(events, p, dp))
             .context("starting the cluster event thread")?;
         tokio::spawn(link.publish_local_ips(state.store.clone(), l7_summary.clone()));
+    }
+    if let Some(watches) = k8s_watches {
+        watches.apply(state.clone()).await?;
     }
     if let Some(l) = peer_listener {
         let addr = l.local_addr()?;

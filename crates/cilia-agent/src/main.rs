@@ -65,10 +65,25 @@ struct Args {
     /// The `cilia-proxy` executable; default: beside `cilia-agent`.
     #[arg(long, env = "CILIA_PROXY_BIN")]
     proxy_bin: Option<PathBuf>,
-    /// This node's name, unique in the cluster; default: the lowercased
-    /// host name.
+    /// This node's name, unique in the cluster (with Kubernetes: the pods'
+    /// `spec.nodeName`); default: `K8S_NODE_NAME` (the DaemonSet's downward
+    /// API), else the lowercased host name.
     #[arg(long, env = "CILIA_NODE_NAME")]
     node_name: Option<String>,
+    /// Watch this Kubernetes API server (a kubeconfig file, its current
+    /// context) for pods on this node, namespaces and network policies.
+    /// Default: no Kubernetes.
+    #[arg(long, env = "CILIA_K8S_KUBECONFIG", conflicts_with = "k8s_in_cluster")]
+    k8s_kubeconfig: Option<PathBuf>,
+    /// Watch the API server of the cluster the agent runs in (its pod's
+    /// service account).
+    #[arg(long, env = "CILIA_K8S_IN_CLUSTER")]
+    k8s_in_cluster: bool,
+    /// How long start-up waits for the first lists of every watched kind
+    /// (`60s`, `2m`); the agent then fails naming the kinds missing.
+    #[arg(long, env = "CILIA_K8S_SYNC_TIMEOUT", default_value = "60s",
+          value_parser = humantime::parse_duration)]
+    k8s_sync_timeout: std::time::Duration,
     /// The node's underlay address: the device holding it carries tunnel
     /// and native-routing traffic. Default: the source address of the
     /// default route.
@@ -215,9 +230,23 @@ async fn agent_main() {
         }
         None => None,
     };
-    let node_name = args
-        .node_name
-        .unwrap_or_else(cilia_agent::default_node_name);
+    let node_name = cilia_k8s::config::node_name(
+        args.node_name.as_deref(),
+        std::env::var("K8S_NODE_NAME").ok().as_deref(),
+        &cilia_agent::default_node_name(),
+    );
+    let k8s = match cilia_agent::k8s::config_from_flags(
+        args.k8s_kubeconfig,
+        args.k8s_in_cluster,
+        &node_name,
+        args.k8s_sync_timeout,
+    ) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("cilia-agent: {e:#}");
+            std::process::exit(2);
+        }
+    };
     let cluster = ClusterOptions {
         health_netns: args
             .health_netns
@@ -254,6 +283,7 @@ async fn agent_main() {
         prefilter_devices: args.prefilter_device,
         fast_attach: args.fast_attach == OnOff::On,
         lb_acceleration: args.lb_acceleration,
+        k8s,
     };
     if let Err(e) = cilia_agent::run(config).await {
         eprintln!("cilia-agent: {e:#}");
@@ -284,6 +314,52 @@ mod tests {
             let e = maglev_table_size(bad).expect_err(bad);
             assert!(e.contains(reason), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn kubernetes_is_off_unless_asked_for() {
+        let args = Args::try_parse_from(["cilia-agent"]).expect("defaults parse");
+        assert_eq!(
+            (args.k8s_kubeconfig.as_ref(), args.k8s_in_cluster),
+            (None, false)
+        );
+        assert_eq!(args.k8s_sync_timeout, std::time::Duration::from_secs(60));
+        let k8s = cilia_agent::k8s::config_from_flags(None, false, "n1", args.k8s_sync_timeout);
+        assert!(k8s.unwrap().is_none());
+    }
+
+    #[test]
+    fn kubernetes_flags_build_the_settings() {
+        let args = Args::try_parse_from([
+            "cilia-agent",
+            "--k8s-kubeconfig",
+            "/etc/kube.conf",
+            "--k8s-sync-timeout",
+            "5s",
+        ])
+        .unwrap();
+        let k8s = cilia_agent::k8s::config_from_flags(
+            args.k8s_kubeconfig,
+            args.k8s_in_cluster,
+            "node-1",
+            args.k8s_sync_timeout,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            k8s.source,
+            cilia_k8s::config::Source::Kubeconfig("/etc/kube.conf".into())
+        );
+        assert_eq!(k8s.sync_timeout, std::time::Duration::from_secs(5));
+        assert_eq!(k8s.node_name, "node-1");
+        assert!(Args::try_parse_from([
+            "cilia-agent",
+            "--k8s-kubeconfig",
+            "/k",
+            "--k8s-in-cluster"
+        ])
+        .is_err());
+        assert!(Args::try_parse_from(["cilia-agent", "--k8s-sync-timeout", "soon"]).is_err());
     }
 
     #[test]

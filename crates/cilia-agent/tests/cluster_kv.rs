@@ -91,6 +91,7 @@ fn policy(name: &str) -> StoredPolicy {
         namespace: Some("default".into()),
         name: name.into(),
         yaml: format!("metadata: {{name: {name}}}"),
+        origin: None,
     }
 }
 
@@ -546,6 +547,7 @@ fn endpoint(id: u16, v6: std::net::Ipv6Addr, v4: Option<std::net::Ipv4Addr>) -> 
         policy_audit: false,
         network: None,
         named_ports: Vec::new(),
+        k8s_pod: None,
     }
 }
 

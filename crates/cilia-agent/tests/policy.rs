@@ -1007,6 +1007,7 @@ fn a_stored_policy_that_no_longer_parses_fails_closed_and_shows_in_status() {
                 namespace: Some("default".into()),
                 name: "legacy".into(),
                 yaml: "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: legacy\nspec:\n  endpointSelector: {}\n  retiredField: true\n".into(),
+                origin: None,
             }])
             .unwrap();
     }
@@ -1195,6 +1196,7 @@ fn a_port_name_declared_twice_with_different_numbers_is_refused_at_create() {
             "http=TCP/80".parse().unwrap(),
             "http=TCP/8080".parse().unwrap(),
         ],
+        k8s_pod: None,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -126,6 +126,26 @@ pub struct EndpointCreate {
     /// (`toPorts[].ports[].port: http`). Fixed for the endpoint's life.
     #[serde(default)]
     pub named_ports: Vec<NamedPort>,
+    /// The Kubernetes pod this endpoint is (`K8S_POD_NAMESPACE` and
+    /// `K8S_POD_NAME` of a CNI ADD). An agent watching Kubernetes takes the
+    /// endpoint's labels, namespace, service account and named ports from
+    /// that pod (the `init` identity until it knows the pod); an agent
+    /// without Kubernetes keeps it as a note only.
+    pub k8s_pod: Option<K8sPodRef>,
+}
+
+/// A pod by namespace and name, as kubelet names it in `CNI_ARGS`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct K8sPodRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for K8sPodRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
 }
 
 /// A port name an endpoint declares: `http=TCP/8080` on the command line and
@@ -229,6 +249,8 @@ pub struct Endpoint {
     pub named_ports: Vec<NamedPort>,
     /// The node the endpoint lives on (the agent's node name).
     pub node: Option<String>,
+    /// The Kubernetes pod it is (CNI ADD's `K8S_POD_*`).
+    pub k8s_pod: Option<K8sPodRef>,
 }
 
 /// `PUT /v1/endpoints/{id}/config`.
@@ -381,6 +403,14 @@ pub struct PolicyDocument {
     pub namespace: Option<String>,
     pub name: String,
     pub yaml: String,
+    /// `local` (`cilia policy import`) or `kubernetes` (an object the
+    /// agent watches).
+    #[serde(default = "local_source")]
+    pub source: String,
+}
+
+fn local_source() -> String {
+    "local".into()
 }
 
 /// `GET /v1/policy`.
@@ -544,6 +574,7 @@ mod tests {
             policy_audit: false,
             named_ports: Vec::new(),
             node: None,
+            k8s_pod: None,
         }
     }
 

@@ -74,6 +74,7 @@ pub async fn run(cmd: EndpointCmd, client: &ApiClient, output: Output) -> anyhow
                 label_source: None,
                 network: None,
                 named_ports,
+                k8s_pod: None,
             };
             let e = client.create_endpoint(&req).await?;
             print_one(output, &e, |e| {

@@ -107,12 +107,12 @@ pub async fn run(cmd: PolicyCmd, client: &ApiClient, output: Output) -> anyhow::
                 }
                 Output::Table => {
                     print_table(
-                        &["KIND", "NAMESPACE", "NAME"],
+                        &["KIND", "NAMESPACE", "NAME", "SOURCE"],
                         list.policies
                             .iter()
                             .map(|p| {
                                 let namespace = p.namespace.as_deref().unwrap_or("-");
-                                cells(&[&p.kind, &namespace, &p.name])
+                                cells(&[&p.kind, &namespace, &p.name, &p.source])
                             })
                             .collect(),
                     );

@@ -416,6 +416,25 @@ impl CniArgs {
             .collect()
     }
 
+    /// The pod kubelet names (`K8S_POD_NAMESPACE` and `K8S_POD_NAME`, both
+    /// or none: podman sends `K8S_POD_NAME` alone, its container name, which
+    /// names no Kubernetes pod).
+    pub fn k8s_pod(&self) -> Result<Option<cilia_api::K8sPodRef>, CniError> {
+        let (Some(namespace), Some(name)) =
+            (self.get("K8S_POD_NAMESPACE"), self.get("K8S_POD_NAME"))
+        else {
+            return Ok(None);
+        };
+        cilia_api::limits::check_container_id("CNI_ARGS K8S_POD_NAMESPACE", namespace)
+            .map_err(invalid_env)?;
+        cilia_api::limits::check_container_id("CNI_ARGS K8S_POD_NAME", name)
+            .map_err(invalid_env)?;
+        Ok(Some(cilia_api::K8sPodRef {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        }))
+    }
+
     fn ignore_unknown(&self) -> bool {
         matches!(
             self.get("IgnoreUnknown")
@@ -887,6 +906,7 @@ fn cmd_add(env: &Env, conf: &NetConf, agent: &impl Agent) -> Result<Value, CniEr
         label_source,
         network: Some(conf.name.clone()),
         named_ports,
+        k8s_pod: args.k8s_pod()?,
     };
     let ep = agent
         .create_endpoint(&req)
@@ -1050,6 +1070,8 @@ mod tests {
     #[derive(Default)]
     struct Fake {
         eps: RefCell<Vec<Endpoint>>,
+        /// Every create request, as sent.
+        created: RefCell<Vec<EndpointCreate>>,
         down: bool,
         full: bool,
     }
@@ -1092,6 +1114,7 @@ mod tests {
         }
 
         fn create_endpoint(&self, req: &EndpointCreate) -> Result<Endpoint, AgentError> {
+            self.created.borrow_mut().push(req.clone());
             if self.full {
                 return Err(AgentError::Api {
                     status: 503,
@@ -1121,6 +1144,7 @@ mod tests {
                 policy_audit: false,
                 named_ports: req.named_ports.clone(),
                 node: None,
+                k8s_pod: req.k8s_pod.clone(),
             };
             self.eps.borrow_mut().push(ep.clone());
             Ok(ep)
@@ -1342,6 +1366,57 @@ mod tests {
         let eps = fake.eps.borrow();
         let ports: Vec<String> = eps[0].named_ports.iter().map(|p| p.to_string()).collect();
         assert_eq!(ports, ["metrics=TCP/9100", "http=TCP/8080", "dns=udp/53"]);
+    }
+
+    fn pod_of(args: &str) -> Result<Option<cilia_api::K8sPodRef>, CniError> {
+        CniArgs::parse(args).unwrap().k8s_pod()
+    }
+
+    #[test]
+    fn kubelet_cni_args_name_the_pod_by_namespace_and_name() {
+        let pod = pod_of(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=empire;K8S_POD_NAME=deathstar-1;\
+             K8S_POD_INFRA_CONTAINER_ID=abc;K8S_POD_UID=u-1",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (pod.namespace.as_str(), pod.name.as_str()),
+            ("empire", "deathstar-1")
+        );
+        assert_eq!(pod.to_string(), "empire/deathstar-1");
+    }
+
+    #[test]
+    fn podmans_lone_k8s_pod_name_names_no_pod() {
+        // podman sends its container name as K8S_POD_NAME, never a namespace.
+        assert_eq!(pod_of("IgnoreUnknown=1;K8S_POD_NAME=web").unwrap(), None);
+        assert_eq!(pod_of("K8S_POD_NAMESPACE=team").unwrap(), None);
+        assert_eq!(pod_of("").unwrap(), None);
+    }
+
+    #[test]
+    fn a_pod_namespace_outside_the_name_characters_is_an_invalid_environment() {
+        for args in [
+            "K8S_POD_NAMESPACE=../etc;K8S_POD_NAME=p",
+            "K8S_POD_NAMESPACE=team;K8S_POD_NAME=a b",
+            "K8S_POD_NAMESPACE=;K8S_POD_NAME=p",
+        ] {
+            let e = pod_of(args).expect_err(args);
+            assert_eq!(e.code, code::INVALID_ENV, "{args}");
+            assert!(e.msg.contains("CNI_ARGS K8S_POD_"), "{args}: {}", e.msg);
+        }
+    }
+
+    #[test]
+    fn add_passes_the_pod_to_the_agent() {
+        let fake = Fake::default();
+        let (v, ok) = run(&fake, &env("ADD", "c1"), &conf("1.0.0"));
+        assert!(ok, "{v}");
+        let seen = fake.created.borrow();
+        let pod = seen[0].k8s_pod.clone().unwrap();
+        assert_eq!(pod.to_string(), "team/p");
+        assert_eq!(seen[0].namespace.as_deref(), Some("team"));
     }
 
     #[test]

@@ -113,7 +113,12 @@ pub async fn run<K>(
                     wp = wp.fields(f);
                 }
                 let stream = match api.watch(&wp, &resource_version).await {
-                    Ok(s) => s,
+                    Ok(s) => {
+                        if !deliver(&mut state, Input::WatchOpened, &changes, &status).await {
+                            return;
+                        }
+                        s
+                    }
                     Err(e) => {
                         if !deliver(&mut state, failure(&e), &changes, &status).await {
                             return;

@@ -4,8 +4,9 @@
 //! documents) does not change when the source is Kubernetes: this crate turns
 //! what the API server says into that model and keeps the bookkeeping of
 //! watching it. It never touches the datapath, the state store or the agent's
-//! API; the agent (not wired yet, see `docs/KUBERNETES.md`) consumes its
-//! outputs the way it consumes `cilia policy import` and podman's labels.
+//! API; the agent (`cilia-agent/src/k8s.rs`, see `docs/KUBERNETES.md`)
+//! consumes its outputs the way it consumes `cilia policy import` and
+//! podman's labels.
 //!
 //! * [`config`]: a kubeconfig file or the in-cluster service account, the
 //!   node name, and the client built from them.

@@ -47,6 +47,9 @@ pub enum Input<K> {
         /// `metadata.resourceVersion` of the list.
         resource_version: String,
     },
+    /// The server accepted a watch (its answer's headers came back): the
+    /// connection is back, even if no event follows for a long time.
+    WatchOpened,
     /// One event of a watch stream.
     Event(WatchEvent<K>),
     /// The watch stream ended without an error (the server's watch timeout).
@@ -199,6 +202,16 @@ impl<K: Resource + Clone> WatchState<K> {
                 resource_version,
             } => self.listed(items, resource_version),
             Input::Event(event) => self.event(event),
+            Input::WatchOpened => {
+                // Not a reset of the backoff: a server that accepts watches
+                // and fails them at once must not be asked in a tight loop;
+                // the first event or bookmark resets it.
+                self.last_error = None;
+                if self.synced && self.phase == Phase::Backoff {
+                    self.phase = Phase::Watching;
+                }
+                Vec::new()
+            }
             Input::StreamEnded => {
                 // A normal end (the server closes watches after a while):
                 // resume from where we are, at once.

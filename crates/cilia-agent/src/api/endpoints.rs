@@ -34,6 +34,7 @@ pub fn endpoint_view(rec: &EndpointRecord) -> Endpoint {
         labels_pending: rec.label_source.is_some(),
         policy_audit: rec.policy_audit,
         named_ports: rec.named_ports.clone(),
+        k8s_pod: rec.k8s_pod.clone(),
         node: None,
     }
 }

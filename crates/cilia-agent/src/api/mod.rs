@@ -93,6 +93,8 @@ pub struct AgentState {
     pub prefilter: Arc<crate::prefilter::Prefilter>,
     /// NodePort acceleration, as started (`--lb-acceleration`).
     pub lb_acceleration: crate::lbaccel::LbAcceleration,
+    /// The Kubernetes connection, when the agent watches an API server.
+    pub k8s: Option<Arc<crate::k8s::K8sView>>,
 }
 
 impl AgentState {
@@ -304,6 +306,7 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, AppError
         EndpointLabels,
         cilia_api::EndpointSettings,
         cilia_api::NamedPort,
+        cilia_api::K8sPodRef,
         EndpointState,
         BpfEndpoint,
         BpfMetric,
@@ -624,6 +627,7 @@ mod tests {
             services,
             prefilter,
             lb_acceleration: crate::lbaccel::LbAcceleration::Disabled,
+            k8s: None,
         })
     }
 

@@ -65,6 +65,7 @@ pub(super) async fn get_policy(State(state): State<Shared>) -> Result<Json<Polic
                     namespace: p.namespace,
                     name: p.name,
                     yaml: p.yaml,
+                    source: p.origin.unwrap_or_else(|| "local".into()),
                 })
                 .collect(),
             errors: mgr.policy_errors().to_vec(),

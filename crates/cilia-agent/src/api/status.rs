@@ -110,6 +110,15 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
         })
         .unwrap_or(0);
     let lb_acceleration = state.lb_acceleration.subsystem();
+    let kubernetes = match &state.k8s {
+        Some(view) => view.subsystem(),
+        None => cilia_api::SubsystemStatus {
+            name: "kubernetes".into(),
+            status: "off".into(),
+            detail: "not configured (--k8s-kubeconfig, --k8s-in-cluster)".into(),
+            errors: Vec::new(),
+        },
+    };
     let cluster_subs = match &state.multinode {
         Some(link) => link.subsystems(),
         None => vec![cilia_api::SubsystemStatus {
@@ -164,7 +173,13 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
             policy_errors: summary.errors.clone(),
             subsystems: cluster_subs
                 .into_iter()
-                .chain([socket_lb, prefilter_sub, programs, lb_acceleration])
+                .chain([
+                    socket_lb,
+                    prefilter_sub,
+                    programs,
+                    lb_acceleration,
+                    kubernetes,
+                ])
                 .fold(
                     subsystems(
                         &summary,

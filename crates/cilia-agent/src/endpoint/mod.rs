@@ -253,6 +253,9 @@ pub struct EndpointManager {
     /// Fast attach (see [`specialize`]); `None`: creates load and verify
     /// the specialized programs before attaching.
     pub specialize: Option<specialize::Specializer>,
+    /// The agent watches Kubernetes: an endpoint naming its pod takes its
+    /// labels from the pod (see `crate::k8s`).
+    pub kubernetes: bool,
 }
 
 pub(crate) fn config_of(rec: &EndpointRecord, ifindex: u32) -> EndpointConfig {
@@ -306,6 +309,7 @@ impl EndpointManager {
             agent_netns: netdev::AGENT_NETNS.into(),
             reattach_all: false,
             mtu: None,
+            kubernetes: false,
             socket_lb: None,
             lb_netns: BTreeMap::new(),
             specialize: None,
@@ -433,6 +437,7 @@ impl EndpointManager {
             namespace: Some(crate::store::HEALTH_NAMESPACE.into()),
             label_source: None,
             named_ports: Vec::new(),
+            k8s_pod: None,
         };
         let pending = self.begin_create_checked(req)?;
         let prepared = pending.prepare();
@@ -465,14 +470,25 @@ impl EndpointManager {
             .unwrap_or_else(|| crate::store::DEFAULT_NAMESPACE.into());
         cilia_api::labels::validate_value(&namespace)
             .map_err(|reason| EndpointError::Namespace(namespace.clone(), reason))?;
-        let labels: BTreeMap<String, String> = req.labels.clone();
-        let label_source = match req.label_source.as_deref() {
+        let mut labels: BTreeMap<String, String> = req.labels.clone();
+        let mut label_source = match req.label_source.as_deref() {
             None => None,
             Some("podman") if labels.is_empty() => Some("podman".to_string()),
             Some("podman") => None, // labels given: nothing to learn
             Some(other) => return Err(EndpointError::LabelSource(other.to_string())),
         };
-        if label_source.is_some() && req.container_id.is_none() {
+        let k8s_pod = req.k8s_pod.clone();
+        let mut namespace = namespace;
+        if let (true, Some(pod)) = (self.kubernetes, &k8s_pod) {
+            // The pod's labels, from the API server, are the endpoint's:
+            // `init` until the pod watch knows them, whatever the runtime says.
+            cilia_api::labels::validate_value(&pod.namespace)
+                .map_err(|reason| EndpointError::Namespace(pod.namespace.clone(), reason))?;
+            namespace = pod.namespace.clone();
+            labels.clear();
+            label_source = Some(crate::k8s::LABEL_SOURCE.to_string());
+        }
+        if label_source.as_deref() == Some("podman") && req.container_id.is_none() {
             return Err(EndpointError::LabelSource(
                 "podman (needs container_id)".to_string(),
             ));
@@ -518,6 +534,7 @@ impl EndpointManager {
                         policy_audit: false,
                         network: req.network.clone(),
                         named_ports: named_ports.clone(),
+                        k8s_pod: k8s_pod.clone(),
                     }
                 })?;
         crate::crash::point("endpoint-create:after-record");
@@ -932,6 +949,8 @@ pub fn pending_labels(store: &Store) -> Result<Vec<(u16, String, String)>, Endpo
         .endpoints()?
         .into_iter()
         .filter(|r| r.state == EndpointState::Ready)
+        // Kubernetes endpoints learn their labels from the pod watch.
+        .filter(|r| r.label_source.as_deref() != Some(crate::k8s::LABEL_SOURCE))
         .filter_map(|r| Some((r.id, r.label_source?, r.container_id?)))
         .collect())
 }
@@ -1028,6 +1047,7 @@ mod tests {
             label_source: None,
             network: None,
             named_ports: Vec::new(),
+            k8s_pod: None,
         }
     }
 
@@ -1170,6 +1190,7 @@ mod tests {
                     policy_audit: false,
                     network: None,
                     named_ports: Vec::new(),
+                    k8s_pod: None,
                 })
                 .unwrap();
             // The crash happened after the veth was made.
@@ -1431,6 +1452,7 @@ spec:
                 namespace: Some("default".into()),
                 name: "old".into(),
                 yaml: BROKEN.into(),
+                origin: None,
             }])
             .unwrap();
         let mut mgr = h.manager();

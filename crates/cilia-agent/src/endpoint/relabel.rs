@@ -47,6 +47,41 @@ impl EndpointManager {
         labels: &BTreeMap<String, String>,
     ) -> Result<EndpointRecord, EndpointError> {
         cilia_api::labels::validate_endpoint_labels(labels)?;
+        self.relabel(id, labels)
+    }
+
+    /// Gives an endpoint the labels of its Kubernetes pod: the pod's own
+    /// (`own`, checked as any endpoint's labels are: no reserved key), and
+    /// those the agent adds from the pod (`agent`: service account and
+    /// cluster, keys an endpoint may not claim itself), with the port names
+    /// its containers declare. It moves to its new identity as with
+    /// [`Self::set_labels`].
+    pub fn set_pod_labels(
+        &mut self,
+        id: u16,
+        own: &BTreeMap<String, String>,
+        agent: &BTreeMap<String, String>,
+        named_ports: &[cilia_api::NamedPort],
+    ) -> Result<EndpointRecord, EndpointError> {
+        cilia_api::labels::validate_endpoint_labels(own)?;
+        let mut labels = own.clone();
+        labels.extend(agent.iter().map(|(k, v)| (k.clone(), v.clone())));
+        cilia_api::labels::validate_labels(&labels)?;
+        let ports = crate::policy::checked_named_ports(named_ports)?;
+        let mut rec = self.get(id)?;
+        if rec.named_ports != ports {
+            rec.named_ports = ports;
+            self.store.update_endpoint(&rec)?;
+        }
+        self.relabel(id, &labels)
+    }
+
+    /// Moves an endpoint to the identity of `labels` (already checked).
+    fn relabel(
+        &mut self,
+        id: u16,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<EndpointRecord, EndpointError> {
         let old_identity = self.get(id)?.identity;
         let rec = self
             .store

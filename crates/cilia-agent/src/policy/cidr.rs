@@ -301,6 +301,7 @@ mod tests {
                     policy_audit: false,
                     network: None,
                     named_ports: Vec::new(),
+                    k8s_pod: None,
                 },
             )
             .unwrap();

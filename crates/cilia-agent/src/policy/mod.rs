@@ -107,6 +107,7 @@ pub fn parse_import(source: &str, yaml: &str) -> Result<ParsedImport, ImportErro
             namespace: policy.namespace.clone(),
             name: policy.name.clone(),
             yaml: doc.yaml,
+            origin: None,
         };
         if out.iter().any(|(s, _)| s.key() == stored.key()) {
             return Err(ImportError::Duplicate {
@@ -407,6 +408,7 @@ spec:
                 namespace: namespace.map(String::from),
                 name: "old".into(),
                 yaml: "spec: {}".into(),
+                origin: None,
             },
             error: "spec.bogus: unknown field".into(),
         }

@@ -1157,7 +1157,22 @@ impl PolicyState {
         source: &str,
         yaml: &str,
     ) -> Result<cilia_api::PolicyChange, EndpointError> {
-        let import = policy::parse_import(source, yaml)?;
+        self.import_policies_from(source, yaml, None)
+    }
+
+    /// [`Self::import_policies`], recording where the documents came from
+    /// (`origin`: `None` for a local import, `kubernetes` for an object of
+    /// the API server), which `cilia policy get` shows.
+    pub fn import_policies_from(
+        &mut self,
+        source: &str,
+        yaml: &str,
+        origin: Option<&str>,
+    ) -> Result<cilia_api::PolicyChange, EndpointError> {
+        let mut import = policy::parse_import(source, yaml)?;
+        for (stored, _) in &mut import.policies {
+            stored.origin = origin.map(str::to_string);
+        }
         let parsed = &import.policies;
         let mut candidate = self.policy_docs.clone();
         for (stored, p) in parsed {
@@ -1354,6 +1369,39 @@ impl PolicyState {
         let revision = self.change_policies(candidate, broken, &[], &keys)?;
         info!(revision, deleted = keys.len(), "policies deleted");
         Ok((revision, names))
+    }
+
+    /// Deletes the policies stored under `keys` ([`StoredPolicy::key`]);
+    /// keys without a policy are skipped. Returns the new revision, or
+    /// `None` when nothing was there.
+    pub fn delete_policy_keys(&mut self, keys: &[String]) -> Result<Option<u64>, EndpointError> {
+        let present: Vec<String> = keys
+            .iter()
+            .filter(|k| {
+                self.policy_docs.contains_key(*k)
+                    || self.policy_errors.iter().any(|b| &b.stored.key() == *k)
+            })
+            .cloned()
+            .collect();
+        if present.is_empty() {
+            return Ok(None);
+        }
+        let mut candidate = self.policy_docs.clone();
+        candidate.retain(|k, _| !present.contains(k));
+        let mut broken = self.policy_errors.clone();
+        broken.retain(|b| !present.contains(&b.stored.key()));
+        let revision = self.change_policies(candidate, broken, &[], &present)?;
+        info!(revision, deleted = present.len(), "policies deleted");
+        Ok(Some(revision))
+    }
+
+    /// Keys of the stored policies that came from `origin`.
+    pub fn policy_keys_of_origin(&self, origin: &str) -> Vec<String> {
+        self.policy_docs
+            .iter()
+            .filter(|(_, (s, _))| s.origin.as_deref() == Some(origin))
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     pub fn namespaces(&self) -> Result<BTreeMap<String, BTreeMap<String, String>>, EndpointError> {

@@ -112,6 +112,10 @@ pub struct StoredPolicy {
     pub name: String,
     /// The YAML document it came from.
     pub yaml: String,
+    /// Where it came from: `None` for `cilia policy import` (local),
+    /// `kubernetes` for an object of the API server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 impl StoredPolicy {
@@ -236,6 +240,10 @@ pub struct EndpointRecord {
     /// sorted, each once); fixed for its life.
     #[serde(default)]
     pub named_ports: Vec<cilia_api::NamedPort>,
+    /// The Kubernetes pod this endpoint is (CNI ADD's `K8S_POD_*`); with
+    /// `label_source` `kubernetes`, its labels come from that pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k8s_pod: Option<cilia_api::K8sPodRef>,
 }
 
 impl EndpointRecord {
@@ -1250,6 +1258,7 @@ mod tests {
             policy_audit: false,
             network: None,
             named_ports: Vec::new(),
+            k8s_pod: None,
         }
     }
 
@@ -1343,6 +1352,7 @@ mod tests {
             namespace: Some("default".into()),
             name: "r".into(),
             yaml: "x".into(),
+            origin: None,
         };
         assert_eq!(store.put_policies(std::slice::from_ref(&p)).unwrap(), 1);
         assert_eq!(store.policies().unwrap(), vec![p.clone()]);
@@ -1599,6 +1609,7 @@ mod tests {
             namespace: Some("default".into()),
             name: "r".into(),
             yaml: "x".into(),
+            origin: None,
         }
     }
 

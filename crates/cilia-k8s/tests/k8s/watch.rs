@@ -215,6 +215,32 @@ fn a_lost_connection_resumes_from_the_last_version_with_backoff() {
 }
 
 #[test]
+fn an_accepted_watch_is_a_connection_back_even_before_any_event() {
+    let mut s = watched();
+    for _ in 0..3 {
+        s.apply(Input::Failed {
+            code: None,
+            message: "connection refused".into(),
+        });
+    }
+    assert_eq!(s.status().phase, Phase::Backoff);
+    // An idle kind may see no event for minutes after reconnecting.
+    assert!(s.apply(Input::WatchOpened).is_empty());
+    let st = s.status();
+    assert_eq!(st.phase, Phase::Watching);
+    assert_eq!(st.last_error, None);
+    assert_eq!(st.objects, 3);
+    // The backoff stays until an event: a server that accepts watches and
+    // fails them at once is not asked in a tight loop.
+    assert_eq!(s.delay().as_millis(), 800);
+    s.apply(Input::Failed {
+        code: None,
+        message: "reset".into(),
+    });
+    assert_eq!(s.delay().as_millis(), 1600);
+}
+
+#[test]
 fn a_stream_ending_normally_resumes_at_once() {
     let mut s = watched();
     assert!(s.apply(Input::StreamEnded).is_empty());
