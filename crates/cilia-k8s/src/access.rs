@@ -10,7 +10,9 @@
 //! the events); `patch` on the CRDs' `status` subresource is
 //! [`client::report_crd_status`] (a merge patch, never an `update`);
 //! `create` on core/v1 `events` is [`client::report_event`] (one Event per
-//! refusal and generation, never patched).
+//! refusal and generation, never patched). The API server's `/version`
+//! (shown by `cilia status`) is no resource: every authenticated client may
+//! read it (the `system:public-info-viewer` role), so it needs no grant.
 //!
 //! [`client::run`]: crate::client::run
 //! [`client::report_crd_status`]: crate::client::report_crd_status
