@@ -12,6 +12,8 @@
 #   scripts/build-image.sh --save cilia.tar     also `podman save` it (docker-archive),
 #                                               for `ctr -n k8s.io images import cilia.tar`
 set -euo pipefail
+# Relative --bin-dir and --save paths are the caller's, not the repository's.
+caller=$PWD
 cd "$(dirname "$0")/.."
 
 BINS=(cilia-agent cilia cilia-cni cilia-proxy)
@@ -34,6 +36,9 @@ while [ $# -gt 0 ]; do
     *) echo "build-image.sh: unknown argument $1" >&2; usage ;;
   esac
 done
+
+case "$bin_dir" in "" | /*) ;; *) bin_dir=$caller/$bin_dir ;; esac
+case "$save" in "" | /*) ;; *) save=$caller/$save ;; esac
 
 command -v podman >/dev/null || { echo "build-image.sh: podman is not installed (scripts/setup.sh --deps)" >&2; exit 1; }
 command -v ldd >/dev/null || { echo "build-image.sh: ldd is not installed" >&2; exit 1; }
