@@ -36,6 +36,16 @@ trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
 
+# The container image (FROM scratch, built offline by scripts/build-image.sh
+# from the debug binaries built above) runs with no network and fits the
+# DaemonSet of install/kubernetes/cilia.yaml. It prints its own
+# `test result:` line; not root: reported as SKIPPED by the script.
+echo "==> image: tests/image.sh"
+if ! tests/image.sh target/debug 2>&1 | tee -a "$log"; then
+  echo "test.sh: the image test failed" >&2
+  status=1
+fi
+
 if [ "$(id -u)" -eq 0 ]; then
   # The load test of docs/SECURITY.md: CNI ADD p99 under /metrics scrapes and
   # conntrack churn within 1.5x of quiet. Release binaries, as in production;

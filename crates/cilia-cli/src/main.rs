@@ -9,6 +9,7 @@
 #[macro_use]
 mod output;
 mod bpf;
+mod cni;
 mod datapath;
 mod endpoint;
 mod flows;
@@ -97,6 +98,12 @@ enum Command {
     ///
     /// Example: cilia observe --cluster --verdict DROPPED --last 50
     Observe(flows::ObserveArgs),
+    /// The CNI plugin on this host: install `cilia-cni` and its conflist
+    /// (needs no agent; the Kubernetes DaemonSet's init container runs it).
+    ///
+    /// Example: cilia cni install --bin-dir /opt/cni/bin --conf-dir /etc/cni/net.d
+    #[command(subcommand)]
+    Cni(cni::CniCmd),
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -118,6 +125,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Prefilter(cmd) => prefilter::run(cmd, &client, out).await,
         Command::Monitor(args) => flows::monitor(args, &client, out).await,
         Command::Observe(args) => flows::observe(args, &client, out).await,
+        Command::Cni(cmd) => cni::run(cmd),
     }
 }
 

@@ -26,6 +26,9 @@
 //! * [`client`]: the only module that talks to an API server: it feeds
 //!   [`watch`] from kube-rs list/watch calls, with backoff.
 //!
+//! * [`access`]: every resource and verb the agent uses on the API server,
+//!   which the shipped ClusterRole must grant exactly.
+//!
 //! Invariants: a translation either yields the whole result or an error that
 //! names the object, the field and the reason (no silent drop of a
 //! security-relevant label or rule); the watch cache holds exactly the
@@ -35,6 +38,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod client;
 pub mod config;
 mod error;

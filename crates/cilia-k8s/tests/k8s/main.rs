@@ -9,6 +9,7 @@ mod client;
 mod config;
 mod crds;
 mod fixtures;
+mod install;
 mod namespaces;
 mod pods;
 mod policies;
