@@ -34,7 +34,13 @@ echo "==> cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
+e2e_report=$(mktemp)
+trap 'rm -f "$log" "$e2e_report"' EXIT
+CILIA_E2E_REPORT=$e2e_report cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
+# The Kubernetes e2e suite (crates/cilia-agent/tests/k8s_e2e.rs) runs only
+# against a real API server (CILIA_E2E_KUBECONFIG); every run says whether.
+echo "==> Kubernetes e2e"
+if [ -s "$e2e_report" ]; then cat "$e2e_report"; else echo "k8s e2e: the e2e test did not report (did it run?)"; fi
 
 # The container image (FROM scratch, built offline by scripts/build-image.sh
 # from the debug binaries built above) runs with no network and fits the
