@@ -64,6 +64,17 @@ impl TestProgram {
             .map_err(|e| DatapathError::program(self.name, e))
     }
 
+    /// How many instructions the verifier processed to accept the program
+    /// (the kernel's `verified_insns`, 5.16+; `None` on older kernels): what
+    /// a load costs, and how far the program is from the 1M limit.
+    pub fn verified_instructions(&self) -> Result<Option<u32>, DatapathError> {
+        let info = self
+            .prog()?
+            .info()
+            .map_err(|e| DatapathError::program(self.name, e))?;
+        Ok(info.verified_instruction_count())
+    }
+
     /// Runs the program once on `packet`.
     pub fn run(&self, packet: &[u8]) -> Result<RunResult, DatapathError> {
         self.run_with_mark(packet, 0)
