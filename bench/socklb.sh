@@ -64,10 +64,14 @@ mkdir "$CG"
 mkdir -p "$RUN"
 for ns in "${NSS[@]}"; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
 
+# --ct-budget: the client endpoint opens thousands of connections per
+# second; each leaves its conntrack entries counted against the endpoint's
+# budget (default 32768) for up to 20 s (10 s close timeout, then the next
+# GC pass), so the default budget would drop new flows mid-measurement.
 start_agent() { # start_agent on|off
   nsenter --net="/run/netns/$P-node" "$BIN/cilia-agent" --state-dir "$RUN/state" --bpf-root "$BPF" \
     --socket "$SOCK" --metrics-addr off --ipv6-range fd00:c1d::/112 --ipv4-range 10.203.0.0/24 \
-    --socket-lb "$1" --socket-lb-cgroup "$CG" >>"$RUN/agent.log" 2>&1 &
+    --socket-lb "$1" --socket-lb-cgroup "$CG" --ct-budget 262144 >>"$RUN/agent.log" 2>&1 &
   AGENT_PID=$!
   track $AGENT_PID
   for _ in $(seq 100); do cilia status >/dev/null 2>&1 && return; sleep 0.1; done
