@@ -25,6 +25,7 @@ SAMPLE=${SAMPLE:-1000}
 MAX_SECONDS=${MAX_SECONDS:-2400}
 BIN=${BIN:-$PWD/target/release}
 ADD_TIMEOUT=${ADD_TIMEOUT:-120}
+SPECIALIZE_TIMEOUT=${SPECIALIZE_TIMEOUT:-1800} # s until every endpoint is specialized (~1.1 s of verification each here)
 P=cmem$$
 RUN=/run/$P
 SOCK=$RUN/cilia.sock
@@ -76,10 +77,10 @@ batch() {
 }
 status_field() { "$BIN/cilia" --socket "$SOCK" -o json status | python3 -c "import json,sys; print(json.load(sys.stdin).get('$1', 0))"; }
 endpoints() { "$BIN/cilia" --socket "$SOCK" -o json endpoint list | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))'; }
-wait_specialized() { # bounded: 600 s
+wait_specialized() { # bounded: SPECIALIZE_TIMEOUT
   local _
-  for _ in $(seq 6000); do [ "$(status_field endpoints_generic)" = 0 ] && return 0; sleep 0.1; done
-  echo "bench/cni-memory.sh: endpoints still on the generic program after 600 s" >&2
+  for _ in $(seq $((SPECIALIZE_TIMEOUT * 2))); do [ "$(status_field endpoints_generic)" = 0 ] && return 0; sleep 0.5; done
+  echo "bench/cni-memory.sh: endpoints still on the generic program after $SPECIALIZE_TIMEOUT s" >&2
   exit 1
 }
 
