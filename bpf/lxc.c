@@ -149,11 +149,9 @@ int cil_from_container(struct __sk_buff *skb)
 		 * loopback address, and its replies to that address readdressed
 		 * (see "Hairpin" in ARCHITECTURE.md). */
 		reason = 0;
-		if (!CILIA_LB_FULL)
-			reason = 0;
-		else if (f.unloop)
+		if (CILIA_LB_FULL && f.unloop)
 			reason = lb_hairpin_unloop_packet(skb, &f);
-		else if (d.ct_state != CILIA_CT_STATE_REPLY)
+		else if (CILIA_LB_FULL && d.ct_state != CILIA_CT_STATE_REPLY)
 			reason = lb_hairpin(skb, &f, d.rev_nat);
 		if (reason)
 			return drop_decided(skb, &f, &p, &d, reason, dir);
