@@ -230,7 +230,7 @@ __inline_fn int nodeport_forward(struct __sk_buff *skb, struct flow *f,
 	__u8 any[16] = {};
 	__u32 client_id = ipcache_identity(f->saddr, f->family);
 	__u8 local_only = svc->flags & CILIA_LB_FLAG_LOCAL;
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = cil_now();
 	int reason;
 
 	reason = lb_translate_to(skb, f, &lb, svc, any);

@@ -232,7 +232,7 @@ __inline_fn int sock_translate(void *ctx, struct sock_addr *a, __u8 proto, int s
 		}
 	}
 	if (!backend_id) {
-		now = bpf_ktime_get_ns();
+		now = cil_now();
 		backend_id = sock_select_backend(a, proto, svc, netns, cookie, now);
 		b = lb_backend_lookup(backend_id);
 		if (!b)

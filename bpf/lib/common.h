@@ -19,6 +19,16 @@
 
 #define NSEC_PER_SEC 1000000000ULL
 
+/*
+ * The clock of every deadline the datapath keeps (conntrack entries,
+ * backend pins, NAT and fragment entries): CLOCK_MONOTONIC_COARSE. It has a
+ * tick's resolution, enough for deadlines of seconds, and costs a fraction
+ * of bpf_ktime_get_ns() on the per-packet path (no clock-source read). The
+ * agent's conntrack GC reads the same clock (`datapath_clock_ns`). Events
+ * keep bpf_ktime_get_ns() for their timestamps.
+ */
+#define cil_now() bpf_ktime_get_coarse_ns()
+
 /* Constants whose UAPI headers drag in libc (ARP) or are kernel-internal (ND). */
 #define ARPHRD_ETHER		      1
 #define ARPOP_REQUEST		      1

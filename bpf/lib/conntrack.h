@@ -202,7 +202,7 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const 
 {
 	struct ct_key key = {}, rkey = {};
 	struct ct_value *ct, *reply;
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = cil_now();
 	__u32 zero = 0;
 	struct global_config *cfg = bpf_map_lookup_elem(&cilia_config, &zero);
 	/* One lookup for all: the revision, the budget and, for events, the

@@ -34,7 +34,7 @@ __inline_fn int frag_follow(struct flow *f)
 		return 0;
 	frag_key_of(&key, f);
 	v = bpf_map_lookup_elem(&cilia_frags, &key);
-	if (!v || v->expires <= bpf_ktime_get_ns())
+	if (!v || v->expires <= cil_now())
 		return CILIA_DROP_FRAG_NO_FLOW;
 	f->sport = v->sport;
 	f->dport = v->dport;
@@ -46,7 +46,7 @@ __inline_fn void frag_remember(const struct flow *f)
 {
 	struct frag_key key = {};
 	struct frag_value v = {
-	    .expires = bpf_ktime_get_ns() + CILIA_FRAG_TIMEOUT * NSEC_PER_SEC,
+	    .expires = cil_now() + CILIA_FRAG_TIMEOUT * NSEC_PER_SEC,
 	    .sport = f->sport,
 	    .dport = f->dport,
 	};

@@ -301,7 +301,7 @@ __inline_fn int nodeport_unsnat_icmp(struct __sk_buff *skb, struct flow *f, __u8
 	in.family = f->family;
 	in.dir = CILIA_NAT_IN;
 	v = bpf_map_lookup_elem(&cilia_lb_nat, &in);
-	if (!v || v->expires <= bpf_ktime_get_ns())
+	if (!v || v->expires <= cil_now())
 		return 0;
 	/* The node address is the quote's source (checked above) until the
 	 * last step rewrites it. */

@@ -144,7 +144,7 @@ __inline_fn int lb_translate_to(struct __sk_buff *skb, struct flow *f, struct lb
 
 	if (f->frag != FLOW_NOT_FRAG)
 		return CILIA_DROP_LB_FRAGMENT;
-	now = bpf_ktime_get_ns();
+	now = cil_now();
 	id = lb_choose(f, svc, vip, now, &key, &ct, &lb->selected);
 	b = lb_backend_lookup(id);
 	if (!b || b->family != f->family)

@@ -23,7 +23,7 @@
 CILIA_SHARED_MAP(cilia_endpoints, BPF_MAP_TYPE_HASH, CILIA_ENDPOINTS_MAX, struct endpoint_key,
 		 struct endpoint_info);
 
-CILIA_SHARED_MAP(cilia_metrics, BPF_MAP_TYPE_PERCPU_HASH, CILIA_METRICS_MAX, struct metrics_key,
+CILIA_SHARED_MAP(cilia_metrics, BPF_MAP_TYPE_PERCPU_ARRAY, CILIA_METRICS_MAX, __u32,
 		 struct metrics_value);
 
 struct {

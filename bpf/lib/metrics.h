@@ -5,19 +5,22 @@
 
 #include "maps.h"
 
+__inline_fn __u32 metrics_index(__u8 kind, __u8 reason, __u8 dir)
+{
+	return ((__u32)(kind & 3) << CILIA_METRICS_KIND_SHIFT) |
+	       ((__u32)reason << CILIA_METRICS_REASON_SHIFT) | (dir & 3);
+}
+
 __inline_fn void metrics_count(__u8 kind, __u8 reason, __u8 dir, __u32 bytes)
 {
-	struct metrics_key key = {.kind = kind, .reason = reason, .dir = dir};
-	struct metrics_value *val = bpf_map_lookup_elem(&cilia_metrics, &key);
+	__u32 index = metrics_index(kind, reason, dir);
+	struct metrics_value *val = bpf_map_lookup_elem(&cilia_metrics, &index);
 
 	if (val) {
 		/* per-CPU value: no other writer, no atomics needed */
 		val->packets += 1;
 		val->bytes += bytes;
-		return;
 	}
-	struct metrics_value init = {.packets = 1, .bytes = bytes};
-	bpf_map_update_elem(&cilia_metrics, &key, &init, BPF_NOEXIST);
 }
 
 #endif

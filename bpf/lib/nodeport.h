@@ -209,7 +209,7 @@ __inline_fn int nodeport_unsnat_lookup(const struct flow *f, __u8 *client, __be1
 	v = bpf_map_lookup_elem(&cilia_lb_nat, &in);
 	if (!v)
 		return 0;
-	v->expires = bpf_ktime_get_ns() + nodeport_lifetime(f);
+	v->expires = cil_now() + nodeport_lifetime(f);
 	__builtin_memcpy(client, v->addr, 16);
 	*client_port = v->port;
 	*fport = v->fport;
@@ -507,7 +507,7 @@ __inline_fn int dsr_accept(struct __sk_buff *skb, const struct flow *f, __u16 *r
 	    !dsr_is_backend(f, svc, lb.fport))
 		return CILIA_DROP_DSR_FORGED;
 	lb.rev_nat = svc->rev_nat;
-	if (nodeport_remember_frontend(f, &lb, bpf_ktime_get_ns()))
+	if (nodeport_remember_frontend(f, &lb, cil_now()))
 		return CILIA_DROP_CT_FULL;
 	*rev_nat = lb.rev_nat;
 	return 0;

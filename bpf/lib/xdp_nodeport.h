@@ -392,7 +392,7 @@ __inline_fn int xdp_nodeport_forward(struct xdp_md *ctx, __u32 ifindex, struct f
 	struct ct_value *ct;
 	__u8 any[16] = {};
 	__u8 dsr = svc->flags & CILIA_LB_FLAG_DSR;
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = cil_now();
 	__u32 id, grow = 0;
 	__be16 port;
 

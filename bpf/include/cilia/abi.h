@@ -97,8 +97,17 @@ struct endpoint_info {
 #define CILIA_DIR_EGRESS  1 /* leaving an endpoint (from-container) */
 #define CILIA_DIR_INGRESS 2 /* entering an endpoint */
 
-/* Distinct (kind, reason, direction) counters the metrics map holds. */
-#define CILIA_METRICS_MAX 1024
+/*
+ * The metrics map is a per-CPU array with one slot per (kind, reason,
+ * direction): index kind << KIND_SHIFT | reason << REASON_SHIFT | dir
+ * (metrics_index in lib/metrics.h). Counting a packet is an array slot,
+ * not a hash lookup: it is on every packet's path. Kinds and directions
+ * take two bits each, reasons eight. `struct metrics_key` is how
+ * userspace names a slot.
+ */
+#define CILIA_METRICS_MAX	   4096
+#define CILIA_METRICS_KIND_SHIFT   10
+#define CILIA_METRICS_REASON_SHIFT 2
 
 struct metrics_key {
 	__u8 kind;   /* CILIA_METRIC_* */
@@ -217,7 +226,7 @@ struct ct_key {
 #define CILIA_CT_SERVICE 32
 
 struct ct_value {
-	__u64 expires;	  /* bpf_ktime_get_ns() deadline (CLOCK_MONOTONIC) */
+	__u64 expires;	  /* cil_now() deadline (CLOCK_MONOTONIC_COARSE) */
 	__u64 packets;	  /* forward packets */
 	__u64 bytes;	  /* forward bytes */
 	__u32 policy_rev; /* revision the flow's policy was checked at */
@@ -243,7 +252,7 @@ struct frag_key {
 };
 
 struct frag_value {
-	__u64 expires; /* bpf_ktime_get_ns() deadline */
+	__u64 expires; /* cil_now() deadline */
 	__be16 sport;
 	__be16 dport;
 	__u8 pad[4];
@@ -400,7 +409,7 @@ struct lb_affinity_key {
 };
 
 struct lb_affinity_value {
-	__u64 last_used; /* bpf_ktime_get_ns(); older than the timeout: chosen anew */
+	__u64 last_used; /* cil_now(); older than the timeout: chosen anew */
 	__u32 backend_id;
 	__u32 pad;
 };
@@ -499,7 +508,7 @@ struct lb_nat_value {
 	__be16 port;
 	__be16 fport;
 	__u32 backend_id; /* OUT: the backend of the translation */
-	__u64 expires;	  /* bpf_ktime_get_ns() deadline; a stale entry may be reused */
+	__u64 expires;	  /* cil_now() deadline; a stale entry may be reused */
 	__u16 rev_nat;
 	__u8 family;
 	__u8 pad[5];

@@ -30,6 +30,8 @@ pub const TYPE_RULES: &[(Pattern, &str)] = &[
     // Map capacities (`max_entries`) and sizes.
     (Pattern::Suffix("_MAX"), "u32"),
     (Pattern::Suffix("_SIZE"), "u32"),
+    // Bit positions in the metrics array's index: shift amounts.
+    (Pattern::Suffix("_SHIFT"), "u32"),
     // Conntrack budget: `global_config.ct_budget`.
     (Pattern::Suffix("_BUDGET_DEFAULT"), "u32"),
     // The length of `event.data`: an array length.

@@ -407,7 +407,7 @@ pub struct CtEntry {
     pub dst_identity: u32,
     pub packets: u64,
     pub bytes: u64,
-    /// Expiry on CLOCK_MONOTONIC, in nanoseconds.
+    /// Expiry on CLOCK_MONOTONIC_COARSE (the datapath's deadline clock), in nanoseconds.
     pub expires_ns: u64,
     pub seen_reply: bool,
     pub closing: bool,

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::{
-    Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, MapInfo, PerCpuHashMap, RingBuf,
+    Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, MapInfo, PerCpuArray, RingBuf,
 };
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::TcAttachOptions;
@@ -123,7 +123,7 @@ pub(crate) fn load_programs(
 pub struct BpfDatapath {
     root: PathBuf,
     endpoints: Mutex<HashMap<MapData, EndpointKey, EndpointInfo>>,
-    metrics: Mutex<PerCpuHashMap<MapData, MetricsKey, MetricsValue>>,
+    metrics: Mutex<PerCpuArray<MapData, MetricsValue>>,
     ipcache: Mutex<LpmTrie<MapData, IpcacheData, IpcacheValue>>,
     policy: Mutex<HashOfMaps<MapData, u32, MapData>>,
     /// One lock per endpoint, held across a write of its policy: two
@@ -462,7 +462,7 @@ impl BpfDatapath {
                 HashMap::try_from(endpoints).map_err(|e| DatapathError::map(MAP_ENDPOINTS, e))?,
             ),
             metrics: Mutex::new(
-                PerCpuHashMap::try_from(metrics).map_err(|e| DatapathError::map(MAP_METRICS, e))?,
+                PerCpuArray::try_from(metrics).map_err(|e| DatapathError::map(MAP_METRICS, e))?,
             ),
             ipcache: Mutex::new(
                 LpmTrie::try_from(ipcache).map_err(|e| DatapathError::map(MAP_IPCACHE, e))?,
@@ -841,14 +841,18 @@ impl BpfDatapath {
     /// Packet counters summed over all CPUs.
     pub fn metrics(&self) -> Result<Vec<(MetricsKey, MetricsValue)>, DatapathError> {
         let mut out = Vec::new();
-        for entry in lock(&self.metrics).iter() {
-            let (key, per_cpu) = entry.map_err(|e| DatapathError::map(MAP_METRICS, e))?;
+        for (index, per_cpu) in lock(&self.metrics).iter().enumerate() {
+            let per_cpu = per_cpu.map_err(|e| DatapathError::map(MAP_METRICS, e))?;
             let mut sum = MetricsValue::default();
             for v in per_cpu.iter() {
                 sum.packets += v.packets;
                 sum.bytes += v.bytes;
             }
-            out.push((key, sum));
+            // A slot nothing was ever counted in is no counter.
+            if sum.packets == 0 && sum.bytes == 0 {
+                continue;
+            }
+            out.push((metrics_key_of(index as u32), sum));
         }
         out.sort_by_key(|(k, _)| *k);
         Ok(out)
@@ -1167,7 +1171,7 @@ impl BpfDatapath {
     /// self-correcting: a creation that races the walk is at worst left
     /// uncounted until the next run.
     pub fn gc_ct(&self) -> Result<usize, DatapathError> {
-        let now = monotonic_ns();
+        let now = datapath_clock_ns();
         let mut owned = BTreeMap::<u16, u32>::new();
         let mut expired = Vec::new();
         for (key, value) in self.list_ct()? {
@@ -1295,9 +1299,32 @@ pub(crate) fn is_not_found(e: &MapError) -> bool {
     }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`.
+/// The (kind, reason, direction) of slot `index` of the metrics array: the
+/// inverse of `metrics_index` in bpf/lib/metrics.h.
+fn metrics_key_of(index: u32) -> MetricsKey {
+    MetricsKey {
+        kind: (index >> cilia_abi::CILIA_METRICS_KIND_SHIFT) as u8 & 3,
+        reason: (index >> cilia_abi::CILIA_METRICS_REASON_SHIFT) as u8,
+        dir: index as u8 & 3,
+        pad: 0,
+    }
+}
+
+/// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock of the datapath's
+/// deadlines (`cil_now()` in bpf/lib/common.h, `bpf_ktime_get_coarse_ns`),
+/// which conntrack expiry is compared with.
+pub fn datapath_clock_ns() -> u64 {
+    clock_ns(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`, which
+/// stamps events.
 pub fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+    clock_ns(nix::time::ClockId::CLOCK_MONOTONIC)
+}
+
+fn clock_ns(clock: nix::time::ClockId) -> u64 {
+    nix::time::clock_gettime(clock)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or(0)
 }

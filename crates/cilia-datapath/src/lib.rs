@@ -48,8 +48,8 @@ pub mod socklb;
 pub mod testrun;
 
 pub use endpoint::{
-    monotonic_ns, BpfDatapath, EndpointLoader, EndpointReload, LinkCheck, LinkSwap, LoadedEndpoint,
-    PolicyUpdate, RecreatedMap, PIN_ABI_VERSION,
+    datapath_clock_ns, monotonic_ns, BpfDatapath, EndpointLoader, EndpointReload, LinkCheck,
+    LinkSwap, LoadedEndpoint, PolicyUpdate, RecreatedMap, PIN_ABI_VERSION,
 };
 pub use error::DatapathError;
 pub use interface::{Datapath, LoadedPrograms};

@@ -236,7 +236,7 @@ fn the_peer_of_a_redirected_flow_cannot_answer_it_directly() {
         dst_identity: B_IDENTITY,
         packets: 1,
         bytes: 74,
-        expires_ns: cilia_datapath::monotonic_ns() + 60_000_000_000,
+        expires_ns: cilia_datapath::datapath_clock_ns() + 60_000_000_000,
         seen_reply: false,
         closing: false,
         denied: false,

@@ -132,7 +132,7 @@ fn proto_name(proto: u8) -> String {
 pub(super) async fn bpf_ct(State(state): State<Shared>) -> Listing<BpfCtEntry> {
     // A walk of the whole table, under the conntrack map's own lock only.
     with_maps(&state, |dp| {
-        let now = cilia_datapath::monotonic_ns();
+        let now = cilia_datapath::datapath_clock_ns();
         Ok(dp
             .conntrack()?
             .into_iter()

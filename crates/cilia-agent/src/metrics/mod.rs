@@ -161,7 +161,7 @@ pub fn datapath_part(
     let ct = match dp.ct_live() {
         Some(n) => n,
         None => {
-            let now = cilia_datapath::monotonic_ns();
+            let now = cilia_datapath::datapath_clock_ns();
             dp.conntrack()?
                 .iter()
                 .filter(|e| e.expires_ns > now)
