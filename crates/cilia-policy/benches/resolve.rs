@@ -8,11 +8,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Counts live heap bytes and their peak, so each scenario reports the peak
-/// memory its resolution needed above what was live before it.
+/// memory its resolution needed above what was live before it, and every byte
+/// ever allocated, which is what Go's `B/op` reports (the Cilium figures the
+/// replicas are compared with).
 struct Counting;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
+static TOTAL: AtomicUsize = AtomicUsize::new(0);
 
 // SAFETY: forwards to the system allocator; only adds bookkeeping.
 unsafe impl GlobalAlloc for Counting {
@@ -22,6 +25,7 @@ unsafe impl GlobalAlloc for Counting {
         if !p.is_null() {
             let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
             PEAK.fetch_max(live, Ordering::Relaxed);
+            TOTAL.fetch_add(layout.size(), Ordering::Relaxed);
         }
         p
     }
@@ -43,8 +47,16 @@ fn peak_during<T>(f: impl FnOnce() -> T) -> (T, usize) {
     (out, PEAK.load(Ordering::Relaxed).saturating_sub(base))
 }
 
+/// Total bytes allocated while `f` runs (freed ones included) and the peak
+/// above the level before it.
+fn allocated_during<T>(f: impl FnOnce() -> T) -> (T, usize, usize) {
+    let total = TOTAL.load(Ordering::Relaxed);
+    let (out, peak) = peak_during(f);
+    (out, TOTAL.load(Ordering::Relaxed) - total, peak)
+}
+
 use cilia_policy::{
-    cidr_prefixes, parse_policies, resolve, IdentityCache, IpNet, Labels, Policy,
+    cidr_prefixes, parse_policies, reserved, resolve, IdentityCache, IpNet, Labels, Policy,
     LOCAL_CIDR_IDENTITY_BASE, NAMESPACE_LABEL,
 };
 
@@ -169,6 +181,17 @@ fn node_scale() {
 }
 
 fn main() {
+    // `cargo bench -p cilia-policy --bench resolve -- replicas [a|b|c|d]` runs
+    // only the replicas of Cilium's benchmarks (or one of them).
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "replicas") {
+        cilium_replicas(
+            args.get(at + 1)
+                .map(String::as_str)
+                .filter(|a| !a.starts_with('-')),
+        );
+        return;
+    }
     // (a) 1000 identical L3 ingress rules selecting 1500 of 3000 identities.
     let mut s = String::from("  ingress:\n");
     for _ in 0..RULES {
@@ -243,4 +266,249 @@ fn main() {
     );
 
     node_scale();
+
+    println!();
+    cilium_replicas(None);
+}
+
+// ---------------------------------------------------------------------------
+// Replicas of Cilium's own `pkg/policy` benchmarks (issue #11 point 4): the same
+// rule shapes, selectors, identity counts, CIDRs and ports, written from their
+// description. Cilium cannot be built on this machine (Go 1.19; Cilium needs
+// >= 1.21), so its figures are constants taken from issue #11.
+
+/// Cilium's figures for one benchmark: (ms low, ms high, MB allocated per op),
+/// from issue #11, measured on this machine by the issue author.
+struct CiliumFigures {
+    ms: (f64, f64),
+    mb: f64,
+    timed: &'static str,
+}
+
+/// (a) BenchmarkRegenerateL3IngressPolicyRules, from issue #11.
+const CILIUM_A: CiliumFigures = CiliumFigures {
+    ms: (4.6, 5.6),
+    mb: 1.8,
+    timed: "resolve + distill",
+};
+/// (b) BenchmarkRegenerateL3EgressPolicyRules, from issue #11.
+const CILIUM_B: CiliumFigures = CiliumFigures {
+    ms: (4.9, 5.2),
+    mb: 1.8,
+    timed: "resolve + distill",
+};
+/// (c) BenchmarkRegenerateCIDRPolicyRules, from issue #11.
+const CILIUM_C: CiliumFigures = CiliumFigures {
+    ms: (9.9, 10.5),
+    mb: 2.3,
+    timed: "distill only",
+};
+/// (d) BenchmarkRegenerateCIDRDenyPolicyRules, from issue #11 (Cilium's
+/// benchmark times only its distill step; cilia's figure is the whole resolution).
+const CILIUM_D: CiliumFigures = CiliumFigures {
+    ms: (849.0, 978.0),
+    mb: 229.0,
+    timed: "distill only",
+};
+
+/// The subject of every replica: Cilium's `fooIdentity` (label `foo`, empty value),
+/// here also in namespace `default`, where the replica policies live.
+fn replica_subject() -> Labels {
+    Labels::from_pairs([("foo", ""), (NAMESPACE_LABEL, "default")])
+}
+
+/// Reserved identities and the subject's own identity (303), which Cilium's
+/// benchmarks load before the generated ones.
+fn replica_base_cache() -> IdentityCache {
+    let mut cache = IdentityCache::new();
+    for &(id, name) in reserved::NAMED {
+        cache.insert_labels(id, reserved::labels(name));
+    }
+    cache.insert_labels(303, replica_subject());
+    cache
+}
+
+/// 3000 endpoint identities (1000..3999), each with its own `foo<i>` label and
+/// four shared ones in namespace `monitoring`; none carries `bar`, so the L3
+/// replicas' peers select no identity, as in Cilium's.
+fn replica_label_cache() -> IdentityCache {
+    let mut cache = replica_base_cache();
+    for i in 0..3000u32 {
+        cache.insert_labels(
+            1000 + i,
+            Labels::from_pairs([
+                (format!("foo{i}"), String::new()),
+                (
+                    "io.cilium.k8s.policy.cluster".to_string(),
+                    "default".to_string(),
+                ),
+                (
+                    "io.cilium.k8s.policy.serviceaccount".to_string(),
+                    "default".to_string(),
+                ),
+                (NAMESPACE_LABEL.to_string(), "monitoring".to_string()),
+                ("app".to_string(), "analytics-erneh".to_string()),
+            ]),
+        );
+    }
+    cache
+}
+
+/// One CIDR identity per distinct prefix of the policies.
+fn replica_cidr_cache(policies: &[Policy]) -> IdentityCache {
+    let mut cache = replica_base_cache();
+    for (n, prefix) in cidr_prefixes(policies).into_iter().enumerate() {
+        cache.insert_cidr(LOCAL_CIDR_IDENTITY_BASE + 1 + n as u32, prefix);
+    }
+    cache
+}
+
+/// The CIDR and TCP port of rule `i` of Cilium's CIDR generators: the prefix
+/// length cycles through /8, /16, /24, /28, /32 (offset `shift`), the first
+/// octet through 10, 192, 244, and the other octets are `i` modulo `mods`.
+fn replica_cidr(i: u32, port_mod: u32, shift: u32, mods: [u32; 4]) -> (String, u32) {
+    let first = [10, 192, 244][(i % 3) as usize];
+    let (b, c, d) = (i % mods[0], i % mods[1], (i % mods[2]) << 4);
+    let cidr = match (i + shift) % 5 {
+        0 => format!("{first}.0.0.0/8"),
+        1 => format!("{first}.{b}.0.0/16"),
+        2 => format!("{first}.{b}.{c}.0/24"),
+        3 => format!("{first}.{b}.{c}.{d}/28"),
+        _ => format!("{first}.{b}.{c}.{}/32", i % mods[3]),
+    };
+    (cidr, 80 + i % port_mod)
+}
+
+/// Allow rule `i` of the CIDR replicas (Cilium's `generateCIDREgressRule`).
+fn replica_allow_cidr(i: u32) -> (String, u32) {
+    replica_cidr(i, 97, 0, [17, 121, 16, 255])
+}
+
+/// Deny rule `j` of the CIDR deny replica (Cilium's `generateCIDREgressDenyRule`,
+/// called with `i + 773`).
+fn replica_deny_cidr(j: u32) -> (String, u32) {
+    replica_cidr(j, 131, 21, [23, 119, 15, 253])
+}
+
+const REPLICA_HEADER: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\n";
+
+/// One policy (Cilium: 1000 rules under one set of policy labels) with 1000
+/// identical specs selecting `foo`, each with the one peer rule `section`.
+fn replica_specs(name: &str, section: impl Fn(u32) -> String) -> String {
+    let mut yaml =
+        format!("{REPLICA_HEADER}metadata: {{name: {name}, namespace: default}}\nspecs:\n");
+    for i in 1..=1000 {
+        let _ = write!(
+            yaml,
+            "- endpointSelector: {{matchLabels: {{foo: ''}}}}\n{}",
+            section(i)
+        );
+    }
+    yaml
+}
+
+struct Replica {
+    name: &'static str,
+    yaml: String,
+    cidr_identities: bool,
+    cilium: CiliumFigures,
+}
+
+fn replicas() -> Vec<Replica> {
+    let l3_ingress = replica_specs("l3-ingress", |_| {
+        "  ingress:\n  - fromEndpoints: [{matchLabels: {bar: ''}}]\n".to_string()
+    });
+    let l3_egress = replica_specs("l3-egress", |_| {
+        "  egress:\n  - toEndpoints: [{matchLabels: {bar: ''}}]\n".to_string()
+    });
+    let cidr = replica_specs("cidr", |i| {
+        let (cidr, port) = replica_allow_cidr(i);
+        format!("  egress:\n  - toCIDR: ['{cidr}']\n    toPorts: [{{ports: [{{port: '{port}', protocol: TCP}}]}}]\n")
+    });
+    // Cilium's deny replica names each rule apart (cidr-<i>): 1000 policies.
+    let mut cidr_deny = String::new();
+    for i in 1..=1000u32 {
+        let (allow, allow_port) = replica_allow_cidr(i);
+        let (deny, deny_port) = replica_deny_cidr(i + 773);
+        let _ = write!(
+            cidr_deny,
+            "---\n{REPLICA_HEADER}metadata: {{name: cidr-{i}, namespace: default}}\nspec:\n  endpointSelector: {{matchLabels: {{foo: ''}}}}\n  egress:\n  - toCIDR: ['{allow}']\n    toPorts: [{{ports: [{{port: '{allow_port}', protocol: TCP}}]}}]\n  egressDeny:\n  - toCIDR: ['{deny}']\n    toPorts: [{{ports: [{{port: '{deny_port}', protocol: TCP}}]}}]\n"
+        );
+    }
+    vec![
+        Replica {
+            name: "(a) Cilium RegenerateL3IngressPolicyRules",
+            yaml: l3_ingress,
+            cidr_identities: false,
+            cilium: CILIUM_A,
+        },
+        Replica {
+            name: "(b) Cilium RegenerateL3EgressPolicyRules",
+            yaml: l3_egress,
+            cidr_identities: false,
+            cilium: CILIUM_B,
+        },
+        Replica {
+            name: "(c) Cilium RegenerateCIDRPolicyRules",
+            yaml: cidr,
+            cidr_identities: true,
+            cilium: CILIUM_C,
+        },
+        Replica {
+            name: "(d) Cilium RegenerateCIDRDenyPolicyRules",
+            yaml: cidr_deny,
+            cidr_identities: true,
+            cilium: CILIUM_D,
+        },
+    ]
+}
+
+/// Runs every replica: median resolution time, bytes allocated by one
+/// resolution (total and peak), entries, and the ratios to Cilium's figures.
+fn cilium_replicas(only: Option<&str>) {
+    println!("Replicas of Cilium's pkg/policy benchmarks; Cilium figures from issue #11, measured on this machine by the issue author");
+    for r in replicas() {
+        if only.is_some_and(|o| !r.name.starts_with(&format!("({o})"))) {
+            continue;
+        }
+        let policies = match parse_policies("replica.yaml", &r.yaml) {
+            Ok(p) => p,
+            Err(e) => panic!("{}: {e}", r.name),
+        };
+        let cache = if r.cidr_identities {
+            replica_cidr_cache(&policies)
+        } else {
+            replica_label_cache()
+        };
+        let subject = replica_subject();
+        let mut times = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while times.len() < 5 || (times.len() < 200 && Instant::now() < deadline) {
+            let start = Instant::now();
+            let resolved = resolve(black_box(&policies), &subject, &cache);
+            times.push(start.elapsed());
+            drop(black_box(resolved));
+        }
+        times.sort();
+        let (resolved, total, peak) =
+            allocated_during(|| resolve(black_box(&policies), &subject, &cache));
+        let median = times[times.len() / 2].as_secs_f64() * 1e3;
+        let mb = total as f64 / 1e6;
+        let c = &r.cilium;
+        println!(
+            "{:<44} median {median:>9.3} ms min {:>9.3} ms ({} runs) | allocated {mb:.3} MB peak {:.3} MB | {} entries | Cilium {}-{} ms {} MB ({}): time x{:.1}-{:.1}, memory x{:.1}",
+            r.name,
+            times[0].as_secs_f64() * 1e3,
+            times.len(),
+            peak as f64 / 1e6,
+            resolved.entries.len(),
+            c.ms.0,
+            c.ms.1,
+            c.mb,
+            c.timed,
+            c.ms.0 / median,
+            c.ms.1 / median,
+            c.mb / mb,
+        );
+    }
 }

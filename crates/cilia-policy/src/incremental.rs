@@ -39,12 +39,10 @@ use ipnet::IpNet;
 use crate::model::{Entity, Peer, PeerRule};
 use crate::named::NamedPorts;
 use crate::resolve::{
-    add_candidates, add_l7_overlay, ancestors, for_each_peer_rule, normalized_entry,
-    peer_identities, Candidates, HttpClaim, HttpClaims, Key, NamedCtx,
+    add_candidates, add_l7_overlay, for_each_peer_rule, normalize, peer_identities, Candidates,
+    HttpClaim, HttpClaims, Key, NamedCtx,
 };
-use crate::{
-    Direction, IdentityCache, IdentityId, Labels, MapEntry, Policy, ResolvedPolicy, RuleRef,
-};
+use crate::{Direction, IdentityCache, IdentityId, Labels, Policy, ResolvedPolicy, RuleRef};
 
 /// Identifies a computed contribution; a recomputation gets a new one.
 pub(crate) type ContributionId = u64;
@@ -556,7 +554,7 @@ impl PolicyRepository {
                 true
             });
         }
-        out.entries = normalize(&merged);
+        out.entries = normalize(merged.iter().copied());
         let at = |k: &Key| merged.partition_point(|(m, _)| m < k);
         add_l7_overlay(
             &mut out,
@@ -717,35 +715,4 @@ fn diff_maps<V: PartialEq>(
             }
         }
     }
-}
-
-/// Map entries of merged, sorted candidate keys, normalized for longest-prefix match
-/// exactly as in [`crate::resolve`]; ancestors are looked up within the key's
-/// (direction, identity) group only, which is where they live.
-fn normalize(keys: &[(Key, Candidates)]) -> Vec<MapEntry> {
-    let mut out = Vec::with_capacity(keys.len());
-    let mut start = 0;
-    while start < keys.len() {
-        let group = (keys[start].0 .0, keys[start].0 .1);
-        let end = start
-            + keys[start..]
-                .iter()
-                .take_while(|(k, _)| (k.0, k.1) == group)
-                .count();
-        let slice = &keys[start..end];
-        for (key, c) in slice {
-            let mut covered = (false, false);
-            if slice.len() > 1 {
-                for anc in ancestors(*key) {
-                    if let Ok(i) = slice.binary_search_by_key(&anc, |(k, _)| *k) {
-                        covered.0 |= slice[i].1.deny.is_some();
-                        covered.1 |= slice[i].1.allow.is_some();
-                    }
-                }
-            }
-            out.extend(normalized_entry(*key, c, covered));
-        }
-        start = end;
-    }
-    out
 }

@@ -107,6 +107,22 @@ pub mod reserved {
     pub const INIT: u32 = 5;
     /// Other nodes of the cluster.
     pub const REMOTE_NODE: u32 = 6;
+
+    /// Every reserved identity with its name: its one label is
+    /// `reserved:<name>` (see [`labels`]).
+    pub const NAMED: &[(u32, &str)] = &[
+        (HOST, "host"),
+        (WORLD, "world"),
+        (UNMANAGED, "unmanaged"),
+        (HEALTH, "health"),
+        (INIT, "init"),
+        (REMOTE_NODE, "remote-node"),
+    ];
+
+    /// The labels of the reserved identity called `name`.
+    pub fn labels(name: &str) -> super::Labels {
+        super::Labels::from_pairs([(format!("reserved:{name}"), "")])
+    }
 }
 
 /// CIDR identities are allocated at or above this value.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use crate::l7::{HttpOrigin, HttpRuleSpec, L7Policy, ResolvedL7};
-use crate::labels::Selector;
+use crate::labels::{Requirement, Selector};
 use crate::model::{Entity, Peer, PeerRule, PortL7, PortRange, PORT_PROTOCOLS};
 use crate::named::NamedPorts;
 use crate::ports::{port_range_prefixes, prefix_mask};
@@ -28,6 +28,10 @@ pub struct IdentityCache {
     /// The port names of identities with local endpoints (the union over
     /// those endpoints): what egress named ports resolve against.
     named_ports: BTreeMap<IdentityId, NamedPorts>,
+    /// Labelled identities by label key: a selector requiring a key (`In`,
+    /// `Exists`) can only select identities that carry it, so it scans the
+    /// rarest of its keys instead of every identity.
+    by_label_key: BTreeMap<String, BTreeSet<IdentityId>>,
 }
 
 fn prefix_index(net: &IpNet) -> (u8, u128, u8) {
@@ -52,7 +56,7 @@ impl IdentityCache {
 
     /// Adds (or replaces) an endpoint or reserved identity.
     pub fn insert_labels(&mut self, id: IdentityId, labels: Labels) {
-        self.labels.insert(id, labels);
+        self.replace_labels(id, labels);
     }
 
     /// Adds (or replaces) a CIDR identity. The prefix is truncated to its network address.
@@ -62,7 +66,53 @@ impl IdentityCache {
 
     /// Adds (or replaces) a labelled identity; returns the labels it had.
     pub(crate) fn replace_labels(&mut self, id: IdentityId, labels: Labels) -> Option<Labels> {
-        self.labels.insert(id, labels)
+        for key in labels.0.keys() {
+            self.by_label_key.entry(key.clone()).or_default().insert(id);
+        }
+        let old = self.labels.insert(id, labels);
+        if let Some(old) = &old {
+            self.unindex_labels(id, old);
+        }
+        old
+    }
+
+    /// Drops `id` from the key index for the keys of `old` it no longer has.
+    fn unindex_labels(&mut self, id: IdentityId, old: &Labels) {
+        let now = self.labels.get(&id);
+        for key in old.0.keys() {
+            if now.is_some_and(|l| l.0.contains_key(key)) {
+                continue;
+            }
+            if let Some(ids) = self.by_label_key.get_mut(key) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    self.by_label_key.remove(key);
+                }
+            }
+        }
+    }
+
+    /// The labelled (non-CIDR) identities `sel` selects, in id order.
+    pub(crate) fn select<'a>(&'a self, sel: &'a Selector) -> impl Iterator<Item = IdentityId> + 'a {
+        // The identities of each key the selector requires (`None`: a key
+        // no identity carries); the rarest bounds what it can select.
+        let rarest = sel
+            .requirements
+            .iter()
+            .filter_map(|r| match r {
+                Requirement::In(k, _) | Requirement::Exists(k) => {
+                    Some(self.by_label_key.get(k.as_str()))
+                }
+                Requirement::NotIn(..) | Requirement::DoesNotExist(_) => None,
+            })
+            .min_by_key(|ids| ids.map_or(0, BTreeSet::len));
+        let candidates: Box<dyn Iterator<Item = IdentityId> + 'a> = match rarest {
+            None => Box::new(self.labels.keys().copied()),
+            Some(ids) => Box::new(ids.into_iter().flatten().copied()),
+        };
+        candidates.filter(move |&id| {
+            !self.is_cidr_identity(id) && self.labels.get(&id).is_some_and(|l| sel.matches(l))
+        })
     }
 
     /// Adds (or replaces) a CIDR identity; returns the prefix it had.
@@ -78,7 +128,9 @@ impl IdentityCache {
 
     /// Removes a labelled identity; returns its labels.
     pub fn remove_labels(&mut self, id: IdentityId) -> Option<Labels> {
-        self.labels.remove(&id)
+        let old = self.labels.remove(&id)?;
+        self.unindex_labels(id, &old);
+        Some(old)
     }
 
     /// Removes a CIDR identity; returns its prefix.
@@ -212,11 +264,7 @@ pub(crate) fn peer_selects(peer: &Peer, id: IdentityId, cache: &IdentityCache) -
 pub(crate) fn peer_identities(peer: &Peer, cache: &IdentityCache) -> BTreeSet<IdentityId> {
     match peer {
         Peer::Any => BTreeSet::new(),
-        Peer::Selector(sel) => cache
-            .label_identities()
-            .filter(|(id, l)| !cache.is_cidr_identity(*id) && sel.matches(l))
-            .map(|(id, _)| id)
-            .collect(),
+        Peer::Selector(sel) => cache.select(sel).collect(),
         Peer::Cidr { cidr, .. } => cache
             .cidr_identities_within(cidr)
             .chain([reserved::WORLD])
@@ -240,6 +288,37 @@ struct Resolver<'a> {
 }
 
 impl Resolver<'_> {
+    /// The identities `peers` select, sorted, as map identities (`[0]`: every
+    /// identity). Same selection as [`Self::peer_set`], without building a set
+    /// per rule: a CIDR peer without exceptions takes its range of the prefix
+    /// index as is (the index only holds prefixes inside it).
+    fn peer_ids(&mut self, peers: &[Peer]) -> Vec<IdentityId> {
+        let plain_cidrs = !peers.is_empty()
+            && peers
+                .iter()
+                .all(|p| matches!(p, Peer::Cidr { except, .. } if except.is_empty()));
+        if plain_cidrs {
+            let mut ids = Vec::new();
+            for peer in peers {
+                let Peer::Cidr { cidr, .. } = peer else {
+                    continue;
+                };
+                ids.extend(self.cache.cidr_identities_within(cidr));
+                // As in `peer_selects`: a zero-length prefix also selects world.
+                if cidr.prefix_len() == 0 && self.cache.cidr(reserved::WORLD).is_none() {
+                    ids.push(reserved::WORLD);
+                }
+            }
+            ids.sort_unstable();
+            ids.dedup();
+            return ids;
+        }
+        match self.peer_set(peers) {
+            PeerSet::Any => vec![0],
+            PeerSet::Some(set) => set.into_iter().collect(),
+        }
+    }
+
     fn peer_set(&mut self, peers: &[Peer]) -> PeerSet {
         let mut ids = BTreeSet::new();
         for peer in peers {
@@ -247,13 +326,10 @@ impl Resolver<'_> {
                 Peer::Any => return PeerSet::Any,
                 Peer::Selector(sel) => {
                     let cache = self.cache;
-                    let set = self.selector_memo.entry(sel.clone()).or_insert_with(|| {
-                        cache
-                            .label_identities()
-                            .filter(|(id, l)| !cache.is_cidr_identity(*id) && sel.matches(l))
-                            .map(|(id, _)| id)
-                            .collect()
-                    });
+                    let set = self
+                        .selector_memo
+                        .entry(sel.clone())
+                        .or_insert_with(|| cache.select(sel).collect());
                     ids.extend(set.iter().copied());
                 }
                 Peer::Cidr { cidr, .. } => {
@@ -395,7 +471,7 @@ fn named_keys<'p>(
 /// L4-only allow is kept too, and every HTTP rule list claimed (in `http`).
 #[allow(clippy::too_many_arguments)] // one call per peer rule, from two resolvers
 pub(crate) fn add_candidates(
-    keys: &mut BTreeMap<Key, Candidates>,
+    keys: &mut impl CandidateMap,
     http: &mut HttpClaims,
     direction: Direction,
     deny: bool,
@@ -414,21 +490,11 @@ pub(crate) fn add_candidates(
         })
         .collect();
     let mut claim = |key: Key, l7: Option<&Arc<PortL7>>| {
-        let c = keys.entry(key).or_default();
-        if deny {
-            c.deny.get_or_insert(rule_idx);
-            return;
-        }
-        c.allow.get_or_insert(rule_idx);
-        match l7 {
-            None => {
-                c.l4.get_or_insert(rule_idx);
-            }
-            Some(l7) => {
-                let claims = http.entry(key).or_default();
-                if !claims.iter().any(|(r, c)| *r == rule_idx && c == l7) {
-                    claims.push((rule_idx, l7.clone()));
-                }
+        keys.claim(key, deny, l7.is_none(), rule_idx);
+        if let (false, Some(l7)) = (deny, l7) {
+            let claims = http.entry(key).or_default();
+            if !claims.iter().any(|(r, c)| *r == rule_idx && c == l7) {
+                claims.push((rule_idx, l7.clone()));
             }
         }
     };
@@ -442,6 +508,130 @@ pub(crate) fn add_candidates(
             claim((direction, id, proto, port, 16), l7);
         }
     }
+}
+
+/// Where [`add_candidates`] records the claims on each key: the first allow
+/// and the first deny rule to claim a key keep it, and the first allow without
+/// HTTP rules (`l4`).
+pub(crate) trait CandidateMap {
+    /// Rule `rule` claims `key`.
+    fn claim(&mut self, key: Key, deny: bool, l4: bool, rule: u32);
+}
+
+impl CandidateMap for BTreeMap<Key, Candidates> {
+    fn claim(&mut self, key: Key, deny: bool, l4: bool, rule: u32) {
+        let c = self.entry(key).or_default();
+        if deny {
+            c.deny.get_or_insert(rule);
+            return;
+        }
+        c.allow.get_or_insert(rule);
+        if l4 {
+            c.l4.get_or_insert(rule);
+        }
+    }
+}
+
+/// The claims of one full resolution, in the order they come: often ~10^5
+/// keys, each claimed once or a few times. Appending a claim and sorting them
+/// once ([`ClaimLog::into_sorted`]) is several times cheaper in time and memory
+/// than an ordered-map (or hash-map) insert per claim. Rules are visited in
+/// increasing index order, so the first claim is the one with the lowest index.
+#[derive(Default)]
+pub(crate) struct ClaimLog {
+    /// (packed key, rule index, kind): 0 deny, 1 allow with HTTP rules, 2 allow.
+    claims: Vec<(u64, u32, u8)>,
+}
+
+impl CandidateMap for ClaimLog {
+    fn claim(&mut self, key: Key, deny: bool, l4: bool, rule: u32) {
+        let kind = match (deny, l4) {
+            (true, _) => 0,
+            (false, false) => 1,
+            (false, true) => 2,
+        };
+        self.claims.push((pack_key(key), rule, kind));
+    }
+}
+
+impl ClaimLog {
+    /// The candidates of every claimed key, in key order.
+    pub(crate) fn sorted(&mut self) -> SortedCandidates<'_> {
+        self.claims.sort_unstable_by_key(|(k, _, _)| *k);
+        let keys = 1 + self.claims.windows(2).filter(|w| w[0].0 != w[1].0).count();
+        SortedCandidates {
+            claims: &self.claims,
+            keys: if self.claims.is_empty() { 0 } else { keys },
+        }
+    }
+}
+
+/// The candidates of a sorted claim log, one key at a time.
+pub(crate) struct SortedCandidates<'a> {
+    claims: &'a [(u64, u32, u8)],
+    /// Keys not yet returned.
+    keys: usize,
+}
+
+impl Iterator for SortedCandidates<'_> {
+    type Item = (Key, Candidates);
+
+    fn next(&mut self) -> Option<(Key, Candidates)> {
+        let &(key, _, _) = self.claims.first()?;
+        let n = self.claims.iter().take_while(|(k, _, _)| *k == key).count();
+        let (same, rest) = self.claims.split_at(n);
+        self.claims = rest;
+        self.keys -= 1;
+        let mut c = Candidates::default();
+        let keep = |slot: &mut Option<u32>, rule: u32| {
+            *slot = Some(slot.map_or(rule, |r| r.min(rule)));
+        };
+        for &(_, rule, kind) in same {
+            match kind {
+                0 => keep(&mut c.deny, rule),
+                1 => keep(&mut c.allow, rule),
+                _ => {
+                    keep(&mut c.allow, rule);
+                    keep(&mut c.l4, rule);
+                }
+            }
+        }
+        Some((unpack_key(key), c))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.keys, Some(self.keys))
+    }
+}
+
+/// A key as one integer whose order is the key's order:
+/// `[direction:1][identity:32][proto:8][port:16][prefix len:5]`.
+fn pack_key((direction, identity, proto, port, len): Key) -> u64 {
+    debug_assert!(len <= 16, "port prefix length {len}");
+    let direction = match direction {
+        Direction::Ingress => 0u64,
+        Direction::Egress => 1,
+    };
+    direction << 61
+        | u64::from(identity) << 29
+        | u64::from(proto) << 21
+        | u64::from(port) << 5
+        | u64::from(len)
+}
+
+fn unpack_key(k: u64) -> Key {
+    let direction = if k >> 61 == 0 {
+        Direction::Ingress
+    } else {
+        Direction::Egress
+    };
+    (
+        direction,
+        (k >> 29) as u32,
+        (k >> 21) as u8,
+        (k >> 5) as u16,
+        (k & 0x1f) as u8,
+    )
 }
 
 /// First allow rule and first deny rule seen for a key, and the first allow
@@ -503,12 +693,15 @@ pub fn resolve_with_ports(
         cache: identities,
         selector_memo: HashMap::new(),
     };
-    let mut keys: BTreeMap<Key, Candidates> = BTreeMap::new();
+    let mut keys = ClaimLog::default();
     let mut http: HttpClaims = BTreeMap::new();
     // A rule identical to an earlier one (same direction, verdict, peers and ports) adds
     // nothing: the earlier rule already holds every key it would produce.
     let mut expanded: HashSet<(Direction, bool, &PeerRule)> = HashSet::new();
 
+    // Peers first, claims second: the claim log is then allocated once, at
+    // about its final size.
+    let mut expansions = Vec::new();
     for policy in policies {
         let policy_name = policy.qualified_name();
         for rule in &policy.rules {
@@ -523,32 +716,43 @@ pub fn resolve_with_ports(
                 (policy, &policy_name),
                 rule,
                 |direction, deny, pr, rule_idx| {
-                    let ids: Vec<IdentityId> = match resolver.peer_set(&pr.peers) {
-                        PeerSet::Any => vec![0],
-                        PeerSet::Some(set) => set.into_iter().collect(),
-                    };
-                    add_candidates(
-                        &mut keys, &mut http, direction, deny, &ids, pr, rule_idx, named,
-                    );
+                    let ids = resolver.peer_ids(&pr.peers);
+                    expansions.push((direction, deny, pr, rule_idx, ids));
                 },
             );
         }
     }
-
-    // Normalize for longest-prefix-match evaluation.
-    for (&key, c) in &keys {
-        let covered = ancestors(key)
-            .into_iter()
-            .filter_map(|anc| keys.get(&anc))
-            .fold((false, false), |(d, a), anc| {
-                (d || anc.deny.is_some(), a || anc.allow.is_some())
-            });
-        out.entries.extend(normalized_entry(key, c, covered));
+    keys.claims.reserve(
+        expansions
+            .iter()
+            .map(|(_, _, pr, _, ids)| ids.len() * pr.ports.len().max(1))
+            .sum(),
+    );
+    for (direction, deny, pr, rule_idx, ids) in &expansions {
+        add_candidates(
+            &mut keys, &mut http, *direction, *deny, ids, pr, *rule_idx, named,
+        );
     }
+    drop(expansions);
+
+    if http.is_empty() {
+        // No proxied entry to place: the candidates never need to exist at once.
+        out.entries = normalize(keys.sorted());
+        return out;
+    }
+    let keys: Vec<(Key, Candidates)> = keys.sorted().collect();
+    out.entries = normalize(keys.iter().copied());
     let overlay = l7_overlay(
         &http,
-        |k| keys.get(k).copied(),
-        |after| keys.range(after..).next().map(|(k, _)| *k),
+        |k| {
+            keys.binary_search_by_key(k, |(k, _)| *k)
+                .ok()
+                .map(|i| keys[i].1)
+        },
+        |after| {
+            let i = keys.partition_point(|(k, _)| *k < after);
+            keys.get(i).map(|(k, _)| *k)
+        },
         |r| out.rules.get(*r as usize).cloned(),
     );
     apply_overlay(&mut out, overlay);
@@ -788,6 +992,71 @@ pub(crate) fn normalized_verdict(
         (!ancestor_deny).then_some(Verdict::Deny)
     } else {
         (allow && !ancestor_deny && !ancestor_allow).then_some(Verdict::Allow)
+    }
+}
+
+/// Above this many shorter prefixes in one (direction, identity) group, a key's
+/// ancestors are looked up in the map instead of scanning the group's list.
+const SHORT_SCAN_LIMIT: usize = 32;
+
+/// The normalized entries (see [`normalized_entry`]) of sorted candidate keys,
+/// in key order, for longest-prefix-match evaluation.
+///
+/// A key's ancestors are the shorter prefixes of its own (direction, identity)
+/// group and sort before it, so one pass that remembers the group's shorter
+/// prefixes seen so far finds them; most groups have none (exact ports only),
+/// which makes the pass linear instead of one map lookup per possible ancestor.
+pub(crate) fn normalize(keys: impl IntoIterator<Item = (Key, Candidates)>) -> Vec<MapEntry> {
+    let keys = keys.into_iter();
+    let mut entries = Vec::with_capacity(keys.size_hint().0);
+    // The current group's keys so far, and those of them with a shorter prefix.
+    let mut seen: Vec<(Key, Candidates)> = Vec::new();
+    let mut short: Vec<(Key, Candidates)> = Vec::new();
+    for (key, c) in keys {
+        let (direction, identity, proto, _, len) = key;
+        if seen
+            .first()
+            .is_some_and(|(k, _)| (k.0, k.1) != (direction, identity))
+        {
+            seen.clear();
+            short.clear();
+        }
+        let covered = if short.len() > SHORT_SCAN_LIMIT {
+            ancestors(key)
+                .into_iter()
+                .filter_map(|anc| seen.binary_search_by_key(&anc, |(k, _)| *k).ok())
+                .fold((false, false), |(d, a), i| {
+                    (
+                        d || seen[i].1.deny.is_some(),
+                        a || seen[i].1.allow.is_some(),
+                    )
+                })
+        } else {
+            short
+                .iter()
+                .filter(|(anc, _)| is_ancestor(*anc, key))
+                .fold((false, false), |(d, a), (_, anc)| {
+                    (d || anc.deny.is_some(), a || anc.allow.is_some())
+                })
+        };
+        entries.extend(normalized_entry(key, &c, covered));
+        seen.push((key, c));
+        if proto == 0 || len < 16 {
+            short.push((key, c));
+        }
+    }
+    entries
+}
+
+/// Whether `anc` is one of [`ancestors`]`(key)`.
+pub(crate) fn is_ancestor(anc: Key, key: Key) -> bool {
+    let (direction, identity, proto, port, len) = key;
+    if proto == 0 || anc.0 != direction || anc.1 != identity {
+        return false;
+    }
+    match anc {
+        (_, _, 0, 0, 0) => true,
+        (_, _, p, anc_port, l) => p == proto && l < len && port & prefix_mask(l) == anc_port,
     }
 }
 

@@ -40,14 +40,15 @@ use crate::store::{
 };
 
 /// Reserved identities and their label names.
-pub const RESERVED: &[(u32, &str)] = &[
-    (CILIA_ID_HOST, "host"),
-    (CILIA_ID_WORLD, "world"),
-    (CILIA_ID_UNMANAGED, "unmanaged"),
-    (CILIA_ID_HEALTH, "health"),
-    (CILIA_ID_INIT, "init"),
-    (CILIA_ID_REMOTE_NODE, "remote-node"),
-];
+pub const RESERVED: &[(u32, &str)] = cilia_policy::reserved::NAMED;
+
+// The policy crate's reserved identities are the datapath's.
+const _: () = {
+    use cilia_policy::reserved as r;
+    assert!(r::HOST == CILIA_ID_HOST && r::WORLD == CILIA_ID_WORLD);
+    assert!(r::UNMANAGED == CILIA_ID_UNMANAGED && r::HEALTH == CILIA_ID_HEALTH);
+    assert!(r::INIT == CILIA_ID_INIT && r::REMOTE_NODE == CILIA_ID_REMOTE_NODE);
+};
 
 /// Identities given to a label set that no endpoint has, for tracing: one
 /// per side (the two may differ), below the CIDR identities (which selectors
@@ -675,7 +676,7 @@ impl PolicyState {
     fn labelled_identities(&self) -> Result<BTreeMap<u32, Labels>, EndpointError> {
         let mut out: BTreeMap<u32, Labels> = RESERVED
             .iter()
-            .map(|(id, name)| (*id, Labels::from_pairs([(format!("reserved:{name}"), "")])))
+            .map(|&(id, name)| (id, cilia_policy::reserved::labels(name)))
             .collect();
         for (id, labels) in &self.remote_identities {
             out.insert(*id, Labels(labels.clone()));

@@ -993,3 +993,182 @@ fn an_unchanged_policy_keeps_its_contribution_and_basis() {
     repo.set_identities(c);
     assert_ne!(repo.basis(&subject), before);
 }
+
+// ------------------------------------------- claim log, packed keys, per-group normalize
+
+fn any_key() -> impl Strategy<Value = crate::resolve::Key> {
+    (
+        prop::bool::ANY,
+        prop::sample::select(vec![0u32, 1, 2, 1000, u32::MAX]),
+        prop::sample::select(vec![0u8, 6, 17]),
+        any::<u16>(),
+        0u8..=16,
+    )
+        .prop_map(|(egress, id, proto, port, len)| {
+            let direction = if egress {
+                Direction::Egress
+            } else {
+                Direction::Ingress
+            };
+            let port = port & crate::ports::prefix_mask(len);
+            (direction, id, proto, port, len)
+        })
+}
+
+proptest! {
+    #[test]
+    fn claim_log_keeps_the_same_candidates_as_the_ordered_map(
+        claims in prop::collection::vec((any_key(), prop::bool::ANY, prop::bool::ANY), 0..64),
+    ) {
+        use crate::resolve::{CandidateMap, Candidates, ClaimLog, Key};
+        let mut log = ClaimLog::default();
+        let mut map: BTreeMap<Key, Candidates> = BTreeMap::new();
+        // Rules claim in increasing index order, as the resolver visits them.
+        for (rule, (key, deny, l4)) in claims.into_iter().enumerate() {
+            log.claim(key, deny, l4, rule as u32);
+            map.claim(key, deny, l4, rule as u32);
+        }
+        let sorted = log.sorted();
+        prop_assert_eq!(sorted.size_hint(), (map.len(), Some(map.len())));
+        let from_log: Vec<(Key, Candidates)> = sorted.collect();
+        let from_map: Vec<(Key, Candidates)> = map.into_iter().collect();
+        prop_assert_eq!(from_log, from_map);
+    }
+
+    #[test]
+    fn is_ancestor_agrees_with_ancestors(anc in any_key(), key in any_key()) {
+        let listed = crate::resolve::ancestors(key).contains(&anc);
+        prop_assert_eq!(crate::resolve::is_ancestor(anc, key), listed);
+    }
+}
+
+/// A CIDR subject world for the deny/allow overlap tests: endpoint `foo` in
+/// `default`, one CIDR identity per prefix of the policies.
+fn cidr_world(yaml: &str) -> (Vec<Policy>, Labels, IdentityCache) {
+    let policies = parse_policies("overlap.yaml", yaml).expect("policies parse");
+    let subject = Labels::from_pairs([("foo", ""), (NAMESPACE_LABEL, "default")]);
+    let mut c = IdentityCache::new();
+    c.insert_labels(303, subject.clone());
+    c.insert_labels(
+        reserved::WORLD,
+        Labels::from_pairs([("reserved:world", "")]),
+    );
+    for (n, prefix) in crate::cidr_prefixes(&policies).into_iter().enumerate() {
+        c.insert_cidr(LOCAL_CIDR_IDENTITY_BASE + n as u32, prefix);
+    }
+    (policies, subject, c)
+}
+
+/// Every egress (peer, proto, port) in `ports` evaluates on the map as the
+/// reference says; returns the number of denied packets (so a test can check
+/// that deny rules took part).
+fn assert_egress_matches_reference(
+    policies: &[Policy],
+    subject: &Labels,
+    c: &IdentityCache,
+    ports: impl Iterator<Item = u16> + Clone,
+) -> usize {
+    let resolved = resolve(policies, subject, c);
+    let mut denied = 0;
+    for peer in all_peers(c) {
+        for proto in [6u8, 17] {
+            for port in ports.clone() {
+                let want = reference(policies, subject, c, Direction::Egress, peer, proto, port);
+                let got = evaluate(&resolved, Direction::Egress, peer, proto, port).verdict;
+                assert_eq!(got, want, "peer {peer} proto {proto} port {port}");
+                denied += usize::from(got == Verdict::Deny);
+            }
+        }
+    }
+    denied
+}
+
+#[test]
+fn deny_cidr_ports_inside_allow_cidr_ports_win_for_every_packet() {
+    // The shape of Cilium's CIDR deny benchmark, scaled down: allow and deny
+    // CIDRs of /8 to /32 nested in one another, each with its own TCP port.
+    let mut yaml = String::new();
+    let nets = [
+        ("10.0.0.0/8", "10.1.0.0/16"),
+        ("10.1.0.0/16", "10.1.2.0/24"),
+        ("10.1.2.0/24", "10.1.2.16/28"),
+        ("10.1.2.16/28", "10.1.2.17/32"),
+        ("192.0.2.0/24", "10.0.0.0/8"),
+        ("10.1.2.17/32", "10.0.0.0/8"),
+    ];
+    for (i, (allow, deny)) in nets.iter().enumerate() {
+        let (a, d) = (80 + i % 3, 81 + i % 2);
+        yaml.push_str(&format!(
+            "---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: cidr-{i}, namespace: default}}\nspec:\n  endpointSelector: {{matchLabels: {{foo: ''}}}}\n  egress:\n  - toCIDR: ['{allow}']\n    toPorts: [{{ports: [{{port: '{a}', protocol: TCP}}]}}]\n  egressDeny:\n  - toCIDR: ['{deny}']\n    toPorts: [{{ports: [{{port: '{d}', protocol: TCP}}]}}]\n"
+        ));
+    }
+    let (policies, subject, c) = cidr_world(&yaml);
+    let denied = assert_egress_matches_reference(&policies, &subject, &c, 78..86);
+    assert!(denied > 0);
+}
+
+#[test]
+fn deny_port_ranges_over_many_allow_ranges_of_one_identity_match_the_reference() {
+    // More shorter port prefixes in one (direction, identity) group than the
+    // normalizer scans linearly: its map-lookup path decides.
+    let mut ranges = String::new();
+    for i in 0..20u32 {
+        let first = 1000 + i * 37;
+        ranges.push_str(&format!(
+            "{{port: '{first}', endPort: {}, protocol: TCP}}, ",
+            first + 30
+        ));
+    }
+    let yaml = format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: ranges, namespace: default}}\nspec:\n  endpointSelector: {{matchLabels: {{foo: ''}}}}\n  egress:\n  - toCIDR: ['10.0.0.0/8']\n    toPorts: [{{ports: [{ranges}]}}]\n  egressDeny:\n  - toCIDR: ['10.1.0.0/16']\n    toPorts: [{{ports: [{{port: '1100', endPort: 1300, protocol: TCP}}, {{port: '1500', protocol: TCP}}]}}]\n  - toCIDR: ['10.0.0.0/8']\n    toPorts: [{{ports: [{{port: '1024', endPort: 1031, protocol: TCP}}]}}]\n"
+    );
+    let (policies, subject, c) = cidr_world(&yaml);
+    let resolved = resolve(&policies, &subject, &c);
+    let widest = resolved
+        .entries
+        .iter()
+        .filter(|e| e.identity == LOCAL_CIDR_IDENTITY_BASE && e.port_prefix_len < 16)
+        .count();
+    assert!(widest > 32, "only {widest} port prefixes in the group");
+    let denied = assert_egress_matches_reference(&policies, &subject, &c, 990..1760);
+    assert!(denied > 0);
+}
+
+proptest! {
+    #[test]
+    fn selection_by_label_key_index_equals_a_scan_after_any_changes(
+        changes in prop::collection::vec(
+            (0u32..6, prop::option::of(prop::sample::subsequence(vec!["app", "bar", "tier"], 0..3))),
+            0..24,
+        ),
+    ) {
+        let mut c = IdentityCache::new();
+        for (id, keys) in changes {
+            match keys {
+                Some(keys) => c.insert_labels(
+                    100 + id,
+                    Labels::from_pairs(
+                        keys.into_iter()
+                            .map(|k| (k.to_string(), "x".to_string()))
+                            .chain([(NAMESPACE_LABEL.to_string(), "default".to_string())]),
+                    ),
+                ),
+                None => {
+                    c.remove_labels(100 + id);
+                }
+            }
+        }
+        let yaml = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: sel, namespace: default}\nspec:\n  endpointSelector: {}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: x}}, {matchExpressions: [{key: bar, operator: Exists}, {key: tier, operator: DoesNotExist}]}, {matchExpressions: [{key: app, operator: NotIn, values: [y]}]}]\n";
+        let policies = parse_policies("sel.yaml", yaml).expect("policy parses");
+        for peer in &policies[0].rules[0].ingress[0].peers {
+            let Peer::Selector(sel) = peer else { continue };
+            let indexed: Vec<IdentityId> = c.select(sel).collect();
+            let scanned: Vec<IdentityId> = c
+                .label_identities()
+                .filter(|(_, l)| sel.matches(l))
+                .map(|(id, _)| id)
+                .collect();
+            prop_assert_eq!(indexed, scanned);
+        }
+    }
+}

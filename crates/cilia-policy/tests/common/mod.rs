@@ -93,15 +93,8 @@ impl World {
         for (id, l) in endpoints() {
             cache.insert_labels(id, l);
         }
-        for (id, name) in [
-            (reserved::HOST, "host"),
-            (reserved::WORLD, "world"),
-            (reserved::UNMANAGED, "unmanaged"),
-            (reserved::HEALTH, "health"),
-            (reserved::INIT, "init"),
-            (reserved::REMOTE_NODE, "remote-node"),
-        ] {
-            cache.insert_labels(id, Labels::from_pairs([(format!("reserved:{name}"), "")]));
+        for &(id, name) in reserved::NAMED {
+            cache.insert_labels(id, reserved::labels(name));
         }
         let mut prefixes = cidr_prefixes(&policies);
         for extra in ["172.16.0.0/12", "10.9.9.9/32"] {
