@@ -84,8 +84,23 @@ wait_specialized() { # bounded: SPECIALIZE_TIMEOUT
   exit 1
 }
 
-sleep 1
-RSS_IDLE=$(rss VmRSS)
+# Idle: once the agent's RSS has settled. Right after start it is still
+# loading (and verifying) the shared generic endpoint program, whose
+# parsed object and the kernel's BTF are transient: a reading then is not
+# idle. Settled = unchanged over 2 s; at most IDLE_TIMEOUT s.
+settled_rss() {
+  local prev=-1 cur t0
+  t0=$(now_s)
+  while :; do
+    cur=$(rss VmRSS)
+    [ "$cur" = "$prev" ] && break
+    [ $(($(now_s) - t0)) -ge "${IDLE_TIMEOUT:-60}" ] && break
+    prev=$cur
+    sleep 2
+  done
+  echo "$cur"
+}
+RSS_IDLE=$(settled_rss)
 
 # Phase 2: N endpoints, BATCH at a time.
 t0=$(now_s)

@@ -13,7 +13,9 @@
 # Both measured in the same run with bench/rr.py (one connection at a time,
 # latency bound; Python dominates absolute numbers, the trend with N is the
 # point). Median of $REPS runs of $DURATION s each. Needs root and the release
-# binaries (scripts/setup.sh). Prints markdown tables.
+# binaries (scripts/setup.sh). Prints markdown tables. The agent takes its
+# settings from the environment too: CILIA_FLOW_BUFFER_SIZE=0 runs it without
+# its flow ring (events only while `cilia monitor` runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RULES=${RULES:-"10 1000 10000"}

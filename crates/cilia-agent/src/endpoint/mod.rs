@@ -1019,13 +1019,18 @@ mod tests {
         }
 
         fn manager(&self) -> EndpointManager {
+            self.manager_with_ranges("fd00::/120", "10.0.0.0/24")
+        }
+
+        /// A manager whose pools cover these ranges.
+        fn manager_with_ranges(&self, v6: &str, v4: &str) -> EndpointManager {
             let mut mgr = EndpointManager::new(
                 Store::open(&self.path).unwrap(),
                 self.dp.clone(),
                 Box::new(FakeNetdev(self.kernel.clone())),
                 Pools {
-                    v6: Pool::new("fd00::/120".parse().unwrap()).unwrap(),
-                    v4: Some(Pool::new("10.0.0.0/24".parse().unwrap()).unwrap()),
+                    v6: Pool::new(v6.parse().unwrap()).unwrap(),
+                    v4: Some(Pool::new(v4.parse().unwrap()).unwrap()),
                 },
             );
             // The requests use the test's own netns file: let it count as
@@ -2026,14 +2031,11 @@ spec:
     #[test]
     #[ignore = "benchmark: run explicitly, release build"]
     fn import_benchmark() {
-        let var = |name: &str, default: usize| {
-            std::env::var(name)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(default)
-        };
-        let (imports, chunk) = (var("CILIA_IMPORTS", 10), var("CILIA_CHUNK", 10_000));
-        let limit = std::time::Duration::from_secs(var("CILIA_BENCH_LIMIT_S", 300) as u64);
+        let (imports, chunk) = (
+            bench_var("CILIA_IMPORTS", 10),
+            bench_var("CILIA_CHUNK", 10_000),
+        );
+        let limit = std::time::Duration::from_secs(bench_var("CILIA_BENCH_LIMIT_S", 300) as u64);
         let h = Harness::new();
         let mut mgr = h.manager();
         let mut server = 0;
@@ -2084,6 +2086,80 @@ spec:
             .find(|l| l.starts_with("VmHWM"))
             .unwrap_or("");
         println!("peak memory (whole test process): {peak}");
+    }
+
+    /// A benchmark's setting from the environment, else `default`.
+    fn bench_var(name: &str, default: usize) -> usize {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    }
+
+    /// Time to enforce (#11 point 5): on a node with `CILIA_ENDPOINTS`
+    /// (1000) endpoints in 100 apps (`app=app-K`, ten endpoints each), one
+    /// import of `CILIA_RULES` (10,000) rules: 100 CiliumNetworkPolicies in
+    /// one file, policy K selecting `app-K` with 100 ingress rules, rule J
+    /// allowing `app-((K+J) mod 100)` on TCP port 8000+J. Measures the
+    /// import from the call until it returns, which is when every selected
+    /// endpoint's policy map holds its new entries (the datapath here is
+    /// the unit tests' fake: the kernel's map writes are not included; see
+    /// docs/benchmarks.md for their cost). Run: `cargo test --release -p
+    /// cilia-agent --lib enforce_benchmark -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "benchmark: run explicitly, release build"]
+    fn enforce_benchmark() {
+        let (endpoints, rules) = (
+            bench_var("CILIA_ENDPOINTS", 1000),
+            bench_var("CILIA_RULES", 10_000),
+        );
+        const APPS: usize = 100;
+        let per_policy = rules.div_ceil(APPS);
+        let h = Harness::new();
+        let mut mgr = h.manager_with_ranges("fd00::/108", "10.0.0.0/16");
+        let t = std::time::Instant::now();
+        let mut ids = Vec::new();
+        for i in 0..endpoints {
+            let mut req = request();
+            req.labels = BTreeMap::from([("app".into(), format!("app-{}", i % APPS))]);
+            ids.push(mgr.create(req).unwrap().id);
+        }
+        println!(
+            "{endpoints} endpoints created in {:.2} s",
+            t.elapsed().as_secs_f64()
+        );
+        let mut yaml = String::new();
+        let mut written = 0;
+        for k in 0..APPS {
+            yaml.push_str(&format!(
+                "---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: enforce-{k}\nspec:\n  endpointSelector:\n    matchLabels:\n      app: app-{k}\n  ingress:\n"
+            ));
+            for j in 0..per_policy.min(rules - written) {
+                yaml.push_str(&format!(
+                    "  - fromEndpoints:\n    - matchLabels:\n        app: app-{}\n    toPorts:\n    - ports:\n      - port: \"{}\"\n        protocol: TCP\n",
+                    (k + j) % APPS,
+                    8000 + j
+                ));
+                written += 1;
+            }
+        }
+        let t = std::time::Instant::now();
+        mgr.policy().import_policies("enforce.yaml", &yaml).unwrap();
+        let took = t.elapsed().as_secs_f64();
+        let state = h.dp.state();
+        let entries: usize = ids
+            .iter()
+            .map(|id| state.policy.get(id).map_or(0, |m| m.len()))
+            .sum();
+        let enforced = ids
+            .iter()
+            .filter(|id| state.policy.get(id).is_some_and(|m| m.len() > per_policy))
+            .count();
+        println!(
+            "import of {written} rules ({APPS} policies) on {endpoints} endpoints: {took:.3} s until \
+             every endpoint's map was written; {enforced} endpoints enforced, {entries} map entries in all"
+        );
+        assert_eq!(enforced, endpoints, "every endpoint got its policy");
     }
 
     impl Harness {

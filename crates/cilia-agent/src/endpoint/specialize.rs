@@ -109,7 +109,11 @@ pub fn start<S: Send + Sync + 'static>(
             while let Ok(id) = rx.recv() {
                 let Some(owner) = owner.upgrade() else { break };
                 specialize(endpoints(&owner), id, &worker);
-                worker.shared.pending.fetch_sub(1, Ordering::SeqCst);
+                if worker.shared.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    // The queue drained: each load's ELF, BTF and
+                    // relocation buffers are freed by now.
+                    crate::trim_allocator();
+                }
             }
         });
     if let Err(e) = spawned {

@@ -50,6 +50,13 @@ use crate::ipam::{IpamError, Pool};
 mod services;
 pub use services::{ServiceChange, ServicesChange, StoredServices};
 
+/// redb's page cache for the state file. Its default (1 GiB) keeps every
+/// page ever read or written resident, so the agent's memory grew with the
+/// file: each endpoint, and each revision of the watch history (up to
+/// 10,000), stayed in the heap. The agent's reads are a few small records
+/// per request; a miss costs a `pread` served by the kernel's page cache.
+const CACHE_BYTES: usize = 2 << 20;
+
 const ENDPOINTS: &str = "cilia/endpoints/";
 const IPAM: &str = "cilia/ipam/allocated/";
 const RELEASED_IPS: &str = "cilia/ipam/released/";
@@ -338,7 +345,10 @@ impl Store {
             path: path.display().to_string(),
             reason,
         };
-        let db = Database::create(path).map_err(|e| open_err(e.to_string()))?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| open_err(e.to_string()))?;
         let legacy = legacy::read(&db)?;
         let kv = RedbStore::from_database(db, cilia_kvstore::History::default())
             .map_err(|e| open_err(e.to_string()))?;
