@@ -6,6 +6,7 @@
 # made the endpoint ready (program attached, addresses published). Then the
 # agent's RSS (VmRSS, VmHWM from /proc/<pid>/status) with N endpoints, and
 # the DEL latency. Needs root and the release binaries. Prints markdown.
+# AGENT_LOG=file keeps the agent's log (each DEL logs its steps' times).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-100}
@@ -17,6 +18,7 @@ AGENT_PID=
 source scripts/lib/procs.sh
 cleanup() { # every process started is tracked by PID; then the namespaces
   stop_tracked
+  if [ -n "${AGENT_LOG:-}" ] && [ -f "$RUN/agent.log" ]; then cp "$RUN/agent.log" "$AGENT_LOG"; fi
   for i in $(seq "$N"); do del_netns "$P-$i"; done
   del_netns "$P-node"
   rm -rf "$RUN" "/sys/fs/bpf/$P"
@@ -62,6 +64,8 @@ echo "| measure | p50 | p99 | max |"
 echo "|---|---|---|---|"
 echo "| CNI ADD → endpoint ready (ms) | $(pct "$RUN/add" 50) | $(pct "$RUN/add" 99) | $(pct "$RUN/add" 100) |"
 echo "| CNI DEL (ms) | $(pct "$RUN/del" 50) | $(pct "$RUN/del" 99) | $(pct "$RUN/del" 100) |"
+echo
+echo "slowest ADDs (ms, by order of the ADD): $(awk '{ printf "%d %.1f\n", NR, $1 / 1000 }' "$RUN/add" | sort -k2 -n -r | head -3 | awk '{ printf "#%d %s; ", $1, $2 }')"
 echo
 echo "| agent memory | KiB |"
 echo "|---|---|"

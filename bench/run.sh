@@ -22,3 +22,9 @@ bench/prefilter.sh
 echo
 echo "## Services at scale vs kube-proxy's iptables layout"
 bench/services.sh
+echo
+echo "## Endpoint setup: CNI ADD and DEL latency, agent memory"
+bench/cni.sh
+echo
+echo "## Time to enforce: an import on endpoints vs the same import on none"
+bench/enforce.sh

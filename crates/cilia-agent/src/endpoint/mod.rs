@@ -146,6 +146,8 @@ pub struct PendingEndpoint {
     loads: Arc<LoadSlots>,
     /// Fast attach: the generic program now, the specialized one later.
     specialize: Option<specialize::Specializer>,
+    /// The steps so far (the lock, the record), for the create's log line.
+    begun: Phases,
 }
 
 /// What [`PendingEndpoint::prepare`] made: the host device and the loaded,
@@ -153,6 +155,8 @@ pub struct PendingEndpoint {
 pub struct PreparedEndpoint {
     ifindex: u32,
     programs: Option<LoadedPrograms>,
+    /// How long the veth took, and the programs' loading if they were.
+    setup: Phases,
 }
 
 impl PendingEndpoint {
@@ -166,14 +170,19 @@ impl PendingEndpoint {
     /// [`EndpointManager::finish_create`] when it fails, and by restore
     /// after a crash (the record is still `creating`).
     pub fn prepare(&self) -> Result<PreparedEndpoint, EndpointError> {
+        let mut setup = Phases::start();
         let ifindex = self.netdev.create(&self.spec)?;
+        setup.mark("veth");
         crate::crash::point("endpoint-create:after-veth");
         if let Some(spec) = self.specialize.as_ref().filter(|s| s.generic_usable()) {
-            match self.datapath.prepare_generic() {
+            let generic = self.datapath.prepare_generic();
+            setup.mark("generic");
+            match generic {
                 Ok(()) => {
                     return Ok(PreparedEndpoint {
                         ifindex,
                         programs: None,
+                        setup,
                     })
                 }
                 Err(e) => spec.set_unavailable(e.to_string()),
@@ -184,9 +193,11 @@ impl PendingEndpoint {
             self.datapath
                 .load_endpoint(&config_of(&self.rec, ifindex))?
         };
+        setup.mark("load");
         Ok(PreparedEndpoint {
             ifindex,
             programs: Some(programs),
+            setup,
         })
     }
 }
@@ -200,7 +211,13 @@ pub fn create_unlocked(
     req: EndpointCreate,
 ) -> Result<EndpointRecord, EndpointError> {
     let lock = || manager.lock().unwrap_or_else(|p| p.into_inner());
-    let pending = lock().begin_create(req)?;
+    let mut begun = Phases::start();
+    let mut locked = lock();
+    begun.mark("lock");
+    let mut pending = locked.begin_create(req)?;
+    drop(locked);
+    begun.mark("record");
+    pending.begun = begun;
     // A panic here must still reach `finish_create`, which rolls back and
     // takes the endpoint out of the in-flight set (else it stays busy).
     let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pending.prepare()))
@@ -448,6 +465,7 @@ impl EndpointManager {
         &mut self,
         req: EndpointCreate,
     ) -> Result<PendingEndpoint, EndpointError> {
+        let mut begun = Phases::start();
         let ifname = req.ifname.clone().unwrap_or_else(|| "eth0".into());
         cilia_api::limits::check_ifname("ifname", &ifname).map_err(EndpointError::Ifname)?;
         if let Some(cid) = &req.container_id {
@@ -558,6 +576,10 @@ impl EndpointManager {
             datapath: self.datapath.clone(),
             loads: self.loads.clone(),
             specialize: self.specialize.clone(),
+            begun: {
+                begun.mark("record");
+                begun
+            },
         })
     }
 
@@ -567,7 +589,7 @@ impl EndpointManager {
     /// rolls everything back.
     pub fn finish_create(
         &mut self,
-        pending: PendingEndpoint,
+        mut pending: PendingEndpoint,
         prepared: Result<PreparedEndpoint, EndpointError>,
     ) -> Result<EndpointRecord, EndpointError> {
         self.creating.remove(&pending.rec.id);
@@ -588,10 +610,13 @@ impl EndpointManager {
                 return Err(e);
             }
         };
-        let connected = self.connect(&rec, prepared).and_then(|generic| {
-            self.serve_netns(&rec, &pending.spec.netns.file)
-                .map(|()| generic)
-        });
+        let mut phases = Phases::start();
+        let connected = self
+            .connect(&rec, prepared, &mut phases)
+            .and_then(|generic| {
+                self.serve_netns(&rec, &pending.spec.netns.file)
+                    .map(|()| generic)
+            });
         match connected {
             Ok(generic) => {
                 let mut ready = rec;
@@ -600,8 +625,11 @@ impl EndpointManager {
                     self.rollback(&ready);
                     return Err(e.into());
                 }
+                phases.mark("ready");
+                phases.include(std::mem::replace(&mut pending.begun, Phases::start()));
                 crate::crash::point("endpoint-create:after-ready");
-                info!(id = ready.id, ipv6 = %ready.ipv6, ipv4 = ?ready.ipv4, generic, "endpoint created");
+                info!(id = ready.id, ipv6 = %ready.ipv6, ipv4 = ?ready.ipv4, generic,
+                    took_ms = phases.total_ms(), phases = %phases, "endpoint created");
                 if generic {
                     if let Some(spec) = &self.specialize {
                         spec.queue(ready.id);
@@ -639,11 +667,18 @@ impl EndpointManager {
         &mut self,
         rec: &EndpointRecord,
         prepared: PreparedEndpoint,
+        phases: &mut Phases,
     ) -> Result<bool, EndpointError> {
-        let PreparedEndpoint { ifindex, programs } = prepared;
+        let PreparedEndpoint {
+            ifindex,
+            programs,
+            setup,
+        } = prepared;
+        phases.include(setup);
         // The policy map exists before the program can see a packet: a new
         // endpoint is never briefly open when a policy selects it.
         self.policy().apply_policy(rec)?;
+        phases.mark("policy");
         crate::crash::point("endpoint-create:after-policy");
         // Programs loaded for an older version of the record (an identity
         // changed meanwhile) are not used: they are loaded again.
@@ -664,8 +699,10 @@ impl EndpointManager {
                 .dp()
                 .attach_endpoint_generic(&config, &rec.host_ifname)?,
         }
+        phases.mark("attach");
         crate::crash::point("endpoint-create:after-attach");
         self.publish(rec, ifindex)?;
+        phases.mark("publish");
         crate::crash::point("endpoint-create:after-publish");
         Ok(generic)
     }
@@ -716,27 +753,51 @@ impl EndpointManager {
         if self.creating.contains(&id) {
             return Err(EndpointError::Busy(id));
         }
+        let mut phases = Phases::start();
         let rec = self.get(id)?;
         for ip in rec.ips() {
             self.dp().withdraw_endpoint(ip)?;
         }
+        phases.mark("unpublish");
         crate::crash::point("endpoint-delete:after-unpublish");
-        self.dp().detach_endpoint(rec.id)?;
         self.unserve_netns(rec.id)?;
+        phases.mark("unserve");
+        // Detaching the two programs and removing the veth each wait in the
+        // kernel for RCU grace periods (~10-15 ms each here, under the RTNL
+        // lock), and removing the policy map for one more (outside it): at
+        // once, the policy map's wait overlaps the device's. In any order
+        // the policy map goes only after both programs are off the device
+        // (`detach_endpoint` unpins the links first, and a link's release
+        // waits for a device removal in progress), so no packet meets the
+        // endpoint's program without its policy.
+        let (dp, netdev) = (self.datapath.clone(), self.netdev.clone());
+        let (detached, veth) = std::thread::scope(|s| {
+            let veth = s.spawn(|| netdev.delete(&rec.host_ifname));
+            let detached = dp.detach_endpoint(rec.id);
+            let veth = veth
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (detached, veth)
+        });
+        detached?;
         crate::crash::point("endpoint-delete:after-detach");
-        self.netdev.delete(&rec.host_ifname)?;
+        veth?;
+        phases.mark("detach+veth");
         crate::crash::point("endpoint-delete:after-veth");
         // Nothing the endpoint was allowed may outlive it into the flows of
         // whoever gets its address or id next.
         self.dp().purge_conntrack(rec.id, &rec.ips())?;
+        phases.mark("conntrack");
         self.store.delete_endpoint(&rec)?;
+        phases.mark("store");
         self.policy().forget(rec.id);
-        info!(id, "endpoint deleted");
         // Policies of the others may have selected its identity, if it was
         // the last endpoint carrying it.
         if self.identity_is_new(&rec)? || !rec.named_ports.is_empty() {
             self.policy().regenerate()?;
         }
+        phases.mark("policy");
+        info!(id, took_ms = phases.total_ms(), phases = %phases, "endpoint deleted");
         Ok(())
     }
 
@@ -953,6 +1014,57 @@ pub fn pending_labels(store: &Store) -> Result<Vec<(u16, String, String)>, Endpo
         .filter(|r| r.label_source.as_deref() != Some(crate::k8s::LABEL_SOURCE))
         .filter_map(|r| Some((r.id, r.label_source?, r.container_id?)))
         .collect())
+}
+
+/// How long each step of one endpoint operation took, for its log line: a
+/// slow ADD or DEL says where its time went without a profiler.
+struct Phases {
+    started: std::time::Instant,
+    last: std::time::Instant,
+    steps: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl Phases {
+    fn start() -> Self {
+        let now = std::time::Instant::now();
+        Phases {
+            started: now,
+            last: now,
+            steps: Vec::new(),
+        }
+    }
+
+    /// Ends the step named `step` (it began where the previous one ended).
+    fn mark(&mut self, step: &'static str) {
+        let now = std::time::Instant::now();
+        self.steps.push((step, now - self.last));
+        self.last = now;
+    }
+
+    fn total_ms(&self) -> f64 {
+        self.started.elapsed().as_secs_f64() * 1e3
+    }
+
+    /// Puts `earlier`'s steps (taken outside this operation's lock, say)
+    /// before this one's, then the time between the two as `wait`; the
+    /// start becomes `earlier`'s.
+    fn include(&mut self, earlier: Phases) {
+        let mut steps = earlier.steps;
+        steps.push(("wait", self.started.saturating_duration_since(earlier.last)));
+        steps.append(&mut self.steps);
+        self.steps = steps;
+        self.started = earlier.started;
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (step, took)) in self.steps.iter().enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            write!(f, "{sep}{step}={:.1}ms", took.as_secs_f64() * 1e3)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

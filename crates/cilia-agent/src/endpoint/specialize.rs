@@ -141,20 +141,23 @@ fn specialize(endpoints: &Mutex<EndpointManager>, id: u16, spec: &Specializer) {
         let Some(ifindex) = m.netdev.ifindex(&rec.host_ifname) else {
             return;
         };
-        let config = config_of(&rec, ifindex);
-        match m.dp().check_links(&config) {
-            // Detached, or already specialized (a relabel did it).
-            Ok(None) => return,
-            Ok(Some(links)) if all_specialized(&links) => return,
-            _ => {}
-        }
         (
-            config,
+            config_of(&rec, ifindex),
             rec.host_ifname.clone(),
             m.datapath.clone(),
             m.loads.clone(),
         )
     };
+    // Outside the endpoints' lock: the first check after the agent starts
+    // verifies a build to learn its program tags (~1 s here), and every ADD
+    // would wait for it. A change meanwhile is caught by the check under
+    // the lock below.
+    match dp.check_links(&config) {
+        // Detached, or already specialized (a relabel did it).
+        Ok(None) => return,
+        Ok(Some(links)) if all_specialized(&links) => return,
+        _ => {}
+    }
     let loaded = {
         let _slot = loads.acquire();
         dp.load_endpoint(&config)
