@@ -18,6 +18,7 @@ P=ccnc$$
 RUN=/run/$P
 SOCK=$RUN/cilia.sock
 source scripts/lib/procs.sh
+source bench/lib/node-agent.sh
 cleanup() { # every process started is tracked by PID; then the namespaces
   stop_tracked
   for i in $(seq "$N"); do del_netns "$P-s$i" "$P-c$i"; done
@@ -26,17 +27,9 @@ cleanup() { # every process started is tracked by PID; then the namespaces
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-for b in cilia-agent cilia cilia-cni; do
-  [ -x "$BIN/$b" ] || { echo "bench/cni-concurrent.sh: $BIN/$b missing: cargo build --release --workspace --bins" >&2; exit 1; }
-done
-mkdir -p "$RUN"
-ip netns add "$P-node"; ip -n "$P-node" link set lo up
+need_release_bins bench/cni-concurrent.sh
+start_node_agent fd00:c20::/112 10.204.0.0/22
 for i in $(seq "$N"); do ip netns add "$P-s$i"; ip netns add "$P-c$i"; done
-nsenter --net=/run/netns/$P-node $AGENT_WRAP "$BIN/cilia-agent" --state-dir "$RUN/state" --bpf-root "/sys/fs/bpf/$P" \
-  --socket "$SOCK" --ipv6-range fd00:c20::/112 --ipv4-range 10.204.0.0/22 >"$RUN/agent.log" 2>&1 &
-AGENT_PID=$!
-track "$AGENT_PID"
-for _ in $(seq 200); do "$BIN/cilia" --socket "$SOCK" status >/dev/null 2>&1 && break; sleep 0.1; done
 rss() { awk -v k="$1:" '$1 == k { print $2 }' "/proc/$AGENT_PID/status"; }
 reset_peak() { echo 5 >"/proc/$AGENT_PID/clear_refs"; }   # VmHWM := VmRSS
 

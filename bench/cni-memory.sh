@@ -30,6 +30,7 @@ P=cmem$$
 RUN=/run/$P
 SOCK=$RUN/cilia.sock
 source scripts/lib/procs.sh
+source bench/lib/node-agent.sh
 cleanup() {
   stop_tracked
   for i in $(seq "$N"); do del_netns "$P-$i"; done
@@ -38,18 +39,10 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-for b in cilia-agent cilia cilia-cni; do
-  [ -x "$BIN/$b" ] || { echo "bench/cni-memory.sh: $BIN/$b missing: cargo build --release --workspace --bins" >&2; exit 1; }
-done
+need_release_bins bench/cni-memory.sh
 [ "$BATCH" -le "$N" ] || { echo "bench/cni-memory.sh: BATCH ($BATCH) > N ($N)" >&2; exit 1; }
-mkdir -p "$RUN"
-ip netns add "$P-node"; ip -n "$P-node" link set lo up
+start_node_agent fd00:c3e::/112 10.206.0.0/16
 for i in $(seq "$N"); do ip netns add "$P-$i"; done
-nsenter --net=/run/netns/$P-node "$BIN/cilia-agent" --state-dir "$RUN/state" --bpf-root "/sys/fs/bpf/$P" \
-  --socket "$SOCK" --ipv6-range fd00:c3e::/112 --ipv4-range 10.206.0.0/16 >"$RUN/agent.log" 2>&1 &
-AGENT_PID=$!
-track "$AGENT_PID"
-for _ in $(seq 200); do "$BIN/cilia" --socket "$SOCK" status >/dev/null 2>&1 && break; sleep 0.1; done
 rss() { awk -v k="$1:" '$1 == k { print $2 }' "/proc/$AGENT_PID/status"; }
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 now_s() { date +%s; }

@@ -16,6 +16,7 @@ RUN=/run/$P
 SOCK=$RUN/cilia.sock
 AGENT_PID=
 source scripts/lib/procs.sh
+source bench/lib/node-agent.sh
 cleanup() { # every process started is tracked by PID; then the namespaces
   stop_tracked
   if [ -n "${AGENT_LOG:-}" ] && [ -f "$RUN/agent.log" ]; then cp "$RUN/agent.log" "$AGENT_LOG"; fi
@@ -25,17 +26,9 @@ cleanup() { # every process started is tracked by PID; then the namespaces
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-for b in cilia-agent cilia cilia-cni; do
-  [ -x "$BIN/$b" ] || { echo "bench/cni.sh: $BIN/$b missing: cargo build --release --workspace --bins" >&2; exit 1; }
-done
-mkdir -p "$RUN"
-ip netns add "$P-node"; ip -n "$P-node" link set lo up
+need_release_bins bench/cni.sh
+start_node_agent fd00:c1e::/112 10.202.0.0/22
 for i in $(seq "$N"); do ip netns add "$P-$i"; done
-nsenter --net=/run/netns/$P-node "$BIN/cilia-agent" --state-dir "$RUN/state" --bpf-root "/sys/fs/bpf/$P" \
-  --socket "$SOCK" --ipv6-range fd00:c1e::/112 --ipv4-range 10.202.0.0/22 >"$RUN/agent.log" 2>&1 &
-AGENT_PID=$!
-track "$AGENT_PID"
-for _ in $(seq 200); do "$BIN/cilia" --socket "$SOCK" status >/dev/null 2>&1 && break; sleep 0.1; done
 rss() { awk -v k="$1:" '$1 == k { print $2 }' "/proc/$AGENT_PID/status"; }
 RSS0=$(rss VmRSS)
 

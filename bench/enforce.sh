@@ -23,6 +23,7 @@ P=cenf$$
 RUN=/run/$P
 SOCK=$RUN/cilia.sock
 source scripts/lib/procs.sh
+source bench/lib/node-agent.sh
 cleanup() {
   stop_tracked
   for i in $(seq "$N"); do del_netns "$P-$i"; done
@@ -31,17 +32,10 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-for b in cilia-agent cilia cilia-cni; do
-  [ -x "$BIN/$b" ] || { echo "bench/enforce.sh: $BIN/$b missing: cargo build --release --workspace --bins" >&2; exit 1; }
-done
+need_release_bins bench/enforce.sh
 [ "$RULES" -ge "$APPS" ] || { echo "bench/enforce.sh: RULES ($RULES) < APPS ($APPS)" >&2; exit 1; }
-mkdir -p "$RUN"
-ip netns add "$P-node"; ip -n "$P-node" link set lo up
+start_node_agent fd00:c4e::/112 10.207.0.0/16
 for i in $(seq "$N"); do ip netns add "$P-$i"; done
-nsenter --net=/run/netns/$P-node "$BIN/cilia-agent" --state-dir "$RUN/state" --bpf-root "/sys/fs/bpf/$P" \
-  --socket "$SOCK" --ipv6-range fd00:c4e::/112 --ipv4-range 10.207.0.0/16 >"$RUN/agent.log" 2>&1 &
-track $!
-for _ in $(seq 200); do "$BIN/cilia" --socket "$SOCK" status >/dev/null 2>&1 && break; sleep 0.1; done
 cilia() { "$BIN/cilia" --socket "$SOCK" "$@"; }
 
 policy() { # OFFSET: writes the policy file with ports 8000+OFFSET+J

@@ -1,0 +1,30 @@
+# Shared by the CNI benches (source after scripts/lib/procs.sh): the check
+# for the release binaries, and one agent in a node namespace of its own.
+# Uses BIN, P (the run's prefix), RUN, SOCK; AGENT_WRAP, when set, prefixes
+# the agent's command (a profiler).
+
+need_release_bins() { # SCRIPT
+  local b
+  for b in cilia-agent cilia cilia-cni; do
+    [ -x "$BIN/$b" ] || { echo "$1: $BIN/$b missing: cargo build --release --workspace --bins" >&2; exit 1; }
+  done
+}
+
+start_node_agent() { # IPV6_RANGE IPV4_RANGE: namespace $P-node, log $RUN/agent.log; sets AGENT_PID
+  mkdir -p "$RUN"
+  ip netns add "$P-node"
+  ip -n "$P-node" link set lo up
+  # shellcheck disable=SC2086 # AGENT_WRAP is words
+  nsenter --net="/run/netns/$P-node" ${AGENT_WRAP:-} "$BIN/cilia-agent" --state-dir "$RUN/state" \
+    --bpf-root "/sys/fs/bpf/$P" --socket "$SOCK" --ipv6-range "$1" --ipv4-range "$2" >"$RUN/agent.log" 2>&1 &
+  AGENT_PID=$!
+  track "$AGENT_PID"
+  local _
+  for _ in $(seq 200); do
+    "$BIN/cilia" --socket "$SOCK" status >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "the agent did not answer within 20 s; its log ends:" >&2
+  tail -5 "$RUN/agent.log" >&2
+  exit 1
+}
