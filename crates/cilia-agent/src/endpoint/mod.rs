@@ -211,13 +211,9 @@ pub fn create_unlocked(
     req: EndpointCreate,
 ) -> Result<EndpointRecord, EndpointError> {
     let lock = || manager.lock().unwrap_or_else(|p| p.into_inner());
-    let mut begun = Phases::start();
-    let mut locked = lock();
-    begun.mark("lock");
-    let mut pending = locked.begin_create(req)?;
-    drop(locked);
-    begun.mark("record");
-    pending.begun = begun;
+    let asked = std::time::Instant::now();
+    let mut pending = lock().begin_create(req)?;
+    pending.begun.waited_since(asked);
     // A panic here must still reach `finish_create`, which rolls back and
     // takes the endpoint out of the in-flight set (else it stays busy).
     let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pending.prepare()))
@@ -1041,8 +1037,17 @@ impl Phases {
         self.last = now;
     }
 
+    /// Rounded to 0.1 ms, as the steps are shown.
     fn total_ms(&self) -> f64 {
-        self.started.elapsed().as_secs_f64() * 1e3
+        (self.started.elapsed().as_secs_f64() * 1e4).round() / 10.0
+    }
+
+    /// Puts a first step `lock` before the others: from `asked`, when the
+    /// operation asked for the lock, to when it started.
+    fn waited_since(&mut self, asked: std::time::Instant) {
+        let waited = self.started.saturating_duration_since(asked);
+        self.steps.insert(0, ("lock", waited));
+        self.started = self.started.min(asked);
     }
 
     /// Puts `earlier`'s steps (taken outside this operation's lock, say)
