@@ -57,8 +57,12 @@ __inline_fn __u64 ct_lifetime(const struct flow *f, __u16 flags)
  * start a "new" flow in the other direction, of which the revoked side's
  * packets would then be replies. Returns the drop reason.
  */
-__inline_fn int ct_revoke(struct ct_value *ct, __u32 rev)
+__inline_fn int ct_revoke(struct ct_value *ct, __u32 rev, const struct decision *d)
 {
+	/* A missing policy map drops the packet but revokes nothing: the
+	 * flow is judged again once the map is back. */
+	if (d->match == CILIA_MATCH_NO_MAP)
+		return CILIA_DROP_NO_POLICY;
 	if (ct) {
 		ct->flags |= CILIA_CT_DENIED;
 		ct->policy_rev = rev;
@@ -256,7 +260,7 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const 
 			d->ct_state = CILIA_CT_STATE_REPLY;
 			if (reply->policy_rev != rev) {
 				if (!reply_still_allowed(f, p, d))
-					return ct_revoke(reply, rev);
+					return ct_revoke(reply, rev, d);
 				reply->flags &= ~CILIA_CT_DENIED;
 				reply->policy_rev = rev;
 				d->checked = 0; /* a re-check, not a new flow: no verdict event */
@@ -279,7 +283,7 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const 
 	d->ct_state = live ? CILIA_CT_STATE_ESTABLISHED : CILIA_CT_STATE_NEW;
 	if (p->egress_ep &&
 	    !policy_allows(p->egress_ep, CILIA_DIR_EGRESS, p->dst_id, f->proto, f->dport, d))
-		return ct_revoke(live ? ct : 0, rev);
+		return ct_revoke(live ? ct : 0, rev, d);
 	if (p->ingress_ep) {
 		struct decision in = {.level = d->level, .ct_state = d->ct_state};
 		/* Either side's entry may name the proxy: it serves both. */
@@ -288,7 +292,7 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const 
 		if (!policy_allows(p->ingress_ep, CILIA_DIR_INGRESS, p->src_id, f->proto, f->dport,
 				   &in)) {
 			*d = in;
-			return ct_revoke(live ? ct : 0, rev);
+			return ct_revoke(live ? ct : 0, rev, d);
 		}
 		/* Report the ingress side unless egress only passed by audit. */
 		if (d->verdict != CILIA_VERDICT_AUDIT)
@@ -305,7 +309,7 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const 
 		if (d->proxy_port && !p->via_proxy &&
 		    !(ct->flags & (CILIA_CT_TO_PROXY | CILIA_CT_FROM_PROXY))) {
 			d->verdict = CILIA_VERDICT_DENY;
-			return ct_revoke(ct, rev);
+			return ct_revoke(ct, rev, d);
 		}
 		ct->flags &= ~CILIA_CT_DENIED;
 		ct->policy_rev = rev;

@@ -3,7 +3,8 @@
  * Policy verdict for one direction of one endpoint, in a constant number of
  * lookups: the enforcement flag, then the longest match for the peer's
  * identity and for "any identity". Deny wins; with no match the endpoint is
- * allowed unless a policy selects it in that direction (default deny).
+ * allowed unless a policy selects it in that direction (default deny). An
+ * endpoint without a policy map is denied (CILIA_DROP_NO_POLICY).
  */
 #ifndef CILIA_POLICY_H
 #define CILIA_POLICY_H
@@ -38,8 +39,14 @@ __inline_fn int policy_allows(__u32 endpoint_id, __u8 dir, __u32 peer, __u8 prot
 	d->match = CILIA_MATCH_NONE;
 	d->verdict = CILIA_VERDICT_ALLOW;
 	d->proxy_port = 0;
-	if (!map)
-		return 1; /* no policy map yet: nothing selects the endpoint */
+	if (!map) {
+		/* Every endpoint has a map (empty when nothing selects it) from
+		 * before its program sees a packet until after it is detached.
+		 * None means state is missing or torn: fail closed. */
+		d->match = CILIA_MATCH_NO_MAP;
+		d->verdict = CILIA_VERDICT_DENY;
+		return 0;
+	}
 	v = bpf_map_lookup_elem(map, &key);
 	if (v)
 		flags = v->verdict;

@@ -91,6 +91,7 @@ struct endpoint_info {
 #define CILIA_DROP_LB_FRAGMENT	     150 /* fragmented datagram to a service frontend */
 #define CILIA_DROP_TUNNEL_PORT	     151 /* endpoint UDP to a node's overlay port (VNI forgery) */
 #define CILIA_DROP_DSR_FORGED	     152 /* DSR option no cluster node's load balancer wrote */
+#define CILIA_DROP_NO_POLICY	     153 /* endpoint without a policy map: fail closed */
 #define CILIA_DROP_UNCONFIGURED	     156 /* generic endpoint program on a device with no config */
 
 /* Direction of a counted packet. */
@@ -186,6 +187,7 @@ struct policy_key {
 #define CILIA_MATCH_L3	  1 /* identity, all L4 */
 #define CILIA_MATCH_PROTO 2 /* identity + protocol, all ports */
 #define CILIA_MATCH_PORT  3 /* identity + protocol + port (prefix) */
+#define CILIA_MATCH_NO_MAP 4 /* the endpoint has no policy map: denied */
 
 /* Flags of the CILIA_ID_ENFORCEMENT entry's verdict byte. */
 #define CILIA_ENFORCE	    1 /* default deny in this direction */

@@ -83,6 +83,7 @@ pub fn reason_name(kind: u8, reason: u8) -> &'static str {
         (CILIA_METRIC_DROP, CILIA_DROP_TUNNEL_PORT) => "Endpoint UDP to a node's tunnel port",
         (CILIA_METRIC_DROP, CILIA_DROP_UNCONFIGURED) => "Endpoint device not configured",
         (CILIA_METRIC_DROP, CILIA_DROP_DSR_FORGED) => "Forged DSR frontend",
+        (CILIA_METRIC_DROP, CILIA_DROP_NO_POLICY) => "Endpoint policy map missing",
         _ => "unknown",
     }
 }

@@ -33,6 +33,7 @@ impl Fixture {
         };
         dp.upsert_endpoint(IpAddr::V6(b6()), b).unwrap();
         dp.upsert_endpoint(IpAddr::V4(b4()), b).unwrap();
+        dp.set_policy(b.endpoint_id, &Default::default()).unwrap(); // empty: nothing selects it
         let a = EndpointInfo {
             ifindex: 4141,
             endpoint_id: 1,
@@ -42,6 +43,7 @@ impl Fixture {
         };
         dp.upsert_endpoint(IpAddr::V6(a6()), a).unwrap();
         dp.upsert_endpoint(IpAddr::V4(a4()), a).unwrap();
+        dp.set_policy(a.endpoint_id, &Default::default()).unwrap(); // empty: nothing selects it
         Self { _root: root, dp }
     }
 

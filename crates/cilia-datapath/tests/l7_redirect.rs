@@ -98,6 +98,8 @@ fn topology(prefix: &str) -> Topology {
             enable_ipv4: 1,
             monitor: 1,
         };
+        // Its policy map first, as the agent does (empty: nothing selects it yet).
+        dp.set_policy(id, &Default::default()).unwrap();
         node.run(|| dp.attach_endpoint(&config, host_if)).unwrap();
         let info = EndpointInfo {
             ifindex,

@@ -65,6 +65,8 @@ impl Fixture {
             };
             dp.upsert_endpoint(IpAddr::V6(v6), info).unwrap();
             dp.upsert_endpoint(IpAddr::V4(v4), info).unwrap();
+            dp.set_policy(info.endpoint_id, &Default::default())
+                .unwrap(); // empty: nothing selects it
         }
         Self { _root: root, dp }
     }
@@ -813,6 +815,8 @@ fn topology(prefix: &str) -> Topology {
         };
         dp.upsert_endpoint(IpAddr::V6(v6), info).unwrap();
         dp.upsert_endpoint(IpAddr::V4(v4), info).unwrap();
+        dp.set_policy(info.endpoint_id, &Default::default())
+            .unwrap(); // empty: nothing selects it
         if let Some(ns) = ns {
             backends.push((ns, v6, v4));
         }

@@ -126,6 +126,8 @@ impl Fixture {
         };
         dp.upsert_endpoint(IpAddr::V6(b6()), info).unwrap();
         dp.upsert_endpoint(IpAddr::V4(b4()), info).unwrap();
+        dp.set_policy(info.endpoint_id, &Default::default())
+            .unwrap(); // empty: nothing selects it
         for v6 in [false, true] {
             for row in [
                 IpcacheEntry {
@@ -824,6 +826,8 @@ fn real_node(
     };
     dp.upsert_endpoint(pod(true, n), info).unwrap();
     dp.upsert_endpoint(pod(false, n), info).unwrap();
+    dp.set_policy(info.endpoint_id, &Default::default())
+        .unwrap(); // empty: nothing selects it
 
     let peer = 3 - n;
     let (tunnel_ifindex, underlay_ifindex) = ns.run(|| {

@@ -162,6 +162,8 @@ fn node(root: &BpfRoot, n: u8, mode: TunnelMode, identity: u32) -> Node {
     };
     dp.upsert_endpoint(IpAddr::V6(pod6(n)), info).unwrap();
     dp.upsert_endpoint(IpAddr::V4(pod4(n)), info).unwrap();
+    dp.set_policy(info.endpoint_id, &Default::default())
+        .unwrap(); // empty: nothing selects it
     Node {
         n,
         ns,

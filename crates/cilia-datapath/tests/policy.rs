@@ -424,3 +424,22 @@ fn debug_events_report_the_conntrack_state_of_every_packet() {
         ]
     );
 }
+
+#[test]
+fn an_endpoint_without_a_policy_map_is_closed_both_ways_until_it_has_one() {
+    privileged!("no_policy_map_fails_closed");
+    let mut fx = Fixture::new();
+    // B's map is gone (torn state, or removed by hand): nothing may tell
+    // "nothing selects B" from "B's policy is lost", so B is closed.
+    fx.dp.remove_policy(B_ID).unwrap();
+    let (a, b) = (fx.a(), fx.b());
+    assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_SHOT, "ingress");
+    assert_eq!(b.run(&b_to_a(80)).unwrap().verdict, TC_ACT_SHOT, "egress");
+    assert_eq!(drops(&fx.dp, CILIA_DROP_NO_POLICY), 2);
+    assert_eq!(drops(&fx.dp, CILIA_DROP_POLICY), 0);
+    // Nothing was revoked: with its (empty) map back the same flow passes.
+    set(&mut fx.dp, B_ID, &[]);
+    assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_REDIRECT);
+    assert_eq!(b.run(&b_to_a(80)).unwrap().verdict, TC_ACT_REDIRECT);
+    assert_eq!(drops(&fx.dp, CILIA_DROP_NO_POLICY), 2);
+}

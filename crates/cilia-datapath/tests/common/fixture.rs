@@ -72,6 +72,9 @@ impl Fixture {
             dp.upsert_endpoint(IpAddr::V6(ip), info).unwrap();
             dp.upsert_ipcache(IpcacheKey::new(IpAddr::V6(ip), 128), identity)
                 .unwrap();
+            // As the agent does: an endpoint nothing selects has an empty
+            // policy map (none at all fails closed).
+            dp.set_policy(id, &BTreeMap::new()).unwrap();
         }
         dp.upsert_endpoint(
             IpAddr::V4(a4()),
