@@ -18,7 +18,7 @@ use cilia_abi::{
     CILIA_MONITOR_OFF, CILIA_MONITOR_TRACE,
 };
 use cilia_datapath::packet::*;
-use cilia_datapath::testrun::TestProgram;
+use cilia_datapath::testrun::{TestProgram, TC_ACT_SHOT};
 use cilia_datapath::BpfDatapath;
 use cilia_datapath::Datapath;
 use cilia_testnet::BpfRoot;
@@ -84,8 +84,19 @@ fn tcp(sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
 /// Median (see [`pick`]) over rounds of the mean in-kernel ns of one run, each run a new
 /// flow (`packet(i)` differs per run); `reset` empties conntrack between
 /// rounds.
-fn measure_new(prog: &TestProgram, packet: impl Fn(usize) -> Vec<u8>, reset: impl Fn()) -> f64 {
+fn measure_new(
+    prog: &TestProgram,
+    packet: impl Fn(usize) -> Vec<u8>,
+    reset: impl Fn(),
+    dropped: bool,
+) -> f64 {
     let packets: Vec<Vec<u8>> = (0..NEW_FLOW_RUNS).map(&packet).collect();
+    let first = prog.run(&packets[0]).expect("test_run");
+    assert_eq!(
+        first.verdict == TC_ACT_SHOT,
+        dropped,
+        "a new-flow case took the other path"
+    );
     let samples: Vec<f64> = (0..rounds())
         .map(|_| {
             reset();
@@ -109,6 +120,12 @@ fn measure_new(prog: &TestProgram, packet: impl Fn(usize) -> Vec<u8>, reset: imp
 /// measure its drop path. A single run's time includes the kernel's timer
 /// overhead (the same for every case, baseline included).
 fn measure(prog: &TestProgram, pkt: &[u8]) -> f64 {
+    // A case that measures the drop path by mistake measures nothing.
+    let first = prog.run(pkt).expect("test_run");
+    assert_ne!(
+        first.verdict, TC_ACT_SHOT,
+        "an established-flow case was dropped"
+    );
     let samples: Vec<f64> = (0..rounds())
         .map(|_| {
             let runs = runs();
@@ -145,6 +162,11 @@ fn main() {
     };
     dp.upsert_endpoint(IpAddr::V6(b6), peer).unwrap();
     dp.upsert_endpoint(IpAddr::V4(b4), peer).unwrap();
+    // Every endpoint has a policy map (empty: nothing selects it); one
+    // without fails closed.
+    for id in [1, 2] {
+        dp.set_policy(id, &Default::default()).unwrap();
+    }
     let config = |monitor: u8| EndpointConfig {
         ipv6: a6.octets(),
         ipv4: a4.octets(),
@@ -341,10 +363,11 @@ fn main() {
                 eth(node_mac, mac, ETH_P_IP, &ipv4(a4, b4, IPPROTO_UDP, 64, &l4))
             }
         };
-        let ns = measure_new(&endpoint, packet, reset);
+        let ns = measure_new(&endpoint, packet, reset, dport != 53);
         println!("{name}\t{ns:.1}\t{:.2}", ns / baseline);
     }
-    dp.remove_endpoint_policy(1).unwrap();
+    dp.set_endpoint_policy(1, &EndpointPolicy::default())
+        .unwrap();
     reset();
 
     // Monitoring cost: the same forwarded IPv6 packet (an established flow)
