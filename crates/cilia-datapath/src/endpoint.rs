@@ -129,6 +129,9 @@ pub struct BpfDatapath {
     /// One lock per endpoint, held across a write of its policy: two
     /// writers must not pick the same inactive map (see [`Self::set_policy`]).
     policy_writers: Mutex<std::collections::HashMap<u16, Arc<Mutex<()>>>>,
+    /// Ids whose entry in `cilia_policy` is an empty spare map that no
+    /// endpoint uses yet: the first policy write fills it in place.
+    spare_policy: Mutex<std::collections::BTreeSet<u16>>,
     ct: Mutex<HashMap<MapData, CtKey, CtValue>>,
     ct_count: Mutex<Array<MapData, u32>>,
     /// Live conntrack entries at this handle's last GC (None before one):
@@ -471,6 +474,7 @@ impl BpfDatapath {
                 HashOfMaps::try_from(policy).map_err(|e| DatapathError::map(MAP_POLICY, e))?,
             ),
             policy_writers: Mutex::default(),
+            spare_policy: Mutex::default(),
             ct: Mutex::new(HashMap::try_from(ct).map_err(|e| DatapathError::map(MAP_CT, e))?),
             ct_count: Mutex::new(
                 Array::try_from(ct_count).map_err(|e| DatapathError::map(MAP_CT_COUNT, e))?,
@@ -980,6 +984,7 @@ impl BpfDatapath {
     ) -> Result<PolicyUpdate, DatapathError> {
         let writer = self.policy_writer(endpoint_id);
         let _writing = lock(&writer);
+        lock(&self.spare_policy).remove(&endpoint_id);
         let err = |e| DatapathError::map(MAP_POLICY, e);
         let active = match lock(&self.policy).get(&u32::from(endpoint_id), 0) {
             Ok(map) => map,
@@ -1006,12 +1011,62 @@ impl BpfDatapath {
         Ok(update)
     }
 
+    /// Puts an empty policy map into `cilia_policy` for an id that no
+    /// endpoint has yet, so that the endpoint that gets the id does not wait
+    /// for the kernel's RCU grace period of a map-in-map update (~10-18 ms)
+    /// when its policy is first written: that write fills the spare in
+    /// place. Does nothing (`false`) when the id already has a map: an
+    /// endpoint that got the id meanwhile has written its policy, and a
+    /// spare is never made of a map that may be in use. The caller
+    /// guarantees that no endpoint had the id when it chose it.
+    pub fn spare_policy(&self, endpoint_id: u16) -> Result<bool, DatapathError> {
+        let writer = self.policy_writer(endpoint_id);
+        let _writing = lock(&writer);
+        let err = |e| DatapathError::map(MAP_POLICY, e);
+        match lock(&self.policy).get(&u32::from(endpoint_id), 0) {
+            Ok(_) => return Ok(false),
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(err(e)),
+        }
+        // A pin without a `cilia_policy` entry is no program's map: it is
+        // emptied before it is used.
+        let a_pin = self.policy_pin(endpoint_id, 'a');
+        let mut map = Self::open_policy_map(&a_pin)?;
+        let keys: Vec<_> = map.keys().collect::<Result<_, _>>().map_err(err)?;
+        for key in keys {
+            match map.remove(&key) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(err(e)),
+            }
+        }
+        let inner = MapData::from_pin(&a_pin).map_err(err)?;
+        lock(&self.policy)
+            .insert(u32::from(endpoint_id), &inner, 0)
+            .map_err(err)?;
+        lock(&self.spare_policy).insert(endpoint_id);
+        Ok(true)
+    }
+
+    /// Ids that have an entry in `cilia_policy`.
+    pub fn policy_ids(&self) -> Result<Vec<u16>, DatapathError> {
+        lock(&self.policy)
+            .keys()
+            .map(|k| k.map(|id| id as u16))
+            .collect::<Result<_, _>>()
+            .map_err(|e| DatapathError::map(MAP_POLICY, e))
+    }
+
     /// [`Self::set_policy`] under the endpoint's writer lock.
     fn write_policy(
         &self,
         endpoint_id: u16,
         entries: &BTreeMap<PolicyKey, PolicyValue>,
     ) -> Result<PolicyUpdate, DatapathError> {
+        if lock(&self.spare_policy).remove(&endpoint_id) {
+            // Unused until now: filled in place, no switch of maps.
+            return self.fill_spare(endpoint_id, entries);
+        }
         let active = self.active_policy_id(endpoint_id)?;
         let a_pin = self.policy_pin(endpoint_id, 'a');
         let a = Self::open_policy_map(&a_pin)?;
@@ -1055,6 +1110,44 @@ impl BpfDatapath {
         Ok(update)
     }
 
+    /// Writes an endpoint's first policy into its spare map (the active
+    /// one, which no program uses yet). A spare that is no longer in
+    /// `cilia_policy` (removed meanwhile) falls back to the normal write.
+    fn fill_spare(
+        &self,
+        endpoint_id: u16,
+        entries: &BTreeMap<PolicyKey, PolicyValue>,
+    ) -> Result<PolicyUpdate, DatapathError> {
+        let err = |e| DatapathError::map(MAP_POLICY, e);
+        let active = match lock(&self.policy).get(&u32::from(endpoint_id), 0) {
+            Ok(map) => map,
+            Err(e) if is_not_found(&e) => return self.write_policy(endpoint_id, entries),
+            Err(e) => return Err(err(e)),
+        };
+        let mut trie =
+            PolicyMap::try_from(Map::from_map_data(active).map_err(err)?).map_err(err)?;
+        let current: BTreeMap<PolicyKey, PolicyValue> = trie
+            .iter()
+            .map(|r| r.map(|(k, v)| (policy_from_lpm(&k), v)))
+            .collect::<Result<_, _>>()
+            .map_err(err)?;
+        let mut update = PolicyUpdate {
+            added: 0,
+            removed: 0,
+        };
+        for key in current.keys().filter(|k| !entries.contains_key(k)) {
+            trie.remove(&policy_to_lpm(key)).map_err(err)?;
+            update.removed += 1;
+        }
+        for (key, value) in entries {
+            if current.get(key) != Some(value) {
+                trie.insert(&policy_to_lpm(key), *value, 0).map_err(err)?;
+                update.added += 1;
+            }
+        }
+        Ok(update)
+    }
+
     /// The policy entries the datapath currently uses for an endpoint.
     pub fn get_policy(
         &self,
@@ -1079,6 +1172,7 @@ impl BpfDatapath {
     pub fn remove_policy(&self, endpoint_id: u16) -> Result<(), DatapathError> {
         let writer = self.policy_writer(endpoint_id);
         let _writing = lock(&writer);
+        lock(&self.spare_policy).remove(&endpoint_id);
         match lock(&self.policy).remove(&u32::from(endpoint_id)) {
             Ok(()) => {}
             Err(e) if is_not_found(&e) => {}

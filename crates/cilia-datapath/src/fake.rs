@@ -72,6 +72,8 @@ pub struct FakeState {
     pub policy: BTreeMap<u16, BTreeMap<PolicyKey, PolicyValue>>,
     /// Successful policy writes (set or update), per endpoint.
     pub policy_writes: BTreeMap<u16, usize>,
+    /// Ids with a spare (empty, unused) policy map.
+    pub policy_spares: std::collections::BTreeSet<u16>,
     pub ct: HashMap<CtKey, CtValue>,
     pub metrics: BTreeMap<MetricsKey, MetricsValue>,
     pub policy_revision: u32,
@@ -362,6 +364,7 @@ impl Datapath for FakeDatapath {
         state.generic.remove(&endpoint_id);
         state.attached.remove(&endpoint_id);
         state.policy.remove(&endpoint_id);
+        state.policy_spares.remove(&endpoint_id);
         Ok(())
     }
     fn endpoint_attached(&self, endpoint_id: u16) -> bool {
@@ -458,6 +461,7 @@ impl Datapath for FakeDatapath {
         self.enter("set_endpoint_policy")?;
         let new = policy.encode();
         let mut state = self.state();
+        state.policy_spares.remove(&endpoint_id);
         let old = state.policy.remove(&endpoint_id).unwrap_or_default();
         let update = PolicyUpdate {
             added: new.iter().filter(|(k, v)| old.get(k) != Some(v)).count(),
@@ -475,6 +479,7 @@ impl Datapath for FakeDatapath {
         self.enter("update_endpoint_policy")?;
         let (removes, upserts) = delta.encode();
         let mut state = self.state();
+        state.policy_spares.remove(&endpoint_id);
         let map = state.policy.entry(endpoint_id).or_default();
         let removed = removes.iter().filter(|k| map.remove(k).is_some()).count();
         let added = upserts.len();
@@ -492,8 +497,26 @@ impl Datapath for FakeDatapath {
     }
     fn remove_endpoint_policy(&self, endpoint_id: u16) -> Result<(), DatapathError> {
         self.enter("remove_endpoint_policy")?;
-        self.state().policy.remove(&endpoint_id);
+        let mut state = self.state();
+        state.policy.remove(&endpoint_id);
+        state.policy_spares.remove(&endpoint_id);
         Ok(())
+    }
+    fn spare_endpoint_policy(&self, endpoint_id: u16) -> Result<bool, DatapathError> {
+        self.enter("spare_endpoint_policy")?;
+        let mut state = self.state();
+        if state.policy.contains_key(&endpoint_id) || state.policy_spares.contains(&endpoint_id) {
+            return Ok(false);
+        }
+        state.policy_spares.insert(endpoint_id);
+        Ok(true)
+    }
+    fn endpoint_policy_ids(&self) -> Result<Vec<u16>, DatapathError> {
+        self.enter("endpoint_policy_ids")?;
+        let state = self.state();
+        let mut ids: std::collections::BTreeSet<u16> = state.policy.keys().copied().collect();
+        ids.extend(&state.policy_spares);
+        Ok(ids.into_iter().collect())
     }
     fn bump_policy_revision(&self) -> Result<u32, DatapathError> {
         self.enter("bump_policy_revision")?;

@@ -148,6 +148,13 @@ pub trait Datapath: Send + Sync {
     /// The policy the datapath uses for the endpoint; `None` without one.
     fn endpoint_policy(&self, endpoint_id: u16) -> Result<Option<EndpointPolicy>, DatapathError>;
     fn remove_endpoint_policy(&self, endpoint_id: u16) -> Result<(), DatapathError>;
+    /// Prepares an empty policy map for an id no endpoint has yet, so that
+    /// the first policy write of the endpoint that gets it skips the
+    /// kernel's wait of a map-in-map update. Nothing may use the id.
+    /// `false`: the id already has a map, left as it is.
+    fn spare_endpoint_policy(&self, endpoint_id: u16) -> Result<bool, DatapathError>;
+    /// Every id with a policy map (endpoints' and spares).
+    fn endpoint_policy_ids(&self) -> Result<Vec<u16>, DatapathError>;
     /// Bumps the policy revision: established flows meet policy again on
     /// their next forward packet. Returns the new revision.
     fn bump_policy_revision(&self) -> Result<u32, DatapathError>;
@@ -395,6 +402,12 @@ impl Datapath for BpfDatapath {
     }
     fn remove_endpoint_policy(&self, endpoint_id: u16) -> Result<(), DatapathError> {
         self.remove_policy(endpoint_id)
+    }
+    fn spare_endpoint_policy(&self, endpoint_id: u16) -> Result<bool, DatapathError> {
+        self.spare_policy(endpoint_id)
+    }
+    fn endpoint_policy_ids(&self) -> Result<Vec<u16>, DatapathError> {
+        self.policy_ids()
     }
     fn bump_policy_revision(&self) -> Result<u32, DatapathError> {
         BpfDatapath::bump_policy_revision(self)

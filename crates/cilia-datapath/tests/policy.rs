@@ -443,3 +443,40 @@ fn an_endpoint_without_a_policy_map_is_closed_both_ways_until_it_has_one() {
     assert_eq!(b.run(&b_to_a(80)).unwrap().verdict, TC_ACT_REDIRECT);
     assert_eq!(drops(&fx.dp, CILIA_DROP_NO_POLICY), 2);
 }
+
+#[test]
+fn a_spare_policy_map_is_filled_in_place_by_the_first_write_and_never_replaces_a_map() {
+    privileged!("spare_policy_maps");
+    let mut fx = Fixture::new();
+    const NEXT: u16 = 7;
+    // A spare is an empty map in `cilia_policy`, made only where none is.
+    assert!(fx.dp.spare_policy(NEXT).unwrap());
+    assert!(!fx.dp.spare_policy(NEXT).unwrap(), "already there");
+    assert_eq!(fx.dp.get_policy(NEXT).unwrap(), Some(Default::default()));
+    assert!(fx.dp.policy_ids().unwrap().contains(&NEXT));
+    assert!(
+        !fx.dp.spare_policy(B_ID).unwrap(),
+        "an endpoint's map stays"
+    );
+    // B's policy is untouched by the attempt.
+    b_admits_http_from_a(&mut fx);
+    assert!(!fx.dp.spare_policy(B_ID).unwrap());
+    let a = fx.a();
+    assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_REDIRECT);
+    assert_eq!(a.run(&a_to_b(81)).unwrap().verdict, TC_ACT_SHOT);
+    // The first write fills the spare: the pinned map `ep7_a` is the one
+    // `cilia_policy` holds, and it has the entries.
+    let dir = fx.path().join("policy");
+    let pin = |slot| dir.join(format!("ep{NEXT}_{slot}"));
+    let entries = [enforce(CILIA_DIR_INGRESS)];
+    set(&mut fx.dp, NEXT, &entries);
+    assert!(pin('a').exists());
+    assert!(!pin('b').exists(), "written in place, no second map");
+    assert_eq!(fx.dp.get_policy(NEXT).unwrap().unwrap().len(), 1);
+    // The next write switches maps as always.
+    set(&mut fx.dp, NEXT, &[]);
+    assert!(pin('b').exists());
+    assert_eq!(fx.dp.get_policy(NEXT).unwrap(), Some(Default::default()));
+    fx.dp.remove_policy(NEXT).unwrap();
+    assert!(!fx.dp.policy_ids().unwrap().contains(&NEXT));
+}

@@ -28,6 +28,7 @@ pub mod netdev;
 mod relabel;
 pub mod rtnl;
 mod socklb;
+pub mod spares;
 pub mod specialize;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -266,6 +267,9 @@ pub struct EndpointManager {
     /// Fast attach (see [`specialize`]); `None`: creates load and verify
     /// the specialized programs before attaching.
     pub specialize: Option<specialize::Specializer>,
+    /// Empty policy maps prepared for the next ids (see [`spares`]);
+    /// `None`: each create puts its map in place itself.
+    pub spares: Option<spares::PolicySpares>,
     /// The agent watches Kubernetes: an endpoint naming its pod takes its
     /// labels from the pod (see `crate::k8s`).
     pub kubernetes: bool,
@@ -326,7 +330,50 @@ impl EndpointManager {
             socket_lb: None,
             lb_netns: BTreeMap::new(),
             specialize: None,
+            spares: None,
         }
+    }
+
+    /// Asks for spare policy maps for the ids the next creates will get.
+    fn top_up_spares(&self) {
+        let Some(spares) = &self.spares else {
+            return;
+        };
+        match self.store.next_endpoint_ids(spares::SPARES_AHEAD) {
+            Ok(ids) => spares.queue(ids),
+            Err(e) => warn!(error = %e, "cannot read the next endpoint ids for spare policy maps"),
+        }
+    }
+
+    /// Removes the policy maps of ids that have no endpoint (spares of an
+    /// earlier agent, or what a crash between steps left), keeping the
+    /// empty ones of ids the next creates will get. Runs at restore, before
+    /// any create can take an id.
+    fn sweep_policy_maps(&self) -> Result<(), EndpointError> {
+        let records: BTreeSet<u16> = self.store.endpoints()?.iter().map(|r| r.id).collect();
+        let next = self.store.next_endpoint_ids(spares::SPARES_AHEAD)?;
+        let mut removed = Vec::new();
+        for id in self.dp().endpoint_policy_ids()? {
+            if records.contains(&id) {
+                continue;
+            }
+            let empty = self
+                .dp()
+                .endpoint_policy(id)?
+                .is_none_or(|p| p.entries.is_empty() && p.enforcement == Default::default());
+            if next.contains(&id) && empty && self.spares.is_some() {
+                // Empty and for an id a create will take: harmless. This
+                // agent did not make it, so that create switches to a map
+                // of its own as when there is no spare.
+                continue;
+            }
+            self.dp().remove_endpoint_policy(id)?;
+            removed.push(id);
+        }
+        if !removed.is_empty() {
+            info!(ids = ?removed, "removed policy maps of ids without an endpoint");
+        }
+        Ok(())
     }
 
     /// The policy subsystem, locked (after the endpoints: see the lock order).
@@ -623,6 +670,7 @@ impl EndpointManager {
                 }
                 phases.mark("ready");
                 phases.include(std::mem::replace(&mut pending.begun, Phases::start()));
+                self.top_up_spares();
                 crate::crash::point("endpoint-create:after-ready");
                 info!(id = ready.id, ipv6 = %ready.ipv6, ipv4 = ?ready.ipv4, generic,
                     took_ms = phases.total_ms(), phases = %phases, "endpoint created");
@@ -995,6 +1043,8 @@ impl EndpointManager {
                 self.store.update_endpoint(&rec)?;
             }
         }
+        self.sweep_policy_maps()?;
+        self.top_up_spares();
         self.policy().regenerate()
     }
 }
@@ -1348,6 +1398,47 @@ mod tests {
         h.dp.state().attached.clear();
         h.manager().restore().unwrap();
         assert!(h.dp.state().attached.contains_key(&id));
+    }
+
+    #[test]
+    fn restore_removes_policy_maps_of_ids_without_an_endpoint() {
+        let h = Harness::new();
+        let id = h.manager().create(request()).unwrap().id;
+        // What a crash or an earlier agent may leave: a map with entries for
+        // an id that has no endpoint (id - 1 is no endpoint's either).
+        let stale = cilia_abi::EndpointPolicy {
+            enforcement: cilia_abi::Enforcement {
+                ingress: true,
+                egress: false,
+                audit: false,
+            },
+            entries: Vec::new(),
+        };
+        h.dp.set_endpoint_policy(id + 40, &stale).unwrap();
+        h.dp.set_endpoint_policy(id + 1, &stale).unwrap();
+        h.manager().restore().unwrap();
+        let kept: Vec<u16> = h.dp.state().policy.keys().copied().collect();
+        assert_eq!(kept, vec![id], "only the endpoint's map is left");
+    }
+
+    #[test]
+    fn creates_leave_spares_for_the_next_ids_which_the_next_create_fills() {
+        let h = Harness::new();
+        let mut mgr = h.manager();
+        mgr.spares = Some(spares::PolicySpares::start(h.dp.clone()).unwrap());
+        let first = mgr.create(request()).unwrap().id;
+        let want: Vec<u16> = (first + 1..=first + spares::SPARES_AHEAD as u16).collect();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while h.dp.state().policy_spares.iter().copied().collect::<Vec<_>>() != want {
+            assert!(std::time::Instant::now() < deadline, "spares never made");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let mut second = request();
+        second.container_id = Some("second".into());
+        let next = mgr.create(second).unwrap().id;
+        assert_eq!(next, first + 1);
+        assert!(!h.dp.state().policy_spares.contains(&next), "filled");
+        assert!(h.dp.state().policy.contains_key(&next));
     }
 
     fn ipcache_identity(h: &Harness, ip: &str) -> Option<u32> {

@@ -527,6 +527,33 @@ impl Store {
         Ok(self.read_addresses::<u16>(IPAM)?.into_keys().collect())
     }
 
+    /// The ids the next `k` creates would get if nothing else changed
+    /// (ids are handed out in increasing order, see `next_endpoint_id`).
+    pub fn next_endpoint_ids(&self, k: usize) -> Result<Vec<u16>, StoreError> {
+        let mut used_ids = self
+            .list(ENDPOINTS)?
+            .iter()
+            .map(|(key, _)| key_number(ENDPOINTS, key))
+            .collect::<Result<BTreeSet<u16>, _>>()?;
+        let mut quarantined_ids = BTreeMap::new();
+        for (key, value) in self.list(RELEASED_IDS)? {
+            quarantined_ids.insert(
+                key_number::<u16>(RELEASED_IDS, &key)?,
+                decode::<u64>(&key, &value)?,
+            );
+        }
+        let mut ids = Vec::with_capacity(k);
+        while ids.len() < k {
+            let Some(id) = crate::ipam::next_endpoint_id(&used_ids, &quarantined_ids) else {
+                break;
+            };
+            quarantined_ids.remove(&id);
+            used_ids.insert(id);
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
     /// Allocates an id and addresses and records the endpoint in state
     /// `creating`, in one transaction. `make` builds the record from them.
     pub fn create_endpoint(

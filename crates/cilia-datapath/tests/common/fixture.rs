@@ -95,6 +95,12 @@ impl Fixture {
         }
     }
 
+    /// The bpffs directory the datapath pins under.
+    #[allow(dead_code)] // not every test binary looks at pins
+    pub fn path(&self) -> &std::path::Path {
+        self._root.path()
+    }
+
     /// The same endpoints, their packets run by the generic programs.
     pub fn generic() -> Self {
         Self {
