@@ -251,6 +251,20 @@ pub struct Endpoint {
     pub node: Option<String>,
     /// The Kubernetes pod it is (CNI ADD's `K8S_POD_*`).
     pub k8s_pod: Option<K8sPodRef>,
+    /// The routes' next hops inside the endpoint (the node's router
+    /// addresses). In the create's answer only, so that the CNI plugin
+    /// needs no second call for them.
+    #[serde(default)]
+    pub gateways: Option<EndpointGateways>,
+}
+
+/// The router addresses an endpoint's default routes point at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointGateways {
+    pub ipv6: String,
+    /// Absent when the endpoint has no IPv4 address.
+    pub ipv4: Option<String>,
 }
 
 /// `PUT /v1/endpoints/{id}/config`.
@@ -575,6 +589,7 @@ mod tests {
             named_ports: Vec::new(),
             node: None,
             k8s_pod: None,
+            gateways: None,
         }
     }
 

@@ -736,15 +736,16 @@ pub struct Gateways {
 }
 
 impl Gateways {
+    /// From the create's answer (agents that send them).
+    pub fn from_endpoint(gateways: &cilia_api::EndpointGateways) -> Result<Self, CniError> {
+        Ok(Self {
+            ipv6: parse_router(&gateways.ipv6)?,
+            ipv4: gateways.ipv4.as_deref().map(parse_router).transpose()?,
+        })
+    }
+
     pub fn from_status(status: &Status) -> Result<Self, CniError> {
-        let parse = |s: &str| {
-            s.parse::<IpAddr>().map_err(|_| {
-                CniError::new(
-                    code::AGENT_ERROR,
-                    format!("cilia agent reported router address {s:?}, not an address"),
-                )
-            })
-        };
+        let parse = parse_router;
         Ok(Self {
             ipv6: parse(&status.ipam.ipv6.router)?,
             ipv4: status
@@ -755,6 +756,15 @@ impl Gateways {
                 .transpose()?,
         })
     }
+}
+
+fn parse_router(s: &str) -> Result<IpAddr, CniError> {
+    s.parse::<IpAddr>().map_err(|_| {
+        CniError::new(
+            code::AGENT_ERROR,
+            format!("cilia agent reported router address {s:?}, not an address"),
+        )
+    })
 }
 
 /// The ADD result for `cni_version` (0.4.0 adds `version` to every IP).
@@ -889,9 +899,6 @@ fn cmd_add(env: &Env, conf: &NetConf, agent: &impl Agent) -> Result<Value, CniEr
         .map(str::to_string)
         .or_else(|| conf.namespace.clone())
         .unwrap_or_else(|| "default".into());
-    // Status first: an unreachable agent fails before anything is created.
-    let status = agent.status().map_err(|e| e.to_cni("reading its status"))?;
-    let gateways = Gateways::from_status(&status)?;
     let label_source = if labels.is_none() {
         Some("podman".to_string())
     } else {
@@ -922,6 +929,14 @@ fn cmd_add(env: &Env, conf: &NetConf, agent: &impl Agent) -> Result<Value, CniEr
             ),
         ));
     }
+    // The create's answer carries the gateways; an older agent's does not,
+    // and its status has them.
+    let gateways = match &ep.gateways {
+        Some(g) => Gateways::from_endpoint(g)?,
+        None => {
+            Gateways::from_status(&agent.status().map_err(|e| e.to_cni("reading its status"))?)?
+        }
+    };
     build_result(&conf.cni_version, &ep, &gateways, netns, conf.dns.as_ref())
 }
 
@@ -1074,6 +1089,9 @@ mod tests {
         created: RefCell<Vec<EndpointCreate>>,
         down: bool,
         full: bool,
+        /// Answers creates without the gateways, as agents before them did.
+        old_agent: bool,
+        status_calls: std::cell::Cell<usize>,
     }
 
     fn pool(range: &str, router: &str, used: u64) -> PoolStatus {
@@ -1087,6 +1105,7 @@ mod tests {
 
     impl Agent for &Fake {
         fn status(&self) -> Result<Status, AgentError> {
+            self.status_calls.set(self.status_calls.get() + 1);
             if self.down {
                 return Err(AgentError::Unreachable("connection refused".into()));
             }
@@ -1114,6 +1133,9 @@ mod tests {
         }
 
         fn create_endpoint(&self, req: &EndpointCreate) -> Result<Endpoint, AgentError> {
+            if self.down {
+                return Err(AgentError::Unreachable("connection refused".into()));
+            }
             self.created.borrow_mut().push(req.clone());
             if self.full {
                 return Err(AgentError::Api {
@@ -1145,6 +1167,10 @@ mod tests {
                 named_ports: req.named_ports.clone(),
                 node: None,
                 k8s_pod: req.k8s_pod.clone(),
+                gateways: (!self.old_agent).then(|| cilia_api::EndpointGateways {
+                    ipv6: "fd00::1".into(),
+                    ipv4: Some("10.0.0.1".into()),
+                }),
             };
             self.eps.borrow_mut().push(ep.clone());
             Ok(ep)
@@ -1284,6 +1310,23 @@ mod tests {
         assert_eq!(run(&fake, &e, &conf("1.0.0")).0["code"], 4);
         e.args = Some("Foo=1".into());
         assert_eq!(run(&fake, &e, &conf("1.0.0")).0["code"], 4);
+    }
+
+    #[test]
+    fn add_takes_the_gateways_from_the_create_or_from_an_older_agents_status() {
+        for old_agent in [false, true] {
+            let fake = Fake {
+                old_agent,
+                ..Fake::default()
+            };
+            let (v, ok) = run(&fake, &env("ADD", "c1"), &conf("1.0.0"));
+            assert!(ok, "{v}");
+            assert_eq!(
+                v["routes"],
+                json!([{"dst":"::/0","gw":"fd00::1"},{"dst":"0.0.0.0/0","gw":"10.0.0.1"}])
+            );
+            assert_eq!(fake.status_calls.get(), usize::from(old_agent));
+        }
     }
 
     #[test]

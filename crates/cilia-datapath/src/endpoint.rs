@@ -130,8 +130,12 @@ pub struct BpfDatapath {
     /// writers must not pick the same inactive map (see [`Self::set_policy`]).
     policy_writers: Mutex<std::collections::HashMap<u16, Arc<Mutex<()>>>>,
     /// Ids whose entry in `cilia_policy` is an empty spare map that no
-    /// endpoint uses yet: the first policy write fills it in place.
-    spare_policy: Mutex<std::collections::BTreeSet<u16>>,
+    /// endpoint uses yet, with the map (not pinned: a spare leaves no
+    /// trace in bpffs): the first policy write fills it in place and pins it.
+    spare_policy: Mutex<std::collections::BTreeMap<u16, (PolicyMap, u32)>>,
+    /// `cilia_policy` again, typed to take a policy map that was created
+    /// here (not pinned) as its value: how spares are put in.
+    policy_of_tries: Mutex<HashOfMaps<MapData, u32, PolicyMap>>,
     ct: Mutex<HashMap<MapData, CtKey, CtValue>>,
     ct_count: Mutex<Array<MapData, u32>>,
     /// Live conntrack entries at this handle's last GC (None before one):
@@ -475,6 +479,11 @@ impl BpfDatapath {
             ),
             policy_writers: Mutex::default(),
             spare_policy: Mutex::default(),
+            policy_of_tries: Mutex::new({
+                let err = |e| DatapathError::map(MAP_POLICY, e);
+                let data = MapData::from_pin(maps_dir.join(MAP_POLICY)).map_err(err)?;
+                HashOfMaps::try_from(Map::from_map_data(data).map_err(err)?).map_err(err)?
+            }),
             ct: Mutex::new(HashMap::try_from(ct).map_err(|e| DatapathError::map(MAP_CT, e))?),
             ct_count: Mutex::new(
                 Array::try_from(ct_count).map_err(|e| DatapathError::map(MAP_CT_COUNT, e))?,
@@ -1028,23 +1037,14 @@ impl BpfDatapath {
             Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(err(e)),
         }
-        // A pin without a `cilia_policy` entry is no program's map: it is
-        // emptied before it is used.
-        let a_pin = self.policy_pin(endpoint_id, 'a');
-        let mut map = Self::open_policy_map(&a_pin)?;
-        let keys: Vec<_> = map.keys().collect::<Result<_, _>>().map_err(err)?;
-        for key in keys {
-            match map.remove(&key) {
-                Ok(()) => {}
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(err(e)),
-            }
-        }
-        let inner = MapData::from_pin(&a_pin).map_err(err)?;
-        lock(&self.policy)
-            .insert(u32::from(endpoint_id), &inner, 0)
+        let map = PolicyMap::create(CILIA_POLICY_MAX, BPF_F_NO_PREALLOC).map_err(err)?;
+        lock(&self.policy_of_tries)
+            .insert(u32::from(endpoint_id), &map, 0)
             .map_err(err)?;
-        lock(&self.spare_policy).insert(endpoint_id);
+        let Some(map_id) = self.active_policy_id(endpoint_id)? else {
+            return Ok(false); // removed at once: no spare
+        };
+        lock(&self.spare_policy).insert(endpoint_id, (map, map_id));
         Ok(true)
     }
 
@@ -1063,9 +1063,10 @@ impl BpfDatapath {
         endpoint_id: u16,
         entries: &BTreeMap<PolicyKey, PolicyValue>,
     ) -> Result<PolicyUpdate, DatapathError> {
-        if lock(&self.spare_policy).remove(&endpoint_id) {
+        let spare = lock(&self.spare_policy).remove(&endpoint_id);
+        if let Some((spare, spare_id)) = spare {
             // Unused until now: filled in place, no switch of maps.
-            return self.fill_spare(endpoint_id, entries);
+            return self.fill_spare(endpoint_id, spare, spare_id, entries);
         }
         let active = self.active_policy_id(endpoint_id)?;
         let a_pin = self.policy_pin(endpoint_id, 'a');
@@ -1111,40 +1112,42 @@ impl BpfDatapath {
     }
 
     /// Writes an endpoint's first policy into its spare map (the active
-    /// one, which no program uses yet). A spare that is no longer in
-    /// `cilia_policy` (removed meanwhile) falls back to the normal write.
+    /// one, which no program uses yet) and pins it as the endpoint's map
+    /// `a`. A spare that is no longer the active map (removed meanwhile)
+    /// is dropped, and the write goes the usual way.
     fn fill_spare(
         &self,
         endpoint_id: u16,
+        mut spare: PolicyMap,
+        spare_id: u32,
         entries: &BTreeMap<PolicyKey, PolicyValue>,
     ) -> Result<PolicyUpdate, DatapathError> {
         let err = |e| DatapathError::map(MAP_POLICY, e);
-        let active = match lock(&self.policy).get(&u32::from(endpoint_id), 0) {
-            Ok(map) => map,
-            Err(e) if is_not_found(&e) => return self.write_policy(endpoint_id, entries),
-            Err(e) => return Err(err(e)),
-        };
-        let mut trie =
-            PolicyMap::try_from(Map::from_map_data(active).map_err(err)?).map_err(err)?;
-        let current: BTreeMap<PolicyKey, PolicyValue> = trie
-            .iter()
-            .map(|r| r.map(|(k, v)| (policy_from_lpm(&k), v)))
-            .collect::<Result<_, _>>()
-            .map_err(err)?;
+        if self.active_policy_id(endpoint_id)? != Some(spare_id) {
+            return self.write_policy(endpoint_id, entries);
+        }
         let mut update = PolicyUpdate {
             added: 0,
             removed: 0,
         };
-        for key in current.keys().filter(|k| !entries.contains_key(k)) {
-            trie.remove(&policy_to_lpm(key)).map_err(err)?;
-            update.removed += 1;
-        }
         for (key, value) in entries {
-            if current.get(key) != Some(value) {
-                trie.insert(&policy_to_lpm(key), *value, 0).map_err(err)?;
-                update.added += 1;
+            spare.insert(&policy_to_lpm(key), *value, 0).map_err(err)?;
+            update.added += 1;
+        }
+        // A pin left without a `cilia_policy` entry names no map in use.
+        let a_pin = self.policy_pin(endpoint_id, 'a');
+        for slot in ['a', 'b'] {
+            let pin = self.policy_pin(endpoint_id, slot);
+            match std::fs::remove_file(&pin) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(DatapathError::io(format!("removing {}", pin.display()), e)),
             }
         }
+        spare.pin(&a_pin).map_err(|e| DatapathError::Pin {
+            path: a_pin.clone(),
+            reason: e.to_string(),
+        })?;
         Ok(update)
     }
 

@@ -36,6 +36,7 @@ pub fn endpoint_view(rec: &EndpointRecord) -> Endpoint {
         named_ports: rec.named_ports.clone(),
         k8s_pod: rec.k8s_pod.clone(),
         node: None,
+        gateways: None,
     }
 }
 
@@ -171,6 +172,7 @@ pub(super) async fn create_endpoint(
     // first and last phase (see `endpoint::create_unlocked`).
     let state = state.clone();
     let node = state.node_name();
+    let pools = state.pools.clone();
     let permit = state.creates.clone().acquire_owned().await.map_err(|e| {
         AppError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -181,7 +183,20 @@ pub(super) async fn create_endpoint(
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
         crate::endpoint::create_unlocked(&state.endpoints, req)
-            .map(|r| on_node(endpoint_view(&r), &node))
+            .map(|r| {
+                let gateways = cilia_api::EndpointGateways {
+                    ipv6: pools.v6.router().to_string(),
+                    ipv4: pools
+                        .v4
+                        .as_ref()
+                        .filter(|_| r.ipv4.is_some())
+                        .map(|p| p.router().to_string()),
+                };
+                Endpoint {
+                    gateways: Some(gateways),
+                    ..on_node(endpoint_view(&r), &node)
+                }
+            })
             .map_err(AppError::from)
     })
     .await

@@ -302,6 +302,7 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, AppError
         IpamStatus,
         PoolStatus,
         Endpoint,
+        cilia_api::EndpointGateways,
         EndpointCreate,
         EndpointLabels,
         cilia_api::EndpointSettings,

@@ -1429,7 +1429,15 @@ mod tests {
         let first = mgr.create(request()).unwrap().id;
         let want: Vec<u16> = (first + 1..=first + spares::SPARES_AHEAD as u16).collect();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while h.dp.state().policy_spares.iter().copied().collect::<Vec<_>>() != want {
+        while h
+            .dp
+            .state()
+            .policy_spares
+            .iter()
+            .copied()
+            .collect::<Vec<_>>()
+            != want
+        {
             assert!(std::time::Instant::now() < deadline, "spares never made");
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
