@@ -368,7 +368,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     manager.kubernetes = k8s_watches.is_some();
     manager.mtu = node_dp.as_ref().map(|n| n.endpoint_mtu);
     manager.spares = Some(
-        endpoint::spares::PolicySpares::start(datapath.clone())
+        endpoint::spares::PolicySpares::start(datapath.clone(), manager.store.clone())
             .context("starting the spare policy maps' thread")?,
     );
     let serves_underlay = node_dp.is_some();

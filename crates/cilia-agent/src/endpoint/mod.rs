@@ -336,12 +336,8 @@ impl EndpointManager {
 
     /// Asks for spare policy maps for the ids the next creates will get.
     fn top_up_spares(&self) {
-        let Some(spares) = &self.spares else {
-            return;
-        };
-        match self.store.next_endpoint_ids(spares::SPARES_AHEAD) {
-            Ok(ids) => spares.queue(ids),
-            Err(e) => warn!(error = %e, "cannot read the next endpoint ids for spare policy maps"),
+        if let Some(spares) = &self.spares {
+            spares.top_up();
         }
     }
 
@@ -1425,7 +1421,7 @@ mod tests {
     fn creates_leave_spares_for_the_next_ids_which_the_next_create_fills() {
         let h = Harness::new();
         let mut mgr = h.manager();
-        mgr.spares = Some(spares::PolicySpares::start(h.dp.clone()).unwrap());
+        mgr.spares = Some(spares::PolicySpares::start(h.dp.clone(), mgr.store.clone()).unwrap());
         let first = mgr.create(request()).unwrap().id;
         let want: Vec<u16> = (first + 1..=first + spares::SPARES_AHEAD as u16).collect();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);

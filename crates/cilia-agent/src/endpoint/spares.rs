@@ -14,35 +14,41 @@
 //! Restore removes the maps of ids without an endpoint, keeping as spares
 //! the empty ones of ids the next creates will get.
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 use tracing::{debug, warn};
 
 use super::DatapathHandle;
+use crate::store::Store;
 
 /// How many ids ahead are kept ready: sequential creates use one each, and
 /// a burst of concurrent creates uses them up and goes on without.
 pub const SPARES_AHEAD: usize = 8;
 
-/// The handle creates queue the next ids through.
+/// The handle creates wake the worker through.
 #[derive(Clone)]
 pub struct PolicySpares {
-    tx: mpsc::Sender<Vec<u16>>,
+    tx: mpsc::Sender<()>,
 }
 
 impl PolicySpares {
-    /// Starts the worker thread; it ends when every handle is dropped.
-    pub fn start(datapath: DatapathHandle) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::channel::<Vec<u16>>();
+    /// Starts the worker thread; it ends when every handle is dropped. It
+    /// reads the next ids from the store itself, off the creates' path.
+    pub fn start(datapath: DatapathHandle, store: Arc<Store>) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("policy-spares".into())
             .spawn(move || {
-                while let Ok(mut ids) = rx.recv() {
-                    // Only the latest request matters: older ones name ids
-                    // that creates have taken since.
-                    while let Ok(newer) = rx.try_recv() {
-                        ids = newer;
-                    }
+                while rx.recv().is_ok() {
+                    // One round serves every wake-up queued meanwhile.
+                    while rx.try_recv().is_ok() {}
+                    let ids = match store.next_endpoint_ids(SPARES_AHEAD) {
+                        Ok(ids) => ids,
+                        Err(e) => {
+                            warn!(error = %e, "cannot read the next endpoint ids for spare policy maps");
+                            continue;
+                        }
+                    };
                     for id in ids {
                         match datapath.spare_endpoint_policy(id) {
                             Ok(true) => debug!(id, "spare policy map ready"),
@@ -58,9 +64,9 @@ impl PolicySpares {
         Ok(Self { tx })
     }
 
-    /// Asks for spares for `ids` (the ids the next creates will get).
-    pub fn queue(&self, ids: Vec<u16>) {
+    /// Asks for spares for the ids the next creates will get.
+    pub fn top_up(&self) {
         // The worker is gone only when the agent stops.
-        let _ = self.tx.send(ids);
+        let _ = self.tx.send(());
     }
 }
