@@ -183,10 +183,10 @@ struct policy_key {
 #define CILIA_VERDICT_DENY  2
 
 /* What an entry matches, reported in policy-verdict events. */
-#define CILIA_MATCH_NONE  0 /* no entry: the default verdict */
-#define CILIA_MATCH_L3	  1 /* identity, all L4 */
-#define CILIA_MATCH_PROTO 2 /* identity + protocol, all ports */
-#define CILIA_MATCH_PORT  3 /* identity + protocol + port (prefix) */
+#define CILIA_MATCH_NONE   0 /* no entry: the default verdict */
+#define CILIA_MATCH_L3	   1 /* identity, all L4 */
+#define CILIA_MATCH_PROTO  2 /* identity + protocol, all ports */
+#define CILIA_MATCH_PORT   3 /* identity + protocol + port (prefix) */
 #define CILIA_MATCH_NO_MAP 4 /* the endpoint has no policy map: denied */
 
 /* Flags of the CILIA_ID_ENFORCEMENT entry's verdict byte. */
