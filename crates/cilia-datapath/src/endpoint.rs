@@ -1189,6 +1189,17 @@ impl BpfDatapath {
                 Err(e) => return Err(DatapathError::io(format!("removing {}", pin.display()), e)),
             }
         }
+        // The id's writer lock goes too unless another writer holds or
+        // waits for it (each took a clone under the same map lock): an agent
+        // that creates and deletes endpoints for ever keeps no lock per id
+        // it ever used.
+        let mut writers = lock(&self.policy_writers);
+        if writers
+            .get(&endpoint_id)
+            .is_some_and(|w| Arc::ptr_eq(w, &writer) && Arc::strong_count(w) == 2)
+        {
+            writers.remove(&endpoint_id);
+        }
         Ok(())
     }
 
