@@ -1135,15 +1135,8 @@ impl BpfDatapath {
             update.added += 1;
         }
         // A pin left without a `cilia_policy` entry names no map in use.
+        self.remove_policy_pins(endpoint_id)?;
         let a_pin = self.policy_pin(endpoint_id, 'a');
-        for slot in ['a', 'b'] {
-            let pin = self.policy_pin(endpoint_id, slot);
-            match std::fs::remove_file(&pin) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(DatapathError::io(format!("removing {}", pin.display()), e)),
-            }
-        }
         spare.pin(&a_pin).map_err(|e| DatapathError::Pin {
             path: a_pin.clone(),
             reason: e.to_string(),
@@ -1171,6 +1164,19 @@ impl BpfDatapath {
         Ok(Some(entries))
     }
 
+    /// Removes the pins of an endpoint's two policy maps (absent is fine).
+    fn remove_policy_pins(&self, endpoint_id: u16) -> Result<(), DatapathError> {
+        for slot in ['a', 'b'] {
+            let pin = self.policy_pin(endpoint_id, slot);
+            match std::fs::remove_file(&pin) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(DatapathError::io(format!("removing {}", pin.display()), e)),
+            }
+        }
+        Ok(())
+    }
+
     /// Withdraws an endpoint's policy and removes its policy maps.
     pub fn remove_policy(&self, endpoint_id: u16) -> Result<(), DatapathError> {
         let writer = self.policy_writer(endpoint_id);
@@ -1181,14 +1187,7 @@ impl BpfDatapath {
             Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(DatapathError::map(MAP_POLICY, e)),
         }
-        for slot in ['a', 'b'] {
-            let pin = self.policy_pin(endpoint_id, slot);
-            match std::fs::remove_file(&pin) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(DatapathError::io(format!("removing {}", pin.display()), e)),
-            }
-        }
+        self.remove_policy_pins(endpoint_id)?;
         // The id's writer lock goes too unless another writer holds or
         // waits for it (each took a clone under the same map lock): an agent
         // that creates and deletes endpoints for ever keeps no lock per id

@@ -527,21 +527,29 @@ impl Store {
         Ok(self.read_addresses::<u16>(IPAM)?.into_keys().collect())
     }
 
-    /// The ids the next `k` creates would get if nothing else changed
-    /// (ids are handed out in increasing order, see `next_endpoint_id`).
-    pub fn next_endpoint_ids(&self, k: usize) -> Result<Vec<u16>, StoreError> {
-        let mut used_ids = self
+    /// Endpoint ids in use, and the released ones with their release
+    /// sequence number. Ids from the keys: no record needs decoding.
+    #[allow(clippy::type_complexity)]
+    fn endpoint_ids(&self) -> Result<(BTreeSet<u16>, BTreeMap<u16, u64>), StoreError> {
+        let used = self
             .list(ENDPOINTS)?
             .iter()
             .map(|(key, _)| key_number(ENDPOINTS, key))
             .collect::<Result<BTreeSet<u16>, _>>()?;
-        let mut quarantined_ids = BTreeMap::new();
+        let mut released = BTreeMap::new();
         for (key, value) in self.list(RELEASED_IDS)? {
-            quarantined_ids.insert(
+            released.insert(
                 key_number::<u16>(RELEASED_IDS, &key)?,
                 decode::<u64>(&key, &value)?,
             );
         }
+        Ok((used, released))
+    }
+
+    /// The ids the next `k` creates would get if nothing else changed
+    /// (ids are handed out in increasing order, see `next_endpoint_id`).
+    pub fn next_endpoint_ids(&self, k: usize) -> Result<Vec<u16>, StoreError> {
+        let (mut used_ids, mut quarantined_ids) = self.endpoint_ids()?;
         let mut ids = Vec::with_capacity(k);
         while ids.len() < k {
             let Some(id) = crate::ipam::next_endpoint_id(&used_ids, &quarantined_ids) else {
@@ -565,19 +573,7 @@ impl Store {
         self.change(|c| {
             let used: BTreeSet<IpAddr> = self.read_addresses::<u16>(IPAM)?.into_keys().collect();
             let quarantined: BTreeMap<IpAddr, u64> = self.read_addresses(RELEASED_IPS)?;
-            // Ids from the keys: no record needs decoding.
-            let used_ids = self
-                .list(ENDPOINTS)?
-                .iter()
-                .map(|(key, _)| key_number(ENDPOINTS, key))
-                .collect::<Result<BTreeSet<u16>, _>>()?;
-            let mut quarantined_ids = BTreeMap::new();
-            for (key, value) in self.list(RELEASED_IDS)? {
-                quarantined_ids.insert(
-                    key_number::<u16>(RELEASED_IDS, &key)?,
-                    decode::<u64>(&key, &value)?,
-                );
-            }
+            let (used_ids, quarantined_ids) = self.endpoint_ids()?;
             let id = crate::ipam::next_endpoint_id(&used_ids, &quarantined_ids)
                 .ok_or(StoreError::IdsExhausted)?;
             let v6 = match pool6.next_quarantined(&used, &quarantined)? {
