@@ -1401,7 +1401,7 @@ mod tests {
         let h = Harness::new();
         let id = h.manager().create(request()).unwrap().id;
         // What a crash or an earlier agent may leave: a map with entries for
-        // an id that has no endpoint (id - 1 is no endpoint's either).
+        // ids that have no endpoint (id + 1 is the next create's, id + 40 no one's).
         let stale = cilia_abi::EndpointPolicy {
             enforcement: cilia_abi::Enforcement {
                 ingress: true,
