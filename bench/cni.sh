@@ -5,7 +5,9 @@
 # time is from the plugin's start to its exit, which is when the agent has
 # made the endpoint ready (program attached, addresses published). Then the
 # agent's RSS (VmRSS, VmHWM from /proc/<pid>/status) with N endpoints, and
-# the DEL latency. Needs root and the release binaries. Prints markdown.
+# the DEL latency (a DEL returns once its endpoint is disconnected) and how
+# long after the last DEL every endpoint's devices, programs and record are
+# gone. Needs root and the release binaries. Prints markdown.
 # AGENT_LOG=file keeps the agent's log (each DEL logs its steps' times).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +51,17 @@ for i in $(seq "$N"); do
   t0=$(date +%s%N); plugin DEL "bench$i" ""; t1=$(date +%s%N)
   echo $(((t1 - t0) / 1000)) >>"$RUN/del"
 done
+# A DEL returns once its endpoint is disconnected; the agent removes its
+# programs and devices after. Until the last is gone (bounded: 60 s).
+t_dels=$(date +%s%N)
+left=-1
+for _ in $(seq 600); do
+  left=$("$BIN/cilia" --socket "$SOCK" -o json endpoint list | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
+  [ "$left" = 0 ] && break
+  sleep 0.1
+done
+t_reaped=$(date +%s%N)
+[ "$left" = 0 ] || { echo "bench/cni.sh: $left endpoints still there 60 s after the last DEL" >&2; exit 1; }
 
 pct() { sort -n "$1" | awk -v p="$2" '{ a[NR] = $1 } END { i = int((NR * p + 99) / 100); if (i < 1) i = 1; printf "%.1f", a[i] / 1000 }'; }
 echo "cilia-cni, $N sequential ADDs then DELs ($(nproc) CPUs, kernel $(uname -r)); $ready endpoints ready after the ADDs"
@@ -57,6 +70,8 @@ echo "| measure | p50 | p99 | max |"
 echo "|---|---|---|---|"
 echo "| CNI ADD → endpoint ready (ms) | $(pct "$RUN/add" 50) | $(pct "$RUN/add" 99) | $(pct "$RUN/add" 100) |"
 echo "| CNI DEL (ms) | $(pct "$RUN/del" 50) | $(pct "$RUN/del" 99) | $(pct "$RUN/del" 100) |"
+echo
+echo "every endpoint's devices, programs and record gone $(((t_reaped - t_dels) / 1000000)) ms after the last DEL returned"
 echo
 echo "slowest ADDs (ms, by order of the ADD): $(awk '{ printf "%d %.1f\n", NR, $1 / 1000 }' "$RUN/add" | sort -k2 -n -r | head -3 | awk '{ printf "#%d %s; ", $1, $2 }')"
 echo

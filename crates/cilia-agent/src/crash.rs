@@ -6,7 +6,8 @@
 //! Points (in the order each operation reaches them):
 //! * `endpoint-create:after-record`, `:after-veth`, `:after-policy`,
 //!   `:after-attach`, `:after-publish`, `:after-ready`
-//! * `endpoint-delete:after-unpublish`, `:after-detach`, `:after-veth`
+//! * `endpoint-delete:after-unpublish`, `:after-disconnect`, `:after-detach`,
+//!   `:after-veth`
 //! * `endpoint-labels:after-record`, `:after-attach`
 
 use std::sync::OnceLock;
@@ -23,6 +24,7 @@ pub const CRASH_POINTS: &[&str] = &[
     "endpoint-create:after-publish",
     "endpoint-create:after-ready",
     "endpoint-delete:after-unpublish",
+    "endpoint-delete:after-disconnect",
     "endpoint-delete:after-detach",
     "endpoint-delete:after-veth",
     "endpoint-labels:after-record",

@@ -144,6 +144,18 @@ impl ApiClient {
             .await
     }
 
+    /// `DELETE /v1/endpoints?…&background=true`: as
+    /// [`Client::delete_endpoints`], but answered once the endpoints are
+    /// disconnected (state `deleting`); the agent removes their programs
+    /// and devices right after. An agent older than this parameter ignores
+    /// it and answers once they are gone.
+    pub async fn disconnect_endpoints(&self, query: &EndpointQuery<'_>) -> Result<usize> {
+        let q = query.query();
+        let sep = if q.is_empty() { '?' } else { '&' };
+        self.delete(&format!("/v1/endpoints{q}{sep}background=true"))
+            .await
+    }
+
     /// `PUT /v1/endpoints/{id}/labels`: replaces an endpoint's labels.
     pub async fn set_endpoint_labels(&self, id: u16, req: &EndpointLabels) -> Result<Endpoint> {
         self.put(&format!("/v1/endpoints/{id}/labels"), req).await

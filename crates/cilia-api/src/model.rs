@@ -210,6 +210,11 @@ pub enum EndpointState {
     Ready,
     /// Known but not connected (e.g. its interface vanished).
     NotReady,
+    /// Disconnected by a delete (addresses withdrawn, no traffic delivered
+    /// to it) whose devices, programs and policy map are being removed;
+    /// its id and addresses are freed when that is done. An agent that
+    /// restarts in this state finishes the delete.
+    Deleting,
 }
 
 /// An endpoint as the agent knows it.

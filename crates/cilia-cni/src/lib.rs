@@ -164,7 +164,8 @@ pub trait Agent {
     /// Endpoints, all or only those `filter` selects.
     fn list_endpoints(&self, filter: &EndpointQuery<'_>) -> Result<Vec<Endpoint>, AgentError>;
     /// Deletes the endpoints of `filter.container_id` that `filter`
-    /// selects; 0 is fine.
+    /// selects; 0 is fine. Returns once they are disconnected: the agent
+    /// removes their devices and programs right after.
     fn delete_endpoints(&self, filter: &EndpointQuery<'_>) -> Result<usize, AgentError>;
 }
 
@@ -247,7 +248,9 @@ impl Agent for SocketAgent {
                 "deleting endpoints needs a container id".into(),
             ));
         }
-        self.call(|| self.client.delete_endpoints(filter))
+        // The runtime waits for DEL: the kernel's part of the delete
+        // (grace periods) is the agent's to finish after answering.
+        self.call(|| self.client.disconnect_endpoints(filter))
     }
 }
 

@@ -188,6 +188,7 @@ fn add_check_del_gc_status_against_a_real_agent() {
         plugin(&env("DEL", "unknown", &p1), &conf("0.4.0", &sock)),
         (true, Value::Null)
     );
+    agent.wait_deletes_finished();
     assert_eq!(agent.cli_json(&["endpoint", "list"]), json!([]));
     assert!(
         ns1.ip(&["link", "show", "eth0"]).is_err(),
@@ -237,7 +238,10 @@ fn net_conf(network: &str, socket: &str, extra: Value) -> String {
     c.to_string()
 }
 
+/// The container ids of the endpoints, once the deletes DEL and GC began
+/// are finished.
 fn container_ids(agent: &TestAgent) -> Vec<Value> {
+    agent.wait_deletes_finished();
     let mut ids: Vec<Value> = agent
         .endpoints()
         .iter()

@@ -147,6 +147,7 @@ spec:
 
     // podman rm -f: CNI DEL removes endpoints, addresses and pins.
     p.ok(&["rm", "-f", "-t", "0", "web", "client", "other"]);
+    w.agent.wait_deletes_finished();
     assert_eq!(w.agent.endpoints(), Vec::<serde_json::Value>::new());
     let bpf_eps = w.agent.cli_json(&["bpf", "endpoint", "list"]);
     assert_eq!(bpf_eps.as_array().unwrap().len(), 0, "{bpf_eps}");

@@ -256,6 +256,28 @@ impl TestAgent {
         }
     }
 
+    /// Waits until no endpoint is `deleting` (a CNI DEL answers once its
+    /// endpoints are disconnected; the agent removes their devices,
+    /// programs and records right after); panics after 10 s.
+    pub fn wait_deletes_finished(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let deleting: Vec<_> = self
+                .endpoints()
+                .into_iter()
+                .filter(|e| e["state"] == "deleting")
+                .collect();
+            if deleting.is_empty() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "endpoints still being deleted after 10 s: {deleting:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// The endpoint of a runtime's container id (the CNI plugin records it).
     pub fn endpoint_of_container(&self, id: &str) -> serde_json::Value {
         self.endpoints()

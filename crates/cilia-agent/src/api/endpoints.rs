@@ -57,6 +57,12 @@ pub(super) struct ContainerQuery {
     /// Only the attachments of this CNI network (endpoints recorded without
     /// a network match any, see `EndpointRecord::attached_to`).
     network: Option<String>,
+    /// DELETE only: answer once the endpoints are disconnected (addresses
+    /// withdrawn, state `deleting`); their programs, policy maps and
+    /// devices are removed right after, which frees their ids and
+    /// addresses. What a CNI DEL asks for: the kernel's part of a delete
+    /// (RCU grace periods, ~45 ms here) is then off the runtime's path.
+    background: Option<bool>,
 }
 
 impl ContainerQuery {
@@ -89,6 +95,12 @@ pub(super) async fn list_endpoints(
     Query(q): Query<ContainerQuery>,
 ) -> Result<Json<Vec<Endpoint>>, AppError> {
     q.check()?;
+    if q.background.is_some() {
+        return Err(bad_request(
+            "invalid-request",
+            "background applies to DELETE only",
+        ));
+    }
     let node = state.node_name();
     with_store(&state, move |store| {
         Ok(store
@@ -103,7 +115,7 @@ pub(super) async fn list_endpoints(
 }
 
 #[utoipa::path(delete, path = "/v1/endpoints", params(ContainerQuery),
-    responses((status = 200, body = usize, description = "number of endpoints deleted (0 is not an error)"),
+    responses((status = 200, body = usize, description = "number of endpoints deleted (0 is not an error); with background=true, disconnected and being removed"),
         (status = 409, body = ApiError, description = "endpoint-busy: a selected endpoint's create has not returned yet")))]
 pub(super) async fn delete_container(
     State(state): State<Shared>,
@@ -113,9 +125,22 @@ pub(super) async fn delete_container(
     if q.container_id.is_none() {
         return Err(bad_request("invalid-request", "container_id is required"));
     }
-    with_endpoints(&state, move |mgr| mgr.delete_matching(|r| q.matches(r)))
-        .await
-        .map(Json)
+    if q.background != Some(true) {
+        return with_endpoints(&state, move |mgr| mgr.delete_matching(|r| q.matches(r)))
+            .await
+            .map(Json);
+    }
+    let (gone, disconnected) = with_endpoints(&state, move |mgr| {
+        Ok(mgr.disconnect_matching(|r| q.matches(r)))
+    })
+    .await?;
+    let count = gone.len();
+    if !gone.is_empty() {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || crate::endpoint::reap(&state.endpoints, gone));
+    }
+    disconnected.map_err(AppError::from)?;
+    Ok(Json(count))
 }
 
 #[utoipa::path(put, path = "/v1/endpoints/{id}/config", params(("id" = u16, Path)), request_body = cilia_api::EndpointSettings,

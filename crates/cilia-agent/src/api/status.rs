@@ -143,7 +143,8 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
         let used = store.allocated()?;
         let not_ready = endpoints
             .iter()
-            .filter(|e| e.state != EndpointState::Ready)
+            // One being deleted is going, not failing.
+            .filter(|e| !matches!(e.state, EndpointState::Ready | EndpointState::Deleting))
             .count();
         Ok(Status {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -228,7 +229,8 @@ fn subsystems(
         };
     let not_ready: Vec<String> = endpoints
         .iter()
-        .filter(|e| e.state != EndpointState::Ready)
+        // One being deleted is going, not failing.
+        .filter(|e| !matches!(e.state, EndpointState::Ready | EndpointState::Deleting))
         .map(|e| {
             format!(
                 "endpoint {}: {}",

@@ -5,8 +5,11 @@
 //!   device exists, so an agent that dies mid-create finds the record on
 //!   restart and rolls it back: nothing half-made survives.
 //! * A failed create undoes everything it did and changes no state.
-//! * Delete removes the link pin, the devices, the map entries, and last
+//! * Delete first disconnects (map entries withdrawn, record `deleting`),
+//!   then removes the link pins, the policy map and the devices, and last
 //!   the record: a crash during delete leaves a record to finish on restart.
+//!   A CNI DEL returns after the disconnect; the rest, RCU grace periods in
+//!   the kernel, runs after it (see [`reap`]).
 //! * A program is replaced only by swapping it inside its pinned link after
 //!   its successor passed the verifier (restore, `datapath reload`): an
 //!   endpoint's traffic never meets a missing program.
@@ -213,13 +216,101 @@ pub fn create_unlocked(
 ) -> Result<EndpointRecord, EndpointError> {
     let lock = || manager.lock().unwrap_or_else(|p| p.into_inner());
     let asked = std::time::Instant::now();
-    let mut pending = lock().begin_create(req)?;
+    // Deletes finish in the background (see `reap`): an ADD that finds
+    // the pool or the ids exhausted while one is finishing waits for it
+    // (bounded), as it would have had the DEL waited itself.
+    let mut pending = loop {
+        let mut m = lock();
+        match m.begin_create(req.clone()) {
+            Err(e) if is_exhausted(&e) && !m.deleting.is_empty() && asked.elapsed() < REAP_WAIT => {
+                drop(m);
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            begun => break begun?,
+        }
+    };
     pending.begun.waited_since(asked);
     // A panic here must still reach `finish_create`, which rolls back and
     // takes the endpoint out of the in-flight set (else it stays busy).
     let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pending.prepare()))
         .unwrap_or_else(|_| Err(EndpointError::SetupPanicked(pending.id())));
     lock().finish_create(pending, prepared)
+}
+
+/// An endpoint [`EndpointManager::disconnect`] took off the network whose
+/// kernel side is still to be removed.
+pub struct Disconnected {
+    rec: EndpointRecord,
+    phases: Phases,
+}
+
+impl Disconnected {
+    pub fn id(&self) -> u16 {
+        self.rec.id
+    }
+}
+
+/// Removes a disconnected endpoint's programs, policy map and devices.
+/// Needs no lock of the agent's: every step waits in the kernel for RCU
+/// grace periods (~10-15 ms each here, under the RTNL lock), which is
+/// most of a delete. Detaching and removing the veth run at once, so the
+/// policy map's wait overlaps the device's. In either order the policy map
+/// goes only after both programs are off the device (`detach_endpoint`
+/// unpins the links first, and a link's release waits for a device removal
+/// in progress), so no packet meets the endpoint's program without its
+/// policy. Every step is idempotent: a retry after a failure or a crash
+/// finishes what is left.
+pub fn remove_kernel_side(
+    datapath: &DatapathHandle,
+    netdev: &dyn Netdev,
+    rec: &EndpointRecord,
+) -> Result<(), EndpointError> {
+    let (detached, veth) = std::thread::scope(|s| {
+        let veth = s.spawn(|| netdev.delete(&rec.host_ifname));
+        let detached = datapath.detach_endpoint(rec.id);
+        let veth = veth
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (detached, veth)
+    });
+    detached?;
+    crate::crash::point("endpoint-delete:after-detach");
+    veth?;
+    crate::crash::point("endpoint-delete:after-veth");
+    Ok(())
+}
+
+/// Finishes the deletes of `gone` holding `manager`'s lock only for the
+/// bookkeeping at the end of each: the kernel cleanup runs unlocked (what a
+/// CNI DEL no longer waits for, see `DELETE /v1/endpoints?background=true`).
+/// Failures are logged; the endpoint then stays `deleting` with the reason.
+pub fn reap(manager: &Mutex<EndpointManager>, gone: Vec<Disconnected>) {
+    let lock = || manager.lock().unwrap_or_else(|p| p.into_inner());
+    let (datapath, netdev) = {
+        let mgr = lock();
+        (mgr.datapath.clone(), mgr.netdev.clone())
+    };
+    for gone in gone {
+        let id = gone.id();
+        let cleaned = remove_kernel_side(&datapath, netdev.as_ref(), &gone.rec);
+        if let Err(e) = lock().finish_delete(gone, cleaned) {
+            warn!(id, error = %e, "finishing the endpoint's delete failed; it stays `deleting` (a delete of it or a restart tries again)");
+        }
+    }
+}
+
+/// How long a create that finds no free address or id waits for deletes
+/// being finished in the background: well above one delete's kernel
+/// cleanup (~50 ms here) times the few a burst leaves in flight.
+const REAP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn is_exhausted(e: &EndpointError) -> bool {
+    matches!(
+        e,
+        EndpointError::Store(
+            StoreError::IdsExhausted | StoreError::Ipam(crate::ipam::IpamError::Exhausted { .. })
+        )
+    )
 }
 
 /// Node-wide addressing the endpoints share.
@@ -246,6 +337,9 @@ pub struct EndpointManager {
     /// Endpoints between `begin_create` and `finish_create`: not to be
     /// deleted meanwhile.
     pub(crate) creating: BTreeSet<u16>,
+    /// Endpoints between `disconnect` and `finish_delete`: not to be
+    /// deleted again meanwhile.
+    pub(crate) deleting: BTreeSet<u16>,
     /// Shared with every [`PendingEndpoint`].
     pub(crate) loads: Arc<LoadSlots>,
     /// The policy subsystem, locked on its own: imports and traces never
@@ -321,6 +415,7 @@ impl EndpointManager {
             netdev,
             pools,
             creating: BTreeSet::new(),
+            deleting: BTreeSet::new(),
             loads: Arc::new(LoadSlots::agent()),
             policy: Arc::new(Mutex::new(policy)),
             agent_netns: netdev::AGENT_NETNS.into(),
@@ -558,6 +653,9 @@ impl EndpointManager {
                 .endpoints()?
                 .into_iter()
                 .filter(|r| r.container_id.as_deref() == Some(cid.as_str()) && r.ifname == ifname)
+                // One being deleted in the background is going already
+                // (its device is named after its id, so it is in no way).
+                .filter(|r| !self.deleting.contains(&r.id))
                 .filter(|r| match &req.network {
                     Some(n) => r.attached_to(n),
                     None => true,
@@ -789,12 +887,31 @@ impl EndpointManager {
         }
     }
 
+    /// Deletes an endpoint, all of it, before returning (the API's
+    /// `DELETE /v1/endpoints/{id}`, the CLI, a create replacing a stale
+    /// endpoint, restore). [`EndpointManager::disconnect`], the kernel
+    /// cleanup and [`EndpointManager::finish_delete`] under one lock hold.
     pub fn delete(&mut self, id: u16) -> Result<(), EndpointError> {
-        if self.creating.contains(&id) {
+        let gone = self.disconnect(id)?;
+        let cleaned = remove_kernel_side(&self.datapath, self.netdev.as_ref(), &gone.rec);
+        self.finish_delete(gone, cleaned)
+    }
+
+    /// The first step of every delete, under the lock: the endpoint's
+    /// addresses are withdrawn (nothing is delivered to it any more), its
+    /// namespace is no longer served, and its record says `deleting`, so
+    /// that an agent that dies before the delete is finished finishes it
+    /// at restart. Its programs stay attached with their policy map until
+    /// [`remove_kernel_side`]: whatever the container still sends meets
+    /// its policy. Until [`EndpointManager::finish_delete`] the endpoint is
+    /// [`EndpointError::Busy`] to other deletes, and its id and addresses
+    /// stay allocated.
+    pub fn disconnect(&mut self, id: u16) -> Result<Disconnected, EndpointError> {
+        if self.creating.contains(&id) || self.deleting.contains(&id) {
             return Err(EndpointError::Busy(id));
         }
         let mut phases = Phases::start();
-        let rec = self.get(id)?;
+        let mut rec = self.get(id)?;
         for ip in rec.ips() {
             self.dp().withdraw_endpoint(ip)?;
         }
@@ -802,30 +919,43 @@ impl EndpointManager {
         crate::crash::point("endpoint-delete:after-unpublish");
         self.unserve_netns(rec.id)?;
         phases.mark("unserve");
-        // Detaching the two programs and removing the veth each wait in the
-        // kernel for RCU grace periods (~10-15 ms each here, under the RTNL
-        // lock), and removing the policy map for one more (outside it): at
-        // once, the policy map's wait overlaps the device's. In any order
-        // the policy map goes only after both programs are off the device
-        // (`detach_endpoint` unpins the links first, and a link's release
-        // waits for a device removal in progress), so no packet meets the
-        // endpoint's program without its policy.
-        let (dp, netdev) = (self.datapath.clone(), self.netdev.clone());
-        let (detached, veth) = std::thread::scope(|s| {
-            let veth = s.spawn(|| netdev.delete(&rec.host_ifname));
-            let detached = dp.detach_endpoint(rec.id);
-            let veth = veth
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            (detached, veth)
-        });
-        detached?;
-        crate::crash::point("endpoint-delete:after-detach");
-        veth?;
+        if rec.state != EndpointState::Deleting {
+            rec.state = EndpointState::Deleting;
+            rec.reason = None;
+            self.store.update_endpoint(&rec)?;
+        }
+        phases.mark("record");
+        crate::crash::point("endpoint-delete:after-disconnect");
+        self.deleting.insert(id);
+        Ok(Disconnected { rec, phases })
+    }
+
+    /// The last step of every delete, under the lock, once
+    /// [`remove_kernel_side`] returned `cleaned`: the endpoint's conntrack
+    /// entries, its record (freeing its id and addresses) and its policy
+    /// go. If the kernel cleanup failed, the record stays `deleting` with
+    /// the reason; a delete of it (or a restart) tries again.
+    pub fn finish_delete(
+        &mut self,
+        gone: Disconnected,
+        cleaned: Result<(), EndpointError>,
+    ) -> Result<(), EndpointError> {
+        let Disconnected {
+            mut rec,
+            mut phases,
+        } = gone;
+        self.deleting.remove(&rec.id);
         phases.mark("detach+veth");
-        crate::crash::point("endpoint-delete:after-veth");
+        if let Err(e) = cleaned {
+            rec.reason = Some(format!("removing its devices and programs failed: {e}"));
+            if let Err(store) = self.store.update_endpoint(&rec) {
+                warn!(id = rec.id, error = %store, "cannot record why the delete failed");
+            }
+            return Err(e);
+        }
         // Nothing the endpoint was allowed may outlive it into the flows of
-        // whoever gets its address or id next.
+        // whoever gets its address or id next. After the kernel cleanup:
+        // until then its program could still create entries.
         self.dp().purge_conntrack(rec.id, &rec.ips())?;
         phases.mark("conntrack");
         self.store.delete_endpoint(&rec)?;
@@ -837,7 +967,7 @@ impl EndpointManager {
             self.policy().regenerate()?;
         }
         phases.mark("policy");
-        info!(id, took_ms = phases.total_ms(), phases = %phases, "endpoint deleted");
+        info!(id = rec.id, took_ms = phases.total_ms(), phases = %phases, "endpoint deleted");
         Ok(())
     }
 
@@ -1008,6 +1138,16 @@ impl EndpointManager {
                     "rolling back endpoint left half-created by a previous agent"
                 );
                 self.rollback(&rec);
+                continue;
+            }
+            if rec.state == EndpointState::Deleting {
+                warn!(
+                    id = rec.id,
+                    "finishing the delete of an endpoint a previous agent had disconnected"
+                );
+                if let Err(e) = self.delete(rec.id) {
+                    warn!(id = rec.id, error = %e, "finishing the delete failed; the endpoint stays `deleting`");
+                }
                 continue;
             }
             let Some(ifindex) = self.netdev.ifindex(&rec.host_ifname) else {
@@ -1245,6 +1385,105 @@ mod tests {
         assert_eq!(ep.state, EndpointState::Ready);
         mgr.delete(id).unwrap();
         assert!(mgr.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_disconnected_endpoint_gets_no_traffic_and_holds_its_id_and_addresses_until_reaped() {
+        let h = Harness::new();
+        let mgr = Mutex::new(h.manager());
+        let ep = mgr.lock().unwrap().create(request()).unwrap();
+        let id = ep.id;
+        let gone = mgr.lock().unwrap().disconnect(id).unwrap();
+        {
+            let mut m = mgr.lock().unwrap();
+            let rec = m.get(id).unwrap();
+            assert_eq!(rec.state, EndpointState::Deleting);
+            assert!(h.dp.state().endpoints.is_empty(), "addresses withdrawn");
+            assert!(h.dp.state().attached.contains_key(&id), "still enforcing");
+            assert!(h.dp.state().policy.contains_key(&id), "with its policy");
+            assert!(m.allocated().unwrap().contains(&IpAddr::V6(ep.ipv6)));
+            assert!(matches!(m.delete(id), Err(EndpointError::Busy(i)) if i == id));
+            // Deletes of its container leave it to the delete under way.
+            assert_eq!(m.delete_matching(|_| true).unwrap(), 0);
+            let again = m.create(request()).unwrap();
+            assert_ne!(again.id, id, "its id is not handed out again");
+            assert_ne!(again.ipv6, ep.ipv6, "nor its address");
+            m.delete(again.id).unwrap();
+        }
+        reap(&mgr, vec![gone]);
+        let m = mgr.lock().unwrap();
+        assert!(m.list().unwrap().is_empty());
+        assert!(!h.dp.state().attached.contains_key(&id));
+        assert!(!h.dp.state().policy.contains_key(&id));
+        assert!(h.kernel.lock().unwrap().devices.is_empty());
+        assert!(!m.allocated().unwrap().contains(&IpAddr::V6(ep.ipv6)));
+    }
+
+    #[test]
+    fn a_create_that_finds_the_pool_full_waits_for_the_deletes_being_finished() {
+        let h = Harness::new();
+        // One usable IPv4 address: network, router and broadcast aside.
+        let mgr = Mutex::new(h.manager_with_ranges("fd00::/126", "10.0.0.0/30"));
+        let first = create_unlocked(&mgr, request()).unwrap();
+        let full = create_unlocked(&mgr, request()).unwrap_err();
+        assert!(is_exhausted(&full), "{full}");
+        let (gone, result) = mgr.lock().unwrap().disconnect_matching(|_| true);
+        result.unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                reap(&mgr, gone);
+            });
+            let second = create_unlocked(&mgr, request()).unwrap();
+            assert_eq!(second.ipv4, first.ipv4, "the freed address");
+        });
+        // With no delete in flight an exhausted pool is refused at once.
+        let t = std::time::Instant::now();
+        assert!(is_exhausted(&create_unlocked(&mgr, request()).unwrap_err()));
+        assert!(t.elapsed() < REAP_WAIT);
+    }
+
+    #[test]
+    fn restore_finishes_a_delete_a_previous_agent_had_begun() {
+        let h = Harness::new();
+        let id = {
+            let mut mgr = h.manager();
+            let id = mgr.create(request()).unwrap().id;
+            // The agent dies after answering the DEL, before the reap.
+            drop(mgr.disconnect(id).unwrap());
+            id
+        };
+        let mut mgr = h.manager();
+        mgr.restore().unwrap();
+        assert!(mgr.list().unwrap().is_empty());
+        assert!(!h.dp.state().attached.contains_key(&id));
+        assert!(h.kernel.lock().unwrap().devices.is_empty());
+    }
+
+    #[test]
+    fn a_create_for_the_container_of_an_endpoint_being_deleted_is_not_held_up() {
+        let h = Harness::new();
+        let mgr = Mutex::new(h.manager());
+        let req = || EndpointCreate {
+            container_id: Some("c1".into()),
+            ..request()
+        };
+        let first = mgr.lock().unwrap().create(req()).unwrap().id;
+        let (gone, result) = mgr.lock().unwrap().disconnect_matching(|_| true);
+        result.unwrap();
+        assert_eq!(gone.len(), 1);
+        let second = mgr.lock().unwrap().create(req()).unwrap().id;
+        assert_ne!(first, second);
+        reap(&mgr, gone);
+        let ids: Vec<u16> = mgr
+            .lock()
+            .unwrap()
+            .list()
+            .unwrap()
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(ids, vec![second]);
     }
 
     #[test]

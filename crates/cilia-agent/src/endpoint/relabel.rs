@@ -153,16 +153,48 @@ impl EndpointManager {
         &mut self,
         matches: impl Fn(&EndpointRecord) -> bool,
     ) -> Result<usize, EndpointError> {
-        let ids: Vec<u16> = self
-            .store
-            .endpoints()?
-            .into_iter()
-            .filter(|r| matches(r))
-            .map(|r| r.id)
-            .collect();
+        let ids = self.matching(matches)?;
         for id in &ids {
             self.delete(*id)?;
         }
         Ok(ids.len())
+    }
+
+    /// [`EndpointManager::disconnect`]s the endpoints `matches` selects,
+    /// for [`super::reap`] to finish after the caller answered. Endpoints
+    /// already being deleted in the background are left to that delete.
+    /// Stops at the first that cannot be disconnected: those before it are
+    /// returned all the same (they must be reaped) with the error.
+    pub fn disconnect_matching(
+        &mut self,
+        matches: impl Fn(&EndpointRecord) -> bool,
+    ) -> (Vec<super::Disconnected>, Result<(), EndpointError>) {
+        let ids = match self.matching(matches) {
+            Ok(ids) => ids,
+            Err(e) => return (Vec::new(), Err(e)),
+        };
+        let mut gone = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.disconnect(id) {
+                Ok(d) => gone.push(d),
+                Err(e) => return (gone, Err(e)),
+            }
+        }
+        (gone, Ok(()))
+    }
+
+    /// Ids of the records `matches` selects, but those a background
+    /// delete is finishing.
+    fn matching(
+        &self,
+        matches: impl Fn(&EndpointRecord) -> bool,
+    ) -> Result<Vec<u16>, EndpointError> {
+        Ok(self
+            .store
+            .endpoints()?
+            .into_iter()
+            .filter(|r| matches(r) && !self.deleting.contains(&r.id))
+            .map(|r| r.id)
+            .collect())
     }
 }
