@@ -29,6 +29,8 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets this"));
     let clang = std::env::var("CILIA_CLANG").unwrap_or_else(|_| "clang-19".into());
     println!("cargo:rerun-if-env-changed=CILIA_CLANG");
+    let strip = std::env::var("CILIA_LLVM_STRIP").unwrap_or_else(|_| "llvm-strip-19".into());
+    println!("cargo:rerun-if-env-changed=CILIA_LLVM_STRIP");
     for dir in ["", "lib", "include/cilia"] {
         let d = bpf.join(dir);
         for entry in std::fs::read_dir(&d).expect("bpf/ is readable").flatten() {
@@ -55,5 +57,22 @@ fn main() {
             )
         });
         assert!(status.success(), "{clang} failed to compile bpf/{prog}.c");
+        // `-g` is what makes clang emit BTF (maps, CO-RE, the verifier's
+        // line info in .BTF.ext); the DWARF it also emits is used by
+        // nothing that loads the object, and is 35-40 % of it. Every agent
+        // carries these objects and parses them, so their size is resident
+        // memory: strip it.
+        let path = out.join(format!("{object}.o"));
+        let status = Command::new(&strip)
+            .arg("--strip-debug")
+            .arg(&path)
+            .status()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run {strip} ({e}): the BPF build needs llvm-19 \
+                     (run scripts/setup.sh, or apt-get install llvm-19)"
+                )
+            });
+        assert!(status.success(), "{strip} failed on {}", path.display());
     }
 }

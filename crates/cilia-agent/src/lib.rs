@@ -548,6 +548,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         datapath,
         metrics: agent_metrics.clone(),
         creates: Arc::new(tokio::sync::Semaphore::new(api::create_permits())),
+        reaps: Arc::new(tokio::sync::Semaphore::new(api::create_permits())),
         features,
         state_dir: config.state_dir.display().to_string(),
         bpf_root: config.bpf_root.display().to_string(),

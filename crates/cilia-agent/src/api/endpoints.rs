@@ -137,7 +137,18 @@ pub(super) async fn delete_container(
     let count = gone.len();
     if !gone.is_empty() {
         let state = state.clone();
-        tokio::task::spawn_blocking(move || crate::endpoint::reap(&state.endpoints, gone));
+        tokio::spawn(async move {
+            // Closed only at shutdown: the records stay `deleting` and the
+            // next start finishes them.
+            let Ok(_permit) = state.reaps.clone().acquire_owned().await else {
+                return;
+            };
+            let reaped =
+                tokio::task::spawn_blocking(move || crate::endpoint::reap(&state.endpoints, gone));
+            if let Err(e) = reaped.await {
+                tracing::error!(error = %e, "a background delete panicked; its endpoints stay `deleting` until the next start");
+            }
+        });
     }
     disconnected.map_err(AppError::from)?;
     Ok(Json(count))

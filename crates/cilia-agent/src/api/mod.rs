@@ -68,6 +68,10 @@ pub struct AgentState {
     /// tasks, not as blocking threads): each holds a thread and memory, and
     /// more than a few per CPU finish no sooner (see [`create_permits`]).
     pub creates: Arc<tokio::sync::Semaphore>,
+    /// Background deletes' kernel cleanups running at once (the others
+    /// queue as tasks): a burst of CNI DELs starts no thread per DEL, and
+    /// the RTNL lock they all wait on lets no more than a few progress.
+    pub reaps: Arc<tokio::sync::Semaphore>,
     pub monitor: Arc<crate::monitor::Monitor>,
     pub features: FeatureReport,
     pub state_dir: String,
@@ -611,6 +615,7 @@ mod tests {
             datapath,
             metrics: metrics.clone(),
             creates: Arc::new(tokio::sync::Semaphore::new(1)),
+            reaps: Arc::new(tokio::sync::Semaphore::new(1)),
             monitor: crate::monitor::Monitor::new(16, metrics),
             features: FeatureReport {
                 kernel: "test".into(),

@@ -105,6 +105,11 @@ pub fn start<S: Send + Sync + 'static>(
                 if let Err(e) = dp.prepare_generic() {
                     worker.set_unavailable(e.to_string());
                 }
+                // The generic load's ELF, the kernel's BTF and the
+                // relocation buffers are freed: the last of start-up's
+                // transient memory, handed back now rather than at the
+                // first GC tick (an idle agent's RSS, 2 MiB here).
+                crate::trim_allocator();
             }
             while let Ok(id) = rx.recv() {
                 let Some(owner) = owner.upgrade() else { break };
