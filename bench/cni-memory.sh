@@ -124,6 +124,12 @@ while [ "$done_cycles" -lt "$CYCLES" ]; do
   batch DEL "r${round}x" 1 "$BATCH"
   done_cycles=$((done_cycles + BATCH))
   if [ $((done_cycles % SAMPLE)) -eq 0 ]; then
+    # At a quiet moment: the specializer's queue drained (its loads' ELF
+    # and BTF buffers are transient, ~10 MiB while one is in flight, and
+    # the heap is trimmed when it drains) and the deletes finished.
+    wait_specialized
+    for _ in $(seq 600); do [ "$(endpoints)" = 0 ] && break; sleep 0.1; done
+    sleep 2
     echo "$done_cycles $(rss VmRSS)" >>"$RUN/samples"
   fi
 done

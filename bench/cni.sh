@@ -7,12 +7,13 @@
 # agent's RSS (VmRSS, VmHWM from /proc/<pid>/status) with N endpoints, and
 # the DEL latency (a DEL returns once its endpoint is disconnected) and how
 # long after the last DEL every endpoint's devices, programs and record are
-# gone. Needs root and the release binaries. Prints markdown.
+# gone. Needs root and the release binaries (BIN=… for another build).
+# Prints markdown.
 # AGENT_LOG=file keeps the agent's log (each DEL logs its steps' times).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-100}
-BIN=$PWD/target/release
+BIN=${BIN:-$PWD/target/release}
 P=ccni$$
 RUN=/run/$P
 SOCK=$RUN/cilia.sock
