@@ -94,6 +94,8 @@ settled_rss() {
   echo "$cur"
 }
 RSS_IDLE=$(settled_rss)
+progress() { echo "bench/cni-memory.sh: $*" >&2; } # as it goes: a run cut short still tells what it measured
+progress "idle VmRSS $RSS_IDLE KiB"
 
 # Phase 2: N endpoints, BATCH at a time.
 t0=$(now_s)
@@ -105,12 +107,14 @@ wait_specialized
 T_CREATE=$(($(now_s) - t0))
 sleep 2
 RSS_N=$(rss VmRSS); HWM_N=$(rss VmHWM); READY=$(endpoints)
+progress "$READY endpoints, all specialized, in $T_CREATE s: VmRSS $RSS_N KiB, VmHWM $HWM_N KiB"
 for first in $(seq 1 "$BATCH" "$N"); do
   count=$BATCH; [ $((first + count - 1)) -le "$N" ] || count=$((N - first + 1))
   batch DEL m "$first" "$count"
 done
 sleep 2
 RSS_AFTER_DEL=$(rss VmRSS)
+progress "after deleting them: VmRSS $RSS_AFTER_DEL KiB"
 
 # Phase 3: cycles, BATCH endpoints at a time (ids differ per cycle batch,
 # namespaces reused).
@@ -131,6 +135,7 @@ while [ "$done_cycles" -lt "$CYCLES" ]; do
     for _ in $(seq 600); do [ "$(endpoints)" = 0 ] && break; sleep 0.1; done
     sleep 2
     echo "$done_cycles $(rss VmRSS)" >>"$RUN/samples"
+    progress "cycles $(tail -1 "$RUN/samples") KiB"
   fi
 done
 T_CYCLES=$(($(now_s) - t0))
