@@ -219,8 +219,17 @@ pub fn create_unlocked(
     // Deletes finish in the background (see `reap`): an ADD that finds
     // the pool or the ids exhausted while one is finishing waits for it
     // (bounded), as it would have had the DEL waited itself.
+    let ifname = req.ifname.clone().unwrap_or_else(|| "eth0".into());
     let mut pending = loop {
         let mut m = lock();
+        // A delete in flight may still have its device in this namespace
+        // under this name (a runtime reconnecting a running container):
+        // creating ours now would fail on the name.
+        if asked.elapsed() < REAP_WAIT && m.deleting_device_in(&req.netns, &ifname)? {
+            drop(m);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            continue;
+        }
         match m.begin_create(req.clone()) {
             Err(e) if is_exhausted(&e) && !m.deleting.is_empty() && asked.elapsed() < REAP_WAIT => {
                 drop(m);
@@ -897,6 +906,23 @@ impl EndpointManager {
         self.finish_delete(gone, cleaned)
     }
 
+    /// Whether an endpoint being deleted in the background has its device
+    /// named `ifname` in the network namespace `netns` (compared by the
+    /// namespace's inode: runtimes name one namespace by several paths).
+    fn deleting_device_in(&self, netns: &str, ifname: &str) -> Result<bool, EndpointError> {
+        use std::os::unix::fs::MetadataExt;
+        if self.deleting.is_empty() {
+            return Ok(false);
+        }
+        let inode = |path: &str| std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+        let Some(want) = inode(netns) else {
+            return Ok(false);
+        };
+        Ok(self.store.endpoints()?.iter().any(|r| {
+            self.deleting.contains(&r.id) && r.ifname == ifname && inode(&r.netns) == Some(want)
+        }))
+    }
+
     /// The first step of every delete, under the lock: the endpoint's
     /// addresses are withdrawn (nothing is delivered to it any more), its
     /// namespace is no longer served, and its record says `deleting`, so
@@ -1444,6 +1470,39 @@ mod tests {
     }
 
     #[test]
+    fn a_create_into_the_namespace_of_a_delete_in_flight_waits_for_its_device_to_go() {
+        let h = Harness::new();
+        let mgr = Mutex::new(h.manager());
+        let first = mgr.lock().unwrap().create(request()).unwrap();
+        let (gone, result) = mgr.lock().unwrap().disconnect_matching(|_| true);
+        result.unwrap();
+        assert!(mgr
+            .lock()
+            .unwrap()
+            .deleting_device_in("/proc/self/ns/net", "eth0")
+            .unwrap());
+        // Another name in that namespace, or that name elsewhere: no wait.
+        let m = mgr.lock().unwrap();
+        assert!(!m.deleting_device_in("/proc/self/ns/net", "eth1").unwrap());
+        assert!(!m.deleting_device_in("/proc/self/ns/uts", "eth0").unwrap());
+        drop(m);
+        let reaped = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                reaped.store(true, std::sync::atomic::Ordering::SeqCst);
+                reap(&mgr, gone);
+            });
+            let second = create_unlocked(&mgr, request()).unwrap();
+            assert!(
+                reaped.load(std::sync::atomic::Ordering::SeqCst),
+                "waited for the reap"
+            );
+            assert_ne!(second.id, first.id);
+        });
+    }
+
+    #[test]
     fn restore_finishes_a_delete_a_previous_agent_had_begun() {
         let h = Harness::new();
         let id = {
@@ -1461,7 +1520,7 @@ mod tests {
     }
 
     #[test]
-    fn a_create_for_the_container_of_an_endpoint_being_deleted_is_not_held_up() {
+    fn an_endpoint_being_deleted_is_left_to_its_delete_by_a_create_for_its_container() {
         let h = Harness::new();
         let mgr = Mutex::new(h.manager());
         let req = || EndpointCreate {
