@@ -308,10 +308,13 @@ pub fn reap(manager: &Mutex<EndpointManager>, gone: Vec<Disconnected>) {
     }
 }
 
-/// How long a create that finds no free address or id waits for deletes
-/// being finished in the background: well above one delete's kernel
-/// cleanup (~50 ms here) times the few a burst leaves in flight.
-const REAP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a create waits for deletes being finished in the background
+/// (when it finds no free address or id, or its device's name still taken
+/// in its namespace). A burst of 100 DELs leaves ~100 cleanups of ~50 ms
+/// each queued behind the RTNL lock: 5 s was measured to be too short for
+/// 100 DELs then 100 ADDs into the same namespaces (a debug build); well
+/// under the CNI plugin's 120 s.
+const REAP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn is_exhausted(e: &EndpointError) -> bool {
     matches!(
