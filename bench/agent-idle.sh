@@ -30,18 +30,6 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 need_release_bins bench/agent-idle.sh
 
-rss() { awk '$1 == "VmRSS:" { print $2 }' "/proc/$AGENT_PID/status"; }
-settled_rss() {
-  local prev=-1 cur t0=$SECONDS
-  while :; do
-    cur=$(rss)
-    [ "$cur" = "$prev" ] && break
-    [ $((SECONDS - t0)) -ge "$IDLE_TIMEOUT" ] && break
-    prev=$cur
-    sleep 2
-  done
-  echo "$cur"
-}
 # smaps grouped: "part KiB" lines.
 breakdown() {
   local exe

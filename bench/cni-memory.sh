@@ -43,7 +43,7 @@ need_release_bins bench/cni-memory.sh
 [ "$BATCH" -le "$N" ] || { echo "bench/cni-memory.sh: BATCH ($BATCH) > N ($N)" >&2; exit 1; }
 start_node_agent fd00:c3e::/112 10.206.0.0/16
 for i in $(seq "$N"); do ip netns add "$P-$i"; done
-rss() { awk -v k="$1:" '$1 == k { print $2 }' "/proc/$AGENT_PID/status"; }
+rss() { agent_status_kib "$1"; }
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 now_s() { date +%s; }
 
@@ -77,22 +77,7 @@ wait_specialized() { # bounded: SPECIALIZE_TIMEOUT
   exit 1
 }
 
-# Idle: once the agent's RSS has settled. Right after start it is still
-# loading (and verifying) the shared generic endpoint program, whose
-# parsed object and the kernel's BTF are transient: a reading then is not
-# idle. Settled = unchanged over 2 s; at most IDLE_TIMEOUT s.
-settled_rss() {
-  local prev=-1 cur t0
-  t0=$(now_s)
-  while :; do
-    cur=$(rss VmRSS)
-    [ "$cur" = "$prev" ] && break
-    [ $(($(now_s) - t0)) -ge "${IDLE_TIMEOUT:-60}" ] && break
-    prev=$cur
-    sleep 2
-  done
-  echo "$cur"
-}
+# Idle: once the agent's RSS has settled (see settled_rss).
 RSS_IDLE=$(settled_rss)
 progress() { echo "bench/cni-memory.sh: $*" >&2; } # as it goes: a run cut short still tells what it measured
 progress "idle VmRSS $RSS_IDLE KiB"

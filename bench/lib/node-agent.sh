@@ -28,3 +28,22 @@ start_node_agent() { # IPV6_RANGE IPV4_RANGE: namespace $P-node, log $RUN/agent.
   tail -5 "$RUN/agent.log" >&2
   exit 1
 }
+
+# The agent's /proc status field FIELD (VmRSS, VmHWM) in KiB.
+agent_status_kib() { awk -v k="$1:" '$1 == k { print $2 }' "/proc/$AGENT_PID/status"; }
+
+# The agent's VmRSS once it has settled: unchanged over 2 s, at most
+# IDLE_TIMEOUT (default 60) s. Right after start it is still loading (and
+# verifying) the shared generic endpoint program, whose parsed object and
+# the kernel's BTF are transient: a reading then is not idle.
+settled_rss() {
+  local prev=-1 cur t0=$SECONDS
+  while :; do
+    cur=$(agent_status_kib VmRSS)
+    [ "$cur" = "$prev" ] && break
+    [ $((SECONDS - t0)) -ge "${IDLE_TIMEOUT:-60}" ] && break
+    prev=$cur
+    sleep 2
+  done
+  echo "$cur"
+}
