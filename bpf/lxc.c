@@ -9,6 +9,7 @@
 #include "lib/arp.h"
 #include "lib/config.h"
 #include "lib/decide.h"
+#include "lib/fast.h"
 #include "lib/flow.h"
 #include "lib/forward.h"
 #include "lib/guard.h"
@@ -75,6 +76,14 @@ int cil_from_container(struct __sk_buff *skb)
 		reason = frag_follow(&f);
 	if (reason)
 		return drop(skb, reason, dir);
+
+	/* Fast path: an established flow whose entry caches its delivery
+	 * (fast.h); `rev` is the revision the rest of the way decides at. */
+	__u32 rev = 0;
+
+	reason = fast_established(skb, &f, dir, &rev);
+	if (reason != CILIA_FAST_MISS)
+		return reason;
 
 	/* Load balance: a packet to a service frontend is translated to its
 	 * flow's backend; from here on it is a packet to the backend, and the
@@ -155,10 +164,13 @@ int cil_from_container(struct __sk_buff *skb)
 			reason = lb_hairpin(skb, &f, d.rev_nat);
 		if (reason)
 			return drop_decided(skb, &f, &p, &d, reason, dir);
+		if (dst->endpoint_id)
+			fast_remember(&f, &d, lb.rev_nat, rev, dst->endpoint_id);
 		return deliver_to_endpoint(skb, &f, &p, &d, dst, dir);
 	}
 	if (remote && remote->tunnel_family)
 		return deliver_to_node(skb, &f, &p, &d, remote, dir);
+	fast_remember(&f, &d, lb.rev_nat, rev, 0);
 	return deliver_to_stack(skb, &f, &p, &d, dir);
 }
 

@@ -5,7 +5,8 @@
  * revision they were checked at is current (after any policy change they
  * meet it again, so revoking a policy stops open connections); replies are
  * allowed because the forward direction was. Entries expire by timeout; the
- * agent garbage-collects expired ones.
+ * agent garbage-collects expired ones. Every write of an entry's policy_rev
+ * clears its cached deliveries (CILIA_CT_FAST_*, see fast.h).
  */
 #ifndef CILIA_CONNTRACK_H
 #define CILIA_CONNTRACK_H
@@ -64,7 +65,7 @@ __inline_fn int ct_revoke(struct ct_value *ct, __u32 rev, const struct decision 
 	if (d->match == CILIA_MATCH_NO_MAP)
 		return CILIA_DROP_NO_POLICY;
 	if (ct) {
-		ct->flags |= CILIA_CT_DENIED;
+		ct->flags = (ct->flags | CILIA_CT_DENIED) & ~CILIA_CT_FAST_MASK;
 		ct->policy_rev = rev;
 	}
 	return CILIA_DROP_POLICY;
@@ -261,7 +262,7 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const 
 			if (reply->policy_rev != rev) {
 				if (!reply_still_allowed(f, p, d))
 					return ct_revoke(reply, rev, d);
-				reply->flags &= ~CILIA_CT_DENIED;
+				reply->flags &= ~(CILIA_CT_DENIED | CILIA_CT_FAST_MASK);
 				reply->policy_rev = rev;
 				d->checked = 0; /* a re-check, not a new flow: no verdict event */
 			}
@@ -311,7 +312,7 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const 
 			d->verdict = CILIA_VERDICT_DENY;
 			return ct_revoke(ct, rev, d);
 		}
-		ct->flags &= ~CILIA_CT_DENIED;
+		ct->flags &= ~(CILIA_CT_DENIED | CILIA_CT_FAST_MASK);
 		ct->policy_rev = rev;
 		ct->packets += 1;
 		ct->bytes += skb->len;

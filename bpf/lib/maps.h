@@ -73,6 +73,13 @@ CILIA_SHARED_MAP(cilia_ct, BPF_MAP_TYPE_HASH, CILIA_CT_MAX, struct ct_key, struc
  * create, recounted by the agent's GC (which is what frees budget). */
 CILIA_SHARED_MAP(cilia_ct_count, BPF_MAP_TYPE_ARRAY, CILIA_POLICY_ENDPOINTS_MAX, __u32, __u32);
 
+/* Endpoint id -> its delivery (the value its addresses have in
+ * cilia_endpoints): what a conntrack entry's cached delivery names
+ * (bpf/lib/fast.h). Written with the addresses; trusted only at the
+ * policy revision the cache was written at. */
+CILIA_SHARED_MAP(cilia_endpoint_slots, BPF_MAP_TYPE_ARRAY, CILIA_POLICY_ENDPOINTS_MAX, __u32,
+		 struct endpoint_info);
+
 /* First fragments' ports, for the later fragments of the same datagram. */
 CILIA_SHARED_MAP(cilia_frags, BPF_MAP_TYPE_LRU_HASH, CILIA_FRAG_MAX, struct frag_key,
 		 struct frag_value);

@@ -226,6 +226,13 @@ struct ct_key {
 /* Entry keyed by the client's tuple to a service frontend (never a packet's
  * own flow entry): it pins the flow to ct_value.backend_id. */
 #define CILIA_CT_SERVICE 32
+/* The entry's delivery is cached (see bpf/lib/fast.h): FAST_FWD for its
+ * forward packets from the endpoint that sends them, FAST_REPLY for its
+ * replies; the target is in ct_value.backend_id. Valid only at the entry's
+ * policy_rev: every write of policy_rev clears both. */
+#define CILIA_CT_FAST_FWD   64
+#define CILIA_CT_FAST_REPLY 128
+#define CILIA_CT_FAST_MASK  192 /* FAST_FWD | FAST_REPLY */
 
 struct ct_value {
 	__u64 expires;	  /* cil_now() deadline (CLOCK_MONOTONIC_COARSE) */
@@ -239,7 +246,10 @@ struct ct_value {
 	__be16 proxy_port; /* CILIA_CT_TO_PROXY: the proxy's port; else 0 */
 	__u16 rev_nat;	   /* flow to a service backend: the service's rev-NAT id (replies get
 			    * the frontend as source); else 0 */
-	__u32 backend_id;  /* CILIA_CT_SERVICE entry: the backend the flow is pinned to */
+	__u32 backend_id;  /* CILIA_CT_SERVICE entry: the backend the flow is pinned to;
+			    * any other: the cached deliveries (CILIA_CT_FAST_*), forward
+			    * in the low 16 bits, reply in the high: an endpoint id, 0 the
+			    * node's stack */
 };
 
 /* Fragments: the first fragment of an allowed datagram leaves its ports

@@ -458,7 +458,9 @@ abi_struct! {
         pub proxy_port: u16,
         /// Flow to a service backend: the service's rev-NAT id; else 0.
         pub rev_nat: u16,
-        /// `CILIA_CT_SERVICE` entry: the backend the flow is pinned to.
+        /// `CILIA_CT_SERVICE` entry: the backend the flow is pinned to. Any
+        /// other: its cached deliveries (`CILIA_CT_FAST_*`, see
+        /// `bpf/lib/fast.h`), forward in the low 16 bits, reply in the high.
         pub backend_id: u32,
     }
 

@@ -43,9 +43,9 @@ use crate::keys::{
     ipcache_from_lpm, ipcache_to_lpm, policy_from_lpm, policy_to_lpm, IpcacheData, PolicyData,
 };
 use crate::object::{
-    GLOBAL_CONFIG, LXC_OBJECT, MAP_CONFIG, MAP_CT, MAP_CT_COUNT, MAP_ENDPOINTS, MAP_EVENTS,
-    MAP_IPCACHE, MAP_METRICS, MAP_NODES, MAP_NODE_CONFIG, MAP_POLICY, PROG_FROM_CONTAINER,
-    PROG_TO_CONTAINER, SHARED_MAPS,
+    GLOBAL_CONFIG, LXC_OBJECT, MAP_CONFIG, MAP_CT, MAP_CT_COUNT, MAP_ENDPOINTS, MAP_ENDPOINT_SLOTS,
+    MAP_EVENTS, MAP_IPCACHE, MAP_METRICS, MAP_NODES, MAP_NODE_CONFIG, MAP_POLICY,
+    PROG_FROM_CONTAINER, PROG_TO_CONTAINER, SHARED_MAPS,
 };
 use crate::testrun::TestProgram;
 
@@ -138,6 +138,9 @@ pub struct BpfDatapath {
     policy_of_tries: Mutex<HashOfMaps<MapData, u32, PolicyMap>>,
     ct: Mutex<HashMap<MapData, CtKey, CtValue>>,
     ct_count: Mutex<Array<MapData, u32>>,
+    /// Endpoint id -> its delivery, for conntrack entries' cached
+    /// deliveries (see `bpf/lib/fast.h`).
+    endpoint_slots: Mutex<Array<MapData, EndpointInfo>>,
     /// Live conntrack entries at this handle's last GC (None before one):
     /// what a metrics scrape reports instead of walking the table again.
     ct_live: Mutex<Option<u64>>,
@@ -454,6 +457,7 @@ impl BpfDatapath {
         let policy = take(MAP_POLICY)?;
         let ct = take(MAP_CT)?;
         let ct_count = take(MAP_CT_COUNT)?;
+        let endpoint_slots = take(MAP_ENDPOINT_SLOTS)?;
         let config = take(MAP_CONFIG)?;
         let events = take(MAP_EVENTS)?;
         let nodes = take(MAP_NODES)?;
@@ -487,6 +491,10 @@ impl BpfDatapath {
             ct: Mutex::new(HashMap::try_from(ct).map_err(|e| DatapathError::map(MAP_CT, e))?),
             ct_count: Mutex::new(
                 Array::try_from(ct_count).map_err(|e| DatapathError::map(MAP_CT_COUNT, e))?,
+            ),
+            endpoint_slots: Mutex::new(
+                Array::try_from(endpoint_slots)
+                    .map_err(|e| DatapathError::map(MAP_ENDPOINT_SLOTS, e))?,
             ),
             ct_live: Mutex::new(None),
             config: Mutex::new(
@@ -829,18 +837,25 @@ impl BpfDatapath {
 
     /// Publishes a local endpoint address in the endpoints map.
     pub fn upsert_endpoint(&self, ip: IpAddr, info: EndpointInfo) -> Result<(), DatapathError> {
+        if info.endpoint_id != 0 {
+            lock(&self.endpoint_slots)
+                .set(u32::from(info.endpoint_id), info, 0)
+                .map_err(|e| DatapathError::map(MAP_ENDPOINT_SLOTS, e))?;
+        }
         lock(&self.endpoints)
             .insert(EndpointKey::from_ip(ip), info, 0)
-            .map_err(|e| DatapathError::map(MAP_ENDPOINTS, e))
+            .map_err(|e| DatapathError::map(MAP_ENDPOINTS, e))?;
+        self.bump_policy_revision().map(drop)
     }
 
     /// Withdraws a local endpoint address. Absent entries are not an error.
     pub fn remove_endpoint(&self, ip: IpAddr) -> Result<(), DatapathError> {
         match lock(&self.endpoints).remove(&EndpointKey::from_ip(ip)) {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(DatapathError::map(MAP_ENDPOINTS, e)),
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => return Ok(()),
+            Err(e) => return Err(DatapathError::map(MAP_ENDPOINTS, e)),
         }
+        self.bump_policy_revision().map(drop)
     }
 
     /// Reads the endpoints map back from the kernel.
@@ -1203,7 +1218,10 @@ impl BpfDatapath {
     }
 
     /// Bumps the global policy revision: established flows meet the policy
-    /// again on their next forward packet.
+    /// again on their next forward packet, and conntrack entries' cached
+    /// deliveries (`bpf/lib/fast.h`) stop being trusted. Called after every
+    /// change of what decides a packet's fate or way: policy, the endpoints,
+    /// the ipcache, nodes and services.
     pub fn bump_policy_revision(&self) -> Result<u32, DatapathError> {
         let err = |e| DatapathError::map(MAP_CONFIG, e);
         let mut config = lock(&self.config);
@@ -1211,6 +1229,16 @@ impl BpfDatapath {
         cfg.policy_rev = cfg.policy_rev.wrapping_add(1);
         config.set(0, cfg, 0).map_err(err)?;
         Ok(cfg.policy_rev)
+    }
+
+    /// After a write of a map the datapath reads to decide a packet's fate
+    /// or way (`changed`: something was written): bumps the revision, so
+    /// that no cached delivery outlives the change.
+    pub(crate) fn revised(&self, changed: bool) -> Result<(), DatapathError> {
+        if changed {
+            self.bump_policy_revision()?;
+        }
+        Ok(())
     }
 
     /// Sets the monitor level (CILIA_MONITOR_*): which events the datapath

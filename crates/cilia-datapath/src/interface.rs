@@ -415,12 +415,14 @@ impl Datapath for BpfDatapath {
     fn publish_ipcache(&self, entries: &[IpcacheEntry]) -> Result<(), DatapathError> {
         entries
             .iter()
-            .try_for_each(|e| self.upsert_ipcache_value(e.key(), e.value()))
+            .try_for_each(|e| self.upsert_ipcache_value(e.key(), e.value()))?;
+        self.revised(!entries.is_empty())
     }
     fn withdraw_ipcache(&self, prefixes: &[IpNet]) -> Result<(), DatapathError> {
         prefixes
             .iter()
-            .try_for_each(|p| self.remove_ipcache(IpcacheEntry::key_of(p)))
+            .try_for_each(|p| self.remove_ipcache(IpcacheEntry::key_of(p)))?;
+        self.revised(!prefixes.is_empty())
     }
     fn ipcache(&self) -> Result<Vec<IpcacheEntry>, DatapathError> {
         Ok(self
@@ -452,7 +454,8 @@ impl Datapath for BpfDatapath {
         BpfDatapath::set_ct_budget(self, budget)
     }
     fn set_node_config(&self, config: &NodeConfig) -> Result<(), DatapathError> {
-        BpfDatapath::set_node_config(self, config)
+        BpfDatapath::set_node_config(self, config)?;
+        self.revised(true)
     }
     fn node_config(&self) -> Result<NodeConfig, DatapathError> {
         BpfDatapath::node_config(self)
@@ -479,10 +482,12 @@ impl Datapath for BpfDatapath {
         BpfDatapath::reload_node_programs(self)
     }
     fn publish_nodes(&self, addrs: &[IpAddr]) -> Result<(), DatapathError> {
-        BpfDatapath::publish_nodes(self, addrs)
+        BpfDatapath::publish_nodes(self, addrs)?;
+        self.revised(!addrs.is_empty())
     }
     fn withdraw_nodes(&self, addrs: &[IpAddr]) -> Result<(), DatapathError> {
-        BpfDatapath::withdraw_nodes(self, addrs)
+        BpfDatapath::withdraw_nodes(self, addrs)?;
+        self.revised(!addrs.is_empty())
     }
     fn nodes(&self) -> Result<Vec<IpAddr>, DatapathError> {
         BpfDatapath::nodes(self)
@@ -494,10 +499,12 @@ impl Datapath for BpfDatapath {
         BpfDatapath::remove_lb_backends(self, ids)
     }
     fn upsert_lb_service(&self, service: &LbService) -> Result<(), DatapathError> {
-        BpfDatapath::upsert_lb_service(self, service)
+        BpfDatapath::upsert_lb_service(self, service)?;
+        self.revised(true)
     }
     fn remove_lb_service(&self, frontend: &LbFrontend, rev_nat: u16) -> Result<(), DatapathError> {
-        BpfDatapath::remove_lb_service(self, frontend, rev_nat)
+        BpfDatapath::remove_lb_service(self, frontend, rev_nat)?;
+        self.revised(true)
     }
     fn lb_services(&self) -> Result<Vec<LbService>, DatapathError> {
         BpfDatapath::lb_services(self)
@@ -510,7 +517,8 @@ impl Datapath for BpfDatapath {
         service: &LbService,
         options: NodePortOptions,
     ) -> Result<(), DatapathError> {
-        BpfDatapath::upsert_nodeport_service(self, service, options)
+        BpfDatapath::upsert_nodeport_service(self, service, options)?;
+        self.revised(true)
     }
     fn set_maglev_size(&self, size: u32) -> Result<(), DatapathError> {
         BpfDatapath::set_maglev_size(self, size)

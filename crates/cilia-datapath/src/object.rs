@@ -67,6 +67,9 @@ pub const MAP_POLICY: &str = "cilia_policy";
 pub const MAP_CT: &str = "cilia_ct";
 /// Shared array: endpoint id -> conntrack entries it owns (its budget use).
 pub const MAP_CT_COUNT: &str = "cilia_ct_count";
+/// Shared array: endpoint id -> its delivery, what a conntrack entry's
+/// cached delivery names (`bpf/lib/fast.h`).
+pub const MAP_ENDPOINT_SLOTS: &str = "cilia_endpoint_slots";
 /// Shared LRU hash: ports of fragmented datagrams, for later fragments.
 pub const MAP_FRAGS: &str = "cilia_frags";
 /// Shared one-slot array: global runtime settings (policy revision).
@@ -137,6 +140,11 @@ pub const SHARED_MAPS: &[MapSpec] = &[
         name: MAP_CT_COUNT,
         key_size: 4,
         value_size: 4,
+    },
+    MapSpec {
+        name: MAP_ENDPOINT_SLOTS,
+        key_size: 4,
+        value_size: core::mem::size_of::<cilia_abi::EndpointInfo>() as u32,
     },
     MapSpec {
         name: MAP_FRAGS,

@@ -1210,7 +1210,13 @@ impl EndpointManager {
         }
         self.sweep_policy_maps()?;
         self.top_up_spares();
-        self.policy().regenerate()
+        self.policy().regenerate()?;
+        // Every endpoint program is of this build now. A program of an older
+        // build rewrote conntrack entries' revision without clearing the
+        // deliveries they cache (bpf/lib/fast.h): a new revision makes
+        // every cache written before it untrusted.
+        self.dp().bump_policy_revision()?;
+        Ok(())
     }
 }
 

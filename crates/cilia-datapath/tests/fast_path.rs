@@ -1,0 +1,207 @@
+//! The established-flow fast path (`bpf/lib/fast.h`): a flow's entry
+//! caches its delivery, later packets take one conntrack lookup and are
+//! delivered exactly as the full path would, and every change the full path
+//! would see (policy, endpoints) takes the flow back to it.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use cilia_abi::*;
+use cilia_datapath::packet::*;
+use cilia_datapath::testrun::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
+
+mod common;
+use common::fixture::*;
+use common::*;
+
+/// The conntrack entry whose destination port is `dport` (one per test).
+fn entry(fx: &Fixture, dport: u16) -> CtValue {
+    fx.dp
+        .list_ct()
+        .unwrap()
+        .into_iter()
+        .find(|(k, v)| k.dport == dport.to_be() && v.flags & CILIA_CT_SERVICE == 0)
+        .map(|(_, v)| v)
+        .expect("the flow's conntrack entry")
+}
+
+fn forwarded(fx: &Fixture, reason: u8) -> u64 {
+    fx.dp
+        .metrics()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.kind == CILIA_METRIC_FORWARD && k.reason == reason)
+        .map(|(_, v)| v.packets)
+        .sum()
+}
+
+#[test]
+fn an_established_flow_is_cached_and_delivered_as_the_full_path_does() {
+    privileged!("fast_path_delivers_the_same");
+    cached_and_delivered_the_same(Fixture::new());
+}
+
+#[test]
+fn the_generic_program_takes_the_fast_path_too() {
+    privileged!("fast_path_generic");
+    cached_and_delivered_the_same(Fixture::generic());
+}
+
+fn cached_and_delivered_the_same(mut fx: Fixture) {
+    b_admits_http_from_a(&mut fx);
+    let (a, b) = (fx.a(), fx.b());
+    assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_REDIRECT, "new");
+    assert_eq!(
+        entry(&fx, 80).flags & CILIA_CT_FAST_MASK,
+        0,
+        "a new flow is not cached"
+    );
+    let full = a.run(&a_to_b(80)).unwrap();
+    assert_eq!(full.verdict, TC_ACT_REDIRECT, "established, full path");
+    let ct = entry(&fx, 80);
+    assert_ne!(ct.flags & CILIA_CT_FAST_FWD, 0, "cached once established");
+    assert_eq!(ct.backend_id & 0xffff, u32::from(B_ID), "to B");
+    let fast = a.run(&a_to_b(80)).unwrap();
+    assert_eq!(fast.verdict, TC_ACT_REDIRECT);
+    assert_eq!(fast.packet, full.packet, "same MACs and hop limit");
+    let ct = entry(&fx, 80);
+    assert_eq!(ct.packets, 3, "the fast path counts the flow's packets");
+    assert_eq!(forwarded(&fx, CILIA_FWD_ENDPOINT), 3, "and the node's");
+
+    // The reply direction: cached once the reply was seen, towards A.
+    let full = b.run(&b_to_a(80)).unwrap();
+    assert_eq!(full.verdict, TC_ACT_REDIRECT, "first reply, full path");
+    let ct = entry(&fx, 80);
+    assert_ne!(ct.flags & CILIA_CT_FAST_REPLY, 0);
+    assert_eq!(ct.backend_id >> 16, u32::from(A_ID), "replies to A");
+    let fast = b.run(&b_to_a(80)).unwrap();
+    assert_eq!(fast.verdict, TC_ACT_REDIRECT);
+    assert_eq!(fast.packet, full.packet);
+    assert_eq!(entry(&fx, 80).packets, 3, "replies are not forward packets");
+}
+
+#[test]
+fn a_policy_change_takes_a_cached_flow_back_to_the_policy() {
+    privileged!("fast_path_revoked");
+    let mut fx = Fixture::new();
+    b_admits_http_from_a(&mut fx);
+    let (a, b) = (fx.a(), fx.b());
+    for _ in 0..3 {
+        assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_REDIRECT);
+    }
+    assert_eq!(b.run(&b_to_a(80)).unwrap().verdict, TC_ACT_REDIRECT);
+    assert_ne!(entry(&fx, 80).flags & CILIA_CT_FAST_MASK, 0);
+    set(&mut fx.dp, B_ID, &[enforce(CILIA_DIR_INGRESS)]);
+    fx.dp.bump_policy_revision().unwrap();
+    assert_eq!(b.run(&b_to_a(80)).unwrap().verdict, TC_ACT_SHOT, "reply");
+    assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_SHOT, "forward");
+    let ct = entry(&fx, 80);
+    assert_ne!(ct.flags & CILIA_CT_DENIED, 0);
+    assert_eq!(
+        ct.flags & CILIA_CT_FAST_MASK,
+        0,
+        "a revoked entry keeps no cache"
+    );
+}
+
+#[test]
+fn a_withdrawn_endpoint_is_no_longer_a_cached_target() {
+    privileged!("fast_path_withdrawn_endpoint");
+    let fx = Fixture::new();
+    let a = fx.a();
+    for _ in 0..3 {
+        assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_REDIRECT);
+    }
+    // Withdrawn (as a delete's disconnect does): B's address is only an
+    // ipcache entry now, so the flow goes to the stack, never to B's veth.
+    fx.dp.remove_endpoint(IpAddr::V6(b6())).unwrap();
+    assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_OK);
+    assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_OK);
+}
+
+#[test]
+fn an_expiring_hop_limit_and_monitor_traces_go_the_full_way() {
+    privileged!("fast_path_exceptions");
+    let mut fx = Fixture::new();
+    let mut rb = fx.dp.take_events().unwrap();
+    let a = fx.a();
+    for _ in 0..3 {
+        assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_REDIRECT);
+    }
+    assert_ne!(entry(&fx, 80).flags & CILIA_CT_FAST_FWD, 0);
+    let last_hop = eth(
+        A_NODE_MAC,
+        A_MAC,
+        ETH_P_IPV6,
+        &ipv6(a6(), b6(), IPPROTO_TCP, 1, &tcp(40000, 80, 0x10)),
+    );
+    assert_ne!(a.run(&last_hop).unwrap().verdict, TC_ACT_REDIRECT);
+    assert!(fx.dp.metrics().unwrap().iter().any(|(k, v)| {
+        k.kind == CILIA_METRIC_DROP && k.reason == CILIA_DROP_TTL_EXCEEDED && v.packets == 1
+    }));
+    // Tracing on: every packet is traced, cached flow or not.
+    fx.dp.set_monitor_level(CILIA_MONITOR_TRACE).unwrap();
+    for _ in 0..2 {
+        assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_REDIRECT);
+    }
+    let traces = drain_events(&mut rb)
+        .iter()
+        .filter(|e| e.type_ == CILIA_EVENT_TRACE)
+        .count();
+    assert_eq!(traces, 2);
+}
+
+/// A flow to an address that was nobody's is cached to the stack; when a
+/// local endpoint then gets that address, the flow meets that endpoint's
+/// ingress policy (it was only ever checked against A's egress).
+#[test]
+fn a_flow_cached_to_the_stack_meets_a_new_endpoint_at_its_address() {
+    privileged!("fast_path_new_endpoint_at_flow_address");
+    let fx = Fixture::new();
+    let a = fx.a();
+    let to_world = |ttl| {
+        eth(
+            A_NODE_MAC,
+            A_MAC,
+            ETH_P_IP,
+            &ipv4(a4(), world4(), IPPROTO_UDP, ttl, &udp(5000, 53, b"q")),
+        )
+    };
+    for _ in 0..3 {
+        assert_eq!(a.run(&to_world(64)).unwrap().verdict, TC_ACT_OK);
+    }
+    let ct = entry(&fx, 53);
+    assert_ne!(ct.flags & CILIA_CT_FAST_FWD, 0);
+    assert_eq!(ct.backend_id & 0xffff, 0, "cached to the stack");
+    assert_eq!(forwarded(&fx, CILIA_FWD_STACK), 3);
+
+    const C_ID: u16 = 3;
+    fx.dp
+        .set_policy(
+            C_ID,
+            &[enforce(CILIA_DIR_INGRESS)]
+                .into_iter()
+                .collect::<BTreeMap<_, _>>(),
+        )
+        .unwrap();
+    fx.dp
+        .upsert_endpoint(
+            IpAddr::V4(world4()),
+            EndpointInfo {
+                ifindex: 4003,
+                identity: 1003,
+                endpoint_id: C_ID,
+                flags: 0,
+                mac: [0x0a, 0, 0, 0, 0, 0xc1],
+                node_mac: [0x0a, 0, 0, 0, 0, 0xc2],
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        a.run(&to_world(64)).unwrap().verdict,
+        TC_ACT_SHOT,
+        "C admits nothing"
+    );
+}
