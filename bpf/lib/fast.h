@@ -126,7 +126,9 @@ __inline_fn void fast_remember(const struct flow *f, const struct decision *d, i
 	struct ct_key key = {};
 	struct ct_value *ct;
 
-	if (translated || !fast_candidate(f) || d->rev_nat ||
+	/* One test of all, not a branch each: every branch here would split
+	 * the verifier's states before the delivery that follows. */
+	if ((__u32)translated | f->frag | f->related | f->unloop | d->rev_nat |
 	    (d->ct_flags & (CILIA_CT_TO_PROXY | CILIA_CT_FROM_PROXY)))
 		return;
 	if (d->ct_state == CILIA_CT_STATE_ESTABLISHED) {
