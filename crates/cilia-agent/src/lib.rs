@@ -293,6 +293,8 @@ pub fn trim_allocator() {
     unsafe {
         nix::libc::malloc_trim(0);
     }
+    // The same moments suit the embedded BPF objects, read only by loads.
+    cilia_datapath::object::release_object_pages();
 }
 
 /// How often expired conntrack entries are removed and budgets recounted.

@@ -17,6 +17,39 @@ pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 /// Feature probes and the benchmark baseline (`bpf/probe.c`).
 pub static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe.o"));
 
+/// Hands the embedded objects' pages back to the kernel
+/// (`MADV_PAGEOUT`): they are read only while a program is loaded (the
+/// generic one at start, a specialized one per endpoint), and would
+/// otherwise stay in the agent's resident set for its life, about 0.8 MiB
+/// of an idle agent's 20. Only the pages wholly inside an object are
+/// touched; `MADV_PAGEOUT` never loses contents (clean file pages are read
+/// again on the next load), so a load running meanwhile is unaffected.
+pub fn release_object_pages() {
+    // SAFETY: sysconf has no preconditions.
+    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as usize,
+        _ => return,
+    };
+    for object in [
+        LXC_OBJECT,
+        LXC_GENERIC_OBJECT,
+        OVERLAY_OBJECT,
+        SOCK_OBJECT,
+        XDP_OBJECT,
+        PROBE_OBJECT,
+    ] {
+        let start = (object.as_ptr() as usize).next_multiple_of(page);
+        let end = (object.as_ptr() as usize + object.len()) / page * page;
+        if end > start {
+            // SAFETY: an advice about pages of a static that lives as long
+            // as the process; MADV_PAGEOUT keeps their contents.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_PAGEOUT);
+            }
+        }
+    }
+}
+
 /// tc program on the ingress of an endpoint's host-side veth.
 pub const PROG_FROM_CONTAINER: &str = "cil_from_container";
 /// tc program on the egress of an endpoint's host-side veth.
