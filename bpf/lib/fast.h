@@ -49,6 +49,13 @@ __inline_fn int fast_candidate(const struct flow *f)
 	return f->frag == FLOW_NOT_FRAG && !f->related && !f->unloop;
 }
 
+/* A TCP SYN without ACK opens a connection: nothing to find, and a
+ * connection's setup rate is what the fast path's two misses would cost. */
+__inline_fn int tcp_opening(const struct flow *f)
+{
+	return f->proto == IPPROTO_TCP && (f->tcp_flags & (TCP_FLAG_SYN | 0x10)) == TCP_FLAG_SYN;
+}
+
 /*
  * Delivers a packet of an established flow whose entry caches its delivery.
  * Returns the tc verdict, or CILIA_FAST_MISS (nothing changed: the full path
@@ -68,7 +75,8 @@ __inline_fn int fast_established(struct __sk_buff *skb, const struct flow *f, __
 	 * revision after it changes a map, so a delivery decided from maps
 	 * read after this is cached only if no change came in between. */
 	*rev = cfg ? cfg->policy_rev : 0;
-	if (!cfg || !fast_candidate(f) || event_wanted(cfg->monitor_level, CILIA_EVENT_TRACE))
+	if (!cfg || !fast_candidate(f) || tcp_opening(f) ||
+	    event_wanted(cfg->monitor_level, CILIA_EVENT_TRACE))
 		return CILIA_FAST_MISS;
 	ct_key_of(&key, f);
 	ct = bpf_map_lookup_elem(&cilia_ct, &key);

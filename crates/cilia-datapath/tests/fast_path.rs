@@ -27,6 +27,17 @@ fn entry(fx: &Fixture, dport: u16) -> CtValue {
         .expect("the flow's conntrack entry")
 }
 
+/// A -> B of an established connection (ACK): a SYN never takes the fast
+/// path.
+fn a_to_b_est(dport: u16) -> Vec<u8> {
+    eth(
+        A_NODE_MAC,
+        A_MAC,
+        ETH_P_IPV6,
+        &ipv6(a6(), b6(), IPPROTO_TCP, 64, &tcp(40000, dport, 0x10)),
+    )
+}
+
 fn forwarded(fx: &Fixture, reason: u8) -> u64 {
     fx.dp
         .metrics()
@@ -52,23 +63,31 @@ fn the_generic_program_takes_the_fast_path_too() {
 fn cached_and_delivered_the_same(mut fx: Fixture) {
     b_admits_http_from_a(&mut fx);
     let (a, b) = (fx.a(), fx.b());
-    assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_REDIRECT, "new");
+    assert_eq!(
+        a.run(&a_to_b_est(80)).unwrap().verdict,
+        TC_ACT_REDIRECT,
+        "new"
+    );
     assert_eq!(
         entry(&fx, 80).flags & CILIA_CT_FAST_MASK,
         0,
         "a new flow is not cached"
     );
-    let full = a.run(&a_to_b(80)).unwrap();
+    let full = a.run(&a_to_b_est(80)).unwrap();
     assert_eq!(full.verdict, TC_ACT_REDIRECT, "established, full path");
     let ct = entry(&fx, 80);
     assert_ne!(ct.flags & CILIA_CT_FAST_FWD, 0, "cached once established");
     assert_eq!(ct.backend_id & 0xffff, u32::from(B_ID), "to B");
-    let fast = a.run(&a_to_b(80)).unwrap();
+    let fast = a.run(&a_to_b_est(80)).unwrap();
     assert_eq!(fast.verdict, TC_ACT_REDIRECT);
     assert_eq!(fast.packet, full.packet, "same MACs and hop limit");
     let ct = entry(&fx, 80);
     assert_eq!(ct.packets, 3, "the fast path counts the flow's packets");
-    assert_eq!(forwarded(&fx, CILIA_FWD_ENDPOINT), 3, "and the node's");
+    // A SYN of the same tuple goes the full way, with the same outcome.
+    let syn = a.run(&a_to_b(80)).unwrap();
+    assert_eq!(syn.verdict, TC_ACT_REDIRECT);
+    assert_eq!(entry(&fx, 80).packets, 4);
+    assert_eq!(forwarded(&fx, CILIA_FWD_ENDPOINT), 4, "and the node's");
 
     // The reply direction: cached once the reply was seen, towards A.
     let full = b.run(&b_to_a(80)).unwrap();
@@ -79,7 +98,7 @@ fn cached_and_delivered_the_same(mut fx: Fixture) {
     let fast = b.run(&b_to_a(80)).unwrap();
     assert_eq!(fast.verdict, TC_ACT_REDIRECT);
     assert_eq!(fast.packet, full.packet);
-    assert_eq!(entry(&fx, 80).packets, 3, "replies are not forward packets");
+    assert_eq!(entry(&fx, 80).packets, 4, "replies are not forward packets");
 }
 
 #[test]
@@ -89,14 +108,18 @@ fn a_policy_change_takes_a_cached_flow_back_to_the_policy() {
     b_admits_http_from_a(&mut fx);
     let (a, b) = (fx.a(), fx.b());
     for _ in 0..3 {
-        assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_REDIRECT);
+        assert_eq!(a.run(&a_to_b_est(80)).unwrap().verdict, TC_ACT_REDIRECT);
     }
     assert_eq!(b.run(&b_to_a(80)).unwrap().verdict, TC_ACT_REDIRECT);
     assert_ne!(entry(&fx, 80).flags & CILIA_CT_FAST_MASK, 0);
     set(&mut fx.dp, B_ID, &[enforce(CILIA_DIR_INGRESS)]);
     fx.dp.bump_policy_revision().unwrap();
     assert_eq!(b.run(&b_to_a(80)).unwrap().verdict, TC_ACT_SHOT, "reply");
-    assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_SHOT, "forward");
+    assert_eq!(
+        a.run(&a_to_b_est(80)).unwrap().verdict,
+        TC_ACT_SHOT,
+        "forward"
+    );
     let ct = entry(&fx, 80);
     assert_ne!(ct.flags & CILIA_CT_DENIED, 0);
     assert_eq!(
@@ -112,13 +135,13 @@ fn a_withdrawn_endpoint_is_no_longer_a_cached_target() {
     let fx = Fixture::new();
     let a = fx.a();
     for _ in 0..3 {
-        assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_REDIRECT);
+        assert_eq!(a.run(&a_to_b_est(80)).unwrap().verdict, TC_ACT_REDIRECT);
     }
     // Withdrawn (as a delete's disconnect does): B's address is only an
     // ipcache entry now, so the flow goes to the stack, never to B's veth.
     fx.dp.remove_endpoint(IpAddr::V6(b6())).unwrap();
-    assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_OK);
-    assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_OK);
+    assert_eq!(a.run(&a_to_b_est(80)).unwrap().verdict, TC_ACT_OK);
+    assert_eq!(a.run(&a_to_b_est(80)).unwrap().verdict, TC_ACT_OK);
 }
 
 #[test]
@@ -128,7 +151,7 @@ fn an_expiring_hop_limit_and_monitor_traces_go_the_full_way() {
     let mut rb = fx.dp.take_events().unwrap();
     let a = fx.a();
     for _ in 0..3 {
-        assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_REDIRECT);
+        assert_eq!(a.run(&a_to_b_est(80)).unwrap().verdict, TC_ACT_REDIRECT);
     }
     assert_ne!(entry(&fx, 80).flags & CILIA_CT_FAST_FWD, 0);
     let last_hop = eth(
@@ -144,7 +167,7 @@ fn an_expiring_hop_limit_and_monitor_traces_go_the_full_way() {
     // Tracing on: every packet is traced, cached flow or not.
     fx.dp.set_monitor_level(CILIA_MONITOR_TRACE).unwrap();
     for _ in 0..2 {
-        assert_eq!(a.run(&a_to_b(80)).unwrap().verdict, TC_ACT_REDIRECT);
+        assert_eq!(a.run(&a_to_b_est(80)).unwrap().verdict, TC_ACT_REDIRECT);
     }
     let traces = drain_events(&mut rb)
         .iter()
