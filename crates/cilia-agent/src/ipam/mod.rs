@@ -45,6 +45,12 @@ fn to_u128(ip: IpAddr) -> u128 {
     }
 }
 
+/// Orders addresses of one family numerically (string order would put
+/// 10.0.0.10 below 10.0.0.9).
+pub fn address_order(ip: IpAddr) -> u128 {
+    to_u128(ip)
+}
+
 impl Pool {
     pub fn new(range: IpNet) -> Result<Self, IpamError> {
         let range = range.trunc();
@@ -150,6 +156,32 @@ impl Pool {
             });
         }
         Ok(self.addr_at(candidate))
+    }
+
+    /// The lowest address above `high` (the highest ever handed out from
+    /// this pool) not in `used`: the next never handed out, found without
+    /// the released ones. `None` when `high` is not of this pool or no such
+    /// address is left (the caller falls back to the quarantine).
+    pub fn next_fresh_above(&self, high: IpAddr, used: &BTreeSet<IpAddr>) -> Option<IpAddr> {
+        if !self.range.contains(&high) {
+            return None;
+        }
+        let mut candidate = (self.first() + 2).max(to_u128(high).saturating_add(1));
+        let last = self.last_allocatable();
+        let in_range = used
+            .iter()
+            .filter(|ip| self.range.contains(*ip))
+            .map(|ip| to_u128(*ip));
+        for taken in in_range {
+            if taken < candidate {
+                continue;
+            }
+            if taken > candidate {
+                break;
+            }
+            candidate += 1;
+        }
+        (candidate <= last).then(|| self.addr_at(candidate))
     }
 
     /// The address to hand out next, given the addresses in use and the

@@ -61,6 +61,12 @@ const ENDPOINTS: &str = "cilia/endpoints/";
 const IPAM: &str = "cilia/ipam/allocated/";
 const RELEASED_IPS: &str = "cilia/ipam/released/";
 const RELEASED_IDS: &str = "cilia/endpoint-ids/released/";
+/// The highest endpoint id ever handed out: the next fresh one is above it,
+/// found without listing the released ids (which only grow until ids wrap).
+const HIGH_ID: &str = "cilia/endpoint-ids/high-water";
+/// Per pool (`<prefix>`: its range), the highest address ever handed out:
+/// the same for addresses, whose released keys never wrap in an IPv6 /64.
+const HIGH_IP: &str = "cilia/ipam/high-water/";
 const IDENTITIES: &str = "cilia/identities/";
 const NAMESPACES: &str = "cilia/namespaces/";
 const POLICIES: &str = "cilia/policies/";
@@ -546,9 +552,49 @@ impl Store {
         Ok((used, released))
     }
 
+    /// Endpoint ids in use (from the keys).
+    fn used_endpoint_ids(&self) -> Result<BTreeSet<u16>, StoreError> {
+        self.list(ENDPOINTS)?
+            .iter()
+            .map(|(key, _)| key_number(ENDPOINTS, key))
+            .collect()
+    }
+
+    fn get_decoded<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        match self.kv.get(key)? {
+            Some(kv) => Ok(Some(decode(key, &kv.value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The lowest id above the high-water mark not in use, if the mark is
+    /// recorded and such an id is left.
+    fn fresh_id(&self, used: &BTreeSet<u16>) -> Result<Option<u16>, StoreError> {
+        let Some(high) = self.get_decoded::<u16>(HIGH_ID)? else {
+            return Ok(None);
+        };
+        let mut id = high.checked_add(1);
+        while let Some(candidate) = id.filter(|i| used.contains(i)) {
+            id = candidate.checked_add(1);
+        }
+        Ok(id)
+    }
+
     /// The ids the next `k` creates would get if nothing else changed
     /// (ids are handed out in increasing order, see `next_endpoint_id`).
     pub fn next_endpoint_ids(&self, k: usize) -> Result<Vec<u16>, StoreError> {
+        // Fresh ids above the high-water mark, without listing the
+        // released ones, while there are k of them.
+        let used = self.used_endpoint_ids()?;
+        if let Some(first) = self.fresh_id(&used)? {
+            let ids: Vec<u16> = (first..=u16::MAX)
+                .filter(|i| !used.contains(i))
+                .take(k)
+                .collect();
+            if ids.len() == k {
+                return Ok(ids);
+            }
+        }
         let (mut used_ids, mut quarantined_ids) = self.endpoint_ids()?;
         let mut ids = Vec::with_capacity(k);
         while ids.len() < k {
@@ -571,31 +617,76 @@ impl Store {
         make: impl FnOnce(u16, Ipv6Addr, Option<Ipv4Addr>) -> EndpointRecord,
     ) -> Result<EndpointRecord, StoreError> {
         self.change(|c| {
+            // Fresh ids and addresses come from the high-water marks; the
+            // released ones (which grow with every delete until a pool
+            // wraps, never in an IPv6 /64) are listed only when a mark is
+            // missing (a store of before the marks, a new range) or no
+            // fresh one is left.
             let used: BTreeSet<IpAddr> = self.read_addresses::<u16>(IPAM)?.into_keys().collect();
-            let quarantined: BTreeMap<IpAddr, u64> = self.read_addresses(RELEASED_IPS)?;
-            let (used_ids, quarantined_ids) = self.endpoint_ids()?;
-            let id = crate::ipam::next_endpoint_id(&used_ids, &quarantined_ids)
-                .ok_or(StoreError::IdsExhausted)?;
-            let v6 = match pool6.next_quarantined(&used, &quarantined)? {
+            let used_ids = self.used_endpoint_ids()?;
+            let mut released_ips: Option<BTreeMap<IpAddr, u64>> = None;
+            let (id, seen_high) = match self.fresh_id(&used_ids)? {
+                Some(id) => (id, id),
+                None => {
+                    let (_, quarantined_ids) = self.endpoint_ids()?;
+                    let id = crate::ipam::next_endpoint_id(&used_ids, &quarantined_ids)
+                        .ok_or(StoreError::IdsExhausted)?;
+                    if quarantined_ids.contains_key(&id) {
+                        c.delete(released_id_key(id));
+                    }
+                    // Every id handed out so far is in use or released.
+                    let seen = used_ids.iter().chain(quarantined_ids.keys()).copied();
+                    (id, seen.max().unwrap_or(id).max(id))
+                }
+            };
+            let high_id = self
+                .get_decoded::<u16>(HIGH_ID)?
+                .unwrap_or(0)
+                .max(seen_high);
+            c.put(HIGH_ID.into(), &high_id)?;
+            let mut pick = |pool: &Pool| -> Result<IpAddr, StoreError> {
+                let high_key = format!("{HIGH_IP}{}", pool.range());
+                let high = self.get_decoded::<IpAddr>(&high_key)?;
+                let fresh = high.and_then(|h| pool.next_fresh_above(h, &used));
+                let (ip, new_high) = match fresh {
+                    Some(ip) => (ip, ip),
+                    None => {
+                        if released_ips.is_none() {
+                            released_ips = Some(self.read_addresses(RELEASED_IPS)?);
+                        }
+                        let released = released_ips.as_ref().expect("just read");
+                        let ip = pool.next_quarantined(&used, released)?;
+                        if released.contains_key(&ip) {
+                            c.delete(format!("{RELEASED_IPS}{ip}"));
+                        }
+                        // Without a mark (or of another range): the highest
+                        // address of this pool handed out so far.
+                        let seen_high = used
+                            .iter()
+                            .chain(released.keys())
+                            .chain(high.iter())
+                            .chain([&ip])
+                            .filter(|a| pool.range().contains(*a))
+                            .copied()
+                            .max_by_key(|a| crate::ipam::address_order(*a))
+                            .unwrap_or(ip);
+                        (ip, seen_high)
+                    }
+                };
+                c.put(high_key, &new_high)?;
+                Ok(ip)
+            };
+            let v6 = match pick(pool6)? {
                 IpAddr::V6(v6) => v6,
                 IpAddr::V4(_) => unreachable!("an IPv6 pool yields IPv6 addresses"),
             };
-            let v4 = match pool4
-                .map(|p| p.next_quarantined(&used, &quarantined))
-                .transpose()?
-            {
+            let v4 = match pool4.map(&mut pick).transpose()? {
                 Some(IpAddr::V4(v4)) => Some(v4),
                 Some(IpAddr::V6(_)) => unreachable!("an IPv4 pool yields IPv4 addresses"),
                 None => None,
             };
-            if quarantined_ids.contains_key(&id) {
-                c.delete(released_id_key(id));
-            }
             let mut rec = make(id, v6, v4);
             for ip in rec.ips() {
-                if quarantined.contains_key(&ip) {
-                    c.delete(format!("{RELEASED_IPS}{ip}"));
-                }
                 c.put(format!("{IPAM}{ip}"), &id)?;
             }
             let ns_labels = self.namespace_labels(&rec.namespace)?;
@@ -1566,6 +1657,69 @@ mod tests {
         assert_ne!(c.ipv6, a.ipv6);
         let d = store.create_endpoint(&p6, Some(&p4), record).unwrap();
         assert_eq!(d.ipv6, a.ipv6);
+    }
+
+    #[test]
+    fn fresh_ids_and_addresses_come_from_the_high_water_marks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let p6 = Pool::new("fd00::/120".parse().unwrap()).unwrap();
+        let p4 = Pool::new("10.0.0.0/24".parse().unwrap()).unwrap();
+        let mut last: Option<EndpointRecord> = None;
+        for round in 0..20u16 {
+            let rec = store.create_endpoint(&p6, Some(&p4), record).unwrap();
+            assert_eq!(
+                rec.id,
+                round + 1,
+                "ids never reused while fresh ones are left"
+            );
+            if let Some(prev) = &last {
+                assert!(rec.ipv6 > prev.ipv6 && rec.ipv4 > prev.ipv4);
+            }
+            store.delete_endpoint(&rec).unwrap();
+            last = Some(rec);
+        }
+        assert_eq!(store.get_decoded::<u16>(HIGH_ID).unwrap(), Some(20));
+        assert_eq!(
+            store
+                .get_decoded::<IpAddr>(&format!("{HIGH_IP}{}", p6.range()))
+                .unwrap(),
+            Some(IpAddr::V6(last.as_ref().unwrap().ipv6))
+        );
+        assert_eq!(store.next_endpoint_ids(3).unwrap(), vec![21, 22, 23]);
+    }
+
+    /// A store written before the marks (or a pool whose range changed)
+    /// continues above everything handed out, never with a released one.
+    #[test]
+    fn without_marks_the_next_ones_are_above_everything_handed_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let p6 = Pool::new("fd00::/120".parse().unwrap()).unwrap();
+        let p4 = Pool::new("10.0.0.0/24".parse().unwrap()).unwrap();
+        let recs: Vec<_> = (0..12)
+            .map(|_| store.create_endpoint(&p6, Some(&p4), record).unwrap())
+            .collect();
+        for rec in &recs[..11] {
+            store.delete_endpoint(rec).unwrap();
+        }
+        store
+            .change(|c| {
+                c.delete(HIGH_ID.into());
+                c.delete(format!("{HIGH_IP}{}", p6.range()));
+                c.delete(format!("{HIGH_IP}{}", p4.range()));
+                Ok(())
+            })
+            .unwrap();
+        let next = store.create_endpoint(&p6, Some(&p4), record).unwrap();
+        assert_eq!(next.id, 13);
+        assert!(recs
+            .iter()
+            .all(|r| next.ipv6 > r.ipv6 && next.ipv4 > r.ipv4));
+        assert_eq!(store.get_decoded::<u16>(HIGH_ID).unwrap(), Some(13));
+        let after = store.create_endpoint(&p6, Some(&p4), record).unwrap();
+        assert_eq!(after.id, 14);
+        assert!(after.ipv6 > next.ipv6);
     }
 
     /// Writes `path` in the table layout the agent used before the
