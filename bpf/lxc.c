@@ -69,6 +69,8 @@ int cil_from_container(struct __sk_buff *skb)
 		return drop(skb, reason, dir);
 	if (flow_is_nd(&f))
 		return nd_from_container(skb, &f, dir);
+	if (mld_report_from_container(&f))
+		return absorb(skb, dir);
 
 	/* Guard: its own source address; later fragments follow the first. */
 	reason = from_container_guard(&f);

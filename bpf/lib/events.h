@@ -223,4 +223,17 @@ __inline_fn void count_forward(struct __sk_buff *skb, __u8 reason, __u8 dir)
 	metrics_count(CILIA_METRIC_FORWARD, reason, dir, skb->len);
 }
 
+/*
+ * Link chatter a container's kernel sends when its interface comes up (MLD
+ * reports, DAD probes): the node is its only neighbour and answers it with
+ * the silence the protocol expects. Not a drop, so no drop event: one per
+ * container start would bury the drops that matter. Counted as forward
+ * reason "absorbed".
+ */
+__inline_fn int absorb(struct __sk_buff *skb, __u8 dir)
+{
+	metrics_count(CILIA_METRIC_FORWARD, CILIA_FWD_ABSORBED, dir, skb->len);
+	return TC_ACT_SHOT;
+}
+
 #endif

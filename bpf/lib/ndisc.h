@@ -22,6 +22,10 @@
 
 #define ND_HOP_LIMIT 255 /* RFC 4861: anything less was forwarded */
 
+#define MLD_V1_REPORT 131 /* RFC 2710 */
+#define MLD_V1_DONE   132
+#define MLD_V2_REPORT 143 /* RFC 3810 */
+
 __inline_fn int ipv6_is_link_local(const __u8 *addr)
 {
 	return addr[0] == 0xfe && (addr[1] & 0xc0) == 0x80;
@@ -54,6 +58,27 @@ __inline_fn int ipv6_is_solicited_node(const __u8 *addr, const __u8 *target)
 		return 0;
 	return !target ||
 	       (addr[13] == target[13] && addr[14] == target[14] && addr[15] == target[15]);
+}
+
+/*
+ * An MLD listener report or done message as a host sends it (RFC 2710,
+ * RFC 3810): whole, hop limit 1, to a link-scope group, from the
+ * unspecified address (before its link-local address is ready) or a
+ * link-local one. A container's kernel sends these for its solicited-node
+ * groups when its interface comes up. The node routes no multicast from
+ * endpoints, so nobody listens: they are absorbed. Anything else multicast
+ * meets the guard (and is dropped by name).
+ */
+__inline_fn int mld_report_from_container(const struct flow *f)
+{
+	if (f->family != CILIA_FAMILY_IPV6 || f->proto != IPPROTO_ICMPV6 || !f->l4_off ||
+	    f->frag != FLOW_NOT_FRAG)
+		return 0;
+	if (f->icmp_type != MLD_V1_REPORT && f->icmp_type != MLD_V1_DONE &&
+	    f->icmp_type != MLD_V2_REPORT)
+		return 0;
+	return f->hop_limit == 1 && f->daddr[0] == 0xff && (f->daddr[1] & 0x0f) == 0x02 &&
+	       (ipv6_is_unspecified(f->saddr) || ipv6_is_link_local(f->saddr));
 }
 
 /*
@@ -96,14 +121,20 @@ __inline_fn int nd_from_container_check(const struct flow *f, const __u8 *target
 }
 
 /*
- * ND from the node's stack to the endpoint: only solicitations and
- * advertisements (this program's own answers to the endpoint among them:
- * they come back through here), hop limit 255 (sent on this link, not
+ * ND from the node's stack to the endpoint: its router solicitations are
+ * absorbed; otherwise only solicitations and advertisements (this
+ * program's own answers to the endpoint among them: they come back through
+ * here), hop limit 255 (sent on this link, not
  * forwarded), from a unicast or unspecified source to link-local, the
  * endpoint's own address, all nodes or a solicited-node group.
  */
 __inline_fn int nd_to_container(struct __sk_buff *skb, const struct flow *f, __u8 dir)
 {
+	/* The host side's own router solicitations when the veth comes up:
+	 * an endpoint is no router, silence is the answer. */
+	if (f->icmp_type == NDISC_ROUTER_SOLICITATION && f->hop_limit == ND_HOP_LIMIT &&
+	    ipv6_is_all(f->daddr, 2))
+		return absorb(skb, dir);
 	if (f->icmp_type != NDISC_NEIGHBOUR_SOLICITATION &&
 	    f->icmp_type != NDISC_NEIGHBOUR_ADVERTISEMENT)
 		return drop(skb, CILIA_DROP_UNSUPPORTED_ND, dir);
@@ -145,9 +176,10 @@ __inline_fn int nd_from_container(struct __sk_buff *skb, const struct flow *f, _
 
 	__builtin_memcpy(saddr, f->saddr, 16);
 	__builtin_memcpy(peer_mac, eth->h_source, 6);
-	/* Duplicate address detection (unspecified source): nothing to answer. */
+	/* Duplicate address detection (unspecified source): silence says the
+	 * address is unique, which IPAM and per-endpoint MACs guarantee. */
 	if (!(saddr[0] | saddr[1] | saddr[2] | saddr[3]))
-		return drop(skb, CILIA_DROP_UNSUPPORTED_ND, dir);
+		return absorb(skb, dir);
 	if (cfg_is_own_ipv6(target)) {
 		count_forward(skb, CILIA_FWD_STACK, dir);
 		return TC_ACT_OK;

@@ -66,6 +66,7 @@ struct endpoint_info {
 #define CILIA_FWD_TUNNEL    6 /* to another node through the overlay (VXLAN) */
 #define CILIA_FWD_NATIVE    7 /* to another node over the underlay (native routing) */
 #define CILIA_FWD_XDP	    8 /* NodePort packet sent on by the device's XDP program */
+#define CILIA_FWD_ABSORBED  9 /* link chatter answered with silence (MLD report, DAD probe) */
 
 /* Drop reasons (kind CILIA_METRIC_DROP). Never reuse a number. */
 #define CILIA_DROP_INVALID	     130 /* truncated or malformed packet */

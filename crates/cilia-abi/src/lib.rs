@@ -59,6 +59,7 @@ pub fn reason_name(kind: u8, reason: u8) -> &'static str {
         (CILIA_METRIC_FORWARD, CILIA_FWD_TUNNEL) => "to-overlay",
         (CILIA_METRIC_FORWARD, CILIA_FWD_NATIVE) => "to-node",
         (CILIA_METRIC_FORWARD, CILIA_FWD_XDP) => "xdp-nodeport",
+        (CILIA_METRIC_FORWARD, CILIA_FWD_ABSORBED) => "absorbed",
         (CILIA_METRIC_DROP, CILIA_DROP_INVALID) => "Invalid packet",
         (CILIA_METRIC_DROP, CILIA_DROP_UNSUPPORTED_L3) => "Unsupported L3 protocol",
         (CILIA_METRIC_DROP, CILIA_DROP_SPOOFED_SOURCE) => "Invalid source address",

@@ -157,6 +157,55 @@ fn observe_names_reason_identities_and_policy_of_a_drop() {
     assert!(text.contains("DROPPED (Policy denied)"), "{text}");
 }
 
+/// Packets the datapath counted, by kind ("drop", "forward") and reason.
+fn counted(agent: &TestAgent, kind: &str, reason: Option<&str>) -> u64 {
+    agent
+        .cli_json(&["bpf", "metrics", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["kind"] == kind && reason.is_none_or(|r| m["reason"] == r))
+        .map(|m| m["packets"].as_u64().unwrap())
+        .sum()
+}
+
+/// A container's kernel probes its link-local address (DAD) and reports its
+/// multicast groups (MLD) when its interface comes up: real chatter from
+/// real namespaces, absorbed by the datapath, so a quiet node shows no
+/// drops at all and the flow ring holds nothing for it.
+#[test]
+fn new_endpoints_start_without_a_single_drop() {
+    if !require_privileges("new_endpoints_start_without_a_single_drop") {
+        return;
+    }
+    let agent = TestAgent::start(AgentOptions {
+        ipv4_range: Some("10.200.0.0/24".into()),
+        ..AgentOptions::default()
+    });
+    let namespaces: Vec<Netns> = (0..3).map(|_| Netns::new("cep").unwrap()).collect();
+    for (i, ns) in namespaces.iter().enumerate() {
+        agent.create_endpoint(ns, &format!("app=quiet{i}"));
+    }
+    // The kernel's unsolicited MLDv2 reports repeat within a second (the
+    // default robustness and report interval); DAD sends its probe after
+    // up to a second too. Wait until each endpoint was heard from, and a
+    // little past the last repetition.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counted(&agent, "forward", Some("absorbed")) < namespaces.len() as u64 {
+        assert!(Instant::now() < deadline, "no link chatter absorbed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        counted(&agent, "drop", None),
+        0,
+        "drops on a quiet node: {}",
+        agent.cli_ok(&["bpf", "metrics", "list"])
+    );
+    let dropped = agent.cli_ok(&["observe", "--verdict", "DROPPED", "-o", "json"]);
+    assert!(dropped.trim().is_empty(), "dropped flows: {dropped}");
+}
+
 #[test]
 fn monitor_streams_drops_live() {
     if !require_privileges("monitor_streams_drops_live") {

@@ -571,6 +571,163 @@ fn neighbour_discovery_toward_the_endpoint_is_checked() {
     }
 }
 
+/// An MLDv2 report as a host's kernel sends it: behind a hop-by-hop header
+/// with the router alert option, one record for `group`.
+fn mld_report(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    hop_limit: u8,
+    icmp_type: u8,
+    group: Ipv6Addr,
+) -> Vec<u8> {
+    let mut icmp = vec![icmp_type, 0, 0, 0, 0, 0, 0, 1];
+    icmp.extend_from_slice(&[4, 0, 0, 0]); // CHANGE_TO_EXCLUDE, no sources
+    icmp.extend_from_slice(&group.octets());
+    let csum = icmpv6_checksum(src, dst, &icmp);
+    icmp[2..4].copy_from_slice(&csum.to_be_bytes());
+    // Next header ICMPv6, length 0 (8 bytes), router alert (MLD), PadN.
+    let mut l3 = vec![58, 0, 5, 2, 0, 0, 1, 0];
+    l3.extend_from_slice(&icmp);
+    eth(
+        A_NODE_MAC,
+        A_MAC,
+        ETH_P_IPV6,
+        &ipv6(src, dst, NH_HOP, hop_limit, &l3),
+    )
+}
+
+fn forwards(dp: &cilia_datapath::BpfDatapath, reason: u8) -> u64 {
+    dp.metrics()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.kind == CILIA_METRIC_FORWARD && k.reason == reason)
+        .map(|(_, v)| v.packets)
+        .sum()
+}
+
+fn all_drops(dp: &cilia_datapath::BpfDatapath) -> u64 {
+    dp.metrics()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.kind == CILIA_METRIC_DROP)
+        .map(|(_, v)| v.packets)
+        .sum()
+}
+
+/// What a container's kernel sends when its interface comes up (the DAD
+/// probe of its link-local address, MLD reports for its solicited-node
+/// groups, first from `::`, later from its link-local address), and the
+/// host side's router solicitation toward it, is absorbed:
+/// not passed, not a drop. Anything that only looks like it still meets
+/// the guard and is dropped by name.
+#[test]
+fn link_chatter_of_a_new_endpoint_is_absorbed_not_reported_as_drops() {
+    privileged!("link_chatter_absorbed");
+    let fx = Fixture::new();
+    let a = fx.a();
+    let ll = link_local();
+    let mld_group: Ipv6Addr = "ff02::16".parse().unwrap();
+    let chatter = [
+        (
+            "DAD probe",
+            nd_packet(
+                A_MAC,
+                Ipv6Addr::UNSPECIFIED,
+                solicited_node(ll),
+                255,
+                135,
+                ll,
+            ),
+        ),
+        (
+            "MLDv2 report from ::",
+            mld_report(Ipv6Addr::UNSPECIFIED, mld_group, 1, 143, solicited_node(ll)),
+        ),
+        (
+            "MLDv2 report from link-local",
+            mld_report(ll, mld_group, 1, 143, solicited_node(a6())),
+        ),
+        (
+            "MLDv1 report",
+            mld_report(ll, solicited_node(ll), 1, 131, solicited_node(ll)),
+        ),
+        (
+            "MLDv1 done",
+            mld_report(ll, all_routers(), 1, 132, solicited_node(ll)),
+        ),
+    ];
+    for (what, packet) in &chatter {
+        assert_eq!(verdict(&a, packet), TC_ACT_SHOT, "{what}");
+    }
+    // The host side's own router solicitation when the veth comes up.
+    let to_a = fx.a_to_container();
+    let host_ll: Ipv6Addr = "fe80::1".parse().unwrap();
+    let rs = nd_packet(
+        A_NODE_MAC,
+        host_ll,
+        all_routers(),
+        255,
+        133,
+        Ipv6Addr::UNSPECIFIED,
+    );
+    assert_eq!(verdict(&to_a, &rs), TC_ACT_SHOT, "the node's RS");
+    assert_eq!(all_drops(&fx.dp), 0, "link chatter counted as drops");
+    let absorbed = chatter.len() as u64 + 1;
+    assert_eq!(forwards(&fx.dp, CILIA_FWD_ABSORBED), absorbed);
+    let forwarded_rs = nd_packet(
+        A_NODE_MAC,
+        host_ll,
+        all_routers(),
+        64,
+        133,
+        Ipv6Addr::UNSPECIFIED,
+    );
+    assert_eq!(verdict(&to_a, &forwarded_rs), TC_ACT_SHOT);
+    assert_eq!(
+        drops(&fx.dp, CILIA_DROP_UNSUPPORTED_ND),
+        1,
+        "an RS not from the link"
+    );
+
+    let look_alikes = [
+        (
+            "MLD report with hop limit 2",
+            mld_report(ll, mld_group, 2, 143, solicited_node(ll)),
+            CILIA_DROP_SPOOFED_SOURCE,
+        ),
+        (
+            "MLD report from a global address",
+            mld_report(a6(), mld_group, 1, 143, solicited_node(ll)),
+            CILIA_DROP_MULTICAST,
+        ),
+        (
+            "MLD report from another's address",
+            mld_report(b6(), mld_group, 1, 143, solicited_node(ll)),
+            CILIA_DROP_SPOOFED_SOURCE,
+        ),
+        (
+            "MLD report to a site-scope group",
+            mld_report(ll, "ff05::16".parse().unwrap(), 1, 143, solicited_node(ll)),
+            CILIA_DROP_SPOOFED_SOURCE,
+        ),
+        (
+            "MLD query",
+            mld_report(ll, all_nodes(), 1, 130, Ipv6Addr::UNSPECIFIED),
+            CILIA_DROP_SPOOFED_SOURCE,
+        ),
+    ];
+    for (what, packet, reason) in &look_alikes {
+        let before = drops(&fx.dp, *reason);
+        assert_eq!(verdict(&a, packet), TC_ACT_SHOT, "{what}");
+        assert_eq!(
+            drops(&fx.dp, *reason),
+            before + 1,
+            "{what}: dropped by name"
+        );
+    }
+    assert_eq!(forwards(&fx.dp, CILIA_FWD_ABSORBED), absorbed);
+}
+
 // ---- 5. Source identity of traffic from the stack ----
 
 #[test]
