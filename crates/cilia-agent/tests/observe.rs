@@ -450,7 +450,7 @@ async fn observe_selects_l7_flows_by_type_method_and_path_with_the_other_filters
         endpoints: [(
             1,
             (
-                [("class".to_string(), "deathstar".to_string())].into(),
+                std::sync::Arc::new([("class".to_string(), "deathstar".to_string())].into()),
                 "default".to_string(),
             ),
         )]

@@ -203,7 +203,7 @@ mod tests {
                 endpoint: Some(3),
                 ip: Some("fd00::4".into()),
                 port: Some(40000),
-                labels: [("class".to_string(), "xwing".to_string())].into(),
+                labels: std::sync::Arc::new([("class".to_string(), "xwing".to_string())].into()),
                 namespace: Some("default".into()),
                 ..Default::default()
             },
@@ -211,7 +211,9 @@ mod tests {
                 endpoint: Some(1),
                 ip: Some("fd00::2".into()),
                 port: Some(80),
-                labels: [("class".to_string(), "deathstar".to_string())].into(),
+                labels: std::sync::Arc::new(
+                    [("class".to_string(), "deathstar".to_string())].into(),
+                ),
                 namespace: Some("default".into()),
                 ..Default::default()
             },

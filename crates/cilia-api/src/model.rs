@@ -5,6 +5,7 @@
 //! everywhere, an absent `Option` field reads as `None`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_with::skip_serializing_none;
@@ -683,9 +684,17 @@ pub struct FlowPeer {
     pub ip: Option<String>,
     pub port: Option<u16>,
     pub identity: u32,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
+    /// Shared, not copied: the agent's name snapshot holds one map per
+    /// endpoint, and each flow of the ring (4096 by default) points at it,
+    /// where a copy per flow cost a B-tree node and every string again.
+    #[serde(default, skip_serializing_if = "no_labels")]
+    #[schema(value_type = BTreeMap<String, String>)]
+    pub labels: Arc<BTreeMap<String, String>>,
     pub namespace: Option<String>,
+}
+
+fn no_labels(labels: &Arc<BTreeMap<String, String>>) -> bool {
+    labels.is_empty()
 }
 
 /// A datapath event, decoded and enriched: what `cilia monitor` streams and

@@ -354,7 +354,7 @@ mod tests {
             ip: Some(ip.into()),
             port: Some(port),
             identity,
-            labels: [("class".to_string(), class.to_string())].into(),
+            labels: std::sync::Arc::new([("class".to_string(), class.to_string())].into()),
             namespace: Some("default".into()),
         }
     }

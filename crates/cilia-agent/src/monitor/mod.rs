@@ -257,8 +257,8 @@ impl Drop for ListenerGuard {
 /// one (rule cookies are stable).
 #[derive(Debug, Default, PartialEq)]
 pub struct Names {
-    /// Endpoint id -> (labels, namespace).
-    pub endpoints: HashMap<u16, (BTreeMap<String, String>, String)>,
+    /// Endpoint id -> (labels, namespace); the flows share the labels.
+    pub endpoints: HashMap<u16, (Arc<BTreeMap<String, String>>, String)>,
     /// Address -> endpoint id.
     pub addresses: HashMap<IpAddr, u16>,
     /// Rule names by cookie - 1.
@@ -310,7 +310,9 @@ impl Names {
             for ip in rec.ips() {
                 names.addresses.insert(ip, rec.id);
             }
-            names.endpoints.insert(rec.id, (rec.labels, rec.namespace));
+            names
+                .endpoints
+                .insert(rec.id, (Arc::new(rec.labels), rec.namespace));
         }
         Some(names)
     }
@@ -344,7 +346,7 @@ impl Names {
                 let mut labels = self.identities.get(&identity)?.clone();
                 let ns = labels.remove(crate::store::NAMESPACE_LABEL);
                 labels.retain(|k, _| !k.starts_with(crate::store::NAMESPACE_LABELS_PREFIX));
-                Some((labels, ns))
+                Some((Arc::new(labels), ns))
             })
             .unwrap_or_default();
         FlowPeer {
@@ -788,8 +790,8 @@ mod tests {
 
     /// A deathstar (fd00::2, 10.200.0.2) and a tiefighter (fd00::3) in `default`.
     fn names() -> Names {
-        let labels = |class: &str| -> BTreeMap<String, String> {
-            [("class".to_string(), class.to_string())].into()
+        let labels = |class: &str| -> Arc<BTreeMap<String, String>> {
+            Arc::new([("class".to_string(), class.to_string())].into())
         };
         Names {
             endpoints: [
@@ -1074,6 +1076,39 @@ mod tests {
         assert_eq!(service.id, 7);
         assert_eq!(service.frontend, "[fd00::100]:80/tcp");
         assert_eq!(service.backend, "[fd00::2]:8080");
+    }
+
+    /// Measurement, not a check (`cargo test -p cilia-agent --lib --
+    /// --ignored --test-threads=1 flow_ring_heap`; docs/benchmarks.md): the
+    /// heap a full ring of 4096 labelled policy drops holds, per flow.
+    #[test]
+    #[ignore]
+    fn flow_ring_heap_per_flow() {
+        const N: usize = 4096;
+        let heap = || unsafe { nix::libc::mallinfo2() }.uordblks;
+        let names = names();
+        let m = Monitor::new(N, crate::metrics::AgentMetrics::default());
+        let mut ev = verdict(40000);
+        ev.type_ = CILIA_EVENT_DROP;
+        ev.reason = cilia_abi::CILIA_DROP_POLICY;
+        ev.saddr = "fd00::3".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        ev.daddr = "fd00::2".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        ev.caplen = ev.data.len() as u8;
+        let probe = decode(&ev, &names);
+        assert_eq!(probe.source.labels["class"], "tiefighter");
+        assert_eq!(probe.destination.labels["class"], "deathstar");
+        drop(probe);
+        let before = heap();
+        for i in 0..N {
+            ev.sport = (40000 + i as u16).to_be();
+            m.push(decode(&ev, &names));
+        }
+        let after = heap();
+        assert_eq!(m.buffered(), N);
+        println!(
+            "flow ring: {N} labelled drops, {} bytes of heap per flow",
+            (after - before) / N
+        );
     }
 
     fn zeroed_event() -> Event {
