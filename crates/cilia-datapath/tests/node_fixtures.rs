@@ -11,7 +11,6 @@ use cilia_abi::*;
 use cilia_datapath::object::{PROG_FROM_NETDEV, PROG_FROM_OVERLAY, PROG_TO_OVERLAY};
 use cilia_datapath::packet::*;
 use cilia_datapath::testrun::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
-use cilia_datapath::BpfDatapath;
 
 mod common;
 use common::fixture::*;
@@ -50,15 +49,6 @@ fn fixture(mode: TunnelMode) -> Fixture {
         })
         .unwrap();
     fx
-}
-
-fn counted(dp: &BpfDatapath, kind: u8, reason: u8) -> u64 {
-    dp.metrics()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| k.kind == kind && k.reason == reason)
-        .map(|(_, v)| v.packets)
-        .sum()
 }
 
 fn a_to_remote6(hop: u8) -> Vec<u8> {

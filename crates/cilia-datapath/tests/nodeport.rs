@@ -1220,15 +1220,6 @@ impl XdpNet {
     }
 }
 
-fn counted(dp: &BpfDatapath, kind: u8, reason: u8) -> u64 {
-    dp.metrics()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| k.kind == kind && k.reason == reason)
-        .map(|(_, v)| v.packets)
-        .sum()
-}
-
 fn ttl(pkt: &[u8]) -> u8 {
     if u16::from_be_bytes([pkt[12], pkt[13]]) == ETH_P_IPV6 {
         pkt[21]

@@ -54,13 +54,23 @@ macro_rules! privileged {
 }
 pub(crate) use privileged;
 
-/// Drops the datapath counted for `reason`, over both directions and every
-/// CPU.
-pub fn drops(dp: &cilia_datapath::BpfDatapath, reason: u8) -> u64 {
+/// Packets the datapath counted of `kind` (`CILIA_METRIC_*`) for `reason`
+/// (any reason: `None`), over both directions and every CPU.
+pub fn counted_any(dp: &cilia_datapath::BpfDatapath, kind: u8, reason: Option<u8>) -> u64 {
     dp.metrics()
         .unwrap()
         .iter()
-        .filter(|(k, _)| k.kind == cilia_abi::CILIA_METRIC_DROP && k.reason == reason)
+        .filter(|(k, _)| k.kind == kind && reason.is_none_or(|r| k.reason == r))
         .map(|(_, v)| v.packets)
         .sum()
+}
+
+/// Packets the datapath counted of `kind` for `reason`.
+pub fn counted(dp: &cilia_datapath::BpfDatapath, kind: u8, reason: u8) -> u64 {
+    counted_any(dp, kind, Some(reason))
+}
+
+/// Drops the datapath counted for `reason`.
+pub fn drops(dp: &cilia_datapath::BpfDatapath, reason: u8) -> u64 {
+    counted(dp, cilia_abi::CILIA_METRIC_DROP, reason)
 }
