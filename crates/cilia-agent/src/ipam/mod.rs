@@ -134,22 +134,8 @@ impl Pool {
     /// The lowest free address. Cost grows with the number of addresses in
     /// use below the answer, never with the size of the range.
     pub fn next_free(&self, used: &BTreeSet<IpAddr>) -> Result<IpAddr, IpamError> {
-        let mut candidate = self.first() + 2;
-        let last = self.last_allocatable();
-        let in_range = used
-            .iter()
-            .filter(|ip| self.range.contains(*ip))
-            .map(|ip| to_u128(*ip));
-        for taken in in_range {
-            if taken < candidate {
-                continue;
-            }
-            if taken > candidate {
-                break;
-            }
-            candidate += 1;
-        }
-        if candidate > last {
+        let candidate = self.lowest_free_from(self.first() + 2, used);
+        if candidate > self.last_allocatable() {
             return Err(IpamError::Exhausted {
                 range: self.range,
                 capacity: self.capacity(),
@@ -166,8 +152,16 @@ impl Pool {
         if !self.range.contains(&high) {
             return None;
         }
-        let mut candidate = (self.first() + 2).max(to_u128(high).saturating_add(1));
-        let last = self.last_allocatable();
+        let start = (self.first() + 2).max(to_u128(high).saturating_add(1));
+        let candidate = self.lowest_free_from(start, used);
+        (candidate <= self.last_allocatable()).then(|| self.addr_at(candidate))
+    }
+
+    /// The lowest address from `start` on (as a number) not in `used`; may
+    /// lie past the range's end. Walks the addresses in use in order: its
+    /// cost grows with them, never with the size of the range.
+    fn lowest_free_from(&self, start: u128, used: &BTreeSet<IpAddr>) -> u128 {
+        let mut candidate = start;
         let in_range = used
             .iter()
             .filter(|ip| self.range.contains(*ip))
@@ -181,7 +175,7 @@ impl Pool {
             }
             candidate += 1;
         }
-        (candidate <= last).then(|| self.addr_at(candidate))
+        candidate
     }
 
     /// The address to hand out next, given the addresses in use and the
