@@ -224,11 +224,11 @@ __inline_fn void count_forward(struct __sk_buff *skb, __u8 reason, __u8 dir)
 }
 
 /*
- * Link chatter a container's kernel sends when its interface comes up (MLD
- * reports, DAD probes): the node is its only neighbour and answers it with
- * the silence the protocol expects. Not a drop, so no drop event: one per
- * container start would bury the drops that matter. Counted as forward
- * reason "absorbed".
+ * Link chatter of an interface coming up (the container's MLD reports and
+ * DAD probe, the host side's router solicitation toward it): each end is
+ * the other's only neighbour and the silence is what the protocol expects.
+ * Not a drop, so no drop event: one per container start would bury the
+ * drops that matter. Counted as forward reason "absorbed".
  */
 __inline_fn int absorb(struct __sk_buff *skb, __u8 dir)
 {

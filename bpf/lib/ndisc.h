@@ -124,9 +124,9 @@ __inline_fn int nd_from_container_check(const struct flow *f, const __u8 *target
  * ND from the node's stack to the endpoint: its router solicitations are
  * absorbed; otherwise only solicitations and advertisements (this
  * program's own answers to the endpoint among them: they come back through
- * here), hop limit 255 (sent on this link, not
- * forwarded), from a unicast or unspecified source to link-local, the
- * endpoint's own address, all nodes or a solicited-node group.
+ * here), hop limit 255 (sent on this link, not forwarded), from a unicast
+ * or unspecified source to link-local, the endpoint's own address, all
+ * nodes or a solicited-node group.
  */
 __inline_fn int nd_to_container(struct __sk_buff *skb, const struct flow *f, __u8 dir)
 {

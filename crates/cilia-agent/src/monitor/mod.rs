@@ -1085,6 +1085,7 @@ mod tests {
     #[ignore]
     fn flow_ring_heap_per_flow() {
         const N: usize = 4096;
+        // SAFETY: mallinfo2 only reads the allocator's statistics.
         let heap = || unsafe { nix::libc::mallinfo2() }.uordblks;
         let names = names();
         let m = Monitor::new(N, crate::metrics::AgentMetrics::default());
