@@ -12,6 +12,16 @@
 //! recently released first (FIFO). A new container so never inherits the
 //! conntrack entries, identity caches or peers' flows of the one that just
 //! left, unless the pool is that small.
+//!
+//! The store keeps a high-water mark per pool (and for ids): fresh ones
+//! come from above it. A release is recorded (with its sequence number) only
+//! once the mark has reached the pool's end: before that the order of
+//! releases cannot matter, because nothing released is reused until then.
+//! So an IPv6 /64 that never wraps keeps no record of its releases, and a
+//! pool that did wrap keeps at most one per address. After the wrap, the
+//! addresses released without a record (all released before any recorded
+//! one) come back first, lowest first, then the recorded ones, least
+//! recently released first.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -144,6 +154,17 @@ impl Pool {
         Ok(self.addr_at(candidate))
     }
 
+    /// The last allocatable address (the highest a mark can reach).
+    pub fn last(&self) -> IpAddr {
+        self.addr_at(self.last_allocatable())
+    }
+
+    /// Whether addresses never handed out are left above `high`, a
+    /// high-water mark of this pool: whether the pool has not wrapped yet.
+    pub fn fresh_left_above(&self, high: IpAddr) -> bool {
+        self.range.contains(&high) && to_u128(high) < self.last_allocatable()
+    }
+
     /// The lowest address above `high` (the highest ever handed out from
     /// this pool) not in `used`: the next never handed out, found without
     /// the released ones. `None` when `high` is not of this pool or no such
@@ -209,13 +230,20 @@ impl Pool {
 }
 
 /// The endpoint id to hand out next (ids are 1..=65535): the lowest never
-/// handed out, else the least recently released; `None` when all are used.
-pub fn next_endpoint_id(used: &BTreeSet<u16>, released: &BTreeMap<u16, u64>) -> Option<u16> {
+/// handed out, else one released without a record (before the ids wrapped),
+/// else the least recently released; `None` when all are used. `high` is
+/// the high-water mark, if recorded.
+pub fn next_endpoint_id(
+    used: &BTreeSet<u16>,
+    released: &BTreeMap<u16, u64>,
+    high: Option<u16>,
+) -> Option<u16> {
     // Ids are handed out in increasing order, so the never-used ones are
-    // those above every id in use or released.
+    // those above the mark and every id in use or released.
     let highest = used
         .iter()
         .chain(released.keys())
+        .chain(high.iter())
         .copied()
         .max()
         .unwrap_or(0);
@@ -223,7 +251,8 @@ pub fn next_endpoint_id(used: &BTreeSet<u16>, released: &BTreeMap<u16, u64>) -> 
         return Some(fresh);
     }
     // Every id was handed out once: a hole below the highest that is
-    // neither in use nor quarantined was freed before quarantine existed.
+    // neither in use nor recorded was released before the ids wrapped
+    // (or before quarantine existed), so before every recorded one.
     if let Some(hole) = (1..=u16::MAX).find(|id| !used.contains(id) && !released.contains_key(id)) {
         return Some(hole);
     }
@@ -353,9 +382,9 @@ mod tests {
     fn a_released_endpoint_id_waits_behind_fresh_ids() {
         let used = BTreeSet::from([2u16]);
         let released = BTreeMap::from([(1u16, 1u64)]);
-        assert_eq!(next_endpoint_id(&used, &released), Some(3));
+        assert_eq!(next_endpoint_id(&used, &released, None), Some(3));
         assert_eq!(
-            next_endpoint_id(&BTreeSet::new(), &BTreeMap::new()),
+            next_endpoint_id(&BTreeSet::new(), &BTreeMap::new(), None),
             Some(1)
         );
     }
@@ -364,8 +393,36 @@ mod tests {
     fn once_every_id_was_used_the_least_recently_released_comes_back() {
         let used: BTreeSet<u16> = (1..=u16::MAX).filter(|id| *id != 7 && *id != 9).collect();
         let released = BTreeMap::from([(7u16, 20u64), (9u16, 10u64)]);
-        assert_eq!(next_endpoint_id(&used, &released), Some(9));
+        assert_eq!(next_endpoint_id(&used, &released, None), Some(9));
         let all: BTreeSet<u16> = (1..=u16::MAX).collect();
-        assert_eq!(next_endpoint_id(&all, &BTreeMap::new()), None);
+        assert_eq!(next_endpoint_id(&all, &BTreeMap::new(), None), None);
+    }
+
+    #[test]
+    fn after_the_ids_wrapped_an_unrecorded_release_comes_before_a_recorded_one() {
+        // 3 was released before the wrap (no record), 5 after it.
+        let used: BTreeSet<u16> = (1..=u16::MAX).filter(|id| *id != 3 && *id != 5).collect();
+        let released = BTreeMap::from([(5u16, 1u64)]);
+        assert_eq!(next_endpoint_id(&used, &released, Some(u16::MAX)), Some(3));
+        // Below the mark nothing is fresh, even with nothing in use above.
+        assert_eq!(
+            next_endpoint_id(&BTreeSet::new(), &BTreeMap::new(), Some(40)),
+            Some(41)
+        );
+    }
+
+    #[test]
+    fn a_pool_has_fresh_addresses_until_its_mark_reaches_the_last_one() {
+        let p = pool("10.0.0.0/29"); // .2 to .6
+        assert_eq!(p.last().to_string(), "10.0.0.6");
+        assert!(p.fresh_left_above("10.0.0.5".parse().unwrap()));
+        assert!(!p.fresh_left_above("10.0.0.6".parse().unwrap()));
+        assert!(
+            !p.fresh_left_above("10.0.1.2".parse().unwrap()),
+            "not this pool's mark"
+        );
+        let v6 = pool("fd00::/64");
+        assert!(v6.fresh_left_above("fd00::ffff".parse().unwrap()));
+        assert_eq!(v6.last().to_string(), "fd00::ffff:ffff:ffff:ffff");
     }
 }

@@ -8,8 +8,10 @@
 //! |---|---|
 //! | `cilia/endpoints/<id:05>` | [`EndpointRecord`] |
 //! | `cilia/ipam/allocated/<address>` | owning endpoint id |
-//! | `cilia/ipam/released/<address>` | release sequence number (quarantine, see `ipam`) |
-//! | `cilia/endpoint-ids/released/<id:05>` | release sequence number |
+//! | `cilia/ipam/high-water/<range>` | the highest address the pool ever handed out |
+//! | `cilia/ipam/released/<address>` | release sequence number, once the pool wrapped (quarantine, see `ipam`) |
+//! | `cilia/endpoint-ids/high-water` | the highest endpoint id ever handed out |
+//! | `cilia/endpoint-ids/released/<id:05>` | release sequence number, once the ids wrapped |
 //! | `cilia/identities/<id:010>` | labels of an endpoint identity |
 //! | `cilia/namespaces/<name>` | the namespace's labels |
 //! | `cilia/policies/<kind>/<namespace>/<name>` | [`StoredPolicy`] |
@@ -62,10 +64,12 @@ const IPAM: &str = "cilia/ipam/allocated/";
 const RELEASED_IPS: &str = "cilia/ipam/released/";
 const RELEASED_IDS: &str = "cilia/endpoint-ids/released/";
 /// The highest endpoint id ever handed out: the next fresh one is above it,
-/// found without listing the released ids (which only grow until ids wrap).
+/// found without listing the released ids. Until it reaches the last id,
+/// releases are not recorded (see [`release_needs_record`]).
 const HIGH_ID: &str = "cilia/endpoint-ids/high-water";
 /// Per pool (`<prefix>`: its range), the highest address ever handed out:
-/// the same for addresses, whose released keys never wrap in an IPv6 /64.
+/// the same for addresses. An IPv6 /64 never wraps, so without this rule it
+/// would keep one record per delete ever made.
 const HIGH_IP: &str = "cilia/ipam/high-water/";
 const IDENTITIES: &str = "cilia/identities/";
 const NAMESPACES: &str = "cilia/namespaces/";
@@ -338,6 +342,58 @@ fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError>
     serde_json::from_slice(bytes).map_err(|e| StoreError::Db(format!("{key}: {e}")))
 }
 
+/// Whether the release of `ip` is recorded. The order of releases matters
+/// only once a pool holding the address has wrapped (its mark at its last
+/// address): before, nothing released is handed out again. Without a mark
+/// (a store of before the marks) nothing tells, so it is recorded.
+fn release_needs_record(marks: &[(ipnet::IpNet, IpAddr)], ip: IpAddr) -> bool {
+    let mut holding = marks
+        .iter()
+        .filter(|(range, _)| range.contains(&ip))
+        .peekable();
+    if holding.peek().is_none() {
+        return true;
+    }
+    holding.any(|(range, mark)| Pool::new(*range).map_or(true, |p| !p.fresh_left_above(*mark)))
+}
+
+/// [`release_needs_record`] for endpoint ids, given their mark.
+fn id_release_needs_record(mark: Option<u16>) -> bool {
+    mark.is_none_or(|m| m == u16::MAX)
+}
+
+/// The lowest id above the high-water `mark` not in use, if the mark is
+/// recorded and such an id is left.
+fn fresh_id(mark: Option<u16>, used: &BTreeSet<u16>) -> Option<u16> {
+    let mut id = mark?.checked_add(1);
+    while let Some(candidate) = id.filter(|i| used.contains(i)) {
+        id = candidate.checked_add(1);
+    }
+    id
+}
+
+/// A mark for `pool` when its own is missing because its range changed:
+/// from the marks of the ranges it overlaps. Everything of the pool up to
+/// such a mark may have been handed out (and released without a record); a
+/// mark past the pool's end means all of it may have.
+fn inherited_mark(pool: &Pool, marks: &[(ipnet::IpNet, IpAddr)]) -> Option<IpAddr> {
+    let range = pool.range();
+    let last = crate::ipam::address_order(pool.last());
+    marks
+        .iter()
+        .filter(|(r, _)| r.contains(&range.network()) || range.contains(&r.network()))
+        .filter_map(|(_, mark)| {
+            if range.contains(mark) {
+                Some(*mark)
+            } else if crate::ipam::address_order(*mark) > last {
+                Some(pool.last())
+            } else {
+                None
+            }
+        })
+        .max_by_key(|a| crate::ipam::address_order(*a))
+}
+
 /// The number at the end of `key` (after `prefix`).
 fn key_number<T: std::str::FromStr>(prefix: &str, key: &str) -> Result<T, StoreError> {
     key.strip_prefix(prefix)
@@ -380,12 +436,63 @@ impl Store {
             // Imported (now or by an open cut short before this step).
             legacy::drop_tables(kv.database())?;
         }
-        Ok(Self {
+        let store = Self {
             kv: Box::new(kv),
             writer: Mutex::new(()),
             allocator: RwLock::new(None),
             services_cache: Mutex::new(None),
-        })
+        };
+        let dropped = store.drop_needless_release_records()?;
+        if dropped > 0 {
+            tracing::info!(
+                path = %path.display(),
+                dropped,
+                "release records of pools that have not wrapped dropped"
+            );
+        }
+        Ok(store)
+    }
+
+    /// Drops the release records [`release_needs_record`] does not ask for:
+    /// agents before that rule wrote one per delete, and they were never read
+    /// while their pool had fresh addresses left. Returns how many.
+    fn drop_needless_release_records(&self) -> Result<usize, StoreError> {
+        let mut keys = Vec::new();
+        if !id_release_needs_record(self.get_decoded::<u16>(HIGH_ID)?) {
+            keys.extend(self.list(RELEASED_IDS)?.into_iter().map(|(key, _)| key));
+        }
+        let marks = self.address_marks()?;
+        for (key, _) in self.list(RELEASED_IPS)? {
+            let ip: IpAddr = key_number(RELEASED_IPS, &key)?;
+            if !release_needs_record(&marks, ip) {
+                keys.push(key);
+            }
+        }
+        let dropped = keys.len();
+        if dropped > 0 {
+            self.change(|c| {
+                for key in keys {
+                    c.delete(key);
+                }
+                Ok(())
+            })?;
+        }
+        Ok(dropped)
+    }
+
+    /// The address pools' high-water marks: (range, mark).
+    fn address_marks(&self) -> Result<Vec<(ipnet::IpNet, IpAddr)>, StoreError> {
+        let mut out = Vec::new();
+        for (key, value) in self.list(HIGH_IP)? {
+            let range = key
+                .strip_prefix(HIGH_IP)
+                .and_then(|r| r.parse().ok())
+                .ok_or_else(|| {
+                    StoreError::Db(format!("{key}: the key does not end in an address range"))
+                })?;
+            out.push((range, decode(&key, &value)?));
+        }
+        Ok(out)
     }
 
     /// The kvstore's revision: one more per committed change.
@@ -567,26 +674,14 @@ impl Store {
         }
     }
 
-    /// The lowest id above the high-water mark not in use, if the mark is
-    /// recorded and such an id is left.
-    fn fresh_id(&self, used: &BTreeSet<u16>) -> Result<Option<u16>, StoreError> {
-        let Some(high) = self.get_decoded::<u16>(HIGH_ID)? else {
-            return Ok(None);
-        };
-        let mut id = high.checked_add(1);
-        while let Some(candidate) = id.filter(|i| used.contains(i)) {
-            id = candidate.checked_add(1);
-        }
-        Ok(id)
-    }
-
     /// The ids the next `k` creates would get if nothing else changed
     /// (ids are handed out in increasing order, see `next_endpoint_id`).
     pub fn next_endpoint_ids(&self, k: usize) -> Result<Vec<u16>, StoreError> {
         // Fresh ids above the high-water mark, without listing the
         // released ones, while there are k of them.
         let used = self.used_endpoint_ids()?;
-        if let Some(first) = self.fresh_id(&used)? {
+        let mark = self.get_decoded::<u16>(HIGH_ID)?;
+        if let Some(first) = fresh_id(mark, &used) {
             let ids: Vec<u16> = (first..=u16::MAX)
                 .filter(|i| !used.contains(i))
                 .take(k)
@@ -598,7 +693,7 @@ impl Store {
         let (mut used_ids, mut quarantined_ids) = self.endpoint_ids()?;
         let mut ids = Vec::with_capacity(k);
         while ids.len() < k {
-            let Some(id) = crate::ipam::next_endpoint_id(&used_ids, &quarantined_ids) else {
+            let Some(id) = crate::ipam::next_endpoint_id(&used_ids, &quarantined_ids, mark) else {
                 break;
             };
             quarantined_ids.remove(&id);
@@ -618,18 +713,18 @@ impl Store {
     ) -> Result<EndpointRecord, StoreError> {
         self.change(|c| {
             // Fresh ids and addresses come from the high-water marks; the
-            // released ones (which grow with every delete until a pool
-            // wraps, never in an IPv6 /64) are listed only when a mark is
-            // missing (a store of before the marks, a new range) or no
-            // fresh one is left.
+            // release records (kept only once a pool wrapped) are listed
+            // only when a mark is missing (a store of before the marks, a
+            // new range) or no fresh one is left.
             let used: BTreeSet<IpAddr> = self.read_addresses::<u16>(IPAM)?.into_keys().collect();
             let used_ids = self.used_endpoint_ids()?;
             let mut released_ips: Option<BTreeMap<IpAddr, u64>> = None;
-            let (id, seen_high) = match self.fresh_id(&used_ids)? {
+            let id_mark = self.get_decoded::<u16>(HIGH_ID)?;
+            let (id, seen_high) = match fresh_id(id_mark, &used_ids) {
                 Some(id) => (id, id),
                 None => {
                     let (_, quarantined_ids) = self.endpoint_ids()?;
-                    let id = crate::ipam::next_endpoint_id(&used_ids, &quarantined_ids)
+                    let id = crate::ipam::next_endpoint_id(&used_ids, &quarantined_ids, id_mark)
                         .ok_or(StoreError::IdsExhausted)?;
                     if quarantined_ids.contains_key(&id) {
                         c.delete(released_id_key(id));
@@ -639,14 +734,13 @@ impl Store {
                     (id, seen.max().unwrap_or(id).max(id))
                 }
             };
-            let high_id = self
-                .get_decoded::<u16>(HIGH_ID)?
-                .unwrap_or(0)
-                .max(seen_high);
-            c.put(HIGH_ID.into(), &high_id)?;
+            c.put(HIGH_ID.into(), &id_mark.unwrap_or(0).max(seen_high))?;
             let mut pick = |pool: &Pool| -> Result<IpAddr, StoreError> {
                 let high_key = format!("{HIGH_IP}{}", pool.range());
-                let high = self.get_decoded::<IpAddr>(&high_key)?;
+                let high = match self.get_decoded::<IpAddr>(&high_key)? {
+                    Some(high) => Some(high),
+                    None => inherited_mark(pool, &self.address_marks()?),
+                };
                 let fresh = high.and_then(|h| pool.next_fresh_above(h, &used));
                 let (ip, new_high) = match fresh {
                     Some(ip) => (ip, ip),
@@ -721,13 +815,18 @@ impl Store {
             let mut endpoints = self.read_endpoints()?;
             if endpoints.remove(&rec.id).is_some() {
                 c.delete(endpoint_key(rec.id));
-                c.put(released_id_key(rec.id), &seq)?;
+                if id_release_needs_record(self.get_decoded::<u16>(HIGH_ID)?) {
+                    c.put(released_id_key(rec.id), &seq)?;
+                }
             }
+            let marks = self.address_marks()?;
             for ip in rec.ips() {
                 let key = format!("{IPAM}{ip}");
                 if self.kv.get(&key)?.is_some() {
                     c.delete(key);
-                    c.put(format!("{RELEASED_IPS}{ip}"), &seq)?;
+                    if release_needs_record(&marks, ip) {
+                        c.put(format!("{RELEASED_IPS}{ip}"), &seq)?;
+                    }
                 }
             }
             let mut identities = self.read_identities()?;
@@ -1700,9 +1799,6 @@ mod tests {
         let recs: Vec<_> = (0..12)
             .map(|_| store.create_endpoint(&p6, Some(&p4), record).unwrap())
             .collect();
-        for rec in &recs[..11] {
-            store.delete_endpoint(rec).unwrap();
-        }
         store
             .change(|c| {
                 c.delete(HIGH_ID.into());
@@ -1711,6 +1807,11 @@ mod tests {
                 Ok(())
             })
             .unwrap();
+        // Without marks every release is recorded, as before the marks.
+        for rec in &recs[..11] {
+            store.delete_endpoint(rec).unwrap();
+        }
+        assert_eq!(store.list(RELEASED_IDS).unwrap().len(), 11);
         let next = store.create_endpoint(&p6, Some(&p4), record).unwrap();
         assert_eq!(next.id, 13);
         assert!(recs
@@ -1720,6 +1821,140 @@ mod tests {
         let after = store.create_endpoint(&p6, Some(&p4), record).unwrap();
         assert_eq!(after.id, 14);
         assert!(after.ipv6 > next.ipv6);
+    }
+
+    #[test]
+    fn a_pool_that_has_not_wrapped_keeps_no_release_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let p6 = Pool::new("fd00::/64".parse().unwrap()).unwrap();
+        let p4 = Pool::new("10.0.0.0/16".parse().unwrap()).unwrap();
+        let mut last: Option<EndpointRecord> = None;
+        for _ in 0..50 {
+            let rec = store.create_endpoint(&p6, Some(&p4), record).unwrap();
+            if let Some(prev) = &last {
+                assert!(rec.id > prev.id && rec.ipv6 > prev.ipv6 && rec.ipv4 > prev.ipv4);
+            }
+            store.delete_endpoint(&rec).unwrap();
+            last = Some(rec);
+        }
+        assert!(store.list(RELEASED_IPS).unwrap().is_empty());
+        assert!(store.list(RELEASED_IDS).unwrap().is_empty());
+    }
+
+    /// Six addresses: ::2 is released before the pool wraps (no record),
+    /// ::5 and then ::3 after it. They come back in that order.
+    #[test]
+    fn releases_before_a_wrap_come_back_first_then_recorded_ones_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let p6 = Pool::new("fd00::/125".parse().unwrap()).unwrap();
+        let addr = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        {
+            let store = Store::open(&path).unwrap();
+            let e: Vec<_> = (0..3)
+                .map(|_| store.create_endpoint(&p6, None, record).unwrap())
+                .collect();
+            store.delete_endpoint(&e[0]).unwrap();
+            assert!(store.list(RELEASED_IPS).unwrap().is_empty());
+            let f: Vec<_> = (0..3)
+                .map(|_| store.create_endpoint(&p6, None, record).unwrap())
+                .collect();
+            assert_eq!(f[2].ipv6, addr("fd00::7"), "the mark is at the end");
+            store.delete_endpoint(&f[0]).unwrap();
+            store.delete_endpoint(&e[1]).unwrap();
+            assert_eq!(store.list(RELEASED_IPS).unwrap().len(), 2);
+        }
+        let store = Store::open(&path).unwrap();
+        let got: Vec<_> = (0..3)
+            .map(|_| store.create_endpoint(&p6, None, record).unwrap().ipv6)
+            .collect();
+        assert_eq!(got, vec![addr("fd00::2"), addr("fd00::5"), addr("fd00::3")]);
+        let err = store.create_endpoint(&p6, None, record).unwrap_err();
+        assert!(err.to_string().contains("exhausted"), "{err}");
+    }
+
+    /// An agent before the rule recorded every release; the records of a
+    /// pool that has not wrapped go on open, those of one that has stay.
+    #[test]
+    fn needless_release_records_of_older_agents_are_dropped_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let big = Pool::new("fd00::/64".parse().unwrap()).unwrap();
+        let small = Pool::new("10.0.0.0/30".parse().unwrap()).unwrap(); // .2 only
+        {
+            let store = Store::open(&path).unwrap();
+            for _ in 0..3 {
+                let rec = store.create_endpoint(&big, Some(&small), record).unwrap();
+                store.delete_endpoint(&rec).unwrap();
+            }
+            store
+                .change(|c| {
+                    for i in 2..5u16 {
+                        c.put(format!("{RELEASED_IPS}fd00::{i:x}"), &u64::from(i))?;
+                        c.put(released_id_key(i - 1), &u64::from(i))?;
+                    }
+                    Ok(())
+                })
+                .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let left: Vec<String> = store
+            .list(RELEASED_IPS)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(left, vec![format!("{RELEASED_IPS}10.0.0.2")]);
+        assert!(store.list(RELEASED_IDS).unwrap().is_empty());
+        assert_eq!(store.drop_needless_release_records().unwrap(), 0);
+    }
+
+    /// A pool whose range changed (here grew) continues above what the old
+    /// range handed out: those releases were not recorded.
+    #[test]
+    fn a_changed_range_continues_above_the_marks_of_the_ranges_it_overlaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let old = Pool::new("fd00::/120".parse().unwrap()).unwrap();
+        let mut handed = Vec::new();
+        for _ in 0..5 {
+            let rec = store.create_endpoint(&old, None, record).unwrap();
+            store.delete_endpoint(&rec).unwrap();
+            handed.push(rec.ipv6);
+        }
+        let grown = Pool::new("fd00::/112".parse().unwrap()).unwrap();
+        let next = store.create_endpoint(&grown, None, record).unwrap();
+        assert!(handed.iter().all(|a| next.ipv6 > *a), "{next:?}");
+        let shrunk = Pool::new("fd00::/125".parse().unwrap()).unwrap(); // ::2..::7
+        let got = store.create_endpoint(&shrunk, None, record);
+        // Everything of it was handed out under the old range: only the
+        // addresses released without a record are left, lowest first.
+        assert_eq!(got.unwrap().ipv6, "fd00::2".parse::<Ipv6Addr>().unwrap());
+    }
+
+    /// Measures what 10,000 create/delete cycles leave in the store, on the
+    /// default pools' shapes. Run by hand:
+    /// `cargo test -p cilia-agent --release store_growth -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn store_growth_over_create_delete_cycles() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store = Store::open(&path).unwrap();
+        let p6 = Pool::new("fd00::/64".parse().unwrap()).unwrap();
+        let p4 = Pool::new("10.0.0.0/16".parse().unwrap()).unwrap();
+        println!("cycles  release-records  file-bytes");
+        for cycle in 1..=10_000u32 {
+            let rec = store.create_endpoint(&p6, Some(&p4), record).unwrap();
+            store.delete_endpoint(&rec).unwrap();
+            if cycle % 1000 == 0 {
+                let records = store.list(RELEASED_IPS).unwrap().len()
+                    + store.list(RELEASED_IDS).unwrap().len();
+                let bytes = std::fs::metadata(&path).unwrap().len();
+                println!("{cycle:>6}  {records:>15}  {bytes:>10}");
+            }
+        }
     }
 
     /// Writes `path` in the table layout the agent used before the
