@@ -59,6 +59,16 @@ pub use services::{ServiceChange, ServicesChange, StoredServices};
 /// per request; a miss costs a `pread` served by the kernel's page cache.
 const CACHE_BYTES: usize = 2 << 20;
 
+/// The kvstore's watch history for the agent's own state. Nothing watches
+/// it (the cluster's state is another store, `cluster`), so only the last
+/// revision's events are kept: the default (10,000 revisions, 64 MiB) kept
+/// events nobody reads, 24.6 MB of `state.redb` after 5,000 endpoint
+/// create/delete cycles, and every commit pruned the oldest of them.
+const HISTORY: cilia_kvstore::History = cilia_kvstore::History {
+    revisions: 1,
+    bytes: 0,
+};
+
 const ENDPOINTS: &str = "cilia/endpoints/";
 const IPAM: &str = "cilia/ipam/allocated/";
 const RELEASED_IPS: &str = "cilia/ipam/released/";
@@ -403,6 +413,12 @@ fn key_number<T: std::str::FromStr>(prefix: &str, key: &str) -> Result<T, StoreE
 
 impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with(path, HISTORY)
+    }
+
+    /// [`Self::open`] keeping `history` (a measurement compares the
+    /// kvstore's default).
+    fn open_with(path: &Path, history: cilia_kvstore::History) -> Result<Self, StoreError> {
         let open_err = |reason: String| StoreError::Open {
             path: path.display().to_string(),
             reason,
@@ -412,8 +428,7 @@ impl Store {
             .create(path)
             .map_err(|e| open_err(e.to_string()))?;
         let legacy = legacy::read(&db)?;
-        let kv = RedbStore::from_database(db, cilia_kvstore::History::default())
-            .map_err(|e| open_err(e.to_string()))?;
+        let kv = RedbStore::from_database(db, history).map_err(|e| open_err(e.to_string()))?;
         match kv.get(LAYOUT)? {
             None => {
                 let mut ops = legacy.clone().unwrap_or_default();
@@ -1934,25 +1949,35 @@ mod tests {
     }
 
     /// Measures what 10,000 create/delete cycles leave in the store, on the
-    /// default pools' shapes. Run by hand:
+    /// default pools' shapes, with the agent's history and, as the baseline
+    /// in the same run, the kvstore's default. Run by hand:
     /// `cargo test -p cilia-agent --release store_growth -- --ignored --nocapture`.
     #[test]
     #[ignore = "a measurement, not a check"]
     fn store_growth_over_create_delete_cycles() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.redb");
-        let store = Store::open(&path).unwrap();
-        let p6 = Pool::new("fd00::/64".parse().unwrap()).unwrap();
-        let p4 = Pool::new("10.0.0.0/16".parse().unwrap()).unwrap();
-        println!("cycles  release-records  file-bytes");
-        for cycle in 1..=10_000u32 {
-            let rec = store.create_endpoint(&p6, Some(&p4), record).unwrap();
-            store.delete_endpoint(&rec).unwrap();
-            if cycle % 1000 == 0 {
-                let records = store.list(RELEASED_IPS).unwrap().len()
-                    + store.list(RELEASED_IDS).unwrap().len();
-                let bytes = std::fs::metadata(&path).unwrap().len();
-                println!("{cycle:>6}  {records:>15}  {bytes:>10}");
+        let runs = [
+            ("kvstore default history", cilia_kvstore::History::default()),
+            ("agent's history", HISTORY),
+        ];
+        for (name, history) in runs {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("s.redb");
+            let store = Store::open_with(&path, history).unwrap();
+            let p6 = Pool::new("fd00::/64".parse().unwrap()).unwrap();
+            let p4 = Pool::new("10.0.0.0/16".parse().unwrap()).unwrap();
+            println!("{name}:\ncycles  release-records  file-bytes  ms-per-1000");
+            let mut t = std::time::Instant::now();
+            for cycle in 1..=10_000u32 {
+                let rec = store.create_endpoint(&p6, Some(&p4), record).unwrap();
+                store.delete_endpoint(&rec).unwrap();
+                if cycle % 1000 == 0 {
+                    let ms = t.elapsed().as_millis();
+                    let records = store.list(RELEASED_IPS).unwrap().len()
+                        + store.list(RELEASED_IDS).unwrap().len();
+                    let bytes = std::fs::metadata(&path).unwrap().len();
+                    println!("{cycle:>6}  {records:>15}  {bytes:>10}  {ms:>11}");
+                    t = std::time::Instant::now();
+                }
             }
         }
     }
