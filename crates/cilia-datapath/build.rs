@@ -15,6 +15,7 @@ const PROGRAMS: &[(&str, &str, &[&str])] = &[
     ("probe", "probe", &[]),
     ("sock", "sock", &[]),
     ("xdp", "xdp", &[]),
+    ("floor", "floor", &[]),
 ];
 
 fn multiarch_include() -> Option<PathBuf> {

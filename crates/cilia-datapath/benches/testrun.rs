@@ -17,6 +17,7 @@ use cilia_abi::{
     LbBackendState, LbFrontend, LbService, PolicyEntry, Verdict, CILIA_MONITOR_DROPS,
     CILIA_MONITOR_OFF, CILIA_MONITOR_TRACE,
 };
+use cilia_datapath::object;
 use cilia_datapath::packet::*;
 use cilia_datapath::testrun::{TestProgram, TC_ACT_SHOT};
 use cilia_datapath::BpfDatapath;
@@ -258,6 +259,25 @@ fn main() {
         let ns = measure(&endpoint, pkt);
         println!("{name}\t{ns:.1}\t{:.2}", ns / baseline);
     }
+    // The floor under the fast path (bpf/floor.c): the least a program must
+    // do to deliver the IPv4 UDP packet above, without and with one lookup,
+    // beside cilia's program on the same packet.
+    println!();
+    println!("floor, IPv4 UDP to local endpoint\tns/packet\tratio-to-empty");
+    for (name, prog) in [
+        ("parse, deliver, no lookup", object::PROG_FLOOR_PARSE),
+        (
+            "+ one lookup, 40-byte key (cilia's)",
+            object::PROG_FLOOR_CT40,
+        ),
+        ("+ one lookup, 16-byte IPv4 key", object::PROG_FLOOR_CT16),
+    ] {
+        let floor = TestProgram::floor(prog).expect("load floor program");
+        let ns = measure(&floor, &v4);
+        println!("{name}\t{ns:.1}\t{:.2}", ns / baseline);
+    }
+    let ns = measure(&endpoint, &v4);
+    println!("cilia (the same packet)\t{ns:.1}\t{:.2}", ns / baseline);
     // Services: the peer is the one backend of a frontend on TCP/80; an
     // established (pinned) flow pays the service lookup, the pin, the
     // backend lookup and the rewrite on top of the redirect.

@@ -16,6 +16,8 @@ pub static SOCK_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp.o"));
 /// Feature probes and the benchmark baseline (`bpf/probe.c`).
 pub static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe.o"));
+/// Benchmark floors (`bpf/floor.c`): only the testrun bench loads them.
+pub static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/floor.o"));
 
 /// Hands the embedded objects' pages back to the kernel
 /// (`MADV_PAGEOUT`): they are read only while a program is loaded (the
@@ -77,6 +79,11 @@ pub const PROG_EMPTY: &str = "probe_empty";
 pub const PROG_PROBE_REDIRECT_PEER: &str = "probe_redirect_peer";
 /// XDP probe.
 pub const PROG_PROBE_XDP: &str = "probe_xdp";
+/// Benchmark floors (`bpf/floor.c`): parse and deliver without a lookup,
+/// with one lookup of the 40-byte conntrack key, of a 16-byte IPv4 key.
+pub const PROG_FLOOR_PARSE: &str = "floor_parse";
+pub const PROG_FLOOR_CT40: &str = "floor_ct40";
+pub const PROG_FLOOR_CT16: &str = "floor_ct16";
 
 /// Global in `.rodata` of `xdp.c`: `{CILIA_XDP_MAGIC, CILIA_XDP_* flags}`.
 pub const GLOBAL_XDP_FEATURES: &str = "CILIA_XDP_FEATURES";

@@ -8,7 +8,7 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use aya::{Ebpf, EbpfLoader};
 
 use crate::error::DatapathError;
-use crate::object::{PROBE_OBJECT, PROG_EMPTY};
+use crate::object::{FLOOR_OBJECT, PROBE_OBJECT, PROG_EMPTY};
 
 /// tc verdicts, as returned by the program.
 pub const TC_ACT_OK: u32 = 0;
@@ -54,6 +54,19 @@ impl TestProgram {
         prog.load()
             .map_err(|e| DatapathError::program(PROG_EMPTY, e))?;
         Ok(Self::new(ebpf, PROG_EMPTY))
+    }
+
+    /// One of the benchmark floors of `bpf/floor.c` (`object::PROG_FLOOR_*`):
+    /// the least a program must do to deliver an established IPv4 flow.
+    pub fn floor(name: &'static str) -> Result<Self, DatapathError> {
+        let mut ebpf = EbpfLoader::new().load(FLOOR_OBJECT)?;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram(name))?
+            .try_into()
+            .map_err(|e| DatapathError::program(name, e))?;
+        prog.load().map_err(|e| DatapathError::program(name, e))?;
+        Ok(Self::new(ebpf, name))
     }
 
     fn prog(&self) -> Result<&SchedClassifier, DatapathError> {

@@ -311,3 +311,24 @@ fn the_empty_baseline_program_loads_and_passes() {
     let empty = TestProgram::empty().unwrap();
     assert_eq!(empty.run(&udp6(a6(), b6(), 64)).unwrap().verdict, TC_ACT_OK);
 }
+
+/// The bench's floors (bpf/floor.c) load, and deliver what they claim to:
+/// the first packet of a flow creates its entry, the next is redirected
+/// with the TTL and MACs rewritten. Else the bench would time another path.
+#[test]
+fn the_benchmark_floors_load_and_deliver_an_established_flow() {
+    privileged!("benchmark_floors");
+    use cilia_datapath::object::{PROG_FLOOR_CT16, PROG_FLOOR_CT40, PROG_FLOOR_PARSE};
+    for name in [PROG_FLOOR_PARSE, PROG_FLOOR_CT40, PROG_FLOOR_CT16] {
+        let floor = TestProgram::floor(name).unwrap();
+        let pkt = udp4(a4(), b4(), 64);
+        let first = floor.run(&pkt).unwrap();
+        if name != PROG_FLOOR_PARSE {
+            assert_eq!(first.verdict, TC_ACT_OK, "{name}: the first packet creates");
+        }
+        let out = floor.run(&pkt).unwrap();
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "{name}");
+        assert_eq!(out.packet[14 + 8], 63, "{name}: the TTL");
+        assert_eq!(&out.packet[..6], &[0x0a, 0, 0, 0, 0, 1], "{name}: the MAC");
+    }
+}

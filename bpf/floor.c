@@ -1,0 +1,116 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Benchmark floors, not part of the datapath: the least a tc program must do
+ * to deliver a packet of an established IPv4 flow to a local endpoint, so the
+ * testrun bench can say how far the endpoint program's fast path is from it
+ * (docs/benchmarks.md, "The floor under the fast path"). No guard, no policy
+ * revision, no metrics, no event code: parse Ethernet, IPv4 and the ports,
+ * look the flow up, refresh its deadline and counters, rewrite the MACs and
+ * the TTL, bpf_redirect_peer. The first run of a flow creates its entry.
+ *
+ *   floor_parse  the same without the lookup (the entry's work on a stack copy)
+ *   floor_ct40   one hash lookup with the conntrack key of bpf/lib (40 bytes)
+ *   floor_ct16   one hash lookup with an IPv4-only key (16 bytes)
+ */
+#include "lib/common.h"
+
+struct floor_key16 {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct ct_key);
+	__type(value, struct ct_value);
+} floor_ct40_map SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct floor_key16);
+	__type(value, struct ct_value);
+} floor_ct16_map SEC(".maps");
+
+/* The delivery an entry would name: the peer's ifindex and MACs. */
+#define FLOOR_IFINDEX 4242
+static const __u8 floor_mac[ETH_ALEN] = {0x0a, 0, 0, 0, 0, 1};
+static const __u8 floor_node_mac[ETH_ALEN] = {0x0a, 0, 0, 0, 0, 2};
+
+enum floor_kind { FLOOR_PARSE, FLOOR_CT40, FLOOR_CT16 };
+
+static __always_inline int floor_run(struct __sk_buff *skb, enum floor_kind kind)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = (void *)(eth + 1);
+	__be16 *ports = (void *)(ip + 1);
+	struct ct_value fresh = {.packets = 1}, scratch = {}, *ct = &scratch;
+	__u32 check;
+
+	if ((void *)(ports + 2) > data_end || eth->h_proto != bpf_htons(ETH_P_IP) || ip->ihl != 5)
+		return TC_ACT_OK;
+	if (kind == FLOOR_CT40) {
+		struct ct_key key = {.sport = ports[0], .dport = ports[1], .proto = ip->protocol};
+
+		__builtin_memcpy(key.saddr, &ip->saddr, 4);
+		__builtin_memcpy(key.daddr, &ip->daddr, 4);
+		ct = bpf_map_lookup_elem(&floor_ct40_map, &key);
+		if (!ct) {
+			bpf_map_update_elem(&floor_ct40_map, &key, &fresh, BPF_NOEXIST);
+			return TC_ACT_OK;
+		}
+	} else if (kind == FLOOR_CT16) {
+		struct floor_key16 key = {
+		    .saddr = ip->saddr,
+		    .daddr = ip->daddr,
+		    .sport = ports[0],
+		    .dport = ports[1],
+		    .proto = ip->protocol,
+		};
+
+		ct = bpf_map_lookup_elem(&floor_ct16_map, &key);
+		if (!ct) {
+			bpf_map_update_elem(&floor_ct16_map, &key, &fresh, BPF_NOEXIST);
+			return TC_ACT_OK;
+		}
+	}
+	ct->expires = cil_now() + 60 * NSEC_PER_SEC;
+	ct->packets += 1;
+	ct->bytes += skb->len;
+	if (ip->ttl <= 1)
+		return TC_ACT_OK;
+	check = ip->check;
+	check += bpf_htons(0x0100);
+	ip->check = (__u16)(check + (check >= 0xffff));
+	ip->ttl--;
+	__builtin_memcpy(eth->h_dest, floor_mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, floor_node_mac, ETH_ALEN);
+	return bpf_redirect_peer(FLOOR_IFINDEX, 0);
+}
+
+SEC("classifier")
+int floor_parse(struct __sk_buff *skb)
+{
+	return floor_run(skb, FLOOR_PARSE);
+}
+
+SEC("classifier")
+int floor_ct40(struct __sk_buff *skb)
+{
+	return floor_run(skb, FLOOR_CT40);
+}
+
+SEC("classifier")
+int floor_ct16(struct __sk_buff *skb)
+{
+	return floor_run(skb, FLOOR_CT16);
+}
+
+char LICENSE[] SEC("license") = "GPL";
