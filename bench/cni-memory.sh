@@ -10,7 +10,8 @@
 #      at a time (BATCH ADDs at once, then their DELs), VmRSS sampled every
 #      SAMPLE cycles (default 1000); the least-squares slope of RSS over the
 #      cycles after the first sample, in KiB per 1000 cycles (goal: no
-#      growth, i.e. within the noise of a few pages).
+#      growth, i.e. within the noise of a few pages), and the size of the
+#      agent's state file at each sample.
 # Bounded: every plugin run under `timeout`, the whole cycle phase under
 # MAX_SECONDS (default 2400; the cycles done are reported). Every process is
 # tracked by PID, every namespace is the bench's own and removed on exit.
@@ -119,7 +120,7 @@ while [ "$done_cycles" -lt "$CYCLES" ]; do
     wait_specialized
     for _ in $(seq 600); do [ "$(endpoints)" = 0 ] && break; sleep 0.1; done
     sleep 2
-    echo "$done_cycles $(rss VmRSS)" >>"$RUN/samples"
+    echo "$done_cycles $(rss VmRSS) $(stat -c %s "$RUN/state/state.redb")" >>"$RUN/samples"
     progress "cycles $(tail -1 "$RUN/samples") KiB"
   fi
 done
@@ -136,13 +137,13 @@ echo "| after deleting them | $(mib "$RSS_AFTER_DEL") | |"
 echo
 echo "$done_cycles create/delete cycles in $T_CYCLES s ($LEFT endpoints left); VmRSS every $SAMPLE cycles:"
 echo
-echo "| cycles | VmRSS (MiB) |"
-echo "|---|---|"
-while read -r c k; do echo "| $c | $(mib "$k") |"; done <"$RUN/samples"
+echo "| cycles | VmRSS (MiB) | state.redb (MB) |"
+echo "|---|---|---|"
+while read -r c k b; do echo "| $c | $(mib "$k") | $(awk -v b="$b" 'BEGIN { printf "%.1f", b / 1e6 }') |"; done <"$RUN/samples"
 echo
 python3 - "$RUN/samples" <<'EOF'
 import sys
-pts = [tuple(map(float, l.split())) for l in open(sys.argv[1]) if l.strip()][1:]
+pts = [tuple(map(float, l.split()[:2])) for l in open(sys.argv[1]) if l.strip()][1:]
 if len(pts) < 2:
     print("slope: too few samples after the first (need CYCLES >= 3 * SAMPLE)")
 else:
