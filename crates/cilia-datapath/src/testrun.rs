@@ -45,21 +45,18 @@ impl TestProgram {
 
     /// The empty program (returns TC_ACT_OK): the benchmark baseline.
     pub fn empty() -> Result<Self, DatapathError> {
-        let mut ebpf = EbpfLoader::new().load(PROBE_OBJECT)?;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(PROG_EMPTY)
-            .ok_or(DatapathError::MissingProgram(PROG_EMPTY))?
-            .try_into()
-            .map_err(|e| DatapathError::program(PROG_EMPTY, e))?;
-        prog.load()
-            .map_err(|e| DatapathError::program(PROG_EMPTY, e))?;
-        Ok(Self::new(ebpf, PROG_EMPTY))
+        Self::load_one(PROBE_OBJECT, PROG_EMPTY)
     }
 
     /// One of the benchmark floors of `bpf/floor.c` (`object::PROG_FLOOR_*`):
     /// the least a program must do to deliver an established IPv4 flow.
     pub fn floor(name: &'static str) -> Result<Self, DatapathError> {
-        let mut ebpf = EbpfLoader::new().load(FLOOR_OBJECT)?;
+        Self::load_one(FLOOR_OBJECT, name)
+    }
+
+    /// Loads program `name` of `object` alone (no configuration, no pins).
+    fn load_one(object: &[u8], name: &'static str) -> Result<Self, DatapathError> {
+        let mut ebpf = EbpfLoader::new().load(object)?;
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or(DatapathError::MissingProgram(name))?
