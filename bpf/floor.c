@@ -11,6 +11,19 @@
  *   floor_parse  the same without the lookup (the entry's work on a stack copy)
  *   floor_ct40   one hash lookup with the conntrack key of bpf/lib (40 bytes)
  *   floor_ct16   one hash lookup with an IPv4-only key (16 bytes)
+ *
+ * And the least a *new* flow must cost (every run a flow of its own):
+ *
+ *   floor_new_ct      a conntrack miss, then the entry's insert, then the
+ *                     delivery: no identity, no policy
+ *   floor_new_policy  the same with one ipcache LPM lookup (the peer's
+ *                     identity) and one policy LPM lookup of the full key
+ *                     (identity, direction, protocol, port) between miss and
+ *                     insert; a flow nothing allows is dropped there (the
+ *                     policy-drop floor: no insert, no delivery)
+ *
+ * The bench seeds floor_ipcache_map and floor_policy_map and empties
+ * floor_new_ct_map between rounds (TestProgram::new_flow_floor).
  */
 #include "lib/common.h"
 
@@ -36,6 +49,30 @@ struct {
 	__type(key, struct floor_key16);
 	__type(value, struct ct_value);
 } floor_ct16_map SEC(".maps");
+
+/* Sized like a small node's conntrack: 20,000 new flows per bench round. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct ct_key);
+	__type(value, struct ct_value);
+} floor_new_ct_map SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 16);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct ipcache_key);
+	__type(value, struct ipcache_value);
+} floor_ipcache_map SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 16);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct policy_key);
+	__type(value, struct policy_value);
+} floor_policy_map SEC(".maps");
 
 /* The delivery an entry would name: the peer's ifindex and MACs. */
 #define FLOOR_IFINDEX 4242
@@ -93,6 +130,76 @@ static __always_inline int floor_run(struct __sk_buff *skb, enum floor_kind kind
 	__builtin_memcpy(eth->h_dest, floor_mac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, floor_node_mac, ETH_ALEN);
 	return bpf_redirect_peer(FLOOR_IFINDEX, 0);
+}
+
+/* identity + direction + protocol + port, as bpf/lib/policy.h looks it up */
+#define FLOOR_POLICY_FULL_PREFIX 64
+
+static __always_inline int floor_new(struct __sk_buff *skb, int with_policy)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = (void *)(eth + 1);
+	__be16 *ports = (void *)(ip + 1);
+	struct ct_value fresh = {.packets = 1};
+	struct ct_key key = {};
+	__u32 check;
+
+	if ((void *)(ports + 2) > data_end || eth->h_proto != bpf_htons(ETH_P_IP) || ip->ihl != 5)
+		return TC_ACT_OK;
+	key.sport = ports[0];
+	key.dport = ports[1];
+	key.proto = ip->protocol;
+	__builtin_memcpy(key.saddr, &ip->saddr, 4);
+	__builtin_memcpy(key.daddr, &ip->daddr, 4);
+	/* An established flow is not what these floors time. */
+	if (bpf_map_lookup_elem(&floor_new_ct_map, &key))
+		return TC_ACT_OK;
+	if (with_policy) {
+		struct ipcache_key ik = {.prefixlen = 32 + 32, .family = CILIA_FAMILY_IPV4};
+		struct ipcache_value *peer;
+		struct policy_key pk = {
+		    .prefixlen = FLOOR_POLICY_FULL_PREFIX,
+		    .direction = CILIA_DIR_EGRESS,
+		    .proto = ip->protocol,
+		    .dport = ports[1],
+		};
+		struct policy_value *verdict;
+
+		__builtin_memcpy(ik.addr, &ip->daddr, 4);
+		peer = bpf_map_lookup_elem(&floor_ipcache_map, &ik);
+		fresh.dst_identity = peer ? peer->identity : CILIA_ID_WORLD;
+		pk.identity = bpf_htonl(fresh.dst_identity);
+		verdict = bpf_map_lookup_elem(&floor_policy_map, &pk);
+		if (!verdict || verdict->verdict != CILIA_VERDICT_ALLOW)
+			return TC_ACT_SHOT;
+	}
+	fresh.expires = cil_now() + 60 * NSEC_PER_SEC;
+	fresh.bytes = skb->len;
+	if (bpf_map_update_elem(&floor_new_ct_map, &key, &fresh, BPF_NOEXIST) < 0)
+		return TC_ACT_SHOT;
+	if (ip->ttl <= 1)
+		return TC_ACT_OK;
+	check = ip->check;
+	check += bpf_htons(0x0100);
+	ip->check = (__u16)(check + (check >= 0xffff));
+	ip->ttl--;
+	__builtin_memcpy(eth->h_dest, floor_mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, floor_node_mac, ETH_ALEN);
+	return bpf_redirect_peer(FLOOR_IFINDEX, 0);
+}
+
+SEC("classifier")
+int floor_new_ct(struct __sk_buff *skb)
+{
+	return floor_new(skb, 0);
+}
+
+SEC("classifier")
+int floor_new_policy(struct __sk_buff *skb)
+{
+	return floor_new(skb, 1);
 }
 
 SEC("classifier")

@@ -369,6 +369,7 @@ fn main() {
         ),
         ("IPv4 UDP new flow, allowed", false, 53),
         ("IPv6 UDP new flow, policy drop", true, 54),
+        ("IPv4 UDP new flow, policy drop", false, 54),
     ] {
         let packet = |i: usize| {
             let l4 = udp(port(i), dport, &payload);
@@ -384,6 +385,44 @@ fn main() {
             }
         };
         let ns = measure_new(&endpoint, packet, reset, dport != 53);
+        println!("{name}\t{ns:.1}\t{:.2}", ns / baseline);
+    }
+    // The floors under a new flow (bpf/floor.c), on the IPv4 packets above:
+    // the conntrack miss, insert and delivery alone, then with the one
+    // ipcache and one policy lookup a verdict needs at least; the policy
+    // drop is the latter on a port nothing allows.
+    println!();
+    println!("floor, IPv4 UDP new flow\tns/packet\tratio-to-empty");
+    let packet4 = |dport: u16| {
+        move |i: usize| {
+            let l4 = udp(port(i), dport, &payload);
+            eth(node_mac, mac, ETH_P_IP, &ipv4(a4, b4, IPPROTO_UDP, 64, &l4))
+        }
+    };
+    for (name, prog, dport) in [
+        (
+            "miss, insert, deliver (no identity, no policy)",
+            object::PROG_FLOOR_NEW_CT,
+            53,
+        ),
+        (
+            "+ one ipcache and one policy lookup",
+            object::PROG_FLOOR_NEW_POLICY,
+            53,
+        ),
+        (
+            "policy drop: miss, ipcache and policy lookup",
+            object::PROG_FLOOR_NEW_POLICY,
+            54,
+        ),
+    ] {
+        let floor = TestProgram::new_flow_floor(prog, b4, &allow_dns).expect("load floor program");
+        let reset_floor = || {
+            floor
+                .clear_conntrack()
+                .expect("empty the floor's conntrack");
+        };
+        let ns = measure_new(&floor, packet4(dport), reset_floor, dport != 53);
         println!("{name}\t{ns:.1}\t{:.2}", ns / baseline);
     }
     dp.set_endpoint_policy(1, &EndpointPolicy::default())

@@ -80,10 +80,14 @@ pub const PROG_PROBE_REDIRECT_PEER: &str = "probe_redirect_peer";
 /// XDP probe.
 pub const PROG_PROBE_XDP: &str = "probe_xdp";
 /// Benchmark floors (`bpf/floor.c`): parse and deliver without a lookup,
-/// with one lookup of the 40-byte conntrack key, of a 16-byte IPv4 key.
+/// with one lookup of the 40-byte conntrack key, of a 16-byte IPv4 key;
+/// a new flow's miss, insert and delivery without and with one ipcache and
+/// one policy lookup (`TestProgram::new_flow_floor`).
 pub const PROG_FLOOR_PARSE: &str = "floor_parse";
 pub const PROG_FLOOR_CT40: &str = "floor_ct40";
 pub const PROG_FLOOR_CT16: &str = "floor_ct16";
+pub const PROG_FLOOR_NEW_CT: &str = "floor_new_ct";
+pub const PROG_FLOOR_NEW_POLICY: &str = "floor_new_policy";
 
 /// Global in `.rodata` of `xdp.c`: `{CILIA_XDP_MAGIC, CILIA_XDP_* flags}`.
 pub const GLOBAL_XDP_FEATURES: &str = "CILIA_XDP_FEATURES";

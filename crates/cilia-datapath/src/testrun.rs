@@ -2,13 +2,23 @@
 //! and returns the verdict and the packet as the program left it. Used by the
 //! datapath fixtures (tests) and by the benchmarks.
 
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Mutex;
 use std::time::Duration;
 
+use aya::maps::{HashMap, LpmTrie, MapData};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use aya::{Ebpf, EbpfLoader};
+use cilia_abi::{CtKey, CtValue, IpcacheKey, IpcacheValue, PolicyEntry, PolicyValue};
 
 use crate::error::DatapathError;
+use crate::keys::{ipcache_to_lpm, policy_to_lpm, IpcacheData, PolicyData};
 use crate::object::{FLOOR_OBJECT, PROBE_OBJECT, PROG_EMPTY};
+
+/// The new-flow floors' maps in `bpf/floor.c`.
+const FLOOR_NEW_CT: &str = "floor_new_ct_map";
+const FLOOR_IPCACHE: &str = "floor_ipcache_map";
+const FLOOR_POLICY: &str = "floor_policy_map";
 
 /// tc verdicts, as returned by the program.
 pub const TC_ACT_OK: u32 = 0;
@@ -36,11 +46,17 @@ const SKB_MARK_OFFSET: usize = 8;
 pub struct TestProgram {
     ebpf: Ebpf,
     name: &'static str,
+    /// A new-flow floor's conntrack, emptied between bench rounds.
+    conntrack: Option<Mutex<HashMap<MapData, CtKey, CtValue>>>,
 }
 
 impl TestProgram {
     pub(crate) fn new(ebpf: Ebpf, name: &'static str) -> Self {
-        Self { ebpf, name }
+        Self {
+            ebpf,
+            name,
+            conntrack: None,
+        }
     }
 
     /// The empty program (returns TC_ACT_OK): the benchmark baseline.
@@ -52,6 +68,68 @@ impl TestProgram {
     /// the least a program must do to deliver an established IPv4 flow.
     pub fn floor(name: &'static str) -> Result<Self, DatapathError> {
         Self::load_one(FLOOR_OBJECT, name)
+    }
+
+    /// A new-flow floor of `bpf/floor.c` (`object::PROG_FLOOR_NEW_*`), its
+    /// maps seeded: `peer`/32 in its ipcache with the identity of `allow`,
+    /// and `allow` in its policy (the same entry the endpoint program's
+    /// bench policy holds; the floor looks up the full key only, so `allow`
+    /// should name a protocol and a single port). Its conntrack starts
+    /// empty; [`Self::clear_conntrack`] empties it again.
+    pub fn new_flow_floor(
+        name: &'static str,
+        peer: Ipv4Addr,
+        allow: &PolicyEntry,
+    ) -> Result<Self, DatapathError> {
+        let mut program = Self::load_one(FLOOR_OBJECT, name)?;
+        let take = |ebpf: &mut Ebpf, map: &'static str| {
+            ebpf.take_map(map).ok_or(DatapathError::MissingMap(map))
+        };
+        let mut ipcache: LpmTrie<MapData, IpcacheData, IpcacheValue> =
+            LpmTrie::try_from(take(&mut program.ebpf, FLOOR_IPCACHE)?)
+                .map_err(|e| DatapathError::map(FLOOR_IPCACHE, e))?;
+        let peer_value = IpcacheValue {
+            identity: allow.identity,
+            ..Default::default()
+        };
+        ipcache
+            .insert(
+                &ipcache_to_lpm(&IpcacheKey::new(IpAddr::V4(peer), 32)),
+                peer_value,
+                0,
+            )
+            .map_err(|e| DatapathError::map(FLOOR_IPCACHE, e))?;
+        let mut policy: LpmTrie<MapData, PolicyData, PolicyValue> =
+            LpmTrie::try_from(take(&mut program.ebpf, FLOOR_POLICY)?)
+                .map_err(|e| DatapathError::map(FLOOR_POLICY, e))?;
+        policy
+            .insert(&policy_to_lpm(&allow.key()), allow.value(), 0)
+            .map_err(|e| DatapathError::map(FLOOR_POLICY, e))?;
+        let conntrack = HashMap::try_from(take(&mut program.ebpf, FLOOR_NEW_CT)?)
+            .map_err(|e| DatapathError::map(FLOOR_NEW_CT, e))?;
+        program.conntrack = Some(Mutex::new(conntrack));
+        Ok(program)
+    }
+
+    /// Empties a new-flow floor's conntrack (a no-op for other programs);
+    /// returns how many entries it held.
+    pub fn clear_conntrack(&self) -> Result<usize, DatapathError> {
+        let Some(conntrack) = &self.conntrack else {
+            return Ok(0);
+        };
+        let mut conntrack = conntrack
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let keys: Vec<CtKey> = conntrack
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| DatapathError::map(FLOOR_NEW_CT, e))?;
+        for key in &keys {
+            conntrack
+                .remove(key)
+                .map_err(|e| DatapathError::map(FLOOR_NEW_CT, e))?;
+        }
+        Ok(keys.len())
     }
 
     /// Loads program `name` of `object` alone (no configuration, no pins).

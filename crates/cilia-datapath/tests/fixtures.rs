@@ -332,3 +332,58 @@ fn the_benchmark_floors_load_and_deliver_an_established_flow() {
         assert_eq!(&out.packet[..6], &[0x0a, 0, 0, 0, 0, 1], "{name}: the MAC");
     }
 }
+
+/// The new-flow floors of `bpf/floor.c` do what the bench says they time:
+/// every new flow of an allowed port is created and delivered, a flow of a
+/// port nothing allows is dropped and leaves no entry, a repeated flow is
+/// no longer new, and emptying the conntrack makes it new again.
+#[test]
+fn the_new_flow_floors_create_allowed_flows_and_drop_the_rest() {
+    privileged!("new_flow_floors");
+    use cilia_abi::{Direction, PolicyEntry, Verdict};
+    use cilia_datapath::object::{PROG_FLOOR_NEW_CT, PROG_FLOOR_NEW_POLICY};
+    let allow = PolicyEntry {
+        direction: Direction::Egress,
+        identity: 1000,
+        proto: IPPROTO_UDP,
+        port: 53,
+        port_prefix_len: 16,
+        verdict: Verdict::Allow,
+        rule: 1,
+        proxy_port: 0,
+    };
+    let flow = |sport: u16, dport: u16| {
+        eth(
+            A_NODE_MAC,
+            A_MAC,
+            ETH_P_IP,
+            &ipv4(a4(), b4(), IPPROTO_UDP, 64, &udp(sport, dport, b"hello")),
+        )
+    };
+    for name in [PROG_FLOOR_NEW_CT, PROG_FLOOR_NEW_POLICY] {
+        let floor = TestProgram::new_flow_floor(name, b4(), &allow).unwrap();
+        for sport in 1000..1010 {
+            let out = floor.run(&flow(sport, 53)).unwrap();
+            assert_eq!(out.verdict, TC_ACT_REDIRECT, "{name}: new flow {sport}");
+            assert_eq!(out.packet[14 + 8], 63, "{name}: the TTL");
+        }
+        let again = floor.run(&flow(1000, 53)).unwrap();
+        assert_eq!(again.verdict, TC_ACT_OK, "{name}: an established flow");
+        let denied = floor.run(&flow(2000, 54)).unwrap();
+        let expected = if name == PROG_FLOOR_NEW_POLICY {
+            TC_ACT_SHOT
+        } else {
+            TC_ACT_REDIRECT
+        };
+        assert_eq!(denied.verdict, expected, "{name}: a port nothing allows");
+        let created = if name == PROG_FLOOR_NEW_POLICY {
+            10
+        } else {
+            11
+        };
+        assert_eq!(floor.clear_conntrack().unwrap(), created, "{name}");
+        assert_eq!(floor.clear_conntrack().unwrap(), 0, "{name}: emptied");
+        let out = floor.run(&flow(1000, 53)).unwrap();
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "{name}: new again");
+    }
+}
