@@ -98,6 +98,7 @@ int cil_from_container(struct __sk_buff *skb)
 	if (reason)
 		return drop(skb, reason, dir);
 	d.rev_nat = lb.rev_nat;
+	d.ct_absent = ct_cb_absent(skb);
 
 	/* Decide: the local destination, else the ipcache entry (which also
 	 * says whether it lives on another node), names the peer's identity. */

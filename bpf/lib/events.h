@@ -27,7 +27,10 @@ struct decision {
 	__be16 proxy_port; /* policy: the allow entry's; a CILIA_CT_TO_PROXY flow: its */
 	__u16 rev_nat;	   /* in: the service of a translated packet (stored in a new
 			    * flow's entry); out: the forward entry's (a reply: rev-NAT it) */
-	__u16 pad;
+	__u8 ct_absent;	   /* in: the flow's tuple, as the packet now carries it, had
+			    * no conntrack entry either way when the fast path looked
+			    * (fast.h): conntrack need not look again */
+	__u8 pad;
 };
 
 /*

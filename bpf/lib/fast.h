@@ -59,7 +59,7 @@ __inline_fn int tcp_opening(const struct flow *f)
 /*
  * Delivers a packet of an established flow whose entry caches its delivery.
  * Returns the tc verdict, or CILIA_FAST_MISS (nothing changed: the full path
- * decides).
+ * decides; it leaves ct_cb_absent set when neither direction had an entry).
  */
 __inline_fn int fast_established(struct __sk_buff *skb, const struct flow *f, __u8 dir, __u32 *rev)
 {
@@ -75,6 +75,7 @@ __inline_fn int fast_established(struct __sk_buff *skb, const struct flow *f, __
 	 * revision after it changes a map, so a delivery decided from maps
 	 * read after this is cached only if no change came in between. */
 	*rev = cfg ? cfg->policy_rev : 0;
+	ct_cb_set_absent(skb, 0);
 	if (!cfg || !fast_candidate(f) || tcp_opening(f) ||
 	    event_wanted(cfg->monitor_level, CILIA_EVENT_TRACE))
 		return CILIA_FAST_MISS;
@@ -85,7 +86,11 @@ __inline_fn int fast_established(struct __sk_buff *skb, const struct flow *f, __
 
 		ct_key_reverse(&rkey, &key);
 		ct = bpf_map_lookup_elem(&cilia_ct, &rkey);
-		if (!ct || !(ct->flags & CILIA_CT_FAST_REPLY))
+		if (!ct) {
+			ct_cb_set_absent(skb, 1);
+			return CILIA_FAST_MISS;
+		}
+		if (!(ct->flags & CILIA_CT_FAST_REPLY))
 			return CILIA_FAST_MISS;
 		reply = 1;
 		target = ct->backend_id >> 16;

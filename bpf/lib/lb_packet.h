@@ -154,6 +154,7 @@ __inline_fn int lb_translate_to(struct __sk_buff *skb, struct flow *f, struct lb
 		return reason;
 	lb->rev_nat = svc->rev_nat;
 	lb->backend_id = id;
+	ct_cb_set_absent(skb, 0); /* the tuple changes */
 	lb->fport = f->dport;
 	__builtin_memcpy(lb->frontend, f->daddr, 16);
 	reason = nat_rewrite(skb, f, 1, b->addr, b->port);
@@ -252,6 +253,7 @@ __inline_fn int lb_hairpin_unloop(struct __sk_buff *skb, struct flow *f)
 	if (!lb_is_loopback(f->daddr, f->family))
 		return 0;
 	f->unloop = 1;
+	ct_cb_set_absent(skb, 0); /* the tuple changes */
 	/* The endpoint's own address, read from the packet: copied from
 	 * f->saddr, the verifier would track the two as one value and prune
 	 * far less (909k instructions against 432k, dual-stack endpoint). */

@@ -248,6 +248,48 @@ fn service_flow_reusing_the_tuple_of_a_closed_direct_flow_gets_its_rev_nat() {
     }
 }
 
+/// The same over UDP, whose first packet to the frontend is not a SYN: the
+/// established-flow fast path looks its tuple (client -> frontend) up and
+/// finds nothing either way, then the load balancer rewrites the tuple to
+/// one that has an entry (the direct flow's). Conntrack must look the new
+/// tuple up, not trust the fast path's "nothing there" about the old one:
+/// else the service flow would find no entry, fail to create its own (the
+/// slot is taken) and be dropped.
+#[test]
+fn udp_service_flow_reusing_the_tuple_of_a_direct_flow_is_looked_up_after_translation() {
+    privileged!("lb_reuse_udp");
+    let fx = Fixture::new();
+    let (a, b) = (fx.program(1), fx.program(2));
+    for v6 in [true, false] {
+        fx.service(v6, IPPROTO_UDP, vec![10]);
+        let (cl, be) = (client(v6, 40021), backend_addr(v6, true));
+        // The direct flow: a datagram and its answer, several times (the
+        // later ones take the fast path).
+        for _ in 0..3 {
+            let out = a.run(&udp_packet(cl, be, A_FROM)).unwrap();
+            assert_eq!(out.verdict, TC_ACT_REDIRECT, "direct (v6 {v6})");
+            assert_eq!(parse(&out.packet).1, be);
+            let out = b.run(&udp_packet(be, cl, B_FROM)).unwrap();
+            assert_eq!(out.verdict, TC_ACT_REDIRECT, "direct answer (v6 {v6})");
+            assert_eq!(parse(&out.packet).0, be, "untranslated");
+        }
+        // The same client port to the frontend.
+        let out = a.run(&udp_packet(cl, frontend(v6), A_FROM)).unwrap();
+        assert_eq!(
+            out.verdict, TC_ACT_REDIRECT,
+            "the service flow takes over the tuple (v6 {v6})"
+        );
+        assert_eq!(parse(&out.packet).1, be, "translated to the backend");
+        let out = b.run(&udp_packet(be, cl, B_FROM)).unwrap();
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        assert_eq!(
+            parse(&out.packet).0,
+            frontend(v6),
+            "the answer comes from the frontend (v6 {v6})"
+        );
+    }
+}
+
 #[test]
 fn service_counts_flows_on_selection_and_every_translated_packet() {
     privileged!("lb_stats");
