@@ -10,8 +10,11 @@
 #      at a time (BATCH ADDs at once, then their DELs), VmRSS sampled every
 #      SAMPLE cycles (default 1000); the least-squares slope of RSS over the
 #      cycles after the first sample, in KiB per 1000 cycles (goal: no
-#      growth, i.e. within the noise of a few pages), and the size of the
-#      agent's state file at each sample.
+#      growth, i.e. within the noise of a few pages), the size of the
+#      agent's state file at each sample, and the agent's resident memory
+#      by kind of mapping (heap, anonymous, file-backed, other: which one
+#      grows) beside the allocator's own count of the heap in use and free
+#      (retained objects or fragmentation).
 # Bounded: every plugin run under `timeout`, the whole cycle phase under
 # MAX_SECONDS (default 2400; the cycles done are reported). Every process is
 # tracked by PID, every namespace is the bench's own and removed on exit.
@@ -120,7 +123,7 @@ while [ "$done_cycles" -lt "$CYCLES" ]; do
     wait_specialized
     for _ in $(seq 600); do [ "$(endpoints)" = 0 ] && break; sleep 0.1; done
     sleep 2
-    echo "$done_cycles $(rss VmRSS) $(stat -c %s "$RUN/state/state.redb")" >>"$RUN/samples"
+    echo "$done_cycles $(rss VmRSS) $(stat -c %s "$RUN/state/state.redb") $(agent_smaps_kib) $(agent_heap_kib)" >>"$RUN/samples"
     progress "cycles $(tail -1 "$RUN/samples") KiB"
   fi
 done
@@ -137,9 +140,12 @@ echo "| after deleting them | $(mib "$RSS_AFTER_DEL") | |"
 echo
 echo "$done_cycles create/delete cycles in $T_CYCLES s ($LEFT endpoints left); VmRSS every $SAMPLE cycles:"
 echo
-echo "| cycles | VmRSS (MiB) | state.redb (MB) |"
-echo "|---|---|---|"
-while read -r c k b; do echo "| $c | $(mib "$k") | $(awk -v b="$b" 'BEGIN { printf "%.1f", b / 1e6 }') |"; done <"$RUN/samples"
+echo "| cycles | VmRSS (MiB) | state.redb (MB) | heap | anonymous | file-backed | other (MiB, resident, from smaps) | heap in use | heap free (MiB, the allocator's count) |"
+echo "|---|---|---|---|---|---|---|---|---|"
+kib_or_dash() { if [ "$1" = - ]; then echo -; else mib "$1"; fi; }
+while read -r c k b h a f o u fr; do
+  echo "| $c | $(mib "$k") | $(awk -v b="$b" 'BEGIN { printf "%.1f", b / 1e6 }') | $(mib "$h") | $(mib "$a") | $(mib "$f") | $(mib "$o") | $(kib_or_dash "$u") | $(kib_or_dash "$fr") |"
+done <"$RUN/samples"
 echo
 python3 - "$RUN/samples" <<'EOF'
 import sys

@@ -32,6 +32,29 @@ start_node_agent() { # IPV6_RANGE IPV4_RANGE: namespace $P-node, log $RUN/agent.
 # The agent's /proc status field FIELD (VmRSS, VmHWM) in KiB.
 agent_status_kib() { awk -v k="$1:" '$1 == k { print $2 }' "/proc/$AGENT_PID/status"; }
 
+# The agent's resident KiB by kind of mapping, from /proc/<pid>/smaps:
+# "HEAP ANON FILE OTHER": [heap] (glibc's main arena); unnamed anonymous
+# mappings (its second arena, large allocations, thread stacks); file-backed
+# (the binary and libraries); the rest ([stack], BPF map and ring-buffer
+# mappings, vdso). Says which kind a growth of VmRSS is.
+agent_smaps_kib() {
+  awk '/^[0-9a-f]+-[0-9a-f]+ / { name = (NF >= 6) ? $6 : ""; next }
+       /^Rss:/ { if (name == "[heap]") h += $2; else if (name == "") a += $2; else if (name ~ /^\//) f += $2; else o += $2 }
+       END { printf "%d %d %d %d\n", h, a, f, o }' "/proc/$AGENT_PID/smaps"
+}
+
+# The agent's heap as its allocator counts it, in KiB: "IN_USE FREE" (the
+# `cilia_agent_heap_bytes` gauges of its metrics endpoint, the default
+# 127.0.0.1:9962 in the node's namespace; "- -" when it does not answer).
+# Beside the resident heap it tells retained objects (in use grows) from
+# fragmentation (resident grows, in use does not).
+agent_heap_kib() {
+  ip netns exec "$P-node" curl -sf --max-time 5 http://127.0.0.1:9962/metrics 2>/dev/null |
+    awk '/^cilia_agent_heap_bytes\{state="in_use"\}/ { u = int($2 / 1024) }
+         /^cilia_agent_heap_bytes\{state="free"\}/ { f = int($2 / 1024) }
+         END { if (u == "") print "- -"; else printf "%d %d\n", u, f }'
+}
+
 # The agent's VmRSS once it has settled: unchanged over 2 s, at most
 # IDLE_TIMEOUT (default 60) s. Right after start it is still loading (and
 # verifying) the shared generic endpoint program, whose parsed object and

@@ -527,10 +527,45 @@ pub fn render(snap: &Snapshot, m: &AgentMetrics) -> String {
         m.node_health_latency.clone(),
     );
 
+    let heap: Family<Labels, Gauge> = Family::default();
+    for (state, bytes) in heap_bytes() {
+        heap.get_or_create(&labels(&[("state", state)]))
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+    reg.register_with_unit(
+        "agent_heap",
+        "The agent's heap as its allocator counts it: in_use (allocated), free (held by the allocator, not in use: what fragmentation keeps), mmapped (large allocations mapped on their own)",
+        Unit::Bytes,
+        heap,
+    );
+
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &reg);
     out
+}
+
+/// The allocator's own count of the agent's heap (glibc's `mallinfo2`):
+/// beside VmRSS it tells retained objects (in_use grows) from
+/// fragmentation (free grows, or resident pages hold little in use). Empty
+/// where the allocator is not glibc's.
+fn heap_bytes() -> Vec<(&'static str, u64)> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's statistics (it takes
+        // the arenas' locks itself).
+        let info = unsafe { nix::libc::mallinfo2() };
+        let n = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
+        vec![
+            ("in_use", n(info.uordblks)),
+            ("free", n(info.fordblks)),
+            ("mmapped", n(info.hblkhd)),
+        ]
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        Vec::new()
+    }
 }
 
 #[cfg(test)]
@@ -569,6 +604,8 @@ mod tests {
             "cilia_endpoint_regeneration_seconds_count 1",
             "cilia_prefilter_drops_total{cidr=\"203.0.113.0/24\"} 4",
             "cilia_prefilter_drop_bytes_total{cidr=\"203.0.113.0/24\"} 256",
+            "cilia_agent_heap_bytes{state=\"in_use\"}",
+            "cilia_agent_heap_bytes{state=\"free\"}",
         ] {
             assert!(text.contains(needle), "{needle} missing in:\n{text}");
         }
