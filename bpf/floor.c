@@ -79,6 +79,23 @@ struct {
 static const __u8 floor_mac[ETH_ALEN] = {0x0a, 0, 0, 0, 0, 1};
 static const __u8 floor_node_mac[ETH_ALEN] = {0x0a, 0, 0, 0, 0, 2};
 
+/* The delivery itself: one hop less (the IPv4 checksum updated), the
+ * peer's MACs, bpf_redirect_peer. */
+static __always_inline int floor_deliver(struct ethhdr *eth, struct iphdr *ip)
+{
+	__u32 check;
+
+	if (ip->ttl <= 1)
+		return TC_ACT_OK;
+	check = ip->check;
+	check += bpf_htons(0x0100);
+	ip->check = (__u16)(check + (check >= 0xffff));
+	ip->ttl--;
+	__builtin_memcpy(eth->h_dest, floor_mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, floor_node_mac, ETH_ALEN);
+	return bpf_redirect_peer(FLOOR_IFINDEX, 0);
+}
+
 enum floor_kind { FLOOR_PARSE, FLOOR_CT40, FLOOR_CT16 };
 
 static __always_inline int floor_run(struct __sk_buff *skb, enum floor_kind kind)
@@ -89,7 +106,6 @@ static __always_inline int floor_run(struct __sk_buff *skb, enum floor_kind kind
 	struct iphdr *ip = (void *)(eth + 1);
 	__be16 *ports = (void *)(ip + 1);
 	struct ct_value fresh = {.packets = 1}, scratch = {}, *ct = &scratch;
-	__u32 check;
 
 	if ((void *)(ports + 2) > data_end || eth->h_proto != bpf_htons(ETH_P_IP) || ip->ihl != 5)
 		return TC_ACT_OK;
@@ -121,15 +137,7 @@ static __always_inline int floor_run(struct __sk_buff *skb, enum floor_kind kind
 	ct->expires = cil_now() + 60 * NSEC_PER_SEC;
 	ct->packets += 1;
 	ct->bytes += skb->len;
-	if (ip->ttl <= 1)
-		return TC_ACT_OK;
-	check = ip->check;
-	check += bpf_htons(0x0100);
-	ip->check = (__u16)(check + (check >= 0xffff));
-	ip->ttl--;
-	__builtin_memcpy(eth->h_dest, floor_mac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, floor_node_mac, ETH_ALEN);
-	return bpf_redirect_peer(FLOOR_IFINDEX, 0);
+	return floor_deliver(eth, ip);
 }
 
 /* identity + direction + protocol + port, as bpf/lib/policy.h looks it up */
@@ -144,7 +152,6 @@ static __always_inline int floor_new(struct __sk_buff *skb, int with_policy)
 	__be16 *ports = (void *)(ip + 1);
 	struct ct_value fresh = {.packets = 1};
 	struct ct_key key = {};
-	__u32 check;
 
 	if ((void *)(ports + 2) > data_end || eth->h_proto != bpf_htons(ETH_P_IP) || ip->ihl != 5)
 		return TC_ACT_OK;
@@ -179,15 +186,7 @@ static __always_inline int floor_new(struct __sk_buff *skb, int with_policy)
 	fresh.bytes = skb->len;
 	if (bpf_map_update_elem(&floor_new_ct_map, &key, &fresh, BPF_NOEXIST) < 0)
 		return TC_ACT_SHOT;
-	if (ip->ttl <= 1)
-		return TC_ACT_OK;
-	check = ip->check;
-	check += bpf_htons(0x0100);
-	ip->check = (__u16)(check + (check >= 0xffff));
-	ip->ttl--;
-	__builtin_memcpy(eth->h_dest, floor_mac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, floor_node_mac, ETH_ALEN);
-	return bpf_redirect_peer(FLOOR_IFINDEX, 0);
+	return floor_deliver(eth, ip);
 }
 
 SEC("classifier")
