@@ -55,9 +55,11 @@ __inline_fn __u64 ct_lifetime(const struct flow *f, __u16 flags)
  * again for a new flow's first packet. Kept in the skb's control block,
  * which the verifier does not track as a value: as a variable it would
  * know, the rest of the program was verified once per value (dual-stack
- * from-container 556k -> 729k instructions; 615k this way). Cleared by whatever rewrites
- * the tuple before conntrack sees it (the load balancer), so it always
- * describes the tuple conntrack looks up. Only the from-container program
+ * from-container 556k -> 729k instructions; 615k this way). Reset first
+ * thing by the fast path, so nothing the container's stack left in the
+ * control block is ever read; cleared by whatever rewrites the tuple
+ * before conntrack sees it (the load balancer), so it always describes the
+ * tuple conntrack looks up. Only the from-container program
  * sets and reads it (d->ct_absent); an entry another CPU creates after the
  * fast path looked only makes the packet meet the policy as a new flow's
  * first packet, so nothing is skipped that could let a packet through.
