@@ -41,6 +41,8 @@ pub struct RunResult {
 const SKB_CTX_LEN: usize = 256;
 /// Offset of `mark` in `struct __sk_buff` (after `len` and `pkt_type`).
 const SKB_MARK_OFFSET: usize = 8;
+/// `offsetof(struct __sk_buff, cb)`.
+const SKB_CB_OFFSET: usize = 48;
 
 /// A loaded tc program, not attached anywhere.
 pub struct TestProgram {
@@ -170,9 +172,31 @@ impl TestProgram {
 
     /// Runs the program once on `packet` arriving with `skb->mark` = `mark`.
     pub fn run_with_mark(&self, packet: &[u8], mark: u32) -> Result<RunResult, DatapathError> {
+        self.run_with_ctx(packet, mark, [0; 5])
+    }
+
+    /// Runs the program once on `packet` arriving with `skb->cb` = `cb`:
+    /// whatever an earlier layer left in the control block, which no
+    /// program may take for its own word.
+    pub fn run_with_cb(&self, packet: &[u8], cb: [u32; 5]) -> Result<RunResult, DatapathError> {
+        self.run_with_ctx(packet, 0, cb)
+    }
+
+    fn run_with_ctx(
+        &self,
+        packet: &[u8],
+        mark: u32,
+        cb: [u32; 5],
+    ) -> Result<RunResult, DatapathError> {
         let mut out = vec![0u8; packet.len() + 512];
-        let mut ctx_in = [0u8; SKB_MARK_OFFSET + 4];
-        ctx_in[SKB_MARK_OFFSET..].copy_from_slice(&mark.to_ne_bytes());
+        // The kernel takes mark and cb from the context (the bytes between
+        // them must be zero).
+        let mut ctx_in = [0u8; SKB_CB_OFFSET + 20];
+        ctx_in[SKB_MARK_OFFSET..SKB_MARK_OFFSET + 4].copy_from_slice(&mark.to_ne_bytes());
+        for (i, word) in cb.iter().enumerate() {
+            let at = SKB_CB_OFFSET + 4 * i;
+            ctx_in[at..at + 4].copy_from_slice(&word.to_ne_bytes());
+        }
         let mut ctx_out = [0u8; SKB_CTX_LEN];
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(packet);

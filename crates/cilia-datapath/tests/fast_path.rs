@@ -228,3 +228,51 @@ fn a_flow_cached_to_the_stack_meets_a_new_endpoint_at_its_address() {
         "C admits nothing"
     );
 }
+
+/// The fast path's "neither direction has an entry" flag lives in the
+/// packet's control block (`ct_cb_absent`), where the full path reads it
+/// to skip its own lookups. A packet can arrive with anything there, so
+/// the flag must be the fast path's own word every time: a reply whose
+/// control block already says "absent" is still looked up, found, and
+/// passes where its endpoint's egress allows nothing.
+#[test]
+fn a_stale_absent_flag_in_the_control_block_is_not_believed() {
+    privileged!("fast_path_stale_cb");
+    let mut fx = Fixture::new();
+    set(
+        &mut fx.dp,
+        B_ID,
+        &[
+            enforce(CILIA_DIR_INGRESS),
+            enforce(CILIA_DIR_EGRESS),
+            rule(
+                CILIA_DIR_INGRESS,
+                A_IDENTITY,
+                6,
+                80,
+                16,
+                CILIA_VERDICT_ALLOW,
+            ),
+        ],
+    );
+    let (a, b) = (fx.a(), fx.b());
+    const STALE: [u32; 5] = [1, 0, 0, 0, 0];
+    assert_eq!(
+        a.run_with_cb(&a_to_b(80), STALE).unwrap().verdict,
+        TC_ACT_REDIRECT,
+        "the SYN"
+    );
+    // The first reply is not cached yet: the full path decides it.
+    assert_eq!(
+        b.run_with_cb(&b_to_a(80), STALE).unwrap().verdict,
+        TC_ACT_REDIRECT,
+        "a reply, by its entry"
+    );
+    assert_eq!(
+        b.run_with_cb(&b_to_a(81), STALE).unwrap().verdict,
+        TC_ACT_SHOT,
+        "without an entry: B's egress allows nothing"
+    );
+    let est = a.run_with_cb(&a_to_b_est(80), STALE).unwrap();
+    assert_eq!(est.verdict, TC_ACT_REDIRECT, "established, by its entry");
+}
