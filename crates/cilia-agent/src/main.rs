@@ -163,6 +163,7 @@ struct Args {
 
 fn main() {
     // Before any thread exists: every thread allocates under these settings.
+    cilia_agent::exec_without_thread_caches();
     cilia_agent::tune_allocator();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -337,6 +337,36 @@ fn bad_input_gives_a_one_line_error_and_changes_nothing() {
     assert_eq!(full, state(), "second agent changed nothing");
 }
 
+/// The agent re-executes itself once with glibc's per-thread malloc caches
+/// off (`exec_without_thread_caches`: they held 3 MiB over create/delete
+/// cycles), and is still the process named `cilia-agent` that was started.
+#[test]
+fn the_agent_runs_without_per_thread_malloc_caches_under_its_own_name() {
+    privileged!("agent_tcache_off");
+    let agent = TestAgent::start(AgentOptions::default());
+    let pid = agent.pid().unwrap();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let tunables: Vec<&[u8]> = environ
+        .split(|b| *b == 0)
+        .filter(|v| v.starts_with(b"GLIBC_TUNABLES="))
+        .collect();
+    // As given to the test (an operator's own setting stands), plus the
+    // agent's.
+    let given = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+    let expected = format!(
+        "GLIBC_TUNABLES={}",
+        cilia_agent::tunables_without_thread_caches(&given).unwrap_or(given)
+    );
+    assert_eq!(tunables, [expected.as_bytes()], "the agent's environment");
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert_eq!(comm.trim(), "cilia-agent");
+    assert!(
+        agent.cli(&["status"]).status.success(),
+        "{}",
+        agent.log_text()
+    );
+}
+
 #[test]
 fn the_agents_own_netns_and_paths_with_control_characters_are_refused() {
     privileged!("netns_refused");
