@@ -10,6 +10,10 @@
 #             `-s <doc /32> -p tcp --dport $PORT -j ACCEPT` rules, then the
 #             matching one, policy DROP (no conntrack rule: every packet walks
 #             the chain).
+#   floor:    another plain veth pair with no rules at all, measured beside
+#             both: what one veth hop costs with nothing enforced. cilia's
+#             path is two veth hops (container -> node -> container, by
+#             redirect_peer) plus its programs; iptables' here is one hop.
 # Both measured in the same run with bench/rr.py (one connection at a time,
 # latency bound; Python dominates absolute numbers, the trend with N is the
 # point). Median of $REPS runs of $DURATION s each. Needs root and the release
@@ -40,7 +44,7 @@ P=cps$$
 RUN=/run/$P
 BPF=/sys/fs/bpf/$P
 SOCK=$RUN/cilia.sock
-NSS=("$P-node" "$P-cli" "$P-srv" "$P-other" "$P-vcli" "$P-vsrv")
+NSS=("$P-node" "$P-cli" "$P-srv" "$P-other" "$P-vcli" "$P-vsrv" "$P-pcli" "$P-psrv")
 T0=$(date +%s)
 source scripts/lib/procs.sh
 
@@ -60,7 +64,7 @@ for n in $RULES; do [[ $n =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] || { echo "bad rule c
 mkdir -p "$RUN"
 for ns in "${NSS[@]}"; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
 # Wider ephemeral range in the client namespaces (per-namespace sysctl).
-for ns in "$P-cli" "$P-vcli"; do ip netns exec "$ns" sysctl -qw net.ipv4.ip_local_port_range="1024 65535"; done
+for ns in "$P-cli" "$P-vcli" "$P-pcli"; do ip netns exec "$ns" sysctl -qw net.ipv4.ip_local_port_range="1024 65535"; done
 pin() { [ -n "$1" ] && echo "taskset -c $1" || true; }
 CLI_RUN="nice -n $NICE $(pin "$CLIENT_CPU")"
 SRV_RUN="nice -n $NICE $(pin "$SERVER_CPU")"
@@ -73,6 +77,12 @@ ip -n "$P-vcli" addr add 192.0.2.1/24 dev "${P}c"
 ip -n "$P-vsrv" addr add 192.0.2.2/24 dev "${P}s"
 ip -n "$P-vcli" link set "${P}c" up
 ip -n "$P-vsrv" link set "${P}s" up
+# --- the floor: the same, without any rule ------------------------------------
+ip link add "${P}pc" netns "$P-pcli" type veth peer name "${P}ps" netns "$P-psrv"
+ip -n "$P-pcli" addr add 192.0.2.1/24 dev "${P}pc"
+ip -n "$P-psrv" addr add 192.0.2.2/24 dev "${P}ps"
+ip -n "$P-pcli" link set "${P}pc" up
+ip -n "$P-psrv" link set "${P}ps" up
 
 # --- cilia: agent in a node namespace, three endpoints ----------------------
 nsenter --net="/run/netns/$P-node" "$BIN/cilia-agent" --state-dir "$RUN/state" --bpf-root "$BPF" \
@@ -94,13 +104,15 @@ SRV_IP=${SRV_IP%/*}
 # --- servers, killed on exit ------------------------------------------------
 ip netns exec "$P-srv" $SRV_RUN python3 bench/rr.py serve "$PORT" 0.0.0.0 1800 & track $!
 ip netns exec "$P-vsrv" $SRV_RUN python3 bench/rr.py serve "$PORT" 0.0.0.0 1800 & track $!
+ip netns exec "$P-psrv" $SRV_RUN python3 bench/rr.py serve "$PORT" 0.0.0.0 1800 & track $!
 
 reach() { # ns ip: 0 if a TCP connection to ip:PORT completes within 1 s
   ip netns exec "$1" timeout 5 python3 -c 'import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 1).close()' "$2" "$PORT" 2>/dev/null
 }
-for _ in $(seq 50); do reach "$P-cli" "$SRV_IP" && reach "$P-vcli" 192.0.2.2 && break; sleep 0.1; done
+for _ in $(seq 50); do reach "$P-cli" "$SRV_IP" && reach "$P-vcli" 192.0.2.2 && reach "$P-pcli" 192.0.2.2 && break; sleep 0.1; done
 reach "$P-cli" "$SRV_IP" || { echo "no connectivity cilia client -> server $SRV_IP:$PORT" >&2; exit 1; }
 reach "$P-vcli" 192.0.2.2 || { echo "no connectivity over the veth pair" >&2; exit 1; }
+reach "$P-pcli" 192.0.2.2 || { echo "no connectivity over the floor's veth pair" >&2; exit 1; }
 
 # --- rule generators ----------------------------------------------------------
 gen_cnp() { # N DIR: N-1 never-matching fromCIDR rules, then the client rule,
@@ -149,7 +161,7 @@ entries() { cilia -o json bpf policy get "$SRV_ID" 2>/dev/null | python3 -c 'imp
 count() { cilia -o json "$@" 2>/dev/null | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))' 2>/dev/null || echo "?"; }
 agent_cpu() { awk '{print $14 + $15}' "/proc/$AGENT_PID/stat" 2>/dev/null || echo 0; } # utime+stime, ticks
 
-declare -A CC IC CR IR IMP NOTE
+declare -A CC IC CR IR FC FR IMP NOTE
 load() { # N: sets cilia_ok; imports the CNPs (timed) and restores the iptables rules
   local n=$1 f ti t rc imp_out nfiles ipt_t ipt_rules
   cilia policy delete --all >/dev/null 2>&1 || true # "no policies to delete" the first time
@@ -194,7 +206,7 @@ load() { # N: sets cilia_ok; imports the CNPs (timed) and restores the iptables 
 
 # Rounds outer, rule counts inner (re-imported every round): slow drift of the
 # host's load spreads over all N instead of biasing the last one.
-declare -A CCs ICs CRs IRs FAILED
+declare -A CCs ICs CRs IRs FCs FRs FAILED
 for r in $(seq "$REPS"); do
   for n in $RULES; do
     load "$n"
@@ -204,11 +216,14 @@ for r in $(seq "$REPS"); do
     ICs[$n]+=" $(measure "$P-vcli" conn 192.0.2.2)"
     [ "$cilia_ok" = 1 ] && CRs[$n]+=" $(measure "$P-cli" rr "$SRV_IP")"
     IRs[$n]+=" $(measure "$P-vcli" rr 192.0.2.2)"
-    log "N=$n round $r: cilia conn${CCs[$n]:- skipped} | ipt conn${ICs[$n]} | cilia rr${CRs[$n]:- skipped} | ipt rr${IRs[$n]}; agent CPU $(python3 -c "print('%.2f' % (($(agent_cpu) - $cpu0) / $(getconf CLK_TCK)))") s; iptables matching rule: $(ip netns exec "$P-vsrv" iptables -L INPUT -v -n -x | tail -n1 | awk '{print $1}') packets"
+    FCs[$n]+=" $(measure "$P-pcli" conn 192.0.2.2)"
+    FRs[$n]+=" $(measure "$P-pcli" rr 192.0.2.2)"
+    log "N=$n round $r: cilia conn${CCs[$n]:- skipped} | ipt conn${ICs[$n]} | cilia rr${CRs[$n]:- skipped} | ipt rr${IRs[$n]} | floor conn${FCs[$n]} rr${FRs[$n]}; agent CPU $(python3 -c "print('%.2f' % (($(agent_cpu) - $cpu0) / $(getconf CLK_TCK)))") s; iptables matching rule: $(ip netns exec "$P-vsrv" iptables -L INPUT -v -n -x | tail -n1 | awk '{print $1}') packets"
   done
 done
 for n in $RULES; do
   CC[$n]=$(median ${CCs[$n]:-}); IC[$n]=$(median ${ICs[$n]}); CR[$n]=$(median ${CRs[$n]:-}); IR[$n]=$(median ${IRs[$n]})
+  FC[$n]=$(median ${FCs[$n]}); FR[$n]=$(median ${FRs[$n]})
   if [ -n "${FAILED[$n]:-}" ]; then IMP[$n]=${FAILED[$n]}; else IMP[$n]=$(median ${IMP[$n]:-}); fi
   if python3 -c "import sys; sys.exit(0 if float('${CC[$n]}') * min(${DURATION}, 10) > 55000 else 1)" 2>/dev/null; then
     log "N=$n: cilia conn rate ${CC[$n]}/s reuses source ports within cilia's 10 s CT close timeout: some SYNs may skip the policy"
@@ -224,10 +239,18 @@ except Exception: print('-')" "$1" "$2"
 echo
 echo "Median of $REPS rounds (each round: every N in turn, policy re-imported) of ${DURATION} s runs, one connection at a time (latency bound), 64 B request and response; client/server CPU ${CLIENT_CPU:-any}/${SERVER_CPU:-any}, nice $NICE; ratio: to the same column at N=$first."
 echo
-echo "| rules N | cilia new conn/s (ratio) | iptables new conn/s (ratio) | cilia rr/s (ratio) | iptables rr/s (ratio) | cilia policy import s (median) |"
-echo "|---|---|---|---|---|---|"
+echo "| rules N | cilia new conn/s (ratio) | iptables new conn/s (ratio) | cilia rr/s (ratio) | iptables rr/s (ratio) | floor new conn/s, rr/s | cilia policy import s (median) |"
+echo "|---|---|---|---|---|---|---|"
 for n in $RULES; do
-  echo "| $n | ${CC[$n]:--} ($(ratio "${CC[$n]:-}" "${CC[$first]:-}")) | ${IC[$n]} ($(ratio "${IC[$n]}" "${IC[$first]}")) | ${CR[$n]:--} ($(ratio "${CR[$n]:-}" "${CR[$first]:-}")) | ${IR[$n]} ($(ratio "${IR[$n]}" "${IR[$first]}")) | ${IMP[$n]} |"
+  echo "| $n | ${CC[$n]:--} ($(ratio "${CC[$n]:-}" "${CC[$first]:-}")) | ${IC[$n]} ($(ratio "${IC[$n]}" "${IC[$first]}")) | ${CR[$n]:--} ($(ratio "${CR[$n]:-}" "${CR[$first]:-}")) | ${IR[$n]} ($(ratio "${IR[$n]}" "${IR[$first]}")) | ${FC[$n]}, ${FR[$n]} | ${IMP[$n]} |"
+done
+echo
+echo "Against each other and the floor (a veth pair without rules), by N: new conn/s cilia/iptables, cilia/floor, iptables/floor; rr/s the same."
+echo
+echo "| rules N | conn cilia/iptables | conn cilia/floor | conn iptables/floor | rr cilia/iptables | rr cilia/floor | rr iptables/floor |"
+echo "|---|---|---|---|---|---|---|"
+for n in $RULES; do
+  echo "| $n | $(ratio "${CC[$n]:-}" "${IC[$n]}") | $(ratio "${CC[$n]:-}" "${FC[$n]}") | $(ratio "${IC[$n]}" "${FC[$n]}") | $(ratio "${CR[$n]:-}" "${IR[$n]}") | $(ratio "${CR[$n]:-}" "${FR[$n]}") | $(ratio "${IR[$n]}" "${FR[$n]}") |"
 done
 for n in $RULES; do [ -n "${NOTE[$n]:-}" ] && echo && echo "N=$n: ${NOTE[$n]}"; done
 log "total $(($(date +%s) - T0)) s"
