@@ -285,6 +285,12 @@ pub fn exec_without_thread_caches() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         use std::os::unix::process::CommandExt;
+        let keep_caches = |why: String| {
+            eprintln!(
+                "cilia-agent: warning: {why}; running with glibc's per-thread malloc \
+                 caches (more memory over time)"
+            )
+        };
         // Re-executed: the loader has read the setting; the processes the
         // agent starts (the L7 proxy, whose threads are on the request
         // path) get the environment the operator gave.
@@ -308,12 +314,9 @@ pub fn exec_without_thread_caches() {
         let exe = match std::env::current_exe() {
             Ok(exe) => exe,
             Err(e) => {
-                eprintln!(
-                    "cilia-agent: warning: cannot find the agent's binary to re-execute \
-                     with {TCACHE_TUNABLE}=0 ({e}); running with glibc's per-thread \
-                     malloc caches (more memory over time)"
-                );
-                return;
+                return keep_caches(format!(
+                    "cannot find the agent's binary to re-execute with {TCACHE_TUNABLE}=0 ({e})"
+                ))
             }
         };
         let err = std::process::Command::new(exe)
@@ -322,10 +325,9 @@ pub fn exec_without_thread_caches() {
             .env("GLIBC_TUNABLES", tunables)
             .env(GIVEN_TUNABLES, &current)
             .exec();
-        eprintln!(
-            "cilia-agent: warning: re-executing with {TCACHE_TUNABLE}=0 failed ({err}); \
-             running with glibc's per-thread malloc caches (more memory over time)"
-        );
+        keep_caches(format!(
+            "re-executing with {TCACHE_TUNABLE}=0 failed ({err})"
+        ));
     }
 }
 
