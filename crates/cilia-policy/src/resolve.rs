@@ -997,7 +997,7 @@ pub(crate) fn normalized_verdict(
 
 /// Above this many shorter prefixes in one (direction, identity) group, a key's
 /// ancestors are looked up in the map instead of scanning the group's list.
-const SHORT_SCAN_LIMIT: usize = 32;
+pub(crate) const SHORT_SCAN_LIMIT: usize = 32;
 
 /// The normalized entries (see [`normalized_entry`]) of sorted candidate keys,
 /// in key order, for longest-prefix-match evaluation.

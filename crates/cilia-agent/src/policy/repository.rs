@@ -903,11 +903,7 @@ impl PolicyState {
                 _ => {}
             }
         }
-        let merged = basis.map(|basis| {
-            let mut merged = cilia_policy::MergedPolicy::new();
-            self.repository.update_merged(&mut merged, &basis);
-            merged
-        });
+        let merged = basis.map(|basis| self.repository.merged(&basis));
         let resolved = match &merged {
             Some(m) => m.resolved(),
             None => policy::closed_resolution(),

@@ -832,8 +832,9 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     /// After any sequence of imports, deletes and identity changes, a merged
-    /// policy moved change by change equals the full merge of the new basis,
-    /// and the deltas it returned, applied in turn to an empty map, give
+    /// policy moved change by change (its first move builds it at once) equals
+    /// the full merge of the new basis, as does one built at once, and the
+    /// deltas it returned, applied in turn to an empty map, give
     /// exactly that merge's entries (by key: verdict and deciding rule). A
     /// move reverted (a plan given up) restores the merge and the map exactly.
     #[test]
@@ -869,6 +870,10 @@ proptest! {
                 let want = repo.merge(&basis);
                 prop_assert_eq!(&merged[i].resolved(), &want, "step {} ({:?}), subject {:?}", step, change, subject);
                 prop_assert_eq!(merged[i].entry_count(), want.entries.len());
+                // Built at once, as for a first programming: the same.
+                let fresh = repo.merged(&basis);
+                prop_assert_eq!(&fresh.resolved(), &want, "built at once: step {} ({:?})", step, change);
+                prop_assert_eq!(fresh.entry_count(), want.entries.len());
                 apply_delta(&mut maps[i], &delta)?;
                 let (map, ingress, egress) = &maps[i];
                 let want_map: Map = want
