@@ -36,11 +36,11 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use crate::model::{Entity, Peer, PeerRule};
+use crate::model::{Entity, Peer};
 use crate::named::NamedPorts;
 use crate::resolve::{
     add_candidates, add_l7_overlay, for_each_peer_rule, normalize, peer_identities, Candidates,
-    HttpClaim, HttpClaims, Key, NamedCtx,
+    Expanded, HttpClaim, HttpClaims, Key, NamedCtx,
 };
 use crate::{Direction, IdentityCache, IdentityId, Labels, Policy, ResolvedPolicy, RuleRef};
 
@@ -602,7 +602,7 @@ impl PolicyRepository {
         };
         let mut keys: BTreeMap<Key, Candidates> = BTreeMap::new();
         let mut http: HttpClaims = BTreeMap::new();
-        let mut expanded: HashSet<(Direction, bool, &PeerRule)> = HashSet::new();
+        let mut expanded = Expanded::default();
         let mut used: HashSet<&Peer> = HashSet::new();
         let mut egress_names: BTreeSet<Arc<str>> = BTreeSet::new();
         for &ri in &rules {
