@@ -483,33 +483,88 @@ impl MergedPolicy {
         self.entries = entries + overlay_only;
     }
 
-    /// What a policy built by [`Self::fill`] changed against an empty map:
-    /// every entry upserted.
-    fn full_delta(&self) -> PolicyDelta {
-        let offsets = self.offsets();
+    /// Every map entry, L3/L4 and proxied, in key order: (key, (verdict,
+    /// deciding claim, proxy)).
+    fn finals(&self) -> Vec<(Key, (Verdict, Claim, bool))> {
         let overlay = &self.l7.overlay;
-        let mut upserted: Vec<MergedEntry> = self
+        let mut out: Vec<(Key, (Verdict, Claim, bool))> = self
             .keys
             .iter()
             .filter(|(k, _)| !overlay.contains_key(k))
-            .filter_map(|(k, s)| {
-                let (v, c) = s.entry()?;
-                Some(merged_entry(*k, v, &c, false, &offsets))
-            })
+            .filter_map(|(k, s)| s.entry().map(|(v, c)| (*k, (v, c, false))))
             .collect();
-        upserted.extend(
+        out.extend(
             overlay
                 .iter()
-                .map(|(k, (c, _))| merged_entry(*k, Verdict::Allow, c, true, &offsets)),
+                .map(|(k, (c, _))| (*k, (Verdict::Allow, c.clone(), true))),
         );
-        upserted.sort_by_key(|e| e.entry);
-        PolicyDelta {
-            ingress_enforced: (self.ingress > 0).then_some(true),
-            egress_enforced: (self.egress > 0).then_some(true),
-            upserted,
-            removed: Vec::new(),
-            l7_changed: !overlay.is_empty(),
+        out.sort_by_key(|(k, _)| *k);
+        out
+    }
+
+    /// What moving from the map of `old` to this one's changes, found by
+    /// comparing both policies' entries in key order (for a policy built at
+    /// once, where there is no per-key record of what changed). Entries that
+    /// left name their rule with this policy's rule indexes, `u32::MAX` when
+    /// its policy left, as [`Self::apply`] does.
+    fn delta_from(&self, old: &MergedPolicy) -> PolicyDelta {
+        let offsets = self.offsets();
+        let was = (old.ingress > 0, old.egress > 0);
+        let now = (self.ingress > 0, self.egress > 0);
+        let mut delta = PolicyDelta {
+            ingress_enforced: (was.0 != now.0).then_some(now.0),
+            egress_enforced: (was.1 != now.1).then_some(now.1),
+            l7_changed: old.l7.overlay.len() != self.l7.overlay.len()
+                || old
+                    .l7
+                    .overlay
+                    .iter()
+                    .zip(&self.l7.overlay)
+                    .any(|((ka, (_, la)), (kb, (_, lb)))| ka != kb || la != lb),
+            ..PolicyDelta::default()
+        };
+        let (before, after) = (old.finals(), self.finals());
+        let (mut a, mut b) = (before.iter().peekable(), after.iter().peekable());
+        loop {
+            let order = match (a.peek(), b.peek()) {
+                (None, None) => break,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
+            };
+            match order {
+                std::cmp::Ordering::Less => {
+                    let Some((key, (v, c, proxy))) = a.next() else {
+                        break;
+                    };
+                    delta
+                        .removed
+                        .push(merged_entry(*key, *v, c, *proxy, &offsets));
+                }
+                std::cmp::Ordering::Greater => {
+                    let Some((key, (v, c, proxy))) = b.next() else {
+                        break;
+                    };
+                    delta
+                        .upserted
+                        .push(merged_entry(*key, *v, c, *proxy, &offsets));
+                }
+                std::cmp::Ordering::Equal => {
+                    let (Some((_, (va, ca, pa))), Some((key, (vb, cb, pb)))) = (a.next(), b.next())
+                    else {
+                        break;
+                    };
+                    if va != vb || pa != pb || ca.rule_ref() != cb.rule_ref() {
+                        delta
+                            .upserted
+                            .push(merged_entry(*key, *vb, cb, *pb, &offsets));
+                    }
+                }
+            }
         }
+        delta.upserted.sort_by_key(|e| e.entry);
+        delta.removed.sort_by_key(|e| e.entry);
+        delta
     }
 
     /// Takes `removed` out and puts `added` in; returns what changed in the map.
@@ -707,7 +762,7 @@ impl PolicyRepository {
         if merged.parts.is_empty() {
             // Nothing merged yet (a first programming): built at once.
             self.fill_merged(merged, basis);
-            return merged.full_delta();
+            return merged.delta_from(&MergedPolicy::default());
         }
         let mut old: HashMap<ContributionId, Arc<Contribution>> =
             std::mem::take(&mut merged.parts).into_iter().collect();
@@ -722,6 +777,22 @@ impl PolicyRepository {
             }
         }
         let removed: Vec<Arc<Contribution>> = old.into_values().collect();
+        let keys_of = |cs: &[Arc<Contribution>]| cs.iter().map(|c| c.keys.len()).sum::<usize>();
+        let changed = keys_of(&removed) + keys_of(&added);
+        let kept = parts.iter().map(|(_, c)| c.keys.len()).sum::<usize>() - keys_of(&added);
+        if changed.saturating_mul(REBUILD_RATIO) > kept {
+            // Most keys change (a policy edited whole, the usual case for an
+            // endpoint selected by one policy): built again at once and
+            // compared, cheaper than the per-key path for that many keys.
+            let previous = merged.previous.take();
+            let generation = merged.generation;
+            let old = std::mem::take(merged);
+            merged.generation = generation;
+            merged.basis = basis.clone();
+            merged.fill(parts);
+            merged.previous = previous;
+            return merged.delta_from(&old);
+        }
         merged.parts = parts;
         merged.basis = basis.clone();
         merged.apply(&removed, &added)
@@ -750,6 +821,14 @@ impl PolicyRepository {
         merged.fill(parts);
     }
 }
+
+/// An update whose changed keys (those of the contributions that leave and
+/// arrive) times this outnumber the keys of the contributions that stay
+/// builds the merged policy again at once instead of moving it key by key:
+/// the per-key path costs about 25 times a key of the build (1.8 µs against
+/// 70 ns, replica (c) of the resolve bench), and the comparison of both maps
+/// about as much again as the build.
+const REBUILD_RATIO: usize = 8;
 
 /// The claims of part `i` (its candidate keys, sorted), with the part's index.
 fn part_claims(
