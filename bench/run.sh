@@ -28,3 +28,6 @@ bench/cni.sh
 echo
 echo "## Time to enforce: an import on endpoints vs the same import on none"
 bench/enforce.sh
+echo
+echo "## A large CIDR policy on endpoints: time to enforce, agent memory per endpoint"
+bench/cidr-policy.sh
