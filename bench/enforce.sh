@@ -24,6 +24,7 @@ RUN=/run/$P
 SOCK=$RUN/cilia.sock
 source scripts/lib/procs.sh
 source bench/lib/node-agent.sh
+source bench/lib/import.sh
 cleanup() {
   stop_tracked
   for i in $(seq "$N"); do del_netns "$P-$i"; done
@@ -55,26 +56,13 @@ EOF
 }
 policy 0
 policy 1000
-timed_import() { # FILE: seconds
-  local t0 t1
-  t0=$(date +%s%N)
-  cilia policy import "$1" >/dev/null
-  t1=$(date +%s%N)
-  awk -v d=$((t1 - t0)) 'BEGIN { printf "%.3f", d / 1e9 }'
-}
 
 base=$(timed_import "$RUN/policy-0.yaml")
 base2=$(timed_import "$RUN/policy-1000.yaml")
 cilia policy delete --all >/dev/null
 
-plugin() { # ID NETNS APP
-  local conf="{\"cniVersion\":\"1.0.0\",\"name\":\"cilia\",\"type\":\"cilia-cni\",\"socket\":\"$SOCK\",\"args\":{\"cni\":{\"labels\":{\"app\":\"$3\"}}}}"
-  CNI_COMMAND=ADD CNI_CONTAINERID=$1 CNI_NETNS=$2 CNI_IFNAME=eth0 CNI_PATH=$BIN \
-    CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAME=$1" "$BIN/cilia-cni" <<<"$conf" >"$RUN/out" ||
-    { echo "cilia-cni ADD $1 failed: $(cat "$RUN/out")" >&2; exit 1; }
-}
 t0=$(date +%s)
-for i in $(seq "$N"); do plugin "enf$i" "/run/netns/$P-$i" "app-$((i % APPS))"; done
+for i in $(seq "$N"); do cni_add_app "enf$i" "/run/netns/$P-$i" "app-$((i % APPS))"; done
 created=$(($(date +%s) - t0))
 
 load() { cut -d' ' -f1 /proc/loadavg; }

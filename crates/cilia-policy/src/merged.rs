@@ -485,9 +485,9 @@ impl MergedPolicy {
 
     /// Every map entry, L3/L4 and proxied, in key order: (key, (verdict,
     /// deciding claim, proxy)).
-    fn finals(&self) -> Vec<(Key, (Verdict, Claim, bool))> {
+    fn finals(&self) -> Vec<(Key, Final)> {
         let overlay = &self.l7.overlay;
-        let mut out: Vec<(Key, (Verdict, Claim, bool))> = self
+        let mut out: Vec<(Key, Final)> = self
             .keys
             .iter()
             .filter(|(k, _)| !overlay.contains_key(k))
@@ -514,52 +514,38 @@ impl MergedPolicy {
         let mut delta = PolicyDelta {
             ingress_enforced: (was.0 != now.0).then_some(now.0),
             egress_enforced: (was.1 != now.1).then_some(now.1),
-            l7_changed: old.l7.overlay.len() != self.l7.overlay.len()
-                || old
-                    .l7
-                    .overlay
-                    .iter()
-                    .zip(&self.l7.overlay)
-                    .any(|((ka, (_, la)), (kb, (_, lb)))| ka != kb || la != lb),
+            l7_changed: overlay_changed(&old.l7.overlay, &self.l7.overlay),
             ..PolicyDelta::default()
         };
-        let (before, after) = (old.finals(), self.finals());
-        let (mut a, mut b) = (before.iter().peekable(), after.iter().peekable());
+        let mut before = old.finals().into_iter().peekable();
+        let mut after = self.finals().into_iter().peekable();
         loop {
-            let order = match (a.peek(), b.peek()) {
+            let order = match (before.peek(), after.peek()) {
                 (None, None) => break,
+                (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
                 (Some(_), None) => std::cmp::Ordering::Less,
                 (None, Some(_)) => std::cmp::Ordering::Greater,
-                (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
             };
-            match order {
-                std::cmp::Ordering::Less => {
-                    let Some((key, (v, c, proxy))) = a.next() else {
-                        break;
-                    };
+            let (was, now) = match order {
+                std::cmp::Ordering::Less => (before.next(), None),
+                std::cmp::Ordering::Greater => (None, after.next()),
+                std::cmp::Ordering::Equal => (before.next(), after.next()),
+            };
+            match (was, now) {
+                (Some((key, (v, c, proxy))), None) => {
                     delta
                         .removed
-                        .push(merged_entry(*key, *v, c, *proxy, &offsets));
+                        .push(merged_entry(key, v, &c, proxy, &offsets));
                 }
-                std::cmp::Ordering::Greater => {
-                    let Some((key, (v, c, proxy))) = b.next() else {
-                        break;
-                    };
-                    delta
-                        .upserted
-                        .push(merged_entry(*key, *v, c, *proxy, &offsets));
-                }
-                std::cmp::Ordering::Equal => {
-                    let (Some((_, (va, ca, pa))), Some((key, (vb, cb, pb)))) = (a.next(), b.next())
-                    else {
-                        break;
-                    };
-                    if va != vb || pa != pb || ca.rule_ref() != cb.rule_ref() {
+                (was, Some((key, now))) => {
+                    if !was.is_some_and(|(_, was)| same_final(&was, &now)) {
+                        let (v, c, proxy) = now;
                         delta
                             .upserted
-                            .push(merged_entry(*key, *vb, cb, *pb, &offsets));
+                            .push(merged_entry(key, v, &c, proxy, &offsets));
                     }
                 }
+                (None, None) => break,
             }
         }
         delta.upserted.sort_by_key(|e| e.entry);
@@ -671,15 +657,11 @@ impl MergedPolicy {
         // changes where either changed.
         let overlay = self.compute_overlay(&offsets);
         let old_overlay = std::mem::replace(&mut self.l7.overlay, overlay);
-        delta.l7_changed = old_overlay.len() != self.l7.overlay.len()
-            || old_overlay
-                .iter()
-                .zip(&self.l7.overlay)
-                .any(|((ka, (_, la)), (kb, (_, lb)))| ka != kb || la != lb);
-        // (key, entry before, entry after): (verdict, deciding claim, proxy).
-        type Final = Option<(Verdict, Claim, bool)>;
+        delta.l7_changed = overlay_changed(&old_overlay, &self.l7.overlay);
+        // (key, entry before, entry after).
+        type Slot = Option<Final>;
         let l4 = |d: Decided| d.map(|(v, c)| (v, c, false));
-        let finals: Vec<(Key, Final, Final)> =
+        let finals: Vec<(Key, Slot, Slot)> =
             if old_overlay.is_empty() && self.l7.overlay.is_empty() {
                 // No L7 before or after: the L3/L4 changes are the map's.
                 changed
@@ -718,9 +700,7 @@ impl MergedPolicy {
         for (key, was, now) in finals {
             let same = match (&was, &now) {
                 (None, None) => true,
-                (Some((va, ca, pa)), Some((vb, cb, pb))) => {
-                    va == vb && pa == pb && ca.rule_ref() == cb.rule_ref()
-                }
+                (Some(a), Some(b)) => same_final(a, b),
                 _ => false,
             };
             if same {
@@ -820,6 +800,27 @@ impl PolicyRepository {
         merged.basis = basis.clone();
         merged.fill(parts);
     }
+}
+
+/// An entry of the map: (verdict, deciding claim, proxy).
+type Final = (Verdict, Claim, bool);
+
+/// Whether two entries are the same in the map: verdict, proxy flag and the
+/// rule named (by reference: rule indexes shift as policies come and go).
+fn same_final((va, ca, pa): &Final, (vb, cb, pb): &Final) -> bool {
+    va == vb && pa == pb && ca.rule_ref() == cb.rule_ref()
+}
+
+/// Whether the proxied entries' L7 policies differ (what the proxy is told).
+fn overlay_changed(
+    old: &BTreeMap<Key, (Claim, ResolvedL7)>,
+    new: &BTreeMap<Key, (Claim, ResolvedL7)>,
+) -> bool {
+    old.len() != new.len()
+        || old
+            .iter()
+            .zip(new)
+            .any(|((ka, (_, la)), (kb, (_, lb)))| ka != kb || la != lb)
 }
 
 /// An update whose changed keys (those of the contributions that leave and
