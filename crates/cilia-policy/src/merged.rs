@@ -661,42 +661,42 @@ impl MergedPolicy {
         // (key, entry before, entry after).
         type Slot = Option<Final>;
         let l4 = |d: Decided| d.map(|(v, c)| (v, c, false));
-        let finals: Vec<(Key, Slot, Slot)> =
-            if old_overlay.is_empty() && self.l7.overlay.is_empty() {
-                // No L7 before or after: the L3/L4 changes are the map's.
-                changed
-                    .into_iter()
-                    .map(|(key, old, new)| (key, l4(old), l4(new)))
-                    .collect()
-            } else {
-                let changed: BTreeMap<Key, (Decided, Decided)> = changed
-                    .into_iter()
-                    .map(|(key, old, new)| (key, (old, new)))
-                    .collect();
-                let mut keys: BTreeSet<Key> = changed.keys().copied().collect();
-                keys.extend(old_overlay.keys().copied());
-                keys.extend(self.l7.overlay.keys().copied());
-                let proxied =
-                    |(claim, _): &(Claim, ResolvedL7)| Some((Verdict::Allow, claim.clone(), true));
-                keys.into_iter()
-                    .map(|key| {
-                        let (base_old, base_new) = match changed.get(&key) {
-                            Some((old, new)) => (old.clone(), new.clone()),
-                            None => {
-                                let now = self.keys.get(&key).and_then(KeyState::entry);
-                                (now.clone(), now)
-                            }
-                        };
-                        let was = old_overlay.get(&key).map_or_else(|| l4(base_old), proxied);
-                        let now = self
-                            .l7
-                            .overlay
-                            .get(&key)
-                            .map_or_else(|| l4(base_new), proxied);
-                        (key, was, now)
-                    })
-                    .collect()
-            };
+        let finals: Vec<(Key, Slot, Slot)> = if old_overlay.is_empty() && self.l7.overlay.is_empty()
+        {
+            // No L7 before or after: the L3/L4 changes are the map's.
+            changed
+                .into_iter()
+                .map(|(key, old, new)| (key, l4(old), l4(new)))
+                .collect()
+        } else {
+            let changed: BTreeMap<Key, (Decided, Decided)> = changed
+                .into_iter()
+                .map(|(key, old, new)| (key, (old, new)))
+                .collect();
+            let mut keys: BTreeSet<Key> = changed.keys().copied().collect();
+            keys.extend(old_overlay.keys().copied());
+            keys.extend(self.l7.overlay.keys().copied());
+            let proxied =
+                |(claim, _): &(Claim, ResolvedL7)| Some((Verdict::Allow, claim.clone(), true));
+            keys.into_iter()
+                .map(|key| {
+                    let (base_old, base_new) = match changed.get(&key) {
+                        Some((old, new)) => (old.clone(), new.clone()),
+                        None => {
+                            let now = self.keys.get(&key).and_then(KeyState::entry);
+                            (now.clone(), now)
+                        }
+                    };
+                    let was = old_overlay.get(&key).map_or_else(|| l4(base_old), proxied);
+                    let now = self
+                        .l7
+                        .overlay
+                        .get(&key)
+                        .map_or_else(|| l4(base_new), proxied);
+                    (key, was, now)
+                })
+                .collect()
+        };
         for (key, was, now) in finals {
             let same = match (&was, &now) {
                 (None, None) => true,
