@@ -739,11 +739,6 @@ impl PolicyRepository {
         if merged.basis == *basis {
             return PolicyDelta::default();
         }
-        if merged.parts.is_empty() {
-            // Nothing merged yet (a first programming): built at once.
-            self.fill_merged(merged, basis);
-            return merged.delta_from(&MergedPolicy::default());
-        }
         let mut old: HashMap<ContributionId, Arc<Contribution>> =
             std::mem::take(&mut merged.parts).into_iter().collect();
         let mut parts = Vec::with_capacity(basis.0.len());
@@ -761,9 +756,10 @@ impl PolicyRepository {
         let changed = keys_of(&removed) + keys_of(&added);
         let kept = parts.iter().map(|(_, c)| c.keys.len()).sum::<usize>() - keys_of(&added);
         if changed.saturating_mul(REBUILD_RATIO) > kept {
-            // Most keys change (a policy edited whole, the usual case for an
-            // endpoint selected by one policy): built again at once and
-            // compared, cheaper than the per-key path for that many keys.
+            // Most keys change (a first programming; a policy edited whole,
+            // the usual case for an endpoint selected by one policy): built
+            // again at once and compared, cheaper than the per-key path for
+            // that many keys.
             let previous = merged.previous.take();
             let generation = merged.generation;
             let old = std::mem::take(merged);
@@ -787,18 +783,15 @@ impl PolicyRepository {
     pub fn merged(&self, basis: &Basis) -> MergedPolicy {
         let mut merged = MergedPolicy::new();
         merged.previous = Some((Basis::default(), Vec::new()));
-        self.fill_merged(&mut merged, basis);
-        merged
-    }
-
-    fn fill_merged(&self, merged: &mut MergedPolicy, basis: &Basis) {
-        let parts = basis
-            .0
-            .iter()
-            .filter_map(|id| self.contribution(*id).map(|c| (*id, c)))
-            .collect();
         merged.basis = basis.clone();
-        merged.fill(parts);
+        merged.fill(
+            basis
+                .0
+                .iter()
+                .filter_map(|id| self.contribution(*id).map(|c| (*id, c)))
+                .collect(),
+        );
+        merged
     }
 }
 
