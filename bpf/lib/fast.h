@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * The established-flow fast path of the from-container program: one
- * conntrack lookup per packet instead of a service lookup, a destination
- * lookup (hash or LPM) and the conntrack lookup.
+ * conntrack lookup per packet, in either direction (the key is the same
+ * for both, see ct_key_of in conntrack.h), instead of a service lookup, a
+ * destination lookup (hash or LPM) and the conntrack lookups.
  *
  * The full path (lxc.c) remembers in a flow's conntrack entry where it
  * delivered the flow's packets: to a local endpoint (its id, whose delivery
@@ -50,7 +51,7 @@ __inline_fn int fast_candidate(const struct flow *f)
 }
 
 /* A TCP SYN without ACK opens a connection: nothing to find, and a
- * connection's setup rate is what the fast path's two misses would cost. */
+ * connection's setup rate is what the fast path's miss would cost. */
 __inline_fn int tcp_opening(const struct flow *f)
 {
 	return f->proto == IPPROTO_TCP && (f->tcp_flags & (TCP_FLAG_SYN | 0x10)) == TCP_FLAG_SYN;
@@ -59,7 +60,7 @@ __inline_fn int tcp_opening(const struct flow *f)
 /*
  * Delivers a packet of an established flow whose entry caches its delivery.
  * Returns the tc verdict, or CILIA_FAST_MISS (nothing changed: the full path
- * decides; it leaves ct_cb_absent set when neither direction had an entry).
+ * decides; it leaves ct_cb_absent set when the flow had no entry).
  */
 __inline_fn int fast_established(struct __sk_buff *skb, const struct flow *f, __u8 dir, __u32 *rev)
 {
@@ -67,6 +68,7 @@ __inline_fn int fast_established(struct __sk_buff *skb, const struct flow *f, __
 	struct ct_value *ct;
 	struct endpoint_info *ep = 0;
 	__u32 zero = 0, target;
+	__u16 o;
 	__u64 now;
 	int reply = 0;
 	struct global_config *cfg = bpf_map_lookup_elem(&cilia_config, &zero);
@@ -79,25 +81,21 @@ __inline_fn int fast_established(struct __sk_buff *skb, const struct flow *f, __
 	if (!cfg || !fast_candidate(f) || tcp_opening(f) ||
 	    event_wanted(cfg->monitor_level, CILIA_EVENT_TRACE))
 		return CILIA_FAST_MISS;
-	ct_key_of(&key, f);
+	o = ct_key_of(&key, f);
 	ct = bpf_map_lookup_elem(&cilia_ct, &key);
 	if (!ct) {
-		struct ct_key rkey = {};
-
-		ct_key_reverse(&rkey, &key);
-		ct = bpf_map_lookup_elem(&cilia_ct, &rkey);
-		if (!ct) {
-			ct_cb_set_absent(skb, 1);
+		ct_cb_set_absent(skb, 1);
+		return CILIA_FAST_MISS;
+	}
+	if (ct_forward(ct, o)) {
+		if (!(ct->flags & CILIA_CT_FAST_FWD))
 			return CILIA_FAST_MISS;
-		}
+		target = ct->backend_id & 0xffff;
+	} else {
 		if (!(ct->flags & CILIA_CT_FAST_REPLY))
 			return CILIA_FAST_MISS;
 		reply = 1;
 		target = ct->backend_id >> 16;
-	} else {
-		if (!(ct->flags & CILIA_CT_FAST_FWD))
-			return CILIA_FAST_MISS;
-		target = ct->backend_id & 0xffff;
 	}
 	now = cil_now();
 	if (ct->policy_rev != *rev || ct->expires <= now || (ct->flags & CILIA_CT_NOT_FAST) ||
@@ -138,6 +136,7 @@ __inline_fn void fast_remember(const struct flow *f, const struct decision *d, i
 {
 	struct ct_key key = {};
 	struct ct_value *ct;
+	__u16 o;
 
 	/* One test of all, not a branch each: every branch here would split
 	 * the verifier's states before the delivery that follows. */
@@ -145,20 +144,19 @@ __inline_fn void fast_remember(const struct flow *f, const struct decision *d, i
 	    (d->ct_flags & (CILIA_CT_TO_PROXY | CILIA_CT_FROM_PROXY)))
 		return;
 	if (d->ct_state == CILIA_CT_STATE_ESTABLISHED) {
-		ct_key_of(&key, f);
+		o = ct_key_of(&key, f);
 		ct = bpf_map_lookup_elem(&cilia_ct, &key);
-		if (!ct || ct->policy_rev != rev || (ct->flags & CILIA_CT_NOT_FAST) || ct->rev_nat)
+		if (!ct || !ct_forward(ct, o) || ct->policy_rev != rev ||
+		    (ct->flags & CILIA_CT_NOT_FAST) || ct->rev_nat)
 			return;
 		ct->backend_id = (ct->backend_id & 0xffff0000) | target;
 		ct->flags |= CILIA_CT_FAST_FWD;
 	} else if (d->ct_state == CILIA_CT_STATE_REPLY) {
-		struct ct_key fwd = {};
-
-		ct_key_of(&key, f);
-		ct_key_reverse(&fwd, &key);
-		ct = bpf_map_lookup_elem(&cilia_ct, &fwd);
-		if (!ct || ct->policy_rev != rev || (ct->flags & CILIA_CT_NOT_FAST) ||
-		    ct->rev_nat || !(ct->flags & CILIA_CT_SEEN_REPLY))
+		o = ct_key_of(&key, f);
+		ct = bpf_map_lookup_elem(&cilia_ct, &key);
+		if (!ct || ct_forward(ct, o) || ct->policy_rev != rev ||
+		    (ct->flags & CILIA_CT_NOT_FAST) || ct->rev_nat ||
+		    !(ct->flags & CILIA_CT_SEEN_REPLY))
 			return;
 		ct->backend_id = (ct->backend_id & 0xffff) | ((__u32)target << 16);
 		ct->flags |= CILIA_CT_FAST_REPLY;

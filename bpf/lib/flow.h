@@ -69,7 +69,7 @@ struct flow {
 	__u32 l4_off;	/* offset of the L4 header; 0 when this packet has none */
 	__u32 frag_id;	/* fragment identification, when frag != FLOW_NOT_FRAG */
 	struct ct_key inner;
-};
+} __attribute__((aligned(8))); /* addresses read 64 bits at a time (ct_key_of) */
 
 __inline_fn int addr_eq(const __u8 *a, const __u8 *b)
 {

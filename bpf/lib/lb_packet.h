@@ -35,7 +35,7 @@ struct lb_state {
  * the established timeout, so an idle connection keeps its backend as long
  * as its own entry lives. Returns 0 or the drop reason.
  */
-__inline_fn int lb_pin(__u32 len, const struct ct_key *key, struct ct_value *ct,
+__inline_fn int lb_pin(__u32 len, const struct ct_key *key, __u16 o, struct ct_value *ct,
 		       const struct flow *f, __u16 rev_nat, __u32 backend_id, __u64 now)
 {
 	__u16 life_flags =
@@ -44,11 +44,13 @@ __inline_fn int lb_pin(__u32 len, const struct ct_key *key, struct ct_value *ct,
 
 	if (ct) {
 		/* The same flow again, or a slot already counted (expired, or
-		 * an entry of before the service): refresh or reuse it. */
-		if (ct->backend_id != backend_id || !(ct->flags & CILIA_CT_SERVICE)) {
+		 * an entry of before the service, or of the tuple's other
+		 * direction): refresh or reuse it, in this packet's orientation. */
+		if (ct->backend_id != backend_id || !(ct->flags & CILIA_CT_SERVICE) ||
+		    !ct_forward(ct, o)) {
 			ct->packets = 0;
 			ct->bytes = 0;
-			ct->flags = CILIA_CT_SERVICE;
+			ct->flags = CILIA_CT_SERVICE | o;
 			ct->proxy_port = 0;
 			ct->src_identity = 0;
 			ct->dst_identity = 0;
@@ -71,7 +73,7 @@ __inline_fn int lb_pin(__u32 len, const struct ct_key *key, struct ct_value *ct,
 	    .expires = expires,
 	    .packets = 1,
 	    .bytes = len,
-	    .flags = CILIA_CT_SERVICE,
+	    .flags = CILIA_CT_SERVICE | o,
 	    .owner = owner,
 	    .rev_nat = rev_nat,
 	    .backend_id = backend_id,
@@ -111,16 +113,17 @@ __inline_fn void lb_count(__u32 len, __u16 rev_nat, int new_flow)
  * Context-free (maps only): the tc and the XDP load balancers share it.
  */
 __inline_fn __u32 lb_choose(const struct flow *f, const struct lb_service_value *svc,
-			    const __u8 *vip, __u64 now, struct ct_key *key, struct ct_value **ct,
-			    __u8 *selected)
+			    const __u8 *vip, __u64 now, struct ct_key *key, __u16 *o,
+			    struct ct_value **ct, __u8 *selected)
 {
 	struct ct_value *pinned;
 
-	ct_key_of(key, f);
+	*o = ct_key_of(key, f);
 	pinned = bpf_map_lookup_elem(&cilia_ct, key);
 	*ct = pinned;
 	if (pinned && pinned->expires > now && (pinned->flags & CILIA_CT_SERVICE) &&
-	    pinned->rev_nat == svc->rev_nat && lb_backend_lookup(pinned->backend_id))
+	    ct_forward(pinned, *o) && pinned->rev_nat == svc->rev_nat &&
+	    lb_backend_lookup(pinned->backend_id))
 		return pinned->backend_id;
 	*selected = 1;
 	return lb_select_backend(vip, f->dport, f->proto, f->family, svc, f->saddr, f->sport, now);
@@ -139,17 +142,18 @@ __inline_fn int lb_translate_to(struct __sk_buff *skb, struct flow *f, struct lb
 	struct ct_key key = {};
 	struct ct_value *ct;
 	__u32 id;
+	__u16 o;
 	__u64 now;
 	int reason;
 
 	if (f->frag != FLOW_NOT_FRAG)
 		return CILIA_DROP_LB_FRAGMENT;
 	now = cil_now();
-	id = lb_choose(f, svc, vip, now, &key, &ct, &lb->selected);
+	id = lb_choose(f, svc, vip, now, &key, &o, &ct, &lb->selected);
 	b = lb_backend_lookup(id);
 	if (!b || b->family != f->family)
 		return CILIA_DROP_NO_BACKEND;
-	reason = lb_pin(skb->len, &key, ct, f, svc->rev_nat, id, now);
+	reason = lb_pin(skb->len, &key, o, ct, f, svc->rev_nat, id, now);
 	if (reason)
 		return reason;
 	lb->rev_nat = svc->rev_nat;

@@ -394,6 +394,7 @@ __inline_fn int xdp_nodeport_forward(struct xdp_md *ctx, __u32 ifindex, struct f
 	__u8 dsr = svc->flags & CILIA_LB_FLAG_DSR;
 	__u64 now = cil_now();
 	__u32 id, grow = 0;
+	__u16 o;
 	__be16 port;
 
 	if ((svc->flags & CILIA_LB_FLAG_LOCAL) || !fib)
@@ -403,7 +404,7 @@ __inline_fn int xdp_nodeport_forward(struct xdp_md *ctx, __u32 ifindex, struct f
 
 	/* Which backend: the pinned one or a new choice, as at tc. Nothing is
 	 * written before the packet is known to be ours. */
-	id = lb_choose(f, svc, any, now, &key, &ct, &lb.selected);
+	id = lb_choose(f, svc, any, now, &key, &o, &ct, &lb.selected);
 	b = lb_backend_lookup(id);
 	if (!b || b->family != f->family)
 		return XDP_PASS;
@@ -430,7 +431,7 @@ __inline_fn int xdp_nodeport_forward(struct xdp_md *ctx, __u32 ifindex, struct f
 
 	/* Decide: pin the flow, translate it (maps first: a failure leaves the
 	 * packet untouched for tc, which drops it with the reason). */
-	if (lb_pin(len, &key, ct, f, svc->rev_nat, id, now))
+	if (lb_pin(len, &key, o, ct, f, svc->rev_nat, id, now))
 		return XDP_PASS;
 	__builtin_memcpy(f->daddr, b->addr, 16);
 	f->dport = b->port;

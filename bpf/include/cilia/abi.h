@@ -201,7 +201,16 @@ struct policy_value {
 	__u32 rule;	   /* rule cookie: which policy rule this entry comes from */
 };
 
-/* Conntrack: LRU hash keyed by the 5-tuple as the packet carried it. */
+/*
+ * Conntrack: a hash keyed by the flow's 5-tuple in canonical order, the
+ * same key for both directions, so that one lookup finds a flow from
+ * either end (bpf/lib/conntrack.h, ct_key_of). The two ends, each its
+ * port as stored (network byte order) then its address as four 32-bit
+ * words in host byte order, compare lexicographically; the smaller is
+ * (saddr, sport). Which end began the flow is CILIA_CT_SWAPPED in
+ * ct_value.flags. 8-byte aligned: the datapath writes the ends 64 bits at
+ * a time (its size, 40, and its offsets are the same either way).
+ */
 struct ct_key {
 	__u8 saddr[16];
 	__u8 daddr[16];
@@ -210,7 +219,7 @@ struct ct_key {
 	__u8 proto;
 	__u8 family;
 	__u8 pad[2];
-};
+} __attribute__((aligned(8)));
 
 #define CILIA_CT_SEEN_REPLY 1
 #define CILIA_CT_CLOSING    2
@@ -234,6 +243,9 @@ struct ct_key {
 #define CILIA_CT_FAST_FWD   64
 #define CILIA_CT_FAST_REPLY 128
 #define CILIA_CT_FAST_MASK  192 /* FAST_FWD | FAST_REPLY */
+/* The flow's first packet went from the key's (daddr, dport) to its
+ * (saddr, sport): the key's order is canonical, not the flow's. */
+#define CILIA_CT_SWAPPED 256
 
 struct ct_value {
 	__u64 expires;	  /* cil_now() deadline (CLOCK_MONOTONIC_COARSE) */

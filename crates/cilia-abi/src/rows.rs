@@ -397,7 +397,11 @@ impl PolicyDelta {
     }
 }
 
-/// One conntrack entry (a flow in one direction, as its first packet went).
+/// One conntrack entry: a flow, its source and destination as its first
+/// packet went. The map holds it under one key for both directions (the
+/// ends in canonical order, [`ct_key_canon`]) with `CILIA_CT_SWAPPED` when
+/// the flow began at the key's second end; [`CtEntry::decode`] and
+/// [`CtEntry::key`] translate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CtEntry {
     pub proto: u8,
@@ -433,9 +437,39 @@ pub struct CtEntry {
     pub backend_id: u32,
 }
 
+/// Puts a conntrack key's ends in the datapath's canonical order
+/// (`ct_key_of` in `bpf/lib/conntrack.h`): each end, its port as stored
+/// (network byte order) then its address as four 32-bit words in host byte
+/// order, compared lexicographically, the smaller first. Returns whether
+/// the ends were exchanged.
+pub fn ct_key_canon(key: &mut CtKey) -> bool {
+    let end = |port: u16, addr: &[u8; 16]| {
+        let word = |i: usize| {
+            u32::from_ne_bytes([
+                addr[4 * i],
+                addr[4 * i + 1],
+                addr[4 * i + 2],
+                addr[4 * i + 3],
+            ])
+        };
+        (port, [word(0), word(1), word(2), word(3)])
+    };
+    let swap = end(key.sport, &key.saddr) > end(key.dport, &key.daddr);
+    if swap {
+        core::mem::swap(&mut key.saddr, &mut key.daddr);
+        core::mem::swap(&mut key.sport, &mut key.dport);
+    }
+    swap
+}
+
 impl CtEntry {
     /// The entry of a map entry; `None` for an unknown family.
     pub fn decode(key: &CtKey, value: &CtValue) -> Option<Self> {
+        let mut key = *key;
+        if value.flags & CILIA_CT_SWAPPED != 0 {
+            core::mem::swap(&mut key.saddr, &mut key.daddr);
+            core::mem::swap(&mut key.sport, &mut key.dport);
+        }
         let addr = |a: [u8; 16]| {
             EndpointKey {
                 addr: a,
@@ -467,11 +501,16 @@ impl CtEntry {
         })
     }
 
-    /// The map key of the entry (source and destination are taken to be
-    /// of one family: the source's).
+    /// The map key of the entry, in canonical order (source and
+    /// destination are taken to be of one family: the source's).
     pub fn key(&self) -> CtKey {
+        self.canonical().0
+    }
+
+    /// The canonical key, and whether the flow began at its second end.
+    fn canonical(&self) -> (CtKey, bool) {
         let src = EndpointKey::from_ip(self.source.ip());
-        CtKey {
+        let mut key = CtKey {
             saddr: src.addr,
             daddr: EndpointKey::from_ip(self.destination.ip()).addr,
             sport: self.source.port().to_be(),
@@ -479,7 +518,9 @@ impl CtEntry {
             proto: self.proto,
             family: src.family,
             pad: [0; 2],
-        }
+        };
+        let swapped = ct_key_canon(&mut key);
+        (key, swapped)
     }
 
     /// The map value of the entry.
@@ -497,7 +538,8 @@ impl CtEntry {
                 | flag(self.denied, CILIA_CT_DENIED)
                 | flag(self.to_proxy, CILIA_CT_TO_PROXY)
                 | flag(self.from_proxy, CILIA_CT_FROM_PROXY)
-                | flag(self.service, CILIA_CT_SERVICE),
+                | flag(self.service, CILIA_CT_SERVICE)
+                | flag(self.canonical().1, CILIA_CT_SWAPPED),
             owner: self.owner,
             proxy_port: self.proxy_port.to_be(),
             rev_nat: self.rev_nat,
@@ -1103,6 +1145,75 @@ impl LbService {
 mod tests {
     use super::*;
 
+    fn flow(source: &str, destination: &str) -> CtEntry {
+        CtEntry {
+            proto: 17,
+            source: source.parse().unwrap(),
+            destination: destination.parse().unwrap(),
+            src_identity: 0,
+            dst_identity: 0,
+            packets: 1,
+            bytes: 0,
+            expires_ns: 0,
+            seen_reply: false,
+            closing: false,
+            denied: false,
+            policy_revision: 0,
+            owner: 1,
+            to_proxy: false,
+            from_proxy: false,
+            proxy_port: 0,
+            service: false,
+            rev_nat: 0,
+            backend_id: 0,
+        }
+    }
+
+    /// Both directions of a flow have one key, and an entry decodes to the
+    /// direction its flow began in, whichever end is the key's first:
+    /// addresses that differ in any word, equal addresses with different
+    /// ports (loopback-like), equal ports (ICMP echo), both families.
+    #[test]
+    fn a_flow_and_its_reply_share_one_canonical_key() {
+        let pairs = [
+            ("[fd00::a]:40000", "[fd00::b]:80"),
+            ("[fd00::b]:40000", "[fd00::a]:80"),
+            ("[fd00:1::5]:53", "[fd00:2::5]:53"),
+            ("[fd00::1:0:0:5]:1", "[fd00::5]:1"),
+            ("[fd00::a]:1000", "[fd00::a]:2000"),
+            ("[fd00::a]:2000", "[fd00::a]:1000"),
+            ("10.0.0.2:5000", "10.0.0.1:5000"),
+            ("10.0.0.1:5000", "10.0.0.2:5000"),
+            ("192.0.2.1:1", "10.0.0.1:65535"),
+            ("[fd00::a]:7", "[fd00::a]:7"),
+        ];
+        for (a, b) in pairs {
+            let there = flow(a, b);
+            let back = flow(b, a);
+            let key = there.key();
+            assert_eq!(key, back.key(), "{a} <-> {b}: one key");
+            let mut again = key;
+            assert!(
+                !ct_key_canon(&mut again),
+                "{a} <-> {b}: a canonical key stays"
+            );
+            for e in [there, back] {
+                let value = e.value();
+                assert_eq!(
+                    CtEntry::decode(&key, &value),
+                    Some(e),
+                    "{a} <-> {b}: the entry decodes as its flow began"
+                );
+                assert_eq!(
+                    value.flags & CILIA_CT_SWAPPED != 0,
+                    e.key().saddr != EndpointKey::from_ip(e.source.ip()).addr
+                        || e.key().sport != e.source.port().to_be(),
+                    "{a} <-> {b}: swapped exactly when the source is the second end"
+                );
+            }
+        }
+    }
+
     fn apply(map: &mut BTreeMap<PolicyKey, PolicyValue>, delta: &PolicyDelta) {
         let (removes, upserts) = delta.encode();
         for key in removes {
@@ -1407,9 +1518,20 @@ mod tests {
                 backend_id: 0,
             };
             let (k, v) = (row.key(), row.value());
-            assert_eq!(k.sport, row.source.port().to_be());
+            // The key holds the ends in canonical order; the flag says
+            // whether the source is the second.
+            let swapped = v.flags & CILIA_CT_SWAPPED != 0;
+            let (first, second) = if swapped {
+                (row.destination, row.source)
+            } else {
+                (row.source, row.destination)
+            };
             assert_eq!(
-                v.flags,
+                (k.sport, k.dport),
+                (first.port().to_be(), second.port().to_be())
+            );
+            assert_eq!(
+                v.flags & !CILIA_CT_SWAPPED,
                 CILIA_CT_SEEN_REPLY | CILIA_CT_DENIED | CILIA_CT_TO_PROXY
             );
             assert_eq!(v.proxy_port, 15080u16.to_be());

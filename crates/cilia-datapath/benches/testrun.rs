@@ -6,7 +6,9 @@
 //! without events. Needs root. `cargo bench -p cilia-datapath --bench
 //! testrun`; prints one line per case and the ratio to the baseline.
 //! `CILIA_BENCH_ROUNDS`, `CILIA_BENCH_RUNS` and `CILIA_BENCH_STAT=min` (the
-//! fastest round, for a shared machine) change how it samples.
+//! fastest round, for a shared machine) change how it samples;
+//! `CILIA_BENCH_ONLY=<text>` runs only the cases whose name contains it
+//! (the empty program's baseline always runs).
 
 #![allow(clippy::unwrap_used)] // benchmark code: a panic is the failure report
 
@@ -46,6 +48,12 @@ fn rounds() -> usize {
 /// of other work's interference).
 fn runs() -> usize {
     env_count("CILIA_BENCH_RUNS", RUNS)
+}
+
+/// Whether the case `name` runs: all of them, or with `CILIA_BENCH_ONLY`
+/// those whose name contains it (to profile one path, e.g. under `perf`).
+fn selected(name: &str) -> bool {
+    std::env::var("CILIA_BENCH_ONLY").map_or(true, |only| name.contains(&only))
 }
 
 /// The statistic over rounds: the median by default; `CILIA_BENCH_STAT=min`
@@ -256,8 +264,39 @@ fn main() {
         ("IPv6 TCP to host stack", &tcp6(host6)),
         ("IPv4 TCP to host stack", &tcp4(host4)),
     ] {
+        if !selected(name) {
+            continue;
+        }
         let ns = measure(&endpoint, pkt);
         println!("{name}\t{ns:.1}\t{:.2}", ns / baseline);
+    }
+    // A reply: the node's stack opens a flow to the endpoint (its
+    // to-container program creates the entry), and the endpoint's answers
+    // are what its from-container program then carries.
+    let reply_name = "IPv6 UDP reply to the host stack (flow opened by the stack)";
+    if selected(reply_name) {
+        let to_container = dp
+            .test_program_to_container(&config(1))
+            .expect("load the endpoint's to-container program");
+        let opening = eth(
+            mac,
+            node_mac,
+            ETH_P_IPV6,
+            &ipv6(host6, a6, IPPROTO_UDP, 64, &udp(2000, 7000, &payload)),
+        );
+        assert_ne!(
+            to_container.run(&opening).expect("test_run").verdict,
+            TC_ACT_SHOT,
+            "the stack's flow to the endpoint was dropped"
+        );
+        let reply = eth(
+            node_mac,
+            mac,
+            ETH_P_IPV6,
+            &ipv6(a6, host6, IPPROTO_UDP, 64, &udp(7000, 2000, &payload)),
+        );
+        let ns = measure(&endpoint, &reply);
+        println!("{reply_name}\t{ns:.1}\t{:.2}", ns / baseline);
     }
     // The floor under the fast path (bpf/floor.c): the least a program must
     // do to deliver the IPv4 UDP packet above, without and with one lookup,
@@ -272,12 +311,17 @@ fn main() {
         ),
         ("+ one lookup, 16-byte IPv4 key", object::PROG_FLOOR_CT16),
     ] {
+        if !selected(name) {
+            continue;
+        }
         let floor = TestProgram::floor(prog).expect("load floor program");
         let ns = measure(&floor, &v4);
         println!("{name}\t{ns:.1}\t{:.2}", ns / baseline);
     }
-    let ns = measure(&endpoint, &v4);
-    println!("cilia (the same packet)\t{ns:.1}\t{:.2}", ns / baseline);
+    if selected("cilia (the same packet)") {
+        let ns = measure(&endpoint, &v4);
+        println!("cilia (the same packet)\t{ns:.1}\t{:.2}", ns / baseline);
+    }
     // Services: the peer is the one backend of a frontend on TCP/80; an
     // established (pinned) flow pays the service lookup, the pin, the
     // backend lookup and the rewrite on top of the redirect.
@@ -320,6 +364,9 @@ fn main() {
             &tcp4(vip4),
         ),
     ] {
+        if !selected(name) {
+            continue;
+        }
         let ns = measure(&endpoint, pkt);
         println!("{name}\t{ns:.1}\t{:.2}", ns / baseline);
     }
@@ -355,11 +402,13 @@ fn main() {
     let port = |i: usize| 1024 + (i % 60_000) as u16;
     println!();
     println!("through policy (egress enforced, one allow)\tns/packet\tratio-to-empty");
-    let established = measure(&endpoint, &v6);
-    println!(
-        "IPv6 UDP established, allowed\t{established:.1}\t{:.2}",
-        established / baseline
-    );
+    if selected("IPv6 UDP established, allowed") {
+        let established = measure(&endpoint, &v6);
+        println!(
+            "IPv6 UDP established, allowed\t{established:.1}\t{:.2}",
+            established / baseline
+        );
+    }
     // New flows (a source port each): (name, IPv6?, destination port).
     for (name, v6_family, dport) in [
         (
@@ -371,6 +420,9 @@ fn main() {
         ("IPv6 UDP new flow, policy drop", true, 54),
         ("IPv4 UDP new flow, policy drop", false, 54),
     ] {
+        if !selected(name) {
+            continue;
+        }
         let packet = |i: usize| {
             let l4 = udp(port(i), dport, &payload);
             if v6_family {
@@ -416,6 +468,9 @@ fn main() {
             54,
         ),
     ] {
+        if !selected(name) {
+            continue;
+        }
         let floor = TestProgram::new_flow_floor(prog, b4, &allow_dns).expect("load floor program");
         let reset_floor = || {
             floor
@@ -443,6 +498,9 @@ fn main() {
         ("monitor on: drops + policy verdicts", CILIA_MONITOR_DROPS),
         ("monitor on: + traces of every packet", CILIA_MONITOR_TRACE),
     ] {
+        if !selected(name) {
+            continue;
+        }
         dp.set_monitor_level(level).unwrap();
         let ns = measure(&endpoint, &v6);
         println!("{name}\t{ns:.1}\t{:.3}", ns / base);

@@ -169,7 +169,8 @@ pub struct BpfDatapath {
 /// kernel can report (map type, size, key/value size): bump it whenever a
 /// pinned map keeps its sizes but changes meaning (a field reused, a value
 /// re-encoded). Stored in the pinned one-slot array `maps/cilia_abi`.
-pub const PIN_ABI_VERSION: u32 = 3;
+/// 4: conntrack keys in canonical order, one entry for both directions.
+pub const PIN_ABI_VERSION: u32 = 4;
 
 /// Pin of the ABI version array (not part of the BPF object).
 const MAP_ABI: &str = "cilia_abi";

@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use cilia_abi::*;
 use cilia_datapath::packet::*;
@@ -16,13 +16,15 @@ mod common;
 use common::fixture::*;
 use common::*;
 
-/// The conntrack entry whose destination port is `dport` (one per test).
+/// The conntrack entry of the flow to port `dport` (one per test).
 fn entry(fx: &Fixture, dport: u16) -> CtValue {
     fx.dp
         .list_ct()
         .unwrap()
         .into_iter()
-        .find(|(k, v)| k.dport == dport.to_be() && v.flags & CILIA_CT_SERVICE == 0)
+        .find(|(k, v)| {
+            CtEntry::decode(k, v).is_some_and(|e| e.destination.port() == dport && !e.service)
+        })
         .map(|(_, v)| v)
         .expect("the flow's conntrack entry")
 }
@@ -275,4 +277,68 @@ fn a_stale_absent_flag_in_the_control_block_is_not_believed() {
     );
     let est = a.run_with_cb(&a_to_b_est(80), STALE).unwrap();
     assert_eq!(est.verdict, TC_ACT_REDIRECT, "established, by its entry");
+}
+
+/// One conntrack entry per flow, not per direction: a flow and its replies
+/// share one canonical key (`ct_key_canon`), the entry says which end began
+/// it, and userspace computes the same key the datapath stored.
+#[test]
+fn a_flow_has_one_entry_for_both_directions_decoded_as_it_began() {
+    privileged!("ct_one_key_both_directions");
+    let fx = Fixture::new();
+    let (a, b) = (fx.a(), fx.b());
+    // (source MAC, destination MAC) of each endpoint's packets.
+    let (from_a, from_b) = ((A_MAC, A_NODE_MAC), (B_MAC, B_NODE_MAC));
+    let v6 = |src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), flags, mac| {
+        l4::tcp_packet(
+            SocketAddr::new(IpAddr::V6(src.0), src.1),
+            SocketAddr::new(IpAddr::V6(dst.0), dst.1),
+            flags,
+            mac,
+        )
+    };
+    const SYN: u8 = 0x02;
+    const SYN_ACK: u8 = 0x12;
+    // A opens to B:80 and B answers; B opens to A:8080 and A answers.
+    let steps = [
+        (&a, v6((a6(), 40000), (b6(), 80), SYN, from_a)),
+        (&b, v6((b6(), 80), (a6(), 40000), SYN_ACK, from_b)),
+        (&b, v6((b6(), 50000), (a6(), 8080), SYN, from_b)),
+        (&a, v6((a6(), 8080), (b6(), 50000), SYN_ACK, from_a)),
+    ];
+    for (i, (prog, packet)) in steps.iter().enumerate() {
+        assert_eq!(
+            prog.run(packet).unwrap().verdict,
+            TC_ACT_REDIRECT,
+            "step {i}"
+        );
+    }
+    // And an IPv4 flow of A's to the world, by the stack.
+    let world = SocketAddr::new(IpAddr::V4(world4()), 53);
+    let dns = l4::udp_packet(SocketAddr::new(IpAddr::V4(a4()), 5353), world, from_a);
+    assert_eq!(a.run(&dns).unwrap().verdict, TC_ACT_OK);
+
+    let ct = fx.dp.list_ct().unwrap();
+    assert_eq!(ct.len(), 3, "one entry per flow: {ct:?}");
+    let mut began = Vec::new();
+    let mut swapped = 0;
+    for (key, value) in &ct {
+        let e = CtEntry::decode(key, value).unwrap();
+        assert_eq!(e.key(), *key, "userspace computes the datapath's key");
+        swapped += usize::from(value.flags & CILIA_CT_SWAPPED != 0);
+        began.push((e.source, e.destination, e.seen_reply));
+    }
+    began.sort();
+    let end = |ip: Ipv6Addr, port| SocketAddr::new(IpAddr::V6(ip), port);
+    let mut want = vec![
+        (end(a6(), 40000), end(b6(), 80), true),
+        (end(b6(), 50000), end(a6(), 8080), true),
+        (SocketAddr::new(IpAddr::V4(a4()), 5353), world, false),
+    ];
+    want.sort();
+    assert_eq!(began, want, "each flow as its first packet went");
+    assert!(
+        (1..=2).contains(&swapped),
+        "the two flows between A and B begin at opposite ends of one order: {swapped}"
+    );
 }

@@ -610,7 +610,10 @@ fn flow_pinned_to_a_deleted_backend_is_selected_anew() {
     let ct = fx.dp.list_ct().unwrap();
     let pin = ct
         .iter()
-        .find(|(k, v)| v.flags & cilia_abi::CILIA_CT_SERVICE != 0 && k.dport == VIP_PORT.to_be())
+        .find(|(k, v)| {
+            cilia_abi::CtEntry::decode(k, v)
+                .is_some_and(|e| e.service && e.destination.port() == VIP_PORT)
+        })
         .expect("service entry");
     assert_eq!(pin.1.backend_id, 11, "the pin follows the new backend");
     assert_eq!(pin.1.rev_nat, 7);
