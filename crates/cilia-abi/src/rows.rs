@@ -1498,24 +1498,19 @@ mod tests {
         ] {
             let row = CtEntry {
                 proto: 6,
-                source: s.parse().unwrap(),
-                destination: d.parse().unwrap(),
                 src_identity: 300,
                 dst_identity: 301,
                 packets: 3,
                 bytes: 180,
                 expires_ns: 123_000_000_000,
                 seen_reply: true,
-                closing: false,
                 denied: true,
                 policy_revision: 4,
                 owner: 12,
                 to_proxy: true,
-                from_proxy: false,
                 proxy_port: 15080,
-                service: false,
                 rev_nat: 7,
-                backend_id: 0,
+                ..flow(s, d)
             };
             let (k, v) = (row.key(), row.value());
             // The key holds the ends in canonical order; the flag says
