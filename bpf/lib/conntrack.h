@@ -373,9 +373,9 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const 
 	const __u8 absent = d->ct_absent;
 
 	ct = absent ? 0 : bpf_map_lookup_elem(&cilia_ct, &key);
-	/* A service entry (the client's tuple to a frontend) only pins a
-	 * backend: it is never a flow of its own, nor the forward entry of a
-	 * reply; a packet meeting it (the service is gone) starts a flow. */
+	/* Service pins live under keys of their own (CILIA_CT_KEY_SERVICE),
+	 * so a flow's key never names one; should one be met, it is never a
+	 * flow, nor the forward entry of a reply. */
 	live = ct && ct_forward(ct, o) && ct->expires > now && !(ct->flags & CILIA_CT_SERVICE);
 	/* A packet the load balancer translated for service `rev_nat` that
 	 * meets the entry of another flow with the same translated tuple (a
@@ -485,8 +485,9 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const 
 		return reason;
 	d->rev_nat = rev_nat;
 	if (ct) {
-		/* An expired entry the GC has not removed yet: reuse its slot,
-		 * which is already counted against its owner. */
+		/* An expired entry the GC has not removed yet, of either
+		 * orientation: reuse its slot, which is already counted against
+		 * its owner, in this packet's orientation. */
 		ct->expires = now + ct_lifetime(f, 0);
 		ct->packets = 1;
 		ct->bytes = skb->len;

@@ -44,8 +44,8 @@ __inline_fn int lb_pin(__u32 len, const struct ct_key *key, __u16 o, struct ct_v
 
 	if (ct) {
 		/* The same flow again, or a slot already counted (expired, or
-		 * an entry of before the service, or of the tuple's other
-		 * direction): refresh or reuse it, in this packet's orientation. */
+		 * a pin of the tuple's other orientation): refresh or reuse it,
+		 * in this packet's orientation. */
 		if (ct->backend_id != backend_id || !(ct->flags & CILIA_CT_SERVICE) ||
 		    !ct_forward(ct, o)) {
 			ct->packets = 0;
@@ -119,6 +119,7 @@ __inline_fn __u32 lb_choose(const struct flow *f, const struct lb_service_value 
 	struct ct_value *pinned;
 
 	*o = ct_key_of(key, f);
+	key->kind = CILIA_CT_KEY_SERVICE;
 	pinned = bpf_map_lookup_elem(&cilia_ct, key);
 	*ct = pinned;
 	if (pinned && pinned->expires > now && (pinned->flags & CILIA_CT_SERVICE) &&

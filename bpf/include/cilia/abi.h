@@ -211,6 +211,12 @@ struct policy_value {
  * ct_value.flags. 8-byte aligned: the datapath writes the ends 64 bits at
  * a time (its size, 40, and its offsets are the same either way).
  */
+/* ct_key.kind: a flow's entry, or a service pin (the client's tuple to a
+ * frontend, CILIA_CT_SERVICE). Apart, so that no packet of a flow meets a
+ * pin under its key in either orientation (a packet "from" a frontend to a
+ * client's port would otherwise find the client's pin as its reverse). */
+#define CILIA_CT_KEY_FLOW    0
+#define CILIA_CT_KEY_SERVICE 1
 struct ct_key {
 	__u8 saddr[16];
 	__u8 daddr[16];
@@ -218,7 +224,8 @@ struct ct_key {
 	__be16 dport;
 	__u8 proto;
 	__u8 family;
-	__u8 pad[2];
+	__u8 kind; /* CILIA_CT_KEY_*: flows and service pins never share a key */
+	__u8 pad;
 } __attribute__((aligned(8)));
 
 #define CILIA_CT_SEEN_REPLY 1

@@ -40,6 +40,8 @@ pub const TYPE_RULES: &[(Pattern, &str)] = &[
     (Pattern::Exact("CILIA_FRAG_TIMEOUT"), "u64"),
     // Conntrack states: the `event.reason` byte of debug events.
     (Pattern::Prefix("CILIA_CT_STATE_"), "u8"),
+    // Kinds of conntrack key: the `ct_key.kind` byte.
+    (Pattern::Prefix("CILIA_CT_KEY_"), "u8"),
     // Conntrack timeouts (seconds).
     (Pattern::Prefix("CILIA_CT_TCP_"), "u32"),
     (Pattern::Prefix("CILIA_CT_OTHER_"), "u32"),

@@ -441,7 +441,9 @@ abi_struct! {
         pub dport: u16,
         pub proto: u8,
         pub family: u8,
-        pub pad: [u8; 2],
+        /// `CILIA_CT_KEY_FLOW` or `CILIA_CT_KEY_SERVICE` (a service pin).
+        pub kind: u8,
+        pub pad: u8,
     }
 
     #[derive(Default)]
@@ -587,7 +589,7 @@ mod tests {
             NodeConfigValue as "node_config" { tunnel_mode, tunnel_ifindex, underlay_ifindex, tunnel_port }
             PolicyKey as "policy_key" { prefixlen, identity, direction, proto, dport }
             PolicyValue as "policy_value" { verdict, match_kind as "match", proxy_port, rule }
-            CtKey as "ct_key" { saddr, daddr, sport, dport, proto, family }
+            CtKey as "ct_key" { saddr, daddr, sport, dport, proto, family, kind }
             CtValue as "ct_value" { expires, packets, bytes, policy_rev, src_identity, dst_identity, flags, owner, proxy_port, rev_nat, backend_id }
             LbServiceKey as "lb_service_key" { addr, port, proto, family, slot, gen }
             LbServiceValue as "lb_service_value" { backend_id, count, rev_nat, gen, algorithm, flags, affinity_timeout }

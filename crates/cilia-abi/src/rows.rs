@@ -517,7 +517,12 @@ impl CtEntry {
             dport: self.destination.port().to_be(),
             proto: self.proto,
             family: src.family,
-            pad: [0; 2],
+            kind: if self.service {
+                CILIA_CT_KEY_SERVICE
+            } else {
+                CILIA_CT_KEY_FLOW
+            },
+            pad: 0,
         };
         let swapped = ct_key_canon(&mut key);
         (key, swapped)

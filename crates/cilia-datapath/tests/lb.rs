@@ -7,12 +7,12 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use cilia_abi::{
-    EndpointConfig, EndpointInfo, LbAlgorithm, LbBackend, LbBackendState, LbFrontend, LbService,
-    CILIA_DROP_LB_FRAGMENT, CILIA_DROP_NO_BACKEND, CILIA_LB_LOOPBACK_IPV4,
+    CtEntry, EndpointConfig, EndpointInfo, LbAlgorithm, LbBackend, LbBackendState, LbFrontend,
+    LbService, CILIA_DROP_LB_FRAGMENT, CILIA_DROP_NO_BACKEND, CILIA_LB_LOOPBACK_IPV4,
     CILIA_LB_LOOPBACK_IPV6_HI, CILIA_LB_LOOPBACK_IPV6_LO,
 };
 use cilia_datapath::packet::*;
-use cilia_datapath::testrun::{TestProgram, TC_ACT_REDIRECT, TC_ACT_SHOT};
+use cilia_datapath::testrun::{TestProgram, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
 use cilia_datapath::BpfDatapath;
 use cilia_testnet::BpfRoot;
 
@@ -72,12 +72,25 @@ impl Fixture {
     }
 
     fn program(&self, id: u16) -> TestProgram {
+        self.dp
+            .test_program(&Self::config(id))
+            .expect("load endpoint program")
+    }
+
+    /// Endpoint `id`'s program toward the container.
+    fn to_container(&self, id: u16) -> TestProgram {
+        self.dp
+            .test_program_to_container(&Self::config(id))
+            .expect("load endpoint program")
+    }
+
+    fn config(id: u16) -> EndpointConfig {
         let (mac, node_mac, v6, v4) = match id {
             1 => (A_MAC, A_NODE_MAC, a6(), a4()),
             2 => (B_MAC, B_NODE_MAC, b6(), b4()),
             _ => (C_MAC, C_NODE_MAC, c6(), c4()),
         };
-        let cfg = EndpointConfig {
+        EndpointConfig {
             ipv6: v6.octets(),
             ipv4: v4.octets(),
             mac,
@@ -87,8 +100,7 @@ impl Fixture {
             endpoint_id: id,
             enable_ipv4: 1,
             monitor: 1,
-        };
-        self.dp.test_program(&cfg).expect("load endpoint program")
+        }
     }
 
     /// Backends 10 (B) and 11 (C) of the family of `v6`, and a random
@@ -617,6 +629,56 @@ fn flow_pinned_to_a_deleted_backend_is_selected_anew() {
         .expect("service entry");
     assert_eq!(pin.1.backend_id, 11, "the pin follows the new backend");
     assert_eq!(pin.1.rev_nat, 7);
+}
+
+/// A flow's packets of both directions share one conntrack key, so a
+/// packet *from* a frontend address to a client's port is the reverse of
+/// that client's pin. Pins have keys of their own (`CILIA_CT_KEY_SERVICE`):
+/// such a packet (a forged source, from the node's stack) starts a flow of
+/// its own, and the client's flow stays pinned to its backend.
+#[test]
+fn a_packet_from_a_frontend_to_a_pinned_client_port_leaves_the_pin_alone() {
+    privileged!("lb_pin_reverse_tuple");
+    let fx = Fixture::new();
+    let (a, to_a) = (fx.program(1), fx.to_container(1));
+    let mut svc = fx.service(true, IPPROTO_UDP, vec![10]);
+    let out = udp_packet(client(true, 40005), frontend(true), A_FROM);
+    assert_eq!(
+        parse(&a.run(&out).unwrap().packet).1,
+        backend_addr(true, true)
+    );
+    let forged = udp_packet(frontend(true), client(true, 40005), (A_NODE_MAC, A_MAC));
+    assert_eq!(to_a.run(&forged).unwrap().verdict, TC_ACT_OK);
+    let entries: Vec<CtEntry> = fx
+        .dp
+        .list_ct()
+        .unwrap()
+        .iter()
+        .filter_map(|(k, v)| CtEntry::decode(k, v))
+        .collect();
+    let pin = entries
+        .iter()
+        .find(|e| e.service)
+        .expect("the client's pin");
+    assert_eq!(
+        (pin.source, pin.destination),
+        (client(true, 40005), frontend(true))
+    );
+    assert_eq!(pin.backend_id, 10);
+    assert!(
+        entries.iter().any(|e| !e.service
+            && e.source == frontend(true)
+            && e.destination == client(true, 40005)),
+        "the forged packet's flow is an entry of its own: {entries:?}"
+    );
+    // A new selection would now pick C: the pinned flow still goes to B.
+    svc.slots = vec![11];
+    fx.dp.upsert_lb_service(&svc).unwrap();
+    assert_eq!(
+        parse(&a.run(&out).unwrap().packet).1,
+        backend_addr(true, true),
+        "still pinned"
+    );
 }
 
 /// The service loopback address of the family (CILIA_LB_LOOPBACK_*).
