@@ -95,7 +95,7 @@ __inline_fn void ct_key_ends(struct ct_key *k, const struct flow *f, __u64 swap)
  * not know (arithmetic, not a constant per branch), so the states of both
  * ways are one again when this returns: with a constant orientation per
  * branch, the verifier explored the rest of the program once per
- * orientation (946k instructions against 699k for the dual-stack
+ * orientation (946k instructions against 404k for the dual-stack
  * from-container program).
  */
 __inline_fn __u16 ct_key_of(struct ct_key *k, const struct flow *f)
@@ -208,6 +208,22 @@ __inline_fn int ct_live(const struct ct_value *ct, __u64 now)
 }
 
 /*
+ * Whether the live flow `ct`, found by an ICMP error's quote of
+ * orientation `o`, is one the quote belongs to: the quote is its forward
+ * packet (an error about a service flow leaves its rev-NAT id, unless it
+ * went through the L7 proxy), or a reply that was seen.
+ */
+__inline_fn int ct_quotes(const struct ct_value *ct, __u16 o, __u16 *rev_nat)
+{
+	if (ct_forward(ct, o)) {
+		if (!(ct->flags & CILIA_CT_FROM_PROXY))
+			*rev_nat = ct->rev_nat;
+		return 1;
+	}
+	return (ct->flags & CILIA_CT_SEEN_REPLY) != 0;
+}
+
+/*
  * Whether an ICMP error belongs to the flow it quotes. The quote must be a
  * packet the error's destination sent to its source: an endpoint is not a
  * router, so it may only quote packets that were sent to it (from the stack,
@@ -234,24 +250,13 @@ __inline_fn int ct_related(const struct flow *f, int from_endpoint, __u64 now, _
 	 * ICMP error only), but no canonical copy of the quote, whose
 	 * spills the to-container program has no stack for. */
 	ct = bpf_map_lookup_elem(&cilia_ct, &f->inner);
-	if (ct_live(ct, now) && !(ct->flags & CILIA_CT_SERVICE)) {
-		if (ct_forward(ct, 0)) {
-			if (!(ct->flags & CILIA_CT_FROM_PROXY))
-				*rev_nat = ct->rev_nat;
-			return 1;
-		}
-		return (ct->flags & CILIA_CT_SEEN_REPLY) != 0;
-	}
+	if (ct_live(ct, now) && !(ct->flags & CILIA_CT_SERVICE))
+		return ct_quotes(ct, 0, rev_nat);
 	ct_key_reverse(&rev, &f->inner);
 	ct = bpf_map_lookup_elem(&cilia_ct, &rev);
 	if (!ct_live(ct, now) || (ct->flags & CILIA_CT_SERVICE))
 		return 0;
-	if (ct_forward(ct, CILIA_CT_SWAPPED)) {
-		if (!(ct->flags & CILIA_CT_FROM_PROXY))
-			*rev_nat = ct->rev_nat;
-		return 1;
-	}
-	return (ct->flags & CILIA_CT_SEEN_REPLY) != 0;
+	return ct_quotes(ct, CILIA_CT_SWAPPED, rev_nat);
 }
 
 /*

@@ -456,10 +456,15 @@ pub fn ct_key_canon(key: &mut CtKey) -> bool {
     };
     let swap = end(key.sport, &key.saddr) > end(key.dport, &key.daddr);
     if swap {
-        core::mem::swap(&mut key.saddr, &mut key.daddr);
-        core::mem::swap(&mut key.sport, &mut key.dport);
+        exchange_ends(key);
     }
     swap
+}
+
+/// Exchanges a conntrack key's two ends (address and port).
+fn exchange_ends(key: &mut CtKey) {
+    core::mem::swap(&mut key.saddr, &mut key.daddr);
+    core::mem::swap(&mut key.sport, &mut key.dport);
 }
 
 impl CtEntry {
@@ -467,8 +472,7 @@ impl CtEntry {
     pub fn decode(key: &CtKey, value: &CtValue) -> Option<Self> {
         let mut key = *key;
         if value.flags & CILIA_CT_SWAPPED != 0 {
-            core::mem::swap(&mut key.saddr, &mut key.daddr);
-            core::mem::swap(&mut key.sport, &mut key.dport);
+            exchange_ends(&mut key);
         }
         let addr = |a: [u8; 16]| {
             EndpointKey {
