@@ -42,6 +42,7 @@ case "$save" in "" | /*) ;; *) save=$caller/$save ;; esac
 
 command -v podman >/dev/null || { echo "build-image.sh: podman is not installed (scripts/setup.sh --deps)" >&2; exit 1; }
 command -v ldd >/dev/null || { echo "build-image.sh: ldd is not installed" >&2; exit 1; }
+command -v objcopy >/dev/null || { echo "build-image.sh: objcopy is not installed (binutils; scripts/setup.sh --deps)" >&2; exit 1; }
 
 if [ -z "$bin_dir" ]; then
   echo "==> cargo build --release (${BINS[*]})"
@@ -71,7 +72,10 @@ add_file() {
 
 libs=()
 for b in "${BINS[@]}"; do
-  install -m 0755 "$bin_dir/$b" "$root/usr/bin/$b"
+  # Without debug info (a debug build's agent is ~400 MB of it; symbols
+  # stay, so a backtrace still names functions): the image holds what runs.
+  objcopy --strip-debug "$bin_dir/$b" "$root/usr/bin/$b"
+  chmod 0755 "$root/usr/bin/$b"
   out=$(ldd "$bin_dir/$b" 2>&1) || {
     # A static binary needs nothing.
     if grep -q "not a dynamic executable" <<<"$out"; then continue; fi

@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 PKGS=(clang-19 llvm-19 clang-format-19 libbpf-dev linux-libc-dev bpftool iproute2 iputils-ping iperf3 curl util-linux python3 iptables nftables)
 PKGS+=(podman runc busybox-static)  # cilia-cni tests: real containers (podman 4.3, runc; busybox as the image)
 PKGS+=(etcd-server protobuf-compiler)  # cilia-kvstore etcd tests: a real etcd on 127.0.0.1; etcd-client builds its gRPC code with protoc
+PKGS+=(binutils)  # scripts/build-image.sh: objcopy strips debug info from the image's binaries
 PKGS+=(tcpdump)  # cilia-datapath nodeport tests: a capture proves DSR replies bypass the LB node
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -15,6 +15,10 @@ else
   echo "test.sh: not root: privileged tests will be reported as SKIPPED" >&2
 fi
 
+# A clean build and the suite's images and binaries take ~10 GB; a full disk
+# shows up as a failed link or image layer, so every run says what it had.
+disk_free() { df -h --output=avail . | tail -1 | tr -d ' '; }
+echo "==> disk: $(disk_free) free on $(df --output=target . | tail -1)"
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> clang-format (bpf/)"
@@ -76,6 +80,7 @@ if [ -n "$left" ]; then
   exit 1
 fi
 
+echo "==> disk: $(disk_free) free at the end (target/: $(du -sh target 2>/dev/null | cut -f1))"
 # One closing line over every test binary (doc-test runs print "0 passed").
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1); if ($i ~ /^ignored;?$/) s += $(i-1) } }
      END { printf "total: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
