@@ -15,7 +15,7 @@ else
   echo "test.sh: not root: privileged tests will be reported as SKIPPED" >&2
 fi
 
-# A clean build and the suite's images and binaries take ~10 GB; a full disk
+# A clean build and the suite take ~6 GB (target/ after a CI run); a full disk
 # shows up as a failed link or image layer, so every run says what it had.
 disk_free() { df -h --output=avail . | tail -1 | tr -d ' '; }
 echo "==> disk: $(disk_free) free on $(df --output=target . | tail -1)"
