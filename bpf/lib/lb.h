@@ -11,6 +11,28 @@
 #include "common.h"
 #include "maps.h"
 
+/* The frontend filter's bit of an address (see CILIA_LB_FILTER_WORDS). */
+__inline_fn __u32 lb_filter_bit(const __u8 *addr, __u8 family)
+{
+	const __u32 *w = (const __u32 *)addr;
+	__u32 x = w[0];
+
+	if (family == CILIA_FAMILY_IPV6)
+		x ^= w[1] ^ w[2] ^ w[3];
+	return (x * (__u32)CILIA_LB_FILTER_MUL) >> 16;
+}
+
+/* Whether some frontend may have the address: its filter bit is set. */
+__inline_fn int lb_maybe_frontend(const __u8 *addr, __u8 family)
+{
+	__u32 bit = lb_filter_bit(addr, family);
+	__u32 word = bit >> 6;
+	__u64 *w = bpf_map_lookup_elem(&cilia_lb_filter, &word);
+
+	/* In bounds, so never missing; were it, the lookup decides. */
+	return !w || ((*w >> (bit & 63)) & 1);
+}
+
 /* The frontend's master entry (slot 0), or 0 when no service has it. */
 __inline_fn struct lb_service_value *lb_service_lookup(const __u8 *addr, __be16 port, __u8 proto,
 						       __u8 family)

@@ -175,8 +175,9 @@ __inline_fn int lb_translate_to(struct __sk_buff *skb, struct flow *f, struct lb
  * backend its flow is pinned to while that backend exists, else to one
  * lb_select_backend picks (none: CILIA_DROP_NO_BACKEND); its destination
  * is rewritten to the backend, so everything after it (destination,
- * policy, conntrack, delivery) sees the backend. One hash lookup for every
- * other packet. A fragment to a frontend is dropped
+ * policy, conntrack, delivery) sees the backend. Every other packet costs
+ * a read of the frontend filter, and a hash lookup only when its
+ * destination's filter bit is set. A fragment to a frontend is dropped
  * (CILIA_DROP_LB_FRAGMENT): its later fragments carry no ports to
  * translate by. ICMP packets are never translated. Returns 0 or the drop
  * reason; `lb` says what was done.
@@ -186,6 +187,8 @@ __inline_fn int lb_translate(struct __sk_buff *skb, struct flow *f, struct lb_st
 	struct lb_service_value *svc;
 
 	if (f->proto != IPPROTO_TCP && f->proto != IPPROTO_UDP)
+		return 0;
+	if (!lb_maybe_frontend(f->daddr, f->family))
 		return 0;
 	svc = lb_service_lookup(f->daddr, f->dport, f->proto, f->family);
 	if (!svc)

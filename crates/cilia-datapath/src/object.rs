@@ -126,6 +126,9 @@ pub const MAP_NODES: &str = "cilia_nodes";
 pub const MAP_NODE_CONFIG: &str = "cilia_node_config";
 /// Shared hash: service frontend -> master entry and backend slots.
 pub const MAP_LB_SERVICES: &str = "cilia_lb_services";
+/// Shared array: the frontend filter, one bit per hash of an address
+/// (`CILIA_LB_FILTER_WORDS` in abi.h).
+pub const MAP_LB_FILTER: &str = "cilia_lb_filter";
 /// Shared hash: backend id -> address and state.
 pub const MAP_LB_BACKENDS: &str = "cilia_lb_backends";
 /// Shared hash: rev-NAT id -> the frontend replies carry as source.
@@ -219,6 +222,11 @@ pub const SHARED_MAPS: &[MapSpec] = &[
         name: MAP_LB_SERVICES,
         key_size: core::mem::size_of::<cilia_abi::LbServiceKey>() as u32,
         value_size: core::mem::size_of::<cilia_abi::LbServiceValue>() as u32,
+    },
+    MapSpec {
+        name: MAP_LB_FILTER,
+        key_size: 4,
+        value_size: 8,
     },
     MapSpec {
         name: MAP_LB_BACKENDS,

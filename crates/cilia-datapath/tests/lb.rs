@@ -7,9 +7,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use cilia_abi::{
-    CtEntry, EndpointConfig, EndpointInfo, LbAlgorithm, LbBackend, LbBackendState, LbFrontend,
-    LbService, CILIA_DROP_LB_FRAGMENT, CILIA_DROP_NO_BACKEND, CILIA_LB_LOOPBACK_IPV4,
-    CILIA_LB_LOOPBACK_IPV6_HI, CILIA_LB_LOOPBACK_IPV6_LO,
+    lb_filter_bit, CtEntry, EndpointConfig, EndpointInfo, LbAlgorithm, LbBackend, LbBackendState,
+    LbFrontend, LbService, CILIA_DROP_LB_FRAGMENT, CILIA_DROP_NO_BACKEND, CILIA_LB_FILTER_WORDS,
+    CILIA_LB_LOOPBACK_IPV4, CILIA_LB_LOOPBACK_IPV6_HI, CILIA_LB_LOOPBACK_IPV6_LO,
 };
 use cilia_datapath::packet::*;
 use cilia_datapath::testrun::{TestProgram, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
@@ -768,6 +768,122 @@ fn service_update_flips_generation_and_reads_back_whole() {
     fx.dp.remove_lb_service(&svc.frontend, svc.rev_nat).unwrap();
     assert!(fx.dp.lb_services().unwrap().is_empty());
     fx.dp.remove_lb_service(&svc.frontend, svc.rev_nat).unwrap();
+}
+
+/// The frontend filter (`CILIA_LB_FILTER_WORDS` in abi.h): the bit of
+/// every frontend's address, the datapath computing the same bit (it finds
+/// every frontend), kept while a frontend is on it, and rebuilt from the
+/// services when the maps are opened again.
+#[test]
+fn the_frontend_filter_has_the_bit_of_every_frontend_and_the_datapath_agrees() {
+    privileged!("lb_filter");
+    let fx = Fixture::new();
+    let a = fx.program(1);
+    fx.dp
+        .upsert_lb_backends(&[backend(10, IpAddr::V6(b6())), backend(20, IpAddr::V4(b4()))])
+        .unwrap();
+    // 200 frontend addresses of each family, spread over their prefixes;
+    // the first has a second frontend on another port.
+    let addrs: Vec<IpAddr> = (0..200u32)
+        .flat_map(|i| {
+            let x = i.wrapping_mul(2_654_435_761);
+            [
+                IpAddr::V6(Ipv6Addr::new(
+                    0xfd00,
+                    0x5e,
+                    0,
+                    0,
+                    (x >> 24) as u16,
+                    0,
+                    (x >> 16) as u16,
+                    x as u16,
+                )),
+                IpAddr::V4(Ipv4Addr::from(0x0a60_0000 | (x & 0x000f_ffff))),
+            ]
+        })
+        .collect();
+    let service = |rev_nat: u16, addr: IpAddr, port: u16| LbService {
+        rev_nat,
+        frontend: LbFrontend {
+            addr,
+            port,
+            proto: IPPROTO_TCP,
+        },
+        algorithm: LbAlgorithm::Random,
+        affinity_timeout: None,
+        slots: vec![if addr.is_ipv6() { 10 } else { 20 }],
+        maglev: None,
+        flags: Default::default(),
+    };
+    let mut services: Vec<LbService> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| service(i as u16 + 1, *addr, VIP_PORT))
+        .collect();
+    services.push(service(1000, addrs[0], VIP_PORT + 1));
+    for s in &services {
+        fx.dp.upsert_lb_service(s).unwrap();
+    }
+    let bits = |services: &[LbService]| {
+        let mut bits: Vec<u32> = services
+            .iter()
+            .map(|s| lb_filter_bit(s.frontend.addr))
+            .collect();
+        bits.sort_unstable();
+        bits.dedup();
+        bits
+    };
+    assert_eq!(fx.dp.lb_filter_bits().unwrap(), bits(&services));
+    let translated = |s: &LbService, port: u16| {
+        let v6 = s.frontend.addr.is_ipv6();
+        let to = SocketAddr::new(s.frontend.addr, s.frontend.port);
+        let out = a
+            .run(&tcp_packet(client(v6, port), to, 0x02, A_FROM))
+            .unwrap();
+        out.verdict == TC_ACT_REDIRECT && parse(&out.packet).1 == backend_addr(v6, true)
+    };
+    for (i, s) in services.iter().enumerate() {
+        assert!(translated(s, 20000 + i as u16), "{:?}", s.frontend);
+    }
+
+    // The first address keeps its bit while one of its frontends is left.
+    let second = services.pop().unwrap();
+    let first = services.remove(0);
+    fx.dp
+        .remove_lb_service(&first.frontend, first.rev_nat)
+        .unwrap();
+    assert_eq!(
+        fx.dp.lb_filter_bits().unwrap(),
+        bits(&[&services[..], std::slice::from_ref(&second)].concat())
+    );
+    assert!(
+        translated(&second, 30000),
+        "the other frontend on the address"
+    );
+    fx.dp
+        .remove_lb_service(&second.frontend, second.rev_nat)
+        .unwrap();
+    assert_eq!(fx.dp.lb_filter_bits().unwrap(), bits(&services));
+    assert!(
+        !translated(&second, 30001),
+        "no frontend left on the address"
+    );
+
+    // Opened again on filter words all zero: rebuilt from the services.
+    let path = fx._root.path().join("maps/cilia_lb_filter");
+    let mut filter: aya::maps::Array<_, u64> =
+        aya::maps::Map::Array(aya::maps::MapData::from_pin(&path).unwrap())
+            .try_into()
+            .unwrap();
+    for i in 0..CILIA_LB_FILTER_WORDS {
+        filter.set(i, 0, 0).unwrap();
+    }
+    assert!(fx.dp.lb_filter_bits().unwrap().is_empty());
+    let again = BpfDatapath::open(fx._root.path()).unwrap();
+    assert_eq!(again.lb_filter_bits().unwrap(), bits(&services));
+    for (i, s) in services.iter().enumerate() {
+        assert!(translated(s, 40000 + i as u16), "{:?}", s.frontend);
+    }
 }
 
 #[test]
