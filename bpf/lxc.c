@@ -102,7 +102,7 @@ int cil_from_container(struct __sk_buff *skb)
 
 	/* Decide: the local destination, else the ipcache entry (which also
 	 * says whether it lives on another node), names the peer's identity. */
-	dst = endpoint_lookup(f.daddr, f.family);
+	dst = endpoint_lookup_dst(f.daddr, f.family);
 	if (!dst)
 		remote = ipcache_lookup(f.daddr, f.family);
 	struct peers p = {

@@ -11,6 +11,7 @@
 
 #include "common.h"
 #include "eth.h"
+#include "filter.h"
 #include "maps.h"
 #include "events.h"
 
@@ -23,6 +24,22 @@ __inline_fn struct endpoint_info *endpoint_lookup(const void *addr, __u8 family)
 	else
 		__builtin_memcpy(key.addr, addr, 4);
 	return bpf_map_lookup_elem(&cilia_endpoints, &key);
+}
+
+/*
+ * endpoint_lookup of a from-container packet's destination, behind the
+ * endpoints' address filter: a destination that is no local endpoint (the
+ * world, another node) skips the hash's bucket. Only where a wrong "none"
+ * fails closed: such a packet would go to the node's stack, and the
+ * destination's to-container program drops a local endpoint's packet that
+ * comes that way (CILIA_DROP_SPOOFED_SOURCE). Never for a source: the
+ * guards ask whether a source is a local endpoint.
+ */
+__inline_fn struct endpoint_info *endpoint_lookup_dst(const void *addr, __u8 family)
+{
+	if (!addr_filter_has(&cilia_endpoint_filter, addr, family))
+		return 0;
+	return endpoint_lookup(addr, family);
 }
 
 /*

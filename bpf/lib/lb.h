@@ -9,28 +9,13 @@
 #define CILIA_LB_H
 
 #include "common.h"
+#include "filter.h"
 #include "maps.h"
 
-/* The frontend filter's bit of an address (see CILIA_LB_FILTER_WORDS). */
-__inline_fn __u32 lb_filter_bit(const __u8 *addr, __u8 family)
-{
-	const __u32 *w = (const __u32 *)addr;
-	__u32 x = w[0];
-
-	if (family == CILIA_FAMILY_IPV6)
-		x ^= w[1] ^ w[2] ^ w[3];
-	return (x * (__u32)CILIA_LB_FILTER_MUL) >> 16;
-}
-
-/* Whether some frontend may have the address: its filter bit is set. */
+/* Whether some frontend may have the address (its bit in cilia_lb_filter). */
 __inline_fn int lb_maybe_frontend(const __u8 *addr, __u8 family)
 {
-	__u32 bit = lb_filter_bit(addr, family);
-	__u32 word = bit >> 6;
-	__u64 *w = bpf_map_lookup_elem(&cilia_lb_filter, &word);
-
-	/* In bounds, so never missing; were it, the lookup decides. */
-	return !w || ((*w >> (bit & 63)) & 1);
+	return addr_filter_has(&cilia_lb_filter, addr, family);
 }
 
 /* The frontend's master entry (slot 0), or 0 when no service has it. */

@@ -23,6 +23,9 @@
 CILIA_SHARED_MAP(cilia_endpoints, BPF_MAP_TYPE_HASH, CILIA_ENDPOINTS_MAX, struct endpoint_key,
 		 struct endpoint_info);
 
+/* Address filter of the local endpoints' addresses (CILIA_ADDR_FILTER_WORDS). */
+CILIA_SHARED_MAP(cilia_endpoint_filter, BPF_MAP_TYPE_ARRAY, CILIA_ADDR_FILTER_WORDS, __u32, __u64);
+
 CILIA_SHARED_MAP(cilia_metrics, BPF_MAP_TYPE_PERCPU_ARRAY, CILIA_METRICS_MAX, __u32,
 		 struct metrics_value);
 
@@ -107,8 +110,8 @@ CILIA_SHARED_MAP(cilia_node_config, BPF_MAP_TYPE_ARRAY, 1, __u32, struct node_co
 CILIA_SHARED_MAP(cilia_lb_services, BPF_MAP_TYPE_HASH, CILIA_LB_SERVICES_MAX, struct lb_service_key,
 		 struct lb_service_value);
 
-/* Bit i set: some frontend's address hashes to i (lb_filter_bit). */
-CILIA_SHARED_MAP(cilia_lb_filter, BPF_MAP_TYPE_ARRAY, CILIA_LB_FILTER_WORDS, __u32, __u64);
+/* Address filter of the frontends' addresses (CILIA_ADDR_FILTER_WORDS). */
+CILIA_SHARED_MAP(cilia_lb_filter, BPF_MAP_TYPE_ARRAY, CILIA_ADDR_FILTER_WORDS, __u32, __u64);
 
 /* Backend id -> address and state. */
 CILIA_SHARED_MAP(cilia_lb_backends, BPF_MAP_TYPE_HASH, CILIA_LB_BACKENDS_MAX, __u32,

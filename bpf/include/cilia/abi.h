@@ -337,6 +337,29 @@ struct node_config {
 	__u32 tunnel_port;	/* the overlay's UDP port (host byte order); 0: no overlay */
 };
 
+/* ---- address filters ---- */
+
+/*
+ * An address filter is an array of CILIA_ADDR_FILTER_WORDS 64-bit words,
+ * one bit per CILIA_ADDR_FILTER_BITS-th of the address space, set while
+ * the hash map it stands in front of holds a key with an address on it. A
+ * program looks the map up only when the bit of the address is set, so a
+ * packet to an address the map does not hold skips a bucket the address
+ * picks (a cold line where traffic goes to many addresses) for one read of
+ * an 8 KB array; with a thousand addresses held, 1.5 % of the others share
+ * a bit and still pay the lookup. The agent sets a bit before the first key
+ * on it is written and clears it after the last is removed, so a held key's
+ * bit is never clear. An address's bit: its 16 bytes (IPv4: the first 4,
+ * the rest zero) as four 32-bit words in host order, xor-folded, times
+ * CILIA_ADDR_FILTER_MUL, the top 16 bits of the 32-bit product.
+ *   cilia_lb_filter        in front of cilia_lb_services (frontend addresses)
+ *   cilia_endpoint_filter  in front of cilia_endpoints, for a
+ *                          from-container packet's destination
+ */
+#define CILIA_ADDR_FILTER_WORDS 1024
+#define CILIA_ADDR_FILTER_BITS	65536
+#define CILIA_ADDR_FILTER_MUL	0x9e3779b1
+
 /* ---- load balancing (services) ---- */
 
 /*
@@ -358,23 +381,6 @@ struct node_config {
 #define CILIA_LB_MAGLEV_SIZE_DEFAULT 16381
 /* Backend slots one service may have (slot numbers fit 15 bits). */
 #define CILIA_LB_SLOTS_MAX 32767
-
-/*
- * The frontend filter: cilia_lb_filter, an array of CILIA_LB_FILTER_WORDS
- * 64-bit words, one bit per CILIA_LB_FILTER_BITS-th of the address space.
- * A bit is set while some frontend's address falls on it; an endpoint
- * program looks a packet up in cilia_lb_services only when the bit of its
- * destination is set, so a new flow or a drop to an address no service
- * uses skips the hash of a 24-byte key (and with a thousand frontend
- * addresses, 1.5 % of the others still pay it). The agent sets a bit before
- * the first frontend on it is written and clears it after the last one is
- * removed. An address's bit: its 16 bytes (IPv4: the first 4, the rest
- * zero) as four 32-bit words in host order, xor-folded, times
- * CILIA_LB_FILTER_MUL, the top 16 bits of the 32-bit product.
- */
-#define CILIA_LB_FILTER_WORDS 1024
-#define CILIA_LB_FILTER_BITS  65536
-#define CILIA_LB_FILTER_MUL   0x9e3779b1
 
 struct lb_service_key {
 	__u8 addr[16]; /* frontend address; IPv4 uses the first 4 bytes */

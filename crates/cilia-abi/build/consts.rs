@@ -75,7 +75,7 @@ pub const TYPE_RULES: &[(Pattern, &str)] = &[
     (Pattern::Prefix("CILIA_LB_PATH_"), "u8"),
     (Pattern::Exact("CILIA_LB_MAGLEV_SIZE_DEFAULT"), "u32"),
     // The frontend filter: its size in words and bits, the hash's multiplier.
-    (Pattern::Prefix("CILIA_LB_FILTER_"), "u32"),
+    (Pattern::Prefix("CILIA_ADDR_FILTER_"), "u32"),
     // Socket LB: `lb_sock_key.kind` (byte).
     (Pattern::Prefix("CILIA_LB_SOCK_"), "u8"),
     // Hairpin: the service loopback addresses (IPv4 as a host-order u32,

@@ -42,7 +42,7 @@ pub mod prefilter;
 pub use prefilter::{PrefilterCount, PrefilterEntry, PrefilterKey, PREFILTER_SLOTS};
 pub mod rows;
 pub use rows::{
-    ct_key_canon, lb_filter_bit, lb_other_generation, CtEntry, Direction, EndpointEntry,
+    addr_filter_bit, ct_key_canon, lb_other_generation, CtEntry, Direction, EndpointEntry,
     EndpointPolicy, Enforcement, IpcacheEntry, LbAlgorithm, LbBackend, LbBackendState, LbFrontend,
     LbMaster, LbService, LbServiceFlags, MetricKind, MetricsEntry, NodeConfig, PolicyDelta,
     PolicyEntry, TunnelMode, Verdict,

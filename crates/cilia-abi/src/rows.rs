@@ -964,14 +964,14 @@ fn lb_addr(ip: IpAddr) -> ([u8; 16], u8) {
     (k.addr, k.family)
 }
 
-/// The frontend filter's bit of an address (`lb_filter_bit` in
-/// `bpf/lib/lb.h`; see `CILIA_LB_FILTER_WORDS` in `abi.h`): the address's
+/// The frontend filter's bit of an address (`addr_filter_bit` in
+/// `bpf/lib/lb.h`; see `CILIA_ADDR_FILTER_WORDS` in `abi.h`): the address's
 /// words in host order, as the datapath reads them, xor-folded and hashed.
-pub fn lb_filter_bit(ip: IpAddr) -> u32 {
+pub fn addr_filter_bit(ip: IpAddr) -> u32 {
     let (addr, _) = lb_addr(ip);
     let word = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
     let x = word(0) ^ word(4) ^ word(8) ^ word(12);
-    x.wrapping_mul(CILIA_LB_FILTER_MUL) >> 16
+    x.wrapping_mul(CILIA_ADDR_FILTER_MUL) >> 16
 }
 
 fn lb_ip(addr: [u8; 16], family: u8) -> Option<IpAddr> {

@@ -43,9 +43,9 @@ use crate::keys::{
     ipcache_from_lpm, ipcache_to_lpm, policy_from_lpm, policy_to_lpm, IpcacheData, PolicyData,
 };
 use crate::object::{
-    GLOBAL_CONFIG, LXC_OBJECT, MAP_CONFIG, MAP_CT, MAP_CT_COUNT, MAP_ENDPOINTS, MAP_ENDPOINT_SLOTS,
-    MAP_EVENTS, MAP_IPCACHE, MAP_METRICS, MAP_NODES, MAP_NODE_CONFIG, MAP_POLICY,
-    PROG_FROM_CONTAINER, PROG_TO_CONTAINER, SHARED_MAPS,
+    GLOBAL_CONFIG, LXC_OBJECT, MAP_CONFIG, MAP_CT, MAP_CT_COUNT, MAP_ENDPOINTS,
+    MAP_ENDPOINT_FILTER, MAP_ENDPOINT_SLOTS, MAP_EVENTS, MAP_IPCACHE, MAP_METRICS, MAP_NODES,
+    MAP_NODE_CONFIG, MAP_POLICY, PROG_FROM_CONTAINER, PROG_TO_CONTAINER, SHARED_MAPS,
 };
 use crate::testrun::TestProgram;
 
@@ -141,6 +141,9 @@ pub struct BpfDatapath {
     /// Endpoint id -> its delivery, for conntrack entries' cached
     /// deliveries (see `bpf/lib/fast.h`).
     endpoint_slots: Mutex<Array<MapData, EndpointInfo>>,
+    /// The local endpoints' addresses (`cilia_endpoint_filter`); its
+    /// updates are serialized by the `endpoints` lock.
+    endpoint_filter: crate::filter::AddrFilter,
     /// Live conntrack entries at this handle's last GC (None before one):
     /// what a metrics scrape reports instead of walking the table again.
     ct_live: Mutex<Option<u64>>,
@@ -459,6 +462,8 @@ impl BpfDatapath {
         let ct = take(MAP_CT)?;
         let ct_count = take(MAP_CT_COUNT)?;
         let endpoint_slots = take(MAP_ENDPOINT_SLOTS)?;
+        let endpoint_filter =
+            crate::filter::AddrFilter::new(MAP_ENDPOINT_FILTER, take(MAP_ENDPOINT_FILTER)?)?;
         let config = take(MAP_CONFIG)?;
         let events = take(MAP_EVENTS)?;
         let nodes = take(MAP_NODES)?;
@@ -468,7 +473,7 @@ impl BpfDatapath {
         if !recreated.is_empty() || pinned_abi_version(&maps_dir)? != Some(PIN_ABI_VERSION) {
             pin_abi_version(&maps_dir)?;
         }
-        Ok(Self {
+        let dp = Self {
             root: root.to_path_buf(),
             endpoints: Mutex::new(
                 HashMap::try_from(endpoints).map_err(|e| DatapathError::map(MAP_ENDPOINTS, e))?,
@@ -497,6 +502,7 @@ impl BpfDatapath {
                 Array::try_from(endpoint_slots)
                     .map_err(|e| DatapathError::map(MAP_ENDPOINT_SLOTS, e))?,
             ),
+            endpoint_filter,
             ct_live: Mutex::new(None),
             config: Mutex::new(
                 Array::try_from(config).map_err(|e| DatapathError::map(MAP_CONFIG, e))?,
@@ -515,7 +521,15 @@ impl BpfDatapath {
             prefilter: crate::prefilter::PrefilterMaps::open(&maps_dir)?,
             build_tags: std::sync::OnceLock::new(),
             generic: crate::generic::GenericSlot::default(),
-        })
+        };
+        // Pins of a build without the filter, or a restart: the filter is
+        // counted again from the endpoints the map holds.
+        let addrs = dp
+            .list_endpoints()?
+            .into_iter()
+            .filter_map(|(key, _)| key.ip());
+        dp.endpoint_filter.rebuild(addrs.collect::<Vec<_>>())?;
+        Ok(dp)
     }
 
     /// Pinned maps that did not match this build and were recreated when
@@ -836,27 +850,54 @@ impl BpfDatapath {
         self.link_pin(endpoint_id).exists() && self.to_link_pin(endpoint_id).exists()
     }
 
-    /// Publishes a local endpoint address in the endpoints map.
+    /// Publishes a local endpoint address in the endpoints map (its bit in
+    /// the endpoints' address filter first).
     pub fn upsert_endpoint(&self, ip: IpAddr, info: EndpointInfo) -> Result<(), DatapathError> {
         if info.endpoint_id != 0 {
             lock(&self.endpoint_slots)
                 .set(u32::from(info.endpoint_id), info, 0)
                 .map_err(|e| DatapathError::map(MAP_ENDPOINT_SLOTS, e))?;
         }
-        lock(&self.endpoints)
-            .insert(EndpointKey::from_ip(ip), info, 0)
-            .map_err(|e| DatapathError::map(MAP_ENDPOINTS, e))?;
+        let key = EndpointKey::from_ip(ip);
+        {
+            let mut endpoints = lock(&self.endpoints);
+            let new = match endpoints.get(&key, 0) {
+                Ok(_) => false,
+                Err(e) if is_not_found(&e) => true,
+                Err(e) => return Err(DatapathError::map(MAP_ENDPOINTS, e)),
+            };
+            if new {
+                self.endpoint_filter.before_add(ip)?;
+            }
+            endpoints
+                .insert(key, info, 0)
+                .map_err(|e| DatapathError::map(MAP_ENDPOINTS, e))?;
+            if new {
+                self.endpoint_filter.added(ip);
+            }
+        }
         self.bump_policy_revision().map(drop)
     }
 
-    /// Withdraws a local endpoint address. Absent entries are not an error.
+    /// Withdraws a local endpoint address (its filter bit after it).
+    /// Absent entries are not an error.
     pub fn remove_endpoint(&self, ip: IpAddr) -> Result<(), DatapathError> {
-        match lock(&self.endpoints).remove(&EndpointKey::from_ip(ip)) {
-            Ok(()) => {}
-            Err(e) if is_not_found(&e) => return Ok(()),
-            Err(e) => return Err(DatapathError::map(MAP_ENDPOINTS, e)),
+        {
+            let mut endpoints = lock(&self.endpoints);
+            match endpoints.remove(&EndpointKey::from_ip(ip)) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => return Ok(()),
+                Err(e) => return Err(DatapathError::map(MAP_ENDPOINTS, e)),
+            }
+            self.endpoint_filter.removed(ip)?;
         }
         self.bump_policy_revision().map(drop)
+    }
+
+    /// The set bits of the endpoints' address filter, in order (what
+    /// `endpoint_lookup_dst` in the datapath reads).
+    pub fn endpoint_filter_bits(&self) -> Result<Vec<u32>, DatapathError> {
+        self.endpoint_filter.bits()
     }
 
     /// Reads the endpoints map back from the kernel.

@@ -17,26 +17,25 @@
 //! lock (the generation is a read-modify-write of the master). Encoding is
 //! `cilia_abi::rows`' alone.
 //!
-//! The frontend filter lets an endpoint program skip the services lookup
-//! for a destination no frontend has (see `CILIA_LB_FILTER_WORDS` in
-//! abi.h). Its bit for an address is set before the first master on it is
-//! written and cleared after the last is removed, so a packet never finds a
-//! frontend's bit clear; the writer lock holds the count of frontends on
-//! each bit, rebuilt from the services map when the maps are opened (a
-//! restart, or pins of an agent that kept no filter).
+//! The frontends' address filter (`crate::filter`) lets an endpoint
+//! program skip the services lookup for a destination no frontend has. The
+//! writer lock serializes its updates with the masters' writes; it is
+//! rebuilt from the services map when the maps are opened (a restart, or
+//! pins of an agent that kept no filter).
 
 use std::collections::{HashMap as StdHashMap, HashSet};
 use std::sync::Mutex;
 
 use aya::maps::{Array, HashMap, HashOfMaps, Map, MapData, PerCpuArray};
 use cilia_abi::{
-    lb_filter_bit, lb_other_generation, GlobalConfig, LbBackend, LbBackendValue, LbFrontend,
-    LbMaster, LbRevNatValue, LbService, LbServiceFlags, LbServiceKey, LbServiceValue, LbStats,
-    CILIA_LB_FILTER_WORDS, CILIA_LB_MAGLEV_SIZE_DEFAULT, CILIA_LB_SLOTS_MAX,
+    lb_other_generation, GlobalConfig, LbBackend, LbBackendValue, LbFrontend, LbMaster,
+    LbRevNatValue, LbService, LbServiceFlags, LbServiceKey, LbServiceValue, LbStats,
+    CILIA_LB_MAGLEV_SIZE_DEFAULT, CILIA_LB_SLOTS_MAX,
 };
 
 use crate::endpoint::{is_not_found, lock, BpfDatapath};
 use crate::error::DatapathError;
+use crate::filter::AddrFilter;
 use crate::object::{
     MAP_CONFIG, MAP_LB_BACKENDS, MAP_LB_FILTER, MAP_LB_MAGLEV, MAP_LB_REVNAT, MAP_LB_SERVICES,
     MAP_LB_STATS,
@@ -58,10 +57,10 @@ pub(crate) struct LbMaps {
     revnat: Mutex<HashMap<MapData, u16, LbRevNatValue>>,
     maglev: Mutex<HashOfMaps<MapData, u32, MaglevTable>>,
     stats: Mutex<PerCpuArray<MapData, LbStats>>,
-    filter: Mutex<Array<MapData, u64>>,
-    /// Held across a whole service update or removal; holds the number of
-    /// frontends (masters in `services`) on each filter bit that has any.
-    writer: Mutex<StdHashMap<u32, u32>>,
+    /// The frontends' addresses (`cilia_lb_filter`).
+    filter: AddrFilter,
+    /// Held across a whole service update or removal.
+    writer: Mutex<()>,
 }
 
 impl LbMaps {
@@ -91,53 +90,27 @@ impl LbMaps {
             stats: Mutex::new(
                 PerCpuArray::try_from(stats).map_err(|e| DatapathError::map(MAP_LB_STATS, e))?,
             ),
-            filter: Mutex::new(
-                Array::try_from(filter).map_err(|e| DatapathError::map(MAP_LB_FILTER, e))?,
-            ),
-            writer: Mutex::new(StdHashMap::new()),
+            filter: AddrFilter::new(MAP_LB_FILTER, filter)?,
+            writer: Mutex::new(()),
         };
         maps.rebuild_filter()?;
         Ok(maps)
     }
 
-    /// Counts the frontends on each filter bit from the services map and
-    /// writes every word of the filter from the counts.
+    /// Counts the frontends (masters) of the services map into the filter.
     fn rebuild_filter(&self) -> Result<(), DatapathError> {
-        let mut uses = lock(&self.writer);
-        uses.clear();
+        let _writing = lock(&self.writer);
+        let mut addrs = Vec::new();
         for key in lock(&self.services).keys() {
             let key = key.map_err(|e| DatapathError::map(MAP_LB_SERVICES, e))?;
             if key.slot != 0 {
                 continue;
             }
             if let Some(frontend) = LbFrontend::decode(&key) {
-                *uses.entry(lb_filter_bit(frontend.addr)).or_default() += 1;
+                addrs.push(frontend.addr);
             }
         }
-        let mut words = vec![0u64; CILIA_LB_FILTER_WORDS as usize];
-        for bit in uses.keys() {
-            words[(bit >> 6) as usize] |= 1 << (bit & 63);
-        }
-        let mut filter = lock(&self.filter);
-        for (i, word) in words.into_iter().enumerate() {
-            filter
-                .set(i as u32, word, 0)
-                .map_err(|e| DatapathError::map(MAP_LB_FILTER, e))?;
-        }
-        Ok(())
-    }
-
-    /// Sets (`on`) or clears a filter bit.
-    fn set_filter_bit(&self, bit: u32, on: bool) -> Result<(), DatapathError> {
-        let err = |e| DatapathError::map(MAP_LB_FILTER, e);
-        let mut filter = lock(&self.filter);
-        let word = filter.get(&(bit >> 6), 0).map_err(err)?;
-        let mask = 1u64 << (bit & 63);
-        let new = if on { word | mask } else { word & !mask };
-        if new != word {
-            filter.set(bit >> 6, new, 0).map_err(err)?;
-        }
-        Ok(())
+        self.filter.rebuild(addrs)
     }
 }
 
@@ -373,13 +346,11 @@ impl BpfDatapath {
     /// (see the module's invariant).
     pub fn upsert_lb_service(&self, service: &LbService) -> Result<(), DatapathError> {
         self.check_service(service)?;
-        let mut filter_uses = lock(&self.lb.writer);
+        let _writing = lock(&self.lb.writer);
         let frontend = &service.frontend;
         let old = self.master(frontend)?;
-        let bit = lb_filter_bit(frontend.addr);
         if old.is_none() {
-            // Before the master: a packet that finds it finds the bit set.
-            self.lb.set_filter_bit(bit, true)?;
+            self.lb.filter.before_add(frontend.addr)?;
         }
         lock(&self.lb.revnat)
             .insert(service.rev_nat, frontend.revnat_value(), 0)
@@ -398,7 +369,7 @@ impl BpfDatapath {
                 .map_err(|e| DatapathError::map(MAP_LB_SERVICES, e))?;
         }
         if old.is_none() {
-            *filter_uses.entry(bit).or_default() += 1;
+            self.lb.filter.added(frontend.addr);
         }
         if let Some(old) = old {
             self.remove_slots(frontend, old.gen, old.count)?;
@@ -423,22 +394,14 @@ impl BpfDatapath {
         frontend: &LbFrontend,
         rev_nat: u16,
     ) -> Result<(), DatapathError> {
-        let mut filter_uses = lock(&self.lb.writer);
+        let _writing = lock(&self.lb.writer);
         if let Some(old) = self.master(frontend)? {
             match lock(&self.lb.services).remove(&frontend.master_key()) {
                 Ok(()) => {}
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => return Err(DatapathError::map(MAP_LB_SERVICES, e)),
             }
-            // After the master: the last frontend on the bit takes it along.
-            let bit = lb_filter_bit(frontend.addr);
-            if let Some(n) = filter_uses.get_mut(&bit) {
-                *n -= 1;
-                if *n == 0 {
-                    filter_uses.remove(&bit);
-                    self.lb.set_filter_bit(bit, false)?;
-                }
-            }
+            self.lb.filter.removed(frontend.addr)?;
             self.remove_slots(frontend, 1, old.count)?;
             self.remove_slots(frontend, 2, old.count)?;
         }
@@ -451,18 +414,10 @@ impl BpfDatapath {
         self.reset_lb_stats(rev_nat)
     }
 
-    /// The frontend filter's set bits, in order (what `lb_maybe_frontend`
-    /// in the datapath reads).
+    /// The set bits of the frontends' address filter, in order (what
+    /// `lb_maybe_frontend` in the datapath reads).
     pub fn lb_filter_bits(&self) -> Result<Vec<u32>, DatapathError> {
-        let filter = lock(&self.lb.filter);
-        let mut bits = Vec::new();
-        for i in 0..CILIA_LB_FILTER_WORDS {
-            let word = filter
-                .get(&i, 0)
-                .map_err(|e| DatapathError::map(MAP_LB_FILTER, e))?;
-            bits.extend((0..64).filter(|b| word >> b & 1 == 1).map(|b| i * 64 + b));
-        }
-        Ok(bits)
+        self.lb.filter.bits()
     }
 
     /// Zeroes a service's counters, so an id used again counts from 0.

@@ -32,6 +32,7 @@ pub mod endpoint;
 pub mod error;
 pub mod events;
 pub mod fake;
+mod filter;
 mod generic;
 pub mod inspect;
 pub mod interface;

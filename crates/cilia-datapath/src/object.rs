@@ -100,6 +100,9 @@ pub const MAP_GENERIC_CONFIG: &str = "cilia_generic_config";
 
 /// Shared map: local endpoint address -> delivery info.
 pub const MAP_ENDPOINTS: &str = "cilia_endpoints";
+/// Shared array: the address filter of the local endpoints' addresses,
+/// in front of `cilia_endpoints` (`CILIA_ADDR_FILTER_WORDS` in abi.h).
+pub const MAP_ENDPOINT_FILTER: &str = "cilia_endpoint_filter";
 /// Shared per-CPU map: packet counters by outcome.
 pub const MAP_METRICS: &str = "cilia_metrics";
 
@@ -126,8 +129,8 @@ pub const MAP_NODES: &str = "cilia_nodes";
 pub const MAP_NODE_CONFIG: &str = "cilia_node_config";
 /// Shared hash: service frontend -> master entry and backend slots.
 pub const MAP_LB_SERVICES: &str = "cilia_lb_services";
-/// Shared array: the frontend filter, one bit per hash of an address
-/// (`CILIA_LB_FILTER_WORDS` in abi.h).
+/// Shared array: the address filter of the frontends' addresses, in front
+/// of `cilia_lb_services` (`CILIA_ADDR_FILTER_WORDS` in abi.h).
 pub const MAP_LB_FILTER: &str = "cilia_lb_filter";
 /// Shared hash: backend id -> address and state.
 pub const MAP_LB_BACKENDS: &str = "cilia_lb_backends";
@@ -167,6 +170,11 @@ pub const SHARED_MAPS: &[MapSpec] = &[
         name: MAP_ENDPOINTS,
         key_size: core::mem::size_of::<cilia_abi::EndpointKey>() as u32,
         value_size: core::mem::size_of::<cilia_abi::EndpointInfo>() as u32,
+    },
+    MapSpec {
+        name: MAP_ENDPOINT_FILTER,
+        key_size: 4,
+        value_size: 8,
     },
     MapSpec {
         name: MAP_IPCACHE,

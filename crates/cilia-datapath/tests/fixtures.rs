@@ -5,7 +5,10 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use cilia_abi::{EndpointConfig, EndpointInfo, CILIA_DROP_SPOOFED_SOURCE, CILIA_METRIC_DROP};
+use cilia_abi::{
+    addr_filter_bit, EndpointConfig, EndpointInfo, CILIA_ADDR_FILTER_WORDS,
+    CILIA_DROP_SPOOFED_SOURCE, CILIA_METRIC_DROP,
+};
 use cilia_datapath::packet::*;
 use cilia_datapath::testrun::{TestProgram, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
 use cilia_datapath::BpfDatapath;
@@ -145,6 +148,101 @@ fn traffic_to_a_non_endpoint_goes_to_the_stack_unchanged() {
         let out = prog.run(&pkt).unwrap();
         assert_eq!(out.verdict, TC_ACT_OK);
         assert_eq!(out.packet, pkt);
+    }
+}
+
+/// The endpoints' address filter (`CILIA_ADDR_FILTER_WORDS` in abi.h): the
+/// bit of every local endpoint address, the datapath computing the same bit
+/// (it delivers to every one of them), a bit kept until the last address on
+/// it goes (an address written twice counts once), and rebuilt from the
+/// endpoints map when the maps are opened again.
+#[test]
+fn the_endpoint_filter_has_the_bit_of_every_endpoint_address_and_the_datapath_agrees() {
+    privileged!("endpoint_filter");
+    let fx = Fixture::new();
+    let a = fx.endpoint_a();
+    let b = fx.dp.list_endpoints().unwrap()[0].1;
+    let b = EndpointInfo {
+        endpoint_id: 2,
+        mac: B_MAC,
+        node_mac: B_NODE_MAC,
+        ifindex: 4242,
+        ..b
+    };
+    // 200 more addresses of each family for endpoint B, spread over
+    // their prefixes, each written twice.
+    let extra: Vec<IpAddr> = (0..200u32)
+        .flat_map(|i| {
+            let x = i.wrapping_mul(2_654_435_761);
+            [
+                IpAddr::V6(Ipv6Addr::new(
+                    0xfd00,
+                    0xc1,
+                    (x >> 24) as u16,
+                    0,
+                    0,
+                    0,
+                    (x >> 16) as u16,
+                    x as u16 | 0x100,
+                )),
+                IpAddr::V4(Ipv4Addr::from(0x0ac8_0000 | (x & 0xffff) | 0x100)),
+            ]
+        })
+        .collect();
+    for _ in 0..2 {
+        for ip in &extra {
+            fx.dp.upsert_endpoint(*ip, b).unwrap();
+        }
+    }
+    let bits = || {
+        let mut bits: Vec<u32> = fx
+            .dp
+            .list_endpoints()
+            .unwrap()
+            .iter()
+            .map(|(key, _)| addr_filter_bit(key.ip().unwrap()))
+            .collect();
+        bits.sort_unstable();
+        bits.dedup();
+        bits
+    };
+    assert!(bits().len() >= 400, "{} bits", bits().len());
+    assert_eq!(fx.dp.endpoint_filter_bits().unwrap(), bits());
+    let delivered = |prog: &TestProgram, ip: IpAddr| {
+        let pkt = match ip {
+            IpAddr::V6(d) => udp6(a6(), d, 64),
+            IpAddr::V4(d) => udp4(a4(), d, 64),
+        };
+        let out = prog.run(&pkt).unwrap();
+        out.verdict == TC_ACT_REDIRECT && out.packet[0..6] == B_MAC
+    };
+    for ip in &extra {
+        assert!(delivered(&a, *ip), "{ip}");
+    }
+
+    // Half of them withdrawn: their bits go with the last address on them.
+    let (gone, kept) = extra.split_at(extra.len() / 2);
+    for ip in gone {
+        fx.dp.remove_endpoint(*ip).unwrap();
+    }
+    assert_eq!(fx.dp.endpoint_filter_bits().unwrap(), bits());
+    for ip in gone {
+        assert!(!delivered(&a, *ip), "{ip} was withdrawn");
+    }
+
+    // Opened again on filter words all zero: rebuilt from the endpoints.
+    let path = fx._root.path().join("maps/cilia_endpoint_filter");
+    let mut filter: aya::maps::Array<_, u64> =
+        aya::maps::Map::Array(aya::maps::MapData::from_pin(&path).unwrap())
+            .try_into()
+            .unwrap();
+    for i in 0..CILIA_ADDR_FILTER_WORDS {
+        filter.set(i, 0, 0).unwrap();
+    }
+    let again = BpfDatapath::open(fx._root.path()).unwrap();
+    assert_eq!(again.endpoint_filter_bits().unwrap(), bits());
+    for ip in kept.iter().chain([&IpAddr::V6(b6()), &IpAddr::V4(b4())]) {
+        assert!(delivered(&a, *ip), "{ip} after the rebuild");
     }
 }
 

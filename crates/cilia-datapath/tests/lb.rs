@@ -7,8 +7,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use cilia_abi::{
-    lb_filter_bit, CtEntry, EndpointConfig, EndpointInfo, LbAlgorithm, LbBackend, LbBackendState,
-    LbFrontend, LbService, CILIA_DROP_LB_FRAGMENT, CILIA_DROP_NO_BACKEND, CILIA_LB_FILTER_WORDS,
+    addr_filter_bit, CtEntry, EndpointConfig, EndpointInfo, LbAlgorithm, LbBackend, LbBackendState,
+    LbFrontend, LbService, CILIA_ADDR_FILTER_WORDS, CILIA_DROP_LB_FRAGMENT, CILIA_DROP_NO_BACKEND,
     CILIA_LB_LOOPBACK_IPV4, CILIA_LB_LOOPBACK_IPV6_HI, CILIA_LB_LOOPBACK_IPV6_LO,
 };
 use cilia_datapath::packet::*;
@@ -770,7 +770,7 @@ fn service_update_flips_generation_and_reads_back_whole() {
     fx.dp.remove_lb_service(&svc.frontend, svc.rev_nat).unwrap();
 }
 
-/// The frontend filter (`CILIA_LB_FILTER_WORDS` in abi.h): the bit of
+/// The frontend filter (`CILIA_ADDR_FILTER_WORDS` in abi.h): the bit of
 /// every frontend's address, the datapath computing the same bit (it finds
 /// every frontend), kept while a frontend is on it, and rebuilt from the
 /// services when the maps are opened again.
@@ -827,7 +827,7 @@ fn the_frontend_filter_has_the_bit_of_every_frontend_and_the_datapath_agrees() {
     let bits = |services: &[LbService]| {
         let mut bits: Vec<u32> = services
             .iter()
-            .map(|s| lb_filter_bit(s.frontend.addr))
+            .map(|s| addr_filter_bit(s.frontend.addr))
             .collect();
         bits.sort_unstable();
         bits.dedup();
@@ -875,7 +875,7 @@ fn the_frontend_filter_has_the_bit_of_every_frontend_and_the_datapath_agrees() {
         aya::maps::Map::Array(aya::maps::MapData::from_pin(&path).unwrap())
             .try_into()
             .unwrap();
-    for i in 0..CILIA_LB_FILTER_WORDS {
+    for i in 0..CILIA_ADDR_FILTER_WORDS {
         filter.set(i, 0, 0).unwrap();
     }
     assert!(fx.dp.lb_filter_bits().unwrap().is_empty());
