@@ -6,8 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use cilia_abi::{
-    addr_filter_bit, EndpointConfig, EndpointInfo, CILIA_ADDR_FILTER_WORDS,
-    CILIA_DROP_SPOOFED_SOURCE, CILIA_METRIC_DROP,
+    addr_filter_bit, EndpointConfig, EndpointInfo, CILIA_DROP_SPOOFED_SOURCE, CILIA_METRIC_DROP,
 };
 use cilia_datapath::packet::*;
 use cilia_datapath::testrun::{TestProgram, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
@@ -171,24 +170,7 @@ fn the_endpoint_filter_has_the_bit_of_every_endpoint_address_and_the_datapath_ag
     };
     // 200 more addresses of each family for endpoint B, spread over
     // their prefixes, each written twice.
-    let extra: Vec<IpAddr> = (0..200u32)
-        .flat_map(|i| {
-            let x = i.wrapping_mul(2_654_435_761);
-            [
-                IpAddr::V6(Ipv6Addr::new(
-                    0xfd00,
-                    0xc1,
-                    (x >> 24) as u16,
-                    0,
-                    0,
-                    0,
-                    (x >> 16) as u16,
-                    x as u16 | 0x100,
-                )),
-                IpAddr::V4(Ipv4Addr::from(0x0ac8_0000 | (x & 0xffff) | 0x100)),
-            ]
-        })
-        .collect();
+    let extra = spread_addrs(200, [0xfd00, 0xc1], 0x0ac8_0000, 0xffff, 0x100);
     for _ in 0..2 {
         for ip in &extra {
             fx.dp.upsert_endpoint(*ip, b).unwrap();
@@ -231,14 +213,7 @@ fn the_endpoint_filter_has_the_bit_of_every_endpoint_address_and_the_datapath_ag
     }
 
     // Opened again on filter words all zero: rebuilt from the endpoints.
-    let path = fx._root.path().join("maps/cilia_endpoint_filter");
-    let mut filter: aya::maps::Array<_, u64> =
-        aya::maps::Map::Array(aya::maps::MapData::from_pin(&path).unwrap())
-            .try_into()
-            .unwrap();
-    for i in 0..CILIA_ADDR_FILTER_WORDS {
-        filter.set(i, 0, 0).unwrap();
-    }
+    zero_filter(fx._root.path(), "cilia_endpoint_filter");
     let again = BpfDatapath::open(fx._root.path()).unwrap();
     assert_eq!(again.endpoint_filter_bits().unwrap(), bits());
     for ip in kept.iter().chain([&IpAddr::V6(b6()), &IpAddr::V4(b4())]) {

@@ -8,8 +8,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use cilia_abi::{
     addr_filter_bit, CtEntry, EndpointConfig, EndpointInfo, LbAlgorithm, LbBackend, LbBackendState,
-    LbFrontend, LbService, CILIA_ADDR_FILTER_WORDS, CILIA_DROP_LB_FRAGMENT, CILIA_DROP_NO_BACKEND,
-    CILIA_LB_LOOPBACK_IPV4, CILIA_LB_LOOPBACK_IPV6_HI, CILIA_LB_LOOPBACK_IPV6_LO,
+    LbFrontend, LbService, CILIA_DROP_LB_FRAGMENT, CILIA_DROP_NO_BACKEND, CILIA_LB_LOOPBACK_IPV4,
+    CILIA_LB_LOOPBACK_IPV6_HI, CILIA_LB_LOOPBACK_IPV6_LO,
 };
 use cilia_datapath::packet::*;
 use cilia_datapath::testrun::{TestProgram, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
@@ -784,24 +784,7 @@ fn the_frontend_filter_has_the_bit_of_every_frontend_and_the_datapath_agrees() {
         .unwrap();
     // 200 frontend addresses of each family, spread over their prefixes;
     // the first has a second frontend on another port.
-    let addrs: Vec<IpAddr> = (0..200u32)
-        .flat_map(|i| {
-            let x = i.wrapping_mul(2_654_435_761);
-            [
-                IpAddr::V6(Ipv6Addr::new(
-                    0xfd00,
-                    0x5e,
-                    0,
-                    0,
-                    (x >> 24) as u16,
-                    0,
-                    (x >> 16) as u16,
-                    x as u16,
-                )),
-                IpAddr::V4(Ipv4Addr::from(0x0a60_0000 | (x & 0x000f_ffff))),
-            ]
-        })
-        .collect();
+    let addrs = spread_addrs(200, [0xfd00, 0x5e], 0x0a60_0000, 0x000f_ffff, 0);
     let service = |rev_nat: u16, addr: IpAddr, port: u16| LbService {
         rev_nat,
         frontend: LbFrontend {
@@ -870,14 +853,7 @@ fn the_frontend_filter_has_the_bit_of_every_frontend_and_the_datapath_agrees() {
     );
 
     // Opened again on filter words all zero: rebuilt from the services.
-    let path = fx._root.path().join("maps/cilia_lb_filter");
-    let mut filter: aya::maps::Array<_, u64> =
-        aya::maps::Map::Array(aya::maps::MapData::from_pin(&path).unwrap())
-            .try_into()
-            .unwrap();
-    for i in 0..CILIA_ADDR_FILTER_WORDS {
-        filter.set(i, 0, 0).unwrap();
-    }
+    zero_filter(fx._root.path(), "cilia_lb_filter");
     assert!(fx.dp.lb_filter_bits().unwrap().is_empty());
     let again = BpfDatapath::open(fx._root.path()).unwrap();
     assert_eq!(again.lb_filter_bits().unwrap(), bits(&services));

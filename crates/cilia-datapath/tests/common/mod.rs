@@ -6,7 +6,8 @@
 #![allow(dead_code)] // each test file uses its own subset
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
 use std::time::Duration;
 
 use cilia_datapath::packet::Mac;
@@ -73,4 +74,33 @@ pub fn counted(dp: &cilia_datapath::BpfDatapath, kind: u8, reason: u8) -> u64 {
 /// Drops the datapath counted for `reason`.
 pub fn drops(dp: &cilia_datapath::BpfDatapath, reason: u8) -> u64 {
     counted(dp, cilia_abi::CILIA_METRIC_DROP, reason)
+}
+
+/// `n` addresses of each family for the address filter tests, spread by a
+/// multiplicative hash of their index: IPv6 `v6[0]:v6[1]:h1::h2:h3`, IPv4
+/// `v4 | h & v4_mask`; `low` is or-ed into the last 16 bits of both (a bit
+/// that keeps them off the fixture's own addresses).
+pub fn spread_addrs(n: u32, v6: [u16; 2], v4: u32, v4_mask: u32, low: u16) -> Vec<IpAddr> {
+    (0..n)
+        .flat_map(|i| {
+            let x = i.wrapping_mul(2_654_435_761);
+            let (hi, mid, lo) = ((x >> 24) as u16, (x >> 16) as u16, x as u16 | low);
+            [
+                IpAddr::V6(Ipv6Addr::new(v6[0], v6[1], hi, 0, 0, 0, mid, lo)),
+                IpAddr::V4(Ipv4Addr::from(v4 | (x & v4_mask) | u32::from(low))),
+            ]
+        })
+        .collect()
+}
+
+/// Zeroes every word of the pinned address filter `name` under `root`.
+pub fn zero_filter(root: &Path, name: &str) {
+    let path = root.join("maps").join(name);
+    let mut filter: aya::maps::Array<_, u64> =
+        aya::maps::Map::Array(aya::maps::MapData::from_pin(&path).unwrap())
+            .try_into()
+            .unwrap();
+    for i in 0..cilia_abi::CILIA_ADDR_FILTER_WORDS {
+        filter.set(i, 0, 0).unwrap();
+    }
 }
