@@ -613,22 +613,43 @@ impl CandidateMap for BTreeMap<Key, Candidates> {
 /// order of equal keys.
 #[derive(Default)]
 pub(crate) struct ClaimLog {
-    /// (packed key, rule index, kind): 0 deny, 1 allow with HTTP rules, 2 allow.
-    claims: Vec<(u64, u32, u8)>,
+    claims: Vec<LogClaim>,
 }
 
-fn claim_kind(deny: bool, l4: bool) -> u8 {
-    match (deny, l4) {
+/// One claim of the log: the packed key, and the rule index with the kind
+/// of claim in its top two bits ([`KIND_SHIFT`]). 12 bytes, not the 16 of a
+/// `(u64, u32, u8)`: the log and the sort's buffer of the same size are most
+/// of what a large resolution allocates.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, packed(4))]
+pub(crate) struct LogClaim {
+    key: u64,
+    rule_kind: u32,
+}
+
+/// Where a claim's kind starts in [`LogClaim::rule_kind`]: 0 deny, 1 allow
+/// with HTTP rules, 2 allow. Rule indexes stay far below 2^30 (a policy set
+/// holds at most [`crate::limits::MAX_RULES`] rules of at most
+/// [`crate::limits::MAX_PEERS`] peer rules).
+const KIND_SHIFT: u32 = 30;
+const RULE_MASK: u32 = (1 << KIND_SHIFT) - 1;
+
+fn log_claim(key: u64, deny: bool, l4: bool, rule: u32) -> LogClaim {
+    debug_assert!(rule <= RULE_MASK, "rule index {rule}");
+    let kind = match (deny, l4) {
         (true, _) => 0,
         (false, false) => 1,
         (false, true) => 2,
+    };
+    LogClaim {
+        key,
+        rule_kind: kind << KIND_SHIFT | rule.min(RULE_MASK),
     }
 }
 
 impl CandidateMap for ClaimLog {
     fn claim(&mut self, key: Key, deny: bool, l4: bool, rule: u32) {
-        self.claims
-            .push((pack_key(key), rule, claim_kind(deny, l4)));
+        self.claims.push(log_claim(pack_key(key), deny, l4, rule));
     }
 
     fn claim_all(
@@ -641,19 +662,18 @@ impl CandidateMap for ClaimLog {
         rule: u32,
     ) {
         // The packed key of identity 0; an identity only adds its bits.
-        let base = pack_key((direction, 0, proto, port, len));
-        let kind = claim_kind(deny, l4);
-        self.claims.extend(
-            ids.iter()
-                .map(|&id| (base | u64::from(id) << IDENTITY_SHIFT, rule, kind)),
-        );
+        let base = log_claim(pack_key((direction, 0, proto, port, len)), deny, l4, rule);
+        self.claims.extend(ids.iter().map(|&id| LogClaim {
+            key: base.key | u64::from(id) << IDENTITY_SHIFT,
+            ..base
+        }));
     }
 }
 
 impl ClaimLog {
     /// The candidates of every claimed key, in key order.
     pub(crate) fn sorted(&mut self) -> SortedCandidates<'_> {
-        radsort::sort_by_key(&mut self.claims, |(k, _, _)| *k);
+        radsort::sort_by_key(&mut self.claims, |c| c.key);
         SortedCandidates {
             claims: &self.claims,
         }
@@ -662,24 +682,25 @@ impl ClaimLog {
 
 /// The candidates of a sorted claim log, one key at a time.
 pub(crate) struct SortedCandidates<'a> {
-    claims: &'a [(u64, u32, u8)],
+    claims: &'a [LogClaim],
 }
 
 impl Iterator for SortedCandidates<'_> {
     type Item = (Key, Candidates);
 
     fn next(&mut self) -> Option<(Key, Candidates)> {
-        let key = self.claims.first()?.0;
+        let key = self.claims.first()?.key;
         let mut c = Candidates::default();
         let keep = |slot: &mut Option<u32>, rule: u32| {
             *slot = Some(slot.map_or(rule, |r| r.min(rule)));
         };
-        while let Some((&(k, rule, kind), rest)) = self.claims.split_first() {
+        while let Some((&LogClaim { key: k, rule_kind }, rest)) = self.claims.split_first() {
             if k != key {
                 break;
             }
             self.claims = rest;
-            match kind {
+            let rule = rule_kind & RULE_MASK;
+            match rule_kind >> KIND_SHIFT {
                 0 => keep(&mut c.deny, rule),
                 1 => keep(&mut c.allow, rule),
                 _ => {
@@ -1190,4 +1211,26 @@ pub fn cidr_prefixes<'a>(policies: impl IntoIterator<Item = &'a Policy>) -> BTre
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{log_claim, LogClaim, KIND_SHIFT, RULE_MASK};
+
+    /// A large resolution holds its claim log and a sort buffer of the same
+    /// size at once: 12 bytes a claim.
+    #[test]
+    fn a_claim_stays_twelve_bytes_and_keeps_its_rule_and_kind() {
+        assert_eq!(std::mem::size_of::<LogClaim>(), 12);
+        for (deny, l4, kind) in [(true, true, 0), (false, false, 1), (false, true, 2)] {
+            for rule in [0, 1, 99_999, RULE_MASK] {
+                let c = log_claim(7, deny, l4, rule);
+                let rule_kind = c.rule_kind;
+                assert_eq!(
+                    (rule_kind & RULE_MASK, rule_kind >> KIND_SHIFT),
+                    (rule, kind)
+                );
+            }
+        }
+    }
 }
