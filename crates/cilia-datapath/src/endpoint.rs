@@ -528,7 +528,7 @@ impl BpfDatapath {
             .list_endpoints()?
             .into_iter()
             .filter_map(|(key, _)| key.ip());
-        dp.endpoint_filter.rebuild(addrs.collect::<Vec<_>>())?;
+        dp.endpoint_filter.rebuild(addrs)?;
         Ok(dp)
     }
 
@@ -1052,7 +1052,11 @@ impl BpfDatapath {
         let _writing = lock(&writer);
         lock(&self.spare_policy).remove(&endpoint_id);
         let err = |e| DatapathError::map(MAP_POLICY, e);
-        let active = match lock(&self.policy).get(&u32::from(endpoint_id), 0) {
+        // The outer map's lock is released before `write_policy`, which
+        // takes it again (a guard in the `match` itself would live through
+        // every arm: a thread waiting on itself).
+        let found = lock(&self.policy).get(&u32::from(endpoint_id), 0);
+        let active = match found {
             Ok(map) => map,
             Err(e) if is_not_found(&e) => return self.write_policy(endpoint_id, upserts),
             Err(e) => return Err(err(e)),

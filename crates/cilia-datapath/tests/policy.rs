@@ -267,6 +267,46 @@ fn policy_updates_are_incremental_and_swap_maps() {
     assert!(fx.dp.get_policy(B_ID).unwrap().is_none());
 }
 
+/// An update for an endpoint without a policy map (and no spare: one whose
+/// map was just removed by its delete, or that never had one) writes the
+/// update as its whole policy. It once waited forever on the outer map's
+/// lock, which it still held from its own lookup: an agent thread stuck with
+/// the endpoints' and the policy's locks, every later delete with it.
+#[test]
+fn an_update_of_an_endpoint_without_a_policy_map_writes_it_whole() {
+    privileged!("update_without_a_policy_map");
+    let fx = std::sync::Arc::new(Fixture::new());
+    fx.dp.remove_policy(B_ID).unwrap();
+    assert!(fx.dp.get_policy(B_ID).unwrap().is_none());
+    let (done, finished) = std::sync::mpsc::channel();
+    let worker = {
+        let fx = fx.clone();
+        std::thread::spawn(move || {
+            let upserts = [
+                enforce(CILIA_DIR_INGRESS),
+                rule(
+                    CILIA_DIR_INGRESS,
+                    A_IDENTITY,
+                    6,
+                    80,
+                    16,
+                    CILIA_VERDICT_ALLOW,
+                ),
+            ]
+            .into_iter()
+            .collect();
+            let update = fx.dp.update_policy(B_ID, &Default::default(), &upserts);
+            let _ = done.send(update.map(|u| (u.added, u.removed)));
+        })
+    };
+    let update = finished
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the update returns (it waited on a lock it held)");
+    assert_eq!(update.unwrap(), (2, 0));
+    worker.join().unwrap();
+    assert_eq!(fx.dp.get_policy(B_ID).unwrap().unwrap().len(), 2);
+}
+
 /// ICMPv6 destination unreachable from B to A quoting `quoted` (an IPv6
 /// packet A sent).
 fn icmp6_unreachable_b_to_a(quoted: &[u8]) -> Vec<u8> {

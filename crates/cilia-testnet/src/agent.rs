@@ -272,10 +272,42 @@ impl TestAgent {
             if deleting.is_empty() {
                 return;
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "endpoints still being deleted after 30 s: {deleting:?}"
-            );
+            if std::time::Instant::now() >= deadline {
+                // The agent logs why a delete failed (or where it stopped):
+                // its last lines go with the failure.
+                let log = self.log_text();
+                if let (Some(pid), Ok(_)) = (self.pid(), std::env::var("CILIA_TEST_GDB")) {
+                    let out = Command::new("gdb")
+                        .args([
+                            "-p",
+                            &pid.to_string(),
+                            "-batch",
+                            "-ex",
+                            "thread apply all bt",
+                        ])
+                        .output();
+                    if let Ok(out) = out {
+                        eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+                    }
+                    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                    {
+                        let stack =
+                            std::fs::read_to_string(t.path().join("stack")).unwrap_or_default();
+                        let comm =
+                            std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+                        eprintln!("task {:?} {comm}{stack}", t.file_name());
+                    }
+                }
+                let tail: Vec<&str> = log.lines().rev().take(80).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "endpoints still being deleted after 30 s: {deleting:?}\nagent log (last lines):\n{}",
+                    tail.join("\n")
+                );
+            }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }

@@ -954,6 +954,10 @@ impl EndpointManager {
             self.store.update_endpoint(&rec)?;
         }
         phases.mark("record");
+        // No regeneration programs its map from here on: its delete removes
+        // the map without a lock of the policy's, and a write after that
+        // would make the map again, left behind by the endpoint.
+        self.policy().forget(id);
         crate::crash::point("endpoint-delete:after-disconnect");
         self.deleting.insert(id);
         Ok(Disconnected { rec, phases })
