@@ -221,6 +221,52 @@ fn the_endpoint_filter_has_the_bit_of_every_endpoint_address_and_the_datapath_ag
     }
 }
 
+/// The endpoints' filter may only err toward "maybe local" (a bit set with
+/// no address behind it). A bit wrongly clear (a bug, a write lost) makes a
+/// packet to a local endpoint look like one to the world: it goes to the
+/// node's stack instead of being redirected, and arrives at the
+/// destination's to-container program, which drops a local endpoint's packet
+/// that comes that way. It fails closed: dropped by name, never delivered
+/// around the checks of the redirect.
+#[test]
+fn a_wrongly_clear_endpoint_filter_bit_fails_closed() {
+    privileged!("endpoint_filter_clear");
+    let fx = Fixture::new();
+    zero_filter(fx._root.path(), "cilia_endpoint_filter");
+    let a = fx.endpoint_a();
+    let b_in = fx
+        .dp
+        .test_program_to_container(&EndpointConfig {
+            ipv6: b6().octets(),
+            ipv4: b4().octets(),
+            mac: B_MAC,
+            node_mac: B_NODE_MAC,
+            ifindex: 4242,
+            identity: 0,
+            endpoint_id: 2,
+            enable_ipv4: 1,
+            monitor: 1,
+        })
+        .expect("load B's to-container program");
+    for pkt in [udp6(a6(), b6(), 64), udp4(a4(), b4(), 64)] {
+        let out = a.run(&pkt).unwrap();
+        assert_eq!(out.verdict, TC_ACT_OK, "not redirected: to the stack");
+        // Routed by the stack onto B's veth: B's MACs.
+        let mut arriving = out.packet.clone();
+        arriving[0..6].copy_from_slice(&B_MAC);
+        arriving[6..12].copy_from_slice(&B_NODE_MAC);
+        assert_eq!(b_in.run(&arriving).unwrap().verdict, TC_ACT_SHOT);
+    }
+    let spoofed = fx
+        .dp
+        .metrics()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k.kind == CILIA_METRIC_DROP && k.reason == CILIA_DROP_SPOOFED_SOURCE)
+        .expect("the drops are counted as spoofed sources");
+    assert_eq!(spoofed.1.packets, 2);
+}
+
 #[test]
 fn spoofed_source_addresses_are_dropped_and_counted() {
     privileged!("spoofed_source_addresses");
