@@ -90,9 +90,14 @@ impl KeyState {
 
     /// The key's L3/L4 entry: its verdict and the claim that decided it.
     fn entry(&self) -> Decided {
+        self.entry_ref().map(|(v, c)| (v, c.clone()))
+    }
+
+    /// [`Self::entry`] without cloning the claim (an atomic increment and
+    /// decrement of its contribution's count, per entry of a whole map).
+    fn entry_ref(&self) -> Option<(Verdict, &Claim)> {
         let verdict = self.verdict?;
-        let claim = self.first(verdict == Verdict::Deny)?;
-        Some((verdict, claim.clone()))
+        Some((verdict, self.first(verdict == Verdict::Deny)?))
     }
 
     /// Sets the entry from the verdict `normalized_verdict` gives.
@@ -224,10 +229,10 @@ impl MergedPolicy {
             if self.l7.overlay.contains_key(key) {
                 continue;
             }
-            if let Some((verdict, claim)) = &state.entry() {
+            if let Some((verdict, claim)) = state.entry_ref() {
                 out.entries.push(map_entry(
                     *key,
-                    *verdict,
+                    verdict,
                     global_rule(&offsets, claim),
                     false,
                 ));
