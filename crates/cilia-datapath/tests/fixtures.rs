@@ -5,9 +5,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use cilia_abi::{
-    addr_filter_bit, EndpointConfig, EndpointInfo, CILIA_DROP_SPOOFED_SOURCE, CILIA_METRIC_DROP,
-};
+use cilia_abi::{addr_filter_bit, EndpointConfig, EndpointInfo, CILIA_DROP_SPOOFED_SOURCE};
 use cilia_datapath::packet::*;
 use cilia_datapath::testrun::{TestProgram, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
 use cilia_datapath::BpfDatapath;
@@ -257,14 +255,11 @@ fn a_wrongly_clear_endpoint_filter_bit_fails_closed() {
         arriving[6..12].copy_from_slice(&B_NODE_MAC);
         assert_eq!(b_in.run(&arriving).unwrap().verdict, TC_ACT_SHOT);
     }
-    let spoofed = fx
-        .dp
-        .metrics()
-        .unwrap()
-        .into_iter()
-        .find(|(k, _)| k.kind == CILIA_METRIC_DROP && k.reason == CILIA_DROP_SPOOFED_SOURCE)
-        .expect("the drops are counted as spoofed sources");
-    assert_eq!(spoofed.1.packets, 2);
+    assert_eq!(
+        drops(&fx.dp, CILIA_DROP_SPOOFED_SOURCE),
+        2,
+        "counted as spoofed"
+    );
 }
 
 #[test]
@@ -283,14 +278,11 @@ fn spoofed_source_addresses_are_dropped_and_counted() {
             .verdict,
         TC_ACT_SHOT
     );
-    let spoofed = fx
-        .dp
-        .metrics()
-        .unwrap()
-        .into_iter()
-        .find(|(k, _)| k.kind == CILIA_METRIC_DROP && k.reason == CILIA_DROP_SPOOFED_SOURCE)
-        .expect("spoofed drops are counted");
-    assert_eq!(spoofed.1.packets, 2);
+    assert_eq!(
+        drops(&fx.dp, CILIA_DROP_SPOOFED_SOURCE),
+        2,
+        "spoofed drops are counted"
+    );
 }
 
 #[test]
