@@ -604,7 +604,7 @@ impl CandidateMap for BTreeMap<Key, Candidates> {
 
 /// The claims of one full resolution, in the order they come: often ~10^5
 /// keys, each claimed once or a few times. Appending a claim and sorting them
-/// once ([`ClaimLog::into_sorted`]) is several times cheaper in time and memory
+/// once ([`ClaimLog::sorted`]) is several times cheaper in time and memory
 /// than an ordered-map (or hash-map) insert per claim. The sort is a radix
 /// sort on the packed key (`radsort`: only the bytes that differ between
 /// keys are passes, four for a typical CIDR policy), about twice as fast as
