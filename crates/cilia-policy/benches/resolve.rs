@@ -184,7 +184,9 @@ fn node_scale() {
 
 fn main() {
     // `cargo bench -p cilia-policy --bench resolve -- replicas [a|b|c|d]` runs
-    // only the replicas of Cilium's benchmarks (or one of them).
+    // only the replicas of Cilium's benchmarks (or one of them);
+    // `CILIA_BENCH_RESOLVE_ONLY=1` leaves out the agent's path (to profile
+    // `resolve` alone).
     let args: Vec<String> = std::env::args().collect();
     if let Some(at) = args.iter().position(|a| a == "replicas") {
         cilium_replicas(
@@ -512,7 +514,9 @@ fn cilium_replicas(only: Option<&str>) {
             c.ms.1 / median,
             c.mb / mb,
         );
-        agent_path(&r, &policies, &cache, &subject);
+        if std::env::var_os("CILIA_BENCH_RESOLVE_ONLY").is_none() {
+            agent_path(&r, &policies, &cache, &subject);
+        }
     }
 }
 

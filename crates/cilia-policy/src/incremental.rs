@@ -91,7 +91,7 @@ struct PeerEntry {
 /// select an endpoint costs a match per group, not per rule.
 #[derive(Debug)]
 struct SubjectGroup {
-    subject: crate::labels::Selector,
+    subject: Arc<crate::labels::Selector>,
     rules: Vec<usize>,
     /// Port names of the rules' ingress sections (resolved against the subject).
     ingress_names: BTreeSet<Arc<str>>,

@@ -69,6 +69,7 @@ mod model;
 pub mod named;
 mod parse;
 mod ports;
+mod radix;
 mod resolve;
 pub mod workload;
 

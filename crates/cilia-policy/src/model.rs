@@ -12,7 +12,9 @@ use crate::labels::Selector;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Rule {
     /// Which endpoints the rule applies to (namespace restriction included).
-    pub(crate) subject: Selector,
+    /// Equal selectors of one parse share one allocation, so resolution
+    /// matches each distinct one once (see `parse::share_subjects`).
+    pub(crate) subject: Arc<Selector>,
     /// Index in a Cilium `specs` list (0 otherwise).
     pub(crate) spec: usize,
     pub(crate) ingress: Vec<PeerRule>,

@@ -7,7 +7,8 @@
 //! own paths for value errors (ports, CIDRs, selectors, entities).
 
 use std::cell::Cell;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde::de::{
@@ -423,6 +424,7 @@ pub fn parse_stream(source: &str, yaml: &str) -> Result<PolicyStream, PolicyErro
     let mut limits = crate::limits::Budget::default();
     let budget = Cell::new(yaml.len().saturating_mul(NODES_PER_BYTE).saturating_add(64));
     let mut out = PolicyStream::default();
+    let mut subjects = HashSet::new();
     for (i, document) in serde_norway::Deserializer::from_str(yaml).enumerate() {
         let mut doc = Doc {
             file: source,
@@ -451,7 +453,8 @@ pub fn parse_stream(source: &str, yaml: &str) -> Result<PolicyStream, PolicyErro
         }
         let yaml = serde_norway::to_string(&value)
             .map_err(|e| doc.err("", format!("cannot write the document back as YAML: {e}")))?;
-        let policy = parse_document(&mut doc, value)?;
+        let mut policy = parse_document(&mut doc, value)?;
+        share_subjects(&mut policy, &mut subjects);
         limits
             .add(&policy)
             .map_err(|e| doc.err("", e.to_string()))?;
@@ -462,6 +465,21 @@ pub fn parse_stream(source: &str, yaml: &str) -> Result<PolicyStream, PolicyErro
         });
     }
     Ok(out)
+}
+
+/// Makes the rules' equal subject selectors one shared allocation (the
+/// first one seen in `subjects`): a policy's specs usually all select the
+/// same endpoints, and resolution then matches that selector once per
+/// endpoint instead of once per rule (a tenth of resolving 1,000 specs).
+fn share_subjects(policy: &mut Policy, subjects: &mut HashSet<Arc<Selector>>) {
+    for rule in &mut policy.rules {
+        match subjects.get(&rule.subject) {
+            Some(shared) => rule.subject = shared.clone(),
+            None => {
+                subjects.insert(rule.subject.clone());
+            }
+        }
+    }
 }
 
 /// One non-empty document's policy.
@@ -841,7 +859,7 @@ fn named_port_rule(
         ));
     }
     Ok(NamedPortRule {
-        name: std::sync::Arc::from(name),
+        name: Arc::from(name),
         proto,
         l7: None,
     })
@@ -939,7 +957,7 @@ fn convert_np(doc: &Doc<'_>, raw: NpDoc) -> Result<Policy, PolicyError> {
     }
 
     let mut rule = Rule {
-        subject: subject.canonical(),
+        subject: Arc::new(subject.canonical()),
         spec: 0,
         ingress: Vec::new(),
         ingress_deny: Vec::new(),
@@ -1144,7 +1162,7 @@ fn cilium_rule(
     }
 
     let mut rule = Rule {
-        subject: subject.canonical(),
+        subject: Arc::new(subject.canonical()),
         spec: spec_index,
         ingress: Vec::new(),
         ingress_deny: Vec::new(),

@@ -606,9 +606,8 @@ impl CandidateMap for BTreeMap<Key, Candidates> {
 /// keys, each claimed once or a few times. Appending a claim and sorting them
 /// once ([`ClaimLog::sorted`]) is several times cheaper in time and memory
 /// than an ordered-map (or hash-map) insert per claim. The sort is a radix
-/// sort on the packed key (`radsort`: only the bytes that differ between
-/// keys are passes, four for a typical CIDR policy), about twice as fast as
-/// a comparison sort at these sizes. Rules are visited in increasing index
+/// sort on the packed key over the bits that differ between keys
+/// ([`crate::radix`]: two passes for a typical CIDR policy). Rules are visited in increasing index
 /// order; the candidates keep the lowest index of each kind whatever the
 /// order of equal keys.
 #[derive(Default)]
@@ -673,7 +672,7 @@ impl CandidateMap for ClaimLog {
 impl ClaimLog {
     /// The candidates of every claimed key, in key order.
     pub(crate) fn sorted(&mut self) -> SortedCandidates<'_> {
-        radsort::sort_by_key(&mut self.claims, |c| c.key);
+        crate::radix::sort_by_key(&mut self.claims, |c| c.key);
         SortedCandidates {
             claims: &self.claims,
         }
@@ -819,10 +818,16 @@ pub fn resolve_with_ports(
     // Peers first, claims second: the claim log is then allocated once, at
     // about its final size.
     let mut expansions = Vec::new();
+    // Whether each subject selector matches, by its (shared) allocation.
+    let mut selects: HashMap<*const Selector, bool, foldhash::fast::RandomState> =
+        HashMap::default();
     for policy in policies {
         let policy_name = policy.qualified_name();
         for rule in &policy.rules {
-            if !rule.subject.matches(subject) {
+            let matches = *selects
+                .entry(Arc::as_ptr(&rule.subject))
+                .or_insert_with(|| rule.subject.matches(subject));
+            if !matches {
                 continue;
             }
             out.ingress_enforced |= rule.enforce_ingress;

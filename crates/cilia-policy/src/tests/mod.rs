@@ -1193,3 +1193,52 @@ proptest! {
         }
     }
 }
+
+/// Equal subject selectors of one parse share an allocation (resolution
+/// matches each distinct one once), and a rule whose selector differs is
+/// still matched on its own, wherever it stands between shared ones.
+#[test]
+fn equal_subject_selectors_are_shared_and_each_distinct_one_still_decides() {
+    let spec = |app: &str, port: u16| {
+        format!(
+            "- endpointSelector: {{matchLabels: {{app: {app}}}}}\n  egress:\n  - toEntities: [all]\n    toPorts: [{{ports: [{{port: '{port}', protocol: TCP}}]}}]\n"
+        )
+    };
+    let yaml = format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: a, namespace: prod}}\nspecs:\n{}{}{}---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: b, namespace: prod}}\nspecs:\n{}",
+        spec("web", 80),
+        spec("db", 5432),
+        spec("web", 443),
+        spec("web", 8080),
+    );
+    let policies = parse_policies("shared.yaml", &yaml).expect("policies parse");
+    let subjects: Vec<&std::sync::Arc<crate::labels::Selector>> = policies
+        .iter()
+        .flat_map(|p| &p.rules)
+        .map(|r| &r.subject)
+        .collect();
+    assert!(std::sync::Arc::ptr_eq(subjects[0], subjects[2]));
+    assert!(std::sync::Arc::ptr_eq(subjects[0], subjects[3]));
+    assert!(!std::sync::Arc::ptr_eq(subjects[0], subjects[1]));
+
+    let c = cache();
+    let peer = 1000;
+    // The allowed ports of an endpoint the policies select (None: not selected).
+    let ports = |subject: &Labels| -> Option<Vec<u16>> {
+        let resolved = resolve(&policies, subject, &c);
+        resolved.egress_enforced.then(|| {
+            [80, 443, 5432, 8080]
+                .into_iter()
+                .filter(|p| {
+                    evaluate(&resolved, Direction::Egress, peer, 6, *p).verdict == Verdict::Allow
+                })
+                .collect()
+        })
+    };
+    assert_eq!(
+        ports(&endpoint("prod", Some("web"))),
+        Some(vec![80, 443, 8080])
+    );
+    assert_eq!(ports(&endpoint("prod", Some("db"))), Some(vec![5432]));
+    assert_eq!(ports(&endpoint("dev", Some("web"))), None);
+}
