@@ -19,13 +19,25 @@ const SMALL: usize = 128;
 /// Sorts `items` by `key`, stably: a least-significant-digit radix sort
 /// over the bits in which the keys differ, in digits of at most
 /// [`MAX_DIGIT_BITS`] bits.
+#[cfg(test)]
 pub(crate) fn sort_by_key<T: Copy>(items: &mut [T], key: impl Fn(&T) -> u64) {
+    let first = items.first().map_or(0, &key);
+    let differing = items.iter().fold(0u64, |acc, t| acc | (key(t) ^ first));
+    sort_by_key_differing(items, key, differing);
+}
+
+/// [`sort_by_key`] given the key bits that differ between items (or more:
+/// every bit that can differ), which whoever filled `items` can keep
+/// cheaply as the keys' OR xor their AND.
+pub(crate) fn sort_by_key_differing<T: Copy>(
+    items: &mut [T],
+    key: impl Fn(&T) -> u64,
+    differing: u64,
+) {
     if items.len() < SMALL {
         items.sort_by_key(|t| key(t));
         return;
     }
-    let first = key(&items[0]);
-    let differing = items.iter().fold(0u64, |acc, t| acc | (key(t) ^ first));
     let digits = digits(differing);
     if digits.is_empty() {
         return;

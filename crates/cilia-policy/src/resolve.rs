@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
 
 use ipnet::IpNet;
+use smallvec::{smallvec, SmallVec};
 
 use crate::l7::{HttpOrigin, HttpRuleSpec, L7Policy, ResolvedL7};
 use crate::labels::{Requirement, Selector};
@@ -522,7 +523,7 @@ pub(crate) fn add_candidates<M: CandidateMap>(
     rule_idx: u32,
     named: NamedCtx<'_>,
 ) {
-    let port_keys: Vec<PortKey> = pr
+    let port_keys: SmallVec<[PortKey; 4]> = pr
         .ports
         .iter()
         .enumerate()
@@ -610,9 +611,22 @@ impl CandidateMap for BTreeMap<Key, Candidates> {
 /// ([`crate::radix`]: two passes for a typical CIDR policy). Rules are visited in increasing index
 /// order; the candidates keep the lowest index of each kind whatever the
 /// order of equal keys.
-#[derive(Default)]
 pub(crate) struct ClaimLog {
     claims: Vec<LogClaim>,
+    /// The OR and the AND of every key so far: their xor holds the bits
+    /// that differ between keys, all the sort needs to know about them.
+    or: u64,
+    and: u64,
+}
+
+impl Default for ClaimLog {
+    fn default() -> Self {
+        ClaimLog {
+            claims: Vec::new(),
+            or: 0,
+            and: u64::MAX,
+        }
+    }
 }
 
 /// One claim of the log: the packed key, and the rule index with the kind
@@ -648,7 +662,10 @@ fn log_claim(key: u64, deny: bool, l4: bool, rule: u32) -> LogClaim {
 
 impl CandidateMap for ClaimLog {
     fn claim(&mut self, key: Key, deny: bool, l4: bool, rule: u32) {
-        self.claims.push(log_claim(pack_key(key), deny, l4, rule));
+        let key = pack_key(key);
+        self.or |= key;
+        self.and &= key;
+        self.claims.push(log_claim(key, deny, l4, rule));
     }
 
     fn claim_all(
@@ -662,6 +679,14 @@ impl CandidateMap for ClaimLog {
     ) {
         // The packed key of identity 0; an identity only adds its bits.
         let base = log_claim(pack_key((direction, 0, proto, port, len)), deny, l4, rule);
+        let Some(&first) = ids.first() else {
+            return;
+        };
+        let (or, and) = ids
+            .iter()
+            .fold((first, first), |(o, a), &id| (o | id, a & id));
+        self.or |= base.key | u64::from(or) << IDENTITY_SHIFT;
+        self.and &= base.key | u64::from(and) << IDENTITY_SHIFT;
         self.claims.extend(ids.iter().map(|&id| LogClaim {
             key: base.key | u64::from(id) << IDENTITY_SHIFT,
             ..base
@@ -672,7 +697,7 @@ impl CandidateMap for ClaimLog {
 impl ClaimLog {
     /// The candidates of every claimed key, in key order.
     pub(crate) fn sorted(&mut self) -> SortedCandidates<'_> {
-        crate::radix::sort_by_key(&mut self.claims, |c| c.key);
+        crate::radix::sort_by_key_differing(&mut self.claims, |c| c.key, self.or ^ self.and);
         SortedCandidates {
             claims: &self.claims,
         }
@@ -759,21 +784,22 @@ pub(crate) struct Candidates {
     pub(crate) l4: Option<u32>,
 }
 
-/// `(proto, port, prefix_len)` triples a port range expands to.
-pub(crate) fn port_keys(range: &PortRange) -> Vec<(u8, u16, u8)> {
+/// `(proto, port, prefix_len)` triples a port range expands to. Most
+/// ranges are one port of one protocol: one key, no allocation.
+pub(crate) fn port_keys(range: &PortRange) -> SmallVec<[(u8, u16, u8); 4]> {
     let protos: &[u8] = match range.proto {
-        0 if range.all_ports() => return vec![(0, 0, 0)],
+        0 if range.all_ports() => return smallvec![(0, 0, 0)],
         0 => &PORT_PROTOCOLS,
-        p => return proto_keys(p, range),
+        p if range.first == range.last => return smallvec![(p, range.first, 16)],
+        p => return proto_keys(p, range).collect(),
     };
     protos.iter().flat_map(|p| proto_keys(*p, range)).collect()
 }
 
-fn proto_keys(proto: u8, range: &PortRange) -> Vec<(u8, u16, u8)> {
+fn proto_keys(proto: u8, range: &PortRange) -> impl Iterator<Item = (u8, u16, u8)> {
     port_range_prefixes(range.first, range.last)
         .into_iter()
-        .map(|(port, len)| (proto, port, len))
-        .collect()
+        .map(move |(port, len)| (proto, port, len))
 }
 
 /// Resolves the policy of one endpoint (its labels include `io.kubernetes.pod.namespace`).
