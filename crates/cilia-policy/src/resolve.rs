@@ -40,10 +40,12 @@ pub struct IdentityCache {
     by_label_key: BTreeMap<String, BTreeSet<IdentityId>>,
 }
 
-/// A sorted copy of the prefix index (see `IdentityCache::prefix_runs`).
-/// State derived from `by_prefix`, so it takes no part in comparisons.
+/// A sorted copy of the prefix index (see `IdentityCache::prefix_runs`):
+/// the keys and, apart, the identities in the same order, so the
+/// identities inside a CIDR are one slice to copy. State derived from
+/// `by_prefix`, so it takes no part in comparisons.
 #[derive(Debug, Clone, Default)]
-struct PrefixRuns(OnceLock<Vec<(PrefixIndex, IdentityId)>>);
+struct PrefixRuns(OnceLock<(Vec<PrefixIndex>, Vec<IdentityId>)>);
 
 /// (family, network address, prefix length): the prefix index's order.
 type PrefixIndex = (u8, u128, u8);
@@ -185,24 +187,24 @@ impl IdentityCache {
         &self.named_ports
     }
 
-    /// CIDR identities whose prefix lies inside `cidr` (equal included).
-    pub(crate) fn cidr_identities_within(
-        &self,
-        cidr: &IpNet,
-    ) -> impl Iterator<Item = IdentityId> + '_ {
+    /// CIDR identities whose prefix lies inside `cidr` (equal included), in
+    /// prefix order.
+    ///
+    /// They are one run of the sorted index, from `(family, first address,
+    /// len)` to the last address: a prefix whose network address lies in
+    /// `cidr` but is shorter than `cidr` must be aligned to a larger block,
+    /// and the only such address in `cidr` is its first, so those prefixes
+    /// all sort before `(family, first, len)`.
+    pub(crate) fn cidr_identities_within(&self, cidr: &IpNet) -> &[IdentityId] {
         let (family, first, len) = prefix_index(cidr);
         let last = (family, last_address(cidr), u8::MAX);
-        let runs = self
+        let (keys, ids) = self
             .prefix_runs
             .0
-            .get_or_init(|| self.by_prefix.iter().map(|(k, id)| (*k, *id)).collect());
-        let start = runs.partition_point(|(k, _)| *k < (family, first, 0));
-        let end = start + runs[start..].partition_point(|(k, _)| *k <= last);
-        // (The run's length bounds the size hint: callers reserve by it.)
-        runs[start..end]
-            .iter()
-            .filter(move |((_, _, l), _)| *l >= len)
-            .map(|(_, id)| *id)
+            .get_or_init(|| self.by_prefix.iter().map(|(k, id)| (*k, *id)).unzip());
+        let start = keys.partition_point(|k| *k < (family, first, len));
+        let end = start + keys[start..].partition_point(|k| *k <= last);
+        &ids[start..end]
     }
 
     /// Every identity with labels, as a map (for diffing two caches).
@@ -298,6 +300,8 @@ pub(crate) fn peer_identities(peer: &Peer, cache: &IdentityCache) -> BTreeSet<Id
         Peer::Selector(sel) => cache.select(sel).collect(),
         Peer::Cidr { cidr, .. } => cache
             .cidr_identities_within(cidr)
+            .iter()
+            .copied()
             .chain([reserved::WORLD])
             .filter(|id| peer_selects(peer, *id, cache))
             .collect(),
@@ -334,9 +338,7 @@ impl Resolver<'_> {
                 let Peer::Cidr { cidr, .. } = peer else {
                     continue;
                 };
-                let within = self.cache.cidr_identities_within(cidr);
-                ids.reserve(within.size_hint().1.unwrap_or(0));
-                ids.extend(within);
+                ids.extend_from_slice(self.cache.cidr_identities_within(cidr));
                 // As in `peer_selects`: a zero-length prefix also selects world.
                 if cidr.prefix_len() == 0 && self.cache.cidr(reserved::WORLD).is_none() {
                     ids.push(reserved::WORLD);
@@ -373,6 +375,8 @@ impl Resolver<'_> {
                     let candidates = self
                         .cache
                         .cidr_identities_within(cidr)
+                        .iter()
+                        .copied()
                         .chain([reserved::WORLD]);
                     for id in candidates {
                         if peer_selects(peer, id, self.cache) {

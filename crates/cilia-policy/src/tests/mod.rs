@@ -1249,3 +1249,46 @@ fn equal_subject_selectors_are_shared_and_each_distinct_one_still_decides() {
     assert_eq!(ports(&endpoint("prod", Some("db"))), Some(vec![5432]));
     assert_eq!(ports(&endpoint("dev", Some("web"))), None);
 }
+
+/// Prefixes drawn so that many share a network address at different
+/// lengths (10.0.0.0/8, /16, /24 …), the case the prefix index's run
+/// boundary must get right, in both families.
+fn nested_prefix() -> impl Strategy<Value = IpNet> {
+    (prop::bool::ANY, 0u8..4, 0u8..=2, 0u8..=32).prop_map(|(v6, a, b, len)| {
+        if v6 {
+            let addr =
+                std::net::Ipv6Addr::new(0x2001, 0xdb8, u16::from(a), u16::from(b), 0, 0, 0, 0);
+            IpNet::V6(
+                ipnet::Ipv6Net::new(addr, 32 + len * 2)
+                    .expect("length")
+                    .trunc(),
+            )
+        } else {
+            let addr = std::net::Ipv4Addr::new(10, a, b, 0);
+            IpNet::V4(ipnet::Ipv4Net::new(addr, len).expect("length").trunc())
+        }
+    })
+}
+
+proptest! {
+    #[test]
+    fn cidr_identities_within_equals_a_scan(
+        prefixes in prop::collection::btree_set(nested_prefix(), 0..40),
+        queries in prop::collection::vec(nested_prefix(), 1..10),
+    ) {
+        let mut c = IdentityCache::new();
+        for (n, p) in prefixes.iter().enumerate() {
+            c.insert_cidr(LOCAL_CIDR_IDENTITY_BASE + n as u32, *p);
+        }
+        for q in queries {
+            let mut indexed = c.cidr_identities_within(&q).to_vec();
+            indexed.sort_unstable();
+            let scanned: Vec<IdentityId> = c
+                .cidr_identities()
+                .filter(|(_, p)| q.contains(*p))
+                .map(|(id, _)| id)
+                .collect();
+            prop_assert_eq!(indexed, scanned, "within {}", q);
+        }
+    }
+}
