@@ -42,8 +42,9 @@ impl Rule {
     }
 }
 
-/// One entry of an ingress/egress (deny) section: peers x ports.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// One entry of an ingress/egress (deny) section: peers x ports. Built by
+/// [`PeerRule::new`].
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct PeerRule {
     /// Union of peers. Empty = selects no peer at all.
     pub(crate) peers: Vec<Peer>,
@@ -56,9 +57,41 @@ pub(crate) struct PeerRule {
     /// port range without an entry here is L4-only. Only allow rules have any,
     /// and only on single TCP ports (the parser refuses the rest).
     pub(crate) l7: Vec<(usize, Arc<PortL7>)>,
+    /// A hash of the fields above, taken once: resolution hashes every
+    /// peer rule of every selecting policy (to expand each distinct one
+    /// once), which hashing the peers and ports each time made a
+    /// twentieth of a large resolution.
+    digest: u64,
+}
+
+/// Hashes the digest (equal rules have equal digests: same fields, same
+/// fixed-key hasher).
+impl std::hash::Hash for PeerRule {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.digest);
+    }
 }
 
 impl PeerRule {
+    pub(crate) fn new(
+        peers: Vec<Peer>,
+        ports: Vec<PortRange>,
+        named: Vec<NamedPortRule>,
+        l7: Vec<(usize, Arc<PortL7>)>,
+    ) -> Self {
+        use std::hash::{Hash, Hasher};
+        // SipHash with fixed keys: the same digest in every process.
+        let mut h = std::hash::DefaultHasher::new();
+        (&peers, &ports, &named, &l7).hash(&mut h);
+        PeerRule {
+            digest: h.finish(),
+            peers,
+            ports,
+            named,
+            l7,
+        }
+    }
+
     /// The HTTP rules of `ports[index]`, if it has any.
     pub(crate) fn l7_of(&self, index: usize) -> Option<&Arc<PortL7>> {
         self.l7
@@ -140,3 +173,35 @@ pub(crate) const PROTO_UDP: u8 = 17;
 pub(crate) const PROTO_SCTP: u8 = 132;
 /// Protocols a port-qualified ANY rule expands to.
 pub(crate) const PORT_PROTOCOLS: [u8; 3] = [PROTO_TCP, PROTO_UDP, PROTO_SCTP];
+
+#[cfg(test)]
+mod tests {
+    use super::{Peer, PeerRule, PortRange};
+    use std::hash::BuildHasher;
+
+    /// Equal peer rules hash equal (the digest is of the content, not of
+    /// the allocation), different ones apart.
+    #[test]
+    fn a_peer_rule_hashes_its_content() {
+        let rule = |port: u16| {
+            PeerRule::new(
+                vec![Peer::Cidr {
+                    cidr: "192.0.2.0/24".parse().expect("cidr"),
+                    except: Vec::new(),
+                }],
+                vec![PortRange {
+                    proto: 6,
+                    first: port,
+                    last: port,
+                }],
+                Vec::new(),
+                Vec::new(),
+            )
+        };
+        let state = std::hash::RandomState::new();
+        assert_eq!(rule(80), rule(80));
+        assert_eq!(state.hash_one(rule(80)), state.hash_one(rule(80)));
+        assert_ne!(rule(80), rule(443));
+        assert_ne!(state.hash_one(rule(80)), state.hash_one(rule(443)));
+    }
+}

@@ -1088,12 +1088,7 @@ fn np_rule(
     if out_ports.is_empty() && out_named.is_empty() {
         out_ports.push(PortRange::ALL);
     }
-    Ok(PeerRule {
-        peers: out_peers,
-        ports: out_ports,
-        named: out_named,
-        l7: Vec::new(),
-    })
+    Ok(PeerRule::new(out_peers, out_ports, out_named, Vec::new()))
 }
 
 // ---------------------------------------------------------------------------
@@ -1386,12 +1381,7 @@ fn cilium_peer_rule(
     if out_ports.is_empty() && out_named.is_empty() {
         out_ports.push(PortRange::ALL);
     }
-    Ok(PeerRule {
-        peers: out_peers,
-        ports: out_ports,
-        named: out_named,
-        l7: out_l7,
-    })
+    Ok(PeerRule::new(out_peers, out_ports, out_named, out_l7))
 }
 
 /// The HTTP rules of one `toPorts` entry (`path`), checked and compiled:

@@ -43,7 +43,7 @@ pub(crate) fn sort_by_key_differing<T: Copy>(
         return;
     }
     // One pass counts every digit's values.
-    let mut counts = vec![[0u32; 1 << MAX_DIGIT_BITS]; digits.len()];
+    let mut counts = vec![[0u32; BUCKETS]; digits.len()];
     for t in items.iter() {
         let k = key(t);
         for (count, digit) in counts.iter_mut().zip(&digits) {
@@ -81,6 +81,9 @@ pub(crate) fn sort_by_key_differing<T: Copy>(
     }
 }
 
+/// Values of a digit.
+const BUCKETS: usize = 1 << MAX_DIGIT_BITS;
+
 /// A run of key bits sorted in one pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Digit {
@@ -90,7 +93,8 @@ struct Digit {
 
 impl Digit {
     fn of(self, key: u64) -> usize {
-        ((key >> self.shift) & self.mask) as usize
+        // (The mask is at most `BUCKETS - 1`; saying so spares a bounds check.)
+        ((key >> self.shift) & self.mask) as usize & (BUCKETS - 1)
     }
 }
 

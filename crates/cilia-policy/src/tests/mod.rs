@@ -246,12 +246,7 @@ fn reference_l7(
                 .named
                 .iter()
                 .filter(|n| {
-                    let one = PeerRule {
-                        peers: Vec::new(),
-                        ports: Vec::new(),
-                        named: vec![(*n).clone()],
-                        l7: Vec::new(),
-                    };
+                    let one = PeerRule::new(Vec::new(), Vec::new(), vec![(*n).clone()], Vec::new());
                     ref_named(&one, named.as_deref(), proto, port)
                 })
                 .map(|n| n.l7.as_ref());
