@@ -574,7 +574,7 @@ impl PolicyRepository {
     ) -> ContributionId {
         let id = self.next_id;
         self.next_id += 1;
-        let policy_name = policy.qualified_name();
+        let policy_name: Arc<str> = policy.qualified_name().into();
         // Rule order decides which rule wins a key: the groups' rules, merged.
         let mut rules: Vec<usize> = self
             .groups

@@ -285,8 +285,9 @@ impl MapEntry {
 /// Identifies the policy rule behind map entries.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RuleRef {
-    /// `ns/name`, or `name` for clusterwide policies.
-    pub policy: String,
+    /// `ns/name`, or `name` for clusterwide policies (shared by the rules of
+    /// one policy: a resolution names every peer rule it expands).
+    pub policy: std::sync::Arc<str>,
     /// Kind of the policy.
     pub kind: PolicyKind,
     /// Section direction.

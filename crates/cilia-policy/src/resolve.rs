@@ -322,18 +322,47 @@ struct Resolver<'a> {
     selector_memo: HashMap<Selector, BTreeSet<IdentityId>>,
 }
 
-impl Resolver<'_> {
+/// A peer rule's identities: a run of the cache's prefix index, or a range
+/// of the resolution's own array of identities.
+enum PeerIds<'a> {
+    Cached(&'a [IdentityId]),
+    Owned(std::ops::Range<usize>),
+}
+
+impl PeerIds<'_> {
+    fn get<'s>(&'s self, all: &'s [IdentityId]) -> &'s [IdentityId] {
+        match self {
+            PeerIds::Cached(ids) => ids,
+            PeerIds::Owned(range) => &all[range.clone()],
+        }
+    }
+}
+
+impl<'a> Resolver<'a> {
     /// The identities `peers` select, each once, as map identities (`[0]`:
     /// every identity). Same selection as [`Self::peer_set`], without building a set
-    /// per rule: a CIDR peer without exceptions takes its range of the prefix
-    /// index as is (the index only holds prefixes inside it).
-    fn peer_ids(&mut self, peers: &[Peer]) -> Vec<IdentityId> {
+    /// per rule: a CIDR peer without exceptions takes its run of the prefix
+    /// index as is (the index only holds prefixes inside it) — for a single
+    /// such peer without copying it. Others are appended to `ids`, one
+    /// array for every rule of the resolution.
+    fn peer_ids(&mut self, peers: &[Peer], ids: &mut Vec<IdentityId>) -> PeerIds<'a> {
+        if let [Peer::Cidr { cidr, except }] = peers {
+            if except.is_empty() && cidr.prefix_len() != 0 {
+                return PeerIds::Cached(self.cache.cidr_identities_within(cidr));
+            }
+        }
+        let start = ids.len();
+        self.append_peer_ids(peers, ids);
+        PeerIds::Owned(start..ids.len())
+    }
+
+    fn append_peer_ids(&mut self, peers: &[Peer], ids: &mut Vec<IdentityId>) {
         let plain_cidrs = !peers.is_empty()
             && peers
                 .iter()
                 .all(|p| matches!(p, Peer::Cidr { except, .. } if except.is_empty()));
         if plain_cidrs {
-            let mut ids = Vec::new();
+            let start = ids.len();
             for peer in peers {
                 let Peer::Cidr { cidr, .. } = peer else {
                     continue;
@@ -347,14 +376,16 @@ impl Resolver<'_> {
             // One peer's range holds each identity once; only a union
             // needs ordering to drop the ones two peers share.
             if peers.len() > 1 {
-                ids.sort_unstable();
-                ids.dedup();
+                let mut union = ids.split_off(start);
+                union.sort_unstable();
+                union.dedup();
+                ids.append(&mut union);
             }
-            return ids;
+            return;
         }
         match self.peer_set(peers) {
-            PeerSet::Any => vec![0],
-            PeerSet::Some(set) => set.into_iter().collect(),
+            PeerSet::Any => ids.push(0),
+            PeerSet::Some(set) => ids.extend(set),
         }
     }
 
@@ -421,7 +452,7 @@ pub(crate) type Expanded<'a> =
 pub(crate) fn for_each_peer_rule<'a>(
     rules: &mut Vec<RuleRef>,
     expanded: &mut Expanded<'a>,
-    (policy, policy_name): (&Policy, &str),
+    (policy, policy_name): (&Policy, &Arc<str>),
     rule: &'a crate::model::Rule,
     mut visit: impl FnMut(Direction, bool, &'a PeerRule, u32),
 ) {
@@ -429,7 +460,7 @@ pub(crate) fn for_each_peer_rule<'a>(
         for (index, pr) in section.iter().enumerate() {
             let rule_idx = u32::try_from(rules.len()).unwrap_or(u32::MAX);
             rules.push(RuleRef {
-                policy: policy_name.to_string(),
+                policy: policy_name.clone(),
                 kind: policy.kind,
                 direction,
                 index,
@@ -848,11 +879,12 @@ pub fn resolve_with_ports(
     // Peers first, claims second: the claim log is then allocated once, at
     // about its final size.
     let mut expansions = Vec::new();
+    let mut all_ids = Vec::new();
     // Whether each subject selector matches, by its (shared) allocation.
     let mut selects: HashMap<*const Selector, bool, foldhash::fast::RandomState> =
         HashMap::default();
     for policy in policies {
-        let policy_name = policy.qualified_name();
+        let policy_name: Arc<str> = policy.qualified_name().into();
         for rule in &policy.rules {
             let matches = *selects
                 .entry(Arc::as_ptr(&rule.subject))
@@ -868,24 +900,27 @@ pub fn resolve_with_ports(
                 (policy, &policy_name),
                 rule,
                 |direction, deny, pr, rule_idx| {
-                    let ids = resolver.peer_ids(&pr.peers);
+                    let ids = resolver.peer_ids(&pr.peers, &mut all_ids);
                     expansions.push((direction, deny, pr, rule_idx, ids));
                 },
             );
         }
     }
+    let ids_of = |ids: &PeerIds<'_>| ids.get(&all_ids).len();
     keys.claims.reserve(
         expansions
             .iter()
-            .map(|(_, _, pr, _, ids)| ids.len() * pr.ports.len().max(1))
+            .map(|(_, _, pr, _, ids)| ids_of(ids) * pr.ports.len().max(1))
             .sum(),
     );
     for (direction, deny, pr, rule_idx, ids) in &expansions {
+        let (direction, deny, rule_idx, ids) = (*direction, *deny, *rule_idx, ids.get(&all_ids));
         add_candidates(
-            &mut keys, &mut http, *direction, *deny, ids, pr, *rule_idx, named,
+            &mut keys, &mut http, direction, deny, ids, pr, rule_idx, named,
         );
     }
     drop(expansions);
+    drop(all_ids);
 
     if http.is_empty() {
         // No proxied entry to place: the candidates never need to exist at once.

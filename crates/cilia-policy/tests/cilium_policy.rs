@@ -446,7 +446,7 @@ fn specs_list_applies_each_spec() {
     );
     let t = trace(&rp, Egress, 2, TCP, 80);
     assert_eq!(t.deciding_rules[0].spec, 1);
-    assert_eq!(t.deciding_rules[0].policy, "default/multi");
+    assert_eq!(&*t.deciding_rules[0].policy, "default/multi");
 }
 
 // ---------------------------------------------------------------- trace
@@ -466,7 +466,7 @@ fn trace_reasons() {
     assert_eq!(t.deciding_rules.len(), 1);
     let r = &t.deciding_rules[0];
     assert_eq!(
-        (r.policy.as_str(), r.kind, r.direction, r.index, r.deny),
+        (&*r.policy, r.kind, r.direction, r.index, r.deny),
         (
             "default/p",
             cilia_policy::PolicyKind::CiliumNetworkPolicy,
@@ -494,7 +494,7 @@ fn trace_reasons() {
 
     let t = trace(&rp, Egress, UNKNOWN, UDP, 53);
     assert_eq!(t.verdict, Allow);
-    assert_eq!(t.deciding_rules[0].policy, "cp");
+    assert_eq!(&*t.deciding_rules[0].policy, "cp");
 
     let rp_db = w.resolve(DB); // only the clusterwide egress policy selects db
     let t = trace(&rp_db, Ingress, 2, TCP, 80);
