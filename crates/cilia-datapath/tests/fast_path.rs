@@ -247,14 +247,7 @@ fn a_stale_absent_flag_in_the_control_block_is_not_believed() {
         &[
             enforce(CILIA_DIR_INGRESS),
             enforce(CILIA_DIR_EGRESS),
-            rule(
-                CILIA_DIR_INGRESS,
-                A_IDENTITY,
-                6,
-                80,
-                16,
-                CILIA_VERDICT_ALLOW,
-            ),
+            allow_tcp_from_a(80),
         ],
     );
     let (a, b) = (fx.a(), fx.b());

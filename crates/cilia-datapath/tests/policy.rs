@@ -223,31 +223,14 @@ fn to_container_program_applies_ingress_policy_to_host_traffic() {
 fn policy_updates_are_incremental_and_swap_maps() {
     privileged!("policy_updates");
     let fx = Fixture::new();
-    let base = [
-        enforce(CILIA_DIR_INGRESS),
-        rule(
-            CILIA_DIR_INGRESS,
-            A_IDENTITY,
-            6,
-            80,
-            16,
-            CILIA_VERDICT_ALLOW,
-        ),
-    ];
+    let base = [enforce(CILIA_DIR_INGRESS), allow_tcp_from_a(80)];
     let first = fx
         .dp
         .set_policy(B_ID, &base.iter().copied().collect())
         .unwrap();
     assert_eq!((first.added, first.removed), (2, 0));
     let mut more = base.to_vec();
-    more.push(rule(
-        CILIA_DIR_INGRESS,
-        A_IDENTITY,
-        6,
-        443,
-        16,
-        CILIA_VERDICT_ALLOW,
-    ));
+    more.push(allow_tcp_from_a(443));
     let second = fx
         .dp
         .set_policy(B_ID, &more.iter().copied().collect())
@@ -282,19 +265,9 @@ fn an_update_of_an_endpoint_without_a_policy_map_writes_it_whole() {
     let worker = {
         let fx = fx.clone();
         std::thread::spawn(move || {
-            let upserts = [
-                enforce(CILIA_DIR_INGRESS),
-                rule(
-                    CILIA_DIR_INGRESS,
-                    A_IDENTITY,
-                    6,
-                    80,
-                    16,
-                    CILIA_VERDICT_ALLOW,
-                ),
-            ]
-            .into_iter()
-            .collect();
+            let upserts = [enforce(CILIA_DIR_INGRESS), allow_tcp_from_a(80)]
+                .into_iter()
+                .collect();
             let update = fx.dp.update_policy(B_ID, &Default::default(), &upserts);
             let _ = done.send(update.map(|u| (u.added, u.removed)));
         })

@@ -168,6 +168,18 @@ pub fn enforce(dir: u8) -> (PolicyKey, PolicyValue) {
     )
 }
 
+/// An ingress allow of TCP port `port` from endpoint A's identity.
+pub fn allow_tcp_from_a(port: u16) -> (PolicyKey, PolicyValue) {
+    rule(
+        CILIA_DIR_INGRESS,
+        A_IDENTITY,
+        6,
+        port,
+        16,
+        CILIA_VERDICT_ALLOW,
+    )
+}
+
 pub fn rule(
     dir: u8,
     identity: u32,
