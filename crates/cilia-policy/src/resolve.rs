@@ -643,9 +643,9 @@ impl CandidateMap for BTreeMap<Key, Candidates> {
 /// once ([`ClaimLog::sorted`]) is several times cheaper in time and memory
 /// than an ordered-map (or hash-map) insert per claim. The sort is a radix
 /// sort on the packed key over the bits that differ between keys
-/// ([`crate::radix`]: two passes for a typical CIDR policy). Rules are visited in increasing index
-/// order; the candidates keep the lowest index of each kind whatever the
-/// order of equal keys.
+/// ([`crate::radix`]: two passes for a typical CIDR policy). Rules are
+/// visited in increasing index order; the candidates keep the lowest index
+/// of each kind whatever the order of equal keys.
 pub(crate) struct ClaimLog {
     claims: Vec<LogClaim>,
     /// The OR and the AND of every key so far: their xor holds the bits
