@@ -906,15 +906,14 @@ pub fn resolve_with_ports(
             );
         }
     }
-    let ids_of = |ids: &PeerIds<'_>| ids.get(&all_ids).len();
     keys.claims.reserve(
         expansions
             .iter()
-            .map(|(_, _, pr, _, ids)| ids_of(ids) * pr.ports.len().max(1))
+            .map(|(_, _, pr, _, ids)| ids.get(&all_ids).len() * pr.ports.len().max(1))
             .sum(),
     );
-    for (direction, deny, pr, rule_idx, ids) in &expansions {
-        let (direction, deny, rule_idx, ids) = (*direction, *deny, *rule_idx, ids.get(&all_ids));
+    for &(direction, deny, pr, rule_idx, ref ids) in &expansions {
+        let ids = ids.get(&all_ids);
         add_candidates(
             &mut keys, &mut http, direction, deny, ids, pr, rule_idx, named,
         );
