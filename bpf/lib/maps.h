@@ -54,10 +54,12 @@ struct policy_inner {
 /*
  * Endpoint id -> that endpoint's policy map. The agent fills a fresh inner
  * map and swaps it in with one update, so a packet sees either the old or
- * the new policy of an endpoint, never a mix.
+ * the new policy of an endpoint, never a mix. An array (ids are 16 bits):
+ * the JIT inlines its lookup, where a hash of maps cost a hash and a bucket
+ * walk on every new flow and policy drop; an empty slot reads as no map.
  */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
 	__uint(max_entries, CILIA_POLICY_ENDPOINTS_MAX);
 	__type(key, __u32);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);

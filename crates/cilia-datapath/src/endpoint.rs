@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::{
-    Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, MapInfo, PerCpuArray, RingBuf,
+    Array, ArrayOfMaps, HashMap, LpmTrie, Map, MapData, MapError, MapInfo, PerCpuArray, RingBuf,
 };
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::TcAttachOptions;
@@ -125,7 +125,10 @@ pub struct BpfDatapath {
     endpoints: Mutex<HashMap<MapData, EndpointKey, EndpointInfo>>,
     metrics: Mutex<PerCpuArray<MapData, MetricsValue>>,
     ipcache: Mutex<LpmTrie<MapData, IpcacheData, IpcacheValue>>,
-    policy: Mutex<HashOfMaps<MapData, u32, MapData>>,
+    policy: Mutex<ArrayOfMaps<MapData, MapData>>,
+    /// `cilia_policy` once more, to clear a slot (see
+    /// [`crate::inspect::clear_map_slot`]).
+    policy_fd: std::os::fd::OwnedFd,
     /// One lock per endpoint, held across a write of its policy: two
     /// writers must not pick the same inactive map (see [`Self::set_policy`]).
     policy_writers: Mutex<std::collections::HashMap<u16, Arc<Mutex<()>>>>,
@@ -135,7 +138,7 @@ pub struct BpfDatapath {
     spare_policy: Mutex<std::collections::BTreeMap<u16, (PolicyMap, u32)>>,
     /// `cilia_policy` again, typed to take a policy map that was created
     /// here (not pinned) as its value: how spares are put in.
-    policy_of_tries: Mutex<HashOfMaps<MapData, u32, PolicyMap>>,
+    policy_of_tries: Mutex<ArrayOfMaps<MapData, PolicyMap>>,
     ct: Mutex<HashMap<MapData, CtKey, CtValue>>,
     ct_count: Mutex<Array<MapData, u32>>,
     /// Endpoint id -> its delivery, for conntrack entries' cached
@@ -485,14 +488,20 @@ impl BpfDatapath {
                 LpmTrie::try_from(ipcache).map_err(|e| DatapathError::map(MAP_IPCACHE, e))?,
             ),
             policy: Mutex::new(
-                HashOfMaps::try_from(policy).map_err(|e| DatapathError::map(MAP_POLICY, e))?,
+                ArrayOfMaps::try_from(policy).map_err(|e| DatapathError::map(MAP_POLICY, e))?,
             ),
+            policy_fd: crate::inspect::obj_get(&maps_dir.join(MAP_POLICY)).map_err(|e| {
+                DatapathError::io(
+                    format!("opening {}", maps_dir.join(MAP_POLICY).display()),
+                    e,
+                )
+            })?,
             policy_writers: Mutex::default(),
             spare_policy: Mutex::default(),
             policy_of_tries: Mutex::new({
                 let err = |e| DatapathError::map(MAP_POLICY, e);
                 let data = MapData::from_pin(maps_dir.join(MAP_POLICY)).map_err(err)?;
-                HashOfMaps::try_from(Map::from_map_data(data).map_err(err)?).map_err(err)?
+                ArrayOfMaps::try_from(Map::from_map_data(data).map_err(err)?).map_err(err)?
             }),
             ct: Mutex::new(HashMap::try_from(ct).map_err(|e| DatapathError::map(MAP_CT, e))?),
             ct_count: Mutex::new(
@@ -952,7 +961,8 @@ impl BpfDatapath {
 
     /// Removes a prefix from the ipcache. Absent entries are not an error.
     pub fn remove_ipcache(&self, key: IpcacheKey) -> Result<(), DatapathError> {
-        match lock(&self.ipcache).remove(&ipcache_to_lpm(&key)) {
+        let found = lock(&self.ipcache).remove(&ipcache_to_lpm(&key));
+        match found {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(DatapathError::map(MAP_IPCACHE, e)),
@@ -1004,7 +1014,8 @@ impl BpfDatapath {
 
     /// The id of the policy map the datapath currently uses for an endpoint.
     fn active_policy_id(&self, endpoint_id: u16) -> Result<Option<u32>, DatapathError> {
-        match lock(&self.policy).get(&u32::from(endpoint_id), 0) {
+        let found = lock(&self.policy).get(&u32::from(endpoint_id), 0);
+        match found {
             Ok(map) => Ok(Some(
                 map.info()
                     .map_err(|e| DatapathError::map(MAP_POLICY, e))?
@@ -1093,14 +1104,15 @@ impl BpfDatapath {
         let writer = self.policy_writer(endpoint_id);
         let _writing = lock(&writer);
         let err = |e| DatapathError::map(MAP_POLICY, e);
-        match lock(&self.policy).get(&u32::from(endpoint_id), 0) {
+        let found = lock(&self.policy).get(&u32::from(endpoint_id), 0);
+        match found {
             Ok(_) => return Ok(false),
             Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(err(e)),
         }
         let map = PolicyMap::create(CILIA_POLICY_MAX, BPF_F_NO_PREALLOC).map_err(err)?;
         lock(&self.policy_of_tries)
-            .insert(u32::from(endpoint_id), &map, 0)
+            .set(u32::from(endpoint_id), &map, 0)
             .map_err(err)?;
         let Some(map_id) = self.active_policy_id(endpoint_id)? else {
             return Ok(false); // removed at once: no spare
@@ -1109,13 +1121,19 @@ impl BpfDatapath {
         Ok(true)
     }
 
-    /// Ids that have an entry in `cilia_policy`.
+    /// Ids that have an entry in `cilia_policy`: every slot of the array
+    /// is read (65,536 lookups, tens of milliseconds; only a restore asks).
     pub fn policy_ids(&self) -> Result<Vec<u16>, DatapathError> {
-        lock(&self.policy)
-            .keys()
-            .map(|k| k.map(|id| id as u16))
-            .collect::<Result<_, _>>()
-            .map_err(|e| DatapathError::map(MAP_POLICY, e))
+        let outer = lock(&self.policy);
+        let mut ids = Vec::new();
+        for id in 0..=u16::MAX {
+            match outer.get(&u32::from(id), 0) {
+                Ok(_) => ids.push(id),
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(DatapathError::map(MAP_POLICY, e)),
+            }
+        }
+        Ok(ids)
     }
 
     /// [`Self::set_policy`] under the endpoint's writer lock.
@@ -1167,7 +1185,7 @@ impl BpfDatapath {
         let inner =
             MapData::from_pin(&target_pin).map_err(|e| DatapathError::map(MAP_POLICY, e))?;
         lock(&self.policy)
-            .insert(u32::from(endpoint_id), &inner, 0)
+            .set(u32::from(endpoint_id), &inner, 0)
             .map_err(|e| DatapathError::map(MAP_POLICY, e))?;
         Ok(update)
     }
@@ -1210,7 +1228,8 @@ impl BpfDatapath {
         &self,
         endpoint_id: u16,
     ) -> Result<Option<BTreeMap<PolicyKey, PolicyValue>>, DatapathError> {
-        let map = match lock(&self.policy).get(&u32::from(endpoint_id), 0) {
+        let found = lock(&self.policy).get(&u32::from(endpoint_id), 0);
+        let map = match found {
             Ok(map) => map,
             Err(e) if is_not_found(&e) => return Ok(None),
             Err(e) => return Err(DatapathError::map(MAP_POLICY, e)),
@@ -1243,10 +1262,18 @@ impl BpfDatapath {
         let writer = self.policy_writer(endpoint_id);
         let _writing = lock(&writer);
         lock(&self.spare_policy).remove(&endpoint_id);
-        match lock(&self.policy).remove(&u32::from(endpoint_id)) {
+        match crate::inspect::clear_map_slot(&self.policy_fd, u32::from(endpoint_id)) {
             Ok(()) => {}
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(DatapathError::map(MAP_POLICY, e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(DatapathError::map(
+                    MAP_POLICY,
+                    MapError::SyscallError(aya::sys::SyscallError {
+                        call: "bpf_map_delete_elem",
+                        io_error: e,
+                    }),
+                ))
+            }
         }
         self.remove_policy_pins(endpoint_id)?;
         // The id's writer lock goes too unless another writer holds or
@@ -1337,7 +1364,8 @@ impl BpfDatapath {
 
     /// Deletes one conntrack entry. Absent is not an error.
     pub fn remove_ct(&self, key: CtKey) -> Result<(), DatapathError> {
-        match lock(&self.ct).remove(&key) {
+        let found = lock(&self.ct).remove(&key);
+        match found {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(DatapathError::map(MAP_CT, e)),
@@ -1364,7 +1392,8 @@ impl BpfDatapath {
         }
         let mut removed = 0;
         for key in expired {
-            match lock(&self.ct).remove(&key) {
+            let found = lock(&self.ct).remove(&key);
+            match found {
                 Ok(()) => removed += 1,
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => return Err(DatapathError::map(MAP_CT, e)),
@@ -1409,7 +1438,8 @@ impl BpfDatapath {
             .collect();
         let mut removed = 0;
         for key in doomed {
-            match lock(&self.ct).remove(&key) {
+            let found = lock(&self.ct).remove(&key);
+            match found {
                 Ok(()) => removed += 1,
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => return Err(DatapathError::map(MAP_CT, e)),

@@ -269,7 +269,8 @@ impl FakeDatapath {
 
     /// Removes the gate of `operation` (releasing calls held there).
     pub fn ungate(&self, operation: &'static str) {
-        if let Some(gate) = lock(&self.hooks).gates.remove(operation) {
+        let gate = lock(&self.hooks).gates.remove(operation);
+        if let Some(gate) = gate {
             gate.release();
         }
     }

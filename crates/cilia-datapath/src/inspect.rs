@@ -3,7 +3,8 @@
 //! into its `.rodata`. aya 0.14 exposes none of these for a program known
 //! only by id (its `LinkInfo` hides the TCX ifindex, and it has no map lookup
 //! on a raw map id), so this module issues the few `bpf(2)` commands it
-//! needs itself. Read-only: it never changes a link, program or map.
+//! needs itself. Read-only but for one command: clearing a slot of an array
+//! of maps (`clear_map_slot`), which aya 0.14 cannot do either.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -11,6 +12,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
@@ -174,6 +176,15 @@ pub fn program_rodata(program_id: u32) -> std::io::Result<Option<Vec<u8>>> {
         return Ok(Some(value));
     }
     Ok(None)
+}
+
+/// Clears slot `index` of an array of maps (aya 0.14's `ArrayOfMaps` has
+/// no delete). `NotFound` when the slot was already empty.
+pub(crate) fn clear_map_slot(map: &OwnedFd, index: u32) -> std::io::Result<()> {
+    let mut attr: Attr = [0; 128];
+    put_u32(&mut attr, 0, map.as_raw_fd() as u32); // map_fd
+    put_u64(&mut attr, 8, &index as *const u32 as u64); // key
+    bpf(BPF_MAP_DELETE_ELEM, &mut attr).map(|_| ())
 }
 
 /// Whether `haystack` contains `needle` (the baked-in configuration's bytes

@@ -203,7 +203,8 @@ impl BpfDatapath {
     }
 
     fn master(&self, frontend: &LbFrontend) -> Result<Option<LbServiceValue>, DatapathError> {
-        match lock(&self.lb.services).get(&frontend.master_key(), 0) {
+        let found = lock(&self.lb.services).get(&frontend.master_key(), 0);
+        match found {
             Ok(v) => Ok(Some(v)),
             Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(DatapathError::map(MAP_LB_SERVICES, e)),
@@ -318,7 +319,8 @@ impl BpfDatapath {
     }
 
     fn remove_maglev(&self, rev_nat: u16) -> Result<(), DatapathError> {
-        match lock(&self.lb.maglev).remove(&u32::from(rev_nat)) {
+        let found = lock(&self.lb.maglev).remove(&u32::from(rev_nat));
+        match found {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(DatapathError::map(MAP_LB_MAGLEV, e)),
@@ -396,7 +398,8 @@ impl BpfDatapath {
     ) -> Result<(), DatapathError> {
         let _writing = lock(&self.lb.writer);
         if let Some(old) = self.master(frontend)? {
-            match lock(&self.lb.services).remove(&frontend.master_key()) {
+            let found = lock(&self.lb.services).remove(&frontend.master_key());
+            match found {
                 Ok(()) => {}
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => return Err(DatapathError::map(MAP_LB_SERVICES, e)),
@@ -406,7 +409,8 @@ impl BpfDatapath {
             self.remove_slots(frontend, 2, old.count)?;
         }
         self.remove_maglev(rev_nat)?;
-        match lock(&self.lb.revnat).remove(&rev_nat) {
+        let found = lock(&self.lb.revnat).remove(&rev_nat);
+        match found {
             Ok(()) => {}
             Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(DatapathError::map(MAP_LB_REVNAT, e)),
@@ -467,7 +471,8 @@ impl BpfDatapath {
                     }
                 }
             }
-            let maglev = match lock(&self.lb.maglev).get(&u32::from(m.rev_nat), 0) {
+            let found = lock(&self.lb.maglev).get(&u32::from(m.rev_nat), 0);
+            let maglev = match found {
                 Ok(table) => Some(
                     table
                         .iter()

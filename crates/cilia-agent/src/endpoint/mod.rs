@@ -302,7 +302,8 @@ pub fn reap(manager: &Mutex<EndpointManager>, gone: Vec<Disconnected>) {
     for gone in gone {
         let id = gone.id();
         let cleaned = remove_kernel_side(&datapath, netdev.as_ref(), &gone.rec);
-        if let Err(e) = lock().finish_delete(gone, cleaned) {
+        let finished = lock().finish_delete(gone, cleaned);
+        if let Err(e) = finished {
             warn!(id, error = %e, "finishing the endpoint's delete failed; it stays `deleting` (a delete of it or a restart tries again)");
         }
     }
