@@ -1,10 +1,13 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * Policy verdict for one direction of one endpoint, in a constant number of
- * lookups: the enforcement flag, then the longest match for the peer's
- * identity and for "any identity". Deny wins; with no match the endpoint is
- * allowed unless a policy selects it in that direction (default deny). An
- * endpoint without a policy map is denied (CILIA_DROP_NO_POLICY).
+ * lookups: the longest match for the peer's identity and for "any
+ * identity"; the second also returns the endpoint's enforcement marker when
+ * no any-identity entry matches (see CILIA_POLICY_MARKER_PREFIX in abi.h),
+ * so a packet no entry allows costs two lookups, as an allowed one does.
+ * Deny wins; with no match the endpoint is allowed unless a policy selects
+ * it in that direction (default deny). An endpoint without a policy map is
+ * denied (CILIA_DROP_NO_POLICY).
  */
 #ifndef CILIA_POLICY_H
 #define CILIA_POLICY_H
@@ -14,7 +17,25 @@
 #include "maps.h"
 
 #define POLICY_FULL_PREFIX 64 /* identity + direction + proto + port */
-#define POLICY_L3_PREFIX   40 /* identity + direction */
+
+/* The CILIA_ENFORCE* flags of direction `dir` in the marker's value. */
+__inline_fn __u8 marker_flags(const struct policy_value *v, __u8 dir)
+{
+	return dir == CILIA_DIR_EGRESS ? v->match >> CILIA_ENFORCE_EGRESS_SHIFT : v->match & 0xf;
+}
+
+/*
+ * The marker looked up by itself: for a deny when an any-identity entry
+ * hid it from the "any" lookup (its flags then only say whether the deny
+ * is audited; none found reads as not audited: the packet is dropped).
+ */
+__inline_fn __u8 policy_enforcement(void *map, __u8 dir)
+{
+	struct policy_key key = {.prefixlen = CILIA_POLICY_MARKER_PREFIX};
+	struct policy_value *v = bpf_map_lookup_elem(map, &key);
+
+	return v && v->verdict == CILIA_VERDICT_MARKER ? marker_flags(v, dir) : 0;
+}
 
 /*
  * Returns whether the endpoint's policy in `dir` lets a packet from/to
@@ -26,11 +47,13 @@ __inline_fn int policy_allows(__u32 endpoint_id, __u8 dir, __u32 peer, __u8 prot
 {
 	void *map = bpf_map_lookup_elem(&cilia_policy, &endpoint_id);
 	struct policy_key key = {
-	    .prefixlen = POLICY_L3_PREFIX,
-	    .identity = bpf_htonl(CILIA_ID_ENFORCEMENT),
+	    .prefixlen = POLICY_FULL_PREFIX,
+	    .identity = bpf_htonl(peer),
 	    .direction = dir,
+	    .proto = proto,
+	    .dport = dport,
 	};
-	struct policy_value *v, *hit = 0;
+	struct policy_value *v, *any, *hit;
 	__u8 flags = 0;
 
 	d->dir = dir;
@@ -48,41 +71,39 @@ __inline_fn int policy_allows(__u32 endpoint_id, __u8 dir, __u32 peer, __u8 prot
 		return 0;
 	}
 	v = bpf_map_lookup_elem(map, &key);
-	if (v)
-		flags = v->verdict;
-
-	key.prefixlen = POLICY_FULL_PREFIX;
-	key.identity = bpf_htonl(peer);
-	key.proto = proto;
-	key.dport = dport;
-	v = bpf_map_lookup_elem(map, &key);
-	if (v) {
-		hit = v;
-		if (v->verdict == CILIA_VERDICT_DENY)
-			goto denied;
-	}
 	key.identity = 0;
-	v = bpf_map_lookup_elem(map, &key);
-	if (v) {
-		if (v->verdict == CILIA_VERDICT_DENY) {
-			hit = v;
-			goto denied;
-		}
-		if (!hit)
-			hit = v;
+	any = bpf_map_lookup_elem(map, &key);
+	/* The marker, with its flags; else an any-identity entry hid it. */
+	int marker = any && any->verdict == CILIA_VERDICT_MARKER;
+
+	if (marker)
+		flags = marker_flags(any, dir);
+	if (v && v->verdict == CILIA_VERDICT_DENY) {
+		hit = v;
+		goto denied;
 	}
-	if (hit) {
-		d->rule = hit->rule;
-		d->match = hit->match;
-		d->proxy_port = hit->proxy_port;
-		return 1;
+	if (any && any->verdict == CILIA_VERDICT_DENY) {
+		hit = any;
+		goto denied;
 	}
-	if (!(flags & CILIA_ENFORCE))
+	/* A marker met under the peer's identity (identity 0) is no entry. */
+	if (v && v->verdict == CILIA_VERDICT_ALLOW)
+		hit = v;
+	else if (any && any->verdict == CILIA_VERDICT_ALLOW)
+		hit = any;
+	else if (flags & CILIA_ENFORCE)
+		goto refuse;
+	else
 		return 1;
-	goto refuse;
+	d->rule = hit->rule;
+	d->match = hit->match;
+	d->proxy_port = hit->proxy_port;
+	return 1;
 denied:
 	d->rule = hit->rule;
 	d->match = hit->match;
+	if (any && !marker)
+		flags = policy_enforcement(map, dir);
 refuse:
 	if (flags & CILIA_ENFORCE_AUDIT) {
 		d->verdict = CILIA_VERDICT_AUDIT;

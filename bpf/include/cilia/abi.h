@@ -132,8 +132,6 @@ struct metrics_value {
 #define CILIA_ID_HEALTH	     4
 #define CILIA_ID_INIT	     5
 #define CILIA_ID_REMOTE_NODE 6
-/* Never a real identity: keys of the per-endpoint enforcement flags. */
-#define CILIA_ID_ENFORCEMENT 0xffffffff
 
 #define CILIA_IPCACHE_MAX	   524288
 #define CILIA_POLICY_MAX	   131072
@@ -190,13 +188,26 @@ struct policy_key {
 #define CILIA_MATCH_PORT   3 /* identity + protocol + port (prefix) */
 #define CILIA_MATCH_NO_MAP 4 /* the endpoint has no policy map: denied */
 
-/* Flags of the CILIA_ID_ENFORCEMENT entry's verdict byte. */
-#define CILIA_ENFORCE	    1 /* default deny in this direction */
-#define CILIA_ENFORCE_AUDIT 2 /* audit mode: would-be drops pass, reported as AUDIT */
+/*
+ * The enforcement marker: at most one entry per policy map, under identity
+ * 0 ("any") with prefix length CILIA_POLICY_MARKER_PREFIX (the identity
+ * alone, no direction). The "any identity" lookup of either direction
+ * returns it when no any-identity entry matches more specifically, so a
+ * packet that no entry allows learns its direction's enforcement from the
+ * lookup it made anyway. Its verdict is CILIA_VERDICT_MARKER (never an
+ * entry's); its `match` byte holds each direction's CILIA_ENFORCE* flags,
+ * ingress in the low four bits, egress shifted by CILIA_ENFORCE_EGRESS_SHIFT.
+ * No marker: neither direction is enforced.
+ */
+#define CILIA_POLICY_MARKER_PREFIX 32
+#define CILIA_VERDICT_MARKER	   0
+#define CILIA_ENFORCE		   1 /* default deny in this direction */
+#define CILIA_ENFORCE_AUDIT	   2 /* audit mode: would-be drops pass, reported as AUDIT */
+#define CILIA_ENFORCE_EGRESS_SHIFT 4
 
 struct policy_value {
-	__u8 verdict;	   /* CILIA_VERDICT_*; for CILIA_ID_ENFORCEMENT keys: CILIA_ENFORCE* */
-	__u8 match;	   /* CILIA_MATCH_* of this entry */
+	__u8 verdict;	   /* CILIA_VERDICT_ALLOW/DENY; the marker's: CILIA_VERDICT_MARKER */
+	__u8 match;	   /* CILIA_MATCH_* of this entry; the marker's: CILIA_ENFORCE* flags */
 	__be16 proxy_port; /* L7 proxy port (network byte order) of an allow; 0: none */
 	__u32 rule;	   /* rule cookie: which policy rule this entry comes from */
 };

@@ -60,6 +60,8 @@ pub const TYPE_RULES: &[(Pattern, &str)] = &[
     (Pattern::Prefix("CILIA_VERDICT_"), "u8"),
     (Pattern::Prefix("CILIA_MATCH_"), "u8"),
     (Pattern::Exact("CILIA_ENFORCE"), "u8"),
+    // The enforcement marker's prefix length (`policy_key.prefixlen`).
+    (Pattern::Exact("CILIA_POLICY_MARKER_PREFIX"), "u32"),
     (Pattern::Prefix("CILIA_ENFORCE_"), "u8"),
     (Pattern::Prefix("CILIA_EVENT_"), "u8"),
     // `node_config.tunnel_mode`.

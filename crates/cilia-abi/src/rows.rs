@@ -147,11 +147,11 @@ impl PolicyEntry {
         Some((first, first | !mask))
     }
 
-    /// The entry a map entry stands for; `None` for an enforcement marker
+    /// The entry a map entry stands for; `None` for the enforcement marker
     /// or a key of an unknown direction.
     pub fn decode(key: &PolicyKey, value: &PolicyValue) -> Option<Self> {
         let identity = u32::from_be(key.identity);
-        if identity == CILIA_ID_ENFORCEMENT {
+        if *key == Enforcement::marker_key() || value.verdict == CILIA_VERDICT_MARKER {
             return None;
         }
         let direction = Direction::from_code(key.direction)?;
@@ -190,35 +190,49 @@ pub struct Enforcement {
 }
 
 impl Enforcement {
-    /// The marker entries of an enforced direction (key identity
-    /// `CILIA_ID_ENFORCEMENT`, no protocol).
+    /// The map's enforcement marker (see `CILIA_POLICY_MARKER_PREFIX` in
+    /// abi.h): one entry holding both directions' flags, none when neither
+    /// direction is enforced.
     pub fn encode(&self) -> BTreeMap<PolicyKey, PolicyValue> {
         let mut out = BTreeMap::new();
-        for (dir, enforced) in [
-            (Direction::Ingress, self.ingress),
-            (Direction::Egress, self.egress),
-        ] {
-            if enforced {
-                out.insert(
-                    Self::marker_key(dir),
-                    PolicyValue {
-                        verdict: CILIA_ENFORCE | if self.audit { CILIA_ENFORCE_AUDIT } else { 0 },
-                        ..Default::default()
-                    },
-                );
-            }
+        if self.ingress || self.egress {
+            let flags = |enforced: bool| match (enforced, self.audit) {
+                (false, _) => 0,
+                (true, false) => CILIA_ENFORCE,
+                (true, true) => CILIA_ENFORCE | CILIA_ENFORCE_AUDIT,
+            };
+            out.insert(
+                Self::marker_key(),
+                PolicyValue {
+                    verdict: CILIA_VERDICT_MARKER,
+                    match_kind: flags(self.ingress)
+                        | flags(self.egress) << CILIA_ENFORCE_EGRESS_SHIFT,
+                    ..Default::default()
+                },
+            );
         }
         out
     }
 
-    /// The key of a direction's marker.
-    pub fn marker_key(direction: Direction) -> PolicyKey {
+    /// The marker's key: identity 0 ("any"), the identity's 32 bits alone.
+    pub fn marker_key() -> PolicyKey {
         PolicyKey {
-            prefixlen: POLICY_L3_BITS,
-            identity: CILIA_ID_ENFORCEMENT.to_be(),
-            direction: direction.code(),
+            prefixlen: CILIA_POLICY_MARKER_PREFIX,
+            identity: 0,
+            direction: 0,
             proto: 0,
             dport: 0,
+        }
+    }
+
+    /// The enforcement a marker's value stands for.
+    pub fn decode(value: &PolicyValue) -> Self {
+        let ingress = value.match_kind & 0xf;
+        let egress = value.match_kind >> CILIA_ENFORCE_EGRESS_SHIFT;
+        Self {
+            ingress: ingress & CILIA_ENFORCE != 0,
+            egress: egress & CILIA_ENFORCE != 0,
+            audit: (ingress | egress) & CILIA_ENFORCE_AUDIT != 0,
         }
     }
 }
@@ -243,13 +257,8 @@ impl EndpointPolicy {
     pub fn decode<'a>(map: impl IntoIterator<Item = (&'a PolicyKey, &'a PolicyValue)>) -> Self {
         let mut policy = EndpointPolicy::default();
         for (key, value) in map {
-            if u32::from_be(key.identity) == CILIA_ID_ENFORCEMENT {
-                match Direction::from_code(key.direction) {
-                    Some(Direction::Ingress) => policy.enforcement.ingress = true,
-                    Some(Direction::Egress) => policy.enforcement.egress = true,
-                    None => continue,
-                }
-                policy.enforcement.audit |= value.verdict & CILIA_ENFORCE_AUDIT != 0;
+            if *key == Enforcement::marker_key() {
+                policy.enforcement = Enforcement::decode(value);
             } else if let Some(entry) = PolicyEntry::decode(key, value) {
                 policy.entries.push(entry);
             }
@@ -287,14 +296,11 @@ impl PolicyDelta {
         let mut upserts = BTreeMap::new();
         let mut removes: BTreeSet<PolicyKey> = self.removes.iter().map(|e| e.key()).collect();
         if let Some(enforcement) = &self.enforcement {
-            let markers = enforcement.encode();
-            for dir in [Direction::Ingress, Direction::Egress] {
-                let key = Enforcement::marker_key(dir);
-                if !markers.contains_key(&key) {
-                    removes.insert(key);
-                }
+            let marker = enforcement.encode();
+            if marker.is_empty() {
+                removes.insert(Enforcement::marker_key());
             }
-            upserts.extend(markers);
+            upserts.extend(marker);
         }
         insert_deny_wins(&mut upserts, &self.upserts);
         removes.retain(|k| !upserts.contains_key(k));
@@ -303,18 +309,11 @@ impl PolicyDelta {
 }
 
 impl Enforcement {
-    /// The enforcement an encoded policy's markers stand for.
+    /// The enforcement an encoded policy's marker stands for.
     pub fn of(map: &BTreeMap<PolicyKey, PolicyValue>) -> Self {
-        let marker = |dir| map.get(&Self::marker_key(dir));
-        let (ingress, egress) = (marker(Direction::Ingress), marker(Direction::Egress));
-        Self {
-            ingress: ingress.is_some(),
-            egress: egress.is_some(),
-            audit: [ingress, egress]
-                .into_iter()
-                .flatten()
-                .any(|v| v.verdict & CILIA_ENFORCE_AUDIT != 0),
-        }
+        map.get(&Self::marker_key())
+            .map(Self::decode)
+            .unwrap_or_default()
     }
 }
 
@@ -1450,40 +1449,76 @@ mod tests {
     }
 
     #[test]
-    fn enforcement_markers_carry_the_audit_flag() {
+    fn one_marker_carries_both_directions_and_the_audit_flag() {
+        let both = Enforcement {
+            ingress: true,
+            egress: true,
+            audit: true,
+        };
         let policy = EndpointPolicy {
-            enforcement: Enforcement {
-                ingress: true,
-                egress: true,
-                audit: true,
-            },
-            entries: vec![],
+            enforcement: both,
+            entries: vec![allow(Direction::Ingress, 300, 6, 80, 16)],
         };
         let map = policy.encode();
         assert_eq!(map.len(), 2);
-        for dir in [Direction::Ingress, Direction::Egress] {
-            let marker = map[&Enforcement::marker_key(dir)];
-            assert_eq!(marker.verdict, CILIA_ENFORCE | CILIA_ENFORCE_AUDIT);
-        }
+        let marker = map[&Enforcement::marker_key()];
+        assert_eq!(marker.verdict, CILIA_VERDICT_MARKER);
+        let audited = CILIA_ENFORCE | CILIA_ENFORCE_AUDIT;
+        assert_eq!(
+            marker.match_kind,
+            audited | audited << CILIA_ENFORCE_EGRESS_SHIFT
+        );
         assert_eq!(EndpointPolicy::decode(&map), policy);
+        // Each direction alone, with and without audit, decodes as it was.
+        for ingress in [false, true] {
+            for egress in [false, true] {
+                for audit in [false, true] {
+                    let e = Enforcement {
+                        ingress,
+                        egress,
+                        audit,
+                    };
+                    let map = e.encode();
+                    assert_eq!(map.is_empty(), !ingress && !egress);
+                    if !map.is_empty() {
+                        assert_eq!(Enforcement::of(&map), e);
+                    }
+                }
+            }
+        }
     }
 
     #[test]
-    fn unenforced_directions_have_no_marker() {
-        let map = EndpointPolicy {
-            enforcement: Enforcement {
-                egress: true,
-                ..Default::default()
-            },
-            entries: vec![],
+    fn the_marker_is_no_entry_and_no_entry_is_the_marker() {
+        let key = Enforcement::marker_key();
+        // Identity 0 ("any") with the identity's bits alone: no entry's key,
+        // since every entry fixes its direction (prefix 40 or more).
+        assert_eq!((key.identity, key.prefixlen), (0, 32));
+        let value = Enforcement {
+            egress: true,
+            ..Default::default()
+        }
+        .encode()[&key];
+        assert_eq!(PolicyEntry::decode(&key, &value), None);
+        for e in [
+            allow(Direction::Ingress, 0, 0, 0, 0),
+            allow(Direction::Egress, 0, 6, 80, 16),
+            deny(allow(Direction::Egress, 0, 17, 0, 0)),
+        ] {
+            assert!(e.key().prefixlen >= 40 && e.key() != key);
+            assert_ne!(e.value().verdict, CILIA_VERDICT_MARKER);
+        }
+    }
+
+    #[test]
+    fn delta_removes_the_marker_when_no_direction_is_enforced() {
+        let (removes, upserts) = PolicyDelta {
+            enforcement: Some(Enforcement::default()),
+            ..Default::default()
         }
         .encode();
-        assert_eq!(map.len(), 1);
-        assert!(map.contains_key(&Enforcement::marker_key(Direction::Egress)));
-    }
-
-    #[test]
-    fn delta_removes_markers_of_directions_no_longer_enforced() {
+        assert!(removes.contains(&Enforcement::marker_key()));
+        assert!(upserts.is_empty());
         let (removes, upserts) = PolicyDelta {
             enforcement: Some(Enforcement {
                 ingress: true,
@@ -1492,8 +1527,14 @@ mod tests {
             ..Default::default()
         }
         .encode();
-        assert!(removes.contains(&Enforcement::marker_key(Direction::Egress)));
-        assert!(upserts.contains_key(&Enforcement::marker_key(Direction::Ingress)));
+        assert!(removes.is_empty());
+        assert_eq!(
+            Enforcement::of(&upserts),
+            Enforcement {
+                ingress: true,
+                ..Default::default()
+            }
+        );
     }
 
     #[test]

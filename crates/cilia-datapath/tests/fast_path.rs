@@ -241,15 +241,7 @@ fn a_flow_cached_to_the_stack_meets_a_new_endpoint_at_its_address() {
 fn a_stale_absent_flag_in_the_control_block_is_not_believed() {
     privileged!("fast_path_stale_cb");
     let mut fx = Fixture::new();
-    set(
-        &mut fx.dp,
-        B_ID,
-        &[
-            enforce(CILIA_DIR_INGRESS),
-            enforce(CILIA_DIR_EGRESS),
-            allow_tcp_from_a(80),
-        ],
-    );
+    set(&mut fx.dp, B_ID, &[enforce_both(), allow_tcp_from_a(80)]);
     let (a, b) = (fx.a(), fx.b());
     const STALE: [u32; 5] = [1, 0, 0, 0, 0];
     assert_eq!(

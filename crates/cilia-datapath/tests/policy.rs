@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use cilia_abi::*;
 use cilia_datapath::packet::*;
@@ -492,4 +492,111 @@ fn a_spare_policy_map_is_filled_in_place_by_the_first_write_and_never_replaces_a
     assert_eq!(fx.dp.get_policy(NEXT).unwrap(), Some(Default::default()));
     fx.dp.remove_policy(NEXT).unwrap();
     assert!(!fx.dp.policy_ids().unwrap().contains(&NEXT));
+}
+
+/// The marker of `e` (see "The enforcement marker" in ARCHITECTURE.md).
+fn marker(e: Enforcement) -> (PolicyKey, PolicyValue) {
+    e.encode().into_iter().next().unwrap()
+}
+
+#[test]
+fn audit_passes_what_enforcement_would_drop_also_where_an_entry_hides_the_marker() {
+    privileged!("audit_marker");
+    let mut fx = Fixture::new();
+    let a = fx.a();
+    let any_deny = |port| rule(CILIA_DIR_INGRESS, 0, 6, port, 16, CILIA_VERDICT_DENY);
+    let any_allow = rule(CILIA_DIR_INGRESS, 0, 0, 0, 0, CILIA_VERDICT_ALLOW);
+    let peer_deny = |port| {
+        rule(
+            CILIA_DIR_INGRESS,
+            A_IDENTITY,
+            6,
+            port,
+            16,
+            CILIA_VERDICT_DENY,
+        )
+    };
+    for audit in [true, false] {
+        let m = marker(Enforcement {
+            ingress: true,
+            egress: false,
+            audit,
+        });
+        // Each case its own port: a passed flow leaves a conntrack entry.
+        let base = if audit { 80 } else { 90 };
+        let cases = [
+            // No entry matches: the "any" lookup returned the marker.
+            ("no entry", vec![m], base),
+            // An any-identity deny on the port hides the marker.
+            ("any-identity deny", vec![m, any_deny(base + 1)], base + 1),
+            // The peer's deny; an any-identity allow hides the marker.
+            (
+                "peer deny beside an any-identity allow",
+                vec![m, any_allow, peer_deny(base + 2)],
+                base + 2,
+            ),
+        ];
+        for (what, entries, port) in cases {
+            set(&mut fx.dp, B_ID, &entries);
+            let drops_before = drops(&fx.dp, CILIA_DROP_POLICY);
+            let want = if audit { TC_ACT_REDIRECT } else { TC_ACT_SHOT };
+            assert_eq!(
+                a.run(&a_to_b(port)).unwrap().verdict,
+                want,
+                "{what}, audit {audit}"
+            );
+            let dropped = drops(&fx.dp, CILIA_DROP_POLICY) - drops_before;
+            assert_eq!(dropped, u64::from(!audit), "{what}, audit {audit}");
+        }
+    }
+}
+
+#[test]
+fn the_marker_enforces_each_direction_by_its_own_flags() {
+    privileged!("marker_directions");
+    let mut fx = Fixture::new();
+    let (a, b) = (fx.a(), fx.b());
+    // B enforces egress only: A -> B passes B's ingress, B's new flow to
+    // A meets B's egress and is dropped.
+    set(&mut fx.dp, B_ID, &[enforce(CILIA_DIR_EGRESS)]);
+    assert_eq!(a.run(&a_to_b(82)).unwrap().verdict, TC_ACT_REDIRECT);
+    assert_eq!(b.run(&b_to_a(83)).unwrap().verdict, TC_ACT_SHOT);
+    // Ingress only: the other way round.
+    set(&mut fx.dp, B_ID, &[enforce(CILIA_DIR_INGRESS)]);
+    assert_eq!(a.run(&a_to_b(84)).unwrap().verdict, TC_ACT_SHOT);
+    assert_eq!(b.run(&b_to_a(85)).unwrap().verdict, TC_ACT_REDIRECT);
+    // Both, and no marker at all (nothing enforced).
+    set(&mut fx.dp, B_ID, &[enforce_both()]);
+    assert_eq!(a.run(&a_to_b(86)).unwrap().verdict, TC_ACT_SHOT);
+    assert_eq!(b.run(&b_to_a(87)).unwrap().verdict, TC_ACT_SHOT);
+    set(&mut fx.dp, B_ID, &[]);
+    assert_eq!(a.run(&a_to_b(88)).unwrap().verdict, TC_ACT_REDIRECT);
+    assert_eq!(b.run(&b_to_a(89)).unwrap().verdict, TC_ACT_REDIRECT);
+}
+
+/// A source the ipcache gives identity 0 looks its own identity up as the
+/// "any" key, and so meets the marker there: it is no allow.
+#[test]
+fn a_peer_of_identity_zero_is_not_allowed_by_the_marker() {
+    privileged!("marker_identity_zero");
+    let mut fx = Fixture::new();
+    let source: Ipv6Addr = "fd00:c1::7".parse().unwrap();
+    fx.dp
+        .upsert_ipcache(IpcacheKey::new(IpAddr::V6(source), 128), 0)
+        .unwrap();
+    set(&mut fx.dp, B_ID, &[enforce(CILIA_DIR_INGRESS)]);
+    let to_b = fx.b_to_container();
+    let from = |port| {
+        eth(
+            B_MAC,
+            B_NODE_MAC,
+            ETH_P_IPV6,
+            &ipv6(source, b6(), IPPROTO_TCP, 64, &tcp(50000, port, 0x02)),
+        )
+    };
+    assert_eq!(to_b.run(&from(22)).unwrap().verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&fx.dp, CILIA_DROP_POLICY), 1);
+    // Not enforced, it passes.
+    set(&mut fx.dp, B_ID, &[]);
+    assert_eq!(to_b.run(&from(23)).unwrap().verdict, TC_ACT_OK);
 }

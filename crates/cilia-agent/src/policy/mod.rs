@@ -449,9 +449,14 @@ spec:
             cilia_proxy::control::DEFAULT_PROXY_PORT,
         )
         .encode();
-        assert_eq!(entries.len(), 2, "the two enforcement flags only");
-        assert!(entries
-            .values()
-            .all(|v| v.verdict == cilia_abi::CILIA_ENFORCE));
+        assert_eq!(entries.len(), 1, "the enforcement marker only");
+        assert_eq!(
+            cilia_abi::Enforcement::of(&entries),
+            cilia_abi::Enforcement {
+                ingress: true,
+                egress: true,
+                audit: false
+            }
+        );
     }
 }

@@ -127,9 +127,9 @@ fn enforcement_of(
     }
 }
 
-/// Map entries with the enforcement markers.
+/// Map entries with the enforcement marker (one for both directions).
 fn map_size(entries: usize, enforcement: cilia_abi::Enforcement) -> usize {
-    entries + usize::from(enforcement.ingress) + usize::from(enforcement.egress)
+    entries + usize::from(enforcement.ingress || enforcement.egress)
 }
 
 /// How one endpoint's map changes.

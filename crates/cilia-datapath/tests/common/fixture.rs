@@ -152,20 +152,26 @@ fn b_config() -> EndpointConfig {
     config(B_ID, B_IDENTITY, B_MAC, B_NODE_MAC, b6(), None)
 }
 
+/// The enforcement marker of direction `dir` alone (`enforce_both`: both).
 pub fn enforce(dir: u8) -> (PolicyKey, PolicyValue) {
-    (
-        PolicyKey {
-            prefixlen: 40,
-            identity: CILIA_ID_ENFORCEMENT.to_be(),
-            direction: dir,
-            proto: 0,
-            dport: 0,
-        },
-        PolicyValue {
-            verdict: 1,
-            ..Default::default()
-        },
-    )
+    marker(Enforcement {
+        ingress: dir == CILIA_DIR_INGRESS,
+        egress: dir == CILIA_DIR_EGRESS,
+        audit: false,
+    })
+}
+
+/// The enforcement marker of both directions.
+pub fn enforce_both() -> (PolicyKey, PolicyValue) {
+    marker(Enforcement {
+        ingress: true,
+        egress: true,
+        audit: false,
+    })
+}
+
+fn marker(e: Enforcement) -> (PolicyKey, PolicyValue) {
+    e.encode().into_iter().next().unwrap()
 }
 
 /// An ingress allow of TCP port `port` from endpoint A's identity.
@@ -233,8 +239,13 @@ pub fn b_to_a(sport: u16) -> Vec<u8> {
 }
 
 pub fn set(dp: &mut BpfDatapath, id: u16, entries: &[(PolicyKey, PolicyValue)]) {
-    dp.set_policy(id, &entries.iter().copied().collect::<BTreeMap<_, _>>())
-        .unwrap();
+    let map: BTreeMap<_, _> = entries.iter().copied().collect();
+    assert_eq!(
+        map.len(),
+        entries.len(),
+        "two entries under one key (both directions enforced: enforce_both())"
+    );
+    dp.set_policy(id, &map).unwrap();
 }
 
 pub fn drain_events(rb: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<Event> {
