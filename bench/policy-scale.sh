@@ -14,6 +14,11 @@
 #             both: what one veth hop costs with nothing enforced. cilia's
 #             path is two veth hops (container -> node -> container, by
 #             redirect_peer) plus its programs; iptables' here is one hop.
+#   floor2:   that two-hop path without cilia: client and server veths into
+#             a node namespace, where bench/redirect_peer.c hands each packet
+#             to the other side by bpf_redirect_peer and does nothing else
+#             (static neighbours: no ARP). cilia/floor2 is what cilia's
+#             programs cost; floor2/floor what the second device costs.
 # Both measured in the same run with bench/rr.py (one connection at a time,
 # latency bound; Python dominates absolute numbers, the trend with N is the
 # point). Median of $REPS runs of $DURATION s each. Needs root and the release
@@ -44,7 +49,7 @@ P=cps$$
 RUN=/run/$P
 BPF=/sys/fs/bpf/$P
 SOCK=$RUN/cilia.sock
-NSS=("$P-node" "$P-cli" "$P-srv" "$P-other" "$P-vcli" "$P-vsrv" "$P-pcli" "$P-psrv")
+NSS=("$P-node" "$P-cli" "$P-srv" "$P-other" "$P-vcli" "$P-vsrv" "$P-pcli" "$P-psrv" "$P-hcli" "$P-hnode" "$P-hsrv")
 T0=$(date +%s)
 source scripts/lib/procs.sh
 
@@ -64,7 +69,7 @@ for n in $RULES; do [[ $n =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] || { echo "bad rule c
 mkdir -p "$RUN"
 for ns in "${NSS[@]}"; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
 # Wider ephemeral range in the client namespaces (per-namespace sysctl).
-for ns in "$P-cli" "$P-vcli" "$P-pcli"; do ip netns exec "$ns" sysctl -qw net.ipv4.ip_local_port_range="1024 65535"; done
+for ns in "$P-cli" "$P-vcli" "$P-pcli" "$P-hcli"; do ip netns exec "$ns" sysctl -qw net.ipv4.ip_local_port_range="1024 65535"; done
 pin() { [ -n "$1" ] && echo "taskset -c $1" || true; }
 CLI_RUN="nice -n $NICE $(pin "$CLIENT_CPU")"
 SRV_RUN="nice -n $NICE $(pin "$SERVER_CPU")"
@@ -83,6 +88,29 @@ ip -n "$P-pcli" addr add 192.0.2.1/24 dev "${P}pc"
 ip -n "$P-psrv" addr add 192.0.2.2/24 dev "${P}ps"
 ip -n "$P-pcli" link set "${P}pc" up
 ip -n "$P-psrv" link set "${P}ps" up
+# --- the two-device floor: client -> node -> server by redirect_peer alone ----
+ip link add "${P}hc" netns "$P-hcli" type veth peer name "${P}h1" netns "$P-hnode"
+ip link add "${P}hs" netns "$P-hsrv" type veth peer name "${P}h2" netns "$P-hnode"
+ip -n "$P-hcli" addr add 192.0.2.1/24 dev "${P}hc"
+ip -n "$P-hsrv" addr add 192.0.2.2/24 dev "${P}hs"
+for l in "$P-hcli ${P}hc" "$P-hsrv ${P}hs" "$P-hnode ${P}h1" "$P-hnode ${P}h2"; do
+  set -- $l; ip -n "$1" link set "$2" up
+done
+link_attr() { # ns dev attribute
+  ip -n "$1" -j link show "$2" | python3 -c "import json,sys; print(json.load(sys.stdin)[0]['$3'])"
+}
+# redirect_peer delivers the frame as it is: each end addresses the other's MAC.
+ip -n "$P-hcli" neigh add 192.0.2.2 lladdr "$(link_attr "$P-hsrv" "${P}hs" address)" dev "${P}hc" nud permanent
+ip -n "$P-hsrv" neigh add 192.0.2.1 lladdr "$(link_attr "$P-hcli" "${P}hc" address)" dev "${P}hs" nud permanent
+for hop in "h1 h2" "h2 h1"; do
+  set -- $hop
+  target=$(link_attr "$P-hnode" "${P}$2" ifindex)
+  clang-19 -target bpf -O2 -g -Wall -I"/usr/include/$(gcc -print-multiarch)" -DTARGET="$target" \
+    -c bench/redirect_peer.c -o "$RUN/redirect_$1.o" ||
+    { echo "building bench/redirect_peer.c failed (needs clang-19, libbpf-dev)" >&2; exit 1; }
+  ip netns exec "$P-hnode" tc qdisc add dev "${P}$1" clsact
+  ip netns exec "$P-hnode" tc filter add dev "${P}$1" ingress bpf da obj "$RUN/redirect_$1.o" sec tc
+done
 
 # --- cilia: agent in a node namespace, three endpoints ----------------------
 nsenter --net="/run/netns/$P-node" "$BIN/cilia-agent" --state-dir "$RUN/state" --bpf-root "$BPF" \
@@ -105,14 +133,16 @@ SRV_IP=${SRV_IP%/*}
 ip netns exec "$P-srv" $SRV_RUN python3 bench/rr.py serve "$PORT" 0.0.0.0 1800 & track $!
 ip netns exec "$P-vsrv" $SRV_RUN python3 bench/rr.py serve "$PORT" 0.0.0.0 1800 & track $!
 ip netns exec "$P-psrv" $SRV_RUN python3 bench/rr.py serve "$PORT" 0.0.0.0 1800 & track $!
+ip netns exec "$P-hsrv" $SRV_RUN python3 bench/rr.py serve "$PORT" 0.0.0.0 1800 & track $!
 
 reach() { # ns ip: 0 if a TCP connection to ip:PORT completes within 1 s
   ip netns exec "$1" timeout 5 python3 -c 'import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 1).close()' "$2" "$PORT" 2>/dev/null
 }
-for _ in $(seq 50); do reach "$P-cli" "$SRV_IP" && reach "$P-vcli" 192.0.2.2 && reach "$P-pcli" 192.0.2.2 && break; sleep 0.1; done
+for _ in $(seq 50); do reach "$P-cli" "$SRV_IP" && reach "$P-vcli" 192.0.2.2 && reach "$P-pcli" 192.0.2.2 && reach "$P-hcli" 192.0.2.2 && break; sleep 0.1; done
 reach "$P-cli" "$SRV_IP" || { echo "no connectivity cilia client -> server $SRV_IP:$PORT" >&2; exit 1; }
 reach "$P-vcli" 192.0.2.2 || { echo "no connectivity over the veth pair" >&2; exit 1; }
 reach "$P-pcli" 192.0.2.2 || { echo "no connectivity over the floor's veth pair" >&2; exit 1; }
+reach "$P-hcli" 192.0.2.2 || { echo "no connectivity over the two-device floor" >&2; exit 1; }
 
 # --- rule generators ----------------------------------------------------------
 gen_cnp() { # N DIR: N-1 never-matching fromCIDR rules, then the client rule,
@@ -161,7 +191,7 @@ entries() { cilia -o json bpf policy get "$SRV_ID" 2>/dev/null | python3 -c 'imp
 count() { cilia -o json "$@" 2>/dev/null | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))' 2>/dev/null || echo "?"; }
 agent_cpu() { awk '{print $14 + $15}' "/proc/$AGENT_PID/stat" 2>/dev/null || echo 0; } # utime+stime, ticks
 
-declare -A CC IC CR IR FC FR IMP NOTE
+declare -A CC IC CR IR FC FR HC HR IMP NOTE
 load() { # N: sets cilia_ok; imports the CNPs (timed) and restores the iptables rules
   local n=$1 f ti t rc imp_out nfiles ipt_t ipt_rules
   cilia policy delete --all >/dev/null 2>&1 || true # "no policies to delete" the first time
@@ -206,7 +236,7 @@ load() { # N: sets cilia_ok; imports the CNPs (timed) and restores the iptables 
 
 # Rounds outer, rule counts inner (re-imported every round): slow drift of the
 # host's load spreads over all N instead of biasing the last one.
-declare -A CCs ICs CRs IRs FCs FRs FAILED
+declare -A CCs ICs CRs IRs FCs FRs HCs HRs FAILED
 for r in $(seq "$REPS"); do
   for n in $RULES; do
     load "$n"
@@ -218,12 +248,15 @@ for r in $(seq "$REPS"); do
     IRs[$n]+=" $(measure "$P-vcli" rr 192.0.2.2)"
     FCs[$n]+=" $(measure "$P-pcli" conn 192.0.2.2)"
     FRs[$n]+=" $(measure "$P-pcli" rr 192.0.2.2)"
-    log "N=$n round $r: cilia conn${CCs[$n]:- skipped} | ipt conn${ICs[$n]} | cilia rr${CRs[$n]:- skipped} | ipt rr${IRs[$n]} | floor conn${FCs[$n]} rr${FRs[$n]}; agent CPU $(python3 -c "print('%.2f' % (($(agent_cpu) - $cpu0) / $(getconf CLK_TCK)))") s; iptables matching rule: $(ip netns exec "$P-vsrv" iptables -L INPUT -v -n -x | tail -n1 | awk '{print $1}') packets"
+    HCs[$n]+=" $(measure "$P-hcli" conn 192.0.2.2)"
+    HRs[$n]+=" $(measure "$P-hcli" rr 192.0.2.2)"
+    log "N=$n round $r: cilia conn${CCs[$n]:- skipped} | ipt conn${ICs[$n]} | cilia rr${CRs[$n]:- skipped} | ipt rr${IRs[$n]} | floor conn${FCs[$n]} rr${FRs[$n]} | floor2 conn${HCs[$n]} rr${HRs[$n]}; agent CPU $(python3 -c "print('%.2f' % (($(agent_cpu) - $cpu0) / $(getconf CLK_TCK)))") s; iptables matching rule: $(ip netns exec "$P-vsrv" iptables -L INPUT -v -n -x | tail -n1 | awk '{print $1}') packets"
   done
 done
 for n in $RULES; do
   CC[$n]=$(median ${CCs[$n]:-}); IC[$n]=$(median ${ICs[$n]}); CR[$n]=$(median ${CRs[$n]:-}); IR[$n]=$(median ${IRs[$n]})
   FC[$n]=$(median ${FCs[$n]}); FR[$n]=$(median ${FRs[$n]})
+  HC[$n]=$(median ${HCs[$n]}); HR[$n]=$(median ${HRs[$n]})
   if [ -n "${FAILED[$n]:-}" ]; then IMP[$n]=${FAILED[$n]}; else IMP[$n]=$(median ${IMP[$n]:-}); fi
   if python3 -c "import sys; sys.exit(0 if float('${CC[$n]}') * min(${DURATION}, 10) > 55000 else 1)" 2>/dev/null; then
     log "N=$n: cilia conn rate ${CC[$n]}/s reuses source ports within cilia's 10 s CT close timeout: some SYNs may skip the policy"
@@ -251,6 +284,14 @@ echo "| rules N | conn cilia/iptables | conn cilia/floor | conn iptables/floor |
 echo "|---|---|---|---|---|---|---|"
 for n in $RULES; do
   echo "| $n | $(ratio "${CC[$n]:-}" "${IC[$n]}") | $(ratio "${CC[$n]:-}" "${FC[$n]}") | $(ratio "${IC[$n]}" "${FC[$n]}") | $(ratio "${CR[$n]:-}" "${IR[$n]}") | $(ratio "${CR[$n]:-}" "${FR[$n]}") | $(ratio "${IR[$n]}" "${FR[$n]}") |"
+done
+echo
+echo "The two-device floor (client -> node -> server by redirect_peer, no policy): new conn/s and rr/s, cilia against it, it against the one-device floor."
+echo
+echo "| rules N | floor2 new conn/s | floor2 rr/s | conn cilia/floor2 | rr cilia/floor2 | conn floor2/floor | rr floor2/floor |"
+echo "|---|---|---|---|---|---|---|"
+for n in $RULES; do
+  echo "| $n | ${HC[$n]} | ${HR[$n]} | $(ratio "${CC[$n]:-}" "${HC[$n]}") | $(ratio "${CR[$n]:-}" "${HR[$n]}") | $(ratio "${HC[$n]}" "${FC[$n]}") | $(ratio "${HR[$n]}" "${FR[$n]}") |"
 done
 for n in $RULES; do [ -n "${NOTE[$n]:-}" ] && echo && echo "N=$n: ${NOTE[$n]}"; done
 log "total $(($(date +%s) - T0)) s"
