@@ -494,11 +494,6 @@ fn a_spare_policy_map_is_filled_in_place_by_the_first_write_and_never_replaces_a
     assert!(!fx.dp.policy_ids().unwrap().contains(&NEXT));
 }
 
-/// The marker of `e` (see "The enforcement marker" in ARCHITECTURE.md).
-fn marker(e: Enforcement) -> (PolicyKey, PolicyValue) {
-    e.encode().into_iter().next().unwrap()
-}
-
 #[test]
 fn audit_passes_what_enforcement_would_drop_also_where_an_entry_hides_the_marker() {
     privileged!("audit_marker");

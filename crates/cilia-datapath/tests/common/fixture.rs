@@ -170,7 +170,8 @@ pub fn enforce_both() -> (PolicyKey, PolicyValue) {
     })
 }
 
-fn marker(e: Enforcement) -> (PolicyKey, PolicyValue) {
+/// The enforcement marker of `e` (see "The enforcement marker" in ARCHITECTURE.md).
+pub fn marker(e: Enforcement) -> (PolicyKey, PolicyValue) {
     e.encode().into_iter().next().unwrap()
 }
 
