@@ -19,6 +19,15 @@
 #             to the other side by bpf_redirect_peer and does nothing else
 #             (static neighbours: no ARP). cilia/floor2 is what cilia's
 #             programs cost; floor2/floor what the second device costs.
+#   routed:   iptables on the path an iptables-based CNI gives two pods of
+#             one node (cilia's shape): client -> node -> server, routed by
+#             the node namespace's stack, the N rules in its FORWARD chain
+#             (the same rules; before them one that passes the server's
+#             replies, as cilia's server has no egress policy).
+# Then one more pass at the smallest N with the kernel's BPF statistics on
+# (kernel.bpf_stats_enabled, restored on exit): the time spent inside
+# cilia's programs and inside floor2's per new connection and per
+# request/response, measured by the kernel rather than by the rates.
 # Both measured in the same run with bench/rr.py (one connection at a time,
 # latency bound; Python dominates absolute numbers, the trend with N is the
 # point). Median of $REPS runs of $DURATION s each. Needs root and the release
@@ -49,11 +58,14 @@ P=cps$$
 RUN=/run/$P
 BPF=/sys/fs/bpf/$P
 SOCK=$RUN/cilia.sock
-NSS=("$P-node" "$P-cli" "$P-srv" "$P-other" "$P-vcli" "$P-vsrv" "$P-pcli" "$P-psrv" "$P-hcli" "$P-hnode" "$P-hsrv")
+NSS=("$P-node" "$P-cli" "$P-srv" "$P-other" "$P-vcli" "$P-vsrv" "$P-pcli" "$P-psrv" "$P-hcli" "$P-hnode" "$P-hsrv"
+  "$P-rcli" "$P-rnode" "$P-rsrv")
 T0=$(date +%s)
 source scripts/lib/procs.sh
 
+BPF_STATS0=$(sysctl -n kernel.bpf_stats_enabled 2>/dev/null || echo 0)
 cleanup() { # every process started is tracked by PID; then the namespaces
+  sysctl -qw kernel.bpf_stats_enabled="$BPF_STATS0" 2>/dev/null || true
   stop_tracked
   del_netns "${NSS[@]}"
   rm -rf "$RUN" "$BPF"
@@ -69,7 +81,7 @@ for n in $RULES; do [[ $n =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] || { echo "bad rule c
 mkdir -p "$RUN"
 for ns in "${NSS[@]}"; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
 # Wider ephemeral range in the client namespaces (per-namespace sysctl).
-for ns in "$P-cli" "$P-vcli" "$P-pcli" "$P-hcli"; do ip netns exec "$ns" sysctl -qw net.ipv4.ip_local_port_range="1024 65535"; done
+for ns in "$P-cli" "$P-vcli" "$P-pcli" "$P-hcli" "$P-rcli"; do ip netns exec "$ns" sysctl -qw net.ipv4.ip_local_port_range="1024 65535"; done
 pin() { [ -n "$1" ] && echo "taskset -c $1" || true; }
 CLI_RUN="nice -n $NICE $(pin "$CLIENT_CPU")"
 SRV_RUN="nice -n $NICE $(pin "$SERVER_CPU")"
@@ -112,6 +124,20 @@ for hop in "h1 h2" "h2 h1"; do
   ip netns exec "$P-hnode" tc filter add dev "${P}$1" ingress bpf da obj "$RUN/redirect_$1.o" sec tc
 done
 
+# --- iptables, routed: client -> node -> server through the node's stack ------
+ip link add "${P}rc" netns "$P-rcli" type veth peer name "${P}r1" netns "$P-rnode"
+ip link add "${P}rs" netns "$P-rsrv" type veth peer name "${P}r2" netns "$P-rnode"
+ip -n "$P-rcli" addr add 192.0.2.1/25 dev "${P}rc"
+ip -n "$P-rnode" addr add 192.0.2.126/25 dev "${P}r1"
+ip -n "$P-rsrv" addr add 192.0.2.130/25 dev "${P}rs"
+ip -n "$P-rnode" addr add 192.0.2.254/25 dev "${P}r2"
+for l in "$P-rcli ${P}rc" "$P-rsrv ${P}rs" "$P-rnode ${P}r1" "$P-rnode ${P}r2"; do
+  set -- $l; ip -n "$1" link set "$2" up
+done
+ip -n "$P-rcli" route add default via 192.0.2.126
+ip -n "$P-rsrv" route add default via 192.0.2.254
+ip netns exec "$P-rnode" sysctl -qw net.ipv4.ip_forward=1
+
 # --- cilia: agent in a node namespace, three endpoints ----------------------
 nsenter --net="/run/netns/$P-node" "$BIN/cilia-agent" --state-dir "$RUN/state" --bpf-root "$BPF" \
   --socket "$SOCK" --ipv6-range fd00:c1b::/112 --ipv4-range 10.201.0.0/24 \
@@ -134,15 +160,17 @@ ip netns exec "$P-srv" $SRV_RUN python3 bench/rr.py serve "$PORT" 0.0.0.0 1800 &
 ip netns exec "$P-vsrv" $SRV_RUN python3 bench/rr.py serve "$PORT" 0.0.0.0 1800 & track $!
 ip netns exec "$P-psrv" $SRV_RUN python3 bench/rr.py serve "$PORT" 0.0.0.0 1800 & track $!
 ip netns exec "$P-hsrv" $SRV_RUN python3 bench/rr.py serve "$PORT" 0.0.0.0 1800 & track $!
+ip netns exec "$P-rsrv" $SRV_RUN python3 bench/rr.py serve "$PORT" 0.0.0.0 1800 & track $!
 
 reach() { # ns ip: 0 if a TCP connection to ip:PORT completes within 1 s
   ip netns exec "$1" timeout 5 python3 -c 'import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 1).close()' "$2" "$PORT" 2>/dev/null
 }
-for _ in $(seq 50); do reach "$P-cli" "$SRV_IP" && reach "$P-vcli" 192.0.2.2 && reach "$P-pcli" 192.0.2.2 && reach "$P-hcli" 192.0.2.2 && break; sleep 0.1; done
+for _ in $(seq 50); do reach "$P-cli" "$SRV_IP" && reach "$P-vcli" 192.0.2.2 && reach "$P-pcli" 192.0.2.2 && reach "$P-hcli" 192.0.2.2 && reach "$P-rcli" 192.0.2.130 && break; sleep 0.1; done
 reach "$P-cli" "$SRV_IP" || { echo "no connectivity cilia client -> server $SRV_IP:$PORT" >&2; exit 1; }
 reach "$P-vcli" 192.0.2.2 || { echo "no connectivity over the veth pair" >&2; exit 1; }
 reach "$P-pcli" 192.0.2.2 || { echo "no connectivity over the floor's veth pair" >&2; exit 1; }
 reach "$P-hcli" 192.0.2.2 || { echo "no connectivity over the two-device floor" >&2; exit 1; }
+reach "$P-rcli" 192.0.2.130 || { echo "no connectivity over the routed path" >&2; exit 1; }
 
 # --- rule generators ----------------------------------------------------------
 gen_cnp() { # N DIR: N-1 never-matching fromCIDR rules, then the client rule,
@@ -163,13 +191,18 @@ for k in range(0, len(rules), chunk):
                 '      app: server\n  ingress:\n' % (k // chunk) + "".join(rules[k:k + chunk]))
 EOF
 }
-gen_ipt() { # N: iptables-restore input (IPv4 only: the 512 doc /32s, cycled)
-  python3 - "$1" "$PORT" <<'EOF'
+gen_ipt() { # N CHAIN [REPLIES_DEV]: iptables-restore input (IPv4 only: the
+  # 512 doc /32s, cycled), the rules in CHAIN (INPUT or FORWARD), policy
+  # DROP; REPLIES_DEV: a first rule accepting what comes in on it.
+  python3 - "$1" "$PORT" "$2" "${3:-}" <<'EOF'
 import sys
-n, port = int(sys.argv[1]), sys.argv[2]
+n, port, chain, replies = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 v4 = ["198.51.100.%d" % i for i in range(256)] + ["203.0.113.%d" % i for i in range(256)]
-out = ["*filter\n:INPUT DROP [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"]
-rule = "-A INPUT -s %%s/32 -p tcp -m tcp --dport %s -j ACCEPT\n" % port
+pol = {c: "DROP" if c == chain else "ACCEPT" for c in ("INPUT", "FORWARD", "OUTPUT")}
+out = ["*filter\n:INPUT %(INPUT)s [0:0]\n:FORWARD %(FORWARD)s [0:0]\n:OUTPUT %(OUTPUT)s [0:0]\n" % pol]
+if replies:
+    out.append("-A %s -i %s -j ACCEPT\n" % (chain, replies))
+rule = "-A %s -s %%s/32 -p tcp -m tcp --dport %s -j ACCEPT\n" % (chain, port)
 out += [rule % v4[i % len(v4)] for i in range(n - 1)]
 out.append(rule % "192.0.2.1")
 out.append("COMMIT\n")
@@ -191,13 +224,14 @@ entries() { cilia -o json bpf policy get "$SRV_ID" 2>/dev/null | python3 -c 'imp
 count() { cilia -o json "$@" 2>/dev/null | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))' 2>/dev/null || echo "?"; }
 agent_cpu() { awk '{print $14 + $15}' "/proc/$AGENT_PID/stat" 2>/dev/null || echo 0; } # utime+stime, ticks
 
-declare -A CC IC CR IR FC FR HC HR IMP NOTE
+declare -A CC IC CR IR FC FR HC HR RC RR IMP NOTE
 load() { # N: sets cilia_ok; imports the CNPs (timed) and restores the iptables rules
   local n=$1 f ti t rc imp_out nfiles ipt_t ipt_rules
   cilia policy delete --all >/dev/null 2>&1 || true # "no policies to delete" the first time
   rm -rf "$RUN/cnp"; mkdir -p "$RUN/cnp"
   gen_cnp "$n" "$RUN/cnp"
-  gen_ipt "$n" >"$RUN/ipt.rules"
+  gen_ipt "$n" INPUT >"$RUN/ipt.rules"
+  gen_ipt "$n" FORWARD "${P}r2" >"$RUN/ipt-routed.rules"
   nfiles=$(ls "$RUN/cnp" | wc -l)
   cilia_ok=1
   if [ -n "${FAILED[$n]:-}" ]; then # failed in an earlier round: do not retry
@@ -224,6 +258,7 @@ load() { # N: sets cilia_ok; imports the CNPs (timed) and restores the iptables 
   fi
   t=$(now)
   ip netns exec "$P-vsrv" iptables-restore <"$RUN/ipt.rules"
+  ip netns exec "$P-rnode" iptables-restore <"$RUN/ipt-routed.rules"
   ipt_t=$(python3 -c "print('%.2f' % ($(now) - $t))")
   ipt_rules=$(ip netns exec "$P-vsrv" iptables -S INPUT | grep -c '^-A INPUT' || true)
   if [ "$cilia_ok" = 1 ]; then
@@ -234,9 +269,56 @@ load() { # N: sets cilia_ok; imports the CNPs (timed) and restores the iptables 
   log "N=$n: cilia import${IMP[$n]:-} s (${FAILED[$n]:-ok}; $nfiles CNP), server policy map entries $(entries), identities $(count identity list), ipcache entries $(count bpf ipcache list); iptables-restore ${ipt_t} s, INPUT rules $ipt_rules"
 }
 
+# --- the kernel's BPF statistics: time spent inside programs ----------------
+pinned_progs() { # DIR: ids of the programs of the links pinned in DIR (this agent's)
+  local f
+  for f in "$1"/*; do
+    [ -e "$f" ] || continue
+    bpftool -j link show pinned "$f" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["prog_id"])' || true
+  done | tr '\n' ' '
+}
+tc_ids() { # NS: ids of the tc programs attached in namespace NS (clsact: floor2's)
+  ip netns exec "$1" bpftool -j net show |
+    python3 -c 'import json,sys; print(" ".join(str(p["id"]) for d in json.load(sys.stdin) for p in d.get("tc", [])))'
+}
+prog_stat() { # IDS...: "run_time_ns run_cnt", summed over those programs
+  bpftool -j prog show | python3 -c 'import json,sys
+ids = set(map(int, sys.argv[1:])); t = c = 0
+for p in json.load(sys.stdin):
+    if p["id"] in ids:
+        t += p.get("run_time_ns", 0); c += p.get("run_cnt", 0)
+print(t, c)' "$@"
+}
+declare -A STAT
+stats_pass() { # one run each of cilia and floor2, conn and rr, statistics on
+  local mode side ns ip ids socks b bs rate a as
+  socks=$(pinned_progs "$BPF/socklb")
+  sysctl -qw kernel.bpf_stats_enabled=1
+  for mode in conn rr; do
+    for side in cilia floor2; do
+      if [ "$side" = cilia ]; then ns=$P-cli ip=$SRV_IP ids=$(pinned_progs "$BPF/links"); else ns=$P-hcli ip=192.0.2.2 ids=$(tc_ids "$P-hnode"); fi
+      b=$(prog_stat $ids); bs=$(prog_stat $socks)
+      rate=$(measure "$ns" "$mode" "$ip")
+      a=$(prog_stat $ids); as=$(prog_stat $socks)
+      STAT[$side-$mode]=$(python3 -c "import sys
+rate, d = sys.argv[1], float(sys.argv[2])
+try: ops = float(rate) * d
+except ValueError: print('| %s | - | - | - | - | - |' % rate); sys.exit()
+t0, c0 = map(int, sys.argv[3].split()); t1, c1 = map(int, sys.argv[4].split())
+s0, _ = map(int, sys.argv[5].split()); s1, _ = map(int, sys.argv[6].split())
+runs = c1 - c0
+print('| %.0f | %.0f | %.1f | %.0f | %.0f |' % (float(rate), (t1 - t0) / ops, runs / ops,
+      (t1 - t0) / runs if runs else 0, (s1 - s0) / ops))" "$rate" "$DURATION" "$b" "$a" "$bs" "$as")
+    done
+  done
+  sysctl -qw kernel.bpf_stats_enabled="$BPF_STATS0"
+  log "BPF statistics pass: ${STAT[*]}"
+}
+
 # Rounds outer, rule counts inner (re-imported every round): slow drift of the
 # host's load spreads over all N instead of biasing the last one.
-declare -A CCs ICs CRs IRs FCs FRs HCs HRs FAILED
+declare -A CCs ICs CRs IRs FCs FRs HCs HRs RCs RRs FAILED
+first=$(printf '%s\n' $RULES | sort -n | head -n1) # ratios are to the smallest N
 for r in $(seq "$REPS"); do
   for n in $RULES; do
     load "$n"
@@ -250,20 +332,24 @@ for r in $(seq "$REPS"); do
     FRs[$n]+=" $(measure "$P-pcli" rr 192.0.2.2)"
     HCs[$n]+=" $(measure "$P-hcli" conn 192.0.2.2)"
     HRs[$n]+=" $(measure "$P-hcli" rr 192.0.2.2)"
-    log "N=$n round $r: cilia conn${CCs[$n]:- skipped} | ipt conn${ICs[$n]} | cilia rr${CRs[$n]:- skipped} | ipt rr${IRs[$n]} | floor conn${FCs[$n]} rr${FRs[$n]} | floor2 conn${HCs[$n]} rr${HRs[$n]}; agent CPU $(python3 -c "print('%.2f' % (($(agent_cpu) - $cpu0) / $(getconf CLK_TCK)))") s; iptables matching rule: $(ip netns exec "$P-vsrv" iptables -L INPUT -v -n -x | tail -n1 | awk '{print $1}') packets"
+    RCs[$n]+=" $(measure "$P-rcli" conn 192.0.2.130)"
+    RRs[$n]+=" $(measure "$P-rcli" rr 192.0.2.130)"
+    log "N=$n round $r: cilia conn${CCs[$n]:- skipped} | ipt conn${ICs[$n]} | cilia rr${CRs[$n]:- skipped} | ipt rr${IRs[$n]} | floor conn${FCs[$n]} rr${FRs[$n]} | floor2 conn${HCs[$n]} rr${HRs[$n]} | routed ipt conn${RCs[$n]} rr${RRs[$n]}; agent CPU $(python3 -c "print('%.2f' % (($(agent_cpu) - $cpu0) / $(getconf CLK_TCK)))") s; iptables matching rule: $(ip netns exec "$P-vsrv" iptables -L INPUT -v -n -x | tail -n1 | awk '{print $1}') packets"
+    # The statistics pass once, in the last round, at the smallest N.
+    [ "$r" = "$REPS" ] && [ "$n" = "$first" ] && [ "$cilia_ok" = 1 ] && stats_pass
   done
 done
 for n in $RULES; do
   CC[$n]=$(median ${CCs[$n]:-}); IC[$n]=$(median ${ICs[$n]}); CR[$n]=$(median ${CRs[$n]:-}); IR[$n]=$(median ${IRs[$n]})
   FC[$n]=$(median ${FCs[$n]}); FR[$n]=$(median ${FRs[$n]})
   HC[$n]=$(median ${HCs[$n]}); HR[$n]=$(median ${HRs[$n]})
+  RC[$n]=$(median ${RCs[$n]}); RR[$n]=$(median ${RRs[$n]})
   if [ -n "${FAILED[$n]:-}" ]; then IMP[$n]=${FAILED[$n]}; else IMP[$n]=$(median ${IMP[$n]:-}); fi
   if python3 -c "import sys; sys.exit(0 if float('${CC[$n]}') * min(${DURATION}, 10) > 55000 else 1)" 2>/dev/null; then
     log "N=$n: cilia conn rate ${CC[$n]}/s reuses source ports within cilia's 10 s CT close timeout: some SYNs may skip the policy"
   fi
 done
 
-first=$(printf '%s\n' $RULES | sort -n | head -n1) # ratios are to the smallest N
 ratio() { # value base
   python3 -c "import sys
 try: print('%.2f' % (float(sys.argv[1]) / float(sys.argv[2])))
@@ -293,5 +379,21 @@ echo "|---|---|---|---|---|---|---|"
 for n in $RULES; do
   echo "| $n | ${HC[$n]} | ${HR[$n]} | $(ratio "${CC[$n]:-}" "${HC[$n]}") | $(ratio "${CR[$n]:-}" "${HR[$n]}") | $(ratio "${HC[$n]}" "${FC[$n]}") | $(ratio "${HR[$n]}" "${FR[$n]}") |"
 done
+echo
+echo "iptables on cilia's shape (client -> node -> server, routed by the node's stack, the rules in its FORWARD chain): new conn/s and rr/s, cilia against it."
+echo
+echo "| rules N | routed iptables new conn/s | routed iptables rr/s | conn cilia/routed | rr cilia/routed | conn routed/iptables | rr routed/iptables |"
+echo "|---|---|---|---|---|---|---|"
+for n in $RULES; do
+  echo "| $n | ${RC[$n]} | ${RR[$n]} | $(ratio "${CC[$n]:-}" "${RC[$n]}") | $(ratio "${CR[$n]:-}" "${RR[$n]}") | $(ratio "${RC[$n]}" "${IC[$n]}") | $(ratio "${RR[$n]}" "${IR[$n]}") |"
+done
+if [ -n "${STAT[cilia-conn]:-}" ]; then
+  echo
+  echo "Time inside BPF programs (kernel.bpf_stats_enabled, one more ${DURATION} s run each at N=$first, last round; the statistics add two clock reads to every run): the tc programs (cilia: its endpoint programs, every one the agent attached; floor2: its redirect_peer programs) per operation, and cilia's socket programs (attached to the cgroup root: they run for every connection on the machine, the baselines' too)."
+  echo
+  echo "| run | ops/s | tc programs ns per op | tc program runs per op | ns per run | socket programs ns per op |"
+  echo "|---|---|---|---|---|---|"
+  for k in cilia-conn floor2-conn cilia-rr floor2-rr; do echo "| $k ${STAT[$k]}"; done
+fi
 for n in $RULES; do [ -n "${NOTE[$n]:-}" ] && echo && echo "N=$n: ${NOTE[$n]}"; done
 log "total $(($(date +%s) - T0)) s"
