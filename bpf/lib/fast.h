@@ -101,6 +101,10 @@ __inline_fn int fast_established(struct __sk_buff *skb, const struct flow *f, __
 	if (ct->policy_rev != *rev || ct->expires <= now || (ct->flags & CILIA_CT_NOT_FAST) ||
 	    ct->rev_nat)
 		return CILIA_FAST_MISS;
+	/* A flow's first reply may come this way (cached when the flow began,
+	 * fast_remember): it marks the reply seen, as the full path would. */
+	if (reply)
+		ct->flags |= CILIA_CT_SEEN_REPLY;
 	if (target) {
 		ep = bpf_map_lookup_elem(&cilia_endpoint_slots, &target);
 		if (!ep || ep->endpoint_id != target || !ep->ifindex)
@@ -127,9 +131,19 @@ __inline_fn int fast_established(struct __sk_buff *skb, const struct flow *f, __
 /*
  * After the full path delivered a packet of `f` to `target` (an endpoint
  * id, 0 the stack): caches that delivery in the flow's entry, when the
- * packet was a plain one of an established flow (see the top of this file)
- * and the entry is at `rev`, the revision read before the full path looked
- * anything up. `translated`: the load balancer rewrote the packet.
+ * packet was a plain one (see the top of this file) of a flow it began or
+ * found established, and the entry is at `rev`, the revision read before
+ * the full path looked anything up. `translated`: the load balancer
+ * rewrote the packet.
+ *
+ * A flow's first packet caches both ways at once when it goes from this
+ * endpoint to another local one: its replies can only come back through
+ * that endpoint's from-container program, to this endpoint, and the full
+ * path would do nothing else with them (no policy: a reply follows its
+ * entry; the fast path marks the reply seen). So of a connection between
+ * two local endpoints only the first packet takes the full path; before,
+ * the second forward packet and the first reply did too (a third of a
+ * short connection's packets).
  */
 __inline_fn void fast_remember(const struct flow *f, const struct decision *d, int translated,
 			       __u32 rev, __u16 target)
@@ -143,12 +157,17 @@ __inline_fn void fast_remember(const struct flow *f, const struct decision *d, i
 	if ((__u32)translated | f->frag | f->related | f->unloop | d->rev_nat |
 	    (d->ct_flags & (CILIA_CT_TO_PROXY | CILIA_CT_FROM_PROXY)))
 		return;
-	if (d->ct_state == CILIA_CT_STATE_ESTABLISHED) {
+	if (d->ct_state == CILIA_CT_STATE_ESTABLISHED || d->ct_state == CILIA_CT_STATE_NEW) {
 		o = ct_key_of(&key, f);
 		ct = bpf_map_lookup_elem(&cilia_ct, &key);
 		if (!ct || !ct_forward(ct, o) || ct->policy_rev != rev ||
 		    (ct->flags & CILIA_CT_NOT_FAST) || ct->rev_nat)
 			return;
+		if (d->ct_state == CILIA_CT_STATE_NEW && target) {
+			ct->backend_id = ((__u32)CILIA_CONFIG.endpoint_id << 16) | target;
+			ct->flags |= CILIA_CT_FAST_FWD | CILIA_CT_FAST_REPLY;
+			return;
+		}
 		ct->backend_id = (ct->backend_id & 0xffff0000) | target;
 		ct->flags |= CILIA_CT_FAST_FWD;
 	} else if (d->ct_state == CILIA_CT_STATE_REPLY) {

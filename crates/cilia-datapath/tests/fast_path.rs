@@ -65,42 +65,49 @@ fn the_generic_program_takes_the_fast_path_too() {
 fn cached_and_delivered_the_same(mut fx: Fixture) {
     b_admits_http_from_a(&mut fx);
     let (a, b) = (fx.a(), fx.b());
-    assert_eq!(
-        a.run(&a_to_b_est(80)).unwrap().verdict,
-        TC_ACT_REDIRECT,
-        "new"
-    );
-    assert_eq!(
-        entry(&fx, 80).flags & CILIA_CT_FAST_MASK,
-        0,
-        "a new flow is not cached"
-    );
-    let full = a.run(&a_to_b_est(80)).unwrap();
-    assert_eq!(full.verdict, TC_ACT_REDIRECT, "established, full path");
+    let first = a.run(&a_to_b_est(80)).unwrap();
+    assert_eq!(first.verdict, TC_ACT_REDIRECT, "new, full path");
+    // Between two local endpoints the first packet caches both ways: the
+    // replies can only come back through B's program, to A.
     let ct = entry(&fx, 80);
-    assert_ne!(ct.flags & CILIA_CT_FAST_FWD, 0, "cached once established");
+    assert_eq!(
+        ct.flags & CILIA_CT_FAST_MASK,
+        CILIA_CT_FAST_MASK,
+        "a new flow is cached both ways"
+    );
     assert_eq!(ct.backend_id & 0xffff, u32::from(B_ID), "to B");
+    assert_eq!(ct.backend_id >> 16, u32::from(A_ID), "replies to A");
+    assert_eq!(ct.flags & CILIA_CT_SEEN_REPLY, 0, "no reply yet");
     let fast = a.run(&a_to_b_est(80)).unwrap();
     assert_eq!(fast.verdict, TC_ACT_REDIRECT);
-    assert_eq!(fast.packet, full.packet, "same MACs and hop limit");
+    assert_eq!(fast.packet, first.packet, "same MACs and hop limit");
     let ct = entry(&fx, 80);
-    assert_eq!(ct.packets, 3, "the fast path counts the flow's packets");
+    assert_eq!(ct.packets, 2, "the fast path counts the flow's packets");
     // A SYN of the same tuple goes the full way, with the same outcome.
     let syn = a.run(&a_to_b(80)).unwrap();
     assert_eq!(syn.verdict, TC_ACT_REDIRECT);
-    assert_eq!(entry(&fx, 80).packets, 4);
-    assert_eq!(forwarded(&fx, CILIA_FWD_ENDPOINT), 4, "and the node's");
+    assert_eq!(entry(&fx, 80).packets, 3);
+    assert_eq!(forwarded(&fx, CILIA_FWD_ENDPOINT), 3, "and the node's");
 
-    // The reply direction: cached once the reply was seen, towards A.
-    let full = b.run(&b_to_a(80)).unwrap();
-    assert_eq!(full.verdict, TC_ACT_REDIRECT, "first reply, full path");
-    let ct = entry(&fx, 80);
-    assert_ne!(ct.flags & CILIA_CT_FAST_REPLY, 0);
-    assert_eq!(ct.backend_id >> 16, u32::from(A_ID), "replies to A");
+    // The first reply takes the fast path and does what the full path
+    // would: marks the reply seen, so the flow lives as an established one.
+    let before = entry(&fx, 80).expires;
     let fast = b.run(&b_to_a(80)).unwrap();
-    assert_eq!(fast.verdict, TC_ACT_REDIRECT);
+    assert_eq!(fast.verdict, TC_ACT_REDIRECT, "first reply, fast path");
+    let ct = entry(&fx, 80);
+    assert_ne!(ct.flags & CILIA_CT_SEEN_REPLY, 0, "the reply is seen");
+    let longer = (u64::from(CILIA_CT_TCP_TIMEOUT) - u64::from(CILIA_CT_TCP_SYN_TIMEOUT)) / 2;
+    assert!(
+        ct.expires > before + longer * 1_000_000_000,
+        "an established connection's lifetime"
+    );
+    // The full path's reply (monitor traces keep packets on it) is the same.
+    fx.dp.set_monitor_level(CILIA_MONITOR_TRACE).unwrap();
+    let full = b.run(&b_to_a(80)).unwrap();
+    assert_eq!(full.verdict, TC_ACT_REDIRECT, "a reply, full path");
     assert_eq!(fast.packet, full.packet);
-    assert_eq!(entry(&fx, 80).packets, 4, "replies are not forward packets");
+    assert_eq!(entry(&fx, 80).packets, 3, "replies are not forward packets");
+    assert_eq!(forwarded(&fx, CILIA_FWD_ENDPOINT), 5);
 }
 
 #[test]
@@ -249,7 +256,9 @@ fn a_stale_absent_flag_in_the_control_block_is_not_believed() {
         TC_ACT_REDIRECT,
         "the SYN"
     );
-    // The first reply is not cached yet: the full path decides it.
+    // The first reply would take the fast path (cached by the SYN): with
+    // monitor traces on, the full path decides it, and the rest.
+    fx.dp.set_monitor_level(CILIA_MONITOR_TRACE).unwrap();
     assert_eq!(
         b.run_with_cb(&b_to_a(80), STALE).unwrap().verdict,
         TC_ACT_REDIRECT,
