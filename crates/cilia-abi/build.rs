@@ -129,7 +129,13 @@ const STRUCTS: &[(&str, &[&str])] = &[
     ("frag_value", &["expires", "sport", "dport"]),
     (
         "global_config",
-        &["policy_rev", "monitor_level", "ct_budget", "maglev_size"],
+        &[
+            "policy_rev",
+            "monitor_level",
+            "ct_budget",
+            "maglev_size",
+            "event_wakeup",
+        ],
     ),
     (
         "event",

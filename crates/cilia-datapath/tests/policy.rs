@@ -413,6 +413,130 @@ fn events_are_emitted_only_when_the_monitor_listens() {
         .any(|e| e.type_ == CILIA_EVENT_TRACE && e.reason == CILIA_FWD_ENDPOINT));
 }
 
+/// Whether the ring's reader was woken (edge-triggered epoll: readiness is
+/// reported only when the kernel wakes the ring's waiters) within `ms`.
+fn woken(epfd: i32, ms: i32) -> bool {
+    let mut ev = libc::epoll_event { events: 0, u64: 0 };
+    // SAFETY: one event's room, a valid epoll fd.
+    let n = unsafe { libc::epoll_wait(epfd, &mut ev, 1, ms) };
+    assert!(n >= 0, "epoll_wait: {}", std::io::Error::last_os_error());
+    n == 1
+}
+
+/// An event in an empty ring wakes the reader only while it asks for
+/// wake-ups (`event_wakeup`): a polling reader costs the packet's CPU no
+/// irq_work and no self-IPI (see `event_submit_flags`).
+#[test]
+fn an_event_wakes_the_reader_only_when_it_asks_for_wake_ups() {
+    privileged!("events_wake_only_when_asked");
+    use std::os::fd::AsRawFd;
+    let mut fx = Fixture::new();
+    let mut rb = fx.dp.take_events().unwrap();
+    fx.dp.set_monitor_level(CILIA_MONITOR_DROPS).unwrap();
+    let a = fx.a();
+    set(&mut fx.dp, B_ID, &[enforce(CILIA_DIR_INGRESS)]);
+    assert!(drain_events(&mut rb).is_empty());
+    // SAFETY: plain syscalls on fds this test owns.
+    let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    assert!(epfd >= 0);
+    let mut want = libc::epoll_event {
+        events: (libc::EPOLLIN | libc::EPOLLET) as u32,
+        u64: 0,
+    };
+    // SAFETY: as above; the ring's fd outlives the epoll registration.
+    let rc = unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, rb.as_raw_fd(), &mut want) };
+    assert_eq!(rc, 0);
+    assert!(!woken(epfd, 0), "an empty ring reports nothing");
+
+    for (wakeup, port) in [(false, 81), (true, 82), (false, 83), (true, 84)] {
+        fx.dp.set_event_wakeup(wakeup).unwrap();
+        assert_eq!(a.run(&a_to_b(port)).unwrap().verdict, TC_ACT_SHOT);
+        assert_eq!(
+            woken(epfd, if wakeup { 1000 } else { 100 }),
+            wakeup,
+            "event_wakeup {wakeup}"
+        );
+        let events = drain_events(&mut rb);
+        assert_eq!(
+            events.len(),
+            1,
+            "the drop's event is in the ring either way"
+        );
+        assert_eq!(u16::from_be(events[0].dport), port);
+    }
+    // SAFETY: this test's own fd.
+    unsafe { libc::close(epfd) };
+}
+
+/// The agent's reader (`EventReader`) polls while events flow, with
+/// wake-ups off, and turns them on only once a poll finds the ring empty;
+/// an event that came in without waking it is found at its next timeout.
+#[test]
+fn the_reader_polls_while_events_flow_and_sleeps_when_they_stop() {
+    privileged!("event_reader_modes");
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+    let mut fx = Fixture::new();
+    let rb = fx.dp.take_events().unwrap();
+    fx.dp.set_monitor_level(CILIA_MONITOR_DROPS).unwrap();
+    set(&mut fx.dp, B_ID, &[enforce(CILIA_DIR_INGRESS)]);
+    let a = fx.a();
+    // The switch, as the agent's: the same pinned config map, through a
+    // handle of its own; every call recorded.
+    let dp = Arc::new(cilia_datapath::BpfDatapath::open(fx.path()).unwrap());
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let switch: cilia_datapath::events::WakeupSwitch = {
+        let (dp, calls) = (Arc::clone(&dp), Arc::clone(&calls));
+        Box::new(move |on| {
+            calls.lock().unwrap().push(on);
+            dp.set_event_wakeup(on)
+        })
+    };
+    let last = || *calls.lock().unwrap().last().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut reader = cilia_datapath::events::EventReader::new(rb, switch).unwrap();
+        assert_eq!(*calls.lock().unwrap(), [true], "wake-ups on at the start");
+        let mut out = Vec::new();
+        let long = Duration::from_secs(5);
+        assert_eq!(
+            reader
+                .read(&mut out, Duration::from_millis(50))
+                .await
+                .unwrap(),
+            0
+        );
+
+        assert_eq!(a.run(&a_to_b(81)).unwrap().verdict, TC_ACT_SHOT);
+        assert_eq!(reader.read(&mut out, long).await.unwrap(), 1, "woken");
+        assert!(!last(), "polling: wake-ups off");
+        assert_eq!(a.run(&a_to_b(82)).unwrap().verdict, TC_ACT_SHOT);
+        assert_eq!(reader.read(&mut out, long).await.unwrap(), 1, "polled");
+        assert_eq!(calls.lock().unwrap().len(), 2, "still polling");
+        assert_eq!(reader.read(&mut out, long).await.unwrap(), 0);
+        assert!(last(), "an empty poll: wake-ups on again");
+
+        // Submitted without a wake-up (as by a program that read the switch
+        // just before it turned on): found when the wait times out.
+        dp.set_event_wakeup(false).unwrap();
+        assert_eq!(a.run(&a_to_b(83)).unwrap().verdict, TC_ACT_SHOT);
+        dp.set_event_wakeup(true).unwrap();
+        let start = Instant::now();
+        let timeout = Duration::from_millis(300);
+        assert_eq!(reader.read(&mut out, timeout).await.unwrap(), 1);
+        assert!(
+            start.elapsed() >= timeout / 2,
+            "not woken: found at the timeout"
+        );
+        assert!(!last(), "and polling again");
+        let ports: Vec<u16> = out.iter().map(|e| u16::from_be(e.dport)).collect();
+        assert_eq!(ports, [81, 82, 83]);
+    });
+}
+
 #[test]
 fn debug_events_report_the_conntrack_state_of_every_packet() {
     privileged!("debug_events_conntrack_state");
