@@ -192,7 +192,7 @@ __inline_fn void sock_event(const struct sock_addr *fe, const struct lb_backend 
 	ev->dport = b->port;
 	__builtin_memcpy(ev->saddr, fe->addr, 16);
 	__builtin_memcpy(ev->daddr, b->addr, 16);
-	bpf_ringbuf_submit(ev, event_submit_flags(cfg));
+	bpf_ringbuf_submit(ev, 0);
 }
 
 /*

@@ -60,16 +60,10 @@ __inline_fn __u16 local_endpoint(const struct peers *p)
 	return self ? self : (p ? p->ingress_ep : 0);
 }
 
-__inline_fn struct global_config *event_config(void)
-{
-	__u32 zero = 0;
-
-	return bpf_map_lookup_elem(&cilia_config, &zero);
-}
-
 __inline_fn __u32 monitor_level(void)
 {
-	struct global_config *cfg = event_config();
+	__u32 zero = 0;
+	struct global_config *cfg = bpf_map_lookup_elem(&cilia_config, &zero);
 
 	return cfg ? cfg->monitor_level : CILIA_MONITOR_OFF;
 }
@@ -150,7 +144,10 @@ __inline_fn void event_emit(struct __sk_buff *skb, __u8 type, __u8 reason, __u8 
 		return;
 	}
 	event_fill(ev, skb, type, reason, dir, f, p, d);
-	bpf_ringbuf_submit(ev, event_submit_flags(event_config()));
+	/* Flags 0: the kernel wakes the reader only when this event lands in an
+	 * empty ring; the agent then lets a batch gather before draining, so a
+	 * busy ring costs one wake-up per batch, not one per event. */
+	bpf_ringbuf_submit(ev, 0);
 }
 
 /*
@@ -174,7 +171,7 @@ __inline_fn void event_service(struct __sk_buff *skb, const struct flow *f, cons
 	ev->rule = rev_nat;
 	ev->sport = fport;
 	__builtin_memcpy(ev->saddr, frontend, 16);
-	bpf_ringbuf_submit(ev, event_submit_flags(event_config()));
+	bpf_ringbuf_submit(ev, 0);
 }
 
 /* The conntrack state of a packet (debug level). */

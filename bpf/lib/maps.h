@@ -98,22 +98,6 @@ struct {
 
 CILIA_SHARED_MAP(cilia_config, BPF_MAP_TYPE_ARRAY, 1, __u32, struct global_config);
 
-/*
- * The flags an event is submitted with. The kernel wakes the ring's reader
- * when an event lands in an empty ring: an irq_work and its self-IPI on
- * the CPU that carries the packet (on a virtual machine, an exit), plus
- * the reader's wake-up. While events flow the agent's reader polls the
- * ring on its batch timer instead and says so (event_wakeup 0): no event
- * then wakes anyone. It asks for wake-ups again before it sleeps, and
- * looks once more after asking (an event submitted just before woke
- * nobody). A missing config (never: an array slot) wakes, as the kernel's
- * default would.
- */
-__inline_fn __u64 event_submit_flags(const struct global_config *cfg)
-{
-	return cfg && !cfg->event_wakeup ? BPF_RB_NO_WAKEUP : 0;
-}
-
 /* Underlay addresses of the cluster's nodes: the only senders whose tunnel
  * packets the overlay accepts. */
 CILIA_SHARED_MAP(cilia_nodes, BPF_MAP_TYPE_HASH, CILIA_NODES_MAX, struct endpoint_key,

@@ -309,7 +309,7 @@ __inline_fn void xdp_event(struct xdp_md *ctx, __u32 len, __u8 type, __u8 reason
 	cap = ((cap - 1) & (CILIA_EVENT_CAPLEN - 1)) + 1;
 	if (bpf_xdp_load_bytes(ctx, 0, ev->data, cap) == 0)
 		ev->caplen = cap;
-	bpf_ringbuf_submit(ev, event_submit_flags(event_config()));
+	bpf_ringbuf_submit(ev, 0);
 }
 
 /* Sends the rewritten frame to the FIB's next hop: its MACs, and back out

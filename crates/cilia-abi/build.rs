@@ -129,13 +129,7 @@ const STRUCTS: &[(&str, &[&str])] = &[
     ("frag_value", &["expires", "sport", "dport"]),
     (
         "global_config",
-        &[
-            "policy_rev",
-            "monitor_level",
-            "ct_budget",
-            "maglev_size",
-            "event_wakeup",
-        ],
+        &["policy_rev", "monitor_level", "ct_budget", "maglev_size"],
     ),
     (
         "event",

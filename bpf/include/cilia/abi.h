@@ -321,8 +321,6 @@ struct global_config {
 	__u32 monitor_level; /* CILIA_MONITOR_* */
 	__u32 ct_budget;     /* conntrack entries per endpoint; 0: CILIA_CT_BUDGET_DEFAULT */
 	__u32 maglev_size;   /* entries of every Maglev table; 0: CILIA_LB_MAGLEV_SIZE_DEFAULT */
-	__u32 event_wakeup;  /* 1: the event reader sleeps until an event wakes it;
-			      * 0: it polls the ring, no event wakes it */
 };
 
 /* ---- nodes ---- */

@@ -497,10 +497,6 @@ abi_struct! {
         pub ct_budget: u32,
         /// Entries of every service's Maglev table; 0: CILIA_LB_MAGLEV_SIZE_DEFAULT.
         pub maglev_size: u32,
-        /// 1: the event reader sleeps until an event wakes it; 0: it polls
-        /// the ring on its batch timer and no event wakes it (see
-        /// `event_submit_flags` in `bpf/lib/maps.h`).
-        pub event_wakeup: u32,
     }
 }
 
@@ -611,7 +607,7 @@ mod tests {
             LbSockValue as "lb_sock_value" { addr, port, family, backend_id, rev_nat }
             FragKey as "frag_key" { saddr, daddr, id, proto, family }
             FragValue as "frag_value" { expires, sport, dport }
-            GlobalConfig as "global_config" { policy_rev, monitor_level, ct_budget, maglev_size, event_wakeup }
+            GlobalConfig as "global_config" { policy_rev, monitor_level, ct_budget, maglev_size }
             Event as "event" { ts, type_ as "type", reason, dir, verdict, endpoint_id, peer_endpoint, src_identity, dst_identity, rule, len, family, proto, match_kind as "match", caplen, sport, dport, saddr, daddr, data }
         };
         table

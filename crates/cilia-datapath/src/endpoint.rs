@@ -150,9 +150,7 @@ pub struct BpfDatapath {
     /// Live conntrack entries at this handle's last GC (None before one):
     /// what a metrics scrape reports instead of walking the table again.
     ct_live: Mutex<Option<u64>>,
-    /// Shared with the event reader, which writes `event_wakeup` under the
-    /// same lock (every writer rewrites the whole slot).
-    pub(crate) config: Arc<Mutex<Array<MapData, GlobalConfig>>>,
+    pub(crate) config: Mutex<Array<MapData, GlobalConfig>>,
     /// Underlay addresses of the cluster's nodes.
     pub(crate) nodes: Mutex<HashMap<MapData, EndpointKey, NodeValue>>,
     /// The node's tunnel settings.
@@ -434,17 +432,6 @@ fn migrate_pins(maps_dir: &Path) -> Result<Vec<RecreatedMap>, DatapathError> {
     Ok(recreated)
 }
 
-fn set_event_wakeup(
-    config: &Mutex<Array<MapData, GlobalConfig>>,
-    on: bool,
-) -> Result<(), DatapathError> {
-    let err = |e| DatapathError::map(MAP_CONFIG, e);
-    let mut config = lock(config);
-    let mut cfg = config.get(&0, 0).map_err(err)?;
-    cfg.event_wakeup = u32::from(on);
-    config.set(0, cfg, 0).map_err(err)
-}
-
 fn mkdir(path: &Path) -> Result<(), DatapathError> {
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -526,9 +513,9 @@ impl BpfDatapath {
             ),
             endpoint_filter,
             ct_live: Mutex::new(None),
-            config: Arc::new(Mutex::new(
+            config: Mutex::new(
                 Array::try_from(config).map_err(|e| DatapathError::map(MAP_CONFIG, e))?,
-            )),
+            ),
             events: Mutex::new(Some(
                 RingBuf::try_from(events).map_err(|e| DatapathError::map(MAP_EVENTS, e))?,
             )),
@@ -1335,21 +1322,6 @@ impl BpfDatapath {
         let mut cfg = config.get(&0, 0).map_err(err)?;
         cfg.monitor_level = level;
         config.set(0, cfg, 0).map_err(err)
-    }
-
-    /// Whether an event landing in an empty ring wakes the reader
-    /// (`event_wakeup`, see `event_submit_flags` in `bpf/lib/maps.h`).
-    /// The agent's reader ([`crate::events::EventReader`]) turns it off
-    /// while it polls.
-    pub fn set_event_wakeup(&self, on: bool) -> Result<(), DatapathError> {
-        set_event_wakeup(&self.config, on)
-    }
-
-    /// What [`Self::set_event_wakeup`] does, for the event reader's own
-    /// handle on the config map.
-    pub(crate) fn event_wakeup_switch(&self) -> crate::events::WakeupSwitch {
-        let config = Arc::clone(&self.config);
-        Box::new(move |on| set_event_wakeup(&config, on))
     }
 
     pub fn monitor_level(&self) -> Result<u32, DatapathError> {

@@ -588,8 +588,6 @@ impl Datapath for BpfDatapath {
         BpfDatapath::set_monitor_level(self, level)
     }
     fn event_reader(&self) -> Result<Option<EventReader>, DatapathError> {
-        self.take_events_shared()
-            .map(|ring| EventReader::new(ring, self.event_wakeup_switch()))
-            .transpose()
+        self.take_events_shared().map(EventReader::new).transpose()
     }
 }
