@@ -62,6 +62,7 @@ NSS=("$P-node" "$P-cli" "$P-srv" "$P-other" "$P-vcli" "$P-vsrv" "$P-pcli" "$P-ps
   "$P-rcli" "$P-rnode" "$P-rsrv")
 T0=$(date +%s)
 source scripts/lib/procs.sh
+source scripts/lib/topo.sh
 
 BPF_STATS0=$(sysctl -n kernel.bpf_stats_enabled 2>/dev/null || echo 0)
 cleanup() { # every process started is tracked by PID; then the namespaces
@@ -125,18 +126,8 @@ for hop in "h1 h2" "h2 h1"; do
 done
 
 # --- iptables, routed: client -> node -> server through the node's stack ------
-ip link add "${P}rc" netns "$P-rcli" type veth peer name "${P}r1" netns "$P-rnode"
-ip link add "${P}rs" netns "$P-rsrv" type veth peer name "${P}r2" netns "$P-rnode"
-ip -n "$P-rcli" addr add 192.0.2.1/25 dev "${P}rc"
-ip -n "$P-rnode" addr add 192.0.2.126/25 dev "${P}r1"
-ip -n "$P-rsrv" addr add 192.0.2.130/25 dev "${P}rs"
-ip -n "$P-rnode" addr add 192.0.2.254/25 dev "${P}r2"
-for l in "$P-rcli ${P}rc" "$P-rsrv ${P}rs" "$P-rnode ${P}r1" "$P-rnode ${P}r2"; do
-  set -- $l; ip -n "$1" link set "$2" up
-done
-ip -n "$P-rcli" route add default via 192.0.2.126
-ip -n "$P-rsrv" route add default via 192.0.2.254
-ip netns exec "$P-rnode" sysctl -qw net.ipv4.ip_forward=1
+routed_path "$P-rcli" "${P}rc" 192.0.2.1/25 "$P-rnode" "${P}r1" 192.0.2.126/25 "${P}r2" 192.0.2.254/25 \
+  "$P-rsrv" "${P}rs" 192.0.2.130/25
 
 # --- cilia: agent in a node namespace, three endpoints ----------------------
 nsenter --net="/run/netns/$P-node" "$BIN/cilia-agent" --state-dir "$RUN/state" --bpf-root "$BPF" \

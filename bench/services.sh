@@ -36,6 +36,7 @@ SOCK=$RUN/cilia.sock
 NSS=("$P-node" "$P-cli" "$P-srv" "$P-vcli" "$P-vrt" "$P-vsrv")
 T0=$(date +%s)
 source scripts/lib/procs.sh
+source scripts/lib/topo.sh
 
 cleanup() {
   stop_tracked
@@ -63,18 +64,8 @@ cilia() { "$BIN/cilia" --socket "$SOCK" "$@"; }
 # All addresses are documentation ones, inside these namespaces only; the
 # client's default route points at the router namespace, which has no
 # other link.
-ip link add "${P}c" netns "$P-vcli" type veth peer name "${P}rc" netns "$P-vrt"
-ip link add "${P}s" netns "$P-vsrv" type veth peer name "${P}rs" netns "$P-vrt"
-ip -n "$P-vcli" addr add 192.0.2.1/26 dev "${P}c"
-ip -n "$P-vrt" addr add 192.0.2.62/26 dev "${P}rc"
-ip -n "$P-vrt" addr add 192.0.2.65/26 dev "${P}rs"
-ip -n "$P-vsrv" addr add 192.0.2.66/26 dev "${P}s"
-for l in "$P-vcli ${P}c" "$P-vrt ${P}rc" "$P-vrt ${P}rs" "$P-vsrv ${P}s"; do
-  set -- $l; ip -n "$1" link set "$2" up
-done
-ip -n "$P-vcli" route add default via 192.0.2.62
-ip -n "$P-vsrv" route add default via 192.0.2.65
-ip netns exec "$P-vrt" sysctl -qw net.ipv4.ip_forward=1
+routed_path "$P-vcli" "${P}c" 192.0.2.1/26 "$P-vrt" "${P}rc" 192.0.2.62/26 "${P}rs" 192.0.2.65/26 \
+  "$P-vsrv" "${P}s" 192.0.2.66/26
 
 # --- cilia: agent in a node namespace, two endpoints -----------------------
 nsenter --net="/run/netns/$P-node" "$BIN/cilia-agent" --state-dir "$RUN/state" --bpf-root "$BPF" \
