@@ -16,7 +16,14 @@
 # The client runs in a cgroup v2 directory made for the run, which is where
 # the agent attaches the socket LB (--socket-lb-cgroup): nothing else on the
 # machine is translated.
-# Needs root, python3, the release binaries, the services CLI (`cilia
+# Then one more measurement of new connections per path with the kernel's
+# BPF statistics on (kernel.bpf_stats_enabled, restored on exit): the time
+# spent in each socket hook, per run and per connection, for translated
+# sockets (socket), untranslated sockets of a served namespace (direct),
+# and sockets of a namespace no agent serves (other: a client and a server
+# on 127.0.0.1 in a namespace of their own, both in the bench cgroup) -
+# what the socket LB costs the machine's other processes.
+# Needs root, python3, bpftool, the release binaries, the services CLI (`cilia
 # service update`) and the per-packet load balancer: without them it says
 # which is missing and exits 1.
 #   DURATION=5 (s per measurement, max 60)  REPS=3
@@ -32,12 +39,14 @@ P=csl$$
 RUN=/run/$P
 BPF=/sys/fs/bpf/$P
 SOCK=$RUN/cilia.sock
-NSS=("$P-node" "$P-client" "$P-b1" "$P-b2" "$P-b3")
+NSS=("$P-node" "$P-client" "$P-b1" "$P-b2" "$P-b3" "$P-other")
 VIP4=192.0.2.10
 VIP6=2001:db8::10
 source scripts/lib/procs.sh
 CG=""
+BPF_STATS0=$(sysctl -n kernel.bpf_stats_enabled 2>/dev/null || echo 0)
 cleanup() {
+  sysctl -qw kernel.bpf_stats_enabled="$BPF_STATS0" 2>/dev/null || true
   stop_tracked
   del_netns "${NSS[@]}"
   [ -n "$CG" ] && rmdir "$CG" 2>/dev/null || true
@@ -48,6 +57,7 @@ trap 'exit 130' INT TERM
 
 [ "$(id -u)" = 0 ] || { echo "socklb.sh: needs root" >&2; exit 1; }
 command -v python3 >/dev/null || { echo "socklb.sh: needs python3 (scripts/setup.sh)" >&2; exit 1; }
+command -v bpftool >/dev/null || { echo "socklb.sh: needs bpftool (scripts/setup.sh)" >&2; exit 1; }
 for b in cilia cilia-agent; do
   [ -x "$BIN/$b" ] || { echo "missing $BIN/$b: cargo build --release --workspace --bins" >&2; exit 1; }
 done
@@ -95,6 +105,10 @@ for n in 1 2 3; do
   B4+=("$(ep_ip "$P-b$n" ipv4)"); B6+=("$(ep_ip "$P-b$n" ipv6)")
 done
 cilia endpoint create --netns "$P-client" --labels app=client >/dev/null
+# The namespace no agent serves: its server runs in the bench cgroup too.
+sh -c 'echo $$ > "$1/cgroup.procs" && exec ip netns exec "$2" python3 bench/rr.py serve 8080 127.0.0.1 900' \
+  sh "$CG" "$P-other" >/dev/null 2>&1 &
+track $!
 cilia service update --frontend "$VIP4:80/tcp" \
   --backends "$(printf '%s:8080,' "${B4[@]}" | sed 's/,$//')" >/dev/null
 cilia service update --frontend "[$VIP6]:80/tcp" \
@@ -106,11 +120,13 @@ cilia service update --frontend "[$VIP6]:80/tcp" \
 # 5-tuple of another path's flows would meet that path's lingering conntrack
 # entry; under the per-packet LB a new flow whose translated tuple meets an
 # entry of an untranslated flow gets no rev-NAT (see docs/benchmarks.md).
-declare -A PORTS=([direct]=10000-26999 [socket]=27000-43999 [packet]=44000-60999)
+declare -A PORTS=([direct]=10000-26999 [socket]=27000-43999 [packet]=44000-60999 [other]=10000-64999)
 CUR=direct
 client() {
+  local ns=$P-client
+  [ "$CUR" = other ] && ns=$P-other
   RR_PORTS=${PORTS[$CUR]} sh -c 'echo $$ > "$1/cgroup.procs" && exec ip netns exec "$2" timeout $(($6 + 15)) python3 bench/rr.py "$3" "$4" "$5" "$6"' \
-    sh "$CG" "$P-client" "$@" 2>/dev/null || echo err
+    sh "$CG" "$ns" "$@" 2>/dev/null || echo err
 }
 # The path must answer before it is measured.
 check_path() { # check_path NAME
@@ -155,6 +171,41 @@ for r in $(seq "$REPS"); do
   check_path packet
   measure packet
 done
+# --- the kernel's BPF statistics: time inside each socket hook --------------
+hook_stats() { # "hook:run_time_ns:run_cnt ..." for the agent's pinned socket links
+  local f id
+  for f in "$BPF"/socklb/*; do
+    id=$(bpftool -j link show pinned "$f" | python3 -c 'import json,sys; print(json.load(sys.stdin)["prog_id"])')
+    bpftool -j prog show id "$id" | python3 -c 'import json,sys
+p = json.load(sys.stdin); print("%s:%d:%d" % (sys.argv[1], p.get("run_time_ns", 0), p.get("run_cnt", 0)))' "${f##*/}"
+  done | tr '\n' ' '
+}
+set_socket_lb on
+check_path socket
+STATS=()
+sysctl -qw kernel.bpf_stats_enabled=1
+for CUR in other direct socket; do
+  target=$VIP4 port=80
+  [ "$CUR" = direct ] && target=${B4[0]} port=8080
+  [ "$CUR" = other ] && target=127.0.0.1 port=8080
+  before=$(hook_stats)
+  rate=$(client conn "$target" $port "$DURATION")
+  after=$(hook_stats)
+  STATS+=("$(python3 -c 'import sys
+name, rate, dur = sys.argv[1], sys.argv[2], float(sys.argv[3])
+def parse(s): return {h: (int(t), int(c)) for h, t, c in (x.split(":") for x in s.split())}
+b, a = parse(sys.argv[4]), parse(sys.argv[5])
+try: ops = float(rate) * dur
+except ValueError: print("| %s | %s | - | - |" % (name, rate)); sys.exit()
+hooks, total = [], 0
+for h in sorted(a):
+    t, c = a[h][0] - b[h][0], a[h][1] - b[h][1]
+    if c:
+        hooks.append("%s %.2f × %.0f ns" % (h, c / ops, t / c)); total += t
+print("| %s | %.0f | %s | %.0f |" % (name, float(rate), ", ".join(hooks) or "none", total / ops))' "$CUR" "$rate" "$DURATION" "$before" "$after")")
+done
+sysctl -qw kernel.bpf_stats_enabled="$BPF_STATS0"
+
 median() { printf '%s\n' $@ | { grep -E '^[0-9.]+$' || true; } | sort -g | awk '{a[NR]=$1} END {if (NR==0) print "-"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 echo "| measure | family | direct | socket LB | per-packet LB | socket / direct | per-packet / direct | socket / per-packet |"
 echo "|---|---|---|---|---|---|---|---|"
@@ -167,3 +218,11 @@ for mode in rr conn; do
 done
 echo
 echo "($REPS rounds of ${DURATION} s per measurement; median per path)"
+echo
+echo "Time inside the socket hooks (kernel BPF statistics, one ${DURATION} s measurement of IPv4 new connections per path, socket LB on):"
+echo
+echo "| sockets | conn/s | hooks run per connection × ns per run | ns per connection |"
+echo "|---|---|---|---|"
+printf '%s\n' "${STATS[@]}"
+echo
+echo "(other: a namespace no agent serves, client and server on 127.0.0.1, both in the bench cgroup; direct: a served namespace, untranslated; socket: translated)"

@@ -93,6 +93,15 @@ __inline_fn void addr_write6(struct bpf_sock_addr *ctx, const __u8 *addr, __be16
 	ctx->user_port = (__u32)port;
 }
 
+__inline_fn int addr_equal(const __u8 *x, const __u8 *y)
+{
+	__u32 a[4], b[4];
+
+	__builtin_memcpy(a, x, 16);
+	__builtin_memcpy(b, y, 16);
+	return !((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]));
+}
+
 __inline_fn struct lb_sock_key sock_key(__u64 cookie, const __u8 *addr, __be16 port, __u8 family,
 					__u8 kind)
 {
@@ -202,10 +211,12 @@ __inline_fn void sock_event(const struct sock_addr *fe, const struct lb_backend 
  * exists, as a flow of the per-packet load balancer does. Returns
  * SYS_REJECT for a frontend without a backend, else SYS_PROCEED.
  */
-__inline_fn int sock_translate(void *ctx, struct sock_addr *a, __u8 proto, int sticky)
+__inline_fn int sock_translate(struct bpf_sock_addr *ctx, struct sock_addr *a, __u8 proto,
+			       int sticky)
 {
 	__u64 netns = bpf_get_netns_cookie(ctx), cookie, now;
 	struct lb_sock_value reverse = {}, forward = {}, *known;
+	struct lb_sock_storage *st;
 	struct lb_service_value *svc;
 	struct lb_sock_key key;
 	struct lb_backend *b = 0;
@@ -250,14 +261,32 @@ __inline_fn int sock_translate(void *ctx, struct sock_addr *a, __u8 proto, int s
 	}
 	if (!b || b->family != a->family)
 		return SYS_REJECT;
-
-	__builtin_memcpy(reverse.addr, a->addr, 16);
-	reverse.port = a->port;
-	reverse.family = a->family;
-	reverse.backend_id = backend_id;
-	reverse.rev_nat = svc->rev_nat;
-	key = sock_key(cookie, b->addr, b->port, b->family, CILIA_LB_SOCK_REVERSE);
-	bpf_map_update_elem(&cilia_lb_sock, &key, &reverse, BPF_ANY);
+	/* Without storage the reverse hooks would not know the socket: one the
+	 * kernel cannot give storage to (out of memory) is refused rather than
+	 * shown its backend. */
+	st = bpf_sk_storage_get(&cilia_lb_sock_storage, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st)
+		return SYS_REJECT;
+	if (sticky) {
+		/* An unconnected socket may send to several frontends: one
+		 * reverse entry each. */
+		if (!(st->flags & CILIA_LB_SOCK_F_SENT))
+			st->flags |= CILIA_LB_SOCK_F_SENT;
+		__builtin_memcpy(reverse.addr, a->addr, 16);
+		reverse.port = a->port;
+		reverse.family = a->family;
+		reverse.backend_id = backend_id;
+		reverse.rev_nat = svc->rev_nat;
+		key = sock_key(cookie, b->addr, b->port, b->family, CILIA_LB_SOCK_REVERSE);
+		bpf_map_update_elem(&cilia_lb_sock, &key, &reverse, BPF_ANY);
+	} else {
+		/* connect(): the socket's one peer from now on. */
+		__builtin_memcpy(st->frontend, a->addr, 16);
+		__builtin_memcpy(st->backend, b->addr, 16);
+		st->frontend_port = a->port;
+		st->backend_port = b->port;
+		st->family = a->family;
+	}
 
 	__builtin_memcpy(a->addr, b->addr, 16);
 	a->port = b->port;
@@ -266,12 +295,25 @@ __inline_fn int sock_translate(void *ctx, struct sock_addr *a, __u8 proto, int s
 
 /* The frontend a translated socket's peer `a` stands for, written into
  * `a`; 0 when the socket was not translated to it. */
-__inline_fn int sock_reverse(void *ctx, struct sock_addr *a)
+__inline_fn int sock_reverse(struct bpf_sock_addr *ctx, struct sock_addr *a)
 {
-	struct lb_sock_key key = sock_key(bpf_get_socket_cookie(ctx), a->addr, a->port, a->family,
-					  CILIA_LB_SOCK_REVERSE);
-	struct lb_sock_value *v = bpf_map_lookup_elem(&cilia_lb_sock, &key);
+	struct lb_sock_storage *st = bpf_sk_storage_get(&cilia_lb_sock_storage, ctx->sk, 0, 0);
+	struct lb_sock_value *v;
+	struct lb_sock_key key;
 
+	if (!st)
+		return 0;
+	if (st->family == a->family && st->backend_port == a->port &&
+	    addr_equal(st->backend, a->addr)) {
+		__builtin_memcpy(a->addr, st->frontend, 16);
+		a->port = st->frontend_port;
+		return 1;
+	}
+	if (!(st->flags & CILIA_LB_SOCK_F_SENT))
+		return 0;
+	key = sock_key(bpf_get_socket_cookie(ctx), a->addr, a->port, a->family,
+		       CILIA_LB_SOCK_REVERSE);
+	v = bpf_map_lookup_elem(&cilia_lb_sock, &key);
 	if (!v || v->family != a->family)
 		return 0;
 	__builtin_memcpy(a->addr, v->addr, 16);

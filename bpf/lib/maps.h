@@ -164,6 +164,24 @@ CILIA_SHARED_MAP(cilia_lb_netns, BPF_MAP_TYPE_HASH, CILIA_LB_NETNS_MAX, __u64, _
  * socket shows the backend's address, never an error). */
 CILIA_SHARED_MAP(cilia_lb_sock, BPF_MAP_TYPE_LRU_HASH, CILIA_LB_SOCK_MAX, struct lb_sock_key,
 		 struct lb_sock_value);
+/*
+ * The socket LB's (sock.c) own state of each socket it translated, in the
+ * socket's storage (struct lb_sock_storage): the reverse hooks run for
+ * every recvmsg() and getpeername() of every socket below the cgroup (the
+ * cgroup root by default: every process of the machine); a socket without
+ * storage (nearly all of them) costs one pointer walk, and a connected one
+ * finds its translation there, with no socket cookie and no hash lookup.
+ * It lives and dies with its socket, so it is never evicted while the
+ * socket is open. Pinned by name, so a restart or a reload keeps it.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct lb_sock_storage);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cilia_lb_sock_storage SEC(".maps");
+
 /* NodePort translations (SNAT of external clients to remote backends, the
  * frontend of a local backend's replies); see struct lb_nat_key. */
 CILIA_SHARED_MAP(cilia_lb_nat, BPF_MAP_TYPE_LRU_HASH, CILIA_LB_NAT_MAX, struct lb_nat_key,

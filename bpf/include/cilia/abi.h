@@ -492,11 +492,12 @@ struct lb_stats {
  * socket's frontend address to a backend at connect()/sendmsg() time, so
  * its packets carry the backend already. Only sockets of network
  * namespaces in cilia_lb_netns (key: netns cookie, value: the endpoint id
- * there, 0 for the node) are translated. cilia_lb_sock (LRU) remembers,
- * per socket, which frontend each backend stands for (kind REVERSE:
- * recvmsg/getpeername report the frontend) and, for UDP, which backend a
- * frontend was given (kind FORWARD: later datagrams of the socket go to
- * the same backend).
+ * there, 0 for the node) are translated. A connected socket's translation
+ * lives in its socket storage (struct lb_sock_storage). cilia_lb_sock
+ * (LRU) remembers, per unconnected UDP socket, which frontend each backend
+ * stands for (kind REVERSE: recvmsg reports the frontend) and which
+ * backend a frontend was given (kind FORWARD: later datagrams of the
+ * socket go to the same backend).
  */
 #define CILIA_LB_NETNS_MAX 4096	  /* network namespaces served by the socket LB */
 #define CILIA_LB_SOCK_MAX  131072 /* (socket, address) translations remembered */
@@ -522,6 +523,26 @@ struct lb_sock_value {
 	__u32 backend_id;
 	__u16 rev_nat;
 	__u16 pad2;
+};
+
+/*
+ * Value of cilia_lb_sock_storage, the socket storage of each socket the
+ * socket LB translated: the translation of its connect() (family 0 when
+ * none: a socket that only sent unconnected datagrams), and whether
+ * cilia_lb_sock holds reverse entries for it (unconnected sends). The
+ * reverse hooks run for every socket below the cgroup and consult
+ * cilia_lb_sock only when this says so.
+ */
+#define CILIA_LB_SOCK_F_SENT 1 /* unconnected sends: reverse entries in cilia_lb_sock */
+
+struct lb_sock_storage {
+	__u8 frontend[16]; /* what connect() asked for; IPv4 uses the first 4 bytes */
+	__u8 backend[16];  /* what the socket was connected to instead */
+	__be16 frontend_port;
+	__be16 backend_port;
+	__u8 family; /* CILIA_FAMILY_* of both; 0: no connected translation */
+	__u8 flags;  /* CILIA_LB_SOCK_F_* */
+	__u8 pad[2];
 };
 
 /* ---- NodePort (external traffic at the underlay device) ---- */

@@ -382,6 +382,24 @@ abi_struct! {
         pub pad2: u16,
     }
 
+    /// Value of `cilia_lb_sock_storage` (socket storage): the socket LB's
+    /// state of one translated socket. Only the kernel reads it; mirrored
+    /// for its size (the pin check) and the layout test.
+    #[derive(Default)]
+    pub struct LbSockStorage {
+        pub frontend: [u8; 16],
+        pub backend: [u8; 16],
+        /// Network byte order.
+        pub frontend_port: u16,
+        /// Network byte order.
+        pub backend_port: u16,
+        /// 0: no connected translation.
+        pub family: u8,
+        /// `CILIA_LB_SOCK_F_*`.
+        pub flags: u8,
+        pub pad: [u8; 2],
+    }
+
     /// Key of `cilia_prefilter_v4` (LPM trie).
     #[derive(Default, Hash, PartialOrd, Ord)]
     pub struct PrefilterV4Key {
@@ -605,6 +623,7 @@ mod tests {
             LbStats as "lb_stats" { flows, packets, bytes }
             LbSockKey as "lb_sock_key" { cookie, addr, port, family, kind }
             LbSockValue as "lb_sock_value" { addr, port, family, backend_id, rev_nat }
+            LbSockStorage as "lb_sock_storage" { frontend, backend, frontend_port, backend_port, family, flags }
             FragKey as "frag_key" { saddr, daddr, id, proto, family }
             FragValue as "frag_value" { expires, sport, dport }
             GlobalConfig as "global_config" { policy_rev, monitor_level, ct_budget, maglev_size }

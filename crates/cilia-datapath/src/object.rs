@@ -149,6 +149,10 @@ pub const MAP_LB_NAT: &str = "cilia_lb_nat";
 pub const MAP_LB_NETNS: &str = "cilia_lb_netns";
 /// Shared LRU hash: the socket LB's translations per socket.
 pub const MAP_LB_SOCK: &str = "cilia_lb_sock";
+/// Shared socket storage: the socket LB's state of each socket it
+/// translated (its connected translation), so that the reverse hooks skip
+/// every other socket at once.
+pub const MAP_LB_SOCK_STORAGE: &str = "cilia_lb_sock_storage";
 
 /// Prefilter LPM trie: IPv4 source CIDR -> counter slot.
 pub const MAP_PREFILTER_V4: &str = "cilia_prefilter_v4";
@@ -270,6 +274,11 @@ pub const SHARED_MAPS: &[MapSpec] = &[
         name: MAP_LB_SOCK,
         key_size: core::mem::size_of::<cilia_abi::LbSockKey>() as u32,
         value_size: core::mem::size_of::<cilia_abi::LbSockValue>() as u32,
+    },
+    MapSpec {
+        name: MAP_LB_SOCK_STORAGE,
+        key_size: 4,
+        value_size: core::mem::size_of::<cilia_abi::LbSockStorage>() as u32,
     },
     MapSpec {
         name: MAP_LB_NAT,

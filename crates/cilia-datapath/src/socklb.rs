@@ -6,6 +6,7 @@
 //! <root>/socklb/connect4 … getpeername6   cgroup links, one per hook
 //! <root>/maps/cilia_lb_netns              netns cookie -> endpoint id (served namespaces; 0: the node)
 //! <root>/maps/cilia_lb_sock               per-socket translations (LRU)
+//! <root>/maps/cilia_lb_sock_storage       socket storage: a translated socket's own state
 //! ```
 //!
 //! The same invariants as the endpoint programs': the pinned links keep

@@ -372,8 +372,9 @@ fn run_client(cgroup: &Path, netns: &Path, work: &str) -> Vec<Outcome> {
 }
 
 /// The client side, run only inside the helper process: each item of
-/// `CILIA_SOCKLB_CLIENT` is `tcp ADDR COUNT` (COUNT connections) or
-/// `udp ADDR COUNT` (COUNT datagrams from one socket).
+/// `CILIA_SOCKLB_CLIENT` is `tcp ADDR COUNT` (COUNT connections),
+/// `udp ADDR COUNT` (COUNT datagrams from one socket) or `udpc ADDR COUNT`
+/// (the same from one connected socket).
 #[test]
 fn socklb_client_helper() {
     let Ok(work) = std::env::var(CLIENT_ENV) else {
@@ -404,6 +405,35 @@ fn socklb_client_helper() {
                         .and_then(|_| s.recv_from(&mut buf))
                         .map(|(len, from)| {
                             format!("{from} {}", String::from_utf8_lossy(&buf[..len]))
+                        })
+                        .unwrap_or_else(|e| format!("ERR {e}"));
+                    println!("RESULT {line}");
+                }
+            }
+            "udpc" => {
+                // A connected UDP socket: connect() is translated once,
+                // its datagrams go without a destination of their own.
+                let bind: SocketAddr = if addr.is_ipv4() {
+                    "0.0.0.0:0".parse().unwrap()
+                } else {
+                    "[::]:0".parse().unwrap()
+                };
+                let s = UdpSocket::bind(bind).unwrap();
+                s.set_read_timeout(Some(WAIT)).unwrap();
+                s.connect(addr).unwrap();
+                for _ in 0..count {
+                    let mut buf = [0u8; 64];
+                    let line = s
+                        .send(b"hi")
+                        .and_then(|_| s.recv_from(&mut buf))
+                        .and_then(|(len, from)| {
+                            let peer = s.peer_addr()?;
+                            if peer != from {
+                                return Ok(format!(
+                                    "ERR getpeername {peer}, recvfrom's source {from}"
+                                ));
+                            }
+                            Ok(format!("{from} {}", String::from_utf8_lossy(&buf[..len])))
                         })
                         .unwrap_or_else(|e| format!("ERR {e}"));
                     println!("RESULT {line}");
@@ -571,6 +601,33 @@ fn udp_round_trip_shows_the_frontend_as_source_and_sticks_to_one_backend() {
         );
     }
     // One flow per socket, not per datagram.
+    assert_eq!(lab.flows(SERVICE_UDP4), 1);
+    assert_eq!(lab.flows(SERVICE_UDP6), 1);
+}
+
+/// A connected UDP socket is translated by connect() alone (its sends
+/// carry no address): its datagrams' source and its peer are the frontend.
+#[test]
+fn connected_udp_shows_the_frontend_as_source_and_peer() {
+    privileged!("connected_udp_shows_the_frontend_as_source_and_peer");
+    let lab = Lab::new();
+    lab.dp.attach_socket_lb(&lab.cgroup.path).unwrap();
+    lab.register(&lab.node);
+    for vip in [
+        SocketAddr::from((VIP4, VIP_UDP_PORT)),
+        SocketAddr::from((VIP6, VIP_UDP_PORT)),
+    ] {
+        let out = lab.client(&lab.node, &format!("udpc {vip} 3"));
+        assert_eq!(out.len(), 3, "{out:?}");
+        for o in &out {
+            assert_eq!(o.peer(), vip, "source and peer are the frontend: {out:?}");
+        }
+        assert_eq!(
+            per_backend(&out).len(),
+            1,
+            "one socket, one backend: {out:?}"
+        );
+    }
     assert_eq!(lab.flows(SERVICE_UDP4), 1);
     assert_eq!(lab.flows(SERVICE_UDP6), 1);
 }
