@@ -129,9 +129,18 @@ EOF
 }
 now() { date +%s.%N; }
 median() { printf '%s\n' "$@" | { grep -E '^[0-9.]+$' || true; } | sort -g | awk '{a[NR]=$1} END {if (NR==0) print "-"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
-measure() { # ns mode ip port: ops/s, or "err"
+# The client's source ports (rr.py's RR_PORTS): a VIP measurement and the
+# direct one right after it use disjoint ranges. A connection closes with a
+# RST, but the router's conntrack keeps it 10 s: a direct connection
+# reusing a VIP connection's source port has the reply tuple of that
+# DNAT'd entry (server:8080 -> client:port), so the router's NAT must remap
+# its source port or drop it - the direct column measured 334-1342 conn/s
+# against the VIP's 6000 before the ranges were split.
+VIP_PORTS=10000-37499
+DIRECT_PORTS=37500-64999
+measure() { # ns mode ip port [ports]: ops/s, or "err"
   local out
-  if out=$(ip netns exec "$1" timeout $((DURATION + 30)) $CLI_RUN python3 bench/rr.py "$2" "$3" "$4" "$DURATION" 2>"$RUN/rr.err"); then
+  if out=$(ip netns exec "$1" env RR_PORTS="${5:-$VIP_PORTS}" timeout $((DURATION + 30)) $CLI_RUN python3 bench/rr.py "$2" "$3" "$4" "$DURATION" 2>"$RUN/rr.err"); then
     echo "$out"
   else
     log "rr.py $2 in $1 -> $3:$4 failed: $(tail -n1 "$RUN/rr.err")"; echo err
@@ -156,8 +165,8 @@ for r in $(seq "$REPS"); do
     sleep "$SETTLE"
     # Each VIP figure next to its direct one: their ratio cancels what the
     # other load of the machine does to both.
-    cc=$(measure "$P-cli" conn "$VIP" "$VPORT"); dc=$(measure "$P-cli" conn "$SRV_IP" "$PORT")
-    ic=$(measure "$P-vcli" conn "$VIP" "$VPORT"); di=$(measure "$P-vcli" conn 192.0.2.66 "$PORT")
+    cc=$(measure "$P-cli" conn "$VIP" "$VPORT"); dc=$(measure "$P-cli" conn "$SRV_IP" "$PORT" "$DIRECT_PORTS")
+    ic=$(measure "$P-vcli" conn "$VIP" "$VPORT"); di=$(measure "$P-vcli" conn 192.0.2.66 "$PORT" "$DIRECT_PORTS")
     CCs[$n]+=" $cc"; DCs[$n]+=" $dc"; ICs[$n]+=" $ic"; DIs[$n]+=" $di"
     CDs[$n]+=" $(ratio "$cc" "$dc")"; IDs[$n]+=" $(ratio "$ic" "$di")"
     CRs[$n]+=" $(measure "$P-cli" rr "$VIP" "$VPORT")"
