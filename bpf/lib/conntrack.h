@@ -135,11 +135,42 @@ __inline_fn __u64 ct_lifetime(const struct flow *f, __u16 flags)
 {
 	if (f->proto != IPPROTO_TCP)
 		return CILIA_CT_OTHER_TIMEOUT * NSEC_PER_SEC;
-	if (f->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
+	if ((f->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) || (flags & CILIA_CT_CLOSING))
 		return CILIA_CT_TCP_CLOSE * NSEC_PER_SEC;
 	if (flags & CILIA_CT_SEEN_REPLY)
 		return CILIA_CT_TCP_TIMEOUT * NSEC_PER_SEC;
 	return CILIA_CT_TCP_SYN_TIMEOUT * NSEC_PER_SEC;
+}
+
+/*
+ * A passing TCP packet's part in closing its flow (`reply`: it answers the
+ * entry's first packet). A RST closes the flow; a FIN closes its direction,
+ * and FINs both ways close it (the last ACK of a graceful close comes
+ * after both FINs, and would otherwise give the entry an established
+ * connection's lifetime: hours of the endpoint's budget for a connection
+ * that ended). A half-closed connection keeps its lifetime. A SYN opening
+ * a connection on the tuple again starts it afresh. Never called for a
+ * revoked flow: its entry keeps the lifetime that keeps it revoked.
+ */
+__inline_fn void ct_track_close(struct ct_value *ct, const struct flow *f, const int reply)
+{
+	/* tcp_flags is 0 for a packet that is not TCP. */
+	const __u32 tf = f->tcp_flags;
+	__u32 flags;
+
+	if (!(tf & (TCP_FLAG_FIN | TCP_FLAG_RST | TCP_FLAG_SYN)))
+		return; /* most packets */
+	flags = ct->flags;
+	if (!reply && (tf & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
+		flags &= ~(CILIA_CT_CLOSING | CILIA_CT_FIN_FWD | CILIA_CT_FIN_REPLY);
+	if (tf & TCP_FLAG_RST)
+		flags |= CILIA_CT_CLOSING;
+	if (tf & TCP_FLAG_FIN)
+		flags |= reply ? CILIA_CT_FIN_REPLY : CILIA_CT_FIN_FWD;
+	if ((flags & (CILIA_CT_FIN_FWD | CILIA_CT_FIN_REPLY)) ==
+	    (CILIA_CT_FIN_FWD | CILIA_CT_FIN_REPLY))
+		flags |= CILIA_CT_CLOSING;
+	ct->flags = (__u16)flags;
 }
 
 /*
@@ -392,6 +423,8 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const 
 	if (live && rev_nat && ct->rev_nat != rev_nat)
 		live = 0;
 	if (live && ct->policy_rev == rev) {
+		if (!(ct->flags & CILIA_CT_DENIED))
+			ct_track_close(ct, f, 0);
 		ct->expires = now + ct_lifetime(f, ct->flags);
 		d->ct_state = CILIA_CT_STATE_ESTABLISHED;
 		if (ct->flags & CILIA_CT_DENIED) {
@@ -435,6 +468,7 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const 
 				return CILIA_DROP_POLICY;
 			}
 			reply->flags |= CILIA_CT_SEEN_REPLY;
+			ct_track_close(reply, f, 1);
 			reply->expires = now + ct_lifetime(f, reply->flags);
 			d->ct_flags = reply->flags;
 			d->proxy_port = reply->proxy_port;
@@ -478,6 +512,7 @@ __inline_fn int flow_allowed(struct __sk_buff *skb, const struct flow *f, const 
 		ct->policy_rev = rev;
 		ct->packets += 1;
 		ct->bytes += skb->len;
+		ct_track_close(ct, f, 0);
 		ct->expires = now + ct_lifetime(f, ct->flags);
 		d->ct_flags = ct->flags;
 		d->proxy_port = ct->proxy_port;

@@ -51,10 +51,13 @@ __inline_fn int fast_candidate(const struct flow *f)
 }
 
 /* A TCP SYN without ACK opens a connection: nothing to find, and a
- * connection's setup rate is what the fast path's miss would cost. */
-__inline_fn int tcp_opening(const struct flow *f)
+ * connection's setup rate is what the fast path's miss would cost. A FIN
+ * or a RST changes its flow's state (ct_track_close): the full path's. */
+__inline_fn int tcp_state_change(const struct flow *f)
 {
-	return f->proto == IPPROTO_TCP && (f->tcp_flags & (TCP_FLAG_SYN | 0x10)) == TCP_FLAG_SYN;
+	return f->proto == IPPROTO_TCP &&
+	       ((f->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN ||
+		(f->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)));
 }
 
 /*
@@ -78,7 +81,7 @@ __inline_fn int fast_established(struct __sk_buff *skb, const struct flow *f, __
 	 * read after this is cached only if no change came in between. */
 	*rev = cfg ? cfg->policy_rev : 0;
 	ct_cb_set_absent(skb, 0);
-	if (!cfg || !fast_candidate(f) || tcp_opening(f) ||
+	if (!cfg || !fast_candidate(f) || tcp_state_change(f) ||
 	    event_wanted(cfg->monitor_level, CILIA_EVENT_TRACE))
 		return CILIA_FAST_MISS;
 	o = ct_key_of(&key, f);

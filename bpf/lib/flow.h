@@ -18,6 +18,7 @@
 #define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
 #define TCP_FLAG_RST 0x04
+#define TCP_FLAG_ACK 0x10
 
 #define ICMP_ECHO_REQUEST   8
 #define ICMP_ECHO_REPLY	    0

@@ -240,7 +240,13 @@ struct ct_key {
 } __attribute__((aligned(8)));
 
 #define CILIA_CT_SEEN_REPLY 1
-#define CILIA_CT_CLOSING    2
+/* A TCP flow that closed: a RST, or a FIN each way (CILIA_CT_FIN_FWD and
+ * _FIN_REPLY). Its entry then lives CILIA_CT_TCP_CLOSE from its last
+ * packet, so its endpoint's conntrack budget gets it back soon; a SYN that
+ * opens a new connection on the same tuple clears all three. */
+#define CILIA_CT_CLOSING   2
+#define CILIA_CT_FIN_FWD   512
+#define CILIA_CT_FIN_REPLY 1024
 /* The flow was revoked by a policy change: it stays tracked (so neither side
  * can restart it as a new flow in the other direction) and is dropped until a
  * later policy allows it again. */

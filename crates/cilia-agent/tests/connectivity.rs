@@ -124,6 +124,104 @@ fn two_endpoints_exchange_ping_tcp_udp_in_both_families_with_forwarding_off() {
     assert!(to_endpoint["packets"].as_u64().unwrap() >= 8);
 }
 
+/// One TCP exchange from `client` to `server`'s `addr` that ends
+/// gracefully (FIN each way, no RST), the server closing first or the
+/// client. Returns the server's port, or the open connection with
+/// `keep_open`.
+fn tcp_exchange_closed(
+    server: &Netns,
+    client: &Netns,
+    addr: IpAddr,
+    server_first: bool,
+    keep_open: bool,
+) -> (u16, Option<(TcpStream, std::thread::JoinHandle<TcpStream>)>) {
+    let listener = server.run(|| TcpListener::bind(SocketAddr::new(addr, 0)).unwrap());
+    let port = listener.local_addr().unwrap().port();
+    let srv = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 64];
+        let n = conn.read(&mut buf).unwrap();
+        conn.write_all(&buf[..n]).unwrap();
+        if !server_first {
+            // Wait for the client's FIN (end of stream), then close.
+            assert_eq!(conn.read(&mut buf).unwrap(), 0, "the client's FIN");
+        }
+        conn
+    });
+    let mut conn = client.run(|| {
+        TcpStream::connect_timeout(&SocketAddr::new(addr, port), Duration::from_secs(5)).unwrap()
+    });
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    conn.write_all(b"bye").unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(conn.read(&mut buf).unwrap(), 3);
+    if keep_open {
+        return (port, Some((conn, srv)));
+    }
+    if server_first {
+        drop(srv.join().unwrap()); // the server's FIN
+        assert_eq!(conn.read(&mut buf).unwrap(), 0, "the server's FIN");
+        drop(conn);
+    } else {
+        drop(conn);
+        drop(srv.join().unwrap());
+    }
+    (port, None)
+}
+
+/// A connection that ended gives its endpoint's conntrack budget back
+/// within the close timeout (10 s), whichever side closed first: after the
+/// FINs, the last ACK must not give the entry an established connection's
+/// six hours (it did: an endpoint then ran out of its budget of 32,768
+/// entries after 32,768 short connections in six hours). An open
+/// connection stays established.
+#[test]
+fn connections_that_ended_leave_conntrack_within_the_close_timeout() {
+    privileged!("ct_closed_connections");
+    let agent = TestAgent::start(AgentOptions::default());
+    let (c1, c2) = (Netns::new("cep").unwrap(), Netns::new("cep").unwrap());
+    agent.create_endpoint(&c1, "app=a");
+    let b = agent.create_endpoint(&c2, "app=b");
+    let mut closed = Vec::new();
+    for family in ["ipv6", "ipv4"] {
+        let ib = ip_of(&b, family);
+        for server_first in [false, true] {
+            closed.push(tcp_exchange_closed(&c2, &c1, ib, server_first, false).0);
+        }
+    }
+    let (open_port, open) = tcp_exchange_closed(&c2, &c1, ip_of(&b, "ipv4"), false, true);
+    // The last ACKs are on their way when the calls return.
+    std::thread::sleep(Duration::from_millis(300));
+    let ct = agent.cli_json(&["bpf", "ct", "list"]);
+    let entry = |port: u16| {
+        ct.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| {
+                e["proto"] == "TCP"
+                    && e["destination"]
+                        .as_str()
+                        .unwrap()
+                        .parse::<SocketAddr>()
+                        .unwrap()
+                        .port()
+                        == port
+            })
+            .unwrap_or_else(|| panic!("no conntrack entry to port {port}: {ct}"))
+            .clone()
+    };
+    for port in closed {
+        let e = entry(port);
+        assert_eq!(e["closing"], true, "{e}");
+        assert!(e["expires_in"].as_u64().unwrap() <= 10, "{e}");
+    }
+    let e = entry(open_port);
+    assert_eq!(e["closing"], false, "{e}");
+    assert!(e["expires_in"].as_u64().unwrap() > 3600, "{e}");
+    drop(open);
+}
+
 #[test]
 fn ipv6_only_agent_gives_endpoints_no_ipv4() {
     privileged!("ipv6_only_agent");

@@ -351,6 +351,10 @@ pub struct BpfCtEntry {
     /// Revoked by a policy change: its packets are dropped.
     #[serde(default)]
     pub denied: bool,
+    /// A TCP flow that ended (a RST, or a FIN each way): the entry lives
+    /// the close timeout from its last packet.
+    #[serde(default)]
+    pub closing: bool,
     pub policy_revision: u32,
     /// How the flow goes through the L7 proxy: `to-proxy` (a client's
     /// connection, redirected), `from-proxy` (the proxy's connection on the

@@ -116,6 +116,8 @@ pub async fn run(cmd: BpfCmd, client: &ApiClient, output: Output) -> anyhow::Res
             |e| {
                 let reply = if e.denied {
                     "REVOKED"
+                } else if e.closing {
+                    "closing"
                 } else if e.seen_reply {
                     "yes"
                 } else {

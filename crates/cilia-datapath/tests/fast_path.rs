@@ -336,3 +336,124 @@ fn a_flow_has_one_entry_for_both_directions_decoded_as_it_began() {
         "the two flows between A and B begin at opposite ends of one order: {swapped}"
     );
 }
+
+/// CLOCK_MONOTONIC_COARSE, the datapath's deadline clock, in nanoseconds.
+fn coarse_now() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).unwrap();
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+/// A -> B:80 (`a` true) or B:80 -> A (false) with TCP `flags`.
+fn segment(a: bool, flags: u8) -> Vec<u8> {
+    if a {
+        eth(
+            A_NODE_MAC,
+            A_MAC,
+            ETH_P_IPV6,
+            &ipv6(a6(), b6(), IPPROTO_TCP, 64, &tcp(40000, 80, flags)),
+        )
+    } else {
+        eth(
+            B_NODE_MAC,
+            B_MAC,
+            ETH_P_IPV6,
+            &ipv6(b6(), a6(), IPPROTO_TCP, 64, &tcp(80, 40000, flags)),
+        )
+    }
+}
+
+/// Seconds the flow to port 80 has left.
+fn lifetime(fx: &Fixture) -> u64 {
+    entry(fx, 80).expires.saturating_sub(coarse_now()) / 1_000_000_000
+}
+
+const CLOSE_FLAGS: u16 = CILIA_CT_CLOSING | CILIA_CT_FIN_FWD | CILIA_CT_FIN_REPLY;
+
+/// A connection that ended gives its endpoint's conntrack budget back
+/// within the close timeout: after a FIN each way the entry is closing,
+/// and the last ACK (which has no FIN and takes the fast path) does not
+/// give it an established connection's hours. A half-closed connection
+/// keeps its lifetime; a SYN on the same tuple starts it afresh.
+#[test]
+fn a_closed_connection_leaves_conntrack_within_the_close_timeout() {
+    privileged!("ct_close_graceful");
+    let mut fx = Fixture::new();
+    b_admits_http_from_a(&mut fx);
+    let (a, b) = (fx.a(), fx.b());
+    const SYN: u8 = 0x02;
+    const SYN_ACK: u8 = 0x12;
+    const ACK: u8 = 0x10;
+    const FIN_ACK: u8 = 0x11;
+    let close = u64::from(CILIA_CT_TCP_CLOSE);
+    for (from_a, flags) in [(true, SYN), (false, SYN_ACK), (true, ACK)] {
+        let seg = segment(from_a, flags);
+        let out = if from_a { a.run(&seg) } else { b.run(&seg) }.unwrap();
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    }
+    assert!(lifetime(&fx) > close, "established");
+    // A half-closes; B goes on sending: the connection stays established.
+    assert_eq!(
+        a.run(&segment(true, FIN_ACK)).unwrap().verdict,
+        TC_ACT_REDIRECT
+    );
+    let ct = entry(&fx, 80);
+    assert_eq!(
+        ct.flags & CLOSE_FLAGS,
+        CILIA_CT_FIN_FWD,
+        "A's direction closed"
+    );
+    assert_eq!(
+        b.run(&segment(false, ACK)).unwrap().verdict,
+        TC_ACT_REDIRECT
+    );
+    assert!(lifetime(&fx) > close, "half-closed, still established");
+    // B closes too: the flow is closing, and its last ACK keeps it so.
+    assert_eq!(
+        b.run(&segment(false, FIN_ACK)).unwrap().verdict,
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(entry(&fx, 80).flags & CLOSE_FLAGS, CLOSE_FLAGS);
+    assert_eq!(a.run(&segment(true, ACK)).unwrap().verdict, TC_ACT_REDIRECT);
+    let ct = entry(&fx, 80);
+    assert_ne!(ct.flags & CILIA_CT_FAST_FWD, 0, "the last ACK may go fast");
+    assert_eq!(ct.flags & CILIA_CT_CLOSING, CILIA_CT_CLOSING);
+    assert!(lifetime(&fx) <= close, "closed: {} s left", lifetime(&fx));
+    // The client opens again from the same port: a new connection.
+    assert_eq!(a.run(&segment(true, SYN)).unwrap().verdict, TC_ACT_REDIRECT);
+    assert_eq!(entry(&fx, 80).flags & CLOSE_FLAGS, 0, "reopened");
+    assert_eq!(
+        b.run(&segment(false, SYN_ACK)).unwrap().verdict,
+        TC_ACT_REDIRECT
+    );
+    assert!(lifetime(&fx) > close, "established again");
+}
+
+/// A RST from either side closes the flow at once.
+#[test]
+fn a_reset_connection_leaves_conntrack_within_the_close_timeout() {
+    privileged!("ct_close_reset");
+    let mut fx = Fixture::new();
+    b_admits_http_from_a(&mut fx);
+    let (a, b) = (fx.a(), fx.b());
+    const RST_ACK: u8 = 0x14;
+    let close = u64::from(CILIA_CT_TCP_CLOSE);
+    assert_eq!(
+        a.run(&segment(true, 0x02)).unwrap().verdict,
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        b.run(&segment(false, 0x12)).unwrap().verdict,
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        b.run(&segment(false, RST_ACK)).unwrap().verdict,
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(entry(&fx, 80).flags & CILIA_CT_CLOSING, CILIA_CT_CLOSING);
+    // A straggler of A's (no RST) does not revive the connection's hours.
+    assert_eq!(
+        a.run(&segment(true, 0x10)).unwrap().verdict,
+        TC_ACT_REDIRECT
+    );
+    assert!(lifetime(&fx) <= close, "closed: {} s left", lifetime(&fx));
+}

@@ -148,6 +148,7 @@ pub(super) async fn bpf_ct(State(state): State<Shared>) -> Listing<BpfCtEntry> {
                 expires_in: (e.expires_ns - now) / 1_000_000_000,
                 seen_reply: e.seen_reply,
                 denied: e.denied,
+                closing: e.closing,
                 policy_revision: e.policy_revision,
                 proxy: if e.to_proxy {
                     Some("to-proxy".into())
