@@ -390,7 +390,11 @@ fn socklb_client_helper() {
                     println!("RESULT {}", tcp_exchange(addr));
                 }
             }
-            "udp" => {
+            "udp" | "udpc" => {
+                // udpc: a connected socket, translated by connect() once;
+                // its datagrams go without a destination of their own, and
+                // its peer must be the source its replies show.
+                let connected = parts[0] == "udpc";
                 let bind: SocketAddr = if addr.is_ipv4() {
                     "0.0.0.0:0".parse().unwrap()
                 } else {
@@ -398,36 +402,20 @@ fn socklb_client_helper() {
                 };
                 let s = UdpSocket::bind(bind).unwrap();
                 s.set_read_timeout(Some(WAIT)).unwrap();
-                for _ in 0..count {
-                    let mut buf = [0u8; 64];
-                    let line = s
-                        .send_to(b"hi", addr)
-                        .and_then(|_| s.recv_from(&mut buf))
-                        .map(|(len, from)| {
-                            format!("{from} {}", String::from_utf8_lossy(&buf[..len]))
-                        })
-                        .unwrap_or_else(|e| format!("ERR {e}"));
-                    println!("RESULT {line}");
+                if connected {
+                    s.connect(addr).unwrap();
                 }
-            }
-            "udpc" => {
-                // A connected UDP socket: connect() is translated once,
-                // its datagrams go without a destination of their own.
-                let bind: SocketAddr = if addr.is_ipv4() {
-                    "0.0.0.0:0".parse().unwrap()
-                } else {
-                    "[::]:0".parse().unwrap()
-                };
-                let s = UdpSocket::bind(bind).unwrap();
-                s.set_read_timeout(Some(WAIT)).unwrap();
-                s.connect(addr).unwrap();
                 for _ in 0..count {
                     let mut buf = [0u8; 64];
-                    let line = s
-                        .send(b"hi")
+                    let sent = if connected {
+                        s.send(b"hi")
+                    } else {
+                        s.send_to(b"hi", addr)
+                    };
+                    let line = sent
                         .and_then(|_| s.recv_from(&mut buf))
                         .and_then(|(len, from)| {
-                            let peer = s.peer_addr()?;
+                            let peer = if connected { s.peer_addr()? } else { from };
                             if peer != from {
                                 return Ok(format!(
                                     "ERR getpeername {peer}, recvfrom's source {from}"
@@ -582,27 +570,7 @@ fn ipv4_mapped_connect_of_an_ipv6_socket_uses_the_ipv4_service() {
 #[test]
 fn udp_round_trip_shows_the_frontend_as_source_and_sticks_to_one_backend() {
     privileged!("udp_round_trip_shows_the_frontend_as_source_and_sticks_to_one_backend");
-    let lab = Lab::new();
-    lab.dp.attach_socket_lb(&lab.cgroup.path).unwrap();
-    lab.register(&lab.node);
-    for vip in [
-        SocketAddr::from((VIP4, VIP_UDP_PORT)),
-        SocketAddr::from((VIP6, VIP_UDP_PORT)),
-    ] {
-        let out = lab.client(&lab.node, &format!("udp {vip} 5"));
-        assert_eq!(out.len(), 5, "{out:?}");
-        for o in &out {
-            assert_eq!(o.peer(), vip, "the reply's source is the frontend");
-        }
-        assert_eq!(
-            per_backend(&out).len(),
-            1,
-            "one socket's datagrams go to one backend: {out:?}"
-        );
-    }
-    // One flow per socket, not per datagram.
-    assert_eq!(lab.flows(SERVICE_UDP4), 1);
-    assert_eq!(lab.flows(SERVICE_UDP6), 1);
+    udp_round_trips("udp");
 }
 
 /// A connected UDP socket is translated by connect() alone (its sends
@@ -610,6 +578,13 @@ fn udp_round_trip_shows_the_frontend_as_source_and_sticks_to_one_backend() {
 #[test]
 fn connected_udp_shows_the_frontend_as_source_and_peer() {
     privileged!("connected_udp_shows_the_frontend_as_source_and_peer");
+    udp_round_trips("udpc");
+}
+
+/// Five datagrams from one socket (helper work `udp` or `udpc`) to each
+/// family's UDP frontend: every reply shows the frontend, one backend per
+/// socket, one flow per socket, not per datagram.
+fn udp_round_trips(work: &str) {
     let lab = Lab::new();
     lab.dp.attach_socket_lb(&lab.cgroup.path).unwrap();
     lab.register(&lab.node);
@@ -617,15 +592,15 @@ fn connected_udp_shows_the_frontend_as_source_and_peer() {
         SocketAddr::from((VIP4, VIP_UDP_PORT)),
         SocketAddr::from((VIP6, VIP_UDP_PORT)),
     ] {
-        let out = lab.client(&lab.node, &format!("udpc {vip} 3"));
-        assert_eq!(out.len(), 3, "{out:?}");
+        let out = lab.client(&lab.node, &format!("{work} {vip} 5"));
+        assert_eq!(out.len(), 5, "{out:?}");
         for o in &out {
-            assert_eq!(o.peer(), vip, "source and peer are the frontend: {out:?}");
+            assert_eq!(o.peer(), vip, "the reply's source is the frontend: {out:?}");
         }
         assert_eq!(
             per_backend(&out).len(),
             1,
-            "one socket, one backend: {out:?}"
+            "one socket's datagrams go to one backend: {out:?}"
         );
     }
     assert_eq!(lab.flows(SERVICE_UDP4), 1);
