@@ -143,34 +143,43 @@ __inline_fn __u64 ct_lifetime(const struct flow *f, __u16 flags)
 }
 
 /*
- * A passing TCP packet's part in closing its flow (`reply`: it answers the
- * entry's first packet). A RST closes the flow; a FIN closes its direction,
- * and FINs both ways close it (the last ACK of a graceful close comes
- * after both FINs, and would otherwise give the entry an established
- * connection's lifetime: hours of the endpoint's budget for a connection
- * that ended). A half-closed connection keeps its lifetime. A SYN opening
- * a connection on the tuple again starts it afresh. Never called for a
- * revoked flow: its entry keeps the lifetime that keeps it revoked.
+ * A passing TCP packet's part in closing its flow, as the marks `flags`
+ * with the caller's bits `closing`, `fin_fwd`, `fin_reply` (`reply`: the
+ * packet answers the flow's first one). A RST closes the flow; a FIN closes
+ * its direction, and FINs both ways close it (the last ACK of a graceful
+ * close comes after both FINs, and would otherwise give the entry an
+ * established connection's lifetime: hours of the endpoint's budget, or of
+ * a SNAT port, for a connection that ended). A half-closed connection
+ * keeps its lifetime. A SYN opening a connection on the tuple again starts
+ * it afresh. Conntrack (ct_track_close) and NodePort's SNAT entries keep
+ * these marks.
  */
-__inline_fn void ct_track_close(struct ct_value *ct, const struct flow *f, const int reply)
+__inline_fn __u32 tcp_close_marks(__u32 flags, const struct flow *f, const int reply,
+				  const __u32 closing, const __u32 fin_fwd, const __u32 fin_reply)
 {
 	/* tcp_flags is 0 for a packet that is not TCP. */
 	const __u32 tf = f->tcp_flags;
-	__u32 flags;
 
 	if (!(tf & (TCP_FLAG_FIN | TCP_FLAG_RST | TCP_FLAG_SYN)))
-		return; /* most packets */
-	flags = ct->flags;
+		return flags; /* most packets */
 	if (!reply && (tf & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
-		flags &= ~(CILIA_CT_CLOSING | CILIA_CT_FIN_FWD | CILIA_CT_FIN_REPLY);
+		flags &= ~(closing | fin_fwd | fin_reply);
 	if (tf & TCP_FLAG_RST)
-		flags |= CILIA_CT_CLOSING;
+		flags |= closing;
 	if (tf & TCP_FLAG_FIN)
-		flags |= reply ? CILIA_CT_FIN_REPLY : CILIA_CT_FIN_FWD;
-	if ((flags & (CILIA_CT_FIN_FWD | CILIA_CT_FIN_REPLY)) ==
-	    (CILIA_CT_FIN_FWD | CILIA_CT_FIN_REPLY))
-		flags |= CILIA_CT_CLOSING;
-	ct->flags = (__u16)flags;
+		flags |= reply ? fin_reply : fin_fwd;
+	if ((flags & (fin_fwd | fin_reply)) == (fin_fwd | fin_reply))
+		flags |= closing;
+	return flags;
+}
+
+/* tcp_close_marks on a conntrack entry. Never called for a revoked flow:
+ * its entry keeps the lifetime that keeps it revoked. */
+__inline_fn void ct_track_close(struct ct_value *ct, const struct flow *f, const int reply)
+{
+	if (f->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST | TCP_FLAG_SYN))
+		ct->flags = (__u16)tcp_close_marks(ct->flags, f, reply, CILIA_CT_CLOSING,
+						   CILIA_CT_FIN_FWD, CILIA_CT_FIN_REPLY);
 }
 
 /*

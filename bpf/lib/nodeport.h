@@ -105,6 +105,20 @@ __inline_fn __u64 nodeport_lifetime(const struct flow *f)
 	return ct_lifetime(f, syn ? 0 : CILIA_CT_SEEN_REPLY);
 }
 
+/* An SNATed flow's IN entry `in` after its packet `f` (`reply`: from the
+ * backend): its closing marks (tcp_close_marks), and how long the flow's
+ * translation lives from this packet on. */
+__inline_fn __u64 nodeport_snat_lifetime(struct lb_nat_value *in, const struct flow *f,
+					 const int reply)
+{
+	if (f->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST | TCP_FLAG_SYN))
+		in->flags = (__u8)tcp_close_marks(in->flags, f, reply, CILIA_NAT_CLOSING,
+						  CILIA_NAT_FIN_OUT, CILIA_NAT_FIN_IN);
+	if (f->proto == IPPROTO_TCP && (in->flags & CILIA_NAT_CLOSING))
+		return CILIA_CT_TCP_CLOSE * NSEC_PER_SEC;
+	return nodeport_lifetime(f);
+}
+
 /*
  * The SNAT port of a client's flow to a remote backend (`f` already
  * translated to the backend, `lb` the frontend it addressed): the flow
@@ -132,6 +146,7 @@ __inline_fn int nodeport_snat_port(const struct flow *f, const struct lb_state *
 		back = bpf_map_lookup_elem(&cilia_lb_nat, &in);
 		if (back && back->expires > now && back->port == f->sport &&
 		    addr_eq(back->addr, f->saddr)) {
+			expires = now + nodeport_snat_lifetime(back, f, 0);
 			v->expires = expires;
 			back->expires = expires;
 			*port = v->port;
@@ -209,7 +224,7 @@ __inline_fn int nodeport_unsnat_lookup(const struct flow *f, __u8 *client, __be1
 	v = bpf_map_lookup_elem(&cilia_lb_nat, &in);
 	if (!v)
 		return 0;
-	v->expires = cil_now() + nodeport_lifetime(f);
+	v->expires = cil_now() + nodeport_snat_lifetime(v, f, 1);
 	__builtin_memcpy(client, v->addr, 16);
 	*client_port = v->port;
 	*fport = v->fport;

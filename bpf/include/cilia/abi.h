@@ -604,8 +604,16 @@ struct lb_nat_value {
 	__u64 expires;	  /* cil_now() deadline; a stale entry may be reused */
 	__u16 rev_nat;
 	__u8 family;
-	__u8 pad[5];
+	__u8 flags; /* IN entries: CILIA_NAT_* (the flow's closing state) */
+	__u8 pad[4];
 };
+
+/* lb_nat_value.flags of an IN entry, as CILIA_CT_CLOSING / _FIN_FWD /
+ * _FIN_REPLY for a conntrack entry: a closing flow's translation lives the
+ * close timeout from its last packet, and gives its SNAT port back. */
+#define CILIA_NAT_CLOSING 1
+#define CILIA_NAT_FIN_OUT 2 /* a FIN from the client */
+#define CILIA_NAT_FIN_IN  4 /* a FIN from the backend */
 
 /* ---- XDP prefilter ---- */
 

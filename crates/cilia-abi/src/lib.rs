@@ -326,7 +326,9 @@ abi_struct! {
         pub expires: u64,
         pub rev_nat: u16,
         pub family: u8,
-        pub pad: [u8; 5],
+        /// IN entries: `CILIA_NAT_*`, the flow's closing state.
+        pub flags: u8,
+        pub pad: [u8; 4],
     }
 
     /// Key of the affinity LRU map: a client of a service.
@@ -615,7 +617,7 @@ mod tests {
             LbRevNatValue as "lb_revnat" { addr, port, family }
             LbAffinityKey as "lb_affinity_key" { addr, rev_nat, family }
             LbNatKey as "lb_nat_key" { saddr, daddr, sport, dport, proto, family, dir }
-            LbNatValue as "lb_nat_value" { addr, port, fport, backend_id, expires, rev_nat, family }
+            LbNatValue as "lb_nat_value" { addr, port, fport, backend_id, expires, rev_nat, family, flags }
             LbAffinityValue as "lb_affinity_value" { last_used, backend_id }
             PrefilterV4Key as "prefilter_v4_key" { prefixlen, addr }
             PrefilterV6Key as "prefilter_v6_key" { prefixlen, addr }
