@@ -214,19 +214,25 @@ __inline_fn void sock_event(const struct sock_addr *fe, const struct lb_backend 
 __inline_fn int sock_translate(struct bpf_sock_addr *ctx, struct sock_addr *a, __u8 proto,
 			       int sticky)
 {
-	__u64 netns = bpf_get_netns_cookie(ctx), cookie, now;
 	struct lb_sock_value reverse = {}, forward = {}, *known;
 	struct lb_sock_storage *st;
 	struct lb_service_value *svc;
 	struct lb_sock_key key;
 	struct lb_backend *b = 0;
 	__u32 backend_id = 0;
+	__u64 netns, cookie, now;
+	__u16 *endpoint_id;
 
-	__u16 *endpoint_id = bpf_map_lookup_elem(&cilia_lb_netns, &netns);
-
-	if (!endpoint_id)
-		return SYS_PROCEED;
+	/* Nearly every connect() and sendmsg() of the machine addresses no
+	 * frontend: the address filter (one word of a small array) says so
+	 * before the namespace's hash lookup. */
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return SYS_PROCEED;
+	if (!lb_maybe_frontend(a->addr, a->family))
+		return SYS_PROCEED;
+	netns = bpf_get_netns_cookie(ctx);
+	endpoint_id = bpf_map_lookup_elem(&cilia_lb_netns, &netns);
+	if (!endpoint_id)
 		return SYS_PROCEED;
 	svc = lb_service_lookup(a->addr, a->port, proto, a->family);
 	if (!svc)
