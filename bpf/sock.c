@@ -93,15 +93,6 @@ __inline_fn void addr_write6(struct bpf_sock_addr *ctx, const __u8 *addr, __be16
 	ctx->user_port = (__u32)port;
 }
 
-__inline_fn int addr_equal(const __u8 *x, const __u8 *y)
-{
-	__u32 a[4], b[4];
-
-	__builtin_memcpy(a, x, 16);
-	__builtin_memcpy(b, y, 16);
-	return !((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]));
-}
-
 __inline_fn struct lb_sock_key sock_key(__u64 cookie, const __u8 *addr, __be16 port, __u8 family,
 					__u8 kind)
 {
@@ -310,7 +301,7 @@ __inline_fn int sock_reverse(struct bpf_sock_addr *ctx, struct sock_addr *a)
 	if (!st)
 		return 0;
 	if (st->family == a->family && st->backend_port == a->port &&
-	    addr_equal(st->backend, a->addr)) {
+	    addr_eq(st->backend, a->addr)) {
 		__builtin_memcpy(a->addr, st->frontend, 16);
 		a->port = st->frontend_port;
 		return 1;

@@ -29,6 +29,16 @@
  */
 #define cil_now() bpf_ktime_get_coarse_ns()
 
+/* Whether two 16-byte addresses (IPv4 in the first 4 bytes) are equal. */
+__inline_fn int addr_eq(const __u8 *a, const __u8 *b)
+{
+	__u32 x[4], y[4];
+
+	__builtin_memcpy(x, a, 16);
+	__builtin_memcpy(y, b, 16);
+	return !((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]));
+}
+
 /* Constants whose UAPI headers drag in libc (ARP) or are kernel-internal (ND). */
 #define ARPHRD_ETHER		      1
 #define ARPOP_REQUEST		      1

@@ -72,15 +72,6 @@ struct flow {
 	struct ct_key inner;
 } __attribute__((aligned(8))); /* addresses read 64 bits at a time (ct_key_of) */
 
-__inline_fn int addr_eq(const __u8 *a, const __u8 *b)
-{
-	__u32 x[4], y[4];
-
-	__builtin_memcpy(x, a, 16);
-	__builtin_memcpy(y, b, 16);
-	return !((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]));
-}
-
 /*
  * Reads the tuple of the packet an ICMP error quotes: its IP header and the
  * first 8 bytes of its L4 header, never more. That packet was sent by the
