@@ -222,6 +222,82 @@ fn connections_that_ended_leave_conntrack_within_the_close_timeout() {
     drop(open);
 }
 
+/// An endpoint opening short connections at a steady rate holds the
+/// entries of the last close timeout (10 s) plus those that expired since
+/// the last GC. With GCs only every 10 s, 20 connections per second meet
+/// a budget of 300 (200 live plus up to 200 expired): SYNs dropped as
+/// *budget exhausted*, each connect delayed by a retransmission. The agent
+/// collects early when an endpoint nears its budget, so none is.
+#[test]
+fn steady_short_connections_are_not_held_to_the_gc_interval() {
+    privileged!("ct_gc_early");
+    const RATE: u64 = 20;
+    const SECONDS: u64 = 25;
+    let agent = TestAgent::start_with_env(AgentOptions::default(), &[("CILIA_CT_BUDGET", "300")]);
+    let (c1, c2) = (Netns::new("cep").unwrap(), Netns::new("cep").unwrap());
+    agent.create_endpoint(&c1, "app=a");
+    let b = agent.create_endpoint(&c2, "app=b");
+    let addr = SocketAddr::new(ip_of(&b, "ipv4"), 7100);
+    let listener = c2.run(|| TcpListener::bind(addr).unwrap());
+    let server = std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let mut conn = conn.unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 8];
+            let n = conn.read(&mut buf).unwrap();
+            if &buf[..n] == b"end" {
+                return;
+            }
+            conn.write_all(&buf[..n]).unwrap();
+            // The client closes first; then this end closes.
+            let _ = conn.read(&mut buf);
+        }
+    });
+    let slow = c1.run(move || {
+        let start = std::time::Instant::now();
+        let mut slow = Vec::new();
+        for i in 0..RATE * SECONDS {
+            let at = start + Duration::from_millis(i * 1000 / RATE);
+            std::thread::sleep(at.saturating_duration_since(std::time::Instant::now()));
+            let t = std::time::Instant::now();
+            let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            conn.write_all(b"x").unwrap();
+            let mut buf = [0u8; 1];
+            conn.read_exact(&mut buf).unwrap();
+            drop(conn);
+            // A SYN dropped is sent again after a second.
+            if t.elapsed() > Duration::from_millis(800) {
+                slow.push((i, t.elapsed()));
+            }
+        }
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .unwrap()
+            .write_all(b"end")
+            .unwrap();
+        slow
+    });
+    server.join().unwrap();
+    let text = agent.scrape_metrics();
+    let sum = |name: &str, filter: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && l.contains(filter))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let budget_drops = 0.0 + sum("cilia_drop_count_total{", "budget exhausted");
+    let early = sum("cilia_conntrack_gc_early_runs_total", "");
+    println!(
+        "{} connections, {} slow, {budget_drops} budget drops, {early} early GCs",
+        RATE * SECONDS,
+        slow.len()
+    );
+    assert_eq!(budget_drops, 0.0, "new flows dropped at the budget");
+    assert!(slow.is_empty(), "connections delayed: {slow:?}");
+    assert!(early > 0.0, "the budget was neared: early GCs ran");
+}
+
 #[test]
 fn ipv6_only_agent_gives_endpoints_no_ipv4() {
     privileged!("ipv6_only_agent");

@@ -19,6 +19,7 @@
 //! successor leaves the old one running.
 
 use std::net::IpAddr;
+use std::os::fd::AsFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,7 +27,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::{
-    Array, ArrayOfMaps, HashMap, LpmTrie, Map, MapData, MapError, MapInfo, PerCpuArray, RingBuf,
+    Array, ArrayOfMaps, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, MapInfo,
+    PerCpuArray, RingBuf,
 };
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::TcAttachOptions;
@@ -150,6 +152,9 @@ pub struct BpfDatapath {
     /// Live conntrack entries at this handle's last GC (None before one):
     /// what a metrics scrape reports instead of walking the table again.
     ct_live: Mutex<Option<u64>>,
+    /// What each endpoint held after this handle's last GC (endpoints
+    /// without entries absent): what [`BpfDatapath::ct_pressure`] watches.
+    ct_left: Mutex<BTreeMap<u16, u32>>,
     pub(crate) config: Mutex<Array<MapData, GlobalConfig>>,
     /// Underlay addresses of the cluster's nodes.
     pub(crate) nodes: Mutex<HashMap<MapData, EndpointKey, NodeValue>>,
@@ -513,6 +518,7 @@ impl BpfDatapath {
             ),
             endpoint_filter,
             ct_live: Mutex::new(None),
+            ct_left: Mutex::default(),
             config: Mutex::new(
                 Array::try_from(config).map_err(|e| DatapathError::map(MAP_CONFIG, e))?,
             ),
@@ -1348,10 +1354,9 @@ impl BpfDatapath {
 
     /// Reads the conntrack table back from the kernel.
     pub fn list_ct(&self) -> Result<Vec<(CtKey, CtValue)>, DatapathError> {
-        lock(&self.ct)
-            .iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| DatapathError::map(MAP_CT, e))
+        let ct = lock(&self.ct);
+        crate::batch::lookup_all(ct.map().fd().as_fd())
+            .map_err(|e| DatapathError::map(MAP_CT, batch_error("bpf_map_lookup_batch", e)))
     }
 
     /// Writes one conntrack entry as the datapath would (fixtures use it to
@@ -1372,6 +1377,14 @@ impl BpfDatapath {
         }
     }
 
+    /// Deletes these conntrack entries, a few thousand per system call;
+    /// absent ones are skipped. Returns how many were deleted.
+    pub fn remove_cts(&self, keys: &[CtKey]) -> Result<usize, DatapathError> {
+        let ct = lock(&self.ct);
+        crate::batch::delete_keys(ct.map().fd().as_fd(), keys)
+            .map_err(|e| DatapathError::map(MAP_CT, batch_error("bpf_map_delete_batch", e)))
+    }
+
     /// Deletes expired conntrack entries and recounts what each endpoint
     /// owns, which is what frees budget: the datapath only ever adds to
     /// the counts. Returns how many entries were removed.
@@ -1390,33 +1403,67 @@ impl BpfDatapath {
                 *owned.entry(value.owner).or_default() += 1;
             }
         }
-        let mut removed = 0;
-        for key in expired {
-            let found = lock(&self.ct).remove(&key);
-            match found {
-                Ok(()) => removed += 1,
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(DatapathError::map(MAP_CT, e)),
-            }
-        }
+        let removed = self.remove_cts(&expired)?;
         self.write_ct_counts(&owned)?;
         *lock(&self.ct_live) = Some(owned.values().map(|n| u64::from(*n)).sum());
+        *lock(&self.ct_left) = owned;
         Ok(removed)
     }
 
     /// Sets every endpoint's count to `owned` (absent: zero), touching only
-    /// the slots that change.
+    /// the slots that change. All 65,536 slots are read (in one walk), not
+    /// only those of endpoints known to hold entries: an endpoint whose
+    /// flows all came and expired between two runs has a count and no
+    /// entry left to show it.
     fn write_ct_counts(&self, owned: &BTreeMap<u16, u32>) -> Result<(), DatapathError> {
         let err = |e| DatapathError::map(MAP_CT_COUNT, e);
         let mut counts = lock(&self.ct_count);
-        for id in 0..=u16::MAX {
-            let want = owned.get(&id).copied().unwrap_or(0);
-            let have = counts.get(&u32::from(id), 0).map_err(err)?;
+        let have: Vec<(u32, u32)> = crate::batch::lookup_all(counts.map().fd().as_fd())
+            .map_err(|e| err(batch_error("bpf_map_lookup_batch", e)))?;
+        for (id, have) in have {
+            let want = u16::try_from(id)
+                .ok()
+                .and_then(|id| owned.get(&id).copied())
+                .unwrap_or(0);
             if have != want {
-                counts.set(u32::from(id), want, 0).map_err(err)?;
+                counts.set(id, want, 0).map_err(err)?;
             }
         }
         Ok(())
+    }
+
+    /// Whether a conntrack GC now may give an endpoint budget back before
+    /// it runs out: an endpoint that held entries at the last GC now holds
+    /// more than then, and at least three quarters of its budget. Cheap
+    /// (one read per such endpoint), so the agent asks often and collects
+    /// as soon as it says so, rather than only every GC interval: the
+    /// entries of connections that ended stay counted until a GC removes
+    /// them, so between two runs an endpoint opening connections at a
+    /// steady rate holds the last close timeout's worth of them plus one
+    /// interval's.
+    pub fn ct_pressure(&self) -> Result<bool, DatapathError> {
+        let budget = {
+            let cfg = lock(&self.config)
+                .get(&0, 0)
+                .map_err(|e| DatapathError::map(MAP_CONFIG, e))?;
+            if cfg.ct_budget == 0 {
+                cilia_abi::CILIA_CT_BUDGET_DEFAULT
+            } else {
+                cfg.ct_budget
+            }
+        };
+        let threshold = budget - budget / 4;
+        let left = lock(&self.ct_left).clone();
+        let counts = lock(&self.ct_count);
+        for (id, was) in left {
+            let now = counts
+                .get(&u32::from(id), 0)
+                .map_err(|e| DatapathError::map(MAP_CT_COUNT, e))?;
+            if now >= threshold && now > was {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Removes every conntrack entry an endpoint created or that has one of
@@ -1436,15 +1483,7 @@ impl BpfDatapath {
             })
             .map(|(k, _)| k)
             .collect();
-        let mut removed = 0;
-        for key in doomed {
-            let found = lock(&self.ct).remove(&key);
-            match found {
-                Ok(()) => removed += 1,
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(DatapathError::map(MAP_CT, e)),
-            }
-        }
+        let removed = self.remove_cts(&doomed)?;
         lock(&self.ct_count)
             .set(u32::from(endpoint_id), 0, 0)
             .map_err(|e| DatapathError::map(MAP_CT_COUNT, e))?;
@@ -1498,6 +1537,12 @@ impl BpfDatapath {
 /// so a poisoned lock is used as is.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A failed batch command (see [`crate::batch`]) as aya reports the
+/// failures of its own commands.
+fn batch_error(call: &'static str, io_error: std::io::Error) -> MapError {
+    MapError::SyscallError(aya::sys::SyscallError { call, io_error })
 }
 
 /// Whether a map error means "no such key" (typed wrappers report it as

@@ -83,6 +83,9 @@ pub struct FakeState {
     pub ct_live: Option<u64>,
     /// The "clock" conntrack GC compares expiries with, in ns.
     pub now_ns: u64,
+    /// What [`Datapath::ct_pressure`] answers (cleared by a GC, as a GC
+    /// resets the counts the real one compares with).
+    pub ct_pressure: bool,
     /// What [`Datapath::test_run`] answers.
     pub test_verdict: u32,
     /// The node's tunnel settings, encoded.
@@ -565,7 +568,12 @@ impl Datapath for FakeDatapath {
         let before = state.ct.len();
         state.ct.retain(|_, v| v.expires > now);
         state.ct_live = Some(state.ct.len() as u64);
+        state.ct_pressure = false;
         Ok(before - state.ct.len())
+    }
+    fn ct_pressure(&self) -> Result<bool, DatapathError> {
+        self.enter("ct_pressure")?;
+        Ok(self.state().ct_pressure)
     }
     fn ct_live(&self) -> Option<u64> {
         self.state().ct_live

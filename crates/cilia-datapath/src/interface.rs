@@ -173,6 +173,9 @@ pub trait Datapath: Send + Sync {
     /// Deletes expired entries and recounts each endpoint's budget use;
     /// returns how many were deleted.
     fn gc_conntrack(&self) -> Result<usize, DatapathError>;
+    /// Whether an endpoint nears its conntrack budget with entries a GC may
+    /// free (see `BpfDatapath::ct_pressure`): cheap, asked between GCs.
+    fn ct_pressure(&self) -> Result<bool, DatapathError>;
     /// Live entries as of the last [`Datapath::gc_conntrack`] (None before
     /// one): cheap, unlike walking the table.
     fn ct_live(&self) -> Option<u64>;
@@ -440,6 +443,9 @@ impl Datapath for BpfDatapath {
     }
     fn gc_conntrack(&self) -> Result<usize, DatapathError> {
         self.gc_ct()
+    }
+    fn ct_pressure(&self) -> Result<bool, DatapathError> {
+        BpfDatapath::ct_pressure(self)
     }
     fn ct_live(&self) -> Option<u64> {
         BpfDatapath::ct_live(self)

@@ -28,6 +28,7 @@
 //! it was given; nothing it creates depends on the calling process staying
 //! alive.
 
+mod batch;
 pub mod endpoint;
 pub mod error;
 pub mod events;

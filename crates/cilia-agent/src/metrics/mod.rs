@@ -61,6 +61,9 @@ pub struct AgentMetrics {
     pub api_requests: Family<Labels, Histogram, fn() -> Histogram>,
     pub ct_gc_runs: Counter,
     pub ct_gc_deleted: Counter,
+    /// GC runs started before their interval because an endpoint neared
+    /// its conntrack budget (counted in `ct_gc_runs` too).
+    pub ct_gc_early: Counter,
     pub verdicts: Family<Labels, Counter>,
     /// Events the monitor decoded, by type (and drop reason).
     pub events: Family<Labels, Counter>,
@@ -84,6 +87,7 @@ impl Default for AgentMetrics {
             api_requests: Family::new_with_constructor(histogram),
             ct_gc_runs: Counter::default(),
             ct_gc_deleted: Counter::default(),
+            ct_gc_early: Counter::default(),
             verdicts: Family::default(),
             events: Family::default(),
             aggregated: Family::default(),
@@ -513,6 +517,11 @@ pub fn render(snap: &Snapshot, m: &AgentMetrics) -> String {
         "conntrack_gc_deleted",
         "Expired conntrack entries removed",
         m.ct_gc_deleted.clone(),
+    );
+    reg.register(
+        "conntrack_gc_early_runs",
+        "Conntrack garbage collection runs started before their interval because an endpoint neared its conntrack budget",
+        m.ct_gc_early.clone(),
     );
 
     reg.register(

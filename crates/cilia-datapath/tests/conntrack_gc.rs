@@ -1,0 +1,134 @@
+//! The conntrack GC against the real maps: expired entries go, live ones
+//! and every endpoint's budget count come out exact, across more entries
+//! than one batch of the walk, and the budget-pressure signal the agent
+//! collects early on.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use cilia_abi::*;
+use cilia_datapath::packet::*;
+use cilia_datapath::testrun::{TestProgram, TC_ACT_REDIRECT};
+
+mod common;
+use common::fixture::*;
+use common::*;
+
+/// A new TCP flow from A to B (a SYN), one per source port.
+fn a_opens(a: &TestProgram, sport: u16) {
+    let syn = eth(
+        A_NODE_MAC,
+        A_MAC,
+        ETH_P_IPV6,
+        &ipv6(a6(), b6(), IPPROTO_TCP, 64, &tcp(sport, 80, 0x02)),
+    );
+    assert_eq!(
+        a.run(&syn).unwrap().verdict,
+        TC_ACT_REDIRECT,
+        "sport {sport}"
+    );
+}
+
+/// A key of its own for entry `i` (no packet makes such keys).
+fn key(i: u32) -> CtKey {
+    let mut key = CtKey {
+        proto: 17,
+        family: CILIA_FAMILY_IPV6,
+        ..Default::default()
+    };
+    key.saddr[..4].copy_from_slice(&i.to_be_bytes());
+    key
+}
+
+const OWNERS: u16 = 5;
+
+#[test]
+fn gc_removes_what_expired_and_recounts_every_endpoint() {
+    privileged!("ct_gc_recount");
+    let fx = Fixture::new();
+    // A's flows, counted by the datapath, then taken from the table behind
+    // its back: A holds no entry, but its count says 4.
+    let a = fx.a();
+    for sport in 0..4 {
+        a_opens(&a, 30000 + sport);
+    }
+    assert_eq!(fx.dp.ct_count(A_ID).unwrap(), 4);
+    let a_keys: Vec<CtKey> = fx
+        .dp
+        .list_ct()
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(fx.dp.remove_cts(&a_keys).unwrap(), 4);
+    // 10,000 entries (several batches of the walk) of five other owners,
+    // every second one expired.
+    const N: u32 = 10_000;
+    for i in 0..N {
+        let value = CtValue {
+            expires: if i % 2 == 0 { 1 } else { u64::MAX },
+            owner: 100 + (i % u32::from(OWNERS)) as u16,
+            ..Default::default()
+        };
+        fx.dp.insert_ct(key(i), value).unwrap();
+    }
+    assert_eq!(fx.dp.gc_ct().unwrap(), N as usize / 2);
+    let left = fx.dp.list_ct().unwrap();
+    assert_eq!(left.len(), N as usize / 2);
+    assert!(left.iter().all(|(_, v)| v.expires == u64::MAX));
+    for owner in 100..100 + OWNERS {
+        assert_eq!(fx.dp.ct_count(owner).unwrap(), N / 2 / u32::from(OWNERS));
+    }
+    assert_eq!(fx.dp.ct_live(), Some(u64::from(N / 2)));
+    assert_eq!(
+        fx.dp.ct_count(A_ID).unwrap(),
+        0,
+        "a count no entry stands for is reset"
+    );
+    // Nothing else to collect: a second run changes nothing.
+    assert_eq!(fx.dp.gc_ct().unwrap(), 0);
+    assert_eq!(fx.dp.list_ct().unwrap().len(), N as usize / 2);
+}
+
+#[test]
+fn a_batch_delete_skips_entries_already_gone() {
+    privileged!("ct_remove_batch");
+    let fx = Fixture::new();
+    const N: u32 = 6000;
+    for i in 0..N {
+        if i % 6 != 3 {
+            fx.dp.insert_ct(key(i), CtValue::default()).unwrap();
+        }
+    }
+    let all: Vec<CtKey> = (0..N).map(key).collect();
+    assert_eq!(fx.dp.remove_cts(&all).unwrap(), 5000);
+    assert!(fx.dp.list_ct().unwrap().is_empty());
+    assert_eq!(fx.dp.remove_cts(&all).unwrap(), 0);
+}
+
+#[test]
+fn budget_pressure_is_an_endpoint_past_three_quarters_with_more_than_the_last_gc_left() {
+    privileged!("ct_pressure");
+    let fx = Fixture::new();
+    fx.dp.set_ct_budget(16).unwrap();
+    let a = fx.a();
+    for sport in 0..8 {
+        a_opens(&a, 30000 + sport);
+    }
+    assert!(!fx.dp.ct_pressure().unwrap(), "half the budget");
+    fx.dp.gc_ct().unwrap();
+    for sport in 8..11 {
+        a_opens(&a, 30000 + sport);
+    }
+    assert!(!fx.dp.ct_pressure().unwrap(), "11 of 16");
+    a_opens(&a, 30011);
+    assert!(fx.dp.ct_pressure().unwrap(), "12 of 16, 8 at the last GC");
+    // A GC that finds all 12 live leaves nothing a second one could free.
+    assert_eq!(fx.dp.gc_ct().unwrap(), 0);
+    assert_eq!(fx.dp.ct_count(A_ID).unwrap(), 12);
+    assert!(!fx.dp.ct_pressure().unwrap(), "12 live: no early GC again");
+    a_opens(&a, 30012);
+    assert!(fx.dp.ct_pressure().unwrap(), "13, more than the GC left");
+    // The default budget (0) counts as 32,768: 13 is far from it.
+    fx.dp.set_ct_budget(0).unwrap();
+    assert!(!fx.dp.ct_pressure().unwrap());
+}
