@@ -31,3 +31,9 @@ bench/enforce.sh
 echo
 echo "## A large CIDR policy on endpoints: time to enforce, agent memory per endpoint"
 bench/cidr-policy.sh
+echo
+echo "## Conntrack GC: batch commands vs aya's per-entry calls"
+cargo bench -q -p cilia-datapath --bench ctgc 2>/dev/null
+echo
+echo "## Short connections per second under the default conntrack budget vs none"
+bench/ct-rate.sh

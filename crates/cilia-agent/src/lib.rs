@@ -406,13 +406,15 @@ enum CtGcWhen {
 }
 
 /// When the conntrack GC runs, given the time since the last one. An
-/// endpoint opening connections at a steady rate holds, between two GCs,
-/// the entries of the last close timeout (10 s) plus those that expired
-/// since the last GC: with GCs only every 10 s, its budget (32,768 by
-/// default) caps it at ~1,600 new connections per second; collecting
-/// when it nears its budget lifts that to ~2,800, the budget over the
-/// close timeout and the gap between GCs (1-1.5 s). Only endpoints near
-/// their budget cost early GCs, at most one per second.
+/// endpoint opening short connections at a steady rate holds, between two
+/// GCs, the entries of those that ended in the last close timeout (10 s)
+/// plus those that expired since the last GC: with GCs only every 10 s,
+/// its budget (32,768 by default) capped it at ~1,600 new connections per
+/// second. A GC started as soon as an endpoint nears its budget (at most
+/// one a second) also removes that endpoint's closed entries idle for a
+/// second (`BpfDatapath::gc_ct`), so it then holds about the last
+/// 1 + 1.5 s of them: the cap becomes ~budget / 2.5 s, ~13,000 per second
+/// at the default. Only endpoints near their budget cost early GCs.
 fn ct_gc_when(since_last: Option<std::time::Duration>) -> CtGcWhen {
     match since_last {
         None => CtGcWhen::Due,

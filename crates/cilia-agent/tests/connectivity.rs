@@ -223,17 +223,19 @@ fn connections_that_ended_leave_conntrack_within_the_close_timeout() {
 }
 
 /// An endpoint opening short connections at a steady rate holds the
-/// entries of the last close timeout (10 s) plus those that expired since
-/// the last GC. With GCs only every 10 s, 20 connections per second meet
-/// a budget of 300 (200 live plus up to 200 expired): SYNs dropped as
-/// *budget exhausted*, each connect delayed by a retransmission. The agent
-/// collects early when an endpoint nears its budget, so none is.
+/// entries of those that ended in the last close timeout (10 s) plus those
+/// that expired since the last GC. With GCs only every 10 s, 20
+/// connections per second meet a budget of 150 (200 closed ones within
+/// the close timeout alone): SYNs dropped as *budget exhausted*, each
+/// connect delayed by a retransmission. The agent collects as soon as an
+/// endpoint nears its budget, and then also takes the endpoint's closed
+/// entries idle for a second, so none is.
 #[test]
 fn steady_short_connections_are_not_held_to_the_gc_interval() {
     privileged!("ct_gc_early");
     const RATE: u64 = 20;
     const SECONDS: u64 = 25;
-    let agent = TestAgent::start_with_env(AgentOptions::default(), &[("CILIA_CT_BUDGET", "300")]);
+    let agent = TestAgent::start_with_env(AgentOptions::default(), &[("CILIA_CT_BUDGET", "150")]);
     let (c1, c2) = (Netns::new("cep").unwrap(), Netns::new("cep").unwrap());
     agent.create_endpoint(&c1, "app=a");
     let b = agent.create_endpoint(&c2, "app=b");
@@ -288,14 +290,17 @@ fn steady_short_connections_are_not_held_to_the_gc_interval() {
     };
     let budget_drops = 0.0 + sum("cilia_drop_count_total{", "budget exhausted");
     let early = sum("cilia_conntrack_gc_early_runs_total", "");
+    let closed = sum("cilia_conntrack_gc_closed_early_total", "");
     println!(
-        "{} connections, {} slow, {budget_drops} budget drops, {early} early GCs",
+        "{} connections, {} slow, {budget_drops} budget drops, {early} early GCs, \
+         {closed} closed entries collected early",
         RATE * SECONDS,
         slow.len()
     );
     assert_eq!(budget_drops, 0.0, "new flows dropped at the budget");
     assert!(slow.is_empty(), "connections delayed: {slow:?}");
     assert!(early > 0.0, "the budget was neared: early GCs ran");
+    assert!(closed > 0.0, "closed entries were collected early");
 }
 
 #[test]

@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::interface::CtGcReport;
 use aya::maps::{
     Array, ArrayOfMaps, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, MapInfo,
     PerCpuArray, RingBuf,
@@ -37,7 +38,7 @@ use aya::EbpfLoader;
 use cilia_abi::{
     CtKey, CtValue, EndpointConfig, EndpointInfo, EndpointKey, GlobalConfig, IpcacheKey,
     IpcacheValue, MetricsKey, MetricsValue, NodeConfigValue, NodeValue, PolicyKey, PolicyValue,
-    CILIA_POLICY_MAX,
+    CILIA_CT_BUDGET_DEFAULT, CILIA_CT_CLOSING, CILIA_CT_TCP_CLOSE, CILIA_POLICY_MAX,
 };
 
 use crate::error::DatapathError;
@@ -153,7 +154,8 @@ pub struct BpfDatapath {
     /// what a metrics scrape reports instead of walking the table again.
     ct_live: Mutex<Option<u64>>,
     /// What each endpoint held after this handle's last GC (endpoints
-    /// without entries absent): what [`BpfDatapath::ct_pressure`] watches.
+    /// without entries absent): what [`BpfDatapath::ct_pressure`] compares
+    /// the counts with.
     ct_left: Mutex<BTreeMap<u16, u32>>,
     pub(crate) config: Mutex<Array<MapData, GlobalConfig>>,
     /// Underlay addresses of the cluster's nodes.
@@ -1387,27 +1389,79 @@ impl BpfDatapath {
 
     /// Deletes expired conntrack entries and recounts what each endpoint
     /// owns, which is what frees budget: the datapath only ever adds to
-    /// the counts. Returns how many entries were removed.
+    /// the counts.
+    ///
+    /// An endpoint still holding three quarters of its budget after the
+    /// expired entries are gone also loses the entries of its TCP
+    /// connections that ended (`CILIA_CT_CLOSING`) and have been idle for
+    /// [`CT_CLOSE_GRACE_NS`], before their close timeout: they are what an
+    /// endpoint opening short connections at a high rate holds most of,
+    /// and their close timeout only waits for stray retransmissions, which
+    /// then meet policy as new packets (never more than policy allows).
+    /// Linux's conntrack drops unassured entries early when its table is
+    /// full in the same spirit; here it is the endpoint's own entries, near
+    /// its own budget, so nobody else's flows are touched.
     ///
     /// Recounting (rather than decrementing per removal) keeps the counts
     /// self-correcting: a creation that races the walk is at worst left
     /// uncounted until the next run.
-    pub fn gc_ct(&self) -> Result<usize, DatapathError> {
+    pub fn gc_ct(&self) -> Result<CtGcReport, DatapathError> {
         let now = datapath_clock_ns();
+        let threshold = pressure_threshold(self.ct_budget()?);
+        let entries = self.list_ct()?;
         let mut owned = BTreeMap::<u16, u32>::new();
-        let mut expired = Vec::new();
-        for (key, value) in self.list_ct()? {
-            if value.expires <= now {
-                expired.push(key);
-            } else {
+        for (_, value) in &entries {
+            if value.expires > now {
                 *owned.entry(value.owner).or_default() += 1;
             }
         }
+        // A closing entry expires CILIA_CT_TCP_CLOSE after its last packet.
+        let idle_since_grace =
+            now + u64::from(CILIA_CT_TCP_CLOSE) * 1_000_000_000 - CT_CLOSE_GRACE_NS;
+        let mut expired = Vec::new();
+        let mut closed = Vec::new();
+        for (key, value) in entries {
+            if value.expires <= now {
+                expired.push(key);
+            } else if value.flags & CILIA_CT_CLOSING != 0
+                && value.expires <= idle_since_grace
+                && owned.get(&value.owner).is_some_and(|n| *n >= threshold)
+            {
+                closed.push((key, value.owner));
+            }
+        }
         let removed = self.remove_cts(&expired)?;
+        let closed_early = if closed.is_empty() {
+            0
+        } else {
+            for (_, owner) in &closed {
+                if let Some(n) = owned.get_mut(owner) {
+                    *n -= 1;
+                }
+            }
+            let keys: Vec<CtKey> = closed.into_iter().map(|(k, _)| k).collect();
+            self.remove_cts(&keys)?
+        };
+        owned.retain(|_, n| *n > 0);
         self.write_ct_counts(&owned)?;
         *lock(&self.ct_live) = Some(owned.values().map(|n| u64::from(*n)).sum());
         *lock(&self.ct_left) = owned;
-        Ok(removed)
+        Ok(CtGcReport {
+            expired: removed,
+            closed_early,
+        })
+    }
+
+    /// The per-endpoint conntrack budget the datapath applies.
+    fn ct_budget(&self) -> Result<u32, DatapathError> {
+        let cfg = lock(&self.config)
+            .get(&0, 0)
+            .map_err(|e| DatapathError::map(MAP_CONFIG, e))?;
+        Ok(if cfg.ct_budget == 0 {
+            CILIA_CT_BUDGET_DEFAULT
+        } else {
+            cfg.ct_budget
+        })
     }
 
     /// Sets every endpoint's count to `owned` (absent: zero), touching only
@@ -1433,33 +1487,37 @@ impl BpfDatapath {
     }
 
     /// Whether a conntrack GC now may give an endpoint budget back before
-    /// it runs out: an endpoint that held entries at the last GC now holds
-    /// more than then, and at least three quarters of its budget. Cheap
-    /// (one read per such endpoint), so the agent asks often and collects
-    /// as soon as it says so, rather than only every GC interval: the
-    /// entries of connections that ended stay counted until a GC removes
-    /// them, so between two runs an endpoint opening connections at a
-    /// steady rate holds the last close timeout's worth of them plus one
-    /// interval's.
+    /// it runs out: an endpoint holds at least three quarters of its
+    /// budget, and more than the last GC left it. Cheap (one walk of the
+    /// endpoints map, then one read per endpoint), so the agent asks often
+    /// and collects as soon as it says so, rather than only every GC
+    /// interval: the entries of connections that ended stay counted until
+    /// a GC removes them, so between two runs an endpoint opening
+    /// connections at a steady rate holds the last close timeout's worth
+    /// of them plus one interval's. Every local endpoint is asked (and
+    /// slot 0, the flows node programs charge to no endpoint), not only
+    /// those the last GC saw: a new one can reach its budget within an
+    /// interval.
     pub fn ct_pressure(&self) -> Result<bool, DatapathError> {
-        let budget = {
-            let cfg = lock(&self.config)
-                .get(&0, 0)
-                .map_err(|e| DatapathError::map(MAP_CONFIG, e))?;
-            if cfg.ct_budget == 0 {
-                cilia_abi::CILIA_CT_BUDGET_DEFAULT
-            } else {
-                cfg.ct_budget
-            }
+        let threshold = pressure_threshold(self.ct_budget()?);
+        let mut ids: BTreeSet<u16> = {
+            let endpoints = lock(&self.endpoints);
+            crate::batch::lookup_all::<EndpointKey, EndpointInfo>(endpoints.map().fd().as_fd())
+                .map_err(|e| {
+                    DatapathError::map(MAP_ENDPOINTS, batch_error("bpf_map_lookup_batch", e))
+                })?
+                .into_iter()
+                .map(|(_, info)| info.endpoint_id)
+                .collect()
         };
-        let threshold = budget - budget / 4;
+        ids.insert(0);
         let left = lock(&self.ct_left).clone();
         let counts = lock(&self.ct_count);
-        for (id, was) in left {
+        for id in ids {
             let now = counts
                 .get(&u32::from(id), 0)
                 .map_err(|e| DatapathError::map(MAP_CT_COUNT, e))?;
-            if now >= threshold && now > was {
+            if now >= threshold && now > left.get(&id).copied().unwrap_or(0) {
                 return Ok(true);
             }
         }
@@ -1537,6 +1595,19 @@ impl BpfDatapath {
 /// so a poisoned lock is used as is.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// How long a TCP connection that ended keeps its conntrack entry, from
+/// its last packet, when its endpoint nears its budget (see
+/// [`BpfDatapath::gc_ct`]) instead of the close timeout
+/// (`CILIA_CT_TCP_CLOSE`, 10 s): long enough for the last ACK and a
+/// retransmission or two of a FIN.
+pub const CT_CLOSE_GRACE_NS: u64 = 1_000_000_000;
+
+/// Three quarters of `budget`: an endpoint holding as many conntrack
+/// entries is near its budget.
+fn pressure_threshold(budget: u32) -> u32 {
+    budget - budget / 4
 }
 
 /// A failed batch command (see [`crate::batch`]) as aya reports the

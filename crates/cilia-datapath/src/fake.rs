@@ -561,7 +561,7 @@ impl Datapath for FakeDatapath {
             .filter_map(|(k, v)| CtEntry::decode(k, v))
             .collect())
     }
-    fn gc_conntrack(&self) -> Result<usize, DatapathError> {
+    fn gc_conntrack(&self) -> Result<crate::CtGcReport, DatapathError> {
         self.enter("gc_conntrack")?;
         let mut state = self.state();
         let now = state.now_ns;
@@ -569,7 +569,10 @@ impl Datapath for FakeDatapath {
         state.ct.retain(|_, v| v.expires > now);
         state.ct_live = Some(state.ct.len() as u64);
         state.ct_pressure = false;
-        Ok(before - state.ct.len())
+        Ok(crate::CtGcReport {
+            expired: before - state.ct.len(),
+            closed_early: 0,
+        })
     }
     fn ct_pressure(&self) -> Result<bool, DatapathError> {
         self.enter("ct_pressure")?;
@@ -1204,7 +1207,7 @@ mod tests {
         dp.insert_conntrack(&row(1001, 5, 100));
         dp.insert_conntrack(&row(1002, 6, 100));
         dp.state().now_ns = 50;
-        assert_eq!(dp.gc_conntrack().unwrap(), 1);
+        assert_eq!(dp.gc_conntrack().unwrap().expired, 1);
         assert_eq!(dp.ct_live(), Some(2));
         assert_eq!(dp.purge_conntrack(5, &[]).unwrap(), 1);
         assert_eq!(dp.conntrack().unwrap(), vec![row(1002, 6, 100)]);

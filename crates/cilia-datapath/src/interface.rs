@@ -33,6 +33,16 @@ use crate::nodeport::NodePortOptions;
 use crate::prefilter::PrefilterLink;
 use crate::socklb::SocketLbLinks;
 
+/// What one conntrack GC removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CtGcReport {
+    /// Entries past their lifetime.
+    pub expired: usize,
+    /// Entries of TCP connections that ended, removed before their close
+    /// timeout because their endpoint neared its budget.
+    pub closed_early: usize,
+}
+
 /// An endpoint's programs loaded and verified by
 /// [`Datapath::load_endpoint`], not yet attached; what is inside is the
 /// implementation's business.
@@ -170,9 +180,10 @@ pub trait Datapath: Send + Sync {
 
     /// Every entry, expired ones included.
     fn conntrack(&self) -> Result<Vec<CtEntry>, DatapathError>;
-    /// Deletes expired entries and recounts each endpoint's budget use;
-    /// returns how many were deleted.
-    fn gc_conntrack(&self) -> Result<usize, DatapathError>;
+    /// Deletes expired entries (and, for an endpoint near its budget, the
+    /// idle entries of its connections that ended) and recounts each
+    /// endpoint's budget use.
+    fn gc_conntrack(&self) -> Result<CtGcReport, DatapathError>;
     /// Whether an endpoint nears its conntrack budget with entries a GC may
     /// free (see `BpfDatapath::ct_pressure`): cheap, asked between GCs.
     fn ct_pressure(&self) -> Result<bool, DatapathError>;
@@ -441,7 +452,7 @@ impl Datapath for BpfDatapath {
             .filter_map(|(k, v)| CtEntry::decode(k, v))
             .collect())
     }
-    fn gc_conntrack(&self) -> Result<usize, DatapathError> {
+    fn gc_conntrack(&self) -> Result<CtGcReport, DatapathError> {
         self.gc_ct()
     }
     fn ct_pressure(&self) -> Result<bool, DatapathError> {

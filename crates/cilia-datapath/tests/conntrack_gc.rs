@@ -8,6 +8,7 @@
 use cilia_abi::*;
 use cilia_datapath::packet::*;
 use cilia_datapath::testrun::{TestProgram, TC_ACT_REDIRECT};
+use cilia_datapath::{datapath_clock_ns, CtGcReport};
 
 mod common;
 use common::fixture::*;
@@ -71,7 +72,7 @@ fn gc_removes_what_expired_and_recounts_every_endpoint() {
         };
         fx.dp.insert_ct(key(i), value).unwrap();
     }
-    assert_eq!(fx.dp.gc_ct().unwrap(), N as usize / 2);
+    assert_eq!(fx.dp.gc_ct().unwrap().expired, N as usize / 2);
     let left = fx.dp.list_ct().unwrap();
     assert_eq!(left.len(), N as usize / 2);
     assert!(left.iter().all(|(_, v)| v.expires == u64::MAX));
@@ -85,7 +86,7 @@ fn gc_removes_what_expired_and_recounts_every_endpoint() {
         "a count no entry stands for is reset"
     );
     // Nothing else to collect: a second run changes nothing.
-    assert_eq!(fx.dp.gc_ct().unwrap(), 0);
+    assert_eq!(fx.dp.gc_ct().unwrap().expired, 0);
     assert_eq!(fx.dp.list_ct().unwrap().len(), N as usize / 2);
 }
 
@@ -111,19 +112,15 @@ fn budget_pressure_is_an_endpoint_past_three_quarters_with_more_than_the_last_gc
     let fx = Fixture::new();
     fx.dp.set_ct_budget(16).unwrap();
     let a = fx.a();
-    for sport in 0..8 {
-        a_opens(&a, 30000 + sport);
-    }
-    assert!(!fx.dp.ct_pressure().unwrap(), "half the budget");
-    fx.dp.gc_ct().unwrap();
-    for sport in 8..11 {
+    for sport in 0..11 {
         a_opens(&a, 30000 + sport);
     }
     assert!(!fx.dp.ct_pressure().unwrap(), "11 of 16");
+    // No GC has seen A yet: it is watched all the same.
     a_opens(&a, 30011);
-    assert!(fx.dp.ct_pressure().unwrap(), "12 of 16, 8 at the last GC");
+    assert!(fx.dp.ct_pressure().unwrap(), "12 of 16, before any GC");
     // A GC that finds all 12 live leaves nothing a second one could free.
-    assert_eq!(fx.dp.gc_ct().unwrap(), 0);
+    assert_eq!(fx.dp.gc_ct().unwrap(), CtGcReport::default());
     assert_eq!(fx.dp.ct_count(A_ID).unwrap(), 12);
     assert!(!fx.dp.ct_pressure().unwrap(), "12 live: no early GC again");
     a_opens(&a, 30012);
@@ -131,4 +128,68 @@ fn budget_pressure_is_an_endpoint_past_three_quarters_with_more_than_the_last_gc
     // The default budget (0) counts as 32,768: 13 is far from it.
     fx.dp.set_ct_budget(0).unwrap();
     assert!(!fx.dp.ct_pressure().unwrap());
+}
+
+#[test]
+fn near_its_budget_an_endpoint_loses_its_idle_closed_connections_first() {
+    privileged!("ct_gc_closed_early");
+    let fx = Fixture::new();
+    fx.dp.set_ct_budget(16).unwrap();
+    let s = 1_000_000_000u64;
+    let now = datapath_clock_ns();
+    // (owner, closing, seconds since the last packet), as the datapath
+    // would leave them: a closing entry expires 10 s after its last
+    // packet, an open one hours later.
+    let entries: &[(u16, bool, u64)] = &[
+        // Endpoint 7: 12 entries, three quarters of 16.
+        (7, true, 3),
+        (7, true, 2),
+        (7, true, 0), // closed just now: its last ACK may be on its way
+        (7, false, 5),
+        (7, false, 5),
+        (7, false, 5),
+        (7, false, 5),
+        (7, false, 5),
+        (7, false, 5),
+        (7, false, 5),
+        (7, false, 5),
+        (7, false, 5),
+        // Endpoint 8: 4 entries, far from its budget.
+        (8, true, 3),
+        (8, true, 3),
+        (8, false, 5),
+        (8, false, 5),
+    ];
+    for (i, (owner, closing, idle)) in entries.iter().enumerate() {
+        let lifetime = if *closing { 10 * s } else { 21_600 * s };
+        let value = CtValue {
+            expires: now + lifetime - idle * s,
+            owner: *owner,
+            flags: if *closing { CILIA_CT_CLOSING } else { 0 },
+            ..Default::default()
+        };
+        fx.dp.insert_ct(key(i as u32), value).unwrap();
+    }
+    let report = fx.dp.gc_ct().unwrap();
+    assert_eq!(
+        report,
+        CtGcReport {
+            expired: 0,
+            closed_early: 2
+        }
+    );
+    assert_eq!(fx.dp.ct_count(7).unwrap(), 10);
+    assert_eq!(fx.dp.ct_count(8).unwrap(), 4);
+    let left: Vec<u32> = fx
+        .dp
+        .list_ct()
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| u32::from_be_bytes(k.saddr[..4].try_into().unwrap()))
+        .collect();
+    assert!(!left.contains(&0) && !left.contains(&1), "{left:?}");
+    assert!(left.contains(&2), "the one closed just now stays");
+    assert_eq!(left.len(), 14);
+    // Under three quarters now: a second run leaves the rest alone.
+    assert_eq!(fx.dp.gc_ct().unwrap(), CtGcReport::default());
 }

@@ -64,6 +64,9 @@ pub struct AgentMetrics {
     /// GC runs started before their interval because an endpoint neared
     /// its conntrack budget (counted in `ct_gc_runs` too).
     pub ct_gc_early: Counter,
+    /// Entries of ended TCP connections a GC removed before their close
+    /// timeout because their endpoint neared its budget.
+    pub ct_gc_closed_early: Counter,
     pub verdicts: Family<Labels, Counter>,
     /// Events the monitor decoded, by type (and drop reason).
     pub events: Family<Labels, Counter>,
@@ -88,6 +91,7 @@ impl Default for AgentMetrics {
             ct_gc_runs: Counter::default(),
             ct_gc_deleted: Counter::default(),
             ct_gc_early: Counter::default(),
+            ct_gc_closed_early: Counter::default(),
             verdicts: Family::default(),
             events: Family::default(),
             aggregated: Family::default(),
@@ -283,15 +287,17 @@ impl StorePart {
 }
 
 /// One conntrack garbage collection, counted in `m`; it holds only the
-/// conntrack map's own lock inside the datapath.
+/// conntrack map's own lock inside the datapath. Returns how many entries
+/// it removed.
 pub fn collect_conntrack_garbage(
     dp: &dyn cilia_datapath::Datapath,
     m: &AgentMetrics,
 ) -> Result<usize, cilia_datapath::DatapathError> {
-    let removed = dp.gc_conntrack()?;
+    let report = dp.gc_conntrack()?;
     m.ct_gc_runs.inc();
-    m.ct_gc_deleted.inc_by(removed as u64);
-    Ok(removed)
+    m.ct_gc_deleted.inc_by(report.expired as u64);
+    m.ct_gc_closed_early.inc_by(report.closed_early as u64);
+    Ok(report.expired + report.closed_early)
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
@@ -522,6 +528,11 @@ pub fn render(snap: &Snapshot, m: &AgentMetrics) -> String {
         "conntrack_gc_early_runs",
         "Conntrack garbage collection runs started before their interval because an endpoint neared its conntrack budget",
         m.ct_gc_early.clone(),
+    );
+    reg.register(
+        "conntrack_gc_closed_early",
+        "Conntrack entries of ended TCP connections removed before their close timeout because their endpoint neared its conntrack budget",
+        m.ct_gc_closed_early.clone(),
     );
 
     reg.register(
