@@ -415,12 +415,27 @@ enum CtGcWhen {
 /// second (`BpfDatapath::gc_ct`), so it then holds about the last
 /// 1 + 1.5 s of them: the cap becomes ~budget / 2.5 s, ~13,000 per second
 /// at the default. Only endpoints near their budget cost early GCs.
-fn ct_gc_when(since_last: Option<std::time::Duration>) -> CtGcWhen {
+fn ct_gc_when(since_last: Option<std::time::Duration>, early_gap: std::time::Duration) -> CtGcWhen {
     match since_last {
         None => CtGcWhen::Due,
         Some(d) if d >= CT_GC_INTERVAL => CtGcWhen::Due,
-        Some(d) if d >= CT_GC_MIN_GAP => CtGcWhen::IfPressed,
+        Some(d) if d >= early_gap => CtGcWhen::IfPressed,
         Some(_) => CtGcWhen::NotYet,
+    }
+}
+
+/// The least time before the next early GC, after an early one that
+/// removed `removed` entries: [`CT_GC_MIN_GAP`] when it gave back at
+/// least a sixteenth of the budget, else twice the gap before (up to the
+/// interval). An endpoint whose count grows near its budget with flows
+/// that stay live (not ended connections) would otherwise have the agent
+/// walk the whole table every second for nothing: an endpoint could make
+/// the agent spend up to a sixth of a CPU on a full table.
+fn next_early_gap(gap: std::time::Duration, removed: usize, budget: u32) -> std::time::Duration {
+    if removed as u64 * 16 >= u64::from(budget) {
+        CT_GC_MIN_GAP
+    } else {
+        (gap * 2).min(CT_GC_INTERVAL)
     }
 }
 
@@ -836,13 +851,18 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // maps' locks inside the datapath: endpoint create/delete never wait.
     let gc_state = state.clone();
     let gc_metrics = agent_metrics.clone();
+    let ct_budget = match config.ct_budget {
+        0 => cilia_abi::CILIA_CT_BUDGET_DEFAULT,
+        b => b,
+    };
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(CT_PRESSURE_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last: Option<std::time::Instant> = None;
+        let mut early_gap = CT_GC_MIN_GAP;
         loop {
             tick.tick().await;
-            let when = ct_gc_when(last.map(|t| t.elapsed()));
+            let when = ct_gc_when(last.map(|t| t.elapsed()), early_gap);
             if when == CtGcWhen::NotYet {
                 continue;
             }
@@ -866,6 +886,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 Ok(Ok(None)) => {}
                 Ok(Ok(Some(n))) => {
                     last = Some(std::time::Instant::now());
+                    if when == CtGcWhen::IfPressed {
+                        early_gap = next_early_gap(early_gap, n, ct_budget);
+                    }
                     if n > 0 {
                         tracing::debug!(
                             removed = n,
@@ -951,13 +974,32 @@ mod tests {
     #[test]
     fn the_conntrack_gc_runs_on_its_interval_and_early_only_after_the_gap() {
         let ms = std::time::Duration::from_millis;
-        assert_eq!(ct_gc_when(None), CtGcWhen::Due, "at start");
-        assert_eq!(ct_gc_when(Some(ms(500))), CtGcWhen::NotYet);
-        assert_eq!(ct_gc_when(Some(ms(999))), CtGcWhen::NotYet);
-        assert_eq!(ct_gc_when(Some(ms(1000))), CtGcWhen::IfPressed);
-        assert_eq!(ct_gc_when(Some(ms(9999))), CtGcWhen::IfPressed);
-        assert_eq!(ct_gc_when(Some(ms(10_000))), CtGcWhen::Due);
-        assert_eq!(ct_gc_when(Some(ms(60_000))), CtGcWhen::Due);
+        let gap = CT_GC_MIN_GAP;
+        assert_eq!(ct_gc_when(None, gap), CtGcWhen::Due, "at start");
+        assert_eq!(ct_gc_when(Some(ms(500)), gap), CtGcWhen::NotYet);
+        assert_eq!(ct_gc_when(Some(ms(999)), gap), CtGcWhen::NotYet);
+        assert_eq!(ct_gc_when(Some(ms(1000)), gap), CtGcWhen::IfPressed);
+        assert_eq!(ct_gc_when(Some(ms(9999)), gap), CtGcWhen::IfPressed);
+        assert_eq!(ct_gc_when(Some(ms(10_000)), gap), CtGcWhen::Due);
+        assert_eq!(ct_gc_when(Some(ms(60_000)), gap), CtGcWhen::Due);
+        // After early runs that freed little, early ones wait longer.
+        assert_eq!(ct_gc_when(Some(ms(3000)), ms(4000)), CtGcWhen::NotYet);
+        assert_eq!(ct_gc_when(Some(ms(4000)), ms(4000)), CtGcWhen::IfPressed);
+    }
+
+    #[test]
+    fn early_gcs_that_free_little_back_off_to_the_interval() {
+        let s = std::time::Duration::from_secs;
+        // A sixteenth of the budget given back: as soon as allowed again.
+        assert_eq!(next_early_gap(s(8), 2048, 32768), CT_GC_MIN_GAP);
+        assert_eq!(next_early_gap(CT_GC_MIN_GAP, 5000, 32768), CT_GC_MIN_GAP);
+        // Less: twice the wait, never beyond the regular interval.
+        assert_eq!(next_early_gap(CT_GC_MIN_GAP, 2047, 32768), s(2));
+        assert_eq!(next_early_gap(s(2), 0, 32768), s(4));
+        assert_eq!(next_early_gap(s(8), 0, 32768), CT_GC_INTERVAL);
+        assert_eq!(next_early_gap(CT_GC_INTERVAL, 0, 32768), CT_GC_INTERVAL);
+        // A small budget: 10 of 150 is enough.
+        assert_eq!(next_early_gap(s(4), 10, 150), CT_GC_MIN_GAP);
     }
 
     #[test]
