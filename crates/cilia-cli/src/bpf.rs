@@ -109,20 +109,12 @@ pub async fn run(cmd: BpfCmd, client: &ApiClient, output: Output) -> anyhow::Res
                 "PACKETS",
                 "BYTES",
                 "EXPIRES",
-                "REPLY",
+                "STATE",
                 "REV",
                 "PROXY",
             ],
             |e| {
-                let reply = if e.denied {
-                    "REVOKED"
-                } else if e.closing {
-                    "closing"
-                } else if e.seen_reply {
-                    "yes"
-                } else {
-                    "no"
-                };
+                let state = ct_state(e);
                 cells(&[
                     &e.proto,
                     &e.source,
@@ -131,7 +123,7 @@ pub async fn run(cmd: BpfCmd, client: &ApiClient, output: Output) -> anyhow::Res
                     &e.packets,
                     &e.bytes,
                     &format!("{}s", e.expires_in),
-                    &reply,
+                    &state,
                     &e.policy_revision,
                     &e.proxy.as_deref().unwrap_or("-"),
                 ])
@@ -141,6 +133,21 @@ pub async fn run(cmd: BpfCmd, client: &ApiClient, output: Output) -> anyhow::Res
         BpfCmd::Policy(BpfPolicyCmd::Get { endpoint }) => {
             print_one(output, &client.bpf_policy(endpoint).await?, print_policy)
         }
+    }
+}
+
+/// A conntrack entry's state in one word: `revoked` (a policy change
+/// withdrew it: its packets are dropped), `closing` (a TCP flow that
+/// ended), `established` (a reply was seen), `new` (none yet).
+fn ct_state(e: &cilia_api::model::BpfCtEntry) -> &'static str {
+    if e.denied {
+        "revoked"
+    } else if e.closing {
+        "closing"
+    } else if e.seen_reply {
+        "established"
+    } else {
+        "new"
     }
 }
 
