@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::interface::CtGcReport;
+use crate::interface::{CtBudgetUse, CtGcReport};
 use aya::maps::{
     Array, ArrayOfMaps, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, MapInfo,
     PerCpuArray, RingBuf,
@@ -1499,7 +1499,20 @@ impl BpfDatapath {
     /// those the last GC saw: a new one can reach its budget within an
     /// interval.
     pub fn ct_pressure(&self) -> Result<bool, DatapathError> {
-        let threshold = pressure_threshold(self.ct_budget()?);
+        let used = self.ct_budget_use()?;
+        let threshold = pressure_threshold(used.budget);
+        let left = lock(&self.ct_left);
+        Ok(used
+            .held
+            .iter()
+            .any(|(id, n)| *n >= threshold && *n > left.get(id).copied().unwrap_or(0)))
+    }
+
+    /// The conntrack budget in force and what every local endpoint (and
+    /// slot 0, the flows node programs charge to no endpoint) holds
+    /// against it now, as the datapath counts it.
+    pub fn ct_budget_use(&self) -> Result<CtBudgetUse, DatapathError> {
+        let budget = self.ct_budget()?;
         let mut ids: BTreeSet<u16> = {
             let endpoints = lock(&self.endpoints);
             crate::batch::lookup_all::<EndpointKey, EndpointInfo>(endpoints.map().fd().as_fd())
@@ -1511,17 +1524,17 @@ impl BpfDatapath {
                 .collect()
         };
         ids.insert(0);
-        let left = lock(&self.ct_left).clone();
         let counts = lock(&self.ct_count);
+        let mut held = BTreeMap::new();
         for id in ids {
-            let now = counts
+            let n = counts
                 .get(&u32::from(id), 0)
                 .map_err(|e| DatapathError::map(MAP_CT_COUNT, e))?;
-            if now >= threshold && now > left.get(&id).copied().unwrap_or(0) {
-                return Ok(true);
+            if n > 0 {
+                held.insert(id, n);
             }
         }
-        Ok(false)
+        Ok(CtBudgetUse { budget, held })
     }
 
     /// Removes every conntrack entry an endpoint created or that has one of

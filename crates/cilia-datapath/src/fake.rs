@@ -86,6 +86,8 @@ pub struct FakeState {
     /// What [`Datapath::ct_pressure`] answers (cleared by a GC, as a GC
     /// resets the counts the real one compares with).
     pub ct_pressure: bool,
+    /// What [`Datapath::ct_budget_use`] reports each endpoint holds.
+    pub ct_held: BTreeMap<u16, u32>,
     /// What [`Datapath::test_run`] answers.
     pub test_verdict: u32,
     /// The node's tunnel settings, encoded.
@@ -577,6 +579,17 @@ impl Datapath for FakeDatapath {
     fn ct_pressure(&self) -> Result<bool, DatapathError> {
         self.enter("ct_pressure")?;
         Ok(self.state().ct_pressure)
+    }
+    fn ct_budget_use(&self) -> Result<crate::CtBudgetUse, DatapathError> {
+        self.enter("ct_budget_use")?;
+        let state = self.state();
+        Ok(crate::CtBudgetUse {
+            budget: match state.ct_budget {
+                0 => cilia_abi::CILIA_CT_BUDGET_DEFAULT,
+                b => b,
+            },
+            held: state.ct_held.clone(),
+        })
     }
     fn ct_live(&self) -> Option<u64> {
         self.state().ct_live

@@ -43,6 +43,17 @@ pub struct CtGcReport {
     pub closed_early: usize,
 }
 
+/// The per-endpoint conntrack budget in force and what endpoints hold
+/// against it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CtBudgetUse {
+    /// Entries one endpoint may hold.
+    pub budget: u32,
+    /// Endpoint id -> entries it holds (those holding none absent; 0:
+    /// flows charged to no local endpoint).
+    pub held: std::collections::BTreeMap<u16, u32>,
+}
+
 /// An endpoint's programs loaded and verified by
 /// [`Datapath::load_endpoint`], not yet attached; what is inside is the
 /// implementation's business.
@@ -187,6 +198,8 @@ pub trait Datapath: Send + Sync {
     /// Whether an endpoint nears its conntrack budget with entries a GC may
     /// free (see `BpfDatapath::ct_pressure`): cheap, asked between GCs.
     fn ct_pressure(&self) -> Result<bool, DatapathError>;
+    /// The budget in force and what each endpoint holds against it now.
+    fn ct_budget_use(&self) -> Result<CtBudgetUse, DatapathError>;
     /// Live entries as of the last [`Datapath::gc_conntrack`] (None before
     /// one): cheap, unlike walking the table.
     fn ct_live(&self) -> Option<u64>;
@@ -457,6 +470,9 @@ impl Datapath for BpfDatapath {
     }
     fn ct_pressure(&self) -> Result<bool, DatapathError> {
         BpfDatapath::ct_pressure(self)
+    }
+    fn ct_budget_use(&self) -> Result<CtBudgetUse, DatapathError> {
+        BpfDatapath::ct_budget_use(self)
     }
     fn ct_live(&self) -> Option<u64> {
         BpfDatapath::ct_live(self)

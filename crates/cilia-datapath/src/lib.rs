@@ -54,7 +54,7 @@ pub use endpoint::{
     LinkSwap, LoadedEndpoint, PolicyUpdate, RecreatedMap, PIN_ABI_VERSION,
 };
 pub use error::DatapathError;
-pub use interface::{CtGcReport, Datapath, LoadedPrograms};
+pub use interface::{CtBudgetUse, CtGcReport, Datapath, LoadedPrograms};
 pub use node::NodeLinks;
 pub use nodeport::NodePortOptions;
 pub use prefilter::{DeviceXdp, PrefilterLink, PrefilterMode, XdpFeatures};

@@ -83,7 +83,15 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
             })??;
     let summary = state.policy_summary.borrow().clone();
     let pools = state.pools.clone();
-    let ct_gc_runs = state.metrics.ct_gc_runs.get();
+    let ct_runs = (
+        state.metrics.ct_gc_runs.get(),
+        state.metrics.ct_gc_early.get(),
+        state.metrics.ct_gc_closed_early.get(),
+    );
+    let s = state.clone();
+    let ct_use = tokio::task::spawn_blocking(move || s.datapath.ct_budget_use())
+        .await
+        .map_err(|e| AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     let proxy = state.proxy.borrow().describe(state.proxy_port);
     // Map and link reads block: off the async workers, like the scrape.
     let s = state.clone();
@@ -184,7 +192,7 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
                 .fold(
                     subsystems(
                         &summary,
-                        ct_gc_runs,
+                        conntrack_subsystem(ct_runs, ct_use, snap.conntrack_entries),
                         &endpoints,
                         &snap,
                         monitor_level,
@@ -211,9 +219,66 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
     .map(Json)
 }
 
+/// The `conntrack` subsystem: the GC's work, and the endpoints near or at
+/// their budget by the datapath's counts now (at the budget, an
+/// endpoint's new flows are dropped: degraded). `runs`: GC runs, early
+/// ones, ended connections' entries collected early.
+fn conntrack_subsystem(
+    (runs, early, closed_early): (u64, u64, u64),
+    used: Result<cilia_datapath::CtBudgetUse, cilia_datapath::DatapathError>,
+    live: u64,
+) -> cilia_api::SubsystemStatus {
+    let mut detail = format!(
+        "{live} live entries at the last GC; {runs} GC runs ({early} early, near an \
+         endpoint's budget; {closed_early} entries of ended connections collected early)"
+    );
+    let mut errors = Vec::new();
+    match used {
+        Ok(used) => {
+            let who = |id: u16| {
+                if id == 0 {
+                    "flows charged to no endpoint".to_string()
+                } else {
+                    format!("endpoint {id}")
+                }
+            };
+            let near: Vec<String> = used
+                .held
+                .iter()
+                .filter(|(_, n)| **n < used.budget && **n >= used.budget - used.budget / 4)
+                .map(|(id, n)| format!("{} ({n})", who(*id)))
+                .collect();
+            detail.push_str(&format!("; budget {} entries per endpoint", used.budget));
+            if !near.is_empty() {
+                detail.push_str(&format!("; past three quarters of it: {}", near.join(", ")));
+            }
+            errors.extend(
+                used.held
+                    .iter()
+                    .filter(|(_, n)| **n >= used.budget)
+                    .map(|(id, n)| {
+                        format!(
+                            "{} holds {n} conntrack entries, its whole budget: its new flows are \
+                             dropped (Endpoint conntrack budget exhausted) until some end \
+                             (--ct-budget)",
+                            who(*id)
+                        )
+                    }),
+            );
+        }
+        Err(e) => errors.push(format!("reading the conntrack budget counts: {e}")),
+    }
+    cilia_api::SubsystemStatus {
+        name: "conntrack".into(),
+        status: if errors.is_empty() { "ok" } else { "degraded" }.into(),
+        detail,
+        errors,
+    }
+}
+
 fn subsystems(
     policy: &PolicySummary,
-    ct_gc_runs: u64,
+    conntrack: cilia_api::SubsystemStatus,
     endpoints: &[EndpointRecord],
     snap: &crate::metrics::Snapshot,
     monitor_level: u32,
@@ -295,15 +360,7 @@ fn subsystems(
             ),
             vec![],
         ),
-        sub(
-            "conntrack",
-            true,
-            format!(
-                "{} live entries at the last GC; {} GC runs",
-                snap.conntrack_entries, ct_gc_runs
-            ),
-            vec![],
-        ),
+        conntrack,
         sub(
             "bpf-maps",
             full.is_empty(),
@@ -317,4 +374,59 @@ fn subsystems(
 #[utoipa::path(get, path = "/v1/healthz", responses((status = 200, description = "agent is serving")))]
 pub(super) async fn healthz() -> &'static str {
     "ok"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget_use(held: &[(u16, u32)]) -> cilia_datapath::CtBudgetUse {
+        cilia_datapath::CtBudgetUse {
+            budget: 32768,
+            held: held.iter().copied().collect(),
+        }
+    }
+
+    #[test]
+    fn conntrack_names_endpoints_near_their_budget_and_degrades_at_it() {
+        let ok = conntrack_subsystem((7, 2, 900), Ok(budget_use(&[(3, 100)])), 40);
+        assert_eq!(ok.status, "ok");
+        assert!(ok.errors.is_empty());
+        assert!(ok.detail.contains("7 GC runs (2 early"), "{}", ok.detail);
+        assert!(ok.detail.contains("900 entries of ended"), "{}", ok.detail);
+        assert!(!ok.detail.contains("three quarters"), "{}", ok.detail);
+
+        let near = conntrack_subsystem(
+            (7, 2, 0),
+            Ok(budget_use(&[(0, 24576), (3, 24575), (4, 30000)])),
+            0,
+        );
+        assert_eq!(near.status, "ok");
+        assert!(
+            near.detail.contains(
+                "past three quarters of it: flows charged to no endpoint (24576), endpoint 4 (30000)"
+            ),
+            "{}",
+            near.detail
+        );
+
+        let full = conntrack_subsystem((7, 2, 0), Ok(budget_use(&[(4, 32768), (5, 1)])), 0);
+        assert_eq!(full.status, "degraded");
+        assert_eq!(full.errors.len(), 1);
+        assert!(
+            full.errors[0].starts_with("endpoint 4 holds 32768"),
+            "{:?}",
+            full.errors
+        );
+
+        let unread = conntrack_subsystem(
+            (7, 2, 0),
+            Err(cilia_datapath::DatapathError::NotAttached {
+                endpoint_id: 1,
+                pin: "/x".into(),
+            }),
+            0,
+        );
+        assert_eq!(unread.status, "degraded");
+    }
 }
