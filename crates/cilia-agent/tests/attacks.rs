@@ -201,7 +201,7 @@ fn a_flow_churning_endpoint_exhausts_only_its_own_conntrack_budget() {
         AgentOptions::default(),
         &[("CILIA_CT_BUDGET", &BUDGET.to_string())],
     );
-    let [(srv, server), (churn, _), (victim, _)] =
+    let [(srv, server), (churn, churner), (victim, _)] =
         endpoints(&agent, ["app=server", "app=churn", "app=victim"]);
     let ip = ip_of(&server, "ipv4");
 
@@ -262,6 +262,21 @@ fn a_flow_churning_endpoint_exhausts_only_its_own_conntrack_budget() {
         drops.contains("Endpoint conntrack budget exhausted"),
         "the refused flows are observed by name"
     );
+    // And `cilia status` names the endpoint at its budget.
+    let status = agent.cli_json(&["status"]);
+    let ct = status["subsystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "conntrack")
+        .unwrap()
+        .clone();
+    assert_eq!(ct["status"], "degraded", "{ct}");
+    let at_budget = format!(
+        "endpoint {} holds {BUDGET} conntrack entries",
+        churner["id"]
+    );
+    assert!(ct["errors"].to_string().contains(&at_budget), "{ct}");
 }
 
 /// A raw ICMPv6 socket in `ns` (the kernel fills in the checksum and the
