@@ -16,11 +16,15 @@ use crate::inspect::{bpf, put_u32, Attr};
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
-/// Entries per lookup call: large enough that a walk of the conntrack
+/// Entries per call at most: large enough that a walk of a full conntrack
 /// table takes a few dozen calls, small enough that its buffers stay in
 /// the cache. A hash map's call must fit its largest bucket (it fails with
 /// `ENOSPC` otherwise): buckets hold a handful of entries.
 const CHUNK: usize = 4096;
+/// Entries of a walk's first call; each full call doubles the next, up to
+/// [`CHUNK`]: a walk of a small map (the endpoints map, read twice a
+/// second by the conntrack pressure check) allocates little.
+const FIRST_CHUNK: usize = 256;
 
 fn put_ptr<T>(attr: &mut Attr, off: usize, p: *const T) {
     attr[off..off + 8].copy_from_slice(&(p as u64).to_ne_bytes());
@@ -36,8 +40,9 @@ pub(crate) fn lookup_all<K: Copy + Default, V: Copy + Default>(
     fd: BorrowedFd<'_>,
 ) -> std::io::Result<Vec<(K, V)>> {
     let mut out = Vec::new();
-    let mut keys = vec![K::default(); CHUNK];
-    let mut values = vec![V::default(); CHUNK];
+    let mut chunk = FIRST_CHUNK;
+    let mut keys = vec![K::default(); chunk];
+    let mut values = vec![V::default(); chunk];
     // The position tokens: a bucket index for a hash map, a key for an
     // array; both fit in 8 bytes.
     let mut position = [0u64; 2];
@@ -52,7 +57,7 @@ pub(crate) fn lookup_all<K: Copy + Default, V: Copy + Default>(
         put_ptr(&mut attr, 8, std::ptr::addr_of_mut!(position[1]));
         put_ptr(&mut attr, 16, keys.as_mut_ptr());
         put_ptr(&mut attr, 24, values.as_mut_ptr());
-        put_u32(&mut attr, 32, CHUNK as u32);
+        put_u32(&mut attr, 32, chunk as u32);
         put_u32(&mut attr, 36, fd.as_raw_fd() as u32);
         let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
         let done = match result {
@@ -61,13 +66,18 @@ pub(crate) fn lookup_all<K: Copy + Default, V: Copy + Default>(
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
             Err(e) => return Err(e),
         };
-        let n = count_of(&attr).min(CHUNK);
+        let n = count_of(&attr).min(chunk);
         out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
         if done {
             return Ok(out);
         }
         position[0] = position[1];
         first = false;
+        if n == chunk && chunk < CHUNK {
+            chunk = (chunk * 2).min(CHUNK);
+            keys.resize(chunk, K::default());
+            values.resize(chunk, V::default());
+        }
     }
 }
 
