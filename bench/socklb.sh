@@ -76,8 +76,10 @@ for ns in "${NSS[@]}"; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
 
 # --ct-budget: the client endpoint opens thousands of connections per
 # second; each leaves its conntrack entries counted against the endpoint's
-# budget (default 32768) for up to 20 s (10 s close timeout, then the next
-# GC pass), so the default budget would drop new flows mid-measurement.
+# budget until a GC removes them. Near the default budget (32768) the agent
+# collects early, a walk of the table every second, whose CPU would be
+# measured as cilia's: a budget the client never nears keeps the GC on its
+# interval.
 start_agent() { # start_agent on|off
   nsenter --net="/run/netns/$P-node" "$BIN/cilia-agent" --state-dir "$RUN/state" --bpf-root "$BPF" \
     --socket "$SOCK" --metrics-addr off --ipv6-range fd00:c1d::/112 --ipv4-range 10.203.0.0/24 \
