@@ -88,6 +88,12 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
         state.metrics.ct_gc_early.get(),
         state.metrics.ct_gc_closed_early.get(),
     );
+    let ct_gc_error = state
+        .metrics
+        .ct_gc_error
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone();
     let s = state.clone();
     let ct_use = tokio::task::spawn_blocking(move || s.datapath.ct_budget_use())
         .await
@@ -192,7 +198,7 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
                 .fold(
                     subsystems(
                         &summary,
-                        conntrack_subsystem(ct_runs, ct_use, snap.conntrack_entries),
+                        conntrack_subsystem(ct_runs, ct_use, ct_gc_error, snap.conntrack_entries),
                         &endpoints,
                         &snap,
                         monitor_level,
@@ -226,6 +232,7 @@ pub(super) async fn status(State(state): State<Shared>) -> Result<Json<Status>, 
 fn conntrack_subsystem(
     (runs, early, closed_early): (u64, u64, u64),
     used: Result<cilia_datapath::CtBudgetUse, cilia_datapath::DatapathError>,
+    gc_error: Option<String>,
     live: u64,
 ) -> cilia_api::SubsystemStatus {
     let mut detail = format!(
@@ -233,6 +240,12 @@ fn conntrack_subsystem(
          endpoint's budget; {closed_early} entries of ended connections collected early)"
     );
     let mut errors = Vec::new();
+    if let Some(e) = gc_error {
+        errors.push(format!(
+            "the last conntrack GC failed ({e}): expired entries stay and budgets are not \
+             given back until one succeeds"
+        ));
+    }
     match used {
         Ok(used) => {
             let who = |id: u16| {
@@ -389,7 +402,7 @@ mod tests {
 
     #[test]
     fn conntrack_names_endpoints_near_their_budget_and_degrades_at_it() {
-        let ok = conntrack_subsystem((7, 2, 900), Ok(budget_use(&[(3, 100)])), 40);
+        let ok = conntrack_subsystem((7, 2, 900), Ok(budget_use(&[(3, 100)])), None, 40);
         assert_eq!(ok.status, "ok");
         assert!(ok.errors.is_empty());
         assert!(ok.detail.contains("7 GC runs (2 early"), "{}", ok.detail);
@@ -399,6 +412,7 @@ mod tests {
         let near = conntrack_subsystem(
             (7, 2, 0),
             Ok(budget_use(&[(0, 24576), (3, 24575), (4, 30000)])),
+            None,
             0,
         );
         assert_eq!(near.status, "ok");
@@ -410,7 +424,7 @@ mod tests {
             near.detail
         );
 
-        let full = conntrack_subsystem((7, 2, 0), Ok(budget_use(&[(4, 32768), (5, 1)])), 0);
+        let full = conntrack_subsystem((7, 2, 0), Ok(budget_use(&[(4, 32768), (5, 1)])), None, 0);
         assert_eq!(full.status, "degraded");
         assert_eq!(full.errors.len(), 1);
         assert!(
@@ -425,8 +439,22 @@ mod tests {
                 endpoint_id: 1,
                 pin: "/x".into(),
             }),
+            None,
             0,
         );
         assert_eq!(unread.status, "degraded");
+
+        let failing = conntrack_subsystem(
+            (7, 2, 0),
+            Ok(budget_use(&[])),
+            Some("map cilia_ct: bpf_map_lookup_batch failed".into()),
+            0,
+        );
+        assert_eq!(failing.status, "degraded");
+        assert!(
+            failing.errors[0].starts_with("the last conntrack GC failed (map cilia_ct"),
+            "{:?}",
+            failing.errors
+        );
     }
 }

@@ -67,6 +67,11 @@ pub struct AgentMetrics {
     /// Entries of ended TCP connections a GC removed before their close
     /// timeout because their endpoint neared its budget.
     pub ct_gc_closed_early: Counter,
+    /// Conntrack GC runs that failed, and the last one's error while no
+    /// run has succeeded since (`cilia status` shows it: expired entries
+    /// stay and budgets are not given back meanwhile).
+    pub ct_gc_failures: Counter,
+    pub ct_gc_error: std::sync::Arc<std::sync::Mutex<Option<String>>>,
     pub verdicts: Family<Labels, Counter>,
     /// Events the monitor decoded, by type (and drop reason).
     pub events: Family<Labels, Counter>,
@@ -92,6 +97,8 @@ impl Default for AgentMetrics {
             ct_gc_deleted: Counter::default(),
             ct_gc_early: Counter::default(),
             ct_gc_closed_early: Counter::default(),
+            ct_gc_failures: Counter::default(),
+            ct_gc_error: Default::default(),
             verdicts: Family::default(),
             events: Family::default(),
             aggregated: Family::default(),
@@ -293,7 +300,19 @@ pub fn collect_conntrack_garbage(
     dp: &dyn cilia_datapath::Datapath,
     m: &AgentMetrics,
 ) -> Result<usize, cilia_datapath::DatapathError> {
-    let report = dp.gc_conntrack()?;
+    let report = match dp.gc_conntrack() {
+        Ok(report) => report,
+        Err(e) => {
+            m.ct_gc_failures.inc();
+            *m.ct_gc_error
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(e.to_string());
+            return Err(e);
+        }
+    };
+    *m.ct_gc_error
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
     m.ct_gc_runs.inc();
     m.ct_gc_deleted.inc_by(report.expired as u64);
     m.ct_gc_closed_early.inc_by(report.closed_early as u64);
@@ -534,6 +553,11 @@ pub fn render(snap: &Snapshot, m: &AgentMetrics) -> String {
         "Conntrack entries of ended TCP connections removed before their close timeout because their endpoint neared its conntrack budget",
         m.ct_gc_closed_early.clone(),
     );
+    reg.register(
+        "conntrack_gc_failures",
+        "Conntrack garbage collection runs that failed (expired entries stay, budgets are not given back)",
+        m.ct_gc_failures.clone(),
+    );
 
     reg.register(
         "node_health_reachable",
@@ -591,6 +615,22 @@ fn heap_bytes() -> Vec<(&'static str, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_conntrack_gc_is_counted_and_kept_until_one_succeeds() {
+        let dp = cilia_datapath::fake::FakeDatapath::new();
+        let m = AgentMetrics::default();
+        dp.fail_next("gc_conntrack", 2);
+        for failures in 1..=2 {
+            assert!(collect_conntrack_garbage(&dp, &m).is_err());
+            assert_eq!(m.ct_gc_failures.get(), failures);
+            assert!(m.ct_gc_error.lock().unwrap().is_some());
+        }
+        assert_eq!(m.ct_gc_runs.get(), 0);
+        collect_conntrack_garbage(&dp, &m).unwrap();
+        assert_eq!(m.ct_gc_runs.get(), 1);
+        assert_eq!(*m.ct_gc_error.lock().unwrap(), None, "cleared by a success");
+    }
 
     #[test]
     fn exposition_names_are_in_the_cilia_namespace_with_units() {
