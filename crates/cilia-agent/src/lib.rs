@@ -60,6 +60,8 @@ pub struct AgentConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Conntrack entries one endpoint may hold (0: CILIA_CT_BUDGET_DEFAULT).
     pub ct_budget: u32,
+    /// Entries of the conntrack table (`DatapathOptions::ct_max`).
+    pub ct_max: u32,
     /// Port of the L7 proxy's transparent listeners.
     pub proxy_port: u16,
     /// The `cilia-proxy` executable (`None`: beside the agent's own).
@@ -470,7 +472,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             .context("--ipv4-range")?,
     };
     let store = store::Store::open(&config.state_dir.join(paths::STATE_DB))?;
-    let datapath = cilia_datapath::BpfDatapath::open(&config.bpf_root)?;
+    let datapath = cilia_datapath::BpfDatapath::open_with(
+        &config.bpf_root,
+        &cilia_datapath::DatapathOptions {
+            ct_max: config.ct_max,
+        },
+    )?;
     datapath
         .set_ct_budget(config.ct_budget)
         .context("setting the conntrack budget")?;

@@ -43,9 +43,16 @@ struct Args {
     metrics_addr: String,
     /// Conntrack entries one endpoint may hold; its new flows beyond are
     /// dropped ("Endpoint conntrack budget exhausted"). 0: the built-in
-    /// default (32768, an eighth of the table).
+    /// default (32768, an eighth of the default table).
     #[arg(long, env = "CILIA_CT_BUDGET", default_value_t = 0)]
     ct_budget: u32,
+    /// Entries of the node's conntrack table, all endpoints together
+    /// (1024..=16777216; preallocated, ~170 bytes of kernel memory each).
+    /// A table pinned at another size is recreated empty at start:
+    /// established flows then meet policy again as new ones.
+    #[arg(long, env = "CILIA_CT_MAX", default_value_t = cilia_abi::CILIA_CT_MAX,
+          value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    ct_max: u32,
     /// Port of the L7 proxy's transparent listeners (IPv4 and IPv6) in this
     /// network namespace; the proxy runs only while a policy has HTTP rules.
     #[arg(long, env = "CILIA_PROXY_PORT", default_value_t = cilia_proxy::control::DEFAULT_PROXY_PORT,
@@ -272,6 +279,7 @@ async fn agent_main() {
         flow_buffer_size: args.flow_buffer_size,
         metrics_addr,
         ct_budget: args.ct_budget,
+        ct_max: args.ct_max,
         proxy_port: args.proxy_port,
         proxy_bin: args.proxy_bin,
         lb_maglev_table_size: args.lb_maglev_table_size,

@@ -308,6 +308,39 @@ fn steady_short_connections_are_not_held_to_the_gc_interval() {
     assert!(closed > 0.0, "closed entries were collected early");
 }
 
+/// `--ct-max` sizes the node's conntrack table: the endpoint programs,
+/// whose object declares the default size, use the table the agent
+/// pinned, and status reports its capacity.
+#[test]
+fn a_conntrack_table_sized_by_configuration_carries_traffic() {
+    privileged!("ct_max_configured");
+    let agent = TestAgent::start_with_env(AgentOptions::default(), &[("CILIA_CT_MAX", "4096")]);
+    let (c1, c2) = (Netns::new("cep").unwrap(), Netns::new("cep").unwrap());
+    agent.create_endpoint(&c1, "app=a");
+    let b = agent.create_endpoint(&c2, "app=b");
+    for family in ["ipv6", "ipv4"] {
+        tcp_echo(&c2, &c1, ip_of(&b, family));
+    }
+    let status = agent.cli_json(&["status"]);
+    let ct = status["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["map"] == "cilia_ct")
+        .unwrap()
+        .clone();
+    assert_eq!(ct["capacity"], 4096, "{ct}");
+    // The flows are in the table the agent pinned (and reads back).
+    let flows = agent.cli_json(&["bpf", "ct", "list"]);
+    let tcp = flows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["proto"] == "TCP")
+        .count();
+    assert!(tcp >= 2, "{flows}");
+}
+
 #[test]
 fn ipv6_only_agent_gives_endpoints_no_ipv4() {
     privileged!("ipv6_only_agent");

@@ -168,6 +168,8 @@ pub struct BpfDatapath {
     events: Mutex<Option<RingBuf<MapData>>>,
     /// Pinned maps found incompatible at open and recreated.
     recreated: Vec<RecreatedMap>,
+    /// The conntrack table's size (`DatapathOptions::ct_max`).
+    ct_max: u32,
     /// The XDP prefilter's maps (`bpf/xdp.c`).
     pub(crate) prefilter: crate::prefilter::PrefilterMaps,
     /// Tags of this build's from- and to-container programs, learnt from
@@ -187,6 +189,42 @@ pub const PIN_ABI_VERSION: u32 = 4;
 
 /// Pin of the ABI version array (not part of the BPF object).
 const MAP_ABI: &str = "cilia_abi";
+
+/// Sizes of the shared maps that configuration sets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatapathOptions {
+    /// Entries of the conntrack table (`cilia_ct`), for all endpoints and
+    /// node programs together; default `CILIA_CT_MAX` (262,144). The table
+    /// is preallocated: about 170 bytes of kernel memory an entry.
+    pub ct_max: u32,
+}
+
+impl Default for DatapathOptions {
+    fn default() -> Self {
+        Self {
+            ct_max: cilia_abi::CILIA_CT_MAX,
+        }
+    }
+}
+
+/// The least and the most conntrack entries `DatapathOptions::ct_max`
+/// takes: below, a node of a few endpoints runs out; above, the
+/// preallocated table takes gigabytes of kernel memory.
+pub const CT_MAX_RANGE: std::ops::RangeInclusive<u32> = 1024..=16_777_216;
+
+impl DatapathOptions {
+    fn check(&self) -> Result<(), DatapathError> {
+        if CT_MAX_RANGE.contains(&self.ct_max) {
+            return Ok(());
+        }
+        Err(DatapathError::Config(format!(
+            "conntrack table size {} is out of range {}..={}",
+            self.ct_max,
+            CT_MAX_RANGE.start(),
+            CT_MAX_RANGE.end()
+        )))
+    }
+}
 
 /// A pinned map that did not match this build and was recreated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -321,6 +359,16 @@ pub(crate) fn pin_mismatch(
     path: &Path,
     want: &aya_obj::Map,
 ) -> Result<Option<String>, DatapathError> {
+    pin_mismatch_sized(path, want, want.max_entries())
+}
+
+/// [`pin_mismatch`] against `max_entries` instead of the object's (a map
+/// sized by configuration).
+fn pin_mismatch_sized(
+    path: &Path,
+    want: &aya_obj::Map,
+    max_entries: u32,
+) -> Result<Option<String>, DatapathError> {
     let name = path.display().to_string();
     let info = MapInfo::from_pin(path).map_err(|e| DatapathError::map(&name, e))?;
     let found_type = info
@@ -337,7 +385,7 @@ pub(crate) fn pin_mismatch(
         diffs.push(format!("type {found_type}, expected {want_type}"));
     }
     for (what, found, want) in [
-        ("max_entries", info.max_entries(), want.max_entries()),
+        ("max_entries", info.max_entries(), max_entries),
         ("key size", info.key_size(), want.key_size()),
         ("value size", info.value_size(), want.value_size()),
     ] {
@@ -386,7 +434,10 @@ fn pin_abi_version(maps_dir: &Path) -> Result<(), DatapathError> {
 /// mismatch is migrated: the pin is removed and the loader creates the
 /// map afresh. The caller must then re-attach every endpoint, since
 /// attached programs still use the old maps. Returns what was recreated.
-fn migrate_pins(maps_dir: &Path) -> Result<Vec<RecreatedMap>, DatapathError> {
+fn migrate_pins(
+    maps_dir: &Path,
+    options: &DatapathOptions,
+) -> Result<Vec<RecreatedMap>, DatapathError> {
     let object = aya_obj::Object::parse(LXC_OBJECT).map_err(|e| DatapathError::BpfRoot {
         path: maps_dir.to_path_buf(),
         reason: format!("parsing the embedded lxc.o: {e}"),
@@ -411,6 +462,9 @@ fn migrate_pins(maps_dir: &Path) -> Result<Vec<RecreatedMap>, DatapathError> {
         }
         let reason = match (&version_reason, object.maps.get(spec.name)) {
             (Some(r), _) => Some(r.clone()),
+            (None, Some(want)) if spec.name == MAP_CT => {
+                pin_mismatch_sized(&path, want, options.ct_max)?
+            }
             (None, Some(want)) => pin_mismatch(&path, want)?,
             (None, None) => return Err(DatapathError::MissingMap(spec.name)),
         };
@@ -450,16 +504,26 @@ fn mkdir(path: &Path) -> Result<(), DatapathError> {
 impl BpfDatapath {
     /// Opens (creating and pinning on first use) the shared maps under `root`.
     pub fn open(root: &Path) -> Result<Self, DatapathError> {
+        Self::open_with(root, &DatapathOptions::default())
+    }
+
+    /// [`Self::open`] with maps sized by `options`. A pinned map of
+    /// another size is recreated (see [`Self::recreated_maps`]): a new
+    /// conntrack size starts the table empty.
+    pub fn open_with(root: &Path, options: &DatapathOptions) -> Result<Self, DatapathError> {
+        options.check()?;
         ensure_bpffs(root)?;
         let maps_dir = root.join("maps");
         mkdir(&maps_dir)?;
         mkdir(&root.join("links"))?;
         mkdir(&root.join("node"))?;
-        let recreated = migrate_pins(&maps_dir)?;
+        let recreated = migrate_pins(&maps_dir, options)?;
         // Loading the object creates (or reuses) and pins the shared maps;
-        // its program is never loaded here.
+        // its program is never loaded here. Later loads (endpoint and node
+        // programs) reuse the pins, whatever size their object declares.
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
+            .map_max_entries(MAP_CT, options.ct_max)
             .load(LXC_OBJECT)?;
         let endpoints = ebpf
             .take_map(MAP_ENDPOINTS)
@@ -535,6 +599,7 @@ impl BpfDatapath {
             ),
             lb,
             recreated,
+            ct_max: options.ct_max,
             prefilter: crate::prefilter::PrefilterMaps::open(&maps_dir)?,
             build_tags: std::sync::OnceLock::new(),
             generic: crate::generic::GenericSlot::default(),
@@ -1564,6 +1629,11 @@ impl BpfDatapath {
     /// Live conntrack entries counted by this handle's last [`Self::gc_ct`].
     pub fn ct_live(&self) -> Option<u64> {
         *lock(&self.ct_live)
+    }
+
+    /// Entries the conntrack table holds at most.
+    pub fn ct_capacity(&self) -> u32 {
+        self.ct_max
     }
 
     /// Conntrack entries an endpoint currently holds against its budget.

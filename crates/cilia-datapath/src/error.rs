@@ -36,6 +36,9 @@ pub enum DatapathError {
         found: u32,
         expected: u32,
     },
+    /// A datapath setting out of its range (`DatapathOptions`).
+    #[error("datapath configuration: {0}")]
+    Config(String),
     #[error("map {0} is missing from the BPF object")]
     MissingMap(&'static str),
     #[error("the generic endpoint program is not available on this kernel: {0}")]

@@ -580,6 +580,9 @@ impl Datapath for FakeDatapath {
         self.enter("ct_pressure")?;
         Ok(self.state().ct_pressure)
     }
+    fn ct_capacity(&self) -> u32 {
+        cilia_abi::CILIA_CT_MAX
+    }
     fn ct_budget_use(&self) -> Result<crate::CtBudgetUse, DatapathError> {
         self.enter("ct_budget_use")?;
         let state = self.state();

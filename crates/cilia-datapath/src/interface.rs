@@ -200,6 +200,8 @@ pub trait Datapath: Send + Sync {
     fn ct_pressure(&self) -> Result<bool, DatapathError>;
     /// The budget in force and what each endpoint holds against it now.
     fn ct_budget_use(&self) -> Result<CtBudgetUse, DatapathError>;
+    /// Entries the conntrack table holds at most.
+    fn ct_capacity(&self) -> u32;
     /// Live entries as of the last [`Datapath::gc_conntrack`] (None before
     /// one): cheap, unlike walking the table.
     fn ct_live(&self) -> Option<u64>;
@@ -473,6 +475,9 @@ impl Datapath for BpfDatapath {
     }
     fn ct_budget_use(&self) -> Result<CtBudgetUse, DatapathError> {
         BpfDatapath::ct_budget_use(self)
+    }
+    fn ct_capacity(&self) -> u32 {
+        BpfDatapath::ct_capacity(self)
     }
     fn ct_live(&self) -> Option<u64> {
         BpfDatapath::ct_live(self)

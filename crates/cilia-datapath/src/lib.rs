@@ -50,8 +50,8 @@ pub mod socklb;
 pub mod testrun;
 
 pub use endpoint::{
-    datapath_clock_ns, monotonic_ns, BpfDatapath, EndpointLoader, EndpointReload, LinkCheck,
-    LinkSwap, LoadedEndpoint, PolicyUpdate, RecreatedMap, PIN_ABI_VERSION,
+    datapath_clock_ns, monotonic_ns, BpfDatapath, DatapathOptions, EndpointLoader, EndpointReload,
+    LinkCheck, LinkSwap, LoadedEndpoint, PolicyUpdate, RecreatedMap, CT_MAX_RANGE, PIN_ABI_VERSION,
 };
 pub use error::DatapathError;
 pub use interface::{CtBudgetUse, CtGcReport, Datapath, LoadedPrograms};

@@ -8,7 +8,7 @@
 use cilia_abi::*;
 use cilia_datapath::packet::*;
 use cilia_datapath::testrun::{TestProgram, TC_ACT_REDIRECT};
-use cilia_datapath::{datapath_clock_ns, CtGcReport};
+use cilia_datapath::{datapath_clock_ns, BpfDatapath, CtGcReport, DatapathOptions};
 
 mod common;
 use common::fixture::*;
@@ -192,4 +192,48 @@ fn near_its_budget_an_endpoint_loses_its_idle_closed_connections_first() {
     assert_eq!(left.len(), 14);
     // Under three quarters now: a second run leaves the rest alone.
     assert_eq!(fx.dp.gc_ct().unwrap(), CtGcReport::default());
+}
+
+#[test]
+fn the_conntrack_table_takes_its_configured_size_and_a_new_size_recreates_it() {
+    privileged!("ct_max");
+    let root = cilia_testnet::BpfRoot::new();
+    let small = DatapathOptions { ct_max: 4096 };
+    let dp = BpfDatapath::open_with(root.path(), &small).unwrap();
+    assert_eq!(dp.ct_capacity(), 4096);
+    for i in 0..4096 {
+        dp.insert_ct(key(i), CtValue::default()).unwrap();
+    }
+    assert!(
+        dp.insert_ct(key(4096), CtValue::default()).is_err(),
+        "full at 4096"
+    );
+    drop(dp);
+    // The same size again: the table and its entries stay.
+    let dp = BpfDatapath::open_with(root.path(), &small).unwrap();
+    assert!(dp.recreated_maps().is_empty());
+    assert_eq!(dp.list_ct().unwrap().len(), 4096);
+    drop(dp);
+    // Another size: recreated empty, saying why.
+    let dp = BpfDatapath::open(root.path()).unwrap();
+    assert_eq!(dp.ct_capacity(), CILIA_CT_MAX);
+    let ct = dp
+        .recreated_maps()
+        .iter()
+        .find(|m| m.name == "cilia_ct")
+        .expect("cilia_ct recreated");
+    assert!(
+        ct.reason.contains("max_entries 4096, expected 262144"),
+        "{}",
+        ct.reason
+    );
+    assert!(dp.list_ct().unwrap().is_empty());
+    // Out of range: refused, naming the range.
+    let err = BpfDatapath::open_with(root.path(), &DatapathOptions { ct_max: 10 })
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string().contains("out of range 1024..=16777216"),
+        "{err}"
+    );
 }

@@ -220,7 +220,7 @@ pub fn datapath_part(
                 ipcache,
                 u64::from(cilia_abi::CILIA_IPCACHE_MAX),
             ),
-            ("cilia_ct".into(), ct, u64::from(cilia_abi::CILIA_CT_MAX)),
+            ("cilia_ct".into(), ct, u64::from(dp.ct_capacity())),
             (
                 "policy (fullest endpoint)".into(),
                 policy_max,
