@@ -229,9 +229,9 @@ fn the_conntrack_table_takes_its_configured_size_and_a_new_size_recreates_it() {
     );
     assert!(dp.list_ct().unwrap().is_empty());
     // Out of range: refused, naming the range.
-    let err = BpfDatapath::open_with(root.path(), &DatapathOptions { ct_max: 10 })
-        .err()
-        .expect("refused");
+    let Err(err) = BpfDatapath::open_with(root.path(), &DatapathOptions { ct_max: 10 }) else {
+        panic!("a table of 10 entries is refused");
+    };
     assert!(
         err.to_string().contains("out of range 1024..=16777216"),
         "{err}"
