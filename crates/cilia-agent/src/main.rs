@@ -47,7 +47,7 @@ struct Args {
     #[arg(long, env = "CILIA_CT_BUDGET", default_value_t = 0)]
     ct_budget: u32,
     /// Entries of the node's conntrack table, all endpoints together
-    /// (1024..=16777216; preallocated, ~170 bytes of kernel memory each).
+    /// (1024..=16777216; preallocated, ~150 bytes of kernel memory each, 40 MB at the default).
     /// A table pinned at another size is recreated empty at start:
     /// established flows then meet policy again as new ones.
     #[arg(long, env = "CILIA_CT_MAX", default_value_t = cilia_abi::CILIA_CT_MAX,

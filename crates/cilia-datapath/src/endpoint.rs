@@ -195,7 +195,7 @@ const MAP_ABI: &str = "cilia_abi";
 pub struct DatapathOptions {
     /// Entries of the conntrack table (`cilia_ct`), for all endpoints and
     /// node programs together; default `CILIA_CT_MAX` (262,144). The table
-    /// is preallocated: about 170 bytes of kernel memory an entry.
+    /// is preallocated: about 150 bytes of kernel memory an entry (40 MB at the default).
     pub ct_max: u32,
 }
 
