@@ -899,9 +899,14 @@ impl BpfDatapath {
                 .maps
                 .get(spec.name)
                 .ok_or(DatapathError::MissingMap(spec.name))?;
+            let max_entries = if spec.name == MAP_CT {
+                self.ct_max
+            } else {
+                want.max_entries()
+            };
             if !path.exists() {
                 problems.push(format!("{}: pin missing", spec.name));
-            } else if let Some(reason) = pin_mismatch(&path, want)? {
+            } else if let Some(reason) = pin_mismatch_sized(&path, want, max_entries)? {
                 problems.push(format!("{}: {reason}", spec.name));
             }
         }

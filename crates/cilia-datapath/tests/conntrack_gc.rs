@@ -213,6 +213,8 @@ fn the_conntrack_table_takes_its_configured_size_and_a_new_size_recreates_it() {
     let dp = BpfDatapath::open_with(root.path(), &small).unwrap();
     assert!(dp.recreated_maps().is_empty());
     assert_eq!(dp.list_ct().unwrap().len(), 4096);
+    // A datapath reload's check takes the configured size as the right one.
+    dp.check_pins().unwrap();
     drop(dp);
     // Another size: recreated empty, saying why.
     let dp = BpfDatapath::open(root.path()).unwrap();
