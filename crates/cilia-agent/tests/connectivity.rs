@@ -339,6 +339,9 @@ fn a_conntrack_table_sized_by_configuration_carries_traffic() {
         .filter(|e| e["proto"] == "TCP")
         .count();
     assert!(tcp >= 2, "{flows}");
+    // A datapath reload keeps the table as configured.
+    agent.cli_ok(&["datapath", "reload"]);
+    tcp_echo(&c2, &c1, ip_of(&b, "ipv4"));
 }
 
 #[test]
