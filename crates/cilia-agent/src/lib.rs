@@ -390,7 +390,8 @@ pub fn trim_allocator() {
 /// How often expired conntrack entries are removed and budgets recounted.
 const CT_GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 /// How often the datapath is asked whether an endpoint nears its budget
-/// (a read of the budget counts of the endpoints that held entries).
+/// (a walk of the endpoints map and a read of each local endpoint's
+/// budget count).
 const CT_PRESSURE_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
 /// The least time between two GCs, early ones included: a walk of a full
 /// table costs tens of milliseconds.
