@@ -12,6 +12,11 @@
  *   floor_ct40   one hash lookup with the conntrack key of bpf/lib (40 bytes)
  *   floor_ct16   one hash lookup with an IPv4-only key (16 bytes)
  *
+ * And to the node's stack (no rewrite, no redirect: TC_ACT_OK):
+ *
+ *   floor_stack40  one hash lookup with the 40-byte key, the entry's
+ *                  deadline and counters refreshed
+ *
  * And the least a *new* flow must cost (every run a flow of its own):
  *
  *   floor_new_ct      a conntrack miss, then the entry's insert, then the
@@ -23,7 +28,9 @@
  *                     policy-drop floor: no insert, no delivery)
  *
  * The bench seeds floor_ipcache_map and floor_policy_map and empties
- * floor_new_ct_map between rounds (TestProgram::new_flow_floor).
+ * floor_new_ct_map between rounds (TestProgram::new_flow_floor). Every
+ * floor reads the clock as the datapath does (cil_now() in lib/maps.h), from
+ * floor_clock, which its loader fills with the same calibration.
  */
 #include "lib/common.h"
 
@@ -74,6 +81,24 @@ struct {
 	__type(value, struct policy_value);
 } floor_policy_map SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct clock_config);
+} floor_clock SEC(".maps");
+
+/* cil_now() of lib/maps.h on floor_clock. */
+static __always_inline __u64 floor_now(void)
+{
+	__u32 zero = 0;
+	struct clock_config *c = bpf_map_lookup_elem(&floor_clock, &zero);
+
+	if (c && c->tick_ns)
+		return bpf_jiffies64() * c->tick_ns + c->base_ns;
+	return bpf_ktime_get_coarse_ns();
+}
+
 /* The delivery an entry would name: the peer's ifindex and MACs. */
 #define FLOOR_IFINDEX 4242
 static const __u8 floor_mac[ETH_ALEN] = {0x0a, 0, 0, 0, 0, 1};
@@ -96,7 +121,7 @@ static __always_inline int floor_deliver(struct ethhdr *eth, struct iphdr *ip)
 	return bpf_redirect_peer(FLOOR_IFINDEX, 0);
 }
 
-enum floor_kind { FLOOR_PARSE, FLOOR_CT40, FLOOR_CT16 };
+enum floor_kind { FLOOR_PARSE, FLOOR_CT40, FLOOR_CT16, FLOOR_STACK40 };
 
 static __always_inline int floor_run(struct __sk_buff *skb, enum floor_kind kind)
 {
@@ -109,7 +134,7 @@ static __always_inline int floor_run(struct __sk_buff *skb, enum floor_kind kind
 
 	if ((void *)(ports + 2) > data_end || eth->h_proto != bpf_htons(ETH_P_IP) || ip->ihl != 5)
 		return TC_ACT_OK;
-	if (kind == FLOOR_CT40) {
+	if (kind == FLOOR_CT40 || kind == FLOOR_STACK40) {
 		struct ct_key key = {.sport = ports[0], .dport = ports[1], .proto = ip->protocol};
 
 		__builtin_memcpy(key.saddr, &ip->saddr, 4);
@@ -134,9 +159,11 @@ static __always_inline int floor_run(struct __sk_buff *skb, enum floor_kind kind
 			return TC_ACT_OK;
 		}
 	}
-	ct->expires = cil_now() + 60 * NSEC_PER_SEC;
+	ct->expires = floor_now() + 60 * NSEC_PER_SEC;
 	ct->packets += 1;
 	ct->bytes += skb->len;
+	if (kind == FLOOR_STACK40)
+		return TC_ACT_OK;
 	return floor_deliver(eth, ip);
 }
 
@@ -182,7 +209,7 @@ static __always_inline int floor_new(struct __sk_buff *skb, int with_policy)
 		if (!verdict || verdict->verdict != CILIA_VERDICT_ALLOW)
 			return TC_ACT_SHOT;
 	}
-	fresh.expires = cil_now() + 60 * NSEC_PER_SEC;
+	fresh.expires = floor_now() + 60 * NSEC_PER_SEC;
 	fresh.bytes = skb->len;
 	if (bpf_map_update_elem(&floor_new_ct_map, &key, &fresh, BPF_NOEXIST) < 0)
 		return TC_ACT_SHOT;
@@ -217,6 +244,12 @@ SEC("classifier")
 int floor_ct16(struct __sk_buff *skb)
 {
 	return floor_run(skb, FLOOR_CT16);
+}
+
+SEC("classifier")
+int floor_stack40(struct __sk_buff *skb)
+{
+	return floor_run(skb, FLOOR_STACK40);
 }
 
 char LICENSE[] SEC("license") = "GPL";

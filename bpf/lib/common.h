@@ -19,15 +19,7 @@
 
 #define NSEC_PER_SEC 1000000000ULL
 
-/*
- * The clock of every deadline the datapath keeps (conntrack entries,
- * backend pins, NAT and fragment entries): CLOCK_MONOTONIC_COARSE. It has a
- * tick's resolution, enough for deadlines of seconds, and costs a fraction
- * of bpf_ktime_get_ns() on the per-packet path (no clock-source read). The
- * agent's conntrack GC reads the same clock (`datapath_clock_ns`). Events
- * keep bpf_ktime_get_ns() for their timestamps.
- */
-#define cil_now() bpf_ktime_get_coarse_ns()
+/* The datapath clock, cil_now(), is in maps.h (it reads a map). */
 
 /* Whether two 16-byte addresses (IPv4 in the first 4 bytes) are equal. */
 __inline_fn int addr_eq(const __u8 *a, const __u8 *b)

@@ -98,6 +98,32 @@ struct {
 
 CILIA_SHARED_MAP(cilia_config, BPF_MAP_TYPE_ARRAY, 1, __u32, struct global_config);
 
+CILIA_SHARED_MAP(cilia_clock, BPF_MAP_TYPE_ARRAY, 1, __u32, struct clock_config);
+
+/*
+ * The clock of every deadline the datapath keeps (conntrack entries,
+ * backend pins, NAT and fragment entries): CLOCK_MONOTONIC_COARSE, which
+ * the agent's GC reads too (`datapath_clock_ns`), to within a tick.
+ *
+ * Why jiffies: bpf_ktime_get_coarse_ns() was the dearest single step of an
+ * established packet (a helper call, the timekeeper's seqlock, a timespec
+ * normalization: ~27 ns of ~105 ns of program time on the to-stack fast
+ * path, bench/bpf-lines.sh), while the verifier inlines bpf_jiffies64()
+ * into one load. Both advance at the same tick, so with the tick length and
+ * the offset the agent calibrated (struct clock_config) the product is the
+ * coarse clock. Deadlines are seconds long; a tick of error changes
+ * nothing. Until calibrated (tick_ns 0) the coarse clock itself.
+ */
+__inline_fn __u64 cil_now(void)
+{
+	__u32 zero = 0;
+	struct clock_config *c = bpf_map_lookup_elem(&cilia_clock, &zero);
+
+	if (c && c->tick_ns)
+		return bpf_jiffies64() * c->tick_ns + c->base_ns;
+	return bpf_ktime_get_coarse_ns();
+}
+
 /* Underlay addresses of the cluster's nodes: the only senders whose tunnel
  * packets the overlay accepts. */
 CILIA_SHARED_MAP(cilia_nodes, BPF_MAP_TYPE_HASH, CILIA_NODES_MAX, struct endpoint_key,

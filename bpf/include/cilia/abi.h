@@ -329,6 +329,17 @@ struct global_config {
 	__u32 maglev_size;   /* entries of every Maglev table; 0: CILIA_LB_MAGLEV_SIZE_DEFAULT */
 };
 
+/*
+ * The datapath clock (cil_now() in maps.h): array map, one slot, written by
+ * the agent at start from a calibration (crates/cilia-datapath/src/clock.rs).
+ * now = jiffies * tick_ns + base_ns (wrapping), CLOCK_MONOTONIC_COARSE within
+ * a tick; tick_ns 0 (not calibrated): bpf_ktime_get_coarse_ns() itself.
+ */
+struct clock_config {
+	__u64 tick_ns; /* ns per jiffy (TICK_NSEC); 0: not calibrated */
+	__u64 base_ns; /* CLOCK_MONOTONIC_COARSE - jiffies * tick_ns, wrapping */
+};
+
 /* ---- nodes ---- */
 
 /* Capacity of the nodes map (underlay addresses of the cluster's nodes). */

@@ -520,6 +520,19 @@ abi_struct! {
     }
 }
 
+abi_struct! {
+    /// The datapath clock's calibration (`struct clock_config`): `cil_now()`
+    /// is `jiffies * tick_ns + base_ns` (wrapping); `tick_ns` 0 makes it
+    /// read the coarse clock instead.
+    #[derive(Default)]
+    pub struct ClockConfig {
+        /// Nanoseconds per jiffy (the kernel's TICK_NSEC).
+        pub tick_ns: u64,
+        /// CLOCK_MONOTONIC_COARSE minus `jiffies * tick_ns`, wrapping.
+        pub base_ns: u64,
+    }
+}
+
 /// Name of a conntrack state reported by debug events.
 pub fn ct_state_name(state: u8) -> &'static str {
     match state {
@@ -629,6 +642,7 @@ mod tests {
             FragKey as "frag_key" { saddr, daddr, id, proto, family }
             FragValue as "frag_value" { expires, sport, dport }
             GlobalConfig as "global_config" { policy_rev, monitor_level, ct_budget, maglev_size }
+            ClockConfig as "clock_config" { tick_ns, base_ns }
             Event as "event" { ts, type_ as "type", reason, dir, verdict, endpoint_id, peer_endpoint, src_identity, dst_identity, rule, len, family, proto, match_kind as "match", caplen, sport, dport, saddr, daddr, data }
         };
         table

@@ -334,6 +334,24 @@ fn main() {
         let ns = measure(&endpoint, &v4);
         println!("cilia (the same packet)\t{ns:.1}\t{:.2}", ns / baseline);
     }
+    // The same to the node's stack: one lookup, the entry refreshed,
+    // TC_ACT_OK (what cilia's fast path does for a flow that leaves the
+    // endpoint for the stack), beside cilia on the same packet.
+    println!();
+    println!("floor, IPv4 UDP to the host stack\tns/packet\tratio-to-empty");
+    let stack_floor = "one lookup, 40-byte key, to the stack";
+    if selected(stack_floor) {
+        let floor = TestProgram::floor(object::PROG_FLOOR_STACK40).expect("load floor program");
+        let ns = measure(&floor, &stack_v4);
+        println!("{stack_floor}\t{ns:.1}\t{:.2}", ns / baseline);
+    }
+    if selected("cilia (the same packet to the stack)") {
+        let ns = measure(&endpoint, &stack_v4);
+        println!(
+            "cilia (the same packet to the stack)\t{ns:.1}\t{:.2}",
+            ns / baseline
+        );
+    }
     // Services: the peer is the one backend of a frontend on TCP/80; an
     // established (pinned) flow pays the service lookup, the pin, the
     // backend lookup and the rewrite on top of the redirect.

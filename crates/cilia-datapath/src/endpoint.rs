@@ -46,7 +46,7 @@ use crate::keys::{
     ipcache_from_lpm, ipcache_to_lpm, policy_from_lpm, policy_to_lpm, IpcacheData, PolicyData,
 };
 use crate::object::{
-    GLOBAL_CONFIG, LXC_OBJECT, MAP_CONFIG, MAP_CT, MAP_CT_COUNT, MAP_ENDPOINTS,
+    GLOBAL_CONFIG, LXC_OBJECT, MAP_CLOCK, MAP_CONFIG, MAP_CT, MAP_CT_COUNT, MAP_ENDPOINTS,
     MAP_ENDPOINT_FILTER, MAP_ENDPOINT_SLOTS, MAP_EVENTS, MAP_IPCACHE, MAP_METRICS, MAP_NODES,
     MAP_NODE_CONFIG, MAP_POLICY, PROG_FROM_CONTAINER, PROG_TO_CONTAINER, SHARED_MAPS,
 };
@@ -539,6 +539,7 @@ impl BpfDatapath {
         let endpoint_filter =
             crate::filter::AddrFilter::new(MAP_ENDPOINT_FILTER, take(MAP_ENDPOINT_FILTER)?)?;
         let config = take(MAP_CONFIG)?;
+        set_clock(take(MAP_CLOCK)?)?;
         let events = take(MAP_EVENTS)?;
         let nodes = take(MAP_NODES)?;
         let node_config = take(MAP_NODE_CONFIG)?;
@@ -1725,9 +1726,36 @@ fn metrics_key_of(index: u32) -> MetricsKey {
     }
 }
 
+/// Gives the programs' clock (`cil_now()` in bpf/lib/maps.h) its
+/// calibration (clock.rs); without one it reads the coarse clock, which is
+/// correct but dearer per packet, and says so in the log.
+fn set_clock(map: aya::maps::Map) -> Result<(), DatapathError> {
+    let err = |e| DatapathError::map(MAP_CLOCK, e);
+    let mut clock: Array<MapData, cilia_abi::ClockConfig> = Array::try_from(map).map_err(err)?;
+    match crate::clock::calibration() {
+        Ok(calibration) => {
+            clock.set(0, calibration, 0).map_err(err)?;
+            tracing::info!(
+                hz = crate::clock::hz(&calibration),
+                "datapath clock: jiffies, calibrated against CLOCK_MONOTONIC_COARSE"
+            );
+        }
+        Err(reason) => {
+            clock
+                .set(0, cilia_abi::ClockConfig::default(), 0)
+                .map_err(err)?;
+            tracing::warn!(
+                %reason,
+                "datapath clock not calibrated: programs read the coarse clock (slower per packet)"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock of the datapath's
-/// deadlines (`cil_now()` in bpf/lib/common.h, `bpf_ktime_get_coarse_ns`),
-/// which conntrack expiry is compared with.
+/// deadlines (`cil_now()` in bpf/lib/maps.h: jiffies calibrated to this
+/// clock, see clock.rs), which conntrack expiry is compared with.
 pub fn datapath_clock_ns() -> u64 {
     clock_ns(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
 }

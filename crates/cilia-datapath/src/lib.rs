@@ -29,6 +29,7 @@
 //! alive.
 
 mod batch;
+pub mod clock;
 pub mod endpoint;
 pub mod error;
 pub mod events;

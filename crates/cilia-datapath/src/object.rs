@@ -75,17 +75,21 @@ pub const PROG_SOCK_GETPEERNAME6: &str = "cil_sock_getpeername6";
 pub const PROG_XDP_PREFILTER: &str = "cil_xdp_prefilter";
 /// The empty tc program (benchmark baseline).
 pub const PROG_EMPTY: &str = "probe_empty";
+/// Clock sample for the calibration (`clock.rs`): coarse clock, jiffies.
+pub const PROG_PROBE_CLOCK: &str = "probe_clock";
 /// Verifier probe for `bpf_redirect_peer`.
 pub const PROG_PROBE_REDIRECT_PEER: &str = "probe_redirect_peer";
 /// XDP probe.
 pub const PROG_PROBE_XDP: &str = "probe_xdp";
 /// Benchmark floors (`bpf/floor.c`): parse and deliver without a lookup,
 /// with one lookup of the 40-byte conntrack key, of a 16-byte IPv4 key;
+/// one lookup of the 40-byte key and the packet passed to the stack;
 /// a new flow's miss, insert and delivery without and with one ipcache and
 /// one policy lookup (`TestProgram::new_flow_floor`).
 pub const PROG_FLOOR_PARSE: &str = "floor_parse";
 pub const PROG_FLOOR_CT40: &str = "floor_ct40";
 pub const PROG_FLOOR_CT16: &str = "floor_ct16";
+pub const PROG_FLOOR_STACK40: &str = "floor_stack40";
 pub const PROG_FLOOR_NEW_CT: &str = "floor_new_ct";
 pub const PROG_FLOOR_NEW_POLICY: &str = "floor_new_policy";
 
@@ -121,6 +125,8 @@ pub const MAP_ENDPOINT_SLOTS: &str = "cilia_endpoint_slots";
 pub const MAP_FRAGS: &str = "cilia_frags";
 /// Shared one-slot array: global runtime settings (policy revision).
 pub const MAP_CONFIG: &str = "cilia_config";
+/// The datapath clock's calibration (`struct clock_config`, one slot).
+pub const MAP_CLOCK: &str = "cilia_clock";
 /// Ring buffer of datapath events for the monitor.
 pub const MAP_EVENTS: &str = "cilia_events";
 /// Shared hash: underlay addresses of the cluster's nodes.
@@ -214,6 +220,11 @@ pub const SHARED_MAPS: &[MapSpec] = &[
         name: MAP_CONFIG,
         key_size: 4,
         value_size: core::mem::size_of::<cilia_abi::GlobalConfig>() as u32,
+    },
+    MapSpec {
+        name: MAP_CLOCK,
+        key_size: 4,
+        value_size: core::mem::size_of::<cilia_abi::ClockConfig>() as u32,
     },
     MapSpec {
         name: MAP_EVENTS,

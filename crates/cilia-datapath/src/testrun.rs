@@ -6,10 +6,10 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use aya::maps::{HashMap, LpmTrie, MapData};
+use aya::maps::{Array, HashMap, LpmTrie, MapData};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use aya::{Ebpf, EbpfLoader};
-use cilia_abi::{CtKey, CtValue, IpcacheKey, IpcacheValue, PolicyEntry, PolicyValue};
+use cilia_abi::{ClockConfig, CtKey, CtValue, IpcacheKey, IpcacheValue, PolicyEntry, PolicyValue};
 
 use crate::error::DatapathError;
 use crate::keys::{ipcache_to_lpm, policy_to_lpm, IpcacheData, PolicyData};
@@ -19,6 +19,8 @@ use crate::object::{FLOOR_OBJECT, PROBE_OBJECT, PROG_EMPTY};
 const FLOOR_NEW_CT: &str = "floor_new_ct_map";
 const FLOOR_IPCACHE: &str = "floor_ipcache_map";
 const FLOOR_POLICY: &str = "floor_policy_map";
+/// The floors' clock calibration (`cil_now()`'s, see `clock.rs`).
+const FLOOR_CLOCK: &str = "floor_clock";
 
 /// tc verdicts, as returned by the program.
 pub const TC_ACT_OK: u32 = 0;
@@ -66,10 +68,35 @@ impl TestProgram {
         Self::load_one(PROBE_OBJECT, PROG_EMPTY)
     }
 
+    /// One of the probe programs of `bpf/probe.c` (`object::PROG_PROBE_*`).
+    pub(crate) fn probe(name: &'static str) -> Result<Self, DatapathError> {
+        Self::load_one(PROBE_OBJECT, name)
+    }
+
     /// One of the benchmark floors of `bpf/floor.c` (`object::PROG_FLOOR_*`):
     /// the least a program must do to deliver an established IPv4 flow.
     pub fn floor(name: &'static str) -> Result<Self, DatapathError> {
-        Self::load_one(FLOOR_OBJECT, name)
+        let mut program = Self::load_one(FLOOR_OBJECT, name)?;
+        program.seed_floor_clock()?;
+        Ok(program)
+    }
+
+    /// A floor reads the clock as the datapath does: its `floor_clock` gets
+    /// the calibration the datapath's `cilia_clock` gets (left at zero, the
+    /// coarse clock, when there is none, as the datapath's would be).
+    fn seed_floor_clock(&mut self) -> Result<(), DatapathError> {
+        let Ok(calibration) = crate::clock::calibration() else {
+            return Ok(());
+        };
+        let map = self
+            .ebpf
+            .map_mut(FLOOR_CLOCK)
+            .ok_or(DatapathError::MissingMap(FLOOR_CLOCK))?;
+        let mut clock: Array<&mut MapData, ClockConfig> =
+            Array::try_from(map).map_err(|e| DatapathError::map(FLOOR_CLOCK, e))?;
+        clock
+            .set(0, calibration, 0)
+            .map_err(|e| DatapathError::map(FLOOR_CLOCK, e))
     }
 
     /// A new-flow floor of `bpf/floor.c` (`object::PROG_FLOOR_NEW_*`), its
@@ -84,6 +111,7 @@ impl TestProgram {
         allow: &PolicyEntry,
     ) -> Result<Self, DatapathError> {
         let mut program = Self::load_one(FLOOR_OBJECT, name)?;
+        program.seed_floor_clock()?;
         let take = |ebpf: &mut Ebpf, map: &'static str| {
             ebpf.take_map(map).ok_or(DatapathError::MissingMap(map))
         };
