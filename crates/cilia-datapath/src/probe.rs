@@ -54,6 +54,31 @@ fn feature<E: std::fmt::Display>(
     }
 }
 
+/// The datapath clock (`crate::clock`): without a calibration the programs
+/// read the coarse clock, correct but dearer per packet.
+fn clock_feature(calibration: Result<cilia_abi::ClockConfig, String>) -> Feature {
+    let (present, detail) = match calibration {
+        Ok(c) => (
+            true,
+            format!(
+                "datapath deadlines from jiffies ({} Hz) calibrated to CLOCK_MONOTONIC_COARSE: \
+                 one inlined load per packet",
+                crate::clock::hz(&c)
+            ),
+        ),
+        Err(reason) => (
+            false,
+            format!("{reason}; datapath deadlines read the coarse clock (slower per packet)"),
+        ),
+    };
+    Feature {
+        name: "jiffies_clock",
+        present,
+        required: false,
+        detail,
+    }
+}
+
 /// The map types the datapath needs, each with what it holds.
 const REQUIRED_MAPS: [(&str, MapType, &str); 3] = [
     (
@@ -113,5 +138,29 @@ pub fn probe_kernel() -> FeatureReport {
         is_program_supported(ProgramType::Xdp),
         "XDP programs: prefilter and load-balancer acceleration",
     ));
+    features.push(clock_feature(crate::clock::calibration()));
     FeatureReport { kernel, features }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clock_feature_names_the_hz_or_why_the_coarse_clock_is_read() {
+        let ok = clock_feature(Ok(cilia_abi::ClockConfig {
+            tick_ns: 4_000_000,
+            base_ns: 0,
+        }));
+        assert!(ok.present && !ok.required);
+        assert!(ok.detail.contains("250 Hz"), "{}", ok.detail);
+        let failed = clock_feature(Err("jiffies did not change in 600 ms".into()));
+        assert!(!failed.present && !failed.required);
+        assert!(
+            failed.detail.contains("jiffies did not change")
+                && failed.detail.contains("coarse clock"),
+            "{}",
+            failed.detail
+        );
+    }
 }
