@@ -35,6 +35,8 @@ const MIN_SPAN: u64 = 40_000_000;
 const POLL: Duration = Duration::from_micros(100);
 /// How long one attempt may take (4 ticks at HZ 24 are 167 ms).
 const ATTEMPT_LIMIT: Duration = Duration::from_millis(600);
+/// Steady readings the base is taken from.
+const BASE_READINGS: usize = 3;
 /// Attempts before giving up.
 const ATTEMPTS: usize = 3;
 /// Every HZ a Linux architecture offers (Kconfig's choices and fixed values).
@@ -126,19 +128,25 @@ fn attempt(read: &impl Fn() -> Result<(Sample, u64), String>) -> Result<ClockCon
         last = next(last.0)?;
     }
     let tick_ns = fit((first.0.jiffies, first.1), (last.0.jiffies, last.1))?;
-    // The base from a reading that held still for a poll: not one taken
-    // between the kernel's jiffies and timekeeper updates.
-    let base_ns = loop {
+    // The base from readings that held still for a poll (not taken
+    // between the kernel's jiffies and timekeeper updates). The coarse
+    // clock is set when the tick's handler runs, a little after the tick
+    // (or, after an idle spell, anywhere within one): the least base of a
+    // few readings is the tick itself.
+    let mut bases = Vec::with_capacity(BASE_READINGS);
+    while bases.len() < BASE_READINGS {
         let a = read()?.0;
         std::thread::sleep(POLL);
         let b = read()?.0;
         if let Some(base) = base(a, b, tick_ns) {
-            break base;
+            bases.push(base);
+            std::thread::sleep(POLL * 7);
         }
         if Instant::now() > deadline {
             return Err("no steady reading of the two clocks".into());
         }
-    };
+    }
+    let base_ns = earliest(&bases);
     let config = ClockConfig { tick_ns, base_ns };
     check(&config, read()?.0)?;
     Ok(config)
@@ -179,15 +187,25 @@ pub(crate) fn base(a: Sample, b: Sample, tick_ns: u64) -> Option<u64> {
     steady.then(|| a.coarse.wrapping_sub(a.jiffies.wrapping_mul(tick_ns)))
 }
 
+/// The earliest of some bases (wrapping values close to each other).
+fn earliest(bases: &[u64]) -> u64 {
+    bases
+        .iter()
+        .copied()
+        .reduce(|a, b| if (b.wrapping_sub(a) as i64) < 0 { b } else { a })
+        .unwrap_or(0)
+}
+
 /// A fresh sample must read the same time through the calibration as
-/// through the coarse clock, to within a tick.
+/// through the coarse clock, to within two ticks (each is at most about a
+/// tick behind the time).
 pub(crate) fn check(config: &ClockConfig, s: Sample) -> Result<(), String> {
     let now = s
         .jiffies
         .wrapping_mul(config.tick_ns)
         .wrapping_add(config.base_ns);
     let off = (now.wrapping_sub(s.coarse) as i64).unsigned_abs();
-    if off > config.tick_ns {
+    if off > 2 * config.tick_ns {
         return Err(format!(
             "the calibrated clock is {off} ns off the coarse clock (tick {} ns)",
             config.tick_ns
@@ -275,6 +293,9 @@ mod tests {
             ..s
         };
         assert_eq!(base(torn, torn, tick), None);
+        // The earliest base wins, also across a wrap.
+        assert_eq!(earliest(&[5, 3, 9]), 3);
+        assert_eq!(earliest(&[2, u64::MAX - 1, 7]), u64::MAX - 1);
         // A calibration three ticks off fails its check.
         let off = Sample {
             coarse: later.coarse + 3 * tick,
