@@ -20,15 +20,15 @@ P=cidle$$
 RUN=/run/$P
 SOCK=$RUN/cilia.sock
 source scripts/lib/procs.sh
+source bench/lib/prelude.sh
 source bench/lib/node-agent.sh
 cleanup() {
   stop_tracked
   del_netns "$P-node"
   rm -rf "$RUN" "/sys/fs/bpf/$P"
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-need_release_bins bench/agent-idle.sh
+bench_traps
+need_bins cilia-agent cilia cilia-cni
 
 # smaps grouped: "part KiB" lines.
 breakdown() {

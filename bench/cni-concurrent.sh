@@ -18,6 +18,7 @@ P=ccnc$$
 RUN=/run/$P
 SOCK=$RUN/cilia.sock
 source scripts/lib/procs.sh
+source bench/lib/prelude.sh
 source bench/lib/node-agent.sh
 cleanup() { # every process started is tracked by PID; then the namespaces
   stop_tracked
@@ -25,9 +26,8 @@ cleanup() { # every process started is tracked by PID; then the namespaces
   del_netns "$P-node"
   rm -rf "$RUN" "/sys/fs/bpf/$P"
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-need_release_bins bench/cni-concurrent.sh
+bench_traps
+need_bins cilia-agent cilia cilia-cni
 start_node_agent fd00:c20::/112 10.204.0.0/22
 for i in $(seq "$N"); do ip netns add "$P-s$i"; ip netns add "$P-c$i"; done
 rss() { awk -v k="$1:" '$1 == k { print $2 }' "/proc/$AGENT_PID/status"; }

@@ -10,6 +10,7 @@
 # markdown.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib/prelude.sh
 N=${N:-50}
 SCRAPES=${SCRAPES:-100000}     # upper bound on scrapes during the loaded phase
 CHURN=${CHURN:-200000}         # upper bound on churn datagrams
@@ -34,9 +35,7 @@ cleanup() {
   rm -rf "$RUN" "/sys/fs/bpf/$P"
 }
 trap cleanup EXIT
-for b in cilia-agent cilia cilia-cni; do
-  [ -x "$BIN/$b" ] || { echo "bench/cni-load.sh: $BIN/$b missing: cargo build --release --workspace --bins" >&2; exit 1; }
-done
+need_bins cilia-agent cilia cilia-cni
 mkdir -p "$RUN"
 ip netns add "$P-node"; ip -n "$P-node" link set lo up
 for n in srv cli; do ip netns add "$P-$n"; done

@@ -34,6 +34,7 @@ P=cmem$$
 RUN=/run/$P
 SOCK=$RUN/cilia.sock
 source scripts/lib/procs.sh
+source bench/lib/prelude.sh
 source bench/lib/node-agent.sh
 cleanup() {
   stop_tracked
@@ -41,9 +42,8 @@ cleanup() {
   del_netns "$P-node"
   rm -rf "$RUN" "/sys/fs/bpf/$P"
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-need_release_bins bench/cni-memory.sh
+bench_traps
+need_bins cilia-agent cilia cilia-cni
 [ "$BATCH" -le "$N" ] || { echo "bench/cni-memory.sh: BATCH ($BATCH) > N ($N)" >&2; exit 1; }
 start_node_agent fd00:c3e::/112 10.206.0.0/16
 for i in $(seq "$N"); do ip netns add "$P-$i"; done

@@ -19,6 +19,7 @@ RUN=/run/$P
 SOCK=$RUN/cilia.sock
 AGENT_PID=
 source scripts/lib/procs.sh
+source bench/lib/prelude.sh
 source bench/lib/node-agent.sh
 cleanup() { # every process started is tracked by PID; then the namespaces
   stop_tracked
@@ -27,9 +28,8 @@ cleanup() { # every process started is tracked by PID; then the namespaces
   del_netns "$P-node"
   rm -rf "$RUN" "/sys/fs/bpf/$P"
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-need_release_bins bench/cni.sh
+bench_traps
+need_bins cilia-agent cilia cilia-cni
 start_node_agent fd00:c1e::/112 10.202.0.0/22
 for i in $(seq "$N"); do ip netns add "$P-$i"; done
 rss() { awk -v k="$1:" '$1 == k { print $2 }' "/proc/$AGENT_PID/status"; }

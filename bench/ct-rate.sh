@@ -34,6 +34,7 @@ SOCK=$RUN/cilia.sock
 NSS=("$P-node" "$P-cli" "$P-srv")
 T0=$(date +%s)
 source scripts/lib/procs.sh
+source bench/lib/prelude.sh
 
 AGENT_PID=
 cleanup() {
@@ -41,13 +42,10 @@ cleanup() {
   del_netns "${NSS[@]}"
   rm -rf "$RUN" "$BPF"
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_traps
 
-[ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
-for b in cilia cilia-agent; do
-  [ -x "$BIN/$b" ] || { echo "missing $BIN/$b: cargo build --release --workspace --bins" >&2; exit 1; }
-done
+need_root
+need_bins cilia cilia-agent
 [[ $DURATION =~ ^[0-9]+$ && $DURATION -ge 1 && $DURATION -le 60 ]] || { echo "DURATION: 1..60 s (rr.py's cap)" >&2; exit 1; }
 [[ $REPS =~ ^[0-9]+$ && $REPS -ge 1 ]] || { echo "REPS: a positive count" >&2; exit 1; }
 [ -z "$BUDGET" ] || [[ $BUDGET =~ ^[0-9]+$ ]] || { echo "BUDGET: a count of entries" >&2; exit 1; }

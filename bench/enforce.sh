@@ -23,6 +23,7 @@ P=cenf$$
 RUN=/run/$P
 SOCK=$RUN/cilia.sock
 source scripts/lib/procs.sh
+source bench/lib/prelude.sh
 source bench/lib/node-agent.sh
 source bench/lib/import.sh
 cleanup() {
@@ -31,9 +32,8 @@ cleanup() {
   del_netns "$P-node"
   rm -rf "$RUN" "/sys/fs/bpf/$P"
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-need_release_bins bench/enforce.sh
+bench_traps
+need_bins cilia-agent cilia cilia-cni
 [ "$RULES" -ge "$APPS" ] || { echo "bench/enforce.sh: RULES ($RULES) < APPS ($APPS)" >&2; exit 1; }
 start_node_agent fd00:c4e::/112 10.207.0.0/16
 for i in $(seq "$N"); do ip netns add "$P-$i"; done

@@ -24,19 +24,17 @@ BPF=/sys/fs/bpf/$P
 SOCK=$RUN/cilia.sock
 NSS=("$P-node" "$P-ds" "$P-tf")
 source scripts/lib/procs.sh
+source bench/lib/prelude.sh
 
 cleanup() {
   stop_tracked
   del_netns "${NSS[@]}" # the agent's proxy runs in the node namespace
   rm -rf "$RUN" "$BPF"
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_traps
 
-[ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
-for b in cilia cilia-agent cilia-proxy deathstar; do
-  [ -x "$BIN/$b" ] || { echo "missing $BIN/$b: cargo build --release --workspace --bins" >&2; exit 1; }
-done
+need_root
+need_bins cilia cilia-agent cilia-proxy deathstar
 command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 cilia() { "$BIN/cilia" --socket "$SOCK" "$@"; }
 mkdir -p "$RUN"

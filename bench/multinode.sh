@@ -37,15 +37,15 @@ P=$$
 RUN=/run/cnode$P
 BPF=/sys/fs/bpf/cnode$P
 source scripts/lib/procs.sh
+source bench/lib/prelude.sh
 NSS=()
 cleanup() {
   stop_tracked
   del_netns "${NSS[@]}"
   rm -rf "$RUN" "$BPF"
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-[ "$(id -u)" = 0 ] || { echo "multinode.sh: needs root" >&2; exit 1; }
+bench_traps
+need_root
 for tool in iperf3 python3; do command -v $tool >/dev/null || { echo "needs $tool (scripts/setup.sh)" >&2; exit 1; }; done
 mkdir -p "$RUN"
 
@@ -270,9 +270,7 @@ for mode in $MODES; do
     plain) ;;
     vxlan|native)
       CILIA_MODES+=("$mode")
-      for b in cilia cilia-agent; do
-        [ -x "$BIN/$b" ] || { echo "missing $BIN/$b: cargo build --release --workspace --bins" >&2; exit 1; }
-      done
+      need_bins cilia cilia-agent
       command -v etcd >/dev/null || { echo "needs etcd (scripts/setup.sh)" >&2; exit 1; } ;;
     *) echo "unknown mode $mode (plain, vxlan, native)" >&2; exit 1 ;;
   esac

@@ -64,6 +64,7 @@ NSS=("$P-node" "$P-cli" "$P-srv" "$P-other" "$P-vcli" "$P-vsrv" "$P-pcli" "$P-ps
   "$P-rcli" "$P-rnode" "$P-rsrv")
 T0=$(date +%s)
 source scripts/lib/procs.sh
+source bench/lib/prelude.sh
 source scripts/lib/topo.sh
 
 BPF_STATS0=$(sysctl -n kernel.bpf_stats_enabled 2>/dev/null || echo 0)
@@ -73,13 +74,10 @@ cleanup() { # every process started is tracked by PID; then the namespaces
   del_netns "${NSS[@]}"
   rm -rf "$RUN" "$BPF"
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_traps
 
-[ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
-for b in cilia cilia-agent; do
-  [ -x "$BIN/$b" ] || { echo "missing $BIN/$b: cargo build --release --workspace --bins" >&2; exit 1; }
-done
+need_root
+need_bins cilia cilia-agent
 for n in $RULES; do [[ $n =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] || { echo "bad rule count: $n" >&2; exit 1; }; done
 mkdir -p "$RUN"
 for ns in "${NSS[@]}"; do ip netns add "$ns"; ip -n "$ns" link set lo up; done

@@ -39,21 +39,19 @@ BPF=/sys/fs/bpf/$P
 SOCK=$RUN/cilia.sock
 NSS=("$P-gen" "$P-dut")
 source scripts/lib/procs.sh
+source bench/lib/prelude.sh
 
 cleanup() {
   stop_tracked
   del_netns "${NSS[@]}"
   rm -rf "$RUN" "$BPF"
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_traps
 
-[ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
+need_root
 [ "$DURATION" -ge 1 ] && [ "$DURATION" -le 60 ] || { echo "DURATION must be 1-60" >&2; exit 1; }
 for n in $CIDRS; do [[ $n =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] && [ "$n" -le 65536 ] || { echo "bad CIDR count: $n" >&2; exit 1; }; done
-for b in cilia cilia-agent; do
-  [ -x "$BIN/$b" ] || { echo "missing $BIN/$b: cargo build --release --workspace --bins" >&2; exit 1; }
-done
+need_bins cilia cilia-agent
 if ! command -v trafgen >/dev/null; then
   echo "==> installing netsniff-ng (trafgen)" >&2
   apt-get update -qq

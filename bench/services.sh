@@ -36,6 +36,7 @@ SOCK=$RUN/cilia.sock
 NSS=("$P-node" "$P-cli" "$P-srv" "$P-vcli" "$P-vrt" "$P-vsrv")
 T0=$(date +%s)
 source scripts/lib/procs.sh
+source bench/lib/prelude.sh
 source scripts/lib/topo.sh
 
 cleanup() {
@@ -43,13 +44,10 @@ cleanup() {
   del_netns "${NSS[@]}"
   rm -rf "$RUN" "$BPF"
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_traps
 
-[ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
-for b in cilia cilia-agent; do
-  [ -x "$BIN/$b" ] || { echo "missing $BIN/$b: cargo build --release --workspace --bins" >&2; exit 1; }
-done
+need_root
+need_bins cilia cilia-agent
 for n in $SERVICES; do [[ $n =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] && [ "$n" -le 60000 ] || { echo "bad service count: $n (1..60000)" >&2; exit 1; }; done
 mkdir -p "$RUN"
 for ns in "${NSS[@]}"; do ip netns add "$ns"; ip -n "$ns" link set lo up; done

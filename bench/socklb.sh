@@ -43,6 +43,7 @@ NSS=("$P-node" "$P-client" "$P-b1" "$P-b2" "$P-b3" "$P-other")
 VIP4=192.0.2.10
 VIP6=2001:db8::10
 source scripts/lib/procs.sh
+source bench/lib/prelude.sh
 CG=""
 BPF_STATS0=$(sysctl -n kernel.bpf_stats_enabled 2>/dev/null || echo 0)
 cleanup() {
@@ -52,15 +53,12 @@ cleanup() {
   [ -n "$CG" ] && rmdir "$CG" 2>/dev/null || true
   rm -rf "$RUN" "$BPF"
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_traps
 
-[ "$(id -u)" = 0 ] || { echo "socklb.sh: needs root" >&2; exit 1; }
+need_root
 command -v python3 >/dev/null || { echo "socklb.sh: needs python3 (scripts/setup.sh)" >&2; exit 1; }
 command -v bpftool >/dev/null || { echo "socklb.sh: needs bpftool (scripts/setup.sh)" >&2; exit 1; }
-for b in cilia cilia-agent; do
-  [ -x "$BIN/$b" ] || { echo "missing $BIN/$b: cargo build --release --workspace --bins" >&2; exit 1; }
-done
+need_bins cilia cilia-agent
 cilia() { "$BIN/cilia" --socket "$SOCK" "$@"; }
 if ! "$BIN/cilia" service update --help >/dev/null 2>&1; then
   echo "socklb.sh: this build has no \`cilia service update\` (the services CLI): cannot create the service" >&2

@@ -14,13 +14,13 @@ P=cbench$$
 RUN=/run/$P
 SOCK=$RUN/cilia.sock
 source scripts/lib/procs.sh
+source bench/lib/prelude.sh
 cleanup() { # every process started is tracked by PID; then the namespaces
   stop_tracked
   del_netns "$P-node" "$P-a" "$P-b" "$P-va" "$P-vb"
   rm -rf "$RUN" "/sys/fs/bpf/$P"
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_traps
 mkdir -p "$RUN"
 for ns in node a b va vb; do ip netns add "$P-$ns"; ip -n "$P-$ns" link set lo up; done
 

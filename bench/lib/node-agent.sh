@@ -1,14 +1,7 @@
-# Shared by the CNI benches (source after scripts/lib/procs.sh): the check
-# for the release binaries, and one agent in a node namespace of its own.
+# Shared by the CNI benches (source after scripts/lib/procs.sh and
+# bench/lib/prelude.sh): one agent in a node namespace of its own.
 # Uses BIN, P (the run's prefix), RUN, SOCK; AGENT_WRAP, when set, prefixes
 # the agent's command (a profiler).
-
-need_release_bins() { # SCRIPT
-  local b
-  for b in cilia-agent cilia cilia-cni; do
-    [ -x "$BIN/$b" ] || { echo "$1: $BIN/$b missing: cargo build --release --workspace --bins" >&2; exit 1; }
-  done
-}
 
 start_node_agent() { # IPV6_RANGE IPV4_RANGE: namespace $P-node, log $RUN/agent.log; sets AGENT_PID
   mkdir -p "$RUN"
