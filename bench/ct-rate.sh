@@ -37,12 +37,7 @@ source scripts/lib/procs.sh
 source bench/lib/prelude.sh
 
 AGENT_PID=
-cleanup() {
-  stop_tracked
-  del_netns "${NSS[@]}"
-  rm -rf "$RUN" "$BPF"
-}
-bench_traps
+bench_traps cleanup_tracked
 
 need_root
 need_bins cilia cilia-agent

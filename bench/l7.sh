@@ -26,12 +26,7 @@ NSS=("$P-node" "$P-ds" "$P-tf")
 source scripts/lib/procs.sh
 source bench/lib/prelude.sh
 
-cleanup() {
-  stop_tracked
-  del_netns "${NSS[@]}" # the agent's proxy runs in the node namespace
-  rm -rf "$RUN" "$BPF"
-}
-bench_traps
+bench_traps cleanup_tracked # the agent's proxy runs in the node namespace
 
 need_root
 need_bins cilia cilia-agent cilia-proxy deathstar

@@ -39,12 +39,7 @@ BPF=/sys/fs/bpf/cnode$P
 source scripts/lib/procs.sh
 source bench/lib/prelude.sh
 NSS=()
-cleanup() {
-  stop_tracked
-  del_netns "${NSS[@]}"
-  rm -rf "$RUN" "$BPF"
-}
-bench_traps
+bench_traps cleanup_tracked
 need_root
 for tool in iperf3 python3; do command -v $tool >/dev/null || { echo "needs $tool (scripts/setup.sh)" >&2; exit 1; }; done
 mkdir -p "$RUN"

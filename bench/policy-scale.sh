@@ -70,9 +70,7 @@ source scripts/lib/topo.sh
 BPF_STATS0=$(sysctl -n kernel.bpf_stats_enabled 2>/dev/null || echo 0)
 cleanup() { # every process started is tracked by PID; then the namespaces
   sysctl -qw kernel.bpf_stats_enabled="$BPF_STATS0" 2>/dev/null || true
-  stop_tracked
-  del_netns "${NSS[@]}"
-  rm -rf "$RUN" "$BPF"
+  cleanup_tracked
 }
 bench_traps
 

@@ -41,12 +41,7 @@ NSS=("$P-gen" "$P-dut")
 source scripts/lib/procs.sh
 source bench/lib/prelude.sh
 
-cleanup() {
-  stop_tracked
-  del_netns "${NSS[@]}"
-  rm -rf "$RUN" "$BPF"
-}
-bench_traps
+bench_traps cleanup_tracked
 
 need_root
 [ "$DURATION" -ge 1 ] && [ "$DURATION" -le 60 ] || { echo "DURATION must be 1-60" >&2; exit 1; }
