@@ -69,7 +69,7 @@ adds q   # quiet
 
 # Load: scrapes in a loop (node namespace) and conntrack churn (client).
 nsenter --net=/run/netns/$P-node python3 - "$SCRAPES" "$LIMIT_S" "$RUN/scrapes" "$SCRAPE_EVERY" <<'EOF' &
-import sys, time, urllib.request
+import os, sys, time, urllib.request
 n, limit, out, every = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], float(sys.argv[4])
 end, done = time.time() + limit, 0
 while done < n and time.time() < end:
@@ -78,12 +78,13 @@ while done < n and time.time() < end:
         done += 1
     except Exception:
         pass
-    open(out, "w").write(str(done))
+    open(out + ".new", "w").write(str(done))
+    os.replace(out + ".new", out)  # the report may read it at any time
     time.sleep(every)
 EOF
 BG+=($!)
 ip netns exec "$P-cli" python3 - "$SRV" "$CHURN" "$LIMIT_S" "$RUN/churn" "$CHURN_RATE" <<'EOF' &
-import socket, sys, time
+import os, socket, sys, time
 dst, n, limit, out, rate = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], float(sys.argv[5])
 start = time.time()
 end, sent = start + limit, 0
@@ -93,7 +94,8 @@ while sent < n and time.time() < end:
     s.close()
     sent += 1
     if sent % 100 == 0:
-        open(out, "w").write(str(sent))
+        open(out + ".new", "w").write(str(sent))
+        os.replace(out + ".new", out)  # the report may read it at any time
         ahead = sent / rate - (time.time() - start)
         if ahead > 0:
             time.sleep(ahead)
