@@ -117,7 +117,7 @@ pub(crate) fn load_programs(
             .ok_or(DatapathError::MissingProgram(name))?
             .try_into()
             .map_err(|e| DatapathError::program(name, e))?;
-        prog.load().map_err(|e| DatapathError::program(name, e))?;
+        crate::error::load_program(name, || prog.load())?;
     }
     Ok(ebpf)
 }

@@ -71,6 +71,37 @@ pub enum DatapathError {
     },
 }
 
+/// Attempts at a program load the kernel interrupted.
+const LOAD_ATTEMPTS: u32 = 5;
+
+/// Loads a program (`load` is its `load()`), again when the kernel answers
+/// EAGAIN: the verifier stops with EAGAIN when a signal is pending for the
+/// loading thread (in a process that handles SIGCHLD, any child's exit),
+/// which says nothing about the program. libbpf retries the same way;
+/// aya 0.14 does not (a long verification, such as `cil_from_netdev`'s, met
+/// it in one suite run).
+pub(crate) fn load_program(
+    name: &str,
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), DatapathError> {
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < LOAD_ATTEMPTS =>
+            {
+                tracing::debug!(
+                    program = name,
+                    attempt,
+                    "program load interrupted (EAGAIN): again"
+                );
+                attempt += 1;
+            }
+            other => return other.map_err(|e| DatapathError::program(name, e)),
+        }
+    }
+}
+
 impl DatapathError {
     pub(crate) fn program(name: &str, source: impl Into<aya::programs::ProgramError>) -> Self {
         match source.into() {

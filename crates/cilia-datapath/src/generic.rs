@@ -62,7 +62,7 @@ fn load(maps_dir: &Path) -> Result<GenericEndpoint, DatapathError> {
             .ok_or(DatapathError::MissingProgram(name))?
             .try_into()
             .map_err(|e| DatapathError::program(name, e))?;
-        prog.load().map_err(|e| DatapathError::program(name, e))?;
+        crate::error::load_program(name, || prog.load())?;
     }
     let map = ebpf
         .take_map(MAP_GENERIC_CONFIG)

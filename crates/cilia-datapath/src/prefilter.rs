@@ -353,9 +353,8 @@ impl BpfDatapath {
             .override_global(GLOBAL_CONFIG, &config, true)
             .override_global(GLOBAL_XDP_FEATURES, &words, true)
             .load(XDP_OBJECT)?;
-        prefilter_prog(&mut ebpf)?
-            .load()
-            .map_err(|e| DatapathError::program(PROG_XDP_PREFILTER, e))?;
+        let prog = prefilter_prog(&mut ebpf)?;
+        crate::error::load_program(PROG_XDP_PREFILTER, || prog.load())?;
         Ok(ebpf)
     }
 
@@ -661,7 +660,7 @@ impl XdpTestProgram {
             .ok_or(DatapathError::MissingProgram(name))?
             .try_into()
             .map_err(|e| DatapathError::program(name, e))?;
-        prog.load().map_err(|e| DatapathError::program(name, e))?;
+        crate::error::load_program(name, || prog.load())?;
         Ok(Self { ebpf, name })
     }
 

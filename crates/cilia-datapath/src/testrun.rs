@@ -170,7 +170,7 @@ impl TestProgram {
             .ok_or(DatapathError::MissingProgram(name))?
             .try_into()
             .map_err(|e| DatapathError::program(name, e))?;
-        prog.load().map_err(|e| DatapathError::program(name, e))?;
+        crate::error::load_program(name, || prog.load())?;
         Ok(Self::new(ebpf, name))
     }
 
